@@ -1,0 +1,261 @@
+"""The interface every number format implements, the shared rounding primitive and tensor scaling.
+
+A format is a grid of values at unit scale (its *element grid*: what `encode`, `decode`, `values`,
+`max` and `min_positive` describe) plus an optional scaling policy that `quantize` applies before
+rounding onto that grid (per tensor, per channel, or per block of 32 for MX).
+
+Every family rounds the same way: it maps a value to a real number whose integer points are the
+codes it can represent (the value's significand at the grid's step, or a posit's bit pattern, or a
+log code), and `round_to_integer` rounds that number with the requested mode. One primitive, four
+rounding modes, for every family.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+Rounding = Literal["nearest", "stochastic", "pseudo_stochastic", "toward_zero"]
+ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "pseudo_stochastic", "toward_zero")
+
+ScaleKind = Literal["none", "tensor", "channel", "block"]
+SCALE_KINDS: tuple[str, ...] = ("none", "tensor", "channel", "block")
+
+MAX_ENUMERABLE_BITS = 16
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
+    return rounding
+
+
+def _mantissa_digits(dtype: torch.dtype) -> int:
+    return {torch.float32: 24, torch.float64: 53}[dtype]
+
+
+def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Right-shift non-negative integers by `shift` bits, rounding on the discarded bits.
+
+    This is the integer form of rounding (NITI's shift of an int32 accumulator to int8): the
+    discarded field r = magnitude mod 2^shift decides whether the kept part moves up by one.
+    Shifts above 62 discard everything; magnitudes must stay below 2^62.
+    """
+    check_rounding(rounding)
+    magnitude = magnitude.to(torch.int64)
+    shift_t = torch.as_tensor(shift, dtype=torch.int64, device=magnitude.device).clamp(0, 62)
+    kept = magnitude >> shift_t
+    field = magnitude - (kept << shift_t)
+    if rounding == "toward_zero":
+        return kept
+    if rounding == "nearest":
+        half = (torch.ones_like(shift_t) << shift_t) >> 1
+        up = (field > half) | ((field == half) & (half > 0) & ((kept & 1) == 1))
+    elif rounding == "stochastic":
+        draw = torch.randint(0, 2**62, magnitude.shape, generator=generator, device=magnitude.device,
+                             dtype=torch.int64)
+        up = (draw & ((torch.ones_like(shift_t) << shift_t) - 1)) < field
+    else:  # pseudo_stochastic: the top half of the field is the probability, the bottom half the draw
+        low_bits = shift_t >> 1
+        high = field >> low_bits
+        low = (field - (high << low_bits)) << (shift_t & 1)
+        up = high > low
+    return kept + up.to(torch.int64)
+
+
+def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None = None) -> Tensor:
+    """Round real numbers whose integers are the representable codes; same dtype, sign-magnitude.
+
+    `t` must hold the exact scaled value (a power-of-two rescaling of the input, or a code computed
+    exactly). Nearest is ties-to-even, stochastic rounds up with probability equal to the
+    fractional part, pseudo_stochastic applies NITI's rule to the significand bits below the point.
+    """
+    check_rounding(rounding)
+    if rounding == "nearest":
+        return torch.round(t)
+    if rounding == "toward_zero":
+        return torch.trunc(t)
+    magnitude = t.abs()
+    floor = magnitude.floor()
+    fraction = magnitude - floor
+    if rounding == "stochastic":
+        draw = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float64)
+        up = draw < fraction.double()
+    else:
+        # The discarded field runs from the binary point down to the last significand bit of t.
+        precision = _mantissa_digits(t.dtype)
+        _, exponent = torch.frexp(magnitude)
+        field_bits = (precision - exponent.to(torch.int64)).clamp(0, 2 * precision + 1)
+        field_bits = torch.where(magnitude > 0, field_bits, torch.zeros_like(field_bits))
+        field = torch.ldexp(fraction.double(), field_bits.double())
+        low_bits = field_bits >> 1
+        high = torch.floor(torch.ldexp(field, -low_bits.double()))
+        low = (field - torch.ldexp(high, low_bits.double())) * torch.where(field_bits % 2 == 1, 2.0, 1.0)
+        up = high > low
+    return torch.copysign(floor + up.to(t.dtype), t)
+
+
+def float_exponent(x: Tensor) -> Tensor:
+    """floor(log2|x|) as int64, exactly (frexp, not log2), for finite non-zero x; 0 elsewhere."""
+    _, exponent = torch.frexp(x)
+    return torch.where((x != 0) & torch.isfinite(x), exponent.to(torch.int64) - 1, 0)
+
+
+def pow2_ceil_exponent(x: Tensor) -> Tensor:
+    """ceil(log2 x) for positive finite x, exactly."""
+    mantissa, exponent = torch.frexp(x)
+    return exponent.to(torch.int64) - (mantissa == 0.5).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How `quantize` maps a tensor onto the element grid before rounding.
+
+    tensor/channel scales map max|x| onto the grid's max (or, with pow2, to the smallest power of
+    two that keeps max|x| within it, as NITI's shared exponent does); block scales follow OCP MX.
+    """
+
+    kind: ScaleKind = "none"
+    pow2: bool = False
+    axis: int = 0
+    block_size: int = 32
+
+    def options(self, default: Scaling) -> list[str]:
+        """The call-form options that differ from a family's default, for canonical specs."""
+        out = []
+        if self.kind != default.kind:
+            out.append(f"scale={self.kind}")
+        if self.pow2 != default.pow2:
+            out.append(f"pow2={int(self.pow2)}")
+        if self.axis != default.axis and self.kind in ("channel", "block"):
+            out.append(f"axis={self.axis}")
+        if self.block_size != default.block_size and self.kind == "block":
+            out.append(f"block={self.block_size}")
+        return out
+
+
+def to_blocks(x: Tensor, axis: int, block_size: int) -> tuple[Tensor, tuple[int, ...], int]:
+    """Move `axis` last, zero-pad it to a multiple of block_size and split it into blocks."""
+    moved = x.movedim(axis, -1)
+    length = moved.shape[-1]
+    pad = (-length) % block_size
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    return moved.reshape(*moved.shape[:-1], -1, block_size), tuple(x.shape), pad
+
+
+def from_blocks(blocks: Tensor, shape: tuple[int, ...], axis: int, pad: int) -> Tensor:
+    """Inverse of `to_blocks`."""
+    flat = blocks.reshape(*blocks.shape[:-2], -1)
+    if pad:
+        flat = flat[..., : flat.shape[-1] - pad]
+    moved_shape = list(shape)
+    moved_shape.append(moved_shape.pop(axis if axis >= 0 else len(shape) + axis))
+    return flat.reshape(moved_shape).movedim(-1, axis)
+
+
+class NumberFormat(ABC):
+    """A number format: an element grid plus a scaling policy.
+
+    Subclasses are frozen dataclasses with a `scaling` field and implement `round_unscaled`,
+    `encode`, `decode`, `max`, `min_positive` and `spec`.
+    """
+
+    family: ClassVar[str]
+    bits: int
+    scaling: Scaling
+
+    # --- implemented by each family -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def spec(self) -> str:
+        """Canonical spec string; `dse.formats.get(fmt.spec) == fmt`."""
+
+    @abstractmethod
+    def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """Round values onto the element grid, applying the family's overflow and special-value policy."""
+
+    @abstractmethod
+    def encode(self, x: Tensor) -> Tensor:
+        """Bit codes (int64, in [0, 2^bits)) of x rounded to nearest on the element grid."""
+
+    @abstractmethod
+    def decode(self, codes: Tensor) -> Tensor:
+        """Values (float64) of bit codes."""
+
+    @property
+    @abstractmethod
+    def max(self) -> float:
+        """Largest finite value of the element grid."""
+
+    @property
+    @abstractmethod
+    def min_positive(self) -> float:
+        """Smallest positive value of the element grid (subnormals included)."""
+
+    # --- shared --------------------------------------------------------------------------------
+    @property
+    def dynamic_range_decades(self) -> float:
+        return math.log10(self.max / self.min_positive)
+
+    @property
+    def relative_precision(self) -> float:
+        """Gap from 1.0 to the next larger grid value (or from the grid value nearest 1.0)."""
+        one = self.round_unscaled(torch.tensor([1.0], dtype=torch.float64), "nearest", None)
+        above = self.next_above(one)
+        return float((above - one) / one)
+
+    def next_above(self, x: Tensor) -> Tensor:
+        """The next larger grid value, via the code order; families with signed-magnitude codes override."""
+        values = self.values()
+        index = torch.searchsorted(values, x.double(), right=True)
+        return values[index.clamp(max=values.numel() - 1)]
+
+    def values(self) -> Tensor:
+        """All finite values of the element grid, sorted and unique (float64); formats up to 16 bits."""
+        if self.bits > MAX_ENUMERABLE_BITS:
+            raise ValueError(f"{self.spec} has {self.bits} bits: values() enumerates formats up to "
+                             f"{MAX_ENUMERABLE_BITS} bits")
+        decoded = self.decode(torch.arange(2**self.bits, dtype=torch.int64))
+        return torch.unique(decoded[torch.isfinite(decoded)])
+
+    def quantize(self, x: Tensor, rounding: str = "nearest",
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Fake-quantize: scale, round onto the grid, scale back. Same shape and float dtype as x."""
+        check_rounding(rounding)
+        if not torch.is_floating_point(x):
+            raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        kind = self.scaling.kind
+        if kind == "none":
+            out = self.round_unscaled(work, rounding, generator)
+        elif kind == "block":
+            blocks, shape, pad = to_blocks(work, self.scaling.axis, self.scaling.block_size)
+            scale = self.scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True))
+            out = from_blocks(self.round_unscaled(blocks / scale, rounding, generator) * scale,
+                              shape, self.scaling.axis, pad)
+        else:
+            if kind == "tensor" or work.dim() == 0:
+                amax = work.abs().amax()
+            else:
+                dims = [d for d in range(work.dim()) if d != self.scaling.axis % work.dim()]
+                amax = work.abs().amax(dim=dims, keepdim=True) if dims else work.abs()
+            scale = self.scale_from_amax(amax)
+            out = self.round_unscaled(work / scale, rounding, generator) * scale
+        return out.to(x.dtype)
+
+    def scale_from_amax(self, amax: Tensor) -> Tensor:
+        """The divisor that maps max|x| onto the grid; 1 where max|x| is zero or not finite."""
+        usable = torch.isfinite(amax) & (amax > 0)
+        safe = torch.where(usable, amax, torch.ones_like(amax))
+        if self.scaling.pow2:
+            scale = torch.ldexp(torch.ones_like(safe), pow2_ceil_exponent(safe / self.max).to(safe.dtype))
+        else:
+            scale = safe / self.max
+        return torch.where(usable, scale, torch.ones_like(scale))
