@@ -1,0 +1,45 @@
+"""Time the energy model: one ResNet-50 training iteration for 100 format configurations.
+
+Run: .venv/bin/python benchmarks/energy.py   (the issue's budget: under a second)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dse.energy import TrainingFormats, build_model, iteration_energy  # noqa: E402
+from dse.formats import ZOO, get  # noqa: E402
+
+
+def configurations() -> list[tuple[str, TrainingFormats]]:
+    """25 zoo formats x {uniform + default optimizer, Adam (FP formats: bf16 gradients)} x {45, 7 nm}."""
+    specs = list(ZOO)[:25]
+    out = []
+    for node in ("45nm", "7nm"):
+        for spec in specs:
+            fmt = get(spec)
+            out.append((node, TrainingFormats.uniform(fmt)))
+            gradient = fmt if fmt.family in ("mx", "lns", "posit", "int", "fixed") else get("bf16")
+            mixed = TrainingFormats(weight=fmt, activation=fmt, gradient=gradient, optimizer="adam")
+            out.append((node, mixed))
+    return out
+
+
+def main() -> None:
+    configs = configurations()
+    start = time.perf_counter()
+    models = {node: build_model(node) for node in ("45nm", "7nm")}
+    totals = [iteration_energy("resnet50", formats, models[node])["energy_pj"].sum()
+              for node, formats in configs]
+    elapsed = time.perf_counter() - start
+    print(f"resnet50 training iteration, {len(configs)} format configurations: {elapsed:.3f} s "
+          f"({1e3 * elapsed / len(configs):.2f} ms each); energy {min(totals) * 1e-9:.1f}-"
+          f"{max(totals) * 1e-9:.1f} mJ")
+
+
+if __name__ == "__main__":
+    main()

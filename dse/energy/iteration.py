@@ -1,0 +1,315 @@
+"""Energy of one training iteration: every GEMM of every layer, output conversions, the optimizer's
+update and the memory traffic of each tensor class at its own width, as a long-form DataFrame.
+
+Per layer three GEMMs run: forward (activation x weight -> activation), backward-data
+(gradient x weight -> input gradient; skipped for the first layer) and backward-weight
+(activation x gradient -> weight gradient). Each GEMM's datapath is chosen from its two operand
+formats; its per-output work is amortised over its own reduction length. Then the optimizer updates
+every parameter (SGD with momentum, Adam, or Madam, which for LNS weights is an integer add to the log
+code and keeps no master copy).
+
+Memory: every GEMM reads its operands from DRAM once and writes its output once (compulsory traffic,
+as if tiles fit on chip), passing through the SRAM buffer; inside the array each operand read from the
+buffer serves `operand_reuse` MACs, and every MAC latches its two operands in pipeline registers
+(level "register", as operands move through a systolic or broadcast array). The optimizer streams
+weights, gradients and states from DRAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dse.energy.components import Components
+from dse.energy.datapaths import Operand, UnitEnergy, conversion_energy, datapath_for, operand
+from dse.energy.model import EnergyModel
+from dse.errors import InputError
+from models.workloads import Workload, get_workload
+
+OPTIMIZERS = ("sgd", "adam", "madam")
+PASSES = ("forward", "backward_data", "backward_weight", "update")
+UNITS = ("multiply", "conversion", "accumulation", "update", "memory")
+COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
+
+FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
+_STATES = {"sgd": 1, "adam": 2, "madam": 1}
+
+
+def _format(value: Any) -> Operand:
+    if isinstance(value, str):
+        if value.strip().lower() == "fp32":
+            return FP32
+        from dse.formats import get
+
+        return operand(get(value))
+    return operand(value)
+
+
+@dataclass(frozen=True)
+class TrainingFormats:
+    """The format of each tensor class. Strings are format specs; None picks the documented default."""
+
+    weight: Any
+    activation: Any
+    gradient: Any
+    weight_grad: Any | None = None
+    """Weight gradients as the optimizer reads them; None: the gradient format."""
+    optimizer: str | None = None
+    """sgd, adam or madam; None: Madam for LNS weights, else the workload's optimizer."""
+    master: Any | None = "auto"
+    """Master copy of the weights: 'auto' keeps an fp32 master unless Madam updates LNS weights in place
+    (none is kept when the weights are already in the master format)."""
+    state: Any = "fp32"
+    """Optimizer state (momentum, second moment)."""
+
+    @classmethod
+    def uniform(cls, fmt: Any, **overrides: Any) -> TrainingFormats:
+        """One format for weights, activations and gradients."""
+        return cls(weight=fmt, activation=fmt, gradient=fmt, **overrides)
+
+    def resolve(self, workload: Workload) -> ResolvedFormats:
+        weight = _format(self.weight)
+        optimizer = self.optimizer or ("madam" if weight.family == "lns" else workload.optimizer)
+        if optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {optimizer!r} (expected one of {', '.join(OPTIMIZERS)})")
+        if isinstance(self.master, str) and self.master == "auto":
+            master = None if (optimizer == "madam" and weight.family == "lns") else FP32
+        else:
+            master = None if self.master is None else _format(self.master)
+        if master is not None and master.key == weight.key:
+            master = None  # the weights already are the master copy
+        gradient = _format(self.gradient)
+        return ResolvedFormats(weight, _format(self.activation), gradient,
+                               gradient if self.weight_grad is None else _format(self.weight_grad),
+                               optimizer, master, _format(self.state))
+
+
+@dataclass(frozen=True)
+class ResolvedFormats:
+    weight: Operand
+    activation: Operand
+    gradient: Operand
+    weight_grad: Operand
+    optimizer: str
+    master: Operand | None
+    state: Operand
+
+    def describe(self) -> str:
+        parts = [f"W={self.weight.spec}", f"A={self.activation.spec}", f"G={self.gradient.spec}",
+                 f"dW={self.weight_grad.spec}", f"opt={self.optimizer}",
+                 f"master={self.master.spec if self.master else 'none'}", f"state={self.state.spec}"]
+        return " ".join(parts)
+
+
+# --- the GEMMs of a layer ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Pass:
+    """One of a layer's GEMMs: operand formats, tensor classes, and which layer sizes they have.
+
+    Sizes name a layer array: 'a' (first operand), 'b' (weights or second operand), 'out' (output).
+    """
+
+    name: str
+    a: Operand
+    a_tensor: str
+    a_size: str
+    b: Operand
+    b_tensor: str
+    b_size: str
+    out: Operand
+    out_tensor: str
+    out_size: str
+    transposed: tuple[str, ...]  # operands used transposed: block-scaled formats are re-blocked
+
+
+def _passes(f: ResolvedFormats, b_is_weight: bool) -> list[_Pass]:
+    b_fmt, b_tensor = (f.weight, "weight") if b_is_weight else (f.activation, "activation")
+    dw_fmt, dw_tensor = (f.weight_grad, "weight_grad") if b_is_weight else (f.gradient, "gradient")
+    act, grad = f.activation, f.gradient
+    return [
+        _Pass("forward", act, "activation", "a", b_fmt, b_tensor, "b", act, "activation", "out", ()),
+        _Pass("backward_data", grad, "gradient", "out", b_fmt, b_tensor, "b", grad, "gradient", "a", ("b",)),
+        _Pass("backward_weight", act, "activation", "a", grad, "gradient", "out", dw_fmt, dw_tensor, "b",
+              ("a", "b")),
+    ]
+
+
+def _mul_add(c: Components, fmt: Operand) -> tuple[float, float]:
+    """A multiply and an add in the optimizer's arithmetic format (FP units, else integer ones)."""
+    if fmt.family == "fp":
+        return c.fp_mul(fmt.exp_bits, fmt.man_bits), c.fp_add(fmt.exp_bits, fmt.man_bits)
+    return c.multiplier(fmt.bits, fmt.bits), c.adder(fmt.bits)
+
+
+class _Tally:
+    """Collects rows as column arrays (one array per pass and unit, over the layers)."""
+
+    def __init__(self, model: EnergyModel) -> None:
+        self.model = model
+        self.columns: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
+
+    def conversion(self, src: Any, dst: Operand) -> float:
+        return conversion_energy(src, dst, self.model.components, self.model.datapath)
+
+    def add(self, layers: np.ndarray, pass_name: str, unit: str, energy: np.ndarray, tensor: str = "",
+            level: str = "") -> None:
+        count = len(layers)
+        for name, value in (("layer", layers), ("pass", pass_name), ("unit", unit), ("tensor", tensor),
+                            ("level", level), ("energy_pj", energy)):
+            column = value if isinstance(value, np.ndarray) else np.full(count, value, object)
+            self.columns[name].append(column)
+
+    def memory(self, layers: np.ndarray, pass_name: str, tensor: str, dram_bits: np.ndarray,
+               sram_bits: np.ndarray | None = None) -> None:
+        self.add(layers, pass_name, "memory", dram_bits * self.model.dram_pj_per_bit, tensor, "dram")
+        if sram_bits is not None:
+            self.add(layers, pass_name, "memory", sram_bits * self.model.sram_pj_per_bit, tensor, "sram")
+
+    def gemm(self, names: np.ndarray, sizes: dict[str, np.ndarray], macs: np.ndarray, p: _Pass) -> None:
+        dp = datapath_for(p.a, p.b, self.model.components, self.model.datapath)
+        pp, po = dp.per_product, dp.per_output
+        outputs = sizes[p.out_size]
+        to_output = self.conversion(dp.accumulator, p.out)
+        conversion = macs * pp.conversion_pj + outputs * (po.conversion_pj + to_output)
+        for which in p.transposed:
+            fmt, size = (p.a, p.a_size) if which == "a" else (p.b, p.b_size)
+            if fmt.block_size:  # blocks run along the reduction axis: re-quantise for the transposed use
+                conversion = conversion + sizes[size] * self.conversion(FP32, fmt)
+        self.add(names, p.name, "multiply", macs * pp.multiply_pj + outputs * po.multiply_pj)
+        self.add(names, p.name, "conversion", conversion)
+        self.add(names, p.name, "accumulation", macs * pp.accumulation_pj + outputs * po.accumulation_pj)
+        memory = self.model.memory
+        latch_pj = self.model.components.register(1) if memory.operand_registers else 0.0
+        for fmt, tensor, size in ((p.a, p.a_tensor, p.a_size), (p.b, p.b_tensor, p.b_size)):
+            moved = sizes[size] * fmt.storage_bits
+            read = macs * (fmt.storage_bits / memory.operand_reuse)
+            self.memory(names, p.name, tensor, moved, moved + read)
+            self.add(names, p.name, "memory", macs * (fmt.storage_bits * latch_pj), tensor, "register")
+        written = outputs * p.out.storage_bits
+        self.memory(names, p.name, p.out_tensor, written, written)
+
+    def update(self, names: np.ndarray, params: np.ndarray, f: ResolvedFormats) -> None:
+        c = self.model.components
+        arith = f.master or f.state
+        mul, add = _mul_add(c, arith)
+        w = c.weights
+        if f.optimizer == "sgd":  # v = mu v + g + wd w ; w -= lr v
+            per_param = 3 * mul + 3 * add
+        elif f.optimizer == "adam":  # moments, bias corrections, sqrt, divide, decoupled decay
+            per_param = (9 + w.divide_multiplies + w.sqrt_multiplies) * mul + 5 * add
+        else:  # Madam: EMA of g^2, then log-domain normalise, clip, round, add to the log weight
+            s_mul, s_add = _mul_add(c, f.state)
+            log_bits = f.state.bits - 1
+            per_param = (4 * s_mul + s_add + 3 * c.adder(log_bits) + c.lut(16, 5)
+                         + 2 * c.comparator(5) + c.incrementer(5))
+            if f.master is None:
+                per_param += c.adder(f.weight.bits - 1) + 2 * c.comparator(f.weight.bits - 1)
+            else:
+                per_param += mul + 2 * c.comparator(f.master.bits)
+        self.add(names, "update", "update", params * per_param)
+        conversion = self.conversion(f.weight_grad, arith)
+        if f.master is not None:
+            conversion += self.conversion(f.master, f.weight)
+        self.add(names, "update", "conversion", params * conversion)
+        self.memory(names, "update", "weight_grad", params * f.weight_grad.storage_bits)
+        self.memory(names, "update", "state", params * (2 * _STATES[f.optimizer] * f.state.storage_bits))
+        if f.master is not None:
+            self.memory(names, "update", "master", params * (2 * f.master.storage_bits))
+            self.memory(names, "update", "weight", params * f.weight.storage_bits)
+        else:
+            self.memory(names, "update", "weight", params * (2 * f.weight.storage_bits))
+
+    def frame(self) -> pd.DataFrame:
+        data = {name: np.concatenate(parts) if parts else np.array([], object)
+                for name, parts in self.columns.items()}
+        keep = data["energy_pj"] != 0
+        return pd.DataFrame({name: values[keep] for name, values in data.items()})
+
+
+def iteration_energy(workload: str | Workload, formats: TrainingFormats | Any, model: EnergyModel,
+                     batch_size: int | None = None) -> pd.DataFrame:
+    """Long-form breakdown of one training iteration: one row per (layer, pass, unit, tensor, level).
+
+    `formats` is a TrainingFormats or a single format (used for weights, activations and gradients).
+    `df.attrs` holds the totals that do not fit the rows: MACs, batch size, formats, node.
+    """
+    wl = get_workload(workload)
+    batch = wl.batch_size if batch_size is None else int(batch_size)
+    if batch < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.uniform(formats)
+    f = spec.resolve(wl)
+    tally = _Tally(model)
+    layers = wl.layers
+    names = np.array([layer.name for layer in layers], dtype=object)
+    is_weight = np.array([layer.b_is_weight for layer in layers], dtype=bool)
+    needs_dx = np.array([layer.needs_input_grad for layer in layers], dtype=bool)
+    macs = np.array([layer.macs_per_sample for layer in layers], dtype=float) * batch
+    sizes = {
+        "a": np.array([layer.a_elems for layer in layers], dtype=float) * batch,
+        "b": np.array([layer.b_elems for layer in layers], dtype=float) * np.where(is_weight, 1, batch),
+        "out": np.array([layer.out_elems for layer in layers], dtype=float) * batch,
+    }
+    total_macs = 0.0
+    for variant in (True, False):
+        for p in _passes(f, variant):
+            rows = is_weight == variant
+            if p.name == "backward_data":
+                rows = rows & needs_dx
+            if rows.any():
+                tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p)
+                total_macs += float(macs[rows].sum())
+    params = np.array([layer.params for layer in layers], dtype=float)
+    extra = list(wl.extra_params.items())
+    update_names = np.concatenate([names[is_weight], np.array([n for n, _ in extra], dtype=object)])
+    update_params = np.concatenate([params[is_weight], np.array([c for _, c in extra], dtype=float)])
+    if len(update_names):
+        tally.update(update_names, update_params, f)
+    frame = tally.frame()
+    frame.attrs.update(workload=wl.name, batch_size=batch, macs=total_macs, formats=f.describe(),
+                       node_nm=model.node_nm, params=wl.params)
+    return frame
+
+
+def summarize(frame: pd.DataFrame, by: str | list[str] = "unit") -> pd.DataFrame:
+    """Energy summed by one or more columns (e.g. 'pass', 'unit', 'layer', ['pass', 'unit'])."""
+    keys = [by] if isinstance(by, str) else list(by)
+    out = frame.groupby(keys, sort=False)["energy_pj"].sum().reset_index()
+    out.attrs.update(frame.attrs)
+    return out
+
+
+def unit_totals(frame: pd.DataFrame) -> dict[str, float]:
+    """pJ per unit (multiply, conversion, accumulation, update, memory), zeros included."""
+    sums = frame.groupby("unit")["energy_pj"].sum()
+    return {unit: float(sums.get(unit, 0.0)) for unit in UNITS}
+
+
+def per_mac(frame: pd.DataFrame) -> UnitEnergy:
+    """GEMM compute energy per MAC, averaged over the workload (output conversions included)."""
+    gemm = frame[frame["pass"] != "update"]
+    sums = gemm.groupby("unit")["energy_pj"].sum()
+    macs = frame.attrs["macs"]
+    return UnitEnergy(float(sums.get("multiply", 0.0)) / macs, float(sums.get("conversion", 0.0)) / macs,
+                      float(sums.get("accumulation", 0.0)) / macs)
+
+
+def pass_unit_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """pJ by pass (rows, plus 'total') and unit (columns, plus 'total')."""
+    table = frame.pivot_table(index="pass", columns="unit", values="energy_pj", aggfunc="sum", fill_value=0.0)
+    table = table.reindex(index=[p for p in PASSES if p in table.index], columns=list(UNITS), fill_value=0.0)
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    return table
+
+
+def top_layers(frame: pd.DataFrame, count: int = 10) -> pd.DataFrame:
+    """The `count` layers (or parameter tensors) with the most energy, with their share of the total."""
+    sums = frame.groupby("layer", sort=False)["energy_pj"].sum().sort_values(ascending=False)
+    out = sums.head(count).reset_index()
+    out["share"] = out["energy_pj"] / frame["energy_pj"].sum()
+    return out

@@ -1,0 +1,1 @@
+"""Proxy models (trainable) and workload shapes (for the energy model)."""
