@@ -39,6 +39,12 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _print_whole(table: Table) -> None:
+    """Print a table at its natural width even on a narrow or non-terminal console (no cropped cells)."""
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(width=max(console.width, natural)).print(table)
+
+
 def _number(value: float) -> str:
     return f"{value:.4g}"
 
@@ -60,7 +66,7 @@ def formats_list(ctx: typer.Context) -> None:
         table.add_row(fmt.spec, fmt.family, str(fmt.bits), _number(fmt.max), _number(fmt.min_positive),
                       f"{fmt.dynamic_range_decades:.2f}", _number(fmt.relative_precision),
                       fmt.scaling.kind + (" (pow2)" if fmt.scaling.pow2 else ""))
-    console.print(table)
+    _print_whole(table)
 
 
 @formats_app.command("show")
@@ -132,12 +138,6 @@ def _energy_model(node: str, accumulator: str | None, lns_datapath: str | None, 
     memory = MemoryParams(**given(sram=sram, dram=dram, sram_scaling=sram_scaling,
                                   operand_reuse=operand_reuse))
     return build_model(node, datapath, memory, table)
-
-
-def _print_whole(table: Table) -> None:
-    """Print a table at its natural width even on a narrow or non-terminal console (no cropped cells)."""
-    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    Console(width=max(console.width, natural)).print(table)
 
 
 def _mj(pj: float) -> str:

@@ -160,6 +160,21 @@ def from_blocks(blocks: Tensor, shape: tuple[int, ...], axis: int, pad: int) -> 
     return flat.reshape(moved_shape).movedim(-1, axis)
 
 
+def _amax(x: Tensor, axis: int | None) -> Tensor:
+    """max|x| over the whole tensor (axis None) or per slice along `axis`, kept broadcastable.
+
+    aminmax reads x once and allocates no |x| copy: the scale costs one pass, not two.
+    """
+    if axis is None or x.dim() == 0:
+        low, high = torch.aminmax(x)
+        return torch.maximum(-low, high)
+    axis = axis % x.dim()
+    low, high = torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
+    shape = [1] * x.dim()
+    shape[axis] = x.shape[axis]
+    return torch.maximum(-low, high).reshape(shape)
+
+
 class NumberFormat(ABC):
     """A number format: an element grid plus a scaling policy.
 
@@ -206,16 +221,17 @@ class NumberFormat(ABC):
 
     @property
     def relative_precision(self) -> float:
-        """Gap from 1.0 to the next larger grid value (or from the grid value nearest 1.0)."""
-        one = self.round_unscaled(torch.tensor([1.0], dtype=torch.float64), "nearest", None)
-        above = self.next_above(one)
-        return float((above - one) / one)
+        """Relative gap between the grid value nearest 1.0 and its upper neighbour (lower, at the top).
 
-    def next_above(self, x: Tensor) -> Tensor:
-        """The next larger grid value, via the code order; families with signed-magnitude codes override."""
-        values = self.values()
-        index = torch.searchsorted(values, x.double(), right=True)
-        return values[index.clamp(max=values.numel() - 1)]
+        Positive codes count up with magnitude in every family, so the neighbour is one code away.
+        """
+        one = self.round_unscaled(torch.tensor([1.0], dtype=torch.float64), "nearest", None)
+        code = self.encode(one)
+        above = self.decode(code + 1)
+        if not (torch.isfinite(above).all() and (above > one).all()):
+            above = one
+            one = self.decode(code - 1)
+        return float((above - one) / one)
 
     def values(self) -> Tensor:
         """All finite values of the element grid, sorted and unique (float64); formats up to 16 bits."""
@@ -233,21 +249,19 @@ class NumberFormat(ABC):
             raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         kind = self.scaling.kind
+        if work.numel() == 0:
+            return x.clone()
         if kind == "none":
             out = self.round_unscaled(work, rounding, generator)
         elif kind == "block":
-            blocks, shape, pad = to_blocks(work, self.scaling.axis, self.scaling.block_size)
+            flat = work.reshape(1) if work.dim() == 0 else work  # a scalar is a block of one
+            blocks, shape, pad = to_blocks(flat, self.scaling.axis, self.scaling.block_size)
             scale = self.scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True))
             out = from_blocks(self.round_unscaled(blocks / scale, rounding, generator) * scale,
-                              shape, self.scaling.axis, pad)
+                              shape, self.scaling.axis, pad).reshape(work.shape)
         else:
-            if kind == "tensor" or work.dim() == 0:
-                amax = work.abs().amax()
-            else:
-                dims = [d for d in range(work.dim()) if d != self.scaling.axis % work.dim()]
-                amax = work.abs().amax(dim=dims, keepdim=True) if dims else work.abs()
-            scale = self.scale_from_amax(amax)
-            out = self.round_unscaled(work / scale, rounding, generator) * scale
+            scale = self.scale_from_amax(_amax(work, None if kind == "tensor" else self.scaling.axis))
+            out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
         return out.to(x.dtype)
 
     def scale_from_amax(self, amax: Tensor) -> Tensor:

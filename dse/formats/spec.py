@@ -60,9 +60,11 @@ class Call:
 def _parse_value(text: str) -> Value:
     for cast in (int, float):
         try:
-            return cast(text)
+            value = cast(text)
         except ValueError:
-            pass
+            continue
+        if value == value and abs(value) != float("inf"):  # "nan" and "inf" are words (overflow=nan)
+            return value
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", text):
         raise ValueError(f"cannot read argument value {text!r}")
     return text
@@ -170,12 +172,18 @@ def choice_arg(name: str, value: Value, choices: tuple[str, ...]) -> str:
 
 def scaling_arg(default: Scaling, scale: Value | None, pow2: Value | None, axis: Value | None,
                 block: Value | None = None, kinds: tuple[str, ...] = SCALE_KINDS) -> Scaling:
-    """Build a Scaling from the shared options scale=, pow2=, axis=, block=."""
+    """Build a Scaling from the shared options scale=, pow2=, axis=, block=.
+
+    axis= and block= are kept only where the kind uses them, so equal formats compare equal.
+    """
+    kind = default.kind if scale is None else choice_arg("scale", scale, kinds)
     return Scaling(
-        kind=default.kind if scale is None else choice_arg("scale", scale, kinds),  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]
         pow2=default.pow2 if pow2 is None else bool_arg("pow2", pow2),
-        axis=default.axis if axis is None else int_arg("axis", axis, -8, 7),
-        block_size=default.block_size if block is None else int_arg("block", block, 1, 4096),
+        axis=default.axis if axis is None or kind not in ("channel", "block")
+        else int_arg("axis", axis, -8, 7),
+        block_size=default.block_size if block is None or kind != "block"
+        else int_arg("block", block, 1, 4096),
     )
 
 

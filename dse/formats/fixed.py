@@ -1,0 +1,140 @@
+"""Two's-complement fixed point: `int(n)` and `fixed(n, frac)` on one grid.
+
+The grid is the n-bit two's-complement integers k times a step of 2^-frac. `int(n)` is frac = 0
+with NITI's symmetric range [-(2^(n-1)-1), 2^(n-1)-1] and a per-tensor absmax scale by default;
+`fixed(n, frac)` is the full two's-complement range with no scaling. Both round the same way:
+t = x * 2^frac is exact (a power-of-two rescaling), is clamped to the code range, and
+`round_to_integer` rounds it, so
+
+* nearest is ties-to-even on the integer code; stochastic and toward_zero work on the code; and
+  pseudo_stochastic applies NITI's rule to the discarded field, which for a float input is every bit
+  of its significand below the grid step (NITI's PstoShift(m, s) on an integer m is the same when
+  m's significand is full width; shift_round is the integer form for int32 accumulators);
+* overflow saturates at the grid's ends (+-inf too), in quantize and encode alike;
+* NaN stays NaN in quantize. Symmetric formats leave code 100...0 unused: decode maps it to NaN and
+  encode maps NaN to it. Full-range formats have no NaN code, so encode(NaN) raises ValueError;
+* there is one zero code (encode(-0.0) == 0); quantize keeps the sign of a zero result (-0.3 -> -0.0
+  in int8 without scaling), as float arithmetic does.
+
+With float32 tensors the grid values above 2^24 (formats wider than 24 bits) come out rounded to
+float32; pass float64 tensors for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dse.formats.base import NumberFormat, Scaling, check_rounding, round_to_integer
+from dse.formats.spec import (
+    Value,
+    bool_arg,
+    call_spec,
+    int_arg,
+    register_family,
+    register_pattern_alias,
+    scaling_arg,
+)
+
+INT_SCALING = Scaling(kind="tensor")
+FIXED_SCALING = Scaling()
+MAX_BITS = 32
+MAX_FRAC_BITS = 64
+
+
+@dataclass(frozen=True)
+class FixedPoint(NumberFormat):
+    """n-bit two's-complement codes k with value k * 2^-frac_bits, saturating."""
+
+    bits: int
+    frac_bits: int
+    symmetric: bool
+    scaling: Scaling
+
+    @property
+    def family(self) -> str:  # type: ignore[override]
+        return "int" if self.frac_bits == 0 else "fixed"
+
+    @property
+    def spec(self) -> str:
+        if self.frac_bits == 0:
+            options = self.scaling.options(INT_SCALING) + ([] if self.symmetric else ["symmetric=0"])
+            return call_spec("int", [str(self.bits)], options) if options else f"int{self.bits}"
+        options = self.scaling.options(FIXED_SCALING) + (["symmetric=1"] if self.symmetric else [])
+        return call_spec("fixed", [str(self.bits), str(self.frac_bits)], options)
+
+    @property
+    def lowest_code(self) -> int:
+        return -(2 ** (self.bits - 1)) + int(self.symmetric)
+
+    @property
+    def highest_code(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def max(self) -> float:
+        return self.highest_code * 2.0**-self.frac_bits
+
+    @property
+    def min_positive(self) -> float:
+        return 2.0**-self.frac_bits
+
+    def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        check_rounding(rounding)
+        # Clamping after rounding equals clamping before (the bounds are integers) and works in place.
+        code = round_to_integer(x * 2.0**self.frac_bits if self.frac_bits else x, rounding, generator)
+        code.clamp_(self.lowest_code, self.highest_code)
+        return code.mul_(2.0**-self.frac_bits) if self.frac_bits else code
+
+    def encode(self, x: Tensor) -> Tensor:
+        x = torch.as_tensor(x).double()
+        is_nan = torch.isnan(x)
+        if is_nan.any() and not self.symmetric:
+            raise ValueError(f"{self.spec} has no NaN code: encode got NaN")
+        code = self.round_unscaled(x, "nearest", None) * 2.0**self.frac_bits
+        codes = torch.nan_to_num(code).to(torch.int64) & (2**self.bits - 1)
+        return torch.where(is_nan, 2 ** (self.bits - 1), codes)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        codes = torch.as_tensor(codes, dtype=torch.int64)
+        if torch.any((codes < 0) | (codes >= 2**self.bits)):
+            raise ValueError(f"{self.spec} codes lie in 0..{2**self.bits - 1}")
+        signed = codes - ((codes >> (self.bits - 1)) << self.bits)
+        values = signed.double() * 2.0**-self.frac_bits
+        if self.symmetric:
+            values = torch.where(signed < self.lowest_code, torch.nan, values)
+        return values
+
+
+def int_format(bits: Value, *, scale: Value | None = None, pow2: Value | None = None,
+               axis: Value | None = None, block: Value | None = None,
+               symmetric: Value | None = None) -> FixedPoint:
+    """int(n): n in 2..32 bits, frac 0; symmetric=1 (never -2^(n-1)) and scale=tensor by default."""
+    return FixedPoint(
+        bits=int_arg("bits", bits, 2, MAX_BITS),
+        frac_bits=0,
+        symmetric=True if symmetric is None else bool_arg("symmetric", symmetric),
+        scaling=scaling_arg(INT_SCALING, scale, pow2, axis, block),
+    )
+
+
+def fixed_format(bits: Value, frac: Value | None = None, *, scale: Value | None = None,
+                 pow2: Value | None = None, axis: Value | None = None, block: Value | None = None,
+                 symmetric: Value | None = None) -> FixedPoint:
+    """fixed(n, frac): n in 2..32 bits, frac in -64..64 fraction bits; full range, no scaling by default."""
+    if frac is None:
+        raise ValueError(f"fixed(n, frac) needs frac, the number of fraction bits in "
+                         f"-{MAX_FRAC_BITS}..{MAX_FRAC_BITS}")
+    return FixedPoint(
+        bits=int_arg("bits", bits, 2, MAX_BITS),
+        frac_bits=int_arg("frac", frac, -MAX_FRAC_BITS, MAX_FRAC_BITS),
+        symmetric=False if symmetric is None else bool_arg("symmetric", symmetric),
+        scaling=scaling_arg(FIXED_SCALING, scale, pow2, axis, block),
+    )
+
+
+register_family("int", int_format)
+register_family("fixed", fixed_format)
+register_pattern_alias(r"int(\d+)", lambda match: f"int({match.group(1)})")
