@@ -1,0 +1,185 @@
+"""OCP Microscaling (MX v1.0) block formats: blocks of 32 elements share one E8M0 scale.
+
+A block's scale is X = 2^(floor(log2 max|v|) - emax_elem), where emax_elem is the exponent of the
+element format's largest binade, clamped to E8M0's range 2^-127..2^127 (the spec's conversion
+rule, and gfloat's `compute_scale_amax`). Each element v/X is rounded onto the element grid (ties
+to even, or the requested mode) and saturates at the element's max, as the spec asks of
+conversions. Edge cases, documented in docs/formats.md and tested in tests/test_mx.py:
+
+* a block of zeros gets the smallest scale, 2^-127 (E8M0 code 0), as gfloat does;
+* a block holding inf or NaN gets the NaN scale (E8M0 code 0xFF), so all its 32 values are NaN;
+* MXINT8 elements are 8-bit two's complement with 6 fraction bits, kept symmetric in
+  -127/64..127/64 as microxcaling does (`fixed(8,6,symmetric=1)`): gfloat's ocp_int8 also uses -2
+  (code 0x80), but a block whose element rounds to -2X has max|v| = 2X and would re-quantize with
+  twice the scale, so quantize would not be idempotent. Code 0x80 is never produced.
+
+`encode`/`decode`/`values`/`max` describe the element grid at unit scale, like every format;
+`encode_blocks`/`decode_blocks` give the real MX bit stream: one scale code per block plus the
+element codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from dse.formats.base import NumberFormat, Scaling, float_exponent, to_blocks
+from dse.formats.floating import power_of_two
+from dse.formats.spec import Value, get, register_alias, register_family, scaling_arg
+
+SCALE_BITS = 8
+SCALE_EXPONENT_LIMIT = 127  # E8M0: codes 0..254 are 2^-127..2^127
+SCALE_NAN_CODE = 255
+MX_SCALING = Scaling(kind="block", axis=-1, block_size=32)
+MX_SCALE_KINDS = ("block", "none")  # none: the bare element grid, without the shared scale
+
+# Element names accepted by mx(...) and the spec of each element grid, saturating (OCP MX 6.3).
+ELEMENTS: dict[str, str] = {
+    "fp8_e4m3": "fp8_e4m3",
+    "fp8_e5m2": "fp8_e5m2(overflow=saturate)",
+    "fp6_e3m2": "fp6_e3m2",
+    "fp6_e2m3": "fp6_e2m3",
+    "fp4_e2m1": "fp4_e2m1",
+    "int8": "fixed(8,6,symmetric=1)",
+}
+
+
+@dataclass(frozen=True)
+class MXFormat(NumberFormat):
+    """An OCP MX format: an element grid plus one shared power-of-two E8M0 scale per block."""
+
+    element: NumberFormat
+    scaling: Scaling = MX_SCALING
+    element_name: str = field(init=False, compare=False)  # its name in mx(...), from ELEMENTS
+
+    family: ClassVar[str] = "mx"
+    scale_bits: ClassVar[int] = SCALE_BITS
+
+    def __post_init__(self) -> None:
+        if self.scaling.kind not in MX_SCALE_KINDS or self.scaling.pow2:
+            raise ValueError(f"MX formats scale per block with E8M0 powers of two (or not at all: "
+                             f"scale=none), got {self.scaling}")
+        object.__setattr__(self, "element_name", element_name(self.element))
+
+    @property
+    def bits(self) -> int:
+        """Bits of one element; the shared scale adds scale_bits / block_size per element."""
+        return self.element.bits
+
+    @property
+    def block_size(self) -> int:
+        return self.scaling.block_size
+
+    @property
+    def axis(self) -> int:
+        return self.scaling.axis
+
+    @property
+    def element_emax(self) -> int:
+        """Exponent of the element grid's largest binade (8 for E4M3, 0 for INT8)."""
+        return math.frexp(self.element.max)[1] - 1
+
+    @property
+    def spec(self) -> str:
+        options = self.scaling.options(MX_SCALING)
+        names = [name for name, expansion in _ALIASES.items() if expansion == f"mx({self.element_name})"]
+        name = min(names, key=len)
+        return f"{name}({','.join(options)})" if options else name
+
+    @property
+    def max(self) -> float:
+        return self.element.max
+
+    @property
+    def min_positive(self) -> float:
+        return self.element.min_positive
+
+    def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        rounded = self.element.round_unscaled(x, rounding, generator)
+        # An element without a -0 code (INT8) gives +0, so quantize equals the decoded bit stream.
+        return rounded if self.element_has_negative_zero else rounded.add_(0.0)
+
+    @cached_property
+    def element_has_negative_zero(self) -> bool:
+        negative_zero = self.element.decode(self.element.encode(torch.tensor([-0.0])))
+        return bool(torch.signbit(negative_zero).item())
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.element.encode(x)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return self.element.decode(codes)
+
+    # --- the shared scale ---------------------------------------------------------------------------
+    def scale_exponents(self, amax: Tensor) -> tuple[Tensor, Tensor]:
+        """E8M0 exponents (int64) of the blocks with these max|v|, and which blocks are finite."""
+        exponent = (float_exponent(amax) - self.element_emax).clamp(-SCALE_EXPONENT_LIMIT,
+                                                                     SCALE_EXPONENT_LIMIT)
+        exponent = torch.where(amax == 0, -SCALE_EXPONENT_LIMIT, exponent)
+        return exponent, torch.isfinite(amax)
+
+    def scale_from_amax(self, amax: Tensor) -> Tensor:
+        exponent, finite = self.scale_exponents(amax)
+        return torch.where(finite, power_of_two(exponent), math.nan).to(amax.dtype)
+
+    def encode_blocks(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The MX bit stream of x: (scale codes, element codes), int64, in blocked layout.
+
+        The blocked axis is moved last and zero-padded to a multiple of block_size: scale codes have
+        shape (..., n_blocks) and element codes (..., n_blocks, block_size). A block holding inf or
+        NaN gets scale code 0xFF and element codes 0. The blocks are those of block_size and axis,
+        also for scale=none.
+        """
+        blocks, _, _ = to_blocks(x, self.axis, self.block_size)
+        exponent, finite = self.scale_exponents(blocks.abs().amax(dim=-1, keepdim=True))
+        scale_codes = torch.where(finite, exponent + SCALE_EXPONENT_LIMIT, SCALE_NAN_CODE)
+        scaled = torch.where(finite, blocks.double() / power_of_two(exponent), 0.0)
+        return scale_codes.squeeze(-1), self.element.encode(scaled)
+
+    def decode_blocks(self, scale_codes: Tensor, element_codes: Tensor) -> Tensor:
+        """Values (float64, blocked layout) of an MX bit stream from `encode_blocks`."""
+        scale_codes = scale_codes.to(torch.int64)
+        scales = torch.where(scale_codes == SCALE_NAN_CODE, math.nan,
+                             power_of_two(scale_codes.clamp(max=2 * SCALE_EXPONENT_LIMIT)
+                                          - SCALE_EXPONENT_LIMIT))
+        return self.element.decode(element_codes) * scales.unsqueeze(-1)
+
+
+def element_name(element: NumberFormat) -> str:
+    """The name under which mx(...) knows this element grid."""
+    for name, element_spec in ELEMENTS.items():
+        if get(element_spec) == element:
+            return name
+    raise ValueError(f"MX element must be one of {', '.join(ELEMENTS)}, got {element.spec}")
+
+
+def mx(element: Value | None = None, block: Value | None = None, axis: Value | None = None,
+       scale: Value | None = None) -> MXFormat:
+    """mx(ELEMENT, block=32, axis=-1, scale=block|none).
+
+    ELEMENT in fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, int8; scale=none drops the shared
+    scale (the bare element grid).
+    """
+    if element not in ELEMENTS:
+        raise ValueError(f"mx element must be one of {', '.join(ELEMENTS)}, got {element!r}")
+    return MXFormat(element=get(ELEMENTS[str(element)]),
+                    scaling=scaling_arg(MX_SCALING, scale, None, axis, block, kinds=MX_SCALE_KINDS))
+
+
+_ALIASES: dict[str, str] = {
+    "mxfp8_e4m3": "mx(fp8_e4m3)",
+    "mxfp8_e5m2": "mx(fp8_e5m2)",
+    "mxfp6_e3m2": "mx(fp6_e3m2)",
+    "mxfp6_e2m3": "mx(fp6_e2m3)",
+    "mxfp4": "mx(fp4_e2m1)",
+    "mxint8": "mx(int8)",
+}
+
+register_family("mx", mx)
+for _name, _expansion in _ALIASES.items():
+    register_alias(_name, _expansion)

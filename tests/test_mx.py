@@ -1,0 +1,232 @@
+"""OCP MX block formats bit for bit against gfloat's quantize_block / encode_block.
+
+Blocks are random with a wide dynamic range (whole blocks from 2^-150 to 2^125, elements spread
+over 20 binades inside a block), plus blocks of zeros, blocks that need the scale clamped at
+2^-127 (and at 2^127 for float64 input), blocks of exact ties between element values, blocks at
+the element max plus half a step, and the MXINT8 ties next to -2. MXINT8 elements are symmetric
+(microxcaling's choice; gfloat also uses -2, code 0x80), so gfloat's -2 results are compared as
+-127/64 and code 0x81.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from gfloat import RoundMode, compute_scale_amax, encode_block, quantize_block, round_ndarray
+from gfloat.formats import (
+    format_info_mxfp4_e2m1,
+    format_info_mxfp6_e2m3,
+    format_info_mxfp6_e3m2,
+    format_info_mxfp8_e4m3,
+    format_info_mxfp8_e5m2,
+    format_info_mxint8,
+)
+
+from dse.errors import InputError
+from dse.formats import get
+from dse.formats.base import from_blocks, to_blocks
+from dse.formats.mx import MXFormat
+
+GFLOAT = {
+    "mxfp8_e4m3": format_info_mxfp8_e4m3,
+    "mxfp8_e5m2": format_info_mxfp8_e5m2,
+    "mxfp6_e3m2": format_info_mxfp6_e3m2,
+    "mxfp6_e2m3": format_info_mxfp6_e2m3,
+    "mxfp4": format_info_mxfp4_e2m1,
+    "mxint8": format_info_mxint8,
+}
+NAN, INF = math.nan, math.inf
+
+
+def special_blocks(fmt: MXFormat, dtype: torch.dtype) -> torch.Tensor:
+    """Edge-case blocks: zeros, clamped scales, ties, max + half a step, -2 for INT8."""
+    values = fmt.values()
+    ties = (values[1:] + values[:-1]) / 2
+    generator = torch.Generator().manual_seed(11)
+    rows = [torch.zeros(32, dtype=torch.float64)]
+    for scale in (2.0**-140, 2.0**-130, 1.0, 2.0**60):
+        picks = ties[torch.randint(0, ties.numel(), (32,), generator=generator)]
+        picks[0] = values[-1] + (values[-1] - values[-2]) / 2  # max + half a step sets the scale
+        rows.append(picks * scale)
+        picks = values[torch.randint(0, values.numel(), (32,), generator=generator)]
+        picks[0] = values[-1]
+        rows.append(picks * scale)
+    rows.append(torch.full((32,), 2.0**-149))
+    rows.append(torch.tensor([-1.995, 1.0] + [0.5] * 30, dtype=torch.float64))  # INT8: -2 in gfloat
+    if dtype == torch.float64:  # scale clamped at 2^127
+        rows.append(torch.randn(32, generator=generator, dtype=torch.float64) * 2.0**150)
+    return torch.stack(rows).to(dtype)
+
+
+def random_blocks(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    block_exponent = torch.randint(-150, 100, (n, 1), generator=generator)
+    element_exponent = torch.randint(-20, 1, (n, 32), generator=generator)
+    x = torch.randn(n, 32, generator=generator, dtype=torch.float64)
+    return (x * 2.0 ** (block_exponent + element_exponent).double()).to(dtype)
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    a, e = actual.double(), expected.double()
+    same = ((a == e) | (torch.isnan(a) & torch.isnan(e))) & (
+        (torch.signbit(a) == torch.signbit(e)) | torch.isnan(e))
+    assert same.all(), (f"{int((~same).sum())} differ: got {a[~same][:4].tolist()}, "
+                        f"expected {e[~same][:4].tolist()}")
+
+
+def gfloat_blocks(spec: str, x: torch.Tensor, mode: RoundMode) -> tuple[torch.Tensor, torch.Tensor]:
+    """gfloat's values and codes (scale code, element codes) for each row of 32."""
+    info = GFLOAT[spec]
+    values, codes = [], []
+    for row in x.double().numpy():
+        scale = compute_scale_amax(info.etype.emax, row)
+        values.append(quantize_block(info, row, compute_scale_amax, mode).clip(-info.etype.max * scale))
+        codes.append(list(encode_block(info, scale, row / scale, mode)))
+    codes = torch.tensor(codes)
+    if spec == "mxint8":  # symmetric INT8: -2 (0x80) saturates to -127/64 (0x81)
+        codes[:, 1:] = torch.where(codes[:, 1:] == 0x80, 0x81, codes[:, 1:])
+    return torch.from_numpy(np.stack(values)), codes
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("rounding", "mode"), [("nearest", RoundMode.TiesToEven),
+                                                ("toward_zero", RoundMode.TowardZero)])
+def test_blocks_match_gfloat(spec: str, dtype: torch.dtype, rounding: str, mode: RoundMode) -> None:
+    fmt = get(spec)
+    x = torch.cat([special_blocks(fmt, dtype), random_blocks(60, dtype, seed=len(spec))])
+    expected_values, expected_codes = gfloat_blocks(spec, x, mode)
+    assert_same(fmt.quantize(x, rounding), expected_values)
+    if rounding == "nearest":
+        scale_codes, element_codes = fmt.encode_blocks(x)
+        assert torch.equal(scale_codes[:, 0], expected_codes[:, 0])
+        assert torch.equal(element_codes[:, 0], expected_codes[:, 1:])
+
+
+def reference_scales(info: object, x: np.ndarray) -> np.ndarray:
+    """gfloat's compute_scale_amax, vectorized over rows (same formula, float64 numpy)."""
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        exponent = np.clip(np.floor(np.log2(amax)) - info.etype.emax, -127, 127)
+    return 2.0 ** np.where(amax == 0, -127, exponent)
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+def test_many_blocks_match_gfloat_element_rounding(spec: str) -> None:
+    """3000 blocks per format: the vectorized form of quantize_block (scale rule + round_ndarray)."""
+    fmt, info = get(spec), GFLOAT[spec]
+    x = random_blocks(3000, torch.float32, seed=1).double().numpy()
+    scale = reference_scales(info, x)
+    expected = round_ndarray(info.etype, x / scale, RoundMode.TiesToEven, sat=True).clip(-info.etype.max)
+    expected = expected * scale
+    assert_same(fmt.quantize(torch.from_numpy(x).float()), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+def test_stochastic_matches_gfloat_with_the_same_random_bits(spec: str) -> None:
+    fmt, info = get(spec), GFLOAT[spec]
+    x = random_blocks(500, torch.float32, seed=2)
+    draws = torch.rand(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    srbits = (2**53 - 1 - (draws * 2.0**53).to(torch.int64)).numpy()
+    scale = reference_scales(info, x.double().numpy())
+    scaled = x.double().numpy() / scale
+    keep = (np.abs(scaled) >= 2.0**-20) | (scaled == 0)  # discarded fraction fits 53 bits
+    expected = round_ndarray(info.etype, scaled, RoundMode.Stochastic, sat=True, srbits=srbits,
+                             srnumbits=53).clip(-info.etype.max) * scale
+    actual = fmt.quantize(x, "stochastic", torch.Generator().manual_seed(9))
+    assert_same(actual[torch.from_numpy(keep)], torch.from_numpy(expected[keep]))
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+def test_encode_blocks_and_decode_blocks_give_quantize(spec: str) -> None:
+    fmt = get(spec)
+    x = torch.cat([special_blocks(fmt, torch.float32), random_blocks(200, torch.float32, seed=3)])
+    x = torch.cat([x, torch.tensor([[1.0, INF] + [0.0] * 30, [NAN] * 32])]).reshape(-1, 48)
+    scale_codes, element_codes = fmt.encode_blocks(x)
+    assert scale_codes.shape == (x.shape[0], 2) and element_codes.shape == (x.shape[0], 2, 32)
+    assert scale_codes.dtype == element_codes.dtype == torch.int64
+    assert torch.all((scale_codes >= 0) & (scale_codes <= 255))
+    assert torch.all((element_codes >= 0) & (element_codes < 2**fmt.bits))
+    decoded = from_blocks(fmt.decode_blocks(scale_codes, element_codes), tuple(x.shape), -1, 16)
+    assert_same(decoded.float(), fmt.quantize(x))
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+def test_zero_and_non_finite_blocks(spec: str) -> None:
+    fmt = get(spec)
+    x = torch.tensor([[0.0] * 32, [1.0, INF] + [0.5] * 30, [-INF] + [0.0] * 31, [NAN] + [1.0] * 31])
+    q = fmt.quantize(x)
+    assert torch.equal(q[0], torch.zeros(32))
+    assert torch.isnan(q[1:]).all()  # a block holding inf or NaN gets the NaN scale
+    scale_codes, element_codes = fmt.encode_blocks(x)
+    assert scale_codes[:, 0].tolist() == [0, 255, 255, 255]
+    assert torch.equal(element_codes[1:], torch.zeros_like(element_codes[1:]))
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+def test_quantize_is_idempotent_on_edge_blocks(spec: str) -> None:
+    fmt = get(spec)
+    x = torch.cat([special_blocks(fmt, torch.float32), random_blocks(200, torch.float32, seed=5)])
+    once = fmt.quantize(x)
+    assert torch.equal(fmt.quantize(once), once)
+
+
+def test_mxint8_is_symmetric() -> None:
+    fmt = get("mxint8")
+    q = fmt.quantize(torch.tensor([[-1.995, -1.9921875, 1.995] + [0.5] * 29]))
+    assert q[0, :3].tolist() == [-127 / 64, -127 / 64, 127 / 64]
+    assert fmt.values().min().item() == -127 / 64
+
+
+def test_scale_follows_the_spec_rule() -> None:
+    fmt = get("mxfp8_e4m3")  # emax_elem = 8
+    amax = torch.tensor([448.0, 512.0, 511.9, 2.0**-140, 0.0, 2.0**130, INF], dtype=torch.float64)
+    scale = fmt.scale_from_amax(amax)
+    assert scale[:6].tolist() == [1.0, 2.0, 1.0, 2.0**-127, 2.0**-127, 2.0**122]
+    assert math.isnan(scale[6])
+    assert get("mxint8").scale_from_amax(torch.tensor([1.99, 2.0**200], dtype=torch.float64)).tolist() == [
+        1.0, 2.0**127]
+
+
+def test_blocks_run_along_the_chosen_axis_with_padding() -> None:
+    x = torch.randn(70, 5, generator=torch.Generator().manual_seed(4)) * 100
+    along_rows = get("mxfp4(axis=0)").quantize(x)
+    assert torch.equal(along_rows, get("mxfp4").quantize(x.T.contiguous()).T)
+    padded = torch.cat([x.T, torch.zeros(5, 26)], dim=1)
+    assert torch.equal(get("mxfp4").quantize(x.T.contiguous()), get("mxfp4").quantize(padded)[:, :70])
+    mx16 = get("mx(fp4_e2m1,block=16)")
+    blocks, _, _ = to_blocks(x.T.contiguous(), -1, 16)  # (5, 5, 16), the last block zero-padded
+    one_by_one = torch.stack([mx16.quantize(block) for block in blocks.reshape(-1, 16)])
+    expected = from_blocks(one_by_one.reshape(blocks.shape), (5, 70), -1, 10)
+    assert torch.equal(mx16.quantize(x.T.contiguous()), expected)
+
+
+@pytest.mark.parametrize(("spec", "element", "bits", "element_max"), [
+    ("mxfp8_e4m3", "fp8_e4m3", 8, 448.0), ("mxfp8_e5m2", "fp(e=5,m=2,overflow=saturate)", 8, 57344.0),
+    ("mxfp6_e3m2", "fp6_e3m2", 6, 28.0), ("mxfp6_e2m3", "fp6_e2m3", 6, 7.5),
+    ("mxfp4", "fp4_e2m1", 4, 6.0), ("mxint8", "fixed(8,6,symmetric=1)", 8, 127 / 64),
+])
+def test_mx_formats(spec: str, element: str, bits: int, element_max: float) -> None:
+    fmt = get(spec)
+    assert fmt.family == "mx" and fmt.element == get(element) and fmt.element.spec == element
+    assert (fmt.bits, fmt.block_size, fmt.scale_bits, fmt.axis) == (bits, 32, 8, -1)
+    assert fmt.max == element_max and get(fmt.spec) == fmt
+    assert torch.equal(fmt.values(), get(element).values())
+
+
+def test_mx_specs() -> None:
+    assert get("mx(fp4_e2m1,block=16)").spec == "mxfp4(block=16)"
+    assert get("mx(int8, axis=0)").spec == "mxint8(axis=0)"
+    assert get("mx(fp8_e4m3)") == get("mxfp8_e4m3")
+    bare = get("mxfp4(scale=none)")
+    assert bare.spec == "mxfp4(scale=none)" and get(bare.spec) == bare
+    assert torch.equal(bare.quantize(torch.tensor([100.0, 0.7])), torch.tensor([6.0, 0.5]))
+    for bad, message in [("mx(bf16)", "mx element must be one of fp8_e4m3, fp8_e5m2"),
+                         ("mxfp4(block=0)", "block must be in 1..4096"),
+                         ("mxfp4(scale=tensor)", "scale must be one of block, none"),
+                         ("mxfp4(pow2=1)", "unknown option 'pow2'")]:
+        with pytest.raises(InputError, match=message):
+            get(bad)
