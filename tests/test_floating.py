@@ -280,7 +280,7 @@ def mpfr_round(fmt: FloatFormat, x: torch.Tensor, mode: int) -> torch.Tensor:
                             emin=3 - 2 ** (fmt.exp_bits - 1) - fmt.man_bits, subnormalize=True,
                             round=mode)
     out = []
-    with gmpy2.local_context(context):
+    with context:
         for value in x.tolist():
             out.append(float(context.check_range(gmpy2.mpfr(value))))
     return torch.tensor(out, dtype=torch.float64)
