@@ -534,3 +534,41 @@ def test_relative_precision_and_range() -> None:
     assert get("bf16").relative_precision == 2.0**-7
     assert get("fp32").relative_precision == 2.0**-23
     assert get("fp8_e4m3").dynamic_range_decades == pytest.approx(math.log10(448 * 2**9))
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "fp8_e4m3(overflow=nan)", "fp8_e4m3fnuz",
+                                  "fp8_e5m2fnuz(overflow=nan)", "fp8_e5m2(overflow=saturate)", "fp6_e3m2",
+                                  "fp6_e2m3", "fp4_e2m1", "tf32", "fp(e=4,m=3)", "fp(e=7,m=4)", "fp(e=2,m=1)",
+                                  "fp(e=3,m=0,special=none)", "fp(e=6,m=21)", "fp(e=9,m=10)"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_nearest_equals_generic_rounding_on_random_floats(spec: str, threads: int) -> None:
+    """round_unscaled's fused nearest rounding (magic constant, or the bit pattern for tf32) against
+    round_by_grid in float64: random float32 and float64 patterns (every binade, subnormals, inf,
+    NaN), grid values, ties and their neighbours, over several CPU chunks."""
+    fmt = get(spec)
+    generator = torch.Generator().manual_seed(5)
+    bits = torch.randint(-(2**31), 2**31 - 1, (400_000,), generator=generator, dtype=torch.int64)
+    wide = torch.randint(-(2**63), 2**63 - 1, (200_000,), generator=generator, dtype=torch.int64)
+    ties = generic(fmt, fmt.max * torch.rand(200_000, generator=generator, dtype=torch.float64) *
+                   2.0 ** -torch.randint(0, 40, (200_000,), generator=generator).double())
+    ties = ties + (generic(fmt, torch.nextafter(ties, torch.full_like(ties, INF))) - ties) / 2
+    edges = probes(fmt, torch.float64) if fmt.bits <= 12 else sample_probes(fmt, torch.float64)
+    ties = torch.cat([ties, -ties, edges])
+    ties = torch.cat([ties, torch.nextafter(ties, torch.full_like(ties, INF)),
+                      torch.nextafter(ties, torch.full_like(ties, -INF))])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in (torch.cat([bits.to(torch.int32).view(torch.float32), ties.float()]),
+                  torch.cat([wide.view(torch.float64), ties])):
+            assert_same(fmt.round_unscaled(x, "nearest", None), generic(fmt, x.double()).to(x.dtype), x)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "tf32"])
+def test_input_that_autograd_records_gets_the_same_values(spec: str) -> None:
+    fmt = get(spec)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 100
+    recorded = fmt.quantize(x.clone().requires_grad_())
+    assert recorded.requires_grad and torch.equal(recorded.detach(), fmt.quantize(x))

@@ -10,7 +10,9 @@ the element max plus half a step, and the MXINT8 ties next to -2. MXINT8 element
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ from gfloat.formats import (
 )
 
 from dse.errors import InputError
-from dse.formats import get
+from dse.formats import NumberFormat, get
 from dse.formats.base import from_blocks, to_blocks
 from dse.formats.mx import MXFormat
 
@@ -230,3 +232,86 @@ def test_mx_specs() -> None:
                          ("mxfp4(pow2=1)", "unknown option 'pow2'")]:
         with pytest.raises(InputError, match=message):
             get(bad)
+
+
+# --- the fused nearest path (MXFormat._quantize_blocks_nearest) --------------------------------------
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def blocks_at_every_exponent(fmt: MXFormat, per_exponent: int, seed: int) -> torch.Tensor:
+    """Blocks whose max|v| has each float32 exponent field 0..254 (the fused path's limits inside),
+    elements over 30 binades below it, ties of the element grid, zeros, -0, inf and NaN blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    field = torch.arange(255).repeat_interleave(per_exponent)
+    top = torch.where(field > 0, 2.0 ** (field - 127).double(), 2.0**-140)
+    x = torch.randn(field.numel(), 32, generator=generator, dtype=torch.float64)
+    x = x / x.abs().amax(dim=1, keepdim=True) * top[:, None]
+    x = x * 2.0 ** -torch.randint(0, 30, x.shape, generator=generator).double()
+    x[:, 0] = top * (1 + torch.rand(field.numel(), generator=generator, dtype=torch.float64))
+    values = fmt.values()
+    ties = (values[1:] + values[:-1]) / 2
+    scale = 2.0 ** (field[::8] - 127 - fmt.element_emax).clamp(-127, 127).double()
+    tie_rows = ties[torch.randint(0, ties.numel(), (scale.numel(), 32), generator=generator)] * scale[:, None]
+    tie_rows[:, 0] = values[-1] * scale  # max|v| keeps the scale
+    x = torch.cat([x, tie_rows]).float()
+    x[::13] = 0.0
+    x[1::17] = -0.0
+    x[2::19, 5] = INF
+    x[3::23, 7] = NAN
+    return x[torch.randperm(x.shape[0], generator=generator)]
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_path_matches_gfloat_at_every_block_exponent(spec: str, threads: int) -> None:
+    """Every E8M0 scale, across several CPU chunks, against the vectorized gfloat formula."""
+    fmt, info = get(spec), GFLOAT[spec]
+    x = blocks_at_every_exponent(fmt, per_exponent=70, seed=threads)
+    assert x.numel() > 2 * 2**17 * threads  # more than one chunk, and a partial last one
+    reference = x.double().numpy()
+    finite = np.isfinite(reference).all(axis=1)
+    scale = reference_scales(info, np.where(np.isfinite(reference), reference, 0.0))
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = round_ndarray(info.etype, reference / scale, RoundMode.TiesToEven, sat=True)
+        expected = expected.clip(-info.etype.max) * scale
+    if spec == "mxint8":  # no -0 code: zero results are +0
+        expected = expected + 0.0
+    expected[~finite] = NAN
+    with torch_threads(threads):
+        assert_same(fmt.quantize(x), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxfp6_e2m3", "mxint8", "mx(fp4_e2m1,block=16)",
+                                  "mxfp8_e5m2(axis=0)", "mx(int8,block=7)"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_path_equals_the_block_formula_for_every_layout(spec: str, threads: int) -> None:
+    """Blocked axis last or not, padded or not, non-contiguous, float16/bfloat16 input, a scalar."""
+    fmt = get(spec)
+    x = blocks_at_every_exponent(fmt, per_exponent=12, seed=7)
+    x = x[: x.shape[0] // 3 * 3].reshape(-1, 96)
+    inputs = [x, x.T, x[:, :90], x[:, 5:], x.reshape(-1)[: x.numel() - 3], x[:40].to(torch.bfloat16),
+              x[:40].clamp(-60000, 60000).to(torch.float16), x[0, 0], torch.randn(3, 5, 64)]
+    with torch_threads(threads):
+        for value in inputs:
+            fused = fmt.quantize(value)
+            assert fused.shape == value.shape and fused.dtype == value.dtype
+            assert_same(fused, NumberFormat.quantize(fmt, value))
+
+
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxint8"])
+def test_input_that_autograd_records_gets_the_same_values(spec: str) -> None:
+    fmt = get(spec)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 100
+    expected = fmt.quantize(x)
+    recorded = fmt.quantize(x.clone().requires_grad_())
+    assert recorded.requires_grad and torch.equal(recorded.detach(), expected)
+    with torch.no_grad():
+        assert torch.equal(fmt.quantize(x.clone().requires_grad_()), expected)

@@ -25,6 +25,7 @@ Policies (documented in docs/formats.md, tested in tests/test_floating.py):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -198,7 +199,12 @@ class FloatFormat(NumberFormat):
         if rounding == "nearest" and cast is not None:
             return x.to(cast).to(x.dtype)
         work_dtype = x.dtype if self._computes_natively_in(x.dtype) else torch.float64
-        out = _in_chunks(lambda chunk: self.round_by_grid(chunk, rounding, generator), x.to(work_dtype))
+        work = x.to(work_dtype)
+        recorded = work.requires_grad and torch.is_grad_enabled()  # out= passes are not differentiable
+        kernel = self._nearest_kernel(work_dtype) if rounding == "nearest" and not recorded else None
+        if kernel is not None:
+            return map_chunks(kernel, work).to(x.dtype)
+        out = _in_chunks(lambda chunk: self.round_by_grid(chunk, rounding, generator), work)
         return out.to(x.dtype)
 
     def round_by_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
@@ -229,6 +235,47 @@ class FloatFormat(NumberFormat):
             significand_scale = torch.where(below_normal, 1.0, 2.0**m).to(x.dtype)
         integers = round_to_integer((x / binade).mul_(significand_scale), rounding, generator)
         return self._apply_overflow(integers.div_(significand_scale).mul_(binade), x, rounding)
+
+    def _nearest_kernel(self, dtype: torch.dtype) -> Kernel | None:
+        """A fused nearest rounding for x in `dtype` (which holds the grid), same results as round_by_grid.
+
+        Magic-constant rounding: with C = 1.5 * 2^(P + k), P the dtype's mantissa bits and 2^k the
+        grid step in x's binade (k = max(exponent(x), min_normal_exponent) - m), x + C lies in C's
+        binade, whose spacing is 2^k, so the addition itself rounds x to the grid, ties to even
+        (C is an even multiple of 2^k); (x + C) - C is exact. C comes from x's exponent field (two
+        integer passes), and OR-ing x's sign bit back in gives zero results x's sign. Exponents above
+        the top binade use the top binade's C: the result then lies beyond max, as it should.
+        Needs subnormals (the floor of k), m <= P - 2 and C within the dtype's range; formats with
+        e = 8 in float32 (tf32) round the bit pattern instead (round half to even on the integer).
+        None where neither applies: round_by_grid runs.
+        """
+        layout = _LAYOUTS[dtype]
+        m, emin, emax = self.man_bits, self.min_normal_exponent, self.max_exponent
+        if not self.subnormals or m > layout.man_bits - 2:
+            return None
+        if emax - m + layout.man_bits <= layout.max_exponent:
+            return functools.partial(
+                _magic_round, mask=layout.exponent_mask, lowest=layout.exponent_field(emin),
+                highest=layout.exponent_field(emax), factor=1.5 * 2.0 ** (layout.man_bits - m),
+                overflow=self._overflow_nearest, sign=self.special != "fnuz")  # fnuz: +0 is its only zero
+        if self.special == "ieee" and self.overflow == "inf" and emin == layout.min_normal_exponent:
+            # Same exponent range as the dtype: the grid is every 2^(P-m)-th bit pattern, subnormals
+            # included, and rounding the pattern up past the top finite binade gives inf.
+            return functools.partial(_pattern_round, shift=layout.man_bits - m)
+        return None
+
+    def _overflow_nearest(self, out: Tensor) -> None:
+        """The overflow policy after the magic rounding (in place)."""
+        limit = self.max
+        if self.overflow == "saturate":
+            out.clamp_(-limit, limit)
+        elif self.overflow == "inf":
+            # The ieee grid fills its top binade: scaled so that it ends at the dtype's top binade,
+            # every rounded value beyond max overflows to inf, and scaling back is exact.
+            shift = _LAYOUTS[out.dtype].max_exponent - self.max_exponent
+            out.mul_(2.0**shift).mul_(2.0**-shift)
+        else:
+            out.masked_fill_(out.abs() > limit, math.nan)
 
     def _apply_overflow(self, rounded: Tensor, x: Tensor, rounding: str) -> Tensor:
         limit = self.max
@@ -323,6 +370,57 @@ class FloatFormat(NumberFormat):
         if self.special == "fnuz":
             values = torch.where(codes == self.sign_bit, math.nan, values)
         return values
+
+
+Kernel = Callable[[Tensor, Tensor, Tensor], None]
+
+
+def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: int, lowest: int, highest: int,
+                 factor: float, overflow: Callable[[Tensor], None], sign: bool) -> None:
+    """out = x rounded to nearest by the magic constant (see FloatFormat._nearest_kernel)."""
+    bits = x.view(scratch.dtype)
+    torch.bitwise_and(bits, mask, out=scratch)
+    scratch.clamp_(lowest, highest)
+    binade = scratch.view(x.dtype)  # 2^max(exponent(x), emin), capped at the top binade
+    torch.add(x, binade, alpha=factor, out=out)  # binade * factor is C, exactly
+    out.sub_(binade, alpha=factor)
+    overflow(out)
+    if sign:  # zero results are +0; x's sign bit makes them -0 where x is negative (copysign)
+        torch.bitwise_and(bits, torch.iinfo(scratch.dtype).min, out=scratch)
+        out.view(scratch.dtype).bitwise_or_(scratch)
+
+
+def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> None:
+    """Round the bit pattern half to even at `shift` bits; NaN is restored from x afterwards."""
+    bits, rounded = x.view(scratch.dtype), out.view(scratch.dtype)
+    torch.bitwise_right_shift(bits, shift, out=scratch)
+    scratch.bitwise_and_(1).add_((1 << (shift - 1)) - 1)
+    torch.add(bits, scratch, out=rounded)
+    rounded.bitwise_and_(-(1 << shift))
+    # A NaN pattern may have rounded into inf or wrapped: min(out, +inf or NaN) puts NaN back.
+    torch.clamp(x, min=math.inf, out=scratch.view(x.dtype))
+    torch.minimum(out, scratch.view(x.dtype), out=out)
+
+
+def cpu_chunk_elements(x: Tensor) -> int:
+    """How many elements a fused kernel handles at a time: on CPU, cache-sized slices per thread
+    (its passes then run in cache and its scratch stays small); elsewhere the whole tensor."""
+    if x.device.type != "cpu":
+        return max(x.numel(), 1)
+    return _CPU_CHUNK_ELEMENTS * torch.get_num_threads()
+
+
+def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
+    """out = kernel(x) for an elementwise kernel(x, out, scratch) that writes into out and may use
+    an integer scratch of x's size; slice by slice (`cpu_chunk_elements`)."""
+    flat = x.contiguous().view(-1)
+    out = torch.empty_like(flat)
+    chunk = max(min(cpu_chunk_elements(flat), flat.numel()), 1)
+    scratch = torch.empty(chunk, dtype=_LAYOUTS[x.dtype].int_dtype, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        piece = flat[start:start + chunk]
+        kernel(piece, out[start:start + chunk], scratch[: piece.numel()])
+    return out.view(x.shape)
 
 
 def _in_chunks(round_chunk: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

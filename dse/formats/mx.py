@@ -13,6 +13,10 @@ conversions. Edge cases, documented in docs/formats.md and tested in tests/test_
   (code 0x80), but a block whose element rounds to -2X has max|v| = 2X and would re-quantize with
   twice the scale, so quantize would not be idempotent. Code 0x80 is never produced.
 
+Nearest rounding of float32 (and float16/bfloat16) input takes a fused path built from integer
+operations on the bit patterns (`MXFormat._quantize_blocks_nearest`), equal bit for bit to the
+scale-divide-round-multiply formula that every other case runs.
+
 `encode`/`decode`/`values`/`max` describe the element grid at unit scale, like every format;
 `encode_blocks`/`decode_blocks` give the real MX bit stream: one scale code per block plus the
 element codes.
@@ -28,8 +32,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, float_exponent, to_blocks
-from dse.formats.floating import power_of_two
+from dse.formats.base import NumberFormat, Scaling, float_exponent, from_blocks, to_blocks
+from dse.formats.fixed import FixedPoint
+from dse.formats.floating import FloatFormat, cpu_chunk_elements, power_of_two
 from dse.formats.spec import Value, get, register_alias, register_family, scaling_arg
 
 SCALE_BITS = 8
@@ -47,6 +52,19 @@ ELEMENTS: dict[str, str] = {
     "fp4_e2m1": "fp4_e2m1",
     "int8": "fixed(8,6,symmetric=1)",
 }
+
+
+@dataclass(frozen=True)
+class _NearestPlan:
+    """Integer constants of MXFormat's fused nearest path (see `_quantize_blocks_nearest`)."""
+
+    limit_floor: int  # max * 2^E has the bits max(F << 23, limit_floor) + limit_offset
+    limit_offset: int
+    factor: float  # FP elements: C = 2^max(exponent(v), emin + E) * factor; 0 for MXINT8
+    floor_offset: int  # 2^(emin + E) has the bits max((F << 23) - floor_offset, 0)
+    magic_offset: int  # MXINT8: C = 1.5 * 2^(E - frac + 23) has the bits (F << 23) + magic_offset
+    lowest_field: int  # blocks with 0 < F < lowest_field or highest_field < F < 255 are redone
+    highest_field: int
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,103 @@ class MXFormat(NumberFormat):
     @property
     def min_positive(self) -> float:
         return self.element.min_positive
+
+    def quantize(self, x: Tensor, rounding: str = "nearest",
+                 generator: torch.Generator | None = None) -> Tensor:
+        """As NumberFormat.quantize; nearest rounding of float32 (or narrower) input takes the fused
+        block path (`_quantize_blocks_nearest`), which gives the same values bit for bit (not for
+        input that autograd records: its in-place passes would not be differentiable)."""
+        if (rounding != "nearest" or self.scaling.kind != "block" or self._nearest_plan is None
+                or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
+                or (x.requires_grad and torch.is_grad_enabled())):
+            return super().quantize(x, rounding, generator)
+        work = x.float().reshape(1) if x.dim() == 0 else x.float()
+        axis, size = self.axis % work.dim(), self.block_size
+        if axis == work.dim() - 1 and work.shape[-1] % size == 0:
+            blocks = work.contiguous().view(-1, size)
+            out = self._quantize_blocks_nearest(blocks).view(work.shape)
+        else:
+            moved, shape, pad = to_blocks(work, axis, size)
+            out = self._quantize_blocks_nearest(moved.contiguous().view(-1, size))
+            out = from_blocks(out.view(moved.shape), shape, axis, pad)
+        return out.reshape(x.shape).to(x.dtype)
+
+    def _quantize_blocks_nearest(self, blocks: Tensor) -> Tensor:
+        """Quantize the rows of contiguous float32 blocks to nearest: one pass, chunk by chunk.
+
+        Everything comes from bit patterns, with no division or log2. |v| is the pattern with the
+        sign cleared (kept in the output), and the block's max of it has the exponent field F, so
+        the E8M0 exponent is E = F - 127 - emax_elem, max * 2^E (the saturation bound; NaN when
+        F = 255, as max has a non-zero mantissa) is F's field plus a constant, and so is the
+        element grid's subnormal floor 2^(emin + E). The rounding runs in the input's units: the
+        grid step of v is 2^k with k = max(exponent(v), emin + E) - m, and adding then
+        subtracting C = 2^(23 + k) rounds |v| to it, ties to even (FloatFormat's magic rounding;
+        for MXINT8 the step is 2^(E - 6) for the whole block and C = 1.5 * 2^(23 + E - 6) rounds
+        the signed v, so that zero results are +0). Blocks for which a constant leaves float32's
+        normal range (max|v| non-zero and below 2^-97 (e5m2) to 2^-126 (int8), or at least
+        2^106 to 2^111) are redone with the reference formula, after a check that syncs.
+        """
+        plan = self._nearest_plan
+        out = torch.empty_like(blocks)
+        magnitude, bits = out.view(torch.int32), blocks.view(torch.int32)
+        rows = max(cpu_chunk_elements(blocks) // blocks.shape[1], 1)
+        amax = torch.empty((blocks.shape[0], 1), dtype=torch.int32, device=blocks.device)
+        scratch = torch.empty((min(rows, blocks.shape[0]), blocks.shape[1]), dtype=torch.int32,
+                              device=blocks.device)
+        for start in range(0, blocks.shape[0], rows):
+            chunk = slice(start, start + rows)
+            part, mag, block_max = out[chunk], magnitude[chunk], amax[chunk]
+            torch.bitwise_and(bits[chunk], 0x7FFFFFFF, out=mag)
+            torch.amax(mag, dim=1, keepdim=True, out=block_max)
+            field = block_max.bitwise_and(0x7F800000)  # F << 23
+            limit = field.clamp_min(plan.limit_floor).add_(plan.limit_offset)
+            if plan.factor:  # FP elements
+                c = scratch[: part.shape[0]]
+                torch.bitwise_and(mag, 0x7F800000, out=c)
+                torch.maximum(c, field.sub_(plan.floor_offset).clamp_min_(0), out=c)
+                binade = c.view(torch.float32)  # 2^max(exponent(v), emin + E) = C / factor
+                part.add_(binade, alpha=plan.factor).sub_(binade, alpha=plan.factor)
+                torch.minimum(part, limit.view(torch.float32), out=part)
+                torch.bitwise_and(bits[chunk], -(2**31), out=c)  # the sign bits of v
+                mag.bitwise_or_(c)
+            else:  # MXINT8
+                magic = field.clamp_max_(plan.highest_field << 23).add_(plan.magic_offset).view(torch.float32)
+                torch.add(blocks[chunk], magic, out=part).sub_(magic)
+                torch.minimum(part, limit.view(torch.float32), out=part)
+                torch.maximum(part, limit.bitwise_or_(-(2**31)).view(torch.float32), out=part)
+        exponent_field = amax >> 23
+        bad = ((exponent_field < plan.lowest_field) & (amax != 0)
+               | (exponent_field > plan.highest_field) & (exponent_field < 255))
+        if bool(bad.any()):
+            redo = bad.view(-1).nonzero().view(-1)
+            out[redo] = self._quantize_rows(blocks[redo])
+        return out
+
+    @cached_property
+    def _nearest_plan(self) -> _NearestPlan | None:
+        """The integer constants of `_quantize_blocks_nearest` for this element; None: no fast path."""
+        element, emax = self.element, self.element_emax
+        max_bits = int(torch.tensor(element.max, dtype=torch.float32).view(torch.int32))
+        if max_bits & 0x7FFFFF == 0 or float(torch.tensor(element.max, dtype=torch.float32)) != element.max:
+            return None  # max * 2^E would not be NaN for F = 255
+        limit_offset = max_bits - ((127 + emax) << 23)
+        if (isinstance(element, FloatFormat) and element.subnormals and element.overflow == "saturate"
+                and self.element_has_negative_zero and emax >= 1):
+            m, emin = element.man_bits, element.min_normal_exponent
+            return _NearestPlan(limit_floor=emax << 23, limit_offset=limit_offset, factor=2.0 ** (23 - m),
+                                floor_offset=(emax - emin) << 23, magic_offset=0,
+                                lowest_field=1 + emax - emin, highest_field=231 + m)
+        if isinstance(element, FixedPoint) and element.symmetric and 0 <= emax <= 21 - element.frac_bits:
+            frac = element.frac_bits
+            return _NearestPlan(limit_floor=emax << 23, limit_offset=limit_offset, factor=0.0, floor_offset=0,
+                                magic_offset=((23 - frac - emax) << 23) | (1 << 22),
+                                lowest_field=1 + emax, highest_field=231 + emax + frac)
+        return None
+
+    def _quantize_rows(self, blocks: Tensor) -> Tensor:
+        """The reference block quantization (NumberFormat.quantize's formula) of rows of blocks."""
+        scale = self.scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True))
+        return self.round_unscaled(blocks / scale, "nearest", None) * scale
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         rounded = self.element.round_unscaled(x, rounding, generator)
