@@ -22,6 +22,8 @@ from gmpy2 import mpfr
 
 from dse.errors import InputError
 from dse.formats import Scaling, get
+from dse.formats import lns as lns_module
+from dse.formats.base import NumberFormat
 from dse.formats.lns import LNS
 
 EXHAUSTIVE = ["lns(3,gamma=1,scale=none)", "lns(3,gamma=2,scale=none)", "lns(4,gamma=4,scale=none)",
@@ -180,6 +182,42 @@ def test_quantize_keeps_dtype_and_shape() -> None:
             q = fmt.quantize(x)
             assert q.dtype == dtype and q.shape == x.shape
         assert fmt.quantize(torch.tensor(3.5)).shape == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", ["lns8", "lns(8,underflow=saturate)", "lns(12,gamma=16,pow2=1)",
+                                  "lns(16,gamma=256,scale=none)", "lns(16,gamma=1024,underflow=saturate)",
+                                  "lns(16,gamma=16384,scale=none,underflow=saturate)"])
+def test_one_thread_slices_and_the_fused_scale_round_the_same(spec: str, dtype: torch.dtype) -> None:
+    """On one CPU thread nearest rounding runs slice by slice, and quantize fuses a per-tensor scale
+    into it: both give NumberFormat.quantize's result (x / scale rounded, times scale) on the whole
+    tensor, specials and every sign included, for signed and clamped lookup tables (see lns.py)."""
+    fmt = lns(spec)
+    generator = torch.Generator().manual_seed(9)
+    n = 3 * lns_module._CPU_CHUNK_ELEMENTS + 123
+    log2 = torch.randint(-150, 150, (n,), generator=generator).to(dtype)
+    finite = torch.randn(n, generator=generator, dtype=dtype) * torch.exp2(log2)
+    special = finite.clone()
+    for start, value in enumerate([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0]):
+        special[start::997] = value
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sliced = [fmt.quantize(x) for x in (finite, special)]
+        sliced_rounded = fmt.round_unscaled(special, "nearest", None)
+        torch.set_num_threads(max(threads, 2))
+        whole = [NumberFormat.quantize(fmt, x) for x in (finite, special)]
+        whole_rounded = fmt.round_unscaled(special, "nearest", None)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip([*sliced, sliced_rounded], [*whole, whole_rounded], strict=True):
+        assert_bits_equal(got, want.numpy())
+    if fmt.scaling.kind == "none":  # and the whole-tensor route against MPFR, on a sample
+        sample = special[::101].numpy()
+        nan = np.isnan(sample)
+        index = exact_index(fmt, np.where(nan, 0, np.abs(sample)))
+        expected = np.where(nan, np.nan, np.copysign(exact_values(fmt, PRECISION[dtype])[index], sample))
+        assert_bits_equal(whole[1][::101], expected)
 
 
 def test_lns16_matches_universal_lns16_code_for_code() -> None:

@@ -13,9 +13,14 @@ Rounding is in the log domain, on the position t = gamma*log2|x| + 2^(bits-2), w
 t = 0 is zero and t = 1 the smallest magnitude:
 
 * nearest: to the nearest code in the log domain. Its ties 2^((e+1/2)/gamma) are irrational, so no
-  input is ever a tie, and a float log2 cannot decide inputs within an ulp of one: the code is
-  the floor of an approximate t (off by at most one) plus an exact comparison with the tie point,
-  precomputed (60 digits) as the largest float below it. Bit-exact for float32 and float64 inputs.
+  input is ever a tie, and a float log2 cannot decide inputs within an ulp of one. Instead the index
+  is the number of ties below |x|, each precomputed (60 digits) as the largest float below it, and
+  found with integer operations on x's bit pattern (see _Lookup): one table lookup on its top bits
+  (sign, exponent, log2(gamma)+1 mantissa bits), whose entry turns into the index when x's low bits
+  are added (a carry says x is above the one tie its bucket may hold), then one lookup of the
+  value. No log2, no float64; bit-exact for float32 and float64 inputs. On one CPU thread it runs
+  over slices that stay in cache, and quantize divides by a per-tensor scale and multiplies the
+  grid values by it slice by slice (the same result as scaling the whole tensor).
 * stochastic, pseudo_stochastic, toward_zero: the floor code is exact (compared with the grid values
   rounded to the input's dtype, so grid values map to themselves); `round_to_integer` then rounds
   the log-domain fraction above it (float64), so stochastic rounding is unbiased in log2|x|;
@@ -40,7 +45,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, check_rounding, round_to_integer
+from dse.formats.base import NumberFormat, Scaling, _amax, check_rounding, round_to_integer
 from dse.formats.spec import (
     Value,
     call_spec,
@@ -58,6 +63,10 @@ UNDERFLOWS = ("zero", "saturate")
 _DIGITS = Context(prec=60)
 _SAFETY = Decimal("1e-30")  # a grid point this close to a rounding boundary would need more digits
 _BELOW_ONE = 1.0 - 2.0**-53
+# On one CPU thread, nearest rounding runs over slices this long so that its passes stay in cache.
+_CPU_CHUNK_ELEMENTS = 2**16
+# Formats whose lookup table would have at most this many entries with the sign bit in the key get one.
+_SIGNED_TABLE = 2**18
 
 
 def gamma_range(bits: int) -> tuple[int, int]:
@@ -77,6 +86,37 @@ class _Grid(NamedTuple):
     tie_bits: Tensor  # bit pattern (as a signed int; non-negative floats order like their bit patterns)
     #                   of the largest dtype value below the tie with the next index; inf for the
     #                   last index and the largest int for the slot, so nothing rounds past them
+
+
+class _Lookup(NamedTuple):
+    """Nearest rounding by table lookup (a float's bit pattern B orders like its magnitude).
+
+    The index of |x| is the number of tie_bits below B. Buckets of B that share their top bits
+    (sign, exponent and log2(gamma)+1 mantissa bits: key = B >> shift) are narrower than the gap
+    between two ties, so at most one tie falls in a bucket. Per bucket, `table` holds (the index at
+    the bucket's start << shift) + (2^shift - 1 - the tie's offset in the bucket), or that index
+    << shift where no tie falls in it: adding B's low bits then carries into bit `shift` exactly
+    when B lies above the tie, so (table[key] + low bits) >> shift is the index.
+
+    `signed` tables (where that is at most _SIGNED_TABLE keys) have an entry for every key, the
+    sign bit's included: index top_index + 2 + i stands for -values[i], so one lookup gives the
+    signed result, for NaN and +-inf as well (their buckets lie above the finite ones) and for zero
+    (underflow=saturate's tie between 0 and min_positive lies between B = 0 and B = 1). Otherwise
+    the table covers the keys of the magnitudes from the bucket below the smallest non-zero tie,
+    which stands for all smaller ones, to the bucket past the last tie, `ceiling`, to which x is
+    clamped, then one bucket for NaN; the sign is copied afterwards.
+    """
+
+    table: Tensor  # int32 (float32) or int64 (float64), on the device
+    values: Tensor  # the grid's values (as _Grid.values), then their negations where signed
+    signed: bool
+    ceiling: float  # inf where signed, as first_key and last_key are 0: unused
+    # Scalars of the table's dtype and device (a tensor operand costs less than a Python int).
+    shift: Tensor
+    low_mask: Tensor  # 2^shift - 1
+    key_mask: Tensor  # the bits of a key, where signed; else all bits but the sign
+    first_key: Tensor
+    last_key: Tensor
 
 
 @functools.cache
@@ -123,6 +163,46 @@ def _grid(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: tor
                  torch.cat([grid_ties.to(dtype).view(bits_dtype), never_above]).to(device))
 
 
+def _bucket_entries(ties: Tensor, start: Tensor, shift: int, bits: int, gamma: int) -> Tensor:
+    """The table entries (see _Lookup) of the buckets of bit patterns from `start` (int64)."""
+    index = torch.searchsorted(ties, start)  # the index of B = start, #(ties < start)
+    low_mask = (1 << shift) - 1
+    tie = ties[index.clamp(max=ties.numel() - 1)] - start  # where the next tie lies, if in the bucket
+    if bool((torch.searchsorted(ties, start + low_mask) > index + (tie < low_mask)).any()):
+        raise ArithmeticError(f"two ties of lns({bits},gamma={gamma}) share a bucket")
+    return (index << shift) + low_mask - tie.clamp(max=low_mask)
+
+
+@functools.cache
+def _lookup(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: torch.device) -> _Lookup:
+    grid = _grid(bits, gamma, underflow, dtype, torch.device("cpu"))
+    int_dtype = grid.tie_bits.dtype
+    ties = grid.tie_bits.to(torch.int64)  # ascending
+    width = torch.iinfo(int_dtype).bits
+    # Ties are 2^(1/gamma) apart, more than a bucket (2^-(log2(gamma)+1) of its octave) in the log domain.
+    shift = (23 if dtype == torch.float32 else 52) - gamma.bit_length()
+    top = 2 ** (bits - 1) - 1
+
+    def scalar(value: int) -> Tensor:
+        return torch.tensor(value, dtype=int_dtype, device=device)
+
+    if 2 ** (width - shift) <= _SIGNED_TABLE:
+        table = _bucket_entries(ties, torch.arange(2 ** (width - 1 - shift)) << shift, shift, bits, gamma)
+        table = torch.cat([table, table + ((top + 2) << shift)])
+        values = torch.cat([grid.values, -grid.values])
+        return _Lookup(table.to(int_dtype).to(device), values.to(device), True, torch.inf, scalar(shift),
+                       scalar((1 << shift) - 1), scalar(2 ** (width - shift) - 1), scalar(0), scalar(0))
+    lowest = int(torch.count_nonzero(ties <= 0))  # the index of every tiny non-zero magnitude
+    first_key = (int(ties[lowest]) >> shift) - 1  # every B below this bucket's end has that index
+    ceiling_key = (int(ties[top - 1]) >> shift) + 1  # every finite B from this bucket on has the top index
+    table = _bucket_entries(ties, torch.arange(first_key + 1, ceiling_key + 1) << shift, shift, bits, gamma)
+    table = torch.cat([torch.tensor([lowest << shift]), table, torch.tensor([(top + 1) << shift])])
+    ceiling = float(torch.tensor([ceiling_key << shift]).to(int_dtype).view(dtype))
+    return _Lookup(table.to(int_dtype).to(device), grid.values.to(device), False, ceiling, scalar(shift),
+                   scalar((1 << shift) - 1), scalar(2 ** (width - 1 - shift) - 1), scalar(first_key),
+                   scalar(ceiling_key + 1))
+
+
 @dataclass(frozen=True)
 class LNS(NumberFormat):
     """Sign plus a (bits-1)-bit two's-complement log code e: value 2^(e/gamma); code -2^(bits-2) is zero."""
@@ -162,23 +242,68 @@ class LNS(NumberFormat):
     def _grid(self, dtype: torch.dtype, device: torch.device) -> _Grid:
         return _grid(self.bits, self.gamma, self.underflow, dtype, device)
 
+    def _lookup(self, dtype: torch.dtype, device: torch.device) -> _Lookup:
+        return _lookup(self.bits, self.gamma, self.underflow, dtype, device)
+
     def _position(self, magnitude: Tensor) -> Tensor:
         """gamma*log2|x| + zero_offset clamped to the index range, NaN to the NaN slot: the index, give
         or take a rounding error far below one code."""
         position = magnitude.log2().mul_(self.gamma).add_(self.zero_offset).clamp_(0, self.top_index)
         return position.nan_to_num_(nan=self.top_index + 1)
 
-    def _nearest_index(self, magnitude: Tensor, grid: _Grid) -> tuple[Tensor, Tensor]:
-        """The floor of the approximate position, plus one exact comparison with the tie above it.
+    def _nearest_index(self, x: Tensor, lookup: _Lookup, index: Tensor, scratch: Tensor,
+                       scale: Tensor | None = None, key: Tensor | None = None) -> Tensor:
+        """Write the index of x (or of x / scale) rounded to nearest to `index`; 1-d, all the same size.
 
-        Works in two buffers of magnitude's size, the second one returned for reuse: at 10^6
-        elements a fresh tensor costs more in page faults than the arithmetic does.
+        Signed tables give the signed index (see _Lookup), others that of |x|. `scratch` (x's dtype)
+        is spare space, and so is `key` (index's dtype), needed with a scale: without one, the key
+        goes to scratch and the low bits come from x itself (only those of values clamped above
+        differ, and they fall in buckets without a tie).
         """
-        position = self._position(magnitude)
-        index = position.view(grid.tie_bits.dtype).copy_(position)  # truncate in place: the floor
-        above = grid.tie_bits.index_select(0, index).lt_(magnitude.view(grid.tie_bits.dtype))
-        index += above
-        return index, above
+        if scale is not None:
+            x = torch.div(x, scale, out=scratch)
+        low = x.view(lookup.table.dtype)
+        if not lookup.signed:
+            x = torch.clamp(x, -lookup.ceiling, lookup.ceiling, out=scratch)  # +-inf too; NaN stays
+        bits = x.view(low.dtype)
+        if scale is None:
+            key = scratch.view(bits.dtype)
+        elif key is None:
+            key = torch.empty_like(bits)
+        torch.bitwise_right_shift(bits, lookup.shift, out=key)
+        key &= lookup.key_mask  # the sign goes, or the key of a negative x moves past the positive ones
+        if not lookup.signed:
+            key.clamp_(lookup.first_key, lookup.last_key).sub_(lookup.first_key)
+        torch.index_select(lookup.table, 0, key, out=index)
+        index += torch.bitwise_and(low, lookup.low_mask, out=key)
+        index >>= lookup.shift
+        if self.underflow == "saturate" and not lookup.signed:  # only 0 goes to zero
+            torch.minimum(index, torch.bitwise_and(low, torch.iinfo(low.dtype).max, out=key), out=index)
+        return index
+
+    def _round_nearest(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """x (float32 or float64) rounded to nearest, or x / scale rounded and multiplied by scale.
+
+        On one CPU thread this runs over slices of _CPU_CHUNK_ELEMENTS, so that its passes stay in
+        cache; otherwise over the whole tensor at once (torch parallelises only large ops). The
+        result doubles as scratch space.
+        """
+        flat = x.detach().reshape(-1)
+        lookup = self._lookup(x.dtype, x.device)
+        values = lookup.values if scale is None else lookup.values * scale
+        out = torch.empty_like(flat)
+        one_thread = flat.device.type == "cpu" and torch.get_num_threads() == 1
+        chunk = max(min(_CPU_CHUNK_ELEMENTS if one_thread else flat.numel(), flat.numel()), 1)
+        index = torch.empty(chunk, dtype=lookup.table.dtype, device=flat.device)
+        key = None if scale is None else torch.empty_like(index)
+        for part, result in zip(flat.split(chunk), out.split(chunk), strict=True):
+            if part.numel() < chunk:
+                index, key = index[:part.numel()], None if key is None else key[:part.numel()]
+            self._nearest_index(part, lookup, index, result, scale, key)
+            torch.index_select(values, 0, index, out=result)
+            if not lookup.signed:
+                result.copysign_(part)
+        return out.view(x.shape)
 
     def _directed_index(self, magnitude: Tensor, grid: _Grid, rounding: str,
                         generator: torch.Generator | None) -> Tensor:
@@ -195,23 +320,34 @@ class LNS(NumberFormat):
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         check_rounding(rounding)
+        if rounding == "nearest":
+            return self._round_nearest(x)
         grid = self._grid(x.dtype, x.device)
         flat = x.reshape(-1)
         magnitude = flat.abs()
-        if rounding == "nearest":
-            index, spare = self._nearest_index(magnitude, grid)
-            out = torch.index_select(grid.values, 0, index, out=spare.view(x.dtype))
-        else:
-            out = grid.values.index_select(0, self._directed_index(magnitude, grid, rounding, generator))
+        out = grid.values.index_select(0, self._directed_index(magnitude, grid, rounding, generator))
         return out.copysign_(flat).view(x.shape)
+
+    def quantize(self, x: Tensor, rounding: str = "nearest",
+                 generator: torch.Generator | None = None) -> Tensor:
+        """As NumberFormat.quantize; with a per-tensor scale, rounding to nearest divides by the scale
+        and multiplies the grid values by it slice by slice, bit for bit the same."""
+        if (rounding != "nearest" or self.scaling.kind != "tensor" or x.numel() == 0
+                or x.dtype not in (torch.float32, torch.float64)):
+            return super().quantize(x, rounding, generator)
+        return self._round_nearest(x, self.scale_from_amax(_amax(x.detach(), None)))
 
     def encode(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x)
         if x.dtype not in (torch.float32, torch.float64):
             x = x.double()
-        flat = x.reshape(-1)
-        index, _ = self._nearest_index(flat.abs(), self._grid(x.dtype, x.device))
+        flat = x.detach().reshape(-1)
+        lookup = self._lookup(x.dtype, x.device)
+        index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=flat.device)
+        self._nearest_index(flat, lookup, index, torch.empty_like(flat))
         index = index.to(torch.int64)
+        if lookup.signed:
+            index %= self.top_index + 2
         negative = (flat < 0) & (index > 0)
         codes = ((index + self.zero_offset) & self.top_index) | (negative.to(torch.int64) << (self.bits - 1))
         nan_code = 2 ** (self.bits - 1) + self.zero_offset
