@@ -22,7 +22,7 @@ from gmpy2 import mpfr
 
 from dse.errors import InputError
 from dse.formats import Scaling, get
-from dse.formats import lns as lns_module
+from dse.formats import base as base_module
 from dse.formats.base import NumberFormat
 from dse.formats.lns import LNS
 
@@ -188,13 +188,14 @@ def test_quantize_keeps_dtype_and_shape() -> None:
 @pytest.mark.parametrize("spec", ["lns8", "lns(8,underflow=saturate)", "lns(12,gamma=16,pow2=1)",
                                   "lns(16,gamma=256,scale=none)", "lns(16,gamma=1024,underflow=saturate)",
                                   "lns(16,gamma=16384,scale=none,underflow=saturate)"])
-def test_one_thread_slices_and_the_fused_scale_round_the_same(spec: str, dtype: torch.dtype) -> None:
-    """On one CPU thread nearest rounding runs slice by slice, and quantize fuses a per-tensor scale
-    into it: both give NumberFormat.quantize's result (x / scale rounded, times scale) on the whole
+def test_slices_and_the_fused_scale_round_the_same(spec: str, dtype: torch.dtype,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU nearest rounding runs slice by slice, and quantize fuses a per-tensor scale into
+    it: both give NumberFormat.quantize's result (x / scale rounded, times scale) on the whole
     tensor, specials and every sign included, for signed and clamped lookup tables (see lns.py)."""
     fmt = lns(spec)
     generator = torch.Generator().manual_seed(9)
-    n = 3 * lns_module._CPU_CHUNK_ELEMENTS + 123
+    n = 3 * base_module.CPU_SLICE_ELEMENTS_PER_THREAD + 123
     log2 = torch.randint(-150, 150, (n,), generator=generator).to(dtype)
     finite = torch.randn(n, generator=generator, dtype=dtype) * torch.exp2(log2)
     special = finite.clone()
@@ -206,6 +207,7 @@ def test_one_thread_slices_and_the_fused_scale_round_the_same(spec: str, dtype: 
         sliced = [fmt.quantize(x) for x in (finite, special)]
         sliced_rounded = fmt.round_unscaled(special, "nearest", None)
         torch.set_num_threads(max(threads, 2))
+        monkeypatch.setattr(base_module, "CPU_SLICE_ELEMENTS_PER_THREAD", 2 * n)  # one slice
         whole = [NumberFormat.quantize(fmt, x) for x in (finite, special)]
         whole_rounded = fmt.round_unscaled(special, "nearest", None)
     finally:

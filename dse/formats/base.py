@@ -29,6 +29,18 @@ SCALE_KINDS: tuple[str, ...] = ("none", "tensor", "channel", "block")
 MAX_ENUMERABLE_BITS = 16
 
 
+# Elementwise rounding on the CPU runs over slices of this many elements per torch thread: each
+# slice's passes then stay in cache, and no fresh full-size temporaries are page-faulted in.
+CPU_SLICE_ELEMENTS_PER_THREAD = 1 << 17
+
+
+def cpu_chunk_elements(x: Tensor) -> int:
+    """Elements per slice for x: cache-sized per thread on the CPU, the whole tensor elsewhere."""
+    if x.device.type != "cpu":
+        return max(x.numel(), 1)
+    return CPU_SLICE_ELEMENTS_PER_THREAD * torch.get_num_threads()
+
+
 def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
@@ -160,7 +172,7 @@ def from_blocks(blocks: Tensor, shape: tuple[int, ...], axis: int, pad: int) -> 
     return flat.reshape(moved_shape).movedim(-1, axis)
 
 
-def _amax(x: Tensor, axis: int | None) -> Tensor:
+def abs_max(x: Tensor, axis: int | None) -> Tensor:
     """max|x| over the whole tensor (axis None) or per slice along `axis`, kept broadcastable.
 
     aminmax reads x once and allocates no |x| copy: the scale costs one pass, not two.
@@ -260,7 +272,7 @@ class NumberFormat(ABC):
             out = from_blocks(self.round_unscaled(blocks / scale, rounding, generator) * scale,
                               shape, self.scaling.axis, pad).reshape(work.shape)
         else:
-            scale = self.scale_from_amax(_amax(work, None if kind == "tensor" else self.scaling.axis))
+            scale = self.scale_from_amax(abs_max(work, None if kind == "tensor" else self.scaling.axis))
             out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
         return out.to(x.dtype)
 

@@ -35,7 +35,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, check_rounding, float_exponent, round_to_integer
+from dse.formats.base import (
+    NumberFormat,
+    Scaling,
+    check_rounding,
+    cpu_chunk_elements,
+    float_exponent,
+    round_to_integer,
+)
 from dse.formats.spec import (
     bool_arg,
     call_spec,
@@ -58,8 +65,6 @@ OVERFLOWS: dict[str, tuple[str, ...]] = {
 MAX_EXP_BITS = 10  # every grid and code stays exact in float64 and int64
 MAX_MAN_BITS = 52
 
-# On CPU the rounding runs over chunks of this many elements so its passes stay in cache.
-_CPU_CHUNK_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -402,14 +407,6 @@ def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> No
     torch.minimum(out, scratch.view(x.dtype), out=out)
 
 
-def cpu_chunk_elements(x: Tensor) -> int:
-    """How many elements a fused kernel handles at a time: on CPU, cache-sized slices per thread
-    (its passes then run in cache and its scratch stays small); elsewhere the whole tensor."""
-    if x.device.type != "cpu":
-        return max(x.numel(), 1)
-    return _CPU_CHUNK_ELEMENTS * torch.get_num_threads()
-
-
 def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
     """out = kernel(x) for an elementwise kernel(x, out, scratch) that writes into out and may use
     an integer scratch of x's size; slice by slice (`cpu_chunk_elements`)."""
@@ -425,12 +422,13 @@ def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
 
 def _in_chunks(round_chunk: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """Apply an elementwise function chunk by chunk on CPU (the passes then run in cache)."""
-    if x.device.type != "cpu" or x.numel() <= _CPU_CHUNK_ELEMENTS:
+    chunk = cpu_chunk_elements(x)
+    if x.numel() <= chunk:
         return round_chunk(x)
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
-    for start in range(0, flat.numel(), _CPU_CHUNK_ELEMENTS):
-        stop = start + _CPU_CHUNK_ELEMENTS
+    for start in range(0, flat.numel(), chunk):
+        stop = start + chunk
         out[start:stop] = round_chunk(flat[start:stop])
     return out.view(x.shape)
 

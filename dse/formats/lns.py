@@ -45,7 +45,14 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, _amax, check_rounding, round_to_integer
+from dse.formats.base import (
+    NumberFormat,
+    Scaling,
+    abs_max,
+    check_rounding,
+    cpu_chunk_elements,
+    round_to_integer,
+)
 from dse.formats.spec import (
     Value,
     call_spec,
@@ -64,7 +71,6 @@ _DIGITS = Context(prec=60)
 _SAFETY = Decimal("1e-30")  # a grid point this close to a rounding boundary would need more digits
 _BELOW_ONE = 1.0 - 2.0**-53
 # On one CPU thread, nearest rounding runs over slices this long so that its passes stay in cache.
-_CPU_CHUNK_ELEMENTS = 2**16
 # Formats whose lookup table would have at most this many entries with the sign bit in the key get one.
 _SIGNED_TABLE = 2**18
 
@@ -284,16 +290,14 @@ class LNS(NumberFormat):
     def _round_nearest(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
         """x (float32 or float64) rounded to nearest, or x / scale rounded and multiplied by scale.
 
-        On one CPU thread this runs over slices of _CPU_CHUNK_ELEMENTS, so that its passes stay in
-        cache; otherwise over the whole tensor at once (torch parallelises only large ops). The
-        result doubles as scratch space.
+        On the CPU this runs over cache-sized slices (`cpu_chunk_elements`). The result doubles
+        as scratch space.
         """
         flat = x.detach().reshape(-1)
         lookup = self._lookup(x.dtype, x.device)
         values = lookup.values if scale is None else lookup.values * scale
         out = torch.empty_like(flat)
-        one_thread = flat.device.type == "cpu" and torch.get_num_threads() == 1
-        chunk = max(min(_CPU_CHUNK_ELEMENTS if one_thread else flat.numel(), flat.numel()), 1)
+        chunk = max(min(cpu_chunk_elements(flat), flat.numel()), 1)
         index = torch.empty(chunk, dtype=lookup.table.dtype, device=flat.device)
         key = None if scale is None else torch.empty_like(index)
         for part, result in zip(flat.split(chunk), out.split(chunk), strict=True):
@@ -335,7 +339,7 @@ class LNS(NumberFormat):
         if (rounding != "nearest" or self.scaling.kind != "tensor" or x.numel() == 0
                 or x.dtype not in (torch.float32, torch.float64)):
             return super().quantize(x, rounding, generator)
-        return self._round_nearest(x, self.scale_from_amax(_amax(x.detach(), None)))
+        return self._round_nearest(x, self.scale_from_amax(abs_max(x.detach(), None)))
 
     def encode(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x)

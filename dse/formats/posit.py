@@ -34,7 +34,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, check_rounding, round_to_integer, shift_round
+from dse.formats.base import (
+    NumberFormat,
+    Scaling,
+    check_rounding,
+    cpu_chunk_elements,
+    round_to_integer,
+    shift_round,
+)
 from dse.formats.spec import (
     Value,
     call_spec,
@@ -49,9 +56,6 @@ MIN_BITS, MAX_BITS = 2, 32
 MIN_ES, MAX_ES = 0, 4
 STANDARD_ES = 2  # the 2022 Posit Standard fixes es = 2: posit8, posit16, posit32
 
-# On one CPU thread, rounding runs over slices this long, so that its temporaries stay in cache.
-# With several threads the whole tensor goes at once: torch parallelises only large ops.
-_CPU_CHUNK_ELEMENTS = 2**16
 @dataclass(frozen=True)
 class _Layout:
     """How a float dtype stores |x|: bits = (exponent + exp_bias) << frac_bits | fraction."""
@@ -198,8 +202,7 @@ class Posit(NumberFormat):
         flat = x.reshape(-1)
         out = torch.empty_like(flat)
         tables = _tables(frame, flat.device)
-        one_thread = flat.device.type == "cpu" and torch.get_num_threads() == 1
-        chunk = _CPU_CHUNK_ELEMENTS if one_thread else max(flat.numel(), 1)
+        chunk = cpu_chunk_elements(flat)
         for start in range(0, flat.numel(), chunk):
             self._round_chunk(flat[start:start + chunk], out[start:start + chunk], frame, tables,
                               rounding, generator, unused_bits)
