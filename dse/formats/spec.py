@@ -46,10 +46,6 @@ def register_pattern_alias(pattern: str, expand: Callable[[re.Match[str]], str])
     _PATTERN_ALIASES.append((re.compile(f"^{pattern}$"), expand))
 
 
-def alias_names() -> list[str]:
-    return list(_ALIASES)
-
-
 @dataclass(frozen=True)
 class Call:
     name: str
