@@ -47,6 +47,20 @@ def check_rounding(rounding: str) -> str:
     return rounding
 
 
+def power_of_two(exponent: Tensor | int) -> Tensor:
+    """2^exponent as float64 for integer exponents in [-1074, 2046], exactly on every device.
+
+    Built from the exponent bits (two factors, so subnormal results are reached too): CUDA's
+    exp2, pow and ldexp are not exact for every integer argument, and rounding must not depend
+    on the device.
+    """
+    exponent = torch.as_tensor(exponent).to(torch.int64)
+    half = exponent.div(2, rounding_mode="floor")
+    first = ((half + 1023) << 52).view(torch.float64)
+    second = ((exponent - half + 1023) << 52).view(torch.float64)
+    return first * second
+
+
 def _mantissa_digits(dtype: torch.dtype) -> int:
     return {torch.float32: 24, torch.float64: 53}[dtype]
 
@@ -105,10 +119,10 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
         _, exponent = torch.frexp(magnitude)
         field_bits = (precision - exponent.to(torch.int64)).clamp(0, 2 * precision + 1)
         field_bits = torch.where(magnitude > 0, field_bits, torch.zeros_like(field_bits))
-        field = torch.ldexp(fraction.double(), field_bits.double())
+        field = fraction.double() * power_of_two(field_bits)
         low_bits = field_bits >> 1
-        high = torch.floor(torch.ldexp(field, -low_bits.double()))
-        low = (field - torch.ldexp(high, low_bits.double())) * torch.where(field_bits % 2 == 1, 2.0, 1.0)
+        high = torch.floor(field * power_of_two(-low_bits))
+        low = (field - high * power_of_two(low_bits)) * torch.where(field_bits % 2 == 1, 2.0, 1.0)
         up = high > low
     return torch.copysign(floor + up.to(t.dtype), t)
 
@@ -280,8 +294,11 @@ class NumberFormat(ABC):
         """The divisor that maps max|x| onto the grid; 1 where max|x| is zero or not finite."""
         usable = torch.isfinite(amax) & (amax > 0)
         safe = torch.where(usable, amax, torch.ones_like(amax))
+        # A tensor divisor, not a Python float: CUDA divides by a host scalar through its reciprocal,
+        # which is not correctly rounded, and the scale must not depend on the device.
+        grid_max = torch.full_like(safe, self.max)
         if self.scaling.pow2:
-            scale = torch.ldexp(torch.ones_like(safe), pow2_ceil_exponent(safe / self.max).to(safe.dtype))
+            scale = power_of_two(pow2_ceil_exponent(safe / grid_max)).to(safe.dtype)
         else:
-            scale = safe / self.max
+            scale = safe / grid_max
         return torch.where(usable, scale, torch.ones_like(scale))

@@ -41,6 +41,7 @@ from dse.formats.base import (
     check_rounding,
     cpu_chunk_elements,
     float_exponent,
+    power_of_two,
     round_to_integer,
 )
 from dse.formats.spec import (
@@ -95,11 +96,6 @@ _LAYOUTS: dict[torch.dtype, _BinaryLayout] = {
     torch.float32: _BinaryLayout(torch.int32, 23, 127),
     torch.float64: _BinaryLayout(torch.int64, 52, 1023),
 }
-
-
-def power_of_two(exponent: Tensor) -> Tensor:
-    """2^exponent as float64 for integer exponents in [-1022, 1023], exactly (built from bits)."""
-    return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, cpu_chunk_elements, float_exponent, from_blocks, to_blocks
+from dse.formats.base import (
+    NumberFormat,
+    Scaling,
+    cpu_chunk_elements,
+    float_exponent,
+    from_blocks,
+    power_of_two,
+    to_blocks,
+)
 from dse.formats.fixed import FixedPoint
-from dse.formats.floating import FloatFormat, power_of_two
+from dse.formats.floating import FloatFormat
 from dse.formats.spec import Value, get, register_alias, register_family, scaling_arg
 
 SCALE_BITS = 8

@@ -39,6 +39,7 @@ from dse.formats.base import (
     Scaling,
     check_rounding,
     cpu_chunk_elements,
+    power_of_two,
     round_to_integer,
     shift_round,
 )
@@ -143,7 +144,7 @@ def _tables(frame: _Frame, device: torch.device) -> _Tables:
     shift = torch.tensor(frame.shifts, dtype=torch.int64, device=device)
     minus_offset = torch.tensor(-frame.offset, dtype=torch.float64, device=device)
     regime_code = torch.tensor(frame.regime_codes, dtype=torch.int64, device=device)
-    return _Tables(shift, torch.exp2(-shift.double()), minus_offset, regime_code)
+    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code)
 
 
 @dataclass(frozen=True)
