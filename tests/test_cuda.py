@@ -138,3 +138,26 @@ def test_mx_blocks_on_cuda_match_cpu() -> None:
     scales_gpu, elements_gpu = fmt.encode_blocks(x.cuda())
     assert torch.equal(scales, scales_gpu.cpu()) and torch.equal(elements, elements_gpu.cpu())
     assert same_bits(fmt.decode_blocks(scales, elements), fmt.decode_blocks(scales_gpu, elements_gpu))
+
+
+TRAINING = [
+    {"format": "int8"}, {"format": "fp8_e4m3"}, {"format": "posit(16,1)", "layer_scaling": True},
+    {"format": "mxfp8_e4m3"}, {"format": "lns8", "optimizer": "lns-madam", "master_weights": False},
+    {"format": "int8", "optimizer": "niti"}, {"weights": "fp8_e4m3", "activations": "fp8_e4m3",
+                                              "gradients": "fp8_e5m2", "optimizer": "adam"},
+]
+
+
+@pytest.mark.parametrize("overrides", TRAINING, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_training_on_cuda_is_reproducible_and_learns_like_the_cpu(overrides: dict) -> None:
+    from dse.train import TrainConfig, train
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    config = TrainConfig(model="mlp", dataset="digits", epochs=3, **overrides)
+    gpu = train(config.replace(device="cuda"))
+    again = train(config.replace(device="cuda"))
+    cpu = train(config)
+    assert not gpu.diverged and gpu.test_accuracy > 0.5
+    assert gpu.loss_curve == again.loss_curve
+    assert abs(gpu.test_accuracy - cpu.test_accuracy) < 0.1

@@ -1,0 +1,98 @@
+"""Time one training step of each proxy in fp32 and under each format family, side by side.
+
+    python benchmarks/train_step.py [--steps 40] [--rounds 5] [--threads 1] [--markdown]
+
+Each (proxy, format) gets its own model and optimizer; rounds interleave the variants so that load
+from elsewhere on the machine hits them alike, and the median ms/step over rounds counts. Targets
+(issue 4): at most 1.5x the fp32 step for FP, INT and LNS, 2x for posit and MX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dse.data import load_dataset
+from dse.train import TrainConfig
+from dse.train.loop import prepare
+from models.proxies import build_model
+
+PROXIES = (("mlp", "digits", 64), ("mlp", "mnist1d", 100), ("cnn", "mnist1d", 100), ("resnet", "digits", 64),
+           ("transformer", "sort", 128))
+VARIANTS = (
+    ("fp32", {}, None),
+    ("fp8_e4m3", {"format": "fp8_e4m3"}, 1.5),
+    ("int8", {"format": "int8"}, 1.5),
+    ("lns8", {"format": "lns8"}, 1.5),
+    ("lns8 lns-madam", {"format": "lns8", "optimizer": "lns-madam", "master_weights": False}, 1.5),
+    ("posit8", {"format": "posit8"}, 2.0),
+    ("posit(16,1)", {"format": "posit(16,1)"}, 2.0),
+    ("mxfp8_e4m3", {"format": "mxfp8_e4m3"}, 2.0),
+)
+
+
+def make_step(model_name: str, dataset_name: str, batch: int, overrides: dict):  # type: ignore[no-untyped-def]
+    data = load_dataset(dataset_name)
+    config = TrainConfig(model=model_name, dataset=dataset_name, batch_size=batch, **overrides)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    setup = prepare(build_model(model_name, data), config, generator)
+    x, y = data.x_train, data.y_train
+    order = torch.Generator().manual_seed(1)
+
+    def step() -> None:
+        index = torch.randint(0, len(x), (batch,), generator=order)
+        loss = setup.loss_fn(setup.model(x[index]), y[index])
+        loss.backward()
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--proxies", default=",".join(f"{m}/{d}" for m, d, _ in PROXIES))
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    wanted = set(args.proxies.split(","))
+    rows = []
+    for model_name, dataset_name, batch in PROXIES:
+        if f"{model_name}/{dataset_name}" not in wanted:
+            continue
+        steps = {label: make_step(model_name, dataset_name, batch, overrides)
+                 for label, overrides, _ in VARIANTS}
+        times: dict[str, list[float]] = {label: [] for label in steps}
+        for step in steps.values():
+            for _ in range(3):
+                step()
+        for _ in range(args.rounds):
+            for label, step in steps.items():
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                times[label].append((time.perf_counter() - start) / args.steps * 1e3)
+        base = statistics.median(times["fp32"])
+        for label, _, target in VARIANTS:
+            ms = statistics.median(times[label])
+            rows.append((f"{model_name}/{dataset_name}", label, ms, ms / base, target))
+            verdict = "" if target is None else ("ok" if ms / base <= target else f"over {target}x")
+            proxy = f"{model_name}/{dataset_name}"
+            print(f"{proxy:<20} {label:<16} {ms:8.3f} ms/step {ms / base:6.2f}x  {verdict}", flush=True)
+    if args.markdown:
+        print("\n| proxy | format | ms/step | vs fp32 | target |\n|---|---|---|---|---|")
+        for proxy, label, ms, ratio, target in rows:
+            goal = "" if target is None else f"{target}x"
+            print(f"| {proxy} | {label} | {ms:.3f} | {ratio:.2f}x | {goal} |")
+
+
+if __name__ == "__main__":
+    main()

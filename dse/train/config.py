@@ -1,0 +1,107 @@
+"""What one training run is asked to do (TrainConfig) and what it reports (TrainResult).
+
+Both are plain data so that the sweep engine can hash, store and ship them between processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam", "niti")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One proxy training run. Format fields are spec strings; None means full precision (fp32).
+
+    `format` is shorthand for weights, activations and gradients at once; the specific fields
+    override it. `gradients` covers the errors (activation gradients) and, unless `weight_grads`
+    is given, the weight gradients too.
+    """
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    format: str | None = None
+    weights: str | None = None
+    activations: str | None = None
+    gradients: str | None = None
+    weight_grads: str | None = None
+    optimizer_state: str | None = None
+    rounding: str = "nearest"
+    """Rounding of weights, activations and gradients on their way into a GEMM."""
+    update_rounding: str = "stochastic"
+    """Rounding of the weights after each update when they live in their format (no master copy)."""
+    optimizer: str = "sgd"
+    lr: float | None = None
+    """None picks the optimizer's default (see docs/training.md)."""
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    master_weights: bool = True
+    """Keep an fp32 master copy of the weights; False stores them in the weight format itself."""
+    warmup_epochs: int = 0
+    """Epochs trained in fp32 before quantization is switched on (Lu et al.'s posit recipe)."""
+    layer_scaling: bool = False
+    """Lu et al.'s layer-wise power-of-two scaling factors (posit training)."""
+    full_precision_layers: tuple[str, ...] = ()
+    """Layers kept in fp32: any of 'first', 'last'. Papers keep both for deep networks; the proxies
+    are two to four GEMMs deep, so by default every GEMM is quantized."""
+    niti_mu: int = 5
+    """NITI: bits of the integer weight update (its learning rate), halved on the paper's schedule."""
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    data_dir: str | None = None
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["full_precision_layers"] = list(self.full_precision_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        if "full_precision_layers" in data:
+            data["full_precision_layers"] = tuple(data["full_precision_layers"])
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What a run measured. A diverged run stops early and says so; it is a result, not an error."""
+
+    test_accuracy: float
+    final_loss: float
+    diverged: bool
+    epochs_run: int
+    wall_time_s: float
+    params: int
+    loss_curve: list[float] = field(default_factory=list)
+    """Mean training loss per epoch."""
+    accuracy_curve: list[float] = field(default_factory=list)
+    """Test accuracy after each epoch."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a training method contributes to the shared loop."""
+
+    model: nn.Module
+    loss_fn: Any
+    """Callable (logits, targets) -> scalar loss tensor."""
+    optimizer: torch.optim.Optimizer
+    on_epoch_start: Any = None
+    """Optional callable(epoch: int) run before each epoch (warm-up switch, learning-rate schedule)."""

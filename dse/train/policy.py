@@ -1,0 +1,225 @@
+"""Which number format each tensor class of a training run uses, and how it is rounded and scaled.
+
+A `QuantPolicy` names one `TensorQuant` per tensor class: the two forward GEMM operands (weights,
+activations), the errors (activation gradients, the backward-data operand), the weight gradients
+(the backward-weight result), the optimizer state and the stored weights. `QuantPolicy.from_config`
+turns a `TrainConfig`'s spec strings into that policy and applies the training scaling defaults
+(docs/training.md, "Quantization policy").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dse.errors import InputError
+from dse.formats import ROUNDINGS, NumberFormat, Scaling, get
+from dse.train.config import TrainConfig
+
+FULL_PRECISION_LAYER_NAMES: tuple[str, ...] = ("first", "last")
+
+LU_SCALE_OFFSET_LOG2 = 2
+"""sigma in Lu et al.'s posit layer scale S = 2^(round(mean log2|x|) + sigma); seeds.md C.2, unverified."""
+
+_PER_TENSOR_POW2 = Scaling(kind="tensor", pow2=True)
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one tensor class is quantized: a format (None = fp32, untouched) and a rounding mode.
+
+    `layer_scale` divides the tensor by Lu et al.'s power-of-two layer-wise scale before rounding
+    onto the (unscaled) grid and multiplies it back: the bulk of the log-magnitudes then sits in a
+    posit's most precise region.
+    """
+
+    format: NumberFormat | None
+    rounding: str = "nearest"
+    layer_scale: bool = False
+    _element: NumberFormat | None = field(init=False, repr=False, compare=False, default=None)
+    _host_tensor_scale: bool = field(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise InputError(f"unknown rounding {self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
+        fmt = self.format
+        if fmt is None:
+            return
+        if self.layer_scale and fmt.scaling.kind != "none":
+            raise InputError(f"layer-wise scaling needs a format without its own scaling, got {fmt.spec!r}")
+        host_tensor_scale = fmt.scaling.kind == "tensor" and fmt.family != "mx"
+        object.__setattr__(self, "_host_tensor_scale", host_tensor_scale)
+        if host_tensor_scale or self.layer_scale:
+            object.__setattr__(self, "_element", dataclasses.replace(fmt, scaling=Scaling()))
+
+    @property
+    def enabled(self) -> bool:
+        return self.format is not None
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x quantized (a new tensor), or x itself when the format is None."""
+        fmt = self.format
+        if fmt is None:
+            return x
+        if self.layer_scale:
+            return self._quantize_scaled(x, lu_layer_scale(x, fmt), generator)
+        if self._host_tensor_scale and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            return self._quantize_scaled(x, tensor_scale(x, fmt), generator)
+        return fmt.quantize(x, self.rounding, generator)
+
+    def _quantize_scaled(self, x: Tensor, scale: float | None,
+                         generator: torch.Generator | None) -> Tensor:
+        """Round x / scale onto the element grid and multiply back, as `NumberFormat.quantize` does."""
+        assert self._element is not None
+        if scale is None:
+            return self._element.quantize(x, self.rounding, generator)
+        return self._element.quantize(x / scale, self.rounding, generator).mul_(scale)
+
+
+def tensor_scale(x: Tensor, fmt: NumberFormat) -> float | None:
+    """The per-tensor scale `fmt.quantize` divides by (scale=tensor, with or without pow2), or None
+    where it would use 1 (max|x| zero or not finite).
+
+    Same value, computed on the host: max|x| from one aminmax, then max|x| / fmt.max in x's
+    precision (float32 division for float32 tensors, as torch divides a float32 tensor by a
+    Python float). Dividing a tensor by that float equals dividing it by the 0-dim tensor
+    `fmt.quantize` builds, and the handful of scalar tensor operations it saves cost more than the
+    rounding itself on small tensors.
+    """
+    low, high = torch.aminmax(x.detach())
+    low_value, high_value = float(low), float(high)
+    if not (math.isfinite(low_value) and math.isfinite(high_value)):
+        return None
+    amax = max(-low_value, high_value)
+    if amax <= 0:
+        return None
+    if x.dtype == torch.float64:
+        ratio = amax / fmt.max
+    else:
+        ratio = float(np.float32(amax) / np.float32(fmt.max))
+    if not fmt.scaling.pow2:
+        return ratio
+    mantissa, exponent = math.frexp(ratio)
+    return math.ldexp(1.0, exponent - (mantissa == 0.5))
+
+
+def lu_layer_scale(x: Tensor, fmt: NumberFormat) -> float:
+    """Lu et al.'s layer-wise power-of-two scale: 2^(round(mean log2|x|) + sigma).
+
+    The mean runs over the non-zero finite entries with |x| clipped to the format's
+    [min_positive, max] (zeros, e.g. after a ReLU, would drag the centre to min_positive); 1 when
+    there are none.
+    """
+    magnitude = x.detach().abs()
+    usable = (magnitude > 0) & torch.isfinite(magnitude)
+    count = int(usable.sum())
+    if count == 0:
+        return 1.0
+    logs = magnitude.clamp(fmt.min_positive, fmt.max).log2_().masked_fill_(~usable, 0.0)
+    centre = round(float(logs.sum(dtype=torch.float64)) / count)
+    return math.ldexp(1.0, centre + LU_SCALE_OFFSET_LOG2)
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Formats of every tensor class of a quantized training run (None formats are fp32)."""
+
+    weight: TensorQuant
+    activation: TensorQuant
+    error: TensorQuant
+    weight_grad: TensorQuant
+    state: TensorQuant
+    """Optimizer state: momentum buffers, Adam's moments, Madam's second moment."""
+    storage: TensorQuant
+    """Format and rounding the weights live in after each update when master_weights is False."""
+    master_weights: bool = True
+    full_precision_layers: tuple[str, ...] = ()
+    layer_scaling: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.full_precision_layers if name not in FULL_PRECISION_LAYER_NAMES]
+        if unknown:
+            raise InputError(f"unknown full_precision_layers entry {unknown[0]!r}: expected any of "
+                             f"{', '.join(FULL_PRECISION_LAYER_NAMES)}")
+
+    @classmethod
+    def fp32(cls) -> QuantPolicy:
+        """Nothing quantized."""
+        none = TensorQuant(None)
+        return cls(none, none, none, none, none, none)
+
+    @property
+    def quantizes_gemms(self) -> bool:
+        return any(q.enabled for q in (self.weight, self.activation, self.error, self.weight_grad))
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> QuantPolicy:
+        """Resolve a config's spec strings into formats, with the training scaling defaults.
+
+        `format` fills weights, activations and gradients; `gradients` fills errors and weight
+        gradients (unless `weight_grads` is given); the optimizer state defaults to fp32. A spec
+        that states `scale=` is used exactly as written. Otherwise formats with their own scaling
+        (int, lns, mx) keep it, and formats without (fp, fixed, posit) get: Lu et al.'s
+        layer-wise scale for every posit tensor class when `layer_scaling` is on, and a per-tensor
+        power-of-two scale for fp/fixed errors and weight gradients (dynamic loss scaling per
+        tensor), so small gradients do not underflow.
+        """
+        for name in ("rounding", "update_rounding"):
+            value = getattr(config, name)
+            if value not in ROUNDINGS:
+                raise InputError(f"config {name}: unknown rounding {value!r}: expected one of "
+                                 f"{', '.join(ROUNDINGS)}")
+        gradients = config.gradients if config.gradients is not None else config.format
+        specs = {
+            "weights": config.weights if config.weights is not None else config.format,
+            "activations": config.activations if config.activations is not None else config.format,
+            "errors": gradients,
+            "weight_grads": config.weight_grads if config.weight_grads is not None else gradients,
+            "optimizer_state": config.optimizer_state,
+        }
+        formats = {name: _resolve(name, spec) for name, spec in specs.items()}
+        explicit = {name: spec is not None and "scale=" in re.sub(r"\s+", "", spec.lower())
+                    for name, spec in specs.items()}
+
+        def training_quant(name: str, rounding: str, gradient: bool) -> TensorQuant:
+            fmt = formats[name]
+            if fmt is None or explicit[name] or fmt.scaling.kind != "none":
+                return TensorQuant(fmt, rounding)
+            if fmt.family == "posit":
+                return TensorQuant(fmt, rounding, layer_scale=config.layer_scaling)
+            if gradient and fmt.family in ("fp", "fixed"):
+                return TensorQuant(dataclasses.replace(fmt, scaling=_PER_TENSOR_POW2), rounding)
+            return TensorQuant(fmt, rounding)
+
+        weight = training_quant("weights", config.rounding, gradient=False)
+        return cls(
+            weight=weight,
+            activation=training_quant("activations", config.rounding, gradient=False),
+            error=training_quant("errors", config.rounding, gradient=True),
+            weight_grad=training_quant("weight_grads", config.rounding, gradient=True),
+            state=TensorQuant(formats["optimizer_state"], config.update_rounding),
+            storage=(dataclasses.replace(weight, rounding=config.update_rounding)
+                     if not config.master_weights else TensorQuant(None)),
+            master_weights=config.master_weights,
+            full_precision_layers=tuple(config.full_precision_layers),
+            layer_scaling=config.layer_scaling,
+        )
+
+
+def _resolve(name: str, spec: str | None) -> NumberFormat | None:
+    """The format a config field names; None for absent or fp32 (float32 tensors pass fp32 unchanged)."""
+    if spec is None:
+        return None
+    try:
+        fmt = get(spec)
+    except ValueError as error:
+        raise InputError(f"config {name}: {error}") from None
+    if fmt.spec == "fp32":
+        return None
+    return fmt

@@ -1,0 +1,89 @@
+"""The training loop as users run it: `dse train` and `dse.train.train`, on real (tiny) runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from dse.errors import InputError
+from dse.train import TrainConfig, train
+
+runner = CliRunner()
+QUICK = TrainConfig(model="mlp", dataset="digits", epochs=2, batch_size=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_fp32_digits_mlp_learns_far_above_chance() -> None:
+    result = train(QUICK.replace(epochs=3))
+    assert result.test_accuracy > 0.8 and not result.diverged
+    assert result.epochs_run == 3 and len(result.loss_curve) == len(result.accuracy_curve) == 3
+    assert result.loss_curve[-1] < result.loss_curve[0]
+    assert result.params == 64 * 128 + 128 + 128 * 10 + 10
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"format": "lns(8,gamma=8)", "optimizer": "lns-madam", "master_weights": False},
+    {"format": "posit8", "rounding": "stochastic"}])
+def test_same_seed_same_numbers_and_another_seed_differs(overrides: dict) -> None:
+    config = QUICK.replace(**overrides)
+    first, second = train(config), train(config)
+    assert first.loss_curve == second.loss_curve and first.test_accuracy == second.test_accuracy
+    other = train(config.replace(seed=1))
+    assert other.loss_curve != first.loss_curve
+
+
+def test_a_format_changes_the_run_and_fp32_warmup_over_every_epoch_is_fp32() -> None:
+    fp32 = train(QUICK)
+    int4 = train(QUICK.replace(format="int4"))
+    assert int4.loss_curve != fp32.loss_curve
+    warm = train(QUICK.replace(format="int4", warmup_epochs=QUICK.epochs))
+    assert warm.loss_curve == fp32.loss_curve
+
+
+def test_a_loss_that_blows_up_is_a_diverged_result_not_a_crash() -> None:
+    result = train(QUICK.replace(lr=1e12, momentum=0.0, epochs=3))
+    assert result.diverged
+    assert result.epochs_run <= 3 and math.isnan(result.final_loss)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"model": "foo"}, "unknown model 'foo'"),
+    ({"dataset": "digitz"}, "did you mean 'digits'"),
+    ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ({"format": "posit(8,9)"}, "posit(8,9)"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"model": "transformer"}, "transformer"),
+    ({"dataset": "mnist"}, "mnist"),
+])
+def test_bad_input_is_one_line_naming_the_problem(overrides: dict, needle: str) -> None:
+    with pytest.raises(InputError) as caught:
+        train(QUICK.replace(**overrides))
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cli_json_is_the_api_record() -> None:
+    outcome = runner.invoke(app, ["train", "--model", "mlp", "--dataset", "digits", "--format", "lns8",
+                                  "--epochs", "2", "--seed", "3", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    record = json.loads(outcome.stdout)
+    direct = train(QUICK.replace(format="lns8", seed=3))
+    assert record["test_accuracy"] == direct.test_accuracy and record["diverged"] is False
+    assert record["loss_curve"] == direct.loss_curve
+    assert record["config"]["format"] == "lns8"
+
+
+def test_cli_table_and_bad_input_exit_code() -> None:
+    outcome = runner.invoke(app, ["train", "--epochs", "1"])
+    assert outcome.exit_code == 0 and "test accuracy" in outcome.stdout
+    bad = runner.invoke(app, ["train", "--format", "foo8"])
+    assert bad.exit_code == 2
+    assert bad.stderr.count("\n") == 1 and "foo8" in bad.stderr
