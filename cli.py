@@ -256,5 +256,237 @@ def compare(
         console.print(f"wrote {csv}")
 
 
+# --- sweep -----------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf have no JSON spelling: they become null."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+_FormatOpt = Annotated[str | None, typer.Option(help="Format of this tensor class (overrides --format).")]
+
+
+@app.command("train")
+@user_errors
+def train(
+    model: Annotated[str, typer.Option(help="Proxy model: mlp, cnn, resnet, transformer.")] = "mlp",
+    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10.")]
+    = "digits",
+    format: Annotated[str | None, typer.Option(
+        "--format", help="Format of weights, activations and gradients (default fp32).")] = None,
+    weights: _FormatOpt = None,
+    activations: _FormatOpt = None,
+    gradients: _FormatOpt = None,
+    weight_grads: _FormatOpt = None,
+    optimizer_state: _FormatOpt = None,
+    optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw, madam, lns-madam, niti.")] = "sgd",
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the optimizer's).")] = None,
+    master_weights: Annotated[bool, typer.Option(
+        help="Keep an fp32 master copy; --no-master-weights stores weights in their format.")] = True,
+    warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
+    layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
+    rounding: Annotated[str, typer.Option(help="Rounding into GEMMs.")] = "nearest",
+    update_rounding: Annotated[str, typer.Option(help="Rounding of stored weights.")] = "stochastic",
+    accumulation: Annotated[str | None, typer.Option(
+        help="Format of the GEMMs' running partial sums, e.g. fp16, bf16 (default fp32).")] = None,
+    accumulation_chunk: Annotated[int, typer.Option(
+        help="Products summed in fp32 before each rounding into --accumulation.")] = 16,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of init, batch order and stochastic rounding.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Train one proxy under a number format and report its test accuracy."""
+    import json
+
+    from dse.train import TrainConfig
+    from dse.train import train as run_training
+
+    config = TrainConfig(
+        model=model, dataset=dataset, format=format, weights=weights, activations=activations,
+        gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
+        optimizer=optimizer, lr=lr, master_weights=master_weights, warmup_epochs=warmup_epochs,
+        layer_scaling=layer_scaling, rounding=rounding, update_rounding=update_rounding,
+        accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
+        batch_size=batch_size, seed=seed, threads=threads, device=device,
+        data_dir=None if data_dir is None else str(data_dir))
+    result = run_training(config)
+    if as_json:
+        typer.echo(json.dumps(_json_safe(result.to_dict())))
+        return
+    table = Table(title=f"{config.model} on {config.dataset}", show_header=False)
+    table.add_column("", justify="left")
+    table.add_column("", justify="right")
+    curve = result.loss_curve
+    finite = [v for v in curve if v == v]
+    rows = [("test accuracy", f"{result.test_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
+            ("epochs run", str(result.epochs_run)),
+            ("training loss first / last / min",
+             " / ".join(f"{v:.4f}" for v in (curve[0], curve[-1], min(finite))) if finite else "nan"),
+            ("parameters", f"{result.params:,}"), ("wall time", f"{result.wall_time_s:.2f} s")]
+    for name, value in rows:
+        table.add_row(name, value)
+    _print_whole(table)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+@app.command("sweep")
+@user_errors
+def sweep(
+    config: Annotated[Path, typer.Argument(help="The sweep file (YAML; every key in docs/config.md).")],
+    force: Annotated[bool, typer.Option("--force", help="Rerun finished trials; replace a store that holds "
+                                        "another sweep's results.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (overrides the "
+                                                "file's output:).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Trials run at once (overrides "
+                                                "executor.workers).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the trials; run nothing, "
+                                          "write nothing.")] = False,
+) -> None:
+    """Train every trial of a sweep file, estimate its energy, store results, and write Pareto reports.
+
+    Runs again skip finished trials (resume); results go to the output directory's sweep.sqlite.
+    """
+    from dse.sweep import load_config, run_sweep
+    from dse.sweep.progress import RichReporter
+    from dse.sweep.runner import plan_sweep
+    from dse.sweep.store import STORE_FILE
+
+    settings = load_config(config)
+    if output is not None:
+        settings = settings.replace(output=output)
+    if workers is not None:
+        settings = settings.replace(executor=dataclasses.replace(settings.executor, workers=workers))
+    if dry_run:
+        trials, _, _ = plan_sweep(settings)
+        grid = Table(title=f"{settings.name}: {len(trials)} trials -> {settings.output}")
+        for column in ("task", "configuration", "seeds"):
+            grid.add_column(column, justify="right" if column == "seeds" else "left")
+        counts: dict[tuple[str, str], int] = {}
+        for trial in trials:
+            counts[(trial.task, trial.label)] = counts.get((trial.task, trial.label), 0) + 1
+        for (task, label), count in counts.items():
+            grid.add_row(task, label, str(count))
+        _print_whole(grid)
+        return
+    reporter = RichReporter(console, error_console, quiet=quiet)
+    try:
+        summary = run_sweep(settings, force=force, reporter=reporter)
+    except KeyboardInterrupt:
+        error_console.print(f"interrupted: finished trials are saved in {settings.output}; run the same "
+                            "command again to resume", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    if quiet:
+        return
+    resumed = f" now, {summary.skipped} from an earlier run" if summary.skipped else ""
+    console.print(f"[bold]{summary.name}[/]: {summary.total} trials: {summary.ok} ok, {summary.diverged} "
+                  f"diverged, {summary.errors} failed ({summary.ran} run{resumed}) in "
+                  f"{_duration(summary.wall_time_s)}", highlight=False)
+    if summary.best is not None:
+        best = summary.best
+        console.print(f"best accuracy {best.test_accuracy:.4f}: {best.task}: {best.label} (seed {best.seed})",
+                      markup=False, highlight=False)
+    console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
+    if summary.files:
+        names = ", ".join(sorted({path.name for path in summary.files}))
+        console.print(f"reports ({len(summary.files)} files) in {summary.output}: {names}", markup=False,
+                      highlight=False, soft_wrap=True)
+
+
+# --- reports ---------------------------------------------------------------------------------------
+
+
+def _load_trials(directory: Path) -> Any:
+    """A sweep's trials from the store in its output directory (InputError when there is none)."""
+    from dse.sweep.store import load_trials
+
+    return load_trials(directory)
+
+
+def _rich_table(text_table: Any) -> Table:
+    """A report TextTable as a Rich table (cells as plain text, never markup; rules between groups)."""
+    from rich.text import Text
+
+    table = Table(title=Text(text_table.title))
+    for column, numeric in zip(text_table.columns, text_table.numeric, strict=True):
+        table.add_column(Text(column), justify="right" if numeric else "left")
+    for index, row in enumerate(text_table.rows):
+        table.add_row(*(Text(cell) for cell in row), end_section=index + 1 in text_table.group_starts)
+    return table
+
+
+_DirArg = Annotated[Path, typer.Argument(help="A sweep's output directory (the one holding its store).")]
+_MemoryOpt = Annotated[bool, typer.Option("--memory", help="Make memory footprint a third objective of the "
+                                          "fronts (also on when the sweep asked for it).")]
+
+
+@app.command("report")
+@user_errors
+def report(directory: _DirArg, memory: _MemoryOpt = False) -> None:
+    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots."""
+    from dse.report import all_fronts, summarize_trials, workloads_of, write_reports
+    from dse.report.tables import pareto_text_table, summary_text_table
+
+    trials = _load_trials(directory)
+    memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
+    workloads = workloads_of(trials)
+    summary = summarize_trials(trials)
+    _print_whole(_rich_table(summary_text_table(summary, workloads, memory_objective)))
+    fronts = all_fronts(summary, workloads, memory_objective)
+    objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
+    for task in dict.fromkeys(summary["task"]):
+        for workload in workloads:
+            rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
+            title = f"Pareto front: {task} on {workload} ({objectives})"
+            _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
+    written = write_reports(trials, directory, memory_objective)
+    console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
+
+
+@app.command("export")
+@user_errors
+def export(
+    directory: _DirArg,
+    text_format: Annotated[str, typer.Option("--format", "-f", help="csv, latex (booktabs) or markdown.")],
+    table: Annotated[str, typer.Option(help="summary (mean/std over seeds) or pareto (every front).")]
+    = "summary",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the table to this file "
+                                                "(default: standard output).")] = None,
+    memory: _MemoryOpt = False,
+) -> None:
+    """Write one table of a sweep as CSV, LaTeX or Markdown."""
+    from dse.errors import InputError
+    from dse.report import render_table
+    from dse.report.files import write_text_atomically
+    from dse.report.tables import check_export_choice
+
+    check_export_choice(table, text_format)
+    if output is not None and output.is_dir():
+        raise InputError(f"--output {output} is a directory; give a file path")
+    trials = _load_trials(directory)
+    memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
+    text = render_table(trials, table, text_format, memory_objective)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text_atomically(output, text)
+        console.print(f"wrote {output}", markup=False, highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -41,11 +41,11 @@ def main() -> None:
     for size in (int(float(s)) for s in args.sizes.split(",")):
         x = torch.randn(size, device="cuda")
         out = torch.empty_like(x)
-        copy_s = time_s(lambda: out.copy_(x), args.repeat)
+        copy_s = time_s(lambda out=out, x=x: out.copy_(x), args.repeat)
         print(f"{'copy_':<20} {size:>6.0e} {size / copy_s / 1e9:>9.2f} {1.0:>8.2f}")
         for spec in SPECS:
             fmt = get(spec)
-            spent = time_s(lambda fmt=fmt: fmt.quantize(x), args.repeat)
+            spent = time_s(lambda fmt=fmt, x=x: fmt.quantize(x), args.repeat)
             print(f"{spec:<20} {size:>6.0e} {size / spent / 1e9:>9.2f} {spent / copy_s:>8.2f}")
 
 

@@ -7,10 +7,11 @@ seeded by `config.seed`, and the run uses `config.threads` torch threads.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -102,16 +103,33 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return correct / y.numel()
 
 
-def _configure_threads(threads: int) -> None:
+def _flushing_denormals() -> bool:
+    return bool(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)[0] == 0)
+
+
+@contextlib.contextmanager
+def _run_settings(threads: int) -> Iterator[None]:
+    """The run's thread count, denormals flushed (they appear as training goes on and slow the CPU
+    down); the caller's settings come back afterwards, as a library call should leave them."""
+    previous = torch.get_num_threads(), _flushing_denormals()
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)  # denormals appear as training goes on and slow the CPU down
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.set_flush_denormal(previous[1])
 
 
 def train(config: TrainConfig, dataset: Dataset | None = None,
           progress: Progress | None = None) -> TrainResult:
     """Train the config's proxy and measure it; a loss that turns NaN or inf ends the run as diverged."""
     check_config(config)
-    _configure_threads(config.threads)
+    with _run_settings(config.threads):
+        return _train(config, dataset, progress)
+
+
+def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None) -> TrainResult:
     data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)

@@ -1,0 +1,143 @@
+"""The sweep engine's own cost: the same 8-trial sweep with 1 and with 2 workers, and its overheads.
+
+    .venv/bin/python benchmarks/sweep.py            # MNIST-1D MLP, 8 trials x 15 epochs: ~2 min on 2 cores
+    .venv/bin/python benchmarks/sweep.py --epochs 3 --repeat 2
+
+Prints, per worker count, the sweep's wall time, the sum of the trials' own training time and the
+speedup of 2 workers over 1; then the overhead per trial: starting a worker (spawn, imports, thread
+budget), committing a row to the store, estimating a configuration's energy, and everything else
+the 1-worker run spends beyond training. The runs alternate (1, 2, 1, 2, ...) so that load from
+other processes hits both alike; the best run of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# dse is imported inside the functions: spawned workers re-import this script as __mp_main__, and
+# should pay only for what `dse sweep`'s workers pay for.
+
+
+def sweep_text(output: Path, workers: int, epochs: int) -> str:
+    return f"""\
+name: bench
+seeds: [0, 1]
+task: {{model: mlp, dataset: mnist1d, epochs: {epochs}, batch_size: 100}}
+energy: {{node: 7nm, workloads: [proxy, resnet50]}}
+trials:
+  - {{format: [fp32, int8, fp8_e4m3, posit8], optimizer: sgd}}
+executor: {{backend: local, workers: {workers}}}
+output: {output}
+"""
+
+
+def timed_sweep(root: Path, workers: int, epochs: int, run: int) -> tuple[float, float]:
+    """(wall time of the sweep, sum of the trials' training time) for a fresh output directory."""
+    from dse.sweep import load_trials, parse_config, run_sweep
+
+    output = root / f"w{workers}-{run}"
+    sweep = parse_config(sweep_text(output, workers, epochs), "bench.yaml")
+    started = time.perf_counter()
+    summary = run_sweep(sweep, reports=False)
+    wall = time.perf_counter() - started
+    assert summary.ran == 8 and summary.errors == 0, summary
+    return wall, float(load_trials(output)["wall_time_s"].sum())
+
+
+def spawn_time(workers: int) -> float:
+    """Seconds until `workers` spawned workers have imported the trainer and set their threads."""
+    from dse.sweep.executors import _warm_up
+
+    started = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up,
+                             initargs=(1,)) as pool:
+        list(pool.map(abs, range(workers)))
+    return time.perf_counter() - started
+
+
+def store_time(root: Path, rows: int = 50) -> float:
+    """Seconds per committed trial row (one transaction each, synchronous=FULL)."""
+    from dse.sweep import parse_config
+    from dse.sweep.executors import TrialOutcome
+    from dse.sweep.runner import _row, plan_sweep
+    from dse.sweep.store import SweepStore
+
+    sweep = parse_config(sweep_text(root / "store", 1, 1), "bench.yaml")
+    trials, keys, energies = plan_sweep(sweep)
+
+    result = {"test_accuracy": 0.5, "final_loss": 1.0, "diverged": False, "wall_time_s": 1.0,
+              "epochs_run": 1, "params": 1, "loss_curve": [1.0], "accuracy_curve": [0.5]}
+    (root / "store").mkdir()
+    with SweepStore(root / "store") as store:
+        store.start({"name": "bench", "workloads": ["proxy"]}, [], energies)
+        started = time.perf_counter()
+        for index in range(rows):
+            trial = trials[index % len(trials)]
+            store.record(_row(trial, TrialOutcome(f"{trial.trial_id}-{index}", result)))
+        return (time.perf_counter() - started) / rows
+
+
+def energy_time(epochs: int) -> float:
+    """Seconds per distinct configuration to estimate its energy (proxy traced once, then resnet50)."""
+    from dse.sweep import expand, parse_config
+    from dse.sweep.energy import EnergyEstimator
+
+    sweep = parse_config(sweep_text(Path("unused"), 1, epochs), "bench.yaml")
+    trials = expand(sweep)
+    estimator = EnergyEstimator(sweep.energy)
+    estimator.estimate(trials[0].config)  # the proxy trace and first-call costs are paid by every sweep
+    distinct = {t.config.replace(seed=0) for t in trials}
+    started = time.perf_counter()
+    fresh = EnergyEstimator(sweep.energy)
+    fresh._proxies = estimator._proxies
+    for config in distinct:
+        fresh.estimate(config)
+    return (time.perf_counter() - started) / len(distinct)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=15, help="epochs per trial (default 15, as quickstart)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each worker count (default 1)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dse-bench-") as tmp:
+        root = Path(tmp)
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        trains: dict[int, list[float]] = {1: [], 2: []}
+        for run in range(args.repeat):
+            for workers in (1, 2):
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                wall, trained = timed_sweep(root, workers, args.epochs, run)
+                walls[workers].append(wall)
+                trains[workers].append(trained)
+                print(f"run {run + 1}: {workers} worker(s): {wall:.1f} s wall, {trained:.1f} s of training "
+                      f"(load average before: {load:.2f})", flush=True)
+        best = {w: min(walls[w]) for w in walls}
+        print(f"\n8 trials, MNIST-1D MLP, {args.epochs} epochs each, 1 thread per trial")
+        print(f"| workers | wall s (best of {args.repeat}) | training s (sum over trials) |")
+        print("|---|---|---|")
+        for workers in (1, 2):
+            print(f"| {workers} | {best[workers]:.1f} | {statistics.median(trains[workers]):.1f} |")
+        print(f"\nspeedup, 2 workers over 1: {best[1] / best[2]:.2f}x")
+        one = walls[1].index(best[1])
+        overhead = (best[1] - trains[1][one]) / 8
+        spawn1, spawn2 = spawn_time(1), spawn_time(2)
+        print(f"overhead per trial with 1 worker (wall - training) / 8: {overhead:.2f} s")
+        print(f"  start 1 worker: {spawn1:.2f} s ({spawn1 / 8:.2f} s per trial of 8); 2 workers at once: "
+              f"{spawn2:.2f} s")
+        print(f"  store: {store_time(root) * 1e3:.1f} ms per committed trial")
+        print(f"  energy: {energy_time(args.epochs) * 1e3:.1f} ms per configuration (proxy + resnet50)")
+
+
+if __name__ == "__main__":
+    main()

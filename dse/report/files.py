@@ -1,0 +1,102 @@
+"""Write every report file of a sweep into its output directory, each atomically (temp file + os.replace).
+
+A reader (or a sweep that is killed) never sees a half-written table or plot: each file is written
+under a hidden temporary name in the same directory and renamed over the old one when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from dse.errors import InputError
+from dse.report.pareto import all_fronts, workloads_of
+from dse.report.plots import accuracy_energy_figure, breakdown_figure, slug
+from dse.report.tables import (
+    latex_table,
+    markdown_table,
+    pareto_text_table,
+    summarize_trials,
+    summary_text_table,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PLOT_SUFFIXES: tuple[str, ...] = ("png", "pdf")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
+
+    An OS refusal (unwritable or non-directory parent, a directory in the way) is an InputError
+    naming the path.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from error
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise InputError(f"cannot write {path}: {error.strerror or error}") from error
+        raise
+    return path
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def _save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Save as PNG and PDF (PDF without a creation date, so the same results give the same bytes)."""
+    written = []
+    for suffix in PLOT_SUFFIXES:
+        metadata = {"CreationDate": None} if suffix == "pdf" else {}
+        written.append(write_atomically(stem.with_name(f"{stem.name}.{suffix}"),
+                                        lambda t, s=suffix, m=metadata: fig.savefig(t, format=s, dpi=150,
+                                                                                    metadata=m)))
+    return written
+
+
+def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False) -> list[Path]:
+    """Write the tables and plots of a sweep's trials (`load_trials`'s frame) into `out_dir`.
+
+    Files: trials.csv, summary.csv, pareto.csv (every task and workload), summary.tex/.md,
+    pareto.tex/.md, and per task and workload `pareto_<task>_<workload>.png/.pdf` (accuracy vs
+    energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit).
+    Returns the paths written, in that order.
+    """
+    out_dir = Path(out_dir)
+    workloads = workloads_of(frame)
+    summary = summarize_trials(frame)
+    fronts = all_fronts(summary, workloads, memory_objective)
+    written = [
+        write_text_atomically(out_dir / "trials.csv", frame.to_csv(index=False)),
+        write_text_atomically(out_dir / "summary.csv", summary.to_csv(index=False)),
+        write_text_atomically(out_dir / "pareto.csv", fronts.to_csv(index=False)),
+    ]
+    summary_table = summary_text_table(summary, workloads, memory_objective)
+    pareto_table = pareto_text_table(fronts, memory_objective)
+    for name, table in (("summary", summary_table), ("pareto", pareto_table)):
+        written.append(write_text_atomically(out_dir / f"{name}.tex", latex_table(table)))
+        written.append(write_text_atomically(out_dir / f"{name}.md", markdown_table(table)))
+    for task in pd.unique(summary["task"]):
+        for workload in workloads:
+            figures = (("pareto", accuracy_energy_figure(summary, task, workload, memory_objective)),
+                       ("breakdown", breakdown_figure(fronts, task, workload)))
+            for kind, figure in figures:
+                if figure is not None:
+                    written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
+    return written

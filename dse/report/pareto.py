@@ -1,0 +1,116 @@
+"""Pareto fronts of a sweep summary: per task, maximise mean accuracy, minimise energy (and memory).
+
+A point is on the front when no other point of the same task is at least as good in every objective
+and strictly better in one. Points with equal objectives do not dominate each other, so exact
+duplicates are all kept; the front's order is fixed (energy up, accuracy down, memory up, label),
+so the same summary in any row order gives the same front.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dse.errors import InputError
+
+ENERGY_UNITS: tuple[str, ...] = ("multiply", "conversion", "accumulation", "update", "memory")
+"""The units a workload's iteration energy is broken into, in stacking order."""
+
+IDENTITY_COLUMNS: tuple[str, ...] = (
+    "model", "dataset", "weights", "activations", "gradients", "weight_grads", "optimizer",
+    "master_weights", "warmup_epochs",
+)
+"""Columns that describe a configuration (not a measurement); carried into summaries and fronts."""
+
+COUNT_COLUMNS: tuple[str, ...] = ("n_seeds", "n_ok", "n_diverged", "n_error")
+
+
+def energy_column(workload: str, unit: str | None = None) -> str:
+    """Name of the energy-per-iteration column (mJ) of a workload, or of one of its units."""
+    return f"energy_mj:{workload}" if unit is None else f"energy_mj:{workload}:{unit}"
+
+
+def memory_column(workload: str) -> str:
+    """Name of the memory-footprint column (MiB) of a workload."""
+    return f"memory_mib:{workload}"
+
+
+def workloads_of(frame: pd.DataFrame) -> list[str]:
+    """The sweep's workloads: from `frame.attrs["sweep"]`, else from the `energy_mj:W` columns."""
+    declared = (frame.attrs.get("sweep") or {}).get("workloads")
+    if declared:
+        return [str(w) for w in declared]
+    return [c.split(":", 1)[1] for c in frame.columns if c.startswith("energy_mj:") and c.count(":") == 1]
+
+
+def non_dominated(objectives: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of an n x k array (every objective minimised) that nothing dominates."""
+    points = np.asarray(objectives, dtype=float)
+    if points.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    # [j, i]: point j is no worse than point i everywhere / strictly better somewhere.
+    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+    return ~(no_worse & better).any(axis=0)
+
+
+def _require(summary: pd.DataFrame, columns: list[str], workload: str) -> None:
+    missing = [c for c in columns if c not in summary.columns]
+    if missing:
+        known = ", ".join(workloads_of(summary)) or "none"
+        raise InputError(f"sweep results have no column {missing[0]!r} for workload {workload!r} "
+                         f"(workloads in the results: {known})")
+
+
+def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = False) -> pd.DataFrame:
+    """Per task, the configurations no other one beats on mean accuracy, energy of `workload` (and memory).
+
+    Rows whose accuracy, energy or (if asked) memory is missing (NaN), such as configurations whose
+    every seed raised, never enter the front. Returns one row per front point with columns `task`,
+    `workload`, `label`, the configuration's identity columns, seed counts, `accuracy_mean`,
+    `accuracy_std`, `energy_mj`, `energy_mj:<unit>` for each unit present and `memory_mib` (if present).
+    """
+    energy = energy_column(workload)
+    memory = memory_column(workload)
+    _require(summary, ["task", "label", "accuracy_mean", energy] + ([memory] if memory_objective else []),
+             workload)
+    units = [u for u in ENERGY_UNITS if energy_column(workload, u) in summary.columns]
+    renamed = {energy: "energy_mj", **{energy_column(workload, u): f"energy_mj:{u}" for u in units},
+               memory: "memory_mib"}
+    keep = (["task", "label"] + [c for c in IDENTITY_COLUMNS if c in summary.columns]
+            + [c for c in COUNT_COLUMNS if c in summary.columns]
+            + [c for c in ("accuracy_mean", "accuracy_std") if c in summary.columns]
+            + [c for c in renamed if c in summary.columns])
+    objective_columns = ["accuracy_mean", energy] + ([memory] if memory_objective else [])
+
+    fronts: list[pd.DataFrame] = []
+    for task in pd.unique(summary["task"]):
+        rows = summary[summary["task"] == task]
+        values = rows[objective_columns].to_numpy(dtype=float)
+        finite = np.isfinite(values).all(axis=1)
+        candidates = rows[finite]
+        minimised = values[finite] * np.array([-1.0] + [1.0] * (len(objective_columns) - 1))
+        fronts.append(candidates[non_dominated(minimised)])
+    columns = ["task", "workload"] + [renamed.get(c, c) for c in keep if c != "task"]
+    if not fronts:
+        return pd.DataFrame(columns=columns)
+    front = pd.concat(fronts)[keep].rename(columns=renamed)
+    front.insert(1, "workload", workload)
+    order = ["energy_mj", "accuracy_mean"] + (["memory_mib"] if memory_objective else []) + ["label"]
+    ascending = [True, False] + ([True] if memory_objective else []) + [True]
+    task_rank = {task: rank for rank, task in enumerate(pd.unique(summary["task"]))}
+    front = front.assign(_task_rank=front["task"].map(task_rank))
+    front = front.sort_values(["_task_rank", *order], ascending=[True, *ascending], kind="mergesort")
+    return front.drop(columns="_task_rank").reset_index(drop=True)[columns]
+
+
+def all_fronts(summary: pd.DataFrame, workloads: list[str], memory_objective: bool = False) -> pd.DataFrame:
+    """The fronts of every task and workload: task by task, and within a task workloads in the given order."""
+    fronts = [pareto_front(summary, w, memory_objective) for w in workloads]
+    non_empty = [f for f in fronts if len(f)]
+    if not non_empty:
+        return fronts[0] if fronts else pd.DataFrame(columns=["task", "workload", "label"])
+    joined = pd.concat(non_empty, ignore_index=True)
+    task_rank = {task: rank for rank, task in enumerate(pd.unique(summary["task"]))}
+    by_task = joined["task"].map(task_rank).sort_values(kind="mergesort").index
+    return joined.loc[by_task].reset_index(drop=True)

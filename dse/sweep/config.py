@@ -1,0 +1,464 @@
+"""The sweep file: schema, validation with `file:line` errors, and the validated SweepConfig.
+
+Every problem is found here, before anything touches the disk: an unknown key (with a did-you-mean),
+a wrong type, an invalid format spec, an unknown optimizer, model, dataset or workload, and an empty
+grid each raise one InputError line `file:line: path: problem`. docs/config.md documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from dse.data import DATASETS
+from dse.energy import DatapathParams, MemoryParams, parse_node, workload_names
+from dse.errors import InputError
+from dse.formats import ROUNDINGS, get
+from dse.sweep.yaml_lines import SourceMap, dotted, load_yaml
+from dse.train.config import OPTIMIZERS, TrainConfig
+from dse.train.policy import FULL_PRECISION_LAYER_NAMES
+from models.proxies import MODELS
+
+FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
+                                  "optimizer_state")
+IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
+"""What makes a task a task: set once per task, never gridded."""
+RUN_FIELDS: tuple[str, ...] = ("seed", "threads")
+"""Set by the sweep itself: seeds from `seeds:`, threads from the executor."""
+TRIAL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                                      if f.name not in IDENTITY_FIELDS + RUN_FIELDS)
+"""Fields a trial entry may set (one value or a list of values to grid over); a task may default them."""
+TASK_FIELDS: tuple[str, ...] = ("name", *IDENTITY_FIELDS, *TRIAL_FIELDS)
+LAYER_NAMES: tuple[str, ...] = FULL_PRECISION_LAYER_NAMES
+PROXY_WORKLOAD = "proxy"
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+_ADAPTERS = {name: TypeAdapter(kind) for name, kind in _FIELD_TYPES.items()}
+
+
+# --- the validated configuration ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task: its own Pareto front. `defaults` are TrainConfig fields shared by its trials."""
+
+    name: str
+    defaults: dict[str, Any]
+    path: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class TrialEntry:
+    """One entry of `trials:`: each field with its list of values (the grid is their product)."""
+
+    choices: dict[str, list[Any]]
+    seeds: tuple[int, ...] | None
+    path: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    node: str
+    workloads: tuple[str, ...]
+    table: str | None
+    datapath: DatapathParams
+    memory: MemoryParams
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that changes an energy number, as plain data (for hashing)."""
+        return {"node": self.node, "table": self.table, "datapath": dataclasses.asdict(self.datapath),
+                "memory": dataclasses.asdict(self.memory)}
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    backend: Literal["local", "ray"]
+    workers: int
+    threads: int
+    address: str | None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    seeds: tuple[int, ...]
+    tasks: tuple[TaskConfig, ...]
+    trials: tuple[TrialEntry, ...]
+    energy: EnergyConfig
+    executor: ExecutorConfig
+    output: Path
+    memory_objective: bool
+    source: SourceMap
+    text: str
+    """The YAML as written, kept in the store for reference."""
+
+    def replace(self, **changes: Any) -> SweepConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# --- pydantic schema of the sections that are plain settings -------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _DatapathSection(_Strict):
+    accumulator: str | None = None
+    lns_datapath: Literal["madam", "direct"] = "madam"
+    lns_mitchell_bits: int = Field(0, ge=0)
+    lns_lut_bits: int | None = Field(None, ge=1)
+    alignment_bits: int | None = Field(None, ge=1)
+    posit_decode_reuse: float = Field(1.0, ge=1.0)
+
+
+class _MemorySection(_Strict):
+    sram: str = "horowitz_32kb"
+    dram: str = "hbm2e"
+    sram_scaling: Literal["sqrt", "logic", "none"] = "sqrt"
+    operand_reuse: float = Field(16.0, ge=1.0)
+    operand_registers: bool = True
+
+
+class _EnergySection(_Strict):
+    node: str | int | float = "45nm"
+    workloads: list[str] = Field(default_factory=lambda: [PROXY_WORKLOAD])
+    table: str | None = None
+    datapath: _DatapathSection = Field(default_factory=_DatapathSection)
+    memory: _MemorySection = Field(default_factory=_MemorySection)
+
+
+class _ExecutorSection(_Strict):
+    backend: Literal["local", "ray"] = "local"
+    workers: int | None = Field(None, ge=1)
+    threads: int = Field(1, ge=1)
+    address: str | None = None
+
+
+class _ReportSection(_Strict):
+    memory_objective: bool = False
+
+
+class _SweepFile(_Strict):
+    name: str | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    task: dict[str, Any] | None = None
+    tasks: list[dict[str, Any]] | None = None
+    trials: list[dict[str, Any]]
+    energy: _EnergySection = Field(default_factory=_EnergySection)
+    executor: _ExecutorSection = Field(default_factory=_ExecutorSection)
+    output: str | None = None
+    report: _ReportSection = Field(default_factory=_ReportSection)
+
+
+_SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "": _SweepFile, "energy": _EnergySection, "datapath": _DatapathSection, "memory": _MemorySection,
+    "executor": _ExecutorSection, "report": _ReportSection,
+}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, else ' (expected one of ...)'."""
+    options = sorted(choices)
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (expected one of {', '.join(options)})"
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> tuple[str | int, ...]:
+    """Keep the parts of a pydantic error location that exist in the data (drops union-member tags)."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif not isinstance(node, (dict, list)):
+            break
+        elif isinstance(node, dict) and isinstance(part, str) and not part.startswith(("list[", "dict[")):
+            path.append(part)  # an unknown or missing key: point at it (or its parent's line)
+            break
+    return tuple(path)
+
+
+def _model_for(path: tuple[str | int, ...]) -> type[BaseModel]:
+    names = [p for p in path if isinstance(p, str)]
+    return _SECTION_MODELS.get(names[-1] if names else "", _SweepFile)
+
+
+def _pydantic_error(error: ValidationError, data: Any, source: SourceMap) -> InputError:
+    errors = error.errors()
+    # a misspelt key also shows up as a missing one: report the misspelling
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(first["loc"])
+    path = _data_path(data, loc)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        key = str(path[-1])
+        fields = _model_for(path[:-1]).model_fields
+        return source.error(path, f"unknown key {key!r}{did_you_mean(key, fields)}")
+    if kind == "missing":
+        key = str(loc[-1])
+        return source.error(path[:-1] if path and path[-1] == key else path, f"missing key {key!r}")
+    value = first.get("input")
+    return source.error(path, f"{first['msg']} (got {value!r})")
+
+
+def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap) -> Any:
+    """One TrainConfig field value: its type, then what it names (format spec, optimizer, ...)."""
+    if name == "full_precision_layers":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise source.error(path, f"expected a list of layer names ({', '.join(LAYER_NAMES)}), got "
+                               f"{value!r}")
+        for index, layer in enumerate(value):
+            if layer not in LAYER_NAMES:
+                hint = did_you_mean(layer, LAYER_NAMES)
+                raise source.error((*path, index), f"unknown layer {layer!r}{hint}")
+        return tuple(value)
+    try:
+        value = _ADAPTERS[name].validate_python(value, strict=True)
+    except ValidationError as error:
+        first = error.errors()[0]
+        expected = _FIELD_TYPES[name]
+        raise source.error(path, f"{first['msg']} (got {value!r}; expected {_type_name(expected)})") from None
+    if value is None:
+        return None
+    if name in FORMAT_FIELDS:
+        try:
+            return get(value).spec
+        except ValueError as error:
+            raise source.error(path, str(error).splitlines()[0]) from None
+    if name == "optimizer" and value not in OPTIMIZERS:
+        raise source.error(path, f"unknown optimizer {value!r}{did_you_mean(value, OPTIMIZERS)}")
+    if name in ("rounding", "update_rounding") and value not in ROUNDINGS:
+        raise source.error(path, f"unknown rounding {value!r}{did_you_mean(value, ROUNDINGS)}")
+    if name in ("epochs", "batch_size", "niti_mu") and value < 1:
+        raise source.error(path, f"{name} must be >= 1, got {value}")
+    if name in ("warmup_epochs",) and value < 0:
+        raise source.error(path, f"{name} must be >= 0, got {value}")
+    if name in ("lr",) and not value > 0:
+        raise source.error(path, f"{name} must be > 0, got {value}")
+    if name in ("momentum", "weight_decay") and value < 0:
+        raise source.error(path, f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    text = getattr(kind, "__name__", None) or str(kind)
+    return text.replace("typing.", "").replace("NoneType", "null")
+
+
+def _is_grid(name: str, value: Any) -> bool:
+    """A list is a grid, except full_precision_layers whose value is itself a list: there a list of lists."""
+    if name == "full_precision_layers":
+        return isinstance(value, list) and any(isinstance(v, list) for v in value)
+    return isinstance(value, list)
+
+
+def _unknown_key(key: Any, allowed: typing.Iterable[str], path: tuple[str | int, ...],
+                 source: SourceMap) -> InputError:
+    return source.error(path, f"unknown key {key!r}{did_you_mean(str(key), allowed)}")
+
+
+# --- tasks and trials -----------------------------------------------------------------------------
+
+def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TaskConfig:
+    if not isinstance(raw, dict):
+        raise source.error(path, f"a task is a mapping with model and dataset, got {raw!r}")
+    defaults: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = (*path, key)
+        if key in RUN_FIELDS:
+            raise source.error(where, f"unknown key {key!r}: seeds come from the top-level 'seeds' list and "
+                               "threads from 'executor'")
+        if key not in TASK_FIELDS:
+            raise _unknown_key(key, TASK_FIELDS, where, source)
+        if key == "name":
+            if not isinstance(value, str) or not value.strip():
+                raise source.error(where, f"a task name is a non-empty string, got {value!r}")
+            continue
+        if _is_grid(key, value):
+            raise source.error(where, "a task field takes one value; grid over values in a trial entry")
+        defaults[key] = _check(value, key, where, source)
+    for key in ("model", "dataset"):
+        if key not in raw:
+            raise source.error(path, f"missing key {key!r}")
+    for key, known in (("model", MODELS), ("dataset", DATASETS)):
+        value = defaults[key].strip().lower()
+        if value not in known:
+            raise source.error((*path, key), f"unknown {key} {defaults[key]!r}{did_you_mean(value, known)}")
+        defaults[key] = value
+    name = raw.get("name") or f"{defaults['model']}/{defaults['dataset']}"
+    return TaskConfig(name=name.strip(), defaults=defaults, path=path)
+
+
+def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TrialEntry:
+    if not isinstance(raw, dict):
+        raise source.error(path, f"a trial entry is a mapping of fields to values or lists, got {raw!r}")
+    choices: dict[str, list[Any]] = {}
+    seeds: tuple[int, ...] | None = None
+    for key, value in raw.items():
+        where = (*path, key)
+        if key == "seeds":
+            seeds = _check_seeds(value, where, source)
+            continue
+        if key in IDENTITY_FIELDS:
+            raise source.error(where, f"{key!r} belongs to the task (task: or tasks:), not to a trial entry")
+        if key not in TRIAL_FIELDS:
+            raise _unknown_key(key, (*TRIAL_FIELDS, "seeds"), where, source)
+        values = value if _is_grid(key, value) else [value]
+        if not values:
+            raise source.error(where, "empty list: a grid needs at least one value")
+        choices[key] = [_check(v, key, (*where, i) if _is_grid(key, value) else where, source)
+                        for i, v in enumerate(values)]
+    return TrialEntry(choices=choices, seeds=seeds, path=path)
+
+
+def _check_seeds(value: Any, path: tuple[str | int, ...], source: SourceMap) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise source.error(path, f"seeds is a list of integers, got {value!r}")
+    if not value:
+        raise source.error(path, "empty list: a grid needs at least one seed")
+    for index, seed in enumerate(value):
+        if seed < 0:
+            raise source.error((*path, index), f"a seed is >= 0, got {seed}")
+        if value.index(seed) != index:
+            raise source.error((*path, index), f"seed {seed} is listed twice")
+    return tuple(value)
+
+
+def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
+    from dse.energy import build_model
+    from dse.energy.datapaths import parse_accumulator
+    from dse.energy.iteration import FP32 as FP32_OPERAND
+
+    node = section.node if isinstance(section.node, str) else f"{section.node:g}nm"
+    try:
+        parse_node(node)
+        build_model(node)
+    except ValueError as error:
+        raise source.error(("energy", "node"), str(error).splitlines()[0]) from None
+    if not section.workloads:
+        raise source.error(("energy", "workloads"), "empty list: name at least one workload (e.g. proxy)")
+    known = (PROXY_WORKLOAD, *workload_names())
+    seen: set[str] = set()
+    workloads: list[str] = []
+    for index, name in enumerate(section.workloads):
+        key = name.strip().lower()
+        if key not in known:
+            raise source.error(("energy", "workloads", index),
+                               f"unknown workload {name!r}{did_you_mean(key, known)}")
+        if key in seen:
+            raise source.error(("energy", "workloads", index), f"workload {name!r} is listed twice")
+        seen.add(key)
+        workloads.append(key)
+    table = section.table
+    if table is not None and not Path(table).is_file():
+        raise source.error(("energy", "table"), f"energy table {table!r} not found")
+    accumulator = section.datapath.accumulator
+    try:
+        if accumulator is not None and accumulator.strip().lower() != "quire":
+            parse_accumulator(accumulator, FP32_OPERAND)  # whether it fits each format is checked per trial
+        datapath = DatapathParams(**section.datapath.model_dump())
+    except ValueError as error:
+        raise source.error(("energy", "datapath"), str(error).splitlines()[0]) from None
+    try:
+        memory = MemoryParams(**section.memory.model_dump())
+        build_model(node, datapath, memory)  # resolves the memory presets
+    except ValueError as error:
+        raise source.error(("energy", "memory"), str(error).splitlines()[0]) from None
+    try:
+        build_model(node, datapath, memory, table)
+    except ValueError as error:
+        raise source.error(("energy", "table"), str(error).splitlines()[0]) from None
+    return EnergyConfig(node=node, workloads=tuple(workloads), table=table, datapath=datapath, memory=memory)
+
+
+def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorConfig:
+    if section.backend == "local" and section.address is not None:
+        raise source.error(("executor", "address"), "address is for the ray backend (backend: ray)")
+    if section.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise source.error(("executor", "backend"), "Ray is not installed: pip install 'dse[ray]'")
+    # by default as many trials as there are cores for their threads: no oversubscription
+    workers = section.workers if section.workers is not None else max(1, available_cores() // section.threads)
+    return ExecutorConfig(backend=section.backend, workers=workers, threads=section.threads,
+                          address=section.address)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells, else the core count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+# --- entry points ---------------------------------------------------------------------------------
+
+def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
+    """Validate a sweep file's text; raises InputError (one line, `file:line: path: problem`)."""
+    data, source = load_yaml(text, source_name)
+    if not isinstance(data, dict):
+        raise source.error((), "a sweep file is a mapping with at least 'task' (or 'tasks') and 'trials'")
+    for key in data:
+        if not isinstance(key, str):
+            raise source.error((key,), f"keys are strings, got {key!r}")
+    for key, what in (("trials", "trial entry"), ("tasks", "task"), ("seeds", "seed")):
+        if key in data and data[key] is None:
+            raise source.error((key,), f"empty: give at least one {what}")
+    try:
+        sweep = _SweepFile.model_validate(data)
+    except ValidationError as error:
+        raise _pydantic_error(error, data, source) from None
+    if (sweep.task is None) == (sweep.tasks is None):
+        raise source.error((), "give either 'task' (one) or 'tasks' (a list), not both or neither")
+    if sweep.tasks is not None:
+        if not sweep.tasks:
+            raise source.error(("tasks",), "empty list: give at least one task")
+        tasks = [_check_task(raw, ("tasks", i), source) for i, raw in enumerate(sweep.tasks)]
+    else:
+        tasks = [_check_task(sweep.task, ("task",), source)]
+    names: dict[str, tuple[str | int, ...]] = {}
+    for task in tasks:
+        if task.name in names:
+            raise source.error(task.path, f"task name {task.name!r} is also used by "
+                               f"{dotted(names[task.name])}; give each task its own 'name'")
+        names[task.name] = task.path
+    if not sweep.trials:
+        raise source.error(("trials",), "empty list: give at least one trial entry")
+    entries = [_check_entry(raw, ("trials", i), source) for i, raw in enumerate(sweep.trials)]
+    seeds = _check_seeds(sweep.seeds, ("seeds",), source)
+    name = sweep.name if sweep.name is not None else Path(source_name).stem
+    if not name.strip():
+        raise source.error(("name",), "the sweep name is empty")
+    output = Path(sweep.output) if sweep.output is not None else Path("results") / name
+    return SweepConfig(
+        name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(entries),
+        energy=_check_energy(sweep.energy, source), executor=_check_executor(sweep.executor, source),
+        output=output, memory_objective=sweep.report.memory_objective, source=source, text=text)
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"sweep file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise InputError(f"sweep file {str(path)!r} is a directory") from None
+    except UnicodeDecodeError:
+        raise InputError(f"sweep file {str(path)!r} is not UTF-8 text") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,135 @@
+"""Energy per training iteration and training-state memory of a trial's configuration, per workload.
+
+A trial's energy depends on its formats, optimizer, master copy and the layers it keeps in fp32, never
+on its seed, so it is computed once per distinct configuration (`energy_key`). Layers the trial keeps
+in full precision (`full_precision_layers`: the first and/or last weight layer) are costed in fp32,
+the others in the trial's formats. The workload `proxy` is the trial's own model traced at its batch
+size; any other name is a `models.workloads` shape at that workload's own batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
+from dse.energy.iteration import UNITS
+from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig
+from dse.sweep.trials import FP32, resolved_formats, stable_hash
+from dse.train.config import TrainConfig
+
+ENERGY_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
+                                     "lns-madam": "madam", "niti": "sgd"}
+"""Training optimizer -> the energy model's update (NITI's integer update is costed as SGD)."""
+STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
+"""Optimizer state tensors per parameter, as the energy model counts them."""
+PJ_PER_MJ = 1e9
+BITS_PER_MIB = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class WorkloadEnergy:
+    """One iteration of one workload: total and per-unit energy (mJ) and training-state memory (MiB)."""
+
+    total_mj: float
+    multiply_mj: float
+    conversion_mj: float
+    accumulation_mj: float
+    update_mj: float
+    memory_mj: float
+    memory_mib: float
+    """Weights, master copy and optimizer state, each at its own width."""
+
+    def as_row(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def energy_view(config: TrainConfig) -> dict[str, Any]:
+    """The settings an energy estimate depends on."""
+    return {"model": config.model, "dataset": config.dataset, "data_dir": config.data_dir,
+            "batch_size": config.batch_size, "formats": resolved_formats(config),
+            "optimizer": ENERGY_OPTIMIZERS[config.optimizer], "master_weights": config.master_weights,
+            "full_precision_layers": sorted(config.full_precision_layers)}
+
+
+def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
+    """Same key, same energy: the trial's energy view plus the energy model's settings."""
+    return stable_hash({"view": energy_view(config), "settings": settings.describe()})
+
+
+def _split(workload: Workload, keep: tuple[str, ...]) -> tuple[Workload | None, Workload | None]:
+    """(the layers in the trial's formats, the layers kept in fp32): first/last = first/last weight layer."""
+    weight_layers = [i for i, layer in enumerate(workload.layers) if layer.b_is_weight]
+    fp_indices = set()
+    if weight_layers and "first" in keep:
+        fp_indices.add(weight_layers[0])
+    if weight_layers and "last" in keep:
+        fp_indices.add(weight_layers[-1])
+    quantized = tuple(layer for i, layer in enumerate(workload.layers) if i not in fp_indices)
+    full = tuple(layer for i, layer in enumerate(workload.layers) if i in fp_indices)
+    low = dataclasses.replace(workload, layers=quantized) if quantized or workload.extra_params else None
+    high = dataclasses.replace(workload, layers=full, extra_params={}) if full else None
+    return low, high
+
+
+class EnergyEstimator:
+    """Builds the energy model once and caches traced proxies and estimates."""
+
+    def __init__(self, settings: EnergyConfig) -> None:
+        self.settings = settings
+        self.model = build_model(settings.node, settings.datapath, settings.memory, settings.table)
+        self._proxies: dict[tuple[Any, ...], Workload] = {}
+        self._estimates: dict[str, dict[str, WorkloadEnergy]] = {}
+
+    def proxy(self, config: TrainConfig) -> Workload:
+        """The trial's own model as a workload (cached per model, dataset and batch size)."""
+        key = (config.model, config.dataset, config.data_dir, config.batch_size)
+        if key not in self._proxies:
+            from dse.data import load_dataset
+            from models.proxies import build_model as build_proxy
+            from models.proxies import trace_workload
+
+            dataset = load_dataset(config.dataset, config.data_dir)
+            network = build_proxy(config.model, dataset)
+            self._proxies[key] = trace_workload(network, dataset, f"{config.model}/{config.dataset}",
+                                                config.batch_size, "sgd")
+        return self._proxies[key]
+
+    def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
+        """Energy and memory of one iteration per configured workload (cached per energy_key)."""
+        key = energy_key(config, self.settings)
+        if key not in self._estimates:
+            self._estimates[key] = {name: self._one(name, config) for name in self.settings.workloads}
+        return self._estimates[key]
+
+    def _one(self, name: str, config: TrainConfig) -> WorkloadEnergy:
+        workload = self.proxy(config) if name == PROXY_WORKLOAD else get_workload(name)
+        batch = config.batch_size if name == PROXY_WORKLOAD else None
+        formats = resolved_formats(config)
+        optimizer = ENERGY_OPTIMIZERS[config.optimizer]
+        low_formats = TrainingFormats(
+            weight=formats["weights"], activation=formats["activations"], gradient=formats["gradients"],
+            weight_grad=formats["weight_grads"], optimizer=optimizer,
+            master=FP32 if config.master_weights else None, state=formats["optimizer_state"])
+        high_formats = TrainingFormats.uniform(FP32, optimizer=optimizer, master=None,
+                                               state=formats["optimizer_state"])
+        units = dict.fromkeys(UNITS, 0.0)
+        memory_bits = 0.0
+        low, high = _split(workload, config.full_precision_layers)
+        for part, part_formats in ((low, low_formats), (high, high_formats)):
+            if part is None:
+                continue
+            frame = iteration_energy(part, part_formats, self.model, batch)
+            for unit, pj in unit_totals(frame).items():
+                units[unit] += pj
+            resolved = part_formats.resolve(part)
+            per_param = (resolved.weight.storage_bits
+                         + (resolved.master.storage_bits if resolved.master is not None else 0.0)
+                         + STATE_TENSORS[resolved.optimizer] * resolved.state.storage_bits)
+            memory_bits += part.params * per_param
+        mj = {unit: pj / PJ_PER_MJ for unit, pj in units.items()}
+        return WorkloadEnergy(total_mj=sum(mj.values()), multiply_mj=mj["multiply"],
+                              conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
+                              update_mj=mj["update"], memory_mj=mj["memory"],
+                              memory_mib=memory_bits / BITS_PER_MIB)

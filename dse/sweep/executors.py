@@ -1,0 +1,207 @@
+"""Where trials run: a local process pool, a Ray cluster, or this process (for debugging and tests).
+
+Every executor calls `execute_trial` on each job and hands each outcome to `on_done` in the parent as
+soon as it arrives, so the runner can commit it. A trial that raises becomes an outcome with its error
+text; the others go on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dse.errors import InputError
+
+TrainFn = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    trial_id: str
+    config: dict[str, Any]
+    """TrainConfig.to_dict(): plain data, cheap to ship to a worker."""
+    threads: int = 1
+    train_fn: TrainFn | None = None
+    """None: dse.train.loop.train. Anything else must be picklable (a module-level function)."""
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    result: dict[str, Any] | None
+    """TrainResult.to_dict(), or None if the trial raised."""
+    error: str = ""
+    """`Type: message` (first line) if the trial raised."""
+    traceback: str = ""
+    wall_time_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+_DATASETS: dict[tuple[str, str | None], Any] = {}
+"""Datasets this worker has loaded: trials of one task share them (train never modifies its dataset)."""
+
+
+def _dataset(name: str, data_dir: str | None) -> Any:
+    key = (name, data_dir)
+    if key not in _DATASETS:
+        from dse.data import load_dataset
+
+        _DATASETS[key] = load_dataset(name, data_dir)
+    return _DATASETS[key]
+
+
+def execute_trial(job: TrialJob) -> TrialOutcome:
+    """Train one trial in this process with its own thread budget; never raises for a failing trial."""
+    start = time.perf_counter()
+    try:
+        _limit_threads(job.threads)
+        from dse.train.config import TrainConfig
+
+        config = TrainConfig.from_dict(job.config)
+        if job.train_fn is None:
+            from dse.train.loop import train
+
+            result = train(config, dataset=_dataset(config.dataset, config.data_dir))
+        else:
+            result = job.train_fn(config)
+        data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+        return TrialOutcome(job.trial_id, data, wall_time_s=time.perf_counter() - start)
+    except Exception as error:  # a failing trial is a result, recorded with its error
+        message = str(error).splitlines()[0] if str(error) else ""
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+        return TrialOutcome(job.trial_id, None, error=text, traceback=traceback.format_exc(),
+                            wall_time_s=time.perf_counter() - start)
+
+
+class Executor(Protocol):
+    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None: ...
+
+
+class InlineExecutor:
+    """Runs trials one after another in this process (no parallelism; for debugging and tests)."""
+
+    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
+        for job in jobs:
+            on_done(execute_trial(job))
+
+
+def _warm_up(threads: int) -> None:
+    """Worker initializer: set the thread budget and import the trainer before the first trial arrives."""
+    _limit_threads(threads)
+    import dse.train.loop  # noqa: F401
+
+
+class LocalExecutor:
+    """A pool of `workers` spawned processes (fresh interpreters: no forked torch state)."""
+
+    def __init__(self, workers: int, threads: int = 1) -> None:
+        self.workers = workers
+        self.threads = threads
+
+    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
+        if not jobs:
+            return
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=context,
+                                   initializer=_warm_up, initargs=(self.threads,))
+        try:
+            pending: set[Future[TrialOutcome]] = {pool.submit(execute_trial, job) for job in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        outcome = future.result()
+                    except BrokenProcessPool:
+                        raise RuntimeError("a worker process died (out of memory or killed); finished trials "
+                                           "are saved: run the same command again to resume") from None
+                    on_done(outcome)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a `host:port` or `ray://host:port` nobody listens on (ray.init retries for minutes)."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # 'auto' and other forms: ray.init resolves them and fails quickly if there is nothing
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(f"executor.address: cannot reach Ray at {address!r}: {reason}") from None
+
+
+class RayExecutor:
+    """Trials as Ray tasks, each reserving `threads` CPUs; no address: a local instance of `workers` CPUs."""
+
+    def __init__(self, workers: int, threads: int = 1, address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise InputError("executor.backend ray: Ray is not installed: pip install 'dse[ray]'") from None
+        self.ray = ray
+        self.workers = workers
+        self.threads = threads
+        self.address = address
+        self.started = False
+
+    def connect(self) -> None:
+        """Join the cluster (or start a local instance) before anything is written."""
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        if self.address is not None:
+            _check_reachable(self.address)
+        try:
+            if self.address is None:
+                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            else:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        except Exception as error:  # ConnectionError, RuntimeError, ValueError: all mean "no cluster"
+            where = self.address if self.address is not None else "a local instance"
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(f"executor: cannot start Ray at {where}: {message}") from None
+        self.started = True
+
+    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
+        if not jobs:
+            return
+        self.connect()
+        ray = self.ray
+        remote = ray.remote(num_cpus=self.threads, max_retries=0)(execute_trial)
+        pending = [remote.remote(job) for job in jobs]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    on_done(ray.get(ref))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False

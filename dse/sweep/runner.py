@@ -1,0 +1,291 @@
+"""A sweep from a validated config to a filled store and reports.
+
+Order matters for "nothing written on bad input": expand the trials, estimate every configuration's
+energy, check the output path and (for Ray) reach the cluster, and only then create the directory and
+the store. Each finished trial is committed as it arrives; rerunning skips what is finished (resume),
+`force=True` reruns it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from dse.errors import InputError
+from dse.sweep.config import SweepConfig
+from dse.sweep.energy import EnergyEstimator, energy_key
+from dse.sweep.executors import (
+    Executor,
+    InlineExecutor,
+    LocalExecutor,
+    RayExecutor,
+    TrainFn,
+    TrialJob,
+    TrialOutcome,
+)
+from dse.sweep.store import PlanRow, SweepStore, TrialRow, load_trials, stored_sweep_name
+from dse.sweep.trials import Trial, expand, resolved_formats, stable_hash
+
+
+@dataclass
+class TrialRecord:
+    """What the progress display and the summary need to know about one finished trial."""
+
+    trial_id: str
+    task: str
+    label: str
+    seed: int
+    status: str
+    test_accuracy: float
+    error: str
+    wall_time_s: float
+
+
+class Reporter(Protocol):
+    def start(self, total: int, done: int, best: TrialRecord | None) -> None: ...
+
+    def trial_done(self, record: TrialRecord) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total: int, done: int, best: TrialRecord | None) -> None:
+        pass
+
+    def trial_done(self, record: TrialRecord) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    output: Path
+    total: int
+    skipped: int
+    """Trials already in the store from an earlier run (resume)."""
+    ran: int
+    """Trials run now."""
+    ok: int = 0
+    """Trials of the sweep (run now or earlier) by status."""
+    diverged: int = 0
+    errors: int = 0
+    best: TrialRecord | None = None
+    """The finished trial with the best test accuracy, now or earlier."""
+    wall_time_s: float = 0.0
+    files: list[Path] = field(default_factory=list)
+    failures: list[TrialRecord] = field(default_factory=list)
+
+
+# --- preparation ----------------------------------------------------------------------------------
+
+EnergyRows = dict[tuple[str, str], dict[str, float]]
+"""(energy key, workload) -> WorkloadEnergy.as_row()."""
+
+
+def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str, str], EnergyRows]:
+    """(trial_id -> energy key, (energy key, workload) -> values) for every trial's configuration."""
+    estimator = EnergyEstimator(sweep.energy)
+    keys: dict[str, str] = {}
+    energies: EnergyRows = {}
+    for trial in trials:
+        key = energy_key(trial.config, sweep.energy)
+        keys[trial.trial_id] = key
+        if (key, sweep.energy.workloads[0]) in energies:
+            continue
+        try:
+            estimates = estimator.estimate(trial.config)
+        except ValueError as error:
+            message = str(error).splitlines()[0]
+            raise sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}") from None
+        for workload, estimate in estimates.items():
+            energies[(key, workload)] = estimate.as_row()
+    return keys, energies
+
+
+def check_tasks(sweep: SweepConfig) -> None:
+    """Each task's dataset loads and its model fits it (a file dataset needs its data_dir)."""
+    from dse.data import load_dataset
+    from models.proxies import build_model
+
+    for task in sweep.tasks:
+        defaults = task.defaults
+        try:
+            build_model(defaults["model"], load_dataset(defaults["dataset"], defaults.get("data_dir")))
+        except (ValueError, FileNotFoundError) as error:
+            raise sweep.source.error(task.path, str(error).splitlines()[0]) from None
+
+
+def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyRows]:
+    """Everything checked before the disk is touched: tasks, trials, and the energy of every trial."""
+    check_tasks(sweep)
+    trials = expand(sweep)
+    keys, energies = estimate_energies(sweep, trials)
+    return trials, keys, energies
+
+
+def check_output(directory: Path, name: str, force: bool) -> bool:
+    """Can the sweep write here? Returns True if an existing store of another sweep is to be replaced."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"output path {str(directory)!r} exists and is not a directory")
+    ancestor = directory
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot create output directory {str(directory)!r}: {str(ancestor)!r} is not a "
+                         "directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to output directory {str(directory)!r}: permission denied on "
+                         f"{str(ancestor)!r}")
+    stored = stored_sweep_name(directory) if directory.is_dir() else None
+    if stored is not None and stored != name:
+        if not force:
+            raise InputError(f"{str(directory)!r} holds the results of sweep {stored!r}, not {name!r}: set "
+                             "another output path (output: or --output) or pass --force to replace them")
+        return True
+    return False
+
+
+def make_executor(sweep: SweepConfig) -> Executor:
+    settings = sweep.executor
+    if settings.backend == "ray":
+        return RayExecutor(settings.workers, settings.threads, settings.address)
+    return LocalExecutor(settings.workers, settings.threads)
+
+
+def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
+    config = trial.config
+    formats = resolved_formats(config)
+    result = outcome.result
+    extra: dict[str, Any] = {}
+    if result is None:
+        status, diverged, accuracy, loss = "error", False, None, None
+        wall = outcome.wall_time_s
+        extra["traceback"] = outcome.traceback
+    else:
+        diverged = bool(result.get("diverged", False))
+        status = "diverged" if diverged else "ok"
+        accuracy = float(result["test_accuracy"])
+        loss = float(result["final_loss"])
+        wall = float(result.get("wall_time_s", outcome.wall_time_s))
+        extra = {k: v for k, v in result.items() if k != "config"}
+    values = {
+        "trial_id": trial.trial_id, "task": trial.task, "label": trial.label, "model": config.model,
+        "dataset": config.dataset, "weights": formats["weights"], "activations": formats["activations"],
+        "gradients": formats["gradients"], "weight_grads": formats["weight_grads"],
+        "optimizer": config.optimizer, "master_weights": int(config.master_weights),
+        "warmup_epochs": config.warmup_epochs, "seed": config.seed, "status": status,
+        "diverged": int(diverged), "error": outcome.error, "test_accuracy": accuracy, "final_loss": loss,
+        "wall_time_s": wall, "config": json.dumps(config.to_dict(), sort_keys=True),
+        "result": json.dumps(extra, sort_keys=True, default=str),
+    }
+    return TrialRow(values)
+
+
+def _record(trial: Trial, row: TrialRow) -> TrialRecord:
+    accuracy = row.values["test_accuracy"]
+    return TrialRecord(trial.trial_id, trial.task, trial.label, trial.config.seed, row.values["status"],
+                       math.nan if accuracy is None else float(accuracy), row.values["error"],
+                       float(row.values["wall_time_s"]))
+
+
+def _better(record: TrialRecord, best: TrialRecord | None) -> bool:
+    return record.status == "ok" and not math.isnan(record.test_accuracy) and (
+        best is None or record.test_accuracy > best.test_accuracy)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | None = None,
+              train_fn: TrainFn | None = None, executor: Executor | None = None,
+              reports: bool = True) -> SweepSummary:
+    """Run every unfinished trial of `sweep`, commit each as it finishes, then write the reports.
+
+    `train_fn` replaces dse.train.loop.train (tests); `executor` replaces the configured one;
+    `reports=False` skips dse.report.write_reports.
+    """
+    started = time.perf_counter()
+    reporter = reporter or SilentReporter()
+    trials, keys, energies = plan_sweep(sweep)
+    directory = sweep.output
+    replace_foreign = check_output(directory, sweep.name, force)
+    executor = executor or make_executor(sweep)
+    if isinstance(executor, RayExecutor):
+        executor.connect()
+    try:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            store = SweepStore(directory)
+        except OSError as error:
+            raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
+        with store:
+            if replace_foreign:
+                store.reset()
+            ids = [trial.trial_id for trial in trials]
+            meta = {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.workloads),
+                    "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
+                    "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
+                                                "workloads": list(sweep.energy.workloads)})}
+            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id]) for t in trials]
+            store.start(meta, plan, energies)
+            finished = store.finished()
+            pending = [t for t in trials if force or t.trial_id not in finished]
+            summary = SweepSummary(sweep.name, directory, total=len(trials),
+                                   skipped=len(trials) - len(pending), ran=0)
+            summary.best = _best_of(load_trials(directory)) if summary.skipped else None
+            by_id = {trial.trial_id: trial for trial in pending}
+
+            def on_done(outcome: TrialOutcome) -> None:
+                trial = by_id[outcome.trial_id]
+                row = _row(trial, outcome)
+                store.record(row)
+                record = _record(trial, row)
+                summary.ran += 1
+                if record.status == "error":
+                    summary.failures.append(record)
+                if _better(record, summary.best):
+                    summary.best = record
+                reporter.trial_done(record)
+
+            threads = sweep.executor.threads
+            jobs = [TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn) for t in pending]
+            reporter.start(len(trials), summary.skipped, summary.best)
+            try:
+                executor.run(jobs, on_done)
+            finally:
+                reporter.stop()
+    finally:
+        if isinstance(executor, RayExecutor):
+            executor.close()
+    frame = load_trials(directory)
+    counts = frame["status"].value_counts()
+    summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
+                                                    for status in ("ok", "diverged", "error"))
+    summary.best = _best_of(frame)
+    if reports:
+        from dse.report import write_reports
+
+        summary.files = list(write_reports(frame, directory, sweep.memory_objective))
+    summary.wall_time_s = time.perf_counter() - started
+    return summary
+
+
+def _best_of(frame: Any) -> TrialRecord | None:
+    """The ok trial with the highest test accuracy in a load_trials frame."""
+    ok = frame[(frame["status"] == "ok") & frame["test_accuracy"].notna()]
+    if ok.empty:
+        return None
+    row = ok.loc[ok["test_accuracy"].idxmax()]
+    return TrialRecord(row["trial_id"], row["task"], row["label"], int(row["seed"]), "ok",
+                       float(row["test_accuracy"]), "", float(row["wall_time_s"]))
+
+
+__all__ = ["InlineExecutor", "SweepSummary", "TrialRecord", "run_sweep"]

@@ -1,0 +1,240 @@
+"""The sweep's SQLite store (`sweep.sqlite` in the output directory) and `load_trials` for reports.
+
+Tables:
+- `meta`: the sweep's name (its identity: a store belongs to one sweep), the YAML it last ran with, its
+  config hash, energy settings and workloads.
+- `plan`: the trials of the latest run of the sweep file, in order, with task, label and energy key.
+  Trials that were dropped from the file stay in `trials` but leave the plan, so reports skip them.
+- `trials`: one row per finished trial, primary key trial_id; each is committed in its own transaction
+  the moment its trial finishes (WAL journal, synchronous=FULL), so a SIGKILL at any moment loses no
+  finished trial and a half-written row never becomes visible.
+- `energy`: per (energy key, workload) the energy of one iteration by unit and the training-state
+  memory. Energy depends only on the configuration, so it is recomputed, never retrained, when the
+  energy settings change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dse.errors import InputError
+
+STORE_FILE = "sweep.sqlite"
+SCHEMA_VERSION = "1"
+UNITS: tuple[str, ...] = ("multiply", "conversion", "accumulation", "update", "memory")
+TRIAL_COLUMNS: tuple[str, ...] = (
+    "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients", "weight_grads",
+    "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error", "test_accuracy",
+    "final_loss", "wall_time_s")
+STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS plan (
+    trial_id TEXT PRIMARY KEY, position INTEGER NOT NULL, task TEXT NOT NULL, label TEXT NOT NULL,
+    energy_key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trials (
+    trial_id TEXT PRIMARY KEY, task TEXT NOT NULL, label TEXT NOT NULL, model TEXT NOT NULL,
+    dataset TEXT NOT NULL, weights TEXT NOT NULL, activations TEXT NOT NULL, gradients TEXT NOT NULL,
+    weight_grads TEXT NOT NULL, optimizer TEXT NOT NULL, master_weights INTEGER NOT NULL,
+    warmup_epochs INTEGER NOT NULL, seed INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'diverged', 'error')), diverged INTEGER NOT NULL,
+    error TEXT NOT NULL, test_accuracy REAL, final_loss REAL, wall_time_s REAL NOT NULL,
+    config TEXT NOT NULL, result TEXT NOT NULL, finished_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS energy (
+    energy_key TEXT NOT NULL, workload TEXT NOT NULL, total_mj REAL NOT NULL, multiply_mj REAL NOT NULL,
+    conversion_mj REAL NOT NULL, accumulation_mj REAL NOT NULL, update_mj REAL NOT NULL,
+    memory_mj REAL NOT NULL, memory_mib REAL NOT NULL, PRIMARY KEY (energy_key, workload));
+"""
+_ENERGY_VALUES = ("total_mj", "multiply_mj", "conversion_mj", "accumulation_mj", "update_mj", "memory_mj",
+                  "memory_mib")
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    trial_id: str
+    task: str
+    label: str
+    energy_key: str
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """A finished trial as stored: the descriptive columns, the outcome and the full records as JSON."""
+
+    values: dict[str, Any]
+    """TRIAL_COLUMNS (test_accuracy/final_loss None for an error), plus config/result JSON strings."""
+
+
+def store_path(directory: Path) -> Path:
+    return Path(directory) / STORE_FILE
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(str(path), timeout=60.0)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    return connection
+
+
+def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
+    try:
+        return dict(connection.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError:
+        return {}
+
+
+def stored_sweep_name(directory: Path) -> str | None:
+    """The name of the sweep whose store is in `directory`, or None if there is no store.
+
+    A file that is not a dse store raises InputError rather than being overwritten.
+    """
+    path = store_path(directory)
+    if not path.exists():
+        return None
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60.0)
+        try:
+            meta = _read_meta(connection)
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as error:
+        raise InputError(f"{path} is not a readable sweep store ({error})") from None
+    if "name" not in meta:
+        raise InputError(f"{path} is not a dse sweep store; remove it or choose another output path")
+    return meta["name"]
+
+
+class SweepStore:
+    """The parent process's handle on the store: the only writer."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.path = store_path(self.directory)
+        self.connection = _connect(self.path)
+        with self.connection:
+            self.connection.executescript(_SCHEMA)
+
+    def reset(self) -> None:
+        """Forget everything (used by --force on a store that belonged to another sweep)."""
+        with self.connection:
+            for table in ("meta", "plan", "trials", "energy"):
+                self.connection.execute(f"DELETE FROM {table}")
+
+    def start(self, meta: dict[str, Any], plan: Iterable[PlanRow],
+              energies: dict[tuple[str, str], dict[str, float]]) -> None:
+        """Record the run's settings, its plan and the energy of every planned configuration, atomically."""
+        now = time.time()
+        with self.connection:
+            existing = _read_meta(self.connection)
+            values = {**{k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()},
+                      "schema": SCHEMA_VERSION, "updated_at": str(now),
+                      "created_at": existing.get("created_at", str(now))}
+            self.connection.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                        sorted(values.items()))
+            self.connection.execute("DELETE FROM plan")
+            self.connection.executemany(
+                "INSERT INTO plan (trial_id, position, task, label, energy_key) VALUES (?, ?, ?, ?, ?)",
+                [(row.trial_id, position, row.task, row.label, row.energy_key)
+                 for position, row in enumerate(plan)])
+            self.connection.executemany(
+                f"INSERT OR REPLACE INTO energy (energy_key, workload, {', '.join(_ENERGY_VALUES)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(_ENERGY_VALUES))})",
+                [(key, workload, *(values[name] for name in _ENERGY_VALUES))
+                 for (key, workload), values in energies.items()])
+
+    def finished(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT trial_id FROM trials")}
+
+    def record(self, row: TrialRow) -> None:
+        """Commit one finished trial in its own transaction (replacing an earlier run of it)."""
+        values = {**row.values, "finished_at": time.time()}
+        names = list(values)
+        with self.connection:
+            self.connection.execute(
+                f"INSERT OR REPLACE INTO trials ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                [values[name] for name in names])
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> SweepStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def energy_columns(workloads: Iterable[str]) -> list[str]:
+    """The energy columns of load_trials, in order, for these workloads."""
+    columns: list[str] = []
+    for workload in workloads:
+        columns.append(f"energy_mj:{workload}")
+        columns += [f"energy_mj:{workload}:{unit}" for unit in UNITS]
+        columns.append(f"memory_mib:{workload}")
+    return columns
+
+
+def load_trials(directory: Path) -> pd.DataFrame:
+    """One row per finished trial of the sweep's latest plan, in plan order (see docs/config.md).
+
+    Columns: TRIAL_COLUMNS, then per workload W `energy_mj:W`, `energy_mj:W:<unit>` for each unit and
+    `memory_mib:W`, then `config` (the TrainConfig as JSON). `frame.attrs['sweep']` holds the sweep's
+    name, workloads, memory_objective and output directory.
+    """
+    directory = Path(directory)
+    path = store_path(directory)
+    if not path.is_file():
+        raise InputError(f"no sweep store in {str(directory)!r} (no {STORE_FILE}; run `dse sweep` first)")
+    if stored_sweep_name(directory) is None:  # pragma: no cover - is_file() checked above
+        raise InputError(f"no sweep store in {str(directory)!r}")
+    connection = _connect(path)
+    try:
+        meta = _read_meta(connection)
+        workloads = json.loads(meta.get("workloads", "[]"))
+        rows = connection.execute(
+            "SELECT p.energy_key, p.task, p.label, t.* FROM plan p JOIN trials t ON t.trial_id = p.trial_id "
+            "ORDER BY p.position").fetchall()
+        names = ["energy_key", "plan_task", "plan_label"] + [d[0] for d in connection.execute(
+            "SELECT * FROM trials LIMIT 0").description]
+        energy = connection.execute(f"SELECT energy_key, workload, {', '.join(_ENERGY_VALUES)} FROM energy"
+                                    ).fetchall()
+    finally:
+        connection.close()
+    by_key: dict[tuple[str, str], tuple[float, ...]] = {(r[0], r[1]): tuple(r[2:]) for r in energy}
+    records = []
+    for raw in rows:
+        row = dict(zip(names, raw, strict=True))
+        record: dict[str, Any] = {name: row[name] for name in TRIAL_COLUMNS}
+        record["task"], record["label"] = row["plan_task"], row["plan_label"]
+        record["master_weights"] = bool(row["master_weights"])
+        record["diverged"] = bool(row["diverged"])
+        for name in ("test_accuracy", "final_loss"):
+            record[name] = math.nan if row[name] is None else float(row[name])
+        for workload in workloads:
+            values = by_key.get((row["energy_key"], workload))
+            numbers = dict(zip(_ENERGY_VALUES, values, strict=True)) if values else {}
+            record[f"energy_mj:{workload}"] = numbers.get("total_mj", math.nan)
+            for unit in UNITS:
+                record[f"energy_mj:{workload}:{unit}"] = numbers.get(f"{unit}_mj", math.nan)
+            record[f"memory_mib:{workload}"] = numbers.get("memory_mib", math.nan)
+        record["config"] = row["config"]
+        records.append(record)
+    columns = [*TRIAL_COLUMNS, *energy_columns(workloads), "config"]
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    if frame.empty:
+        frame = frame.astype({"master_weights": bool, "diverged": bool, "test_accuracy": float,
+                              "final_loss": float, "wall_time_s": float})
+    frame.attrs["sweep"] = {"name": meta.get("name", ""), "workloads": list(workloads),
+                            "memory_objective": json.loads(meta.get("memory_objective", "false")),
+                            "output": str(directory)}
+    return frame

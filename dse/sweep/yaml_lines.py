@@ -1,0 +1,97 @@
+"""YAML with line numbers: the loaded data plus the line of every key and list item, so that a config
+error can name `file:line` and the path (`trials[1].format`) of the offending value."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dse.errors import InputError
+
+Path_ = tuple[str | int, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`, which trips people up)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def dotted(path: Sequence[str | int]) -> str:
+    """('trials', 1, 'format') -> 'trials[1].format'."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+@dataclass(frozen=True)
+class SourceMap:
+    """Where each key and item of a loaded YAML document sits in its file (1-based lines)."""
+
+    file: str
+    lines: dict[Path_, int] = field(default_factory=dict)
+
+    def line(self, path: Sequence[str | int]) -> int:
+        """The line of `path`, or of its nearest ancestor that has one."""
+        key = tuple(path)
+        while key and key not in self.lines:
+            key = key[:-1]
+        return self.lines.get(key, 1)
+
+    def error(self, path: Sequence[str | int], message: str) -> InputError:
+        """One line: `file:line: path: message`."""
+        return InputError(f"{self.file}:{self.line(path)}: {dotted(path)}: {message}")
+
+
+def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise InputError(f"{source}:{line}: {dotted((*path, key))}: duplicate key (first on line "
+                                 f"{seen[key]})")
+            seen[key] = line
+            lines[(*path, key)] = line
+            _walk(value_node, (*path, key), lines, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            _walk(item, (*path, index), lines, source)
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
+    """Parse one YAML document; a syntax error becomes one InputError line with its position."""
+    try:
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None, SourceMap(source)
+            lines: dict[Path_, int] = {(): node.start_mark.line + 1}
+            _walk(node, (), lines, source)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = error.problem or error.context or "invalid YAML"
+        context = error.context_mark
+        if error.context and context is not None and context.line + 1 != line:
+            problem += f" ({error.context} that starts on line {context.line + 1})"
+        raise InputError(f"{source}:{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as error:
+        raise InputError(f"{source}: invalid YAML: {str(error).splitlines()[0]}") from None
+    return data, SourceMap(source, lines)

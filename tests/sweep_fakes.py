@@ -1,0 +1,47 @@
+"""Stand-in training functions for the sweep tests: fast, deterministic, picklable (module level), and
+able to fail or diverge on purpose. Each call appends one JSON line to $DSE_FAKE_LOG if set, so a test
+can count which trials actually trained, across worker processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+from dse.train.config import TrainConfig, TrainResult
+
+
+def _log(config: TrainConfig) -> None:
+    path = os.environ.get("DSE_FAKE_LOG")
+    if path:
+        line = json.dumps({"format": config.format, "optimizer": config.optimizer, "seed": config.seed,
+                           "pid": os.getpid(), "lr": config.lr}) + "\n"
+        with open(path, "a", encoding="utf-8") as handle:  # one short write: atomic for O_APPEND
+            handle.write(line)
+
+
+def _accuracy(config: TrainConfig) -> float:
+    """A made-up but deterministic accuracy in [0.5, 1) from the configuration."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).digest()
+    return 0.5 + digest[0] / 512.0
+
+
+def fake_train(config: TrainConfig) -> TrainResult:
+    """Raises for format int4, diverges for lr >= 10, else 'trains' instantly."""
+    _log(config)
+    if config.format == "int4":
+        raise RuntimeError("int4 exploded\nsecond line of the message")
+    if config.lr is not None and config.lr >= 10:
+        return TrainResult(test_accuracy=0.1, final_loss=math.inf, diverged=True, epochs_run=1,
+                           wall_time_s=0.01, params=10, config=config.to_dict())
+    return TrainResult(test_accuracy=_accuracy(config), final_loss=0.25, diverged=False,
+                       epochs_run=config.epochs, wall_time_s=0.01, params=10, loss_curve=[1.0, 0.25],
+                       config=config.to_dict())
+
+
+def slow_train(config: TrainConfig) -> TrainResult:
+    """fake_train that takes 0.25 s, so a sweep can be killed in the middle."""
+    time.sleep(0.25)
+    return fake_train(config)

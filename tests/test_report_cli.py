@@ -1,0 +1,136 @@
+"""`dse report DIR` and `dse export DIR` on a real sweep store filled with synthetic trials."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from report_frames import example_trials, trial_row, trials_frame
+from typer.testing import CliRunner
+
+from cli import app
+from dse.report import render_table
+from dse.sweep.store import TRIAL_COLUMNS, UNITS, PlanRow, SweepStore, TrialRow, load_trials
+
+runner = CliRunner()
+
+
+def build_store(directory: Path, trials: pd.DataFrame) -> None:
+    """Write `trials` (report_frames' shape) into a sweep store the way the sweep runner does."""
+    workloads = trials.attrs["sweep"]["workloads"]
+    with SweepStore(directory) as store:
+        plan = [PlanRow(row.trial_id, row.task, row.label, f"{row.task}/{row.label}")
+                for row in trials.itertuples()]
+        energies = {}
+        for _, row in trials.iterrows():
+            for workload in workloads:
+                energies[(f"{row['task']}/{row['label']}", workload)] = {
+                    "total_mj": row[f"energy_mj:{workload}"], "memory_mib": row[f"memory_mib:{workload}"],
+                    **{f"{unit}_mj": row[f"energy_mj:{workload}:{unit}"] for unit in UNITS}}
+        store.start({"name": "synthetic", "workloads": workloads, "memory_objective": False}, plan, energies)
+        for _, row in trials.iterrows():
+            values = {column: row[column] for column in TRIAL_COLUMNS}
+            for name in ("test_accuracy", "final_loss"):
+                values[name] = None if math.isnan(values[name]) else float(values[name])
+            values.update(weight_grads=row["gradients"], master_weights=int(row["master_weights"]),
+                          diverged=int(row["diverged"]), seed=int(row["seed"]),
+                          warmup_epochs=int(row["warmup_epochs"]), config=row["config"], result="{}")
+            store.record(TrialRow(values))
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of the example sweep, on one workload to keep the plots few (write_reports' own tests
+    cover several)."""
+    directory = tmp_path_factory.mktemp("sweep")
+    build_store(directory, example_trials(workloads=("resnet50",)))
+    return directory
+
+
+def front_sections(stdout: str) -> dict[str, list[str]]:
+    """Config labels printed in each 'Pareto front: <task> on <workload>' table."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if "Pareto front:" in line:
+            current = line.split("Pareto front:")[1].split("(")[0].strip()
+            sections[current] = []
+        elif current and line.startswith("│"):
+            cells = [c.strip() for c in line.split("│")[1:-1]]
+            if cells[0] != "Config":
+                sections[current].append(cells[0])
+    return sections
+
+
+def test_report_prints_the_tables_and_rewrites_every_file(sweep_dir: Path) -> None:
+    (sweep_dir / "summary.csv").unlink(missing_ok=True)
+    result = runner.invoke(app, ["report", str(sweep_dir)])
+    assert result.exit_code == 0, result.output
+    assert "Summary over seeds" in result.stdout and "posit8 & 50%" in result.stdout
+    pareto = pd.read_csv(sweep_dir / "pareto.csv")
+    printed = front_sections(result.stdout)
+    assert set(printed) == {"mlp-digits on resnet50", "cnn-m1d on resnet50"}
+    for (task, workload), rows in pareto.groupby(["task", "workload"]):
+        assert printed[f"{task} on {workload}"] == list(rows["label"])
+    assert printed["mlp-digits on resnet50"] == ["int8 niti", "lns8 madam", "fp32 sgd"]
+    for name in ("summary.csv", "trials.csv", "pareto.tex", "summary.md", "pareto_mlp-digits_resnet50.png",
+                 "breakdown_cnn-m1d_resnet50.pdf"):
+        assert (sweep_dir / name).stat().st_size > 0
+    assert "wrote 15 files" in result.stdout
+
+
+def test_report_with_memory_adds_the_memory_objective(tmp_path: Path) -> None:
+    rows = [trial_row("t", "small", 0, 0.9, {"w": 2.0}, memory_mib={"w": 1.0}),
+            trial_row("t", "fast", 0, 0.9, {"w": 1.0}, memory_mib={"w": 5.0}),
+            trial_row("t", "big", 0, 0.9, {"w": 3.0}, memory_mib={"w": 6.0})]
+    build_store(tmp_path, trials_frame(rows, ["w"]))
+    result = runner.invoke(app, ["report", str(tmp_path), "--memory"])
+    assert result.exit_code == 0, result.output
+    assert "min memory" in result.stdout and "Memory (MiB)" in result.stdout
+    assert front_sections(result.stdout) == {"t on w": ["fast", "small"]}
+    assert list(pd.read_csv(tmp_path / "pareto.csv")["memory_mib"]) == [5.0, 1.0]
+
+
+def test_export_writes_one_table(sweep_dir: Path, tmp_path: Path) -> None:
+    trials = load_trials(sweep_dir)
+    result = runner.invoke(app, ["export", str(sweep_dir), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == render_table(trials, "summary", "csv")
+    summary = pd.read_csv(io.StringIO(result.stdout))
+    assert len(summary) == 12 and summary["accuracy_mean"].isna().sum() == 2
+    out = tmp_path / "tables" / "pareto.tex"
+    result = runner.invoke(app, ["export", str(sweep_dir), "--format", "latex", "--table", "pareto",
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == render_table(trials, "pareto", "latex")
+    assert r"\toprule" in out.read_text() and str(out) in result.stdout
+    result = runner.invoke(app, ["export", str(sweep_dir), "-f", "markdown", "--table", "pareto"])
+    assert result.stdout.startswith("| Task | Workload | Config |")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["export", "EMPTY", "--format", "csv"], "no sweep store in"),
+    (["report", "EMPTY"], "no sweep store in"),
+    (["export", "SWEEP", "--format", "html", "--output", "OUT"], "unknown export format 'html'"),
+    (["export", "SWEEP", "--format", "csv", "--table", "front", "--output", "OUT"], "unknown table 'front'"),
+    (["export", "SWEEP", "--format", "csv", "--output", "EMPTY"], "is a directory"),
+    (["export", "SWEEP", "--format", "csv", "--output", "BLOCKED"], "cannot write"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(sweep_dir: Path, tmp_path: Path, args: list[str],
+                                                          words: str) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    paths = {"EMPTY": str(empty), "SWEEP": str(sweep_dir), "OUT": str(tmp_path / "out.csv"),
+             "BLOCKED": str(blocker / "out.csv")}
+    result = runner.invoke(app, [paths.get(a, a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
+    assert list(empty.iterdir()) == []

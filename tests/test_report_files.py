@@ -1,0 +1,115 @@
+"""write_reports: every table and plot file, CSV round trips, PNG/PDF magic bytes, atomic replacement."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from report_frames import example_trials, trial_row, trials_frame
+
+from dse.errors import InputError
+from dse.report import summarize_trials, write_reports
+from dse.report.files import write_atomically, write_text_atomically
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PDF_MAGIC = b"%PDF-"
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """The example sweep's reports, written once for the tests that only read them."""
+    out = tmp_path_factory.mktemp("reports") / "results" / "sweep"
+    return out, write_reports(example_trials(), out)
+
+
+def test_write_reports_writes_every_file(reports: tuple[Path, list[Path]]) -> None:
+    out, written = reports
+    tables = {"trials.csv", "summary.csv", "pareto.csv", "summary.tex", "summary.md", "pareto.tex",
+              "pareto.md"}
+    plots = {f"{kind}_{task}_{workload}.{suffix}" for kind in ("pareto", "breakdown")
+             for task in ("mlp-digits", "cnn-m1d") for workload in ("proxy", "resnet50")
+             for suffix in ("png", "pdf")}
+    assert [p.parent for p in written] == [out] * len(written)
+    assert {p.name for p in written} == tables | plots
+    assert len(written) == len(tables | plots)
+    assert {p.name for p in out.iterdir()} == tables | plots  # no temporary file left behind
+    for path in written:
+        data = path.read_bytes()
+        if path.suffix == ".png":
+            assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        elif path.suffix == ".pdf":
+            assert data.startswith(PDF_MAGIC) and len(data) > 1000
+        else:
+            assert data
+
+
+def test_csv_files_round_trip(reports: tuple[Path, list[Path]]) -> None:
+    out, _ = reports
+    trials = example_trials()
+    read = pd.read_csv(out / "trials.csv")
+    # CSV writes None (weight_grads: same as gradients) and "" (no error) as empty fields: NaN when read
+    expected = trials.astype({"weight_grads": float}).replace({"error": {"": math.nan}})
+    pd.testing.assert_frame_equal(read, expected, check_dtype=False)
+    summary = pd.read_csv(out / "summary.csv")
+    expected = summarize_trials(trials)
+    assert list(summary.columns) == list(expected.columns)
+    pd.testing.assert_series_equal(summary["accuracy_std"], expected["accuracy_std"])
+    pareto = pd.read_csv(out / "pareto.csv")
+    # mlp-digits on proxy: lns8 (0.94, 1.0) and fp32 (0.95, 4.0); on resnet50 also int8 (0.90, 200)
+    digits = pareto[pareto["task"] == "mlp-digits"]
+    assert list(digits[digits["workload"] == "proxy"]["label"]) == ["lns8 madam", "fp32 sgd"]
+    assert list(digits[digits["workload"] == "resnet50"]["label"]) == ["int8 niti", "lns8 madam", "fp32 sgd"]
+    assert set(pareto["task"]) == {"mlp-digits", "cnn-m1d"}
+
+
+def test_markdown_and_latex_files_hold_the_summary(reports: tuple[Path, list[Path]]) -> None:
+    out, _ = reports
+    markdown = (out / "summary.md").read_text()
+    assert len(markdown.splitlines()) == 2 + 12
+    latex = (out / "pareto.tex").read_text()
+    assert r"\toprule" in latex and r"\bottomrule" in latex and "lns(8,gamma=8)" in latex
+
+
+def test_memory_objective_adds_memory_columns(tmp_path: Path) -> None:
+    rows = [trial_row("t", "small", 0, 0.9, {"w": 2.0}, memory_mib={"w": 1.0}),
+            trial_row("t", "fast", 0, 0.9, {"w": 1.0}, memory_mib={"w": 5.0})]
+    written = write_reports(trials_frame(rows, ["w"]), tmp_path, memory_objective=True)
+    pareto = pd.read_csv(tmp_path / "pareto.csv")
+    assert list(pareto["label"]) == ["fast", "small"]  # "small" is on the front only thanks to memory
+    assert "Memory (MiB)" in (tmp_path / "pareto.md").read_text()
+    assert "Memory w (MiB)" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "pareto_t_w.png") in written
+
+
+def test_a_task_whose_every_trial_raised_gets_tables_but_no_plots(tmp_path: Path) -> None:
+    rows = [trial_row("good", "a", 0, 0.9, {"w": 1.0}), trial_row("bad/task", "a", 0, 0.0, {"w": 1.0},
+                                                                  status="error")]
+    names = {p.name for p in write_reports(trials_frame(rows, ["w"]), tmp_path)}
+    assert "pareto_good_w.png" in names and "breakdown_good_w.pdf" in names
+    assert not any("bad" in name for name in names)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "summary.csv"
+    target.write_text("old")
+
+    def fail(path: Path) -> None:
+        path.write_text("half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+    write_text_atomically(target, "new")
+    assert target.read_text() == "new"
+
+
+def test_unwritable_output_is_one_line_input_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot write .*file/out/trials.csv") as caught:
+        write_reports(example_trials(), blocker / "out")
+    assert "\n" not in str(caught.value)
