@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.interpolate import interp1d
-from scipy.ndimage import gaussian_filter
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,8 @@ def _translate(x: np.ndarray, max_translation: int, rng: np.random.RandomState) 
 
 
 def _corr_noise_like(x: np.ndarray, scale: float, rng: np.random.RandomState) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter  # scipy is slow to import: only when generating
+
     return gaussian_filter(scale * rng.randn(*x.shape), 2)
 
 
@@ -83,6 +83,8 @@ def _iid_noise_like(x: np.ndarray, scale: float, rng: np.random.RandomState) -> 
 
 def _interpolate(x: np.ndarray, n: int) -> np.ndarray:
     scale = np.linspace(0, 1, len(x))
+    from scipy.interpolate import interp1d
+
     return interp1d(scale, x, axis=0, kind="linear")(np.linspace(0, 1, n))
 
 

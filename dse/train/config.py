@@ -34,6 +34,10 @@ class TrainConfig:
     optimizer_state: str | None = None
     rounding: str = "nearest"
     """Rounding of weights, activations and gradients on their way into a GEMM."""
+    accumulation: str | None = None
+    """Format of the GEMMs' partial sums (None: fp32, i.e. torch's own accumulation)."""
+    accumulation_chunk: int = 16
+    """Products summed in fp32 before each rounding of the running sum into `accumulation`."""
     update_rounding: str = "stochastic"
     """Rounding of the weights after each update when they live in their format (no master copy)."""
     optimizer: str = "sgd"

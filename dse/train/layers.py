@@ -10,6 +10,10 @@ The quantized operands saved in the forward pass are reused in the backward pass
 quantizers are straight-through: dx and dw go to x and w unchanged. The backward GEMMs are written
 out (matmuls, `aten.convolution_backward`), not re-derived by autograd.
 
+With an accumulator (`LayerQuant.accumulator`, from `policy.accumulation`) each of the three GEMMs
+is instead folded chunk by chunk into a running sum rounded onto the accumulator format
+(dse/train/accumulation.py); without one the GEMMs are the plain torch calls above.
+
 `quantize_model` turns a model's nn.Linear / nn.Conv1d / nn.Conv2d / `Matmul` modules into their
 quantized versions in place: the module objects stay (only their class changes), and so do their
 Parameter objects, so an optimizer created before or after still updates the same tensors.
@@ -25,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dse.train import accumulation
+from dse.train.accumulation import Accumulator
 from dse.train.policy import QuantPolicy, TensorQuant
 
 Quantizer = Callable[[Tensor], Tensor]
@@ -57,6 +63,17 @@ class LinearOp:
     def bias_grad(self, dy: Tensor) -> Tensor:
         return dy.reshape(-1, dy.shape[-1]).sum(0)
 
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor:
+        y = accumulation.linear_forward(x, weight, accumulator)
+        return y if bias is None else y + bias
+
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
+        dx = accumulation.linear_backward_data(dy, weight, accumulator) if need_data else None
+        dw = accumulation.linear_backward_weight(dy, x, accumulator) if need_weight else None
+        return dx, dw
+
 
 @dataclass(frozen=True)
 class ConvOp:
@@ -81,6 +98,19 @@ class ConvOp:
     def bias_grad(self, dy: Tensor) -> Tensor:
         return dy.sum(dim=[0, *range(2, dy.dim())])
 
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor:
+        y = accumulation.conv_forward(x, weight, self.stride, self.padding, self.dilation, self.groups,
+                                      accumulator)
+        return y if bias is None else y + bias.reshape(-1, *[1] * (y.dim() - 2))
+
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
+        geometry = (self.stride, self.padding, self.dilation, self.groups, accumulator)
+        dx = accumulation.conv_backward_data(dy, x, weight, *geometry) if need_data else None
+        dw = accumulation.conv_backward_weight(dy, x, weight, *geometry) if need_weight else None
+        return dx, dw
+
 
 class QuantSwitch:
     """One on/off flag shared by a model's quantized layers and its optimizer (fp32 warm-up)."""
@@ -91,7 +121,8 @@ class QuantSwitch:
 
 @dataclass
 class LayerQuant:
-    """A quantized layer's GEMM op and the quantizers of its operands (None: left in fp32).
+    """A quantized layer's GEMM op, the quantizers of its operands (None: left in fp32) and the
+    accumulator of its GEMMs (None: torch's fp32 accumulation).
 
     Any callables Tensor -> Tensor will do as quantizers, so other training methods can reuse
     `QuantGemm` with their own.
@@ -103,6 +134,7 @@ class LayerQuant:
     error: Quantizer | None
     weight_grad: Quantizer | None
     switch: QuantSwitch
+    accumulator: Accumulator | None = None
 
 
 class QuantGemm(torch.autograd.Function):
@@ -115,6 +147,8 @@ class QuantGemm(torch.autograd.Function):
         ctx.save_for_backward(qx, qw)
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        if layer.accumulator is not None:
+            return layer.op.forward_accumulated(qx, qw, bias, layer.accumulator)
         return layer.op.forward(qx, qw, bias)
 
     @staticmethod
@@ -123,7 +157,10 @@ class QuantGemm(torch.autograd.Function):
         qx, qw = ctx.saved_tensors
         qe = layer.error(dy) if layer.error is not None else dy
         need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dx, dw = layer.op.backward(qe, qx, qw, need_data, need_weight)
+        if layer.accumulator is not None:
+            dx, dw = layer.op.backward_accumulated(qe, qx, qw, need_data, need_weight, layer.accumulator)
+        else:
+            dx, dw = layer.op.backward(qe, qx, qw, need_data, need_weight)
         if dw is not None and layer.weight_grad is not None:
             dw = layer.weight_grad(dw)
         db = layer.op.bias_grad(qe) if ctx.has_bias and need_bias else None
@@ -139,6 +176,8 @@ class QuantMatmulFn(torch.autograd.Function):
         qb = layer.activation(b) if layer.activation is not None else b
         ctx.save_for_backward(qa, qb)
         ctx.layer = layer
+        if layer.accumulator is not None:
+            return accumulation.matmul_forward(qa, qb, layer.accumulator)
         return qa @ qb
 
     @staticmethod
@@ -146,11 +185,14 @@ class QuantMatmulFn(torch.autograd.Function):
         layer: LayerQuant = ctx.layer
         qa, qb = ctx.saved_tensors
         qe = layer.error(dy) if layer.error is not None else dy
+        accumulator = layer.accumulator
         da = db = None
         if ctx.needs_input_grad[0]:
-            da = (qe @ qb.transpose(-1, -2)).sum_to_size(qa.shape)
+            da = (qe @ qb.transpose(-1, -2) if accumulator is None
+                  else accumulation.matmul_backward_a(qe, qb, accumulator)).sum_to_size(qa.shape)
         if ctx.needs_input_grad[1]:
-            db = (qa.transpose(-1, -2) @ qe).sum_to_size(qb.shape)
+            db = (qa.transpose(-1, -2) @ qe if accumulator is None
+                  else accumulation.matmul_backward_b(qa, qe, accumulator)).sum_to_size(qb.shape)
         return da, db, None
 
 
@@ -277,18 +319,22 @@ def _conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[tuple[int,
 
 def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
                  generator: torch.Generator | None) -> LayerQuant:
+    accumulate = _bind(policy.accumulation, generator)
+    accumulator = Accumulator(accumulate, policy.accumulation_chunk) if accumulate is not None else None
     if isinstance(module, Matmul):
         return LayerQuant(None, _bind(policy.activation, generator), None,
-                          _bind(policy.error, generator), None, switch)
+                          _bind(policy.error, generator), None, switch, accumulator)
     if isinstance(module, nn.Linear):
         return LayerQuant(LinearOp(), _bind(policy.activation, generator), _bind(policy.weight, generator),
-                          _bind(policy.error, generator), _bind(policy.weight_grad, generator), switch)
+                          _bind(policy.error, generator), _bind(policy.weight_grad, generator), switch,
+                          accumulator)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     padding, prepad = _conv_geometry(module)
     module.conv_prepad = prepad
     op = ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups)
     return LayerQuant(op, *(_bind(_on_axis(q, 1), generator) for q in (
-        policy.activation, policy.weight, policy.error, policy.weight_grad)), switch=switch)
+        policy.activation, policy.weight, policy.error, policy.weight_grad)), switch=switch,
+        accumulator=accumulator)
 
 
 def quantize_model(model: nn.Module, policy: QuantPolicy,

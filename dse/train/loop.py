@@ -59,6 +59,9 @@ def check_config(config: TrainConfig) -> None:
         from dse.train.niti import niti_bitwidth
 
         niti_bitwidth(config)  # raises unless the formats are one integer width
+        if config.accumulation is not None:
+            raise InputError(f"accumulation {config.accumulation!r} does not apply to optimizer 'niti', "
+                             "which accumulates exactly in int32")
     else:
         QuantPolicy.from_config(config)  # raises on bad specs and roundings
 

@@ -2,7 +2,8 @@
 
 A `QuantPolicy` names one `TensorQuant` per tensor class: the two forward GEMM operands (weights,
 activations), the errors (activation gradients, the backward-data operand), the weight gradients
-(the backward-weight result), the optimizer state and the stored weights. `QuantPolicy.from_config`
+(the backward-weight result), the optimizer state and the stored weights; plus the accumulator of
+the GEMMs' partial sums and its chunk length. `QuantPolicy.from_config`
 turns a `TrainConfig`'s spec strings into that policy and applies the training scaling defaults
 (docs/training.md, "Quantization policy").
 """
@@ -141,8 +142,25 @@ class QuantPolicy:
     master_weights: bool = True
     full_precision_layers: tuple[str, ...] = ()
     layer_scaling: bool = False
+    accumulation: TensorQuant = TensorQuant(None)
+    """Format and rounding of every quantized GEMM's running partial sum (None: fp32, torch's own);
+    `from_config` rounds to nearest, as accumulators do."""
+    accumulation_chunk: int = 16
+    """Reduction indices whose products are summed in fp32 before each rounding into `accumulation`."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.accumulation_chunk, bool) or not isinstance(self.accumulation_chunk, int) \
+                or self.accumulation_chunk < 1:
+            raise InputError(f"config accumulation_chunk must be an integer >= 1, "
+                             f"got {self.accumulation_chunk!r}")
+        fmt = self.accumulation.format
+        if fmt is not None and fmt.scaling.kind != "none":
+            raise InputError(f"config accumulation: {fmt.spec!r} has scale={fmt.scaling.kind}, but an "
+                             f"accumulator holds unscaled sums: use an unscaled format (fp16, bf16, "
+                             f"fixed(24,12), or scale=none)")
+        if self.accumulation.layer_scale:
+            raise InputError("config accumulation: an accumulator holds unscaled sums, so it takes no "
+                             "layer scale")
         unknown = [name for name in self.full_precision_layers if name not in FULL_PRECISION_LAYER_NAMES]
         if unknown:
             raise InputError(f"unknown full_precision_layers entry {unknown[0]!r}: expected any of "
@@ -156,7 +174,8 @@ class QuantPolicy:
 
     @property
     def quantizes_gemms(self) -> bool:
-        return any(q.enabled for q in (self.weight, self.activation, self.error, self.weight_grad))
+        return any(q.enabled for q in (self.weight, self.activation, self.error, self.weight_grad,
+                                       self.accumulation))
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> QuantPolicy:
@@ -168,7 +187,8 @@ class QuantPolicy:
         (int, lns, mx) keep it, and formats without (fp, fixed, posit) get: Lu et al.'s
         layer-wise scale for every posit tensor class when `layer_scaling` is on, and a per-tensor
         power-of-two scale for fp/fixed errors and weight gradients (dynamic loss scaling per
-        tensor), so small gradients do not underflow.
+        tensor), so small gradients do not underflow. `accumulation` is used exactly as written
+        (an unscaled grid; a scaled spec is an error), rounded to nearest.
         """
         for name in ("rounding", "update_rounding"):
             value = getattr(config, name)
@@ -182,6 +202,7 @@ class QuantPolicy:
             "errors": gradients,
             "weight_grads": config.weight_grads if config.weight_grads is not None else gradients,
             "optimizer_state": config.optimizer_state,
+            "accumulation": config.accumulation,
         }
         formats = {name: _resolve(name, spec) for name, spec in specs.items()}
         explicit = {name: spec is not None and "scale=" in re.sub(r"\s+", "", spec.lower())
@@ -209,6 +230,8 @@ class QuantPolicy:
             master_weights=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
             layer_scaling=config.layer_scaling,
+            accumulation=TensorQuant(formats["accumulation"], "nearest"),
+            accumulation_chunk=config.accumulation_chunk,
         )
 
 

@@ -1,0 +1,140 @@
+"""Emulated accumulation precision of the quantized GEMMs.
+
+A hardware dot product adds its products into an accumulator register of limited precision. To
+emulate it, each GEMM's reduction is split into chunks of `chunk` reduction indices; each chunk's
+partial product is computed by torch in fp32, and the running sum is rounded onto the accumulator
+format after every chunk:
+
+    acc = Q(partial_0);  acc = Q(acc + partial_i) for i = 1, 2, ...;  result = acc
+
+`chunk` = 1 rounds after every product (a scalar MAC); a larger chunk models an adder tree or a
+dot-product unit that sums `chunk` products (in fp32 here) before each rounding; `chunk` >= the
+reduction length rounds the finished fp32 sum once.
+
+The functions below are the three GEMMs of each layer type, chunked along their reduction axis:
+
+    Linear  forward y = x w^T over in_features; backward-data dx = dy w over out_features;
+            backward-weight dw = dy^T x over the flattened batch rows
+    Conv    forward over input channels (per group); a chunk is `chunk` input channels x every kernel
+            tap; backward-data over output channels (per group), likewise x kernel taps;
+            backward-weight over samples, a chunk is `chunk` samples x every output position
+    Matmul  a @ b over the inner dim; da = dy b^T over b's columns; db = a^T dy over a's rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Partial = Callable[[int, int], Tensor]
+"""(start, stop) -> the fp32 partial product of reduction indices start:stop."""
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """An accumulator format (`quantize`: nearest rounding onto its grid) and its chunk length."""
+
+    quantize: Callable[[Tensor], Tensor]
+    chunk: int
+
+    def fold(self, partial: Partial, length: int) -> Tensor:
+        """The running sum of the chunks' partial products, rounded after each chunk."""
+        if length <= 0:
+            return self.quantize(partial(0, 0))
+        acc = self.quantize(partial(0, min(self.chunk, length)))
+        for start in range(self.chunk, length, self.chunk):
+            acc = self.quantize(acc.add_(partial(start, min(start + self.chunk, length))))
+        return acc
+
+
+# --- Linear ----------------------------------------------------------------------------------------
+
+
+def linear_forward(x: Tensor, weight: Tensor, accumulator: Accumulator) -> Tensor:
+    """x (..., in) w^T with w (out, in), reduced over in_features."""
+    return accumulator.fold(lambda a, b: F.linear(x[..., a:b], weight[:, a:b]), x.shape[-1])
+
+
+def linear_backward_data(dy: Tensor, weight: Tensor, accumulator: Accumulator) -> Tensor:
+    """dy (..., out) w, reduced over out_features."""
+    return accumulator.fold(lambda a, b: dy[..., a:b] @ weight[a:b], dy.shape[-1])
+
+
+def linear_backward_weight(dy: Tensor, x: Tensor, accumulator: Accumulator) -> Tensor:
+    """dy^T x over the flattened leading dims (the rows of the batch)."""
+    rows_dy, rows_x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    return accumulator.fold(lambda a, b: rows_dy[a:b].t() @ rows_x[a:b], rows_dy.shape[0])
+
+
+# --- Conv ------------------------------------------------------------------------------------------
+
+
+def _channels_of_each_group(t: Tensor, groups: int, start: int, stop: int, dim: int) -> Tensor:
+    """Channels start:stop of every group of `groups` equal channel groups along `dim`."""
+    if groups == 1:
+        return t.narrow(dim, start, stop - start)
+    return t.unflatten(dim, (groups, t.shape[dim] // groups)).narrow(dim + 1, start, stop - start).flatten(
+        dim, dim + 1)
+
+
+def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int, accumulator: Accumulator) -> Tensor:
+    """conv(x, w) without bias, reduced over the input channels of each group (x kernel taps)."""
+    conv = F.conv1d if weight.dim() == 3 else F.conv2d
+
+    def partial(a: int, b: int) -> Tensor:
+        return conv(_channels_of_each_group(x, groups, a, b, 1), weight[:, a:b], None, stride, padding,
+                    dilation, groups)
+
+    return accumulator.fold(partial, weight.shape[1])
+
+
+def conv_backward_data(dy: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int],
+                       padding: Sequence[int], dilation: Sequence[int], groups: int,
+                       accumulator: Accumulator) -> Tensor:
+    """dL/dx, reduced over the output channels of each group (x kernel taps)."""
+
+    def partial(a: int, b: int) -> Tensor:
+        dx, _, _ = torch.ops.aten.convolution_backward(
+            _channels_of_each_group(dy, groups, a, b, 1), x, _channels_of_each_group(weight, groups, a, b, 0),
+            None, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups,
+            [True, False, False])
+        return dx
+
+    return accumulator.fold(partial, weight.shape[0] // groups)
+
+
+def conv_backward_weight(dy: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int],
+                         padding: Sequence[int], dilation: Sequence[int], groups: int,
+                         accumulator: Accumulator) -> Tensor:
+    """dL/dw, reduced over the samples (x output positions)."""
+
+    def partial(a: int, b: int) -> Tensor:
+        _, dw, _ = torch.ops.aten.convolution_backward(
+            dy[a:b], x[a:b], weight, None, list(stride), list(padding), list(dilation), False,
+            [0] * len(stride), groups, [False, True, False])
+        return dw
+
+    return accumulator.fold(partial, x.shape[0])
+
+
+# --- Matmul ----------------------------------------------------------------------------------------
+
+
+def matmul_forward(a: Tensor, b: Tensor, accumulator: Accumulator) -> Tensor:
+    """a (..., n, k) @ b (..., k, m), reduced over k."""
+    return accumulator.fold(lambda s, e: a[..., s:e] @ b[..., s:e, :], a.shape[-1])
+
+
+def matmul_backward_a(dy: Tensor, b: Tensor, accumulator: Accumulator) -> Tensor:
+    """dy (..., n, m) @ b^T, reduced over m (before any sum over broadcast batch dims)."""
+    return accumulator.fold(lambda s, e: dy[..., s:e] @ b[..., :, s:e].transpose(-1, -2), dy.shape[-1])
+
+
+def matmul_backward_b(a: Tensor, dy: Tensor, accumulator: Accumulator) -> Tensor:
+    """a^T @ dy (..., n, m), reduced over n (before any sum over broadcast batch dims)."""
+    return accumulator.fold(lambda s, e: a[..., s:e, :].transpose(-1, -2) @ dy[..., s:e, :], dy.shape[-2])
