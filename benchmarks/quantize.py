@@ -12,6 +12,8 @@ Peers are optional: install them into a separate venv (see benchmarks/requiremen
     .venv-bench/bin/python benchmarks/quantize.py                 # text tables
     .venv-bench/bin/python benchmarks/quantize.py --markdown      # + the Markdown table for the README
 
+    .venv/bin/python benchmarks/quantize.py --small               # per-call cost on small tensors
+
 A peer that fails to import is listed as unavailable with a one-line reason. qtorch and
 qtorch-plus JIT-compile C++ extensions of the same name (quant_cpu); each gets its own
 TORCH_EXTENSIONS_DIR (under the venv). If the second one cannot be loaded next to the first, it is
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -724,6 +727,96 @@ def print_markdown(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"\nCPU share that other processes used while each column was measured: {', '.join(shares)}.")
 
 
+# --- small tensors: per-call overhead ---------------------------------------------------------------
+
+SMALL_SPECS: tuple[str, ...] = (
+    "int8", "int8(pow2=1)", "fixed(8,4)", "fp8_e4m3", "fp8_e4m3(scale=tensor,pow2=1)", "fp8_e5m2",
+    "bf16", "fp4_e2m1", "lns8", "lns(16,gamma=256)", "posit8", "posit(16,1)", "posit16",
+    "mxfp8_e4m3", "mxfp4", "mxint8",
+)
+SMALL_ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+# Targets for one call, in units of the reference chain measured alongside (x * 2 -> round_ -> mul_):
+# FP/INT/LNS nearest within 3 chains and stochastic within 6; posit and MX twice that.
+SMALL_TARGET = {"nearest": 3.0, "stochastic": 6.0}
+SMALL_TARGET_FACTOR = {"posit": 2.0, "mx": 2.0}
+
+
+def reference_chain(x: torch.Tensor) -> torch.Tensor:
+    """Three eager torch operations on x: the unit that small-tensor costs are quoted in."""
+    y = x * 2
+    y.round_()
+    return y.mul_(0.5)
+
+
+def small_shape(size: int) -> tuple[int, ...]:
+    """Rows of 128 (a layer's activations or weights) where size allows, else one dimension."""
+    return (size // 128, 128) if size % 128 == 0 else (size,)
+
+
+def per_call_seconds(fns: list[Callable[[], Any]], calls: int, rounds: int) -> list[float]:
+    """Seconds per call of each function: `calls` calls in a row, round-robin over the functions for
+    `rounds` rounds; the fastest round counts (load from other processes only ever adds time)."""
+    best = [math.inf] * len(fns)
+    for fn in fns:
+        for _ in range(max(calls // 10, 3)):
+            fn()
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - start) / calls)
+    return best
+
+
+def run_small(args: argparse.Namespace) -> int:
+    """Per-call time of quantize on small float32 CPU tensors, next to the reference chain."""
+    if formats is None:
+        print(f"dse unavailable: import dse.formats: {DSE_ERROR}")
+        return 1
+    specs = args.small_specs.split(";") if args.small_specs else list(SMALL_SPECS)
+    print(f"dse quantize, small tensors, {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}")
+    given = sys.argv[1:]
+    print("command: " + " ".join(["python", "benchmarks/quantize.py", *given]))
+    print(f"µs per call (fastest of {args.rounds} rounds of {args.calls} calls, round-robin with the chain); "
+          "ratio = dse / chain (x*2 -> round_ -> mul_) measured alongside")
+    missed: list[str] = []
+    for threads in args.threads:
+        set_threads(threads)
+        for size in args.small_sizes:
+            x = torch.randn(small_shape(size), generator=torch.Generator().manual_seed(args.seed))
+            meter = CpuMeter()
+            print(f"\n{size_name(size)} elements {tuple(x.shape)}, torch threads {threads_name(threads)}")
+            header = f"  {'spec':34s}" + "".join(f"{r + ' µs':>16s}{'ratio':>8s}" for r in SMALL_ROUNDINGS)
+            print(header)
+            for spec in specs:
+                fmt = formats.get(spec)
+                generator = torch.Generator().manual_seed(args.seed)
+                chain = functools.partial(reference_chain, x)
+                fns: list[Callable[[], Any]] = [chain]
+                for rounding in SMALL_ROUNDINGS:
+                    fns.append(functools.partial(fmt.quantize, x, rounding, generator))
+                    fns.append(chain)
+                times_s = per_call_seconds(fns, args.calls, args.rounds)
+                cells = []
+                for k, rounding in enumerate(SMALL_ROUNDINGS):
+                    ratio = times_s[2 * k + 1] / min(times_s[2 * k], times_s[2 * k + 2])
+                    cells.append(f"{times_s[2 * k + 1] * 1e6:16.1f}{ratio:7.1f}x")
+                    target = SMALL_TARGET[rounding] * SMALL_TARGET_FACTOR.get(fmt.family, 1.0)
+                    if ratio > target:
+                        missed.append(f"{spec} {rounding} @ {size_name(size)}, {threads_name(threads)}: "
+                                      f"{ratio:.1f}x the chain (target {target:g}x)")
+                print(f"  {spec:34s}" + "".join(cells) + f"   (chain {min(times_s[::2]) * 1e6:.1f} µs)")
+            others = meter.others()
+            if others is not None:
+                print(f"  other processes used {others:.0%} of the CPUs meanwhile")
+    print(f"\nTargets (nearest within {SMALL_TARGET['nearest']:g} chains, stochastic within "
+          f"{SMALL_TARGET['stochastic']:g}; posit and MX twice that):")
+    print("\n".join("  MISS " + m for m in missed) if missed else "  all met")
+    return 0
+
+
 # --- main -------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -741,10 +834,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wait up to SECONDS before each block for other processes to go idle")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table for the README")
     parser.add_argument("--isolate", default="", help="peer libraries to measure in a child process")
+    parser.add_argument("--small", action="store_true",
+                        help="measure the per-call cost on small tensors instead (see --small-sizes)")
+    parser.add_argument("--small-sizes", default="1e3,8192,1e5",
+                        help="element counts for --small (default 1e3,8192,1e5; 8192 = 64x128)")
+    parser.add_argument("--small-specs", default="", help="';'-separated specs for --small (default: a set)")
+    parser.add_argument("--calls", type=int, default=20, help="calls per timed round for --small")
+    parser.add_argument("--rounds", type=int, default=40,
+                        help="timed rounds per measurement for --small; the fastest counts")
     parser.add_argument("--child-libs", default="", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sizes = [int(float(s)) for s in args.sizes.split(",") if s]
+    args.small_sizes = [int(float(s)) for s in args.small_sizes.split(",") if s]
     args.threads = [t.strip() for t in args.threads.split(",") if t.strip()]
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     for family in args.families:
@@ -760,6 +862,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.small:
+        return run_small(args)
     isolate = {s.strip() for s in args.isolate.split(",") if s.strip()}
     libs = Libraries(isolate)
     if args.child_libs:

@@ -31,6 +31,7 @@ from gfloat.types import Domain, FormatInfo
 
 from dse.errors import InputError
 from dse.formats import get, round_to_integer
+from dse.formats.base import random_bits
 from dse.formats.floating import FloatFormat
 
 INF, NAN = math.inf, math.nan
@@ -350,19 +351,26 @@ def test_modes_match_gfloat(spec: str, info: FormatInfo | None, saturate: bool, 
 @pytest.mark.parametrize(("spec", "info", "saturate"), GFLOAT)
 def test_stochastic_matches_gfloat_with_the_same_random_bits(spec: str, info: FormatInfo | None,
                                                               saturate: bool) -> None:
-    """Replays quantize's uniform draws u = k / 2^53 as gfloat's srbits = 2^53 - 1 - k."""
+    """Replays quantize's 31-bit integer draws k (float32 input) as gfloat's srbits = 2^31 - 1 - k,
+    and its uniform draws u = k / 2^53 (float64 input) as srbits = 2^53 - 1 - k."""
     fmt = get(spec)
     info = info or gfloat_info(fmt)
     x = probes(fmt) if fmt.bits <= 12 else sample_probes(fmt, torch.float32)
-    x = x[(x.abs() >= fmt.min_positive / 4) | (x == 0) | ~torch.isfinite(x)]  # fractions on 53 bits
+    x = x[(x.abs() >= fmt.min_positive / 4) | (x == 0) | ~torch.isfinite(x)]  # fractions on 31 bits
     x = torch.cat([x, torch.randn(20000, generator=torch.Generator().manual_seed(1)) * fmt.max / 3])
-    draws = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    k = (draws * 2.0**53).to(torch.int64)
-    assert torch.equal(k.double() * 2.0**-53, draws)
-    srbits = (2**53 - 1 - k).numpy()
+    draws = random_bits(x.shape, x.device, torch.Generator().manual_seed(5)).long()
+    assert 0 <= int(draws.min()) and int(draws.max()) < 2**31
     expected = round_ndarray(info, x.double().numpy(), RoundMode.Stochastic, sat=saturate,
-                             srbits=srbits, srnumbits=53)
+                             srbits=(2**31 - 1 - draws).numpy(), srnumbits=31)
     actual = fmt.quantize(x, "stochastic", torch.Generator().manual_seed(5))
+    assert_same(actual, torch.from_numpy(expected), x)
+    wide = x.double()
+    uniform = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    k = (uniform * 2.0**53).to(torch.int64)
+    assert torch.equal(k.double() * 2.0**-53, uniform)
+    expected = round_ndarray(info, wide.numpy(), RoundMode.Stochastic, sat=saturate,
+                             srbits=(2**53 - 1 - k).numpy(), srnumbits=53)
+    actual = fmt.quantize(wide, "stochastic", torch.Generator().manual_seed(5))
     assert_same(actual, torch.from_numpy(expected), x)
 
 

@@ -29,7 +29,7 @@ from gfloat.formats import (
 
 from dse.errors import InputError
 from dse.formats import NumberFormat, get
-from dse.formats.base import from_blocks, to_blocks
+from dse.formats.base import from_blocks, random_bits, to_blocks
 from dse.formats.mx import MXFormat
 
 GFLOAT = {
@@ -129,17 +129,26 @@ def test_many_blocks_match_gfloat_element_rounding(spec: str) -> None:
 
 @pytest.mark.parametrize("spec", list(GFLOAT))
 def test_stochastic_matches_gfloat_with_the_same_random_bits(spec: str) -> None:
+    """float32 elements round with 31-bit integer draws k, gfloat's srbits = 2^31 - 1 - k, wherever
+    the discarded fraction fits 31 bits (|v / X| >= min_positive * 2^-8); elsewhere the result is
+    one of the two neighbours."""
     fmt, info = get(spec), GFLOAT[spec]
     x = random_blocks(500, torch.float32, seed=2)
-    draws = torch.rand(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    srbits = (2**53 - 1 - (draws * 2.0**53).to(torch.int64)).numpy()
+    draws = random_bits(x.shape, x.device, torch.Generator().manual_seed(9)).long()
+    srbits = (2**31 - 1 - draws).numpy()
     scale = reference_scales(info, x.double().numpy())
     scaled = x.double().numpy() / scale
-    keep = (np.abs(scaled) >= 2.0**-20) | (scaled == 0)  # discarded fraction fits 53 bits
+    keep = (np.abs(scaled) >= fmt.min_positive * 2.0**-8) | (scaled == 0)  # fraction fits 31 bits
+    assert keep.mean() > 0.5
     expected = round_ndarray(info.etype, scaled, RoundMode.Stochastic, sat=True, srbits=srbits,
-                             srnumbits=53).clip(-info.etype.max) * scale
+                             srnumbits=31).clip(-info.etype.max) * scale
     actual = fmt.quantize(x, "stochastic", torch.Generator().manual_seed(9))
     assert_same(actual[torch.from_numpy(keep)], torch.from_numpy(expected[keep]))
+    down = round_ndarray(info.etype, scaled, RoundMode.TowardZero, sat=True) * scale
+    away = np.where(scaled < 0, round_ndarray(info.etype, scaled, RoundMode.TowardNegative, sat=True),
+                    round_ndarray(info.etype, scaled, RoundMode.TowardPositive, sat=True)) * scale
+    rest = actual[torch.from_numpy(~keep)].double().numpy()
+    assert np.all((rest == down[~keep]) | (rest == away[~keep]))
 
 
 @pytest.mark.parametrize("spec", list(GFLOAT))
@@ -181,6 +190,23 @@ def test_mxint8_is_symmetric() -> None:
     q = fmt.quantize(torch.tensor([[-1.995, -1.9921875, 1.995] + [0.5] * 29]))
     assert q[0, :3].tolist() == [-127 / 64, -127 / 64, 127 / 64]
     assert fmt.values().min().item() == -127 / 64
+
+
+@pytest.mark.parametrize("spec", list(GFLOAT))
+def test_float32_block_scale_from_the_exponent_field_equals_the_spec_rule(spec: str) -> None:
+    """float32 max|v| takes a bit-level route to its scale: every exponent field, with zero, the
+    smallest and largest mantissas, subnormals, inf and NaN, against the frexp rule in float64."""
+    fmt = get(spec)
+    fields = torch.arange(256, dtype=torch.int32)[:, None] << 23
+    mantissas = torch.tensor([0, 1, 0x400000, 0x7FFFFF, 0x2D3C11], dtype=torch.int32)[None, :]
+    amax = (fields | mantissas).reshape(-1).view(torch.float32)
+    exponent = (torch.frexp(amax.double())[1].long() - 1 - fmt.element_emax).clamp(-127, 127)
+    exponent = torch.where(amax == 0, -127, exponent)
+    expected = torch.where(torch.isfinite(amax), torch.tensor(2.0).pow(exponent.double()), math.nan).float()
+    actual = fmt.scale_from_amax(amax)
+    assert actual.dtype == torch.float32
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    assert torch.equal(actual[~torch.isnan(actual)], expected[~torch.isnan(expected)])
 
 
 def test_scale_follows_the_spec_rule() -> None:

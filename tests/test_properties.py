@@ -161,3 +161,143 @@ def test_quantize_keeps_shape_and_dtype(spec: str, shape: tuple[int, ...], dtype
     q = get(spec).quantize(x)
     assert q.shape == x.shape and q.dtype == x.dtype
     assert not torch.isnan(q).any()
+
+
+# --- the fast paths equal the general ones --------------------------------------------------------
+
+def scale_probes(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Tensors whose max|x| covers the per-tensor scale's cases: ordinary, zero, subnormal, tiny and
+    huge (ratios that underflow or overflow the dtype for small and large grids), inf and NaN."""
+    generator = torch.Generator().manual_seed(11)
+    body = torch.randn(300, generator=generator, dtype=torch.float64)
+    tiny = torch.finfo(dtype).tiny
+    amaxes = [1.0, 0.75, 3.0e-3, 448.0, 1e-30, tiny, tiny * 2.0**-20, 1e30, torch.finfo(dtype).max,
+              2.0**-60, 2.0**60]
+    probes = [(body / body.abs().max() * a).to(dtype) for a in amaxes]
+    probes += [torch.zeros(7, dtype=dtype), torch.tensor([-0.0, 0.0], dtype=dtype)]
+    probes += [torch.tensor([1.0, -2.5, special], dtype=dtype) for special in (math.inf, -math.inf, math.nan)]
+    return probes
+
+
+TENSOR_SCALED = ["int8", "int4", "int8(pow2=1)", "fixed(8,20,scale=tensor)",
+                 "fixed(16,8,scale=tensor,pow2=1)", "fp8_e4m3(scale=tensor)",
+                 "fp8_e4m3(scale=tensor,pow2=1)", "fp8_e5m2(scale=tensor,pow2=1)",
+                 "bf16(scale=tensor,pow2=1)", "fp4_e2m1(scale=tensor,pow2=1)", "lns8",
+                 "lns(16,gamma=256)", "lns(8,pow2=1)", "posit8(scale=tensor)",
+                 "posit16(scale=tensor,pow2=1)"]
+
+
+def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal values with the same sign of zero, NaN where NaN."""
+    nan = torch.isnan(expected)
+    return (torch.equal(torch.isnan(actual), nan)
+            and torch.equal(actual[~nan], expected[~nan])
+            and torch.equal(torch.signbit(actual[~nan]), torch.signbit(expected[~nan])))
+
+
+@pytest.mark.parametrize("spec", TENSOR_SCALED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_tensor_scale_is_scale_from_amax_bit_for_bit(spec: str, dtype: torch.dtype) -> None:
+    """The CPU takes the per-tensor scale on the host; it must be the device formula's value, and
+    quantize must equal round_unscaled(x / scale) * scale with the device formula's tensor scale."""
+    fmt = get(spec)
+    for x in scale_probes(dtype):
+        device_scale = fmt.scale_from_amax(x.abs().amax())
+        host = torch.tensor(fmt.host_tensor_scale(x), dtype=torch.float64)
+        assert torch.equal(host, device_scale.double()), (spec, dtype, float(x.abs().amax()))
+        for rounding in ("nearest", "toward_zero", "pseudo_stochastic"):
+            expected = fmt.round_unscaled(x / device_scale, rounding, None) * device_scale
+            assert same_bits(fmt.quantize(x, rounding), expected), (spec, rounding, float(x.abs().amax()))
+
+
+FUSED_POW2 = ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3(overflow=nan)", "fp8_e4m3fnuz", "fp8_e5m2fnuz", "fp6_e3m2",
+              "fp6_e2m3", "fp4_e2m1", "fp16", "bf16", "fp(e=3,m=2,subnormals=0)", "fp(e=6,m=9)"]
+
+
+@pytest.mark.parametrize("spec", FUSED_POW2)
+def test_power_of_two_tensor_scale_fused_into_fp_rounding_is_bit_exact(spec: str) -> None:
+    """On the CPU a power-of-two tensor scale 2^k is folded into the FP rounding's constants: the
+    result must equal dividing by 2^k, rounding and multiplying back, for every k float32 allows
+    (the grid's values, ties and neighbours at each scale, subnormal inputs, +-0)."""
+    element = get(spec)
+    fmt = dataclasses.replace(element, scaling=Scaling(kind="tensor", pow2=True))
+    values = element.values()
+    low = torch.arange(0, values.numel() - 1, max(values.numel() // 1024, 1))  # 16 bits: a sample
+    lower, upper = values[low], values[low + 1]
+    edges = torch.tensor([0.0, -0.0, element.min_positive / 3])
+    points = torch.cat([lower, upper, (lower + upper) / 2, edges])
+    for k in range(-150, 130, 3):
+        x = (points * 2.0**k).float()
+        x = torch.cat([x, torch.nextafter(x, torch.full_like(x, math.inf)),
+                       torch.nextafter(x, torch.full_like(x, -math.inf)),
+                       torch.tensor([2.0**-149, -(2.0**-140), 3.0e-39])])
+        scale = fmt.scale_from_amax(x.abs().amax())
+        expected = element.round_unscaled(x / scale, "nearest", None) * scale
+        assert same_bits(fmt.quantize(x), expected), (spec, k)
+
+
+SLICED = [*ZOO, "fp8_e4m3(scale=tensor,pow2=1)", "int8(pow2=1)", "lns(8,underflow=saturate)",
+          "lns(16,gamma=256,scale=none)", "posit(16,3)", "mxfp8_e4m3(axis=0)", "fp(e=3,m=2,subnormals=0)"]
+
+
+@pytest.mark.parametrize("spec", SLICED)
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero", "pseudo_stochastic"])
+def test_small_tensors_take_the_same_rounding_as_sliced_ones(spec: str, rounding: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors within one CPU slice skip the slicing; with slices shrunk to 256 elements per thread
+    the same tensor goes through the sliced path: both must agree bit for bit."""
+    from dse.formats import base
+
+    fmt = get(spec)
+    generator = torch.Generator().manual_seed(4)
+    magnitudes = 2.0 ** torch.randint(-30, 30, (96, 64), generator=generator).double()
+    x = torch.randn(96, 64, generator=generator, dtype=torch.float64) * magnitudes
+    x[0, :8] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -3e38, 2.0**-130])
+    for dtype in (torch.float32, torch.float64):
+        data = x.to(dtype)
+        whole = fmt.quantize(data, rounding)
+        with monkeypatch.context() as patch:
+            patch.setattr(base, "CPU_SLICE_ELEMENTS_PER_THREAD", 256)
+            sliced = fmt.quantize(data, rounding)
+        assert same_bits(whole, sliced), (spec, rounding, dtype)
+
+
+@pytest.mark.parametrize("spec", ["int8(scale=none)", "fixed(16,8)", "fixed(8,-3)"])
+def test_float32_stochastic_rounding_follows_its_31_bit_rule(spec: str) -> None:
+    """float32 codes t round up exactly when the draw k (31 bits, from the generator) is below
+    floor(frac(|t|) * 2^31), in sign-magnitude: modelled here in float64 (exact for float32 t)."""
+    from dse.formats.base import random_bits
+
+    fmt = get(spec)
+    generator = torch.Generator().manual_seed(8)
+    magnitudes = 2.0 ** torch.randint(-45, 8, (20000,), generator=generator).double()
+    x = (torch.randn(20000, generator=generator, dtype=torch.float64) * magnitudes).float()
+    t = x.double() * 2.0**fmt.frac_bits
+    draws = random_bits(x.shape, x.device, torch.Generator().manual_seed(2)).double()
+    floor = t.abs().floor()
+    field = ((t.abs() - floor) * 2.0**31).floor()
+    code = (floor + (draws < field).double()).copysign(t).clamp(fmt.lowest_code, fmt.highest_code)
+    expected = (code * 2.0**-fmt.frac_bits).float()
+    actual = fmt.quantize(x, "stochastic", torch.Generator().manual_seed(2))
+    assert same_bits(actual, expected)
+    assert ((actual.double() - x.double()).abs() > 0).any()  # something was rounded
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "int8", "bf16", "mxfp4"])
+def test_float32_stochastic_rounding_is_unbiased_and_works_under_autograd(spec: str) -> None:
+    fmt = unscaled(get(spec)) if get(spec).family != "mx" else get(spec)
+    values = unscaled(fmt).values()
+    positive = values[values > 0]
+    a, b = positive[positive.numel() // 2 - 1], positive[positive.numel() // 2]
+    x = float(a + 0.3 * (b - a))
+    n = 40000
+    data = torch.full((n // 32, 32), x, dtype=torch.float32)
+    if fmt.family == "mx":  # one block max that fixes the scale at 1
+        data[:, 0] = float(positive.max())
+    q = fmt.quantize(data, "stochastic", torch.Generator().manual_seed(3))
+    body = q[:, 1:] if fmt.family == "mx" else q
+    assert torch.all((body == a) | (body == b))
+    sigma = float(b - a) * math.sqrt(0.3 * 0.7 / body.numel())
+    assert abs(float(body.double().mean()) - float(torch.tensor(x, dtype=torch.float32))) <= 5 * sigma
+    recorded = fmt.quantize(data.clone().requires_grad_(), "stochastic", torch.Generator().manual_seed(3))
+    assert torch.equal(recorded.detach(), q)

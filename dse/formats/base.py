@@ -12,9 +12,12 @@ rounding modes, for every family.
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar, Literal
 
 import torch
@@ -27,6 +30,13 @@ ScaleKind = Literal["none", "tensor", "channel", "block"]
 SCALE_KINDS: tuple[str, ...] = ("none", "tensor", "channel", "block")
 
 MAX_ENUMERABLE_BITS = 16
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+
+# Stochastic rounding of float32 values draws this many random bits per element (one 32-bit draw
+# of the generator): the chance of rounding up is exactly the discarded fraction whenever that
+# fraction has at most this many bits.
+STOCHASTIC_DRAW_BITS = 31
 
 
 # Elementwise rounding on the CPU runs over slices of this many elements per torch thread: each
@@ -45,6 +55,27 @@ def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     return rounding
+
+
+_FLOAT32 = struct.Struct("<f")
+
+
+@functools.cache
+def constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim tensor holding `value` (exactly representable in dtype), to use as an operand.
+
+    torch wraps a Python number operand into a fresh tensor on every call, which costs more than
+    the operation itself on a small tensor; a cached tensor costs nothing. Never modify one.
+    """
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def round_to_float32(value: float) -> float:
+    """A Python float rounded to the nearest float32 (ties to even), +-inf beyond float32's range."""
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def power_of_two(exponent: Tensor | int) -> Tensor:
@@ -109,6 +140,8 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
         return torch.trunc(t)
     magnitude = t.abs()
     floor = magnitude.floor()
+    if rounding == "stochastic" and t.dtype == torch.float32:
+        return _round_stochastic_float32(t, floor, magnitude.sub_(floor), generator)
     fraction = magnitude - floor
     if rounding == "stochastic":
         draw = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float64)
@@ -125,6 +158,31 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
         low = (field - high * power_of_two(low_bits)) * torch.where(field_bits % 2 == 1, 2.0, 1.0)
         up = high > low
     return torch.copysign(floor + up.to(t.dtype), t)
+
+
+def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device,
+                generator: torch.Generator | None) -> Tensor:
+    """Uniform int32 draws in [0, 2^31): one 32-bit draw of the generator per element, on every device."""
+    return torch.empty(shape, dtype=torch.int32, device=device).random_(generator=generator)
+
+
+def _round_stochastic_float32(t: Tensor, floor: Tensor, fraction: Tensor,
+                              generator: torch.Generator | None) -> Tensor:
+    """Stochastic rounding of float32 t: up when a 31-bit draw is below the fraction's top 31 bits.
+
+    fraction * 2^31 is exact (a power-of-two scaling of an exact difference) and below 2^31, so
+    its integer part F fits int32, and P(draw < F) = F / 2^31: exactly the fraction whenever it has
+    at most 31 bits, which every float32 t with |t| >= 2^-8 satisfies; smaller fractions are
+    truncated to 31 bits. One 32-bit draw per element costs half a float64 draw. `floor` and
+    `fraction` (floor(|t|) and |t| - floor(|t|)) are overwritten.
+    """
+    scale = constant(2.0**STOCHASTIC_DRAW_BITS, torch.float32, t.device)
+    field = fraction.mul_(scale).to(torch.int32)  # where t is NaN or inf, so is floor: field is moot
+    draws = random_bits(t.shape, t.device, generator)
+    if t.requires_grad and torch.is_grad_enabled():  # out= is not differentiable
+        return torch.copysign(floor + (draws < field).to(t.dtype), t)
+    up = torch.lt(draws, field, out=fraction)  # 0.0 or 1.0 (adding a bool tensor would cost a cast)
+    return floor.add_(up).copysign_(t)
 
 
 def float_exponent(x: Tensor) -> Tensor:
@@ -186,11 +244,18 @@ def from_blocks(blocks: Tensor, shape: tuple[int, ...], axis: int, pad: int) -> 
     return flat.reshape(moved_shape).movedim(-1, axis)
 
 
+# Below this many elements max|x| is |x|.amax() (two small operations); above, aminmax (one pass,
+# no |x| copy).
+SMALL_ABS_MAX_ELEMENTS = 1 << 16
+
+
 def abs_max(x: Tensor, axis: int | None) -> Tensor:
     """max|x| over the whole tensor (axis None) or per slice along `axis`, kept broadcastable.
 
     aminmax reads x once and allocates no |x| copy: the scale costs one pass, not two.
     """
+    if axis is None and x.numel() <= SMALL_ABS_MAX_ELEMENTS:
+        return x.abs().amax()
     if axis is None or x.dim() == 0:
         low, high = torch.aminmax(x)
         return torch.maximum(-low, high)
@@ -270,15 +335,18 @@ class NumberFormat(ABC):
     def quantize(self, x: Tensor, rounding: str = "nearest",
                  generator: torch.Generator | None = None) -> Tensor:
         """Fake-quantize: scale, round onto the grid, scale back. Same shape and float dtype as x."""
-        check_rounding(rounding)
+        if rounding not in ROUNDINGS:
+            check_rounding(rounding)
         if not torch.is_floating_point(x):
             raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        kind = self.scaling.kind
+        work = x if x.dtype in FLOAT_DTYPES else x.float()
         if work.numel() == 0:
             return x.clone()
+        kind = self.scaling.kind
         if kind == "none":
             out = self.round_unscaled(work, rounding, generator)
+        elif kind == "tensor":
+            out = self._quantize_per_tensor(work, rounding, generator)
         elif kind == "block":
             flat = work.reshape(1) if work.dim() == 0 else work  # a scalar is a block of one
             blocks, shape, pad = to_blocks(flat, self.scaling.axis, self.scaling.block_size)
@@ -286,9 +354,62 @@ class NumberFormat(ABC):
             out = from_blocks(self.round_unscaled(blocks / scale, rounding, generator) * scale,
                               shape, self.scaling.axis, pad).reshape(work.shape)
         else:
-            scale = self.scale_from_amax(abs_max(work, None if kind == "tensor" else self.scaling.axis))
+            scale = self.scale_from_amax(abs_max(work, self.scaling.axis))
             out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
-        return out.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _quantize_per_tensor(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """round(x / scale) * scale with one scale for the tensor (x float32 or float64).
+
+        On the CPU the scale is taken on the host (`host_tensor_scale`): reading max|x| back costs
+        less there than the dozen scalar tensor operations of `scale_from_amax`, and it comes back
+        as a 0-dim tensor of x's dtype holding the same value (the CPU divides by it exactly).
+        Other devices keep the scale on the device.
+        """
+        if x.device.type == "cpu":
+            scale = self.host_tensor_scale(x)
+            if scale == 1.0:  # x / 1 and y * 1 are exact: skip both
+                return self.round_unscaled(x, rounding, generator)
+            fused = self._round_scaled_on_host(x, scale, rounding) if self.scaling.pow2 else None
+            if fused is not None:
+                return fused
+            scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
+            return self.round_unscaled(x / scale_t, rounding, generator).mul_(scale_t)
+        scale_t = self.scale_from_amax(abs_max(x, None))
+        return self.round_unscaled(x / scale_t, rounding, generator).mul_(scale_t)
+
+    def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
+        """round_unscaled(x / scale) * scale for a power-of-two scale, fused where a family can; else None."""
+        return None
+
+    def host_tensor_scale(self, x: Tensor) -> float:
+        """`scale_from_amax(max|x|)` for the whole of x (float32 or float64), as a Python float.
+
+        The same value bit for bit: the float32 division max|x| / max is the float64 quotient
+        rounded to float32 (float64 carries more than twice float32's digits, so that double
+        rounding is exact), and the power of two comes from the same frexp.
+        """
+        amax = float(abs_max(x.detach(), None))
+        if not 0.0 < amax < math.inf:  # zero, inf or NaN
+            return 1.0
+        if x.dtype == torch.float32:
+            ratio = round_to_float32(amax / self._max_float32)
+        else:
+            ratio = amax / self.max
+        if not self.scaling.pow2:
+            return ratio
+        mantissa, exponent = math.frexp(ratio)
+        exponent -= mantissa == 0.5
+        # ratio >= the dtype's smallest subnormal (or 0: exponent 0), so 2^exponent is a value of
+        # the dtype unless it passes the top, where the cast gives inf.
+        if exponent > (127 if x.dtype == torch.float32 else 1023):
+            return math.inf
+        return math.ldexp(1.0, exponent)
+
+    @cached_property
+    def _max_float32(self) -> float:
+        """The grid's max rounded to float32: the divisor of a float32 tensor's scale."""
+        return round_to_float32(self.max)
 
     def scale_from_amax(self, amax: Tensor) -> Tensor:
         """The divisor that maps max|x| onto the grid; 1 where max|x| is zero or not finite."""

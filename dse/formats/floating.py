@@ -39,6 +39,7 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     check_rounding,
+    constant,
     cpu_chunk_elements,
     float_exponent,
     power_of_two,
@@ -96,6 +97,16 @@ _LAYOUTS: dict[torch.dtype, _BinaryLayout] = {
     torch.float32: _BinaryLayout(torch.int32, 23, 127),
     torch.float64: _BinaryLayout(torch.int64, 52, 1023),
 }
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How FloatFormat.round_unscaled rounds one input dtype on one kind of device in one mode."""
+
+    copy: bool  # every value of the dtype is on the grid
+    cast: torch.dtype | None  # a torch cast that is this rounding, bit for bit
+    work_dtype: torch.dtype  # the dtype the rounding runs in
+    kernel: Kernel | None  # the fused nearest rounding, if any
 
 
 @dataclass(frozen=True)
@@ -191,22 +202,73 @@ class FloatFormat(NumberFormat):
 
     # --- rounding ---------------------------------------------------------------------------------
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        check_rounding(rounding)
         if x.dtype not in _LAYOUTS:
+            check_rounding(rounding)
             return self.round_unscaled(x.float(), rounding, generator).to(x.dtype)
-        if self._holds_every_value_of(x.dtype):
+        plan = self._plans.get((x.dtype, x.device, rounding))
+        if plan is None:
+            plan = self._plan(x.dtype, x.device, rounding)
+        if plan.copy:
             return x.clone()
-        cast = self._exact_cast(x.dtype) if x.device.type == "cpu" else None
-        if rounding == "nearest" and cast is not None:
-            return x.to(cast).to(x.dtype)
-        work_dtype = x.dtype if self._computes_natively_in(x.dtype) else torch.float64
-        work = x.to(work_dtype)
-        recorded = work.requires_grad and torch.is_grad_enabled()  # out= passes are not differentiable
-        kernel = self._nearest_kernel(work_dtype) if rounding == "nearest" and not recorded else None
-        if kernel is not None:
-            return map_chunks(kernel, work).to(x.dtype)
-        out = _in_chunks(lambda chunk: self.round_by_grid(chunk, rounding, generator), work)
-        return out.to(x.dtype)
+        if plan.cast is not None:
+            return x.to(plan.cast).to(x.dtype)
+        work = x if plan.work_dtype == x.dtype else x.to(plan.work_dtype)
+        if plan.kernel is not None and not (work.requires_grad and torch.is_grad_enabled()):
+            out = map_chunks(plan.kernel, work)  # out= passes are not differentiable: not when recorded
+        else:
+            out = _in_chunks(lambda chunk: self.round_by_grid(chunk, rounding, generator), work)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @cached_property
+    def _plans(self) -> dict[tuple[torch.dtype, torch.device, str], _Plan]:
+        """The rounding route per (input dtype, device, rounding mode), decided once."""
+        return {}
+
+    def _plan(self, dtype: torch.dtype, device: torch.device, rounding: str) -> _Plan:
+        check_rounding(rounding)
+        cast = self._exact_cast(dtype) if device.type == "cpu" and rounding == "nearest" else None
+        work_dtype = dtype if self._computes_natively_in(dtype) else torch.float64
+        kernel = self._nearest_kernel(work_dtype, device) if rounding == "nearest" else None
+        plan = _Plan(self._holds_every_value_of(dtype), cast, work_dtype, kernel)
+        self._plans[(dtype, device, rounding)] = plan
+        return plan
+
+    def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
+        """round(x / scale) * scale in one fused pass, for a power-of-two scale 2^k known on the host:
+        nearest rounding onto the grid times 2^k is the magic rounding with every constant's
+        exponent moved by k, which spares the division and the multiplication. It equals them bit
+        for bit: x / 2^k is exact unless it falls below float32's normals, where both round to
+        +-0 as long as half the smallest grid value lies above them. None where that or the
+        constants' range does not hold (or for other modes and dtypes): the caller divides."""
+        if rounding != "nearest" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        k = math.frexp(scale)[1] - 1
+        kernel = self._scaled_kernels.get((k, x.device), False)
+        if kernel is False:
+            kernel = self._scaled_kernels[(k, x.device)] = self._scaled_kernel(k, x.device)
+        return None if kernel is None else map_chunks(kernel, x)
+
+    @cached_property
+    def _scaled_kernels(self) -> dict[tuple[int, torch.device], Kernel | None]:
+        return {}
+
+    def _scaled_kernel(self, k: int, device: torch.device) -> Kernel | None:
+        """The magic nearest rounding of float32 onto the grid times 2^k (see _round_scaled_on_host)."""
+        layout = _LAYOUTS[torch.float32]
+        m, emin, emax = self.man_bits, self.min_normal_exponent, self.max_exponent
+        native = self._computes_natively_in(torch.float32)
+        kernel = self._nearest_kernel(torch.float32, device) if native else None
+        if (not isinstance(kernel, functools.partial) or kernel.func is not _magic_round
+                or self.min_positive <= 2.0 ** (layout.min_normal_exponent + 1)  # (the +-0 argument)
+                or emin + k < layout.min_normal_exponent  # the lowest binade is a normal float32
+                or emax + k + layout.man_bits + 1 - m > layout.max_exponent  # C stays finite
+                or (self.overflow == "inf" and k < -emax)):  # 2^(127 - emax - k) is a float32
+            return None
+        return functools.partial(
+            _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
+            lowest=layout.exponent_field(emin + k), highest=layout.exponent_field(emax + k),
+            factor=1.5 * 2.0 ** (layout.man_bits - m),
+            overflow=functools.partial(self._overflow_nearest, scale_exponent=k), sign=self.special != "fnuz")
 
     def round_by_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """The general rounding (no cast shortcuts), natively in x's dtype, which must hold the grid.
@@ -216,14 +278,15 @@ class FloatFormat(NumberFormat):
         """
         layout = _LAYOUTS[x.dtype]
         m = self.man_bits
-        exponent_field = torch.bitwise_and(x.view(layout.int_dtype), layout.exponent_mask)
+        exponent_field = torch.bitwise_and(x.view(layout.int_dtype),
+                                           constant(layout.exponent_mask, layout.int_dtype, x.device))
         lowest = layout.exponent_field(self.min_normal_exponent)
         highest = layout.exponent_field(min(self.max_exponent + 1, layout.max_exponent))
         below_normal = None if self.subnormals else exponent_field < lowest
         exponent_field.clamp_(lowest, highest)
         if self.min_normal_exponent - m >= layout.min_normal_exponent:
             # The step itself is a normal number of x's dtype: one division, one multiplication.
-            step = exponent_field.sub_(m << layout.man_bits)
+            step = exponent_field.sub_(constant(m << layout.man_bits, layout.int_dtype, x.device))
             if below_normal is not None:
                 step.masked_fill_(below_normal, lowest)
             step = step.view(x.dtype)
@@ -237,14 +300,14 @@ class FloatFormat(NumberFormat):
         integers = round_to_integer((x / binade).mul_(significand_scale), rounding, generator)
         return self._apply_overflow(integers.div_(significand_scale).mul_(binade), x, rounding)
 
-    def _nearest_kernel(self, dtype: torch.dtype) -> Kernel | None:
+    def _nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
         """A fused nearest rounding for x in `dtype` (which holds the grid), same results as round_by_grid.
 
         Magic-constant rounding: with C = 1.5 * 2^(P + k), P the dtype's mantissa bits and 2^k the
         grid step in x's binade (k = max(exponent(x), min_normal_exponent) - m), x + C lies in C's
         binade, whose spacing is 2^k, so the addition itself rounds x to the grid, ties to even
         (C is an even multiple of 2^k); (x + C) - C is exact. C comes from x's exponent field (two
-        integer passes), and OR-ing x's sign bit back in gives zero results x's sign. Exponents above
+        integer passes), and copying x's sign gives zero results x's sign. Exponents above
         the top binade use the top binade's C: the result then lies beyond max, as it should.
         Needs subnormals (the floor of k), m <= P - 2 and C within the dtype's range; formats with
         e = 8 in float32 (tf32) round the bit pattern instead (round half to even on the integer).
@@ -256,24 +319,25 @@ class FloatFormat(NumberFormat):
             return None
         if emax - m + layout.man_bits <= layout.max_exponent:
             return functools.partial(
-                _magic_round, mask=layout.exponent_mask, lowest=layout.exponent_field(emin),
-                highest=layout.exponent_field(emax), factor=1.5 * 2.0 ** (layout.man_bits - m),
-                overflow=self._overflow_nearest, sign=self.special != "fnuz")  # fnuz: +0 is its only zero
+                _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
+                lowest=layout.exponent_field(emin), highest=layout.exponent_field(emax),
+                factor=1.5 * 2.0 ** (layout.man_bits - m), overflow=self._overflow_nearest,
+                sign=self.special != "fnuz")  # fnuz: +0 is its only zero
         if self.special == "ieee" and self.overflow == "inf" and emin == layout.min_normal_exponent:
             # Same exponent range as the dtype: the grid is every 2^(P-m)-th bit pattern, subnormals
             # included, and rounding the pattern up past the top finite binade gives inf.
             return functools.partial(_pattern_round, shift=layout.man_bits - m)
         return None
 
-    def _overflow_nearest(self, out: Tensor) -> None:
-        """The overflow policy after the magic rounding (in place)."""
-        limit = self.max
+    def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0) -> None:
+        """The overflow policy after the magic rounding (in place), on the grid times 2^scale_exponent."""
+        limit = math.ldexp(self.max, scale_exponent)
         if self.overflow == "saturate":
             out.clamp_(-limit, limit)
         elif self.overflow == "inf":
             # The ieee grid fills its top binade: scaled so that it ends at the dtype's top binade,
             # every rounded value beyond max overflows to inf, and scaling back is exact.
-            shift = _LAYOUTS[out.dtype].max_exponent - self.max_exponent
+            shift = _LAYOUTS[out.dtype].max_exponent - self.max_exponent - scale_exponent
             out.mul_(2.0**shift).mul_(2.0**-shift)
         else:
             out.masked_fill_(out.abs() > limit, math.nan)
@@ -286,8 +350,9 @@ class FloatFormat(NumberFormat):
             # IEEE: rounding toward zero sends finite overflow to +-max; infinities keep the policy.
             at_infinity = x if self.overflow == "inf" else math.nan
             out = torch.where(torch.isinf(x), at_infinity, rounded.clamp_(-limit, limit))
-        elif self.overflow == "inf":
-            out = torch.where(rounded.abs() > limit, rounded * math.inf, rounded)
+        elif self.overflow == "inf":  # rounded values beyond max are 2^(emax+1) or more: scale through inf
+            out = rounded
+            self._overflow_nearest(out)
         else:
             out = rounded.masked_fill_(rounded.abs() > limit, math.nan)
         if self.special == "fnuz":
@@ -376,7 +441,7 @@ class FloatFormat(NumberFormat):
 Kernel = Callable[[Tensor, Tensor, Tensor], None]
 
 
-def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: int, lowest: int, highest: int,
+def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: Tensor, lowest: int, highest: int,
                  factor: float, overflow: Callable[[Tensor], None], sign: bool) -> None:
     """out = x rounded to nearest by the magic constant (see FloatFormat._nearest_kernel)."""
     bits = x.view(scratch.dtype)
@@ -386,9 +451,8 @@ def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: int, lowest: 
     torch.add(x, binade, alpha=factor, out=out)  # binade * factor is C, exactly
     out.sub_(binade, alpha=factor)
     overflow(out)
-    if sign:  # zero results are +0; x's sign bit makes them -0 where x is negative (copysign)
-        torch.bitwise_and(bits, torch.iinfo(scratch.dtype).min, out=scratch)
-        out.view(scratch.dtype).bitwise_or_(scratch)
+    if sign:  # zero results are +0: x's sign makes them -0 where x is negative (others keep theirs)
+        out.copysign_(x)
 
 
 def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> None:
@@ -406,9 +470,14 @@ def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> No
 def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
     """out = kernel(x) for an elementwise kernel(x, out, scratch) that writes into out and may use
     an integer scratch of x's size; slice by slice (`cpu_chunk_elements`)."""
+    if x.numel() <= cpu_chunk_elements(x):  # one slice: no slicing, no reshaping
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        kernel(x, out, torch.empty(x.shape, dtype=_LAYOUTS[x.dtype].int_dtype, device=x.device))
+        return out
     flat = x.contiguous().view(-1)
     out = torch.empty_like(flat)
-    chunk = max(min(cpu_chunk_elements(flat), flat.numel()), 1)
+    chunk = cpu_chunk_elements(flat)
     scratch = torch.empty(chunk, dtype=_LAYOUTS[x.dtype].int_dtype, device=flat.device)
     for start in range(0, flat.numel(), chunk):
         piece = flat[start:start + chunk]

@@ -40,12 +40,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal
+from functools import cached_property
 from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from dse.formats.base import (
+    FLOAT_DTYPES,
     NumberFormat,
     Scaling,
     abs_max,
@@ -237,11 +239,11 @@ class LNS(NumberFormat):
     def top_index(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-    @property
+    @cached_property
     def max(self) -> float:
         return float(self._grid(torch.float64, torch.device("cpu")).values[self.top_index])
 
-    @property
+    @cached_property
     def min_positive(self) -> float:
         return float(self._grid(torch.float64, torch.device("cpu")).values[1])
 
@@ -297,7 +299,13 @@ class LNS(NumberFormat):
         lookup = self._lookup(x.dtype, x.device)
         values = lookup.values if scale is None else lookup.values * scale
         out = torch.empty_like(flat)
-        chunk = max(min(cpu_chunk_elements(flat), flat.numel()), 1)
+        chunk = cpu_chunk_elements(flat)
+        if flat.numel() <= chunk:  # one slice: no slicing
+            index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=flat.device)
+            key = None if scale is None else torch.empty_like(index)
+            self._nearest_index(flat, lookup, index, out, scale, key)
+            torch.index_select(values, 0, index, out=out)
+            return (out if lookup.signed else out.copysign_(flat)).view(x.shape)
         index = torch.empty(chunk, dtype=lookup.table.dtype, device=flat.device)
         key = None if scale is None else torch.empty_like(index)
         for part, result in zip(flat.split(chunk), out.split(chunk), strict=True):
@@ -313,11 +321,19 @@ class LNS(NumberFormat):
                         generator: torch.Generator | None) -> Tensor:
         """The exact floor index plus the log-domain fraction above it (float64), rounded by `rounding`."""
         position = self._position(magnitude.double())
-        nearest = round_to_integer(position, "nearest").to(torch.int32)
-        grid_value = grid.values.index_select(0, nearest)
-        floor = nearest - (magnitude < grid_value).to(torch.int32)
-        fraction = (position - floor).clamp_(0.0, _BELOW_ONE).mul_(magnitude != grid_value)
-        index = floor + round_to_integer(fraction, rounding, generator).to(torch.int32)
+        nearest = torch.round(position)  # an index, give or take one
+        grid_value = grid.values.index_select(0, nearest.to(torch.int32))
+        below = torch.lt(magnitude, grid_value, out=torch.empty_like(position))  # 0.0 or 1.0
+        floor = nearest.sub_(below)
+        fraction = position.sub_(floor).clamp_(0.0, _BELOW_ONE)
+        fraction.mul_(torch.ne(magnitude, grid_value, out=below))  # grid values never move
+        if rounding == "stochastic":  # round_to_integer's draw; the fraction needs no sign work
+            draws = torch.rand(fraction.shape, generator=generator, device=fraction.device,
+                               dtype=torch.float64)
+            floor.add_(torch.lt(draws, fraction, out=fraction))
+        else:
+            floor.add_(round_to_integer(fraction, rounding, generator))
+        index = floor.to(torch.int32)
         if self.underflow == "saturate":
             index = torch.maximum(index, (magnitude > 0).to(torch.int32))
         return index
@@ -337,8 +353,11 @@ class LNS(NumberFormat):
         """As NumberFormat.quantize; with a per-tensor scale, rounding to nearest divides by the scale
         and multiplies the grid values by it slice by slice, bit for bit the same."""
         if (rounding != "nearest" or self.scaling.kind != "tensor" or x.numel() == 0
-                or x.dtype not in (torch.float32, torch.float64)):
+                or x.dtype not in FLOAT_DTYPES):
             return super().quantize(x, rounding, generator)
+        if x.device.type == "cpu":  # the scale on the host, as NumberFormat._quantize_per_tensor does
+            scale = self.host_tensor_scale(x)
+            return self._round_nearest(x, None if scale == 1.0 else torch.scalar_tensor(scale, dtype=x.dtype))
         return self._round_nearest(x, self.scale_from_amax(abs_max(x.detach(), None)))
 
     def encode(self, x: Tensor) -> Tensor:

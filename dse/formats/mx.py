@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ from torch import Tensor
 from dse.formats.base import (
     NumberFormat,
     Scaling,
+    constant,
     cpu_chunk_elements,
     float_exponent,
     from_blocks,
@@ -73,6 +74,17 @@ class _NearestPlan:
     magic_offset: int  # MXINT8: C = 1.5 * 2^(E - frac + 23) has the bits (F << 23) + magic_offset
     lowest_field: int  # blocks with 0 < F < lowest_field or highest_field < F < 255 are redone
     highest_field: int
+
+
+class _Constants(NamedTuple):
+    """_NearestPlan's offsets and the float32 bit masks, as 0-dim int32 tensors on one device."""
+
+    magnitude_mask: Tensor
+    exponent_mask: Tensor
+    sign_bit: Tensor
+    limit_offset: Tensor
+    floor_offset: Tensor
+    magic_offset: Tensor
 
 
 @dataclass(frozen=True)
@@ -161,40 +173,73 @@ class MXFormat(NumberFormat):
         2^106 to 2^111) are redone with the reference formula, after a check that syncs.
         """
         plan = self._nearest_plan
+        constants = self._constants(blocks.device)
         out = torch.empty_like(blocks)
-        magnitude, bits = out.view(torch.int32), blocks.view(torch.int32)
+        magnitude = out.view(torch.int32)
         rows = max(cpu_chunk_elements(blocks) // blocks.shape[1], 1)
         amax = torch.empty((blocks.shape[0], 1), dtype=torch.int32, device=blocks.device)
-        scratch = torch.empty((min(rows, blocks.shape[0]), blocks.shape[1]), dtype=torch.int32,
-                              device=blocks.device)
-        for start in range(0, blocks.shape[0], rows):
-            chunk = slice(start, start + rows)
-            part, mag, block_max = out[chunk], magnitude[chunk], amax[chunk]
-            torch.bitwise_and(bits[chunk], 0x7FFFFFFF, out=mag)
-            torch.amax(mag, dim=1, keepdim=True, out=block_max)
-            field = block_max.bitwise_and(0x7F800000)  # F << 23
-            limit = field.clamp_min(plan.limit_floor).add_(plan.limit_offset)
-            if plan.factor:  # FP elements
-                c = scratch[: part.shape[0]]
-                torch.bitwise_and(mag, 0x7F800000, out=c)
-                torch.maximum(c, field.sub_(plan.floor_offset).clamp_min_(0), out=c)
-                binade = c.view(torch.float32)  # 2^max(exponent(v), emin + E) = C / factor
-                part.add_(binade, alpha=plan.factor).sub_(binade, alpha=plan.factor)
-                torch.minimum(part, limit.view(torch.float32), out=part)
-                torch.bitwise_and(bits[chunk], -(2**31), out=c)  # the sign bits of v
-                mag.bitwise_or_(c)
-            else:  # MXINT8
-                magic = field.clamp_max_(plan.highest_field << 23).add_(plan.magic_offset).view(torch.float32)
-                torch.add(blocks[chunk], magic, out=part).sub_(magic)
-                torch.minimum(part, limit.view(torch.float32), out=part)
-                torch.maximum(part, limit.bitwise_or_(-(2**31)).view(torch.float32), out=part)
-        exponent_field = amax >> 23
-        bad = ((exponent_field < plan.lowest_field) & (amax != 0)
-               | (exponent_field > plan.highest_field) & (exponent_field < 255))
-        if bool(bad.any()):
-            redo = bad.view(-1).nonzero().view(-1)
-            out[redo] = self._quantize_rows(blocks[redo])
+        if blocks.shape[0] <= rows:  # one slice: no slicing
+            scratch = torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device)
+            self._round_rows_nearest(blocks, out, magnitude, amax, scratch, plan, constants)
+        else:
+            scratch = torch.empty((rows, blocks.shape[1]), dtype=torch.int32, device=blocks.device)
+            for start in range(0, blocks.shape[0], rows):
+                chunk = slice(start, start + rows)
+                self._round_rows_nearest(blocks[chunk], out[chunk], magnitude[chunk], amax[chunk],
+                                         scratch[: out[chunk].shape[0]], plan, constants)
+        # Blocks whose constants leave float32's normal range: 0 < F < lowest_field or
+        # highest_field < F < 255. The extremes of max|v| over the blocks rule them out at once.
+        low, high = torch.aminmax(amax)
+        if int(low) < plan.lowest_field << 23 or int(high) >= (plan.highest_field + 1) << 23:
+            exponent_field = amax >> 23
+            bad = ((exponent_field < plan.lowest_field) & (amax != 0)
+                   | (exponent_field > plan.highest_field) & (exponent_field < 255))
+            if bool(bad.any()):
+                redo = bad.view(-1).nonzero().view(-1)
+                out[redo] = self._quantize_rows(blocks[redo])
         return out
+
+    @staticmethod
+    def _round_rows_nearest(blocks: Tensor, part: Tensor, mag: Tensor, block_max: Tensor, scratch: Tensor,
+                            plan: _NearestPlan, constants: _Constants) -> None:
+        """One slice of `_quantize_blocks_nearest`: part (float32) and mag (its int32 view) get the
+        rounded rows, block_max the max|v| bits of each row; scratch is int32 space of part's shape."""
+        torch.bitwise_and(blocks.view(torch.int32), constants.magnitude_mask, out=mag)
+        torch.amax(mag, dim=1, keepdim=True, out=block_max)
+        field = torch.bitwise_and(block_max, constants.exponent_mask)  # F << 23
+        limit = field.clamp_min(plan.limit_floor).add_(constants.limit_offset)
+        if plan.factor:  # FP elements
+            torch.bitwise_and(mag, constants.exponent_mask, out=scratch)
+            torch.maximum(scratch, field.sub_(constants.floor_offset).clamp_min_(0), out=scratch)
+            binade = scratch.view(torch.float32)  # 2^max(exponent(v), emin + E) = C / factor
+            part.add_(binade, alpha=plan.factor).sub_(binade, alpha=plan.factor)
+            torch.minimum(part, limit.view(torch.float32), out=part)
+            part.copysign_(blocks)  # v's sign (zero results are +0 until here)
+        else:  # MXINT8
+            magic = field.clamp_max_(plan.highest_field << 23).add_(constants.magic_offset)
+            magic = magic.view(torch.float32)
+            torch.add(blocks, magic, out=part).sub_(magic)
+            torch.minimum(part, limit.view(torch.float32), out=part)
+            torch.maximum(part, limit.bitwise_or_(constants.sign_bit).view(torch.float32), out=part)
+
+    @cached_property
+    def _constants_by_device(self) -> dict[torch.device, _Constants]:
+        return {}
+
+    def _constants(self, device: torch.device) -> _Constants:
+        """The fused paths' integer constants as 0-dim int32 tensors on `device` (cheap operands)."""
+        constants = self._constants_by_device.get(device)
+        if constants is None:
+            plan = self._nearest_plan
+            assert plan is not None
+
+            def scalar(value: int) -> Tensor:
+                return torch.tensor(value, dtype=torch.int32, device=device)
+
+            constants = self._constants_by_device[device] = _Constants(
+                scalar(0x7FFFFFFF), scalar(0x7F800000), scalar(-(2**31)), scalar(plan.limit_offset),
+                scalar(plan.floor_offset), scalar(plan.magic_offset))
+        return constants
 
     @cached_property
     def _nearest_plan(self) -> _NearestPlan | None:
@@ -247,8 +292,20 @@ class MXFormat(NumberFormat):
         return exponent, torch.isfinite(amax)
 
     def scale_from_amax(self, amax: Tensor) -> Tensor:
+        if amax.dtype == torch.float32:
+            return self._scale_from_amax_float32(amax)
         exponent, finite = self.scale_exponents(amax)
         return torch.where(finite, power_of_two(exponent), math.nan).to(amax.dtype)
+
+    def _scale_from_amax_float32(self, amax: Tensor) -> Tensor:
+        """scale_from_amax for float32 max|v| (>= 0 or NaN), from its exponent field F: E = F - 127 -
+        emax_elem clamped to -127..127 is the spec's exponent for every amax (F = 0, zero and
+        subnormals, clamps to -127), built as a float64 power of two (exact, 2^-127 included) and
+        cast; amax * 0 is NaN exactly for the inf and NaN blocks. Fewer operations than frexp."""
+        exponent = torch.bitwise_right_shift(amax.view(torch.int32), 23).to(torch.int64)
+        exponent = exponent.sub_(127 + self.element_emax).clamp_(-SCALE_EXPONENT_LIMIT, SCALE_EXPONENT_LIMIT)
+        scale = exponent.add_(1023).bitwise_left_shift_(52).view(torch.float64).to(torch.float32)
+        return torch.addcmul(scale, amax, constant(0.0, torch.float32, amax.device))
 
     def encode_blocks(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The MX bit stream of x: (scale codes, element codes), int64, in blocked layout.

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -38,9 +39,9 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     check_rounding,
+    constant,
     cpu_chunk_elements,
     power_of_two,
-    round_to_integer,
     shift_round,
 )
 from dse.formats.spec import (
@@ -131,12 +132,17 @@ def _frame(bits: int, es: int, layout: _Layout) -> _Frame:
 
 @dataclass(frozen=True)
 class _Tables:
-    """Per regime index: the shift d, 2^-d for the float route, and the regime's code bits."""
+    """Per regime index: the shift d, 2^-d for the float route, and the regime's code bits; and the
+    frame's constants as 0-dim tensors of the layout's int dtype (cheaper operands than Python ints)."""
 
     shift: Tensor
     step: Tensor
     minus_offset: Tensor  # -offset as a float64 scalar
     regime_code: Tensor
+    unit: Tensor  # 2^d as an int of the layout
+    magnitude_mask: Tensor
+    offset: Tensor
+    field_bits: Tensor
 
 
 @functools.cache
@@ -144,7 +150,14 @@ def _tables(frame: _Frame, device: torch.device) -> _Tables:
     shift = torch.tensor(frame.shifts, dtype=torch.int64, device=device)
     minus_offset = torch.tensor(-frame.offset, dtype=torch.float64, device=device)
     regime_code = torch.tensor(frame.regime_codes, dtype=torch.int64, device=device)
-    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code)
+    int_dtype = frame.layout.int_dtype
+
+    def scalar(value: int) -> Tensor:
+        return torch.tensor(value, dtype=int_dtype, device=device)
+
+    unit = (torch.ones_like(shift) << shift).to(int_dtype)
+    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code, unit,
+                   scalar(frame.layout.magnitude_mask), scalar(frame.offset), scalar(frame.field_bits))
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,18 @@ class Posit(NumberFormat):
         return 2.0**-self._scale_max
 
     # --- rounding -------------------------------------------------------------------------------
+    @cached_property
+    def _tables_by_device(self) -> dict[tuple[torch.dtype, torch.device], _Tables]:
+        return {}
+
+    def _device_tables(self, frame: _Frame, device: torch.device) -> _Tables:
+        """`_tables(frame, device)`, looked up per instance (hashing a frame costs more than a call)."""
+        key = (frame.layout.float_dtype, device)
+        tables = self._tables_by_device.get(key)
+        if tables is None:
+            tables = self._tables_by_device[key] = _tables(frame, device)
+        return tables
+
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """Round onto the posits (no gradient: rounding is piecewise constant)."""
         check_rounding(rounding)
@@ -202,8 +227,11 @@ class Posit(NumberFormat):
         """Round in slices; unused_bits: low fraction bits that are zero because x was float32."""
         flat = x.reshape(-1)
         out = torch.empty_like(flat)
-        tables = _tables(frame, flat.device)
+        tables = self._device_tables(frame, flat.device)
         chunk = cpu_chunk_elements(flat)
+        if flat.numel() <= chunk:  # one slice: no slicing
+            self._round_chunk(flat, out, frame, tables, rounding, generator, unused_bits)
+            return out.view(x.shape)
         for start in range(0, flat.numel(), chunk):
             self._round_chunk(flat[start:start + chunk], out[start:start + chunk], frame, tables,
                               rounding, generator, unused_bits)
@@ -212,45 +240,52 @@ class Posit(NumberFormat):
     def _round_chunk(self, x: Tensor, out: Tensor, frame: _Frame, tables: _Tables, rounding: str,
                      generator: torch.Generator | None, unused_bits: int) -> None:
         layout = frame.layout
-        pattern = x.view(layout.int_dtype) & layout.magnitude_mask
+        pattern = torch.bitwise_and(x.view(layout.int_dtype), tables.magnitude_mask)
         # Saturate: |x| < minpos (zero too) goes to minpos; |x| > maxpos (inf and NaN too) to maxpos.
         # Zero, inf and NaN are put right at the end.
         pattern.clamp_(frame.low_bits, frame.high_bits)
-        pattern += frame.offset
-        regime = pattern >> frame.field_bits
+        pattern += tables.offset
+        regime = torch.bitwise_right_shift(pattern, tables.field_bits)
         if layout is _F32 and rounding in ("nearest", "toward_zero"):
             # pattern < 2^31, so pattern * 2^-d is exact in float64.
             step = torch.index_select(tables.step, 0, regime)
             scaled = pattern.double()
             scaled *= step
-            rounded = round_to_integer(scaled, rounding)
+            rounded = scaled.round_() if rounding == "nearest" else scaled.trunc_()
             magnitude_bits = torch.addcdiv(tables.minus_offset, rounded, step).to(torch.int32)
+        elif rounding == "stochastic":
+            magnitude_bits = self._round_stochastic(pattern, regime, tables, generator).view(layout.int_dtype)
         else:
             shift = torch.index_select(tables.shift, 0, regime)
-            if rounding == "stochastic":
-                pattern = self._round_stochastic(pattern, shift, frame, generator)
-            else:
-                # The discarded field is the input's own bits below the posit's last bit, so that
-                # pseudo_stochastic sees the same field for a float32 input in either frame.
-                if unused_bits:
-                    shift = (shift - unused_bits).clamp_(min=0)
-                    pattern = pattern >> unused_bits
-                pattern = (shift_round(pattern, shift, rounding, generator) << shift) << unused_bits
+            # The discarded field is the input's own bits below the posit's last bit, so that
+            # pseudo_stochastic sees the same field for a float32 input in either frame.
+            if unused_bits:
+                shift = (shift - unused_bits).clamp_(min=0)
+                pattern = pattern >> unused_bits
+            pattern = (shift_round(pattern, shift, rounding, generator) << shift) << unused_bits
             magnitude_bits = (pattern - frame.offset).to(layout.int_dtype)
         # sign(0) = 0 gives zero; x * 0 is NaN for inf and NaN inputs and a harmless ±0 otherwise.
-        torch.addcmul(x * 0, magnitude_bits.view(layout.float_dtype), x.sign(), out=out)
+        zero = constant(0.0, layout.float_dtype, x.device)
+        torch.addcmul(torch.mul(x, zero), magnitude_bits.view(layout.float_dtype), x.sign(), out=out)
 
-    def _round_stochastic(self, pattern: Tensor, shift: Tensor, frame: _Frame,
+    @staticmethod
+    def _round_stochastic(pattern: Tensor, regime: Tensor, tables: _Tables,
                           generator: torch.Generator | None) -> Tensor:
-        """Round up with probability (|x| - lo) / (hi - lo) between the neighbouring posits."""
-        magnitude = (pattern - frame.offset).view(torch.float64)
-        low = shift_round(pattern, shift, "toward_zero") << shift
-        high = low + (1 << shift)
-        low_value = (low - frame.offset).view(torch.float64)
-        high_value = (high - frame.offset).view(torch.float64)
-        fraction = (magnitude - low_value) / (high_value - low_value)
-        up = round_to_integer(fraction, "stochastic", generator).to(torch.int64)
-        return low + (up << shift)
+        """|x| (float64 patterns shifted by the frame's offset) rounded up with probability
+        (|x| - lo) / (hi - lo) between the neighbouring posits lo <= |x| < hi: their values.
+
+        hi - lo is exact (hi <= 2 lo where lo has fraction bits, else both are powers of two), so
+        lo + 1 * (hi - lo) is hi. The draw is `round_to_integer`'s for a fraction in [0, 1).
+        """
+        unit = torch.index_select(tables.unit, 0, regime)  # 2^d: one step of the pattern
+        low = torch.bitwise_and(pattern, unit.neg())
+        low_value = torch.sub(low, tables.offset).view(torch.float64)
+        high_value = low.add_(unit).sub_(tables.offset).view(torch.float64)
+        difference = high_value - low_value
+        fraction = torch.sub(pattern, tables.offset).view(torch.float64).sub_(low_value).div_(difference)
+        draws = torch.rand(fraction.shape, generator=generator, device=fraction.device, dtype=torch.float64)
+        up = torch.lt(draws, fraction, out=fraction)  # 0.0 or 1.0
+        return torch.addcmul(low_value, up, difference)
 
     # --- codes ----------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:

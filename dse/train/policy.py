@@ -15,7 +15,6 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,7 +43,6 @@ class TensorQuant:
     rounding: str = "nearest"
     layer_scale: bool = False
     _element: NumberFormat | None = field(init=False, repr=False, compare=False, default=None)
-    _host_tensor_scale: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -54,9 +52,7 @@ class TensorQuant:
             return
         if self.layer_scale and fmt.scaling.kind != "none":
             raise InputError(f"layer-wise scaling needs a format without its own scaling, got {fmt.spec!r}")
-        host_tensor_scale = fmt.scaling.kind == "tensor" and fmt.family != "mx"
-        object.__setattr__(self, "_host_tensor_scale", host_tensor_scale)
-        if host_tensor_scale or self.layer_scale:
+        if self.layer_scale:
             object.__setattr__(self, "_element", dataclasses.replace(fmt, scaling=Scaling()))
 
     @property
@@ -70,44 +66,12 @@ class TensorQuant:
             return x
         if self.layer_scale:
             return self._quantize_scaled(x, lu_layer_scale(x, fmt), generator)
-        if self._host_tensor_scale and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-            return self._quantize_scaled(x, tensor_scale(x, fmt), generator)
         return fmt.quantize(x, self.rounding, generator)
 
-    def _quantize_scaled(self, x: Tensor, scale: float | None,
-                         generator: torch.Generator | None) -> Tensor:
+    def _quantize_scaled(self, x: Tensor, scale: float, generator: torch.Generator | None) -> Tensor:
         """Round x / scale onto the element grid and multiply back, as `NumberFormat.quantize` does."""
         assert self._element is not None
-        if scale is None:
-            return self._element.quantize(x, self.rounding, generator)
         return self._element.quantize(x / scale, self.rounding, generator).mul_(scale)
-
-
-def tensor_scale(x: Tensor, fmt: NumberFormat) -> float | None:
-    """The per-tensor scale `fmt.quantize` divides by (scale=tensor, with or without pow2), or None
-    where it would use 1 (max|x| zero or not finite).
-
-    Same value, computed on the host: max|x| from one aminmax, then max|x| / fmt.max in x's
-    precision (float32 division for float32 tensors, as torch divides a float32 tensor by a
-    Python float). Dividing a tensor by that float equals dividing it by the 0-dim tensor
-    `fmt.quantize` builds, and the handful of scalar tensor operations it saves cost more than the
-    rounding itself on small tensors.
-    """
-    low, high = torch.aminmax(x.detach())
-    low_value, high_value = float(low), float(high)
-    if not (math.isfinite(low_value) and math.isfinite(high_value)):
-        return None
-    amax = max(-low_value, high_value)
-    if amax <= 0:
-        return None
-    if x.dtype == torch.float64:
-        ratio = amax / fmt.max
-    else:
-        ratio = float(np.float32(amax) / np.float32(fmt.max))
-    if not fmt.scaling.pow2:
-        return ratio
-    mantissa, exponent = math.frexp(ratio)
-    return math.ldexp(1.0, exponent - (mantissa == 0.5))
 
 
 def lu_layer_scale(x: Tensor, fmt: NumberFormat) -> float:
