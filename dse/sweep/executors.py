@@ -68,10 +68,10 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
     """Train one trial in this process with its own thread budget; never raises for a failing trial."""
     start = time.perf_counter()
     try:
-        _limit_threads(job.threads)
         from dse.train.config import TrainConfig
 
-        config = TrainConfig.from_dict(job.config)
+        # train() applies the thread budget and restores the caller's settings afterwards.
+        config = TrainConfig.from_dict({**job.config, "threads": job.threads})
         if job.train_fn is None:
             from dse.train.loop import train
 
