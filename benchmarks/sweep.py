@@ -4,18 +4,19 @@
     .venv/bin/python benchmarks/sweep.py --epochs 3 --repeat 2
 
 Prints, per worker count, the sweep's wall time, the sum of the trials' own training time and the
-speedup of 2 workers over 1; then the overhead per trial: starting a worker (spawn, imports, thread
-budget), committing a row to the store, estimating a configuration's energy, and everything else
-the 1-worker run spends beyond training. The runs alternate (1, 2, 1, 2, ...) so that load from
-other processes hits both alike; the best run of each is reported.
+speedup of 2 workers over 1; then the overhead per trial: starting the workers (the fork server's
+imports, forks, thread budget), committing a row to the store, estimating a configuration's energy,
+and everything else the 1-worker run spends beyond training. Each timed sweep runs in a fresh
+interpreter, so each pays for starting its workers as `dse sweep` does. The runs alternate
+(1, 2, 1, 2, ...) so that load from other processes hits both alike; the best run of each is reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +42,14 @@ output: {output}
 
 
 def timed_sweep(root: Path, workers: int, epochs: int, run: int) -> tuple[float, float]:
-    """(wall time of the sweep, sum of the trials' training time) for a fresh output directory."""
+    """(wall time of the sweep, sum of the trials' training time), in a fresh interpreter: every run
+    pays for starting its workers (the fork server that `dse sweep` starts once per invocation)."""
+    command = [sys.executable, __file__, "--child-sweep", str(root), str(workers), str(epochs), str(run)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()
+    return float(output[-2]), float(output[-1])
+
+
+def child_sweep(root: Path, workers: int, epochs: int, run: int) -> tuple[float, float]:
     from dse.sweep import load_trials, parse_config, run_sweep
 
     output = root / f"w{workers}-{run}"
@@ -54,11 +62,16 @@ def timed_sweep(root: Path, workers: int, epochs: int, run: int) -> tuple[float,
 
 
 def spawn_time(workers: int) -> float:
-    """Seconds until `workers` spawned workers have imported the trainer and set their threads."""
-    from dse.sweep.executors import _warm_up
+    command = [sys.executable, __file__, "--child-spawn", str(workers)]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def child_spawn_time(workers: int) -> float:
+    """Seconds until `workers` fresh workers have imported the trainer and set their threads."""
+    from dse.sweep.executors import _warm_up, worker_context
 
     started = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up,
+    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_warm_up,
                              initargs=(1,)) as pool:
         list(pool.map(abs, range(workers)))
     return time.perf_counter() - started
@@ -109,7 +122,16 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=15, help="epochs per trial (default 15, as quickstart)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each worker count (default 1)")
+    parser.add_argument("--child-sweep", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-spawn", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_sweep:
+        root, workers, epochs, run = args.child_sweep
+        print(*child_sweep(Path(root), int(workers), int(epochs), int(run)))
+        return
+    if args.child_spawn:
+        print(child_spawn_time(args.child_spawn))
+        return
     with tempfile.TemporaryDirectory(prefix="dse-bench-") as tmp:
         root = Path(tmp)
         walls: dict[int, list[float]] = {1: [], 2: []}

@@ -263,3 +263,35 @@ def test_sigkill_mid_sweep_loses_nothing_and_resume_finishes(tmp_path: Path, mon
     assert len(after) == 12 and len(load_trials(out)) == 12
     for row in survivors:  # finished trials were kept as they were, not rerun
         assert after[row[0]] == row
+
+
+def test_trials_start_longest_first_and_results_do_not_depend_on_it(tmp_path: Path) -> None:
+    """posit and MX trials (slow steps) and the longer task go out before fp32 ones."""
+    from dse.train.config import TrainConfig
+
+    class Recording(InlineExecutor):
+        def __init__(self) -> None:
+            self.order: list[dict] = []
+
+        def run(self, jobs, on_done):  # type: ignore[no-untyped-def]
+            self.order = [job.config for job in jobs]
+            super().run(jobs, on_done)
+
+    text = f"""
+name: order
+seeds: [0, 1]
+task: {{model: mlp, dataset: digits, epochs: 2}}
+trials:
+  - {{format: [fp32, int8, posit8, mxfp8_e4m3]}}
+  - {{format: fp32, epochs: 9}}
+output: {tmp_path / "out"}
+"""
+    executor = Recording()
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=executor, reports=False)
+    from dse.sweep.trials import estimated_cost
+
+    costs = [estimated_cost(TrainConfig.from_dict(config)) for config in executor.order]
+    assert costs == sorted(costs, reverse=True)
+    assert executor.order[0]["epochs"] == 9 and executor.order[-1]["format"] in (None, "fp32")
+    assert estimated_cost(TrainConfig(format="posit8")) > estimated_cost(TrainConfig(format="int8")) > \
+        estimated_cost(TrainConfig())

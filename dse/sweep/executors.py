@@ -105,8 +105,21 @@ def _warm_up(threads: int) -> None:
     import dse.train.loop  # noqa: F401
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Processes forked from a server that has imported the trainer once (POSIX), else spawned.
+
+    Spawning N workers makes each import torch and dse at once, seconds of work that a short sweep
+    feels; the fork server pays it once, before any torch thread pool exists, and forks from there.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dse.train.loop"])
+    return context
+
+
 class LocalExecutor:
-    """A pool of `workers` spawned processes (fresh interpreters: no forked torch state)."""
+    """A pool of `workers` processes with fresh interpreter state (no forked torch thread pools)."""
 
     def __init__(self, workers: int, threads: int = 1) -> None:
         self.workers = workers
@@ -115,8 +128,7 @@ class LocalExecutor:
     def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
         if not jobs:
             return
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=context,
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=worker_context(),
                                    initializer=_warm_up, initargs=(self.threads,))
         try:
             pending: set[Future[TrialOutcome]] = {pool.submit(execute_trial, job) for job in jobs}

@@ -29,7 +29,7 @@ from dse.sweep.executors import (
     TrialOutcome,
 )
 from dse.sweep.store import PlanRow, SweepStore, TrialRow, load_trials, stored_sweep_name
-from dse.sweep.trials import Trial, expand, resolved_formats, stable_hash
+from dse.sweep.trials import Trial, estimated_cost, expand, resolved_formats, stable_hash
 
 
 @dataclass
@@ -256,7 +256,8 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
                 reporter.trial_done(record)
 
             threads = sweep.executor.threads
-            jobs = [TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn) for t in pending]
+            longest_first = sorted(pending, key=lambda t: -estimated_cost(t.config))  # stable sort
+            jobs = [TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn) for t in longest_first]
             reporter.start(len(trials), summary.skipped, summary.best)
             try:
                 executor.run(jobs, on_done)

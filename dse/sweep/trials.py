@@ -153,3 +153,30 @@ def expand(sweep: SweepConfig) -> list[Trial]:
             trials.append(Trial(trial_id=trial_id, task=task.name, label=labels[stable_hash(data)],
                                 config=config, source=path))
     return trials
+
+
+# Rough cost of a training step under each format family relative to fp32 (benchmarks/train_step.py
+# on the proxies); only the order in which trials start depends on it, never a result.
+_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "lns": 2.3, "posit": 2.8, "mx": 2.8}
+
+
+def estimated_cost(config: TrainConfig) -> float:
+    """A relative estimate of a trial's training time, to start the longest trials first.
+
+    With trials handed out in list order, a slow trial near the end keeps one worker busy while the
+    others idle; longest-first leaves only short trials for the tail.
+    """
+    from dse.formats import get
+
+    formats = resolved_formats(config)
+    step = 1.0
+    for name in ("weights", "activations", "gradients", "weight_grads"):
+        spec = formats[name]
+        family = "fp32" if spec == FP32 else get(spec).family
+        step = max(step, _FAMILY_STEP_COST.get(family, 2.0))
+    if config.optimizer == "niti":
+        step = max(step, 3.0)
+    if config.accumulation is not None:
+        step *= 2.0
+    return step * config.epochs
+
