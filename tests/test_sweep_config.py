@@ -209,6 +209,11 @@ _GOOD = ["name: bad", "task: {model: mlp, dataset: digits}", "trials:", "  - {fo
     (["name: bad", "tasks:", "  - {model: mlp, dataset: digits}", "  - {model: transformer, dataset: digits}",
       "trials: [{format: int8}]"], 4, ["tasks[1]", "transformer", "digits"]),
     (_GOOD[:3] + ["  - {format: int8", "  - x"], 6, ["invalid YAML", "flow mapping that starts on line 4"]),
+    (_GOOD[:3] + ["  - {format: int8, accumulation: [bf16, \"fp(e=0,m=3)\"]}"], 4,
+     ["trials[0].accumulation[1]", "fp(e=0,m=3)"]),
+    (_GOOD[:3] + ["  - {format: int8, accumulation_chunk: 0}"], 4, ["accumulation_chunk must be >= 1"]),
+    (_GOOD[:1] + ["task: {model: mlp, dataset: digits, device: tpu}"] + _GOOD[2:], 2,
+     ["task.device", "'cpu' or 'cuda[:N]'"]),
 ])
 def test_bad_files_fail_with_file_line_and_path(tmp_path: Path, lines: list[str], line: int,
                                                 needles: list[str]) -> None:

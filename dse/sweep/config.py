@@ -241,11 +241,24 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
             return get(value).spec
         except ValueError as error:
             raise source.error(path, str(error).splitlines()[0]) from None
+    if name == "accumulation":
+        try:
+            return get(value).spec
+        except ValueError as error:
+            raise source.error(path, str(error).splitlines()[0]) from None
+    if name == "device":
+        if value != "cpu" and not value.startswith("cuda"):
+            raise source.error(path, f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+        if value.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise source.error(path, f"device {value!r} asked for, but torch sees no CUDA device")
     if name == "optimizer" and value not in OPTIMIZERS:
         raise source.error(path, f"unknown optimizer {value!r}{did_you_mean(value, OPTIMIZERS)}")
     if name in ("rounding", "update_rounding") and value not in ROUNDINGS:
         raise source.error(path, f"unknown rounding {value!r}{did_you_mean(value, ROUNDINGS)}")
-    if name in ("epochs", "batch_size", "niti_mu") and value < 1:
+    if name in ("epochs", "batch_size", "niti_mu", "accumulation_chunk") and value < 1:
         raise source.error(path, f"{name} must be >= 1, got {value}")
     if name in ("warmup_epochs",) and value < 0:
         raise source.error(path, f"{name} must be >= 0, got {value}")
