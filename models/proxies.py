@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dse.data import Dataset
 from dse.errors import InputError
-from dse.train.layers import Matmul
+from models.layers import Matmul
 from models.workloads import GemmLayer, Workload
 
 MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet", "transformer")

@@ -32,15 +32,9 @@ from torch import Tensor, nn
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
 from dse.train.policy import QuantPolicy, TensorQuant
+from models.layers import Matmul
 
 Quantizer = Callable[[Tensor], Tensor]
-
-
-class Matmul(nn.Module):
-    """`a @ b` as a module, so that attention's matmuls can be found and quantized like Linear."""
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return a @ b
 
 
 # --- the GEMMs of each layer type ---------------------------------------------------------------
