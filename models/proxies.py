@@ -9,7 +9,6 @@ with the 1-D CNN (5.2k params, ~91 %), digits with the MLP 64-128-10 (9,610 para
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dse.data import Dataset
-from dse.errors import InputError
+from dse.errors import InputError, choice
 from models.layers import Matmul
 from models.workloads import GemmLayer, Workload
 
@@ -225,11 +224,7 @@ def compatible_models(dataset: Dataset) -> tuple[str, ...]:
 
 def build_model(name: str, dataset: Dataset) -> nn.Module:
     """A fresh proxy model for `dataset`; its initial weights come from torch's global RNG (seed it)."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in MODELS:
-        close = difflib.get_close_matches(str(key), MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise InputError(f"unknown model {name!r} (valid: {', '.join(MODELS)}){hint}")
+    key = choice("model", name, MODELS)
     builders = _builders(dataset)
     if key not in builders:
         fits = ", ".join(builders) or "none"

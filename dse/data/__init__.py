@@ -11,13 +11,12 @@ sort-easy), which is what lets number formats separate.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from dse.data.builtin import SORT_TASKS, load_digits, load_mnist1d, load_mnist5k, load_sort
 from dse.data.dataset import Dataset, default_cache_dir
 from dse.data.files import load_cifar10, load_mnist
-from dse.errors import InputError
+from dse.errors import choice
 
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist5k", "sort", "sort-easy", "mnist", "cifar10")
 FILE_DATASETS: tuple[str, ...] = ("mnist", "cifar10")
@@ -31,11 +30,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     data_dir: the folder holding a file dataset (mnist, cifar10). cache_dir: where generated or parsed
     arrays are cached (default `$DSE_CACHE_DIR`, else ~/.cache/dse).
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in DATASETS:
-        close = difflib.get_close_matches(str(key), DATASETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise InputError(f"unknown dataset {name!r} (valid: {', '.join(DATASETS)}){hint}")
+    key = choice("dataset", name, DATASETS)
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     if key == "digits":
         return load_digits()

@@ -8,7 +8,6 @@ grid each raise one InputError line `file:line: path: problem`. docs/config.md d
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import os
 import typing
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dse.data import DATASETS
 from dse.energy import DatapathParams, MemoryParams, parse_node, workload_names
-from dse.errors import InputError
+from dse.errors import InputError, closest
 from dse.formats import ROUNDINGS, get
 from dse.sweep.yaml_lines import SourceMap, dotted, load_yaml
 from dse.train.config import OPTIMIZERS, TrainConfig
@@ -169,9 +168,9 @@ _SECTION_MODELS: dict[str, type[BaseModel]] = {
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, else ' (expected one of ...)'."""
     options = sorted(choices)
-    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    close = closest(word, options)
     if close:
-        return f" (did you mean {close[0]!r}?)"
+        return f" (did you mean {close!r}?)"
     return f" (expected one of {', '.join(options)})"
 
 

@@ -8,7 +8,6 @@ seeded by `config.seed`, and the run uses `config.threads` torch threads.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dse.data import DATASETS, Dataset, load_dataset
-from dse.errors import InputError
+from dse.errors import InputError, choice
 from dse.train.config import OPTIMIZERS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import quantize_model, set_quantization
 from dse.train.optim import make_optimizer
@@ -30,20 +29,11 @@ Progress = Callable[[int, float, float], None]
 """Called after each epoch with (epoch, mean training loss, test accuracy)."""
 
 
-def _choice(kind: str, value: str, valid: tuple[str, ...]) -> str:
-    key = value.strip().lower()
-    if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise InputError(f"unknown {kind} {value!r} (valid: {', '.join(valid)}){hint}")
-    return key
-
-
 def check_config(config: TrainConfig) -> None:
     """Reject what cannot run, before any data is loaded (one line each)."""
-    _choice("model", config.model, MODELS)
-    _choice("dataset", config.dataset, DATASETS)
-    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    choice("model", config.model, MODELS)
+    choice("dataset", config.dataset, DATASETS)
+    choice("optimizer", config.optimizer, OPTIMIZERS)
     for name in ("epochs", "batch_size", "threads"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
