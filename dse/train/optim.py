@@ -78,15 +78,16 @@ class Madam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g_normed = _normalized_grad(self, p, self.g_bound)
-                p.mul_(torch.exp(-group["lr"] * g_normed * torch.sign(p)))
-                p.clamp_(-self.state[p]["max"], self.state[p]["max"])
+                if p.grad is not None:
+                    self._update(p, _normalized_grad(self, p, self.g_bound), group["lr"])
         return loss
 
+    def _update(self, p: Tensor, g_normed: Tensor, lr: float) -> None:
+        p.mul_(torch.exp(-lr * g_normed * torch.sign(p)))
+        p.clamp_(-self.state[p]["max"], self.state[p]["max"])
 
-class LNSMadam(torch.optim.Optimizer):
+
+class LNSMadam(Madam):
     """LNS-Madam (Zhao et al. 2022, jiaweizzhao/lns-madam-optimizer): Madam's g* rounded to an
     integer and a base-2 update p <- clamp(p * 2^(-lr * round(g*) * sign(p)), +-max).
 
@@ -102,8 +103,6 @@ class LNSMadam(torch.optim.Optimizer):
                  g_bound: float = 10.0, lns_storage: dict[Tensor, NumberFormat] | None = None,
                  update_rounding: str = "stochastic", generator: torch.Generator | None = None,
                  switch: QuantSwitch | None = None) -> None:
-        self.p_scale = p_scale
-        self.g_bound = g_bound
         self.lns_storage = dict(lns_storage or {})
         self.update_rounding = update_rounding
         self.generator = generator
@@ -112,7 +111,7 @@ class LNSMadam(torch.optim.Optimizer):
         for fmt in self.lns_storage.values():
             if fmt.family != "lns":
                 raise InputError(f"LNS-Madam stores weights in LNS formats only, got {fmt.spec!r}")
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, lr, p_scale, g_bound)
 
     def _magnitudes(self, fmt: NumberFormat, device: torch.device) -> Tensor:
         """The grid's nonzero magnitudes 2^(e/gamma), e = -E..E, in float64 (index e + E)."""
@@ -123,25 +122,14 @@ class LNSMadam(torch.optim.Optimizer):
             self._code_tables[(fmt, device)] = table
         return table
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g_normed = _normalized_grad(self, p, self.g_bound).round_()
-                fmt = self.lns_storage.get(p)
-                if fmt is not None and self.switch.enabled:
-                    self._step_codes(p, g_normed, lr, fmt)
-                else:
-                    p.mul_(2.0 ** (-lr * g_normed * torch.sign(p)))
-                    p.clamp_(-self.state[p]["max"], self.state[p]["max"])
-        return loss
+    def _update(self, p: Tensor, g_normed: Tensor, lr: float) -> None:
+        g_normed.round_()
+        fmt = self.lns_storage.get(p)
+        if fmt is not None and self.switch.enabled:
+            self._step_codes(p, g_normed, lr, fmt)
+        else:
+            p.mul_(2.0 ** (-lr * g_normed * torch.sign(p)))
+            p.clamp_(-self.state[p]["max"], self.state[p]["max"])
 
     def _step_codes(self, p: Tensor, g_rounded: Tensor, lr: float, fmt: NumberFormat) -> None:
         state = self.state[p]
