@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dse.errors import InputError
+from dse.yaml_lines import data_path, load_yaml
 
 TABLES_ENV = "DSE_ENERGY_TABLES"
 
@@ -183,52 +183,10 @@ class EnergyTable:
         return [(i, e) for i, e in enumerate(self.entries) if e.op in ops]
 
 
-# --- YAML with line numbers ------------------------------------------------------------------------
-
-def _construct(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
-               file: Path, constructor: yaml.constructor.SafeConstructor) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = constructor.construct_object(key_node, deep=True)
-            if key in out:
-                raise InputError(f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
-            out[key] = _construct(value_node, (*path, key), lines, file, constructor)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines, file, constructor) for i, item in enumerate(node.value)]
-    return constructor.construct_object(node, deep=True)
-
-
-def _line_of(loc: tuple[Any, ...], data: Any, lines: dict[tuple[Any, ...], int]) -> int:
-    """The line of the deepest part of `loc` that exists in the document (skipping union tags)."""
-    path: tuple[Any, ...] = ()
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            node = node[part]
-        else:
-            continue
-        path = (*path, part)
-    return lines.get(path, 1)
-
-
-def _describe_loc(loc: tuple[Any, ...]) -> str:
-    """entries[3].energy_pj, skipping the union tag pydantic inserts after a list index."""
-    out = ""
-    after_index = False
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            after_index = True
-            continue
-        if not (after_index and part in _OPS):
-            out += f".{part}" if out else str(part)
-        after_index = False
-    return out or "(top level)"
+def _without_union_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A pydantic error location without the union tag (the entry's op) it inserts after a list index."""
+    return tuple(part for index, part in enumerate(loc)
+                 if not (index and isinstance(loc[index - 1], int) and part in _OPS))
 
 
 _OPS = {"int_add", "int_mul", "register", "comparator", "shifter", "bitwise", "fp_add", "fp_mul", "sram_read",
@@ -244,31 +202,18 @@ def load_table(path: str | Path) -> EnergyTable:
         raise InputError(f"{file}: energy table not found") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
         raise InputError(f"{file}: cannot read energy table ({type(error).__name__})") from None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise InputError(f"{file}:{line}: YAML syntax error: {problem}") from None
-    if node is None:
+    data, source = load_yaml(text, str(file))
+    if data is None:
         raise InputError(f"{file}:1: empty energy table (expected 'source' and 'entries')")
-    lines: dict[tuple[Any, ...], int] = {}
-    try:
-        data = _construct(node, (), lines, file, yaml.constructor.SafeConstructor())
-    except yaml.YAMLError as error:
-        raise InputError(f"{file}:{lines.get((), 1)}: cannot read YAML value: {error}") from None
     if not isinstance(data, dict):
         raise InputError(f"{file}:1: an energy table is a mapping with 'source' and 'entries'")
     try:
         parsed = TableFile.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        loc = tuple(first["loc"])
-        line = _line_of(loc, data, lines)
-        message = first["msg"].removeprefix("Value error, ")
-        raise InputError(f"{file}:{line}: {_describe_loc(loc)}: {message}") from None
-    entry_lines = tuple(lines.get(("entries", i), 1) for i in range(len(parsed.entries)))
+        path = data_path(data, _without_union_tags(tuple(first["loc"])))
+        raise source.error(path, first["msg"].removeprefix("Value error, ")) from None
+    entry_lines = tuple(source.line(("entries", i)) for i in range(len(parsed.entries)))
     table = EnergyTable(file, parsed.source, tuple(parsed.entries), entry_lines)
     _check_duplicates(table)
     return table

@@ -21,9 +21,9 @@ from dse.data import DATASETS
 from dse.energy import DatapathParams, MemoryParams, parse_node, workload_names
 from dse.errors import InputError, closest
 from dse.formats import ROUNDINGS, get
-from dse.sweep.yaml_lines import SourceMap, dotted, load_yaml
 from dse.train.config import OPTIMIZERS, TrainConfig
 from dse.train.policy import FULL_PRECISION_LAYER_NAMES
+from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
 from models.proxies import MODELS
 
 FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
@@ -174,25 +174,6 @@ def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     return f" (expected one of {', '.join(options)})"
 
 
-def _data_path(data: Any, loc: tuple[Any, ...]) -> tuple[str | int, ...]:
-    """Keep the parts of a pydantic error location that exist in the data (drops union-member tags)."""
-    path: list[str | int] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            path.append(part)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            path.append(part)
-            node = node[part]
-        elif not isinstance(node, (dict, list)):
-            break
-        elif isinstance(node, dict) and isinstance(part, str) and not part.startswith(("list[", "dict[")):
-            path.append(part)  # an unknown or missing key: point at it (or its parent's line)
-            break
-    return tuple(path)
-
-
 def _model_for(path: tuple[str | int, ...]) -> type[BaseModel]:
     names = [p for p in path if isinstance(p, str)]
     return _SECTION_MODELS.get(names[-1] if names else "", _SweepFile)
@@ -203,7 +184,7 @@ def _pydantic_error(error: ValidationError, data: Any, source: SourceMap) -> Inp
     # a misspelt key also shows up as a missing one: report the misspelling
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
-    path = _data_path(data, loc)
+    path = data_path(data, loc)
     kind = first["type"]
     if kind == "extra_forbidden":
         key = str(path[-1])

@@ -1,5 +1,6 @@
-"""YAML with line numbers: the loaded data plus the line of every key and list item, so that a config
-error can name `file:line` and the path (`trials[1].format`) of the offending value."""
+"""YAML with line numbers: the loaded data plus the line of every key and list item, so that an error
+in a sweep file or an energy table can name `file:line` and the path (`trials[1].format`) of the
+offending value."""
 
 from __future__ import annotations
 
@@ -32,6 +33,25 @@ def dotted(path: Sequence[str | int]) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
+
+
+def data_path(data: Any, loc: tuple[Any, ...]) -> tuple[str | int, ...]:
+    """Keep the parts of a pydantic error location that exist in the data (drops union-member tags)."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif not isinstance(node, (dict, list)):
+            break
+        elif isinstance(node, dict) and isinstance(part, str) and not part.startswith(("list[", "dict[")):
+            path.append(part)  # an unknown or missing key: point at it (or its parent's line)
+            break
+    return tuple(path)
 
 
 @dataclass(frozen=True)
