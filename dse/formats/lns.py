@@ -43,6 +43,7 @@ from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal
 from functools import cached_property
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -107,12 +108,13 @@ class _Lookup(NamedTuple):
     when B lies above the tie, so (table[key] + low bits) >> shift is the index.
 
     `signed` tables (where that is at most _SIGNED_TABLE keys) have an entry for every key, the
-    sign bit's included: index top_index + 2 + i stands for -values[i], so one lookup gives the
-    signed result, for NaN and +-inf as well (their buckets lie above the finite ones) and for zero
-    (underflow=saturate's tie between 0 and min_positive lies between B = 0 and B = 1). Otherwise
-    the table covers the keys of the magnitudes from the bucket below the smallest non-zero tie,
-    which stands for all smaller ones, to the bucket past the last tie, `ceiling`, to which x is
-    clamped, then one bucket for NaN; the sign is copied afterwards.
+    sign bit's included, less the key's bucket start modulo 2^width, so that adding the whole of B
+    (wrapping) adds its low bits: one pass less. Index top_index + 2 + i stands for -values[i], so
+    one lookup gives the signed result, for NaN and +-inf as well (their buckets lie above the
+    finite ones) and for zero (underflow=saturate's tie between 0 and min_positive lies between
+    B = 0 and B = 1). Otherwise the table covers the keys of the magnitudes from the bucket below
+    the smallest non-zero tie, which stands for all smaller ones, to the bucket past the last tie,
+    `ceiling`, to which x is clamped, then one bucket for NaN; the sign is copied afterwards.
     """
 
     table: Tensor  # int32 (float32) or int64 (float64), on the device
@@ -197,8 +199,14 @@ def _lookup(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: t
     if 2 ** (width - shift) <= _SIGNED_TABLE:
         table = _bucket_entries(ties, torch.arange(2 ** (width - 1 - shift)) << shift, shift, bits, gamma)
         table = torch.cat([table, table + ((top + 2) << shift)])
+        # Less each key's bucket start B0 = key << shift, modulo 2^width (unsigned numpy arithmetic
+        # wraps by definition): adding B itself then adds B - B0, its low bits.
+        starts = np.arange(table.numel(), dtype=np.uint64) << np.uint64(shift)
+        wrapped = (table.numpy().astype(np.uint64) - starts) & np.uint64(2**width - 1)
+        unsigned = {32: np.uint32, 64: np.uint64}[width]
+        table = torch.from_numpy(wrapped.astype(unsigned).view({32: np.int32, 64: np.int64}[width]))
         values = torch.cat([grid.values, -grid.values])
-        return _Lookup(table.to(int_dtype).to(device), values.to(device), True, torch.inf, scalar(shift),
+        return _Lookup(table.to(device), values.to(device), True, torch.inf, scalar(shift),
                        scalar((1 << shift) - 1), scalar(2 ** (width - shift) - 1), scalar(0), scalar(0))
     lowest = int(torch.count_nonzero(ties <= 0))  # the index of every tiny non-zero magnitude
     first_key = (int(ties[lowest]) >> shift) - 1  # every B below this bucket's end has that index
@@ -283,7 +291,10 @@ class LNS(NumberFormat):
         if not lookup.signed:
             key.clamp_(lookup.first_key, lookup.last_key).sub_(lookup.first_key)
         torch.index_select(lookup.table, 0, key, out=index)
-        index += torch.bitwise_and(low, lookup.low_mask, out=key)
+        if lookup.signed:  # the entry less the bucket's start, plus B: wraps to entry + low bits
+            index += low
+        else:
+            index += torch.bitwise_and(low, lookup.low_mask, out=key)
         index >>= lookup.shift
         if self.underflow == "saturate" and not lookup.signed:  # only 0 goes to zero
             torch.minimum(index, torch.bitwise_and(low, torch.iinfo(low.dtype).max, out=key), out=index)
