@@ -12,10 +12,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dse.errors import InputError
-from dse.formats import get
+from dse.formats import get, round_to_integer
 from dse.train.config import TrainConfig
-from dse.train.layers import quantize_model, set_quantization
-from dse.train.optim import DEFAULT_LR, LNSMadam, Madam, make_optimizer
+from dse.train.layers import QuantSwitch, quantize_model, set_quantization
+from dse.train.optim import (
+    DEFAULT_LR,
+    LNSMadam,
+    Madam,
+    dyadic_code_step,
+    make_optimizer,
+    random_fields,
+    round_shifted,
+)
 from dse.train.policy import QuantPolicy
 
 torch.set_num_threads(1)
@@ -191,6 +199,244 @@ def test_nearest_update_rounding_stalls_sub_code_steps():
     # |round(g*)| <= 10, so |k/16| <= 10/16: only |k| >= 9 rounds to a whole code (8/16 ties to even)
     moved = model[0].weight.detach() != after_first
     assert moved.float().mean() < 0.5
+
+
+# --- LNS-Madam's kept codes and integer rounding, against the float64 algorithm they replace ------------
+
+
+class ReferenceLNSMadam:
+    """LNS-Madam on one LNS-stored weight tensor as first written: every step recomputes the log codes
+    from the weights by log2 and rounds the code step -gamma * lr * round(g*) * sign(p) in float64
+    with `round_to_integer`. `lns=False` steps take the fp32 base-2 update (warm-up)."""
+
+    def __init__(self, p0: torch.Tensor, lr: float, spec: str, rounding: str, seed: int) -> None:
+        self.p = p0.clone()
+        self.lr, self.fmt, self.rounding = lr, get(spec), rounding
+        self.generator = seeded(seed)
+        self.bound = 3.0 * (p0 * p0).mean().sqrt().item()
+        self.scale = self.bound / self.fmt.max if self.bound > 0 else 1.0
+        self.v = torch.zeros_like(p0)
+        self.t = 0
+
+    def step(self, g: torch.Tensor, lns: bool = True) -> None:
+        self.t += 1
+        self.v = 0.999 * self.v + 0.001 * g**2
+        g_star = g / (self.v / (1 - 0.999**self.t)).sqrt()
+        g_star = torch.round(torch.nan_to_num(g_star, nan=0.0).clamp(-10.0, 10.0))
+        sign = torch.sign(self.p)
+        if not lns:
+            self.p = (self.p * 2.0 ** (-self.lr * g_star * sign)).clamp(-self.bound, self.bound)
+            return
+        gamma = self.fmt.gamma
+        values = self.fmt.values()
+        table = values[values > 0]
+        top = (table.numel() - 1) // 2
+        codes = torch.round(torch.log2(self.p.abs().double() / self.scale) * gamma).nan_to_num(nan=0.0)
+        steps = round_to_integer((-gamma * self.lr) * g_star.double() * sign, self.rounding, self.generator)
+        index = (codes + steps).clamp(-top, top).add(top).long()
+        stepped = (table[index] * self.scale * sign).to(self.p.dtype)
+        self.p = torch.where(torch.isnan(self.p), self.p, stepped)
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+LNS_WEIGHTS = ["lns(6,gamma=2)", "lns8", "lns(10,gamma=32)", "lns(12,gamma=128)"]
+DYADIC_LRS = [1 / 128, 1 / 32, 3 / 64, 1 / 8, 2.0, 2.0**-30, (2**25 + 1) * 2.0**-32]
+OTHER_LRS = [0.01, 0.3, 1 / 3]
+
+
+def lns_trial(seed: int, shape: tuple[int, int] = (7, 6), steps: int = 6):
+    generator = seeded(seed)
+    p0 = torch.randn(shape, generator=generator) * 0.2
+    p0[0, :2] = 0.0  # zero weights stay zero
+    grads = [torch.randn(shape, generator=generator) * 10.0 ** torch.randint(-3, 2, (1,), generator=generator)
+             for _ in range(steps)]
+    grads[1][1, 0] = 0.0
+    return p0, grads
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(LNS_WEIGHTS), st.sampled_from(DYADIC_LRS + OTHER_LRS),
+       st.sampled_from(["nearest", "toward_zero", "pseudo_stochastic"]), st.integers(0, 2**16))
+def test_lns_code_steps_match_the_float64_algorithm_bit_for_bit(spec, lr, rounding, seed):
+    p0, grads = lns_trial(seed)
+    param = nn.Parameter(p0.clone())
+    optimizer = LNSMadam([param], lr=lr, lns_storage={param: get(spec)}, update_rounding=rounding,
+                         generator=seeded(seed))
+    reference = ReferenceLNSMadam(p0, lr, spec, rounding, seed)
+    for g in grads:
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g)
+        assert_same_bits(param.detach(), reference.p)
+
+
+@pytest.mark.parametrize("lr", OTHER_LRS)
+@pytest.mark.parametrize("spec", ["lns8", "lns(12,gamma=128)"])
+def test_stochastic_steps_that_are_not_dyadic_keep_the_float64_draws(spec, lr):
+    p0, grads = lns_trial(3)
+    param = nn.Parameter(p0.clone())
+    optimizer = LNSMadam([param], lr=lr, lns_storage={param: get(spec)}, generator=seeded(5))
+    reference = ReferenceLNSMadam(p0, lr, spec, "stochastic", 5)
+    for g in grads:
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g)
+    assert_same_bits(param.detach(), reference.p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-(2**30) + 1, 2**30 - 1), min_size=1, max_size=40), st.integers(0, 30))
+def test_round_shifted_is_round_and_trunc_of_the_exact_quotient(values, k):
+    s = torch.tensor(values, dtype=torch.int32)
+    quotient = s.double() / 2.0**k  # exact
+    assert torch.equal(round_shifted(s.clone(), k, "nearest"), torch.round(quotient).int())
+    assert torch.equal(round_shifted(s.clone(), k, "toward_zero"), torch.trunc(quotient).int())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.data())
+def test_round_shifted_pseudo_stochastic_is_the_float64_rule_where_claimed(k, data):
+    bound = min(2**30, 2 ** (53 - k)) - 1
+    values = data.draw(st.lists(st.integers(-bound, bound), min_size=1, max_size=40))
+    s = torch.tensor(values, dtype=torch.int32)
+    expected = round_to_integer(s.double() / 2.0**k, "pseudo_stochastic").int()
+    assert torch.equal(round_shifted(s.clone(), k, "pseudo_stochastic"), expected)
+
+
+@pytest.mark.parametrize("k", [1, 4, 7, 8, 13, 16, 30])
+def test_round_shifted_stochastic_is_unbiased(k):
+    n = 40000
+    generator = seeded(k)
+    for value in (1, 3, -3, 2 ** (k - 1), -(2**k) - 1, 5 * 2**k + 3, 2**k - 1):
+        if abs(value) >= 2**30:
+            continue
+        s = torch.full((n,), value, dtype=torch.int32)
+        rounded = round_shifted(s, k, "stochastic", generator)
+        exact = value / 2**k
+        assert set(rounded.unique().tolist()) <= {math.floor(exact), math.floor(exact) + 1}
+        fraction = exact - math.floor(exact)
+        spread = math.sqrt(fraction * (1 - fraction) / n)
+        assert abs(rounded.double().mean().item() - exact) <= 5 * spread + 1e-12, (k, value)
+
+
+@pytest.mark.parametrize("k", [1, 4, 7, 8, 15, 16, 30])
+def test_random_fields_have_k_uniform_bits(k):
+    n = 40000
+    fields = random_fields(n, k, torch.device("cpu"), seeded(k)).to(torch.int64)
+    assert fields.shape == (n,) and int(fields.min()) >= 0 and int(fields.max()) < 2**k
+    for bit in range(k):  # each bit, including the top one of each draw's last piece, is a fair coin
+        mean = ((fields >> bit) & 1).double().mean().item()
+        assert abs(mean - 0.5) <= 5 * 0.5 / math.sqrt(n), (k, bit)
+
+
+def test_lns_madam_sub_code_steps_are_unbiased():
+    """lns8 (gamma 8), lr 3/128: the first step's g* is sign(g), so every code moves by 3/16 of a code,
+    down for weights whose gradient agrees with their sign, up for the others."""
+    n = 2**16
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    gradient_sign = torch.where(torch.arange(n) % 3 == 0, 1.0, -1.0)
+    param = nn.Parameter(sign * 0.05)
+    optimizer = LNSMadam([param], lr=3 / 128, lns_storage={param: get("lns8")}, generator=seeded(0))
+    before = param.detach().clone()
+    param.grad = gradient_sign * 1e-3
+    optimizer.step()
+    scale = optimizer.state[param]["lns_scale"]
+    codes_after = lns_codes(param, scale, 8)
+    assert torch.allclose(codes_after, codes_after.round(), atol=1e-6)
+    moved = codes_after.round() - lns_codes(before, scale, 8).round()  # the step rounds 0.05 to a code first
+    expected = -3 / 16 * sign * gradient_sign  # -gamma * lr * round(g*) * sign(p)
+    assert torch.equal(moved, torch.where(moved == expected.floor(), expected.floor(), expected.ceil()))
+    for direction in (1.0, -1.0):
+        where = expected.sign() == direction
+        spread = math.sqrt(3 / 16 * 13 / 16 / int(where.sum()))
+        assert abs(moved[where].mean().item() - direction * 3 / 16) <= 5 * spread
+
+
+def test_dyadic_code_steps_are_recognised_exactly():
+    assert dyadic_code_step(8 / 128, 10, "stochastic") == (1, 4)
+    assert dyadic_code_step(8 * 3 / 64, 10, "nearest") == (3, 3)
+    assert dyadic_code_step(128 / 32, 10, "nearest") == (4, 0)
+    assert dyadic_code_step(8 * 0.01, 10, "nearest") is None  # 0.08 needs 56 bits below the point
+    assert dyadic_code_step(2.0**-31, 10, "nearest") is None
+    assert dyadic_code_step(2.0**27, 10, "nearest") is None  # the code step would not fit int32
+    big = (2**25 + 1) * 2.0**-29
+    assert dyadic_code_step(big, 10, "nearest") == (2**25 + 1, 29)
+    assert dyadic_code_step(big, 10, "pseudo_stochastic") is None  # beyond round_shifted's claim
+
+
+def test_weights_written_between_steps_are_read_again():
+    p0, grads = lns_trial(11, steps=7)
+    rewritten = torch.randn(p0.shape, generator=seeded(12)) * 0.1  # off the grid: rounded on the next step
+    param = nn.Parameter(p0.clone())
+    switch = QuantSwitch()
+    optimizer = LNSMadam([param], lr=1 / 32, lns_storage={param: get("lns8")}, update_rounding="nearest",
+                         switch=switch)
+    reference = ReferenceLNSMadam(p0, 1 / 32, "lns8", "nearest", 0)
+    for step, g in enumerate(grads):
+        if step == 2:
+            with torch.no_grad():
+                param.copy_(rewritten)
+            reference.p = rewritten.clone()
+        switch.enabled = step not in (4, 5)  # an fp32 stretch, as in a warm-up
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g, lns=switch.enabled)
+        assert_same_bits(param.detach(), reference.p)
+    index = optimizer.state[param]["lns_index"]
+    assert index.dtype == torch.int32 and index.numel() == param.numel()
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_non_contiguous_lns_weights_step_like_contiguous_ones(rounding):
+    p0, grads = lns_trial(15)
+    weights = [nn.Parameter(p0.clone()), nn.Parameter(p0.t().contiguous().t())]
+    assert not weights[1].is_contiguous()
+    for param in weights:
+        optimizer = LNSMadam([param], lr=1 / 128, lns_storage={param: get("lns8")}, update_rounding=rounding,
+                             generator=seeded(1))
+        run_steps(optimizer, param, grads)
+    assert_same_bits(weights[1].detach(), weights[0].detach())
+
+
+def test_codes_are_kept_between_steps_and_recomputed_only_after_outside_writes(monkeypatch):
+    log2_calls = []
+    log2 = torch.log2
+    monkeypatch.setattr(torch, "log2", lambda x: log2_calls.append(x.shape) or log2(x))
+    p0, grads = lns_trial(14, steps=5)
+    param = nn.Parameter(p0.clone())
+    optimizer = LNSMadam([param], lr=1 / 128, lns_storage={param: get("lns8")}, generator=seeded(0))
+    for step, g in enumerate(grads):
+        if step == 3:
+            with torch.no_grad():
+                param.mul_(1.5)
+        param.grad = g.clone()
+        optimizer.step()
+    assert log2_calls == [p0.shape, p0.shape]  # the first step and the one after mul_
+
+
+def test_a_loaded_state_dict_does_not_bring_back_stale_codes():
+    p0, grads = lns_trial(13, steps=5)
+    param = nn.Parameter(p0.clone())
+    optimizer = LNSMadam([param], lr=1 / 8, lns_storage={param: get("lns8")}, update_rounding="nearest")
+    reference = ReferenceLNSMadam(p0, 1 / 8, "lns8", "nearest", 0)
+    for g in grads[:2]:
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g)
+    saved, saved_reference = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(reference)
+    for g in grads[2:4]:
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g)
+    optimizer.load_state_dict(saved)  # the moments of step 2, the weights of step 4
+    saved_reference.p = reference.p
+    param.grad = grads[4].clone()
+    optimizer.step()
+    saved_reference.step(grads[4])
+    assert_same_bits(param.detach(), saved_reference.p)
 
 
 # --- stored weights and optimizer state ------------------------------------------------------------------

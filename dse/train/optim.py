@@ -9,14 +9,17 @@ weights stored in an LNS format moves each weight's log code by whole steps itse
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dse.errors import InputError
-from dse.formats import NumberFormat, round_to_integer
+from dse.formats import ROUNDINGS, NumberFormat, round_to_integer
+from dse.formats.base import random_bits
 from dse.train.layers import QuantSwitch, quant_switch, quantized_layers
 from dse.train.policy import QuantPolicy, TensorQuant
 
@@ -41,7 +44,8 @@ def _normalized_grad(optimizer: torch.optim.Optimizer, p: Tensor, g_bound: float
     """Madam's g* (jxbz/madam): g / sqrt(bias-corrected EMA of g^2), NaN -> 0, clamped to +-g_bound.
 
     On the first step it records max = p_scale * RMS(p), the bound the weights are clamped to.
-    The arithmetic follows the reference expression by expression, so results match it bit for bit.
+    The arithmetic follows the reference expression by expression (in place, in the same order),
+    so results match it bit for bit. Returns a fresh tensor the caller may overwrite.
     """
     state = optimizer.state[p]
     if len(state) == 0:
@@ -51,9 +55,12 @@ def _normalized_grad(optimizer: torch.optim.Optimizer, p: Tensor, g_bound: float
     state["step"] += 1
     bias_correction = 1 - MADAM_BETA ** state["step"]
     grad = p.grad
-    state["exp_avg_sq"] = MADAM_BETA * state["exp_avg_sq"] + MADAM_ONE_MINUS_BETA * grad**2
-    g_normed = grad / (state["exp_avg_sq"] / bias_correction).sqrt()
-    g_normed[torch.isnan(g_normed)] = 0
+    assert grad is not None
+    exp_avg_sq = state["exp_avg_sq"]  # v <- beta v + (1 - beta) g^2
+    exp_avg_sq.mul_(MADAM_BETA).add_(torch.mul(grad, grad).mul_(MADAM_ONE_MINUS_BETA))
+    g_normed = exp_avg_sq.div(bias_correction).sqrt_()
+    torch.div(grad, g_normed, out=g_normed)
+    g_normed.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     return g_normed.clamp_(-g_bound, g_bound)
 
 
@@ -87,6 +94,84 @@ class Madam(torch.optim.Optimizer):
         p.clamp_(-self.state[p]["max"], self.state[p]["max"])
 
 
+CODE_LIMIT = 2**29
+"""Bound on stored log codes and float-path code steps, so that int32 code sums stay exact (a finite
+float32 weight's code is at most 150 * gamma in magnitude; zero weights' -inf codes land here)."""
+
+MAX_DYADIC_SHIFT = 30
+"""Largest k for which a code step gamma * lr = num / 2^k is rounded in integers (k-bit remainders)."""
+
+
+def dyadic_code_step(gamma_lr: float, g_max: int, rounding: str) -> tuple[int, int] | None:
+    """(num, k) with gamma * lr == num / 2^k exactly, when the integer rounding of
+    round(g*) * num / 2^k (|round(g*)| <= g_max) is exact in int32; None: round in float64.
+
+    pseudo_stochastic also needs |round(g*) * num| below 2^(53 - k), the range in which
+    `round_shifted` reproduces round_to_integer's rule on the float64 quotient.
+    """
+    if not math.isfinite(gamma_lr):
+        return None
+    num, den = gamma_lr.as_integer_ratio()
+    k = den.bit_length() - 1
+    largest = abs(num) * g_max
+    if k > MAX_DYADIC_SHIFT or largest >= 2**30:
+        return None
+    if rounding == "pseudo_stochastic" and largest.bit_length() + k > 53:
+        return None
+    return num, k
+
+
+def random_fields(n: int, k: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """n independent uniform k-bit integers (1 <= k <= 30) cut from `random_bits`' 31-bit draws: each
+    draw is split into 4 bytes (k <= 7) or 2 halves (k <= 15) or kept whole, and each piece masked to
+    its low k bits (the top piece has 7, 15 or 31 random bits): exactly uniform, fewer draws."""
+    dtype, per_draw = (torch.uint8, 4) if k <= 7 else (torch.int16, 2) if k <= 15 else (torch.int32, 1)
+    draws = random_bits((-(-n // per_draw),), device, generator)
+    return draws.view(dtype)[:n].bitwise_and_((1 << k) - 1)
+
+
+def round_shifted(s: Tensor, k: int, rounding: str, generator: torch.Generator | None = None) -> Tensor:
+    """R(s / 2^k) for int32 s (|s| < 2^30, 0 <= k <= 30), computed in place in s.
+
+    nearest and toward_zero give exactly torch.round (ties to even) and torch.trunc of the quotient.
+    stochastic rounds up with probability (s mod 2^k) / 2^k exactly, from k-bit `random_fields`.
+    pseudo_stochastic gives what round_to_integer gives on the float64 quotient when |s| < 2^(53-k)
+    (see `dyadic_code_step`): its NITI rule splits the significand bits below the point in halves,
+    and there those bits are the k remainder bits followed by at least k zeros, so the high half
+    is non-zero and the low half zero whenever the quotient is inexact: it rounds away from zero.
+    """
+    if k == 0:
+        return s
+    mask = (1 << k) - 1
+    if rounding == "stochastic":  # floor((s + u) / 2^k) = floor(s / 2^k) + [u >= 2^k - s mod 2^k]
+        s.add_(random_fields(s.numel(), k, s.device, generator).view(s.shape))
+    elif rounding == "nearest":  # + 2^(k-1) - 1, + 1 more when the floor is odd: ties go to even
+        s.add_((s >> k).bitwise_and_(1).add_(mask >> 1))
+    elif rounding == "toward_zero":  # negatives + 2^k - 1: their floor becomes the ceiling
+        s.add_((s >> 31).bitwise_and_(mask))
+    else:  # pseudo_stochastic: non-negatives + 2^k - 1, away from zero
+        s.add_((s >> 31).bitwise_not_().bitwise_and_(mask))
+    return s.bitwise_right_shift_(k)
+
+
+@dataclass
+class StoredWeight:
+    """LNSMadam's view of one LNS-stored weight between steps: valid while the weight's version
+    counter is still `version` (the one its own write left) and state["lns_index"] is `index`.
+
+    `table` lists the grid's values in increasing order, -max .. -min, min .. max, then 0 and NaN;
+    `index` (int32, flat) is each weight's position in it. Magnitudes grow with the index for
+    positive weights and shrink for negative ones, so a log-code step d moves the index by
+    sign(p) * d, and [low, high] is the weight's own half (a single position for 0 and NaN).
+    """
+
+    index: Tensor
+    low: Tensor
+    high: Tensor
+    table: Tensor
+    version: int
+
+
 class LNSMadam(Madam):
     """LNS-Madam (Zhao et al. 2022, jiaweizzhao/lns-madam-optimizer): Madam's g* rounded to an
     integer and a base-2 update p <- clamp(p * 2^(-lr * round(g*) * sign(p)), +-max).
@@ -97,6 +182,14 @@ class LNSMadam(Madam):
     R being `update_rounding` (exact when gamma * lr * round(g*) is an integer), clamped to the
     grid's nonzero codes: weights stay on the grid, never change sign and never reach zero.
     `switch` turns that off (fp32 warm-up), and then the reference update applies to them too.
+
+    The codes are kept between steps (`StoredWeight`, state["lns_index"]) and recomputed from
+    the weight, exactly, whenever something else wrote it. R is odd (stochastic: in distribution),
+    so the index moves by R(-gamma * lr * round(g*)) whatever the sign. When gamma * lr is a dyadic
+    num / 2^k that rounding is done in integers (`round_shifted`), else in float64
+    (`round_to_integer`). Either way nearest, toward_zero and pseudo_stochastic give the results of
+    recomputing the codes by log2 and rounding the float64 step at every step, bit for bit; so does
+    stochastic in float64, while integer stochastic rounding draws its own bits.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = DEFAULT_LR["lns-madam"], p_scale: float = 3.0,
@@ -104,22 +197,29 @@ class LNSMadam(Madam):
                  update_rounding: str = "stochastic", generator: torch.Generator | None = None,
                  switch: QuantSwitch | None = None) -> None:
         self.lns_storage = dict(lns_storage or {})
+        if update_rounding not in ROUNDINGS:
+            raise InputError(f"unknown LNS-Madam update_rounding {update_rounding!r}: "
+                             f"expected one of {', '.join(ROUNDINGS)}")
         self.update_rounding = update_rounding
         self.generator = generator
         self.switch = switch or QuantSwitch()
-        self._code_tables: dict[tuple[NumberFormat, torch.device], Tensor] = {}
+        self._tables: dict[tuple[NumberFormat, float, torch.dtype, torch.device], Tensor] = {}
+        self._stored: dict[Tensor, StoredWeight] = {}
         for fmt in self.lns_storage.values():
             if fmt.family != "lns":
                 raise InputError(f"LNS-Madam stores weights in LNS formats only, got {fmt.spec!r}")
         super().__init__(params, lr, p_scale, g_bound)
+        self._g_max = math.ceil(g_bound) if math.isfinite(g_bound) else 2**31  # bounds |round(g*)|
 
-    def _magnitudes(self, fmt: NumberFormat, device: torch.device) -> Tensor:
-        """The grid's nonzero magnitudes 2^(e/gamma), e = -E..E, in float64 (index e + E)."""
-        table = self._code_tables.get((fmt, device))
+    def _values(self, fmt: NumberFormat, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """StoredWeight.table: +-scale * 2^(e/gamma) (e = -E..E, in float64, rounded once), 0, NaN."""
+        key = (fmt, scale, dtype, device)
+        table = self._tables.get(key)
         if table is None:
             values = fmt.values()
-            table = values[values > 0].to(device)
-            self._code_tables[(fmt, device)] = table
+            magnitudes = (values[values > 0] * scale).to(dtype)
+            table = torch.cat([-magnitudes.flip(0), magnitudes, magnitudes.new_tensor([0.0, math.nan])])
+            table = self._tables[key] = table.to(device)
         return table
 
     def _update(self, p: Tensor, g_normed: Tensor, lr: float) -> None:
@@ -127,26 +227,57 @@ class LNSMadam(Madam):
         fmt = self.lns_storage.get(p)
         if fmt is not None and self.switch.enabled:
             self._step_codes(p, g_normed, lr, fmt)
-        else:
-            p.mul_(2.0 ** (-lr * g_normed * torch.sign(p)))
-            p.clamp_(-self.state[p]["max"], self.state[p]["max"])
+            return
+        exponent = g_normed.mul_(-lr).mul_(torch.sign(p))  # the reference's -lr * round(g*) * sign(p)
+        p.mul_(torch.pow(2.0, exponent, out=exponent))
+        p.clamp_(-self.state[p]["max"], self.state[p]["max"])
+
+    def _stored_weight(self, p: Tensor, state: dict[str, Any], fmt: NumberFormat) -> StoredWeight:
+        """The kept index of p, or a fresh one from p's values when p was written by someone else."""
+        stored = self._stored.get(p)
+        if stored is not None and stored.index is state.get("lns_index") and stored.version == p._version:
+            return stored
+        scale = state["lns_scale"]
+        table = self._values(fmt, scale, p.dtype, p.device)
+        size = (table.numel() - 2) // 2  # 2E + 1 magnitudes
+        top = (size - 1) // 2
+        codes = torch.round(torch.log2(p.abs().double() / scale) * fmt.gamma)  # type: ignore[attr-defined]
+        codes = codes.nan_to_num_(nan=0.0).clamp_(-CODE_LIMIT, CODE_LIMIT).to(torch.int32).reshape(-1)
+        flat = p.detach().reshape(-1)
+        positive, negative = flat > 0, flat < 0
+        pinned = torch.isnan(flat).to(torch.int32).add_(2 * size)  # 0 and NaN stay as they are
+        index = torch.where(positive, codes + (size + top),
+                            torch.where(negative, (size - 1 - top) - codes, pinned))
+        low = torch.where(positive, size, torch.where(negative, 0, pinned))
+        high = torch.where(positive, 2 * size - 1, torch.where(negative, size - 1, pinned))
+        stored = StoredWeight(index, low, high, table, p._version)
+        state["lns_index"] = index
+        self._stored[p] = stored
+        return stored
 
     def _step_codes(self, p: Tensor, g_rounded: Tensor, lr: float, fmt: NumberFormat) -> None:
         state = self.state[p]
         if "lns_scale" not in state:
             state["lns_scale"] = state["max"] / fmt.max if state["max"] > 0 else 1.0
-        scale = state["lns_scale"]
-        table = self._magnitudes(fmt, p.device)
-        top = (table.numel() - 1) // 2
+        stored = self._stored_weight(p, state, fmt)
+        index = stored.index
         gamma = fmt.gamma  # type: ignore[attr-defined]
-        sign = torch.sign(p)
-        codes = torch.round(torch.log2(p.abs().double() / scale) * gamma)  # exact on the grid
-        codes.nan_to_num_(nan=0.0)  # NaN weights (a diverged run) stay NaN, below
-        steps = round_to_integer((-gamma * lr) * g_rounded.double() * sign, self.update_rounding,
-                                 self.generator)
-        index = (codes + steps).clamp_(-top, top).add_(top).long()
-        stepped = table.index_select(0, index.reshape(-1)).reshape(p.shape).mul_(scale).mul_(sign)
-        p.copy_(torch.where(torch.isnan(p), p, stepped))
+        dyadic = dyadic_code_step(gamma * lr, self._g_max, self.update_rounding)
+        if dyadic is None:
+            steps = round_to_integer((-gamma * lr) * g_rounded.double(), self.update_rounding, self.generator)
+            index.add_(steps.reshape(-1).clamp_(-CODE_LIMIT, CODE_LIMIT).to(torch.int32))
+        else:
+            num, k = dyadic
+            shifted = g_rounded.reshape(-1).to(torch.int32)
+            if num != 1:
+                shifted.mul_(num)
+            index.sub_(round_shifted(shifted, k, self.update_rounding, self.generator))
+        index.clamp_(stored.low, stored.high)
+        if p.is_contiguous():
+            torch.index_select(stored.table, 0, index, out=p.view(-1))
+        else:
+            p.copy_(stored.table.index_select(0, index).view(p.shape))
+        stored.version = p._version
 
 
 class StepQuantizer:
