@@ -17,13 +17,18 @@ import torch
 
 from dse.data import load_dataset
 from dse.train import TrainConfig
+from dse.train.layers import quantized_layers
 from dse.train.loop import prepare
 from models.proxies import build_model
 
 PROXIES = (("mlp", "digits", 64), ("mlp", "mnist1d", 100), ("cnn", "mnist1d", 100), ("resnet", "digits", 64),
            ("transformer", "sort", 128))
+# "no-op quantizers": every GEMM runs through the quantized layers with quantizers that return their
+# input, so its row is the floor that the autograd functions alone put under every format.
+NO_OP = "no-op quantizers"
 VARIANTS = (
     ("fp32", {}, None),
+    (NO_OP, {"format": "int8"}, None),
     ("fp8_e4m3", {"format": "fp8_e4m3"}, 1.5),
     ("int8", {"format": "int8"}, 1.5),
     ("lns8", {"format": "lns8"}, 1.5),
@@ -34,12 +39,22 @@ VARIANTS = (
 )
 
 
-def make_step(model_name: str, dataset_name: str, batch: int, overrides: dict):  # type: ignore[no-untyped-def]
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def make_step(label: str, model_name: str, dataset_name: str, batch: int, overrides: dict):  # type: ignore[no-untyped-def]
     data = load_dataset(dataset_name)
     config = TrainConfig(model=model_name, dataset=dataset_name, batch_size=batch, **overrides)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     setup = prepare(build_model(model_name, data), config, generator)
+    if label == NO_OP:
+        for module in quantized_layers(setup.model):
+            quant = module.gemm_quant
+            for name in ("activation", "weight", "error", "weight_grad"):
+                if getattr(quant, name) is not None:
+                    setattr(quant, name, _identity)
     x, y = data.x_train, data.y_train
     order = torch.Generator().manual_seed(1)
 
@@ -68,7 +83,7 @@ def main() -> None:
     for model_name, dataset_name, batch in PROXIES:
         if f"{model_name}/{dataset_name}" not in wanted:
             continue
-        steps = {label: make_step(model_name, dataset_name, batch, overrides)
+        steps = {label: make_step(label, model_name, dataset_name, batch, overrides)
                  for label, overrides, _ in VARIANTS}
         times: dict[str, list[float]] = {label: [] for label in steps}
         for step in steps.values():
