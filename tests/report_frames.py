@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-UNITS = ("multiply", "conversion", "accumulation", "update", "memory")
+from dse.sweep.store import TRIAL_COLUMNS, UNITS, PlanRow, SweepStore, TrialRow
+
 UNIT_SHARES = (0.4, 0.1, 0.2, 0.1, 0.2)
 
 
@@ -65,3 +67,26 @@ def example_trials(workloads: tuple[str, ...] = ("proxy", "resnet50")) -> pd.Dat
                 rows.append(trial_row(task, label, seed, accuracy + shift, {w: energy[w] for w in workloads},
                                       status=status, format=fmt, optimizer=optimizer))
     return trials_frame(rows, list(workloads))
+
+
+def build_store(directory: Path, trials: pd.DataFrame) -> None:
+    """Write `trials` (report_frames' shape) into a sweep store the way the sweep runner does."""
+    workloads = trials.attrs["sweep"]["workloads"]
+    with SweepStore(directory) as store:
+        plan = [PlanRow(row.trial_id, row.task, row.label, f"{row.task}/{row.label}")
+                for row in trials.itertuples()]
+        energies = {}
+        for _, row in trials.iterrows():
+            for workload in workloads:
+                energies[(f"{row['task']}/{row['label']}", workload)] = {
+                    "total_mj": row[f"energy_mj:{workload}"], "memory_mib": row[f"memory_mib:{workload}"],
+                    **{f"{unit}_mj": row[f"energy_mj:{workload}:{unit}"] for unit in UNITS}}
+        store.start({"name": "synthetic", "workloads": workloads, "memory_objective": False}, plan, energies)
+        for _, row in trials.iterrows():
+            values = {column: row[column] for column in TRIAL_COLUMNS}
+            for name in ("test_accuracy", "final_loss"):
+                values[name] = None if math.isnan(values[name]) else float(values[name])
+            values.update(weight_grads=row["gradients"], master_weights=int(row["master_weights"]),
+                          diverged=int(row["diverged"]), seed=int(row["seed"]),
+                          warmup_epochs=int(row["warmup_epochs"]), config=row["config"], result="{}")
+            store.record(TrialRow(values))
