@@ -332,6 +332,19 @@ def test_fused_path_equals_the_block_formula_for_every_layout(spec: str, threads
             assert_same(fused, NumberFormat.quantize(fmt, value))
 
 
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3(axis=1)", "mxint8(axis=1)", "mx(fp4_e2m1,block=16,axis=1)"])
+@pytest.mark.parametrize("channels", [25, 32, 64, 70])
+def test_fused_path_blocks_convolution_channels_in_place(spec: str, channels: int) -> None:
+    """Blocks along the channel axis of conv activations (N, C, L) and weights (O, C, kh, kw): whole
+    blocks and a shorter last one, at every block exponent, as the block formula gives them."""
+    fmt = get(spec)
+    rows = blocks_at_every_exponent(get(spec.replace("axis=1", "axis=-1")), per_exponent=2, seed=channels)
+    values = rows.reshape(-1)[: rows.numel() // (channels * 6) * channels * 6]
+    typical = torch.randn(8, channels, 6, generator=torch.Generator().manual_seed(channels)) * 1e3
+    for value in (values.reshape(-1, channels, 6), values.reshape(-1, channels, 3, 2), typical):
+        assert_same(fmt.quantize(value), NumberFormat.quantize(fmt, value))
+
+
 @pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxint8"])
 def test_input_that_autograd_records_gets_the_same_values(spec: str) -> None:
     fmt = get(spec)

@@ -38,7 +38,6 @@ from dse.formats.base import (
     constant,
     cpu_chunk_elements,
     float_exponent,
-    from_blocks,
     power_of_two,
     to_blocks,
 )
@@ -148,17 +147,30 @@ class MXFormat(NumberFormat):
             return super().quantize(x, rounding, generator)
         work = x.float().reshape(1) if x.dim() == 0 else x.float()
         axis, size = self.axis % work.dim(), self.block_size
-        if axis == work.dim() - 1 and work.shape[-1] % size == 0:
-            blocks = work.contiguous().view(-1, size)
-            out = self._quantize_blocks_nearest(blocks).view(work.shape)
-        else:
-            moved, shape, pad = to_blocks(work, axis, size)
-            out = self._quantize_blocks_nearest(moved.contiguous().view(-1, size))
-            out = from_blocks(out.view(moved.shape), shape, axis, pad)
-        return out.reshape(x.shape).to(x.dtype)
+        length = work.shape[axis]
+        if axis == work.dim() - 1 and length % size == 0:  # rows of whole blocks (Linear layers)
+            blocks = work.contiguous().view(-1, 1, size, 1)
+            out = torch.empty_like(blocks)
+            self._quantize_blocks_nearest(blocks, out)
+            return out.view(x.shape).to(x.dtype)
+        # (outer, length, inner): blocks run along the middle axis, where they lie, with no copy.
+        grid = work.contiguous().view(math.prod(work.shape[:axis]), length, -1)
+        out = torch.empty_like(grid)
+        full = length - length % size
+        # Whole blocks, then one shorter block at the end: padding it with zeros changes nothing.
+        for start, stop, width in ((0, full, size), (full, length, length - full)):
+            if stop == start:
+                continue
+            shape = (grid.shape[0], (stop - start) // width, width, grid.shape[2])
+            if stop - start == length:  # the whole axis: no slicing
+                self._quantize_blocks_nearest(grid.view(shape), out.view(shape))
+            else:
+                self._quantize_blocks_nearest(grid[:, start:stop].view(shape), out[:, start:stop].view(shape))
+        return out.view(x.shape).to(x.dtype)
 
-    def _quantize_blocks_nearest(self, blocks: Tensor) -> Tensor:
-        """Quantize the rows of contiguous float32 blocks to nearest: one pass, chunk by chunk.
+    def _quantize_blocks_nearest(self, blocks: Tensor, out: Tensor) -> None:
+        """Quantize float32 blocks (outer, n_blocks, width, inner) along dim 2 to nearest, into out:
+        one pass, slice by slice along dim 0.
 
         Everything comes from bit patterns, with no division or log2. |v| is the pattern with the
         sign cleared (kept in the output), and the block's max of it has the exponent field F, so
@@ -174,15 +186,14 @@ class MXFormat(NumberFormat):
         """
         plan = self._nearest_plan
         constants = self._constants(blocks.device)
-        out = torch.empty_like(blocks)
         magnitude = out.view(torch.int32)
-        rows = max(cpu_chunk_elements(blocks) // blocks.shape[1], 1)
-        amax = torch.empty((blocks.shape[0], 1), dtype=torch.int32, device=blocks.device)
+        amax = torch.empty((*blocks.shape[:2], 1, blocks.shape[3]), dtype=torch.int32, device=blocks.device)
+        rows = max(cpu_chunk_elements(blocks) // math.prod(blocks.shape[1:]), 1)
+        scratch = torch.empty((min(rows, blocks.shape[0]), *blocks.shape[1:]), dtype=torch.int32,
+                              device=blocks.device)
         if blocks.shape[0] <= rows:  # one slice: no slicing
-            scratch = torch.empty(blocks.shape, dtype=torch.int32, device=blocks.device)
             self._round_rows_nearest(blocks, out, magnitude, amax, scratch, plan, constants)
         else:
-            scratch = torch.empty((rows, blocks.shape[1]), dtype=torch.int32, device=blocks.device)
             for start in range(0, blocks.shape[0], rows):
                 chunk = slice(start, start + rows)
                 self._round_rows_nearest(blocks[chunk], out[chunk], magnitude[chunk], amax[chunk],
@@ -195,17 +206,17 @@ class MXFormat(NumberFormat):
             bad = ((exponent_field < plan.lowest_field) & (amax != 0)
                    | (exponent_field > plan.highest_field) & (exponent_field < 255))
             if bool(bad.any()):
-                redo = bad.view(-1).nonzero().view(-1)
-                out[redo] = self._quantize_rows(blocks[redo])
-        return out
+                scale = self.scale_from_amax(blocks.abs().amax(dim=2, keepdim=True))
+                reference = self.round_unscaled(blocks / scale, "nearest", None) * scale
+                out.copy_(torch.where(bad, reference, out))
 
     @staticmethod
     def _round_rows_nearest(blocks: Tensor, part: Tensor, mag: Tensor, block_max: Tensor, scratch: Tensor,
                             plan: _NearestPlan, constants: _Constants) -> None:
         """One slice of `_quantize_blocks_nearest`: part (float32) and mag (its int32 view) get the
-        rounded rows, block_max the max|v| bits of each row; scratch is int32 space of part's shape."""
+        rounded blocks, block_max the max|v| bits of each block; scratch is int32 space of part's shape."""
         torch.bitwise_and(blocks.view(torch.int32), constants.magnitude_mask, out=mag)
-        torch.amax(mag, dim=1, keepdim=True, out=block_max)
+        torch.amax(mag, dim=2, keepdim=True, out=block_max)
         field = torch.bitwise_and(block_max, constants.exponent_mask)  # F << 23
         limit = field.clamp_min(plan.limit_floor).add_(constants.limit_offset)
         if plan.factor:  # FP elements
@@ -261,11 +272,6 @@ class MXFormat(NumberFormat):
                                 magic_offset=((23 - frac - emax) << 23) | (1 << 22),
                                 lowest_field=1 + emax, highest_field=231 + emax + frac)
         return None
-
-    def _quantize_rows(self, blocks: Tensor) -> Tensor:
-        """The reference block quantization (NumberFormat.quantize's formula) of rows of blocks."""
-        scale = self.scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True))
-        return self.round_unscaled(blocks / scale, "nearest", None) * scale
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         rounded = self.element.round_unscaled(x, rounding, generator)
