@@ -340,8 +340,11 @@ def test_fused_path_blocks_convolution_channels_in_place(spec: str, channels: in
     fmt = get(spec)
     rows = blocks_at_every_exponent(get(spec.replace("axis=1", "axis=-1")), per_exponent=2, seed=channels)
     values = rows.reshape(-1)[: rows.numel() // (channels * 6) * channels * 6]
-    typical = torch.randn(8, channels, 6, generator=torch.Generator().manual_seed(channels)) * 1e3
-    for value in (values.reshape(-1, channels, 6), values.reshape(-1, channels, 3, 2), typical):
+    generator = torch.Generator().manual_seed(channels)
+    typical = torch.randn(8, channels, 6, generator=generator) * 1e3
+    sliced = torch.randn(3 * 2**17 // (channels * 4), channels, 4, generator=generator)  # several slices
+    sliced[5, :, 1] = torch.randn(channels, generator=generator) * 1e-39  # subnormal: the reference redoes it
+    for value in (values.reshape(-1, channels, 6), values.reshape(-1, channels, 3, 2), typical, sliced):
         assert_same(fmt.quantize(value), NumberFormat.quantize(fmt, value))
 
 
