@@ -419,10 +419,15 @@ def _float_dtype(x: Tensor) -> torch.dtype:
 # NITI layers
 # ----------------------------------------------------------------------------------------------
 
-def weight_mantissa(param: Tensor, exp: int | None = None) -> Tensor:
-    """The integer mantissa of a NITI weight: its value is mantissa * 2^exp (default param.niti_exp)."""
+def weight_mantissa(param: Tensor, exp: int | None = None, dtype: torch.dtype = torch.int64) -> Tensor:
+    """The integer mantissa of a NITI weight, as `dtype`: its value is mantissa * 2^exp (default
+    param.niti_exp). Within _value's exponent range the scaling by 2^-exp is exact in the weight's
+    own dtype, so only the float64 fallback needs a wider copy."""
     exp = param.niti_exp if exp is None else exp
-    return (param.detach().double() * 2.0**-exp).round().to(torch.int64)
+    weight = param.detach()
+    if not (abs(exp) <= 100 and weight.dtype in (torch.float32, torch.float64)):
+        weight = weight.double()
+    return (weight * 2.0**-exp).round_().to(dtype)
 
 
 def _init_weight(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
@@ -461,7 +466,7 @@ class _IntegerGemm(Protocol):
 
     def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor: ...
 
-    def int_input_grad(self, m_err: Tensor, m_w: Tensor, x_shape: torch.Size) -> Tensor: ...
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor: ...
 
     def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor: ...
 
@@ -472,14 +477,14 @@ class _GemmFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, layer: _IntegerGemm, m_x: Tensor, exp_x: int,
                 in_slot: _ErrorSlot | None, info: dict) -> Tensor:
-        m_w = weight_mantissa(weight, layer.weight_exp).to(torch.float32)
+        m_w = weight_mantissa(weight, layer.weight_exp, torch.float32)
         acc = layer.int_forward(m_x, m_w)
         m_out, shift = act_calc(acc, layer.bitwidth)
         exp_out = exp_x + layer.weight_exp + shift
         out_slot = _ErrorSlot()
         info["exp"], info["slot"] = exp_out, out_slot
         ctx.layer, ctx.weight, ctx.m_x, ctx.m_w = layer, weight, m_x, m_w
-        ctx.exp_x, ctx.in_slot, ctx.out_slot, ctx.x_shape = exp_x, in_slot, out_slot, x.shape
+        ctx.exp_x, ctx.in_slot, ctx.out_slot = exp_x, in_slot, out_slot
         return _value(m_out, exp_out, _float_dtype(x))
 
     @staticmethod
@@ -488,7 +493,7 @@ class _GemmFunction(torch.autograd.Function):
         m_err, exp_err = _error_of(grad_out, ctx.out_slot, layer.bitwidth)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            acc = layer.int_input_grad(m_err, ctx.m_w, ctx.x_shape)
+            acc = layer.int_input_grad(m_err, ctx.m_w, ctx.m_x)
             err_out, shift = act_calc(acc, layer.bitwidth)
             exp_out = exp_err + layer.weight_exp + shift
             if ctx.in_slot is not None:
@@ -529,7 +534,7 @@ class NitiLinear(_NitiGemm):
         dtype = _exact_dtype(self.in_features * _mantissa_bound(self.bitwidth))
         return m_x.to(dtype) @ m_w.to(dtype).t()
 
-    def int_input_grad(self, m_err: Tensor, m_w: Tensor, x_shape: torch.Size) -> Tensor:
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
         dtype = _exact_dtype(self.out_features * _mantissa_bound(self.bitwidth))
         return m_err.to(dtype) @ m_w.to(dtype)
 
@@ -584,27 +589,22 @@ class NitiConv(_NitiGemm):
         return _CONVOLUTIONS[self.dims](m_x.to(dtype), m_w.to(dtype), None, self.stride, self.padding,
                                         self.dilation, self.groups)
 
-    def _backward(self, m_err: Tensor, m_x: Tensor | None, m_w: Tensor, x_shape: torch.Size,
-                  want_input: bool) -> tuple[Tensor | None, Tensor | None]:
+    def _backward(self, m_err: Tensor, m_x: Tensor, m_w: Tensor, want_input: bool) -> Tensor:
+        """The input gradient (want_input) or the weight gradient, each in the narrowest exact dtype."""
         fan_out = self.weight.shape[0] // self.groups * self._taps()
         positions = m_err.numel() // self.weight.shape[0]
-        terms = max(fan_out, positions if m_x is not None else 0)
+        terms = fan_out if want_input else max(fan_out, positions)
         dtype = _exact_dtype(terms * _mantissa_bound(self.bitwidth))
-        x = m_x.to(dtype) if m_x is not None else torch.zeros(x_shape, dtype=dtype, device=m_err.device)
         grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            m_err.to(dtype), x, m_w.to(dtype), None, list(self.stride), list(self.padding),
-            list(self.dilation), False, [0] * self.dims, self.groups, [want_input, m_x is not None, False])
-        return grad_input, grad_weight
+            m_err.to(dtype), m_x.to(dtype), m_w.to(dtype), None, list(self.stride), list(self.padding),
+            list(self.dilation), False, [0] * self.dims, self.groups, [want_input, not want_input, False])
+        return grad_input if want_input else grad_weight
 
-    def int_input_grad(self, m_err: Tensor, m_w: Tensor, x_shape: torch.Size) -> Tensor:
-        grad_input, _ = self._backward(m_err, None, m_w, x_shape, want_input=True)
-        assert grad_input is not None
-        return grad_input
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
+        return self._backward(m_err, m_x, m_w, want_input=True)
 
     def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor:
-        _, grad_weight = self._backward(m_err, m_x, m_w, m_x.shape, want_input=False)
-        assert grad_weight is not None
-        return grad_weight
+        return self._backward(m_err, m_x, m_w, want_input=False)
 
     def extra_repr(self) -> str:
         channels = f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}"
