@@ -81,14 +81,32 @@ def _channels_of_each_group(t: Tensor, groups: int, start: int, stop: int, dim: 
         dim, dim + 1)
 
 
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def convolution(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """F.conv1d, conv2d or conv3d, as the weight's dimensions say (numeric padding)."""
+    return _CONVOLUTIONS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+
+def convolution_grads(dy: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], groups: int, need_data: bool,
+                      need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dx, dL/dw) of a bias-free `convolution`, each None unless asked for."""
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        dy, x, weight, None, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups,
+        [need_data, need_weight, False])
+    return (dx if need_data else None), (dw if need_weight else None)
+
+
 def conv_forward(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, accumulator: Accumulator) -> Tensor:
     """conv(x, w) without bias, reduced over the input channels of each group (x kernel taps)."""
-    conv = F.conv1d if weight.dim() == 3 else F.conv2d
 
     def partial(a: int, b: int) -> Tensor:
-        return conv(_channels_of_each_group(x, groups, a, b, 1), weight[:, a:b], None, stride, padding,
-                    dilation, groups)
+        return convolution(_channels_of_each_group(x, groups, a, b, 1), weight[:, a:b], None, stride, padding,
+                           dilation, groups)
 
     return accumulator.fold(partial, weight.shape[1])
 
@@ -99,10 +117,10 @@ def conv_backward_data(dy: Tensor, x: Tensor, weight: Tensor, stride: Sequence[i
     """dL/dx, reduced over the output channels of each group (x kernel taps)."""
 
     def partial(a: int, b: int) -> Tensor:
-        dx, _, _ = torch.ops.aten.convolution_backward(
-            _channels_of_each_group(dy, groups, a, b, 1), x, _channels_of_each_group(weight, groups, a, b, 0),
-            None, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups,
-            [True, False, False])
+        dx, _ = convolution_grads(_channels_of_each_group(dy, groups, a, b, 1), x,
+                                  _channels_of_each_group(weight, groups, a, b, 0), stride, padding, dilation,
+                                  groups, need_data=True, need_weight=False)
+        assert dx is not None
         return dx
 
     return accumulator.fold(partial, weight.shape[0] // groups)
@@ -114,9 +132,9 @@ def conv_backward_weight(dy: Tensor, x: Tensor, weight: Tensor, stride: Sequence
     """dL/dw, reduced over the samples (x output positions)."""
 
     def partial(a: int, b: int) -> Tensor:
-        _, dw, _ = torch.ops.aten.convolution_backward(
-            dy[a:b], x[a:b], weight, None, list(stride), list(padding), list(dilation), False,
-            [0] * len(stride), groups, [False, True, False])
+        _, dw = convolution_grads(dy[a:b], x[a:b], weight, stride, padding, dilation, groups,
+                                  need_data=False, need_weight=True)
+        assert dw is not None
         return dw
 
     return accumulator.fold(partial, x.shape[0])

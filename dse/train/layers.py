@@ -79,15 +79,13 @@ class ConvOp:
     groups: int
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        conv = F.conv1d if weight.dim() == 3 else F.conv2d
-        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return accumulation.convolution(x, weight, bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            dy, x, weight, None, list(self.stride), list(self.padding), list(self.dilation), False,
-            [0] * len(self.stride), self.groups, [need_data, need_weight, False])
-        return (dx if need_data else None), (dw if need_weight else None)
+        return accumulation.convolution_grads(dy, x, weight, self.stride, self.padding, self.dilation,
+                                              self.groups, need_data, need_weight)
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         return dy.sum(dim=[0, *range(2, dy.dim())])

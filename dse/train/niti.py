@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dse.errors import InputError
 from dse.formats import get as get_format
 from dse.formats import shift_round
+from dse.train.accumulation import convolution, convolution_grads
 from dse.train.config import TrainConfig, TrainingSetup
 from dse.train.layers import Matmul
 
@@ -547,20 +548,16 @@ class NitiLinear(_NitiGemm):
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bitwidth + 1}"
 
 
-_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 class NitiConv(_NitiGemm):
     """nn.Conv1d/2d/3d as NITI's TiConv2d: integer convolution, exact int32 accumulation, no bias."""
 
     def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bitwidth: int,
                  generator: torch.Generator) -> None:
         super().__init__()
-        dims = len(conv.kernel_size)
         if conv.padding_mode != "zeros":
             raise InputError(f"NITI supports zero-padded convolutions only, got padding_mode="
                              f"{conv.padding_mode!r} in {conv}")
-        self.dims, self.bitwidth = dims, bitwidth
+        self.bitwidth = bitwidth
         self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
         self.kernel_size = tuple(conv.kernel_size)
         self.padding = self._explicit_padding(conv)
@@ -586,8 +583,8 @@ class NitiConv(_NitiGemm):
     def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor:
         fan_in = self.weight.shape[1] * self._taps()
         dtype = _exact_dtype(fan_in * _mantissa_bound(self.bitwidth))
-        return _CONVOLUTIONS[self.dims](m_x.to(dtype), m_w.to(dtype), None, self.stride, self.padding,
-                                        self.dilation, self.groups)
+        return convolution(m_x.to(dtype), m_w.to(dtype), None, self.stride, self.padding, self.dilation,
+                           self.groups)
 
     def _backward(self, m_err: Tensor, m_x: Tensor, m_w: Tensor, want_input: bool) -> Tensor:
         """The input gradient (want_input) or the weight gradient, each in the narrowest exact dtype."""
@@ -595,10 +592,12 @@ class NitiConv(_NitiGemm):
         positions = m_err.numel() // self.weight.shape[0]
         terms = fan_out if want_input else max(fan_out, positions)
         dtype = _exact_dtype(terms * _mantissa_bound(self.bitwidth))
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-            m_err.to(dtype), m_x.to(dtype), m_w.to(dtype), None, list(self.stride), list(self.padding),
-            list(self.dilation), False, [0] * self.dims, self.groups, [want_input, not want_input, False])
-        return grad_input if want_input else grad_weight
+        grad_input, grad_weight = convolution_grads(
+            m_err.to(dtype), m_x.to(dtype), m_w.to(dtype), self.stride, self.padding, self.dilation,
+            self.groups, want_input, not want_input)
+        grad = grad_input if want_input else grad_weight
+        assert grad is not None
+        return grad
 
     def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
         return self._backward(m_err, m_x, m_w, want_input=True)
