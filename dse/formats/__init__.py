@@ -1,7 +1,7 @@
 """The number-format zoo: `get(spec)` returns a format object; `ZOO` lists the named formats."""
 
 from dse.formats import fixed, floating, lns, mx, posit  # noqa: F401  (each module registers its family)
-from dse.formats.base import ROUNDINGS, NumberFormat, Scaling, round_to_integer, shift_round
+from dse.formats.base import ROUNDINGS, NumberFormat, Scaling, check_rounding, round_to_integer, shift_round
 from dse.formats.spec import get
 
 ZOO: tuple[str, ...] = (
@@ -12,4 +12,5 @@ ZOO: tuple[str, ...] = (
     "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "mxint8",
 )
 
-__all__ = ["ROUNDINGS", "ZOO", "NumberFormat", "Scaling", "get", "round_to_integer", "shift_round"]
+__all__ = ["ROUNDINGS", "ZOO", "NumberFormat", "Scaling", "check_rounding", "get", "round_to_integer",
+           "shift_round"]

@@ -23,6 +23,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from dse.errors import InputError
+
 Rounding = Literal["nearest", "stochastic", "pseudo_stochastic", "toward_zero"]
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "pseudo_stochastic", "toward_zero")
 
@@ -53,7 +55,7 @@ def cpu_chunk_elements(x: Tensor) -> int:
 
 def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
+        raise InputError(f"unknown rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
     return rounding
 
 

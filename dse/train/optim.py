@@ -23,8 +23,6 @@ from dse.formats.base import random_bits
 from dse.train.layers import QuantSwitch, quant_switch, quantized_layers
 from dse.train.policy import QuantPolicy, TensorQuant
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam")
-
 DEFAULT_LR: dict[str, float] = {
     "sgd": 0.05,
     "adam": 1e-3,
@@ -32,6 +30,8 @@ DEFAULT_LR: dict[str, float] = {
     "madam": 0.01,       # jxbz/madam default
     "lns-madam": 1 / 128,  # jiaweizzhao/lns-madam-optimizer default: one 1/128 step in log2 per unit of g*
 }
+
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(DEFAULT_LR)
 
 STATE_KEYS: tuple[str, ...] = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """Per-parameter state tensors that are re-quantized with policy.state (step counters are not)."""
@@ -350,7 +350,7 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     elif name == "madam":
         optimizer = Madam(params, lr=lr)
     else:
-        lns = {p: policy.storage.format for p in stored} if policy.storage.format is not None else {}
+        lns = {p: policy.storage.format for p in stored}  # stored is empty unless storage has a format
         optimizer = LNSMadam(params, lr=lr, lns_storage=lns, update_rounding=policy.storage.rounding,
                              generator=generator, switch=switch)
         stored = []  # LNSMadam keeps them on the grid itself

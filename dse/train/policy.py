@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dse.errors import InputError
-from dse.formats import ROUNDINGS, NumberFormat, Scaling, get
+from dse.formats import ROUNDINGS, NumberFormat, Scaling, check_rounding, get
 from dse.train.config import TrainConfig
 
 FULL_PRECISION_LAYER_NAMES: tuple[str, ...] = ("first", "last")
@@ -42,18 +42,12 @@ class TensorQuant:
     format: NumberFormat | None
     rounding: str = "nearest"
     layer_scale: bool = False
-    _element: NumberFormat | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.rounding not in ROUNDINGS:
-            raise InputError(f"unknown rounding {self.rounding!r}: expected one of {', '.join(ROUNDINGS)}")
+        check_rounding(self.rounding)
         fmt = self.format
-        if fmt is None:
-            return
-        if self.layer_scale and fmt.scaling.kind != "none":
+        if self.layer_scale and fmt is not None and fmt.scaling.kind != "none":
             raise InputError(f"layer-wise scaling needs a format without its own scaling, got {fmt.spec!r}")
-        if self.layer_scale:
-            object.__setattr__(self, "_element", dataclasses.replace(fmt, scaling=Scaling()))
 
     @property
     def enabled(self) -> bool:
@@ -64,14 +58,10 @@ class TensorQuant:
         fmt = self.format
         if fmt is None:
             return x
-        if self.layer_scale:
-            return self._quantize_scaled(x, lu_layer_scale(x, fmt), generator)
+        if self.layer_scale:  # the format has no scaling of its own: x / scale rounds onto its grid
+            scale = lu_layer_scale(x, fmt)
+            return fmt.quantize(x / scale, self.rounding, generator).mul_(scale)
         return fmt.quantize(x, self.rounding, generator)
-
-    def _quantize_scaled(self, x: Tensor, scale: float, generator: torch.Generator | None) -> Tensor:
-        """Round x / scale onto the element grid and multiply back, as `NumberFormat.quantize` does."""
-        assert self._element is not None
-        return self._element.quantize(x / scale, self.rounding, generator).mul_(scale)
 
 
 def lu_layer_scale(x: Tensor, fmt: NumberFormat) -> float:
@@ -105,7 +95,6 @@ class QuantPolicy:
     """Format and rounding the weights live in after each update when master_weights is False."""
     master_weights: bool = True
     full_precision_layers: tuple[str, ...] = ()
-    layer_scaling: bool = False
     accumulation: TensorQuant = TensorQuant(None)
     """Format and rounding of every quantized GEMM's running partial sum (None: fp32, torch's own);
     `from_config` rounds to nearest, as accumulators do."""
@@ -193,7 +182,6 @@ class QuantPolicy:
                      if not config.master_weights else TensorQuant(None)),
             master_weights=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
-            layer_scaling=config.layer_scaling,
             accumulation=TensorQuant(formats["accumulation"], "nearest"),
             accumulation_chunk=config.accumulation_chunk,
         )
