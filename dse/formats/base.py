@@ -376,13 +376,18 @@ class NumberFormat(ABC):
             if fused is not None:
                 return fused
             scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
-            return self.round_unscaled(x / scale_t, rounding, generator).mul_(scale_t)
-        scale_t = self.scale_from_amax(abs_max(x, None))
-        return self.round_unscaled(x / scale_t, rounding, generator).mul_(scale_t)
+        else:
+            scale_t = self.scale_from_amax(abs_max(x, None))
+        return self._round_scaled(x, scale_t, rounding, generator)
 
     def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
         """round_unscaled(x / scale) * scale for a power-of-two scale, fused where a family can; else None."""
         return None
+
+    def _round_scaled(self, x: Tensor, scale: Tensor, rounding: str,
+                      generator: torch.Generator | None) -> Tensor:
+        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family may do it in one go."""
+        return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
 
     def host_tensor_scale(self, x: Tensor) -> float:
         """`scale_from_amax(max|x|)` for the whole of x (float32 or float64), as a Python float.

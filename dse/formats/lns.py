@@ -48,10 +48,8 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import (
-    FLOAT_DTYPES,
     NumberFormat,
     Scaling,
-    abs_max,
     check_rounding,
     cpu_chunk_elements,
     round_to_integer,
@@ -304,18 +302,22 @@ class LNS(NumberFormat):
         """x (float32 or float64) rounded to nearest, or x / scale rounded and multiplied by scale.
 
         On the CPU this runs over cache-sized slices (`cpu_chunk_elements`). The result doubles
-        as scratch space.
+        as scratch space. The grid values are multiplied by the scale before the lookup, or the
+        looked-up values after it where x has fewer elements than the grid (the same products).
         """
         flat = x.detach().reshape(-1)
         lookup = self._lookup(x.dtype, x.device)
-        values = lookup.values if scale is None else lookup.values * scale
+        scale_after = scale is not None and flat.numel() < lookup.values.numel()
+        values = lookup.values if scale is None or scale_after else lookup.values * scale
         out = torch.empty_like(flat)
         chunk = cpu_chunk_elements(flat)
-        if flat.numel() <= chunk:  # one slice: no slicing
+        if flat.numel() <= chunk or scale_after:  # one slice: no slicing
             index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=flat.device)
             key = None if scale is None else torch.empty_like(index)
             self._nearest_index(flat, lookup, index, out, scale, key)
             torch.index_select(values, 0, index, out=out)
+            if scale_after:
+                out.mul_(scale)
             return (out if lookup.signed else out.copysign_(flat)).view(x.shape)
         index = torch.empty(chunk, dtype=lookup.table.dtype, device=flat.device)
         key = None if scale is None else torch.empty_like(index)
@@ -359,17 +361,13 @@ class LNS(NumberFormat):
         out = grid.values.index_select(0, self._directed_index(magnitude, grid, rounding, generator))
         return out.copysign_(flat).view(x.shape)
 
-    def quantize(self, x: Tensor, rounding: str = "nearest",
-                 generator: torch.Generator | None = None) -> Tensor:
-        """As NumberFormat.quantize; with a per-tensor scale, rounding to nearest divides by the scale
-        and multiplies the grid values by it slice by slice, bit for bit the same."""
-        if (rounding != "nearest" or self.scaling.kind != "tensor" or x.numel() == 0
-                or x.dtype not in FLOAT_DTYPES):
-            return super().quantize(x, rounding, generator)
-        if x.device.type == "cpu":  # the scale on the host, as NumberFormat._quantize_per_tensor does
-            scale = self.host_tensor_scale(x)
-            return self._round_nearest(x, None if scale == 1.0 else torch.scalar_tensor(scale, dtype=x.dtype))
-        return self._round_nearest(x, self.scale_from_amax(abs_max(x.detach(), None)))
+    def _round_scaled(self, x: Tensor, scale: Tensor, rounding: str,
+                      generator: torch.Generator | None) -> Tensor:
+        """Rounding to nearest divides by the scale and multiplies the grid values by it slice by slice,
+        bit for bit the same as the whole-tensor division and multiplication."""
+        if rounding == "nearest":
+            return self._round_nearest(x, scale)
+        return super()._round_scaled(x, scale, rounding, generator)
 
     def encode(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x)
