@@ -131,3 +131,10 @@ def test_tables_directory_override(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DSE_ENERGY_TABLES", str(tmp_path / "missing"))
     with pytest.raises(InputError, match="not found"):
         load_tables()
+
+
+def test_an_unreadable_table_is_an_input_error(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    with pytest.raises(InputError, match=r"loop.yaml: cannot read energy table \(OSError\)"):
+        load_table(loop)

@@ -237,6 +237,15 @@ def test_missing_file_is_one_line() -> None:
     assert result.stderr.strip() == "error: sweep file 'no/such/sweep.yaml' not found"
 
 
+def test_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)  # opening it fails with ELOOP, an OSError of no more specific kind
+    result = runner.invoke(app, ["sweep", str(loop)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: sweep file {str(loop)!r} cannot be read "
+                                     f"(Too many levels of symbolic links)")
+
+
 def test_parse_errors_are_input_errors_naming_the_line() -> None:
     with pytest.raises(InputError, match=r"^s.yaml:3: trials\[0\]\.model: 'model' belongs to the task"):
         parse_config("task: {model: mlp, dataset: digits}\ntrials:\n  - {model: cnn}\n", "s.yaml")

@@ -200,7 +200,7 @@ def load_table(path: str | Path) -> EnergyTable:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{file}: energy table not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+    except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, a symlink loop, ...
         raise InputError(f"{file}: cannot read energy table ({type(error).__name__})") from None
     data, source = load_yaml(text, str(file))
     if data is None:

@@ -454,4 +454,7 @@ def load_config(path: str | Path) -> SweepConfig:
         raise InputError(f"sweep file {str(path)!r} is a directory") from None
     except UnicodeDecodeError:
         raise InputError(f"sweep file {str(path)!r} is not UTF-8 text") from None
+    except OSError as error:  # no permission, a symlink loop, ...
+        reason = error.strerror or type(error).__name__
+        raise InputError(f"sweep file {str(path)!r} cannot be read ({reason})") from None
     return parse_config(text, str(path))
