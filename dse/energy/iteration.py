@@ -35,7 +35,8 @@ UNITS = ("multiply", "conversion", "accumulation", "update", "memory")
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
 
 FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
-_STATES = {"sgd": 1, "adam": 2, "madam": 1}
+STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
+"""Optimizer state tensors per parameter, per update optimizer."""
 
 
 def _format(value: Any) -> Operand:
@@ -216,7 +217,8 @@ class _Tally:
             conversion += self.conversion(f.master, f.weight)
         self.add(names, "update", "conversion", params * conversion)
         self.memory(names, "update", "weight_grad", params * f.weight_grad.storage_bits)
-        self.memory(names, "update", "state", params * (2 * _STATES[f.optimizer] * f.state.storage_bits))
+        states = STATE_TENSORS[f.optimizer]
+        self.memory(names, "update", "state", params * (2 * states * f.state.storage_bits))
         if f.master is not None:
             self.memory(names, "update", "master", params * (2 * f.master.storage_bits))
             self.memory(names, "update", "weight", params * f.weight.storage_bits)

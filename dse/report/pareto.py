@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from dse.energy.iteration import UNITS
 from dse.errors import InputError
 
-ENERGY_UNITS: tuple[str, ...] = ("multiply", "conversion", "accumulation", "update", "memory")
+ENERGY_UNITS: tuple[str, ...] = UNITS
 """The units a workload's iteration energy is broken into, in stacking order."""
 
 IDENTITY_COLUMNS: tuple[str, ...] = (

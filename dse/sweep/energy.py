@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
-from dse.energy.iteration import UNITS
+from dse.energy.iteration import STATE_TENSORS, UNITS
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig
 from dse.sweep.trials import FP32, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
@@ -22,8 +22,6 @@ from dse.train.config import TrainConfig
 ENERGY_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
                                      "lns-madam": "madam", "niti": "sgd"}
 """Training optimizer -> the energy model's update (NITI's integer update is costed as SGD)."""
-STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
-"""Optimizer state tensors per parameter, as the energy model counts them."""
 PJ_PER_MJ = 1e9
 BITS_PER_MIB = 8 * 2**20
 

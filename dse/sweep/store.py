@@ -26,11 +26,12 @@ from typing import Any
 
 import pandas as pd
 
+from dse.energy.iteration import UNITS
 from dse.errors import InputError
+from dse.report.pareto import energy_column, memory_column
 
 STORE_FILE = "sweep.sqlite"
 SCHEMA_VERSION = "1"
-UNITS: tuple[str, ...] = ("multiply", "conversion", "accumulation", "update", "memory")
 TRIAL_COLUMNS: tuple[str, ...] = (
     "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients", "weight_grads",
     "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error", "test_accuracy",
@@ -178,9 +179,9 @@ def energy_columns(workloads: Iterable[str]) -> list[str]:
     """The energy columns of load_trials, in order, for these workloads."""
     columns: list[str] = []
     for workload in workloads:
-        columns.append(f"energy_mj:{workload}")
-        columns += [f"energy_mj:{workload}:{unit}" for unit in UNITS]
-        columns.append(f"memory_mib:{workload}")
+        columns.append(energy_column(workload))
+        columns += [energy_column(workload, unit) for unit in UNITS]
+        columns.append(memory_column(workload))
     return columns
 
 
@@ -223,10 +224,10 @@ def load_trials(directory: Path) -> pd.DataFrame:
         for workload in workloads:
             values = by_key.get((row["energy_key"], workload))
             numbers = dict(zip(_ENERGY_VALUES, values, strict=True)) if values else {}
-            record[f"energy_mj:{workload}"] = numbers.get("total_mj", math.nan)
+            record[energy_column(workload)] = numbers.get("total_mj", math.nan)
             for unit in UNITS:
-                record[f"energy_mj:{workload}:{unit}"] = numbers.get(f"{unit}_mj", math.nan)
-            record[f"memory_mib:{workload}"] = numbers.get("memory_mib", math.nan)
+                record[energy_column(workload, unit)] = numbers.get(f"{unit}_mj", math.nan)
+            record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
         record["config"] = row["config"]
         records.append(record)
     columns = [*TRIAL_COLUMNS, *energy_columns(workloads), "config"]
