@@ -216,12 +216,7 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
         raise source.error(path, f"{first['msg']} (got {value!r}; expected {_type_name(expected)})") from None
     if value is None:
         return None
-    if name in FORMAT_FIELDS:
-        try:
-            return get(value).spec
-        except ValueError as error:
-            raise source.error(path, str(error).splitlines()[0]) from None
-    if name == "accumulation":
+    if name in FORMAT_FIELDS or name == "accumulation":
         try:
             return get(value).spec
         except ValueError as error:

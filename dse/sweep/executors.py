@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dse.errors import InputError
@@ -41,7 +41,6 @@ class TrialOutcome:
     """`Type: message` (first line) if the trial raised."""
     traceback: str = ""
     wall_time_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _limit_threads(threads: int) -> None:

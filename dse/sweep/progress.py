@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from dse.sweep.runner import TrialRecord
+from dse.sweep.runner import TrialRecord, better_than
 
 
 def _best_text(best: TrialRecord | None) -> str:
@@ -56,8 +56,7 @@ class RichReporter:
             target = self.progress.console if self.progress is not None else self.error_console
             target.print(f"trial {record.trial_id} ({record.task}: {record.label}, seed {record.seed}) "
                          f"failed: {record.error}", markup=False, highlight=False, soft_wrap=True)
-        if record.status == "ok" and not math.isnan(record.test_accuracy) and (
-                self.best is None or record.test_accuracy > self.best.test_accuracy):
+        if better_than(record, self.best):
             self.best = record
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1, best=_best_text(self.best))

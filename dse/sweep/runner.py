@@ -82,7 +82,6 @@ class SweepSummary:
     """The finished trial with the best test accuracy, now or earlier."""
     wall_time_s: float = 0.0
     files: list[Path] = field(default_factory=list)
-    failures: list[TrialRecord] = field(default_factory=list)
 
 
 # --- preparation ----------------------------------------------------------------------------------
@@ -197,7 +196,8 @@ def _record(trial: Trial, row: TrialRow) -> TrialRecord:
                        float(row.values["wall_time_s"]))
 
 
-def _better(record: TrialRecord, best: TrialRecord | None) -> bool:
+def better_than(record: TrialRecord, best: TrialRecord | None) -> bool:
+    """Whether a finished trial beats the best so far (an ok trial with a higher test accuracy)."""
     return record.status == "ok" and not math.isnan(record.test_accuracy) and (
         best is None or record.test_accuracy > best.test_accuracy)
 
@@ -249,10 +249,6 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
                 store.record(row)
                 record = _record(trial, row)
                 summary.ran += 1
-                if record.status == "error":
-                    summary.failures.append(record)
-                if _better(record, summary.best):
-                    summary.best = record
                 reporter.trial_done(record)
 
             threads = sweep.executor.threads

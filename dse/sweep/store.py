@@ -36,7 +36,6 @@ TRIAL_COLUMNS: tuple[str, ...] = (
     "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients", "weight_grads",
     "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error", "test_accuracy",
     "final_loss", "wall_time_s")
-STATUSES: tuple[str, ...] = ("ok", "diverged", "error")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
