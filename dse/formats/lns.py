@@ -18,9 +18,9 @@ t = 0 is zero and t = 1 the smallest magnitude:
   found with integer operations on x's bit pattern (see _Lookup): one table lookup on its top bits
   (sign, exponent, log2(gamma)+1 mantissa bits), whose entry turns into the index when x's low bits
   are added (a carry says x is above the one tie its bucket may hold), then one lookup of the
-  value. No log2, no float64; bit-exact for float32 and float64 inputs. On one CPU thread it runs
-  over slices that stay in cache, and quantize divides by a per-tensor scale and multiplies the
-  grid values by it slice by slice (the same result as scaling the whole tensor).
+  value. No log2, no float64; bit-exact for float32 and float64 inputs. On the CPU it runs over
+  slices that stay in cache, and quantize divides by a per-tensor scale and multiplies the grid
+  values by it slice by slice (the same result as scaling the whole tensor).
 * stochastic, pseudo_stochastic, toward_zero: the floor code is exact (compared with the grid values
   rounded to the input's dtype, so grid values map to themselves); `round_to_integer` then rounds
   the log-domain fraction above it (float64), so stochastic rounding is unbiased in log2|x|;
@@ -71,7 +71,6 @@ UNDERFLOWS = ("zero", "saturate")
 _DIGITS = Context(prec=60)
 _SAFETY = Decimal("1e-30")  # a grid point this close to a rounding boundary would need more digits
 _BELOW_ONE = 1.0 - 2.0**-53
-# On one CPU thread, nearest rounding runs over slices this long so that its passes stay in cache.
 # Formats whose lookup table would have at most this many entries with the sign bit in the key get one.
 _SIGNED_TABLE = 2**18
 
