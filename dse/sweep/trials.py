@@ -138,20 +138,22 @@ def expand(sweep: SweepConfig) -> list[Trial]:
                 for seed in entry.seeds or sweep.seeds:
                     points.append((TrainConfig(**values, seed=seed, threads=sweep.executor.threads),
                                    entry.path))
-        unique: dict[str, tuple[TrainConfig, tuple[str | int, ...]]] = {}
-        for config, path in points:
-            unique.setdefault(trial_hash(task.name, config), (config, path))
+        unique: dict[str, tuple[TrainConfig, tuple[str | int, ...], str]] = {}  # -> (.., seedless hash)
         seedless: dict[str, dict[str, Any]] = {}
-        for config, _ in unique.values():
-            data = identity(task.name, config)["config"]
+        for config, path in points:
+            ident = identity(task.name, config)
+            trial_id = stable_hash(ident)  # = trial_hash(task.name, config)
+            if trial_id in unique:
+                continue
+            data = ident["config"]
             data.pop("seed")
-            seedless.setdefault(stable_hash(data), data)
+            key = stable_hash(data)
+            seedless.setdefault(key, data)
+            unique[trial_id] = (config, path, key)
         labels = dict(zip(seedless, make_labels(list(seedless.values())), strict=True))
-        for trial_id, (config, path) in unique.items():
-            data = identity(task.name, config)["config"]
-            data.pop("seed")
-            trials.append(Trial(trial_id=trial_id, task=task.name, label=labels[stable_hash(data)],
-                                config=config, source=path))
+        for trial_id, (config, path, key) in unique.items():
+            trials.append(Trial(trial_id=trial_id, task=task.name, label=labels[key], config=config,
+                                source=path))
     return trials
 
 
