@@ -43,8 +43,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def make_step(label: str, model_name: str, dataset_name: str, batch: int, overrides: dict):  # type: ignore[no-untyped-def]
-    data = load_dataset(dataset_name)
+def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, overrides: dict):  # type: ignore[no-untyped-def]
     config = TrainConfig(model=model_name, dataset=dataset_name, batch_size=batch, **overrides)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +82,8 @@ def main() -> None:
     for model_name, dataset_name, batch in PROXIES:
         if f"{model_name}/{dataset_name}" not in wanted:
             continue
-        steps = {label: make_step(label, model_name, dataset_name, batch, overrides)
+        data = load_dataset(dataset_name)
+        steps = {label: make_step(label, model_name, data, dataset_name, batch, overrides)
                  for label, overrides, _ in VARIANTS}
         times: dict[str, list[float]] = {label: [] for label in steps}
         for step in steps.values():
