@@ -517,3 +517,11 @@ def test_other_integer_widths_generalise_bitwidth() -> None:
     setup.optimizer.step()
     linear = model[3]
     assert int(weight_mantissa(linear.weight, linear.weight_exp).abs().max()) <= 31
+
+
+def test_string_padding_becomes_numbers_and_asymmetric_same_is_refused() -> None:
+    generator = torch.Generator().manual_seed(0)
+    assert NitiConv(nn.Conv2d(3, 4, 5, padding="same", dilation=2), 7, generator).padding == (4, 4)
+    assert NitiConv(nn.Conv1d(3, 4, 3, padding="valid"), 7, generator).padding == (0,)
+    with pytest.raises(InputError, match="NITI needs symmetric padding"):
+        NitiConv(nn.Conv1d(3, 4, 4, padding="same"), 7, generator)

@@ -294,9 +294,9 @@ def _on_axis(quant: TensorQuant, axis: int) -> TensorQuant:
         fmt, scaling=dataclasses.replace(fmt.scaling, axis=axis)))
 
 
-def _conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[tuple[int, ...], str] | None]:
+def conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[tuple[int, ...], str] | None]:
     """Numeric padding for the convolution, plus any F.pad to apply to the input first."""
-    assert isinstance(module, nn.Conv1d | nn.Conv2d)
+    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
     if module.padding_mode != "zeros":
         return (0,) * len(module.kernel_size), (tuple(module._reversed_padding_repeated_twice),
                                                module.padding_mode)
@@ -321,7 +321,7 @@ def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
                           _bind(policy.error, generator), _bind(policy.weight_grad, generator), switch,
                           accumulator)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
-    padding, prepad = _conv_geometry(module)
+    padding, prepad = conv_geometry(module)
     module.conv_prepad = prepad
     op = ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups)
     return LayerQuant(op, *(_bind(_on_axis(q, 1), generator) for q in (

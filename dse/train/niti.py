@@ -32,7 +32,7 @@ from dse.formats import get as get_format
 from dse.formats import shift_round
 from dse.train.accumulation import convolution, convolution_grads
 from dse.train.config import TrainConfig, TrainingSetup
-from dse.train.layers import Matmul
+from dse.train.layers import Matmul, conv_geometry
 
 INT8_BITWIDTH = 7
 """NITI's BITWIDTH: magnitude bits of an int8 mantissa (the sign takes the eighth)."""
@@ -560,22 +560,13 @@ class NitiConv(_NitiGemm):
         self.bitwidth = bitwidth
         self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
         self.kernel_size = tuple(conv.kernel_size)
-        self.padding = self._explicit_padding(conv)
+        self.padding, prepad = conv_geometry(conv)
+        if prepad is not None:  # zero padding: only an asymmetric padding='same' needs a pad first
+            raise InputError(f"NITI needs symmetric padding; padding='same' is asymmetric in {conv}")
         self.weight = conv.weight
         self.bias = conv.bias
         self.weight_exp = _init_weight(self.weight, bitwidth, generator)
         _freeze_bias(self.bias)
-
-    @staticmethod
-    def _explicit_padding(conv: nn.Module) -> tuple[int, ...]:
-        if not isinstance(conv.padding, str):
-            return tuple(conv.padding)
-        if conv.padding == "valid":
-            return (0,) * len(conv.kernel_size)
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        if any(total % 2 for total in totals):
-            raise InputError(f"NITI needs symmetric padding; padding='same' is asymmetric in {conv}")
-        return tuple(total // 2 for total in totals)
 
     def _taps(self) -> int:
         return math.prod(self.kernel_size)
