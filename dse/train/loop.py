@@ -46,9 +46,9 @@ def check_config(config: TrainConfig) -> None:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"device {config.device!r} asked for, but torch sees no CUDA device")
     if config.optimizer == "niti":
-        from dse.train.niti import niti_bitwidth
+        from dse.train.niti import check_niti
 
-        niti_bitwidth(config)  # raises unless the formats are one integer width
+        check_niti(config)  # the formats are one integer width, niti_mu is in range
         if config.accumulation is not None:
             raise InputError(f"accumulation {config.accumulation!r} does not apply to optimizer 'niti', "
                              "which accumulates exactly in int32")

@@ -789,8 +789,9 @@ class NitiOptimizer(torch.optim.Optimizer):
 _FORMAT_FIELDS = ("format", "weights", "activations", "gradients", "weight_grads")
 
 
-def niti_bitwidth(config: TrainConfig) -> int:
-    """NITI's BITWIDTH from the config's integer format: int(n) -> n - 1. InputError otherwise."""
+def check_niti(config: TrainConfig) -> int:
+    """NITI's BITWIDTH from the config's integer format (int(n) -> n - 1), after checking that the
+    config can run under NITI at all; InputError otherwise."""
     given = {name: getattr(config, name) for name in _FORMAT_FIELDS if getattr(config, name) is not None}
     if not given:
         raise InputError("NITI needs an integer format such as format='int8', got none (fp32)")
@@ -806,6 +807,8 @@ def niti_bitwidth(config: TrainConfig) -> int:
     bits = widths.pop()
     if not 2 <= bits <= 16:
         raise InputError(f"NITI supports int2..int16, got int{bits} (format fields {given})")
+    if not 1 <= config.niti_mu <= 31:
+        raise InputError(f"niti_mu must be in 1..31 (bits of the integer update), got {config.niti_mu}")
     return bits - 1
 
 
@@ -856,9 +859,7 @@ def niti_setup(model: nn.Module, config: TrainConfig, generator: torch.Generator
     Every parameter outside a NITI layer (biases, LayerNorm, free-standing embeddings) is frozen;
     master_weights, lr, momentum, weight_decay, rounding and full_precision_layers do not apply.
     """
-    bitwidth = niti_bitwidth(config)
-    if not 1 <= config.niti_mu <= 31:
-        raise InputError(f"niti_mu must be in 1..31 (bits of the integer update), got {config.niti_mu}")
+    bitwidth = check_niti(config)
     layers = convert_model(model, bitwidth, generator)
     weights: dict[int, nn.Parameter] = {}
     for layer in layers:
