@@ -78,7 +78,6 @@ class EnergyEstimator:
         self.settings = settings
         self.model = build_model(settings.node, settings.datapath, settings.memory, settings.table)
         self._proxies: dict[tuple[Any, ...], Workload] = {}
-        self._estimates: dict[str, dict[str, WorkloadEnergy]] = {}
 
     def proxy(self, config: TrainConfig) -> Workload:
         """The trial's own model as a workload (cached per model, dataset and batch size)."""
@@ -95,11 +94,9 @@ class EnergyEstimator:
         return self._proxies[key]
 
     def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
-        """Energy and memory of one iteration per configured workload (cached per energy_key)."""
-        key = energy_key(config, self.settings)
-        if key not in self._estimates:
-            self._estimates[key] = {name: self._one(name, config) for name in self.settings.workloads}
-        return self._estimates[key]
+        """Energy and memory of one iteration per configured workload (the caller keeps one estimate
+        per energy_key: configurations that share it get the same numbers)."""
+        return {name: self._one(name, config) for name in self.settings.workloads}
 
     def _one(self, name: str, config: TrainConfig) -> WorkloadEnergy:
         workload = self.proxy(config) if name == PROXY_WORKLOAD else get_workload(name)
