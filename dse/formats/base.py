@@ -146,8 +146,7 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
         return _round_stochastic_float32(t, floor, magnitude.sub_(floor), generator)
     fraction = magnitude - floor
     if rounding == "stochastic":
-        draw = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float64)
-        up = draw < fraction.double()
+        up = stochastic_up_(fraction.double(), generator)
     else:
         # The discarded field runs from the binary point down to the last significand bit of t.
         precision = _mantissa_digits(t.dtype)
@@ -160,6 +159,13 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
         low = (field - high * power_of_two(low_bits)) * torch.where(field_bits % 2 == 1, 2.0, 1.0)
         up = high > low
     return torch.copysign(floor + up.to(t.dtype), t)
+
+
+def stochastic_up_(fraction: Tensor, generator: torch.Generator | None) -> Tensor:
+    """1.0 where a float64 uniform draw falls below the fraction (float64, in [0, 1)), else 0.0: the
+    up-step of stochastic rounding with float64 draws, written into `fraction`."""
+    draws = torch.rand(fraction.shape, generator=generator, device=fraction.device, dtype=torch.float64)
+    return torch.lt(draws, fraction, out=fraction)
 
 
 def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device,

@@ -53,6 +53,7 @@ from dse.formats.base import (
     check_rounding,
     cpu_chunk_elements,
     round_to_integer,
+    stochastic_up_,
 )
 from dse.formats.spec import (
     Value,
@@ -340,9 +341,7 @@ class LNS(NumberFormat):
         fraction = position.sub_(floor).clamp_(0.0, _BELOW_ONE)
         fraction.mul_(torch.ne(magnitude, grid_value, out=below))  # grid values never move
         if rounding == "stochastic":  # round_to_integer's draw; the fraction needs no sign work
-            draws = torch.rand(fraction.shape, generator=generator, device=fraction.device,
-                               dtype=torch.float64)
-            floor.add_(torch.lt(draws, fraction, out=fraction))
+            floor.add_(stochastic_up_(fraction, generator))
         else:
             floor.add_(round_to_integer(fraction, rounding, generator))
         index = floor.to(torch.int32)

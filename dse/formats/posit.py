@@ -43,6 +43,7 @@ from dse.formats.base import (
     cpu_chunk_elements,
     power_of_two,
     shift_round,
+    stochastic_up_,
 )
 from dse.formats.spec import (
     Value,
@@ -283,9 +284,7 @@ class Posit(NumberFormat):
         high_value = low.add_(unit).sub_(tables.offset).view(torch.float64)
         difference = high_value - low_value
         fraction = torch.sub(pattern, tables.offset).view(torch.float64).sub_(low_value).div_(difference)
-        draws = torch.rand(fraction.shape, generator=generator, device=fraction.device, dtype=torch.float64)
-        up = torch.lt(draws, fraction, out=fraction)  # 0.0 or 1.0
-        return torch.addcmul(low_value, up, difference)
+        return torch.addcmul(low_value, stochastic_up_(fraction, generator), difference)
 
     # --- codes ----------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
