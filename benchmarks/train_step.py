@@ -1,6 +1,6 @@
 """Time one training step of each proxy in fp32 and under each format family, side by side.
 
-    python benchmarks/train_step.py [--steps 40] [--rounds 5] [--threads 1] [--markdown]
+    python benchmarks/train_step.py [--steps 40] [--rounds 5] [--threads 1] [--device cpu] [--markdown]
 
 Each (proxy, format) gets its own model and optimizer; rounds interleave the variants so that load
 from elsewhere on the machine hits them alike, and the median ms/step over rounds counts. Targets
@@ -43,22 +43,24 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, overrides: dict):  # type: ignore[no-untyped-def]
-    config = TrainConfig(model=model_name, dataset=dataset_name, batch_size=batch, **overrides)
+def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, overrides: dict,  # type: ignore[no-untyped-def]
+              device: torch.device):
+    config = TrainConfig(model=model_name, dataset=dataset_name, batch_size=batch, device=str(device),
+                         **overrides)
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    setup = prepare(build_model(model_name, data), config, generator)
+    generator = torch.Generator(device).manual_seed(0)
+    setup = prepare(build_model(model_name, data).to(device), config, generator)
     if label == NO_OP:
         for module in quantized_layers(setup.model):
             quant = module.gemm_quant
             for name in ("activation", "weight", "error", "weight_grad"):
                 if getattr(quant, name) is not None:
                     setattr(quant, name, _identity)
-    x, y = data.x_train, data.y_train
-    order = torch.Generator().manual_seed(1)
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    order = torch.Generator(device).manual_seed(1)
 
     def step() -> None:
-        index = torch.randint(0, len(x), (batch,), generator=order)
+        index = torch.randint(0, len(x), (batch,), generator=order, device=device)
         loss = setup.loss_fn(setup.model(x[index]), y[index])
         loss.backward()
         setup.optimizer.step()
@@ -73,8 +75,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--proxies", default=",".join(f"{m}/{d}" for m, d, _ in PROXIES))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; a CUDA round ends in a synchronize")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     wanted = set(args.proxies.split(","))
@@ -83,7 +88,7 @@ def main() -> None:
         if f"{model_name}/{dataset_name}" not in wanted:
             continue
         data = load_dataset(dataset_name)
-        steps = {label: make_step(label, model_name, data, dataset_name, batch, overrides)
+        steps = {label: make_step(label, model_name, data, dataset_name, batch, overrides, device)
                  for label, overrides, _ in VARIANTS}
         times: dict[str, list[float]] = {label: [] for label in steps}
         for step in steps.values():
@@ -91,9 +96,11 @@ def main() -> None:
                 step()
         for _ in range(args.rounds):
             for label, step in steps.items():
+                sync()
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     step()
+                sync()
                 times[label].append((time.perf_counter() - start) / args.steps * 1e3)
         base = statistics.median(times["fp32"])
         for label, _, target in VARIANTS:
