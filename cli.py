@@ -288,10 +288,15 @@ def train(
     optimizer_state: _FormatOpt = None,
     optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw, madam, lns-madam, niti.")] = "sgd",
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: the optimizer's).")] = None,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (sgd only).")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
+    niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
     master_weights: Annotated[bool, typer.Option(
         help="Keep an fp32 master copy; --no-master-weights stores weights in their format.")] = True,
     warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
     layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
+    full_precision_layers: Annotated[str, typer.Option(
+        help="Comma-separated layers kept in fp32: first, last (default none).")] = "",
     rounding: Annotated[str, typer.Option(help="Rounding into GEMMs.")] = "nearest",
     update_rounding: Annotated[str, typer.Option(help="Rounding of stored weights.")] = "stochastic",
     accumulation: Annotated[str | None, typer.Option(
@@ -315,8 +320,11 @@ def train(
     config = TrainConfig(
         model=model, dataset=dataset, format=format, weights=weights, activations=activations,
         gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
-        optimizer=optimizer, lr=lr, master_weights=master_weights, warmup_epochs=warmup_epochs,
-        layer_scaling=layer_scaling, rounding=rounding, update_rounding=update_rounding,
+        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, niti_mu=niti_mu,
+        master_weights=master_weights, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
+        full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
+                                    if name.strip()),
+        rounding=rounding, update_rounding=update_rounding,
         accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
         batch_size=batch_size, seed=seed, threads=threads, device=device,
         data_dir=None if data_dir is None else str(data_dir))

@@ -87,3 +87,32 @@ def test_cli_table_and_bad_input_exit_code() -> None:
     bad = runner.invoke(app, ["train", "--format", "foo8"])
     assert bad.exit_code == 2
     assert bad.stderr.count("\n") == 1 and "foo8" in bad.stderr
+
+
+def test_cli_train_has_an_option_for_every_config_field() -> None:
+    import dataclasses
+
+    from dse.train import TrainConfig
+
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).stdout
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name.replace('_', '-')}" in help_text, field.name
+
+
+def test_cli_train_passes_optimizer_and_layer_options_through() -> None:
+    args = ["train", "--epochs", "1", "--format", "int8", "--full-precision-layers", "first, last",
+            "--momentum", "0.5", "--weight-decay", "0.001", "--json"]
+    record = json.loads(runner.invoke(app, args).stdout)
+    config = record["config"]
+    assert config["full_precision_layers"] == ["first", "last"]
+    assert config["momentum"] == 0.5 and config["weight_decay"] == 0.001
+    direct = train(QUICK.replace(epochs=1, format="int8", full_precision_layers=("first", "last"),
+                                 momentum=0.5, weight_decay=0.001))
+    assert record["loss_curve"] == direct.loss_curve
+    niti = json.loads(runner.invoke(app, ["train", "--epochs", "1", "--format", "int8", "--optimizer", "niti",
+                                          "--niti-mu", "3", "--json"]).stdout)
+    assert niti["config"]["niti_mu"] == 3
+    assert niti["loss_curve"] == train(QUICK.replace(epochs=1, format="int8", optimizer="niti",
+                                                     niti_mu=3)).loss_curve
+    bad = runner.invoke(app, ["train", "--full-precision-layers", "middle"])
+    assert bad.exit_code == 2 and "middle" in bad.stderr and bad.stderr.count("\n") == 1
