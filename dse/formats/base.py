@@ -16,6 +16,7 @@ import functools
 import math
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Literal
@@ -51,6 +52,17 @@ def cpu_chunk_elements(x: Tensor) -> int:
     if x.device.type != "cpu":
         return max(x.numel(), 1)
     return CPU_SLICE_ELEMENTS_PER_THREAD * torch.get_num_threads()
+
+
+def for_slices(flat: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], None]) -> None:
+    """round_slice(part, out_part) over aligned slices of the 1-d tensors flat and out, each
+    `cpu_chunk_elements` long (the last one shorter); one call with the whole tensors where they fit."""
+    chunk = cpu_chunk_elements(flat)
+    if flat.numel() <= chunk:
+        round_slice(flat, out)
+        return
+    for start in range(0, flat.numel(), chunk):
+        round_slice(flat[start:start + chunk], out[start:start + chunk])
 
 
 def check_rounding(rounding: str) -> str:

@@ -42,6 +42,7 @@ from dse.formats.base import (
     constant,
     cpu_chunk_elements,
     float_exponent,
+    for_slices,
     power_of_two,
     round_to_integer,
 )
@@ -469,32 +470,22 @@ def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> No
 
 def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
     """out = kernel(x) for an elementwise kernel(x, out, scratch) that writes into out and may use
-    an integer scratch of x's size; slice by slice (`cpu_chunk_elements`)."""
-    if x.numel() <= cpu_chunk_elements(x):  # one slice: no slicing, no reshaping
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        kernel(x, out, torch.empty(x.shape, dtype=_LAYOUTS[x.dtype].int_dtype, device=x.device))
-        return out
+    an integer scratch of x's size; slice by slice (`for_slices`)."""
     flat = x.contiguous().view(-1)
     out = torch.empty_like(flat)
-    chunk = cpu_chunk_elements(flat)
-    scratch = torch.empty(chunk, dtype=_LAYOUTS[x.dtype].int_dtype, device=flat.device)
-    for start in range(0, flat.numel(), chunk):
-        piece = flat[start:start + chunk]
-        kernel(piece, out[start:start + chunk], scratch[: piece.numel()])
+    scratch = torch.empty(min(flat.numel(), cpu_chunk_elements(flat)), dtype=_LAYOUTS[x.dtype].int_dtype,
+                          device=flat.device)
+    for_slices(flat, out, lambda part, result: kernel(part, result, scratch[: part.numel()]))
     return out.view(x.shape)
 
 
 def _in_chunks(round_chunk: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Apply an elementwise function chunk by chunk on CPU (the passes then run in cache)."""
-    chunk = cpu_chunk_elements(x)
-    if x.numel() <= chunk:
+    """Apply an elementwise function slice by slice (`for_slices`): on the CPU its passes run in cache."""
+    if x.numel() <= cpu_chunk_elements(x):
         return round_chunk(x)
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
-    for start in range(0, flat.numel(), chunk):
-        stop = start + chunk
-        out[start:stop] = round_chunk(flat[start:stop])
+    for_slices(flat, out, lambda part, result: result.copy_(round_chunk(part)))
     return out.view(x.shape)
 
 

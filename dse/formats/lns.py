@@ -51,7 +51,9 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     check_rounding,
+    constant,
     cpu_chunk_elements,
+    for_slices,
     round_to_integer,
     stochastic_up_,
 )
@@ -191,8 +193,7 @@ def _lookup(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: t
     shift = (23 if dtype == torch.float32 else 52) - gamma.bit_length()
     top = 2 ** (bits - 1) - 1
 
-    def scalar(value: int) -> Tensor:
-        return torch.tensor(value, dtype=int_dtype, device=device)
+    scalar = functools.partial(constant, dtype=int_dtype, device=device)
 
     if 2 ** (width - shift) <= _SIGNED_TABLE:
         table = _bucket_entries(ties, torch.arange(2 ** (width - 1 - shift)) << shift, shift, bits, gamma)
@@ -301,7 +302,7 @@ class LNS(NumberFormat):
     def _round_nearest(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
         """x (float32 or float64) rounded to nearest, or x / scale rounded and multiplied by scale.
 
-        On the CPU this runs over cache-sized slices (`cpu_chunk_elements`). The result doubles
+        On the CPU this runs over cache-sized slices (`for_slices`). The result doubles
         as scratch space. The grid values are multiplied by the scale before the lookup, or the
         looked-up values after it where x has fewer elements than the grid (the same products).
         """
@@ -310,25 +311,20 @@ class LNS(NumberFormat):
         scale_after = scale is not None and flat.numel() < lookup.values.numel()
         values = lookup.values if scale is None or scale_after else lookup.values * scale
         out = torch.empty_like(flat)
-        chunk = cpu_chunk_elements(flat)
-        if flat.numel() <= chunk or scale_after:  # one slice: no slicing
-            index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=flat.device)
-            key = None if scale is None else torch.empty_like(index)
-            self._nearest_index(flat, lookup, index, out, scale, key)
-            torch.index_select(values, 0, index, out=out)
-            if scale_after:
-                out.mul_(scale)
-            return (out if lookup.signed else out.copysign_(flat)).view(x.shape)
-        index = torch.empty(chunk, dtype=lookup.table.dtype, device=flat.device)
+        index = torch.empty(min(flat.numel(), cpu_chunk_elements(flat)), dtype=lookup.table.dtype,
+                            device=flat.device)
         key = None if scale is None else torch.empty_like(index)
-        for part, result in zip(flat.split(chunk), out.split(chunk), strict=True):
-            if part.numel() < chunk:
-                index, key = index[:part.numel()], None if key is None else key[:part.numel()]
-            self._nearest_index(part, lookup, index, result, scale, key)
-            torch.index_select(values, 0, index, out=result)
+
+        def round_slice(part: Tensor, result: Tensor) -> None:
+            size = part.numel()
+            part_key = None if key is None else key[:size]
+            self._nearest_index(part, lookup, index[:size], result, scale, part_key)
+            torch.index_select(values, 0, index[:size], out=result)
             if not lookup.signed:
                 result.copysign_(part)
-        return out.view(x.shape)
+
+        for_slices(flat, out, round_slice)
+        return (out.mul_(scale) if scale_after else out).view(x.shape)
 
     def _directed_index(self, magnitude: Tensor, grid: _Grid, rounding: str,
                         generator: torch.Generator | None) -> Tensor:

@@ -244,12 +244,9 @@ class MXFormat(NumberFormat):
             plan = self._nearest_plan
             assert plan is not None
 
-            def scalar(value: int) -> Tensor:
-                return torch.tensor(value, dtype=torch.int32, device=device)
-
-            constants = self._constants_by_device[device] = _Constants(
-                scalar(0x7FFFFFFF), scalar(0x7F800000), scalar(-(2**31)), scalar(plan.limit_offset),
-                scalar(plan.floor_offset), scalar(plan.magic_offset))
+            constants = self._constants_by_device[device] = _Constants(*(
+                constant(value, torch.int32, device) for value in
+                (0x7FFFFFFF, 0x7F800000, -(2**31), plan.limit_offset, plan.floor_offset, plan.magic_offset)))
         return constants
 
     @cached_property

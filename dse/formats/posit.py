@@ -40,7 +40,7 @@ from dse.formats.base import (
     Scaling,
     check_rounding,
     constant,
-    cpu_chunk_elements,
+    for_slices,
     power_of_two,
     shift_round,
     stochastic_up_,
@@ -153,12 +153,10 @@ def _tables(frame: _Frame, device: torch.device) -> _Tables:
     regime_code = torch.tensor(frame.regime_codes, dtype=torch.int64, device=device)
     int_dtype = frame.layout.int_dtype
 
-    def scalar(value: int) -> Tensor:
-        return torch.tensor(value, dtype=int_dtype, device=device)
-
     unit = (torch.ones_like(shift) << shift).to(int_dtype)
-    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code, unit,
-                   scalar(frame.layout.magnitude_mask), scalar(frame.offset), scalar(frame.field_bits))
+    masks = (constant(value, int_dtype, device) for value in
+             (frame.layout.magnitude_mask, frame.offset, frame.field_bits))
+    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code, unit, *masks)
 
 
 @dataclass(frozen=True)
@@ -229,13 +227,8 @@ class Posit(NumberFormat):
         flat = x.reshape(-1)
         out = torch.empty_like(flat)
         tables = self._device_tables(frame, flat.device)
-        chunk = cpu_chunk_elements(flat)
-        if flat.numel() <= chunk:  # one slice: no slicing
-            self._round_chunk(flat, out, frame, tables, rounding, generator, unused_bits)
-            return out.view(x.shape)
-        for start in range(0, flat.numel(), chunk):
-            self._round_chunk(flat[start:start + chunk], out[start:start + chunk], frame, tables,
-                              rounding, generator, unused_bits)
+        for_slices(flat, out, lambda part, result: self._round_chunk(part, result, frame, tables, rounding,
+                                                                     generator, unused_bits))
         return out.view(x.shape)
 
     def _round_chunk(self, x: Tensor, out: Tensor, frame: _Frame, tables: _Tables, rounding: str,
