@@ -447,22 +447,21 @@ _MemoryOpt = Annotated[bool, typer.Option("--memory", help="Make memory footprin
 @user_errors
 def report(directory: _DirArg, memory: _MemoryOpt = False) -> None:
     """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots."""
-    from dse.report import all_fronts, summarize_trials, workloads_of, write_reports
-    from dse.report.tables import pareto_text_table, summary_text_table
+    from dse.report import SweepTables, write_reports
+    from dse.report.tables import pareto_text_table
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    workloads = workloads_of(trials)
-    summary = summarize_trials(trials)
-    _print_whole(_rich_table(summary_text_table(summary, workloads, memory_objective)))
-    fronts = all_fronts(summary, workloads, memory_objective)
+    tables = SweepTables.of(trials, memory_objective)
+    _print_whole(_rich_table(tables.text_table("summary")))
+    fronts = tables.fronts
     objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
-    for task in dict.fromkeys(summary["task"]):
-        for workload in workloads:
+    for task in dict.fromkeys(tables.summary["task"]):
+        for workload in tables.workloads:
             rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
             title = f"Pareto front: {task} on {workload} ({objectives})"
             _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
-    written = write_reports(trials, directory, memory_objective)
+    written = write_reports(trials, directory, memory_objective, tables)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 

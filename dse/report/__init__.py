@@ -7,6 +7,7 @@ For a sweep: `summarize_trials` (mean/std over seeds), `pareto_front` (per task 
 
 from dse.report.files import write_reports
 from dse.report.pareto import all_fronts, pareto_front, workloads_of
-from dse.report.tables import render_table, summarize_trials
+from dse.report.tables import SweepTables, render_table, summarize_trials
 
-__all__ = ["all_fronts", "pareto_front", "render_table", "summarize_trials", "workloads_of", "write_reports"]
+__all__ = ["SweepTables", "all_fronts", "pareto_front", "render_table", "summarize_trials", "workloads_of",
+           "write_reports"]

@@ -15,15 +15,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from dse.errors import InputError
-from dse.report.pareto import all_fronts, workloads_of
 from dse.report.plots import accuracy_energy_figure, breakdown_figure, slug
-from dse.report.tables import (
-    latex_table,
-    markdown_table,
-    pareto_text_table,
-    summarize_trials,
-    summary_text_table,
-)
+from dse.report.tables import SweepTables, latex_table, markdown_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -70,31 +63,31 @@ def _save_figure(fig: Figure, stem: Path) -> list[Path]:
     return written
 
 
-def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False) -> list[Path]:
+def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
+                  tables: SweepTables | None = None) -> list[Path]:
     """Write the tables and plots of a sweep's trials (`load_trials`'s frame) into `out_dir`.
 
     Files: trials.csv, summary.csv, pareto.csv (every task and workload), summary.tex/.md,
     pareto.tex/.md, and per task and workload `pareto_<task>_<workload>.png/.pdf` (accuracy vs
     energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit).
-    Returns the paths written, in that order.
+    `tables`: the frame's SweepTables where the caller has them already. Returns the paths
+    written, in that order.
     """
     out_dir = Path(out_dir)
-    workloads = workloads_of(frame)
-    summary = summarize_trials(frame)
-    fronts = all_fronts(summary, workloads, memory_objective)
+    tables = tables or SweepTables.of(frame, memory_objective)
+    summary, fronts = tables.summary, tables.fronts
     written = [
         write_text_atomically(out_dir / "trials.csv", frame.to_csv(index=False)),
         write_text_atomically(out_dir / "summary.csv", summary.to_csv(index=False)),
         write_text_atomically(out_dir / "pareto.csv", fronts.to_csv(index=False)),
     ]
-    summary_table = summary_text_table(summary, workloads, memory_objective)
-    pareto_table = pareto_text_table(fronts, memory_objective)
-    for name, table in (("summary", summary_table), ("pareto", pareto_table)):
+    for name in ("summary", "pareto"):
+        table = tables.text_table(name)
         written.append(write_text_atomically(out_dir / f"{name}.tex", latex_table(table)))
         written.append(write_text_atomically(out_dir / f"{name}.md", markdown_table(table)))
     for task in pd.unique(summary["task"]):
-        for workload in workloads:
-            figures = (("pareto", accuracy_energy_figure(summary, task, workload, memory_objective)),
+        for workload in tables.workloads:
+            figures = (("pareto", accuracy_energy_figure(summary, task, workload, tables.memory_objective)),
                        ("breakdown", breakdown_figure(fronts, task, workload)))
             for kind, figure in figures:
                 if figure is not None:

@@ -230,14 +230,33 @@ def check_export_choice(table: str, text_format: str) -> None:
                          f"(choose {', '.join(TEXT_FORMATS)})")
 
 
+@dataclass(frozen=True)
+class SweepTables:
+    """A sweep's trials reduced once, for every table, file and printout made of them."""
+
+    workloads: list[str]
+    summary: pd.DataFrame
+    fronts: pd.DataFrame
+    memory_objective: bool
+
+    @classmethod
+    def of(cls, trials: pd.DataFrame, memory_objective: bool = False) -> SweepTables:
+        workloads = workloads_of(trials)
+        summary = summarize_trials(trials)
+        return cls(workloads, summary, all_fronts(summary, workloads, memory_objective), memory_objective)
+
+    def text_table(self, table: str) -> TextTable:
+        """'summary' or 'pareto' (every front) as the table a paper shows."""
+        if table == "summary":
+            return summary_text_table(self.summary, self.workloads, self.memory_objective)
+        return pareto_text_table(self.fronts, self.memory_objective)
+
+
 def render_table(trials: pd.DataFrame, table: str, text_format: str, memory_objective: bool = False) -> str:
     """One table of a sweep ('summary' or 'pareto') as 'csv', 'latex' or 'markdown' text."""
     check_export_choice(table, text_format)
-    summary = summarize_trials(trials)
-    workloads = workloads_of(trials)
-    frame = summary if table == "summary" else all_fronts(summary, workloads, memory_objective)
+    tables = SweepTables.of(trials, memory_objective)
     if text_format == "csv":
-        return frame.to_csv(index=False)
-    text_table = (summary_text_table(summary, workloads, memory_objective) if table == "summary"
-                  else pareto_text_table(frame, memory_objective))
+        return (tables.summary if table == "summary" else tables.fronts).to_csv(index=False)
+    text_table = tables.text_table(table)
     return latex_table(text_table) if text_format == "latex" else markdown_table(text_table)
