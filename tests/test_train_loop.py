@@ -116,3 +116,26 @@ def test_cli_train_passes_optimizer_and_layer_options_through() -> None:
                                                      niti_mu=3)).loss_curve
     bad = runner.invoke(app, ["train", "--full-precision-layers", "middle"])
     assert bad.exit_code == 2 and "middle" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_a_run_uses_its_own_settings_and_gives_the_callers_back() -> None:
+    """During a run: its thread count and deterministic cuDNN without autotuning (same seed, same
+    result on a GPU too); afterwards the caller's settings, as a library call should leave them."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    before = torch.get_num_threads(), cudnn.deterministic, cudnn.benchmark
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        cudnn.deterministic, cudnn.benchmark = False, True
+
+        def look(*_: object) -> None:
+            seen.append((torch.get_num_threads(), cudnn.deterministic, cudnn.benchmark))
+
+        train(QUICK.replace(epochs=1, threads=1), progress=look)
+        assert seen == [(1, True, False)]
+        assert (torch.get_num_threads(), cudnn.deterministic, cudnn.benchmark) == (2, False, True)
+    finally:
+        torch.set_num_threads(before[0])
+        cudnn.deterministic, cudnn.benchmark = before[1], before[2]

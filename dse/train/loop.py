@@ -103,15 +103,20 @@ def _flushing_denormals() -> bool:
 @contextlib.contextmanager
 def _run_settings(threads: int) -> Iterator[None]:
     """The run's thread count, denormals flushed (they appear as training goes on and slow the CPU
-    down); the caller's settings come back afterwards, as a library call should leave them."""
-    previous = torch.get_num_threads(), _flushing_denormals()
+    down), and cuDNN restricted to deterministic algorithms with no autotuning (some convolution
+    backward algorithms add with atomics, in an order that changes from run to run); the caller's
+    settings come back afterwards, as a library call should leave them."""
+    cudnn = torch.backends.cudnn
+    previous = torch.get_num_threads(), _flushing_denormals(), cudnn.deterministic, cudnn.benchmark
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
     try:
         yield
     finally:
         torch.set_num_threads(previous[0])
         torch.set_flush_denormal(previous[1])
+        cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
 
 
 def train(config: TrainConfig, dataset: Dataset | None = None,
