@@ -286,6 +286,15 @@ def abs_max(x: Tensor, axis: int | None) -> Tensor:
     return torch.maximum(-low, high).reshape(shape)
 
 
+def host_abs_max(x: Tensor) -> float:
+    """max|x| over the whole tensor as a Python float (NaN if x holds one, 0 if it is empty): one
+    aminmax pass and two scalar reads, cheaper than |x|.amax() or a device-side maximum."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(x.detach())
+    return max(-float(low), float(high))  # both are NaN where x holds a NaN
+
+
 class NumberFormat(ABC):
     """A number format: an element grid plus a scaling policy.
 
@@ -414,7 +423,7 @@ class NumberFormat(ABC):
         rounded to float32 (float64 carries more than twice float32's digits, so that double
         rounding is exact), and the power of two comes from the same frexp.
         """
-        amax = float(abs_max(x.detach(), None))
+        amax = host_abs_max(x)
         if not 0.0 < amax < math.inf:  # zero, inf or NaN
             return 1.0
         if x.dtype == torch.float32:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dse.errors import InputError
 from dse.formats import get as get_format
 from dse.formats import shift_round
+from dse.formats.base import host_abs_max
 from dse.train.accumulation import convolution, convolution_grads
 from dse.train.config import TrainConfig, TrainingSetup
 from dse.train.layers import Matmul, conv_geometry
@@ -56,21 +57,13 @@ def int_clip(m: Tensor, bitwidth: int = INT8_BITWIDTH) -> Tensor:
     return m.clamp(-limit, limit)
 
 
-def _peak(t: Tensor) -> float:
-    """max|t| as a Python float (0 for an empty tensor), in one pass without a |t| copy."""
-    if t.numel() == 0:
-        return 0.0
-    low, high = torch.aminmax(t.detach())
-    return float(max(-low, high))
-
-
 def range_estimate(t: Tensor) -> int:
     """RangeEstimate: ceil(log2(max|t|)) of an integer-valued tensor, 0 when it is all zeros.
 
     Exact on the integer maximum (the reference takes log2 of its float32 copy, which can be one
     short just above a power of two beyond 2^24).
     """
-    peak = int(_peak(t))
+    peak = int(host_abs_max(t))
     return (peak - 1).bit_length() if peak > 0 else 0
 
 
@@ -136,7 +129,7 @@ def _float_to_int(x: Tensor, bitwidth: int) -> tuple[Tensor, int]:
     values = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0)
     if not values.is_floating_point():
         values = values.double()
-    peak = _peak(values)
+    peak = host_abs_max(values)
     if peak == 0.0:
         return torch.zeros_like(values), 0
     exp = _ceil_log2(peak) - bitwidth
@@ -362,7 +355,7 @@ def _mantissa_of(values: Tensor, exp: int | None, bitwidth: int) -> tuple[Tensor
     values = _plain(values).detach()
     if exp is not None and abs(exp) <= 100 and values.dtype == torch.float32:
         mantissa = values * 2.0**-exp  # exact: a power-of-two scaling inside float32's range
-        if torch.equal(mantissa, torch.round(mantissa)) and _peak(mantissa) <= 2**bitwidth:
+        if torch.equal(mantissa, torch.round(mantissa)) and host_abs_max(mantissa) <= 2**bitwidth:
             return mantissa, exp
     mantissa, exp = _float_to_int(values, bitwidth)
     return mantissa.to(torch.float32), exp
