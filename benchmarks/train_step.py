@@ -80,6 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as train() runs
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     wanted = set(args.proxies.split(","))

@@ -54,15 +54,29 @@ def cpu_chunk_elements(x: Tensor) -> int:
     return CPU_SLICE_ELEMENTS_PER_THREAD * torch.get_num_threads()
 
 
-def for_slices(flat: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], None]) -> None:
-    """round_slice(part, out_part) over aligned slices of the 1-d tensors flat and out, each
-    `cpu_chunk_elements` long (the last one shorter); one call with the whole tensors where they fit."""
-    chunk = cpu_chunk_elements(flat)
-    if flat.numel() <= chunk:
-        round_slice(flat, out)
+def for_slices(x: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], None]) -> None:
+    """round_slice(part, out_part) over aligned slices of x and out (contiguous, one shape), 1-d and
+    `cpu_chunk_elements` long (the last one shorter); one call with x and out as they are where they
+    fit in one slice (no views: each costs as much as a small operation)."""
+    chunk = cpu_chunk_elements(x)
+    if x.numel() <= chunk:
+        round_slice(x, out)
         return
+    flat, flat_out = x.view(-1), out.view(-1)
     for start in range(0, flat.numel(), chunk):
-        round_slice(flat[start:start + chunk], out[start:start + chunk])
+        round_slice(flat[start:start + chunk], flat_out[start:start + chunk])
+
+
+def slice_scratch(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Spare space for one slice of `for_slices` over x: x's shape where x is one slice, else one slice."""
+    chunk = cpu_chunk_elements(x)
+    return torch.empty(x.shape if x.numel() <= chunk else (chunk,), dtype=dtype, device=x.device)
+
+
+def fitted(scratch: Tensor, part: Tensor) -> Tensor:
+    """`slice_scratch` space for `part`: all of it, or its start for a shorter last slice."""
+    size = part.numel()
+    return scratch if size == scratch.numel() else scratch[:size]
 
 
 def check_rounding(rounding: str) -> str:

@@ -41,10 +41,12 @@ from dse.formats.base import (
     check_rounding,
     constant,
     cpu_chunk_elements,
+    fitted,
     float_exponent,
     for_slices,
     power_of_two,
     round_to_integer,
+    slice_scratch,
 )
 from dse.formats.spec import (
     bool_arg,
@@ -471,22 +473,21 @@ def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> No
 def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
     """out = kernel(x) for an elementwise kernel(x, out, scratch) that writes into out and may use
     an integer scratch of x's size; slice by slice (`for_slices`)."""
-    flat = x.contiguous().view(-1)
-    out = torch.empty_like(flat)
-    scratch = torch.empty(min(flat.numel(), cpu_chunk_elements(flat)), dtype=_LAYOUTS[x.dtype].int_dtype,
-                          device=flat.device)
-    for_slices(flat, out, lambda part, result: kernel(part, result, scratch[: part.numel()]))
-    return out.view(x.shape)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    scratch = slice_scratch(x, _LAYOUTS[x.dtype].int_dtype)
+    for_slices(x, out, lambda part, result: kernel(part, result, fitted(scratch, part)))
+    return out
 
 
 def _in_chunks(round_chunk: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """Apply an elementwise function slice by slice (`for_slices`): on the CPU its passes run in cache."""
     if x.numel() <= cpu_chunk_elements(x):
         return round_chunk(x)
-    flat = x.reshape(-1)
-    out = torch.empty_like(flat)
-    for_slices(flat, out, lambda part, result: result.copy_(round_chunk(part)))
-    return out.view(x.shape)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    for_slices(x, out, lambda part, result: result.copy_(round_chunk(part)))
+    return out
 
 
 def fp(e: int | None = None, m: int | None = None, special: str = "ieee", overflow: str | None = None,

@@ -52,9 +52,10 @@ from dse.formats.base import (
     Scaling,
     check_rounding,
     constant,
-    cpu_chunk_elements,
+    fitted,
     for_slices,
     round_to_integer,
+    slice_scratch,
     stochastic_up_,
 )
 from dse.formats.spec import (
@@ -306,25 +307,23 @@ class LNS(NumberFormat):
         as scratch space. The grid values are multiplied by the scale before the lookup, or the
         looked-up values after it where x has fewer elements than the grid (the same products).
         """
-        flat = x.detach().reshape(-1)
+        flat = x.detach().reshape(-1)  # 1-d slices: index_select takes a 1-d index
         lookup = self._lookup(x.dtype, x.device)
         scale_after = scale is not None and flat.numel() < lookup.values.numel()
         values = lookup.values if scale is None or scale_after else lookup.values * scale
-        out = torch.empty_like(flat)
-        index = torch.empty(min(flat.numel(), cpu_chunk_elements(flat)), dtype=lookup.table.dtype,
-                            device=flat.device)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        index = slice_scratch(flat, lookup.table.dtype)
         key = None if scale is None else torch.empty_like(index)
 
         def round_slice(part: Tensor, result: Tensor) -> None:
-            size = part.numel()
-            part_key = None if key is None else key[:size]
-            self._nearest_index(part, lookup, index[:size], result, scale, part_key)
-            torch.index_select(values, 0, index[:size], out=result)
+            part_index, part_key = fitted(index, part), None if key is None else fitted(key, part)
+            self._nearest_index(part, lookup, part_index, result, scale, part_key)
+            torch.index_select(values, 0, part_index, out=result)
             if not lookup.signed:
                 result.copysign_(part)
 
-        for_slices(flat, out, round_slice)
-        return (out.mul_(scale) if scale_after else out).view(x.shape)
+        for_slices(flat, out.view(-1), round_slice)
+        return out.mul_(scale) if scale_after else out
 
     def _directed_index(self, magnitude: Tensor, grid: _Grid, rounding: str,
                         generator: torch.Generator | None) -> Tensor:

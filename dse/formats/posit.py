@@ -224,12 +224,12 @@ class Posit(NumberFormat):
     def _round_flat(self, x: Tensor, frame: _Frame, rounding: str, generator: torch.Generator | None,
                     unused_bits: int = 0) -> Tensor:
         """Round in slices; unused_bits: low fraction bits that are zero because x was float32."""
-        flat = x.reshape(-1)
-        out = torch.empty_like(flat)
-        tables = self._device_tables(frame, flat.device)
-        for_slices(flat, out, lambda part, result: self._round_chunk(part, result, frame, tables, rounding,
-                                                                     generator, unused_bits))
-        return out.view(x.shape)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, whatever x's layout
+        tables = self._device_tables(frame, x.device)
+        # 1-d slices: the regime's table lookup takes a 1-d index.
+        for_slices(x.reshape(-1), out.view(-1), lambda part, result: self._round_chunk(
+            part, result, frame, tables, rounding, generator, unused_bits))
+        return out
 
     def _round_chunk(self, x: Tensor, out: Tensor, frame: _Frame, tables: _Tables, rounding: str,
                      generator: torch.Generator | None, unused_bits: int) -> None:
