@@ -17,14 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from dse.data import DATASETS
 from dse.energy import DatapathParams, MemoryParams, parse_node, workload_names
 from dse.errors import InputError, closest
-from dse.formats import ROUNDINGS, get
-from dse.train.config import OPTIMIZERS, TrainConfig
+from dse.train.config import TrainConfig
+from dse.train.loop import check_field
 from dse.train.policy import FULL_PRECISION_LAYER_NAMES
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
-from models.proxies import MODELS
 
 FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
                                   "optimizer_state")
@@ -203,45 +201,18 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise source.error(path, f"expected a list of layer names ({', '.join(LAYER_NAMES)}), got "
                                f"{value!r}")
-        for index, layer in enumerate(value):
-            if layer not in LAYER_NAMES:
-                hint = did_you_mean(layer, LAYER_NAMES)
-                raise source.error((*path, index), f"unknown layer {layer!r}{hint}")
-        return tuple(value)
-    try:
-        value = _ADAPTERS[name].validate_python(value, strict=True)
-    except ValidationError as error:
-        first = error.errors()[0]
-        expected = _FIELD_TYPES[name]
-        raise source.error(path, f"{first['msg']} (got {value!r}; expected {_type_name(expected)})") from None
-    if value is None:
-        return None
-    if name in FORMAT_FIELDS or name == "accumulation":
+    else:
         try:
-            return get(value).spec
-        except ValueError as error:
-            raise source.error(path, str(error).splitlines()[0]) from None
-    if name == "device":
-        if value != "cpu" and not value.startswith("cuda"):
-            raise source.error(path, f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
-        if value.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise source.error(path, f"device {value!r} asked for, but torch sees no CUDA device")
-    if name == "optimizer" and value not in OPTIMIZERS:
-        raise source.error(path, f"unknown optimizer {value!r}{did_you_mean(value, OPTIMIZERS)}")
-    if name in ("rounding", "update_rounding") and value not in ROUNDINGS:
-        raise source.error(path, f"unknown rounding {value!r}{did_you_mean(value, ROUNDINGS)}")
-    if name in ("epochs", "batch_size", "niti_mu", "accumulation_chunk") and value < 1:
-        raise source.error(path, f"{name} must be >= 1, got {value}")
-    if name in ("warmup_epochs",) and value < 0:
-        raise source.error(path, f"{name} must be >= 0, got {value}")
-    if name in ("lr",) and not value > 0:
-        raise source.error(path, f"{name} must be > 0, got {value}")
-    if name in ("momentum", "weight_decay") and value < 0:
-        raise source.error(path, f"{name} must be >= 0, got {value}")
-    return value
+            value = _ADAPTERS[name].validate_python(value, strict=True)
+        except ValidationError as error:
+            first = error.errors()[0]
+            expected = _FIELD_TYPES[name]
+            raise source.error(path, f"{first['msg']} (got {value!r}; expected {_type_name(expected)})") \
+                from None
+    try:
+        return check_field(name, value)
+    except ValueError as error:
+        raise source.error(path, str(error).splitlines()[0]) from None
 
 
 def _type_name(kind: Any) -> str:
@@ -284,11 +255,6 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tas
     for key in ("model", "dataset"):
         if key not in raw:
             raise source.error(path, f"missing key {key!r}")
-    for key, known in (("model", MODELS), ("dataset", DATASETS)):
-        value = defaults[key].strip().lower()
-        if value not in known:
-            raise source.error((*path, key), f"unknown {key} {defaults[key]!r}{did_you_mean(value, known)}")
-        defaults[key] = value
     name = raw.get("name") or f"{defaults['model']}/{defaults['dataset']}"
     return TaskConfig(name=name.strip(), defaults=defaults, path=path)
 

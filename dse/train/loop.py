@@ -8,9 +8,11 @@ seeded by `config.seed`, and the run uses `config.threads` torch threads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +20,12 @@ from torch import Tensor, nn
 
 from dse.data import DATASETS, Dataset, load_dataset
 from dse.errors import InputError, choice
+from dse.formats import ROUNDINGS
+from dse.formats import get as get_format
 from dse.train.config import OPTIMIZERS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import quantize_model, set_quantization
 from dse.train.optim import make_optimizer
-from dse.train.policy import QuantPolicy
+from dse.train.policy import FULL_PRECISION_LAYER_NAMES, QuantPolicy
 from models.proxies import MODELS, build_model
 
 EVAL_BATCH = 1024
@@ -29,22 +33,52 @@ Progress = Callable[[int, float, float], None]
 """Called after each epoch with (epoch, mean training loss, test accuracy)."""
 
 
+FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
+                                  "optimizer_state", "accumulation")
+_AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk")
+_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay")
+_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
+    "rounding": ("rounding", ROUNDINGS), "update_rounding": ("rounding", ROUNDINGS),
+}
+
+
+def check_field(name: str, value: Any) -> Any:
+    """One TrainConfig field's value checked for what it means; returns it normalised (names in lower
+    case, format specs canonical). One line per problem and no location: `check_config` and the
+    sweep file's validator each say where."""
+    if value is None:
+        return None
+    if name in _NAMES:
+        kind, valid = _NAMES[name]
+        return choice(kind, value, valid)
+    if name in FORMAT_FIELDS:
+        return get_format(value).spec
+    if name == "full_precision_layers":
+        return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
+    if name in _AT_LEAST_ONE and value < 1:
+        raise InputError(f"{name} must be >= 1, got {value}")
+    if name in _NON_NEGATIVE and not value >= 0:
+        raise InputError(f"{name} must be >= 0, got {value}")
+    if name == "lr" and not (math.isfinite(value) and value > 0):
+        raise InputError(f"lr must be a positive number, got {value}")
+    if name == "device":
+        if value != "cpu" and not value.startswith("cuda"):
+            raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+        if value.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"device {value!r} asked for, but torch sees no CUDA device")
+    return value
+
+
 def check_config(config: TrainConfig) -> None:
     """Reject what cannot run, before any data is loaded (one line each)."""
-    choice("model", config.model, MODELS)
-    choice("dataset", config.dataset, DATASETS)
-    choice("optimizer", config.optimizer, OPTIMIZERS)
-    for name in ("epochs", "batch_size", "threads"):
-        if getattr(config, name) < 1:
-            raise InputError(f"{name} must be >= 1, got {getattr(config, name)}")
-    if config.warmup_epochs < 0:
-        raise InputError(f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
-    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
-        raise InputError(f"lr must be a positive number, got {config.lr}")
-    if config.device != "cpu" and not config.device.startswith("cuda"):
-        raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {config.device!r}")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {config.device!r} asked for, but torch sees no CUDA device")
+    for field in dataclasses.fields(config):
+        try:
+            check_field(field.name, getattr(config, field.name))
+        except ValueError as error:  # a spec's own message does not say which field holds it
+            if field.name not in FORMAT_FIELDS:
+                raise
+            raise InputError(f"config {field.name}: {str(error).splitlines()[0]}") from None
     if config.optimizer == "niti":
         from dse.train.niti import check_niti
 
@@ -53,7 +87,7 @@ def check_config(config: TrainConfig) -> None:
             raise InputError(f"accumulation {config.accumulation!r} does not apply to optimizer 'niti', "
                              "which accumulates exactly in int32")
     else:
-        QuantPolicy.from_config(config)  # raises on bad specs and roundings
+        QuantPolicy.from_config(config)  # the formats' combinations (a scaled accumulator, layer scaling)
 
 
 def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> TrainingSetup:
