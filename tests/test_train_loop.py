@@ -61,6 +61,9 @@ def test_a_loss_that_blows_up_is_a_diverged_result_not_a_crash() -> None:
     ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
     ({"format": "posit(8,9)"}, "posit(8,9)"),
     ({"epochs": 0}, "epochs must be >= 1"),
+    ({"momentum": -0.5}, "momentum must be >= 0"),
+    ({"weights": "posit(8,9)"}, "config weights: invalid format spec 'posit(8,9)'"),
+    ({"full_precision_layers": ("frist",)}, "did you mean 'first'"),
     ({"model": "transformer"}, "transformer"),
     ({"dataset": "mnist"}, "mnist"),
 ])
