@@ -325,6 +325,8 @@ def test_fp_gradients_get_power_of_two_tensor_scaling_unless_the_spec_says_scale
     assert policy.weight.format == get("fp8_e4m3") and policy.activation.format == get("fp8_e4m3")
     explicit = QuantPolicy.from_config(TrainConfig(format="fp8_e4m3", gradients="fp8_e5m2(scale=none)"))
     assert explicit.error.format == get("fp8_e5m2")
+    spaced = QuantPolicy.from_config(TrainConfig(format="fp8_e4m3", gradients="FP8_E5M2( Scale = none )"))
+    assert spaced.error.format == get("fp8_e5m2")
     assert QuantPolicy.from_config(TrainConfig(format="int8")).error.format == get("int8")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from dse.errors import InputError
 from dse.formats import ROUNDINGS, NumberFormat, Scaling, check_rounding, get
+from dse.formats.spec import parse_call
 from dse.train.config import TrainConfig
 
 FULL_PRECISION_LAYER_NAMES: tuple[str, ...] = ("first", "last")
@@ -158,7 +158,7 @@ class QuantPolicy:
             "accumulation": config.accumulation,
         }
         formats = {name: _resolve(name, spec) for name, spec in specs.items()}
-        explicit = {name: spec is not None and "scale=" in re.sub(r"\s+", "", spec.lower())
+        explicit = {name: spec is not None and "scale" in parse_call(spec).kwargs
                     for name, spec in specs.items()}
 
         def training_quant(name: str, rounding: str, gradient: bool) -> TensorQuant:
