@@ -460,14 +460,20 @@ class NumberFormat(ABC):
         return round_to_float32(self.max)
 
     def scale_from_amax(self, amax: Tensor) -> Tensor:
-        """The divisor that maps max|x| onto the grid; 1 where max|x| is zero or not finite."""
-        usable = torch.isfinite(amax) & (amax > 0)
-        safe = torch.where(usable, amax, torch.ones_like(amax))
+        """The divisor that maps max|x| onto the grid; 1 where max|x| is zero or not finite.
+
+        Five small operations on the device: on a GPU each is a kernel launch, which costs more
+        than its arithmetic on a per-tensor or per-channel max.
+        """
+        usable = (amax > 0) & (amax < math.inf)  # NaN fails both
+        one = constant(1.0, amax.dtype, amax.device)
         # A tensor divisor, not a Python float: CUDA divides by a host scalar through its reciprocal,
         # which is not correctly rounded, and the scale must not depend on the device.
-        grid_max = torch.full_like(safe, self.max)
+        grid_max = constant(self._max_float32 if amax.dtype == torch.float32 else self.max, amax.dtype,
+                            amax.device)
         if self.scaling.pow2:
-            scale = power_of_two(pow2_ceil_exponent(safe / grid_max)).to(safe.dtype)
+            safe = torch.where(usable, amax, one)
+            scale = power_of_two(pow2_ceil_exponent(safe / grid_max)).to(amax.dtype)
         else:
-            scale = safe / grid_max
-        return torch.where(usable, scale, torch.ones_like(scale))
+            scale = amax / grid_max
+        return torch.where(usable, scale, one)
