@@ -24,8 +24,6 @@ from dse.train.loop import check_field
 from dse.train.policy import FULL_PRECISION_LAYER_NAMES
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
 
-FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
-                                  "optimizer_state")
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
 """What makes a task a task: set once per task, never gridded."""
 RUN_FIELDS: tuple[str, ...] = ("seed", "threads")

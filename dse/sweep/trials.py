@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dse.formats import get
-from dse.sweep.config import FORMAT_FIELDS, TRIAL_FIELDS, SweepConfig
-from dse.train.config import TrainConfig
+from dse.sweep.config import TRIAL_FIELDS, SweepConfig
+from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
 
 FP32 = "fp32"
 TENSOR_FIELDS: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
@@ -52,7 +52,7 @@ def identity(task: str, config: TrainConfig) -> dict[str, Any]:
     """What defines a trial: its task and every setting that can change its result."""
     data = config.to_dict()
     data.pop("threads")
-    for name in FORMAT_FIELDS:
+    for name in TENSOR_FORMAT_FIELDS:
         data.pop(name)
     data.update(resolved_formats(config))
     return {"task": task, "config": data}
@@ -99,8 +99,8 @@ def make_labels(configs: list[dict[str, Any]]) -> list[str]:
     not at TrainConfig's default: two configurations differ in some varying field, and at least one of
     them shows it, so labels are unique.
     """
-    candidates = ["optimizer_state",
-                  *(name for name in TRIAL_FIELDS if name not in FORMAT_FIELDS and name != "optimizer")]
+    candidates = ["optimizer_state", *(name for name in TRIAL_FIELDS
+                                       if name not in TENSOR_FORMAT_FIELDS and name != "optimizer")]
     varying = [name for name in candidates if len({json.dumps(c.get(name)) for c in configs}) > 1]
     labels = []
     for config in configs:

@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam", "niti")
+TENSOR_FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
+                                         "optimizer_state")
+"""The fields that give a tensor class its number format (spec strings)."""
+SPEC_FIELDS: tuple[str, ...] = (*TENSOR_FORMAT_FIELDS, "accumulation")
+"""Every field that holds a format spec."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dse.data import DATASETS, Dataset, load_dataset
 from dse.errors import InputError, choice
 from dse.formats import ROUNDINGS
 from dse.formats import get as get_format
-from dse.train.config import OPTIMIZERS, TrainConfig, TrainingSetup, TrainResult
+from dse.train.config import OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import quantize_model, set_quantization
 from dse.train.optim import make_optimizer
 from dse.train.policy import FULL_PRECISION_LAYER_NAMES, QuantPolicy
@@ -33,8 +33,6 @@ Progress = Callable[[int, float, float], None]
 """Called after each epoch with (epoch, mean training loss, test accuracy)."""
 
 
-FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
-                                  "optimizer_state", "accumulation")
 _AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk")
 _NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay")
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -52,7 +50,7 @@ def check_field(name: str, value: Any) -> Any:
     if name in _NAMES:
         kind, valid = _NAMES[name]
         return choice(kind, value, valid)
-    if name in FORMAT_FIELDS:
+    if name in SPEC_FIELDS:
         return get_format(value).spec
     if name == "full_precision_layers":
         return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
@@ -76,7 +74,7 @@ def check_config(config: TrainConfig) -> None:
         try:
             check_field(field.name, getattr(config, field.name))
         except ValueError as error:  # a spec's own message does not say which field holds it
-            if field.name not in FORMAT_FIELDS:
+            if field.name not in SPEC_FIELDS:
                 raise
             raise InputError(f"config {field.name}: {str(error).splitlines()[0]}") from None
     if config.optimizer == "niti":
