@@ -80,6 +80,25 @@ def test_madam_and_lns_madam_follow_the_reference_update(cls, lr, base2):
     assert not torch.equal(param.detach(), p0)
 
 
+@pytest.mark.parametrize(("cls", "lr", "base2"), [(Madam, 0.01, False), (LNSMadam, 1 / 128, True)])
+def test_every_parameter_follows_the_reference_when_stepped_together(cls, lr, base2):
+    """Several parameters of different shapes in one optimizer (their g* computed together), one with
+    no gradient at some steps: each ends where the reference update alone takes it."""
+    torch.manual_seed(1)
+    shapes = [(6, 5), (7,), (2, 3, 4)]
+    starts = [torch.randn(shape) * 0.3 for shape in shapes]
+    sequences = [gradient_sequence(shape, 5, seed=10 + i) for i, shape in enumerate(shapes)]
+    params = [nn.Parameter(p0.clone()) for p0 in starts]
+    optimizer = cls(params, lr=lr)
+    for step in range(5):
+        for i, param in enumerate(params):
+            param.grad = None if (i == 1 and step == 2) else sequences[i][step].clone()
+        optimizer.step()
+    for i, (param, p0) in enumerate(zip(params, starts, strict=True)):
+        grads = [g for step, g in enumerate(sequences[i]) if not (i == 1 and step == 2)]
+        assert torch.equal(param.detach(), reference_madam(p0, grads, lr, base2)), shapes[i]
+
+
 def test_nan_normalized_gradient_becomes_zero():
     param = nn.Parameter(torch.tensor([0.5, -0.25, 1.0]))
     param.grad = torch.tensor([0.0, 0.0, 1.0])  # 0/0 for the first two

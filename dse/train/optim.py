@@ -40,28 +40,41 @@ MADAM_BETA = 0.999
 MADAM_ONE_MINUS_BETA = 0.001  # written out: 1 - 0.999 is not 0.001 in floating point
 
 
-def _normalized_grad(optimizer: torch.optim.Optimizer, p: Tensor, g_bound: float) -> Tensor:
-    """Madam's g* (jxbz/madam): g / sqrt(bias-corrected EMA of g^2), NaN -> 0, clamped to +-g_bound.
+def _normalized_grads(optimizer: torch.optim.Optimizer, params: list[Tensor], g_bound: float) -> list[Tensor]:
+    """Madam's g* (jxbz/madam) of each parameter: g / sqrt(bias-corrected EMA of g^2), NaN -> 0,
+    clamped to +-g_bound.
 
-    On the first step it records max = p_scale * RMS(p), the bound the weights are clamped to.
-    The arithmetic follows the reference expression by expression (in place, in the same order),
-    so results match it bit for bit. Returns a fresh tensor the caller may overwrite.
+    On a parameter's first step it records max = p_scale * RMS(p), the bound the weights are
+    clamped to. The arithmetic follows the reference expression by expression (in place, in the
+    same order), so results match it bit for bit; each expression runs over all the parameters in
+    one `torch._foreach_*` call (the same kernels, per tensor) instead of one call per parameter.
+    Returns fresh tensors the caller may overwrite.
     """
-    state = optimizer.state[p]
-    if len(state) == 0:
-        state["max"] = optimizer.p_scale * (p * p).mean().sqrt().item()  # type: ignore[attr-defined]
-        state["step"] = 0
-        state["exp_avg_sq"] = torch.zeros_like(p)
-    state["step"] += 1
-    bias_correction = 1 - MADAM_BETA ** state["step"]
-    grad = p.grad
-    assert grad is not None
-    exp_avg_sq = state["exp_avg_sq"]  # v <- beta v + (1 - beta) g^2
-    exp_avg_sq.mul_(MADAM_BETA).add_(torch.mul(grad, grad).mul_(MADAM_ONE_MINUS_BETA))
-    g_normed = exp_avg_sq.div(bias_correction).sqrt_()
-    torch.div(grad, g_normed, out=g_normed)
-    g_normed.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-    return g_normed.clamp_(-g_bound, g_bound)
+    if not params:
+        return []
+    corrections = []
+    for p in params:
+        state = optimizer.state[p]
+        if len(state) == 0:
+            state["max"] = optimizer.p_scale * (p * p).mean().sqrt().item()  # type: ignore[attr-defined]
+            state["step"] = 0
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        corrections.append(1 - MADAM_BETA ** state["step"])
+    grads = [p.grad for p in params]
+    exp_avg_sqs = [optimizer.state[p]["exp_avg_sq"] for p in params]  # v <- beta v + (1 - beta) g^2
+    torch._foreach_mul_(exp_avg_sqs, MADAM_BETA)
+    squares = torch._foreach_mul(grads, grads)
+    torch._foreach_mul_(squares, MADAM_ONE_MINUS_BETA)
+    torch._foreach_add_(exp_avg_sqs, squares)
+    roots = torch._foreach_div(exp_avg_sqs, corrections)
+    torch._foreach_sqrt_(roots)
+    g_normed = torch._foreach_div(grads, roots)
+    for g in g_normed:
+        g.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    torch._foreach_clamp_min_(g_normed, -g_bound)
+    torch._foreach_clamp_max_(g_normed, g_bound)
+    return list(g_normed)
 
 
 class Madam(torch.optim.Optimizer):
@@ -84,9 +97,9 @@ class Madam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, _normalized_grad(self, p, self.g_bound), group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            for p, g_normed in zip(params, _normalized_grads(self, params, self.g_bound), strict=True):
+                self._update(p, g_normed, group["lr"])
         return loss
 
     def _update(self, p: Tensor, g_normed: Tensor, lr: float) -> None:
