@@ -70,8 +70,11 @@ def test_quantize_is_monotone(spec: str, data: st.DataObject) -> None:
     x = torch.sort(data.draw(batch(fmt))).values
     for grid in (unscaled(fmt), fmt):
         q = grid.quantize(x.double() if fmt.bits > 24 else x)
-        q = q[~torch.isnan(q)]
-        assert torch.all(q[1:] >= q[:-1])
+        # Values that share a scale keep their order; across MX blocks they need not (a block whose
+        # max is larger has a coarser grid: [-1]*31 + [0.5 | 0.5, 8] in mxfp4 gives 0.5 | 0, 8).
+        for part in q.split(grid.scaling.block_size if grid.scaling.kind == "block" else q.numel()):
+            part = part[~torch.isnan(part)]
+            assert torch.all(part[1:] >= part[:-1])
 
 
 @pytest.mark.parametrize("spec", ENUMERABLE)

@@ -259,9 +259,7 @@ class FloatFormat(NumberFormat):
         """The magic nearest rounding of float32 onto the grid times 2^k (see _round_scaled_on_host)."""
         layout = _LAYOUTS[torch.float32]
         m, emin, emax = self.man_bits, self.min_normal_exponent, self.max_exponent
-        native = self._computes_natively_in(torch.float32)
-        kernel = self._nearest_kernel(torch.float32, device) if native else None
-        if (not isinstance(kernel, functools.partial) or kernel.func is not _magic_round
+        if (not (self._computes_natively_in(torch.float32) and self._magic_rounds_in(layout))
                 or self.min_positive <= 2.0 ** (layout.min_normal_exponent + 1)  # (the +-0 argument)
                 or emin + k < layout.min_normal_exponent  # the lowest binade is a normal float32
                 or emax + k + layout.man_bits + 1 - m > layout.max_exponent  # C stays finite
@@ -320,7 +318,7 @@ class FloatFormat(NumberFormat):
         m, emin, emax = self.man_bits, self.min_normal_exponent, self.max_exponent
         if not self.subnormals or m > layout.man_bits - 2:
             return None
-        if emax - m + layout.man_bits <= layout.max_exponent:
+        if self._magic_rounds_in(layout):
             return functools.partial(
                 _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
                 lowest=layout.exponent_field(emin), highest=layout.exponent_field(emax),
@@ -331,6 +329,12 @@ class FloatFormat(NumberFormat):
             # included, and rounding the pattern up past the top finite binade gives inf.
             return functools.partial(_pattern_round, shift=layout.man_bits - m)
         return None
+
+    def _magic_rounds_in(self, layout: _BinaryLayout) -> bool:
+        """Whether the magic-constant rounding (`_nearest_kernel`) works in the layout's dtype:
+        subnormals on (the floor of the grid step), m <= P - 2, and every constant C finite."""
+        return (self.subnormals and self.man_bits <= layout.man_bits - 2
+                and self.max_exponent - self.man_bits + layout.man_bits <= layout.max_exponent)
 
     def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0) -> None:
         """The overflow policy after the magic rounding (in place), on the grid times 2^scale_exponent."""
