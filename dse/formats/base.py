@@ -405,7 +405,8 @@ class NumberFormat(ABC):
         """round(x / scale) * scale with one scale for the tensor (x float32 or float64).
 
         On the CPU the scale is taken on the host (`host_tensor_scale`): reading max|x| back costs
-        less there than the dozen scalar tensor operations of `scale_from_amax`, and it comes back
+        less there than the scalar tensor operations of `scale_from_amax` (five, and about twenty
+        for a power of two), and it comes back
         as a 0-dim tensor of x's dtype holding the same value (the CPU divides by it exactly).
         Other devices keep the scale on the device.
         """

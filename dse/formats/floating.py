@@ -265,11 +265,7 @@ class FloatFormat(NumberFormat):
                 or emax + k + layout.man_bits + 1 - m > layout.max_exponent  # C stays finite
                 or (self.overflow == "inf" and k < -emax)):  # 2^(127 - emax - k) is a float32
             return None
-        return functools.partial(
-            _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
-            lowest=layout.exponent_field(emin + k), highest=layout.exponent_field(emax + k),
-            factor=1.5 * 2.0 ** (layout.man_bits - m),
-            overflow=functools.partial(self._overflow_nearest, scale_exponent=k), sign=self.special != "fnuz")
+        return self._magic_kernel(layout, device, k)
 
     def round_by_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """The general rounding (no cast shortcuts), natively in x's dtype, which must hold the grid.
@@ -315,20 +311,24 @@ class FloatFormat(NumberFormat):
         None where neither applies: round_by_grid runs.
         """
         layout = _LAYOUTS[dtype]
-        m, emin, emax = self.man_bits, self.min_normal_exponent, self.max_exponent
-        if not self.subnormals or m > layout.man_bits - 2:
-            return None
         if self._magic_rounds_in(layout):
-            return functools.partial(
-                _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
-                lowest=layout.exponent_field(emin), highest=layout.exponent_field(emax),
-                factor=1.5 * 2.0 ** (layout.man_bits - m), overflow=self._overflow_nearest,
-                sign=self.special != "fnuz")  # fnuz: +0 is its only zero
-        if self.special == "ieee" and self.overflow == "inf" and emin == layout.min_normal_exponent:
+            return self._magic_kernel(layout, device, 0)
+        if (self.subnormals and self.man_bits <= layout.man_bits - 2 and self.special == "ieee"
+                and self.overflow == "inf" and self.min_normal_exponent == layout.min_normal_exponent):
             # Same exponent range as the dtype: the grid is every 2^(P-m)-th bit pattern, subnormals
             # included, and rounding the pattern up past the top finite binade gives inf.
-            return functools.partial(_pattern_round, shift=layout.man_bits - m)
+            return functools.partial(_pattern_round, shift=layout.man_bits - self.man_bits)
         return None
+
+    def _magic_kernel(self, layout: _BinaryLayout, device: torch.device, k: int) -> Kernel:
+        """The magic-constant nearest rounding onto the grid times 2^k in the layout's dtype."""
+        return functools.partial(
+            _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
+            lowest=layout.exponent_field(self.min_normal_exponent + k),
+            highest=layout.exponent_field(self.max_exponent + k),
+            factor=1.5 * 2.0 ** (layout.man_bits - self.man_bits),
+            overflow=functools.partial(self._overflow_nearest, scale_exponent=k),
+            sign=self.special != "fnuz")  # fnuz: +0 is its only zero
 
     def _magic_rounds_in(self, layout: _BinaryLayout) -> bool:
         """Whether the magic-constant rounding (`_nearest_kernel`) works in the layout's dtype:
