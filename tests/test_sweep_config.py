@@ -214,6 +214,8 @@ _GOOD = ["name: bad", "task: {model: mlp, dataset: digits}", "trials:", "  - {fo
     (_GOOD[:3] + ["  - {format: int8, accumulation_chunk: 0}"], 4, ["accumulation_chunk must be >= 1"]),
     (_GOOD[:1] + ["task: {model: mlp, dataset: digits, device: tpu}"] + _GOOD[2:], 2,
      ["task.device", "'cpu' or 'cuda[:N]'"]),
+    (_GOOD[:3] + ["  - format: int8", "    full_precision_layers:", "      - first", "      - frist"], 7,
+     ["trials[0].full_precision_layers[1]", "unknown layer 'frist'", "did you mean 'first'"]),
 ])
 def test_bad_files_fail_with_file_line_and_path(tmp_path: Path, lines: list[str], line: int,
                                                 needles: list[str]) -> None:

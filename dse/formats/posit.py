@@ -152,11 +152,10 @@ def _tables(frame: _Frame, device: torch.device) -> _Tables:
     minus_offset = torch.tensor(-frame.offset, dtype=torch.float64, device=device)
     regime_code = torch.tensor(frame.regime_codes, dtype=torch.int64, device=device)
     int_dtype = frame.layout.int_dtype
-
     unit = (torch.ones_like(shift) << shift).to(int_dtype)
-    masks = (constant(value, int_dtype, device) for value in
-             (frame.layout.magnitude_mask, frame.offset, frame.field_bits))
-    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code, unit, *masks)
+    scalars = (constant(value, int_dtype, device) for value in
+               (frame.layout.magnitude_mask, frame.offset, frame.field_bits))
+    return _Tables(shift, power_of_two(-shift), minus_offset, regime_code, unit, *scalars)
 
 
 @dataclass(frozen=True)

@@ -199,14 +199,19 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise source.error(path, f"expected a list of layer names ({', '.join(LAYER_NAMES)}), got "
                                f"{value!r}")
-    else:
-        try:
-            value = _ADAPTERS[name].validate_python(value, strict=True)
-        except ValidationError as error:
-            first = error.errors()[0]
-            expected = _FIELD_TYPES[name]
-            raise source.error(path, f"{first['msg']} (got {value!r}; expected {_type_name(expected)})") \
-                from None
+        # Item by item, so that an unknown name is reported at its own place in the list.
+        return tuple(_meaning(name, [layer], (*path, index), source)[0] for index, layer in enumerate(value))
+    try:
+        value = _ADAPTERS[name].validate_python(value, strict=True)
+    except ValidationError as error:
+        first = error.errors()[0]
+        expected = _FIELD_TYPES[name]
+        raise source.error(path, f"{first['msg']} (got {value!r}; expected {_type_name(expected)})") from None
+    return _meaning(name, value, path, source)
+
+
+def _meaning(name: str, value: Any, path: tuple[str | int, ...], source: SourceMap) -> Any:
+    """`check_field` of a value whose type is right, its one-line error placed at `path`."""
     try:
         return check_field(name, value)
     except ValueError as error:
