@@ -123,10 +123,23 @@ def check_tasks(sweep: SweepConfig) -> None:
             raise sweep.source.error(task.path, str(error).splitlines()[0]) from None
 
 
+def check_trials(sweep: SweepConfig, trials: list[Trial]) -> None:
+    """Each trial's configuration can run (the combination of its fields: e.g. LNS-Madam with a
+    non-LNS master copy), reported at its trial entry."""
+    from dse.train.loop import check_config
+
+    for trial in trials:
+        try:
+            check_config(trial.config)
+        except ValueError as error:
+            raise sweep.source.error(trial.source, f"{trial.label!r}: {str(error).splitlines()[0]}") from None
+
+
 def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyRows]:
     """Everything checked before the disk is touched: tasks, trials, and the energy of every trial."""
     check_tasks(sweep)
     trials = expand(sweep)
+    check_trials(sweep, trials)
     keys, energies = estimate_energies(sweep, trials)
     return trials, keys, energies
 
@@ -180,13 +193,18 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
         "trial_id": trial.trial_id, "task": trial.task, "label": trial.label, "model": config.model,
         "dataset": config.dataset, "weights": formats["weights"], "activations": formats["activations"],
         "gradients": formats["gradients"], "weight_grads": formats["weight_grads"],
-        "optimizer": config.optimizer, "master_weights": int(config.master_weights),
+        "optimizer": config.optimizer, "master_weights": _master_column(config.master_weights),
         "warmup_epochs": config.warmup_epochs, "seed": config.seed, "status": status,
         "diverged": int(diverged), "error": outcome.error, "test_accuracy": accuracy, "final_loss": loss,
         "wall_time_s": wall, "config": json.dumps(config.to_dict(), sort_keys=True),
         "result": json.dumps(extra, sort_keys=True, default=str),
     }
     return TrialRow(values)
+
+
+def _master_column(master_weights: bool | str) -> int | str:
+    """The store's master_weights: 1 (fp32 copy), 0 (none) or the copy's format spec."""
+    return master_weights if isinstance(master_weights, str) else int(master_weights)
 
 
 def _record(trial: Trial, row: TrialRow) -> TrialRecord:

@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS plan (
 CREATE TABLE IF NOT EXISTS trials (
     trial_id TEXT PRIMARY KEY, task TEXT NOT NULL, label TEXT NOT NULL, model TEXT NOT NULL,
     dataset TEXT NOT NULL, weights TEXT NOT NULL, activations TEXT NOT NULL, gradients TEXT NOT NULL,
-    weight_grads TEXT NOT NULL, optimizer TEXT NOT NULL, master_weights INTEGER NOT NULL,
+    weight_grads TEXT NOT NULL, optimizer TEXT NOT NULL, master_weights NOT NULL,
     warmup_epochs INTEGER NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('ok', 'diverged', 'error')), diverged INTEGER NOT NULL,
     error TEXT NOT NULL, test_accuracy REAL, final_loss REAL, wall_time_s REAL NOT NULL,
@@ -216,7 +216,8 @@ def load_trials(directory: Path) -> pd.DataFrame:
         row = dict(zip(names, raw, strict=True))
         record: dict[str, Any] = {name: row[name] for name in TRIAL_COLUMNS}
         record["task"], record["label"] = row["plan_task"], row["plan_label"]
-        record["master_weights"] = bool(row["master_weights"])
+        master = row["master_weights"]  # 1/0, or the spec of a master copy in a format
+        record["master_weights"] = master if isinstance(master, str) else bool(master)
         record["diverged"] = bool(row["diverged"])
         for name in ("test_accuracy", "final_loss"):
             record[name] = math.nan if row[name] is None else float(row[name])

@@ -80,7 +80,7 @@ def _format_token(formats: dict[str, str]) -> str:
 
 def _token(name: str, value: Any) -> str:
     if name == "master_weights":
-        return "master" if value else "no-master"
+        return f"master={value}" if isinstance(value, str) else "master" if value else "no-master"
     if name == "layer_scaling":
         return "layer-scaling" if value else "no-layer-scaling"
     if name == "warmup_epochs":
