@@ -337,7 +337,8 @@ def train(
     table.add_column("", justify="right")
     curve = result.loss_curve
     finite = [v for v in curve if v == v]
-    rows = [("test accuracy", f"{result.test_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
+    rows = [("test accuracy", f"{result.test_accuracy:.4f}"),
+            ("validation accuracy", f"{result.val_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
             ("epochs run", str(result.epochs_run)),
             ("training loss first / last / min",
              " / ".join(f"{v:.4f}" for v in (curve[0], curve[-1], min(finite))) if finite else "nan"),
