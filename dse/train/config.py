@@ -69,7 +69,7 @@ class TrainConfig:
     """Madam / LNS-Madam: bound on the normalised gradient g* (the references: 10)."""
     master_weights: bool | str = True
     """Where the optimizer keeps the weights: True an fp32 copy, False the weight format itself, or
-    a format spec for a copy of its own (e.g. 'lns(16,gamma=128)', 'posit(16,2)', 'int16' for NITI).
+    a format spec for a copy of its own (e.g. 'lns(16,gamma=2048)', 'posit(16,2)', 'int16' for NITI).
     The GEMMs always see the weights quantized to `weights`."""
     warmup_epochs: int = 0
     """Epochs trained in fp32 before quantization is switched on (Lu et al.'s posit recipe)."""
