@@ -291,8 +291,19 @@ def train(
     momentum: Annotated[float, typer.Option(help="SGD momentum (sgd only).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
     niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
-    master_weights: Annotated[bool, typer.Option(
-        help="Keep an fp32 master copy; --no-master-weights stores weights in their format.")] = True,
+    master_weights: Annotated[str, typer.Option(
+        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(16,gamma=128)'.")]
+    = "true",
+    no_master_weights: Annotated[bool, typer.Option(
+        "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
+    p_scale: Annotated[float, typer.Option(
+        help="Madam / LNS-Madam: weight bound, in RMS of the initial weights.")] = 3.0,
+    g_bound: Annotated[float, typer.Option(help="Madam / LNS-Madam: bound on the normalised gradient.")]
+    = 10.0,
+    lr_schedule: Annotated[str, typer.Option(help="constant, cosine or step.")] = "constant",
+    lr_warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
+    lr_step_epochs: Annotated[int, typer.Option(help="step schedule: epochs between decays.")] = 10,
+    lr_gamma: Annotated[float, typer.Option(help="step schedule: factor of each decay.")] = 0.1,
     warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
     layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
     full_precision_layers: Annotated[str, typer.Option(
@@ -316,12 +327,16 @@ def train(
 
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.loop import check_field
 
     config = TrainConfig(
         model=model, dataset=dataset, format=format, weights=weights, activations=activations,
         gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, niti_mu=niti_mu,
-        master_weights=master_weights, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
+        master_weights=False if no_master_weights else check_field("master_weights", master_weights),
+        p_scale=p_scale, g_bound=g_bound,
+        lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs, lr_step_epochs=lr_step_epochs,
+        lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
         full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
                                     if name.strip()),
         rounding=rounding, update_rounding=update_rounding,
