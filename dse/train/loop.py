@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dse.data import DATASETS, Dataset, load_dataset
 from dse.errors import InputError, choice
-from dse.formats import ROUNDINGS
+from dse.formats import check_rounding
 from dse.formats import get as get_format
 from dse.train.config import OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import quantize_model, set_quantization
@@ -37,8 +37,8 @@ _AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", 
 _NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay")
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
-    "rounding": ("rounding", ROUNDINGS), "update_rounding": ("rounding", ROUNDINGS),
 }
+_ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -47,6 +47,8 @@ def check_field(name: str, value: Any) -> Any:
     sweep file's validator each say where."""
     if value is None:
         return None
+    if name in _ROUNDING_FIELDS:
+        return check_rounding(value)
     if name in _NAMES:
         kind, valid = _NAMES[name]
         return choice(kind, value, valid)
