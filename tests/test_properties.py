@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from dse.formats import ZOO, NumberFormat, Scaling, get
 
 ENUMERABLE = [spec for spec in ZOO if get(spec).bits <= 16]
-LINEAR_FAMILIES = {"fp", "int", "fixed", "p3109", "block"}  # rounding in the value domain (posit/LNS are geometric)
+# Rounding in the value domain (posit/LNS are geometric).
+LINEAR_FAMILIES = {"fp", "int", "fixed", "p3109", "block"}
 
 
 def unscaled(fmt: NumberFormat) -> NumberFormat:

@@ -464,14 +464,17 @@ class BlockFormat(NumberFormat):
     def decode_blocks(self, scale_codes: Tensor, element_codes: Tensor,
                       tensor_scale: Tensor | float | None = None) -> Tensor:
         """Values (float64, blocked layout) of a bit stream from `encode_blocks`; `tensor_scale` is
-        `tensor_scale_of(x)` for formats with one. The product q * (s_t * s_b) is taken in
-        float64: the float32 results of quantize are these values rounded to float32."""
+        `tensor_scale_of(x)` for formats with one, and q * (s_t * s_b) is then taken in its dtype,
+        as quantize does (float32 for float32 input)."""
         grid = self.scale_grid
         if grid is not None:
-            scales = grid.decode(scale_codes.to(torch.int64))
-            if tensor_scale is not None:
-                scales = scales * torch.as_tensor(tensor_scale, dtype=torch.float64)
-            return self.element.decode(element_codes) * scales.unsqueeze(-1)
+            scales = grid.decode(scale_codes.to(torch.int64)).unsqueeze(-1)
+            elements = self.element.decode(element_codes)
+            if tensor_scale is None:
+                return elements * scales
+            tensor_scale = torch.as_tensor(tensor_scale)
+            dtype = tensor_scale.dtype
+            return (elements.to(dtype) * (tensor_scale * scales.to(dtype))).double()
         scale_codes = scale_codes.to(torch.int64)
         scales = torch.where(scale_codes == SCALE_NAN_CODE, math.nan,
                              power_of_two(scale_codes.clamp(max=2 * SCALE_EXPONENT_LIMIT)
