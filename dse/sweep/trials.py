@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dse.formats import get
+from dse.precision import FP32, GEMM_TENSOR_CLASSES
 from dse.sweep.config import TRIAL_FIELDS, SweepConfig
 from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
 
-FP32 = "fp32"
-TENSOR_FIELDS: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
+TENSOR_FIELDS: tuple[str, ...] = GEMM_TENSOR_CLASSES
 _DEFAULTS = TrainConfig().to_dict()
 
 
@@ -33,19 +33,16 @@ class Trial:
     """Path of the trial entry in the sweep file, for error messages."""
 
 
-def _canonical(spec: str | None) -> str | None:
-    return None if spec is None else get(spec).spec
-
-
 def resolved_formats(config: TrainConfig) -> dict[str, str]:
     """The format of each tensor class as a canonical spec, `format` shorthand applied, fp32 if none."""
-    base = _canonical(config.format)
-    weights = _canonical(config.weights) or base or FP32
-    activations = _canonical(config.activations) or base or FP32
-    gradients = _canonical(config.gradients) or base or FP32
-    weight_grads = _canonical(config.weight_grads) or gradients
-    return {"weights": weights, "activations": activations, "gradients": gradients,
-            "weight_grads": weight_grads, "optimizer_state": _canonical(config.optimizer_state) or FP32}
+    return config.tensor_formats().canonical().as_dict()
+
+
+def canonical_rules(config: TrainConfig) -> list[dict[str, str]]:
+    """The per-layer rules with canonical specs (the shorthand stays as written: it means something
+    different from the fields it fills when the trial sets them)."""
+    return [{"match": rule.match, **{name: get(spec).spec for name, spec in rule.formats}}
+            for rule in config.layers]
 
 
 def identity(task: str, config: TrainConfig) -> dict[str, Any]:
@@ -55,6 +52,9 @@ def identity(task: str, config: TrainConfig) -> dict[str, Any]:
     for name in TENSOR_FORMAT_FIELDS:
         data.pop(name)
     data.update(resolved_formats(config))
+    data["layers"] = canonical_rules(config)
+    if not data["layers"]:
+        data.pop("layers")  # trials without rules keep the ids they had before rules existed
     return {"task": task, "config": data}
 
 
@@ -87,6 +87,10 @@ def _token(name: str, value: Any) -> str:
         return f"warmup={value}"
     if name == "full_precision_layers":
         return f"fp-layers={'+'.join(value) if value else 'none'}"
+    if name == "layers":
+        return "layers=" + (";".join(
+            f"{rule['match']}:" + ",".join(f"{k}={v}" for k, v in rule.items() if k != "match")
+            for rule in value or []) or "none")
     if name == "optimizer_state":
         return f"state={value}"
     return f"{name.replace('_', '-')}={value}"
