@@ -291,8 +291,19 @@ def train(
     momentum: Annotated[float, typer.Option(help="SGD momentum (sgd only).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
     niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
-    master_weights: Annotated[bool, typer.Option(
-        help="Keep an fp32 master copy; --no-master-weights stores weights in their format.")] = True,
+    master_weights: Annotated[str, typer.Option(
+        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(16,gamma=128)'.")]
+    = "true",
+    no_master_weights: Annotated[bool, typer.Option(
+        "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
+    p_scale: Annotated[float, typer.Option(
+        help="Madam / LNS-Madam: weight bound, in RMS of the initial weights.")] = 3.0,
+    g_bound: Annotated[float, typer.Option(help="Madam / LNS-Madam: bound on the normalised gradient.")]
+    = 10.0,
+    lr_schedule: Annotated[str, typer.Option(help="constant, cosine or step.")] = "constant",
+    lr_warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
+    lr_step_epochs: Annotated[int, typer.Option(help="step schedule: epochs between decays.")] = 10,
+    lr_gamma: Annotated[float, typer.Option(help="step schedule: factor of each decay.")] = 0.1,
     warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
     layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
     full_precision_layers: Annotated[str, typer.Option(
@@ -323,6 +334,7 @@ def train(
     from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.loop import check_field
 
     def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
         if verbose:
@@ -337,7 +349,10 @@ def train(
         model=model, dataset=dataset, format=format, weights=weights, activations=activations,
         gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, niti_mu=niti_mu,
-        master_weights=master_weights, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
+        master_weights=False if no_master_weights else check_field("master_weights", master_weights),
+        p_scale=p_scale, g_bound=g_bound,
+        lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs, lr_step_epochs=lr_step_epochs,
+        lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
         full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
                                     if name.strip()),
         layers=read_layer_rules(layers) if layers else (),
@@ -354,7 +369,8 @@ def train(
     table.add_column("", justify="right")
     curve = result.loss_curve
     finite = [v for v in curve if v == v]
-    rows = [("test accuracy", f"{result.test_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
+    rows = [("test accuracy", f"{result.test_accuracy:.4f}"),
+            ("validation accuracy", f"{result.val_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
             ("epochs run", str(result.epochs_run)),
             ("training loss first / last / min",
              " / ".join(f"{v:.4f}" for v in (curve[0], curve[-1], min(finite))) if finite else "nan"),
@@ -399,14 +415,20 @@ def sweep(
         settings = settings.replace(executor=dataclasses.replace(settings.executor, workers=workers))
     if dry_run:
         trials, _, _ = plan_sweep(settings)
-        grid = Table(title=f"{settings.name}: {len(trials)} trials -> {settings.output}")
-        for column in ("task", "configuration", "seeds"):
-            grid.add_column(column, justify="right" if column == "seeds" else "left")
-        counts: dict[tuple[str, str], int] = {}
+        runs = len({trial.trial_id for trial in trials})
+        grid = Table(title=f"{settings.name}: {runs} trials -> {settings.output}")
+        for column in ("task", "configuration", "tuning", "trials"):
+            grid.add_column(column, justify="right" if column == "trials" else "left")
+        rows: dict[tuple[str, str], tuple[dict[str, list[Any]], int]] = {}
         for trial in trials:
-            counts[(trial.task, trial.label)] = counts.get((trial.task, trial.label), 0) + 1
-        for (task, label), count in counts.items():
-            grid.add_row(task, label, str(count))
+            tuned, count = rows.get((trial.task, trial.label), ({}, 0))
+            for name, value in trial.tuning.items():
+                if value not in tuned.setdefault(name, []):
+                    tuned[name].append(value)
+            rows[(trial.task, trial.label)] = (tuned, count + 1)
+        for (task, label), (tuned, count) in rows.items():
+            tuning = "; ".join(f"{name}: {', '.join(map(str, values))}" for name, values in tuned.items())
+            grid.add_row(task, label, tuning or "-", str(count))
         _print_whole(grid)
         return
     reporter = RichReporter(console, error_console, quiet=quiet)

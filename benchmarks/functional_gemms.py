@@ -71,7 +71,8 @@ def main() -> None:
     steps = {
         "proxy, modules only": make_step(build_model("transformer", data), config, data, example, args.batch),
         "proxy, mode on": make_step(build_model("transformer", data), config, data, None, args.batch),
-        "nn.TransformerEncoder": make_step(TorchTransformer(vocab, classes), config, data, example, args.batch),
+        "nn.TransformerEncoder": make_step(TorchTransformer(vocab, classes), config, data, example,
+                                           args.batch),
     }
     times: dict[str, list[float]] = {label: [] for label in steps}
     for step in steps.values():

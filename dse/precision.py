@@ -53,6 +53,13 @@ def _spec(value: Any, field: str) -> str | None:
     return value.strip()
 
 
+def canonical_spec(spec: str) -> str:
+    """A format spec in its canonical spelling (`lns(8,gamma=8)` -> `lns8`); ValueError if invalid."""
+    from dse.formats import get
+
+    return FP32 if spec.strip().lower() == FP32 else get(spec).spec
+
+
 @dataclass(frozen=True)
 class TensorFormats:
     """The format spec of each tensor class ('fp32': left in full precision)."""
@@ -88,10 +95,7 @@ class TensorFormats:
 
     def canonical(self) -> TensorFormats:
         """Each spec in its canonical spelling (`lns(8,gamma=8)` -> `lns8`)."""
-        from dse.formats import get
-
-        return TensorFormats(**{name: FP32 if spec.lower() == FP32 else get(spec).spec
-                                for name, spec in self.as_dict().items()})
+        return TensorFormats(**{name: canonical_spec(spec) for name, spec in self.as_dict().items()})
 
     def as_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)

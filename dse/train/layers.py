@@ -139,7 +139,7 @@ class LayerQuant:
     switch: QuantSwitch
     accumulator: Accumulator | None = None
     storage: TensorQuant | None = None
-    """The layer's weights between steps when there is no fp32 master copy (None: fp32 / master)."""
+    """The format the layer's weights live in between steps (None: fp32)."""
 
 
 class QuantGemm(torch.autograd.Function):
@@ -389,7 +389,7 @@ def gemm_quant(op: LinearOp | ConvOp | None, policy: QuantPolicy, switch: QuantS
     quants = (policy.activation, policy.weight, policy.error, policy.weight_grad)
     if isinstance(op, ConvOp):
         quants = tuple(_on_axis(q, 1) for q in quants)
-    storage = policy.storage if not policy.master_weights and policy.storage.enabled else None
+    storage = policy.storage if policy.storage.enabled else None
     return LayerQuant(op, *(_bind(q, generator) for q in quants), switch=switch, accumulator=accumulator,
                       storage=storage)
 

@@ -91,8 +91,9 @@ class QuantPolicy:
     state: TensorQuant
     """Optimizer state: momentum buffers, Adam's moments, Madam's second moment."""
     storage: TensorQuant
-    """Format and rounding the weights live in after each update when master_weights is False."""
-    master_weights: bool = True
+    """Format and rounding the weights live in after each update: the master copy's format, the weight
+    format when master_weights is False, None (fp32) for an fp32 copy."""
+    master_weights: bool | str = True
     full_precision_layers: tuple[str, ...] = ()
     accumulation: TensorQuant = TensorQuant(None)
     """Format and rounding of every quantized GEMM's running partial sum (None: fp32, torch's own);
@@ -159,12 +160,10 @@ class QuantPolicy:
         gemm = _gemm_quants(formats, config.rounding, config.layer_scaling)
         for rule in config.layers:  # every rule's formats are valid before any model is built
             _gemm_quants(rule.over(formats), config.rounding, config.layer_scaling)
-        weight = gemm["weight"]
         return cls(
             **gemm,
             state=TensorQuant(_resolve("optimizer_state", formats.optimizer_state), config.update_rounding),
-            storage=(dataclasses.replace(weight, rounding=config.update_rounding)
-                     if not config.master_weights else TensorQuant(None)),
+            storage=_storage(config, gemm["weight"]),
             master_weights=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
             accumulation=TensorQuant(_resolve("accumulation", config.accumulation), "nearest"),
@@ -181,7 +180,7 @@ class QuantPolicy:
             return self
         gemm = _gemm_quants(formats, self.rounding, self.layer_scaling)
         storage = (dataclasses.replace(gemm["weight"], rounding=self.storage.rounding)
-                   if not self.master_weights else self.storage)
+                   if self.master_weights is False else self.storage)  # a master copy's format is one
         return dataclasses.replace(self, **gemm, storage=storage, formats=formats)
 
 
@@ -194,20 +193,32 @@ _GEMM_QUANTS: tuple[tuple[str, str, bool], ...] = (
 
 def _gemm_quants(formats: TensorFormats, rounding: str, layer_scaling: bool) -> dict[str, TensorQuant]:
     """The four GEMM operand quantizers of `formats`, with the training scaling defaults."""
-    out = {}
-    for field, tensor_class, gradient in _GEMM_QUANTS:
-        spec = getattr(formats, tensor_class)
-        fmt = _resolve(tensor_class, spec)
-        explicit = "scale" in parse_call(spec).kwargs
-        if fmt is None or explicit or fmt.scaling.kind != "none":
-            out[field] = TensorQuant(fmt, rounding)
-        elif fmt.family == "posit":
-            out[field] = TensorQuant(fmt, rounding, layer_scale=layer_scaling)
-        elif gradient and fmt.family in ("fp", "fixed"):
-            out[field] = TensorQuant(dataclasses.replace(fmt, scaling=_PER_TENSOR_POW2), rounding)
-        else:
-            out[field] = TensorQuant(fmt, rounding)
-    return out
+    return {field: _training_quant(tensor_class, getattr(formats, tensor_class), rounding, gradient,
+                                   layer_scaling)
+            for field, tensor_class, gradient in _GEMM_QUANTS}
+
+
+def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_scaling: bool) -> TensorQuant:
+    """One tensor class's quantizer with the training scaling defaults (`from_config`)."""
+    fmt = _resolve(name, spec)
+    if fmt is None or "scale" in parse_call(spec).kwargs or fmt.scaling.kind != "none":
+        return TensorQuant(fmt, rounding)
+    if fmt.family == "posit":
+        return TensorQuant(fmt, rounding, layer_scale=layer_scaling)
+    if gradient and fmt.family in ("fp", "fixed"):
+        return TensorQuant(dataclasses.replace(fmt, scaling=_PER_TENSOR_POW2), rounding)
+    return TensorQuant(fmt, rounding)
+
+
+def _storage(config: TrainConfig, weight: TensorQuant) -> TensorQuant:
+    """Where the weights live between updates: an fp32 copy (True), the weight format (False), or a
+    master copy in its own format, rounded with update_rounding and scaled as weights are."""
+    master = config.master_weights
+    if master is True:
+        return TensorQuant(None)
+    if master is False:
+        return dataclasses.replace(weight, rounding=config.update_rounding)
+    return _training_quant("master_weights", master, config.update_rounding, False, config.layer_scaling)
 
 
 def _resolve(name: str, spec: str | None) -> NumberFormat | None:
