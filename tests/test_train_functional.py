@@ -77,7 +77,8 @@ def test_unquantized_attention_is_torchs_multihead_attention(options: dict, call
     kwargs: dict = {}
     if call == "masks":
         kwargs["key_padding_mask"] = torch.tensor([[False, False, True], [False, True, False]])
-        kwargs["attn_mask"] = torch.randn(4, 3) < 0  # a bool mask like key_padding_mask
+        kwargs["attn_mask"] = torch.tensor([[False, True, False], [True, False, False], [False, False, True],
+                                            [False, True, True]])  # every query keeps a key
     if call == "per_head_weights":
         kwargs["average_attn_weights"] = False
     out, weights = mine(q, k, v, **kwargs)
@@ -88,6 +89,21 @@ def test_unquantized_attention_is_torchs_multihead_attention(options: dict, call
     ref_grads = torch.autograd.grad(ref_out.square().sum(), [q, reference.out_proj.weight])
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_a_query_with_every_key_masked_behaves_as_in_torch(need_weights: bool) -> None:
+    torch.manual_seed(0)
+    mine = nn.MultiheadAttention(8, 2)
+    reference = copy.deepcopy(mine)
+    quiet_quantize(mine, QuantPolicy.fp32())
+    q, kv = torch.randn(4, 2, 8), torch.randn(3, 2, 8)
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    mask[1] = True
+    out, _ = mine(q, kv, kv, attn_mask=mask, need_weights=need_weights)
+    ref_out, _ = reference(q, kv, kv, attn_mask=mask, need_weights=need_weights)
+    torch.testing.assert_close(out, ref_out, equal_nan=True)  # zeros from SDPA, NaN with the weights
+    assert out[1].isnan().all() == need_weights
 
 
 def test_attention_quantizes_the_operands_of_all_four_gemms() -> None:
@@ -301,3 +317,41 @@ def test_train_reports_every_gemm_with_its_layer_formats() -> None:
     problem = r"layer rule \{match: 'head'\} matches no GEMM layer \(layers: 1, 3\)"
     with pytest.raises(InputError, match=problem):
         train(config.replace(layers=[{"match": "head", "format": "fp32"}]))
+
+
+class Attention(nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.randn(q.shape[-2], k.shape[-2]),
+                                                scale=0.3)
+        return causal + masked
+
+
+def test_scaled_dot_product_attention_is_torchs_and_its_gemms_are_named() -> None:
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    torch.manual_seed(11)
+    reference = Attention()(q, k, v)
+    model = Attention()
+    gemms = quiet_quantize(model, QuantPolicy.fp32(), (q, k, v))
+    assert [g.name for g in gemms] == ["sdpa0.scores", "sdpa0.context", "sdpa1.scores", "sdpa1.context"]
+    torch.manual_seed(11)
+    torch.testing.assert_close(model(q, k, v), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_attention_and_functional_gemms_on_cuda_match_the_cpu() -> None:
+    torch.manual_seed(12)
+    cpu = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    cuda = copy.deepcopy(cpu).cuda()
+    policy = QuantPolicy.from_config(TrainConfig(format="fp8_e4m3"))
+    x = torch.randn(3, 5, 16)
+    quiet_quantize(cpu, policy, x)
+    quiet_quantize(cuda, policy, x.cuda())
+    torch.testing.assert_close(cuda(x.cuda()).cpu(), cpu(x), rtol=1e-4, atol=1e-4)
+    model = Functional()
+    on_gpu = copy.deepcopy(model).cuda()
+    example = torch.randn(2, 1, 4, 4)
+    quiet_quantize(model, distinct_policy(), example)
+    quiet_quantize(on_gpu, distinct_policy(), example.cuda())
+    torch.testing.assert_close(on_gpu(example.cuda()).cpu(), model(example), rtol=1e-4, atol=1e-4)

@@ -257,8 +257,10 @@ class FunctionalGemms:
         return quant_matmul(a, b, quant, weight_operand)
 
     def attention(self, base: str | None, kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                  dropout_p: float, scale: float) -> tuple[Tensor, Tensor]:
-        """softmax(q k^T * scale + mask) v, its two GEMMs named base.scores and base.context."""
+                  dropout_p: float, scale: float, safe_softmax: bool) -> tuple[Tensor, Tensor]:
+        """softmax(q k^T * scale + mask) v, its two GEMMs named base.scores and base.context; with
+        `safe_softmax` a fully masked row gets zero weights (torch's SDPA) instead of NaN (torch's MHA
+        when it returns the weights)."""
         frame = self.frame()
         base = base if base is not None else frame.next("sdpa")
         aliases = (frame.name,) if frame.name else ()
@@ -266,9 +268,15 @@ class FunctionalGemms:
         scores = self.matmul(Layer(_join(base, "scores"), aliases, types, False), kind, q,
                              k.transpose(-2, -1))
         scores = scores * scale
+        blocked = None
         if mask is not None:
             scores = scores + mask
+            if safe_softmax:  # a query that may attend to nothing: zero weights, not NaN (torch SDPA)
+                blocked = torch.isneginf(scores).all(dim=-1, keepdim=True)
+                scores = scores.masked_fill(blocked, 0.0)
         weights = torch.softmax(scores, dim=-1)
+        if blocked is not None:
+            weights = weights.masked_fill(blocked, 0.0)
         if dropout_p > 0:
             weights = F.dropout(weights, p=dropout_p)
         context = self.matmul(Layer(_join(base, "context"), aliases, types, False), kind, weights, v)
@@ -352,7 +360,7 @@ def _sdpa(gemms: FunctionalGemms, query: Tensor, key: Tensor, value: Tensor, att
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    out, _ = gemms.attention(None, "sdpa", query, key, value, mask, dropout_p, scale)
+    out, _ = gemms.attention(None, "sdpa", query, key, value, mask, dropout_p, scale, safe_softmax=True)
     return out
 
 
@@ -436,8 +444,8 @@ def _multi_head_attention(
         padding = key_padding_mask.reshape(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
         padding = padding.reshape(bsz * num_heads, 1, src_len)
         attn_mask = padding if attn_mask is None else attn_mask + padding
-    out, weights = gemms.attention(base, "mha", q, k, v, attn_mask,
-                                   dropout_p if training else 0.0, 1.0 / math.sqrt(head_dim))
+    out, weights = gemms.attention(base, "mha", q, k, v, attn_mask, dropout_p if training else 0.0,
+                                   1.0 / math.sqrt(head_dim), safe_softmax=not need_weights)
     out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
     out = gemms.linear(layer("out_proj"), "mha", out, out_proj_weight, out_proj_bias)
     out = out.reshape(tgt_len, bsz, embed_dim)
