@@ -482,16 +482,25 @@ _MemoryOpt = Annotated[bool, typer.Option("--memory", help="Make memory footprin
                                           "fronts (also on when the sweep asked for it).")]
 
 
+_AllPointsOpt = Annotated[bool, typer.Option("--all-points", help="Report every tuning point of each "
+                                              "configuration instead of the one chosen by validation "
+                                              "accuracy.")]
+
+
 @app.command("report")
 @user_errors
-def report(directory: _DirArg, memory: _MemoryOpt = False) -> None:
-    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots."""
+def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False) -> None:
+    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
+
+    The files always report each configuration at its chosen tuning point (all_points.csv has
+    every point); --all-points changes what is printed.
+    """
     from dse.report import SweepTables, write_reports
     from dse.report.tables import pareto_text_table
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    tables = SweepTables.of(trials, memory_objective)
+    tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
     fronts = tables.fronts
     objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
@@ -500,7 +509,7 @@ def report(directory: _DirArg, memory: _MemoryOpt = False) -> None:
             rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
             title = f"Pareto front: {task} on {workload} ({objectives})"
             _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
-    written = write_reports(trials, directory, memory_objective, tables)
+    written = write_reports(trials, directory, memory_objective, None if all_points else tables)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 
@@ -514,6 +523,7 @@ def export(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the table to this file "
                                                 "(default: standard output).")] = None,
     memory: _MemoryOpt = False,
+    all_points: _AllPointsOpt = False,
 ) -> None:
     """Write one table of a sweep as CSV, LaTeX or Markdown."""
     from dse.errors import InputError
@@ -526,7 +536,7 @@ def export(
         raise InputError(f"--output {output} is a directory; give a file path")
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    text = render_table(trials, table, text_format, memory_objective)
+    text = render_table(trials, table, text_format, memory_objective, all_points)
     if output is None:
         typer.echo(text, nl=False)
     else:
