@@ -337,7 +337,8 @@ def train(
     table.add_column("", justify="right")
     curve = result.loss_curve
     finite = [v for v in curve if v == v]
-    rows = [("test accuracy", f"{result.test_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
+    rows = [("test accuracy", f"{result.test_accuracy:.4f}"),
+            ("validation accuracy", f"{result.val_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
             ("epochs run", str(result.epochs_run)),
             ("training loss first / last / min",
              " / ".join(f"{v:.4f}" for v in (curve[0], curve[-1], min(finite))) if finite else "nan"),
@@ -382,14 +383,20 @@ def sweep(
         settings = settings.replace(executor=dataclasses.replace(settings.executor, workers=workers))
     if dry_run:
         trials, _, _ = plan_sweep(settings)
-        grid = Table(title=f"{settings.name}: {len(trials)} trials -> {settings.output}")
-        for column in ("task", "configuration", "seeds"):
-            grid.add_column(column, justify="right" if column == "seeds" else "left")
-        counts: dict[tuple[str, str], int] = {}
+        runs = len({trial.trial_id for trial in trials})
+        grid = Table(title=f"{settings.name}: {runs} trials -> {settings.output}")
+        for column in ("task", "configuration", "tuning", "trials"):
+            grid.add_column(column, justify="right" if column == "trials" else "left")
+        rows: dict[tuple[str, str], tuple[dict[str, list[Any]], int]] = {}
         for trial in trials:
-            counts[(trial.task, trial.label)] = counts.get((trial.task, trial.label), 0) + 1
-        for (task, label), count in counts.items():
-            grid.add_row(task, label, str(count))
+            tuned, count = rows.get((trial.task, trial.label), ({}, 0))
+            for name, value in trial.tuning.items():
+                if value not in tuned.setdefault(name, []):
+                    tuned[name].append(value)
+            rows[(trial.task, trial.label)] = (tuned, count + 1)
+        for (task, label), (tuned, count) in rows.items():
+            tuning = "; ".join(f"{name}: {', '.join(map(str, values))}" for name, values in tuned.items())
+            grid.add_row(task, label, tuning or "-", str(count))
         _print_whole(grid)
         return
     reporter = RichReporter(console, error_console, quiet=quiet)

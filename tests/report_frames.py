@@ -9,15 +9,17 @@ from typing import Any
 
 import pandas as pd
 
-from dse.sweep.store import TRIAL_COLUMNS, UNITS, PlanRow, SweepStore, TrialRow
+from dse.sweep.store import TRIAL_COLUMNS, UNITS, PlanRow, SweepStore, TrialRow, master_weights_text
 
 UNIT_SHARES = (0.4, 0.1, 0.2, 0.1, 0.2)
 
 
 def trial_row(task: str, label: str, seed: int, accuracy: float, energy_mj: dict[str, float],
               status: str = "ok", memory_mib: dict[str, float] | None = None,
+              val_accuracy: float | None = None, tuning: dict[str, Any] | None = None,
               **config: Any) -> dict[str, Any]:
-    """One trial; `energy_mj` per workload is split over the units by UNIT_SHARES."""
+    """One trial; `energy_mj` per workload is split over the units by UNIT_SHARES. The validation
+    accuracy is the test accuracy unless given; `tuning` is the trial's tuning point."""
     fmt = config.pop("format", "fp32")
     row: dict[str, Any] = {
         "trial_id": f"{task}-{label}-{seed}", "task": task, "label": label, "model": task.split("-")[0],
@@ -27,10 +29,15 @@ def trial_row(task: str, label: str, seed: int, accuracy: float, energy_mj: dict
         "master_weights": config.pop("master_weights", True), "warmup_epochs": config.pop("warmup_epochs", 0),
         "seed": seed, "status": status, "diverged": status == "diverged",
         "error": "RuntimeError: boom" if status == "error" else "",
+        "val_accuracy": math.nan if status == "error" else accuracy if val_accuracy is None else val_accuracy,
         "test_accuracy": math.nan if status == "error" else accuracy,
         "final_loss": math.nan if status == "error" else 1.0 - accuracy, "wall_time_s": 1.5 + seed,
     }
     assert not config, config
+    row["configuration"] = f"{task}/{label}"
+    row["tuning"] = json.dumps(tuning or {}, sort_keys=True)
+    for name, value in (tuning or {}).items():
+        row[f"tuned:{name}"] = value
     for workload, energy in energy_mj.items():
         row[f"energy_mj:{workload}"] = energy
         for unit, share in zip(UNITS, UNIT_SHARES, strict=True):
@@ -73,8 +80,8 @@ def build_store(directory: Path, trials: pd.DataFrame) -> None:
     """Write `trials` (report_frames' shape) into a sweep store the way the sweep runner does."""
     workloads = trials.attrs["sweep"]["workloads"]
     with SweepStore(directory) as store:
-        plan = [PlanRow(row.trial_id, row.task, row.label, f"{row.task}/{row.label}")
-                for row in trials.itertuples()]
+        plan = [PlanRow(row["trial_id"], row["task"], row["label"], f"{row['task']}/{row['label']}",
+                        row["configuration"], json.loads(row["tuning"])) for _, row in trials.iterrows()]
         energies = {}
         for _, row in trials.iterrows():
             for workload in workloads:
@@ -84,9 +91,10 @@ def build_store(directory: Path, trials: pd.DataFrame) -> None:
         store.start({"name": "synthetic", "workloads": workloads, "memory_objective": False}, plan, energies)
         for _, row in trials.iterrows():
             values = {column: row[column] for column in TRIAL_COLUMNS}
-            for name in ("test_accuracy", "final_loss"):
+            for name in ("val_accuracy", "test_accuracy", "final_loss"):
                 values[name] = None if math.isnan(values[name]) else float(values[name])
-            values.update(weight_grads=row["gradients"], master_weights=int(row["master_weights"]),
+            values.update(weight_grads=row["gradients"],
+                          master_weights=master_weights_text(row["master_weights"]),
                           diverged=int(row["diverged"]), seed=int(row["seed"]),
                           warmup_epochs=int(row["warmup_epochs"]), config=row["config"], result="{}")
             store.record(TrialRow(values))

@@ -45,3 +45,18 @@ def slow_train(config: TrainConfig) -> TrainResult:
     """fake_train that takes 0.25 s, so a sweep can be killed in the middle."""
     time.sleep(0.25)
     return fake_train(config)
+
+
+def validated_train(config: TrainConfig) -> dict[str, object]:
+    """fake_train plus a validation accuracy that disagrees with the test accuracy on purpose.
+
+    Validation peaks at lr = 0.03 and test at lr = 0.1 (with a small seed-dependent wobble), so a
+    sweep that tunes lr over [0.01, 0.03, 0.1] chooses 0.03 if it follows validation, 0.1 if it
+    peeks at the test set. Returned as TrainResult.to_dict() would return it.
+    """
+    result = fake_train(config).to_dict()
+    lr = config.lr if config.lr is not None else 0.01
+    wobble = 0.002 * (config.seed % 3)
+    validation = {0.01: 0.80, 0.03: 0.90, 0.1: 0.85}.get(lr, 0.5) + wobble
+    test = {0.01: 0.78, 0.03: 0.84, 0.1: 0.92}.get(lr, 0.5) - wobble
+    return {**result, "val_accuracy": validation, "test_accuracy": test}

@@ -14,9 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dse.data import DATASETS, load_dataset
+from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.data import mnist1d as m1d
-from dse.data.dataset import stratified_split
+from dse.data.dataset import VALIDATION_FRACTION, stratified_split
+from dse.data.files import load_cifar10, load_mnist
 from dse.errors import InputError
 
 # --- fixtures --------------------------------------------------------------------------------------
@@ -42,12 +43,12 @@ def _one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
 
 # --- built-in datasets -----------------------------------------------------------------------------
 
-BUILTIN = {  # name: (train, test, sample shape, classes or vocabulary, task)
-    "digits": (1437, 360, (64,), 10, "classification"),
-    "mnist1d": (4000, 1000, (40,), 10, "classification"),
-    "mnist5k": (4000, 1000, (784,), 10, "classification"),
-    "sort": (20_000, 2_000, (24,), 64, "sequence"),
-    "sort-easy": (20_000, 2_000, (10,), 10, "sequence"),
+BUILTIN = {  # name: (train, validation, test, sample shape, classes or vocabulary, task)
+    "digits": (1293, 144, 360, (64,), 10, "classification"),
+    "mnist1d": (3600, 400, 1000, (40,), 10, "classification"),
+    "mnist5k": (3600, 400, 1000, (784,), 10, "classification"),
+    "sort": (18_000, 2_000, 2_000, (24,), 64, "sequence"),
+    "sort-easy": (18_000, 2_000, 2_000, (10,), 10, "sequence"),
 }
 
 
@@ -57,21 +58,21 @@ def test_every_builtin_dataset_is_listed() -> None:
 
 @pytest.mark.parametrize("name", list(BUILTIN))
 def test_builtin_shapes_dtypes_and_classes(name: str, cache_dir: Path) -> None:
-    n_train, n_test, shape, classes, task = BUILTIN[name]
+    n_train, n_val, n_test, shape, classes, task = BUILTIN[name]
     data = load_dataset(name, cache_dir=cache_dir)
     assert data.name == name and data.task == task and data.num_classes == classes
     assert data.sample_shape == shape
-    assert data.x_train.shape == (n_train, *shape) and data.x_test.shape == (n_test, *shape)
+    assert data.x_val is not None and data.y_val is not None
     target_shape = shape if task == "sequence" else ()
-    assert data.y_train.shape == (n_train, *target_shape) and data.y_test.shape == (n_test, *target_shape)
-    assert data.y_train.dtype == torch.int64 and data.y_test.dtype == torch.int64
     expected_x = torch.int64 if task == "sequence" else torch.float32
-    assert data.x_train.dtype == expected_x and data.x_test.dtype == expected_x
-    for y in (data.y_train, data.y_test):
+    for x, y, n in ((data.x_train, data.y_train, n_train), (data.x_val, data.y_val, n_val),
+                    (data.x_test, data.y_test, n_test)):
+        assert x.shape == (n, *shape) and y.shape == (n, *target_shape)
+        assert x.dtype == expected_x and y.dtype == torch.int64
         assert int(y.min()) >= 0 and int(y.max()) < classes
-    if task == "classification":
-        assert set(data.y_train.tolist()) == set(range(classes)) == set(data.y_test.tolist())
-        assert torch.isfinite(data.x_train).all()
+        if task == "classification":
+            assert set(y.tolist()) == set(range(classes))
+            assert torch.isfinite(x).all()
 
 
 @pytest.mark.parametrize("name", ["digits", "mnist5k"])
@@ -101,7 +102,7 @@ def test_same_name_gives_identical_tensors_whatever_the_global_rng(name: str, ca
     np.random.seed(2)
     torch.rand(10)
     second = load_dataset(name, cache_dir=cache_dir)
-    for field in ("x_train", "y_train", "x_test", "y_test"):
+    for field in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         assert torch.equal(getattr(first, field), getattr(second, field))
         assert getattr(first, field) is not getattr(second, field)  # fresh tensors: callers may mutate
 
@@ -112,12 +113,63 @@ def test_loaded_tensors_are_independent_copies(cache_dir: Path) -> None:
     assert float(load_dataset("mnist5k", cache_dir=cache_dir).x_train.sum()) > 0
 
 
+# --- validation split ------------------------------------------------------------------------------
+
+def _rows(x: torch.Tensor) -> list[tuple[float, ...]]:
+    return sorted(map(tuple, x.reshape(len(x), -1).tolist()))
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_validation_is_carved_from_training_data_stratified(name: str, cache_dir: Path) -> None:
+    raw = load_dataset(name, cache_dir=cache_dir)
+    assert raw.x_val is not None and raw.y_val is not None
+    assert len(raw.x_val) == int(np.ceil((len(raw.x_train) + len(raw.x_val)) * VALIDATION_FRACTION))
+    if raw.task == "classification":
+        train = np.bincount(raw.y_train.numpy(), minlength=raw.num_classes)
+        val = np.bincount(raw.y_val.numpy(), minlength=raw.num_classes)
+        assert np.all(np.abs(val - (train + val) * VALIDATION_FRACTION) < 1.0)
+    test_rows = set(_rows(raw.x_test)) if name != "sort-easy" else set()  # sort-easy repeats sequences
+    assert not test_rows & set(_rows(raw.x_val))  # never a test sample
+
+
+def test_validation_split_is_fixed_by_the_dataset_not_the_run() -> None:
+    x = torch.arange(200, dtype=torch.float32).reshape(100, 2)
+    y = torch.arange(100) % 4
+    data = Dataset("toy", x, y, x[:8], y[:8], num_classes=4, task="classification")
+    torch.manual_seed(1)
+    np.random.seed(1)
+    first = with_validation(data)
+    torch.manual_seed(2)
+    np.random.seed(2)
+    second = with_validation(data)
+    assert first.x_val is not None and second.x_val is not None
+    assert torch.equal(first.x_val, second.x_val) and torch.equal(first.x_train, second.x_train)
+    assert with_validation(first) is first  # a dataset that has one keeps it
+    assert _rows(torch.cat([first.x_train, first.x_val])) == _rows(x)  # a partition of the training data
+    assert torch.equal(first.x_test, data.x_test)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_file_datasets_carry_a_validation_split(tmp_path: Path, name: str) -> None:
+    if name == "mnist":
+        _write_mnist(tmp_path, n_train=40)
+        raw = load_mnist(tmp_path)
+    else:
+        _write_cifar(tmp_path)
+        raw = load_cifar10(tmp_path)
+    data = load_dataset(name, data_dir=tmp_path)
+    assert data.x_val is not None and len(data.x_val) == int(np.ceil(len(raw.x_train) * VALIDATION_FRACTION))
+    assert _rows(torch.cat([data.x_train, data.x_val])) == _rows(raw.x_train)
+    assert torch.equal(data.x_test, raw.x_test)
+
+
 # --- stratified split ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["digits", "mnist5k"])
 def test_builtin_split_is_stratified(name: str, cache_dir: Path) -> None:
     data = load_dataset(name, cache_dir=cache_dir)
-    train = np.bincount(data.y_train.numpy(), minlength=10)
+    assert data.y_val is not None
+    train = np.bincount(data.y_train.numpy(), minlength=10) + np.bincount(data.y_val.numpy(), minlength=10)
     test = np.bincount(data.y_test.numpy(), minlength=10)
     total = train + test
     assert np.all(np.abs(test - total * 0.2) < 1.0)
@@ -189,7 +241,10 @@ def test_mnist1d_cache_equals_regeneration(cache_dir: Path, mnist1d_fresh: dict[
     with np.load(files[0]) as cached:
         for key in ("x", "y", "x_test", "y_test"):
             assert np.array_equal(cached[key], mnist1d_fresh[key])
-    assert torch.equal(data.x_train, torch.from_numpy(mnist1d_fresh["x"].astype(np.float32)))
+    assert data.x_val is not None
+    train_and_val = torch.cat([data.x_train, data.x_val])
+    fresh = torch.from_numpy(mnist1d_fresh["x"].astype(np.float32))
+    assert torch.equal(train_and_val.sort(dim=0).values, fresh.sort(dim=0).values)
     assert torch.equal(data.y_test, torch.from_numpy(mnist1d_fresh["y_test"]))
 
     def no_generation(*args: object) -> None:
@@ -221,7 +276,7 @@ def test_unwritable_cache_still_loads(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     data = load_dataset("mnist5k", cache_dir=blocker / "cache")
-    assert data.x_train.shape == (4000, 784)
+    assert data.x_train.shape == (3600, 784)
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -281,7 +336,7 @@ def _write_mnist(folder: Path, n_train: int = 6, n_test: int = 4, gz: bool = Fal
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_idx_loader(tmp_path: Path, gz: bool) -> None:
     arrays = _write_mnist(tmp_path, gz=gz)
-    data = load_dataset("mnist", data_dir=tmp_path)
+    data = load_mnist(tmp_path)
     assert data.sample_shape == (784,) and data.num_classes == 10 and data.task == "classification"
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
     expected = arrays["train-images-idx3-ubyte"].reshape(6, 784) / 255.0
@@ -292,7 +347,7 @@ def test_mnist_idx_loader(tmp_path: Path, gz: bool) -> None:
 
 def test_mnist_torchvision_layout(tmp_path: Path) -> None:
     _write_mnist(tmp_path / "MNIST" / "raw", gz=True)
-    assert load_dataset("mnist", data_dir=tmp_path).x_train.shape == (6, 784)
+    assert load_mnist(tmp_path).x_train.shape == (6, 784)
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -342,7 +397,7 @@ def _write_cifar(folder: Path, per_batch: int = 3, protocol: int = 2) -> dict[st
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_loader(tmp_path: Path, protocol: int) -> None:
     batches = _write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
-    data = load_dataset("cifar10", data_dir=tmp_path)
+    data = load_cifar10(tmp_path)
     assert data.x_train.shape == (15, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32)
     assert data.num_classes == 10 and data.x_train.dtype == torch.float32
     labels = sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
@@ -353,7 +408,7 @@ def test_cifar10_loader(tmp_path: Path, protocol: int) -> None:
     assert data.x_train[3 + sample, channel, row, col].item() == pytest.approx(
         raw[sample, channel * 1024 + row * 32 + col] / 255.0)
     assert data.y_test.tolist() == batches["test_batch"][b"labels"]
-    assert torch.equal(load_dataset("cifar10", data_dir=tmp_path / "cifar-10-batches-py").x_test, data.x_test)
+    assert torch.equal(load_cifar10(tmp_path / "cifar-10-batches-py").x_test, data.x_test)
 
 
 def test_cifar10_missing_and_corrupt_batches(tmp_path: Path) -> None:

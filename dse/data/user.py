@@ -88,4 +88,4 @@ def user_dataset(value: str) -> Dataset:
     for name in tensors:
         tensors[name] = tensors[name].to(x_dtype if name.startswith("x_") else torch.int64).contiguous()
     return Dataset(value, tensors["x_train"], tensors["y_train"], tensors["x_test"], tensors["y_test"],
-                   num_classes, task)
+                   num_classes, task, x_val=tensors.get("x_val"), y_val=tensors.get("y_val"))

@@ -35,7 +35,9 @@ RUN_FIELDS: tuple[str, ...] = ("seed", "threads")
 TRIAL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig)
                                       if f.name not in IDENTITY_FIELDS + RUN_FIELDS)
 """Fields a trial entry may set (one value or a list of values to grid over); a task may default them."""
-TASK_FIELDS: tuple[str, ...] = ("name", *IDENTITY_FIELDS, *TRIAL_FIELDS)
+TUNE_KEY = "tune"
+"""Key of a trial entry (or task) that tunes numeric fields per configuration (see TUNABLE_FIELDS)."""
+TASK_FIELDS: tuple[str, ...] = ("name", *IDENTITY_FIELDS, *TRIAL_FIELDS, TUNE_KEY)
 LAYER_NAMES: tuple[str, ...] = FULL_PRECISION_LAYER_NAMES
 PROXY_WORKLOAD = "proxy"
 
@@ -43,24 +45,64 @@ _FIELD_TYPES = typing.get_type_hints(TrainConfig)
 _ADAPTERS = {name: TypeAdapter(kind) for name, kind in _FIELD_TYPES.items()}
 
 
+def _is_numeric(kind: Any) -> bool:
+    """int or float, optionally with None (`float | None`); never bool."""
+    members = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]
+    return bool(members) and all(k in (int, float) for k in members)
+
+
+TUNABLE_FIELDS: tuple[str, ...] = tuple(name for name in TRIAL_FIELDS if _is_numeric(_FIELD_TYPES[name]))
+"""The numeric TrainConfig fields a `tune:` mapping may name."""
+
+
 # --- the validated configuration ------------------------------------------------------------------
+
+Tuning = dict[str, list[Any]]
+"""A `tune:` mapping as validated: field -> its values, in the order written."""
+
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """One task: its own Pareto front. `defaults` are TrainConfig fields shared by its trials."""
+    """One task: its own Pareto front. `defaults` are TrainConfig fields shared by its trials; `tune` the
+    tuning every entry without its own `tune` gets."""
 
     name: str
     defaults: dict[str, Any]
     path: tuple[str | int, ...]
+    tune: Tuning = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TrialEntry:
-    """One entry of `trials:`: each field with its list of values (the grid is their product)."""
+    """One entry of `trials:`: each field with its list of values (the grid is their product).
+
+    `tune`: None inherits the task's tuning; a mapping (possibly empty) replaces it.
+    """
 
     choices: dict[str, list[Any]]
     seeds: tuple[int, ...] | None
     path: tuple[str | int, ...]
+    tune: Tuning | None = None
+
+    def tuning(self, task: TaskConfig) -> Tuning:
+        """The fields tuned for this entry on `task`: its own, else the task's less what the entry sets."""
+        if self.tune is not None:
+            return self.tune
+        return {name: values for name, values in task.tune.items() if name not in self.choices}
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """`report.baseline`: the configuration of each task the others are compared with.
+
+    Either a label as the reports show it, or TrainConfig fields the configuration has (`format`
+    meaning all four tensor classes); the first configuration of a task in plan order that matches.
+    """
+
+    label: str | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=lambda: {"format": "fp32"})
+    given: bool = False
+    """False: the default (fp32); a task without an fp32 configuration is then compared with nothing."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +152,7 @@ class SweepConfig:
     executor: ExecutorConfig
     output: Path
     memory_objective: bool
+    baseline: BaselineConfig
     source: SourceMap
     text: str
     """The YAML as written, kept in the store for reference."""
@@ -158,6 +201,7 @@ class _ExecutorSection(_Strict):
 
 class _ReportSection(_Strict):
     memory_objective: bool = False
+    baseline: str | dict[str, Any] | None = None
 
 
 class _SweepFile(_Strict):
@@ -271,6 +315,8 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap, base_d
             if not isinstance(value, str) or not value.strip():
                 raise source.error(where, f"a task name is a non-empty string, got {value!r}")
             continue
+        if key == TUNE_KEY:
+            continue
         if _is_grid(key, value):
             raise source.error(where, "a task field takes one value; grid over values in a trial entry")
         if key in ("model", "dataset") and isinstance(value, str):
@@ -280,7 +326,8 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap, base_d
         if key not in raw:
             raise source.error(path, f"missing key {key!r}")
     name = raw.get("name") or f"{_short(raw['model'])}/{_short(raw['dataset'])}"
-    return TaskConfig(name=name.strip(), defaults=defaults, path=path)
+    tune = _check_tune(raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw else {}
+    return TaskConfig(name=name.strip(), defaults=defaults, path=path, tune=tune)
 
 
 def _short(value: Any) -> str:
@@ -302,16 +349,74 @@ def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tr
         if key == "seeds":
             seeds = _check_seeds(value, where, source)
             continue
+        if key == TUNE_KEY:
+            continue
         if key in IDENTITY_FIELDS:
             raise source.error(where, f"{key!r} belongs to the task (task: or tasks:), not to a trial entry")
         if key not in TRIAL_FIELDS:
-            raise _unknown_key(key, (*TRIAL_FIELDS, "seeds"), where, source)
+            raise _unknown_key(key, (*TRIAL_FIELDS, "seeds", TUNE_KEY), where, source)
         values = value if _is_grid(key, value) else [value]
         if not values:
             raise source.error(where, "empty list: a grid needs at least one value")
         choices[key] = [_check(v, key, (*where, i) if _is_grid(key, value) else where, source)
                         for i, v in enumerate(values)]
-    return TrialEntry(choices=choices, seeds=seeds, path=path)
+    tune = _check_tune(raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw else None
+    for name in tune or {}:
+        if name in choices:
+            raise source.error((*path, TUNE_KEY, name), f"{name!r} is both set and tuned in this entry; "
+                               "give it either a value (or grid) or a tune list")
+    return TrialEntry(choices=choices, seeds=seeds, path=path, tune=tune)
+
+
+def _check_tune(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tuning:
+    """`tune: {field: [values]}`: numeric TrainConfig fields, each a non-empty list of distinct values."""
+    if not isinstance(raw, dict):
+        raise source.error(path, f"tune is a mapping of numeric fields to lists of values, e.g. "
+                           f"{{lr: [0.01, 0.1]}}, got {raw!r}")
+    tune: Tuning = {}
+    for name, values in raw.items():
+        where = (*path, name)
+        if name not in TUNABLE_FIELDS:
+            if name in TRIAL_FIELDS:
+                raise source.error(where, f"{name!r} is not numeric: tune takes numeric fields "
+                                   f"({', '.join(TUNABLE_FIELDS)}); grid over {name!r} in the entry instead")
+            raise _unknown_key(name, TUNABLE_FIELDS, where, source)
+        if not isinstance(values, list):
+            raise source.error(where, f"a tuned field takes a list of values, got {values!r}")
+        if not values:
+            raise source.error(where, "empty list: tuning needs at least one value")
+        checked = [_check(value, name, (*where, index), source) for index, value in enumerate(values)]
+        for index, value in enumerate(checked):
+            if checked.index(value) != index:
+                raise source.error((*where, index), f"{name} value {values[index]!r} is listed twice")
+        tune[name] = checked
+    return tune
+
+
+def _check_baseline(raw: str | dict[str, Any] | None, source: SourceMap) -> BaselineConfig:
+    """`report.baseline`: a label, a format spec (all four tensor classes), or a mapping of trial fields."""
+    path: tuple[str | int, ...] = ("report", "baseline")
+    if raw is None:
+        return BaselineConfig()
+    if isinstance(raw, str):
+        if not raw.strip():
+            raise source.error(path, "the baseline is empty: give a configuration label, a format spec or "
+                               "a mapping of trial fields")
+        try:
+            return BaselineConfig(fields={"format": check_field("format", raw.strip())}, given=True)
+        except ValueError:  # not a spec: a label (checked against the configurations when they are known)
+            return BaselineConfig(label=raw.strip(), fields={}, given=True)
+    if not raw:
+        raise source.error(path, "empty mapping: name at least one trial field of the baseline")
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = (*path, key)
+        if key not in TRIAL_FIELDS:
+            raise _unknown_key(key, TRIAL_FIELDS, where, source)
+        if _is_grid(key, value):
+            raise source.error(where, "a baseline field takes one value")
+        fields[key] = _check(value, key, where, source)
+    return BaselineConfig(fields=fields, given=True)
 
 
 def _check_seeds(value: Any, path: tuple[str | int, ...], source: SourceMap) -> tuple[int, ...]:
@@ -458,7 +563,8 @@ def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path 
     return SweepConfig(
         name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(entries),
         energy=_check_energy(sweep.energy, source, folder), executor=_check_executor(sweep.executor, source),
-        output=output, memory_objective=sweep.report.memory_objective, source=source, text=text)
+        output=output, memory_objective=sweep.report.memory_objective,
+        baseline=_check_baseline(sweep.report.baseline, source), source=source, text=text)
 
 
 def load_config(path: str | Path) -> SweepConfig:

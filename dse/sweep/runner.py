@@ -28,8 +28,15 @@ from dse.sweep.executors import (
     TrialJob,
     TrialOutcome,
 )
-from dse.sweep.store import PlanRow, SweepStore, TrialRow, load_trials, stored_sweep_name
-from dse.sweep.trials import Trial, estimated_cost, expand, resolved_formats, stable_hash
+from dse.sweep.store import (
+    PlanRow,
+    SweepStore,
+    TrialRow,
+    load_trials,
+    master_weights_text,
+    stored_sweep_name,
+)
+from dse.sweep.trials import Trial, baseline_labels, estimated_cost, expand, resolved_formats, stable_hash
 from dse.usercode import sources_of
 
 
@@ -125,11 +132,17 @@ def check_tasks(sweep: SweepConfig) -> None:
 
 
 def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyRows]:
-    """Everything checked before the disk is touched: tasks, trials, and the energy of every trial."""
+    """Everything checked before the disk is touched: tasks, trials, baseline, the energy of every trial."""
     check_tasks(sweep)
     trials = expand(sweep)
+    baseline_labels(sweep, trials)
     keys, energies = estimate_energies(sweep, trials)
     return trials, keys, energies
+
+
+def unique_runs(trials: list[Trial]) -> list[Trial]:
+    """One trial per trial id (a run two configurations share is trained once), in plan order."""
+    return list({trial.trial_id: trial for trial in reversed(trials)}.values())[::-1]
 
 
 def check_output(directory: Path, name: str, force: bool) -> bool:
@@ -166,6 +179,7 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
     formats = resolved_formats(config)
     result = outcome.result
     extra: dict[str, Any] = {}
+    validation = None
     if result is None:
         status, diverged, accuracy, loss = "error", False, None, None
         wall = outcome.wall_time_s
@@ -174,6 +188,8 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
         diverged = bool(result.get("diverged", False))
         status = "diverged" if diverged else "ok"
         accuracy = float(result["test_accuracy"])
+        if result.get("val_accuracy") is not None:
+            validation = float(result["val_accuracy"])
         loss = float(result["final_loss"])
         wall = float(result.get("wall_time_s", outcome.wall_time_s))
         extra = {k: v for k, v in result.items() if k != "config"}
@@ -181,9 +197,10 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
         "trial_id": trial.trial_id, "task": trial.task, "label": trial.label, "model": config.model,
         "dataset": config.dataset, "weights": formats["weights"], "activations": formats["activations"],
         "gradients": formats["gradients"], "weight_grads": formats["weight_grads"],
-        "optimizer": config.optimizer, "master_weights": int(config.master_weights),
+        "optimizer": config.optimizer, "master_weights": master_weights_text(config.master_weights),
         "warmup_epochs": config.warmup_epochs, "seed": config.seed, "status": status,
-        "diverged": int(diverged), "error": outcome.error, "test_accuracy": accuracy, "final_loss": loss,
+        "diverged": int(diverged), "error": outcome.error, "val_accuracy": validation,
+        "test_accuracy": accuracy, "final_loss": loss,
         "wall_time_s": wall, "config": json.dumps(config.to_dict(), sort_keys=True),
         "result": json.dumps(extra, sort_keys=True, default=str),
     }
@@ -216,6 +233,7 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
     started = time.perf_counter()
     reporter = reporter or SilentReporter()
     trials, keys, energies = plan_sweep(sweep)
+    runs = unique_runs(trials)
     directory = sweep.output
     replace_foreign = check_output(directory, sweep.name, force)
     executor = executor or make_executor(sweep)
@@ -230,17 +248,19 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
         with store:
             if replace_foreign:
                 store.reset()
-            ids = [trial.trial_id for trial in trials]
+            ids = [trial.trial_id for trial in runs]
             meta = {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.workloads),
                     "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
+                    "baselines": baseline_labels(sweep, trials),
                     "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
                                                 "workloads": list(sweep.energy.workloads)})}
-            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id]) for t in trials]
+            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
+                    for t in trials]
             store.start(meta, plan, energies)
             finished = store.finished()
-            pending = [t for t in trials if force or t.trial_id not in finished]
-            summary = SweepSummary(sweep.name, directory, total=len(trials),
-                                   skipped=len(trials) - len(pending), ran=0)
+            pending = [t for t in runs if force or t.trial_id not in finished]
+            summary = SweepSummary(sweep.name, directory, total=len(runs),
+                                   skipped=len(runs) - len(pending), ran=0)
             summary.best = _best_of(load_trials(directory)) if summary.skipped else None
             by_id = {trial.trial_id: trial for trial in pending}
 
@@ -265,7 +285,7 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
         if isinstance(executor, RayExecutor):
             executor.close()
     frame = load_trials(directory)
-    counts = frame["status"].value_counts()
+    counts = frame.drop_duplicates("trial_id")["status"].value_counts()
     summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
                                                     for status in ("ok", "diverged", "error"))
     summary.best = _best_of(frame)

@@ -3,14 +3,21 @@
 Tables:
 - `meta`: the sweep's name (its identity: a store belongs to one sweep), the YAML it last ran with, its
   config hash, energy settings and workloads.
-- `plan`: the trials of the latest run of the sweep file, in order, with task, label and energy key.
-  Trials that were dropped from the file stay in `trials` but leave the plan, so reports skip them.
+- `plan`: the trials of the latest run of the sweep file, in order, with task, label, configuration
+  (hash of the trial without seed and tuned values), tuning point (JSON) and energy key; a trial two
+  configurations share has a row under each. Trials that were dropped from the file stay in `trials`
+  but leave the plan, so reports skip them.
 - `trials`: one row per finished trial, primary key trial_id; each is committed in its own transaction
   the moment its trial finishes (WAL journal, synchronous=FULL), so a SIGKILL at any moment loses no
   finished trial and a half-written row never becomes visible.
 - `energy`: per (energy key, workload) the energy of one iteration by unit and the training-state
   memory. Energy depends only on the configuration, so it is recomputed, never retrained, when the
   energy settings change.
+
+Stores written before schema 2 are read as they are and brought up to date when a sweep opens them:
+`trials` gains `val_accuracy` (empty for the old rows) and the plan, which every run rewrites, is
+rebuilt with its new columns. `master_weights` holds text (`true`, `false` or the master copy's format
+spec); the 0/1 of an old store reads as false/true.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +38,28 @@ from dse.errors import InputError
 from dse.report.pareto import energy_column, memory_column
 
 STORE_FILE = "sweep.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 TRIAL_COLUMNS: tuple[str, ...] = (
     "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients", "weight_grads",
-    "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error", "test_accuracy",
-    "final_loss", "wall_time_s")
+    "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error", "val_accuracy",
+    "test_accuracy", "final_loss", "wall_time_s")
+PLAN_COLUMNS: tuple[str, ...] = ("configuration", "tuning")
+"""Columns load_trials takes from the plan: the configuration hash and the tuning point (JSON)."""
+TUNED_PREFIX = "tuned:"
+"""load_trials has one `tuned:<field>` column per field tuned anywhere in the plan (NaN where not)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS plan (
-    trial_id TEXT PRIMARY KEY, position INTEGER NOT NULL, task TEXT NOT NULL, label TEXT NOT NULL,
-    energy_key TEXT NOT NULL);
+    position INTEGER PRIMARY KEY, trial_id TEXT NOT NULL, task TEXT NOT NULL, label TEXT NOT NULL,
+    configuration TEXT NOT NULL, tuning TEXT NOT NULL, energy_key TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS trials (
     trial_id TEXT PRIMARY KEY, task TEXT NOT NULL, label TEXT NOT NULL, model TEXT NOT NULL,
     dataset TEXT NOT NULL, weights TEXT NOT NULL, activations TEXT NOT NULL, gradients TEXT NOT NULL,
-    weight_grads TEXT NOT NULL, optimizer TEXT NOT NULL, master_weights INTEGER NOT NULL,
+    weight_grads TEXT NOT NULL, optimizer TEXT NOT NULL, master_weights TEXT NOT NULL,
     warmup_epochs INTEGER NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('ok', 'diverged', 'error')), diverged INTEGER NOT NULL,
-    error TEXT NOT NULL, test_accuracy REAL, final_loss REAL, wall_time_s REAL NOT NULL,
+    error TEXT NOT NULL, val_accuracy REAL, test_accuracy REAL, final_loss REAL, wall_time_s REAL NOT NULL,
     config TEXT NOT NULL, result TEXT NOT NULL, finished_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS energy (
     energy_key TEXT NOT NULL, workload TEXT NOT NULL, total_mj REAL NOT NULL, multiply_mj REAL NOT NULL,
@@ -65,6 +76,9 @@ class PlanRow:
     task: str
     label: str
     energy_key: str
+    configuration: str = ""
+    """Hash of the configuration; empty: the label names it (stores before schema 2)."""
+    tuning: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,36 @@ def _connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     return connection
+
+
+def _columns(connection: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in connection.execute(f"PRAGMA table_info({table})")]
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Bring a store of an older schema up to date (see the module docstring); a no-op on a new one."""
+    plan = _columns(connection, "plan")
+    if plan and "configuration" not in plan:
+        connection.execute("DROP TABLE plan")  # every run rewrites the plan: nothing is lost
+    trials = _columns(connection, "trials")
+    if trials and "val_accuracy" not in trials:
+        connection.execute("ALTER TABLE trials ADD COLUMN val_accuracy REAL")
+
+
+def master_weights_text(value: bool | str) -> str:
+    """How the store spells TrainConfig.master_weights: `true`, `false` or the copy's format spec."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def master_weights_value(stored: Any) -> bool | str:
+    """The stored master_weights as TrainConfig has it (an old store's 0/1 as false/true)."""
+    if stored in (1, "1", "true"):
+        return True
+    if stored in (0, "0", "false"):
+        return False
+    return str(stored)
 
 
 def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
@@ -122,6 +166,7 @@ class SweepStore:
         self.path = store_path(self.directory)
         self.connection = _connect(self.path)
         with self.connection:
+            _migrate(self.connection)
             self.connection.executescript(_SCHEMA)
 
     def reset(self) -> None:
@@ -143,8 +188,10 @@ class SweepStore:
                                         sorted(values.items()))
             self.connection.execute("DELETE FROM plan")
             self.connection.executemany(
-                "INSERT INTO plan (trial_id, position, task, label, energy_key) VALUES (?, ?, ?, ?, ?)",
-                [(row.trial_id, position, row.task, row.label, row.energy_key)
+                "INSERT INTO plan (position, trial_id, task, label, configuration, tuning, energy_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(position, row.trial_id, row.task, row.label, row.configuration,
+                  json.dumps(row.tuning, sort_keys=True), row.energy_key)
                  for position, row in enumerate(plan)])
             self.connection.executemany(
                 f"INSERT OR REPLACE INTO energy (energy_key, workload, {', '.join(_ENERGY_VALUES)}) "
@@ -187,9 +234,10 @@ def energy_columns(workloads: Iterable[str]) -> list[str]:
 def load_trials(directory: Path) -> pd.DataFrame:
     """One row per finished trial of the sweep's latest plan, in plan order (see docs/config.md).
 
-    Columns: TRIAL_COLUMNS, then per workload W `energy_mj:W`, `energy_mj:W:<unit>` for each unit and
-    `memory_mib:W`, then `config` (the TrainConfig as JSON). `frame.attrs['sweep']` holds the sweep's
-    name, workloads, memory_objective and output directory.
+    Columns: TRIAL_COLUMNS, PLAN_COLUMNS, `tuned:<field>` per field tuned in the plan, then per workload
+    W `energy_mj:W`, `energy_mj:W:<unit>` for each unit and `memory_mib:W`, then `config` (the
+    TrainConfig as JSON). `frame.attrs['sweep']` holds the sweep's name, workloads, memory_objective,
+    baselines (task -> label, where the sweep file named one) and output directory.
     """
     directory = Path(directory)
     path = store_path(directory)
@@ -201,25 +249,31 @@ def load_trials(directory: Path) -> pd.DataFrame:
     try:
         meta = _read_meta(connection)
         workloads = json.loads(meta.get("workloads", "[]"))
+        new_plan = "configuration" in _columns(connection, "plan")
+        plan_columns = "p.configuration, p.tuning" if new_plan else "p.label, '{}'"
         rows = connection.execute(
-            "SELECT p.energy_key, p.task, p.label, t.* FROM plan p JOIN trials t ON t.trial_id = p.trial_id "
-            "ORDER BY p.position").fetchall()
-        names = ["energy_key", "plan_task", "plan_label"] + [d[0] for d in connection.execute(
-            "SELECT * FROM trials LIMIT 0").description]
+            f"SELECT p.energy_key, p.task, p.label, {plan_columns}, t.* FROM plan p "
+            "JOIN trials t ON t.trial_id = p.trial_id ORDER BY p.position").fetchall()
+        names = ["energy_key", "plan_task", "plan_label", "configuration", "tuning"] + [
+            d[0] for d in connection.execute("SELECT * FROM trials LIMIT 0").description]
         energy = connection.execute(f"SELECT energy_key, workload, {', '.join(_ENERGY_VALUES)} FROM energy"
                                     ).fetchall()
     finally:
         connection.close()
     by_key: dict[tuple[str, str], tuple[float, ...]] = {(r[0], r[1]): tuple(r[2:]) for r in energy}
     records = []
+    tuned: dict[str, None] = {}
     for raw in rows:
         row = dict(zip(names, raw, strict=True))
-        record: dict[str, Any] = {name: row[name] for name in TRIAL_COLUMNS}
+        record: dict[str, Any] = {name: row.get(name) for name in (*TRIAL_COLUMNS, *PLAN_COLUMNS)}
         record["task"], record["label"] = row["plan_task"], row["plan_label"]
-        record["master_weights"] = bool(row["master_weights"])
+        record["master_weights"] = master_weights_value(row["master_weights"])
         record["diverged"] = bool(row["diverged"])
-        for name in ("test_accuracy", "final_loss"):
-            record[name] = math.nan if row[name] is None else float(row[name])
+        for name in ("val_accuracy", "test_accuracy", "final_loss"):
+            record[name] = math.nan if record[name] is None else float(record[name])
+        for name, value in json.loads(record["tuning"]).items():
+            tuned.setdefault(name)
+            record[TUNED_PREFIX + name] = value
         for workload in workloads:
             values = by_key.get((row["energy_key"], workload))
             numbers = dict(zip(_ENERGY_VALUES, values, strict=True)) if values else {}
@@ -229,12 +283,13 @@ def load_trials(directory: Path) -> pd.DataFrame:
             record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
         record["config"] = row["config"]
         records.append(record)
-    columns = [*TRIAL_COLUMNS, *energy_columns(workloads), "config"]
+    columns = [*TRIAL_COLUMNS, *PLAN_COLUMNS, *(TUNED_PREFIX + name for name in tuned),
+               *energy_columns(workloads), "config"]
     frame = pd.DataFrame.from_records(records, columns=columns)
     if frame.empty:
-        frame = frame.astype({"master_weights": bool, "diverged": bool, "test_accuracy": float,
+        frame = frame.astype({"diverged": bool, "val_accuracy": float, "test_accuracy": float,
                               "final_loss": float, "wall_time_s": float})
     frame.attrs["sweep"] = {"name": meta.get("name", ""), "workloads": list(workloads),
                             "memory_objective": json.loads(meta.get("memory_objective", "false")),
-                            "output": str(directory)}
+                            "baselines": json.loads(meta.get("baselines", "{}")), "output": str(directory)}
     return frame

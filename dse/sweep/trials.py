@@ -3,6 +3,10 @@
 The id hashes the full resolved configuration (sorted JSON, sha256), so it does not depend on key order,
 on how a format is spelled (`lns(8,gamma=8)` and `lns8` are one format), or on `format` being written
 as shorthand for the per-tensor fields. Threads are left out: they change speed, not the experiment.
+
+A configuration is what the reports compare: a trial without its seed and without the values of its
+tuned fields (`tune:`), which are replaced by their lists. Each configuration is trained at every
+tuning point and seed; its label and its `configuration` hash name it whatever point a trial is at.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dse.formats import get
@@ -19,6 +23,8 @@ from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
 from dse.usercode import identity as code_identity
 
 FP32 = "fp32"
+TUNED = "tuned"
+"""Key under which a configuration's identity holds a tuned field's list of values."""
 TENSOR_FIELDS: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
 _DEFAULTS = TrainConfig().to_dict()
 
@@ -32,6 +38,10 @@ class Trial:
     config: TrainConfig
     source: tuple[str | int, ...]
     """Path of the trial entry in the sweep file, for error messages."""
+    configuration: str = ""
+    """Hash of the configuration (the trial without its seed and tuned values): one per label."""
+    tuning: dict[str, Any] = field(default_factory=dict)
+    """The tuning point: each tuned field's value in this trial (empty when nothing is tuned)."""
 
 
 def _canonical(spec: str | None) -> str | None:
@@ -83,6 +93,8 @@ def _format_token(formats: dict[str, str]) -> str:
 
 
 def _token(name: str, value: Any) -> str:
+    if isinstance(value, dict) and TUNED in value:
+        return f"{name.replace('_', '-')}=tuned"
     if name == "master_weights":
         return "master" if value else "no-master"
     if name == "layer_scaling":
@@ -96,8 +108,22 @@ def _token(name: str, value: Any) -> str:
     return f"{name.replace('_', '-')}={value}"
 
 
+def point_label(label: str, tuning: dict[str, Any]) -> str:
+    """A configuration's label with its tuning point: `fp32 sgd lr=0.1 momentum=0.8`."""
+    return " ".join([label, *(_token(name, value) for name, value in tuning.items())])
+
+
+def configuration_identity(task: str, config: TrainConfig, tuned: dict[str, list[Any]]) -> dict[str, Any]:
+    """identity()'s config without the seed, each tuned field replaced by {"tuned": its values}."""
+    data = identity(task, config)["config"]
+    data.pop("seed")
+    for name, values in tuned.items():
+        data[name] = {TUNED: list(values)}
+    return data
+
+
 def make_labels(configs: list[dict[str, Any]]) -> list[str]:
-    """Labels for a task's seedless configurations (identity()['config'] dicts).
+    """Labels for a task's configurations (configuration_identity dicts).
 
     Each label is the formats, the optimizer, and every other field that varies within the task and is
     not at TrainConfig's default: two configurations differ in some varying field, and at least one of
@@ -126,38 +152,48 @@ def make_labels(configs: list[dict[str, Any]]) -> list[str]:
 
 # --- expansion ------------------------------------------------------------------------------------
 
-def expand(sweep: SweepConfig) -> list[Trial]:
-    """Every trial of the sweep: per task, each entry's grid (product of its lists) times its seeds.
+def _product(choices: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the lists (keys in order, the last one varying fastest)."""
+    keys = list(choices)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices.values())]
 
-    Order: task, entry, grid point (fields in the order written, last one fastest), seed. A trial that
-    resolves to the same configuration as an earlier one runs once.
+
+def expand(sweep: SweepConfig) -> list[Trial]:
+    """Every trial of the sweep: per task, each entry's grid (product of its lists) times its tuning
+    points times its seeds.
+
+    Order: task, entry, grid point (fields in the order written, last one fastest), tuning point (same
+    rule), seed. A trial that resolves to the same training run as an earlier one of the same
+    configuration is listed once; one that two configurations share (a tuning point of one that is
+    the fixed value of another) is listed under each, and trained once (trial ids are unique per run).
     """
     trials: list[Trial] = []
     for task in sweep.tasks:
-        points: list[tuple[TrainConfig, tuple[str | int, ...]]] = []
+        points: list[tuple[TrainConfig, tuple[str | int, ...], dict[str, Any], dict[str, Any]]] = []
         for entry in sweep.trials:
-            keys = list(entry.choices)
-            for combo in itertools.product(*(entry.choices[key] for key in keys)):
-                values = {**task.defaults, **dict(zip(keys, combo, strict=True))}
-                for seed in entry.seeds or sweep.seeds:
-                    points.append((TrainConfig(**values, seed=seed, threads=sweep.executor.threads),
-                                   entry.path))
-        unique: dict[str, tuple[TrainConfig, tuple[str | int, ...], str]] = {}  # -> (.., seedless hash)
-        seedless: dict[str, dict[str, Any]] = {}
-        for config, path in points:
-            ident = identity(task.name, config)
-            trial_id = stable_hash(ident)  # = trial_hash(task.name, config)
-            if trial_id in unique:
+            tuned = entry.tuning(task)
+            for combo in _product(entry.choices):
+                values = {**task.defaults, **combo}
+                base = TrainConfig(**{**values, "seed": 0, "threads": sweep.executor.threads})
+                configuration = configuration_identity(task.name, base, tuned)
+                for point in _product(tuned):
+                    for seed in entry.seeds or sweep.seeds:
+                        config = TrainConfig(**{**values, **point, "seed": seed,
+                                                "threads": sweep.executor.threads})
+                        points.append((config, entry.path, configuration, point))
+        unique: dict[tuple[str, str], tuple[TrainConfig, tuple[str | int, ...], dict[str, Any]]] = {}
+        configurations: dict[str, dict[str, Any]] = {}
+        for config, path, configuration, point in points:
+            key = stable_hash(configuration)
+            trial_id = trial_hash(task.name, config)
+            if (trial_id, key) in unique:
                 continue
-            data = ident["config"]
-            data.pop("seed")
-            key = stable_hash(data)
-            seedless.setdefault(key, data)
-            unique[trial_id] = (config, path, key)
-        labels = dict(zip(seedless, make_labels(list(seedless.values())), strict=True))
-        for trial_id, (config, path, key) in unique.items():
+            configurations.setdefault(key, configuration)
+            unique[(trial_id, key)] = (config, path, point)
+        labels = dict(zip(configurations, make_labels(list(configurations.values())), strict=True))
+        for (trial_id, key), (config, path, point) in unique.items():
             trials.append(Trial(trial_id=trial_id, task=task.name, label=labels[key], config=config,
-                                source=path))
+                                source=path, configuration=key, tuning=point))
     return trials
 
 
@@ -186,3 +222,47 @@ def estimated_cost(config: TrainConfig) -> float:
         step *= 2.0
     return step * config.epochs
 
+
+
+# --- the baseline of each task --------------------------------------------------------------------
+
+def _matches(trial: Trial, fields: dict[str, Any]) -> bool:
+    """Whether a trial's configuration has every field of `fields` (`format`: all four tensor classes)."""
+    config = trial.config
+    formats = resolved_formats(config)
+    for name, value in fields.items():
+        if name in trial.tuning:
+            return False  # a tuned field has no one value
+        if name == "format":
+            if any(formats[tensor] != _canonical(value) for tensor in TENSOR_FIELDS):
+                return False
+        elif name in formats:
+            if formats[name] != _canonical(value):
+                return False
+        elif json.dumps(getattr(config, name), default=list) != json.dumps(value, default=list):
+            return False
+    return True
+
+
+def baseline_labels(sweep: SweepConfig, trials: list[Trial]) -> dict[str, str]:
+    """Task -> label of its baseline configuration: the first in plan order that `report.baseline` names.
+
+    A baseline the sweep file gives must name a configuration of every task (else an InputError at
+    `report.baseline`); the default (fp32) is left out for a task that has no fp32 configuration.
+    """
+    baseline = sweep.baseline
+    chosen: dict[str, str] = {}
+    for task in sweep.tasks:
+        own = [trial for trial in trials if trial.task == task.name]
+        if baseline.label is not None:
+            match = next((t for t in own if t.label == baseline.label), None)
+        else:
+            match = next((t for t in own if _matches(t, baseline.fields)), None)
+        if match is not None:
+            chosen[task.name] = match.label
+        elif baseline.given:
+            wanted = repr(baseline.label) if baseline.label is not None else json.dumps(baseline.fields)
+            labels = ", ".join(repr(label) for label in dict.fromkeys(t.label for t in own))
+            raise sweep.source.error(("report", "baseline"), f"unknown baseline {wanted}: no configuration "
+                                     f"of task {task.name!r} matches (its configurations: {labels})")
+    return chosen

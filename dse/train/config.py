@@ -6,6 +6,7 @@ Both are plain data so that the sweep engine can hash, store and ship them betwe
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,10 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run measured. A diverged run stops early and says so; it is a result, not an error."""
+    """What a run measured. A diverged run stops early and says so; it is a result, not an error.
+
+    Accuracies are on the dataset's test split (reported) and its validation split (carved from the
+    training data; what tuning chooses by)."""
 
     test_accuracy: float
     final_loss: float
@@ -94,10 +98,14 @@ class TrainResult:
     epochs_run: int
     wall_time_s: float
     params: int
+    val_accuracy: float = math.nan
+    """Validation accuracy after the last epoch."""
     loss_curve: list[float] = field(default_factory=list)
     """Mean training loss per epoch."""
     accuracy_curve: list[float] = field(default_factory=list)
     """Test accuracy after each epoch."""
+    val_accuracy_curve: list[float] = field(default_factory=list)
+    """Validation accuracy after each epoch."""
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

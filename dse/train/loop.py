@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dse.data import DATASETS, Dataset, load_dataset
+from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
 from dse.formats import ROUNDINGS
 from dse.formats import get as get_format
@@ -174,7 +174,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progres
 
 def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,
            factory: ModelFactory | None = None) -> TrainResult:
-    data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
+    data = with_validation(dataset if dataset is not None else load_dataset(config.dataset, config.data_dir))
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -184,9 +184,12 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
     setup = prepare(model, config, generator)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    assert data.x_val is not None and data.y_val is not None
+    x_val, y_val = data.x_val.to(device), data.y_val.to(device)
     started = time.perf_counter()
     losses: list[float] = []
     accuracies: list[float] = []
+    val_accuracies: list[float] = []
     diverged = False
     setup.model.train()
     for epoch in range(config.epochs):
@@ -208,6 +211,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
         if not diverged and not all(torch.isfinite(p).all() for p in setup.model.parameters()):
             diverged = True
         losses.append(total / max(batches, 1) if not diverged else math.nan)
+        val_accuracies.append(evaluate(setup.model, x_val, y_val))
         accuracies.append(evaluate(setup.model, x_test, y_test))
         if progress is not None:
             progress(epoch, losses[-1], accuracies[-1])
@@ -220,7 +224,9 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
         epochs_run=len(losses),
         wall_time_s=time.perf_counter() - started,
         params=params,
+        val_accuracy=val_accuracies[-1] if val_accuracies else math.nan,
         loss_curve=losses,
         accuracy_curve=accuracies,
+        val_accuracy_curve=val_accuracies,
         config=config.to_dict(),
     )

@@ -1,0 +1,237 @@
+"""`tune:` in sweep files: every configuration is trained at every tuning point and seed, tuning runs are
+ordinary stored trials (a run two configurations share trains once), and a bad `tune` or baseline is
+one line with file:line, exit 2, nothing written. Old stores (schema 1) still read and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from dse.sweep import expand, load_trials, parse_config, run_sweep
+from dse.sweep.config import TUNABLE_FIELDS
+from dse.sweep.executors import InlineExecutor
+from dse.sweep.store import STORE_FILE
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from sweep_fakes import fake_train  # noqa: E402
+
+runner = CliRunner()
+
+TUNED = """\
+seeds: [0, 1]
+task: {model: mlp, dataset: digits, epochs: 1}
+trials:
+  - {format: [fp32, int8], tune: {lr: [0.01, 0.1], momentum: [0.8, 0.9]}}
+"""
+
+
+def test_each_configuration_is_trained_at_every_tuning_point_and_seed() -> None:
+    trials = expand(parse_config(TUNED, "t.yaml"))
+    assert len(trials) == 2 * (2 * 2) * 2 == len({t.trial_id for t in trials})
+    for label in ("fp32 sgd", "int8 sgd"):  # the label names the configuration, not the point
+        own = [t for t in trials if t.label == label]
+        assert len({t.configuration for t in own}) == 1
+        points = Counter(json.dumps(t.tuning, sort_keys=True) for t in own)
+        assert points == {json.dumps({"lr": lr, "momentum": m}, sort_keys=True): 2
+                          for lr in (0.01, 0.1) for m in (0.8, 0.9)}
+        for trial in own:
+            assert (trial.config.lr, trial.config.momentum) == (trial.tuning["lr"], trial.tuning["momentum"])
+    assert len({t.configuration for t in trials}) == 2
+
+
+def test_a_task_tunes_every_entry_unless_the_entry_sets_or_retunes() -> None:
+    text = """\
+task: {model: mlp, dataset: digits, tune: {lr: [0.01, 0.1], momentum: [0.5, 0.9]}}
+trials:
+  - {format: fp32}
+  - {format: int8, momentum: 0.0}
+  - {format: int4, tune: {batch_size: [32, 64]}}
+  - {format: lns8, tune: {}}
+"""
+    trials = expand(parse_config(text, "t.yaml"))
+    tuned = {t.config.format: set() for t in trials}
+    for trial in trials:
+        tuned[trial.config.format].add(tuple(sorted(trial.tuning.items())))
+    assert len(tuned["fp32"]) == 4
+    assert tuned["int8"] == {(("lr", 0.01),), (("lr", 0.1),)}  # momentum is set: only lr is tuned
+    assert tuned["int4"] == {(("batch_size", 32),), (("batch_size", 64),)}  # its own tune replaces the task's
+    assert tuned["lns8"] == {()}
+
+
+def test_a_run_two_configurations_share_is_listed_under_each_and_trained_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = f"""\
+name: shared
+task: {{model: mlp, dataset: digits, epochs: 1}}
+trials:
+  - {{format: fp32, lr: 0.1}}
+  - {{format: fp32, tune: {{lr: [0.03, 0.1]}}}}
+output: {tmp_path / 'out'}
+"""
+    trials = expand(parse_config(text, "s.yaml"))
+    assert [(t.label, t.tuning) for t in trials] == [
+        ("fp32 sgd lr=0.1", {}), ("fp32 sgd lr=tuned", {"lr": 0.03}), ("fp32 sgd lr=tuned", {"lr": 0.1})]
+    assert trials[0].trial_id == trials[2].trial_id
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("DSE_FAKE_LOG", str(log))
+    summary = run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(),
+                        reports=False)
+    assert summary.total == summary.ran == 2 == len(log.read_text().splitlines())
+    frame = load_trials(tmp_path / "out")
+    assert list(frame["label"]) == [t.label for t in trials]
+    assert list(frame["tuned:lr"].fillna(-1)) == [-1, 0.03, 0.1]
+    assert frame["test_accuracy"].iloc[0] == frame["test_accuracy"].iloc[2]
+    assert len(set(frame["configuration"])) == 2
+    # running again resumes: nothing retrains
+    assert run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(),
+                     reports=False).ran == 0
+
+
+def test_the_tunable_fields_are_the_numeric_train_config_fields() -> None:
+    assert {"lr", "momentum", "weight_decay", "epochs", "batch_size", "niti_mu"} <= set(TUNABLE_FIELDS)
+    untunable = {"format", "optimizer", "master_weights", "layer_scaling", "seed", "threads"}
+    assert not untunable & set(TUNABLE_FIELDS)
+
+
+_TASK = "task: {model: mlp, dataset: digits}"
+
+
+@pytest.mark.parametrize(("lines", "line", "needles"), [
+    ([_TASK, "trials:", "  - format: int8", "    tune: {lr: [0.1], momentun: [0.9]}"], 4,
+     ["trials[0].tune.momentun", "unknown key", "did you mean 'momentum'"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune:", "      lr: []"], 5,
+     ["trials[0].tune.lr", "empty list"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune: {format: [int8, int4]}"], 4,
+     ["trials[0].tune.format", "'format' is not numeric"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune: {master_weights: [true, false]}"], 4,
+     ["trials[0].tune.master_weights", "not numeric"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune:", "      lr: [0.1, fast]"], 5,
+     ["trials[0].tune.lr[1]", "'fast'"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune:", "      lr: [0.1, -1.0]"], 5,
+     ["trials[0].tune.lr[1]", "lr must be a positive number"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune: {lr: 0.1}"], 4, ["trials[0].tune.lr", "list"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune: [lr]"], 4, ["trials[0].tune", "mapping"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune: {lr: [0.1, 0.1]}"], 4, ["listed twice"]),
+    ([_TASK, "trials:", "  - format: int8", "    lr: 0.1", "    tune: {lr: [0.1, 0.3]}"], 5,
+     ["trials[0].tune.lr", "both set and tuned"]),
+    ([_TASK, "trials:", "  - format: int8", "    tune: {seed: [1, 2]}"], 4,
+     ["trials[0].tune.seed", "unknown key"]),
+    (["task: {model: mlp, dataset: digits, tune: {epochs: [0, 2]}}", "trials: [{format: int8}]"], 1,
+     ["task.tune.epochs[0]", "epochs must be >= 1"]),
+    ([_TASK, "trials: [{format: int8}]", "report:", "  baseline: {fromat: fp32}"], 4,
+     ["report.baseline.fromat", "did you mean 'format'"]),
+    ([_TASK, "trials: [{format: int8}]", "report:", "  baseline: \"fp32 adam\""], 4,
+     ["report.baseline", "unknown baseline 'fp32 adam'", "'int8 sgd'"]),
+    ([_TASK, "trials: [{format: int8}]", "report: {baseline: bf16}"], 3,
+     ["report.baseline", "unknown baseline", "bf16"]),
+])
+def test_bad_tune_or_baseline_is_one_line_with_file_and_line(tmp_path: Path, lines: list[str], line: int,
+                                                             needles: list[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: bad\n" + "\n".join(lines) + "\n")
+    output = tmp_path / "out"
+    result = runner.invoke(app, ["sweep", str(config), "--output", str(output)])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith(f"error: {config}:{line + 1}: "), message
+    for needle in needles:
+        assert needle in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_the_default_baseline_is_fp32_and_a_given_one_may_be_a_label_spec_or_fields(tmp_path: Path) -> None:
+    from dse.sweep.trials import baseline_labels
+
+    base = ("task: {model: mlp, dataset: digits}\n"
+            "trials:\n  - {format: [int8, fp32], optimizer: [adam, sgd]}\n")
+    cases = {"": "fp32 adam", "report: {baseline: fp32}\n": "fp32 adam",
+             "report: {baseline: {format: fp32, optimizer: sgd}}\n": "fp32 sgd",
+             "report: {baseline: int8 sgd}\n": "int8 sgd"}
+    for extra, label in cases.items():
+        sweep = parse_config(base + extra, "b.yaml")
+        assert baseline_labels(sweep, expand(sweep)) == {"mlp/digits": label}
+    no_fp32 = parse_config("task: {model: mlp, dataset: digits}\ntrials: [{format: int8}]\n", "n.yaml")
+    assert baseline_labels(no_fp32, expand(no_fp32)) == {}
+
+
+# --- stores written before schema 2 ------------------------------------------------------------------
+
+_SCHEMA_1 = """
+CREATE TABLE plan (trial_id TEXT PRIMARY KEY, position INTEGER NOT NULL, task TEXT NOT NULL,
+    label TEXT NOT NULL, energy_key TEXT NOT NULL);
+CREATE TABLE trials_old (
+    trial_id TEXT PRIMARY KEY, task TEXT NOT NULL, label TEXT NOT NULL, model TEXT NOT NULL,
+    dataset TEXT NOT NULL, weights TEXT NOT NULL, activations TEXT NOT NULL, gradients TEXT NOT NULL,
+    weight_grads TEXT NOT NULL, optimizer TEXT NOT NULL, master_weights INTEGER NOT NULL,
+    warmup_epochs INTEGER NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL, diverged INTEGER NOT NULL,
+    error TEXT NOT NULL, test_accuracy REAL, final_loss REAL, wall_time_s REAL NOT NULL,
+    config TEXT NOT NULL, result TEXT NOT NULL, finished_at REAL NOT NULL);
+"""
+
+
+def _downgrade(store: Path) -> None:
+    """Rewrite a store in schema 1: the old plan, no val_accuracy, master_weights as 0/1."""
+    connection = sqlite3.connect(store)
+    with connection:
+        plan = connection.execute("SELECT trial_id, position, task, label, energy_key FROM plan").fetchall()
+        connection.execute("DROP TABLE plan")
+        connection.executescript(_SCHEMA_1)
+        connection.executemany("INSERT INTO plan VALUES (?, ?, ?, ?, ?)", plan)
+        columns = [r[1] for r in connection.execute("PRAGMA table_info(trials_old)")]
+        mapped = ", ".join("CASE master_weights WHEN 'true' THEN 1 ELSE 0 END" if c == "master_weights" else c
+                           for c in columns)
+        connection.execute(f"INSERT INTO trials_old SELECT {mapped} FROM trials")
+        connection.execute("DROP TABLE trials")
+        connection.execute("ALTER TABLE trials_old RENAME TO trials")
+        connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    connection.close()
+
+
+def test_a_schema_1_store_reads_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = f"""\
+name: old
+seeds: [0, 1]
+task: {{model: mlp, dataset: digits, epochs: 1}}
+trials:
+  - {{format: [fp32, int8]}}
+  - {{format: int8, master_weights: false}}
+output: {tmp_path / 'out'}
+"""
+    run_sweep(parse_config(text, "o.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+    before = load_trials(tmp_path / "out")
+    _downgrade(tmp_path / "out" / STORE_FILE)
+    old = load_trials(tmp_path / "out")
+    assert list(old["test_accuracy"]) == list(before["test_accuracy"])
+    assert list(old["master_weights"]) == [True] * 4 + [False] * 2
+    assert old["val_accuracy"].isna().all() and list(old["configuration"]) == list(old["label"])
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("DSE_FAKE_LOG", str(log))
+    again = run_sweep(parse_config(text.replace("[0, 1]", "[0, 1, 2]"), "o.yaml"), train_fn=fake_train,
+                      executor=InlineExecutor(), reports=False)
+    assert (again.skipped, again.ran) == (6, 3) and len(log.read_text().splitlines()) == 3
+    after = load_trials(tmp_path / "out")
+    assert len(after) == 9 and list(after["master_weights"]).count(False) == 3
+    kept = after.set_index("trial_id").loc[list(before["trial_id"])]
+    assert list(kept["test_accuracy"]) == list(before["test_accuracy"])
+
+
+def test_master_weights_may_be_a_format_spec_in_the_store(tmp_path: Path) -> None:
+    from report_frames import build_store, trial_row, trials_frame
+
+    rows = [trial_row("mlp-digits", "lns8 lns-madam", seed, 0.9, {"proxy": 1.0}, format="lns8",
+                      master_weights="lns(16,gamma=128)") for seed in (0, 1)]
+    rows.append(trial_row("mlp-digits", "fp32 sgd", 0, 0.95, {"proxy": 2.0}, master_weights=False))
+    build_store(tmp_path, trials_frame(rows, ["proxy"]))
+    frame = load_trials(tmp_path)
+    assert list(frame["master_weights"]) == ["lns(16,gamma=128)", "lns(16,gamma=128)", False]
+    assert math.isclose(frame["val_accuracy"].iloc[0], 0.9)
