@@ -174,8 +174,8 @@ def load_function(value: str, what: str) -> Callable[..., Any]:
     if function is None:
         raise InputError(f"{what}: no function {ref.function!r} in {ref.module}")
     if not callable(function):
-        raise InputError(f"{what}: {ref.function!r} in {ref.module} is a {type(function).__name__}, "
-                         "not a function")
+        raise InputError(f"{what}: {ref.function!r} in {ref.module} is {type(function).__name__!r} "
+                         "object, not a function")
     return function
 
 

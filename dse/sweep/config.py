@@ -331,12 +331,9 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap, base_d
 
 
 def _short(value: Any) -> str:
-    """A task name's part: a reference by its file's or module's last name and its function."""
+    """A task name's part: a built-in's name, a user's model or dataset by its function's name."""
     ref = parse_ref(value)
-    if ref is None:
-        return str(value).strip().lower()
-    stem = Path(ref.module).stem if ref.is_file else ref.module.rpartition(".")[2]
-    return f"{stem}:{ref.function}"
+    return str(value).strip().lower() if ref is None else ref.function
 
 
 def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TrialEntry:
