@@ -293,9 +293,10 @@ _FormatOpt = Annotated[str | None, typer.Option(help="Format of this tensor clas
 @app.command("train")
 @user_errors
 def train(
-    model: Annotated[str, typer.Option(help="Proxy model: mlp, cnn, resnet, transformer.")] = "mlp",
-    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10.")]
-    = "digits",
+    model: Annotated[str, typer.Option(help="mlp, cnn, resnet, transformer, or your own as file.py:function "
+                                       "or package.module:function.")] = "mlp",
+    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10, or "
+                                         "your own as file.py:function.")] = "digits",
     format: Annotated[str | None, typer.Option(
         "--format", help="Format of weights, activations and gradients (default fp32).")] = None,
     weights: _FormatOpt = None,
