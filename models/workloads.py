@@ -339,7 +339,7 @@ def _llama_from_spec(spec: str) -> Workload | None:
     return llama(**settings)
 
 
-# --- proxies (docs: ../shared/reference/proxies.md) ----------------------------------------------
+# --- proxies: the small models dse trains (models/proxies.py) ------------------------------------
 
 def digits_mlp() -> Workload:
     return Workload("digits-mlp", tuple(mlp([64, 128, 10])), batch_size=32, proxy=True,
