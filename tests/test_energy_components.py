@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dse.energy import build_model, parse_node
+from dse.energy import MemoryParams, build_model, parse_node
 from dse.errors import InputError
 
 C = build_model("45nm").components
@@ -49,10 +51,37 @@ def test_node_scaling_lowers_energy_monotonically() -> None:
     assert factors == sorted(factors, reverse=True)
     assert technology.scale(45) == 1
     assert technology.scale(7) == pytest.approx(0.0684, rel=0.01)  # Stillmaker HP7 @ 0.7 V vs HP45 @ 0.9 V
+    previous = math.inf
+    for node in ("45nm", "32nm", "28nm", "20nm", "16nm", "14nm", "10nm", "7nm"):  # the calibrated range
+        energy = build_model(node).components.fp_mul(8, 23)
+        assert energy < previous
+        previous = energy
+
+
+def test_calibrated_rule_passes_through_both_published_nodes() -> None:
+    """45 nm is Horowitz's fit and 7 nm Jouppi et al.'s; the Stillmaker-only rule misses 7 nm by ~5x."""
     seven = build_model("7nm")
-    assert seven.components.fp_mul(8, 23) == pytest.approx(model.components.fp_mul(8, 23) * seven.logic_scale)
-    assert seven.dram_pj_per_bit == model.dram_pj_per_bit  # DRAM is a memory technology, not a node
-    assert model.sram_pj_per_bit > seven.sram_pj_per_bit > model.sram_pj_per_bit * seven.logic_scale
+    assert seven.components.fp_mul(8, 23) == pytest.approx(1.31, rel=0.1)
+    assert seven.components.fp_add(8, 23) == pytest.approx(0.38, rel=0.15)
+    stillmaker = build_model("7nm", node_scaling="stillmaker")
+    assert stillmaker.components.fp_mul(8, 23) < seven.components.fp_mul(8, 23) / 4
+    assert seven.dram_pj_per_bit == build_model("45nm").dram_pj_per_bit  # DRAM is a memory technology
+    assert seven.sram_pj_per_bit * 64 == pytest.approx(8.5)  # Jouppi et al.'s 32 KB read at 7 nm
+    sqrt = build_model("7nm", memory=MemoryParams(sram_scaling="sqrt"))
+    assert sqrt.sram_pj_per_bit != seven.sram_pj_per_bit
+
+
+@pytest.mark.parametrize(("node", "words"), [
+    ("3.5nm", "unknown technology node '3.5nm' (known: 65nm"),
+    ("3nm", "technology node '3nm' is outside the calibrated range 7-45"),
+    ("65nm", "outside the calibrated range"),
+])
+def test_nodes_outside_the_calibration_are_refused_by_name(node: str, words: str) -> None:
+    with pytest.raises(InputError) as info:
+        build_model(node)
+    assert words in str(info.value)
+    if node != "3.5nm":
+        assert build_model(node, node_scaling="stillmaker").node_nm == parse_node(node)
 
 
 def test_derived_nodes_sit_between_their_neighbours() -> None:

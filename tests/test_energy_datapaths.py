@@ -1,48 +1,82 @@
-"""Per-format MAC datapaths: what each knob does to multiply, conversion and accumulation energy."""
+"""Per-format MAC datapaths: fused MACs, dot-product units of length K, and what each knob changes."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from dse.energy import DatapathParams, build_model, conversion_energy, datapath_for, mac_energy
+from dse.energy import (
+    DatapathParams,
+    Rounding,
+    build_model,
+    conversion_energy,
+    datapath_area_um2,
+    datapath_for,
+    mac_energy,
+    register_family,
+)
+from dse.energy.datapaths import FAMILY_HARDWARE, FpHardware, exact_product_bits
 from dse.errors import InputError
 from dse.formats import get
 
-C = build_model("45nm").components
+MODEL = build_model("45nm")
+C = MODEL.components
 
 
-def mac(spec: str, k: float = 1024, **params: object) -> object:
+def mac(spec: str, length: float = 1024, **params: object) -> object:
     fmt = get(spec)
-    return mac_energy(fmt, fmt, C, DatapathParams(**params), k)  # type: ignore[arg-type]
+    return mac_energy(fmt, fmt, C, DatapathParams(**params), length)  # type: ignore[arg-type]
 
 
 ALL_FAMILIES = ["int8", "fp8_e4m3", "bf16", "fp32", "posit8", "lns8", "mxfp8_e4m3", "mxint8", "fixed(16,8)",
                 "fp6_e2m3", "mxfp4", "posit(16,1)", "lns(6,gamma=2)"]
 
 
+@pytest.mark.parametrize("k", [1, 16])
 @pytest.mark.parametrize("spec", ALL_FAMILIES)
-def test_every_format_has_a_positive_split(spec: str) -> None:
-    energy = mac(spec)
+def test_every_format_has_a_positive_split(spec: str, k: int) -> None:
+    energy = mac(spec, vector_length=k)
     assert energy.multiply_pj > 0 and energy.accumulation_pj > 0 and energy.conversion_pj >= 0
     parts = energy.multiply_pj + energy.conversion_pj + energy.accumulation_pj
     assert energy.total_pj == pytest.approx(parts)
 
 
 def test_dispatch_reads_attributes_not_specs() -> None:
-    """A stand-in with the contract's attributes costs the same as the zoo's object."""
     stand_in = SimpleNamespace(family="fp", bits=8, exp_bits=4, man_bits=3, spec="whatever")
     assert mac_energy(stand_in, stand_in, C) == mac_energy(get("fp8_e4m3"), get("fp8_e4m3"), C)
 
 
-def test_int8_mac_is_the_horowitz_multiply_plus_a_32_bit_accumulator() -> None:
-    energy = mac("int8")
+def test_scalar_int8_mac_is_the_horowitz_multiply_plus_a_32_bit_accumulator() -> None:
+    energy = mac("int8", vector_length=1)
     assert energy.multiply_pj == pytest.approx(0.2, rel=0.01)  # Horowitz 8b mult
     assert energy.conversion_pj == 0
     assert energy.accumulation_pj == pytest.approx(C.adder(32) + C.register(32))
+
+
+def test_fused_fp_mac_rounds_once_not_twice() -> None:
+    """A scalar FP32 MAC is the exact product plus one (wide) FP add, below Horowitz mult + add."""
+    fused = mac("fp32", vector_length=1).total_pj
+    unfused = C.fp_mul(8, 23) + C.fp_add(8, 23) + C.register(32)
+    core = C.multiplier(24, 24) + C.adder(9)
+    assert core + C.fp_add(8, 23) < fused < unfused
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "bf16", "fp16", "int8", "posit8", "mxfp8_e4m3"])
+def test_dot_product_unit_normalises_once_per_k(spec: str) -> None:
+    scalar, vector = mac(spec, vector_length=1), mac(spec, vector_length=16)
+    assert vector.total_pj < scalar.total_pj
+    if not spec.startswith("mx"):  # (MX adds its block scales once per group)
+        assert vector.multiply_pj == pytest.approx(scalar.multiply_pj)
+
+
+def test_group_work_is_charged_once_per_ceil_l_over_k() -> None:
+    datapath = datapath_for(get("fp8_e4m3"), get("fp8_e4m3"), C, DatapathParams(vector_length=16))
+    per_mac = datapath.per_mac(17)  # two groups for 17 products
+    expected = datapath.per_product.total_pj + 2 * datapath.per_group.total_pj / 17
+    assert per_mac.total_pj == pytest.approx(expected)
 
 
 @given(st.integers(8, 63))
@@ -52,32 +86,22 @@ def test_wider_integer_accumulators_cost_more(width: int) -> None:
     assert narrow.multiply_pj == wide.multiply_pj
 
 
-def test_fp_accumulator_format_matters() -> None:
-    fp32, fp16 = mac("fp8_e4m3"), mac("fp8_e4m3", accumulator="fp16")
-    wide_int = mac("fp8_e4m3", accumulator="int32")
-    assert fp16.accumulation_pj < fp32.accumulation_pj
-    assert wide_int.conversion_pj > 0  # the product is shifted into the integer accumulator
-    assert mac("fp8_e4m3").total_pj > mac("int8").total_pj
+@pytest.mark.parametrize("k", [1, 16])
+def test_fp_accumulator_format_matters(k: int) -> None:
+    fp32, fp16 = mac("fp8_e4m3", vector_length=k), mac("fp8_e4m3", vector_length=k, accumulator="fp16")
+    assert fp16.total_pj < fp32.total_pj
+    assert mac("fp8_e4m3", accumulator="int48").conversion_pj > 0  # shifted into a Kulisch accumulator
+    assert mac("fp8_e4m3", vector_length=k).total_pj > mac("int8", vector_length=k).total_pj
 
 
-@settings(max_examples=30)
-@given(st.integers(1, 4096), st.integers(1, 4096))
-def test_lns_madam_amortisation_decreases_with_k(k1: int, k2: int) -> None:
-    lo, hi = sorted((k1, k2))
-    short, long_ = mac("lns8", lo), mac("lns8", hi)
-    assert long_.total_pj <= short.total_pj
-    assert long_.multiply_pj == short.multiply_pj
-
-
-def test_lns_madam_tends_to_its_per_product_cost_and_direct_ignores_k() -> None:
-    datapath = datapath_for(get("lns8"), get("lns8"), C)
-    assert datapath.per_output.total_pj > 0
-    assert mac("lns8", 1e9).total_pj == pytest.approx(datapath.per_product.total_pj, rel=1e-6)
-    assert mac("lns8", 16, lns_datapath="direct") == mac("lns8", 4096, lns_datapath="direct")
-    # the bucketed design only pays off for long enough reductions
-    for k, madam_wins in ((4, False), (4096, True)):
-        madam, direct = mac("lns8", k, lns_datapath="madam"), mac("lns8", k, lns_datapath="direct")
-        assert (madam.total_pj < direct.total_pj) == madam_wins
+def test_lns_madam_amortises_over_k_and_charges_its_partial_sums() -> None:
+    short, long_ = mac("lns8", vector_length=4), mac("lns8", vector_length=64)
+    assert long_.total_pj < short.total_pj
+    datapath = datapath_for(get("lns8"), get("lns8"), C, DatapathParams(vector_length=16))
+    buckets = 8  # gamma = 8: one partial sum per remainder
+    assert datapath.per_group.accumulation_pj > buckets * C.register(24)
+    # the reduction length no longer amortises the conversion: K does
+    assert mac("lns8", 64, vector_length=16) == pytest.approx(mac("lns8", 4096, vector_length=16))
 
 
 def test_mitchell_approximation_removes_the_lookup() -> None:
@@ -87,7 +111,7 @@ def test_mitchell_approximation_removes_the_lookup() -> None:
     assert mitchell.multiply_pj == lut.multiply_pj
     hybrid = datapath_for(get("lns8"), get("lns8"), C, DatapathParams(lns_mitchell_bits=1))
     exact = datapath_for(get("lns8"), get("lns8"), C)
-    assert hybrid.per_output.conversion_pj < exact.per_output.conversion_pj  # 4 buckets instead of 8
+    assert hybrid.per_group.conversion_pj < exact.per_group.conversion_pj  # 4 buckets instead of 8
 
 
 def test_lns_multiply_is_an_integer_add() -> None:
@@ -97,33 +121,77 @@ def test_lns_multiply_is_an_integer_add() -> None:
 def test_posit_decode_and_quire() -> None:
     per_mac = mac("posit8")
     shared = mac("posit8", posit_decode_reuse=16)
-    assert shared.conversion_pj == pytest.approx(per_mac.conversion_pj / 16)
+    assert per_mac.conversion_pj - shared.conversion_pj > 0
     quire = datapath_for(get("posit8"), get("posit8"), C, DatapathParams(accumulator="quire"))
     assert quire.accumulator.bits == 128  # 16 n bits, Posit Standard 2022
+    assert mac("posit8", accumulator="quire").total_pj != pytest.approx(mac("posit8").total_pj)
     assert mac("posit16").total_pj > mac("fp16").total_pj  # decode + a wider core than IEEE's
 
 
-def test_mx_alignment_width_and_block_amortisation() -> None:
+def test_mx_sums_its_blocks_exactly_by_default() -> None:
+    element = get("fp8_e4m3")
+    assert exact_product_bits(SimpleNamespace(family="fp", exp_bits=4, man_bits=3, bits=8)) == 34  # type: ignore
+    assert mac("mxfp8_e4m3") == mac("mxfp8_e4m3", alignment_bits=34)
     narrow, wide = mac("mxfp8_e4m3", alignment_bits=16), mac("mxfp8_e4m3", alignment_bits=36)
     assert narrow.total_pj < wide.total_pj
-    assert mac("mxint8").conversion_pj < mac("mxfp8_e4m3").conversion_pj  # integer elements need no alignment
-    assert mac("mxfp8_e4m3").total_pj < mac("fp8_e4m3").total_pj  # one FP32 accumulate per 32 products
+    assert mac("mxint8").total_pj < mac("mxfp8_e4m3").total_pj  # Chen et al. 2025's direction
+    assert element.bits == 8
 
 
-def test_mixed_operands() -> None:
-    e4m3_e5m2 = mac_energy(get("fp8_e4m3"), get("fp8_e5m2"), C)
-    assert e4m3_e5m2.total_pj > 0
-    with pytest.raises(InputError, match="different families"):
+def test_int_times_fp_converts_the_int_operand_per_element() -> None:
+    datapath = datapath_for(get("int4"), get("fp8_e4m3"), C)
+    assert datapath.a_convert_pj > 0 and datapath.b_convert_pj == 0
+    assert datapath.name == "fp"
+    with pytest.raises(InputError, match="no datapath for lns x int"):
         mac_energy(get("lns8"), get("int8"), C)
+
+
+def test_bad_datapath_choices() -> None:
     with pytest.raises(InputError, match="integer accumulator"):
         mac("lns8", accumulator="fp32")
     with pytest.raises(InputError, match="quire"):
         mac("int8", accumulator="quire")
+    with pytest.raises(InputError, match="vector_length"):
+        DatapathParams(vector_length=0)
 
 
-def test_conversions() -> None:
+def test_conversions_and_rounding_modes() -> None:
     assert conversion_energy(get("fp8_e4m3"), get("fp8_e4m3"), C) == 0
     int32 = SimpleNamespace(family="int", bits=32, spec="int32")
     assert conversion_energy(int32, get("int8"), C) > 0
-    to_posit = conversion_energy(get("fp32"), get("posit8"), C)
-    assert to_posit > conversion_energy(get("fp32"), get("fp8_e4m3"), C)
+    to_fp8 = conversion_energy(get("fp32"), get("fp8_e4m3"), C)
+    assert conversion_energy(get("fp32"), get("posit8"), C) > to_fp8
+    costs = {mode: conversion_energy(get("fp32"), get("fp8_e4m3"), C, rounding=mode)
+             for mode in ("toward_zero", "nearest", "pseudo_stochastic", "stochastic", "stochastic(4)")}
+    assert costs["toward_zero"] < costs["nearest"] < costs["stochastic"]
+    assert costs["stochastic(4)"] < costs["stochastic"]  # fewer random bits than the 20 discarded ones
+    with pytest.raises(InputError, match="unknown rounding 'roundish'"):
+        Rounding.parse("roundish")
+
+
+def test_a_new_family_plugs_in() -> None:
+    class Bfp(FpHardware):
+        default_accumulator = "fp16"
+
+    register_family("test-bfp", Bfp(), replace=True)
+    try:
+        fmt = SimpleNamespace(family="test-bfp", bits=8, exp_bits=4, man_bits=3, spec="bfp8")
+        assert datapath_for(fmt, fmt, C).accumulator.spec == "fp16"
+    finally:
+        del FAMILY_HARDWARE["test-bfp"]
+
+
+def test_area_follows_the_same_circuit_and_scales_with_k() -> None:
+    area = MODEL.area
+    assert area is not None and area.unit == "um^2"
+    # the scalar int8 MAC's multiplier is Horowitz's 8b mult area
+    assert area.multiplier(8, 8) == pytest.approx(282, rel=0.05)
+    one = datapath_area_um2(get("int8"), get("int8"), area, DatapathParams(vector_length=1))
+    sixteen = datapath_area_um2(get("int8"), get("int8"), area, DatapathParams(vector_length=16))
+    assert 8 * one < sixteen < 16 * one
+    bf16 = datapath_area_um2(get("bf16"), get("bf16"), area)
+    assert datapath_area_um2(get("fp32"), get("fp32"), area) > bf16
+    seven = build_model("7nm").area
+    assert seven is not None
+    assert seven.multiplier(8, 8) == pytest.approx(0.059 * area.multiplier(8, 8))
+    assert build_model("65nm", node_scaling="stillmaker").area is None  # no published 65 nm area factor

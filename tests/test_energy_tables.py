@@ -75,12 +75,12 @@ source:
   cite: my synthesis
   node_nm: 28
 entries:
-  - {op: int_add, bits: 8, energy_pj: 0.02, where: syn, verified: user}
-  - {op: int_add, bits: 32, energy_pj: 0.07, where: syn, verified: user}
-  - {op: int_mul, bits: 8, energy_pj: 0.12, where: syn, verified: user}
-  - {op: int_mul, bits: 16, energy_pj: 0.45, where: syn, verified: user}
-  - {op: fp_add, exp_bits: 8, man_bits: 23, energy_pj: 0.5, where: syn, verified: user}
-  - {op: fp_mul, exp_bits: 8, man_bits: 23, energy_pj: 2.0, where: syn, verified: user}
+  - {op: int_add, bits: 8, energy_pj: 0.02, area_um2: 20, where: syn, verified: user}
+  - {op: int_add, bits: 32, energy_pj: 0.07, area_um2: 75, where: syn, verified: user}
+  - {op: int_mul, bits: 8, energy_pj: 0.12, area_um2: 150, where: syn, verified: user}
+  - {op: int_mul, bits: 16, energy_pj: 0.45, area_um2: 560, where: syn, verified: user}
+  - {op: fp_add, exp_bits: 8, man_bits: 23, energy_pj: 0.5, area_um2: 2000, where: syn, verified: user}
+  - {op: fp_mul, exp_bits: 8, man_bits: 23, energy_pj: 2.0, area_um2: 4000, where: syn, verified: user}
 """
 
 
@@ -89,6 +89,8 @@ entries:
     ("energy_pj: 0.45, ", "", 9, "energy_pj"),
     ("energy_pj: 0.5", "energy_pj: abc", 10, "valid number"),
     ("op: fp_mul", "op: fp_div", 11, "fp_div"),
+    ("area_um2: 150", "area_um2: -150", 8, "greater than or equal to 0"),
+    ("area_um2: 560, ", "", 9, "needs a positive area_um2"),
     ("node_nm: 28", "node_nm: 28\n  node_nm: 32", 5, "duplicate key"),
     ("  - {op: int_add, bits: 8,", "  - {op: int_add bits: 8,", 6, "YAML"),
 ])
@@ -117,6 +119,16 @@ def test_user_table_recalibrates_at_its_own_node(tmp_path: Path) -> None:
     assert model.components.multiplier(8, 8) == pytest.approx(0.12, rel=0.05)
     assert model.components.fp_mul(8, 23) == pytest.approx(2.0, rel=0.05)
     assert build_model("45nm").components.multiplier(8, 8) == pytest.approx(0.2)
+    assert model.area is not None and model.area.multiplier(8, 8) == pytest.approx(150, rel=0.05)
+
+
+def test_the_7nm_calibration_reproduces_jouppi_et_al() -> None:
+    """The 7 nm fit reproduces Jouppi et al.'s Table 2 as the 45 nm one does Horowitz (within 16 %)."""
+    table = load_tables()["jouppi2021"]
+    frame = reproduction(build_model("7nm"), table)
+    compute = frame[frame["op"].isin(["int_add", "int_mul", "fp_add", "fp_mul"])]
+    assert len(compute) == 10
+    assert (compute["residual"].abs() < 0.16).all(), compute
 
 
 def test_tables_directory_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,15 +11,19 @@ Pure arithmetic over operation counts and tables (no torch.nn). Typical use:
 from dse.energy.compare import compare_formats
 from dse.energy.components import Components, calibrate
 from dse.energy.datapaths import (
-    DEFAULT_ACCUMULATORS,
+    FAMILY_HARDWARE,
     Accumulator,
     Datapath,
     DatapathParams,
+    FamilyHardware,
+    Rounding,
     UnitEnergy,
     conversion_energy,
+    datapath_area_um2,
     datapath_for,
     mac_energy,
     operand,
+    register_family,
 )
 from dse.energy.iteration import (
     TrainingFormats,
@@ -30,15 +34,17 @@ from dse.energy.iteration import (
     top_layers,
     unit_totals,
 )
-from dse.energy.model import EnergyModel, MemoryParams, build_model, reproduction
+from dse.energy.model import NODE_SCALINGS, SCOPES, EnergyModel, MemoryParams, build_model, reproduction
 from dse.energy.tables import EnergyTable, load_table, load_tables, tables_dir
 from dse.energy.technology import parse_node
 from models.workloads import GemmLayer, Workload, get_workload, register_workload, workload_names
 
 __all__ = [
-    "DEFAULT_ACCUMULATORS", "Accumulator", "Components", "Datapath", "DatapathParams", "EnergyModel",
-    "EnergyTable", "GemmLayer", "MemoryParams", "TrainingFormats", "UnitEnergy", "Workload", "build_model",
-    "calibrate", "compare_formats", "conversion_energy", "datapath_for", "get_workload", "iteration_energy",
+    "FAMILY_HARDWARE", "NODE_SCALINGS", "SCOPES", "Accumulator", "Components", "Datapath", "DatapathParams",
+    "EnergyModel", "EnergyTable", "FamilyHardware", "GemmLayer", "MemoryParams", "Rounding",
+    "TrainingFormats",
+    "UnitEnergy", "Workload", "build_model", "calibrate", "compare_formats", "conversion_energy",
+    "datapath_area_um2", "datapath_for", "get_workload", "iteration_energy", "register_family",
     "load_table", "load_tables", "mac_energy", "operand", "parse_node", "per_mac", "register_workload",
     "pass_unit_table", "reproduction", "summarize", "tables_dir", "top_layers", "unit_totals",
     "workload_names",

@@ -1,9 +1,15 @@
 """Each number format's dot-product datapath, built from the primitive units of `components.py`.
 
-A datapath costs `per_product` energy for every multiply-accumulate and `per_output` energy once per
-dot product (amortised over the reduction length K), each split into multiply, conversion and
-accumulation. Dispatch is on the format's attributes (`family`, `bits`, `exp_bits`, `man_bits`, `es`,
-`gamma`, `element`, `block_size`, `scale_bits`), never on spec strings. `conversion_energy` prices
+Products are exact and go straight into the accumulation (fused: normalisation and rounding are paid
+once, where they happen). A dot-product unit of vector length K sums K products as integers after
+aligning them to their largest exponent and normalises once per K; K = 1 is a scalar fused MAC. A
+datapath costs `per_product` energy for every MAC, `per_group` once per K products and `per_output`
+once per dot product, each split into multiply, conversion and accumulation.
+
+Each family has a hardware description (`FamilyHardware`: how to read its operands, build its unit,
+unpack and pack its values) registered by family name; dispatch is on the format's attributes
+(`family`, `bits`, `exp_bits`, `man_bits`, `es`, `gamma`, `element`, `block_size`, `scale_bits`),
+never on spec strings. `conversion_energy` prices
 turning one representation into another (an accumulator into the storage format of the output, a
 weight gradient into the optimizer's format, ...), by unpacking to sign/exponent/significand and
 packing again.
@@ -13,18 +19,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
 
 from dse.energy.components import Components, clog2
 from dse.errors import InputError
-
-FAMILIES = ("fp", "int", "fixed", "posit", "lns", "mx")
-
-# Accumulator used when none is given, by operand family (docs/energy-model.md, "defaults").
-DEFAULT_ACCUMULATORS: dict[str, str] = {
-    "int": "int32", "fixed": "int32", "fp": "fp32", "posit": "fp32", "lns": "int24", "mx": "fp32",
-}
 
 
 @dataclass(frozen=True)
@@ -96,30 +95,496 @@ class Operand:
         return float(self.bits)
 
 
+# --- rounding -------------------------------------------------------------------------------------
+
+ROUNDING_MODES = ("nearest", "toward_zero", "stochastic", "pseudo_stochastic")
+_STOCHASTIC_K = re.compile(r"^\s*stochastic\s*\(\s*(\d+)\s*\)\s*$")
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How a value is rounded into a format: the mode, and for stochastic rounding its random bits.
+
+    `random_bits` None means one random bit per discarded bit (dse's own stochastic rounding draws a
+    full-precision uniform number); `stochastic(k)` fixes k.
+    """
+
+    mode: str = "nearest"
+    random_bits: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str | Rounding | None) -> Rounding:
+        if spec is None:
+            return cls()
+        if isinstance(spec, Rounding):
+            return spec
+        text = str(spec).strip().lower()
+        match = _STOCHASTIC_K.match(text)
+        if match:
+            bits = int(match.group(1))
+            if not 1 <= bits <= 64:
+                raise InputError(f"rounding {spec!r}: stochastic(k) needs 1 <= k <= 64")
+            return cls("stochastic", bits)
+        if text not in ROUNDING_MODES:
+            raise InputError(f"unknown rounding {spec!r} (known: {', '.join(ROUNDING_MODES)}, stochastic(k))")
+        return cls(text)
+
+    def energy(self, c: Components, kept_bits: int, dropped_bits: int) -> float:
+        """Deciding the last kept bit and applying it; stochastic rounding pays for its random bits
+        (a leap-forward LFSR: one flop and one feedback gate per bit) and their addition to the dropped
+        bits."""
+        dropped = max(dropped_bits, 0)
+        if dropped == 0:
+            return 0.0
+        if self.mode == "toward_zero":
+            return 0.0
+        if self.mode == "nearest":  # round bit, sticky OR of the rest, increment
+            return c.gates(dropped) + c.incrementer(kept_bits)
+        if self.mode == "pseudo_stochastic":  # NITI: top half of the dropped bits vs the bottom half
+            return c.comparator(max(dropped // 2, 1)) + c.incrementer(kept_bits)
+        k = self.random_bits if self.random_bits is not None else dropped
+        return c.register(k) + c.gates(k) + c.adder(min(k, dropped)) + c.incrementer(kept_bits)
+
+
+# --- parameters ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatapathParams:
+    """Datapath choices that can change a ranking; defaults are documented in docs/energy-model.md."""
+
+    accumulator: str | None = None
+    """Accumulator spec; None uses the family's default accumulator."""
+    vector_length: int = 16
+    """K of the dot-product unit: K products are summed exactly (aligned to their largest exponent, added
+    as integers) and normalised/accumulated once per K. 1 is a scalar fused MAC."""
+    lns_datapath: Literal["madam", "direct"] = "madam"
+    """LNS: 'madam' sums per-remainder partial sums and applies 2^(r/gamma) once per K products;
+    'direct' converts every product (LUT/Mitchell, then shift) into one integer accumulator."""
+    lns_mitchell_bits: int = 0
+    """LNS: low remainder bits approximated by Mitchell's 2^x ~ 1 + x instead of a LUT/bucket."""
+    lns_lut_bits: int | None = None
+    """LNS: width of the 2^(r/gamma) constants; None means log2(gamma) + 3."""
+    alignment_bits: int | None = None
+    """Width products are aligned to in a dot-product unit with FP products. None: MX blocks sum their
+    products exactly (the exact dot-product design of Desrentes et al. 2023); other FP dot-product units
+    keep the accumulator's significand plus 3 bits (capped at the exact width)."""
+    posit_decode_reuse: float = 1.0
+    """Posit: products that share one decoded operand (1 = decode both operands at every MAC)."""
+
+    def __post_init__(self) -> None:
+        if self.lns_datapath not in ("madam", "direct"):
+            raise InputError(f"lns_datapath must be 'madam' or 'direct', got {self.lns_datapath!r}")
+        if isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int) \
+                or self.vector_length < 1:
+            raise InputError(f"vector_length must be an integer >= 1, got {self.vector_length!r}")
+        if self.lns_mitchell_bits < 0:
+            raise InputError("lns_mitchell_bits must be >= 0")
+        if self.alignment_bits is not None and not 4 <= self.alignment_bits <= 256:
+            raise InputError("alignment_bits must be in 4..256")
+        if self.lns_lut_bits is not None and not 1 <= self.lns_lut_bits <= 32:
+            raise InputError("lns_lut_bits must be in 1..32")
+        if not self.posit_decode_reuse >= 1:
+            raise InputError("posit_decode_reuse must be >= 1")
+
+
+@dataclass(frozen=True)
+class Datapath:
+    """One format pair's dot-product unit.
+
+    Energies: `per_product` for every multiply-accumulate, `per_group` once per `group_size` products
+    of one dot product (normalisation, accumulation into the accumulator, LNS conversion), `per_output`
+    once per dot product. `a_convert_pj` / `b_convert_pj`: per element of an operand converted before it
+    enters the unit (the int operand of an int x fp GEMM). Called with area components the same
+    description gives the unit's area: `group_size` product lanes plus one group and one output stage.
+    """
+
+    name: str
+    accumulator: Accumulator
+    per_product: UnitEnergy
+    per_group: UnitEnergy = field(default_factory=UnitEnergy)
+    group_size: int = 1
+    per_output: UnitEnergy = field(default_factory=UnitEnergy)
+    a_convert_pj: float = 0.0
+    b_convert_pj: float = 0.0
+
+    def groups_per_output(self, reduction_length: float) -> float:
+        return math.ceil(reduction_length / self.group_size)
+
+    def per_mac(self, reduction_length: float) -> UnitEnergy:
+        """Energy per MAC for dot products of length L: group work once per ceil(L / K), output work once."""
+        if not reduction_length >= 1:
+            raise InputError(f"reduction length must be >= 1, got {reduction_length}")
+        groups = self.groups_per_output(reduction_length)
+        return (self.per_product + self.per_group * (groups / reduction_length)
+                + self.per_output * (1.0 / reduction_length))
+
+    @property
+    def unit_total(self) -> float:
+        """As an area: the whole unit (every lane, one group stage, one output stage)."""
+        lanes = self.group_size * self.per_product.total_pj
+        return lanes + self.per_group.total_pj + self.per_output.total_pj
+
+
+# --- the shared building blocks --------------------------------------------------------------------
+
+def posit_decode(c: Components, bits: int, es: int) -> float:
+    """Two's complement, leading-zero/one count of the regime, regime shift, scale assembly."""
+    return (c.gates(bits) + c.incrementer(bits) + c.lzc(bits - 1)
+            + c.shifter(bits - 1, bits - 1, clog2(bits - 1)) + c.adder(clog2(bits) + es + 1))
+
+
+def posit_encode(c: Components, bits: int, es: int) -> float:
+    """Regime/exponent shift into place, round, two's complement."""
+    return c.shifter(bits - 1, bits - 1, clog2(bits - 1)) + 2 * c.incrementer(bits) + c.gates(bits)
+
+
+def exact_product_bits(fmt: Operand) -> int:
+    """Bits that hold every product of two such values exactly: from the smallest subnormal product to
+    the largest normal one (FP-like operands), or a + b bits (integers)."""
+    if fmt.family in ("int", "fixed"):
+        return 2 * fmt.bits
+    if fmt.family == "posit":
+        return 4 * (fmt.bits - 2) * (1 << fmt.es) + 2
+    bias = (1 << (fmt.exp_bits - 1)) - 1
+    e_max = (1 << fmt.exp_bits) - 2 - bias
+    e_min = 1 - bias
+    return 2 * (e_max - e_min + 1 + fmt.man_bits)
+
+
+def _product_core(c: Components, a_sig: int, b_sig: int, exp_bits: int) -> float:
+    """The exact product: significand array, exponent add, sign."""
+    if exp_bits <= 0:
+        return c.multiplier(a_sig, b_sig)
+    return c.multiplier(a_sig, b_sig) + c.adder(exp_bits + 1) + c.gates(1)
+
+
+def _accumulate_int(c: Components, acc: Accumulator, product_bits: int, exp_bits: int,
+                    k: int) -> tuple[UnitEnergy, UnitEnergy]:
+    """(per product, per group) of summing products into an integer accumulator (Kulisch/quire for FP).
+
+    FP products are shifted into fixed point first. K = 1 adds every product into the register; K > 1
+    adds K products in a tree and the tree's sum into the register once.
+    """
+    shift = 0.0
+    width = product_bits
+    if exp_bits > 0:
+        stages = min(clog2(acc.bits), exp_bits + 1)
+        shift = c.shifter(product_bits, acc.bits, stages) + c.gates(product_bits)
+        width = acc.bits
+    into = c.adder(acc.bits) + c.register(acc.bits)
+    if k == 1:
+        return UnitEnergy(0.0, shift, into), UnitEnergy()
+    tree = c.adder(min(width + clog2(k), acc.bits))  # a K-input tree: K - 1 adders, about one per product
+    return UnitEnergy(0.0, shift, tree), UnitEnergy(0.0, 0.0, into)
+
+
+def _accumulate_fp(c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+    """(per product, per group) of summing exact products into an FP accumulator.
+
+    K = 1 is a fused multiply-add: the unrounded product (product_bits) is aligned to the accumulator,
+    added, normalised and rounded once. K > 1 is a dot-product unit: the K products' exponents meet in a
+    max tree, each product is shifted to `align_bits` below the largest, an integer tree adds them, and
+    the sum is normalised and added into the accumulator once.
+    """
+    acc_exp, acc_man = acc.exp_bits, acc.man_bits
+    if k == 1:
+        fused = c.fp_add(acc_exp, acc_man, product_bits) + c.register(acc.bits)
+        convert = c.lzc(product_bits) if exp_bits <= 0 else 0.0  # an integer product is normalised first
+        return UnitEnergy(0.0, convert, fused), UnitEnergy()
+    tree_bits = align_bits + clog2(k)
+    if exp_bits > 0:
+        align = (c.comparator(exp_bits + 1) + c.adder(exp_bits + 1)
+                 + c.shifter(product_bits, align_bits, clog2(align_bits)) + c.gates(product_bits))
+    else:
+        align = 0.0
+    per_product = UnitEnergy(0.0, align, c.adder(tree_bits))
+    normalise = c.lzc(tree_bits) + c.shifter(tree_bits, acc_man + 4, clog2(tree_bits))
+    per_group = UnitEnergy(0.0, normalise, c.fp_add(acc_exp, acc_man) + c.register(acc.bits))
+    return per_product, per_group
+
+
+def _accumulate_posit(c: Components, acc: Accumulator, product_bits: int, k: int,
+                      align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+    """A posit running sum: decoded and re-encoded around every FP-style addition into it."""
+    acc_op = acc.as_operand()
+    as_fp = Accumulator("fp", acc.bits, exp_bits=acc_op.scale_range_bits, man_bits=acc_op.sig_bits - 1)
+    per_product, per_group = _accumulate_fp(c, as_fp, product_bits, 1, k, align_bits)
+    recode = UnitEnergy(0.0, posit_decode(c, acc.bits, acc.es) + posit_encode(c, acc.bits, acc.es))
+    if k == 1:
+        return per_product + recode, per_group
+    return per_product, per_group + recode
+
+
+def _significand_datapath(c: Components, name: str, a: Operand, b: Operand, acc: Accumulator,
+                          params: DatapathParams, exp_bits: int, k: int, align_default: int,
+                          extra_product: UnitEnergy | None = None,
+                          extra_group: UnitEnergy | None = None) -> Datapath:
+    """Any datapath whose products are (sign, exponent, integer significand): int, fp, posit, MX."""
+    a_sig, b_sig = a.sig_bits, b.sig_bits
+    product_bits = a_sig + b_sig
+    multiply = UnitEnergy(multiply_pj=_product_core(c, a_sig, b_sig, exp_bits))
+    align = params.alignment_bits if params.alignment_bits is not None else align_default
+    if acc.kind == "int":
+        per_product, per_group = _accumulate_int(c, acc, product_bits, exp_bits, k)
+    elif acc.kind == "fp":
+        per_product, per_group = _accumulate_fp(c, acc, product_bits, exp_bits, k, align)
+    else:
+        per_product, per_group = _accumulate_posit(c, acc, product_bits, k, align)
+    per_product = multiply + per_product + (extra_product or UnitEnergy())
+    per_group = per_group + (extra_group or UnitEnergy())
+    return Datapath(name, acc, per_product, per_group, k)
+
+
+def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
+    """Tensor-core style: keep the accumulator's significand plus guard bits, never more than exact."""
+    exact = max(exact_product_bits(a), exact_product_bits(b))
+    keep = (acc.man_bits + 1 + 3) if acc.kind == "fp" else acc.bits
+    return max(min(exact, keep), a.sig_bits + b.sig_bits)
+
+
+# --- one hardware description per family ------------------------------------------------------------
+
+class FamilyHardware(Protocol):
+    """What the energy model needs of a number-format family (register new ones with register_family).
+
+    `operand` reads a format object's attributes into an Operand; `datapath` builds the dot-product unit
+    of two operands of this family; `unpack` is the energy to reach sign / exponent / normalised
+    significand (and that significand's width); `pack` the energy to round such a significand into the
+    format. Each returns pJ (or um^2 when given area components).
+    """
+
+    default_accumulator: str
+
+    def operand(self, fmt: Any, spec: str) -> Operand: ...
+
+    def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
+                 params: DatapathParams) -> Datapath: ...
+
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]: ...
+
+    def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
+             rounding: Rounding) -> float: ...
+
+
+class IntHardware:
+    default_accumulator = "int32"
+
+    def operand(self, fmt: Any, spec: str) -> Operand:
+        return Operand(str(fmt.family), int(fmt.bits), spec=spec)
+
+    def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
+                 params: DatapathParams) -> Datapath:
+        return _significand_datapath(c, "int", a, b, acc, params, 0, params.vector_length, a.bits + b.bits)
+
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
+        return c.lzc(src.bits) + c.shifter(src.bits, src.bits, clog2(src.bits)), src.bits
+
+    def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
+             rounding: Rounding) -> float:
+        return (c.shifter(sig_bits, dst.bits, clog2(max(sig_bits, dst.bits))) + c.comparator(dst.bits)
+                + rounding.energy(c, dst.bits, max(sig_bits - dst.bits, 1)))
+
+
+class FpHardware:
+    default_accumulator = "fp32"
+
+    def operand(self, fmt: Any, spec: str) -> Operand:
+        return Operand(str(fmt.family), int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits),
+                       spec=spec)
+
+    def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
+                 params: DatapathParams) -> Datapath:
+        exp_bits = max(a.exp_bits, b.exp_bits)
+        return _significand_datapath(c, "fp", a, b, acc, params, exp_bits, params.vector_length,
+                                     _fp_align_default(a, b, acc))
+
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
+        return 0.0, src.sig_bits
+
+    def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
+             rounding: Rounding) -> float:
+        return (c.adder(dst.exp_bits + 1) + c.comparator(dst.exp_bits + 1)
+                + rounding.energy(c, dst.sig_bits, sig_bits - dst.sig_bits))
+
+
+class PositHardware:
+    default_accumulator = "fp32"
+
+    def operand(self, fmt: Any, spec: str) -> Operand:
+        return Operand("posit", int(fmt.bits), es=int(fmt.es), spec=spec)
+
+    def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
+                 params: DatapathParams) -> Datapath:
+        decode = (posit_decode(c, a.bits, a.es) + posit_decode(c, b.bits, b.es)) / params.posit_decode_reuse
+        exp_bits = max(a.scale_range_bits, b.scale_range_bits)
+        return _significand_datapath(c, "posit", a, b, acc, params, exp_bits, params.vector_length,
+                                     _fp_align_default(a, b, acc), extra_product=UnitEnergy(0.0, decode))
+
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
+        return posit_decode(c, src.bits, src.es), src.sig_bits
+
+    def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
+             rounding: Rounding) -> float:
+        return posit_encode(c, dst.bits, dst.es) + rounding.energy(c, 0, sig_bits - dst.sig_bits)
+
+
+class LnsHardware:
+    default_accumulator = "int24"
+
+    def operand(self, fmt: Any, spec: str) -> Operand:
+        gamma = float(fmt.gamma)
+        frac = math.log2(gamma) if gamma >= 1 else -1.0
+        if frac < 0 or frac != int(frac):
+            raise InputError(f"format {spec!r}: gamma must be a power of two >= 1 for the energy model")
+        return Operand("lns", int(fmt.bits), log_frac_bits=int(frac), spec=spec)
+
+    @staticmethod
+    def lut_bits(fmt: Operand, params: DatapathParams) -> int:
+        return params.lns_lut_bits if params.lns_lut_bits is not None else fmt.log_frac_bits + 3
+
+    @staticmethod
+    def mitchell_bits(fmt: Operand, params: DatapathParams) -> int:
+        return min(params.lns_mitchell_bits, fmt.log_frac_bits)
+
+    def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
+                 params: DatapathParams) -> Datapath:
+        if acc.kind != "int":
+            raise InputError(f"LNS products are summed in an integer accumulator, not {acc.spec!r}")
+        k = params.vector_length
+        frac = max(a.log_frac_bits, b.log_frac_bits)
+        code_bits = max(a.bits, b.bits) - 1 + abs(a.log_frac_bits - b.log_frac_bits)
+        fmt = a if a.log_frac_bits >= b.log_frac_bits else b
+        width = acc.bits
+        quotient_bits = code_bits + 1 - frac  # integer part of the product code: the shift amount
+        lut_bits = self.lut_bits(fmt, params)
+        mitchell = self.mitchell_bits(fmt, params)
+        multiply = c.adder(code_bits) + c.gates(2)  # integer add of the log codes, sign XOR, zero flag
+        if params.lns_datapath == "direct":
+            if mitchell >= frac:  # 2^(r/gamma) ~ 1 + r/gamma: the remainder bits are the fraction
+                value_bits, lookup = frac + 1, 0.0
+            else:
+                value_bits, lookup = lut_bits, c.lut(2 ** (frac - mitchell), lut_bits)
+                if mitchell:
+                    lookup += c.multiplier(lut_bits, mitchell + 1)
+            convert = lookup + c.shifter(value_bits, width, quotient_bits) + c.gates(value_bits)
+            per_product, per_group = _accumulate_int(c, acc, width, 0, k)
+            return Datapath("lns-direct", acc, UnitEnergy(multiply, convert) + per_product, per_group, k)
+        # LNS-Madam: route each product to one of 2^(frac - mitchell) partial-sum registers by its
+        # remainder; once per K products multiply each partial sum by its constant 2^(r/gamma), add them
+        # up, add the result into the output accumulator and clear the partial sums.
+        buckets = 2 ** (frac - mitchell)
+        if mitchell:
+            route = c.gates(buckets) + c.shifter(mitchell + 1, width, quotient_bits)
+            into_bucket = c.adder(width) + c.register(width)
+        else:  # add a one-hot 1 << q: a decoder and an up/down incrementer
+            route = c.gates(buckets) + c.gates(width)
+            into_bucket = c.incrementer(width) + c.gates(width) + c.register(width)
+        per_product = UnitEnergy(multiply, route, into_bucket)
+        scaled_bits = width + lut_bits
+        # multiplying by a fixed constant is shift-and-add: about one adder per three constant bits
+        # (canonical signed digits average one non-zero digit in three)
+        constants = buckets * math.ceil(lut_bits / 3) * c.adder(scaled_bits) if buckets > 1 else 0.0
+        state = buckets * c.register(width)  # the partial sums are read and cleared once per group
+        per_group = UnitEnergy(0.0, constants, (buckets - 1) * c.adder(scaled_bits) + state
+                               + c.adder(scaled_bits) + c.register(scaled_bits))
+        output_acc = Accumulator("int", scaled_bits, spec=acc.spec)
+        return Datapath("lns-madam", output_acc, per_product, per_group, k)
+
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
+        lut_bits = self.lut_bits(src, params)
+        if self.mitchell_bits(src, params) >= src.log_frac_bits:
+            return 0.0, src.log_frac_bits + 1
+        return c.lut(2 ** src.log_frac_bits, lut_bits), lut_bits
+
+    def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
+             rounding: Rounding) -> float:
+        frac = dst.log_frac_bits
+        exact = frac - self.mitchell_bits(dst, params)
+        # the log of the significand: compare with the midpoints of the 2^(r/gamma) table
+        log = (2 ** exact - 1) * c.comparator(self.lut_bits(dst, params))
+        return (log + c.adder(dst.bits - 1) + c.comparator(dst.bits - 1)
+                + rounding.energy(c, 0, max(sig_bits - frac, 0)))
+
+
+class MxHardware:
+    """Block-scaled formats: an element format, `block_size` elements sharing a power-of-two scale."""
+
+    default_accumulator = "fp32"
+
+    def operand(self, fmt: Any, spec: str) -> Operand:
+        element = operand(fmt.element)
+        return Operand("mx", int(fmt.bits), element=element, block_size=int(fmt.block_size),
+                       scale_bits=int(fmt.scale_bits), spec=spec)
+
+    def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
+                 params: DatapathParams) -> Datapath:
+        ea, eb = a.element, b.element
+        assert ea is not None and eb is not None
+        # one normalisation per K products, and never across a block: the scale changes there
+        k = max(1, min(params.vector_length, a.block_size, b.block_size))
+        if ea.family == "fp" and eb.family == "fp":
+            exp_bits = max(ea.exp_bits, eb.exp_bits)
+            align = max(exact_product_bits(ea), exact_product_bits(eb))
+        elif ea.family in ("int", "fixed") and eb.family in ("int", "fixed"):
+            exp_bits, align = 0, ea.bits + eb.bits
+        else:
+            raise InputError(f"MX operands {a.spec!r} and {b.spec!r} mix FP and integer elements")
+        scale_add = UnitEnergy(multiply_pj=c.adder(max(a.scale_bits, b.scale_bits) + 1))
+        name = f"mx-{ea.family}"
+        return _significand_datapath(c, name, ea, eb, acc, params, exp_bits, k, align, extra_group=scale_add)
+
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
+        assert src.element is not None
+        energy, sig = hardware(src.element.family).unpack(c, src.element, params)
+        return energy + c.adder(src.scale_bits + 1), sig
+
+    def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
+             rounding: Rounding) -> float:
+        assert dst.element is not None
+        # a share of the block's amax tree and shared-exponent subtract, then the element itself
+        block = c.comparator(8) + c.adder(dst.scale_bits + 1) / dst.block_size
+        element_shift = c.shifter(sig_bits, dst.element.sig_bits, clog2(sig_bits))
+        return block + element_shift + hardware(dst.element.family).pack(c, dst.element, sig_bits, params,
+                                                                          rounding)
+
+
+FAMILY_HARDWARE: dict[str, FamilyHardware] = {}
+
+
+def register_family(family: str, description: FamilyHardware, replace: bool = False) -> None:
+    """Make the energy model price a format family (`fmt.family == family`)."""
+    if family in FAMILY_HARDWARE and not replace:
+        raise ValueError(f"family {family!r} already has a hardware description")
+    FAMILY_HARDWARE[family] = description
+
+
+for _family, _description in (("int", IntHardware()), ("fixed", IntHardware()), ("fp", FpHardware()),
+                              ("posit", PositHardware()), ("lns", LnsHardware()), ("mx", MxHardware())):
+    register_family(_family, _description)
+
+
+def hardware(family: str) -> FamilyHardware:
+    found = FAMILY_HARDWARE.get(family)
+    if found is None:
+        raise InputError(f"unknown family {family!r} for the energy model "
+                         f"(known: {', '.join(sorted(FAMILY_HARDWARE))})")
+    return found
+
+
 def operand(fmt: Any) -> Operand:
     """Read a NumberFormat (or anything with the same attributes) into an Operand."""
     if isinstance(fmt, Operand):
         return fmt
     family = getattr(fmt, "family", None)
     spec = str(getattr(fmt, "spec", fmt))
-    if family not in FAMILIES:
+    if family not in FAMILY_HARDWARE:
         raise InputError(f"format {spec!r}: unknown family {family!r} for the energy model")
-    bits = int(fmt.bits)
-    if family == "fp":
-        return Operand("fp", bits, exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits), spec=spec)
-    if family == "posit":
-        return Operand("posit", bits, es=int(fmt.es), spec=spec)
-    if family == "lns":
-        gamma = float(fmt.gamma)
-        frac = math.log2(gamma) if gamma >= 1 else -1.0
-        if frac < 0 or frac != int(frac):
-            raise InputError(f"format {spec!r}: gamma must be a power of two >= 1 for the energy model")
-        return Operand("lns", bits, log_frac_bits=int(frac), spec=spec)
-    if family == "mx":
-        element = operand(fmt.element)
-        return Operand("mx", bits, element=element, block_size=int(fmt.block_size),
-                       scale_bits=int(fmt.scale_bits), spec=spec)
-    return Operand(family, bits, spec=spec)
+    return FAMILY_HARDWARE[family].operand(fmt, spec)
+
+
+def default_accumulator(fmt: Operand) -> str:
+    return hardware(fmt.family).default_accumulator
 
 
 # --- accumulators --------------------------------------------------------------------------------
@@ -180,286 +645,72 @@ def _accumulator_from_format(fmt: Operand, spec: str) -> Accumulator:
     raise InputError(f"accumulator {spec!r}: must be an integer width, an fp or posit format, or 'quire'")
 
 
-# --- parameters ----------------------------------------------------------------------------------
+# --- a GEMM's datapath ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class DatapathParams:
-    """Datapath choices that can change a ranking; defaults are documented in docs/energy-model.md."""
-
-    accumulator: str | None = None
-    """Accumulator spec; None uses DEFAULT_ACCUMULATORS for the operand family."""
-    lns_datapath: Literal["madam", "direct"] = "madam"
-    """LNS: 'madam' sums per-remainder partial sums and applies 2^(r/gamma) once per output;
-    'direct' converts every product (LUT/Mitchell, then shift) into one integer accumulator."""
-    lns_mitchell_bits: int = 0
-    """LNS: low remainder bits approximated by Mitchell's 2^x ~ 1 + x instead of a LUT/bucket."""
-    lns_lut_bits: int | None = None
-    """LNS: width of the 2^(r/gamma) constants; None means log2(gamma) + 3."""
-    alignment_bits: int | None = None
-    """MX with FP elements: width products are aligned to before the block adder tree; None: 2p + 8."""
-    posit_decode_reuse: float = 1.0
-    """Posit: products that share one decoded operand (1 = decode both operands at every MAC)."""
-
-    def __post_init__(self) -> None:
-        if self.lns_datapath not in ("madam", "direct"):
-            raise InputError(f"lns_datapath must be 'madam' or 'direct', got {self.lns_datapath!r}")
-        if self.lns_mitchell_bits < 0:
-            raise InputError("lns_mitchell_bits must be >= 0")
-        if self.alignment_bits is not None and not 4 <= self.alignment_bits <= 256:
-            raise InputError("alignment_bits must be in 4..256")
-        if self.lns_lut_bits is not None and not 1 <= self.lns_lut_bits <= 32:
-            raise InputError("lns_lut_bits must be in 1..32")
-        if not self.posit_decode_reuse >= 1:
-            raise InputError("posit_decode_reuse must be >= 1")
+_INTEGER = ("int", "fixed")
 
 
-@dataclass(frozen=True)
-class Datapath:
-    """One format pair's dot-product unit: energy per product, and per output (once per dot product)."""
-
-    name: str
-    accumulator: Accumulator
-    per_product: UnitEnergy
-    per_output: UnitEnergy = field(default_factory=UnitEnergy)
-
-    def per_mac(self, reduction_length: float) -> UnitEnergy:
-        """Energy per MAC for dot products of length K: the per-output part amortised over K."""
-        if not reduction_length >= 1:
-            raise InputError(f"reduction length must be >= 1, got {reduction_length}")
-        return self.per_product + self.per_output * (1.0 / reduction_length)
-
-
-# --- posit decode / encode, LNS constants --------------------------------------------------------
-
-def posit_decode(c: Components, bits: int, es: int) -> float:
-    """Two's complement, leading-zero/one count of the regime, regime shift, scale assembly."""
-    return (c.gates(bits) + c.incrementer(bits) + c.lzc(bits - 1)
-            + c.shifter(bits - 1, bits - 1, clog2(bits - 1)) + c.adder(clog2(bits) + es + 1))
-
-
-def posit_encode(c: Components, bits: int, es: int) -> float:
-    """Regime/exponent shift into place, round, two's complement."""
-    return c.shifter(bits - 1, bits - 1, clog2(bits - 1)) + 2 * c.incrementer(bits) + c.gates(bits)
-
-
-def _lut_bits(fmt: Operand, params: DatapathParams) -> int:
-    return params.lns_lut_bits if params.lns_lut_bits is not None else fmt.log_frac_bits + 3
-
-
-def _mitchell_bits(fmt: Operand, params: DatapathParams) -> int:
-    return min(params.lns_mitchell_bits, fmt.log_frac_bits)
-
-
-# --- products into accumulators ------------------------------------------------------------------
-
-def _into_accumulator(c: Components, product_kind: str, sig_bits: int, exp_bits: int,
-                      acc: Accumulator) -> UnitEnergy:
-    """Conversion and accumulation of one product (integer of sig_bits, or FP) into `acc`."""
-    if acc.kind == "int":
-        if product_kind == "int":
-            conversion = 0.0
-        else:
-            stages = min(clog2(acc.bits), max(exp_bits, 1))
-            conversion = c.shifter(sig_bits, acc.bits, stages) + c.gates(sig_bits)
-        return UnitEnergy(0.0, conversion, c.adder(acc.bits) + c.register(acc.bits))
-    if acc.kind == "fp":
-        conversion = 0.0
-        if product_kind == "int":
-            conversion = c.lzc(sig_bits) + c.shifter(sig_bits, acc.man_bits + 1, clog2(sig_bits))
-        accumulate = c.fp_add(acc.exp_bits, acc.man_bits) + c.register(acc.bits)
-        return UnitEnergy(0.0, conversion, accumulate)
-    # posit accumulator: decode the running sum, FP add, encode it again
-    acc_op = acc.as_operand()
-    conversion = posit_decode(c, acc.bits, acc.es) + posit_encode(c, acc.bits, acc.es)
-    accumulate = c.fp_add(acc_op.scale_range_bits, acc_op.sig_bits - 1) + c.register(acc.bits)
-    return UnitEnergy(0.0, conversion, accumulate)
-
-
-# --- one datapath per family ---------------------------------------------------------------------
-
-def _int_datapath(c: Components, a: Operand, b: Operand, acc: Accumulator) -> Datapath:
-    product = UnitEnergy(multiply_pj=c.multiplier(a.bits, b.bits))
-    return Datapath("int", acc, product + _into_accumulator(c, "int", a.bits + b.bits, 0, acc))
-
-
-def _fp_datapath(c: Components, a: Operand, b: Operand, acc: Accumulator) -> Datapath:
-    exp_bits = max(a.exp_bits, b.exp_bits)
-    if acc.kind == "int":  # Kulisch-style: raw product, no rounding, shifted into a wide integer
-        multiply = c.multiplier(a.sig_bits, b.sig_bits) + c.adder(exp_bits + 1)
-    else:
-        multiply = c.fp_mul(exp_bits, a.man_bits, b.man_bits)
-    into = _into_accumulator(c, "fp", a.sig_bits + b.sig_bits, exp_bits + 1, acc)
-    return Datapath("fp", acc, UnitEnergy(multiply_pj=multiply) + into)
-
-
-def _posit_datapath(c: Components, a: Operand, b: Operand, acc: Accumulator,
-                    params: DatapathParams) -> Datapath:
-    decode = (posit_decode(c, a.bits, a.es) + posit_decode(c, b.bits, b.es)) / params.posit_decode_reuse
-    exp_bits = max(a.scale_range_bits, b.scale_range_bits)
-    if acc.kind == "int":  # quire: exact product shifted into a 16n-bit integer
-        multiply = c.multiplier(a.sig_bits, b.sig_bits) + c.adder(exp_bits + 1)
-    else:
-        multiply = c.fp_mul(exp_bits, a.sig_bits - 1, b.sig_bits - 1)
-    into = _into_accumulator(c, "fp", a.sig_bits + b.sig_bits, exp_bits + 1, acc)
-    return Datapath("posit", acc, UnitEnergy(multiply, decode) + into)
-
-
-def _lns_datapath(c: Components, a: Operand, b: Operand, acc: Accumulator,
-                  params: DatapathParams) -> Datapath:
-    if acc.kind != "int":
-        raise InputError(f"LNS products are summed in an integer accumulator, not {acc.spec!r}")
-    frac = max(a.log_frac_bits, b.log_frac_bits)
-    code_bits = max(a.bits, b.bits) - 1 + abs(a.log_frac_bits - b.log_frac_bits)
-    fmt = a if a.log_frac_bits >= b.log_frac_bits else b
-    width = acc.bits
-    quotient_bits = code_bits + 1 - frac  # integer part of the product code: the shift amount
-    lut_bits = _lut_bits(fmt, params)
-    mitchell = _mitchell_bits(fmt, params)
-    # Multiply: integer add of the two log codes, XOR of the signs, zero flag.
-    multiply = c.adder(code_bits) + c.gates(2)
-    if params.lns_datapath == "direct":
-        if mitchell >= frac:  # 2^(r/gamma) ~ 1 + r/gamma: the remainder bits are the fraction
-            value_bits = frac + 1
-            lookup = 0.0
-        else:
-            value_bits = lut_bits
-            lookup = c.lut(2 ** (frac - mitchell), lut_bits)
-            if mitchell:
-                lookup += c.multiplier(lut_bits, mitchell + 1)
-        conversion = lookup + c.shifter(value_bits, width, quotient_bits) + c.gates(value_bits)
-        per_product = UnitEnergy(multiply, conversion, c.adder(width) + c.register(width))
-        return Datapath("lns-direct", acc, per_product)
-    # LNS-Madam: route each product to one of 2^(frac - mitchell) partial sums by its remainder.
-    buckets = 2 ** (frac - mitchell)
-    if mitchell:
-        conversion = c.gates(buckets) + c.shifter(mitchell + 1, width, quotient_bits)
-        accumulate = c.adder(width) + c.register(width)
-    else:  # add a one-hot 1 << q: a decoder and an up/down incrementer
-        conversion = c.gates(buckets) + c.gates(width)
-        accumulate = c.incrementer(width) + c.gates(width) + c.register(width)
-    per_product = UnitEnergy(multiply, conversion, accumulate)
-    # Once per output: scale each partial sum by its constant 2^(r/gamma), then add them up.
-    scaled_bits = width + lut_bits
-    constants = (buckets * c.multiplier(width, lut_bits)) if buckets > 1 else 0.0
-    per_output = UnitEnergy(0.0, constants,
-                            (buckets - 1) * c.adder(scaled_bits) + c.register(scaled_bits))
-    return Datapath("lns-madam", Accumulator("int", scaled_bits if buckets > 1 else width, spec=acc.spec),
-                    per_product, per_output)
-
-
-def _mx_datapath(c: Components, a: Operand, b: Operand, acc: Accumulator, params: DatapathParams) -> Datapath:
-    ea, eb = a.element, b.element
-    assert ea is not None and eb is not None
-    k = min(a.block_size, b.block_size)
-    if ea.family == "fp" and eb.family == "fp":
-        p = max(ea.sig_bits, eb.sig_bits)
-        align = params.alignment_bits if params.alignment_bits is not None else 2 * p + 8
-        exp_bits = max(ea.exp_bits, eb.exp_bits) + 1
-        multiply = c.multiplier(ea.sig_bits, eb.sig_bits) + c.adder(exp_bits)
-        # block maximum of the product exponents (a comparator tree), shift amount, alignment
-        product_bits = ea.sig_bits + eb.sig_bits
-        conversion = (c.comparator(exp_bits) + c.adder(exp_bits)
-                      + c.shifter(product_bits, align, clog2(align)) + c.gates(product_bits))
-        tree_bits = align + clog2(k)
-    elif ea.family in ("int", "fixed") and eb.family in ("int", "fixed"):
-        multiply = c.multiplier(ea.bits, eb.bits)
-        conversion = 0.0
-        tree_bits = ea.bits + eb.bits + clog2(k)
-    else:
-        raise InputError(f"MX operands {a.spec!r} and {b.spec!r} mix FP and integer elements")
-    accumulate = c.adder(tree_bits)  # a k-input adder tree has k - 1 adders: about one per product
-    # Once per block: add the two E8M0 scales, normalise the block sum, accumulate it in `acc`.
-    scale_bits = max(a.scale_bits, b.scale_bits) + 1
-    block = UnitEnergy(multiply_pj=c.adder(scale_bits))
-    block = block + _into_accumulator(c, "int", tree_bits, scale_bits, acc)
-    per_product = UnitEnergy(multiply, conversion, accumulate) + block * (1.0 / k)
-    return Datapath(f"mx-{ea.family}", acc, per_product)
+def int_as_fp(fmt: Operand) -> Operand:
+    """The FP operand an integer converts to exactly (sign-magnitude significand, exponent for its shift)."""
+    return Operand("fp", fmt.bits + clog2(fmt.bits) + 1, exp_bits=clog2(fmt.bits) + 1, man_bits=fmt.bits - 2,
+                   spec=f"{fmt.spec} as fp")
 
 
 def datapath_for(a_fmt: Any, b_fmt: Any, components: Components,
                  params: DatapathParams | None = None) -> Datapath:
-    """The dot-product datapath for operands a (e.g. activations) and b (e.g. weights)."""
+    """The dot-product datapath for operands a (e.g. activations) and b (e.g. weights).
+
+    Operands of one family share their family's unit. An integer operand meeting an FP one is converted
+    to FP as it enters the unit (priced per element in `a_convert_pj` / `b_convert_pj`, not per MAC).
+    """
     params = params or DatapathParams()
     a, b = operand(a_fmt), operand(b_fmt)
-    group = {"int": "int", "fixed": "int"}
-    if group.get(a.family, a.family) != group.get(b.family, b.family):
-        raise InputError(f"cannot model a GEMM of {a.spec!r} x {b.spec!r}: operands of different families")
-    wider = a if a.bits >= b.bits else b
-    acc_spec = params.accumulator or DEFAULT_ACCUMULATORS[a.family]
-    acc = parse_accumulator(acc_spec, wider)
     c = components
-    if a.family in ("int", "fixed"):
-        return _int_datapath(c, a, b, acc)
-    if a.family == "fp":
-        return _fp_datapath(c, a, b, acc)
-    if a.family == "posit":
-        return _posit_datapath(c, a, b, acc, params)
-    if a.family == "lns":
-        return _lns_datapath(c, a, b, acc, params)
-    return _mx_datapath(c, a, b, acc, params)
+    a_convert = b_convert = 0.0
+    same = a.family == b.family or (a.family in _INTEGER and b.family in _INTEGER)
+    if not same:
+        if a.family in _INTEGER and b.family == "fp":
+            a_convert, a = conversion_energy(a, int_as_fp(a), c, params), int_as_fp(a)
+        elif b.family in _INTEGER and a.family == "fp":
+            b_convert, b = conversion_energy(b, int_as_fp(b), c, params), int_as_fp(b)
+        else:
+            raise InputError(f"cannot price a GEMM of {a.spec!r} x {b.spec!r}: no datapath for {a.family} x "
+                             f"{b.family} operands (an int x fp GEMM converts the int operand)")
+    wider = a if a.bits >= b.bits else b
+    acc = parse_accumulator(params.accumulator or default_accumulator(a), wider)
+    dp = hardware(a.family).datapath(c, a, b, acc, params)
+    return replace(dp, a_convert_pj=a_convert, b_convert_pj=b_convert)
 
 
 def mac_energy(a_fmt: Any, b_fmt: Any | None, components: Components, params: DatapathParams | None = None,
                reduction_length: float = 1024) -> UnitEnergy:
-    """Energy per MAC (multiply, conversion, accumulation) for dot products of length K."""
+    """Energy per MAC (multiply, conversion, accumulation) for dot products of length L."""
     datapath = datapath_for(a_fmt, a_fmt if b_fmt is None else b_fmt, components, params)
     return datapath.per_mac(reduction_length)
 
 
+def datapath_area_um2(a_fmt: Any, b_fmt: Any, area: Components,
+                      params: DatapathParams | None = None) -> float:
+    """Area of the dot-product unit: K product lanes, one group stage, one output stage (um^2)."""
+    return datapath_for(a_fmt, b_fmt, area, params).unit_total
+
+
 # --- conversions between representations ---------------------------------------------------------
 
-def _unpack(c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
-    """Energy to reach sign / exponent / normalised significand, and the significand width."""
-    if src.family in ("int", "fixed"):
-        return c.lzc(src.bits) + c.shifter(src.bits, src.bits, clog2(src.bits)), src.bits
-    if src.family == "fp":
-        return 0.0, src.sig_bits
-    if src.family == "posit":
-        return posit_decode(c, src.bits, src.es), src.sig_bits
-    if src.family == "lns":
-        lut_bits = _lut_bits(src, params)
-        if _mitchell_bits(src, params) >= src.log_frac_bits:
-            return 0.0, src.log_frac_bits + 1
-        return c.lut(2 ** src.log_frac_bits, lut_bits), lut_bits
-    assert src.element is not None
-    energy, sig = _unpack(c, src.element, params)
-    return energy + c.adder(src.scale_bits + 1), sig
-
-
-def _pack(c: Components, dst: Operand, sig_bits: int, params: DatapathParams) -> float:
-    """Energy to round a normalised significand of sig_bits into `dst`."""
-    if dst.family in ("int", "fixed"):
-        return c.shifter(sig_bits, dst.bits, clog2(max(sig_bits, dst.bits))) + c.incrementer(dst.bits) \
-            + c.comparator(dst.bits)
-    if dst.family == "fp":
-        return (c.incrementer(dst.sig_bits) + c.gates(max(sig_bits - dst.sig_bits, 0))
-                + c.adder(dst.exp_bits + 1) + c.comparator(dst.exp_bits + 1))
-    if dst.family == "posit":
-        return posit_encode(c, dst.bits, dst.es) + c.gates(max(sig_bits - dst.sig_bits, 0))
-    if dst.family == "lns":
-        frac = dst.log_frac_bits
-        exact = frac - _mitchell_bits(dst, params)
-        # the log of the significand: compare with the midpoints of the 2^(r/gamma) table
-        log = (2 ** exact - 1) * c.comparator(_lut_bits(dst, params)) + c.gates(max(sig_bits - frac, 0))
-        return log + c.adder(dst.bits - 1) + c.comparator(dst.bits - 1)
-    assert dst.element is not None
-    # MX: a share of the block's amax tree and shared-exponent subtract, then the element itself
-    block = c.comparator(8) + c.adder(dst.scale_bits + 1) / dst.block_size
-    element_shift = c.shifter(sig_bits, dst.element.sig_bits, clog2(sig_bits))
-    return block + element_shift + _pack(c, dst.element, sig_bits, params)
-
-
-def conversion_energy(src: Any, dst: Any, components: Components,
-                      params: DatapathParams | None = None) -> float:
-    """Energy to convert one value from `src` (format or Accumulator) into format `dst`."""
+def conversion_energy(src: Any, dst: Any, components: Components, params: DatapathParams | None = None,
+                      rounding: Rounding | str | None = None) -> float:
+    """Energy to convert one value from `src` (format or Accumulator) into format `dst`, rounding by
+    `rounding` (nearest by default)."""
     params = params or DatapathParams()
     s = src.as_operand() if isinstance(src, Accumulator) else operand(src)
     d = operand(dst)
-    if s.key == d.key or (s.family in ("int", "fixed") and d.family in ("int", "fixed") and s.bits == d.bits):
+    if s.key == d.key or (s.family in _INTEGER and d.family in _INTEGER and s.bits == d.bits):
         return 0.0
     c = components
-    if s.family in ("int", "fixed") and d.family in ("int", "fixed"):
+    mode = Rounding.parse(rounding)
+    if s.family in _INTEGER and d.family in _INTEGER:
         # requantise: shift by the (power-of-two) scale, round, saturate; no normalisation
-        return c.shifter(s.bits, d.bits, clog2(s.bits)) + c.incrementer(d.bits) + c.comparator(d.bits)
-    unpack, sig_bits = _unpack(c, s, params)
-    return unpack + _pack(c, d, sig_bits, params)
+        return (c.shifter(s.bits, d.bits, clog2(s.bits)) + c.comparator(d.bits)
+                + mode.energy(c, d.bits, max(s.bits - d.bits, 1)))
+    unpack, sig_bits = hardware(s.family).unpack(c, s, params)
+    return unpack + hardware(d.family).pack(c, d, sig_bits, params, mode)

@@ -24,12 +24,17 @@ import numpy as np
 import pandas as pd
 
 from dse.energy.components import Components
-from dse.energy.datapaths import Operand, UnitEnergy, conversion_energy, datapath_for, operand
+from dse.energy.datapaths import Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
 from models.workloads import Workload, get_workload
 
 OPTIMIZERS = ("sgd", "adam", "madam")
+"""The updates the model prices; TRAIN_OPTIMIZERS maps every optimizer `dse train` accepts onto one."""
+TRAIN_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
+                                    "lns-madam": "madam", "niti": "sgd"}
+"""AdamW's decoupled decay costs what Adam's does; NITI's integer update is an SGD-shaped update
+(scale, round, add) and is priced as SGD."""
 PASSES = ("forward", "backward_data", "backward_weight", "update")
 UNITS = ("multiply", "conversion", "accumulation", "update", "memory")
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
@@ -65,6 +70,10 @@ class TrainingFormats:
     (none is kept when the weights are already in the master format)."""
     state: Any = "fp32"
     """Optimizer state (momentum, second moment)."""
+    rounding: Any = "nearest"
+    """Rounding of every value written into the weight, activation and gradient formats."""
+    update_rounding: Any = "nearest"
+    """Rounding of the updated weights when no master copy is kept (they are written in their format)."""
 
     @classmethod
     def uniform(cls, fmt: Any, **overrides: Any) -> TrainingFormats:
@@ -73,9 +82,10 @@ class TrainingFormats:
 
     def resolve(self, workload: Workload) -> ResolvedFormats:
         weight = _format(self.weight)
-        optimizer = self.optimizer or ("madam" if weight.family == "lns" else workload.optimizer)
-        if optimizer not in OPTIMIZERS:
-            raise InputError(f"unknown optimizer {optimizer!r} (expected one of {', '.join(OPTIMIZERS)})")
+        chosen = self.optimizer or ("madam" if weight.family == "lns" else workload.optimizer)
+        optimizer = TRAIN_OPTIMIZERS.get(str(chosen).strip().lower())
+        if optimizer is None:
+            raise InputError(f"unknown optimizer {chosen!r} (known: {', '.join(TRAIN_OPTIMIZERS)})")
         if isinstance(self.master, str) and self.master == "auto":
             master = None if (optimizer == "madam" and weight.family == "lns") else FP32
         else:
@@ -85,7 +95,8 @@ class TrainingFormats:
         gradient = _format(self.gradient)
         return ResolvedFormats(weight, _format(self.activation), gradient,
                                gradient if self.weight_grad is None else _format(self.weight_grad),
-                               optimizer, master, _format(self.state))
+                               optimizer, master, _format(self.state), Rounding.parse(self.rounding),
+                               Rounding.parse(self.update_rounding))
 
 
 @dataclass(frozen=True)
@@ -97,12 +108,27 @@ class ResolvedFormats:
     optimizer: str
     master: Operand | None
     state: Operand
+    rounding: Rounding = Rounding()
+    update_rounding: Rounding = Rounding()
 
     def describe(self) -> str:
         parts = [f"W={self.weight.spec}", f"A={self.activation.spec}", f"G={self.gradient.spec}",
                  f"dW={self.weight_grad.spec}", f"opt={self.optimizer}",
                  f"master={self.master.spec if self.master else 'none'}", f"state={self.state.spec}"]
+        if self.rounding != Rounding():
+            parts.append(f"rounding={_rounding_name(self.rounding)}")
         return " ".join(parts)
+
+    def gemm_pairs(self) -> list[tuple[Operand, Operand]]:
+        """Operand pairs of a weight layer's GEMMs (forward, backward-data, backward-weight)."""
+        return [(self.activation, self.weight), (self.gradient, self.weight),
+                (self.activation, self.gradient)]
+
+
+def _rounding_name(rounding: Rounding) -> str:
+    if rounding.random_bits is not None:
+        return f"{rounding.mode}({rounding.random_bits})"
+    return rounding.mode
 
 
 # --- the GEMMs of a layer ------------------------------------------------------------------------
@@ -153,8 +179,8 @@ class _Tally:
         self.model = model
         self.columns: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
 
-    def conversion(self, src: Any, dst: Operand) -> float:
-        return conversion_energy(src, dst, self.model.components, self.model.datapath)
+    def conversion(self, src: Any, dst: Operand, rounding: Rounding | None = None) -> float:
+        return conversion_energy(src, dst, self.model.components, self.model.datapath, rounding)
 
     def add(self, layers: np.ndarray, pass_name: str, unit: str, energy: np.ndarray, tensor: str = "",
             level: str = "") -> None:
@@ -170,19 +196,26 @@ class _Tally:
         if sram_bits is not None:
             self.add(layers, pass_name, "memory", sram_bits * self.model.sram_pj_per_bit, tensor, "sram")
 
-    def gemm(self, names: np.ndarray, sizes: dict[str, np.ndarray], macs: np.ndarray, p: _Pass) -> None:
+    def gemm(self, names: np.ndarray, sizes: dict[str, np.ndarray], macs: np.ndarray, p: _Pass,
+             rounding: Rounding) -> None:
         dp = datapath_for(p.a, p.b, self.model.components, self.model.datapath)
-        pp, po = dp.per_product, dp.per_output
+        pp, pg, po = dp.per_product, dp.per_group, dp.per_output
         outputs = sizes[p.out_size]
-        to_output = self.conversion(dp.accumulator, p.out)
-        conversion = macs * pp.conversion_pj + outputs * (po.conversion_pj + to_output)
+        reduction = macs / np.maximum(outputs, 1.0)
+        groups = outputs * np.ceil(reduction / dp.group_size - 1e-9)
+        to_output = self.conversion(dp.accumulator, p.out, rounding)
+        conversion = (macs * pp.conversion_pj + groups * pg.conversion_pj
+                      + outputs * (po.conversion_pj + to_output))
+        conversion = conversion + sizes[p.a_size] * dp.a_convert_pj + sizes[p.b_size] * dp.b_convert_pj
         for which in p.transposed:
             fmt, size = (p.a, p.a_size) if which == "a" else (p.b, p.b_size)
             if fmt.block_size:  # blocks run along the reduction axis: re-quantise for the transposed use
-                conversion = conversion + sizes[size] * self.conversion(FP32, fmt)
-        self.add(names, p.name, "multiply", macs * pp.multiply_pj + outputs * po.multiply_pj)
+                conversion = conversion + sizes[size] * self.conversion(FP32, fmt, rounding)
+        self.add(names, p.name, "multiply",
+                 macs * pp.multiply_pj + groups * pg.multiply_pj + outputs * po.multiply_pj)
         self.add(names, p.name, "conversion", conversion)
-        self.add(names, p.name, "accumulation", macs * pp.accumulation_pj + outputs * po.accumulation_pj)
+        self.add(names, p.name, "accumulation",
+                 macs * pp.accumulation_pj + groups * pg.accumulation_pj + outputs * po.accumulation_pj)
         memory = self.model.memory
         latch_pj = self.model.components.register(1) if memory.operand_registers else 0.0
         for fmt, tensor, size in ((p.a, p.a_tensor, p.a_size), (p.b, p.b_tensor, p.b_size)):
@@ -213,8 +246,10 @@ class _Tally:
                 per_param += mul + 2 * c.comparator(f.master.bits)
         self.add(names, "update", "update", params * per_param)
         conversion = self.conversion(f.weight_grad, arith)
-        if f.master is not None:
-            conversion += self.conversion(f.master, f.weight)
+        if f.master is not None:  # the updated master copy is rounded into the weight format
+            conversion += self.conversion(f.master, f.weight, f.rounding)
+        else:  # the update is computed in `arith` and rounded straight into the weight format
+            conversion += self.conversion(arith, f.weight, f.update_rounding)
         self.add(names, "update", "conversion", params * conversion)
         self.memory(names, "update", "weight_grad", params * f.weight_grad.storage_bits)
         states = STATE_TENSORS[f.optimizer]
@@ -263,7 +298,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Any, m
             if p.name == "backward_data":
                 rows = rows & needs_dx
             if rows.any():
-                tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p)
+                tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding)
                 total_macs += float(macs[rows].sum())
     params = np.array([layer.params for layer in layers], dtype=float)
     extra = list(wl.extra_params.items())
@@ -271,10 +306,51 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Any, m
     update_params = np.concatenate([params[is_weight], np.array([c for _, c in extra], dtype=float)])
     if len(update_names):
         tally.update(update_names, update_params, f)
-    frame = tally.frame()
+    frame = in_scope(tally.frame(), model.scope)
     frame.attrs.update(workload=wl.name, batch_size=batch, macs=total_macs, formats=f.describe(),
-                       node_nm=model.node_nm, params=wl.params)
+                       node_nm=model.node_nm, params=wl.params, scope=model.scope)
     return frame
+
+
+GEMM_UNITS = ("multiply", "conversion", "accumulation")
+
+
+def in_scope(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
+    """The rows a scope counts: 'datapath' the GEMMs' MAC units; 'pe' adds the optimizer's arithmetic,
+    the operand registers and the on-chip buffer; 'system' adds DRAM."""
+    if scope == "system":
+        return frame
+    if scope == "pe":
+        return frame[frame["level"] != "dram"].reset_index(drop=True)
+    if scope == "datapath":
+        keep = (frame["pass"] != "update") & frame["unit"].isin(GEMM_UNITS)
+        return frame[keep].reset_index(drop=True)
+    raise InputError(f"unknown scope {scope!r} (known: datapath, pe, system)")
+
+
+def training_area_um2(formats: TrainingFormats | Any, model: EnergyModel,
+                      workload: str | Workload = "resnet50") -> dict[str, float]:
+    """Area (um^2, at the model's node) of the hardware a training run needs: `datapath` sums one
+    dot-product unit per distinct operand pair of the three GEMMs; `pe` adds the operand registers of
+    every lane and the optimizer's update unit (a multiplier and an adder in its arithmetic format).
+    NaN where the node has no published area scaling."""
+    if model.area is None:
+        return {"datapath": float("nan"), "pe": float("nan")}
+    spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.uniform(formats)
+    f = spec.resolve(get_workload(workload))
+    area = model.area
+    datapath = registers = 0.0
+    seen: set[tuple[Any, Any]] = set()
+    for a, b in f.gemm_pairs():
+        key = (a.key, b.key)
+        if key in seen:
+            continue
+        seen.add(key)
+        dp = datapath_for(a, b, area, model.datapath)
+        datapath += dp.unit_total
+        registers += dp.group_size * area.register(a.storage_bits + b.storage_bits)
+    mul, add = _mul_add(area, f.master or f.state)
+    return {"datapath": datapath, "pe": datapath + registers + mul + add}
 
 
 def summarize(frame: pd.DataFrame, by: str | list[str] = "unit") -> pd.DataFrame:

@@ -49,6 +49,9 @@ class Source(_Strict):
     doi: str | None = None
     node_nm: PositiveFloat | None = None
     vdd_v: PositiveFloat | None = None
+    calibration: bool = False
+    """The table's primitive-unit entries calibrate the model at node_nm (a user table with all four
+    calibration op classes is one too)."""
     note: str | None = None
 
 
@@ -120,6 +123,8 @@ class TechNodeEntry(_Entry):
     a2: AnyFloat
     a1: AnyFloat
     a0: AnyFloat
+    area_vs_45nm: PositiveFloat | None = None
+    """Stillmaker & Baas area factor from 45 nm to this node (None: not published for this node)."""
 
     @model_validator(mode="after")
     def _positive_factor(self) -> TechNodeEntry:
@@ -222,6 +227,7 @@ def load_table(path: str | Path) -> EnergyTable:
 def _identity(entry: Any) -> tuple[Any, ...]:
     fields = entry.model_dump(exclude={"where", "verified", "energy_pj", "energy_pj_max", "energy_pj_per_bit",
                                        "area_um2", "value", "unit", "a2", "a1", "a0", "vdd_v", "variant",
+                                       "area_vs_45nm",
                                        "rule", "from_nodes_nm", "exponent"})
     return tuple(sorted(fields.items(), key=lambda kv: kv[0]))
 
@@ -239,11 +245,15 @@ def _check_duplicates(table: EnergyTable) -> None:
 # --- the table directory ---------------------------------------------------------------------------
 
 def tables_dir() -> Path:
-    """energy_tables/ at the repository top, or $DSE_ENERGY_TABLES."""
+    """$DSE_ENERGY_TABLES, else energy_tables/ at the repository top (a source checkout or an editable
+    install), else the copy shipped inside the installed package (`dse/energy_tables`, a wheel)."""
     override = os.environ.get(TABLES_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "energy_tables"
+    checkout = Path(__file__).resolve().parents[2] / "energy_tables"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parents[1] / "energy_tables"
 
 
 def load_tables(directory: str | Path | None = None) -> dict[str, EnergyTable]:

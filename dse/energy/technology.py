@@ -25,10 +25,10 @@ def parse_node(node: str | float | int) -> float:
     else:
         match = _NODE.match(str(node))
         if not match:
-            raise InputError(f"unknown technology node {node!r}: expected a size such as 45nm or 7nm")
+            raise InputError(f"unknown technology node {str(node)!r}: expected a size such as 45nm or 7nm")
         value = float(match.group(1))
     if not value > 0:
-        raise InputError(f"unknown technology node {node!r}")
+        raise InputError(f"unknown technology node {str(node)!r}")
     return value
 
 
@@ -38,6 +38,8 @@ class Technology:
 
     factors: dict[float, float]
     provenance: dict[float, str]
+    area_factors: dict[float, float]
+    """Area relative to 45 nm, where published (or derived from published nodes)."""
 
     def nodes(self) -> list[float]:
         return sorted(self.factors, reverse=True)
@@ -46,19 +48,31 @@ class Technology:
         """Multiply an energy at `from_node` by this to get it at `to_node`."""
         return self._factor(to_node) / self._factor(from_node)
 
-    def _factor(self, node: str | float) -> float:
+    def area_scale(self, to_node: str | float, from_node: str | float = 45) -> float:
+        """Multiply an area at `from_node` by this to get it at `to_node` (NaN where not published)."""
+        to, frm = self.known(to_node), self.known(from_node)
+        if to not in self.area_factors or frm not in self.area_factors:
+            return math.nan
+        return self.area_factors[to] / self.area_factors[frm]
+
+    def known(self, node: str | float) -> float:
+        """The node as the tables list it; an unknown node repeats what the user typed."""
         value = parse_node(node)
-        for known, factor in self.factors.items():
+        for known in self.factors:
             if math.isclose(known, value):
-                return factor
+                return known
         names = ", ".join(f"{n:g}nm" for n in self.nodes())
-        raise InputError(f"unknown technology node {node!r} (known: {names})")
+        raise InputError(f"unknown technology node {str(node)!r} (known: {names})")
+
+    def _factor(self, node: str | float) -> float:
+        return self.factors[self.known(node)]
 
 
 def technology_from(tables: Iterable[EnergyTable]) -> Technology:
     """Collect tech_node entries, then resolve derived nodes (which may refer to each other)."""
     factors: dict[float, float] = {}
     provenance: dict[float, str] = {}
+    areas: dict[float, float] = {}
     derived: list[tuple[EnergyTable, int, DerivedNodeEntry]] = []
     for table in tables:
         for index, entry in table.of("tech_node", "tech_node_derived"):
@@ -67,6 +81,8 @@ def technology_from(tables: Iterable[EnergyTable]) -> Technology:
             if isinstance(entry, TechNodeEntry):
                 factors[entry.node_nm] = entry.factor
                 provenance[entry.node_nm] = f"{table.source.key}: {entry.where}"
+                if entry.area_vs_45nm is not None:
+                    areas[entry.node_nm] = entry.area_vs_45nm
             else:
                 derived.append((table, index, entry))
     while derived:
@@ -76,6 +92,8 @@ def technology_from(tables: Iterable[EnergyTable]) -> Technology:
             if not all(n in factors for n in entry.from_nodes_nm):
                 continue
             factors[entry.node_nm] = _derive(entry, factors)
+            if all(n in areas for n in entry.from_nodes_nm):
+                areas[entry.node_nm] = _derive(entry, areas)
             provenance[entry.node_nm] = f"{table.source.key}: {entry.where}"
             derived.remove(item)
             progress = True
@@ -84,7 +102,7 @@ def technology_from(tables: Iterable[EnergyTable]) -> Technology:
             missing = [f"{n:g}" for n in entry.from_nodes_nm if n not in factors]
             raise InputError(f"{table.where(index)}: node {entry.node_nm:g} nm derives from unknown "
                              f"node(s) {', '.join(missing)} nm")
-    return Technology(factors, provenance)
+    return Technology(factors, provenance, areas)
 
 
 def _derive(entry: DerivedNodeEntry, factors: dict[float, float]) -> float:

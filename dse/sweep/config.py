@@ -169,6 +169,7 @@ class _Strict(BaseModel):
 
 class _DatapathSection(_Strict):
     accumulator: str | None = None
+    vector_length: int = Field(16, ge=1)
     lns_datapath: Literal["madam", "direct"] = "madam"
     lns_mitchell_bits: int = Field(0, ge=0)
     lns_lut_bits: int | None = Field(None, ge=1)
@@ -179,7 +180,7 @@ class _DatapathSection(_Strict):
 class _MemorySection(_Strict):
     sram: str = "horowitz_32kb"
     dram: str = "hbm2e"
-    sram_scaling: Literal["sqrt", "logic", "none"] = "sqrt"
+    sram_scaling: Literal["calibrated", "sqrt", "logic", "none"] = "calibrated"
     operand_reuse: float = Field(16.0, ge=1.0)
     operand_registers: bool = True
 

@@ -46,6 +46,13 @@ class WorkloadEnergy:
         return dataclasses.asdict(self)
 
 
+def master_format(master_weights: bool | str) -> str | None:
+    """The master copy's format for the energy model: fp32, the copy's own spec, or None (no copy)."""
+    if isinstance(master_weights, str):
+        return master_weights
+    return FP32 if master_weights else None
+
+
 def energy_view(config: TrainConfig) -> dict[str, Any]:
     """The settings an energy estimate depends on."""
     return {"model": code_identity(config.model, "model"),
@@ -124,7 +131,7 @@ class EnergyEstimator:
         low_formats = TrainingFormats(
             weight=formats["weights"], activation=formats["activations"], gradient=formats["gradients"],
             weight_grad=formats["weight_grads"], optimizer=optimizer,
-            master=FP32 if config.master_weights else None, state=formats["optimizer_state"])
+            master=master_format(config.master_weights), state=formats["optimizer_state"])
         high_formats = TrainingFormats.uniform(FP32, optimizer=optimizer, master=None,
                                                state=formats["optimizer_state"])
         units = dict.fromkeys(UNITS, 0.0)
