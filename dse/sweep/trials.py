@@ -22,6 +22,7 @@ from dse.precision import FP32, GEMM_TENSOR_CLASSES, canonical_spec
 from dse.report.labels import TUNED, field_token
 from dse.sweep.config import TRIAL_FIELDS, SweepConfig
 from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
+from dse.usercode import identity as code_identity
 
 TENSOR_FIELDS: tuple[str, ...] = GEMM_TENSOR_CLASSES
 _DEFAULTS = TrainConfig().to_dict()
@@ -55,9 +56,12 @@ def canonical_rules(config: TrainConfig) -> list[dict[str, str]]:
 
 
 def identity(task: str, config: TrainConfig) -> dict[str, Any]:
-    """What defines a trial: its task and every setting that can change its result."""
+    """What defines a trial: its task and every setting that can change its result. A user's model or
+    dataset (`file.py:function`) counts by its function and its file's content hash, not its path."""
     data = config.to_dict()
     data.pop("threads")
+    for name in ("model", "dataset"):
+        data[name] = code_identity(data[name], name)
     for name in TENSOR_FORMAT_FIELDS:
         data.pop(name)
     data.update(resolved_formats(config))
@@ -173,7 +177,8 @@ def expand(sweep: SweepConfig) -> list[Trial]:
 
 # Rough cost of a training step under each format family relative to fp32 (benchmarks/train_step.py
 # on the proxies); only the order in which trials start depends on it, never a result.
-_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "lns": 2.3, "posit": 2.8, "mx": 2.8}
+_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "p3109": 1.9, "lns": 2.3, "posit": 2.8,
+                     "block": 2.8}
 
 
 def estimated_cost(config: TrainConfig) -> float:

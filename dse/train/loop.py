@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
-from dse.formats import ROUNDINGS
+from dse.formats import check_rounding
 from dse.formats import get as get_format
 from dse.precision import FULL_PRECISION_LAYER_NAMES, layer_rules
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
@@ -29,7 +29,8 @@ from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_q
 from dse.train.optim import lns_madam_copy_error, make_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from models.proxies import MODELS, build_model
+from dse.usercode import describe, is_ref, load_function
+from models.proxies import MODELS, ModelFactory, build_model
 
 EVAL_BATCH = 1024
 EXAMPLE_SAMPLES = 2
@@ -46,9 +47,9 @@ _NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "
 _POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
-    "rounding": ("rounding", ROUNDINGS), "update_rounding": ("rounding", ROUNDINGS),
     "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
+_ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -57,6 +58,11 @@ def check_field(name: str, value: Any) -> Any:
     sweep file's validator each say where."""
     if value is None:
         return None
+    if name in ("model", "dataset") and is_ref(value):
+        load_function(value, name)  # the file or module and the function in it exist
+        return value.strip()
+    if name in _ROUNDING_FIELDS:
+        return check_rounding(value)
     if name in _NAMES:
         kind, valid = _NAMES[name]
         return choice(kind, value, valid)
@@ -106,9 +112,12 @@ def master_copy(value: bool | str) -> bool | str:
     return True if spec == "fp32" else spec
 
 
-def check_config(config: TrainConfig) -> None:
-    """Reject what cannot run, before any data is loaded (one line each)."""
+def check_config(config: TrainConfig, model_given: bool = False) -> None:
+    """Reject what cannot run, before any data is loaded (one line each). `model_given`: the model comes
+    as a factory, not from config.model."""
     for field in dataclasses.fields(config):
+        if model_given and field.name == "model":
+            continue
         try:
             check_field(field.name, getattr(config, field.name))
         except ValueError as error:  # a spec's own message does not say which field holds it
@@ -219,25 +228,29 @@ def _run_settings(threads: int) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
 
 
-def train(config: TrainConfig, dataset: Dataset | None = None,
-          progress: Progress | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
-    """Train the config's proxy and measure it; a loss that turns NaN or inf ends the run as diverged.
+def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progress | None = None,
+          model: ModelFactory | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
+    """Train the config's model and measure it; a loss that turns NaN or inf ends the run as diverged.
 
-    `on_gemms` receives the GEMMs quantized (by name, with their formats) and those left in fp32.
+    `model`: a factory (sample shape, number of classes) -> nn.Module used instead of config.model; the
+    result's config names it as `module:function`. `on_gemms` receives the GEMMs quantized (by name,
+    with their formats) and those left in fp32.
     """
-    check_config(config)
+    check_config(config, model_given=model is not None)
+    if model is not None:
+        config = config.replace(model=describe(model))
     with _run_settings(config.threads):
-        return _train(config, dataset, progress, on_gemms)
+        return _train(config, dataset, progress, model, on_gemms)
 
 
 def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,
-           on_gemms: GemmReport | None = None) -> TrainResult:
+           factory: ModelFactory | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
     data = with_validation(dataset if dataset is not None else load_dataset(config.dataset, config.data_dir))
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     order = torch.Generator().manual_seed(config.seed + 1)
-    model = build_model(config.model, data).to(device)
+    model = build_model(factory if factory is not None else config.model, data).to(device)
     params = sum(p.numel() for p in model.parameters())
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     setup = prepare(model, config, generator, x_train[:EXAMPLE_SAMPLES], on_gemms)

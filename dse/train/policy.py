@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dse.errors import InputError
-from dse.formats import ROUNDINGS, NumberFormat, Scaling, check_rounding, get
+from dse.formats import NumberFormat, Scaling, check_rounding, get
 from dse.formats.spec import parse_call
 from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule, TensorFormats
 from dse.train.config import TrainConfig
@@ -143,19 +143,20 @@ class QuantPolicy:
         The tensor classes come from `TrainConfig.tensor_formats` (dse/precision.py: `format` fills
         weights, activations and gradients; `gradients` fills weight gradients unless `weight_grads`
         is given); the optimizer state defaults to fp32. A spec that states `scale=` is used exactly
-        as written. Otherwise formats with their own scaling (int, lns, mx) keep it, and formats
-        without (fp, fixed, posit) get: Lu et al.'s layer-wise scale for every posit tensor class
-        when `layer_scaling` is on, and a per-tensor power-of-two scale for fp/fixed errors and
-        weight gradients (dynamic loss scaling per tensor), so small gradients do not underflow.
+        as written. Otherwise formats with their own scaling (int, lns, block formats) keep it, and
+        formats without (fp, fixed, posit) get: Lu et al.'s layer-wise scale for every posit tensor
+        class when `layer_scaling` is on, and a per-tensor power-of-two scale for fp/fixed errors
+        and weight gradients (dynamic loss scaling per tensor), so small gradients do not underflow.
         `accumulation` is used exactly as written (an unscaled grid; a scaled spec is an error),
         rounded to nearest. `config.layers` and `full_precision_layers` give layers other formats
         (`for_layer`).
         """
         for name in ("rounding", "update_rounding"):
             value = getattr(config, name)
-            if value not in ROUNDINGS:
-                raise InputError(f"config {name}: unknown rounding {value!r}: expected one of "
-                                 f"{', '.join(ROUNDINGS)}")
+            try:
+                check_rounding(value)
+            except InputError as error:
+                raise InputError(f"config {name}: {error}") from None
         formats = config.tensor_formats()
         gemm = _gemm_quants(formats, config.rounding, config.layer_scaling)
         for rule in config.layers:  # every rule's formats are valid before any model is built
