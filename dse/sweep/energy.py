@@ -4,7 +4,8 @@ A trial's energy depends on its formats, optimizer, master copy and the layers i
 on its seed, so it is computed once per distinct configuration (`energy_key`). Layers the trial keeps
 in full precision (`full_precision_layers`: the first and/or last weight layer) are costed in fp32,
 the others in the trial's formats. The workload `proxy` is the trial's own model traced at its batch
-size; any other name is a `models.workloads` shape at that workload's own batch size.
+size, as is a user's model named as a workload (`file.py:function`, traced on the trial's dataset); any
+other name is a `models.workloads` shape or a user's file (ONNX, YAML, CSV) at its own batch size.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dse.energy.iteration import STATE_TENSORS, UNITS
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig
 from dse.sweep.trials import FP32, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
+from dse.usercode import identity as code_identity
+from dse.usercode import is_ref
 
 ENERGY_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
                                      "lns-madam": "madam", "niti": "sgd"}
@@ -52,7 +55,8 @@ def master_format(master_weights: bool | str) -> str | None:
 
 def energy_view(config: TrainConfig) -> dict[str, Any]:
     """The settings an energy estimate depends on."""
-    return {"model": config.model, "dataset": config.dataset, "data_dir": config.data_dir,
+    return {"model": code_identity(config.model, "model"),
+            "dataset": code_identity(config.dataset, "dataset"), "data_dir": config.data_dir,
             "batch_size": config.batch_size, "formats": resolved_formats(config),
             "optimizer": ENERGY_OPTIMIZERS[config.optimizer], "master_weights": config.master_weights,
             "full_precision_layers": sorted(config.full_precision_layers)}
@@ -86,19 +90,34 @@ class EnergyEstimator:
         self.model = build_model(settings.node, settings.datapath, settings.memory, settings.table)
         self._proxies: dict[tuple[Any, ...], Workload] = {}
 
-    def proxy(self, config: TrainConfig) -> Workload:
-        """The trial's own model as a workload (cached per model, dataset and batch size)."""
-        key = (config.model, config.dataset, config.data_dir, config.batch_size)
+    def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
+        """The trial's own model (or `model`, a user's `file.py:function`) traced on the trial's dataset
+        at its batch size (cached per model, dataset and batch size)."""
+        model = model or config.model
+        key = (model, config.dataset, config.data_dir, config.batch_size)
         if key not in self._proxies:
+            import torch
+
             from dse.data import load_dataset
             from models.proxies import build_model as build_proxy
             from models.proxies import trace_workload
 
             dataset = load_dataset(config.dataset, config.data_dir)
-            network = build_proxy(config.model, dataset)
+            with torch.random.fork_rng(devices=[]):  # as the trial builds it, leaving the caller's RNG be
+                torch.manual_seed(config.seed)
+                network = build_proxy(model, dataset)
             self._proxies[key] = trace_workload(network, dataset, f"{config.model}/{config.dataset}",
                                                 config.batch_size, "sgd")
         return self._proxies[key]
+
+    def workload(self, name: str, config: TrainConfig) -> tuple[Workload, int | None]:
+        """The named workload for this trial and the batch it is priced at (None: the workload's own)."""
+        if name == PROXY_WORKLOAD:
+            return self.proxy(config), config.batch_size
+        source = self.settings.sources.get(name)
+        if source is not None and is_ref(source):
+            return self.proxy(config, source), config.batch_size
+        return get_workload(source or name), None
 
     def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
         """Energy and memory of one iteration per configured workload (the caller keeps one estimate
@@ -106,8 +125,7 @@ class EnergyEstimator:
         return {name: self._one(name, config) for name in self.settings.workloads}
 
     def _one(self, name: str, config: TrainConfig) -> WorkloadEnergy:
-        workload = self.proxy(config) if name == PROXY_WORKLOAD else get_workload(name)
-        batch = config.batch_size if name == PROXY_WORKLOAD else None
+        workload, batch = self.workload(name, config)
         formats = resolved_formats(config)
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
         low_formats = TrainingFormats(

@@ -37,6 +37,7 @@ from dse.sweep.store import (
     stored_sweep_name,
 )
 from dse.sweep.trials import Trial, baseline_labels, estimated_cost, expand, resolved_formats, stable_hash
+from dse.usercode import sources_of
 
 
 @dataclass
@@ -286,7 +287,8 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
 
             threads = sweep.executor.threads
             longest_first = sorted(pending, key=lambda t: -estimated_cost(t.config))  # stable sort
-            jobs = [TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn) for t in longest_first]
+            jobs = [TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn,
+                             sources_of([t.config.model, t.config.dataset])) for t in longest_first]
             reporter.start(len(trials), summary.skipped, summary.best)
             try:
                 executor.run(jobs, on_done)

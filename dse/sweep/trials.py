@@ -21,6 +21,7 @@ from dse.formats import get
 from dse.report.labels import TUNED, field_token
 from dse.sweep.config import TRIAL_FIELDS, SweepConfig
 from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
+from dse.usercode import identity as code_identity
 
 FP32 = "fp32"
 TENSOR_FIELDS: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
@@ -58,9 +59,12 @@ def resolved_formats(config: TrainConfig) -> dict[str, str]:
 
 
 def identity(task: str, config: TrainConfig) -> dict[str, Any]:
-    """What defines a trial: its task and every setting that can change its result."""
+    """What defines a trial: its task and every setting that can change its result. A user's model or
+    dataset (`file.py:function`) counts by its function and its file's content hash, not its path."""
     data = config.to_dict()
     data.pop("threads")
+    for name in ("model", "dataset"):
+        data[name] = code_identity(data[name], name)
     for name in TENSOR_FORMAT_FIELDS:
         data.pop(name)
     data.update(resolved_formats(config))

@@ -27,7 +27,8 @@ from dse.train.layers import quantize_model, set_quantization
 from dse.train.optim import lns_madam_copy_error, make_optimizer
 from dse.train.policy import FULL_PRECISION_LAYER_NAMES, QuantPolicy
 from dse.train.schedule import lr_factor
-from models.proxies import MODELS, build_model
+from dse.usercode import describe, is_ref, load_function
+from models.proxies import MODELS, ModelFactory, build_model
 
 EVAL_BATCH = 1024
 Progress = Callable[[int, float, float], None]
@@ -51,6 +52,9 @@ def check_field(name: str, value: Any) -> Any:
     sweep file's validator each say where."""
     if value is None:
         return None
+    if name in ("model", "dataset") and is_ref(value):
+        load_function(value, name)  # the file or module and the function in it exist
+        return value.strip()
     if name in _ROUNDING_FIELDS:
         return check_rounding(value)
     if name in _NAMES:
@@ -93,9 +97,12 @@ def master_copy(value: bool | str) -> bool | str:
     return True if spec == "fp32" else spec
 
 
-def check_config(config: TrainConfig) -> None:
-    """Reject what cannot run, before any data is loaded (one line each)."""
+def check_config(config: TrainConfig, model_given: bool = False) -> None:
+    """Reject what cannot run, before any data is loaded (one line each). `model_given`: the model comes
+    as a factory, not from config.model."""
     for field in dataclasses.fields(config):
+        if model_given and field.name == "model":
+            continue
         try:
             check_field(field.name, getattr(config, field.name))
         except ValueError as error:  # a spec's own message does not say which field holds it
@@ -187,21 +194,28 @@ def _run_settings(threads: int) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
 
 
-def train(config: TrainConfig, dataset: Dataset | None = None,
-          progress: Progress | None = None) -> TrainResult:
-    """Train the config's proxy and measure it; a loss that turns NaN or inf ends the run as diverged."""
-    check_config(config)
+def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progress | None = None,
+          model: ModelFactory | None = None) -> TrainResult:
+    """Train the config's model and measure it; a loss that turns NaN or inf ends the run as diverged.
+
+    `model`: a factory (sample shape, number of classes) -> nn.Module used instead of config.model; the
+    result's config names it as `module:function`.
+    """
+    check_config(config, model_given=model is not None)
+    if model is not None:
+        config = config.replace(model=describe(model))
     with _run_settings(config.threads):
-        return _train(config, dataset, progress)
+        return _train(config, dataset, progress, model)
 
 
-def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None) -> TrainResult:
+def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,
+           factory: ModelFactory | None = None) -> TrainResult:
     data = with_validation(dataset if dataset is not None else load_dataset(config.dataset, config.data_dir))
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     order = torch.Generator().manual_seed(config.seed + 1)
-    model = build_model(config.model, data).to(device)
+    model = build_model(factory if factory is not None else config.model, data).to(device)
     params = sum(p.numel() for p in model.parameters())
     setup = prepare(model, config, generator)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
