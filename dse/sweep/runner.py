@@ -331,7 +331,11 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
 
 
 def _best_of(frame: Any) -> TrialRecord | None:
-    """The ok trial with the highest test accuracy in a load_trials frame."""
+    """The ok trial with the highest test accuracy in a load_trials frame, among the trials at each
+    configuration's chosen tuning point (the point validation chose; the test set chooses nothing)."""
+    from dse.report.tables import chosen_trials
+
+    frame = chosen_trials(frame)
     ok = frame[(frame["status"] == "ok") & frame["test_accuracy"].notna()]
     if ok.empty:
         return None
