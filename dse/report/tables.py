@@ -40,7 +40,8 @@ def summarize_trials(frame: pd.DataFrame) -> pd.DataFrame:
     accuracy it recorded (a diverged format is a bad result, not a missing one), a trial with
     status "error" or no accuracy (NaN) is left out. `accuracy_std` is the sample standard deviation
     (ddof=1), NaN when fewer than two trials count. Energy and memory columns (`energy_mj:*`,
-    `memory_mib:*`) depend on the configuration, not the seed: their mean over the group's trials
+    `memory_mib:*`, `area_um2:*`) depend on the configuration, not the seed: their mean over the group's
+    trials
     is carried over. Groups keep the order in which they first appear.
     """
     missing = [c for c in REQUIRED_TRIAL_COLUMNS if c not in frame.columns]
@@ -48,7 +49,7 @@ def summarize_trials(frame: pd.DataFrame) -> pd.DataFrame:
         raise InputError(f"sweep results lack the column {missing[0]!r} "
                          f"(columns: {', '.join(map(str, frame.columns)) or 'none'})")
     identity = [c for c in IDENTITY_COLUMNS if c in frame.columns]
-    measured = [c for c in frame.columns if str(c).startswith(("energy_mj:", "memory_mib:"))]
+    measured = [c for c in frame.columns if str(c).startswith(("energy_mj:", "memory_mib:", "area_um2:"))]
     rows: list[dict[str, Any]] = []
     for (task, label), group in frame.groupby(["task", "label"], sort=False, dropna=False):
         error = (group["status"] == "error").to_numpy()

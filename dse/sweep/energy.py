@@ -1,10 +1,13 @@
-"""Energy per training iteration and training-state memory of a trial's configuration, per workload.
+"""Energy per training iteration, training-state memory and datapath area of a trial, per workload and
+energy point.
 
-A trial's energy depends on its formats, optimizer, master copy and the layers it keeps in fp32, never
-on its seed, so it is computed once per distinct configuration (`energy_key`). Layers the trial keeps
-in full precision (`full_precision_layers`: the first and/or last weight layer) are costed in fp32,
-the others in the trial's formats. The workload `proxy` is the trial's own model traced at its batch
-size; any other name is a `models.workloads` shape at that workload's own batch size.
+A trial is priced as it trained: its formats, optimizer, master copy (fp32, none, or a format), the
+rounding of its GEMM operands and of its in-place weight updates, its accumulation format and chunk
+(the accumulator and vector length of the dot-product unit), and the layers it keeps in fp32. Never its
+seed, so the energy is computed once per distinct configuration (`energy_key`). Layers kept in full
+precision (`full_precision_layers`: the first and/or last weight layer) are costed in fp32, the others in
+the trial's formats. The workload `proxy` is the trial's own model traced at its batch size; any other
+name is a `models.workloads` shape at that workload's own batch size.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
-from dse.energy.iteration import STATE_TENSORS, UNITS
-from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig
+from dse.energy.iteration import STATE_TENSORS, TRAIN_OPTIMIZERS, UNITS, training_area_um2
+from dse.energy.model import EnergyModel
+from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
 from dse.sweep.trials import FP32, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
 
-ENERGY_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
-                                     "lns-madam": "madam", "niti": "sgd"}
+ENERGY_OPTIMIZERS: dict[str, str] = TRAIN_OPTIMIZERS
 """Training optimizer -> the energy model's update (NITI's integer update is costed as SGD)."""
 PJ_PER_MJ = 1e9
 BITS_PER_MIB = 8 * 2**20
@@ -38,6 +41,8 @@ class WorkloadEnergy:
     memory_mj: float
     memory_mib: float
     """Weights, master copy and optimizer state, each at its own width."""
+    area_um2: float
+    """Area of the dot-product units the trial's GEMMs ran on, at the point's node (NaN if unpublished)."""
 
     def as_row(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -48,7 +53,17 @@ def energy_view(config: TrainConfig) -> dict[str, Any]:
     return {"model": config.model, "dataset": config.dataset, "data_dir": config.data_dir,
             "batch_size": config.batch_size, "formats": resolved_formats(config),
             "optimizer": ENERGY_OPTIMIZERS[config.optimizer], "master_weights": config.master_weights,
-            "full_precision_layers": sorted(config.full_precision_layers)}
+            "full_precision_layers": sorted(config.full_precision_layers), "rounding": config.rounding,
+            "update_rounding": config.update_rounding, "accumulation": config.accumulation,
+            "accumulation_chunk": config.accumulation_chunk if config.accumulation is not None else None}
+
+
+def _master(config: TrainConfig) -> Any:
+    """The master copy as trained: fp32 (True), none (False), or a format spec."""
+    master = config.master_weights
+    if isinstance(master, str):
+        return master
+    return FP32 if master else None
 
 
 def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
@@ -72,12 +87,18 @@ def _split(workload: Workload, keep: tuple[str, ...]) -> tuple[Workload | None, 
 
 
 class EnergyEstimator:
-    """Builds the energy model once and caches traced proxies and estimates."""
+    """Builds one energy model per energy point and caches traced proxies and estimates."""
 
     def __init__(self, settings: EnergyConfig) -> None:
         self.settings = settings
-        self.model = build_model(settings.node, settings.datapath, settings.memory, settings.table)
+        self.models = {point.name: build_model(point.node, point.datapath, settings.memory, settings.table,
+                                               scope=point.scope, node_scaling=point.node_scaling)
+                       for point in settings.points}
         self._proxies: dict[tuple[Any, ...], Workload] = {}
+
+    @property
+    def model(self) -> EnergyModel:
+        return self.models[self.settings.points[0].name]
 
     def proxy(self, config: TrainConfig) -> Workload:
         """The trial's own model as a workload (cached per model, dataset and batch size)."""
@@ -94,28 +115,40 @@ class EnergyEstimator:
         return self._proxies[key]
 
     def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
-        """Energy and memory of one iteration per configured workload (the caller keeps one estimate
-        per energy_key: configurations that share it get the same numbers)."""
-        return {name: self._one(name, config) for name in self.settings.workloads}
+        """Energy, memory and area of one iteration per result column (energy point x workload); the
+        caller keeps one estimate per energy_key: configurations that share it get the same numbers."""
+        return {point.column(name): self._one(name, config, point)
+                for point in self.settings.points for name in self.settings.workloads}
 
-    def _one(self, name: str, config: TrainConfig) -> WorkloadEnergy:
+    def trained_model(self, config: TrainConfig, point: EnergyPoint) -> EnergyModel:
+        """The point's model with the trial's own accumulation, if it trained with one: its format is the
+        accumulator and its chunk the vector length of the dot-product unit."""
+        model = self.models[point.name]
+        if config.accumulation is None:
+            return model
+        return model.with_datapath(accumulator=config.accumulation, vector_length=config.accumulation_chunk)
+
+    def _one(self, name: str, config: TrainConfig, point: EnergyPoint) -> WorkloadEnergy:
         workload = self.proxy(config) if name == PROXY_WORKLOAD else get_workload(name)
         batch = config.batch_size if name == PROXY_WORKLOAD else None
+        model = self.trained_model(config, point)
         formats = resolved_formats(config)
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
         low_formats = TrainingFormats(
             weight=formats["weights"], activation=formats["activations"], gradient=formats["gradients"],
-            weight_grad=formats["weight_grads"], optimizer=optimizer,
-            master=FP32 if config.master_weights else None, state=formats["optimizer_state"])
+            weight_grad=formats["weight_grads"], optimizer=optimizer, master=_master(config),
+            state=formats["optimizer_state"], rounding=config.rounding,
+            update_rounding=config.update_rounding)
         high_formats = TrainingFormats.uniform(FP32, optimizer=optimizer, master=None,
                                                state=formats["optimizer_state"])
         units = dict.fromkeys(UNITS, 0.0)
         memory_bits = 0.0
         low, high = _split(workload, config.full_precision_layers)
+        area = 0.0
         for part, part_formats in ((low, low_formats), (high, high_formats)):
             if part is None:
                 continue
-            frame = iteration_energy(part, part_formats, self.model, batch)
+            frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
             resolved = part_formats.resolve(part)
@@ -123,8 +156,9 @@ class EnergyEstimator:
                          + (resolved.master.storage_bits if resolved.master is not None else 0.0)
                          + STATE_TENSORS[resolved.optimizer] * resolved.state.storage_bits)
             memory_bits += part.params * per_param
+            area += training_area_um2(part_formats, model, part)["datapath"]
         mj = {unit: pj / PJ_PER_MJ for unit, pj in units.items()}
         return WorkloadEnergy(total_mj=sum(mj.values()), multiply_mj=mj["multiply"],
                               conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
                               update_mj=mj["update"], memory_mj=mj["memory"],
-                              memory_mib=memory_bits / BITS_PER_MIB)
+                              memory_mib=memory_bits / BITS_PER_MIB, area_um2=area)
