@@ -394,8 +394,19 @@ def train(
     momentum: Annotated[float, typer.Option(help="SGD momentum (sgd only).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
     niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
-    master_weights: Annotated[bool, typer.Option(
-        help="Keep an fp32 master copy; --no-master-weights stores weights in their format.")] = True,
+    master_weights: Annotated[str, typer.Option(
+        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(16,gamma=128)'.")]
+    = "true",
+    no_master_weights: Annotated[bool, typer.Option(
+        "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
+    p_scale: Annotated[float, typer.Option(
+        help="Madam / LNS-Madam: weight bound, in RMS of the initial weights.")] = 3.0,
+    g_bound: Annotated[float, typer.Option(help="Madam / LNS-Madam: bound on the normalised gradient.")]
+    = 10.0,
+    lr_schedule: Annotated[str, typer.Option(help="constant, cosine or step.")] = "constant",
+    lr_warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
+    lr_step_epochs: Annotated[int, typer.Option(help="step schedule: epochs between decays.")] = 10,
+    lr_gamma: Annotated[float, typer.Option(help="step schedule: factor of each decay.")] = 0.1,
     warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
     layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
     full_precision_layers: Annotated[str, typer.Option(
@@ -419,12 +430,16 @@ def train(
 
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.loop import check_field
 
     config = TrainConfig(
         model=model, dataset=dataset, format=format, weights=weights, activations=activations,
         gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, niti_mu=niti_mu,
-        master_weights=master_weights, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
+        master_weights=False if no_master_weights else check_field("master_weights", master_weights),
+        p_scale=p_scale, g_bound=g_bound,
+        lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs, lr_step_epochs=lr_step_epochs,
+        lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
         full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
                                     if name.strip()),
         rounding=rounding, update_rounding=update_rounding,
@@ -553,16 +568,25 @@ _MemoryOpt = Annotated[bool, typer.Option("--memory", help="Make memory footprin
                                           "fronts (also on when the sweep asked for it).")]
 
 
+_AllPointsOpt = Annotated[bool, typer.Option("--all-points", help="Report every tuning point of each "
+                                              "configuration instead of the one chosen by validation "
+                                              "accuracy.")]
+
+
 @app.command("report")
 @user_errors
-def report(directory: _DirArg, memory: _MemoryOpt = False) -> None:
-    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots."""
+def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False) -> None:
+    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
+
+    The files always report each configuration at its chosen tuning point (all_points.csv has
+    every point); --all-points changes what is printed.
+    """
     from dse.report import SweepTables, write_reports
     from dse.report.tables import pareto_text_table
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    tables = SweepTables.of(trials, memory_objective)
+    tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
     fronts = tables.fronts
     objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
@@ -571,7 +595,7 @@ def report(directory: _DirArg, memory: _MemoryOpt = False) -> None:
             rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
             title = f"Pareto front: {task} on {workload} ({objectives})"
             _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
-    written = write_reports(trials, directory, memory_objective, tables)
+    written = write_reports(trials, directory, memory_objective, None if all_points else tables)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 
@@ -585,6 +609,7 @@ def export(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the table to this file "
                                                 "(default: standard output).")] = None,
     memory: _MemoryOpt = False,
+    all_points: _AllPointsOpt = False,
 ) -> None:
     """Write one table of a sweep as CSV, LaTeX or Markdown."""
     from dse.errors import InputError
@@ -597,7 +622,7 @@ def export(
         raise InputError(f"--output {output} is a directory; give a file path")
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    text = render_table(trials, table, text_format, memory_objective)
+    text = render_table(trials, table, text_format, memory_objective, all_points)
     if output is None:
         typer.echo(text, nl=False)
     else:

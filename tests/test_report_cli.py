@@ -55,7 +55,7 @@ def test_report_prints_the_tables_and_rewrites_every_file(sweep_dir: Path) -> No
     for name in ("summary.csv", "trials.csv", "pareto.tex", "summary.md", "pareto_mlp-digits_resnet50.png",
                  "breakdown_cnn-m1d_resnet50.pdf"):
         assert (sweep_dir / name).stat().st_size > 0
-    assert "wrote 15 files" in result.stdout
+    assert "wrote 16 files" in result.stdout
 
 
 def test_report_with_memory_adds_the_memory_objective(tmp_path: Path) -> None:

@@ -26,8 +26,8 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]
 
 def test_write_reports_writes_every_file(reports: tuple[Path, list[Path]]) -> None:
     out, written = reports
-    tables = {"trials.csv", "summary.csv", "pareto.csv", "summary.tex", "summary.md", "pareto.tex",
-              "pareto.md"}
+    tables = {"trials.csv", "summary.csv", "pareto.csv", "all_points.csv", "summary.tex", "summary.md",
+              "pareto.tex", "pareto.md"}
     plots = {f"{kind}_{task}_{workload}.{suffix}" for kind in ("pareto", "breakdown")
              for task in ("mlp-digits", "cnn-m1d") for workload in ("proxy", "resnet50")
              for suffix in ("png", "pdf")}

@@ -211,7 +211,14 @@ _GOOD = ["name: bad", "task: {model: mlp, dataset: digits}", "trials:", "  - {fo
     (_GOOD + ["energy:", "  accumulator: [fp16, fp77]"], 6, ["energy.accumulator[1]", "fp77"]),
     (_GOOD + ["seeds: []"], 5, ["seeds", "empty"]),
     (_GOOD + ["tirals: []"], 5, ["tirals", "did you mean 'trials'"]),
-    (_GOOD[:3] + ["  - {format: int8, master_weights: maybe}"], 4, ["trials[0].master_weights", "boolean"]),
+    (_GOOD[:3] + ["  - {format: int8, master_weights: maybe}"], 4,
+     ["trials[0].master_weights", "true, false or a format spec", "unknown format 'maybe'"]),
+    (_GOOD[:3] + ["  - {format: lns8, optimizer: lns-madam, master_weights: bf16}"], 4,
+     ["master_weights 'bf16'", "LNS format"]),
+    (_GOOD[:3] + ["  - {format: int8, p_scale: [3, 0]}"], 4,
+     ["trials[0].p_scale[1]", "p_scale must be a positive"]),
+    (_GOOD[:3] + ["  - {format: int8, g_bound: -1}"], 4, ["trials[0].g_bound", "g_bound must be a positive"]),
+    (_GOOD[:3] + ["  - {format: int8, lr_schedule: cosin}"], 4, ["trials[0].lr_schedule", "cosine"]),
     (["name: bad", "tasks:", "  - {model: mlp, dataset: digits}", "  - {model: transformer, dataset: digits}",
       "trials: [{format: int8}]"], 4, ["tasks[1]", "transformer", "digits"]),
     (_GOOD[:3] + ["  - {format: int8", "  - x"], 6, ["invalid YAML", "flow mapping that starts on line 4"]),
@@ -288,6 +295,21 @@ def test_every_example_parses_and_expands(path: Path) -> None:
     for trial in trials:
         for workload in sweep.energy.workloads:
             assert energies[(keys[trial.trial_id], workload)]["total_mj"] > 0
+
+
+@pytest.mark.parametrize("name", ["lns_madam", "niti", "posit"])
+def test_the_paper_presets_list_their_trials_in_a_dry_run(name: str, tmp_path: Path) -> None:
+    path = EXAMPLES / f"{name}.yaml"
+    result = runner.invoke(app, ["sweep", str(path), "--dry-run", "--output", str(tmp_path / "out")],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out").exists()
+    sweep = parse_config(path.read_text(), str(path))
+    configurations = {trial.label for trial in expand(sweep)}
+    for label in configurations:
+        assert label in result.stdout
+    text = path.read_text()
+    assert "tune:" in text and text.count("#") > 10  # unknown settings tuned; settings commented
 
 
 def test_the_examples_exist() -> None:

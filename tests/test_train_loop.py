@@ -157,3 +157,78 @@ def test_a_run_uses_its_own_settings_and_gives_the_callers_back() -> None:
     finally:
         torch.set_num_threads(before[0])
         cudnn.deterministic, cudnn.benchmark = before[1], before[2]
+
+
+# --- learning-rate schedules ------------------------------------------------------------------------
+
+
+def _epoch_lrs(config: TrainConfig) -> list[float]:
+    """The optimizer's learning rate in each epoch, as the loop sets it."""
+    from dse.data import load_dataset
+    from dse.train.loop import prepare
+    from models.proxies import build_model
+
+    model = build_model(config.model, load_dataset(config.dataset))
+    setup = prepare(model, config, torch.Generator().manual_seed(0))
+    rates = []
+    for epoch in range(config.epochs):
+        setup.on_epoch_start(epoch)
+        rates.append(setup.optimizer.param_groups[0]["lr"])
+    return rates
+
+
+def test_lr_schedules_follow_their_formulas() -> None:
+    base = TrainConfig(lr=0.1, epochs=8)
+    assert _epoch_lrs(base) == [0.1] * 8
+    cosine = _epoch_lrs(base.replace(lr_schedule="cosine"))
+    assert cosine == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * e / 8)) for e in range(8)])
+    step = _epoch_lrs(base.replace(lr_schedule="step", lr_step_epochs=3, lr_gamma=0.5))
+    assert step == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025] * 2)
+    warm = _epoch_lrs(base.replace(lr_schedule="cosine", lr_warmup_epochs=2))
+    assert warm[:2] == pytest.approx([0.05, 0.1])
+    assert warm[2:] == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * t / 6)) for t in range(6)])
+    madam = _epoch_lrs(TrainConfig(optimizer="lns-madam", epochs=4, lr_schedule="step", lr_step_epochs=2))
+    assert madam == pytest.approx([1 / 128, 1 / 128, 1 / 1280, 1 / 1280])  # the default lr is the base
+
+
+def test_a_schedule_changes_training_and_constant_is_today() -> None:
+    constant = train(QUICK.replace(lr=0.1))
+    assert train(QUICK.replace(lr=0.1, lr_schedule="constant")).loss_curve == constant.loss_curve
+    cosine = train(QUICK.replace(lr=0.1, lr_schedule="cosine"))
+    assert cosine.loss_curve[0] == constant.loss_curve[0] and cosine.loss_curve[1] != constant.loss_curve[1]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"lr_schedule": "linear"}, "unknown lr_schedule 'linear'"),
+    ({"lr_gamma": 0.0}, "lr_gamma must be a positive"),
+    ({"lr_step_epochs": 0}, "lr_step_epochs must be >= 1"),
+    ({"lr_warmup_epochs": -1}, "lr_warmup_epochs must be >= 0"),
+    ({"p_scale": 0.0}, "p_scale must be a positive"),
+    ({"g_bound": -1.0}, "g_bound must be a positive"),
+    ({"format": "int8", "optimizer": "niti", "lr_schedule": "cosine"}, "niti_mu"),
+])
+def test_schedule_and_madam_fields_reject_bad_values(overrides: dict, needle: str) -> None:
+    with pytest.raises(InputError) as caught:
+        train(QUICK.replace(**overrides))
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cli_passes_schedule_madam_and_master_copy_options_through() -> None:
+    args = ["train", "--epochs", "2", "--format", "lns(8,gamma=8)", "--optimizer", "lns-madam",
+            "--p-scale", "10", "--g-bound", "5", "--lr-schedule", "step", "--lr-step-epochs", "1",
+            "--lr-gamma", "0.5", "--lr-warmup-epochs", "1", "--master-weights", "lns(12, gamma=128)",
+            "--json"]
+    outcome = runner.invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    record = json.loads(outcome.stdout)
+    config = TrainConfig.from_dict(record["config"])
+    assert config.master_weights == "lns(12,gamma=128)" and config.p_scale == 10 and config.g_bound == 5
+    assert record["loss_curve"] == train(config).loss_curve
+    none = json.loads(runner.invoke(app, ["train", "--epochs", "1", "--format", "int8", "--no-master-weights",
+                                          "--json"]).stdout)
+    assert none["config"]["master_weights"] is False
+    lns_madam_bf16 = ["--format", "int8", "--optimizer", "lns-madam", "--master-weights", "bf16"]
+    for bad, needle in ((["--p-scale", "0"], "p_scale"), (["--master-weights", "lns(16,gama=2)"], "gama"),
+                        (lns_madam_bf16, "bf16")):
+        outcome = runner.invoke(app, ["train", "--epochs", "1", *bad])
+        assert outcome.exit_code == 2 and needle in outcome.stderr and outcome.stderr.count("\n") == 1

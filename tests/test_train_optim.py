@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -580,3 +581,117 @@ def test_lns_madam_with_master_weights_accepts_any_gemm_format():
     optimizer = make_optimizer("lns-madam", model, policy, None, 0.9, 0.0)
     train_steps(model, optimizer, steps=1)
     assert isinstance(optimizer, LNSMadam)
+
+
+# --- a master copy in a format of its own ---------------------------------------------------------------
+
+
+def _on_lns_grid(w: torch.Tensor, gamma: int) -> bool:
+    """Every non-zero |w| is the largest one times 2^(k/gamma), k an integer (whatever the copy's scale)."""
+    magnitudes = w.detach().abs().double()
+    magnitudes = magnitudes[magnitudes > 0]
+    codes = torch.log2(magnitudes / magnitudes.max()) * gamma
+    return bool((codes - codes.round()).abs().max() < 1e-3)
+
+
+COPIES = {  # the copy's spec: is a tensor on its grid?
+    "lns(12,gamma=128)": lambda w: _on_lns_grid(w, 128),
+    "lns(16,gamma=2048)": lambda w: _on_lns_grid(w, 2048),
+    "bf16": lambda w: torch.equal(w.bfloat16().float(), w),
+    "posit(16,2)": lambda w: torch.equal(get("posit(16,2)").quantize(w), w),
+    "fixed(16,8)": lambda w: torch.equal((w * 256).round() / 256, w) and float(w.abs().max()) < 128,
+}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "madam", "lns-madam"])
+@pytest.mark.parametrize("spec", list(COPIES))
+def test_a_master_copy_stays_on_its_own_grid_through_steps(spec, optimizer):
+    if optimizer == "lns-madam" and not spec.startswith("lns"):
+        pytest.skip("LNS-Madam keeps an LNS copy only (an input error, tested below)")
+    model = small_model()
+    config = TrainConfig(format="lns(8,gamma=8)", master_weights=spec, update_rounding="stochastic")
+    policy = QuantPolicy.from_config(config)
+    quantize_model(model, policy)
+    lr = 1 / 128 if optimizer == "lns-madam" else 0.05
+    optimizer_ = make_optimizer(optimizer, model, policy, lr, 0.9, 0.0, generator=seeded(0))
+    before = [m.weight.detach().clone() for m in (model[0], model[2], model[4])]
+    train_steps(model, optimizer_, steps=4)
+    for layer, start in zip((model[0], model[2], model[4]), before, strict=True):
+        weight = layer.weight.detach()
+        assert COPIES[spec](weight), spec
+        assert not torch.equal(weight, start)  # it trained
+    # the copy is finer than the GEMM format: the GEMMs see it quantized to lns8, not the copy itself
+    middle = model[2].weight.detach()
+    gemm_view = get("lns(8,gamma=8)").quantize(middle)
+    assert torch.unique(middle.abs()).numel() > torch.unique(gemm_view.abs()).numel()
+
+
+def test_lns_madam_steps_an_lns_copy_by_whole_codes_of_the_copy():
+    """lr = 1/128 on a gamma = 128 copy: each step moves a log code by the integer round(g*)."""
+    model = small_model()
+    policy = QuantPolicy.from_config(TrainConfig(format="lns(8,gamma=8)", master_weights="lns(12,gamma=128)"))
+    quantize_model(model, policy)
+    optimizer = make_optimizer("lns-madam", model, policy, 1 / 128, 0.9, 0.0, generator=seeded(0))
+    assert isinstance(optimizer, LNSMadam) and optimizer.lns_storage
+    train_steps(model, optimizer, steps=1)
+    before = model[2].weight.detach().clone()
+    train_steps(model, optimizer, steps=1)
+    moved = torch.log2(model[2].weight.detach().abs().double() / before.abs().double()) * 128
+    assert (moved - moved.round()).abs().max() < 1e-3  # whole codes
+    assert moved.abs().max() <= 10.001  # |round(g*)| <= g_bound
+
+
+@pytest.mark.parametrize("spec", ["bf16", "posit(16,2)", "fixed(16,8)"])
+def test_lns_madam_with_a_non_lns_copy_says_why(spec):
+    from dse.train.loop import check_config
+
+    with pytest.raises(InputError, match=f"LNS format.*master_weights '{re.escape(spec)}'") as caught:
+        check_config(TrainConfig(format="lns8", optimizer="lns-madam", master_weights=spec))
+    assert "log code" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, True), (False, False), ("true", True), ("False", False), ("fp32", True), ("BF16", "bf16"),
+    ("lns(12, gamma=128)", "lns(12,gamma=128)")])
+def test_master_weights_reads_booleans_words_and_specs(value, expected):
+    from dse.train.loop import check_field
+
+    assert check_field("master_weights", value) == expected
+
+
+@pytest.mark.parametrize("value", ["lns(8,gama=8)", "maybe", "lns(16,gamma=3)"])
+def test_an_unparsable_master_copy_is_one_line(value):
+    from dse.train.loop import check_config
+
+    with pytest.raises(InputError, match="master_weights") as caught:
+        check_config(TrainConfig(format="int8", master_weights=value))
+    assert "\n" not in str(caught.value)
+
+
+# --- Madam's p_scale and g_bound -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["madam", "lns-madam"])
+def test_p_scale_bounds_the_weights_at_that_many_initial_rms(name):
+    for p_scale in (0.5, 10.0):
+        model = small_model()
+        rms = [float(m.weight.detach().square().mean().sqrt()) for m in (model[0], model[2], model[4])]
+        optimizer = make_optimizer(name, model, QuantPolicy.fp32(), 0.5, 0.9, 0.0, p_scale=p_scale)
+        train_steps(model, optimizer, steps=20)
+        peaks = [float(m.weight.detach().abs().max()) for m in (model[0], model[2], model[4])]
+        for peak, start in zip(peaks, rms, strict=True):
+            assert peak <= p_scale * start * (1 + 1e-6)
+        if p_scale == 0.5:  # a large lr drives weights to the bound
+            assert max(peak / start for peak, start in zip(peaks, rms, strict=True)) > 0.49
+
+
+@pytest.mark.parametrize("name", ["madam", "lns-madam"])
+def test_g_bound_caps_each_step(name):
+    model = small_model()
+    before = model[2].weight.detach().clone()
+    lr = 1 / 128
+    optimizer = make_optimizer(name, model, QuantPolicy.fp32(), lr, 0.9, 0.0, g_bound=2.0)
+    train_steps(model, optimizer, steps=1)
+    ratio = (model[2].weight.detach() / before).abs()
+    largest = math.exp(2 * lr) if name == "madam" else 2 ** (2 * lr)
+    assert float(ratio.max()) <= largest * (1 + 1e-6) and float(ratio.min()) >= (1 / largest) * (1 - 1e-6)

@@ -76,7 +76,8 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
                   tables: SweepTables | None = None) -> list[Path]:
     """Write the tables and plots of a sweep's trials (`load_trials`'s frame) into `out_dir`.
 
-    Files: trials.csv, summary.csv, pareto.csv (every task and workload), summary.tex/.md,
+    Files: trials.csv, summary.csv, pareto.csv (every task and workload), all_points.csv (every
+    tuning point of every configuration), summary.tex/.md,
     pareto.tex/.md, and per task and workload `pareto_<task>_<workload>.png/.pdf` (accuracy vs
     energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit), and
     `area_<task>_<workload>.png/.pdf` (accuracy vs datapath area) once per distinct set of areas.
@@ -90,6 +91,7 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
         write_text_atomically(out_dir / "trials.csv", frame.to_csv(index=False)),
         write_text_atomically(out_dir / "summary.csv", summary.to_csv(index=False)),
         write_text_atomically(out_dir / "pareto.csv", fronts.to_csv(index=False)),
+        write_text_atomically(out_dir / "all_points.csv", tables.points.to_csv(index=False)),
     ]
     for name in ("summary", "pareto"):
         table = tables.text_table(name)

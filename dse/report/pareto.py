@@ -24,6 +24,12 @@ IDENTITY_COLUMNS: tuple[str, ...] = (
 """Columns that describe a configuration (not a measurement); carried into summaries and fronts."""
 
 COUNT_COLUMNS: tuple[str, ...] = ("n_seeds", "n_ok", "n_diverged", "n_error")
+STATISTIC_COLUMNS: tuple[str, ...] = (
+    "n", "accuracy_mean", "accuracy_std", "accuracy_ci_low", "accuracy_ci_high", "val_accuracy_mean",
+    "baseline", "delta_mean", "delta_ci_low", "delta_ci_high", "p_value", "p_vs_best")
+"""A configuration's accuracy over seeds, and its comparisons with the baseline and the best (Welch)."""
+TUNED_PREFIX = "tuned:"
+"""Columns `tuned:<field>`: the value of each tuned field at the point reported."""
 
 
 def energy_column(workload: str, unit: str | None = None) -> str:
@@ -73,9 +79,9 @@ def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = 
 
     Rows whose accuracy, energy or (if asked) memory is missing (NaN), such as configurations whose
     every seed raised, never enter the front. Returns one row per front point with columns `task`,
-    `workload`, `label`, the configuration's identity columns, seed counts, `accuracy_mean`,
-    `accuracy_std`, `energy_mj`, `energy_mj:<unit>` for each unit present, `memory_mib` and `area_um2`
-    (if present).
+    `workload`, `label`, the tuned values, the configuration's identity columns, seed counts, the
+    STATISTIC_COLUMNS present, `energy_mj`, `energy_mj:<unit>` for each unit present, `memory_mib` and
+    `area_um2` (if present).
     """
     energy = energy_column(workload)
     memory = memory_column(workload)
@@ -84,9 +90,10 @@ def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = 
     units = [u for u in ENERGY_UNITS if energy_column(workload, u) in summary.columns]
     renamed = {energy: "energy_mj", **{energy_column(workload, u): f"energy_mj:{u}" for u in units},
                memory: "memory_mib", area_column(workload): "area_um2"}
-    keep = (["task", "label"] + [c for c in IDENTITY_COLUMNS if c in summary.columns]
+    keep = (["task", "label"] + [c for c in summary.columns if str(c).startswith(TUNED_PREFIX)]
+            + [c for c in IDENTITY_COLUMNS if c in summary.columns]
             + [c for c in COUNT_COLUMNS if c in summary.columns]
-            + [c for c in ("accuracy_mean", "accuracy_std") if c in summary.columns]
+            + [c for c in STATISTIC_COLUMNS if c in summary.columns]
             + [c for c in renamed if c in summary.columns])
     objective_columns = ["accuracy_mean", energy] + ([memory] if memory_objective else [])
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dse.report.pareto import ENERGY_UNITS, area_column, energy_column, non_dominated, pareto_front
+from dse.report.stats import SIGNIFICANCE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,10 +31,31 @@ def _percent(values: pd.Series) -> np.ndarray:
     return 100.0 * pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
 
 
+def _interval_bars(rows: pd.DataFrame, accuracy: np.ndarray) -> np.ndarray:
+    """Error bars (2 x n, below and above the mean) of the 95 % t-interval; the std where there is no
+    interval column (a summary from elsewhere), zero where neither exists."""
+    if "accuracy_ci_low" in rows.columns:
+        below = accuracy - _percent(rows["accuracy_ci_low"])
+        above = _percent(rows["accuracy_ci_high"]) - accuracy
+    else:
+        below = above = _percent(rows["accuracy_std"])
+    return np.nan_to_num(np.vstack([below, above]), nan=0.0)
+
+
+def tied_with_best(front: pd.DataFrame) -> np.ndarray:
+    """Front points whose accuracy is not significantly below the task's best (Welch p >= SIGNIFICANCE);
+    the best itself is one of them. Needs `p_vs_best` (summarize_trials); all False without it."""
+    if "p_vs_best" not in front.columns:
+        return np.zeros(len(front), dtype=bool)
+    p_values = pd.to_numeric(front["p_vs_best"], errors="coerce").to_numpy(dtype=float)
+    return np.nan_to_num(p_values, nan=0.0) >= SIGNIFICANCE
+
+
 def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                            memory_objective: bool = False) -> Figure | None:
-    """Every configuration of `task` (mean accuracy, error bar = std over seeds) against its energy on
-    `workload` (log scale), with the accuracy-energy front as a step line and its points labelled.
+    """Every configuration of `task` (mean accuracy, error bar = 95 % t-interval over seeds) against its
+    energy on `workload` (log scale), with the accuracy-energy front as a step line and its points
+    labelled; front points not significantly less accurate than the best (Welch p >= 0.05) are starred.
 
     With the memory objective, points that are on the front only thanks to memory are ringed.
     None when no configuration has both an accuracy and a positive energy.
@@ -43,14 +65,14 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     rows = summary[summary["task"] == task]
     energy = pd.to_numeric(rows[energy_column(workload)], errors="coerce").to_numpy(dtype=float)
     accuracy = _percent(rows["accuracy_mean"])
-    spread = np.nan_to_num(_percent(rows["accuracy_std"]), nan=0.0)
+    bars = _interval_bars(rows, accuracy)
     shown = np.isfinite(accuracy) & np.isfinite(energy) & (energy > 0)
     if not shown.any():
         return None
     fig = Figure(figsize=(7.0, 4.6), layout="constrained")
     ax = fig.subplots()
-    ax.errorbar(energy[shown], accuracy[shown], yerr=spread[shown], fmt="o", color="tab:blue", alpha=0.6,
-                capsize=3, markersize=5, label="configuration (mean ± std over seeds)")
+    ax.errorbar(energy[shown], accuracy[shown], yerr=bars[:, shown], fmt="o", color="tab:blue", alpha=0.6,
+                capsize=3, markersize=5, label="configuration (mean, 95 % CI over seeds)")
     diverged = shown & (pd.to_numeric(rows["n_diverged"], errors="coerce").fillna(0).to_numpy() > 0)
     if diverged.any():
         ax.scatter(energy[diverged], accuracy[diverged], marker="x", color="black", zorder=3,
@@ -61,6 +83,11 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     ax.step(front_energy, front_accuracy, where="post", color="tab:red", linewidth=1.5, zorder=2,
             label="Pareto front (accuracy vs energy)")
     ax.scatter(front_energy, front_accuracy, color="tab:red", s=40, zorder=4)
+    tied = tied_with_best(front)
+    if tied.any():
+        ax.scatter(front_energy[tied], front_accuracy[tied], marker="*", s=180, facecolors="gold",
+                   edgecolors="black", linewidths=0.6, zorder=5,
+                   label="front, not significantly below the best (Welch p ≥ 0.05)")
     for x, y, label in zip(front_energy, front_accuracy, front["label"], strict=True):
         ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if memory_objective:
@@ -74,7 +101,7 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                 ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel(f"energy per training iteration on {workload} (mJ, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean and 95 % CI")
     ax.set_title(f"{task}: accuracy vs energy (workload {workload})", fontsize=10)
     ax.margins(x=0.12, y=0.08)
     ax.grid(alpha=0.3, which="both")

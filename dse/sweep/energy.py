@@ -48,6 +48,13 @@ class WorkloadEnergy:
         return dataclasses.asdict(self)
 
 
+def master_format(master_weights: bool | str) -> str | None:
+    """The master copy's format for the energy model: fp32, the copy's own spec, or None (no copy)."""
+    if isinstance(master_weights, str):
+        return master_weights
+    return FP32 if master_weights else None
+
+
 def energy_view(config: TrainConfig) -> dict[str, Any]:
     """The settings an energy estimate depends on."""
     return {"model": config.model, "dataset": config.dataset, "data_dir": config.data_dir,
@@ -56,14 +63,6 @@ def energy_view(config: TrainConfig) -> dict[str, Any]:
             "full_precision_layers": sorted(config.full_precision_layers), "rounding": config.rounding,
             "update_rounding": config.update_rounding, "accumulation": config.accumulation,
             "accumulation_chunk": config.accumulation_chunk if config.accumulation is not None else None}
-
-
-def _master(config: TrainConfig) -> Any:
-    """The master copy as trained: fp32 (True), none (False), or a format spec."""
-    master = config.master_weights
-    if isinstance(master, str):
-        return master
-    return FP32 if master else None
 
 
 def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
@@ -136,9 +135,9 @@ class EnergyEstimator:
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
         low_formats = TrainingFormats(
             weight=formats["weights"], activation=formats["activations"], gradient=formats["gradients"],
-            weight_grad=formats["weight_grads"], optimizer=optimizer, master=_master(config),
-            state=formats["optimizer_state"], rounding=config.rounding,
-            update_rounding=config.update_rounding)
+            weight_grad=formats["weight_grads"], optimizer=optimizer,
+            master=master_format(config.master_weights), state=formats["optimizer_state"],
+            rounding=config.rounding, update_rounding=config.update_rounding)
         high_formats = TrainingFormats.uniform(FP32, optimizer=optimizer, master=None,
                                                state=formats["optimizer_state"])
         units = dict.fromkeys(UNITS, 0.0)

@@ -130,10 +130,23 @@ def check_tasks(sweep: SweepConfig) -> None:
             raise sweep.source.error(task.path, str(error).splitlines()[0]) from None
 
 
+def check_trials(sweep: SweepConfig, trials: list[Trial]) -> None:
+    """Each trial's configuration can run (the combination of its fields: e.g. LNS-Madam with a
+    non-LNS master copy), reported at its trial entry."""
+    from dse.train.loop import check_config
+
+    for trial in trials:
+        try:
+            check_config(trial.config)
+        except ValueError as error:
+            raise sweep.source.error(trial.source, f"{trial.label!r}: {str(error).splitlines()[0]}") from None
+
+
 def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyRows]:
     """Everything checked before the disk is touched: tasks, trials, baseline, the energy of every trial."""
     check_tasks(sweep)
     trials = expand(sweep)
+    check_trials(sweep, trials)
     baseline_labels(sweep, trials)
     keys, energies = estimate_energies(sweep, trials)
     return trials, keys, energies

@@ -37,7 +37,7 @@ import pandas as pd
 
 from dse.energy.iteration import UNITS
 from dse.errors import InputError
-from dse.report.pareto import area_column, energy_column, memory_column
+from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column
 
 STORE_FILE = "sweep.sqlite"
 SCHEMA_VERSION = "2"
@@ -47,8 +47,6 @@ TRIAL_COLUMNS: tuple[str, ...] = (
     "test_accuracy", "final_loss", "wall_time_s")
 PLAN_COLUMNS: tuple[str, ...] = ("configuration", "tuning")
 """Columns load_trials takes from the plan: the configuration hash and the tuning point (JSON)."""
-TUNED_PREFIX = "tuned:"
-"""load_trials has one `tuned:<field>` column per field tuned anywhere in the plan (NaN where not)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

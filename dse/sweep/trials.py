@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dse.formats import get
+from dse.report.labels import TUNED, field_token
 from dse.sweep.config import TRIAL_FIELDS, SweepConfig
 from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
 
 FP32 = "fp32"
-TUNED = "tuned"
-"""Key under which a configuration's identity holds a tuned field's list of values."""
 TENSOR_FIELDS: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
 _DEFAULTS = TrainConfig().to_dict()
 
@@ -88,27 +87,6 @@ def _format_token(formats: dict[str, str]) -> str:
     return token if dw == g else f"{token},dW={dw}"
 
 
-def _token(name: str, value: Any) -> str:
-    if isinstance(value, dict) and TUNED in value:
-        return f"{name.replace('_', '-')}=tuned"
-    if name == "master_weights":
-        return "master" if value else "no-master"
-    if name == "layer_scaling":
-        return "layer-scaling" if value else "no-layer-scaling"
-    if name == "warmup_epochs":
-        return f"warmup={value}"
-    if name == "full_precision_layers":
-        return f"fp-layers={'+'.join(value) if value else 'none'}"
-    if name == "optimizer_state":
-        return f"state={value}"
-    return f"{name.replace('_', '-')}={value}"
-
-
-def point_label(label: str, tuning: dict[str, Any]) -> str:
-    """A configuration's label with its tuning point: `fp32 sgd lr=0.1 momentum=0.8`."""
-    return " ".join([label, *(_token(name, value) for name, value in tuning.items())])
-
-
 def configuration_identity(task: str, config: TrainConfig, tuned: dict[str, list[Any]]) -> dict[str, Any]:
     """identity()'s config without the seed, each tuned field replaced by {"tuned": its values}."""
     data = identity(task, config)["config"]
@@ -135,7 +113,7 @@ def make_labels(configs: list[dict[str, Any]]) -> list[str]:
             default = FP32 if name == "optimizer_state" else _DEFAULTS.get(name)
             value = config.get(name)
             if json.dumps(value) != json.dumps(default):
-                tokens.append(_token(name, value))
+                tokens.append(field_token(name, value))
         labels.append(" ".join(tokens))
     counts: dict[str, int] = {}
     for label in labels:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam", "niti")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 TENSOR_FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
                                          "optimizer_state")
 """The fields that give a tensor class its number format (spec strings)."""
@@ -45,14 +46,31 @@ class TrainConfig:
     accumulation_chunk: int = 16
     """Products summed in fp32 before each rounding of the running sum into `accumulation`."""
     update_rounding: str = "stochastic"
-    """Rounding of the weights after each update when they live in their format (no master copy)."""
+    """Rounding of the stored weights onto their grid after each update (a master copy in a format,
+    or the weights in their own format)."""
     optimizer: str = "sgd"
     lr: float | None = None
     """None picks the optimizer's default (see docs/training.md)."""
+    lr_schedule: str = "constant"
+    """How the learning rate moves over the epochs: constant, cosine (to 0 at the last epoch) or step
+    (times lr_gamma every lr_step_epochs); set at the start of each epoch."""
+    lr_warmup_epochs: int = 0
+    """Epochs of linear learning-rate warm-up (lr * (e + 1) / n in epoch e) before the schedule."""
+    lr_step_epochs: int = 10
+    """step schedule: epochs between two decays."""
+    lr_gamma: float = 0.1
+    """step schedule: factor of each decay."""
     momentum: float = 0.9
     weight_decay: float = 0.0
-    master_weights: bool = True
-    """Keep an fp32 master copy of the weights; False stores them in the weight format itself."""
+    p_scale: float = 3.0
+    """Madam / LNS-Madam: weights are bounded by p_scale x the RMS of their initial values
+    (jxbz/madam, jiaweizzhao/lns-madam-optimizer: 3)."""
+    g_bound: float = 10.0
+    """Madam / LNS-Madam: bound on the normalised gradient g* (the references: 10)."""
+    master_weights: bool | str = True
+    """Where the optimizer keeps the weights: True an fp32 copy, False the weight format itself, or
+    a format spec for a copy of its own (e.g. 'lns(16,gamma=2048)', 'posit(16,2)', 'int16' for NITI).
+    The GEMMs always see the weights quantized to `weights`."""
     warmup_epochs: int = 0
     """Epochs trained in fp32 before quantization is switched on (Lu et al.'s posit recipe)."""
     layer_scaling: bool = False

@@ -22,10 +22,11 @@ from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
 from dse.formats import ROUNDINGS
 from dse.formats import get as get_format
-from dse.train.config import OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
+from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import quantize_model, set_quantization
-from dse.train.optim import make_optimizer
+from dse.train.optim import lns_madam_copy_error, make_optimizer
 from dse.train.policy import FULL_PRECISION_LAYER_NAMES, QuantPolicy
+from dse.train.schedule import lr_factor
 from models.proxies import MODELS, build_model
 
 EVAL_BATCH = 1024
@@ -33,11 +34,14 @@ Progress = Callable[[int, float, float], None]
 """Called after each epoch with (epoch, mean training loss, test accuracy)."""
 
 
-_AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk")
-_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay")
+_AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk",
+                                   "lr_step_epochs")
+_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "lr_warmup_epochs")
+_POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
     "rounding": ("rounding", ROUNDINGS), "update_rounding": ("rounding", ROUNDINGS),
+    "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
 
 
@@ -58,8 +62,10 @@ def check_field(name: str, value: Any) -> Any:
         raise InputError(f"{name} must be >= 1, got {value}")
     if name in _NON_NEGATIVE and not value >= 0:
         raise InputError(f"{name} must be >= 0, got {value}")
-    if name == "lr" and not (math.isfinite(value) and value > 0):
-        raise InputError(f"lr must be a positive number, got {value}")
+    if name in _POSITIVE and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{name} must be a positive number, got {value}")
+    if name == "master_weights":
+        return master_copy(value)
     if name == "device":
         if value != "cpu" and not value.startswith("cuda"):
             raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
@@ -68,24 +74,47 @@ def check_field(name: str, value: Any) -> Any:
     return value
 
 
+def master_copy(value: bool | str) -> bool | str:
+    """master_weights normalised: True (an fp32 copy), False (the weight format) or a canonical spec.
+
+    The words true and false (as a command line spells them) are the booleans; the spec fp32 is True.
+    """
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in ("true", "false"):
+        return word == "true"
+    try:
+        spec = get_format(value).spec
+    except ValueError as error:
+        raise InputError(f"expected true, false or a format spec: {str(error).splitlines()[0]}") from None
+    return True if spec == "fp32" else spec
+
+
 def check_config(config: TrainConfig) -> None:
     """Reject what cannot run, before any data is loaded (one line each)."""
     for field in dataclasses.fields(config):
         try:
             check_field(field.name, getattr(config, field.name))
         except ValueError as error:  # a spec's own message does not say which field holds it
-            if field.name not in SPEC_FIELDS:
+            if field.name not in (*SPEC_FIELDS, "master_weights"):
                 raise
             raise InputError(f"config {field.name}: {str(error).splitlines()[0]}") from None
     if config.optimizer == "niti":
         from dse.train.niti import check_niti
 
-        check_niti(config)  # the formats are one integer width, niti_mu is in range
+        check_niti(config)  # the formats are one integer width, niti_mu is in range, the copy fits
+        if config.lr_schedule != "constant" or config.lr_warmup_epochs:
+            raise InputError("optimizer 'niti' has no learning rate: its update bitwidth niti_mu follows "
+                             "the paper's step schedule, so lr_schedule and lr_warmup_epochs do not apply")
         if config.accumulation is not None:
             raise InputError(f"accumulation {config.accumulation!r} does not apply to optimizer 'niti', "
                              "which accumulates exactly in int32")
     else:
-        QuantPolicy.from_config(config)  # the formats' combinations (a scaled accumulator, layer scaling)
+        policy = QuantPolicy.from_config(config)  # the formats' combinations (scaled accumulator, ...)
+        storage = policy.storage.format
+        if config.optimizer == "lns-madam" and storage is not None and storage.family != "lns":
+            raise InputError(lns_madam_copy_error(config.master_weights, storage.spec))
 
 
 def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> TrainingSetup:
@@ -100,9 +129,14 @@ def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator) -
     if warmup:
         set_quantization(model, False)
     optimizer = make_optimizer(config.optimizer, model, policy, config.lr, config.momentum,
-                               config.weight_decay, generator=generator)
+                               config.weight_decay, generator=generator, p_scale=config.p_scale,
+                               g_bound=config.g_bound)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     def on_epoch_start(epoch: int) -> None:
+        factor = lr_factor(config, epoch)
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = base * factor
         if warmup and epoch == warmup:
             set_quantization(model, True)
             hook = getattr(optimizer, "step_quantizer", None)

@@ -332,27 +332,36 @@ def _check(name: str, policy: QuantPolicy, weight_decay: float) -> None:
         raise InputError(f"optimizer {name!r} has no weight decay (multiplicative updates), "
                          f"got weight_decay={weight_decay}")
     storage = policy.storage.format
-    if name == "lns-madam" and not policy.master_weights and storage is not None and storage.family != "lns":
-        raise InputError(f"optimizer 'lns-madam' needs LNS weights (or fp32) when weights are stored in "
-                         f"their format (master_weights off), got weights {storage.spec!r}")
+    if name == "lns-madam" and storage is not None and storage.family != "lns":
+        raise InputError(lns_madam_copy_error(policy.master_weights, storage.spec))
+
+
+def lns_madam_copy_error(master_weights: bool | str, spec: str) -> str:
+    """Why LNS-Madam cannot keep its weights in `spec` (a non-LNS format)."""
+    where = f"master_weights {master_weights!r}" if isinstance(master_weights, str) else \
+        f"weights {spec!r} (stored in their format: master_weights off)"
+    return (f"optimizer 'lns-madam' moves each weight by whole steps of its log code, so it keeps the "
+            f"weights in an LNS format (or an fp32 copy); got {where}")
 
 
 def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float | None, momentum: float,
-                   weight_decay: float, generator: torch.Generator | None = None) -> torch.optim.Optimizer:
+                   weight_decay: float, generator: torch.Generator | None = None, p_scale: float = 3.0,
+                   g_bound: float = 10.0) -> torch.optim.Optimizer:
     """The named optimizer over all of the model's parameters, with the policy's state and storage
     re-quantization after every step.
 
     lr None takes DEFAULT_LR[name]. momentum applies to sgd only (Adam keeps betas (0.9, 0.999));
-    madam and lns-madam take no weight decay. `generator` feeds the stochastic rounding of stored
-    weights and state (None: torch's global generator). With master_weights off the quantized
-    layers' weights are rounded into storage right away, unless quantization is switched off.
+    madam and lns-madam take no weight decay; p_scale and g_bound are theirs. `generator` feeds the
+    stochastic rounding of stored weights and state (None: torch's global generator). When the
+    weights live in a format (policy.storage: a master copy's, or the weight format itself) the
+    quantized layers' weights are rounded into it right away, unless quantization is switched off.
     """
     _check(name, policy, weight_decay)
     lr = DEFAULT_LR[name] if lr is None else lr
     switch = quant_switch(model) or QuantSwitch()
     params = list(model.parameters())
     stored = [m.weight for m in quantized_layers(model) if isinstance(getattr(m, "weight", None), Tensor)]
-    stored = stored if not policy.master_weights and policy.storage.enabled else []
+    stored = stored if policy.storage.enabled else []
     optimizer: torch.optim.Optimizer
     if name == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -361,11 +370,11 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     elif name == "adamw":
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     elif name == "madam":
-        optimizer = Madam(params, lr=lr)
+        optimizer = Madam(params, lr=lr, p_scale=p_scale, g_bound=g_bound)
     else:
         lns = {p: policy.storage.format for p in stored}  # stored is empty unless storage has a format
-        optimizer = LNSMadam(params, lr=lr, lns_storage=lns, update_rounding=policy.storage.rounding,
-                             generator=generator, switch=switch)
+        optimizer = LNSMadam(params, lr=lr, p_scale=p_scale, g_bound=g_bound, lns_storage=lns,
+                             update_rounding=policy.storage.rounding, generator=generator, switch=switch)
         stored = []  # LNSMadam keeps them on the grid itself
     hook = StepQuantizer(policy.storage, stored, policy.state, switch, generator)
     optimizer.register_step_post_hook(hook)

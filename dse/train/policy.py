@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,9 @@ class QuantPolicy:
     state: TensorQuant
     """Optimizer state: momentum buffers, Adam's moments, Madam's second moment."""
     storage: TensorQuant
-    """Format and rounding the weights live in after each update when master_weights is False."""
-    master_weights: bool = True
+    """Format and rounding the weights live in after each update: the master copy's format, the weight
+    format when master_weights is False, None (fp32) for an fp32 copy."""
+    master_weights: bool | str = True
     full_precision_layers: tuple[str, ...] = ()
     accumulation: TensorQuant = TensorQuant(None)
     """Format and rounding of every quantized GEMM's running partial sum (None: fp32, torch's own);
@@ -156,6 +158,7 @@ class QuantPolicy:
             "weight_grads": config.weight_grads if config.weight_grads is not None else gradients,
             "optimizer_state": config.optimizer_state,
             "accumulation": config.accumulation,
+            "master_weights": config.master_weights if isinstance(config.master_weights, str) else None,
         }
         formats = {name: _resolve(name, spec) for name, spec in specs.items()}
         explicit = {name: spec is not None and "scale" in parse_call(spec).kwargs
@@ -178,13 +181,24 @@ class QuantPolicy:
             error=training_quant("errors", config.rounding, gradient=True),
             weight_grad=training_quant("weight_grads", config.rounding, gradient=True),
             state=TensorQuant(formats["optimizer_state"], config.update_rounding),
-            storage=(dataclasses.replace(weight, rounding=config.update_rounding)
-                     if not config.master_weights else TensorQuant(None)),
+            storage=_storage(config, weight, training_quant),
             master_weights=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
             accumulation=TensorQuant(formats["accumulation"], "nearest"),
             accumulation_chunk=config.accumulation_chunk,
         )
+
+
+def _storage(config: TrainConfig, weight: TensorQuant,
+             training_quant: Callable[[str, str, bool], TensorQuant]) -> TensorQuant:
+    """Where the weights live between updates: an fp32 copy (True), the weight format (False), or a
+    master copy in its own format, rounded with update_rounding and scaled as weights are."""
+    master = config.master_weights
+    if master is True:
+        return TensorQuant(None)
+    if master is False:
+        return dataclasses.replace(weight, rounding=config.update_rounding)
+    return training_quant("master_weights", config.update_rounding, False)
 
 
 def _resolve(name: str, spec: str | None) -> NumberFormat | None:

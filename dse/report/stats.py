@@ -1,0 +1,82 @@
+"""Statistics over seeds: a Student-t confidence interval of a mean, and Welch's comparison of two means.
+
+Both take the accuracies of a configuration's counted trials (one per seed) and use scipy.stats, so
+the numbers are the textbook ones: the interval is mean ± t(0.975, n - 1) · s / sqrt(n), the
+comparison is Welch's unequal-variance t-test with the Welch-Satterthwaite degrees of freedom.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+"""Level of every interval in the reports."""
+SIGNIFICANCE = 1.0 - CONFIDENCE
+"""A p-value below this is a significant difference (two-sided)."""
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """Mean of n samples and its CONFIDENCE t-interval (NaN bounds below two samples)."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(a) - mean(b), its CONFIDENCE Welch interval and the two-sided Welch p-value.
+
+    Interval and p-value are NaN when either side has fewer than two samples, or when both have
+    zero variance (the t statistic is undefined; the interval is then the difference itself).
+    """
+
+    delta: float
+    low: float
+    high: float
+    p_value: float
+
+
+def _finite(samples: np.ndarray | list[float]) -> np.ndarray:
+    values = np.asarray(samples, dtype=float)
+    return values[np.isfinite(values)]
+
+
+def mean_interval(samples: np.ndarray | list[float]) -> MeanInterval:
+    """The mean of the finite samples and its Student-t confidence interval."""
+    values = _finite(samples)
+    n = len(values)
+    if n == 0:
+        return MeanInterval(0, math.nan, math.nan, math.nan)
+    mean = float(values.mean())
+    if n == 1:
+        return MeanInterval(1, mean, math.nan, math.nan)
+    sem = float(stats.sem(values))
+    if sem == 0.0:
+        return MeanInterval(n, mean, mean, mean)
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sem)
+    return MeanInterval(n, mean, float(low), float(high))
+
+
+def welch(a: np.ndarray | list[float], b: np.ndarray | list[float]) -> Difference:
+    """Welch's two-sample comparison of the finite samples of a and b (a minus b)."""
+    x, y = _finite(a), _finite(b)
+    if len(x) == 0 or len(y) == 0:
+        return Difference(math.nan, math.nan, math.nan, math.nan)
+    delta = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return Difference(delta, math.nan, math.nan, math.nan)
+    if x.var(ddof=1) == 0.0 and y.var(ddof=1) == 0.0:
+        return Difference(delta, delta, delta, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # precision loss on near-identical samples
+        result = stats.ttest_ind(x, y, equal_var=False)
+        interval = result.confidence_interval(CONFIDENCE)
+    return Difference(delta, float(interval.low), float(interval.high), float(result.pvalue))
