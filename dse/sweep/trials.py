@@ -173,7 +173,8 @@ def expand(sweep: SweepConfig) -> list[Trial]:
 
 # Rough cost of a training step under each format family relative to fp32 (benchmarks/train_step.py
 # on the proxies); only the order in which trials start depends on it, never a result.
-_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "lns": 2.3, "posit": 2.8, "mx": 2.8}
+_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "p3109": 1.9, "lns": 2.3, "posit": 2.8,
+                     "block": 2.8}
 
 
 def estimated_cost(config: TrainConfig) -> float:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
-from dse.formats import ROUNDINGS
+from dse.formats import check_rounding
 from dse.formats import get as get_format
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import quantize_model, set_quantization
@@ -40,9 +40,9 @@ _NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "
 _POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
-    "rounding": ("rounding", ROUNDINGS), "update_rounding": ("rounding", ROUNDINGS),
     "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
+_ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -51,6 +51,8 @@ def check_field(name: str, value: Any) -> Any:
     sweep file's validator each say where."""
     if value is None:
         return None
+    if name in _ROUNDING_FIELDS:
+        return check_rounding(value)
     if name in _NAMES:
         kind, valid = _NAMES[name]
         return choice(kind, value, valid)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dse.errors import InputError
-from dse.formats import ROUNDINGS, NumberFormat, round_to_integer
+from dse.formats import NumberFormat, check_rounding, round_to_integer
 from dse.formats.base import random_bits
 from dse.train.layers import QuantSwitch, quant_switch, quantized_layers
 from dse.train.policy import QuantPolicy, TensorQuant
@@ -122,7 +122,7 @@ def dyadic_code_step(gamma_lr: float, g_max: int, rounding: str) -> tuple[int, i
     pseudo_stochastic also needs |round(g*) * num| below 2^(53 - k), the range in which
     `round_shifted` reproduces round_to_integer's rule on the float64 quotient.
     """
-    if not math.isfinite(gamma_lr):
+    if not math.isfinite(gamma_lr) or rounding.startswith("stochastic("):  # k random bits: float64 path
         return None
     num, den = gamma_lr.as_integer_ratio()
     k = den.bit_length() - 1
@@ -210,9 +210,10 @@ class LNSMadam(Madam):
                  update_rounding: str = "stochastic", generator: torch.Generator | None = None,
                  switch: QuantSwitch | None = None) -> None:
         self.lns_storage = dict(lns_storage or {})
-        if update_rounding not in ROUNDINGS:
-            raise InputError(f"unknown LNS-Madam update_rounding {update_rounding!r}: "
-                             f"expected one of {', '.join(ROUNDINGS)}")
+        try:
+            update_rounding = check_rounding(update_rounding)
+        except InputError as error:
+            raise InputError(f"LNS-Madam update_rounding: {error}") from None
         self.update_rounding = update_rounding
         self.generator = generator
         self.switch = switch or QuantSwitch()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dse.errors import InputError
-from dse.formats import ROUNDINGS, NumberFormat, Scaling, check_rounding, get
+from dse.formats import NumberFormat, Scaling, check_rounding, get
 from dse.formats.spec import parse_call
 from dse.train.config import TrainConfig
 
@@ -139,7 +139,7 @@ class QuantPolicy:
         `format` fills weights, activations and gradients; `gradients` fills errors and weight
         gradients (unless `weight_grads` is given); the optimizer state defaults to fp32. A spec
         that states `scale=` is used exactly as written. Otherwise formats with their own scaling
-        (int, lns, mx) keep it, and formats without (fp, fixed, posit) get: Lu et al.'s
+        (int, lns, block formats) keep it, and formats without (fp, fixed, posit) get: Lu et al.'s
         layer-wise scale for every posit tensor class when `layer_scaling` is on, and a per-tensor
         power-of-two scale for fp/fixed errors and weight gradients (dynamic loss scaling per
         tensor), so small gradients do not underflow. `accumulation` is used exactly as written
@@ -147,9 +147,10 @@ class QuantPolicy:
         """
         for name in ("rounding", "update_rounding"):
             value = getattr(config, name)
-            if value not in ROUNDINGS:
-                raise InputError(f"config {name}: unknown rounding {value!r}: expected one of "
-                                 f"{', '.join(ROUNDINGS)}")
+            try:
+                check_rounding(value)
+            except InputError as error:
+                raise InputError(f"config {name}: {error}") from None
         gradients = config.gradients if config.gradients is not None else config.format
         specs = {
             "weights": config.weights if config.weights is not None else config.format,
