@@ -8,6 +8,7 @@ grid each raise one InputError line `file:line: path: problem`. docs/config.md d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import typing
@@ -17,12 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from dse.energy import DatapathParams, MemoryParams, parse_node, workload_names
+from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
 from dse.errors import InputError, closest
+from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
 from dse.train.config import TrainConfig
 from dse.train.loop import check_field
-from dse.train.policy import FULL_PRECISION_LAYER_NAMES
+from dse.usercode import absolute, is_ref, load_function, parse_ref
+from dse.usercode import identity as code_identity
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
+from models.workloads import is_workload_file
 
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
 """What makes a task a task: set once per task, never gridded."""
@@ -130,6 +134,9 @@ class EnergyConfig:
     memory: MemoryParams
     points: tuple[EnergyPoint, ...]
     """Every combination of the energy axes (node, scope, accumulator, vector_length); one if no list."""
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Workload name -> what it is read from, for a user's network: an absolute file path (.onnx,
+    .yaml, .yml, .csv) or `/abs/file.py:function` (traced on each task's dataset)."""
 
     @property
     def node(self) -> str:
@@ -147,7 +154,19 @@ class EnergyConfig:
     def describe(self) -> dict[str, Any]:
         """Everything that changes an energy number, as plain data (for hashing)."""
         return {"table": self.table, "memory": dataclasses.asdict(self.memory),
-                "points": [point.describe() for point in self.points]}
+                "points": [point.describe() for point in self.points],
+                **({"sources": {name: _source_identity(spec) for name, spec in self.sources.items()}}
+                   if self.sources else {})}
+
+
+def _source_identity(spec: str) -> Any:
+    """A user workload's identity: its function and source hash, or its file's content hash."""
+    if is_ref(spec):
+        return code_identity(spec, "workload")
+    try:
+        return {"sha256": hashlib.sha256(Path(spec).read_bytes()).hexdigest()}
+    except OSError:
+        return spec
 
 
 @dataclass(frozen=True)
@@ -288,6 +307,16 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
                                f"{value!r}")
         # Item by item, so that an unknown name is reported at its own place in the list.
         return tuple(_meaning(name, [layer], (*path, index), source)[0] for index, layer in enumerate(value))
+    if name == "layers":
+        if not isinstance(value, list):
+            raise source.error(path, f"expected a list of rules such as [{{match: 'head', format: fp32}}], "
+                               f"got {value!r}")
+        rules = []
+        for index, raw in enumerate(value):
+            where = (*path, index)
+            rule = _meaning(name, [raw], where, source)[0]
+            rules.append(LayerRule(rule.match, rule.formats, f"{source.file}:{source.line(where)}"))
+        return tuple(rules)
     try:
         value = _ADAPTERS[name].validate_python(value, strict=True)
     except ValidationError as error:
@@ -311,8 +340,9 @@ def _type_name(kind: Any) -> str:
 
 
 def _is_grid(name: str, value: Any) -> bool:
-    """A list is a grid, except full_precision_layers whose value is itself a list: there a list of lists."""
-    if name == "full_precision_layers":
+    """A list is a grid, except full_precision_layers and layers whose value is itself a list: there a
+    list of lists."""
+    if name in ("full_precision_layers", "layers"):
         return isinstance(value, list) and any(isinstance(v, list) for v in value)
     return isinstance(value, list)
 
@@ -324,7 +354,7 @@ def _unknown_key(key: Any, allowed: typing.Iterable[str], path: tuple[str | int,
 
 # --- tasks and trials -----------------------------------------------------------------------------
 
-def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TaskConfig:
+def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap, base_dir: Path) -> TaskConfig:
     if not isinstance(raw, dict):
         raise source.error(path, f"a task is a mapping with model and dataset, got {raw!r}")
     defaults: dict[str, Any] = {}
@@ -343,13 +373,21 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tas
             continue
         if _is_grid(key, value):
             raise source.error(where, "a task field takes one value; grid over values in a trial entry")
+        if key in ("model", "dataset") and isinstance(value, str):
+            value = absolute(value, base_dir)  # a file.py:function resolves against the sweep file's folder
         defaults[key] = _check(value, key, where, source)
     for key in ("model", "dataset"):
         if key not in raw:
             raise source.error(path, f"missing key {key!r}")
-    name = raw.get("name") or f"{defaults['model']}/{defaults['dataset']}"
+    name = raw.get("name") or f"{_short(raw['model'])}/{_short(raw['dataset'])}"
     tune = _check_tune(raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw else {}
     return TaskConfig(name=name.strip(), defaults=defaults, path=path, tune=tune)
+
+
+def _short(value: Any) -> str:
+    """A task name's part: a built-in's name, a user's model or dataset by its function's name."""
+    ref = parse_ref(value)
+    return str(value).strip().lower() if ref is None else ref.function
 
 
 def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TrialEntry:
@@ -445,12 +483,18 @@ def _check_seeds(value: Any, path: tuple[str | int, ...], source: SourceMap) -> 
     return tuple(value)
 
 
+def _workload_name(spec: str) -> str:
+    """How a user's workload is named in reports: a file by its stem, a model by its function."""
+    ref = parse_ref(spec)
+    return ref.function if ref is not None else Path(spec).stem
+
+
 def _axis(value: Any) -> tuple[list[Any], bool]:
     """(values, whether the file gave a list)."""
     return (list(value), True) if isinstance(value, list) else ([value], False)
 
 
-def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
+def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) -> EnergyConfig:
     import itertools
 
     from dse.energy import SCOPES, build_model
@@ -465,7 +509,7 @@ def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
             raise source.error(("energy", name), f"empty list: give at least one {name}")
         axes[name] = values
 
-    def where(name: str, index: int) -> tuple[str | int, ...]:
+    def item_path(name: str, index: int) -> tuple[str | int, ...]:
         return ("energy", name, index) if listed[name] else ("energy", name)
 
     for index, node in enumerate(axes["node"]):
@@ -474,26 +518,40 @@ def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
             parse_node(text)
             build_model(text, node_scaling=section.node_scaling)
         except ValueError as error:
-            raise source.error(where("node", index), str(error).splitlines()[0]) from None
+            raise source.error(item_path("node", index), str(error).splitlines()[0]) from None
         axes["node"][index] = text
     for index, scope in enumerate(axes["scope"]):
         if scope not in SCOPES:
-            raise source.error(where("scope", index), f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
+            raise source.error(item_path("scope", index),
+                               f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
     for index, length in enumerate(axes["vector_length"]):
         if length is not None and (isinstance(length, bool) or length < 1):
-            raise source.error(where("vector_length", index), f"vector_length must be >= 1, got {length!r}")
+            raise source.error(item_path("vector_length", index),
+                               f"vector_length must be >= 1, got {length!r}")
     if not section.workloads:
         raise source.error(("energy", "workloads"), "empty list: name at least one workload (e.g. proxy)")
     known = (PROXY_WORKLOAD, *workload_names())
     seen: set[str] = set()
     workloads: list[str] = []
+    sources: dict[str, str] = {}
     for index, name in enumerate(section.workloads):
+        where = ("energy", "workloads", index)
         key = name.strip().lower()
         if key not in known:
-            raise source.error(("energy", "workloads", index),
-                               f"unknown workload {name!r}{did_you_mean(key, known)}")
+            spec = name.strip()
+            if is_ref(spec) or is_workload_file(spec):
+                spec = absolute(spec, base_dir) if is_ref(spec) else str((base_dir / spec).resolve())
+                key = _workload_name(spec)
+                sources[key] = spec
+            elif not spec.lower().startswith("llama("):
+                raise source.error(where, f"unknown workload {name!r}{did_you_mean(key, known)}; a user's "
+                                   "network is an .onnx, .yaml or .csv file or file.py:function")
+            try:  # read now: a bad file stops the sweep before anything is written
+                load_function(spec, "workload") if is_ref(spec) else get_workload(spec)
+            except ValueError as error:
+                raise source.error(where, str(error).splitlines()[0]) from None
         if key in seen:
-            raise source.error(("energy", "workloads", index), f"workload {name!r} is listed twice")
+            raise source.error(where, f"workload {name!r} is listed twice (or shares its name {key!r})")
         seen.add(key)
         workloads.append(key)
     table = section.table
@@ -502,7 +560,7 @@ def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
     for index, accumulator in enumerate([*axes["accumulator"], section.datapath.accumulator]):
         if accumulator is None or accumulator.strip().lower() == "quire":
             continue  # whether it fits each format is checked per trial
-        path = where("accumulator", index) if index < len(axes["accumulator"]) else ("energy", "datapath")
+        path = item_path("accumulator", index) if index < len(axes["accumulator"]) else ("energy", "datapath")
         try:
             parse_accumulator(accumulator, FP32_OPERAND)
         except ValueError as error:
@@ -538,7 +596,8 @@ def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
                         node_scaling=point.node_scaling)
     except ValueError as error:
         raise source.error(("energy", "table"), str(error).splitlines()[0]) from None
-    return EnergyConfig(workloads=tuple(workloads), table=table, memory=memory, points=tuple(points))
+    return EnergyConfig(workloads=tuple(workloads), table=table, memory=memory, points=tuple(points),
+                        sources=sources)
 
 
 def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorConfig:
@@ -561,8 +620,13 @@ def available_cores() -> int:
 
 # --- entry points ---------------------------------------------------------------------------------
 
-def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
-    """Validate a sweep file's text; raises InputError (one line, `file:line: path: problem`)."""
+def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path | None = None) -> SweepConfig:
+    """Validate a sweep file's text; raises InputError (one line, `file:line: path: problem`).
+
+    Relative paths of a user's model, dataset or workload resolve against `base_dir` (default: the
+    folder of `source_name`)."""
+    folder = Path(base_dir) if base_dir is not None else Path(source_name).parent
+    folder = folder.resolve()
     data, source = load_yaml(text, source_name)
     if not isinstance(data, dict):
         raise source.error((), "a sweep file is a mapping with at least 'task' (or 'tasks') and 'trials'")
@@ -581,9 +645,9 @@ def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
     if sweep.tasks is not None:
         if not sweep.tasks:
             raise source.error(("tasks",), "empty list: give at least one task")
-        tasks = [_check_task(raw, ("tasks", i), source) for i, raw in enumerate(sweep.tasks)]
+        tasks = [_check_task(raw, ("tasks", i), source, folder) for i, raw in enumerate(sweep.tasks)]
     else:
-        tasks = [_check_task(sweep.task, ("task",), source)]
+        tasks = [_check_task(sweep.task, ("task",), source, folder)]
     names: dict[str, tuple[str | int, ...]] = {}
     for task in tasks:
         if task.name in names:
@@ -600,7 +664,7 @@ def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
     output = Path(sweep.output) if sweep.output is not None else Path("results") / name
     return SweepConfig(
         name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(entries),
-        energy=_check_energy(sweep.energy, source), executor=_check_executor(sweep.executor, source),
+        energy=_check_energy(sweep.energy, source, folder), executor=_check_executor(sweep.executor, source),
         output=output, memory_objective=sweep.report.memory_objective,
         baseline=_check_baseline(sweep.report.baseline, source), source=source, text=text)
 

@@ -1,13 +1,15 @@
 """Energy per training iteration, training-state memory and datapath area of a trial, per workload and
 energy point.
 
-A trial is priced as it trained: its formats, optimizer, master copy (fp32, none, or a format), the
-rounding of its GEMM operands and of its in-place weight updates, its accumulation format and chunk
-(the accumulator and vector length of the dot-product unit), and the layers it keeps in fp32. Never its
-seed, so the energy is computed once per distinct configuration (`energy_key`). Layers kept in full
-precision (`full_precision_layers`: the first and/or last weight layer) are costed in fp32, the others in
-the trial's formats. The workload `proxy` is the trial's own model traced at its batch size; any other
-name is a `models.workloads` shape at that workload's own batch size.
+A trial is priced as it trained: its formats (per layer), optimizer, master copy (fp32, none, or a
+format), the rounding of its GEMM operands and of its in-place weight updates, and its accumulation
+format and chunk (the accumulator and vector length K of the dot-product unit). Never its seed, so it is
+computed once per distinct configuration (`energy_key`), at every point of the energy axes. Each layer
+is costed in the formats it trained in: its `layers` rule's, fp32 for `full_precision_layers` (the first
+and/or last weight layer), else the trial's (`layer_formats`, the same resolution training uses). The
+workload `proxy` is the trial's own model traced at its batch size, as is a user's model named as a
+workload (`file.py:function`, traced on the trial's dataset); any other name is a `models.workloads`
+shape or a user's file (ONNX, YAML, CSV) at its own batch size.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from typing import Any
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
 from dse.energy.iteration import STATE_TENSORS, TRAIN_OPTIMIZERS, UNITS, training_area_um2
 from dse.energy.model import EnergyModel
+from dse.precision import Layer, TensorFormats, resolve_layers
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
-from dse.sweep.trials import FP32, resolved_formats, stable_hash
+from dse.sweep.trials import FP32, canonical_rules, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
+from dse.usercode import identity as code_identity
+from dse.usercode import is_ref
 
 ENERGY_OPTIMIZERS: dict[str, str] = TRAIN_OPTIMIZERS
 """Training optimizer -> the energy model's update (NITI's integer update is costed as SGD)."""
@@ -57,12 +62,16 @@ def master_format(master_weights: bool | str) -> str | None:
 
 def energy_view(config: TrainConfig) -> dict[str, Any]:
     """The settings an energy estimate depends on."""
-    return {"model": config.model, "dataset": config.dataset, "data_dir": config.data_dir,
+    view = {"model": code_identity(config.model, "model"),
+            "dataset": code_identity(config.dataset, "dataset"), "data_dir": config.data_dir,
             "batch_size": config.batch_size, "formats": resolved_formats(config),
             "optimizer": ENERGY_OPTIMIZERS[config.optimizer], "master_weights": config.master_weights,
             "full_precision_layers": sorted(config.full_precision_layers), "rounding": config.rounding,
             "update_rounding": config.update_rounding, "accumulation": config.accumulation,
             "accumulation_chunk": config.accumulation_chunk if config.accumulation is not None else None}
+    if config.layers:  # only then, so that the energy keys of configurations without rules stay
+        view["layers"] = canonical_rules(config)
+    return view
 
 
 def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
@@ -70,19 +79,40 @@ def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
     return stable_hash({"view": energy_view(config), "settings": settings.describe()})
 
 
-def _split(workload: Workload, keep: tuple[str, ...]) -> tuple[Workload | None, Workload | None]:
-    """(the layers in the trial's formats, the layers kept in fp32): first/last = first/last weight layer."""
-    weight_layers = [i for i, layer in enumerate(workload.layers) if layer.b_is_weight]
-    fp_indices = set()
-    if weight_layers and "first" in keep:
-        fp_indices.add(weight_layers[0])
-    if weight_layers and "last" in keep:
-        fp_indices.add(weight_layers[-1])
-    quantized = tuple(layer for i, layer in enumerate(workload.layers) if i not in fp_indices)
-    full = tuple(layer for i, layer in enumerate(workload.layers) if i in fp_indices)
-    low = dataclasses.replace(workload, layers=quantized) if quantized or workload.extra_params else None
-    high = dataclasses.replace(workload, layers=full, extra_params={}) if full else None
-    return low, high
+KIND_TYPES: dict[str, tuple[str, ...]] = {"linear": ("Linear",), "conv": ("Conv2d", "Conv1d"),
+                                          "attention": ("Matmul", "MultiheadAttention")}
+"""Module classes a workload layer answers to in `type:` rules when no model tells (built-in workloads)."""
+
+
+def layer_formats(workload: Workload, config: TrainConfig,
+                  types: dict[str, tuple[str, ...]] | None = None) -> dict[str, TensorFormats]:
+    """Each workload layer's formats as the trial trained it: `layers` rules and full_precision_layers
+    over the trial's formats (dse/precision.py). `types` (layer name -> module classes, from the
+    trial's own model) serve `type:` rules; else the layer's kind does. A rule that matches no layer
+    of this workload is not an error here (it names the trial's model, which training checks)."""
+    types = types or {}
+    layers = [Layer(layer.name, (), types.get(layer.name.split("#")[0], KIND_TYPES.get(layer.kind, ())),
+                    layer.b_is_weight) for layer in workload.layers]
+    return resolve_layers(layers, config.layers, config.tensor_formats(), config.full_precision_layers,
+                          require_match=False)
+
+
+def _parts(workload: Workload, config: TrainConfig,
+           types: dict[str, tuple[str, ...]] | None) -> list[tuple[Workload, TensorFormats]]:
+    """The workload split into groups of layers with the same formats; the trial's own group keeps the
+    parameters outside GEMM layers (embeddings, norms)."""
+    trial = config.tensor_formats()
+    formats = layer_formats(workload, config, types)
+    groups: dict[TensorFormats, list[Any]] = {trial: []}
+    for layer in workload.layers:
+        groups.setdefault(formats[layer.name], []).append(layer)
+    parts = []
+    for group, layers in groups.items():
+        if group == trial and (layers or workload.extra_params):
+            parts.append((dataclasses.replace(workload, layers=tuple(layers)), group))
+        elif layers:
+            parts.append((dataclasses.replace(workload, layers=tuple(layers), extra_params={}), group))
+    return parts
 
 
 class EnergyEstimator:
@@ -94,24 +124,41 @@ class EnergyEstimator:
                                                scope=point.scope, node_scaling=point.node_scaling)
                        for point in settings.points}
         self._proxies: dict[tuple[Any, ...], Workload] = {}
+        self._types: dict[int, dict[str, tuple[str, ...]]] = {}
+        """id of a traced workload -> its layers' module classes (for `type:` rules)."""
 
-    @property
-    def model(self) -> EnergyModel:
-        return self.models[self.settings.points[0].name]
-
-    def proxy(self, config: TrainConfig) -> Workload:
-        """The trial's own model as a workload (cached per model, dataset and batch size)."""
-        key = (config.model, config.dataset, config.data_dir, config.batch_size)
+    def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
+        """The trial's own model (or `model`, a user's `file.py:function`) traced on the trial's dataset
+        at its batch size (cached per model, dataset and batch size); `types` keeps the module classes
+        of its GEMM layers for per-layer `type:` rules."""
+        model = model or config.model
+        key = (model, config.dataset, config.data_dir, config.batch_size)
         if key not in self._proxies:
+            import torch
+
             from dse.data import load_dataset
+            from dse.train.functional import model_layers
             from models.proxies import build_model as build_proxy
             from models.proxies import trace_workload
 
             dataset = load_dataset(config.dataset, config.data_dir)
-            network = build_proxy(config.model, dataset)
+            with torch.random.fork_rng(devices=[]):  # as the trial builds it, leaving the caller's RNG be
+                torch.manual_seed(config.seed)
+                network = build_proxy(model, dataset)
             self._proxies[key] = trace_workload(network, dataset, f"{config.model}/{config.dataset}",
                                                 config.batch_size, "sgd")
+            self._types[id(self._proxies[key])] = {layer.name: layer.types
+                                                   for layer in model_layers(network, dataset.x_train[:2])}
         return self._proxies[key]
+
+    def workload(self, name: str, config: TrainConfig) -> tuple[Workload, int | None]:
+        """The named workload for this trial and the batch it is priced at (None: the workload's own)."""
+        if name == PROXY_WORKLOAD:
+            return self.proxy(config), config.batch_size
+        source = self.settings.sources.get(name)
+        if source is not None and is_ref(source):
+            return self.proxy(config, source), config.batch_size
+        return get_workload(source or name), None
 
     def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
         """Energy, memory and area of one iteration per result column (energy point x workload); the
@@ -128,25 +175,20 @@ class EnergyEstimator:
         return model.with_datapath(accumulator=config.accumulation, vector_length=config.accumulation_chunk)
 
     def _one(self, name: str, config: TrainConfig, point: EnergyPoint) -> WorkloadEnergy:
-        workload = self.proxy(config) if name == PROXY_WORKLOAD else get_workload(name)
-        batch = config.batch_size if name == PROXY_WORKLOAD else None
+        workload, batch = self.workload(name, config)
         model = self.trained_model(config, point)
-        formats = resolved_formats(config)
+        area = 0.0
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
-        low_formats = TrainingFormats(
-            weight=formats["weights"], activation=formats["activations"], gradient=formats["gradients"],
-            weight_grad=formats["weight_grads"], optimizer=optimizer,
-            master=master_format(config.master_weights), state=formats["optimizer_state"],
-            rounding=config.rounding, update_rounding=config.update_rounding)
-        high_formats = TrainingFormats.uniform(FP32, optimizer=optimizer, master=None,
-                                               state=formats["optimizer_state"])
         units = dict.fromkeys(UNITS, 0.0)
         memory_bits = 0.0
-        low, high = _split(workload, config.full_precision_layers)
-        area = 0.0
-        for part, part_formats in ((low, low_formats), (high, high_formats)):
-            if part is None:
-                continue
+        types = self._types.get(id(workload))
+        for part, tensors in _parts(workload, config, types):
+            f = tensors.canonical()
+            part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
+                weight=f.weights, activation=f.activations, gradient=f.gradients, weight_grad=f.weight_grads,
+                optimizer=optimizer, state=f.optimizer_state,
+                master=master_format(config.master_weights) if tensors.quantizes_gemms else None,
+                rounding=config.rounding, update_rounding=config.update_rounding)
             frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
