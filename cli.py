@@ -173,6 +173,9 @@ def energy(
     table: _TableOpt = None,
     layers: Annotated[int, typer.Option(help="How many of the most expensive layers to list.")] = 10,
     dataset: _WorkloadDataOpt = None,
+    gemms: Annotated[bool, typer.Option("--gemms", help="Also list every GEMM of the iteration: shape "
+                                        "per sample by layer and pass, and the parameters each update "
+                                        "touches.")] = False,
 ) -> None:
     """Energy of one training iteration of a workload, by pass, unit and layer."""
     from dse.energy import (
@@ -192,7 +195,8 @@ def energy(
     formats = TrainingFormats(weight=get(weights) if weights else base,
                               activation=get(activations) if activations else base,
                               gradient=get(gradients) if gradients else base, optimizer=optimizer)
-    frame = iteration_energy(get_workload(workload, dataset, batch), formats, model, batch)
+    network = get_workload(workload, dataset, batch)
+    frame = iteration_energy(network, formats, model, batch)
     info = frame.attrs
     mac = per_mac(frame)
     console.print(f"[bold]{info['workload']}[/], batch {info['batch_size']}, {info['node_nm']:g} nm: "
@@ -222,6 +226,17 @@ def energy(
     for _, row in top.iterrows():
         grid.add_row(row["layer"], _mj(row["energy_pj"]), f"{row['share']:.1%}")
     console.print(grid)
+    if gemms:
+        grid = Table(title=f"GEMMs of one iteration (m, k, n per sample; MACs for batch "
+                     f"{info['batch_size']})")
+        for column in ("layer", "pass", r"groups x \[m, k] x \[k, n]", "MACs", "parameters"):
+            grid.add_column(column, justify="left" if column in ("layer", "pass") else "right")
+        for row in network.training_gemms(info["batch_size"]):
+            shape = (rf"{row['groups']} x \[{row['m']}, {row['k']}] x \[{row['k']}, {row['n']}]"
+                     if row["pass"] != "update" else "")
+            grid.add_row(row["layer"], row["pass"], shape, f"{row['macs']:,}" if row["macs"] else "",
+                         f"{row['params']:,}" if row["params"] else "")
+        _print_whole(grid)
 
 
 _COMPARE_HEADERS = {

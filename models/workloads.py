@@ -71,6 +71,18 @@ class GemmLayer:
     def params(self) -> int:
         return self.b_elems if self.b_is_weight else 0
 
+    def training_gemms(self) -> tuple[tuple[str, int, int, int], ...]:
+        """The GEMMs one training step runs for this layer, per sample, as (pass, m, k, n), each done
+        `groups` times: forward A [m,k] x B [k,n]; backward_data dA = dOut [m,n] x B^T [n,k] (only
+        when the input needs its gradient); backward_weight dB = A^T [k,m] x dOut [m,n] (the weight
+        gradient, summed over the batch; for a product of two activations, the second one's gradient).
+        The energy model costs exactly these (dse.energy.iteration)."""
+        gemms = [("forward", self.m, self.k, self.n)]
+        if self.needs_input_grad:
+            gemms.append(("backward_data", self.m, self.n, self.k))
+        gemms.append(("backward_weight", self.k, self.m, self.n))
+        return tuple(gemms)
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -88,6 +100,22 @@ class Workload:
     @property
     def params(self) -> int:
         return sum(layer.params for layer in self.layers) + sum(self.extra_params.values())
+
+    def training_gemms(self, batch_size: int | None = None) -> list[dict[str, Any]]:
+        """One row per GEMM of a training iteration at `batch_size` (default the workload's): layer,
+        pass, m, k, n, groups (per sample) and macs (the whole batch); then one `update` row per
+        parameter tensor with its parameter count (what the optimizer step touches)."""
+        batch = self.batch_size if batch_size is None else batch_size
+        rows: list[dict[str, Any]] = []
+        for layer in self.layers:
+            for name, m, k, n in layer.training_gemms():
+                rows.append({"layer": layer.name, "pass": name, "m": m, "k": k, "n": n,
+                             "groups": layer.groups, "macs": batch * layer.groups * m * k * n, "params": 0})
+        updates = [(layer.name, layer.params) for layer in self.layers if layer.b_is_weight]
+        for name, count in [*updates, *self.extra_params.items()]:
+            rows.append({"layer": name, "pass": "update", "m": 0, "k": 0, "n": 0, "groups": 0, "macs": 0,
+                         "params": count})
+        return rows
 
 
 # --- layer constructors --------------------------------------------------------------------------

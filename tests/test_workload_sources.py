@@ -324,3 +324,35 @@ def test_proxy_workloads_match_torchs_count_of_the_trained_model(name: str) -> N
 
 def test_every_proxy_workload_is_counted() -> None:
     assert set(workload_names(proxy=True)) - {"tiny-test"} == set(PROXIES)
+
+
+# --- the passes of a training iteration ------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["resnet18", "bert-base", "mobilenetv2", "encoder"])
+def test_training_gemms_are_what_the_energy_model_costs(source: str) -> None:
+    from dse.energy import build_model, iteration_energy
+
+    if source == "encoder":
+        workload = trace_model(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), torch.randn(2, 5, 16),
+                               "encoder", batch_size=8)
+    else:
+        workload = get_workload(source)
+    rows = workload.training_gemms(4)
+    frame = iteration_energy(workload, "int8", build_model("45nm"), 4)
+    assert sum(row["macs"] for row in rows) == frame.attrs["macs"]
+    assert sum(row["params"] for row in rows) == workload.params
+    for layer in workload.layers:  # every pass is the forward product's MACs, rearranged
+        passes = [row for row in rows if row["layer"] == layer.name and row["pass"] != "update"]
+        assert all(row["macs"] == 4 * layer.macs_per_sample for row in passes)
+        assert len(passes) == 2 + layer.needs_input_grad
+
+
+def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
+    (tmp_path / "net.csv").write_text("name,m,k,n\nfc1,1,64,20\nfc2,3,20,10\n")
+    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch", "2",
+                                      "--gemms"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "fc2" in line]
+    data = [line for line in lines if "backward_data" in line]
+    assert len(data) == 1 and "1 x [3, 10] x [10, 20]" in data[0] and "1,200" in data[0]
+    assert not any("fc1" in line and "backward_data" in line for line in result.stdout.splitlines())
