@@ -122,13 +122,13 @@ class _Small(nn.Module):
         return self.fc(y) + a.mean((1, 2))[:, None]
 
 
-def _export(model: nn.Module, path: Path, x: torch.Tensor) -> Path:
+def _export(model: nn.Module, path: Path, x: torch.Tensor, dynamic: bool = True) -> Path:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
+                          dynamic_axes={"x": {0: "batch"}} if dynamic else None)
     return path
 
 
@@ -146,6 +146,8 @@ def test_an_onnx_file_gives_the_same_gemms_as_tracing(tmp_path: Path) -> None:
     assert from_onnx.forward_macs() == traced.forward_macs() and from_onnx.params == traced.params
     names = [g.name for g in from_onnx.layers]
     assert names[:2] == ["conv", "depthwise"] and names[-1] == "fc"
+    fixed = get_workload(str(_export(model, tmp_path / "fixed.onnx", torch.randn(3, 1, 8, 8), dynamic=False)))
+    assert fixed.layers == from_onnx.layers  # exported for a batch of 3: still per sample
 
 
 def test_a_bad_onnx_file_is_one_line(tmp_path: Path) -> None:
