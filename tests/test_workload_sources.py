@@ -358,3 +358,18 @@ def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
     data = [line for line in lines if "backward_data" in line]
     assert len(data) == 1 and "1 x [3, 10] x [10, 20]" in data[0] and "1,200" in data[0]
     assert not any("fc1" in line and "backward_data" in line for line in result.stdout.splitlines())
+
+
+def test_a_recurrent_layer_is_named_in_a_warning_not_silently_left_out() -> None:
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    with pytest.warns(UserWarning, match=r"tagger: not priced .*rnn\."):
+        workload = trace_model(Tagger(), torch.randn(2, 5, 8), "tagger", batch_size=4)
+    assert [g.name for g in workload.layers] == ["fc"]
