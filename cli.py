@@ -341,6 +341,10 @@ def train(
     layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
     full_precision_layers: Annotated[str, typer.Option(
         help="Comma-separated layers kept in fp32: first, last (default none).")] = "",
+    layers: Annotated[str | None, typer.Option(
+        help="Per-layer formats: rules as YAML/JSON, e.g. '[{match: head, format: fp32}, "
+             "{match: \"type:Conv2d\", weights: int4}]', or a .yaml/.json file of them; the first "
+             "matching rule wins.")] = None,
     rounding: Annotated[str, typer.Option(help="Rounding into GEMMs.")] = "nearest",
     update_rounding: Annotated[str, typer.Option(help="Rounding of stored weights.")] = "stochastic",
     accumulation: Annotated[str | None, typer.Option(
@@ -354,13 +358,25 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and "
+                                          "the GEMMs left in fp32.")] = False,
 ) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
 
+    from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
     from dse.train.loop import check_field
+
+    def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
+        if verbose:
+            error_console.print(f"GEMMs ({sum(g.quantized for g in gemms)} of {len(gemms)} quantized):",
+                                markup=False, highlight=False)
+            for gemm in gemms:
+                error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
+        for message in unconverted:  # always: a GEMM left in fp32 is never silent
+            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     config = TrainConfig(
         model=model, dataset=dataset, format=format, weights=weights, activations=activations,
@@ -372,11 +388,12 @@ def train(
         lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
         full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
                                     if name.strip()),
+        layers=read_layer_rules(layers) if layers else (),
         rounding=rounding, update_rounding=update_rounding,
         accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
         batch_size=batch_size, seed=seed, threads=threads, device=device,
         data_dir=None if data_dir is None else str(data_dir))
-    result = run_training(config)
+    result = run_training(config, on_gemms=report_gemms)
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
         return

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
 from dse.errors import InputError, closest
+from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
 from dse.train.config import TrainConfig
 from dse.train.loop import check_field
-from dse.train.policy import FULL_PRECISION_LAYER_NAMES
 from dse.usercode import absolute, is_ref, load_function, parse_ref
 from dse.usercode import identity as code_identity
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
@@ -265,6 +265,16 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
                                f"{value!r}")
         # Item by item, so that an unknown name is reported at its own place in the list.
         return tuple(_meaning(name, [layer], (*path, index), source)[0] for index, layer in enumerate(value))
+    if name == "layers":
+        if not isinstance(value, list):
+            raise source.error(path, f"expected a list of rules such as [{{match: 'head', format: fp32}}], "
+                               f"got {value!r}")
+        rules = []
+        for index, raw in enumerate(value):
+            where = (*path, index)
+            rule = _meaning(name, [raw], where, source)[0]
+            rules.append(LayerRule(rule.match, rule.formats, f"{source.file}:{source.line(where)}"))
+        return tuple(rules)
     try:
         value = _ADAPTERS[name].validate_python(value, strict=True)
     except ValidationError as error:
@@ -288,8 +298,9 @@ def _type_name(kind: Any) -> str:
 
 
 def _is_grid(name: str, value: Any) -> bool:
-    """A list is a grid, except full_precision_layers whose value is itself a list: there a list of lists."""
-    if name == "full_precision_layers":
+    """A list is a grid, except full_precision_layers and layers whose value is itself a list: there a
+    list of lists."""
+    if name in ("full_precision_layers", "layers"):
         return isinstance(value, list) and any(isinstance(v, list) for v in value)
     return isinstance(value, list)
 
