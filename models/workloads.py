@@ -494,10 +494,13 @@ def _traced(spec: str, dataset: Any, batch_size: int) -> Workload:
     return dataclasses.replace(workload, proxy=False)
 
 
-for _name, _builder in {
+BUILT_IN_WORKLOADS: dict[str, Callable[[], Workload]] = {
     "resnet18": resnet18, "resnet50": resnet50, "bert-base": bert_base, "gpt2-small": gpt2_small,
     "vit-b16": vit_b16, "mobilenetv2": mobilenet_v2, "llama-7b": functools.partial(llama, name="llama-7b"),
     "digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "m1d-mlp": m1d_mlp, "m1d-cnn": m1d_cnn,
     "mx5k-mlp": mx5k_mlp, "mx5k-cnn": mx5k_cnn, "sort-transformer": sort_transformer,
-}.items():
+}
+"""The workloads dse ships (register_workload adds more)."""
+
+for _name, _builder in BUILT_IN_WORKLOADS.items():
     register_workload(_name, _builder)
