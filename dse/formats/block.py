@@ -486,7 +486,7 @@ def _saturating(element: NumberFormat) -> NumberFormat:
     """The element grid as a block element: unscaled, saturating at its max."""
     element = replace(element, scaling=Scaling())  # type: ignore[type-var]
     if isinstance(element, P3109Format):
-        return replace(element, saturation="satfinite")
+        return replace(element, saturation="satfinite", overflow="saturate")  # (p3109's pair)
     if isinstance(element, FloatFormat) and element.overflow != "saturate":
         return replace(element, overflow="saturate")
     return element
