@@ -209,3 +209,11 @@ def test_several_points_without_validation_choose_nothing() -> None:
     assert len(summary) == 1 and math.isnan(summary["accuracy_mean"].iloc[0])
     assert math.isnan(summary["tuned:lr"].iloc[0]) and summary["n_points"].iloc[0] == 2
     assert json.loads(rows[0]["tuning"]) == {"lr": 0.01}
+
+
+def test_the_sweep_headline_names_a_trial_of_a_chosen_point(tuned_sweep: Path) -> None:
+    from dse.sweep.runner import _best_of
+
+    best = _best_of(load_trials(tuned_sweep))
+    trials = load_trials(tuned_sweep).set_index("trial_id")
+    assert best is not None and trials.loc[best.trial_id, "tuned:lr"] != 0.1  # 0.1 wins on test only

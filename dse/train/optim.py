@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dse.errors import InputError
 from dse.formats import NumberFormat, check_rounding, round_to_integer
 from dse.formats.base import random_bits
-from dse.train.layers import QuantSwitch, quant_switch, quantized_layers
+from dse.train.layers import QuantSwitch, quant_switch, stored_weights
 from dse.train.policy import QuantPolicy, TensorQuant
 
 DEFAULT_LR: dict[str, float] = {
@@ -297,18 +297,17 @@ class LNSMadam(Madam):
 class StepQuantizer:
     """Post-step hook: stored weights -> policy.storage, optimizer state -> policy.state."""
 
-    def __init__(self, storage: TensorQuant, storage_params: list[Tensor], state: TensorQuant,
+    def __init__(self, stored: list[tuple[Tensor, TensorQuant]], state: TensorQuant,
                  switch: QuantSwitch, generator: torch.Generator | None) -> None:
-        self.storage = storage
-        self.storage_params = storage_params if storage.enabled else []
+        self.stored = [(p, quant) for p, quant in stored if quant.enabled]
         self.state = state
         self.switch = switch
         self.generator = generator
 
     @torch.no_grad()
     def quantize_weights(self) -> None:
-        for p in self.storage_params:
-            p.copy_(self.storage(p, self.generator))
+        for p, storage in self.stored:
+            p.copy_(storage(p, self.generator))
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
@@ -361,8 +360,7 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     lr = DEFAULT_LR[name] if lr is None else lr
     switch = quant_switch(model) or QuantSwitch()
     params = list(model.parameters())
-    stored = [m.weight for m in quantized_layers(model) if isinstance(getattr(m, "weight", None), Tensor)]
-    stored = stored if policy.storage.enabled else []
+    stored = stored_weights(model)
     optimizer: torch.optim.Optimizer
     if name == "sgd":
         optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -373,11 +371,15 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     elif name == "madam":
         optimizer = Madam(params, lr=lr, p_scale=p_scale, g_bound=g_bound)
     else:
-        lns = {p: policy.storage.format for p in stored}  # stored is empty unless storage has a format
+        other = next((quant.format for _, quant in stored if quant.format.family != "lns"), None)
+        if other is not None:
+            raise InputError(f"optimizer 'lns-madam' needs LNS weights (or fp32) in every layer when weights "
+                             f"live in a format, got {other.spec!r}")
+        lns = {p: quant.format for p, quant in stored}  # each layer's own storage format
         optimizer = LNSMadam(params, lr=lr, p_scale=p_scale, g_bound=g_bound, lns_storage=lns,
                              update_rounding=policy.storage.rounding, generator=generator, switch=switch)
         stored = []  # LNSMadam keeps them on the grid itself
-    hook = StepQuantizer(policy.storage, stored, policy.state, switch, generator)
+    hook = StepQuantizer(stored, policy.state, switch, generator)
     optimizer.register_step_post_hook(hook)
     optimizer.step_quantizer = hook  # type: ignore[attr-defined]
     if switch.enabled:
