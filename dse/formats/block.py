@@ -89,7 +89,7 @@ ELEMENTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class _NearestPlan:
-    """Integer constants of MXFormat's fused nearest path (see `_quantize_blocks_nearest`)."""
+    """Integer constants of the fused E8M0 nearest path (see `_quantize_blocks_nearest`)."""
 
     limit_floor: int  # max * 2^E has the bits max(F << 23, limit_floor) + limit_offset
     limit_offset: int
