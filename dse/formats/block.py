@@ -343,15 +343,24 @@ class BlockFormat(NumberFormat):
             return x.clone()
         flat = work.reshape(1) if work.dim() == 0 else work
         blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        low, high = torch.aminmax(blocks, dim=-1, keepdim=True)  # one pass, no |x| copy
+        amax = torch.maximum(low.neg_(), high)
         tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
         block_scale = self.block_scales(amax, tensor_scale)
         if tensor_scale is None:
             reciprocal, scale = torch.reciprocal(block_scale), block_scale
         else:
             reciprocal, scale = torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
-        out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
-        out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
+        # Rows of blocks, a cache-sized slice at a time: the scaled and rounded temporaries stay in cache.
+        rows, scale_rows = blocks.reshape(-1, self.block_size), scale.reshape(-1, 1)
+        reciprocal_rows = reciprocal.reshape(-1, 1)
+        out = torch.empty_like(rows)
+        step = max(cpu_chunk_elements(rows) // self.block_size, 1)
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
+            rounded = self.round_unscaled(rows[part] * reciprocal_rows[part], rounding, generator)
+            torch.mul(rounded, scale_rows[part], out=out[part])
+        out = from_blocks(out.view(blocks.shape), shape, self.axis, pad).reshape(work.shape)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
