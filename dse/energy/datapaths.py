@@ -353,12 +353,15 @@ def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
 class FamilyHardware(Protocol):
     """What the energy model needs of a number-format family (register new ones with register_family).
 
-    `operand` reads a format object's attributes into an Operand; `datapath` builds the dot-product unit
-    of two operands of this family; `unpack` is the energy to reach sign / exponent / normalised
+    `family` names the hardware (the Operand's family, what `datapath_for` dispatches on): several
+    format families may share one (P3109 formats are FP(e, m) hardware). `operand` reads a format
+    object's attributes into an Operand; `datapath` builds the dot-product unit of two operands of
+    this family; `unpack` is the energy to reach sign / exponent / normalised
     significand (and that significand's width); `pack` the energy to round such a significand into the
     format. Each returns pJ (or um^2 when given area components).
     """
 
+    family: str
     default_accumulator: str
 
     def operand(self, fmt: Any, spec: str) -> Operand: ...
@@ -373,10 +376,15 @@ class FamilyHardware(Protocol):
 
 
 class IntHardware:
+    """Integers and fixed point (the same hardware: a fixed point's scale is a shift outside the unit)."""
+
     default_accumulator = "int32"
 
+    def __init__(self, family: str = "int") -> None:
+        self.family = family
+
     def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand(str(fmt.family), int(fmt.bits), spec=spec)
+        return Operand(self.family, int(fmt.bits), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
@@ -392,10 +400,11 @@ class IntHardware:
 
 
 class FpHardware:
+    family = "fp"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand(str(fmt.family), int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits),
+        return Operand(self.family, int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits),
                        spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
@@ -413,18 +422,12 @@ class FpHardware:
                 + rounding.energy(c, dst.sig_bits, sig_bits - dst.sig_bits))
 
 
-class P3109Hardware(FpHardware):
-    """IEEE P3109 formats are FP(e, m) arithmetic (their codes differ, not their datapath): fp operands."""
-
-    def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand("fp", int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits), spec=spec)
-
-
 class PositHardware:
+    family = "posit"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand("posit", int(fmt.bits), es=int(fmt.es), spec=spec)
+        return Operand(self.family, int(fmt.bits), es=int(fmt.es), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
@@ -442,6 +445,7 @@ class PositHardware:
 
 
 class LnsHardware:
+    family = "lns"
     default_accumulator = "int24"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
@@ -449,7 +453,7 @@ class LnsHardware:
         frac = math.log2(gamma) if gamma >= 1 else -1.0
         if frac < 0 or frac != int(frac):
             raise InputError(f"format {spec!r}: gamma must be a power of two >= 1 for the energy model")
-        return Operand("lns", int(fmt.bits), log_frac_bits=int(frac), spec=spec)
+        return Operand(self.family, int(fmt.bits), log_frac_bits=int(frac), spec=spec)
 
     @staticmethod
     def lut_bits(fmt: Operand, params: DatapathParams) -> int:
@@ -524,12 +528,13 @@ class BlockHardware:
     a scale (E8M0: a power of two, applied by an exponent add; an FP grid such as E4M3: a multiply), and
     optionally one fp32 scale per tensor (one multiply per output)."""
 
+    family = "block"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
         element = operand(fmt.element)
         grid = getattr(fmt, "scale_grid", None)
-        return Operand("block", int(fmt.bits), element=element, block_size=int(fmt.block_size),
+        return Operand(self.family, int(fmt.bits), element=element, block_size=int(fmt.block_size),
                        scale_bits=int(fmt.scale_bits),
                        scale_exp_bits=int(grid.exp_bits) if grid is not None else 0,
                        scale_man_bits=int(grid.man_bits) if grid is not None else 0,
@@ -602,9 +607,10 @@ def register_family(family: str, description: FamilyHardware, replace: bool = Fa
     FAMILY_HARDWARE[family] = description
 
 
-for _family, _description in (("int", IntHardware()), ("fixed", IntHardware()), ("fp", FpHardware()),
-                              ("p3109", P3109Hardware()),
-                              ("posit", PositHardware()), ("lns", LnsHardware()), ("block", BlockHardware())):
+# A P3109 format is FP(e, m) arithmetic (its codes differ, not its datapath): FpHardware gives fp operands.
+for _family, _description in (("int", IntHardware()), ("fixed", IntHardware("fixed")), ("fp", FpHardware()),
+                              ("p3109", FpHardware()), ("posit", PositHardware()), ("lns", LnsHardware()),
+                              ("block", BlockHardware())):
     register_family(_family, _description)
 
 
