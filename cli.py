@@ -188,10 +188,9 @@ def energy(
 
     model = _energy_model(node, accumulator, lns_datapath, mitchell_bits, alignment_bits, sram, dram,
                           sram_scaling, operand_reuse, table)
-    base = get(format_spec)
-    formats = TrainingFormats(weight=get(weights) if weights else base,
-                              activation=get(activations) if activations else base,
-                              gradient=get(gradients) if gradients else base, optimizer=optimizer)
+    formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
+                                 activations=activations and get(activations),
+                                 gradients=gradients and get(gradients), optimizer=optimizer)
     frame = iteration_energy(get_workload(workload, dataset, batch), formats, model, batch)
     info = frame.attrs
     mac = per_mac(frame)
