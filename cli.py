@@ -381,6 +381,9 @@ def sweep(
                                                 "executor.workers).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the trials; run nothing, "
                                           "write nothing.")] = False,
+    group_size: Annotated[int | None, typer.Option(min=1, help="Trials of one configuration trained at "
+                                                   "once (overrides executor.group_size; 1: each "
+                                                   "alone).")] = None,
 ) -> None:
     """Train every trial of a sweep file, estimate its energy, store results, and write Pareto reports.
 
@@ -396,6 +399,8 @@ def sweep(
         settings = settings.replace(output=output)
     if workers is not None:
         settings = settings.replace(executor=dataclasses.replace(settings.executor, workers=workers))
+    if group_size is not None:
+        settings = settings.replace(executor=dataclasses.replace(settings.executor, group_size=group_size))
     if dry_run:
         trials, _, _ = plan_sweep(settings)
         runs = len({trial.trial_id for trial in trials})
@@ -431,6 +436,8 @@ def sweep(
         best = summary.best
         console.print(f"best accuracy {best.test_accuracy:.4f}: {best.task}: {best.label} (seed {best.seed})",
                       markup=False, highlight=False)
+    for note in summary.notes:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
