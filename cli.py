@@ -102,8 +102,14 @@ def formats_show(
 
 # --- energy ----------------------------------------------------------------------------------------
 
-_WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="resnet18, resnet50, bert-base, "
-                                           "gpt2-small or a proxy (digits-mlp, m1d-cnn, ...).")]
+_WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="A built-in (resnet18, resnet50, "
+                                           "mobilenetv2, vit-b16, bert-base, gpt2-small, llama-7b, "
+                                           "llama(blocks=N,width=D), a proxy such as m1d-cnn), an .onnx, "
+                                           ".yaml or .csv file, or your model as file.py:function "
+                                           "(with --dataset).")]
+_WorkloadDataOpt = Annotated[str | None, typer.Option(
+    "--dataset", help="The dataset a file.py:function model is built for and traced on (a name or "
+    "file.py:function).")]
 _NodeOpt = Annotated[str, typer.Option(help="Technology node: 65, 45, 32, 28, 20, 16, 14, 10, 7, 5 or 3nm.")]
 _BatchOpt = Annotated[int | None, typer.Option("--batch", help="Batch size (default: the workload's).")]
 _OptimizerOpt = Annotated[str | None, typer.Option(help="sgd, adam or madam (default: Madam for LNS weights, "
@@ -166,9 +172,18 @@ def energy(
     operand_reuse: _ReuseOpt = None,
     table: _TableOpt = None,
     layers: Annotated[int, typer.Option(help="How many of the most expensive layers to list.")] = 10,
+    dataset: _WorkloadDataOpt = None,
 ) -> None:
     """Energy of one training iteration of a workload, by pass, unit and layer."""
-    from dse.energy import TrainingFormats, iteration_energy, pass_unit_table, per_mac, summarize, top_layers
+    from dse.energy import (
+        TrainingFormats,
+        get_workload,
+        iteration_energy,
+        pass_unit_table,
+        per_mac,
+        summarize,
+        top_layers,
+    )
     from dse.formats import get
 
     model = _energy_model(node, accumulator, lns_datapath, mitchell_bits, alignment_bits, sram, dram,
@@ -177,7 +192,7 @@ def energy(
     formats = TrainingFormats(weight=get(weights) if weights else base,
                               activation=get(activations) if activations else base,
                               gradient=get(gradients) if gradients else base, optimizer=optimizer)
-    frame = iteration_energy(workload, formats, model, batch)
+    frame = iteration_energy(get_workload(workload, dataset, batch), formats, model, batch)
     info = frame.attrs
     mac = per_mac(frame)
     console.print(f"[bold]{info['workload']}[/], batch {info['batch_size']}, {info['node_nm']:g} nm: "
@@ -235,15 +250,17 @@ def compare(
     sram_scaling: _SramScalingOpt = None,
     operand_reuse: _ReuseOpt = None,
     table: _TableOpt = None,
+    dataset: _WorkloadDataOpt = None,
 ) -> None:
     """Per-MAC energy and energy per training iteration of several formats, with ratios to fp32 and int8."""
-    from dse.energy import compare_formats
+    from dse.energy import compare_formats, get_workload
     from dse.formats import get
 
     model = _energy_model(node, accumulator, lns_datapath, mitchell_bits, alignment_bits, sram, dram,
                           sram_scaling, operand_reuse, table)
     formats = [get(spec) for spec in specs]
-    frame = compare_formats(formats, workload, model, batch, optimizer=optimizer)
+    network = get_workload(workload, dataset, batch)
+    frame = compare_formats(formats, network, model, batch, optimizer=optimizer)
     grid = Table(title=f"{workload}, {model.node_nm:g} nm: energy per MAC (workload average) and per "
                  "training iteration")
     for column in frame.columns:
@@ -276,9 +293,10 @@ _FormatOpt = Annotated[str | None, typer.Option(help="Format of this tensor clas
 @app.command("train")
 @user_errors
 def train(
-    model: Annotated[str, typer.Option(help="Proxy model: mlp, cnn, resnet, transformer.")] = "mlp",
-    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10.")]
-    = "digits",
+    model: Annotated[str, typer.Option(help="mlp, cnn, resnet, transformer, or your own as file.py:function "
+                                       "or package.module:function.")] = "mlp",
+    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10, or "
+                                         "your own as file.py:function.")] = "digits",
     format: Annotated[str | None, typer.Option(
         "--format", help="Format of weights, activations and gradients (default fp32).")] = None,
     weights: _FormatOpt = None,
@@ -308,6 +326,10 @@ def train(
     layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
     full_precision_layers: Annotated[str, typer.Option(
         help="Comma-separated layers kept in fp32: first, last (default none).")] = "",
+    layers: Annotated[str | None, typer.Option(
+        help="Per-layer formats: rules as YAML/JSON, e.g. '[{match: head, format: fp32}, "
+             "{match: \"type:Conv2d\", weights: int4}]', or a .yaml/.json file of them; the first "
+             "matching rule wins.")] = None,
     rounding: Annotated[str, typer.Option(help="Rounding into GEMMs.")] = "nearest",
     update_rounding: Annotated[str, typer.Option(help="Rounding of stored weights.")] = "stochastic",
     accumulation: Annotated[str | None, typer.Option(
@@ -321,13 +343,25 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and "
+                                          "the GEMMs left in fp32.")] = False,
 ) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
 
+    from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
     from dse.train.loop import check_field
+
+    def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
+        if verbose:
+            error_console.print(f"GEMMs ({sum(g.quantized for g in gemms)} of {len(gemms)} quantized):",
+                                markup=False, highlight=False)
+            for gemm in gemms:
+                error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
+        for message in unconverted:  # always: a GEMM left in fp32 is never silent
+            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     config = TrainConfig(
         model=model, dataset=dataset, format=format, weights=weights, activations=activations,
@@ -339,11 +373,12 @@ def train(
         lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
         full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
                                     if name.strip()),
+        layers=read_layer_rules(layers) if layers else (),
         rounding=rounding, update_rounding=update_rounding,
         accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
         batch_size=batch_size, seed=seed, threads=threads, device=device,
         data_dir=None if data_dir is None else str(data_dir))
-    result = run_training(config)
+    result = run_training(config, on_gemms=report_gemms)
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
         return

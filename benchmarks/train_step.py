@@ -49,7 +49,8 @@ def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, 
                          **overrides)
     torch.manual_seed(0)
     generator = torch.Generator(device).manual_seed(0)
-    setup = prepare(build_model(model_name, data).to(device), config, generator)
+    setup = prepare(build_model(model_name, data).to(device), config, generator,
+                    data.x_train[:2].to(device))
     if label == NO_OP:
         for module in quantized_layers(setup.model):
             quant = module.gemm_quant

@@ -9,6 +9,7 @@ with the 1-D CNN (5.2k params, ~91 %), digits with the MLP 64-128-10 (9,610 para
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 
 from dse.data import Dataset
 from dse.errors import InputError, choice
+from dse.usercode import call, describe, is_ref
 from models.layers import Matmul
-from models.workloads import GemmLayer, Workload
+from models.workloads import Workload
 
 MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet", "transformer")
 
@@ -222,8 +224,17 @@ def compatible_models(dataset: Dataset) -> tuple[str, ...]:
     return tuple(name for name in MODELS if name in _builders(dataset))
 
 
-def build_model(name: str, dataset: Dataset) -> nn.Module:
-    """A fresh proxy model for `dataset`; its initial weights come from torch's global RNG (seed it)."""
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+"""A user's model: called with the dataset's sample shape and number of classes (the vocabulary for a
+sequence task), after the run's seed is set; returns a fresh nn.Module."""
+
+
+def build_model(name: str | ModelFactory, dataset: Dataset) -> nn.Module:
+    """A fresh model for `dataset`: a built-in proxy by name, or a user's own given as a function or a
+    `file.py:function` / `package.module:function` reference. Its initial weights come from torch's
+    global RNG (seed it). A user's model is run once on two samples to check that its output fits."""
+    if callable(name) or is_ref(name):
+        return _user_model(name, dataset)
     key = choice("model", name, MODELS)
     builders = _builders(dataset)
     if key not in builders:
@@ -237,78 +248,64 @@ def build_model(name: str, dataset: Dataset) -> nn.Module:
     return builders[key]()
 
 
+def _user_model(factory: str | ModelFactory, dataset: Dataset) -> nn.Module:
+    label = f"model {factory!r}" if isinstance(factory, str) else f"model {describe(factory)}"
+    args = (tuple(dataset.sample_shape), dataset.num_classes)
+    if isinstance(factory, str):
+        model = call(factory, "model", *args)
+    else:
+        try:
+            model = factory(*args)
+        except Exception as error:
+            raise InputError(f"{label} raised {type(error).__name__}: {str(error).splitlines()[0]}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{label} returned {type(model).__name__!r} object, not a torch.nn.Module")
+    check_output_fits(model, dataset, label)
+    return model
+
+
+def check_output_fits(model: nn.Module, dataset: Dataset, label: str) -> None:
+    """Run two training samples through `model` (eval mode, no gradient, RNG untouched) and check that
+    it returns one logit per class: (N, classes), or (N, T, vocabulary) for a sequence task."""
+    x = dataset.x_train[:2]
+    expected = (len(x), *dataset.y_train.shape[1:], dataset.num_classes)
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            out = model(x)
+    except Exception as error:
+        raise InputError(f"{label} does not accept samples of dataset {dataset.name!r} (shape "
+                         f"{tuple(dataset.sample_shape)}): {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if isinstance(out, Tensor) else None
+    if shape != expected:
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise InputError(f"{label} returns {got} for {len(x)} samples of dataset {dataset.name!r}; it "
+                         f"needs {expected} (one logit per class)")
+
+
 # --- workload tracing ----------------------------------------------------------------------------
-
-GEMM_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, Matmul)
-
-
-def _gemm_layer(name: str, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor,
-                samples: int) -> GemmLayer:
-    """The per-sample GEMM one call of `module` performed (conv as im2col, attention per head)."""
-    x = inputs[0]
-    if isinstance(module, nn.Linear):
-        tokens = x.numel() // (samples * module.in_features)
-        return GemmLayer(name, m=tokens, k=module.in_features, n=module.out_features,
-                         needs_input_grad=x.requires_grad, kind="linear")
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        groups = module.groups
-        return GemmLayer(name, m=math.prod(output.shape[2:]),
-                         k=(module.in_channels // groups) * math.prod(module.kernel_size),
-                         n=module.out_channels // groups, groups=groups, input_elems=x.numel() // samples,
-                         needs_input_grad=x.requires_grad, kind="conv")
-    b = inputs[1]
-    b_is_weight = isinstance(b, nn.Parameter)
-    m, k, n = x.shape[-2], x.shape[-1], b.shape[-1]
-    groups = max(1, x.numel() // (samples * m * k))
-    return GemmLayer(name, m=m, k=k, n=n, groups=groups, b_is_weight=b_is_weight,
-                     needs_input_grad=x.requires_grad or (b.requires_grad and not b_is_weight),
-                     kind="linear" if b_is_weight else "attention")
-
 
 def trace_workload(model: nn.Module, dataset: Dataset, name: str, batch_size: int,
                    optimizer: str = "sgd") -> Workload:
-    """The GEMMs one sample of `dataset` costs in `model`, found by running it with forward hooks.
+    """The GEMMs one sample of `dataset` costs in `model` (models.trace.trace_model on a few of its
+    training samples), as a proxy workload at `batch_size`."""
+    from models.trace import TRACE_SAMPLES, trace_model
 
-    Each call of a Linear/Conv1d/Conv2d/Matmul module becomes a GemmLayer in call order; a layer whose
-    input needs no gradient (the first one) gets needs_input_grad=False. Parameters outside those
-    modules (embeddings, norms) go to extra_params. Biases belong to their GEMM layer, whose `params`
-    counts the weight matrix only, as the hand-written workloads in models.workloads do. The model
-    runs in eval mode on min(batch_size, N) training samples and is left as it was.
-    """
     if batch_size < 1:
         raise InputError(f"trace_workload: batch_size must be >= 1, got {batch_size}")
-    samples = min(batch_size, dataset.x_train.shape[0])
+    samples = min(TRACE_SAMPLES, dataset.x_train.shape[0])
     if samples < 1:
         raise InputError(f"trace_workload: dataset {dataset.name!r} has no training samples")
-    names = {module: module_name for module_name, module in model.named_modules()}
-    layers: list[GemmLayer] = []
-    calls: dict[str, int] = {}
-
-    def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        base = names.get(module) or type(module).__name__.lower()
-        calls[base] = calls.get(base, 0) + 1
-        layer_name = base if calls[base] == 1 else f"{base}#{calls[base]}"
-        layers.append(_gemm_layer(layer_name, module, inputs, output, samples))
-
-    handles = [module.register_forward_hook(record) for module in model.modules()
-               if isinstance(module, GEMM_MODULES)]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.enable_grad():
-            model(dataset.x_train[:samples])
+        workload = trace_model(model, dataset.x_train[:samples], name, batch_size, optimizer,
+                               f"{type(model).__name__} traced on {dataset.name}, batch {batch_size}")
     except RuntimeError as exc:
         raise InputError(f"trace_workload: the model does not accept samples of dataset {dataset.name!r} "
-                         f"(shape {tuple(dataset.sample_shape)}): {exc}") from exc
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    if not layers:
-        raise InputError(f"trace_workload: {type(model).__name__} ran no Linear/Conv1d/Conv2d/Matmul layer")
-    gemm_params = {id(p) for module in model.modules() if isinstance(module, GEMM_MODULES)
-                   for p in module.parameters(recurse=False)}
-    extra = {param_name: p.numel() for param_name, p in model.named_parameters() if id(p) not in gemm_params}
-    return Workload(name, tuple(layers), batch_size=batch_size, optimizer=optimizer, extra_params=extra,
-                    description=f"{type(model).__name__} traced on {dataset.name}, batch {batch_size}",
-                    proxy=True)
+                         f"(shape {tuple(dataset.sample_shape)}): {str(exc).splitlines()[0]}") from exc
+    if not workload.layers:
+        raise InputError(f"trace_workload: {type(model).__name__} ran no matrix product or convolution")
+    return dataclasses.replace(workload, proxy=True)

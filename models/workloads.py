@@ -6,17 +6,26 @@ n = c_out / groups; attention scores: one group per head). Elementwise layers (n
 activations, softmax, pooling) are not modelled. Parameters that no GEMM owns (embedding tables)
 are listed separately so the optimizer still updates them.
 
-Full-size workloads: resnet18, resnet50 (ImageNet 224x224), bert-base (sequence 128), gpt2-small
-(sequence 1024). Proxies: the small models the sweep trains. More can be added with
-`register_workload(name, builder)`.
+Full-size workloads: resnet18, resnet50, mobilenetv2, vit-b16 (ImageNet 224x224), bert-base (sequence
+128), gpt2-small (sequence 1024), llama-7b (sequence 2048; `llama(blocks=N,width=D)` for other sizes).
+Proxies: the small models the sweep trains. More can be added with `register_workload(name, builder)`;
+`get_workload` also reads a user's network: an ONNX file, a YAML/CSV list of GEMM shapes, or a model
+function (`file.py:function`) traced on a dataset.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from dse.errors import InputError
+from dse.usercode import is_ref
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,34 @@ def attention(name: str, seq: int, heads: int, d_head: int) -> list[GemmLayer]:
             GemmLayer(f"{name}.context", m=seq, k=seq, n=d_head, **shared)]  # type: ignore[arg-type]
 
 
+def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], samples: int, a_is_weight: bool,
+           b_is_weight: bool, needs_input_grad: bool) -> GemmLayer:
+    """The per-sample GEMM of a broadcasting matmul of shapes a (..., M, K) and b (..., K, N), run on
+    `samples` samples (torch.matmul and ONNX MatMul semantics; a 1-D operand is a vector).
+
+    A 2-D weight operand is shared by every row of the other, so those rows fold into m (a weight on
+    the left is the transposed product). Otherwise the broadcast batch dimensions, less the samples,
+    are the groups: attention's heads.
+    """
+    a = (1, *a_shape) if len(a_shape) == 1 else tuple(a_shape)
+    b = (*b_shape, 1) if len(b_shape) == 1 else tuple(b_shape)
+    rows_a, k, n = math.prod(a[:-1]), a[-1], b[-1]
+    if b_is_weight and len(b) <= 2:
+        return GemmLayer(name, m=max(1, rows_a // samples), k=k, n=n, needs_input_grad=needs_input_grad)
+    if a_is_weight and len(a) <= 2 and not b_is_weight:
+        columns = math.prod(b[:-2]) * n
+        return GemmLayer(name, m=max(1, columns // samples), k=k, n=a[-2], needs_input_grad=needs_input_grad)
+    batch = max(math.prod(a[:-2]), math.prod(b[:-2]))  # the broadcast batch (one side broadcasts)
+    m = a[-2]
+    if batch == 1 and m % samples == 0:
+        m //= samples  # a 2-D product over the whole batch: its rows are the samples
+        groups = 1
+    else:
+        groups = max(1, batch // samples)
+    return GemmLayer(name, m=m, k=k, n=n, groups=groups, b_is_weight=b_is_weight,
+                     needs_input_grad=needs_input_grad, kind="linear" if b_is_weight else "attention")
+
+
 def mlp(sizes: list[int]) -> list[GemmLayer]:
     return [linear(f"fc{i + 1}", d_in, d_out, first=i == 0)
             for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False))]
@@ -196,7 +233,113 @@ def gpt2_small(seq: int = 1024) -> Workload:
                     description=f"GPT-2 small decoder, sequence {seq}, batch 8 (dense attention)")
 
 
-# --- proxies (docs: ../shared/reference/proxies.md) ----------------------------------------------
+def vit_b16(size: int = 224, classes: int = 1000) -> Workload:
+    """ViT-B/16 (Dosovitskiy et al. 2021): 16x16 patches as a stride-16 convolution, a class token,
+    12 x 768 pre-LN layers (12 heads, MLP 3072), the head on the class token."""
+    patch, h, w = conv2d("patch_embed", 3, 768, 16, size, size, stride=16, padding=0, first=True)
+    tokens = h * w + 1
+    layers = [patch, *transformer_layers(12, 768, 12, 3072, tokens, prefix="blocks."),
+              linear("head", 768, classes)]
+    norms = {f"blocks.{i}.norm{j}": 2 * 768 for i in range(12) for j in (1, 2)}
+    extra = {"cls_token": 768, "pos_embed": tokens * 768, "norm": 2 * 768, **norms}
+    return Workload("vit-b16", tuple(layers), batch_size=32, optimizer="adam", extra_params=extra,
+                    description=f"ViT-B/16, ImageNet {size}x{size} ({tokens} tokens), batch 32")
+
+
+MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1))
+"""(expansion t, channels c, repeats n, first stride s) of Sandler et al. 2018, Table 2."""
+
+
+def mobilenet_v2(size: int = 224, classes: int = 1000) -> Workload:
+    """MobileNetV2 1.0 (Sandler et al. 2018; torchvision's layout): inverted residual blocks of a 1x1
+    expansion, a 3x3 depthwise convolution (one group per channel) and a 1x1 projection."""
+    conv, h, w = conv2d("features.0", 3, 32, 3, size, size, stride=2, first=True)
+    layers = [conv]
+    norms = {"features.0.bn": 2 * 32}
+    c_in, index = 32, 1
+    for t, c, n, s in MOBILENET_V2_BLOCKS:
+        for repeat in range(n):
+            stride = s if repeat == 0 else 1
+            hidden, p = c_in * t, f"features.{index}"
+            if t != 1:
+                expand, _, _ = conv2d(f"{p}.expand", c_in, hidden, 1, h, w, padding=0)
+                layers.append(expand)
+                norms[f"{p}.expand.bn"] = 2 * hidden
+            depthwise, h, w = conv2d(f"{p}.depthwise", hidden, hidden, 3, h, w, stride=stride, groups=hidden)
+            project, _, _ = conv2d(f"{p}.project", hidden, c, 1, h, w, padding=0)
+            layers += [depthwise, project]
+            norms |= {f"{p}.depthwise.bn": 2 * hidden, f"{p}.project.bn": 2 * c}
+            c_in, index = c, index + 1
+    last, h, w = conv2d(f"features.{index}", c_in, 1280, 1, h, w, padding=0)
+    norms[f"features.{index}.bn"] = 2 * 1280
+    layers += [last, linear("classifier", 1280, classes)]
+    return Workload("mobilenetv2", tuple(layers), batch_size=32, optimizer="sgd", extra_params=norms,
+                    description=f"MobileNetV2 1.0, ImageNet {size}x{size}, batch 32")
+
+
+def llama_ffn_width(width: int, multiple_of: int = 256) -> int:
+    """The SwiGLU hidden width of Llama's reference code: 2/3 of 4 x width, rounded up to a multiple."""
+    hidden = int(2 * 4 * width / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def llama(blocks: int = 32, width: int = 4096, heads: int | None = None, ffn: int | None = None,
+          kv_heads: int | None = None, vocab: int = 32000, seq: int = 2048, batch_size: int = 4,
+          name: str | None = None) -> Workload:
+    """A Llama-style decoder; the defaults are LLaMA-7B (Touvron et al. 2023, Table 2: 32 layers of
+    4096, 32 heads, sequence 2048, vocabulary 32k). Pre-RMSNorm blocks of attention (q, k, v, o
+    projections without bias; `kv_heads` below `heads` for grouped-query attention) and a SwiGLU MLP
+    (gate, up, down), an untied output head. Heads default to width / 128 and the MLP to Llama's rule
+    (llama_ffn_width). Attention is dense (no causal saving), as for the other workloads."""
+    heads = heads or max(1, width // 128)
+    if width % heads:
+        raise InputError(f"llama: width {width} is not a multiple of heads {heads}")
+    kv_heads = kv_heads or heads
+    ffn = ffn or llama_ffn_width(width)
+    d_head = width // heads
+    layers: list[GemmLayer] = []
+    for i in range(blocks):
+        p = f"layers.{i}"
+        layers += [linear(f"{p}.attn.q", width, width, tokens=seq),
+                   linear(f"{p}.attn.k", width, kv_heads * d_head, tokens=seq),
+                   linear(f"{p}.attn.v", width, kv_heads * d_head, tokens=seq),
+                   *attention(f"{p}.attn", seq, heads, d_head),
+                   linear(f"{p}.attn.o", width, width, tokens=seq),
+                   linear(f"{p}.mlp.gate", width, ffn, tokens=seq),
+                   linear(f"{p}.mlp.up", width, ffn, tokens=seq),
+                   linear(f"{p}.mlp.down", ffn, width, tokens=seq)]
+    layers.append(linear("lm_head", width, vocab, tokens=seq))
+    extra = {"embed_tokens": vocab * width, "norm": width,
+             **{f"layers.{i}.{norm}": width for i in range(blocks) for norm in ("attn_norm", "mlp_norm")}}
+    return Workload(name or f"llama(blocks={blocks},width={width})", tuple(layers), batch_size=batch_size,
+                    optimizer="adam", extra_params=extra,
+                    description=f"Llama-style decoder, {blocks} x {width}, {heads} heads, MLP {ffn}, "
+                    f"sequence {seq}, batch {batch_size}")
+
+
+_LLAMA_SPEC = re.compile(r"^llama\((?P<args>[^()]*)\)$")
+_LLAMA_KEYS = ("blocks", "width", "heads", "ffn", "kv_heads", "vocab", "seq", "batch_size")
+
+
+def _llama_from_spec(spec: str) -> Workload | None:
+    """`llama(blocks=8,width=1024)`: the decoder with those settings, the others at LLaMA-7B's."""
+    match = _LLAMA_SPEC.match(spec.replace(" ", ""))
+    if match is None:
+        return None
+    settings: dict[str, int] = {}
+    for item in filter(None, match["args"].split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in _LLAMA_KEYS:
+            raise InputError(f"workload {spec!r}: {item!r} is not key=value with a key in "
+                             f"{', '.join(_LLAMA_KEYS)}")
+        if not value.isdigit() or int(value) < 1:
+            raise InputError(f"workload {spec!r}: {key} must be a positive integer, got {value!r}")
+        settings[key] = int(value)
+    return llama(**settings)
+
+
+# --- proxies: the small models dse trains (models/proxies.py) ------------------------------------
 
 def digits_mlp() -> Workload:
     return Workload("digits-mlp", tuple(mlp([64, 128, 10])), batch_size=32, proxy=True,
@@ -263,17 +406,69 @@ def workload_names(proxy: bool | None = None) -> list[str]:
     return [n for n, b in _REGISTRY.items() if proxy is None or b().proxy == proxy]
 
 
-def get_workload(name: str | Workload) -> Workload:
-    if isinstance(name, Workload):
-        return name
-    builder = _REGISTRY.get(name.strip().lower())
-    if builder is None:
-        raise InputError(f"unknown workload {name!r} (known: {', '.join(sorted(_REGISTRY))})")
-    return builder()
+WORKLOAD_FILE_SUFFIXES = (".onnx", ".yaml", ".yml", ".csv")
+
+
+def is_workload_file(spec: str) -> bool:
+    return Path(spec.strip()).suffix.lower() in WORKLOAD_FILE_SUFFIXES
+
+
+def get_workload(spec: str | Workload, dataset: Any = None, batch_size: int | None = None) -> Workload:
+    """A workload from any of its sources: a built-in name, an ONNX file, a YAML or CSV list of layer
+    shapes, or a user's model (`file.py:function`, traced on `dataset`: a name or a dse Dataset).
+
+    `batch_size` replaces the batch of a file or traced model (default 32); a built-in keeps its own.
+    """
+    if isinstance(spec, Workload):
+        return spec
+    builder = _REGISTRY.get(spec.strip().lower())
+    if builder is not None:
+        return builder()
+    text = spec.strip()
+    decoder = _llama_from_spec(text.lower())
+    if decoder is not None:
+        return decoder
+    if is_ref(text):
+        return _traced(text, dataset, batch_size or DEFAULT_BATCH)
+    suffix = Path(text).suffix.lower()
+    if suffix == ".onnx":
+        from models.onnx_workload import load_onnx
+
+        return load_onnx(text, batch_size or DEFAULT_BATCH)
+    if suffix in WORKLOAD_FILE_SUFFIXES:
+        from models.workload_files import load_layer_file
+
+        workload = load_layer_file(text)
+        return dataclasses.replace(workload, batch_size=batch_size) if batch_size else workload
+    raise InputError(f"unknown workload {spec!r}: not a built-in ({', '.join(sorted(_REGISTRY))}), an .onnx, "
+                     ".yaml, .yml or .csv file, or a model given as file.py:function")
+
+
+DEFAULT_BATCH = 32
+"""Batch of a workload read from a file or traced from a model, unless one is given."""
+
+
+def _traced(spec: str, dataset: Any, batch_size: int) -> Workload:
+    """A user's model, built by its function for `dataset` and traced on two of its samples."""
+    if dataset is None:
+        raise InputError(f"workload {spec!r} is a model: give the dataset it runs on (dse energy --dataset "
+                         "NAME; a sweep traces it on each task's dataset)")
+    import torch
+
+    from dse.data import load_dataset
+    from models.proxies import build_model, trace_workload
+
+    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+        torch.manual_seed(0)
+        model = build_model(spec, data)
+    workload = trace_workload(model, data, spec, batch_size)
+    return dataclasses.replace(workload, proxy=False)
 
 
 for _name, _builder in {
     "resnet18": resnet18, "resnet50": resnet50, "bert-base": bert_base, "gpt2-small": gpt2_small,
+    "vit-b16": vit_b16, "mobilenetv2": mobilenet_v2, "llama-7b": functools.partial(llama, name="llama-7b"),
     "digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "m1d-mlp": m1d_mlp, "m1d-cnn": m1d_cnn,
     "mx5k-mlp": mx5k_mlp, "mx5k-cnn": mx5k_cnn, "sort-transformer": sort_transformer,
 }.items():

@@ -30,7 +30,7 @@ from gfloat.formats import (
 from dse.errors import InputError
 from dse.formats import NumberFormat, get
 from dse.formats.base import from_blocks, random_bits, to_blocks
-from dse.formats.mx import MXFormat
+from dse.formats.block import BlockFormat
 
 GFLOAT = {
     "mxfp8_e4m3": format_info_mxfp8_e4m3,
@@ -43,7 +43,7 @@ GFLOAT = {
 NAN, INF = math.nan, math.inf
 
 
-def special_blocks(fmt: MXFormat, dtype: torch.dtype) -> torch.Tensor:
+def special_blocks(fmt: BlockFormat, dtype: torch.dtype) -> torch.Tensor:
     """Edge-case blocks: zeros, clamped scales, ties, max + half a step, -2 for INT8."""
     values = fmt.values()
     ties = (values[1:] + values[:-1]) / 2
@@ -239,7 +239,7 @@ def test_blocks_run_along_the_chosen_axis_with_padding() -> None:
 ])
 def test_mx_formats(spec: str, element: str, bits: int, element_max: float) -> None:
     fmt = get(spec)
-    assert fmt.family == "mx" and fmt.element == get(element) and fmt.element.spec == element
+    assert fmt.family == "block" and fmt.element == get(element) and fmt.element.spec == element
     assert (fmt.bits, fmt.block_size, fmt.scale_bits, fmt.axis) == (bits, 32, 8, -1)
     assert fmt.max == element_max and get(fmt.spec) == fmt
     assert torch.equal(fmt.values(), get(element).values())
@@ -260,7 +260,7 @@ def test_mx_specs() -> None:
             get(bad)
 
 
-# --- the fused nearest path (MXFormat._quantize_blocks_nearest) --------------------------------------
+# --- the fused nearest path (BlockFormat._quantize_blocks_nearest) --------------------------------------
 
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:
@@ -272,7 +272,7 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def blocks_at_every_exponent(fmt: MXFormat, per_exponent: int, seed: int) -> torch.Tensor:
+def blocks_at_every_exponent(fmt: BlockFormat, per_exponent: int, seed: int) -> torch.Tensor:
     """Blocks whose max|v| has each float32 exponent field 0..254 (the fused path's limits inside),
     elements over 30 binades below it, ties of the element grid, zeros, -0, inf and NaN blocks."""
     generator = torch.Generator().manual_seed(seed)

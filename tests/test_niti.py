@@ -111,6 +111,41 @@ def ref_integer_ce(z: list[list[int]], e: int, targets: list[int], draws: list[l
     return out
 
 
+def ref_integer_ce_as_run(z: torch.Tensor, out_exp: int, target: torch.Tensor,
+                          draws: torch.Tensor) -> list[list[int]]:
+    """ti_loss.TiLoss.forward expression by expression, as PyTorch >= 1.5 runs it (`/` is true
+    division); out_exp is a tensor in the reference (a 0-d float). StoShift with the given draws."""
+    out_exp_t = torch.tensor(float(out_exp))
+    s = z.type(torch.int64)
+    if out_exp_t > -7:
+        s = s * 47274 / (2**15)
+        if out_exp_t >= 0:
+            s = s * 2**out_exp_t
+        else:
+            s = s / (2**-out_exp_t)
+        out_max, _ = torch.max(s, dim=1)
+        offset = out_max - 10
+        s = s - offset.view(-1, 1)
+        s = torch.max(s, torch.tensor(0, dtype=torch.int8).type(torch.int64))
+        out_grad = 2**s - 1
+    else:
+        e = out_exp_t.type(torch.int64)
+        out_grad = 2 ** (1 - 2 * e) + s * 2 ** (1 - e) + s * s
+    out_sum = out_grad.sum(1, dtype=torch.int64)
+    out_grad = out_grad * (2**11) / out_sum.view(-1, 1)
+    out_grad[torch.arange(z.size(0)), target] -= out_grad.sum(1, dtype=torch.int64)
+    grad = out_grad.type(torch.int32).tolist()
+    errors = []
+    for row, draw in zip(grad, draws.tolist(), strict=True):
+        out = []
+        for v, d in zip(row, draw, strict=True):
+            q, r = divmod(abs(v), 16)
+            q += 1 if r > d else 0
+            out.append(max(-127, min(127, q if v >= 0 else -q)))
+        errors.append(out)
+    return errors
+
+
 def mantissa(t: torch.Tensor, exp: int) -> torch.Tensor:
     m = t.detach().double() * 2.0**-exp
     assert torch.equal(m, m.round()), "not on the integer grid of its exponent"
@@ -201,28 +236,44 @@ def test_act_calc_shifts_to_seven_bits_or_keeps_small_accumulators() -> None:
 
 # --- integer cross-entropy ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("exp", [9, 2, 0, -3, -6, -7, -8, -12, -30])
-def test_integer_ce_matches_reference(exp: int) -> None:
+@pytest.mark.parametrize("division", ["reference", "integer"])
+@pytest.mark.parametrize("exp", [9, 2, 0, -3, -6, -7, -8, -12, -20])
+def test_integer_ce_matches_reference(exp: int, division: str) -> None:
+    """"reference": ti_loss.py's own expressions as its PyTorch runs them; "integer": every division
+    truncating, on Python ints."""
     gen = torch.Generator().manual_seed(exp + 100)
     z = torch.randint(-127, 128, (12, 10), generator=gen)
     z[3] = 37  # all-equal logits
     z[4] = -127
     targets = torch.randint(0, 10, (12,), generator=gen)
-    got = integer_ce_error(z, exp, targets, torch.Generator().manual_seed(5))
+    got = integer_ce_error(z, exp, targets, torch.Generator().manual_seed(5), division=division)
     draws = torch.randint(0, 16, (12, 10), dtype=torch.int64, generator=torch.Generator().manual_seed(5))
-    expected = ref_integer_ce(z.tolist(), exp, targets.tolist(), draws.tolist())
+    if division == "reference":
+        expected = ref_integer_ce_as_run(z, exp, targets, draws)
+    else:
+        expected = ref_integer_ce(z.tolist(), exp, targets.tolist(), draws.tolist())
     assert got.tolist() == expected
     assert int(got.abs().max()) <= 127
+
+
+def test_the_two_divisions_differ() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randint(-127, 128, (64, 10), generator=gen)
+    targets = torch.randint(0, 10, (64,), generator=gen)
+    as_run = integer_ce_error(z, -3, targets, torch.Generator().manual_seed(1))
+    truncating = integer_ce_error(z, -3, targets, torch.Generator().manual_seed(1), division="integer")
+    assert not torch.equal(as_run, truncating)
 
 
 def test_integer_ce_points_from_the_prediction_to_the_target() -> None:
     z = torch.tensor([[100, -50, 0, 20], [5, 5, 5, 5]])
     targets = torch.tensor([1, 2])
-    error = integer_ce_error(z, -4, targets, torch.Generator().manual_seed(0)).double()
+    error = integer_ce_error(z, -4, targets, torch.Generator().manual_seed(0), division="integer").double()
     assert error[0, 1] < -100 and error[0, 0] > 100  # wrong and confident: nearly -128 and +128
     # All-equal logits: p = floor(2048/4) = 512 everywhere, so 32 - 128 = -96 at the target.
     assert error[1].tolist() == [32, 32, -96, 32]
-    ignored = integer_ce_error(z, -4, torch.tensor([-100, 2]), torch.Generator().manual_seed(0))
+    ignored = integer_ce_error(z, -4, torch.tensor([-100, 2]), torch.Generator().manual_seed(0),
+                               division="integer")
     assert ignored[0].tolist() == [0, 0, 0, 0] and ignored[1].tolist() == [32, 32, -96, 32]
 
 
@@ -392,6 +443,60 @@ def _train_steps(seed: int, steps: int = 6) -> tuple[nn.Module, dict[str, torch.
         setup.optimizer.step()
         setup.optimizer.zero_grad()
     return model, initial, exps
+
+
+def test_initial_weights_are_xavier_uniform_then_weight_quant_whatever_the_model_drew() -> None:
+    """ti_torch.py UniformWeights (Nov 2021): xavier_uniform_ on each weight in layer order, drawn here
+    from the run's generator, then weight_quant; the model's own initialisation plays no part."""
+    expected = {}
+    draws = torch.Generator().manual_seed(3)
+    for name, shape in (("0", (4, 1, 3)), ("3", (5, 32))):
+        w = torch.empty(shape)
+        nn.init.xavier_uniform_(w, generator=draws)
+        m, e = weight_quant(w)
+        expected[name] = (m.double() * 2.0**e, e)
+    for model_seed in (0, 1):
+        torch.manual_seed(model_seed)
+        model = _small_cnn()
+        niti_setup(model, TrainConfig(format="int8"), torch.Generator().manual_seed(3))
+        layers = dict(model.named_modules())
+        for name, (value, exp) in expected.items():
+            assert layers[name].weight_exp == exp
+            assert torch.equal(layers[name].weight.detach().double(), value)
+            assert int(weight_mantissa(layers[name].weight).abs().max()) == 127
+    # Xavier's scale sqrt(6 / (32 + 5)) = 0.40, not PyTorch's U(+-1/sqrt(32)) = 0.18: weight_quant then
+    # puts the peak at 127 * 2^(ceil(log2 peak) - 7), 0.50 here where PyTorch's init would give 0.25
+    assert float(layers["3"].weight.detach().abs().max()) == 127 * 2.0**-8
+
+
+def test_a_wider_integer_accumulator_keeps_fraction_bits_of_the_weights() -> None:
+    """master_weights 'int16' (the 2020 code's --weight-frac): acc = clip(acc - g8, +-(2^15 - 1)), starting
+    at m << 8; the int8 weight is PstoShift(acc, 8)."""
+    torch.manual_seed(0)
+    model = _small_cnn()
+    setup = niti_setup(model, TrainConfig(format="int8", master_weights="int16", niti_mu=6),
+                       torch.Generator().manual_seed(0))
+    layer = model[3]
+    start = weight_mantissa(layer.weight).clone()
+    state = setup.optimizer.state[layer.weight]
+    assert torch.equal(state["accumulator"], start << 8)
+    data = torch.Generator().manual_seed(99)
+    for _ in range(3):
+        before = state["accumulator"].clone()
+        x, y = torch.randn(16, 1, 16, generator=data), torch.randint(0, 5, (16,), generator=data)
+        setup.loss_fn(setup.model(x), y).backward()
+        update = grad_calc(layer.weight.niti_grad[0], 6)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad()
+        assert torch.equal(state["accumulator"], (before - update).clamp(-(2**15 - 1), 2**15 - 1))
+        expected = torch.from_numpy(ref_psto_shift(state["accumulator"].numpy(), 8))
+        assert torch.equal(weight_mantissa(layer.weight), expected)
+    moved = (state["accumulator"] - (start << 8)).abs()
+    assert int(moved.max()) > 0 and int(moved.max()) < 3 * 2**6 + 1  # steps of at most 2^mu on the fine grid
+    with pytest.raises(InputError, match="wider integer"):
+        niti_setup(_small_cnn(), TrainConfig(format="int8", master_weights="bf16"), torch.Generator())
+    with pytest.raises(InputError, match="wider integer"):
+        niti_setup(_small_cnn(), TrainConfig(format="int8", master_weights="int8"), torch.Generator())
 
 
 def test_weights_stay_integers_with_fixed_exponents_and_runs_repeat() -> None:

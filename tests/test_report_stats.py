@@ -209,3 +209,33 @@ def test_several_points_without_validation_choose_nothing() -> None:
     assert len(summary) == 1 and math.isnan(summary["accuracy_mean"].iloc[0])
     assert math.isnan(summary["tuned:lr"].iloc[0]) and summary["n_points"].iloc[0] == 2
     assert json.loads(rows[0]["tuning"]) == {"lr": 0.01}
+
+
+def test_the_sweep_headline_names_a_trial_of_a_chosen_point(tuned_sweep: Path) -> None:
+    from dse.sweep.runner import _best_of
+
+    best = _best_of(load_trials(tuned_sweep))
+    trials = load_trials(tuned_sweep).set_index("trial_id")
+    assert best is not None and trials.loc[best.trial_id, "tuned:lr"] != 0.1  # 0.1 wins on test only
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=6, max_size=6),
+       st.permutations(range(6)))
+def test_the_choice_follows_validation_whatever_the_test_accuracies(pairs: list[tuple[float, float]],
+                                                                    order: list[int]) -> None:
+    """Three lr points x two seeds: the chosen point is the best validation mean (first on a tie),
+    and shuffling the test accuracies among the trials never changes it."""
+    lrs = (0.01, 0.03, 0.1)
+
+    def frame(tests: list[float]) -> pd.DataFrame:
+        rows = [trial_row("t", "int8 sgd", seed, tests[2 * i + seed], {"proxy": 1.0},
+                          val_accuracy=pairs[2 * i + seed][0], tuning={"lr": lr}, format="int8")
+                for i, lr in enumerate(lrs) for seed in range(2)]
+        return trials_frame(rows, ["proxy"])
+
+    tests = [test for _, test in pairs]
+    means = [np.mean([pairs[2 * i][0], pairs[2 * i + 1][0]]) for i in range(3)]
+    expected = lrs[int(np.argmax(means))]
+    assert summarize_trials(frame(tests))["tuned:lr"].iloc[0] == expected
+    assert summarize_trials(frame([tests[j] for j in order]))["tuned:lr"].iloc[0] == expected

@@ -32,7 +32,7 @@ def test_issue_specs_parse_and_canonicalise(spec: str) -> None:
 
 @pytest.mark.parametrize(("spec", "bits", "family"), [
     ("fp8_e4m3", 8, "fp"), ("bf16", 16, "fp"), ("int(4)", 4, "int"), ("fixed(16,8)", 16, "fixed"),
-    ("posit8", 8, "posit"), ("lns(6,gamma=2)", 6, "lns"), ("mxfp4", 4, "mx"), ("mxint8", 8, "mx"),
+    ("posit8", 8, "posit"), ("lns(6,gamma=2)", 6, "lns"), ("mxfp4", 4, "block"), ("mxint8", 8, "block"),
 ])
 def test_specs_mean_what_they_say(spec: str, bits: int, family: str) -> None:
     fmt = get(spec)

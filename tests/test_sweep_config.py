@@ -291,6 +291,21 @@ def test_every_example_parses_and_expands(path: Path) -> None:
             assert energies[(keys[trial.trial_id], workload)]["total_mj"] > 0
 
 
+@pytest.mark.parametrize("name", ["lns_madam", "niti", "posit"])
+def test_the_paper_presets_list_their_trials_in_a_dry_run(name: str, tmp_path: Path) -> None:
+    path = EXAMPLES / f"{name}.yaml"
+    result = runner.invoke(app, ["sweep", str(path), "--dry-run", "--output", str(tmp_path / "out")],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out").exists()
+    sweep = parse_config(path.read_text(), str(path))
+    configurations = {trial.label for trial in expand(sweep)}
+    for label in configurations:
+        assert label in result.stdout
+    text = path.read_text()
+    assert "tune:" in text and text.count("#") > 10  # unknown settings tuned; settings commented
+
+
 def test_the_examples_exist() -> None:
     names = {p.name for p in EXAMPLES.glob("*.yaml")}
     assert {"quickstart.yaml", "lns_madam.yaml", "niti.yaml", "posit.yaml", "formats.yaml"} <= names

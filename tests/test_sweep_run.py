@@ -49,6 +49,7 @@ def test_a_local_sweep_trains_stores_and_reports(local_run: Path) -> None:
     ok = frame[frame["status"] == "ok"]
     assert {"fp32 sgd", "int8 sgd"} < set(ok["label"]) and set(ok["seed"]) == {0, 1} and len(ok) == 5
     assert ok["test_accuracy"].between(0.2, 1.0).all()  # one epoch learns well above chance (0.1)
+    assert ok["val_accuracy"].between(0.2, 1.0).all()  # the validation split's accuracy is stored too
     assert (frame["wall_time_s"] > 0).all()
     diverged = frame[frame["label"] == "fp32 sgd lr=10000000000.0"].iloc[0]
     assert diverged["status"] == "diverged" and diverged["diverged"] and diverged["error"] == ""
@@ -60,7 +61,7 @@ def test_a_local_sweep_trains_stores_and_reports(local_run: Path) -> None:
     # same seed, same result: a trial retrained here matches its stored accuracy exactly
     row = ok.iloc[-1]
     again = train(TrainConfig.from_dict(json.loads(row["config"])))
-    assert again.test_accuracy == row["test_accuracy"]
+    assert (again.test_accuracy, again.val_accuracy) == (row["test_accuracy"], row["val_accuracy"])
     assert again.final_loss == pytest.approx(row["final_loss"])
 
 

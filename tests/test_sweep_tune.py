@@ -96,6 +96,20 @@ output: {tmp_path / 'out'}
                      reports=False).ran == 0
 
 
+def test_the_issues_example_tunes_lr_and_p_scale() -> None:
+    text = """\
+seeds: [0, 1]
+task: {model: mlp, dataset: digits, epochs: 1}
+trials:
+  - {format: lns8, optimizer: lns-madam, master_weights: false,
+     tune: {lr: [0.01, 0.03, 0.1], p_scale: [3, 10]}}
+"""
+    trials = expand(parse_config(text, "t.yaml"))
+    assert len(trials) == 3 * 2 * 2 and len({t.configuration for t in trials}) == 1
+    assert {(t.config.lr, t.config.p_scale) for t in trials} == {
+        (lr, p) for lr in (0.01, 0.03, 0.1) for p in (3, 10)}
+
+
 def test_the_tunable_fields_are_the_numeric_train_config_fields() -> None:
     assert {"lr", "momentum", "weight_decay", "epochs", "batch_size", "niti_mu"} <= set(TUNABLE_FIELDS)
     untunable = {"format", "optimizer", "master_weights", "layer_scaling", "seed", "threads"}
@@ -125,6 +139,8 @@ _TASK = "task: {model: mlp, dataset: digits}"
      ["trials[0].tune.lr", "both set and tuned"]),
     ([_TASK, "trials:", "  - format: int8", "    tune: {seed: [1, 2]}"], 4,
      ["trials[0].tune.seed", "unknown key"]),
+    ([_TASK, "trials:", "  - {format: lns8, optimizer: lns-madam, tune: {p_scale: [3, 0]}}"], 3,
+     ["trials[0].tune.p_scale[1]", "p_scale"]),
     (["task: {model: mlp, dataset: digits, tune: {epochs: [0, 2]}}", "trials: [{format: int8}]"], 1,
      ["task.tune.epochs[0]", "epochs must be >= 1"]),
     ([_TASK, "trials: [{format: int8}]", "report:", "  baseline: {fromat: fp32}"], 4,

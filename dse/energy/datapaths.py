@@ -577,6 +577,7 @@ def operand(fmt: Any) -> Operand:
     if isinstance(fmt, Operand):
         return fmt
     family = getattr(fmt, "family", None)
+    family = {"p3109": "fp", "block": "mx"}.get(family, family)  # P3109 is an FP(e, m) datapath
     spec = str(getattr(fmt, "spec", fmt))
     if family not in FAMILY_HARDWARE:
         raise InputError(f"format {spec!r}: unknown family {family!r} for the energy model")

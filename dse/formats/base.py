@@ -17,6 +17,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import re
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,10 @@ from dse.errors import InputError
 
 Rounding = Literal["nearest", "stochastic", "pseudo_stochastic", "toward_zero"]
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "pseudo_stochastic", "toward_zero")
+# stochastic(k): stochastic rounding with k random bits, as hardware does it (see round_to_integer).
+MIN_STOCHASTIC_BITS, MAX_STOCHASTIC_BITS = 1, 23
+ROUNDING_FORMS = "nearest, stochastic, stochastic(k) with k in 1..23, pseudo_stochastic, toward_zero"
+_STOCHASTIC_K = re.compile(r"stochastic\((-?\d+)\)")
 
 ScaleKind = Literal["none", "tensor", "channel", "block"]
 SCALE_KINDS: tuple[str, ...] = ("none", "tensor", "channel", "block")
@@ -86,10 +91,35 @@ def fitted(scratch: Tensor, part: Tensor) -> Tensor:
     return scratch if size == scratch.numel() else scratch[:size]
 
 
+@functools.cache
+def parse_rounding(rounding: str) -> tuple[str, int | None]:
+    """(mode, k): mode one of ROUNDINGS, k the random bits of `stochastic(k)` (None otherwise).
+
+    Raises InputError naming the rounding for anything else, k outside 1..23 included.
+    """
+    if rounding in ROUNDINGS:
+        return rounding, None
+    match = _STOCHASTIC_K.fullmatch(rounding) if isinstance(rounding, str) else None
+    if match is None:
+        raise InputError(f"unknown rounding {rounding!r}: expected one of {ROUNDING_FORMS}")
+    bits = int(match.group(1))
+    if not MIN_STOCHASTIC_BITS <= bits <= MAX_STOCHASTIC_BITS:
+        raise InputError(f"rounding {rounding!r}: k (random bits) must be in "
+                         f"{MIN_STOCHASTIC_BITS}..{MAX_STOCHASTIC_BITS}, got {bits}")
+    return "stochastic", bits
+
+
 def check_rounding(rounding: str) -> str:
-    if rounding not in ROUNDINGS:
-        raise InputError(f"unknown rounding {rounding!r}: expected one of {', '.join(ROUNDINGS)}")
-    return rounding
+    """`rounding` in canonical form (trimmed, lower case, no spaces) if it names a rounding mode
+    (ROUNDINGS or stochastic(k)); InputError otherwise."""
+    canonical = re.sub(r"\s+", "", rounding).lower() if isinstance(rounding, str) else rounding
+    parse_rounding(canonical)
+    return canonical
+
+
+def stochastic_bits(rounding: str) -> int | None:
+    """k of `stochastic(k)`; None for every other mode."""
+    return parse_rounding(rounding)[1]
 
 
 _FLOAT32 = struct.Struct("<f")
@@ -174,17 +204,23 @@ def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
     discarded field r = magnitude mod 2^shift decides whether the kept part moves up by one.
     Shifts above 62 discard everything; magnitudes must stay below 2^62.
     """
-    check_rounding(rounding)
+    mode, random_bit_count = parse_rounding(rounding)
     magnitude = magnitude.to(torch.int64)
     shift_t = torch.as_tensor(shift, dtype=torch.int64, device=magnitude.device).clamp(0, 62)
     kept = magnitude >> shift_t
     field = magnitude - (kept << shift_t)
-    if rounding == "toward_zero":
+    if mode == "toward_zero":
         return kept
-    if rounding == "nearest":
+    if mode == "nearest":
         half = (torch.ones_like(shift_t) << shift_t) >> 1
         up = (field > half) | ((field == half) & (half > 0) & ((kept & 1) == 1))
-    elif rounding == "stochastic":
+    elif random_bit_count is not None:  # the field rounded to k bits, plus k random bits, carries
+        k = random_bit_count
+        widened = field << (k - shift_t).clamp(min=0)
+        rounded = torch.where(shift_t > k, shift_round(field, (shift_t - k).clamp(min=0), "nearest"), widened)
+        draws = random_bits(magnitude.shape, magnitude.device, generator).to(torch.int64) >> (31 - k)
+        up = rounded + draws >= 1 << k
+    elif mode == "stochastic":
         draw = _draw(magnitude.shape, generator, lambda shape, source: torch.randint(
             0, 2**62, shape, generator=source, device=magnitude.device, dtype=torch.int64))
         up = (draw & ((torch.ones_like(shift_t) << shift_t) - 1)) < field
@@ -201,20 +237,21 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
 
     `t` must hold the exact scaled value (a power-of-two rescaling of the input, or a code computed
     exactly). Nearest is ties-to-even, stochastic rounds up with probability equal to the
-    fractional part, pseudo_stochastic applies NITI's rule to the significand bits below the point.
+    fractional part, stochastic(k) with k random bits (`stochastic_up_`), pseudo_stochastic
+    applies NITI's rule to the significand bits below the point.
     """
-    check_rounding(rounding)
-    if rounding == "nearest":
+    mode, random_bit_count = parse_rounding(rounding)
+    if mode == "nearest":
         return torch.round(t)
-    if rounding == "toward_zero":
+    if mode == "toward_zero":
         return torch.trunc(t)
     magnitude = t.abs()
     floor = magnitude.floor()
     if rounding == "stochastic" and t.dtype == torch.float32:
         return _round_stochastic_float32(t, floor, magnitude.sub_(floor), generator)
     fraction = magnitude - floor
-    if rounding == "stochastic":
-        up = stochastic_up_(fraction.double(), generator)
+    if mode == "stochastic":
+        up = stochastic_up_(fraction if random_bit_count else fraction.double(), generator, random_bit_count)
     else:
         # The discarded field runs from the binary point down to the last significand bit of t.
         precision = _mantissa_digits(t.dtype)
@@ -229,12 +266,26 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
     return torch.copysign(floor + up.to(t.dtype), t)
 
 
-def stochastic_up_(fraction: Tensor, generator: torch.Generator | None) -> Tensor:
-    """1.0 where a float64 uniform draw falls below the fraction (float64, in [0, 1)), else 0.0: the
-    up-step of stochastic rounding with float64 draws, written into `fraction`."""
-    draws = _draw(fraction.shape, generator, lambda shape, source: torch.rand(
-        shape, generator=source, device=fraction.device, dtype=torch.float64))
-    return torch.lt(draws, fraction, out=fraction)
+def stochastic_up_(fraction: Tensor, generator: torch.Generator | None, random_bit_count: int | None = None
+                   ) -> Tensor:
+    """The up-step of stochastic rounding (1.0 or 0.0) for fractions in [0, 1), written into `fraction`.
+
+    random_bit_count None: up where a float64 uniform draw falls below the fraction (float64).
+    k random bits (stochastic(k), fraction float32 or float64): the fraction is rounded to k bits,
+    ties to even, d = round(f * 2^k), and the value rounds up when d + r >= 2^k for r the top k bits
+    of one `random_bits` draw (uniform in [0, 2^k)): so with probability d / 2^k. This is gfloat's
+    RoundMode.Stochastic with srnumbits = k and srbits = r, and a k-bit adder's carry in hardware.
+    d + r < 2^24 is exact in float32 for k <= 23.
+    """
+    if random_bit_count is None:
+        draws = _draw(fraction.shape, generator, lambda shape, source: torch.rand(
+            shape, generator=source, device=fraction.device, dtype=torch.float64))
+        return torch.lt(draws, fraction, out=fraction)
+    draws = random_bits(fraction.shape, fraction.device, generator)
+    draws = draws.bitwise_right_shift_(31 - random_bit_count).to(fraction.dtype)
+    rounded = fraction.mul_(constant(2.0**random_bit_count, fraction.dtype, fraction.device)).round_()
+    return torch.ge(rounded.add_(draws), constant(2.0**random_bit_count, fraction.dtype, fraction.device),
+                    out=fraction)
 
 
 def _draw(shape: Sequence[int], generator: torch.Generator | MemberGenerators | None,

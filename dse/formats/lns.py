@@ -56,6 +56,7 @@ from dse.formats.base import (
     for_slices,
     round_to_integer,
     slice_scratch,
+    stochastic_bits,
     stochastic_up_,
 )
 from dse.formats.spec import (
@@ -335,8 +336,8 @@ class LNS(NumberFormat):
         floor = nearest.sub_(below)
         fraction = position.sub_(floor).clamp_(0.0, _BELOW_ONE)
         fraction.mul_(torch.ne(magnitude, grid_value, out=below))  # grid values never move
-        if rounding == "stochastic":  # round_to_integer's draw; the fraction needs no sign work
-            floor.add_(stochastic_up_(fraction, generator))
+        if rounding.startswith("stochastic"):  # round_to_integer's draw; the fraction needs no sign work
+            floor.add_(stochastic_up_(fraction, generator, stochastic_bits(rounding)))
         else:
             floor.add_(round_to_integer(fraction, rounding, generator))
         index = floor.to(torch.int32)

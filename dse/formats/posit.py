@@ -38,11 +38,12 @@ from torch import Tensor
 from dse.formats.base import (
     NumberFormat,
     Scaling,
-    check_rounding,
     constant,
     for_slices,
+    parse_rounding,
     power_of_two,
     shift_round,
+    stochastic_bits,
     stochastic_up_,
 )
 from dse.formats.spec import (
@@ -206,13 +207,13 @@ class Posit(NumberFormat):
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """Round onto the posits (no gradient: rounding is piecewise constant)."""
-        check_rounding(rounding)
+        stochastic = parse_rounding(rounding)[0] == "stochastic"
         x = x.detach()
         layout = _LAYOUTS.get(x.dtype)
         if layout is None:
             return self.round_unscaled(x.float(), rounding, generator).to(x.dtype)
         frame = _frame(self.bits, self.es, layout)
-        if rounding != "stochastic" and frame.exact:
+        if not stochastic and frame.exact:
             return self._round_flat(x, frame, rounding, generator)
         # posit(n, 3) for n >= 18 and posit(n, 4) for n >= 10 reach beyond float32's normal range,
         # and stochastic rounding needs the posit above |x|, which may lie beyond it too.
@@ -246,8 +247,9 @@ class Posit(NumberFormat):
             scaled *= step
             rounded = scaled.round_() if rounding == "nearest" else scaled.trunc_()
             magnitude_bits = torch.addcdiv(tables.minus_offset, rounded, step).to(torch.int32)
-        elif rounding == "stochastic":
-            magnitude_bits = self._round_stochastic(pattern, regime, tables, generator).view(layout.int_dtype)
+        elif rounding.startswith("stochastic"):
+            magnitude_bits = self._round_stochastic(pattern, regime, tables, generator,
+                                                    stochastic_bits(rounding)).view(layout.int_dtype)
         else:
             shift = torch.index_select(tables.shift, 0, regime)
             # The discarded field is the input's own bits below the posit's last bit, so that
@@ -263,12 +265,13 @@ class Posit(NumberFormat):
 
     @staticmethod
     def _round_stochastic(pattern: Tensor, regime: Tensor, tables: _Tables,
-                          generator: torch.Generator | None) -> Tensor:
+                          generator: torch.Generator | None, random_bit_count: int | None) -> Tensor:
         """|x| (float64 patterns shifted by the frame's offset) rounded up with probability
         (|x| - lo) / (hi - lo) between the neighbouring posits lo <= |x| < hi: their values.
 
         hi - lo is exact (hi <= 2 lo where lo has fraction bits, else both are powers of two), so
-        lo + 1 * (hi - lo) is hi. The draw is `round_to_integer`'s for a fraction in [0, 1).
+        lo + 1 * (hi - lo) is hi. The draw is `round_to_integer`'s for a fraction in [0, 1) (with k
+        random bits for stochastic(k)).
         """
         unit = torch.index_select(tables.unit, 0, regime)  # 2^d: one step of the pattern
         low = torch.bitwise_and(pattern, unit.neg())
@@ -276,7 +279,7 @@ class Posit(NumberFormat):
         high_value = low.add_(unit).sub_(tables.offset).view(torch.float64)
         difference = high_value - low_value
         fraction = torch.sub(pattern, tables.offset).view(torch.float64).sub_(low_value).div_(difference)
-        return torch.addcmul(low_value, stochastic_up_(fraction, generator), difference)
+        return torch.addcmul(low_value, stochastic_up_(fraction, generator, random_bit_count), difference)
 
     # --- codes ----------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:

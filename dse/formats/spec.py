@@ -5,11 +5,11 @@ Grammar (whitespace is ignored, names are case-insensitive):
     spec    := name | name "(" args ")"
     args    := arg ("," arg)*
     arg     := value | key "=" value          (positional arguments come first)
-    value   := integer | number | word
+    value   := integer | number | word | spec  (a nested spec: block(fp(e=2,m=1),size=16))
 
-`name` is a family (`fp`, `int`, `fixed`, `posit`, `lns`, `mx`) or an alias that expands to one
-(`fp8_e4m3`, `bf16`, `int8`, `posit16`, `lns8`, `mxfp4`, ...). An alias accepts the same keyword
-options as its family, which override the alias's own: `fp8_e4m3(overflow=nan)`,
+`name` is a family (`fp`, `int`, `fixed`, `posit`, `lns`, `p3109`, `block`, `mx`) or an alias that
+expands to one (`fp8_e4m3`, `bf16`, `int8`, `posit16`, `lns8`, `mxfp4`, `nvfp4`, ...). An alias
+accepts the same keyword options as its family, which override the alias's own: `fp8_e4m3(overflow=nan)`,
 `int8(scale=channel,axis=0)`. Each family documents its arguments in `docs/formats.md` and in its
 factory's docstring.
 """
@@ -62,8 +62,29 @@ def _parse_value(text: str) -> Value:
         if value == value and abs(value) != float("inf"):  # "nan" and "inf" are words (overflow=nan)
             return value
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", text):
+        if "(" in text and _CALL.match(text):  # a nested spec, read by the factory that takes it
+            return text
         raise ValueError(f"cannot read argument value {text!r}")
     return text
+
+
+def _split_arguments(body: str) -> list[str]:
+    """body split at the commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(body):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError("unbalanced parentheses")
+        elif char == "," and depth == 0:
+            parts.append(body[start:index])
+            start = index + 1
+    if depth:
+        raise ValueError("unbalanced parentheses")
+    parts.append(body[start:])
+    return parts
 
 
 def parse_call(text: str) -> Call:
@@ -75,8 +96,10 @@ def parse_call(text: str) -> Call:
     args: list[Value] = []
     kwargs: dict[str, Value] = {}
     if body:
-        for part in body.split(","):
+        for part in _split_arguments(body):
             key, sep, raw = part.partition("=")
+            if "(" in key:  # a nested spec's own options, not a key=value of this call
+                key, sep, raw = part, "", ""
             if sep:
                 if not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
                     raise ValueError(f"bad option name {key!r}")

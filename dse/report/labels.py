@@ -22,6 +22,10 @@ def field_token(name: str, value: Any) -> str:
         return f"warmup={value}"
     if name == "full_precision_layers":
         return f"fp-layers={'+'.join(value) if value else 'none'}"
+    if name == "layers":  # per-layer rules: `layers=head:format=fp32;*.attn.*:weights=int4`
+        return "layers=" + (";".join(
+            f"{rule['match']}:" + ",".join(f"{k}={v}" for k, v in rule.items() if k != "match")
+            for rule in value or []) or "none")
     if name == "optimizer_state":
         return f"state={value}"
     return f"{name.replace('_', '-')}={value}"

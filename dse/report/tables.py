@@ -107,6 +107,16 @@ def _choose(rows: list[dict[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any] 
     return chosen
 
 
+def chosen_trials(frame: pd.DataFrame) -> pd.DataFrame:
+    """The trials at each configuration's chosen tuning point (all of them where nothing is tuned)."""
+    if "tuning" not in frame.columns:
+        return frame
+    rows, _ = _point_rows(frame)
+    keys = {row["_key"] for row in _choose(rows).values() if row is not None}
+    mask = [key in keys for key in zip(frame["task"], frame["label"], frame["tuning"], strict=True)]
+    return frame[mask]
+
+
 def _is_baseline_format(row: dict[str, Any]) -> bool:
     formats = [row.get(name) for name in ("weights", "activations", "gradients")]
     weight_grads = row.get("weight_grads")

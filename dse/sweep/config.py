@@ -8,6 +8,7 @@ grid each raise one InputError line `file:line: path: problem`. docs/config.md d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import typing
@@ -17,12 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from dse.energy import DatapathParams, MemoryParams, parse_node, workload_names
+from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
 from dse.errors import InputError, closest
+from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
 from dse.train.config import TrainConfig
 from dse.train.loop import check_field
-from dse.train.policy import FULL_PRECISION_LAYER_NAMES
+from dse.usercode import absolute, is_ref, load_function, parse_ref
+from dse.usercode import identity as code_identity
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
+from models.workloads import is_workload_file
 
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
 """What makes a task a task: set once per task, never gridded."""
@@ -108,11 +112,26 @@ class EnergyConfig:
     table: str | None
     datapath: DatapathParams
     memory: MemoryParams
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Workload name -> what it is read from, for a user's network: an absolute file path (.onnx,
+    .yaml, .yml, .csv) or `/abs/file.py:function` (traced on each task's dataset)."""
 
     def describe(self) -> dict[str, Any]:
         """Everything that changes an energy number, as plain data (for hashing)."""
         return {"node": self.node, "table": self.table, "datapath": dataclasses.asdict(self.datapath),
-                "memory": dataclasses.asdict(self.memory)}
+                "memory": dataclasses.asdict(self.memory),
+                **({"sources": {name: _source_identity(spec) for name, spec in self.sources.items()}}
+                   if self.sources else {})}
+
+
+def _source_identity(spec: str) -> Any:
+    """A user workload's identity: its function and source hash, or its file's content hash."""
+    if is_ref(spec):
+        return code_identity(spec, "workload")
+    try:
+        return {"sha256": hashlib.sha256(Path(spec).read_bytes()).hexdigest()}
+    except OSError:
+        return spec
 
 
 @dataclass(frozen=True)
@@ -250,6 +269,16 @@ def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap
                                f"{value!r}")
         # Item by item, so that an unknown name is reported at its own place in the list.
         return tuple(_meaning(name, [layer], (*path, index), source)[0] for index, layer in enumerate(value))
+    if name == "layers":
+        if not isinstance(value, list):
+            raise source.error(path, f"expected a list of rules such as [{{match: 'head', format: fp32}}], "
+                               f"got {value!r}")
+        rules = []
+        for index, raw in enumerate(value):
+            where = (*path, index)
+            rule = _meaning(name, [raw], where, source)[0]
+            rules.append(LayerRule(rule.match, rule.formats, f"{source.file}:{source.line(where)}"))
+        return tuple(rules)
     try:
         value = _ADAPTERS[name].validate_python(value, strict=True)
     except ValidationError as error:
@@ -273,8 +302,9 @@ def _type_name(kind: Any) -> str:
 
 
 def _is_grid(name: str, value: Any) -> bool:
-    """A list is a grid, except full_precision_layers whose value is itself a list: there a list of lists."""
-    if name == "full_precision_layers":
+    """A list is a grid, except full_precision_layers and layers whose value is itself a list: there a
+    list of lists."""
+    if name in ("full_precision_layers", "layers"):
         return isinstance(value, list) and any(isinstance(v, list) for v in value)
     return isinstance(value, list)
 
@@ -286,7 +316,7 @@ def _unknown_key(key: Any, allowed: typing.Iterable[str], path: tuple[str | int,
 
 # --- tasks and trials -----------------------------------------------------------------------------
 
-def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TaskConfig:
+def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap, base_dir: Path) -> TaskConfig:
     if not isinstance(raw, dict):
         raise source.error(path, f"a task is a mapping with model and dataset, got {raw!r}")
     defaults: dict[str, Any] = {}
@@ -305,13 +335,21 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tas
             continue
         if _is_grid(key, value):
             raise source.error(where, "a task field takes one value; grid over values in a trial entry")
+        if key in ("model", "dataset") and isinstance(value, str):
+            value = absolute(value, base_dir)  # a file.py:function resolves against the sweep file's folder
         defaults[key] = _check(value, key, where, source)
     for key in ("model", "dataset"):
         if key not in raw:
             raise source.error(path, f"missing key {key!r}")
-    name = raw.get("name") or f"{defaults['model']}/{defaults['dataset']}"
+    name = raw.get("name") or f"{_short(raw['model'])}/{_short(raw['dataset'])}"
     tune = _check_tune(raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw else {}
     return TaskConfig(name=name.strip(), defaults=defaults, path=path, tune=tune)
+
+
+def _short(value: Any) -> str:
+    """A task name's part: a built-in's name, a user's model or dataset by its function's name."""
+    ref = parse_ref(value)
+    return str(value).strip().lower() if ref is None else ref.function
 
 
 def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> TrialEntry:
@@ -407,7 +445,13 @@ def _check_seeds(value: Any, path: tuple[str | int, ...], source: SourceMap) -> 
     return tuple(value)
 
 
-def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
+def _workload_name(spec: str) -> str:
+    """How a user's workload is named in reports: a file by its stem, a model by its function."""
+    ref = parse_ref(spec)
+    return ref.function if ref is not None else Path(spec).stem
+
+
+def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) -> EnergyConfig:
     from dse.energy import build_model
     from dse.energy.datapaths import parse_accumulator
     from dse.energy.iteration import FP32 as FP32_OPERAND
@@ -423,13 +467,25 @@ def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
     known = (PROXY_WORKLOAD, *workload_names())
     seen: set[str] = set()
     workloads: list[str] = []
+    sources: dict[str, str] = {}
     for index, name in enumerate(section.workloads):
+        where = ("energy", "workloads", index)
         key = name.strip().lower()
         if key not in known:
-            raise source.error(("energy", "workloads", index),
-                               f"unknown workload {name!r}{did_you_mean(key, known)}")
+            spec = name.strip()
+            if is_ref(spec) or is_workload_file(spec):
+                spec = absolute(spec, base_dir) if is_ref(spec) else str((base_dir / spec).resolve())
+                key = _workload_name(spec)
+                sources[key] = spec
+            elif not spec.lower().startswith("llama("):
+                raise source.error(where, f"unknown workload {name!r}{did_you_mean(key, known)}; a user's "
+                                   "network is an .onnx, .yaml or .csv file or file.py:function")
+            try:  # read now: a bad file stops the sweep before anything is written
+                load_function(spec, "workload") if is_ref(spec) else get_workload(spec)
+            except ValueError as error:
+                raise source.error(where, str(error).splitlines()[0]) from None
         if key in seen:
-            raise source.error(("energy", "workloads", index), f"workload {name!r} is listed twice")
+            raise source.error(where, f"workload {name!r} is listed twice (or shares its name {key!r})")
         seen.add(key)
         workloads.append(key)
     table = section.table
@@ -451,7 +507,8 @@ def _check_energy(section: _EnergySection, source: SourceMap) -> EnergyConfig:
         build_model(node, datapath, memory, table)
     except ValueError as error:
         raise source.error(("energy", "table"), str(error).splitlines()[0]) from None
-    return EnergyConfig(node=node, workloads=tuple(workloads), table=table, datapath=datapath, memory=memory)
+    return EnergyConfig(node=node, workloads=tuple(workloads), table=table, datapath=datapath, memory=memory,
+                        sources=sources)
 
 
 def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorConfig:
@@ -475,8 +532,13 @@ def available_cores() -> int:
 
 # --- entry points ---------------------------------------------------------------------------------
 
-def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
-    """Validate a sweep file's text; raises InputError (one line, `file:line: path: problem`)."""
+def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path | None = None) -> SweepConfig:
+    """Validate a sweep file's text; raises InputError (one line, `file:line: path: problem`).
+
+    Relative paths of a user's model, dataset or workload resolve against `base_dir` (default: the
+    folder of `source_name`)."""
+    folder = Path(base_dir) if base_dir is not None else Path(source_name).parent
+    folder = folder.resolve()
     data, source = load_yaml(text, source_name)
     if not isinstance(data, dict):
         raise source.error((), "a sweep file is a mapping with at least 'task' (or 'tasks') and 'trials'")
@@ -495,9 +557,9 @@ def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
     if sweep.tasks is not None:
         if not sweep.tasks:
             raise source.error(("tasks",), "empty list: give at least one task")
-        tasks = [_check_task(raw, ("tasks", i), source) for i, raw in enumerate(sweep.tasks)]
+        tasks = [_check_task(raw, ("tasks", i), source, folder) for i, raw in enumerate(sweep.tasks)]
     else:
-        tasks = [_check_task(sweep.task, ("task",), source)]
+        tasks = [_check_task(sweep.task, ("task",), source, folder)]
     names: dict[str, tuple[str | int, ...]] = {}
     for task in tasks:
         if task.name in names:
@@ -514,7 +576,7 @@ def parse_config(text: str, source_name: str = "<config>") -> SweepConfig:
     output = Path(sweep.output) if sweep.output is not None else Path("results") / name
     return SweepConfig(
         name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(entries),
-        energy=_check_energy(sweep.energy, source), executor=_check_executor(sweep.executor, source),
+        energy=_check_energy(sweep.energy, source, folder), executor=_check_executor(sweep.executor, source),
         output=output, memory_objective=sweep.report.memory_objective,
         baseline=_check_baseline(sweep.report.baseline, source), source=source, text=text)
 

@@ -1,10 +1,12 @@
 """Energy per training iteration and training-state memory of a trial's configuration, per workload.
 
-A trial's energy depends on its formats, optimizer, master copy and the layers it keeps in fp32, never
-on its seed, so it is computed once per distinct configuration (`energy_key`). Layers the trial keeps
-in full precision (`full_precision_layers`: the first and/or last weight layer) are costed in fp32,
-the others in the trial's formats. The workload `proxy` is the trial's own model traced at its batch
-size; any other name is a `models.workloads` shape at that workload's own batch size.
+A trial's energy depends on its formats, optimizer, master copy and per-layer formats, never on its
+seed, so it is computed once per distinct configuration (`energy_key`). Each layer is costed in the
+formats it trained in: its `layers` rule's, fp32 for `full_precision_layers` (the first and/or last
+weight layer), else the trial's (`layer_formats`, the same resolution training uses). The workload
+`proxy` is the trial's own model traced at its batch size, as is a user's model named as a workload
+(`file.py:function`, traced on the trial's dataset); any other name is a `models.workloads` shape or
+a user's file (ONNX, YAML, CSV) at its own batch size.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Any
 
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
 from dse.energy.iteration import STATE_TENSORS, UNITS
+from dse.precision import Layer, TensorFormats, resolve_layers
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig
-from dse.sweep.trials import FP32, resolved_formats, stable_hash
+from dse.sweep.trials import FP32, canonical_rules, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
+from dse.usercode import identity as code_identity
+from dse.usercode import is_ref
 
 ENERGY_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
                                      "lns-madam": "madam", "niti": "sgd"}
@@ -52,10 +57,14 @@ def master_format(master_weights: bool | str) -> str | None:
 
 def energy_view(config: TrainConfig) -> dict[str, Any]:
     """The settings an energy estimate depends on."""
-    return {"model": config.model, "dataset": config.dataset, "data_dir": config.data_dir,
+    view = {"model": code_identity(config.model, "model"),
+            "dataset": code_identity(config.dataset, "dataset"), "data_dir": config.data_dir,
             "batch_size": config.batch_size, "formats": resolved_formats(config),
             "optimizer": ENERGY_OPTIMIZERS[config.optimizer], "master_weights": config.master_weights,
             "full_precision_layers": sorted(config.full_precision_layers)}
+    if config.layers:  # only then, so that the energy keys of configurations without rules stay
+        view["layers"] = canonical_rules(config)
+    return view
 
 
 def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
@@ -63,19 +72,40 @@ def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
     return stable_hash({"view": energy_view(config), "settings": settings.describe()})
 
 
-def _split(workload: Workload, keep: tuple[str, ...]) -> tuple[Workload | None, Workload | None]:
-    """(the layers in the trial's formats, the layers kept in fp32): first/last = first/last weight layer."""
-    weight_layers = [i for i, layer in enumerate(workload.layers) if layer.b_is_weight]
-    fp_indices = set()
-    if weight_layers and "first" in keep:
-        fp_indices.add(weight_layers[0])
-    if weight_layers and "last" in keep:
-        fp_indices.add(weight_layers[-1])
-    quantized = tuple(layer for i, layer in enumerate(workload.layers) if i not in fp_indices)
-    full = tuple(layer for i, layer in enumerate(workload.layers) if i in fp_indices)
-    low = dataclasses.replace(workload, layers=quantized) if quantized or workload.extra_params else None
-    high = dataclasses.replace(workload, layers=full, extra_params={}) if full else None
-    return low, high
+KIND_TYPES: dict[str, tuple[str, ...]] = {"linear": ("Linear",), "conv": ("Conv2d", "Conv1d"),
+                                          "attention": ("Matmul", "MultiheadAttention")}
+"""Module classes a workload layer answers to in `type:` rules when no model tells (built-in workloads)."""
+
+
+def layer_formats(workload: Workload, config: TrainConfig,
+                  types: dict[str, tuple[str, ...]] | None = None) -> dict[str, TensorFormats]:
+    """Each workload layer's formats as the trial trained it: `layers` rules and full_precision_layers
+    over the trial's formats (dse/precision.py). `types` (layer name -> module classes, from the
+    trial's own model) serve `type:` rules; else the layer's kind does. A rule that matches no layer
+    of this workload is not an error here (it names the trial's model, which training checks)."""
+    types = types or {}
+    layers = [Layer(layer.name, (), types.get(layer.name.split("#")[0], KIND_TYPES.get(layer.kind, ())),
+                    layer.b_is_weight) for layer in workload.layers]
+    return resolve_layers(layers, config.layers, config.tensor_formats(), config.full_precision_layers,
+                          require_match=False)
+
+
+def _parts(workload: Workload, config: TrainConfig,
+           types: dict[str, tuple[str, ...]] | None) -> list[tuple[Workload, TensorFormats]]:
+    """The workload split into groups of layers with the same formats; the trial's own group keeps the
+    parameters outside GEMM layers (embeddings, norms)."""
+    trial = config.tensor_formats()
+    formats = layer_formats(workload, config, types)
+    groups: dict[TensorFormats, list[Any]] = {trial: []}
+    for layer in workload.layers:
+        groups.setdefault(formats[layer.name], []).append(layer)
+    parts = []
+    for group, layers in groups.items():
+        if group == trial and (layers or workload.extra_params):
+            parts.append((dataclasses.replace(workload, layers=tuple(layers)), group))
+        elif layers:
+            parts.append((dataclasses.replace(workload, layers=tuple(layers), extra_params={}), group))
+    return parts
 
 
 class EnergyEstimator:
@@ -85,20 +115,41 @@ class EnergyEstimator:
         self.settings = settings
         self.model = build_model(settings.node, settings.datapath, settings.memory, settings.table)
         self._proxies: dict[tuple[Any, ...], Workload] = {}
+        self._types: dict[int, dict[str, tuple[str, ...]]] = {}
+        """id of a traced workload -> its layers' module classes (for `type:` rules)."""
 
-    def proxy(self, config: TrainConfig) -> Workload:
-        """The trial's own model as a workload (cached per model, dataset and batch size)."""
-        key = (config.model, config.dataset, config.data_dir, config.batch_size)
+    def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
+        """The trial's own model (or `model`, a user's `file.py:function`) traced on the trial's dataset
+        at its batch size (cached per model, dataset and batch size); `types` keeps the module classes
+        of its GEMM layers for per-layer `type:` rules."""
+        model = model or config.model
+        key = (model, config.dataset, config.data_dir, config.batch_size)
         if key not in self._proxies:
+            import torch
+
             from dse.data import load_dataset
+            from dse.train.functional import model_layers
             from models.proxies import build_model as build_proxy
             from models.proxies import trace_workload
 
             dataset = load_dataset(config.dataset, config.data_dir)
-            network = build_proxy(config.model, dataset)
+            with torch.random.fork_rng(devices=[]):  # as the trial builds it, leaving the caller's RNG be
+                torch.manual_seed(config.seed)
+                network = build_proxy(model, dataset)
             self._proxies[key] = trace_workload(network, dataset, f"{config.model}/{config.dataset}",
                                                 config.batch_size, "sgd")
+            self._types[id(self._proxies[key])] = {layer.name: layer.types
+                                                   for layer in model_layers(network, dataset.x_train[:2])}
         return self._proxies[key]
+
+    def workload(self, name: str, config: TrainConfig) -> tuple[Workload, int | None]:
+        """The named workload for this trial and the batch it is priced at (None: the workload's own)."""
+        if name == PROXY_WORKLOAD:
+            return self.proxy(config), config.batch_size
+        source = self.settings.sources.get(name)
+        if source is not None and is_ref(source):
+            return self.proxy(config, source), config.batch_size
+        return get_workload(source or name), None
 
     def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
         """Energy and memory of one iteration per configured workload (the caller keeps one estimate
@@ -106,22 +157,17 @@ class EnergyEstimator:
         return {name: self._one(name, config) for name in self.settings.workloads}
 
     def _one(self, name: str, config: TrainConfig) -> WorkloadEnergy:
-        workload = self.proxy(config) if name == PROXY_WORKLOAD else get_workload(name)
-        batch = config.batch_size if name == PROXY_WORKLOAD else None
-        formats = resolved_formats(config)
+        workload, batch = self.workload(name, config)
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
-        low_formats = TrainingFormats(
-            weight=formats["weights"], activation=formats["activations"], gradient=formats["gradients"],
-            weight_grad=formats["weight_grads"], optimizer=optimizer,
-            master=master_format(config.master_weights), state=formats["optimizer_state"])
-        high_formats = TrainingFormats.uniform(FP32, optimizer=optimizer, master=None,
-                                               state=formats["optimizer_state"])
         units = dict.fromkeys(UNITS, 0.0)
         memory_bits = 0.0
-        low, high = _split(workload, config.full_precision_layers)
-        for part, part_formats in ((low, low_formats), (high, high_formats)):
-            if part is None:
-                continue
+        types = self._types.get(id(workload))
+        for part, tensors in _parts(workload, config, types):
+            f = tensors.canonical()
+            part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
+                weight=f.weights, activation=f.activations, gradient=f.gradients, weight_grad=f.weight_grads,
+                optimizer=optimizer, state=f.optimizer_state,
+                master=master_format(config.master_weights) if tensors.quantizes_gemms else None)
             frame = iteration_energy(part, part_formats, self.model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dse.errors import InputError
@@ -30,6 +30,9 @@ class TrialJob:
     threads: int = 1
     train_fn: TrainFn | None = None
     """None: dse.train.loop.train. Anything else must be picklable (a module-level function)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Path -> text of the user's model and dataset files (`file.py:function`): the worker runs this
+    text, so neither a process pool nor a Ray cluster needs the files on its disk."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
     start = time.perf_counter()
     try:
         from dse.train.config import TrainConfig
+        from dse.usercode import provide_sources
 
+        provide_sources(job.sources)
         # train() applies the thread budget and restores the caller's settings afterwards.
         config = TrainConfig.from_dict({**job.config, "threads": job.threads})
         if job.train_fn is None:
@@ -106,7 +111,9 @@ def execute_group(job: GroupJob) -> list[TrialOutcome]:
     try:
         from dse.train.config import TrainConfig
         from dse.train.grouped import train_group
+        from dse.usercode import provide_sources
 
+        provide_sources(members[0].sources)
         configs = [TrainConfig.from_dict({**m.config, "threads": m.threads}) for m in members]
         results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir))
     except Exception:  # a failing member is found and recorded by training each alone

@@ -39,6 +39,7 @@ from dse.sweep.store import (
     stored_sweep_name,
 )
 from dse.sweep.trials import Trial, baseline_labels, estimated_cost, expand, resolved_formats, stable_hash
+from dse.usercode import sources_of
 
 
 @dataclass
@@ -134,6 +135,25 @@ def check_tasks(sweep: SweepConfig) -> None:
             raise sweep.source.error(task.path, str(error).splitlines()[0]) from None
 
 
+def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
+    """Every per-layer rule matches some GEMM of its task's model (an error names the rule's line)."""
+    from dse.data import load_dataset
+    from dse.precision import TensorFormats, resolve_layers
+    from dse.train.functional import model_layers
+    from models.proxies import build_model
+
+    for task in sweep.tasks:
+        rule_sets = {trial.config.layers for trial in trials
+                     if trial.task == task.name and trial.config.layers}
+        if not rule_sets:
+            continue
+        defaults = task.defaults
+        data = load_dataset(defaults["dataset"], defaults.get("data_dir"))
+        layers = model_layers(build_model(defaults["model"], data), data.x_train[:2])
+        for rules in rule_sets:
+            resolve_layers(layers, rules, TensorFormats())
+
+
 def check_trials(sweep: SweepConfig, trials: list[Trial]) -> None:
     """Each trial's configuration can run (the combination of its fields: e.g. LNS-Madam with a
     non-LNS master copy), reported at its trial entry."""
@@ -151,6 +171,7 @@ def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyR
     check_tasks(sweep)
     trials = expand(sweep)
     check_trials(sweep, trials)
+    check_layer_rules(sweep, trials)
     baseline_labels(sweep, trials)
     keys, energies = estimate_energies(sweep, trials)
     return trials, keys, energies
@@ -224,7 +245,8 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
 
 
 def _job(group: list[Trial], threads: int, train_fn: TrainFn | None) -> TrialJob | GroupJob:
-    jobs = tuple(TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn) for t in group)
+    jobs = tuple(TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn,
+                          sources_of([t.config.model, t.config.dataset])) for t in group)
     return jobs[0] if len(jobs) == 1 else GroupJob(jobs)
 
 
@@ -326,7 +348,11 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
 
 
 def _best_of(frame: Any) -> TrialRecord | None:
-    """The ok trial with the highest test accuracy in a load_trials frame."""
+    """The ok trial with the highest test accuracy in a load_trials frame, among the trials at each
+    configuration's chosen tuning point (the point validation chose; the test set chooses nothing)."""
+    from dse.report.tables import chosen_trials
+
+    frame = chosen_trials(frame)
     ok = frame[(frame["status"] == "ok") & frame["test_accuracy"].notna()]
     if ok.empty:
         return None

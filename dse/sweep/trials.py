@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dse.formats import get
+from dse.precision import FP32, GEMM_TENSOR_CLASSES, canonical_spec
 from dse.report.labels import TUNED, field_token
 from dse.sweep.config import TRIAL_FIELDS, SweepConfig
 from dse.train.config import TENSOR_FORMAT_FIELDS, TrainConfig
+from dse.usercode import identity as code_identity
 
-FP32 = "fp32"
-TENSOR_FIELDS: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
+TENSOR_FIELDS: tuple[str, ...] = GEMM_TENSOR_CLASSES
 _DEFAULTS = TrainConfig().to_dict()
 
 
@@ -42,28 +43,31 @@ class Trial:
     """The tuning point: each tuned field's value in this trial (empty when nothing is tuned)."""
 
 
-def _canonical(spec: str | None) -> str | None:
-    return None if spec is None else get(spec).spec
-
-
 def resolved_formats(config: TrainConfig) -> dict[str, str]:
     """The format of each tensor class as a canonical spec, `format` shorthand applied, fp32 if none."""
-    base = _canonical(config.format)
-    weights = _canonical(config.weights) or base or FP32
-    activations = _canonical(config.activations) or base or FP32
-    gradients = _canonical(config.gradients) or base or FP32
-    weight_grads = _canonical(config.weight_grads) or gradients
-    return {"weights": weights, "activations": activations, "gradients": gradients,
-            "weight_grads": weight_grads, "optimizer_state": _canonical(config.optimizer_state) or FP32}
+    return config.tensor_formats().canonical().as_dict()
+
+
+def canonical_rules(config: TrainConfig) -> list[dict[str, str]]:
+    """The per-layer rules with canonical specs (the shorthand stays as written: it means something
+    different from the fields it fills when the trial sets them)."""
+    return [{"match": rule.match, **{name: canonical_spec(spec) for name, spec in rule.formats}}
+            for rule in config.layers]
 
 
 def identity(task: str, config: TrainConfig) -> dict[str, Any]:
-    """What defines a trial: its task and every setting that can change its result."""
+    """What defines a trial: its task and every setting that can change its result. A user's model or
+    dataset (`file.py:function`) counts by its function and its file's content hash, not its path."""
     data = config.to_dict()
     data.pop("threads")
+    for name in ("model", "dataset"):
+        data[name] = code_identity(data[name], name)
     for name in TENSOR_FORMAT_FIELDS:
         data.pop(name)
     data.update(resolved_formats(config))
+    data["layers"] = canonical_rules(config)
+    if not data["layers"]:
+        data.pop("layers")  # trials without rules keep the ids they had before rules existed
     return {"task": task, "config": data}
 
 
@@ -173,7 +177,8 @@ def expand(sweep: SweepConfig) -> list[Trial]:
 
 # Rough cost of a training step under each format family relative to fp32 (benchmarks/train_step.py
 # on the proxies); only the order in which trials start depends on it, never a result.
-_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "lns": 2.3, "posit": 2.8, "mx": 2.8}
+_FAMILY_STEP_COST = {"fp32": 1.0, "int": 1.6, "fixed": 1.6, "fp": 1.9, "p3109": 1.9, "lns": 2.3, "posit": 2.8,
+                     "block": 2.8}
 
 
 def estimated_cost(config: TrainConfig) -> float:
@@ -182,7 +187,6 @@ def estimated_cost(config: TrainConfig) -> float:
     With trials handed out in list order, a slow trial near the end keeps one worker busy while the
     others idle; longest-first leaves only short trials for the tail.
     """
-    from dse.formats import get
 
     formats = resolved_formats(config)
     step = 1.0
@@ -208,10 +212,10 @@ def _matches(trial: Trial, fields: dict[str, Any]) -> bool:
         if name in trial.tuning:
             return False  # a tuned field has no one value
         if name == "format":
-            if any(formats[tensor] != _canonical(value) for tensor in TENSOR_FIELDS):
+            if any(formats[tensor] != canonical_spec(value) for tensor in TENSOR_FIELDS):
                 return False
         elif name in formats:
-            if formats[name] != _canonical(value):
+            if formats[name] != canonical_spec(value):
                 return False
         elif json.dumps(getattr(config, name), default=list) != json.dumps(value, default=list):
             return False

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dse.precision import FORMAT_FIELDS, LayerRule, TensorFormats, layer_rules
+
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam", "niti")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
-TENSOR_FORMAT_FIELDS: tuple[str, ...] = ("format", "weights", "activations", "gradients", "weight_grads",
-                                         "optimizer_state")
+TENSOR_FORMAT_FIELDS: tuple[str, ...] = FORMAT_FIELDS
 """The fields that give a tensor class its number format (spec strings)."""
 SPEC_FIELDS: tuple[str, ...] = (*TENSOR_FORMAT_FIELDS, "accumulation")
 """Every field that holds a format spec."""
@@ -32,7 +33,10 @@ class TrainConfig:
     """
 
     model: str = "mlp"
+    """A built-in proxy (mlp, cnn, resnet, transformer) or a user's model as `file.py:function` or
+    `package.module:function` (models.proxies.ModelFactory)."""
     dataset: str = "digits"
+    """A built-in dataset or a user's function as `file.py:function` (dse.data.user)."""
     format: str | None = None
     weights: str | None = None
     activations: str | None = None
@@ -78,6 +82,9 @@ class TrainConfig:
     full_precision_layers: tuple[str, ...] = ()
     """Layers kept in fp32: any of 'first', 'last'. Papers keep both for deep networks; the proxies
     are two to four GEMMs deep, so by default every GEMM is quantized."""
+    layers: tuple[LayerRule, ...] = ()
+    """Per-layer formats: ordered rules `{match: glob or type:Class, format/weights/...: spec}`, the
+    first match wins, unmatched layers take the fields above (dse/precision.py). Dicts are accepted."""
     niti_mu: int = 5
     """NITI: bits of the integer weight update (its learning rate), halved on the paper's schedule."""
     epochs: int = 10
@@ -87,12 +94,21 @@ class TrainConfig:
     device: str = "cpu"
     data_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not all(isinstance(rule, LayerRule) for rule in self.layers):
+            object.__setattr__(self, "layers", layer_rules(self.layers))
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    def tensor_formats(self) -> TensorFormats:
+        """The trial's format of each tensor class, shorthand resolved (fp32 where none is given)."""
+        return TensorFormats.resolve({name: getattr(self, name) for name in TENSOR_FORMAT_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["full_precision_layers"] = list(self.full_precision_layers)
+        out["layers"] = [rule.to_dict() for rule in self.layers]
         return out
 
     @classmethod

@@ -33,7 +33,7 @@ from dse.train.loop import EVAL_BATCH, _run_settings, check_config, train
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from dse.train.stacked import quantized_weights, stack_models, stack_reason
+from dse.train.stacked import stack_models, stack_reason, stored_weights
 from models.proxies import build_model
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound")
@@ -56,11 +56,9 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None) -> str | N
     `model` is the config's network (built here when not given)."""
     if config.optimizer == "niti":
         return "NITI's integer layers do not stack yet"
-    if config.accumulation is not None:
-        return "the accumulation emulation does not stack yet"
     if model is None:
         model = build_model(config.model, with_validation(load_dataset(config.dataset, config.data_dir)))
-    reason = stack_reason(model)
+    reason = stack_reason(model, QuantPolicy.from_config(config))
     return None if reason is None else f"model {config.model!r}: {reason}"
 
 
@@ -100,15 +98,15 @@ class StackedOptimizer:
         self.policy = policy
         self.switch = switch
         self.generators = list(generators)
-        weights = quantized_weights(model) if policy.storage.enabled else []
+        weights = stored_weights(model)
         self.stored = [] if self.name == "lns-madam" else weights  # LNS-Madam keeps its grid itself
         self.runs: list[tuple[int, int, torch.optim.Optimizer, list[Tensor]]] = []
         for start, stop in self._runs(configs):
             config = configs[start]
             views = [p.detach()[start:stop] for p in self.params]
-            weight_views = {id(p) for p in weights}
-            lns = {view: policy.storage.format for p, view in zip(self.params, views, strict=True)
-                   if id(p) in weight_views} if self.name == "lns-madam" else {}
+            formats = {id(p): quant.format for p, quant in weights}
+            lns = {view: formats[id(p)] for p, view in zip(self.params, views, strict=True)
+                   if id(p) in formats} if self.name == "lns-madam" else {}
             lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
             optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
                                         config.p_scale, config.g_bound, lns, policy.storage.rounding,
@@ -138,8 +136,7 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def quantize_weights(self) -> None:
-        storage = self.policy.storage
-        for weight in self.stored:
+        for weight, storage in self.stored:
             weight.copy_(storage.members(weight, MemberGenerators(self.generators)))
 
     @torch.no_grad()

@@ -8,27 +8,38 @@ For a layer y = op(x, w) (+ bias in fp32) the three GEMMs of a training step see
 
 The quantized operands saved in the forward pass are reused in the backward pass, and the
 quantizers are straight-through: dx and dw go to x and w unchanged. The backward GEMMs are written
-out (matmuls, `aten.convolution_backward`), not re-derived by autograd.
+out (matmuls, `aten.convolution_backward`), not re-derived by autograd. An activation x activation
+GEMM (attention's `q @ k^T`, `p @ v`) quantizes both operands as activations and has two
+backward-data GEMMs, one per operand.
 
 With an accumulator (`LayerQuant.accumulator`, from `policy.accumulation`) each of the three GEMMs
 is instead folded chunk by chunk into a running sum rounded onto the accumulator format
 (dse/train/accumulation.py); without one the GEMMs are the plain torch calls above.
 
-`quantize_model` turns a model's nn.Linear / nn.Conv1d / nn.Conv2d / `Matmul` modules into their
-quantized versions in place: the module objects stay (only their class changes), and so do their
-Parameter objects, so an optimizer created before or after still updates the same tensors.
+`quantize_model` reaches a model's GEMMs two ways:
+- modules: nn.Linear / nn.Conv1d / nn.Conv2d / `Matmul` change class, in place, to their quantized
+  versions: the module objects stay, and so do their Parameter objects, so an optimizer created before
+  or after still updates the same tensors;
+- functions (dse/train/functional.py): the GEMMs a forward calls as functions (`F.linear`,
+  `torch.matmul` / `@`, `torch.bmm`, `torch.mm`, `F.conv1d/2d`, `F.scaled_dot_product_attention`)
+  and nn.MultiheadAttention's four (in- and out-projections, scores, context) run through the same
+  autograd functions under a torch-function mode while the model's forward runs.
+Each GEMM takes its formats from the policy's per-layer rules (dse/precision.py), by its name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
 from dse.train.policy import QuantPolicy, TensorQuant
@@ -127,6 +138,8 @@ class LayerQuant:
     weight_grad: Quantizer | None
     switch: QuantSwitch
     accumulator: Accumulator | None = None
+    storage: TensorQuant | None = None
+    """The format the layer's weights live in between steps (None: fp32)."""
 
 
 class QuantGemm(torch.autograd.Function):
@@ -160,14 +173,18 @@ class QuantGemm(torch.autograd.Function):
 
 
 class QuantMatmulFn(torch.autograd.Function):
-    """a @ b with both operands quantized as activations and the incoming error as an error."""
+    """a @ b: an operand is quantized as an activation, or as a weight where `weight_operand` names it
+    (0: neither, 1: a, 2: b; its gradient is then a weight gradient); the incoming error as an error."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant) -> Tensor:
-        qa = layer.activation(a) if layer.activation is not None else a
-        qb = layer.activation(b) if layer.activation is not None else b
+    def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
+        qa_fn = layer.weight if weight_operand == 1 else layer.activation
+        qb_fn = layer.weight if weight_operand == 2 else layer.activation
+        qa = qa_fn(a) if qa_fn is not None else a
+        qb = qb_fn(b) if qb_fn is not None else b
         ctx.save_for_backward(qa, qb)
         ctx.layer = layer
+        ctx.weight_operand = weight_operand
         if layer.accumulator is not None:
             return accumulation.matmul_forward(qa, qb, layer.accumulator)
         return qa @ qb
@@ -182,10 +199,24 @@ class QuantMatmulFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             da = (qe @ qb.transpose(-1, -2) if accumulator is None
                   else accumulation.matmul_backward_a(qe, qb, accumulator)).sum_to_size(qa.shape)
+            if ctx.weight_operand == 1 and layer.weight_grad is not None:
+                da = layer.weight_grad(da)
         if ctx.needs_input_grad[1]:
             db = (qa.transpose(-1, -2) @ qe if accumulator is None
                   else accumulation.matmul_backward_b(qa, qe, accumulator)).sum_to_size(qb.shape)
-        return da, db, None
+            if ctx.weight_operand == 2 and layer.weight_grad is not None:
+                db = layer.weight_grad(db)
+        return da, db, None, None
+
+
+def quant_matmul(a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
+    """torch.matmul semantics (1-d operands, broadcast batch dims) through QuantMatmulFn."""
+    squeeze_rows, squeeze_cols = a.dim() == 1, b.dim() == 1
+    a = a.unsqueeze(0) if squeeze_rows else a
+    b = b.unsqueeze(-1) if squeeze_cols else b
+    y = QuantMatmulFn.apply(a, b, layer, weight_operand)
+    y = y.squeeze(-1) if squeeze_cols else y
+    return y.squeeze(-2) if squeeze_rows else y
 
 
 # --- quantized modules: the original classes with a quantized forward -----------------------------
@@ -232,12 +263,7 @@ class QuantMatmul(Matmul):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if not self.gemm_quant.switch.enabled:
             return a @ b
-        squeeze_rows, squeeze_cols = a.dim() == 1, b.dim() == 1
-        a = a.unsqueeze(0) if squeeze_rows else a
-        b = b.unsqueeze(-1) if squeeze_cols else b
-        y = QuantMatmulFn.apply(a, b, self.gemm_quant)
-        y = y.squeeze(-1) if squeeze_cols else y
-        return y.squeeze(-2) if squeeze_rows else y
+        return quant_matmul(a, b, self.gemm_quant)
 
 
 _QUANT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
@@ -245,12 +271,53 @@ _QUANT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
 }
 _PLAIN_CLASS: dict[type[nn.Module], type[nn.Module]] = {q: p for p, q in _QUANT_CLASS.items()}
 WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+UNCONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.RNNBase, nn.RNNCellBase, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Bilinear,
+)
+"""Modules with GEMMs inside that quantize_model cannot convert (it warns about each)."""
+
+
+class UnconvertedGemmWarning(UserWarning):
+    """A GEMM that quantize_model leaves in fp32 because it cannot convert it."""
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """A GEMM quantize_model took charge of: its name, what computes it, its formats."""
+
+    name: str
+    """The module's qualified name; a functional GEMM's owner module name plus what it is
+    (`attn.in_proj`, `attn.scores`, `block.matmul0`)."""
+    kind: str
+    """linear, conv1d, conv2d, matmul (module GEMMs); F.linear, F.conv2d, matmul, bmm, mm, sdpa,
+    mha (functional GEMMs)."""
+    formats: TensorFormats | None
+    """Its tensor classes' formats (None: a hand-built policy without spec strings)."""
+    quantized: bool
+    has_weight: bool = True
+    """False for activation x activation GEMMs (attention), whose operands are both activations."""
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return f"{self.name} ({self.kind}): fp32"
+        if self.formats is None:
+            return f"{self.name} ({self.kind}): quantized"
+        f = self.formats
+        if not self.has_weight:
+            return f"{self.name} ({self.kind}): A={f.activations} G={f.gradients}"
+        return (f"{self.name} ({self.kind}): W={f.weights} A={f.activations} G={f.gradients} "
+                f"dW={f.weight_grads}")
 
 
 def gemm_modules(model: nn.Module) -> list[nn.Module]:
     """Linear, Conv1d, Conv2d and Matmul modules (exactly those classes or their quantized
     versions; subclasses with their own forward are left alone), in registration order."""
-    return [m for m in model.modules() if type(m) in _QUANT_CLASS or type(m) in _PLAIN_CLASS]
+    return [m for m in model.modules() if is_module_gemm(m)]
+
+
+def is_module_gemm(module: nn.Module) -> bool:
+    return type(module) in _QUANT_CLASS or type(module) in _PLAIN_CLASS
 
 
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
@@ -258,22 +325,27 @@ def quantized_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m) in _PLAIN_CLASS]
 
 
+def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
+    """The weights of quantized GEMMs (modules and functional) and the format each is stored in
+    between steps when there is no fp32 master copy; weights with no storage format are left out."""
+    from dse.train.functional import functional_gemms
+
+    out: dict[int, tuple[Tensor, TensorQuant]] = {}
+    for module in quantized_layers(model):
+        weight, storage = getattr(module, "weight", None), module.gemm_quant.storage
+        if isinstance(weight, Tensor) and storage is not None and storage.enabled:
+            out.setdefault(id(weight), (weight, storage))
+    gemms = functional_gemms(model)
+    if gemms is not None:
+        for weight, storage in gemms.stored_weights():
+            out.setdefault(id(weight), (weight, storage))
+    return list(out.values())
+
+
 def quant_switch(model: nn.Module) -> QuantSwitch | None:
     """The switch `quantize_model` attached to the model, if any."""
     switch = getattr(model, "dse_quant_switch", None)
     return switch if isinstance(switch, QuantSwitch) else None
-
-
-def full_precision_modules(weight_layers: Sequence[nn.Module], names: Sequence[str]) -> set[int]:
-    """ids of the layers `full_precision_layers` keeps in fp32: first/last Linear or Conv module in
-    registration order (the order of `model.modules()`, which is the forward order in models that
-    define their layers in the order they use them)."""
-    keep: set[int] = set()
-    if weight_layers and "first" in names:
-        keep.add(id(weight_layers[0]))
-    if weight_layers and "last" in names:
-        keep.add(id(weight_layers[-1]))
-    return keep
 
 
 def _bind(quant: TensorQuant, generator: torch.Generator | None) -> Quantizer | None:
@@ -309,51 +381,135 @@ def conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[tuple[int, 
     return tuple(module.padding), None
 
 
-def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
-                 generator: torch.Generator | None) -> LayerQuant:
+def gemm_quant(op: LinearOp | ConvOp | None, policy: QuantPolicy, switch: QuantSwitch,
+               generator: torch.Generator | None) -> LayerQuant:
+    """The quantizers of one GEMM layer under `policy` (op None: a matmul)."""
     accumulate = _bind(policy.accumulation, generator)
     accumulator = Accumulator(accumulate, policy.accumulation_chunk) if accumulate is not None else None
+    quants = (policy.activation, policy.weight, policy.error, policy.weight_grad)
+    if isinstance(op, ConvOp):
+        quants = tuple(_on_axis(q, 1) for q in quants)
+    storage = policy.storage if policy.storage.enabled else None
+    return LayerQuant(op, *(_bind(q, generator) for q in quants), switch=switch, accumulator=accumulator,
+                      storage=storage)
+
+
+def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
+                 generator: torch.Generator | None) -> LayerQuant:
     if isinstance(module, Matmul):
-        return LayerQuant(None, _bind(policy.activation, generator), None,
-                          _bind(policy.error, generator), None, switch, accumulator)
+        return dataclasses.replace(gemm_quant(None, policy, switch, generator), weight=None,
+                                   weight_grad=None, storage=None)
     if isinstance(module, nn.Linear):
-        return LayerQuant(LinearOp(), _bind(policy.activation, generator), _bind(policy.weight, generator),
-                          _bind(policy.error, generator), _bind(policy.weight_grad, generator), switch,
-                          accumulator)
+        return gemm_quant(LinearOp(), policy, switch, generator)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     padding, prepad = conv_geometry(module)
     module.conv_prepad = prepad
     op = ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups)
-    return LayerQuant(op, *(_bind(_on_axis(q, 1), generator) for q in (
-        policy.activation, policy.weight, policy.error, policy.weight_grad)), switch=switch,
-        accumulator=accumulator)
+    return gemm_quant(op, policy, switch, generator)
 
 
-def quantize_model(model: nn.Module, policy: QuantPolicy,
-                   generator: torch.Generator | None = None) -> nn.Module:
-    """Quantize the model's GEMMs in place as `policy` says; returns the same model.
+def class_names(cls: type) -> tuple[str, ...]:
+    """A class and its bases up to nn.Module, by name (what `type:Name` rules match)."""
+    return tuple(c.__name__ for c in cls.__mro__ if issubclass(c, nn.Module) and c is not nn.Module)
+
+
+def _fp32(policy: QuantPolicy) -> QuantPolicy:
+    none = TensorQuant(None)
+    return dataclasses.replace(policy, weight=none, activation=none, error=none, weight_grad=none,
+                               accumulation=none, storage=none)
+
+
+class LayerPolicies:
+    """Each GEMM layer's policy: the per-layer rules (and full_precision_layers) over the trial's."""
+
+    def __init__(self, policy: QuantPolicy, layers: Sequence[Layer]) -> None:
+        self.policy = policy
+        self.by_name: dict[str, QuantPolicy] = {}
+        self.formats: dict[str, TensorFormats | None] = {}
+        if policy.formats is None:  # a hand-built policy: one policy, first/last kept fp32
+            keep = full_precision_rules(layers, policy.full_precision_layers)
+            for layer in layers:
+                fp32 = any(rule.matches(layer) for rule in keep)
+                self.by_name[layer.name] = _fp32(policy) if fp32 else policy
+                self.formats[layer.name] = None
+            return
+        resolved = resolve_layers(layers, policy.layers, policy.formats, policy.full_precision_layers)
+        for name, formats in resolved.items():
+            self.formats[name] = formats
+            self.by_name[name] = self._policy(formats)
+
+    def _policy(self, formats: TensorFormats) -> QuantPolicy:
+        """The trial's policy for a layer no rule matched; a rule's formats; fp32 (no accumulator
+        either) for a layer a rule keeps entirely in full precision."""
+        if formats == self.policy.formats or formats.quantizes_gemms:
+            return self.policy.for_layer(formats)
+        return _fp32(self.policy)
+
+    def of(self, layer: Layer) -> QuantPolicy:
+        """A layer's policy (one first seen after quantize_model, e.g. on a branch not taken then)."""
+        if layer.name not in self.by_name:
+            if self.policy.formats is None:
+                self.by_name[layer.name], self.formats[layer.name] = self.policy, None
+            else:
+                formats = resolve_layers([layer], self.policy.layers, self.policy.formats,
+                                         require_match=False)[layer.name]
+                self.formats[layer.name] = formats
+                self.by_name[layer.name] = self._policy(formats)
+        return self.by_name[layer.name]
+
+    def gemm(self, layer: Layer, kind: str) -> Gemm:
+        policy = self.of(layer)
+        return Gemm(layer.name, kind, self.formats[layer.name], policy.quantizes_gemms, layer.has_weight)
+
+
+MODULE_GEMM_KINDS: dict[type[nn.Module], str] = {
+    nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", Matmul: "matmul",
+}
+
+
+def quantize_model(model: nn.Module, policy: QuantPolicy, generator: torch.Generator | None = None,
+                   example_input: Tensor | tuple[Any, ...] | None = None) -> list[Gemm]:
+    """Quantize the model's GEMMs in place as `policy` says; returns every GEMM it took, in order.
 
     Linear/Conv1d/Conv2d/Matmul modules change class to their quantized versions (same module
-    objects, same Parameters); the first/last Linear or Conv module named in
-    `policy.full_precision_layers` stay fp32, as do all other modules (norms, embeddings, ...).
-    `generator` feeds stochastic rounding of the GEMM operands (None: torch's global generator).
-    Calling it again re-quantizes with the new policy.
+    objects, same Parameters). nn.MultiheadAttention (in- and out-projections, scores, context) and
+    the GEMMs a forward calls as functions run quantized through a torch-function mode
+    (dse/train/functional.py); with `example_input` (a tensor, or a tuple of the forward's
+    positional arguments) one forward finds those functional GEMMs (model
+    state, buffers and random generators are left as they were), without it they are found as they
+    run. Each GEMM takes its layer's formats: the first of `policy.layers` that matches it, else
+    the trial's; `policy.full_precision_layers` keeps the first/last weight layer in fp32; a rule
+    that matches no GEMM is an InputError. Modules with GEMMs it cannot convert (LSTM, Conv3d,
+    ConvTranspose, ...) and GEMM functions it does not handle (einsum, ...) stay fp32, each with an
+    `UnconvertedGemmWarning`. `generator` feeds stochastic rounding of the GEMM operands (None:
+    torch's global generator). Calling it again re-quantizes with the new policy.
     """
+    from dse.train import functional
+
     switch = quant_switch(model) or QuantSwitch()
     model.dse_quant_switch = switch
-    modules = gemm_modules(model)
-    weight_layers = [m for m in modules if isinstance(m, WEIGHT_LAYER_TYPES)]
-    keep_fp32 = full_precision_modules(weight_layers, policy.full_precision_layers)
-    for module in modules:
+    found = functional.find_gemms(model, example_input)
+    layers = [site.layer for site in found.sites]
+    policies = LayerPolicies(policy, layers)
+    gemms: list[Gemm] = []
+    for site in found.sites:
+        gemms.append(policies.gemm(site.layer, site.kind))
+        module = site.module
+        if module is None:
+            continue
+        layer_policy = policies.of(site.layer)
         plain = _PLAIN_CLASS.get(type(module), type(module))
-        if id(module) in keep_fp32 or not policy.quantizes_gemms:
+        if not layer_policy.quantizes_gemms:
             module.__class__ = plain
             for name in ("gemm_quant", "conv_prepad"):
                 module.__dict__.pop(name, None)
             continue
         module.__class__ = _QUANT_CLASS[plain]
-        module.gemm_quant = _layer_quant(module, policy, switch, generator)
-    return model
+        module.gemm_quant = _layer_quant(module, layer_policy, switch, generator)
+    functional.attach(model, found, policies, switch, generator)
+    for message in found.unconverted:
+        warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
+    return gemms
 
 
 def set_quantization(model: nn.Module, enabled: bool) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,18 +21,24 @@ from torch import Tensor, nn
 
 from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
-from dse.formats import ROUNDINGS
+from dse.formats import check_rounding
 from dse.formats import get as get_format
+from dse.precision import FULL_PRECISION_LAYER_NAMES, layer_rules
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
-from dse.train.layers import quantize_model, set_quantization
+from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
 from dse.train.optim import lns_madam_copy_error, make_optimizer
-from dse.train.policy import FULL_PRECISION_LAYER_NAMES, QuantPolicy
+from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from models.proxies import MODELS, build_model
+from dse.usercode import describe, is_ref, load_function
+from models.proxies import MODELS, ModelFactory, build_model
 
 EVAL_BATCH = 1024
+EXAMPLE_SAMPLES = 2
+"""Training samples one forward runs on to find a model's functional GEMMs before training."""
 Progress = Callable[[int, float, float], None]
 """Called after each epoch with (epoch, mean training loss, test accuracy)."""
+GemmReport = Callable[[list[Gemm], list[str]], None]
+"""Called once with the GEMMs quantize_model converted and the GEMMs it could not (one line each)."""
 
 
 _AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk",
@@ -40,9 +47,9 @@ _NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "
 _POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
 _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
-    "rounding": ("rounding", ROUNDINGS), "update_rounding": ("rounding", ROUNDINGS),
     "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
+_ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -51,6 +58,11 @@ def check_field(name: str, value: Any) -> Any:
     sweep file's validator each say where."""
     if value is None:
         return None
+    if name in ("model", "dataset") and is_ref(value):
+        load_function(value, name)  # the file or module and the function in it exist
+        return value.strip()
+    if name in _ROUNDING_FIELDS:
+        return check_rounding(value)
     if name in _NAMES:
         kind, valid = _NAMES[name]
         return choice(kind, value, valid)
@@ -58,6 +70,15 @@ def check_field(name: str, value: Any) -> Any:
         return get_format(value).spec
     if name == "full_precision_layers":
         return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
+    if name == "layers":
+        rules = layer_rules(value)
+        for rule in rules:
+            for field_name, spec in rule.formats:
+                try:
+                    get_format(spec)
+                except ValueError as error:
+                    raise InputError(f"{rule.label()}: {field_name}: {str(error).splitlines()[0]}") from None
+        return rules
     if name in _AT_LEAST_ONE and value < 1:
         raise InputError(f"{name} must be >= 1, got {value}")
     if name in _NON_NEGATIVE and not value >= 0:
@@ -91,9 +112,12 @@ def master_copy(value: bool | str) -> bool | str:
     return True if spec == "fp32" else spec
 
 
-def check_config(config: TrainConfig) -> None:
-    """Reject what cannot run, before any data is loaded (one line each)."""
+def check_config(config: TrainConfig, model_given: bool = False) -> None:
+    """Reject what cannot run, before any data is loaded (one line each). `model_given`: the model comes
+    as a factory, not from config.model."""
     for field in dataclasses.fields(config):
+        if model_given and field.name == "model":
+            continue
         try:
             check_field(field.name, getattr(config, field.name))
         except ValueError as error:  # a spec's own message does not say which field holds it
@@ -110,6 +134,9 @@ def check_config(config: TrainConfig) -> None:
         if config.accumulation is not None:
             raise InputError(f"accumulation {config.accumulation!r} does not apply to optimizer 'niti', "
                              "which accumulates exactly in int32")
+        if config.layers:
+            raise InputError("layers (per-layer formats) do not apply to optimizer 'niti', which trains "
+                             "every layer in one integer width")
     else:
         policy = QuantPolicy.from_config(config)  # the formats' combinations (scaled accumulator, ...)
         storage = policy.storage.format
@@ -117,14 +144,30 @@ def check_config(config: TrainConfig) -> None:
             raise InputError(lns_madam_copy_error(config.master_weights, storage.spec))
 
 
-def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> TrainingSetup:
-    """The method of `config` applied to `model`: quantized layers, loss, optimizer, epoch hook."""
+def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator,
+            example_input: Tensor | None = None, on_gemms: GemmReport | None = None) -> TrainingSetup:
+    """The method of `config` applied to `model`: quantized layers, loss, optimizer, epoch hook.
+
+    `example_input` (a few training samples) lets quantize_model find the GEMMs the forward calls as
+    functions; `on_gemms` receives the GEMMs it converted and its warnings about those it could not.
+    """
     if config.optimizer == "niti":
         from dse.train.niti import niti_setup
 
         return niti_setup(model, config, generator)
     policy = QuantPolicy.from_config(config)
-    quantize_model(model, policy, generator)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnconvertedGemmWarning)
+        gemms = quantize_model(model, policy, generator, example_input)
+    unconverted = [str(w.message) for w in caught if issubclass(w.category, UnconvertedGemmWarning)]
+    for w in caught:
+        if not issubclass(w.category, UnconvertedGemmWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if on_gemms is not None:
+        on_gemms(gemms, unconverted)
+    else:
+        for message in unconverted:
+            warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
     warmup = config.warmup_epochs
     if warmup:
         set_quantization(model, False)
@@ -185,24 +228,32 @@ def _run_settings(threads: int) -> Iterator[None]:
         cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
 
 
-def train(config: TrainConfig, dataset: Dataset | None = None,
-          progress: Progress | None = None) -> TrainResult:
-    """Train the config's proxy and measure it; a loss that turns NaN or inf ends the run as diverged."""
-    check_config(config)
+def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progress | None = None,
+          model: ModelFactory | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
+    """Train the config's model and measure it; a loss that turns NaN or inf ends the run as diverged.
+
+    `model`: a factory (sample shape, number of classes) -> nn.Module used instead of config.model; the
+    result's config names it as `module:function`. `on_gemms` receives the GEMMs quantized (by name,
+    with their formats) and those left in fp32.
+    """
+    check_config(config, model_given=model is not None)
+    if model is not None:
+        config = config.replace(model=describe(model))
     with _run_settings(config.threads):
-        return _train(config, dataset, progress)
+        return _train(config, dataset, progress, model, on_gemms)
 
 
-def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None) -> TrainResult:
+def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,
+           factory: ModelFactory | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
     data = with_validation(dataset if dataset is not None else load_dataset(config.dataset, config.data_dir))
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     order = torch.Generator().manual_seed(config.seed + 1)
-    model = build_model(config.model, data).to(device)
+    model = build_model(factory if factory is not None else config.model, data).to(device)
     params = sum(p.numel() for p in model.parameters())
-    setup = prepare(model, config, generator)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    setup = prepare(model, config, generator, x_train[:EXAMPLE_SAMPLES], on_gemms)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     assert data.x_val is not None and data.y_val is not None
     x_val, y_val = data.x_val.to(device), data.y_val.to(device)

@@ -208,25 +208,37 @@ def _taylor_numerators(z: Tensor, exp: int) -> Tensor | list[list[int]]:
     return [[(1 << (1 - 2 * exp)) + (v << (1 - exp)) + v * v for v in row] for row in z.tolist()]
 
 
+CE_DIVISIONS: tuple[str, ...] = ("reference", "integer")
+"""How the integer cross-entropy divides: as the reference runs (PyTorch >= 1.5 `/`: float32 true
+division, so s keeps its fraction and 2^s is a float), or truncating integer division throughout."""
+
+
 def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch.Generator | None,
-                     bitwidth: int = INT8_BITWIDTH) -> Tensor:
+                     bitwidth: int = INT8_BITWIDTH, division: str = "reference") -> Tensor:
     """NITI's integer cross-entropy backward: the error (softmax - onehot) as int8 with exponent 0.
 
     `logits` are the integer mantissas (rows, classes) and `exp` their exponent. Rows whose target
-    is negative (ignored) get a zero error. Steps (seeds.md B.5):
-    1. exp > -bitwidth: s = trunc(z * 47274 / 2^15) scaled by 2^exp (truncating), offset per row
-       so that max s = 10, clamped at 0, numerator n = 2^s - 1.
+    is negative (ignored) get a zero error. Steps (wangmaolin/niti ti_loss.py, TiLoss.forward):
+    1. exp > -bitwidth: s = z * 47274 / 2^15 scaled by 2^exp, offset per row so that max s = 10,
+       clamped at 0, numerator n = 2^s - 1.
        Otherwise the second-order Taylor numerator n = 2^(1-2exp) + z 2^(1-exp) + z^2.
-    2. p = floor(n * 2^(bitwidth+4) / sum_row n); subtract sum_row p at the target.
+    2. p = n * 2^(bitwidth+4) / sum_row n; subtract sum_row p at the target.
     3. StoShift(p - onehot, 4) with one draw per element from `generator`.
+    `division` "reference" reads every `/` as the reference's PyTorch 1.7 does (float32 true
+    division; the sums cast each term to int64 first, the final cast truncates), "integer" as
+    truncating integer division on int64.
     """
+    if division not in CE_DIVISIONS:
+        raise ValueError(f"unknown cross-entropy division {division!r}: expected one of {CE_DIVISIONS}")
     z = logits.to(torch.int64)
     rows, classes = z.shape
     scale_bits = bitwidth + CE_STO_SHIFT
     targets = targets.to(torch.int64).reshape(rows)
     ignored = targets < 0
     safe_targets = targets.clamp(min=0)
-    if exp > -bitwidth:
+    if division == "reference":
+        p = _reference_ce_numerators(z, exp, bitwidth, scale_bits)
+    elif exp > -bitwidth:
         s = _trunc_shift(z * LOG2E_Q15, 15)
         # Any exponent >= 4 already spreads distinct logits more than CE_TOP_LOG2 apart.
         s = s << min(exp, 8) if exp >= 0 else _trunc_shift(s, -exp)
@@ -241,9 +253,36 @@ def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch
             p = torch.tensor([[(n << scale_bits) // sum(row) for n in row] for row in numerators],
                              dtype=torch.int64, device=z.device)
     row_index = torch.arange(rows, device=z.device)
-    p[row_index, safe_targets] -= p.sum(dim=1)
+    if division == "reference":  # out_grad[i, t] -= out_grad.sum(1, dtype=int64); .type(int32)
+        p[row_index, safe_targets] -= p.to(torch.int64).sum(dim=1).to(p.dtype)
+        p = p.trunc().to(torch.int64)
+    else:
+        p[row_index, safe_targets] -= p.sum(dim=1)
     error = sto_shift(p, CE_STO_SHIFT, generator, bitwidth)
     return torch.where(ignored.view(rows, 1), torch.zeros_like(error), error)
+
+
+def _reference_ce_numerators(z: Tensor, exp: int, bitwidth: int, scale_bits: int) -> Tensor:
+    """p = n * 2^scale_bits / sum_row n as ti_loss.py computes it under PyTorch 1.7, in float32.
+
+    z * 47274 is exact in int64; `/ 2**15` is true division (float32), so s keeps its fraction,
+    2**s - 1 is a float32 numerator, `sum(1, dtype=int64)` casts each numerator to int64 before
+    adding, and p stays float32 until the caller's final cast.
+    """
+    if exp > -bitwidth:
+        s = (z * LOG2E_Q15).to(torch.float32) / 2**15
+        s = s * 2.0**exp if exp >= 0 else s / 2.0**-exp
+        s = s - (s.max(dim=1, keepdim=True).values - CE_TOP_LOG2)
+        numerators = torch.pow(2.0, s.clamp(min=0.0)) - 1
+        total = numerators.to(torch.int64).sum(dim=1, keepdim=True)
+        return numerators * 2**scale_bits / total
+    taylor = _taylor_numerators(z, exp)
+    if isinstance(taylor, Tensor):
+        total = taylor.sum(dim=1, keepdim=True)
+        return (taylor * 2**scale_bits).to(torch.float32) / total.to(torch.float32)
+    # Beyond int64 (the reference would wrap): the same division on Python ints, in float64.
+    return torch.tensor([[n * 2**scale_bits / sum(row) for n in row] for row in taylor],
+                        dtype=torch.float64, device=z.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,17 +464,18 @@ def weight_mantissa(param: Tensor, exp: int | None = None, dtype: torch.dtype = 
 
 
 def _init_weight(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
-    """Quantize the model's own initial weights NITI's way and return the weight exponent.
+    """NITI's initial weights (ti_torch.py UniformWeights, Nov 2021): Xavier-uniform drawn from the
+    run's generator, then weight_quant; returns the weight exponent.
 
-    The exponent is also left on the parameter (`niti_exp`) for the optimizer; a parameter shared
-    by two layers is quantized once.
+    The model's own initialisation is replaced, as the reference draws its own: the exponent fixed
+    here bounds the weights for the whole run, so the initial scale matters (docs/niti.md). The
+    exponent is also left on the parameter (`niti_exp`) for the optimizer; a parameter shared by two
+    layers is initialised once.
     """
     if getattr(param, "niti_bitwidth", None) == bitwidth:
         return param.niti_exp
     with torch.no_grad():
-        if float(param.abs().max()) == 0.0 or not bool(torch.isfinite(param).all()):
-            # NITI starts from Xavier-uniform weights; a zero-initialised layer cannot be scaled.
-            nn.init.xavier_uniform_(param, generator=generator)
+        nn.init.xavier_uniform_(param, generator=generator)
         mantissa, exp = weight_quant(param, bitwidth)
         param.copy_(_value(mantissa, exp, param.dtype))
     param.niti_exp = exp
@@ -708,7 +748,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple:
         loss = ctx.loss
-        error = integer_ce_error(ctx.m_z, ctx.exp_z, ctx.targets, loss.generator, loss.bitwidth)
+        error = integer_ce_error(ctx.m_z, ctx.exp_z, ctx.targets, loss.generator, loss.bitwidth,
+                                 loss.division)
         if ctx.slot is not None:
             ctx.slot.write(0)
         # The integer error does not scale with grad_loss: NITI renormalises every tensor anyway.
@@ -722,8 +763,9 @@ class NitiCrossEntropy:
     of -100 are ignored. The stochastic rounding of the error draws from `generator`.
     """
 
-    def __init__(self, bitwidth: int = INT8_BITWIDTH, generator: torch.Generator | None = None) -> None:
-        self.bitwidth, self.generator = bitwidth, generator
+    def __init__(self, bitwidth: int = INT8_BITWIDTH, generator: torch.Generator | None = None,
+                 division: str = "reference") -> None:
+        self.bitwidth, self.generator, self.division = bitwidth, generator, division
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         classes = logits.shape[-1]
@@ -741,15 +783,26 @@ class NitiOptimizer(torch.optim.Optimizer):
     """NITI's weight update (2021 'vanilla SGD'): w = clip(w - grad_calc(g32, mu)); exponent fixed.
 
     The group's `mu` (bits of the update) is the learning rate; there is no momentum and no decay.
+    `copy_bits` > bitwidth + 1 keeps a wider integer accumulator of each weight, its mantissa with
+    F = copy_bits - bitwidth - 1 more fraction bits (the 2020 code's `--weight-frac`, F = 8: "16-bit
+    integers for weight accumulation"): the update is subtracted from the accumulator (clipped to
+    +-(2^(copy_bits-1) - 1)) and the int8 weight is PstoShift(accumulator, F).
     """
 
-    def __init__(self, params: Any, mu: int, bitwidth: int = INT8_BITWIDTH) -> None:
-        super().__init__(params, {"mu": mu, "bitwidth": bitwidth})
+    def __init__(self, params: Any, mu: int, bitwidth: int = INT8_BITWIDTH, copy_bits: int | None = None
+                 ) -> None:
+        frac_bits = 0 if copy_bits is None else copy_bits - bitwidth - 1
+        if frac_bits < 0:
+            raise ValueError(f"a NITI weight accumulator is wider than the weights (int{bitwidth + 1}), "
+                             f"got int{copy_bits}")
+        super().__init__(params, {"mu": mu, "bitwidth": bitwidth, "frac_bits": frac_bits})
         for group in self.param_groups:
             for param in group["params"]:
                 if not hasattr(param, "niti_exp"):
                     raise ValueError("NitiOptimizer needs weights prepared by a NITI layer (no niti_exp)")
                 self.state[param]["exp"] = param.niti_exp
+                if frac_bits:
+                    self.state[param]["accumulator"] = weight_mantissa(param) << frac_bits
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -762,10 +815,15 @@ class NitiOptimizer(torch.optim.Optimizer):
                 pending = getattr(param, "niti_grad", None)
                 if pending is None:
                     continue
-                exp = self.state[param]["exp"]
-                update = grad_calc(pending[0], group["mu"], group["bitwidth"])
-                mantissa = int_clip(weight_mantissa(param, exp) - update.to(param.device), group["bitwidth"])
-                param.copy_(_value(mantissa, exp, param.dtype))
+                state, bitwidth, frac_bits = self.state[param], group["bitwidth"], group["frac_bits"]
+                update = grad_calc(pending[0], group["mu"], bitwidth).to(param.device)
+                if frac_bits:
+                    accumulator = int_clip(state["accumulator"] - update, bitwidth + frac_bits)
+                    state["accumulator"] = accumulator
+                    mantissa = psto_shift(accumulator, frac_bits, bitwidth)
+                else:
+                    mantissa = int_clip(weight_mantissa(param, state["exp"]) - update, bitwidth)
+                param.copy_(_value(mantissa, state["exp"], param.dtype))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -802,7 +860,25 @@ def check_niti(config: TrainConfig) -> int:
         raise InputError(f"NITI supports int2..int16, got int{bits} (format fields {given})")
     if not 1 <= config.niti_mu <= 31:
         raise InputError(f"niti_mu must be in 1..31 (bits of the integer update), got {config.niti_mu}")
+    niti_copy_bits(config, bits)
     return bits - 1
+
+
+def niti_copy_bits(config: TrainConfig, bits: int) -> int | None:
+    """The width of NITI's integer weight accumulator (master_weights 'int16': int16), or None when
+    the weights are updated in place (master_weights true or false: NITI keeps no float copy)."""
+    master = config.master_weights
+    if not isinstance(master, str):
+        return None
+    try:
+        fmt = get_format(master)
+    except ValueError as error:
+        raise InputError(f"config master_weights: {str(error).splitlines()[0]}") from None
+    copy_bits = fmt.bits
+    if fmt.family != "int" or not bits < copy_bits <= 32:
+        raise InputError(f"NITI keeps its weight accumulator as a wider integer (int{bits + 1}..int32, e.g. "
+                         f"int16: the reference's 8 extra fraction bits), got master_weights {master!r}")
+    return copy_bits
 
 
 def niti_mu_for_epoch(mu: int, epoch: int, epochs: int) -> int:
@@ -850,7 +926,8 @@ def niti_setup(model: nn.Module, config: TrainConfig, generator: torch.Generator
     """Turn `model` into a NITI integer network in place; return its loss, optimizer and mu schedule.
 
     Every parameter outside a NITI layer (biases, LayerNorm, free-standing embeddings) is frozen;
-    master_weights, lr, momentum, weight_decay, rounding and full_precision_layers do not apply.
+    master_weights applies only as an integer accumulator ('int16'); lr, momentum, weight_decay,
+    rounding and full_precision_layers do not apply.
     """
     bitwidth = check_niti(config)
     layers = convert_model(model, bitwidth, generator)
@@ -863,7 +940,8 @@ def niti_setup(model: nn.Module, config: TrainConfig, generator: torch.Generator
     for param in model.parameters():
         if id(param) not in weights:
             param.requires_grad_(False)
-    optimizer = NitiOptimizer(list(weights.values()), mu=config.niti_mu, bitwidth=bitwidth)
+    optimizer = NitiOptimizer(list(weights.values()), mu=config.niti_mu, bitwidth=bitwidth,
+                              copy_bits=niti_copy_bits(config, bitwidth + 1))
     start_mu, epochs = config.niti_mu, config.epochs
 
     def on_epoch_start(epoch: int) -> None:

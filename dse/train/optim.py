@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from dse.errors import InputError
-from dse.formats import ROUNDINGS, NumberFormat, round_to_integer
+from dse.formats import NumberFormat, check_rounding, round_to_integer
 from dse.formats.base import random_bits
-from dse.train.layers import QuantSwitch, quant_switch, quantized_layers
+from dse.train.layers import QuantSwitch, quant_switch, stored_weights
 from dse.train.policy import QuantPolicy, TensorQuant
 
 DEFAULT_LR: dict[str, float] = {
@@ -122,7 +122,7 @@ def dyadic_code_step(gamma_lr: float, g_max: int, rounding: str) -> tuple[int, i
     pseudo_stochastic also needs |round(g*) * num| below 2^(53 - k), the range in which
     `round_shifted` reproduces round_to_integer's rule on the float64 quotient.
     """
-    if not math.isfinite(gamma_lr):
+    if not math.isfinite(gamma_lr) or rounding.startswith("stochastic("):  # k random bits: float64 path
         return None
     num, den = gamma_lr.as_integer_ratio()
     k = den.bit_length() - 1
@@ -210,9 +210,10 @@ class LNSMadam(Madam):
                  update_rounding: str = "stochastic", generator: torch.Generator | None = None,
                  switch: QuantSwitch | None = None) -> None:
         self.lns_storage = dict(lns_storage or {})
-        if update_rounding not in ROUNDINGS:
-            raise InputError(f"unknown LNS-Madam update_rounding {update_rounding!r}: "
-                             f"expected one of {', '.join(ROUNDINGS)}")
+        try:
+            update_rounding = check_rounding(update_rounding)
+        except InputError as error:
+            raise InputError(f"LNS-Madam update_rounding: {error}") from None
         self.update_rounding = update_rounding
         self.generator = generator
         self.switch = switch or QuantSwitch()
@@ -296,18 +297,17 @@ class LNSMadam(Madam):
 class StepQuantizer:
     """Post-step hook: stored weights -> policy.storage, optimizer state -> policy.state."""
 
-    def __init__(self, storage: TensorQuant, storage_params: list[Tensor], state: TensorQuant,
+    def __init__(self, stored: list[tuple[Tensor, TensorQuant]], state: TensorQuant,
                  switch: QuantSwitch, generator: torch.Generator | None) -> None:
-        self.storage = storage
-        self.storage_params = storage_params if storage.enabled else []
+        self.stored = [(p, quant) for p, quant in stored if quant.enabled]
         self.state = state
         self.switch = switch
         self.generator = generator
 
     @torch.no_grad()
     def quantize_weights(self) -> None:
-        for p in self.storage_params:
-            p.copy_(self.storage(p, self.generator))
+        for p, storage in self.stored:
+            p.copy_(storage(p, self.generator))
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
@@ -378,14 +378,19 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     lr = DEFAULT_LR[name] if lr is None else lr
     switch = quant_switch(model) or QuantSwitch()
     params = list(model.parameters())
-    stored = [m.weight for m in quantized_layers(model) if isinstance(getattr(m, "weight", None), Tensor)]
-    stored = stored if policy.storage.enabled else []
-    lns = {p: policy.storage.format for p in stored} if name == "lns-madam" else {}
+    stored = stored_weights(model)
+    lns: dict[Tensor, NumberFormat] = {}
+    if name == "lns-madam":
+        other = next((quant.format for _, quant in stored if quant.format.family != "lns"), None)
+        if other is not None:
+            raise InputError(f"optimizer 'lns-madam' needs LNS weights (or fp32) in every layer when weights "
+                             f"live in a format, got {other.spec!r}")
+        lns = {p: quant.format for p, quant in stored}  # each layer's own storage format
     optimizer = plain_optimizer(name, params, lr, momentum, weight_decay, p_scale, g_bound, lns,
                                 policy.storage.rounding, generator, switch)
     if name == "lns-madam":
         stored = []  # LNSMadam keeps them on the grid itself
-    hook = StepQuantizer(policy.storage, stored, policy.state, switch, generator)
+    hook = StepQuantizer(stored, policy.state, switch, generator)
     optimizer.register_step_post_hook(hook)
     optimizer.step_quantizer = hook  # type: ignore[attr-defined]
     if switch.enabled:

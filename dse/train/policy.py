@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dse.errors import InputError
-from dse.formats import ROUNDINGS, NumberFormat, Scaling, check_rounding, get
+from dse.formats import NumberFormat, Scaling, check_rounding, get
 from dse.formats.base import MemberGenerators
 from dse.formats.spec import parse_call
+from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule, TensorFormats
 from dse.train.config import TrainConfig
-
-FULL_PRECISION_LAYER_NAMES: tuple[str, ...] = ("first", "last")
 
 LU_SCALE_OFFSET_LOG2 = 2
 """sigma in Lu et al.'s posit layer scale S = 2^(round(mean log2|x|) + sigma); seeds.md C.2, unverified."""
@@ -115,6 +113,12 @@ class QuantPolicy:
     `from_config` rounds to nearest, as accumulators do."""
     accumulation_chunk: int = 16
     """Reduction indices whose products are summed in fp32 before each rounding into `accumulation`."""
+    formats: TensorFormats | None = None
+    """The spec strings the GEMM quantizers came from (None: built by hand, not from a config)."""
+    layers: tuple[LayerRule, ...] = ()
+    """Per-layer rules (dse/precision.py), applied by quantize_model through `for_layer`."""
+    rounding: str = "nearest"
+    layer_scaling: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.accumulation_chunk, bool) or not isinstance(self.accumulation_chunk, int) \
@@ -149,61 +153,78 @@ class QuantPolicy:
     def from_config(cls, config: TrainConfig) -> QuantPolicy:
         """Resolve a config's spec strings into formats, with the training scaling defaults.
 
-        `format` fills weights, activations and gradients; `gradients` fills errors and weight
-        gradients (unless `weight_grads` is given); the optimizer state defaults to fp32. A spec
-        that states `scale=` is used exactly as written. Otherwise formats with their own scaling
-        (int, lns, mx) keep it, and formats without (fp, fixed, posit) get: Lu et al.'s
-        layer-wise scale for every posit tensor class when `layer_scaling` is on, and a per-tensor
-        power-of-two scale for fp/fixed errors and weight gradients (dynamic loss scaling per
-        tensor), so small gradients do not underflow. `accumulation` is used exactly as written
-        (an unscaled grid; a scaled spec is an error), rounded to nearest.
+        The tensor classes come from `TrainConfig.tensor_formats` (dse/precision.py: `format` fills
+        weights, activations and gradients; `gradients` fills weight gradients unless `weight_grads`
+        is given); the optimizer state defaults to fp32. A spec that states `scale=` is used exactly
+        as written. Otherwise formats with their own scaling (int, lns, block formats) keep it, and
+        formats without (fp, fixed, posit) get: Lu et al.'s layer-wise scale for every posit tensor
+        class when `layer_scaling` is on, and a per-tensor power-of-two scale for fp/fixed errors
+        and weight gradients (dynamic loss scaling per tensor), so small gradients do not underflow.
+        `accumulation` is used exactly as written (an unscaled grid; a scaled spec is an error),
+        rounded to nearest. `config.layers` and `full_precision_layers` give layers other formats
+        (`for_layer`).
         """
         for name in ("rounding", "update_rounding"):
             value = getattr(config, name)
-            if value not in ROUNDINGS:
-                raise InputError(f"config {name}: unknown rounding {value!r}: expected one of "
-                                 f"{', '.join(ROUNDINGS)}")
-        gradients = config.gradients if config.gradients is not None else config.format
-        specs = {
-            "weights": config.weights if config.weights is not None else config.format,
-            "activations": config.activations if config.activations is not None else config.format,
-            "errors": gradients,
-            "weight_grads": config.weight_grads if config.weight_grads is not None else gradients,
-            "optimizer_state": config.optimizer_state,
-            "accumulation": config.accumulation,
-            "master_weights": config.master_weights if isinstance(config.master_weights, str) else None,
-        }
-        formats = {name: _resolve(name, spec) for name, spec in specs.items()}
-        explicit = {name: spec is not None and "scale" in parse_call(spec).kwargs
-                    for name, spec in specs.items()}
-
-        def training_quant(name: str, rounding: str, gradient: bool) -> TensorQuant:
-            fmt = formats[name]
-            if fmt is None or explicit[name] or fmt.scaling.kind != "none":
-                return TensorQuant(fmt, rounding)
-            if fmt.family == "posit":
-                return TensorQuant(fmt, rounding, layer_scale=config.layer_scaling)
-            if gradient and fmt.family in ("fp", "fixed"):
-                return TensorQuant(dataclasses.replace(fmt, scaling=_PER_TENSOR_POW2), rounding)
-            return TensorQuant(fmt, rounding)
-
-        weight = training_quant("weights", config.rounding, gradient=False)
+            try:
+                check_rounding(value)
+            except InputError as error:
+                raise InputError(f"config {name}: {error}") from None
+        formats = config.tensor_formats()
+        gemm = _gemm_quants(formats, config.rounding, config.layer_scaling)
+        for rule in config.layers:  # every rule's formats are valid before any model is built
+            _gemm_quants(rule.over(formats), config.rounding, config.layer_scaling)
         return cls(
-            weight=weight,
-            activation=training_quant("activations", config.rounding, gradient=False),
-            error=training_quant("errors", config.rounding, gradient=True),
-            weight_grad=training_quant("weight_grads", config.rounding, gradient=True),
-            state=TensorQuant(formats["optimizer_state"], config.update_rounding),
-            storage=_storage(config, weight, training_quant),
+            **gemm,
+            state=TensorQuant(_resolve("optimizer_state", formats.optimizer_state), config.update_rounding),
+            storage=_storage(config, gemm["weight"]),
             master_weights=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
-            accumulation=TensorQuant(formats["accumulation"], "nearest"),
+            accumulation=TensorQuant(_resolve("accumulation", config.accumulation), "nearest"),
             accumulation_chunk=config.accumulation_chunk,
+            formats=formats,
+            layers=tuple(config.layers),
+            rounding=config.rounding,
+            layer_scaling=config.layer_scaling,
         )
 
+    def for_layer(self, formats: TensorFormats) -> QuantPolicy:
+        """This policy with a layer's own GEMM formats (a per-layer rule's, resolved over the trial's)."""
+        if formats == self.formats:
+            return self
+        gemm = _gemm_quants(formats, self.rounding, self.layer_scaling)
+        storage = (dataclasses.replace(gemm["weight"], rounding=self.storage.rounding)
+                   if self.master_weights is False else self.storage)  # a master copy's format is one
+        return dataclasses.replace(self, **gemm, storage=storage, formats=formats)
 
-def _storage(config: TrainConfig, weight: TensorQuant,
-             training_quant: Callable[[str, str, bool], TensorQuant]) -> TensorQuant:
+
+_GEMM_QUANTS: tuple[tuple[str, str, bool], ...] = (
+    ("weight", "weights", False), ("activation", "activations", False),
+    ("error", "gradients", True), ("weight_grad", "weight_grads", True),
+)
+"""QuantPolicy field, tensor class (dse/precision.py), whether it is a gradient."""
+
+
+def _gemm_quants(formats: TensorFormats, rounding: str, layer_scaling: bool) -> dict[str, TensorQuant]:
+    """The four GEMM operand quantizers of `formats`, with the training scaling defaults."""
+    return {field: _training_quant(tensor_class, getattr(formats, tensor_class), rounding, gradient,
+                                   layer_scaling)
+            for field, tensor_class, gradient in _GEMM_QUANTS}
+
+
+def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_scaling: bool) -> TensorQuant:
+    """One tensor class's quantizer with the training scaling defaults (`from_config`)."""
+    fmt = _resolve(name, spec)
+    if fmt is None or "scale" in parse_call(spec).kwargs or fmt.scaling.kind != "none":
+        return TensorQuant(fmt, rounding)
+    if fmt.family == "posit":
+        return TensorQuant(fmt, rounding, layer_scale=layer_scaling)
+    if gradient and fmt.family in ("fp", "fixed"):
+        return TensorQuant(dataclasses.replace(fmt, scaling=_PER_TENSOR_POW2), rounding)
+    return TensorQuant(fmt, rounding)
+
+
+def _storage(config: TrainConfig, weight: TensorQuant) -> TensorQuant:
     """Where the weights live between updates: an fp32 copy (True), the weight format (False), or a
     master copy in its own format, rounded with update_rounding and scaled as weights are."""
     master = config.master_weights
@@ -211,7 +232,7 @@ def _storage(config: TrainConfig, weight: TensorQuant,
         return TensorQuant(None)
     if master is False:
         return dataclasses.replace(weight, rounding=config.update_rounding)
-    return training_quant("master_weights", config.update_rounding, False)
+    return _training_quant("master_weights", master, config.update_rounding, False, config.layer_scaling)
 
 
 def _resolve(name: str, spec: str | None) -> NumberFormat | None:

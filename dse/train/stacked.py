@@ -26,15 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
-from dse.train.layers import WEIGHT_LAYER_TYPES, LayerQuant, Quantizer, QuantSwitch, full_precision_modules
+from dse.train.layers import LayerPolicies, LayerQuant, Quantizer, QuantSwitch
 from dse.train.policy import QuantPolicy, TensorQuant
 
 STACKABLE_STAGES: tuple[str, ...] = ("Linear", "ReLU", "Flatten", "_Reshape")
 """Module types a stacked network is built from (their class names)."""
 
 
-def stack_reason(model: nn.Module) -> str | None:
-    """Why `model` cannot be stacked (None: it can): only nn.Sequential chains of STACKABLE_STAGES."""
+def stack_reason(model: nn.Module, policy: QuantPolicy | None = None) -> str | None:
+    """Why `model` (quantized under `policy`) cannot be stacked (None: it can): only nn.Sequential
+    chains of STACKABLE_STAGES, with no layer accumulating in a format."""
     if type(model) is not nn.Sequential:
         return f"{type(model).__name__} is not a chain of layers (nn.Sequential)"
     for module in model:
@@ -43,7 +44,19 @@ def stack_reason(model: nn.Module) -> str | None:
             return f"its {name} layers do not stack yet (only {', '.join(STACKABLE_STAGES)})"
         if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
             return "a Flatten over other dimensions than all but the batch"
+    if policy is not None and any(p.accumulation.enabled for p in layer_policies(model, policy).values()):
+        return "the accumulation emulation does not stack yet"
     return None
+
+
+def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[int, QuantPolicy]:
+    """Each GEMM module's policy (by id), as `quantize_model` resolves it: per-layer rules and
+    full-precision layers over the trial's policy."""
+    from dse.train.functional import find_gemms
+
+    sites = [site for site in find_gemms(model, None).sites if site.module is not None]
+    policies = LayerPolicies(policy, [site.layer for site in sites])
+    return {id(site.module): policies.of(site.layer) for site in sites}
 
 
 class StackedGemm(torch.autograd.Function):
@@ -120,19 +133,19 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
     quantized as `quantize_model` quantizes each of them under `policy` (full-precision layers
     included), with each member's stochastic rounding drawn from its own generator."""
     first = models[0]
-    reason = stack_reason(first)
+    reason = stack_reason(first, policy)
     if reason is not None:
         raise ValueError(f"cannot stack this model: {reason}")
-    weight_layers = [m for m in first.modules() if isinstance(m, WEIGHT_LAYER_TYPES)]
-    keep_fp32 = full_precision_modules(weight_layers, policy.full_precision_layers)
+    policies = layer_policies(first, policy)
     stages: list[nn.Module] = []
     for index, module in enumerate(first):
         if isinstance(module, nn.Linear):
             quant = None
-            if policy.quantizes_gemms and id(module) not in keep_fp32:
-                quant = LayerQuant(None, _members(policy.activation, generators),
-                                   _members(policy.weight, generators), _members(policy.error, generators),
-                                   _members(policy.weight_grad, generators), switch)
+            own = policies[id(module)]
+            if own.quantizes_gemms:
+                quants = (own.activation, own.weight, own.error, own.weight_grad)
+                quant = LayerQuant(None, *(_members(q, generators) for q in quants), switch,
+                                   storage=own.storage if own.storage.enabled else None)
             stages.append(StackedLinear([model[index] for model in models], quant))
         elif isinstance(module, nn.ReLU):
             stages.append(nn.ReLU())
@@ -143,7 +156,8 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
     return nn.Sequential(*stages)
 
 
-def quantized_weights(model: nn.Sequential) -> list[Tensor]:
-    """The stacked weights whose GEMMs are quantized, in layer order (what `quantize_model` alone
-    calls the quantized layers' weights)."""
-    return [m.weight for m in model if isinstance(m, StackedLinear) and m.gemm_quant is not None]
+def stored_weights(model: nn.Sequential) -> list[tuple[Tensor, TensorQuant]]:
+    """The stacked weights that live in a format between steps, with it, in layer order (what
+    `dse.train.layers.stored_weights` gives for each member alone)."""
+    return [(m.weight, m.gemm_quant.storage) for m in model if isinstance(m, StackedLinear)
+            and m.gemm_quant is not None and m.gemm_quant.storage is not None]

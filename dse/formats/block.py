@@ -1,31 +1,43 @@
-"""OCP Microscaling (MX v1.0) block formats: blocks of 32 elements share one E8M0 scale.
+"""Block-scaled formats: blocks of `size` elements along `axis` share one scale in a scale format,
+optionally under a second, per-tensor fp32 scale. OCP Microscaling (MX v1.0) and NVIDIA's NVFP4
+are two instances of the one rule.
 
-A block's scale is X = 2^(floor(log2 max|v|) - emax_elem), where emax_elem is the exponent of the
-element format's largest binade, clamped to E8M0's range 2^-127..2^127 (the spec's conversion
-rule, and gfloat's `compute_scale_amax`). Each element v/X is rounded onto the element grid (ties
-to even, or the requested mode) and saturates at the element's max, as the spec asks of
-conversions. Edge cases, documented in docs/formats.md and tested in tests/test_mx.py:
+    block(ELEMENT, size=32, scale=e8m0, tensor_scale=none, axis=-1)
 
-* a block of zeros gets the smallest scale, 2^-127 (E8M0 code 0), as gfloat does;
-* a block holding inf or NaN gets the NaN scale (E8M0 code 0xFF), so all its 32 values are NaN;
-* MXINT8 elements are 8-bit two's complement with 6 fraction bits, kept symmetric in
-  -127/64..127/64 as microxcaling does (`fixed(8,6,symmetric=1)`): gfloat's ocp_int8 also uses -2
-  (code 0x80), but a block whose element rounds to -2X has max|v| = 2X and would re-quantize with
-  twice the scale, so quantize would not be idempotent. Code 0x80 is never produced.
+ELEMENT is any unscaled format of the zoo (fp, int/fixed, p3109, posit, lns); its values beyond max
+saturate (OCP MX 6.3 asks conversions to clamp; NVFP4 clamps to +-6). The scale formats:
 
-Nearest rounding of float32 (and float16/bfloat16) input takes a fused path built from integer
-operations on the bit patterns (`MXFormat._quantize_blocks_nearest`), equal bit for bit to the
-scale-divide-round-multiply formula that every other case runs.
+* ``e8m0`` (OCP MX): X = 2^(floor(log2 max|v|) - emax_elem), emax_elem the exponent of the element
+  grid's largest binade, clamped to E8M0's range 2^-127..2^127 (the spec's conversion rule, and
+  gfloat's `compute_scale_amax`); a block of zeros gets 2^-127 (E8M0 code 0), as gfloat does;
+* a floating-point grid (``e4m3``; ``ue4m3``, the same values stored without the sign bit, as NVFP4
+  stores them; ``ue5m3``, unsigned 5 exponent and 3 mantissa bits, bias 15, NaN only at all ones;
+  ``fp32``; or any fp(...) spec), NVIDIA's rule as torchao computes it for NVFP4: the block scale is
+  max|v| / max_elem rounded to nearest onto the scale grid after clamping to [smallest normal, max];
+  with ``tensor_scale=fp32`` first s_t = max|x| / (max_scale * max_elem) over the whole tensor
+  (1 where that is zero or not finite) and the block scale is (max|v| / max_elem) / s_t. Elements
+  are v * ((1 / s_t) / s_b) (a reciprocal, then a multiply: NVIDIA's kernels and torchao) rounded
+  onto the element grid, and the values are q * (s_t * s_b).
+
+A block holding inf or NaN gets a NaN scale, so all its values are NaN (as microxcaling does).
+MXINT8 elements are 8-bit two's complement with 6 fraction bits, kept symmetric in
+-127/64..127/64 as microxcaling does (`fixed(8,6,symmetric=1)`): gfloat's ocp_int8 also uses -2
+(code 0x80), but a block whose element rounds to -2X has max|v| = 2X and would re-quantize with
+twice the scale, so quantize would not be idempotent. Code 0x80 is never produced.
+
+Nearest rounding of float32 (and float16/bfloat16) input with an E8M0 scale takes a fused path built
+from integer operations on the bit patterns (`BlockFormat._quantize_blocks_nearest`), equal bit for
+bit to the scale-divide-round-multiply formula that every other case runs.
 
 `encode`/`decode`/`values`/`max` describe the element grid at unit scale, like every format;
-`encode_blocks`/`decode_blocks` give the real MX bit stream: one scale code per block plus the
-element codes.
+`encode_blocks`/`decode_blocks` give the real bit stream: one scale code per block plus the
+element codes (and `tensor_scale_of(x)`, the fp32 tensor scale, where there is one).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import ClassVar, NamedTuple
 
@@ -33,25 +45,38 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import (
+    FLOAT_DTYPES,
     NumberFormat,
     Scaling,
     constant,
     cpu_chunk_elements,
     float_exponent,
+    from_blocks,
     power_of_two,
     to_blocks,
 )
 from dse.formats.fixed import FixedPoint
 from dse.formats.floating import FloatFormat
-from dse.formats.spec import Value, get, register_alias, register_family, scaling_arg
+from dse.formats.p3109 import P3109Format
+from dse.formats.spec import Value, choice_arg, get, int_arg, register_alias, register_family
 
-SCALE_BITS = 8
 SCALE_EXPONENT_LIMIT = 127  # E8M0: codes 0..254 are 2^-127..2^127
 SCALE_NAN_CODE = 255
-MX_SCALING = Scaling(kind="block", axis=-1, block_size=32)
-MX_SCALE_KINDS = ("block", "none")  # none: the bare element grid, without the shared scale
+DEFAULT_SCALING = Scaling(kind="block", axis=-1, block_size=32)
+MAX_BLOCK_SIZE = 4096
+E8M0 = "e8m0"
+# Named scale formats: the grid of each (None: E8M0's powers of two) and its stored bits.
+SCALES: dict[str, tuple[str | None, int]] = {
+    "e8m0": (None, 8),
+    "e4m3": ("fp8_e4m3", 8),
+    "ue4m3": ("fp8_e4m3", 7),
+    "ue5m3": ("fp(e=5,m=3,special=fn)", 8),
+    "fp32": ("fp32", 32),
+}
+SCALE_SYNONYMS = {"ue8m0": "e8m0", "fp8_e4m3": "e4m3"}
+TENSOR_SCALES: tuple[str, ...] = ("none", "fp32")
 
-# Element names accepted by mx(...) and the spec of each element grid, saturating (OCP MX 6.3).
+# OCP MX element names accepted by mx(...) and the spec of each element grid, saturating (OCP MX 6.3).
 ELEMENTS: dict[str, str] = {
     "fp8_e4m3": "fp8_e4m3",
     "fp8_e5m2": "fp8_e5m2(overflow=saturate)",
@@ -87,25 +112,33 @@ class _Constants(NamedTuple):
 
 
 @dataclass(frozen=True)
-class MXFormat(NumberFormat):
-    """An OCP MX format: an element grid plus one shared power-of-two E8M0 scale per block."""
+class BlockFormat(NumberFormat):
+    """An element grid plus one scale per block in a scale format (and an optional fp32 tensor scale)."""
 
     element: NumberFormat
-    scaling: Scaling = MX_SCALING
-    element_name: str = field(init=False, compare=False)  # its name in mx(...), from ELEMENTS
+    scaling: Scaling = DEFAULT_SCALING
+    scale: str = E8M0  # a SCALES name, or the spec of a floating-point grid
+    tensor_scale: bool = False
 
-    family: ClassVar[str] = "mx"
-    scale_bits: ClassVar[int] = SCALE_BITS
+    family: ClassVar[str] = "block"
 
     def __post_init__(self) -> None:
-        if self.scaling.kind not in MX_SCALE_KINDS or self.scaling.pow2:
-            raise ValueError(f"MX formats scale per block with E8M0 powers of two (or not at all: "
-                             f"scale=none), got {self.scaling}")
-        object.__setattr__(self, "element_name", element_name(self.element))
+        if self.scaling.kind not in ("block", "none") or self.scaling.pow2:
+            raise ValueError(f"block formats scale per block (or not at all: scale=none), got {self.scaling}")
+        if self.element.scaling != Scaling() or isinstance(self.element, BlockFormat):
+            raise ValueError(f"a block element is an unscaled grid, got {self.element.spec}")
+        grid = self.scale_grid
+        if grid is not None and not (grid.min_positive < 1 < grid.max):
+            raise ValueError(f"scale {self.scale} cannot hold the block maxima: a block scale must reach "
+                             f"below 1 (blocks under the element max) and above 1 (blocks over it), "
+                             f"{self.scale} spans {grid.min_positive:g}..{grid.max:g}")
+        if self.tensor_scale and (grid is None or grid.bits > 16):
+            raise ValueError(f"tensor_scale=fp32 goes with a narrow block scale (16 bits or fewer, e.g. "
+                             f"e4m3): scale {self.scale} spans its range alone")
 
     @property
     def bits(self) -> int:
-        """Bits of one element; the shared scale adds scale_bits / block_size per element."""
+        """Bits of one element; the block scale adds scale_bits / block_size per element."""
         return self.element.bits
 
     @property
@@ -117,16 +150,43 @@ class MXFormat(NumberFormat):
         return self.scaling.axis
 
     @property
+    def scale_bits(self) -> int:
+        """Stored bits of one block scale (the fp32 tensor scale is one number per tensor)."""
+        return SCALES[self.scale][1] if self.scale in SCALES else get(self.scale).bits
+
+    @cached_property
+    def scale_grid(self) -> FloatFormat | None:
+        """The block scale's grid; None for E8M0 (powers of two by OCP's rule)."""
+        if self.scale in SCALES:
+            spec = SCALES[self.scale][0]
+            return None if spec is None else get(spec)  # type: ignore[return-value]
+        return get(self.scale)  # type: ignore[return-value]
+
+    @property
     def element_emax(self) -> int:
         """Exponent of the element grid's largest binade (8 for E4M3, 0 for INT8)."""
         return math.frexp(self.element.max)[1] - 1
 
-    @property
+    @cached_property
     def spec(self) -> str:
-        options = self.scaling.options(MX_SCALING)
-        names = [name for name, expansion in _ALIASES.items() if expansion == f"mx({self.element_name})"]
-        name = min(names, key=len)
-        return f"{name}({','.join(options)})" if options else name
+        for name, expansion in _ALIASES.items():
+            named = get(expansion)
+            assert isinstance(named, BlockFormat)
+            if replace(named, scaling=self.scaling) == self:
+                options = self.scaling.options(named.scaling)
+                if not expansion.startswith("mx("):  # block(...) calls the block size size=
+                    options = [option.replace("block=", "size=") for option in options]
+                return f"{name}({','.join(options)})" if options else name
+        options = [f"size={self.block_size}"]
+        if self.scaling.kind == "none":
+            options.append("scale=none")
+        elif self.scale != E8M0:
+            options.append(f"scale={self.scale}")
+        if self.tensor_scale:
+            options.append("tensor_scale=fp32")
+        if self.axis != DEFAULT_SCALING.axis:
+            options.append(f"axis={self.axis}")
+        return f"block({self.element.spec},{','.join(options)})"
 
     @property
     def max(self) -> float:
@@ -141,6 +201,8 @@ class MXFormat(NumberFormat):
         """As NumberFormat.quantize; nearest rounding of float32 (or narrower) input takes the fused
         block path (`_quantize_blocks_nearest`), which gives the same values bit for bit (not for
         input that autograd records: its in-place passes would not be differentiable)."""
+        if self.scaling.kind == "block" and self.scale_grid is not None:
+            return self._quantize_by_scale_grid(x, rounding, generator)
         if (rounding != "nearest" or self.scaling.kind != "block" or self._nearest_plan is None
                 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
                 or (x.requires_grad and torch.is_grad_enabled())):
@@ -253,11 +315,13 @@ class MXFormat(NumberFormat):
     def _nearest_plan(self) -> _NearestPlan | None:
         """The integer constants of `_quantize_blocks_nearest` for this element; None: no fast path."""
         element, emax = self.element, self.element_emax
+        if self.scale != E8M0 or self.tensor_scale:
+            return None
         max_bits = int(torch.tensor(element.max, dtype=torch.float32).view(torch.int32))
         if max_bits & 0x7FFFFF == 0 or float(torch.tensor(element.max, dtype=torch.float32)) != element.max:
             return None  # max * 2^E would not be NaN for F = 255
         limit_offset = max_bits - ((127 + emax) << 23)
-        if (isinstance(element, FloatFormat) and element.subnormals and element.overflow == "saturate"
+        if (type(element) is FloatFormat and element.subnormals and element.overflow == "saturate"
                 and self.element_has_negative_zero and emax >= 1):
             m, emin = element.man_bits, element.min_normal_exponent
             return _NearestPlan(limit_floor=emax << 23, limit_offset=limit_offset, factor=2.0 ** (23 - m),
@@ -269,6 +333,63 @@ class MXFormat(NumberFormat):
                                 magic_offset=((23 - frac - emax) << 23) | (1 << 22),
                                 lowest_field=1 + emax, highest_field=231 + emax + frac)
         return None
+
+    def _quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring)."""
+        if not torch.is_floating_point(x):
+            raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
+        work = x if x.dtype in FLOAT_DTYPES else x.float()
+        if work.numel() == 0:
+            return x.clone()
+        flat = work.reshape(1) if work.dim() == 0 else work
+        blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
+        block_scale = self.block_scales(amax, tensor_scale)
+        if tensor_scale is None:
+            reciprocal, scale = torch.reciprocal(block_scale), block_scale
+        else:
+            reciprocal, scale = torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
+        out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
+        out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
+        """s_t = max|x| / (max_scale * max_elem) (0-dim, block_amax's dtype); 1 where max|x| is zero or
+        not finite (torchao would divide by zero there)."""
+        grid = self.scale_grid
+        assert grid is not None
+        amax = block_amax.amax()
+        dtype = amax.dtype
+        divisor = grid.max * self.element.max
+        divisor = float(torch.tensor(divisor, dtype=dtype)) if dtype == torch.float32 else divisor
+        scale = amax / constant(divisor, dtype, amax.device)
+        usable = (amax > 0) & (amax < math.inf)
+        return torch.where(usable, scale, constant(1.0, dtype, amax.device))
+
+    def tensor_scale_of(self, x: Tensor) -> Tensor | None:
+        """The fp32 per-tensor scale s_t of x (0-dim, x's float dtype); None without a tensor scale."""
+        if not self.tensor_scale:
+            return None
+        return self._tensor_scale_from_amax(x.abs().amax().reshape(1) if x.dtype in FLOAT_DTYPES
+                                            else x.float().abs().amax().reshape(1))
+
+    def block_scales(self, amax: Tensor, tensor_scale: Tensor | None = None) -> Tensor:
+        """The block scales of blocks with these max|v| (scale-grid formats): (max|v| / max_elem)
+        [/ s_t], clamped to [smallest normal, max] of the scale grid and rounded to nearest onto it;
+        NaN for blocks holding inf or NaN."""
+        grid = self.scale_grid
+        assert grid is not None
+        dtype, device = amax.dtype, amax.device
+        element_max = self.element.max
+        element_max = float(torch.tensor(element_max, dtype=dtype)) if dtype == torch.float32 else element_max
+        ratio = amax / constant(element_max, dtype, device)
+        if tensor_scale is not None:
+            ratio = ratio / tensor_scale
+        low = 2.0**grid.min_normal_exponent
+        ratio = ratio.clamp(low, grid.max)
+        scale = grid.round_unscaled(ratio, "nearest", None)
+        return torch.where(torch.isfinite(amax), scale, constant(math.nan, dtype, device))
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         rounded = self.element.round_unscaled(x, rounding, generator)
@@ -311,21 +432,49 @@ class MXFormat(NumberFormat):
         return torch.addcmul(scale, amax, constant(0.0, torch.float32, amax.device))
 
     def encode_blocks(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The MX bit stream of x: (scale codes, element codes), int64, in blocked layout.
+        """The bit stream of x: (scale codes, element codes), int64, in blocked layout.
 
         The blocked axis is moved last and zero-padded to a multiple of block_size: scale codes have
         shape (..., n_blocks) and element codes (..., n_blocks, block_size). A block holding inf or
-        NaN gets scale code 0xFF and element codes 0. The blocks are those of block_size and axis,
-        also for scale=none.
+        NaN gets the scale's NaN code (0xFF for E8M0) and element codes 0. The blocks are those of
+        block_size and axis, also for scale=none. Scale-grid codes are the grid's codes of the
+        (positive) block scales; the tensor scale, if any, is `tensor_scale_of(x)`.
         """
         blocks, _, _ = to_blocks(x, self.axis, self.block_size)
+        if self.scale_grid is not None:
+            return self._encode_grid_blocks(blocks)
         exponent, finite = self.scale_exponents(blocks.abs().amax(dim=-1, keepdim=True))
         scale_codes = torch.where(finite, exponent + SCALE_EXPONENT_LIMIT, SCALE_NAN_CODE)
         scaled = torch.where(finite, blocks.double() / power_of_two(exponent), 0.0)
         return scale_codes.squeeze(-1), self.element.encode(scaled)
 
-    def decode_blocks(self, scale_codes: Tensor, element_codes: Tensor) -> Tensor:
-        """Values (float64, blocked layout) of an MX bit stream from `encode_blocks`."""
+    def _encode_grid_blocks(self, blocks: Tensor) -> tuple[Tensor, Tensor]:
+        grid = self.scale_grid
+        assert grid is not None
+        work = blocks if blocks.dtype in FLOAT_DTYPES else blocks.float()
+        amax = work.abs().amax(dim=-1, keepdim=True)
+        tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
+        block_scale = self.block_scales(amax, tensor_scale)
+        reciprocal = torch.reciprocal(block_scale) if tensor_scale is None else (
+            torch.reciprocal(tensor_scale) / block_scale)
+        finite = torch.isfinite(block_scale)
+        scaled = torch.where(finite, work * reciprocal, 0.0).double()
+        return grid.encode(block_scale.double()).squeeze(-1), self.element.encode(scaled)
+
+    def decode_blocks(self, scale_codes: Tensor, element_codes: Tensor,
+                      tensor_scale: Tensor | float | None = None) -> Tensor:
+        """Values (float64, blocked layout) of a bit stream from `encode_blocks`; `tensor_scale` is
+        `tensor_scale_of(x)` for formats with one, and q * (s_t * s_b) is then taken in its dtype,
+        as quantize does (float32 for float32 input)."""
+        grid = self.scale_grid
+        if grid is not None:
+            scales = grid.decode(scale_codes.to(torch.int64)).unsqueeze(-1)
+            elements = self.element.decode(element_codes)
+            if tensor_scale is None:
+                return elements * scales
+            tensor_scale = torch.as_tensor(tensor_scale)
+            dtype = tensor_scale.dtype
+            return (elements.to(dtype) * (tensor_scale * scales.to(dtype))).double()
         scale_codes = scale_codes.to(torch.int64)
         scales = torch.where(scale_codes == SCALE_NAN_CODE, math.nan,
                              power_of_two(scale_codes.clamp(max=2 * SCALE_EXPONENT_LIMIT)
@@ -333,25 +482,80 @@ class MXFormat(NumberFormat):
         return self.element.decode(element_codes) * scales.unsqueeze(-1)
 
 
-def element_name(element: NumberFormat) -> str:
-    """The name under which mx(...) knows this element grid."""
-    for name, element_spec in ELEMENTS.items():
-        if get(element_spec) == element:
+def _saturating(element: NumberFormat) -> NumberFormat:
+    """The element grid as a block element: unscaled, saturating at its max."""
+    element = replace(element, scaling=Scaling())  # type: ignore[type-var]
+    if isinstance(element, P3109Format):
+        return replace(element, saturation="satfinite")
+    if isinstance(element, FloatFormat) and element.overflow != "saturate":
+        return replace(element, overflow="saturate")
+    return element
+
+
+def scale_name(scale: Value) -> str:
+    """The canonical name of a block scale format: a SCALES name, or the spec of an fp grid."""
+    text = SCALE_SYNONYMS.get(str(scale), str(scale))
+    if text in SCALES:
+        return text
+    try:
+        grid: NumberFormat | None = get(text)
+    except ValueError:
+        grid = None
+    if grid is None:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, none, or an unscaled fp(...) grid, "
+                         f"got {scale!r}")
+    if not isinstance(grid, FloatFormat) or isinstance(grid, P3109Format) or grid.scaling != Scaling():
+        raise ValueError(f"scale {scale} cannot hold the block maxima: a block scale is a power of two "
+                         f"(e8m0) or an unscaled fp(...) grid with binades above and below 1, and "
+                         f"{grid.spec} is not")
+    for name, (spec, _) in SCALES.items():
+        if spec is not None and name != "ue4m3" and get(spec) == grid:
             return name
-    raise ValueError(f"MX element must be one of {', '.join(ELEMENTS)}, got {element.spec}")
+    return grid.spec
+
+
+def _block_scaling(kind: str, size_name: str, size: Value | None, axis: Value | None) -> Scaling:
+    """Blocks of `size` (option `size_name`) along `axis`, or none; the defaults are OCP MX's."""
+    return Scaling(kind=kind,  # type: ignore[arg-type]
+                   axis=DEFAULT_SCALING.axis if axis is None else int_arg("axis", axis, -8, 7),
+                   block_size=DEFAULT_SCALING.block_size if size is None
+                   else int_arg(size_name, size, 1, MAX_BLOCK_SIZE))
+
+
+def block(element: Value | None = None, size: Value | None = None, scale: Value = E8M0,
+          tensor_scale: Value = "none", axis: Value | None = None) -> BlockFormat:
+    """block(ELEMENT, size=32, scale=e8m0|e4m3|ue4m3|ue5m3|fp32|FP_SPEC|none, tensor_scale=none|fp32,
+    axis=-1).
+
+    ELEMENT is any unscaled format spec (fp, int/fixed, p3109, posit, lns); size in 1..4096.
+    """
+    if element is None:
+        raise ValueError("block needs an element format: block(ELEMENT, size=N, scale=S)")
+    inner = get(str(element))
+    if isinstance(inner, BlockFormat):
+        raise ValueError(f"a block element is an unscaled grid, got the block format {inner.spec}")
+    kind = "none" if scale == "none" else "block"
+    return BlockFormat(
+        element=_saturating(inner),
+        scaling=_block_scaling(kind, "size", size, axis),
+        scale=E8M0 if kind == "none" else scale_name(scale),
+        tensor_scale=choice_arg("tensor_scale", tensor_scale, TENSOR_SCALES) == "fp32" and kind == "block",
+    )
 
 
 def mx(element: Value | None = None, block: Value | None = None, axis: Value | None = None,
-       scale: Value | None = None) -> MXFormat:
-    """mx(ELEMENT, block=32, axis=-1, scale=block|none).
+       scale: Value | None = None) -> BlockFormat:
+    """mx(ELEMENT, block=32, axis=-1, scale=block|none): OCP MX, block(ELEMENT, size=block, scale=e8m0).
 
     ELEMENT in fp8_e4m3, fp8_e5m2, fp6_e3m2, fp6_e2m3, fp4_e2m1, int8; scale=none drops the shared
     scale (the bare element grid).
     """
     if element not in ELEMENTS:
         raise ValueError(f"mx element must be one of {', '.join(ELEMENTS)}, got {element!r}")
-    return MXFormat(element=get(ELEMENTS[str(element)]),
-                    scaling=scaling_arg(MX_SCALING, scale, None, axis, block, kinds=MX_SCALE_KINDS))
+    kind = DEFAULT_SCALING.kind if scale is None else choice_arg("scale", scale, ("block", "none"))
+    return BlockFormat(
+        element=get(ELEMENTS[str(element)]),
+        scaling=_block_scaling(kind, "block", block, axis))
 
 
 _ALIASES: dict[str, str] = {
@@ -361,8 +565,10 @@ _ALIASES: dict[str, str] = {
     "mxfp6_e2m3": "mx(fp6_e2m3)",
     "mxfp4": "mx(fp4_e2m1)",
     "mxint8": "mx(int8)",
+    "nvfp4": "block(fp4_e2m1,size=16,scale=e4m3,tensor_scale=fp32)",
 }
 
+register_family("block", block)
 register_family("mx", mx)
 for _name, _expansion in _ALIASES.items():
     register_alias(_name, _expansion)

@@ -1,0 +1,96 @@
+"""The NITI table of docs/niti.md: NITI as the reference runs it, each departure the issue found
+switched back one at a time, and fp32 SGD, on the same data, batch order and seeds.
+
+    PYTHONPATH=. nice -n 5 python docs/evidence/niti_table.py [--seeds 0 1] [--tasks digits-mlp ...]
+
+Variants (every one is `dse.train.train` on a TrainConfig; the ablations swap one function of
+dse.train.niti for the length of the run):
+  niti            Xavier-uniform init then weight_quant, the cross-entropy's division as run
+  model-init      the proxy's own PyTorch init, then weight_quant (dse before issue 11)
+  integer-ce      the cross-entropy's divisions truncating on integers
+  exp+1           every weight exponent one up (the weights' values doubled, mantissas kept)
+  fp32            SGD, lr 0.05, momentum 0.9 (the loop's default)
+Prints one Markdown row per task and variant: test accuracy per seed, then validation accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from dse.train import TrainConfig, niti, train
+
+TASKS = {  # name: (model, dataset, epochs, batch size) as in issue 11's table
+    "digits-mlp": ("mlp", "digits", 15, 64),
+    "mnist5k-cnn": ("cnn", "mnist5k", 15, 64),
+    "mnist1d-mlp": ("mlp", "mnist1d", 20, 100),
+    "mnist1d-cnn": ("cnn", "mnist1d", 20, 100),
+}
+VARIANTS = ("niti", "model-init", "integer-ce", "exp+1", "fp32")
+
+
+def _model_init(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
+    """dse before issue 11: weight_quant of the model's own initial weights."""
+    if getattr(param, "niti_bitwidth", None) == bitwidth:
+        return param.niti_exp
+    with torch.no_grad():
+        mantissa, exp = niti.weight_quant(param, bitwidth)
+        param.copy_(mantissa.to(param.dtype) * 2.0**exp)
+    param.niti_exp, param.niti_bitwidth, param.niti_grad = exp, bitwidth, None
+    return exp
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    saved = niti._init_weight, niti.NitiCrossEntropy
+    if name == "model-init":
+        niti._init_weight = _model_init
+    elif name == "integer-ce":
+        niti.NitiCrossEntropy = lambda bitwidth, generator: saved[1](bitwidth, generator, "integer")
+    elif name == "exp+1":
+        def one_up(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
+            if getattr(param, "niti_bitwidth", None) == bitwidth:
+                return param.niti_exp
+            saved[0](param, bitwidth, generator)
+            with torch.no_grad():
+                param.mul_(2.0)
+            param.niti_exp += 1
+            return param.niti_exp
+        niti._init_weight = one_up
+    try:
+        yield
+    finally:
+        niti._init_weight, niti.NitiCrossEntropy = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, seeds {args.seeds}")
+    print("| task | variant | test accuracy per seed | validation accuracy per seed |")
+    print("|---|---|---|---|")
+    for task in args.tasks:
+        model, dataset, epochs, batch = TASKS[task]
+        for name in args.variants:
+            tests, vals = [], []
+            for seed in args.seeds:
+                config = TrainConfig(model=model, dataset=dataset, epochs=epochs, batch_size=batch, seed=seed)
+                if name != "fp32":
+                    config = config.replace(format="int8", optimizer="niti")
+                with variant(name):
+                    result = train(config)
+                tests.append(f"{100 * result.test_accuracy:.1f}")
+                vals.append(f"{100 * result.val_accuracy:.1f}")
+            print(f"| {task} | {name} | {' / '.join(tests)} | {' / '.join(vals)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
