@@ -48,11 +48,14 @@ CASES: list[dict[str, Any]] = [
     {"format": "int8"},
     {"format": "fp8_e4m3", "rounding": "stochastic"},
     {"format": "posit8", "optimizer": "adam", "layer_scaling": True, "warmup_epochs": 1, "epochs": 2},
-    {"format": "mxfp4", "rounding": "pseudo_stochastic", "master_weights": False},
+    {"format": "fp8_e5m2", "rounding": "pseudo_stochastic", "master_weights": False},
+    {"format": "mxfp4"},
     {"format": "int8(scale=channel)", "rounding": "toward_zero", "full_precision_layers": ("first",)},
     {"format": "bf16", "optimizer": "adamw", "weight_decay": 0.01, "optimizer_state": "bf16",
      "master_weights": "posit(16,2)", "lr_schedule": "cosine", "epochs": 2},
     {"format": "fixed(8,4)", "optimizer": "sgd", "weight_decay": 1e-3, "master_weights": "fixed(16,8)"},
+    {"format": "int8", "master_weights": False, "layers": [{"match": "3", "weights": "int(6)"},
+                                                           {"match": "1", "format": "fp8_e5m2"}]},
 ]
 
 
