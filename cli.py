@@ -100,7 +100,7 @@ def formats_show(
         console.print(f"wrote {plot_value_density(fmt, plot)}")
 
 
-# --- energy ----------------------------------------------------------------------------------------
+# --- energy ---------------------------------------------------------------------------------------
 
 _WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="A built-in (resnet18, resnet50, "
                                            "mobilenetv2, vit-b16, bert-base, gpt2-small, llama-7b, "
@@ -110,44 +110,87 @@ _WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="A built-in 
 _WorkloadDataOpt = Annotated[str | None, typer.Option(
     "--dataset", help="The dataset a file.py:function model is built for and traced on (a name or "
     "file.py:function).")]
-_NodeOpt = Annotated[str, typer.Option(help="Technology node: 65, 45, 32, 28, 20, 16, 14, 10, 7, 5 or 3nm.")]
-_BatchOpt = Annotated[int | None, typer.Option("--batch", help="Batch size (default: the workload's).")]
-_OptimizerOpt = Annotated[str | None, typer.Option(help="sgd, adam or madam (default: Madam for LNS weights, "
-                                                   "else the workload's).")]
-_AccOpt = Annotated[str | None, typer.Option(help="Accumulator: int24, int(32), fp32, fp16, bf16, quire "
-                                             "(default by family: int32, fp32, LNS int24).")]
+_NodeOpt = Annotated[str, typer.Option(help="Technology node: 45, 32, 28, 20, 16, 14, 10 or 7nm (calibrated "
+                                       "range); 65, 5, 3nm with --node-scaling stillmaker.")]
+_NodeScalingOpt = Annotated[str, typer.Option("--node-scaling", help="calibrated (Horowitz 45 nm and Jouppi "
+                                              "et al. 7 nm, default) or stillmaker.")]
+_ScopeOpt = Annotated[str, typer.Option(help="datapath (MAC units), pe (+ update, registers, SRAM) or system "
+                                        "(+ DRAM, default).")]
+_BatchOpt = Annotated[int | None, typer.Option("--batch-size", "--batch", help="Batch size (default: the "
+                                               "workload's).")]
+_OptimizerOpt = Annotated[str | None, typer.Option(help="sgd, adam, adamw, madam, lns-madam or niti "
+                                                   "(default: Madam for LNS weights, else the workload's).")]
+_AccOpt = Annotated[str | None, typer.Option("--accumulator", "--accumulation", help="Accumulator: int24, "
+                                             "int(32), fp32, fp16, bf16, quire (default by family: int32, "
+                                             "fp32, LNS int24).")]
+_VectorOpt = Annotated[int | None, typer.Option("--vector-length", "--accumulation-chunk", help="K of the "
+                                                "dot-product unit (default 16; 1 = scalar fused MAC).")]
+_RoundingOpt = Annotated[str, typer.Option(help="Rounding into the weight, activation and gradient formats: "
+                                           "nearest, stochastic, stochastic(k), pseudo_stochastic, "
+                                           "toward_zero.")]
+_UpdateRoundingOpt = Annotated[str, typer.Option(help="Rounding of weights updated in their own format (no "
+                                                 "master copy).")]
 _LnsOpt = Annotated[str | None, typer.Option("--lns-datapath", help="LNS conversion: madam (per-remainder "
                                              "partial sums, default) or direct (per product).")]
 _MitchellOpt = Annotated[int | None, typer.Option("--mitchell-bits", help="LNS remainder bits approximated "
                                                   "by Mitchell (default 0).")]
-_AlignOpt = Annotated[int | None, typer.Option("--alignment-bits", help="MX FP alignment width "
-                                               "(default 2p+8).")]
+_AlignOpt = Annotated[int | None, typer.Option("--alignment-bits", help="FP/MX alignment width (default: "
+                                               "exact for MX, accumulator + 3 bits otherwise).")]
 _SramOpt = Annotated[str | None, typer.Option(help="SRAM preset (default horowitz_32kb).")]
 _DramOpt = Annotated[str | None, typer.Option(help="DRAM preset (default hbm2e).")]
-_SramScalingOpt = Annotated[str | None, typer.Option("--sram-scaling", help="SRAM node scaling: sqrt "
-                                                     "(default), logic or none.")]
+_SramScalingOpt = Annotated[str | None, typer.Option("--sram-scaling", help="SRAM node scaling: calibrated "
+                                                     "(default), sqrt, logic or none.")]
 _ReuseOpt = Annotated[float | None, typer.Option("--operand-reuse", help="MACs per operand read from SRAM "
                                                  "(default 16).")]
 _TableOpt = Annotated[Path | None, typer.Option("--table", help="Your own energy table (YAML, same schema).")]
+_JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
-def _energy_model(node: str, accumulator: str | None, lns_datapath: str | None, mitchell_bits: int | None,
-                  alignment_bits: int | None, sram: str | None, dram: str | None, sram_scaling: str | None,
-                  operand_reuse: float | None, table: Path | None) -> Any:
-    from dse.energy import DatapathParams, MemoryParams, build_model
+@dataclasses.dataclass(frozen=True)
+class _EnergyOptions:
+    """The options `dse energy` and `dse compare` share."""
 
-    def given(**options: Any) -> dict[str, Any]:
-        return {name: value for name, value in options.items() if value is not None}
+    node: str
+    node_scaling: str
+    scope: str
+    accumulator: str | None
+    vector_length: int | None
+    lns_datapath: str | None
+    mitchell_bits: int | None
+    alignment_bits: int | None
+    sram: str | None
+    dram: str | None
+    sram_scaling: str | None
+    operand_reuse: float | None
+    table: Path | None
 
-    datapath = DatapathParams(**given(accumulator=accumulator, lns_datapath=lns_datapath,
-                                      lns_mitchell_bits=mitchell_bits, alignment_bits=alignment_bits))
-    memory = MemoryParams(**given(sram=sram, dram=dram, sram_scaling=sram_scaling,
-                                  operand_reuse=operand_reuse))
-    return build_model(node, datapath, memory, table)
+    def model(self) -> Any:
+        from dse.energy import DatapathParams, MemoryParams, build_model
+
+        def given(**options: Any) -> dict[str, Any]:
+            return {name: value for name, value in options.items() if value is not None}
+
+        datapath = DatapathParams(**given(accumulator=self.accumulator, vector_length=self.vector_length,
+                                          lns_datapath=self.lns_datapath,
+                                          lns_mitchell_bits=self.mitchell_bits,
+                                          alignment_bits=self.alignment_bits))
+        memory = MemoryParams(**given(sram=self.sram, dram=self.dram, sram_scaling=self.sram_scaling,
+                                      operand_reuse=self.operand_reuse))
+        return build_model(self.node, datapath, memory, self.table, scope=self.scope,
+                           node_scaling=self.node_scaling)
 
 
 def _mj(pj: float) -> str:
     return f"{pj * 1e-9:.4g}"
+
+
+def _check_csv_target(csv: Path | None) -> None:
+    """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
+    from dse.errors import InputError
+
+    if csv is not None and (csv.is_dir() or not csv.parent.is_dir()):
+        problem = "it is a directory" if csv.is_dir() else "no such directory"
+        raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
 
 
 @app.command("energy")
@@ -159,10 +202,19 @@ def energy(
     weights: Annotated[str | None, typer.Option(help="Weight format (overrides --format).")] = None,
     activations: Annotated[str | None, typer.Option(help="Activation format (overrides --format).")] = None,
     gradients: Annotated[str | None, typer.Option(help="Gradient format (overrides --format).")] = None,
+    weight_grads: Annotated[str | None, typer.Option(help="Weight-gradient format (default: gradients).")]
+    = None,
+    optimizer_state: Annotated[str | None, typer.Option(help="Optimizer-state format (default fp32).")]
+    = None,
     node: _NodeOpt = "45nm",
-    batch: _BatchOpt = None,
+    node_scaling: _NodeScalingOpt = "calibrated",
+    scope: _ScopeOpt = "system",
+    batch_size: _BatchOpt = None,
     optimizer: _OptimizerOpt = None,
     accumulator: _AccOpt = None,
+    vector_length: _VectorOpt = None,
+    rounding: _RoundingOpt = "nearest",
+    update_rounding: _UpdateRoundingOpt = "nearest",
     lns_datapath: _LnsOpt = None,
     mitchell_bits: _MitchellOpt = None,
     alignment_bits: _AlignOpt = None,
@@ -172,9 +224,14 @@ def energy(
     operand_reuse: _ReuseOpt = None,
     table: _TableOpt = None,
     layers: Annotated[int, typer.Option(help="How many of the most expensive layers to list.")] = 10,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also write the long-form breakdown (one row per "
+                                             "layer, pass, unit, tensor, level) to this CSV file.")] = None,
+    as_json: _JsonOpt = False,
     dataset: _WorkloadDataOpt = None,
 ) -> None:
-    """Energy of one training iteration of a workload, by pass, unit and layer."""
+    """Energy (and datapath area) of one training iteration of a workload, by pass, unit and layer."""
+    import json
+
     from dse.energy import (
         TrainingFormats,
         get_workload,
@@ -184,23 +241,51 @@ def energy(
         summarize,
         top_layers,
     )
+    from dse.energy.iteration import training_area_um2
     from dse.formats import get
 
-    model = _energy_model(node, accumulator, lns_datapath, mitchell_bits, alignment_bits, sram, dram,
-                          sram_scaling, operand_reuse, table)
+    _check_csv_target(csv)
+    model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
+                           alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
     base = get(format_spec)
     formats = TrainingFormats(weight=get(weights) if weights else base,
                               activation=get(activations) if activations else base,
-                              gradient=get(gradients) if gradients else base, optimizer=optimizer)
-    frame = iteration_energy(get_workload(workload, dataset, batch), formats, model, batch)
+                              gradient=get(gradients) if gradients else base,
+                              weight_grad=get(weight_grads) if weight_grads else None, optimizer=optimizer,
+                              state=get(optimizer_state) if optimizer_state else "fp32", rounding=rounding,
+                              update_rounding=update_rounding)
+    network = get_workload(workload, dataset, batch_size)
+    frame = iteration_energy(network, formats, model, batch_size)
+    area = training_area_um2(formats, model, network)
     info = frame.attrs
     mac = per_mac(frame)
-    console.print(f"[bold]{info['workload']}[/], batch {info['batch_size']}, {info['node_nm']:g} nm: "
-                  f"{info['formats']}")
+    by_pass = pass_unit_table(frame)
+    memory = summarize(frame[frame["unit"] == "memory"], ["level", "tensor"])
+    top = top_layers(frame, layers)
+    if csv is not None:
+        frame.to_csv(csv, index=False)
+    if as_json:
+        out = {"workload": info["workload"], "batch_size": info["batch_size"], "node_nm": info["node_nm"],
+               "scope": info["scope"], "formats": info["formats"], "macs": info["macs"],
+               "iteration_mj": float(frame["energy_pj"].sum()) * 1e-9,
+               "per_mac_pj": {"multiply": mac.multiply_pj, "conversion": mac.conversion_pj,
+                              "accumulation": mac.accumulation_pj},
+               "area_um2": area,
+               "by_pass_mj": {str(p): {str(u): float(v) * 1e-9 for u, v in row.items()}
+                              for p, row in by_pass.iterrows()},
+               "memory_mj": [{"level": r["level"], "tensor": r["tensor"], "mj": float(r["energy_pj"]) * 1e-9}
+                             for _, r in memory.iterrows()],
+               "top_layers": [{"layer": r["layer"], "mj": float(r["energy_pj"]) * 1e-9,
+                               "share": float(r["share"])} for _, r in top.iterrows()]}
+        typer.echo(json.dumps(_json_safe(out)))
+        return
+    console.print(f"[bold]{info['workload']}[/], batch {info['batch_size']}, {info['node_nm']:g} nm, scope "
+                  f"{info['scope']}: {info['formats']}")
     console.print(f"{info['macs']:.4g} MACs per iteration, {_mj(frame['energy_pj'].sum())} mJ; per MAC "
                   f"(workload average): multiply {mac.multiply_pj:.4g} pJ, conversion "
                   f"{mac.conversion_pj:.4g} pJ, accumulation {mac.accumulation_pj:.4g} pJ")
-    by_pass = pass_unit_table(frame)
+    console.print(f"area at {info['node_nm']:g} nm: datapath {_number(area['datapath'])} um^2, PE "
+                  f"{_number(area['pe'])} um^2 (K = {model.datapath.vector_length} lanes)")
     grid = Table(title="Energy per iteration by pass and unit (mJ)")
     grid.add_column("pass")
     for column in by_pass.columns:
@@ -208,20 +293,21 @@ def energy(
     for name, row in by_pass.iterrows():
         grid.add_row(str(name), *(_mj(v) for v in row))
     _print_whole(grid)
-    memory = summarize(frame[frame["unit"] == "memory"], ["level", "tensor"])
-    grid = Table(title="Memory by level and tensor (mJ)")
-    for column in ("level", "tensor", "mJ"):
-        grid.add_column(column, justify="right" if column == "mJ" else "left")
-    for _, row in memory.iterrows():
-        grid.add_row(row["level"], row["tensor"], _mj(row["energy_pj"]))
-    console.print(grid)
-    top = top_layers(frame, layers)
+    if len(memory):
+        grid = Table(title="Memory by level and tensor (mJ)")
+        for column in ("level", "tensor", "mJ"):
+            grid.add_column(column, justify="right" if column == "mJ" else "left")
+        for _, row in memory.iterrows():
+            grid.add_row(row["level"], row["tensor"], _mj(row["energy_pj"]))
+        console.print(grid)
     grid = Table(title=f"Top {len(top)} layers")
     for column in ("layer", "mJ", "share"):
         grid.add_column(column, justify="left" if column == "layer" else "right")
     for _, row in top.iterrows():
         grid.add_row(row["layer"], _mj(row["energy_pj"]), f"{row['share']:.1%}")
     console.print(grid)
+    if csv is not None:
+        console.print(f"wrote {csv}")
 
 
 _COMPARE_HEADERS = {
@@ -229,6 +315,7 @@ _COMPARE_HEADERS = {
     "conversion pJ/MAC", "accumulation_pj_per_mac": "accumulation pJ/MAC", "mac_pj": "MAC pJ",
     "compute_mj": "compute mJ", "update_mj": "update mJ", "memory_mj": "memory mJ",
     "iteration_mj": "iteration mJ", "vs_fp32": "vs fp32", "vs_int8": "vs int8",
+    "datapath_um2": "datapath um^2", "pe_um2": "PE um^2",
 }
 
 
@@ -238,10 +325,16 @@ def compare(
     specs: Annotated[list[str], typer.Argument(help="Formats to compare, e.g. lns8 posit8 int8 fp8_e4m3.")],
     workload: _WorkloadOpt = "resnet50",
     node: _NodeOpt = "45nm",
+    node_scaling: _NodeScalingOpt = "calibrated",
+    scope: _ScopeOpt = "system",
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the table to this CSV file.")] = None,
-    batch: _BatchOpt = None,
+    as_json: _JsonOpt = False,
+    batch_size: _BatchOpt = None,
     optimizer: _OptimizerOpt = None,
     accumulator: _AccOpt = None,
+    vector_length: _VectorOpt = None,
+    rounding: _RoundingOpt = "nearest",
+    update_rounding: _UpdateRoundingOpt = "nearest",
     lns_datapath: _LnsOpt = None,
     mitchell_bits: _MitchellOpt = None,
     alignment_bits: _AlignOpt = None,
@@ -252,24 +345,35 @@ def compare(
     table: _TableOpt = None,
     dataset: _WorkloadDataOpt = None,
 ) -> None:
-    """Per-MAC energy and energy per training iteration of several formats, with ratios to fp32 and int8."""
+    """Per-MAC energy, energy per training iteration and datapath/PE area of several formats, with
+    ratios to fp32 and int8."""
+    import json
+
     from dse.energy import compare_formats, get_workload
     from dse.formats import get
 
-    model = _energy_model(node, accumulator, lns_datapath, mitchell_bits, alignment_bits, sram, dram,
-                          sram_scaling, operand_reuse, table)
+    _check_csv_target(csv)
+    model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
+                           alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
     formats = [get(spec) for spec in specs]
-    network = get_workload(workload, dataset, batch)
-    frame = compare_formats(formats, network, model, batch, optimizer=optimizer)
-    grid = Table(title=f"{workload}, {model.node_nm:g} nm: energy per MAC (workload average) and per "
-                 "training iteration")
+    network = get_workload(workload, dataset, batch_size)
+    frame = compare_formats(formats, network, model, batch_size, optimizer=optimizer, rounding=rounding,
+                            update_rounding=update_rounding)
+    if csv is not None:
+        frame.to_csv(csv, index=False)
+    if as_json:
+        out = {"workload": workload, "node_nm": model.node_nm, "scope": model.scope,
+               "rows": frame.to_dict(orient="records")}
+        typer.echo(json.dumps(_json_safe(out)))
+        return
+    grid = Table(title=f"{workload}, {model.node_nm:g} nm, scope {model.scope}: energy per MAC (workload "
+                 "average), per training iteration, and area")
     for column in frame.columns:
         grid.add_column(_COMPARE_HEADERS[column], justify="left" if column == "format" else "right")
     for _, row in frame.iterrows():
         grid.add_row(*(row[c] if c == "format" else _number(row[c]) for c in frame.columns))
     _print_whole(grid)
     if csv is not None:
-        frame.to_csv(csv, index=False)
         console.print(f"wrote {csv}")
 
 

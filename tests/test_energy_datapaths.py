@@ -171,6 +171,7 @@ def test_conversions_and_rounding_modes() -> None:
 
 def test_a_new_family_plugs_in() -> None:
     class Bfp(FpHardware):
+        family = "test-bfp"
         default_accumulator = "fp16"
 
     register_family("test-bfp", Bfp(), replace=True)

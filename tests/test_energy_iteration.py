@@ -16,7 +16,7 @@ from dse.energy import (
 )
 from dse.energy.iteration import COLUMNS, PASSES, UNITS
 from dse.formats import get
-from models.workloads import GemmLayer, Workload, get_workload, linear, register_workload
+from models.workloads import GemmLayer, Workload, get_workload, linear
 
 MODEL = build_model("45nm")
 
@@ -25,7 +25,6 @@ def _single_linear() -> Workload:
     return Workload("one-linear", (linear("fc", 256, 64, first=True),), batch_size=8)
 
 
-register_workload("one-linear", _single_linear, replace=True)
 
 
 def test_frame_shape_and_attrs() -> None:
@@ -44,7 +43,7 @@ def test_frame_shape_and_attrs() -> None:
 
 def test_single_layer_compute_matches_the_datapath() -> None:
     """Forward pass of one linear layer: MACs x per-MAC energy at K = 256, plus the output conversion."""
-    frame = iteration_energy("one-linear", get("lns8"), MODEL)
+    frame = iteration_energy(_single_linear(), get("lns8"), MODEL)
     forward = frame[(frame["pass"] == "forward")]
     datapath = datapath_for(get("lns8"), get("lns8"), MODEL.components, MODEL.datapath)
     macs = 8 * 256 * 64
@@ -116,7 +115,6 @@ def test_per_mac_average_includes_output_conversion() -> None:
 
 def test_attention_has_no_weight_gradient() -> None:
     layer = GemmLayer("attn.scores", m=4, k=2, n=4, groups=2, b_is_weight=False, kind="attention")
-    register_workload("attn-only", lambda: Workload("attn-only", (layer,), batch_size=2), replace=True)
-    frame = iteration_energy("attn-only", get("bf16"), MODEL)
+    frame = iteration_energy(Workload("attn-only", (layer,), batch_size=2), get("bf16"), MODEL)
     assert "update" not in set(frame["pass"])
     assert "weight_grad" not in set(frame["tensor"])

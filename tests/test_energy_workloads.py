@@ -6,6 +6,7 @@ import pytest
 
 from dse.errors import InputError
 from models.workloads import (
+    _REGISTRY,
     GemmLayer,
     Workload,
     attention,
@@ -60,9 +61,12 @@ def test_proxies_and_registration() -> None:
         return Workload("tiny-test", (layer,), batch_size=3, proxy=True)
 
     register_workload("tiny-test", tiny)
-    assert get_workload("TINY-test").forward_macs(3) == 24
-    with pytest.raises(ValueError, match="already registered"):
-        register_workload("tiny-test", tiny)
-    register_workload("tiny-test", tiny, replace=True)
+    try:
+        assert get_workload("TINY-test").forward_macs(3) == 24
+        with pytest.raises(ValueError, match="already registered"):
+            register_workload("tiny-test", tiny)
+        register_workload("tiny-test", tiny, replace=True)
+    finally:
+        _REGISTRY.pop("tiny-test")  # leave the registry as the other tests expect it
     with pytest.raises(InputError, match="unknown workload 'nope'"):
         get_workload("nope")

@@ -7,13 +7,13 @@ from typing import Any
 
 import pandas as pd
 
-from dse.energy.iteration import TrainingFormats, iteration_energy, per_mac, unit_totals
+from dse.energy.iteration import TrainingFormats, iteration_energy, per_mac, training_area_um2, unit_totals
 from dse.energy.model import EnergyModel
 
 BASELINES = ("fp32", "int8")
 COMPARE_COLUMNS = (
     "format", "multiply_pj_per_mac", "conversion_pj_per_mac", "accumulation_pj_per_mac", "mac_pj",
-    "compute_mj", "update_mj", "memory_mj", "iteration_mj", "vs_fp32", "vs_int8",
+    "compute_mj", "update_mj", "memory_mj", "iteration_mj", "vs_fp32", "vs_int8", "datapath_um2", "pe_um2",
 )
 
 
@@ -31,7 +31,9 @@ def compare_row(label: str, formats: TrainingFormats, workload: Any, model: Ener
     mac = per_mac(frame)
     units = unit_totals(frame)
     compute = units["multiply"] + units["conversion"] + units["accumulation"]
+    area = training_area_um2(formats, model, workload)
     return {
+        "datapath_um2": area["datapath"], "pe_um2": area["pe"],
         "format": label, "multiply_pj_per_mac": mac.multiply_pj, "conversion_pj_per_mac": mac.conversion_pj,
         "accumulation_pj_per_mac": mac.accumulation_pj, "mac_pj": mac.total_pj, "compute_mj": compute * 1e-9,
         "update_mj": units["update"] * 1e-9, "memory_mj": units["memory"] * 1e-9,
@@ -62,5 +64,5 @@ def compare_formats(specs: Sequence[Any], workload: Any, model: EnergyModel, bat
         for name in BASELINES:
             row[f"vs_{name}"] = row["iteration_mj"] / baseline_energy[name]
     frame = pd.DataFrame(rows, columns=list(COMPARE_COLUMNS))
-    frame.attrs.update(node_nm=model.node_nm)
+    frame.attrs.update(node_nm=model.node_nm, scope=model.scope)
     return frame

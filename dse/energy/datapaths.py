@@ -348,12 +348,15 @@ def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
 class FamilyHardware(Protocol):
     """What the energy model needs of a number-format family (register new ones with register_family).
 
-    `operand` reads a format object's attributes into an Operand; `datapath` builds the dot-product unit
-    of two operands of this family; `unpack` is the energy to reach sign / exponent / normalised
+    `family` names the hardware (the Operand's family, what `datapath_for` dispatches on): several
+    format families may share one (P3109 formats are FP(e, m) hardware). `operand` reads a format
+    object's attributes into an Operand; `datapath` builds the dot-product unit of two operands of
+    this family; `unpack` is the energy to reach sign / exponent / normalised
     significand (and that significand's width); `pack` the energy to round such a significand into the
     format. Each returns pJ (or um^2 when given area components).
     """
 
+    family: str
     default_accumulator: str
 
     def operand(self, fmt: Any, spec: str) -> Operand: ...
@@ -368,10 +371,15 @@ class FamilyHardware(Protocol):
 
 
 class IntHardware:
+    """Integers and fixed point (the same hardware: a fixed point's scale is a shift outside the unit)."""
+
     default_accumulator = "int32"
 
+    def __init__(self, family: str = "int") -> None:
+        self.family = family
+
     def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand(str(fmt.family), int(fmt.bits), spec=spec)
+        return Operand(self.family, int(fmt.bits), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
@@ -387,10 +395,11 @@ class IntHardware:
 
 
 class FpHardware:
+    family = "fp"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand(str(fmt.family), int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits),
+        return Operand(self.family, int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits),
                        spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
@@ -409,10 +418,11 @@ class FpHardware:
 
 
 class PositHardware:
+    family = "posit"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
-        return Operand("posit", int(fmt.bits), es=int(fmt.es), spec=spec)
+        return Operand(self.family, int(fmt.bits), es=int(fmt.es), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
@@ -430,6 +440,7 @@ class PositHardware:
 
 
 class LnsHardware:
+    family = "lns"
     default_accumulator = "int24"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
@@ -437,7 +448,7 @@ class LnsHardware:
         frac = math.log2(gamma) if gamma >= 1 else -1.0
         if frac < 0 or frac != int(frac):
             raise InputError(f"format {spec!r}: gamma must be a power of two >= 1 for the energy model")
-        return Operand("lns", int(fmt.bits), log_frac_bits=int(frac), spec=spec)
+        return Operand(self.family, int(fmt.bits), log_frac_bits=int(frac), spec=spec)
 
     @staticmethod
     def lut_bits(fmt: Operand, params: DatapathParams) -> int:
@@ -510,11 +521,12 @@ class LnsHardware:
 class MxHardware:
     """Block-scaled formats: an element format, `block_size` elements sharing a power-of-two scale."""
 
+    family = "mx"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
         element = operand(fmt.element)
-        return Operand("mx", int(fmt.bits), element=element, block_size=int(fmt.block_size),
+        return Operand(self.family, int(fmt.bits), element=element, block_size=int(fmt.block_size),
                        scale_bits=int(fmt.scale_bits), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
@@ -559,8 +571,10 @@ def register_family(family: str, description: FamilyHardware, replace: bool = Fa
     FAMILY_HARDWARE[family] = description
 
 
-for _family, _description in (("int", IntHardware()), ("fixed", IntHardware()), ("fp", FpHardware()),
-                              ("posit", PositHardware()), ("lns", LnsHardware()), ("mx", MxHardware())):
+for _family, _description in (("int", IntHardware()), ("fixed", IntHardware("fixed")), ("fp", FpHardware()),
+                              ("posit", PositHardware()), ("lns", LnsHardware()), ("mx", MxHardware()),
+                              # formats that run on existing hardware until they get their own description
+                              ("p3109", FpHardware()), ("block", MxHardware())):
     register_family(_family, _description)
 
 
@@ -577,7 +591,6 @@ def operand(fmt: Any) -> Operand:
     if isinstance(fmt, Operand):
         return fmt
     family = getattr(fmt, "family", None)
-    family = {"p3109": "fp", "block": "mx"}.get(family, family)  # P3109 is an FP(e, m) datapath
     spec = str(getattr(fmt, "spec", fmt))
     if family not in FAMILY_HARDWARE:
         raise InputError(f"format {spec!r}: unknown family {family!r} for the energy model")

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from dse.errors import InputError
-from dse.report.plots import accuracy_energy_figure, breakdown_figure, slug
+from dse.report.pareto import area_column
+from dse.report.plots import accuracy_area_figure, accuracy_energy_figure, breakdown_figure, slug
 from dse.report.tables import SweepTables, latex_table, markdown_table
 
 if TYPE_CHECKING:
@@ -63,6 +65,13 @@ def _save_figure(fig: Figure, stem: Path) -> list[Path]:
     return written
 
 
+def _area_values(summary: pd.DataFrame, task: str, workload: str) -> np.ndarray | None:
+    column = area_column(workload)
+    if column not in summary.columns:
+        return None
+    return pd.to_numeric(summary.loc[summary["task"] == task, column], errors="coerce").to_numpy(dtype=float)
+
+
 def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
                   tables: SweepTables | None = None) -> list[Path]:
     """Write the tables and plots of a sweep's trials (`load_trials`'s frame) into `out_dir`.
@@ -70,7 +79,8 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
     Files: trials.csv, summary.csv, pareto.csv (every task and workload), all_points.csv (every
     tuning point of every configuration), summary.tex/.md,
     pareto.tex/.md, and per task and workload `pareto_<task>_<workload>.png/.pdf` (accuracy vs
-    energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit).
+    energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit), and
+    `area_<task>_<workload>.png/.pdf` (accuracy vs datapath area) once per distinct set of areas.
     `tables`: the frame's SweepTables where the caller has them already. Returns the paths
     written, in that order.
     """
@@ -88,9 +98,15 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
         written.append(write_text_atomically(out_dir / f"{name}.tex", latex_table(table)))
         written.append(write_text_atomically(out_dir / f"{name}.md", markdown_table(table)))
     for task in pd.unique(summary["task"]):
+        areas_drawn: list[np.ndarray] = []
         for workload in tables.workloads:
-            figures = (("pareto", accuracy_energy_figure(summary, task, workload, tables.memory_objective)),
-                       ("breakdown", breakdown_figure(fronts, task, workload)))
+            figures = [("pareto", accuracy_energy_figure(summary, task, workload, tables.memory_objective)),
+                       ("breakdown", breakdown_figure(fronts, task, workload))]
+            area = _area_values(summary, task, workload)
+            drawn = any(np.array_equal(area, seen, equal_nan=True) for seen in areas_drawn)
+            if area is not None and not drawn:
+                areas_drawn.append(area)  # one area figure per distinct datapath set (node), not per workload
+                figures.append(("area", accuracy_area_figure(summary, task, workload)))
             for kind, figure in figures:
                 if figure is not None:
                     written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")

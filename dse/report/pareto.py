@@ -42,6 +42,11 @@ def memory_column(workload: str) -> str:
     return f"memory_mib:{workload}"
 
 
+def area_column(workload: str) -> str:
+    """Name of the datapath-area column (um^2, at the workload column's node) of a workload."""
+    return f"area_um2:{workload}"
+
+
 def workloads_of(frame: pd.DataFrame) -> list[str]:
     """The sweep's workloads: from `frame.attrs["sweep"]`, else from the `energy_mj:W` columns."""
     declared = (frame.attrs.get("sweep") or {}).get("workloads")
@@ -75,8 +80,8 @@ def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = 
     Rows whose accuracy, energy or (if asked) memory is missing (NaN), such as configurations whose
     every seed raised, never enter the front. Returns one row per front point with columns `task`,
     `workload`, `label`, the tuned values, the configuration's identity columns, seed counts, the
-    STATISTIC_COLUMNS present, `energy_mj`, `energy_mj:<unit>` for each unit present and
-    `memory_mib` (if present).
+    STATISTIC_COLUMNS present, `energy_mj`, `energy_mj:<unit>` for each unit present, `memory_mib` and
+    `area_um2` (if present).
     """
     energy = energy_column(workload)
     memory = memory_column(workload)
@@ -84,7 +89,7 @@ def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = 
              workload)
     units = [u for u in ENERGY_UNITS if energy_column(workload, u) in summary.columns]
     renamed = {energy: "energy_mj", **{energy_column(workload, u): f"energy_mj:{u}" for u in units},
-               memory: "memory_mib"}
+               memory: "memory_mib", area_column(workload): "area_um2"}
     keep = (["task", "label"] + [c for c in summary.columns if str(c).startswith(TUNED_PREFIX)]
             + [c for c in IDENTITY_COLUMNS if c in summary.columns]
             + [c for c in COUNT_COLUMNS if c in summary.columns]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from dse.report.pareto import ENERGY_UNITS, energy_column, pareto_front
+from dse.report.pareto import ENERGY_UNITS, area_column, energy_column, non_dominated, pareto_front
 from dse.report.stats import SIGNIFICANCE
 
 if TYPE_CHECKING:
@@ -111,6 +111,43 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     ax.set_xlabel(f"energy per training iteration on {workload} (mJ, log scale)")
     ax.set_ylabel("test accuracy (%), mean and 95 % CI")
     ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}", fontsize=10)
+    ax.margins(x=0.12, y=0.08)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def accuracy_area_figure(summary: pd.DataFrame, task: str, workload: str) -> Figure | None:
+    """Every configuration of `task` (mean accuracy) against the area of the datapath it trained on (at
+    the node of `workload`'s column), with the accuracy-area front. None without area figures."""
+    from matplotlib.figure import Figure
+
+    column = area_column(workload)
+    if column not in summary.columns:
+        return None
+    rows = summary[summary["task"] == task]
+    area = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+    accuracy = _percent(rows["accuracy_mean"])
+    shown = np.isfinite(accuracy) & np.isfinite(area) & (area > 0)
+    if not shown.any():
+        return None
+    fig = Figure(figsize=(7.0, 4.6), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(area[shown], accuracy[shown], color="tab:blue", alpha=0.6,
+               label="configuration (mean over seeds)")
+    points = np.stack([-accuracy[shown], area[shown]], axis=1)
+    on_front = non_dominated(points)
+    order = np.argsort(area[shown][on_front])
+    front_area, front_accuracy = area[shown][on_front][order], accuracy[shown][on_front][order]
+    labels = rows["label"].to_numpy()[shown][on_front][order]
+    ax.step(front_area, front_accuracy, where="post", color="tab:red", linewidth=1.5,
+            label="Pareto front (accuracy vs area)")
+    for x, y, label in zip(front_area, front_accuracy, labels, strict=True):
+        ax.annotate(str(label), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"datapath area (um^2, log scale; node of {workload})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: accuracy vs datapath area ({workload})", fontsize=10)
     ax.margins(x=0.12, y=0.08)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)

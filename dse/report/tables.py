@@ -45,6 +45,9 @@ Samples = dict[tuple[Any, Any, Any], np.ndarray]
 """(task, label, tuning point) -> the counted test accuracies of that point, one per seed."""
 
 
+MEASURED_PREFIXES: tuple[str, ...] = ("energy_mj:", "memory_mib:", "area_um2:")
+"""Columns that depend on the configuration, not the seed: energy, memory and area per workload column."""
+
 def _counted(group: pd.DataFrame, column: str) -> np.ndarray:
     """The group's values of `column` from trials that did not raise and have a value."""
     if column not in group.columns:
@@ -57,7 +60,7 @@ def _point_rows(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], Samples]:
     """One row per (task, label, tuning point) with counts, accuracy statistics and energy columns."""
     identity = [c for c in IDENTITY_COLUMNS if c in frame.columns]
     tuned = [c for c in frame.columns if str(c).startswith(TUNED_PREFIX)]
-    measured = [c for c in frame.columns if str(c).startswith(("energy_mj:", "memory_mib:"))]
+    measured = [c for c in frame.columns if str(c).startswith(MEASURED_PREFIXES)]
     if "tuning" not in frame.columns:
         frame = frame.assign(tuning=_NO_TUNING)
     rows: list[dict[str, Any]] = []
@@ -163,7 +166,7 @@ def summarize_trials(frame: pd.DataFrame, all_points: bool = False) -> pd.DataFr
     chosen one. `delta_mean`, `delta_ci_low/high` and `p_value` compare each row with its task's
     baseline (`frame.attrs["sweep"]["baselines"]`, else the first all-fp32 configuration; Welch),
     `p_vs_best` with the task's most accurate row. Energy and memory columns (`energy_mj:*`,
-    `memory_mib:*`) depend on the configuration, not the seed: their mean over the trials is
+    `memory_mib:*`, `area_um2:*`) depend on the configuration, not the seed: their mean over the trials is
     carried over. Rows keep the order in which they first appear.
     """
     missing = [c for c in REQUIRED_TRIAL_COLUMNS if c not in frame.columns]
@@ -198,7 +201,7 @@ def summarize_trials(frame: pd.DataFrame, all_points: bool = False) -> pd.DataFr
     columns = (["task", "label", *tuned, *identity, *COUNT_COLUMNS, "n_points"]
                + (["chosen"] if all_points else []) + list(STATISTIC_COLUMNS)
                + [name for column, name in _MEAN_COLUMNS.items() if column in frame.columns]
-               + [c for c in frame.columns if str(c).startswith(("energy_mj:", "memory_mib:"))])
+               + [c for c in frame.columns if str(c).startswith(MEASURED_PREFIXES)])
     summary = pd.DataFrame(shown, columns=columns)
     summary.attrs = dict(frame.attrs)
     return summary

@@ -106,20 +106,55 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
-class EnergyConfig:
+class EnergyPoint:
+    """One point of the energy axes: a node, a scope and a datapath; `name` tags its result columns."""
+
+    name: str
     node: str
+    scope: str
+    node_scaling: str
+    datapath: DatapathParams
+
+    def describe(self) -> dict[str, Any]:
+        return {"node": self.node, "scope": self.scope, "node_scaling": self.node_scaling,
+                "datapath": dataclasses.asdict(self.datapath)}
+
+    def column(self, workload: str) -> str:
+        """The name a workload's results carry here: `resnet50` alone, `resnet50@7nm,pe` on a grid."""
+        return f"{workload}@{self.name}" if self.name else workload
+
+
+ENERGY_AXES: tuple[str, ...] = ("node", "scope", "accumulator", "vector_length")
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
     workloads: tuple[str, ...]
     table: str | None
-    datapath: DatapathParams
     memory: MemoryParams
+    points: tuple[EnergyPoint, ...]
+    """Every combination of the energy axes (node, scope, accumulator, vector_length); one if no list."""
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
     """Workload name -> what it is read from, for a user's network: an absolute file path (.onnx,
     .yaml, .yml, .csv) or `/abs/file.py:function` (traced on each task's dataset)."""
 
+    @property
+    def node(self) -> str:
+        return self.points[0].node
+
+    @property
+    def datapath(self) -> DatapathParams:
+        return self.points[0].datapath
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The workload columns of the results: one per (energy point, workload), points outermost."""
+        return tuple(point.column(w) for point in self.points for w in self.workloads)
+
     def describe(self) -> dict[str, Any]:
         """Everything that changes an energy number, as plain data (for hashing)."""
-        return {"node": self.node, "table": self.table, "datapath": dataclasses.asdict(self.datapath),
-                "memory": dataclasses.asdict(self.memory),
+        return {"table": self.table, "memory": dataclasses.asdict(self.memory),
+                "points": [point.describe() for point in self.points],
                 **({"sources": {name: _source_identity(spec) for name, spec in self.sources.items()}}
                    if self.sources else {})}
 
@@ -185,8 +220,15 @@ class _MemorySection(_Strict):
     operand_registers: bool = True
 
 
+_Node = str | int | float
+
+
 class _EnergySection(_Strict):
-    node: str | int | float = "45nm"
+    node: _Node | list[_Node] = "45nm"
+    scope: str | list[str] = "system"
+    accumulator: str | None | list[str | None] = None
+    vector_length: int | list[int] | None = None
+    node_scaling: str = "calibrated"
     workloads: list[str] = Field(default_factory=lambda: [PROXY_WORKLOAD])
     table: str | None = None
     datapath: _DatapathSection = Field(default_factory=_DatapathSection)
@@ -447,17 +489,45 @@ def _workload_name(spec: str) -> str:
     return ref.function if ref is not None else Path(spec).stem
 
 
+def _axis(value: Any) -> tuple[list[Any], bool]:
+    """(values, whether the file gave a list)."""
+    return (list(value), True) if isinstance(value, list) else ([value], False)
+
+
 def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) -> EnergyConfig:
-    from dse.energy import build_model
+    import itertools
+
+    from dse.energy import SCOPES, build_model
     from dse.energy.datapaths import parse_accumulator
     from dse.energy.iteration import FP32 as FP32_OPERAND
 
-    node = section.node if isinstance(section.node, str) else f"{section.node:g}nm"
-    try:
-        parse_node(node)
-        build_model(node)
-    except ValueError as error:
-        raise source.error(("energy", "node"), str(error).splitlines()[0]) from None
+    axes: dict[str, list[Any]] = {}
+    listed: dict[str, bool] = {}
+    for name in ENERGY_AXES:
+        values, listed[name] = _axis(getattr(section, name))
+        if listed[name] and not values:
+            raise source.error(("energy", name), f"empty list: give at least one {name}")
+        axes[name] = values
+
+    def item_path(name: str, index: int) -> tuple[str | int, ...]:
+        return ("energy", name, index) if listed[name] else ("energy", name)
+
+    for index, node in enumerate(axes["node"]):
+        text = node if isinstance(node, str) else f"{node:g}nm"
+        try:
+            parse_node(text)
+            build_model(text, node_scaling=section.node_scaling)
+        except ValueError as error:
+            raise source.error(item_path("node", index), str(error).splitlines()[0]) from None
+        axes["node"][index] = text
+    for index, scope in enumerate(axes["scope"]):
+        if scope not in SCOPES:
+            raise source.error(item_path("scope", index),
+                               f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
+    for index, length in enumerate(axes["vector_length"]):
+        if length is not None and (isinstance(length, bool) or length < 1):
+            raise source.error(item_path("vector_length", index),
+                               f"vector_length must be >= 1, got {length!r}")
     if not section.workloads:
         raise source.error(("energy", "workloads"), "empty list: name at least one workload (e.g. proxy)")
     known = (PROXY_WORKLOAD, *workload_names())
@@ -487,23 +557,46 @@ def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) ->
     table = section.table
     if table is not None and not Path(table).is_file():
         raise source.error(("energy", "table"), f"energy table {table!r} not found")
-    accumulator = section.datapath.accumulator
+    for index, accumulator in enumerate([*axes["accumulator"], section.datapath.accumulator]):
+        if accumulator is None or accumulator.strip().lower() == "quire":
+            continue  # whether it fits each format is checked per trial
+        path = item_path("accumulator", index) if index < len(axes["accumulator"]) else ("energy", "datapath")
+        try:
+            parse_accumulator(accumulator, FP32_OPERAND)
+        except ValueError as error:
+            raise source.error(path, str(error).splitlines()[0]) from None
     try:
-        if accumulator is not None and accumulator.strip().lower() != "quire":
-            parse_accumulator(accumulator, FP32_OPERAND)  # whether it fits each format is checked per trial
-        datapath = DatapathParams(**section.datapath.model_dump())
+        base = DatapathParams(**section.datapath.model_dump())
     except ValueError as error:
         raise source.error(("energy", "datapath"), str(error).splitlines()[0]) from None
     try:
         memory = MemoryParams(**section.memory.model_dump())
-        build_model(node, datapath, memory)  # resolves the memory presets
+        build_model(axes["node"][0], base, memory, node_scaling=section.node_scaling)  # resolves the presets
     except ValueError as error:
         raise source.error(("energy", "memory"), str(error).splitlines()[0]) from None
+    points: list[EnergyPoint] = []
+    for node, scope, accumulator, length in itertools.product(*(axes[name] for name in ENERGY_AXES)):
+        changes: dict[str, Any] = {}
+        if accumulator is not None:
+            changes["accumulator"] = accumulator
+        if length is not None:
+            changes["vector_length"] = length
+        tags = [tag for tag, varies in ((node, listed["node"] and len(axes["node"]) > 1),
+                                        (scope, listed["scope"] and len(axes["scope"]) > 1),
+                                        (f"acc={accumulator or 'default'}",
+                                         listed["accumulator"] and len(axes["accumulator"]) > 1),
+                                        (f"K={length}",
+                                         listed["vector_length"] and len(axes["vector_length"]) > 1))
+                if varies]
+        points.append(EnergyPoint(",".join(tags), node, scope, section.node_scaling,
+                                  dataclasses.replace(base, **changes)))
     try:
-        build_model(node, datapath, memory, table)
+        for point in points:
+            build_model(point.node, point.datapath, memory, table, scope=point.scope,
+                        node_scaling=point.node_scaling)
     except ValueError as error:
         raise source.error(("energy", "table"), str(error).splitlines()[0]) from None
-    return EnergyConfig(node=node, workloads=tuple(workloads), table=table, datapath=datapath, memory=memory,
+    return EnergyConfig(workloads=tuple(workloads), table=table, memory=memory, points=tuple(points),
                         sources=sources)
 
 

@@ -1,12 +1,15 @@
-"""Energy per training iteration and training-state memory of a trial's configuration, per workload.
+"""Energy per training iteration, training-state memory and datapath area of a trial, per workload and
+energy point.
 
-A trial's energy depends on its formats, optimizer, master copy and per-layer formats, never on its
-seed, so it is computed once per distinct configuration (`energy_key`). Each layer is costed in the
-formats it trained in: its `layers` rule's, fp32 for `full_precision_layers` (the first and/or last
-weight layer), else the trial's (`layer_formats`, the same resolution training uses). The workload
-`proxy` is the trial's own model traced at its batch size, as is a user's model named as a workload
-(`file.py:function`, traced on the trial's dataset); any other name is a `models.workloads` shape or
-a user's file (ONNX, YAML, CSV) at its own batch size.
+A trial is priced as it trained: its formats (per layer), optimizer, master copy (fp32, none, or a
+format), the rounding of its GEMM operands and of its in-place weight updates, and its accumulation
+format and chunk (the accumulator and vector length K of the dot-product unit). Never its seed, so it is
+computed once per distinct configuration (`energy_key`), at every point of the energy axes. Each layer
+is costed in the formats it trained in: its `layers` rule's, fp32 for `full_precision_layers` (the first
+and/or last weight layer), else the trial's (`layer_formats`, the same resolution training uses). The
+workload `proxy` is the trial's own model traced at its batch size, as is a user's model named as a
+workload (`file.py:function`, traced on the trial's dataset); any other name is a `models.workloads`
+shape or a user's file (ONNX, YAML, CSV) at its own batch size.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
-from dse.energy.iteration import STATE_TENSORS, UNITS
+from dse.energy.iteration import STATE_TENSORS, TRAIN_OPTIMIZERS, UNITS, training_area_um2
+from dse.energy.model import EnergyModel
 from dse.precision import Layer, TensorFormats, resolve_layers
-from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig
+from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
 from dse.sweep.trials import FP32, canonical_rules, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
 from dse.usercode import identity as code_identity
 from dse.usercode import is_ref
 
-ENERGY_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
-                                     "lns-madam": "madam", "niti": "sgd"}
+ENERGY_OPTIMIZERS: dict[str, str] = TRAIN_OPTIMIZERS
 """Training optimizer -> the energy model's update (NITI's integer update is costed as SGD)."""
 PJ_PER_MJ = 1e9
 BITS_PER_MIB = 8 * 2**20
@@ -43,6 +46,8 @@ class WorkloadEnergy:
     memory_mj: float
     memory_mib: float
     """Weights, master copy and optimizer state, each at its own width."""
+    area_um2: float
+    """Area of the dot-product units the trial's GEMMs ran on, at the point's node (NaN if unpublished)."""
 
     def as_row(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -61,7 +66,9 @@ def energy_view(config: TrainConfig) -> dict[str, Any]:
             "dataset": code_identity(config.dataset, "dataset"), "data_dir": config.data_dir,
             "batch_size": config.batch_size, "formats": resolved_formats(config),
             "optimizer": ENERGY_OPTIMIZERS[config.optimizer], "master_weights": config.master_weights,
-            "full_precision_layers": sorted(config.full_precision_layers)}
+            "full_precision_layers": sorted(config.full_precision_layers), "rounding": config.rounding,
+            "update_rounding": config.update_rounding, "accumulation": config.accumulation,
+            "accumulation_chunk": config.accumulation_chunk if config.accumulation is not None else None}
     if config.layers:  # only then, so that the energy keys of configurations without rules stay
         view["layers"] = canonical_rules(config)
     return view
@@ -109,11 +116,13 @@ def _parts(workload: Workload, config: TrainConfig,
 
 
 class EnergyEstimator:
-    """Builds the energy model once and caches traced proxies and estimates."""
+    """Builds one energy model per energy point and caches traced proxies and estimates."""
 
     def __init__(self, settings: EnergyConfig) -> None:
         self.settings = settings
-        self.model = build_model(settings.node, settings.datapath, settings.memory, settings.table)
+        self.models = {point.name: build_model(point.node, point.datapath, settings.memory, settings.table,
+                                               scope=point.scope, node_scaling=point.node_scaling)
+                       for point in settings.points}
         self._proxies: dict[tuple[Any, ...], Workload] = {}
         self._types: dict[int, dict[str, tuple[str, ...]]] = {}
         """id of a traced workload -> its layers' module classes (for `type:` rules)."""
@@ -152,12 +161,23 @@ class EnergyEstimator:
         return get_workload(source or name), None
 
     def estimate(self, config: TrainConfig) -> dict[str, WorkloadEnergy]:
-        """Energy and memory of one iteration per configured workload (the caller keeps one estimate
-        per energy_key: configurations that share it get the same numbers)."""
-        return {name: self._one(name, config) for name in self.settings.workloads}
+        """Energy, memory and area of one iteration per result column (energy point x workload); the
+        caller keeps one estimate per energy_key: configurations that share it get the same numbers."""
+        return {point.column(name): self._one(name, config, point)
+                for point in self.settings.points for name in self.settings.workloads}
 
-    def _one(self, name: str, config: TrainConfig) -> WorkloadEnergy:
+    def trained_model(self, config: TrainConfig, point: EnergyPoint) -> EnergyModel:
+        """The point's model with the trial's own accumulation, if it trained with one: its format is the
+        accumulator and its chunk the vector length of the dot-product unit."""
+        model = self.models[point.name]
+        if config.accumulation is None:
+            return model
+        return model.with_datapath(accumulator=config.accumulation, vector_length=config.accumulation_chunk)
+
+    def _one(self, name: str, config: TrainConfig, point: EnergyPoint) -> WorkloadEnergy:
         workload, batch = self.workload(name, config)
+        model = self.trained_model(config, point)
+        area = 0.0
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
         units = dict.fromkeys(UNITS, 0.0)
         memory_bits = 0.0
@@ -167,8 +187,9 @@ class EnergyEstimator:
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 weight=f.weights, activation=f.activations, gradient=f.gradients, weight_grad=f.weight_grads,
                 optimizer=optimizer, state=f.optimizer_state,
-                master=master_format(config.master_weights) if tensors.quantizes_gemms else None)
-            frame = iteration_energy(part, part_formats, self.model, batch)
+                master=master_format(config.master_weights) if tensors.quantizes_gemms else None,
+                rounding=config.rounding, update_rounding=config.update_rounding)
+            frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
             resolved = part_formats.resolve(part)
@@ -176,8 +197,9 @@ class EnergyEstimator:
                          + (resolved.master.storage_bits if resolved.master is not None else 0.0)
                          + STATE_TENSORS[resolved.optimizer] * resolved.state.storage_bits)
             memory_bits += part.params * per_param
+            area += training_area_um2(part_formats, model, part)["datapath"]
         mj = {unit: pj / PJ_PER_MJ for unit, pj in units.items()}
         return WorkloadEnergy(total_mj=sum(mj.values()), multiply_mj=mj["multiply"],
                               conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
                               update_mj=mj["update"], memory_mj=mj["memory"],
-                              memory_mib=memory_bits / BITS_PER_MIB)
+                              memory_mib=memory_bits / BITS_PER_MIB, area_um2=area)

@@ -106,7 +106,7 @@ def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str
     for trial in trials:
         key = energy_key(trial.config, sweep.energy)
         keys[trial.trial_id] = key
-        if (key, sweep.energy.workloads[0]) in energies:
+        if (key, sweep.energy.columns[0]) in energies:
             continue
         try:
             estimates = estimator.estimate(trial.config)
@@ -282,11 +282,11 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
             if replace_foreign:
                 store.reset()
             ids = [trial.trial_id for trial in runs]
-            meta = {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.workloads),
+            meta = {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.columns),
                     "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
                     "baselines": baseline_labels(sweep, trials),
                     "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
-                                                "workloads": list(sweep.energy.workloads)})}
+                                                "workloads": list(sweep.energy.columns)})}
             plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
                     for t in trials]
             store.start(meta, plan, energies)

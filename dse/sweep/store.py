@@ -10,13 +10,15 @@ Tables:
 - `trials`: one row per finished trial, primary key trial_id; each is committed in its own transaction
   the moment its trial finishes (WAL journal, synchronous=FULL), so a SIGKILL at any moment loses no
   finished trial and a half-written row never becomes visible.
-- `energy`: per (energy key, workload) the energy of one iteration by unit and the training-state
-  memory. Energy depends only on the configuration, so it is recomputed, never retrained, when the
-  energy settings change.
+- `energy`: per (energy key, workload column) the energy of one iteration by unit, the training-state
+  memory and the area of the datapath the trial trained on. A workload column is a workload, or a
+  workload at one point of the energy axes (`resnet50@7nm,pe`). Energy depends only on the
+  configuration, so it is recomputed, never retrained, when the energy settings change.
 
 Stores written before schema 2 are read as they are and brought up to date when a sweep opens them:
 `trials` gains `val_accuracy` (empty for the old rows) and the plan, which every run rewrites, is
-rebuilt with its new columns. `master_weights` holds text (`true`, `false` or the master copy's format
+rebuilt with its new columns; `energy` gains `area_um2` (empty until the energy is recomputed, which
+every run does). `master_weights` holds text (`true`, `false` or the master copy's format
 spec); the 0/1 of an old store reads as false/true.
 """
 
@@ -35,7 +37,7 @@ import pandas as pd
 
 from dse.energy.iteration import UNITS
 from dse.errors import InputError
-from dse.report.pareto import TUNED_PREFIX, energy_column, memory_column
+from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column
 
 STORE_FILE = "sweep.sqlite"
 SCHEMA_VERSION = "2"
@@ -62,10 +64,10 @@ CREATE TABLE IF NOT EXISTS trials (
 CREATE TABLE IF NOT EXISTS energy (
     energy_key TEXT NOT NULL, workload TEXT NOT NULL, total_mj REAL NOT NULL, multiply_mj REAL NOT NULL,
     conversion_mj REAL NOT NULL, accumulation_mj REAL NOT NULL, update_mj REAL NOT NULL,
-    memory_mj REAL NOT NULL, memory_mib REAL NOT NULL, PRIMARY KEY (energy_key, workload));
+    memory_mj REAL NOT NULL, memory_mib REAL NOT NULL, area_um2 REAL, PRIMARY KEY (energy_key, workload));
 """
 _ENERGY_VALUES = ("total_mj", "multiply_mj", "conversion_mj", "accumulation_mj", "update_mj", "memory_mj",
-                  "memory_mib")
+                  "memory_mib", "area_um2")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ def _migrate(connection: sqlite3.Connection) -> None:
     trials = _columns(connection, "trials")
     if trials and "val_accuracy" not in trials:
         connection.execute("ALTER TABLE trials ADD COLUMN val_accuracy REAL")
+    energy = _columns(connection, "energy")
+    if energy and "area_um2" not in energy:
+        connection.execute("ALTER TABLE energy ADD COLUMN area_um2 REAL")
 
 
 def master_weights_text(value: bool | str) -> str:
@@ -194,7 +199,7 @@ class SweepStore:
             self.connection.executemany(
                 f"INSERT OR REPLACE INTO energy (energy_key, workload, {', '.join(_ENERGY_VALUES)}) "
                 f"VALUES (?, ?, {', '.join('?' * len(_ENERGY_VALUES))})",
-                [(key, workload, *(values[name] for name in _ENERGY_VALUES))
+                [(key, workload, *(values.get(name) for name in _ENERGY_VALUES))
                  for (key, workload), values in energies.items()])
 
     def finished(self) -> set[str]:
@@ -226,6 +231,7 @@ def energy_columns(workloads: Iterable[str]) -> list[str]:
         columns.append(energy_column(workload))
         columns += [energy_column(workload, unit) for unit in UNITS]
         columns.append(memory_column(workload))
+        columns.append(area_column(workload))
     return columns
 
 
@@ -233,7 +239,7 @@ def load_trials(directory: Path) -> pd.DataFrame:
     """One row per finished trial of the sweep's latest plan, in plan order (see docs/config.md).
 
     Columns: TRIAL_COLUMNS, PLAN_COLUMNS, `tuned:<field>` per field tuned in the plan, then per workload
-    W `energy_mj:W`, `energy_mj:W:<unit>` for each unit and `memory_mib:W`, then `config` (the
+    W `energy_mj:W`, `energy_mj:W:<unit>` for each unit, `memory_mib:W` and `area_um2:W`, then `config` (the
     TrainConfig as JSON). `frame.attrs['sweep']` holds the sweep's name, workloads, memory_objective,
     baselines (task -> label, where the sweep file named one) and output directory.
     """
@@ -254,8 +260,9 @@ def load_trials(directory: Path) -> pd.DataFrame:
             "JOIN trials t ON t.trial_id = p.trial_id ORDER BY p.position").fetchall()
         names = ["energy_key", "plan_task", "plan_label", "configuration", "tuning"] + [
             d[0] for d in connection.execute("SELECT * FROM trials LIMIT 0").description]
-        energy = connection.execute(f"SELECT energy_key, workload, {', '.join(_ENERGY_VALUES)} FROM energy"
-                                    ).fetchall()
+        stored = set(_columns(connection, "energy"))
+        selected = ", ".join(name if name in stored else "NULL" for name in _ENERGY_VALUES)
+        energy = connection.execute(f"SELECT energy_key, workload, {selected} FROM energy").fetchall()
     finally:
         connection.close()
     by_key: dict[tuple[str, str], tuple[float, ...]] = {(r[0], r[1]): tuple(r[2:]) for r in energy}
@@ -279,6 +286,8 @@ def load_trials(directory: Path) -> pd.DataFrame:
             for unit in UNITS:
                 record[energy_column(workload, unit)] = numbers.get(f"{unit}_mj", math.nan)
             record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
+            area = numbers.get("area_um2")
+            record[area_column(workload)] = math.nan if area is None else area
         record["config"] = row["config"]
         records.append(record)
     columns = [*TRIAL_COLUMNS, *PLAN_COLUMNS, *(TUNED_PREFIX + name for name in tuned),

@@ -1,0 +1,108 @@
+"""A trial is priced as it trained, and energy settings are sweep axes with one column set each."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from dse.sweep import parse_config
+from dse.sweep.energy import EnergyEstimator
+from dse.sweep.executors import InlineExecutor
+from dse.sweep.runner import plan_sweep, run_sweep
+from dse.sweep.store import load_trials
+from dse.train.config import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_fakes import fake_train  # noqa: E402
+
+ONE_WORKLOAD = """\
+name: priced
+task: {model: mlp, dataset: digits}
+energy: {node: 7nm, workloads: [resnet18]}
+trials:
+  - {format: int8}
+"""
+
+
+@pytest.fixture(scope="module")
+def estimator() -> EnergyEstimator:
+    return EnergyEstimator(parse_config(ONE_WORKLOAD, "s.yaml").energy)
+
+
+def _total(estimator: EnergyEstimator, **changes: object) -> float:
+    config = TrainConfig(model="mlp", dataset="digits", **changes)  # type: ignore[arg-type]
+    return estimator.estimate(config)["resnet18"].total_mj
+
+
+BASE = {"format": "fp8_e4m3", "optimizer": "sgd"}
+
+
+@pytest.mark.parametrize("change", [
+    {"accumulation": "fp16"},                                    # the accumulator's format
+    {"accumulation": "fp16", "accumulation_chunk": 64},          # ... and its chunk (K of the unit)
+    {"rounding": "stochastic"},                                  # random bits per rounded value
+    {"rounding": "toward_zero"},
+    {"master_weights": False},                                   # no fp32 master copy
+    {"master_weights": "bf16"},                                  # a master copy in another format
+    {"full_precision_layers": ("first", "last")},                # layers kept in fp32
+    {"weights": "int4", "activations": "fp8_e4m3", "gradients": "fp8_e5m2"},  # int x fp GEMMs
+])
+def test_each_training_choice_changes_the_energy(estimator: EnergyEstimator,
+                                                 change: dict[str, object]) -> None:
+    assert _total(estimator, **{**BASE, **change}) != pytest.approx(_total(estimator, **BASE), rel=1e-9)
+
+
+def test_update_rounding_is_priced_where_the_update_rounds(estimator: EnergyEstimator) -> None:
+    """With an fp32 master copy the update never rounds into the weight format, so update_rounding is
+    the same hardware; without one it is the rounding of every update."""
+    with_master = [_total(estimator, **BASE, update_rounding=mode) for mode in ("nearest", "stochastic")]
+    assert with_master[0] == with_master[1]
+    without = [_total(estimator, **BASE, master_weights=False, update_rounding=mode)
+               for mode in ("nearest", "stochastic")]
+    assert without[1] > without[0]
+
+
+def test_chunk_without_an_accumulation_format_is_the_same_hardware(estimator: EnergyEstimator) -> None:
+    """accumulation_chunk only groups products before rounding into `accumulation`; without one,
+    torch sums in fp32 and the dot-product unit's K is the energy settings' vector_length."""
+    assert _total(estimator, **BASE, accumulation_chunk=64) == _total(estimator, **BASE)
+
+
+AXES = """\
+name: axes
+task: {model: mlp, dataset: digits, epochs: 1}
+energy: {node: [45nm, 7nm], scope: [pe, system], accumulator: [fp16, fp32], vector_length: [1, 16],
+         workloads: [resnet18]}
+trials:
+  - {format: [fp8_e4m3, bf16]}
+"""
+
+
+def test_energy_axes_give_one_named_column_set_per_point() -> None:
+    sweep = parse_config(AXES, "axes.yaml")
+    assert len(sweep.energy.points) == 16
+    columns = sweep.energy.columns
+    assert "resnet18@45nm,pe,acc=fp16,K=1" in columns and "resnet18@7nm,system,acc=fp32,K=16" in columns
+    trials, keys, energies = plan_sweep(sweep)
+    values = {column: energies[(keys[trials[0].trial_id], column)]["total_mj"] for column in columns}
+    assert len(set(values.values())) == 16  # every point prices differently
+    assert values["resnet18@7nm,system,acc=fp32,K=16"] < values["resnet18@45nm,system,acc=fp32,K=16"]
+    assert values["resnet18@45nm,pe,acc=fp16,K=16"] < values["resnet18@45nm,system,acc=fp16,K=16"]
+
+
+def test_axis_points_reach_the_reports(tmp_path: Path) -> None:
+    text = AXES.replace("scope: [pe, system], accumulator: [fp16, fp32], vector_length: [1, 16]", "scope: pe")
+    text += f"output: {tmp_path / 'out'}\n"
+    run_sweep(parse_config(text, "axes.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=True)
+    frame = load_trials(tmp_path / "out")
+    assert frame.attrs["sweep"]["workloads"] == ["resnet18@45nm", "resnet18@7nm"]
+    for column in ("energy_mj:resnet18@45nm", "energy_mj:resnet18@7nm", "area_um2:resnet18@7nm"):
+        assert frame[column].notna().all() and (frame[column] > 0).all()
+    assert (frame["area_um2:resnet18@7nm"] < frame["area_um2:resnet18@45nm"]).all()
+    names = {p.name for p in (tmp_path / "out").rglob("*")}
+    assert any(name.startswith("pareto_") and "7nm" in name for name in names), names
+    assert any(name.startswith("area_") for name in names), names
+    assert not math.isnan(frame["area_um2:resnet18@45nm"].iloc[0])
