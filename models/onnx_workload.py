@@ -1,8 +1,9 @@
 """A workload read from an ONNX file (needs the optional `onnx` package: pip install 'dse[onnx]').
 
 Every MatMul, Gemm, Conv and ConvTranspose node is a GEMM. Shapes come from ONNX shape inference
-with the batch dimension set to 1 (shapes are per sample); where inference leaves a dimension open
-(reshapes computed at run time), the graph is run once on zeros with onnx's reference evaluator. An
+with an open batch dimension set to 1 (a fixed batch is divided out: shapes are per sample); where
+inference leaves a dimension open (reshapes computed at run time), the graph is run once on zeros
+with onnx's reference evaluator. An
 operand computed from initializers only is a weight; the layer is named after it (`fc.weight` -> `fc`)
 or, for an exporter's anonymous initializer, after the node (`/att/MatMul` -> `att.MatMul`).
 Initializers that are no GEMM's weight or bias go to extra_params.
@@ -10,14 +11,13 @@ Initializers that are no GEMM's weight or bias go to extra_params.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from dse.errors import InputError
-from models.workloads import GemmLayer, Workload, matmul
+from models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 _GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 _UNPRICED_OPS = ("Einsum", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "Attention")
@@ -32,13 +32,6 @@ def _onnx() -> Any:
     return onnx
 
 
-def _weight_name(name: str) -> str:
-    for suffix in (".weight", "_weight"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _node_name(node: Any, index: int) -> str:
     """'/att/MatMul_1' -> 'att' (the op's own name dropped; repeats get #2, #3 later)."""
     parts = [part for part in node.name.split("/") if part] if node.name else []
@@ -47,16 +40,23 @@ def _node_name(node: Any, index: int) -> str:
     return ".".join(parts) or f"{node.op_type.lower()}{index}"
 
 
-def _fix_batch(model: Any) -> None:
-    """Every open dimension of a graph input becomes 1 (the batch, or a length the file leaves open)."""
+def _fix_batch(model: Any) -> int:
+    """Every open dimension of a graph input becomes 1 (the batch, or a length the file leaves open);
+    returns the samples the graph then runs on: the first input's leading dimension (a file exported
+    with a fixed batch keeps it, and shapes are divided by it)."""
     initializers = {init.name for init in model.graph.initializer}
+    samples = 0
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        for dim in value.type.tensor_type.shape.dim:
+        dims = value.type.tensor_type.shape.dim
+        for dim in dims:
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 dim.ClearField("dim_param")
                 dim.dim_value = 1
+        if not samples:
+            samples = dims[0].dim_value if len(dims) >= 2 else 1
+    return max(samples, 1)
 
 
 def _shapes(onnx: Any, model: Any, needed: set[str]) -> dict[str, tuple[int, ...]]:
@@ -105,7 +105,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         model = onnx.load(str(path))
     except Exception as error:
         raise InputError(f"{where}: not a readable ONNX model ({type(error).__name__})") from None
-    _fix_batch(model)
+    samples = _fix_batch(model)
     graph = model.graph
     tensor = onnx.TensorProto
     real = (tensor.FLOAT, tensor.FLOAT16, tensor.BFLOAT16, tensor.DOUBLE)
@@ -151,7 +151,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             owned |= roots.get(node.input[2], set())
         gemm_outputs.add(node.output[0])
         named = weight_of if weight_of in params and not weight_of.startswith("onnx::") else None
-        name = _weight_name(named) if named else _node_name(node, index)
+        name = layer_name_of(named) if named else _node_name(node, index)
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         grad = (a in carries_grad and not a_weight) or (b in carries_grad and not b_weight)
         a_shape, b_shape, out_shape = shapes[a], shapes[b], shapes[node.output[0]]
@@ -159,11 +159,11 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             if node.op_type == "Gemm":
                 a_shape = a_shape[::-1] if attrs.get("transA") else a_shape
                 b_shape = b_shape[::-1] if attrs.get("transB") else b_shape
-            layer = matmul(name, a_shape, b_shape, 1, a_weight, b_weight, grad)
+            layer = matmul(name, a_shape, b_shape, samples, a_weight, b_weight, grad)
         else:
             groups = int(attrs.get("group", 1))
             kernel = math.prod(b_shape[2:])
-            common: dict[str, Any] = {"groups": groups, "input_elems": math.prod(a_shape),
+            common: dict[str, Any] = {"groups": groups, "input_elems": math.prod(a_shape) // samples,
                                       "b_is_weight": b_weight, "needs_input_grad": grad, "kind": "conv"}
             if node.op_type == "ConvTranspose":  # weight [c_in, c_out/g, *kernel]
                 layer = GemmLayer(name, m=math.prod(a_shape[2:]), k=b_shape[0] // groups,
@@ -177,17 +177,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             for name in node.input:
                 if name not in gemm_outputs and name not in from_input:
                     owned |= roots.get(name, set())
-    layers = _unique_names(layers)
+    layers = unique_names(layers)
     extra = {name: count for name, count in params.items() if name not in owned}
     return Workload(graph.name or path.stem, tuple(layers), batch_size=batch_size, extra_params=extra,
                     description=f"ONNX graph {path.name}, batch {batch_size}")
-
-
-def _unique_names(layers: list[GemmLayer]) -> list[GemmLayer]:
-    seen: dict[str, int] = {}
-    out = []
-    for layer in layers:
-        seen[layer.name] = seen.get(layer.name, 0) + 1
-        count = seen[layer.name]
-        out.append(layer if count == 1 else dataclasses.replace(layer, name=f"{layer.name}#{count}"))
-    return out

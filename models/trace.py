@@ -7,20 +7,22 @@ PyTorch has broken it down into its kernels: every `nn.Linear`, `nn.Conv*d`, `nn
 baddbmm), a convolution or a fused attention kernel. An operand that shares storage with a parameter is
 a weight; the layer is named after that parameter (`fc.weight` -> `fc`), or else after the module that
 ran it. The energy model derives the backward-data, backward-weight and update work of each forward
-GEMM (see models.workloads.GemmLayer), so this records the forward shapes per sample.
+GEMM (see models.workloads.GemmLayer), so this records the forward shapes per sample. Recurrent
+layers (nn.LSTM, nn.GRU, nn.RNN) run fused kernels: they are named in a warning, not priced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.workloads import GemmLayer, Workload, matmul
+from models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 aten = torch.ops.aten
 TRACE_SAMPLES = 2
@@ -30,13 +32,9 @@ _FUSED_ATTENTION = {getattr(aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(aten, name)}
-
-
-def _weight_name(param_name: str) -> str:
-    for suffix in (".weight", "_weight"):
-        if param_name.endswith(suffix):
-            return param_name[: -len(suffix)]
-    return param_name
+_UNPRICED_WORDS = ("rnn", "lstm", "gru", "_int_mm", "_weight_int")
+"""Kernels that hold GEMMs this tracer does not take apart (recurrent layers, integer matmuls): a model
+that runs one gets a warning naming it, never a silent gap."""
 
 
 class _Recorder(TorchDispatchMode):
@@ -53,7 +51,7 @@ class _Recorder(TorchDispatchMode):
         self.stack: list[nn.Module] = []
         self.layers: list[GemmLayer] = []
         self.used_weights: set[str] = set()
-        self.calls: dict[str, int] = {}
+        self.unpriced: set[str] = set()
 
     # the module that is running, from global forward hooks
     def push(self, module: nn.Module, *_: Any) -> None:
@@ -68,10 +66,6 @@ class _Recorder(TorchDispatchMode):
             return None
         return self.weights.get(tensor.untyped_storage().data_ptr())
 
-    def _name(self, base: str) -> str:
-        self.calls[base] = self.calls.get(base, 0) + 1
-        return base if self.calls[base] == 1 else f"{base}#{self.calls[base]}"
-
     def _module_name(self, suffix: str) -> str:
         module = next((m for m in reversed(self.stack) if id(m) in self.module_names), None)
         name = self.module_names.get(id(module), "") if module is not None else ""
@@ -82,8 +76,8 @@ class _Recorder(TorchDispatchMode):
     def _record(self, layer: GemmLayer, weight: str | None, suffix: str) -> None:
         if weight is not None:
             self.used_weights.add(weight)
-        base = _weight_name(weight) if weight is not None else self._module_name(suffix)
-        self.layers.append(dataclasses.replace(layer, name=self._name(base)))
+        base = layer_name_of(weight) if weight is not None else self._module_name(suffix)
+        self.layers.append(dataclasses.replace(layer, name=base))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -98,6 +92,8 @@ class _Recorder(TorchDispatchMode):
             self._record(layer, b_weight or a_weight, "matmul")
         elif packet is aten.convolution:
             self._convolution(args, out)
+        elif any(word in str(packet) for word in _UNPRICED_WORDS):
+            self.unpriced.add(f"{self._module_name(str(packet).removeprefix('aten.'))} ({packet})")
         elif func in _FUSED_ATTENTION or packet in _FUSED_ATTENTION:
             q, k, v = args[:3]
             groups = max(1, math.prod(q.shape[:-2]) // self.samples)
@@ -147,11 +143,14 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    if recorder.unpriced:
+        warnings.warn(f"{name}: not priced (GEMMs inside kernels the tracer does not take apart): "
+                      f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
     owned = set(recorder.used_weights)
     for weight in recorder.used_weights:
-        stem = _weight_name(weight)
+        stem = layer_name_of(weight)
         owned |= {f"{stem}.bias", f"{stem}_bias"}
     extra = {param_name: p.numel() for param_name, p in model.named_parameters() if param_name not in owned}
-    return Workload(name, tuple(recorder.layers), batch_size=batch_size, optimizer=optimizer,
+    return Workload(name, tuple(unique_names(recorder.layers)), batch_size=batch_size, optimizer=optimizer,
                     extra_params=extra,
                     description=description or f"{type(model).__name__}, batch {batch_size}")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
@@ -18,7 +20,14 @@ from dse.sweep import parse_config
 from dse.sweep.energy import EnergyEstimator
 from dse.train.config import TrainConfig
 from models.trace import trace_model
-from models.workloads import Workload, get_workload, llama, llama_ffn_width, workload_names
+from models.workloads import (
+    BUILT_IN_WORKLOADS,
+    Workload,
+    get_workload,
+    llama,
+    llama_ffn_width,
+    workload_names,
+)
 
 # --- tracing ---------------------------------------------------------------------------------------
 
@@ -105,6 +114,26 @@ def test_functional_weights_are_found_by_their_parameter() -> None:
     assert sum(g.params for g in workload.layers) == 32 * 12 + 32 * 5 + 8 * 8
 
 
+@settings(max_examples=25, deadline=None)
+@given(batch=st.lists(st.integers(1, 3), min_size=0, max_size=2), m=st.integers(1, 5), k=st.integers(1, 5),
+       n=st.integers(1, 5), weight=st.booleans(), samples=st.integers(1, 3))
+def test_a_traced_matmul_counts_what_torch_counts(batch: list[int], m: int, k: int, n: int, weight: bool,
+                                                  samples: int) -> None:
+    class Product(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(k, n))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # a weight, or x itself: [m,k] x [k,m]
+            return x @ (self.w if weight else x.transpose(-1, -2))
+
+    model = Product()
+    x = torch.randn(samples, *batch, m, k)
+    workload = trace_model(model, x, "p", batch_size=samples)
+    assert 2 * workload.forward_macs(samples) == _flops(model, x)
+    assert len(workload.layers) == 1 and workload.layers[0].b_is_weight == weight
+
+
 # --- ONNX ------------------------------------------------------------------------------------------
 
 class _Small(nn.Module):
@@ -122,13 +151,13 @@ class _Small(nn.Module):
         return self.fc(y) + a.mean((1, 2))[:, None]
 
 
-def _export(model: nn.Module, path: Path, x: torch.Tensor) -> Path:
+def _export(model: nn.Module, path: Path, x: torch.Tensor, dynamic: bool = True) -> Path:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
+                          dynamic_axes={"x": {0: "batch"}} if dynamic else None)
     return path
 
 
@@ -146,6 +175,8 @@ def test_an_onnx_file_gives_the_same_gemms_as_tracing(tmp_path: Path) -> None:
     assert from_onnx.forward_macs() == traced.forward_macs() and from_onnx.params == traced.params
     names = [g.name for g in from_onnx.layers]
     assert names[:2] == ["conv", "depthwise"] and names[-1] == "fc"
+    fixed = get_workload(str(_export(model, tmp_path / "fixed.onnx", torch.randn(3, 1, 8, 8), dynamic=False)))
+    assert fixed.layers == from_onnx.layers  # exported for a batch of 3: still per sample
 
 
 def test_a_bad_onnx_file_is_one_line(tmp_path: Path) -> None:
@@ -256,14 +287,14 @@ PUBLISHED = {  # name: (forward GMACs per sample, million parameters, rel. toler
     "resnet50": (4.09, 25.5, 0.02, "torchvision model card: 4.09 GFLOPS, 25.6 M"),
     "mobilenetv2": (0.300, 3.5, 0.01, "Sandler et al. 2018, Table 4: 300 M multiply-adds; torchvision 3.5 M"),
     "vit-b16": (17.6, 86.0, 0.01, "Touvron et al. 2021 (DeiT), Table 1: ViT-B 17.6 GFLOPs, 86 M"),
-    "bert-base": (11.2, 109.4, 0.02, "Devlin et al. 2019: 110 M; 11.2 GMACs at sequence 128"),
+    "bert-base": (None, 110.0, 0.01, "Devlin et al. 2019: BERT-base 110 M"),
     "gpt2-small": (None, 124.0, 0.01, "Radford et al. 2019: 124 M (117 M without position table)"),
     "llama-7b": (None, 6738.4, 0.001, "Touvron et al. 2023, Table 2: 6.7 B"),
 }
 
 
 def test_every_full_size_workload_has_a_figure() -> None:
-    assert set(workload_names(proxy=False)) == set(PUBLISHED)
+    assert {name for name, build in BUILT_IN_WORKLOADS.items() if not build().proxy} == set(PUBLISHED)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -286,6 +317,13 @@ def test_llama_7b_count_and_forward_macs() -> None:
     assert llama_ffn_width(4096) == 11008
     non_embedding = workload.params - 32000 * 4096 - (2 * 32 + 1) * 4096  # less token table and RMSNorms
     assert workload.forward_macs() == _palm_forward_macs(non_embedding, 32, 4096, 2048)
+
+
+def test_bert_base_forward_macs() -> None:
+    workload = get_workload("bert-base")
+    encoder = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    heads = 768 * 768 + 768 * 2  # pooler and the 2-class head, on the [CLS] token only
+    assert workload.forward_macs() == _palm_forward_macs(encoder, 12, 768, 128) + heads
 
 
 def test_gpt2_small_forward_macs() -> None:
@@ -323,4 +361,52 @@ def test_proxy_workloads_match_torchs_count_of_the_trained_model(name: str) -> N
 
 
 def test_every_proxy_workload_is_counted() -> None:
-    assert set(workload_names(proxy=True)) - {"tiny-test"} == set(PROXIES)
+    assert {name for name, build in BUILT_IN_WORKLOADS.items() if build().proxy} == set(PROXIES)
+    assert set(PROXIES) | set(PUBLISHED) <= set(workload_names())
+
+
+# --- the passes of a training iteration ------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["resnet18", "bert-base", "mobilenetv2", "encoder"])
+def test_training_gemms_are_what_the_energy_model_costs(source: str) -> None:
+    from dse.energy import build_model, iteration_energy
+
+    if source == "encoder":
+        workload = trace_model(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), torch.randn(2, 5, 16),
+                               "encoder", batch_size=8)
+    else:
+        workload = get_workload(source)
+    rows = workload.training_gemms(4)
+    frame = iteration_energy(workload, "int8", build_model("45nm"), 4)
+    assert sum(row["macs"] for row in rows) == frame.attrs["macs"]
+    assert sum(row["params"] for row in rows) == workload.params
+    for layer in workload.layers:  # every pass is the forward product's MACs, rearranged
+        passes = [row for row in rows if row["layer"] == layer.name and row["pass"] != "update"]
+        assert all(row["macs"] == 4 * layer.macs_per_sample for row in passes)
+        assert len(passes) == 2 + layer.needs_input_grad
+
+
+def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
+    (tmp_path / "net.csv").write_text("name,m,k,n\nfc1,1,64,20\nfc2,3,20,10\n")
+    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch", "2",
+                                      "--gemms"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "fc2" in line]
+    data = [line for line in lines if "backward_data" in line]
+    assert len(data) == 1 and "1 x [3, 10] x [10, 20]" in data[0] and "1,200" in data[0]
+    assert not any("fc1" in line and "backward_data" in line for line in result.stdout.splitlines())
+
+
+def test_a_recurrent_layer_is_named_in_a_warning_not_silently_left_out() -> None:
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    with pytest.warns(UserWarning, match=r"tagger: not priced .*rnn\."):
+        workload = trace_model(Tagger(), torch.randn(2, 5, 8), "tagger", batch_size=4)
+    assert [g.name for g in workload.layers] == ["fc"]
