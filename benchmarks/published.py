@@ -3,6 +3,7 @@ checked against, the model's value for the same quantity now, and (before) at th
 last checked at, so anyone can rerun it.
 
 Run: .venv/bin/python benchmarks/published.py [--before e7d66b0] [--markdown]
+     .venv/bin/python benchmarks/published.py --model-tables   (the per-MAC and ResNet-50 tables)
 
 `--before` names a git commit of this repository; its `dse/`, `models/` and `energy_tables/` are
 unpacked into a temporary folder and evaluated in a subprocess with the same quantity functions
@@ -204,12 +205,62 @@ def table(before: dict[str, Any] | None, now: dict[str, Any], markdown: bool) ->
     return "\n".join(lines)
 
 
+PER_MAC = [("int8", {}), ("int8", {"accumulator": "int24"}), ("int4", {"accumulator": "int16"}),
+           ("fp8_e4m3", {}), ("fp8_e4m3", {"accumulator": "fp16"}), ("fp8_e5m2", {}), ("bf16", {}),
+           ("fp16", {}), ("fp32", {}), ("posit8", {}), ("posit8", {"accumulator": "quire"}), ("posit16", {}),
+           ("lns8", {}), ("lns8", {"lns_datapath": "direct"}), ("lns8", {"lns_mitchell_bits": 1}),
+           ("mxfp8_e4m3", {}), ("mxfp8_e4m3", {"alignment_bits": 16}), ("mxfp4", {}), ("mxint8", {}),
+           ("nvfp4", {})]
+ITERATION = ["int8", "int4", "fp8_e4m3", "bf16", "fp16", "fp32", "posit8", "posit16", "lns8",
+             "mxfp8_e4m3", "mxfp4", "mxint8"]
+
+
+def model_tables() -> str:
+    """Per-MAC energy (K = 1 and 16, 45 and 7 nm, with area) and ResNet-50 iterations per scope."""
+    from dse.energy import DatapathParams, build_model, compare_formats, datapath_area_um2, mac_energy
+    from dse.formats import get
+
+    lines = ["| format | options | K = 1, 45 nm (pJ) | K = 16, 45 nm (pJ) | K = 16, 7 nm (fJ) "
+             "| x INT8, K = 16 | area K = 16, 45 nm (um^2) |", "|---|---|---|---|---|---|---|"]
+    m45, m7 = build_model("45nm"), build_model("7nm")
+    base = mac_energy(get("int8"), None, m45.components, DatapathParams()).total_pj
+    for spec, options in PER_MAC:
+        fmt = get(spec)
+        one = mac_energy(fmt, None, m45.components, DatapathParams(vector_length=1, **options)).total_pj
+        sixteen = mac_energy(fmt, None, m45.components, DatapathParams(**options))
+        seven = mac_energy(fmt, None, m7.components, DatapathParams(**options)).total_pj
+        assert m45.area is not None
+        area = datapath_area_um2(fmt, fmt, m45.area, DatapathParams(**options))
+        text = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+        lines.append(f"| {spec} | {text} | {one:.3f} | {sixteen.total_pj:.3f} | {1e3 * seven:.1f} | "
+                     f"{sixteen.total_pj / base:.2f} | {area:.0f} |")
+    scopes = [f"{scope} {node} (mJ, vs fp32)" for node in ("45nm", "7nm")
+              for scope in ("datapath", "pe", "system")]
+    lines += ["", "| format | " + " | ".join(scopes) + " | memory share 7 nm |", "|---|" + "---|" * 7]
+    frames = {(node, scope): compare_formats(ITERATION, "resnet50", build_model(node, scope=scope))
+              for node in ("45nm", "7nm") for scope in ("datapath", "pe", "system")}
+    for index, spec in enumerate(ITERATION):
+        cells = []
+        for node in ("45nm", "7nm"):
+            for scope in ("datapath", "pe", "system"):
+                row = frames[(node, scope)].iloc[index]
+                cells.append(f"{row['iteration_mj']:.4g} ({row['vs_fp32']:.3f})")
+        row = frames[("7nm", "system")].iloc[index]
+        cells.append(f"{row['memory_mj'] / row['iteration_mj']:.0%}")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default=BEFORE, help="git commit of the 'before' column ('' for none)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--model-tables", action="store_true", help="print the per-MAC and ResNet-50 tables")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.model_tables:
+        print(model_tables())
+        return
     now = _values()
     before = _before(args.before) if args.before else None
     print(table(before, now, args.markdown))
