@@ -27,6 +27,7 @@ from dse.energy.components import Components
 from dse.energy.datapaths import Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
+from dse.precision import TensorFormats
 from models.workloads import Workload, get_workload
 
 OPTIMIZERS = ("sgd", "adam", "madam")
@@ -79,6 +80,13 @@ class TrainingFormats:
     def uniform(cls, fmt: Any, **overrides: Any) -> TrainingFormats:
         """One format for weights, activations and gradients."""
         return cls(weight=fmt, activation=fmt, gradient=fmt, **overrides)
+
+    @classmethod
+    def of(cls, tensors: TensorFormats, **choices: Any) -> TrainingFormats:
+        """The formats of the tensor-class vocabulary (`dse.precision.TensorFormats`, already resolved:
+        shorthand applied) plus the choices that are not tensor classes (optimizer, master, rounding)."""
+        return cls(weight=tensors.weights, activation=tensors.activations, gradient=tensors.gradients,
+                   weight_grad=tensors.weight_grads, state=tensors.optimizer_state, **choices)
 
     def resolve(self, workload: Workload) -> ResolvedFormats:
         weight = _format(self.weight)
