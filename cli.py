@@ -228,6 +228,9 @@ def energy(
                                              "layer, pass, unit, tensor, level) to this CSV file.")] = None,
     as_json: _JsonOpt = False,
     dataset: _WorkloadDataOpt = None,
+    gemms: Annotated[bool, typer.Option("--gemms", help="Also list every GEMM of the iteration: shape "
+                                        "per sample by layer and pass, and the parameters each update "
+                                        "touches.")] = False,
 ) -> None:
     """Energy (and datapath area) of one training iteration of a workload, by pass, unit and layer."""
     import json
@@ -242,16 +245,17 @@ def energy(
         top_layers,
     )
     from dse.energy.iteration import training_area_um2
-    from dse.precision import TensorFormats
+    from dse.formats import get
 
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
                            alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
-    tensors = TensorFormats.resolve({"format": format_spec, "weights": weights, "activations": activations,
-                                     "gradients": gradients, "weight_grads": weight_grads,
-                                     "optimizer_state": optimizer_state}).canonical()
-    formats = TrainingFormats.of(tensors, optimizer=optimizer, rounding=rounding,
-                                 update_rounding=update_rounding)
+    formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
+                                 activations=activations and get(activations),
+                                 gradients=gradients and get(gradients),
+                                 weight_grads=weight_grads and get(weight_grads),
+                                 optimizer_state=optimizer_state and get(optimizer_state),
+                                 optimizer=optimizer, rounding=rounding, update_rounding=update_rounding)
     network = get_workload(workload, dataset, batch_size)
     frame = iteration_energy(network, formats, model, batch_size)
     area = training_area_um2(formats, model, network)
@@ -304,6 +308,17 @@ def energy(
     for _, row in top.iterrows():
         grid.add_row(row["layer"], _mj(row["energy_pj"]), f"{row['share']:.1%}")
     console.print(grid)
+    if gemms:
+        grid = Table(title=f"GEMMs of one iteration (m, k, n per sample; MACs for batch "
+                     f"{info['batch_size']})")
+        for column in ("layer", "pass", r"groups x \[m, k] x \[k, n]", "MACs", "parameters"):
+            grid.add_column(column, justify="left" if column in ("layer", "pass") else "right")
+        for row in network.training_gemms(info["batch_size"]):
+            shape = (rf"{row['groups']} x \[{row['m']}, {row['k']}] x \[{row['k']}, {row['n']}]"
+                     if row["pass"] != "update" else "")
+            grid.add_row(row["layer"], row["pass"], shape, f"{row['macs']:,}" if row["macs"] else "",
+                         f"{row['params']:,}" if row["params"] else "")
+        _print_whole(grid)
     if csv is not None:
         console.print(f"wrote {csv}")
 
@@ -518,6 +533,9 @@ def sweep(
                                                 "executor.workers).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list the trials; run nothing, "
                                           "write nothing.")] = False,
+    group_size: Annotated[int | None, typer.Option(min=1, help="Trials of one configuration trained at "
+                                                   "once (overrides executor.group_size; 1: each "
+                                                   "alone).")] = None,
 ) -> None:
     """Train every trial of a sweep file, estimate its energy, store results, and write Pareto reports.
 
@@ -533,6 +551,8 @@ def sweep(
         settings = settings.replace(output=output)
     if workers is not None:
         settings = settings.replace(executor=dataclasses.replace(settings.executor, workers=workers))
+    if group_size is not None:
+        settings = settings.replace(executor=dataclasses.replace(settings.executor, group_size=group_size))
     if dry_run:
         trials, _, _ = plan_sweep(settings)
         runs = len({trial.trial_id for trial in trials})
@@ -568,6 +588,8 @@ def sweep(
         best = summary.best
         console.print(f"best accuracy {best.test_accuracy:.4f}: {best.task}: {best.label} (seed {best.seed})",
                       markup=False, highlight=False)
+    for note in summary.notes:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))

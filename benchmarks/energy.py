@@ -25,9 +25,9 @@ def configurations() -> list[tuple[str, TrainingFormats]]:
     for node in ("45nm", "7nm"):
         for spec in specs:
             fmt = get(spec)
-            out.append((node, TrainingFormats.uniform(fmt)))
+            out.append((node, TrainingFormats.of(fmt)))
             gradient = get("bf16") if operand(fmt).family == "fp" else fmt  # FP formats: bf16 gradients
-            mixed = TrainingFormats(weight=fmt, activation=fmt, gradient=gradient, optimizer="adam")
+            mixed = TrainingFormats.of(fmt, gradients=gradient, optimizer="adam")
             out.append((node, mixed))
     return out
 

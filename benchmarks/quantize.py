@@ -1,11 +1,12 @@
 """Quantize speed: dse number formats side by side with peers and a preallocated copy.
 
-For each family (fp, int/fixed, posit, lns, mx) this quantizes float32 `randn(N)` with every dse
-spec and with the peer libraries that implement the same format, on the CPU, once with one torch
-thread and once with torch's default thread count. It prints elements/s (median of --repeat runs
-on the same input, after one warm-up run), the dse/peer speed ratio, the slowdown against
-`copy_` into a preallocated tensor (the memory bound), and how many in-range outputs of each peer
-differ from dse's (only where the semantics match; a fast but wrong peer is visible that way).
+For each family (fp, int/fixed, p3109, posit, lns, block: MX and NVFP4) this quantizes float32
+`randn(N)` with every dse spec and with the peer libraries that implement the same format, on the
+CPU, once with one torch thread and once with torch's default thread count. It prints elements/s
+(median of --repeat runs on the same input, after one warm-up run), the dse/peer speed ratio, the
+slowdown against `copy_` into a preallocated tensor (the memory bound), and how many in-range
+outputs of each peer differ from dse's (only where the semantics match; a fast but wrong peer is
+visible that way).
 
 Peers are optional: install them into a separate venv (see benchmarks/requirements.txt) and run
 
@@ -51,7 +52,7 @@ except Exception as _error:  # noqa: BLE001  (report it, and still measure copy_
     DSE_ERROR = f"{type(_error).__name__}: {_error}"
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
-FAMILIES = ("fp", "int", "posit", "lns", "mx")
+FAMILIES = ("fp", "int", "p3109", "posit", "lns", "block")
 COPY_TARGET = {"posit": 20.0}  # allowed slowdown against copy_; every other family: 10x
 DEFAULT_COPY_TARGET = 10.0
 DEFAULT_THREADS = torch.get_num_threads()
@@ -103,8 +104,18 @@ def _jit_import(lib: str, module: str, other: str) -> Any:
 def _load_torchao() -> Any:
     from torchao.prototype import custom_fp_utils
     from torchao.prototype.mx_formats.mx_tensor import MXTensor
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
-    return {"MXTensor": MXTensor, "floatx": custom_fp_utils}
+    return {"MXTensor": MXTensor, "floatx": custom_fp_utils, "NVFP4Tensor": NVFP4Tensor,
+            "per_tensor_amax_to_scale": per_tensor_amax_to_scale}
+
+
+def _load_gfloat() -> Any:
+    import gfloat
+    import gfloat.formats
+    import gfloat.types
+
+    return gfloat
 
 
 def _load_brevitas() -> Any:
@@ -122,11 +133,13 @@ LOADERS: dict[str, Callable[[], Any]] = {
     "qtorch": lambda: _jit_import("qtorch", "qtorch.quant", "qtorch_plus.quant"),
     "qtorch-plus": lambda: _jit_import("qtorch_plus", "qtorch_plus.quant", "qtorch.quant"),
     "torchao": _load_torchao,
+    "gfloat": _load_gfloat,
     "brevitas": _load_brevitas,
     "universal-dtypes": lambda: __import__("universal_dtypes"),
 }
 CLASHES = {"qtorch-plus": "qtorch", "qtorch": "qtorch-plus"}  # both build an extension named quant_cpu
-NUMPY_LIBS = {"numpy", "ml_dtypes", "universal-dtypes"}  # single-threaded whatever torch's thread count
+# single-threaded whatever torch's thread count
+NUMPY_LIBS = {"numpy", "ml_dtypes", "universal-dtypes", "gfloat"}
 
 
 class Libraries:
@@ -183,6 +196,33 @@ def _floatx(e: int, m: int) -> Callable[[Any], Fn]:
 def _mx_torchao(dtype: torch.dtype) -> Callable[[Any], Fn]:
     def make(ao: Any) -> Fn:
         return lambda x: ao["MXTensor"].to_mx(x, dtype, 32).dequantize(torch.float32)
+    return make
+
+
+def _nvfp4_torchao(two_level: bool) -> Callable[[Any], Fn]:
+    """torchao's NVFP4Tensor (rows of 64, blocks of 16 along them), quantize + dequantize; two-level
+    with `per_tensor_amax_to_scale(max|x|)`, as dse's nvfp4."""
+    def make(ao: Any) -> Fn:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            rows = x.view(-1, 64)
+            scale = ao["per_tensor_amax_to_scale"](rows.abs().amax()) if two_level else None
+            quantized = ao["NVFP4Tensor"].to_nvfp4(rows, per_tensor_scale=scale)
+            return quantized.dequantize(torch.float32).view(x.shape)
+        return run
+    return make
+
+
+def _gfloat_round(format_info: str, *args: Any, sat: bool = False) -> Callable[[Any], Fn]:
+    """gfloat.round_ndarray (numpy, float64) onto gfloat.formats.<format_info>(*args), ties to even."""
+    def make(gf: Any) -> Fn:
+        info = getattr(gf.formats, format_info)
+        info = info(*args) if args else info
+        mode = gf.RoundMode.TiesToEven
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            rounded = gf.round_ndarray(info, x.numpy().astype(np.float64), mode, sat)
+            return torch.from_numpy(rounded.astype(np.float32))
+        return run
     return make
 
 
@@ -257,6 +297,7 @@ def cases() -> list[Case]:
             Peer("ml_dtypes", "float8_e4m3fn", ml("float8_e4m3fn")),
             Peer("qtorch", "float_quantize(4,3)", qf(4, 3), note=ties),
             Peer("torchao", "floatx(4,3)", _floatx(4, 3)),
+            Peer("gfloat", "round_ndarray(ocp_e4m3)", _gfloat_round("format_info_ocp_e4m3", sat=True)),
             Peer("brevitas", "Fp8e4m3OCPActPerTensorFloat", _brevitas("Fp8e4m3OCPActPerTensorFloat"),
                  compare=False, note="per-tensor scaled (eval)"),
         ]),
@@ -332,14 +373,28 @@ def cases() -> list[Case]:
         Case("lns", "lns(16,gamma=256,scale=none)", [
             Peer("universal-dtypes", "lns16 = lns<16,8>", ud("lns16")),
         ]),
-        Case("mx", "mxfp8_e4m3", [
+        Case("p3109", "p3109(8,3)", [
+            Peer("gfloat", "round_ndarray(p3109(8,3))", _gfloat_round("format_info_p3109", 8, 3)),
+        ]),
+        Case("p3109", "p3109(8,4)", [
+            Peer("gfloat", "round_ndarray(p3109(8,4))", _gfloat_round("format_info_p3109", 8, 4)),
+        ]),
+        Case("block", "mxfp8_e4m3", [
             Peer("torchao", "MXTensor.to_mx+dequantize", _mx_torchao(torch.float8_e4m3fn)),
             Peer("brevitas", "MXFloat8e4m3Act", _brevitas("MXFloat8e4m3Act", mx=True)),
         ]),
-        Case("mx", "mxfp4", [
+        Case("block", "mxfp4", [
             Peer("torchao", "MXTensor.to_mx+dequantize", _mx_torchao(torch.float4_e2m1fn_x2)),
         ]),
-        Case("mx", "mxint8", [
+        Case("block", "mxfp4(block=16)", []),
+        Case("block", "nvfp4", [
+            Peer("torchao", "NVFP4Tensor two-level", _nvfp4_torchao(two_level=True)),
+        ]),
+        Case("block", "nvfp4(tensor_scale=none)", [
+            Peer("torchao", "NVFP4Tensor one-level", _nvfp4_torchao(two_level=False)),
+        ]),
+        Case("block", "block(fp6_e2m3,size=16,scale=ue5m3)", []),
+        Case("block", "mxint8", [
             Peer("brevitas", "MXInt8Act", _brevitas("MXInt8Act", mx=True),
                  note="brevitas' MXInt8 scale/clamp rule is not OCP's (dse follows OCP and gfloat)"),
         ]),
@@ -732,13 +787,13 @@ def print_markdown(rows: list[Row], args: argparse.Namespace) -> None:
 SMALL_SPECS: tuple[str, ...] = (
     "int8", "int8(pow2=1)", "fixed(8,4)", "fp8_e4m3", "fp8_e4m3(scale=tensor,pow2=1)", "fp8_e5m2",
     "bf16", "fp4_e2m1", "lns8", "lns(16,gamma=256)", "posit8", "posit(16,1)", "posit16",
-    "mxfp8_e4m3", "mxfp4", "mxint8",
+    "mxfp8_e4m3", "mxfp4", "mxint8", "nvfp4", "p3109(8,4)",
 )
 SMALL_ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
 # Targets for one call, in units of the reference chain measured alongside (x * 2 -> round_ -> mul_):
 # FP/INT/LNS nearest within 3 chains and stochastic within 6; posit and MX twice that.
 SMALL_TARGET = {"nearest": 3.0, "stochastic": 6.0}
-SMALL_TARGET_FACTOR = {"posit": 2.0, "mx": 2.0}
+SMALL_TARGET_FACTOR = {"posit": 2.0, "block": 2.0}
 
 
 def reference_chain(x: torch.Tensor) -> torch.Tensor:
@@ -855,8 +910,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for threads in args.threads:
         if threads != "default" and not threads.isdigit():
             parser.error(f"--threads takes integers or 'default', got {threads!r}")
-    if any(s % 32 for s in args.sizes):
-        parser.error("sizes must be multiples of 32 (MX blocks)")
+    if any(s % 64 for s in args.sizes):
+        parser.error("sizes must be multiples of 64 (MX blocks, torchao's NVFP4 rows)")
     return args
 
 

@@ -1,8 +1,9 @@
 """A workload read from an ONNX file (needs the optional `onnx` package: pip install 'dse[onnx]').
 
 Every MatMul, Gemm, Conv and ConvTranspose node is a GEMM. Shapes come from ONNX shape inference
-with the batch dimension set to 1 (shapes are per sample); where inference leaves a dimension open
-(reshapes computed at run time), the graph is run once on zeros with onnx's reference evaluator. An
+with an open batch dimension set to 1 (a fixed batch is divided out: shapes are per sample); where
+inference leaves a dimension open (reshapes computed at run time), the graph is run once on zeros
+with onnx's reference evaluator. An
 operand computed from initializers only is a weight; the layer is named after it (`fc.weight` -> `fc`)
 or, for an exporter's anonymous initializer, after the node (`/att/MatMul` -> `att.MatMul`).
 Initializers that are no GEMM's weight or bias go to extra_params.
@@ -47,16 +48,23 @@ def _node_name(node: Any, index: int) -> str:
     return ".".join(parts) or f"{node.op_type.lower()}{index}"
 
 
-def _fix_batch(model: Any) -> None:
-    """Every open dimension of a graph input becomes 1 (the batch, or a length the file leaves open)."""
+def _fix_batch(model: Any) -> int:
+    """Every open dimension of a graph input becomes 1 (the batch, or a length the file leaves open);
+    returns the samples the graph then runs on: the first input's leading dimension (a file exported
+    with a fixed batch keeps it, and shapes are divided by it)."""
     initializers = {init.name for init in model.graph.initializer}
+    samples = 0
     for value in model.graph.input:
         if value.name in initializers:
             continue
-        for dim in value.type.tensor_type.shape.dim:
+        dims = value.type.tensor_type.shape.dim
+        for dim in dims:
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 dim.ClearField("dim_param")
                 dim.dim_value = 1
+        if not samples:
+            samples = dims[0].dim_value if len(dims) >= 2 else 1
+    return max(samples, 1)
 
 
 def _shapes(onnx: Any, model: Any, needed: set[str]) -> dict[str, tuple[int, ...]]:
@@ -105,7 +113,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         model = onnx.load(str(path))
     except Exception as error:
         raise InputError(f"{where}: not a readable ONNX model ({type(error).__name__})") from None
-    _fix_batch(model)
+    samples = _fix_batch(model)
     graph = model.graph
     tensor = onnx.TensorProto
     real = (tensor.FLOAT, tensor.FLOAT16, tensor.BFLOAT16, tensor.DOUBLE)
@@ -159,11 +167,11 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             if node.op_type == "Gemm":
                 a_shape = a_shape[::-1] if attrs.get("transA") else a_shape
                 b_shape = b_shape[::-1] if attrs.get("transB") else b_shape
-            layer = matmul(name, a_shape, b_shape, 1, a_weight, b_weight, grad)
+            layer = matmul(name, a_shape, b_shape, samples, a_weight, b_weight, grad)
         else:
             groups = int(attrs.get("group", 1))
             kernel = math.prod(b_shape[2:])
-            common: dict[str, Any] = {"groups": groups, "input_elems": math.prod(a_shape),
+            common: dict[str, Any] = {"groups": groups, "input_elems": math.prod(a_shape) // samples,
                                       "b_is_weight": b_weight, "needs_input_grad": grad, "kind": "conv"}
             if node.op_type == "ConvTranspose":  # weight [c_in, c_out/g, *kernel]
                 layer = GemmLayer(name, m=math.prod(a_shape[2:]), k=b_shape[0] // groups,

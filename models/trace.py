@@ -7,13 +7,15 @@ PyTorch has broken it down into its kernels: every `nn.Linear`, `nn.Conv*d`, `nn
 baddbmm), a convolution or a fused attention kernel. An operand that shares storage with a parameter is
 a weight; the layer is named after that parameter (`fc.weight` -> `fc`), or else after the module that
 ran it. The energy model derives the backward-data, backward-weight and update work of each forward
-GEMM (see models.workloads.GemmLayer), so this records the forward shapes per sample.
+GEMM (see models.workloads.GemmLayer), so this records the forward shapes per sample. Recurrent
+layers (nn.LSTM, nn.GRU, nn.RNN) run fused kernels: they are named in a warning, not priced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -30,6 +32,9 @@ _FUSED_ATTENTION = {getattr(aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(aten, name)}
+_UNPRICED_WORDS = ("rnn", "lstm", "gru", "_int_mm", "_weight_int")
+"""Kernels that hold GEMMs this tracer does not take apart (recurrent layers, integer matmuls): a model
+that runs one gets a warning naming it, never a silent gap."""
 
 
 def _weight_name(param_name: str) -> str:
@@ -54,6 +59,7 @@ class _Recorder(TorchDispatchMode):
         self.layers: list[GemmLayer] = []
         self.used_weights: set[str] = set()
         self.calls: dict[str, int] = {}
+        self.unpriced: set[str] = set()
 
     # the module that is running, from global forward hooks
     def push(self, module: nn.Module, *_: Any) -> None:
@@ -98,6 +104,8 @@ class _Recorder(TorchDispatchMode):
             self._record(layer, b_weight or a_weight, "matmul")
         elif packet is aten.convolution:
             self._convolution(args, out)
+        elif any(word in str(packet) for word in _UNPRICED_WORDS):
+            self.unpriced.add(f"{self._module_name(str(packet).removeprefix('aten.'))} ({packet})")
         elif func in _FUSED_ATTENTION or packet in _FUSED_ATTENTION:
             q, k, v = args[:3]
             groups = max(1, math.prod(q.shape[:-2]) // self.samples)
@@ -147,6 +155,9 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
         model.train(was_training)
         for hook in hooks:
             hook.remove()
+    if recorder.unpriced:
+        warnings.warn(f"{name}: not priced (GEMMs inside kernels the tracer does not take apart): "
+                      f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
     owned = set(recorder.used_weights)
     for weight in recorder.used_weights:
         stem = _weight_name(weight)

@@ -71,6 +71,18 @@ class GemmLayer:
     def params(self) -> int:
         return self.b_elems if self.b_is_weight else 0
 
+    def training_gemms(self) -> tuple[tuple[str, int, int, int], ...]:
+        """The GEMMs one training step runs for this layer, per sample, as (pass, m, k, n), each done
+        `groups` times: forward A [m,k] x B [k,n]; backward_data dA = dOut [m,n] x B^T [n,k] (only
+        when the input needs its gradient); backward_weight dB = A^T [k,m] x dOut [m,n] (the weight
+        gradient, summed over the batch; for a product of two activations, the second one's gradient).
+        The energy model costs exactly these (dse.energy.iteration)."""
+        gemms = [("forward", self.m, self.k, self.n)]
+        if self.needs_input_grad:
+            gemms.append(("backward_data", self.m, self.n, self.k))
+        gemms.append(("backward_weight", self.k, self.m, self.n))
+        return tuple(gemms)
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -88,6 +100,22 @@ class Workload:
     @property
     def params(self) -> int:
         return sum(layer.params for layer in self.layers) + sum(self.extra_params.values())
+
+    def training_gemms(self, batch_size: int | None = None) -> list[dict[str, Any]]:
+        """One row per GEMM of a training iteration at `batch_size` (default the workload's): layer,
+        pass, m, k, n, groups (per sample) and macs (the whole batch); then one `update` row per
+        parameter tensor with its parameter count (what the optimizer step touches)."""
+        batch = self.batch_size if batch_size is None else batch_size
+        rows: list[dict[str, Any]] = []
+        for layer in self.layers:
+            for name, m, k, n in layer.training_gemms():
+                rows.append({"layer": layer.name, "pass": name, "m": m, "k": k, "n": n,
+                             "groups": layer.groups, "macs": batch * layer.groups * m * k * n, "params": 0})
+        updates = [(layer.name, layer.params) for layer in self.layers if layer.b_is_weight]
+        for name, count in [*updates, *self.extra_params.items()]:
+            rows.append({"layer": name, "pass": "update", "m": 0, "k": 0, "n": 0, "groups": 0, "macs": 0,
+                         "params": count})
+        return rows
 
 
 # --- layer constructors --------------------------------------------------------------------------
@@ -466,10 +494,13 @@ def _traced(spec: str, dataset: Any, batch_size: int) -> Workload:
     return dataclasses.replace(workload, proxy=False)
 
 
-for _name, _builder in {
+BUILT_IN_WORKLOADS: dict[str, Callable[[], Workload]] = {
     "resnet18": resnet18, "resnet50": resnet50, "bert-base": bert_base, "gpt2-small": gpt2_small,
     "vit-b16": vit_b16, "mobilenetv2": mobilenet_v2, "llama-7b": functools.partial(llama, name="llama-7b"),
     "digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "m1d-mlp": m1d_mlp, "m1d-cnn": m1d_cnn,
     "mx5k-mlp": mx5k_mlp, "mx5k-cnn": mx5k_cnn, "sort-transformer": sort_transformer,
-}.items():
+}
+"""The workloads dse ships (register_workload adds more)."""
+
+for _name, _builder in BUILT_IN_WORKLOADS.items():
     register_workload(_name, _builder)

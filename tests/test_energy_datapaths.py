@@ -196,3 +196,30 @@ def test_area_follows_the_same_circuit_and_scales_with_k() -> None:
     assert seven is not None
     assert seven.multiplier(8, 8) == pytest.approx(0.059 * area.multiplier(8, 8))
     assert build_model("65nm", node_scaling="stillmaker").area is None  # no published 65 nm area factor
+
+
+def test_block_formats_price_their_scale_format_and_tensor_scale() -> None:
+    """E8M0 blocks add exponents; an FP scale grid (E4M3) multiplies once per block pair and the fp32
+    tensor scale once per output; the element datapath is the same. Every E8M0 spelling is one price."""
+    mx16, e4m3, nvfp4 = mac("mxfp4(block=16)"), mac("block(fp4_e2m1,size=16,scale=e4m3)"), mac("nvfp4")
+    assert mac("block(fp4_e2m1,size=16)").total_pj == mx16.total_pj
+    assert mx16.multiply_pj < e4m3.multiply_pj < nvfp4.multiply_pj
+    assert e4m3.accumulation_pj == mx16.accumulation_pj
+    per_output = datapath_for(get("nvfp4"), get("nvfp4"), C).per_output.multiply_pj
+    assert per_output == pytest.approx(2 * C.fp_mul(8, 23)) and per_output > 0
+    fp32 = get("fp32")
+    assert conversion_energy(fp32, get("nvfp4"), C) > conversion_energy(fp32, get("mxfp4(block=16)"), C)
+    assert get("nvfp4").scale_bits == 8 and get("block(fp4_e2m1,size=16,scale=ue4m3)").scale_bits == 7
+
+
+def test_p3109_is_priced_as_its_fp_shape() -> None:
+    assert mac("p3109(8,4)").total_pj == mac("fp8_e4m3").total_pj
+    assert mac("p3109(8,3)").total_pj == mac("fp8_e5m2").total_pj
+
+
+def test_stochastic_k_pays_for_its_k_random_bits() -> None:
+    src, dst = get("fp32"), get("bf16")
+    costs = [conversion_energy(src, dst, C, rounding=f"stochastic({k})") for k in (1, 4, 8, 16)]
+    assert costs == sorted(costs) and costs[0] < costs[-1]
+    with pytest.raises(InputError, match="must be in 1..23, got 24"):
+        conversion_energy(src, dst, C, rounding="stochastic(24)")

@@ -114,6 +114,12 @@ def mismatched():
 
 def a_string():
     return "data"
+
+
+def global_random():
+    x = torch.randn(40, 4) + torch.from_numpy(np.random.rand(40, 4)).float()
+    y = torch.arange(40) % 2
+    return x[:30], y[:30], x[30:], y[30:]
 '''
 
 
@@ -217,6 +223,18 @@ def test_a_dataset_function_may_return_a_dse_dataset(nets: Path) -> None:
     (nets / "wrap.py").write_text("from dse.data import load_dataset\n\n"
                                   "def d():\n    return load_dataset('digits')\n")
     assert load_dataset(f"{nets}/wrap.py:d").x_train.shape == load_dataset("digits").x_train.shape
+
+
+def test_a_dataset_function_drawing_from_global_generators_repeats(nets: Path) -> None:
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected_torch, expected_numpy = torch.rand(1), np.random.rand()
+    torch.manual_seed(123)
+    np.random.seed(123)
+    first = load_dataset(f"{nets}/data.py:global_random")
+    second = load_dataset(f"{nets}/data.py:global_random")
+    assert torch.equal(first.x_train, second.x_train) and torch.equal(first.x_test, second.x_test)
+    assert torch.rand(1) == expected_torch and np.random.rand() == expected_numpy  # the caller's state stays
 
 
 # --- bad input -------------------------------------------------------------------------------------

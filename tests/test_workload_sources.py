@@ -18,7 +18,14 @@ from dse.sweep import parse_config
 from dse.sweep.energy import EnergyEstimator
 from dse.train.config import TrainConfig
 from models.trace import trace_model
-from models.workloads import Workload, get_workload, llama, llama_ffn_width, workload_names
+from models.workloads import (
+    BUILT_IN_WORKLOADS,
+    Workload,
+    get_workload,
+    llama,
+    llama_ffn_width,
+    workload_names,
+)
 
 # --- tracing ---------------------------------------------------------------------------------------
 
@@ -122,13 +129,13 @@ class _Small(nn.Module):
         return self.fc(y) + a.mean((1, 2))[:, None]
 
 
-def _export(model: nn.Module, path: Path, x: torch.Tensor) -> Path:
+def _export(model: nn.Module, path: Path, x: torch.Tensor, dynamic: bool = True) -> Path:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
+                          dynamic_axes={"x": {0: "batch"}} if dynamic else None)
     return path
 
 
@@ -146,6 +153,8 @@ def test_an_onnx_file_gives_the_same_gemms_as_tracing(tmp_path: Path) -> None:
     assert from_onnx.forward_macs() == traced.forward_macs() and from_onnx.params == traced.params
     names = [g.name for g in from_onnx.layers]
     assert names[:2] == ["conv", "depthwise"] and names[-1] == "fc"
+    fixed = get_workload(str(_export(model, tmp_path / "fixed.onnx", torch.randn(3, 1, 8, 8), dynamic=False)))
+    assert fixed.layers == from_onnx.layers  # exported for a batch of 3: still per sample
 
 
 def test_a_bad_onnx_file_is_one_line(tmp_path: Path) -> None:
@@ -263,7 +272,7 @@ PUBLISHED = {  # name: (forward GMACs per sample, million parameters, rel. toler
 
 
 def test_every_full_size_workload_has_a_figure() -> None:
-    assert set(workload_names(proxy=False)) == set(PUBLISHED)
+    assert {name for name, build in BUILT_IN_WORKLOADS.items() if not build().proxy} == set(PUBLISHED)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -323,4 +332,52 @@ def test_proxy_workloads_match_torchs_count_of_the_trained_model(name: str) -> N
 
 
 def test_every_proxy_workload_is_counted() -> None:
-    assert set(workload_names(proxy=True)) - {"tiny-test"} == set(PROXIES)
+    assert {name for name, build in BUILT_IN_WORKLOADS.items() if build().proxy} == set(PROXIES)
+    assert set(PROXIES) | set(PUBLISHED) <= set(workload_names())
+
+
+# --- the passes of a training iteration ------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["resnet18", "bert-base", "mobilenetv2", "encoder"])
+def test_training_gemms_are_what_the_energy_model_costs(source: str) -> None:
+    from dse.energy import build_model, iteration_energy
+
+    if source == "encoder":
+        workload = trace_model(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), torch.randn(2, 5, 16),
+                               "encoder", batch_size=8)
+    else:
+        workload = get_workload(source)
+    rows = workload.training_gemms(4)
+    frame = iteration_energy(workload, "int8", build_model("45nm"), 4)
+    assert sum(row["macs"] for row in rows) == frame.attrs["macs"]
+    assert sum(row["params"] for row in rows) == workload.params
+    for layer in workload.layers:  # every pass is the forward product's MACs, rearranged
+        passes = [row for row in rows if row["layer"] == layer.name and row["pass"] != "update"]
+        assert all(row["macs"] == 4 * layer.macs_per_sample for row in passes)
+        assert len(passes) == 2 + layer.needs_input_grad
+
+
+def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
+    (tmp_path / "net.csv").write_text("name,m,k,n\nfc1,1,64,20\nfc2,3,20,10\n")
+    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch", "2",
+                                      "--gemms"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "fc2" in line]
+    data = [line for line in lines if "backward_data" in line]
+    assert len(data) == 1 and "1 x [3, 10] x [10, 20]" in data[0] and "1,200" in data[0]
+    assert not any("fc1" in line and "backward_data" in line for line in result.stdout.splitlines())
+
+
+def test_a_recurrent_layer_is_named_in_a_warning_not_silently_left_out() -> None:
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    with pytest.warns(UserWarning, match=r"tagger: not priced .*rnn\."):
+        workload = trace_model(Tagger(), torch.randn(2, 5, 8), "tagger", batch_size=4)
+    assert [g.name for g in workload.layers] == ["fc"]

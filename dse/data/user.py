@@ -7,11 +7,15 @@ The function takes no arguments and returns one of
 Features are float (classification) or integer tokens with per-token integer targets (sequence task,
 y of shape (N, T)). Without a validation split, training carves one out of the training data as for
 the built-in datasets (stratified, with the same fixed seed). `num_classes` defaults to the largest
-label + 1.
+label + 1. The function runs with torch's, numpy's and Python's global generators seeded (and restored
+afterwards), so one that draws from them still gives the same data in every process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,10 +50,31 @@ def _splits(returned: Any, where: str) -> dict[str, Any]:
                      "(x_train, y_train, [x_val, y_val,] x_test, y_test) or a dict of those")
 
 
+@contextlib.contextmanager
+def _fixed_global_rngs(seed: int) -> Iterator[None]:
+    """torch's, numpy's and Python's global generators seeded for the call and restored after it: a
+    dataset function that draws from them gives the same data in every process that loads it."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+DATASET_SEED = 0
+"""Seed of the global generators while a user's dataset function runs."""
+
+
 def user_dataset(value: str) -> Dataset:
     """The dataset the user's function `value` returns, checked and converted."""
     where = f"dataset {value!r}"
-    returned = call(value, "dataset")
+    with _fixed_global_rngs(DATASET_SEED):
+        returned = call(value, "dataset")
     if isinstance(returned, Dataset):
         return returned
     parts = _splits(returned, where)

@@ -62,6 +62,11 @@ class Operand:
     element: Operand | None = None
     block_size: int = 0
     scale_bits: int = 0
+    scale_exp_bits: int = 0
+    """Exponent and mantissa bits of an FP block-scale grid (E4M3: 4, 3); 0, 0 for E8M0's powers of two."""
+    scale_man_bits: int = 0
+    tensor_scale: bool = False
+    """A second, per-tensor fp32 scale (NVFP4)."""
     spec: str = ""
 
     @property
@@ -85,12 +90,12 @@ class Operand:
         """Everything but the spec string: two operands with the same key are the same format."""
         element = self.element.key if self.element is not None else None
         return (self.family, self.bits, self.exp_bits, self.man_bits, self.es, self.log_frac_bits, element,
-                self.block_size, self.scale_bits)
+                self.block_size, self.scale_bits, self.scale_exp_bits, self.scale_man_bits, self.tensor_scale)
 
     @property
     def storage_bits(self) -> float:
         """Bits per element in memory, including a share of any block scale."""
-        if self.family == "mx":
+        if self.family == "block":
             return self.bits + self.scale_bits / self.block_size
         return float(self.bits)
 
@@ -122,8 +127,8 @@ class Rounding:
         match = _STOCHASTIC_K.match(text)
         if match:
             bits = int(match.group(1))
-            if not 1 <= bits <= 64:
-                raise InputError(f"rounding {spec!r}: stochastic(k) needs 1 <= k <= 64")
+            if not 1 <= bits <= 23:  # as dse.formats accepts
+                raise InputError(f"rounding {spec!r}: k (random bits) must be in 1..23, got {bits}")
             return cls("stochastic", bits)
         if text not in ROUNDING_MODES:
             raise InputError(f"unknown rounding {spec!r} (known: {', '.join(ROUNDING_MODES)}, stochastic(k))")
@@ -518,16 +523,22 @@ class LnsHardware:
                 + rounding.energy(c, 0, max(sig_bits - frac, 0)))
 
 
-class MxHardware:
-    """Block-scaled formats: an element format, `block_size` elements sharing a power-of-two scale."""
+class BlockHardware:
+    """Block-scaled formats (OCP MX, NVFP4, block(...)): an element format, `block_size` elements sharing
+    a scale (E8M0: a power of two, applied by an exponent add; an FP grid such as E4M3: a multiply), and
+    optionally one fp32 scale per tensor (one multiply per output)."""
 
-    family = "mx"
+    family = "block"
     default_accumulator = "fp32"
 
     def operand(self, fmt: Any, spec: str) -> Operand:
         element = operand(fmt.element)
+        grid = getattr(fmt, "scale_grid", None)
         return Operand(self.family, int(fmt.bits), element=element, block_size=int(fmt.block_size),
-                       scale_bits=int(fmt.scale_bits), spec=spec)
+                       scale_bits=int(fmt.scale_bits),
+                       scale_exp_bits=int(grid.exp_bits) if grid is not None else 0,
+                       scale_man_bits=int(grid.man_bits) if grid is not None else 0,
+                       tensor_scale=bool(getattr(fmt, "tensor_scale", False)), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
@@ -541,24 +552,49 @@ class MxHardware:
         elif ea.family in ("int", "fixed") and eb.family in ("int", "fixed"):
             exp_bits, align = 0, ea.bits + eb.bits
         else:
-            raise InputError(f"MX operands {a.spec!r} and {b.spec!r} mix FP and integer elements")
-        scale_add = UnitEnergy(multiply_pj=c.adder(max(a.scale_bits, b.scale_bits) + 1))
-        name = f"mx-{ea.family}"
-        return _significand_datapath(c, name, ea, eb, acc, params, exp_bits, k, align, extra_group=scale_add)
+            raise InputError(f"block-scaled operands {a.spec!r} and {b.spec!r} mix FP and integer elements "
+                             f"(or have posit/LNS elements, which have no block datapath here)")
+        group = UnitEnergy(multiply_pj=self._scale_product(c, a, b, align))
+        name = f"block-{ea.family}"
+        datapath = _significand_datapath(c, name, ea, eb, acc, params, exp_bits, k, align, extra_group=group)
+        if a.tensor_scale or b.tensor_scale:  # the product of the two tensor scales times each output
+            tensor = UnitEnergy(multiply_pj=c.fp_mul(8, 23) * (1 + (a.tensor_scale and b.tensor_scale)))
+            datapath = replace(datapath, per_output=datapath.per_output + tensor)
+        return datapath
+
+    @staticmethod
+    def _scale_product(c: Components, a: Operand, b: Operand, sum_bits: int) -> float:
+        """Once per block pair: E8M0 scales add their exponents; FP scale grids multiply (a small FP
+        multiply of the two scales) and the block's exact sum is multiplied by that product."""
+        if not (a.scale_man_bits or a.scale_exp_bits or b.scale_man_bits or b.scale_exp_bits):
+            return c.adder(max(a.scale_bits, b.scale_bits) + 1)
+        exp_bits = max(a.scale_exp_bits, b.scale_exp_bits, 1)
+        product_sig = a.scale_man_bits + b.scale_man_bits + 2
+        return c.fp_mul(exp_bits, a.scale_man_bits, b.scale_man_bits) + c.multiplier(sum_bits, product_sig)
 
     def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
         assert src.element is not None
         energy, sig = hardware(src.element.family).unpack(c, src.element, params)
+        if src.scale_man_bits or src.scale_exp_bits:  # element times its FP block scale
+            return energy + c.fp_mul(src.scale_exp_bits, src.scale_man_bits, sig - 1), sig
         return energy + c.adder(src.scale_bits + 1), sig
 
     def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
              rounding: Rounding) -> float:
         assert dst.element is not None
+        element = hardware(dst.element.family).pack(c, dst.element, sig_bits, params, rounding)
+        if dst.scale_man_bits or dst.scale_exp_bits:
+            # per block: amax tree, amax / element max (a multiply by a constant, rounded onto the scale
+            # grid), its reciprocal; per element: a multiply by that reciprocal instead of a shift
+            scale_sig = dst.scale_man_bits + 1
+            block = (c.fp_mul(8, 23) + c.fp_mul(8, 23)) / dst.block_size
+            if dst.tensor_scale:  # (1 / s_t) / s_b: one more multiply per block
+                block += c.fp_mul(8, 23) / dst.block_size
+            return c.comparator(8) + block + c.multiplier(sig_bits, scale_sig) + element
         # a share of the block's amax tree and shared-exponent subtract, then the element itself
         block = c.comparator(8) + c.adder(dst.scale_bits + 1) / dst.block_size
         element_shift = c.shifter(sig_bits, dst.element.sig_bits, clog2(sig_bits))
-        return block + element_shift + hardware(dst.element.family).pack(c, dst.element, sig_bits, params,
-                                                                          rounding)
+        return block + element_shift + element
 
 
 FAMILY_HARDWARE: dict[str, FamilyHardware] = {}
@@ -571,10 +607,10 @@ def register_family(family: str, description: FamilyHardware, replace: bool = Fa
     FAMILY_HARDWARE[family] = description
 
 
+# A P3109 format is FP(e, m) arithmetic (its codes differ, not its datapath): FpHardware gives fp operands.
 for _family, _description in (("int", IntHardware()), ("fixed", IntHardware("fixed")), ("fp", FpHardware()),
-                              ("posit", PositHardware()), ("lns", LnsHardware()), ("mx", MxHardware()),
-                              # formats that run on existing hardware until they get their own description
-                              ("p3109", FpHardware()), ("block", MxHardware())):
+                              ("p3109", FpHardware()), ("posit", PositHardware()), ("lns", LnsHardware()),
+                              ("block", BlockHardware())):
     register_family(_family, _description)
 
 

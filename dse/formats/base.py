@@ -12,12 +12,15 @@ rounding modes, for every family.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 import re
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Literal
@@ -52,9 +55,13 @@ STOCHASTIC_DRAW_BITS = 31
 CPU_SLICE_ELEMENTS_PER_THREAD = 1 << 17
 
 
+_WHOLE_TENSORS = contextvars.ContextVar("dse_whole_tensors", default=False)
+"""Set while `quantize_members` draws from `MemberGenerators`: slices would cut across members."""
+
+
 def cpu_chunk_elements(x: Tensor) -> int:
     """Elements per slice for x: cache-sized per thread on the CPU, the whole tensor elsewhere."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or _WHOLE_TENSORS.get():
         return max(x.numel(), 1)
     return CPU_SLICE_ELEMENTS_PER_THREAD * torch.get_num_threads()
 
@@ -150,6 +157,41 @@ def power_of_two(exponent: Tensor | int) -> Tensor:
     return first * second
 
 
+class MemberGenerators:
+    """One random generator per member of a stacked tensor (members along the leading axis).
+
+    A draw of n values takes n / G of them from each member's generator in member order, so member g
+    gets the values its own generator would give a tensor of its own: draws of a generator on the
+    CPU concatenate (n1 then n2 values are n1 + n2 values), and the stacked tensor is drawn whole.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator | None]) -> None:
+        self.generators = list(generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def draw(self, shape: Sequence[int],
+             fill: Callable[[tuple[int, ...], torch.Generator | None], Tensor]) -> Tensor:
+        """fill((n / G,), generator) for each member's generator, concatenated into `shape`."""
+        count = math.prod(shape)
+        if count % len(self.generators):
+            raise ValueError(f"a draw of {count} values does not split over {len(self.generators)} members")
+        parts = [fill((count // len(self.generators),), generator) for generator in self.generators]
+        return torch.cat(parts).view(tuple(shape))
+
+
+@contextlib.contextmanager
+def whole_tensors(active: bool = True) -> Iterator[None]:
+    """Round tensors whole (no cache-sized slices) inside the block, when `active`."""
+    token = _WHOLE_TENSORS.set(True) if active else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _WHOLE_TENSORS.reset(token)
+
+
 def _mantissa_digits(dtype: torch.dtype) -> int:
     return {torch.float32: 24, torch.float64: 53}[dtype]
 
@@ -179,8 +221,8 @@ def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
         draws = random_bits(magnitude.shape, magnitude.device, generator).to(torch.int64) >> (31 - k)
         up = rounded + draws >= 1 << k
     elif mode == "stochastic":
-        draw = torch.randint(0, 2**62, magnitude.shape, generator=generator, device=magnitude.device,
-                             dtype=torch.int64)
+        draw = _draw(magnitude.shape, generator, lambda shape, source: torch.randint(
+            0, 2**62, shape, generator=source, device=magnitude.device, dtype=torch.int64))
         up = (draw & ((torch.ones_like(shift_t) << shift_t) - 1)) < field
     else:  # pseudo_stochastic: the top half of the field is the probability, the bottom half the draw
         low_bits = shift_t >> 1
@@ -236,7 +278,8 @@ def stochastic_up_(fraction: Tensor, generator: torch.Generator | None, random_b
     d + r < 2^24 is exact in float32 for k <= 23.
     """
     if random_bit_count is None:
-        draws = torch.rand(fraction.shape, generator=generator, device=fraction.device, dtype=torch.float64)
+        draws = _draw(fraction.shape, generator, lambda shape, source: torch.rand(
+            shape, generator=source, device=fraction.device, dtype=torch.float64))
         return torch.lt(draws, fraction, out=fraction)
     draws = random_bits(fraction.shape, fraction.device, generator)
     draws = draws.bitwise_right_shift_(31 - random_bit_count).to(fraction.dtype)
@@ -245,10 +288,19 @@ def stochastic_up_(fraction: Tensor, generator: torch.Generator | None, random_b
                     out=fraction)
 
 
+def _draw(shape: Sequence[int], generator: torch.Generator | MemberGenerators | None,
+          fill: Callable[[tuple[int, ...], torch.Generator | None], Tensor]) -> Tensor:
+    """fill(shape, generator), or per member where the generator is `MemberGenerators`."""
+    if isinstance(generator, MemberGenerators):
+        return generator.draw(shape, fill)
+    return fill(tuple(shape), generator)
+
+
 def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device,
                 generator: torch.Generator | None) -> Tensor:
     """Uniform int32 draws in [0, 2^31): one 32-bit draw of the generator per element, on every device."""
-    return torch.empty(shape, dtype=torch.int32, device=device).random_(generator=generator)
+    return _draw(shape, generator, lambda size, source: torch.empty(
+        size, dtype=torch.int32, device=device).random_(generator=source))
 
 
 def _round_stochastic_float32(t: Tensor, floor: Tensor, fraction: Tensor,
@@ -449,6 +501,47 @@ class NumberFormat(ABC):
                               shape, self.scaling.axis, pad).reshape(work.shape)
         else:
             scale = self.scale_from_amax(abs_max(work, self.scaling.axis))
+            out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def quantize_members(self, x: Tensor, rounding: str = "nearest",
+                         generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
+        """`quantize` of each x[g] as if it stood alone, in one call over the stacked tensor x.
+
+        A per-tensor scale becomes one scale per member, a per-channel scale one per member and
+        channel (axis counted within a member), and blocks lie within a member; the scale of each
+        member is the value `quantize` computes for it alone (the same max and the same arithmetic),
+        and rounding is elementwise, so every member comes out bit for bit as alone. Stochastic
+        rounding draws each member's bits from its own generator with `MemberGenerators`.
+        """
+        if x.dim() == 0:
+            raise ValueError("quantize_members expects a leading member axis")
+        kind, axis = self.scaling.kind, self.scaling.axis
+        member_axis = axis + 1 if axis >= 0 else axis
+        with whole_tensors(isinstance(generator, MemberGenerators)):
+            if kind in ("none", "block"):
+                fmt = self if kind == "none" or x.dim() == 1 else dataclasses.replace(
+                    self, scaling=dataclasses.replace(self.scaling, axis=member_axis))
+                if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one
+                    return fmt.quantize(x.reshape(-1, 1), rounding, generator).reshape(x.shape)
+                return fmt.quantize(x, rounding, generator)
+            if rounding not in ROUNDINGS:
+                check_rounding(rounding)
+            work = x if x.dtype in FLOAT_DTYPES else x.float()
+            if work.numel() == 0:
+                return x.clone()
+            members = x.shape[0]
+            if kind == "tensor" or x.dim() == 1:
+                rows = work.reshape(members, -1)  # aminmax along a dim is slower than these two
+                low, high = rows.amin(1), rows.amax(1)
+                shape = [members] + [1] * (x.dim() - 1)
+            else:
+                moved = work.movedim(member_axis, 1)
+                rows = moved.reshape(members, moved.shape[1], -1)
+                low, high = rows.amin(2), rows.amax(2)
+                shape = [members] + [1] * (x.dim() - 1)
+                shape[member_axis] = x.shape[member_axis]
+            scale = self.scale_from_amax(torch.maximum(-low, high).reshape(shape))
             out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 

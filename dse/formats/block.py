@@ -89,7 +89,7 @@ ELEMENTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class _NearestPlan:
-    """Integer constants of MXFormat's fused nearest path (see `_quantize_blocks_nearest`)."""
+    """Integer constants of the fused E8M0 nearest path (see `_quantize_blocks_nearest`)."""
 
     limit_floor: int  # max * 2^E has the bits max(F << 23, limit_floor) + limit_offset
     limit_offset: int
@@ -343,15 +343,24 @@ class BlockFormat(NumberFormat):
             return x.clone()
         flat = work.reshape(1) if work.dim() == 0 else work
         blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        low, high = torch.aminmax(blocks, dim=-1, keepdim=True)  # one pass, no |x| copy
+        amax = torch.maximum(low.neg_(), high)
         tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
         block_scale = self.block_scales(amax, tensor_scale)
         if tensor_scale is None:
             reciprocal, scale = torch.reciprocal(block_scale), block_scale
         else:
             reciprocal, scale = torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
-        out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
-        out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
+        # Rows of blocks, a cache-sized slice at a time: the scaled and rounded temporaries stay in cache.
+        rows, scale_rows = blocks.reshape(-1, self.block_size), scale.reshape(-1, 1)
+        reciprocal_rows = reciprocal.reshape(-1, 1)
+        out = torch.empty_like(rows)
+        step = max(cpu_chunk_elements(rows) // self.block_size, 1)
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
+            rounded = self.round_unscaled(rows[part] * reciprocal_rows[part], rounding, generator)
+            torch.mul(rounded, scale_rows[part], out=out[part])
+        out = from_blocks(out.view(blocks.shape), shape, self.axis, pad).reshape(work.shape)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
@@ -486,7 +495,7 @@ def _saturating(element: NumberFormat) -> NumberFormat:
     """The element grid as a block element: unscaled, saturating at its max."""
     element = replace(element, scaling=Scaling())  # type: ignore[type-var]
     if isinstance(element, P3109Format):
-        return replace(element, saturation="satfinite")
+        return replace(element, saturation="satfinite", overflow="saturate")  # (p3109's pair)
     if isinstance(element, FloatFormat) and element.overflow != "saturate":
         return replace(element, overflow="saturate")
     return element

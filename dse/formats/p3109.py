@@ -37,13 +37,20 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import Scaling, parse_rounding, power_of_two
+from dse.formats.base import Scaling, constant, parse_rounding, power_of_two
 from dse.formats.floating import MAX_EXP_BITS, FloatFormat
 from dse.formats.spec import Value, bool_arg, call_spec, choice_arg, int_arg, register_family, scaling_arg
 
 MIN_WIDTH, MAX_WIDTH = 3, 16  # K = 2 holds at most one finite non-zero value (gfloat misreports max)
 DOMAINS: tuple[str, ...] = ("extended", "finite")
 SATURATIONS: tuple[str, ...] = ("ovfinf", "satfinite", "satpropagate")
+
+
+def _overflow(saturation: str, domain: str) -> str:
+    """FloatFormat's overflow policy under a saturation mode: inf (extended) or NaN (finite) for ovfinf."""
+    if saturation != "ovfinf":
+        return "saturate"
+    return "inf" if domain == "extended" else "nan"
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,13 @@ class P3109Format(FloatFormat):
     saturation: str = "ovfinf"
 
     family: ClassVar[str] = "p3109"
+
+    def __post_init__(self) -> None:
+        """FloatFormat's checks, with overflow=inf allowed: the extended domain has inf codes."""
+        int_arg("e", self.exp_bits, 1, MAX_EXP_BITS)
+        int_arg("m", self.man_bits, 0, self.width)
+        if self.overflow != _overflow(self.saturation, self.domain):
+            raise ValueError(f"p3109 overflow follows saturation and domain, got {self.overflow!r}")
 
     # --- the grid ---------------------------------------------------------------------------------
     @property
@@ -98,28 +112,26 @@ class P3109Format(FloatFormat):
 
     # --- rounding ---------------------------------------------------------------------------------
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        # FloatFormat with overflow=nan marks every rounded value beyond max (and every infinity) NaN.
+        # FloatFormat's overflow policy (`_overflow`) does ovfinf and satfinite; satpropagate puts the
+        # infinities back.
         out = super().round_unscaled(x, rounding, generator)
         if self.man_bits == 0 and parse_rounding(rounding)[0] == "nearest":
             out = self._ties_to_even_exponent(x, out)
-        overflowed = torch.isnan(out) & ~torch.isnan(x)
-        if bool(overflowed.any()):
-            out = torch.where(overflowed, self._overflow_value(x), out)
+        extended = self.domain == "extended"
+        if self.saturation == "satpropagate":
+            out = torch.where(torch.isinf(x), x if extended else constant(math.nan, x.dtype, x.device), out)
         if not self.signed:
             below = math.nan if self.saturation != "satfinite" else 0.0
             out = torch.where(x < 0, below, out)
         return out
 
-    def _overflow_value(self, x: Tensor) -> Tensor:
-        """What an overflowing x becomes under the saturation mode (x's sign)."""
-        infinity = math.inf if self.domain == "extended" else math.nan
-        if self.saturation == "satfinite":
-            magnitude = torch.full_like(x, self.max)
-        elif self.saturation == "satpropagate":
-            magnitude = torch.where(torch.isinf(x), infinity, self.max).to(x.dtype)
-        else:
-            magnitude = torch.full_like(x, infinity)
-        return magnitude.copysign(x)
+    def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0) -> None:
+        """overflow=inf beyond max, which here need not end a full binade (the top code is inf)."""
+        if self.overflow != "inf":
+            super()._overflow_nearest(out, scale_exponent)
+            return
+        limit = math.ldexp(self.max, scale_exponent)
+        out.masked_fill_(out > limit, math.inf).masked_fill_(out < -limit, -math.inf)
 
     def _ties_to_even_exponent(self, x: Tensor, rounded: Tensor) -> Tensor:
         """P = 1: a tie 1.5 * 2^a between 2^a and 2^(a+1) goes to the even exponent code a + bias;
@@ -181,10 +193,13 @@ def p3109(width: Value | None = None, precision: Value | None = None, *, signed:
         lowest = k - MAX_EXP_BITS + (0 if is_signed else 1)
         raise ValueError(f"P (precision) {p} gives {exp_bits} exponent bits, beyond float64's range "
                          f"(at most {MAX_EXP_BITS}): P must be at least {lowest} for K={k}")
-    return P3109Format(exp_bits=exp_bits, man_bits=p - 1, special="fnuz", overflow="nan",
+    saturation_mode = choice_arg("saturation", saturation, SATURATIONS)
+    domain_name = choice_arg("domain", domain, DOMAINS)
+    return P3109Format(exp_bits=exp_bits, man_bits=p - 1, special="fnuz",
+                       overflow=_overflow(saturation_mode, domain_name),
                        scaling=scaling_arg(Scaling(), scale, pow2, axis, block),
-                       width=k, precision=p, signed=is_signed, domain=choice_arg("domain", domain, DOMAINS),
-                       saturation=choice_arg("saturation", saturation, SATURATIONS))
+                       width=k, precision=p, signed=is_signed, domain=domain_name,
+                       saturation=saturation_mode)
 
 
 register_family("p3109", p3109)

@@ -175,6 +175,9 @@ class ExecutorConfig:
     workers: int
     threads: int
     address: str | None
+    group_size: int = 8
+    """Trials of one configuration trained at once as a stacked network (dse/train/grouped.py);
+    1 trains each alone. The default comes from benchmarks/sweep.py (docs/training.md)."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,7 @@ class _ExecutorSection(_Strict):
     workers: int | None = Field(None, ge=1)
     threads: int = Field(1, ge=1)
     address: str | None = None
+    group_size: int | None = Field(None, ge=1)
 
 
 class _ReportSection(_Strict):
@@ -607,8 +611,9 @@ def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorCon
         raise source.error(("executor", "backend"), "Ray is not installed: pip install 'dse[ray]'")
     # by default as many trials as there are cores for their threads: no oversubscription
     workers = section.workers if section.workers is not None else max(1, available_cores() // section.threads)
+    group_size = section.group_size if section.group_size is not None else ExecutorConfig.group_size
     return ExecutorConfig(backend=section.backend, workers=workers, threads=section.threads,
-                          address=section.address)
+                          address=section.address, group_size=group_size)
 
 
 def available_cores() -> int:

@@ -183,7 +183,7 @@ class EnergyEstimator:
         memory_bits = 0.0
         types = self._types.get(id(workload))
         for part, tensors in _parts(workload, config, types):
-            part_formats = TrainingFormats.of(  # a layer a rule keeps all fp32 has no master copy either
+            part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
                 master=master_format(config.master_weights) if tensors.quantizes_gemms else None,
                 rounding=config.rounding, update_rounding=config.update_rounding)

@@ -1,8 +1,8 @@
 """Where trials run: a local process pool, a Ray cluster, or this process (for debugging and tests).
 
-Every executor calls `execute_trial` on each job and hands each outcome to `on_done` in the parent as
-soon as it arrives, so the runner can commit it. A trial that raises becomes an outcome with its error
-text; the others go on.
+Every executor calls `execute` on each job (one trial, or a group of trials trained together) and
+hands each outcome to `on_done` in the parent as soon as it arrives, so the runner can commit it. A
+trial that raises becomes an outcome with its error text; the others go on.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ class TrialJob:
     sources: dict[str, str] = field(default_factory=dict)
     """Path -> text of the user's model and dataset files (`file.py:function`): the worker runs this
     text, so neither a process pool nor a Ray cluster needs the files on its disk."""
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """Trials of one configuration trained together as one stacked network (dse/train/grouped.py)."""
+
+    members: tuple[TrialJob, ...]
+
+
+Job = TrialJob | GroupJob
 
 
 @dataclass
@@ -91,16 +101,44 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
                             wall_time_s=time.perf_counter() - start)
 
 
+def execute_group(job: GroupJob) -> list[TrialOutcome]:
+    """Train a group's trials together; if that raises, each trial alone (so one bad trial fails
+    alone). With a test's `train_fn` the trials run one by one."""
+    members = job.members
+    if members[0].train_fn is not None:
+        return [execute_trial(member) for member in members]
+    start = time.perf_counter()
+    try:
+        from dse.train.config import TrainConfig
+        from dse.train.grouped import train_group
+        from dse.usercode import provide_sources
+
+        provide_sources(members[0].sources)
+        configs = [TrainConfig.from_dict({**m.config, "threads": m.threads}) for m in members]
+        results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir))
+    except Exception:  # a failing member is found and recorded by training each alone
+        return [execute_trial(member) for member in members]
+    wall = (time.perf_counter() - start) / len(members)
+    return [TrialOutcome(member.trial_id, result.to_dict(), wall_time_s=wall)
+            for member, result in zip(members, results, strict=True)]
+
+
+def execute(job: Job) -> list[TrialOutcome]:
+    """The outcomes of one job: a trial's, or each of a group's trials'."""
+    return execute_group(job) if isinstance(job, GroupJob) else [execute_trial(job)]
+
+
 class Executor(Protocol):
-    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None: ...
+    def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None: ...
 
 
 class InlineExecutor:
     """Runs trials one after another in this process (no parallelism; for debugging and tests)."""
 
-    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
+    def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None:
         for job in jobs:
-            on_done(execute_trial(job))
+            for outcome in execute(job):
+                on_done(outcome)
 
 
 def _warm_up(threads: int) -> None:
@@ -129,22 +167,23 @@ class LocalExecutor:
         self.workers = workers
         self.threads = threads
 
-    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
+    def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None:
         if not jobs:
             return
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=worker_context(),
                                    initializer=_warm_up, initargs=(self.threads,))
         try:
-            pending: set[Future[TrialOutcome]] = {pool.submit(execute_trial, job) for job in jobs}
+            pending: set[Future[list[TrialOutcome]]] = {pool.submit(execute, job) for job in jobs}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     try:
-                        outcome = future.result()
+                        outcomes = future.result()
                     except BrokenProcessPool:
                         raise RuntimeError("a worker process died (out of memory or killed); finished trials "
                                            "are saved: run the same command again to resume") from None
-                    on_done(outcome)
+                    for outcome in outcomes:
+                        on_done(outcome)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -200,18 +239,19 @@ class RayExecutor:
             raise InputError(f"executor: cannot start Ray at {where}: {message}") from None
         self.started = True
 
-    def run(self, jobs: Sequence[TrialJob], on_done: Callable[[TrialOutcome], None]) -> None:
+    def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None:
         if not jobs:
             return
         self.connect()
         ray = self.ray
-        remote = ray.remote(num_cpus=self.threads, max_retries=0)(execute_trial)
+        remote = ray.remote(num_cpus=self.threads, max_retries=0)(execute)
         pending = [remote.remote(job) for job in jobs]
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
-                    on_done(ray.get(ref))
+                    for outcome in ray.get(ref):
+                        on_done(outcome)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -21,6 +21,7 @@ from dse.sweep.config import SweepConfig
 from dse.sweep.energy import EnergyEstimator, energy_key
 from dse.sweep.executors import (
     Executor,
+    GroupJob,
     InlineExecutor,
     LocalExecutor,
     RayExecutor,
@@ -28,6 +29,7 @@ from dse.sweep.executors import (
     TrialJob,
     TrialOutcome,
 )
+from dse.sweep.groups import plan_groups
 from dse.sweep.store import (
     PlanRow,
     SweepStore,
@@ -90,6 +92,8 @@ class SweepSummary:
     """The finished trial with the best test accuracy, now or earlier."""
     wall_time_s: float = 0.0
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Configurations whose trials trained one by one instead of in groups, and why."""
 
 
 # --- preparation ----------------------------------------------------------------------------------
@@ -240,6 +244,12 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
     return TrialRow(values)
 
 
+def _job(group: list[Trial], threads: int, train_fn: TrainFn | None) -> TrialJob | GroupJob:
+    jobs = tuple(TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn,
+                          sources_of([t.config.model, t.config.dataset])) for t in group)
+    return jobs[0] if len(jobs) == 1 else GroupJob(jobs)
+
+
 def _record(trial: Trial, row: TrialRow) -> TrialRecord:
     accuracy = row.values["test_accuracy"]
     return TrialRecord(trial.trial_id, trial.task, trial.label, trial.config.seed, row.values["status"],
@@ -260,13 +270,16 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
               reports: bool = True) -> SweepSummary:
     """Run every unfinished trial of `sweep`, commit each as it finishes, then write the reports.
 
-    `train_fn` replaces dse.train.loop.train (tests); `executor` replaces the configured one;
+    Trials of one configuration train in groups (`plan_groups`, executor.group_size).
+    `train_fn` replaces dse.train.loop.train (tests; it trains one trial, so nothing is grouped);
+    `executor` replaces the configured one;
     `reports=False` skips dse.report.write_reports.
     """
     started = time.perf_counter()
     reporter = reporter or SilentReporter()
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
+    groups, notes = plan_groups(runs, sweep.executor.group_size if train_fn is None else 1)
     directory = sweep.output
     replace_foreign = check_output(directory, sweep.name, force)
     executor = executor or make_executor(sweep)
@@ -291,13 +304,18 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
                     for t in trials]
             store.start(meta, plan, energies)
             finished = store.finished()
-            pending = [t for t in runs if force or t.trial_id not in finished]
+            # a group with any member missing reruns whole; only the missing members are stored
+            groups = [g for g in groups if force or any(t.trial_id not in finished for t in g)]
+            wanted = {t.trial_id for g in groups for t in g if force or t.trial_id not in finished}
             summary = SweepSummary(sweep.name, directory, total=len(runs),
-                                   skipped=len(runs) - len(pending), ran=0)
+                                   skipped=len(runs) - len(wanted), ran=0, notes=notes)
             summary.best = _best_of(load_trials(directory)) if summary.skipped else None
-            by_id = {trial.trial_id: trial for trial in pending}
+            by_id = {trial.trial_id: trial for group in groups for trial in group}
 
             def on_done(outcome: TrialOutcome) -> None:
+                if outcome.trial_id not in wanted:
+                    return
+                wanted.discard(outcome.trial_id)
                 trial = by_id[outcome.trial_id]
                 row = _row(trial, outcome)
                 store.record(row)
@@ -306,9 +324,8 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
                 reporter.trial_done(record)
 
             threads = sweep.executor.threads
-            longest_first = sorted(pending, key=lambda t: -estimated_cost(t.config))  # stable sort
-            jobs = [TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn,
-                             sources_of([t.config.model, t.config.dataset])) for t in longest_first]
+            longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
+            jobs = [_job(group, threads, train_fn) for group in longest_first]
             reporter.start(len(trials), summary.skipped, summary.best)
             try:
                 executor.run(jobs, on_done)

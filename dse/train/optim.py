@@ -344,6 +344,24 @@ def lns_madam_copy_error(master_weights: bool | str, spec: str) -> str:
             f"weights in an LNS format (or an fp32 copy); got {where}")
 
 
+def plain_optimizer(name: str, params: list[Tensor], lr: float, momentum: float, weight_decay: float,
+                    p_scale: float, g_bound: float, lns_storage: dict[Tensor, NumberFormat],
+                    update_rounding: str, generator: torch.Generator | None,
+                    switch: QuantSwitch) -> torch.optim.Optimizer:
+    """The named optimizer over `params`, without the post-step quantization (`make_optimizer`
+    adds it; grouped training builds one per group member or per run of members alike)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "madam":
+        return Madam(params, lr=lr, p_scale=p_scale, g_bound=g_bound)
+    return LNSMadam(params, lr=lr, p_scale=p_scale, g_bound=g_bound, lns_storage=lns_storage,
+                    update_rounding=update_rounding, generator=generator, switch=switch)
+
+
 def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float | None, momentum: float,
                    weight_decay: float, generator: torch.Generator | None = None, p_scale: float = 3.0,
                    g_bound: float = 10.0) -> torch.optim.Optimizer:
@@ -361,23 +379,16 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     switch = quant_switch(model) or QuantSwitch()
     params = list(model.parameters())
     stored = stored_weights(model)
-    optimizer: torch.optim.Optimizer
-    if name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    elif name == "adam":
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    elif name == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif name == "madam":
-        optimizer = Madam(params, lr=lr, p_scale=p_scale, g_bound=g_bound)
-    else:
+    lns: dict[Tensor, NumberFormat] = {}
+    if name == "lns-madam":
         other = next((quant.format for _, quant in stored if quant.format.family != "lns"), None)
         if other is not None:
             raise InputError(f"optimizer 'lns-madam' needs LNS weights (or fp32) in every layer when weights "
                              f"live in a format, got {other.spec!r}")
         lns = {p: quant.format for p, quant in stored}  # each layer's own storage format
-        optimizer = LNSMadam(params, lr=lr, p_scale=p_scale, g_bound=g_bound, lns_storage=lns,
-                             update_rounding=policy.storage.rounding, generator=generator, switch=switch)
+    optimizer = plain_optimizer(name, params, lr, momentum, weight_decay, p_scale, g_bound, lns,
+                                policy.storage.rounding, generator, switch)
+    if name == "lns-madam":
         stored = []  # LNSMadam keeps them on the grid itself
     hook = StepQuantizer(stored, policy.state, switch, generator)
     optimizer.register_step_post_hook(hook)

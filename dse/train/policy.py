@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dse.errors import InputError
 from dse.formats import NumberFormat, Scaling, check_rounding, get
+from dse.formats.base import MemberGenerators
 from dse.formats.spec import parse_call
 from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule, TensorFormats
 from dse.train.config import TrainConfig
@@ -61,6 +62,18 @@ class TensorQuant:
             scale = lu_layer_scale(x, fmt)
             return fmt.quantize(x / scale, self.rounding, generator).mul_(scale)
         return fmt.quantize(x, self.rounding, generator)
+
+    def members(self, x: Tensor, generator: MemberGenerators | torch.Generator | None = None) -> Tensor:
+        """Each x[g] of a stacked tensor quantized as `__call__` quantizes it alone (grouped training):
+        scales per member (`NumberFormat.quantize_members`), a layer scale per member."""
+        fmt = self.format
+        if fmt is None:
+            return x
+        if self.layer_scale:
+            scales = [lu_layer_scale(member, fmt) for member in x]
+            scale = torch.tensor(scales, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.dim() - 1))
+            return fmt.quantize_members(x / scale, self.rounding, generator).mul_(scale)
+        return fmt.quantize_members(x, self.rounding, generator)
 
 
 def lu_layer_scale(x: Tensor, fmt: NumberFormat) -> float:

@@ -1,0 +1,280 @@
+"""Grouped training: trials that differ only in their seed and optimizer hyperparameters train
+together as one stacked network (dse/train/stacked.py), so each torch operation is dispatched once
+for the whole group instead of once per trial.
+
+Every member keeps what makes it its own run: its initial weights (built from its seed, as alone),
+its data order, its stochastic-rounding generator, its scales (a per-tensor scale becomes a scale
+per member), its learning rate, momentum, weight decay, p_scale and g_bound, and its divergence (a
+member whose loss turns non-finite is recorded as diverged with the weights it had then, and the
+others go on). `train_group(configs)` returns for each config what `dse.train.loop.train` returns
+for it alone, bit for bit on the CPU (tests/test_train_grouped.py); only wall_time_s differs: each
+member is given the group's time over the group's size.
+
+Methods and models that do not stack yet train one by one (`group_reason` says why): NITI, the
+accumulation emulation, and networks other than chains of Linear/ReLU/Flatten stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dse.data import Dataset, load_dataset, with_validation
+from dse.formats.base import MemberGenerators
+from dse.train.config import TrainConfig, TrainResult
+from dse.train.layers import QuantSwitch
+from dse.train.loop import EVAL_BATCH, _run_settings, check_config, train
+from dse.train.optim import DEFAULT_LR, STATE_KEYS, plain_optimizer
+from dse.train.policy import QuantPolicy
+from dse.train.schedule import lr_factor
+from dse.train.stacked import stack_models, stack_reason, stored_weights
+from models.proxies import build_model
+
+MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound")
+"""TrainConfig fields in which the members of a group may differ."""
+
+_PER_MEMBER_OPTIMIZERS: tuple[str, ...] = ("madam", "lns-madam")
+"""Optimizers whose state is per tensor (Madam's bound from the weights' RMS): one per member."""
+
+
+def group_key(config: TrainConfig) -> str:
+    """Configs with equal keys can train as one group: everything but MEMBER_FIELDS is equal."""
+    data = config.to_dict()
+    for name in MEMBER_FIELDS:
+        data.pop(name)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def group_reason(config: TrainConfig, model: nn.Module | None = None) -> str | None:
+    """Why trials of this config train one by one rather than stacked (None: they stack).
+    `model` is the config's network (built here when not given)."""
+    if config.optimizer == "niti":
+        return "NITI's integer layers do not stack yet"
+    if model is None:
+        model = build_model(config.model, with_validation(load_dataset(config.dataset, config.data_dir)))
+    reason = stack_reason(model, QuantPolicy.from_config(config))
+    return None if reason is None else f"model {config.model!r}: {reason}"
+
+
+def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) -> list[TrainResult]:
+    """Train the configs (equal `group_key`) together; results in their order. Configs that cannot
+    stack (`group_reason`) train one after another with `train`."""
+    configs = list(configs)
+    if not configs:
+        return []
+    keys = {group_key(config) for config in configs}
+    if len(keys) > 1:
+        raise ValueError("a group's configs may differ only in " + ", ".join(MEMBER_FIELDS))
+    for config in configs:
+        check_config(config)
+    data = with_validation(dataset if dataset is not None else load_dataset(configs[0].dataset,
+                                                                            configs[0].data_dir))
+    if len(configs) == 1 or group_reason(configs[0], build_model(configs[0].model, data)) is not None:
+        return [train(config, data) for config in configs]
+    with _run_settings(configs[0].threads):
+        return _train_group(configs, data)
+
+
+class StackedOptimizer:
+    """The members' optimizers over slices of the stacked parameters, plus the post-step rounding of
+    `make_optimizer` (stored weights into policy.storage, state into policy.state) per member.
+
+    SGD and Adam(W) take one torch optimizer per run of consecutive members with equal
+    hyperparameters (their updates are elementwise, so a slice of members steps as each would
+    alone); Madam and LNS-Madam one per member (their bound is per tensor).
+    """
+
+    def __init__(self, model: nn.Sequential, configs: Sequence[TrainConfig], policy: QuantPolicy,
+                 generators: Sequence[torch.Generator], switch: QuantSwitch) -> None:
+        first = configs[0]
+        self.name = first.optimizer
+        self.params = list(model.parameters())
+        self.policy = policy
+        self.switch = switch
+        self.generators = list(generators)
+        weights = stored_weights(model)
+        self.stored = [] if self.name == "lns-madam" else weights  # LNS-Madam keeps its grid itself
+        self.runs: list[tuple[int, int, torch.optim.Optimizer, list[Tensor]]] = []
+        for start, stop in self._runs(configs):
+            config = configs[start]
+            views = [p.detach()[start:stop] for p in self.params]
+            formats = {id(p): quant.format for p, quant in weights}
+            lns = {view: formats[id(p)] for p, view in zip(self.params, views, strict=True)
+                   if id(p) in formats} if self.name == "lns-madam" else {}
+            lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
+            optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
+                                        config.p_scale, config.g_bound, lns, policy.storage.rounding,
+                                        self.generators[start], switch)
+            self.runs.append((start, stop, optimizer, views))
+        self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
+        if switch.enabled:
+            self.quantize_weights()
+
+    def _runs(self, configs: Sequence[TrainConfig]) -> list[tuple[int, int]]:
+        if self.name in _PER_MEMBER_OPTIMIZERS:
+            return [(g, g + 1) for g in range(len(configs))]
+        runs: list[tuple[int, int]] = []
+        for g, config in enumerate(configs):
+            hyper = (config.lr, config.momentum, config.weight_decay)
+            previous = configs[runs[-1][0]] if runs else None
+            if previous is not None and (previous.lr, previous.momentum, previous.weight_decay) == hyper:
+                runs[-1] = (runs[-1][0], g + 1)
+            else:
+                runs.append((g, g + 1))
+        return runs
+
+    def set_lr_factor(self, factor: float) -> None:
+        for (_, _, optimizer, _), bases in zip(self.runs, self.base_lrs, strict=True):
+            for group, base in zip(optimizer.param_groups, bases, strict=True):
+                group["lr"] = base * factor
+
+    @torch.no_grad()
+    def quantize_weights(self) -> None:
+        for weight, storage in self.stored:
+            weight.copy_(storage.members(weight, MemberGenerators(self.generators)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for start, stop, optimizer, views in self.runs:
+            for view, p in zip(views, self.params, strict=True):
+                view.grad = None if p.grad is None else p.grad[start:stop]
+            optimizer.step()
+        if not self.switch.enabled:
+            return
+        self.quantize_weights()
+        state = self.policy.state
+        if not state.enabled:
+            return
+        for index in range(len(self.params)):
+            for key in STATE_KEYS:
+                for start, stop, optimizer, views in self.runs:
+                    value = optimizer.state.get(views[index], {}).get(key)
+                    if isinstance(value, Tensor) and value.is_floating_point():
+                        value.copy_(state.members(value, MemberGenerators(self.generators[start:stop])))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for _, _, _, views in self.runs:
+            for view in views:
+                view.grad = None
+
+
+@torch.no_grad()
+def evaluate_members(model: nn.Module, members: int, x: Tensor, y: Tensor) -> list[float]:
+    """Each member's accuracy on (x, y), in the batches `dse.train.loop.evaluate` uses alone."""
+    model.eval()
+    correct = torch.zeros(members, dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), EVAL_BATCH):
+        chunk = x[start:start + EVAL_BATCH]
+        logits = model(chunk.unsqueeze(0).expand(members, *chunk.shape))
+        correct += (logits.argmax(-1) == y[start:start + EVAL_BATCH]).reshape(members, -1).sum(1)
+    model.train()
+    return [count / y.numel() for count in correct.tolist()]
+
+
+def _member_finite(params: Sequence[Tensor], members: int) -> list[bool]:
+    finite = torch.ones(members, dtype=torch.bool, device=params[0].device)
+    for p in params:
+        finite &= torch.isfinite(p.detach()).reshape(members, -1).all(1)
+    return finite.tolist()
+
+
+def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]:
+    first = configs[0]
+    members = len(configs)
+    device = torch.device(first.device)
+    models, generators, orders = [], [], []
+    for config in configs:  # as `train` does for each alone: global seed for the weights, then generators
+        torch.manual_seed(config.seed)
+        generators.append(torch.Generator(device=device).manual_seed(config.seed))
+        orders.append(torch.Generator().manual_seed(config.seed + 1))
+        models.append(build_model(config.model, data).to(device))
+    params = sum(p.numel() for p in models[0].parameters())
+    policy = QuantPolicy.from_config(first)
+    switch = QuantSwitch()
+    model = stack_models(models, policy, switch, MemberGenerators(generators))
+    del models
+    warmup = first.warmup_epochs
+    if warmup:
+        switch.enabled = False
+    optimizer = StackedOptimizer(model, configs, policy, generators, switch)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    assert data.x_val is not None and data.y_val is not None
+    x_val, y_val = data.x_val.to(device), data.y_val.to(device)
+    started = time.perf_counter()
+    losses: list[list[float]] = [[] for _ in configs]
+    accuracies: list[list[float]] = [[] for _ in configs]
+    val_accuracies: list[list[float]] = [[] for _ in configs]
+    diverged = [False] * members
+    running = list(range(members))  # members still training
+    model.train()
+    for epoch in range(first.epochs):
+        optimizer.set_lr_factor(lr_factor(first, epoch))
+        if warmup and epoch == warmup:
+            switch.enabled = True
+            optimizer.quantize_weights()
+        permutation = torch.stack([torch.randperm(len(x_train), generator=order)
+                                   for order in orders]).to(device)
+        totals, batches = [0.0] * members, [0] * members
+        frozen: dict[int, list[Tensor]] = {}  # weights of members that diverged in this epoch
+        for start in range(0, permutation.shape[1], first.batch_size):
+            index = permutation[:, start:start + first.batch_size]
+            logits = model(x_train[index])
+            targets = y_train[index]
+            member_losses = [F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+                             for out, target in zip(logits.unbind(0), targets.unbind(0), strict=True)]
+            stacked = torch.stack(member_losses)
+            values = stacked.detach().tolist()
+            for g in running:
+                if g not in frozen and not math.isfinite(values[g]):
+                    diverged[g] = True
+                    frozen[g] = [p.detach()[g].clone() for p in model.parameters()]
+            if all(g in frozen for g in running):
+                break
+            stacked.sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for g in running:
+                if g not in frozen:
+                    totals[g] += values[g]
+                    batches[g] += 1
+        finite = _member_finite(list(model.parameters()), members)
+        with torch.no_grad():
+            for g, weights in frozen.items():
+                for p, saved in zip(model.parameters(), weights, strict=True):
+                    p[g] = saved
+        val = evaluate_members(model, members, x_val, y_val)
+        test = evaluate_members(model, members, x_test, y_test)
+        for g in list(running):
+            if not diverged[g] and not finite[g]:
+                diverged[g] = True
+            losses[g].append(totals[g] / max(batches[g], 1) if not diverged[g] else math.nan)
+            val_accuracies[g].append(val[g])
+            accuracies[g].append(test[g])
+            if diverged[g]:
+                running.remove(g)
+        if not running:
+            break
+    wall = (time.perf_counter() - started) / members
+    return [TrainResult(
+        test_accuracy=accuracies[g][-1] if accuracies[g] else math.nan,
+        final_loss=losses[g][-1] if losses[g] else math.nan,
+        diverged=diverged[g],
+        epochs_run=len(losses[g]),
+        wall_time_s=wall,
+        params=params,
+        val_accuracy=val_accuracies[g][-1] if val_accuracies[g] else math.nan,
+        loss_curve=losses[g],
+        accuracy_curve=accuracies[g],
+        val_accuracy_curve=val_accuracies[g],
+        config=config.to_dict(),
+    ) for g, config in enumerate(configs)]
+

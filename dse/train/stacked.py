@@ -1,0 +1,163 @@
+"""A group of networks of one architecture as one stacked network: every weight carries a leading
+member axis, and each layer runs its GEMMs for all members in one batched call.
+
+For a stacked Linear layer with weights W (G, out, in) and inputs x (G, B, in) the three GEMMs of
+dse/train/layers.py become, per member g,
+
+    forward          y[g]  = Qa(x)[g] @ Qw(W)[g]^T + b[g]           (torch.baddbmm)
+    backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
+    backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
+
+where each quantizer is the member's own (`TensorQuant.members`: a scale per member, stochastic
+rounding from each member's generator). On the CPU a batched GEMM runs the same GEMM kernel per
+member as the unbatched call, so every member computes bit for bit what it computes alone
+(tests/test_train_grouped.py checks it); a device whose batched GEMM sums in another order would
+differ in the last bits, as two GEMM libraries do.
+
+Only networks made of Linear, ReLU, Flatten and reshape stages stack yet (`stack_reason` says why
+another does not); grouped training trains those one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dse.formats.base import MemberGenerators
+from dse.train.layers import LayerPolicies, LayerQuant, Quantizer, QuantSwitch
+from dse.train.policy import QuantPolicy, TensorQuant
+
+STACKABLE_STAGES: tuple[str, ...] = ("Linear", "ReLU", "Flatten", "_Reshape")
+"""Module types a stacked network is built from (their class names)."""
+
+
+def stack_reason(model: nn.Module, policy: QuantPolicy | None = None) -> str | None:
+    """Why `model` (quantized under `policy`) cannot be stacked (None: it can): only nn.Sequential
+    chains of STACKABLE_STAGES, with no layer accumulating in a format."""
+    if type(model) is not nn.Sequential:
+        return f"{type(model).__name__} is not a chain of layers (nn.Sequential)"
+    for module in model:
+        name = type(module).__name__
+        if name not in STACKABLE_STAGES:
+            return f"its {name} layers do not stack yet (only {', '.join(STACKABLE_STAGES)})"
+        if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
+            return "a Flatten over other dimensions than all but the batch"
+    if policy is not None and any(p.accumulation.enabled for p in layer_policies(model, policy).values()):
+        return "the accumulation emulation does not stack yet"
+    return None
+
+
+def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[int, QuantPolicy]:
+    """Each GEMM module's policy (by id), as `quantize_model` resolves it: per-layer rules and
+    full-precision layers over the trial's policy."""
+    from dse.train.functional import find_gemms
+
+    sites = [site for site in find_gemms(model, None).sites if site.module is not None]
+    policies = LayerPolicies(policy, [site.layer for site in sites])
+    return {id(site.module): policies.of(site.layer) for site in sites}
+
+
+class StackedGemm(torch.autograd.Function):
+    """The quantized Linear GEMMs of the module docstring, for all members at once."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
+        qx = layer.activation(x) if layer.activation is not None else x
+        qw = layer.weight(weight) if layer.weight is not None else weight
+        ctx.save_for_backward(qx, qw)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(qx, qw.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), qx, qw.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+        layer: LayerQuant = ctx.layer
+        qx, qw = ctx.saved_tensors
+        qe = layer.error(dy) if layer.error is not None else dy
+        need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx = torch.bmm(qe, qw) if need_data else None
+        dw = torch.bmm(qe.transpose(1, 2), qx) if need_weight else None
+        if dw is not None and layer.weight_grad is not None:
+            dw = layer.weight_grad(dw)
+        db = qe.sum(1) if ctx.has_bias and need_bias else None
+        return dx, dw, db, None
+
+
+class StackedLinear(nn.Module):
+    """G Linear layers of one shape: weight (G, out, in), bias (G, out); inputs (G, B, in).
+
+    `gemm_quant` None keeps the layer in fp32 (torch's own batched GEMMs and their autograd, which
+    compute what nn.Linear computes per member), as does a switched-off `QuantSwitch`.
+    """
+
+    def __init__(self, layers: Sequence[nn.Linear], gemm_quant: LayerQuant | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        has_bias = layers[0].bias is not None
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if has_bias else None
+        self.gemm_quant = gemm_quant
+
+    def forward(self, x: Tensor) -> Tensor:
+        quant = self.gemm_quant
+        if quant is not None and quant.switch.enabled:
+            return StackedGemm.apply(x, self.weight, self.bias, quant)
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class StackedReshape(nn.Module):
+    """Each sample viewed as `shape` (Flatten: shape (-1,)), the member and batch axes kept."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], x.shape[1], *self.shape)
+
+
+def _members(quant: TensorQuant, generators: MemberGenerators) -> Quantizer | None:
+    if not quant.enabled:
+        return None
+    return lambda x: quant.members(x, generators)
+
+
+def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: QuantSwitch,
+                 generators: MemberGenerators) -> nn.Sequential:
+    """One stacked network from G networks of one architecture (each member's own initial weights),
+    quantized as `quantize_model` quantizes each of them under `policy` (full-precision layers
+    included), with each member's stochastic rounding drawn from its own generator."""
+    first = models[0]
+    reason = stack_reason(first, policy)
+    if reason is not None:
+        raise ValueError(f"cannot stack this model: {reason}")
+    policies = layer_policies(first, policy)
+    stages: list[nn.Module] = []
+    for index, module in enumerate(first):
+        if isinstance(module, nn.Linear):
+            quant = None
+            own = policies[id(module)]
+            if own.quantizes_gemms:
+                quants = (own.activation, own.weight, own.error, own.weight_grad)
+                quant = LayerQuant(None, *(_members(q, generators) for q in quants), switch,
+                                   storage=own.storage if own.storage.enabled else None)
+            stages.append(StackedLinear([model[index] for model in models], quant))
+        elif isinstance(module, nn.ReLU):
+            stages.append(nn.ReLU())
+        elif isinstance(module, nn.Flatten):
+            stages.append(StackedReshape((-1,)))
+        else:
+            stages.append(StackedReshape(tuple(module.shape)))
+    return nn.Sequential(*stages)
+
+
+def stored_weights(model: nn.Sequential) -> list[tuple[Tensor, TensorQuant]]:
+    """The stacked weights that live in a format between steps, with it, in layer order (what
+    `dse.train.layers.stored_weights` gives for each member alone)."""
+    return [(m.weight, m.gemm_quant.storage) for m in model if isinstance(m, StackedLinear)
+            and m.gemm_quant is not None and m.gemm_quant.storage is not None]

@@ -1,0 +1,123 @@
+"""Grouped training (dse/train/grouped.py): each member of a stacked group computes what `train`
+computes for its config alone, bit for bit, for every optimizer, family and rounding mode."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dse.data import load_dataset
+from dse.formats import get
+from dse.formats.base import MemberGenerators
+from dse.train import TrainConfig, train
+from dse.train.grouped import group_key, group_reason, train_group
+from dse.train.policy import TensorQuant
+
+BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
+SEEDS: list[dict[str, Any]] = [{"seed": 0}, {"seed": 1, "lr": 0.1, "momentum": 0.5}, {"seed": 2}]
+MADAM_SEEDS: list[dict[str, Any]] = [{"seed": 0}, {"seed": 1, "p_scale": 10.0}, {"seed": 2, "lr": 1 / 64}]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    return load_dataset("digits")
+
+
+def _same_as_alone(configs: list[TrainConfig], dataset: Any) -> list[dict[str, Any]]:
+    grouped = [r.to_dict() for r in train_group(configs, dataset)]
+    alone = [train(config, dataset).to_dict() for config in configs]
+    for together, by_itself in zip(grouped, alone, strict=True):
+        together.pop("wall_time_s")
+        by_itself.pop("wall_time_s")
+        assert repr(together) == repr(by_itself)  # repr: NaN == NaN, and every float's last bit
+    return grouped
+
+
+CASES: list[dict[str, Any]] = [
+    {},  # fp32: torch's own batched GEMMs and autograd
+    {"format": "int8"},
+    {"format": "fp8_e4m3", "rounding": "stochastic"},
+    {"format": "posit8", "optimizer": "adam", "layer_scaling": True, "warmup_epochs": 1, "epochs": 2},
+    {"format": "fp8_e5m2", "rounding": "pseudo_stochastic", "master_weights": False},
+    {"format": "mxfp4"},
+    {"format": "int8(scale=channel)", "rounding": "toward_zero", "full_precision_layers": ("first",)},
+    {"format": "bf16", "optimizer": "adamw", "weight_decay": 0.01, "optimizer_state": "bf16",
+     "master_weights": "posit(16,2)", "lr_schedule": "cosine", "epochs": 2},
+    {"format": "fixed(8,4)", "optimizer": "sgd", "weight_decay": 1e-3, "master_weights": "fixed(16,8)"},
+    {"format": "int8", "master_weights": False, "layers": [{"match": "3", "weights": "int(6)"},
+                                                           {"match": "1", "format": "fp8_e5m2"}]},
+]
+
+
+@pytest.mark.parametrize("fields", CASES, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "fp32")
+def test_grouped_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], digits: Any) -> None:
+    base = BASE.replace(**fields)
+    results = _same_as_alone([base.replace(**member) for member in SEEDS], digits)
+    assert len({r["final_loss"] for r in results}) > 1  # the members are distinct runs
+
+
+@pytest.mark.parametrize("fields", [
+    {"format": "lns8", "optimizer": "lns-madam", "master_weights": False},
+    {"format": "lns8", "optimizer": "lns-madam", "master_weights": "lns(16,gamma=2048)"},
+    {"format": "lns8", "optimizer": "madam", "master_weights": False, "rounding": "stochastic"},
+], ids=["lns-madam-lns8", "lns-madam-lns16-copy", "madam-stochastic"])
+def test_madam_and_lns_madam_members_equal_alone_runs(fields: dict[str, Any], digits: Any) -> None:
+    _same_as_alone([BASE.replace(**fields, **member) for member in MADAM_SEEDS], digits)
+
+
+def test_a_diverging_member_does_not_disturb_the_others(digits: Any) -> None:
+    base = BASE.replace(format="bf16", epochs=2)
+    configs = [base.replace(seed=0), base.replace(seed=1, lr=1e8), base.replace(seed=2)]
+    results = _same_as_alone(configs, digits)
+    assert [r["diverged"] for r in results] == [False, True, False]
+    assert results[1]["epochs_run"] == 1 and math.isnan(results[1]["final_loss"])
+    assert results[0]["test_accuracy"] > 0.5 and results[2]["test_accuracy"] > 0.5
+
+
+def test_methods_that_do_not_stack_say_why_and_train_one_by_one(digits: Any) -> None:
+    niti = BASE.replace(optimizer="niti", format="int8", master_weights="int16")
+    assert "NITI" in (group_reason(niti) or "")
+    accumulated = BASE.replace(format="fp8_e4m3", accumulation="fp16")
+    assert "accumulation" in (group_reason(accumulated) or "")
+    assert "Conv1d" in (group_reason(BASE.replace(model="cnn", dataset="mnist1d")) or "")
+    assert group_reason(BASE.replace(format="posit8")) is None
+    _same_as_alone([accumulated.replace(seed=0), accumulated.replace(seed=1)], digits)
+
+
+def test_a_group_may_differ_only_in_member_fields(digits: Any) -> None:
+    assert group_key(BASE.replace(seed=3, lr=0.2, p_scale=5.0)) == group_key(BASE)
+    assert group_key(BASE.replace(format="int8")) != group_key(BASE)
+    with pytest.raises(ValueError, match="differ only"):
+        train_group([BASE, BASE.replace(format="int8")], digits)
+
+
+FORMATS = ["int8", "int4(scale=channel)", "fp8_e4m3", "fp8_e5m2(scale=tensor)", "mxfp4", "lns8", "posit8",
+           "posit(8,1)", "fixed(8,4)", "bf16", "fp8_e4m3(scale=tensor,pow2=1)"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=st.sampled_from(FORMATS), rounding=st.sampled_from(["nearest", "stochastic", "pseudo_stochastic",
+                                                                 "toward_zero"]),
+       members=st.integers(1, 4), rows=st.integers(1, 6), cols=st.integers(1, 40),
+       layer_scale=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_members_is_quantize_of_each_member_alone(spec: str, rounding: str, members: int, rows: int,
+                                                           cols: int, layer_scale: bool, seed: int) -> None:
+    fmt = get(spec)
+    quant = TensorQuant(fmt, rounding, layer_scale=layer_scale and fmt.scaling.kind == "none")
+    source = torch.Generator().manual_seed(seed)
+    x = torch.randn(members, rows, cols, generator=source) * torch.rand(members, 1, 1, generator=source) * 100
+    x[0, 0, 0] = 0.0
+    generators = MemberGenerators([torch.Generator().manual_seed(seed + g) for g in range(members)])
+    stacked = quant.members(x, generators)
+    alone = torch.stack([quant(x[g], torch.Generator().manual_seed(seed + g)) for g in range(members)])
+    assert torch.equal(stacked.view(torch.int32), alone.view(torch.int32))
