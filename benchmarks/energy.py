@@ -22,9 +22,9 @@ def configurations() -> list[tuple[str, TrainingFormats]]:
     for node in ("45nm", "7nm"):
         for spec in specs:
             fmt = get(spec)
-            out.append((node, TrainingFormats.uniform(fmt)))
+            out.append((node, TrainingFormats.of(fmt)))
             gradient = fmt if fmt.family in ("mx", "lns", "posit", "int", "fixed") else get("bf16")
-            mixed = TrainingFormats(weight=fmt, activation=fmt, gradient=gradient, optimizer="adam")
+            mixed = TrainingFormats.of(fmt, gradients=gradient, optimizer="adam")
             out.append((node, mixed))
     return out
 
