@@ -397,16 +397,35 @@ def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
     assert not any("fc1" in line and "backward_data" in line for line in result.stdout.splitlines())
 
 
-def test_a_recurrent_layer_is_named_in_a_warning_not_silently_left_out() -> None:
+@pytest.mark.parametrize("cell, gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_recurrent_layers_are_priced_from_the_module(cell: type[nn.RNNBase], gates: int,
+                                                     bidirectional: bool) -> None:
     class Tagger(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.rnn = nn.LSTM(8, 16, batch_first=True)
-            self.fc = nn.Linear(16, 3)
+            self.rnn = cell(8, 16, num_layers=2, batch_first=True, bidirectional=bidirectional)
+            self.fc = nn.Linear(16 * (2 if bidirectional else 1), 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.rnn(x)[0])
 
-    with pytest.warns(UserWarning, match=r"tagger: not priced .*rnn\."):
-        workload = trace_model(Tagger(), torch.randn(2, 5, 8), "tagger", batch_size=4)
-    assert [g.name for g in workload.layers] == ["fc"]
+    model = Tagger()
+    workload = trace_model(model, torch.randn(2, 5, 8), "tagger", batch_size=4)
+    directions = 2 if bidirectional else 1
+    # per time step and direction: the input (8, then 16 x directions) and the hidden state (16) into
+    # `gates` x 16 gate pre-activations, in each of the two layers; then the head on each of 5 steps
+    per_step = directions * (8 + 16 + 16 * directions + 16) * gates * 16
+    assert workload.forward_macs() == 5 * per_step + 5 * 16 * directions * 3
+    weights = sum(p.numel() for name, p in model.named_parameters() if "weight" in name)
+    assert workload.params == weights and workload.extra_params == {}
+    first = {"rnn.weight_ih_l0", "rnn.weight_ih_l0_reverse"}  # both directions read the input itself
+    assert workload.layers[0].name == "rnn.weight_ih_l0"
+    assert all(layer.needs_input_grad == (layer.name not in first) for layer in workload.layers)
+
+
+def test_an_lstm_with_a_projection() -> None:
+    lstm = nn.LSTM(8, 16, proj_size=4)
+    workload = trace_model(lstm, torch.randn(5, 2, 8), "p", batch_size=2)  # (T, B, features)
+    assert workload.forward_macs() == 5 * (8 * 64 + 4 * 64 + 16 * 4)
+    assert workload.params == sum(p.numel() for name, p in lstm.named_parameters() if "weight" in name)
