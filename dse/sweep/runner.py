@@ -340,9 +340,9 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
                                                     for status in ("ok", "diverged", "error"))
     summary.best = _best_of(frame)
     if reports:
-        from dse.report import write_reports
+        from dse.report.files import write_reports_if_changed
 
-        summary.files = list(write_reports(frame, directory, sweep.memory_objective))
+        summary.files = write_reports_if_changed(frame, directory, sweep.memory_objective)
     summary.wall_time_s = time.perf_counter() - started
     return summary
 
