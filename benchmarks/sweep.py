@@ -130,13 +130,16 @@ TUNED_LRS = {"sgd": [0.025, 0.05, 0.1, 0.2], "lns-madam": [1 / 256, 1 / 128, 1 /
 """Four learning rates per optimizer around each one's default (docs/training.md)."""
 
 
-def quickstart_text(epochs: int | None, tuned: bool) -> str:
-    """examples/quickstart.yaml, with its epochs replaced and (tuned) 4 learning rates per entry."""
+def quickstart_text(epochs: int | None, tuned: bool, dataset: str | None = None) -> str:
+    """examples/quickstart.yaml, with its epochs (and dataset) replaced and (tuned) 4 learning rates
+    per entry."""
     import yaml
 
     sweep = yaml.safe_load(QUICKSTART.read_text())
     if epochs is not None:
         sweep["task"]["epochs"] = epochs
+    if dataset is not None:
+        sweep["task"]["dataset"] = dataset
     if tuned:
         for entry in sweep["trials"]:
             entry["tune"] = {"lr": TUNED_LRS[entry.get("optimizer", "sgd")]}
@@ -181,13 +184,13 @@ def child_stages(config: Path, output: Path) -> list[tuple[str, float]]:
             ("load store, write reports", reported - grouped)]
 
 
-def groups_benchmark(epochs: int | None, repeat: int, group_size: int) -> None:
+def groups_benchmark(epochs: int | None, repeat: int, group_size: int, dataset: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="dse-bench-") as tmp:
         root = Path(tmp)
         rows = []
         for tuned in (False, True):
             config = root / f"{'tuned' if tuned else 'quickstart'}.yaml"
-            config.write_text(quickstart_text(epochs, tuned))
+            config.write_text(quickstart_text(epochs, tuned, dataset))
             walls: dict[int, list[float]] = {1: [], group_size: []}
             for run in range(repeat):
                 order = (1, group_size) if run % 2 == 0 else (group_size, 1)
@@ -199,7 +202,7 @@ def groups_benchmark(epochs: int | None, repeat: int, group_size: int) -> None:
                           f"before: {load:.2f})", flush=True)
             rows.append((config.stem, walls))
         print(f"\nend to end, `dse sweep` in a fresh interpreter, best of {repeat}, "
-              f"{epochs or 'the file’s'} epochs")
+              f"{epochs or 'the file’s'} epochs, dataset {dataset or 'mnist1d'}")
         print(f"| sweep | trials | one at a time s | grouped (size {group_size}) s | speed-up |")
         print("|---|---|---|---|---|")
         for name, walls in rows:
@@ -225,6 +228,8 @@ def main() -> None:
     parser.add_argument("--groups", action="store_true", help="grouped training against one trial at a "
                         "time on the quickstart (21 trials) and with 4 tuned learning rates (84)")
     parser.add_argument("--group-size", type=int, default=8, help="group size for --groups (default 8)")
+    parser.add_argument("--dataset", default=None, help="--groups: the quickstart's MLP on another built-in "
+                        "dataset (e.g. digits: a 64-128-10 MLP, whose steps are dispatch-bound)")
     parser.add_argument("--child-sweep", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-stages", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-spawn", type=int, help=argparse.SUPPRESS)
@@ -234,7 +239,7 @@ def main() -> None:
             print(f"{stage}: {seconds:.2f} s")
         return
     if args.groups:
-        groups_benchmark(args.epochs, args.repeat, args.group_size)
+        groups_benchmark(args.epochs, args.repeat, args.group_size, args.dataset)
         return
     args.epochs = 15 if args.epochs is None else args.epochs
     if args.child_sweep:
