@@ -250,13 +250,12 @@ def energy(
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
                            alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
-    base = get(format_spec)
-    formats = TrainingFormats(weight=get(weights) if weights else base,
-                              activation=get(activations) if activations else base,
-                              gradient=get(gradients) if gradients else base,
-                              weight_grad=get(weight_grads) if weight_grads else None, optimizer=optimizer,
-                              state=get(optimizer_state) if optimizer_state else "fp32", rounding=rounding,
-                              update_rounding=update_rounding)
+    formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
+                                 activations=activations and get(activations),
+                                 gradients=gradients and get(gradients),
+                                 weight_grads=weight_grads and get(weight_grads),
+                                 optimizer_state=optimizer_state and get(optimizer_state),
+                                 optimizer=optimizer, rounding=rounding, update_rounding=update_rounding)
     network = get_workload(workload, dataset, batch_size)
     frame = iteration_energy(network, formats, model, batch_size)
     area = training_area_um2(formats, model, network)

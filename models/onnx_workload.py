@@ -11,14 +11,13 @@ Initializers that are no GEMM's weight or bias go to extra_params.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from dse.errors import InputError
-from models.workloads import GemmLayer, Workload, matmul
+from models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 _GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 _UNPRICED_OPS = ("Einsum", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "Attention")
@@ -31,13 +30,6 @@ def _onnx() -> Any:
     except ImportError:
         raise InputError("ONNX workloads need the onnx package: pip install 'dse[onnx]'") from None
     return onnx
-
-
-def _weight_name(name: str) -> str:
-    for suffix in (".weight", "_weight"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _node_name(node: Any, index: int) -> str:
@@ -159,7 +151,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             owned |= roots.get(node.input[2], set())
         gemm_outputs.add(node.output[0])
         named = weight_of if weight_of in params and not weight_of.startswith("onnx::") else None
-        name = _weight_name(named) if named else _node_name(node, index)
+        name = layer_name_of(named) if named else _node_name(node, index)
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         grad = (a in carries_grad and not a_weight) or (b in carries_grad and not b_weight)
         a_shape, b_shape, out_shape = shapes[a], shapes[b], shapes[node.output[0]]
@@ -185,17 +177,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             for name in node.input:
                 if name not in gemm_outputs and name not in from_input:
                     owned |= roots.get(name, set())
-    layers = _unique_names(layers)
+    layers = unique_names(layers)
     extra = {name: count for name, count in params.items() if name not in owned}
     return Workload(graph.name or path.stem, tuple(layers), batch_size=batch_size, extra_params=extra,
                     description=f"ONNX graph {path.name}, batch {batch_size}")
-
-
-def _unique_names(layers: list[GemmLayer]) -> list[GemmLayer]:
-    seen: dict[str, int] = {}
-    out = []
-    for layer in layers:
-        seen[layer.name] = seen.get(layer.name, 0) + 1
-        count = seen[layer.name]
-        out.append(layer if count == 1 else dataclasses.replace(layer, name=f"{layer.name}#{count}"))
-    return out

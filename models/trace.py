@@ -8,7 +8,9 @@ baddbmm), a convolution or a fused attention kernel. An operand that shares stor
 a weight; the layer is named after that parameter (`fc.weight` -> `fc`), or else after the module that
 ran it. The energy model derives the backward-data, backward-weight and update work of each forward
 GEMM (see models.workloads.GemmLayer), so this records the forward shapes per sample. Recurrent
-layers (nn.LSTM, nn.GRU, nn.RNN) run fused kernels: they are named in a warning, not priced.
+layers (nn.LSTM, nn.GRU, nn.RNN) run fused kernels, so their GEMMs are read from the module (per
+layer and direction, the input and the recurrent projection); a kernel it cannot take apart is named
+in a warning, never silently left out.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.workloads import GemmLayer, Workload, matmul
+from models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 aten = torch.ops.aten
 TRACE_SAMPLES = 2
@@ -35,13 +37,6 @@ _FUSED_ATTENTION = {getattr(aten, name) for name in (
 _UNPRICED_WORDS = ("rnn", "lstm", "gru", "_int_mm", "_weight_int")
 """Kernels that hold GEMMs this tracer does not take apart (recurrent layers, integer matmuls): a model
 that runs one gets a warning naming it, never a silent gap."""
-
-
-def _weight_name(param_name: str) -> str:
-    for suffix in (".weight", "_weight"):
-        if param_name.endswith(suffix):
-            return param_name[: -len(suffix)]
-    return param_name
 
 
 class _Recorder(TorchDispatchMode):
@@ -58,25 +53,52 @@ class _Recorder(TorchDispatchMode):
         self.stack: list[nn.Module] = []
         self.layers: list[GemmLayer] = []
         self.used_weights: set[str] = set()
-        self.calls: dict[str, int] = {}
         self.unpriced: set[str] = set()
 
     # the module that is running, from global forward hooks
-    def push(self, module: nn.Module, *_: Any) -> None:
+    def push(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if isinstance(module, nn.RNNBase) and not self._in_recurrent():
+            self._recurrent(module, args[0] if args else None)
         self.stack.append(module)
 
     def pop(self, module: nn.Module, *_: Any) -> None:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
 
+    def _in_recurrent(self) -> bool:
+        return any(isinstance(m, nn.RNNBase) for m in self.stack)
+
+    def _recurrent(self, module: nn.RNNBase, x: Any) -> None:
+        """nn.LSTM / nn.GRU / nn.RNN from the module itself (their kernels are fused): per layer and
+        direction, the input projection [T, in] x [in, gates*H] and the recurrent one [T, H] x [H, gates*H]
+        (one row per time step), plus the LSTM projection [T, H] x [H, proj] when it has one."""
+        if not isinstance(x, Tensor):
+            self.unpriced.add(f"{self.module_names.get(id(module), 'rnn')} (a packed sequence)")
+            return
+        gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+        steps = x.shape[-2] if x.dim() == 2 else x.shape[1] if module.batch_first else x.shape[0]
+        hidden, proj = module.hidden_size, getattr(module, "proj_size", 0)
+        out = proj or hidden
+        directions = 2 if module.bidirectional else 1
+        prefix = self.module_names.get(id(module), "")
+        prefix = f"{prefix}." if prefix else ""
+        for layer in range(module.num_layers):
+            d_in = module.input_size if layer == 0 else out * directions
+            for suffix in ("", "_reverse")[:directions]:
+                products = [("ih", d_in, gates * hidden, layer > 0 or x.requires_grad),
+                            ("hh", out, gates * hidden, True)]
+                if proj:
+                    products.append(("hr", hidden, proj, True))
+                for kind, k, n, grad in products:
+                    weight = f"{prefix}weight_{kind}_l{layer}{suffix}"
+                    self.used_weights |= {weight, f"{prefix}bias_{kind}_l{layer}{suffix}"}
+                    self.layers.append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
+                                                 needs_input_grad=grad))
+
     def _param(self, tensor: Any) -> str | None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
             return None
         return self.weights.get(tensor.untyped_storage().data_ptr())
-
-    def _name(self, base: str) -> str:
-        self.calls[base] = self.calls.get(base, 0) + 1
-        return base if self.calls[base] == 1 else f"{base}#{self.calls[base]}"
 
     def _module_name(self, suffix: str) -> str:
         module = next((m for m in reversed(self.stack) if id(m) in self.module_names), None)
@@ -88,13 +110,15 @@ class _Recorder(TorchDispatchMode):
     def _record(self, layer: GemmLayer, weight: str | None, suffix: str) -> None:
         if weight is not None:
             self.used_weights.add(weight)
-        base = _weight_name(weight) if weight is not None else self._module_name(suffix)
-        self.layers.append(dataclasses.replace(layer, name=self._name(base)))
+        base = layer_name_of(weight) if weight is not None else self._module_name(suffix)
+        self.layers.append(dataclasses.replace(layer, name=base))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
+        if self._in_recurrent():
+            return out  # counted from the module (see _recurrent)
         if packet in _PRODUCTS:
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
             a_weight, b_weight = self._param(a), self._param(b)
@@ -144,7 +168,7 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     """
     samples = inputs.shape[0]
     recorder = _Recorder(model, samples)
-    hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.push),
+    hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.push),  # type: ignore[arg-type]
              nn.modules.module.register_module_forward_hook(recorder.pop)]
     was_training = model.training
     try:
@@ -160,9 +184,9 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
                       f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
     owned = set(recorder.used_weights)
     for weight in recorder.used_weights:
-        stem = _weight_name(weight)
+        stem = layer_name_of(weight)
         owned |= {f"{stem}.bias", f"{stem}_bias"}
     extra = {param_name: p.numel() for param_name, p in model.named_parameters() if param_name not in owned}
-    return Workload(name, tuple(recorder.layers), batch_size=batch_size, optimizer=optimizer,
+    return Workload(name, tuple(unique_names(recorder.layers)), batch_size=batch_size, optimizer=optimizer,
                     extra_params=extra,
                     description=description or f"{type(model).__name__}, batch {batch_size}")

@@ -155,6 +155,26 @@ def attention(name: str, seq: int, heads: int, d_head: int) -> list[GemmLayer]:
             GemmLayer(f"{name}.context", m=seq, k=seq, n=d_head, **shared)]  # type: ignore[arg-type]
 
 
+def layer_name_of(param_name: str) -> str:
+    """The GEMM layer a weight parameter names: `fc.weight` -> `fc`, `attn.in_proj_weight` -> `attn.in_proj`
+    (tracing and ONNX name weight GEMMs alike, so per-layer rules see the module names)."""
+    for suffix in (".weight", "_weight"):
+        if param_name.endswith(suffix):
+            return param_name[: -len(suffix)]
+    return param_name
+
+
+def unique_names(layers: list[GemmLayer]) -> list[GemmLayer]:
+    """A name used again (a module called twice, an exporter's repeated node path) gets #2, #3, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for layer in layers:
+        seen[layer.name] = seen.get(layer.name, 0) + 1
+        count = seen[layer.name]
+        out.append(layer if count == 1 else dataclasses.replace(layer, name=f"{layer.name}#{count}"))
+    return out
+
+
 def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], samples: int, a_is_weight: bool,
            b_is_weight: bool, needs_input_grad: bool) -> GemmLayer:
     """The per-sample GEMM of a broadcasting matmul of shapes a (..., M, K) and b (..., K, N), run on

@@ -65,7 +65,7 @@ def test_gemm_memory_is_linear_in_bit_width() -> None:
 
 
 def test_tensor_classes_can_differ() -> None:
-    mixed = TrainingFormats(weight=get("fp8_e4m3"), activation=get("fp8_e4m3"), gradient=get("fp8_e5m2"))
+    mixed = TrainingFormats.of(get("fp8_e4m3"), gradients=get("fp8_e5m2"))
     frame = iteration_energy("resnet18", mixed, MODEL)
     assert "G=fp8_e5m2" in frame.attrs["formats"]
     uniform = iteration_energy("resnet18", get("fp8_e4m3"), MODEL)
@@ -78,13 +78,13 @@ def test_optimizer_state_and_master_copy() -> None:
         sums = summarize(frame[frame["pass"] == "update"], "tensor")
         return dict(zip(sums["tensor"], sums["energy_pj"], strict=True))
 
-    lns = update_memory(TrainingFormats.uniform(get("lns8")))
+    lns = update_memory(TrainingFormats.of(get("lns8")))
     assert "master" not in lns  # Madam updates the LNS weights in place
-    sgd = update_memory(TrainingFormats.uniform(get("int8"), optimizer="sgd"))
-    adam = update_memory(TrainingFormats.uniform(get("int8"), optimizer="adam"))
+    sgd = update_memory(TrainingFormats.of(get("int8"), optimizer="sgd"))
+    adam = update_memory(TrainingFormats.of(get("int8"), optimizer="adam"))
     assert adam["state"] == pytest.approx(2 * sgd["state"])
     assert sgd["master"] > 0
-    frame = iteration_energy("resnet18", TrainingFormats.uniform(get("lns8"), optimizer="sgd"), MODEL)
+    frame = iteration_energy("resnet18", TrainingFormats.of(get("lns8"), optimizer="sgd"), MODEL)
     assert "opt=sgd master=fp32" in frame.attrs["formats"]
 
 

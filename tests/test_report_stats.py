@@ -147,6 +147,7 @@ def test_the_plot_stars_front_points_tied_with_the_best() -> None:
     figure = accuracy_energy_figure(summary, "t", "proxy")
     labels = figure.axes[0].get_legend_handles_labels()[1]
     assert "front, not significantly below the best (Welch p ≥ 0.05)" in labels
+    assert figure.axes[0].get_title().endswith("n = 2-5 seeds")  # int4 has two seeds, int8 five
 
 
 # --- tuning chooses by validation -------------------------------------------------------------------

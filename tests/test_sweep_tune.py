@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
 from dse.sweep import expand, load_trials, parse_config, run_sweep
 from dse.sweep.config import TUNABLE_FIELDS
 from dse.sweep.executors import InlineExecutor
@@ -114,55 +113,6 @@ def test_the_tunable_fields_are_the_numeric_train_config_fields() -> None:
     assert {"lr", "momentum", "weight_decay", "epochs", "batch_size", "niti_mu"} <= set(TUNABLE_FIELDS)
     untunable = {"format", "optimizer", "master_weights", "layer_scaling", "seed", "threads"}
     assert not untunable & set(TUNABLE_FIELDS)
-
-
-_TASK = "task: {model: mlp, dataset: digits}"
-
-
-@pytest.mark.parametrize(("lines", "line", "needles"), [
-    ([_TASK, "trials:", "  - format: int8", "    tune: {lr: [0.1], momentun: [0.9]}"], 4,
-     ["trials[0].tune.momentun", "unknown key", "did you mean 'momentum'"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune:", "      lr: []"], 5,
-     ["trials[0].tune.lr", "empty list"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune: {format: [int8, int4]}"], 4,
-     ["trials[0].tune.format", "'format' is not numeric"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune: {master_weights: [true, false]}"], 4,
-     ["trials[0].tune.master_weights", "not numeric"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune:", "      lr: [0.1, fast]"], 5,
-     ["trials[0].tune.lr[1]", "'fast'"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune:", "      lr: [0.1, -1.0]"], 5,
-     ["trials[0].tune.lr[1]", "lr must be a positive number"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune: {lr: 0.1}"], 4, ["trials[0].tune.lr", "list"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune: [lr]"], 4, ["trials[0].tune", "mapping"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune: {lr: [0.1, 0.1]}"], 4, ["listed twice"]),
-    ([_TASK, "trials:", "  - format: int8", "    lr: 0.1", "    tune: {lr: [0.1, 0.3]}"], 5,
-     ["trials[0].tune.lr", "both set and tuned"]),
-    ([_TASK, "trials:", "  - format: int8", "    tune: {seed: [1, 2]}"], 4,
-     ["trials[0].tune.seed", "unknown key"]),
-    ([_TASK, "trials:", "  - {format: lns8, optimizer: lns-madam, tune: {p_scale: [3, 0]}}"], 3,
-     ["trials[0].tune.p_scale[1]", "p_scale"]),
-    (["task: {model: mlp, dataset: digits, tune: {epochs: [0, 2]}}", "trials: [{format: int8}]"], 1,
-     ["task.tune.epochs[0]", "epochs must be >= 1"]),
-    ([_TASK, "trials: [{format: int8}]", "report:", "  baseline: {fromat: fp32}"], 4,
-     ["report.baseline.fromat", "did you mean 'format'"]),
-    ([_TASK, "trials: [{format: int8}]", "report:", "  baseline: \"fp32 adam\""], 4,
-     ["report.baseline", "unknown baseline 'fp32 adam'", "'int8 sgd'"]),
-    ([_TASK, "trials: [{format: int8}]", "report: {baseline: bf16}"], 3,
-     ["report.baseline", "unknown baseline", "bf16"]),
-])
-def test_bad_tune_or_baseline_is_one_line_with_file_and_line(tmp_path: Path, lines: list[str], line: int,
-                                                             needles: list[str]) -> None:
-    config = tmp_path / "bad.yaml"
-    config.write_text("name: bad\n" + "\n".join(lines) + "\n")
-    output = tmp_path / "out"
-    result = runner.invoke(app, ["sweep", str(config), "--output", str(output)])
-    assert result.exit_code == 2, result.output
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1, message
-    assert message.startswith(f"error: {config}:{line + 1}: "), message
-    for needle in needles:
-        assert needle in message, message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
 def test_the_default_baseline_is_fp32_and_a_given_one_may_be_a_label_spec_or_fields(tmp_path: Path) -> None:

@@ -51,13 +51,13 @@ def compare_formats(specs: Sequence[Any], workload: Any, model: EnergyModel, bat
     rows = []
     for spec in specs:
         fmt = _parse(spec)
-        formats = TrainingFormats.uniform(fmt, **format_options)
+        formats = TrainingFormats.of(fmt, **format_options)
         rows.append(compare_row(getattr(fmt, "spec", str(spec)), formats, workload, model, batch_size))
     baseline_energy: dict[str, float] = {}
     for name in BASELINES:
         found = next((r for r in rows if r["format"] == name), None)
         if found is None:
-            formats = TrainingFormats.uniform(_parse(name), **format_options)
+            formats = TrainingFormats.of(_parse(name), **format_options)
             found = compare_row(name, formats, workload, model, batch_size)
         baseline_energy[name] = found["iteration_mj"]
     for row in rows:

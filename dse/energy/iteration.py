@@ -27,6 +27,7 @@ from dse.energy.components import Components
 from dse.energy.datapaths import Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
+from dse.precision import TensorFormats
 from models.workloads import Workload, get_workload
 
 OPTIMIZERS = ("sgd", "adam", "madam")
@@ -44,6 +45,16 @@ STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
 """Optimizer state tensors per parameter, per update optimizer."""
 
 
+def _spec(value: Any) -> str | None:
+    """A format given as a spec string or a format object, as its spec."""
+    if value is None or isinstance(value, str):
+        return value
+    spec = getattr(value, "spec", None)
+    if not isinstance(spec, str):
+        raise InputError(f"a format is a spec string or a dse format, got {value!r}")
+    return spec
+
+
 def _format(value: Any) -> Operand:
     if isinstance(value, str):
         if value.strip().lower() == "fp32":
@@ -56,32 +67,33 @@ def _format(value: Any) -> Operand:
 
 @dataclass(frozen=True)
 class TrainingFormats:
-    """The format of each tensor class. Strings are format specs; None picks the documented default."""
+    """How an iteration trains: the format of each tensor class (`tensors`, the vocabulary training
+    and sweeps share, dse/precision.py), the optimizer, the master copy and the roundings."""
 
-    weight: Any
-    activation: Any
-    gradient: Any
-    weight_grad: Any | None = None
-    """Weight gradients as the optimizer reads them; None: the gradient format."""
+    tensors: TensorFormats
     optimizer: str | None = None
     """sgd, adam or madam; None: Madam for LNS weights, else the workload's optimizer."""
     master: Any | None = "auto"
     """Master copy of the weights: 'auto' keeps an fp32 master unless Madam updates LNS weights in place
     (none is kept when the weights are already in the master format)."""
-    state: Any = "fp32"
-    """Optimizer state (momentum, second moment)."""
     rounding: Any = "nearest"
     """Rounding of every value written into the weight, activation and gradient formats."""
     update_rounding: Any = "nearest"
     """Rounding of the updated weights when no master copy is kept (they are written in their format)."""
 
     @classmethod
-    def uniform(cls, fmt: Any, **overrides: Any) -> TrainingFormats:
-        """One format for weights, activations and gradients."""
-        return cls(weight=fmt, activation=fmt, gradient=fmt, **overrides)
+    def of(cls, format: Any = None, *, weights: Any = None, activations: Any = None, gradients: Any = None,
+           weight_grads: Any = None, optimizer_state: Any = None, **options: Any) -> TrainingFormats:
+        """Formats as a TrainConfig names them (spec strings or format objects); `format` is the
+        shorthand, resolved by `TensorFormats.resolve` as training resolves it."""
+        fields = {"format": format, "weights": weights, "activations": activations, "gradients": gradients,
+                  "weight_grads": weight_grads, "optimizer_state": optimizer_state}
+        return cls(TensorFormats.resolve({name: _spec(value) for name, value in fields.items()}), **options)
+
 
     def resolve(self, workload: Workload) -> ResolvedFormats:
-        weight = _format(self.weight)
+        tensors = self.tensors
+        weight = _format(tensors.weights)
         chosen = self.optimizer or ("madam" if weight.family == "lns" else workload.optimizer)
         optimizer = TRAIN_OPTIMIZERS.get(str(chosen).strip().lower())
         if optimizer is None:
@@ -92,10 +104,9 @@ class TrainingFormats:
             master = None if self.master is None else _format(self.master)
         if master is not None and master.key == weight.key:
             master = None  # the weights already are the master copy
-        gradient = _format(self.gradient)
-        return ResolvedFormats(weight, _format(self.activation), gradient,
-                               gradient if self.weight_grad is None else _format(self.weight_grad),
-                               optimizer, master, _format(self.state), Rounding.parse(self.rounding),
+        return ResolvedFormats(weight, _format(tensors.activations), _format(tensors.gradients),
+                               _format(tensors.weight_grads), optimizer, master,
+                               _format(tensors.optimizer_state), Rounding.parse(self.rounding),
                                Rounding.parse(self.update_rounding))
 
 
@@ -278,7 +289,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Any, m
     batch = wl.batch_size if batch_size is None else int(batch_size)
     if batch < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
-    spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.uniform(formats)
+    spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.of(formats)
     f = spec.resolve(wl)
     tally = _Tally(model)
     layers = wl.layers
@@ -336,7 +347,7 @@ def training_area_um2(formats: TrainingFormats | Any, model: EnergyModel,
     NaN where the node has no published area scaling."""
     if model.area is None:
         return {"datapath": float("nan"), "pe": float("nan")}
-    spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.uniform(formats)
+    spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.of(formats)
     f = spec.resolve(get_workload(workload))
     area = model.area
     datapath = registers = 0.0

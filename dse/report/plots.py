@@ -42,6 +42,14 @@ def _interval_bars(rows: pd.DataFrame, accuracy: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.vstack([below, above]), nan=0.0)
 
 
+def _seeds_text(rows: pd.DataFrame) -> str:
+    """`, n = 3 seeds` (or `n = 2-3`) over the plotted configurations; empty without an `n` column."""
+    if "n" not in rows.columns or rows.empty:
+        return ""
+    low, high = int(rows["n"].min()), int(rows["n"].max())
+    return f", n = {low} seeds" if low == high else f", n = {low}-{high} seeds"
+
+
 def tied_with_best(front: pd.DataFrame) -> np.ndarray:
     """Front points whose accuracy is not significantly below the task's best (Welch p >= SIGNIFICANCE);
     the best itself is one of them. Needs `p_vs_best` (summarize_trials); all False without it."""
@@ -102,7 +110,7 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     ax.set_xscale("log")
     ax.set_xlabel(f"energy per training iteration on {workload} (mJ, log scale)")
     ax.set_ylabel("test accuracy (%), mean and 95 % CI")
-    ax.set_title(f"{task}: accuracy vs energy (workload {workload})", fontsize=10)
+    ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}", fontsize=10)
     ax.margins(x=0.12, y=0.08)
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=8)

@@ -183,10 +183,8 @@ class EnergyEstimator:
         memory_bits = 0.0
         types = self._types.get(id(workload))
         for part, tensors in _parts(workload, config, types):
-            f = tensors.canonical()
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
-                weight=f.weights, activation=f.activations, gradient=f.gradients, weight_grad=f.weight_grads,
-                optimizer=optimizer, state=f.optimizer_state,
+                tensors.canonical(), optimizer=optimizer,
                 master=master_format(config.master_weights) if tensors.quantizes_gemms else None,
                 rounding=config.rounding, update_rounding=config.update_rounding)
             frame = iteration_energy(part, part_formats, model, batch)

@@ -115,7 +115,7 @@ def make_labels(configs: list[dict[str, Any]]) -> list[str]:
         tokens = [_format_token(config), config["optimizer"]]
         for name in varying:
             default = FP32 if name == "optimizer_state" else _DEFAULTS.get(name)
-            value = config.get(name)
+            value = config.get(name, default)  # an identity leaves out `layers` when there are none
             if json.dumps(value) != json.dumps(default):
                 tokens.append(field_token(name, value))
         labels.append(" ".join(tokens))
