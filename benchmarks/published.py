@@ -315,7 +315,7 @@ def lns_madam_baselines(workload: str = "resnet50") -> str:
 
     implied = (PAPER_RATIOS[0] / PAPER_RATIOS[1], PAPER_RATIOS[0] / PAPER_RATIOS[2])
     lines = [f"| scope | operand reuse | FP MACs | LNS8 / FP32, FP16, FP8 (paper {_cell(PAPER_RATIOS)}) "
-             f"| FP16 / FP32, FP8 / FP32 (implied {_cell(implied)}) | largest error |", "|---|" * 6]
+             f"| FP16 / FP32, FP8 / FP32 (implied {_cell(implied)}) | largest error |", "|" + "---|" * 6]
     for scope in ("datapath", "pe"):
         for reuse in ((16.0,) if scope == "datapath" else (16.0, 256.0)):
             lns = energy("lns8", scope, reuse)

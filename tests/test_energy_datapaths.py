@@ -109,6 +109,12 @@ def test_lns_madam_amortises_over_k_and_charges_its_partial_sums() -> None:
     assert kept.groups_per_output(1024) < per_k.groups_per_output(1024)
     assert mac("lns8", 1024, lns_conversion_length=256).total_pj < mac("lns8", 1024).total_pj
     assert mac("lns8", 16, lns_conversion_length=256).total_pj > mac("lns8", 16).total_pj
+    # the unit keeps K lanes whatever its conversion period: area grows by the registers, not 16x
+    area = MODEL.area
+    assert area is not None
+    unit, held = (datapath_area_um2(lns8, lns8, area, DatapathParams(lns_conversion_length=n))
+                  for n in (None, 256))
+    assert unit < held < unit + 2 * buckets * (area.register(24) + area.adder(24))
 
 
 def test_lns_madam_writes_registers_like_the_int_unit() -> None:

@@ -209,7 +209,8 @@ class Datapath:
     of one dot product (normalisation, accumulation into the accumulator, LNS conversion), `per_output`
     once per dot product. `a_convert_pj` / `b_convert_pj`: per element of an operand converted before it
     enters the unit (the int operand of an int x fp GEMM). Called with area components the same
-    description gives the unit's area: `group_size` product lanes plus one group and one output stage.
+    description gives the unit's area: `lanes` (default `group_size`) product lanes plus one group and one
+    output stage.
     """
 
     name: str
@@ -220,6 +221,9 @@ class Datapath:
     per_output: UnitEnergy = field(default_factory=UnitEnergy)
     a_convert_pj: float = 0.0
     b_convert_pj: float = 0.0
+    lanes: int = 0
+    """Product lanes of the unit when a group spans several cycles of it (LNS-Madam converting its partial
+    sums every few K products); 0: `group_size` lanes."""
 
     def groups_per_output(self, reduction_length: float) -> float:
         return math.ceil(reduction_length / self.group_size)
@@ -235,7 +239,7 @@ class Datapath:
     @property
     def unit_total(self) -> float:
         """As an area: the whole unit (every lane, one group stage, one output stage)."""
-        lanes = self.group_size * self.per_product.total_pj
+        lanes = (self.lanes or self.group_size) * self.per_product.total_pj
         return lanes + self.per_group.total_pj + self.per_output.total_pj
 
 
@@ -540,7 +544,7 @@ class LnsHardware:
         per_conversion = UnitEnergy(0.0, constants, (buckets - 1) * c.adder(scaled_bits) + state
                                     + c.adder(scaled_bits) + c.register(scaled_bits))
         output_acc = Accumulator("int", scaled_bits, spec=acc.spec)
-        return Datapath("lns-madam", output_acc, per_product, per_conversion, period)
+        return Datapath("lns-madam", output_acc, per_product, per_conversion, period, lanes=k)
 
     def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
         lut_bits = self.lut_bits(src, params)
