@@ -436,7 +436,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
     niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
     master_weights: Annotated[str, typer.Option(
-        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(16,gamma=128)'.")]
+        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(12,gamma=128)'.")]
     = "true",
     no_master_weights: Annotated[bool, typer.Option(
         "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
