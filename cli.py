@@ -134,6 +134,9 @@ _LnsOpt = Annotated[str | None, typer.Option("--lns-datapath", help="LNS convers
                                              "partial sums, default) or direct (per product).")]
 _MitchellOpt = Annotated[int | None, typer.Option("--mitchell-bits", help="LNS remainder bits approximated "
                                                   "by Mitchell (default 0).")]
+_LnsConversionOpt = Annotated[int | None, typer.Option("--lns-conversion-length", help="LNS-Madam: products "
+                                                      "per conversion of the partial sums, a multiple of K "
+                                                      "(default K).")]
 _AlignOpt = Annotated[int | None, typer.Option("--alignment-bits", help="FP/MX alignment width (default: "
                                                "exact for MX, accumulator + 3 bits otherwise).")]
 _SramOpt = Annotated[str | None, typer.Option(help="SRAM preset (default horowitz_32kb).")]
@@ -157,6 +160,7 @@ class _EnergyOptions:
     vector_length: int | None
     lns_datapath: str | None
     mitchell_bits: int | None
+    lns_conversion_length: int | None
     alignment_bits: int | None
     sram: str | None
     dram: str | None
@@ -173,6 +177,7 @@ class _EnergyOptions:
         datapath = DatapathParams(**given(accumulator=self.accumulator, vector_length=self.vector_length,
                                           lns_datapath=self.lns_datapath,
                                           lns_mitchell_bits=self.mitchell_bits,
+                                          lns_conversion_length=self.lns_conversion_length,
                                           alignment_bits=self.alignment_bits))
         memory = MemoryParams(**given(sram=self.sram, dram=self.dram, sram_scaling=self.sram_scaling,
                                       operand_reuse=self.operand_reuse))
@@ -217,6 +222,7 @@ def energy(
     update_rounding: _UpdateRoundingOpt = "nearest",
     lns_datapath: _LnsOpt = None,
     mitchell_bits: _MitchellOpt = None,
+    lns_conversion_length: _LnsConversionOpt = None,
     alignment_bits: _AlignOpt = None,
     sram: _SramOpt = None,
     dram: _DramOpt = None,
@@ -249,7 +255,8 @@ def energy(
 
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
-                           alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
+                           lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
+                           table).model()
     formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
                                  activations=activations and get(activations),
                                  gradients=gradients and get(gradients),
@@ -350,6 +357,7 @@ def compare(
     update_rounding: _UpdateRoundingOpt = "nearest",
     lns_datapath: _LnsOpt = None,
     mitchell_bits: _MitchellOpt = None,
+    lns_conversion_length: _LnsConversionOpt = None,
     alignment_bits: _AlignOpt = None,
     sram: _SramOpt = None,
     dram: _DramOpt = None,
@@ -367,7 +375,8 @@ def compare(
 
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
-                           alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
+                           lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
+                           table).model()
     formats = [get(spec) for spec in specs]
     network = get_workload(workload, dataset, batch_size)
     frame = compare_formats(formats, network, model, batch_size, optimizer=optimizer, rounding=rounding,
@@ -427,7 +436,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
     niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
     master_weights: Annotated[str, typer.Option(
-        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(16,gamma=128)'.")]
+        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(12,gamma=128)'.")]
     = "true",
     no_master_weights: Annotated[bool, typer.Option(
         "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
@@ -460,24 +469,45 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and "
-                                          "the GEMMs left in fp32.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List every GEMM with its formats (after training: those first run then), "
+                                "and the GEMMs left in fp32.")] = False,
 ) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
+    import warnings
 
     from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.layers import UnconvertedGemmWarning
     from dse.train.loop import check_field
 
+    reported: dict[str, Any] = {}
+
     def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
+        reported.update(gemms=gemms, listed=len(gemms), warned=len(getattr(gemms, "unconverted", ())))
         if verbose:
             error_console.print(f"GEMMs ({sum(g.quantized for g in gemms)} of {len(gemms)} quantized):",
                                 markup=False, highlight=False)
             for gemm in gemms:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in unconverted:  # always: a GEMM left in fp32 is never silent
+            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    def report_late_gemms() -> None:
+        """The GEMMs the example forward did not reach, as training first ran them (the list is live)."""
+        gemms = reported.get("gemms")
+        if gemms is None:
+            return
+        late = gemms[reported["listed"]:]
+        if verbose and late:
+            error_console.print(f"GEMMs first run during training ({len(late)} more; "
+                                f"{sum(g.quantized for g in gemms)} of {len(gemms)} quantized in all):",
+                                markup=False, highlight=False)
+            for gemm in late:
+                error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
+        for message in getattr(gemms, "unconverted", [])[reported["warned"]:]:
             error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     config = TrainConfig(
@@ -495,7 +525,10 @@ def train(
         accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
         batch_size=batch_size, seed=seed, threads=threads, device=device,
         data_dir=None if data_dir is None else str(data_dir))
-    result = run_training(config, on_gemms=report_gemms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnconvertedGemmWarning)  # printed from the live list below
+        result = run_training(config, on_gemms=report_gemms)
+    report_late_gemms()
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
         return
