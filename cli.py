@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -12,14 +13,78 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
-
-app = typer.Typer(help="Design-space exploration of number formats for low-precision training.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-formats_app = typer.Typer(help="The number-format zoo.", invoke_without_command=True)
-app.add_typer(formats_app, name="formats")
+from typer.core import TyperGroup
 
 console = Console()
 error_console = Console(stderr=True)
+
+
+def _error_line(message: str) -> None:
+    error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _flags_without_metavar(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows no `<bool>` after it."""
+    for param in params:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", None) is None:
+            param.metavar = ""
+    return params
+
+
+class _Commands(TyperGroup):
+    """dse's command groups: usage errors (`--epochs ten`, an unknown option) as one line on stderr and
+    exit code 2, like every other bad input (Click draws a boxed panel of several lines); flags without
+    a metavar in every command's help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and not isinstance(command, TyperGroup):
+            own_params = type(command).get_params
+            command.get_params = lambda ctx: _flags_without_metavar(own_params(command, ctx))
+        return command
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except typer.TyperException as error:  # Click's usage errors (typer >= 0.29 vendors Click)
+            context = getattr(error, "ctx", None)
+            where = f"{context.command_path}: " if context is not None else ""
+            if error.format_message():  # empty: `dse` alone, which printed the help
+                _error_line(f"{where}{error.format_message()} (see --help)")
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            _error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(help="Design-space exploration of number formats for low-precision training.",
+                  cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False)
+formats_app = typer.Typer(help="The number-format zoo.", cls=_Commands, invoke_without_command=True)
+app.add_typer(formats_app, name="formats")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from dse import __version__
+
+        typer.echo(f"dse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print dse's version and exit.")] = False
+         ) -> None:
+    """Design-space exploration of number formats for low-precision training."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,8 +97,10 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+            lines = getattr(error, "problems", None) or [str(error).splitlines()[0] if str(error)
+                                                         else type(error).__name__]
+            for line in lines:  # one line per problem (a sweep file reports all of its errors)
+                _error_line(line)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -69,6 +136,28 @@ def formats_list(ctx: typer.Context) -> None:
     _print_whole(table)
 
 
+def _scaling_text(scaling: Any) -> str:
+    """A format's scaling in words: none, per tensor, per channel or per block of N along an axis."""
+    pow2 = ", power of two" if scaling.pow2 else ""
+    axis = "the last axis" if scaling.axis == -1 else f"axis {scaling.axis}"
+    if scaling.kind == "none":
+        return "none (unit scale)"
+    if scaling.kind == "tensor":
+        return f"one scale per tensor{pow2}"
+    if scaling.kind == "block":
+        return f"one scale per block of {scaling.block_size} along {axis}{pow2}"
+    return f"one scale per channel ({axis}){pow2}"
+
+
+def _describe_field(value: Any) -> str:
+    """A format field as a reader wants it: a format by its spec, a scaling in words."""
+    from dse.formats.base import Scaling
+
+    if isinstance(value, Scaling):
+        return _scaling_text(value)
+    return getattr(value, "spec", None) or str(value)
+
+
 @formats_app.command("show")
 @user_errors
 def formats_show(
@@ -82,16 +171,16 @@ def formats_show(
     table = Table(title=fmt.spec, show_header=False)
     table.add_column("property")
     table.add_column("value")
-    rows: list[tuple[str, str]] = [("family", fmt.family), ("bits", str(fmt.bits))]
-    for field in dataclasses.fields(fmt):  # type: ignore[arg-type]
-        value = getattr(fmt, field.name)
-        rows.append((field.name, getattr(value, "spec", None) or str(value)))
-    rows += [("max", _number(fmt.max)), ("min positive", _number(fmt.min_positive)),
-             ("dynamic range (decades)", f"{fmt.dynamic_range_decades:.3f}"),
-             ("relative precision at 1.0", _number(fmt.relative_precision))]
+    rows: dict[str, str] = {"family": fmt.family, "bits": str(fmt.bits)}
+    for field in dataclasses.fields(fmt):  # type: ignore[arg-type]  # every format is a dataclass
+        if field.name not in rows:
+            rows[field.name] = _describe_field(getattr(fmt, field.name))
+    rows.update({"max": _number(fmt.max), "min positive": _number(fmt.min_positive),
+                 "dynamic range (decades)": f"{fmt.dynamic_range_decades:.3f}",
+                 "relative precision at 1.0": _number(fmt.relative_precision)})
     if fmt.bits <= 16:
-        rows.append(("finite values", str(fmt.values().numel())))
-    for name, value in rows:
+        rows["finite values"] = str(fmt.values().numel())
+    for name, value in rows.items():
         table.add_row(name, value)
     console.print(table)
     if plot is not None:
@@ -104,7 +193,7 @@ def formats_show(
 
 _WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="A built-in (resnet18, resnet50, "
                                            "mobilenetv2, vit-b16, bert-base, gpt2-small, llama-7b, "
-                                           "llama(blocks=N,width=D), a proxy such as m1d-cnn), an .onnx, "
+                                           "llama(blocks=N, width=D), a proxy such as m1d-cnn), an .onnx, "
                                            ".yaml or .csv file, or your model as file.py:function "
                                            "(with --dataset).")]
 _WorkloadDataOpt = Annotated[str | None, typer.Option(
@@ -116,20 +205,20 @@ _NodeScalingOpt = Annotated[str, typer.Option("--node-scaling", help="calibrated
                                               "et al. 7 nm, default) or stillmaker.")]
 _ScopeOpt = Annotated[str, typer.Option(help="datapath (MAC units), pe (+ update, registers, SRAM) or system "
                                         "(+ DRAM, default).")]
-_BatchOpt = Annotated[int | None, typer.Option("--batch-size", "--batch", help="Batch size (default: the "
+_BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size (default: the "
                                                "workload's).")]
 _OptimizerOpt = Annotated[str | None, typer.Option(help="sgd, adam, adamw, madam, lns-madam or niti "
                                                    "(default: Madam for LNS weights, else the workload's).")]
-_AccOpt = Annotated[str | None, typer.Option("--accumulator", "--accumulation", help="Accumulator: int24, "
+_AccOpt = Annotated[str | None, typer.Option("--accumulator", help="Accumulator: int24, "
                                              "int(32), fp32, fp16, bf16, quire (default by family: int32, "
                                              "fp32, LNS int24).")]
-_VectorOpt = Annotated[int | None, typer.Option("--vector-length", "--accumulation-chunk", help="K of the "
+_VectorOpt = Annotated[int | None, typer.Option("--vector-length", help="K of the "
                                                 "dot-product unit (default 16; 1 = scalar fused MAC).")]
-_RoundingOpt = Annotated[str, typer.Option(help="Rounding into the weight, activation and gradient formats: "
-                                           "nearest, stochastic, stochastic(k), pseudo_stochastic, "
-                                           "toward_zero.")]
-_UpdateRoundingOpt = Annotated[str, typer.Option(help="Rounding of weights updated in their own format (no "
-                                                 "master copy).")]
+_ROUNDINGS = "nearest, stochastic, stochastic(k), pseudo_stochastic or toward_zero"
+_RoundingOpt = Annotated[str, typer.Option(help=f"Rounding into the weight, activation and gradient formats: "
+                                           f"{_ROUNDINGS}.")]
+_UpdateRoundingOpt = Annotated[str, typer.Option(help=f"Rounding of weights updated in their own format (no "
+                                                 f"master copy): {_ROUNDINGS}.")]
 _LnsOpt = Annotated[str | None, typer.Option("--lns-datapath", help="LNS conversion: madam (per-remainder "
                                              "partial sums, default) or direct (per product).")]
 _MitchellOpt = Annotated[int | None, typer.Option("--mitchell-bits", help="LNS remainder bits approximated "
@@ -223,7 +312,7 @@ def energy(
     sram_scaling: _SramScalingOpt = None,
     operand_reuse: _ReuseOpt = None,
     table: _TableOpt = None,
-    layers: Annotated[int, typer.Option(help="How many of the most expensive layers to list.")] = 10,
+    layers: Annotated[int, typer.Option(min=1, help="How many of the most expensive layers to list.")] = 10,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the long-form breakdown (one row per "
                                              "layer, pass, unit, tensor, level) to this CSV file.")] = None,
     as_json: _JsonOpt = False,
@@ -415,7 +504,7 @@ def train(
     dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10, or "
                                          "your own as file.py:function.")] = "digits",
     format: Annotated[str | None, typer.Option(
-        "--format", help="Format of weights, activations and gradients (default fp32).")] = None,
+        "--format", "-f", help="Format of weights, activations and gradients (default fp32).")] = None,
     weights: _FormatOpt = None,
     activations: _FormatOpt = None,
     gradients: _FormatOpt = None,
@@ -440,7 +529,8 @@ def train(
     lr_step_epochs: Annotated[int, typer.Option(help="step schedule: epochs between decays.")] = 10,
     lr_gamma: Annotated[float, typer.Option(help="step schedule: factor of each decay.")] = 0.1,
     warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
-    layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
+    layer_scaling: Annotated[bool, typer.Option("--layer-scaling",
+                                                help="Lu et al.'s layer-wise posit scaling.")] = False,
     full_precision_layers: Annotated[str, typer.Option(
         help="Comma-separated layers kept in fp32: first, last (default none).")] = "",
     layers: Annotated[str | None, typer.Option(
@@ -459,7 +549,9 @@ def train(
     threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress lines).")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and "
                                           "the GEMMs left in fp32.")] = False,
 ) -> None:
@@ -495,7 +587,12 @@ def train(
         accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
         batch_size=batch_size, seed=seed, threads=threads, device=device,
         data_dir=None if data_dir is None else str(data_dir))
-    result = run_training(config, on_gemms=report_gemms)
+    def report_epoch(epoch: int, loss: float, accuracy: float) -> None:
+        error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, test accuracy "
+                            f"{accuracy:.4f}", markup=False, highlight=False)
+
+    progress = None if as_json or quiet else report_epoch
+    result = run_training(config, progress=progress, on_gemms=report_gemms)
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
         return
@@ -590,6 +687,11 @@ def sweep(
                       markup=False, highlight=False)
     for note in summary.notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
+    if summary.ok:
+        from dse.report import SweepTables
+
+        trials = _load_trials(summary.output)
+        _print_fronts(SweepTables.of(trials, settings.memory_objective, False), settings.memory_objective)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
@@ -629,6 +731,19 @@ _AllPointsOpt = Annotated[bool, typer.Option("--all-points", help="Report every 
                                               "accuracy.")]
 
 
+def _print_fronts(tables: Any, memory_objective: bool) -> None:
+    """Each task's Pareto front on each workload, as a table."""
+    from dse.report.tables import pareto_text_table
+
+    fronts = tables.fronts
+    objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
+    for task in dict.fromkeys(tables.summary["task"]):
+        for workload in tables.workloads:
+            rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
+            title = f"Pareto front: {task} on {workload} ({objectives})"
+            _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
+
+
 @app.command("report")
 @user_errors
 def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False) -> None:
@@ -638,19 +753,12 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     every point); --all-points changes what is printed.
     """
     from dse.report import SweepTables, write_reports
-    from dse.report.tables import pareto_text_table
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
-    fronts = tables.fronts
-    objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
-    for task in dict.fromkeys(tables.summary["task"]):
-        for workload in tables.workloads:
-            rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
-            title = f"Pareto front: {task} on {workload} ({objectives})"
-            _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
+    _print_fronts(tables, memory_objective)
     written = write_reports(trials, directory, memory_objective, None if all_points else tables)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
@@ -659,7 +767,8 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
 @user_errors
 def export(
     directory: _DirArg,
-    text_format: Annotated[str, typer.Option("--format", "-f", help="csv, latex (booktabs) or markdown.")],
+    text_format: Annotated[str, typer.Option("--to", "-t", help="The file type: csv, latex (booktabs) or "
+                                             "markdown.")],
     table: Annotated[str, typer.Option(help="summary (mean/std over seeds) or pareto (every front).")]
     = "summary",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the table to this file "

@@ -197,7 +197,7 @@ def test_all_points_shows_every_tuning_point_and_marks_the_chosen_one(tuned_swee
     result = CliRunner().invoke(app, ["report", str(tuned_sweep), "--all-points"])
     assert result.exit_code == 0, result.output
     assert "Every tuning point" in result.stdout and "lr=0.1" in result.stdout
-    exported = CliRunner().invoke(app, ["export", str(tuned_sweep), "--format", "csv", "--all-points"])
+    exported = CliRunner().invoke(app, ["export", str(tuned_sweep), "--to", "csv", "--all-points"])
     assert len(pd.read_csv(pd.io.common.StringIO(exported.stdout))) == 4
     assert len(pd.read_csv(tuned_sweep / "all_points.csv")) == 4
 
