@@ -236,7 +236,7 @@ def test_energy_and_compare_price_each_kind_of_source(tmp_path: Path) -> None:
     macs = []
     for workload in (f"{tmp_path}/model.py:net", f"{tmp_path}/net.csv"):
         extra = ["--dataset", "digits"] if workload.endswith(":net") else []
-        result = runner.invoke(app, ["energy", "-w", workload, "-f", "int8", "--batch", "10", *extra])
+        result = runner.invoke(app, ["energy", "-w", workload, "-f", "int8", "--batch-size", "10", *extra])
         assert result.exit_code == 0, result.output
         macs.append(result.stdout.split(" MACs per iteration")[0].split()[-1])
         result = runner.invoke(app, ["compare", "int8", "lns8", "-w", workload, *extra])
@@ -388,8 +388,8 @@ def test_training_gemms_are_what_the_energy_model_costs(source: str) -> None:
 
 def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
     (tmp_path / "net.csv").write_text("name,m,k,n\nfc1,1,64,20\nfc2,3,20,10\n")
-    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch", "2",
-                                      "--gemms"])
+    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch-size",
+                                      "2", "--gemms"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "fc2" in line]
     data = [line for line in lines if "backward_data" in line]

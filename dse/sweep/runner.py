@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dse.errors import InputError
+from dse.errors import InputError, Problems
 from dse.sweep.config import SweepConfig
 from dse.sweep.energy import EnergyEstimator, energy_key
 from dse.sweep.executors import (
@@ -39,6 +39,7 @@ from dse.sweep.store import (
     stored_sweep_name,
 )
 from dse.sweep.trials import Trial, baseline_labels, estimated_cost, expand, resolved_formats, stable_hash
+from dse.train.loop import check_batch_size
 from dse.usercode import sources_of
 
 
@@ -107,6 +108,7 @@ def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str
     estimator = EnergyEstimator(sweep.energy)
     keys: dict[str, str] = {}
     energies: EnergyRows = {}
+    problems = Problems()
     for trial in trials:
         key = energy_key(trial.config, sweep.energy)
         keys[trial.trial_id] = key
@@ -116,23 +118,32 @@ def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str
             estimates = estimator.estimate(trial.config)
         except ValueError as error:
             message = str(error).splitlines()[0]
-            raise sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}") from None
+            problems.add(str(sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}")))
+            continue
         for workload, estimate in estimates.items():
             energies[(key, workload)] = estimate.as_row()
+    problems.raise_any()
     return keys, energies
 
 
-def check_tasks(sweep: SweepConfig) -> None:
-    """Each task's dataset loads and its model fits it (a file dataset needs its data_dir)."""
-    from dse.data import load_dataset
+def check_tasks(sweep: SweepConfig) -> dict[str, int]:
+    """Each task's dataset loads and its model fits it (a file dataset needs its data_dir); returns each
+    task's number of training samples (after the validation split)."""
+    from dse.data import load_dataset, with_validation
     from models.proxies import build_model
 
+    problems = Problems()
+    samples: dict[str, int] = {}
     for task in sweep.tasks:
         defaults = task.defaults
         try:
-            build_model(defaults["model"], load_dataset(defaults["dataset"], defaults.get("data_dir")))
+            data = load_dataset(defaults["dataset"], defaults.get("data_dir"))
+            build_model(defaults["model"], data)
+            samples[task.name] = len(with_validation(data).x_train)
         except (ValueError, FileNotFoundError) as error:
-            raise sweep.source.error(task.path, str(error).splitlines()[0]) from None
+            problems.add(str(sweep.source.error(task.path, str(error).splitlines()[0])))
+    problems.raise_any()
+    return samples
 
 
 def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
@@ -142,6 +153,7 @@ def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
     from dse.train.functional import model_layers
     from models.proxies import build_model
 
+    problems = Problems()
     for task in sweep.tasks:
         rule_sets = {trial.config.layers for trial in trials
                      if trial.task == task.name and trial.config.layers}
@@ -151,30 +163,40 @@ def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
         data = load_dataset(defaults["dataset"], defaults.get("data_dir"))
         layers = model_layers(build_model(defaults["model"], data), data.x_train[:2])
         for rules in rule_sets:
-            resolve_layers(layers, rules, TensorFormats())
+            problems.attempt(resolve_layers, layers, rules, TensorFormats())
+    problems.raise_any()
 
 
-def check_trials(sweep: SweepConfig, trials: list[Trial]) -> None:
+def check_trials(sweep: SweepConfig, trials: list[Trial], samples: dict[str, int]) -> None:
     """Each trial's configuration can run (the combination of its fields: e.g. LNS-Madam with a
-    non-LNS master copy), reported at its trial entry."""
+    non-LNS master copy; a batch no larger than the training set), reported at its trial entry."""
     from dse.train.loop import check_config
 
+    problems = Problems()
     for trial in trials:
         try:
             check_config(trial.config)
+            check_batch_size(trial.config.batch_size, samples.get(trial.task), trial.config.dataset)
         except ValueError as error:
-            raise sweep.source.error(trial.source, f"{trial.label!r}: {str(error).splitlines()[0]}") from None
+            problems.add(str(sweep.source.error(trial.source,
+                                                f"{trial.label!r}: {str(error).splitlines()[0]}")))
+    problems.raise_any()
 
 
 def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyRows]:
-    """Everything checked before the disk is touched: tasks, trials, baseline, the energy of every trial."""
-    check_tasks(sweep)
+    """Everything checked before the disk is touched: tasks, trials, baseline, the energy of every trial.
+    Every problem is reported at once (one line each)."""
+    samples = check_tasks(sweep)
     trials = expand(sweep)
-    check_trials(sweep, trials)
-    check_layer_rules(sweep, trials)
-    baseline_labels(sweep, trials)
-    keys, energies = estimate_energies(sweep, trials)
-    return trials, keys, energies
+    problems = Problems()
+    problems.attempt(check_trials, sweep, trials, samples)
+    problems.attempt(check_layer_rules, sweep, trials)
+    problems.attempt(baseline_labels, sweep, trials)
+    energies = problems.attempt(estimate_energies, sweep, trials)
+    problems.raise_any()
+    assert energies is not None
+    keys, rows = energies
+    return trials, keys, rows
 
 
 def unique_runs(trials: list[Trial]) -> list[Trial]:

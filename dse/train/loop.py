@@ -50,6 +50,15 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
 _ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
+MAX_LR = 10.0
+"""No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
+
+
+def check_batch_size(batch_size: int, training_samples: int | None, dataset: str) -> None:
+    """A batch no larger than the training set (an epoch would otherwise be one short batch)."""
+    if training_samples is not None and batch_size > training_samples:
+        raise InputError(f"batch_size {batch_size} is larger than the training set of {dataset!r} "
+                         f"({training_samples} samples after the validation split)")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -85,6 +94,11 @@ def check_field(name: str, value: Any) -> Any:
         raise InputError(f"{name} must be >= 0, got {value}")
     if name in _POSITIVE and not (math.isfinite(value) and value > 0):
         raise InputError(f"{name} must be a positive number, got {value}")
+    if name == "lr" and value > MAX_LR:
+        raise InputError(f"lr must be at most {MAX_LR:g}, got {value:g}")
+    if name == "momentum" and not value < 1:
+        raise InputError(f"momentum must be below 1 (a momentum of 1 or more never forgets a gradient and "
+                         f"diverges), got {value:g}")
     if name == "master_weights":
         return master_copy(value)
     if name == "device":
@@ -246,6 +260,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progres
 def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,
            factory: ModelFactory | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
     data = with_validation(dataset if dataset is not None else load_dataset(config.dataset, config.data_dir))
+    check_batch_size(config.batch_size, len(data.x_train), config.dataset)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
