@@ -214,7 +214,8 @@ _AccOpt = Annotated[str | None, typer.Option("--accumulator", help="Accumulator:
                                              "fp32, LNS int24).")]
 _VectorOpt = Annotated[int | None, typer.Option("--vector-length", help="K of the "
                                                 "dot-product unit (default 16; 1 = scalar fused MAC).")]
-_ROUNDINGS = "nearest, stochastic, stochastic(k), pseudo_stochastic or toward_zero"
+_ROUNDINGS = "nearest, stochastic, stochastic(k) (k random bits, 1..23), pseudo_stochastic or toward_zero"
+"""dse.formats.ROUNDINGS and stochastic(k) in words (not imported: --help stays free of torch)."""
 _RoundingOpt = Annotated[str, typer.Option(help=f"Rounding into the weight, activation and gradient formats: "
                                            f"{_ROUNDINGS}.")]
 _UpdateRoundingOpt = Annotated[str, typer.Option(help=f"Rounding of weights updated in their own format (no "
@@ -537,8 +538,9 @@ def train(
         help="Per-layer formats: rules as YAML/JSON, e.g. '[{match: head, format: fp32}, "
              "{match: \"type:Conv2d\", weights: int4}]', or a .yaml/.json file of them; the first "
              "matching rule wins.")] = None,
-    rounding: Annotated[str, typer.Option(help="Rounding into GEMMs.")] = "nearest",
-    update_rounding: Annotated[str, typer.Option(help="Rounding of stored weights.")] = "stochastic",
+    rounding: Annotated[str, typer.Option(help=f"Rounding into GEMMs: {_ROUNDINGS}.")] = "nearest",
+    update_rounding: Annotated[str, typer.Option(help=f"Rounding of stored weights: {_ROUNDINGS}.")]
+    = "stochastic",
     accumulation: Annotated[str | None, typer.Option(
         help="Format of the GEMMs' running partial sums, e.g. fp16, bf16 (default fp32).")] = None,
     accumulation_chunk: Annotated[int, typer.Option(
@@ -623,6 +625,8 @@ def sweep(
     config: Annotated[Path, typer.Argument(help="The sweep file (YAML; every key in docs/config.md).")],
     force: Annotated[bool, typer.Option("--force", help="Rerun finished trials; replace a store that holds "
                                         "another sweep's results.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Rerun the trials that failed (stored "
+                                               "with an error); finished ones are kept.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (overrides the "
                                                 "file's output:).")] = None,
@@ -670,7 +674,7 @@ def sweep(
         return
     reporter = RichReporter(console, error_console, quiet=quiet)
     try:
-        summary = run_sweep(settings, force=force, reporter=reporter)
+        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter)
     except KeyboardInterrupt:
         error_console.print(f"interrupted: finished trials are saved in {settings.output}; run the same "
                             "command again to resume", markup=False, highlight=False, soft_wrap=True)

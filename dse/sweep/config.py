@@ -178,6 +178,8 @@ class ExecutorConfig:
     group_size: int = 8
     """Trials of one configuration trained at once as a stacked network (dse/train/grouped.py);
     1 trains each alone. The default comes from benchmarks/sweep.py (docs/training.md)."""
+    retries: int = 2
+    """Ray: times a task whose worker died (a lost node, a killed process) is run again."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,7 @@ class _ExecutorSection(_Strict):
     threads: int = Field(1, ge=1)
     address: str | None = None
     group_size: int | None = Field(None, ge=1)
+    retries: int = Field(2, ge=0)
 
 
 class _ReportSection(_Strict):
@@ -635,7 +638,7 @@ def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorCon
     workers = section.workers if section.workers is not None else max(1, available_cores() // section.threads)
     group_size = section.group_size if section.group_size is not None else ExecutorConfig.group_size
     return ExecutorConfig(backend=section.backend, workers=workers, threads=section.threads,
-                          address=section.address, group_size=group_size)
+                          address=section.address, group_size=group_size, retries=section.retries)
 
 
 def available_cores() -> int:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -229,7 +230,7 @@ def check_output(directory: Path, name: str, force: bool) -> bool:
 def make_executor(sweep: SweepConfig) -> Executor:
     settings = sweep.executor
     if settings.backend == "ray":
-        return RayExecutor(settings.workers, settings.threads, settings.address)
+        return RayExecutor(settings.workers, settings.threads, settings.address, settings.retries)
     return LocalExecutor(settings.workers, settings.threads)
 
 
@@ -287,86 +288,108 @@ def better_than(record: TrialRecord, best: TrialRecord | None) -> bool:
 
 # --- the run --------------------------------------------------------------------------------------
 
-def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | None = None,
-              train_fn: TrainFn | None = None, executor: Executor | None = None,
-              reports: bool = True) -> SweepSummary:
+def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = False,
+              reporter: Reporter | None = None, train_fn: TrainFn | None = None,
+              executor: Executor | None = None, reports: bool = True) -> SweepSummary:
     """Run every unfinished trial of `sweep`, commit each as it finishes, then write the reports.
 
-    Trials of one configuration train in groups (`plan_groups`, executor.group_size).
-    `train_fn` replaces dse.train.loop.train (tests; it trains one trial, so nothing is grouped);
-    `executor` replaces the configured one;
-    `reports=False` skips dse.report.write_reports.
+    The steps: plan (every check, nothing written), acquire the executor (a Ray cluster is reached
+    before the disk is touched), open the store, execute, summarize, report. Trials of one
+    configuration train in groups (`plan_groups`, executor.group_size). `force` reruns every trial;
+    `retry_failed` reruns the trials stored as failed (status error). `train_fn` replaces
+    dse.train.loop.train (tests; it trains one trial, so nothing is grouped); `executor` replaces the
+    configured one; `reports=False` skips dse.report.write_reports.
     """
     started = time.perf_counter()
-    reporter = reporter or SilentReporter()
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
     groups, notes = plan_groups(runs, sweep.executor.group_size if train_fn is None else 1)
-    directory = sweep.output
-    replace_foreign = check_output(directory, sweep.name, force)
-    executor = executor or make_executor(sweep)
-    if isinstance(executor, RayExecutor):
-        executor.connect()
+    replace_foreign = check_output(sweep.output, sweep.name, force)
+    with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
+        if replace_foreign:
+            store.reset()
+        store.start(_store_meta(sweep, trials, runs), [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id],
+                                                                t.configuration, t.tuning) for t in trials],
+                    energies)
+        summary = execute_trials(sweep, trials, runs, groups, store, acquired,
+                                 rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
+                                 reporter=reporter or SilentReporter())
+    summary.notes = notes
+    frame = load_trials(sweep.output)
+    summarize(summary, frame)
+    if reports:
+        from dse.report import write_reports
+
+        summary.files = list(write_reports(frame, sweep.output, sweep.memory_objective))
+    summary.wall_time_s = time.perf_counter() - started
+    return summary
+
+
+def open_store(directory: Path) -> SweepStore:
+    """The sweep's store in `directory`, created with its folders (after every check has passed)."""
     try:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            store = SweepStore(directory)
-        except OSError as error:
-            raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
-        with store:
-            if replace_foreign:
-                store.reset()
-            ids = [trial.trial_id for trial in runs]
-            meta = {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.columns),
-                    "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
-                    "baselines": baseline_labels(sweep, trials),
-                    "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
-                                                "workloads": list(sweep.energy.columns)})}
-            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
-                    for t in trials]
-            store.start(meta, plan, energies)
-            finished = store.finished()
-            # a group with any member missing reruns whole; only the missing members are stored
-            groups = [g for g in groups if force or any(t.trial_id not in finished for t in g)]
-            wanted = {t.trial_id for g in groups for t in g if force or t.trial_id not in finished}
-            summary = SweepSummary(sweep.name, directory, total=len(runs),
-                                   skipped=len(runs) - len(wanted), ran=0, notes=notes)
-            summary.best = _best_of(load_trials(directory)) if summary.skipped else None
-            by_id = {trial.trial_id: trial for group in groups for trial in group}
+        directory.mkdir(parents=True, exist_ok=True)
+        return SweepStore(directory)
+    except OSError as error:
+        raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
 
-            def on_done(outcome: TrialOutcome) -> None:
-                if outcome.trial_id not in wanted:
-                    return
-                wanted.discard(outcome.trial_id)
-                trial = by_id[outcome.trial_id]
-                row = _row(trial, outcome)
-                store.record(row)
-                record = _record(trial, row)
-                summary.ran += 1
-                reporter.trial_done(record)
 
-            threads = sweep.executor.threads
-            longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
-            jobs = [_job(group, threads, train_fn) for group in longest_first]
-            reporter.start(len(trials), summary.skipped, summary.best)
-            try:
-                executor.run(jobs, on_done)
-            finally:
-                reporter.stop()
+def _store_meta(sweep: SweepConfig, trials: list[Trial], runs: list[Trial]) -> dict[str, Any]:
+    ids = [trial.trial_id for trial in runs]
+    return {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.columns),
+            "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
+            "baselines": baseline_labels(sweep, trials),
+            "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
+                                        "workloads": list(sweep.energy.columns)})}
+
+
+def _rerun(store: SweepStore, force: bool, retry_failed: bool) -> Callable[[str], bool]:
+    """Whether a trial is to run: not yet stored, or stored and rerun by --force (every trial) or
+    --retry-failed (the trials that failed)."""
+    statuses = store.statuses()
+    if force:
+        return lambda trial_id: True
+    return lambda trial_id: trial_id not in statuses or (retry_failed and statuses[trial_id] == "error")
+
+
+def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], groups: list[list[Trial]],
+                   store: SweepStore, executor: Executor, *, rerun: Callable[[str], bool],
+                   train_fn: TrainFn | None, reporter: Reporter) -> SweepSummary:
+    """Train the trials `rerun` asks for (longest groups first), committing each as it arrives."""
+    # a group with any member to run reruns whole; only the members to run are stored
+    groups = [g for g in groups if any(rerun(t.trial_id) for t in g)]
+    wanted = {t.trial_id for g in groups for t in g if rerun(t.trial_id)}
+    summary = SweepSummary(sweep.name, sweep.output, total=len(runs), skipped=len(runs) - len(wanted), ran=0)
+    best = _best_of(load_trials(sweep.output)) if summary.skipped else None
+    by_id = {trial.trial_id: trial for group in groups for trial in group}
+
+    def on_done(outcome: TrialOutcome) -> None:
+        if outcome.trial_id not in wanted:
+            return
+        wanted.discard(outcome.trial_id)
+        trial = by_id[outcome.trial_id]
+        row = _row(trial, outcome)
+        store.record(row)
+        summary.ran += 1
+        reporter.trial_done(_record(trial, row))
+
+    threads = sweep.executor.threads
+    longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
+    jobs = [_job(group, threads, train_fn) for group in longest_first]
+    reporter.start(len(trials), summary.skipped, best)
+    try:
+        executor.run(jobs, on_done)
     finally:
-        if isinstance(executor, RayExecutor):
-            executor.close()
-    frame = load_trials(directory)
+        reporter.stop()
+    return summary
+
+
+def summarize(summary: SweepSummary, frame: Any) -> None:
+    """The counts by status and the best trial of the whole store (this run and earlier ones)."""
     counts = frame.drop_duplicates("trial_id")["status"].value_counts()
     summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
                                                     for status in ("ok", "diverged", "error"))
     summary.best = _best_of(frame)
-    if reports:
-        from dse.report import write_reports
-
-        summary.files = list(write_reports(frame, directory, sweep.memory_objective))
-    summary.wall_time_s = time.perf_counter() - started
-    return summary
 
 
 def _best_of(frame: Any) -> TrialRecord | None:

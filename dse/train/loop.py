@@ -50,7 +50,7 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
 _ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
-MAX_LR = 10.0
+MAX_LR = 100.0
 """No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
 
 
