@@ -750,7 +750,10 @@ def _print_fronts(tables: Any, memory_objective: bool) -> None:
 
 @app.command("report")
 @user_errors
-def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False) -> None:
+def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False,
+           titles: Annotated[bool, typer.Option("--titles", help="Put a title in each figure (none by "
+                                                "default: the caption belongs to the paper).")] = False
+           ) -> None:
     """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
 
     The files always report each configuration at its chosen tuning point (all_points.csv has
@@ -763,7 +766,7 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
     _print_fronts(tables, memory_objective)
-    written = write_reports(trials, directory, memory_objective, None if all_points else tables)
+    written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 

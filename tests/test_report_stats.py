@@ -144,7 +144,7 @@ def test_the_plot_stars_front_points_tied_with_the_best() -> None:
         expected = label == "fp32 sgd" or welch_by_hand(np.array(values), best)[2] >= 0.05
         assert tied[label] == expected
     assert tied["fp32 sgd"] and tied["bf16 sgd"] and not tied["int8 sgd"]
-    figure = accuracy_energy_figure(summary, "t", "proxy")
+    figure = accuracy_energy_figure(summary, "t", "proxy", title=True)
     labels = figure.axes[0].get_legend_handles_labels()[1]
     assert "front, not significantly below the best (Welch p ≥ 0.05)" in labels
     assert figure.axes[0].get_title().endswith("n = 2-5 seeds")  # int4 has two seeds, int8 five
