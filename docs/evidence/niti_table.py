@@ -9,6 +9,9 @@ dse.train.niti for the length of the run):
   model-init      the proxy's own PyTorch init, then weight_quant (dse before issue 11)
   integer-ce      the cross-entropy's divisions truncating on integers
   exp+1           every weight exponent one up (the weights' values doubled, mantissas kept)
+  wrap            an accumulator of +-128 with nothing to shift cast to int8 as the reference's
+                  `.type(torch.int8)` does (+128 wraps to -128, -128 stays) instead of clipped to +-127
+  eval-1024       evaluation in batches of 1024 (dse before issue 11) instead of the training batch
   fp32            SGD, lr 0.05, momentum 0.9 (the loop's default)
 Prints one Markdown row per task and variant: test accuracy per seed, then validation accuracy.
 """
@@ -31,7 +34,7 @@ TASKS = {  # name: (model, dataset, epochs, batch size) as in issue 11's table
     "mnist1d-mlp": ("mlp", "mnist1d", 20, 100),
     "mnist1d-cnn": ("cnn", "mnist1d", 20, 100),
 }
-VARIANTS = ("niti", "model-init", "integer-ce", "exp+1", "fp32")
+VARIANTS = ("niti", "model-init", "integer-ce", "exp+1", "wrap", "eval-1024", "fp32")
 
 
 def _model_init(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
@@ -45,9 +48,32 @@ def _model_init(param: nn.Parameter, bitwidth: int, generator: torch.Generator) 
     return exp
 
 
+def _int8_cast(m: torch.Tensor) -> torch.Tensor:
+    """What the reference's int8 cast does to a value in -128..128: +128 becomes -128."""
+    return torch.where(m == 128, torch.full_like(m, -128), m)
+
+
+def _act_calc_wrapping(acc: torch.Tensor, bitwidth: int = niti.INT8_BITWIDTH) -> tuple[torch.Tensor, int]:
+    shift = niti.range_estimate(acc) - bitwidth
+    if shift > 0:
+        return niti.round_shift(acc, shift, bitwidth), shift
+    return _int8_cast(acc), 0
+
+
+def _grad_calc_wrapping(g32: torch.Tensor, mu: int, bitwidth: int = niti.INT8_BITWIDTH) -> torch.Tensor:
+    g32 = g32.to(torch.int64)
+    b = niti.range_estimate(g32)
+    if 0 < b and b - mu < 1:
+        return _int8_cast(g32)
+    return _saved_grad_calc(g32, mu, bitwidth)
+
+
+_saved_grad_calc = niti.grad_calc
+
+
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    saved = niti._init_weight, niti.NitiCrossEntropy
+    saved = niti._init_weight, niti.NitiCrossEntropy, niti.act_calc, niti.grad_calc, niti.niti_setup
     if name == "model-init":
         niti._init_weight = _model_init
     elif name == "integer-ce":
@@ -62,10 +88,18 @@ def variant(name: str) -> Iterator[None]:
             param.niti_exp += 1
             return param.niti_exp
         niti._init_weight = one_up
+    elif name == "wrap":
+        niti.act_calc, niti.grad_calc = _act_calc_wrapping, _grad_calc_wrapping
+    elif name == "eval-1024":
+        def setup_1024(*args: object) -> object:
+            made = saved[4](*args)
+            made.eval_batch = 1024
+            return made
+        niti.niti_setup = setup_1024
     try:
         yield
     finally:
-        niti._init_weight, niti.NitiCrossEntropy = saved
+        niti._init_weight, niti.NitiCrossEntropy, niti.act_calc, niti.grad_calc, niti.niti_setup = saved
 
 
 def main() -> None:

@@ -90,6 +90,7 @@ class TrainingFormats:
                   "weight_grads": weight_grads, "optimizer_state": optimizer_state}
         return cls(TensorFormats.resolve({name: _spec(value) for name, value in fields.items()}), **options)
 
+
     def resolve(self, workload: Workload) -> ResolvedFormats:
         tensors = self.tensors
         weight = _format(tensors.weights)

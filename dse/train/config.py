@@ -156,3 +156,6 @@ class TrainingSetup:
     optimizer: torch.optim.Optimizer
     on_epoch_start: Any = None
     """Optional callable(epoch: int) run before each epoch (warm-up switch, learning-rate schedule)."""
+    eval_batch: int | None = None
+    """Batch size of evaluation when the method's outputs depend on it (NITI's per-tensor exponents
+    span the batch); None: the loop's EVAL_BATCH."""

@@ -208,13 +208,13 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = EVAL_BATCH) -> float:
     """Accuracy on (x, y): per sample for classification, per token for sequence tasks."""
     model.eval()
     correct = 0
-    for start in range(0, len(x), EVAL_BATCH):
-        logits = model(x[start:start + EVAL_BATCH])
-        correct += int((logits.argmax(-1) == y[start:start + EVAL_BATCH]).sum())
+    for start in range(0, len(x), batch):
+        logits = model(x[start:start + batch])
+        correct += int((logits.argmax(-1) == y[start:start + batch]).sum())
     model.train()
     return correct / y.numel()
 
@@ -297,8 +297,8 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
         if not diverged and not all(torch.isfinite(p).all() for p in setup.model.parameters()):
             diverged = True
         losses.append(total / max(batches, 1) if not diverged else math.nan)
-        val_accuracies.append(evaluate(setup.model, x_val, y_val))
-        accuracies.append(evaluate(setup.model, x_test, y_test))
+        val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
+        accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))
         if progress is not None:
             progress(epoch, losses[-1], accuracies[-1])
         if diverged:

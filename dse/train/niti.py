@@ -948,5 +948,6 @@ def niti_setup(model: nn.Module, config: TrainConfig, generator: torch.Generator
         for group in optimizer.param_groups:
             group["mu"] = niti_mu_for_epoch(start_mu, epoch, epochs)
 
+    # The reference evaluates at its training batch size (main.py, data.py: one BATCH_SIZE).
     return TrainingSetup(model=model, loss_fn=NitiCrossEntropy(bitwidth, generator), optimizer=optimizer,
-                         on_epoch_start=on_epoch_start)
+                         on_epoch_start=on_epoch_start, eval_batch=config.batch_size)
