@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
 from dse import __version__
+from dse.cli import app
 from dse.errors import InputError, InputErrors
 from dse.sweep import load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor, TrialJob
@@ -64,7 +64,7 @@ def test_one_spelling_per_idea_across_commands() -> None:
     assert "--to" in export and "--format" not in export and " -f " not in export
     for text in (train, energy):  # the rounding options name their choices
         assert "stochastic(k)" in text.split("--update-rounding")[1][:400]
-    from cli import _ROUNDINGS
+    from dse.cli import _ROUNDINGS
     from dse.formats import ROUNDINGS
 
     assert all(mode in _ROUNDINGS for mode in ROUNDINGS)

@@ -531,7 +531,7 @@ def test_mu_schedule_follows_the_paper_regime() -> None:
 
 def test_digits_mlp_learns() -> None:
     from dse.data import load_dataset
-    from models.proxies import build_model
+    from dse.models.proxies import build_model
 
     data = load_dataset("digits")
     torch.manual_seed(0)
@@ -554,7 +554,7 @@ def test_digits_mlp_learns() -> None:
 
 
 def test_transformer_runs_with_integer_layers() -> None:
-    from models.proxies import Transformer
+    from dse.models.proxies import Transformer
 
     torch.manual_seed(0)
     model = Transformer(vocab=12, seq=6, d_model=16, heads=2, d_ff=32, n_layers=1)

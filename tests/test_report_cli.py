@@ -10,7 +10,7 @@ import pytest
 from report_frames import build_store, example_trials, trial_row, trials_frame
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.report import render_table
 from dse.sweep.store import load_trials
 

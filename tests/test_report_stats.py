@@ -18,7 +18,7 @@ from report_frames import trial_row, trials_frame
 from scipy import stats
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.report import summarize_trials
 from dse.report.plots import accuracy_energy_figure, tied_with_best
 from dse.report.stats import mean_interval, welch

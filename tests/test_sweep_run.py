@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.sweep import load_trials, parse_config, run_sweep
 from dse.train.config import TrainConfig
 from dse.train.loop import train

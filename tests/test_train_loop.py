@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
 from dse.train import TrainConfig, train
 
@@ -165,8 +165,8 @@ def test_a_run_uses_its_own_settings_and_gives_the_callers_back() -> None:
 def _epoch_lrs(config: TrainConfig) -> list[float]:
     """The optimizer's learning rate in each epoch, as the loop sets it."""
     from dse.data import load_dataset
+    from dse.models.proxies import build_model
     from dse.train.loop import prepare
-    from models.proxies import build_model
 
     model = build_model(config.model, load_dataset(config.dataset))
     setup = prepare(model, config, torch.Generator().manual_seed(0))

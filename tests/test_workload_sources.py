@@ -14,13 +14,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
-from dse.sweep import parse_config
-from dse.sweep.energy import EnergyEstimator
-from dse.train.config import TrainConfig
-from models.trace import trace_model
-from models.workloads import (
+from dse.models.trace import trace_model
+from dse.models.workloads import (
     BUILT_IN_WORKLOADS,
     Workload,
     get_workload,
@@ -28,6 +25,9 @@ from models.workloads import (
     llama_ffn_width,
     workload_names,
 )
+from dse.sweep import parse_config
+from dse.sweep.energy import EnergyEstimator
+from dse.train.config import TrainConfig
 
 # --- tracing ---------------------------------------------------------------------------------------
 
@@ -352,7 +352,7 @@ PROXIES = {"digits-mlp": ("mlp", "digits"), "digits-cnn": ("cnn", "digits"), "m1
 @pytest.mark.parametrize("name", sorted(PROXIES))
 def test_proxy_workloads_match_torchs_count_of_the_trained_model(name: str) -> None:
     from dse.data import load_dataset
-    from models.proxies import build_model
+    from dse.models.proxies import build_model
 
     model_name, dataset_name = PROXIES[name]
     data = load_dataset(dataset_name)

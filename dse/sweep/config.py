@@ -20,13 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
 from dse.errors import InputError, InputErrors, Problems, closest
+from dse.models.workloads import is_workload_file
 from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
 from dse.train.config import TrainConfig
 from dse.train.loop import check_field
 from dse.usercode import absolute, is_ref, load_function, parse_ref
 from dse.usercode import identity as code_identity
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
-from models.workloads import is_workload_file
 
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
 """What makes a task a task: set once per task, never gridded."""

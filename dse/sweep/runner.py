@@ -131,7 +131,7 @@ def check_tasks(sweep: SweepConfig) -> dict[str, int]:
     """Each task's dataset loads and its model fits it (a file dataset needs its data_dir); returns each
     task's number of training samples (after the validation split)."""
     from dse.data import load_dataset, with_validation
-    from models.proxies import build_model
+    from dse.models.proxies import build_model
 
     problems = Problems()
     samples: dict[str, int] = {}
@@ -150,9 +150,9 @@ def check_tasks(sweep: SweepConfig) -> dict[str, int]:
 def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
     """Every per-layer rule matches some GEMM of its task's model (an error names the rule's line)."""
     from dse.data import load_dataset
+    from dse.models.proxies import build_model
     from dse.precision import TensorFormats, resolve_layers
     from dse.train.functional import model_layers
-    from models.proxies import build_model
 
     problems = Problems()
     for task in sweep.tasks:

@@ -23,6 +23,7 @@ from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
 from dse.formats import check_rounding
 from dse.formats import get as get_format
+from dse.models.proxies import MODELS, ModelFactory, build_model
 from dse.precision import FULL_PRECISION_LAYER_NAMES, layer_rules
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
@@ -30,7 +31,6 @@ from dse.train.optim import lns_madam_copy_error, make_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.usercode import describe, is_ref, load_function
-from models.proxies import MODELS, ModelFactory, build_model
 
 EVAL_BATCH = 1024
 EXAMPLE_SAMPLES = 2
