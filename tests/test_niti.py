@@ -1,5 +1,6 @@
-"""NITI integer-only training: the integer primitives against models written from seeds.md B.2-B.6,
-the layers against hand computations in int64, and short real training runs."""
+"""NITI integer-only training: the integer primitives against models written from the reference code
+(wangmaolin/niti: ti_torch.py, ti_loss.py), the layers against hand computations in int64, and short
+real training runs."""
 
 from __future__ import annotations
 
