@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 console = Console()
 error_console = Console(stderr=True)
@@ -31,29 +31,28 @@ def _flags_without_metavar(params: list[Any]) -> list[Any]:
     return params
 
 
-class _Commands(TyperGroup):
-    """dse's command groups: usage errors (`--epochs ten`, an unknown option) as one line on stderr and
-    exit code 2, like every other bad input (Click draws a boxed panel of several lines); flags without
-    a metavar in every command's help."""
+class _Command(TyperCommand):
+    """A dse command: its flags show no metavar in its help."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
 
-    def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        command = super().get_command(ctx, cmd_name)
-        if command is not None and not isinstance(command, TyperGroup):
-            own_params = type(command).get_params
-            command.get_params = lambda ctx: _flags_without_metavar(own_params(command, ctx))
-        return command
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+class _Commands(TyperGroup):
+    """dse's command groups: usage errors (`--epochs ten`, an unknown option) as one line on stderr and
+    exit code 2, like every other bad input (Click draws a boxed panel of several lines); flags without
+    a metavar in the help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
         if not standalone_mode:
-            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                                standalone_mode=False, **extra)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                                standalone_mode=False, **extra)
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except typer.TyperException as error:  # Click's usage errors (typer >= 0.29 vendors Click)
             context = getattr(error, "ctx", None)
             where = f"{context.command_path}: " if context is not None else ""
@@ -158,7 +157,7 @@ def _describe_field(value: Any) -> str:
     return getattr(value, "spec", None) or str(value)
 
 
-@formats_app.command("show")
+@formats_app.command("show", cls=_Command)
 @user_errors
 def formats_show(
     spec: Annotated[str, typer.Argument(help='A format spec, e.g. "posit(16,1)" or fp8_e4m3.')],
@@ -283,7 +282,7 @@ def _check_csv_target(csv: Path | None) -> None:
         raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
 
 
-@app.command("energy")
+@app.command("energy", cls=_Command)
 @user_errors
 def energy(
     workload: _WorkloadOpt,
@@ -422,7 +421,7 @@ _COMPARE_HEADERS = {
 }
 
 
-@app.command("compare")
+@app.command("compare", cls=_Command)
 @user_errors
 def compare(
     specs: Annotated[list[str], typer.Argument(help="Formats to compare, e.g. lns8 posit8 int8 fp8_e4m3.")],
@@ -497,7 +496,7 @@ def _json_safe(value: Any) -> Any:
 _FormatOpt = Annotated[str | None, typer.Option(help="Format of this tensor class (overrides --format).")]
 
 
-@app.command("train")
+@app.command("train", cls=_Command)
 @user_errors
 def train(
     model: Annotated[str, typer.Option(help="mlp, cnn, resnet, transformer, or your own as file.py:function "
@@ -619,7 +618,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-@app.command("sweep")
+@app.command("sweep", cls=_Command)
 @user_errors
 def sweep(
     config: Annotated[Path, typer.Argument(help="The sweep file (YAML; every key in docs/config.md).")],
@@ -748,7 +747,7 @@ def _print_fronts(tables: Any, memory_objective: bool) -> None:
             _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
 
 
-@app.command("report")
+@app.command("report", cls=_Command)
 @user_errors
 def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False,
            titles: Annotated[bool, typer.Option("--titles", help="Put a title in each figure (none by "
@@ -770,7 +769,7 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 @user_errors
 def export(
     directory: _DirArg,

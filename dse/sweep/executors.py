@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dse.errors import InputError
 
 TrainFn = Callable[[Any], Any]
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Executor(Protocol):
     """Where jobs run. Used as a context manager: entering acquires what the executor needs (a Ray
     cluster) before the sweep writes anything, leaving releases it."""
 
-    def __enter__(self) -> Executor: ...
+    def __enter__(self: E) -> E: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
@@ -142,7 +143,7 @@ class Executor(Protocol):
 class _NothingToAcquire:
     """An executor that holds nothing between runs: entering and leaving do nothing."""
 
-    def __enter__(self) -> _NothingToAcquire:
+    def __enter__(self: E) -> E:
         return self
 
     def __exit__(self, *exc: object) -> None:
