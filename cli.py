@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -493,76 +494,132 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-_FormatOpt = Annotated[str | None, typer.Option(help="Format of this tensor class (overrides --format).")]
+# --- train: its options are TrainConfig's fields --------------------------------------------------
+
+_TRAIN_DECLS: dict[str, tuple[str, ...]] = {"format": ("--format", "-f")}
+"""Option names other than the field's own (--field-name)."""
+_TRAIN_CHOICES: dict[str, str] = {
+    "dataset": "built in: digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10",
+    "optimizer": "sgd, adam, adamw, madam, lns-madam or niti",
+    "lr_schedule": "constant, cosine or step", "rounding": _ROUNDINGS, "update_rounding": _ROUNDINGS,
+    "device": "cpu or cuda[:N]", "full_precision_layers": "comma-separated: first, last",
+    "master_weights": "true (fp32), false (the weight format) or a format spec, e.g. 'lns(16,gamma=128)'",
+    "layers": "rules as YAML/JSON, e.g. '[{match: head, format: fp32}]', or a .yaml/.json file of them",
+}
+"""What a field's value may be, in words, where its type does not say it."""
+_TRAIN_TEXT_FIELDS = ("master_weights", "full_precision_layers", "layers")
+"""Fields given as text on the command line and read into their TrainConfig type."""
+_TRAIN_FALLBACK_HELP: dict[str, str] = {
+    "format": "Format of weights, activations and gradients (default fp32).",
+    "weights": "Weight format (overrides --format).",
+    "activations": "Activation format (overrides --format).",
+    "gradients": "Gradient format (overrides --format).",
+    "weight_grads": "Weight-gradient format (default: --gradients).",
+    "optimizer_state": "Optimizer-state format (default fp32).", "optimizer": "The training method.",
+    "momentum": "SGD momentum (sgd only).", "weight_decay": "Weight decay (sgd, adam, adamw).",
+    "epochs": "Training epochs.", "batch_size": "Batch size.",
+    "seed": "Seed of init, batch order and stochastic rounding.", "threads": "torch threads.",
+    "device": "Where to train.", "data_dir": "Folder of a file dataset (mnist, cifar10).",
+}
+"""Help of the fields whose TrainConfig docstring is missing."""
 
 
-@app.command("train", cls=_Command)
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring: the string literal written under it in the class body."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _first_sentence(text: str) -> str:
+    import re
+
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def _train_parameters() -> list[Any]:
+    """One option per TrainConfig field (its type, default and docstring), then the command's own."""
+    import inspect
+    import typing
+
+    from dse.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    docs = _field_docs(TrainConfig)
+    parameters = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        default = field.default
+        kind: Any = hints[name]
+        if name in _TRAIN_TEXT_FIELDS:
+            kind, default = (str | None, None) if name == "layers" else (str, _config_text(default))
+        elif name == "data_dir":
+            kind = Path | None
+        help_text = _first_sentence(docs.get(name) or _TRAIN_FALLBACK_HELP.get(name, ""))
+        if name in _TRAIN_CHOICES:
+            help_text = f"{help_text} {_TRAIN_CHOICES[name]}.".strip()
+        decls = _TRAIN_DECLS.get(name, (f"--{name.replace('_', '-')}",))
+        option = typer.Option(*decls, help=help_text)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[kind, option]))
+    own = {
+        "no_master_weights": (bool, typer.Option("--no-master-weights", help="No copy: the weights are "
+                                                 "stored in their GEMM format (--master-weights false).")),
+        "as_json": (bool, typer.Option("--json", help="Print one JSON object (no progress lines).")),
+        "quiet": (bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")),
+        "verbose": (bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and the "
+                                       "GEMMs left in fp32.")),
+    }
+    for name, (kind, option) in own.items():
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                                            annotation=Annotated[kind, option]))
+    return parameters
+
+
+def _config_text(value: Any) -> str:
+    """A field's default as the command line spells it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
+    """A text option read into its TrainConfig field's type."""
+    from dse.precision import read_layer_rules
+    from dse.train.loop import check_field
+
+    if name == "master_weights":
+        return False if no_master_weights else check_field("master_weights", text)
+    if name == "full_precision_layers":
+        return tuple(layer.strip() for layer in (text or "").split(",") if layer.strip())
+    return read_layer_rules(text) if text else ()
+
+
 @user_errors
-def train(
-    model: Annotated[str, typer.Option(help="mlp, cnn, resnet, transformer, or your own as file.py:function "
-                                       "or package.module:function.")] = "mlp",
-    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10, or "
-                                         "your own as file.py:function.")] = "digits",
-    format: Annotated[str | None, typer.Option(
-        "--format", "-f", help="Format of weights, activations and gradients (default fp32).")] = None,
-    weights: _FormatOpt = None,
-    activations: _FormatOpt = None,
-    gradients: _FormatOpt = None,
-    weight_grads: _FormatOpt = None,
-    optimizer_state: _FormatOpt = None,
-    optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw, madam, lns-madam, niti.")] = "sgd",
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the optimizer's).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum (sgd only).")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
-    niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
-    master_weights: Annotated[str, typer.Option(
-        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(16,gamma=128)'.")]
-    = "true",
-    no_master_weights: Annotated[bool, typer.Option(
-        "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
-    p_scale: Annotated[float, typer.Option(
-        help="Madam / LNS-Madam: weight bound, in RMS of the initial weights.")] = 3.0,
-    g_bound: Annotated[float, typer.Option(help="Madam / LNS-Madam: bound on the normalised gradient.")]
-    = 10.0,
-    lr_schedule: Annotated[str, typer.Option(help="constant, cosine or step.")] = "constant",
-    lr_warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
-    lr_step_epochs: Annotated[int, typer.Option(help="step schedule: epochs between decays.")] = 10,
-    lr_gamma: Annotated[float, typer.Option(help="step schedule: factor of each decay.")] = 0.1,
-    warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
-    layer_scaling: Annotated[bool, typer.Option("--layer-scaling",
-                                                help="Lu et al.'s layer-wise posit scaling.")] = False,
-    full_precision_layers: Annotated[str, typer.Option(
-        help="Comma-separated layers kept in fp32: first, last (default none).")] = "",
-    layers: Annotated[str | None, typer.Option(
-        help="Per-layer formats: rules as YAML/JSON, e.g. '[{match: head, format: fp32}, "
-             "{match: \"type:Conv2d\", weights: int4}]', or a .yaml/.json file of them; the first "
-             "matching rule wins.")] = None,
-    rounding: Annotated[str, typer.Option(help=f"Rounding into GEMMs: {_ROUNDINGS}.")] = "nearest",
-    update_rounding: Annotated[str, typer.Option(help=f"Rounding of stored weights: {_ROUNDINGS}.")]
-    = "stochastic",
-    accumulation: Annotated[str | None, typer.Option(
-        help="Format of the GEMMs' running partial sums, e.g. fp16, bf16 (default fp32).")] = None,
-    accumulation_chunk: Annotated[int, typer.Option(
-        help="Products summed in fp32 before each rounding into --accumulation.")] = 16,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of init, batch order and stochastic rounding.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (no progress lines).")]
-    = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and "
-                                          "the GEMMs left in fp32.")] = False,
-) -> None:
+def train(**options: Any) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
 
-    from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
-    from dse.train.loop import check_field
+
+    as_json, quiet, verbose = options.pop("as_json"), options.pop("quiet"), options.pop("verbose")
+    no_master_weights = options.pop("no_master_weights")
+    for name in _TRAIN_TEXT_FIELDS:
+        options[name] = _config_value(name, options[name], no_master_weights)
+    if options["data_dir"] is not None:
+        options["data_dir"] = str(options["data_dir"])
 
     def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
         if verbose:
@@ -573,21 +630,8 @@ def train(
         for message in unconverted:  # always: a GEMM left in fp32 is never silent
             error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
-    config = TrainConfig(
-        model=model, dataset=dataset, format=format, weights=weights, activations=activations,
-        gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
-        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, niti_mu=niti_mu,
-        master_weights=False if no_master_weights else check_field("master_weights", master_weights),
-        p_scale=p_scale, g_bound=g_bound,
-        lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs, lr_step_epochs=lr_step_epochs,
-        lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
-        full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
-                                    if name.strip()),
-        layers=read_layer_rules(layers) if layers else (),
-        rounding=rounding, update_rounding=update_rounding,
-        accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
-        batch_size=batch_size, seed=seed, threads=threads, device=device,
-        data_dir=None if data_dir is None else str(data_dir))
+    config = TrainConfig(**options)
+
     def report_epoch(epoch: int, loss: float, accuracy: float) -> None:
         error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, test accuracy "
                             f"{accuracy:.4f}", markup=False, highlight=False)
@@ -611,6 +655,10 @@ def train(
     for name, value in rows:
         table.add_row(name, value)
     _print_whole(table)
+
+
+train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]  # Typer reads it
+app.command("train", cls=_Command)(train)
 
 
 def _duration(seconds: float) -> str:

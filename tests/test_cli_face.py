@@ -178,3 +178,21 @@ def test_the_sweep_command_ends_with_each_tasks_front(tmp_path: Path) -> None:
     result = runner.invoke(app, ["sweep", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Pareto front: mlp/digits on proxy" in result.stdout
+
+
+def test_train_has_one_option_per_config_field_with_its_default() -> None:
+    import dataclasses
+    import inspect
+
+    from dse.cli import _config_text, train
+
+    parameters = inspect.signature(train).parameters
+    command_options = {name: parameter.default for name, parameter in parameters.items()}
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in command_options, field.name
+        default = command_options[field.name]
+        expected = field.default if field.name not in ("master_weights", "full_precision_layers") else \
+            _config_text(field.default)
+        assert default == (None if field.name == "layers" else expected), field.name
+    cli_only = set(command_options) - {field.name for field in dataclasses.fields(TrainConfig)}
+    assert cli_only == {"no_master_weights", "as_json", "quiet", "verbose"}
