@@ -224,6 +224,9 @@ _LnsOpt = Annotated[str | None, typer.Option("--lns-datapath", help="LNS convers
                                              "partial sums, default) or direct (per product).")]
 _MitchellOpt = Annotated[int | None, typer.Option("--mitchell-bits", help="LNS remainder bits approximated "
                                                   "by Mitchell (default 0).")]
+_LnsConversionOpt = Annotated[int | None, typer.Option("--lns-conversion-length", help="LNS-Madam: products "
+                                                      "per conversion of the partial sums, a multiple of K "
+                                                      "(default K).")]
 _AlignOpt = Annotated[int | None, typer.Option("--alignment-bits", help="FP/MX alignment width (default: "
                                                "exact for MX, accumulator + 3 bits otherwise).")]
 _SramOpt = Annotated[str | None, typer.Option(help="SRAM preset (default horowitz_32kb).")]
@@ -247,6 +250,7 @@ class _EnergyOptions:
     vector_length: int | None
     lns_datapath: str | None
     mitchell_bits: int | None
+    lns_conversion_length: int | None
     alignment_bits: int | None
     sram: str | None
     dram: str | None
@@ -263,6 +267,7 @@ class _EnergyOptions:
         datapath = DatapathParams(**given(accumulator=self.accumulator, vector_length=self.vector_length,
                                           lns_datapath=self.lns_datapath,
                                           lns_mitchell_bits=self.mitchell_bits,
+                                          lns_conversion_length=self.lns_conversion_length,
                                           alignment_bits=self.alignment_bits))
         memory = MemoryParams(**given(sram=self.sram, dram=self.dram, sram_scaling=self.sram_scaling,
                                       operand_reuse=self.operand_reuse))
@@ -307,6 +312,7 @@ def energy(
     update_rounding: _UpdateRoundingOpt = "nearest",
     lns_datapath: _LnsOpt = None,
     mitchell_bits: _MitchellOpt = None,
+    lns_conversion_length: _LnsConversionOpt = None,
     alignment_bits: _AlignOpt = None,
     sram: _SramOpt = None,
     dram: _DramOpt = None,
@@ -339,7 +345,8 @@ def energy(
 
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
-                           alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
+                           lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
+                           table).model()
     formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
                                  activations=activations and get(activations),
                                  gradients=gradients and get(gradients),
@@ -440,6 +447,7 @@ def compare(
     update_rounding: _UpdateRoundingOpt = "nearest",
     lns_datapath: _LnsOpt = None,
     mitchell_bits: _MitchellOpt = None,
+    lns_conversion_length: _LnsConversionOpt = None,
     alignment_bits: _AlignOpt = None,
     sram: _SramOpt = None,
     dram: _DramOpt = None,
@@ -457,7 +465,8 @@ def compare(
 
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
-                           alignment_bits, sram, dram, sram_scaling, operand_reuse, table).model()
+                           lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
+                           table).model()
     formats = [get(spec) for spec in specs]
     network = get_workload(workload, dataset, batch_size)
     frame = compare_formats(formats, network, model, batch_size, optimizer=optimizer, rounding=rounding,
@@ -503,7 +512,7 @@ _TRAIN_CHOICES: dict[str, str] = {
     "optimizer": "sgd, adam, adamw, madam, lns-madam or niti",
     "lr_schedule": "constant, cosine or step", "rounding": _ROUNDINGS, "update_rounding": _ROUNDINGS,
     "device": "cpu or cuda[:N]", "full_precision_layers": "comma-separated: first, last",
-    "master_weights": "true (fp32), false (the weight format) or a format spec, e.g. 'lns(16,gamma=128)'",
+    "master_weights": "true (fp32), false (the weight format) or a format spec, e.g. 'lns(12,gamma=128)'",
     "layers": "rules as YAML/JSON, e.g. '[{match: head, format: fp32}]', or a .yaml/.json file of them",
 }
 """What a field's value may be, in words, where its type does not say it."""

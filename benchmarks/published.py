@@ -251,15 +251,113 @@ def model_tables() -> str:
     return "\n".join(lines)
 
 
+def lns_madam_ablation() -> str:
+    """LNS-Madam LNS8 / INT8 MAC at K = 16, L = 1024: the earlier accounting, each correction applied in
+    turn, then the conversion period. The last correction's value is checked against the model."""
+    from dse.energy import DatapathParams, build_model, mac_energy
+    from dse.energy.datapaths import lns_constant_adders
+    from dse.formats import get
+
+    c = build_model("45nm").components
+    k, length, width, scaled, buckets = 16, 1024, 24, 30, 8  # int24 partial sums, 6-bit constants, gamma 8
+
+    def mac(spec: str, **params: Any) -> float:
+        return mac_energy(get(spec), None, c, DatapathParams(vector_length=k, **params), length).total_pj
+
+    int8 = mac("int8")
+    multiply_route = c.adder(7) + c.gates(2) + c.gates(buckets) + c.gates(width)
+    one_hot = c.incrementer(width) + c.gates(width)
+    sum_and_output = (buckets - 1) * c.adder(scaled) + c.adder(scaled) + c.register(scaled)
+    state = buckets * c.register(width)
+    terms = {"register": c.register(width), "one_hot": one_hot, "state": state,
+             "constants": buckets * 2 * c.adder(scaled), "tree": 0.0}
+    steps = [("earlier accounting: each product increments a 24-b partial-sum register; per K: 16 constant "
+              "adders, 8 registers cleared", {}),
+             ("products meet in per-remainder adder trees, no register write per product (as INT8's tree)",
+              {"register": 0.0}),
+             ("a tree adder per product instead of a one-hot increment (as INT8: one adder per product)",
+              {"one_hot": 0.0, "tree": c.adder(width)}),
+             ("no partial-sum registers to clear: converting every K, the trees feed the constants",
+              {"state": 0.0}),
+             ("constant multiplies: non-zero CSD digits of the 7 rounded constants (r = 0 is a wire)",
+              {"constants": lns_constant_adders(buckets, 6) * c.adder(scaled)})]
+    lines = ["| step | LNS8 MAC (pJ) | / INT8 MAC |", "|---|---|---|"]
+    for text, change in steps:
+        terms.update(change)
+        per_product = multiply_route + terms["register"] + terms["one_hot"] + terms["tree"]
+        value = per_product + (terms["state"] + terms["constants"] + sum_and_output) / k
+        lines.append(f"| {text} | {value:.4f} | {value / int8:.3f} |")
+    assert abs(value - mac("lns8")) < 1e-9, "the ablation's last step must be the model"
+    for period in (64, 256, 1024):
+        value = mac("lns8", lns_conversion_length=period)
+        lines.append(f"| convert every {period} products (8 partial-sum registers written once per K) "
+                     f"| {value:.4f} | {value / int8:.3f} |")
+    direct = mac("lns8", lns_datapath="direct")
+    lines.append(f"| LNS8 direct conversion (LUT, shift, one int24 tree) | {direct:.4f} "
+                 f"| {direct / int8:.3f} |")
+    return "\n".join(lines)
+
+
+PAPER_RATIOS = (0.09, 0.22, 0.45)  # LNS-Madam: LNS8 / FP32, FP16, FP8 per training iteration
+
+
+def lns_madam_baselines(workload: str = "resnet50") -> str:
+    """Which FP baselines reproduce the paper's ratios: each scope, FP vector length, FP accumulator and
+    operand reuse, with the FP16 / FP32 and FP8 / FP32 ratios the paper's figures imply (0.41, 0.20)."""
+    from dse.energy import DatapathParams, build_model, iteration_energy
+    from dse.energy.iteration import GEMM_UNITS
+    from dse.energy.model import MemoryParams
+    from dse.formats import get
+
+    def energy(spec: str, scope: str, reuse: float, free_datapath: bool = False, **params: Any) -> float:
+        memory = MemoryParams(operand_reuse=reuse)
+        model = build_model("45nm", DatapathParams(**params), scope=scope, memory=memory)
+        frame = iteration_energy(workload, get(spec), model)
+        if free_datapath:  # only what the operands cost around the MAC units
+            frame = frame[~frame["unit"].isin(GEMM_UNITS)]
+        return float(frame["energy_pj"].sum())
+
+    implied = (PAPER_RATIOS[0] / PAPER_RATIOS[1], PAPER_RATIOS[0] / PAPER_RATIOS[2])
+    lines = [f"| scope | operand reuse | FP MACs | LNS8 / FP32, FP16, FP8 (paper {_cell(PAPER_RATIOS)}) "
+             f"| FP16 / FP32, FP8 / FP32 (implied {_cell(implied)}) | largest error |", "|" + "---|" * 6]
+    for scope in ("datapath", "pe"):
+        for reuse in ((16.0,) if scope == "datapath" else (16.0, 256.0)):
+            lns = energy("lns8", scope, reuse)
+            for k in (16, 1):
+                for own in (False, True):
+                    bases = []
+                    for spec, acc in (("fp32", "fp32"), ("fp16", "fp16"), ("fp8_e4m3", "fp16")):
+                        accumulator = acc if own else None
+                        bases.append(energy(spec, scope, reuse, vector_length=k, accumulator=accumulator))
+                    ratios = tuple(lns / b for b in bases)
+                    error = max(abs(r / p - 1) for r, p in zip(ratios, PAPER_RATIOS, strict=True))
+                    fp_text = f"K = {k}, " + ("FP16-accumulating FP16 / FP8" if own else "FP32 accumulator")
+                    lines.append(f"| {scope} | {reuse:g} | {fp_text} | {_cell(ratios)} "
+                                 f"| {_cell((bases[1] / bases[0], bases[2] / bases[0]))} | {error:.0%} |")
+    lns = energy("lns8", "pe", 16.0, free_datapath=True)
+    bases = [energy(spec, "pe", 16.0) for spec in ("fp32", "fp16", "fp8_e4m3")]
+    ratios = tuple(lns / b for b in bases)
+    error = max(abs(r / p - 1) for r, p in zip(ratios, PAPER_RATIOS, strict=True))
+    lines.append(f"| pe, LNS8 MACs free (its buffers, registers, update only) | 16 "
+                 f"| K = 16, FP32 accumulator "
+                 f"| {_cell(ratios)} | {_cell((bases[1] / bases[0], bases[2] / bases[0]))} | {error:.0%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default=BEFORE, help="git commit of the 'before' column ('' for none)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--model-tables", action="store_true", help="print the per-MAC and ResNet-50 tables")
+    parser.add_argument("--lns-madam", action="store_true",
+                        help="print the LNS-Madam MAC ablation and the per-iteration baseline comparison")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     if args.model_tables:
         print(model_tables())
+        return
+    if args.lns_madam:
+        print(lns_madam_ablation(), "", lns_madam_baselines(), sep="\n")
         return
     now = _values()
     before = _before(args.before) if args.before else None

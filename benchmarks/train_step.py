@@ -54,7 +54,7 @@ def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, 
     if label == NO_OP:
         for module in quantized_layers(setup.model):
             quant = module.gemm_quant
-            for name in ("activation", "weight", "error", "weight_grad"):
+            for name in ("activations", "weights", "gradients", "weight_grads"):
                 if getattr(quant, name) is not None:
                     setattr(quant, name, _identity)
     x, y = data.x_train.to(device), data.y_train.to(device)

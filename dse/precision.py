@@ -2,7 +2,10 @@
 
 A GEMM layer of a training step touches four tensor classes (`GEMM_TENSOR_CLASSES`): its weights and
 activations (the forward operands), its gradients (the errors flowing back, the backward-data operand)
-and its weight gradients (the backward-weight result); the optimizer adds its state. `TensorFormats`
+and its weight gradients (the backward-weight result); the optimizer adds the stored copy of the
+weights it updates (master_weights) and its state (optimizer_state). These names (`TENSOR_CLASSES`)
+are the one vocabulary: config fields, QuantPolicy's quantizers, a quantized layer's quantizers and
+the energy model's `tensor` column all use them. `TensorFormats`
 names a format spec for each, and `TensorFormats.resolve` is the one place the `format` shorthand is
 applied: `format` fills weights, activations and gradients; `gradients` fills weight_grads unless it
 is given; what is left stays as the base (fp32 by default).
@@ -30,12 +33,28 @@ from typing import Any
 from dse.errors import InputError
 
 FP32 = "fp32"
-GEMM_TENSOR_CLASSES: tuple[str, ...] = ("weights", "activations", "gradients", "weight_grads")
+WEIGHTS = "weights"
+ACTIVATIONS = "activations"
+GRADIENTS = "gradients"
+"""The errors flowing back (activation gradients): the backward-data GEMM's operand."""
+WEIGHT_GRADS = "weight_grads"
+"""The backward-weight GEMM's result."""
+MASTER_WEIGHTS = "master_weights"
+"""The stored copy of the weights the optimizer updates (an fp32 or own-format master copy, or the
+weights themselves in their GEMM format when no copy is kept)."""
+OPTIMIZER_STATE = "optimizer_state"
+"""Momentum buffers, Adam's moments, Madam's second moment."""
+GEMM_TENSOR_CLASSES: tuple[str, ...] = (WEIGHTS, ACTIVATIONS, GRADIENTS, WEIGHT_GRADS)
 """The tensor classes of a GEMM layer's three GEMMs (forward, backward-data, backward-weight)."""
-TENSOR_CLASSES: tuple[str, ...] = (*GEMM_TENSOR_CLASSES, "optimizer_state")
+TENSOR_CLASSES: tuple[str, ...] = (*GEMM_TENSOR_CLASSES, MASTER_WEIGHTS, OPTIMIZER_STATE)
+"""Every tensor class of a training step: the names training, sweeps and energy (its `tensor`
+column) all use."""
+FORMAT_CLASSES: tuple[str, ...] = (*GEMM_TENSOR_CLASSES, OPTIMIZER_STATE)
+"""The tensor classes `TensorFormats` names a format for (the master copy is the `master_weights`
+setting: an fp32 copy, none, or a format)."""
 SHORTHAND = "format"
 """Fills weights, activations and gradients (and so weight_grads) at once."""
-FORMAT_FIELDS: tuple[str, ...] = (SHORTHAND, *TENSOR_CLASSES)
+FORMAT_FIELDS: tuple[str, ...] = (SHORTHAND, *FORMAT_CLASSES)
 """Every field that gives a tensor class its format, shorthand included."""
 RULE_FIELDS: tuple[str, ...] = (SHORTHAND, *GEMM_TENSOR_CLASSES)
 """The format fields a per-layer rule may carry."""

@@ -67,6 +67,7 @@ entries:
     (["compare", "int8", "--node", "3.5nm"], "unknown technology node '3.5nm' (known: "),
     (["compare", "int8", "--node", "3nm"], "technology node '3nm' is outside the calibrated range 7-45 nm"),
     (["compare", "int8", "--vector-length", "0"], "vector_length must be an integer >= 1, got 0"),
+    (["compare", "lns8", "--lns-conversion-length", "24"], "lns_conversion_length must be a multiple of"),
     (["compare", "int8", "--scope", "chip"], "unknown scope 'chip' (known: datapath, pe, system)"),
     (["compare", "int8", "--node-scaling", "magic"], "unknown node scaling 'magic'"),
     (["compare", "int8", "--optimizer", "lion"], "unknown optimizer 'lion' (known: sgd, adam, adamw"),

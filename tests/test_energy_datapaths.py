@@ -18,7 +18,7 @@ from dse.energy import (
     mac_energy,
     register_family,
 )
-from dse.energy.datapaths import FAMILY_HARDWARE, FpHardware, exact_product_bits
+from dse.energy.datapaths import FAMILY_HARDWARE, FpHardware, csd_nonzero_digits, exact_product_bits
 from dse.errors import InputError
 from dse.formats import get
 
@@ -97,11 +97,47 @@ def test_fp_accumulator_format_matters(k: int) -> None:
 def test_lns_madam_amortises_over_k_and_charges_its_partial_sums() -> None:
     short, long_ = mac("lns8", vector_length=4), mac("lns8", vector_length=64)
     assert long_.total_pj < short.total_pj
-    datapath = datapath_for(get("lns8"), get("lns8"), C, DatapathParams(vector_length=16))
-    buckets = 8  # gamma = 8: one partial sum per remainder
-    assert datapath.per_group.accumulation_pj > buckets * C.register(24)
-    # the reduction length no longer amortises the conversion: K does
+    # the reduction length no longer amortises the conversion: K (or the conversion period) does
     assert mac("lns8", 64, vector_length=16) == pytest.approx(mac("lns8", 4096, vector_length=16))
+    # keeping the 8 partial sums in registers across groups costs per product, saves conversions
+    lns8 = get("lns8")
+    per_k = datapath_for(lns8, lns8, C, DatapathParams(vector_length=16))
+    kept = datapath_for(lns8, lns8, C, DatapathParams(vector_length=16, lns_conversion_length=256))
+    buckets = 8  # gamma = 8: one partial sum per remainder
+    extra = kept.per_product.accumulation_pj - per_k.per_product.accumulation_pj
+    assert extra >= buckets * C.register(24) / 16
+    assert kept.groups_per_output(1024) < per_k.groups_per_output(1024)
+    assert mac("lns8", 1024, lns_conversion_length=256).total_pj < mac("lns8", 1024).total_pj
+    assert mac("lns8", 16, lns_conversion_length=256).total_pj > mac("lns8", 16).total_pj
+    # the unit keeps K lanes whatever its conversion period: area grows by the registers, not 16x
+    area = MODEL.area
+    assert area is not None
+    unit, held = (datapath_area_um2(lns8, lns8, area, DatapathParams(lns_conversion_length=n))
+                  for n in (None, 256))
+    assert unit < held < unit + 2 * buckets * (area.register(24) + area.adder(24))
+
+
+def test_lns_madam_writes_registers_like_the_int_unit() -> None:
+    """A vector unit sums its K products in adder trees and writes a register once per group, for INT and
+    for the LNS partial sums alike; a scalar unit writes its accumulator at every product, for both."""
+    for spec in ("lns8", "int8"):
+        vector = datapath_for(get(spec), get(spec), C, DatapathParams(vector_length=16))
+        scalar = datapath_for(get(spec), get(spec), C, DatapathParams(vector_length=1))
+        assert vector.per_product.accumulation_pj < C.register(20)  # a tree adder share, no flip-flops
+        assert scalar.per_product.accumulation_pj > C.register(20)
+
+
+@pytest.mark.parametrize("bad", [8, 24, 0])
+def test_lns_conversion_length_must_be_a_multiple_of_k(bad: int) -> None:
+    with pytest.raises(InputError, match="lns_conversion_length"):
+        DatapathParams(vector_length=16, lns_conversion_length=bad)
+
+
+@given(st.integers(min_value=1, max_value=2**40))
+def test_csd_digits_are_the_non_adjacent_form_weight(value: int) -> None:
+    # an independent characterisation: the NAF's non-zero digits are the set bits of (3n xor n) >> 1
+    assert csd_nonzero_digits(value) == bin((3 * value ^ value) >> 1).count("1")
+    assert csd_nonzero_digits(value) <= bin(value).count("1")
 
 
 def test_mitchell_approximation_removes_the_lookup() -> None:

@@ -79,11 +79,11 @@ def test_optimizer_state_and_master_copy() -> None:
         return dict(zip(sums["tensor"], sums["energy_pj"], strict=True))
 
     lns = update_memory(TrainingFormats.of(get("lns8")))
-    assert "master" not in lns  # Madam updates the LNS weights in place
+    assert "master_weights" not in lns  # Madam updates the LNS weights in place
     sgd = update_memory(TrainingFormats.of(get("int8"), optimizer="sgd"))
     adam = update_memory(TrainingFormats.of(get("int8"), optimizer="adam"))
-    assert adam["state"] == pytest.approx(2 * sgd["state"])
-    assert sgd["master"] > 0
+    assert adam["optimizer_state"] == pytest.approx(2 * sgd["optimizer_state"])
+    assert sgd["master_weights"] > 0
     frame = iteration_energy("resnet18", TrainingFormats.of(get("lns8"), optimizer="sgd"), MODEL)
     assert "opt=sgd master=fp32" in frame.attrs["formats"]
 
@@ -117,4 +117,4 @@ def test_attention_has_no_weight_gradient() -> None:
     layer = GemmLayer("attn.scores", m=4, k=2, n=4, groups=2, b_is_weight=False, kind="attention")
     frame = iteration_energy(Workload("attn-only", (layer,), batch_size=2), get("bf16"), MODEL)
     assert "update" not in set(frame["pass"])
-    assert "weight_grad" not in set(frame["tensor"])
+    assert "weight_grads" not in set(frame["tensor"])

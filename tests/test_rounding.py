@@ -163,7 +163,7 @@ def test_training_accepts_stochastic_k_everywhere_a_rounding_goes() -> None:
     policy = QuantPolicy.from_config(
         TrainConfig(format="nvfp4", rounding="stochastic(8)", update_rounding="stochastic(8)")
     )
-    assert policy.weight.rounding == "stochastic(8)"
+    assert policy.weights.rounding == "stochastic(8)"
     q = TensorQuant(get("nvfp4"), "stochastic(8)")(torch.randn(4, 32), torch.Generator().manual_seed(0))
     assert torch.isfinite(q).all()
 

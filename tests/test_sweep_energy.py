@@ -106,3 +106,19 @@ def test_axis_points_reach_the_reports(tmp_path: Path) -> None:
     assert any(name.startswith("pareto_") and "7nm" in name for name in names), names
     assert any(name.startswith("area_") for name in names), names
     assert not math.isnan(frame["area_um2:resnet18@45nm"].iloc[0])
+
+
+LNS_PERIOD = """\
+name: lns
+task: {{model: mlp, dataset: digits}}
+energy: {{workloads: [resnet18], vector_length: {lengths}, datapath: {{lns_conversion_length: 64}}}}
+trials:
+  - {{format: lns8}}
+"""
+
+
+def test_lns_conversion_length_is_a_datapath_setting_checked_against_every_k() -> None:
+    sweep = parse_config(LNS_PERIOD.format(lengths="[16, 32]"), "lns.yaml")
+    assert [point.datapath.lns_conversion_length for point in sweep.energy.points] == [64, 64]
+    with pytest.raises(ValueError, match=r"lns.yaml.*lns_conversion_length must be a multiple of"):
+        parse_config(LNS_PERIOD.format(lengths="[16, 48]"), "lns.yaml")

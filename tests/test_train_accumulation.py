@@ -141,9 +141,9 @@ def test_operands_are_quantized_before_the_fold_and_the_weight_gradient_after() 
     activation, weight, error, weight_grad = (get(s) for s in (
         "int(4,pow2=1)", "int(5,pow2=1)", "int(6,pow2=1)", "int(3,pow2=1)"))
     layer = nn.Linear(9, 4, bias=False)
-    quantize_model(layer, accumulating("bf16", 2, activation=TensorQuant(activation),
-                                       weight=TensorQuant(weight), error=TensorQuant(error),
-                                       weight_grad=TensorQuant(weight_grad)))
+    quantize_model(layer, accumulating("bf16", 2, activations=TensorQuant(activation),
+                                       weights=TensorQuant(weight), gradients=TensorQuant(error),
+                                       weight_grads=TensorQuant(weight_grad)))
     x = torch.randn(5, 9, generator=g).requires_grad_()
     dy = torch.randn(5, 4, generator=g)
     y = layer(x)

@@ -28,8 +28,10 @@ INT4, INT5, INT6, INT3 = get("int4"), get("int(5)"), get("int(6)"), get("int(3)"
 
 def distinct_policy(**changes: object) -> QuantPolicy:
     """A different format per GEMM tensor class, so a swapped operand shows up."""
-    policy = QuantPolicy(weight=TensorQuant(INT4), activation=TensorQuant(INT5), error=TensorQuant(INT6),
-                         weight_grad=TensorQuant(INT3), state=TensorQuant(None), storage=TensorQuant(None))
+    policy = QuantPolicy(weights=TensorQuant(INT4), activations=TensorQuant(INT5),
+                         gradients=TensorQuant(INT6), weight_grads=TensorQuant(INT3),
+                         optimizer_state=TensorQuant(None),
+                         master_weights=TensorQuant(None))
     return dataclasses.replace(policy, **changes)
 
 

@@ -39,8 +39,10 @@ def quantized(model, policy, **options):
 
 def distinct_policy(**changes: object) -> QuantPolicy:
     """A different format per GEMM tensor class, so a swapped operand shows up."""
-    policy = QuantPolicy(weight=TensorQuant(INT4), activation=TensorQuant(INT5), error=TensorQuant(INT6),
-                         weight_grad=TensorQuant(INT3), state=TensorQuant(None), storage=TensorQuant(None),
+    policy = QuantPolicy(weights=TensorQuant(INT4), activations=TensorQuant(INT5),
+                         gradients=TensorQuant(INT6), weight_grads=TensorQuant(INT3),
+                         optimizer_state=TensorQuant(None),
+                         master_weights=TensorQuant(None),
                          full_precision_layers=())
     return dataclasses.replace(policy, **changes)
 
@@ -204,7 +206,7 @@ def test_conv_mx_blocks_run_along_channels():
 def test_per_channel_weight_scaling_is_per_output_channel():
     torch.manual_seed(6)
     fmt = get("int4(scale=channel)")
-    policy = distinct_policy(weight=TensorQuant(fmt))
+    policy = distinct_policy(weights=TensorQuant(fmt))
     layer = quantized(nn.Linear(8, 3), policy)
     with torch.no_grad():
         layer.weight[1] *= 100  # one loud output channel must not flatten the others
@@ -298,7 +300,7 @@ def test_requantizing_with_an_fp32_policy_restores_plain_modules():
 def test_stochastic_operand_rounding_is_reproducible_with_a_seeded_generator():
     torch.manual_seed(10)
     base = nn.Linear(16, 8)
-    policy = distinct_policy(activation=TensorQuant(INT4, "stochastic"))
+    policy = distinct_policy(activations=TensorQuant(INT4, "stochastic"))
     x = torch.randn(32, 16)
 
     def output(seed: int) -> torch.Tensor:
@@ -314,40 +316,40 @@ def test_stochastic_operand_rounding_is_reproducible_with_a_seeded_generator():
 
 def test_policy_resolution_of_config_fields():
     policy = QuantPolicy.from_config(TrainConfig(format="int8", gradients="lns8", activations="int4"))
-    assert policy.weight.format == get("int8") and policy.activation.format == get("int4")
-    assert policy.error.format == get("lns8") and policy.weight_grad.format == get("lns8")
-    assert policy.state.format is None and policy.storage.format is None
+    assert policy.weights.format == get("int8") and policy.activations.format == get("int4")
+    assert policy.gradients.format == get("lns8") and policy.weight_grads.format == get("lns8")
+    assert policy.optimizer_state.format is None and policy.master_weights.format is None
     split = QuantPolicy.from_config(TrainConfig(format="int8", weight_grads="int(16)", optimizer_state="bf16",
                                                 update_rounding="toward_zero"))
-    assert split.error.format == get("int8") and split.weight_grad.format == get("int(16)")
-    assert split.state.format == get("bf16") and split.state.rounding == "toward_zero"
-    assert QuantPolicy.from_config(TrainConfig(format="fp32")).weight.format is None
+    assert split.gradients.format == get("int8") and split.weight_grads.format == get("int(16)")
+    assert split.optimizer_state.format == get("bf16") and split.optimizer_state.rounding == "toward_zero"
+    assert QuantPolicy.from_config(TrainConfig(format="fp32")).weights.format is None
 
 
 def test_fp_gradients_get_power_of_two_tensor_scaling_unless_the_spec_says_scale():
     policy = QuantPolicy.from_config(TrainConfig(format="fp8_e4m3"))
     per_tensor = Scaling(kind="tensor", pow2=True)
-    assert policy.error.format.scaling == per_tensor and policy.weight_grad.format.scaling == per_tensor
-    assert policy.weight.format == get("fp8_e4m3") and policy.activation.format == get("fp8_e4m3")
+    assert policy.gradients.format.scaling == per_tensor and policy.weight_grads.format.scaling == per_tensor
+    assert policy.weights.format == get("fp8_e4m3") and policy.activations.format == get("fp8_e4m3")
     explicit = QuantPolicy.from_config(TrainConfig(format="fp8_e4m3", gradients="fp8_e5m2(scale=none)"))
-    assert explicit.error.format == get("fp8_e5m2")
+    assert explicit.gradients.format == get("fp8_e5m2")
     spaced = QuantPolicy.from_config(TrainConfig(format="fp8_e4m3", gradients="FP8_E5M2( Scale = none )"))
-    assert spaced.error.format == get("fp8_e5m2")
-    assert QuantPolicy.from_config(TrainConfig(format="int8")).error.format == get("int8")
+    assert spaced.gradients.format == get("fp8_e5m2")
+    assert QuantPolicy.from_config(TrainConfig(format="int8")).gradients.format == get("int8")
 
 
 def test_storage_follows_the_weights_with_update_rounding():
     policy = QuantPolicy.from_config(TrainConfig(format="lns8", master_weights=False))
-    assert policy.storage.format == get("lns8") and policy.storage.rounding == "stochastic"
-    assert QuantPolicy.from_config(TrainConfig(format="lns8")).storage.format is None
+    assert policy.master_weights.format == get("lns8") and policy.master_weights.rounding == "stochastic"
+    assert QuantPolicy.from_config(TrainConfig(format="lns8")).master_weights.format is None
 
 
 def test_posit_layer_scaling_covers_every_posit_class():
     on = QuantPolicy.from_config(TrainConfig(format="posit16", gradients="fp16", layer_scaling=True))
-    assert on.weight.layer_scale and on.activation.layer_scale
-    assert not on.error.layer_scale and on.error.format.scaling.kind == "tensor"
+    assert on.weights.layer_scale and on.activations.layer_scale
+    assert not on.gradients.layer_scale and on.gradients.format.scaling.kind == "tensor"
     off = QuantPolicy.from_config(TrainConfig(format="posit16"))
-    assert not off.error.layer_scale and off.error.format == get("posit16")
+    assert not off.gradients.layer_scale and off.gradients.format == get("posit16")
 
 
 def test_lu_layer_scale_centres_the_log_magnitudes():

@@ -175,6 +175,10 @@ class DatapathParams:
     keep the accumulator's significand plus 3 bits (capped at the exact width)."""
     posit_decode_reuse: float = 1.0
     """Posit: products that share one decoded operand (1 = decode both operands at every MAC)."""
+    lns_conversion_length: int | None = None
+    """LNS-Madam: products summed into the per-remainder partial sums before their constant multiplies (a
+    multiple of K; None: K, one conversion per dot-product group and no partial-sum registers). The
+    patent converts once per dot product: set it to the reduction a PE covers before its outputs leave."""
 
     def __post_init__(self) -> None:
         if self.lns_datapath not in ("madam", "direct"):
@@ -190,6 +194,11 @@ class DatapathParams:
             raise InputError("lns_lut_bits must be in 1..32")
         if not self.posit_decode_reuse >= 1:
             raise InputError("posit_decode_reuse must be >= 1")
+        if self.lns_conversion_length is not None and (
+                self.lns_conversion_length < self.vector_length
+                or self.lns_conversion_length % self.vector_length):
+            raise InputError(f"lns_conversion_length must be a multiple of vector_length "
+                             f"({self.vector_length}), got {self.lns_conversion_length!r}")
 
 
 @dataclass(frozen=True)
@@ -200,7 +209,8 @@ class Datapath:
     of one dot product (normalisation, accumulation into the accumulator, LNS conversion), `per_output`
     once per dot product. `a_convert_pj` / `b_convert_pj`: per element of an operand converted before it
     enters the unit (the int operand of an int x fp GEMM). Called with area components the same
-    description gives the unit's area: `group_size` product lanes plus one group and one output stage.
+    description gives the unit's area: `lanes` (default `group_size`) product lanes plus one group and one
+    output stage.
     """
 
     name: str
@@ -211,6 +221,9 @@ class Datapath:
     per_output: UnitEnergy = field(default_factory=UnitEnergy)
     a_convert_pj: float = 0.0
     b_convert_pj: float = 0.0
+    lanes: int = 0
+    """Product lanes of the unit when a group spans several cycles of it (LNS-Madam converting its partial
+    sums every few K products); 0: `group_size` lanes."""
 
     def groups_per_output(self, reduction_length: float) -> float:
         return math.ceil(reduction_length / self.group_size)
@@ -226,7 +239,7 @@ class Datapath:
     @property
     def unit_total(self) -> float:
         """As an area: the whole unit (every lane, one group stage, one output stage)."""
-        lanes = self.group_size * self.per_product.total_pj
+        lanes = (self.lanes or self.group_size) * self.per_product.total_pj
         return lanes + self.per_group.total_pj + self.per_output.total_pj
 
 
@@ -444,6 +457,25 @@ class PositHardware:
         return posit_encode(c, dst.bits, dst.es) + rounding.energy(c, 0, sig_bits - dst.sig_bits)
 
 
+def csd_nonzero_digits(value: int) -> int:
+    """Non-zero digits of `value` in canonical signed-digit form (non-adjacent form)."""
+    digits = 0
+    while value:
+        if value & 1:
+            value -= 2 - (value & 3)  # digit +1 or -1, whichever leaves the next bit zero
+            digits += 1
+        value >>= 1
+    return digits
+
+
+def lns_constant_adders(buckets: int, lut_bits: int) -> int:
+    """Adders that multiply `buckets` partial sums by their constants 2^(r/buckets), r = 0..buckets-1, each
+    rounded to `lut_bits` bits (shift-and-add: one adder per non-zero CSD digit beyond the first; r = 0
+    is a wire)."""
+    scale = 1 << (lut_bits - 1)
+    return sum(csd_nonzero_digits(round(scale * 2 ** (r / buckets))) - 1 for r in range(1, buckets))
+
+
 class LnsHardware:
     family = "lns"
     default_accumulator = "int24"
@@ -486,26 +518,33 @@ class LnsHardware:
             convert = lookup + c.shifter(value_bits, width, quotient_bits) + c.gates(value_bits)
             per_product, per_group = _accumulate_int(c, acc, width, 0, k)
             return Datapath("lns-direct", acc, UnitEnergy(multiply, convert) + per_product, per_group, k)
-        # LNS-Madam: route each product to one of 2^(frac - mitchell) partial-sum registers by its
-        # remainder; once per K products multiply each partial sum by its constant 2^(r/gamma), add them
-        # up, add the result into the output accumulator and clear the partial sums.
+        # LNS-Madam: route each product to one of 2^(frac - mitchell) partial sums by its remainder, adding
+        # 1 << quotient there; every `conversion_length` products multiply each partial sum by its constant
+        # 2^(r/gamma), add them up and add the result into the output accumulator.
         buckets = 2 ** (frac - mitchell)
-        if mitchell:
+        period = params.lns_conversion_length or k
+        if mitchell:  # the Mitchell bits make the addend (1 + r_lsb/gamma) << q: a shifter, a full adder
             route = c.gates(buckets) + c.shifter(mitchell + 1, width, quotient_bits)
-            into_bucket = c.adder(width) + c.register(width)
-        else:  # add a one-hot 1 << q: a decoder and an up/down incrementer
+            add_one = c.adder(width)
+        else:  # a decoder makes the one-hot 1 << q
             route = c.gates(buckets) + c.gates(width)
-            into_bucket = c.incrementer(width) + c.gates(width) + c.register(width)
-        per_product = UnitEnergy(multiply, route, into_bucket)
+            add_one = c.incrementer(width) + c.gates(width)
+        state = 0.0
+        if k == 1:  # scalar: each product adds into its partial-sum register, as a scalar INT MAC into its
+            accumulate = add_one + c.register(width)  # accumulator
+            state = buckets * c.register(width)  # the partial sums are cleared after each conversion
+        else:  # K lanes feed per-remainder adder trees: about one adder per product, as the INT unit's tree
+            accumulate = c.adder(width)
+            if period > k:  # the trees' sums are kept in partial-sum registers between conversions
+                accumulate += buckets * (c.adder(width) + c.register(width)) / k
+                state = buckets * c.register(width)
+        per_product = UnitEnergy(multiply, route, accumulate)
         scaled_bits = width + lut_bits
-        # multiplying by a fixed constant is shift-and-add: about one adder per three constant bits
-        # (canonical signed digits average one non-zero digit in three)
-        constants = buckets * math.ceil(lut_bits / 3) * c.adder(scaled_bits) if buckets > 1 else 0.0
-        state = buckets * c.register(width)  # the partial sums are read and cleared once per group
-        per_group = UnitEnergy(0.0, constants, (buckets - 1) * c.adder(scaled_bits) + state
-                               + c.adder(scaled_bits) + c.register(scaled_bits))
+        constants = lns_constant_adders(buckets, lut_bits) * c.adder(scaled_bits)
+        per_conversion = UnitEnergy(0.0, constants, (buckets - 1) * c.adder(scaled_bits) + state
+                                    + c.adder(scaled_bits) + c.register(scaled_bits))
         output_acc = Accumulator("int", scaled_bits, spec=acc.spec)
-        return Datapath("lns-madam", output_acc, per_product, per_group, k)
+        return Datapath("lns-madam", output_acc, per_product, per_conversion, period, lanes=k)
 
     def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
         lut_bits = self.lut_bits(src, params)

@@ -28,7 +28,15 @@ from dse.energy.datapaths import Operand, Rounding, UnitEnergy, conversion_energ
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
 from dse.models.workloads import Workload, get_workload
-from dse.precision import TensorFormats
+from dse.precision import (
+    ACTIVATIONS,
+    GRADIENTS,
+    MASTER_WEIGHTS,
+    OPTIMIZER_STATE,
+    WEIGHT_GRADS,
+    WEIGHTS,
+    TensorFormats,
+)
 
 OPTIMIZERS = ("sgd", "adam", "madam")
 """The updates the model prices; TRAIN_OPTIMIZERS maps every optimizer `dse train` accepts onto one."""
@@ -73,7 +81,7 @@ class TrainingFormats:
     tensors: TensorFormats
     optimizer: str | None = None
     """sgd, adam or madam; None: Madam for LNS weights, else the workload's optimizer."""
-    master: Any | None = "auto"
+    master_weights: Any | None = "auto"
     """Master copy of the weights: 'auto' keeps an fp32 master unless Madam updates LNS weights in place
     (none is kept when the weights are already in the master format)."""
     rounding: Any = "nearest"
@@ -98,10 +106,10 @@ class TrainingFormats:
         optimizer = TRAIN_OPTIMIZERS.get(str(chosen).strip().lower())
         if optimizer is None:
             raise InputError(f"unknown optimizer {chosen!r} (known: {', '.join(TRAIN_OPTIMIZERS)})")
-        if isinstance(self.master, str) and self.master == "auto":
+        if isinstance(self.master_weights, str) and self.master_weights == "auto":
             master = None if (optimizer == "madam" and weight.family == "lns") else FP32
         else:
-            master = None if self.master is None else _format(self.master)
+            master = None if self.master_weights is None else _format(self.master_weights)
         if master is not None and master.key == weight.key:
             master = None  # the weights already are the master copy
         return ResolvedFormats(weight, _format(tensors.activations), _format(tensors.gradients),
@@ -112,28 +120,32 @@ class TrainingFormats:
 
 @dataclass(frozen=True)
 class ResolvedFormats:
-    weight: Operand
-    activation: Operand
-    gradient: Operand
-    weight_grad: Operand
+    """Each tensor class's operand format (fields named as dse/precision.py's tensor classes)."""
+
+    weights: Operand
+    activations: Operand
+    gradients: Operand
+    weight_grads: Operand
     optimizer: str
-    master: Operand | None
-    state: Operand
+    master_weights: Operand | None
+    """None: no copy, the weights are stored in their own format."""
+    optimizer_state: Operand
     rounding: Rounding = Rounding()
     update_rounding: Rounding = Rounding()
 
     def describe(self) -> str:
-        parts = [f"W={self.weight.spec}", f"A={self.activation.spec}", f"G={self.gradient.spec}",
-                 f"dW={self.weight_grad.spec}", f"opt={self.optimizer}",
-                 f"master={self.master.spec if self.master else 'none'}", f"state={self.state.spec}"]
+        parts = [f"W={self.weights.spec}", f"A={self.activations.spec}", f"G={self.gradients.spec}",
+                 f"dW={self.weight_grads.spec}", f"opt={self.optimizer}",
+                 f"master={self.master_weights.spec if self.master_weights else 'none'}",
+                 f"state={self.optimizer_state.spec}"]
         if self.rounding != Rounding():
             parts.append(f"rounding={_rounding_name(self.rounding)}")
         return " ".join(parts)
 
     def gemm_pairs(self) -> list[tuple[Operand, Operand]]:
         """Operand pairs of a weight layer's GEMMs (forward, backward-data, backward-weight)."""
-        return [(self.activation, self.weight), (self.gradient, self.weight),
-                (self.activation, self.gradient)]
+        return [(self.activations, self.weights), (self.gradients, self.weights),
+                (self.activations, self.gradients)]
 
 
 def _rounding_name(rounding: Rounding) -> str:
@@ -165,13 +177,13 @@ class _Pass:
 
 
 def _passes(f: ResolvedFormats, b_is_weight: bool) -> list[_Pass]:
-    b_fmt, b_tensor = (f.weight, "weight") if b_is_weight else (f.activation, "activation")
-    dw_fmt, dw_tensor = (f.weight_grad, "weight_grad") if b_is_weight else (f.gradient, "gradient")
-    act, grad = f.activation, f.gradient
+    b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
+    dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
+    act, grad = f.activations, f.gradients
     return [
-        _Pass("forward", act, "activation", "a", b_fmt, b_tensor, "b", act, "activation", "out", ()),
-        _Pass("backward_data", grad, "gradient", "out", b_fmt, b_tensor, "b", grad, "gradient", "a", ("b",)),
-        _Pass("backward_weight", act, "activation", "a", grad, "gradient", "out", dw_fmt, dw_tensor, "b",
+        _Pass("forward", act, ACTIVATIONS, "a", b_fmt, b_tensor, "b", act, ACTIVATIONS, "out", ()),
+        _Pass("backward_data", grad, GRADIENTS, "out", b_fmt, b_tensor, "b", grad, GRADIENTS, "a", ("b",)),
+        _Pass("backward_weight", act, ACTIVATIONS, "a", grad, GRADIENTS, "out", dw_fmt, dw_tensor, "b",
               ("a", "b")),
     ]
 
@@ -239,7 +251,7 @@ class _Tally:
 
     def update(self, names: np.ndarray, params: np.ndarray, f: ResolvedFormats) -> None:
         c = self.model.components
-        arith = f.master or f.state
+        arith = f.master_weights or f.optimizer_state
         mul, add = _mul_add(c, arith)
         w = c.weights
         if f.optimizer == "sgd":  # v = mu v + g + wd w ; w -= lr v
@@ -247,29 +259,29 @@ class _Tally:
         elif f.optimizer == "adam":  # moments, bias corrections, sqrt, divide, decoupled decay
             per_param = (9 + w.divide_multiplies + w.sqrt_multiplies) * mul + 5 * add
         else:  # Madam: EMA of g^2, then log-domain normalise, clip, round, add to the log weight
-            s_mul, s_add = _mul_add(c, f.state)
-            log_bits = f.state.bits - 1
+            s_mul, s_add = _mul_add(c, f.optimizer_state)
+            log_bits = f.optimizer_state.bits - 1
             per_param = (4 * s_mul + s_add + 3 * c.adder(log_bits) + c.lut(16, 5)
                          + 2 * c.comparator(5) + c.incrementer(5))
-            if f.master is None:
-                per_param += c.adder(f.weight.bits - 1) + 2 * c.comparator(f.weight.bits - 1)
+            if f.master_weights is None:
+                per_param += c.adder(f.weights.bits - 1) + 2 * c.comparator(f.weights.bits - 1)
             else:
-                per_param += mul + 2 * c.comparator(f.master.bits)
+                per_param += mul + 2 * c.comparator(f.master_weights.bits)
         self.add(names, "update", "update", params * per_param)
-        conversion = self.conversion(f.weight_grad, arith)
-        if f.master is not None:  # the updated master copy is rounded into the weight format
-            conversion += self.conversion(f.master, f.weight, f.rounding)
+        conversion = self.conversion(f.weight_grads, arith)
+        if f.master_weights is not None:  # the updated master copy is rounded into the weight format
+            conversion += self.conversion(f.master_weights, f.weights, f.rounding)
         else:  # the update is computed in `arith` and rounded straight into the weight format
-            conversion += self.conversion(arith, f.weight, f.update_rounding)
+            conversion += self.conversion(arith, f.weights, f.update_rounding)
         self.add(names, "update", "conversion", params * conversion)
-        self.memory(names, "update", "weight_grad", params * f.weight_grad.storage_bits)
+        self.memory(names, "update", WEIGHT_GRADS, params * f.weight_grads.storage_bits)
         states = STATE_TENSORS[f.optimizer]
-        self.memory(names, "update", "state", params * (2 * states * f.state.storage_bits))
-        if f.master is not None:
-            self.memory(names, "update", "master", params * (2 * f.master.storage_bits))
-            self.memory(names, "update", "weight", params * f.weight.storage_bits)
+        self.memory(names, "update", OPTIMIZER_STATE, params * (2 * states * f.optimizer_state.storage_bits))
+        if f.master_weights is not None:
+            self.memory(names, "update", MASTER_WEIGHTS, params * (2 * f.master_weights.storage_bits))
+            self.memory(names, "update", WEIGHTS, params * f.weights.storage_bits)
         else:
-            self.memory(names, "update", "weight", params * (2 * f.weight.storage_bits))
+            self.memory(names, "update", WEIGHTS, params * (2 * f.weights.storage_bits))
 
     def frame(self) -> pd.DataFrame:
         data = {name: np.concatenate(parts) if parts else np.array([], object)
@@ -360,7 +372,7 @@ def training_area_um2(formats: TrainingFormats | Any, model: EnergyModel,
         dp = datapath_for(a, b, area, model.datapath)
         datapath += dp.unit_total
         registers += dp.group_size * area.register(a.storage_bits + b.storage_bits)
-    mul, add = _mul_add(area, f.master or f.state)
+    mul, add = _mul_add(area, f.master_weights or f.optimizer_state)
     return {"datapath": datapath, "pe": datapath + registers + mul + add}
 
 

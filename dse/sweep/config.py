@@ -213,6 +213,7 @@ class _DatapathSection(_Strict):
     lns_datapath: Literal["madam", "direct"] = "madam"
     lns_mitchell_bits: int = Field(0, ge=0)
     lns_lut_bits: int | None = Field(None, ge=1)
+    lns_conversion_length: int | None = Field(None, ge=1)
     alignment_bits: int | None = Field(None, ge=1)
     posit_decode_reuse: float = Field(1.0, ge=1.0)
 
@@ -617,8 +618,11 @@ def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) ->
                                         (f"K={length}",
                                          listed["vector_length"] and len(axes["vector_length"]) > 1))
                 if varies]
-        points.append(EnergyPoint(",".join(tags), node, scope, section.node_scaling,
-                                  dataclasses.replace(base, **changes)))
+        try:
+            datapath = dataclasses.replace(base, **changes)
+        except ValueError as error:  # e.g. an lns_conversion_length that is no multiple of this K
+            raise source.error(("energy", "datapath"), str(error).splitlines()[0]) from None
+        points.append(EnergyPoint(",".join(tags), node, scope, section.node_scaling, datapath))
     try:
         for point in points:
             build_model(point.node, point.datapath, memory, table, scope=point.scope,

@@ -185,15 +185,15 @@ class EnergyEstimator:
         for part, tensors in _parts(workload, config, types):
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
-                master=master_format(config.master_weights) if tensors.quantizes_gemms else None,
+                master_weights=master_format(config.master_weights) if tensors.quantizes_gemms else None,
                 rounding=config.rounding, update_rounding=config.update_rounding)
             frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
             resolved = part_formats.resolve(part)
-            per_param = (resolved.weight.storage_bits
-                         + (resolved.master.storage_bits if resolved.master is not None else 0.0)
-                         + STATE_TENSORS[resolved.optimizer] * resolved.state.storage_bits)
+            per_param = (resolved.weights.storage_bits
+                         + (0.0 if resolved.master_weights is None else resolved.master_weights.storage_bits)
+                         + STATE_TENSORS[resolved.optimizer] * resolved.optimizer_state.storage_bits)
             memory_bits += part.params * per_param
             area += training_area_um2(part_formats, model, part)["datapath"]
         mj = {unit: pj / PJ_PER_MJ for unit, pj in units.items()}

@@ -203,8 +203,8 @@ class FunctionalGemms:
             quant = self.quants.get(name)
             if quant is None and self.policies is not None and name in self.sites:
                 quant = self.quant(self.sites[name].layer, self.sites[name].kind, None)
-            if quant is not None and quant.storage is not None:
-                out.append((weight, quant.storage))
+            if quant is not None and quant.master_weights is not None:
+                out.append((weight, quant.master_weights))
         return out
 
     def passthrough(self) -> bool:
@@ -253,7 +253,7 @@ class FunctionalGemms:
         if quant is None:
             return torch.matmul(a, b)
         if weight_operand == 0:
-            quant = dataclasses.replace(quant, weight=None, weight_grad=None)
+            quant = dataclasses.replace(quant, weights=None, weight_grads=None)
         return quant_matmul(a, b, quant, weight_operand)
 
     def attention(self, base: str | None, kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,

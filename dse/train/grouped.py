@@ -83,7 +83,8 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) 
 
 class StackedOptimizer:
     """The members' optimizers over slices of the stacked parameters, plus the post-step rounding of
-    `make_optimizer` (stored weights into policy.storage, state into policy.state) per member.
+    `make_optimizer` (stored weights into policy.master_weights, state into policy.optimizer_state)
+    per member.
 
     SGD and Adam(W) take one torch optimizer per run of consecutive members with equal
     hyperparameters (their updates are elementwise, so a slice of members steps as each would
@@ -109,7 +110,7 @@ class StackedOptimizer:
                    if id(p) in formats} if self.name == "lns-madam" else {}
             lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
             optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
-                                        config.p_scale, config.g_bound, lns, policy.storage.rounding,
+                                        config.p_scale, config.g_bound, lns, policy.master_weights.rounding,
                                         self.generators[start], switch)
             self.runs.append((start, stop, optimizer, views))
         self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
@@ -148,7 +149,7 @@ class StackedOptimizer:
         if not self.switch.enabled:
             return
         self.quantize_weights()
-        state = self.policy.state
+        state = self.policy.optimizer_state
         if not state.enabled:
             return
         for index in range(len(self.params)):

@@ -132,13 +132,13 @@ class LayerQuant:
     """
 
     op: LinearOp | ConvOp | None
-    activation: Quantizer | None
-    weight: Quantizer | None
-    error: Quantizer | None
-    weight_grad: Quantizer | None
+    activations: Quantizer | None
+    weights: Quantizer | None
+    gradients: Quantizer | None
+    weight_grads: Quantizer | None
     switch: QuantSwitch
     accumulator: Accumulator | None = None
-    storage: TensorQuant | None = None
+    master_weights: TensorQuant | None = None
     """The format the layer's weights live in between steps (None: fp32)."""
 
 
@@ -147,8 +147,8 @@ class QuantGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
-        qx = layer.activation(x) if layer.activation is not None else x
-        qw = layer.weight(weight) if layer.weight is not None else weight
+        qx = layer.activations(x) if layer.activations is not None else x
+        qw = layer.weights(weight) if layer.weights is not None else weight
         ctx.save_for_backward(qx, qw)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -160,14 +160,14 @@ class QuantGemm(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
         qx, qw = ctx.saved_tensors
-        qe = layer.error(dy) if layer.error is not None else dy
+        qe = layer.gradients(dy) if layer.gradients is not None else dy
         need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
         if layer.accumulator is not None:
             dx, dw = layer.op.backward_accumulated(qe, qx, qw, need_data, need_weight, layer.accumulator)
         else:
             dx, dw = layer.op.backward(qe, qx, qw, need_data, need_weight)
-        if dw is not None and layer.weight_grad is not None:
-            dw = layer.weight_grad(dw)
+        if dw is not None and layer.weight_grads is not None:
+            dw = layer.weight_grads(dw)
         db = layer.op.bias_grad(qe) if ctx.has_bias and need_bias else None
         return dx, dw, db, None
 
@@ -178,8 +178,8 @@ class QuantMatmulFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
-        qa_fn = layer.weight if weight_operand == 1 else layer.activation
-        qb_fn = layer.weight if weight_operand == 2 else layer.activation
+        qa_fn = layer.weights if weight_operand == 1 else layer.activations
+        qb_fn = layer.weights if weight_operand == 2 else layer.activations
         qa = qa_fn(a) if qa_fn is not None else a
         qb = qb_fn(b) if qb_fn is not None else b
         ctx.save_for_backward(qa, qb)
@@ -193,19 +193,19 @@ class QuantMatmulFn(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
         qa, qb = ctx.saved_tensors
-        qe = layer.error(dy) if layer.error is not None else dy
+        qe = layer.gradients(dy) if layer.gradients is not None else dy
         accumulator = layer.accumulator
         da = db = None
         if ctx.needs_input_grad[0]:
             da = (qe @ qb.transpose(-1, -2) if accumulator is None
                   else accumulation.matmul_backward_a(qe, qb, accumulator)).sum_to_size(qa.shape)
-            if ctx.weight_operand == 1 and layer.weight_grad is not None:
-                da = layer.weight_grad(da)
+            if ctx.weight_operand == 1 and layer.weight_grads is not None:
+                da = layer.weight_grads(da)
         if ctx.needs_input_grad[1]:
             db = (qa.transpose(-1, -2) @ qe if accumulator is None
                   else accumulation.matmul_backward_b(qa, qe, accumulator)).sum_to_size(qb.shape)
-            if ctx.weight_operand == 2 and layer.weight_grad is not None:
-                db = layer.weight_grad(db)
+            if ctx.weight_operand == 2 and layer.weight_grads is not None:
+                db = layer.weight_grads(db)
         return da, db, None, None
 
 
@@ -332,7 +332,7 @@ def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
 
     out: dict[int, tuple[Tensor, TensorQuant]] = {}
     for module in quantized_layers(model):
-        weight, storage = getattr(module, "weight", None), module.gemm_quant.storage
+        weight, storage = getattr(module, "weight", None), module.gemm_quant.master_weights
         if isinstance(weight, Tensor) and storage is not None and storage.enabled:
             out.setdefault(id(weight), (weight, storage))
     gemms = functional_gemms(model)
@@ -386,19 +386,19 @@ def gemm_quant(op: LinearOp | ConvOp | None, policy: QuantPolicy, switch: QuantS
     """The quantizers of one GEMM layer under `policy` (op None: a matmul)."""
     accumulate = _bind(policy.accumulation, generator)
     accumulator = Accumulator(accumulate, policy.accumulation_chunk) if accumulate is not None else None
-    quants = (policy.activation, policy.weight, policy.error, policy.weight_grad)
+    quants = (policy.activations, policy.weights, policy.gradients, policy.weight_grads)
     if isinstance(op, ConvOp):
         quants = tuple(_on_axis(q, 1) for q in quants)
-    storage = policy.storage if policy.storage.enabled else None
+    master = policy.master_weights if policy.master_weights.enabled else None
     return LayerQuant(op, *(_bind(q, generator) for q in quants), switch=switch, accumulator=accumulator,
-                      storage=storage)
+                      master_weights=master)
 
 
 def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
                  generator: torch.Generator | None) -> LayerQuant:
     if isinstance(module, Matmul):
-        return dataclasses.replace(gemm_quant(None, policy, switch, generator), weight=None,
-                                   weight_grad=None, storage=None)
+        return dataclasses.replace(gemm_quant(None, policy, switch, generator), weights=None,
+                                   weight_grads=None, master_weights=None)
     if isinstance(module, nn.Linear):
         return gemm_quant(LinearOp(), policy, switch, generator)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
@@ -415,8 +415,8 @@ def class_names(cls: type) -> tuple[str, ...]:
 
 def _fp32(policy: QuantPolicy) -> QuantPolicy:
     none = TensorQuant(None)
-    return dataclasses.replace(policy, weight=none, activation=none, error=none, weight_grad=none,
-                               accumulation=none, storage=none)
+    return dataclasses.replace(policy, weights=none, activations=none, gradients=none,
+                               weight_grads=none, accumulation=none, master_weights=none)
 
 
 class LayerPolicies:

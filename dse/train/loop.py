@@ -153,7 +153,7 @@ def check_config(config: TrainConfig, model_given: bool = False) -> None:
                              "every layer in one integer width")
     else:
         policy = QuantPolicy.from_config(config)  # the formats' combinations (scaled accumulator, ...)
-        storage = policy.storage.format
+        storage = policy.master_weights.format
         if config.optimizer == "lns-madam" and storage is not None and storage.family != "lns":
             raise InputError(lns_madam_copy_error(config.master_weights, storage.spec))
 

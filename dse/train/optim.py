@@ -2,8 +2,8 @@
 re-quantization of stored weights and optimizer state after every step.
 
 `make_optimizer` builds one from a name and a `QuantPolicy`. After each `step()` a post-step hook
-(`StepQuantizer`) rounds the weights of the model's quantized layers into `policy.storage` (when
-there is no fp32 master copy) and the optimizer's state tensors into `policy.state`. LNS-Madam with
+(`StepQuantizer`) rounds the weights of the model's quantized layers into `policy.master_weights` (when
+there is no fp32 master copy) and the optimizer's state tensors into `policy.optimizer_state`. LNS-Madam with
 weights stored in an LNS format moves each weight's log code by whole steps itself (see `LNSMadam`).
 """
 
@@ -34,7 +34,7 @@ DEFAULT_LR: dict[str, float] = {
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(DEFAULT_LR)
 
 STATE_KEYS: tuple[str, ...] = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-"""Per-parameter state tensors that are re-quantized with policy.state (step counters are not)."""
+"""Per-parameter state tensors that are re-quantized with policy.optimizer_state (step counters are not)."""
 
 MADAM_BETA = 0.999
 MADAM_ONE_MINUS_BETA = 0.001  # written out: 1 - 0.999 is not 0.001 in floating point
@@ -295,7 +295,7 @@ class LNSMadam(Madam):
 
 
 class StepQuantizer:
-    """Post-step hook: stored weights -> policy.storage, optimizer state -> policy.state."""
+    """Post-step hook: stored weights -> policy.master_weights, optimizer state -> policy.optimizer_state."""
 
     def __init__(self, stored: list[tuple[Tensor, TensorQuant]], state: TensorQuant,
                  switch: QuantSwitch, generator: torch.Generator | None) -> None:
@@ -331,9 +331,9 @@ def _check(name: str, policy: QuantPolicy, weight_decay: float) -> None:
     if name in ("madam", "lns-madam") and weight_decay != 0:
         raise InputError(f"optimizer {name!r} has no weight decay (multiplicative updates), "
                          f"got weight_decay={weight_decay}")
-    storage = policy.storage.format
+    storage = policy.master_weights.format
     if name == "lns-madam" and storage is not None and storage.family != "lns":
-        raise InputError(lns_madam_copy_error(policy.master_weights, storage.spec))
+        raise InputError(lns_madam_copy_error(policy.master_copy, storage.spec))
 
 
 def lns_madam_copy_error(master_weights: bool | str, spec: str) -> str:
@@ -371,7 +371,7 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     lr None takes DEFAULT_LR[name]. momentum applies to sgd only (Adam keeps betas (0.9, 0.999));
     madam and lns-madam take no weight decay; p_scale and g_bound are theirs. `generator` feeds the
     stochastic rounding of stored weights and state (None: torch's global generator). When the
-    weights live in a format (policy.storage: a master copy's, or the weight format itself) the
+    weights live in a format (policy.master_weights: a master copy's, or the weight format itself) the
     quantized layers' weights are rounded into it right away, unless quantization is switched off.
     """
     _check(name, policy, weight_decay)
@@ -387,10 +387,10 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
                              f"live in a format, got {other.spec!r}")
         lns = {p: quant.format for p, quant in stored}  # each layer's own storage format
     optimizer = plain_optimizer(name, params, lr, momentum, weight_decay, p_scale, g_bound, lns,
-                                policy.storage.rounding, generator, switch)
+                                policy.master_weights.rounding, generator, switch)
     if name == "lns-madam":
         stored = []  # LNSMadam keeps them on the grid itself
-    hook = StepQuantizer(stored, policy.state, switch, generator)
+    hook = StepQuantizer(stored, policy.optimizer_state, switch, generator)
     optimizer.register_step_post_hook(hook)
     optimizer.step_quantizer = hook  # type: ignore[attr-defined]
     if switch.enabled:

@@ -1,8 +1,9 @@
 """Which number format each tensor class of a training run uses, and how it is rounded and scaled.
 
-A `QuantPolicy` names one `TensorQuant` per tensor class: the two forward GEMM operands (weights,
-activations), the errors (activation gradients, the backward-data operand), the weight gradients
-(the backward-weight result), the optimizer state and the stored weights; plus the accumulator of
+A `QuantPolicy` names one `TensorQuant` per tensor class, by the tensor-class names of
+dse/precision.py: the two forward GEMM operands (weights, activations), the gradients (the errors
+flowing back, the backward-data operand), the weight gradients (the backward-weight result), the
+stored copy of the weights (master_weights) and the optimizer state; plus the accumulator of
 the GEMMs' partial sums and its chunk length. `QuantPolicy.from_config`
 turns a `TrainConfig`'s spec strings into that policy and applies the training scaling defaults
 (docs/training.md, "Quantization policy").
@@ -21,7 +22,17 @@ from dse.errors import InputError
 from dse.formats import NumberFormat, Scaling, check_rounding, get
 from dse.formats.base import MemberGenerators
 from dse.formats.spec import parse_call
-from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule, TensorFormats
+from dse.precision import (
+    FULL_PRECISION_LAYER_NAMES,
+    GEMM_TENSOR_CLASSES,
+    GRADIENTS,
+    MASTER_WEIGHTS,
+    OPTIMIZER_STATE,
+    WEIGHT_GRADS,
+    WEIGHTS,
+    LayerRule,
+    TensorFormats,
+)
 from dse.train.config import TrainConfig
 
 LU_SCALE_OFFSET_LOG2 = 2
@@ -99,16 +110,17 @@ def lu_layer_scale(x: Tensor, fmt: NumberFormat) -> float:
 class QuantPolicy:
     """Formats of every tensor class of a quantized training run (None formats are fp32)."""
 
-    weight: TensorQuant
-    activation: TensorQuant
-    error: TensorQuant
-    weight_grad: TensorQuant
-    state: TensorQuant
-    """Optimizer state: momentum buffers, Adam's moments, Madam's second moment."""
-    storage: TensorQuant
+    weights: TensorQuant
+    activations: TensorQuant
+    gradients: TensorQuant
+    weight_grads: TensorQuant
+    optimizer_state: TensorQuant
+    """Momentum buffers, Adam's moments, Madam's second moment."""
+    master_weights: TensorQuant
     """Format and rounding the weights live in after each update: the master copy's format, the weight
-    format when master_weights is False, None (fp32) for an fp32 copy."""
-    master_weights: bool | str = True
+    format when the config's master_weights is False, None (fp32) for an fp32 copy."""
+    master_copy: bool | str = True
+    """The config's master_weights setting (True: an fp32 copy, False: none, a spec: that format)."""
     full_precision_layers: tuple[str, ...] = ()
     accumulation: TensorQuant = TensorQuant(None)
     """Format and rounding of every quantized GEMM's running partial sum (None: fp32, torch's own);
@@ -148,7 +160,7 @@ class QuantPolicy:
 
     @property
     def quantizes_gemms(self) -> bool:
-        return any(q.enabled for q in (self.weight, self.activation, self.error, self.weight_grad,
+        return any(q.enabled for q in (self.weights, self.activations, self.gradients, self.weight_grads,
                                        self.accumulation))
 
     @classmethod
@@ -178,9 +190,10 @@ class QuantPolicy:
             _gemm_quants(rule.over(formats), config.rounding, config.layer_scaling)
         return cls(
             **gemm,
-            state=TensorQuant(_resolve("optimizer_state", formats.optimizer_state), config.update_rounding),
-            storage=_storage(config, gemm["weight"]),
-            master_weights=config.master_weights,
+            optimizer_state=TensorQuant(_resolve(OPTIMIZER_STATE, formats.optimizer_state),
+                                        config.update_rounding),
+            master_weights=_master_weights(config, gemm[WEIGHTS]),
+            master_copy=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
             accumulation=TensorQuant(_resolve("accumulation", config.accumulation), "nearest"),
             accumulation_chunk=config.accumulation_chunk,
@@ -195,23 +208,20 @@ class QuantPolicy:
         if formats == self.formats:
             return self
         gemm = _gemm_quants(formats, self.rounding, self.layer_scaling)
-        storage = (dataclasses.replace(gemm["weight"], rounding=self.storage.rounding)
-                   if self.master_weights is False else self.storage)  # a master copy's format is one
-        return dataclasses.replace(self, **gemm, storage=storage, formats=formats)
+        master = (dataclasses.replace(gemm[WEIGHTS], rounding=self.master_weights.rounding)
+                  if self.master_copy is False else self.master_weights)  # a master copy's format is one
+        return dataclasses.replace(self, **gemm, master_weights=master, formats=formats)
 
 
-_GEMM_QUANTS: tuple[tuple[str, str, bool], ...] = (
-    ("weight", "weights", False), ("activation", "activations", False),
-    ("error", "gradients", True), ("weight_grad", "weight_grads", True),
-)
-"""QuantPolicy field, tensor class (dse/precision.py), whether it is a gradient."""
+_GRADIENT_CLASSES: frozenset[str] = frozenset((GRADIENTS, WEIGHT_GRADS))
+"""The GEMM tensor classes that get the gradient scaling defaults."""
 
 
 def _gemm_quants(formats: TensorFormats, rounding: str, layer_scaling: bool) -> dict[str, TensorQuant]:
     """The four GEMM operand quantizers of `formats`, with the training scaling defaults."""
-    return {field: _training_quant(tensor_class, getattr(formats, tensor_class), rounding, gradient,
-                                   layer_scaling)
-            for field, tensor_class, gradient in _GEMM_QUANTS}
+    return {tensor_class: _training_quant(tensor_class, getattr(formats, tensor_class), rounding,
+                                          tensor_class in _GRADIENT_CLASSES, layer_scaling)
+            for tensor_class in GEMM_TENSOR_CLASSES}
 
 
 def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_scaling: bool) -> TensorQuant:
@@ -226,15 +236,15 @@ def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_s
     return TensorQuant(fmt, rounding)
 
 
-def _storage(config: TrainConfig, weight: TensorQuant) -> TensorQuant:
+def _master_weights(config: TrainConfig, weights: TensorQuant) -> TensorQuant:
     """Where the weights live between updates: an fp32 copy (True), the weight format (False), or a
     master copy in its own format, rounded with update_rounding and scaled as weights are."""
     master = config.master_weights
     if master is True:
         return TensorQuant(None)
     if master is False:
-        return dataclasses.replace(weight, rounding=config.update_rounding)
-    return _training_quant("master_weights", master, config.update_rounding, False, config.layer_scaling)
+        return dataclasses.replace(weights, rounding=config.update_rounding)
+    return _training_quant(MASTER_WEIGHTS, master, config.update_rounding, False, config.layer_scaling)
 
 
 def _resolve(name: str, spec: str | None) -> NumberFormat | None:

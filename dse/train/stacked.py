@@ -64,8 +64,8 @@ class StackedGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
-        qx = layer.activation(x) if layer.activation is not None else x
-        qw = layer.weight(weight) if layer.weight is not None else weight
+        qx = layer.activations(x) if layer.activations is not None else x
+        qw = layer.weights(weight) if layer.weights is not None else weight
         ctx.save_for_backward(qx, qw)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -77,12 +77,12 @@ class StackedGemm(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
         qx, qw = ctx.saved_tensors
-        qe = layer.error(dy) if layer.error is not None else dy
+        qe = layer.gradients(dy) if layer.gradients is not None else dy
         need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
         dx = torch.bmm(qe, qw) if need_data else None
         dw = torch.bmm(qe.transpose(1, 2), qx) if need_weight else None
-        if dw is not None and layer.weight_grad is not None:
-            dw = layer.weight_grad(dw)
+        if dw is not None and layer.weight_grads is not None:
+            dw = layer.weight_grads(dw)
         db = qe.sum(1) if ctx.has_bias and need_bias else None
         return dx, dw, db, None
 
@@ -143,9 +143,9 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
             quant = None
             own = policies[id(module)]
             if own.quantizes_gemms:
-                quants = (own.activation, own.weight, own.error, own.weight_grad)
+                quants = (own.activations, own.weights, own.gradients, own.weight_grads)
                 quant = LayerQuant(None, *(_members(q, generators) for q in quants), switch,
-                                   storage=own.storage if own.storage.enabled else None)
+                                   master_weights=own.master_weights if own.master_weights.enabled else None)
             stages.append(StackedLinear([model[index] for model in models], quant))
         elif isinstance(module, nn.ReLU):
             stages.append(nn.ReLU())
@@ -159,5 +159,5 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
 def stored_weights(model: nn.Sequential) -> list[tuple[Tensor, TensorQuant]]:
     """The stacked weights that live in a format between steps, with it, in layer order (what
     `dse.train.layers.stored_weights` gives for each member alone)."""
-    return [(m.weight, m.gemm_quant.storage) for m in model if isinstance(m, StackedLinear)
-            and m.gemm_quant is not None and m.gemm_quant.storage is not None]
+    return [(m.weight, m.gemm_quant.master_weights) for m in model if isinstance(m, StackedLinear)
+            and m.gemm_quant is not None and m.gemm_quant.master_weights is not None]
