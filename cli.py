@@ -205,7 +205,7 @@ _NodeScalingOpt = Annotated[str, typer.Option("--node-scaling", help="calibrated
                                               "et al. 7 nm, default) or stillmaker.")]
 _ScopeOpt = Annotated[str, typer.Option(help="datapath (MAC units), pe (+ update, registers, SRAM) or system "
                                         "(+ DRAM, default).")]
-_BatchOpt = Annotated[int | None, typer.Option("--batch-size", min=1, help="Batch size (default: the "
+_BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Batch size (default: the "
                                                "workload's).")]
 _OptimizerOpt = Annotated[str | None, typer.Option(help="sgd, adam, adamw, madam, lns-madam or niti "
                                                    "(default: Madam for LNS weights, else the workload's).")]
@@ -279,6 +279,16 @@ def _mj(pj: float) -> str:
     return f"{pj * 1e-9:.4g}"
 
 
+def _check_at_least_one(**options: int | None) -> None:
+    """Counts given on the command line are >= 1 (checked here, not as Click ranges, whose `[x>=1]`
+    would widen every command's help past 80 columns)."""
+    from dse.errors import InputError
+
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _check_csv_target(csv: Path | None) -> None:
     """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
     from dse.errors import InputError
@@ -319,7 +329,7 @@ def energy(
     sram_scaling: _SramScalingOpt = None,
     operand_reuse: _ReuseOpt = None,
     table: _TableOpt = None,
-    layers: Annotated[int, typer.Option(min=1, help="How many of the most expensive layers to list.")] = 10,
+    layers: Annotated[int, typer.Option(help="How many of the most expensive layers to list.")] = 10,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the long-form breakdown (one row per "
                                              "layer, pass, unit, tensor, level) to this CSV file.")] = None,
     as_json: _JsonOpt = False,
@@ -343,6 +353,7 @@ def energy(
     from dse.energy.iteration import training_area_um2
     from dse.formats import get
 
+    _check_at_least_one(batch_size=batch_size, layers=layers)
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
                            lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
@@ -463,6 +474,7 @@ def compare(
     from dse.energy import compare_formats, get_workload
     from dse.formats import get
 
+    _check_at_least_one(batch_size=batch_size)
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
                            lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,

@@ -35,8 +35,8 @@ def test_version_prints_the_package_version() -> None:
 @pytest.mark.parametrize(("args", "needle"), [
     (["train", "--epochs", "ten"], "'--epochs'"),
     (["train", "--no-such-option"], "--no-such-option"),
-    (["energy", "-w", "resnet18", "-f", "int8", "--layers", "-2"], "'--layers'"),
-    (["energy", "-w", "resnet18", "-f", "int8", "--batch-size", "0"], "'--batch-size'"),
+    (["energy", "-w", "resnet18", "-f", "int8", "--layers", "-2"], "--layers must be >= 1"),
+    (["energy", "-w", "resnet18", "-f", "int8", "--batch-size", "0"], "--batch-size must be >= 1"),
 ])
 def test_a_usage_error_is_one_line_naming_the_option_and_exit_code_2(args: list[str], needle: str) -> None:
     result = runner.invoke(app, args)
