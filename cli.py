@@ -597,8 +597,8 @@ def _train_parameters() -> list[Any]:
                                                  "stored in their GEMM format (--master-weights false).")),
         "as_json": (bool, typer.Option("--json", help="Print one JSON object (no progress lines).")),
         "quiet": (bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")),
-        "verbose": (bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and the "
-                                       "GEMMs left in fp32.")),
+        "verbose": (bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats (after "
+                                       "training: those first run then), and the GEMMs left in fp32.")),
     }
     for name, (kind, option) in own.items():
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
@@ -631,9 +631,11 @@ def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
 def train(**options: Any) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
+    import warnings
 
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.layers import UnconvertedGemmWarning
 
     as_json, quiet, verbose = options.pop("as_json"), options.pop("quiet"), options.pop("verbose")
     no_master_weights = options.pop("no_master_weights")
@@ -642,13 +644,31 @@ def train(**options: Any) -> None:
     if options["data_dir"] is not None:
         options["data_dir"] = str(options["data_dir"])
 
+    reported: dict[str, Any] = {}
+
     def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
+        reported.update(gemms=gemms, listed=len(gemms), warned=len(getattr(gemms, "unconverted", ())))
         if verbose:
             error_console.print(f"GEMMs ({sum(g.quantized for g in gemms)} of {len(gemms)} quantized):",
                                 markup=False, highlight=False)
             for gemm in gemms:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in unconverted:  # always: a GEMM left in fp32 is never silent
+            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    def report_late_gemms() -> None:
+        """The GEMMs the example forward did not reach, as training first ran them (the list is live)."""
+        gemms = reported.get("gemms")
+        if gemms is None:
+            return
+        late = gemms[reported["listed"]:]
+        if verbose and late:
+            error_console.print(f"GEMMs first run during training ({len(late)} more; "
+                                f"{sum(g.quantized for g in gemms)} of {len(gemms)} quantized in all):",
+                                markup=False, highlight=False)
+            for gemm in late:
+                error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
+        for message in getattr(gemms, "unconverted", [])[reported["warned"]:]:
             error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     config = TrainConfig(**options)
@@ -658,7 +678,10 @@ def train(**options: Any) -> None:
                             f"{accuracy:.4f}", markup=False, highlight=False)
 
     progress = None if as_json or quiet else report_epoch
-    result = run_training(config, progress=progress, on_gemms=report_gemms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnconvertedGemmWarning)  # printed from the live list below
+        result = run_training(config, progress=progress, on_gemms=report_gemms)
+    report_late_gemms()
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
         return

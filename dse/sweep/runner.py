@@ -29,6 +29,7 @@ from dse.sweep.executors import (
     TrainFn,
     TrialJob,
     TrialOutcome,
+    start_worker_server,
 )
 from dse.sweep.groups import plan_groups
 from dse.sweep.store import (
@@ -301,6 +302,8 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
     configured one; `reports=False` skips dse.report.write_reports.
     """
     started = time.perf_counter()
+    if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
+        start_worker_server()  # its imports overlap the planning below
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
     groups, notes = plan_groups(runs, sweep.executor.group_size if train_fn is None else 1)
@@ -318,9 +321,9 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
     frame = load_trials(sweep.output)
     summarize(summary, frame)
     if reports:
-        from dse.report import write_reports
+        from dse.report.files import write_reports_if_changed
 
-        summary.files = list(write_reports(frame, sweep.output, sweep.memory_objective))
+        summary.files = write_reports_if_changed(frame, sweep.output, sweep.memory_objective)
     summary.wall_time_s = time.perf_counter() - started
     return summary
 
@@ -390,6 +393,20 @@ def summarize(summary: SweepSummary, frame: Any) -> None:
     summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
                                                     for status in ("ok", "diverged", "error"))
     summary.best = _best_of(frame)
+
+
+def _has_work(sweep: SweepConfig, force: bool, retry_failed: bool) -> bool:
+    """Whether some trial of the sweep is not in its store yet, or failed there and is retried (read
+    only; False on bad input, which planning reports)."""
+    try:
+        ids = {trial.trial_id for trial in expand(sweep)}
+        frame = load_trials(sweep.output) if sweep.output.is_dir() else None
+    except (ValueError, OSError):
+        return False
+    if frame is not None and retry_failed:
+        frame = frame[frame["status"] != "error"]
+    stored = set() if frame is None else set(frame["trial_id"])
+    return force or not ids <= stored
 
 
 def _best_of(frame: Any) -> TrialRecord | None:
