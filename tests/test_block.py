@@ -151,7 +151,9 @@ def test_scale_grid_blocks_follow_the_rule(spec: str, data: st.DataObject) -> No
     assert_same_bits(fmt.quantize(x), float32_model(fmt, x))
 
 
-@pytest.mark.parametrize("spec", ["nvfp4", "block(fp6_e2m3,size=16,scale=ue5m3)", "block(int8,size=32,scale=e4m3)"])
+@pytest.mark.parametrize(
+    "spec", ["nvfp4", "block(fp6_e2m3,size=16,scale=ue5m3)", "block(int8,size=32,scale=e4m3)"]
+)
 def test_scale_grid_rule_holds_across_cpu_slices(spec: str) -> None:
     """Tensors of several cache-sized slices (the block maxima and the rounding run slice by slice
     into preallocated space, with the element's fused kernel for nearest) follow the same rule."""
