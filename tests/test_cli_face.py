@@ -196,3 +196,19 @@ def test_train_has_one_option_per_config_field_with_its_default() -> None:
         assert default == (None if field.name == "layers" else expected), field.name
     cli_only = set(command_options) - {field.name for field in dataclasses.fields(TrainConfig)}
     assert cli_only == {"no_master_weights", "as_json", "quiet", "verbose"}
+
+
+def test_energy_and_compare_take_their_shared_options_from_one_group() -> None:
+    import dataclasses
+    import inspect
+
+    from dse.cli import _EnergyOptions, compare, energy
+
+    for command in (energy, compare):
+        parameters = inspect.signature(command).parameters
+        for field in dataclasses.fields(_EnergyOptions):
+            assert parameters[field.name].default == field.default, (command.__name__, field.name)
+    args = ["compare", "int8", "--workload", "resnet18", "--batch-size", "2", "--node", "7nm", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["node_nm"] == 7.0
