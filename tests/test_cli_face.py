@@ -212,3 +212,16 @@ def test_energy_and_compare_take_their_shared_options_from_one_group() -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["node_nm"] == 7.0
+
+
+def test_the_sweep_energy_sections_take_their_bounds_from_the_energy_parameters(tmp_path: Path) -> None:
+    from dse.energy import DatapathParams
+
+    text = _sweep_text(tmp_path / "out") + ("energy: {datapath: {alignment_bits: 2}, memory: "
+                                            "{operand_reuse: 0.5}}\n")
+    with pytest.raises(InputErrors) as raised:
+        parse_config(text, "s.yaml")
+    assert [p.split(": ")[1] for p in raised.value.problems] == ["energy.datapath.alignment_bits",
+                                                                 "energy.memory.operand_reuse"]
+    with pytest.raises(InputError, match="alignment_bits must be in 4..256"):  # the same rule, one place
+        DatapathParams(alignment_bits=2)
