@@ -103,7 +103,7 @@ def user_errors(command: F) -> F:
                 _error_line(line)
             raise typer.Exit(2) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy sees a new type
 
 
 def _print_whole(table: Table) -> None:
@@ -307,7 +307,7 @@ def _with_options(group: type) -> Callable[[F], F]:
 
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]  # for Typer
-        return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]  # same call as the command, options grouped
 
     return decorate
 
@@ -550,7 +550,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     import inspect
     import textwrap
 
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]  # a ClassDef
     docs: dict[str, str] = {}
     for node, following in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)

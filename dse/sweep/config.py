@@ -217,8 +217,15 @@ def _section_of(params: type) -> type[BaseModel]:
     return create_model(f"{params.__name__}Section", __base__=_Strict, **fields)
 
 
-_DatapathSection = _section_of(DatapathParams)
-_MemorySection = _section_of(MemoryParams)
+if typing.TYPE_CHECKING:  # made at run time from the dataclasses; to mypy, sections of any field
+    class _ParamsSection(_Strict):
+        def __getattr__(self, name: str) -> Any: ...
+
+    _DatapathSection = _ParamsSection
+    _MemorySection = _ParamsSection
+else:
+    _DatapathSection = _section_of(DatapathParams)
+    _MemorySection = _section_of(MemoryParams)
 
 
 def _params(params: type, section: BaseModel, path: tuple[str | int, ...], source: SourceMap) -> Any:
