@@ -91,6 +91,8 @@ def formats_show(
              ("relative precision at 1.0", _number(fmt.relative_precision))]
     if fmt.bits <= 16:
         rows.append(("finite values", str(fmt.values().numel())))
+    if fmt.float32_note:
+        rows.append(("in float32", fmt.float32_note))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -262,7 +262,8 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
-LNS_WEIGHTS = ["lns(6,gamma=2)", "lns8", "lns(10,gamma=32)", "lns(12,gamma=128)"]
+LNS_WEIGHTS = ["lns(6,gamma=2)", "lns8", "lns(10,gamma=32)", "lns(12,gamma=128)", "lns(12,gamma=8)",
+               "lns(16,gamma=128)"]  # the last two: grids out to 2^+-128, float32-subnormal codes
 DYADIC_LRS = [1 / 128, 1 / 32, 3 / 64, 1 / 8, 2.0, 2.0**-30, (2**25 + 1) * 2.0**-32]
 OTHER_LRS = [0.01, 0.3, 1 / 3]
 
@@ -597,6 +598,7 @@ def _on_lns_grid(w: torch.Tensor, gamma: int) -> bool:
 COPIES = {  # the copy's spec: is a tensor on its grid?
     "lns(12,gamma=128)": lambda w: _on_lns_grid(w, 128),
     "lns(16,gamma=2048)": lambda w: _on_lns_grid(w, 2048),
+    "lns(16,gamma=128)": lambda w: _on_lns_grid(w, 128),
     "bf16": lambda w: torch.equal(w.bfloat16().float(), w),
     "posit(16,2)": lambda w: torch.equal(get("posit(16,2)").quantize(w), w),
     "fixed(16,8)": lambda w: torch.equal((w * 256).round() / 256, w) and float(w.abs().max()) < 128,
