@@ -471,24 +471,45 @@ def train(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats, and "
-                                          "the GEMMs left in fp32.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List every GEMM with its formats (after training: those first run then), "
+                                "and the GEMMs left in fp32.")] = False,
 ) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
+    import warnings
 
     from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.layers import UnconvertedGemmWarning
     from dse.train.loop import check_field
 
+    reported: dict[str, Any] = {}
+
     def report_gemms(gemms: list[Any], unconverted: list[str]) -> None:
+        reported.update(gemms=gemms, listed=len(gemms), warned=len(getattr(gemms, "unconverted", ())))
         if verbose:
             error_console.print(f"GEMMs ({sum(g.quantized for g in gemms)} of {len(gemms)} quantized):",
                                 markup=False, highlight=False)
             for gemm in gemms:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in unconverted:  # always: a GEMM left in fp32 is never silent
+            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    def report_late_gemms() -> None:
+        """The GEMMs the example forward did not reach, as training first ran them (the list is live)."""
+        gemms = reported.get("gemms")
+        if gemms is None:
+            return
+        late = gemms[reported["listed"]:]
+        if verbose and late:
+            error_console.print(f"GEMMs first run during training ({len(late)} more; "
+                                f"{sum(g.quantized for g in gemms)} of {len(gemms)} quantized in all):",
+                                markup=False, highlight=False)
+            for gemm in late:
+                error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
+        for message in getattr(gemms, "unconverted", [])[reported["warned"]:]:
             error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     config = TrainConfig(
@@ -506,7 +527,10 @@ def train(
         accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
         batch_size=batch_size, seed=seed, threads=threads, device=device,
         data_dir=None if data_dir is None else str(data_dir))
-    result = run_training(config, on_gemms=report_gemms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnconvertedGemmWarning)  # printed from the live list below
+        result = run_training(config, on_gemms=report_gemms)
+    report_late_gemms()
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
         return

@@ -1,7 +1,15 @@
-"""The sweep engine's own cost: the same 8-trial sweep with 1 and with 2 workers, and its overheads.
+"""The sweep engine's own cost: the same 8-trial sweep with 1 and with 2 workers, and its overheads;
+with --groups, grouped training against one trial at a time on the quickstart, end to end.
 
     .venv/bin/python benchmarks/sweep.py            # MNIST-1D MLP, 8 trials x 15 epochs: ~2 min on 2 cores
     .venv/bin/python benchmarks/sweep.py --epochs 3 --repeat 2
+    .venv/bin/python benchmarks/sweep.py --groups --repeat 2            # quickstart, 21 and 84 trials
+    .venv/bin/python benchmarks/sweep.py --groups --epochs 3 --group-size 8
+
+--groups runs `dse sweep` (the CLI, in a fresh interpreter: imports, planning, energy, training,
+reports) on examples/quickstart.yaml (21 trials) and on the same file with 4 tuned learning rates
+per configuration (84 trials), with executor.group_size 1 and N alternately; then times the same
+command again with nothing left to train, split into its stages.
 
 Prints, per worker count, the sweep's wall time, the sum of the trials' own training time and the
 speedup of 2 workers over 1; then the overhead per trial: starting the workers (the fork server's
@@ -117,14 +125,123 @@ def energy_time(epochs: int) -> float:
     return (time.perf_counter() - started) / len(distinct)
 
 
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+TUNED_LRS = {"sgd": [0.025, 0.05, 0.1, 0.2], "lns-madam": [1 / 256, 1 / 128, 1 / 64, 1 / 32]}
+"""Four learning rates per optimizer around each one's default (docs/training.md)."""
+
+
+def quickstart_text(epochs: int | None, tuned: bool, dataset: str | None = None) -> str:
+    """examples/quickstart.yaml, with its epochs (and dataset) replaced and (tuned) 4 learning rates
+    per entry."""
+    import yaml
+
+    sweep = yaml.safe_load(QUICKSTART.read_text())
+    if epochs is not None:
+        sweep["task"]["epochs"] = epochs
+    if dataset is not None:
+        sweep["task"]["dataset"] = dataset
+    if tuned:
+        for entry in sweep["trials"]:
+            entry["tune"] = {"lr": TUNED_LRS[entry.get("optimizer", "sgd")]}
+    return yaml.safe_dump(sweep, sort_keys=False)
+
+
+def timed_cli(config: Path, output: Path, group_size: int) -> float:
+    """Wall seconds of `dse sweep config -o output --group-size N -q` in a fresh interpreter."""
+    cli = Path(__file__).resolve().parent.parent / "cli.py"
+    command = [sys.executable, str(cli), "sweep", str(config), "-o", str(output), "-q",
+               "--group-size", str(group_size)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - started
+
+
+def child_stages(config: Path, output: Path) -> list[tuple[str, float]]:
+    """Seconds of each stage of a sweep with nothing left to train (its store is complete)."""
+    started = time.perf_counter()
+    from dse.report import write_reports
+    from dse.sweep import load_config, load_trials
+    from dse.sweep.groups import plan_groups
+    from dse.sweep.runner import check_tasks, check_trials, estimate_energies, unique_runs
+    from dse.sweep.trials import baseline_labels, expand
+
+    imported = time.perf_counter()
+    sweep = load_config(config).replace(output=output)
+    check_tasks(sweep)
+    trials = expand(sweep)
+    check_trials(sweep, trials)
+    baseline_labels(sweep, trials)
+    checked = time.perf_counter()
+    estimate_energies(sweep, trials)
+    energy = time.perf_counter()
+    plan_groups(unique_runs(trials), sweep.executor.group_size)
+    grouped = time.perf_counter()
+    frame = load_trials(output)
+    list(write_reports(frame, output, sweep.memory_objective))
+    reported = time.perf_counter()
+    return [("imports", imported - started), ("parse, expand, check", checked - imported),
+            ("energy estimates", energy - checked), ("groups", grouped - energy),
+            ("load store, write reports", reported - grouped)]
+
+
+def groups_benchmark(epochs: int | None, repeat: int, group_size: int, dataset: str | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="dse-bench-") as tmp:
+        root = Path(tmp)
+        rows = []
+        for tuned in (False, True):
+            config = root / f"{'tuned' if tuned else 'quickstart'}.yaml"
+            config.write_text(quickstart_text(epochs, tuned, dataset))
+            walls: dict[int, list[float]] = {1: [], group_size: []}
+            for run in range(repeat):
+                order = (1, group_size) if run % 2 == 0 else (group_size, 1)
+                for size in order:
+                    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                    wall = timed_cli(config, root / f"{config.stem}-g{size}-{run}", size)
+                    walls[size].append(wall)
+                    print(f"{config.stem}: group size {size}, run {run + 1}: {wall:.1f} s (load average "
+                          f"before: {load:.2f})", flush=True)
+            rows.append((config.stem, walls))
+        print(f"\nend to end, `dse sweep` in a fresh interpreter, best of {repeat}, "
+              f"{epochs or 'the file’s'} epochs, dataset {dataset or 'mnist1d'}")
+        print(f"| sweep | trials | one at a time s | grouped (size {group_size}) s | speed-up |")
+        print("|---|---|---|---|---|")
+        for name, walls in rows:
+            trials = 84 if name == "tuned" else 21
+            alone, grouped = min(walls[1]), min(walls[group_size])
+            print(f"| {name} | {trials} | {alone:.1f} | {grouped:.1f} | {alone / grouped:.2f}x |")
+        done = root / f"quickstart-g{group_size}-0"
+        config = root / "quickstart.yaml"
+        again = min(timed_cli(config, done, group_size) for _ in range(repeat))
+        command = [sys.executable, __file__, "--child-stages", str(config), str(done)]
+        stages = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+        print(f"\nthe quickstart again with nothing left to train: {again:.1f} s; its stages:")
+        for line in stages:
+            print(f"  {line}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per trial (default 15, as quickstart)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per trial (default 15, as the quickstart)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each worker count (default 1)")
+    parser.add_argument("--groups", action="store_true", help="grouped training against one trial at a "
+                        "time on the quickstart (21 trials) and with 4 tuned learning rates (84)")
+    parser.add_argument("--group-size", type=int, default=8, help="group size for --groups (default 8)")
+    parser.add_argument("--dataset", default=None, help="--groups: the quickstart's MLP on another built-in "
+                        "dataset (e.g. digits: a 64-128-10 MLP, whose steps are dispatch-bound)")
     parser.add_argument("--child-sweep", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-stages", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-spawn", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_stages:
+        for stage, seconds in child_stages(Path(args.child_stages[0]), Path(args.child_stages[1])):
+            print(f"{stage}: {seconds:.2f} s")
+        return
+    if args.groups:
+        groups_benchmark(args.epochs, args.repeat, args.group_size, args.dataset)
+        return
+    args.epochs = 15 if args.epochs is None else args.epochs
     if args.child_sweep:
         root, workers, epochs, run = args.child_sweep
         print(*child_sweep(Path(root), int(workers), int(epochs), int(run)))

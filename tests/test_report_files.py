@@ -113,3 +113,25 @@ def test_unwritable_output_is_one_line_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot write .*file/out/trials.csv") as caught:
         write_reports(example_trials(), blocker / "out")
     assert "\n" not in str(caught.value)
+
+
+def test_a_sweep_with_nothing_new_does_not_rewrite_its_reports(tmp_path: Path) -> None:
+    """write_reports_if_changed: the same trials and code leave the files as they are; a changed
+    trial or a missing file writes them all again."""
+    import os
+
+    from dse.report.files import write_reports_if_changed
+
+    frame = example_trials()
+    written = write_reports_if_changed(frame, tmp_path)
+    assert {p.name for p in written} == {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    for path in written:
+        os.utime(path, (0, 0))
+    assert write_reports_if_changed(frame, tmp_path) == written
+    assert all(path.stat().st_mtime == 0 for path in written)
+    changed = frame.copy()
+    changed.loc[changed.index[0], "test_accuracy"] = 0.123
+    write_reports_if_changed(changed, tmp_path)
+    assert "0.123" in (tmp_path / "trials.csv").read_text() and (tmp_path / "summary.csv").stat().st_mtime > 0
+    written[-1].unlink()
+    assert write_reports_if_changed(changed, tmp_path) == written and written[-1].is_file()

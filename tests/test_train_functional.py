@@ -357,3 +357,82 @@ def test_attention_and_functional_gemms_on_cuda_match_the_cpu() -> None:
     quiet_quantize(model, distinct_policy(), example)
     quiet_quantize(on_gpu, distinct_policy(), example.cuda())
     torch.testing.assert_close(on_gpu(example.cuda()).cpu(), model(example), rtol=1e-4, atol=1e-4)
+
+
+class Branch(nn.Module):
+    """A GEMM written as `@` (so the example forward finds a functional GEMM and the mode is installed),
+    then a GEMM against a parameter and an unconvertible einsum that only a batch of more than two
+    samples reaches (the example forward runs on two)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(6, 6))
+        self.extra = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.first
+        if x.shape[0] > 2:
+            y = y @ self.extra + torch.einsum("bi,ij->bj", y, self.extra)
+        return y
+
+
+def test_a_gemm_the_example_forward_missed_joins_the_returned_list_when_it_first_runs() -> None:
+    model = Branch()
+    gemms = quantize_model(model, QuantPolicy.from_config(TrainConfig(format="int8")),
+                           example_input=torch.randn(2, 6))
+    assert [g.name for g in gemms] == ["first"] and gemms.unconverted == []
+    x = torch.randn(4, 6)
+    with pytest.warns(UnconvertedGemmWarning, match=r"torch\.einsum stays fp32"):
+        out = model(x)
+    assert [(g.name, g.kind, g.quantized) for g in gemms] == [("first", "matmul", True),
+                                                              ("extra", "matmul", True)]
+    assert gemms[1].formats is not None and gemms[1].formats.weights == "int8"
+    assert len(gemms.unconverted) == 1 and "einsum" in gemms.unconverted[0]
+    int8 = get("int8")
+    with torch.no_grad():  # both ran quantized: int8 activations x int8 weights
+        y = int8.quantize(x) @ int8.quantize(model.first)
+        expected = int8.quantize(y) @ int8.quantize(model.extra) + torch.einsum("bi,ij->bj", y, model.extra)
+    assert torch.equal(out.detach(), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # seen before: no second warning, no second entry
+        model(x)
+    assert [g.name for g in gemms] == ["first", "extra"] and len(gemms.unconverted) == 1
+
+
+BRANCH_MODEL = '''
+import torch
+from torch import nn
+
+
+def branch(sample_shape, num_classes):
+    return Branch(int(torch.tensor(sample_shape).prod()), num_classes)
+
+
+class Branch(nn.Module):
+    """A head GEMM only a batch of more than two samples runs (dse's example forward has two)."""
+
+    def __init__(self, d_in, classes):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, d_in) * 0.1)
+        self.late = nn.Parameter(torch.eye(classes))
+
+    def forward(self, x):
+        y = nn.functional.linear(x.flatten(1), self.w)
+        return y @ self.late if x.shape[0] > 2 else y
+'''
+
+
+def test_dse_train_verbose_prints_the_gemms_first_run_during_training(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    (tmp_path / "branch.py").write_text(BRANCH_MODEL, encoding="utf-8")
+    model = f"{tmp_path / 'branch.py'}:branch"
+    outcome = CliRunner().invoke(app, ["train", "--model", model, "--format", "int8", "--epochs", "1",
+                                       "--verbose"])
+    assert outcome.exit_code == 0, outcome.output
+    before, after = outcome.stderr.split("GEMMs first run during training")
+    assert "GEMMs (1 of 1 quantized):" in before and "w (F.linear): W=int8" in before and "late" not in before
+    assert after.startswith(" (1 more; 2 of 2 quantized in all):")
+    assert "late (matmul): W=int8 A=int8 G=int8 dW=int8" in after

@@ -121,3 +121,14 @@ def test_quantize_members_is_quantize_of_each_member_alone(spec: str, rounding: 
     stacked = quant.members(x, generators)
     alone = torch.stack([quant(x[g], torch.Generator().manual_seed(seed + g)) for g in range(members)])
     assert torch.equal(stacked.view(torch.int32), alone.view(torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fields", [{}, {"format": "int8"}, {"format": "fp8_e4m3", "rounding": "stochastic"},
+                                    {"format": "lns8", "optimizer": "lns-madam", "master_weights": False}],
+                         ids=["fp32", "int8", "fp8-stochastic", "lns-madam"])
+def test_grouped_members_equal_alone_runs_on_cuda(fields: dict[str, Any], digits: Any) -> None:
+    """On CUDA a batched GEMM may take another kernel than a single one: this says whether it does."""
+    base = BASE.replace(device="cuda", **fields)
+    members = MADAM_SEEDS if base.optimizer == "lns-madam" else SEEDS
+    _same_as_alone([base.replace(**member) for member in members], digits)

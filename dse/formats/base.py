@@ -56,7 +56,8 @@ CPU_SLICE_ELEMENTS_PER_THREAD = 1 << 17
 
 
 _WHOLE_TENSORS = contextvars.ContextVar("dse_whole_tensors", default=False)
-"""Set while `quantize_members` draws from `MemberGenerators`: slices would cut across members."""
+"""Set while `quantize_members` rounds stochastically with `MemberGenerators`: slices would cut across
+members' draws."""
 
 
 def cpu_chunk_elements(x: Tensor) -> int:
@@ -523,7 +524,8 @@ class NumberFormat(ABC):
             raise ValueError("quantize_members expects a leading member axis")
         kind, axis = self.scaling.kind, self.scaling.axis
         member_axis = axis + 1 if axis >= 0 else axis
-        with whole_tensors(isinstance(generator, MemberGenerators)):
+        draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
+        with whole_tensors(draws):  # slices would cut across members' draws
             if kind in ("none", "block"):
                 fmt = self if kind == "none" or x.dim() == 1 else dataclasses.replace(
                     self, scaling=dataclasses.replace(self.scaling, axis=member_axis))

@@ -6,6 +6,8 @@ under a hidden temporary name in the same directory and renamed over the old one
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -110,4 +112,37 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
             for kind, figure in figures:
                 if figure is not None:
                     written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
+    return written
+
+
+REPORTS_STAMP = ".reports.json"
+"""What the report files in a directory were written from (a hash) and which files they are."""
+
+
+def _reports_signature(frame: pd.DataFrame, memory_objective: bool) -> str:
+    """A hash of the trials, the report options and the report code: equal hashes, equal files."""
+    digest = hashlib.sha256(frame.to_csv(index=False).encode())
+    digest.update(json.dumps([frame.attrs, memory_objective], sort_keys=True, default=str).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False
+                             ) -> list[Path]:
+    """`write_reports`, unless the files in out_dir were written from these very trials by this report
+    code (a sweep rerun with nothing left to train): then their paths, unwritten (plots are most of
+    a sweep's fixed cost)."""
+    out_dir = Path(out_dir)
+    signature = _reports_signature(frame, memory_objective)
+    stamp = out_dir / REPORTS_STAMP
+    try:
+        recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        files = [out_dir / name for name in recorded["files"]]
+        if recorded["signature"] == signature and all(path.is_file() for path in files):
+            return files
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    written = write_reports(frame, out_dir, memory_objective)
+    write_text_atomically(stamp, json.dumps({"signature": signature, "files": [p.name for p in written]}))
     return written

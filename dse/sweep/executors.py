@@ -152,12 +152,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
     Spawning N workers makes each import torch and dse at once, seconds of work that a short sweep
     feels; the fork server pays it once, before any torch thread pool exists, and forks from there.
+    It also imports torch._dynamo, which torch imports when the first optimizer is built.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dse.train.loop"])
+    context.set_forkserver_preload(["dse.train.loop", "dse.train.grouped", "torch._dynamo"])
     return context
+
+
+def start_worker_server() -> None:
+    """Start the fork server now: it imports the trainer (and what the first optimizer imports) in a
+    process of its own while the caller plans the sweep, instead of after it; no-op where workers
+    are spawned."""
+    context = worker_context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 class LocalExecutor:

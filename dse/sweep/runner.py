@@ -28,6 +28,7 @@ from dse.sweep.executors import (
     TrainFn,
     TrialJob,
     TrialOutcome,
+    start_worker_server,
 )
 from dse.sweep.groups import plan_groups
 from dse.sweep.store import (
@@ -277,6 +278,8 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
     """
     started = time.perf_counter()
     reporter = reporter or SilentReporter()
+    if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force):
+        start_worker_server()  # its imports overlap the planning below
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
     groups, notes = plan_groups(runs, sweep.executor.group_size if train_fn is None else 1)
@@ -340,11 +343,22 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | N
                                                     for status in ("ok", "diverged", "error"))
     summary.best = _best_of(frame)
     if reports:
-        from dse.report import write_reports
+        from dse.report.files import write_reports_if_changed
 
-        summary.files = list(write_reports(frame, directory, sweep.memory_objective))
+        summary.files = write_reports_if_changed(frame, directory, sweep.memory_objective)
     summary.wall_time_s = time.perf_counter() - started
     return summary
+
+
+def _has_work(sweep: SweepConfig, force: bool) -> bool:
+    """Whether some trial of the sweep is not in its store yet (read only; False on bad input, which
+    planning reports)."""
+    try:
+        ids = {trial.trial_id for trial in expand(sweep)}
+        stored = set(load_trials(sweep.output)["trial_id"]) if sweep.output.is_dir() else set()
+    except (ValueError, OSError):
+        return False
+    return force or not ids <= stored
 
 
 def _best_of(frame: Any) -> TrialRecord | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,9 @@ from dse.train.layers import (
     LayerQuant,
     LinearOp,
     QuantGemm,
+    QuantizedGemms,
     QuantSwitch,
+    UnconvertedGemmWarning,
     class_names,
     gemm_quant,
     is_module_gemm,
@@ -112,8 +115,10 @@ class FunctionalGemms:
     """The functional GEMMs of one model: names, per-site quantizers, the mode and its hooks."""
 
     def __init__(self, model: nn.Module, policies: LayerPolicies | None, switch: QuantSwitch,
-                 generator: torch.Generator | None) -> None:
+                 generator: torch.Generator | None, listing: QuantizedGemms | None = None) -> None:
         self.model = model
+        self.listing = listing
+        """quantize_model's returned list: GEMMs first seen while training join it."""
         self.policies = policies
         self.switch = switch
         self.generator = generator
@@ -186,6 +191,8 @@ class FunctionalGemms:
             self.sites[layer.name] = Site(layer, kind)
             if weight is not None and isinstance(weight, nn.Parameter):
                 self.weights[layer.name] = weight
+            if self.listing is not None and self.policies is not None:
+                self.listing.append(self.policies.gemm(layer, kind))
         if self.policies is None or not self.switch.enabled:
             return None
         if layer.name not in self.quants:
@@ -206,6 +213,16 @@ class FunctionalGemms:
             if quant is not None and quant.master_weights is not None:
                 out.append((weight, quant.master_weights))
         return out
+
+    def note_unconverted(self, message: str) -> None:
+        """A GEMM function left in fp32: recorded once; one first seen after quantize_model joins its
+        list's `unconverted` and is warned about then."""
+        if message in self.unconverted:
+            return
+        self.unconverted[message] = None
+        if self.listing is not None and message not in self.listing.unconverted:
+            self.listing.unconverted.append(message)
+            warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
 
     def passthrough(self) -> bool:
         """Calls inside a module GEMM or an unconvertible module are not functional GEMMs."""
@@ -300,8 +317,8 @@ class _GemmMode(TorchFunctionMode):
             if name is not None and not gemms.passthrough():
                 owner = gemms.frame()
                 where = owner.name or "model"
-                gemms.unconverted.setdefault(f"{where} ({type(owner.module).__name__}): {name} stays fp32 "
-                                             f"(quantize_model does not convert it)")
+                gemms.note_unconverted(f"{where} ({type(owner.module).__name__}): {name} stays fp32 "
+                                       f"(quantize_model does not convert it)")
             return func(*args, **kwargs)
         if gemms.passthrough() or (gemms.policies is not None and not gemms.switch.enabled):
             return func(*args, **kwargs)
@@ -534,12 +551,14 @@ def _devices(args: tuple[Any, ...]) -> list[torch.device]:
 
 
 def attach(model: nn.Module, found: FoundGemms, policies: LayerPolicies, switch: QuantSwitch,
-           generator: torch.Generator | None) -> None:
-    """Install the mode on the model when it has functional GEMMs (or they were not looked for)."""
+           generator: torch.Generator | None, listing: QuantizedGemms | None = None) -> None:
+    """Install the mode on the model when it has functional GEMMs (or they were not looked for);
+    GEMMs it first meets while the model runs join `listing`."""
     model.__dict__.pop("dse_functional_gemms", None)
     if not found.functional:
         return
-    gemms = FunctionalGemms(model, policies, switch, generator)
+    gemms = FunctionalGemms(model, policies, switch, generator, listing)
+    gemms.unconverted.update(dict.fromkeys(found.unconverted))
     for site in found.sites:
         if site.module is None:
             gemms.sites[site.layer.name] = site

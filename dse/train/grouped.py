@@ -30,7 +30,7 @@ from dse.formats.base import MemberGenerators
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, _run_settings, check_config, train
-from dse.train.optim import DEFAULT_LR, STATE_KEYS, plain_optimizer
+from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
@@ -114,6 +114,7 @@ class StackedOptimizer:
                                         self.generators[start], switch)
             self.runs.append((start, stop, optimizer, views))
         self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
+        self.versions: list[int] | None = None  # the parameters' version counters after the last step
         if switch.enabled:
             self.quantize_weights()
 
@@ -142,10 +143,28 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
+        untouched = self.versions == [p._version for p in self.params]
         for start, stop, optimizer, views in self.runs:
             for view, p in zip(views, self.params, strict=True):
                 view.grad = None if p.grad is None else p.grad[start:stop]
+            if untouched and isinstance(optimizer, LNSMadam):
+                self._keep_codes(optimizer, views)
             optimizer.step()
+        self._quantize_after_step()
+        self.versions = [p._version for p in self.params]
+
+    @staticmethod
+    def _keep_codes(optimizer: LNSMadam, views: list[Tensor]) -> None:
+        """LNS-Madam keeps each weight's log code between steps while nothing else writes the weight
+        (its version counter). A member's slice shares that counter with the other members' slices,
+        which their own steps write; when nothing else wrote since the last step, the member's kept
+        codes are still its weights' codes, so they stay (else it recomputes them, as alone)."""
+        for view in views:
+            kept = optimizer._stored.get(view)
+            if kept is not None:
+                kept.version = view._version
+
+    def _quantize_after_step(self) -> None:
         if not self.switch.enabled:
             return
         self.quantize_weights()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -462,14 +462,29 @@ class LayerPolicies:
         return Gemm(layer.name, kind, self.formats[layer.name], policy.quantizes_gemms, layer.has_weight)
 
 
+class QuantizedGemms(list[Gemm]):
+    """What quantize_model returns: every GEMM it took, in order, and kept complete while the model runs.
+
+    A functional GEMM the example forward did not reach (a branch it did not take; no example given)
+    is still quantized when it first runs, and joins the end of this list then; a GEMM function
+    quantize_model cannot convert, first seen then, joins `unconverted` (and is warned about).
+    """
+
+    def __init__(self, gemms: Iterable[Gemm] = (), unconverted: Iterable[str] = ()) -> None:
+        super().__init__(gemms)
+        self.unconverted: list[str] = list(unconverted)
+        """One line per GEMM left in fp32 (the messages of the UnconvertedGemmWarnings)."""
+
+
 MODULE_GEMM_KINDS: dict[type[nn.Module], str] = {
     nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", Matmul: "matmul",
 }
 
 
 def quantize_model(model: nn.Module, policy: QuantPolicy, generator: torch.Generator | None = None,
-                   example_input: Tensor | tuple[Any, ...] | None = None) -> list[Gemm]:
-    """Quantize the model's GEMMs in place as `policy` says; returns every GEMM it took, in order.
+                   example_input: Tensor | tuple[Any, ...] | None = None) -> QuantizedGemms:
+    """Quantize the model's GEMMs in place as `policy` says; returns every GEMM it took, in order
+    (a live list: a functional GEMM first run after this call joins it then, see QuantizedGemms).
 
     Linear/Conv1d/Conv2d/Matmul modules change class to their quantized versions (same module
     objects, same Parameters). nn.MultiheadAttention (in- and out-projections, scores, context) and
@@ -491,7 +506,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy, generator: torch.Gener
     found = functional.find_gemms(model, example_input)
     layers = [site.layer for site in found.sites]
     policies = LayerPolicies(policy, layers)
-    gemms: list[Gemm] = []
+    gemms = QuantizedGemms(unconverted=found.unconverted)
     for site in found.sites:
         gemms.append(policies.gemm(site.layer, site.kind))
         module = site.module
@@ -506,7 +521,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy, generator: torch.Gener
             continue
         module.__class__ = _QUANT_CLASS[plain]
         module.gemm_quant = _layer_quant(module, layer_policy, switch, generator)
-    functional.attach(model, found, policies, switch, generator)
+    functional.attach(model, found, policies, switch, generator, gemms)
     for message in found.unconverted:
         warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
     return gemms

@@ -38,7 +38,8 @@ EXAMPLE_SAMPLES = 2
 Progress = Callable[[int, float, float], None]
 """Called after each epoch with (epoch, mean training loss, test accuracy)."""
 GemmReport = Callable[[list[Gemm], list[str]], None]
-"""Called once with the GEMMs quantize_model converted and the GEMMs it could not (one line each)."""
+"""Called once, before training, with the GEMMs quantize_model converted (a live QuantizedGemms: a GEMM
+first run during training joins it then) and the GEMMs it could not (one line each)."""
 
 
 _AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk",

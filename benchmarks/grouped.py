@@ -1,0 +1,66 @@
+"""Grouped training's speed per trial: the training time of one run alone against a member of a group
+of G (dse.train.grouped.train_group), interleaved in one process, best of several rounds.
+
+    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 16
+    .venv/bin/python benchmarks/grouped.py --datasets digits --sizes 4,8 --formats fp32,int8 --rounds 2
+
+Prints, per dataset and format, the seconds of training (TrainResult.wall_time_s: the epochs, not the
+setup) of one run alone and the speed-up of a group member (alone / (group time / G)) per group size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BATCH = {"digits": 64, "mnist1d": 100}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="digits,mnist1d")
+    parser.add_argument("--formats", default="fp32,int8,fp8_e4m3,posit8,lns8")
+    parser.add_argument("--sizes", default="3,8,16", help="group sizes (default 3,8,16)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the best of each is kept (default 3)")
+    args = parser.parse_args()
+
+    import torch
+
+    from dse.data import load_dataset
+    from dse.train.config import TrainConfig
+    from dse.train.grouped import train_group
+    from dse.train.loop import train
+
+    torch.set_num_threads(1)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    print(f"training seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
+          f"{args.epochs} epochs, 1 thread)")
+    print("| MLP | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
+    print("|---|---|---|" + "---|" * len(sizes))
+    for name in args.datasets.split(","):
+        data = load_dataset(name)
+        for spec in args.formats.split(","):
+            config = TrainConfig(model="mlp", dataset=name, epochs=args.epochs,
+                                 batch_size=BATCH.get(name, 64), format=None if spec == "fp32" else spec,
+                                 optimizer="lns-madam" if spec.startswith("lns") else "sgd",
+                                 master_weights=not spec.startswith("lns"))
+            train(config.replace(epochs=1), data)  # first-call costs
+            alone: list[float] = []
+            member: dict[int, list[float]] = {size: [] for size in sizes}
+            for _ in range(args.rounds):
+                alone.append(train(config, data).wall_time_s)
+                for size in sizes:
+                    results = train_group([config.replace(seed=seed) for seed in range(size)], data)
+                    member[size].append(results[0].wall_time_s)  # the group's time over its size
+            best = min(alone)
+            cells = " | ".join(f"{best / min(member[size]):.2f}x" for size in sizes)
+            print(f"| {name} | {spec} | {best:.3f} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
