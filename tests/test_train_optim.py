@@ -643,6 +643,25 @@ def test_lns_madam_steps_an_lns_copy_by_whole_codes_of_the_copy():
     assert moved.abs().max() <= 10.001  # |round(g*)| <= g_bound
 
 
+@pytest.mark.parametrize("spec", ["lns(12,gamma=8)", "lns(16,gamma=128)"])
+def test_lns_madam_on_a_2_pow_128_grid_saturates_at_the_smallest_nonzero_float32(spec):
+    """Scaled to the weights, the lowest codes of a 2^+-128 grid underflow to 0 in float32: weights
+    pushed down stop at the smallest non-zero scaled value, keep their sign, and climb back."""
+    fmt = get(spec)
+    param = nn.Parameter(torch.tensor([0.5, -0.25]))
+    optimizer = LNSMadam([param], lr=16.0, lns_storage={param: fmt})
+    for _ in range(200):  # 16 * gamma codes a step (round(g*) = 1): far past float32's range
+        param.grad = torch.sign(param.detach())
+        optimizer.step()
+    scale = 0.5 * 3 / fmt.max  # Madam's bound (p_scale 3 x the largest initial |w|) on the top code
+    values = (fmt.values().double() * scale).float()
+    smallest = float(values[values > 0].min())
+    assert smallest > 0 and param.detach().tolist() == [smallest, -smallest]
+    param.grad = -torch.sign(param.detach())
+    optimizer.step()
+    assert param.detach()[0] > smallest and param.detach()[1] < -smallest
+
+
 @pytest.mark.parametrize("spec", ["bf16", "posit(16,2)", "fixed(16,8)"])
 def test_lns_madam_with_a_non_lns_copy_says_why(spec):
     from dse.train.loop import check_config
