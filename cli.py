@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import inspect
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -12,14 +14,77 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
-
-app = typer.Typer(help="Design-space exploration of number formats for low-precision training.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-formats_app = typer.Typer(help="The number-format zoo.", invoke_without_command=True)
-app.add_typer(formats_app, name="formats")
+from typer.core import TyperCommand, TyperGroup
 
 console = Console()
 error_console = Console(stderr=True)
+
+
+def _error_line(message: str) -> None:
+    error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _flags_without_metavar(params: list[Any]) -> list[Any]:
+    """A flag takes no value, so its help shows no `<bool>` after it."""
+    for param in params:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", None) is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """A dse command: its flags show no metavar in its help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+
+class _Commands(TyperGroup):
+    """dse's command groups: usage errors (`--epochs ten`, an unknown option) as one line on stderr and
+    exit code 2, like every other bad input (Click draws a boxed panel of several lines); flags without
+    a metavar in the help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.TyperException as error:  # Click's usage errors (typer >= 0.29 vendors Click)
+            context = getattr(error, "ctx", None)
+            where = f"{context.command_path}: " if context is not None else ""
+            if error.format_message():  # empty: `dse` alone, which printed the help
+                _error_line(f"{where}{error.format_message()} (see --help)")
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            _error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(help="Design-space exploration of number formats for low-precision training.",
+                  cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False)
+formats_app = typer.Typer(help="The number-format zoo.", cls=_Commands, invoke_without_command=True)
+app.add_typer(formats_app, name="formats")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from dse import __version__
+
+        typer.echo(f"dse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print dse's version and exit.")] = False
+         ) -> None:
+    """Design-space exploration of number formats for low-precision training."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,8 +97,10 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+            lines = getattr(error, "problems", None) or [str(error).splitlines()[0] if str(error)
+                                                         else type(error).__name__]
+            for line in lines:  # one line per problem (a sweep file reports all of its errors)
+                _error_line(line)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -69,7 +136,29 @@ def formats_list(ctx: typer.Context) -> None:
     _print_whole(table)
 
 
-@formats_app.command("show")
+def _scaling_text(scaling: Any) -> str:
+    """A format's scaling in words: none, per tensor, per channel or per block of N along an axis."""
+    pow2 = ", power of two" if scaling.pow2 else ""
+    axis = "the last axis" if scaling.axis == -1 else f"axis {scaling.axis}"
+    if scaling.kind == "none":
+        return "none (unit scale)"
+    if scaling.kind == "tensor":
+        return f"one scale per tensor{pow2}"
+    if scaling.kind == "block":
+        return f"one scale per block of {scaling.block_size} along {axis}{pow2}"
+    return f"one scale per channel ({axis}){pow2}"
+
+
+def _describe_field(value: Any) -> str:
+    """A format field as a reader wants it: a format by its spec, a scaling in words."""
+    from dse.formats.base import Scaling
+
+    if isinstance(value, Scaling):
+        return _scaling_text(value)
+    return getattr(value, "spec", None) or str(value)
+
+
+@formats_app.command("show", cls=_Command)
 @user_errors
 def formats_show(
     spec: Annotated[str, typer.Argument(help='A format spec, e.g. "posit(16,1)" or fp8_e4m3.')],
@@ -82,18 +171,18 @@ def formats_show(
     table = Table(title=fmt.spec, show_header=False)
     table.add_column("property")
     table.add_column("value")
-    rows: list[tuple[str, str]] = [("family", fmt.family), ("bits", str(fmt.bits))]
-    for field in dataclasses.fields(fmt):  # type: ignore[arg-type]
-        value = getattr(fmt, field.name)
-        rows.append((field.name, getattr(value, "spec", None) or str(value)))
-    rows += [("max", _number(fmt.max)), ("min positive", _number(fmt.min_positive)),
-             ("dynamic range (decades)", f"{fmt.dynamic_range_decades:.3f}"),
-             ("relative precision at 1.0", _number(fmt.relative_precision))]
+    rows: dict[str, str] = {"family": fmt.family, "bits": str(fmt.bits)}
+    for field in dataclasses.fields(fmt):  # type: ignore[arg-type]  # every format is a dataclass
+        if field.name not in rows:
+            rows[field.name] = _describe_field(getattr(fmt, field.name))
+    rows.update({"max": _number(fmt.max), "min positive": _number(fmt.min_positive),
+                 "dynamic range (decades)": f"{fmt.dynamic_range_decades:.3f}",
+                 "relative precision at 1.0": _number(fmt.relative_precision)})
     if fmt.bits <= 16:
-        rows.append(("finite values", str(fmt.values().numel())))
+        rows["finite values"] = str(fmt.values().numel())
     if fmt.float32_note:
-        rows.append(("in float32", fmt.float32_note))
-    for name, value in rows:
+        rows["in float32"] = fmt.float32_note
+    for name, value in rows.items():
         table.add_row(name, value)
     console.print(table)
     if plot is not None:
@@ -106,7 +195,7 @@ def formats_show(
 
 _WorkloadOpt = Annotated[str, typer.Option("--workload", "-w", help="A built-in (resnet18, resnet50, "
                                            "mobilenetv2, vit-b16, bert-base, gpt2-small, llama-7b, "
-                                           "llama(blocks=N,width=D), a proxy such as m1d-cnn), an .onnx, "
+                                           "llama(blocks=N, width=D), a proxy such as m1d-cnn), an .onnx, "
                                            ".yaml or .csv file, or your model as file.py:function "
                                            "(with --dataset).")]
 _WorkloadDataOpt = Annotated[str | None, typer.Option(
@@ -118,20 +207,21 @@ _NodeScalingOpt = Annotated[str, typer.Option("--node-scaling", help="calibrated
                                               "et al. 7 nm, default) or stillmaker.")]
 _ScopeOpt = Annotated[str, typer.Option(help="datapath (MAC units), pe (+ update, registers, SRAM) or system "
                                         "(+ DRAM, default).")]
-_BatchOpt = Annotated[int | None, typer.Option("--batch-size", "--batch", help="Batch size (default: the "
+_BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Batch size (default: the "
                                                "workload's).")]
 _OptimizerOpt = Annotated[str | None, typer.Option(help="sgd, adam, adamw, madam, lns-madam or niti "
                                                    "(default: Madam for LNS weights, else the workload's).")]
-_AccOpt = Annotated[str | None, typer.Option("--accumulator", "--accumulation", help="Accumulator: int24, "
+_AccOpt = Annotated[str | None, typer.Option("--accumulator", help="Accumulator: int24, "
                                              "int(32), fp32, fp16, bf16, quire (default by family: int32, "
                                              "fp32, LNS int24).")]
-_VectorOpt = Annotated[int | None, typer.Option("--vector-length", "--accumulation-chunk", help="K of the "
+_VectorOpt = Annotated[int | None, typer.Option("--vector-length", help="K of the "
                                                 "dot-product unit (default 16; 1 = scalar fused MAC).")]
-_RoundingOpt = Annotated[str, typer.Option(help="Rounding into the weight, activation and gradient formats: "
-                                           "nearest, stochastic, stochastic(k), pseudo_stochastic, "
-                                           "toward_zero.")]
-_UpdateRoundingOpt = Annotated[str, typer.Option(help="Rounding of weights updated in their own format (no "
-                                                 "master copy).")]
+_ROUNDINGS = "nearest, stochastic, stochastic(k) (k random bits, 1..23), pseudo_stochastic or toward_zero"
+"""dse.formats.ROUNDINGS and stochastic(k) in words (not imported: --help stays free of torch)."""
+_RoundingOpt = Annotated[str, typer.Option(help=f"Rounding into the weight, activation and gradient formats: "
+                                           f"{_ROUNDINGS}.")]
+_UpdateRoundingOpt = Annotated[str, typer.Option(help=f"Rounding of weights updated in their own format (no "
+                                                 f"master copy): {_ROUNDINGS}.")]
 _LnsOpt = Annotated[str | None, typer.Option("--lns-datapath", help="LNS conversion: madam (per-remainder "
                                              "partial sums, default) or direct (per product).")]
 _MitchellOpt = Annotated[int | None, typer.Option("--mitchell-bits", help="LNS remainder bits approximated "
@@ -191,6 +281,16 @@ def _mj(pj: float) -> str:
     return f"{pj * 1e-9:.4g}"
 
 
+def _check_at_least_one(**options: int | None) -> None:
+    """Counts given on the command line are >= 1 (checked here, not as Click ranges, whose `[x>=1]`
+    would widen every command's help past 80 columns)."""
+    from dse.errors import InputError
+
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _check_csv_target(csv: Path | None) -> None:
     """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
     from dse.errors import InputError
@@ -200,7 +300,7 @@ def _check_csv_target(csv: Path | None) -> None:
         raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
 
 
-@app.command("energy")
+@app.command("energy", cls=_Command)
 @user_errors
 def energy(
     workload: _WorkloadOpt,
@@ -255,6 +355,7 @@ def energy(
     from dse.energy.iteration import training_area_um2
     from dse.formats import get
 
+    _check_at_least_one(batch_size=batch_size, layers=layers)
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
                            lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
@@ -341,7 +442,7 @@ _COMPARE_HEADERS = {
 }
 
 
-@app.command("compare")
+@app.command("compare", cls=_Command)
 @user_errors
 def compare(
     specs: Annotated[list[str], typer.Argument(help="Formats to compare, e.g. lns8 posit8 int8 fp8_e4m3.")],
@@ -375,6 +476,7 @@ def compare(
     from dse.energy import compare_formats, get_workload
     from dse.formats import get
 
+    _check_at_least_one(batch_size=batch_size)
     _check_csv_target(csv)
     model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
                            lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
@@ -415,75 +517,134 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-_FormatOpt = Annotated[str | None, typer.Option(help="Format of this tensor class (overrides --format).")]
+# --- train: its options are TrainConfig's fields --------------------------------------------------
+
+_TRAIN_DECLS: dict[str, tuple[str, ...]] = {"format": ("--format", "-f")}
+"""Option names other than the field's own (--field-name)."""
+_TRAIN_CHOICES: dict[str, str] = {
+    "dataset": "built in: digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10",
+    "optimizer": "sgd, adam, adamw, madam, lns-madam or niti",
+    "lr_schedule": "constant, cosine or step", "rounding": _ROUNDINGS, "update_rounding": _ROUNDINGS,
+    "device": "cpu or cuda[:N]", "full_precision_layers": "comma-separated: first, last",
+    "master_weights": "true (fp32), false (the weight format) or a format spec, e.g. 'lns(12,gamma=128)'",
+    "layers": "rules as YAML/JSON, e.g. '[{match: head, format: fp32}]', or a .yaml/.json file of them",
+}
+"""What a field's value may be, in words, where its type does not say it."""
+_TRAIN_TEXT_FIELDS = ("master_weights", "full_precision_layers", "layers")
+"""Fields given as text on the command line and read into their TrainConfig type."""
+_TRAIN_FALLBACK_HELP: dict[str, str] = {
+    "format": "Format of weights, activations and gradients (default fp32).",
+    "weights": "Weight format (overrides --format).",
+    "activations": "Activation format (overrides --format).",
+    "gradients": "Gradient format (overrides --format).",
+    "weight_grads": "Weight-gradient format (default: --gradients).",
+    "optimizer_state": "Optimizer-state format (default fp32).", "optimizer": "The training method.",
+    "momentum": "SGD momentum (sgd only).", "weight_decay": "Weight decay (sgd, adam, adamw).",
+    "epochs": "Training epochs.", "batch_size": "Batch size.",
+    "seed": "Seed of init, batch order and stochastic rounding.", "threads": "torch threads.",
+    "device": "Where to train.", "data_dir": "Folder of a file dataset (mnist, cifar10).",
+}
+"""Help of the fields whose TrainConfig docstring is missing."""
 
 
-@app.command("train")
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring: the string literal written under it in the class body."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _first_sentence(text: str) -> str:
+    import re
+
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
+def _train_parameters() -> list[Any]:
+    """One option per TrainConfig field (its type, default and docstring), then the command's own."""
+    import inspect
+    import typing
+
+    from dse.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    docs = _field_docs(TrainConfig)
+    parameters = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        default = field.default
+        kind: Any = hints[name]
+        if name in _TRAIN_TEXT_FIELDS:
+            kind, default = (str | None, None) if name == "layers" else (str, _config_text(default))
+        elif name == "data_dir":
+            kind = Path | None
+        help_text = _first_sentence(docs.get(name) or _TRAIN_FALLBACK_HELP.get(name, ""))
+        if name in _TRAIN_CHOICES:
+            help_text = f"{help_text} {_TRAIN_CHOICES[name]}.".strip()
+        decls = _TRAIN_DECLS.get(name, (f"--{name.replace('_', '-')}",))
+        option = typer.Option(*decls, help=help_text)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[kind, option]))
+    own = {
+        "no_master_weights": (bool, typer.Option("--no-master-weights", help="No copy: the weights are "
+                                                 "stored in their GEMM format (--master-weights false).")),
+        "as_json": (bool, typer.Option("--json", help="Print one JSON object (no progress lines).")),
+        "quiet": (bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")),
+        "verbose": (bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats (after "
+                                       "training: those first run then), and the GEMMs left in fp32.")),
+    }
+    for name, (kind, option) in own.items():
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                                            annotation=Annotated[kind, option]))
+    return parameters
+
+
+def _config_text(value: Any) -> str:
+    """A field's default as the command line spells it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
+    """A text option read into its TrainConfig field's type."""
+    from dse.precision import read_layer_rules
+    from dse.train.loop import check_field
+
+    if name == "master_weights":
+        return False if no_master_weights else check_field("master_weights", text)
+    if name == "full_precision_layers":
+        return tuple(layer.strip() for layer in (text or "").split(",") if layer.strip())
+    return read_layer_rules(text) if text else ()
+
+
 @user_errors
-def train(
-    model: Annotated[str, typer.Option(help="mlp, cnn, resnet, transformer, or your own as file.py:function "
-                                       "or package.module:function.")] = "mlp",
-    dataset: Annotated[str, typer.Option(help="digits, mnist1d, mnist5k, sort, sort-easy, mnist, cifar10, or "
-                                         "your own as file.py:function.")] = "digits",
-    format: Annotated[str | None, typer.Option(
-        "--format", help="Format of weights, activations and gradients (default fp32).")] = None,
-    weights: _FormatOpt = None,
-    activations: _FormatOpt = None,
-    gradients: _FormatOpt = None,
-    weight_grads: _FormatOpt = None,
-    optimizer_state: _FormatOpt = None,
-    optimizer: Annotated[str, typer.Option(help="sgd, adam, adamw, madam, lns-madam, niti.")] = "sgd",
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the optimizer's).")] = None,
-    momentum: Annotated[float, typer.Option(help="SGD momentum (sgd only).")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (sgd, adam, adamw).")] = 0.0,
-    niti_mu: Annotated[int, typer.Option(help="NITI: bits of the integer weight update.")] = 5,
-    master_weights: Annotated[str, typer.Option(
-        help="The optimizer's copy of the weights: true (fp32) or a format spec, e.g. 'lns(12,gamma=128)'.")]
-    = "true",
-    no_master_weights: Annotated[bool, typer.Option(
-        "--no-master-weights", help="No copy: the weights are stored in their GEMM format.")] = False,
-    p_scale: Annotated[float, typer.Option(
-        help="Madam / LNS-Madam: weight bound, in RMS of the initial weights.")] = 3.0,
-    g_bound: Annotated[float, typer.Option(help="Madam / LNS-Madam: bound on the normalised gradient.")]
-    = 10.0,
-    lr_schedule: Annotated[str, typer.Option(help="constant, cosine or step.")] = "constant",
-    lr_warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warm-up.")] = 0,
-    lr_step_epochs: Annotated[int, typer.Option(help="step schedule: epochs between decays.")] = 10,
-    lr_gamma: Annotated[float, typer.Option(help="step schedule: factor of each decay.")] = 0.1,
-    warmup_epochs: Annotated[int, typer.Option(help="fp32 epochs before quantization starts.")] = 0,
-    layer_scaling: Annotated[bool, typer.Option(help="Lu et al.'s layer-wise posit scaling.")] = False,
-    full_precision_layers: Annotated[str, typer.Option(
-        help="Comma-separated layers kept in fp32: first, last (default none).")] = "",
-    layers: Annotated[str | None, typer.Option(
-        help="Per-layer formats: rules as YAML/JSON, e.g. '[{match: head, format: fp32}, "
-             "{match: \"type:Conv2d\", weights: int4}]', or a .yaml/.json file of them; the first "
-             "matching rule wins.")] = None,
-    rounding: Annotated[str, typer.Option(help="Rounding into GEMMs.")] = "nearest",
-    update_rounding: Annotated[str, typer.Option(help="Rounding of stored weights.")] = "stochastic",
-    accumulation: Annotated[str | None, typer.Option(
-        help="Format of the GEMMs' running partial sums, e.g. fp16, bf16 (default fp32).")] = None,
-    accumulation_chunk: Annotated[int, typer.Option(
-        help="Products summed in fp32 before each rounding into --accumulation.")] = 16,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of init, batch order and stochastic rounding.")] = 0,
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of a file dataset (mnist, cifar10).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="List every GEMM with its formats (after training: those first run then), "
-                                "and the GEMMs left in fp32.")] = False,
-) -> None:
+def train(**options: Any) -> None:
     """Train one proxy under a number format and report its test accuracy."""
     import json
     import warnings
 
-    from dse.precision import read_layer_rules
     from dse.train import TrainConfig
     from dse.train import train as run_training
     from dse.train.layers import UnconvertedGemmWarning
-    from dse.train.loop import check_field
+
+    as_json, quiet, verbose = options.pop("as_json"), options.pop("quiet"), options.pop("verbose")
+    no_master_weights = options.pop("no_master_weights")
+    for name in _TRAIN_TEXT_FIELDS:
+        options[name] = _config_value(name, options[name], no_master_weights)
+    if options["data_dir"] is not None:
+        options["data_dir"] = str(options["data_dir"])
 
     reported: dict[str, Any] = {}
 
@@ -512,24 +673,16 @@ def train(
         for message in getattr(gemms, "unconverted", [])[reported["warned"]:]:
             error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
-    config = TrainConfig(
-        model=model, dataset=dataset, format=format, weights=weights, activations=activations,
-        gradients=gradients, weight_grads=weight_grads, optimizer_state=optimizer_state,
-        optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, niti_mu=niti_mu,
-        master_weights=False if no_master_weights else check_field("master_weights", master_weights),
-        p_scale=p_scale, g_bound=g_bound,
-        lr_schedule=lr_schedule, lr_warmup_epochs=lr_warmup_epochs, lr_step_epochs=lr_step_epochs,
-        lr_gamma=lr_gamma, warmup_epochs=warmup_epochs, layer_scaling=layer_scaling,
-        full_precision_layers=tuple(name.strip() for name in full_precision_layers.split(",")
-                                    if name.strip()),
-        layers=read_layer_rules(layers) if layers else (),
-        rounding=rounding, update_rounding=update_rounding,
-        accumulation=accumulation, accumulation_chunk=accumulation_chunk, epochs=epochs,
-        batch_size=batch_size, seed=seed, threads=threads, device=device,
-        data_dir=None if data_dir is None else str(data_dir))
+    config = TrainConfig(**options)
+
+    def report_epoch(epoch: int, loss: float, accuracy: float) -> None:
+        error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, test accuracy "
+                            f"{accuracy:.4f}", markup=False, highlight=False)
+
+    progress = None if as_json or quiet else report_epoch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnconvertedGemmWarning)  # printed from the live list below
-        result = run_training(config, on_gemms=report_gemms)
+        result = run_training(config, progress=progress, on_gemms=report_gemms)
     report_late_gemms()
     if as_json:
         typer.echo(json.dumps(_json_safe(result.to_dict())))
@@ -550,17 +703,23 @@ def train(
     _print_whole(table)
 
 
+train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]  # Typer reads it
+app.command("train", cls=_Command)(train)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-@app.command("sweep")
+@app.command("sweep", cls=_Command)
 @user_errors
 def sweep(
     config: Annotated[Path, typer.Argument(help="The sweep file (YAML; every key in docs/config.md).")],
     force: Annotated[bool, typer.Option("--force", help="Rerun finished trials; replace a store that holds "
                                         "another sweep's results.")] = False,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Rerun the trials that failed (stored "
+                                               "with an error); finished ones are kept.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (overrides the "
                                                 "file's output:).")] = None,
@@ -608,7 +767,7 @@ def sweep(
         return
     reporter = RichReporter(console, error_console, quiet=quiet)
     try:
-        summary = run_sweep(settings, force=force, reporter=reporter)
+        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter)
     except KeyboardInterrupt:
         error_console.print(f"interrupted: finished trials are saved in {settings.output}; run the same "
                             "command again to resume", markup=False, highlight=False, soft_wrap=True)
@@ -625,6 +784,11 @@ def sweep(
                       markup=False, highlight=False)
     for note in summary.notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)
+    if summary.ok:
+        from dse.report import SweepTables
+
+        trials = _load_trials(summary.output)
+        _print_fronts(SweepTables.of(trials, settings.memory_objective, False), settings.memory_objective)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
@@ -664,21 +828,10 @@ _AllPointsOpt = Annotated[bool, typer.Option("--all-points", help="Report every 
                                               "accuracy.")]
 
 
-@app.command("report")
-@user_errors
-def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False) -> None:
-    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
-
-    The files always report each configuration at its chosen tuning point (all_points.csv has
-    every point); --all-points changes what is printed.
-    """
-    from dse.report import SweepTables, write_reports
+def _print_fronts(tables: Any, memory_objective: bool) -> None:
+    """Each task's Pareto front on each workload, as a table."""
     from dse.report.tables import pareto_text_table
 
-    trials = _load_trials(directory)
-    memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    tables = SweepTables.of(trials, memory_objective, all_points)
-    _print_whole(_rich_table(tables.text_table("summary")))
     fronts = tables.fronts
     objectives = "max accuracy, min energy" + (", min memory" if memory_objective else "")
     for task in dict.fromkeys(tables.summary["task"]):
@@ -686,15 +839,36 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
             rows = fronts[(fronts["task"] == task) & (fronts["workload"] == workload)]
             title = f"Pareto front: {task} on {workload} ({objectives})"
             _print_whole(_rich_table(pareto_text_table(rows, memory_objective, title, keys=False)))
-    written = write_reports(trials, directory, memory_objective, None if all_points else tables)
+
+
+@app.command("report", cls=_Command)
+@user_errors
+def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False,
+           titles: Annotated[bool, typer.Option("--titles", help="Put a title in each figure (none by "
+                                                "default: the caption belongs to the paper).")] = False
+           ) -> None:
+    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
+
+    The files always report each configuration at its chosen tuning point (all_points.csv has
+    every point); --all-points changes what is printed.
+    """
+    from dse.report import SweepTables, write_reports
+
+    trials = _load_trials(directory)
+    memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
+    tables = SweepTables.of(trials, memory_objective, all_points)
+    _print_whole(_rich_table(tables.text_table("summary")))
+    _print_fronts(tables, memory_objective)
+    written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 
-@app.command("export")
+@app.command("export", cls=_Command)
 @user_errors
 def export(
     directory: _DirArg,
-    text_format: Annotated[str, typer.Option("--format", "-f", help="csv, latex (booktabs) or markdown.")],
+    text_format: Annotated[str, typer.Option("--to", "-t", help="The file type: csv, latex (booktabs) or "
+                                             "markdown.")],
     table: Annotated[str, typer.Option(help="summary (mean/std over seeds) or pareto (every front).")]
     = "summary",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the table to this file "

@@ -17,6 +17,18 @@ echo "$deps" > "$site/ci_dependencies.pth"   # torch, numpy, ... from the CI ven
 "$work/venv/bin/python" -m pip install -q --no-deps --no-index "$work"/wheel/dse-*.whl
 cd "$work"
 "$work/venv/bin/python" -c 'import dse, pathlib, sys; p = pathlib.Path(dse.__file__); sys.exit(0 if "site-packages" in str(p) else f"dse imported from {p}")'
+# one top-level name: models/ and cli.py install inside dse, never as `models` or `cli`
+"$work/venv/bin/python" - "$site" <<'PY'
+import importlib.util, pathlib, sys
+site = pathlib.Path(sys.argv[1])
+names = sorted(p.name for p in site.iterdir() if not p.name.startswith(("_", "ci_")) and not p.name.endswith(
+    (".dist-info", ".pth")) and p.name not in ("pip", "setuptools", "pkg_resources"))
+assert names == ["dse"], f"installed top-level names: {names}"
+assert importlib.util.find_spec("models") is None and importlib.util.find_spec("cli") is None
+import dse.cli, dse.models.workloads
+assert pathlib.Path(dse.cli.__file__).parent == pathlib.Path(dse.__file__).parent, dse.cli.__file__
+PY
+"$work/venv/bin/dse" --version > /dev/null
 "$work/venv/bin/dse" compare int8 fp32 lns8 --workload resnet50 --node 7nm --csv "$work/compare.csv" > /dev/null
 test -s "$work/compare.csv"
 cat > "$work/one.yaml" <<'YAML'

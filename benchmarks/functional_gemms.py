@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from dse.data import load_dataset
+from dse.models.proxies import build_model
 from dse.train import TrainConfig
 from dse.train.loop import prepare
-from models.proxies import build_model
 
 
 class TorchTransformer(nn.Module):

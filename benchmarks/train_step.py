@@ -16,10 +16,10 @@ import time
 import torch
 
 from dse.data import load_dataset
+from dse.models.proxies import build_model
 from dse.train import TrainConfig
 from dse.train.layers import quantized_layers
 from dse.train.loop import prepare
-from models.proxies import build_model
 
 PROXIES = (("mlp", "digits", 64), ("mlp", "mnist1d", 100), ("cnn", "mnist1d", 100), ("resnet", "digits", 64),
            ("transformer", "sort", 128))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class InputError(ValueError):
@@ -25,3 +27,40 @@ def choice(kind: str, value: Any, valid: Sequence[str]) -> str:
         hint = f"; did you mean {close!r}?" if close else ""
         raise InputError(f"unknown {kind} {value!r} (valid: {', '.join(valid)}){hint}")
     return key
+
+
+class InputErrors(InputError):
+    """Several problems found in one input (a sweep file reports all of its errors): one line each in
+    `problems`, the message their lines joined."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class Problems:
+    """Collects the InputErrors of independent checks, so that an input's every problem is reported at
+    once rather than only its first."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def attempt(self, check: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """check(*args, **kwargs), or None with its problem(s) kept."""
+        try:
+            return check(*args, **kwargs)
+        except InputErrors as errors:
+            self.add(*errors.problems)
+        except InputError as error:
+            self.add(str(error).splitlines()[0])
+        return None
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(line for line in lines if line not in self.lines)
+
+    def raise_any(self) -> None:
+        """Raise what was kept: one InputError, or InputErrors for several."""
+        if len(self.lines) == 1:
+            raise InputError(self.lines[0])
+        if self.lines:
+            raise InputErrors(self.lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dse.errors import InputError
-from models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
+from dse.models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 _GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 _UNPRICED_OPS = ("Einsum", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "Attention")

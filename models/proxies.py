@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from dse.data import Dataset
 from dse.errors import InputError, choice
+from dse.models.layers import Matmul
+from dse.models.workloads import Workload
 from dse.usercode import call, describe, is_ref
-from models.layers import Matmul
-from models.workloads import Workload
 
 MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet", "transformer")
 
@@ -293,7 +293,7 @@ def trace_workload(model: nn.Module, dataset: Dataset, name: str, batch_size: in
                    optimizer: str = "sgd") -> Workload:
     """The GEMMs one sample of `dataset` costs in `model` (models.trace.trace_model on a few of its
     training samples), as a proxy workload at `batch_size`."""
-    from models.trace import TRACE_SAMPLES, trace_model
+    from dse.models.trace import TRACE_SAMPLES, trace_model
 
     if batch_size < 1:
         raise InputError(f"trace_workload: batch_size must be >= 1, got {batch_size}")

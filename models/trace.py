@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
+from dse.models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 aten = torch.ops.aten
 TRACE_SAMPLES = 2

@@ -29,8 +29,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dse.errors import InputError
+from dse.models.workloads import GemmLayer, Workload
 from dse.yaml_lines import SourceMap, data_path, load_yaml
-from models.workloads import GemmLayer, Workload
 
 LAYER_FILE_SUFFIXES = (".yaml", ".yml", ".csv")
 OPTIMIZERS = ("sgd", "adam", "madam")

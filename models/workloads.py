@@ -480,11 +480,11 @@ def get_workload(spec: str | Workload, dataset: Any = None, batch_size: int | No
         return _traced(text, dataset, batch_size or DEFAULT_BATCH)
     suffix = Path(text).suffix.lower()
     if suffix == ".onnx":
-        from models.onnx_workload import load_onnx
+        from dse.models.onnx_workload import load_onnx
 
         return load_onnx(text, batch_size or DEFAULT_BATCH)
     if suffix in WORKLOAD_FILE_SUFFIXES:
-        from models.workload_files import load_layer_file
+        from dse.models.workload_files import load_layer_file
 
         workload = load_layer_file(text)
         return dataclasses.replace(workload, batch_size=batch_size) if batch_size else workload
@@ -504,7 +504,7 @@ def _traced(spec: str, dataset: Any, batch_size: int) -> Workload:
     import torch
 
     from dse.data import load_dataset
-    from models.proxies import build_model, trace_workload
+    from dse.models.proxies import build_model, trace_workload
 
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was

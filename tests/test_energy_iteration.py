@@ -16,7 +16,7 @@ from dse.energy import (
 )
 from dse.energy.iteration import COLUMNS, PASSES, UNITS
 from dse.formats import get
-from models.workloads import GemmLayer, Workload, get_workload, linear
+from dse.models.workloads import GemmLayer, Workload, get_workload, linear
 
 MODEL = build_model("45nm")
 

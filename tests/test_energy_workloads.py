@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dse.errors import InputError
-from models.workloads import (
+from dse.models.workloads import (
     _REGISTRY,
     GemmLayer,
     Workload,

@@ -203,7 +203,8 @@ def test_pow2_scale_is_niti_shared_exponent(amax: float) -> None:
 
 
 def psto_shift(m: int, s: int) -> int:
-    """NITI's PstoShift of a magnitude m by s bits (seeds.md B.4): top half of the field vs bottom half."""
+    """NITI's PstoShift of a magnitude m by s bits (wangmaolin/niti, ti_torch.py): top half of the field
+    vs bottom half."""
     if s <= 0:
         return m << -s
     q, r = m >> s, m & ((1 << s) - 1)

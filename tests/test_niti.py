@@ -1,5 +1,6 @@
-"""NITI integer-only training: the integer primitives against models written from seeds.md B.2-B.6,
-the layers against hand computations in int64, and short real training runs."""
+"""NITI integer-only training: the integer primitives against models written from the reference code
+(wangmaolin/niti: ti_torch.py, ti_loss.py), the layers against hand computations in int64, and short
+real training runs."""
 
 from __future__ import annotations
 
@@ -531,7 +532,7 @@ def test_mu_schedule_follows_the_paper_regime() -> None:
 
 def test_digits_mlp_learns() -> None:
     from dse.data import load_dataset
-    from models.proxies import build_model
+    from dse.models.proxies import build_model
 
     data = load_dataset("digits")
     torch.manual_seed(0)
@@ -554,7 +555,7 @@ def test_digits_mlp_learns() -> None:
 
 
 def test_transformer_runs_with_integer_layers() -> None:
-    from models.proxies import Transformer
+    from dse.models.proxies import Transformer
 
     torch.manual_seed(0)
     model = Transformer(vocab=12, seq=6, d_model=16, heads=2, d_ff=32, n_layers=1)

@@ -10,9 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dse.data import Dataset, load_dataset
 from dse.errors import InputError
+from dse.models.proxies import MODELS, build_model, compatible_models, trace_workload
+from dse.models.workloads import get_workload
 from dse.train.layers import Matmul
-from models.proxies import MODELS, build_model, compatible_models, trace_workload
-from models.workloads import get_workload
 
 torch.set_num_threads(1)
 

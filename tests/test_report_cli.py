@@ -10,7 +10,7 @@ import pytest
 from report_frames import build_store, example_trials, trial_row, trials_frame
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.report import render_table
 from dse.sweep.store import load_trials
 
@@ -72,28 +72,28 @@ def test_report_with_memory_adds_the_memory_objective(tmp_path: Path) -> None:
 
 def test_export_writes_one_table(sweep_dir: Path, tmp_path: Path) -> None:
     trials = load_trials(sweep_dir)
-    result = runner.invoke(app, ["export", str(sweep_dir), "--format", "csv"])
+    result = runner.invoke(app, ["export", str(sweep_dir), "--to", "csv"])
     assert result.exit_code == 0, result.output
     assert result.stdout == render_table(trials, "summary", "csv")
     summary = pd.read_csv(io.StringIO(result.stdout))
     assert len(summary) == 12 and summary["accuracy_mean"].isna().sum() == 2
     out = tmp_path / "tables" / "pareto.tex"
-    result = runner.invoke(app, ["export", str(sweep_dir), "--format", "latex", "--table", "pareto",
+    result = runner.invoke(app, ["export", str(sweep_dir), "--to", "latex", "--table", "pareto",
                                  "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_text() == render_table(trials, "pareto", "latex")
     assert r"\toprule" in out.read_text() and str(out) in result.stdout
-    result = runner.invoke(app, ["export", str(sweep_dir), "-f", "markdown", "--table", "pareto"])
+    result = runner.invoke(app, ["export", str(sweep_dir), "--to", "markdown", "--table", "pareto"])
     assert result.stdout.startswith("| Task | Workload | Config |")
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (["export", "EMPTY", "--format", "csv"], "no sweep store in"),
+    (["export", "EMPTY", "--to", "csv"], "no sweep store in"),
     (["report", "EMPTY"], "no sweep store in"),
-    (["export", "SWEEP", "--format", "html", "--output", "OUT"], "unknown export format 'html'"),
-    (["export", "SWEEP", "--format", "csv", "--table", "front", "--output", "OUT"], "unknown table 'front'"),
-    (["export", "SWEEP", "--format", "csv", "--output", "EMPTY"], "is a directory"),
-    (["export", "SWEEP", "--format", "csv", "--output", "BLOCKED"], "cannot write"),
+    (["export", "SWEEP", "--to", "html", "--output", "OUT"], "unknown export format 'html'"),
+    (["export", "SWEEP", "--to", "csv", "--table", "front", "--output", "OUT"], "unknown table 'front'"),
+    (["export", "SWEEP", "--to", "csv", "--output", "EMPTY"], "is a directory"),
+    (["export", "SWEEP", "--to", "csv", "--output", "BLOCKED"], "cannot write"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(sweep_dir: Path, tmp_path: Path, args: list[str],
                                                           words: str) -> None:

@@ -18,7 +18,7 @@ from report_frames import trial_row, trials_frame
 from scipy import stats
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.report import summarize_trials
 from dse.report.plots import accuracy_energy_figure, tied_with_best
 from dse.report.stats import mean_interval, welch
@@ -144,7 +144,7 @@ def test_the_plot_stars_front_points_tied_with_the_best() -> None:
         expected = label == "fp32 sgd" or welch_by_hand(np.array(values), best)[2] >= 0.05
         assert tied[label] == expected
     assert tied["fp32 sgd"] and tied["bf16 sgd"] and not tied["int8 sgd"]
-    figure = accuracy_energy_figure(summary, "t", "proxy")
+    figure = accuracy_energy_figure(summary, "t", "proxy", title=True)
     labels = figure.axes[0].get_legend_handles_labels()[1]
     assert "front, not significantly below the best (Welch p ≥ 0.05)" in labels
     assert figure.axes[0].get_title().endswith("n = 2-5 seeds")  # int4 has two seeds, int8 five
@@ -197,7 +197,7 @@ def test_all_points_shows_every_tuning_point_and_marks_the_chosen_one(tuned_swee
     result = CliRunner().invoke(app, ["report", str(tuned_sweep), "--all-points"])
     assert result.exit_code == 0, result.output
     assert "Every tuning point" in result.stdout and "lr=0.1" in result.stdout
-    exported = CliRunner().invoke(app, ["export", str(tuned_sweep), "--format", "csv", "--all-points"])
+    exported = CliRunner().invoke(app, ["export", str(tuned_sweep), "--to", "csv", "--all-points"])
     assert len(pd.read_csv(pd.io.common.StringIO(exported.stdout))) == 4
     assert len(pd.read_csv(tuned_sweep / "all_points.csv")) == 4
 

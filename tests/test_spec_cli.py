@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
 from dse.formats import get
 

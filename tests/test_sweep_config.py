@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
 from dse.sweep import expand, parse_config, trial_hash
 from dse.sweep.config import TRIAL_FIELDS

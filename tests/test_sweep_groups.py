@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.sweep import load_trials, parse_config, run_sweep
 from dse.sweep.executors import GroupJob, InlineExecutor
 from dse.sweep.store import STORE_FILE

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.sweep import parse_config
 from dse.sweep.energy import EnergyEstimator
 from dse.sweep.trials import expand

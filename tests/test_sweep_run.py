@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.sweep import load_trials, parse_config, run_sweep
 from dse.train.config import TrainConfig
 from dse.train.loop import train
@@ -24,7 +24,7 @@ task: {{model: mlp, dataset: digits, epochs: 1, batch_size: 64}}
 energy: {{workloads: [proxy]}}
 trials:
   - {{format: [fp32, int8], optimizer: sgd}}
-  - {{format: fp32, lr: 1.0e+10, seeds: [0]}}
+  - {{format: fp16, lr: 100.0, seeds: [0]}}
   - {{format: "lns(8,gamma=8)", optimizer: lns-madam, master_weights: "lns(12,gamma=128)", seeds: [0]}}
 executor: {{backend: {backend}, workers: 2}}
 output: {output}
@@ -51,7 +51,7 @@ def test_a_local_sweep_trains_stores_and_reports(local_run: Path) -> None:
     assert ok["test_accuracy"].between(0.2, 1.0).all()  # one epoch learns well above chance (0.1)
     assert ok["val_accuracy"].between(0.2, 1.0).all()  # the validation split's accuracy is stored too
     assert (frame["wall_time_s"] > 0).all()
-    diverged = frame[frame["label"] == "fp32 sgd lr=10000000000.0"].iloc[0]
+    diverged = frame[frame["label"] == "fp16 sgd lr=100.0"].iloc[0]
     assert diverged["status"] == "diverged" and diverged["diverged"] and diverged["error"] == ""
     copy = frame[frame["optimizer"] == "lns-madam"].iloc[0]  # a master copy in a format of its own
     assert copy["status"] == "ok" and copy["master_weights"] == "lns(12,gamma=128)"

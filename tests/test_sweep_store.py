@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
 from dse.sweep import expand, load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
 from dse.formats import NumberFormat, get
 from dse.train import TrainConfig, train

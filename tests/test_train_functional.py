@@ -425,7 +425,7 @@ class Branch(nn.Module):
 def test_dse_train_verbose_prints_the_gemms_first_run_during_training(tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from cli import app
+    from dse.cli import app
 
     (tmp_path / "branch.py").write_text(BRANCH_MODEL, encoding="utf-8")
     model = f"{tmp_path / 'branch.py'}:branch"

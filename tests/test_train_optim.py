@@ -34,7 +34,7 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# --- the reference update rules, written from seeds.md A.3 (jxbz/madam, jiaweizzhao/lns-madam-optimizer) ---
+# --- the reference update rules, written from the authors' code: jxbz/madam, jiaweizzhao/lns-madam-optimizer
 
 
 def reference_madam(p0: torch.Tensor, grads: list[torch.Tensor], lr: float,

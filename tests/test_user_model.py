@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.data import load_dataset
 from dse.errors import InputError
 from dse.sweep import expand, load_trials, parse_config, run_sweep

@@ -14,13 +14,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from cli import app
+from dse.cli import app
 from dse.errors import InputError
-from dse.sweep import parse_config
-from dse.sweep.energy import EnergyEstimator
-from dse.train.config import TrainConfig
-from models.trace import trace_model
-from models.workloads import (
+from dse.models.trace import trace_model
+from dse.models.workloads import (
     BUILT_IN_WORKLOADS,
     Workload,
     get_workload,
@@ -28,6 +25,9 @@ from models.workloads import (
     llama_ffn_width,
     workload_names,
 )
+from dse.sweep import parse_config
+from dse.sweep.energy import EnergyEstimator
+from dse.train.config import TrainConfig
 
 # --- tracing ---------------------------------------------------------------------------------------
 
@@ -236,7 +236,7 @@ def test_energy_and_compare_price_each_kind_of_source(tmp_path: Path) -> None:
     macs = []
     for workload in (f"{tmp_path}/model.py:net", f"{tmp_path}/net.csv"):
         extra = ["--dataset", "digits"] if workload.endswith(":net") else []
-        result = runner.invoke(app, ["energy", "-w", workload, "-f", "int8", "--batch", "10", *extra])
+        result = runner.invoke(app, ["energy", "-w", workload, "-f", "int8", "--batch-size", "10", *extra])
         assert result.exit_code == 0, result.output
         macs.append(result.stdout.split(" MACs per iteration")[0].split()[-1])
         result = runner.invoke(app, ["compare", "int8", "lns8", "-w", workload, *extra])
@@ -352,7 +352,7 @@ PROXIES = {"digits-mlp": ("mlp", "digits"), "digits-cnn": ("cnn", "digits"), "m1
 @pytest.mark.parametrize("name", sorted(PROXIES))
 def test_proxy_workloads_match_torchs_count_of_the_trained_model(name: str) -> None:
     from dse.data import load_dataset
-    from models.proxies import build_model
+    from dse.models.proxies import build_model
 
     model_name, dataset_name = PROXIES[name]
     data = load_dataset(dataset_name)
@@ -388,8 +388,8 @@ def test_training_gemms_are_what_the_energy_model_costs(source: str) -> None:
 
 def test_energy_lists_the_gemms_of_each_pass(tmp_path: Path) -> None:
     (tmp_path / "net.csv").write_text("name,m,k,n\nfc1,1,64,20\nfc2,3,20,10\n")
-    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch", "2",
-                                      "--gemms"])
+    result = CliRunner().invoke(app, ["energy", "-w", str(tmp_path / "net.csv"), "-f", "int8", "--batch-size",
+                                      "2", "--gemms"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "fc2" in line]
     data = [line for line in lines if "backward_data" in line]

@@ -37,7 +37,7 @@ from dse.energy.iteration import (
 from dse.energy.model import NODE_SCALINGS, SCOPES, EnergyModel, MemoryParams, build_model, reproduction
 from dse.energy.tables import EnergyTable, load_table, load_tables, tables_dir
 from dse.energy.technology import parse_node
-from models.workloads import GemmLayer, Workload, get_workload, register_workload, workload_names
+from dse.models.workloads import GemmLayer, Workload, get_workload, register_workload, workload_names
 
 __all__ = [
     "FAMILY_HARDWARE", "NODE_SCALINGS", "SCOPES", "Accumulator", "Components", "Datapath", "DatapathParams",

@@ -27,6 +27,7 @@ from dse.energy.components import Components
 from dse.energy.datapaths import Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
+from dse.models.workloads import Workload, get_workload
 from dse.precision import (
     ACTIVATIONS,
     GRADIENTS,
@@ -36,7 +37,6 @@ from dse.precision import (
     WEIGHTS,
     TensorFormats,
 )
-from models.workloads import Workload, get_workload
 
 OPTIMIZERS = ("sgd", "adam", "madam")
 """The updates the model prices; TRAIN_OPTIMIZERS maps every optimizer `dse train` accepts onto one."""

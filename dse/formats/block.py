@@ -56,10 +56,11 @@ from dse.formats.base import (
     to_blocks,
 )
 from dse.formats.fixed import FixedPoint
-from dse.formats.floating import FloatFormat
+from dse.formats.floating import FloatFormat, Kernel
 from dse.formats.p3109 import P3109Format
 from dse.formats.spec import Value, choice_arg, get, int_arg, register_alias, register_family
 
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}  # bit patterns of FLOAT_DTYPES
 SCALE_EXPONENT_LIMIT = 127  # E8M0: codes 0..254 are 2^-127..2^127
 SCALE_NAN_CODE = 255
 DEFAULT_SCALING = Scaling(kind="block", axis=-1, block_size=32)
@@ -335,7 +336,13 @@ class BlockFormat(NumberFormat):
         return None
 
     def _quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring)."""
+        """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring).
+
+        Two sweeps over rows of blocks, a cache-sized slice at a time, into preallocated space: the
+        block maxima (`_rows_abs_max`), then, after the scales, v * r, the element rounding and the
+        product with s per slice. Nearest rounding of an element with a fused kernel (the magic
+        constant of `FloatFormat`) runs that kernel itself, which is what its `round_unscaled` runs.
+        """
         if not torch.is_floating_point(x):
             raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
         work = x if x.dtype in FLOAT_DTYPES else x.float()
@@ -343,24 +350,42 @@ class BlockFormat(NumberFormat):
             return x.clone()
         flat = work.reshape(1) if work.dim() == 0 else work
         blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
-        amax = _block_abs_max(blocks)
+        rows = blocks.reshape(-1, self.block_size)  # a copy only where the blocks are not contiguous
+        step = max(cpu_chunk_elements(rows) // self.block_size, 1)
+        amax = _rows_abs_max(rows, step)
         tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
         block_scale = self.block_scales(amax, tensor_scale)
         if tensor_scale is None:
             reciprocal, scale = torch.reciprocal(block_scale), block_scale
         else:
             reciprocal, scale = torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
-        # Rows of blocks, a cache-sized slice at a time: the scaled and rounded temporaries stay in cache.
-        rows, scale_rows = blocks.reshape(-1, self.block_size), scale.reshape(-1, 1)
-        reciprocal_rows = reciprocal.reshape(-1, 1)
+        recorded = rows.requires_grad and torch.is_grad_enabled()
+        kernel = None if rounding != "nearest" or recorded else self._element_kernel(rows.dtype, rows.device)
         out = torch.empty_like(rows)
-        step = max(cpu_chunk_elements(rows) // self.block_size, 1)
+        scaled = torch.empty_like(rows[:step])
+        scratch = None if kernel is None else torch.empty_like(scaled, dtype=_INT_OF[rows.dtype])
         for start in range(0, rows.shape[0], step):
             part = slice(start, start + step)
-            rounded = self.round_unscaled(rows[part] * reciprocal_rows[part], rounding, generator)
-            torch.mul(rounded, scale_rows[part], out=out[part])
+            result = out[part]
+            y = torch.mul(rows[part], reciprocal[part], out=scaled[: result.shape[0]])
+            if kernel is None:
+                torch.mul(self.round_unscaled(y, rounding, generator), scale[part], out=result)
+                continue
+            assert scratch is not None
+            kernel(y, result, scratch[: result.shape[0]])
+            if not self.element_has_negative_zero:
+                result.add_(0.0)
+            result.mul_(scale[part])
         out = from_blocks(out.view(blocks.shape), shape, self.axis, pad).reshape(work.shape)
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _element_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
+        """The element's fused nearest rounding of `dtype` (kernel(x, out, int scratch)), where its
+        round_unscaled runs exactly that; None for other elements."""
+        element = self.element
+        if not isinstance(element, FloatFormat):
+            return None
+        return element.nearest_kernel(dtype, device)
 
     def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
         """s_t = max|x| / (max_scale * max_elem) (0-dim, block_amax's dtype); 1 where max|x| is zero or
@@ -490,13 +515,21 @@ class BlockFormat(NumberFormat):
         return self.element.decode(element_codes) * scales.unsqueeze(-1)
 
 
-def _block_abs_max(blocks: Tensor) -> Tensor:
-    """max|v| over the last axis (float32 or float64 blocks) as the max of the bit patterns with the sign
-    cleared: one integer pass and a reduction, cheaper than |v| then amax (NaN patterns sort above inf,
-    so a block holding NaN has a NaN max, as amax gives)."""
-    int_dtype = torch.int32 if blocks.dtype == torch.float32 else torch.int64
-    mask = constant((1 << (8 * blocks.element_size() - 1)) - 1, int_dtype, blocks.device)
-    return torch.bitwise_and(blocks.view(int_dtype), mask).amax(dim=-1, keepdim=True).view(blocks.dtype)
+def _rows_abs_max(rows: Tensor, step: int) -> Tensor:
+    """max|v| of each row (float32 or float64 rows, shape (n, width)) as (n, 1): the max of the bit
+    patterns with the sign cleared, `step` rows at a time through one cache-sized integer scratch
+    (one integer pass and a reduction per slice; NaN patterns sort above inf, so a row holding NaN
+    has a NaN max, as amax gives)."""
+    int_dtype = _INT_OF[rows.dtype]
+    mask = constant((1 << (8 * rows.element_size() - 1)) - 1, int_dtype, rows.device)
+    bits = rows.view(int_dtype)
+    amax = torch.empty((rows.shape[0], 1), dtype=int_dtype, device=rows.device)
+    scratch = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=int_dtype, device=rows.device)
+    for start in range(0, rows.shape[0], step):
+        part = bits[start:start + step]
+        magnitude = torch.bitwise_and(part, mask, out=scratch[: part.shape[0]])
+        torch.amax(magnitude, dim=1, keepdim=True, out=amax[start:start + step])
+    return amax.view(rows.dtype)
 
 
 def _saturating(element: NumberFormat) -> NumberFormat:

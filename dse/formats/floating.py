@@ -236,6 +236,15 @@ class FloatFormat(NumberFormat):
         self._plans[(dtype, device, rounding)] = plan
         return plan
 
+    def nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
+        """The fused kernel(x, out, int scratch) that `round_unscaled(x, "nearest")` runs for x of
+        `dtype` on `device` (x not recorded by autograd), for callers that round slices into their
+        own space (block formats); None where it runs something else (a cast, a copy, another dtype)."""
+        plan = self._plans.get((dtype, device, "nearest")) or self._plan(dtype, device, "nearest")
+        if plan.copy or plan.cast is not None or plan.work_dtype != dtype:
+            return None
+        return plan.kernel
+
     def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
         """round(x / scale) * scale in one fused pass, for a power-of-two scale 2^k known on the host:
         nearest rounding onto the grid times 2^k is the magic rounding with every constant's
@@ -336,8 +345,9 @@ class FloatFormat(NumberFormat):
         return (self.subnormals and self.man_bits <= layout.man_bits - 2
                 and self.max_exponent - self.man_bits + layout.man_bits <= layout.max_exponent)
 
-    def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0) -> None:
-        """The overflow policy after the magic rounding (in place), on the grid times 2^scale_exponent."""
+    def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0, scratch: Tensor | None = None) -> None:
+        """The overflow policy after the magic rounding (in place), on the grid times 2^scale_exponent;
+        scratch, where given, is spare space of out's size (any dtype of its width)."""
         limit = math.ldexp(self.max, scale_exponent)
         if self.overflow == "saturate":
             out.clamp_(-limit, limit)
@@ -449,7 +459,7 @@ Kernel = Callable[[Tensor, Tensor, Tensor], None]
 
 
 def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: Tensor, lowest: int, highest: int,
-                 factor: float, overflow: Callable[[Tensor], None], sign: bool) -> None:
+                 factor: float, overflow: Callable[..., None], sign: bool) -> None:
     """out = x rounded to nearest by the magic constant (see FloatFormat._nearest_kernel)."""
     bits = x.view(scratch.dtype)
     torch.bitwise_and(bits, mask, out=scratch)
@@ -457,7 +467,7 @@ def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: Tensor, lowes
     binade = scratch.view(x.dtype)  # 2^max(exponent(x), emin), capped at the top binade
     torch.add(x, binade, alpha=factor, out=out)  # binade * factor is C, exactly
     out.sub_(binade, alpha=factor)
-    overflow(out)
+    overflow(out, scratch=scratch)  # (the binade is spent: scratch is free)
     if sign:  # zero results are +0: x's sign makes them -0 where x is negative (others keep theirs)
         out.copysign_(x)
 

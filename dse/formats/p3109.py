@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import Scaling, constant, parse_rounding, power_of_two
-from dse.formats.floating import MAX_EXP_BITS, FloatFormat
+from dse.formats.floating import _LAYOUTS, MAX_EXP_BITS, FloatFormat, Kernel
 from dse.formats.spec import Value, bool_arg, call_spec, choice_arg, int_arg, register_family, scaling_arg
 
 MIN_WIDTH, MAX_WIDTH = 3, 16  # K = 2 holds at most one finite non-zero value (gfloat misreports max)
@@ -125,13 +125,31 @@ class P3109Format(FloatFormat):
             out = torch.where(x < 0, below, out)
         return out
 
-    def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0) -> None:
-        """overflow=inf beyond max, which here need not end a full binade (the top code is inf)."""
+    def nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
+        """FloatFormat's, where round_unscaled adds nothing to it (P >= 2, signed, no satpropagate)."""
+        if self.man_bits == 0 or self.saturation == "satpropagate" or not self.signed:
+            return None
+        return super().nearest_kernel(dtype, device)
+
+    def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0, scratch: Tensor | None = None) -> None:
+        """overflow=inf beyond max, which here need not end a full binade (the top code is inf).
+
+        Without a comparison: out is on the grid (times 2^scale_exponent), so a value beyond max lies
+        at least a top-binade step 2^s beyond it; with t = clamp(out, -max, max), out - t is 0 or at
+        least 2^s in magnitude, and t + (out - t) * 2^(E + 1 - s) (E the dtype's top exponent) is
+        t or overflows to +-inf (NaN stays NaN). Three fast passes instead of two compare-and-fill
+        pairs; where 2^(E + 1 - s) is no number of the dtype (s < 1), the fills run.
+        """
         if self.overflow != "inf":
-            super()._overflow_nearest(out, scale_exponent)
+            super()._overflow_nearest(out, scale_exponent, scratch)
             return
         limit = math.ldexp(self.max, scale_exponent)
-        out.masked_fill_(out > limit, math.inf).masked_fill_(out < -limit, -math.inf)
+        shift = _LAYOUTS[out.dtype].max_exponent + 1 - (self.max_exponent - self.man_bits + scale_exponent)
+        if shift > _LAYOUTS[out.dtype].max_exponent:
+            out.masked_fill_(out > limit, math.inf).masked_fill_(out < -limit, -math.inf)
+            return
+        clamped = torch.clamp(out, -limit, limit, out=None if scratch is None else scratch.view(out.dtype))
+        torch.add(clamped, out.sub_(clamped), alpha=2.0**shift, out=out)
 
     def _ties_to_even_exponent(self, x: Tensor, rounded: Tensor) -> Tensor:
         """P = 1: a tie 1.5 * 2^a between 2^a and 2^(a+1) goes to the even exponent code a + bias;

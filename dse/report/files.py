@@ -75,7 +75,7 @@ def _area_values(summary: pd.DataFrame, task: str, workload: str) -> np.ndarray 
 
 
 def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
-                  tables: SweepTables | None = None) -> list[Path]:
+                  tables: SweepTables | None = None, titles: bool = False) -> list[Path]:
     """Write the tables and plots of a sweep's trials (`load_trials`'s frame) into `out_dir`.
 
     Files: trials.csv, summary.csv, pareto.csv (every task and workload), all_points.csv (every
@@ -83,7 +83,8 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
     pareto.tex/.md, and per task and workload `pareto_<task>_<workload>.png/.pdf` (accuracy vs
     energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit), and
     `area_<task>_<workload>.png/.pdf` (accuracy vs datapath area) once per distinct set of areas.
-    `tables`: the frame's SweepTables where the caller has them already. Returns the paths
+    `tables`: the frame's SweepTables where the caller has them already; `titles`: a title in each
+    figure (none by default: the caption belongs to the paper). Returns the paths
     written, in that order.
     """
     out_dir = Path(out_dir)
@@ -102,13 +103,14 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
     for task in pd.unique(summary["task"]):
         areas_drawn: list[np.ndarray] = []
         for workload in tables.workloads:
-            figures = [("pareto", accuracy_energy_figure(summary, task, workload, tables.memory_objective)),
-                       ("breakdown", breakdown_figure(fronts, task, workload))]
+            figures = [("pareto", accuracy_energy_figure(summary, task, workload, tables.memory_objective,
+                                                         titles)),
+                       ("breakdown", breakdown_figure(fronts, task, workload, titles))]
             area = _area_values(summary, task, workload)
             drawn = any(np.array_equal(area, seen, equal_nan=True) for seen in areas_drawn)
             if area is not None and not drawn:
                 areas_drawn.append(area)  # one area figure per distinct datapath set (node), not per workload
-                figures.append(("area", accuracy_area_figure(summary, task, workload)))
+                figures.append(("area", accuracy_area_figure(summary, task, workload, titles)))
             for kind, figure in figures:
                 if figure is not None:
                     written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")

@@ -422,7 +422,7 @@ def check_export_choice(table: str, text_format: str) -> None:
     if table not in TABLES:
         raise InputError(f"unknown table {table!r} for --table (choose {', '.join(TABLES)})")
     if text_format not in TEXT_FORMATS:
-        raise InputError(f"unknown export format {text_format!r} for --format "
+        raise InputError(f"unknown export format {text_format!r} for --to "
                          f"(choose {', '.join(TEXT_FORMATS)})")
 
 

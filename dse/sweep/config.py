@@ -19,14 +19,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
-from dse.errors import InputError, closest
+from dse.errors import InputError, InputErrors, Problems, closest
+from dse.models.workloads import is_workload_file
 from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
 from dse.train.config import TrainConfig
 from dse.train.loop import check_field
 from dse.usercode import absolute, is_ref, load_function, parse_ref
 from dse.usercode import identity as code_identity
 from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
-from models.workloads import is_workload_file
 
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
 """What makes a task a task: set once per task, never gridded."""
@@ -178,6 +178,8 @@ class ExecutorConfig:
     group_size: int = 8
     """Trials of one configuration trained at once as a stacked network (dse/train/grouped.py);
     1 trains each alone. The default comes from benchmarks/sweep.py (docs/training.md)."""
+    retries: int = 2
+    """Ray: times a task whose worker died (a lost node, a killed process) is run again."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class _ExecutorSection(_Strict):
     threads: int = Field(1, ge=1)
     address: str | None = None
     group_size: int | None = Field(None, ge=1)
+    retries: int = Field(2, ge=0)
 
 
 class _ReportSection(_Strict):
@@ -286,22 +289,29 @@ def _model_for(path: tuple[str | int, ...]) -> type[BaseModel]:
     return _SECTION_MODELS.get(names[-1] if names else "", _SweepFile)
 
 
-def _pydantic_error(error: ValidationError, data: Any, source: SourceMap) -> InputError:
+def _pydantic_errors(error: ValidationError, data: Any, source: SourceMap) -> InputError:
+    """Every problem pydantic found, each placed at its line (a misspelt key also shows up as a missing
+    one: only the misspelling is reported)."""
     errors = error.errors()
-    # a misspelt key also shows up as a missing one: report the misspelling
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
-    path = data_path(data, loc)
-    kind = first["type"]
-    if kind == "extra_forbidden":
-        key = str(path[-1])
-        fields = _model_for(path[:-1]).model_fields
-        return source.error(path, f"unknown key {key!r}{did_you_mean(key, fields)}")
-    if kind == "missing":
-        key = str(loc[-1])
-        return source.error(path[:-1] if path and path[-1] == key else path, f"missing key {key!r}")
-    value = first.get("input")
-    return source.error(path, f"{first['msg']} (got {value!r})")
+    misspelt_in = {tuple(e["loc"][:-1]) for e in errors if e["type"] == "extra_forbidden"}
+    problems = Problems()
+    for each in errors:
+        loc = tuple(each["loc"])
+        path = data_path(data, loc)
+        kind = each["type"]
+        if kind == "extra_forbidden":
+            key = str(path[-1])
+            fields = _model_for(path[:-1]).model_fields
+            problems.add(str(source.error(path, f"unknown key {key!r}{did_you_mean(key, fields)}")))
+        elif kind == "missing":
+            if loc[:-1] in misspelt_in:
+                continue
+            key = str(loc[-1])
+            problems.add(str(source.error(path[:-1] if path and path[-1] == key else path,
+                                          f"missing key {key!r}")))
+        else:
+            problems.add(str(source.error(path, f"{each['msg']} (got {each.get('input')!r})")))
+    return InputErrors(problems.lines) if len(problems.lines) > 1 else InputError(problems.lines[0])
 
 
 def _check(value: Any, name: str, path: tuple[str | int, ...], source: SourceMap) -> Any:
@@ -363,30 +373,37 @@ def _check_task(raw: Any, path: tuple[str | int, ...], source: SourceMap, base_d
     if not isinstance(raw, dict):
         raise source.error(path, f"a task is a mapping with model and dataset, got {raw!r}")
     defaults: dict[str, Any] = {}
+    problems = Problems()  # each key on its own: every bad key of the task is reported
     for key, value in raw.items():
-        where = (*path, key)
-        if key in RUN_FIELDS:
-            raise source.error(where, f"unknown key {key!r}: seeds come from the top-level 'seeds' list and "
-                               "threads from 'executor'")
-        if key not in TASK_FIELDS:
-            raise _unknown_key(key, TASK_FIELDS, where, source)
-        if key == "name":
-            if not isinstance(value, str) or not value.strip():
-                raise source.error(where, f"a task name is a non-empty string, got {value!r}")
-            continue
-        if key == TUNE_KEY:
-            continue
-        if _is_grid(key, value):
-            raise source.error(where, "a task field takes one value; grid over values in a trial entry")
-        if key in ("model", "dataset") and isinstance(value, str):
-            value = absolute(value, base_dir)  # a file.py:function resolves against the sweep file's folder
-        defaults[key] = _check(value, key, where, source)
+        problems.attempt(_check_task_key, key, value, (*path, key), source, base_dir, defaults)
     for key in ("model", "dataset"):
         if key not in raw:
-            raise source.error(path, f"missing key {key!r}")
+            problems.add(str(source.error(path, f"missing key {key!r}")))
+    problems.raise_any()
     name = raw.get("name") or f"{_short(raw['model'])}/{_short(raw['dataset'])}"
     tune = _check_tune(raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw else {}
     return TaskConfig(name=name.strip(), defaults=defaults, path=path, tune=tune)
+
+
+def _check_task_key(key: Any, value: Any, where: tuple[str | int, ...], source: SourceMap, base_dir: Path,
+                    defaults: dict[str, Any]) -> None:
+    """One key of a task, its checked value put into `defaults`."""
+    if key in RUN_FIELDS:
+        raise source.error(where, f"unknown key {key!r}: seeds come from the top-level 'seeds' list and "
+                           "threads from 'executor'")
+    if key not in TASK_FIELDS:
+        raise _unknown_key(key, TASK_FIELDS, where, source)
+    if key == "name":
+        if not isinstance(value, str) or not value.strip():
+            raise source.error(where, f"a task name is a non-empty string, got {value!r}")
+        return
+    if key == TUNE_KEY:
+        return
+    if _is_grid(key, value):
+        raise source.error(where, "a task field takes one value; grid over values in a trial entry")
+    if key in ("model", "dataset") and isinstance(value, str):
+        value = absolute(value, base_dir)  # a file.py:function resolves against the sweep file's folder
+    defaults[key] = _check(value, key, where, source)
 
 
 def _short(value: Any) -> str:
@@ -400,13 +417,9 @@ def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tr
         raise source.error(path, f"a trial entry is a mapping of fields to values or lists, got {raw!r}")
     choices: dict[str, list[Any]] = {}
     seeds: tuple[int, ...] | None = None
-    for key, value in raw.items():
-        where = (*path, key)
-        if key == "seeds":
-            seeds = _check_seeds(value, where, source)
-            continue
-        if key == TUNE_KEY:
-            continue
+    problems = Problems()  # each key on its own: every bad key of the entry is reported
+
+    def field_values(key: str, value: Any, where: tuple[str | int, ...]) -> list[Any]:
         if key in IDENTITY_FIELDS:
             raise source.error(where, f"{key!r} belongs to the task (task: or tasks:), not to a trial entry")
         if key not in TRIAL_FIELDS:
@@ -414,9 +427,21 @@ def _check_entry(raw: Any, path: tuple[str | int, ...], source: SourceMap) -> Tr
         values = value if _is_grid(key, value) else [value]
         if not values:
             raise source.error(where, "empty list: a grid needs at least one value")
-        choices[key] = [_check(v, key, (*where, i) if _is_grid(key, value) else where, source)
-                        for i, v in enumerate(values)]
-    tune = _check_tune(raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw else None
+        checked = [problems.attempt(_check, v, key, (*where, i) if _is_grid(key, value) else where, source)
+                   for i, v in enumerate(values)]
+        return checked
+
+    for key, value in raw.items():
+        where = (*path, key)
+        if key == "seeds":
+            seeds = problems.attempt(_check_seeds, value, where, source)
+        elif key != TUNE_KEY:
+            checked = problems.attempt(field_values, key, value, where)
+            if checked is not None:
+                choices[key] = checked
+    tune = (problems.attempt(_check_tune, raw[TUNE_KEY], (*path, TUNE_KEY), source) if TUNE_KEY in raw
+            else None)
+    problems.raise_any()
     for name in tune or {}:
         if name in choices:
             raise source.error((*path, TUNE_KEY, name), f"{name!r} is both set and tuned in this entry; "
@@ -617,7 +642,7 @@ def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorCon
     workers = section.workers if section.workers is not None else max(1, available_cores() // section.threads)
     group_size = section.group_size if section.group_size is not None else ExecutorConfig.group_size
     return ExecutorConfig(backend=section.backend, workers=workers, threads=section.threads,
-                          address=section.address, group_size=group_size)
+                          address=section.address, group_size=group_size, retries=section.retries)
 
 
 def available_cores() -> int:
@@ -648,34 +673,42 @@ def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path 
     try:
         sweep = _SweepFile.model_validate(data)
     except ValidationError as error:
-        raise _pydantic_error(error, data, source) from None
+        raise _pydantic_errors(error, data, source) from None
     if (sweep.task is None) == (sweep.tasks is None):
         raise source.error((), "give either 'task' (one) or 'tasks' (a list), not both or neither")
+    problems = Problems()  # independent parts are all checked: every error is reported at once
     if sweep.tasks is not None:
         if not sweep.tasks:
             raise source.error(("tasks",), "empty list: give at least one task")
-        tasks = [_check_task(raw, ("tasks", i), source, folder) for i, raw in enumerate(sweep.tasks)]
+        checked = [problems.attempt(_check_task, raw, ("tasks", i), source, folder)
+                   for i, raw in enumerate(sweep.tasks)]
     else:
-        tasks = [_check_task(sweep.task, ("task",), source, folder)]
+        checked = [problems.attempt(_check_task, sweep.task, ("task",), source, folder)]
+    tasks = [task for task in checked if task is not None]
     names: dict[str, tuple[str | int, ...]] = {}
     for task in tasks:
         if task.name in names:
-            raise source.error(task.path, f"task name {task.name!r} is also used by "
-                               f"{dotted(names[task.name])}; give each task its own 'name'")
+            problems.add(str(source.error(task.path, f"task name {task.name!r} is also used by "
+                                          f"{dotted(names[task.name])}; give each task its own 'name'")))
         names[task.name] = task.path
     if not sweep.trials:
-        raise source.error(("trials",), "empty list: give at least one trial entry")
-    entries = [_check_entry(raw, ("trials", i), source) for i, raw in enumerate(sweep.trials)]
-    seeds = _check_seeds(sweep.seeds, ("seeds",), source)
+        problems.add(str(source.error(("trials",), "empty list: give at least one trial entry")))
+    entries = [problems.attempt(_check_entry, raw, ("trials", i), source)
+               for i, raw in enumerate(sweep.trials)]
+    seeds = problems.attempt(_check_seeds, sweep.seeds, ("seeds",), source)
     name = sweep.name if sweep.name is not None else Path(source_name).stem
     if not name.strip():
-        raise source.error(("name",), "the sweep name is empty")
+        problems.add(str(source.error(("name",), "the sweep name is empty")))
+    energy = problems.attempt(_check_energy, sweep.energy, source, folder)
+    executor = problems.attempt(_check_executor, sweep.executor, source)
+    baseline = problems.attempt(_check_baseline, sweep.report.baseline, source)
+    problems.raise_any()
+    assert seeds is not None and energy is not None and executor is not None and baseline is not None
     output = Path(sweep.output) if sweep.output is not None else Path("results") / name
     return SweepConfig(
-        name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(entries),
-        energy=_check_energy(sweep.energy, source, folder), executor=_check_executor(sweep.executor, source),
-        output=output, memory_objective=sweep.report.memory_objective,
-        baseline=_check_baseline(sweep.report.baseline, source), source=source, text=text)
+        name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(e for e in entries if e is not None),
+        energy=energy, executor=executor, output=output, memory_objective=sweep.report.memory_objective,
+        baseline=baseline, source=source, text=text)
 
 
 def load_config(path: str | Path) -> SweepConfig:

@@ -137,9 +137,9 @@ class EnergyEstimator:
             import torch
 
             from dse.data import load_dataset
+            from dse.models.proxies import build_model as build_proxy
+            from dse.models.proxies import trace_workload
             from dse.train.functional import model_layers
-            from models.proxies import build_model as build_proxy
-            from models.proxies import trace_workload
 
             dataset = load_dataset(config.dataset, config.data_dir)
             with torch.random.fork_rng(devices=[]):  # as the trial builds it, leaving the caller's RNG be

@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from dse.errors import InputError
 
 TrainFn = Callable[[Any], Any]
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,27 @@ def execute(job: Job) -> list[TrialOutcome]:
 
 
 class Executor(Protocol):
+    """Where jobs run. Used as a context manager: entering acquires what the executor needs (a Ray
+    cluster) before the sweep writes anything, leaving releases it."""
+
+    def __enter__(self: E) -> E: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
     def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None: ...
 
 
-class InlineExecutor:
+class _NothingToAcquire:
+    """An executor that holds nothing between runs: entering and leaving do nothing."""
+
+    def __enter__(self: E) -> E:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class InlineExecutor(_NothingToAcquire):
     """Runs trials one after another in this process (no parallelism; for debugging and tests)."""
 
     def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None:
@@ -172,7 +190,7 @@ def start_worker_server() -> None:
         forkserver.ensure_running()
 
 
-class LocalExecutor:
+class LocalExecutor(_NothingToAcquire):
     """A pool of `workers` processes with fresh interpreter state (no forked torch thread pools)."""
 
     def __init__(self, workers: int, threads: int = 1) -> None:
@@ -218,10 +236,18 @@ def _check_reachable(address: str) -> None:
         raise InputError(f"executor.address: cannot reach Ray at {address!r}: {reason}") from None
 
 
-class RayExecutor:
-    """Trials as Ray tasks, each reserving `threads` CPUs; no address: a local instance of `workers` CPUs."""
+def _on_cuda(job: Job) -> bool:
+    """Whether a job trains on a CUDA device (its trials' `device`)."""
+    member = job.members[0] if isinstance(job, GroupJob) else job
+    return str(member.config.get("device", "cpu")).startswith("cuda")
 
-    def __init__(self, workers: int, threads: int = 1, address: str | None = None) -> None:
+
+class RayExecutor:
+    """Trials as Ray tasks, each reserving `threads` CPUs and, when it trains on CUDA, one GPU; no address:
+    a local instance of `workers` CPUs. A task whose worker dies (a node lost, a process killed) is
+    retried up to `retries` times; a trial that raises is a result and is not retried."""
+
+    def __init__(self, workers: int, threads: int = 1, address: str | None = None, retries: int = 2) -> None:
         try:
             import ray
         except ImportError:
@@ -230,7 +256,15 @@ class RayExecutor:
         self.workers = workers
         self.threads = threads
         self.address = address
+        self.retries = retries
         self.started = False
+
+    def __enter__(self) -> RayExecutor:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def connect(self) -> None:
         """Join the cluster (or start a local instance) before anything is written."""
@@ -251,13 +285,17 @@ class RayExecutor:
             raise InputError(f"executor: cannot start Ray at {where}: {message}") from None
         self.started = True
 
+    def task_options(self, job: Job) -> dict[str, Any]:
+        """What one job reserves on the cluster and how often a lost worker is retried."""
+        return {"num_cpus": self.threads, "num_gpus": 1 if _on_cuda(job) else 0, "max_retries": self.retries}
+
     def run(self, jobs: Sequence[Job], on_done: Callable[[TrialOutcome], None]) -> None:
         if not jobs:
             return
         self.connect()
         ray = self.ray
-        remote = ray.remote(num_cpus=self.threads, max_retries=0)(execute)
-        pending = [remote.remote(job) for job in jobs]
+        remote = ray.remote(execute)
+        pending = [remote.options(**self.task_options(job)).remote(job) for job in jobs]
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

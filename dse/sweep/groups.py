@@ -21,7 +21,7 @@ from dse.train.grouped import group_key, group_reason
 
 def _model_of(config: TrainConfig) -> nn.Module:
     from dse.data import load_dataset
-    from models.proxies import build_model
+    from dse.models.proxies import build_model
 
     return build_model(config.model, load_dataset(config.dataset, config.data_dir))
 

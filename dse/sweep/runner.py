@@ -12,11 +12,12 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dse.errors import InputError
+from dse.errors import InputError, Problems
 from dse.sweep.config import SweepConfig
 from dse.sweep.energy import EnergyEstimator, energy_key
 from dse.sweep.executors import (
@@ -40,6 +41,7 @@ from dse.sweep.store import (
     stored_sweep_name,
 )
 from dse.sweep.trials import Trial, baseline_labels, estimated_cost, expand, resolved_formats, stable_hash
+from dse.train.loop import check_batch_size
 from dse.usercode import sources_of
 
 
@@ -108,6 +110,7 @@ def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str
     estimator = EnergyEstimator(sweep.energy)
     keys: dict[str, str] = {}
     energies: EnergyRows = {}
+    problems = Problems()
     for trial in trials:
         key = energy_key(trial.config, sweep.energy)
         keys[trial.trial_id] = key
@@ -117,32 +120,42 @@ def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str
             estimates = estimator.estimate(trial.config)
         except ValueError as error:
             message = str(error).splitlines()[0]
-            raise sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}") from None
+            problems.add(str(sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}")))
+            continue
         for workload, estimate in estimates.items():
             energies[(key, workload)] = estimate.as_row()
+    problems.raise_any()
     return keys, energies
 
 
-def check_tasks(sweep: SweepConfig) -> None:
-    """Each task's dataset loads and its model fits it (a file dataset needs its data_dir)."""
-    from dse.data import load_dataset
-    from models.proxies import build_model
+def check_tasks(sweep: SweepConfig) -> dict[str, int]:
+    """Each task's dataset loads and its model fits it (a file dataset needs its data_dir); returns each
+    task's number of training samples (after the validation split)."""
+    from dse.data import load_dataset, with_validation
+    from dse.models.proxies import build_model
 
+    problems = Problems()
+    samples: dict[str, int] = {}
     for task in sweep.tasks:
         defaults = task.defaults
         try:
-            build_model(defaults["model"], load_dataset(defaults["dataset"], defaults.get("data_dir")))
+            data = load_dataset(defaults["dataset"], defaults.get("data_dir"))
+            build_model(defaults["model"], data)
+            samples[task.name] = len(with_validation(data).x_train)
         except (ValueError, FileNotFoundError) as error:
-            raise sweep.source.error(task.path, str(error).splitlines()[0]) from None
+            problems.add(str(sweep.source.error(task.path, str(error).splitlines()[0])))
+    problems.raise_any()
+    return samples
 
 
 def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
     """Every per-layer rule matches some GEMM of its task's model (an error names the rule's line)."""
     from dse.data import load_dataset
+    from dse.models.proxies import build_model
     from dse.precision import TensorFormats, resolve_layers
     from dse.train.functional import model_layers
-    from models.proxies import build_model
 
+    problems = Problems()
     for task in sweep.tasks:
         rule_sets = {trial.config.layers for trial in trials
                      if trial.task == task.name and trial.config.layers}
@@ -152,30 +165,40 @@ def check_layer_rules(sweep: SweepConfig, trials: list[Trial]) -> None:
         data = load_dataset(defaults["dataset"], defaults.get("data_dir"))
         layers = model_layers(build_model(defaults["model"], data), data.x_train[:2])
         for rules in rule_sets:
-            resolve_layers(layers, rules, TensorFormats())
+            problems.attempt(resolve_layers, layers, rules, TensorFormats())
+    problems.raise_any()
 
 
-def check_trials(sweep: SweepConfig, trials: list[Trial]) -> None:
+def check_trials(sweep: SweepConfig, trials: list[Trial], samples: dict[str, int]) -> None:
     """Each trial's configuration can run (the combination of its fields: e.g. LNS-Madam with a
-    non-LNS master copy), reported at its trial entry."""
+    non-LNS master copy; a batch no larger than the training set), reported at its trial entry."""
     from dse.train.loop import check_config
 
+    problems = Problems()
     for trial in trials:
         try:
             check_config(trial.config)
+            check_batch_size(trial.config.batch_size, samples.get(trial.task), trial.config.dataset)
         except ValueError as error:
-            raise sweep.source.error(trial.source, f"{trial.label!r}: {str(error).splitlines()[0]}") from None
+            problems.add(str(sweep.source.error(trial.source,
+                                                f"{trial.label!r}: {str(error).splitlines()[0]}")))
+    problems.raise_any()
 
 
 def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyRows]:
-    """Everything checked before the disk is touched: tasks, trials, baseline, the energy of every trial."""
-    check_tasks(sweep)
+    """Everything checked before the disk is touched: tasks, trials, baseline, the energy of every trial.
+    Every problem is reported at once (one line each)."""
+    samples = check_tasks(sweep)
     trials = expand(sweep)
-    check_trials(sweep, trials)
-    check_layer_rules(sweep, trials)
-    baseline_labels(sweep, trials)
-    keys, energies = estimate_energies(sweep, trials)
-    return trials, keys, energies
+    problems = Problems()
+    problems.attempt(check_trials, sweep, trials, samples)
+    problems.attempt(check_layer_rules, sweep, trials)
+    problems.attempt(baseline_labels, sweep, trials)
+    energies = problems.attempt(estimate_energies, sweep, trials)
+    problems.raise_any()
+    assert energies is not None
+    keys, rows = energies
+    return trials, keys, rows
 
 
 def unique_runs(trials: list[Trial]) -> list[Trial]:
@@ -208,7 +231,7 @@ def check_output(directory: Path, name: str, force: bool) -> bool:
 def make_executor(sweep: SweepConfig) -> Executor:
     settings = sweep.executor
     if settings.backend == "ray":
-        return RayExecutor(settings.workers, settings.threads, settings.address)
+        return RayExecutor(settings.workers, settings.threads, settings.address, settings.retries)
     return LocalExecutor(settings.workers, settings.threads)
 
 
@@ -266,98 +289,123 @@ def better_than(record: TrialRecord, best: TrialRecord | None) -> bool:
 
 # --- the run --------------------------------------------------------------------------------------
 
-def run_sweep(sweep: SweepConfig, *, force: bool = False, reporter: Reporter | None = None,
-              train_fn: TrainFn | None = None, executor: Executor | None = None,
-              reports: bool = True) -> SweepSummary:
+def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = False,
+              reporter: Reporter | None = None, train_fn: TrainFn | None = None,
+              executor: Executor | None = None, reports: bool = True) -> SweepSummary:
     """Run every unfinished trial of `sweep`, commit each as it finishes, then write the reports.
 
-    Trials of one configuration train in groups (`plan_groups`, executor.group_size).
-    `train_fn` replaces dse.train.loop.train (tests; it trains one trial, so nothing is grouped);
-    `executor` replaces the configured one;
-    `reports=False` skips dse.report.write_reports.
+    The steps: plan (every check, nothing written), acquire the executor (a Ray cluster is reached
+    before the disk is touched), open the store, execute, summarize, report. Trials of one
+    configuration train in groups (`plan_groups`, executor.group_size). `force` reruns every trial;
+    `retry_failed` reruns the trials stored as failed (status error). `train_fn` replaces
+    dse.train.loop.train (tests; it trains one trial, so nothing is grouped); `executor` replaces the
+    configured one; `reports=False` skips dse.report.write_reports.
     """
     started = time.perf_counter()
-    reporter = reporter or SilentReporter()
-    if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force):
+    if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
         start_worker_server()  # its imports overlap the planning below
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
     groups, notes = plan_groups(runs, sweep.executor.group_size if train_fn is None else 1)
-    directory = sweep.output
-    replace_foreign = check_output(directory, sweep.name, force)
-    executor = executor or make_executor(sweep)
-    if isinstance(executor, RayExecutor):
-        executor.connect()
-    try:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            store = SweepStore(directory)
-        except OSError as error:
-            raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
-        with store:
-            if replace_foreign:
-                store.reset()
-            ids = [trial.trial_id for trial in runs]
-            meta = {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.columns),
-                    "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
-                    "baselines": baseline_labels(sweep, trials),
-                    "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
-                                                "workloads": list(sweep.energy.columns)})}
-            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
-                    for t in trials]
-            store.start(meta, plan, energies)
-            finished = store.finished()
-            # a group with any member missing reruns whole; only the missing members are stored
-            groups = [g for g in groups if force or any(t.trial_id not in finished for t in g)]
-            wanted = {t.trial_id for g in groups for t in g if force or t.trial_id not in finished}
-            summary = SweepSummary(sweep.name, directory, total=len(runs),
-                                   skipped=len(runs) - len(wanted), ran=0, notes=notes)
-            summary.best = _best_of(load_trials(directory)) if summary.skipped else None
-            by_id = {trial.trial_id: trial for group in groups for trial in group}
-
-            def on_done(outcome: TrialOutcome) -> None:
-                if outcome.trial_id not in wanted:
-                    return
-                wanted.discard(outcome.trial_id)
-                trial = by_id[outcome.trial_id]
-                row = _row(trial, outcome)
-                store.record(row)
-                record = _record(trial, row)
-                summary.ran += 1
-                reporter.trial_done(record)
-
-            threads = sweep.executor.threads
-            longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
-            jobs = [_job(group, threads, train_fn) for group in longest_first]
-            reporter.start(len(trials), summary.skipped, summary.best)
-            try:
-                executor.run(jobs, on_done)
-            finally:
-                reporter.stop()
-    finally:
-        if isinstance(executor, RayExecutor):
-            executor.close()
-    frame = load_trials(directory)
-    counts = frame.drop_duplicates("trial_id")["status"].value_counts()
-    summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
-                                                    for status in ("ok", "diverged", "error"))
-    summary.best = _best_of(frame)
+    replace_foreign = check_output(sweep.output, sweep.name, force)
+    with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
+        if replace_foreign:
+            store.reset()
+        store.start(_store_meta(sweep, trials, runs), [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id],
+                                                                t.configuration, t.tuning) for t in trials],
+                    energies)
+        summary = execute_trials(sweep, trials, runs, groups, store, acquired,
+                                 rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
+                                 reporter=reporter or SilentReporter())
+    summary.notes = notes
+    frame = load_trials(sweep.output)
+    summarize(summary, frame)
     if reports:
         from dse.report.files import write_reports_if_changed
 
-        summary.files = write_reports_if_changed(frame, directory, sweep.memory_objective)
+        summary.files = write_reports_if_changed(frame, sweep.output, sweep.memory_objective)
     summary.wall_time_s = time.perf_counter() - started
     return summary
 
 
-def _has_work(sweep: SweepConfig, force: bool) -> bool:
-    """Whether some trial of the sweep is not in its store yet (read only; False on bad input, which
-    planning reports)."""
+def open_store(directory: Path) -> SweepStore:
+    """The sweep's store in `directory`, created with its folders (after every check has passed)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return SweepStore(directory)
+    except OSError as error:
+        raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
+
+
+def _store_meta(sweep: SweepConfig, trials: list[Trial], runs: list[Trial]) -> dict[str, Any]:
+    ids = [trial.trial_id for trial in runs]
+    return {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.columns),
+            "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
+            "baselines": baseline_labels(sweep, trials),
+            "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),
+                                        "workloads": list(sweep.energy.columns)})}
+
+
+def _rerun(store: SweepStore, force: bool, retry_failed: bool) -> Callable[[str], bool]:
+    """Whether a trial is to run: not yet stored, or stored and rerun by --force (every trial) or
+    --retry-failed (the trials that failed)."""
+    statuses = store.statuses()
+    if force:
+        return lambda trial_id: True
+    return lambda trial_id: trial_id not in statuses or (retry_failed and statuses[trial_id] == "error")
+
+
+def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], groups: list[list[Trial]],
+                   store: SweepStore, executor: Executor, *, rerun: Callable[[str], bool],
+                   train_fn: TrainFn | None, reporter: Reporter) -> SweepSummary:
+    """Train the trials `rerun` asks for (longest groups first), committing each as it arrives."""
+    # a group with any member to run reruns whole; only the members to run are stored
+    groups = [g for g in groups if any(rerun(t.trial_id) for t in g)]
+    wanted = {t.trial_id for g in groups for t in g if rerun(t.trial_id)}
+    summary = SweepSummary(sweep.name, sweep.output, total=len(runs), skipped=len(runs) - len(wanted), ran=0)
+    best = _best_of(load_trials(sweep.output)) if summary.skipped else None
+    by_id = {trial.trial_id: trial for group in groups for trial in group}
+
+    def on_done(outcome: TrialOutcome) -> None:
+        if outcome.trial_id not in wanted:
+            return
+        wanted.discard(outcome.trial_id)
+        trial = by_id[outcome.trial_id]
+        row = _row(trial, outcome)
+        store.record(row)
+        summary.ran += 1
+        reporter.trial_done(_record(trial, row))
+
+    threads = sweep.executor.threads
+    longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
+    jobs = [_job(group, threads, train_fn) for group in longest_first]
+    reporter.start(len(trials), summary.skipped, best)
+    try:
+        executor.run(jobs, on_done)
+    finally:
+        reporter.stop()
+    return summary
+
+
+def summarize(summary: SweepSummary, frame: Any) -> None:
+    """The counts by status and the best trial of the whole store (this run and earlier ones)."""
+    counts = frame.drop_duplicates("trial_id")["status"].value_counts()
+    summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
+                                                    for status in ("ok", "diverged", "error"))
+    summary.best = _best_of(frame)
+
+
+def _has_work(sweep: SweepConfig, force: bool, retry_failed: bool) -> bool:
+    """Whether some trial of the sweep is not in its store yet, or failed there and is retried (read
+    only; False on bad input, which planning reports)."""
     try:
         ids = {trial.trial_id for trial in expand(sweep)}
-        stored = set(load_trials(sweep.output)["trial_id"]) if sweep.output.is_dir() else set()
+        frame = load_trials(sweep.output) if sweep.output.is_dir() else None
     except (ValueError, OSError):
         return False
+    if frame is not None and retry_failed:
+        frame = frame[frame["status"] != "error"]
+    stored = set() if frame is None else set(frame["trial_id"])
     return force or not ids <= stored
 
 

@@ -202,8 +202,9 @@ class SweepStore:
                 [(key, workload, *(values.get(name) for name in _ENERGY_VALUES))
                  for (key, workload), values in energies.items()])
 
-    def finished(self) -> set[str]:
-        return {row[0] for row in self.connection.execute("SELECT trial_id FROM trials")}
+    def statuses(self) -> dict[str, str]:
+        """trial_id -> status (ok, diverged, error) of every stored trial."""
+        return dict(self.connection.execute("SELECT trial_id, status FROM trials"))
 
     def record(self, row: TrialRow) -> None:
         """Commit one finished trial in its own transaction (replacing an earlier run of it)."""

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
+from dse.models.proxies import build_model
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, _run_settings, check_config, train
@@ -34,7 +35,6 @@ from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
-from models.proxies import build_model
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound")
 """TrainConfig fields in which the members of a group may differ."""

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
 from dse.train.policy import QuantPolicy, TensorQuant
-from models.layers import Matmul
 
 Quantizer = Callable[[Tensor], Tensor]
 

@@ -23,6 +23,7 @@ from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.errors import InputError, choice
 from dse.formats import check_rounding
 from dse.formats import get as get_format
+from dse.models.proxies import MODELS, ModelFactory, build_model
 from dse.precision import FULL_PRECISION_LAYER_NAMES, layer_rules
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
@@ -30,7 +31,6 @@ from dse.train.optim import lns_madam_copy_error, make_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.usercode import describe, is_ref, load_function
-from models.proxies import MODELS, ModelFactory, build_model
 
 EVAL_BATCH = 1024
 EXAMPLE_SAMPLES = 2
@@ -51,6 +51,15 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lr_schedule": ("lr_schedule", LR_SCHEDULES),
 }
 _ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
+MAX_LR = 100.0
+"""No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
+
+
+def check_batch_size(batch_size: int, training_samples: int | None, dataset: str) -> None:
+    """A batch no larger than the training set (an epoch would otherwise be one short batch)."""
+    if training_samples is not None and batch_size > training_samples:
+        raise InputError(f"batch_size {batch_size} is larger than the training set of {dataset!r} "
+                         f"({training_samples} samples after the validation split)")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -86,6 +95,11 @@ def check_field(name: str, value: Any) -> Any:
         raise InputError(f"{name} must be >= 0, got {value}")
     if name in _POSITIVE and not (math.isfinite(value) and value > 0):
         raise InputError(f"{name} must be a positive number, got {value}")
+    if name == "lr" and value > MAX_LR:
+        raise InputError(f"lr must be at most {MAX_LR:g}, got {value:g}")
+    if name == "momentum" and not value < 1:
+        raise InputError(f"momentum must be below 1 (a momentum of 1 or more never forgets a gradient and "
+                         f"diverges), got {value:g}")
     if name == "master_weights":
         return master_copy(value)
     if name == "device":
@@ -247,6 +261,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progres
 def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,
            factory: ModelFactory | None = None, on_gemms: GemmReport | None = None) -> TrainResult:
     data = with_validation(dataset if dataset is not None else load_dataset(config.dataset, config.data_dir))
+    check_batch_size(config.batch_size, len(data.x_train), config.dataset)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)

@@ -36,7 +36,9 @@ from dse.precision import (
 from dse.train.config import TrainConfig
 
 LU_SCALE_OFFSET_LOG2 = 2
-"""sigma in Lu et al.'s posit layer scale S = 2^(round(mean log2|x|) + sigma); seeds.md C.2, unverified."""
+"""sigma in Lu et al.'s posit layer scale S = 2^(round(mean log2|x|) + sigma) (Lu et al., "Training Deep
+Neural Networks Using Posit Number System", SOCC 2019, arXiv:1909.03831, layer-wise scaling). The
+paper gives no formula or code: this form and sigma = 2 are a reconstruction, unverified."""
 
 _PER_TENSOR_POW2 = Scaling(kind="tensor", pow2=True)
 

@@ -1,0 +1,67 @@
+"""Figures fit for a paper: every configuration named, plain log ticks, no title unless asked, the
+breakdown as a whole, compute only and shares, and a note where accuracy and energy come from
+different workloads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dse.report import summarize_trials
+from dse.report.pareto import pareto_front
+from dse.report.plots import accuracy_energy_figure, breakdown_figure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_frames import UNIT_SHARES, trial_row, trials_frame  # noqa: E402
+
+CONFIGS = {"fp32 sgd": ("fp32", 0.95, 4.0), "bf16 sgd": ("bf16", 0.94, 2.5), "int8 sgd": ("int8", 0.92, 1.5),
+           "int4 sgd": ("int4", 0.60, 1.2), "posit8 sgd": ("posit8", 0.91, 2.0)}
+"""label -> (format, accuracy, energy in mJ on both workloads): within one decade of energy."""
+
+
+def _summary() -> pd.DataFrame:
+    rows = [trial_row("t", label, seed, accuracy + 0.001 * seed, {"proxy": energy, "resnet50": 100 * energy},
+                      format=fmt)
+            for label, (fmt, accuracy, energy) in CONFIGS.items() for seed in range(2)]
+    return summarize_trials(trials_frame(rows, ["proxy", "resnet50"]))
+
+
+def _texts(figure: object) -> list[str]:
+    return [text.get_text() for text in figure.findobj(lambda artist: hasattr(artist, "get_text"))]
+
+
+def test_every_configuration_is_named_and_ticks_are_plain_numbers() -> None:
+    figure = accuracy_energy_figure(_summary(), "t", "proxy")
+    figure.draw_without_rendering()  # tick labels are made at draw time
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(CONFIGS)  # the front is only some of them
+    ticks = [label.get_text() for label in figure.axes[0].get_xticklabels() if label.get_text()]
+    assert len(ticks) >= 3 and all("e" not in tick and "$" not in tick for tick in ticks), ticks
+
+
+def test_no_title_unless_asked_and_a_note_when_the_energy_is_another_workload() -> None:
+    summary = _summary()
+    plain = accuracy_energy_figure(summary, "t", "proxy")
+    assert plain.axes[0].get_title() == "" and not any("as trained" in t for t in _texts(plain))
+    titled = accuracy_energy_figure(summary, "t", "resnet50", title=True)
+    assert "accuracy vs energy" in titled.axes[0].get_title()
+    note = "accuracy: t as trained; energy: one training iteration of resnet50"
+    assert any(note in text for text in _texts(titled))
+
+
+def test_the_breakdown_shows_the_whole_compute_only_and_shares() -> None:
+    summary = _summary()
+    front = pareto_front(summary, "proxy").assign(task="t", workload="proxy")
+    figure = breakdown_figure(front, "t", "proxy")
+    whole, compute, shares = figure.axes
+    assert figure.texts == [] and figure._suptitle is None
+    heights = {ax: np.array([bar.get_height() for bar in ax.patches]).reshape(-1, len(front))
+               for ax in (whole, compute, shares)}
+    units = len(UNIT_SHARES)
+    assert heights[whole].shape[0] == units and heights[compute].shape[0] == units - 1  # memory left out
+    np.testing.assert_allclose(heights[shares].sum(axis=0), 100.0)
+    np.testing.assert_allclose(heights[shares][:, 0], 100.0 * np.array(UNIT_SHARES))
+    np.testing.assert_allclose(heights[compute].sum(axis=0), heights[whole][:-1].sum(axis=0))
