@@ -764,6 +764,14 @@ def sweep(
             tuning = "; ".join(f"{name}: {', '.join(map(str, values))}" for name, values in tuned.items())
             grid.add_row(task, label, tuning or "-", str(count))
         _print_whole(grid)
+        from dse.sweep.groups import plan_groups
+        from dse.sweep.runner import unique_runs
+
+        groups, notes = plan_groups(unique_runs(trials), settings.executor.group_size)
+        console.print(f"{len(groups)} jobs: trials trained in groups of up to {settings.executor.group_size}",
+                      markup=False, highlight=False)
+        for note in notes:
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
     reporter = RichReporter(console, error_console, quiet=quiet)
     try:

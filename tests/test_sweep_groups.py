@@ -124,6 +124,8 @@ def test_group_size_on_the_command_line_and_its_bad_values(tmp_path: Path) -> No
     result = runner.invoke(app, ["sweep", str(config), "--group-size", "0"])
     assert result.exit_code == 2
     config.write_text(_text(tmp_path / "out", seeds="[0]"))
+    result = runner.invoke(app, ["sweep", str(config), "--dry-run", "--group-size", "2"])
+    assert result.exit_code == 0 and "2 jobs: trials trained in groups of up to 2" in result.output
     result = runner.invoke(app, ["sweep", str(config), "--group-size", "1", "-q"])
     assert result.exit_code == 0 and len(load_trials(tmp_path / "out")) == 4
 

@@ -44,8 +44,9 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: Callable[[TrainCon
             if where not in models:
                 models[where] = model_of(config)
             reason = group_reason(config, models[where])
-        if reason is not None:
-            notes.append(f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})")
+        note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
+        if reason is not None and note not in notes:
+            notes.append(note)
         size = 1 if reason is not None else group_size
         groups += [trials[start:start + size] for start in range(0, len(trials), size)]
     order = {trial.trial_id: index for index, trial in enumerate(runs)}

@@ -41,7 +41,7 @@ def stack_reason(model: nn.Module, policy: QuantPolicy | None = None) -> str | N
     for module in model:
         name = type(module).__name__
         if name not in STACKABLE_STAGES:
-            return f"its {name} layers do not stack yet (only {', '.join(STACKABLE_STAGES)})"
+            return f"its {name} layers do not stack yet (only Linear, ReLU, Flatten and reshape stages)"
         if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
             return "a Flatten over other dimensions than all but the batch"
     if policy is not None and any(p.accumulation.enabled for p in layer_policies(model, policy).values()):
