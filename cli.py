@@ -180,6 +180,8 @@ def formats_show(
                  "relative precision at 1.0": _number(fmt.relative_precision)})
     if fmt.bits <= 16:
         rows["finite values"] = str(fmt.values().numel())
+    if fmt.float32_note:
+        rows["in float32"] = fmt.float32_note
     for name, value in rows.items():
         table.add_row(name, value)
     console.print(table)
