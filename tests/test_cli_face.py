@@ -5,10 +5,10 @@ file at once, range checks, --retry-failed and what a Ray task reserves."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from sweep_fakes import fake_train
 from typer.testing import CliRunner
 
 from dse import __version__
@@ -18,10 +18,6 @@ from dse.sweep import load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor, TrialJob
 from dse.train.config import TrainConfig
 from dse.train.loop import check_config
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from sweep_fakes import fake_train  # noqa: E402
 
 runner = CliRunner()
 COMMANDS = ("train", "energy", "compare", "sweep", "report", "export", "formats")

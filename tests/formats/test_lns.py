@@ -433,7 +433,7 @@ def test_wide_grids_with_a_tensor_scale_stay_finite_and_exact(amax: float) -> No
 def test_gamma_below_the_float32_bound_is_a_one_line_error_with_exit_code_2() -> None:
     from typer.testing import CliRunner
 
-    import cli
+    from dse import cli
 
     result = CliRunner().invoke(cli.app, ["formats", "show", "lns(16,gamma=64)"])
     assert result.exit_code == 2 and "float32's largest finite value" in result.output
