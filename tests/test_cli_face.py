@@ -221,3 +221,14 @@ def test_the_sweep_energy_sections_take_their_bounds_from_the_energy_parameters(
                                                                  "energy.memory.operand_reuse"]
     with pytest.raises(InputError, match="alignment_bits must be in 4..256"):  # the same rule, one place
         DatapathParams(alignment_bits=2)
+
+
+def test_every_config_field_has_a_docstring_which_is_its_option_help() -> None:
+    import dataclasses
+
+    from dse.cli import _field_docs
+
+    docs = _field_docs(TrainConfig)
+    assert {field.name for field in dataclasses.fields(TrainConfig)} <= set(docs)
+    text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "Weight-gradient format (default: gradients)." in text
