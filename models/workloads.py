@@ -375,7 +375,7 @@ def _llama_from_spec(spec: str) -> Workload | None:
     match = _LLAMA_SPEC.match(spec.replace(" ", ""))
     if match is None:
         return None
-    settings: dict[str, int] = {}
+    settings: dict[str, Any] = {}  # llama's int parameters, by name
     for item in filter(None, match["args"].split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in _LLAMA_KEYS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,8 @@ class Components:
                 return x * (y / x) ** t
             return x + (y - x) * t
         names = (*self.SCALED_FIELDS, "fp_mul_eta", "fp_add_eta")
-        return replace(self, node_nm=node_nm, **{n: mix(getattr(self, n), getattr(other, n)) for n in names})
+        mixed: dict[str, Any] = {n: mix(getattr(self, n), getattr(other, n)) for n in names}
+        return replace(self, node_nm=node_nm, **mixed)
 
     # --- integer primitives ---------------------------------------------------------------------
     def adder(self, bits: float) -> float:
