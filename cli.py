@@ -330,10 +330,16 @@ def _check_at_least_one(**options: int | None) -> None:
 
 def _check_csv_target(csv: Path | None) -> None:
     """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
+    import os
+
     from dse.errors import InputError
 
-    if csv is not None and (csv.is_dir() or not csv.parent.is_dir()):
-        problem = "it is a directory" if csv.is_dir() else "no such directory"
+    if csv is None:
+        return
+    problem = ("it is a directory" if csv.is_dir() else "no such directory" if not csv.parent.is_dir()
+               else "permission denied" if not os.access(csv if csv.exists() else csv.parent, os.W_OK)
+               else None)
+    if problem is not None:
         raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
 
 

@@ -88,10 +88,19 @@ def test_train_prints_progress_per_epoch_unless_quiet_or_json() -> None:
 
 
 def test_an_unwritable_csv_is_refused_before_any_work_naming_csv(tmp_path: Path) -> None:
-    target = tmp_path / "missing" / "x.csv"
-    result = runner.invoke(app, ["compare", "int8", "lns8", "--csv", str(target)])
-    assert result.exit_code == 2 and "--csv" in result.stderr and result.stdout == ""
-    assert not target.exists()
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    targets = [tmp_path / "missing" / "x.csv", tmp_path]
+    if not os.access(locked, os.W_OK):  # (root may write anywhere)
+        targets.append(locked / "x.csv")
+    for target in targets:
+        result = runner.invoke(app, ["compare", "int8", "lns8", "--csv", str(target)])
+        assert result.exit_code == 2 and "--csv" in result.stderr and result.stdout == "", target
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists() and not (locked / "x.csv").exists()
 
 
 @pytest.mark.parametrize(("field", "value", "needle"), [
