@@ -103,7 +103,7 @@ def user_errors(command: F) -> F:
                 _error_line(line)
             raise typer.Exit(2) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy sees a new type
 
 
 def _print_whole(table: Table) -> None:
@@ -180,6 +180,8 @@ def formats_show(
                  "relative precision at 1.0": _number(fmt.relative_precision)})
     if fmt.bits <= 16:
         rows["finite values"] = str(fmt.values().numel())
+    if fmt.float32_note:
+        rows["in float32"] = fmt.float32_note
     for name, value in rows.items():
         table.add_row(name, value)
     console.print(table)
@@ -239,27 +241,39 @@ _TableOpt = Annotated[Path | None, typer.Option("--table", help="Your own energy
 _JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
+def _option(option: Any, default: Any = None) -> Any:
+    """A dataclass field that carries its command-line option (for `_with_options`)."""
+    return dataclasses.field(default=default, metadata={"option": option})
+
+
 @dataclasses.dataclass(frozen=True)
 class _EnergyOptions:
-    """The options `dse energy` and `dse compare` share."""
+    """The options `dse energy` and `dse compare` share: stated once, added to both by `_with_options`."""
 
-    node: str
-    node_scaling: str
-    scope: str
-    accumulator: str | None
-    vector_length: int | None
-    lns_datapath: str | None
-    mitchell_bits: int | None
-    lns_conversion_length: int | None
-    alignment_bits: int | None
-    sram: str | None
-    dram: str | None
-    sram_scaling: str | None
-    operand_reuse: float | None
-    table: Path | None
+    node: _NodeOpt = _option(None, "45nm")
+    node_scaling: _NodeScalingOpt = _option(None, "calibrated")
+    scope: _ScopeOpt = _option(None, "system")
+    batch_size: _BatchOpt = _option(None)
+    optimizer: _OptimizerOpt = _option(None)
+    accumulator: _AccOpt = _option(None)
+    vector_length: _VectorOpt = _option(None)
+    rounding: _RoundingOpt = _option(None, "nearest")
+    update_rounding: _UpdateRoundingOpt = _option(None, "nearest")
+    lns_datapath: _LnsOpt = _option(None)
+    mitchell_bits: _MitchellOpt = _option(None)
+    lns_conversion_length: _LnsConversionOpt = _option(None)
+    alignment_bits: _AlignOpt = _option(None)
+    sram: _SramOpt = _option(None)
+    dram: _DramOpt = _option(None)
+    sram_scaling: _SramScalingOpt = _option(None)
+    operand_reuse: _ReuseOpt = _option(None)
+    table: _TableOpt = _option(None)
+    dataset: _WorkloadDataOpt = _option(None)
 
     def model(self) -> Any:
         from dse.energy import DatapathParams, MemoryParams, build_model
+
+        _check_at_least_one(batch_size=self.batch_size)
 
         def given(**options: Any) -> dict[str, Any]:
             return {name: value for name, value in options.items() if value is not None}
@@ -273,6 +287,31 @@ class _EnergyOptions:
                                       operand_reuse=self.operand_reuse))
         return build_model(self.node, datapath, memory, self.table, scope=self.scope,
                            node_scaling=self.node_scaling)
+
+
+def _with_options(group: type) -> Callable[[F], F]:
+    """Add a dataclass's fields to a command as options (after its own), handed to it as one `options`
+    argument: commands that share a group of options state them once."""
+    import typing
+
+    hints = typing.get_type_hints(group, include_extras=True)
+
+    def decorate(command: F) -> F:
+        parameters = inspect.signature(command, eval_str=True).parameters.values()
+        own = [p for p in parameters if p.name != "options"]
+        shared = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                    annotation=hints[field.name]) for field in dataclasses.fields(group)]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            grouped = {field.name: values.pop(field.name) for field in dataclasses.fields(group)}
+            return command(**values, options=group(**grouped))
+
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]  # for Typer
+        return wrapper  # type: ignore[return-value]  # same call as the command, options grouped
+
+    return decorate
 
 
 def _mj(pj: float) -> str:
@@ -291,14 +330,21 @@ def _check_at_least_one(**options: int | None) -> None:
 
 def _check_csv_target(csv: Path | None) -> None:
     """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
+    import os
+
     from dse.errors import InputError
 
-    if csv is not None and (csv.is_dir() or not csv.parent.is_dir()):
-        problem = "it is a directory" if csv.is_dir() else "no such directory"
+    if csv is None:
+        return
+    problem = ("it is a directory" if csv.is_dir() else "no such directory" if not csv.parent.is_dir()
+               else "permission denied" if not os.access(csv if csv.exists() else csv.parent, os.W_OK)
+               else None)
+    if problem is not None:
         raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
 
 
 @app.command("energy", cls=_Command)
+@_with_options(_EnergyOptions)
 @user_errors
 def energy(
     workload: _WorkloadOpt,
@@ -311,32 +357,14 @@ def energy(
     = None,
     optimizer_state: Annotated[str | None, typer.Option(help="Optimizer-state format (default fp32).")]
     = None,
-    node: _NodeOpt = "45nm",
-    node_scaling: _NodeScalingOpt = "calibrated",
-    scope: _ScopeOpt = "system",
-    batch_size: _BatchOpt = None,
-    optimizer: _OptimizerOpt = None,
-    accumulator: _AccOpt = None,
-    vector_length: _VectorOpt = None,
-    rounding: _RoundingOpt = "nearest",
-    update_rounding: _UpdateRoundingOpt = "nearest",
-    lns_datapath: _LnsOpt = None,
-    mitchell_bits: _MitchellOpt = None,
-    lns_conversion_length: _LnsConversionOpt = None,
-    alignment_bits: _AlignOpt = None,
-    sram: _SramOpt = None,
-    dram: _DramOpt = None,
-    sram_scaling: _SramScalingOpt = None,
-    operand_reuse: _ReuseOpt = None,
-    table: _TableOpt = None,
     layers: Annotated[int, typer.Option(help="How many of the most expensive layers to list.")] = 10,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the long-form breakdown (one row per "
                                              "layer, pass, unit, tensor, level) to this CSV file.")] = None,
     as_json: _JsonOpt = False,
-    dataset: _WorkloadDataOpt = None,
     gemms: Annotated[bool, typer.Option("--gemms", help="Also list every GEMM of the iteration: shape "
                                         "per sample by layer and pass, and the parameters each update "
                                         "touches.")] = False,
+    options: _EnergyOptions = _EnergyOptions(),
 ) -> None:
     """Energy (and datapath area) of one training iteration of a workload, by pass, unit and layer."""
     import json
@@ -353,19 +381,18 @@ def energy(
     from dse.energy.iteration import training_area_um2
     from dse.formats import get
 
-    _check_at_least_one(batch_size=batch_size, layers=layers)
+    _check_at_least_one(layers=layers)
     _check_csv_target(csv)
-    model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
-                           lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
-                           table).model()
+    model = options.model()
     formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
                                  activations=activations and get(activations),
                                  gradients=gradients and get(gradients),
                                  weight_grads=weight_grads and get(weight_grads),
                                  optimizer_state=optimizer_state and get(optimizer_state),
-                                 optimizer=optimizer, rounding=rounding, update_rounding=update_rounding)
-    network = get_workload(workload, dataset, batch_size)
-    frame = iteration_energy(network, formats, model, batch_size)
+                                 optimizer=options.optimizer, rounding=options.rounding,
+                                 update_rounding=options.update_rounding)
+    network = get_workload(workload, options.dataset, options.batch_size)
+    frame = iteration_energy(network, formats, model, options.batch_size)
     area = training_area_um2(formats, model, network)
     info = frame.attrs
     mac = per_mac(frame)
@@ -441,31 +468,14 @@ _COMPARE_HEADERS = {
 
 
 @app.command("compare", cls=_Command)
+@_with_options(_EnergyOptions)
 @user_errors
 def compare(
     specs: Annotated[list[str], typer.Argument(help="Formats to compare, e.g. lns8 posit8 int8 fp8_e4m3.")],
     workload: _WorkloadOpt = "resnet50",
-    node: _NodeOpt = "45nm",
-    node_scaling: _NodeScalingOpt = "calibrated",
-    scope: _ScopeOpt = "system",
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the table to this CSV file.")] = None,
     as_json: _JsonOpt = False,
-    batch_size: _BatchOpt = None,
-    optimizer: _OptimizerOpt = None,
-    accumulator: _AccOpt = None,
-    vector_length: _VectorOpt = None,
-    rounding: _RoundingOpt = "nearest",
-    update_rounding: _UpdateRoundingOpt = "nearest",
-    lns_datapath: _LnsOpt = None,
-    mitchell_bits: _MitchellOpt = None,
-    lns_conversion_length: _LnsConversionOpt = None,
-    alignment_bits: _AlignOpt = None,
-    sram: _SramOpt = None,
-    dram: _DramOpt = None,
-    sram_scaling: _SramScalingOpt = None,
-    operand_reuse: _ReuseOpt = None,
-    table: _TableOpt = None,
-    dataset: _WorkloadDataOpt = None,
+    options: _EnergyOptions = _EnergyOptions(),
 ) -> None:
     """Per-MAC energy, energy per training iteration and datapath/PE area of several formats, with
     ratios to fp32 and int8."""
@@ -474,15 +484,12 @@ def compare(
     from dse.energy import compare_formats, get_workload
     from dse.formats import get
 
-    _check_at_least_one(batch_size=batch_size)
     _check_csv_target(csv)
-    model = _EnergyOptions(node, node_scaling, scope, accumulator, vector_length, lns_datapath, mitchell_bits,
-                           lns_conversion_length, alignment_bits, sram, dram, sram_scaling, operand_reuse,
-                           table).model()
+    model = options.model()
     formats = [get(spec) for spec in specs]
-    network = get_workload(workload, dataset, batch_size)
-    frame = compare_formats(formats, network, model, batch_size, optimizer=optimizer, rounding=rounding,
-                            update_rounding=update_rounding)
+    network = get_workload(workload, options.dataset, options.batch_size)
+    frame = compare_formats(formats, network, model, options.batch_size, optimizer=options.optimizer,
+                            rounding=options.rounding, update_rounding=options.update_rounding)
     if csv is not None:
         frame.to_csv(csv, index=False)
     if as_json:
@@ -530,19 +537,6 @@ _TRAIN_CHOICES: dict[str, str] = {
 """What a field's value may be, in words, where its type does not say it."""
 _TRAIN_TEXT_FIELDS = ("master_weights", "full_precision_layers", "layers")
 """Fields given as text on the command line and read into their TrainConfig type."""
-_TRAIN_FALLBACK_HELP: dict[str, str] = {
-    "format": "Format of weights, activations and gradients (default fp32).",
-    "weights": "Weight format (overrides --format).",
-    "activations": "Activation format (overrides --format).",
-    "gradients": "Gradient format (overrides --format).",
-    "weight_grads": "Weight-gradient format (default: --gradients).",
-    "optimizer_state": "Optimizer-state format (default fp32).", "optimizer": "The training method.",
-    "momentum": "SGD momentum (sgd only).", "weight_decay": "Weight decay (sgd, adam, adamw).",
-    "epochs": "Training epochs.", "batch_size": "Batch size.",
-    "seed": "Seed of init, batch order and stochastic rounding.", "threads": "torch threads.",
-    "device": "Where to train.", "data_dir": "Folder of a file dataset (mnist, cifar10).",
-}
-"""Help of the fields whose TrainConfig docstring is missing."""
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -551,7 +545,7 @@ def _field_docs(cls: type) -> dict[str, str]:
     import inspect
     import textwrap
 
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]  # a ClassDef
     docs: dict[str, str] = {}
     for node, following in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
@@ -585,7 +579,7 @@ def _train_parameters() -> list[Any]:
             kind, default = (str | None, None) if name == "layers" else (str, _config_text(default))
         elif name == "data_dir":
             kind = Path | None
-        help_text = _first_sentence(docs.get(name) or _TRAIN_FALLBACK_HELP.get(name, ""))
+        help_text = _first_sentence(docs[name])  # every field has its docstring (a test says so)
         if name in _TRAIN_CHOICES:
             help_text = f"{help_text} {_TRAIN_CHOICES[name]}.".strip()
         decls = _TRAIN_DECLS.get(name, (f"--{name.replace('_', '-')}",))

@@ -184,7 +184,7 @@ class LayerRule:
         if not formats:
             raise InputError(f"{label}: gives no format (any of {', '.join(RULE_FIELDS)})")
         return cls(str(data["match"]).strip() if isinstance(data["match"], str) else data["match"],
-                   formats, where)  # type: ignore[arg-type]
+                   formats, where)  # type: ignore[arg-type]  # a match that is no string: __post_init__ says so
 
     def to_dict(self) -> dict[str, str]:
         return {"match": self.match, **dict(self.formats)}

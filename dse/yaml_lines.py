@@ -83,11 +83,11 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str) ->
                 raise InputError(f"{source}:{line}: {dotted((*path, key))}: duplicate key (first on line "
                                  f"{seen[key]})")
             seen[key] = line
-            lines[(*path, key)] = line
+            lines[path + (key,)] = line  # (not lines[(*path, key)]: mypy reads it as 3.11 syntax)
             _walk(value_node, (*path, key), lines, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            lines[(*path, index)] = item.start_mark.line + 1
+            lines[path + (index,)] = item.start_mark.line + 1
             _walk(item, (*path, index), lines, source)
 
 

@@ -150,7 +150,8 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         if len(node.input) > 2 and node.input[2]:
             owned |= roots.get(node.input[2], set())
         gemm_outputs.add(node.output[0])
-        named = weight_of if weight_of in params and not weight_of.startswith("onnx::") else None
+        owned_weight = weight_of is not None and weight_of in params and not weight_of.startswith("onnx::")
+        named = weight_of if owned_weight else None
         name = layer_name_of(named) if named else _node_name(node, index)
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         grad = (a in carries_grad and not a_weight) or (b in carries_grad and not b_weight)

@@ -56,12 +56,12 @@ class _Recorder(TorchDispatchMode):
         self.unpriced: set[str] = set()
 
     # the module that is running, from global forward hooks
-    def push(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if isinstance(module, nn.RNNBase) and not self._in_recurrent():
             self._recurrent(module, args[0] if args else None)
         self.stack.append(module)
 
-    def pop(self, module: nn.Module, *_: Any) -> None:
+    def leave_module(self, module: nn.Module, *_: Any) -> None:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
 
@@ -168,8 +168,9 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     """
     samples = inputs.shape[0]
     recorder = _Recorder(model, samples)
-    hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.push),  # type: ignore[arg-type]
-             nn.modules.module.register_module_forward_hook(recorder.pop)]
+    # (not push/pop: those are TorchDispatchMode's own classmethods, which a mode must not shadow)
+    hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
+             nn.modules.module.register_module_forward_hook(recorder.leave_module)]
     was_training = model.training
     try:
         model.eval()

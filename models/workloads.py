@@ -150,9 +150,9 @@ def linear(name: str, d_in: int, d_out: int, tokens: int = 1, first: bool = Fals
 
 def attention(name: str, seq: int, heads: int, d_head: int) -> list[GemmLayer]:
     """Scores Q K^T and context P V of multi-head attention (dense, no causal saving)."""
-    shared = {"groups": heads, "b_is_weight": False, "kind": "attention"}
-    return [GemmLayer(f"{name}.scores", m=seq, k=d_head, n=seq, **shared),  # type: ignore[arg-type]
-            GemmLayer(f"{name}.context", m=seq, k=seq, n=d_head, **shared)]  # type: ignore[arg-type]
+    shared: dict[str, Any] = {"groups": heads, "b_is_weight": False, "kind": "attention"}
+    return [GemmLayer(f"{name}.scores", m=seq, k=d_head, n=seq, **shared),
+            GemmLayer(f"{name}.context", m=seq, k=seq, n=d_head, **shared)]
 
 
 def layer_name_of(param_name: str) -> str:
@@ -375,7 +375,7 @@ def _llama_from_spec(spec: str) -> Workload | None:
     match = _LLAMA_SPEC.match(spec.replace(" ", ""))
     if match is None:
         return None
-    settings: dict[str, int] = {}
+    settings: dict[str, Any] = {}  # llama's int parameters, by name
     for item in filter(None, match["args"].split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in _LLAMA_KEYS:

@@ -5,10 +5,10 @@ file at once, range checks, --retry-failed and what a Ray task reserves."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from sweep_fakes import fake_train
 from typer.testing import CliRunner
 
 from dse import __version__
@@ -18,10 +18,6 @@ from dse.sweep import load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor, TrialJob
 from dse.train.config import TrainConfig
 from dse.train.loop import check_config
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from sweep_fakes import fake_train  # noqa: E402
 
 runner = CliRunner()
 COMMANDS = ("train", "energy", "compare", "sweep", "report", "export", "formats")
@@ -92,10 +88,19 @@ def test_train_prints_progress_per_epoch_unless_quiet_or_json() -> None:
 
 
 def test_an_unwritable_csv_is_refused_before_any_work_naming_csv(tmp_path: Path) -> None:
-    target = tmp_path / "missing" / "x.csv"
-    result = runner.invoke(app, ["compare", "int8", "lns8", "--csv", str(target)])
-    assert result.exit_code == 2 and "--csv" in result.stderr and result.stdout == ""
-    assert not target.exists()
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    targets = [tmp_path / "missing" / "x.csv", tmp_path]
+    if not os.access(locked, os.W_OK):  # (root may write anywhere)
+        targets.append(locked / "x.csv")
+    for target in targets:
+        result = runner.invoke(app, ["compare", "int8", "lns8", "--csv", str(target)])
+        assert result.exit_code == 2 and "--csv" in result.stderr and result.stdout == "", target
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists() and not (locked / "x.csv").exists()
 
 
 @pytest.mark.parametrize(("field", "value", "needle"), [
@@ -196,3 +201,43 @@ def test_train_has_one_option_per_config_field_with_its_default() -> None:
         assert default == (None if field.name == "layers" else expected), field.name
     cli_only = set(command_options) - {field.name for field in dataclasses.fields(TrainConfig)}
     assert cli_only == {"no_master_weights", "as_json", "quiet", "verbose"}
+
+
+def test_energy_and_compare_take_their_shared_options_from_one_group() -> None:
+    import dataclasses
+    import inspect
+
+    from dse.cli import _EnergyOptions, compare, energy
+
+    for command in (energy, compare):
+        parameters = inspect.signature(command).parameters
+        for field in dataclasses.fields(_EnergyOptions):
+            assert parameters[field.name].default == field.default, (command.__name__, field.name)
+    args = ["compare", "int8", "--workload", "resnet18", "--batch-size", "2", "--node", "7nm", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["node_nm"] == 7.0
+
+
+def test_the_sweep_energy_sections_take_their_bounds_from_the_energy_parameters(tmp_path: Path) -> None:
+    from dse.energy import DatapathParams
+
+    text = _sweep_text(tmp_path / "out") + ("energy: {datapath: {alignment_bits: 2}, memory: "
+                                            "{operand_reuse: 0.5}}\n")
+    with pytest.raises(InputErrors) as raised:
+        parse_config(text, "s.yaml")
+    assert [p.split(": ")[1] for p in raised.value.problems] == ["energy.datapath.alignment_bits",
+                                                                 "energy.memory.operand_reuse"]
+    with pytest.raises(InputError, match="alignment_bits must be in 4..256"):  # the same rule, one place
+        DatapathParams(alignment_bits=2)
+
+
+def test_every_config_field_has_a_docstring_which_is_its_option_help() -> None:
+    import dataclasses
+
+    from dse.cli import _field_docs
+
+    docs = _field_docs(TrainConfig)
+    assert {field.name for field in dataclasses.fields(TrainConfig)} <= set(docs)
+    text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "Weight-gradient format (default: gradients)." in text

@@ -4,7 +4,7 @@ switched back one at a time, and fp32 SGD, on the same data, batch order and see
     PYTHONPATH=. nice -n 5 python docs/evidence/niti_table.py [--seeds 0 1] [--tasks digits-mlp ...]
 
 Variants (every one is `dse.train.train` on a TrainConfig; the ablations swap one function of
-dse.train.niti for the length of the run):
+dse.train.niti's modules for the length of the run):
   niti            Xavier-uniform init then weight_quant, the cross-entropy's division as run
   model-init      the proxy's own PyTorch init, then weight_quant (dse before issue 11)
   integer-ce      the cross-entropy's divisions truncating on integers
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dse.train import TrainConfig, niti, train
+from dse.train.niti import layers, method, optim  # where the ablations swap a function
 
 TASKS = {  # name: (model, dataset, epochs, batch size) as in issue 11's table
     "digits-mlp": ("mlp", "digits", 15, 64),
@@ -73,11 +74,11 @@ _saved_grad_calc = niti.grad_calc
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    saved = niti._init_weight, niti.NitiCrossEntropy, niti.act_calc, niti.grad_calc, niti.niti_setup
+    saved = layers._init_weight, method.NitiCrossEntropy, layers.act_calc, optim.grad_calc, niti.niti_setup
     if name == "model-init":
-        niti._init_weight = _model_init
+        layers._init_weight = _model_init
     elif name == "integer-ce":
-        niti.NitiCrossEntropy = lambda bitwidth, generator: saved[1](bitwidth, generator, "integer")
+        method.NitiCrossEntropy = lambda bitwidth, generator: saved[1](bitwidth, generator, "integer")
     elif name == "exp+1":
         def one_up(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
             if getattr(param, "niti_bitwidth", None) == bitwidth:
@@ -87,9 +88,9 @@ def variant(name: str) -> Iterator[None]:
                 param.mul_(2.0)
             param.niti_exp += 1
             return param.niti_exp
-        niti._init_weight = one_up
+        layers._init_weight = one_up
     elif name == "wrap":
-        niti.act_calc, niti.grad_calc = _act_calc_wrapping, _grad_calc_wrapping
+        layers.act_calc, optim.grad_calc = _act_calc_wrapping, _grad_calc_wrapping
     elif name == "eval-1024":
         def setup_1024(*args: object) -> object:
             made = saved[4](*args)
@@ -99,7 +100,8 @@ def variant(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        niti._init_weight, niti.NitiCrossEntropy, niti.act_calc, niti.grad_calc, niti.niti_setup = saved
+        (layers._init_weight, method.NitiCrossEntropy, layers.act_calc, optim.grad_calc,
+         niti.niti_setup) = saved
 
 
 def main() -> None:

@@ -127,7 +127,7 @@ def save_cached(path: Path, arrays: dict[str, np.ndarray]) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:  # open() honours the umask, unlike tempfile's private 0600 files
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
         os.replace(tmp, path)
         return True
     except OSError:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -112,5 +112,6 @@ def user_dataset(value: str) -> Dataset:
     x_dtype = torch.int64 if task == "sequence" else torch.float32
     for name in tensors:
         tensors[name] = tensors[name].to(x_dtype if name.startswith("x_") else torch.int64).contiguous()
+    kind: Literal["classification", "sequence"] = "sequence" if task == "sequence" else "classification"
     return Dataset(value, tensors["x_train"], tensors["y_train"], tensors["x_test"], tensors["y_test"],
-                   num_classes, task, x_val=tensors.get("x_val"), y_val=tensors.get("y_val"))
+                   num_classes, kind, x_val=tensors.get("x_val"), y_val=tensors.get("y_val"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,8 @@ class Components:
                 return x * (y / x) ** t
             return x + (y - x) * t
         names = (*self.SCALED_FIELDS, "fp_mul_eta", "fp_add_eta")
-        return replace(self, node_nm=node_nm, **{n: mix(getattr(self, n), getattr(other, n)) for n in names})
+        mixed: dict[str, Any] = {n: mix(getattr(self, n), getattr(other, n)) for n in names}
+        return replace(self, node_nm=node_nm, **mixed)
 
     # --- integer primitives ---------------------------------------------------------------------
     def adder(self, bits: float) -> float:
@@ -274,15 +276,15 @@ class _Point:
         return getattr(self.entry, name)
 
 
-def model_energy(components: Components, entry: object) -> float | None:
+def model_energy(components: Components, entry: Any) -> float | None:
     """The model's value for a table entry of a calibrated op (None for other ops)."""
     op = getattr(entry, "op", None)
     if op == "int_add":
-        return components.adder(entry.bits)  # type: ignore[attr-defined]
+        return components.adder(entry.bits)
     if op == "int_mul":
-        return components.multiplier(entry.bits, entry.bits)  # type: ignore[attr-defined]
+        return components.multiplier(entry.bits, entry.bits)
     if op == "fp_add":
-        return components.fp_add(entry.exp_bits, entry.man_bits)  # type: ignore[attr-defined]
+        return components.fp_add(entry.exp_bits, entry.man_bits)
     if op == "fp_mul":
-        return components.fp_mul(entry.exp_bits, entry.man_bits)  # type: ignore[attr-defined]
+        return components.fp_mul(entry.exp_bits, entry.man_bits)
     return None

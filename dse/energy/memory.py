@@ -42,7 +42,7 @@ def memory_presets(tables: Iterable[EnergyTable]) -> dict[str, MemoryPreset]:
         for _, entry in table.of("sram_read", "dram_access"):
             if entry.preset is None:
                 continue
-            kind = "dram" if entry.op == "dram_access" else "sram"
+            kind: Literal["sram", "dram"] = "dram" if entry.op == "dram_access" else "sram"
             node = None if kind == "dram" else (entry.node_nm or table.source.node_nm)
             out[entry.preset] = MemoryPreset(entry.preset, kind, entry.pj_per_bit, node,
                                              f"{table.source.key}: {entry.where}", entry.verified,

@@ -11,6 +11,7 @@ import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -73,7 +74,7 @@ class EnergyModel:
     scope: str = "system"
     node_scaling: str = "calibrated"
 
-    def with_datapath(self, **changes: object) -> EnergyModel:
+    def with_datapath(self, **changes: Any) -> EnergyModel:
         """The same model with some datapath choices changed (a trial's accumulator, vector length)."""
         return replace(self, datapath=replace(self.datapath, **changes))
 

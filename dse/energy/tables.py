@@ -216,8 +216,8 @@ def load_table(path: str | Path) -> EnergyTable:
         parsed = TableFile.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        path = data_path(data, _without_union_tags(tuple(first["loc"])))
-        raise source.error(path, first["msg"].removeprefix("Value error, ")) from None
+        where = data_path(data, _without_union_tags(tuple(first["loc"])))
+        raise source.error(where, first["msg"].removeprefix("Value error, ")) from None
     entry_lines = tuple(source.line(("entries", i)) for i in range(len(parsed.entries)))
     table = EnergyTable(file, parsed.source, tuple(parsed.entries), entry_lines)
     _check_duplicates(table)

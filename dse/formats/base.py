@@ -458,6 +458,11 @@ class NumberFormat(ABC):
         return math.log10(self.max / self.min_positive)
 
     @property
+    def float32_note(self) -> str | None:
+        """How float32 tensors hold the grid, where not every value is a normal float32 (else None)."""
+        return None
+
+    @property
     def relative_precision(self) -> float:
         """Relative gap between the grid value nearest 1.0 and its upper neighbour (lower, at the top).
 
@@ -592,7 +597,7 @@ class NumberFormat(ABC):
         else:
             ratio = amax / self.max
         if not self.scaling.pow2:
-            return ratio
+            return ratio if ratio > 0.0 else 1.0  # as scale_from_amax: never a zero divisor
         mantissa, exponent = math.frexp(ratio)
         exponent -= mantissa == 0.5
         # ratio >= the dtype's smallest subnormal (or 0: exponent 0), so 2^exponent is a value of
@@ -623,4 +628,5 @@ class NumberFormat(ABC):
             scale = power_of_two(pow2_ceil_exponent(safe / grid_max)).to(amax.dtype)
         else:
             scale = amax / grid_max
+            usable &= scale > 0  # amax / max below the dtype's smallest subnormal: a zero divisor
         return torch.where(usable, scale, one)

@@ -8,7 +8,7 @@ special-value encodings (`special`):
 * ``fnuz``: no inf and no -0; NaN is the code of -0; bias 2^(e-1).
 * ``none`` (OCP FP6/FP4): every code is a finite number; there is no NaN or inf code.
 
-Policies (documented in docs/formats.md, tested in tests/test_floating.py):
+Policies (documented in docs/formats.md, tested in tests/formats/test_floating.py):
 
 * Rounding: x is scaled by a power of two so that the integers are the grid points of x's binade
   (the significand at the grid step), rounded by `round_to_integer` and scaled back; so nearest is

@@ -5,9 +5,15 @@ same codes as universal-dtypes `lns16`): bit bits-1 is the sign; the low bits-1 
 two's-complement log code e, and the value is (-1)^sign * 2^(e/gamma). The most negative code
 e = -2^(bits-2) is reserved: with sign 0 it is zero, with sign 1 NaN. The grid is symmetric around
 1 in the log domain: max = 2^((2^(bits-2)-1)/gamma), min_positive = 1/max. gamma is a power of two
-(LNS-Madam's base factor; each tensor class can have its own) from 2^max(0, bits-8), which keeps
-the grid within 2^-64..2^64 (exact in float32), to 2^(bits-2); 8 by default, or the nearest valid
-value.
+(LNS-Madam's base factor; each tensor class can have its own) from 2^max(0, bits-9), which keeps max
+below 2^128, float32's overflow threshold, to 2^(bits-2); by default 8, or the nearest value that
+keeps the grid within 2^-64..2^64 (so lns(16) is gamma 256, Universal's lns16). A smaller gamma
+would give codes past float32's largest finite value (no float32 tensor can hold them), so the spec
+is refused. With gamma = 2^(bits-9) (bits >= 10: lns(16,gamma=128), lns(12,gamma=8)) the grid spans
+2^-128..2^128 and its lowest codes, below 2^-126, are float32 subnormals: in float32 each such
+code's value is its exact value rounded to nearest as float32 stores it (fewer significant bits,
+still one distinct float per code) and rounding decides the code from the float64 tables (a float32
+input is exact in float64), so every code stays usable.
 
 Rounding is in the log domain, on the position t = gamma*log2|x| + 2^(bits-2), where code index
 t = 0 is zero and t = 1 the smallest magnitude:
@@ -80,14 +86,22 @@ _BELOW_ONE = 1.0 - 2.0**-53
 _SIGNED_TABLE = 2**18
 
 
+FLOAT32_NORMAL_EXPONENT = -126  # 2^-126, float32's smallest normal; below it float32 has fewer digits
+
+
 def gamma_range(bits: int) -> tuple[int, int]:
-    """Valid base factors: from where the grid stays within 2^-64..2^64 to where it spans one octave."""
-    return 2 ** max(0, bits - 8), 2 ** (bits - 2)
+    """Valid base factors: from where max stays below float32's 2^128 to where the grid spans one octave."""
+    return 2 ** max(0, bits - 9), 2 ** (bits - 2)
+
+
+def float32_subnormal_codes(bits: int, gamma: int) -> bool:
+    """Whether the grid's lowest codes lie below 2^-126, where float32 values are subnormal."""
+    return (2 ** (bits - 2) - 1) > -FLOAT32_NORMAL_EXPONENT * gamma
 
 
 def default_gamma(bits: int) -> int:
-    low, high = gamma_range(bits)
-    return min(max(DEFAULT_GAMMA, low), high)
+    """8, or the nearest value that keeps the grid within 2^-64..2^64 (lns(16) is Universal's lns16)."""
+    return min(max(DEFAULT_GAMMA, 2 ** max(0, bits - 8)), gamma_range(bits)[1])
 
 
 class _Grid(NamedTuple):
@@ -165,6 +179,8 @@ def _grid(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: tor
     shift = (octave - (precision - 1)).double()
     grid_values = torch.ldexp(torch.tensor(values, dtype=torch.float64)[step], shift)
     grid_ties = torch.ldexp(torch.tensor(ties, dtype=torch.float64)[step], shift)
+    if dtype == torch.float32 and float32_subnormal_codes(bits, gamma):
+        grid_values = _float32_subnormals(grid_values, gamma, octave, step)
     grid_values[0] = 0.0
     grid_ties[-1] = torch.inf
     if underflow == "saturate":  # every non-zero magnitude is past the tie between zero and min_positive
@@ -173,6 +189,18 @@ def _grid(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: tor
     never_above = torch.tensor([torch.iinfo(bits_dtype).max], dtype=bits_dtype)
     return _Grid(torch.cat([grid_values.to(dtype), nan_slot]).to(device),
                  torch.cat([grid_ties.to(dtype).view(bits_dtype), never_above]).to(device))
+
+
+def _float32_subnormals(values: Tensor, gamma: int, octave: Tensor, step: Tensor) -> Tensor:
+    """`values` (24-bit significands, in float64) with those below 2^-126 replaced by their float64
+    values, which cast to float32 rounds to nearest once: the float64 value lies on the exact value's
+    side of every float32 midpoint unless it is one (then it raises)."""
+    wide, _ = _mantissa_integers(gamma, 53)
+    exact = torch.ldexp(torch.tensor(wide, dtype=torch.float64)[step], (octave - 52).double())
+    subnormal = exact < 2.0**FLOAT32_NORMAL_EXPONENT
+    if bool((torch.ldexp(exact[subnormal], torch.tensor(149.0)).frac() == 0.5).any()):
+        raise ArithmeticError("a subnormal grid value's float64 rounding is a float32 midpoint")
+    return torch.where(subnormal, exact, values)
 
 
 def _bucket_entries(ties: Tensor, start: Tensor, shift: int, bits: int, gamma: int) -> Tensor:
@@ -308,6 +336,8 @@ class LNS(NumberFormat):
         as scratch space. The grid values are multiplied by the scale before the lookup, or the
         looked-up values after it where x has fewer elements than the grid (the same products).
         """
+        if x.dtype == torch.float32 and self._float32_subnormals:
+            return self._round_nearest_in_float64(x, scale)
         flat = x.detach().reshape(-1)  # 1-d slices: index_select takes a 1-d index
         lookup = self._lookup(x.dtype, x.device)
         scale_after = scale is not None and flat.numel() < lookup.values.numel()
@@ -325,6 +355,34 @@ class LNS(NumberFormat):
 
         for_slices(flat, out.view(-1), round_slice)
         return out.mul_(scale) if scale_after else out
+
+    def _round_nearest_in_float64(self, x: Tensor, scale: Tensor | None) -> Tensor:
+        """Float32 rounding for grids with float32-subnormal codes (no float32 table: its buckets would
+        hold several ties): the index from the float64 table (x / scale, rounded in float32, is exact
+        in float64), then the float32 grid value, times the scale in float32."""
+        y = x.detach() if scale is None else x.detach() / scale
+        flat = y.reshape(-1).double()
+        lookup = self._lookup(torch.float64, x.device)
+        index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=x.device)
+        self._nearest_index(flat, lookup, index, torch.empty_like(flat))
+        values = self._grid(torch.float32, x.device).values
+        out = torch.cat([values, -values]).index_select(0, index) if lookup.signed else \
+            values.index_select(0, index).copysign_(y.reshape(-1))
+        out = out.view(x.shape)
+        return out if scale is None else out.mul_(scale)
+
+    @property
+    def float32_note(self) -> str | None:
+        if not self._float32_subnormals:
+            return None
+        subnormal = self.zero_offset + FLOAT32_NORMAL_EXPONENT * self.gamma - 1  # magnitudes below 2^-126
+        return (f"the lowest {subnormal} magnitudes (below 2^-126) are float32 subnormals: in float32 each "
+                f"is its value rounded to nearest with fewer digits (still one float per code); scaled "
+                f"results below float32's smallest subnormal are 0")
+
+    @cached_property
+    def _float32_subnormals(self) -> bool:
+        return float32_subnormal_codes(self.bits, self.gamma)
 
     def _directed_index(self, magnitude: Tensor, grid: _Grid, rounding: str,
                         generator: torch.Generator | None) -> Tensor:
@@ -365,8 +423,9 @@ class LNS(NumberFormat):
 
     def encode(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x)
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.double()
+        if x.dtype not in (torch.float32, torch.float64) or (x.dtype == torch.float32
+                                                             and self._float32_subnormals):
+            x = x.double()  # exact: float32 values are float64 values
         flat = x.detach().reshape(-1)
         lookup = self._lookup(x.dtype, x.device)
         index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=flat.device)
@@ -400,8 +459,12 @@ def lns_format(bits: Value, *, gamma: Value | None = None, scale: Value | None =
         gamma = default_gamma(bits)
     valid = [2**b for b in range(low.bit_length() - 1, high.bit_length())]
     if gamma not in valid or isinstance(gamma, bool):
+        why = ""
+        if isinstance(gamma, int) and not isinstance(gamma, bool) and 0 < gamma < low:
+            why = (f"; with gamma={gamma} the largest code 2^({2 ** (bits - 2) - 1}/{gamma}) passes "
+                   f"float32's largest finite value (about 2^128)")
         raise ValueError(f"gamma must be a power of two in {low}..{high} for {bits} bits "
-                         f"({', '.join(map(str, valid))}), got {gamma!r}")
+                         f"({', '.join(map(str, valid))}), got {gamma!r}{why}")
     return LNS(
         bits=bits,
         gamma=int(gamma),

@@ -3,7 +3,7 @@
 Codes are the n-bit two's-complement patterns read as unsigned ints in [0, 2^n): 0 is zero and
 2^(n-1) is NaR. Read as signed ints, the patterns are in value order.
 
-Policies (tested in tests/test_posit.py):
+Policies (tested in tests/formats/test_posit.py):
 - nearest rounds the bit pattern to nearest, ties to the even pattern. Where exponent bits are cut
   off this is geometric: the tie between 2^a and 2^b is 2^((a+b)/2), the (n+1)-bit pattern between
   them, not their arithmetic mean.

@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,7 +53,10 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
-    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    def write(temporary: Path) -> None:
+        temporary.write_text(text, encoding="utf-8")
+
+    return write_atomically(path, write)
 
 
 def _save_figure(fig: Figure, stem: Path) -> list[Path]:
@@ -61,9 +64,10 @@ def _save_figure(fig: Figure, stem: Path) -> list[Path]:
     written = []
     for suffix in PLOT_SUFFIXES:
         metadata = {"CreationDate": None} if suffix == "pdf" else {}
-        written.append(write_atomically(stem.with_name(f"{stem.name}.{suffix}"),
-                                        lambda t, s=suffix, m=metadata: fig.savefig(t, format=s, dpi=150,
-                                                                                    metadata=m)))
+        def save(temporary: Path, suffix: str = suffix, metadata: dict[str, Any] = metadata) -> None:
+            fig.savefig(temporary, format=suffix, dpi=150, metadata=metadata)
+
+        written.append(write_atomically(stem.with_name(f"{stem.name}.{suffix}"), save))
     return written
 
 
@@ -107,8 +111,8 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
                                                          titles)),
                        ("breakdown", breakdown_figure(fronts, task, workload, titles))]
             area = _area_values(summary, task, workload)
-            drawn = any(np.array_equal(area, seen, equal_nan=True) for seen in areas_drawn)
-            if area is not None and not drawn:
+            if area is not None and not any(np.array_equal(area, seen, equal_nan=True)
+                                            for seen in areas_drawn):
                 areas_drawn.append(area)  # one area figure per distinct datapath set (node), not per workload
                 figures.append(("area", accuracy_area_figure(summary, task, workload, titles)))
             for kind, figure in figures:

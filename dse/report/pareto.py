@@ -63,7 +63,7 @@ def non_dominated(objectives: np.ndarray) -> np.ndarray:
     # [j, i]: point j is no worse than point i everywhere / strictly better somewhere.
     no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
     better = (points[:, None, :] < points[None, :, :]).any(axis=2)
-    return ~(no_worse & better).any(axis=0)
+    return np.asarray(~(no_worse & better).any(axis=0))
 
 
 def _require(summary: pd.DataFrame, columns: list[str], workload: str) -> None:

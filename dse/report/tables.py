@@ -188,12 +188,14 @@ def summarize_trials(frame: pd.DataFrame, all_points: bool = False) -> pd.DataFr
             row["label"] = point_label(row["label"], point)
     else:
         shown = []
-        for key, row in chosen.items():
-            if row is None:  # several points and no validation accuracy: nothing to report
+        for key, picked in chosen.items():
+            if picked is None:  # several points and no validation accuracy: nothing to report
                 first = next(r for r in rows if (r["task"], r["label"]) == key)
                 row = {**first, **dict.fromkeys(tuned, math.nan), "tuning": None, "_key": (*key, None)}
                 row.update({c: math.nan for c in _ACCURACY_STATISTICS}, n=0)
                 samples[row["_key"]] = np.zeros(0)
+            else:
+                row = picked
             shown.append({**row, "n_points": counts[key]})
         chosen = {(row["task"], row["label"]): row for row in shown}
     _compare(shown, samples, chosen, dict((frame.attrs.get("sweep") or {}).get("baselines") or {}))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
 from dse.errors import InputError, InputErrors, Problems, closest
@@ -207,23 +207,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _DatapathSection(_Strict):
-    accumulator: str | None = None
-    vector_length: int = Field(16, ge=1)
-    lns_datapath: Literal["madam", "direct"] = "madam"
-    lns_mitchell_bits: int = Field(0, ge=0)
-    lns_lut_bits: int | None = Field(None, ge=1)
-    lns_conversion_length: int | None = Field(None, ge=1)
-    alignment_bits: int | None = Field(None, ge=1)
-    posit_decode_reuse: float = Field(1.0, ge=1.0)
+def _section_of(params: type) -> type[BaseModel]:
+    """The sweep file's section for a parameters dataclass: its fields' names, types and defaults, and
+    no bounds of its own (the dataclass checks its values, in one place; `_params` places its error
+    at the key it names)."""
+    hints = typing.get_type_hints(params)
+    fields: dict[str, Any] = {field.name: (hints[field.name], field.default)
+                              for field in dataclasses.fields(params)}
+    return create_model(f"{params.__name__}Section", __base__=_Strict, **fields)
 
 
-class _MemorySection(_Strict):
-    sram: str = "horowitz_32kb"
-    dram: str = "hbm2e"
-    sram_scaling: Literal["calibrated", "sqrt", "logic", "none"] = "calibrated"
-    operand_reuse: float = Field(16.0, ge=1.0)
-    operand_registers: bool = True
+if typing.TYPE_CHECKING:  # made at run time from the dataclasses; to mypy, sections of any field
+    class _ParamsSection(_Strict):
+        def __getattr__(self, name: str) -> Any: ...
+
+    _DatapathSection = _ParamsSection
+    _MemorySection = _ParamsSection
+else:
+    _DatapathSection = _section_of(DatapathParams)
+    _MemorySection = _section_of(MemoryParams)
+
+
+def _params(params: type, section: BaseModel, path: tuple[str | int, ...], source: SourceMap) -> Any:
+    """`params(**section)`, its error placed at the key it names (else at the section)."""
+    try:
+        return params(**section.model_dump())
+    except ValueError as error:
+        message = str(error).splitlines()[0]
+        named = next((field.name for field in dataclasses.fields(params) if message.startswith(field.name)),
+                     None)
+        raise source.error((*path, named) if named else path, message) from None
 
 
 _Node = str | int | float
@@ -595,12 +608,12 @@ def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) ->
             parse_accumulator(accumulator, FP32_OPERAND)
         except ValueError as error:
             raise source.error(path, str(error).splitlines()[0]) from None
+    problems = Problems()
+    base = problems.attempt(_params, DatapathParams, section.datapath, ("energy", "datapath"), source)
+    memory = problems.attempt(_params, MemoryParams, section.memory, ("energy", "memory"), source)
+    problems.raise_any()
+    assert base is not None and memory is not None
     try:
-        base = DatapathParams(**section.datapath.model_dump())
-    except ValueError as error:
-        raise source.error(("energy", "datapath"), str(error).splitlines()[0]) from None
-    try:
-        memory = MemoryParams(**section.memory.model_dump())
         build_model(axes["node"][0], base, memory, node_scaling=section.node_scaling)  # resolves the presets
     except ValueError as error:
         raise source.error(("energy", "memory"), str(error).splitlines()[0]) from None

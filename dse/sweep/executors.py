@@ -90,10 +90,10 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
         if job.train_fn is None:
             from dse.train.loop import train
 
-            result = train(config, dataset=_dataset(config.dataset, config.data_dir))
+            data = train(config, dataset=_dataset(config.dataset, config.data_dir)).to_dict()
         else:
             result = job.train_fn(config)
-        data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+            data = result.to_dict() if hasattr(result, "to_dict") else dict(result)  # a test's plain dict
         return TrialOutcome(job.trial_id, data, wall_time_s=time.perf_counter() - start)
     except Exception as error:  # a failing trial is a result, recorded with its error
         message = str(error).splitlines()[0] if str(error) else ""

@@ -38,11 +38,17 @@ class TrainConfig:
     dataset: str = "digits"
     """A built-in dataset or a user's function as `file.py:function` (dse.data.user)."""
     format: str | None = None
+    """Format of weights, activations and gradients (default fp32)."""
     weights: str | None = None
+    """Weight format (overrides format)."""
     activations: str | None = None
+    """Activation format (overrides format)."""
     gradients: str | None = None
+    """Gradient format (overrides format)."""
     weight_grads: str | None = None
+    """Weight-gradient format (default: gradients)."""
     optimizer_state: str | None = None
+    """Optimizer-state format (default fp32)."""
     rounding: str = "nearest"
     """Rounding of weights, activations and gradients on their way into a GEMM."""
     accumulation: str | None = None
@@ -53,8 +59,9 @@ class TrainConfig:
     """Rounding of the stored weights onto their grid after each update (a master copy in a format,
     or the weights in their own format)."""
     optimizer: str = "sgd"
+    """The training method (docs/training.md)."""
     lr: float | None = None
-    """None picks the optimizer's default (see docs/training.md)."""
+    """Learning rate; None (not given) picks the optimizer's default (docs/training.md)."""
     lr_schedule: str = "constant"
     """How the learning rate moves over the epochs: constant, cosine (to 0 at the last epoch) or step
     (times lr_gamma every lr_step_epochs); set at the start of each epoch."""
@@ -65,7 +72,9 @@ class TrainConfig:
     lr_gamma: float = 0.1
     """step schedule: factor of each decay."""
     momentum: float = 0.9
+    """SGD momentum (sgd only), below 1."""
     weight_decay: float = 0.0
+    """Weight decay (sgd, adam, adamw)."""
     p_scale: float = 3.0
     """Madam / LNS-Madam: weights are bounded by p_scale x the RMS of their initial values
     (jxbz/madam, jiaweizzhao/lns-madam-optimizer: 3)."""
@@ -88,11 +97,17 @@ class TrainConfig:
     niti_mu: int = 5
     """NITI: bits of the integer weight update (its learning rate), halved on the paper's schedule."""
     epochs: int = 10
+    """Training epochs."""
     batch_size: int = 64
+    """Training batch size, at most the training set."""
     seed: int = 0
+    """Seed of the initialisation, the batch order and every stochastic rounding draw."""
     threads: int = 1
+    """torch threads of the run."""
     device: str = "cpu"
+    """Where the run trains."""
     data_dir: str | None = None
+    """Folder of a file dataset (mnist, cifar10)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not all(isinstance(rule, LayerRule) for rule in self.layers):

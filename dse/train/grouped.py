@@ -7,7 +7,7 @@ its data order, its stochastic-rounding generator, its scales (a per-tensor scal
 per member), its learning rate, momentum, weight decay, p_scale and g_bound, and its divergence (a
 member whose loss turns non-finite is recorded as diverged with the weights it had then, and the
 others go on). `train_group(configs)` returns for each config what `dse.train.loop.train` returns
-for it alone, bit for bit on the CPU (tests/test_train_grouped.py); only wall_time_s differs: each
+for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
 Methods and models that do not stack yet train one by one (`group_reason` says why): NITI, the

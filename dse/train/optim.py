@@ -262,8 +262,12 @@ class LNSMadam(Madam):
         pinned = torch.isnan(flat).to(torch.int32).add_(2 * size)  # 0 and NaN stay as they are
         index = torch.where(positive, codes + (size + top),
                             torch.where(negative, (size - 1 - top) - codes, pinned))
-        low = torch.where(positive, size, torch.where(negative, 0, pinned))
-        high = torch.where(positive, 2 * size - 1, torch.where(negative, size - 1, pinned))
+        # Codes whose scaled value underflows to 0 in p's dtype (grids out to 2^+-128, such as
+        # lns(16,gamma=128), scaled to the weights) are not used: weights saturate at the smallest
+        # non-zero one, as they saturate at the grid's smallest magnitude.
+        lost = int(torch.count_nonzero(table[size:2 * size] == 0))
+        low = torch.where(positive, size + lost, torch.where(negative, 0, pinned))
+        high = torch.where(positive, 2 * size - 1, torch.where(negative, size - 1 - lost, pinned))
         stored = StoredWeight(index, low, high, table, p._version)
         state["lns_index"] = index
         self._stored[p] = stored

@@ -11,7 +11,7 @@ dse/train/layers.py become, per member g,
 where each quantizer is the member's own (`TensorQuant.members`: a scale per member, stochastic
 rounding from each member's generator). On the CPU a batched GEMM runs the same GEMM kernel per
 member as the unbatched call, so every member computes bit for bit what it computes alone
-(tests/test_train_grouped.py checks it); a device whose batched GEMM sums in another order would
+(tests/train/test_train_grouped.py checks it); a device whose batched GEMM sums in another order would
 differ in the last bits, as two GEMM libraries do.
 
 Only networks made of Linear, ReLU, Flatten and reshape stages stack yet (`stack_reason` says why

@@ -4,18 +4,13 @@ different workloads."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
+from report_frames import UNIT_SHARES, trial_row, trials_frame
 
 from dse.report import summarize_trials
 from dse.report.pareto import pareto_front
 from dse.report.plots import accuracy_energy_figure, breakdown_figure
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_frames import UNIT_SHARES, trial_row, trials_frame  # noqa: E402
 
 CONFIGS = {"fp32 sgd": ("fp32", 0.95, 4.0), "bf16 sgd": ("bf16", 0.94, 2.5), "int8 sgd": ("int8", 0.92, 1.5),
            "int4 sgd": ("int4", 0.60, 1.2), "posit8 sgd": ("posit8", 0.91, 2.0)}

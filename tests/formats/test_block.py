@@ -151,6 +151,19 @@ def test_scale_grid_blocks_follow_the_rule(spec: str, data: st.DataObject) -> No
     assert_same_bits(fmt.quantize(x), float32_model(fmt, x))
 
 
+@pytest.mark.parametrize(
+    "spec", ["nvfp4", "block(fp6_e2m3,size=16,scale=ue5m3)", "block(int8,size=32,scale=e4m3)"]
+)
+def test_scale_grid_rule_holds_across_cpu_slices(spec: str) -> None:
+    """Tensors of several cache-sized slices (the block maxima and the rounding run slice by slice
+    into preallocated space, with the element's fused kernel for nearest) follow the same rule."""
+    fmt = get(spec)
+    x = wide_blocks(8 * 1024 + 3, 32, -40, 40, seed=11)  # 262240 elements: three slices of one thread
+    x[5, :16] = 0.0
+    x[7, 3] = -0.0
+    assert_same_bits(fmt.quantize(x), float32_model(fmt, x))
+
+
 def test_scale_grid_bit_stream_decodes_to_quantize() -> None:
     x = wide_blocks(8, 64, -30, 30, seed=3)
     for spec in ("nvfp4", "block(fp6_e3m2,size=16,scale=ue5m3)", "block(int8,size=32,scale=e4m3)"):

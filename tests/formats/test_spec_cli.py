@@ -94,7 +94,7 @@ def test_cli_show_prints_properties_and_writes_a_plot(tmp_path: Path) -> None:
 def test_cli_bad_spec_is_one_line_exit_2_and_writes_nothing(spec: str, tmp_path: Path) -> None:
     out = tmp_path / "never.png"
     result = subprocess.run([sys.executable, "cli.py", "formats", "show", spec, "--plot", str(out)],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and spec in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

@@ -2,9 +2,9 @@
 
 The model: the code index of |x| is round(gamma*log2|x| + 2^(bits-2)) computed with 256-bit MPFR,
 clamped to the index range (index 0 is zero), and the value of index c is 2^((c - 2^(bits-2))/gamma)
-correctly rounded to the input's precision by MPFR. Inputs: every code, both float neighbours (and
-the next ones out) of every tie 2^((e+1/2)/gamma) in float32 and float64, 10^5 random values over the
-range and beyond, +-0, +-inf, NaN.
+correctly rounded to the input's dtype by MPFR (float32: IEEE single, subnormals included).
+Inputs: every code, both float neighbours (and the next ones out) of every tie 2^((e+1/2)/gamma)
+in float32 and float64, 10^5 random values over the range and beyond, +-0, +-inf, NaN.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 import universal_dtypes
 import xlns
 from gmpy2 import mpfr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dse.errors import InputError
 from dse.formats import Scaling, get
@@ -30,7 +32,10 @@ EXHAUSTIVE = ["lns(3,gamma=1,scale=none)", "lns(3,gamma=2,scale=none)", "lns(4,g
               "lns(6,gamma=2,scale=none)", "lns(8,scale=none)", "lns(8,gamma=1,scale=none)",
               "lns(8,gamma=64,scale=none)", "lns(8,scale=none,underflow=saturate)",
               "lns(12,gamma=16,scale=none)", "lns(16,gamma=256,scale=none)",
-              "lns(16,gamma=256,scale=none,underflow=saturate)", "lns(16,gamma=16384,scale=none)"]
+              "lns(16,gamma=256,scale=none,underflow=saturate)", "lns(16,gamma=16384,scale=none)",
+              # gamma = 2^(bits-9): grids out to 2^+-128, their lowest codes float32 subnormals
+              "lns(16,gamma=128,scale=none)", "lns(12,gamma=8,scale=none)",
+              "lns(10,gamma=2,scale=none,underflow=saturate)"]
 PRECISION = {torch.float32: 24, torch.float64: 53}
 NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -46,10 +51,20 @@ def exact_values(fmt: LNS, precision: int) -> np.ndarray:
     return _exact_values(fmt.bits, fmt.gamma, precision).copy()
 
 
+def rounding_context(precision: int, **options: object) -> gmpy2.context:
+    """MPFR rounding to float32 (IEEE single: subnormals below 2^-126) or float64 (precision 53)."""
+    if precision == 24:
+        context = gmpy2.ieee(32)
+        for name, value in options.items():
+            setattr(context, name, value)
+        return context
+    return gmpy2.context(precision=precision, **options)
+
+
 @functools.cache
 def _exact_values(bits: int, gamma: int, precision: int) -> np.ndarray:
     offset = 2 ** (bits - 2)
-    with gmpy2.context(precision=precision):
+    with rounding_context(precision):
         grid = [float(gmpy2.exp2(mpfr(c - offset) / gamma)) for c in range(1, 2 * offset)]
     return np.array([0.0, *grid])
 
@@ -88,9 +103,9 @@ def _tie_neighbours(bits: int, gamma: int, precision: int) -> np.ndarray:
     for c in range(2 * offset - 1):
         with gmpy2.context(precision=256):
             tie = gmpy2.exp2(mpfr(2 * (c - offset) + 1) / (2 * gamma))
-        with gmpy2.context(precision=precision, round=gmpy2.RoundDown):
+        with rounding_context(precision, round=gmpy2.RoundDown):
             below.append(float(+tie))
-        with gmpy2.context(precision=precision, round=gmpy2.RoundUp):
+        with rounding_context(precision, round=gmpy2.RoundUp):
             above.append(float(+tie))
     dtype = np.float32 if precision == 24 else np.float64
     below_a, above_a = np.array(below, dtype=dtype), np.array(above, dtype=dtype)
@@ -101,7 +116,8 @@ def _tie_neighbours(bits: int, gamma: int, precision: int) -> np.ndarray:
 def random_magnitudes(fmt: LNS, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     low, high = math.log2(fmt.min_positive) - 3, math.log2(fmt.max) + 3
-    return np.exp2(rng.uniform(low, high, n)).astype(np.float32)
+    with np.errstate(over="ignore"):  # past float32's range: inf
+        return np.exp2(rng.uniform(low, high, n)).astype(np.float32)
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: np.ndarray) -> None:
@@ -244,7 +260,8 @@ def test_lns16_matches_universal_lns16_code_for_code() -> None:
 
 
 @pytest.mark.parametrize(("spec", "fraction_bits"), [
-    ("lns(8,scale=none)", 3), ("lns(12,gamma=64,scale=none)", 6), ("lns(16,gamma=256,scale=none)", 8)])
+    ("lns(8,scale=none)", 3), ("lns(12,gamma=64,scale=none)", 6), ("lns(16,gamma=256,scale=none)", 8),
+    ("lns(16,gamma=128,scale=none)", 7), ("lns(12,gamma=8,scale=none)", 3)])
 def test_log_codes_match_xlns(spec: str, fraction_bits: int) -> None:
     """xlns rounds log_B|x| in float64 with no range limit; compare where our code is not clamped."""
     fmt = lns(spec)
@@ -347,7 +364,8 @@ def test_specs_canonicalise(spec: str, canonical: str, gamma: int) -> None:
 
 @pytest.mark.parametrize(("spec", "needle"), [
     ("lns(8,gamma=3)", "gamma must be a power of two in 1..64 for 8 bits (1, 2, 4, 8, 16, 32, 64), got 3"),
-    ("lns(16,gamma=128)", "256..16384"), ("lns(9,gamma=1)", "2..128"), ("lns(8,gamma=128)", "1..64"),
+    ("lns(16,gamma=64)", "128..16384"), ("lns(16,gamma=64)", "2^(16383/64) passes float32's largest"),
+    ("lns(10,gamma=1)", "2..256"), ("lns(8,gamma=128)", "1..64"),
     ("lns(2)", "bits must be in 3..16"), ("lns(17)", "3..16"), ("lns(8,gamma=8.5)", "gamma"),
     ("lns(8,underflow=flush)", "underflow must be one of zero, saturate"), ("lns(8,8)", "positional"),
 ])
@@ -364,3 +382,60 @@ def test_grid_shape() -> None:
     assert fmt.relative_precision == pytest.approx(2 ** (1 / 8) - 1)
     assert lns("lns(16)").max == pytest.approx(2 ** (16383 / 256))
     assert lns("lns(8,gamma=1)").values()[-1].item() == 2.0**63
+
+
+WIDE = ["lns(16,gamma=128,scale=none)", "lns(12,gamma=8,scale=none)"]
+
+
+@pytest.mark.parametrize(("spec", "fraction_bits"), [(WIDE[0], 7), (WIDE[1], 3)])
+def test_wide_grids_match_xlns_on_every_code_in_float32_and_float64(spec: str, fraction_bits: int) -> None:
+    """Every representable magnitude (as float64, and as float32, subnormal codes included) encodes to
+    the log code xlns gives it; the float32 value of each code is its IEEE single rounding."""
+    fmt = lns(spec)
+    magnitudes = fmt.values()[fmt.values() > 0].numpy()
+    xlns.xlnssetF(fraction_bits)
+    theirs = xlns.xlnsnp(magnitudes).nd >> 1
+    for x in (magnitudes, exact_values(fmt, 24)[1:].astype(np.float32)):
+        codes = fmt.encode(torch.from_numpy(x)).numpy()
+        assert np.array_equal((codes + fmt.zero_offset) % 2 ** (fmt.bits - 1) - fmt.zero_offset, theirs)
+    single = fmt.quantize(torch.from_numpy(magnitudes.astype(np.float32)))
+    assert_bits_equal(single, exact_values(fmt, 24)[1:])
+    assert (single > 0).all() and torch.unique(single).numel() == single.numel()  # one float per code
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(WIDE), st.floats(width=32, allow_nan=False))
+def test_wide_grids_round_any_float32_as_the_exact_model_does(spec: str, x: float) -> None:
+    """Any float32, subnormals and the clipping edges (FLT_MAX, inf, 2^-149) included: the nearest
+    code from MPFR, saturating at max, its value in IEEE single; encode agrees."""
+    fmt = lns(spec)
+    value = np.array([x], np.float32)
+    index = exact_index(fmt, np.abs(value))
+    assert_bits_equal(fmt.quantize(torch.from_numpy(value)), np.copysign(exact_values(fmt, 24)[index], value))
+    assert (fmt.encode(torch.from_numpy(value)).numpy() + fmt.zero_offset) % 2 ** (fmt.bits - 1) == index
+
+
+@pytest.mark.parametrize("amax", [1e-30, 1e-3, 1.0, 1e37])
+def test_wide_grids_with_a_tensor_scale_stay_finite_and_exact(amax: float) -> None:
+    """x / scale rounded, times scale, in float32; a scale amax / max that would underflow to zero
+    (amax below about 2^-21 for a 2^128 grid) is 1 instead, where the grid holds amax itself."""
+    fmt = lns("lns(16,gamma=128)")
+    x = torch.from_numpy((np.random.default_rng(11).standard_normal(4000) * amax).astype(np.float32))
+    got = fmt.quantize(x)
+    assert torch.isfinite(got).all()
+    scale = fmt.scale_from_amax(x.abs().max())
+    assert float(scale) > 0
+    unit = lns("lns(16,gamma=128,scale=none)")
+    assert_bits_equal(got, (unit.quantize(x / scale) * scale).numpy())
+    assert np.float32(fmt.host_tensor_scale(x)) == scale.numpy()
+
+
+def test_gamma_below_the_float32_bound_is_a_one_line_error_with_exit_code_2() -> None:
+    from typer.testing import CliRunner
+
+    from dse import cli
+
+    result = CliRunner().invoke(cli.app, ["formats", "show", "lns(16,gamma=64)"])
+    assert result.exit_code == 2 and "float32's largest finite value" in result.output
+    shown = CliRunner().invoke(cli.app, ["formats", "show", "lns(16,gamma=128)"])
+    assert shown.exit_code == 0 and "subnormal" in shown.output

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from report_frames import trial_row, trials_frame
 from scipy import stats
+from sweep_fakes import validated_train
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -24,10 +24,6 @@ from dse.report.plots import accuracy_energy_figure, tied_with_best
 from dse.report.stats import mean_interval, welch
 from dse.sweep import load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from sweep_fakes import validated_train  # noqa: E402
 
 
 def t_interval(x: np.ndarray) -> tuple[float, float]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from sweep_fakes import fake_train
 
 from dse.sweep import parse_config
 from dse.sweep.energy import EnergyEstimator
@@ -14,9 +14,6 @@ from dse.sweep.executors import InlineExecutor
 from dse.sweep.runner import plan_sweep, run_sweep
 from dse.sweep.store import load_trials
 from dse.train.config import TrainConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_fakes import fake_train  # noqa: E402
 
 ONE_WORKLOAD = """\
 name: priced

@@ -191,7 +191,8 @@ TENSOR_SCALED = ["int8", "int4", "int8(pow2=1)", "fixed(8,20,scale=tensor)",
                  "fixed(16,8,scale=tensor,pow2=1)", "fp8_e4m3(scale=tensor)",
                  "fp8_e4m3(scale=tensor,pow2=1)", "fp8_e5m2(scale=tensor,pow2=1)",
                  "bf16(scale=tensor,pow2=1)", "fp4_e2m1(scale=tensor,pow2=1)", "lns8",
-                 "lns(16,gamma=256)", "lns(8,pow2=1)", "posit8(scale=tensor)",
+                 "lns(16,gamma=256)", "lns(16,gamma=128)", "lns(12,gamma=8,pow2=1)", "lns(8,pow2=1)",
+                 "posit8(scale=tensor)",
                  "posit16(scale=tensor,pow2=1)"]
 
 
@@ -245,7 +246,8 @@ def test_power_of_two_tensor_scale_fused_into_fp_rounding_is_bit_exact(spec: str
 
 
 SLICED = [*ZOO, "fp8_e4m3(scale=tensor,pow2=1)", "int8(pow2=1)", "lns(8,underflow=saturate)",
-          "lns(16,gamma=256,scale=none)", "posit(16,3)", "mxfp8_e4m3(axis=0)", "fp(e=3,m=2,subnormals=0)"]
+          "lns(16,gamma=256,scale=none)", "lns(16,gamma=128)", "posit(16,3)", "mxfp8_e4m3(axis=0)",
+          "fp(e=3,m=2,subnormals=0)"]
 
 
 @pytest.mark.parametrize("spec", SLICED)

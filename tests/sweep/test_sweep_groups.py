@@ -141,7 +141,7 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(tmp_path: 
     out = tmp_path / "out"
     config = tmp_path / "s.yaml"
     config.write_text(_text(out, executor="{group_size: 3, workers: 1}").replace("epochs: 1", "epochs: 3"))
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen([sys.executable, "-c", _KILLED.format(config=str(config))],
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

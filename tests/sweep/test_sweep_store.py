@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sweep_fakes import _accuracy, fake_train
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -23,9 +24,7 @@ from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
 from dse.train.config import TrainConfig
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from sweep_fakes import _accuracy, fake_train  # noqa: E402
+TESTS = Path(__file__).resolve().parents[1]  # the helpers' folder, for the killed subprocess
 
 DIGITS_MLP_WEIGHTS = 64 * 128 + 128 * 10
 """Weight-matrix parameters of the digits MLP 64-128-10 (biases belong to their layer's GEMM)."""

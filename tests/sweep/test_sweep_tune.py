@@ -7,21 +7,17 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from sweep_fakes import fake_train
 from typer.testing import CliRunner
 
 from dse.sweep import expand, load_trials, parse_config, run_sweep
 from dse.sweep.config import TUNABLE_FIELDS
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from sweep_fakes import fake_train  # noqa: E402
 
 runner = CliRunner()
 

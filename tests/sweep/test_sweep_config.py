@@ -19,7 +19,7 @@ from dse.errors import InputError
 from dse.sweep import expand, parse_config, trial_hash
 from dse.sweep.config import TRIAL_FIELDS
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 ISSUE_EXAMPLE = """\
 name: lns-vs-posit-vs-int8

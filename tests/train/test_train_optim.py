@@ -262,7 +262,8 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
-LNS_WEIGHTS = ["lns(6,gamma=2)", "lns8", "lns(10,gamma=32)", "lns(12,gamma=128)"]
+LNS_WEIGHTS = ["lns(6,gamma=2)", "lns8", "lns(10,gamma=32)", "lns(12,gamma=128)", "lns(12,gamma=8)",
+               "lns(16,gamma=128)"]  # the last two: grids out to 2^+-128, float32-subnormal codes
 DYADIC_LRS = [1 / 128, 1 / 32, 3 / 64, 1 / 8, 2.0, 2.0**-30, (2**25 + 1) * 2.0**-32]
 OTHER_LRS = [0.01, 0.3, 1 / 3]
 
@@ -597,6 +598,7 @@ def _on_lns_grid(w: torch.Tensor, gamma: int) -> bool:
 COPIES = {  # the copy's spec: is a tensor on its grid?
     "lns(12,gamma=128)": lambda w: _on_lns_grid(w, 128),
     "lns(16,gamma=2048)": lambda w: _on_lns_grid(w, 2048),
+    "lns(16,gamma=128)": lambda w: _on_lns_grid(w, 128),
     "bf16": lambda w: torch.equal(w.bfloat16().float(), w),
     "posit(16,2)": lambda w: torch.equal(get("posit(16,2)").quantize(w), w),
     "fixed(16,8)": lambda w: torch.equal((w * 256).round() / 256, w) and float(w.abs().max()) < 128,
@@ -639,6 +641,25 @@ def test_lns_madam_steps_an_lns_copy_by_whole_codes_of_the_copy():
     moved = torch.log2(model[2].weight.detach().abs().double() / before.abs().double()) * 128
     assert (moved - moved.round()).abs().max() < 1e-3  # whole codes
     assert moved.abs().max() <= 10.001  # |round(g*)| <= g_bound
+
+
+@pytest.mark.parametrize("spec", ["lns(12,gamma=8)", "lns(16,gamma=128)"])
+def test_lns_madam_on_a_2_pow_128_grid_saturates_at_the_smallest_nonzero_float32(spec):
+    """Scaled to the weights, the lowest codes of a 2^+-128 grid underflow to 0 in float32: weights
+    pushed down stop at the smallest non-zero scaled value, keep their sign, and climb back."""
+    fmt = get(spec)
+    param = nn.Parameter(torch.tensor([0.5, -0.25]))
+    optimizer = LNSMadam([param], lr=16.0, lns_storage={param: fmt})
+    for _ in range(200):  # 16 * gamma codes a step (round(g*) = 1): far past float32's range
+        param.grad = torch.sign(param.detach())
+        optimizer.step()
+    scale = 0.5 * 3 / fmt.max  # Madam's bound (p_scale 3 x the largest initial |w|) on the top code
+    values = (fmt.values().double() * scale).float()
+    smallest = float(values[values > 0].min())
+    assert smallest > 0 and param.detach().tolist() == [smallest, -smallest]
+    param.grad = -torch.sign(param.detach())
+    optimizer.step()
+    assert param.detach()[0] > smallest and param.detach()[1] < -smallest
 
 
 @pytest.mark.parametrize("spec", ["bf16", "posit(16,2)", "fixed(16,8)"])

@@ -3,7 +3,7 @@
 The rule (dse.formats.base.stochastic_up_): the discarded fraction f is rounded to k bits, ties to
 even, d = round(f * 2^k), and the value rounds away from zero when d + r >= 2^k, r the top k bits of
 one 32-bit generator draw per element. It is gfloat's RoundMode.Stochastic with srnumbits = k and
-srbits = r (tests/test_p3109.py checks P3109 formats against gfloat the same way).
+srbits = r (tests/formats/test_p3109.py checks P3109 formats against gfloat the same way).
 """
 
 from __future__ import annotations

@@ -1,0 +1,179 @@
+"""Exponent bookkeeping between NITI layers: the tensor tagged with its exponent, and the slot the
+error's exponent travels back in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dse.formats.base import host_abs_max
+from dse.train.niti.ti_torch import FLOAT32_EXACT, FLOAT64_EXACT, _float_to_int
+
+# ----------------------------------------------------------------------------------------------
+
+class _ErrorSlot:
+    """Where the NITI consumer of a tensor leaves the exponent of the error it sends back."""
+
+    __slots__ = ("exp", "writers")
+
+    def __init__(self) -> None:
+        self.exp: int | None = None
+        self.writers = 0
+
+    def write(self, exp: int) -> None:
+        self.exp = exp
+        self.writers += 1
+
+    def read(self) -> int | None:
+        """The error exponent, if exactly one NITI consumer wrote it (several errors were summed)."""
+        return self.exp if self.writers == 1 else None
+
+
+class NitiTensor(Tensor):
+    """A float tensor holding m * 2^niti_exp exactly, m the integer mantissa of a NITI tensor.
+
+    Ops that keep values on the same grid keep the tag; every other op returns a plain tensor.
+    """
+
+    niti_exp: int
+    niti_slot: _ErrorSlot | None
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: Sequence = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func not in _GRID_PRESERVING and not _is_zero_pad(func, args, kwargs):
+            return out
+        source = next((a for a in args if isinstance(a, NitiTensor)), None)
+        if source is None:
+            return out
+        if func is Tensor.__iter__:  # `q, k, v = t` unpacks along dim 0
+            return iter(_tag_outputs(tuple(out), source.niti_exp, source.niti_slot))
+        return _tag_outputs(out, source.niti_exp, source.niti_slot)
+
+
+def _tag(t: Tensor, exp: int, slot: _ErrorSlot | None) -> NitiTensor:
+    tagged = t.as_subclass(NitiTensor)
+    tagged.niti_exp = exp
+    tagged.niti_slot = slot
+    return tagged
+
+
+def _tag_outputs(out: Any, exp: int, slot: _ErrorSlot | None) -> Any:
+    if isinstance(out, Tensor) and out.is_floating_point():
+        return _tag(out, exp, slot)
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return tuple(_tag_outputs(o, exp, slot) for o in out)
+    if isinstance(out, list):
+        return [_tag_outputs(o, exp, slot) for o in out]
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):  # named tuple (values, indices)
+        return type(out)(_tag_outputs(out[0], exp, slot), *out[1:])
+    return out
+
+
+def _grid_preserving() -> set[Callable]:
+    """Ops whose outputs are entries (or maxima) of their input: the exponent still applies."""
+    T = Tensor
+    names = [
+        (F, "relu"), (F, "relu_"), (torch, "relu"), (torch, "relu_"), (T, "relu"), (T, "relu_"),
+        (F, "max_pool1d"), (F, "max_pool2d"), (F, "max_pool3d"), (F, "max_pool1d_with_indices"),
+        (F, "max_pool2d_with_indices"), (F, "max_pool3d_with_indices"), (F, "adaptive_max_pool1d"),
+        (F, "adaptive_max_pool2d"), (torch, "max_pool1d"), (torch, "max_pool2d"),
+        (T, "view"), (T, "view_as"), (T, "reshape"), (T, "reshape_as"), (torch, "reshape"),
+        (T, "flatten"), (torch, "flatten"), (T, "unflatten"), (torch, "unflatten"),
+        (T, "permute"), (torch, "permute"), (T, "transpose"), (torch, "transpose"), (T, "t"),
+        (T, "contiguous"), (T, "clone"), (torch, "clone"), (T, "detach"),
+        (T, "squeeze"), (torch, "squeeze"), (T, "unsqueeze"), (torch, "unsqueeze"),
+        (T, "__getitem__"), (T, "narrow"), (torch, "narrow"), (T, "split"), (torch, "split"),
+        (T, "chunk"), (torch, "chunk"), (T, "unbind"), (torch, "unbind"), (T, "expand"),
+        (T, "expand_as"), (T, "flip"), (torch, "flip"), (T, "float"), (T, "__iter__"),
+    ]
+    return {getattr(owner, name) for owner, name in names if hasattr(owner, name)}
+
+
+_GRID_PRESERVING = _grid_preserving()
+
+
+def _is_zero_pad(func: Callable, args: Sequence, kwargs: dict) -> bool:
+    if func is not F.pad:
+        return False
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    return mode == "constant" and not value
+
+
+def _plain(t: Tensor) -> Tensor:
+    return t.as_subclass(Tensor) if isinstance(t, NitiTensor) else t
+
+
+def _mantissa_of(values: Tensor, exp: int | None, bitwidth: int) -> tuple[Tensor, int]:
+    """(m, e) of a tensor: the tagged exponent when the values sit on its grid, else TiFloatToInt8.
+
+    m is a float32 tensor holding the integers (exact: |m| <= 2^15).
+    """
+    values = _plain(values).detach()
+    if exp is not None and abs(exp) <= 100 and values.dtype == torch.float32:
+        mantissa = values * 2.0**-exp  # exact: a power-of-two scaling inside float32's range
+        if torch.equal(mantissa, torch.round(mantissa)) and host_abs_max(mantissa) <= 2**bitwidth:
+            return mantissa, exp
+    mantissa, exp = _float_to_int(values, bitwidth)
+    return mantissa.to(torch.float32), exp
+
+
+def _activation_of(x: Tensor, bitwidth: int) -> tuple[Tensor, int, _ErrorSlot | None]:
+    exp = getattr(x, "niti_exp", None) if isinstance(x, NitiTensor) else None
+    slot = getattr(x, "niti_slot", None) if isinstance(x, NitiTensor) else None
+    mantissa, exp = _mantissa_of(x, exp, bitwidth)
+    return mantissa, exp, slot
+
+
+def _error_of(grad: Tensor, slot: _ErrorSlot | None, bitwidth: int) -> tuple[Tensor, int]:
+    return _mantissa_of(grad, slot.read() if slot is not None else None, bitwidth)
+
+
+def _value(mantissa: Tensor, exp: int, dtype: torch.dtype) -> Tensor:
+    """mantissa * 2^exp in `dtype` (exact while the value stays inside dtype's normal range)."""
+    if abs(exp) <= 100 and dtype in (torch.float32, torch.float64):
+        return mantissa.to(dtype) * 2.0**exp
+    return (mantissa.double() * 2.0**exp).to(dtype)
+
+
+def _mantissa_bound(bitwidth: int) -> float:
+    """The largest |product| of two mantissas (TiFloatToInt8 may give -2^bitwidth)."""
+    return float(4**bitwidth)
+
+
+def _exact_dtype(bound: float) -> torch.dtype:
+    """float32 when every partial sum stays below 2^24 (exact), float64 below 2^53."""
+    if bound < FLOAT32_EXACT:
+        return torch.float32
+    if bound < FLOAT64_EXACT:
+        return torch.float64
+    raise ValueError(f"integer GEMM too large to emulate exactly (|sum| bound {bound:.3g} >= 2^53)")
+
+
+def _accumulate_grad(param: Tensor, g32: Tensor, exp: int) -> None:
+    """Add an int32 weight-gradient accumulator to param.niti_grad, aligning exponents exactly."""
+    g32 = g32.to(torch.int64)
+    pending = getattr(param, "niti_grad", None)
+    if pending is None:
+        param.niti_grad = (g32, exp)
+        return
+    previous, previous_exp = pending
+    low = min(previous_exp, exp)
+    param.niti_grad = ((previous << (previous_exp - low)) + (g32 << (exp - low)), low)
+
+
+def _float_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
+# ----------------------------------------------------------------------------------------------
+# NITI layers

@@ -1,0 +1,310 @@
+"""NITI layers: Linear, Conv, Embedding and Matmul on integer mantissas, and the model conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from dse.errors import InputError
+from dse.train.accumulation import convolution, convolution_grads
+from dse.train.layers import conv_geometry
+from dse.train.niti.exponents import (
+    _accumulate_grad,
+    _activation_of,
+    _error_of,
+    _ErrorSlot,
+    _exact_dtype,
+    _float_dtype,
+    _mantissa_bound,
+    _plain,
+    _tag,
+    _value,
+)
+from dse.train.niti.ti_torch import act_calc, weight_quant
+
+# ----------------------------------------------------------------------------------------------
+
+def weight_mantissa(param: Tensor, exp: int | None = None, dtype: torch.dtype = torch.int64) -> Tensor:
+    """The integer mantissa of a NITI weight, as `dtype`: its value is mantissa * 2^exp (default
+    param.niti_exp). Within _value's exponent range the scaling by 2^-exp is exact in the weight's
+    own dtype, so only the float64 fallback needs a wider copy."""
+    exp = param.niti_exp if exp is None else exp
+    weight = param.detach()
+    if not (abs(exp) <= 100 and weight.dtype in (torch.float32, torch.float64)):
+        weight = weight.double()
+    return (weight * 2.0**-exp).round_().to(dtype)
+
+
+def _init_weight(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
+    """NITI's initial weights (ti_torch.py UniformWeights, Nov 2021): Xavier-uniform drawn from the
+    run's generator, then weight_quant; returns the weight exponent.
+
+    The model's own initialisation is replaced, as the reference draws its own: the exponent fixed
+    here bounds the weights for the whole run, so the initial scale matters (docs/niti.md). The
+    exponent is also left on the parameter (`niti_exp`) for the optimizer; a parameter shared by two
+    layers is initialised once.
+    """
+    if getattr(param, "niti_bitwidth", None) == bitwidth:
+        return param.niti_exp
+    with torch.no_grad():
+        nn.init.xavier_uniform_(param, generator=generator)
+        mantissa, exp = weight_quant(param, bitwidth)
+        param.copy_(_value(mantissa, exp, param.dtype))
+    param.niti_exp = exp
+    param.niti_bitwidth = bitwidth
+    param.niti_grad = None
+    return exp
+
+
+def _freeze_bias(bias: nn.Parameter | None) -> None:
+    """NITI nets have no biases: a layer's bias is set to zero and frozen (docs/niti.md)."""
+    if bias is not None:
+        with torch.no_grad():
+            bias.zero_()
+        bias.requires_grad_(False)
+
+
+class _IntegerGemm(Protocol):
+    """What _GemmFunction needs of a layer: its width, weight exponent and three exact GEMMs."""
+
+    bitwidth: int
+    weight_exp: int
+
+    def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor: ...
+
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor: ...
+
+    def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor: ...
+
+
+class _GemmFunction(torch.autograd.Function):
+    """One NITI GEMM layer: int8 x int8 -> int32, RoundShift back to int8, exponent bookkeeping."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, layer: _IntegerGemm, m_x: Tensor, exp_x: int,
+                in_slot: _ErrorSlot | None, info: dict) -> Tensor:
+        m_w = weight_mantissa(weight, layer.weight_exp, torch.float32)
+        acc = layer.int_forward(m_x, m_w)
+        m_out, shift = act_calc(acc, layer.bitwidth)
+        exp_out = exp_x + layer.weight_exp + shift
+        out_slot = _ErrorSlot()
+        info["exp"], info["slot"] = exp_out, out_slot
+        ctx.layer, ctx.weight, ctx.m_x, ctx.m_w = layer, weight, m_x, m_w
+        ctx.exp_x, ctx.in_slot, ctx.out_slot = exp_x, in_slot, out_slot
+        return _value(m_out, exp_out, _float_dtype(x))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        layer, weight = ctx.layer, ctx.weight
+        m_err, exp_err = _error_of(grad_out, ctx.out_slot, layer.bitwidth)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            acc = layer.int_input_grad(m_err, ctx.m_w, ctx.m_x)
+            err_out, shift = act_calc(acc, layer.bitwidth)
+            exp_out = exp_err + layer.weight_exp + shift
+            if ctx.in_slot is not None:
+                ctx.in_slot.write(exp_out)
+            grad_x = _value(err_out, exp_out, grad_out.dtype)
+        g32 = layer.int_weight_grad(m_err, ctx.m_x, ctx.m_w).to(torch.int64)
+        _accumulate_grad(weight, g32, exp_err + ctx.exp_x)
+        grad_w = _value(g32, exp_err + ctx.exp_x, weight.dtype)
+        return grad_x, grad_w, None, None, None, None, None
+
+
+class _NitiGemm(nn.Module):
+    """Shared forward of the weight layers: read the input's (m, e), run the integer GEMM, tag."""
+
+    weight: nn.Parameter
+    weight_exp: int
+    bitwidth: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        m_x, exp_x, slot = _activation_of(x, self.bitwidth)
+        info: dict = {}
+        out = _GemmFunction.apply(_plain(x), self.weight, self, m_x, exp_x, slot, info)
+        return _tag(out, info["exp"], info["slot"])
+
+
+class NitiLinear(_NitiGemm):
+    """nn.Linear as NITI's TiLinear (no bias: the original bias is zeroed and frozen)."""
+
+    def __init__(self, linear: nn.Linear, bitwidth: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bitwidth = linear.in_features, linear.out_features, bitwidth
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_exp = _init_weight(self.weight, bitwidth, generator)
+        _freeze_bias(self.bias)
+
+    def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor:
+        dtype = _exact_dtype(self.in_features * _mantissa_bound(self.bitwidth))
+        return m_x.to(dtype) @ m_w.to(dtype).t()
+
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
+        dtype = _exact_dtype(self.out_features * _mantissa_bound(self.bitwidth))
+        return m_err.to(dtype) @ m_w.to(dtype)
+
+    def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor:
+        rows = m_x.numel() // self.in_features
+        dtype = _exact_dtype(rows * _mantissa_bound(self.bitwidth))
+        return m_err.reshape(rows, self.out_features).to(dtype).t() @ m_x.reshape(rows, -1).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bitwidth + 1}"
+
+
+class NitiConv(_NitiGemm):
+    """nn.Conv1d/2d/3d as NITI's TiConv2d: integer convolution, exact int32 accumulation, no bias."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bitwidth: int,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise InputError(f"NITI supports zero-padded convolutions only, got padding_mode="
+                             f"{conv.padding_mode!r} in {conv}")
+        self.bitwidth = bitwidth
+        self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
+        self.kernel_size = tuple(conv.kernel_size)
+        self.padding, prepad = conv_geometry(conv)
+        if prepad is not None:  # zero padding: only an asymmetric padding='same' needs a pad first
+            raise InputError(f"NITI needs symmetric padding; padding='same' is asymmetric in {conv}")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_exp = _init_weight(self.weight, bitwidth, generator)
+        _freeze_bias(self.bias)
+
+    def _taps(self) -> int:
+        return math.prod(self.kernel_size)
+
+    def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor:
+        fan_in = self.weight.shape[1] * self._taps()
+        dtype = _exact_dtype(fan_in * _mantissa_bound(self.bitwidth))
+        return convolution(m_x.to(dtype), m_w.to(dtype), None, self.stride, self.padding, self.dilation,
+                           self.groups)
+
+    def _backward(self, m_err: Tensor, m_x: Tensor, m_w: Tensor, want_input: bool) -> Tensor:
+        """The input gradient (want_input) or the weight gradient, each in the narrowest exact dtype."""
+        fan_out = self.weight.shape[0] // self.groups * self._taps()
+        positions = m_err.numel() // self.weight.shape[0]
+        terms = fan_out if want_input else max(fan_out, positions)
+        dtype = _exact_dtype(terms * _mantissa_bound(self.bitwidth))
+        grad_input, grad_weight = convolution_grads(
+            m_err.to(dtype), m_x.to(dtype), m_w.to(dtype), self.stride, self.padding, self.dilation,
+            self.groups, want_input, not want_input)
+        grad = grad_input if want_input else grad_weight
+        assert grad is not None
+        return grad
+
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
+        return self._backward(m_err, m_x, m_w, want_input=True)
+
+    def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor:
+        return self._backward(m_err, m_x, m_w, want_input=False)
+
+    def extra_repr(self) -> str:
+        channels = f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}"
+        return (f"{channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, int{self.bitwidth + 1}")
+
+
+class _MatmulFunction(torch.autograd.Function):
+    """a @ b of two NITI activations (attention): integer GEMM forward, both errors backward."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, bitwidth: int, inputs: tuple, info: dict) -> Tensor:
+        (m_a, exp_a, slot_a), (m_b, exp_b, slot_b) = inputs
+        dtype = _exact_dtype(m_a.shape[-1] * _mantissa_bound(bitwidth))
+        m_out, shift = act_calc(m_a.to(dtype) @ m_b.to(dtype), bitwidth)
+        exp_out = exp_a + exp_b + shift
+        out_slot = _ErrorSlot()
+        info["exp"], info["slot"] = exp_out, out_slot
+        ctx.bitwidth, ctx.inputs, ctx.out_slot = bitwidth, inputs, out_slot
+        return _value(m_out, exp_out, _float_dtype(a))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        (m_a, exp_a, slot_a), (m_b, exp_b, slot_b) = ctx.inputs
+        m_err, exp_err = _error_of(grad_out, ctx.out_slot, ctx.bitwidth)
+        grads: list[Tensor | None] = [None, None]
+        operands = ((m_a, exp_b, slot_a, m_b), (m_b, exp_a, slot_b, m_a))
+        for index, (mine, other_exp, slot, other) in enumerate(operands):
+            if not ctx.needs_input_grad[index]:
+                continue
+            # Each gradient entry sums at most this many products (broadcast batches included).
+            terms = m_err.numel() // max(1, m_err.shape[-2 if index == 0 else -1])
+            dtype = _exact_dtype(terms * _mantissa_bound(ctx.bitwidth))
+            if index == 0:  # d(a @ b)/da = err @ b^T
+                acc = m_err.to(dtype) @ other.to(dtype).transpose(-1, -2)
+            else:  # d(a @ b)/db = a^T @ err
+                acc = other.to(dtype).transpose(-1, -2) @ m_err.to(dtype)
+            acc = acc.sum_to_size(mine.shape)
+            err, shift = act_calc(acc, ctx.bitwidth)
+            exp_out = exp_err + other_exp + shift
+            if slot is not None:
+                slot.write(exp_out)
+            grads[index] = _value(err, exp_out, grad_out.dtype)
+        return grads[0], grads[1], None, None, None
+
+
+class NitiMatmul(nn.Module):
+    """dse.train.layers.Matmul (attention's a @ b) as a NITI integer GEMM."""
+
+    def __init__(self, bitwidth: int) -> None:
+        super().__init__()
+        self.bitwidth = bitwidth
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        inputs = (_activation_of(a, self.bitwidth), _activation_of(b, self.bitwidth))
+        info: dict = {}
+        out = _MatmulFunction.apply(_plain(a), _plain(b), self.bitwidth, inputs, info)
+        return _tag(out, info["exp"], info["slot"])
+
+
+class _EmbeddingFunction(torch.autograd.Function):
+    """A table lookup is a GEMM with a one-hot input: rows of m_w with exponent e_w, exact."""
+
+    @staticmethod
+    def forward(ctx: Any, indices: Tensor, weight: Tensor, layer: NitiEmbedding, info: dict) -> Tensor:
+        out_slot = _ErrorSlot()
+        info["exp"], info["slot"] = layer.weight_exp, out_slot
+        ctx.layer, ctx.weight, ctx.indices, ctx.out_slot = layer, weight, indices, out_slot
+        return weight.detach()[indices].clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        weight, layer = ctx.weight, ctx.layer
+        m_err, exp_err = _error_of(grad_out, ctx.out_slot, layer.bitwidth)
+        rows = m_err.reshape(-1, weight.shape[1]).double()
+        g32 = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+        g32.index_add_(0, ctx.indices.reshape(-1), rows)
+        if layer.padding_idx is not None:
+            g32[layer.padding_idx] = 0
+        _accumulate_grad(weight, g32.to(torch.int64), exp_err)
+        return None, _value(g32, exp_err, weight.dtype), None, None
+
+
+class NitiEmbedding(nn.Module):
+    """nn.Embedding as an integer table updated by the NITI rule (a one-hot GEMM; not in the paper)."""
+
+    def __init__(self, embedding: nn.Embedding, bitwidth: int, generator: torch.Generator) -> None:
+        super().__init__()
+        if embedding.max_norm is not None:
+            raise InputError(f"NITI cannot renormalise embeddings: max_norm={embedding.max_norm} "
+                             f"in {embedding}")
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.bitwidth = embedding.padding_idx, bitwidth
+        self.weight = embedding.weight
+        self.weight_exp = _init_weight(self.weight, bitwidth, generator)
+
+    def forward(self, indices: Tensor) -> Tensor:
+        info: dict = {}
+        out = _EmbeddingFunction.apply(indices, self.weight, self, info)
+        return _tag(out, info["exp"], info["slot"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and optimizer
