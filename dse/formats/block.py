@@ -53,6 +53,7 @@ from dse.formats.base import (
     float_exponent,
     from_blocks,
     power_of_two,
+    round_to_float32,
     to_blocks,
 )
 from dse.formats.fixed import FixedPoint
@@ -395,7 +396,7 @@ class BlockFormat(NumberFormat):
         amax = block_amax.amax()
         dtype = amax.dtype
         divisor = grid.max * self.element.max
-        divisor = float(torch.tensor(divisor, dtype=dtype)) if dtype == torch.float32 else divisor
+        divisor = round_to_float32(divisor) if dtype == torch.float32 else divisor
         scale = amax / constant(divisor, dtype, amax.device)
         usable = (amax > 0) & (amax < math.inf)
         return torch.where(usable, scale, constant(1.0, dtype, amax.device))
@@ -415,14 +416,15 @@ class BlockFormat(NumberFormat):
         assert grid is not None
         dtype, device = amax.dtype, amax.device
         element_max = self.element.max
-        element_max = float(torch.tensor(element_max, dtype=dtype)) if dtype == torch.float32 else element_max
+        element_max = round_to_float32(element_max) if dtype == torch.float32 else element_max
         ratio = amax / constant(element_max, dtype, device)
         if tensor_scale is not None:
             ratio = ratio / tensor_scale
         low = 2.0**grid.min_normal_exponent
         ratio = ratio.clamp(low, grid.max)
         scale = grid.round_unscaled(ratio, "nearest", None)
-        return torch.where(torch.isfinite(amax), scale, constant(math.nan, dtype, device))
+        # max|v| >= 0 is finite where it is below inf (NaN compares false): one pass, not isfinite's three
+        return torch.where(amax < math.inf, scale, constant(math.nan, dtype, device))
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         rounded = self.element.round_unscaled(x, rounding, generator)
