@@ -167,9 +167,9 @@ def child_stages(config: Path, output: Path) -> list[tuple[str, float]]:
 
     imported = time.perf_counter()
     sweep = load_config(config).replace(output=output)
-    check_tasks(sweep)
+    samples = check_tasks(sweep)
     trials = expand(sweep)
-    check_trials(sweep, trials)
+    check_trials(sweep, trials, samples)
     baseline_labels(sweep, trials)
     checked = time.perf_counter()
     estimate_energies(sweep, trials)
