@@ -33,7 +33,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,18 @@ class QuantSwitch:
         self.enabled = enabled
 
 
+class GemmOp(Protocol):
+    """The three GEMMs of a layer type (LinearOp, ConvOp, stacked.StackedLinearOp). An op used with
+    an accumulator also has forward_accumulated/backward_accumulated, as LinearOp and ConvOp do."""
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]: ...
+
+    def bias_grad(self, dy: Tensor) -> Tensor: ...
+
+
 @dataclass
 class LayerQuant:
     """A quantized layer's GEMM op, the quantizers of its operands (None: left in fp32) and the
@@ -131,7 +143,7 @@ class LayerQuant:
     `QuantGemm` with their own.
     """
 
-    op: LinearOp | ConvOp | None
+    op: GemmOp | None
     activations: Quantizer | None
     weights: Quantizer | None
     gradients: Quantizer | None

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
-from dse.train.layers import LayerPolicies, LayerQuant, Quantizer, QuantSwitch
+from dse.train.layers import LayerPolicies, LayerQuant, QuantGemm, Quantizer, QuantSwitch
 from dse.train.policy import QuantPolicy, TensorQuant
 
 STACKABLE_STAGES: tuple[str, ...] = ("Linear", "ReLU", "Flatten", "_Reshape")
@@ -59,32 +59,29 @@ def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[int, QuantPoli
     return {id(site.module): policies.of(site.layer) for site in sites}
 
 
-class StackedGemm(torch.autograd.Function):
-    """The quantized Linear GEMMs of the module docstring, for all members at once."""
+class StackedLinearOp:
+    """The GEMMs of the module docstring for all members at once: x (G, B, in), w (G, out, in).
 
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
-        qx = layer.activations(x) if layer.activations is not None else x
-        qw = layer.weights(weight) if layer.weights is not None else weight
-        ctx.save_for_backward(qx, qw)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
+    An op of the shared `QuantGemm` (dse/train/layers.py), which quantizes the operands around it;
+    stacked layers never accumulate in a format (`stack_reason`), so it has no accumulated GEMMs.
+    """
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if bias is None:
-            return torch.bmm(qx, qw.transpose(1, 2))
-        return torch.baddbmm(bias.unsqueeze(1), qx, qw.transpose(1, 2))
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-        layer: LayerQuant = ctx.layer
-        qx, qw = ctx.saved_tensors
-        qe = layer.gradients(dy) if layer.gradients is not None else dy
-        need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dx = torch.bmm(qe, qw) if need_data else None
-        dw = torch.bmm(qe.transpose(1, 2), qx) if need_weight else None
-        if dw is not None and layer.weight_grads is not None:
-            dw = layer.weight_grads(dw)
-        db = qe.sum(1) if ctx.has_bias and need_bias else None
-        return dx, dw, db, None
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+        dx = torch.bmm(dy, weight) if need_data else None
+        dw = torch.bmm(dy.transpose(1, 2), x) if need_weight else None
+        return dx, dw
+
+    def bias_grad(self, dy: Tensor) -> Tensor:
+        return dy.sum(1)
+
+
+_STACKED_LINEAR = StackedLinearOp()
 
 
 class StackedLinear(nn.Module):
@@ -104,10 +101,8 @@ class StackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is not None and quant.switch.enabled:
-            return StackedGemm.apply(x, self.weight, self.bias, quant)
-        if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+            return QuantGemm.apply(x, self.weight, self.bias, quant)
+        return _STACKED_LINEAR.forward(x, self.weight, self.bias)
 
 
 class StackedReshape(nn.Module):
@@ -144,7 +139,7 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
             own = policies[id(module)]
             if own.quantizes_gemms:
                 quants = (own.activations, own.weights, own.gradients, own.weight_grads)
-                quant = LayerQuant(None, *(_members(q, generators) for q in quants), switch,
+                quant = LayerQuant(_STACKED_LINEAR, *(_members(q, generators) for q in quants), switch,
                                    master_weights=own.master_weights if own.master_weights.enabled else None)
             stages.append(StackedLinear([model[index] for model in models], quant))
         elif isinstance(module, nn.ReLU):
