@@ -12,21 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from dse.sweep.trials import Trial
 from dse.train.config import TrainConfig
 from dse.train.grouped import group_key, group_reason
 
+ModelOf = Callable[[TrainConfig], tuple[nn.Module, Tensor]]
+"""A config's network and a few of its training samples."""
 
-def _model_of(config: TrainConfig) -> nn.Module:
+
+def _model_of(config: TrainConfig) -> tuple[nn.Module, Tensor]:
     from dse.data import load_dataset
     from dse.models.proxies import build_model
+    from dse.train.loop import EXAMPLE_SAMPLES
 
-    return build_model(config.model, load_dataset(config.dataset, config.data_dir))
+    data = load_dataset(config.dataset, config.data_dir)
+    with torch.random.fork_rng(devices=[]):
+        return build_model(config.model, data), data.x_train[:EXAMPLE_SAMPLES]
 
 
-def plan_groups(runs: list[Trial], group_size: int, model_of: Callable[[TrainConfig], nn.Module] = _model_of
+def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_of
                 ) -> tuple[list[list[Trial]], list[str]]:
     """(the groups, in plan order of their first trial; one line per bucket that trains one by one
     and why). `group_size` 1 puts every trial in a group of its own, with no lines."""
@@ -35,7 +42,7 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: Callable[[TrainCon
         buckets.setdefault((trial.task, group_key(trial.config)), []).append(trial)
     groups: list[list[Trial]] = []
     notes: list[str] = []
-    models: dict[tuple[str, str, str | None], nn.Module] = {}
+    models: dict[tuple[str, str, str | None], tuple[nn.Module, Tensor]] = {}
     for trials in buckets.values():
         reason = None
         if group_size > 1 and len(trials) > 1:
@@ -43,7 +50,7 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: Callable[[TrainCon
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
                 models[where] = model_of(config)
-            reason = group_reason(config, models[where])
+            reason = group_reason(config, *models[where])
         note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
         if reason is not None and note not in notes:
             notes.append(note)

@@ -30,7 +30,7 @@ from dse.formats.base import MemberGenerators
 from dse.models.proxies import build_model
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
-from dse.train.loop import EVAL_BATCH, _run_settings, check_config, train
+from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
@@ -51,14 +51,19 @@ def group_key(config: TrainConfig) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def group_reason(config: TrainConfig, model: nn.Module | None = None) -> str | None:
+def group_reason(config: TrainConfig, model: nn.Module | None = None, example: Tensor | None = None
+                 ) -> str | None:
     """Why trials of this config train one by one rather than stacked (None: they stack).
-    `model` is the config's network (built here when not given)."""
+    `model` is the config's network and `example` a few of its training samples (both built from
+    the config's dataset when not given)."""
     if config.optimizer == "niti":
         return "NITI's integer layers do not stack yet"
-    if model is None:
-        model = build_model(config.model, with_validation(load_dataset(config.dataset, config.data_dir)))
-    reason = stack_reason(model, QuantPolicy.from_config(config))
+    if model is None or example is None:
+        data = with_validation(load_dataset(config.dataset, config.data_dir))
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(config.model, data)
+        example = data.x_train[:EXAMPLE_SAMPLES]
+    reason = stack_reason(model, QuantPolicy.from_config(config), example)
     return None if reason is None else f"model {config.model!r}: {reason}"
 
 
@@ -75,7 +80,11 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) 
         check_config(config)
     data = with_validation(dataset if dataset is not None else load_dataset(configs[0].dataset,
                                                                             configs[0].data_dir))
-    if len(configs) == 1 or group_reason(configs[0], build_model(configs[0].model, data)) is not None:
+    if len(configs) == 1:
+        return [train(configs[0], data)]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(configs[0].model, data)
+    if group_reason(configs[0], model, data.x_train[:EXAMPLE_SAMPLES]) is not None:
         return [train(config, data) for config in configs]
     with _run_settings(configs[0].threads):
         return _train_group(configs, data)
@@ -91,7 +100,7 @@ class StackedOptimizer:
     alone); Madam and LNS-Madam one per member (their bound is per tensor).
     """
 
-    def __init__(self, model: nn.Sequential, configs: Sequence[TrainConfig], policy: QuantPolicy,
+    def __init__(self, model: nn.Module, configs: Sequence[TrainConfig], policy: QuantPolicy,
                  generators: Sequence[torch.Generator], switch: QuantSwitch) -> None:
         first = configs[0]
         self.name = first.optimizer
