@@ -10,8 +10,9 @@ others go on). `train_group(configs)` returns for each config what `dse.train.lo
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-Methods and models that do not stack yet train one by one (`group_reason` says why): NITI, the
-accumulation emulation, and networks other than chains of Linear/ReLU/Flatten stages.
+Methods and models that do not stack yet train one by one (`group_reason` says why): NITI, and
+networks whose layers `dse.train.stacked.stack_reason` does not know how to stack (functional GEMMs,
+tied weights, dropout, a batch on another axis than the first).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
         with torch.random.fork_rng(devices=[]):
             model = build_model(config.model, data)
         example = data.x_train[:EXAMPLE_SAMPLES]
-    reason = stack_reason(model, QuantPolicy.from_config(config), example)
+    reason = stack_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"
 
 

@@ -27,9 +27,12 @@ Layers with weights take the folded batch apart:
   running averages) are each member's own.
 
 Quantizers are the members' own (`TensorQuant.members`: a scale per member, stochastic rounding
-from each member's generator). A network stacks when `stack_reason` finds nothing against it: no
-functional GEMMs (F.linear on a parameter, torch.matmul, nn.MultiheadAttention), no weights shared
-between layers or held beside layers, no accumulation emulation, and - checked by one forward of two
+from each member's generator), and so are accumulators (the accumulation emulation): a batched
+Linear or Matmul folds each GEMM chunk by chunk over the same reduction indices as the member's GEMM
+alone (a chunk is one batched matmul, the accumulator rounds per member); a convolution folds each
+member's GEMMs with that member's own accumulator. A network stacks when `stack_reason` finds nothing
+against it: no functional GEMMs (F.linear on a parameter, torch.matmul, nn.MultiheadAttention), no
+weights shared between layers or held beside layers, and - checked by one forward of two
 differing members on two samples - a batch along the first axis of every layer's input and no
 random draws from torch's global generator (dropout), which a group cannot split per member.
 """
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +50,8 @@ from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul
+from dse.train import accumulation
+from dse.train.accumulation import Accumulator
 from dse.train.layers import (
     ConvOp,
     LayerPolicies,
@@ -98,16 +104,12 @@ def structure_reason(model: nn.Module) -> str | None:
     return None
 
 
-def stack_reason(model: nn.Module, policy: QuantPolicy | None = None,
-                 example: Tensor | None = None) -> str | None:
-    """Why `model` (quantized under `policy`) cannot be stacked (None: it can). `example` (two or more
+def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
+    """Why `model` cannot be stacked (None: it can), under any quantization. `example` (two or more
     samples) runs the check forward of the module docstring, and finds functional GEMMs."""
     reason = structure_reason(model)
     if reason is None and example is not None:
         reason = _functional_reason(model, example) or _forward_reason(model, example)
-    if reason is None and policy is not None and any(
-            p.accumulation.enabled for p in layer_policies(model, policy).values()):
-        reason = "the accumulation emulation does not stack yet"
     return reason
 
 
@@ -164,8 +166,10 @@ def _fold(x: Tensor) -> Tensor:
 class StackedLinearOp:
     """The GEMMs of the module docstring for all members at once: x (G, B, ..., in), w (G, out, in).
 
-    An op of the shared `QuantGemm` (dse/train/layers.py), which quantizes the operands around it;
-    stacked layers never accumulate in a format (`stack_reason`), so it has no accumulated GEMMs.
+    An op of the shared `QuantGemm` (dse/train/layers.py), which quantizes the operands around it.
+    With an accumulator each GEMM is folded chunk by chunk over the same reduction indices as a
+    member's Linear alone (dse/train/accumulation.py): in_features forward, out_features
+    backward-data, the batch rows backward-weight; the chunks are batched matmuls.
     """
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -180,11 +184,27 @@ class StackedLinearOp:
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
         errors = dy.reshape(dy.shape[0], -1, dy.shape[-1])
         dx = torch.bmm(errors, weight).view(x.shape) if need_data else None
-        dw = torch.bmm(errors.transpose(1, 2), x.reshape(x.shape[0], -1, x.shape[-1])) if need_weight else None
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        dw = torch.bmm(errors.transpose(1, 2), rows) if need_weight else None
         return dx, dw
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         return dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(1)
+
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        y = accumulation.matmul_forward(rows, weight.transpose(1, 2), accumulator)
+        y = y if bias is None else y + bias.unsqueeze(1)
+        return y.view(*x.shape[:-1], weight.shape[1])
+
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
+        errors = dy.reshape(dy.shape[0], -1, dy.shape[-1])
+        dx = accumulation.matmul_forward(errors, weight, accumulator).view(x.shape) if need_data else None
+        dw = (accumulation.matmul_backward_b(errors, x.reshape(x.shape[0], -1, x.shape[-1]), accumulator)
+              if need_weight else None)
+        return dx, dw
 
 
 _STACKED_LINEAR = StackedLinearOp()
@@ -197,20 +217,61 @@ class PerMemberOp:
     op: ConvOp
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        biases = [None] * len(x) if bias is None else bias.unbind(0)
-        return torch.stack([self.op.forward(*operands) for operands in
-                            zip(x.unbind(0), weight.unbind(0), biases, strict=True)])
+        return torch.stack([self.op.forward(x[g], weight[g], _member(bias, g)) for g in range(len(x))])
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-        grads = [self.op.backward(*operands, need_data, need_weight) for operands in
-                 zip(dy.unbind(0), x.unbind(0), weight.unbind(0), strict=True)]
-        dx = torch.stack([g[0] for g in grads]) if need_data else None  # type: ignore[misc]
-        dw = torch.stack([g[1] for g in grads]) if need_weight else None  # type: ignore[misc]
-        return dx, dw
+        grads = [self.op.backward(dy[g], x[g], weight[g], need_data, need_weight) for g in range(len(x))]
+        return _stack_grads(grads, need_data, need_weight)
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         return torch.stack([self.op.bias_grad(d) for d in dy.unbind(0)])
+
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor:
+        each = _each(accumulator)
+        return torch.stack([self.op.forward_accumulated(x[g], weight[g], _member(bias, g), each[g])
+                            for g in range(len(x))])
+
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
+        each = _each(accumulator)
+        grads = [self.op.backward_accumulated(dy[g], x[g], weight[g], need_data, need_weight, each[g])
+                 for g in range(len(x))]
+        return _stack_grads(grads, need_data, need_weight)
+
+
+def _member(tensor: Tensor | None, g: int) -> Tensor | None:
+    return None if tensor is None else tensor[g]
+
+
+def _stack_grads(grads: list[tuple[Tensor | None, Tensor | None]], need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    dx = torch.stack([dx for dx, _ in grads if dx is not None]) if need_data else None
+    dw = torch.stack([dw for _, dw in grads if dw is not None]) if need_weight else None
+    return dx, dw
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberAccumulators(Accumulator):
+    """The members' accumulators: `quantize` rounds a stacked tensor per member (leading member
+    axis); `each[g]` is member g's own, for GEMMs run member by member."""
+
+    each: tuple[Accumulator, ...] = ()
+
+
+def _each(accumulator: Accumulator) -> tuple[Accumulator, ...]:
+    assert isinstance(accumulator, MemberAccumulators)
+    return accumulator.each
+
+
+def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | None) -> Accumulator | None:
+    """The members' accumulator of one GEMM layer (None: torch's fp32 sums)."""
+    if not quant.enabled:
+        return None
+    members = [] if generators is None else generators.generators
+    each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
+    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each)
 
 
 
@@ -220,10 +281,10 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
     return lambda x: quant.members(x, generators)
 
 
-def _stacked_parameter(tensors: Sequence[Tensor | None]) -> nn.Parameter | None:
-    if tensors[0] is None:
-        return None
-    return nn.Parameter(torch.stack([t.detach() for t in tensors]))  # type: ignore[union-attr]
+def _stacked_parameter(tensors: Sequence[Tensor | nn.Module | None]) -> nn.Parameter | None:
+    """The members' tensors stacked along a new leading member axis (None where the layer has none)."""
+    parts = [t.detach() for t in tensors if isinstance(t, Tensor)]
+    return nn.Parameter(torch.stack(parts)) if parts else None
 
 
 class StackedGemmLayer(nn.Module):
@@ -232,10 +293,13 @@ class StackedGemmLayer(nn.Module):
     `QuantSwitch`: then it computes what each member's plain layer computes."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int, gemm_quant: LayerQuant | None,
-                 op: StackedLinearOp | PerMemberOp, prepad: tuple[tuple[int, ...], str] | None = None) -> None:
+                 op: StackedLinearOp | PerMemberOp,
+                 prepad: tuple[tuple[int, ...], str] | None = None) -> None:
         super().__init__()
         self.members = members
-        self.weight = _stacked_parameter([layer.weight for layer in layers])
+        weight = _stacked_parameter([layer.weight for layer in layers])
+        assert weight is not None
+        self.weight = weight
         self.bias = _stacked_parameter([layer.bias for layer in layers])
         self.gemm_quant = gemm_quant
         self.op = op
@@ -251,9 +315,8 @@ class StackedGemmLayer(nn.Module):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, quant))
         if isinstance(self.op, StackedLinearOp):
             return _fold(self.op.forward(x, self.weight, self.bias))
-        biases = [None] * self.members if self.bias is None else self.bias.unbind(0)
-        return torch.cat([self.op.op.forward(*operands) for operands in
-                          zip(x.unbind(0), self.weight.unbind(0), biases, strict=True)])
+        return torch.cat([self.op.op.forward(x[g], self.weight[g], _member(self.bias, g))
+                          for g in range(self.members)])
 
 
 class StackedMatmul(nn.Module):
@@ -282,10 +345,11 @@ class PerMemberLayer(nn.Module):
         self.members = members
         template = layers[0]
         self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
-        for name, p in template._parameters.items():
+        for name in template._parameters:
             self.register_parameter(name, _stacked_parameter([layer._parameters[name] for layer in layers]))
         for name, b in template._buffers.items():
-            stacked = None if b is None else torch.stack([layer._buffers[name] for layer in layers])
+            parts = [layer._buffers[name] for layer in layers]
+            stacked = None if b is None else torch.stack([t for t in parts if t is not None])
             self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
 
     def forward(self, *inputs: Tensor) -> Tensor:
@@ -328,10 +392,11 @@ def _gemm_quant(op: StackedLinearOp | PerMemberOp | None, policy: QuantPolicy, s
     if isinstance(op, PerMemberOp):
         quants = [_on_axis(q, 1) for q in quants]
     activations, weights, gradients, weight_grads = (_members(q, generators) for q in quants)
+    accumulator = _accumulator(policy.accumulation, policy.accumulation_chunk, generators)
     if op is None:
-        return LayerQuant(None, activations, None, gradients, None, switch)
+        return LayerQuant(None, activations, None, gradients, None, switch, accumulator)
     master = policy.master_weights if policy.master_weights.enabled else None
-    return LayerQuant(op, activations, weights, gradients, weight_grads, switch, master_weights=master)
+    return LayerQuant(op, activations, weights, gradients, weight_grads, switch, accumulator, master)
 
 
 def _stacked_layer(name: str, layers: list[nn.Module], policies: dict[str, QuantPolicy] | None,
@@ -400,6 +465,7 @@ class StackedModel(nn.Module):
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
     """The stacked weights that live in a format between steps, with it, in layer order (what
     `dse.train.layers.stored_weights` gives for each member alone)."""
-    return [(m.weight, m.gemm_quant.master_weights) for m in model.modules() if isinstance(m, StackedGemmLayer)
-            and m.gemm_quant is not None and m.gemm_quant.master_weights is not None]
+    return [(m.weight, m.gemm_quant.master_weights) for m in model.modules()
+            if isinstance(m, StackedGemmLayer) and m.gemm_quant is not None
+            and m.gemm_quant.master_weights is not None]
 

@@ -107,12 +107,14 @@ def test_group_size_one_turns_grouping_off_and_unstackable_models_say_so(tmp_pat
     off = Recording()
     _sweep(_text(tmp_path / "off", seeds="[0, 1]", executor="{group_size: 1}"), off)
     assert all(len(job) == 1 for job in off.jobs) and len(off.jobs) == 8
-    cnn = Recording()
-    text = _text(tmp_path / "cnn", seeds="[0, 1]", model="cnn")
-    text = text.replace("epochs: 1", "epochs: 1, batch_size: 512")
-    summary = _sweep(text, cnn)
-    assert all(len(job) == 1 for job in cnn.jobs) and len(summary.notes) == 2
-    assert all("one by one" in note and "Conv2d" in note for note in summary.notes)
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef dropout(shape, classes):\n"
+                                     "    return nn.Sequential(nn.Linear(shape[0], 16), nn.Dropout(0.5), "
+                                     "nn.Linear(16, classes))\n")
+    dropout = Recording()
+    text = _text(tmp_path / "dropout", seeds="[0, 1]", model=f"{tmp_path / 'net.py'}:dropout")
+    summary = _sweep(text, dropout)
+    assert all(len(job) == 1 for job in dropout.jobs) and len(summary.notes) == 2
+    assert all("one by one" in note and "random numbers" in note for note in summary.notes)
 
 
 def test_group_size_on_the_command_line_and_its_bad_values(tmp_path: Path) -> None:
