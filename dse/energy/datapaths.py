@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from dse.energy.components import Components, clog2
-from dse.errors import InputError
+from dse.errors import InputError, SettingError, about
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,9 @@ class Operand:
         if self.family == "block":
             return self.bits + self.scale_bits / self.block_size
         return float(self.bits)
+
+
+FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
 
 
 # --- rounding -------------------------------------------------------------------------------------
@@ -181,24 +184,30 @@ class DatapathParams:
     patent converts once per dot product: set it to the reduction a PE covers before its outputs leave."""
 
     def __post_init__(self) -> None:
+        def bad(setting: str, problem: str) -> SettingError:
+            return SettingError(setting, f"{setting} {problem}")
+
+        if self.accumulator is not None and self.accumulator.strip().lower() != "quire":
+            with about("accumulator"):  # whether an accumulator fits the operands is checked per GEMM
+                parse_accumulator(self.accumulator, FP32)
         if self.lns_datapath not in ("madam", "direct"):
-            raise InputError(f"lns_datapath must be 'madam' or 'direct', got {self.lns_datapath!r}")
+            raise bad("lns_datapath", f"must be 'madam' or 'direct', got {self.lns_datapath!r}")
         if isinstance(self.vector_length, bool) or not isinstance(self.vector_length, int) \
                 or self.vector_length < 1:
-            raise InputError(f"vector_length must be an integer >= 1, got {self.vector_length!r}")
+            raise bad("vector_length", f"must be an integer >= 1, got {self.vector_length!r}")
         if self.lns_mitchell_bits < 0:
-            raise InputError("lns_mitchell_bits must be >= 0")
+            raise bad("lns_mitchell_bits", "must be >= 0")
         if self.alignment_bits is not None and not 4 <= self.alignment_bits <= 256:
-            raise InputError("alignment_bits must be in 4..256")
+            raise bad("alignment_bits", "must be in 4..256")
         if self.lns_lut_bits is not None and not 1 <= self.lns_lut_bits <= 32:
-            raise InputError("lns_lut_bits must be in 1..32")
+            raise bad("lns_lut_bits", "must be in 1..32")
         if not self.posit_decode_reuse >= 1:
-            raise InputError("posit_decode_reuse must be >= 1")
+            raise bad("posit_decode_reuse", "must be >= 1")
         if self.lns_conversion_length is not None and (
                 self.lns_conversion_length < self.vector_length
                 or self.lns_conversion_length % self.vector_length):
-            raise InputError(f"lns_conversion_length must be a multiple of vector_length "
-                             f"({self.vector_length}), got {self.lns_conversion_length!r}")
+            raise bad("lns_conversion_length", f"must be a multiple of vector_length "
+                      f"({self.vector_length}), got {self.lns_conversion_length!r}")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from dse.energy.components import Components
-from dse.energy.datapaths import Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
+from dse.energy.datapaths import FP32, Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
 from dse.models.workloads import Workload, get_workload
@@ -48,7 +48,6 @@ PASSES = ("forward", "backward_data", "backward_weight", "update")
 UNITS = ("multiply", "conversion", "accumulation", "update", "memory")
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
 
-FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
 STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
 """Optimizer state tensors per parameter, per update optimizer."""
 

@@ -127,7 +127,11 @@ def _mantissa_of(values: Tensor, exp: int | None, bitwidth: int) -> tuple[Tensor
     return mantissa.to(torch.float32), exp
 
 
-def _activation_of(x: Tensor, bitwidth: int) -> tuple[Tensor, int, _ErrorSlot | None]:
+_Activation = tuple[Tensor, int, "_ErrorSlot | None"]
+"""A NITI layer's input: its mantissa, exponent and the slot its producer reads the error exponent from."""
+
+
+def _activation_of(x: Tensor, bitwidth: int) -> _Activation:
     exp = getattr(x, "niti_exp", None) if isinstance(x, NitiTensor) else None
     slot = getattr(x, "niti_slot", None) if isinstance(x, NitiTensor) else None
     mantissa, exp = _mantissa_of(x, exp, bitwidth)
@@ -157,18 +161,6 @@ def _exact_dtype(bound: float) -> torch.dtype:
     if bound < FLOAT64_EXACT:
         return torch.float64
     raise ValueError(f"integer GEMM too large to emulate exactly (|sum| bound {bound:.3g} >= 2^53)")
-
-
-def _accumulate_grad(param: Tensor, g32: Tensor, exp: int) -> None:
-    """Add an int32 weight-gradient accumulator to param.niti_grad, aligning exponents exactly."""
-    g32 = g32.to(torch.int64)
-    pending = getattr(param, "niti_grad", None)
-    if pending is None:
-        param.niti_grad = (g32, exp)
-        return
-    previous, previous_exp = pending
-    low = min(previous_exp, exp)
-    param.niti_grad = ((previous << (previous_exp - low)) + (g32 << (exp - low)), low)
 
 
 def _float_dtype(x: Tensor) -> torch.dtype:

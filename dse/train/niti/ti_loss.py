@@ -69,11 +69,11 @@ def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch
         numerators = (1 << s.clamp(min=0)) - 1
         p = (numerators << scale_bits) // numerators.sum(dim=1, keepdim=True)
     else:
-        numerators = _taylor_numerators(z, exp)
-        if isinstance(numerators, Tensor):
-            p = (numerators << scale_bits) // numerators.sum(dim=1, keepdim=True)
+        taylor = _taylor_numerators(z, exp)
+        if isinstance(taylor, Tensor):
+            p = (taylor << scale_bits) // taylor.sum(dim=1, keepdim=True)
         else:
-            p = torch.tensor([[(n << scale_bits) // sum(row) for n in row] for row in numerators],
+            p = torch.tensor([[(n << scale_bits) // sum(row) for n in row] for row in taylor],
                              dtype=torch.int64, device=z.device)
     row_index = torch.arange(rows, device=z.device)
     if division == "reference":  # out_grad[i, t] -= out_grad.sum(1, dtype=int64); .type(int32)
