@@ -10,8 +10,8 @@ others go on). `train_group(configs)` returns for each config what `dse.train.lo
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-Methods and models that do not stack yet train one by one (`group_reason` says why): NITI, the
-accumulation emulation, and networks other than chains of Linear/ReLU/Flatten stages.
+Methods and models that do not stack yet train one by one (`group_reason` says why): NITI and
+networks other than chains of Linear/ReLU/Flatten stages.
 """
 
 from __future__ import annotations
