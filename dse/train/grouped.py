@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,7 @@ from dse.models.proxies import build_model
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
+from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
@@ -68,9 +70,30 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
     return None if reason is None else f"model {config.model!r}: {reason}"
 
 
-def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) -> list[TrainResult]:
+class GroupSplitWarning(UserWarning):
+    """A group too large for its device's memory trains as consecutive smaller groups."""
+
+
+def group_memory(config: TrainConfig, model: nn.Module, example: Tensor) -> tuple[int, int]:
+    """(one trial's training memory, the memory available on its device), in bytes
+    (dse/train/memory.py: a group of G takes G times the first plus a constant)."""
+    trial = trial_memory_bytes(model, example, config.batch_size, config.optimizer, EVAL_BATCH)
+    return trial, available_memory_bytes(config.device)
+
+
+def split_note(size: int, fit: int, trial_bytes: int, available_bytes: int, device: str) -> str:
+    """The line that states a split: a group of `size` cut into groups of at most `fit`."""
+    return (f"groups of {size} split into groups of {fit} to fit {device}: one trial needs about "
+            f"{describe_bytes(trial_bytes)}, {describe_bytes(available_bytes)} available")
+
+
+def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
+                available_bytes: int | None = None) -> list[TrainResult]:
     """Train the configs (equal `group_key`) together; results in their order. Configs that cannot
-    stack (`group_reason`) train one after another with `train`."""
+    stack (`group_reason`) train one after another with `train`. A group that would not fit its
+    device's memory (`available_bytes`, default: what the device has free now) trains as
+    consecutive smaller groups, with a GroupSplitWarning that says so; every member's result is
+    the same either way."""
     configs = list(configs)
     if not configs:
         return []
@@ -85,10 +108,21 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) 
         return [train(configs[0], data)]
     with torch.random.fork_rng(devices=[]):
         model = build_model(configs[0].model, data)
-    if group_reason(configs[0], model, data.x_train[:EXAMPLE_SAMPLES]) is not None:
+    example = data.x_train[:EXAMPLE_SAMPLES]
+    if group_reason(configs[0], model, example) is not None:
         return [train(config, data) for config in configs]
+    trial_bytes, available = group_memory(configs[0], model, example)
+    available = available if available_bytes is None else available_bytes
+    fit = members_that_fit(trial_bytes, available)
+    if fit < len(configs):
+        warnings.warn(split_note(len(configs), fit, trial_bytes, available, configs[0].device),
+                      GroupSplitWarning, stacklevel=2)
+    results: list[TrainResult] = []
     with _run_settings(configs[0].threads):
-        return _train_group(configs, data)
+        for start in range(0, len(configs), fit):
+            part = configs[start:start + fit]
+            results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
+    return results
 
 
 class StackedOptimizer:
