@@ -1,24 +1,30 @@
 """NITI stacked over the members of a group (grouped training, dse/train/grouped.py).
 
-G NITI networks of one architecture run as one: each weight (G, out, in) and activation (G, B, ...)
-carries a leading member axis, and every decision the reference takes per tensor is taken per
-member: the input's TiFloatToInt8 exponent, RangeEstimate and the RoundShift back to int8 after each
-GEMM, the exponents that travel forward and back, the mu-bit update (grad_calc with each member's
-mu), and the cross-entropy's StoShift draws (each member's own generator). A stacked tensor's
-exponent is a tuple of G ints (`Exponent`); the powers 2^e are built from Python floats, so every
-scaling is the exact one a member applies alone.
+G NITI networks of one architecture run as one: each weight (G, out, in) carries a leading member
+axis, and the members' batches travel through the network's own forward folded into one batch
+(member g's samples are rows g*B .. (g+1)*B-1), so ReLU, pooling and reshapes run once for the
+group as they run for each member alone. The NITI layers take the folded batch apart, (G, B, ...),
+and every decision the reference takes per tensor is taken per member: the input's TiFloatToInt8
+exponent, RangeEstimate and the RoundShift back to int8 after each GEMM, the exponents that travel
+forward and back, the mu-bit update (grad_calc with each member's mu), and the cross-entropy's
+StoShift draws (each member's own generator). A stacked tensor's exponent is a tuple of G ints
+(`Exponent`); the powers 2^e are built from Python floats, so every scaling is the exact one a
+member applies alone.
 
 The GEMMs are integer sums below 2^24 (float32) or 2^53 (float64), exact in any order, so a
-batched GEMM or a grouped convolution gives each member exactly its integers alone: a member of a
+batched GEMM or a grouped convolution gives each member exactly its integers alone (where a float
+convolution grouped over members sums in another order than the member's own, dse/train/stacked.py,
+integers do not care): a member of a
 group trains bit for bit as `dse train` trains it (tests/train/test_train_grouped_methods.py).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +44,6 @@ from dse.train.niti.exponents import (
 from dse.train.niti.layers import NitiConv, NitiLinear
 from dse.train.niti.ti_loss import integer_ce_error
 from dse.train.niti.ti_torch import _ceil_log2, int_clip, psto_shift
-from dse.train.stacked import StackedReshape
 
 Exponents = tuple[int, ...]
 """One exponent per member."""
@@ -167,7 +172,8 @@ class StackedNitiWeight:
 
 class _StackedGemmFunction(torch.autograd.Function):
     """`_GemmFunction` for all members at once: integer GEMMs batched over the member axis, the
-    exponents and shifts per member. Outputs: the value, the exponents, the error slot."""
+    exponents and shifts per member. x and the value are folded (G B, ...), the mantissas (G, B, ...).
+    Outputs: the value, the exponents, the error slot."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, layer: _StackedNitiGemm, m_x: Tensor, exps_x: Exponents,
@@ -179,22 +185,22 @@ class _StackedGemmFunction(torch.autograd.Function):
         out_slot = _ErrorSlot()
         ctx.layer, ctx.m_x, ctx.m_w, ctx.exps_x = layer, m_x, m_w, exps_x
         ctx.in_slot, ctx.out_slot = in_slot, out_slot
-        return value_members(m_out, exps_out, _float_dtype(x)), exps_out, out_slot
+        return value_members(m_out, exps_out, _float_dtype(x)).flatten(0, 1), exps_out, out_slot
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: None) -> tuple[Tensor | None, ...]:
         layer: _StackedNitiGemm = ctx.layer
         state = layer.niti_weight
         written = ctx.out_slot.read()
-        m_err, exps_err = mantissa_of_members(grad_out, written if isinstance(written, tuple) else None,
-                                              state.bitwidth)
+        m_err, exps_err = mantissa_of_members(grad_out.unflatten(0, (len(state.exps), -1)),
+                                              written if isinstance(written, tuple) else None, state.bitwidth)
         grad_x = None
         if ctx.needs_input_grad[0]:
             err_out, shifts = act_calc_members(layer.int_input_grad(m_err, ctx.m_w, ctx.m_x), state.bitwidth)
             exps_out = _add(exps_err, state.exps, shifts)
             if ctx.in_slot is not None:
                 ctx.in_slot.write(exps_out)
-            grad_x = value_members(err_out, exps_out, grad_out.dtype)
+            grad_x = value_members(err_out, exps_out, grad_out.dtype).flatten(0, 1)
         g32 = layer.int_weight_grad(m_err, ctx.m_x, ctx.m_w).to(torch.int64)
         exps_g = _add(exps_err, ctx.exps_x)
         state.accumulate(g32, exps_g)
@@ -214,9 +220,12 @@ class _StackedNitiGemm(nn.Module):
                                              self.bitwidth)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: the members' batches folded, (G B, ...)."""
         tagged = getattr(x, "niti_exp", None) if isinstance(x, NitiTensor) else None
         slot = getattr(x, "niti_slot", None) if isinstance(x, NitiTensor) else None
-        m_x, exps_x = mantissa_of_members(x, tagged if isinstance(tagged, tuple) else None, self.bitwidth)
+        members = _plain(x).unflatten(0, (len(self.niti_weight.exps), -1))
+        m_x, exps_x = mantissa_of_members(members, tagged if isinstance(tagged, tuple) else None,
+                                          self.bitwidth)
         out, exps, out_slot = _StackedGemmFunction.apply(_plain(x), self.weight, self, m_x, exps_x, slot)
         return _tag(out, exps, out_slot)
 
@@ -295,17 +304,6 @@ class StackedNitiConv(_StackedNitiGemm):
         return self._grads(m_err, m_x, m_w, want_input=False)
 
 
-class StackedMaxPool(nn.Module):
-    """A max-pooling of each member (members folded into the batch); it keeps the exponents."""
-
-    def __init__(self, pool: nn.Module) -> None:
-        super().__init__()
-        self.pool = pool
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.pool(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-
-
 # --- the network, its loss and its update --------------------------------------------------------
 
 _STAGES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "ReLU", "Flatten", "_Reshape", "MaxPool1d",
@@ -326,32 +324,35 @@ def niti_stack_reason(model: nn.Module) -> str | None:
     return None
 
 
-def stack_niti_models(models: Sequence[nn.Sequential]) -> nn.Sequential:
-    """One stacked network from G NITI-converted networks of one architecture (`convert_model`: each
-    with its own weights and exponents); the stages `niti_stack_reason` accepts."""
-    stages: list[nn.Module] = []
-    for index, module in enumerate(models[0]):
-        layers = [model[index] for model in models]
-        if isinstance(module, NitiLinear):
-            stages.append(StackedNitiLinear([layer for layer in layers if isinstance(layer, NitiLinear)]))
-        elif isinstance(module, NitiConv):
-            stages.append(StackedNitiConv([layer for layer in layers if isinstance(layer, NitiConv)]))
-        elif isinstance(module, nn.ReLU):
-            stages.append(nn.ReLU())
-        elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
-            stages.append(StackedMaxPool(module))
-        elif isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1):
-            stages.append(StackedReshape((-1,)))
-        elif type(module).__name__ == "_Reshape":
-            stages.append(StackedReshape(cast(tuple[int, ...], module.shape)))
-        else:
-            raise ValueError(f"cannot stack a NITI {type(module).__name__} stage")
-    return nn.Sequential(*stages)
+class FoldedNitiNetwork(nn.Module):
+    """G NITI networks as one: the first member's network with each NITI layer replaced by the
+    members' stacked layer, run on the members' batches folded into one. Input (G, B, ...), output
+    (G, B, ...) tagged with the members' exponents."""
+
+    def __init__(self, network: nn.Module, members: int) -> None:
+        super().__init__()
+        self.network, self.members = network, members
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
 
 
-def stacked_weights(model: nn.Sequential) -> list[StackedNitiWeight]:
+def stack_niti_models(models: Sequence[nn.Module]) -> FoldedNitiNetwork:
+    """One network from G NITI-converted networks of one architecture (`convert_model`: each with its
+    own weights and exponents); the models `niti_stack_reason` accepts."""
+    network = copy.deepcopy(models[0])
+    for name, module in models[0].named_modules():
+        if isinstance(module, (NitiLinear, NitiConv)):
+            layers = [dict(model.named_modules())[name] for model in models]
+            stacked = StackedNitiConv(layers) if isinstance(module, NitiConv) else StackedNitiLinear(layers)
+            parent, _, child = name.rpartition(".")
+            setattr(network.get_submodule(parent), child, stacked)
+    return FoldedNitiNetwork(network, len(models))
+
+
+def stacked_weights(model: nn.Module) -> list[StackedNitiWeight]:
     """The NITI weights of a stacked network, in layer order."""
-    return [stage.niti_weight for stage in model if isinstance(stage, _StackedNitiGemm)]
+    return [module.niti_weight for module in model.modules() if isinstance(module, _StackedNitiGemm)]
 
 
 class _StackedCrossEntropyFunction(torch.autograd.Function):
