@@ -39,8 +39,8 @@ def _peak_bytes(run: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         run()
     held = peak = 0
-    events = sorted((e for e in profiler.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    for event in events:
+    events = [e for e in profiler.events() if e.self_cpu_memory_usage]
+    for event in sorted(events, key=lambda e: e.time_range.start):
         held += event.self_cpu_memory_usage
         peak = max(peak, held)
     return peak
@@ -49,7 +49,8 @@ def _peak_bytes(run: Callable[[], object]) -> int:
 @pytest.mark.parametrize("model, dataset", [("resnet", "mnist1d")])  # conv, BatchNorm, pooling, Linear
 def test_a_group_takes_at_most_g_times_one_trials_memory_plus_a_constant(model: str, dataset: str) -> None:
     data = _subset(dataset, train=64)
-    config = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64, format="int8", optimizer="adam")
+    config = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64, format="int8",
+                         optimizer="adam")
     alone = _peak_bytes(lambda: train(config, data))
     group = _peak_bytes(lambda: train_group([config.replace(seed=seed) for seed in range(4)], data))
     assert 3 * alone < group <= 4 * alone + 1 * MiB
