@@ -86,8 +86,6 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 def structure_reason(model: nn.Module) -> str | None:
     """Why the layers of `model` do not stack (None: they do), from the module tree alone."""
-    from dse.train.functional import find_gemms
-
     owners: dict[int, str] = {}
     for name, module in model.named_modules():
         own = _own_tensors(module)
@@ -98,10 +96,7 @@ def structure_reason(model: nn.Module) -> str | None:
             if id(tensor) in owners:
                 return f"{owners[id(tensor)]} and {name}.{tensor_name} are one tensor (tied weights)"
             owners[id(tensor)] = f"{name}.{tensor_name}" if name else tensor_name
-    functional = [site.layer.name for site in find_gemms(model, None).sites if site.module is None]
-    if functional:
-        return f"its GEMMs {', '.join(functional)} are function calls, which do not stack yet"
-    return None
+    return _functional_reason(model, None)
 
 
 def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
@@ -113,10 +108,12 @@ def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
     return reason
 
 
-def _functional_reason(model: nn.Module, example: Tensor) -> str | None:
+def _functional_reason(model: nn.Module, example: Tensor | None) -> str | None:
+    """GEMMs called as functions: those the module tree shows (MultiheadAttention), and with
+    `example` those one forward calls."""
     from dse.train.functional import find_gemms
 
-    found = find_gemms(model, example[:2])
+    found = find_gemms(model, None if example is None else example[:2])
     functional = [site.layer.name for site in found.sites if site.module is None]
     if functional:
         return f"its GEMMs {', '.join(functional)} are function calls, which do not stack yet"
@@ -133,14 +130,15 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
             p.mul_(-0.75).add_(0.125)
     inputs = [example, example.flip(0)]
     stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None)
-    with torch.random.fork_rng(devices=[example.device] if example.is_cuda else []), torch.no_grad():
-        before = torch.get_rng_state()
+    devices = [example.device] if example.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        before = _rng_states(devices)
         try:
             together = stacked(torch.stack(inputs))
         except Exception as error:  # a layer that cannot take the folded batch
             return (f"its forward fails on a folded batch ({type(error).__name__}: "
                     f"{str(error).splitlines()[0] if str(error) else ''})")
-        if not torch.equal(before, torch.get_rng_state()):
+        if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
             return "its forward draws random numbers (dropout?) from torch's global generator"
         alone = [member(x) for member, x in zip(members, inputs, strict=True)]
     for g, out in enumerate(alone):
@@ -148,6 +146,10 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
             return ("a member's output is not its own when stacked (a layer sees its batch on another "
                     "axis than the first, or mixes samples)")
     return None
+
+
+def _rng_states(devices: list[torch.device]) -> list[Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in devices)]
 
 
 # --- the operations of stacked layers -------------------------------------------------------------
