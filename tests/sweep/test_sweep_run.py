@@ -69,7 +69,7 @@ def test_running_again_resumes_and_reports_where_files_are(local_run: Path) -> N
     result = CliRunner().invoke(app, ["sweep", str(local_run / "e2e.yaml")])
     assert result.exit_code == 0, result.output
     assert "6 trials: 5 ok, 1 diverged, 0 failed (0 run now, 6 from an earlier run)" in result.stdout
-    assert "best accuracy" in result.stdout and str(local_run / "out") in result.stdout
+    assert "best by validation accuracy" in result.stdout and str(local_run / "out") in result.stdout
 
 
 def test_dry_run_lists_trials_and_writes_nothing(tmp_path: Path) -> None:
