@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dse.train.niti.exponents import _activation_of, _ErrorSlot, _float_dtype, _plain, _value
-from dse.train.niti.layers import weight_mantissa
+from dse.train.niti.layers import NitiWeight
 from dse.train.niti.ti_loss import integer_ce_error
 from dse.train.niti.ti_torch import INT8_BITWIDTH, grad_calc, int_clip, psto_shift
 
@@ -72,20 +72,17 @@ class NitiOptimizer(torch.optim.Optimizer):
     +-(2^(copy_bits-1) - 1)) and the int8 weight is PstoShift(accumulator, F).
     """
 
-    def __init__(self, params: Any, mu: int, bitwidth: int = INT8_BITWIDTH, copy_bits: int | None = None
-                 ) -> None:
+    def __init__(self, weights: Sequence[NitiWeight], mu: int, bitwidth: int = INT8_BITWIDTH,
+                 copy_bits: int | None = None) -> None:
         frac_bits = 0 if copy_bits is None else copy_bits - bitwidth - 1
         if frac_bits < 0:
             raise ValueError(f"a NITI weight accumulator is wider than the weights (int{bitwidth + 1}), "
                              f"got int{copy_bits}")
-        super().__init__(params, {"mu": mu, "bitwidth": bitwidth, "frac_bits": frac_bits})
-        for group in self.param_groups:
-            for param in group["params"]:
-                if not hasattr(param, "niti_exp"):
-                    raise ValueError("NitiOptimizer needs weights prepared by a NITI layer (no niti_exp)")
-                self.state[param]["exp"] = param.niti_exp
-                if frac_bits:
-                    self.state[param]["accumulator"] = weight_mantissa(param) << frac_bits
+        self.weights = {weight.param: weight for weight in weights}
+        super().__init__(list(self.weights), {"mu": mu, "bitwidth": bitwidth, "frac_bits": frac_bits})
+        if frac_bits:
+            for weight in weights:
+                self.state[weight.param]["accumulator"] = weight.mantissa() << frac_bits
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -95,25 +92,24 @@ class NitiOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                pending = getattr(param, "niti_grad", None)
-                if pending is None:
+                weight = self.weights[param]
+                if weight.grad is None:
                     continue
                 state, bitwidth, frac_bits = self.state[param], group["bitwidth"], group["frac_bits"]
-                update = grad_calc(pending[0], group["mu"], bitwidth).to(param.device)
+                update = grad_calc(weight.grad[0], group["mu"], bitwidth).to(param.device)
                 if frac_bits:
                     accumulator = int_clip(state["accumulator"] - update, bitwidth + frac_bits)
                     state["accumulator"] = accumulator
                     mantissa = psto_shift(accumulator, frac_bits, bitwidth)
                 else:
-                    mantissa = int_clip(weight_mantissa(param, state["exp"]) - update, bitwidth)
-                param.copy_(_value(mantissa, state["exp"], param.dtype))
+                    mantissa = int_clip(weight.mantissa() - update, bitwidth)
+                param.copy_(_value(mantissa, weight.exp, param.dtype))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
-            for param in group["params"]:
-                param.niti_grad = None
+        for weight in self.weights.values():
+            weight.grad = None
 
 
 # ----------------------------------------------------------------------------------------------
