@@ -151,11 +151,33 @@ def _error_of(grad: Tensor, slot: _ErrorSlot | None, bitwidth: int) -> tuple[Ten
     return _mantissa_of(grad, _per_tensor(slot.read()) if slot is not None else None, bitwidth)
 
 
-def _value(mantissa: Tensor, exp: int, dtype: torch.dtype) -> Tensor:
-    """mantissa * 2^exp in `dtype` (exact while the value stays inside dtype's normal range)."""
-    if abs(exp) <= 100 and dtype in (torch.float32, torch.float64):
-        return mantissa.to(dtype) * 2.0**exp
-    return (mantissa.double() * 2.0**exp).to(dtype)
+_EXACT_SCALING = 100
+"""|e| up to which m * 2^e is scaled in the tensor's own float dtype (float32 and float64 exactly)."""
+
+
+def _largest(exp: Exponent) -> int:
+    return max(map(abs, exp)) if isinstance(exp, tuple) else abs(exp)
+
+
+def _negated(exp: Exponent) -> Exponent:
+    return tuple(-e for e in exp) if isinstance(exp, tuple) else -exp
+
+
+def _pow2(exp: Exponent, like: Tensor, dtype: torch.dtype) -> float | Tensor:
+    """2^exp: a Python float, or per member (a tuple) a (G, 1, ..., 1) tensor of `dtype` shaped to
+    broadcast against `like`, members along its leading axis. Both are exact (Python floats)."""
+    if not isinstance(exp, tuple):
+        return 2.0**exp
+    shape = (len(exp), *[1] * (like.dim() - 1))
+    return torch.tensor([2.0**e for e in exp], dtype=dtype, device=like.device).view(shape)
+
+
+def _value(mantissa: Tensor, exp: Exponent, dtype: torch.dtype) -> Tensor:
+    """mantissa * 2^exp in `dtype` (exact while the value stays inside dtype's normal range); per
+    member where exp is a tuple."""
+    if _largest(exp) <= _EXACT_SCALING and dtype in (torch.float32, torch.float64):
+        return mantissa.to(dtype) * _pow2(exp, mantissa, dtype)
+    return (mantissa.double() * _pow2(exp, mantissa, torch.float64)).to(dtype)
 
 
 def _mantissa_bound(bitwidth: int) -> float:

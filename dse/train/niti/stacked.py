@@ -23,41 +23,35 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
 from dse.train.accumulation import convolution, convolution_grads
 from dse.train.niti.exponents import (
+    _EXACT_SCALING,
     NitiTensor,
     _ErrorSlot,
     _exact_dtype,
     _float_dtype,
     _mantissa_bound,
+    _negated,
     _plain,
+    _pow2,
     _tag,
+    _value,
 )
-from dse.train.niti.layers import NitiConv, NitiLinear
-from dse.train.niti.ti_loss import integer_ce_error
+from dse.train.niti.layers import NitiConv, NitiLinear, NitiWeight
+from dse.train.niti.optim import NitiCrossEntropy, _CrossEntropyFunction
 from dse.train.niti.ti_torch import _ceil_log2, int_clip, psto_shift
 
 Exponents = tuple[int, ...]
 """One exponent per member."""
-_EXACT_SCALING = 100
-"""|e| up to which m * 2^e is scaled in the tensor's own float dtype (as `_value` does alone)."""
 
 
 # --- per-member versions of the per-tensor decisions ---------------------------------------------
-
-def _powers(exps: Sequence[int], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """2^e per member as a (G, 1, ..., 1) tensor (exact: built from Python floats)."""
-    shape = (len(exps), *[1] * (like.dim() - 1))
-    return torch.tensor([2.0**e for e in exps], dtype=dtype or like.dtype, device=like.device).view(shape)
-
 
 def _member_peaks(t: Tensor) -> list[float]:
     """max|t[g]| per member, on the host (one read for the group)."""
@@ -69,21 +63,6 @@ def range_estimates(t: Tensor) -> Exponents:
     return tuple((int(peak) - 1).bit_length() if peak > 0 else 0 for peak in _member_peaks(t))
 
 
-def value_members(mantissa: Tensor, exps: Exponents, dtype: torch.dtype) -> Tensor:
-    """mantissa[g] * 2^exps[g] in `dtype`, as `_value` computes it for each member."""
-    if max(map(abs, exps)) <= _EXACT_SCALING and dtype in (torch.float32, torch.float64):
-        return mantissa.to(dtype) * _powers(exps, mantissa, dtype)
-    return (mantissa.double() * _powers(exps, mantissa, torch.float64)).to(dtype)
-
-
-def weight_mantissa_members(param: Tensor, exps: Exponents, dtype: torch.dtype = torch.int64) -> Tensor:
-    """`weight_mantissa` of each member's weight."""
-    weight = param.detach()
-    if not (max(map(abs, exps)) <= _EXACT_SCALING and weight.dtype in (torch.float32, torch.float64)):
-        weight = weight.double()
-    return (weight * _powers([-e for e in exps], weight)).round_().to(dtype)
-
-
 def float_to_int_members(x: Tensor, bitwidth: int) -> tuple[Tensor, Exponents]:
     """TiFloatToInt8 of each member (`_float_to_int`): its own peak and exponent, the mantissa float32."""
     values = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0)
@@ -92,7 +71,7 @@ def float_to_int_members(x: Tensor, bitwidth: int) -> tuple[Tensor, Exponents]:
     exps = tuple(_ceil_log2(peak) - bitwidth if peak > 0 else 0 for peak in _member_peaks(values))
     if values.dtype != torch.float32 or max(map(abs, exps)) > _EXACT_SCALING:
         values = values.double()
-    mantissa = torch.round(values * _powers([-e for e in exps], values))
+    mantissa = torch.round(values * _pow2(_negated(exps), values, values.dtype))
     return mantissa.clamp(-(2**bitwidth), 2**bitwidth - 1).to(torch.float32), exps
 
 
@@ -102,7 +81,7 @@ def mantissa_of_members(values: Tensor, exps: Exponents | None, bitwidth: int) -
     values = _plain(values).detach()
     if exps is None or values.dtype != torch.float32 or max(map(abs, exps)) > _EXACT_SCALING:
         return float_to_int_members(values, bitwidth)
-    mantissa = values * _powers([-e for e in exps], values)
+    mantissa = values * _pow2(_negated(exps), values, values.dtype)
     flat = mantissa.reshape(len(exps), -1)
     on_grid = ((flat == flat.round()).all(1) & (flat.abs().amax(1) <= 2**bitwidth)).tolist()
     if all(on_grid):
@@ -118,7 +97,7 @@ def act_calc_members(acc: Tensor, bitwidth: int) -> tuple[Tensor, Exponents]:
     not positive (RoundShift's float form with a shift of 0 is that clip, bit for bit)."""
     shifts = tuple(max(r - bitwidth, 0) for r in range_estimates(acc))
     limit = 2**bitwidth - 1
-    rounded = acc.abs().mul_(_powers([-s for s in shifts], acc)).add_(0.5).floor_()
+    rounded = acc.abs().mul_(_pow2(_negated(shifts), acc, acc.dtype)).add_(0.5).floor_()
     return rounded.copysign_(acc).clamp_(-limit, limit), shifts
 
 
@@ -135,40 +114,17 @@ def grad_calc_members(g32: Tensor, mus: Sequence[int], bitwidth: int) -> Tensor:
     return update
 
 
+def _members_of(weight: NitiWeight) -> Exponents:
+    """A stacked weight's exponents, one per member."""
+    assert isinstance(weight.exp, tuple), "a NITI weight of one network in a stacked layer"
+    return weight.exp
+
+
 def _add(*exps: Exponents) -> Exponents:
     return tuple(map(sum, zip(*exps, strict=True)))
 
 
 # --- weights and layers --------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class StackedNitiWeight:
-    """`NitiWeight` of G members: the stacked parameter, one fixed exponent per member, and the exact
-    int32 weight-gradient accumulators of the step (int64, one exponent per member)."""
-
-    param: nn.Parameter
-    exps: Exponents
-    bitwidth: int
-    grad: tuple[Tensor, Exponents] | None = None
-
-    def mantissa(self, dtype: torch.dtype = torch.int64) -> Tensor:
-        return weight_mantissa_members(self.param, self.exps, dtype)
-
-    def accumulate(self, g32: Tensor, exps: Exponents) -> None:
-        g32 = g32.to(torch.int64)
-        if self.grad is None:
-            self.grad = (g32, exps)
-            return
-        previous, previous_exps = self.grad
-        low = tuple(map(min, previous_exps, exps))
-        shape = (len(low), *[1] * (g32.dim() - 1))
-
-        def up(values: Tensor, by: Sequence[int]) -> Tensor:
-            return values << torch.tensor(by, device=values.device).view(shape)
-
-        self.grad = (up(previous, [p - lo for p, lo in zip(previous_exps, low, strict=True)])
-                     + up(g32, [e - lo for e, lo in zip(exps, low, strict=True)]), low)
-
 
 class _StackedGemmFunction(torch.autograd.Function):
     """`_GemmFunction` for all members at once: integer GEMMs batched over the member axis, the
@@ -181,49 +137,48 @@ class _StackedGemmFunction(torch.autograd.Function):
         state = layer.niti_weight
         m_w = state.mantissa(torch.float32)
         m_out, shifts = act_calc_members(layer.int_forward(m_x, m_w), state.bitwidth)
-        exps_out = _add(exps_x, state.exps, shifts)
+        exps_out = _add(exps_x, _members_of(state), shifts)
         out_slot = _ErrorSlot()
         ctx.layer, ctx.m_x, ctx.m_w, ctx.exps_x = layer, m_x, m_w, exps_x
         ctx.in_slot, ctx.out_slot = in_slot, out_slot
-        return value_members(m_out, exps_out, _float_dtype(x)).flatten(0, 1), exps_out, out_slot
+        return _value(m_out, exps_out, _float_dtype(x)).flatten(0, 1), exps_out, out_slot
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: None) -> tuple[Tensor | None, ...]:
         layer: _StackedNitiGemm = ctx.layer
         state = layer.niti_weight
         written = ctx.out_slot.read()
-        m_err, exps_err = mantissa_of_members(grad_out.unflatten(0, (len(state.exps), -1)),
+        m_err, exps_err = mantissa_of_members(grad_out.unflatten(0, (len(_members_of(state)), -1)),
                                               written if isinstance(written, tuple) else None, state.bitwidth)
         grad_x = None
         if ctx.needs_input_grad[0]:
             err_out, shifts = act_calc_members(layer.int_input_grad(m_err, ctx.m_w, ctx.m_x), state.bitwidth)
-            exps_out = _add(exps_err, state.exps, shifts)
+            exps_out = _add(exps_err, _members_of(state), shifts)
             if ctx.in_slot is not None:
                 ctx.in_slot.write(exps_out)
-            grad_x = value_members(err_out, exps_out, grad_out.dtype).flatten(0, 1)
+            grad_x = _value(err_out, exps_out, grad_out.dtype).flatten(0, 1)
         g32 = layer.int_weight_grad(m_err, ctx.m_x, ctx.m_w).to(torch.int64)
         exps_g = _add(exps_err, ctx.exps_x)
         state.accumulate(g32, exps_g)
-        return grad_x, value_members(g32, exps_g, state.param.dtype), None, None, None, None
+        return grad_x, _value(g32, exps_g, state.param.dtype), None, None, None, None
 
 
 class _StackedNitiGemm(nn.Module):
     """Shared forward of the stacked weight layers (`_NitiGemm` per member)."""
 
-    niti_weight: StackedNitiWeight
+    niti_weight: NitiWeight
 
     def __init__(self, layers: Sequence[NitiLinear | NitiConv]) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
         self.bitwidth = layers[0].bitwidth
-        self.niti_weight = StackedNitiWeight(self.weight, tuple(layer.weight_exp for layer in layers),
-                                             self.bitwidth)
+        self.niti_weight = NitiWeight(self.weight, tuple(layer.weight_exp for layer in layers), self.bitwidth)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: the members' batches folded, (G B, ...)."""
         tagged = getattr(x, "niti_exp", None) if isinstance(x, NitiTensor) else None
         slot = getattr(x, "niti_slot", None) if isinstance(x, NitiTensor) else None
-        members = _plain(x).unflatten(0, (len(self.niti_weight.exps), -1))
+        members = _plain(x).unflatten(0, (len(_members_of(self.niti_weight)), -1))
         m_x, exps_x = mantissa_of_members(members, tagged if isinstance(tagged, tuple) else None,
                                           self.bitwidth)
         out, exps, out_slot = _StackedGemmFunction.apply(_plain(x), self.weight, self, m_x, exps_x, slot)
@@ -350,57 +305,32 @@ def stack_niti_models(models: Sequence[nn.Module]) -> FoldedNitiNetwork:
     return FoldedNitiNetwork(network, len(models))
 
 
-def stacked_weights(model: nn.Module) -> list[StackedNitiWeight]:
+def stacked_weights(model: nn.Module) -> list[NitiWeight]:
     """The NITI weights of a stacked network, in layer order."""
     return [module.niti_weight for module in model.modules() if isinstance(module, _StackedNitiGemm)]
 
 
-class _StackedCrossEntropyFunction(torch.autograd.Function):
-    """`_CrossEntropyFunction` per member: each member's float cross-entropy forward (G values),
-    each member's integer error backward, drawn from its own generator."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor, loss: StackedNitiCrossEntropy, m_z: Tensor,
-                exps: Exponents, slot: _ErrorSlot | None) -> Tensor:
-        ctx.loss, ctx.m_z, ctx.exps, ctx.slot, ctx.targets = loss, m_z, exps, slot, targets
-        ctx.shape = logits.shape
-        values = value_members(m_z, exps, torch.float64)
-        losses = [F.cross_entropy(v, t, ignore_index=-100) for v, t in zip(values, targets, strict=True)]
-        return torch.stack(losses).to(_float_dtype(logits))
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
-        loss: StackedNitiCrossEntropy = ctx.loss
-        error = integer_ce_error(ctx.m_z, ctx.exps, ctx.targets, loss.generators, loss.bitwidth,
-                                 loss.division)
-        zeros = (0,) * len(ctx.exps)
-        if ctx.slot is not None:
-            ctx.slot.write(zeros)
-        grad_logits = value_members(error, zeros, grad_loss.dtype).reshape(ctx.shape)
-        return grad_logits, None, None, None, None, None
-
-
-class StackedNitiCrossEntropy:
-    """loss(logits (G, B, classes), targets (G, B)) -> each member's loss (G,), backward NITI's
-    integer error per member (`NitiCrossEntropy` of each member)."""
+class StackedNitiCrossEntropy(NitiCrossEntropy):
+    """loss(logits (G, B, classes), targets (G, B)) -> each member's loss (G,); backward each member's
+    integer error (`NitiCrossEntropy` of each member), drawn from its own generator."""
 
     def __init__(self, bitwidth: int, generators: MemberGenerators, division: str = "reference") -> None:
-        self.bitwidth, self.generators, self.division = bitwidth, generators, division
+        super().__init__(bitwidth, generators, division)
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         members, classes = logits.shape[0], logits.shape[-1]
         tagged = getattr(logits, "niti_exp", None) if isinstance(logits, NitiTensor) else None
         slot = getattr(logits, "niti_slot", None) if isinstance(logits, NitiTensor) else None
         m_z, exps = mantissa_of_members(logits, tagged if isinstance(tagged, tuple) else None, self.bitwidth)
-        return _StackedCrossEntropyFunction.apply(_plain(logits), targets.reshape(members, -1), self,
-                                                  m_z.reshape(members, -1, classes), exps, slot)
+        return _CrossEntropyFunction.apply(_plain(logits), targets.reshape(members, -1), self,
+                                           m_z.reshape(members, -1, classes), exps, slot)
 
 
 class StackedNitiOptimizer:
     """`NitiOptimizer` of each member over the stacked weights: grad_calc with the member's mu (`mus`,
     set each epoch by the members' schedules), the same integer accumulator (copy_bits) per member."""
 
-    def __init__(self, weights: Sequence[StackedNitiWeight], mus: Sequence[int], bitwidth: int,
+    def __init__(self, weights: Sequence[NitiWeight], mus: Sequence[int], bitwidth: int,
                  copy_bits: int | None = None) -> None:
         self.weights = list(weights)
         self.mus = list(mus)
@@ -420,7 +350,7 @@ class StackedNitiOptimizer:
                 mantissa = psto_shift(self.accumulators[index], self.frac_bits, self.bitwidth)
             else:
                 mantissa = int_clip(weight.mantissa() - update, self.bitwidth)
-            weight.param.copy_(value_members(mantissa, weight.exps, weight.param.dtype))
+            weight.param.copy_(_value(mantissa, _members_of(weight), weight.param.dtype))
 
     def zero_grad(self) -> None:
         for weight in self.weights:
