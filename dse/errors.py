@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -11,6 +12,27 @@ T = TypeVar("T")
 
 class InputError(ValueError):
     """Bad user input: a spec, a config, a table or a path. The message names the problem and where."""
+
+
+class SettingError(InputError):
+    """Bad value of one named setting. `setting` is its dotted name among the settings of whatever
+    raised it (`vector_length` for DatapathParams, `memory.sram` for build_model), so that a reader of
+    a settings file places the error at the key that holds the value, whoever checked it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@contextmanager
+def about(setting: str) -> Iterator[None]:
+    """InputErrors raised inside are about `setting` (a SettingError's own name goes under it)."""
+    try:
+        yield
+    except SettingError as error:
+        raise SettingError(f"{setting}.{error.setting}", str(error)) from None
+    except InputError as error:
+        raise SettingError(setting, str(error)) from None
 
 
 def closest(word: Any, choices: Iterable[str]) -> str | None:

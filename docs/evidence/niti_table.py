@@ -24,7 +24,6 @@ import platform
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
 from dse.train import TrainConfig, niti, train
 from dse.train.niti import layers, method, optim  # where the ablations swap a function
@@ -38,14 +37,11 @@ TASKS = {  # name: (model, dataset, epochs, batch size) as in issue 11's table
 VARIANTS = ("niti", "model-init", "integer-ce", "exp+1", "wrap", "eval-1024", "fp32")
 
 
-def _model_init(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
+def _model_init(param: torch.Tensor, bitwidth: int, generator: torch.Generator) -> int:
     """dse before issue 11: weight_quant of the model's own initial weights."""
-    if getattr(param, "niti_bitwidth", None) == bitwidth:
-        return param.niti_exp
     with torch.no_grad():
         mantissa, exp = niti.weight_quant(param, bitwidth)
         param.copy_(mantissa.to(param.dtype) * 2.0**exp)
-    param.niti_exp, param.niti_bitwidth, param.niti_grad = exp, bitwidth, None
     return exp
 
 
@@ -80,14 +76,11 @@ def variant(name: str) -> Iterator[None]:
     elif name == "integer-ce":
         method.NitiCrossEntropy = lambda bitwidth, generator: saved[1](bitwidth, generator, "integer")
     elif name == "exp+1":
-        def one_up(param: nn.Parameter, bitwidth: int, generator: torch.Generator) -> int:
-            if getattr(param, "niti_bitwidth", None) == bitwidth:
-                return param.niti_exp
-            saved[0](param, bitwidth, generator)
+        def one_up(param: torch.Tensor, bitwidth: int, generator: torch.Generator) -> int:
+            exp = saved[0](param, bitwidth, generator)
             with torch.no_grad():
                 param.mul_(2.0)
-            param.niti_exp += 1
-            return param.niti_exp
+            return exp + 1
         layers._init_weight = one_up
     elif name == "wrap":
         layers.act_calc, optim.grad_calc = _act_calc_wrapping, _grad_calc_wrapping

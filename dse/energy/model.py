@@ -20,7 +20,7 @@ from dse.energy.datapaths import DatapathParams
 from dse.energy.memory import SRAM_SCALINGS, MemoryPreset, memory_presets, preset, sram_pj_per_bit
 from dse.energy.tables import EnergyTable, load_table, load_tables
 from dse.energy.technology import Technology, parse_node, technology_from
-from dse.errors import InputError
+from dse.errors import InputError, SettingError, about
 
 CALIBRATION_SOURCE = "horowitz2014"
 """The primary calibration table: the 45 nm fit, the area fit, and the only one the 'stillmaker' rule uses."""
@@ -49,9 +49,9 @@ class MemoryParams:
     def __post_init__(self) -> None:
         if self.sram_scaling not in SRAM_SCALINGS:
             known = ", ".join(SRAM_SCALINGS)
-            raise InputError(f"unknown sram scaling {self.sram_scaling!r} (known: {known})")
+            raise SettingError("sram_scaling", f"unknown sram scaling {self.sram_scaling!r} (known: {known})")
         if not self.operand_reuse >= 1:
-            raise InputError(f"operand_reuse must be >= 1, got {self.operand_reuse}")
+            raise SettingError("operand_reuse", f"operand_reuse must be >= 1, got {self.operand_reuse}")
 
 
 @dataclass(frozen=True)
@@ -169,16 +169,21 @@ def build_model(node: str | float = "45nm", datapath: DatapathParams | None = No
                 memory: MemoryParams | None = None, table: str | Path | None = None,
                 tables_directory: str | Path | None = None, scope: str = "system",
                 node_scaling: str = "calibrated") -> EnergyModel:
-    """Calibrate, move the logic to `node` under the node-scaling rule, resolve the memory presets."""
+    """Calibrate, move the logic to `node` under the node-scaling rule, resolve the memory presets.
+
+    A bad argument raises a SettingError naming it (`node`, `scope`, `memory.sram`, ...)."""
     datapath = datapath or DatapathParams()
     memory = memory or MemoryParams()
     if scope not in SCOPES:
-        raise InputError(f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
+        raise SettingError("scope", f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
     if node_scaling not in NODE_SCALINGS:
-        raise InputError(f"unknown node scaling {node_scaling!r} (known: {', '.join(NODE_SCALINGS)})")
-    loaded = _load(None if tables_directory is None else str(tables_directory),
-                   None if table is None else str(table))
-    components = components_at(loaded, node, node_scaling)
+        raise SettingError("node_scaling",
+                           f"unknown node scaling {node_scaling!r} (known: {', '.join(NODE_SCALINGS)})")
+    with about("table"):
+        loaded = _load(None if tables_directory is None else str(tables_directory),
+                       None if table is None else str(table))
+    with about("node"):
+        components = components_at(loaded, node, node_scaling)
     node_nm = components.node_nm
     technology = loaded.technology
     home = _node_of(loaded.calibration)
@@ -186,8 +191,10 @@ def build_model(node: str | float = "45nm", datapath: DatapathParams | None = No
     area_scale = technology.area_scale(node_nm, loaded.area.node_nm) if _has_node(technology, node_nm) \
         else math.nan
     area = loaded.area.scaled(area_scale, node_nm) if area_scale == area_scale else None
-    sram = preset(loaded.presets, memory.sram, "sram")
-    dram = preset(loaded.presets, memory.dram, "dram")
+    with about("memory.sram"):
+        sram = preset(loaded.presets, memory.sram, "sram")
+    with about("memory.dram"):
+        dram = preset(loaded.presets, memory.dram, "dram")
     logic_scale = components.fp_mul(8, 23) / reference.fp_mul(8, 23)
     sram_bit = sram_pj_per_bit(sram, loaded.tables, technology, node_nm, memory.sram_scaling)
     return EnergyModel(

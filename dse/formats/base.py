@@ -136,12 +136,31 @@ def constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+# float32's smallest normal: scales below it are float32 subnormals, which a CPU flushing denormals
+# (torch.set_flush_denormal, as training runs) reads and writes as zero.
+FLOAT32_MIN_NORMAL = 2.0**-126
+_FLOAT32_SUBNORMAL_STEP_EXPONENT = -149
+
+
 def round_to_float32(value: float) -> float:
-    """A Python float rounded to the nearest float32 (ties to even), +-inf beyond float32's range."""
+    """A Python float rounded to the nearest float32 (ties to even, subnormals included), +-inf beyond
+    float32's range; the same whether or not the CPU flushes denormals (the cast would flush them)."""
+    if abs(value) < FLOAT32_MIN_NORMAL:  # onto the subnormal step, in float64 where it is a normal number
+        step = _FLOAT32_SUBNORMAL_STEP_EXPONENT
+        return math.copysign(math.ldexp(round(math.ldexp(value, -step)), step), value)
     try:
         return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
     except OverflowError:
         return math.copysign(math.inf, value)
+
+
+def float32_values(t: Tensor) -> Tensor:
+    """float64 values rounded to float32 (nearest, ties to even, subnormals included, +-inf beyond
+    float32's range) and kept in float64: float32 arithmetic's results with gradual underflow, also
+    where the CPU flushes float32 denormals (float64 holds float32's subnormals as normal numbers)."""
+    step = _FLOAT32_SUBNORMAL_STEP_EXPONENT
+    subnormal = torch.round(t * 2.0**-step) * 2.0**step
+    return torch.where(t.abs() < FLOAT32_MIN_NORMAL, subnormal, t.float().double())
 
 
 def power_of_two(exponent: Tensor | int) -> Tensor:
@@ -509,12 +528,11 @@ class NumberFormat(ABC):
         elif kind == "block":
             flat = work.reshape(1) if work.dim() == 0 else work  # a scalar is a block of one
             blocks, shape, pad = to_blocks(flat, self.scaling.axis, self.scaling.block_size)
-            scale = self.scale_from_amax(blocks.abs().amax(dim=-1, keepdim=True))
-            out = from_blocks(self.round_unscaled(blocks / scale, rounding, generator) * scale,
-                              shape, self.scaling.axis, pad).reshape(work.shape)
+            amax = blocks.abs().amax(dim=-1, keepdim=True)
+            rounded = self.round_by_scale(blocks, amax, rounding, generator)
+            out = from_blocks(rounded, shape, self.scaling.axis, pad).reshape(work.shape)
         else:
-            scale = self.scale_from_amax(abs_max(work, self.scaling.axis))
-            out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
+            out = self.round_by_scale(work, abs_max(work, self.scaling.axis), rounding, generator)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def quantize_members(self, x: Tensor, rounding: str = "nearest",
@@ -555,8 +573,7 @@ class NumberFormat(ABC):
                 low, high = rows.amin(2), rows.amax(2)
                 shape = [members] + [1] * (x.dim() - 1)
                 shape[member_axis] = x.shape[member_axis]
-            scale = self.scale_from_amax(torch.maximum(-low, high).reshape(shape))
-            out = self.round_unscaled(work / scale, rounding, generator).mul_(scale)
+            out = self.round_by_scale(work, torch.maximum(-low, high).reshape(shape), rounding, generator)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _quantize_per_tensor(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
@@ -572,6 +589,9 @@ class NumberFormat(ABC):
             scale = self.host_tensor_scale(x)
             if scale == 1.0:  # x / 1 and y * 1 are exact: skip both
                 return self.round_unscaled(x, rounding, generator)
+            if x.dtype == torch.float32 and scale < FLOAT32_MIN_NORMAL:
+                return self.round_by_float32_scale_values(x, constant(scale, torch.float64, x.device),
+                                                          rounding, generator)
             fused = self._round_scaled_on_host(x, scale, rounding) if self.scaling.pow2 else None
             if fused is not None:
                 return fused
@@ -583,6 +603,56 @@ class NumberFormat(ABC):
     def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
         """round_unscaled(x / scale) * scale for a power-of-two scale, fused where a family can; else None."""
         return None
+
+    def round_by_scale(self, x: Tensor, amax: Tensor, rounding: str, generator: torch.Generator | None
+                       ) -> Tensor:
+        """round_unscaled(x / s) * s for s = scale_from_amax(amax), amax (each group's max|x|) broadcast
+        over x (float32 or float64).
+
+        The same where the CPU flushes denormals (training sets it), with the denormals flushed: a
+        group of zeros is divided by 1 (not by E8M0's 2^-127, which is a float32 subnormal: 0 / 0
+        would be NaN), and where a float32 scale would be a subnormal (max|x| of a group near
+        float32's smallest normal), the quotients and products are taken in float64
+        (`round_by_float32_scale_values`). Elsewhere (nearly always) one division and one product.
+        """
+        if x.dtype == torch.float32 and bool(((amax > 0) & (amax < self._subnormal_scale_amax)).any()):
+            return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
+        scale = self.divisor_from_amax(amax)
+        return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
+
+    def round_by_float32_scale_values(self, x: Tensor, scale: Tensor, rounding: str,
+                                      generator: torch.Generator | None) -> Tensor:
+        """round_unscaled(x / s) * s for float32 x and float32 scales s given as their float64 values
+        (subnormals included): each quotient and product is exact in float64 (or rounded to 53 bits,
+        which rounding to 24 then leaves exactly as one float32 rounding), so the results are float32
+        arithmetic's, bit for bit, and no float32 subnormal is read; a result below float32's normals
+        is written as the CPU writes one (flushed or not)."""
+        scaled = (x.double() / scale).float()
+        return (self.round_unscaled(scaled, rounding, generator).double() * scale).float()
+
+    @cached_property
+    def _subnormal_scale_amax(self) -> float:
+        """A bound under which max|x| may give a float32 scale below float32's normals (0 excluded)."""
+        return self._max_float32 * FLOAT32_MIN_NORMAL * 2
+
+    def divisor_from_amax(self, amax: Tensor) -> Tensor:
+        """scale_from_amax, with 1 wherever max|x| is 0 (0 / s * s is 0 for every s; 1 is a normal
+        float32 where a scale format's smallest scale may not be)."""
+        return self.scale_from_amax(amax)
+
+    def float32_scale_values(self, amax: Tensor) -> Tensor:
+        """`divisor_from_amax` of float32 amax as float64 values, float32's subnormals included, computed
+        in float64 so that they come out whether or not the CPU flushes float32 denormals."""
+        amax = amax.double()  # a flushed input max|x| reads as 0 here, as it does in float32
+        usable = (amax > 0) & (amax < math.inf)
+        grid_max = self._max_float32
+        if self.scaling.pow2:
+            ratio = float32_values(torch.where(usable, amax, 1.0) / grid_max)
+            scale = float32_values(power_of_two(pow2_ceil_exponent(ratio).clamp(-1074, 1023)))
+        else:
+            scale = float32_values(amax / grid_max)
+            usable &= scale > 0
+        return torch.where(usable, scale, 1.0)
 
     def _round_scaled(self, x: Tensor, scale: Tensor, rounding: str,
                       generator: torch.Generator | None) -> Tensor:

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import (
+    FLOAT32_MIN_NORMAL,
     FLOAT_DTYPES,
     NumberFormat,
     Scaling,
@@ -270,8 +271,8 @@ class BlockFormat(NumberFormat):
             bad = ((exponent_field < plan.lowest_field) & (amax != 0)
                    | (exponent_field > plan.highest_field) & (exponent_field < 255))
             if bool(bad.any()):
-                scale = self.scale_from_amax(blocks.abs().amax(dim=2, keepdim=True))
-                reference = self.round_unscaled(blocks / scale, "nearest", None) * scale
+                amax_float = blocks.abs().amax(dim=2, keepdim=True)
+                reference = self.round_by_scale(blocks, amax_float, "nearest", None)
                 out.copy_(torch.where(bad, reference, out))
 
     @staticmethod
@@ -331,8 +332,10 @@ class BlockFormat(NumberFormat):
                                 lowest_field=1 + emax - emin, highest_field=231 + m)
         if isinstance(element, FixedPoint) and element.symmetric and 0 <= emax <= 21 - element.frac_bits:
             frac = element.frac_bits
-            return _NearestPlan(limit_floor=emax << 23, limit_offset=limit_offset, factor=0.0, floor_offset=0,
-                                magic_offset=((23 - frac - emax) << 23) | (1 << 22),
+            # F = 0 (blocks of zeros: others with F = 0 are redone) takes F = 1's bound, a normal float32:
+            # max * 2^-127 is a subnormal, which a CPU flushing denormals reads as 0 with its sign, -0.
+            return _NearestPlan(limit_floor=max(emax, 1) << 23, limit_offset=limit_offset, factor=0.0,
+                                floor_offset=0, magic_offset=((23 - frac - emax) << 23) | (1 << 22),
                                 lowest_field=1 + emax, highest_field=231 + emax + frac)
         return None
 
@@ -390,7 +393,12 @@ class BlockFormat(NumberFormat):
 
     def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
         """s_t = max|x| / (max_scale * max_elem) (0-dim, block_amax's dtype); 1 where max|x| is zero or
-        not finite (torchao would divide by zero there)."""
+        not finite (torchao would divide by zero there). In float32, s_t is at least 2^-126 / s_min
+        (s_min the scale grid's smallest normal, 2^-6 for E4M3: s_t >= 2^-120), so that every block's
+        s_t * s_b is a normal float32 and its reciprocal finite: below it (max|x| under 2^-108.6 for
+        NVFP4) torchao's reciprocal (1 / s_t) / s_b overflows to inf for the smallest blocks, whose
+        zeros become NaN, and a CPU that flushes denormals reads a subnormal s_t as 0. Clamped, such
+        a tensor is quantized as one whose max|x| is that bound."""
         grid = self.scale_grid
         assert grid is not None
         amax = block_amax.amax()
@@ -398,6 +406,8 @@ class BlockFormat(NumberFormat):
         divisor = grid.max * self.element.max
         divisor = round_to_float32(divisor) if dtype == torch.float32 else divisor
         scale = amax / constant(divisor, dtype, amax.device)
+        if dtype == torch.float32:
+            scale = scale.clamp_min(FLOAT32_MIN_NORMAL * 2.0**-grid.min_normal_exponent)
         usable = (amax > 0) & (amax < math.inf)
         return torch.where(usable, scale, constant(1.0, dtype, amax.device))
 
@@ -455,6 +465,20 @@ class BlockFormat(NumberFormat):
             return self._scale_from_amax_float32(amax)
         exponent, finite = self.scale_exponents(amax)
         return torch.where(finite, power_of_two(exponent), math.nan).to(amax.dtype)
+
+    def divisor_from_amax(self, amax: Tensor) -> Tensor:
+        """As NumberFormat's: 1 for blocks of zeros, whose E8M0 scale 2^-127 is a float32 subnormal."""
+        scale = self.scale_from_amax(amax)
+        if amax.dtype != torch.float32:
+            return scale
+        return torch.where(amax == 0, constant(1.0, torch.float32, amax.device), scale)
+
+    def float32_scale_values(self, amax: Tensor) -> Tensor:
+        """The E8M0 divisors of float32 max|v| as float64 values (2^-127 included)."""
+        amax = amax.double()  # a flushed max|v| reads as 0 here, as it does in float32
+        exponent, finite = self.scale_exponents(amax)
+        scale = torch.where(amax == 0, 1.0, power_of_two(exponent))
+        return torch.where(finite, scale, math.nan)
 
     def _scale_from_amax_float32(self, amax: Tensor) -> Tensor:
         """scale_from_amax for float32 max|v| (>= 0 or NaN), from its exponent field F: E = F - 127 -

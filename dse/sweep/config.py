@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
-from dse.energy import DatapathParams, MemoryParams, get_workload, parse_node, workload_names
-from dse.errors import InputError, InputErrors, Problems, closest
+from dse.energy import DatapathParams, MemoryParams, get_workload, workload_names
+from dse.errors import InputError, InputErrors, Problems, SettingError, about, closest
 from dse.models.workloads import is_workload_file
 from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
 from dse.train.config import TrainConfig
@@ -229,14 +229,11 @@ else:
 
 
 def _params(params: type, section: BaseModel, path: tuple[str | int, ...], source: SourceMap) -> Any:
-    """`params(**section)`, its error placed at the key it names (else at the section)."""
+    """`params(**section)`, its error placed at the key of the setting it names."""
     try:
         return params(**section.model_dump())
-    except ValueError as error:
-        message = str(error).splitlines()[0]
-        named = next((field.name for field in dataclasses.fields(params) if message.startswith(field.name)),
-                     None)
-        raise source.error((*path, named) if named else path, message) from None
+    except SettingError as error:
+        raise source.error((*path, *error.setting.split(".")), str(error).splitlines()[0]) from None
 
 
 _Node = str | int | float
@@ -538,11 +535,12 @@ def _axis(value: Any) -> tuple[list[Any], bool]:
 
 
 def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) -> EnergyConfig:
+    """The energy section, every point of its axes checked by the types that own the values
+    (DatapathParams, MemoryParams, build_model): each point's model is built once, and the setting a
+    SettingError names is placed at its key here."""
     import itertools
 
-    from dse.energy import SCOPES, build_model
-    from dse.energy.datapaths import parse_accumulator
-    from dse.energy.iteration import FP32 as FP32_OPERAND
+    from dse.energy import build_model
 
     axes: dict[str, list[Any]] = {}
     listed: dict[str, bool] = {}
@@ -551,26 +549,7 @@ def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) ->
         if listed[name] and not values:
             raise source.error(("energy", name), f"empty list: give at least one {name}")
         axes[name] = values
-
-    def item_path(name: str, index: int) -> tuple[str | int, ...]:
-        return ("energy", name, index) if listed[name] else ("energy", name)
-
-    for index, node in enumerate(axes["node"]):
-        text = node if isinstance(node, str) else f"{node:g}nm"
-        try:
-            parse_node(text)
-            build_model(text, node_scaling=section.node_scaling)
-        except ValueError as error:
-            raise source.error(item_path("node", index), str(error).splitlines()[0]) from None
-        axes["node"][index] = text
-    for index, scope in enumerate(axes["scope"]):
-        if scope not in SCOPES:
-            raise source.error(item_path("scope", index),
-                               f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
-    for index, length in enumerate(axes["vector_length"]):
-        if length is not None and (isinstance(length, bool) or length < 1):
-            raise source.error(item_path("vector_length", index),
-                               f"vector_length must be >= 1, got {length!r}")
+    axes["node"] = [node if isinstance(node, str) else f"{node:g}nm" for node in axes["node"]]
     if not section.workloads:
         raise source.error(("energy", "workloads"), "empty list: name at least one workload (e.g. proxy)")
     known = (PROXY_WORKLOAD, *workload_names())
@@ -600,48 +579,35 @@ def _check_energy(section: _EnergySection, source: SourceMap, base_dir: Path) ->
     table = section.table
     if table is not None and not Path(table).is_file():
         raise source.error(("energy", "table"), f"energy table {table!r} not found")
-    for index, accumulator in enumerate([*axes["accumulator"], section.datapath.accumulator]):
-        if accumulator is None or accumulator.strip().lower() == "quire":
-            continue  # whether it fits each format is checked per trial
-        path = item_path("accumulator", index) if index < len(axes["accumulator"]) else ("energy", "datapath")
-        try:
-            parse_accumulator(accumulator, FP32_OPERAND)
-        except ValueError as error:
-            raise source.error(path, str(error).splitlines()[0]) from None
     problems = Problems()
     base = problems.attempt(_params, DatapathParams, section.datapath, ("energy", "datapath"), source)
     memory = problems.attempt(_params, MemoryParams, section.memory, ("energy", "memory"), source)
     problems.raise_any()
     assert base is not None and memory is not None
-    try:
-        build_model(axes["node"][0], base, memory, node_scaling=section.node_scaling)  # resolves the presets
-    except ValueError as error:
-        raise source.error(("energy", "memory"), str(error).splitlines()[0]) from None
+
     points: list[EnergyPoint] = []
-    for node, scope, accumulator, length in itertools.product(*(axes[name] for name in ENERGY_AXES)):
-        changes: dict[str, Any] = {}
-        if accumulator is not None:
-            changes["accumulator"] = accumulator
-        if length is not None:
-            changes["vector_length"] = length
-        tags = [tag for tag, varies in ((node, listed["node"] and len(axes["node"]) > 1),
-                                        (scope, listed["scope"] and len(axes["scope"]) > 1),
-                                        (f"acc={accumulator or 'default'}",
-                                         listed["accumulator"] and len(axes["accumulator"]) > 1),
-                                        (f"K={length}",
-                                         listed["vector_length"] and len(axes["vector_length"]) > 1))
-                if varies]
+    for indices in itertools.product(*(range(len(axes[name])) for name in ENERGY_AXES)):
+        at = dict(zip(ENERGY_AXES, indices, strict=True))
+        node, scope, accumulator, length = (axes[name][at[name]] for name in ENERGY_AXES)
+        changes = {name: value for name, value in (("accumulator", accumulator), ("vector_length", length))
+                   if value is not None}
         try:
-            datapath = dataclasses.replace(base, **changes)
-        except ValueError as error:  # e.g. an lns_conversion_length that is no multiple of this K
-            raise source.error(("energy", "datapath"), str(error).splitlines()[0]) from None
+            with about("datapath"):
+                datapath = dataclasses.replace(base, **changes)
+            build_model(node, datapath, memory, table, scope=scope, node_scaling=section.node_scaling)
+        except SettingError as error:  # at the axis item that gave the value, else at the setting's key
+            name = error.setting.removeprefix("datapath.")
+            given = name in ("node", "scope") or name in changes
+            path: tuple[str | int, ...] = ("energy", name, at[name]) if given and listed[name] else \
+                ("energy", name) if given else ("energy", *error.setting.split("."))
+            problems.add(str(source.error(path, str(error).splitlines()[0])))
+            continue
+        tags = [tag for tag, name in ((node, "node"), (scope, "scope"),
+                                      (f"acc={accumulator or 'default'}", "accumulator"),
+                                      (f"K={length}", "vector_length"))
+                if listed[name] and len(axes[name]) > 1]
         points.append(EnergyPoint(",".join(tags), node, scope, section.node_scaling, datapath))
-    try:
-        for point in points:
-            build_model(point.node, point.datapath, memory, table, scope=point.scope,
-                        node_scaling=point.node_scaling)
-    except ValueError as error:
-        raise source.error(("energy", "table"), str(error).splitlines()[0]) from None
+    problems.raise_any()
     return EnergyConfig(workloads=tuple(workloads), table=table, memory=memory, points=tuple(points),
                         sources=sources)
 

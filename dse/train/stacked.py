@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
+from dse.train import accumulation
+from dse.train.accumulation import Accumulator
 from dse.train.layers import LayerPolicies, LayerQuant, QuantGemm, Quantizer, QuantSwitch
 from dse.train.policy import QuantPolicy, TensorQuant
 
@@ -34,8 +36,8 @@ STACKABLE_STAGES: tuple[str, ...] = ("Linear", "ReLU", "Flatten", "_Reshape")
 
 
 def stack_reason(model: nn.Module, policy: QuantPolicy | None = None) -> str | None:
-    """Why `model` (quantized under `policy`) cannot be stacked (None: it can): only nn.Sequential
-    chains of STACKABLE_STAGES, with no layer accumulating in a format."""
+    """Why `model` cannot be stacked (None: it can): only nn.Sequential chains of STACKABLE_STAGES.
+    `policy` (the trial's quantization) stacks whatever it says."""
     if type(model) is not nn.Sequential:
         return f"{type(model).__name__} is not a chain of layers (nn.Sequential)"
     for module in model:
@@ -44,8 +46,6 @@ def stack_reason(model: nn.Module, policy: QuantPolicy | None = None) -> str | N
             return f"its {name} layers do not stack yet (only Linear, ReLU, Flatten and reshape stages)"
         if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
             return "a Flatten over other dimensions than all but the batch"
-    if policy is not None and any(p.accumulation.enabled for p in layer_policies(model, policy).values()):
-        return "the accumulation emulation does not stack yet"
     return None
 
 
@@ -62,8 +62,10 @@ def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[int, QuantPoli
 class StackedLinearOp:
     """The GEMMs of the module docstring for all members at once: x (G, B, in), w (G, out, in).
 
-    An op of the shared `QuantGemm` (dse/train/layers.py), which quantizes the operands around it;
-    stacked layers never accumulate in a format (`stack_reason`), so it has no accumulated GEMMs.
+    An op of the shared `QuantGemm` (dse/train/layers.py), which quantizes the operands around it.
+    With an accumulator each GEMM is folded chunk by chunk over the same reduction indices as a
+    member's Linear alone (dse/train/accumulation.py): in_features forward, out_features
+    backward-data, the batch rows backward-weight; the chunks are batched matmuls.
     """
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -79,6 +81,17 @@ class StackedLinearOp:
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         return dy.sum(1)
+
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor:
+        y = accumulation.matmul_forward(x, weight.transpose(1, 2), accumulator)
+        return y if bias is None else y + bias.unsqueeze(1)
+
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
+        dx = accumulation.matmul_forward(dy, weight, accumulator) if need_data else None
+        dw = accumulation.matmul_backward_b(dy, x, accumulator) if need_weight else None
+        return dx, dw
 
 
 _STACKED_LINEAR = StackedLinearOp()
@@ -143,7 +156,10 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
             own = policies[id(module)]
             if own.quantizes_gemms:
                 quants = (own.activations, own.weights, own.gradients, own.weight_grads)
+                accumulate = _members(own.accumulation, generators)
+                accumulator = None if accumulate is None else Accumulator(accumulate, own.accumulation_chunk)
                 quant = LayerQuant(_STACKED_LINEAR, *(_members(q, generators) for q in quants), switch,
+                                   accumulator=accumulator,
                                    master_weights=own.master_weights if own.master_weights.enabled else None)
             stages.append(StackedLinear([model[index] for model in models], quant))
         elif isinstance(module, nn.ReLU):

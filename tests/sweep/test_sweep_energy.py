@@ -119,3 +119,54 @@ def test_lns_conversion_length_is_a_datapath_setting_checked_against_every_k() -
     assert [point.datapath.lns_conversion_length for point in sweep.energy.points] == [64, 64]
     with pytest.raises(ValueError, match=r"lns.yaml.*lns_conversion_length must be a multiple of"):
         parse_config(LNS_PERIOD.format(lengths="[16, 48]"), "lns.yaml")
+
+
+# --- energy settings: checked once by the types that own them, placed at their keys --------------
+
+GRID = """\
+name: grid
+task: {{model: mlp, dataset: digits}}
+energy: {energy}
+trials:
+  - {{format: int8}}
+"""
+
+
+@pytest.mark.parametrize(("energy", "places"), [
+    ("{node: [45nm, 3.5nm], scope: [pe, chip]}",
+     {"energy.node[1]": "unknown technology node '3.5nm'", "energy.scope[1]": "unknown scope 'chip'"}),
+    ("{memory: {sram: tiny}}", {"energy.memory.sram": "unknown sram preset 'tiny'"}),
+    ("{datapath: {accumulator: fp77}}", {"energy.datapath.accumulator": "fp77"}),
+    ("{vector_length: [16, 0], accumulator: [int32, fp77]}",
+     {"energy.vector_length[1]": "vector_length must be", "energy.accumulator[1]": "fp77"}),
+    ("{vector_length: 48, datapath: {lns_conversion_length: 64}}",
+     {"energy.datapath.lns_conversion_length": "multiple of vector_length (48)"}),
+    ("{node: 3nm, node_scaling: calibrated}", {"energy.node": "outside the calibrated range"}),
+    ("{node_scaling: linear}", {"energy.node_scaling": "unknown node scaling 'linear'"}),
+])
+def test_every_bad_energy_setting_is_reported_at_its_key(energy: str, places: dict[str, str]) -> None:
+    from dse.errors import InputError, InputErrors
+
+    with pytest.raises(InputError) as raised:
+        parse_config(GRID.format(energy=energy), "g.yaml")
+    problems = raised.value.problems if isinstance(raised.value, InputErrors) else [str(raised.value)]
+    found = {problem.split(": ")[1]: problem for problem in problems}
+    assert sorted(found) == sorted(places), problems
+    for key, words in places.items():
+        assert found[key].startswith(f"g.yaml:3: {key}: ") and words in found[key], found[key]
+
+
+def test_each_energy_point_builds_its_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dse.energy
+
+    built: list[tuple[str, str]] = []
+    real = dse.energy.build_model
+
+    def counting(node: str, *args: object, **kwargs: object) -> object:
+        built.append((node, str(kwargs["scope"])))
+        return real(node, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dse.energy, "build_model", counting)
+    sweep = parse_config(GRID.format(energy="{node: [45nm, 7nm], scope: [pe, system]}"), "g.yaml")
+    assert len(sweep.energy.points) == 4
+    assert sorted(built) == sorted({(p.node, p.scope) for p in sweep.energy.points})

@@ -304,7 +304,7 @@ def test_linear_forward_and_backward_by_hand() -> None:
     err_out, err_shift = ref_act_calc(e32)
     assert x.grad is not None
     assert np.array_equal(mantissa(x.grad, e_err + layer.weight_exp + err_shift).numpy(), err_out)
-    g32, g_exp = layer.weight.niti_grad
+    g32, g_exp = layer.niti_weight.grad
     assert g_exp == e_err + e_x and torch.equal(g32, m_err.t() @ torch.from_numpy(m_x))
 
 
@@ -322,7 +322,7 @@ def test_error_exponent_travels_from_consumer_to_producer() -> None:
     m_err = torch.tensor([[1, 0, -2], [0, 3, 0], [0, 0, 0], [-1, 1, 0]])
     out.niti_slot.write(-2)  # as the loss does
     out.backward(m_err.float() * 2.0**-2)
-    g32, g_exp = last.weight.niti_grad
+    g32, g_exp = last.niti_weight.grad
     assert g_exp == -2 + hidden.niti_exp and torch.equal(g32, m_err.t() @ m_h)
     e32 = (m_err @ mantissa(last.weight, last.weight_exp)).numpy()
     err_h, shift = ref_act_calc(e32)
@@ -330,7 +330,7 @@ def test_error_exponent_travels_from_consumer_to_producer() -> None:
     assert hidden.niti_slot.read() == err_exp
     masked = torch.from_numpy(err_h) * (m_h > 0)
     m_x, e_x = ref_float_to_int8(x.numpy())
-    g32, g_exp = first.weight.niti_grad
+    g32, g_exp = first.niti_weight.grad
     assert g_exp == err_exp + e_x and torch.equal(g32, masked.t() @ torch.from_numpy(m_x))
 
 
@@ -369,7 +369,7 @@ def test_convolution_forward_and_backward_by_hand(dims: int) -> None:
     conv_fn(xd, wd, None, conv.stride, 1).backward(m_err.double())
     err_out, err_shift = ref_act_calc(xd.grad.to(torch.int64).numpy())
     assert np.array_equal(mantissa(x.grad, -5 + layer.weight_exp + err_shift).numpy(), err_out)
-    g32, g_exp = layer.weight.niti_grad
+    g32, g_exp = layer.niti_weight.grad
     assert g_exp == -5 + e_x and torch.equal(g32, wd.grad.to(torch.int64))
 
 
@@ -404,7 +404,7 @@ def test_attention_matmul_and_embedding_by_hand() -> None:
     expected = torch.zeros(7, 3, dtype=torch.int64)
     for token, error in zip(tokens.flatten().tolist(), m_err.reshape(-1, 3), strict=True):
         expected[token] += error
-    g32, g_exp = table.weight.niti_grad
+    g32, g_exp = table.niti_weight.grad
     assert g_exp == 0 and torch.equal(g32, expected)
 
 
@@ -464,7 +464,7 @@ def test_initial_weights_are_xavier_uniform_then_weight_quant_whatever_the_model
         for name, (value, exp) in expected.items():
             assert layers[name].weight_exp == exp
             assert torch.equal(layers[name].weight.detach().double(), value)
-            assert int(weight_mantissa(layers[name].weight).abs().max()) == 127
+            assert int(layers[name].niti_weight.mantissa().abs().max()) == 127
     # Xavier's scale sqrt(6 / (32 + 5)) = 0.40, not PyTorch's U(+-1/sqrt(32)) = 0.18: weight_quant then
     # puts the peak at 127 * 2^(ceil(log2 peak) - 7), 0.50 here where PyTorch's init would give 0.25
     assert float(layers["3"].weight.detach().abs().max()) == 127 * 2.0**-8
@@ -478,7 +478,7 @@ def test_a_wider_integer_accumulator_keeps_fraction_bits_of_the_weights() -> Non
     setup = niti_setup(model, TrainConfig(format="int8", master_weights="int16", niti_mu=6),
                        torch.Generator().manual_seed(0))
     layer = model[3]
-    start = weight_mantissa(layer.weight).clone()
+    start = layer.niti_weight.mantissa().clone()
     state = setup.optimizer.state[layer.weight]
     assert torch.equal(state["accumulator"], start << 8)
     data = torch.Generator().manual_seed(99)
@@ -486,12 +486,12 @@ def test_a_wider_integer_accumulator_keeps_fraction_bits_of_the_weights() -> Non
         before = state["accumulator"].clone()
         x, y = torch.randn(16, 1, 16, generator=data), torch.randint(0, 5, (16,), generator=data)
         setup.loss_fn(setup.model(x), y).backward()
-        update = grad_calc(layer.weight.niti_grad[0], 6)
+        update = grad_calc(layer.niti_weight.grad[0], 6)
         setup.optimizer.step()
         setup.optimizer.zero_grad()
         assert torch.equal(state["accumulator"], (before - update).clamp(-(2**15 - 1), 2**15 - 1))
         expected = torch.from_numpy(ref_psto_shift(state["accumulator"].numpy(), 8))
-        assert torch.equal(weight_mantissa(layer.weight), expected)
+        assert torch.equal(layer.niti_weight.mantissa(), expected)
     moved = (state["accumulator"] - (start << 8)).abs()
     assert int(moved.max()) > 0 and int(moved.max()) < 3 * 2**6 + 1  # steps of at most 2^mu on the fine grid
     with pytest.raises(InputError, match="wider integer"):

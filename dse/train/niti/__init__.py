@@ -18,12 +18,14 @@ How the exponent travels:
 - backward: each NITI tensor also carries an `_ErrorSlot`. The NITI consumer of a tensor writes the
   exponent of the error it sends back into that slot; the producer reads it back in its own
   backward. With no (or several) NITI consumers the error is re-quantized with TiFloatToInt8.
-- weight gradients: the int32 accumulator is kept exactly (int64) as `param.niti_grad` = (g32, exp);
-  `.grad` holds its value g32 * 2^exp in float. `NitiOptimizer` applies the mu-bit update.
+  The autograd functions return the exponent and the slot as outputs beside the value.
+- weights: each NITI layer holds a `NitiWeight` (the parameter, its fixed exponent, and the int32
+  weight-gradient accumulator of the step, kept exactly as int64 (g32, exp)); `.grad` holds its
+  value g32 * 2^exp in float. `NitiOptimizer` applies the mu-bit update to the NitiWeights.
 """
 
 from dse.train.niti.exponents import NitiTensor
-from dse.train.niti.layers import NitiConv, NitiEmbedding, NitiLinear, NitiMatmul, weight_mantissa
+from dse.train.niti.layers import NitiConv, NitiEmbedding, NitiLinear, NitiMatmul, NitiWeight, weight_mantissa
 from dse.train.niti.method import check_niti, convert_model, niti_copy_bits, niti_mu_for_epoch, niti_setup
 from dse.train.niti.optim import NitiCrossEntropy, NitiOptimizer
 from dse.train.niti.ti_loss import integer_ce_error
@@ -41,6 +43,7 @@ from dse.train.niti.ti_torch import (
 )
 
 __all__ = ["INT8_BITWIDTH", "NitiConv", "NitiCrossEntropy", "NitiEmbedding", "NitiLinear", "NitiMatmul",
-           "NitiOptimizer", "NitiTensor", "act_calc", "check_niti", "convert_model", "float_to_int",
-           "grad_calc", "int_clip", "integer_ce_error", "niti_copy_bits", "niti_mu_for_epoch", "niti_setup",
-           "psto_shift", "range_estimate", "round_shift", "sto_shift", "weight_mantissa", "weight_quant"]
+           "NitiOptimizer", "NitiTensor", "NitiWeight", "act_calc", "check_niti", "convert_model",
+           "float_to_int", "grad_calc", "int_clip", "integer_ce_error", "niti_copy_bits", "niti_mu_for_epoch",
+           "niti_setup", "psto_shift", "range_estimate", "round_shift", "sto_shift", "weight_mantissa",
+           "weight_quant"]

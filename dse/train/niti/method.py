@@ -10,7 +10,7 @@ from dse.errors import InputError
 from dse.formats import get as get_format
 from dse.train.config import TrainConfig, TrainingSetup
 from dse.train.layers import Matmul
-from dse.train.niti.layers import NitiConv, NitiEmbedding, NitiLinear, NitiMatmul
+from dse.train.niti.layers import NitiConv, NitiEmbedding, NitiLinear, NitiMatmul, NitiWeight, SharedWeights
 from dse.train.niti.optim import NitiCrossEntropy, NitiOptimizer
 
 # ----------------------------------------------------------------------------------------------
@@ -71,14 +71,15 @@ def convert_model(model: nn.Module, bitwidth: int, generator: torch.Generator) -
     projections are not called as modules). Returns the new layers in model order.
     """
     converted: list[nn.Module] = []
+    shared: SharedWeights = {}
 
     def replacement(child: nn.Module) -> nn.Module | None:
         if isinstance(child, nn.Linear):
-            return NitiLinear(child, bitwidth, generator)
+            return NitiLinear(child, bitwidth, generator, shared)
         if isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return NitiConv(child, bitwidth, generator)
+            return NitiConv(child, bitwidth, generator, shared)
         if isinstance(child, nn.Embedding):
-            return NitiEmbedding(child, bitwidth, generator)
+            return NitiEmbedding(child, bitwidth, generator, shared)
         if isinstance(child, Matmul):
             return NitiMatmul(bitwidth)
         return None
@@ -109,10 +110,10 @@ def niti_setup(model: nn.Module, config: TrainConfig, generator: torch.Generator
     """
     bitwidth = check_niti(config)
     layers = convert_model(model, bitwidth, generator)
-    weights: dict[int, nn.Parameter] = {}
+    weights: dict[int, NitiWeight] = {}
     for layer in layers:
         if isinstance(layer, (NitiLinear, NitiConv, NitiEmbedding)):
-            weights.setdefault(id(layer.weight), layer.weight)
+            weights.setdefault(id(layer.weight), layer.niti_weight)
     if not weights:
         raise InputError(f"NITI found no Linear, Conv or Embedding layer to train in {type(model).__name__}")
     for param in model.parameters():

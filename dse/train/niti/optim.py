@@ -3,50 +3,58 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dse.train.niti.exponents import _activation_of, _ErrorSlot, _float_dtype, _plain, _value
-from dse.train.niti.layers import weight_mantissa
+from dse.formats.base import MemberGenerators
+from dse.train.niti.exponents import Exponent, _activation_of, _ErrorSlot, _float_dtype, _plain, _value
+from dse.train.niti.layers import NitiWeight
 from dse.train.niti.ti_loss import integer_ce_error
 from dse.train.niti.ti_torch import INT8_BITWIDTH, grad_calc, int_clip, psto_shift
 
 # ----------------------------------------------------------------------------------------------
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """Float cross-entropy value forward (for logging); NITI's integer error backward."""
+    """Float cross-entropy value forward (for logging); NITI's integer error backward. Stacked logits
+    (G, rows, classes) with an exponent per member give each member's loss (G,) and error."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor, loss: NitiCrossEntropy, m_z: Tensor,
-                exp_z: int, slot: _ErrorSlot | None) -> Tensor:
+                exp_z: Exponent, slot: _ErrorSlot | None) -> Tensor:
         ctx.loss, ctx.m_z, ctx.exp_z, ctx.slot, ctx.targets = loss, m_z, exp_z, slot, targets
         ctx.shape = logits.shape
         values = _value(m_z, exp_z, torch.float64)
+        if isinstance(exp_z, tuple):
+            losses = [F.cross_entropy(v, t, ignore_index=-100) for v, t in zip(values, targets, strict=True)]
+            return torch.stack(losses).to(_float_dtype(logits))
         return F.cross_entropy(values, targets, ignore_index=-100).to(_float_dtype(logits))
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple:
-        loss = ctx.loss
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        loss: NitiCrossEntropy = ctx.loss
         error = integer_ce_error(ctx.m_z, ctx.exp_z, ctx.targets, loss.generator, loss.bitwidth,
                                  loss.division)
+        zero: Exponent = (0,) * len(ctx.exp_z) if isinstance(ctx.exp_z, tuple) else 0
         if ctx.slot is not None:
-            ctx.slot.write(0)
+            ctx.slot.write(zero)
         # The integer error does not scale with grad_loss: NITI renormalises every tensor anyway.
-        return _value(error, 0, grad_loss.dtype).reshape(ctx.shape), None, None, None, None, None
+        return _value(error, zero, grad_loss.dtype).reshape(ctx.shape), None, None, None, None, None
 
 
 class NitiCrossEntropy:
     """loss_fn(logits, targets): float cross-entropy value, NITI's integer error as its gradient.
 
     Logits (rows, classes) or sequences (B, T, V) with targets (B, T), flattened to rows; targets
-    of -100 are ignored. The stochastic rounding of the error draws from `generator`.
+    of -100 are ignored. The stochastic rounding of the error draws from `generator` (each member's
+    from its own where the logits are stacked: stacked.StackedNitiCrossEntropy).
     """
 
-    def __init__(self, bitwidth: int = INT8_BITWIDTH, generator: torch.Generator | None = None,
+    def __init__(self, bitwidth: int = INT8_BITWIDTH,
+                 generator: torch.Generator | MemberGenerators | None = None,
                  division: str = "reference") -> None:
         self.bitwidth, self.generator, self.division = bitwidth, generator, division
 
@@ -72,20 +80,17 @@ class NitiOptimizer(torch.optim.Optimizer):
     +-(2^(copy_bits-1) - 1)) and the int8 weight is PstoShift(accumulator, F).
     """
 
-    def __init__(self, params: Any, mu: int, bitwidth: int = INT8_BITWIDTH, copy_bits: int | None = None
-                 ) -> None:
+    def __init__(self, weights: Sequence[NitiWeight], mu: int, bitwidth: int = INT8_BITWIDTH,
+                 copy_bits: int | None = None) -> None:
         frac_bits = 0 if copy_bits is None else copy_bits - bitwidth - 1
         if frac_bits < 0:
             raise ValueError(f"a NITI weight accumulator is wider than the weights (int{bitwidth + 1}), "
                              f"got int{copy_bits}")
-        super().__init__(params, {"mu": mu, "bitwidth": bitwidth, "frac_bits": frac_bits})
-        for group in self.param_groups:
-            for param in group["params"]:
-                if not hasattr(param, "niti_exp"):
-                    raise ValueError("NitiOptimizer needs weights prepared by a NITI layer (no niti_exp)")
-                self.state[param]["exp"] = param.niti_exp
-                if frac_bits:
-                    self.state[param]["accumulator"] = weight_mantissa(param) << frac_bits
+        self.weights = {weight.param: weight for weight in weights}
+        super().__init__(list(self.weights), {"mu": mu, "bitwidth": bitwidth, "frac_bits": frac_bits})
+        if frac_bits:
+            for weight in weights:
+                self.state[weight.param]["accumulator"] = weight.mantissa() << frac_bits
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -95,25 +100,24 @@ class NitiOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                pending = getattr(param, "niti_grad", None)
-                if pending is None:
+                weight = self.weights[param]
+                if weight.grad is None:
                     continue
                 state, bitwidth, frac_bits = self.state[param], group["bitwidth"], group["frac_bits"]
-                update = grad_calc(pending[0], group["mu"], bitwidth).to(param.device)
+                update = grad_calc(weight.grad[0], group["mu"], bitwidth).to(param.device)
                 if frac_bits:
                     accumulator = int_clip(state["accumulator"] - update, bitwidth + frac_bits)
                     state["accumulator"] = accumulator
                     mantissa = psto_shift(accumulator, frac_bits, bitwidth)
                 else:
-                    mantissa = int_clip(weight_mantissa(param, state["exp"]) - update, bitwidth)
-                param.copy_(_value(mantissa, state["exp"], param.dtype))
+                    mantissa = int_clip(weight.mantissa() - update, bitwidth)
+                param.copy_(_value(mantissa, weight.exp, param.dtype))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
-            for param in group["params"]:
-                param.niti_grad = None
+        for weight in self.weights.values():
+            weight.grad = None
 
 
 # ----------------------------------------------------------------------------------------------

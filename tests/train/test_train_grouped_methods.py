@@ -1,0 +1,142 @@
+"""Grouped training of the integer and accumulating methods: NITI (per-member exponents, update
+widths and rounding draws) and the accumulation emulation (narrow accumulators) stack, and each
+member computes what `train` computes for it alone, bit for bit."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dse.data import load_dataset
+from dse.formats.base import MemberGenerators
+from dse.train import TrainConfig, train
+from dse.train.grouped import group_reason, train_group
+from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error
+from dse.train.niti.stacked import act_calc_members, float_to_int_members, grad_calc_members
+
+BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Any:
+    return load_dataset("digits")
+
+
+def _same_as_alone(configs: list[TrainConfig], dataset: Any) -> list[dict[str, Any]]:
+    assert group_reason(configs[0]) is None  # they train stacked, not one by one
+    grouped = [r.to_dict() for r in train_group(configs, dataset)]
+    alone = [train(config, dataset).to_dict() for config in configs]
+    for together, by_itself in zip(grouped, alone, strict=True):
+        together.pop("wall_time_s")
+        by_itself.pop("wall_time_s")
+        assert repr(together) == repr(by_itself)  # repr: NaN == NaN, and every float's last bit
+    return grouped
+
+
+# --- accumulation emulation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields", [
+    {"format": "fp8_e4m3", "accumulation": "fp16"},
+    {"format": "int8", "accumulation": "bf16", "accumulation_chunk": 1},
+    {"format": "fp8_e5m2", "rounding": "stochastic", "accumulation": "fp8_e5m2", "accumulation_chunk": 4,
+     "layers": [{"match": "1", "format": "int8"}]},
+], ids=["fp16-chunk16", "bf16-chunk1", "e5m2-chunk4-per-layer"])
+def test_accumulating_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], digits: Any) -> None:
+    """Each chunk is a batched matmul over the same reduction indices as the member's GEMM alone, and
+    the accumulator rounds elementwise, so the chunks fold in the same order: no sum is reordered."""
+    base = BASE.replace(**fields)
+    configs = [base.replace(seed=0), base.replace(seed=1, lr=0.1), base.replace(seed=2)]
+    results = _same_as_alone(configs, digits)
+    assert len({r["final_loss"] for r in results}) == 3
+
+
+def test_an_accumulating_member_that_diverges_does_not_disturb_the_others(digits: Any) -> None:
+    base = BASE.replace(format="fp8_e4m3", accumulation="fp16", epochs=2)  # lr 100 overflows fp16
+    results = _same_as_alone([base.replace(seed=0), base.replace(seed=1, lr=100.0), base.replace(seed=2)],
+                             digits)
+    assert [r["diverged"] for r in results] == [False, True, False]
+    assert math.isnan(results[1]["final_loss"]) and results[0]["test_accuracy"] > 0.5
+
+
+# --- NITI ----------------------------------------------------------------------------------------
+
+NITI = BASE.replace(format="int8", optimizer="niti")
+
+
+@pytest.mark.parametrize("fields, members", [
+    ({"epochs": 2}, [{"seed": 0}, {"seed": 1, "niti_mu": 3}, {"seed": 2, "niti_mu": 6}]),
+    ({"master_weights": "int16", "niti_mu": 6}, [{"seed": 0}, {"seed": 1, "niti_mu": 4}]),
+    ({"format": "int(6)", "niti_mu": 3}, [{"seed": 3}, {"seed": 4}]),
+], ids=["int8-mu-schedule", "int16-accumulator", "int6"])
+def test_niti_mlp_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], members: list[dict[str, Any]],
+                                                       digits: Any) -> None:
+    """Per-member exponents, shifts, update widths (niti_mu and its schedule) and cross-entropy draws:
+    integer arithmetic, so every member is exactly its run alone."""
+    base = NITI.replace(**fields)
+    results = _same_as_alone([base.replace(**member) for member in members], digits)
+    assert len({r["final_loss"] for r in results}) == len(members)
+
+
+@pytest.mark.parametrize("dataset, batch", [("mnist1d", 100), ("digits", 64)],
+                         ids=["conv1d", "conv2d-maxpool"])
+def test_niti_cnn_members_equal_alone_runs_bit_for_bit(dataset: str, batch: int) -> None:
+    """The members' convolutions run as one grouped convolution: exact integer sums, any order."""
+    base = NITI.replace(model="cnn", dataset=dataset, batch_size=batch)
+    _same_as_alone([base.replace(seed=0), base.replace(seed=1, niti_mu=4)], load_dataset(dataset))
+
+
+def test_niti_networks_that_do_not_stack_say_why() -> None:
+    reason = group_reason(NITI.replace(model="transformer", dataset="sort"))
+    assert reason is not None and "Transformer" in reason
+
+
+@settings(max_examples=30, deadline=None)
+@given(exps=st.lists(st.integers(-12, 6), min_size=1, max_size=4), rows=st.integers(1, 5),
+       classes=st.integers(2, 7), division=st.sampled_from(["reference", "integer"]),
+       seed=st.integers(0, 999))
+def test_integer_ce_error_of_stacked_logits_is_each_members_alone(exps: list[int], rows: int, classes: int,
+                                                                  division: str, seed: int) -> None:
+    """Members in the base-2 branch run as one batch of rows; members below -bitwidth (the Taylor
+    branch) or the integer division run one by one: either way each member gets its error alone."""
+    source = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-127, 128, (len(exps), rows, classes), generator=source)
+    targets = torch.randint(0, classes, (len(exps), rows), generator=source)
+    generators = MemberGenerators([torch.Generator().manual_seed(seed + g) for g in range(len(exps))])
+    stacked = integer_ce_error(logits, tuple(exps), targets, generators, division=division)
+    for g, exp in enumerate(exps):
+        alone = integer_ce_error(logits[g], exp, targets[g], torch.Generator().manual_seed(seed + g),
+                                 division=division)
+        assert torch.equal(stacked[g], alone)
+
+
+@settings(max_examples=40, deadline=None)
+@given(members=st.integers(1, 4), magnitudes=st.lists(st.integers(0, 40), min_size=4, max_size=4),
+       mus=st.lists(st.integers(1, 8), min_size=4, max_size=4), seed=st.integers(0, 999))
+def test_member_decisions_are_each_members_own(members: int, magnitudes: list[int], mus: list[int],
+                                               seed: int) -> None:
+    """TiFloatToInt8, act_calc (RoundShift by RangeEstimate) and grad_calc per member equal the
+    per-tensor primitives on each member alone, members of very different ranges side by side."""
+    source = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([2.0 ** (m - 20) for m in magnitudes[:members]]).view(-1, 1, 1)
+    x = torch.randn(members, 3, 5, generator=source) * scale
+    acc = torch.round(torch.randn(members, 3, 5, generator=source) * scale * 2.0**20)
+    acc[0] = 0.0 if magnitudes[0] == 0 else acc[0]
+    m_x, exps = float_to_int_members(x, 7)
+    m_acc, shifts = act_calc_members(acc, 7)
+    update = grad_calc_members(acc.to(torch.int64), mus[:members], 7)
+    for g in range(members):
+        alone_m, alone_e = float_to_int(x[g])
+        assert exps[g] == alone_e and torch.equal(m_x[g].to(torch.int64), alone_m)
+        alone_acc, alone_shift = act_calc(acc[g])
+        assert shifts[g] == alone_shift and torch.equal(m_acc[g], alone_acc)
+        assert torch.equal(update[g], grad_calc(acc[g].to(torch.int64), mus[g]))
