@@ -97,8 +97,8 @@ class StackedLinearOp:
 _STACKED_LINEAR = StackedLinearOp()
 _FP32_GEMM = LayerQuant(_STACKED_LINEAR, None, None, None, None, QuantSwitch())
 """A stacked Linear's GEMMs in fp32. Not torch's autograd of baddbmm: that gives the weight gradient
-as a transposed view, which autograd copies into the contiguous .grad on every step (14 % of an fp32
-group step of 16 members)."""
+as a transposed view, which autograd copies into the contiguous .grad on every step (that copy was 14 % of
+the profiled fp32 step of a group of 16)."""
 
 
 class StackedLinear(nn.Module):
