@@ -432,6 +432,13 @@ def host_abs_max(x: Tensor) -> float:
     return max(-float(low), float(high))  # both are NaN where x holds a NaN
 
 
+@functools.lru_cache(maxsize=256)
+def _with_axis(fmt: NumberFormat, axis: int) -> NumberFormat:
+    """fmt with its scaling along `axis`: one object per (format, axis), so that what a format caches
+    on itself (grids, constants) is built once, not on every call."""
+    return dataclasses.replace(fmt, scaling=dataclasses.replace(fmt.scaling, axis=axis))
+
+
 class NumberFormat(ABC):
     """A number format: an element grid plus a scaling policy.
 
@@ -545,8 +552,8 @@ class NumberFormat(ABC):
         draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
         with whole_tensors(draws):  # slices would cut across members' draws
             if kind in ("none", "block"):
-                fmt = self if kind == "none" or x.dim() == 1 else dataclasses.replace(
-                    self, scaling=dataclasses.replace(self.scaling, axis=member_axis))
+                fmt = self if kind == "none" or x.dim() == 1 or member_axis == axis else _with_axis(
+                    self, member_axis)
                 if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one
                     return fmt.quantize(x.reshape(-1, 1), rounding, generator).reshape(x.shape)
                 return fmt.quantize(x, rounding, generator)

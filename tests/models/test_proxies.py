@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,6 +217,18 @@ def test_trace_leaves_the_model_as_it_was(datasets: dict[str, Dataset]) -> None:
     assert model.training
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN statistics too
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_tracing_does_not_import_torch_dynamo(repo_root: Path) -> None:
+    """Every sweep traces its proxy to price it; torch._dynamo costs about a second to import and is
+    not needed for that (the tracer is a dispatch mode nothing compiles)."""
+    code = ("import sys; from dse.data import load_dataset; from dse.models.proxies import build_model, "
+            "trace_workload; data = load_dataset('digits'); "
+            "trace_workload(build_model('mlp', data), data, 'm', batch_size=4); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(repo_root)}).stdout.split()
+    assert out == ["False"]
 
 
 def test_trace_rejects_bad_input(datasets: dict[str, Dataset]) -> None:
