@@ -33,6 +33,8 @@ def cpu_seconds(run: Callable[..., object], *args: object) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mlp", help="proxy: mlp, cnn, resnet, transformer (default mlp; "
+                        "the transformer with --datasets sort-easy)")
     parser.add_argument("--datasets", default="digits,mnist1d")
     parser.add_argument("--formats", default="fp32,int8,fp8_e4m3,posit8,lns8")
     parser.add_argument("--sizes", default="3,8,32", help="group sizes (default 3,8,32)")
@@ -51,12 +53,12 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     print(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
           f"{args.epochs} epochs, 1 thread)")
-    print("| MLP | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
+    print(f"| {args.model} | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
     print("|---|---|---|" + "---|" * len(sizes))
     for name in args.datasets.split(","):
         data = load_dataset(name)
         for spec in args.formats.split(","):
-            config = TrainConfig(model="mlp", dataset=name, epochs=args.epochs,
+            config = TrainConfig(model=args.model, dataset=name, epochs=args.epochs,
                                  batch_size=BATCH.get(name, 64), format=None if spec == "fp32" else spec,
                                  optimizer="lns-madam" if spec.startswith("lns") else "sgd",
                                  master_weights=not spec.startswith("lns"))

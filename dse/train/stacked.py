@@ -86,6 +86,9 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 def structure_reason(model: nn.Module) -> str | None:
     """Why the layers of `model` do not stack (None: they do), from the module tree alone."""
+    functional = _functional_reason(model, None)  # MultiheadAttention: say so, not that it holds weights
+    if functional is not None:
+        return functional
     owners: dict[int, str] = {}
     for name, module in model.named_modules():
         own = _own_tensors(module)
@@ -96,7 +99,7 @@ def structure_reason(model: nn.Module) -> str | None:
             if id(tensor) in owners:
                 return f"{owners[id(tensor)]} and {name}.{tensor_name} are one tensor (tied weights)"
             owners[id(tensor)] = f"{name}.{tensor_name}" if name else tensor_name
-    return _functional_reason(model, None)
+    return None
 
 
 def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
