@@ -325,8 +325,11 @@ class StackedGemmLayer(nn.Module):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, quant))
         if isinstance(self.op, StackedLinearOp):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, _FP32_GEMM))
-        return torch.cat([self.op.op.forward(x[g], self.weight[g], _member(self.bias, g))
-                          for g in range(self.members)])
+        # unbind, not x[g]: the backward of one unbind stacks the members' gradients once, where
+        # each x[g] would scatter its member's gradient into a zero tensor of the whole group
+        inputs, weights = x.unbind(0), self.weight.unbind(0)
+        biases: Sequence[Tensor | None] = [None] * self.members if self.bias is None else self.bias.unbind(0)
+        return torch.cat([self.op.op.forward(inputs[g], weights[g], biases[g]) for g in range(self.members)])
 
 
 class StackedMatmul(nn.Module):
