@@ -37,8 +37,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import Scaling, constant, parse_rounding, power_of_two
-from dse.formats.floating import _LAYOUTS, MAX_EXP_BITS, FloatFormat, Kernel
+from dse.formats.base import FLOAT_LAYOUTS, Scaling, constant, parse_rounding, power_of_two
+from dse.formats.fast.slices import Kernel
+from dse.formats.floating import MAX_EXP_BITS, FloatFormat
 from dse.formats.spec import Value, bool_arg, call_spec, choice_arg, int_arg, register_family, scaling_arg
 
 MIN_WIDTH, MAX_WIDTH = 3, 16  # K = 2 holds at most one finite non-zero value (gfloat misreports max)
@@ -144,8 +145,9 @@ class P3109Format(FloatFormat):
             super()._overflow_nearest(out, scale_exponent, scratch)
             return
         limit = math.ldexp(self.max, scale_exponent)
-        shift = _LAYOUTS[out.dtype].max_exponent + 1 - (self.max_exponent - self.man_bits + scale_exponent)
-        if shift > _LAYOUTS[out.dtype].max_exponent:
+        top = FLOAT_LAYOUTS[out.dtype].max_exponent
+        shift = top + 1 - (self.max_exponent - self.man_bits + scale_exponent)
+        if shift > FLOAT_LAYOUTS[out.dtype].max_exponent:
             out.masked_fill_(out > limit, math.inf).masked_fill_(out < -limit, -math.inf)
             return
         clamped = torch.clamp(out, -limit, limit, out=None if scratch is None else scratch.view(out.dtype))
