@@ -780,7 +780,8 @@ def sweep(
                   f"{_duration(summary.wall_time_s)}", highlight=False)
     if summary.best is not None:
         best = summary.best
-        console.print(f"best accuracy {best.test_accuracy:.4f}: {best.task}: {best.label} (seed {best.seed})",
+        console.print(f"best by validation accuracy: val {best.val_accuracy:.4f}, test "
+                      f"{best.test_accuracy:.4f}: {best.task}: {best.label} (seed {best.seed})",
                       markup=False, highlight=False)
     for note in summary.notes:
         console.print(note, markup=False, highlight=False, soft_wrap=True)

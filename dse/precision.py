@@ -72,11 +72,29 @@ def _spec(value: Any, field: str) -> str | None:
     return value.strip()
 
 
+def states_scale(spec: str) -> bool:
+    """Whether a spec states its scaling (`scale=`): training then uses the format exactly as written,
+    without its scaling defaults (dse/train/policy.py), so the statement is part of what it means."""
+    from dse.formats.spec import parse_call
+
+    return "scale" in parse_call(spec).kwargs
+
+
 def canonical_spec(spec: str) -> str:
-    """A format spec in its canonical spelling (`lns(8,gamma=8)` -> `lns8`); ValueError if invalid."""
+    """A format spec in its canonical spelling (`lns(8,gamma=8)` -> `lns8`); ValueError if invalid.
+
+    A stated `scale=` is kept where the format's own spelling leaves it out (`fp8_e4m3(scale=none)`):
+    `fp8_e4m3` trains with the scaling defaults, the stated form without, so they are two formats here.
+    """
     from dse.formats import get
 
-    return FP32 if spec.strip().lower() == FP32 else get(spec).spec
+    if spec.strip().lower() == FP32:
+        return FP32
+    fmt = get(spec)
+    canonical = fmt.spec
+    if canonical == FP32 or fmt.scaling.kind != "none" or not states_scale(spec) or states_scale(canonical):
+        return canonical  # (a scaled format trains as written whether its scale is stated or not)
+    return f"{canonical[:-1]},scale=none)" if canonical.endswith(")") else f"{canonical}(scale=none)"
 
 
 @dataclass(frozen=True)

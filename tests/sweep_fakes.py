@@ -22,10 +22,11 @@ def _log(config: TrainConfig) -> None:
             handle.write(line)
 
 
-def _accuracy(config: TrainConfig) -> float:
-    """A made-up but deterministic accuracy in [0.5, 1) from the configuration."""
+def _accuracy(config: TrainConfig, split: int = 0) -> float:
+    """A made-up but deterministic accuracy in [0.5, 1) from the configuration (split 0: test, 1:
+    validation, which disagree)."""
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).digest()
-    return 0.5 + digest[0] / 512.0
+    return 0.5 + digest[split] / 512.0
 
 
 def fake_train(config: TrainConfig) -> TrainResult:
@@ -38,7 +39,7 @@ def fake_train(config: TrainConfig) -> TrainResult:
                            wall_time_s=0.01, params=10, config=config.to_dict())
     return TrainResult(test_accuracy=_accuracy(config), final_loss=0.25, diverged=False,
                        epochs_run=config.epochs, wall_time_s=0.01, params=10, loss_curve=[1.0, 0.25],
-                       config=config.to_dict())
+                       val_accuracy=_accuracy(config, 1), config=config.to_dict())
 
 
 def slow_train(config: TrainConfig) -> TrainResult:

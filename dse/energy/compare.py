@@ -7,8 +7,17 @@ from typing import Any
 
 import pandas as pd
 
-from dse.energy.iteration import TrainingFormats, iteration_energy, per_mac, training_area_um2, unit_totals
+from dse.energy.datapaths import EnergyFormat
+from dse.energy.iteration import (
+    FormatArg,
+    TrainingFormats,
+    iteration_energy,
+    per_mac,
+    training_area_um2,
+    unit_totals,
+)
 from dse.energy.model import EnergyModel
+from dse.models.workloads import Workload
 
 BASELINES = ("fp32", "int8")
 COMPARE_COLUMNS = (
@@ -17,7 +26,7 @@ COMPARE_COLUMNS = (
 )
 
 
-def _parse(spec: Any) -> Any:
+def _parse(spec: FormatArg) -> EnergyFormat:
     if not isinstance(spec, str):
         return spec
     from dse.formats import get
@@ -25,7 +34,7 @@ def _parse(spec: Any) -> Any:
     return get(spec)
 
 
-def compare_row(label: str, formats: TrainingFormats, workload: Any, model: EnergyModel,
+def compare_row(label: str, formats: TrainingFormats, workload: str | Workload, model: EnergyModel,
                 batch_size: int | None = None) -> dict[str, Any]:
     frame = iteration_energy(workload, formats, model, batch_size)
     mac = per_mac(frame)
@@ -41,7 +50,8 @@ def compare_row(label: str, formats: TrainingFormats, workload: Any, model: Ener
     }
 
 
-def compare_formats(specs: Sequence[Any], workload: Any, model: EnergyModel, batch_size: int | None = None,
+def compare_formats(specs: Sequence[FormatArg], workload: str | Workload, model: EnergyModel,
+                    batch_size: int | None = None,
                     **format_options: Any) -> pd.DataFrame:
     """One row per format (used for weights, activations and gradients), with ratios to fp32 and int8.
 
@@ -52,7 +62,7 @@ def compare_formats(specs: Sequence[Any], workload: Any, model: EnergyModel, bat
     for spec in specs:
         fmt = _parse(spec)
         formats = TrainingFormats.of(fmt, **format_options)
-        rows.append(compare_row(getattr(fmt, "spec", str(spec)), formats, workload, model, batch_size))
+        rows.append(compare_row(fmt.spec, formats, workload, model, batch_size))
     baseline_energy: dict[str, float] = {}
     for name in BASELINES:
         found = next((r for r in rows if r["format"] == name), None)

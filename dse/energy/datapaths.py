@@ -6,10 +6,12 @@ aligning them to their largest exponent and normalises once per K; K = 1 is a sc
 datapath costs `per_product` energy for every MAC, `per_group` once per K products and `per_output`
 once per dot product, each split into multiply, conversion and accumulation.
 
-Each family has a hardware description (`FamilyHardware`: how to read its operands, build its unit,
-unpack and pack its values) registered by family name; dispatch is on the format's attributes
-(`family`, `bits`, `exp_bits`, `man_bits`, `es`, `gamma`, `element`, `block_size`, `scale_bits`),
-never on spec strings. `conversion_energy` prices
+Each family has one hardware description (a `FamilyHardware`: how to read its formats, its operands'
+widths, its dot-product unit and accumulators, how it converts into other units, unpacks and packs its
+values), registered by family name as formats are; nothing else in the model asks which family an
+operand is. A format is read through `EnergyFormat` (family, bits, spec) and its family's own fields
+(`FloatFields`, `PositFields`, `LogFields`, `BlockFields`), never through its spec string.
+`conversion_energy` prices
 turning one representation into another (an accumulator into the storage format of the output, a
 weight gradient into the optimizer's format, ...), by unpacking to sign/exponent/significand and
 packing again.
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from dse.energy.components import Components, clog2
 from dse.errors import InputError, SettingError, about
@@ -49,9 +52,79 @@ class UnitEnergy:
         return self.multiply_pj + self.conversion_pj + self.accumulation_pj
 
 
+# --- what the model reads of a format -------------------------------------------------------------
+
+class EnergyFormat(Protocol):
+    """What the energy model reads of every number format (dse.formats' formats have it): `family`
+    picks the hardware description, which reads the fields of its own protocol below."""
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def spec(self) -> str: ...
+
+
+@runtime_checkable
+class FloatFields(EnergyFormat, Protocol):
+    """An FP format (sign, exponent, mantissa), P3109's included."""
+
+    @property
+    def exp_bits(self) -> int: ...
+
+    @property
+    def man_bits(self) -> int: ...
+
+
+@runtime_checkable
+class PositFields(EnergyFormat, Protocol):
+    @property
+    def es(self) -> int: ...
+
+
+@runtime_checkable
+class LogFields(EnergyFormat, Protocol):
+    """A logarithmic format: values are sign * 2^(code / gamma)."""
+
+    @property
+    def gamma(self) -> float: ...
+
+
+@runtime_checkable
+class BlockFields(EnergyFormat, Protocol):
+    """`block_size` elements of an element format share a scale of `scale_bits` bits (on an FP grid,
+    `scale_grid`, or E8M0's powers of two when None), with an optional per-tensor fp32 scale."""
+
+    @property
+    def element(self) -> EnergyFormat: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def scale_bits(self) -> int: ...
+
+    @property
+    def scale_grid(self) -> FloatFields | None: ...
+
+    @property
+    def tensor_scale(self) -> bool: ...
+
+
+def lacking(fmt: EnergyFormat, fields: type, spec: str) -> InputError:
+    """The error for a format without the fields its family's hardware reads (protocol `fields`)."""
+    names = [name for name in dir(fields) if not name.startswith("_") and not hasattr(fmt, name)]
+    return InputError(f"format {spec!r} of family {fmt.family!r} has no {', '.join(names)} "
+                      "for the energy model")
+
+
 @dataclass(frozen=True)
 class Operand:
-    """The attributes of a number format that its hardware depends on."""
+    """A format as the energy model sees it: its hardware family and the fields that hardware reads
+    (those of other families stay 0). Its widths come from its family's description."""
 
     family: str
     bits: int
@@ -70,20 +143,18 @@ class Operand:
     spec: str = ""
 
     @property
-    def sig_bits(self) -> int:
-        """Significand bits including the hidden one (posit: at its most precise)."""
-        if self.family == "fp":
-            return self.man_bits + 1
-        if self.family == "posit":
-            return max(self.bits - 2 - self.es, 1)
-        return self.bits
+    def hardware(self) -> FamilyHardware:
+        return hardware(self.family)
 
     @property
-    def scale_range_bits(self) -> int:
-        """Bits of the exponent/scale a product of two such numbers needs (fp, posit)."""
-        if self.family == "posit":
-            return self.es + clog2(2 * (self.bits - 1))
-        return self.exp_bits
+    def sig_bits(self) -> int:
+        """Significand bits including the hidden one (posit: at its most precise)."""
+        return self.hardware.sig_bits(self)
+
+    @property
+    def exact_product_bits(self) -> int:
+        """Bits that hold every product of two such values exactly."""
+        return self.hardware.exact_product_bits(self)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -95,9 +166,7 @@ class Operand:
     @property
     def storage_bits(self) -> float:
         """Bits per element in memory, including a share of any block scale."""
-        if self.family == "block":
-            return self.bits + self.scale_bits / self.block_size
-        return float(self.bits)
+        return self.hardware.storage_bits(self)
 
 
 FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
@@ -187,7 +256,7 @@ class DatapathParams:
         def bad(setting: str, problem: str) -> SettingError:
             return SettingError(setting, f"{setting} {problem}")
 
-        if self.accumulator is not None and self.accumulator.strip().lower() != "quire":
+        if self.accumulator is not None and not is_named_accumulator(self.accumulator):
             with about("accumulator"):  # whether an accumulator fits the operands is checked per GEMM
                 parse_accumulator(self.accumulator, FP32)
         if self.lns_datapath not in ("madam", "direct"):
@@ -265,19 +334,6 @@ def posit_encode(c: Components, bits: int, es: int) -> float:
     return c.shifter(bits - 1, bits - 1, clog2(bits - 1)) + 2 * c.incrementer(bits) + c.gates(bits)
 
 
-def exact_product_bits(fmt: Operand) -> int:
-    """Bits that hold every product of two such values exactly: from the smallest subnormal product to
-    the largest normal one (FP-like operands), or a + b bits (integers)."""
-    if fmt.family in ("int", "fixed"):
-        return 2 * fmt.bits
-    if fmt.family == "posit":
-        return 4 * (fmt.bits - 2) * (1 << fmt.es) + 2
-    bias = (1 << (fmt.exp_bits - 1)) - 1
-    e_max = (1 << fmt.exp_bits) - 2 - bias
-    e_min = 1 - bias
-    return 2 * (e_max - e_min + 1 + fmt.man_bits)
-
-
 def _product_core(c: Components, a_sig: int, b_sig: int, exp_bits: int) -> float:
     """The exact product: significand array, exponent add, sign."""
     if exp_bits <= 0:
@@ -335,7 +391,8 @@ def _accumulate_posit(c: Components, acc: Accumulator, product_bits: int, k: int
                       align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
     """A posit running sum: decoded and re-encoded around every FP-style addition into it."""
     acc_op = acc.as_operand()
-    as_fp = Accumulator("fp", acc.bits, exp_bits=acc_op.scale_range_bits, man_bits=acc_op.sig_bits - 1)
+    as_fp = Accumulator("fp", acc.bits, exp_bits=PositHardware.scale_range_bits(acc_op),
+                        man_bits=acc_op.sig_bits - 1)
     per_product, per_group = _accumulate_fp(c, as_fp, product_bits, 1, k, align_bits)
     recode = UnitEnergy(0.0, posit_decode(c, acc.bits, acc.es) + posit_encode(c, acc.bits, acc.es))
     if k == 1:
@@ -365,47 +422,97 @@ def _significand_datapath(c: Components, name: str, a: Operand, b: Operand, acc:
 
 def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
     """Tensor-core style: keep the accumulator's significand plus guard bits, never more than exact."""
-    exact = max(exact_product_bits(a), exact_product_bits(b))
+    exact = max(a.exact_product_bits, b.exact_product_bits)
     keep = (acc.man_bits + 1 + 3) if acc.kind == "fp" else acc.bits
     return max(min(exact, keep), a.sig_bits + b.sig_bits)
 
 
 # --- one hardware description per family ------------------------------------------------------------
 
-class FamilyHardware(Protocol):
-    """What the energy model needs of a number-format family (register new ones with register_family).
+class FamilyHardware:
+    """The hardware of one number-format family: everything the energy model needs to know of it.
 
-    `family` names the hardware (the Operand's family, what `datapath_for` dispatches on): several
-    format families may share one (P3109 formats are FP(e, m) hardware). `operand` reads a format
-    object's attributes into an Operand; `datapath` builds the dot-product unit of two operands of
-    this family; `unpack` is the energy to reach sign / exponent / normalised
-    significand (and that significand's width); `pack` the energy to round such a significand into the
-    format. Each returns pJ (or um^2 when given area components).
+    Register a new family with `register_family`. `family` names the hardware (the Operand's family):
+    several format families may share one (P3109 formats are FP(e, m) hardware), and `unit` names the
+    dot-product unit operands of several families share (integers and fixed point). `operand` reads a
+    format into an Operand; `datapath` builds the dot-product unit of two operands of this unit;
+    `unpack` is the energy to reach sign / exponent / normalised significand (and that significand's
+    width); `pack` the energy to round such a significand into the format. Energies are pJ (um^2 when
+    given area components). The defaults fit a plain integer-like code.
     """
 
     family: str
     default_accumulator: str
+    named_accumulators: Mapping[str, Callable[[Operand], Accumulator]] = {}
+    """Accumulators named for this family's operands alone (posit: the quire)."""
+    in_place_optimizer: str | None = None
+    """The optimizer that updates weights of this family in their own format, keeping no master copy
+    unless asked (LNS: Madam adds to the log code); it is also the default optimizer for them."""
+    converts_into: str | None = None
+    """The unit an operand converts into exactly as it enters an operand of that unit (int: fp)."""
 
-    def operand(self, fmt: Any, spec: str) -> Operand: ...
+    @property
+    def unit(self) -> str:
+        return self.family
+
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
+        raise NotImplementedError
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
-                 params: DatapathParams) -> Datapath: ...
+                 params: DatapathParams) -> Datapath:
+        raise NotImplementedError
 
-    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]: ...
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
+        raise NotImplementedError
 
     def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
-             rounding: Rounding) -> float: ...
+             rounding: Rounding) -> float:
+        raise NotImplementedError
+
+    def sig_bits(self, op: Operand) -> int:
+        return op.bits
+
+    def storage_bits(self, op: Operand) -> float:
+        return float(op.bits)
+
+    def exact_product_bits(self, op: Operand) -> int:
+        raise InputError(f"{op.spec!r}: {self.family} products have no exact fixed-point width here")
+
+    def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
+        """As block elements: (exponent bits of a product, bits the block's exact sum is aligned to)."""
+        raise InputError(f"block-scaled operands with {self.family} elements ({a.spec!r}, {b.spec!r}) "
+                         "have no block datapath here")
+
+    def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
+        raise InputError(f"accumulator {spec!r}: must be an integer width, an fp or posit format, or 'quire'")
+
+    def converted(self, op: Operand) -> Operand:
+        """The operand of unit `converts_into` this one converts into exactly."""
+        raise NotImplementedError
+
+    def requantize(self, c: Components, src: Operand, dst: Operand, rounding: Rounding) -> float | None:
+        """Converting between two formats of this unit without unpacking; None: unpack and pack."""
+        return None
+
+    def update_units(self, c: Components, op: Operand) -> tuple[float, float]:
+        """A multiply and an add in this format's arithmetic (the optimizer's)."""
+        return c.multiplier(op.bits, op.bits), c.adder(op.bits)
 
 
-class IntHardware:
+class IntHardware(FamilyHardware):
     """Integers and fixed point (the same hardware: a fixed point's scale is a shift outside the unit)."""
 
     default_accumulator = "int32"
+    converts_into = "fp"
 
     def __init__(self, family: str = "int") -> None:
         self.family = family
 
-    def operand(self, fmt: Any, spec: str) -> Operand:
+    @property
+    def unit(self) -> str:
+        return "int"
+
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
         return Operand(self.family, int(fmt.bits), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
@@ -420,12 +527,36 @@ class IntHardware:
         return (c.shifter(sig_bits, dst.bits, clog2(max(sig_bits, dst.bits))) + c.comparator(dst.bits)
                 + rounding.energy(c, dst.bits, max(sig_bits - dst.bits, 1)))
 
+    def exact_product_bits(self, op: Operand) -> int:
+        return 2 * op.bits
 
-class FpHardware:
+    def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
+        return 0, a.bits + b.bits
+
+    def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
+        return Accumulator("int", op.bits, spec=spec)
+
+    def converted(self, op: Operand) -> Operand:
+        """The FP operand an integer converts to exactly (sign-magnitude significand, exponent for its
+        shift)."""
+        return Operand("fp", op.bits + clog2(op.bits) + 1, exp_bits=clog2(op.bits) + 1, man_bits=op.bits - 2,
+                       spec=f"{op.spec} as fp")
+
+    def requantize(self, c: Components, src: Operand, dst: Operand, rounding: Rounding) -> float | None:
+        """Shift by the (power-of-two) scale, round, saturate; no normalisation."""
+        if src.bits == dst.bits:
+            return 0.0
+        return (c.shifter(src.bits, dst.bits, clog2(src.bits)) + c.comparator(dst.bits)
+                + rounding.energy(c, dst.bits, max(src.bits - dst.bits, 1)))
+
+
+class FpHardware(FamilyHardware):
     family = "fp"
     default_accumulator = "fp32"
 
-    def operand(self, fmt: Any, spec: str) -> Operand:
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
+        if not isinstance(fmt, FloatFields):
+            raise lacking(fmt, FloatFields, spec)
         return Operand(self.family, int(fmt.bits), exp_bits=int(fmt.exp_bits), man_bits=int(fmt.man_bits),
                        spec=spec)
 
@@ -443,18 +574,46 @@ class FpHardware:
         return (c.adder(dst.exp_bits + 1) + c.comparator(dst.exp_bits + 1)
                 + rounding.energy(c, dst.sig_bits, sig_bits - dst.sig_bits))
 
+    def sig_bits(self, op: Operand) -> int:
+        return op.man_bits + 1
 
-class PositHardware:
+    def exact_product_bits(self, op: Operand) -> int:
+        """From the smallest subnormal product to the largest normal one."""
+        bias = (1 << (op.exp_bits - 1)) - 1
+        e_max = (1 << op.exp_bits) - 2 - bias
+        e_min = 1 - bias
+        return 2 * (e_max - e_min + 1 + op.man_bits)
+
+    def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
+        return max(a.exp_bits, b.exp_bits), max(a.exact_product_bits, b.exact_product_bits)
+
+    def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
+        return Accumulator("fp", op.bits, exp_bits=op.exp_bits, man_bits=op.man_bits, spec=spec)
+
+    def update_units(self, c: Components, op: Operand) -> tuple[float, float]:
+        return c.fp_mul(op.exp_bits, op.man_bits), c.fp_add(op.exp_bits, op.man_bits)
+
+
+class PositHardware(FamilyHardware):
     family = "posit"
     default_accumulator = "fp32"
+    named_accumulators = {"quire": lambda op: Accumulator("int", 16 * op.bits, spec="quire")}
+    """The quire: a 16n-bit integer (Posit Standard 2022)."""
 
-    def operand(self, fmt: Any, spec: str) -> Operand:
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
+        if not isinstance(fmt, PositFields):
+            raise lacking(fmt, PositFields, spec)
         return Operand(self.family, int(fmt.bits), es=int(fmt.es), spec=spec)
+
+    @staticmethod
+    def scale_range_bits(op: Operand) -> int:
+        """Bits of the scale a product of two such posits needs."""
+        return op.es + clog2(2 * (op.bits - 1))
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
         decode = (posit_decode(c, a.bits, a.es) + posit_decode(c, b.bits, b.es)) / params.posit_decode_reuse
-        exp_bits = max(a.scale_range_bits, b.scale_range_bits)
+        exp_bits = max(self.scale_range_bits(a), self.scale_range_bits(b))
         return _significand_datapath(c, "posit", a, b, acc, params, exp_bits, params.vector_length,
                                      _fp_align_default(a, b, acc), extra_product=UnitEnergy(0.0, decode))
 
@@ -464,6 +623,15 @@ class PositHardware:
     def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
              rounding: Rounding) -> float:
         return posit_encode(c, dst.bits, dst.es) + rounding.energy(c, 0, sig_bits - dst.sig_bits)
+
+    def sig_bits(self, op: Operand) -> int:
+        return max(op.bits - 2 - op.es, 1)
+
+    def exact_product_bits(self, op: Operand) -> int:
+        return 4 * (op.bits - 2) * (1 << op.es) + 2
+
+    def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
+        return Accumulator("posit", op.bits, es=op.es, spec=spec)
 
 
 def csd_nonzero_digits(value: int) -> int:
@@ -485,11 +653,14 @@ def lns_constant_adders(buckets: int, lut_bits: int) -> int:
     return sum(csd_nonzero_digits(round(scale * 2 ** (r / buckets))) - 1 for r in range(1, buckets))
 
 
-class LnsHardware:
+class LnsHardware(FamilyHardware):
     family = "lns"
     default_accumulator = "int24"
+    in_place_optimizer = "madam"
 
-    def operand(self, fmt: Any, spec: str) -> Operand:
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
+        if not isinstance(fmt, LogFields):
+            raise lacking(fmt, LogFields, spec)
         gamma = float(fmt.gamma)
         frac = math.log2(gamma) if gamma >= 1 else -1.0
         if frac < 0 or frac != int(frac):
@@ -571,7 +742,7 @@ class LnsHardware:
                 + rounding.energy(c, 0, max(sig_bits - frac, 0)))
 
 
-class BlockHardware:
+class BlockHardware(FamilyHardware):
     """Block-scaled formats (OCP MX, NVFP4, block(...)): an element format, `block_size` elements sharing
     a scale (E8M0: a power of two, applied by an exponent add; an FP grid such as E4M3: a multiply), and
     optionally one fp32 scale per tensor (one multiply per output)."""
@@ -579,14 +750,16 @@ class BlockHardware:
     family = "block"
     default_accumulator = "fp32"
 
-    def operand(self, fmt: Any, spec: str) -> Operand:
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
+        if not isinstance(fmt, BlockFields):
+            raise lacking(fmt, BlockFields, spec)
         element = operand(fmt.element)
-        grid = getattr(fmt, "scale_grid", None)
+        grid = fmt.scale_grid
         return Operand(self.family, int(fmt.bits), element=element, block_size=int(fmt.block_size),
                        scale_bits=int(fmt.scale_bits),
                        scale_exp_bits=int(grid.exp_bits) if grid is not None else 0,
                        scale_man_bits=int(grid.man_bits) if grid is not None else 0,
-                       tensor_scale=bool(getattr(fmt, "tensor_scale", False)), spec=spec)
+                       tensor_scale=bool(fmt.tensor_scale), spec=spec)
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
@@ -594,14 +767,10 @@ class BlockHardware:
         assert ea is not None and eb is not None
         # one normalisation per K products, and never across a block: the scale changes there
         k = max(1, min(params.vector_length, a.block_size, b.block_size))
-        if ea.family == "fp" and eb.family == "fp":
-            exp_bits = max(ea.exp_bits, eb.exp_bits)
-            align = max(exact_product_bits(ea), exact_product_bits(eb))
-        elif ea.family in ("int", "fixed") and eb.family in ("int", "fixed"):
-            exp_bits, align = 0, ea.bits + eb.bits
-        else:
-            raise InputError(f"block-scaled operands {a.spec!r} and {b.spec!r} mix FP and integer elements "
-                             f"(or have posit/LNS elements, which have no block datapath here)")
+        if ea.hardware.unit != eb.hardware.unit:
+            raise InputError(f"block-scaled operands {a.spec!r} and {b.spec!r} mix {ea.hardware.unit} and "
+                             f"{eb.hardware.unit} elements, which share no block datapath")
+        exp_bits, align = ea.hardware.block_products(ea, eb)
         group = UnitEnergy(multiply_pj=self._scale_product(c, a, b, align))
         name = f"block-{ea.family}"
         datapath = _significand_datapath(c, name, ea, eb, acc, params, exp_bits, k, align, extra_group=group)
@@ -622,7 +791,7 @@ class BlockHardware:
 
     def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
         assert src.element is not None
-        energy, sig = hardware(src.element.family).unpack(c, src.element, params)
+        energy, sig = src.element.hardware.unpack(c, src.element, params)
         if src.scale_man_bits or src.scale_exp_bits:  # element times its FP block scale
             return energy + c.fp_mul(src.scale_exp_bits, src.scale_man_bits, sig - 1), sig
         return energy + c.adder(src.scale_bits + 1), sig
@@ -630,7 +799,7 @@ class BlockHardware:
     def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
              rounding: Rounding) -> float:
         assert dst.element is not None
-        element = hardware(dst.element.family).pack(c, dst.element, sig_bits, params, rounding)
+        element = dst.element.hardware.pack(c, dst.element, sig_bits, params, rounding)
         if dst.scale_man_bits or dst.scale_exp_bits:
             # per block: amax tree, amax / element max (a multiply by a constant, rounded onto the scale
             # grid), its reciprocal; per element: a multiply by that reciprocal instead of a shift
@@ -643,6 +812,9 @@ class BlockHardware:
         block = c.comparator(8) + c.adder(dst.scale_bits + 1) / dst.block_size
         element_shift = c.shifter(sig_bits, dst.element.sig_bits, clog2(sig_bits))
         return block + element_shift + element
+
+    def storage_bits(self, op: Operand) -> float:
+        return op.bits + op.scale_bits / op.block_size
 
 
 FAMILY_HARDWARE: dict[str, FamilyHardware] = {}
@@ -670,19 +842,17 @@ def hardware(family: str) -> FamilyHardware:
     return found
 
 
-def operand(fmt: Any) -> Operand:
+def operand(fmt: EnergyFormat) -> Operand:
     """Read a NumberFormat (or anything with the same attributes) into an Operand."""
     if isinstance(fmt, Operand):
         return fmt
     family = getattr(fmt, "family", None)
     spec = str(getattr(fmt, "spec", fmt))
-    if family not in FAMILY_HARDWARE:
+    if not isinstance(family, str) or family not in FAMILY_HARDWARE:
         raise InputError(f"format {spec!r}: unknown family {family!r} for the energy model")
     return FAMILY_HARDWARE[family].operand(fmt, spec)
 
 
-def default_accumulator(fmt: Operand) -> str:
-    return hardware(fmt.family).default_accumulator
 
 
 # --- accumulators --------------------------------------------------------------------------------
@@ -699,8 +869,7 @@ class Accumulator:
     spec: str = ""
 
     def as_operand(self) -> Operand:
-        family = "int" if self.kind == "int" else self.kind
-        return Operand(family, self.bits, exp_bits=self.exp_bits, man_bits=self.man_bits, es=self.es,
+        return Operand(self.kind, self.bits, exp_bits=self.exp_bits, man_bits=self.man_bits, es=self.es,
                        spec=self.spec)
 
 
@@ -710,15 +879,20 @@ _FP_ACCUMULATORS: dict[str, tuple[int, int]] = {"fp32": (8, 23), "fp16": (5, 10)
 _INT_ACC = re.compile(r"^\s*int\s*\(?\s*(\d+)\s*\)?\s*$", re.IGNORECASE)
 
 
-def parse_accumulator(spec: str | Any, for_operand: Operand) -> Accumulator:
-    """'int24', 'int(48)', 'quire' (posit: 16n-bit integer), or an fp/posit format spec."""
+def parse_accumulator(spec: str | EnergyFormat, for_operand: Operand) -> Accumulator:
+    """'int24', 'int(48)', a name a family gives its own accumulator ('quire': posit, a 16n-bit
+    integer), or an fp/posit format spec."""
     if not isinstance(spec, str):
-        return _accumulator_from_format(operand(spec), str(getattr(spec, "spec", spec)))
+        fmt = operand(spec)
+        return fmt.hardware.as_accumulator(fmt, str(getattr(spec, "spec", spec)))
     text = spec.strip().lower()
-    if text == "quire":
-        if for_operand.family != "posit":
-            raise InputError(f"accumulator 'quire' is for posit operands, not {for_operand.spec!r}")
-        return Accumulator("int", 16 * for_operand.bits, spec="quire")
+    owners = [h.family for h in FAMILY_HARDWARE.values() if text in h.named_accumulators]
+    if owners:
+        make = for_operand.hardware.named_accumulators.get(text)
+        if make is None:
+            raise InputError(f"accumulator {text!r} is for {' or '.join(sorted(set(owners)))} operands, "
+                             f"not {for_operand.spec!r}")
+        return make(for_operand)
     match = _INT_ACC.match(text)
     if match:
         width = int(match.group(1))
@@ -730,64 +904,52 @@ def parse_accumulator(spec: str | Any, for_operand: Operand) -> Accumulator:
         return Accumulator("fp", 1 + exp_bits + man_bits, exp_bits=exp_bits, man_bits=man_bits, spec=text)
     from dse.formats import get  # the zoo parses every other spec, so errors read the same
 
-    return _accumulator_from_format(operand(get(spec)), spec)
+    fmt = operand(get(spec))
+    return fmt.hardware.as_accumulator(fmt, spec)
 
 
-def _accumulator_from_format(fmt: Operand, spec: str) -> Accumulator:
-    if fmt.family == "fp":
-        return Accumulator("fp", fmt.bits, exp_bits=fmt.exp_bits, man_bits=fmt.man_bits, spec=spec)
-    if fmt.family in ("int", "fixed"):
-        return Accumulator("int", fmt.bits, spec=spec)
-    if fmt.family == "posit":
-        return Accumulator("posit", fmt.bits, es=fmt.es, spec=spec)
-    raise InputError(f"accumulator {spec!r}: must be an integer width, an fp or posit format, or 'quire'")
+def is_named_accumulator(spec: str) -> bool:
+    """Whether `spec` is an accumulator a family names for its own operands (checked per GEMM)."""
+    text = spec.strip().lower()
+    return any(text in h.named_accumulators for h in FAMILY_HARDWARE.values())
 
 
 # --- a GEMM's datapath ---------------------------------------------------------------------------
 
-_INTEGER = ("int", "fixed")
-
-
-def int_as_fp(fmt: Operand) -> Operand:
-    """The FP operand an integer converts to exactly (sign-magnitude significand, exponent for its shift)."""
-    return Operand("fp", fmt.bits + clog2(fmt.bits) + 1, exp_bits=clog2(fmt.bits) + 1, man_bits=fmt.bits - 2,
-                   spec=f"{fmt.spec} as fp")
-
-
-def datapath_for(a_fmt: Any, b_fmt: Any, components: Components,
+def datapath_for(a_fmt: EnergyFormat, b_fmt: EnergyFormat, components: Components,
                  params: DatapathParams | None = None) -> Datapath:
     """The dot-product datapath for operands a (e.g. activations) and b (e.g. weights).
 
-    Operands of one family share their family's unit. An integer operand meeting an FP one is converted
-    to FP as it enters the unit (priced per element in `a_convert_pj` / `b_convert_pj`, not per MAC).
+    Operands of one unit share it. An operand that converts exactly into the other's unit (an integer
+    meeting an FP operand) is converted as it enters (priced per element in `a_convert_pj` /
+    `b_convert_pj`, not per MAC).
     """
     params = params or DatapathParams()
     a, b = operand(a_fmt), operand(b_fmt)
     c = components
     a_convert = b_convert = 0.0
-    same = a.family == b.family or (a.family in _INTEGER and b.family in _INTEGER)
-    if not same:
-        if a.family in _INTEGER and b.family == "fp":
-            a_convert, a = conversion_energy(a, int_as_fp(a), c, params), int_as_fp(a)
-        elif b.family in _INTEGER and a.family == "fp":
-            b_convert, b = conversion_energy(b, int_as_fp(b), c, params), int_as_fp(b)
+    if a.hardware.unit != b.hardware.unit:
+        if a.hardware.converts_into == b.hardware.unit:
+            a_convert, a = conversion_energy(a, a.hardware.converted(a), c, params), a.hardware.converted(a)
+        elif b.hardware.converts_into == a.hardware.unit:
+            b_convert, b = conversion_energy(b, b.hardware.converted(b), c, params), b.hardware.converted(b)
         else:
             raise InputError(f"cannot price a GEMM of {a.spec!r} x {b.spec!r}: no datapath for {a.family} x "
                              f"{b.family} operands (an int x fp GEMM converts the int operand)")
     wider = a if a.bits >= b.bits else b
-    acc = parse_accumulator(params.accumulator or default_accumulator(a), wider)
-    dp = hardware(a.family).datapath(c, a, b, acc, params)
+    acc = parse_accumulator(params.accumulator or a.hardware.default_accumulator, wider)
+    dp = a.hardware.datapath(c, a, b, acc, params)
     return replace(dp, a_convert_pj=a_convert, b_convert_pj=b_convert)
 
 
-def mac_energy(a_fmt: Any, b_fmt: Any | None, components: Components, params: DatapathParams | None = None,
-               reduction_length: float = 1024) -> UnitEnergy:
+def mac_energy(a_fmt: EnergyFormat, b_fmt: EnergyFormat | None, components: Components,
+               params: DatapathParams | None = None, reduction_length: float = 1024) -> UnitEnergy:
     """Energy per MAC (multiply, conversion, accumulation) for dot products of length L."""
     datapath = datapath_for(a_fmt, a_fmt if b_fmt is None else b_fmt, components, params)
     return datapath.per_mac(reduction_length)
 
 
-def datapath_area_um2(a_fmt: Any, b_fmt: Any, area: Components,
+def datapath_area_um2(a_fmt: EnergyFormat, b_fmt: EnergyFormat, area: Components,
                       params: DatapathParams | None = None) -> float:
     """Area of the dot-product unit: K product lanes, one group stage, one output stage (um^2)."""
     return datapath_for(a_fmt, b_fmt, area, params).unit_total
@@ -795,20 +957,21 @@ def datapath_area_um2(a_fmt: Any, b_fmt: Any, area: Components,
 
 # --- conversions between representations ---------------------------------------------------------
 
-def conversion_energy(src: Any, dst: Any, components: Components, params: DatapathParams | None = None,
-                      rounding: Rounding | str | None = None) -> float:
+def conversion_energy(src: EnergyFormat | Accumulator, dst: EnergyFormat, components: Components,
+                      params: DatapathParams | None = None, rounding: Rounding | str | None = None) -> float:
     """Energy to convert one value from `src` (format or Accumulator) into format `dst`, rounding by
-    `rounding` (nearest by default)."""
+    `rounding` (nearest by default): within one unit as its description says, else by unpacking to
+    sign/exponent/significand and packing again."""
     params = params or DatapathParams()
     s = src.as_operand() if isinstance(src, Accumulator) else operand(src)
     d = operand(dst)
-    if s.key == d.key or (s.family in _INTEGER and d.family in _INTEGER and s.bits == d.bits):
+    if s.key == d.key:
         return 0.0
     c = components
     mode = Rounding.parse(rounding)
-    if s.family in _INTEGER and d.family in _INTEGER:
-        # requantise: shift by the (power-of-two) scale, round, saturate; no normalisation
-        return (c.shifter(s.bits, d.bits, clog2(s.bits)) + c.comparator(d.bits)
-                + mode.energy(c, d.bits, max(s.bits - d.bits, 1)))
-    unpack, sig_bits = hardware(s.family).unpack(c, s, params)
-    return unpack + hardware(d.family).pack(c, d, sig_bits, params, mode)
+    if s.hardware.unit == d.hardware.unit:
+        direct = s.hardware.requantize(c, s, d, mode)
+        if direct is not None:
+            return direct
+    unpack, sig_bits = s.hardware.unpack(c, s, params)
+    return unpack + d.hardware.pack(c, d, sig_bits, params, mode)

@@ -18,13 +18,23 @@ weights, gradients and states from DRAM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dse.energy.components import Components
-from dse.energy.datapaths import FP32, Operand, Rounding, UnitEnergy, conversion_energy, datapath_for, operand
+from dse.energy.datapaths import (
+    FP32,
+    Accumulator,
+    EnergyFormat,
+    Operand,
+    Rounding,
+    UnitEnergy,
+    conversion_energy,
+    datapath_for,
+    operand,
+)
 from dse.energy.model import EnergyModel
 from dse.errors import InputError
 from dse.models.workloads import Workload, get_workload
@@ -52,7 +62,11 @@ STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
 """Optimizer state tensors per parameter, per update optimizer."""
 
 
-def _spec(value: Any) -> str | None:
+FormatArg = str | EnergyFormat
+"""A format as a spec string or a format object."""
+
+
+def _spec(value: FormatArg | None) -> str | None:
     """A format given as a spec string or a format object, as its spec."""
     if value is None or isinstance(value, str):
         return value
@@ -62,7 +76,7 @@ def _spec(value: Any) -> str | None:
     return spec
 
 
-def _format(value: Any) -> Operand:
+def _format(value: FormatArg) -> Operand:
     if isinstance(value, str):
         if value.strip().lower() == "fp32":
             return FP32
@@ -80,33 +94,36 @@ class TrainingFormats:
     tensors: TensorFormats
     optimizer: str | None = None
     """sgd, adam or madam; None: Madam for LNS weights, else the workload's optimizer."""
-    master_weights: Any | None = "auto"
+    master_weights: FormatArg | None = "auto"
     """Master copy of the weights: 'auto' keeps an fp32 master unless Madam updates LNS weights in place
     (none is kept when the weights are already in the master format)."""
-    rounding: Any = "nearest"
+    rounding: str | Rounding = "nearest"
     """Rounding of every value written into the weight, activation and gradient formats."""
-    update_rounding: Any = "nearest"
+    update_rounding: str | Rounding = "nearest"
     """Rounding of the updated weights when no master copy is kept (they are written in their format)."""
 
     @classmethod
-    def of(cls, format: Any = None, *, weights: Any = None, activations: Any = None, gradients: Any = None,
-           weight_grads: Any = None, optimizer_state: Any = None, **options: Any) -> TrainingFormats:
+    def of(cls, format: FormatArg | None = None, *, weights: FormatArg | None = None,
+           activations: FormatArg | None = None, gradients: FormatArg | None = None,
+           weight_grads: FormatArg | None = None, optimizer_state: FormatArg | None = None,
+           **options: Any) -> TrainingFormats:
         """Formats as a TrainConfig names them (spec strings or format objects); `format` is the
         shorthand, resolved by `TensorFormats.resolve` as training resolves it."""
-        fields = {"format": format, "weights": weights, "activations": activations, "gradients": gradients,
-                  "weight_grads": weight_grads, "optimizer_state": optimizer_state}
+        fields: dict[str, FormatArg | None] = {
+            "format": format, "weights": weights, "activations": activations, "gradients": gradients,
+            "weight_grads": weight_grads, "optimizer_state": optimizer_state}
         return cls(TensorFormats.resolve({name: _spec(value) for name, value in fields.items()}), **options)
 
 
     def resolve(self, workload: Workload) -> ResolvedFormats:
         tensors = self.tensors
         weight = _format(tensors.weights)
-        chosen = self.optimizer or ("madam" if weight.family == "lns" else workload.optimizer)
+        chosen = self.optimizer or weight.hardware.in_place_optimizer or workload.optimizer
         optimizer = TRAIN_OPTIMIZERS.get(str(chosen).strip().lower())
         if optimizer is None:
             raise InputError(f"unknown optimizer {chosen!r} (known: {', '.join(TRAIN_OPTIMIZERS)})")
         if isinstance(self.master_weights, str) and self.master_weights == "auto":
-            master = None if (optimizer == "madam" and weight.family == "lns") else FP32
+            master = None if optimizer == weight.hardware.in_place_optimizer else FP32
         else:
             master = None if self.master_weights is None else _format(self.master_weights)
         if master is not None and master.key == weight.key:
@@ -155,43 +172,51 @@ def _rounding_name(rounding: Rounding) -> str:
 
 # --- the GEMMs of a layer ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Pass:
-    """One of a layer's GEMMs: operand formats, tensor classes, and which layer sizes they have.
+class Array(Enum):
+    """A layer's three arrays, as a workload sizes them (GemmLayer.a_elems, b_elems, out_elems)."""
 
-    Sizes name a layer array: 'a' (first operand), 'b' (weights or second operand), 'out' (output).
-    """
+    A = "a"
+    B = "b"
+    OUT = "out"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Use:
+    """A tensor one GEMM reads or writes: its format, its tensor class and which layer array it is."""
+
+    fmt: Operand
+    tensor: str
+    array: Array
+    transposed: bool = False
+    """Used transposed: block-scaled formats are re-quantised along the reduction axis first."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pass:
+    """One of a layer's GEMMs: out = a x b."""
 
     name: str
-    a: Operand
-    a_tensor: str
-    a_size: str
-    b: Operand
-    b_tensor: str
-    b_size: str
-    out: Operand
-    out_tensor: str
-    out_size: str
-    transposed: tuple[str, ...]  # operands used transposed: block-scaled formats are re-blocked
+    a: Use
+    b: Use
+    out: Use
 
 
-def _passes(f: ResolvedFormats, b_is_weight: bool) -> list[_Pass]:
+def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
+    """The three GEMMs of a layer whose second operand is a weight (else a second activation)."""
     b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
     dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
     act, grad = f.activations, f.gradients
     return [
-        _Pass("forward", act, ACTIVATIONS, "a", b_fmt, b_tensor, "b", act, ACTIVATIONS, "out", ()),
-        _Pass("backward_data", grad, GRADIENTS, "out", b_fmt, b_tensor, "b", grad, GRADIENTS, "a", ("b",)),
-        _Pass("backward_weight", act, ACTIVATIONS, "a", grad, GRADIENTS, "out", dw_fmt, dw_tensor, "b",
-              ("a", "b")),
+        Pass(name="forward", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B),
+             out=Use(fmt=act, tensor=ACTIVATIONS, array=Array.OUT)),
+        Pass(name="backward_data", a=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, transposed=True),
+             out=Use(fmt=grad, tensor=GRADIENTS, array=Array.A)),
+        Pass(name="backward_weight", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, transposed=True),
+             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, transposed=True),
+             out=Use(fmt=dw_fmt, tensor=dw_tensor, array=Array.B)),
     ]
-
-
-def _mul_add(c: Components, fmt: Operand) -> tuple[float, float]:
-    """A multiply and an add in the optimizer's arithmetic format (FP units, else integer ones)."""
-    if fmt.family == "fp":
-        return c.fp_mul(fmt.exp_bits, fmt.man_bits), c.fp_add(fmt.exp_bits, fmt.man_bits)
-    return c.multiplier(fmt.bits, fmt.bits), c.adder(fmt.bits)
 
 
 class _Tally:
@@ -201,7 +226,7 @@ class _Tally:
         self.model = model
         self.columns: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
 
-    def conversion(self, src: Any, dst: Operand, rounding: Rounding | None = None) -> float:
+    def conversion(self, src: Operand | Accumulator, dst: Operand, rounding: Rounding | None = None) -> float:
         return conversion_energy(src, dst, self.model.components, self.model.datapath, rounding)
 
     def add(self, layers: np.ndarray, pass_name: str, unit: str, energy: np.ndarray, tensor: str = "",
@@ -218,21 +243,20 @@ class _Tally:
         if sram_bits is not None:
             self.add(layers, pass_name, "memory", sram_bits * self.model.sram_pj_per_bit, tensor, "sram")
 
-    def gemm(self, names: np.ndarray, sizes: dict[str, np.ndarray], macs: np.ndarray, p: _Pass,
+    def gemm(self, names: np.ndarray, sizes: dict[Array, np.ndarray], macs: np.ndarray, p: Pass,
              rounding: Rounding) -> None:
-        dp = datapath_for(p.a, p.b, self.model.components, self.model.datapath)
+        dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath)
         pp, pg, po = dp.per_product, dp.per_group, dp.per_output
-        outputs = sizes[p.out_size]
+        outputs = sizes[p.out.array]
         reduction = macs / np.maximum(outputs, 1.0)
         groups = outputs * np.ceil(reduction / dp.group_size - 1e-9)
-        to_output = self.conversion(dp.accumulator, p.out, rounding)
+        to_output = self.conversion(dp.accumulator, p.out.fmt, rounding)
         conversion = (macs * pp.conversion_pj + groups * pg.conversion_pj
                       + outputs * (po.conversion_pj + to_output))
-        conversion = conversion + sizes[p.a_size] * dp.a_convert_pj + sizes[p.b_size] * dp.b_convert_pj
-        for which in p.transposed:
-            fmt, size = (p.a, p.a_size) if which == "a" else (p.b, p.b_size)
-            if fmt.block_size:  # blocks run along the reduction axis: re-quantise for the transposed use
-                conversion = conversion + sizes[size] * self.conversion(FP32, fmt, rounding)
+        conversion = conversion + sizes[p.a.array] * dp.a_convert_pj + sizes[p.b.array] * dp.b_convert_pj
+        for use in (p.a, p.b):
+            if use.transposed and use.fmt.block_size:  # blocks run along the reduction axis: re-quantise
+                conversion = conversion + sizes[use.array] * self.conversion(FP32, use.fmt, rounding)
         self.add(names, p.name, "multiply",
                  macs * pp.multiply_pj + groups * pg.multiply_pj + outputs * po.multiply_pj)
         self.add(names, p.name, "conversion", conversion)
@@ -240,25 +264,26 @@ class _Tally:
                  macs * pp.accumulation_pj + groups * pg.accumulation_pj + outputs * po.accumulation_pj)
         memory = self.model.memory
         latch_pj = self.model.components.register(1) if memory.operand_registers else 0.0
-        for fmt, tensor, size in ((p.a, p.a_tensor, p.a_size), (p.b, p.b_tensor, p.b_size)):
-            moved = sizes[size] * fmt.storage_bits
-            read = macs * (fmt.storage_bits / memory.operand_reuse)
-            self.memory(names, p.name, tensor, moved, moved + read)
-            self.add(names, p.name, "memory", macs * (fmt.storage_bits * latch_pj), tensor, "register")
-        written = outputs * p.out.storage_bits
-        self.memory(names, p.name, p.out_tensor, written, written)
+        for use in (p.a, p.b):
+            moved = sizes[use.array] * use.fmt.storage_bits
+            read = macs * (use.fmt.storage_bits / memory.operand_reuse)
+            self.memory(names, p.name, use.tensor, moved, moved + read)
+            latched = macs * (use.fmt.storage_bits * latch_pj)
+            self.add(names, p.name, "memory", latched, use.tensor, "register")
+        written = outputs * p.out.fmt.storage_bits
+        self.memory(names, p.name, p.out.tensor, written, written)
 
     def update(self, names: np.ndarray, params: np.ndarray, f: ResolvedFormats) -> None:
         c = self.model.components
         arith = f.master_weights or f.optimizer_state
-        mul, add = _mul_add(c, arith)
+        mul, add = arith.hardware.update_units(c, arith)
         w = c.weights
         if f.optimizer == "sgd":  # v = mu v + g + wd w ; w -= lr v
             per_param = 3 * mul + 3 * add
         elif f.optimizer == "adam":  # moments, bias corrections, sqrt, divide, decoupled decay
             per_param = (9 + w.divide_multiplies + w.sqrt_multiplies) * mul + 5 * add
         else:  # Madam: EMA of g^2, then log-domain normalise, clip, round, add to the log weight
-            s_mul, s_add = _mul_add(c, f.optimizer_state)
+            s_mul, s_add = f.optimizer_state.hardware.update_units(c, f.optimizer_state)
             log_bits = f.optimizer_state.bits - 1
             per_param = (4 * s_mul + s_add + 3 * c.adder(log_bits) + c.lut(16, 5)
                          + 2 * c.comparator(5) + c.incrementer(5))
@@ -289,7 +314,7 @@ class _Tally:
         return pd.DataFrame({name: values[keep] for name, values in data.items()})
 
 
-def iteration_energy(workload: str | Workload, formats: TrainingFormats | Any, model: EnergyModel,
+def iteration_energy(workload: str | Workload, formats: TrainingFormats | FormatArg, model: EnergyModel,
                      batch_size: int | None = None) -> pd.DataFrame:
     """Long-form breakdown of one training iteration: one row per (layer, pass, unit, tensor, level).
 
@@ -309,13 +334,13 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Any, m
     needs_dx = np.array([layer.needs_input_grad for layer in layers], dtype=bool)
     macs = np.array([layer.macs_per_sample for layer in layers], dtype=float) * batch
     sizes = {
-        "a": np.array([layer.a_elems for layer in layers], dtype=float) * batch,
-        "b": np.array([layer.b_elems for layer in layers], dtype=float) * np.where(is_weight, 1, batch),
-        "out": np.array([layer.out_elems for layer in layers], dtype=float) * batch,
+        Array.A: np.array([layer.a_elems for layer in layers], dtype=float) * batch,
+        Array.B: np.array([layer.b_elems for layer in layers], dtype=float) * np.where(is_weight, 1, batch),
+        Array.OUT: np.array([layer.out_elems for layer in layers], dtype=float) * batch,
     }
     total_macs = 0.0
     for variant in (True, False):
-        for p in _passes(f, variant):
+        for p in layer_passes(f, variant):
             rows = is_weight == variant
             if p.name == "backward_data":
                 rows = rows & needs_dx
@@ -350,7 +375,7 @@ def in_scope(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
     raise InputError(f"unknown scope {scope!r} (known: datapath, pe, system)")
 
 
-def training_area_um2(formats: TrainingFormats | Any, model: EnergyModel,
+def training_area_um2(formats: TrainingFormats | FormatArg, model: EnergyModel,
                       workload: str | Workload = "resnet50") -> dict[str, float]:
     """Area (um^2, at the model's node) of the hardware a training run needs: `datapath` sums one
     dot-product unit per distinct operand pair of the three GEMMs; `pe` adds the operand registers of
@@ -371,7 +396,8 @@ def training_area_um2(formats: TrainingFormats | Any, model: EnergyModel,
         dp = datapath_for(a, b, area, model.datapath)
         datapath += dp.unit_total
         registers += dp.group_size * area.register(a.storage_bits + b.storage_bits)
-    mul, add = _mul_add(area, f.master_weights or f.optimizer_state)
+    arith = f.master_weights or f.optimizer_state
+    mul, add = arith.hardware.update_units(area, arith)
     return {"datapath": datapath, "pe": datapath + registers + mul + add}
 
 

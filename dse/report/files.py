@@ -89,7 +89,7 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
     `area_<task>_<workload>.png/.pdf` (accuracy vs datapath area) once per distinct set of areas.
     `tables`: the frame's SweepTables where the caller has them already; `titles`: a title in each
     figure (none by default: the caption belongs to the paper). Returns the paths
-    written, in that order.
+    written, in that order; the hidden REPORTS_STAMP records what they were written from.
     """
     out_dir = Path(out_dir)
     tables = tables or SweepTables.of(frame, memory_objective)
@@ -118,6 +118,9 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
             for kind, figure in figures:
                 if figure is not None:
                     written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
+    stamp = {"signature": _reports_signature(frame, memory_objective, titles),
+             "files": [path.name for path in written]}
+    write_text_atomically(out_dir / REPORTS_STAMP, json.dumps(stamp))
     return written
 
 
@@ -125,10 +128,10 @@ REPORTS_STAMP = ".reports.json"
 """What the report files in a directory were written from (a hash) and which files they are."""
 
 
-def _reports_signature(frame: pd.DataFrame, memory_objective: bool) -> str:
+def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
     """A hash of the trials, the report options and the report code: equal hashes, equal files."""
     digest = hashlib.sha256(frame.to_csv(index=False).encode())
-    digest.update(json.dumps([frame.attrs, memory_objective], sort_keys=True, default=str).encode())
+    digest.update(json.dumps([frame.attrs, memory_objective, titles], sort_keys=True, default=str).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
@@ -136,11 +139,11 @@ def _reports_signature(frame: pd.DataFrame, memory_objective: bool) -> str:
 
 def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False
                              ) -> list[Path]:
-    """`write_reports`, unless the files in out_dir were written from these very trials by this report
-    code (a sweep rerun with nothing left to train): then their paths, unwritten (plots are most of
-    a sweep's fixed cost)."""
+    """`write_reports` (no titles), unless the files in out_dir were written from these very trials, with
+    these options, by this report code (a sweep rerun with nothing left to train): then their paths,
+    unwritten (plots are most of a sweep's fixed cost)."""
     out_dir = Path(out_dir)
-    signature = _reports_signature(frame, memory_objective)
+    signature = _reports_signature(frame, memory_objective, titles=False)
     stamp = out_dir / REPORTS_STAMP
     try:
         recorded = json.loads(stamp.read_text(encoding="utf-8"))
@@ -149,6 +152,4 @@ def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objectiv
             return files
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    written = write_reports(frame, out_dir, memory_objective)
-    write_text_atomically(stamp, json.dumps({"signature": signature, "files": [p.name for p in written]}))
-    return written
+    return write_reports(frame, out_dir, memory_objective)

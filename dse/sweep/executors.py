@@ -221,6 +221,12 @@ class LocalExecutor(_NothingToAcquire):
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0
+RAY_LOCAL_STARTS = 3
+"""Tries to start a local Ray instance. Ray gives its raylet a fixed 30 s to register during `ray.init`;
+its start costs about 4.5 CPU-seconds over nine processes, so on a starved CPU it can miss that
+deadline (measured on the 2-vCPU VM: 8 s at load 5, 35 s with a sixth of a core, a timeout with a
+ninth). A start that missed it is tried again; the processes it left are Ray's to end (its reaper
+ends them with this process)."""
 
 
 def _check_reachable(address: str) -> None:
@@ -273,16 +279,24 @@ class RayExecutor:
             return
         if self.address is not None:
             _check_reachable(self.address)
-        try:
-            if self.address is None:
-                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            else:
-                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
-        except Exception as error:  # ConnectionError, RuntimeError, ValueError: all mean "no cluster"
-            where = self.address if self.address is not None else "a local instance"
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise InputError(f"executor: cannot start Ray at {where}: {message}") from None
+        tries = RAY_LOCAL_STARTS if self.address is None else 1  # a cluster that is not there stays so
+        for attempt in range(1, tries + 1):
+            try:
+                if self.address is None:
+                    ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                             configure_logging=False)
+                else:
+                    ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+                break
+            except Exception as error:  # ConnectionError, RuntimeError, ValueError: all mean "no cluster"
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                if self.address is None and "timed out during startup" in message:
+                    ray.shutdown()
+                    if attempt < tries:
+                        continue
+                    message = f"{message} ({tries} tries; the machine may be too busy to start Ray)"
+                where = repr(self.address) if self.address is not None else "a local instance"
+                raise InputError(f"executor: cannot start Ray at {where}: {message}") from None
         self.started = True
 
     def task_options(self, job: Job) -> dict[str, Any]:

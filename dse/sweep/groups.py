@@ -2,7 +2,7 @@
 
 The groups come from the sweep file alone: the trials in plan order, bucketed by task and by
 everything but the fields members may differ in (seed, lr, momentum, weight decay, p_scale,
-g_bound), each bucket cut into consecutive groups of `executor.group_size`. Neither the worker
+g_bound, niti_mu), each bucket cut into consecutive groups of `executor.group_size`. Neither the worker
 count nor what the store already holds changes them, so a sweep trains every trial in the same
 group whether it runs on one worker or eight, fresh or resumed (a group with some members stored
 reruns whole; the runner stores only the missing ones).

@@ -1,4 +1,5 @@
-"""The sweep's live display: a Rich progress bar (done/total, elapsed, ETA, best accuracy so far).
+"""The sweep's live display: a Rich progress bar (done/total, elapsed, ETA, the best trial so far by
+validation accuracy, with its test accuracy).
 
 Failed trials are printed as they finish, on stderr, even when quiet.
 """
@@ -23,9 +24,9 @@ from dse.sweep.runner import TrialRecord, better_than
 
 
 def _best_text(best: TrialRecord | None) -> str:
-    if best is None or math.isnan(best.test_accuracy):
+    if best is None or math.isnan(best.val_accuracy):
         return "best: -"
-    return f"best: {best.test_accuracy:.4f} ({best.task}: {best.label})"
+    return f"best: val {best.val_accuracy:.4f}, test {best.test_accuracy:.4f} ({best.task}: {best.label})"
 
 
 class RichReporter:

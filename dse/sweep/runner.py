@@ -57,6 +57,8 @@ class TrialRecord:
     test_accuracy: float
     error: str
     wall_time_s: float
+    val_accuracy: float = math.nan
+    """Accuracy on the validation split: what the best trial is chosen by (NaN: none reported)."""
 
 
 class Reporter(Protocol):
@@ -92,7 +94,7 @@ class SweepSummary:
     diverged: int = 0
     errors: int = 0
     best: TrialRecord | None = None
-    """The finished trial with the best test accuracy, now or earlier."""
+    """The finished trial with the best validation accuracy, now or earlier (`better_than`)."""
     wall_time_s: float = 0.0
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -274,17 +276,24 @@ def _job(group: list[Trial], threads: int, train_fn: TrainFn | None) -> TrialJob
     return jobs[0] if len(jobs) == 1 else GroupJob(jobs)
 
 
+def _accuracy(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def _record(trial: Trial, row: TrialRow) -> TrialRecord:
-    accuracy = row.values["test_accuracy"]
-    return TrialRecord(trial.trial_id, trial.task, trial.label, trial.config.seed, row.values["status"],
-                       math.nan if accuracy is None else float(accuracy), row.values["error"],
-                       float(row.values["wall_time_s"]))
+    values = row.values
+    return TrialRecord(trial.trial_id, trial.task, trial.label, trial.config.seed, values["status"],
+                       _accuracy(values["test_accuracy"]), values["error"], float(values["wall_time_s"]),
+                       _accuracy(values["val_accuracy"]))
 
 
 def better_than(record: TrialRecord, best: TrialRecord | None) -> bool:
-    """Whether a finished trial beats the best so far (an ok trial with a higher test accuracy)."""
-    return record.status == "ok" and not math.isnan(record.test_accuracy) and (
-        best is None or record.test_accuracy > best.test_accuracy)
+    """Whether a finished trial beats the best so far: an ok trial with a higher validation accuracy.
+
+    Validation chooses, as it chooses tuning points; the test accuracy is reported, never compared (a
+    trial without a validation accuracy is never the best)."""
+    return record.status == "ok" and not math.isnan(record.val_accuracy) and (
+        best is None or record.val_accuracy > best.val_accuracy)
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -410,17 +419,18 @@ def _has_work(sweep: SweepConfig, force: bool, retry_failed: bool) -> bool:
 
 
 def _best_of(frame: Any) -> TrialRecord | None:
-    """The ok trial with the highest test accuracy in a load_trials frame, among the trials at each
-    configuration's chosen tuning point (the point validation chose; the test set chooses nothing)."""
+    """The ok trial with the highest validation accuracy in a load_trials frame (`better_than`), among
+    the trials at each configuration's chosen tuning point (the point validation chose)."""
     from dse.report.tables import chosen_trials
 
     frame = chosen_trials(frame)
-    ok = frame[(frame["status"] == "ok") & frame["test_accuracy"].notna()]
+    ok = frame[(frame["status"] == "ok") & frame["val_accuracy"].notna()]
     if ok.empty:
         return None
-    row = ok.loc[ok["test_accuracy"].idxmax()]
+    row = ok.loc[ok["val_accuracy"].idxmax()]
     return TrialRecord(row["trial_id"], row["task"], row["label"], int(row["seed"]), "ok",
-                       float(row["test_accuracy"]), "", float(row["wall_time_s"]))
+                       _accuracy(row["test_accuracy"]), "", float(row["wall_time_s"]),
+                       float(row["val_accuracy"]))
 
 
 __all__ = ["InlineExecutor", "SweepSummary", "TrialRecord", "run_sweep"]

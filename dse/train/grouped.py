@@ -4,14 +4,15 @@ for the whole group instead of once per trial.
 
 Every member keeps what makes it its own run: its initial weights (built from its seed, as alone),
 its data order, its stochastic-rounding generator, its scales (a per-tensor scale becomes a scale
-per member), its learning rate, momentum, weight decay, p_scale and g_bound, and its divergence (a
+per member), its learning rate, momentum, weight decay, p_scale, g_bound and niti_mu, and its divergence (a
 member whose loss turns non-finite is recorded as diverged with the weights it had then, and the
 others go on). `train_group(configs)` returns for each config what `dse.train.loop.train` returns
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-Methods and models that do not stack yet train one by one (`group_reason` says why): NITI and
-networks other than chains of Linear/ReLU/Flatten stages.
+NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) and for
+chains of Linear, Conv, ReLU, max-pooling and reshape stages; other models train one by one
+(`group_reason` says why).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
 
-MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound")
+MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
 
 _PER_MEMBER_OPTIMIZERS: tuple[str, ...] = ("madam", "lns-madam")
@@ -54,11 +56,14 @@ def group_key(config: TrainConfig) -> str:
 def group_reason(config: TrainConfig, model: nn.Module | None = None) -> str | None:
     """Why trials of this config train one by one rather than stacked (None: they stack).
     `model` is the config's network (built here when not given)."""
-    if config.optimizer == "niti":
-        return "NITI's integer layers do not stack yet"
     if model is None:
         model = build_model(config.model, with_validation(load_dataset(config.dataset, config.data_dir)))
-    reason = stack_reason(model, QuantPolicy.from_config(config))
+    if config.optimizer == "niti":
+        from dse.train.niti.stacked import niti_stack_reason
+
+        reason = niti_stack_reason(model)
+    else:
+        reason = stack_reason(model, QuantPolicy.from_config(config))
     return None if reason is None else f"model {config.model!r}: {reason}"
 
 
@@ -187,14 +192,15 @@ class StackedOptimizer:
 
 
 @torch.no_grad()
-def evaluate_members(model: nn.Module, members: int, x: Tensor, y: Tensor) -> list[float]:
+def evaluate_members(model: nn.Module, members: int, x: Tensor, y: Tensor, batch: int = EVAL_BATCH
+                     ) -> list[float]:
     """Each member's accuracy on (x, y), in the batches `dse.train.loop.evaluate` uses alone."""
     model.eval()
     correct = torch.zeros(members, dtype=torch.int64, device=x.device)
-    for start in range(0, len(x), EVAL_BATCH):
-        chunk = x[start:start + EVAL_BATCH]
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
         logits = model(chunk.unsqueeze(0).expand(members, *chunk.shape))
-        correct += (logits.argmax(-1) == y[start:start + EVAL_BATCH]).reshape(members, -1).sum(1)
+        correct += (logits.argmax(-1) == y[start:start + batch]).reshape(members, -1).sum(1)
     model.train()
     return [count / y.numel() for count in correct.tolist()]
 
@@ -204,6 +210,74 @@ def _member_finite(params: Sequence[Tensor], members: int) -> list[bool]:
     for p in params:
         finite &= torch.isfinite(p.detach()).reshape(members, -1).all(1)
     return finite.tolist()
+
+
+@dataclass
+class _GroupSetup:
+    """A method applied to a stacked network (what `TrainingSetup` is to one run): the stacked model,
+    each member's loss (logits, targets) -> (G,), the step, and the epoch hook."""
+
+    model: nn.Module
+    member_losses: Callable[[Tensor, Tensor], Tensor]
+    step: Callable[[], None]
+    zero_grad: Callable[[], None]
+    on_epoch_start: Callable[[int], None]
+    eval_batch: int = EVAL_BATCH
+
+
+def _cross_entropies(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each member's own cross-entropy, as `train` computes it alone."""
+    return torch.stack([F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+                        for out, target in zip(logits.unbind(0), targets.unbind(0), strict=True)])
+
+
+def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator]
+                     ) -> _GroupSetup:
+    """The float-style methods (SGD, Adam(W), Madam, LNS-Madam, the posit recipe) on a stacked network."""
+    first = configs[0]
+    policy = QuantPolicy.from_config(first)
+    switch = QuantSwitch()
+    model = stack_models(models, policy, switch, MemberGenerators(generators))
+    warmup = first.warmup_epochs
+    if warmup:
+        switch.enabled = False
+    optimizer = StackedOptimizer(model, configs, policy, generators, switch)
+
+    def on_epoch_start(epoch: int) -> None:
+        optimizer.set_lr_factor(lr_factor(first, epoch))
+        if warmup and epoch == warmup:
+            switch.enabled = True
+            optimizer.quantize_weights()
+
+    return _GroupSetup(model, _cross_entropies, optimizer.step, optimizer.zero_grad, on_epoch_start)
+
+
+def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator]
+                ) -> _GroupSetup:
+    """NITI on a stacked network (dse/train/niti/stacked.py): each member converted as `niti_setup`
+    converts it alone (its initial weights drawn from its generator), then stacked."""
+    from dse.train.niti import check_niti, convert_model, niti_copy_bits, niti_mu_for_epoch
+    from dse.train.niti.stacked import (
+        StackedNitiCrossEntropy,
+        StackedNitiOptimizer,
+        stack_niti_models,
+        stacked_weights,
+    )
+
+    first = configs[0]
+    bitwidth = check_niti(first)
+    for model, generator in zip(models, generators, strict=True):
+        convert_model(model, bitwidth, generator)
+    model = stack_niti_models([m for m in models if isinstance(m, nn.Sequential)])
+    optimizer = StackedNitiOptimizer(stacked_weights(model), [c.niti_mu for c in configs], bitwidth,
+                                     niti_copy_bits(first, bitwidth + 1))
+
+    def on_epoch_start(epoch: int) -> None:
+        optimizer.mus = [niti_mu_for_epoch(c.niti_mu, epoch, c.epochs) for c in configs]
+
+    loss = StackedNitiCrossEntropy(bitwidth, MemberGenerators(generators))
+    # Evaluated at the training batch size, as `niti_setup` has it.
+    return _GroupSetup(model, loss, optimizer.step, optimizer.zero_grad, on_epoch_start, first.batch_size)
 
 
 def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]:
@@ -217,14 +291,9 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
         orders.append(torch.Generator().manual_seed(config.seed + 1))
         models.append(build_model(config.model, data).to(device))
     params = sum(p.numel() for p in models[0].parameters())
-    policy = QuantPolicy.from_config(first)
-    switch = QuantSwitch()
-    model = stack_models(models, policy, switch, MemberGenerators(generators))
+    setup = (_niti_setup if first.optimizer == "niti" else _quantized_setup)(models, configs, generators)
+    model = setup.model
     del models
-    warmup = first.warmup_epochs
-    if warmup:
-        switch.enabled = False
-    optimizer = StackedOptimizer(model, configs, policy, generators, switch)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     assert data.x_val is not None and data.y_val is not None
@@ -237,10 +306,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
     running = list(range(members))  # members still training
     model.train()
     for epoch in range(first.epochs):
-        optimizer.set_lr_factor(lr_factor(first, epoch))
-        if warmup and epoch == warmup:
-            switch.enabled = True
-            optimizer.quantize_weights()
+        setup.on_epoch_start(epoch)
         permutation = torch.stack([torch.randperm(len(x_train), generator=order)
                                    for order in orders]).to(device)
         totals, batches = [0.0] * members, [0] * members
@@ -249,9 +315,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             index = permutation[:, start:start + first.batch_size]
             logits = model(x_train[index])
             targets = y_train[index]
-            member_losses = [F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
-                             for out, target in zip(logits.unbind(0), targets.unbind(0), strict=True)]
-            stacked = torch.stack(member_losses)
+            stacked = setup.member_losses(logits, targets)
             values = stacked.detach().tolist()
             for g in running:
                 if g not in frozen and not math.isfinite(values[g]):
@@ -260,8 +324,8 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             if all(g in frozen for g in running):
                 break
             stacked.sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            setup.step()
+            setup.zero_grad()
             for g in running:
                 if g not in frozen:
                     totals[g] += values[g]
@@ -271,8 +335,8 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             for g, weights in frozen.items():
                 for p, saved in zip(model.parameters(), weights, strict=True):
                     p[g] = saved
-        val = evaluate_members(model, members, x_val, y_val)
-        test = evaluate_members(model, members, x_test, y_test)
+        val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
+        test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)
         for g in list(running):
             if not diverged[g] and not finite[g]:
                 diverged[g] = True

@@ -24,7 +24,7 @@ from dse.errors import InputError, choice
 from dse.formats import check_rounding
 from dse.formats import get as get_format
 from dse.models.proxies import MODELS, ModelFactory, build_model
-from dse.precision import FULL_PRECISION_LAYER_NAMES, layer_rules
+from dse.precision import FP32, FULL_PRECISION_LAYER_NAMES, canonical_spec, layer_rules
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
 from dse.train.optim import lns_madam_copy_error, make_optimizer
@@ -77,7 +77,7 @@ def check_field(name: str, value: Any) -> Any:
         kind, valid = _NAMES[name]
         return choice(kind, value, valid)
     if name in SPEC_FIELDS:
-        return get_format(value).spec
+        return canonical_spec(value)
     if name == "full_precision_layers":
         return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
     if name == "layers":
@@ -121,10 +121,10 @@ def master_copy(value: bool | str) -> bool | str:
     if word in ("true", "false"):
         return word == "true"
     try:
-        spec = get_format(value).spec
+        spec = canonical_spec(value)
     except ValueError as error:
         raise InputError(f"expected true, false or a format spec: {str(error).splitlines()[0]}") from None
-    return True if spec == "fp32" else spec
+    return True if spec == FP32 else spec
 
 
 def check_config(config: TrainConfig, model_given: bool = False) -> None:

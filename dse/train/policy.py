@@ -21,7 +21,6 @@ from torch import Tensor
 from dse.errors import InputError
 from dse.formats import NumberFormat, Scaling, check_rounding, get
 from dse.formats.base import MemberGenerators
-from dse.formats.spec import parse_call
 from dse.precision import (
     FULL_PRECISION_LAYER_NAMES,
     GEMM_TENSOR_CLASSES,
@@ -32,6 +31,7 @@ from dse.precision import (
     WEIGHTS,
     LayerRule,
     TensorFormats,
+    states_scale,
 )
 from dse.train.config import TrainConfig
 
@@ -227,7 +227,7 @@ def _gemm_quants(formats: TensorFormats, rounding: str, layer_scaling: bool) -> 
 def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_scaling: bool) -> TensorQuant:
     """One tensor class's quantizer with the training scaling defaults (`from_config`)."""
     fmt = _resolve(name, spec)
-    if fmt is None or "scale" in parse_call(spec).kwargs or fmt.scaling.kind != "none":
+    if fmt is None or states_scale(spec) or fmt.scaling.kind != "none":
         return TensorQuant(fmt, rounding)
     if fmt.family == "posit":
         return TensorQuant(fmt, rounding, layer_scale=layer_scaling)

@@ -18,7 +18,7 @@ from dse.energy import (
     mac_energy,
     register_family,
 )
-from dse.energy.datapaths import FAMILY_HARDWARE, FpHardware, csd_nonzero_digits, exact_product_bits
+from dse.energy.datapaths import FAMILY_HARDWARE, FpHardware, csd_nonzero_digits, operand
 from dse.errors import InputError
 from dse.formats import get
 
@@ -166,7 +166,8 @@ def test_posit_decode_and_quire() -> None:
 
 def test_mx_sums_its_blocks_exactly_by_default() -> None:
     element = get("fp8_e4m3")
-    assert exact_product_bits(SimpleNamespace(family="fp", exp_bits=4, man_bits=3, bits=8)) == 34  # type: ignore
+    stand_in = SimpleNamespace(family="fp", exp_bits=4, man_bits=3, bits=8, spec="e4m3")
+    assert operand(stand_in).exact_product_bits == 34
     assert mac("mxfp8_e4m3") == mac("mxfp8_e4m3", alignment_bits=34)
     narrow, wide = mac("mxfp8_e4m3", alignment_bits=16), mac("mxfp8_e4m3", alignment_bits=36)
     assert narrow.total_pj < wide.total_pj
@@ -259,3 +260,48 @@ def test_stochastic_k_pays_for_its_k_random_bits() -> None:
     assert costs == sorted(costs) and costs[0] < costs[-1]
     with pytest.raises(InputError, match="must be in 1..23, got 24"):
         conversion_energy(src, dst, C, rounding="stochastic(24)")
+
+
+def test_a_family_is_one_description_and_the_whole_model_prices_it() -> None:
+    """A family the model has never seen (a 'tapered integer' with its own unit) needs only its
+    description: its GEMMs, conversions to and from it and its storage width are priced."""
+    from dse.energy import FamilyHardware
+    from dse.energy.datapaths import Datapath, IntHardware, Operand, UnitEnergy
+
+    class Tapered(FamilyHardware):
+        family = "test-tapered"
+        default_accumulator = "int32"
+        in_place_optimizer = "madam"
+
+        def operand(self, fmt: object, spec: str) -> Operand:
+            return Operand(self.family, int(fmt.bits), spec=spec)  # type: ignore[attr-defined]
+
+        def datapath(self, c, a, b, acc, params):  # type: ignore[no-untyped-def]
+            return Datapath("tapered", acc, UnitEnergy(c.multiplier(a.bits, b.bits), 0.0, c.adder(acc.bits)))
+
+        def unpack(self, c, src, params):  # type: ignore[no-untyped-def]
+            return IntHardware().unpack(c, src, params)
+
+        def pack(self, c, dst, sig_bits, params, rounding):  # type: ignore[no-untyped-def]
+            return IntHardware().pack(c, dst, sig_bits, params, rounding)
+
+        def storage_bits(self, op: Operand) -> float:
+            return op.bits + 0.5
+
+    register_family("test-tapered", Tapered())
+    try:
+        fmt = SimpleNamespace(family="test-tapered", bits=6, spec="tapered6")
+        assert datapath_for(fmt, fmt, C).per_product.multiply_pj == C.multiplier(6, 6)
+        assert conversion_energy(get("fp32"), fmt, C) > 0 and conversion_energy(fmt, get("bf16"), C) > 0
+        assert operand(fmt).storage_bits == 6.5
+        with pytest.raises(InputError, match="no datapath for test-tapered x fp"):
+            datapath_for(fmt, get("bf16"), C)
+    finally:
+        del FAMILY_HARDWARE["test-tapered"]
+
+
+def test_a_format_without_its_familys_fields_is_one_line_naming_them() -> None:
+    with pytest.raises(InputError, match=r"format 'half' of family 'fp' has no exp_bits, man_bits"):
+        mac_energy(SimpleNamespace(family="fp", bits=16, spec="half"), None, C)
+    with pytest.raises(InputError, match="unknown family 'decimal'"):
+        mac_energy(SimpleNamespace(family="decimal", bits=16, spec="d16"), None, C)

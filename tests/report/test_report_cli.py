@@ -110,3 +110,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(sweep_dir: Path, tmp_p
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
     assert list(empty.iterdir()) == []
+
+
+def test_report_with_titles_leaves_no_stale_cache_for_the_next_sweep_run(tmp_path: Path) -> None:
+    """The files a sweep rerun keeps (write_reports_if_changed) are those of the options it asks for: after
+    `dse report --titles`, a rerun with nothing to train writes its untitled plots again."""
+    from dse.report.files import write_reports_if_changed
+
+    build_store(tmp_path, example_trials(workloads=("resnet50",)))
+    frame = load_trials(tmp_path)
+    plot = tmp_path / "pareto_mlp-digits_resnet50.pdf"
+    write_reports_if_changed(frame, tmp_path)
+    untitled = plot.read_bytes()
+    result = runner.invoke(app, ["report", str(tmp_path), "--titles"])
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes() != untitled
+    write_reports_if_changed(frame, tmp_path)
+    assert plot.read_bytes() == untitled

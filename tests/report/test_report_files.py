@@ -11,7 +11,7 @@ from report_frames import example_trials, trial_row, trials_frame
 
 from dse.errors import InputError
 from dse.report import summarize_trials, write_reports
-from dse.report.files import write_atomically, write_text_atomically
+from dse.report.files import REPORTS_STAMP, write_atomically, write_text_atomically
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PDF_MAGIC = b"%PDF-"
@@ -34,7 +34,7 @@ def test_write_reports_writes_every_file(reports: tuple[Path, list[Path]]) -> No
     assert [p.parent for p in written] == [out] * len(written)
     assert {p.name for p in written} == tables | plots
     assert len(written) == len(tables | plots)
-    assert {p.name for p in out.iterdir()} == tables | plots  # no temporary file left behind
+    assert {p.name for p in out.iterdir()} == tables | plots | {REPORTS_STAMP}  # no temporary file left
     for path in written:
         data = path.read_bytes()
         if path.suffix == ".png":

@@ -119,6 +119,29 @@ def test_equivalent_spellings_give_the_same_trial() -> None:
     assert trial_hash("other", config) != a[0].trial_id
 
 
+def test_a_stated_scale_is_part_of_the_trial_because_it_trains_differently() -> None:
+    """`fp8_e4m3` gives fp/fixed gradients a per-tensor power-of-two scale in training; `fp8_e4m3(scale=none)`
+    states the format's own (no scale) and gets none: two experiments, two trials, each trained as
+    written (in a sweep, on the direct path and in a per-layer rule)."""
+    from dse.train.config import TrainConfig
+    from dse.train.policy import QuantPolicy
+
+    text = ("task: {model: mlp, dataset: digits}\n"
+            "trials:\n  - {format: [fp8_e4m3, \"FP8_E4M3( scale = none )\"]}\n")
+    trials = expand(parse_config(text, "t.yaml"))
+    assert len({t.trial_id for t in trials}) == len({t.label for t in trials}) == 2
+    scalings = {QuantPolicy.from_config(t.config).gradients.format.scaling.kind for t in trials}
+    assert scalings == {"tensor", "none"}
+    default, stated = TrainConfig(format="fp8_e4m3"), TrainConfig(format="fp8_e4m3(scale=none)")
+    assert trial_hash("t", default) != trial_hash("t", stated)
+    assert trial_hash("t", stated) == trial_hash("t", TrainConfig(format="fp8_e4m3( SCALE=none)"))
+    scaled = [TrainConfig(format=spec) for spec in ("int8", "int8(scale=tensor)")]  # the same training
+    assert trial_hash("t", scaled[0]) == trial_hash("t", scaled[1])
+    ruled = [TrainConfig(layers=({"match": "*", "gradients": spec},))
+             for spec in ("fixed(8,4)", "fixed(8,4,scale=none)")]
+    assert trial_hash("t", ruled[0]) != trial_hash("t", ruled[1])
+
+
 def test_equivalent_points_in_one_grid_run_once() -> None:
     text = "task: {model: mlp, dataset: digits}\ntrials:\n  - {format: [lns8, \"lns(8,gamma=8)\", int8]}\n"
     assert len(expand(parse_config(text, "t.yaml"))) == 2

@@ -166,3 +166,17 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(tmp_path: 
     after = _finished(out)
     assert summary.ran == 12 - len(before) and len(after) == 12
     assert all(after[trial] == at for trial, at in before.items())
+
+
+def test_niti_and_accumulating_trials_group_and_store_what_alone_runs_store(tmp_path: Path) -> None:
+    """NITI trials that differ in seed and niti_mu, and accumulating trials that differ in seed, train
+    as groups, each trial's stored numbers those of its run alone (`dse train`)."""
+    text = _text(tmp_path / "grouped", seeds="[0, 1]", executor="{group_size: 4}").replace(
+        "  - {format: [fp32, int8], optimizer: sgd, tune: {lr: [0.05, 0.1]}}",
+        "  - {format: int8, optimizer: niti, tune: {niti_mu: [4, 5]}}\n"
+        "  - {format: fp8_e4m3, accumulation: fp16, accumulation_chunk: 4}")
+    grouped = Recording()
+    summary = _sweep(text, grouped)
+    _sweep(text.replace("grouped", "alone").replace("{group_size: 4}", "{group_size: 1}"))
+    assert sorted(len(job) for job in grouped.jobs) == [2, 4] and not summary.notes
+    assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")

@@ -90,7 +90,7 @@ def test_store_round_trip(tmp_path: Path) -> None:
             assert row[f"energy_mj:{workload}"] == pytest.approx(sum(parts)) and min(parts) >= 0
     assert (summary.ok, summary.diverged, summary.errors) == (4, 2, 2)
     assert summary.best is not None and summary.best.status == "ok"
-    assert summary.best.test_accuracy == frame["test_accuracy"].max()
+    assert summary.best.val_accuracy == frame["val_accuracy"].max()  # validation chooses, never test
 
 
 def test_energy_follows_the_formats_not_the_seed(tmp_path: Path) -> None:

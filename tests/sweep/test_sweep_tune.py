@@ -197,3 +197,32 @@ def test_master_weights_may_be_a_format_spec_in_the_store(tmp_path: Path) -> Non
     frame = load_trials(tmp_path)
     assert list(frame["master_weights"]) == ["lns(16,gamma=128)", "lns(16,gamma=128)", False]
     assert math.isclose(frame["val_accuracy"].iloc[0], 0.9)
+
+
+def test_the_progress_names_the_best_trial_by_validation_never_by_test(tmp_path: Path) -> None:
+    """Tuning lr over three points where validation prefers 0.03 and test 0.1 (sweep_fakes.validated_train):
+    the live display's best trial, and the summary's, are trials of the point validation prefers."""
+    from io import StringIO
+
+    from rich.console import Console
+    from sweep_fakes import validated_train
+
+    from dse.sweep.progress import RichReporter
+
+    text = f"""\
+seeds: [0, 1]
+task: {{model: mlp, dataset: digits, epochs: 1}}
+trials:
+  - {{format: int8, tune: {{lr: [0.01, 0.03, 0.1]}}}}
+output: {tmp_path / 'out'}
+"""
+    console = Console(file=StringIO(), width=200)
+    reporter = RichReporter(console, console)
+    summary = run_sweep(parse_config(text, "t.yaml"), train_fn=validated_train, executor=InlineExecutor(),
+                        reporter=reporter, reports=False)
+    trials = load_trials(tmp_path / "out").set_index("trial_id")
+    assert trials["test_accuracy"].idxmax() in set(trials.index[trials["tuned:lr"] == 0.1])
+    assert reporter.best is not None and summary.best is not None
+    assert trials.loc[reporter.best.trial_id, "tuned:lr"] == 0.03
+    assert trials.loc[summary.best.trial_id, "tuned:lr"] == 0.03
+    assert f"{reporter.best.val_accuracy:.4f}" in console.file.getvalue()

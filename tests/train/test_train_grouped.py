@@ -85,11 +85,8 @@ def test_a_diverging_member_does_not_disturb_the_others(digits: Any) -> None:
 
 
 def test_methods_that_do_not_stack_say_why_and_train_one_by_one(digits: Any) -> None:
-    niti = BASE.replace(optimizer="niti", format="int8", master_weights="int16")
-    assert "NITI" in (group_reason(niti) or "")
     assert "Conv1d" in (group_reason(BASE.replace(model="cnn", dataset="mnist1d")) or "")
     assert group_reason(BASE.replace(format="posit8")) is None
-    _same_as_alone([niti.replace(seed=0), niti.replace(seed=1)], digits)
 
 
 def test_a_group_may_differ_only_in_member_fields(digits: Any) -> None:

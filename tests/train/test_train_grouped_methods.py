@@ -9,10 +9,15 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dse.data import load_dataset
+from dse.formats.base import MemberGenerators
 from dse.train import TrainConfig, train
 from dse.train.grouped import group_reason, train_group
+from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error
+from dse.train.niti.stacked import act_calc_members, float_to_int_members, grad_calc_members
 
 BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
 
@@ -61,3 +66,77 @@ def test_an_accumulating_member_that_diverges_does_not_disturb_the_others(digits
                              digits)
     assert [r["diverged"] for r in results] == [False, True, False]
     assert math.isnan(results[1]["final_loss"]) and results[0]["test_accuracy"] > 0.5
+
+
+# --- NITI ----------------------------------------------------------------------------------------
+
+NITI = BASE.replace(format="int8", optimizer="niti")
+
+
+@pytest.mark.parametrize("fields, members", [
+    ({"epochs": 2}, [{"seed": 0}, {"seed": 1, "niti_mu": 3}, {"seed": 2, "niti_mu": 6}]),
+    ({"master_weights": "int16", "niti_mu": 6}, [{"seed": 0}, {"seed": 1, "niti_mu": 4}]),
+    ({"format": "int(6)", "niti_mu": 3}, [{"seed": 3}, {"seed": 4}]),
+], ids=["int8-mu-schedule", "int16-accumulator", "int6"])
+def test_niti_mlp_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], members: list[dict[str, Any]],
+                                                       digits: Any) -> None:
+    """Per-member exponents, shifts, update widths (niti_mu and its schedule) and cross-entropy draws:
+    integer arithmetic, so every member is exactly its run alone."""
+    base = NITI.replace(**fields)
+    results = _same_as_alone([base.replace(**member) for member in members], digits)
+    assert len({r["final_loss"] for r in results}) == len(members)
+
+
+@pytest.mark.parametrize("dataset, batch", [("mnist1d", 100), ("digits", 64)],
+                         ids=["conv1d", "conv2d-maxpool"])
+def test_niti_cnn_members_equal_alone_runs_bit_for_bit(dataset: str, batch: int) -> None:
+    """The members' convolutions run as one grouped convolution: exact integer sums, any order."""
+    base = NITI.replace(model="cnn", dataset=dataset, batch_size=batch)
+    _same_as_alone([base.replace(seed=0), base.replace(seed=1, niti_mu=4)], load_dataset(dataset))
+
+
+def test_niti_networks_that_do_not_stack_say_why() -> None:
+    reason = group_reason(NITI.replace(model="transformer", dataset="sort"))
+    assert reason is not None and "Transformer" in reason
+
+
+@settings(max_examples=30, deadline=None)
+@given(exps=st.lists(st.integers(-12, 6), min_size=1, max_size=4), rows=st.integers(1, 5),
+       classes=st.integers(2, 7), division=st.sampled_from(["reference", "integer"]),
+       seed=st.integers(0, 999))
+def test_integer_ce_error_of_stacked_logits_is_each_members_alone(exps: list[int], rows: int, classes: int,
+                                                                  division: str, seed: int) -> None:
+    """Members in the base-2 branch run as one batch of rows; members below -bitwidth (the Taylor
+    branch) or the integer division run one by one: either way each member gets its error alone."""
+    source = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-127, 128, (len(exps), rows, classes), generator=source)
+    targets = torch.randint(0, classes, (len(exps), rows), generator=source)
+    generators = MemberGenerators([torch.Generator().manual_seed(seed + g) for g in range(len(exps))])
+    stacked = integer_ce_error(logits, tuple(exps), targets, generators, division=division)
+    for g, exp in enumerate(exps):
+        alone = integer_ce_error(logits[g], exp, targets[g], torch.Generator().manual_seed(seed + g),
+                                 division=division)
+        assert torch.equal(stacked[g], alone)
+
+
+@settings(max_examples=40, deadline=None)
+@given(members=st.integers(1, 4), magnitudes=st.lists(st.integers(0, 40), min_size=4, max_size=4),
+       mus=st.lists(st.integers(1, 8), min_size=4, max_size=4), seed=st.integers(0, 999))
+def test_member_decisions_are_each_members_own(members: int, magnitudes: list[int], mus: list[int],
+                                               seed: int) -> None:
+    """TiFloatToInt8, act_calc (RoundShift by RangeEstimate) and grad_calc per member equal the
+    per-tensor primitives on each member alone, members of very different ranges side by side."""
+    source = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([2.0 ** (m - 20) for m in magnitudes[:members]]).view(-1, 1, 1)
+    x = torch.randn(members, 3, 5, generator=source) * scale
+    acc = torch.round(torch.randn(members, 3, 5, generator=source) * scale * 2.0**20)
+    acc[0] = 0.0 if magnitudes[0] == 0 else acc[0]
+    m_x, exps = float_to_int_members(x, 7)
+    m_acc, shifts = act_calc_members(acc, 7)
+    update = grad_calc_members(acc.to(torch.int64), mus[:members], 7)
+    for g in range(members):
+        alone_m, alone_e = float_to_int(x[g])
+        assert exps[g] == alone_e and torch.equal(m_x[g].to(torch.int64), alone_m)
+        alone_acc, alone_shift = act_calc(acc[g])
+        assert shifts[g] == alone_shift and torch.equal(m_acc[g], alone_acc)
+        assert torch.equal(update[g], grad_calc(acc[g].to(torch.int64), mus[g]))

@@ -14,7 +14,10 @@ from torch import Tensor
 from dse.formats.base import host_abs_max
 from dse.train.niti.ti_torch import FLOAT32_EXACT, FLOAT64_EXACT, _float_to_int
 
-# ----------------------------------------------------------------------------------------------
+Exponent = int | tuple[int, ...]
+"""A NITI tensor's power-of-two exponent: one per tensor, or one per member of a stacked tensor
+(grouped training, dse/train/niti/stacked.py: members along the leading axis)."""
+
 
 class _ErrorSlot:
     """Where the NITI consumer of a tensor leaves the exponent of the error it sends back."""
@@ -22,14 +25,14 @@ class _ErrorSlot:
     __slots__ = ("exp", "writers")
 
     def __init__(self) -> None:
-        self.exp: int | None = None
+        self.exp: Exponent | None = None
         self.writers = 0
 
-    def write(self, exp: int) -> None:
+    def write(self, exp: Exponent) -> None:
         self.exp = exp
         self.writers += 1
 
-    def read(self) -> int | None:
+    def read(self) -> Exponent | None:
         """The error exponent, if exactly one NITI consumer wrote it (several errors were summed)."""
         return self.exp if self.writers == 1 else None
 
@@ -40,7 +43,7 @@ class NitiTensor(Tensor):
     Ops that keep values on the same grid keep the tag; every other op returns a plain tensor.
     """
 
-    niti_exp: int
+    niti_exp: Exponent
     niti_slot: _ErrorSlot | None
 
     @classmethod
@@ -59,14 +62,14 @@ class NitiTensor(Tensor):
         return _tag_outputs(out, source.niti_exp, source.niti_slot)
 
 
-def _tag(t: Tensor, exp: int, slot: _ErrorSlot | None) -> NitiTensor:
+def _tag(t: Tensor, exp: Exponent, slot: _ErrorSlot | None) -> NitiTensor:
     tagged = t.as_subclass(NitiTensor)
     tagged.niti_exp = exp
     tagged.niti_slot = slot
     return tagged
 
 
-def _tag_outputs(out: Any, exp: int, slot: _ErrorSlot | None) -> Any:
+def _tag_outputs(out: Any, exp: Exponent, slot: _ErrorSlot | None) -> Any:
     if isinstance(out, Tensor) and out.is_floating_point():
         return _tag(out, exp, slot)
     if isinstance(out, tuple) and not hasattr(out, "_fields"):
@@ -131,22 +134,50 @@ _Activation = tuple[Tensor, int, "_ErrorSlot | None"]
 """A NITI layer's input: its mantissa, exponent and the slot its producer reads the error exponent from."""
 
 
+def _per_tensor(exp: Exponent | None) -> int | None:
+    """A per-tensor exponent (a stacked tensor's exponents never reach a layer of one network)."""
+    assert not isinstance(exp, tuple), "a stacked NITI tensor reached a NITI layer of one network"
+    return exp
+
+
 def _activation_of(x: Tensor, bitwidth: int) -> _Activation:
-    exp = getattr(x, "niti_exp", None) if isinstance(x, NitiTensor) else None
+    exp = _per_tensor(getattr(x, "niti_exp", None)) if isinstance(x, NitiTensor) else None
     slot = getattr(x, "niti_slot", None) if isinstance(x, NitiTensor) else None
     mantissa, exp = _mantissa_of(x, exp, bitwidth)
     return mantissa, exp, slot
 
 
 def _error_of(grad: Tensor, slot: _ErrorSlot | None, bitwidth: int) -> tuple[Tensor, int]:
-    return _mantissa_of(grad, slot.read() if slot is not None else None, bitwidth)
+    return _mantissa_of(grad, _per_tensor(slot.read()) if slot is not None else None, bitwidth)
 
 
-def _value(mantissa: Tensor, exp: int, dtype: torch.dtype) -> Tensor:
-    """mantissa * 2^exp in `dtype` (exact while the value stays inside dtype's normal range)."""
-    if abs(exp) <= 100 and dtype in (torch.float32, torch.float64):
-        return mantissa.to(dtype) * 2.0**exp
-    return (mantissa.double() * 2.0**exp).to(dtype)
+_EXACT_SCALING = 100
+"""|e| up to which m * 2^e is scaled in the tensor's own float dtype (float32 and float64 exactly)."""
+
+
+def _largest(exp: Exponent) -> int:
+    return max(map(abs, exp)) if isinstance(exp, tuple) else abs(exp)
+
+
+def _negated(exp: Exponent) -> Exponent:
+    return tuple(-e for e in exp) if isinstance(exp, tuple) else -exp
+
+
+def _pow2(exp: Exponent, like: Tensor, dtype: torch.dtype) -> float | Tensor:
+    """2^exp: a Python float, or per member (a tuple) a (G, 1, ..., 1) tensor of `dtype` shaped to
+    broadcast against `like`, members along its leading axis. Both are exact (Python floats)."""
+    if not isinstance(exp, tuple):
+        return 2.0**exp
+    shape = (len(exp), *[1] * (like.dim() - 1))
+    return torch.tensor([2.0**e for e in exp], dtype=dtype, device=like.device).view(shape)
+
+
+def _value(mantissa: Tensor, exp: Exponent, dtype: torch.dtype) -> Tensor:
+    """mantissa * 2^exp in `dtype` (exact while the value stays inside dtype's normal range); per
+    member where exp is a tuple."""
+    if _largest(exp) <= _EXACT_SCALING and dtype in (torch.float32, torch.float64):
+        return mantissa.to(dtype) * _pow2(exp, mantissa, dtype)
+    return (mantissa.double() * _pow2(exp, mantissa, torch.float64)).to(dtype)
 
 
 def _mantissa_bound(bitwidth: int) -> float:

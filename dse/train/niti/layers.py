@@ -14,14 +14,19 @@ from dse.errors import InputError
 from dse.train.accumulation import convolution, convolution_grads
 from dse.train.layers import conv_geometry
 from dse.train.niti.exponents import (
+    _EXACT_SCALING,
+    Exponent,
     _Activation,
     _activation_of,
     _error_of,
     _ErrorSlot,
     _exact_dtype,
     _float_dtype,
+    _largest,
     _mantissa_bound,
+    _negated,
     _plain,
+    _pow2,
     _tag,
     _value,
 )
@@ -29,39 +34,56 @@ from dse.train.niti.ti_torch import act_calc, weight_quant
 
 # ----------------------------------------------------------------------------------------------
 
-def weight_mantissa(param: Tensor, exp: int, dtype: torch.dtype = torch.int64) -> Tensor:
-    """The integer mantissa of a NITI weight whose value is mantissa * 2^exp, as `dtype`. Within
-    _value's exponent range the scaling by 2^-exp is exact in the weight's own dtype, so only the
-    float64 fallback needs a wider copy."""
+def weight_mantissa(param: Tensor, exp: Exponent, dtype: torch.dtype = torch.int64) -> Tensor:
+    """The integer mantissa of a NITI weight whose value is mantissa * 2^exp (per member where exp is
+    a tuple), as `dtype`. Within _value's exponent range the scaling by 2^-exp is exact in the
+    weight's own dtype, so only the float64 fallback needs a wider copy."""
     weight = param.detach()
-    if not (abs(exp) <= 100 and weight.dtype in (torch.float32, torch.float64)):
+    if not (_largest(exp) <= _EXACT_SCALING and weight.dtype in (torch.float32, torch.float64)):
         weight = weight.double()
-    return (weight * 2.0**-exp).round_().to(dtype)
+    return (weight * _pow2(_negated(exp), weight, weight.dtype)).round_().to(dtype)
 
 
 @dataclass(eq=False)
 class NitiWeight:
     """A NITI layer's weight: the parameter (value m * 2^exp, m an integer of `bitwidth` magnitude
     bits), its exponent, fixed for the run, and the exact int32 accumulator of the weight gradient
-    of the current step, (g32 as int64, its exponent), which `NitiOptimizer` applies and clears."""
+    of the current step, (g32 as int64, its exponent), which the optimizer applies and clears. A
+    stacked weight (grouped training, dse/train/niti/stacked.py) has one exponent per member."""
 
     param: Tensor
-    exp: int
+    exp: Exponent
     bitwidth: int
-    grad: tuple[Tensor, int] | None = None
+    grad: tuple[Tensor, Exponent] | None = None
 
     def mantissa(self, dtype: torch.dtype = torch.int64) -> Tensor:
         return weight_mantissa(self.param, self.exp, dtype)
 
-    def accumulate(self, g32: Tensor, exp: int) -> None:
+    def accumulate(self, g32: Tensor, exp: Exponent) -> None:
         """Add a weight-gradient accumulator (a weight used twice sums both), aligning exponents."""
         g32 = g32.to(torch.int64)
         if self.grad is None:
             self.grad = (g32, exp)
             return
         previous, previous_exp = self.grad
-        low = min(previous_exp, exp)
-        self.grad = ((previous << (previous_exp - low)) + (g32 << (exp - low)), low)
+        if isinstance(exp, int) and isinstance(previous_exp, int):
+            lowest = min(previous_exp, exp)
+            self.grad = ((previous << (previous_exp - lowest)) + (g32 << (exp - lowest)), lowest)
+            return
+        assert isinstance(exp, tuple) and isinstance(previous_exp, tuple)
+        low = tuple(map(min, previous_exp, exp))
+        shape = (len(low), *[1] * (g32.dim() - 1))
+
+        def up(values: Tensor, by: list[int]) -> Tensor:
+            return values << torch.tensor(by, device=values.device).view(shape)
+
+        self.grad = (up(previous, [p - lo for p, lo in zip(previous_exp, low, strict=True)])
+                     + up(g32, [e - lo for e, lo in zip(exp, low, strict=True)]), low)
+
+
+def _per_tensor_exp(exp: Exponent) -> int:
+    assert isinstance(exp, int), "a stacked NITI weight in a layer of one network"
+    return exp
 
 
 SharedWeights = dict[int, NitiWeight]
@@ -108,6 +130,9 @@ class _IntegerGemm(Protocol):
     bitwidth: int
     niti_weight: NitiWeight
 
+    @property
+    def weight_exp(self) -> int: ...
+
     def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor: ...
 
     def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor: ...
@@ -125,7 +150,7 @@ class _GemmFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, layer: _IntegerGemm, m_x: Tensor, exp_x: int,
                 in_slot: _ErrorSlot | None) -> tuple[Tensor, int, _ErrorSlot]:
-        weight_exp = layer.niti_weight.exp
+        weight_exp = layer.weight_exp
         m_w = weight_mantissa(weight, weight_exp, torch.float32)
         acc = layer.int_forward(m_x, m_w)
         m_out, shift = act_calc(acc, layer.bitwidth)
@@ -138,7 +163,7 @@ class _GemmFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, *_: None) -> tuple[Tensor | None, ...]:
         layer: _IntegerGemm = ctx.layer
-        weight_exp = layer.niti_weight.exp
+        weight_exp = layer.weight_exp
         m_err, exp_err = _error_of(grad_out, ctx.out_slot, layer.bitwidth)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -163,7 +188,7 @@ class _NitiGemm(nn.Module):
 
     @property
     def weight_exp(self) -> int:
-        return self.niti_weight.exp
+        return _per_tensor_exp(self.niti_weight.exp)
 
     def forward(self, x: Tensor) -> Tensor:
         m_x, exp_x, slot = _activation_of(x, self.bitwidth)
@@ -346,7 +371,7 @@ class NitiEmbedding(nn.Module):
 
     @property
     def weight_exp(self) -> int:
-        return self.niti_weight.exp
+        return _per_tensor_exp(self.niti_weight.exp)
 
     def forward(self, indices: Tensor) -> Tensor:
         out, exp, slot = _EmbeddingFunction.apply(indices, self.weight, self)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dse.train.niti.exponents import _activation_of, _ErrorSlot, _float_dtype, _plain, _value
+from dse.formats.base import MemberGenerators
+from dse.train.niti.exponents import Exponent, _activation_of, _ErrorSlot, _float_dtype, _plain, _value
 from dse.train.niti.layers import NitiWeight
 from dse.train.niti.ti_loss import integer_ce_error
 from dse.train.niti.ti_torch import INT8_BITWIDTH, grad_calc, int_clip, psto_shift
@@ -18,35 +19,42 @@ from dse.train.niti.ti_torch import INT8_BITWIDTH, grad_calc, int_clip, psto_shi
 # ----------------------------------------------------------------------------------------------
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """Float cross-entropy value forward (for logging); NITI's integer error backward."""
+    """Float cross-entropy value forward (for logging); NITI's integer error backward. Stacked logits
+    (G, rows, classes) with an exponent per member give each member's loss (G,) and error."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor, loss: NitiCrossEntropy, m_z: Tensor,
-                exp_z: int, slot: _ErrorSlot | None) -> Tensor:
+                exp_z: Exponent, slot: _ErrorSlot | None) -> Tensor:
         ctx.loss, ctx.m_z, ctx.exp_z, ctx.slot, ctx.targets = loss, m_z, exp_z, slot, targets
         ctx.shape = logits.shape
         values = _value(m_z, exp_z, torch.float64)
+        if isinstance(exp_z, tuple):
+            losses = [F.cross_entropy(v, t, ignore_index=-100) for v, t in zip(values, targets, strict=True)]
+            return torch.stack(losses).to(_float_dtype(logits))
         return F.cross_entropy(values, targets, ignore_index=-100).to(_float_dtype(logits))
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Tensor) -> tuple:
-        loss = ctx.loss
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        loss: NitiCrossEntropy = ctx.loss
         error = integer_ce_error(ctx.m_z, ctx.exp_z, ctx.targets, loss.generator, loss.bitwidth,
                                  loss.division)
+        zero: Exponent = (0,) * len(ctx.exp_z) if isinstance(ctx.exp_z, tuple) else 0
         if ctx.slot is not None:
-            ctx.slot.write(0)
+            ctx.slot.write(zero)
         # The integer error does not scale with grad_loss: NITI renormalises every tensor anyway.
-        return _value(error, 0, grad_loss.dtype).reshape(ctx.shape), None, None, None, None, None
+        return _value(error, zero, grad_loss.dtype).reshape(ctx.shape), None, None, None, None, None
 
 
 class NitiCrossEntropy:
     """loss_fn(logits, targets): float cross-entropy value, NITI's integer error as its gradient.
 
     Logits (rows, classes) or sequences (B, T, V) with targets (B, T), flattened to rows; targets
-    of -100 are ignored. The stochastic rounding of the error draws from `generator`.
+    of -100 are ignored. The stochastic rounding of the error draws from `generator` (each member's
+    from its own where the logits are stacked: stacked.StackedNitiCrossEntropy).
     """
 
-    def __init__(self, bitwidth: int = INT8_BITWIDTH, generator: torch.Generator | None = None,
+    def __init__(self, bitwidth: int = INT8_BITWIDTH,
+                 generator: torch.Generator | MemberGenerators | None = None,
                  division: str = "reference") -> None:
         self.bitwidth, self.generator, self.division = bitwidth, generator, division
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dse.formats.base import MemberGenerators
 from dse.train.niti.ti_torch import INT8_BITWIDTH, _signed, sto_shift
 
 # ----------------------------------------------------------------------------------------------
@@ -36,8 +37,9 @@ CE_DIVISIONS: tuple[str, ...] = ("reference", "integer")
 division, so s keeps its fraction and 2^s is a float), or truncating integer division throughout."""
 
 
-def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch.Generator | None,
-                     bitwidth: int = INT8_BITWIDTH, division: str = "reference") -> Tensor:
+def integer_ce_error(logits: Tensor, exp: int | tuple[int, ...], targets: Tensor,
+                     generator: torch.Generator | MemberGenerators | None, bitwidth: int = INT8_BITWIDTH,
+                     division: str = "reference") -> Tensor:
     """NITI's integer cross-entropy backward: the error (softmax - onehot) as int8 with exponent 0.
 
     `logits` are the integer mantissas (rows, classes) and `exp` their exponent. Rows whose target
@@ -50,9 +52,21 @@ def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch
     `division` "reference" reads every `/` as the reference's PyTorch 1.7 does (float32 true
     division; the sums cast each term to int64 first, the final cast truncates), "integer" as
     truncating integer division on int64.
+
+    Stacked logits (G, rows, classes) of a group take a tuple of G exponents, targets (G, rows)
+    and `MemberGenerators`: each member's error is what it gets alone. Where every member takes
+    the reference division's base-2 branch (as training does) the members' rows run as one batch
+    of rows, each scaled by its member's exponent; otherwise member by member.
     """
     if division not in CE_DIVISIONS:
         raise ValueError(f"unknown cross-entropy division {division!r}: expected one of {CE_DIVISIONS}")
+    shape = logits.shape
+    if isinstance(exp, tuple):
+        if division != "reference" or min(exp) <= -bitwidth:
+            assert isinstance(generator, MemberGenerators)
+            return torch.stack([integer_ce_error(logits[g], e, targets[g], generator.generators[g], bitwidth,
+                                                 division) for g, e in enumerate(exp)])
+        logits, targets = logits.reshape(-1, shape[-1]), targets.reshape(-1)
     z = logits.to(torch.int64)
     rows, classes = z.shape
     scale_bits = bitwidth + CE_STO_SHIFT
@@ -61,6 +75,8 @@ def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch
     safe_targets = targets.clamp(min=0)
     if division == "reference":
         p = _reference_ce_numerators(z, exp, bitwidth, scale_bits)
+    elif isinstance(exp, tuple):
+        raise AssertionError("stacked logits take the reference division here")
     elif exp > -bitwidth:
         s = _trunc_shift(z * LOG2E_Q15, 15)
         # Any exponent >= 4 already spreads distinct logits more than CE_TOP_LOG2 apart.
@@ -82,19 +98,35 @@ def integer_ce_error(logits: Tensor, exp: int, targets: Tensor, generator: torch
     else:
         p[row_index, safe_targets] -= p.sum(dim=1)
     error = sto_shift(p, CE_STO_SHIFT, generator, bitwidth)
-    return torch.where(ignored.view(rows, 1), torch.zeros_like(error), error)
+    return torch.where(ignored.view(rows, 1), torch.zeros_like(error), error).reshape(shape)
 
 
-def _reference_ce_numerators(z: Tensor, exp: int, bitwidth: int, scale_bits: int) -> Tensor:
+def _times_two_to(s: Tensor, exp: int | tuple[int, ...]) -> Tensor:
+    """s * 2^exp as ti_loss.py writes it: a product by 2^exp for exp >= 0, else a quotient by 2^-exp.
+
+    A tuple holds one exponent per member, s (G * rows, classes) member-major: each member's rows
+    are multiplied and divided by their own powers (the other factor 1.0), the same exact operation.
+    """
+    if isinstance(exp, int):
+        return s * 2.0**exp if exp >= 0 else s / 2.0**-exp
+    rows = s.shape[0] // len(exp)
+
+    def column(factors: list[float]) -> Tensor:
+        return torch.tensor(factors, dtype=s.dtype, device=s.device).repeat_interleave(rows).view(-1, 1)
+
+    return s * column([2.0 ** max(e, 0) for e in exp]) / column([2.0 ** max(-e, 0) for e in exp])
+
+
+def _reference_ce_numerators(z: Tensor, exp: int | tuple[int, ...], bitwidth: int, scale_bits: int) -> Tensor:
     """p = n * 2^scale_bits / sum_row n as ti_loss.py computes it under PyTorch 1.7, in float32.
 
     z * 47274 is exact in int64; `/ 2**15` is true division (float32), so s keeps its fraction,
     2**s - 1 is a float32 numerator, `sum(1, dtype=int64)` casts each numerator to int64 before
     adding, and p stays float32 until the caller's final cast.
     """
-    if exp > -bitwidth:
+    if isinstance(exp, tuple) or exp > -bitwidth:  # per member: only where every member is above
         s = (z * LOG2E_Q15).to(torch.float32) / 2**15
-        s = s * 2.0**exp if exp >= 0 else s / 2.0**-exp
+        s = _times_two_to(s, exp)
         s = s - (s.max(dim=1, keepdim=True).values - CE_TOP_LOG2)
         numerators = torch.pow(2.0, s.clamp(min=0.0)) - 1
         total = numerators.to(torch.int64).sum(dim=1, keepdim=True)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dse.formats import shift_round
-from dse.formats.base import host_abs_max
+from dse.formats.base import MemberGenerators, host_abs_max
 
 INT8_BITWIDTH = 7
 """NITI's BITWIDTH: magnitude bits of an int8 mantissa (the sign takes the eighth)."""
@@ -62,29 +62,39 @@ def round_shift(x: Tensor, shift: int, bitwidth: int = INT8_BITWIDTH) -> Tensor:
     return int_clip(_signed(magnitude, x), bitwidth)
 
 
-def psto_shift(x: Tensor, shift: int, bitwidth: int = INT8_BITWIDTH) -> Tensor:
-    """PstoShift: pseudo-stochastic rounding; the low half of the discarded bits is the random draw."""
-    if shift < 0:
+def psto_shift(x: Tensor, shift: int | Tensor, bitwidth: int = INT8_BITWIDTH) -> Tensor:
+    """PstoShift: pseudo-stochastic rounding; the low half of the discarded bits is the random draw.
+
+    `shift` may be a tensor broadcast against x (a shift per member of a stacked tensor); a shift
+    of 0 keeps x (clipped)."""
+    if isinstance(shift, int) and shift < 0:
         raise ValueError(f"psto_shift needs a non-negative shift, got {shift}")
     x = x.to(torch.int64)
     return int_clip(_signed(shift_round(x.abs(), shift, "pseudo_stochastic"), x), bitwidth)
 
 
-def sto_shift(x: Tensor, shift: int, generator: torch.Generator | None,
+def sto_shift(x: Tensor, shift: int, generator: torch.Generator | MemberGenerators | None,
               bitwidth: int = INT8_BITWIDTH) -> Tensor:
     """StoShift: round |x| / 2^shift up iff its discarded bits r exceed a uniform draw in [0, 2^shift).
 
     The draw is one `torch.randint(0, 2**shift, x.shape, dtype=int64, generator=generator)` on the
-    generator's device, so a run is reproducible from the generator's seed.
+    generator's device, so a run is reproducible from the generator's seed. With `MemberGenerators`
+    (x stacked over group members) each member's part is drawn from its own generator, as alone.
     """
     x = x.to(torch.int64)
     magnitude = x.abs()
     kept = magnitude >> shift
     discarded = magnitude - (kept << shift)
-    device = generator.device if generator is not None else torch.device("cpu")
-    draw = torch.randint(0, 2**shift, tuple(x.shape), dtype=torch.int64, generator=generator,
-                         device=device).to(x.device)
-    return int_clip(_signed(kept + (discarded > draw).to(torch.int64), x), bitwidth)
+
+    def fill(shape: tuple[int, ...], source: torch.Generator | None) -> Tensor:
+        device = source.device if source is not None else torch.device("cpu")
+        return torch.randint(0, 2**shift, shape, dtype=torch.int64, generator=source, device=device)
+
+    if isinstance(generator, MemberGenerators):
+        draw = generator.draw(x.shape, fill)
+    else:
+        draw = fill(tuple(x.shape), generator)
+    return int_clip(_signed(kept + (discarded > draw.to(x.device)).to(torch.int64), x), bitwidth)
 
 
 def _ceil_log2(peak: float) -> int:

@@ -1,0 +1,358 @@
+"""NITI stacked over the members of a group (grouped training, dse/train/grouped.py).
+
+G NITI networks of one architecture run as one: each weight (G, out, in) carries a leading member
+axis, and the members' batches travel through the network's own forward folded into one batch
+(member g's samples are rows g*B .. (g+1)*B-1), so ReLU, pooling and reshapes run once for the
+group as they run for each member alone. The NITI layers take the folded batch apart, (G, B, ...),
+and every decision the reference takes per tensor is taken per member: the input's TiFloatToInt8
+exponent, RangeEstimate and the RoundShift back to int8 after each GEMM, the exponents that travel
+forward and back, the mu-bit update (grad_calc with each member's mu), and the cross-entropy's
+StoShift draws (each member's own generator). A stacked tensor's exponent is a tuple of G ints
+(`Exponent`); the powers 2^e are built from Python floats, so every scaling is the exact one a
+member applies alone.
+
+The GEMMs are integer sums below 2^24 (float32) or 2^53 (float64), exact in any order, so a
+batched GEMM or a grouped convolution gives each member exactly its integers alone (where a float
+convolution grouped over members sums in another order than the member's own, dse/train/stacked.py,
+integers do not care): a member of a
+group trains bit for bit as `dse train` trains it (tests/train/test_train_grouped_methods.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dse.formats.base import MemberGenerators
+from dse.train.accumulation import convolution, convolution_grads
+from dse.train.niti.exponents import (
+    _EXACT_SCALING,
+    NitiTensor,
+    _ErrorSlot,
+    _exact_dtype,
+    _float_dtype,
+    _mantissa_bound,
+    _negated,
+    _plain,
+    _pow2,
+    _tag,
+    _value,
+)
+from dse.train.niti.layers import NitiConv, NitiLinear, NitiWeight
+from dse.train.niti.optim import NitiCrossEntropy, _CrossEntropyFunction
+from dse.train.niti.ti_torch import _ceil_log2, int_clip, psto_shift
+
+Exponents = tuple[int, ...]
+"""One exponent per member."""
+
+
+# --- per-member versions of the per-tensor decisions ---------------------------------------------
+
+def _member_peaks(t: Tensor) -> list[float]:
+    """max|t[g]| per member, on the host (one read for the group)."""
+    return t.detach().abs().reshape(t.shape[0], -1).amax(1).tolist()
+
+
+def range_estimates(t: Tensor) -> Exponents:
+    """RangeEstimate of each member of an integer-valued stacked tensor (0 for an all-zero member)."""
+    return tuple((int(peak) - 1).bit_length() if peak > 0 else 0 for peak in _member_peaks(t))
+
+
+def float_to_int_members(x: Tensor, bitwidth: int) -> tuple[Tensor, Exponents]:
+    """TiFloatToInt8 of each member (`_float_to_int`): its own peak and exponent, the mantissa float32."""
+    values = torch.nan_to_num(x.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    if not values.is_floating_point():
+        values = values.double()
+    exps = tuple(_ceil_log2(peak) - bitwidth if peak > 0 else 0 for peak in _member_peaks(values))
+    if values.dtype != torch.float32 or max(map(abs, exps)) > _EXACT_SCALING:
+        values = values.double()
+    mantissa = torch.round(values * _pow2(_negated(exps), values, values.dtype))
+    return mantissa.clamp(-(2**bitwidth), 2**bitwidth - 1).to(torch.float32), exps
+
+
+def mantissa_of_members(values: Tensor, exps: Exponents | None, bitwidth: int) -> tuple[Tensor, Exponents]:
+    """`_mantissa_of` per member: the tagged exponents where every member sits on its grid, else each
+    member's TiFloatToInt8 (members off their grid take it, the others keep their exponent)."""
+    values = _plain(values).detach()
+    if exps is None or values.dtype != torch.float32 or max(map(abs, exps)) > _EXACT_SCALING:
+        return float_to_int_members(values, bitwidth)
+    mantissa = values * _pow2(_negated(exps), values, values.dtype)
+    flat = mantissa.reshape(len(exps), -1)
+    on_grid = ((flat == flat.round()).all(1) & (flat.abs().amax(1) <= 2**bitwidth)).tolist()
+    if all(on_grid):
+        return mantissa, exps
+    fresh, fresh_exps = float_to_int_members(values, bitwidth)
+    keep = torch.tensor(on_grid, device=values.device).view(-1, *[1] * (values.dim() - 1))
+    return (torch.where(keep, mantissa, fresh),
+            tuple(e if ok else f for e, f, ok in zip(exps, fresh_exps, on_grid, strict=True)))
+
+
+def act_calc_members(acc: Tensor, bitwidth: int) -> tuple[Tensor, Exponents]:
+    """act_calc of each member: RoundShift by its own RangeEstimate - bitwidth, or a clip where that is
+    not positive (RoundShift's float form with a shift of 0 is that clip, bit for bit)."""
+    shifts = tuple(max(r - bitwidth, 0) for r in range_estimates(acc))
+    limit = 2**bitwidth - 1
+    rounded = acc.abs().mul_(_pow2(_negated(shifts), acc, acc.dtype)).add_(0.5).floor_()
+    return rounded.copysign_(acc).clamp_(-limit, limit), shifts
+
+
+def grad_calc_members(g32: Tensor, mus: Sequence[int], bitwidth: int) -> Tensor:
+    """grad_calc of each member with its own mu: zeros where RangeEstimate is 0, PstoShift by b - mu
+    where that is at least 1, the clipped accumulator otherwise (PstoShift by 0)."""
+    g32 = g32.to(torch.int64)
+    ranges = range_estimates(g32)
+    shifts = torch.tensor([max(b - mu, 0) for b, mu in zip(ranges, mus, strict=True)], device=g32.device)
+    update = psto_shift(g32, shifts.view(-1, *[1] * (g32.dim() - 1)), bitwidth)
+    if min(ranges) == 0:
+        nonzero = torch.tensor([b > 0 for b in ranges], device=g32.device)
+        update = update * nonzero.view(-1, *[1] * (g32.dim() - 1))
+    return update
+
+
+def _members_of(weight: NitiWeight) -> Exponents:
+    """A stacked weight's exponents, one per member."""
+    assert isinstance(weight.exp, tuple), "a NITI weight of one network in a stacked layer"
+    return weight.exp
+
+
+def _add(*exps: Exponents) -> Exponents:
+    return tuple(map(sum, zip(*exps, strict=True)))
+
+
+# --- weights and layers --------------------------------------------------------------------------
+
+class _StackedGemmFunction(torch.autograd.Function):
+    """`_GemmFunction` for all members at once: integer GEMMs batched over the member axis, the
+    exponents and shifts per member. x and the value are folded (G B, ...), the mantissas (G, B, ...).
+    Outputs: the value, the exponents, the error slot."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, layer: _StackedNitiGemm, m_x: Tensor, exps_x: Exponents,
+                in_slot: _ErrorSlot | None) -> tuple[Tensor, Exponents, _ErrorSlot]:
+        state = layer.niti_weight
+        m_w = state.mantissa(torch.float32)
+        m_out, shifts = act_calc_members(layer.int_forward(m_x, m_w), state.bitwidth)
+        exps_out = _add(exps_x, _members_of(state), shifts)
+        out_slot = _ErrorSlot()
+        ctx.layer, ctx.m_x, ctx.m_w, ctx.exps_x = layer, m_x, m_w, exps_x
+        ctx.in_slot, ctx.out_slot = in_slot, out_slot
+        return _value(m_out, exps_out, _float_dtype(x)).flatten(0, 1), exps_out, out_slot
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_: None) -> tuple[Tensor | None, ...]:
+        layer: _StackedNitiGemm = ctx.layer
+        state = layer.niti_weight
+        written = ctx.out_slot.read()
+        m_err, exps_err = mantissa_of_members(grad_out.unflatten(0, (len(_members_of(state)), -1)),
+                                              written if isinstance(written, tuple) else None, state.bitwidth)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            err_out, shifts = act_calc_members(layer.int_input_grad(m_err, ctx.m_w, ctx.m_x), state.bitwidth)
+            exps_out = _add(exps_err, _members_of(state), shifts)
+            if ctx.in_slot is not None:
+                ctx.in_slot.write(exps_out)
+            grad_x = _value(err_out, exps_out, grad_out.dtype).flatten(0, 1)
+        g32 = layer.int_weight_grad(m_err, ctx.m_x, ctx.m_w).to(torch.int64)
+        exps_g = _add(exps_err, ctx.exps_x)
+        state.accumulate(g32, exps_g)
+        return grad_x, _value(g32, exps_g, state.param.dtype), None, None, None, None
+
+
+class _StackedNitiGemm(nn.Module):
+    """Shared forward of the stacked weight layers (`_NitiGemm` per member)."""
+
+    niti_weight: NitiWeight
+
+    def __init__(self, layers: Sequence[NitiLinear | NitiConv]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.bitwidth = layers[0].bitwidth
+        self.niti_weight = NitiWeight(self.weight, tuple(layer.weight_exp for layer in layers), self.bitwidth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: the members' batches folded, (G B, ...)."""
+        tagged = getattr(x, "niti_exp", None) if isinstance(x, NitiTensor) else None
+        slot = getattr(x, "niti_slot", None) if isinstance(x, NitiTensor) else None
+        members = _plain(x).unflatten(0, (len(_members_of(self.niti_weight)), -1))
+        m_x, exps_x = mantissa_of_members(members, tagged if isinstance(tagged, tuple) else None,
+                                          self.bitwidth)
+        out, exps, out_slot = _StackedGemmFunction.apply(_plain(x), self.weight, self, m_x, exps_x, slot)
+        return _tag(out, exps, out_slot)
+
+    def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _dtype(self, terms: int) -> torch.dtype:
+        return _exact_dtype(terms * _mantissa_bound(self.bitwidth))
+
+
+class StackedNitiLinear(_StackedNitiGemm):
+    """G NitiLinear layers: x (G, B, in), weight (G, out, in), batched integer GEMMs."""
+
+    def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor:
+        dtype = self._dtype(m_w.shape[2])
+        return torch.bmm(m_x.to(dtype), m_w.to(dtype).transpose(1, 2))
+
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
+        dtype = self._dtype(m_w.shape[1])
+        return torch.bmm(m_err.to(dtype), m_w.to(dtype))
+
+    def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor:
+        dtype = self._dtype(m_x.shape[1])
+        return torch.bmm(m_err.to(dtype).transpose(1, 2), m_x.to(dtype))
+
+
+class StackedNitiConv(_StackedNitiGemm):
+    """G NitiConv layers as one grouped convolution: x (G, B, C, ...) runs as (B, G C, ...) with
+    G times the groups, weight (G, O, C / groups, ...) as (G O, C / groups, ...)."""
+
+    def __init__(self, layers: Sequence[NitiConv]) -> None:
+        super().__init__(layers)
+        first = layers[0]
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+        self.groups = first.groups * len(layers)
+        self.taps = math.prod(first.kernel_size)
+
+    @staticmethod
+    def _batch_major(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).flatten(1, 2)
+
+    @staticmethod
+    def _member_major(t: Tensor, members: int) -> Tensor:
+        return t.unflatten(1, (members, -1)).transpose(0, 1)
+
+    def int_forward(self, m_x: Tensor, m_w: Tensor) -> Tensor:
+        dtype = self._dtype(m_w.shape[2] * self.taps)
+        out = convolution(self._batch_major(m_x.to(dtype)), m_w.to(dtype).flatten(0, 1), None, self.stride,
+                          self.padding, self.dilation, self.groups)
+        return self._member_major(out, m_w.shape[0])
+
+    def _grads(self, m_err: Tensor, m_x: Tensor, m_w: Tensor, want_input: bool) -> Tensor:
+        members, out_channels = m_w.shape[:2]
+        fan_out = out_channels // (self.groups // members) * self.taps
+        positions = m_err[0].numel() // out_channels
+        dtype = self._dtype(fan_out if want_input else max(fan_out, positions))
+        grad_input, grad_weight = convolution_grads(
+            self._batch_major(m_err.to(dtype)), self._batch_major(m_x.to(dtype)), m_w.to(dtype).flatten(0, 1),
+            self.stride, self.padding, self.dilation, self.groups, want_input, not want_input)
+        if want_input:
+            assert grad_input is not None
+            return self._member_major(grad_input, members)
+        assert grad_weight is not None
+        return grad_weight.unflatten(0, (members, out_channels))
+
+    def int_input_grad(self, m_err: Tensor, m_w: Tensor, m_x: Tensor) -> Tensor:
+        return self._grads(m_err, m_x, m_w, want_input=True)
+
+    def int_weight_grad(self, m_err: Tensor, m_x: Tensor, m_w: Tensor) -> Tensor:
+        return self._grads(m_err, m_x, m_w, want_input=False)
+
+
+# --- the network, its loss and its update --------------------------------------------------------
+
+_STAGES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "ReLU", "Flatten", "_Reshape", "MaxPool1d",
+                            "MaxPool2d")
+
+
+def niti_stack_reason(model: nn.Module) -> str | None:
+    """Why `model` cannot be stacked under NITI (None: it can): nn.Sequential chains of Linear and
+    Conv1d/2d layers (NITI-converted), ReLU, max-pooling, Flatten and reshape stages."""
+    if type(model) is not nn.Sequential:
+        return f"{type(model).__name__} is not a chain of layers (nn.Sequential)"
+    for module in model:
+        name = type(module).__name__
+        if name not in _STAGES:
+            return f"its {name} layers do not stack under NITI yet"
+        if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
+            return "a Flatten over other dimensions than all but the batch"
+    return None
+
+
+class FoldedNitiNetwork(nn.Module):
+    """G NITI networks as one: the first member's network with each NITI layer replaced by the
+    members' stacked layer, run on the members' batches folded into one. Input (G, B, ...), output
+    (G, B, ...) tagged with the members' exponents."""
+
+    def __init__(self, network: nn.Module, members: int) -> None:
+        super().__init__()
+        self.network, self.members = network, members
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+
+
+def stack_niti_models(models: Sequence[nn.Module]) -> FoldedNitiNetwork:
+    """One network from G NITI-converted networks of one architecture (`convert_model`: each with its
+    own weights and exponents); the models `niti_stack_reason` accepts."""
+    network = copy.deepcopy(models[0])
+    for name, module in models[0].named_modules():
+        if isinstance(module, (NitiLinear, NitiConv)):
+            layers = [dict(model.named_modules())[name] for model in models]
+            stacked = StackedNitiConv(layers) if isinstance(module, NitiConv) else StackedNitiLinear(layers)
+            parent, _, child = name.rpartition(".")
+            setattr(network.get_submodule(parent), child, stacked)
+    return FoldedNitiNetwork(network, len(models))
+
+
+def stacked_weights(model: nn.Module) -> list[NitiWeight]:
+    """The NITI weights of a stacked network, in layer order."""
+    return [module.niti_weight for module in model.modules() if isinstance(module, _StackedNitiGemm)]
+
+
+class StackedNitiCrossEntropy(NitiCrossEntropy):
+    """loss(logits (G, B, classes), targets (G, B)) -> each member's loss (G,); backward each member's
+    integer error (`NitiCrossEntropy` of each member), drawn from its own generator."""
+
+    def __init__(self, bitwidth: int, generators: MemberGenerators, division: str = "reference") -> None:
+        super().__init__(bitwidth, generators, division)
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        members, classes = logits.shape[0], logits.shape[-1]
+        tagged = getattr(logits, "niti_exp", None) if isinstance(logits, NitiTensor) else None
+        slot = getattr(logits, "niti_slot", None) if isinstance(logits, NitiTensor) else None
+        m_z, exps = mantissa_of_members(logits, tagged if isinstance(tagged, tuple) else None, self.bitwidth)
+        return _CrossEntropyFunction.apply(_plain(logits), targets.reshape(members, -1), self,
+                                           m_z.reshape(members, -1, classes), exps, slot)
+
+
+class StackedNitiOptimizer:
+    """`NitiOptimizer` of each member over the stacked weights: grad_calc with the member's mu (`mus`,
+    set each epoch by the members' schedules), the same integer accumulator (copy_bits) per member."""
+
+    def __init__(self, weights: Sequence[NitiWeight], mus: Sequence[int], bitwidth: int,
+                 copy_bits: int | None = None) -> None:
+        self.weights = list(weights)
+        self.mus = list(mus)
+        self.bitwidth = bitwidth
+        self.frac_bits = 0 if copy_bits is None else copy_bits - bitwidth - 1
+        self.accumulators = [weight.mantissa() << self.frac_bits for weight in weights if self.frac_bits]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for index, weight in enumerate(self.weights):
+            if weight.grad is None:
+                continue
+            update = grad_calc_members(weight.grad[0], self.mus, self.bitwidth).to(weight.param.device)
+            if self.frac_bits:
+                self.accumulators[index] = int_clip(self.accumulators[index] - update,
+                                                    self.bitwidth + self.frac_bits)
+                mantissa = psto_shift(self.accumulators[index], self.frac_bits, self.bitwidth)
+            else:
+                mantissa = int_clip(weight.mantissa() - update, self.bitwidth)
+            weight.param.copy_(_value(mantissa, _members_of(weight), weight.param.dtype))
+
+    def zero_grad(self) -> None:
+        for weight in self.weights:
+            weight.param.grad = None
+            weight.grad = None
