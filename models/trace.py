@@ -42,6 +42,13 @@ that runs one gets a warning naming it, never a silent gap."""
 class _Recorder(TorchDispatchMode):
     """Records each GEMM-shaped kernel as a GemmLayer, named by weight or by the running module."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """False: torch would wrap `__torch_dispatch__` in `torch._disable_dynamo`, whose first call
+        imports torch._dynamo (about a second, every sweep's energy estimate paid it) only to keep
+        torch.compile out of a mode that nothing compiles."""
+        return False
+
     def __init__(self, model: nn.Module, samples: int) -> None:
         super().__init__()
         self.samples = samples

@@ -409,6 +409,15 @@ def host_abs_max(x: Tensor) -> float:
     return max(-float(low), float(high))  # both are NaN where x holds a NaN
 
 
+@functools.lru_cache(maxsize=256)
+def _with_axis(fmt: NumberFormat, axis: int) -> NumberFormat:
+    """fmt with its scaling along `axis`: one object per (format, axis), so that what a format caches
+    on itself (grids, constants) is built once, not on every call."""
+    scaling = dataclasses.replace(fmt.scaling, axis=axis)
+    # (families are dataclasses)
+    return cast(NumberFormat, dataclasses.replace(cast(Any, fmt), scaling=scaling))
+
+
 class NumberFormat(ABC):
     """A number format: an element grid plus a scaling policy.
 
@@ -531,9 +540,8 @@ class NumberFormat(ABC):
         source = cast("torch.Generator | None", generator)
         with whole_tensors(draws):  # slices would cut across members' draws
             if kind in ("none", "block"):
-                member_scaling = dataclasses.replace(self.scaling, axis=member_axis)
-                fmt = self if kind == "none" or x.dim() == 1 else dataclasses.replace(
-                    cast(Any, self), scaling=member_scaling)  # (families are dataclasses)
+                fmt = self if kind == "none" or x.dim() == 1 or member_axis == axis else _with_axis(
+                    self, member_axis)
                 if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one
                     return fmt.quantize(x.reshape(-1, 1), rounding, source).reshape(x.shape)
                 return fmt.quantize(x, rounding, source)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,7 +185,7 @@ def test_trace_matches_hand_written_workload(model_name: str, data_name: str, wo
         # Same embeddings; the traced workload also lists the LayerNorms (2 per layer + final, 2 x 64 each),
         # which the hand-written sort-transformer leaves out.
         assert traced.extra_params["embedding.weight"] == hand.extra_params["embedding"]
-        assert traced.extra_params["position"] == hand.extra_params["position"]
+        assert traced.extra_params["position.weight"] == hand.extra_params["position"]
         assert traced.params - hand.params == 5 * 2 * 64
     else:
         assert traced.params == hand.params
@@ -212,6 +217,18 @@ def test_trace_leaves_the_model_as_it_was(datasets: dict[str, Dataset]) -> None:
     assert model.training
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BN statistics too
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_tracing_does_not_import_torch_dynamo(repo_root: Path) -> None:
+    """Every sweep traces its proxy to price it; torch._dynamo costs about a second to import and is
+    not needed for that (the tracer is a dispatch mode nothing compiles)."""
+    code = ("import sys; from dse.data import load_dataset; from dse.models.proxies import build_model, "
+            "trace_workload; data = load_dataset('digits'); "
+            "trace_workload(build_model('mlp', data), data, 'm', batch_size=4); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(repo_root)}).stdout.split()
+    assert out == ["False"]
 
 
 def test_trace_rejects_bad_input(datasets: dict[str, Dataset]) -> None:

@@ -16,7 +16,7 @@ from dse.data import load_dataset
 from dse.formats.base import MemberGenerators
 from dse.train import TrainConfig, train
 from dse.train.grouped import group_reason, train_group
-from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error
+from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error, stacked
 from dse.train.niti.stacked import act_calc_members, float_to_int_members, grad_calc_members
 
 BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
@@ -73,15 +73,20 @@ def test_an_accumulating_member_that_diverges_does_not_disturb_the_others(digits
 NITI = BASE.replace(format="int8", optimizer="niti")
 
 
-@pytest.mark.parametrize("fields, members", [
-    ({"epochs": 2}, [{"seed": 0}, {"seed": 1, "niti_mu": 3}, {"seed": 2, "niti_mu": 6}]),
-    ({"master_weights": "int16", "niti_mu": 6}, [{"seed": 0}, {"seed": 1, "niti_mu": 4}]),
-    ({"format": "int(6)", "niti_mu": 3}, [{"seed": 3}, {"seed": 4}]),
-], ids=["int8-mu-schedule", "int16-accumulator", "int6"])
+@pytest.mark.parametrize("fields, members, chunk", [
+    ({"epochs": 2}, [{"seed": 0}, {"seed": 1, "niti_mu": 3}, {"seed": 2, "niti_mu": 6}], None),
+    ({"master_weights": "int16", "niti_mu": 6}, [{"seed": 0}, {"seed": 1, "niti_mu": 4}, {"seed": 2}], 2**14),
+    ({"format": "int(6)", "niti_mu": 3}, [{"seed": 3}, {"seed": 4}], 1),
+], ids=["int8-mu-schedule", "int16-accumulator-in-chunks", "int6-member-by-member"])
 def test_niti_mlp_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], members: list[dict[str, Any]],
-                                                       digits: Any) -> None:
+                                                       chunk: int | None, digits: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-member exponents, shifts, update widths (niti_mu and its schedule) and cross-entropy draws:
-    integer arithmetic, so every member is exactly its run alone."""
+    integer arithmetic, so every member is exactly its run alone, whether the update steps all
+    members at once or in chunks of members (`chunk` entries: two of the three 64 x 128 weights at a
+    time, one member at a time)."""
+    if chunk is not None:
+        monkeypatch.setattr(stacked, "STEP_CHUNK_ELEMENTS", chunk)
     base = NITI.replace(**fields)
     results = _same_as_alone([base.replace(**member) for member in members], digits)
     assert len({r["final_loss"] for r in results}) == len(members)

@@ -130,7 +130,7 @@ def _scaled_kernel(fmt: FloatFormat, k: int, device: torch.device) -> Kernel | N
             or fmt.min_positive <= 2.0 ** (layout.min_normal_exponent + 1)  # (the +-0 argument)
             or emin + k < layout.min_normal_exponent  # the lowest binade is a normal float32
             or emax + k + layout.man_bits + 1 - m > layout.max_exponent  # C stays finite
-            or (fmt.overflow == "inf" and k < -emax)):  # 2^(127 - emax - k) is a float32
+            or (fmt.overflow == "inf" and k <= -emax)):  # 2^(127 - emax - k) is a normal float32
         return None
     return _magic_kernel(fmt, layout, device, k)
 

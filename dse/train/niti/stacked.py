@@ -43,7 +43,7 @@ from dse.train.niti.exponents import (
     _tag,
     _value,
 )
-from dse.train.niti.layers import NitiConv, NitiLinear, NitiWeight
+from dse.train.niti.layers import NitiConv, NitiLinear, NitiWeight, weight_mantissa
 from dse.train.niti.optim import NitiCrossEntropy, _CrossEntropyFunction
 from dse.train.niti.ti_torch import _ceil_log2, int_clip, psto_shift
 
@@ -326,6 +326,12 @@ class StackedNitiCrossEntropy(NitiCrossEntropy):
                                            m_z.reshape(members, -1, classes), exps, slot)
 
 
+STEP_CHUNK_ELEMENTS = 2**16
+"""Weight entries an update works on at once (int64: 512 KiB). A stacked weight larger than this
+steps in chunks of members, so that the update's two dozen elementwise passes stay in the cache: a
+256 x 256 weight of 8 members steps in 17 ms instead of 31 ms (2-vCPU VM under load)."""
+
+
 class StackedNitiOptimizer:
     """`NitiOptimizer` of each member over the stacked weights: grad_calc with the member's mu (`mus`,
     set each epoch by the members' schedules), the same integer accumulator (copy_bits) per member."""
@@ -343,14 +349,20 @@ class StackedNitiOptimizer:
         for index, weight in enumerate(self.weights):
             if weight.grad is None:
                 continue
-            update = grad_calc_members(weight.grad[0], self.mus, self.bitwidth).to(weight.param.device)
-            if self.frac_bits:
-                self.accumulators[index] = int_clip(self.accumulators[index] - update,
-                                                    self.bitwidth + self.frac_bits)
-                mantissa = psto_shift(self.accumulators[index], self.frac_bits, self.bitwidth)
-            else:
-                mantissa = int_clip(weight.mantissa() - update, self.bitwidth)
-            weight.param.copy_(_value(mantissa, _members_of(weight), weight.param.dtype))
+            param, exps = weight.param, _members_of(weight)
+            chunk = max(1, STEP_CHUNK_ELEMENTS // param[0].numel())
+            for start in range(0, len(exps), chunk):
+                members = slice(start, start + chunk)
+                update = grad_calc_members(weight.grad[0][members], self.mus[members], self.bitwidth)
+                if self.frac_bits:
+                    accumulator = int_clip(self.accumulators[index][members] - update.to(param.device),
+                                           self.bitwidth + self.frac_bits)
+                    self.accumulators[index][members] = accumulator
+                    mantissa = psto_shift(accumulator, self.frac_bits, self.bitwidth)
+                else:
+                    kept = weight_mantissa(param[members], exps[members])
+                    mantissa = int_clip(kept - update.to(param.device), self.bitwidth)
+                param[members] = _value(mantissa, exps[members], param.dtype)
 
     def zero_grad(self) -> None:
         for weight in self.weights:
