@@ -490,6 +490,15 @@ class FamilyHardware:
         """The operand of unit `converts_into` this one converts into exactly."""
         raise NotImplementedError
 
+    def left_per_output(self, c: Components, op: Operand) -> UnitEnergy:
+        """What converting an operand into another unit leaves to apply once per output of its GEMM."""
+        return UnitEnergy()
+
+    def across_blocks(self, op: Operand) -> Operand:
+        """The operand a GEMM that reduces across this format's scale blocks converts it into as it
+        enters the unit (formats without blocks: itself)."""
+        return op
+
     def requantize(self, c: Components, src: Operand, dst: Operand, rounding: Rounding) -> float | None:
         """Converting between two formats of this unit without unpacking; None: unpack and pack."""
         return None
@@ -749,6 +758,7 @@ class BlockHardware(FamilyHardware):
 
     family = "block"
     default_accumulator = "fp32"
+    converts_into = "fp"
 
     def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
         if not isinstance(fmt, BlockFields):
@@ -815,6 +825,27 @@ class BlockHardware(FamilyHardware):
 
     def storage_bits(self, op: Operand) -> float:
         return op.bits + op.scale_bits / op.block_size
+
+    def converted(self, op: Operand) -> Operand:
+        """The FP operand an element times its block scale is exactly: an E8M0 scale joins the exponent,
+        an FP scale grid multiplies the significand (the per-tensor scale is left per output)."""
+        assert op.element is not None
+        element = op.element
+        if element.hardware.converts_into is not None:  # integer elements: as FP first
+            element = element.hardware.converted(element)
+        if op.scale_exp_bits or op.scale_man_bits:
+            exp_bits = max(element.exp_bits, op.scale_exp_bits) + 1
+            man_bits = element.man_bits + op.scale_man_bits + 1
+        else:
+            exp_bits, man_bits = max(element.exp_bits, op.scale_bits) + 1, element.man_bits
+        return Operand("fp", 1 + exp_bits + man_bits, exp_bits=exp_bits, man_bits=man_bits,
+                       spec=f"{op.spec} as fp")
+
+    def left_per_output(self, c: Components, op: Operand) -> UnitEnergy:
+        return UnitEnergy(multiply_pj=c.fp_mul(8, 23)) if op.tensor_scale else UnitEnergy()
+
+    def across_blocks(self, op: Operand) -> Operand:
+        return self.converted(op)
 
 
 FAMILY_HARDWARE: dict[str, FamilyHardware] = {}
@@ -917,29 +948,48 @@ def is_named_accumulator(spec: str) -> bool:
 # --- a GEMM's datapath ---------------------------------------------------------------------------
 
 def datapath_for(a_fmt: EnergyFormat, b_fmt: EnergyFormat, components: Components,
-                 params: DatapathParams | None = None) -> Datapath:
+                 params: DatapathParams | None = None,
+                 across_blocks: tuple[bool, bool] = (False, False)) -> Datapath:
     """The dot-product datapath for operands a (e.g. activations) and b (e.g. weights).
 
     Operands of one unit share it. An operand that converts exactly into the other's unit (an integer
     meeting an FP operand) is converted as it enters (priced per element in `a_convert_pj` /
-    `b_convert_pj`, not per MAC).
+    `b_convert_pj`, not per MAC), and so is a block-scaled operand that the GEMM reduces across its
+    blocks (`across_blocks`: a new scale at every product, so no shared block scale to apply once).
     """
     params = params or DatapathParams()
-    a, b = operand(a_fmt), operand(b_fmt)
     c = components
-    a_convert = b_convert = 0.0
+    operands = [operand(a_fmt), operand(b_fmt)]
+    convert_pj = [0.0, 0.0]
+    per_output = UnitEnergy()
+
+    def enter(index: int, target: Operand) -> None:
+        nonlocal per_output
+        op = operands[index]
+        convert_pj[index] += conversion_energy(op, target, c, params)
+        per_output = per_output + op.hardware.left_per_output(c, op)
+        operands[index] = target
+
+    for index, across in enumerate(across_blocks):
+        seen = operands[index].hardware.across_blocks(operands[index])
+        if across and seen.key != operands[index].key:
+            enter(index, seen)
+    a, b = operands
     if a.hardware.unit != b.hardware.unit:
         if a.hardware.converts_into == b.hardware.unit:
-            a_convert, a = conversion_energy(a, a.hardware.converted(a), c, params), a.hardware.converted(a)
+            enter(0, a.hardware.converted(a))
         elif b.hardware.converts_into == a.hardware.unit:
-            b_convert, b = conversion_energy(b, b.hardware.converted(b), c, params), b.hardware.converted(b)
+            enter(1, b.hardware.converted(b))
         else:
             raise InputError(f"cannot price a GEMM of {a.spec!r} x {b.spec!r}: no datapath for {a.family} x "
                              f"{b.family} operands (an int x fp GEMM converts the int operand)")
+    a, b = operands
     wider = a if a.bits >= b.bits else b
     acc = parse_accumulator(params.accumulator or a.hardware.default_accumulator, wider)
     dp = a.hardware.datapath(c, a, b, acc, params)
-    return replace(dp, a_convert_pj=a_convert, b_convert_pj=b_convert)
+    if per_output.total_pj:
+        dp = replace(dp, per_output=dp.per_output + per_output)
+    return replace(dp, a_convert_pj=convert_pj[0], b_convert_pj=convert_pj[1])
 
 
 def mac_energy(a_fmt: EnergyFormat, b_fmt: EnergyFormat | None, components: Components,

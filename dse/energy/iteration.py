@@ -158,11 +158,6 @@ class ResolvedFormats:
             parts.append(f"rounding={_rounding_name(self.rounding)}")
         return " ".join(parts)
 
-    def gemm_pairs(self) -> list[tuple[Operand, Operand]]:
-        """Operand pairs of a weight layer's GEMMs (forward, backward-data, backward-weight)."""
-        return [(self.activations, self.weights), (self.gradients, self.weights),
-                (self.activations, self.gradients)]
-
 
 def _rounding_name(rounding: Rounding) -> str:
     if rounding.random_bits is not None:
@@ -187,8 +182,11 @@ class Use:
     fmt: Operand
     tensor: str
     array: Array
-    transposed: bool = False
-    """Used transposed: block-scaled formats are re-quantised along the reduction axis first."""
+    along_blocks: bool = True
+    """Whether this GEMM reduces along the axis the tensor's blocks run along. Training quantizes each
+    tensor once, in blocks along its own last axis (the channel axis for convolutions), and reuses it
+    as quantized in every GEMM (dse/train/layers.py); a GEMM that reduces across those blocks meets a
+    new scale at every product (`datapath_for`'s `across_blocks`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,19 +200,22 @@ class Pass:
 
 
 def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
-    """The three GEMMs of a layer whose second operand is a weight (else a second activation)."""
+    """The three GEMMs of a layer whose second operand is a weight (else a second activation), with
+    the axes training blocks each operand along. A weight is stored (out, in) and blocked along `in`,
+    the forward reduction; a second activation b of a @ b is stored (k, n) and blocked along n, so the
+    forward reduces across its blocks and backward-data (dy @ b^T) along them."""
     b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
     dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
     act, grad = f.activations, f.gradients
     return [
         Pass(name="forward", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A),
-             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, along_blocks=b_is_weight),
              out=Use(fmt=act, tensor=ACTIVATIONS, array=Array.OUT)),
         Pass(name="backward_data", a=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT),
-             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, transposed=True),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, along_blocks=not b_is_weight),
              out=Use(fmt=grad, tensor=GRADIENTS, array=Array.A)),
-        Pass(name="backward_weight", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, transposed=True),
-             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, transposed=True),
+        Pass(name="backward_weight", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, along_blocks=False),
+             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, along_blocks=False),
              out=Use(fmt=dw_fmt, tensor=dw_tensor, array=Array.B)),
     ]
 
@@ -245,7 +246,8 @@ class _Tally:
 
     def gemm(self, names: np.ndarray, sizes: dict[Array, np.ndarray], macs: np.ndarray, p: Pass,
              rounding: Rounding) -> None:
-        dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath)
+        dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath,
+                          across_blocks=(not p.a.along_blocks, not p.b.along_blocks))
         pp, pg, po = dp.per_product, dp.per_group, dp.per_output
         outputs = sizes[p.out.array]
         reduction = macs / np.maximum(outputs, 1.0)
@@ -254,9 +256,6 @@ class _Tally:
         conversion = (macs * pp.conversion_pj + groups * pg.conversion_pj
                       + outputs * (po.conversion_pj + to_output))
         conversion = conversion + sizes[p.a.array] * dp.a_convert_pj + sizes[p.b.array] * dp.b_convert_pj
-        for use in (p.a, p.b):
-            if use.transposed and use.fmt.block_size:  # blocks run along the reduction axis: re-quantise
-                conversion = conversion + sizes[use.array] * self.conversion(FP32, use.fmt, rounding)
         self.add(names, p.name, "multiply",
                  macs * pp.multiply_pj + groups * pg.multiply_pj + outputs * po.multiply_pj)
         self.add(names, p.name, "conversion", conversion)
@@ -378,22 +377,26 @@ def in_scope(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
 def training_area_um2(formats: TrainingFormats | FormatArg, model: EnergyModel,
                       workload: str | Workload = "resnet50") -> dict[str, float]:
     """Area (um^2, at the model's node) of the hardware a training run needs: `datapath` sums one
-    dot-product unit per distinct operand pair of the three GEMMs; `pe` adds the operand registers of
-    every lane and the optimizer's update unit (a multiplier and an adder in its arithmetic format).
-    NaN where the node has no published area scaling."""
+    dot-product unit per distinct pair of operands (as the unit sees them: a block-scaled operand
+    reduced across its blocks enters as FP) of a weight layer's three GEMMs; `pe` adds the operand
+    registers of every lane and the optimizer's update unit (a multiplier and an adder in its
+    arithmetic format). NaN where the node has no published area scaling."""
     if model.area is None:
         return {"datapath": float("nan"), "pe": float("nan")}
     spec = formats if isinstance(formats, TrainingFormats) else TrainingFormats.of(formats)
     f = spec.resolve(get_workload(workload))
     area = model.area
     datapath = registers = 0.0
-    seen: set[tuple[Any, Any]] = set()
-    for a, b in f.gemm_pairs():
-        key = (a.key, b.key)
+    seen: set[tuple[tuple[Any, ...], ...]] = set()
+    for p in layer_passes(f, b_is_weight=True):
+        a, b = p.a.fmt, p.b.fmt
+        across = (not p.a.along_blocks, not p.b.along_blocks)
+        key = tuple(fmt.hardware.across_blocks(fmt).key if flag else fmt.key
+                    for fmt, flag in zip((a, b), across, strict=True))
         if key in seen:
             continue
         seen.add(key)
-        dp = datapath_for(a, b, area, model.datapath)
+        dp = datapath_for(a, b, area, model.datapath, across_blocks=across)
         datapath += dp.unit_total
         registers += dp.group_size * area.register(a.storage_bits + b.storage_bits)
     arith = f.master_weights or f.optimizer_state

@@ -110,7 +110,7 @@ class StackedOptimizer:
         for start, stop in self._runs(configs):
             config = configs[start]
             views = [p.detach()[start:stop] for p in self.params]
-            formats = {id(p): quant.format for p, quant in weights}
+            formats = {id(p): quant.format for p, quant in weights if quant.format is not None}
             lns = {view: formats[id(p)] for p, view in zip(self.params, views, strict=True)
                    if id(p) in formats} if self.name == "lns-madam" else {}
             lr = DEFAULT_LR[self.name] if config.lr is None else config.lr

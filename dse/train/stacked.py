@@ -148,26 +148,31 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: Quant
     reason = stack_reason(first, policy)
     if reason is not None:
         raise ValueError(f"cannot stack this model: {reason}")
+    chains = [model for model in models if isinstance(model, nn.Sequential)]
+    assert len(chains) == len(models)  # stack_reason: one architecture, an nn.Sequential
     policies = layer_policies(first, policy)
     stages: list[nn.Module] = []
-    for index, module in enumerate(first):
+    for index, module in enumerate(chains[0]):
         if isinstance(module, nn.Linear):
             quant = None
             own = policies[id(module)]
             if own.quantizes_gemms:
-                quants = (own.activations, own.weights, own.gradients, own.weight_grads)
                 accumulate = _members(own.accumulation, generators)
                 accumulator = None if accumulate is None else Accumulator(accumulate, own.accumulation_chunk)
-                quant = LayerQuant(_STACKED_LINEAR, *(_members(q, generators) for q in quants), switch,
+                quant = LayerQuant(_STACKED_LINEAR, activations=_members(own.activations, generators),
+                                   weights=_members(own.weights, generators),
+                                   gradients=_members(own.gradients, generators),
+                                   weight_grads=_members(own.weight_grads, generators), switch=switch,
                                    accumulator=accumulator,
                                    master_weights=own.master_weights if own.master_weights.enabled else None)
-            stages.append(StackedLinear([model[index] for model in models], quant))
+            linears = [layer for chain in chains if isinstance(layer := chain[index], nn.Linear)]
+            stages.append(StackedLinear(linears, quant))
         elif isinstance(module, nn.ReLU):
             stages.append(nn.ReLU())
         elif isinstance(module, nn.Flatten):
             stages.append(StackedReshape((-1,)))
         else:
-            stages.append(StackedReshape(tuple(module.shape)))
+            stages.append(StackedReshape(tuple(vars(module)["shape"])))  # a _Reshape's plain attribute
     return nn.Sequential(*stages)
 
 
