@@ -409,12 +409,7 @@ def _significand_datapath(c: Components, name: str, a: Operand, b: Operand, acc:
     product_bits = a_sig + b_sig
     multiply = UnitEnergy(multiply_pj=_product_core(c, a_sig, b_sig, exp_bits))
     align = params.alignment_bits if params.alignment_bits is not None else align_default
-    if acc.kind == "int":
-        per_product, per_group = _accumulate_int(c, acc, product_bits, exp_bits, k)
-    elif acc.kind == "fp":
-        per_product, per_group = _accumulate_fp(c, acc, product_bits, exp_bits, k, align)
-    else:
-        per_product, per_group = _accumulate_posit(c, acc, product_bits, k, align)
+    per_product, per_group = acc.hardware.accumulate(c, acc, product_bits, exp_bits, k, align)
     per_product = multiply + per_product + (extra_product or UnitEnergy())
     per_group = per_group + (extra_group or UnitEnergy())
     return Datapath(name, acc, per_product, per_group, k)
@@ -423,7 +418,7 @@ def _significand_datapath(c: Components, name: str, a: Operand, b: Operand, acc:
 def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
     """Tensor-core style: keep the accumulator's significand plus guard bits, never more than exact."""
     exact = max(a.exact_product_bits, b.exact_product_bits)
-    keep = (acc.man_bits + 1 + 3) if acc.kind == "fp" else acc.bits
+    keep = acc.hardware.aligned_bits(acc)
     return max(min(exact, keep), a.sig_bits + b.sig_bits)
 
 
@@ -507,6 +502,16 @@ class FamilyHardware:
         """A multiply and an add in this format's arithmetic (the optimizer's)."""
         return c.multiplier(op.bits, op.bits), c.adder(op.bits)
 
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        """(per product, per group of k) of summing products of `product_bits` significand bits and
+        `exp_bits` exponent bits into an accumulator of this family, aligned to `align_bits` in a group."""
+        raise InputError(f"accumulator {acc.spec!r}: {self.family} accumulators are not modelled")
+
+    def aligned_bits(self, acc: Accumulator) -> int:
+        """Bits an FP dot-product unit keeps of products aligned before this accumulator (its width)."""
+        return acc.bits
+
 
 class IntHardware(FamilyHardware):
     """Integers and fixed point (the same hardware: a fixed point's scale is a shift outside the unit)."""
@@ -541,6 +546,10 @@ class IntHardware(FamilyHardware):
 
     def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
         return 0, a.bits + b.bits
+
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        return _accumulate_int(c, acc, product_bits, exp_bits, k)
 
     def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
         return Accumulator("int", op.bits, spec=spec)
@@ -596,6 +605,14 @@ class FpHardware(FamilyHardware):
     def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
         return max(a.exp_bits, b.exp_bits), max(a.exact_product_bits, b.exact_product_bits)
 
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        return _accumulate_fp(c, acc, product_bits, exp_bits, k, align_bits)
+
+    def aligned_bits(self, acc: Accumulator) -> int:
+        """The accumulator's significand plus guard, round and sticky bits."""
+        return acc.man_bits + 1 + 3
+
     def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
         return Accumulator("fp", op.bits, exp_bits=op.exp_bits, man_bits=op.man_bits, spec=spec)
 
@@ -642,6 +659,10 @@ class PositHardware(FamilyHardware):
     def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
         return Accumulator("posit", op.bits, es=op.es, spec=spec)
 
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        return _accumulate_posit(c, acc, product_bits, k, align_bits)
+
 
 def csd_nonzero_digits(value: int) -> int:
     """Non-zero digits of `value` in canonical signed-digit form (non-adjacent form)."""
@@ -686,7 +707,7 @@ class LnsHardware(FamilyHardware):
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
-        if acc.kind != "int":
+        if not isinstance(acc.hardware, IntHardware):
             raise InputError(f"LNS products are summed in an integer accumulator, not {acc.spec!r}")
         k = params.vector_length
         frac = max(a.log_frac_bits, b.log_frac_bits)
@@ -898,6 +919,10 @@ class Accumulator:
     man_bits: int = 0
     es: int = 0
     spec: str = ""
+
+    @property
+    def hardware(self) -> FamilyHardware:
+        return hardware(self.kind)
 
     def as_operand(self) -> Operand:
         return Operand(self.kind, self.bits, exp_bits=self.exp_bits, man_bits=self.man_bits, es=self.es,
