@@ -11,16 +11,16 @@ widths, its dot-product unit and accumulators, how it converts into other units,
 values), registered by family name as formats are; nothing else in the model asks which family an
 operand is. A format is read through `EnergyFormat` (family, bits, spec) and its family's own fields
 (`FloatFields`, `PositFields`, `LogFields`, `BlockFields`), never through its spec string.
-`conversion_energy` prices
-turning one representation into another (an accumulator into the storage format of the output, a
-weight gradient into the optimizer's format, ...), by unpacking to sign/exponent/significand and
-packing again.
+`conversion_energy` prices turning one representation into another (an accumulator into the storage
+format of the output, a weight gradient into the optimizer's format, ...), by unpacking to
+sign/exponent/significand and packing again.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -424,7 +424,7 @@ def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
 
 # --- one hardware description per family ------------------------------------------------------------
 
-class FamilyHardware:
+class FamilyHardware(ABC):
     """The hardware of one number-format family: everything the energy model needs to know of it.
 
     Register a new family with `register_family`. `family` names the hardware (the Operand's family):
@@ -433,7 +433,8 @@ class FamilyHardware:
     format into an Operand; `datapath` builds the dot-product unit of two operands of this unit;
     `unpack` is the energy to reach sign / exponent / normalised significand (and that significand's
     width); `pack` the energy to round such a significand into the format. Energies are pJ (um^2 when
-    given area components). The defaults fit a plain integer-like code.
+    given area components). The defaults fit a plain integer-like code; a description that sets
+    `converts_into` gives `converted`.
     """
 
     family: str
@@ -450,19 +451,19 @@ class FamilyHardware:
     def unit(self) -> str:
         return self.family
 
-    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
-        raise NotImplementedError
+    @abstractmethod
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand: ...
 
+    @abstractmethod
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
-                 params: DatapathParams) -> Datapath:
-        raise NotImplementedError
+                 params: DatapathParams) -> Datapath: ...
 
-    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
-        raise NotImplementedError
+    @abstractmethod
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]: ...
 
+    @abstractmethod
     def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
-             rounding: Rounding) -> float:
-        raise NotImplementedError
+             rounding: Rounding) -> float: ...
 
     def sig_bits(self, op: Operand) -> int:
         return op.bits
