@@ -328,6 +328,8 @@ class _GemmMode(TorchFunctionMode):
             return gemms.conv(int(kind[4]), *args, **kwargs)
         if kind in ("matmul", "mm", "bmm"):
             a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+            if b is None:
+                return func(*args, **kwargs)  # torch's own error for a missing operand
             return gemms.matmul(None, kind, a, b)
         if kind == "rmatmul":
             return gemms.matmul(None, "matmul", args[1], args[0])

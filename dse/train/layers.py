@@ -33,7 +33,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
-from dse.train.policy import QuantPolicy, TensorQuant
+from dse.train.policy import QuantPolicy, TensorQuant, with_scaling
 
 Quantizer = Callable[[Tensor], Tensor]
 
@@ -134,6 +134,19 @@ class GemmOp(Protocol):
     def bias_grad(self, dy: Tensor) -> Tensor: ...
 
 
+class AccumulatingGemmOp(GemmOp, Protocol):
+    """A GemmOp that also computes its GEMMs with an emulated accumulator (dse/train/accumulation.py)."""
+
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor: ...
+
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]: ...
+
+
+_ACCUMULATED_GEMMS: tuple[str, ...] = ("forward_accumulated", "backward_accumulated")
+
+
 @dataclass
 class LayerQuant:
     """A quantized layer's GEMM op, the quantizers of its operands (None: left in fp32) and the
@@ -144,6 +157,7 @@ class LayerQuant:
     """
 
     op: GemmOp | None
+    """None: a functional GEMM (`QuantMatmulFn`), whose operands are quantized without an op."""
     activations: Quantizer | None
     weights: Quantizer | None
     gradients: Quantizer | None
@@ -152,6 +166,23 @@ class LayerQuant:
     accumulator: Accumulator | None = None
     master_weights: TensorQuant | None = None
     """The format the layer's weights live in between steps (None: fp32)."""
+
+    def __post_init__(self) -> None:
+        if self.accumulator is not None and self.op is not None and \
+                not all(hasattr(self.op, name) for name in _ACCUMULATED_GEMMS):
+            raise TypeError(f"{type(self.op).__name__} has no accumulated GEMMs, so it takes no accumulator")
+
+    @property
+    def gemm(self) -> GemmOp:
+        """The op of a module's GEMMs (QuantGemm needs one)."""
+        if self.op is None:
+            raise TypeError("a functional GEMM's LayerQuant has no op: it runs through QuantMatmulFn")
+        return self.op
+
+    @property
+    def accumulating_gemm(self) -> AccumulatingGemmOp:
+        """The op with its accumulated GEMMs (used when `accumulator` is set)."""
+        return cast(AccumulatingGemmOp, self.gemm)  # __post_init__ checked that it has them
 
 
 class QuantGemm(torch.autograd.Function):
@@ -165,8 +196,8 @@ class QuantGemm(torch.autograd.Function):
         ctx.layer = layer
         ctx.has_bias = bias is not None
         if layer.accumulator is not None:
-            return layer.op.forward_accumulated(qx, qw, bias, layer.accumulator)
-        return layer.op.forward(qx, qw, bias)
+            return layer.accumulating_gemm.forward_accumulated(qx, qw, bias, layer.accumulator)
+        return layer.gemm.forward(qx, qw, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -175,12 +206,13 @@ class QuantGemm(torch.autograd.Function):
         qe = layer.gradients(dy) if layer.gradients is not None else dy
         need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
         if layer.accumulator is not None:
-            dx, dw = layer.op.backward_accumulated(qe, qx, qw, need_data, need_weight, layer.accumulator)
+            dx, dw = layer.accumulating_gemm.backward_accumulated(qe, qx, qw, need_data, need_weight,
+                                                                  layer.accumulator)
         else:
-            dx, dw = layer.op.backward(qe, qx, qw, need_data, need_weight)
+            dx, dw = layer.gemm.backward(qe, qx, qw, need_data, need_weight)
         if dw is not None and layer.weight_grads is not None:
             dw = layer.weight_grads(dw)
-        db = layer.op.bias_grad(qe) if ctx.has_bias and need_bias else None
+        db = layer.gemm.bias_grad(qe) if ctx.has_bias and need_bias else None
         return dx, dw, db, None
 
 
@@ -249,14 +281,16 @@ class _QuantConvMixin:
     gemm_quant: LayerQuant
     conv_prepad: tuple[tuple[int, ...], str] | None
     """(F.pad widths, mode) applied before the convolution: padding modes and asymmetric 'same'."""
+    weight: Tensor  # the nn.ConvNd's, which this mixin precedes
+    bias: Tensor | None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.gemm_quant.switch.enabled:
-            return super().forward(x)  # type: ignore[misc]
+            return super().forward(x)  # type: ignore[misc]  # a mixin: super() is the nn.ConvNd it precedes
         if self.conv_prepad is not None:
             widths, mode = self.conv_prepad
             x = F.pad(x, widths, mode=mode)
-        return QuantGemm.apply(x, self.weight, self.bias, self.gemm_quant)  # type: ignore[attr-defined]
+        return QuantGemm.apply(x, self.weight, self.bias, self.gemm_quant)
 
 
 class QuantConv1d(_QuantConvMixin, nn.Conv1d):
@@ -337,6 +371,20 @@ def quantized_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m) in _PLAIN_CLASS]
 
 
+def set_plain_attribute(module: nn.Module, name: str, value: object) -> None:
+    """module.name = value for a value that is neither a tensor nor a module (a quantizer, a switch):
+    what nn.Module.__setattr__ does with one, which its type hints do not admit."""
+    module.__dict__[name] = value
+
+
+def layer_quant(module: nn.Module) -> LayerQuant:
+    """The LayerQuant `quantize_model` gave a quantized module (a plain attribute, not a submodule)."""
+    quant = module.__dict__.get("gemm_quant")
+    if not isinstance(quant, LayerQuant):
+        raise TypeError(f"{type(module).__name__} is not a quantized GEMM module")
+    return quant
+
+
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
     """The weights of quantized GEMMs (modules and functional) and the format each is stored in
     between steps when there is no fp32 master copy; weights with no storage format are left out."""
@@ -344,7 +392,7 @@ def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
 
     out: dict[int, tuple[Tensor, TensorQuant]] = {}
     for module in quantized_layers(model):
-        weight, storage = getattr(module, "weight", None), module.gemm_quant.master_weights
+        weight, storage = getattr(module, "weight", None), layer_quant(module).master_weights
         if isinstance(weight, Tensor) and storage is not None and storage.enabled:
             out.setdefault(id(weight), (weight, storage))
     gemms = functional_gemms(model)
@@ -374,8 +422,7 @@ def _on_axis(quant: TensorQuant, axis: int) -> TensorQuant:
     fmt = quant.format
     if fmt is None or fmt.scaling.kind != "block" or fmt.scaling.axis != -1:
         return quant
-    return dataclasses.replace(quant, format=dataclasses.replace(
-        fmt, scaling=dataclasses.replace(fmt.scaling, axis=axis)))
+    return dataclasses.replace(quant, format=with_scaling(fmt, dataclasses.replace(fmt.scaling, axis=axis)))
 
 
 def conv_geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[tuple[int, ...], str] | None]:
@@ -398,12 +445,15 @@ def gemm_quant(op: LinearOp | ConvOp | None, policy: QuantPolicy, switch: QuantS
     """The quantizers of one GEMM layer under `policy` (op None: a matmul)."""
     accumulate = _bind(policy.accumulation, generator)
     accumulator = Accumulator(accumulate, policy.accumulation_chunk) if accumulate is not None else None
-    quants = (policy.activations, policy.weights, policy.gradients, policy.weight_grads)
-    if isinstance(op, ConvOp):
-        quants = tuple(_on_axis(q, 1) for q in quants)
+    axis = 1 if isinstance(op, ConvOp) else None
+
+    def bound(quant: TensorQuant) -> Quantizer | None:
+        return _bind(quant if axis is None else _on_axis(quant, axis), generator)
+
     master = policy.master_weights if policy.master_weights.enabled else None
-    return LayerQuant(op, *(_bind(q, generator) for q in quants), switch=switch, accumulator=accumulator,
-                      master_weights=master)
+    return LayerQuant(op, activations=bound(policy.activations), weights=bound(policy.weights),
+                      gradients=bound(policy.gradients), weight_grads=bound(policy.weight_grads),
+                      switch=switch, accumulator=accumulator, master_weights=master)
 
 
 def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
@@ -415,7 +465,7 @@ def _layer_quant(module: nn.Module, policy: QuantPolicy, switch: QuantSwitch,
         return gemm_quant(LinearOp(), policy, switch, generator)
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     padding, prepad = conv_geometry(module)
-    module.conv_prepad = prepad
+    set_plain_attribute(module, "conv_prepad", prepad)
     op = ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups)
     return gemm_quant(op, policy, switch, generator)
 
@@ -514,7 +564,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy, generator: torch.Gener
     from dse.train import functional
 
     switch = quant_switch(model) or QuantSwitch()
-    model.dse_quant_switch = switch
+    set_plain_attribute(model, "dse_quant_switch", switch)
     found = functional.find_gemms(model, example_input)
     layers = [site.layer for site in found.sites]
     policies = LayerPolicies(policy, layers)
@@ -532,7 +582,7 @@ def quantize_model(model: nn.Module, policy: QuantPolicy, generator: torch.Gener
                 module.__dict__.pop(name, None)
             continue
         module.__class__ = _QUANT_CLASS[plain]
-        module.gemm_quant = _layer_quant(module, layer_policy, switch, generator)
+        set_plain_attribute(module, "gemm_quant", _layer_quant(module, layer_policy, switch, generator))
     functional.attach(model, found, policies, switch, generator, gemms)
     for message in found.unconverted:
         warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)

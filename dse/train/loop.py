@@ -27,7 +27,7 @@ from dse.models.proxies import MODELS, ModelFactory, build_model
 from dse.precision import FP32, FULL_PRECISION_LAYER_NAMES, canonical_spec, layer_rules
 from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
-from dse.train.optim import lns_madam_copy_error, make_optimizer
+from dse.train.optim import lns_madam_copy_error, quantized_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.usercode import describe, is_ref, load_function
@@ -186,9 +186,9 @@ def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator,
     warmup = config.warmup_epochs
     if warmup:
         set_quantization(model, False)
-    optimizer = make_optimizer(config.optimizer, model, policy, config.lr, config.momentum,
-                               config.weight_decay, generator=generator, p_scale=config.p_scale,
-                               g_bound=config.g_bound)
+    optimizer, step_quantizer = quantized_optimizer(
+        config.optimizer, model, policy, config.lr, config.momentum, config.weight_decay, generator=generator,
+        p_scale=config.p_scale, g_bound=config.g_bound)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     def on_epoch_start(epoch: int) -> None:
@@ -197,9 +197,7 @@ def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator,
             group["lr"] = base * factor
         if warmup and epoch == warmup:
             set_quantization(model, True)
-            hook = getattr(optimizer, "step_quantizer", None)
-            if hook is not None:
-                hook.quantize_weights()  # the fp32 warm-up weights move into their storage format
+            step_quantizer.quantize_weights()  # the fp32 warm-up weights move into their storage format
 
     return TrainingSetup(model, _cross_entropy, optimizer, on_epoch_start)
 

@@ -10,9 +10,9 @@ weights stored in an LNS format moves each weight's log code by whole steps itse
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from dse.errors import InputError
 from dse.formats import NumberFormat, check_rounding, round_to_integer
 from dse.formats.base import random_bits
+from dse.formats.lns import LNS
 from dse.train.layers import QuantSwitch, quant_switch, stored_weights
 from dse.train.policy import QuantPolicy, TensorQuant
 
@@ -40,7 +41,7 @@ MADAM_BETA = 0.999
 MADAM_ONE_MINUS_BETA = 0.001  # written out: 1 - 0.999 is not 0.001 in floating point
 
 
-def _normalized_grads(optimizer: torch.optim.Optimizer, params: list[Tensor], g_bound: float) -> list[Tensor]:
+def _normalized_grads(optimizer: Madam, params: list[Tensor], g_bound: float) -> list[Tensor]:
     """Madam's g* (jxbz/madam) of each parameter: g / sqrt(bias-corrected EMA of g^2), NaN -> 0,
     clamped to +-g_bound.
 
@@ -56,12 +57,14 @@ def _normalized_grads(optimizer: torch.optim.Optimizer, params: list[Tensor], g_
     for p in params:
         state = optimizer.state[p]
         if len(state) == 0:
-            state["max"] = optimizer.p_scale * (p * p).mean().sqrt().item()  # type: ignore[attr-defined]
+            state["max"] = optimizer.p_scale * (p * p).mean().sqrt().item()
             state["step"] = 0
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
         corrections.append(1 - MADAM_BETA ** state["step"])
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) != len(params):
+        raise ValueError("Madam's g* is taken of parameters that have gradients")
     exp_avg_sqs = [optimizer.state[p]["exp_avg_sq"] for p in params]  # v <- beta v + (1 - beta) g^2
     torch._foreach_mul_(exp_avg_sqs, MADAM_BETA)
     squares = torch._foreach_mul(grads, grads)
@@ -206,10 +209,14 @@ class LNSMadam(Madam):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = DEFAULT_LR["lns-madam"], p_scale: float = 3.0,
-                 g_bound: float = 10.0, lns_storage: dict[Tensor, NumberFormat] | None = None,
+                 g_bound: float = 10.0, lns_storage: Mapping[Tensor, NumberFormat] | None = None,
                  update_rounding: str = "stochastic", generator: torch.Generator | None = None,
                  switch: QuantSwitch | None = None) -> None:
-        self.lns_storage = dict(lns_storage or {})
+        self.lns_storage: dict[Tensor, LNS] = {}
+        for p, fmt in (lns_storage or {}).items():
+            if not isinstance(fmt, LNS):
+                raise InputError(f"LNS-Madam stores weights in LNS formats only, got {fmt.spec!r}")
+            self.lns_storage[p] = fmt
         try:
             update_rounding = check_rounding(update_rounding)
         except InputError as error:
@@ -217,15 +224,12 @@ class LNSMadam(Madam):
         self.update_rounding = update_rounding
         self.generator = generator
         self.switch = switch or QuantSwitch()
-        self._tables: dict[tuple[NumberFormat, float, torch.dtype, torch.device], Tensor] = {}
+        self._tables: dict[tuple[LNS, float, torch.dtype, torch.device], Tensor] = {}
         self._stored: dict[Tensor, StoredWeight] = {}
-        for fmt in self.lns_storage.values():
-            if fmt.family != "lns":
-                raise InputError(f"LNS-Madam stores weights in LNS formats only, got {fmt.spec!r}")
         super().__init__(params, lr, p_scale, g_bound)
         self._g_max = math.ceil(g_bound) if math.isfinite(g_bound) else 2**31  # bounds |round(g*)|
 
-    def _values(self, fmt: NumberFormat, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _values(self, fmt: LNS, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
         """StoredWeight.table: +-scale * 2^(e/gamma) (e = -E..E, in float64, rounded once), 0, NaN."""
         key = (fmt, scale, dtype, device)
         table = self._tables.get(key)
@@ -246,7 +250,7 @@ class LNSMadam(Madam):
         p.mul_(torch.pow(2.0, exponent, out=exponent))
         p.clamp_(-self.state[p]["max"], self.state[p]["max"])
 
-    def _stored_weight(self, p: Tensor, state: dict[str, Any], fmt: NumberFormat) -> StoredWeight:
+    def _stored_weight(self, p: Tensor, state: dict[str, Any], fmt: LNS) -> StoredWeight:
         """The kept index of p, or a fresh one from p's values when p was written by someone else."""
         stored = self._stored.get(p)
         if stored is not None and stored.index is state.get("lns_index") and stored.version == p._version:
@@ -255,7 +259,7 @@ class LNSMadam(Madam):
         table = self._values(fmt, scale, p.dtype, p.device)
         size = (table.numel() - 2) // 2  # 2E + 1 magnitudes
         top = (size - 1) // 2
-        codes = torch.round(torch.log2(p.abs().double() / scale) * fmt.gamma)  # type: ignore[attr-defined]
+        codes = torch.round(torch.log2(p.abs().double() / scale) * fmt.gamma)
         codes = codes.nan_to_num_(nan=0.0).clamp_(-CODE_LIMIT, CODE_LIMIT).to(torch.int32).reshape(-1)
         flat = p.detach().reshape(-1)
         positive, negative = flat > 0, flat < 0
@@ -273,13 +277,13 @@ class LNSMadam(Madam):
         self._stored[p] = stored
         return stored
 
-    def _step_codes(self, p: Tensor, g_rounded: Tensor, lr: float, fmt: NumberFormat) -> None:
+    def _step_codes(self, p: Tensor, g_rounded: Tensor, lr: float, fmt: LNS) -> None:
         state = self.state[p]
         if "lns_scale" not in state:
             state["lns_scale"] = state["max"] / fmt.max if state["max"] > 0 else 1.0
         stored = self._stored_weight(p, state, fmt)
         index = stored.index
-        gamma = fmt.gamma  # type: ignore[attr-defined]
+        gamma = fmt.gamma
         dyadic = dyadic_code_step(gamma * lr, self._g_max, self.update_rounding)
         if dyadic is None:
             steps = round_to_integer((-gamma * lr) * g_rounded.double(), self.update_rounding, self.generator)
@@ -348,8 +352,8 @@ def lns_madam_copy_error(master_weights: bool | str, spec: str) -> str:
             f"weights in an LNS format (or an fp32 copy); got {where}")
 
 
-def plain_optimizer(name: str, params: list[Tensor], lr: float, momentum: float, weight_decay: float,
-                    p_scale: float, g_bound: float, lns_storage: dict[Tensor, NumberFormat],
+def plain_optimizer(name: str, params: Sequence[Tensor], lr: float, momentum: float, weight_decay: float,
+                    p_scale: float, g_bound: float, lns_storage: Mapping[Tensor, NumberFormat],
                     update_rounding: str, generator: torch.Generator | None,
                     switch: QuantSwitch) -> torch.optim.Optimizer:
     """The named optimizer over `params`, without the post-step quantization (`make_optimizer`
@@ -366,11 +370,29 @@ def plain_optimizer(name: str, params: list[Tensor], lr: float, momentum: float,
                     update_rounding=update_rounding, generator=generator, switch=switch)
 
 
+class QuantizedOptimizer(NamedTuple):
+    """An optimizer and its post-step hook (already registered on it)."""
+
+    optimizer: torch.optim.Optimizer
+    step_quantizer: StepQuantizer
+    """Rounds the stored weights and the state after each step; its `quantize_weights` moves fp32
+    warm-up weights into their format when quantization is switched on."""
+
+
 def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float | None, momentum: float,
                    weight_decay: float, generator: torch.Generator | None = None, p_scale: float = 3.0,
                    g_bound: float = 10.0) -> torch.optim.Optimizer:
     """The named optimizer over all of the model's parameters, with the policy's state and storage
-    re-quantization after every step.
+    re-quantization after every step (`quantized_optimizer`'s optimizer)."""
+    return quantized_optimizer(name, model, policy, lr, momentum, weight_decay, generator, p_scale,
+                               g_bound).optimizer
+
+
+def quantized_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float | None, momentum: float,
+                        weight_decay: float, generator: torch.Generator | None = None, p_scale: float = 3.0,
+                        g_bound: float = 10.0) -> QuantizedOptimizer:
+    """The named optimizer over all of the model's parameters, with the policy's state and storage
+    re-quantization after every step (the hook, returned beside it).
 
     lr None takes DEFAULT_LR[name]. momentum applies to sgd only (Adam keeps betas (0.9, 0.999));
     madam and lns-madam take no weight decay; p_scale and g_bound are theirs. `generator` feeds the
@@ -385,18 +407,17 @@ def make_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: float |
     stored = stored_weights(model)
     lns: dict[Tensor, NumberFormat] = {}
     if name == "lns-madam":
-        other = next((quant.format for _, quant in stored if quant.format.family != "lns"), None)
+        lns = {p: fmt for p, quant in stored if (fmt := quant.format) is not None}  # each layer's own
+        other = next((fmt for fmt in lns.values() if fmt.family != "lns"), None)
         if other is not None:
             raise InputError(f"optimizer 'lns-madam' needs LNS weights (or fp32) in every layer when weights "
                              f"live in a format, got {other.spec!r}")
-        lns = {p: quant.format for p, quant in stored}  # each layer's own storage format
     optimizer = plain_optimizer(name, params, lr, momentum, weight_decay, p_scale, g_bound, lns,
                                 policy.master_weights.rounding, generator, switch)
     if name == "lns-madam":
         stored = []  # LNSMadam keeps them on the grid itself
     hook = StepQuantizer(stored, policy.optimizer_state, switch, generator)
     optimizer.register_step_post_hook(hook)
-    optimizer.step_quantizer = hook  # type: ignore[attr-defined]
     if switch.enabled:
         hook.quantize_weights()
-    return optimizer
+    return QuantizedOptimizer(optimizer, hook)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -22,8 +23,8 @@ from dse.errors import InputError
 from dse.formats import NumberFormat, Scaling, check_rounding, get
 from dse.formats.base import MemberGenerators
 from dse.precision import (
+    ACTIVATIONS,
     FULL_PRECISION_LAYER_NAMES,
-    GEMM_TENSOR_CLASSES,
     GRADIENTS,
     MASTER_WEIGHTS,
     OPTIMIZER_STATE,
@@ -35,12 +36,23 @@ from dse.precision import (
 )
 from dse.train.config import TrainConfig
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 LU_SCALE_OFFSET_LOG2 = 2
 """sigma in Lu et al.'s posit layer scale S = 2^(round(mean log2|x|) + sigma) (Lu et al., "Training Deep
 Neural Networks Using Posit Number System", SOCC 2019, arXiv:1909.03831, layer-wise scaling). The
 paper gives no formula or code: this form and sigma = 2 are a reconstruction, unverified."""
 
 _PER_TENSOR_POW2 = Scaling(kind="tensor", pow2=True)
+
+
+def with_scaling(fmt: NumberFormat, scaling: Scaling) -> NumberFormat:
+    """`fmt` with another scaling policy."""
+    # every format family is a frozen dataclass with a `scaling` field (NumberFormat's contract)
+    changed = dataclasses.replace(cast("DataclassInstance", fmt), scaling=scaling)
+    assert isinstance(changed, NumberFormat)
+    return changed
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,7 @@ class QuantPolicy:
             **gemm,
             optimizer_state=TensorQuant(_resolve(OPTIMIZER_STATE, formats.optimizer_state),
                                         config.update_rounding),
-            master_weights=_master_weights(config, gemm[WEIGHTS]),
+            master_weights=_master_weights(config, gemm["weights"]),
             master_copy=config.master_weights,
             full_precision_layers=tuple(config.full_precision_layers),
             accumulation=TensorQuant(_resolve("accumulation", config.accumulation), "nearest"),
@@ -208,7 +220,7 @@ class QuantPolicy:
         if formats == self.formats:
             return self
         gemm = _gemm_quants(formats, self.rounding, self.layer_scaling)
-        master = (dataclasses.replace(gemm[WEIGHTS], rounding=self.master_weights.rounding)
+        master = (dataclasses.replace(gemm["weights"], rounding=self.master_weights.rounding)
                   if self.master_copy is False else self.master_weights)  # a master copy's format is one
         return dataclasses.replace(self, **gemm, master_weights=master, formats=formats)
 
@@ -217,11 +229,23 @@ _GRADIENT_CLASSES: frozenset[str] = frozenset((GRADIENTS, WEIGHT_GRADS))
 """The GEMM tensor classes that get the gradient scaling defaults."""
 
 
-def _gemm_quants(formats: TensorFormats, rounding: str, layer_scaling: bool) -> dict[str, TensorQuant]:
+class GemmQuants(TypedDict):
+    """The quantizers of the four GEMM tensor classes (dse/precision.py's GEMM_TENSOR_CLASSES)."""
+
+    weights: TensorQuant
+    activations: TensorQuant
+    gradients: TensorQuant
+    weight_grads: TensorQuant
+
+
+def _gemm_quants(formats: TensorFormats, rounding: str, layer_scaling: bool) -> GemmQuants:
     """The four GEMM operand quantizers of `formats`, with the training scaling defaults."""
-    return {tensor_class: _training_quant(tensor_class, getattr(formats, tensor_class), rounding,
-                                          tensor_class in _GRADIENT_CLASSES, layer_scaling)
-            for tensor_class in GEMM_TENSOR_CLASSES}
+    def quant(tensor_class: str) -> TensorQuant:
+        return _training_quant(tensor_class, getattr(formats, tensor_class), rounding,
+                               tensor_class in _GRADIENT_CLASSES, layer_scaling)
+
+    return GemmQuants(weights=quant(WEIGHTS), activations=quant(ACTIVATIONS), gradients=quant(GRADIENTS),
+                      weight_grads=quant(WEIGHT_GRADS))
 
 
 def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_scaling: bool) -> TensorQuant:
@@ -232,7 +256,7 @@ def _training_quant(name: str, spec: str, rounding: str, gradient: bool, layer_s
     if fmt.family == "posit":
         return TensorQuant(fmt, rounding, layer_scale=layer_scaling)
     if gradient and fmt.family in ("fp", "fixed"):
-        return TensorQuant(dataclasses.replace(fmt, scaling=_PER_TENSOR_POW2), rounding)
+        return TensorQuant(with_scaling(fmt, _PER_TENSOR_POW2), rounding)
     return TensorQuant(fmt, rounding)
 
 
