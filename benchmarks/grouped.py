@@ -1,7 +1,7 @@
-"""Grouped training's speed per trial: the training time of one run alone against a member of a group
+"""Grouped training's speed per trial: the CPU time of one run alone against a member of a group
 of G (dse.train.grouped.train_group), interleaved in one process, best of several rounds.
 
-    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 16
+    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 32
     .venv/bin/python benchmarks/grouped.py --datasets digits --sizes 4,8 --formats fp32,int8 --rounds 2
     .venv/bin/python benchmarks/grouped.py --formats niti,fp8_e4m3+fp16-acc --model cnn --sizes 3,8
 

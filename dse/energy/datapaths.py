@@ -174,9 +174,6 @@ FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
 
 # --- rounding -------------------------------------------------------------------------------------
 
-ROUNDING_MODES = ("nearest", "toward_zero", "stochastic", "pseudo_stochastic")
-_STOCHASTIC_K = re.compile(r"^\s*stochastic\s*\(\s*(\d+)\s*\)\s*$")
-
 
 @dataclass(frozen=True)
 class Rounding:
@@ -195,16 +192,10 @@ class Rounding:
             return cls()
         if isinstance(spec, Rounding):
             return spec
-        text = str(spec).strip().lower()
-        match = _STOCHASTIC_K.match(text)
-        if match:
-            bits = int(match.group(1))
-            if not 1 <= bits <= 23:  # as dse.formats accepts
-                raise InputError(f"rounding {spec!r}: k (random bits) must be in 1..23, got {bits}")
-            return cls("stochastic", bits)
-        if text not in ROUNDING_MODES:
-            raise InputError(f"unknown rounding {spec!r} (known: {', '.join(ROUNDING_MODES)}, stochastic(k))")
-        return cls(text)
+        from dse.formats.base import check_rounding, parse_rounding  # the zoo's own rounding vocabulary
+
+        mode, bits = parse_rounding(check_rounding(spec))
+        return cls(mode, bits)
 
     def energy(self, c: Components, kept_bits: int, dropped_bits: int) -> float:
         """Deciding the last kept bit and applying it; stochastic rounding pays for its random bits

@@ -39,13 +39,13 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     constant,
-    for_slices,
     parse_rounding,
     power_of_two,
     shift_round,
     stochastic_bits,
     stochastic_up_,
 )
+from dse.formats.fast.slices import for_slices
 from dse.formats.spec import (
     Value,
     call_spec,
