@@ -176,12 +176,12 @@ class BlockFormat(NumberFormat):
                  generator: torch.Generator | None = None) -> Tensor:
         """As NumberFormat.quantize, with a scale grid by `quantize_by_scale_grid`; fast.block's fused
         paths give the same values bit for bit."""
+        if self.scaling.kind == "block" and self.scale_grid is not None:
+            return self.quantize_by_scale_grid(x, rounding, generator)
         if self.scaling.kind == "block":
-            fast = fast_block.quantize(self, x, rounding, generator)
+            fast = fast_block.quantize_e8m0_nearest(self, x, rounding)
             if fast is not None:
                 return fast
-            if self.scale_grid is not None:
-                return self.quantize_by_scale_grid(x, rounding, generator)
         return super().quantize(x, rounding, generator)
 
     def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
@@ -195,9 +195,10 @@ class BlockFormat(NumberFormat):
             return x.clone()
         flat = work.reshape(1) if work.dim() == 0 else work
         blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
-        reciprocal, scale = self.scale_factors(amax)
-        out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
+        out = fast_block.round_scale_grid_blocks(self, blocks, rounding, generator)
+        if out is None:
+            reciprocal, scale = self.scale_factors(blocks.abs().amax(dim=-1, keepdim=True))
+            out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
         out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 

@@ -58,7 +58,7 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
                 models[where] = model_of(config)
-            key = (config.model, config.dataset, config.data_dir, config.optimizer)
+            key = (*where, config.optimizer)
             if key not in reasons:
                 reasons[key] = group_reason(config, *models[where])
             reason = reasons[key]

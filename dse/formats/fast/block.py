@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from dse.formats.base import FLOAT_DTYPES, ROUNDINGS, constant, from_blocks, to_blocks
+from dse.formats.base import ROUNDINGS, constant
 from dse.formats.fast import FastPath, enabled, reference_only_active, register
 from dse.formats.fast.slices import Kernel, cpu_chunk_elements
 from dse.formats.fixed import FixedPoint
@@ -31,7 +31,7 @@ E8M0_NEAREST = register(FastPath(
 ))
 SCALE_GRID_SLICES = register(FastPath(
     name="block-scale-grid-slices",
-    reference="BlockFormat.quantize_by_scale_grid (whole tensors)",
+    reference="BlockFormat.quantize_by_scale_grid's whole-tensor formula",
     operation="quantize",
     formats=("nvfp4", "nvfp4(tensor_scale=none)", "block(fp4_e2m1,size=16,scale=ue5m3)",
              "block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)", "block(int4,size=16,scale=fp16)",
@@ -68,13 +68,10 @@ class _Constants(NamedTuple):
     magic_offset: Tensor
 
 
-def quantize(fmt: BlockFormat, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor | None:
-    """fmt.quantize(x) (block scaling) by a fast path; None where none applies."""
-    if reference_only_active():
-        return None
-    if fmt.scale_grid is not None:
-        return _quantize_by_scale_grid(fmt, x, rounding, generator) if enabled(SCALE_GRID_SLICES) else None
-    if (rounding != "nearest" or _nearest_plan(fmt) is None
+def quantize_e8m0_nearest(fmt: BlockFormat, x: Tensor, rounding: str) -> Tensor | None:
+    """fmt.quantize(x) for an E8M0 block format by the fused nearest path; None where it does not apply
+    (other roundings, dtypes or elements, input that autograd records, inside reference_only())."""
+    if (rounding != "nearest" or reference_only_active() or _nearest_plan(fmt) is None
             or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
             or (x.requires_grad and torch.is_grad_enabled()) or not enabled(E8M0_NEAREST)):
         return None  # (in-place passes are not differentiable: not for input that autograd records)
@@ -210,22 +207,19 @@ def _make_nearest_plan(fmt: BlockFormat) -> _NearestPlan | None:
                             lowest_field=1 + emax, highest_field=231 + emax + frac)
     return None
 
-def _quantize_by_scale_grid(fmt: BlockFormat, x: Tensor, rounding: str, generator: torch.Generator | None
-                            ) -> Tensor:
-    """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring).
+
+def round_scale_grid_blocks(fmt: BlockFormat, blocks: Tensor, rounding: str, generator: torch.Generator | None
+                            ) -> Tensor | None:
+    """The body of `BlockFormat.quantize_by_scale_grid` on its blocks (float32 or float64, (..., n, size)),
+    in slices; None inside reference_only().
 
     Two sweeps over rows of blocks, a cache-sized slice at a time, into preallocated space: the
     block maxima (`_rows_abs_max`), then, after the scales, v * r, the element rounding and the
     product with s per slice. Nearest rounding of an element with a fused kernel (the magic
     constant of `FloatFormat`) runs that kernel itself, which is what its `round_unscaled` runs.
     """
-    if not torch.is_floating_point(x):
-        raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
-    work = x if x.dtype in FLOAT_DTYPES else x.float()
-    if work.numel() == 0:
-        return x.clone()
-    flat = work.reshape(1) if work.dim() == 0 else work
-    blocks, shape, pad = to_blocks(flat, fmt.axis, fmt.block_size)
+    if reference_only_active() or not enabled(SCALE_GRID_SLICES):
+        return None
     rows = blocks.reshape(-1, fmt.block_size)  # a copy only where the blocks are not contiguous
     step = max(cpu_chunk_elements(rows) // fmt.block_size, 1)
     amax = _rows_abs_max(rows, step)
@@ -247,8 +241,8 @@ def _quantize_by_scale_grid(fmt: BlockFormat, x: Tensor, rounding: str, generato
         if not fmt.element_has_negative_zero:
             result.add_(0.0)
         result.mul_(scale[part])
-    out = from_blocks(out.view(blocks.shape), shape, fmt.axis, pad).reshape(work.shape)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out.view(blocks.shape)
+
 
 def _element_kernel(fmt: BlockFormat, dtype: torch.dtype, device: torch.device) -> Kernel | None:
     """The element's fused nearest rounding of `dtype` (kernel(x, out, int scratch)), where its
