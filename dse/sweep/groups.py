@@ -58,9 +58,10 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
                 models[where] = model_of(config)
-            if (*where, config.optimizer) not in reasons:
-                reasons[(*where, config.optimizer)] = group_reason(config, *models[where])
-            reason = reasons[(*where, config.optimizer)]
+            key = (*where, config.optimizer)
+            if key not in reasons:
+                reasons[key] = group_reason(config, *models[where])
+            reason = reasons[key]
         note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
         if reason is not None and note not in notes:
             notes.append(note)
