@@ -1,8 +1,11 @@
-"""Grouped training's speed per trial: the training time of one run alone against a member of a group
+"""Grouped training's speed per trial: the CPU time of one run alone against a member of a group
 of G (dse.train.grouped.train_group), interleaved in one process, best of several rounds.
 
-    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 16
+    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 32
     .venv/bin/python benchmarks/grouped.py --datasets digits --sizes 4,8 --formats fp32,int8 --rounds 2
+    .venv/bin/python benchmarks/grouped.py --formats niti,fp8_e4m3+fp16-acc --model cnn --sizes 3,8
+
+`--formats` takes format specs (SGD with an fp32 copy; lns* with LNS-Madam) and the names of METHODS.
 
 Prints, per dataset and format, the CPU seconds of one run alone (the whole `train` call: setup,
 epochs, evaluation) and the speed-up of a group member (alone / (the `train_group` call / G)) per group
@@ -22,6 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BATCH = {"digits": 64, "mnist1d": 100}
+METHODS: dict[str, dict[str, object]] = {
+    "niti": {"format": "int8", "optimizer": "niti"},
+    "fp8_e4m3+fp16-acc": {"format": "fp8_e4m3", "accumulation": "fp16"},  # chunks of 16 into fp16
+}
 
 
 def cpu_seconds(run: Callable[..., object], *args: object) -> float:
@@ -34,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,mnist1d")
+    parser.add_argument("--model", default="mlp", help="a proxy that stacks (default mlp)")
     parser.add_argument("--formats", default="fp32,int8,fp8_e4m3,posit8,lns8")
     parser.add_argument("--sizes", default="3,8,32", help="group sizes (default 3,8,32)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -51,15 +59,16 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",")]
     print(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
           f"{args.epochs} epochs, 1 thread)")
-    print("| MLP | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
+    print(f"| {args.model} | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
     print("|---|---|---|" + "---|" * len(sizes))
     for name in args.datasets.split(","):
         data = load_dataset(name)
         for spec in args.formats.split(","):
-            config = TrainConfig(model="mlp", dataset=name, epochs=args.epochs,
-                                 batch_size=BATCH.get(name, 64), format=None if spec == "fp32" else spec,
-                                 optimizer="lns-madam" if spec.startswith("lns") else "sgd",
-                                 master_weights=not spec.startswith("lns"))
+            fields = METHODS.get(spec) or {"format": None if spec == "fp32" else spec,
+                                           "optimizer": "lns-madam" if spec.startswith("lns") else "sgd",
+                                           "master_weights": not spec.startswith("lns")}
+            config = TrainConfig(model=args.model, dataset=name, epochs=args.epochs,
+                                 batch_size=BATCH.get(name, 64), **fields)
             train(config.replace(epochs=1), data)  # first-call costs
             alone: list[float] = []
             member: dict[int, list[float]] = {size: [] for size in sizes}

@@ -4,12 +4,13 @@ with --groups, grouped training against one trial at a time on the quickstart, e
     .venv/bin/python benchmarks/sweep.py            # MNIST-1D MLP, 8 trials x 15 epochs: ~2 min on 2 cores
     .venv/bin/python benchmarks/sweep.py --epochs 3 --repeat 2
     .venv/bin/python benchmarks/sweep.py --groups --repeat 2            # quickstart, 21 and 84 trials
-    .venv/bin/python benchmarks/sweep.py --groups --epochs 3 --group-size 8
+    .venv/bin/python benchmarks/sweep.py --groups --sweeps tuned --group-sizes 4,6,8,12
 
 --groups runs `dse sweep` (the CLI, in a fresh interpreter: imports, planning, energy, training,
 reports) on examples/quickstart.yaml (21 trials) and on the same file with 4 tuned learning rates
-per configuration (84 trials), with executor.group_size 1 and N alternately; then times the same
-command again with nothing left to train, split into its stages.
+per configuration (84 trials), with executor.group_size 1 and each of --group-sizes alternately,
+end to end and the trials' own training seconds (from the store); then times the same command
+again with nothing left to train, split into its stages, and a rewrite of its reports.
 
 Prints, per worker count, the sweep's wall time, the sum of the trials' own training time and the
 speedup of 2 workers over 1; then the overhead per trial: starting the workers (the fork server's
@@ -146,77 +147,115 @@ def quickstart_text(epochs: int | None, tuned: bool, dataset: str | None = None)
     return yaml.safe_dump(sweep, sort_keys=False)
 
 
-def timed_cli(config: Path, output: Path, group_size: int) -> float:
-    """Wall seconds of `dse sweep config -o output --group-size N -q` in a fresh interpreter."""
+def timed_cli(config: Path, output: Path, group_size: int) -> tuple[float, float]:
+    """(wall seconds of `dse sweep config -o output --group-size N -q` in a fresh interpreter, the sum of
+    its trials' training seconds from the store: a group member holds the group's time over its size)."""
+    from dse.sweep import load_trials
+
     cli = Path(__file__).resolve().parent.parent / "cli.py"
     command = [sys.executable, str(cli), "sweep", str(config), "-o", str(output), "-q",
                "--group-size", str(group_size)]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    return wall, float(load_trials(output)["wall_time_s"].sum())
 
 
 def child_stages(config: Path, output: Path) -> list[tuple[str, float]]:
-    """Seconds of each stage of a sweep with nothing left to train (its store is complete)."""
-    started = time.perf_counter()
+    """CPU seconds of each stage of a sweep with nothing left to train (its store is complete), in one
+    single-threaded process: what it waits on a quiet machine, whatever else runs on a busy one."""
+    started = time.process_time()
     from dse.report import write_reports
     from dse.sweep import load_config, load_trials
     from dse.sweep.groups import plan_groups
     from dse.sweep.runner import check_tasks, check_trials, estimate_energies, unique_runs
     from dse.sweep.trials import baseline_labels, expand
 
-    imported = time.perf_counter()
+    imported = time.process_time()
     sweep = load_config(config).replace(output=output)
     samples = check_tasks(sweep)
     trials = expand(sweep)
     check_trials(sweep, trials, samples)
     baseline_labels(sweep, trials)
-    checked = time.perf_counter()
+    checked = time.process_time()
     estimate_energies(sweep, trials)
-    energy = time.perf_counter()
+    energy = time.process_time()
     plan_groups(unique_runs(trials), sweep.executor.group_size)
-    grouped = time.perf_counter()
+    grouped = time.process_time()
     frame = load_trials(output)
     list(write_reports(frame, output, sweep.memory_objective))
-    reported = time.perf_counter()
+    reported = time.process_time()
     return [("imports", imported - started), ("parse, expand, check", checked - imported),
             ("energy estimates", energy - checked), ("groups", grouped - energy),
             ("load store, write reports", reported - grouped)]
 
 
-def groups_benchmark(epochs: int | None, repeat: int, group_size: int, dataset: str | None) -> None:
+SWEEPS = {"quickstart": (False, 21), "tuned": (True, 84)}
+"""--groups: the quickstart as it is, and with 4 tuned learning rates per configuration (tuned, trials)."""
+
+
+def groups_benchmark(epochs: int | None, repeat: int, group_sizes: list[int], dataset: str | None,
+                     sweeps: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="dse-bench-") as tmp:
         root = Path(tmp)
         rows = []
-        for tuned in (False, True):
-            config = root / f"{'tuned' if tuned else 'quickstart'}.yaml"
+        for name in sweeps:
+            tuned, _ = SWEEPS[name]
+            config = root / f"{name}.yaml"
             config.write_text(quickstart_text(epochs, tuned, dataset))
-            walls: dict[int, list[float]] = {1: [], group_size: []}
+            runs: dict[int, list[tuple[float, float]]] = {size: [] for size in [1, *group_sizes]}
             for run in range(repeat):
-                order = (1, group_size) if run % 2 == 0 else (group_size, 1)
+                order = list(runs) if run % 2 == 0 else list(runs)[::-1]
                 for size in order:
                     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-                    wall = timed_cli(config, root / f"{config.stem}-g{size}-{run}", size)
-                    walls[size].append(wall)
-                    print(f"{config.stem}: group size {size}, run {run + 1}: {wall:.1f} s (load average "
-                          f"before: {load:.2f})", flush=True)
-            rows.append((config.stem, walls))
-        print(f"\nend to end, `dse sweep` in a fresh interpreter, best of {repeat}, "
+                    wall, training = timed_cli(config, root / f"{name}-g{size}-{run}", size)
+                    runs[size].append((wall, training))
+                    print(f"{name}: group size {size}, run {run + 1}: {wall:.1f} s, {training:.1f} s of "
+                          f"training (load average before: {load:.2f})", flush=True)
+            rows.append((name, runs))
+        print("\n`dse sweep` in a fresh interpreter, end to end, and the trials' training seconds summed "
+              f"(from the store), each the best of {repeat}; "
               f"{epochs or 'the file’s'} epochs, dataset {dataset or 'mnist1d'}")
-        print(f"| sweep | trials | one at a time s | grouped (size {group_size}) s | speed-up |")
-        print("|---|---|---|---|---|")
-        for name, walls in rows:
-            trials = 84 if name == "tuned" else 21
-            alone, grouped = min(walls[1]), min(walls[group_size])
-            print(f"| {name} | {trials} | {alone:.1f} | {grouped:.1f} | {alone / grouped:.2f}x |")
-        done = root / f"quickstart-g{group_size}-0"
-        config = root / "quickstart.yaml"
-        again = min(timed_cli(config, done, group_size) for _ in range(repeat))
+        print("| sweep | trials | group size | end to end s | speed-up | training s | speed-up |")
+        print("|---|---|---|---|---|---|---|")
+        for name, runs in rows:
+            alone = [min(result[column] for result in runs[1]) for column in range(2)]
+            for size, results in runs.items():
+                best = [min(result[column] for result in results) for column in range(2)]
+                cells = " | ".join(f"{value:.1f} | {base / value:.2f}x"
+                                   for value, base in zip(best, alone, strict=True))
+                print(f"| {name} | {SWEEPS[name][1]} | {size} | {cells} |")
+        name = sweeps[0]
+        done = root / f"{name}-g{group_sizes[0]}-0"
+        config = root / f"{name}.yaml"
+        again = min(timed_cli(config, done, group_sizes[0])[0] for _ in range(repeat))
         command = [sys.executable, __file__, "--child-stages", str(config), str(done)]
         stages = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
-        print(f"\nthe quickstart again with nothing left to train: {again:.1f} s; its stages:")
+        print(f"\nthe {name} sweep again with nothing left to train: {again:.1f} s; "
+              "its stages in one process (CPU seconds):")
         for line in stages:
             print(f"  {line}")
+        print(f"  writing the reports anew, imports included: {report_time(done):.2f} s")
+
+
+def report_time(output: Path) -> float:
+    """CPU seconds to write a finished sweep's reports (tables and plots) anew, in a fresh interpreter."""
+    command = [sys.executable, __file__, "--child-reports", str(output)]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def child_reports(output: Path) -> float:
+    """CPU seconds of writing the reports into a scratch folder, from importing dse.report (scipy.stats;
+    matplotlib on the first figure) to the last file, as a sweep's one write pays them."""
+    from dse.sweep import load_trials
+
+    frame = load_trials(output)
+    with tempfile.TemporaryDirectory(prefix="dse-reports-") as scratch:
+        started = time.process_time()
+        from dse.report import write_reports
+
+        write_reports(frame, Path(scratch))
+        return time.process_time() - started
 
 
 def main() -> None:
@@ -227,19 +266,27 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each worker count (default 1)")
     parser.add_argument("--groups", action="store_true", help="grouped training against one trial at a "
                         "time on the quickstart (21 trials) and with 4 tuned learning rates (84)")
-    parser.add_argument("--group-size", type=int, default=8, help="group size for --groups (default 8)")
+    parser.add_argument("--group-sizes", default="8", help="--groups: group sizes to run against size 1 "
+                        "(comma-separated; default 8)")
+    parser.add_argument("--sweeps", default="quickstart,tuned",
+                        help="--groups: which sweeps (quickstart, tuned)")
     parser.add_argument("--dataset", default=None, help="--groups: the quickstart's MLP on another built-in "
                         "dataset (e.g. digits: a 64-128-10 MLP, whose steps are dispatch-bound)")
     parser.add_argument("--child-sweep", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-stages", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-spawn", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-reports", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_stages:
         for stage, seconds in child_stages(Path(args.child_stages[0]), Path(args.child_stages[1])):
             print(f"{stage}: {seconds:.2f} s")
         return
+    if args.child_reports:
+        print(child_reports(Path(args.child_reports)))
+        return
     if args.groups:
-        groups_benchmark(args.epochs, args.repeat, args.group_size, args.dataset)
+        groups_benchmark(args.epochs, args.repeat, [int(size) for size in args.group_sizes.split(",")],
+                         args.dataset, args.sweeps.split(","))
         return
     args.epochs = 15 if args.epochs is None else args.epochs
     if args.child_sweep:

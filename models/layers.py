@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -10,3 +11,15 @@ class Matmul(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return a @ b
+
+
+class PositionEmbedding(nn.Module):
+    """A learned embedding per position, added to a sequence (B, T, d): x + weight[:T]. Initialized
+    as N(0, std^2); a layer of its own, so that grouped training can give each member its own."""
+
+    def __init__(self, positions: int, width: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(positions, width) * std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight[: x.shape[1]]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dse.data import Dataset
 from dse.errors import InputError, choice
-from dse.models.layers import Matmul
+from dse.models.layers import Matmul, PositionEmbedding
 from dse.models.workloads import Workload
 from dse.usercode import call, describe, is_ref
 
@@ -180,13 +180,13 @@ class Transformer(nn.Module):
                  n_layers: int = 2) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab, d_model)
-        self.position = nn.Parameter(torch.randn(seq, d_model) * 0.02)
+        self.position = PositionEmbedding(seq, d_model)
         self.layers = nn.ModuleList(TransformerLayer(d_model, heads, d_ff) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        x = self.embedding(tokens) + self.position[: tokens.shape[1]]
+        x = self.position(self.embedding(tokens))
         for layer in self.layers:
             x = layer(x)
         return self.head(self.ln_f(x))

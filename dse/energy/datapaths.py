@@ -11,16 +11,16 @@ widths, its dot-product unit and accumulators, how it converts into other units,
 values), registered by family name as formats are; nothing else in the model asks which family an
 operand is. A format is read through `EnergyFormat` (family, bits, spec) and its family's own fields
 (`FloatFields`, `PositFields`, `LogFields`, `BlockFields`), never through its spec string.
-`conversion_energy` prices
-turning one representation into another (an accumulator into the storage format of the output, a
-weight gradient into the optimizer's format, ...), by unpacking to sign/exponent/significand and
-packing again.
+`conversion_energy` prices turning one representation into another (an accumulator into the storage
+format of the output, a weight gradient into the optimizer's format, ...), by unpacking to
+sign/exponent/significand and packing again.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -174,9 +174,6 @@ FP32 = Operand("fp", 32, exp_bits=8, man_bits=23, spec="fp32")
 
 # --- rounding -------------------------------------------------------------------------------------
 
-ROUNDING_MODES = ("nearest", "toward_zero", "stochastic", "pseudo_stochastic")
-_STOCHASTIC_K = re.compile(r"^\s*stochastic\s*\(\s*(\d+)\s*\)\s*$")
-
 
 @dataclass(frozen=True)
 class Rounding:
@@ -195,16 +192,10 @@ class Rounding:
             return cls()
         if isinstance(spec, Rounding):
             return spec
-        text = str(spec).strip().lower()
-        match = _STOCHASTIC_K.match(text)
-        if match:
-            bits = int(match.group(1))
-            if not 1 <= bits <= 23:  # as dse.formats accepts
-                raise InputError(f"rounding {spec!r}: k (random bits) must be in 1..23, got {bits}")
-            return cls("stochastic", bits)
-        if text not in ROUNDING_MODES:
-            raise InputError(f"unknown rounding {spec!r} (known: {', '.join(ROUNDING_MODES)}, stochastic(k))")
-        return cls(text)
+        from dse.formats.base import check_rounding, parse_rounding  # the zoo's own rounding vocabulary
+
+        mode, bits = parse_rounding(check_rounding(spec))
+        return cls(mode, bits)
 
     def energy(self, c: Components, kept_bits: int, dropped_bits: int) -> float:
         """Deciding the last kept bit and applying it; stochastic rounding pays for its random bits
@@ -409,12 +400,7 @@ def _significand_datapath(c: Components, name: str, a: Operand, b: Operand, acc:
     product_bits = a_sig + b_sig
     multiply = UnitEnergy(multiply_pj=_product_core(c, a_sig, b_sig, exp_bits))
     align = params.alignment_bits if params.alignment_bits is not None else align_default
-    if acc.kind == "int":
-        per_product, per_group = _accumulate_int(c, acc, product_bits, exp_bits, k)
-    elif acc.kind == "fp":
-        per_product, per_group = _accumulate_fp(c, acc, product_bits, exp_bits, k, align)
-    else:
-        per_product, per_group = _accumulate_posit(c, acc, product_bits, k, align)
+    per_product, per_group = acc.hardware.accumulate(c, acc, product_bits, exp_bits, k, align)
     per_product = multiply + per_product + (extra_product or UnitEnergy())
     per_group = per_group + (extra_group or UnitEnergy())
     return Datapath(name, acc, per_product, per_group, k)
@@ -423,13 +409,13 @@ def _significand_datapath(c: Components, name: str, a: Operand, b: Operand, acc:
 def _fp_align_default(a: Operand, b: Operand, acc: Accumulator) -> int:
     """Tensor-core style: keep the accumulator's significand plus guard bits, never more than exact."""
     exact = max(a.exact_product_bits, b.exact_product_bits)
-    keep = (acc.man_bits + 1 + 3) if acc.kind == "fp" else acc.bits
+    keep = acc.hardware.aligned_bits(acc)
     return max(min(exact, keep), a.sig_bits + b.sig_bits)
 
 
 # --- one hardware description per family ------------------------------------------------------------
 
-class FamilyHardware:
+class FamilyHardware(ABC):
     """The hardware of one number-format family: everything the energy model needs to know of it.
 
     Register a new family with `register_family`. `family` names the hardware (the Operand's family):
@@ -438,7 +424,8 @@ class FamilyHardware:
     format into an Operand; `datapath` builds the dot-product unit of two operands of this unit;
     `unpack` is the energy to reach sign / exponent / normalised significand (and that significand's
     width); `pack` the energy to round such a significand into the format. Energies are pJ (um^2 when
-    given area components). The defaults fit a plain integer-like code.
+    given area components). The defaults fit a plain integer-like code; a description that sets
+    `converts_into` gives `converted`.
     """
 
     family: str
@@ -455,19 +442,19 @@ class FamilyHardware:
     def unit(self) -> str:
         return self.family
 
-    def operand(self, fmt: EnergyFormat, spec: str) -> Operand:
-        raise NotImplementedError
+    @abstractmethod
+    def operand(self, fmt: EnergyFormat, spec: str) -> Operand: ...
 
+    @abstractmethod
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
-                 params: DatapathParams) -> Datapath:
-        raise NotImplementedError
+                 params: DatapathParams) -> Datapath: ...
 
-    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]:
-        raise NotImplementedError
+    @abstractmethod
+    def unpack(self, c: Components, src: Operand, params: DatapathParams) -> tuple[float, int]: ...
 
+    @abstractmethod
     def pack(self, c: Components, dst: Operand, sig_bits: int, params: DatapathParams,
-             rounding: Rounding) -> float:
-        raise NotImplementedError
+             rounding: Rounding) -> float: ...
 
     def sig_bits(self, op: Operand) -> int:
         return op.bits
@@ -507,6 +494,16 @@ class FamilyHardware:
         """A multiply and an add in this format's arithmetic (the optimizer's)."""
         return c.multiplier(op.bits, op.bits), c.adder(op.bits)
 
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        """(per product, per group of k) of summing products of `product_bits` significand bits and
+        `exp_bits` exponent bits into an accumulator of this family, aligned to `align_bits` in a group."""
+        raise InputError(f"accumulator {acc.spec!r}: {self.family} accumulators are not modelled")
+
+    def aligned_bits(self, acc: Accumulator) -> int:
+        """Bits an FP dot-product unit keeps of products aligned before this accumulator (its width)."""
+        return acc.bits
+
 
 class IntHardware(FamilyHardware):
     """Integers and fixed point (the same hardware: a fixed point's scale is a shift outside the unit)."""
@@ -541,6 +538,10 @@ class IntHardware(FamilyHardware):
 
     def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
         return 0, a.bits + b.bits
+
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        return _accumulate_int(c, acc, product_bits, exp_bits, k)
 
     def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
         return Accumulator("int", op.bits, spec=spec)
@@ -596,6 +597,14 @@ class FpHardware(FamilyHardware):
     def block_products(self, a: Operand, b: Operand) -> tuple[int, int]:
         return max(a.exp_bits, b.exp_bits), max(a.exact_product_bits, b.exact_product_bits)
 
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        return _accumulate_fp(c, acc, product_bits, exp_bits, k, align_bits)
+
+    def aligned_bits(self, acc: Accumulator) -> int:
+        """The accumulator's significand plus guard, round and sticky bits."""
+        return acc.man_bits + 1 + 3
+
     def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
         return Accumulator("fp", op.bits, exp_bits=op.exp_bits, man_bits=op.man_bits, spec=spec)
 
@@ -642,6 +651,10 @@ class PositHardware(FamilyHardware):
     def as_accumulator(self, op: Operand, spec: str) -> Accumulator:
         return Accumulator("posit", op.bits, es=op.es, spec=spec)
 
+    def accumulate(self, c: Components, acc: Accumulator, product_bits: int, exp_bits: int, k: int,
+                   align_bits: int) -> tuple[UnitEnergy, UnitEnergy]:
+        return _accumulate_posit(c, acc, product_bits, k, align_bits)
+
 
 def csd_nonzero_digits(value: int) -> int:
     """Non-zero digits of `value` in canonical signed-digit form (non-adjacent form)."""
@@ -686,7 +699,7 @@ class LnsHardware(FamilyHardware):
 
     def datapath(self, c: Components, a: Operand, b: Operand, acc: Accumulator,
                  params: DatapathParams) -> Datapath:
-        if acc.kind != "int":
+        if not isinstance(acc.hardware, IntHardware):
             raise InputError(f"LNS products are summed in an integer accumulator, not {acc.spec!r}")
         k = params.vector_length
         frac = max(a.log_frac_bits, b.log_frac_bits)
@@ -898,6 +911,10 @@ class Accumulator:
     man_bits: int = 0
     es: int = 0
     spec: str = ""
+
+    @property
+    def hardware(self) -> FamilyHardware:
+        return hardware(self.kind)
 
     def as_operand(self) -> Operand:
         return Operand(self.kind, self.bits, exp_bits=self.exp_bits, man_bits=self.man_bits, es=self.es,

@@ -272,7 +272,7 @@ class FloatFormat(NumberFormat):
                 or self.min_positive <= 2.0 ** (layout.min_normal_exponent + 1)  # (the +-0 argument)
                 or emin + k < layout.min_normal_exponent  # the lowest binade is a normal float32
                 or emax + k + layout.man_bits + 1 - m > layout.max_exponent  # C stays finite
-                or (self.overflow == "inf" and k < -emax)):  # 2^(127 - emax - k) is a float32
+                or (self.overflow == "inf" and k <= -emax)):  # 2^(127 - emax - k) is a normal float32
             return None
         return self._magic_kernel(layout, device, k)
 

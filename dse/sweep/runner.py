@@ -320,9 +320,9 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
     with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
         if replace_foreign:
             store.reset()
-        store.start(_store_meta(sweep, trials, runs), [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id],
-                                                                t.configuration, t.tuning) for t in trials],
-                    energies)
+        plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
+                for t in trials]
+        store.start(_store_meta(sweep, trials, runs, notes), plan, energies)
         summary = execute_trials(sweep, trials, runs, groups, store, acquired,
                                  rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
                                  reporter=reporter or SilentReporter())
@@ -346,9 +346,11 @@ def open_store(directory: Path) -> SweepStore:
         raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
 
 
-def _store_meta(sweep: SweepConfig, trials: list[Trial], runs: list[Trial]) -> dict[str, Any]:
+def _store_meta(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], group_notes: list[str]
+                ) -> dict[str, Any]:
     ids = [trial.trial_id for trial in runs]
-    return {"name": sweep.name, "config_yaml": sweep.text, "workloads": list(sweep.energy.columns),
+    return {"name": sweep.name, "group_notes": group_notes, "config_yaml": sweep.text,
+            "workloads": list(sweep.energy.columns),
             "energy": sweep.energy.describe(), "memory_objective": sweep.memory_objective,
             "baselines": baseline_labels(sweep, trials),
             "config_hash": stable_hash({"trials": ids, "energy": sweep.energy.describe(),

@@ -11,8 +11,10 @@ for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only w
 member is given the group's time over the group's size.
 
 NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) and for
-chains of Linear, Conv, ReLU, max-pooling and reshape stages; other models train one by one
-(`group_reason` says why).
+chains of Linear, Conv, ReLU, max-pooling and reshape stages. The other methods stack every network
+whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy); other models train one
+by one (`group_reason` says why: functional GEMMs, tied weights, dropout, a batch on another axis
+than the first).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +35,8 @@ from dse.formats.base import MemberGenerators
 from dse.models.proxies import build_model
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
-from dse.train.loop import EVAL_BATCH, _run_settings, check_config, train
+from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
+from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
@@ -53,23 +57,49 @@ def group_key(config: TrainConfig) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def group_reason(config: TrainConfig, model: nn.Module | None = None) -> str | None:
+def group_reason(config: TrainConfig, model: nn.Module | None = None, example: Tensor | None = None
+                 ) -> str | None:
     """Why trials of this config train one by one rather than stacked (None: they stack).
-    `model` is the config's network (built here when not given)."""
-    if model is None:
-        model = build_model(config.model, with_validation(load_dataset(config.dataset, config.data_dir)))
+    `model` is the config's network and `example` a few of its training samples (both built from
+    the config's dataset when not given)."""
+    if model is None or example is None:
+        data = with_validation(load_dataset(config.dataset, config.data_dir))
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(config.model, data)
+        example = data.x_train[:EXAMPLE_SAMPLES]
     if config.optimizer == "niti":
         from dse.train.niti.stacked import niti_stack_reason
 
         reason = niti_stack_reason(model)
     else:
-        reason = stack_reason(model, QuantPolicy.from_config(config))
+        reason = stack_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"
 
 
-def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) -> list[TrainResult]:
+class GroupSplitWarning(UserWarning):
+    """A group too large for its device's memory trains as consecutive smaller groups."""
+
+
+def group_memory(config: TrainConfig, model: nn.Module, example: Tensor) -> tuple[int, int]:
+    """(one trial's training memory, the memory available on its device), in bytes
+    (dse/train/memory.py: a group of G takes G times the first plus a constant)."""
+    trial = trial_memory_bytes(model, example, config.batch_size, config.optimizer, EVAL_BATCH)
+    return trial, available_memory_bytes(config.device)
+
+
+def split_note(size: int, fit: int, trial_bytes: int, available_bytes: int, device: str) -> str:
+    """The line that states a split: a group of `size` cut into groups of at most `fit`."""
+    return (f"groups of {size} split into groups of {fit} to fit {device}: one trial needs about "
+            f"{describe_bytes(trial_bytes)}, {describe_bytes(available_bytes)} available")
+
+
+def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
+                available_bytes: int | None = None) -> list[TrainResult]:
     """Train the configs (equal `group_key`) together; results in their order. Configs that cannot
-    stack (`group_reason`) train one after another with `train`."""
+    stack (`group_reason`) train one after another with `train`. A group that would not fit its
+    device's memory (`available_bytes`, default: what the device has free now) trains as
+    consecutive smaller groups, with a GroupSplitWarning that says so; every member's result is
+    the same either way."""
     configs = list(configs)
     if not configs:
         return []
@@ -80,10 +110,25 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None) 
         check_config(config)
     data = with_validation(dataset if dataset is not None else load_dataset(configs[0].dataset,
                                                                             configs[0].data_dir))
-    if len(configs) == 1 or group_reason(configs[0], build_model(configs[0].model, data)) is not None:
+    if len(configs) == 1:
+        return [train(configs[0], data)]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(configs[0].model, data)
+    example = data.x_train[:EXAMPLE_SAMPLES]
+    if group_reason(configs[0], model, example) is not None:
         return [train(config, data) for config in configs]
+    trial_bytes, available = group_memory(configs[0], model, example)
+    available = available if available_bytes is None else available_bytes
+    fit = members_that_fit(trial_bytes, available)
+    if fit < len(configs):
+        warnings.warn(split_note(len(configs), fit, trial_bytes, available, configs[0].device),
+                      GroupSplitWarning, stacklevel=2)
+    results: list[TrainResult] = []
     with _run_settings(configs[0].threads):
-        return _train_group(configs, data)
+        for start in range(0, len(configs), fit):
+            part = configs[start:start + fit]
+            results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
+    return results
 
 
 class StackedOptimizer:
@@ -96,7 +141,7 @@ class StackedOptimizer:
     alone); Madam and LNS-Madam one per member (their bound is per tensor).
     """
 
-    def __init__(self, model: nn.Sequential, configs: Sequence[TrainConfig], policy: QuantPolicy,
+    def __init__(self, model: nn.Module, configs: Sequence[TrainConfig], policy: QuantPolicy,
                  generators: Sequence[torch.Generator], switch: QuantSwitch) -> None:
         first = configs[0]
         self.name = first.optimizer

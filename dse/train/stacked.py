@@ -1,66 +1,172 @@
 """A group of networks of one architecture as one stacked network: every weight carries a leading
-member axis, and each layer runs its GEMMs for all members in one batched call.
+member axis, and the members' batches travel through the network's own forward folded into one
+batch (member g's samples are rows g*B .. (g+1)*B-1), so every layer without weights (activations,
+pooling, reshapes, residual additions, softmax) runs once for the whole group, exactly as it runs
+for each member alone.
 
-For a stacked Linear layer with weights W (G, out, in) and inputs x (G, B, in) the three GEMMs of
-dse/train/layers.py become, per member g,
+Layers with weights take the folded batch apart:
+- Linear: its three GEMMs for all members in one batched call. With weights W (G, out, in) and
+  inputs x (G, B, ..., in), per member g
 
-    forward          y[g]  = Qa(x)[g] @ Qw(W)[g]^T + b[g]           (torch.baddbmm)
-    backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
-    backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
+      forward          y[g]  = Qa(x)[g] @ Qw(W)[g]^T + b[g]           (torch.baddbmm)
+      backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
+      backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
 
-where each quantizer is the member's own (`TensorQuant.members`: a scale per member, stochastic
-rounding from each member's generator). On the CPU a batched GEMM runs the same GEMM kernel per
-member as the unbatched call, so every member computes bit for bit what it computes alone
-(tests/train/test_train_grouped.py checks it); a device whose batched GEMM sums in another order would
-differ in the last bits, as two GEMM libraries do.
+  On the CPU a batched GEMM runs the same GEMM kernel per member as the unbatched call, so every
+  member computes bit for bit what it computes alone.
+- Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
+  member by member. A grouped convolution (groups=G over channel-stacked members) would be one
+  call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
+  then run in another order: on the proxies' shapes the forward, backward-data or backward-weight
+  differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
+  loop keeps every member bit for bit (docs/training.md measures what it costs).
+- Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul.
+- Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
+  Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
+  weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
+  running averages) are each member's own.
 
-Only networks made of Linear, ReLU, Flatten and reshape stages stack yet (`stack_reason` says why
-another does not); grouped training trains those one by one.
+Quantizers are the members' own (`TensorQuant.members`: a scale per member, stochastic rounding
+from each member's generator), and so are accumulators (the accumulation emulation): a batched
+Linear or Matmul folds each GEMM chunk by chunk over the same reduction indices as the member's GEMM
+alone (a chunk is one batched matmul, the accumulator rounds per member); a convolution folds each
+member's GEMMs with that member's own accumulator. A network stacks when `stack_reason` finds nothing
+against it: no functional GEMMs (F.linear on a parameter, torch.matmul, nn.MultiheadAttention), no
+weights shared between layers or held beside layers, and - checked by one forward of two
+differing members on two samples - a batch along the first axis of every layer's input and no
+random draws from torch's global generator (dropout), which a group cannot split per member.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
+from dse.models.layers import Matmul
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
-from dse.train.layers import LayerPolicies, LayerQuant, QuantGemm, Quantizer, QuantSwitch
+from dse.train.layers import (
+    ConvOp,
+    LayerPolicies,
+    LayerQuant,
+    QuantGemm,
+    Quantizer,
+    QuantSwitch,
+    _on_axis,
+    conv_geometry,
+    quant_matmul,
+)
 from dse.train.policy import QuantPolicy, TensorQuant
 
-STACKABLE_STAGES: tuple[str, ...] = ("Linear", "ReLU", "Flatten", "_Reshape")
-"""Module types a stacked network is built from (their class names)."""
+GEMM_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, Matmul)
+"""Layers stacked as GEMMs (exactly these classes; anything else with weights runs per member)."""
 
 
-def stack_reason(model: nn.Module, policy: QuantPolicy | None = None) -> str | None:
-    """Why `model` cannot be stacked (None: it can): only nn.Sequential chains of STACKABLE_STAGES.
-    `policy` (the trial's quantization) stacks whatever it says."""
-    if type(model) is not nn.Sequential:
-        return f"{type(model).__name__} is not a chain of layers (nn.Sequential)"
-    for module in model:
-        name = type(module).__name__
-        if name not in STACKABLE_STAGES:
-            return f"its {name} layers do not stack yet (only Linear, ReLU, Flatten and reshape stages)"
-        if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-            return "a Flatten over other dimensions than all but the batch"
-    return None
-
-
-def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[int, QuantPolicy]:
-    """Each GEMM module's policy (by id), as `quantize_model` resolves it: per-layer rules and
-    full-precision layers over the trial's policy."""
+def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[str, QuantPolicy]:
+    """Each GEMM module's policy (by qualified name), as `quantize_model` resolves it: per-layer
+    rules and full-precision layers over the trial's policy."""
     from dse.train.functional import find_gemms
 
     sites = [site for site in find_gemms(model, None).sites if site.module is not None]
     policies = LayerPolicies(policy, [site.layer for site in sites])
-    return {id(site.module): policies.of(site.layer) for site in sites}
+    return {site.layer.name: policies.of(site.layer) for site in sites}
+
+
+def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {**{n: p for n, p in module._parameters.items() if p is not None},
+            **{n: b for n, b in module._buffers.items() if b is not None}}
+
+
+def structure_reason(model: nn.Module) -> str | None:
+    """Why the layers of `model` do not stack (None: they do), from the module tree alone."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        own = _own_tensors(module)
+        if type(module) not in GEMM_LAYER_TYPES and own and any(True for _ in module.children()):
+            return (f"its {type(module).__name__} {name or '(the model)'} holds weights of its own "
+                    f"({', '.join(own)}) beside its layers; wrap them in a layer of their own")
+        for tensor_name, tensor in own.items():
+            if id(tensor) in owners:
+                return f"{owners[id(tensor)]} and {name}.{tensor_name} are one tensor (tied weights)"
+            owners[id(tensor)] = f"{name}.{tensor_name}" if name else tensor_name
+    return _functional_reason(model, None)
+
+
+def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
+    """Why `model` cannot be stacked (None: it can), under any quantization. `example` (two or more
+    samples) runs the check forward of the module docstring, and finds functional GEMMs."""
+    reason = structure_reason(model)
+    if reason is None and example is not None:
+        reason = _functional_reason(model, example) or _forward_reason(model, example)
+    return reason
+
+
+def _functional_reason(model: nn.Module, example: Tensor | None) -> str | None:
+    """GEMMs called as functions: those the module tree shows (MultiheadAttention), and with
+    `example` those one forward calls."""
+    from dse.train.functional import find_gemms
+
+    found = find_gemms(model, None if example is None else example[:2])
+    functional = [site.layer.name for site in found.sites if site.module is None]
+    if functional:
+        return f"its GEMMs {', '.join(functional)} are function calls, which do not stack yet"
+    return None
+
+
+def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
+    """Stack the model with a second member of other weights, run two samples through both members
+    and each member alone (training mode, on copies): None when each member's output is its own."""
+    example = example[:2]
+    members = [copy.deepcopy(model) for _ in range(2)]
+    with torch.no_grad():
+        for p in members[1].parameters():
+            p.mul_(-0.75).add_(0.125)
+    inputs = [example, example.flip(0)]
+    stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None)
+    devices = [example.device] if example.is_cuda else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        before = _rng_states(devices)
+        try:
+            together = stacked(torch.stack(inputs))
+        except Exception as error:  # a layer that cannot take the folded batch
+            return (f"its forward fails on a folded batch ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''})")
+        if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+            return "its forward draws random numbers (dropout?) from torch's global generator"
+        alone = [member(x) for member, x in zip(members, inputs, strict=True)]
+    for g, out in enumerate(alone):
+        if together[g].shape != out.shape or not torch.allclose(together[g], out, rtol=1e-4, atol=1e-5):
+            return ("a member's output is not its own when stacked (a layer sees its batch on another "
+                    "axis than the first, or mixes samples)")
+    return None
+
+
+def _rng_states(devices: list[torch.device]) -> list[Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(device) for device in devices)]
+
+
+# --- the operations of stacked layers -------------------------------------------------------------
+
+
+def _split(x: Tensor, members: int) -> Tensor:
+    """(G*B, ...) -> (G, B, ...)."""
+    return x.view(members, x.shape[0] // members, *x.shape[1:])
+
+
+def _fold(x: Tensor) -> Tensor:
+    """(G, B, ...) -> (G*B, ...)."""
+    return x.reshape(-1, *x.shape[2:])
 
 
 class StackedLinearOp:
-    """The GEMMs of the module docstring for all members at once: x (G, B, in), w (G, out, in).
+    """The GEMMs of the module docstring for all members at once: x (G, B, ..., in), w (G, out, in).
 
     An op of the shared `QuantGemm` (dse/train/layers.py), which quantizes the operands around it.
     With an accumulator each GEMM is folded chunk by chunk over the same reduction indices as a
@@ -69,28 +175,37 @@ class StackedLinearOp:
     """
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
         if bias is None:
-            return torch.bmm(x, weight.transpose(1, 2))
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            y = torch.bmm(rows, weight.transpose(1, 2))
+        else:
+            y = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
+        return y.view(*x.shape[:-1], weight.shape[1])
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-        dx = torch.bmm(dy, weight) if need_data else None
-        dw = torch.bmm(dy.transpose(1, 2), x) if need_weight else None
+        errors = dy.reshape(dy.shape[0], -1, dy.shape[-1])
+        dx = torch.bmm(errors, weight).view(x.shape) if need_data else None
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        dw = torch.bmm(errors.transpose(1, 2), rows) if need_weight else None
         return dx, dw
 
     def bias_grad(self, dy: Tensor) -> Tensor:
-        return dy.sum(1)
+        return dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(1)
 
     def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
                             accumulator: Accumulator) -> Tensor:
-        y = accumulation.matmul_forward(x, weight.transpose(1, 2), accumulator)
-        return y if bias is None else y + bias.unsqueeze(1)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        y = accumulation.matmul_forward(rows, weight.transpose(1, 2), accumulator)
+        y = y if bias is None else y + bias.unsqueeze(1)
+        return y.view(*x.shape[:-1], weight.shape[1])
 
     def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
                              accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
-        dx = accumulation.matmul_forward(dy, weight, accumulator) if need_data else None
-        dw = accumulation.matmul_backward_b(dy, x, accumulator) if need_weight else None
+        errors = dy.reshape(dy.shape[0], -1, dy.shape[-1])
+        dx = accumulation.matmul_forward(errors, weight, accumulator).view(x.shape) if need_data else None
+        dw = (accumulation.matmul_backward_b(errors, x.reshape(x.shape[0], -1, x.shape[-1]), accumulator)
+              if need_weight else None)
         return dx, dw
 
 
@@ -101,83 +216,263 @@ as a transposed view, which autograd copies into the contiguous .grad on every s
 the profiled fp32 step of a group of 16)."""
 
 
-class StackedLinear(nn.Module):
-    """G Linear layers of one shape: weight (G, out, in), bias (G, out); inputs (G, B, in).
+@dataclasses.dataclass(frozen=True)
+class PerMemberOp:
+    """A layer's GEMM op (ConvOp) run member by member over stacked operands (leading member axis)."""
 
-    `gemm_quant` None keeps the layer in fp32, as does a switched-off `QuantSwitch`: the same batched
-    GEMMs with no quantizers (`_FP32_GEMM`), which compute what nn.Linear computes per member.
-    """
+    op: ConvOp
 
-    def __init__(self, layers: Sequence[nn.Linear], gemm_quant: LayerQuant | None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
-        has_bias = layers[0].bias is not None
-        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if has_bias else None
-        self.gemm_quant = gemm_quant
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.stack([self.op.forward(x[g], weight[g], _member(bias, g)) for g in range(len(x))])
 
-    def forward(self, x: Tensor) -> Tensor:
-        quant = self.gemm_quant
-        if quant is None or not quant.switch.enabled:
-            quant = _FP32_GEMM
-        return QuantGemm.apply(x, self.weight, self.bias, quant)
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+        grads = [self.op.backward(dy[g], x[g], weight[g], need_data, need_weight) for g in range(len(x))]
+        return _stack_grads(grads, need_data, need_weight)
 
+    def bias_grad(self, dy: Tensor) -> Tensor:
+        return torch.stack([self.op.bias_grad(d) for d in dy.unbind(0)])
 
-class StackedReshape(nn.Module):
-    """Each sample viewed as `shape` (Flatten: shape (-1,)), the member and batch axes kept."""
+    def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                            accumulator: Accumulator) -> Tensor:
+        each = _each(accumulator)
+        return torch.stack([self.op.forward_accumulated(x[g], weight[g], _member(bias, g), each[g])
+                            for g in range(len(x))])
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], x.shape[1], *self.shape)
+    def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
+                             accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
+        each = _each(accumulator)
+        grads = [self.op.backward_accumulated(dy[g], x[g], weight[g], need_data, need_weight, each[g])
+                 for g in range(len(x))]
+        return _stack_grads(grads, need_data, need_weight)
 
 
-def _members(quant: TensorQuant, generators: MemberGenerators) -> Quantizer | None:
+def _member(tensor: Tensor | None, g: int) -> Tensor | None:
+    return None if tensor is None else tensor[g]
+
+
+def _stack_grads(grads: list[tuple[Tensor | None, Tensor | None]], need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    dx = torch.stack([dx for dx, _ in grads if dx is not None]) if need_data else None
+    dw = torch.stack([dw for _, dw in grads if dw is not None]) if need_weight else None
+    return dx, dw
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberAccumulators(Accumulator):
+    """The members' accumulators: `quantize` rounds a stacked tensor per member (leading member
+    axis); `each[g]` is member g's own, for GEMMs run member by member."""
+
+    each: tuple[Accumulator, ...] = ()
+
+
+def _each(accumulator: Accumulator) -> tuple[Accumulator, ...]:
+    assert isinstance(accumulator, MemberAccumulators)
+    return accumulator.each
+
+
+def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | None) -> Accumulator | None:
+    """The members' accumulator of one GEMM layer (None: torch's fp32 sums)."""
+    if not quant.enabled:
+        return None
+    members = [] if generators is None else generators.generators
+    each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
+    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each)
+
+
+
+def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantizer | None:
     if not quant.enabled:
         return None
     return lambda x: quant.members(x, generators)
 
 
-def stack_models(models: Sequence[nn.Module], policy: QuantPolicy, switch: QuantSwitch,
-                 generators: MemberGenerators) -> nn.Sequential:
+def _stacked_parameter(tensors: Sequence[Tensor | nn.Module | None]) -> nn.Parameter | None:
+    """The members' tensors stacked along a new leading member axis (None where the layer has none)."""
+    parts = [t.detach() for t in tensors if isinstance(t, Tensor)]
+    return nn.Parameter(torch.stack(parts)) if parts else None
+
+
+class StackedGemmLayer(nn.Module):
+    """G GEMM layers of one shape (Linear, Conv1d, Conv2d): weight (G, ...), bias (G, out) or None;
+    inputs folded (G*B, ...). `gemm_quant` None keeps the layer in fp32, as does a switched-off
+    `QuantSwitch`: then it computes what each member's plain layer computes (a Linear: the same
+    batched GEMMs with no quantizers, `_FP32_GEMM`; a convolution: each member's own)."""
+
+    def __init__(self, layers: Sequence[nn.Module], members: int, gemm_quant: LayerQuant | None,
+                 op: StackedLinearOp | PerMemberOp,
+                 prepad: tuple[tuple[int, ...], str] | None = None) -> None:
+        super().__init__()
+        self.members = members
+        weight = _stacked_parameter([layer.weight for layer in layers])
+        assert weight is not None
+        self.weight = weight
+        self.bias = _stacked_parameter([layer.bias for layer in layers])
+        self.gemm_quant = gemm_quant
+        self.op = op
+        self.prepad = prepad
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.prepad is not None:
+            widths, mode = self.prepad
+            x = F.pad(x, widths, mode=mode)
+        x = _split(x, self.members)
+        quant = self.gemm_quant
+        if quant is not None and quant.switch.enabled:
+            return _fold(QuantGemm.apply(x, self.weight, self.bias, quant))
+        if isinstance(self.op, StackedLinearOp):
+            return _fold(QuantGemm.apply(x, self.weight, self.bias, _FP32_GEMM))
+        return torch.cat([self.op.op.forward(x[g], self.weight[g], _member(self.bias, g))
+                          for g in range(self.members)])
+
+
+class StackedMatmul(nn.Module):
+    """`a @ b` for folded operands, each member's operands quantized as its own activations."""
+
+    def __init__(self, members: int, gemm_quant: LayerQuant | None) -> None:
+        super().__init__()
+        self.members = members
+        self.gemm_quant = gemm_quant
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        quant = self.gemm_quant
+        if quant is None or not quant.switch.enabled:
+            return a @ b
+        return _fold(quant_matmul(_split(a, self.members), _split(b, self.members), quant))
+
+
+class PerMemberLayer(nn.Module):
+    """A layer with weights or buffers of its own and no layers inside, run member by member: each
+    member's slice of the folded batch through the layer with that member's own weights and buffers
+    (stacked along a leading member axis; buffers a layer updates in place, as BatchNorm's running
+    statistics, are updated in the member's slice)."""
+
+    def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
+        super().__init__()
+        self.members = members
+        template = layers[0]
+        self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
+        for name in template._parameters:
+            self.register_parameter(name, _stacked_parameter([layer._parameters[name] for layer in layers]))
+        for name, b in template._buffers.items():
+            parts = [layer._buffers[name] for layer in layers]
+            stacked = None if b is None else torch.stack([t for t in parts if t is not None])
+            self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        template: nn.Module = self.__dict__["template"]
+        template.training = self.training
+        own = {**{n: p for n, p in self._parameters.items() if p is not None},
+               **{n: b for n, b in self._buffers.items() if b is not None}}
+        slices = {name: tensor.unbind(0) for name, tensor in own.items()}
+        split = [_split(x, self.members).unbind(0) for x in inputs]
+        saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in own}
+        outputs = []
+        try:
+            for g in range(self.members):
+                for name, parts in slices.items():
+                    table = template._parameters if name in template._parameters else template._buffers
+                    table[name] = parts[g]  # type: ignore[assignment]
+                outputs.append(template(*(x[g] for x in split)))
+        finally:
+            for name, tensor in saved.items():
+                table = template._parameters if name in template._parameters else template._buffers
+                table[name] = tensor  # type: ignore[assignment]
+        return torch.cat(outputs)
+
+
+# --- building the stacked network -----------------------------------------------------------------
+
+
+def _conv_op(module: nn.Conv1d | nn.Conv2d) -> PerMemberOp:
+    padding, _ = conv_geometry(module)
+    return PerMemberOp(ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups))
+
+
+def _gemm_quant(op: StackedLinearOp | PerMemberOp | None, policy: QuantPolicy, switch: QuantSwitch,
+                generators: MemberGenerators | None) -> LayerQuant | None:
+    """The members' quantizers of one GEMM layer (None: it stays fp32), as `gemm_quant` builds each
+    member's alone (op None: a Matmul, whose operands are both activations)."""
+    if not policy.quantizes_gemms:
+        return None
+    quants = [policy.activations, policy.weights, policy.gradients, policy.weight_grads]
+    if isinstance(op, PerMemberOp):
+        quants = [_on_axis(q, 1) for q in quants]
+    activations, weights, gradients, weight_grads = (_members(q, generators) for q in quants)
+    accumulator = _accumulator(policy.accumulation, policy.accumulation_chunk, generators)
+    if op is None:
+        return LayerQuant(None, activations, None, gradients, None, switch, accumulator)
+    master = policy.master_weights if policy.master_weights.enabled else None
+    return LayerQuant(op, activations, weights, gradients, weight_grads, switch, accumulator, master)
+
+
+def _stacked_layer(name: str, layers: list[nn.Module], policies: dict[str, QuantPolicy] | None,
+                   switch: QuantSwitch, generators: MemberGenerators | None) -> nn.Module:
+    first = layers[0]
+    members = len(layers)
+    op: StackedLinearOp | PerMemberOp | None = None
+    if isinstance(first, nn.Linear):
+        op = _STACKED_LINEAR
+    elif isinstance(first, nn.Conv1d | nn.Conv2d):
+        op = _conv_op(first)
+    quant = None if policies is None else _gemm_quant(op, policies[name], switch, generators)
+    if op is None:
+        return StackedMatmul(members, quant)
+    prepad = conv_geometry(first)[1] if isinstance(op, PerMemberOp) else None
+    return StackedGemmLayer(layers, members, quant, op, prepad)
+
+
+def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch: QuantSwitch,
+                 generators: MemberGenerators | None) -> StackedModel:
     """One stacked network from G networks of one architecture (each member's own initial weights),
-    quantized as `quantize_model` quantizes each of them under `policy` (full-precision layers
-    included), with each member's stochastic rounding drawn from its own generator."""
+    quantized as `quantize_model` quantizes each of them under `policy` (None: fp32), full-precision
+    layers included, with each member's stochastic rounding drawn from its own generator."""
     first = models[0]
-    reason = stack_reason(first, policy)
+    reason = structure_reason(first)
     if reason is not None:
         raise ValueError(f"cannot stack this model: {reason}")
-    chains = [model for model in models if isinstance(model, nn.Sequential)]
-    assert len(chains) == len(models)  # stack_reason: one architecture, an nn.Sequential
-    policies = layer_policies(first, policy)
-    stages: list[nn.Module] = []
-    for index, module in enumerate(chains[0]):
-        if isinstance(module, nn.Linear):
-            quant = None
-            own = policies[id(module)]
-            if own.quantizes_gemms:
-                accumulate = _members(own.accumulation, generators)
-                accumulator = None if accumulate is None else Accumulator(accumulate, own.accumulation_chunk)
-                quant = LayerQuant(_STACKED_LINEAR, activations=_members(own.activations, generators),
-                                   weights=_members(own.weights, generators),
-                                   gradients=_members(own.gradients, generators),
-                                   weight_grads=_members(own.weight_grads, generators), switch=switch,
-                                   accumulator=accumulator,
-                                   master_weights=own.master_weights if own.master_weights.enabled else None)
-            linears = [layer for chain in chains if isinstance(layer := chain[index], nn.Linear)]
-            stages.append(StackedLinear(linears, quant))
-        elif isinstance(module, nn.ReLU):
-            stages.append(nn.ReLU())
-        elif isinstance(module, nn.Flatten):
-            stages.append(StackedReshape((-1,)))
-        else:
-            stages.append(StackedReshape(tuple(vars(module)["shape"])))  # a _Reshape's plain attribute
-    return nn.Sequential(*stages)
+    policies = None if policy is None else layer_policies(first, policy)
+    net = copy.deepcopy(first)
+    by_name = [dict(model.named_modules(remove_duplicate=False)) for model in models]
+    stacked: dict[int, nn.Module] = {}  # by the copy's module: a layer applied twice stays one layer
+    places: list[tuple[str, nn.Module]] = []
+    for name, module in net.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        if id(module) not in stacked:
+            layers = [modules[name] for modules in by_name]
+            if type(module) in GEMM_LAYER_TYPES:
+                stacked[id(module)] = _stacked_layer(name, layers, policies, switch, generators)
+            elif _own_tensors(module):
+                stacked[id(module)] = PerMemberLayer(layers, len(models))
+        if id(module) in stacked:
+            places.append((name, stacked[id(module)]))
+    for name, layer in places:
+        parent_name, _, attribute = name.rpartition(".")
+        net.get_submodule(parent_name)._modules[attribute] = layer
+    replaced = bool(places)
+    if not replaced and _own_tensors(net):  # the model itself is one leaf layer
+        net = PerMemberLayer(list(models), len(models))
+    return StackedModel(net, len(models))
 
 
-def stored_weights(model: nn.Sequential) -> list[tuple[Tensor, TensorQuant]]:
+class StackedModel(nn.Module):
+    """The stacked network: inputs (G, B, ...) in, outputs (G, B, ...) out, the batch folded inside."""
+
+    def __init__(self, net: nn.Module, members: int) -> None:
+        super().__init__()
+        self.net = net
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(_fold(x))
+        return _split(out, self.members)
+
+
+def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
     """The stacked weights that live in a format between steps, with it, in layer order (what
     `dse.train.layers.stored_weights` gives for each member alone)."""
-    return [(m.weight, m.gemm_quant.master_weights) for m in model if isinstance(m, StackedLinear)
-            and m.gemm_quant is not None and m.gemm_quant.master_weights is not None]
+    return [(m.weight, m.gemm_quant.master_weights) for m in model.modules()
+            if isinstance(m, StackedGemmLayer) and m.gemm_quant is not None
+            and m.gemm_quant.master_weights is not None]
+

@@ -580,3 +580,24 @@ def test_input_that_autograd_records_gets_the_same_values(spec: str) -> None:
     x = torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 100
     recorded = fmt.quantize(x.clone().requires_grad_())
     assert recorded.requires_grad and torch.equal(recorded.detach(), fmt.quantize(x))
+
+
+@pytest.mark.parametrize("spec", ["fp16(scale=tensor,pow2=1)", "fp8_e5m2(scale=tensor,pow2=1)",
+                                  "fp8_e4m3(scale=tensor,pow2=1)"])
+def test_tensor_scaled_rounding_is_the_same_with_denormals_flushed(spec: str) -> None:
+    """Training flushes float32 denormals (torch.set_flush_denormal): a fused kernel whose constants
+    fall below float32's normals would then multiply by zero. Over every power-of-two scale the
+    format reaches, the result must not depend on the flush."""
+    fmt = get(spec)
+    base = torch.linspace(-1.0, 1.0, 101)
+    previous = torch.set_flush_denormal(False)
+    try:
+        for exponent in range(-40, 41):
+            x = base * 2.0**exponent
+            reference = fmt.quantize(x, "nearest")
+            torch.set_flush_denormal(True)
+            flushed = fmt.quantize(x, "nearest")
+            torch.set_flush_denormal(False)
+            assert torch.equal(flushed, reference), f"max|x| = 2^{exponent}"
+    finally:
+        torch.set_flush_denormal(previous)

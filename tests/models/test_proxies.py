@@ -185,7 +185,7 @@ def test_trace_matches_hand_written_workload(model_name: str, data_name: str, wo
         # Same embeddings; the traced workload also lists the LayerNorms (2 per layer + final, 2 x 64 each),
         # which the hand-written sort-transformer leaves out.
         assert traced.extra_params["embedding.weight"] == hand.extra_params["embedding"]
-        assert traced.extra_params["position"] == hand.extra_params["position"]
+        assert traced.extra_params["position.weight"] == hand.extra_params["position"]
         assert traced.params - hand.params == 5 * 2 * 64
     else:
         assert traced.params == hand.params

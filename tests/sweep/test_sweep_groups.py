@@ -107,12 +107,43 @@ def test_group_size_one_turns_grouping_off_and_unstackable_models_say_so(tmp_pat
     off = Recording()
     _sweep(_text(tmp_path / "off", seeds="[0, 1]", executor="{group_size: 1}"), off)
     assert all(len(job) == 1 for job in off.jobs) and len(off.jobs) == 8
-    cnn = Recording()
-    text = _text(tmp_path / "cnn", seeds="[0, 1]", model="cnn")
-    text = text.replace("epochs: 1", "epochs: 1, batch_size: 512")
-    summary = _sweep(text, cnn)
-    assert all(len(job) == 1 for job in cnn.jobs) and len(summary.notes) == 2
-    assert all("one by one" in note and "Conv2d" in note for note in summary.notes)
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef dropout(shape, classes):\n"
+                                     "    return nn.Sequential(nn.Linear(shape[0], 16), nn.Dropout(0.5), "
+                                     "nn.Linear(16, classes))\n")
+    dropout = Recording()
+    text = _text(tmp_path / "dropout", seeds="[0, 1]", model=f"{tmp_path / 'net.py'}:dropout")
+    summary = _sweep(text, dropout)
+    assert all(len(job) == 1 for job in dropout.jobs) and len(summary.notes) == 2
+    assert all("one by one" in note and "random numbers" in note for note in summary.notes)
+
+
+def test_a_group_that_would_not_fit_the_device_is_split_and_the_split_is_stated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dse.train.grouped as grouped
+    from dse.train.memory import MEMORY_FRACTION
+
+    measure = grouped.group_memory
+
+    def cramped(config: Any, model: Any, example: Any) -> tuple[int, int]:  # room for two members
+        trial, _ = measure(config, model, example)
+        return trial, int(2.5 * trial / MEMORY_FRACTION)
+
+    monkeypatch.setattr(grouped, "group_memory", cramped)
+    monkeypatch.setattr("dse.sweep.groups.group_memory", cramped)
+    recording = Recording()
+    summary = _sweep(_text(tmp_path / "split", executor="{group_size: 4}"), recording)
+    assert sorted(len(job) for job in recording.jobs) == [2, 2, 2, 2, 2, 2]
+    assert len(summary.notes) == 2 and all("groups of 4 split into groups of 2 to fit cpu" in note
+                                           for note in summary.notes)
+    with sqlite3.connect(tmp_path / "split" / STORE_FILE) as connection:
+        stored = connection.execute("SELECT value FROM meta WHERE key = 'group_notes'").fetchone()[0]
+    assert json.loads(stored) == summary.notes
+    assert _results(tmp_path / "split") == _results(_sweep_alone(tmp_path))
+
+
+def _sweep_alone(tmp_path: Path) -> Path:
+    _sweep(_text(tmp_path / "alone", executor="{group_size: 1}"))
+    return tmp_path / "alone"
 
 
 def test_group_size_on_the_command_line_and_its_bad_values(tmp_path: Path) -> None:

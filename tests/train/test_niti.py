@@ -563,7 +563,7 @@ def test_transformer_runs_with_integer_layers() -> None:
     setup = niti_setup(model, config, torch.Generator().manual_seed(0))
     assert isinstance(model.embedding, NitiEmbedding) and isinstance(model.head, NitiLinear)
     assert sum(isinstance(m, NitiMatmul) for m in model.modules()) == 2
-    assert not model.ln_f.weight.requires_grad and not model.position.requires_grad
+    assert not model.ln_f.weight.requires_grad and not model.position.weight.requires_grad
     before = model.embedding.weight.detach().clone()
     tokens = torch.randint(0, 12, (8, 6), generator=torch.Generator().manual_seed(1))
     for _ in range(3):

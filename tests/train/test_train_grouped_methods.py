@@ -145,3 +145,16 @@ def test_member_decisions_are_each_members_own(members: int, magnitudes: list[in
         alone_acc, alone_shift = act_calc(acc[g])
         assert shifts[g] == alone_shift and torch.equal(m_acc[g], alone_acc)
         assert torch.equal(update[g], grad_calc(acc[g].to(torch.int64), mus[g]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fields", [
+    {"format": "int8", "optimizer": "niti"},
+    {"format": "int8", "optimizer": "niti", "model": "cnn", "dataset": "mnist1d", "batch_size": 100},
+    {"format": "fp8_e4m3", "accumulation": "fp16"},
+], ids=["niti-mlp", "niti-cnn", "accumulation"])
+def test_grouped_members_equal_alone_runs_on_cuda(fields: dict[str, Any]) -> None:
+    """NITI's integer sums are exact on any kernel; an accumulating chunk is a float GEMM, which a
+    batched cuBLAS call may sum in another order than a single one: this says whether it does."""
+    base = BASE.replace(device="cuda", **fields)
+    _same_as_alone([base.replace(seed=0), base.replace(seed=1)], load_dataset(base.dataset))

@@ -1,0 +1,116 @@
+"""How much memory one trial's training takes, and how many members of a group fit a device.
+
+A stacked group (dse/train/stacked.py) holds G copies of everything that is a trial's own: weights,
+their gradients, the quantized weights saved for the backward pass, optimizer state, and the
+activations of the folded batch. The data and the code are shared: a group of G takes G times one
+trial's training memory plus a constant. `trial_memory_bytes` estimates that per-trial memory from
+one forward of two samples (the bytes of the tensors autograd saves for the backward pass and the
+largest layer input plus output, per sample), scaled to the training batch and to the evaluation
+chunk; `members_that_fit` says how many members a device holds, so that grouped training (and the
+sweep, when it plans its groups) can split a group that would not fit, and say so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+OPTIMIZER_STATE_COPIES: dict[str, int] = {
+    "sgd": 1, "adam": 2, "adamw": 2, "madam": 1, "lns-madam": 2, "niti": 1,
+}
+"""Weight-sized tensors each optimizer keeps per weight (SGD's momentum buffer, Adam's two moments,
+Madam's second moment, LNS-Madam's second moment and log codes, NITI's int32 accumulator)."""
+WEIGHT_COPIES = 3
+"""The weights, their gradients and the quantized weights saved for the backward pass."""
+BACKWARD_FACTOR = 2
+"""The backward pass holds the saved activations and, at its peak, about as much again in the
+gradients of the activations it is working through (and the quantizers' temporaries)."""
+MEMORY_FRACTION = 0.8
+"""The share of a device's available memory that one group may plan to fill."""
+
+
+def _distinct_bytes(tensors: list[Tensor]) -> int:
+    """The bytes of the tensors, a tensor saved twice (the same data and size) counted once."""
+    return sum({(t.data_ptr(), t.nbytes): t.nbytes for t in tensors}.values())
+
+
+def activation_bytes_per_sample(model: nn.Module, example: Tensor) -> tuple[float, float]:
+    """(bytes autograd saves for the backward pass, largest layer input + output) per sample, from
+    one training-mode forward of `example` (model state, buffers and random generators left as they
+    were; the model's own weights are not counted)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: list[Tensor] = []
+    largest = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved.append(t)
+        return t
+
+    def measure(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        tensors = [t for t in (*inputs, output) if isinstance(t, Tensor)]
+        largest[0] = max(largest[0], sum(t.nbytes for t in tensors))
+
+    hooks = [m.register_forward_hook(measure) for m in model.modules() if not any(True for _ in m.children())]
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[example.device] if example.is_cuda else []), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            model.train()
+            model(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    samples = max(len(example), 1)
+    return _distinct_bytes(saved) / samples, largest[0] / samples
+
+
+def trial_memory_bytes(model: nn.Module, example: Tensor, batch_size: int, optimizer: str,
+                       eval_batch: int) -> int:
+    """One trial's training memory (an estimate that errs high): its weights, gradients, quantized
+    weight copies and optimizer state, plus the larger of a training batch's activations through
+    the backward pass and an evaluation chunk's largest layer."""
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    copies = WEIGHT_COPIES + OPTIMIZER_STATE_COPIES.get(optimizer, 2)
+    saved, largest = activation_bytes_per_sample(model, example)
+    activations = max(BACKWARD_FACTOR * saved * batch_size, largest * eval_batch)
+    return math.ceil(weight_bytes * copies + activations)
+
+
+def available_memory_bytes(device: str) -> int:
+    """Memory free for a new group on `device`: CUDA's free memory, or the host's available memory
+    (MemAvailable in /proc/meminfo where there is one, else free pages)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def members_that_fit(trial_bytes: int, available_bytes: int) -> int:
+    """How many members one group may have on a device with `available_bytes` free (at least 1: a
+    trial that does not fit alone runs alone, as it would ungrouped)."""
+    return max(1, int(available_bytes * MEMORY_FRACTION) // max(trial_bytes, 1))
+
+
+def describe_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"

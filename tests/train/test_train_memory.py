@@ -1,0 +1,80 @@
+"""Memory of grouped training (dse/train/memory.py): a group of G takes at most G times one trial's
+training memory plus a constant, the estimate of one trial's memory is not below what it takes, and
+a group that would not fit its device trains split, says so, and gives every member the same result."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dse.data import load_dataset
+from dse.models.proxies import build_model
+from dse.train import TrainConfig, train
+from dse.train.grouped import GroupSplitWarning, group_memory, train_group
+from dse.train.memory import MEMORY_FRACTION, describe_bytes, members_that_fit
+
+MiB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _subset(name: str, train: int = 192) -> Any:
+    data = load_dataset(name)
+    return dataclasses.replace(data, x_train=data.x_train[:train], y_train=data.y_train[:train],
+                               x_val=data.x_val[:100], y_val=data.y_val[:100], x_test=data.x_test[:100],
+                               y_test=data.y_test[:100])
+
+
+def _peak_bytes(run: Callable[[], object]) -> int:
+    """The most CPU memory torch held at once while `run` ran (the profiler's allocations and frees,
+    op by op, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+    held = peak = 0
+    events = [e for e in profiler.events() if e.self_cpu_memory_usage]
+    for event in sorted(events, key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("model, dataset", [("resnet", "mnist1d")])  # conv, BatchNorm, pooling, Linear
+def test_a_group_takes_at_most_g_times_one_trials_memory_plus_a_constant(model: str, dataset: str) -> None:
+    data = _subset(dataset, train=64)
+    config = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64, format="int8",
+                         optimizer="adam")
+    alone = _peak_bytes(lambda: train(config, data))
+    group = _peak_bytes(lambda: train_group([config.replace(seed=seed) for seed in range(4)], data))
+    assert 3 * alone < group <= 4 * alone + 1 * MiB
+    estimate, _ = group_memory(config, build_model(model, data), data.x_train[:2])
+    assert alone <= estimate  # splitting by the estimate never overfills a device
+
+
+def test_a_group_that_would_not_fit_trains_split_says_so_and_gives_the_same_results() -> None:
+    data = _subset("digits")
+    base = TrainConfig(model="cnn", dataset="digits", epochs=1, batch_size=64, format="int8")
+    configs = [base.replace(seed=seed) for seed in range(3)]
+    trial, _ = group_memory(base, build_model("cnn", data), data.x_train[:2])
+    room = int(2.5 * trial / MEMORY_FRACTION)  # two members fit, three do not
+    assert members_that_fit(trial, room) == 2
+    with pytest.warns(GroupSplitWarning, match="groups of 3 split into groups of 2 to fit cpu"):
+        split = train_group(configs, data, available_bytes=room)
+    whole = train_group(configs, data)
+    alone = [train(config, data) for config in configs]
+    for parts in zip(split, whole, alone, strict=True):
+        texts = {repr({**r.to_dict(), "wall_time_s": 0}) for r in parts}
+        assert len(texts) == 1
+    assert members_that_fit(10 * trial, room) == 1  # too large even alone: trained alone, as ungrouped
+
+
+def test_memory_is_described_in_binary_units() -> None:
+    assert [describe_bytes(n) for n in (512, 1536, 5 * MiB, 3 * 2**30)] == ["512 B", "1.5 KiB", "5.0 MiB",
+                                                                           "3.0 GiB"]
