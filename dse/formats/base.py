@@ -12,23 +12,22 @@ rounding modes, for every family.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
 import re
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
 
 from dse.errors import InputError
+from dse.formats.fast.slices import whole_tensors
 
 Rounding = Literal["nearest", "stochastic", "pseudo_stochastic", "toward_zero"]
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic", "pseudo_stochastic", "toward_zero")
@@ -48,48 +47,6 @@ FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 # of the generator): the chance of rounding up is exactly the discarded fraction whenever that
 # fraction has at most this many bits.
 STOCHASTIC_DRAW_BITS = 31
-
-
-# Elementwise rounding on the CPU runs over slices of this many elements per torch thread: each
-# slice's passes then stay in cache, and no fresh full-size temporaries are page-faulted in.
-CPU_SLICE_ELEMENTS_PER_THREAD = 1 << 17
-
-
-_WHOLE_TENSORS = contextvars.ContextVar("dse_whole_tensors", default=False)
-"""Set while `quantize_members` rounds stochastically with `MemberGenerators`: slices would cut across
-members' draws."""
-
-
-def cpu_chunk_elements(x: Tensor) -> int:
-    """Elements per slice for x: cache-sized per thread on the CPU, the whole tensor elsewhere."""
-    if x.device.type != "cpu" or _WHOLE_TENSORS.get():
-        return max(x.numel(), 1)
-    return CPU_SLICE_ELEMENTS_PER_THREAD * torch.get_num_threads()
-
-
-def for_slices(x: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], None]) -> None:
-    """round_slice(part, out_part) over aligned slices of x and out (contiguous, one shape), 1-d and
-    `cpu_chunk_elements` long (the last one shorter); one call with x and out as they are where they
-    fit in one slice (no views: each costs as much as a small operation)."""
-    chunk = cpu_chunk_elements(x)
-    if x.numel() <= chunk:
-        round_slice(x, out)
-        return
-    flat, flat_out = x.view(-1), out.view(-1)
-    for start in range(0, flat.numel(), chunk):
-        round_slice(flat[start:start + chunk], flat_out[start:start + chunk])
-
-
-def slice_scratch(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Spare space for one slice of `for_slices` over x: x's shape where x is one slice, else one slice."""
-    chunk = cpu_chunk_elements(x)
-    return torch.empty(x.shape if x.numel() <= chunk else (chunk,), dtype=dtype, device=x.device)
-
-
-def fitted(scratch: Tensor, part: Tensor) -> Tensor:
-    """`slice_scratch` space for `part`: all of it, or its start for a shorter last slice."""
-    size = part.numel()
-    return scratch if size == scratch.numel() else scratch[:size]
 
 
 @functools.cache
@@ -201,15 +158,35 @@ class MemberGenerators:
         return torch.cat(parts).view(tuple(shape))
 
 
-@contextlib.contextmanager
-def whole_tensors(active: bool = True) -> Iterator[None]:
-    """Round tensors whole (no cache-sized slices) inside the block, when `active`."""
-    token = _WHOLE_TENSORS.set(True) if active else None
-    try:
-        yield
-    finally:
-        if token is not None:
-            _WHOLE_TENSORS.reset(token)
+@dataclass(frozen=True)
+class BinaryLayout:
+    """Bit layout of a torch float dtype, for building powers of two from exponent fields."""
+
+    int_dtype: torch.dtype
+    man_bits: int
+    bias: int
+
+    @property
+    def exponent_mask(self) -> int:
+        return (2 * self.bias + 1) << self.man_bits
+
+    @property
+    def min_normal_exponent(self) -> int:
+        return 1 - self.bias
+
+    @property
+    def max_exponent(self) -> int:
+        return self.bias
+
+    def exponent_field(self, exponent: int) -> int:
+        return (exponent + self.bias) << self.man_bits
+
+
+FLOAT_LAYOUTS: dict[torch.dtype, BinaryLayout] = {
+    torch.float32: BinaryLayout(torch.int32, 23, 127),
+    torch.float64: BinaryLayout(torch.int64, 52, 1023),
+}
+
 
 
 def _mantissa_digits(dtype: torch.dtype) -> int:
@@ -436,7 +413,9 @@ def host_abs_max(x: Tensor) -> float:
 def _with_axis(fmt: NumberFormat, axis: int) -> NumberFormat:
     """fmt with its scaling along `axis`: one object per (format, axis), so that what a format caches
     on itself (grids, constants) is built once, not on every call."""
-    return dataclasses.replace(fmt, scaling=dataclasses.replace(fmt.scaling, axis=axis))
+    scaling = dataclasses.replace(fmt.scaling, axis=axis)
+    # (families are dataclasses)
+    return cast(NumberFormat, dataclasses.replace(cast(Any, fmt), scaling=scaling))
 
 
 class NumberFormat(ABC):
@@ -447,8 +426,10 @@ class NumberFormat(ABC):
     """
 
     family: ClassVar[str]
-    bits: int
     scaling: Scaling
+    if TYPE_CHECKING:  # a field of some families, computed by others
+        @property
+        def bits(self) -> int: ...
 
     # --- implemented by each family -------------------------------------------------------------
     @property
@@ -479,6 +460,11 @@ class NumberFormat(ABC):
         """Smallest positive value of the element grid (subnormals included)."""
 
     # --- shared --------------------------------------------------------------------------------
+    @cached_property
+    def fast_cache(self) -> dict[str, dict[Any, Any]]:  # (each fast path keys its own memo)
+        """Per-format memo of the fast paths (dse.formats.fast): plans, kernels, constants, decided once."""
+        return {}
+
     @property
     def dynamic_range_decades(self) -> float:
         return math.log10(self.max / self.min_positive)
@@ -524,7 +510,7 @@ class NumberFormat(ABC):
         if kind == "none":
             out = self.round_unscaled(work, rounding, generator)
         elif kind == "tensor":
-            out = self._quantize_per_tensor(work, rounding, generator)
+            out = self.quantize_per_tensor(work, rounding, generator)
         elif kind == "block":
             flat = work.reshape(1) if work.dim() == 0 else work  # a scalar is a block of one
             blocks, shape, pad = to_blocks(flat, self.scaling.axis, self.scaling.block_size)
@@ -550,13 +536,15 @@ class NumberFormat(ABC):
         kind, axis = self.scaling.kind, self.scaling.axis
         member_axis = axis + 1 if axis >= 0 else axis
         draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
+        # MemberGenerators stands in for a generator: every draw goes through `_draw`, which splits it.
+        source = cast("torch.Generator | None", generator)
         with whole_tensors(draws):  # slices would cut across members' draws
             if kind in ("none", "block"):
                 fmt = self if kind == "none" or x.dim() == 1 or member_axis == axis else _with_axis(
                     self, member_axis)
                 if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one
-                    return fmt.quantize(x.reshape(-1, 1), rounding, generator).reshape(x.shape)
-                return fmt.quantize(x, rounding, generator)
+                    return fmt.quantize(x.reshape(-1, 1), rounding, source).reshape(x.shape)
+                return fmt.quantize(x, rounding, source)
             if rounding not in ROUNDINGS:
                 check_rounding(rounding)
             work = x if x.dtype in FLOAT_DTYPES else x.float()
@@ -573,36 +561,26 @@ class NumberFormat(ABC):
                 low, high = rows.amin(2), rows.amax(2)
                 shape = [members] + [1] * (x.dim() - 1)
                 shape[member_axis] = x.shape[member_axis]
-            out = self.round_by_scale(work, torch.maximum(-low, high).reshape(shape), rounding, generator)
+            out = self.round_by_scale(work, torch.maximum(-low, high).reshape(shape), rounding, source)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def _quantize_per_tensor(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        """round(x / scale) * scale with one scale for the tensor (x float32 or float64).
+    def quantize_per_tensor(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """round(x / scale) * scale with one scale for the tensor (x float32 or float64): on the CPU
+        with the scale taken on the host (`fast.scales`), else `round_by_scale`."""
+        fast = fast_scales.quantize_per_tensor(self, x, rounding, generator)
+        if fast is not None:
+            return fast
+        return self.round_by_scale(x, abs_max(x, None), rounding, generator)
 
-        On the CPU the scale is taken on the host (`host_tensor_scale`): reading max|x| back costs
-        less there than the scalar tensor operations of `scale_from_amax` (five, and about twenty
-        for a power of two), and it comes back
-        as a 0-dim tensor of x's dtype holding the same value (the CPU divides by it exactly).
-        Other devices keep the scale on the device.
-        """
-        if x.device.type == "cpu":
-            scale = self.host_tensor_scale(x)
-            if scale == 1.0:  # x / 1 and y * 1 are exact: skip both
-                return self.round_unscaled(x, rounding, generator)
-            if x.dtype == torch.float32 and scale < FLOAT32_MIN_NORMAL:
-                return self.round_by_float32_scale_values(x, constant(scale, torch.float64, x.device),
-                                                          rounding, generator)
-            fused = self._round_scaled_on_host(x, scale, rounding) if self.scaling.pow2 else None
-            if fused is not None:
-                return fused
-            scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
-        else:
-            scale_t = self.scale_from_amax(abs_max(x, None))
-        return self._round_scaled(x, scale_t, rounding, generator)
-
-    def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
-        """round_unscaled(x / scale) * scale for a power-of-two scale, fused where a family can; else None."""
+    def round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
+        """round_unscaled(x / scale) * scale for a power-of-two scale known on the host, fused where
+        a family's fast path can; None otherwise."""
         return None
+
+    def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None
+                     ) -> Tensor:
+        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family's fast path may fuse it."""
+        return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
 
     def round_by_scale(self, x: Tensor, amax: Tensor, rounding: str, generator: torch.Generator | None
                        ) -> Tensor:
@@ -633,7 +611,7 @@ class NumberFormat(ABC):
     @cached_property
     def _subnormal_scale_amax(self) -> float:
         """A bound under which max|x| may give a float32 scale below float32's normals (0 excluded)."""
-        return self._max_float32 * FLOAT32_MIN_NORMAL * 2
+        return self.max_float32 * FLOAT32_MIN_NORMAL * 2
 
     def divisor_from_amax(self, amax: Tensor) -> Tensor:
         """scale_from_amax, with 1 wherever max|x| is 0 (0 / s * s is 0 for every s; 1 is a normal
@@ -645,7 +623,7 @@ class NumberFormat(ABC):
         in float64 so that they come out whether or not the CPU flushes float32 denormals."""
         amax = amax.double()  # a flushed input max|x| reads as 0 here, as it does in float32
         usable = (amax > 0) & (amax < math.inf)
-        grid_max = self._max_float32
+        grid_max = self.max_float32
         if self.scaling.pow2:
             ratio = float32_values(torch.where(usable, amax, 1.0) / grid_max)
             scale = float32_values(power_of_two(pow2_ceil_exponent(ratio).clamp(-1074, 1023)))
@@ -654,37 +632,8 @@ class NumberFormat(ABC):
             usable &= scale > 0
         return torch.where(usable, scale, 1.0)
 
-    def _round_scaled(self, x: Tensor, scale: Tensor, rounding: str,
-                      generator: torch.Generator | None) -> Tensor:
-        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family may do it in one go."""
-        return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
-
-    def host_tensor_scale(self, x: Tensor) -> float:
-        """`scale_from_amax(max|x|)` for the whole of x (float32 or float64), as a Python float.
-
-        The same value bit for bit: the float32 division max|x| / max is the float64 quotient
-        rounded to float32 (float64 carries more than twice float32's digits, so that double
-        rounding is exact), and the power of two comes from the same frexp.
-        """
-        amax = host_abs_max(x)
-        if not 0.0 < amax < math.inf:  # zero, inf or NaN
-            return 1.0
-        if x.dtype == torch.float32:
-            ratio = round_to_float32(amax / self._max_float32)
-        else:
-            ratio = amax / self.max
-        if not self.scaling.pow2:
-            return ratio if ratio > 0.0 else 1.0  # as scale_from_amax: never a zero divisor
-        mantissa, exponent = math.frexp(ratio)
-        exponent -= mantissa == 0.5
-        # ratio >= the dtype's smallest subnormal (or 0: exponent 0), so 2^exponent is a value of
-        # the dtype unless it passes the top, where the cast gives inf.
-        if exponent > (127 if x.dtype == torch.float32 else 1023):
-            return math.inf
-        return math.ldexp(1.0, exponent)
-
     @cached_property
-    def _max_float32(self) -> float:
+    def max_float32(self) -> float:
         """The grid's max rounded to float32: the divisor of a float32 tensor's scale."""
         return round_to_float32(self.max)
 
@@ -698,7 +647,7 @@ class NumberFormat(ABC):
         one = constant(1.0, amax.dtype, amax.device)
         # A tensor divisor, not a Python float: CUDA divides by a host scalar through its reciprocal,
         # which is not correctly rounded, and the scale must not depend on the device.
-        grid_max = constant(self._max_float32 if amax.dtype == torch.float32 else self.max, amax.dtype,
+        grid_max = constant(self.max_float32 if amax.dtype == torch.float32 else self.max, amax.dtype,
                             amax.device)
         if self.scaling.pow2:
             safe = torch.where(usable, amax, one)
@@ -707,3 +656,6 @@ class NumberFormat(ABC):
             scale = amax / grid_max
             usable &= scale > 0  # amax / max below the dtype's smallest subnormal: a zero divisor
         return torch.where(usable, scale, one)
+
+
+from dse.formats.fast import scales as fast_scales  # noqa: E402  (it builds on this module)

@@ -26,7 +26,7 @@ MXINT8 elements are 8-bit two's complement with 6 fraction bits, kept symmetric 
 twice the scale, so quantize would not be idempotent. Code 0x80 is never produced.
 
 Nearest rounding of float32 (and float16/bfloat16) input with an E8M0 scale takes a fused path built
-from integer operations on the bit patterns (`BlockFormat._quantize_blocks_nearest`), equal bit for
+from integer operations on the bit patterns (`dse.formats.fast.block`), equal bit for
 bit to the scale-divide-round-multiply formula that every other case runs.
 
 `encode`/`decode`/`values`/`max` describe the element grid at unit scale, like every format;
@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -50,19 +50,16 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     constant,
-    cpu_chunk_elements,
     float_exponent,
     from_blocks,
     power_of_two,
     round_to_float32,
     to_blocks,
 )
-from dse.formats.fixed import FixedPoint
-from dse.formats.floating import FloatFormat, Kernel
+from dse.formats.floating import FloatFormat
 from dse.formats.p3109 import P3109Format
 from dse.formats.spec import Value, choice_arg, get, int_arg, register_alias, register_family
 
-_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}  # bit patterns of FLOAT_DTYPES
 SCALE_EXPONENT_LIMIT = 127  # E8M0: codes 0..254 are 2^-127..2^127
 SCALE_NAN_CODE = 255
 DEFAULT_SCALING = Scaling(kind="block", axis=-1, block_size=32)
@@ -88,30 +85,6 @@ ELEMENTS: dict[str, str] = {
     "fp4_e2m1": "fp4_e2m1",
     "int8": "fixed(8,6,symmetric=1)",
 }
-
-
-@dataclass(frozen=True)
-class _NearestPlan:
-    """Integer constants of the fused E8M0 nearest path (see `_quantize_blocks_nearest`)."""
-
-    limit_floor: int  # max * 2^E has the bits max(F << 23, limit_floor) + limit_offset
-    limit_offset: int
-    factor: float  # FP elements: C = 2^max(exponent(v), emin + E) * factor; 0 for MXINT8
-    floor_offset: int  # 2^(emin + E) has the bits max((F << 23) - floor_offset, 0)
-    magic_offset: int  # MXINT8: C = 1.5 * 2^(E - frac + 23) has the bits (F << 23) + magic_offset
-    lowest_field: int  # blocks with 0 < F < lowest_field or highest_field < F < 255 are redone
-    highest_field: int
-
-
-class _Constants(NamedTuple):
-    """_NearestPlan's offsets and the float32 bit masks, as 0-dim int32 tensors on one device."""
-
-    magnitude_mask: Tensor
-    exponent_mask: Tensor
-    sign_bit: Tensor
-    limit_offset: Tensor
-    floor_offset: Tensor
-    magic_offset: Tensor
 
 
 @dataclass(frozen=True)
@@ -162,8 +135,8 @@ class BlockFormat(NumberFormat):
         """The block scale's grid; None for E8M0 (powers of two by OCP's rule)."""
         if self.scale in SCALES:
             spec = SCALES[self.scale][0]
-            return None if spec is None else get(spec)  # type: ignore[return-value]
-        return get(self.scale)  # type: ignore[return-value]
+            return None if spec is None else get(spec)  # type: ignore[return-value]  # SCALES are fp grids
+        return get(self.scale)  # type: ignore[return-value]  # scale_name admits only fp grids
 
     @property
     def element_emax(self) -> int:
@@ -201,152 +174,20 @@ class BlockFormat(NumberFormat):
 
     def quantize(self, x: Tensor, rounding: str = "nearest",
                  generator: torch.Generator | None = None) -> Tensor:
-        """As NumberFormat.quantize; nearest rounding of float32 (or narrower) input takes the fused
-        block path (`_quantize_blocks_nearest`), which gives the same values bit for bit (not for
-        input that autograd records: its in-place passes would not be differentiable)."""
+        """As NumberFormat.quantize, with a scale grid by `quantize_by_scale_grid`; fast.block's fused
+        paths give the same values bit for bit."""
         if self.scaling.kind == "block" and self.scale_grid is not None:
-            return self._quantize_by_scale_grid(x, rounding, generator)
-        if (rounding != "nearest" or self.scaling.kind != "block" or self._nearest_plan is None
-                or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
-                or (x.requires_grad and torch.is_grad_enabled())):
-            return super().quantize(x, rounding, generator)
-        work = x.float().reshape(1) if x.dim() == 0 else x.float()
-        axis, size = self.axis % work.dim(), self.block_size
-        length = work.shape[axis]
-        if axis == work.dim() - 1 and length % size == 0:  # rows of whole blocks (Linear layers)
-            blocks = work.contiguous().view(-1, 1, size, 1)
-            out = torch.empty_like(blocks)
-            self._quantize_blocks_nearest(blocks, out)
-            return out.view(x.shape).to(x.dtype)
-        # (outer, length, inner): blocks run along the middle axis, where they lie, with no copy.
-        grid = work.contiguous().view(math.prod(work.shape[:axis]), length, -1)
-        out = torch.empty_like(grid)
-        full = length - length % size
-        # Whole blocks, then one shorter block at the end: padding it with zeros changes nothing.
-        for start, stop, width in ((0, full, size), (full, length, length - full)):
-            if stop == start:
-                continue
-            shape = (grid.shape[0], (stop - start) // width, width, grid.shape[2])
-            if stop - start == length:  # the whole axis: no slicing
-                self._quantize_blocks_nearest(grid.view(shape), out.view(shape))
-            else:
-                self._quantize_blocks_nearest(grid[:, start:stop].view(shape), out[:, start:stop].view(shape))
-        return out.view(x.shape).to(x.dtype)
+            return self.quantize_by_scale_grid(x, rounding, generator)
+        if self.scaling.kind == "block":
+            fast = fast_block.quantize_e8m0_nearest(self, x, rounding)
+            if fast is not None:
+                return fast
+        return super().quantize(x, rounding, generator)
 
-    def _quantize_blocks_nearest(self, blocks: Tensor, out: Tensor) -> None:
-        """Quantize float32 blocks (outer, n_blocks, width, inner) along dim 2 to nearest, into out:
-        one pass, slice by slice along dim 0.
-
-        Everything comes from bit patterns, with no division or log2. |v| is the pattern with the
-        sign cleared (kept in the output), and the block's max of it has the exponent field F, so
-        the E8M0 exponent is E = F - 127 - emax_elem, max * 2^E (the saturation bound; NaN when
-        F = 255, as max has a non-zero mantissa) is F's field plus a constant, and so is the
-        element grid's subnormal floor 2^(emin + E). The rounding runs in the input's units: the
-        grid step of v is 2^k with k = max(exponent(v), emin + E) - m, and adding then
-        subtracting C = 2^(23 + k) rounds |v| to it, ties to even (FloatFormat's magic rounding;
-        for MXINT8 the step is 2^(E - 6) for the whole block and C = 1.5 * 2^(23 + E - 6) rounds
-        the signed v, so that zero results are +0). Blocks for which a constant leaves float32's
-        normal range (max|v| non-zero and below 2^-97 (e5m2) to 2^-126 (int8), or at least
-        2^106 to 2^111) are redone with the reference formula, after a check that syncs.
-        """
-        plan = self._nearest_plan
-        constants = self._constants(blocks.device)
-        magnitude = out.view(torch.int32)
-        amax = torch.empty((*blocks.shape[:2], 1, blocks.shape[3]), dtype=torch.int32, device=blocks.device)
-        rows = max(cpu_chunk_elements(blocks) // math.prod(blocks.shape[1:]), 1)
-        scratch = torch.empty((min(rows, blocks.shape[0]), *blocks.shape[1:]), dtype=torch.int32,
-                              device=blocks.device)
-        if blocks.shape[0] <= rows:  # one slice: no slicing
-            self._round_rows_nearest(blocks, out, magnitude, amax, scratch, plan, constants)
-        else:
-            for start in range(0, blocks.shape[0], rows):
-                chunk = slice(start, start + rows)
-                self._round_rows_nearest(blocks[chunk], out[chunk], magnitude[chunk], amax[chunk],
-                                         scratch[: out[chunk].shape[0]], plan, constants)
-        # Blocks whose constants leave float32's normal range: 0 < F < lowest_field or
-        # highest_field < F < 255. The extremes of max|v| over the blocks rule them out at once.
-        low, high = torch.aminmax(amax)
-        if int(low) < plan.lowest_field << 23 or int(high) >= (plan.highest_field + 1) << 23:
-            exponent_field = amax >> 23
-            bad = ((exponent_field < plan.lowest_field) & (amax != 0)
-                   | (exponent_field > plan.highest_field) & (exponent_field < 255))
-            if bool(bad.any()):
-                amax_float = blocks.abs().amax(dim=2, keepdim=True)
-                reference = self.round_by_scale(blocks, amax_float, "nearest", None)
-                out.copy_(torch.where(bad, reference, out))
-
-    @staticmethod
-    def _round_rows_nearest(blocks: Tensor, part: Tensor, mag: Tensor, block_max: Tensor, scratch: Tensor,
-                            plan: _NearestPlan, constants: _Constants) -> None:
-        """One slice of `_quantize_blocks_nearest`: part (float32) and mag (its int32 view) get the
-        rounded blocks, block_max the max|v| bits of each block; scratch is int32 space of part's shape."""
-        torch.bitwise_and(blocks.view(torch.int32), constants.magnitude_mask, out=mag)
-        torch.amax(mag, dim=2, keepdim=True, out=block_max)
-        field = torch.bitwise_and(block_max, constants.exponent_mask)  # F << 23
-        limit = field.clamp_min(plan.limit_floor).add_(constants.limit_offset)
-        if plan.factor:  # FP elements
-            torch.bitwise_and(mag, constants.exponent_mask, out=scratch)
-            torch.maximum(scratch, field.sub_(constants.floor_offset).clamp_min_(0), out=scratch)
-            binade = scratch.view(torch.float32)  # 2^max(exponent(v), emin + E) = C / factor
-            part.add_(binade, alpha=plan.factor).sub_(binade, alpha=plan.factor)
-            torch.minimum(part, limit.view(torch.float32), out=part)
-            part.copysign_(blocks)  # v's sign (zero results are +0 until here)
-        else:  # MXINT8
-            magic = field.clamp_max_(plan.highest_field << 23).add_(constants.magic_offset)
-            magic = magic.view(torch.float32)
-            torch.add(blocks, magic, out=part).sub_(magic)
-            torch.minimum(part, limit.view(torch.float32), out=part)
-            torch.maximum(part, limit.bitwise_or_(constants.sign_bit).view(torch.float32), out=part)
-
-    @cached_property
-    def _constants_by_device(self) -> dict[torch.device, _Constants]:
-        return {}
-
-    def _constants(self, device: torch.device) -> _Constants:
-        """The fused paths' integer constants as 0-dim int32 tensors on `device` (cheap operands)."""
-        constants = self._constants_by_device.get(device)
-        if constants is None:
-            plan = self._nearest_plan
-            assert plan is not None
-
-            constants = self._constants_by_device[device] = _Constants(*(
-                constant(value, torch.int32, device) for value in
-                (0x7FFFFFFF, 0x7F800000, -(2**31), plan.limit_offset, plan.floor_offset, plan.magic_offset)))
-        return constants
-
-    @cached_property
-    def _nearest_plan(self) -> _NearestPlan | None:
-        """The integer constants of `_quantize_blocks_nearest` for this element; None: no fast path."""
-        element, emax = self.element, self.element_emax
-        if self.scale != E8M0 or self.tensor_scale:
-            return None
-        max_bits = int(torch.tensor(element.max, dtype=torch.float32).view(torch.int32))
-        if max_bits & 0x7FFFFF == 0 or float(torch.tensor(element.max, dtype=torch.float32)) != element.max:
-            return None  # max * 2^E would not be NaN for F = 255
-        limit_offset = max_bits - ((127 + emax) << 23)
-        if (type(element) is FloatFormat and element.subnormals and element.overflow == "saturate"
-                and self.element_has_negative_zero and emax >= 1):
-            m, emin = element.man_bits, element.min_normal_exponent
-            return _NearestPlan(limit_floor=emax << 23, limit_offset=limit_offset, factor=2.0 ** (23 - m),
-                                floor_offset=(emax - emin) << 23, magic_offset=0,
-                                lowest_field=1 + emax - emin, highest_field=231 + m)
-        if isinstance(element, FixedPoint) and element.symmetric and 0 <= emax <= 21 - element.frac_bits:
-            frac = element.frac_bits
-            # F = 0 (blocks of zeros: others with F = 0 are redone) takes F = 1's bound, a normal float32:
-            # max * 2^-127 is a subnormal, which a CPU flushing denormals reads as 0 with its sign, -0.
-            return _NearestPlan(limit_floor=max(emax, 1) << 23, limit_offset=limit_offset, factor=0.0,
-                                floor_offset=0, magic_offset=((23 - frac - emax) << 23) | (1 << 22),
-                                lowest_field=1 + emax, highest_field=231 + emax + frac)
-        return None
-
-    def _quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring).
-
-        Two sweeps over rows of blocks, a cache-sized slice at a time, into preallocated space: the
-        block maxima (`_rows_abs_max`), then, after the scales, v * r, the element rounding and the
-        product with s per slice. Nearest rounding of an element with a fused kernel (the magic
-        constant of `FloatFormat`) runs that kernel itself, which is what its `round_unscaled` runs.
-        """
+    def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring): the
+        block maxima, the tensor scale, the block scales, then v * r rounded onto the element grid,
+        times s."""
         if not torch.is_floating_point(x):
             raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
         work = x if x.dtype in FLOAT_DTYPES else x.float()
@@ -354,42 +195,21 @@ class BlockFormat(NumberFormat):
             return x.clone()
         flat = work.reshape(1) if work.dim() == 0 else work
         blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
-        rows = blocks.reshape(-1, self.block_size)  # a copy only where the blocks are not contiguous
-        step = max(cpu_chunk_elements(rows) // self.block_size, 1)
-        amax = _rows_abs_max(rows, step)
+        out = fast_block.round_scale_grid_blocks(self, blocks, rounding, generator)
+        if out is None:
+            reciprocal, scale = self.scale_factors(blocks.abs().amax(dim=-1, keepdim=True))
+            out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
+        out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def scale_factors(self, amax: Tensor) -> tuple[Tensor, Tensor]:
+        """(r, s) of blocks with these max|v| (scale-grid formats): elements are v * r rounded, values
+        q * s; r = 1 / s_b and s = s_b, or with a tensor scale r = (1 / s_t) / s_b, s = s_t * s_b."""
         tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
         block_scale = self.block_scales(amax, tensor_scale)
         if tensor_scale is None:
-            reciprocal, scale = torch.reciprocal(block_scale), block_scale
-        else:
-            reciprocal, scale = torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
-        recorded = rows.requires_grad and torch.is_grad_enabled()
-        kernel = None if rounding != "nearest" or recorded else self._element_kernel(rows.dtype, rows.device)
-        out = torch.empty_like(rows)
-        scaled = torch.empty_like(rows[:step])
-        scratch = None if kernel is None else torch.empty_like(scaled, dtype=_INT_OF[rows.dtype])
-        for start in range(0, rows.shape[0], step):
-            part = slice(start, start + step)
-            result = out[part]
-            y = torch.mul(rows[part], reciprocal[part], out=scaled[: result.shape[0]])
-            if kernel is None:
-                torch.mul(self.round_unscaled(y, rounding, generator), scale[part], out=result)
-                continue
-            assert scratch is not None
-            kernel(y, result, scratch[: result.shape[0]])
-            if not self.element_has_negative_zero:
-                result.add_(0.0)
-            result.mul_(scale[part])
-        out = from_blocks(out.view(blocks.shape), shape, self.axis, pad).reshape(work.shape)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
-
-    def _element_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
-        """The element's fused nearest rounding of `dtype` (kernel(x, out, int scratch)), where its
-        round_unscaled runs exactly that; None for other elements."""
-        element = self.element
-        if not isinstance(element, FloatFormat):
-            return None
-        return element.nearest_kernel(dtype, device)
+            return torch.reciprocal(block_scale), block_scale
+        return torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
 
     def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
         """s_t = max|x| / (max_scale * max_elem) (0-dim, block_amax's dtype); 1 where max|x| is zero or
@@ -541,26 +361,9 @@ class BlockFormat(NumberFormat):
         return self.element.decode(element_codes) * scales.unsqueeze(-1)
 
 
-def _rows_abs_max(rows: Tensor, step: int) -> Tensor:
-    """max|v| of each row (float32 or float64 rows, shape (n, width)) as (n, 1): the max of the bit
-    patterns with the sign cleared, `step` rows at a time through one cache-sized integer scratch
-    (one integer pass and a reduction per slice; NaN patterns sort above inf, so a row holding NaN
-    has a NaN max, as amax gives)."""
-    int_dtype = _INT_OF[rows.dtype]
-    mask = constant((1 << (8 * rows.element_size() - 1)) - 1, int_dtype, rows.device)
-    bits = rows.view(int_dtype)
-    amax = torch.empty((rows.shape[0], 1), dtype=int_dtype, device=rows.device)
-    scratch = torch.empty((min(step, rows.shape[0]), rows.shape[1]), dtype=int_dtype, device=rows.device)
-    for start in range(0, rows.shape[0], step):
-        part = bits[start:start + step]
-        magnitude = torch.bitwise_and(part, mask, out=scratch[: part.shape[0]])
-        torch.amax(magnitude, dim=1, keepdim=True, out=amax[start:start + step])
-    return amax.view(rows.dtype)
-
-
 def _saturating(element: NumberFormat) -> NumberFormat:
     """The element grid as a block element: unscaled, saturating at its max."""
-    element = replace(element, scaling=Scaling())  # type: ignore[type-var]
+    element = replace(element, scaling=Scaling())  # type: ignore[type-var]  # every family is a dataclass
     if isinstance(element, P3109Format):
         return replace(element, saturation="satfinite", overflow="saturate")  # (p3109's pair)
     if isinstance(element, FloatFormat) and element.overflow != "saturate":
@@ -592,7 +395,7 @@ def scale_name(scale: Value) -> str:
 
 def _block_scaling(kind: str, size_name: str, size: Value | None, axis: Value | None) -> Scaling:
     """Blocks of `size` (option `size_name`) along `axis`, or none; the defaults are OCP MX's."""
-    return Scaling(kind=kind,  # type: ignore[arg-type]
+    return Scaling(kind=kind,  # type: ignore[arg-type]  # "block" or "none", from the callers
                    axis=DEFAULT_SCALING.axis if axis is None else int_arg("axis", axis, -8, 7),
                    block_size=DEFAULT_SCALING.block_size if size is None
                    else int_arg(size_name, size, 1, MAX_BLOCK_SIZE))
@@ -648,3 +451,5 @@ register_family("block", block)
 register_family("mx", mx)
 for _name, _expansion in _ALIASES.items():
     register_alias(_name, _expansion)
+
+from dse.formats.fast import block as fast_block  # noqa: E402  (it builds on this module)

@@ -54,7 +54,7 @@ class FixedPoint(NumberFormat):
     scaling: Scaling
 
     @property
-    def family(self) -> str:  # type: ignore[override]
+    def family(self) -> str:  # type: ignore[override]  # int or fixed by frac_bits, not one ClassVar
         return "int" if self.frac_bits == 0 else "fixed"
 
     @property

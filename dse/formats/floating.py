@@ -25,9 +25,7 @@ Policies (documented in docs/formats.md, tested in tests/formats/test_floating.p
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import ClassVar
@@ -36,18 +34,17 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import (
+    FLOAT_LAYOUTS,
     NumberFormat,
     Scaling,
     check_rounding,
     constant,
-    cpu_chunk_elements,
-    fitted,
     float_exponent,
-    for_slices,
     power_of_two,
     round_to_integer,
-    slice_scratch,
 )
+from dse.formats.fast import floating as fast_floating
+from dse.formats.fast.slices import Kernel, in_chunks
 from dse.formats.spec import (
     bool_arg,
     call_spec,
@@ -70,46 +67,6 @@ OVERFLOWS: dict[str, tuple[str, ...]] = {
 MAX_EXP_BITS = 10  # every grid and code stays exact in float64 and int64
 MAX_MAN_BITS = 52
 
-
-
-@dataclass(frozen=True)
-class _BinaryLayout:
-    """Bit layout of a torch float dtype, for building powers of two from exponent fields."""
-
-    int_dtype: torch.dtype
-    man_bits: int
-    bias: int
-
-    @property
-    def exponent_mask(self) -> int:
-        return (2 * self.bias + 1) << self.man_bits
-
-    @property
-    def min_normal_exponent(self) -> int:
-        return 1 - self.bias
-
-    @property
-    def max_exponent(self) -> int:
-        return self.bias
-
-    def exponent_field(self, exponent: int) -> int:
-        return (exponent + self.bias) << self.man_bits
-
-
-_LAYOUTS: dict[torch.dtype, _BinaryLayout] = {
-    torch.float32: _BinaryLayout(torch.int32, 23, 127),
-    torch.float64: _BinaryLayout(torch.int64, 52, 1023),
-}
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """How FloatFormat.round_unscaled rounds one input dtype on one kind of device in one mode."""
-
-    copy: bool  # every value of the dtype is on the grid
-    cast: torch.dtype | None  # a torch cast that is this rounding, bit for bit
-    work_dtype: torch.dtype  # the dtype the rounding runs in
-    kernel: Kernel | None  # the fused nearest rounding, if any
 
 
 @dataclass(frozen=True)
@@ -205,76 +162,27 @@ class FloatFormat(NumberFormat):
 
     # --- rounding ---------------------------------------------------------------------------------
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        if x.dtype not in _LAYOUTS:
+        if x.dtype not in FLOAT_LAYOUTS:
             check_rounding(rounding)
             return self.round_unscaled(x.float(), rounding, generator).to(x.dtype)
-        plan = self._plans.get((x.dtype, x.device, rounding))
-        if plan is None:
-            plan = self._plan(x.dtype, x.device, rounding)
-        if plan.copy:
-            return x.clone()
-        if plan.cast is not None:
-            return x.to(plan.cast).to(x.dtype)
-        work = x if plan.work_dtype == x.dtype else x.to(plan.work_dtype)
-        if plan.kernel is not None and not (work.requires_grad and torch.is_grad_enabled()):
-            out = map_chunks(plan.kernel, work)  # out= passes are not differentiable: not when recorded
-        else:
-            out = _in_chunks(lambda chunk: self.round_by_grid(chunk, rounding, generator), work)
+        fast = fast_floating.round_unscaled(self, x, rounding)
+        return fast if fast is not None else self.round_reference(x, rounding, generator)
+
+    def round_reference(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """The reference rounding: `round_by_grid` in x's dtype (float32 or float64) where it holds the
+        grid, else in float64, slice by slice."""
+        work = x if self.computes_natively_in(x.dtype) else x.double()
+        out = in_chunks(lambda chunk: self.round_by_grid(chunk, rounding, generator), work)
         return out if out.dtype == x.dtype else out.to(x.dtype)
-
-    @cached_property
-    def _plans(self) -> dict[tuple[torch.dtype, torch.device, str], _Plan]:
-        """The rounding route per (input dtype, device, rounding mode), decided once."""
-        return {}
-
-    def _plan(self, dtype: torch.dtype, device: torch.device, rounding: str) -> _Plan:
-        check_rounding(rounding)
-        cast = self._exact_cast(dtype) if device.type == "cpu" and rounding == "nearest" else None
-        work_dtype = dtype if self._computes_natively_in(dtype) else torch.float64
-        kernel = self._nearest_kernel(work_dtype, device) if rounding == "nearest" else None
-        plan = _Plan(self._holds_every_value_of(dtype), cast, work_dtype, kernel)
-        self._plans[(dtype, device, rounding)] = plan
-        return plan
 
     def nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
         """The fused kernel(x, out, int scratch) that `round_unscaled(x, "nearest")` runs for x of
         `dtype` on `device` (x not recorded by autograd), for callers that round slices into their
-        own space (block formats); None where it runs something else (a cast, a copy, another dtype)."""
-        plan = self._plans.get((dtype, device, "nearest")) or self._plan(dtype, device, "nearest")
-        if plan.copy or plan.cast is not None or plan.work_dtype != dtype:
-            return None
-        return plan.kernel
+        own space (block formats); None where it runs something else (fast.floating)."""
+        return fast_floating.nearest_kernel(self, dtype, device)
 
-    def _round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
-        """round(x / scale) * scale in one fused pass, for a power-of-two scale 2^k known on the host:
-        nearest rounding onto the grid times 2^k is the magic rounding with every constant's
-        exponent moved by k, which spares the division and the multiplication. It equals them bit
-        for bit: x / 2^k is exact unless it falls below float32's normals, where both round to
-        +-0 as long as half the smallest grid value lies above them. None where that or the
-        constants' range does not hold (or for other modes and dtypes): the caller divides."""
-        if rounding != "nearest" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
-            return None
-        k = math.frexp(scale)[1] - 1
-        kernel = self._scaled_kernels.get((k, x.device), False)
-        if kernel is False:
-            kernel = self._scaled_kernels[(k, x.device)] = self._scaled_kernel(k, x.device)
-        return None if kernel is None else map_chunks(kernel, x)
-
-    @cached_property
-    def _scaled_kernels(self) -> dict[tuple[int, torch.device], Kernel | None]:
-        return {}
-
-    def _scaled_kernel(self, k: int, device: torch.device) -> Kernel | None:
-        """The magic nearest rounding of float32 onto the grid times 2^k (see _round_scaled_on_host)."""
-        layout = _LAYOUTS[torch.float32]
-        m, emin, emax = self.man_bits, self.min_normal_exponent, self.max_exponent
-        if (not (self._computes_natively_in(torch.float32) and self._magic_rounds_in(layout))
-                or self.min_positive <= 2.0 ** (layout.min_normal_exponent + 1)  # (the +-0 argument)
-                or emin + k < layout.min_normal_exponent  # the lowest binade is a normal float32
-                or emax + k + layout.man_bits + 1 - m > layout.max_exponent  # C stays finite
-                or (self.overflow == "inf" and k <= -emax)):  # 2^(127 - emax - k) is a normal float32
-            return None
-        return self._magic_kernel(layout, device, k)
+    def round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:
+        return fast_floating.round_scaled_on_host(self, x, scale, rounding)
 
     def round_by_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """The general rounding (no cast shortcuts), natively in x's dtype, which must hold the grid.
@@ -282,7 +190,7 @@ class FloatFormat(NumberFormat):
         The grid step in x's binade is a power of two built from x's exponent field (clamped to the
         format's exponent range), t = x / step is rounded to an integer, and t * step is the result.
         """
-        layout = _LAYOUTS[x.dtype]
+        layout = FLOAT_LAYOUTS[x.dtype]
         m = self.man_bits
         exponent_field = torch.bitwise_and(x.view(layout.int_dtype),
                                            constant(layout.exponent_mask, layout.int_dtype, x.device))
@@ -306,45 +214,6 @@ class FloatFormat(NumberFormat):
         integers = round_to_integer((x / binade).mul_(significand_scale), rounding, generator)
         return self._apply_overflow(integers.div_(significand_scale).mul_(binade), x, rounding)
 
-    def _nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
-        """A fused nearest rounding for x in `dtype` (which holds the grid), same results as round_by_grid.
-
-        Magic-constant rounding: with C = 1.5 * 2^(P + k), P the dtype's mantissa bits and 2^k the
-        grid step in x's binade (k = max(exponent(x), min_normal_exponent) - m), x + C lies in C's
-        binade, whose spacing is 2^k, so the addition itself rounds x to the grid, ties to even
-        (C is an even multiple of 2^k); (x + C) - C is exact. C comes from x's exponent field (two
-        integer passes), and copying x's sign gives zero results x's sign. Exponents above
-        the top binade use the top binade's C: the result then lies beyond max, as it should.
-        Needs subnormals (the floor of k), m <= P - 2 and C within the dtype's range; formats with
-        e = 8 in float32 (tf32) round the bit pattern instead (round half to even on the integer).
-        None where neither applies: round_by_grid runs.
-        """
-        layout = _LAYOUTS[dtype]
-        if self._magic_rounds_in(layout):
-            return self._magic_kernel(layout, device, 0)
-        if (self.subnormals and self.man_bits <= layout.man_bits - 2 and self.special == "ieee"
-                and self.overflow == "inf" and self.min_normal_exponent == layout.min_normal_exponent):
-            # Same exponent range as the dtype: the grid is every 2^(P-m)-th bit pattern, subnormals
-            # included, and rounding the pattern up past the top finite binade gives inf.
-            return functools.partial(_pattern_round, shift=layout.man_bits - self.man_bits)
-        return None
-
-    def _magic_kernel(self, layout: _BinaryLayout, device: torch.device, k: int) -> Kernel:
-        """The magic-constant nearest rounding onto the grid times 2^k in the layout's dtype."""
-        return functools.partial(
-            _magic_round, mask=constant(layout.exponent_mask, layout.int_dtype, device),
-            lowest=layout.exponent_field(self.min_normal_exponent + k),
-            highest=layout.exponent_field(self.max_exponent + k),
-            factor=1.5 * 2.0 ** (layout.man_bits - self.man_bits),
-            overflow=functools.partial(self._overflow_nearest, scale_exponent=k),
-            sign=self.special != "fnuz")  # fnuz: +0 is its only zero
-
-    def _magic_rounds_in(self, layout: _BinaryLayout) -> bool:
-        """Whether the magic-constant rounding (`_nearest_kernel`) works in the layout's dtype:
-        subnormals on (the floor of the grid step), m <= P - 2, and every constant C finite."""
-        return (self.subnormals and self.man_bits <= layout.man_bits - 2
-                and self.max_exponent - self.man_bits + layout.man_bits <= layout.max_exponent)
-
     def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0, scratch: Tensor | None = None) -> None:
         """The overflow policy after the magic rounding (in place), on the grid times 2^scale_exponent;
         scratch, where given, is spare space of out's size (any dtype of its width)."""
@@ -354,7 +223,7 @@ class FloatFormat(NumberFormat):
         elif self.overflow == "inf":
             # The ieee grid fills its top binade: scaled so that it ends at the dtype's top binade,
             # every rounded value beyond max overflows to inf, and scaling back is exact.
-            shift = _LAYOUTS[out.dtype].max_exponent - self.max_exponent - scale_exponent
+            shift = FLOAT_LAYOUTS[out.dtype].max_exponent - self.max_exponent - scale_exponent
             out.mul_(2.0**shift).mul_(2.0**-shift)
         else:
             out.masked_fill_(out.abs() > limit, math.nan)
@@ -376,28 +245,9 @@ class FloatFormat(NumberFormat):
             out = out.add_(0.0)  # -0 + 0 = +0: fnuz has no negative zero
         return out
 
-    def _holds_every_value_of(self, dtype: torch.dtype) -> bool:
-        """True when every value of float32 input is on the grid (fp32 and wider IEEE formats)."""
-        return (dtype == torch.float32 and self.special == "ieee" and self.overflow == "inf"
-                and self.man_bits >= 23 and (self.exp_bits > 8 or (self.exp_bits == 8 and self.subnormals)))
-
-    def _exact_cast(self, dtype: torch.dtype) -> torch.dtype | None:
-        """A torch dtype whose CPU cast from `dtype` is this format's nearest rounding, bit for bit.
-
-        Checked on all 2^32 float32 patterns on CPU; other devices take the general rounding.
-        """
-        if self.special != "ieee" or self.overflow != "inf" or not self.subnormals:
-            return None
-        if dtype == torch.float32:
-            return {(8, 7): torch.bfloat16, (5, 10): torch.float16,
-                    (5, 2): torch.float8_e5m2}.get((self.exp_bits, self.man_bits))
-        if dtype == torch.float64 and (self.exp_bits, self.man_bits) == (8, 23):
-            return torch.float32
-        return None
-
-    def _computes_natively_in(self, dtype: torch.dtype) -> bool:
+    def computes_natively_in(self, dtype: torch.dtype) -> bool:
         """Whether `round_by_grid` is exact in `dtype`: the grid, steps and max fit the dtype."""
-        layout = _LAYOUTS[dtype]
+        layout = FLOAT_LAYOUTS[dtype]
         return (self.man_bits <= layout.man_bits
                 and self.min_normal_exponent >= layout.min_normal_exponent
                 and self.max_exponent <= layout.max_exponent)
@@ -453,55 +303,6 @@ class FloatFormat(NumberFormat):
         if self.special == "fnuz":
             values = torch.where(codes == self.sign_bit, math.nan, values)
         return values
-
-
-Kernel = Callable[[Tensor, Tensor, Tensor], None]
-
-
-def _magic_round(x: Tensor, out: Tensor, scratch: Tensor, *, mask: Tensor, lowest: int, highest: int,
-                 factor: float, overflow: Callable[..., None], sign: bool) -> None:
-    """out = x rounded to nearest by the magic constant (see FloatFormat._nearest_kernel)."""
-    bits = x.view(scratch.dtype)
-    torch.bitwise_and(bits, mask, out=scratch)
-    scratch.clamp_(lowest, highest)
-    binade = scratch.view(x.dtype)  # 2^max(exponent(x), emin), capped at the top binade
-    torch.add(x, binade, alpha=factor, out=out)  # binade * factor is C, exactly
-    out.sub_(binade, alpha=factor)
-    overflow(out, scratch=scratch)  # (the binade is spent: scratch is free)
-    if sign:  # zero results are +0: x's sign makes them -0 where x is negative (others keep theirs)
-        out.copysign_(x)
-
-
-def _pattern_round(x: Tensor, out: Tensor, scratch: Tensor, *, shift: int) -> None:
-    """Round the bit pattern half to even at `shift` bits; NaN is restored from x afterwards."""
-    bits, rounded = x.view(scratch.dtype), out.view(scratch.dtype)
-    torch.bitwise_right_shift(bits, shift, out=scratch)
-    scratch.bitwise_and_(1).add_((1 << (shift - 1)) - 1)
-    torch.add(bits, scratch, out=rounded)
-    rounded.bitwise_and_(-(1 << shift))
-    # A NaN pattern may have rounded into inf or wrapped: min(out, +inf or NaN) puts NaN back.
-    torch.clamp(x, min=math.inf, out=scratch.view(x.dtype))
-    torch.minimum(out, scratch.view(x.dtype), out=out)
-
-
-def map_chunks(kernel: Kernel, x: Tensor) -> Tensor:
-    """out = kernel(x) for an elementwise kernel(x, out, scratch) that writes into out and may use
-    an integer scratch of x's size; slice by slice (`for_slices`)."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    scratch = slice_scratch(x, _LAYOUTS[x.dtype].int_dtype)
-    for_slices(x, out, lambda part, result: kernel(part, result, fitted(scratch, part)))
-    return out
-
-
-def _in_chunks(round_chunk: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Apply an elementwise function slice by slice (`for_slices`): on the CPU its passes run in cache."""
-    if x.numel() <= cpu_chunk_elements(x):
-        return round_chunk(x)
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    for_slices(x, out, lambda part, result: result.copy_(round_chunk(part)))
-    return out
 
 
 def fp(e: int | None = None, m: int | None = None, special: str = "ieee", overflow: str | None = None,

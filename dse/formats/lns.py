@@ -20,13 +20,10 @@ t = 0 is zero and t = 1 the smallest magnitude:
 
 * nearest: to the nearest code in the log domain. Its ties 2^((e+1/2)/gamma) are irrational, so no
   input is ever a tie, and a float log2 cannot decide inputs within an ulp of one. Instead the index
-  is the number of ties below |x|, each precomputed (60 digits) as the largest float below it, and
-  found with integer operations on x's bit pattern (see _Lookup): one table lookup on its top bits
-  (sign, exponent, log2(gamma)+1 mantissa bits), whose entry turns into the index when x's low bits
-  are added (a carry says x is above the one tie its bucket may hold), then one lookup of the
-  value. No log2, no float64; bit-exact for float32 and float64 inputs. On the CPU it runs over
-  slices that stay in cache, and quantize divides by a per-tensor scale and multiplies the grid
-  values by it slice by slice (the same result as scaling the whole tensor).
+  is the number of ties below |x|, each precomputed (60 digits) as the largest float below it
+  (`LNS.nearest_index`, a search over the float64 ties); bit-exact for float32 and float64 inputs.
+  `dse.formats.fast.lns` finds the same index with integer operations on x's bit pattern and a
+  lookup table, slice by slice, with a per-tensor scale fused in.
 * stochastic, pseudo_stochastic, toward_zero: the floor code is exact (compared with the grid values
   rounded to the input's dtype, so grid values map to themselves); `round_to_integer` then rounds
   the log-domain fraction above it (float64), so stochastic rounding is unbiased in log2|x|;
@@ -49,7 +46,6 @@ from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal
 from functools import cached_property
 from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,11 +53,7 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     check_rounding,
-    constant,
-    fitted,
-    for_slices,
     round_to_integer,
-    slice_scratch,
     stochastic_bits,
     stochastic_up_,
 )
@@ -82,10 +74,6 @@ UNDERFLOWS = ("zero", "saturate")
 _DIGITS = Context(prec=60)
 _SAFETY = Decimal("1e-30")  # a grid point this close to a rounding boundary would need more digits
 _BELOW_ONE = 1.0 - 2.0**-53
-# Formats whose lookup table would have at most this many entries with the sign bit in the key get one.
-_SIGNED_TABLE = 2**18
-
-
 FLOAT32_NORMAL_EXPONENT = -126  # 2^-126, float32's smallest normal; below it float32 has fewer digits
 
 
@@ -104,45 +92,13 @@ def default_gamma(bits: int) -> int:
     return min(max(DEFAULT_GAMMA, 2 ** max(0, bits - 8)), gamma_range(bits)[1])
 
 
-class _Grid(NamedTuple):
+class LnsGrid(NamedTuple):
     """Per code index (0 = zero, then increasing magnitude, then one NaN slot), in one dtype and device."""
 
     values: Tensor  # the grid value rounded to nearest in the dtype; NaN in the slot
     tie_bits: Tensor  # bit pattern (as a signed int; non-negative floats order like their bit patterns)
     #                   of the largest dtype value below the tie with the next index; inf for the
     #                   last index and the largest int for the slot, so nothing rounds past them
-
-
-class _Lookup(NamedTuple):
-    """Nearest rounding by table lookup (a float's bit pattern B orders like its magnitude).
-
-    The index of |x| is the number of tie_bits below B. Buckets of B that share their top bits
-    (sign, exponent and log2(gamma)+1 mantissa bits: key = B >> shift) are narrower than the gap
-    between two ties, so at most one tie falls in a bucket. Per bucket, `table` holds (the index at
-    the bucket's start << shift) + (2^shift - 1 - the tie's offset in the bucket), or that index
-    << shift where no tie falls in it: adding B's low bits then carries into bit `shift` exactly
-    when B lies above the tie, so (table[key] + low bits) >> shift is the index.
-
-    `signed` tables (where that is at most _SIGNED_TABLE keys) have an entry for every key, the
-    sign bit's included, less the key's bucket start modulo 2^width, so that adding the whole of B
-    (wrapping) adds its low bits: one pass less. Index top_index + 2 + i stands for -values[i], so
-    one lookup gives the signed result, for NaN and +-inf as well (their buckets lie above the
-    finite ones) and for zero (underflow=saturate's tie between 0 and min_positive lies between
-    B = 0 and B = 1). Otherwise the table covers the keys of the magnitudes from the bucket below
-    the smallest non-zero tie, which stands for all smaller ones, to the bucket past the last tie,
-    `ceiling`, to which x is clamped, then one bucket for NaN; the sign is copied afterwards.
-    """
-
-    table: Tensor  # int32 (float32) or int64 (float64), on the device
-    values: Tensor  # the grid's values (as _Grid.values), then their negations where signed
-    signed: bool
-    ceiling: float  # inf where signed, as first_key and last_key are 0: unused
-    # Scalars of the table's dtype and device (a tensor operand costs less than a Python int).
-    shift: Tensor
-    low_mask: Tensor  # 2^shift - 1
-    key_mask: Tensor  # the bits of a key, where signed; else all bits but the sign
-    first_key: Tensor
-    last_key: Tensor
 
 
 @functools.cache
@@ -171,7 +127,7 @@ def _mantissa_integers(gamma: int, precision: int) -> tuple[list[int], list[int]
 
 
 @functools.cache
-def _grid(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: torch.device) -> _Grid:
+def lns_grid(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: torch.device) -> LnsGrid:
     precision, bits_dtype = {torch.float32: (24, torch.int32), torch.float64: (53, torch.int64)}[dtype]
     values, ties = _mantissa_integers(gamma, precision)
     exponent = torch.arange(2 ** (bits - 1), dtype=torch.int64) - 2 ** (bits - 2)  # e of each index
@@ -187,7 +143,7 @@ def _grid(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: tor
         grid_ties[0] = 0.0
     nan_slot = torch.tensor([torch.nan], dtype=dtype)
     never_above = torch.tensor([torch.iinfo(bits_dtype).max], dtype=bits_dtype)
-    return _Grid(torch.cat([grid_values.to(dtype), nan_slot]).to(device),
+    return LnsGrid(torch.cat([grid_values.to(dtype), nan_slot]).to(device),
                  torch.cat([grid_ties.to(dtype).view(bits_dtype), never_above]).to(device))
 
 
@@ -201,51 +157,6 @@ def _float32_subnormals(values: Tensor, gamma: int, octave: Tensor, step: Tensor
     if bool((torch.ldexp(exact[subnormal], torch.tensor(149.0)).frac() == 0.5).any()):
         raise ArithmeticError("a subnormal grid value's float64 rounding is a float32 midpoint")
     return torch.where(subnormal, exact, values)
-
-
-def _bucket_entries(ties: Tensor, start: Tensor, shift: int, bits: int, gamma: int) -> Tensor:
-    """The table entries (see _Lookup) of the buckets of bit patterns from `start` (int64)."""
-    index = torch.searchsorted(ties, start)  # the index of B = start, #(ties < start)
-    low_mask = (1 << shift) - 1
-    tie = ties[index.clamp(max=ties.numel() - 1)] - start  # where the next tie lies, if in the bucket
-    if bool((torch.searchsorted(ties, start + low_mask) > index + (tie < low_mask)).any()):
-        raise ArithmeticError(f"two ties of lns({bits},gamma={gamma}) share a bucket")
-    return (index << shift) + low_mask - tie.clamp(max=low_mask)
-
-
-@functools.cache
-def _lookup(bits: int, gamma: int, underflow: str, dtype: torch.dtype, device: torch.device) -> _Lookup:
-    grid = _grid(bits, gamma, underflow, dtype, torch.device("cpu"))
-    int_dtype = grid.tie_bits.dtype
-    ties = grid.tie_bits.to(torch.int64)  # ascending
-    width = torch.iinfo(int_dtype).bits
-    # Ties are 2^(1/gamma) apart, more than a bucket (2^-(log2(gamma)+1) of its octave) in the log domain.
-    shift = (23 if dtype == torch.float32 else 52) - gamma.bit_length()
-    top = 2 ** (bits - 1) - 1
-
-    scalar = functools.partial(constant, dtype=int_dtype, device=device)
-
-    if 2 ** (width - shift) <= _SIGNED_TABLE:
-        table = _bucket_entries(ties, torch.arange(2 ** (width - 1 - shift)) << shift, shift, bits, gamma)
-        table = torch.cat([table, table + ((top + 2) << shift)])
-        # Less each key's bucket start B0 = key << shift, modulo 2^width (unsigned numpy arithmetic
-        # wraps by definition): adding B itself then adds B - B0, its low bits.
-        starts = np.arange(table.numel(), dtype=np.uint64) << np.uint64(shift)
-        wrapped = (table.numpy().astype(np.uint64) - starts) & np.uint64(2**width - 1)
-        unsigned = {32: np.uint32, 64: np.uint64}[width]
-        table = torch.from_numpy(wrapped.astype(unsigned).view({32: np.int32, 64: np.int64}[width]))
-        values = torch.cat([grid.values, -grid.values])
-        return _Lookup(table.to(device), values.to(device), True, torch.inf, scalar(shift),
-                       scalar((1 << shift) - 1), scalar(2 ** (width - shift) - 1), scalar(0), scalar(0))
-    lowest = int(torch.count_nonzero(ties <= 0))  # the index of every tiny non-zero magnitude
-    first_key = (int(ties[lowest]) >> shift) - 1  # every B below this bucket's end has that index
-    ceiling_key = (int(ties[top - 1]) >> shift) + 1  # every finite B from this bucket on has the top index
-    table = _bucket_entries(ties, torch.arange(first_key + 1, ceiling_key + 1) << shift, shift, bits, gamma)
-    table = torch.cat([torch.tensor([lowest << shift]), table, torch.tensor([(top + 1) << shift])])
-    ceiling = float(torch.tensor([ceiling_key << shift]).to(int_dtype).view(dtype))
-    return _Lookup(table.to(int_dtype).to(device), grid.values.to(device), False, ceiling, scalar(shift),
-                   scalar((1 << shift) - 1), scalar(2 ** (width - 1 - shift) - 1), scalar(first_key),
-                   scalar(ceiling_key + 1))
 
 
 @dataclass(frozen=True)
@@ -284,92 +195,14 @@ class LNS(NumberFormat):
     def min_positive(self) -> float:
         return float(self._grid(torch.float64, torch.device("cpu")).values[1])
 
-    def _grid(self, dtype: torch.dtype, device: torch.device) -> _Grid:
-        return _grid(self.bits, self.gamma, self.underflow, dtype, device)
-
-    def _lookup(self, dtype: torch.dtype, device: torch.device) -> _Lookup:
-        return _lookup(self.bits, self.gamma, self.underflow, dtype, device)
+    def _grid(self, dtype: torch.dtype, device: torch.device) -> LnsGrid:
+        return lns_grid(self.bits, self.gamma, self.underflow, dtype, device)
 
     def _position(self, magnitude: Tensor) -> Tensor:
         """gamma*log2|x| + zero_offset clamped to the index range, NaN to the NaN slot: the index, give
         or take a rounding error far below one code."""
         position = magnitude.log2().mul_(self.gamma).add_(self.zero_offset).clamp_(0, self.top_index)
         return position.nan_to_num_(nan=self.top_index + 1)
-
-    def _nearest_index(self, x: Tensor, lookup: _Lookup, index: Tensor, scratch: Tensor,
-                       scale: Tensor | None = None, key: Tensor | None = None) -> Tensor:
-        """Write the index of x (or of x / scale) rounded to nearest to `index`; 1-d, all the same size.
-
-        Signed tables give the signed index (see _Lookup), others that of |x|. `scratch` (x's dtype)
-        is spare space, and so is `key` (index's dtype), needed with a scale: without one, the key
-        goes to scratch and the low bits come from x itself (only those of values clamped above
-        differ, and they fall in buckets without a tie).
-        """
-        if scale is not None:
-            x = torch.div(x, scale, out=scratch)
-        low = x.view(lookup.table.dtype)
-        if not lookup.signed:
-            x = torch.clamp(x, -lookup.ceiling, lookup.ceiling, out=scratch)  # +-inf too; NaN stays
-        bits = x.view(low.dtype)
-        if scale is None:
-            key = scratch.view(bits.dtype)
-        elif key is None:
-            key = torch.empty_like(bits)
-        torch.bitwise_right_shift(bits, lookup.shift, out=key)
-        key &= lookup.key_mask  # the sign goes, or the key of a negative x moves past the positive ones
-        if not lookup.signed:
-            key.clamp_(lookup.first_key, lookup.last_key).sub_(lookup.first_key)
-        torch.index_select(lookup.table, 0, key, out=index)
-        if lookup.signed:  # the entry less the bucket's start, plus B: wraps to entry + low bits
-            index += low
-        else:
-            index += torch.bitwise_and(low, lookup.low_mask, out=key)
-        index >>= lookup.shift
-        if self.underflow == "saturate" and not lookup.signed:  # only 0 goes to zero
-            torch.minimum(index, torch.bitwise_and(low, torch.iinfo(low.dtype).max, out=key), out=index)
-        return index
-
-    def _round_nearest(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
-        """x (float32 or float64) rounded to nearest, or x / scale rounded and multiplied by scale.
-
-        On the CPU this runs over cache-sized slices (`for_slices`). The result doubles
-        as scratch space. The grid values are multiplied by the scale before the lookup, or the
-        looked-up values after it where x has fewer elements than the grid (the same products).
-        """
-        if x.dtype == torch.float32 and self._float32_subnormals:
-            return self._round_nearest_in_float64(x, scale)
-        flat = x.detach().reshape(-1)  # 1-d slices: index_select takes a 1-d index
-        lookup = self._lookup(x.dtype, x.device)
-        scale_after = scale is not None and flat.numel() < lookup.values.numel()
-        values = lookup.values if scale is None or scale_after else lookup.values * scale
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        index = slice_scratch(flat, lookup.table.dtype)
-        key = None if scale is None else torch.empty_like(index)
-
-        def round_slice(part: Tensor, result: Tensor) -> None:
-            part_index, part_key = fitted(index, part), None if key is None else fitted(key, part)
-            self._nearest_index(part, lookup, part_index, result, scale, part_key)
-            torch.index_select(values, 0, part_index, out=result)
-            if not lookup.signed:
-                result.copysign_(part)
-
-        for_slices(flat, out.view(-1), round_slice)
-        return out.mul_(scale) if scale_after else out
-
-    def _round_nearest_in_float64(self, x: Tensor, scale: Tensor | None) -> Tensor:
-        """Float32 rounding for grids with float32-subnormal codes (no float32 table: its buckets would
-        hold several ties): the index from the float64 table (x / scale, rounded in float32, is exact
-        in float64), then the float32 grid value, times the scale in float32."""
-        y = x.detach() if scale is None else x.detach() / scale
-        flat = y.reshape(-1).double()
-        lookup = self._lookup(torch.float64, x.device)
-        index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=x.device)
-        self._nearest_index(flat, lookup, index, torch.empty_like(flat))
-        values = self._grid(torch.float32, x.device).values
-        out = torch.cat([values, -values]).index_select(0, index) if lookup.signed else \
-            values.index_select(0, index).copysign_(y.reshape(-1))
-        out = out.view(x.shape)
-        return out if scale is None else out.mul_(scale)
 
     @property
     def float32_note(self) -> str | None:
@@ -384,7 +217,7 @@ class LNS(NumberFormat):
     def _float32_subnormals(self) -> bool:
         return float32_subnormal_codes(self.bits, self.gamma)
 
-    def _directed_index(self, magnitude: Tensor, grid: _Grid, rounding: str,
+    def _directed_index(self, magnitude: Tensor, grid: LnsGrid, rounding: str,
                         generator: torch.Generator | None) -> Tensor:
         """The exact floor index plus the log-domain fraction above it (float64), rounded by `rounding`."""
         position = self._position(magnitude.double())
@@ -403,40 +236,47 @@ class LNS(NumberFormat):
             index = torch.maximum(index, (magnitude > 0).to(torch.int32))
         return index
 
-    def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+    def nearest_index(self, x: Tensor) -> Tensor:
+        """The index of |x| rounded to nearest (int64, x's shape): the number of ties below |x|, each
+        tie held as the largest float64 below it (a float32 or float64 |x| lies above a tie exactly
+        when it lies above that float); NaN gives the NaN slot. The reference of fast.lns's tables."""
+        grid = self._grid(torch.float64, x.device)
+        ties = grid.tie_bits[:-1].view(torch.float64)  # ascending, inf last
+        magnitude = x.detach().double().abs()
+        index = torch.searchsorted(ties, magnitude.reshape(-1)).view(x.shape)
+        return torch.where(torch.isnan(magnitude), self.top_index + 1, index)
+
+    def round_reference(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """Nearest by `nearest_index`, the directed modes by `_directed_index`; values in x's dtype,
+        with x's sign."""
         check_rounding(rounding)
-        if rounding == "nearest":
-            return self._round_nearest(x)
         grid = self._grid(x.dtype, x.device)
         flat = x.reshape(-1)
-        magnitude = flat.abs()
-        out = grid.values.index_select(0, self._directed_index(magnitude, grid, rounding, generator))
-        return out.copysign_(flat).view(x.shape)
-
-    def _round_scaled(self, x: Tensor, scale: Tensor, rounding: str,
-                      generator: torch.Generator | None) -> Tensor:
-        """Rounding to nearest divides by the scale and multiplies the grid values by it slice by slice,
-        bit for bit the same as the whole-tensor division and multiplication."""
         if rounding == "nearest":
-            return self._round_nearest(x, scale)
-        return super()._round_scaled(x, scale, rounding, generator)
+            index = self.nearest_index(flat)
+        else:
+            index = self._directed_index(flat.abs(), grid, rounding, generator)
+        return grid.values.index_select(0, index).copysign_(flat).view(x.shape)
+
+    def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        if rounding == "nearest":
+            fast = fast_lns.round_nearest(self, x)
+            if fast is not None:
+                return fast
+        return self.round_reference(x, rounding, generator)
+
+    def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None
+                     ) -> Tensor:
+        fast = fast_lns.round_nearest(self, x, scale) if rounding == "nearest" else None
+        return fast if fast is not None else super().round_scaled(x, scale, rounding, generator)
 
     def encode(self, x: Tensor) -> Tensor:
-        x = torch.as_tensor(x)
-        if x.dtype not in (torch.float32, torch.float64) or (x.dtype == torch.float32
-                                                             and self._float32_subnormals):
-            x = x.double()  # exact: float32 values are float64 values
-        flat = x.detach().reshape(-1)
-        lookup = self._lookup(x.dtype, x.device)
-        index = torch.empty(flat.shape, dtype=lookup.table.dtype, device=flat.device)
-        self._nearest_index(flat, lookup, index, torch.empty_like(flat))
-        index = index.to(torch.int64)
-        if lookup.signed:
-            index %= self.top_index + 2
+        flat = torch.as_tensor(x).detach().reshape(-1)
+        index = self.nearest_index(flat)
         negative = (flat < 0) & (index > 0)
         codes = ((index + self.zero_offset) & self.top_index) | (negative.to(torch.int64) << (self.bits - 1))
         nan_code = 2 ** (self.bits - 1) + self.zero_offset
-        return torch.where(torch.isnan(flat), nan_code, codes).view(x.shape)
+        return torch.where(torch.isnan(flat), nan_code, codes).view(torch.as_tensor(x).shape)
 
     def decode(self, codes: Tensor) -> Tensor:
         codes = torch.as_tensor(codes, dtype=torch.int64)
@@ -475,3 +315,5 @@ def lns_format(bits: Value, *, gamma: Value | None = None, scale: Value | None =
 
 register_family("lns", lns_format)
 register_alias("lns8", "lns(8,gamma=8)")
+
+from dse.formats.fast import lns as fast_lns  # noqa: E402  (it builds on this module)

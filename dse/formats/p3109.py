@@ -37,8 +37,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from dse.formats.base import Scaling, constant, parse_rounding, power_of_two
-from dse.formats.floating import _LAYOUTS, MAX_EXP_BITS, FloatFormat, Kernel
+from dse.formats.base import FLOAT_LAYOUTS, Scaling, constant, parse_rounding, power_of_two
+from dse.formats.fast.slices import Kernel
+from dse.formats.floating import MAX_EXP_BITS, FloatFormat
 from dse.formats.spec import Value, bool_arg, call_spec, choice_arg, int_arg, register_family, scaling_arg
 
 MIN_WIDTH, MAX_WIDTH = 3, 16  # K = 2 holds at most one finite non-zero value (gfloat misreports max)
@@ -120,9 +121,11 @@ class P3109Format(FloatFormat):
         extended = self.domain == "extended"
         if self.saturation == "satpropagate":
             out = torch.where(torch.isinf(x), x if extended else constant(math.nan, x.dtype, x.device), out)
-        if not self.signed:
-            below = math.nan if self.saturation != "satfinite" else 0.0
-            out = torch.where(x < 0, below, out)
+        if not self.signed:  # negative x: NaN, or 0 under satfinite
+            if self.saturation == "satfinite":
+                out = out.clamp_(min=0.0).add_(0.0)  # the rounded negative values, to +0
+            else:
+                out = out.masked_fill_(x < 0, math.nan)
         return out
 
     def nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
@@ -144,8 +147,9 @@ class P3109Format(FloatFormat):
             super()._overflow_nearest(out, scale_exponent, scratch)
             return
         limit = math.ldexp(self.max, scale_exponent)
-        shift = _LAYOUTS[out.dtype].max_exponent + 1 - (self.max_exponent - self.man_bits + scale_exponent)
-        if shift > _LAYOUTS[out.dtype].max_exponent:
+        top = FLOAT_LAYOUTS[out.dtype].max_exponent
+        shift = top + 1 - (self.max_exponent - self.man_bits + scale_exponent)
+        if shift > FLOAT_LAYOUTS[out.dtype].max_exponent:
             out.masked_fill_(out > limit, math.inf).masked_fill_(out < -limit, -math.inf)
             return
         clamped = torch.clamp(out, -limit, limit, out=None if scratch is None else scratch.view(out.dtype))
@@ -154,11 +158,12 @@ class P3109Format(FloatFormat):
     def _ties_to_even_exponent(self, x: Tensor, rounded: Tensor) -> Tensor:
         """P = 1: a tie 1.5 * 2^a between 2^a and 2^(a+1) goes to the even exponent code a + bias;
         the significand rounding sent every such tie up."""
-        mantissa, exponent = torch.frexp(x)
-        a = exponent.to(torch.int64) - 1
-        tie = ((mantissa.abs() == 0.75) & (a >= self.min_normal_exponent) & (a <= self.max_exponent)
-               & ((a + self.bias) % 2 == 0))
-        return torch.where(tie, power_of_two(a.clamp(-1074, 1023)).to(x.dtype).copysign(x), rounded)
+        mantissa, exponent = torch.frexp(x)  # a tie: |mantissa| 0.75, a = exponent - 1
+        magnitude = x.abs()
+        low, high = 1.5 * 2.0**self.min_normal_exponent, 1.5 * 2.0**self.max_exponent
+        tie = ((mantissa.abs() == 0.75) & (exponent.add_(self.bias - 1).bitwise_and_(1) == 0)
+               & (magnitude >= low) & (magnitude <= high))
+        return torch.where(tie, x / 1.5, rounded)  # 1.5 * 2^a / 1.5 = 2^a exactly, with x's sign
 
     # --- codes ------------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:

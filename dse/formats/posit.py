@@ -39,13 +39,14 @@ from dse.formats.base import (
     NumberFormat,
     Scaling,
     constant,
-    for_slices,
     parse_rounding,
     power_of_two,
     shift_round,
     stochastic_bits,
     stochastic_up_,
 )
+from dse.formats.fast import posit as fast_posit
+from dse.formats.fast.slices import for_slices
 from dse.formats.spec import (
     Value,
     call_spec,
@@ -240,13 +241,9 @@ class Posit(NumberFormat):
         pattern.clamp_(frame.low_bits, frame.high_bits)
         pattern += tables.offset
         regime = torch.bitwise_right_shift(pattern, tables.field_bits)
-        if layout is _F32 and rounding in ("nearest", "toward_zero"):
-            # pattern < 2^31, so pattern * 2^-d is exact in float64.
-            step = torch.index_select(tables.step, 0, regime)
-            scaled = pattern.double()
-            scaled *= step
-            rounded = scaled.round_() if rounding == "nearest" else scaled.trunc_()
-            magnitude_bits = torch.addcdiv(tables.minus_offset, rounded, step).to(torch.int32)
+        fast = fast_posit.round_pattern(pattern, regime, tables, rounding) if layout is _F32 else None
+        if fast is not None:
+            magnitude_bits = fast
         elif rounding.startswith("stochastic"):
             magnitude_bits = self._round_stochastic(pattern, regime, tables, generator,
                                                     stochastic_bits(rounding)).view(layout.int_dtype)

@@ -197,7 +197,7 @@ def scaling_arg(default: Scaling, scale: Value | None, pow2: Value | None, axis:
     """
     kind = default.kind if scale is None else choice_arg("scale", scale, kinds)
     return Scaling(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]  # checked against SCALE_KINDS above
         pow2=default.pow2 if pow2 is None else bool_arg("pow2", pow2),
         axis=default.axis if axis is None or kind not in ("channel", "block")
         else int_arg("axis", axis, -8, 7),

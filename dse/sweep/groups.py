@@ -49,6 +49,8 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
     groups: list[list[Trial]] = []
     notes: list[str] = []
     models: dict[tuple[str, str, str | None], tuple[nn.Module, Tensor]] = {}
+    # group_reason depends on the network and the optimizer only: one check forward each, not per bucket
+    reasons: dict[tuple[str, str, str | None, str], str | None] = {}
     for trials in buckets.values():
         reason = None
         if group_size > 1 and len(trials) > 1:
@@ -56,7 +58,10 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
                 models[where] = model_of(config)
-            reason = group_reason(config, *models[where])
+            key = (*where, config.optimizer)
+            if key not in reasons:
+                reasons[key] = group_reason(config, *models[where])
+            reason = reasons[key]
         note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
         if reason is not None and note not in notes:
             notes.append(note)

@@ -86,6 +86,9 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 def structure_reason(model: nn.Module) -> str | None:
     """Why the layers of `model` do not stack (None: they do), from the module tree alone."""
+    functional = _functional_reason(model, None)  # MultiheadAttention: say so, not that it holds weights
+    if functional is not None:
+        return functional
     owners: dict[int, str] = {}
     for name, module in model.named_modules():
         own = _own_tensors(module)
@@ -96,7 +99,7 @@ def structure_reason(model: nn.Module) -> str | None:
             if id(tensor) in owners:
                 return f"{owners[id(tensor)]} and {name}.{tensor_name} are one tensor (tied weights)"
             owners[id(tensor)] = f"{name}.{tensor_name}" if name else tensor_name
-    return _functional_reason(model, None)
+    return None
 
 
 def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
@@ -322,8 +325,11 @@ class StackedGemmLayer(nn.Module):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, quant))
         if isinstance(self.op, StackedLinearOp):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, _FP32_GEMM))
-        return torch.cat([self.op.op.forward(x[g], self.weight[g], _member(self.bias, g))
-                          for g in range(self.members)])
+        # unbind, not x[g]: the backward of one unbind stacks the members' gradients once, where
+        # each x[g] would scatter its member's gradient into a zero tensor of the whole group
+        inputs, weights = x.unbind(0), self.weight.unbind(0)
+        biases: Sequence[Tensor | None] = [None] * self.members if self.bias is None else self.bias.unbind(0)
+        return torch.cat([self.op.op.forward(inputs[g], weights[g], biases[g]) for g in range(self.members)])
 
 
 class StackedMatmul(nn.Module):

@@ -158,3 +158,15 @@ def test_a_gemm_across_blocks_converts_the_operand_instead_of_sharing_its_scale(
     nvfp4 = get("nvfp4")  # the per-tensor scales stay one multiply per output each
     assert datapath_for(nvfp4, nvfp4, c, across_blocks=(True, True)).per_output.multiply_pj == \
         pytest.approx(2 * c.fp_mul(8, 23))
+
+
+def test_convolutions_block_along_the_channels_their_forward_reduces() -> None:
+    """A convolution's GEMMs reduce over channels (and the kernel window) forward, over output channels
+    in backward-data and over batch and positions in backward-weight: blocked along axis 1, its
+    operands meet their blocks as a Linear layer's do, so the model prices conv layers with the
+    weight-layer passes checked above."""
+    net = nn.Sequential(nn.Conv2d(WIDTH, WIDTH, 3))
+    quantize_model(net, QuantPolicy.from_config(TrainConfig(model="mlp", dataset="digits", format=FORMAT)))
+    layer = net[0].gemm_quant  # type: ignore[union-attr]
+    for tensor in (ACTIVATIONS, WEIGHTS, GRADIENTS, WEIGHT_GRADS):
+        assert getattr(layer, tensor).format.scaling.axis == 1, tensor

@@ -263,3 +263,43 @@ def test_conv_and_linear_training_block_along_the_reduction_axis() -> None:
     for spec in ("nvfp4", "block(fp6_e2m3,size=16,scale=ue5m3)"):
         quant = _on_axis(TensorQuant(get(spec)), 1)
         assert quant.format.scaling.axis == 1 and quant.format.scale == get(spec).scale
+
+
+def ue5m3_value(code: int) -> float:
+    """UE5M3 as an exact integer model: 8 bits, no sign; exponent field e (5 bits, bias 15) and
+    mantissa m (3 bits); e = 0 is subnormal, m * 2^-17; code 0xFF is the only NaN, no inf."""
+    if code == 0xFF:
+        return math.nan
+    e, m = code >> 3, code & 7
+    return math.ldexp(m, -17) if e == 0 else math.ldexp(8 + m, e - 18)
+
+
+def test_ue5m3_scale_grid_is_the_integer_model_over_every_code_and_tie() -> None:
+    """Every UE5M3 code decodes to the model's value and encodes back; every midpoint between
+    neighbouring values (and its float64 neighbours) rounds to the model's nearest, ties to the
+    even code; block scales are those values."""
+    fmt = get("block(fp4_e2m1,size=16,scale=ue5m3)")
+    grid = fmt.scale_grid
+    assert grid is not None and fmt.scale_bits == 8
+    codes = torch.arange(256)
+    expected = torch.tensor([ue5m3_value(c) for c in range(256)], dtype=torch.float64)
+    decoded = grid.decode(codes)
+    assert torch.equal(torch.isnan(decoded), torch.isnan(expected))
+    assert torch.equal(decoded[:255], expected[:255])
+    assert torch.equal(grid.encode(expected[:255]), codes[:255])
+    assert grid.max == 114688.0 and grid.min_positive == 2.0**-17
+    values = expected[:255]
+    middles = (values[1:] + values[:-1]) / 2
+    tie_codes = torch.arange(254)  # the midpoint between codes c and c + 1 goes to the even one
+    nearest_even = torch.where(tie_codes % 2 == 0, values[:-1], values[1:])
+    assert torch.equal(grid.round_unscaled(middles, "nearest", None), nearest_even)
+    up = torch.nextafter(middles, torch.tensor(math.inf, dtype=torch.float64))
+    down = torch.nextafter(middles, torch.tensor(0.0, dtype=torch.float64))
+    assert torch.equal(grid.round_unscaled(up, "nearest", None), values[1:])
+    assert torch.equal(grid.round_unscaled(down, "nearest", None), values[:-1])
+    # Block scales: max|v| / 6 rounded onto UE5M3 (clamped to its smallest normal 2^-14 and max).
+    normal = values[(values >= 2.0**-14)]
+    amax = torch.cat([normal, middles[middles > 2.0**-14]]).double() * 6
+    scales = fmt.block_scales(amax.reshape(-1, 1)).reshape(-1)
+    model = grid.round_unscaled((amax / 6).clamp(2.0**-14, 114688.0), "nearest", None)
+    assert torch.equal(scales, model) and bool(torch.isin(scales, values).all())

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from dse.errors import InputError
 from dse.formats import Scaling, get
-from dse.formats import base as base_module
 from dse.formats.base import NumberFormat
+from dse.formats.fast import slices
+from dse.formats.fast.scales import host_tensor_scale
 from dse.formats.lns import LNS
 
 EXHAUSTIVE = ["lns(3,gamma=1,scale=none)", "lns(3,gamma=2,scale=none)", "lns(4,gamma=4,scale=none)",
@@ -211,7 +212,7 @@ def test_slices_and_the_fused_scale_round_the_same(spec: str, dtype: torch.dtype
     tensor, specials and every sign included, for signed and clamped lookup tables (see lns.py)."""
     fmt = lns(spec)
     generator = torch.Generator().manual_seed(9)
-    n = 3 * base_module.CPU_SLICE_ELEMENTS_PER_THREAD + 123
+    n = 3 * slices.CPU_SLICE_ELEMENTS_PER_THREAD + 123
     log2 = torch.randint(-150, 150, (n,), generator=generator).to(dtype)
     finite = torch.randn(n, generator=generator, dtype=dtype) * torch.exp2(log2)
     special = finite.clone()
@@ -223,7 +224,7 @@ def test_slices_and_the_fused_scale_round_the_same(spec: str, dtype: torch.dtype
         sliced = [fmt.quantize(x) for x in (finite, special)]
         sliced_rounded = fmt.round_unscaled(special, "nearest", None)
         torch.set_num_threads(max(threads, 2))
-        monkeypatch.setattr(base_module, "CPU_SLICE_ELEMENTS_PER_THREAD", 2 * n)  # one slice
+        monkeypatch.setattr(slices, "CPU_SLICE_ELEMENTS_PER_THREAD", 2 * n)  # one slice
         whole = [NumberFormat.quantize(fmt, x) for x in (finite, special)]
         whole_rounded = fmt.round_unscaled(special, "nearest", None)
     finally:
@@ -427,7 +428,7 @@ def test_wide_grids_with_a_tensor_scale_stay_finite_and_exact(amax: float) -> No
     assert float(scale) > 0
     unit = lns("lns(16,gamma=128,scale=none)")
     assert_bits_equal(got, (unit.quantize(x / scale) * scale).numpy())
-    assert np.float32(fmt.host_tensor_scale(x)) == scale.numpy()
+    assert np.float32(host_tensor_scale(fmt, x)) == scale.numpy()
 
 
 def test_gamma_below_the_float32_bound_is_a_one_line_error_with_exit_code_2() -> None:

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dse.formats import ZOO, NumberFormat, Scaling, get
+from dse.formats.fast.scales import host_tensor_scale
 
 ENUMERABLE = [spec for spec in ZOO if get(spec).bits <= 16]
 # Rounding in the value domain (posit/LNS are geometric).
@@ -212,7 +213,7 @@ def test_host_tensor_scale_is_scale_from_amax_bit_for_bit(spec: str, dtype: torc
     fmt = get(spec)
     for x in scale_probes(dtype):
         device_scale = fmt.scale_from_amax(x.abs().amax())
-        host = torch.tensor(fmt.host_tensor_scale(x), dtype=torch.float64)
+        host = torch.tensor(host_tensor_scale(fmt, x), dtype=torch.float64)
         assert torch.equal(host, device_scale.double()), (spec, dtype, float(x.abs().amax()))
         for rounding in ("nearest", "toward_zero", "pseudo_stochastic"):
             expected = fmt.round_unscaled(x / device_scale, rounding, None) * device_scale
@@ -256,7 +257,7 @@ def test_small_tensors_take_the_same_rounding_as_sliced_ones(spec: str, rounding
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Tensors within one CPU slice skip the slicing; with slices shrunk to 256 elements per thread
     the same tensor goes through the sliced path: both must agree bit for bit."""
-    from dse.formats import base
+    from dse.formats.fast import slices
 
     fmt = get(spec)
     generator = torch.Generator().manual_seed(4)
@@ -267,7 +268,7 @@ def test_small_tensors_take_the_same_rounding_as_sliced_ones(spec: str, rounding
         data = x.to(dtype)
         whole = fmt.quantize(data, rounding)
         with monkeypatch.context() as patch:
-            patch.setattr(base, "CPU_SLICE_ELEMENTS_PER_THREAD", 256)
+            patch.setattr(slices, "CPU_SLICE_ELEMENTS_PER_THREAD", 256)
             sliced = fmt.quantize(data, rounding)
         assert same_bits(whole, sliced), (spec, rounding, dtype)
 

@@ -202,6 +202,22 @@ def seq_first(shape, classes):
     return SeqFirst(shape[0], classes)
 
 
+class Attention(nn.Module):  # nn.MultiheadAttention's GEMMs are function calls
+    def __init__(self, width, classes):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        tokens = x.reshape(len(x), -1, 8)
+        y, _ = self.attn(tokens, tokens, tokens)
+        return self.head(y.reshape(len(x), -1))
+
+
+def attention(shape, classes):
+    return Attention(shape[0], classes)
+
+
 def tied(shape, classes):
     net = nn.Sequential(nn.Linear(shape[0], 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16),
                         nn.ReLU(), nn.Linear(16, classes))
@@ -224,7 +240,8 @@ def test_a_users_model_stacks_where_its_layers_are_known(own_models: Path, digit
 
 
 @pytest.mark.parametrize("factory, why", [
-    ("dropout", "random numbers"), ("functional", "function calls"), ("seq_first", "another axis"),
+    ("dropout", "random numbers"), ("functional", "function calls"), ("attention", "function calls"),
+    ("seq_first", "another axis"),
     ("tied", "tied weights"),
 ])
 def test_a_users_model_that_cannot_stack_trains_one_by_one_and_says_why(

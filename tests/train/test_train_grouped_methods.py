@@ -17,7 +17,13 @@ from dse.formats.base import MemberGenerators
 from dse.train import TrainConfig, train
 from dse.train.grouped import group_reason, train_group
 from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error, stacked
-from dse.train.niti.stacked import act_calc_members, float_to_int_members, grad_calc_members
+from dse.train.niti.exponents import _mantissa_of
+from dse.train.niti.stacked import (
+    act_calc_members,
+    float_to_int_members,
+    grad_calc_members,
+    mantissa_of_members,
+)
 
 BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
 
@@ -158,3 +164,19 @@ def test_grouped_members_equal_alone_runs_on_cuda(fields: dict[str, Any]) -> Non
     batched cuBLAS call may sum in another order than a single one: this says whether it does."""
     base = BASE.replace(device="cuda", **fields)
     _same_as_alone([base.replace(seed=0), base.replace(seed=1)], load_dataset(base.dataset))
+
+
+def test_each_member_keeps_its_tagged_exponent_only_where_its_values_sit_on_that_grid() -> None:
+    """The exponent a NITI layer reads from its input, per member as `_mantissa_of` reads it alone:
+    on the grid (kept), off the grid or outside float32's exact scaling (TiFloatToInt8 afresh)."""
+    source = torch.Generator().manual_seed(0)
+    mantissas = torch.randint(-10, 11, (4, 3, 5), generator=source).float()  # TiFloatToInt8 would scale up
+    mantissas[:, 0, 1] = 10.0
+    exps = (-9, -3, 120, -4)
+    values = torch.stack([m * 2.0**e for m, e in zip(mantissas, exps, strict=True)])
+    values[1, 0, 0] += 2.0**-6  # member 1 off its grid
+    stacked, stacked_exps = mantissa_of_members(values, exps, 7)
+    for g, exp in enumerate(exps):
+        alone, alone_exp = _mantissa_of(values[g], exp, 7)
+        assert stacked_exps[g] == alone_exp and torch.equal(stacked[g], alone)
+    assert [e - s for e, s in zip(exps, stacked_exps, strict=True)] == [0, 3, 3, 0]  # kept, afresh x2, kept

@@ -13,8 +13,8 @@ member applies alone.
 
 The GEMMs are integer sums below 2^24 (float32) or 2^53 (float64), exact in any order, so a
 batched GEMM gives each member exactly its integers alone (convolutions run member by member on
-their slices of the folded batch): a member of a
-group trains bit for bit as `dse train` trains it (tests/train/test_train_grouped_methods.py).
+their slices of the folded batch): a member of a group trains bit for bit as `dse train` trains it
+(tests/train/test_train_grouped_methods.py).
 """
 
 from __future__ import annotations
@@ -73,16 +73,19 @@ def float_to_int_members(x: Tensor, bitwidth: int) -> tuple[Tensor, Exponents]:
 
 
 def mantissa_of_members(values: Tensor, exps: Exponents | None, bitwidth: int) -> tuple[Tensor, Exponents]:
-    """`_mantissa_of` per member: the tagged exponents where every member sits on its grid, else each
-    member's TiFloatToInt8 (members off their grid take it, the others keep their exponent)."""
+    """`_mantissa_of` per member: a member's tagged exponent where its values sit on that grid (and
+    the exponent is in float32's exact range), else the member's own TiFloatToInt8."""
     values = _plain(values).detach()
-    if exps is None or values.dtype != torch.float32 or max(map(abs, exps)) > _EXACT_SCALING:
+    if exps is None or values.dtype != torch.float32:
         return float_to_int_members(values, bitwidth)
-    mantissa = values * _pow2(_negated(exps), values, values.dtype)
-    if torch.equal(mantissa, torch.round(mantissa)) and host_abs_max(mantissa) <= 2**bitwidth:
+    usable = [abs(e) <= _EXACT_SCALING for e in exps]
+    mantissa = values * _pow2(_negated(tuple(e if ok else 0 for e, ok in zip(exps, usable, strict=True))),
+                              values, values.dtype)
+    if all(usable) and torch.equal(mantissa, torch.round(mantissa)) and host_abs_max(mantissa) <= 2**bitwidth:
         return mantissa, exps  # every member on its grid (the usual case): two passes, as alone
     flat = mantissa.reshape(len(exps), -1)
-    on_grid = ((flat == flat.round()).all(1) & (flat.abs().amax(1) <= 2**bitwidth)).tolist()
+    grid = ((flat == flat.round()).all(1) & (flat.abs().amax(1) <= 2**bitwidth)).tolist()
+    on_grid = [ok and fits for ok, fits in zip(usable, grid, strict=True)]
     fresh, fresh_exps = float_to_int_members(values, bitwidth)
     keep = torch.tensor(on_grid, device=values.device).view(-1, *[1] * (values.dim() - 1))
     return (torch.where(keep, mantissa, fresh),

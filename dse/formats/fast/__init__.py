@@ -1,0 +1,99 @@
+"""Fast paths: faster computations of what a format's reference rounding computes, kept apart from
+the formats' definitions.
+
+Each family module (floating.py, lns.py, block.py, posit.py, ...) defines its grid, its codes and
+a plain reference rounding. The modules here hold what makes those fast on a CPU (fused
+magic-constant kernels, exact torch casts, lookup tables, integer block kernels, host-side scales,
+cache-sized slices), and each is registered here with the reference it must equal bit for bit, the
+formats, roundings and dtypes it serves, and the code space on which the tests compare the two
+(tests/formats/test_fast_paths.py runs every registered path against its reference, with
+`reference_only()` switching every fast path off, and checks that the path did run).
+
+A family asks `enabled(name)` before it takes a fast path: False inside `reference_only()`, and the
+name is recorded inside `recording()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Operation = Literal["quantize", "round_unscaled"]
+CodeSpace = Literal["grid", "scaled", "blocks", "wide"]
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """A fast computation and the reference it must equal.
+
+    `operation` is the NumberFormat method whose results it gives (`quantize`, or `round_unscaled`
+    on unscaled values); `formats`, `roundings` and `dtypes` are the cases it serves, on which the
+    tests check it; `code_space` the inputs they check it over: `grid` every value of the format's
+    grid, every midpoint between neighbours and its float neighbours, specials and random bit
+    patterns of every exponent, at several scales; `scaled` the finite part of `grid` times 2^-5
+    (a tensor whose scale is a moderate power of two); `blocks` blocks whose max has every float32
+    exponent, with element ties, zeros, inf and NaN; `wide` float values of every exponent.
+    """
+
+    name: str
+    reference: str
+    operation: Operation
+    formats: tuple[str, ...]
+    roundings: tuple[str, ...] = ("nearest",)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    code_space: CodeSpace = "grid"
+
+
+FAST_PATHS: dict[str, FastPath] = {}
+
+_REFERENCE_ONLY = contextvars.ContextVar("dse_reference_only", default=False)
+_USED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("dse_fast_paths_used", default=None)
+
+
+def register(path: FastPath) -> str:
+    """Add a fast path to the registry; its name, for `enabled`."""
+    if path.name in FAST_PATHS and FAST_PATHS[path.name] != path:
+        raise ValueError(f"fast path {path.name!r} is registered twice")
+    FAST_PATHS[path.name] = path
+    return path.name
+
+
+def enabled(name: str) -> bool:
+    """Whether fast path `name` may run now (not inside `reference_only()`); records it as used."""
+    if _REFERENCE_ONLY.get():
+        return False
+    used = _USED.get()
+    if used is not None:
+        used.add(name)
+    return True
+
+
+def reference_only_active() -> bool:
+    """Inside `reference_only()`."""
+    return _REFERENCE_ONLY.get()
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Run every format's reference rounding inside the block: no fast path, whole tensors."""
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[set[str]]:
+    """The names of the fast paths taken inside the block."""
+    used: set[str] = set()
+    token = _USED.set(used)
+    try:
+        yield used
+    finally:
+        _USED.reset(token)

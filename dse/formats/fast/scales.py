@@ -1,0 +1,83 @@
+"""Per-tensor scales taken on the host: on the CPU, reading max|x| back once and computing the scale
+in Python costs less than the dozen scalar tensor operations of `scale_from_amax` (five, and about
+twenty for a power of two), and it gives the same value bit for bit; a power-of-two scale may then
+be fused into a family's rounding (`NumberFormat.round_scaled_on_host`)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from dse.formats.base import (
+    FLOAT32_MIN_NORMAL,
+    ROUNDINGS,
+    constant,
+    host_abs_max,
+    round_to_float32,
+)
+from dse.formats.fast import FastPath, enabled, register
+
+if TYPE_CHECKING:
+    from dse.formats.base import NumberFormat
+
+HOST_SCALE = register(FastPath(
+    name="host-tensor-scale",
+    reference="NumberFormat.round_by_scale with scale_from_amax(max|x|) computed on the device",
+    operation="quantize",
+    formats=("int8", "int4", "int(8,pow2=1)", "fp8_e4m3(scale=tensor)", "fp8_e5m2(scale=tensor,pow2=1)",
+             "p3109(8,3,scale=tensor)", "posit(8,0,scale=tensor)", "lns8", "lns(12,gamma=16,pow2=1)"),
+    roundings=ROUNDINGS + ("stochastic(5)",),
+    dtypes=(torch.float32, torch.float64),
+    code_space="scaled",
+))
+
+
+def host_tensor_scale(fmt: NumberFormat, x: Tensor) -> float:
+    """`fmt.scale_from_amax(max|x|)` for the whole of x (float32 or float64), as a Python float.
+
+    The same value bit for bit: the float32 division max|x| / max is the float64 quotient
+    rounded to float32 (float64 carries more than twice float32's digits, so that double
+    rounding is exact), and the power of two comes from the same frexp.
+    """
+    amax = host_abs_max(x)
+    if not 0.0 < amax < math.inf:  # zero, inf or NaN
+        return 1.0
+    if x.dtype == torch.float32:
+        ratio = round_to_float32(amax / fmt.max_float32)
+    else:
+        ratio = amax / fmt.max
+    if not fmt.scaling.pow2:
+        return ratio if ratio > 0.0 else 1.0  # as scale_from_amax: never a zero divisor
+    mantissa, exponent = math.frexp(ratio)
+    exponent -= mantissa == 0.5
+    # ratio >= the dtype's smallest subnormal (or 0: exponent 0), so 2^exponent is a value of
+    # the dtype unless it passes the top, where the cast gives inf.
+    if exponent > (127 if x.dtype == torch.float32 else 1023):
+        return math.inf
+    return math.ldexp(1.0, exponent)
+
+
+def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: torch.Generator | None
+                        ) -> Tensor | None:
+    """round(x / scale) * scale with the scale taken on the host (CPU tensors); None elsewhere.
+
+    The scale comes back as a 0-dim tensor of x's dtype holding the same value (the CPU divides by
+    it exactly); a scale of 1 skips the division and product (both exact), a float32 subnormal one
+    takes `round_by_float32_scale_values`, a power of two may be fused into the rounding.
+    """
+    if x.device.type != "cpu" or not enabled(HOST_SCALE):
+        return None
+    scale = host_tensor_scale(fmt, x)
+    if scale == 1.0:  # x / 1 and y * 1 are exact: skip both
+        return fmt.round_unscaled(x, rounding, generator)
+    if x.dtype == torch.float32 and scale < FLOAT32_MIN_NORMAL:
+        scale64 = constant(scale, torch.float64, x.device)
+        return fmt.round_by_float32_scale_values(x, scale64, rounding, generator)
+    fused = fmt.round_scaled_on_host(x, scale, rounding) if fmt.scaling.pow2 else None
+    if fused is not None:
+        return fused
+    scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
+    return fmt.round_scaled(x, scale_t, rounding, generator)
