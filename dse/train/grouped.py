@@ -10,8 +10,9 @@ others go on). `train_group(configs)` returns for each config what `dse.train.lo
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) and for
-chains of Linear, Conv, ReLU, max-pooling and reshape stages. The other methods stack every network
+NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) for the
+networks the other methods stack whose NITI layers are Linear and Conv (not yet its Embedding and
+attention Matmul: the transformer). The other methods stack every network
 whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy); other models train one
 by one (`group_reason` says why: functional GEMMs, tied weights, dropout, a batch on another axis
 than the first).
@@ -70,7 +71,7 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
     if config.optimizer == "niti":
         from dse.train.niti.stacked import niti_stack_reason
 
-        reason = niti_stack_reason(model)
+        reason = niti_stack_reason(model, example)
     else:
         reason = stack_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"
@@ -313,7 +314,7 @@ def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators:
     bitwidth = check_niti(first)
     for model, generator in zip(models, generators, strict=True):
         convert_model(model, bitwidth, generator)
-    model = stack_niti_models([m for m in models if isinstance(m, nn.Sequential)])
+    model = stack_niti_models(models)
     optimizer = StackedNitiOptimizer(stacked_weights(model), [c.niti_mu for c in configs], bitwidth,
                                      niti_copy_bits(first, bitwidth + 1))
 

@@ -239,22 +239,21 @@ class StackedNitiConv(_StackedNitiGemm):
 
 # --- the network, its loss and its update --------------------------------------------------------
 
-_STAGES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "ReLU", "Flatten", "_Reshape", "MaxPool1d",
-                            "MaxPool2d")
+_NITI_GEMMS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+"""The layers NITI converts that stack (NitiLinear, NitiConv); its Embedding and Matmul do not yet."""
 
 
-def niti_stack_reason(model: nn.Module) -> str | None:
-    """Why `model` cannot be stacked under NITI (None: it can): nn.Sequential chains of Linear and
-    Conv1d/2d layers (NITI-converted), ReLU, max-pooling, Flatten and reshape stages."""
-    if type(model) is not nn.Sequential:
-        return f"{type(model).__name__} is not a chain of layers (nn.Sequential)"
-    for module in model:
-        name = type(module).__name__
-        if name not in _STAGES:
-            return f"its {name} layers do not stack under NITI yet"
-        if isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) != (1, -1):
-            return "a Flatten over other dimensions than all but the batch"
-    return None
+def niti_stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
+    """Why `model` cannot be stacked under NITI (None: it can): what keeps it from stacking at all
+    (dse/train/stacked.py `stack_reason`, with its check forward on `example`), or a layer NITI
+    converts whose stacked form is not written yet (Embedding, Matmul: attention)."""
+    from dse.models.layers import Matmul
+    from dse.train.stacked import stack_reason
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, Matmul, nn.Conv3d)):
+            return f"its {type(module).__name__} {name} does not stack under NITI yet"
+    return stack_reason(model, example)
 
 
 class FoldedNitiNetwork(nn.Module):
@@ -272,14 +271,27 @@ class FoldedNitiNetwork(nn.Module):
 
 def stack_niti_models(models: Sequence[nn.Module]) -> FoldedNitiNetwork:
     """One network from G NITI-converted networks of one architecture (`convert_model`: each with its
-    own weights and exponents); the models `niti_stack_reason` accepts."""
+    own weights and exponents): NITI layers stacked, other layers with weights or buffers of their
+    own (BatchNorm, frozen under NITI but with each member's batch statistics) run per member
+    (dse/train/stacked.py `PerMemberLayer`), the rest as written; `niti_stack_reason` says which
+    networks it takes."""
+    from dse.train.stacked import PerMemberLayer
+
     network = copy.deepcopy(models[0])
     for name, module in models[0].named_modules():
-        if isinstance(module, (NitiLinear, NitiConv)):
-            layers = [dict(model.named_modules())[name] for model in models]
-            stacked = StackedNitiConv(layers) if isinstance(module, NitiConv) else StackedNitiLinear(layers)
-            parent, _, child = name.rpartition(".")
-            setattr(network.get_submodule(parent), child, stacked)
+        if not name:
+            continue
+        layers = [model.get_submodule(name) for model in models]
+        if isinstance(module, NitiConv):
+            stacked: nn.Module = StackedNitiConv([layer for layer in layers if isinstance(layer, NitiConv)])
+        elif isinstance(module, NitiLinear):
+            stacked = StackedNitiLinear([layer for layer in layers if isinstance(layer, NitiLinear)])
+        elif (module._parameters or module._buffers) and not any(True for _ in module.children()):
+            stacked = PerMemberLayer(layers, len(models))
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(network.get_submodule(parent), child, stacked)
     return FoldedNitiNetwork(network, len(models))
 
 
