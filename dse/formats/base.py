@@ -96,6 +96,8 @@ def constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
 # float32's smallest normal: scales below it are float32 subnormals, which a CPU flushing denormals
 # (torch.set_flush_denormal, as training runs) reads and writes as zero.
 FLOAT32_MIN_NORMAL = 2.0**-126
+# Scales from this power of two up are inf in float32: such a scale is used as its float64 value.
+FLOAT32_SCALE_LIMIT = 2.0**128
 _FLOAT32_SUBNORMAL_STEP_EXPONENT = -149
 
 
@@ -109,6 +111,20 @@ def round_to_float32(value: float) -> float:
         return _FLOAT32.unpack(_FLOAT32.pack(value))[0]
     except OverflowError:
         return math.copysign(math.inf, value)
+
+
+def round_to_float32_significand(value: float) -> float:
+    """A Python float rounded to float32's 24-bit significand (nearest, ties to even) with no bound
+    on the exponent: float32 rounding wherever that gives a normal float32, and the same relative
+    precision beyond float32's range, where float32 would give a subnormal, zero or inf."""
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(_FLOAT32.unpack(_FLOAT32.pack(mantissa))[0], exponent)
+
+
+def float32_significand_values(t: Tensor) -> Tensor:
+    """`round_to_float32_significand` of positive finite float64 values, elementwise (float64)."""
+    mantissa, exponent = torch.frexp(t)
+    return mantissa.float().double() * power_of_two(exponent)
 
 
 def float32_values(t: Tensor) -> Tensor:
@@ -589,11 +605,14 @@ class NumberFormat(ABC):
 
         The same where the CPU flushes denormals (training sets it), with the denormals flushed: a
         group of zeros is divided by 1 (not by E8M0's 2^-127, which is a float32 subnormal: 0 / 0
-        would be NaN), and where a float32 scale would be a subnormal (max|x| of a group near
-        float32's smallest normal), the quotients and products are taken in float64
-        (`round_by_float32_scale_values`). Elsewhere (nearly always) one division and one product.
+        would be NaN), and where a float32 scale would leave float32's normals (a subnormal, zero or
+        inf: max|x| of a group small against the grid's max, or huge against a grid's max below 1),
+        the scale is exact (`float32_scale_values`) and the quotients and products are taken in
+        float64 (`round_by_float32_scale_values`). Elsewhere (nearly always) one division and one
+        product.
         """
-        if x.dtype == torch.float32 and bool(((amax > 0) & (amax < self._subnormal_scale_amax)).any()):
+        if x.dtype == torch.float32 and bool(((amax > 0) & (amax < self._subnormal_scale_amax)).any()
+                                             | (amax > self._huge_scale_amax).any()):
             return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
         scale = self.divisor_from_amax(amax)
         return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
@@ -613,23 +632,26 @@ class NumberFormat(ABC):
         """A bound under which max|x| may give a float32 scale below float32's normals (0 excluded)."""
         return self.max_float32 * FLOAT32_MIN_NORMAL * 2
 
+    @cached_property
+    def _huge_scale_amax(self) -> float:
+        """A bound over which max|x| (finite) may give a float32 scale of 2^128 or more (inf)."""
+        return self.max_float32 * FLOAT32_SCALE_LIMIT / 4
+
     def divisor_from_amax(self, amax: Tensor) -> Tensor:
         """scale_from_amax, with 1 wherever max|x| is 0 (0 / s * s is 0 for every s; 1 is a normal
         float32 where a scale format's smallest scale may not be)."""
         return self.scale_from_amax(amax)
 
     def float32_scale_values(self, amax: Tensor) -> Tensor:
-        """`divisor_from_amax` of float32 amax as float64 values, float32's subnormals included, computed
-        in float64 so that they come out whether or not the CPU flushes float32 denormals."""
+        """The scales of float32 amax as float64 values, exact where float32 cannot hold them: the
+        ratio max|x| / max rounded to float32's significand (float32's rounding wherever the ratio
+        is a normal float32), then its power of two with pow2; 1 where max|x| is 0 or not finite.
+        `divisor_from_amax`'s values wherever those are normal float32s, whether or not the CPU
+        flushes float32 denormals."""
         amax = amax.double()  # a flushed input max|x| reads as 0 here, as it does in float32
         usable = (amax > 0) & (amax < math.inf)
-        grid_max = self.max_float32
-        if self.scaling.pow2:
-            ratio = float32_values(torch.where(usable, amax, 1.0) / grid_max)
-            scale = float32_values(power_of_two(pow2_ceil_exponent(ratio).clamp(-1074, 1023)))
-        else:
-            scale = float32_values(amax / grid_max)
-            usable &= scale > 0
+        ratio = float32_significand_values(torch.where(usable, amax, 1.0) / self.max_float32)
+        scale = power_of_two(pow2_ceil_exponent(ratio)) if self.scaling.pow2 else ratio
         return torch.where(usable, scale, 1.0)
 
     @cached_property

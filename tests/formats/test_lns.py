@@ -418,17 +418,20 @@ def test_wide_grids_round_any_float32_as_the_exact_model_does(spec: str, x: floa
 
 @pytest.mark.parametrize("amax", [1e-30, 1e-3, 1.0, 1e37])
 def test_wide_grids_with_a_tensor_scale_stay_finite_and_exact(amax: float) -> None:
-    """x / scale rounded, times scale, in float32; a scale amax / max that would underflow to zero
-    (amax below about 2^-21 for a 2^128 grid) is 1 instead, where the grid holds amax itself."""
+    """x / scale rounded, times scale, in float32 arithmetic; a scale amax / max below float32's
+    normals (amax below about 2^2 for a 2^128 grid) keeps float32's 24-bit significand in float64
+    (float32 would make it a subnormal or zero, and x / scale overflow)."""
     fmt = lns("lns(16,gamma=128)")
     x = torch.from_numpy((np.random.default_rng(11).standard_normal(4000) * amax).astype(np.float32))
     got = fmt.quantize(x)
     assert torch.isfinite(got).all()
-    scale = fmt.scale_from_amax(x.abs().max())
-    assert float(scale) > 0
+    ratio = float(x.abs().max()) / float(np.float32(fmt.max))
+    mantissa, exponent = math.frexp(ratio)
+    scale = math.ldexp(float(np.float32(mantissa)), exponent)
     unit = lns("lns(16,gamma=128,scale=none)")
-    assert_bits_equal(got, (unit.quantize(x / scale) * scale).numpy())
-    assert np.float32(host_tensor_scale(fmt, x)) == scale.numpy()
+    expected = (unit.quantize((x.double() / scale).float()).double() * scale).float()
+    assert_bits_equal(got, expected.numpy())
+    assert host_tensor_scale(fmt, x) == scale
 
 
 def test_gamma_below_the_float32_bound_is_a_one_line_error_with_exit_code_2() -> None:

@@ -208,16 +208,37 @@ def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 @pytest.mark.parametrize("spec", TENSOR_SCALED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_host_tensor_scale_is_scale_from_amax_bit_for_bit(spec: str, dtype: torch.dtype) -> None:
-    """The CPU takes the per-tensor scale on the host; it must be the device formula's value, and
-    quantize must equal round_unscaled(x / scale) * scale with the device formula's tensor scale."""
+    """The CPU takes the per-tensor scale on the host; it must be the device formula's value (for a
+    float32 scale outside float32's normals, the exact value `float32_scale_values` gives), and
+    quantize must equal round_unscaled(x / scale) * scale with that scale (in float64 arithmetic
+    rounded to float32 where float32 cannot hold the scale)."""
     fmt = get(spec)
     for x in scale_probes(dtype):
-        device_scale = fmt.scale_from_amax(x.abs().amax())
+        amax = x.abs().amax()
+        device_scale = fmt.scale_from_amax(amax).double()
+        exact_scale = fmt.float32_scale_values(amax) if dtype == torch.float32 else device_scale
+        outside = dtype == torch.float32 and not 2.0**-126 <= float(exact_scale) < 2.0**128
+        if not outside:
+            assert torch.equal(exact_scale, device_scale), (spec, float(amax))
         host = torch.tensor(host_tensor_scale(fmt, x), dtype=torch.float64)
-        assert torch.equal(host, device_scale.double()), (spec, dtype, float(x.abs().amax()))
+        assert torch.equal(host, exact_scale), (spec, dtype, float(amax))
         for rounding in ("nearest", "toward_zero", "pseudo_stochastic"):
-            expected = fmt.round_unscaled(x / device_scale, rounding, None) * device_scale
-            assert same_bits(fmt.quantize(x, rounding), expected), (spec, rounding, float(x.abs().amax()))
+            expected = divide_round_multiply(fmt, x, rounding)
+            assert same_bits(fmt.quantize(x, rounding), expected), (spec, rounding, float(amax))
+
+
+def divide_round_multiply(fmt: NumberFormat, x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """round_unscaled(x / s) * s for x's per-tensor scale s: in x's dtype, or for a float32 scale
+    outside float32's normals (its exact value from `float32_scale_values`) in float64, rounded to
+    float32 (exact quotients and products, each rounded once)."""
+    amax = x.abs().amax()
+    if x.dtype == torch.float32:
+        exact_scale = fmt.float32_scale_values(amax)
+        if not 2.0**-126 <= float(exact_scale) < 2.0**128:
+            quotient = (x.double() / exact_scale).float()
+            return (fmt.round_unscaled(quotient, rounding, None).double() * exact_scale).float()
+    scale = fmt.scale_from_amax(amax)
+    return fmt.round_unscaled(x / scale, rounding, None) * scale
 
 
 FUSED_POW2 = ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3(overflow=nan)", "fp8_e4m3fnuz", "fp8_e5m2fnuz", "fp6_e3m2",
@@ -228,7 +249,8 @@ FUSED_POW2 = ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3(overflow=nan)", "fp8_e4m3fnuz", 
 def test_power_of_two_tensor_scale_fused_into_fp_rounding_is_bit_exact(spec: str) -> None:
     """On the CPU a power-of-two tensor scale 2^k is folded into the FP rounding's constants: the
     result must equal dividing by 2^k, rounding and multiplying back, for every k float32 allows
-    (the grid's values, ties and neighbours at each scale, subnormal inputs, +-0)."""
+    (the grid's values, ties and neighbours at each scale, subnormal inputs, +-0), and the float64
+    path for scales float32 cannot hold."""
     element = get(spec)
     fmt = dataclasses.replace(element, scaling=Scaling(kind="tensor", pow2=True))
     values = element.values()
@@ -241,9 +263,7 @@ def test_power_of_two_tensor_scale_fused_into_fp_rounding_is_bit_exact(spec: str
         x = torch.cat([x, torch.nextafter(x, torch.full_like(x, math.inf)),
                        torch.nextafter(x, torch.full_like(x, -math.inf)),
                        torch.tensor([2.0**-149, -(2.0**-140), 3.0e-39])])
-        scale = fmt.scale_from_amax(x.abs().amax())
-        expected = element.round_unscaled(x / scale, "nearest", None) * scale
-        assert same_bits(fmt.quantize(x), expected), (spec, k)
+        assert same_bits(fmt.quantize(x), divide_round_multiply(fmt, x, "nearest")), (spec, k)
 
 
 SLICED = [*ZOO, "fp8_e4m3(scale=tensor,pow2=1)", "int8(pow2=1)", "lns(8,underflow=saturate)",

@@ -13,10 +13,11 @@ from torch import Tensor
 
 from dse.formats.base import (
     FLOAT32_MIN_NORMAL,
+    FLOAT32_SCALE_LIMIT,
     ROUNDINGS,
     constant,
     host_abs_max,
-    round_to_float32,
+    round_to_float32_significand,
 )
 from dse.formats.fast import FastPath, enabled, register
 
@@ -45,19 +46,17 @@ def host_tensor_scale(fmt: NumberFormat, x: Tensor) -> float:
     amax = host_abs_max(x)
     if not 0.0 < amax < math.inf:  # zero, inf or NaN
         return 1.0
-    if x.dtype == torch.float32:
-        ratio = round_to_float32(amax / fmt.max_float32)
+    if x.dtype == torch.float32:  # float32's rounding, with no bound on the exponent (a float64 value)
+        ratio = round_to_float32_significand(amax / fmt.max_float32)
     else:
         ratio = amax / fmt.max
     if not fmt.scaling.pow2:
         return ratio if ratio > 0.0 else 1.0  # as scale_from_amax: never a zero divisor
     mantissa, exponent = math.frexp(ratio)
     exponent -= mantissa == 0.5
-    # ratio >= the dtype's smallest subnormal (or 0: exponent 0), so 2^exponent is a value of
-    # the dtype unless it passes the top, where the cast gives inf.
-    if exponent > (127 if x.dtype == torch.float32 else 1023):
-        return math.inf
-    return math.ldexp(1.0, exponent)
+    # float64 ratio >= the smallest subnormal (or 0: exponent 0), so 2^exponent is a float64 value
+    # unless it passes the top, where the cast gives inf.
+    return math.ldexp(1.0, exponent) if exponent <= 1023 else math.inf
 
 
 def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: torch.Generator | None
@@ -66,14 +65,15 @@ def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: 
 
     The scale comes back as a 0-dim tensor of x's dtype holding the same value (the CPU divides by
     it exactly); a scale of 1 skips the division and product (both exact), a float32 subnormal one
-    takes `round_by_float32_scale_values`, a power of two may be fused into the rounding.
+    takes `round_by_float32_scale_values`, as does one that float32 cannot hold (below its subnormals
+    or above its max: the scale is exact in float64); a power of two may be fused into the rounding.
     """
     if x.device.type != "cpu" or not enabled(HOST_SCALE):
         return None
     scale = host_tensor_scale(fmt, x)
     if scale == 1.0:  # x / 1 and y * 1 are exact: skip both
         return fmt.round_unscaled(x, rounding, generator)
-    if x.dtype == torch.float32 and scale < FLOAT32_MIN_NORMAL:
+    if x.dtype == torch.float32 and not FLOAT32_MIN_NORMAL <= scale < FLOAT32_SCALE_LIMIT:
         scale64 = constant(scale, torch.float64, x.device)
         return fmt.round_by_float32_scale_values(x, scale64, rounding, generator)
     fused = fmt.round_scaled_on_host(x, scale, rounding) if fmt.scaling.pow2 else None
