@@ -13,7 +13,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from dse.precision import FORMAT_FIELDS, LayerRule, TensorFormats, layer_rules
+from dse.data import DATASETS
+from dse.errors import InputError, SettingError, choice
+from dse.formats import check_rounding
+from dse.formats import get as get_format
+from dse.models.proxies import MODELS
+from dse.precision import (
+    FORMAT_FIELDS,
+    FP32,
+    FULL_PRECISION_LAYER_NAMES,
+    LayerRule,
+    TensorFormats,
+    canonical_spec,
+    layer_rules,
+)
+from dse.usercode import is_ref
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam", "niti")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
@@ -21,6 +35,84 @@ TENSOR_FORMAT_FIELDS: tuple[str, ...] = FORMAT_FIELDS
 """The fields that give a tensor class its number format (spec strings)."""
 SPEC_FIELDS: tuple[str, ...] = (*TENSOR_FORMAT_FIELDS, "accumulation")
 """Every field that holds a format spec."""
+
+
+_AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk",
+                                   "lr_step_epochs")
+_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "lr_warmup_epochs")
+_POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
+_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
+    "lr_schedule": ("lr_schedule", LR_SCHEDULES),
+}
+_ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
+MAX_LR = 100.0
+"""No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
+
+
+def field_value(name: str, value: Any) -> Any:
+    """One TrainConfig field's value checked for what it means; returns it normalised (names in lower
+    case, format specs canonical). Every check of a field's value is here, in one place: TrainConfig
+    runs it on every field when it is made, and the sweep file's validator and the CLI run it to place
+    an error at a key or a flag. Nothing is read from disk or probed (loop.check_field adds that).
+    One line per problem, without a location."""
+    if value is None:
+        return None
+    if name in ("model", "dataset") and is_ref(value):
+        return value.strip()
+    if name in _ROUNDING_FIELDS:
+        return check_rounding(value)
+    if name in _NAMES:
+        kind, valid = _NAMES[name]
+        return choice(kind, value, valid)
+    if name in SPEC_FIELDS:
+        return canonical_spec(value)
+    if name == "full_precision_layers":
+        return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
+    if name == "layers":
+        rules = layer_rules(value)
+        for rule in rules:
+            for field_name, spec in rule.formats:
+                try:
+                    get_format(spec)
+                except ValueError as error:
+                    raise InputError(f"{rule.label()}: {field_name}: {str(error).splitlines()[0]}") from None
+        return rules
+    if name in _AT_LEAST_ONE and value < 1:
+        raise InputError(f"{name} must be >= 1, got {value}")
+    if name in _NON_NEGATIVE and not value >= 0:
+        raise InputError(f"{name} must be >= 0, got {value}")
+    if name in _POSITIVE and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{name} must be a positive number, got {value}")
+    if name == "lr" and value > MAX_LR:
+        raise InputError(f"lr must be at most {MAX_LR:g}, got {value:g}")
+    if name == "momentum" and not value < 1:
+        raise InputError(f"momentum must be below 1 (a momentum of 1 or more never forgets a gradient and "
+                         f"diverges), got {value:g}")
+    if name == "master_weights":
+        return master_copy(value)
+    if name == "device":
+        if value != "cpu" and not value.startswith("cuda"):
+            raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
+    return value
+
+
+def master_copy(value: bool | str) -> bool | str:
+    """master_weights normalised: True (an fp32 copy), False (the weight format) or a canonical spec.
+
+    The words true and false (as a command line spells them) are the booleans; the spec fp32 is True.
+    """
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in ("true", "false"):
+        return word == "true"
+    try:
+        spec = canonical_spec(value)
+    except ValueError as error:
+        raise InputError(f"expected true, false or a format spec: {str(error).splitlines()[0]}") from None
+    return True if spec == FP32 else spec
+
 
 
 @dataclass(frozen=True)
@@ -110,8 +202,21 @@ class TrainConfig:
     """Folder of a file dataset (mnist, cifar10)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, tuple) or not all(isinstance(rule, LayerRule) for rule in self.layers):
-            object.__setattr__(self, "layers", layer_rules(self.layers))
+        """Every field checked and normalised by `field_value` (a SettingError names the field)."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            try:
+                normal = field_value(item.name, value)
+            except TypeError:  # a value of another type than the field's (the sweep and CLI check types)
+                raise SettingError(item.name, f"config {item.name}: expected {item.type}, "
+                                   f"got {value!r}") from None
+            except ValueError as error:  # a spec's own message does not say which field holds it
+                message = str(error).splitlines()[0]
+                named = item.name in (*SPEC_FIELDS, "master_weights")
+                raise SettingError(item.name, f"config {item.name}: {message}" if named else message) \
+                    from None
+            if normal is not value:
+                object.__setattr__(self, item.name, normal)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

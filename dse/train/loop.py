@@ -8,7 +8,6 @@ seeded by `config.seed`, and the run uses `config.threads` torch threads.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 import warnings
@@ -19,13 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dse.data import DATASETS, Dataset, load_dataset, with_validation
-from dse.errors import InputError, choice
-from dse.formats import check_rounding
-from dse.formats import get as get_format
-from dse.models.proxies import MODELS, ModelFactory, build_model
-from dse.precision import FP32, FULL_PRECISION_LAYER_NAMES, canonical_spec, layer_rules
-from dse.train.config import LR_SCHEDULES, OPTIMIZERS, SPEC_FIELDS, TrainConfig, TrainingSetup, TrainResult
+from dse.data import Dataset, load_dataset, with_validation
+from dse.errors import InputError
+from dse.models.proxies import ModelFactory, build_model
+from dse.train.config import TrainConfig, TrainingSetup, TrainResult, field_value
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
 from dse.train.optim import lns_madam_copy_error, quantized_optimizer
 from dse.train.policy import QuantPolicy
@@ -42,19 +38,6 @@ GemmReport = Callable[[list[Gemm], list[str]], None]
 first run during training joins it then) and the GEMMs it could not (one line each)."""
 
 
-_AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk",
-                                   "lr_step_epochs")
-_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "lr_warmup_epochs")
-_POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
-_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
-    "lr_schedule": ("lr_schedule", LR_SCHEDULES),
-}
-_ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
-MAX_LR = 100.0
-"""No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
-
-
 def check_batch_size(batch_size: int, training_samples: int | None, dataset: str) -> None:
     """A batch no larger than the training set (an epoch would otherwise be one short batch)."""
     if training_samples is not None and batch_size > training_samples:
@@ -63,82 +46,24 @@ def check_batch_size(batch_size: int, training_samples: int | None, dataset: str
 
 
 def check_field(name: str, value: Any) -> Any:
-    """One TrainConfig field's value checked for what it means; returns it normalised (names in lower
-    case, format specs canonical). One line per problem and no location: `check_config` and the
-    sweep file's validator each say where."""
-    if value is None:
-        return None
-    if name in ("model", "dataset") and is_ref(value):
+    """`field_value` (what a TrainConfig field's value means, normalised), plus what the value needs of
+    this machine: a user's model or dataset (`file.py:function`) loads, a CUDA device exists. One
+    line per problem and no location: `check_config`, the sweep file's validator and the CLI each
+    say where."""
+    value = field_value(name, value)
+    if name in ("model", "dataset") and value is not None and is_ref(value):
         load_function(value, name)  # the file or module and the function in it exist
-        return value.strip()
-    if name in _ROUNDING_FIELDS:
-        return check_rounding(value)
-    if name in _NAMES:
-        kind, valid = _NAMES[name]
-        return choice(kind, value, valid)
-    if name in SPEC_FIELDS:
-        return canonical_spec(value)
-    if name == "full_precision_layers":
-        return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
-    if name == "layers":
-        rules = layer_rules(value)
-        for rule in rules:
-            for field_name, spec in rule.formats:
-                try:
-                    get_format(spec)
-                except ValueError as error:
-                    raise InputError(f"{rule.label()}: {field_name}: {str(error).splitlines()[0]}") from None
-        return rules
-    if name in _AT_LEAST_ONE and value < 1:
-        raise InputError(f"{name} must be >= 1, got {value}")
-    if name in _NON_NEGATIVE and not value >= 0:
-        raise InputError(f"{name} must be >= 0, got {value}")
-    if name in _POSITIVE and not (math.isfinite(value) and value > 0):
-        raise InputError(f"{name} must be a positive number, got {value}")
-    if name == "lr" and value > MAX_LR:
-        raise InputError(f"lr must be at most {MAX_LR:g}, got {value:g}")
-    if name == "momentum" and not value < 1:
-        raise InputError(f"momentum must be below 1 (a momentum of 1 or more never forgets a gradient and "
-                         f"diverges), got {value:g}")
-    if name == "master_weights":
-        return master_copy(value)
-    if name == "device":
-        if value != "cpu" and not value.startswith("cuda"):
-            raise InputError(f"device must be 'cpu' or 'cuda[:N]', got {value!r}")
-        if value.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"device {value!r} asked for, but torch sees no CUDA device")
+    if name == "device" and value.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {value!r} asked for, but torch sees no CUDA device")
     return value
-
-
-def master_copy(value: bool | str) -> bool | str:
-    """master_weights normalised: True (an fp32 copy), False (the weight format) or a canonical spec.
-
-    The words true and false (as a command line spells them) are the booleans; the spec fp32 is True.
-    """
-    if isinstance(value, bool):
-        return value
-    word = value.strip().lower()
-    if word in ("true", "false"):
-        return word == "true"
-    try:
-        spec = canonical_spec(value)
-    except ValueError as error:
-        raise InputError(f"expected true, false or a format spec: {str(error).splitlines()[0]}") from None
-    return True if spec == FP32 else spec
 
 
 def check_config(config: TrainConfig, model_given: bool = False) -> None:
     """Reject what cannot run, before any data is loaded (one line each). `model_given`: the model comes
     as a factory, not from config.model."""
-    for field in dataclasses.fields(config):
-        if model_given and field.name == "model":
-            continue
-        try:
-            check_field(field.name, getattr(config, field.name))
-        except ValueError as error:  # a spec's own message does not say which field holds it
-            if field.name not in (*SPEC_FIELDS, "master_weights"):
-                raise
-            raise InputError(f"config {field.name}: {str(error).splitlines()[0]}") from None
+    for name in ("model", "dataset", "device"):  # TrainConfig checked the rest when it was made
+        if not (model_given and name == "model"):
+            check_field(name, getattr(config, name))
     if config.optimizer == "niti":
         from dse.train.niti import check_niti
 
@@ -250,10 +175,11 @@ def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progres
     with their formats) and those left in fp32.
     """
     check_config(config, model_given=model is not None)
-    if model is not None:
-        config = config.replace(model=describe(model))
     with _run_settings(config.threads):
-        return _train(config, dataset, progress, model, on_gemms)
+        result = _train(config, dataset, progress, model, on_gemms)
+    if model is not None:
+        result.config["model"] = describe(model)  # what trained: the factory, not config.model
+    return result
 
 
 def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | None,

@@ -190,13 +190,7 @@ class QuantPolicy:
         rounded to nearest. `config.layers` and `full_precision_layers` give layers other formats
         (`for_layer`).
         """
-        for name in ("rounding", "update_rounding"):
-            value = getattr(config, name)
-            try:
-                check_rounding(value)
-            except InputError as error:
-                raise InputError(f"config {name}: {error}") from None
-        formats = config.tensor_formats()
+        formats = config.tensor_formats()  # (a TrainConfig's fields are checked when it is made)
         gemm = _gemm_quants(formats, config.rounding, config.layer_scaling)
         for rule in config.layers:  # every rule's formats are valid before any model is built
             _gemm_quants(rule.over(formats), config.rounding, config.layer_scaling)

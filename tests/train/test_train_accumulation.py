@@ -271,7 +271,7 @@ def test_accumulation_precision_decides_training_results() -> None:
     assert abs(bf16.test_accuracy - fp32.test_accuracy) <= 0.02
     assert coarse.loss_curve[-1] > fp32.loss_curve[-1] + 0.1
     assert coarse.test_accuracy < fp32.test_accuracy - 0.05
-    assert coarse.config["accumulation"] == "fp(e=5,m=2)" and coarse.config["accumulation_chunk"] == 1
+    assert coarse.config["accumulation"] == "fp8_e5m2" and coarse.config["accumulation_chunk"] == 1
 
 
 def test_accumulator_overflow_diverges_and_a_saturating_one_does_not() -> None:

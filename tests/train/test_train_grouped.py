@@ -290,3 +290,13 @@ def test_grouped_members_equal_alone_runs_on_cuda(fields: dict[str, Any], digits
     base = BASE.replace(device="cuda", **fields)
     members = MADAM_SEEDS if base.optimizer == "lns-madam" else SEEDS
     _same_as_alone([base.replace(**member) for member in members], digits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["cnn-2d", "resnet-1d", "transformer"])
+def test_proxy_families_grouped_equal_alone_runs_on_cuda(family: str) -> None:
+    """Convolutions run member by member (the same call as alone, cuDNN held deterministic); Linear
+    and attention as batched GEMMs, which cuBLAS may sum in another order than one GEMM."""
+    model, dataset, samples = FAMILIES[family]
+    base = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64, format="int8", device="cuda")
+    _same_as_alone([base.replace(**member) for member in SEEDS], _subset(dataset, samples, 200))

@@ -232,3 +232,34 @@ def test_cli_passes_schedule_madam_and_master_copy_options_through() -> None:
                         (lns_madam_bf16, "bf16")):
         outcome = runner.invoke(app, ["train", "--epochs", "1", *bad])
         assert outcome.exit_code == 2 and needle in outcome.stderr and outcome.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("rounding", "nearst", "unknown rounding"),
+    ("update_rounding", "stochastic(99)", "stochastic"),
+    ("lr", 1e9, "lr must be at most"),
+    ("momentum", 5.0, "momentum must be below 1"),
+    ("epochs", 0, "epochs must be >= 1"),
+    ("optimizer", "sdg", "did you mean 'sgd'"),
+    ("format", "int99", "config format: invalid format spec"),
+    ("master_weights", "posit(99,1)", "config master_weights"),
+])
+def test_a_train_config_checks_each_field_once_where_the_sweep_and_the_cli_read_it(
+        field: str, value: object, message: str, tmp_path) -> None:
+    """TrainConfig checks every field when it is made (a SettingError naming the field); the sweep file
+    places the same check's message at the key's line and `dse train` at its flag, exit 2."""
+    from dse.errors import SettingError
+    from dse.sweep import parse_config
+
+    with pytest.raises(SettingError, match=message) as caught:
+        TrainConfig(**{field: value})
+    assert caught.value.setting == field and "\n" not in str(caught.value)
+    text = f"task: {{model: mlp, dataset: digits}}\ntrials:\n  - {{{field}: {json.dumps(value)}}}\n"
+    with pytest.raises(InputError, match=f"t.yaml:3: trials\\[0\\].{field}: .*") as in_file:
+        parse_config(text, "t.yaml")
+    assert str(in_file.value).split(f"{field}: ", 1)[1].removeprefix(f"config {field}: ") in \
+        str(caught.value)
+    flag = "--" + field.replace("_", "-")
+    epochs = [] if field == "epochs" else ["--epochs", "1"]  # (a bad value never trains)
+    result = CliRunner().invoke(app, ["train", *epochs, flag, str(value), "--quiet"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output

@@ -666,7 +666,8 @@ def test_lns_madam_on_a_2_pow_128_grid_saturates_at_the_smallest_nonzero_float32
 def test_lns_madam_with_a_non_lns_copy_says_why(spec):
     from dse.train.loop import check_config
 
-    with pytest.raises(InputError, match=f"LNS format.*master_weights '{re.escape(spec)}'") as caught:
+    canonical = get(spec).spec  # the config holds it in its canonical spelling
+    with pytest.raises(InputError, match=f"LNS format.*master_weights '{re.escape(canonical)}'") as caught:
         check_config(TrainConfig(format="lns8", optimizer="lns-madam", master_weights=spec))
     assert "log code" in str(caught.value) and "\n" not in str(caught.value)
 
