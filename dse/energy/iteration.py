@@ -182,11 +182,12 @@ class Use:
     fmt: Operand
     tensor: str
     array: Array
-    along_blocks: bool = True
-    """Whether this GEMM reduces along the axis the tensor's blocks run along. Training quantizes each
-    tensor once, in blocks along its own last axis (the channel axis for convolutions), and reuses it
-    as quantized in every GEMM (dse/train/layers.py); a GEMM that reduces across those blocks meets a
-    new scale at every product (`datapath_for`'s `across_blocks`)."""
+    requantized: bool = False
+    """Whether this GEMM quantizes the tensor again, from its unquantized values, when its format is
+    block-scaled. Training quantizes a block-scaled operand once per GEMM that uses it, with the blocks
+    along that GEMM's reduction axis (dse/train/layers.py, as microsoft/microxcaling's mx/linear.py
+    does), so every GEMM runs on the block datapath and each use after a tensor's first costs one more
+    quantization; other formats are quantized once and reused."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,22 +201,21 @@ class Pass:
 
 
 def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
-    """The three GEMMs of a layer whose second operand is a weight (else a second activation), with
-    the axes training blocks each operand along. A weight is stored (out, in) and blocked along `in`,
-    the forward reduction; a second activation b of a @ b is stored (k, n) and blocked along n, so the
-    forward reduces across its blocks and backward-data (dy @ b^T) along them."""
+    """The three GEMMs of a layer whose second operand is a weight (else a second activation). Each
+    tensor's first quantization is priced where it is made (a GEMM's output, the weight update); the
+    backward GEMMs quantize a block-scaled b, x and dy again along their own reduction axes."""
     b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
     dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
     act, grad = f.activations, f.gradients
     return [
         Pass(name="forward", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A),
-             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, along_blocks=b_is_weight),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B),
              out=Use(fmt=act, tensor=ACTIVATIONS, array=Array.OUT)),
         Pass(name="backward_data", a=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT),
-             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, along_blocks=not b_is_weight),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, requantized=True),
              out=Use(fmt=grad, tensor=GRADIENTS, array=Array.A)),
-        Pass(name="backward_weight", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, along_blocks=False),
-             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, along_blocks=False),
+        Pass(name="backward_weight", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, requantized=True),
+             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, requantized=True),
              out=Use(fmt=dw_fmt, tensor=dw_tensor, array=Array.B)),
     ]
 
@@ -246,8 +246,7 @@ class _Tally:
 
     def gemm(self, names: np.ndarray, sizes: dict[Array, np.ndarray], macs: np.ndarray, p: Pass,
              rounding: Rounding) -> None:
-        dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath,
-                          across_blocks=(not p.a.along_blocks, not p.b.along_blocks))
+        dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath)
         pp, pg, po = dp.per_product, dp.per_group, dp.per_output
         outputs = sizes[p.out.array]
         reduction = macs / np.maximum(outputs, 1.0)
@@ -256,6 +255,9 @@ class _Tally:
         conversion = (macs * pp.conversion_pj + groups * pg.conversion_pj
                       + outputs * (po.conversion_pj + to_output))
         conversion = conversion + sizes[p.a.array] * dp.a_convert_pj + sizes[p.b.array] * dp.b_convert_pj
+        for use in (p.a, p.b):
+            if use.requantized and use.fmt.block_size:  # quantized again along this GEMM's reduction axis
+                conversion = conversion + sizes[use.array] * self.conversion(FP32, use.fmt, rounding)
         self.add(names, p.name, "multiply",
                  macs * pp.multiply_pj + groups * pg.multiply_pj + outputs * po.multiply_pj)
         self.add(names, p.name, "conversion", conversion)
@@ -377,8 +379,7 @@ def in_scope(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
 def training_area_um2(formats: TrainingFormats | FormatArg, model: EnergyModel,
                       workload: str | Workload = "resnet50") -> dict[str, float]:
     """Area (um^2, at the model's node) of the hardware a training run needs: `datapath` sums one
-    dot-product unit per distinct pair of operands (as the unit sees them: a block-scaled operand
-    reduced across its blocks enters as FP) of a weight layer's three GEMMs; `pe` adds the operand
+    dot-product unit per distinct pair of operands of a weight layer's three GEMMs; `pe` adds the operand
     registers of every lane and the optimizer's update unit (a multiplier and an adder in its
     arithmetic format). NaN where the node has no published area scaling."""
     if model.area is None:
@@ -387,16 +388,14 @@ def training_area_um2(formats: TrainingFormats | FormatArg, model: EnergyModel,
     f = spec.resolve(get_workload(workload))
     area = model.area
     datapath = registers = 0.0
-    seen: set[tuple[tuple[Any, ...], ...]] = set()
+    seen: set[tuple[Any, Any]] = set()
     for p in layer_passes(f, b_is_weight=True):
         a, b = p.a.fmt, p.b.fmt
-        across = (not p.a.along_blocks, not p.b.along_blocks)
-        key = tuple(fmt.hardware.across_blocks(fmt).key if flag else fmt.key
-                    for fmt, flag in zip((a, b), across, strict=True))
+        key = (a.key, b.key)
         if key in seen:
             continue
         seen.add(key)
-        dp = datapath_for(a, b, area, model.datapath, across_blocks=across)
+        dp = datapath_for(a, b, area, model.datapath)
         datapath += dp.unit_total
         registers += dp.group_size * area.register(a.storage_bits + b.storage_bits)
     arith = f.master_weights or f.optimizer_state

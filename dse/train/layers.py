@@ -6,8 +6,19 @@ For a layer y = op(x, w) (+ bias in fp32) the three GEMMs of a training step see
     backward-data    dx = op_backward_data(Qe(dy), Qw(w))
     backward-weight  dw = Qwg(op_backward_weight(Qa(x), Qe(dy)))      db = sum(Qe(dy))
 
-The quantized operands saved in the forward pass are reused in the backward pass, and the
-quantizers are straight-through: dx and dw go to x and w unchanged. The backward GEMMs are written
+Each GEMM quantizes its operands along its own reduction axis, from the unquantized tensors, as
+the OCP MX authors' library does (microsoft/microxcaling, mx/linear.py, mx/convolution.py,
+mx/matmul.py): a block-scaled format (MX, NVFP4, `block(...)`) puts its blocks along that axis, so
+a block-scaled tensor class is quantized once per GEMM that uses it (`GemmAxes` lists the axes;
+forward x and w along the input features / channels, backward-data dy along the output features
+/ channels and w along its output axis, backward-weight x and dy along the batch axis), and db
+sums the unquantized dy. A tensor class without block scaling (per-tensor, per-channel or none)
+gives the same values along any axis, so it is quantized once, in the GEMM that first uses it, and
+the quantized tensor is reused (the forward's saved for the backward). Stochastic rounding draws
+once per quantization, in this order: forward x, w; backward dy (once, or along the
+backward-data axis), w (backward-data), x and dy (backward-weight); a GEMM not needed (no dx for
+the first layer) draws nothing. The quantizers are straight-through: dx and dw go to x and w
+unchanged. The backward GEMMs are written
 out (matmuls, `aten.convolution_backward`), not re-derived by autograd. An activation x activation
 GEMM (attention's `q @ k^T`, `p @ v`) quantizes both operands as activations and has two
 backward-data GEMMs, one per operand.
@@ -48,11 +59,83 @@ from dse.train.policy import QuantPolicy, TensorQuant, with_scaling
 Quantizer = Callable[[Tensor], Tensor]
 
 
+@dataclass(frozen=True)
+class GemmAxes:
+    """The reduction axis of each operand in each of a layer type's three GEMMs (axes of one
+    member's tensors; a stacked tensor's leading member axis is not counted)."""
+
+    forward: tuple[int, int]
+    """x, w."""
+    backward_data: tuple[int, int]
+    """dy, w."""
+    backward_weight: tuple[int, int]
+    """x, dy."""
+
+
+LINEAR_AXES = GemmAxes(forward=(-1, -1), backward_data=(-1, 0), backward_weight=(-2, -2))
+"""microxcaling's mx/linear.py: x (..., in) and w (out, in) along in; dy along out and w along its
+axis 0 (out); x and dy along axis -2, the examples (a 3-d x: its sequence axis)."""
+CONV_AXES = GemmAxes(forward=(1, 1), backward_data=(1, 0), backward_weight=(0, 0))
+"""microxcaling's mx/convolution.py: x (N, C_in, ...) and w (C_out, C_in/groups, ...) along the input
+channels; dy along the output channels and w along C_out; x and dy along the batch axis N."""
+
+
+class BlockQuantizer:
+    """A block-scaled tensor class's quantizer: `along(axis)` quantizes with the blocks along `axis`
+    (a GEMM's reduction axis); called plainly it quantizes along the format's own axis."""
+
+    def __init__(self, quant: TensorQuant, draw: Callable[[TensorQuant, Tensor], Tensor]) -> None:
+        self.quant = quant
+        self._draw = draw  # quant(x) with the layer's generator(s): alone or per member
+        self._along: dict[int, TensorQuant] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self._draw(self.quant, x)
+
+    def along(self, x: Tensor, axis: int) -> Tensor:
+        quant = self._along.get(axis)
+        if quant is None:
+            fmt = self.quant.format
+            assert fmt is not None
+            quant = dataclasses.replace(self.quant, format=with_scaling(
+                fmt, dataclasses.replace(fmt.scaling, axis=axis)))
+            self._along[axis] = quant
+        if axis < 0 and x.dim() < -axis:  # a 1-d Linear input: one example, blocks of one along it
+            return self._draw(quant, x.reshape((1,) * (-axis - x.dim()) + x.shape)).reshape(x.shape)
+        return self._draw(quant, x)
+
+
+def is_block_scaled(quant: TensorQuant) -> bool:
+    return quant.format is not None and quant.format.scaling.kind == "block"
+
+
+def _blocked(quantizer: Quantizer | None) -> bool:
+    return isinstance(quantizer, BlockQuantizer)
+
+
+def _error_for_gemm(quantizer: Quantizer | None, dy: Tensor, qe: Tensor, axis: int) -> Tensor:
+    """The error as one GEMM sees it: block-scaled, dy along `axis`; else `qe`, quantized once."""
+    return _for_gemm(quantizer, dy, axis) if _blocked(quantizer) else qe
+
+
+def _for_gemm(quantizer: Quantizer | None, x: Tensor, axis: int) -> Tensor:
+    """x as one GEMM sees it: a block-scaled class along that GEMM's reduction axis `axis`."""
+    if quantizer is None:
+        return x
+    if isinstance(quantizer, BlockQuantizer):
+        return quantizer.along(x, axis)
+    return quantizer(x)
+
+
 # --- the GEMMs of each layer type ---------------------------------------------------------------
 
 
 class LinearOp:
     """y = x w^T: x (..., in), w (out, in)."""
+
+    @property
+    def axes(self) -> GemmAxes:
+        return LINEAR_AXES
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
@@ -88,6 +171,10 @@ class ConvOp:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+
+    @property
+    def axes(self) -> GemmAxes:
+        return CONV_AXES
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return accumulation.convolution(x, weight, bias, self.stride, self.padding, self.dilation,
@@ -125,6 +212,9 @@ class QuantSwitch:
 class GemmOp(Protocol):
     """The three GEMMs of a layer type (LinearOp, ConvOp, stacked.StackedLinearOp). An op used with
     an accumulator also has forward_accumulated/backward_accumulated, as LinearOp and ConvOp do."""
+
+    @property
+    def axes(self) -> GemmAxes: ...
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
@@ -190,9 +280,15 @@ class QuantGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
-        qx = layer.activations(x) if layer.activations is not None else x
-        qw = layer.weights(weight) if layer.weights is not None else weight
-        ctx.save_for_backward(qx, qw)
+        if _blocked(layer.activations) or _blocked(layer.weights):
+            x_axis, w_axis = layer.gemm.axes.forward
+            qx, qw = _for_gemm(layer.activations, x, x_axis), _for_gemm(layer.weights, weight, w_axis)
+        else:
+            qx = layer.activations(x) if layer.activations is not None else x
+            qw = layer.weights(weight) if layer.weights is not None else weight
+        # a block-scaled operand is quantized again along each backward GEMM's axis: keep it unquantized
+        ctx.save_for_backward(x if _blocked(layer.activations) else qx,
+                              weight if _blocked(layer.weights) else qw)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         if layer.accumulator is not None:
@@ -202,14 +298,31 @@ class QuantGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
-        qx, qw = ctx.saved_tensors
-        qe = layer.gradients(dy) if layer.gradients is not None else dy
+        x, weight = ctx.saved_tensors  # quantized already unless block-scaled
         need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if layer.accumulator is not None:
-            dx, dw = layer.accumulating_gemm.backward_accumulated(qe, qx, qw, need_data, need_weight,
-                                                                  layer.accumulator)
+
+        def gemms(e: Tensor, x: Tensor, w: Tensor, data: bool,
+                  wgt: bool) -> tuple[Tensor | None, Tensor | None]:
+            if layer.accumulator is not None:
+                return layer.accumulating_gemm.backward_accumulated(e, x, w, data, wgt, layer.accumulator)
+            return layer.gemm.backward(e, x, w, data, wgt)
+
+        if not (_blocked(layer.activations) or _blocked(layer.weights) or _blocked(layer.gradients)):
+            qe = layer.gradients(dy) if layer.gradients is not None else dy
+            dx, dw = gemms(qe, x, weight, need_data, need_weight)
         else:
-            dx, dw = layer.gemm.backward(qe, qx, qw, need_data, need_weight)
+            axes = layer.gemm.axes
+            qe = dy if _blocked(layer.gradients) else _for_gemm(layer.gradients, dy, 0)
+            dx = dw = None
+            if need_data:
+                dx = gemms(_error_for_gemm(layer.gradients, dy, qe, axes.backward_data[0]), x,
+                           _for_gemm(layer.weights, weight, axes.backward_data[1]) if _blocked(layer.weights)
+                           else weight, True, False)[0]
+            if need_weight:
+                qx = _for_gemm(layer.activations, x, axes.backward_weight[0]) if _blocked(layer.activations) \
+                    else x
+                e = _error_for_gemm(layer.gradients, dy, qe, axes.backward_weight[1])
+                dw = gemms(e, qx, weight, False, True)[1]
         if dw is not None and layer.weight_grads is not None:
             dw = layer.weight_grads(dw)
         db = layer.gemm.bias_grad(qe) if ctx.has_bias and need_bias else None
@@ -218,15 +331,16 @@ class QuantGemm(torch.autograd.Function):
 
 class QuantMatmulFn(torch.autograd.Function):
     """a @ b: an operand is quantized as an activation, or as a weight where `weight_operand` names it
-    (0: neither, 1: a, 2: b; its gradient is then a weight gradient); the incoming error as an error."""
+    (0: neither, 1: a, 2: b; its gradient is then a weight gradient); the incoming error as an error.
+    Axes as microxcaling's mx/matmul.py: forward a along -1 and b along -2; da = dy b^T with dy and b
+    along -1; db = a^T dy with a and dy along -2."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
-        qa_fn = layer.weights if weight_operand == 1 else layer.activations
-        qb_fn = layer.weights if weight_operand == 2 else layer.activations
-        qa = qa_fn(a) if qa_fn is not None else a
-        qb = qb_fn(b) if qb_fn is not None else b
-        ctx.save_for_backward(qa, qb)
+        qa_fn, qb_fn = _matmul_quantizers(layer, weight_operand)
+        qa = _for_gemm(qa_fn, a, -1)
+        qb = _for_gemm(qb_fn, b, -2)
+        ctx.save_for_backward(a if _blocked(qa_fn) else qa, b if _blocked(qb_fn) else qb)
         ctx.layer = layer
         ctx.weight_operand = weight_operand
         if layer.accumulator is not None:
@@ -236,21 +350,32 @@ class QuantMatmulFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
-        qa, qb = ctx.saved_tensors
-        qe = layer.gradients(dy) if layer.gradients is not None else dy
+        qa_fn, qb_fn = _matmul_quantizers(layer, ctx.weight_operand)
+        qa, qb = ctx.saved_tensors  # quantized already unless block-scaled
+        qe = dy if _blocked(layer.gradients) else _for_gemm(layer.gradients, dy, 0)
         accumulator = layer.accumulator
         da = db = None
         if ctx.needs_input_grad[0]:
-            da = (qe @ qb.transpose(-1, -2) if accumulator is None
-                  else accumulation.matmul_backward_a(qe, qb, accumulator)).sum_to_size(qa.shape)
+            e, b = _error_for_gemm(layer.gradients, dy, qe, -1), qb
+            if _blocked(qb_fn):
+                b = _for_gemm(qb_fn, qb, -1)
+            da = (e @ b.transpose(-1, -2) if accumulator is None
+                  else accumulation.matmul_backward_a(e, b, accumulator)).sum_to_size(qa.shape)
             if ctx.weight_operand == 1 and layer.weight_grads is not None:
                 da = layer.weight_grads(da)
         if ctx.needs_input_grad[1]:
-            db = (qa.transpose(-1, -2) @ qe if accumulator is None
-                  else accumulation.matmul_backward_b(qa, qe, accumulator)).sum_to_size(qb.shape)
+            a = _for_gemm(qa_fn, qa, -2) if _blocked(qa_fn) else qa
+            e = _error_for_gemm(layer.gradients, dy, qe, -2)
+            db = (a.transpose(-1, -2) @ e if accumulator is None
+                  else accumulation.matmul_backward_b(a, e, accumulator)).sum_to_size(qb.shape)
             if ctx.weight_operand == 2 and layer.weight_grads is not None:
                 db = layer.weight_grads(db)
         return da, db, None, None
+
+
+def _matmul_quantizers(layer: LayerQuant, weight_operand: int) -> tuple[Quantizer | None, Quantizer | None]:
+    return (layer.weights if weight_operand == 1 else layer.activations,
+            layer.weights if weight_operand == 2 else layer.activations)
 
 
 def quant_matmul(a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
@@ -411,6 +536,8 @@ def quant_switch(model: nn.Module) -> QuantSwitch | None:
 def _bind(quant: TensorQuant, generator: torch.Generator | None) -> Quantizer | None:
     if not quant.enabled:
         return None
+    if is_block_scaled(quant):
+        return BlockQuantizer(quant, lambda q, x: q(x, generator))
     if generator is None:
         return quant
     return lambda x: quant(x, generator)

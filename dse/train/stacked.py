@@ -53,7 +53,10 @@ from dse.models.layers import Matmul
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
 from dse.train.layers import (
+    LINEAR_AXES,
+    BlockQuantizer,
     ConvOp,
+    GemmAxes,
     LayerPolicies,
     LayerQuant,
     QuantGemm,
@@ -61,6 +64,7 @@ from dse.train.layers import (
     QuantSwitch,
     _on_axis,
     conv_geometry,
+    is_block_scaled,
     quant_matmul,
 )
 from dse.train.policy import QuantPolicy, TensorQuant
@@ -177,6 +181,10 @@ class StackedLinearOp:
     backward-data, the batch rows backward-weight; the chunks are batched matmuls.
     """
 
+    @property
+    def axes(self) -> GemmAxes:
+        return LINEAR_AXES
+
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         if bias is None:
@@ -224,6 +232,10 @@ class PerMemberOp:
     """A layer's GEMM op (ConvOp) run member by member over stacked operands (leading member axis)."""
 
     op: ConvOp
+
+    @property
+    def axes(self) -> GemmAxes:
+        return self.op.axes
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return torch.stack([self.op.forward(x[g], weight[g], _member(bias, g)) for g in range(len(x))])
@@ -287,6 +299,8 @@ def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | 
 def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantizer | None:
     if not quant.enabled:
         return None
+    if is_block_scaled(quant):
+        return BlockQuantizer(quant, lambda q, x: q.members(x, generators))
     return lambda x: quant.members(x, generators)
 
 

@@ -62,8 +62,16 @@ class RecordingOp:
         self.seen["forward_x"], self.seen["forward_w"] = x, weight
         return self.op.forward(x, weight, bias)
 
+    @property
+    def axes(self):
+        return self.op.axes
+
     def backward(self, dy, x, weight, need_data, need_weight):
         self.seen["backward_dy"], self.seen["backward_x"], self.seen["backward_w"] = dy, x, weight
+        if need_data:
+            self.seen["data_dy"], self.seen["data_w"] = dy, weight
+        if need_weight:
+            self.seen["weight_x"], self.seen["weight_dy"] = x, dy
         return self.op.backward(dy, x, weight, need_data, need_weight)
 
     def bias_grad(self, dy):
@@ -201,6 +209,84 @@ def test_conv_mx_blocks_run_along_channels():
     assert torch.equal(recorder.seen["forward_x"], along_channels.quantize(x))
     assert torch.equal(recorder.seen["forward_w"], along_channels.quantize(layer.weight.detach()))
     assert not torch.equal(recorder.seen["forward_x"], mx.quantize(x))
+
+
+def mx_policy(spec: str = "mxfp4") -> QuantPolicy:
+    quant = TensorQuant(get(spec))
+    return QuantPolicy(quant, quant, quant, TensorQuant(None), TensorQuant(None), TensorQuant(None))
+
+
+def mx_along(x: torch.Tensor, axis: int, spec: str = "mxfp4") -> torch.Tensor:
+    """The reference rule: x (fp32, unquantized) quantized with its blocks along `axis`."""
+    fmt = get(spec)
+    return dataclasses.replace(fmt, scaling=dataclasses.replace(fmt.scaling, axis=axis)).quantize(x)
+
+
+def recorded_gemms(layer: nn.Module, x: torch.Tensor, dy_shape: tuple[int, ...]):
+    """The operands each of the layer's three GEMMs received, and x, dy (unquantized)."""
+    recorder = RecordingOp(layer.gemm_quant.op)
+    layer.gemm_quant.op = recorder
+    x = x.clone().requires_grad_(True)
+    dy = torch.randn(dy_shape)
+    layer(x).backward(dy)
+    return recorder.seen, x, dy
+
+
+def test_block_scaled_linear_gemms_see_operands_blocked_along_each_gemms_reduction_axis():
+    """microxcaling's mx/linear.py: forward x, w along in; backward-data dy along out, w along its
+    axis 0 (out); backward-weight x and dy along the examples (-2); each from the fp32 tensor."""
+    torch.manual_seed(11)
+    layer = quantized(nn.Linear(64, 40), mx_policy())
+    seen, x, dy = recorded_gemms(layer, torch.randn(48, 64), (48, 40))
+    w = layer.weight.detach()
+    assert torch.equal(seen["forward_x"], mx_along(x.detach(), -1))
+    assert torch.equal(seen["forward_w"], mx_along(w, -1))
+    assert torch.equal(seen["data_dy"], mx_along(dy, -1))
+    assert torch.equal(seen["data_w"], mx_along(w, 0))
+    assert torch.equal(seen["weight_x"], mx_along(x.detach(), -2))
+    assert torch.equal(seen["weight_dy"], mx_along(dy, -2))
+    assert torch.equal(x.grad, mx_along(dy, -1) @ mx_along(w, 0))
+    assert torch.equal(layer.weight.grad, mx_along(dy, 0).t() @ mx_along(x.detach(), 0))
+    assert torch.equal(layer.bias.grad, dy.sum(0))  # db sums the unquantized error, as microxcaling
+
+
+def test_block_scaled_conv_gemms_see_operands_blocked_along_each_gemms_reduction_axis():
+    """microxcaling's mx/convolution.py: forward x, w along the input channels (1); backward-data dy
+    along the output channels (1), w along C_out (0); backward-weight x and dy along the batch (0)."""
+    torch.manual_seed(12)
+    layer = quantized(nn.Conv2d(32, 40, 3), mx_policy("mxfp8_e4m3"))
+    seen, x, dy = recorded_gemms(layer, torch.randn(36, 32, 5, 5), (36, 40, 3, 3))
+    w, fmt = layer.weight.detach(), "mxfp8_e4m3"
+    assert torch.equal(seen["forward_x"], mx_along(x.detach(), 1, fmt))
+    assert torch.equal(seen["forward_w"], mx_along(w, 1, fmt))
+    assert torch.equal(seen["data_dy"], mx_along(dy, 1, fmt))
+    assert torch.equal(seen["data_w"], mx_along(w, 0, fmt))
+    assert torch.equal(seen["weight_x"], mx_along(x.detach(), 0, fmt))
+    assert torch.equal(seen["weight_dy"], mx_along(dy, 0, fmt))
+
+
+def test_block_scaled_matmul_gemms_see_operands_blocked_along_each_gemms_reduction_axis():
+    """microxcaling's mx/matmul.py: forward a along -1, b along -2; da = dy b^T with dy and b along
+    -1; db = a^T dy with a and dy along -2."""
+    torch.manual_seed(13)
+    model = quantized(Matmul(), mx_policy())
+    a = torch.randn(2, 40, 64, requires_grad=True)
+    b = torch.randn(2, 64, 48, requires_grad=True)
+    dy = torch.randn(2, 40, 48)
+    y = model(a, b)
+    y.backward(dy)
+    a0, b0 = a.detach(), b.detach()
+    assert torch.equal(y, mx_along(a0, -1) @ mx_along(b0, -2))
+    assert torch.equal(a.grad, mx_along(dy, -1) @ mx_along(b0, -1).transpose(-1, -2))
+    assert torch.equal(b.grad, mx_along(a0, -2).transpose(-1, -2) @ mx_along(dy, -2))
+
+
+def test_non_block_formats_are_quantized_once_and_reused_by_every_gemm():
+    torch.manual_seed(14)
+    layer = quantized(nn.Linear(64, 40), distinct_policy())
+    seen, x, dy = recorded_gemms(layer, torch.randn(48, 64), (48, 40))
+    assert seen["data_w"] is seen["forward_w"] and seen["weight_x"] is seen["forward_x"]
+    assert seen["data_dy"] is seen["weight_dy"]
 
 
 def test_per_channel_weight_scaling_is_per_output_channel():
