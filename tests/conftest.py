@@ -1,16 +1,23 @@
 """Shared by every test folder (tests/ mirrors the package: formats, energy, models, train, sweep,
 report, data; the package's top-level modules are tested at the top).
 
-The helpers `report_frames` (synthetic sweep results) and `sweep_fakes` (stand-in training functions
-that worker processes import by name) live beside this file; pytest puts this folder on sys.path
-when it loads this conftest, so every test folder imports them by name.
+Tests reach the shared helpers only through the fixtures below, never by importing a helper module:
+`support.frames` builds synthetic sweep results, `support.fakes` holds stand-in training functions.
+The fakes stay in a module of their own because sweep worker processes unpickle them by their dotted
+name; pytest puts this folder on sys.path when it loads this conftest (and process pools hand their
+workers that sys.path), so `support.fakes` imports there too. The helper fixtures are session-scoped
+functions, so module-scoped fixtures and hypothesis tests can use them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
+from support import fakes, frames
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -24,5 +31,80 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tests_dir() -> Path:
-    """tests/: where the helper modules live, for a subprocess that imports them."""
+    """tests/: the folder a subprocess puts on sys.path to import a fake by its module name."""
     return TESTS
+
+
+# Stand-in training functions (support.fakes), picklable for worker processes.
+
+@pytest.fixture(scope="session")
+def fake_train() -> Callable[..., Any]:
+    """Raises for format int4, diverges for lr >= 10, else 'trains' instantly; logs to $DSE_FAKE_LOG."""
+    return fakes.fake_train
+
+
+@pytest.fixture(scope="session")
+def fake_accuracy() -> Callable[..., float]:
+    """The test (split 0) or validation (split 1) accuracy fake_train reports for a TrainConfig."""
+    return fakes.fake_accuracy
+
+
+@pytest.fixture(scope="session")
+def slow_train() -> Callable[..., Any]:
+    """fake_train taking 0.25 s a trial, so a sweep can be killed in the middle."""
+    return fakes.slow_train
+
+
+@pytest.fixture(scope="session")
+def validated_train() -> Callable[..., Any]:
+    """fake_train whose validation prefers lr 0.03 and test lr 0.1 when lr is tuned over [0.01, 0.03, 0.1]."""
+    return fakes.validated_train
+
+
+# Synthetic sweep results (support.frames), in the shape dse.sweep.store.load_trials returns.
+
+@pytest.fixture(scope="session")
+def make_trial_row() -> Callable[..., dict[str, Any]]:
+    """One trial row: make_trial_row(task, label, seed, accuracy, energy_mj_per_workload, **options)."""
+    return frames.trial_row
+
+
+@pytest.fixture(scope="session")
+def make_trials_frame() -> Callable[..., pd.DataFrame]:
+    """A trials frame with the sweep's attrs: make_trials_frame(rows, workloads, memory_objective=False)."""
+    return frames.trials_frame
+
+
+@pytest.fixture(scope="session")
+def unit_shares() -> tuple[float, ...]:
+    """How make_trial_row splits a workload's energy over the units (dse.sweep.store.UNITS' order)."""
+    return frames.UNIT_SHARES
+
+
+@pytest.fixture(scope="session")
+def make_example_trials() -> Callable[..., pd.DataFrame]:
+    """The example sweep on the given workloads (default proxy and resnet50): two tasks, three seeds,
+    a diverged seed, an all-error configuration, LaTeX-hostile labels."""
+    return frames.example_trials
+
+
+@pytest.fixture
+def example_trials(make_example_trials: Callable[..., pd.DataFrame]) -> pd.DataFrame:
+    """A fresh copy of the example sweep on proxy and resnet50."""
+    return make_example_trials()
+
+
+@pytest.fixture(scope="session")
+def store_trials() -> Callable[[Path, pd.DataFrame], None]:
+    """store_trials(directory, trials) writes a trials frame into a sweep store as the runner does."""
+    return frames.store_trials
+
+
+@pytest.fixture
+def built_store(tmp_path: Path, store_trials: Callable[[Path, pd.DataFrame], None],
+                example_trials: pd.DataFrame) -> Path:
+    """A sweep store of the example sweep at tmp_path/results/quickstart (where the quickstart writes)."""
+    store = tmp_path / "results" / "quickstart"
+    store.mkdir(parents=True)
+    store_trials(store, example_trials)
+    return store

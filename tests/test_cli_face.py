@@ -5,10 +5,11 @@ file at once, range checks, --retry-failed and what a Ray task reserves."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sweep_fakes import fake_train
 from typer.testing import CliRunner
 
 from dse import __version__
@@ -147,7 +148,8 @@ def test_lns_madam_with_int8_stored_weights_fails_the_dry_run(tmp_path: Path) ->
     assert result.exit_code == 2 and "lns-madam" in result.stderr and "s.yaml:4" in result.stderr
 
 
-def test_retry_failed_reruns_only_the_failed_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_failed_reruns_only_the_failed_trials(fake_train: Callable[..., Any], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "log.jsonl"
     monkeypatch.setenv("DSE_FAKE_LOG", str(log))
     sweep = parse_config(_sweep_text(tmp_path / "out", trials="  - {format: [int8, int4, fp32]}\n"), "s.yaml")

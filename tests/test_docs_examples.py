@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from report_frames import build_store, example_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -29,12 +28,9 @@ def test_the_readme_has_a_python_example() -> None:
 
 @pytest.mark.parametrize(("path", "index", "block"), EXAMPLES,
                          ids=[f"{path.name}-{index}" for path, index, _ in EXAMPLES])
-def test_the_example_runs(path: Path, index: int, block: str, tmp_path: Path,
+def test_the_example_runs(path: Path, index: int, block: str, built_store: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
-    store = tmp_path / "results" / "quickstart"
-    store.mkdir(parents=True)
-    build_store(store, example_trials(workloads=("proxy", "resnet50")))
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(built_store.parents[1])  # the folder holding results/quickstart
     threads = torch.get_num_threads()
     try:
         exec(compile(block, f"{path.name} example {index}", "exec"), {"__name__": "docs_example"})

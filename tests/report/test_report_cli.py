@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
-from report_frames import build_store, example_trials, trial_row, trials_frame
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -18,11 +19,13 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sweep_dir(store_trials: Callable[[Path, pd.DataFrame], None],
+              make_example_trials: Callable[..., pd.DataFrame],
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store of the example sweep, on one workload to keep the plots few (write_reports' own tests
     cover several)."""
     directory = tmp_path_factory.mktemp("sweep")
-    build_store(directory, example_trials(workloads=("resnet50",)))
+    store_trials(directory, make_example_trials(workloads=("resnet50",)))
     return directory
 
 
@@ -58,11 +61,14 @@ def test_report_prints_the_tables_and_rewrites_every_file(sweep_dir: Path) -> No
     assert "wrote 16 files" in result.stdout
 
 
-def test_report_with_memory_adds_the_memory_objective(tmp_path: Path) -> None:
-    rows = [trial_row("t", "small", 0, 0.9, {"w": 2.0}, memory_mib={"w": 1.0}),
-            trial_row("t", "fast", 0, 0.9, {"w": 1.0}, memory_mib={"w": 5.0}),
-            trial_row("t", "big", 0, 0.9, {"w": 3.0}, memory_mib={"w": 6.0})]
-    build_store(tmp_path, trials_frame(rows, ["w"]))
+def test_report_with_memory_adds_the_memory_objective(make_trial_row: Callable[..., dict[str, Any]],
+                                                      make_trials_frame: Callable[..., pd.DataFrame],
+                                                      store_trials: Callable[[Path, pd.DataFrame], None],
+                                                      tmp_path: Path) -> None:
+    rows = [make_trial_row("t", "small", 0, 0.9, {"w": 2.0}, memory_mib={"w": 1.0}),
+            make_trial_row("t", "fast", 0, 0.9, {"w": 1.0}, memory_mib={"w": 5.0}),
+            make_trial_row("t", "big", 0, 0.9, {"w": 3.0}, memory_mib={"w": 6.0})]
+    store_trials(tmp_path, make_trials_frame(rows, ["w"]))
     result = runner.invoke(app, ["report", str(tmp_path), "--memory"])
     assert result.exit_code == 0, result.output
     assert "min memory" in result.stdout and "Memory (MiB)" in result.stdout
@@ -112,12 +118,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(sweep_dir: Path, tmp_p
     assert list(empty.iterdir()) == []
 
 
-def test_report_with_titles_leaves_no_stale_cache_for_the_next_sweep_run(tmp_path: Path) -> None:
+def test_report_with_titles_leaves_no_stale_cache_for_the_next_sweep_run(
+        store_trials: Callable[[Path, pd.DataFrame], None], make_example_trials: Callable[..., pd.DataFrame],
+        tmp_path: Path) -> None:
     """The files a sweep rerun keeps (write_reports_if_changed) are those of the options it asks for: after
     `dse report --titles`, a rerun with nothing to train writes its untitled plots again."""
     from dse.report.files import write_reports_if_changed
 
-    build_store(tmp_path, example_trials(workloads=("resnet50",)))
+    store_trials(tmp_path, make_example_trials(workloads=("resnet50",)))
     frame = load_trials(tmp_path)
     plot = tmp_path / "pareto_mlp-digits_resnet50.pdf"
     write_reports_if_changed(frame, tmp_path)

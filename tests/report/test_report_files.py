@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
-from report_frames import example_trials, trial_row, trials_frame
 
 from dse.errors import InputError
 from dse.report import summarize_trials, write_reports
@@ -18,10 +19,11 @@ PDF_MAGIC = b"%PDF-"
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+def reports(make_example_trials: Callable[..., pd.DataFrame],
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """The example sweep's reports, written once for the tests that only read them."""
     out = tmp_path_factory.mktemp("reports") / "results" / "sweep"
-    return out, write_reports(example_trials(), out)
+    return out, write_reports(make_example_trials(), out)
 
 
 def test_write_reports_writes_every_file(reports: tuple[Path, list[Path]]) -> None:
@@ -45,9 +47,9 @@ def test_write_reports_writes_every_file(reports: tuple[Path, list[Path]]) -> No
             assert data
 
 
-def test_csv_files_round_trip(reports: tuple[Path, list[Path]]) -> None:
+def test_csv_files_round_trip(example_trials: pd.DataFrame, reports: tuple[Path, list[Path]]) -> None:
     out, _ = reports
-    trials = example_trials()
+    trials = example_trials
     read = pd.read_csv(out / "trials.csv")
     # CSV writes None (weight_grads: same as gradients) and "" (no error) as empty fields: NaN when read
     expected = trials.astype({"weight_grads": float}).replace({"error": {"": math.nan}})
@@ -72,10 +74,12 @@ def test_markdown_and_latex_files_hold_the_summary(reports: tuple[Path, list[Pat
     assert r"\toprule" in latex and r"\bottomrule" in latex and "lns(8,gamma=8)" in latex
 
 
-def test_memory_objective_adds_memory_columns(tmp_path: Path) -> None:
-    rows = [trial_row("t", "small", 0, 0.9, {"w": 2.0}, memory_mib={"w": 1.0}),
-            trial_row("t", "fast", 0, 0.9, {"w": 1.0}, memory_mib={"w": 5.0})]
-    written = write_reports(trials_frame(rows, ["w"]), tmp_path, memory_objective=True)
+def test_memory_objective_adds_memory_columns(make_trial_row: Callable[..., dict[str, Any]],
+                                              make_trials_frame: Callable[..., pd.DataFrame],
+                                              tmp_path: Path) -> None:
+    rows = [make_trial_row("t", "small", 0, 0.9, {"w": 2.0}, memory_mib={"w": 1.0}),
+            make_trial_row("t", "fast", 0, 0.9, {"w": 1.0}, memory_mib={"w": 5.0})]
+    written = write_reports(make_trials_frame(rows, ["w"]), tmp_path, memory_objective=True)
     pareto = pd.read_csv(tmp_path / "pareto.csv")
     assert list(pareto["label"]) == ["fast", "small"]  # "small" is on the front only thanks to memory
     assert "Memory (MiB)" in (tmp_path / "pareto.md").read_text()
@@ -83,10 +87,12 @@ def test_memory_objective_adds_memory_columns(tmp_path: Path) -> None:
     assert (tmp_path / "pareto_t_w.png") in written
 
 
-def test_a_task_whose_every_trial_raised_gets_tables_but_no_plots(tmp_path: Path) -> None:
-    rows = [trial_row("good", "a", 0, 0.9, {"w": 1.0}), trial_row("bad/task", "a", 0, 0.0, {"w": 1.0},
-                                                                  status="error")]
-    names = {p.name for p in write_reports(trials_frame(rows, ["w"]), tmp_path)}
+def test_a_task_whose_every_trial_raised_gets_tables_but_no_plots(
+        make_trial_row: Callable[..., dict[str, Any]], make_trials_frame: Callable[..., pd.DataFrame],
+        tmp_path: Path) -> None:
+    rows = [make_trial_row("good", "a", 0, 0.9, {"w": 1.0}),
+            make_trial_row("bad/task", "a", 0, 0.0, {"w": 1.0}, status="error")]
+    names = {p.name for p in write_reports(make_trials_frame(rows, ["w"]), tmp_path)}
     assert "pareto_good_w.png" in names and "breakdown_good_w.pdf" in names
     assert not any("bad" in name for name in names)
 
@@ -107,22 +113,23 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert target.read_text() == "new"
 
 
-def test_unwritable_output_is_one_line_input_error(tmp_path: Path) -> None:
+def test_unwritable_output_is_one_line_input_error(example_trials: pd.DataFrame, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match="cannot write .*file/out/trials.csv") as caught:
-        write_reports(example_trials(), blocker / "out")
+        write_reports(example_trials, blocker / "out")
     assert "\n" not in str(caught.value)
 
 
-def test_a_sweep_with_nothing_new_does_not_rewrite_its_reports(tmp_path: Path) -> None:
+def test_a_sweep_with_nothing_new_does_not_rewrite_its_reports(example_trials: pd.DataFrame,
+                                                               tmp_path: Path) -> None:
     """write_reports_if_changed: the same trials and code leave the files as they are; a changed
     trial or a missing file writes them all again."""
     import os
 
     from dse.report.files import write_reports_if_changed
 
-    frame = example_trials()
+    frame = example_trials
     written = write_reports_if_changed(frame, tmp_path)
     assert {p.name for p in written} == {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
     for path in written:

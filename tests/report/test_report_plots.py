@@ -4,9 +4,12 @@ different workloads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pandas as pd
-from report_frames import UNIT_SHARES, trial_row, trials_frame
+import pytest
 
 from dse.report import summarize_trials
 from dse.report.pareto import pareto_front
@@ -17,19 +20,22 @@ CONFIGS = {"fp32 sgd": ("fp32", 0.95, 4.0), "bf16 sgd": ("bf16", 0.94, 2.5), "in
 """label -> (format, accuracy, energy in mJ on both workloads): within one decade of energy."""
 
 
-def _summary() -> pd.DataFrame:
-    rows = [trial_row("t", label, seed, accuracy + 0.001 * seed, {"proxy": energy, "resnet50": 100 * energy},
-                      format=fmt)
+@pytest.fixture
+def summary(make_trial_row: Callable[..., dict[str, Any]], make_trials_frame: Callable[..., pd.DataFrame]
+            ) -> pd.DataFrame:
+    """The summary of CONFIGS over two seeds."""
+    rows = [make_trial_row("t", label, seed, accuracy + 0.001 * seed,
+                           {"proxy": energy, "resnet50": 100 * energy}, format=fmt)
             for label, (fmt, accuracy, energy) in CONFIGS.items() for seed in range(2)]
-    return summarize_trials(trials_frame(rows, ["proxy", "resnet50"]))
+    return summarize_trials(make_trials_frame(rows, ["proxy", "resnet50"]))
 
 
 def _texts(figure: object) -> list[str]:
     return [text.get_text() for text in figure.findobj(lambda artist: hasattr(artist, "get_text"))]
 
 
-def test_every_configuration_is_named_and_ticks_are_plain_numbers() -> None:
-    figure = accuracy_energy_figure(_summary(), "t", "proxy")
+def test_every_configuration_is_named_and_ticks_are_plain_numbers(summary: pd.DataFrame) -> None:
+    figure = accuracy_energy_figure(summary, "t", "proxy")
     figure.draw_without_rendering()  # tick labels are made at draw time
     (legend,) = figure.legends
     assert [t.get_text() for t in legend.get_texts()] == list(CONFIGS)  # the front is only some of them
@@ -37,8 +43,7 @@ def test_every_configuration_is_named_and_ticks_are_plain_numbers() -> None:
     assert len(ticks) >= 3 and all("e" not in tick and "$" not in tick for tick in ticks), ticks
 
 
-def test_no_title_unless_asked_and_a_note_when_the_energy_is_another_workload() -> None:
-    summary = _summary()
+def test_no_title_unless_asked_and_a_note_when_the_energy_is_another_workload(summary: pd.DataFrame) -> None:
     plain = accuracy_energy_figure(summary, "t", "proxy")
     assert plain.axes[0].get_title() == "" and not any("as trained" in t for t in _texts(plain))
     titled = accuracy_energy_figure(summary, "t", "resnet50", title=True)
@@ -47,16 +52,16 @@ def test_no_title_unless_asked_and_a_note_when_the_energy_is_another_workload() 
     assert any(note in text for text in _texts(titled))
 
 
-def test_the_breakdown_shows_the_whole_compute_only_and_shares() -> None:
-    summary = _summary()
+def test_the_breakdown_shows_the_whole_compute_only_and_shares(summary: pd.DataFrame,
+                                                                unit_shares: tuple[float, ...]) -> None:
     front = pareto_front(summary, "proxy").assign(task="t", workload="proxy")
     figure = breakdown_figure(front, "t", "proxy")
     whole, compute, shares = figure.axes
     assert figure.texts == [] and figure._suptitle is None
     heights = {ax: np.array([bar.get_height() for bar in ax.patches]).reshape(-1, len(front))
                for ax in (whole, compute, shares)}
-    units = len(UNIT_SHARES)
+    units = len(unit_shares)
     assert heights[whole].shape[0] == units and heights[compute].shape[0] == units - 1  # memory left out
     np.testing.assert_allclose(heights[shares].sum(axis=0), 100.0)
-    np.testing.assert_allclose(heights[shares][:, 0], 100.0 * np.array(UNIT_SHARES))
+    np.testing.assert_allclose(heights[shares][:, 0], 100.0 * np.array(unit_shares))
     np.testing.assert_allclose(heights[compute].sum(axis=0), heights[whole][:-1].sum(axis=0))

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from report_frames import trial_row, trials_frame
 from scipy import stats
-from sweep_fakes import validated_train
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -70,16 +70,24 @@ def test_too_few_or_constant_samples_have_no_interval() -> None:
     assert constant.delta == pytest.approx(0.1) and math.isnan(constant.p_value)
 
 
-def _frame(baselines: dict[str, str] | None = None) -> pd.DataFrame:
-    configs = {"fp32 sgd": ("fp32", [0.95, 0.96, 0.94, 0.955]), "bf16 sgd": ("bf16", [0.94, 0.95, 0.955]),
-               "int8 sgd": ("int8", [0.90, 0.92, 0.91, 0.89, 0.93]), "int4 sgd": ("int4", [0.5, 0.7])}
-    rows = [trial_row("t", label, seed, accuracy, {"proxy": 1.0 + index}, format=fmt)
-            for index, (label, (fmt, values)) in enumerate(configs.items())
-            for seed, accuracy in enumerate(values)]
-    frame = trials_frame(rows, ["proxy"])
-    if baselines is not None:
-        frame.attrs["sweep"]["baselines"] = baselines
-    return frame
+@pytest.fixture
+def samples_frame(
+        make_trial_row: Callable[..., dict[str, Any]],
+        make_trials_frame: Callable[..., pd.DataFrame]) -> Callable[[dict[str, str] | None], pd.DataFrame]:
+    """SAMPLES as trials, with the sweep's `baselines` if given."""
+
+    def samples(baselines: dict[str, str] | None = None) -> pd.DataFrame:
+        configs = {"fp32 sgd": ("fp32", [0.95, 0.96, 0.94, 0.955]), "bf16 sgd": ("bf16", [0.94, 0.95, 0.955]),
+                   "int8 sgd": ("int8", [0.90, 0.92, 0.91, 0.89, 0.93]), "int4 sgd": ("int4", [0.5, 0.7])}
+        rows = [make_trial_row("t", label, seed, accuracy, {"proxy": 1.0 + index}, format=fmt)
+                for index, (label, (fmt, values)) in enumerate(configs.items())
+                for seed, accuracy in enumerate(values)]
+        frame = make_trials_frame(rows, ["proxy"])
+        if baselines is not None:
+            frame.attrs["sweep"]["baselines"] = baselines
+        return frame
+
+    return samples
 
 
 SAMPLES = {"fp32 sgd": [0.95, 0.96, 0.94, 0.955], "bf16 sgd": [0.94, 0.95, 0.955],
@@ -87,8 +95,9 @@ SAMPLES = {"fp32 sgd": [0.95, 0.96, 0.94, 0.955], "bf16 sgd": [0.94, 0.95, 0.955
 
 
 @pytest.mark.parametrize("baseline", [None, "int8 sgd"])
-def test_summary_columns_match_the_formulas(baseline: str | None) -> None:
-    summary = summarize_trials(_frame({"t": baseline} if baseline else None)).set_index("label")
+def test_summary_columns_match_the_formulas(
+        samples_frame: Callable[[dict[str, str] | None], pd.DataFrame], baseline: str | None) -> None:
+    summary = summarize_trials(samples_frame({"t": baseline} if baseline else None)).set_index("label")
     reference = np.array(SAMPLES[baseline or "fp32 sgd"])
     best = np.array(SAMPLES["fp32 sgd"])  # the highest mean
     for label, values in SAMPLES.items():
@@ -103,10 +112,11 @@ def test_summary_columns_match_the_formulas(baseline: str | None) -> None:
         assert row["p_vs_best"] == pytest.approx(expected_best)
 
 
-def test_the_tables_show_interval_difference_and_p() -> None:
+def test_the_tables_show_interval_difference_and_p(
+        samples_frame: Callable[[dict[str, str] | None], pd.DataFrame]) -> None:
     from dse.report.tables import summary_text_table
 
-    summary = summarize_trials(_frame())
+    summary = summarize_trials(samples_frame(None))
     table = summary_text_table(summary, ["proxy"])
     x, reference = np.array(SAMPLES["int8 sgd"]), np.array(SAMPLES["fp32 sgd"])
     low, high, p = welch_by_hand(x, reference)
@@ -120,15 +130,17 @@ def test_the_tables_show_interval_difference_and_p() -> None:
     assert "baseline t: fp32 sgd" in table.title
 
 
-def test_a_task_without_fp32_is_compared_with_nothing() -> None:
-    rows = [trial_row("t", "int8 sgd", seed, 0.9 + seed / 100, {"proxy": 1.0}, format="int8")
+def test_a_task_without_fp32_is_compared_with_nothing(make_trial_row: Callable[..., dict[str, Any]],
+                                                      make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    rows = [make_trial_row("t", "int8 sgd", seed, 0.9 + seed / 100, {"proxy": 1.0}, format="int8")
             for seed in range(3)]
-    summary = summarize_trials(trials_frame(rows, ["proxy"]))
+    summary = summarize_trials(make_trials_frame(rows, ["proxy"]))
     assert summary["baseline"].iloc[0] == "" and math.isnan(summary["p_value"].iloc[0])
 
 
-def test_the_plot_stars_front_points_tied_with_the_best() -> None:
-    summary = summarize_trials(_frame())
+def test_the_plot_stars_front_points_tied_with_the_best(
+        samples_frame: Callable[[dict[str, str] | None], pd.DataFrame]) -> None:
+    summary = summarize_trials(samples_frame(None))
     # energies 1, 2, 3, 4 for fp32, bf16, int8, int4 make fp32 the whole front; reversed, all are on it
     summary["energy_mj:proxy"] = [4.0, 3.0, 2.0, 1.0]
     from dse.report.pareto import pareto_front
@@ -160,7 +172,7 @@ output: {output}
 
 
 @pytest.fixture(scope="module")
-def tuned_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tuned_sweep(validated_train: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("tuned") / "out"
     run_sweep(parse_config(TUNED.format(output=output), "t.yaml"), train_fn=validated_train,
               executor=InlineExecutor())
@@ -198,11 +210,13 @@ def test_all_points_shows_every_tuning_point_and_marks_the_chosen_one(tuned_swee
     assert len(pd.read_csv(tuned_sweep / "all_points.csv")) == 4
 
 
-def test_several_points_without_validation_choose_nothing() -> None:
-    rows = [trial_row("t", "int8 sgd", seed, accuracy, {"proxy": 1.0}, val_accuracy=math.nan,
-                      tuning={"lr": lr}, format="int8")
+def test_several_points_without_validation_choose_nothing(
+        make_trial_row: Callable[..., dict[str, Any]],
+        make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    rows = [make_trial_row("t", "int8 sgd", seed, accuracy, {"proxy": 1.0}, val_accuracy=math.nan,
+                           tuning={"lr": lr}, format="int8")
             for lr, accuracy in ((0.01, 0.8), (0.1, 0.9)) for seed in range(2)]
-    summary = summarize_trials(trials_frame(rows, ["proxy"]))
+    summary = summarize_trials(make_trials_frame(rows, ["proxy"]))
     assert len(summary) == 1 and math.isnan(summary["accuracy_mean"].iloc[0])
     assert math.isnan(summary["tuned:lr"].iloc[0]) and summary["n_points"].iloc[0] == 2
     assert json.loads(rows[0]["tuning"]) == {"lr": 0.01}
@@ -219,17 +233,18 @@ def test_the_sweep_headline_names_a_trial_of_a_chosen_point(tuned_sweep: Path) -
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=6, max_size=6),
        st.permutations(range(6)))
-def test_the_choice_follows_validation_whatever_the_test_accuracies(pairs: list[tuple[float, float]],
-                                                                    order: list[int]) -> None:
+def test_the_choice_follows_validation_whatever_the_test_accuracies(
+        make_trial_row: Callable[..., dict[str, Any]], make_trials_frame: Callable[..., pd.DataFrame],
+        pairs: list[tuple[float, float]], order: list[int]) -> None:
     """Three lr points x two seeds: the chosen point is the best validation mean (first on a tie),
     and shuffling the test accuracies among the trials never changes it."""
     lrs = (0.01, 0.03, 0.1)
 
     def frame(tests: list[float]) -> pd.DataFrame:
-        rows = [trial_row("t", "int8 sgd", seed, tests[2 * i + seed], {"proxy": 1.0},
-                          val_accuracy=pairs[2 * i + seed][0], tuning={"lr": lr}, format="int8")
+        rows = [make_trial_row("t", "int8 sgd", seed, tests[2 * i + seed], {"proxy": 1.0},
+                               val_accuracy=pairs[2 * i + seed][0], tuning={"lr": lr}, format="int8")
                 for i, lr in enumerate(lrs) for seed in range(2)]
-        return trials_frame(rows, ["proxy"])
+        return make_trials_frame(rows, ["proxy"])
 
     tests = [test for _, test in pairs]
     means = [np.mean([pairs[2 * i][0], pairs[2 * i + 1][0]]) for i in range(3)]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from report_frames import example_trials, trial_row, trials_frame
 from scipy import stats
 
 from dse.errors import InputError
@@ -24,10 +25,12 @@ trial = st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["x", "y", "z"]),
 
 @settings(max_examples=80, deadline=None)
 @given(trials=st.lists(trial, min_size=1, max_size=30))
-def test_summary_mean_and_std_over_seeds_match_numpy(trials: list[tuple[str, str, float, str]]) -> None:
-    rows = [trial_row(task, label, seed, accuracy, {"w": 2.0 + len(label)}, status=status)
+def test_summary_mean_and_std_over_seeds_match_numpy(make_trial_row: Callable[..., dict[str, Any]],
+                                                     make_trials_frame: Callable[..., pd.DataFrame],
+                                                     trials: list[tuple[str, str, float, str]]) -> None:
+    rows = [make_trial_row(task, label, seed, accuracy, {"w": 2.0 + len(label)}, status=status)
             for seed, (task, label, accuracy, status) in enumerate(trials)]
-    summary = summarize_trials(trials_frame(rows, ["w"]))
+    summary = summarize_trials(make_trials_frame(rows, ["w"]))
     keys = list(dict.fromkeys((t[0], t[1]) for t in trials))
     assert list(zip(summary["task"], summary["label"], strict=True)) == keys
     for (task, label), (_, row) in zip(keys, summary.iterrows(), strict=True):
@@ -49,14 +52,14 @@ def test_summary_mean_and_std_over_seeds_match_numpy(trials: list[tuple[str, str
         assert row["energy_mj:w:multiply"] == pytest.approx(0.4 * (2.0 + len(label)))
 
 
-def test_summary_carries_the_configuration_and_needs_the_trial_columns() -> None:
-    summary = summarize_trials(example_trials())
+def test_summary_carries_the_configuration_and_needs_the_trial_columns(example_trials: pd.DataFrame) -> None:
+    summary = summarize_trials(example_trials)
     row = summary[(summary["task"] == "mlp-digits") & (summary["label"] == "lns8 madam")].iloc[0]
     assert (row["weights"], row["optimizer"], row["dataset"]) == ("lns(8,gamma=8)", "lns-madam", "digits")
     assert row["energy_mj:proxy"] == 1.0 and row["memory_mib:resnet50"] == 2500.0
     assert summary.attrs["sweep"]["workloads"] == ["proxy", "resnet50"]
     with pytest.raises(InputError, match="'test_accuracy'"):
-        summarize_trials(example_trials().drop(columns=["test_accuracy"]))
+        summarize_trials(example_trials.drop(columns=["test_accuracy"]))
 
 
 def test_latex_escape_of_every_special() -> None:
@@ -72,8 +75,8 @@ def unescaped_specials(line: str) -> list[str]:
     return re.findall(r"(?<!\\)[_%&#$^~{}]", re.sub(r"\\text\w+\{\}", "", body))
 
 
-def test_summary_latex_is_a_booktabs_tabular_with_escaped_cells() -> None:
-    summary = summarize_trials(example_trials())
+def test_summary_latex_is_a_booktabs_tabular_with_escaped_cells(example_trials: pd.DataFrame) -> None:
+    summary = summarize_trials(example_trials)
     table = summary_text_table(summary, ["proxy", "resnet50"])
     text = latex_table(table)
     lines = text.splitlines()
@@ -97,10 +100,11 @@ def test_summary_latex_is_a_booktabs_tabular_with_escaped_cells() -> None:
     assert text.count(r"\toprule") == 1 and text.count(r"\bottomrule") == 1
 
 
-def test_markdown_table_shape() -> None:
-    rows = [trial_row("t", "pipe|label", 0, 0.9, {"w": 1.0}, format="fp8_e4m3"),
-            trial_row("t", "other", 0, 0.8, {"w": 0.5})]
-    summary = summarize_trials(trials_frame(rows, ["w"]))
+def test_markdown_table_shape(make_trial_row: Callable[..., dict[str, Any]],
+                              make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    rows = [make_trial_row("t", "pipe|label", 0, 0.9, {"w": 1.0}, format="fp8_e4m3"),
+            make_trial_row("t", "other", 0, 0.8, {"w": 0.5})]
+    summary = summarize_trials(make_trials_frame(rows, ["w"]))
     table = summary_text_table(summary, ["w"])
     lines = markdown_table(table).splitlines()
     assert len(lines) == 2 + len(summary)
@@ -112,18 +116,20 @@ def test_markdown_table_shape() -> None:
     assert r"pipe\|label" in lines[2] and "90.00" in lines[2]
 
 
-def test_weight_gradient_column_only_when_some_differ_from_the_gradients() -> None:
-    same = [trial_row("t", "a", 0, 0.9, {"w": 1.0}, format="int8", weight_grads="int8")]
-    differ = same + [trial_row("t", "b", 0, 0.9, {"w": 1.0}, format="int8", weight_grads="fp32")]
-    hidden = summary_text_table(summarize_trials(trials_frame(same, ["w"])), ["w"])
+def test_weight_gradient_column_only_when_some_differ_from_the_gradients(
+        make_trial_row: Callable[..., dict[str, Any]],
+        make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    same = [make_trial_row("t", "a", 0, 0.9, {"w": 1.0}, format="int8", weight_grads="int8")]
+    differ = same + [make_trial_row("t", "b", 0, 0.9, {"w": 1.0}, format="int8", weight_grads="fp32")]
+    hidden = summary_text_table(summarize_trials(make_trials_frame(same, ["w"])), ["w"])
     assert "Weight grads" not in hidden.columns
-    table = summary_text_table(summarize_trials(trials_frame(differ, ["w"])), ["w"])
+    table = summary_text_table(summarize_trials(make_trials_frame(differ, ["w"])), ["w"])
     assert table.columns[2:6] == ("Weights", "Activations", "Gradients", "Weight grads")
     assert [row[5] for row in table.rows] == ["int8", "fp32"]
 
 
-def test_render_table_csv_round_trips_and_rejects_unknown_choices() -> None:
-    trials = example_trials()
+def test_render_table_csv_round_trips_and_rejects_unknown_choices(example_trials: pd.DataFrame) -> None:
+    trials = example_trials
     summary = pd.read_csv(io.StringIO(render_table(trials, "summary", "csv")))
     expected = summarize_trials(trials)
     assert list(summary.columns) == list(expected.columns)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sweep_fakes import fake_train
 
 from dse.sweep import parse_config
 from dse.sweep.energy import EnergyEstimator
@@ -90,7 +91,7 @@ def test_energy_axes_give_one_named_column_set_per_point() -> None:
     assert values["resnet18@45nm,pe,acc=fp16,K=16"] < values["resnet18@45nm,system,acc=fp16,K=16"]
 
 
-def test_axis_points_reach_the_reports(tmp_path: Path) -> None:
+def test_axis_points_reach_the_reports(fake_train: Callable[..., Any], tmp_path: Path) -> None:
     text = AXES.replace("scope: [pe, system], accumulator: [fp16, fp32], vector_length: [1, 16]", "scope: pe")
     text += f"output: {tmp_path / 'out'}\n"
     run_sweep(parse_config(text, "axes.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=True)

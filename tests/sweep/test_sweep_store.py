@@ -11,10 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sweep_fakes import _accuracy, fake_train
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -23,8 +24,6 @@ from dse.sweep import expand, load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
 from dse.train.config import TrainConfig
-
-TESTS = Path(__file__).resolve().parents[1]  # the helpers' folder, for the killed subprocess
 
 DIGITS_MLP_WEIGHTS = 64 * 128 + 128 * 10
 """Weight-matrix parameters of the digits MLP 64-128-10 (biases belong to their layer's GEMM)."""
@@ -43,18 +42,25 @@ trials:
 """
 
 
-def _run(text: str, force: bool = False) -> object:
-    return run_sweep(parse_config(text, "s.yaml"), force=force, train_fn=fake_train,
-                     executor=InlineExecutor(), reports=False)
+@pytest.fixture
+def run_inline(fake_train: Callable[..., Any]) -> Callable[..., Any]:
+    """run_inline(text, force=False): the sweep in `text` run in this process with fake_train."""
+
+    def run(text: str, force: bool = False) -> Any:
+        return run_sweep(parse_config(text, "s.yaml"), force=force, train_fn=fake_train,
+                         executor=InlineExecutor(), reports=False)
+
+    return run
 
 
 def _log(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_store_round_trip(tmp_path: Path) -> None:
+def test_store_round_trip(run_inline: Callable[..., Any], fake_accuracy: Callable[..., float],
+                          tmp_path: Path) -> None:
     text = _config(tmp_path / "out")
-    summary = _run(text)
+    summary = run_inline(text)
     frame = load_trials(tmp_path / "out")
     trials = expand(parse_config(text, "s.yaml"))
     energy = [f"energy_mj:{w}{suffix}" for w in ("proxy", "resnet18")
@@ -83,7 +89,7 @@ def test_store_round_trip(tmp_path: Path) -> None:
             assert row["final_loss"] == math.inf
         else:
             assert row["status"] == "ok" and not row["diverged"] and row["error"] == ""
-            assert row["test_accuracy"] == pytest.approx(_accuracy(trial.config))
+            assert row["test_accuracy"] == pytest.approx(fake_accuracy(trial.config))
         for workload in ("proxy", "resnet18"):
             parts = [row[f"energy_mj:{workload}:{u}"] for u in ("multiply", "conversion", "accumulation",
                                                                   "update", "memory")]
@@ -93,8 +99,8 @@ def test_store_round_trip(tmp_path: Path) -> None:
     assert summary.best.val_accuracy == frame["val_accuracy"].max()  # validation chooses, never test
 
 
-def test_energy_follows_the_formats_not_the_seed(tmp_path: Path) -> None:
-    _run(_config(tmp_path / "out"))
+def test_energy_follows_the_formats_not_the_seed(run_inline: Callable[..., Any], tmp_path: Path) -> None:
+    run_inline(_config(tmp_path / "out"))
     frame = load_trials(tmp_path / "out").set_index(["label", "seed"])
     for column in ("energy_mj:proxy", "energy_mj:resnet18", "memory_mib:proxy"):
         for label in ("fp32 sgd", "int8 sgd", "int4 sgd"):
@@ -109,7 +115,7 @@ def test_energy_follows_the_formats_not_the_seed(tmp_path: Path) -> None:
     assert frame.loc[("int8 sgd", 0), "memory_mib:proxy"] == pytest.approx(DIGITS_MLP_WEIGHTS * 72 / mib)
 
 
-def test_full_precision_layers_are_costed_in_fp32(tmp_path: Path) -> None:
+def test_full_precision_layers_are_costed_in_fp32(run_inline: Callable[..., Any], tmp_path: Path) -> None:
     # the digits MLP has two weight layers: keeping the first and last in fp32 keeps them all
     text = f"""\
 task: {{model: mlp, dataset: digits, epochs: 1}}
@@ -118,7 +124,7 @@ trials:
   - {{format: int8, master_weights: false, full_precision_layers: [[first, last], [first], []]}}
 output: {tmp_path / 'out'}
 """
-    _run(text)
+    run_inline(text)
     frame = load_trials(tmp_path / "out")
     energy = {(json.loads(c)["format"], tuple(json.loads(c)["full_precision_layers"])): e
               for c, e in zip(frame["config"], frame["energy_mj:proxy"], strict=True)}
@@ -126,22 +132,22 @@ output: {tmp_path / 'out'}
     assert energy[("fp32", ())] > energy[("int8", ("first",))] > energy[("int8", ())]
 
 
-def test_resume_skips_finished_trials_and_force_reruns_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_resume_skips_finished_trials_and_force_reruns_them(run_inline: Callable[..., Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("DSE_FAKE_LOG", str(log))
     out = tmp_path / "out"
-    first = _run(_config(out))
+    first = run_inline(_config(out))
     assert len(_log(log)) == 8 and (first.ran, first.skipped) == (8, 0)
     before = load_trials(out)
-    again = _run(_config(out))
+    again = run_inline(_config(out))
     assert len(_log(log)) == 8 and (again.ran, again.skipped) == (0, 8)  # nothing trained twice
     assert load_trials(out).equals(before)
-    grown = _run(_config(out, seeds="[0, 1, 2]"))  # a new seed: only its 4 trials run
+    grown = run_inline(_config(out, seeds="[0, 1, 2]"))  # a new seed: only its 4 trials run
     calls = _log(log)[8:]
     assert (grown.ran, grown.skipped) == (4, 8) and sorted(c["seed"] for c in calls) == [2, 2, 2, 2]
     assert len(load_trials(out)) == 12
-    forced = _run(_config(out, seeds="[0, 1, 2]"), force=True)
+    forced = run_inline(_config(out, seeds="[0, 1, 2]"), force=True)
     assert (forced.ran, forced.skipped) == (12, 0) and len(_log(log)) == 8 + 4 + 12
     assert len(load_trials(out)) == 12
     with sqlite3.connect(out / STORE_FILE) as connection:
@@ -149,19 +155,22 @@ def test_resume_skips_finished_trials_and_force_reruns_them(tmp_path: Path, monk
     assert counts == (12, 12)
 
 
-def test_trials_dropped_from_the_file_leave_the_report_but_not_the_store(tmp_path: Path) -> None:
+def test_trials_dropped_from_the_file_leave_the_report_but_not_the_store(run_inline: Callable[..., Any],
+                                                                         tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _run(_config(out))
-    _run(_config(out, seeds="[1]"))
+    run_inline(_config(out))
+    run_inline(_config(out, seeds="[1]"))
     frame = load_trials(out)
     assert len(frame) == 4 and set(frame["seed"]) == {1}
-    _run(_config(out))  # seed 0 is back: its rows were kept, nothing retrains
+    run_inline(_config(out))  # seed 0 is back: its rows were kept, nothing retrains
     assert len(load_trials(out)) == 8
 
 
-def test_a_store_of_another_sweep_is_refused_then_replaced_with_force(tmp_path: Path) -> None:
+def test_a_store_of_another_sweep_is_refused_then_replaced_with_force(run_inline: Callable[..., Any],
+                                                                      fake_train: Callable[..., Any],
+                                                                      tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _run(_config(out, name="first"))
+    run_inline(_config(out, name="first"))
     store = out / STORE_FILE
     stamp = store.stat().st_mtime_ns, store.read_bytes()
     config = tmp_path / "second.yaml"
@@ -201,21 +210,22 @@ def test_load_trials_needs_a_store(tmp_path: Path) -> None:
         load_trials(tmp_path / "missing")
 
 
-def test_a_foreign_file_in_place_of_the_store_is_not_overwritten(tmp_path: Path) -> None:
+def test_a_foreign_file_in_place_of_the_store_is_not_overwritten(run_inline: Callable[..., Any],
+                                                                 tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / STORE_FILE).write_text("my notes")
     with pytest.raises(InputError, match="not a"):
-        _run(_config(out))
+        run_inline(_config(out))
     assert (out / STORE_FILE).read_text() == "my notes"
 
 
 _KILLED_RUN = """\
 import sys
 sys.path.insert(0, {tests!r})
-from sweep_fakes import slow_train
+from {module} import {name}
 from dse.sweep import load_config, run_sweep
-run_sweep(load_config({config!r}), train_fn=slow_train, reports=False)
+run_sweep(load_config({config!r}), train_fn={name}, reports=False)
 """
 
 
@@ -229,12 +239,15 @@ def _rows(store: Path) -> list[tuple[object, ...]]:
         return []
 
 
-def test_sigkill_mid_sweep_loses_nothing_and_resume_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                              ) -> None:
+def test_sigkill_mid_sweep_loses_nothing_and_resume_finishes(run_inline: Callable[..., Any],
+                                                             slow_train: Callable[..., Any], tests_dir: Path,
+                                                             tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     config = tmp_path / "s.yaml"
     config.write_text(_config(out, seeds="[0, 1, 2]", extra="executor: {workers: 2}\n"))  # 12 trials
-    script = _KILLED_RUN.format(tests=str(TESTS), config=str(config))
+    script = _KILLED_RUN.format(tests=str(tests_dir), module=slow_train.__module__, name=slow_train.__name__,
+                                config=str(config))
     process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     store = out / STORE_FILE
@@ -257,7 +270,7 @@ def test_sigkill_mid_sweep_loses_nothing_and_resume_finishes(tmp_path: Path, mon
 
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("DSE_FAKE_LOG", str(log))
-    summary = _run(config.read_text())
+    summary = run_inline(config.read_text())
     assert (summary.skipped, summary.ran) == (len(survivors), 12 - len(survivors))
     assert len(_log(log)) == 12 - len(survivors)
     after = {row[0]: row for row in _rows(store)}
@@ -266,7 +279,8 @@ def test_sigkill_mid_sweep_loses_nothing_and_resume_finishes(tmp_path: Path, mon
         assert after[row[0]] == row
 
 
-def test_trials_start_longest_first_and_results_do_not_depend_on_it(tmp_path: Path) -> None:
+def test_trials_start_longest_first_and_results_do_not_depend_on_it(fake_train: Callable[..., Any],
+                                                                    tmp_path: Path) -> None:
     """posit and MX trials (slow steps) and the longer task go out before fp32 ones."""
     from dse.train.config import TrainConfig
 

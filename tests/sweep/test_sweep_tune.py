@@ -8,10 +8,12 @@ import json
 import math
 import sqlite3
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
-from sweep_fakes import fake_train
 from typer.testing import CliRunner
 
 from dse.sweep import expand, load_trials, parse_config, run_sweep
@@ -63,7 +65,7 @@ trials:
 
 
 def test_a_run_two_configurations_share_is_listed_under_each_and_trained_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake_train: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = f"""\
 name: shared
 task: {{model: mlp, dataset: digits, epochs: 1}}
@@ -159,7 +161,8 @@ def _downgrade(store: Path) -> None:
     connection.close()
 
 
-def test_a_schema_1_store_reads_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_schema_1_store_reads_and_resumes(fake_train: Callable[..., Any], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     text = f"""\
 name: old
 seeds: [0, 1]
@@ -187,25 +190,27 @@ output: {tmp_path / 'out'}
     assert list(kept["test_accuracy"]) == list(before["test_accuracy"])
 
 
-def test_master_weights_may_be_a_format_spec_in_the_store(tmp_path: Path) -> None:
-    from report_frames import build_store, trial_row, trials_frame
+def test_master_weights_may_be_a_format_spec_in_the_store(make_trial_row: Callable[..., dict[str, Any]],
+                                                          make_trials_frame: Callable[..., pd.DataFrame],
+                                                          store_trials: Callable[[Path, pd.DataFrame], None],
+                                                          tmp_path: Path) -> None:
 
-    rows = [trial_row("mlp-digits", "lns8 lns-madam", seed, 0.9, {"proxy": 1.0}, format="lns8",
-                      master_weights="lns(16,gamma=128)") for seed in (0, 1)]
-    rows.append(trial_row("mlp-digits", "fp32 sgd", 0, 0.95, {"proxy": 2.0}, master_weights=False))
-    build_store(tmp_path, trials_frame(rows, ["proxy"]))
+    rows = [make_trial_row("mlp-digits", "lns8 lns-madam", seed, 0.9, {"proxy": 1.0}, format="lns8",
+                           master_weights="lns(16,gamma=128)") for seed in (0, 1)]
+    rows.append(make_trial_row("mlp-digits", "fp32 sgd", 0, 0.95, {"proxy": 2.0}, master_weights=False))
+    store_trials(tmp_path, make_trials_frame(rows, ["proxy"]))
     frame = load_trials(tmp_path)
     assert list(frame["master_weights"]) == ["lns(16,gamma=128)", "lns(16,gamma=128)", False]
     assert math.isclose(frame["val_accuracy"].iloc[0], 0.9)
 
 
-def test_the_progress_names_the_best_trial_by_validation_never_by_test(tmp_path: Path) -> None:
-    """Tuning lr over three points where validation prefers 0.03 and test 0.1 (sweep_fakes.validated_train):
+def test_the_progress_names_the_best_trial_by_validation_never_by_test(validated_train: Callable[..., Any],
+                                                                       tmp_path: Path) -> None:
+    """Tuning lr over three points where validation prefers 0.03 and test 0.1 (the validated_train fixture):
     the live display's best trial, and the summary's, are trials of the point validation prefers."""
     from io import StringIO
 
     from rich.console import Console
-    from sweep_fakes import validated_train
 
     from dse.sweep.progress import RichReporter
 

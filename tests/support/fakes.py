@@ -22,7 +22,7 @@ def _log(config: TrainConfig) -> None:
             handle.write(line)
 
 
-def _accuracy(config: TrainConfig, split: int = 0) -> float:
+def fake_accuracy(config: TrainConfig, split: int = 0) -> float:
     """A made-up but deterministic accuracy in [0.5, 1) from the configuration (split 0: test, 1:
     validation, which disagree)."""
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).digest()
@@ -37,9 +37,9 @@ def fake_train(config: TrainConfig) -> TrainResult:
     if config.lr is not None and config.lr >= 10:
         return TrainResult(test_accuracy=0.1, final_loss=math.inf, diverged=True, epochs_run=1,
                            wall_time_s=0.01, params=10, config=config.to_dict())
-    return TrainResult(test_accuracy=_accuracy(config), final_loss=0.25, diverged=False,
+    return TrainResult(test_accuracy=fake_accuracy(config), final_loss=0.25, diverged=False,
                        epochs_run=config.epochs, wall_time_s=0.01, params=10, loss_curve=[1.0, 0.25],
-                       val_accuracy=_accuracy(config, 1), config=config.to_dict())
+                       val_accuracy=fake_accuracy(config, 1), config=config.to_dict())
 
 
 def slow_train(config: TrainConfig) -> TrainResult:

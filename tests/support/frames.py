@@ -76,8 +76,8 @@ def example_trials(workloads: tuple[str, ...] = ("proxy", "resnet50")) -> pd.Dat
     return trials_frame(rows, list(workloads))
 
 
-def build_store(directory: Path, trials: pd.DataFrame) -> None:
-    """Write `trials` (report_frames' shape) into a sweep store the way the sweep runner does."""
+def store_trials(directory: Path, trials: pd.DataFrame) -> None:
+    """Write `trials` (this module's shape) into a sweep store the way the sweep runner does."""
     workloads = trials.attrs["sweep"]["workloads"]
     with SweepStore(directory) as store:
         plan = [PlanRow(row["trial_id"], row["task"], row["label"], f"{row['task']}/{row['label']}",
