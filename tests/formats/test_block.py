@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -303,3 +304,36 @@ def test_ue5m3_scale_grid_is_the_integer_model_over_every_code_and_tie() -> None
     scales = fmt.block_scales(amax.reshape(-1, 1)).reshape(-1)
     model = grid.round_unscaled((amax / 6).clamp(2.0**-14, 114688.0), "nearest", None)
     assert torch.equal(scales, model) and bool(torch.isin(scales, values).all())
+
+
+
+@pytest.mark.parametrize(("spec", "bound", "clamp_skipped"), [
+    ("nvfp4(tensor_scale=none)", 7.0, True),  # E4M3 scales: |v * r| <= about 6.375 < 6 + 1
+    ("block(fp6_e2m3,size=16,scale=ue5m3)", 7.75, False),  # ue5m3 rounds down: |v * r| passes 7.5 + 0.25
+])
+def test_scale_grid_skips_the_saturation_clamp_only_where_no_element_can_round_past_max(
+        spec: str, bound: float, clamp_skipped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block sweep drops the element's overflow pass only where max|v| * r of every block lies
+    below max + half the top step; either way it equals the reference formula bit for bit."""
+    from dse.formats.fast import block as fast_block
+    from dse.formats.fast import floating as fast_floating
+    from dse.formats.fast import reference_only
+
+    fmt = get(spec)
+    assert fast_floating.overflow_bound(fmt.element) == bound
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4096, 16, generator=generator) * torch.rand(4096, 1, generator=generator)
+    choices: list[bool] = []
+    choose = fast_block._skip_overflow_if_in_range
+
+    def recorded(*args: Any) -> Any:
+        kernel = choose(*args)
+        choices.append(kernel is not args[1])
+        return kernel
+
+    monkeypatch.setattr(fast_block, "_skip_overflow_if_in_range", recorded)
+    out = fmt.quantize(x)
+    with reference_only():
+        expected = fmt.quantize(x)
+    assert choices == [clamp_skipped]
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))

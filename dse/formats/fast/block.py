@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dse.formats.base import ROUNDINGS, constant
 from dse.formats.fast import FastPath, enabled, reference_only_active, register
+from dse.formats.fast import floating as fast_floating
 from dse.formats.fast.slices import Kernel, cpu_chunk_elements
 from dse.formats.fixed import FixedPoint
 from dse.formats.floating import FloatFormat
@@ -221,11 +222,14 @@ def round_scale_grid_blocks(fmt: BlockFormat, blocks: Tensor, rounding: str, gen
     if reference_only_active() or not enabled(SCALE_GRID_SLICES):
         return None
     rows = blocks.reshape(-1, fmt.block_size)  # a copy only where the blocks are not contiguous
-    step = max(cpu_chunk_elements(rows) // fmt.block_size, 1)
-    amax = _rows_abs_max(rows, step)
+    amax = _rows_abs_max(rows, max(cpu_chunk_elements(rows) // fmt.block_size, 1))
+    # The rounding sweep keeps four slices in cache: the input's, y, the integer scratch, the output's.
+    step = max(cpu_chunk_elements(rows, buffers=4) // fmt.block_size, 1)
     reciprocal, scale = fmt.scale_factors(amax)
     recorded = rows.requires_grad and torch.is_grad_enabled()
     kernel = None if rounding != "nearest" or recorded else _element_kernel(fmt, rows.dtype, rows.device)
+    if kernel is not None:
+        kernel = _skip_overflow_if_in_range(fmt, kernel, amax, reciprocal)
     out = torch.empty_like(rows)
     scaled = torch.empty_like(rows[:step])
     scratch = None if kernel is None else torch.empty_like(scaled, dtype=_INT_OF[rows.dtype])
@@ -251,6 +255,19 @@ def _element_kernel(fmt: BlockFormat, dtype: torch.dtype, device: torch.device) 
     if not isinstance(element, FloatFormat):
         return None
     return element.nearest_kernel(dtype, device)
+
+
+def _skip_overflow_if_in_range(fmt: BlockFormat, kernel: Kernel, amax: Tensor, reciprocal: Tensor) -> Kernel:
+    """The element kernel without its overflow pass (the saturation clamp) where no v * r can round
+    past the element's max: |v * r| is largest at the block's max|v| (rounding is monotonic), so
+    one product over the block maxima and a read-back decide it (NaN, from inf or NaN blocks,
+    keeps the pass)."""
+    unbounded = fast_floating.without_overflow(kernel)
+    element = fmt.element
+    if unbounded is None or not isinstance(element, FloatFormat):
+        return kernel
+    largest = float(torch.mul(amax, reciprocal).max())
+    return unbounded if largest < fast_floating.overflow_bound(element) else kernel
 
 
 def _rows_abs_max(rows: Tensor, step: int) -> Tensor:

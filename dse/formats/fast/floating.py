@@ -102,6 +102,25 @@ def nearest_kernel(fmt: FloatFormat, dtype: torch.dtype, device: torch.device) -
     return plan.kernel if enabled(plan.kernel_name) else None
 
 
+def without_overflow(kernel: Kernel) -> Kernel | None:
+    """The magic-constant kernel `kernel` without its overflow pass (clamp, scaling through inf or
+    NaN fill), for callers that know no input magnitude reaches `overflow_bound` (none then rounds
+    past max: the pass would change nothing); None for other kernels."""
+    if not (isinstance(kernel, functools.partial) and kernel.func is _magic_round):
+        return None
+    return functools.partial(kernel, overflow=_no_overflow)
+
+
+def overflow_bound(fmt: FloatFormat) -> float:
+    """max plus half the top binade's step: magnitudes below it round to at most max (the magic
+    rounding's top binade runs on past max with that step)."""
+    return fmt.max + 2.0 ** (fmt.max_exponent - fmt.man_bits - 1)
+
+
+def _no_overflow(out: Tensor, scratch: Tensor) -> None:
+    """No overflow pass (see `without_overflow`)."""
+
+
 def round_scaled_on_host(fmt: FloatFormat, x: Tensor, scale: float, rounding: str) -> Tensor | None:
     """round(x / scale) * scale in one fused pass, for a power-of-two scale 2^k known on the host:
     nearest rounding onto the grid times 2^k is the magic rounding with every constant's

@@ -186,7 +186,9 @@ def _round_nearest(fmt: LNS, x: Tensor, scale: Tensor | None = None) -> Tensor:
     scale_after = scale is not None and flat.numel() < lookup.values.numel()
     values = lookup.values if scale is None or scale_after else lookup.values * scale
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    index = slice_scratch(flat, lookup.table.dtype)
+    # In cache per slice: x, the result, the index and, with a scale, the key.
+    buffers = 3 if scale is None else 4
+    index = slice_scratch(flat, lookup.table.dtype, buffers)
     key = None if scale is None else torch.empty_like(index)
 
     def round_slice(part: Tensor, result: Tensor) -> None:
@@ -196,7 +198,7 @@ def _round_nearest(fmt: LNS, x: Tensor, scale: Tensor | None = None) -> Tensor:
         if not lookup.signed:
             result.copysign_(part)
 
-    for_slices(flat, out.view(-1), round_slice)
+    for_slices(flat, out.view(-1), round_slice, buffers)
     return out.mul_(scale) if scale is not None and scale_after else out
 
 def _round_nearest_in_float64(fmt: LNS, x: Tensor, scale: Tensor | None) -> Tensor:

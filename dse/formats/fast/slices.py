@@ -17,7 +17,8 @@ from torch import Tensor
 
 from dse.formats.fast import FastPath, enabled, reference_only_active, register
 
-# Elements per slice and torch thread.
+# Elements per slice and torch thread, for passes that keep two slice-sized tensors (input and
+# output) in cache; `buffers` more of them share the same space (smaller slices).
 CPU_SLICE_ELEMENTS_PER_THREAD = 1 << 17
 
 SLICES = register(FastPath(
@@ -35,11 +36,12 @@ _WHOLE_TENSORS = contextvars.ContextVar("dse_whole_tensors", default=False)
 members' draws."""
 
 
-def cpu_chunk_elements(x: Tensor) -> int:
-    """Elements per slice for x: cache-sized per thread on the CPU, the whole tensor elsewhere."""
+def cpu_chunk_elements(x: Tensor, buffers: int = 2) -> int:
+    """Elements per slice for x: cache-sized per thread on the CPU, the whole tensor elsewhere.
+    `buffers`: the slice-sized tensors a slice's passes keep in cache (input, output, scratch)."""
     if x.device.type != "cpu" or _WHOLE_TENSORS.get() or reference_only_active():
         return max(x.numel(), 1)
-    chunk = CPU_SLICE_ELEMENTS_PER_THREAD * torch.get_num_threads()
+    chunk = max(CPU_SLICE_ELEMENTS_PER_THREAD * 2 // buffers, 1) * torch.get_num_threads()
     if x.numel() > chunk:
         enabled(SLICES)  # (records its use)
     return chunk
@@ -56,11 +58,12 @@ def whole_tensors(active: bool = True) -> Iterator[None]:
             _WHOLE_TENSORS.reset(token)
 
 
-def for_slices(x: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], object]) -> None:
+def for_slices(x: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], object], buffers: int = 2
+               ) -> None:
     """round_slice(part, out_part) over aligned slices of x and out (contiguous, one shape), 1-d and
-    `cpu_chunk_elements` long (the last one shorter); one call with x and out as they are where they
-    fit in one slice (no views: each costs as much as a small operation)."""
-    chunk = cpu_chunk_elements(x)
+    `cpu_chunk_elements(x, buffers)` long (the last one shorter); one call with x and out as they are
+    where they fit in one slice (no views: each costs as much as a small operation)."""
+    chunk = cpu_chunk_elements(x, buffers)
     if x.numel() <= chunk:
         round_slice(x, out)
         return
@@ -69,9 +72,10 @@ def for_slices(x: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], o
         round_slice(flat[start:start + chunk], flat_out[start:start + chunk])
 
 
-def slice_scratch(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Spare space for one slice of `for_slices` over x: x's shape where x is one slice, else one slice."""
-    chunk = cpu_chunk_elements(x)
+def slice_scratch(x: Tensor, dtype: torch.dtype, buffers: int = 2) -> Tensor:
+    """Spare space for one slice of `for_slices` over x (with as many `buffers`): x's shape where x is
+    one slice, else one slice."""
+    chunk = cpu_chunk_elements(x, buffers)
     return torch.empty(x.shape if x.numel() <= chunk else (chunk,), dtype=dtype, device=x.device)
 
 
