@@ -126,7 +126,7 @@ class TrainConfig:
 
     model: str = "mlp"
     """A built-in proxy (mlp, cnn, resnet, transformer) or a user's model as `file.py:function` or
-    `package.module:function` (models.proxies.ModelFactory)."""
+    `package.module:function` (dse.models.proxies.ModelFactory)."""
     dataset: str = "digits"
     """A built-in dataset or a user's function as `file.py:function` (dse.data.user)."""
     format: str | None = None

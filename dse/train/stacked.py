@@ -392,12 +392,12 @@ class PerMemberLayer(nn.Module):
             for g in range(self.members):
                 for name, parts in slices.items():
                     table = template._parameters if name in template._parameters else template._buffers
-                    table[name] = parts[g]  # type: ignore[assignment]
+                    table[name] = parts[g]  # type: ignore[assignment]  # a slice stands in for one call
                 outputs.append(template(*(x[g] for x in split)))
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
-                table[name] = tensor  # type: ignore[assignment]
+                table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
         return torch.cat(outputs)
 
 
