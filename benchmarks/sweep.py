@@ -143,6 +143,7 @@ def quickstart_text(epochs: int | None, tuned: bool, dataset: str | None = None)
         sweep["task"]["dataset"] = dataset
     if tuned:
         for entry in sweep["trials"]:
+            entry.pop("lr", None)  # an entry's own lr (the LNS-Madam preset's) gives way to the tuned grid
             entry["tune"] = {"lr": TUNED_LRS[entry.get("optimizer", "sgd")]}
     return yaml.safe_dump(sweep, sort_keys=False)
 
