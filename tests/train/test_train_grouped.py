@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from dse.data import load_dataset
 from dse.formats import get
 from dse.formats.base import MemberGenerators
-from dse.train import TrainConfig, train
+from dse.train import TrainConfig
 from dse.train.grouped import group_key, group_reason, train_group
 from dse.train.policy import TensorQuant
 
@@ -27,24 +28,9 @@ SEEDS: list[dict[str, Any]] = [{"seed": 0}, {"seed": 1, "lr": 0.1, "momentum": 0
 MADAM_SEEDS: list[dict[str, Any]] = [{"seed": 0}, {"seed": 1, "p_scale": 10.0}, {"seed": 2, "lr": 1 / 64}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits() -> Any:
-    return load_dataset("digits")
-
-
-def _same_as_alone(configs: list[TrainConfig], dataset: Any) -> list[dict[str, Any]]:
-    grouped = [r.to_dict() for r in train_group(configs, dataset)]
-    alone = [train(config, dataset).to_dict() for config in configs]
-    for together, by_itself in zip(grouped, alone, strict=True):
-        together.pop("wall_time_s")
-        by_itself.pop("wall_time_s")
-        assert repr(together) == repr(by_itself)  # repr: NaN == NaN, and every float's last bit
-    return grouped
 
 
 CASES: list[dict[str, Any]] = [
@@ -64,9 +50,11 @@ CASES: list[dict[str, Any]] = [
 
 
 @pytest.mark.parametrize("fields", CASES, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "fp32")
-def test_grouped_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], digits: Any) -> None:
+def test_grouped_members_equal_alone_runs_bit_for_bit(
+        fields: dict[str, Any], digits: Any, same_as_alone: Callable[..., Any],
+) -> None:
     base = BASE.replace(**fields)
-    results = _same_as_alone([base.replace(**member) for member in SEEDS], digits)
+    results = same_as_alone([base.replace(**member) for member in SEEDS], digits)
     assert len({r["final_loss"] for r in results}) > 1  # the members are distinct runs
 
 
@@ -75,14 +63,17 @@ def test_grouped_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], di
     {"format": "lns8", "optimizer": "lns-madam", "master_weights": "lns(16,gamma=2048)"},
     {"format": "lns8", "optimizer": "madam", "master_weights": False, "rounding": "stochastic"},
 ], ids=["lns-madam-lns8", "lns-madam-lns16-copy", "madam-stochastic"])
-def test_madam_and_lns_madam_members_equal_alone_runs(fields: dict[str, Any], digits: Any) -> None:
-    _same_as_alone([BASE.replace(**fields, **member) for member in MADAM_SEEDS], digits)
+def test_madam_and_lns_madam_members_equal_alone_runs(
+        fields: dict[str, Any], digits: Any, same_as_alone: Callable[..., Any],
+) -> None:
+    same_as_alone([BASE.replace(**fields, **member) for member in MADAM_SEEDS], digits)
 
 
-def test_a_diverging_member_does_not_disturb_the_others(digits: Any) -> None:
+def test_a_diverging_member_does_not_disturb_the_others(
+        digits: Any, same_as_alone: Callable[..., Any]) -> None:
     base = BASE.replace(format="fp16", epochs=2)  # lr 100 overflows fp16 in the first epoch
     configs = [base.replace(seed=0), base.replace(seed=1, lr=100.0), base.replace(seed=2)]
-    results = _same_as_alone(configs, digits)
+    results = same_as_alone(configs, digits)
     assert [r["diverged"] for r in results] == [False, True, False]
     assert results[1]["epochs_run"] == 1 and math.isnan(results[1]["final_loss"])
     assert results[0]["test_accuracy"] > 0.5 and results[2]["test_accuracy"] > 0.5
@@ -128,22 +119,26 @@ def _case_id(fields: dict[str, Any]) -> str:
 @pytest.mark.parametrize("fields", FAMILY_CASES, ids=_case_id)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_proxy_family_stacks_and_its_members_equal_alone_runs(family: str,
-                                                                    fields: dict[str, Any]) -> None:
+                                                                    fields: dict[str, Any],
+                                                                    same_as_alone: Callable[..., Any],
+                                                                    ) -> None:
     model, dataset, samples = FAMILIES[family]
     data = _subset(dataset, samples, 200)
     base = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64).replace(**fields)
     assert group_reason(base) is None
     members = MADAM_SEEDS if base.optimizer == "lns-madam" else SEEDS
-    results = _same_as_alone([base.replace(**member) for member in members], data)
+    results = same_as_alone([base.replace(**member) for member in members], data)
     assert len({r["final_loss"] for r in results}) == len(members)
 
 
 @pytest.mark.parametrize("family", ["cnn-2d", "resnet-1d", "transformer"])
-def test_a_diverging_member_of_a_conv_or_transformer_group_does_not_disturb_the_others(family: str) -> None:
+def test_a_diverging_member_of_a_conv_or_transformer_group_does_not_disturb_the_others(
+        family: str, same_as_alone: Callable[..., Any],
+) -> None:
     model, dataset, samples = FAMILIES[family]
     base = TrainConfig(model=model, dataset=dataset, epochs=2, batch_size=64, format="fp16")
     configs = [base.replace(seed=0), base.replace(seed=1, lr=100.0), base.replace(seed=2)]
-    results = _same_as_alone(configs, _subset(dataset, samples, 200))
+    results = same_as_alone(configs, _subset(dataset, samples, 200))
     assert [r["diverged"] for r in results] == [False, True, False]
 
 
@@ -233,10 +228,12 @@ def own_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_users_model_stacks_where_its_layers_are_known(own_models: Path, digits: Any) -> None:
+def test_a_users_model_stacks_where_its_layers_are_known(
+        own_models: Path, digits: Any, same_as_alone: Callable[..., Any],
+) -> None:
     base = BASE.replace(model=f"{own_models}:own_layer", format="int8")
     assert group_reason(base) is None
-    _same_as_alone([base.replace(**member) for member in SEEDS], digits)
+    same_as_alone([base.replace(**member) for member in SEEDS], digits)
 
 
 @pytest.mark.parametrize("factory, why", [
@@ -245,11 +242,11 @@ def test_a_users_model_stacks_where_its_layers_are_known(own_models: Path, digit
     ("tied", "tied weights"),
 ])
 def test_a_users_model_that_cannot_stack_trains_one_by_one_and_says_why(
-        factory: str, why: str, own_models: Path, digits: Any) -> None:
+        factory: str, why: str, own_models: Path, digits: Any, same_as_alone: Callable[..., Any]) -> None:
     base = BASE.replace(model=f"{own_models}:{factory}")
     reason = group_reason(base)
     assert reason is not None and why in reason and factory in reason
-    _same_as_alone([base.replace(seed=0), base.replace(seed=1)], digits)
+    same_as_alone([base.replace(seed=0), base.replace(seed=1)], digits)
 
 
 def test_a_group_may_differ_only_in_member_fields(digits: Any) -> None:
@@ -285,18 +282,21 @@ def test_quantize_members_is_quantize_of_each_member_alone(spec: str, rounding: 
 @pytest.mark.parametrize("fields", [{}, {"format": "int8"}, {"format": "fp8_e4m3", "rounding": "stochastic"},
                                     {"format": "lns8", "optimizer": "lns-madam", "master_weights": False}],
                          ids=["fp32", "int8", "fp8-stochastic", "lns-madam"])
-def test_grouped_members_equal_alone_runs_on_cuda(fields: dict[str, Any], digits: Any) -> None:
+def test_grouped_members_equal_alone_runs_on_cuda(
+        fields: dict[str, Any], digits: Any, same_as_alone: Callable[..., Any],
+) -> None:
     """On CUDA a batched GEMM may take another kernel than a single one: this says whether it does."""
     base = BASE.replace(device="cuda", **fields)
     members = MADAM_SEEDS if base.optimizer == "lns-madam" else SEEDS
-    _same_as_alone([base.replace(**member) for member in members], digits)
+    same_as_alone([base.replace(**member) for member in members], digits)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("family", ["cnn-2d", "resnet-1d", "transformer"])
-def test_proxy_families_grouped_equal_alone_runs_on_cuda(family: str) -> None:
+def test_proxy_families_grouped_equal_alone_runs_on_cuda(
+        family: str, same_as_alone: Callable[..., Any]) -> None:
     """Convolutions run member by member (the same call as alone, cuDNN held deterministic); Linear
     and attention as batched GEMMs, which cuBLAS may sum in another order than one GEMM."""
     model, dataset, samples = FAMILIES[family]
     base = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64, format="int8", device="cuda")
-    _same_as_alone([base.replace(**member) for member in SEEDS], _subset(dataset, samples, 200))
+    same_as_alone([base.replace(**member) for member in SEEDS], _subset(dataset, samples, 200))

@@ -5,6 +5,7 @@ member computes what `train` computes for it alone, bit for bit."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,8 +15,8 @@ from hypothesis import strategies as st
 
 from dse.data import load_dataset
 from dse.formats.base import MemberGenerators
-from dse.train import TrainConfig, train
-from dse.train.grouped import group_reason, train_group
+from dse.train import TrainConfig
+from dse.train.grouped import group_reason
 from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error, stacked
 from dse.train.niti.exponents import _mantissa_of
 from dse.train.niti.stacked import (
@@ -28,25 +29,9 @@ from dse.train.niti.stacked import (
 BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits() -> Any:
-    return load_dataset("digits")
-
-
-def _same_as_alone(configs: list[TrainConfig], dataset: Any) -> list[dict[str, Any]]:
-    assert group_reason(configs[0]) is None  # they train stacked, not one by one
-    grouped = [r.to_dict() for r in train_group(configs, dataset)]
-    alone = [train(config, dataset).to_dict() for config in configs]
-    for together, by_itself in zip(grouped, alone, strict=True):
-        together.pop("wall_time_s")
-        by_itself.pop("wall_time_s")
-        assert repr(together) == repr(by_itself)  # repr: NaN == NaN, and every float's last bit
-    return grouped
 
 
 # --- accumulation emulation --------------------------------------------------------------------
@@ -57,19 +42,23 @@ def _same_as_alone(configs: list[TrainConfig], dataset: Any) -> list[dict[str, A
     {"format": "fp8_e5m2", "rounding": "stochastic", "accumulation": "fp8_e5m2", "accumulation_chunk": 4,
      "layers": [{"match": "1", "format": "int8"}]},
 ], ids=["fp16-chunk16", "bf16-chunk1", "e5m2-chunk4-per-layer"])
-def test_accumulating_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], digits: Any) -> None:
+def test_accumulating_members_equal_alone_runs_bit_for_bit(
+        fields: dict[str, Any], digits: Any, stacked_same_as_alone: Callable[..., Any],
+) -> None:
     """Each chunk is a batched matmul over the same reduction indices as the member's GEMM alone, and
     the accumulator rounds elementwise, so the chunks fold in the same order: no sum is reordered."""
     base = BASE.replace(**fields)
     configs = [base.replace(seed=0), base.replace(seed=1, lr=0.1), base.replace(seed=2)]
-    results = _same_as_alone(configs, digits)
+    results = stacked_same_as_alone(configs, digits)
     assert len({r["final_loss"] for r in results}) == 3
 
 
-def test_an_accumulating_member_that_diverges_does_not_disturb_the_others(digits: Any) -> None:
+def test_an_accumulating_member_that_diverges_does_not_disturb_the_others(
+        digits: Any, stacked_same_as_alone: Callable[..., Any],
+) -> None:
     base = BASE.replace(format="fp8_e4m3", accumulation="fp16", epochs=2)  # lr 100 overflows fp16
-    results = _same_as_alone([base.replace(seed=0), base.replace(seed=1, lr=100.0), base.replace(seed=2)],
-                             digits)
+    members = [base.replace(seed=0), base.replace(seed=1, lr=100.0), base.replace(seed=2)]
+    results = stacked_same_as_alone(members, digits)
     assert [r["diverged"] for r in results] == [False, True, False]
     assert math.isnan(results[1]["final_loss"]) and results[0]["test_accuracy"] > 0.5
 
@@ -86,7 +75,8 @@ NITI = BASE.replace(format="int8", optimizer="niti")
 ], ids=["int8-mu-schedule", "int16-accumulator-in-chunks", "int6-member-by-member"])
 def test_niti_mlp_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], members: list[dict[str, Any]],
                                                        chunk: int | None, digits: Any,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       stacked_same_as_alone: Callable[..., Any]) -> None:
     """Per-member exponents, shifts, update widths (niti_mu and its schedule) and cross-entropy draws:
     integer arithmetic, so every member is exactly its run alone, whether the update steps all
     members at once or in chunks of members (`chunk` entries: two of the three 64 x 128 weights at a
@@ -94,18 +84,20 @@ def test_niti_mlp_members_equal_alone_runs_bit_for_bit(fields: dict[str, Any], m
     if chunk is not None:
         monkeypatch.setattr(stacked, "STEP_CHUNK_ELEMENTS", chunk)
     base = NITI.replace(**fields)
-    results = _same_as_alone([base.replace(**member) for member in members], digits)
+    results = stacked_same_as_alone([base.replace(**member) for member in members], digits)
     assert len({r["final_loss"] for r in results}) == len(members)
 
 
 @pytest.mark.parametrize("model, dataset, batch", [("cnn", "mnist1d", 100), ("cnn", "digits", 64),
                                                    ("resnet", "digits", 64)],
                          ids=["conv1d", "conv2d-maxpool", "resnet-batchnorm"])
-def test_niti_cnn_members_equal_alone_runs_bit_for_bit(model: str, dataset: str, batch: int) -> None:
+def test_niti_cnn_members_equal_alone_runs_bit_for_bit(
+        model: str, dataset: str, batch: int, stacked_same_as_alone: Callable[..., Any],
+) -> None:
     """Each member's convolutions on its slice of the folded batch; the ResNet's BatchNorm (frozen
     under NITI) with each member's own batch statistics, its residual sums re-quantized per member."""
     base = NITI.replace(model=model, dataset=dataset, batch_size=batch)
-    _same_as_alone([base.replace(seed=0), base.replace(seed=1, niti_mu=4)], load_dataset(dataset))
+    stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, niti_mu=4)], load_dataset(dataset))
 
 
 def test_niti_networks_that_do_not_stack_say_why() -> None:
@@ -161,11 +153,13 @@ def test_member_decisions_are_each_members_own(members: int, magnitudes: list[in
     {"format": "int8", "optimizer": "niti", "model": "cnn", "dataset": "mnist1d", "batch_size": 100},
     {"format": "fp8_e4m3", "accumulation": "fp16"},
 ], ids=["niti-mlp", "niti-cnn", "accumulation"])
-def test_grouped_members_equal_alone_runs_on_cuda(fields: dict[str, Any]) -> None:
+def test_grouped_members_equal_alone_runs_on_cuda(
+        fields: dict[str, Any], stacked_same_as_alone: Callable[..., Any],
+) -> None:
     """NITI's integer sums are exact on any kernel; an accumulating chunk is a float GEMM, which a
     batched cuBLAS call may sum in another order than a single one: this says whether it does."""
     base = BASE.replace(device="cuda", **fields)
-    _same_as_alone([base.replace(seed=0), base.replace(seed=1)], load_dataset(base.dataset))
+    stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1)], load_dataset(base.dataset))
 
 
 def test_each_member_keeps_its_tagged_exponent_only_where_its_values_sit_on_that_grid() -> None:

@@ -18,9 +18,7 @@ runner = CliRunner()
 QUICK = TrainConfig(model="mlp", dataset="digits", epochs=2, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fp32_digits_mlp_learns_far_above_chance() -> None:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dse.data import load_dataset
@@ -21,9 +20,7 @@ from dse.train.memory import MEMORY_FRACTION, describe_bytes, members_that_fit
 MiB = 2**20
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subset(name: str, train: int = 192) -> Any:
