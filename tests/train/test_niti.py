@@ -86,6 +86,14 @@ def ref_act_calc(acc: np.ndarray) -> tuple[np.ndarray, int]:
     return np.clip(acc, -127, 127), 0
 
 
+def ref_sto_shift_4(v: int, draw: int) -> int:
+    """The reference's StoShift of an error by 4 bits: the magnitude's low 4 bits against a 4-bit
+    draw (up when they exceed it), the sign back on, clipped to int8's +-127."""
+    q, r = divmod(abs(v), 16)
+    q += 1 if r > draw else 0
+    return max(-127, min(127, q if v >= 0 else -q))
+
+
 def ref_integer_ce(z: list[list[int]], e: int, targets: list[int], draws: list[list[int]]) -> list[list[int]]:
     """ti_loss.TiLoss on Python ints, integer division truncating toward zero."""
     def tdiv(a: int, d: int) -> int:
@@ -103,12 +111,7 @@ def ref_integer_ce(z: list[list[int]], e: int, targets: list[int], draws: list[l
         total = sum(n)
         p = [v * 2**11 // total for v in n]
         p[target] -= sum(p)
-        errors = []
-        for v, d in zip(p, draw, strict=True):
-            q, r = divmod(abs(v), 16)
-            q += 1 if r > d else 0
-            errors.append(max(-127, min(127, q if v >= 0 else -q)))
-        out.append(errors)
+        out.append([ref_sto_shift_4(v, d) for v, d in zip(p, draw, strict=True)])
     return out
 
 
@@ -136,15 +139,8 @@ def ref_integer_ce_as_run(z: torch.Tensor, out_exp: int, target: torch.Tensor,
     out_grad = out_grad * (2**11) / out_sum.view(-1, 1)
     out_grad[torch.arange(z.size(0)), target] -= out_grad.sum(1, dtype=torch.int64)
     grad = out_grad.type(torch.int32).tolist()
-    errors = []
-    for row, draw in zip(grad, draws.tolist(), strict=True):
-        out = []
-        for v, d in zip(row, draw, strict=True):
-            q, r = divmod(abs(v), 16)
-            q += 1 if r > d else 0
-            out.append(max(-127, min(127, q if v >= 0 else -q)))
-        errors.append(out)
-    return errors
+    return [[ref_sto_shift_4(v, d) for v, d in zip(row, draw, strict=True)]
+            for row, draw in zip(grad, draws.tolist(), strict=True)]
 
 
 def mantissa(t: torch.Tensor, exp: int) -> torch.Tensor:
