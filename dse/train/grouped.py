@@ -10,12 +10,12 @@ others go on). `train_group(configs)` returns for each config what `dse.train.lo
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) for the
-networks the other methods stack whose NITI layers are Linear and Conv (not yet its Embedding and
-attention Matmul: the transformer). The other methods stack every network
-whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy); other models train one
-by one (`group_reason` says why: functional GEMMs, tied weights, dropout, a batch on another axis
-than the first).
+NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) every
+network the other methods stack whose GEMMs are NITI layers (Linear, Conv, Embedding, attention's
+Matmul: every built-in proxy). The other methods stack every network whose layers
+`dse.train.stacked.stack_reason` knows (every built-in proxy); other models train one by one
+(`group_reason` says why: functional GEMMs, tied weights, dropout, a batch on another axis than the
+first).
 """
 
 from __future__ import annotations
