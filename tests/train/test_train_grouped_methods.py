@@ -277,8 +277,9 @@ def test_member_decisions_are_each_members_own(members: int, magnitudes: list[in
 @pytest.mark.parametrize("fields", [
     {"format": "int8", "optimizer": "niti"},
     {"format": "int8", "optimizer": "niti", "model": "cnn", "dataset": "mnist1d", "batch_size": 100},
+    {"format": "int8", "optimizer": "niti", "model": "transformer", "dataset": "sort-easy"},
     {"format": "fp8_e4m3", "accumulation": "fp16"},
-], ids=["niti-mlp", "niti-cnn", "accumulation"])
+], ids=["niti-mlp", "niti-cnn", "niti-transformer", "accumulation"])
 def test_grouped_members_equal_alone_runs_on_cuda(
         fields: dict[str, Any], stacked_same_as_alone: Callable[..., Any],
 ) -> None:

@@ -63,8 +63,12 @@ Exponents = tuple[int, ...]
 # --- per-member versions of the per-tensor decisions ---------------------------------------------
 
 def _member_peaks(t: Tensor) -> list[float]:
-    """max|t[g]| per member, on the host (one read for the group)."""
-    return t.detach().abs().reshape(t.shape[0], -1).amax(1).tolist()
+    """max|t[g]| per member, on the host (one read for the group): max(-min, max), two reading
+    passes instead of |t| written out and read again (0.66 against 1.50 ms for 8 members of the
+    transformer's FFN activations, 1.3 M floats; torch.aminmax along a dim takes 4.2 ms)."""
+    rows = t.detach().reshape(t.shape[0], -1)
+    low, high = rows.amin(1).tolist(), rows.amax(1).tolist()
+    return [max(-lo, hi) for lo, hi in zip(low, high, strict=True)]
 
 
 def range_estimates(t: Tensor) -> Exponents:
