@@ -211,3 +211,17 @@ def test_niti_and_accumulating_trials_group_and_store_what_alone_runs_store(tmp_
     _sweep(text.replace("grouped", "alone").replace("{group_size: 4}", "{group_size: 1}"))
     assert sorted(len(job) for job in grouped.jobs) == [2, 4] and not summary.notes
     assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")
+
+
+USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
+
+
+@pytest.mark.parametrize("factory", ["encoder", "functional"])
+def test_a_sweep_groups_a_users_model_with_attention_or_functional_gemms(tmp_path: Path,
+                                                                          factory: str) -> None:
+    model = f"{USER_MODELS}:{factory}"
+    recording = Recording()
+    summary = _sweep(_text(tmp_path / "grouped", seeds="[0]", model=model), recording)
+    assert summary.notes == [] and sorted(len(job) for job in recording.jobs) == [2, 2]
+    _sweep(_text(tmp_path / "alone", seeds="[0]", executor="{group_size: 1}", model=model))
+    assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")
