@@ -134,9 +134,10 @@ class StackedFunctionalGemms(FunctionalGemms):
                   quant: LayerQuant | None) -> Tensor:
         xs, ws = self.split(x, 0), self.member(weight)
         bs = None if bias is None else self.member(bias)
-        if quant is None:  # fp32: each member's own convolution
-            y = torch.stack([op.forward(xs[g], ws[g], None if bs is None else bs[g])
-                             for g in range(self.members)])
+        if quant is None:  # fp32: each member's own convolution (unbind: one backward stacks them)
+            biases = [None] * self.members if bs is None else bs.unbind(0)
+            y = torch.stack([op.forward(x_g, w_g, b_g)
+                             for x_g, w_g, b_g in zip(xs.unbind(0), ws.unbind(0), biases, strict=True)])
         else:
             y = QuantGemm.apply(xs, ws, bs, quant)
         return self.fold(y, 0)
