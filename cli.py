@@ -728,6 +728,7 @@ def sweep(
     Runs again skip finished trials (resume); results go to the output directory's sweep.sqlite.
     """
     from dse.sweep import load_config, run_sweep
+    from dse.sweep.interrupt import SweepInterrupted
     from dse.sweep.progress import RichReporter
     from dse.sweep.runner import plan_sweep
     from dse.sweep.store import STORE_FILE
@@ -768,10 +769,10 @@ def sweep(
     reporter = RichReporter(console, error_console, quiet=quiet)
     try:
         summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter)
-    except KeyboardInterrupt:
-        error_console.print(f"interrupted: finished trials are saved in {settings.output}; run the same "
-                            "command again to resume", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:  # SIGINT, SIGTERM, SIGHUP: the workers are stopped already
+        interrupted = SweepInterrupted.of(error)
+        error_console.print(interrupted.line(settings.output), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(interrupted.exit_code) from None
     if quiet:
         return
     resumed = f" now, {summary.skipped} from an earlier run" if summary.skipped else ""

@@ -32,6 +32,7 @@ from dse.sweep.executors import (
     start_worker_server,
 )
 from dse.sweep.groups import plan_groups
+from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
 from dse.sweep.store import (
     PlanRow,
     SweepStore,
@@ -309,7 +310,17 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
     `retry_failed` reruns the trials stored as failed (status error). `train_fn` replaces
     dse.train.loop.train (tests; it trains one trial, so nothing is grouped); `executor` replaces the
     configured one; `reports=False` skips dse.report.write_reports.
+
+    SIGINT, SIGTERM and SIGHUP stop the run (dse/sweep/interrupt.py): the workers are stopped, what was
+    committed stays, and SweepInterrupted says how many trials the store holds.
     """
+    with signals_interrupt():
+        return _run_sweep(sweep, force=force, retry_failed=retry_failed, reporter=reporter,
+                          train_fn=train_fn, executor=executor, reports=reports)
+
+
+def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter: Reporter | None,
+               train_fn: TrainFn | None, executor: Executor | None, reports: bool) -> SweepSummary:
     started = time.perf_counter()
     if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
         start_worker_server()  # its imports overlap the planning below
@@ -393,6 +404,9 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     reporter.start(len(trials), summary.skipped, best)
     try:
         executor.run(jobs, on_done)
+    except KeyboardInterrupt as error:  # the executor has stopped its workers
+        raise SweepInterrupted(SweepInterrupted.of(error).signal_number,
+                               stored=summary.skipped + summary.ran, total=summary.total) from None
     finally:
         reporter.stop()
     return summary
