@@ -757,10 +757,12 @@ def sweep(
             tuning = "; ".join(f"{name}: {', '.join(map(str, values))}" for name, values in tuned.items())
             grid.add_row(task, label, tuning or "-", str(count))
         _print_whole(grid)
-        from dse.sweep.groups import plan_groups
+        from dse.sweep.groups import device_shares, plan_groups
         from dse.sweep.runner import unique_runs
 
-        groups, notes = plan_groups(unique_runs(trials), settings.executor.group_size)
+        unique = unique_runs(trials)
+        groups, notes = plan_groups(unique, settings.executor.group_size,
+                                    shares=device_shares(unique, settings.executor))
         console.print(f"{len(groups)} jobs: trials trained in groups of up to {settings.executor.group_size}",
                       markup=False, highlight=False)
         for note in notes:

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -52,6 +53,11 @@ class GroupJob:
     """Trials of one configuration trained together as one stacked network (dse/train/grouped.py)."""
 
     members: tuple[TrialJob, ...]
+    available_bytes: int | None = None
+    """The memory its device had available when the sweep was planned (None: measure when it starts)."""
+    groups_at_once: int | None = None
+    """Groups training at once on that device, sharing that memory equally (dse/sweep/groups.py);
+    None: a Ray cluster's node, whose tasks at once are its CPUs over `threads` (one on a GPU)."""
 
 
 Job = TrialJob | GroupJob
@@ -66,6 +72,8 @@ class TrialOutcome:
     """`Type: message` (first line) if the trial raised."""
     traceback: str = ""
     wall_time_s: float = 0.0
+    note: str = ""
+    """A line the sweep prints about how the trial trained (its group split on a Ray node)."""
 
 
 def _limit_threads(threads: int) -> None:
@@ -122,16 +130,23 @@ def execute_group(job: GroupJob) -> list[TrialOutcome]:
     start = time.perf_counter()
     try:
         from dse.train.config import TrainConfig
-        from dse.train.grouped import train_group
+        from dse.train.grouped import GroupSplitWarning, train_group
         from dse.usercode import provide_sources
 
         provide_sources(members[0].sources)
         configs = [TrainConfig.from_dict({**m.config, "threads": m.threads}) for m in members]
-        results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir))
+        at_once = job.groups_at_once
+        if at_once is None:
+            at_once = 1 if _on_cuda(job) else max(1, (os.cpu_count() or 1) // members[0].threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GroupSplitWarning)
+            results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir),
+                                  available_bytes=job.available_bytes, groups_at_once=at_once)
     except Exception:  # a failing member is found and recorded by training each alone
         return [execute_trial(member) for member in members]
     wall = (time.perf_counter() - start) / len(members)
-    return [TrialOutcome(member.trial_id, result.to_dict(), wall_time_s=wall)
+    note = next((str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)), "")
+    return [TrialOutcome(member.trial_id, result.to_dict(), wall_time_s=wall, note=note)
             for member, result in zip(members, results, strict=True)]
 
 
