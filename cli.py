@@ -623,7 +623,7 @@ def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
 
 @user_errors
 def train(**options: Any) -> None:
-    """Train one proxy under a number format and report its test accuracy."""
+    """Train one proxy under a number format and report its validation and test accuracy."""
     import json
     import warnings
 
@@ -667,9 +667,10 @@ def train(**options: Any) -> None:
 
     config = TrainConfig(**options)
 
-    def report_epoch(epoch: int, loss: float, accuracy: float) -> None:
-        error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, test accuracy "
-                            f"{accuracy:.4f}", markup=False, highlight=False)
+    def report_epoch(epoch: int, loss: float, validation: float, test: float) -> None:
+        # validation, as `dse sweep` chooses by it: a test accuracy per epoch invites choosing an epoch by it
+        error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, validation "
+                            f"accuracy {validation:.4f}", markup=False, highlight=False)
 
     progress = None if as_json or quiet else report_epoch
     with warnings.catch_warnings():
@@ -684,8 +685,8 @@ def train(**options: Any) -> None:
     table.add_column("", justify="right")
     curve = result.loss_curve
     finite = [v for v in curve if v == v]
-    rows = [("test accuracy", f"{result.test_accuracy:.4f}"),
-            ("validation accuracy", f"{result.val_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
+    rows = [("validation accuracy", f"{result.val_accuracy:.4f}"),
+            ("test accuracy", f"{result.test_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
             ("epochs run", str(result.epochs_run)),
             ("training loss first / last / min",
              " / ".join(f"{v:.4f}" for v in (curve[0], curve[-1], min(finite))) if finite else "nan"),
