@@ -416,8 +416,11 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     try:
         executor.run(jobs, on_done)
     except KeyboardInterrupt as error:  # the executor has stopped its workers
-        raise SweepInterrupted(SweepInterrupted.of(error).signal_number,
-                               stored=summary.skipped + summary.ran, total=summary.total) from None
+        # counted in the store: the signal may have come between a trial's commit and its count
+        statuses = store.statuses()
+        stored = sum(trial.trial_id in statuses for trial in runs)
+        raise SweepInterrupted(SweepInterrupted.of(error).signal_number, stored=stored,
+                               total=summary.total) from None
     finally:
         reporter.stop()
     return summary
