@@ -371,22 +371,14 @@ class StackedNitiMatmul(nn.Module):
 
 def niti_stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
     """Why `model` cannot be stacked under NITI (None: it can). NITI converts the GEMM layers (Linear,
-    Conv, Embedding, Matmul), and `stack_niti_models` stacks each of them; a GEMM that NITI leaves in
-    float (nn.MultiheadAttention's, one called as a function, found by a forward on `example`) has no
-    stacked NITI form, whatever the other methods' stacking does with it. Otherwise what keeps the
-    model from stacking under any method (dse/train/stacked.py `stack_reason`) applies."""
-    from dse.train.functional import find_gemms
-    from dse.train.stacked import stack_reason
+    Conv, Embedding, Matmul), and `stack_niti_models` stacks each of them; a GEMM called as a function
+    (nn.MultiheadAttention's, or one a forward on `example` calls) stays float under NITI and has no
+    stacked NITI form, whatever the other methods' stacking does with it
+    (dse/train/stacked.py `functional_reason`). Otherwise what keeps the model from stacking under any
+    method (`stack_reason`) applies."""
+    from dse.train.stacked import functional_reason, stack_reason
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            return f"its MultiheadAttention {name} stays float under NITI, which does not stack it"
-    if example is not None:
-        functional = [site.layer.name for site in find_gemms(model, example[:2]).sites if site.module is None]
-        if functional:
-            return (f"its GEMMs {', '.join(functional)} are function calls, which NITI leaves float and "
-                    "does not stack")
-    return stack_reason(model, example)
+    return functional_reason(model, example) or stack_reason(model, example)
 
 
 class FoldedNitiNetwork(nn.Module):
