@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dse.errors import InputError
+from dse.formats.fast import host_shortcuts
 from dse.formats.fast.slices import whole_tensors
 
 Rounding = Literal["nearest", "stochastic", "pseudo_stochastic", "toward_zero"]
@@ -609,10 +610,12 @@ class NumberFormat(ABC):
         inf: max|x| of a group small against the grid's max, or huge against a grid's max below 1),
         the scale is exact (`float32_scale_values`) and the quotients and products are taken in
         float64 (`round_by_float32_scale_values`). Elsewhere (nearly always) one division and one
-        product.
+        product. Off the CPU (`host_shortcuts`), float32 always takes the exact path, which gives the
+        same bits: deciding would read a bool back to the host, and that stalls the device.
         """
-        if x.dtype == torch.float32 and bool(((amax > 0) & (amax < self._subnormal_scale_amax)).any()
-                                             | (amax > self._huge_scale_amax).any()):
+        if x.dtype == torch.float32 and (not host_shortcuts(x.device) or bool(
+                ((amax > 0) & (amax < self._subnormal_scale_amax)).any()
+                | (amax > self._huge_scale_amax).any())):
             return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
         scale = self.divisor_from_amax(amax)
         return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
