@@ -122,12 +122,6 @@ def round_to_float32_significand(value: float) -> float:
     return math.ldexp(_FLOAT32.unpack(_FLOAT32.pack(mantissa))[0], exponent)
 
 
-def float32_significand_values(t: Tensor) -> Tensor:
-    """`round_to_float32_significand` of positive finite float64 values, elementwise (float64)."""
-    mantissa, exponent = torch.frexp(t)
-    return mantissa.float().double() * power_of_two(exponent)
-
-
 def float32_values(t: Tensor) -> Tensor:
     """float64 values rounded to float32 (nearest, ties to even, subnormals included, +-inf beyond
     float32's range) and kept in float64: float32 arithmetic's results with gradual underflow, also
@@ -149,6 +143,13 @@ def power_of_two(exponent: Tensor | int) -> Tensor:
     first = ((half + 1023) << 52).view(torch.float64)
     second = ((exponent - half + 1023) << 52).view(torch.float64)
     return first * second
+
+
+def normal_power_of_two(exponent: Tensor) -> Tensor:
+    """2^exponent as float64 for integer exponents in [-1022, 1023] (float64's normals): the exponent
+    shifted into float64's exponent field, exact on every device, in two operations where
+    `power_of_two` (whose range reaches float64's subnormals and 2^2046) takes eight."""
+    return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
 class MemberGenerators:
@@ -653,8 +654,14 @@ class NumberFormat(ABC):
         flushes float32 denormals."""
         amax = amax.double()  # a flushed input max|x| reads as 0 here, as it does in float32
         usable = (amax > 0) & (amax < math.inf)
-        ratio = float32_significand_values(torch.where(usable, amax, 1.0) / self.max_float32)
-        scale = power_of_two(pow2_ceil_exponent(ratio)) if self.scaling.pow2 else ratio
+        # The ratio of a float32 max|x| (at least 2^-149) and a grid's max lies well inside float64's
+        # normal exponents, so each power of two below is one shift (fewer kernels on a GPU).
+        mantissa, exponent = torch.frexp(torch.where(usable, amax, 1.0) / self.max_float32)
+        significand = mantissa.float().double()  # in [0.5, 1]: rounded to float32's 24 bits
+        if self.scaling.pow2:  # ceil(log2(significand * 2^exponent))
+            scale = normal_power_of_two(exponent - (significand == 0.5).to(exponent.dtype))
+        else:
+            scale = significand * normal_power_of_two(exponent)
         return torch.where(usable, scale, 1.0)
 
     @cached_property
