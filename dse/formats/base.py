@@ -611,15 +611,23 @@ class NumberFormat(ABC):
         inf: max|x| of a group small against the grid's max, or huge against a grid's max below 1),
         the scale is exact (`float32_scale_values`) and the quotients and products are taken in
         float64 (`round_by_float32_scale_values`). Elsewhere (nearly always) one division and one
-        product. Off the CPU (`host_shortcuts`), float32 always takes the exact path, which gives the
-        same bits: deciding would read a bool back to the host, and that stalls the device.
+        product. Off the CPU (`host_shortcuts`) deciding would read a bool back to the host, which
+        stalls the device: there float32 takes the exact path always (the same bits), unless every
+        scale of the format is exact in float32 there (`float32_holds_scales_on`).
         """
-        if x.dtype == torch.float32 and (not host_shortcuts(x.device) or bool(
-                ((amax > 0) & (amax < self._subnormal_scale_amax)).any()
-                | (amax > self._huge_scale_amax).any())):
+        if x.dtype == torch.float32 and (
+                not self.float32_holds_scales_on(x.device) if not host_shortcuts(x.device) else bool(
+                    ((amax > 0) & (amax < self._subnormal_scale_amax)).any()
+                    | (amax > self._huge_scale_amax).any())):
             return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
         scale = self.divisor_from_amax(amax)
         return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
+
+    def float32_holds_scales_on(self, device: torch.device) -> bool:
+        """Whether every float32 scale this format can compute is exact as a float32 on `device`, so
+        that one division and one product need no exact fallback: not in general (a ratio below
+        float32's normals loses bits, one past its max is inf; E8M0 block scales say otherwise)."""
+        return False
 
     def round_by_float32_scale_values(self, x: Tensor, scale: Tensor, rounding: str,
                                       generator: torch.Generator | None) -> Tensor:

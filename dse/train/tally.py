@@ -50,7 +50,7 @@ class EpochTally:
         self.params = list(params)
         self.members = members
         self.stacked = stacked
-        device = self.params[0].device
+        device = self.params[0].device if self.params else torch.device("cpu")
         self.on_host = host_shortcuts(device)
         active = set(active)
         self.active = sorted(active)

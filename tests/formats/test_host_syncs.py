@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dse.formats import ZOO, get
-from dse.formats.base import MemberGenerators, NumberFormat
+from dse.formats.base import MemberGenerators, NumberFormat, to_blocks
 from dse.formats.fast import FAST_PATHS, device_path, host_shortcuts
 
 EXTRA = ["int8(scale=channel,axis=0)", "int8(pow2=1)", "fp8_e4m3(scale=tensor)", "posit8(scale=tensor)",
@@ -82,6 +82,8 @@ def _probe(dtype: torch.dtype) -> torch.Tensor:
     powers of two, zeros, inf and NaN."""
     generator = torch.Generator().manual_seed(4)
     exponent = torch.randint(-150, 127, (63, 1), generator=generator).double()
+    extremes = [-150, -149, -140, -135, -130, -128, -127, -126, -125, -120, 100, 120, 124, 125, 126, 127]
+    exponent[:16, 0] = torch.tensor(extremes)  # the extremes of E8M0 and of float32
     x = torch.randn(63, 96, generator=generator, dtype=torch.float64) * torch.exp2(exponent)
     x *= torch.exp2(-torch.randint(0, 20, x.shape, generator=generator).double())
     x[3] = 0.0
@@ -113,5 +115,32 @@ def test_the_device_path_gives_the_cpu_paths_bits(spec: str, flush: bool) -> Non
                     with device_path():
                         device = quantize(fmt, x, rounding, members)
                     assert _same_bits(device, cpu), f"{spec} {rounding} {dtype} members={members}"
+    finally:
+        torch.set_flush_denormal(bool(previous))
+
+
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp4", "mxint8",
+                                  "mxfp4(block=16)"])
+def test_e8m0_scales_need_no_exact_fallback_where_subnormals_are_kept(spec: str) -> None:
+    """Why the device path divides MX blocks in float32 (`float32_holds_scales_on`): with float32
+    subnormals kept, as CUDA keeps them, one float32 division and product by the E8M0 scale equal
+    the exact float64 path for blocks whose max|v| has every float32 exponent (scales 2^-127 to
+    2^127), in every rounding."""
+    fmt = get(spec)
+    assert fmt.float32_holds_scales_on(torch.device("cuda")) and not fmt.float32_holds_scales_on(
+        torch.device("cpu"))
+    x = _probe(torch.float32)
+    blocks, _, _ = to_blocks(x, fmt.scaling.axis, fmt.scaling.block_size)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    previous = torch.tensor([1e-39], dtype=torch.float32).mul(1.0)[0] == 0
+    torch.set_flush_denormal(False)
+    try:
+        for rounding in ROUNDINGS:
+            scale = fmt.divisor_from_amax(amax)
+            in_float32 = fmt.round_unscaled(blocks / scale, rounding, torch.Generator().manual_seed(1))
+            in_float32.mul_(scale)
+            exact = fmt.round_by_float32_scale_values(blocks, fmt.float32_scale_values(amax), rounding,
+                                                      torch.Generator().manual_seed(1))
+            assert _same_bits(in_float32, exact), f"{spec} {rounding}"
     finally:
         torch.set_flush_denormal(bool(previous))
