@@ -98,8 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     lines = []
 
     def emit(line: str) -> None:
+        """Print a line of the table, and write the table so far (a run cut short keeps its rows)."""
         print(line, flush=True)
         lines.append(line)
+        if args.out is not None:
+            args.out.write_text("\n".join(lines) + "\n")
+
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
 
     if on_cpu:
         emit(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
@@ -142,9 +148,6 @@ def main(argv: list[str] | None = None) -> None:
                     cells = " | ".join(f"{1 / min(member[size]):.2f} ({best / min(member[size]):.1f}x)"
                                        for size in sizes)
                     emit(f"| {name} | {spec} | {1 / best:.2f} | {cells} |")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
