@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from dse.energy.iteration import UNITS
+from dse.energy.units import UNITS
 from dse.errors import InputError
 from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column
 
@@ -159,6 +159,40 @@ def stored_sweep_name(directory: Path) -> str | None:
     if "name" not in meta:
         raise InputError(f"{path} is not a dse sweep store; remove it or choose another output path")
     return meta["name"]
+
+
+def output_directory(output: str | None, name: str) -> Path:
+    """Where a sweep's store and reports go: its `output:`, else results/<its name>."""
+    return Path(output) if output is not None else Path("results") / name
+
+
+@dataclass(frozen=True)
+class StoredProgress:
+    """A store as a rerun sees it before planning: its meta, its plan's trial ids and every stored trial's
+    status."""
+
+    meta: dict[str, str]
+    planned: list[str]
+    """The trial id of each plan row, in plan order (an id two configurations share appears twice)."""
+    statuses: dict[str, str]
+
+
+def stored_progress(directory: Path) -> StoredProgress | None:
+    """The store in `directory` read without writing (None: there is none, or it cannot be read)."""
+    path = store_path(directory)
+    if not path.is_file():
+        return None
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60.0)
+        try:
+            meta = _read_meta(connection)
+            planned = [row[0] for row in connection.execute("SELECT trial_id FROM plan ORDER BY position")]
+            statuses = dict(connection.execute("SELECT trial_id, status FROM trials").fetchall())
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return None
+    return StoredProgress(meta, planned, statuses)
 
 
 class SweepStore:
