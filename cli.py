@@ -728,7 +728,7 @@ def sweep(
     Runs again skip finished trials (resume); results go to the output directory's sweep.sqlite.
     """
     from dse.sweep.progress import RichReporter
-    from dse.sweep.receipt import conclude_finished, finished_sweep, invocation
+    from dse.sweep.receipt import conclude_finished, finished_sweep, invocation, likely_to_train
 
     reporter = RichReporter(console, error_console, quiet=quiet)
     finished = None if force or dry_run else finished_sweep(config, output, group_size, retry_failed)
@@ -736,6 +736,10 @@ def sweep(
         summary = conclude_finished(finished, reporter)
         _print_sweep_summary(summary, finished.memory_objective, quiet)
         return
+    if not dry_run and likely_to_train(config, output, force):
+        from dse.sweep.executors import start_worker_server
+
+        start_worker_server()  # its imports overlap this process's own and the planning
     from dse.sweep import load_config, run_sweep
     from dse.sweep.runner import plan_sweep
 

@@ -118,11 +118,9 @@ class FinishedSweep:
     """The group notes of the plan (configurations trained one by one, and why)."""
 
 
-def finished_sweep(config: Path, output: Path | None, group_size: int | None,
-                   retry_failed: bool) -> FinishedSweep | None:
-    """The stored sweep if `dse sweep config` with these options would find nothing to train and rewrite
-    nothing but the same plan (see the module docstring); else None, and the command plans in full
-    (which also reports any problem with the file)."""
+def _read(config: Path, output: Path | None) -> tuple[bytes, dict[str, Any], Path] | None:
+    """The sweep file's bytes, its YAML and its output directory, read as far as plain YAML tells (the
+    full validation is the plan's); None where that fails."""
     import yaml
 
     try:
@@ -131,7 +129,44 @@ def finished_sweep(config: Path, output: Path | None, group_size: int | None,
         if not isinstance(data, dict):
             return None
         name = data.get("name") if data.get("name") is not None else Path(config).stem
-        directory = output if output is not None else output_directory(data.get("output"), str(name))
+        return text, data, output if output is not None else output_directory(data.get("output"), str(name))
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return None
+
+
+def likely_to_train(config: Path, output: Path | None, force: bool) -> bool:
+    """Whether `dse sweep config` will most likely train on local workers: its executor is local and it is
+    forced, or its store is missing, holds another text of the file, or lacks a planned trial. The
+    command then starts the workers' fork server (seconds of imports) before it plans, instead of
+    after; run_sweep decides for certain."""
+    read = _read(config, output)
+    if read is None:
+        return False
+    text, data, directory = read
+    executor = data.get("executor")
+    if isinstance(executor, dict) and executor.get("backend", "local") != "local":
+        return False
+    stored = stored_progress(directory)
+    if force or stored is None:
+        return True
+    try:
+        receipt = json.loads(stored.meta.get("receipt", "null"))
+    except ValueError:
+        receipt = None
+    text_changed = not isinstance(receipt, dict) or receipt.get("text_sha256") != _sha256(text)
+    return text_changed or any(trial_id not in stored.statuses for trial_id in stored.planned)
+
+
+def finished_sweep(config: Path, output: Path | None, group_size: int | None,
+                   retry_failed: bool) -> FinishedSweep | None:
+    """The stored sweep if `dse sweep config` with these options would find nothing to train and rewrite
+    nothing but the same plan (see the module docstring); else None, and the command plans in full
+    (which also reports any problem with the file)."""
+    read = _read(config, output)
+    if read is None:
+        return None
+    text, _, directory = read
+    try:
         stored = stored_progress(directory)
         if stored is None:
             return None
@@ -149,7 +184,7 @@ def finished_sweep(config: Path, output: Path | None, group_size: int | None,
                              bool(json.loads(stored.meta.get("memory_objective", "false"))),
                              len(stored.planned), len(set(stored.planned)),
                              list(json.loads(stored.meta.get("group_notes", "[]"))))
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError, sqlite3.Error):
+    except (OSError, ValueError, TypeError, KeyError, sqlite3.Error):
         return None
 
 

@@ -185,3 +185,18 @@ def test_a_sweep_that_reads_other_files_gets_no_receipt(trained: Path) -> None:
     assert reads_other_files(plain.replace(energy=dataclasses.replace(plain.energy, table="mine.yaml")))
     assert reads_other_files(plain.replace(energy=dataclasses.replace(plain.energy,
                                                                       sources={"net": "/x/net.onnx"})))
+
+
+def test_workers_start_before_planning_only_where_the_sweep_will_most_likely_train(sweep_dir: Path) -> None:
+    """The fork server's imports (seconds) overlap the planning when there is something to train, and are
+    not paid by a rerun that will find nothing."""
+    from dse.sweep.receipt import likely_to_train
+
+    config = sweep_dir / "sweep.yaml"
+    assert not likely_to_train(config, None, force=False)
+    assert likely_to_train(config, None, force=True)
+    assert likely_to_train(config, sweep_dir / "elsewhere", force=False)  # a fresh output: all to train
+    _forget_a_trial(sweep_dir)
+    assert likely_to_train(config, None, force=False)
+    config.write_text(SWEEP.replace("backend: local", "backend: ray"))
+    assert not likely_to_train(config, None, force=True)  # Ray's workers are not ours to start
