@@ -81,26 +81,27 @@ class GroupSplitWarning(UserWarning):
     """A group too large for its device's memory trains as consecutive smaller groups."""
 
 
-def group_memory(config: TrainConfig, model: nn.Module, example: Tensor) -> tuple[int, int]:
-    """(one trial's training memory, the memory available on its device), in bytes
-    (dse/train/memory.py: a group of G takes G times the first plus a constant)."""
-    trial = trial_memory_bytes(model, example, config.batch_size, config.optimizer, EVAL_BATCH)
-    return trial, available_memory_bytes(config.device)
+def trial_training_bytes(config: TrainConfig, model: nn.Module, example: Tensor) -> int:
+    """One trial's training memory in bytes (dse/train/memory.py: a group of G takes G times it plus
+    a constant)."""
+    return trial_memory_bytes(model, example, config.batch_size, config.optimizer, EVAL_BATCH)
 
 
-def split_note(size: int, fit: int, trial_bytes: int, available_bytes: int, device: str) -> str:
+def split_note(size: int, fit: int, trial_bytes: int, available_bytes: int, device: str,
+               groups_at_once: int = 1) -> str:
     """The line that states a split: a group of `size` cut into groups of at most `fit`."""
+    shared = f", shared by {groups_at_once} groups training at once" if groups_at_once > 1 else ""
     return (f"groups of {size} split into groups of {fit} to fit {device}: one trial needs about "
-            f"{describe_bytes(trial_bytes)}, {describe_bytes(available_bytes)} available")
+            f"{describe_bytes(trial_bytes)}, {describe_bytes(available_bytes)} available{shared}")
 
 
 def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
-                available_bytes: int | None = None) -> list[TrainResult]:
+                available_bytes: int | None = None, groups_at_once: int = 1) -> list[TrainResult]:
     """Train the configs (equal `group_key`) together; results in their order. Configs that cannot
     stack (`group_reason`) train one after another with `train`. A group that would not fit its
-    device's memory (`available_bytes`, default: what the device has free now) trains as
-    consecutive smaller groups, with a GroupSplitWarning that says so; every member's result is
-    the same either way."""
+    share of its device's memory (`available_bytes`, default: what the device has free now, shared
+    equally by `groups_at_once` groups training there at once) trains as consecutive smaller groups,
+    with a GroupSplitWarning that says so; every member's result is the same either way."""
     configs = list(configs)
     if not configs:
         return []
@@ -118,11 +119,11 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
     example = data.x_train[:EXAMPLE_SAMPLES]
     if group_reason(configs[0], model, example) is not None:
         return [train(config, data) for config in configs]
-    trial_bytes, available = group_memory(configs[0], model, example)
-    available = available if available_bytes is None else available_bytes
-    fit = members_that_fit(trial_bytes, available)
+    one = trial_training_bytes(configs[0], model, example)
+    available = available_memory_bytes(configs[0].device) if available_bytes is None else available_bytes
+    fit = members_that_fit(one, available, groups_at_once)
     if fit < len(configs):
-        warnings.warn(split_note(len(configs), fit, trial_bytes, available, configs[0].device),
+        warnings.warn(split_note(len(configs), fit, one, available, configs[0].device, groups_at_once),
                       GroupSplitWarning, stacklevel=2)
     results: list[TrainResult] = []
     with _run_settings(configs[0].threads):
