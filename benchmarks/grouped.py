@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 32, CPU
     .venv/bin/python benchmarks/grouped.py --datasets digits --sizes 4,8 --formats fp32,int8 --rounds 2
     .venv/bin/python benchmarks/grouped.py --formats niti,fp8_e4m3+fp16-acc --models cnn --sizes 3,8
+    .venv/bin/python benchmarks/grouped.py --models tests/support/user_models.py:encoder --datasets digits
     .venv/bin/python benchmarks/grouped.py --device cuda --datasets mnist1d --models mlp,cnn \\
         --sizes 1,2,4,8,16,32 --out results/grouped_cuda.md     # trials per second on a GPU
 
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,mnist1d")
-    parser.add_argument("--models", "--model", default="mlp", help="proxies that stack, comma-separated "
-                                                                   "(default mlp)")
+    parser.add_argument("--models", "--model", default="mlp",
+                        help="proxies, or users' networks as file.py:factory, comma-separated (default mlp)")
     parser.add_argument("--formats", default="fp32,int8,fp8_e4m3,posit8,lns8")
     parser.add_argument("--sizes", default="3,8,32", help="group sizes (default 3,8,32)")
     parser.add_argument("--epochs", type=int, default=2)

@@ -3,7 +3,8 @@ report, data; the package's top-level modules are tested at the top).
 
 Tests reach the shared helpers only through the fixtures below, never by importing a helper module:
 `support.frames` builds synthetic sweep results, `support.fakes` holds stand-in training functions,
-`support.host_syncs` counts what would make the host wait for a GPU.
+`support.processes` finds the processes a sweep started, `support.host_syncs` counts what would make
+the host wait for a GPU.
 The fakes stay in a module of their own because sweep worker processes unpickle them by their dotted
 name; pytest puts this folder on sys.path when it loads this conftest (and process pools hand their
 workers that sys.path), so `support.fakes` imports there too. The helper fixtures are session-scoped
@@ -18,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from support import fakes
+from support import fakes, processes
 from support.host_syncs import HostSyncs
 
 TESTS = Path(__file__).resolve().parent
@@ -128,3 +129,20 @@ def host_syncs() -> type[HostSyncs]:
     """HostSyncs: `with host_syncs() as seen:` records in seen.syncs every read back to the host, output
     sized by the data and tensor made from host data (run it inside dse.formats.fast.device_path())."""
     return HostSyncs
+
+
+# The processes a test started (support.processes: Linux /proc).
+
+@pytest.fixture(scope="session")
+def process_tree() -> Callable[[int], dict[int, str]]:
+    """process_tree(pid): pid -> name of the live processes descended from pid or in its session
+    (skips the test where there is no /proc)."""
+    if not processes.available():
+        pytest.skip("reads processes from /proc (Linux)")
+    return processes.processes_of
+
+
+@pytest.fixture(scope="session")
+def survivors() -> Callable[[dict[int, str], float], dict[int, str]]:
+    """survivors(processes, within_s): those still alive after waiting up to within_s for them to end."""
+    return processes.survivors
