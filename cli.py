@@ -623,7 +623,7 @@ def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
 
 @user_errors
 def train(**options: Any) -> None:
-    """Train one proxy under a number format and report its test accuracy."""
+    """Train one proxy under a number format and report its validation and test accuracy."""
     import json
     import warnings
 
@@ -667,9 +667,10 @@ def train(**options: Any) -> None:
 
     config = TrainConfig(**options)
 
-    def report_epoch(epoch: int, loss: float, accuracy: float) -> None:
-        error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, test accuracy "
-                            f"{accuracy:.4f}", markup=False, highlight=False)
+    def report_epoch(epoch: int, loss: float, validation: float, test: float) -> None:
+        # validation, as `dse sweep` chooses by it: a test accuracy per epoch invites choosing an epoch by it
+        error_console.print(f"epoch {epoch + 1}/{config.epochs}: training loss {loss:.4f}, validation "
+                            f"accuracy {validation:.4f}", markup=False, highlight=False)
 
     progress = None if as_json or quiet else report_epoch
     with warnings.catch_warnings():
@@ -684,8 +685,8 @@ def train(**options: Any) -> None:
     table.add_column("", justify="right")
     curve = result.loss_curve
     finite = [v for v in curve if v == v]
-    rows = [("test accuracy", f"{result.test_accuracy:.4f}"),
-            ("validation accuracy", f"{result.val_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
+    rows = [("validation accuracy", f"{result.val_accuracy:.4f}"),
+            ("test accuracy", f"{result.test_accuracy:.4f}"), ("diverged", str(result.diverged).lower()),
             ("epochs run", str(result.epochs_run)),
             ("training loss first / last / min",
              " / ".join(f"{v:.4f}" for v in (curve[0], curve[-1], min(finite))) if finite else "nan"),
@@ -728,6 +729,7 @@ def sweep(
     Runs again skip finished trials (resume); results go to the output directory's sweep.sqlite.
     """
     from dse.sweep import load_config, run_sweep
+    from dse.sweep.interrupt import SweepInterrupted
     from dse.sweep.progress import RichReporter
     from dse.sweep.runner import plan_sweep
     from dse.sweep.store import STORE_FILE
@@ -756,10 +758,12 @@ def sweep(
             tuning = "; ".join(f"{name}: {', '.join(map(str, values))}" for name, values in tuned.items())
             grid.add_row(task, label, tuning or "-", str(count))
         _print_whole(grid)
-        from dse.sweep.groups import plan_groups
+        from dse.sweep.groups import device_shares, plan_groups
         from dse.sweep.runner import unique_runs
 
-        groups, notes = plan_groups(unique_runs(trials), settings.executor.group_size)
+        unique = unique_runs(trials)
+        groups, notes = plan_groups(unique, settings.executor.group_size,
+                                    shares=device_shares(unique, settings.executor))
         console.print(f"{len(groups)} jobs: trials trained in groups of up to {settings.executor.group_size}",
                       markup=False, highlight=False)
         for note in notes:
@@ -768,10 +772,10 @@ def sweep(
     reporter = RichReporter(console, error_console, quiet=quiet)
     try:
         summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter)
-    except KeyboardInterrupt:
-        error_console.print(f"interrupted: finished trials are saved in {settings.output}; run the same "
-                            "command again to resume", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:  # SIGINT, SIGTERM, SIGHUP: the workers are stopped already
+        interrupted = SweepInterrupted.of(error)
+        error_console.print(interrupted.line(settings.output), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(interrupted.exit_code) from None
     if quiet:
         return
     resumed = f" now, {summary.skipped} from an earlier run" if summary.skipped else ""

@@ -4,6 +4,7 @@ of G (dse.train.grouped.train_group), interleaved in one process, best of severa
     .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 32
     .venv/bin/python benchmarks/grouped.py --datasets digits --sizes 4,8 --formats fp32,int8 --rounds 2
     .venv/bin/python benchmarks/grouped.py --formats niti,fp8_e4m3+fp16-acc --model cnn --sizes 3,8
+    .venv/bin/python benchmarks/grouped.py --model tests/support/user_models.py:encoder --datasets digits
 
 `--formats` takes format specs (SGD with an fp32 copy; lns* with LNS-Madam) and the names of METHODS.
 `--before` also runs each format as the step ran before the step-speed changes
@@ -45,7 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,mnist1d")
-    parser.add_argument("--model", default="mlp", help="a proxy that stacks (default mlp)")
+    parser.add_argument("--model", default="mlp",
+                        help="a proxy, or a user's network as file.py:factory (default mlp)")
     parser.add_argument("--formats", default="fp32,int8,fp8_e4m3,posit8,lns8")
     parser.add_argument("--sizes", default="3,8,32", help="group sizes (default 3,8,32)")
     parser.add_argument("--epochs", type=int, default=2)

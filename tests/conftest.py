@@ -2,7 +2,8 @@
 report, data; the package's top-level modules are tested at the top).
 
 Tests reach the shared helpers only through the fixtures below, never by importing a helper module:
-`support.frames` builds synthetic sweep results, `support.fakes` holds stand-in training functions.
+`support.frames` builds synthetic sweep results, `support.fakes` holds stand-in training functions,
+`support.processes` finds the processes a sweep started.
 The fakes stay in a module of their own because sweep worker processes unpickle them by their dotted
 name; pytest puts this folder on sys.path when it loads this conftest (and process pools hand their
 workers that sys.path), so `support.fakes` imports there too. The helper fixtures are session-scoped
@@ -17,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from support import fakes, frames
+from support import fakes, frames, processes
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -108,3 +109,20 @@ def built_store(tmp_path: Path, store_trials: Callable[[Path, pd.DataFrame], Non
     store.mkdir(parents=True)
     store_trials(store, example_trials)
     return store
+
+
+# The processes a test started (support.processes: Linux /proc).
+
+@pytest.fixture(scope="session")
+def process_tree() -> Callable[[int], dict[int, str]]:
+    """process_tree(pid): pid -> name of the live processes descended from pid or in its session
+    (skips the test where there is no /proc)."""
+    if not processes.available():
+        pytest.skip("reads processes from /proc (Linux)")
+    return processes.processes_of
+
+
+@pytest.fixture(scope="session")
+def survivors() -> Callable[[dict[int, str], float], dict[int, str]]:
+    """survivors(processes, within_s): those still alive after waiting up to within_s for them to end."""
+    return processes.survivors

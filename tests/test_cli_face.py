@@ -77,15 +77,25 @@ def test_formats_show_lists_each_property_once_with_scaling_in_words() -> None:
     assert "one scale per block of 32 along the last axis" in block
 
 
-def test_train_prints_progress_per_epoch_unless_quiet_or_json() -> None:
+def test_train_prints_the_validation_accuracy_per_epoch_unless_quiet_or_json() -> None:
+    """Per epoch the loss and the validation accuracy (what a sweep chooses by; the test accuracy
+    per epoch would invite choosing an epoch by it); at the end validation, then test, as `dse
+    sweep` shows its best trial."""
     args = ["train", "--epochs", "2", "--batch-size", "256"]
     loud = runner.invoke(app, args)
     assert loud.exit_code == 0, loud.output
-    assert [line.split(":")[0] for line in loud.stderr.splitlines()] == ["epoch 1/2", "epoch 2/2"]
+    record = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert record["epochs_run"] == 2
+    expected = [f"epoch {epoch + 1}/2: training loss {loss:.4f}, validation accuracy {validation:.4f}"
+                for epoch, (loss, validation) in enumerate(zip(record["loss_curve"],
+                                                               record["val_accuracy_curve"], strict=True))]
+    assert loud.stderr.splitlines() == expected
+    table = [line for line in loud.stdout.splitlines() if "accuracy" in line]
+    assert ["validation accuracy" in table[0], "test accuracy" in table[1]] == [True, True]
+    assert f"{record['val_accuracy']:.4f}" in table[0] and f"{record['test_accuracy']:.4f}" in table[1]
     for flag in ("--quiet", "--json"):
         quiet = runner.invoke(app, [*args, flag])
         assert quiet.exit_code == 0 and quiet.stderr == ""
-    assert json.loads(runner.invoke(app, [*args, "--json"]).stdout)["epochs_run"] == 2
 
 
 def test_an_unwritable_csv_is_refused_before_any_work_naming_csv(tmp_path: Path) -> None:

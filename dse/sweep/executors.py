@@ -3,17 +3,29 @@
 Every executor calls `execute` on each job (one trial, or a group of trials trained together) and
 hands each outcome to `on_done` in the parent as soon as it arrives, so the runner can commit it. A
 trial that raises becomes an outcome with its error text; the others go on.
+
+A run that is interrupted (a signal raises in the parent: dse/sweep/interrupt.py) stops its workers
+before it re-raises: the local pool's processes are terminated, Ray's tasks cancelled and a local
+Ray instance shut down. Only the parent writes the store, so a stopped worker loses its current job
+and nothing else; it reruns on resume. A local worker also ends itself when the sweep's process
+ends without a chance to stop it (SIGKILL, the out-of-memory killer): it watches that process.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
+import signal
 import socket
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -41,6 +53,11 @@ class GroupJob:
     """Trials of one configuration trained together as one stacked network (dse/train/grouped.py)."""
 
     members: tuple[TrialJob, ...]
+    available_bytes: int | None = None
+    """The memory its device had available when the sweep was planned (None: measure when it starts)."""
+    groups_at_once: int | None = None
+    """Groups training at once on that device, sharing that memory equally (dse/sweep/groups.py);
+    None: a Ray cluster's node, whose tasks at once are its CPUs over `threads` (one on a GPU)."""
 
 
 Job = TrialJob | GroupJob
@@ -55,6 +72,8 @@ class TrialOutcome:
     """`Type: message` (first line) if the trial raised."""
     traceback: str = ""
     wall_time_s: float = 0.0
+    note: str = ""
+    """A line the sweep prints about how the trial trained (its group split on a Ray node)."""
 
 
 def _limit_threads(threads: int) -> None:
@@ -111,16 +130,23 @@ def execute_group(job: GroupJob) -> list[TrialOutcome]:
     start = time.perf_counter()
     try:
         from dse.train.config import TrainConfig
-        from dse.train.grouped import train_group
+        from dse.train.grouped import GroupSplitWarning, train_group
         from dse.usercode import provide_sources
 
         provide_sources(members[0].sources)
         configs = [TrainConfig.from_dict({**m.config, "threads": m.threads}) for m in members]
-        results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir))
+        at_once = job.groups_at_once
+        if at_once is None:
+            at_once = 1 if _on_cuda(job) else max(1, (os.cpu_count() or 1) // members[0].threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GroupSplitWarning)
+            results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir),
+                                  available_bytes=job.available_bytes, groups_at_once=at_once)
     except Exception:  # a failing member is found and recorded by training each alone
         return [execute_trial(member) for member in members]
     wall = (time.perf_counter() - start) / len(members)
-    return [TrialOutcome(member.trial_id, result.to_dict(), wall_time_s=wall)
+    note = next((str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)), "")
+    return [TrialOutcome(member.trial_id, result.to_dict(), wall_time_s=wall, note=note)
             for member, result in zip(members, results, strict=True)]
 
 
@@ -159,9 +185,48 @@ class InlineExecutor(_NothingToAcquire):
                 on_done(outcome)
 
 
-def _warm_up(threads: int) -> None:
-    """Worker initializer: set the thread budget and import the trainer before the first trial arrives."""
+WORKER_STOP_S = 5.0
+"""How long a terminated worker has to exit before it is killed."""
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Return when process `pid` has ended (at once if it has already)."""
+    try:
+        descriptor = os.pidfd_open(pid)  # Linux: readable when the process ends, no polling
+    except AttributeError:
+        descriptor = None
+    except OSError:
+        return  # no such process: it has ended already
+    if descriptor is not None:
+        select.select([descriptor], [], [])
+        return
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(0.5)
+
+
+def _end_with(pid: int) -> None:
+    """End this worker when process `pid` (the sweep) ends. A pool's worker blocks on its task queue,
+    whose two ends it holds itself, so without this it would outlive a killed sweep for ever."""
+    def watch() -> None:
+        _wait_for_exit(pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dse-sweep-watch", daemon=True).start()
+
+
+def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
+    """Worker initializer: set the thread budget and import the trainer before the first trial
+    arrives; leave Ctrl-C to the sweep (which stops its workers) and end with the sweep's process."""
     _limit_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sweep_pid is not None:
+        _end_with(sweep_pid)
     import dse.train.loop  # noqa: F401
 
 
@@ -201,7 +266,7 @@ class LocalExecutor(_NothingToAcquire):
         if not jobs:
             return
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(jobs)), mp_context=worker_context(),
-                                   initializer=_warm_up, initargs=(self.threads,))
+                                   initializer=_warm_up, initargs=(self.threads, os.getpid()))
         try:
             pending: set[Future[list[TrialOutcome]]] = {pool.submit(execute, job) for job in jobs}
             while pending:
@@ -215,9 +280,24 @@ class LocalExecutor(_NothingToAcquire):
                     for outcome in outcomes:
                         on_done(outcome)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop_workers(pool)
             raise
         pool.shutdown(wait=True)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now, their current jobs with them (SIGTERM,
+    then SIGKILL after WORKER_STOP_S): `shutdown` alone lets each finish its current job."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # pid -> Process (3.10-3.14)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + WORKER_STOP_S
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 0.0))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0
@@ -246,6 +326,21 @@ def _on_cuda(job: Job) -> bool:
     """Whether a job trains on a CUDA device (its trials' `device`)."""
     member = job.members[0] if isinstance(job, GroupJob) else job
     return str(member.config.get("device", "cpu")).startswith("cuda")
+
+
+@contextmanager
+def _own_sigterm_handler() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across `ray.init`, which replaces it with `sys.exit(15)`:
+    the sweep's handler (dse/sweep/interrupt.py) stops the tasks and exits with 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, handler)
 
 
 class RayExecutor:
@@ -282,11 +377,12 @@ class RayExecutor:
         tries = RAY_LOCAL_STARTS if self.address is None else 1  # a cluster that is not there stays so
         for attempt in range(1, tries + 1):
             try:
-                if self.address is None:
-                    ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                             configure_logging=False)
-                else:
-                    ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+                with _own_sigterm_handler():
+                    if self.address is None:
+                        ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                                 configure_logging=False)
+                    else:
+                        ray.init(address=self.address, log_to_driver=False, configure_logging=False)
                 break
             except Exception as error:  # ConnectionError, RuntimeError, ValueError: all mean "no cluster"
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -5,23 +5,33 @@ everything but the fields members may differ in (seed, lr, momentum, weight deca
 g_bound, niti_mu), each bucket cut into consecutive groups of `executor.group_size`. Neither the worker
 count nor what the store already holds changes them, so a sweep trains every trial in the same
 group whether it runs on one worker or eight, fresh or resumed (a group with some members stored
-reruns whole; the runner stores only the missing ones). The one exception is memory: a group that
-would not fit its device (dse/train/memory.py, against the memory available when the sweep is
-planned) is cut into smaller groups, and a line says so; every member's result is the same in a
-group of any size, so a split changes how fast a sweep runs, never what it stores.
+reruns whole; the runner stores only the missing ones).
+
+The one thing beside the file that cuts a group is memory: a group that would not fit its share of
+its device is cut into consecutive smaller groups, and a line says so. The share: the memory the
+device has available when the sweep is planned (dse/train/memory.py), measured once per device,
+divided equally among the groups that train on it at once (`groups_at_once`: the local pool's
+workers share this host's memory, and every local worker trains on the one GPU `device` names; a
+Ray task reserves a whole GPU). So the split depends on the machine and the executor settings, the
+worker count included; the results do not: every member computes what it computes alone, in a group
+of any size (tests/sweep/test_sweep_groups.py checks it bit for bit), so a split changes how fast a
+sweep runs, never what it stores. On a Ray cluster (`address`) the nodes' memory is not visible
+here: each task splits its group on its node, by its share of the node's memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from dse.sweep.config import ExecutorConfig
 from dse.sweep.trials import Trial
 from dse.train.config import TrainConfig
-from dse.train.grouped import group_key, group_memory, group_reason, split_note
-from dse.train.memory import members_that_fit
+from dse.train.grouped import group_key, group_reason, split_note, trial_training_bytes
+from dse.train.memory import available_memory_bytes, members_that_fit
 
 ModelOf = Callable[[TrainConfig], tuple[nn.Module, Tensor]]
 """A config's network and a few of its training samples."""
@@ -37,15 +47,53 @@ def _model_of(config: TrainConfig) -> tuple[nn.Module, Tensor]:
         return build_model(config.model, data), data.x_train[:EXAMPLE_SAMPLES]
 
 
+def groups_at_once(executor: ExecutorConfig, device: str) -> int | None:
+    """How many groups train at once on one `device` under these executor settings; None where this
+    process cannot see the device (a Ray cluster's nodes: each task decides on its node)."""
+    cuda = device.startswith("cuda")
+    if executor.backend == "local":
+        return executor.workers  # one host's memory; on CUDA, every worker on the device named
+    if executor.address is not None:
+        return None
+    return 1 if cuda else max(1, executor.workers // executor.threads)  # a local Ray instance's CPUs
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """A device as a sweep plans for it: the memory it had available when measured, and how many
+    groups train on it at once (each may plan to fill its equal share)."""
+
+    available_bytes: int
+    groups_at_once: int
+
+    @property
+    def share_bytes(self) -> int:
+        """The memory one group may plan for (of which it fills MEMORY_FRACTION)."""
+        return self.available_bytes // self.groups_at_once
+
+
+def device_shares(runs: list[Trial], executor: ExecutorConfig | None = None) -> dict[str, DeviceShare]:
+    """Each device the runs train on, measured now, with the groups it trains at once (one without
+    `executor`); devices this process cannot see (`groups_at_once` None) are left out."""
+    shares: dict[str, DeviceShare] = {}
+    for device in dict.fromkeys(trial.config.device for trial in runs):
+        at_once = 1 if executor is None else groups_at_once(executor, device)
+        if at_once is not None:
+            shares[device] = DeviceShare(available_memory_bytes(device), at_once)
+    return shares
+
+
 def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_of,
-                available_bytes: int | None = None) -> tuple[list[list[Trial]], list[str]]:
+                shares: Mapping[str, DeviceShare] | None = None) -> tuple[list[list[Trial]], list[str]]:
     """(the groups, in plan order of their first trial; one line per bucket that trains one by one
-    and why, or whose groups are split to fit the device's memory: `available_bytes`, default what
-    the device has available now). `group_size` 1 puts every trial in a group of its own, with no
-    lines."""
+    and why, or whose groups are split to fit their share of the device's memory: `shares`, default
+    each device measured now with one group at a time; a device left out is not split here).
+    `group_size` 1 puts every trial in a group of its own, with no lines."""
     buckets: dict[tuple[str, str], list[Trial]] = {}
     for trial in runs:
         buckets.setdefault((trial.task, group_key(trial.config)), []).append(trial)
+    if shares is None:
+        shares = device_shares(runs)
     groups: list[list[Trial]] = []
     notes: list[str] = []
     models: dict[tuple[str, str, str | None], tuple[nn.Module, Tensor]] = {}
@@ -66,15 +114,14 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
         if reason is not None and note not in notes:
             notes.append(note)
         size = 1 if reason is not None else group_size
-        if size > 1 and len(trials) > 1:
-            config = trials[0].config
-            trial_bytes, available = group_memory(config, *models[(config.model, config.dataset,
-                                                                   config.data_dir)])
-            available = available if available_bytes is None else available_bytes
-            fit = members_that_fit(trial_bytes, available)
+        config = trials[0].config
+        share = shares.get(config.device)
+        if size > 1 and len(trials) > 1 and share is not None:
+            one = trial_training_bytes(config, *models[(config.model, config.dataset, config.data_dir)])
+            fit = members_that_fit(one, share.available_bytes, share.groups_at_once)
             if fit < min(size, len(trials)):
-                notes.append(f"{trials[0].task}: {trials[0].label}: "
-                             f"{split_note(size, fit, trial_bytes, available, config.device)}")
+                note = split_note(size, fit, one, share.available_bytes, config.device, share.groups_at_once)
+                notes.append(f"{trials[0].task}: {trials[0].label}: {note}")
                 size = fit
         groups += [trials[start:start + size] for start in range(0, len(trials), size)]
     order = {trial.trial_id: index for index, trial in enumerate(runs)}

@@ -31,7 +31,8 @@ from dse.sweep.executors import (
     TrialOutcome,
     start_worker_server,
 )
-from dse.sweep.groups import plan_groups
+from dse.sweep.groups import DeviceShare, device_shares, plan_groups
+from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
 from dse.sweep.store import (
     PlanRow,
     SweepStore,
@@ -270,10 +271,14 @@ def _row(trial: Trial, outcome: TrialOutcome) -> TrialRow:
     return TrialRow(values)
 
 
-def _job(group: list[Trial], threads: int, train_fn: TrainFn | None) -> TrialJob | GroupJob:
+def _job(group: list[Trial], threads: int, train_fn: TrainFn | None, shares: dict[str, DeviceShare]
+         ) -> TrialJob | GroupJob:
     jobs = tuple(TrialJob(t.trial_id, t.config.to_dict(), threads, train_fn,
                           sources_of([t.config.model, t.config.dataset])) for t in group)
-    return jobs[0] if len(jobs) == 1 else GroupJob(jobs)
+    if len(jobs) == 1:
+        return jobs[0]
+    share = shares.get(group[0].config.device)  # the memory plan_groups split by, so nothing splits again
+    return GroupJob(jobs, *((share.available_bytes, share.groups_at_once) if share else (None, None)))
 
 
 def _accuracy(value: Any) -> float:
@@ -309,13 +314,25 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
     `retry_failed` reruns the trials stored as failed (status error). `train_fn` replaces
     dse.train.loop.train (tests; it trains one trial, so nothing is grouped); `executor` replaces the
     configured one; `reports=False` skips dse.report.write_reports.
+
+    SIGINT, SIGTERM and SIGHUP stop the run (dse/sweep/interrupt.py): the workers are stopped, what was
+    committed stays, and SweepInterrupted says how many trials the store holds.
     """
+    with signals_interrupt():
+        return _run_sweep(sweep, force=force, retry_failed=retry_failed, reporter=reporter,
+                          train_fn=train_fn, executor=executor, reports=reports)
+
+
+def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter: Reporter | None,
+               train_fn: TrainFn | None, executor: Executor | None, reports: bool) -> SweepSummary:
     started = time.perf_counter()
     if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
         start_worker_server()  # its imports overlap the planning below
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
-    groups, notes = plan_groups(runs, sweep.executor.group_size if train_fn is None else 1)
+    group_size = sweep.executor.group_size if train_fn is None else 1
+    shares = device_shares(runs, sweep.executor) if group_size > 1 else {}
+    groups, notes = plan_groups(runs, group_size, shares=shares)
     replace_foreign = check_output(sweep.output, sweep.name, force)
     with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
         if replace_foreign:
@@ -325,8 +342,8 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
         store.start(_store_meta(sweep, trials, runs, notes), plan, energies)
         summary = execute_trials(sweep, trials, runs, groups, store, acquired,
                                  rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
-                                 reporter=reporter or SilentReporter())
-    summary.notes = notes
+                                 reporter=reporter or SilentReporter(), shares=shares)
+    summary.notes = notes + summary.notes
     frame = load_trials(sweep.output)
     summarize(summary, frame)
     if reports:
@@ -368,8 +385,10 @@ def _rerun(store: SweepStore, force: bool, retry_failed: bool) -> Callable[[str]
 
 def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], groups: list[list[Trial]],
                    store: SweepStore, executor: Executor, *, rerun: Callable[[str], bool],
-                   train_fn: TrainFn | None, reporter: Reporter) -> SweepSummary:
-    """Train the trials `rerun` asks for (longest groups first), committing each as it arrives."""
+                   train_fn: TrainFn | None, reporter: Reporter,
+                   shares: dict[str, DeviceShare] | None = None) -> SweepSummary:
+    """Train the trials `rerun` asks for (longest groups first), committing each as it arrives; a
+    group's job carries its device's share (`shares`, as plan_groups split by)."""
     # a group with any member to run reruns whole; only the members to run are stored
     groups = [g for g in groups if any(rerun(t.trial_id) for t in g)]
     wanted = {t.trial_id for g in groups for t in g if rerun(t.trial_id)}
@@ -385,14 +404,23 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
         row = _row(trial, outcome)
         store.record(row)
         summary.ran += 1
+        note = f"{trial.task}: {trial.label}: {outcome.note}" if outcome.note else ""
+        if note and note not in summary.notes:
+            summary.notes.append(note)
         reporter.trial_done(_record(trial, row))
 
     threads = sweep.executor.threads
     longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
-    jobs = [_job(group, threads, train_fn) for group in longest_first]
+    jobs = [_job(group, threads, train_fn, shares or {}) for group in longest_first]
     reporter.start(len(trials), summary.skipped, best)
     try:
         executor.run(jobs, on_done)
+    except KeyboardInterrupt as error:  # the executor has stopped its workers
+        # counted in the store: the signal may have come between a trial's commit and its count
+        statuses = store.statuses()
+        stored = sum(trial.trial_id in statuses for trial in runs)
+        raise SweepInterrupted(SweepInterrupted.of(error).signal_number, stored=stored,
+                               total=summary.total) from None
     finally:
         reporter.stop()
     return summary

@@ -31,8 +31,8 @@ from dse.usercode import describe, is_ref, load_function
 EVAL_BATCH = 1024
 EXAMPLE_SAMPLES = 2
 """Training samples one forward runs on to find a model's functional GEMMs before training."""
-Progress = Callable[[int, float, float], None]
-"""Called after each epoch with (epoch, mean training loss, test accuracy)."""
+Progress = Callable[[int, float, float, float], None]
+"""Called after each epoch with (epoch, mean training loss, validation accuracy, test accuracy)."""
 GemmReport = Callable[[list[Gemm], list[str]], None]
 """Called once, before training, with the GEMMs quantize_model converted (a live QuantizedGemms: a GEMM
 first run during training joins it then) and the GEMMs it could not (one line each)."""
@@ -225,7 +225,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
         val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
         accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))
         if progress is not None:
-            progress(epoch, losses[-1], accuracies[-1])
+            progress(epoch, losses[-1], val_accuracies[-1], accuracies[-1])
         if diverged:
             break
     return TrainResult(

@@ -6,8 +6,9 @@ activations of the folded batch. The data and the code are shared: a group of G 
 trial's training memory plus a constant. `trial_memory_bytes` estimates that per-trial memory from
 one forward of two samples (the bytes of the tensors autograd saves for the backward pass and the
 largest layer input plus output, per sample), scaled to the training batch and to the evaluation
-chunk; `members_that_fit` says how many members a device holds, so that grouped training (and the
-sweep, when it plans its groups) can split a group that would not fit, and say so.
+chunk; `members_that_fit` says how many members a device holds, given how many groups share it at
+once, so that grouped training (and the sweep, when it plans its groups) can split a group that
+would not fit, and say so.
 """
 
 from __future__ import annotations
@@ -101,10 +102,13 @@ def available_memory_bytes(device: str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def members_that_fit(trial_bytes: int, available_bytes: int) -> int:
-    """How many members one group may have on a device with `available_bytes` free (at least 1: a
-    trial that does not fit alone runs alone, as it would ungrouped)."""
-    return max(1, int(available_bytes * MEMORY_FRACTION) // max(trial_bytes, 1))
+def members_that_fit(trial_bytes: int, available_bytes: int, groups_at_once: int = 1) -> int:
+    """How many members one group may have on a device with `available_bytes` free that
+    `groups_at_once` groups share (several workers on one host's memory or on one GPU): each group
+    plans to fill MEMORY_FRACTION of its equal share. At least 1: a trial that does not fit alone runs
+    alone, as it would ungrouped."""
+    share = available_bytes // max(groups_at_once, 1)
+    return max(1, int(share * MEMORY_FRACTION) // max(trial_bytes, 1))
 
 
 def describe_bytes(count: float) -> str:

@@ -117,28 +117,62 @@ def test_group_size_one_turns_grouping_off_and_unstackable_models_say_so(tmp_pat
     assert all("one by one" in note and "random numbers" in note for note in summary.notes)
 
 
-def test_a_group_that_would_not_fit_the_device_is_split_and_the_split_is_stated(
+def test_groups_that_share_a_device_are_split_to_their_share_and_store_the_same_numbers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Room for one group of 4 on the device: one worker trains groups of 4; two workers, each
+    training a group at once, get half the memory each, so their groups are split into groups of 2,
+    and the sweep says so. The split never changes a number: both store what trials alone store."""
+    import dse.sweep.groups as groups
     import dse.train.grouped as grouped
     from dse.train.memory import MEMORY_FRACTION
 
-    measure = grouped.group_memory
+    mib = 2**20
 
-    def cramped(config: Any, model: Any, example: Any) -> tuple[int, int]:  # room for two members
-        trial, _ = measure(config, model, example)
-        return trial, int(2.5 * trial / MEMORY_FRACTION)
+    def one_mib(config: Any, model: Any, example: Any) -> int:  # each trial's training memory
+        return mib
 
-    monkeypatch.setattr(grouped, "group_memory", cramped)
-    monkeypatch.setattr("dse.sweep.groups.group_memory", cramped)
-    recording = Recording()
-    summary = _sweep(_text(tmp_path / "split", executor="{group_size: 4}"), recording)
-    assert sorted(len(job) for job in recording.jobs) == [2, 2, 2, 2, 2, 2]
-    assert len(summary.notes) == 2 and all("groups of 4 split into groups of 2 to fit cpu" in note
-                                           for note in summary.notes)
-    with sqlite3.connect(tmp_path / "split" / STORE_FILE) as connection:
+    for module in (groups, grouped):  # the plan and the worker size groups by the same estimate
+        monkeypatch.setattr(module, "trial_training_bytes", one_mib)
+    monkeypatch.setattr(groups, "available_memory_bytes", lambda device: int(4.5 * mib / MEMORY_FRACTION))
+    one, two = Recording(), Recording()
+    alone = _sweep(_text(tmp_path / "one", executor="{group_size: 4, workers: 1}"), one)
+    assert sorted(len(job) for job in one.jobs) == [2, 2, 4, 4] and not alone.notes  # 6 per format: 4 + 2
+    shared = _sweep(_text(tmp_path / "two", executor="{group_size: 4, workers: 2}"), two)
+    assert sorted(len(job) for job in two.jobs) == [2] * 6
+    assert len(shared.notes) == 2 and all(  # one per configuration, none from a worker splitting again
+        note.endswith("groups of 4 split into groups of 2 to fit cpu: one trial needs about 1.0 MiB, "
+                      "5.6 MiB available, shared by 2 groups training at once") for note in shared.notes)
+    with sqlite3.connect(tmp_path / "two" / STORE_FILE) as connection:
         stored = connection.execute("SELECT value FROM meta WHERE key = 'group_notes'").fetchone()[0]
-    assert json.loads(stored) == summary.notes
-    assert _results(tmp_path / "split") == _results(_sweep_alone(tmp_path))
+    assert json.loads(stored) == shared.notes
+    assert _results(tmp_path / "one") == _results(tmp_path / "two") == _results(_sweep_alone(tmp_path))
+
+
+def test_a_group_job_trains_within_the_share_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker splits a group by the share the sweep planned for it, not by the whole device's free
+    memory (which its sibling workers share), and its outcomes say so."""
+    import dse.train.grouped as grouped
+    from dse.sweep.executors import TrialJob, execute
+    from dse.train.config import TrainConfig
+    from dse.train.memory import MEMORY_FRACTION
+
+    monkeypatch.setattr(grouped, "trial_training_bytes", lambda config, model, example: 2**20)
+    monkeypatch.setattr(grouped, "available_memory_bytes", lambda device: 2**40)  # the whole host: 1 TiB
+    sizes: list[int] = []
+    train_part = grouped._train_group
+    monkeypatch.setattr(grouped, "_train_group", lambda configs, data: sizes.append(len(configs))
+                        or train_part(configs, data))
+    configs = [TrainConfig(model="mlp", dataset="digits", epochs=1, seed=seed).to_dict() for seed in range(4)]
+    members = tuple(TrialJob(f"t{seed}", config) for seed, config in enumerate(configs))
+    room = int(4.5 * 2**20 / MEMORY_FRACTION)  # room for 4 members, 2 in each of 2 groups at once
+    outcomes = execute(GroupJob(members, available_bytes=room, groups_at_once=2))
+    assert sizes == [2, 2] and all(outcome.result is not None for outcome in outcomes)
+    assert {outcome.note for outcome in outcomes} == {
+        "groups of 4 split into groups of 2 to fit cpu: one trial needs about 1.0 MiB, 5.6 MiB available, "
+        "shared by 2 groups training at once"}
+    sizes.clear()
+    execute(GroupJob(members))  # no share given: the whole device, free now
+    assert sizes == [4]
 
 
 def _sweep_alone(tmp_path: Path) -> Path:
@@ -210,4 +244,33 @@ def test_niti_and_accumulating_trials_group_and_store_what_alone_runs_store(tmp_
     summary = _sweep(text, grouped)
     _sweep(text.replace("grouped", "alone").replace("{group_size: 4}", "{group_size: 1}"))
     assert sorted(len(job) for job in grouped.jobs) == [2, 4] and not summary.notes
+    assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")
+
+
+def test_the_groups_sharing_a_device_follow_the_executor() -> None:
+    """The local pool's workers share the host's memory and the one GPU they name; a local Ray
+    instance runs its CPUs over `threads` CPU tasks at once and one task per GPU; a Ray cluster's
+    nodes are not visible to the sweep (each task decides on its node)."""
+    from dse.sweep.config import ExecutorConfig
+    from dse.sweep.groups import groups_at_once
+
+    local = ExecutorConfig(backend="local", workers=3, threads=2, address=None)
+    ray = ExecutorConfig(backend="ray", workers=4, threads=2, address=None)
+    cluster = ExecutorConfig(backend="ray", workers=4, threads=1, address="auto")
+    assert [groups_at_once(local, "cpu"), groups_at_once(local, "cuda")] == [3, 3]
+    assert [groups_at_once(ray, "cpu"), groups_at_once(ray, "cuda:0")] == [2, 1]
+    assert [groups_at_once(cluster, "cpu"), groups_at_once(cluster, "cuda")] == [None, None]
+
+
+USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
+
+
+@pytest.mark.parametrize("factory", ["encoder", "functional"])
+def test_a_sweep_groups_a_users_model_with_attention_or_functional_gemms(tmp_path: Path,
+                                                                          factory: str) -> None:
+    model = f"{USER_MODELS}:{factory}"
+    recording = Recording()
+    summary = _sweep(_text(tmp_path / "grouped", seeds="[0]", model=model), recording)
+    assert summary.notes == [] and sorted(len(job) for job in recording.jobs) == [2, 2]
+    _sweep(_text(tmp_path / "alone", seeds="[0]", executor="{group_size: 1}", model=model))
     assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")

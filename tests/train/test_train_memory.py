@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from dse.data import load_dataset
 from dse.models.proxies import build_model
 from dse.train import TrainConfig, train
-from dse.train.grouped import GroupSplitWarning, group_memory, train_group
+from dse.train.grouped import GroupSplitWarning, train_group, trial_training_bytes
 from dse.train.memory import MEMORY_FRACTION, describe_bytes, members_that_fit
 
 MiB = 2**20
@@ -51,7 +51,7 @@ def test_a_group_takes_at_most_g_times_one_trials_memory_plus_a_constant(model: 
     alone = _peak_bytes(lambda: train(config, data))
     group = _peak_bytes(lambda: train_group([config.replace(seed=seed) for seed in range(4)], data))
     assert 3 * alone < group <= 4 * alone + 1 * MiB
-    estimate, _ = group_memory(config, build_model(model, data), data.x_train[:2])
+    estimate = trial_training_bytes(config, build_model(model, data), data.x_train[:2])
     assert alone <= estimate  # splitting by the estimate never overfills a device
 
 
@@ -59,7 +59,7 @@ def test_a_group_that_would_not_fit_trains_split_says_so_and_gives_the_same_resu
     data = _subset("digits")
     base = TrainConfig(model="cnn", dataset="digits", epochs=1, batch_size=64, format="int8")
     configs = [base.replace(seed=seed) for seed in range(3)]
-    trial, _ = group_memory(base, build_model("cnn", data), data.x_train[:2])
+    trial = trial_training_bytes(base, build_model("cnn", data), data.x_train[:2])
     room = int(2.5 * trial / MEMORY_FRACTION)  # two members fit, three do not
     assert members_that_fit(trial, room) == 2
     with pytest.warns(GroupSplitWarning, match="groups of 3 split into groups of 2 to fit cpu"):

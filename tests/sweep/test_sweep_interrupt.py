@@ -1,0 +1,179 @@
+"""A sweep stopped by a signal (SIGTERM, SIGINT, on the local pool and on Ray) stops every process it
+started, keeps its store whole, prints one line that says how to resume, exits with 128 + the
+signal's number, and resumes with every trial exactly once; one killed outright (SIGKILL, which no
+handler sees) leaves no worker behind either."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dse.sweep import parse_config, run_sweep
+from dse.sweep.executors import InlineExecutor
+from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
+from dse.sweep.store import STORE_FILE
+from dse.train.config import TrainConfig
+
+TRIALS = 8
+
+
+def _text(output: Path, backend: str = "local") -> str:
+    """Two formats x two learning rates x two seeds, in groups of 2 on two workers."""
+    return f"""\
+name: interrupted
+seeds: [0, 1]
+task: {{model: mlp, dataset: digits, epochs: 3}}
+energy: {{workloads: [proxy]}}
+trials:
+  - {{format: [fp32, int8], optimizer: sgd, tune: {{lr: [0.05, 0.1]}}}}
+executor: {{group_size: 2, workers: 2, backend: {backend}}}
+output: {output}
+"""
+
+
+def _stored(out: Path) -> dict[str, tuple[Any, ...]]:
+    """trial_id -> the stored row (status, accuracies, config, finished_at); {} before the table exists."""
+    try:
+        with sqlite3.connect(f"file:{out / STORE_FILE}?mode=ro", uri=True, timeout=5) as connection:
+            rows = connection.execute("SELECT trial_id, status, val_accuracy, test_accuracy, config, "
+                                      "finished_at FROM trials").fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    assert len(rows) == len({row[0] for row in rows})
+    return {row[0]: row[1:] for row in rows}
+
+
+def _wait_for_trials(process: subprocess.Popen[bytes], out: Path, errors: Path) -> dict[str, tuple[Any, ...]]:
+    deadline = time.monotonic() + 300
+    while not (stored := _stored(out)):
+        assert process.poll() is None, errors.read_text()
+        assert time.monotonic() < deadline, "the sweep made no progress"
+        time.sleep(0.05)
+    return stored
+
+
+def _check_whole(out: Path, stored: dict[str, tuple[Any, ...]]) -> None:
+    """The store is consistent and each of its rows is a finished trial."""
+    with sqlite3.connect(out / STORE_FILE) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    for status, validation, test, config, _ in stored.values():
+        assert status == "ok" and 0 < validation <= 1 and 0 < test <= 1
+        TrainConfig.from_dict(json.loads(config))
+
+
+def _resume(text: str, out: Path, before: dict[str, tuple[Any, ...]]) -> None:
+    """A rerun trains exactly the missing trials and keeps the stored ones as they were."""
+    summary = run_sweep(parse_config(text, "s.yaml"), executor=InlineExecutor(), reports=False)
+    after = _stored(out)
+    assert (summary.skipped, summary.ran) == (len(before), TRIALS - len(before)) and len(after) == TRIALS
+    assert all(after[trial] == row for trial, row in before.items())
+
+
+_BACKENDS = [pytest.param("local", signal.SIGTERM, id="local-SIGTERM"),
+             pytest.param("local", signal.SIGINT, id="local-SIGINT"),
+             pytest.param("ray", signal.SIGTERM, id="ray-SIGTERM",
+                          marks=pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                                   reason="Ray is not installed"))]
+
+
+@pytest.mark.parametrize(("backend", "number"), _BACKENDS)
+def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
+        backend: str, number: signal.Signals, tmp_path: Path, repo_root: Path,
+        process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    out, config, errors = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "stderr.txt"
+    config.write_text(_text(out, backend))
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with errors.open("wb") as stderr:  # a file: a pipe would be held open by any surviving worker
+        process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config), "-q"],
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env=env, cwd=repo_root)
+    try:
+        _wait_for_trials(process, out, errors)
+        started = process_tree(process.pid)
+        assert len(started) > 2, started  # the sweep, and at least its workers
+        process.send_signal(number)  # the sweep alone, not its process group: it must stop the rest
+        assert process.wait(timeout=120) == 128 + number, errors.read_text()
+        left = survivors(started, 30.0)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not left, f"processes outlived the sweep: {left}"
+    lines = [line for line in errors.read_text().splitlines() if "interrupted" in line]
+    before = _stored(out)
+    assert lines == [f"interrupted by {number.name}: {len(before)} of {TRIALS} trials are saved in {out}; "
+                     "run the same command again to resume"], errors.read_text()
+    assert 1 <= len(before) < TRIALS
+    _check_whole(out, before)
+    _resume(config.read_text(), out, before)
+
+
+_KILLED = """\
+from dse.sweep import load_config, run_sweep
+run_sweep(load_config({config!r}), reports=False)
+"""
+
+
+def test_a_sweep_killed_outright_leaves_no_worker_behind(
+        tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """SIGKILL (or the out-of-memory killer) gives the sweep no chance to stop its workers: they end
+    themselves when it ends, instead of waiting on their task queue for ever."""
+    out, config, errors = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "stderr.txt"
+    config.write_text(_text(out))
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", _KILLED.format(config=str(config))],
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env=env, cwd=repo_root)
+    try:
+        _wait_for_trials(process, out, errors)
+        started = process_tree(process.pid)
+        assert len(started) > 2, started
+        process.kill()
+        process.wait()
+        left = survivors(started, 30.0)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not left, f"processes outlived the sweep: {left}"
+    before = _stored(out)
+    _check_whole(out, before)
+    _resume(config.read_text(), out, before)
+
+
+def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> None:
+    """A second signal while the run unwinds is ignored (the workers are still being stopped); the
+    caller's handlers come back afterwards, and a handler the caller set is left alone."""
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    seen: list[int] = []
+
+    def own(number: int, frame: Any) -> None:
+        seen.append(number)
+
+    signal.signal(signal.SIGTERM, own)
+    try:
+        with pytest.raises(SweepInterrupted) as raised, signals_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises before this ends
+            finally:
+                os.kill(os.getpid(), signal.SIGINT)  # while unwinding: ignored
+                os.kill(os.getpid(), signal.SIGTERM)  # the caller's own handler
+                time.sleep(0.01)
+        assert (raised.value.signal_number, raised.value.exit_code) == (signal.SIGINT, 130)
+        assert seen == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is own
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGTERM, before[signal.SIGTERM])
