@@ -93,26 +93,42 @@ class BlockQuantizer:
     (`members`: a stacked tensor, grouped training)."""
 
     def __init__(self, quant: TensorQuant, generator: torch.Generator | MemberGenerators | None = None,
-                 members: bool = False) -> None:
+                 members: bool = False, shape: torch.Size | None = None) -> None:
         assert quant.format is not None
         self.quant, self.format, self.generator, self.members = quant, quant.format, generator, members
+        self.shape = shape
+        """Where set, x is quantized as a tensor of this shape (its axes counted in it), then viewed back."""
         self.draws = parse_rounding(quant.rounding)[0] == "stochastic"
         """Whether a quantization draws from the generator (then the order of quantizations matters)."""
 
+    def reshaped(self, shape: torch.Size) -> BlockQuantizer:
+        """This quantizer on tensors seen as `shape` (a member weight that a matmul sees with singleton
+        axes): each is quantized in that shape."""
+        return BlockQuantizer(self.quant, self.generator, self.members, shape)
+
     def __call__(self, x: Tensor) -> Tensor:
+        seen = x if self.shape is None else x.reshape(self.shape)
         if self.members:
-            return self.quant.members(x, self.generator)
-        return self.quant(x, cast("torch.Generator | None", self.generator))
+            out = self.quant.members(seen, self.generator)
+        else:
+            out = self.quant(seen, cast("torch.Generator | None", self.generator))
+        return out if self.shape is None else out.reshape(x.shape)
 
     def along(self, x: Tensor, axis: int) -> Tensor:
         return self.along_axes(x, (axis,))[0]
 
     def along_axes(self, x: Tensor, axes: Sequence[int]) -> list[Tensor]:
         """x quantized along each of `axes`, in that order (a stochastic rounding's draws too)."""
+        if self.shape is not None:
+            seen = x.reshape(self.shape)
+            return [out.reshape(x.shape) for out in self._along_axes(seen, axes)]
+        return self._along_axes(x, axes)
+
+    def _along_axes(self, x: Tensor, axes: Sequence[int]) -> list[Tensor]:
         short = max((-axis for axis in axes if axis < 0), default=0) - x.dim()
         if short > 0:  # a 1-d Linear input: one example, blocks of one along it
             shaped = x.reshape((1,) * short + x.shape)
-            return [out.reshape(x.shape) for out in self.along_axes(shaped, [
+            return [out.reshape(x.shape) for out in self._along_axes(shaped, [
                 axis + short if axis >= 0 else axis for axis in axes])]
         rounding = self.quant.rounding
         if self.members:
