@@ -9,6 +9,9 @@
         --sizes 1,2,4,8,16,32 --out results/grouped_cuda.md     # trials per second on a GPU
 
 `--formats` takes format specs (SGD with an fp32 copy; lns* with LNS-Madam) and the names of METHODS.
+`--before` also runs each format as the step ran before the step-speed changes
+(benchmarks/before_step_speed.py) in the same rounds, and prints that row and today's speed-up over
+it, alone and per member.
 
 On the CPU it prints, per dataset and format, the CPU seconds of one run alone (the whole `train`
 call: setup, epochs, evaluation) and the speed-up of a group member (alone / (the `train_group` call
@@ -26,6 +29,7 @@ seconds), with the ratio of the two, the speed-up of grouping.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-samples", type=int, default=None,
                         help="train on the first N training samples only (quick checks)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--before", action="store_true",
+                        help="also each format as before the step-speed changes, in the same rounds")
     args = parser.parse_args(argv)
 
     import dataclasses
@@ -92,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     from dse.train.grouped import train_group
     from dse.train.loop import train
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from before_step_speed import per_axis_quantize_and_int64_update
+
+    versions: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {"": contextlib.nullcontext}
+    if args.before:
+        versions[" (before)"] = per_axis_quantize_and_int64_update
     torch.set_num_threads(1)
     on_cpu = args.device == "cpu"
     seconds = make_clock(args.device)
@@ -134,22 +146,31 @@ def main(argv: list[str] | None = None) -> None:
                                      batch_size=min(BATCH.get(name, 64), len(data.x_train)),
                                      **method_fields(spec))
                 train(config.replace(epochs=1), data)  # first-call costs
-                alone: list[float] = []
-                member: dict[int, list[float]] = {size: [] for size in sizes}
+                alone: dict[str, list[float]] = {version: [] for version in versions}
+                member: dict[tuple[str, int], list[float]] = {(v, size): [] for v in versions
+                                                              for size in sizes}
                 for _ in range(args.rounds):
-                    alone.append(seconds(train, (config, data)))
-                    for size in sizes:
-                        configs = [config.replace(seed=seed) for seed in range(size)]
-                        member[size].append(seconds(train_group, (configs, data)) / size)
-                best = min(alone)
-                if on_cpu:
-                    cells = " | ".join(f"{best / min(member[size]):.2f}x" for size in sizes)
-                    emit(f"| {name} | {spec} | {best:.3f} | {cells} |")
-                else:
-                    cells = " | ".join(f"{1 / min(member[size]):.2f} ({best / min(member[size]):.1f}x)"
-                                       for size in sizes)
-                    emit(f"| {name} | {spec} | {1 / best:.2f} | {cells} |")
-
+                    for version, context in versions.items():
+                        with context():
+                            alone[version].append(seconds(train, (config, data)))
+                            for size in sizes:
+                                configs = [config.replace(seed=seed) for seed in range(size)]
+                                member[(version, size)].append(seconds(train_group, (configs, data)) / size)
+                for version in versions:
+                    best = min(alone[version])
+                    fastest = {size: min(member[(version, size)]) for size in sizes}
+                    if on_cpu:
+                        cells = " | ".join(f"{best / fastest[size]:.2f}x" for size in sizes)
+                        emit(f"| {name} | {spec}{version} | {best:.3f} | {cells} |")
+                    else:
+                        cells = " | ".join(f"{1 / fastest[size]:.2f} ({best / fastest[size]:.1f}x)"
+                                           for size in sizes)
+                        emit(f"| {name} | {spec}{version} | {1 / best:.2f} | {cells} |")
+                if args.before:
+                    gains = [f"alone {min(alone[' (before)']) / min(alone['']):.2f}x"] + [
+                        f"G = {size} member {min(member[(' (before)', size)]) / min(member[('', size)]):.2f}x"
+                        for size in sizes]
+                    print(f"  {name} {spec}: today's speed-up over before: {', '.join(gains)}", flush=True)
 
 if __name__ == "__main__":
     main()
