@@ -309,7 +309,8 @@ def quantize_e8m0_nearest_along(fmt: BlockFormat, x: Tensor, axes: tuple[int, ..
     maxima and five passes: the floored binade, the magic rounding (two), the saturation, the sign.
     """
     if (reference_only_active() or not host_shortcuts(x.device)
-            or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
+            or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() == 0
+            or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
             or x.numel() > cpu_chunk_elements(x, buffers=4)):
         return None
     plan = _nearest_plan(fmt)
