@@ -43,6 +43,7 @@ from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.train.stacked import functional_reason, stack_models, stack_reason, stored_weights
+from dse.train.tally import EpochTally
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
@@ -359,38 +360,25 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
         setup.on_epoch_start(epoch)
         permutation = torch.stack([torch.randperm(len(x_train), generator=order)
                                    for order in orders]).to(device)
-        totals, batches = [0.0] * members, [0] * members
-        frozen: dict[int, list[Tensor]] = {}  # weights of members that diverged in this epoch
+        tally = EpochTally(list(model.parameters()), members, running, stacked=True)
         for start in range(0, permutation.shape[1], first.batch_size):
             index = permutation[:, start:start + first.batch_size]
             logits = model(x_train[index])
             targets = y_train[index]
             stacked = setup.member_losses(logits, targets)
-            values = stacked.detach().tolist()
-            for g in running:
-                if g not in frozen and not math.isfinite(values[g]):
-                    diverged[g] = True
-                    frozen[g] = [p.detach()[g].clone() for p in model.parameters()]
-            if all(g in frozen for g in running):
+            if tally.add(stacked):
                 break
             stacked.sum().backward()
             setup.step()
             setup.zero_grad()
-            for g in running:
-                if g not in frozen:
-                    totals[g] += values[g]
-                    batches[g] += 1
         finite = _member_finite(list(model.parameters()), members)
-        with torch.no_grad():
-            for g, weights in frozen.items():
-                for p, saved in zip(model.parameters(), weights, strict=True):
-                    p[g] = saved
+        epoch_losses = tally.close()  # (members that diverged get their weights from before it back)
         val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
         test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)
         for g in list(running):
-            if not diverged[g] and not finite[g]:
+            if epoch_losses.diverged[g] or not finite[g]:
                 diverged[g] = True
-            losses[g].append(totals[g] / max(batches[g], 1) if not diverged[g] else math.nan)
+            losses[g].append(math.nan if diverged[g] else epoch_losses.mean(g))
             val_accuracies[g].append(val[g])
             accuracies[g].append(test[g])
             if diverged[g]:
