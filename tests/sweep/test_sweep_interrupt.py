@@ -177,3 +177,28 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
         assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
     finally:
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
+        pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's watch returns when the sweep's process ends, not before, whether the kernel has
+    pidfd_open or not (an older kernel or a sandbox refuses it: then it polls)."""
+    import errno
+    import threading
+
+    from dse.sweep.executors import _wait_for_exit
+
+    if not pidfd:
+        def refused(pid: int) -> int:
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", refused, raising=False)
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    reaper = threading.Thread(target=process.wait)  # the sweep's own parent reaps it
+    reaper.start()
+    _wait_for_exit(process.pid)
+    reaper.join()
+    assert time.monotonic() - started >= 1.0 and process.returncode == 0
+    _wait_for_exit(process.pid)  # ended already: returns at once
