@@ -580,6 +580,26 @@ class NumberFormat(ABC):
             out = self.round_by_scale(work, torch.maximum(-low, high).reshape(shape), rounding, source)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def quantize_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                       generator: torch.Generator | None = None) -> list[Tensor]:
+        """x quantized with the scaling along each of `axes` in turn (training's per-GEMM reduction
+        axes): `quantize` with the scaling's axis set to each, bit for bit, a stochastic
+        rounding's draws included (the first axis's from `generator`, then the second's). Block
+        formats compute what the quantizations share once (BlockFormat.quantize_along)."""
+        return [_with_axis(self, axis).quantize(x, rounding, generator) for axis in axes]
+
+    def quantize_members_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                               generator: torch.Generator | MemberGenerators | None = None) -> list[Tensor]:
+        """`quantize_along` of each x[g] as if it stood alone: `quantize_members` along each of `axes`
+        (counted within a member), in turn."""
+        if x.dim() <= 1 or self.scaling.kind != "block":
+            return [_with_axis(self, axis).quantize_members(x, rounding, generator) for axis in axes]
+        draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
+        source = cast("torch.Generator | None", generator)  # MemberGenerators stands in for a generator
+        with whole_tensors(draws):  # slices would cut across members' draws
+            member_axes = [axis + 1 if axis >= 0 else axis for axis in axes]
+            return self.quantize_along(x, member_axes, rounding, source)
+
     def quantize_per_tensor(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """round(x / scale) * scale with one scale for the tensor (x float32 or float64): on the CPU
         with the scale taken on the host (`fast.scales`), else `round_by_scale`."""

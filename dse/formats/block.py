@@ -37,6 +37,7 @@ element codes (and `tensor_scale_of(x)`, the fp32 tensor scale, where there is o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import ClassVar
@@ -183,6 +184,16 @@ class BlockFormat(NumberFormat):
             if fast is not None:
                 return fast
         return super().quantize(x, rounding, generator)
+
+    def quantize_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                       generator: torch.Generator | None = None) -> list[Tensor]:
+        """As NumberFormat.quantize_along; nearest rounding with an E8M0 scale computes what the
+        quantizations share once (`fast.block.quantize_e8m0_nearest_along`)."""
+        if self.scaling.kind == "block" and self.scale_grid is None and rounding == "nearest":
+            fast = fast_block.quantize_e8m0_nearest_along(self, x, tuple(axes))
+            if fast is not None:
+                return fast
+        return super().quantize_along(x, axes, rounding, generator)
 
     def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring): the

@@ -51,7 +51,7 @@ from dse.train.layers import (
     is_module_gemm,
     quant_matmul,
 )
-from dse.train.policy import TensorQuant
+from dse.train.policy import QuantPolicy, TensorQuant
 
 GEMM_FUNCTIONS: dict[Callable[..., Any], str] = {
     F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d",
@@ -93,6 +93,10 @@ class FoundGemms:
     """Some GEMM is a function call (or was not looked for): the mode is needed."""
     searched: bool
     """A forward ran to find them (with `example_input`)."""
+    operands: dict[str, None] = field(default_factory=dict)
+    """The parameters and buffers (by name) that functional GEMMs take as operands (weights, biases)."""
+    other_uses: dict[str, str] = field(default_factory=dict)
+    """Parameters and buffers the forward passed to other torch functions: name -> the first such function."""
 
 
 @dataclass
@@ -125,6 +129,11 @@ class FunctionalGemms:
         self.module_names = {id(m): name for name, m in model.named_modules()}
         self.param_names = {id(p): name for name, p in model.named_parameters()}
         self.param_owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+        self.tensor_names = {**{id(b): name for name, b in model.named_buffers()}, **self.param_names}
+        self.operands: dict[str, None] = {}
+        """The parameters and buffers functional GEMMs took as operands, by name."""
+        self.other_uses: dict[str, str] | None = None
+        """While finding GEMMs: the parameters and buffers other torch functions took (name -> function)."""
         self.frames: list[_Frame] = []
         self.sites: dict[str, Site] = {}
         self.quants: dict[str, LayerQuant | None] = {}
@@ -195,10 +204,10 @@ class FunctionalGemms:
                 self.listing.append(self.policies.gemm(layer, kind))
         if self.policies is None or not self.switch.enabled:
             return None
+        op = self.gemm_op(op)
         if layer.name not in self.quants:
             policy = self.policies.of(layer)
-            self.quants[layer.name] = (gemm_quant(op, policy, self.switch, self.generator)
-                                       if policy.quantizes_gemms else None)
+            self.quants[layer.name] = self.build_quant(op, policy) if policy.quantizes_gemms else None
         quant = self.quants[layer.name]
         if quant is not None and op is not None and quant.op != op:
             quant = dataclasses.replace(quant, op=op)
@@ -224,6 +233,38 @@ class FunctionalGemms:
             self.listing.unconverted.append(message)
             warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
 
+    def note_operands(self, *tensors: Tensor | None) -> None:
+        """Record the model's own tensors among a GEMM's operands (a view of one counts as it)."""
+        for tensor in tensors:
+            if isinstance(tensor, Tensor):
+                name = self.tensor_names.get(id(tensor))
+                if name is None and tensor._base is not None:
+                    name = self.tensor_names.get(id(tensor._base))
+                if name is not None:
+                    self.operands.setdefault(name)
+
+    def note_uses(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record the model's own tensors a function other than a GEMM took (finding GEMMs only)."""
+        if self.other_uses is None:
+            return
+        for value in (*args, *kwargs.values()):
+            for tensor in (value if isinstance(value, (list, tuple)) else (value,)):
+                name = self.tensor_names.get(id(tensor)) if isinstance(tensor, Tensor) else None
+                if name is not None:
+                    self.other_uses.setdefault(name, torch.overrides.resolve_name(func) or repr(func))
+
+    def unquantized(self, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A GEMM function while quantization is switched off: torch's own."""
+        return func(*args, **kwargs)
+
+    def gemm_op(self, op: LinearOp | ConvOp | None) -> Any:
+        """The op a GEMM of this layer type runs (a stacked network's: per member)."""
+        return op
+
+    def build_quant(self, op: Any, policy: QuantPolicy) -> LayerQuant:
+        """The quantizers of one GEMM under its layer's policy."""
+        return gemm_quant(op, policy, self.switch, self.generator)
+
     def passthrough(self) -> bool:
         """Calls inside a module GEMM or an unconvertible module are not functional GEMMs."""
         module = self.frame().module
@@ -231,18 +272,22 @@ class FunctionalGemms:
 
     # --- the GEMMs -----------------------------------------------------------------------------
 
-    def linear(self, layer: Layer | None, kind: str, x: Tensor, weight: Tensor,
-               bias: Tensor | None) -> Tensor:
+    def linear(self, layer: Layer | None, kind: str, x: Tensor, weight: Tensor, bias: Tensor | None,
+               batch_axis: int = 0, flat: bool = False) -> Tensor:
+        """F.linear(x, weight, bias), the batch along `batch_axis` of x (a stacked network's folded
+        batch); `flat`: as one matrix of rows x.reshape(-1, in) (the output keeps x's leading shape)."""
         layer = layer or self.weight_layer(weight) or self.activation_layer("linear")
+        self.note_operands(weight, bias)
         quant = self.quant(layer, kind, LinearOp(), weight)
-        return F.linear(x, weight, bias) if quant is None else QuantGemm.apply(x, weight, bias, quant)
+        rows = x.reshape(-1, x.shape[-1]) if flat else x
+        y = F.linear(rows, weight, bias) if quant is None else QuantGemm.apply(rows, weight, bias, quant)
+        return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
 
     def conv(self, dims: int, x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
              padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
-        conv = F.conv1d if dims == 1 else F.conv2d
         layer = self.weight_layer(weight) or self.activation_layer(f"conv{dims}d")
         stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
-        kernel = tuple(weight.shape[2:])
+        kernel = tuple(weight.shape[-dims:])
         if isinstance(padding, str):
             pads = _same_padding(kernel, dilation) if padding == "same" else [(0, 0)] * dims
             if any(left != right for left, right in pads):
@@ -250,9 +295,14 @@ class FunctionalGemms:
                 pads = [(0, 0)] * dims
             padding = tuple(left for left, _ in pads)
         op = ConvOp(stride, _tuple(padding, dims), dilation, groups)
+        self.note_operands(weight, bias)
         quant = self.quant(layer, f"conv{dims}d", op, weight)
+        return self.conv_gemm(x, weight, bias, op, quant)
+
+    def conv_gemm(self, x: Tensor, weight: Tensor, bias: Tensor | None, op: ConvOp,
+                  quant: LayerQuant | None) -> Tensor:
         if quant is None:
-            return conv(x, weight, bias, stride, op.padding, dilation, groups)
+            return op.forward(x, weight, bias)
         return QuantGemm.apply(x, weight, bias, quant)
 
     def matmul(self, layer: Layer | None, kind: str, a: Tensor, b: Tensor) -> Tensor:
@@ -266,12 +316,14 @@ class FunctionalGemms:
             else:
                 layer = self.activation_layer(kind)
         weight = b if weight_operand == 2 else a if weight_operand == 1 else None
+        self.note_operands(a, b)
         quant = self.quant(layer, kind, None, weight)
-        if quant is None:
-            return torch.matmul(a, b)
-        if weight_operand == 0:
+        if quant is not None and weight_operand == 0:
             quant = dataclasses.replace(quant, weights=None, weight_grads=None)
-        return quant_matmul(a, b, quant, weight_operand)
+        return self.matmul_gemm(a, b, quant, weight_operand)
+
+    def matmul_gemm(self, a: Tensor, b: Tensor, quant: LayerQuant | None, weight_operand: int) -> Tensor:
+        return torch.matmul(a, b) if quant is None else quant_matmul(a, b, quant, weight_operand)
 
     def attention(self, base: str | None, kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                   dropout_p: float, scale: float, safe_softmax: bool) -> tuple[Tensor, Tensor]:
@@ -319,23 +371,34 @@ class _GemmMode(TorchFunctionMode):
                 where = owner.name or "model"
                 gemms.note_unconverted(f"{where} ({type(owner.module).__name__}): {name} stays fp32 "
                                        f"(quantize_model does not convert it)")
+            result = func(*args, **kwargs)
+            if gemms.other_uses is not None and isinstance(result, (Tensor, tuple, list)):
+                gemms.note_uses(func, args, kwargs)  # metadata (shape, dtype) does not count
+            return result
+        if gemms.passthrough():
             return func(*args, **kwargs)
-        if gemms.passthrough() or (gemms.policies is not None and not gemms.switch.enabled):
-            return func(*args, **kwargs)
-        if kind == "linear":
-            return gemms.linear(None, "F.linear", *_bind(_LINEAR_ARGS, args, kwargs))
-        if kind in ("conv1d", "conv2d"):
-            return gemms.conv(int(kind[4]), *args, **kwargs)
-        if kind in ("matmul", "mm", "bmm"):
-            a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-            if b is None:
-                return func(*args, **kwargs)  # torch's own error for a missing operand
-            return gemms.matmul(None, kind, a, b)
-        if kind == "rmatmul":
-            return gemms.matmul(None, "matmul", args[1], args[0])
-        if kind == "sdpa":
-            return _sdpa(gemms, *args, **kwargs)
-        return _multi_head_attention(gemms, *args, **kwargs)
+        if gemms.policies is not None and not gemms.switch.enabled:
+            return gemms.unquantized(func, kind, args, kwargs)
+        return dispatch(gemms, func, kind, args, kwargs)
+
+
+def dispatch(gemms: FunctionalGemms, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> Any:
+    """Run one call of a GEMM function (`func`, of `kind` in GEMM_FUNCTIONS) through `gemms`."""
+    if kind == "linear":
+        return gemms.linear(None, "F.linear", *_bind(_LINEAR_ARGS, args, kwargs))
+    if kind in ("conv1d", "conv2d"):
+        return gemms.conv(int(kind[4]), *args, **kwargs)
+    if kind in ("matmul", "mm", "bmm"):
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+        if b is None:
+            return func(*args, **kwargs)  # torch's own error for a missing operand
+        return gemms.matmul(None, kind, a, b)
+    if kind == "rmatmul":
+        return gemms.matmul(None, "matmul", args[1], args[0])
+    if kind == "sdpa":
+        return _sdpa(gemms, *args, **kwargs)
+    return _multi_head_attention(gemms, *args, **kwargs)
 
 
 _LINEAR_ARGS = ("input", "weight", "bias")
@@ -419,26 +482,28 @@ def _multi_head_attention(
     if not use_separate_proj_weight:
         assert in_proj_weight is not None
         in_proj = layer("in_proj")
+        # weights (out, in) and biases (out,) split along their out axis: -2 and -1 (in a stacked
+        # network they carry a leading member axis)
         if query is key and key is value:
-            q, k, v = gemms.linear(in_proj, "mha", query, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
+            q, k, v = gemms.linear(in_proj, "mha", query, in_proj_weight, in_proj_bias, 1).chunk(3, dim=-1)
         else:
-            w_q, w_kv = in_proj_weight.split([embed_dim, 2 * embed_dim])
-            b_q, b_kv = (in_proj_bias.split([embed_dim, 2 * embed_dim]) if in_proj_bias is not None
+            w_q, w_kv = in_proj_weight.split([embed_dim, 2 * embed_dim], dim=-2)
+            b_q, b_kv = (in_proj_bias.split([embed_dim, 2 * embed_dim], dim=-1) if in_proj_bias is not None
                          else (None, None))
-            q = gemms.linear(in_proj, "mha", query, w_q, b_q)
+            q = gemms.linear(in_proj, "mha", query, w_q, b_q, 1)
             if key is value:
-                k, v = gemms.linear(in_proj, "mha", key, w_kv, b_kv).chunk(2, dim=-1)
+                k, v = gemms.linear(in_proj, "mha", key, w_kv, b_kv, 1).chunk(2, dim=-1)
             else:
-                w_k, w_v = w_kv.chunk(2)
-                b_k, b_v = b_kv.chunk(2) if b_kv is not None else (None, None)
-                k = gemms.linear(in_proj, "mha", key, w_k, b_k)
-                v = gemms.linear(in_proj, "mha", value, w_v, b_v)
+                w_k, w_v = w_kv.chunk(2, dim=-2)
+                b_k, b_v = b_kv.chunk(2, dim=-1) if b_kv is not None else (None, None)
+                k = gemms.linear(in_proj, "mha", key, w_k, b_k, 1)
+                v = gemms.linear(in_proj, "mha", value, w_v, b_v, 1)
     else:
         assert q_proj_weight is not None and k_proj_weight is not None and v_proj_weight is not None
-        b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
-        q = gemms.linear(layer("q_proj"), "mha", query, q_proj_weight, b_q)
-        k = gemms.linear(layer("k_proj"), "mha", key, k_proj_weight, b_k)
-        v = gemms.linear(layer("v_proj"), "mha", value, v_proj_weight, b_v)
+        b_q, b_k, b_v = in_proj_bias.chunk(3, dim=-1) if in_proj_bias is not None else (None, None, None)
+        q = gemms.linear(layer("q_proj"), "mha", query, q_proj_weight, b_q, 1)
+        k = gemms.linear(layer("k_proj"), "mha", key, k_proj_weight, b_k, 1)
+        v = gemms.linear(layer("v_proj"), "mha", value, v_proj_weight, b_v, 1)
     attn_mask = _float_mask(attn_mask, q.dtype, true_blocks=True)
     key_padding_mask = _float_mask(key_padding_mask, q.dtype, true_blocks=True)
     if attn_mask is not None and attn_mask.dim() == 2:
@@ -465,9 +530,8 @@ def _multi_head_attention(
         attn_mask = padding if attn_mask is None else attn_mask + padding
     out, weights = gemms.attention(base, "mha", q, k, v, attn_mask, dropout_p if training else 0.0,
                                    1.0 / math.sqrt(head_dim), safe_softmax=not need_weights)
-    out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-    out = gemms.linear(layer("out_proj"), "mha", out, out_proj_weight, out_proj_bias)
-    out = out.reshape(tgt_len, bsz, embed_dim)
+    out = out.transpose(0, 1).reshape(tgt_len, bsz, embed_dim)
+    out = gemms.linear(layer("out_proj"), "mha", out, out_proj_weight, out_proj_bias, 1, flat=True)
     if not batched:
         out = out.squeeze(1)
     if not need_weights:
@@ -502,6 +566,7 @@ def find_gemms(model: nn.Module, example_input: Example | None) -> FoundGemms:
     unconverted: list[str] = []
     if example_input is not None:
         recorder = FunctionalGemms(model, None, QuantSwitch(), None)
+        recorder.other_uses = {}
         for module in model.modules():  # module GEMMs compute plainly while looking
             if type(module) in _PLAIN_CLASS:
                 module.__class__ = _PLAIN_CLASS[type(module)]
@@ -522,6 +587,9 @@ def find_gemms(model: nn.Module, example_input: Example | None) -> FoundGemms:
                 continue  # the module tree names them
             by_owner.setdefault(site.layer.aliases[0] if site.layer.aliases else "", []).append(site)
         unconverted.extend(recorder.unconverted)
+        operands, other_uses = recorder.operands, recorder.other_uses
+    else:
+        operands, other_uses = {}, {}
     sites: list[Site] = by_owner.pop("", [])
     functional = example_input is None or bool(sites)
     for name, module in model.named_modules():
@@ -532,6 +600,9 @@ def find_gemms(model: nn.Module, example_input: Example | None) -> FoundGemms:
         elif isinstance(module, nn.MultiheadAttention):
             sites.extend(_mha_layers(name, module))
             functional = True
+            for tensor_name in _MHA_OPERANDS:
+                if _tensor(module, tensor_name) is not None:
+                    operands.setdefault(_join(name, tensor_name))
         elif isinstance(module, UNCONVERTIBLE_TYPES):
             unconverted.append(f"{name or 'model'} ({type(module).__name__}): its GEMMs stay fp32 "
                                f"(quantize_model cannot convert {type(module).__name__})")
@@ -540,7 +611,18 @@ def find_gemms(model: nn.Module, example_input: Example | None) -> FoundGemms:
         sites.extend(owned)
     for owned in by_owner.values():
         sites.extend(owned)
-    return FoundGemms(sites, unconverted, functional, example_input is not None)
+    return FoundGemms(sites, unconverted, functional, example_input is not None, operands, other_uses or {})
+
+
+_MHA_OPERANDS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                 "out_proj.weight", "out_proj.bias")
+"""The tensors of nn.MultiheadAttention its GEMMs take (bias_k and bias_v are concatenated instead)."""
+
+
+def _tensor(module: nn.Module, name: str) -> Tensor | None:
+    owner, _, attribute = name.rpartition(".")
+    value = getattr(module.get_submodule(owner), attribute, None)
+    return value if isinstance(value, Tensor) else None
 
 
 def model_layers(model: nn.Module, example_input: Example | None = None) -> list[Layer]:
@@ -557,9 +639,12 @@ def attach(model: nn.Module, found: FoundGemms, policies: LayerPolicies, switch:
     """Install the mode on the model when it has functional GEMMs (or they were not looked for);
     GEMMs it first meets while the model runs join `listing`."""
     model.__dict__.pop("dse_functional_gemms", None)
-    if not found.functional:
-        return
-    gemms = FunctionalGemms(model, policies, switch, generator, listing)
+    if found.functional:
+        install(model, found, FunctionalGemms(model, policies, switch, generator, listing))
+
+
+def install(model: nn.Module, found: FoundGemms, gemms: FunctionalGemms) -> None:
+    """Give `gemms` the functional GEMMs `found` (names, weights) and run the model's forward under them."""
     gemms.unconverted.update(dict.fromkeys(found.unconverted))
     for site in found.sites:
         if site.module is None:

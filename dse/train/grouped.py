@@ -12,10 +12,11 @@ member is given the group's time over the group's size.
 
 NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) for the
 networks the other methods stack whose NITI layers are Linear and Conv (not yet its Embedding and
-attention Matmul: the transformer). The other methods stack every network
-whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy); other models train one
-by one (`group_reason` says why: functional GEMMs, tied weights, dropout, a batch on another axis
-than the first).
+attention Matmul: the transformer; nor GEMMs called as functions). The other methods stack every
+network whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy, users' networks
+with GEMM function calls and torch's attention modules); other models train one by one
+(`group_reason` says why: a GEMM taking a view of a parameter, tied weights, dropout, a batch on
+another axis than the first).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dse.train.memory import available_memory_bytes, describe_bytes, members_tha
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from dse.train.stacked import stack_models, stack_reason, stored_weights
+from dse.train.stacked import functional_reason, stack_models, stack_reason, stored_weights
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
@@ -71,7 +72,7 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
     if config.optimizer == "niti":
         from dse.train.niti.stacked import niti_stack_reason
 
-        reason = niti_stack_reason(model, example)
+        reason = functional_reason(model, example) or niti_stack_reason(model, example)
     else:
         reason = stack_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"
@@ -278,13 +279,14 @@ def _cross_entropies(logits: Tensor, targets: Tensor) -> Tensor:
                         for out, target in zip(logits.unbind(0), targets.unbind(0), strict=True)])
 
 
-def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator]
-                     ) -> _GroupSetup:
-    """The float-style methods (SGD, Adam(W), Madam, LNS-Madam, the posit recipe) on a stacked network."""
+def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator],
+                     example: Tensor) -> _GroupSetup:
+    """The float-style methods (SGD, Adam(W), Madam, LNS-Madam, the posit recipe) on a stacked network
+    (`example`: the samples `train` shows quantize_model, to find the GEMMs called as functions)."""
     first = configs[0]
     policy = QuantPolicy.from_config(first)
     switch = QuantSwitch()
-    model = stack_models(models, policy, switch, MemberGenerators(generators))
+    model = stack_models(models, policy, switch, MemberGenerators(generators), example)
     warmup = first.warmup_epochs
     if warmup:
         switch.enabled = False
@@ -299,8 +301,8 @@ def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], genera
     return _GroupSetup(model, _cross_entropies, optimizer.step, optimizer.zero_grad, on_epoch_start)
 
 
-def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator]
-                ) -> _GroupSetup:
+def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator],
+                example: Tensor) -> _GroupSetup:
     """NITI on a stacked network (dse/train/niti/stacked.py): each member converted as `niti_setup`
     converts it alone (its initial weights drawn from its generator), then stacked."""
     from dse.train.niti import check_niti, convert_model, niti_copy_bits, niti_mu_for_epoch
@@ -338,7 +340,8 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
         orders.append(torch.Generator().manual_seed(config.seed + 1))
         models.append(build_model(config.model, data).to(device))
     params = sum(p.numel() for p in models[0].parameters())
-    setup = (_niti_setup if first.optimizer == "niti" else _quantized_setup)(models, configs, generators)
+    setup = (_niti_setup if first.optimizer == "niti" else _quantized_setup)(
+        models, configs, generators, data.x_train[:EXAMPLE_SAMPLES].to(device))
     model = setup.model
     del models
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)

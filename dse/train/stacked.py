@@ -25,16 +25,22 @@ Layers with weights take the folded batch apart:
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
   running averages) are each member's own.
+- GEMMs the forward calls as functions (F.linear on a parameter, `x @ self.w`, torch.bmm, F.conv2d,
+  attention, nn.MultiheadAttention): the tensors they take are stacked in place and their module runs
+  on the folded batch; the torch-function mode runs each such GEMM per member
+  (dse/train/stacked_functional.py).
 
 Quantizers are the members' own (`TensorQuant.members`: a scale per member, stochastic rounding
 from each member's generator), and so are accumulators (the accumulation emulation): a batched
 Linear or Matmul folds each GEMM chunk by chunk over the same reduction indices as the member's GEMM
 alone (a chunk is one batched matmul, the accumulator rounds per member); a convolution folds each
-member's GEMMs with that member's own accumulator. A network stacks when `stack_reason` finds nothing
-against it: no functional GEMMs (F.linear on a parameter, torch.matmul, nn.MultiheadAttention), no
-weights shared between layers or held beside layers, and - checked by one forward of two
-differing members on two samples - a batch along the first axis of every layer's input and no
-random draws from torch's global generator (dropout), which a group cannot split per member.
+member's GEMMs with that member's own accumulator.
+
+A network stacks when `stack_reason` finds nothing against it: no GEMM function taking a view of a
+parameter or a parameter also used otherwise, no layer holding GEMM operands beside other tensors, no
+weights shared between layers or held beside layers, and - checked by one forward of two differing
+members on two samples - a batch along the first axis of every layer's input and no random draws
+from torch's global generator (dropout), which a group cannot split per member.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import copy
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,18 +76,25 @@ from dse.train.layers import (
 )
 from dse.train.policy import QuantPolicy, TensorQuant
 
+if TYPE_CHECKING:
+    from dse.train.functional import FoundGemms
+
 GEMM_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, Matmul)
 """Layers stacked as GEMMs (exactly these classes; anything else with weights runs per member)."""
 
 
-def layer_policies(model: nn.Module, policy: QuantPolicy) -> dict[str, QuantPolicy]:
-    """Each GEMM module's policy (by qualified name), as `quantize_model` resolves it: per-layer
-    rules and full-precision layers over the trial's policy."""
+def _gemms(model: nn.Module, example: Tensor | None) -> FoundGemms:
+    """The model's GEMMs as `quantize_model` finds them for a trial alone (functional ones with an
+    example of two samples), with the tensors functional GEMMs take and what else takes them."""
     from dse.train.functional import find_gemms
 
-    sites = [site for site in find_gemms(model, None).sites if site.module is not None]
-    policies = LayerPolicies(policy, [site.layer for site in sites])
-    return {site.layer.name: policies.of(site.layer) for site in sites}
+    return find_gemms(model, None if example is None else example[:2])
+
+
+def layer_policies(policy: QuantPolicy, found: FoundGemms) -> LayerPolicies:
+    """Each GEMM's policy, as `quantize_model` resolves it for a trial alone: per-layer rules and
+    full-precision layers over the trial's policy, by the GEMM's name and place among all of them."""
+    return LayerPolicies(policy, [site.layer for site in found.sites])
 
 
 def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -88,42 +102,70 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
             **{n: b for n, b in module._buffers.items() if b is not None}}
 
 
-def structure_reason(model: nn.Module) -> str | None:
-    """Why the layers of `model` do not stack (None: they do), from the module tree alone."""
-    functional = _functional_reason(model, None)  # MultiheadAttention: say so, not that it holds weights
-    if functional is not None:
-        return functional
+def _operand_tensors(name: str, module: nn.Module, found: FoundGemms) -> list[str]:
+    """The module's own tensors that functional GEMMs take as operands (stacked in place)."""
+    return [t for t in _own_tensors(module) if _join(name, t) in found.operands]
+
+
+def _join(owner: str, part: str) -> str:
+    return f"{owner}.{part}" if owner else part
+
+
+def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str | None:
+    """Why the layers of `model` do not stack (None: they do), from the module tree and `found`
+    (its GEMMs; by default those the module tree shows)."""
+    found = found if found is not None else _gemms(model, None)
     owners: dict[int, str] = {}
+    runs_per_member: dict[str, str] = {}
     for name, module in model.named_modules():
         own = _own_tensors(module)
-        if type(module) not in GEMM_LAYER_TYPES and own and any(True for _ in module.children()):
-            return (f"its {type(module).__name__} {name or '(the model)'} holds weights of its own "
-                    f"({', '.join(own)}) beside its layers; wrap them in a layer of their own")
+        operands = _operand_tensors(name, module, found)
+        label = f"its {type(module).__name__} {name or '(the model)'}"
+        for tensor_name in (own if type(module) in GEMM_LAYER_TYPES else operands):
+            use = found.other_uses.get(_join(name, tensor_name))
+            if use is not None and _join(name, tensor_name) in found.operands:
+                return (f"{_join(name, tensor_name)} is a GEMM's operand and also taken by {use}; a stacked "
+                        f"network can pass a member's parameter to a GEMM function only as it is")
+        if operands and len(operands) < len(own):
+            others = [t for t in own if t not in operands]
+            if isinstance(module, nn.MultiheadAttention):
+                return (f"{label} adds {', '.join(others)} to every member's keys and values (add_bias_kv), "
+                        f"which does not stack yet")
+            return (f"{label} holds {', '.join(others)} beside the GEMM operands {', '.join(operands)}; "
+                    f"move them into a layer of their own")
+        if type(module) not in GEMM_LAYER_TYPES and own and not operands:
+            if any(True for _ in module.children()):
+                return (f"{label} holds weights of its own ({', '.join(own)}) beside its layers; wrap them "
+                        f"in a layer of their own")
+            runs_per_member[name] = label
         for tensor_name, tensor in own.items():
             if id(tensor) in owners:
                 return f"{owners[id(tensor)]} and {name}.{tensor_name} are one tensor (tied weights)"
             owners[id(tensor)] = f"{name}.{tensor_name}" if name else tensor_name
+    for site in found.sites:
+        owner = site.layer.aliases[0] if site.layer.aliases else ""
+        if site.module is None and not site.layer.has_weight and owner in runs_per_member:
+            return (f"{runs_per_member[owner]} runs member by member (it holds weights or buffers used "
+                    f"outside GEMMs) and calls the GEMM {site.layer.name} as a function")
     return None
 
 
 def stack_reason(model: nn.Module, example: Tensor | None = None) -> str | None:
     """Why `model` cannot be stacked (None: it can), under any quantization. `example` (two or more
-    samples) runs the check forward of the module docstring, and finds functional GEMMs."""
-    reason = structure_reason(model)
+    samples) finds the GEMMs the forward calls as functions and runs the check forward of the module
+    docstring."""
+    found = _gemms(model, example)
+    reason = structure_reason(model, found)
     if reason is None and example is not None:
-        reason = _functional_reason(model, example) or _forward_reason(model, example)
+        reason = _forward_reason(model, example)
     return reason
 
 
-def _functional_reason(model: nn.Module, example: Tensor | None) -> str | None:
-    """GEMMs called as functions: those the module tree shows (MultiheadAttention), and with
-    `example` those one forward calls."""
-    from dse.train.functional import find_gemms
-
-    found = find_gemms(model, None if example is None else example[:2])
-    functional = [site.layer.name for site in found.sites if site.module is None]
+def functional_reason(model: nn.Module, example: Tensor | None) -> str | None:
+    """The GEMMs the model calls as functions, for methods that stack module GEMMs only (NITI)."""
+    functional = [site.layer.name for site in _gemms(model, example).sites if site.module is None]
     if functional:
-        return f"its GEMMs {', '.join(functional)} are function calls, which do not stack yet"
+        return f"its GEMMs {', '.join(functional)} are function calls, which NITI does not stack"
     return None
 
 
@@ -136,9 +178,9 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
         for p in members[1].parameters():
             p.mul_(-0.75).add_(0.125)
     inputs = [example, example.flip(0)]
-    stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None)
     devices = [example.device] if example.is_cuda else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
+        stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, example)
         before = _rng_states(devices)
         try:
             together = stacked(torch.stack(inputs))
@@ -300,7 +342,7 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
     if not quant.enabled:
         return None
     if is_block_scaled(quant):
-        return BlockQuantizer(quant, lambda q, x: q.members(x, generators))
+        return BlockQuantizer(quant, generators, members=True)
     return lambda x: quant.members(x, generators)
 
 
@@ -371,13 +413,22 @@ class PerMemberLayer(nn.Module):
         super().__init__()
         self.members = members
         template = layers[0]
-        self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
         for name in template._parameters:
             self.register_parameter(name, _stacked_parameter([layer._parameters[name] for layer in layers]))
         for name, b in template._buffers.items():
             parts = [layer._buffers[name] for layer in layers]
             stacked = None if b is None else torch.stack([t for t in parts if t is not None])
             self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
+        self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
+
+    def __getattr__(self, name: str) -> Any:
+        """The template's settings (a LayerNorm's eps), which callers of the layer may read."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "template" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["template"], name)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         template: nn.Module = self.__dict__["template"]
@@ -426,8 +477,8 @@ def _gemm_quant(op: StackedLinearOp | PerMemberOp | None, policy: QuantPolicy, s
     return LayerQuant(op, activations, weights, gradients, weight_grads, switch, accumulator, master)
 
 
-def _stacked_layer(name: str, layers: list[nn.Module], policies: dict[str, QuantPolicy] | None,
-                   switch: QuantSwitch, generators: MemberGenerators | None) -> nn.Module:
+def _stacked_layer(layers: list[nn.Module], policy: QuantPolicy | None, switch: QuantSwitch,
+                   generators: MemberGenerators | None) -> nn.Module:
     first = layers[0]
     members = len(layers)
     op: StackedLinearOp | PerMemberOp | None = None
@@ -435,44 +486,70 @@ def _stacked_layer(name: str, layers: list[nn.Module], policies: dict[str, Quant
         op = _STACKED_LINEAR
     elif isinstance(first, nn.Conv1d | nn.Conv2d):
         op = _conv_op(first)
-    quant = None if policies is None else _gemm_quant(op, policies[name], switch, generators)
+    quant = None if policy is None else _gemm_quant(op, policy, switch, generators)
     if op is None:
         return StackedMatmul(members, quant)
     prepad = conv_geometry(first)[1] if isinstance(op, PerMemberOp) else None
     return StackedGemmLayer(layers, members, quant, op, prepad)
 
 
+def _stack_in_place(module: nn.Module, layers: Sequence[nn.Module], names: list[str]) -> None:
+    """The module's tensors `names` (GEMM operands) become the members' stacked tensors; the module
+    itself runs once on the folded batch."""
+    for name in names:
+        if name in module._parameters:
+            module._parameters[name] = _stacked_parameter([layer._parameters[name] for layer in layers])
+        else:
+            module._buffers[name] = torch.stack([t for layer in layers
+                                                 if (t := layer._buffers[name]) is not None])
+
+
 def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch: QuantSwitch,
-                 generators: MemberGenerators | None) -> StackedModel:
+                 generators: MemberGenerators | None, example: Tensor | None = None) -> StackedModel:
     """One stacked network from G networks of one architecture (each member's own initial weights),
     quantized as `quantize_model` quantizes each of them under `policy` (None: fp32), full-precision
-    layers included, with each member's stochastic rounding drawn from its own generator."""
+    layers included, with each member's stochastic rounding drawn from its own generator. `example`
+    (the training samples `dse.train.loop.train` shows quantize_model) finds the GEMMs the forward
+    calls as functions, which run per member under dse/train/stacked_functional.py."""
+    from dse.train.functional import install
+    from dse.train.stacked_functional import StackedFunctionalGemms
+
     first = models[0]
-    reason = structure_reason(first)
+    found = _gemms(first, example)
+    reason = structure_reason(first, found)
     if reason is not None:
         raise ValueError(f"cannot stack this model: {reason}")
-    policies = None if policy is None else layer_policies(first, policy)
+    policies = None if policy is None else layer_policies(policy, found)
+    module_layers = {site.layer.name: site.layer for site in found.sites if site.module is not None}
     net = copy.deepcopy(first)
     by_name = [dict(model.named_modules(remove_duplicate=False)) for model in models]
     stacked: dict[int, nn.Module] = {}  # by the copy's module: a layer applied twice stays one layer
     places: list[tuple[str, nn.Module]] = []
+    in_place: set[int] = set()
     for name, module in net.named_modules(remove_duplicate=False):
-        if not name:
-            continue
-        if id(module) not in stacked:
-            layers = [modules[name] for modules in by_name]
-            if type(module) in GEMM_LAYER_TYPES:
-                stacked[id(module)] = _stacked_layer(name, layers, policies, switch, generators)
-            elif _own_tensors(module):
-                stacked[id(module)] = PerMemberLayer(layers, len(models))
+        layers = [modules[name] for modules in by_name]
+        operands = _operand_tensors(name, module, found)
+        if id(module) in stacked or id(module) in in_place:
+            pass
+        elif type(module) in GEMM_LAYER_TYPES and name:
+            policy_of = None if policies is None else policies.of(module_layers[name])
+            stacked[id(module)] = _stacked_layer(layers, policy_of, switch, generators)
+        elif operands:
+            _stack_in_place(module, layers, operands)
+            in_place.add(id(module))
+        elif _own_tensors(module) and name:
+            stacked[id(module)] = PerMemberLayer(layers, len(models))
         if id(module) in stacked:
             places.append((name, stacked[id(module)]))
     for name, layer in places:
         parent_name, _, attribute = name.rpartition(".")
         net.get_submodule(parent_name)._modules[attribute] = layer
-    replaced = bool(places)
-    if not replaced and _own_tensors(net):  # the model itself is one leaf layer
+    if not places and not in_place and _own_tensors(net):  # the model itself is one leaf layer
         net = PerMemberLayer(list(models), len(models))
+    if any(site.module is None for site in found.sites):
+        tensors = {**dict(net.named_buffers()), **dict(net.named_parameters())}
+        members = {id(tensors[name]) for name in found.operands if name in tensors}
+        install(net, found, StackedFunctionalGemms(net, policies, switch, generators, len(models), members))
     return StackedModel(net, len(models))
 
 
@@ -490,9 +567,18 @@ class StackedModel(nn.Module):
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
-    """The stacked weights that live in a format between steps, with it, in layer order (what
-    `dse.train.layers.stored_weights` gives for each member alone)."""
-    return [(m.weight, m.gemm_quant.master_weights) for m in model.modules()
-            if isinstance(m, StackedGemmLayer) and m.gemm_quant is not None
-            and m.gemm_quant.master_weights is not None]
+    """The stacked weights that live in a format between steps, with it, in the order
+    `dse.train.layers.stored_weights` gives each member's alone (GEMM layers, then functional GEMMs)."""
+    from dse.train.functional import functional_gemms
 
+    out: dict[int, tuple[Tensor, TensorQuant]] = {}
+    for m in model.modules():
+        storage = m.gemm_quant.master_weights if isinstance(m, StackedGemmLayer) and m.gemm_quant else None
+        if storage is not None:
+            out[id(m.weight)] = (cast(Tensor, m.weight), storage)
+    for module in model.modules():
+        gemms = functional_gemms(module)
+        if gemms is not None:
+            for weight, storage in gemms.stored_weights():
+                out.setdefault(id(weight), (weight, storage))
+    return list(out.values())

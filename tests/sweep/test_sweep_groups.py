@@ -274,3 +274,17 @@ def test_the_groups_sharing_a_device_follow_the_executor() -> None:
     assert [groups_at_once(local, "cpu"), groups_at_once(local, "cuda")] == [3, 3]
     assert [groups_at_once(ray, "cpu"), groups_at_once(ray, "cuda:0")] == [2, 1]
     assert [groups_at_once(cluster, "cpu"), groups_at_once(cluster, "cuda")] == [None, None]
+
+
+USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
+
+
+@pytest.mark.parametrize("factory", ["encoder", "functional"])
+def test_a_sweep_groups_a_users_model_with_attention_or_functional_gemms(tmp_path: Path,
+                                                                          factory: str) -> None:
+    model = f"{USER_MODELS}:{factory}"
+    recording = Recording()
+    summary = _sweep(_text(tmp_path / "grouped", seeds="[0]", model=model), recording)
+    assert summary.notes == [] and sorted(len(job) for job in recording.jobs) == [2, 2]
+    _sweep(_text(tmp_path / "alone", seeds="[0]", executor="{group_size: 1}", model=model))
+    assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")

@@ -40,8 +40,8 @@ from dse.train.niti.exponents import (
     _tag,
     _value,
 )
-from dse.train.niti.layers import NitiConv, NitiLinear, NitiWeight, weight_mantissa
-from dse.train.niti.optim import NitiCrossEntropy, _CrossEntropyFunction
+from dse.train.niti.layers import NitiConv, NitiLinear, NitiWeight
+from dse.train.niti.optim import NitiCrossEntropy, _CrossEntropyFunction, step_weight_
 from dse.train.niti.ti_torch import _ceil_log2, int_clip, psto_shift
 
 Exponents = tuple[int, ...]
@@ -324,7 +324,8 @@ steps in chunks of members, so that the update's two dozen elementwise passes st
 
 class StackedNitiOptimizer:
     """`NitiOptimizer` of each member over the stacked weights: grad_calc with the member's mu (`mus`,
-    set each epoch by the members' schedules), the same integer accumulator (copy_bits) per member."""
+    set each epoch by the members' schedules; `step_weight_` per member), the same integer
+    accumulator (copy_bits) per member."""
 
     def __init__(self, weights: Sequence[NitiWeight], mus: Sequence[int], bitwidth: int,
                  copy_bits: int | None = None) -> None:
@@ -343,15 +344,15 @@ class StackedNitiOptimizer:
             chunk = max(1, STEP_CHUNK_ELEMENTS // param[0].numel())
             for start in range(0, len(exps), chunk):
                 members = slice(start, start + chunk)
+                if not self.frac_bits:
+                    step_weight_(param[members], weight.grad[0][members].to(param.device), exps[members],
+                                 self.mus[members], self.bitwidth)
+                    continue
                 update = grad_calc_members(weight.grad[0][members], self.mus[members], self.bitwidth)
-                if self.frac_bits:
-                    accumulator = int_clip(self.accumulators[index][members] - update.to(param.device),
-                                           self.bitwidth + self.frac_bits)
-                    self.accumulators[index][members] = accumulator
-                    mantissa = psto_shift(accumulator, self.frac_bits, self.bitwidth)
-                else:
-                    kept = weight_mantissa(param[members], exps[members])
-                    mantissa = int_clip(kept - update.to(param.device), self.bitwidth)
+                accumulator = int_clip(self.accumulators[index][members] - update.to(param.device),
+                                       self.bitwidth + self.frac_bits)
+                self.accumulators[index][members] = accumulator
+                mantissa = psto_shift(accumulator, self.frac_bits, self.bitwidth)
                 param[members] = _value(mantissa, exps[members], param.dtype)
 
     def zero_grad(self) -> None:

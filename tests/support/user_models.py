@@ -1,0 +1,146 @@
+"""Users' own networks whose GEMMs are function calls or torch's attention modules, for the grouped
+training tests (each factory takes the sample shape and the class count, as `model: file.py:factory`).
+Sized for the digits data (64 features, 8x8 images); every GEMM big enough that a batched GEMM runs
+the kernel of the member's own."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Functional(nn.Module):
+    """F.linear on a Linear's weight (the module never called), x @ W on a parameter, and an
+    activation x activation torch.bmm."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, 32)
+        self.w = nn.Parameter(torch.randn(32, 32) * 0.15)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(F.linear(x, self.proj.weight, self.proj.bias))
+        h = torch.tanh(h @ self.w)
+        tokens = h.reshape(len(h), 4, 8)
+        mixed = torch.bmm(tokens, tokens.transpose(1, 2)).softmax(-1) @ tokens
+        return self.head(mixed.reshape(len(h), 32) + h)
+
+
+def functional(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Functional(shape[0], classes)
+
+
+class Conv(nn.Module):
+    """F.conv2d on parameters of the model itself, padding='same'."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(8, 1, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.zeros(8))
+        self.head = nn.Linear(8 * 16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.conv2d(x.reshape(len(x), 1, 8, 8), self.kernel, self.bias, padding="same")
+        return self.head(F.max_pool2d(torch.relu(y), 2).flatten(1))
+
+
+def conv(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Conv(classes)
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoderLayer (batch first, no dropout) over the image's 8 rows."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16 * 8, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(self.embed(x.reshape(len(x), 8, 8))).flatten(1))
+
+
+def encoder(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Encoder(classes)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention, sequence first, returning its attention weights."""
+
+    def __init__(self, classes: int, **options: object) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, **options)  # type: ignore[arg-type]
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(len(x), 8, 8).transpose(0, 1)
+        y, weights = self.attn(tokens, tokens, tokens)
+        return self.head(y.transpose(0, 1).flatten(1)) + weights.mean((1, 2)).unsqueeze(1)
+
+
+def attention(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Attention(classes)
+
+
+class Sdpa(nn.Module):
+    """F.scaled_dot_product_attention, causal, on a Linear's q, k, v."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x.reshape(len(x), 8, 8)).reshape(len(x), 8, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).flatten(1))
+
+
+def sdpa(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Sdpa(classes)
+
+
+# --- networks that still train one by one -----------------------------------------------------------
+
+def attention_bias_kv(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """MultiheadAttention's add_bias_kv: bias_k and bias_v are concatenated to the keys, not a GEMM's."""
+    return Attention(classes, add_bias_kv=True)
+
+
+def attention_dropout(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Dropout on the attention weights draws from torch's global generator."""
+    return Attention(classes, dropout=0.25)
+
+
+class Transposed(nn.Module):
+    """x @ self.w.t(): the GEMM takes a view the forward made of the parameter."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, width) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w.t()
+
+
+def transposed(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Transposed(shape[0], classes)
+
+
+class ScaledScores(nn.Module):
+    """A leaf layer with a weight used outside GEMMs (so run member by member) that calls a matmul."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(len(x), 8, 8)
+        return (tokens @ tokens.transpose(1, 2) * self.temperature).flatten(1)[:, :10]
+
+
+def scaled_scores(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ScaledScores(classes)
