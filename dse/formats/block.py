@@ -304,6 +304,11 @@ class BlockFormat(NumberFormat):
             return scale
         return torch.where(amax == 0, constant(1.0, torch.float32, amax.device), scale)
 
+    def float32_holds_scales_on(self, device: torch.device) -> bool:
+        """E8M0 scales are powers of two from 2^-127 to 2^127, each exact in float32 where subnormals
+        are kept: on a GPU (torch's CUDA kernels keep them), not on a CPU, which may flush them."""
+        return self.scale_grid is None and device.type != "cpu"
+
     def float32_scale_values(self, amax: Tensor) -> Tensor:
         """The E8M0 divisors of float32 max|v| as float64 values (2^-127 included)."""
         amax = amax.double()  # a flushed max|v| reads as 0 here, as it does in float32

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import ROUNDINGS, _with_axis, constant
-from dse.formats.fast import FastPath, enabled, reference_only_active, register
+from dse.formats.fast import FastPath, enabled, host_shortcuts, reference_only_active, register
 from dse.formats.fast import floating as fast_floating
 from dse.formats.fast.slices import Kernel, cpu_chunk_elements
 from dse.formats.fixed import FixedPoint
@@ -72,8 +72,10 @@ class _Constants(NamedTuple):
 
 def quantize_e8m0_nearest(fmt: BlockFormat, x: Tensor, rounding: str) -> Tensor | None:
     """fmt.quantize(x) for an E8M0 block format by the fused nearest path; None where it does not apply
-    (other roundings, dtypes or elements, input that autograd records, inside reference_only())."""
-    if (rounding != "nearest" or reference_only_active() or _nearest_plan(fmt) is None
+    (other roundings, dtypes or elements, input that autograd records, inside reference_only(), and
+    off the CPU: its check of the block maxima reads them back to the host)."""
+    if (rounding != "nearest" or reference_only_active() or not host_shortcuts(x.device)
+            or _nearest_plan(fmt) is None
             or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
             or (x.requires_grad and torch.is_grad_enabled()) or not enabled(E8M0_NEAREST)):
         return None  # (in-place passes are not differentiable: not for input that autograd records)
@@ -262,10 +264,10 @@ def _skip_overflow_if_in_range(fmt: BlockFormat, kernel: Kernel, amax: Tensor, r
     """The element kernel without its overflow pass (the saturation clamp) where no v * r can round
     past the element's max: |v * r| is largest at the block's max|v| (rounding is monotonic), so
     one product over the block maxima and a read-back decide it (NaN, from inf or NaN blocks,
-    keeps the pass)."""
+    keeps the pass); off the CPU the pass stays, as a read-back would stall the device."""
     unbounded = fast_floating.without_overflow(kernel)
     element = fmt.element
-    if unbounded is None or not isinstance(element, FloatFormat):
+    if unbounded is None or not isinstance(element, FloatFormat) or not host_shortcuts(amax.device):
         return kernel
     largest = float(torch.mul(amax, reciprocal).max())
     return unbounded if largest < fast_floating.overflow_bound(element) else kernel
@@ -292,7 +294,8 @@ def quantize_e8m0_nearest_along(fmt: BlockFormat, x: Tensor, axes: tuple[int, ..
     """[fmt with its blocks along a].quantize(x) for each a in `axes`, nearest, in one call: the
     same values bit for bit as `quantize_e8m0_nearest` along each axis (the fused rounding of
     `_quantize_blocks_nearest`); None where that path does not apply or x is larger than a
-    cache-sized slice (each axis then quantizes on its own, in slices).
+    cache-sized slice (each axis then quantizes on its own, in slices), and off the CPU (its check
+    of the block maxima reads them back to the host, which stalls a GPU).
 
     On a training step's tensors an operation costs about its dispatch, whatever its size, so
     what counts is their number. What the quantizations of one tensor share is done once: the bit
@@ -305,8 +308,9 @@ def quantize_e8m0_nearest_along(fmt: BlockFormat, x: Tensor, axes: tuple[int, ..
     no block's maximum (the reference pads its blocks with zeros). Per axis there remain the block
     maxima and five passes: the floored binade, the magic rounding (two), the saturation, the sign.
     """
-    if (reference_only_active() or x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
-            or x.dim() == 0 or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
+    if (reference_only_active() or not host_shortcuts(x.device)
+            or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() == 0
+            or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
             or x.numel() > cpu_chunk_elements(x, buffers=4)):
         return None
     plan = _nearest_plan(fmt)
