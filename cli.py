@@ -728,11 +728,22 @@ def sweep(
 
     Runs again skip finished trials (resume); results go to the output directory's sweep.sqlite.
     """
+    from dse.sweep.progress import RichReporter
+    from dse.sweep.receipt import conclude_finished, finished_sweep, invocation, likely_to_train
+
+    reporter = RichReporter(console, error_console, quiet=quiet)
+    finished = None if force or dry_run else finished_sweep(config, output, group_size, retry_failed)
+    if finished is not None:  # nothing to train, the plan as stored: no planning, no torch
+        summary = conclude_finished(finished, reporter)
+        _print_sweep_summary(summary, finished.memory_objective, quiet)
+        return
+    if not dry_run and likely_to_train(config, output, force):
+        from dse.sweep.executors import start_worker_server
+
+        start_worker_server()  # its imports overlap this process's own and the planning
     from dse.sweep import load_config, run_sweep
     from dse.sweep.interrupt import SweepInterrupted
-    from dse.sweep.progress import RichReporter
     from dse.sweep.runner import plan_sweep
-    from dse.sweep.store import STORE_FILE
 
     settings = load_config(config)
     if output is not None:
@@ -769,13 +780,20 @@ def sweep(
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
-    reporter = RichReporter(console, error_console, quiet=quiet)
     try:
-        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter)
+        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
+                            invocation=invocation(config, output, group_size))
     except KeyboardInterrupt as error:  # SIGINT, SIGTERM, SIGHUP: the workers are stopped already
         interrupted = SweepInterrupted.of(error)
         error_console.print(interrupted.line(settings.output), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(interrupted.exit_code) from None
+    _print_sweep_summary(summary, settings.memory_objective, quiet)
+
+
+def _print_sweep_summary(summary: Any, memory_objective: bool, quiet: bool) -> None:
+    """The end of `dse sweep`: counts, the best trial, notes, each task's fronts, where the files are."""
+    from dse.sweep.store import STORE_FILE
+
     if quiet:
         return
     resumed = f" now, {summary.skipped} from an earlier run" if summary.skipped else ""
@@ -793,7 +811,7 @@ def sweep(
         from dse.report import SweepTables
 
         trials = _load_trials(summary.output)
-        _print_fronts(SweepTables.of(trials, settings.memory_objective, False), settings.memory_objective)
+        _print_fronts(SweepTables.of(trials, memory_objective, False), memory_objective)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
@@ -855,15 +873,22 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
 
     The files always report each configuration at its chosen tuning point (all_points.csv has
-    every point); --all-points changes what is printed.
+    every point); --all-points changes what is printed. Files that are already what this would
+    write (from these trials and options, unchanged since) are left as they are.
     """
     from dse.report import SweepTables, write_reports
+    from dse.report.files import current_reports
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
     _print_fronts(tables, memory_objective)
+    current = current_reports(trials, directory, memory_objective, titles)
+    if current is not None:
+        console.print(f"{len(current)} files in {directory} are up to date (written from these trials by "
+                      "this report code)", markup=False, highlight=False, soft_wrap=True)
+        return
     written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 

@@ -1,23 +1,35 @@
-"""Grouped training's speed per trial: the CPU time of one run alone against a member of a group
-of G (dse.train.grouped.train_group), interleaved in one process, best of several rounds.
+"""Grouped training's speed per trial: one run alone against a member of a group of G
+(dse.train.grouped.train_group), interleaved in one process, best of several rounds.
 
-    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 32
+    .venv/bin/python benchmarks/grouped.py            # digits and MNIST-1D MLPs, G = 3, 8, 32, CPU
     .venv/bin/python benchmarks/grouped.py --datasets digits --sizes 4,8 --formats fp32,int8 --rounds 2
-    .venv/bin/python benchmarks/grouped.py --formats niti,fp8_e4m3+fp16-acc --model cnn --sizes 3,8
-    .venv/bin/python benchmarks/grouped.py --model tests/support/user_models.py:encoder --datasets digits
+    .venv/bin/python benchmarks/grouped.py --formats niti,fp8_e4m3+fp16-acc --models cnn --sizes 3,8
+    .venv/bin/python benchmarks/grouped.py --models tests/support/user_models.py:encoder --datasets digits
+    .venv/bin/python benchmarks/grouped.py --device cuda --datasets mnist1d --models mlp,cnn \\
+        --sizes 1,2,4,8,16,32 --out results/grouped_cuda.md     # trials per second on a GPU
 
 `--formats` takes format specs (SGD with an fp32 copy; lns* with LNS-Madam) and the names of METHODS.
+`--before` also runs each format as the step ran before the step-speed changes
+(benchmarks/before_step_speed.py) in the same rounds, and prints that row and today's speed-up over
+it, alone and per member.
 
-Prints, per dataset and format, the CPU seconds of one run alone (the whole `train` call: setup,
-epochs, evaluation) and the speed-up of a group member (alone / (the `train_group` call / G)) per group
-size. CPU time rather than wall time, so that other processes on the machine preempting this one do
-not count (their load on the caches still does: compare rows of one run). The largest group sizes
-show the floor of a trial's cost once dispatch is shared: the arithmetic of its GEMMs and quantizers.
+On the CPU it prints, per dataset and format, the CPU seconds of one run alone (the whole `train`
+call: setup, epochs, evaluation) and the speed-up of a group member (alone / (the `train_group` call
+/ G)) per group size. CPU time rather than wall time, so that other processes on the machine
+preempting this one do not count (their load on the caches still does: compare rows of one run). The
+largest group sizes show the floor of a trial's cost once dispatch is shared: the arithmetic of its
+GEMMs and quantizers.
+
+On a GPU (`--device cuda`) the clock is wall time, the device synchronised before and after each
+call (CPU time would miss the device's work and count the host's waiting), and it prints trials per
+second: one trial at a time (`train`), and G trials as one group (G / the `train_group` call's
+seconds), with the ratio of the two, the speed-up of grouping.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -32,57 +44,133 @@ METHODS: dict[str, dict[str, object]] = {
 }
 
 
-def cpu_seconds(run: Callable[..., object], *args: object) -> float:
-    started = time.process_time()
-    run(*args)
-    return time.process_time() - started
+def method_fields(spec: str) -> dict[str, object]:
+    """TrainConfig fields of a `--formats` entry: a METHODS name or a format spec."""
+    return METHODS.get(spec) or {"format": None if spec == "fp32" else spec,
+                                 "optimizer": "lns-madam" if spec.startswith("lns") else "sgd",
+                                 "master_weights": not spec.startswith("lns")}
 
 
-def main() -> None:
+def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:
+    """seconds(run, args): CPU time on the CPU, wall time with the device synchronised on a GPU."""
+    import torch
+
+    if device == "cpu":
+        def cpu_seconds(run: Callable[..., object], args: tuple[object, ...]) -> float:
+            started = time.process_time()
+            run(*args)
+            return time.process_time() - started
+        return cpu_seconds
+
+    def wall_seconds(run: Callable[..., object], args: tuple[object, ...]) -> float:
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run(*args)
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+    return wall_seconds
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,mnist1d")
-    parser.add_argument("--model", default="mlp",
-                        help="a proxy, or a user's network as file.py:factory (default mlp)")
+    parser.add_argument("--models", "--model", default="mlp",
+                        help="proxies, or users' networks as file.py:factory, comma-separated (default mlp)")
     parser.add_argument("--formats", default="fp32,int8,fp8_e4m3,posit8,lns8")
     parser.add_argument("--sizes", default="3,8,32", help="group sizes (default 3,8,32)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the best of each is kept (default 3)")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help="train on the first N training samples only (quick checks)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--before", action="store_true",
+                        help="also each format as before the step-speed changes, in the same rounds")
+    args = parser.parse_args(argv)
+
+    import dataclasses
 
     import torch
 
-    from dse.data import load_dataset
+    from dse.data import load_dataset, with_validation
     from dse.train.config import TrainConfig
     from dse.train.grouped import train_group
     from dse.train.loop import train
 
-    torch.set_num_threads(1)
-    sizes = [int(size) for size in args.sizes.split(",")]
-    print(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
-          f"{args.epochs} epochs, 1 thread)")
-    print(f"| {args.model} | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
-    print("|---|---|---|" + "---|" * len(sizes))
-    for name in args.datasets.split(","):
-        data = load_dataset(name)
-        for spec in args.formats.split(","):
-            fields = METHODS.get(spec) or {"format": None if spec == "fp32" else spec,
-                                           "optimizer": "lns-madam" if spec.startswith("lns") else "sgd",
-                                           "master_weights": not spec.startswith("lns")}
-            config = TrainConfig(model=args.model, dataset=name, epochs=args.epochs,
-                                 batch_size=BATCH.get(name, 64), **fields)
-            train(config.replace(epochs=1), data)  # first-call costs
-            alone: list[float] = []
-            member: dict[int, list[float]] = {size: [] for size in sizes}
-            for _ in range(args.rounds):
-                alone.append(cpu_seconds(train, config, data))
-                for size in sizes:
-                    configs = [config.replace(seed=seed) for seed in range(size)]
-                    member[size].append(cpu_seconds(train_group, configs, data) / size)
-            best = min(alone)
-            cells = " | ".join(f"{best / min(member[size]):.2f}x" for size in sizes)
-            print(f"| {name} | {spec} | {best:.3f} | {cells} |", flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from before_step_speed import per_axis_quantize_and_int64_update
 
+    versions: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {"": contextlib.nullcontext}
+    if args.before:
+        versions[" (before)"] = per_axis_quantize_and_int64_update
+    torch.set_num_threads(1)
+    on_cpu = args.device == "cpu"
+    seconds = make_clock(args.device)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    lines = []
+
+    def emit(line: str) -> None:
+        """Print a line of the table, and write the table so far (a run cut short keeps its rows)."""
+        print(line, flush=True)
+        lines.append(line)
+        if args.out is not None:
+            args.out.write_text("\n".join(lines) + "\n")
+
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    if on_cpu:
+        emit(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
+             f"{args.epochs} epochs, 1 thread)")
+    else:
+        emit(f"Trials per second on {torch.cuda.get_device_name(args.device)} (torch {torch.__version__}): "
+             f"one at a time, and G at once as one group, with the speed-up (best of {args.rounds} rounds, "
+             f"{args.epochs} epochs, wall time)")
+    for model in args.models.split(","):
+        emit("")
+        if on_cpu:
+            emit(f"| {model} | format | alone s | " + " | ".join(f"G = {size}" for size in sizes) + " |")
+            emit("|---|---|---|" + "---|" * len(sizes))
+        else:
+            emit(f"| {model} | format | alone trials/s | "
+                 + " | ".join(f"G = {size} trials/s (speed-up)" for size in sizes) + " |")
+            emit("|---|---|---|" + "---|" * len(sizes))
+        for name in args.datasets.split(","):
+            data = with_validation(load_dataset(name))
+            if args.train_samples:
+                data = dataclasses.replace(data, x_train=data.x_train[:args.train_samples],
+                                           y_train=data.y_train[:args.train_samples])
+            for spec in args.formats.split(","):
+                config = TrainConfig(model=model, dataset=name, epochs=args.epochs, device=args.device,
+                                     batch_size=min(BATCH.get(name, 64), len(data.x_train)),
+                                     **method_fields(spec))
+                train(config.replace(epochs=1), data)  # first-call costs
+                alone: dict[str, list[float]] = {version: [] for version in versions}
+                member: dict[tuple[str, int], list[float]] = {(v, size): [] for v in versions
+                                                              for size in sizes}
+                for _ in range(args.rounds):
+                    for version, context in versions.items():
+                        with context():
+                            alone[version].append(seconds(train, (config, data)))
+                            for size in sizes:
+                                configs = [config.replace(seed=seed) for seed in range(size)]
+                                member[(version, size)].append(seconds(train_group, (configs, data)) / size)
+                for version in versions:
+                    best = min(alone[version])
+                    fastest = {size: min(member[(version, size)]) for size in sizes}
+                    if on_cpu:
+                        cells = " | ".join(f"{best / fastest[size]:.2f}x" for size in sizes)
+                        emit(f"| {name} | {spec}{version} | {best:.3f} | {cells} |")
+                    else:
+                        cells = " | ".join(f"{1 / fastest[size]:.2f} ({best / fastest[size]:.1f}x)"
+                                           for size in sizes)
+                        emit(f"| {name} | {spec}{version} | {1 / best:.2f} | {cells} |")
+                if args.before:
+                    gains = [f"alone {min(alone[' (before)']) / min(alone['']):.2f}x"] + [
+                        f"G = {size} member {min(member[(' (before)', size)]) / min(member[('', size)]):.2f}x"
+                        for size in sizes]
+                    print(f"  {name} {spec}: today's speed-up over before: {', '.join(gains)}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,17 +1,23 @@
 """Time one training step of each proxy in fp32 and under each format family, side by side.
 
     python benchmarks/train_step.py [--steps 40] [--rounds 5] [--threads 1] [--device cpu] [--markdown]
+        [--variants fp32,mxfp8_e4m3,...] [--clock wall|cpu]
 
 Each (proxy, format) gets its own model and optimizer; rounds interleave the variants so that load
 from elsewhere on the machine hits them alike, and the median ms/step over rounds counts. Targets
-(issue 4): at most 1.5x the fp32 step for FP, INT and LNS, 2x for posit and MX.
+(issue 4): at most 1.5x the fp32 step for FP, INT and LNS, 2x for posit and MX. A variant labelled
+"(before)" runs as the step ran before the step-speed changes (benchmarks/before_step_speed.py: one
+axis per block-scaled quantize call, NITI's int64 update), and a line gives today's speed-up over it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,6 +26,9 @@ from dse.models.proxies import build_model
 from dse.train import TrainConfig
 from dse.train.layers import quantized_layers
 from dse.train.loop import prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from before_step_speed import per_axis_quantize_and_int64_update  # noqa: E402
 
 PROXIES = (("mlp", "digits", 64), ("mlp", "mnist1d", 100), ("cnn", "mnist1d", 100), ("resnet", "digits", 64),
            ("transformer", "sort", 128))
@@ -36,7 +45,13 @@ VARIANTS = (
     ("posit8", {"format": "posit8"}, 2.0),
     ("posit(16,1)", {"format": "posit(16,1)"}, 2.0),
     ("mxfp8_e4m3", {"format": "mxfp8_e4m3"}, 2.0),
+    ("mxfp8_e4m3 (before)", {"format": "mxfp8_e4m3"}, None),
+    ("mxfp4", {"format": "mxfp4"}, 2.0),
+    ("mxfp4 (before)", {"format": "mxfp4"}, None),
+    ("niti", {"format": "int8", "optimizer": "niti"}, None),
+    ("niti (before)", {"format": "int8", "optimizer": "niti"}, None),
 )
+BEFORE = " (before)"
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +64,10 @@ def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, 
                          **overrides)
     torch.manual_seed(0)
     generator = torch.Generator(device).manual_seed(0)
-    setup = prepare(build_model(model_name, data).to(device), config, generator,
-                    data.x_train[:2].to(device))
+    before = label.endswith(BEFORE)
+    with per_axis_quantize_and_int64_update() if before else contextlib.nullcontext():
+        setup = prepare(build_model(model_name, data).to(device), config, generator,
+                        data.x_train[:2].to(device))
     if label == NO_OP:
         for module in quantized_layers(setup.model):
             quant = module.gemm_quant
@@ -67,7 +84,11 @@ def make_step(label: str, model_name: str, data, dataset_name: str, batch: int, 
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
 
-    return step
+    def step_before() -> None:
+        with per_axis_quantize_and_int64_update():
+            step()
+
+    return step_before if before else step
 
 
 def main() -> None:
@@ -78,7 +99,13 @@ def main() -> None:
     parser.add_argument("--proxies", default=",".join(f"{m}/{d}" for m, d, _ in PROXIES))
     parser.add_argument("--device", default="cpu", help="cpu or cuda; a CUDA round ends in a synchronize")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--variants", default=",".join(label for label, _, _ in VARIANTS),
+                        help="comma-separated labels (fp32 always runs: the ratios' base)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (time.process_time), on a loaded machine")
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    variants = [v for v in VARIANTS if v[0] == "fp32" or v[0] in args.variants.split(",")]
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as train() runs
@@ -91,7 +118,7 @@ def main() -> None:
             continue
         data = load_dataset(dataset_name)
         steps = {label: make_step(label, model_name, data, dataset_name, batch, overrides, device)
-                 for label, overrides, _ in VARIANTS}
+                 for label, overrides, _ in variants}
         times: dict[str, list[float]] = {label: [] for label in steps}
         for step in steps.values():
             for _ in range(3):
@@ -99,18 +126,25 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, step in steps.items():
                 sync()
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(args.steps):
                     step()
                 sync()
-                times[label].append((time.perf_counter() - start) / args.steps * 1e3)
+                times[label].append((clock() - start) / args.steps * 1e3)
         base = statistics.median(times["fp32"])
-        for label, _, target in VARIANTS:
+        for label, _, target in variants:
             ms = statistics.median(times[label])
             rows.append((f"{model_name}/{dataset_name}", label, ms, ms / base, target))
             verdict = "" if target is None else ("ok" if ms / base <= target else f"over {target}x")
             proxy = f"{model_name}/{dataset_name}"
             print(f"{proxy:<20} {label:<16} {ms:8.3f} ms/step {ms / base:6.2f}x  {verdict}", flush=True)
+        for label in times:
+            if label.endswith(BEFORE) and label[:-len(BEFORE)] in times:
+                now = label[:-len(BEFORE)]
+                ratios = [b / a for a, b in zip(times[now], times[label], strict=True)]  # round by round
+                speedup = statistics.median(times[label]) / statistics.median(times[now])
+                print(f"{proxy:<20} {now}: before / now {speedup:.2f}x (per round {min(ratios):.2f}-"
+                      f"{max(ratios):.2f}x)", flush=True)
     if args.markdown:
         print("\n| proxy | format | ms/step | vs fp32 | target |\n|---|---|---|---|---|")
         for proxy, label, ms, ratio, target in rows:

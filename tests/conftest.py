@@ -3,7 +3,8 @@ report, data; the package's top-level modules are tested at the top).
 
 Tests reach the shared helpers only through the fixtures below, never by importing a helper module:
 `support.frames` builds synthetic sweep results, `support.fakes` holds stand-in training functions,
-`support.processes` finds the processes a sweep started.
+`support.processes` finds the processes a sweep started, `support.host_syncs` counts what would make
+the host wait for a GPU.
 The fakes stay in a module of their own because sweep worker processes unpickle them by their dotted
 name; pytest puts this folder on sys.path when it loads this conftest (and process pools hand their
 workers that sys.path), so `support.fakes` imports there too. The helper fixtures are session-scoped
@@ -18,7 +19,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from support import fakes, frames, processes
+from support import fakes, processes
+from support.host_syncs import HostSyncs
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -64,29 +66,38 @@ def validated_train() -> Callable[..., Any]:
 
 # Synthetic sweep results (support.frames), in the shape dse.sweep.store.load_trials returns.
 
+def _frames() -> Any:
+    """support.frames, imported when a fixture first needs it: it builds on the sweep code (and so on
+    pydantic), which the tests that need a GPU do not (benchmarks/gpu_check.py runs them where
+    pydantic may be missing)."""
+    from support import frames
+
+    return frames
+
+
 @pytest.fixture(scope="session")
 def make_trial_row() -> Callable[..., dict[str, Any]]:
     """One trial row: make_trial_row(task, label, seed, accuracy, energy_mj_per_workload, **options)."""
-    return frames.trial_row
+    return _frames().trial_row
 
 
 @pytest.fixture(scope="session")
 def make_trials_frame() -> Callable[..., pd.DataFrame]:
     """A trials frame with the sweep's attrs: make_trials_frame(rows, workloads, memory_objective=False)."""
-    return frames.trials_frame
+    return _frames().trials_frame
 
 
 @pytest.fixture(scope="session")
 def unit_shares() -> tuple[float, ...]:
     """How make_trial_row splits a workload's energy over the units (dse.sweep.store.UNITS' order)."""
-    return frames.UNIT_SHARES
+    return _frames().UNIT_SHARES
 
 
 @pytest.fixture(scope="session")
 def make_example_trials() -> Callable[..., pd.DataFrame]:
     """The example sweep on the given workloads (default proxy and resnet50): two tasks, three seeds,
     a diverged seed, an all-error configuration, LaTeX-hostile labels."""
-    return frames.example_trials
+    return _frames().example_trials
 
 
 @pytest.fixture
@@ -98,7 +109,7 @@ def example_trials(make_example_trials: Callable[..., pd.DataFrame]) -> pd.DataF
 @pytest.fixture(scope="session")
 def store_trials() -> Callable[[Path, pd.DataFrame], None]:
     """store_trials(directory, trials) writes a trials frame into a sweep store as the runner does."""
-    return frames.store_trials
+    return _frames().store_trials
 
 
 @pytest.fixture
@@ -109,6 +120,15 @@ def built_store(tmp_path: Path, store_trials: Callable[[Path, pd.DataFrame], Non
     store.mkdir(parents=True)
     store_trials(store, example_trials)
     return store
+
+
+# Host synchronisations (support.host_syncs), counted on CPU tensors on the device path.
+
+@pytest.fixture(scope="session")
+def host_syncs() -> type[HostSyncs]:
+    """HostSyncs: `with host_syncs() as seen:` records in seen.syncs every read back to the host, output
+    sized by the data and tensor made from host data (run it inside dse.formats.fast.device_path())."""
+    return HostSyncs
 
 
 # The processes a test started (support.processes: Linux /proc).

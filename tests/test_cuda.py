@@ -140,6 +140,26 @@ def test_mx_blocks_on_cuda_match_cpu() -> None:
     assert same_bits(fmt.decode_blocks(scales, elements), fmt.decode_blocks(scales_gpu, elements_gpu))
 
 
+@pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxfp4", "mxint8", "mxfp6_e3m2", "mxfp8_e5m2"])
+def test_mx_blocks_of_every_exponent_on_cuda_match_cpu(spec: str) -> None:
+    """Blocks whose max|v| has every float32 exponent field, so E8M0 scales from 2^-127 (a float32
+    subnormal, which the device path divides by in float32: CUDA keeps subnormals) to 2^127, with
+    elements 30 binades below the max, zeros, inf and NaN."""
+    fmt = get(spec)
+    gen = torch.Generator().manual_seed(3)
+    field = torch.arange(255).repeat_interleave(4)
+    top = torch.where(field > 0, 2.0 ** (field - 127).double(), 2.0**-140)
+    x = torch.randn(field.numel(), 96, generator=gen, dtype=torch.float64)
+    x = x / x.abs().amax(dim=1, keepdim=True) * top[:, None]
+    x = (x * 2.0 ** -torch.randint(0, 30, x.shape, generator=gen).double()).float()
+    x[::13] = 0.0
+    x[2::19, 5] = math.inf
+    x[3::23, 7] = math.nan
+    for mode in ("nearest", "toward_zero"):
+        cpu, cuda = fmt.quantize(x, mode), fmt.quantize(x.cuda(), mode)
+        assert same_bits(cpu, cuda), f"{spec} {mode}: {describe(x, cpu, cuda)}"
+
+
 @pytest.mark.parametrize("spec", ["mxfp8_e4m3", "mxfp4", "mxint8"])
 @pytest.mark.parametrize("shape", [(8, 70, 5, 3), (4, 64, 9), (6, 25, 4, 4)])
 def test_mx_convolution_channel_blocks_on_cuda_match_cpu(spec: str, shape: tuple[int, ...]) -> None:

@@ -70,7 +70,8 @@ _saved_grad_calc = niti.grad_calc
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    saved = layers._init_weight, method.NitiCrossEntropy, layers.act_calc, optim.grad_calc, niti.niti_setup
+    saved = (layers._init_weight, method.NitiCrossEntropy, layers.act_calc, optim.grad_calc, niti.niti_setup,
+             optim.step_weight_)
     if name == "model-init":
         layers._init_weight = _model_init
     elif name == "integer-ce":
@@ -82,8 +83,9 @@ def variant(name: str) -> Iterator[None]:
                 param.mul_(2.0)
             return exp + 1
         layers._init_weight = one_up
-    elif name == "wrap":
+    elif name == "wrap":  # (the update in the reference's arithmetic, which calls grad_calc)
         layers.act_calc, optim.grad_calc = _act_calc_wrapping, _grad_calc_wrapping
+        optim.step_weight_ = optim.reference_step_weight_
     elif name == "eval-1024":
         def setup_1024(*args: object) -> object:
             made = saved[4](*args)
@@ -94,7 +96,7 @@ def variant(name: str) -> Iterator[None]:
         yield
     finally:
         (layers._init_weight, method.NitiCrossEntropy, layers.act_calc, optim.grad_calc,
-         niti.niti_setup) = saved
+         niti.niti_setup, optim.step_weight_) = saved
 
 
 def main() -> None:

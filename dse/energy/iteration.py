@@ -36,6 +36,7 @@ from dse.energy.datapaths import (
     operand,
 )
 from dse.energy.model import EnergyModel
+from dse.energy.units import PASSES, UNITS
 from dse.errors import InputError
 from dse.models.workloads import Workload, get_workload
 from dse.precision import (
@@ -54,8 +55,6 @@ TRAIN_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam
                                     "lns-madam": "madam", "niti": "sgd"}
 """AdamW's decoupled decay costs what Adam's does; NITI's integer update is an SGD-shaped update
 (scale, round, add) and is priced as SGD."""
-PASSES = ("forward", "backward_data", "backward_weight", "update")
-UNITS = ("multiply", "conversion", "accumulation", "update", "memory")
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
 
 STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}

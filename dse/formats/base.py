@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dse.errors import InputError
+from dse.formats.fast import host_shortcuts
 from dse.formats.fast.slices import whole_tensors
 
 Rounding = Literal["nearest", "stochastic", "pseudo_stochastic", "toward_zero"]
@@ -121,12 +122,6 @@ def round_to_float32_significand(value: float) -> float:
     return math.ldexp(_FLOAT32.unpack(_FLOAT32.pack(mantissa))[0], exponent)
 
 
-def float32_significand_values(t: Tensor) -> Tensor:
-    """`round_to_float32_significand` of positive finite float64 values, elementwise (float64)."""
-    mantissa, exponent = torch.frexp(t)
-    return mantissa.float().double() * power_of_two(exponent)
-
-
 def float32_values(t: Tensor) -> Tensor:
     """float64 values rounded to float32 (nearest, ties to even, subnormals included, +-inf beyond
     float32's range) and kept in float64: float32 arithmetic's results with gradual underflow, also
@@ -148,6 +143,13 @@ def power_of_two(exponent: Tensor | int) -> Tensor:
     first = ((half + 1023) << 52).view(torch.float64)
     second = ((exponent - half + 1023) << 52).view(torch.float64)
     return first * second
+
+
+def normal_power_of_two(exponent: Tensor) -> Tensor:
+    """2^exponent as float64 for integer exponents in [-1022, 1023] (float64's normals): the exponent
+    shifted into float64's exponent field, exact on every device, in two operations where
+    `power_of_two` (whose range reaches float64's subnormals and 2^2046) takes eight."""
+    return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
 class MemberGenerators:
@@ -580,6 +582,26 @@ class NumberFormat(ABC):
             out = self.round_by_scale(work, torch.maximum(-low, high).reshape(shape), rounding, source)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def quantize_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                       generator: torch.Generator | None = None) -> list[Tensor]:
+        """x quantized with the scaling along each of `axes` in turn (training's per-GEMM reduction
+        axes): `quantize` with the scaling's axis set to each, bit for bit, a stochastic
+        rounding's draws included (the first axis's from `generator`, then the second's). Block
+        formats compute what the quantizations share once (BlockFormat.quantize_along)."""
+        return [_with_axis(self, axis).quantize(x, rounding, generator) for axis in axes]
+
+    def quantize_members_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                               generator: torch.Generator | MemberGenerators | None = None) -> list[Tensor]:
+        """`quantize_along` of each x[g] as if it stood alone: `quantize_members` along each of `axes`
+        (counted within a member), in turn."""
+        if x.dim() <= 1 or self.scaling.kind != "block":
+            return [_with_axis(self, axis).quantize_members(x, rounding, generator) for axis in axes]
+        draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
+        source = cast("torch.Generator | None", generator)  # MemberGenerators stands in for a generator
+        with whole_tensors(draws):  # slices would cut across members' draws
+            member_axes = [axis + 1 if axis >= 0 else axis for axis in axes]
+            return self.quantize_along(x, member_axes, rounding, source)
+
     def quantize_per_tensor(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """round(x / scale) * scale with one scale for the tensor (x float32 or float64): on the CPU
         with the scale taken on the host (`fast.scales`), else `round_by_scale`."""
@@ -609,13 +631,23 @@ class NumberFormat(ABC):
         inf: max|x| of a group small against the grid's max, or huge against a grid's max below 1),
         the scale is exact (`float32_scale_values`) and the quotients and products are taken in
         float64 (`round_by_float32_scale_values`). Elsewhere (nearly always) one division and one
-        product.
+        product. Off the CPU (`host_shortcuts`) deciding would read a bool back to the host, which
+        stalls the device: there float32 takes the exact path always (the same bits), unless every
+        scale of the format is exact in float32 there (`float32_holds_scales_on`).
         """
-        if x.dtype == torch.float32 and bool(((amax > 0) & (amax < self._subnormal_scale_amax)).any()
-                                             | (amax > self._huge_scale_amax).any()):
+        if x.dtype == torch.float32 and (
+                not self.float32_holds_scales_on(x.device) if not host_shortcuts(x.device) else bool(
+                    ((amax > 0) & (amax < self._subnormal_scale_amax)).any()
+                    | (amax > self._huge_scale_amax).any())):
             return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
         scale = self.divisor_from_amax(amax)
         return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
+
+    def float32_holds_scales_on(self, device: torch.device) -> bool:
+        """Whether every float32 scale this format can compute is exact as a float32 on `device`, so
+        that one division and one product need no exact fallback: not in general (a ratio below
+        float32's normals loses bits, one past its max is inf; E8M0 block scales say otherwise)."""
+        return False
 
     def round_by_float32_scale_values(self, x: Tensor, scale: Tensor, rounding: str,
                                       generator: torch.Generator | None) -> Tensor:
@@ -650,8 +682,14 @@ class NumberFormat(ABC):
         flushes float32 denormals."""
         amax = amax.double()  # a flushed input max|x| reads as 0 here, as it does in float32
         usable = (amax > 0) & (amax < math.inf)
-        ratio = float32_significand_values(torch.where(usable, amax, 1.0) / self.max_float32)
-        scale = power_of_two(pow2_ceil_exponent(ratio)) if self.scaling.pow2 else ratio
+        # The ratio of a float32 max|x| (at least 2^-149) and a grid's max lies well inside float64's
+        # normal exponents, so each power of two below is one shift (fewer kernels on a GPU).
+        mantissa, exponent = torch.frexp(torch.where(usable, amax, 1.0) / self.max_float32)
+        significand = mantissa.float().double()  # in [0.5, 1]: rounded to float32's 24 bits
+        if self.scaling.pow2:  # ceil(log2(significand * 2^exponent))
+            scale = normal_power_of_two(exponent - (significand == 0.5).to(exponent.dtype))
+        else:
+            scale = significand * normal_power_of_two(exponent)
         return torch.where(usable, scale, 1.0)
 
     @cached_property

@@ -37,6 +37,7 @@ element codes (and `tensor_scale_of(x)`, the fp32 tensor scale, where there is o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import ClassVar
@@ -184,6 +185,16 @@ class BlockFormat(NumberFormat):
                 return fast
         return super().quantize(x, rounding, generator)
 
+    def quantize_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                       generator: torch.Generator | None = None) -> list[Tensor]:
+        """As NumberFormat.quantize_along; nearest rounding with an E8M0 scale computes what the
+        quantizations share once (`fast.block.quantize_e8m0_nearest_along`)."""
+        if self.scaling.kind == "block" and self.scale_grid is None and rounding == "nearest":
+            fast = fast_block.quantize_e8m0_nearest_along(self, x, tuple(axes))
+            if fast is not None:
+                return fast
+        return super().quantize_along(x, axes, rounding, generator)
+
     def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring): the
         block maxima, the tensor scale, the block scales, then v * r rounded onto the element grid,
@@ -292,6 +303,11 @@ class BlockFormat(NumberFormat):
         if amax.dtype != torch.float32:
             return scale
         return torch.where(amax == 0, constant(1.0, torch.float32, amax.device), scale)
+
+    def float32_holds_scales_on(self, device: torch.device) -> bool:
+        """E8M0 scales are powers of two from 2^-127 to 2^127, each exact in float32 where subnormals
+        are kept: on a GPU (torch's CUDA kernels keep them), not on a CPU, which may flush them."""
+        return self.scale_grid is None and device.type != "cpu"
 
     def float32_scale_values(self, amax: Tensor) -> Tensor:
         """The E8M0 divisors of float32 max|v| as float64 values (2^-127 included)."""

@@ -7,6 +7,7 @@ under a hidden temporary name in the same directory and renamed over the old one
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -119,37 +120,56 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
                 if figure is not None:
                     written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
     stamp = {"signature": _reports_signature(frame, memory_objective, titles),
-             "files": [path.name for path in written]}
+             "files": {path.name: _file_sha256(path) for path in written}}
     write_text_atomically(out_dir / REPORTS_STAMP, json.dumps(stamp))
     return written
 
 
 REPORTS_STAMP = ".reports.json"
-"""What the report files in a directory were written from (a hash) and which files they are."""
+"""What the report files in a directory were written from (a hash), and each file's sha256 as written."""
+
+
+_REPORT_LIBRARIES: tuple[str, ...] = ("numpy", "pandas", "scipy", "matplotlib")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
-    """A hash of the trials, the report options and the report code: equal hashes, equal files."""
+    """A hash of the trials, the report options and the report code (dse.report's and the libraries' that
+    format the tables and draw the plots): equal hashes, equal files."""
     digest = hashlib.sha256(frame.to_csv(index=False).encode())
-    digest.update(json.dumps([frame.attrs, memory_objective, titles], sort_keys=True, default=str).encode())
+    libraries = {name: importlib.metadata.version(name) for name in _REPORT_LIBRARIES}
+    digest.update(json.dumps([frame.attrs, memory_objective, titles, libraries], sort_keys=True,
+                             default=str).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
 
 
-def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False
-                             ) -> list[Path]:
-    """`write_reports` (no titles), unless the files in out_dir were written from these very trials, with
-    these options, by this report code (a sweep rerun with nothing left to train): then their paths,
-    unwritten (plots are most of a sweep's fixed cost)."""
+def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False, titles: bool = False
+                    ) -> list[Path] | None:
+    """The report files in out_dir, in write order, if `write_reports` would write them byte for byte as
+    they are: written from these very trials, with these options, by this report code, and none of them
+    changed or removed since (each file's sha256 as written is in the stamp). Else None."""
     out_dir = Path(out_dir)
-    signature = _reports_signature(frame, memory_objective, titles=False)
-    stamp = out_dir / REPORTS_STAMP
     try:
-        recorded = json.loads(stamp.read_text(encoding="utf-8"))
-        files = [out_dir / name for name in recorded["files"]]
-        if recorded["signature"] == signature and all(path.is_file() for path in files):
-            return files
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return write_reports(frame, out_dir, memory_objective)
+        recorded = json.loads((out_dir / REPORTS_STAMP).read_text(encoding="utf-8"))
+        if recorded["signature"] != _reports_signature(frame, memory_objective, titles):
+            return None
+        files = {out_dir / name: digest for name, digest in recorded["files"].items()}
+        if all(_file_sha256(path) == digest for path, digest in files.items()):
+            return list(files)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no stamp, an older stamp's layout, a file gone or unreadable: written anew
+    return None
+
+
+def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
+                             tables: SweepTables | None = None, titles: bool = False) -> list[Path]:
+    """`write_reports`, unless the files in out_dir are what it would write (`current_reports`: a sweep
+    rerun with nothing left to train, `dse report` on an unchanged store): then their paths, unwritten.
+    Plots are most of a report's cost (2-3 s of matplotlib on the quickstart)."""
+    current = current_reports(frame, out_dir, memory_objective, titles)
+    return current if current is not None else write_reports(frame, out_dir, memory_objective, tables, titles)

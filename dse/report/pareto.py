@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from dse.energy.iteration import UNITS
+from dse.energy.units import UNITS
 from dse.errors import InputError
 
 ENERGY_UNITS: tuple[str, ...] = UNITS

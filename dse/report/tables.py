@@ -56,20 +56,30 @@ def _counted(group: pd.DataFrame, column: str) -> np.ndarray:
     return values[(group["status"] != "error").to_numpy() & np.isfinite(values)]
 
 
+def _validation_mean(group: pd.DataFrame) -> float:
+    """The mean validation accuracy of a tuning point's counted trials: what chooses among points."""
+    validation = _counted(group, "val_accuracy")
+    return float(validation.mean()) if len(validation) else math.nan
+
+
+def _points(frame: pd.DataFrame) -> Any:
+    """(task, label, tuning point) and its trials, in the frame's order."""
+    if "tuning" not in frame.columns:
+        frame = frame.assign(tuning=_NO_TUNING)
+    return frame.groupby(["task", "label", "tuning"], sort=False, dropna=False)
+
+
 def _point_rows(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], Samples]:
     """One row per (task, label, tuning point) with counts, accuracy statistics and energy columns."""
     identity = [c for c in IDENTITY_COLUMNS if c in frame.columns]
     tuned = [c for c in frame.columns if str(c).startswith(TUNED_PREFIX)]
     measured = [c for c in frame.columns if str(c).startswith(MEASURED_PREFIXES)]
-    if "tuning" not in frame.columns:
-        frame = frame.assign(tuning=_NO_TUNING)
     rows: list[dict[str, Any]] = []
     samples: Samples = {}
-    for key, group in frame.groupby(["task", "label", "tuning"], sort=False, dropna=False):
+    for key, group in _points(frame):
         error = (group["status"] == "error").to_numpy()
         accuracy = _counted(group, "test_accuracy")
         interval = mean_interval(accuracy)
-        validation = _counted(group, "val_accuracy")
         diverged = group["diverged"].fillna(False).astype(bool).to_numpy()
         row: dict[str, Any] = {"task": key[0], "label": key[1], "tuning": key[2], "_key": key}
         row.update({c: group[c].iloc[0] for c in (*tuned, *identity)})
@@ -78,7 +88,7 @@ def _point_rows(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], Samples]:
                    accuracy_mean=interval.mean,
                    accuracy_std=float(accuracy.std(ddof=1)) if len(accuracy) >= 2 else math.nan,
                    accuracy_ci_low=interval.low, accuracy_ci_high=interval.high,
-                   val_accuracy_mean=float(validation.mean()) if len(validation) else math.nan)
+                   val_accuracy_mean=_validation_mean(group))
         for column, name in _MEAN_COLUMNS.items():
             if column in group.columns:
                 values = pd.to_numeric(group[column][~error], errors="coerce")
@@ -114,7 +124,8 @@ def chosen_trials(frame: pd.DataFrame) -> pd.DataFrame:
     """The trials at each configuration's chosen tuning point (all of them where nothing is tuned)."""
     if "tuning" not in frame.columns:
         return frame
-    rows, _ = _point_rows(frame)
+    rows = [{"task": key[0], "label": key[1], "_key": key, "val_accuracy_mean": _validation_mean(group)}
+            for key, group in _points(frame)]  # no intervals: choosing needs no scipy
     keys = {row["_key"] for row in _choose(rows).values() if row is not None}
     mask = [key in keys for key in zip(frame["task"], frame["label"], frame["tuning"], strict=True)]
     return frame[mask]

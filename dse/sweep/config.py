@@ -22,6 +22,7 @@ from dse.energy import DatapathParams, MemoryParams, get_workload, workload_name
 from dse.errors import InputError, InputErrors, Problems, SettingError, about, closest
 from dse.models.workloads import is_workload_file
 from dse.precision import FULL_PRECISION_LAYER_NAMES, LayerRule
+from dse.sweep.store import output_directory
 from dse.train.config import TrainConfig
 from dse.train.loop import check_field
 from dse.usercode import absolute, is_ref, load_function, parse_ref
@@ -683,7 +684,7 @@ def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path 
     baseline = problems.attempt(_check_baseline, sweep.report.baseline, source)
     problems.raise_any()
     assert seeds is not None and energy is not None and executor is not None and baseline is not None
-    output = Path(sweep.output) if sweep.output is not None else Path("results") / name
+    output = output_directory(sweep.output, name)
     return SweepConfig(
         name=name.strip(), seeds=seeds, tasks=tuple(tasks), trials=tuple(e for e in entries if e is not None),
         energy=energy, executor=executor, output=output, memory_objective=sweep.report.memory_objective,

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from dse.sweep.runner import TrialRecord, better_than
+from dse.sweep.summary import TrialRecord, better_than
 
 
 def _best_text(best: TrialRecord | None) -> str:

@@ -9,13 +9,11 @@ the store. Each finished trial is committed as it arrives; rerunning skips what 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from dse.errors import InputError, Problems
 from dse.sweep.config import SweepConfig
@@ -33,6 +31,7 @@ from dse.sweep.executors import (
 )
 from dse.sweep.groups import DeviceShare, device_shares, plan_groups
 from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
+from dse.sweep.receipt import plan_receipt
 from dse.sweep.store import (
     PlanRow,
     SweepStore,
@@ -41,66 +40,18 @@ from dse.sweep.store import (
     master_weights_text,
     stored_sweep_name,
 )
+from dse.sweep.summary import (
+    Reporter,
+    SilentReporter,
+    SweepSummary,
+    TrialRecord,
+    accuracy_or_nan,
+    best_of,
+    conclude,
+)
 from dse.sweep.trials import Trial, baseline_labels, estimated_cost, expand, resolved_formats, stable_hash
 from dse.train.loop import check_batch_size
 from dse.usercode import sources_of
-
-
-@dataclass
-class TrialRecord:
-    """What the progress display and the summary need to know about one finished trial."""
-
-    trial_id: str
-    task: str
-    label: str
-    seed: int
-    status: str
-    test_accuracy: float
-    error: str
-    wall_time_s: float
-    val_accuracy: float = math.nan
-    """Accuracy on the validation split: what the best trial is chosen by (NaN: none reported)."""
-
-
-class Reporter(Protocol):
-    def start(self, total: int, done: int, best: TrialRecord | None) -> None: ...
-
-    def trial_done(self, record: TrialRecord) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class SilentReporter:
-    def start(self, total: int, done: int, best: TrialRecord | None) -> None:
-        pass
-
-    def trial_done(self, record: TrialRecord) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-@dataclass
-class SweepSummary:
-    name: str
-    output: Path
-    total: int
-    skipped: int
-    """Trials already in the store from an earlier run (resume)."""
-    ran: int
-    """Trials run now."""
-    ok: int = 0
-    """Trials of the sweep (run now or earlier) by status."""
-    diverged: int = 0
-    errors: int = 0
-    best: TrialRecord | None = None
-    """The finished trial with the best validation accuracy, now or earlier (`better_than`)."""
-    wall_time_s: float = 0.0
-    files: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    """Configurations whose trials trained one by one instead of in groups, and why."""
-
 
 # --- preparation ----------------------------------------------------------------------------------
 
@@ -281,31 +232,19 @@ def _job(group: list[Trial], threads: int, train_fn: TrainFn | None, shares: dic
     return GroupJob(jobs, *((share.available_bytes, share.groups_at_once) if share else (None, None)))
 
 
-def _accuracy(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
 def _record(trial: Trial, row: TrialRow) -> TrialRecord:
     values = row.values
     return TrialRecord(trial.trial_id, trial.task, trial.label, trial.config.seed, values["status"],
-                       _accuracy(values["test_accuracy"]), values["error"], float(values["wall_time_s"]),
-                       _accuracy(values["val_accuracy"]))
-
-
-def better_than(record: TrialRecord, best: TrialRecord | None) -> bool:
-    """Whether a finished trial beats the best so far: an ok trial with a higher validation accuracy.
-
-    Validation chooses, as it chooses tuning points; the test accuracy is reported, never compared (a
-    trial without a validation accuracy is never the best)."""
-    return record.status == "ok" and not math.isnan(record.val_accuracy) and (
-        best is None or record.val_accuracy > best.val_accuracy)
+                       accuracy_or_nan(values["test_accuracy"]), values["error"],
+                       float(values["wall_time_s"]), accuracy_or_nan(values["val_accuracy"]))
 
 
 # --- the run --------------------------------------------------------------------------------------
 
 def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = False,
               reporter: Reporter | None = None, train_fn: TrainFn | None = None,
-              executor: Executor | None = None, reports: bool = True) -> SweepSummary:
+              executor: Executor | None = None, reports: bool = True,
+              invocation: dict[str, Any] | None = None) -> SweepSummary:
     """Run every unfinished trial of `sweep`, commit each as it finishes, then write the reports.
 
     The steps: plan (every check, nothing written), acquire the executor (a Ray cluster is reached
@@ -313,18 +252,21 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
     configuration train in groups (`plan_groups`, executor.group_size). `force` reruns every trial;
     `retry_failed` reruns the trials stored as failed (status error). `train_fn` replaces
     dse.train.loop.train (tests; it trains one trial, so nothing is grouped); `executor` replaces the
-    configured one; `reports=False` skips dse.report.write_reports.
+    configured one; `reports=False` skips dse.report.write_reports. `invocation`: what the command line
+    was given (dse.sweep.receipt.invocation); the store then keeps the plan's receipt, with which the
+    same command, run again with nothing to train, skips planning.
 
     SIGINT, SIGTERM and SIGHUP stop the run (dse/sweep/interrupt.py): the workers are stopped, what was
     committed stays, and SweepInterrupted says how many trials the store holds.
     """
     with signals_interrupt():
         return _run_sweep(sweep, force=force, retry_failed=retry_failed, reporter=reporter,
-                          train_fn=train_fn, executor=executor, reports=reports)
+                          train_fn=train_fn, executor=executor, reports=reports, invocation=invocation)
 
 
 def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter: Reporter | None,
-               train_fn: TrainFn | None, executor: Executor | None, reports: bool) -> SweepSummary:
+               train_fn: TrainFn | None, executor: Executor | None, reports: bool,
+               invocation: dict[str, Any] | None) -> SweepSummary:
     started = time.perf_counter()
     if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
         start_worker_server()  # its imports overlap the planning below
@@ -339,19 +281,13 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
             store.reset()
         plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
                 for t in trials]
-        store.start(_store_meta(sweep, trials, runs, notes), plan, energies)
+        receipt = None if invocation is None or train_fn is not None else plan_receipt(sweep, invocation)
+        store.start({**_store_meta(sweep, trials, runs, notes), "receipt": receipt}, plan, energies)
         summary = execute_trials(sweep, trials, runs, groups, store, acquired,
                                  rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
                                  reporter=reporter or SilentReporter(), shares=shares)
     summary.notes = notes + summary.notes
-    frame = load_trials(sweep.output)
-    summarize(summary, frame)
-    if reports:
-        from dse.report.files import write_reports_if_changed
-
-        summary.files = write_reports_if_changed(frame, sweep.output, sweep.memory_objective)
-    summary.wall_time_s = time.perf_counter() - started
-    return summary
+    return conclude(summary, sweep.memory_objective, reports, started)
 
 
 def open_store(directory: Path) -> SweepStore:
@@ -393,7 +329,7 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     groups = [g for g in groups if any(rerun(t.trial_id) for t in g)]
     wanted = {t.trial_id for g in groups for t in g if rerun(t.trial_id)}
     summary = SweepSummary(sweep.name, sweep.output, total=len(runs), skipped=len(runs) - len(wanted), ran=0)
-    best = _best_of(load_trials(sweep.output)) if summary.skipped else None
+    best = best_of(load_trials(sweep.output)) if summary.skipped else None
     by_id = {trial.trial_id: trial for group in groups for trial in group}
 
     def on_done(outcome: TrialOutcome) -> None:
@@ -426,14 +362,6 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     return summary
 
 
-def summarize(summary: SweepSummary, frame: Any) -> None:
-    """The counts by status and the best trial of the whole store (this run and earlier ones)."""
-    counts = frame.drop_duplicates("trial_id")["status"].value_counts()
-    summary.ok, summary.diverged, summary.errors = (int(counts.get(status, 0))
-                                                    for status in ("ok", "diverged", "error"))
-    summary.best = _best_of(frame)
-
-
 def _has_work(sweep: SweepConfig, force: bool, retry_failed: bool) -> bool:
     """Whether some trial of the sweep is not in its store yet, or failed there and is retried (read
     only; False on bad input, which planning reports)."""
@@ -446,21 +374,6 @@ def _has_work(sweep: SweepConfig, force: bool, retry_failed: bool) -> bool:
         frame = frame[frame["status"] != "error"]
     stored = set() if frame is None else set(frame["trial_id"])
     return force or not ids <= stored
-
-
-def _best_of(frame: Any) -> TrialRecord | None:
-    """The ok trial with the highest validation accuracy in a load_trials frame (`better_than`), among
-    the trials at each configuration's chosen tuning point (the point validation chose)."""
-    from dse.report.tables import chosen_trials
-
-    frame = chosen_trials(frame)
-    ok = frame[(frame["status"] == "ok") & frame["val_accuracy"].notna()]
-    if ok.empty:
-        return None
-    row = ok.loc[ok["val_accuracy"].idxmax()]
-    return TrialRecord(row["trial_id"], row["task"], row["label"], int(row["seed"]), "ok",
-                       _accuracy(row["test_accuracy"]), "", float(row["wall_time_s"]),
-                       float(row["val_accuracy"]))
 
 
 __all__ = ["InlineExecutor", "SweepSummary", "TrialRecord", "run_sweep"]

@@ -28,17 +28,18 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
-from dse.energy.iteration import UNITS
+from dse.energy.units import UNITS
 from dse.errors import InputError
 from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column
 
+T = TypeVar("T")
 STORE_FILE = "sweep.sqlite"
 SCHEMA_VERSION = "2"
 TRIAL_COLUMNS: tuple[str, ...] = (
@@ -140,6 +141,15 @@ def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
         return {}
 
 
+def _read_only(path: Path, read: Callable[[sqlite3.Connection], T]) -> T:
+    """`read` run on a read-only connection to the store at `path` (sqlite3 errors pass through)."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60.0)
+    try:
+        return read(connection)
+    finally:
+        connection.close()
+
+
 def stored_sweep_name(directory: Path) -> str | None:
     """The name of the sweep whose store is in `directory`, or None if there is no store.
 
@@ -149,16 +159,45 @@ def stored_sweep_name(directory: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60.0)
-        try:
-            meta = _read_meta(connection)
-        finally:
-            connection.close()
+        meta = _read_only(path, _read_meta)
     except sqlite3.DatabaseError as error:
         raise InputError(f"{path} is not a readable sweep store ({error})") from None
     if "name" not in meta:
         raise InputError(f"{path} is not a dse sweep store; remove it or choose another output path")
     return meta["name"]
+
+
+def output_directory(output: str | None, name: str) -> Path:
+    """Where a sweep's store and reports go: its `output:`, else results/<its name>."""
+    return Path(output) if output is not None else Path("results") / name
+
+
+@dataclass(frozen=True)
+class StoredProgress:
+    """A store as a rerun sees it before planning: its meta, its plan's trial ids and every stored trial's
+    status."""
+
+    meta: dict[str, str]
+    planned: list[str]
+    """The trial id of each plan row, in plan order (an id two configurations share appears twice)."""
+    statuses: dict[str, str]
+
+
+def stored_progress(directory: Path) -> StoredProgress | None:
+    """The store in `directory` read without writing (None: there is none, or it cannot be read)."""
+    path = store_path(directory)
+    if not path.is_file():
+        return None
+    def read(connection: sqlite3.Connection) -> StoredProgress:
+        return StoredProgress(
+            _read_meta(connection),
+            [row[0] for row in connection.execute("SELECT trial_id FROM plan ORDER BY position")],
+            dict(connection.execute("SELECT trial_id, status FROM trials").fetchall()))
+
+    try:
+        return _read_only(path, read)
+    except sqlite3.Error:
+        return None
 
 
 class SweepStore:

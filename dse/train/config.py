@@ -1,6 +1,8 @@
 """What one training run is asked to do (TrainConfig) and what it reports (TrainResult).
 
-Both are plain data so that the sweep engine can hash, store and ship them between processes.
+Both are plain data so that the sweep engine can hash, store and ship them between processes. The
+module imports no torch (the format zoo, datasets and models are imported where a value is checked):
+the command line builds `dse train`'s options from TrainConfig, and `dse report` pays for nothing else.
 """
 
 from __future__ import annotations
@@ -8,16 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from dse.data import DATASETS
 from dse.errors import InputError, SettingError, choice
-from dse.formats import check_rounding
-from dse.formats import get as get_format
-from dse.models.proxies import MODELS
 from dse.precision import (
     FORMAT_FIELDS,
     FP32,
@@ -28,6 +23,10 @@ from dse.precision import (
     layer_rules,
 )
 from dse.usercode import is_ref
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "madam", "lns-madam", "niti")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
@@ -41,12 +40,23 @@ _AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", 
                                    "lr_step_epochs")
 _NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "lr_warmup_epochs")
 _POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
-_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model": ("model", MODELS), "dataset": ("dataset", DATASETS), "optimizer": ("optimizer", OPTIMIZERS),
-    "lr_schedule": ("lr_schedule", LR_SCHEDULES),
-}
+_NAMED: tuple[str, ...] = ("model", "dataset", "optimizer", "lr_schedule")
+"""Fields whose value is one of a list of names (`_names`)."""
 _ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
 MAX_LR = 100.0
+
+
+def _names(name: str) -> tuple[str, ...]:
+    """The valid values of a `_NAMED` field (models and datasets imported here: they import torch)."""
+    if name == "model":
+        from dse.models.proxies import MODELS
+
+        return MODELS
+    if name == "dataset":
+        from dse.data import DATASETS
+
+        return DATASETS
+    return OPTIMIZERS if name == "optimizer" else LR_SCHEDULES
 """No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
 
 
@@ -61,15 +71,18 @@ def field_value(name: str, value: Any) -> Any:
     if name in ("model", "dataset") and is_ref(value):
         return value.strip()
     if name in _ROUNDING_FIELDS:
+        from dse.formats import check_rounding
+
         return check_rounding(value)
-    if name in _NAMES:
-        kind, valid = _NAMES[name]
-        return choice(kind, value, valid)
+    if name in _NAMED:
+        return choice(name, value, _names(name))
     if name in SPEC_FIELDS:
         return canonical_spec(value)
     if name == "full_precision_layers":
         return tuple(choice("layer", layer, FULL_PRECISION_LAYER_NAMES) for layer in value)
     if name == "layers":
+        from dse.formats import get as get_format
+
         rules = layer_rules(value)
         for rule in rules:
             for field_name, spec in rule.formats:

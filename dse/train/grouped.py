@@ -10,9 +10,9 @@ others go on). `train_group(configs)` returns for each config what `dse.train.lo
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) for the
-networks the other methods stack whose NITI layers are Linear and Conv (not yet its Embedding and
-attention Matmul: the transformer; nor GEMMs called as functions). The other methods stack every
+NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) every
+network the other methods stack whose GEMMs are NITI layers (Linear, Conv, Embedding, attention's
+Matmul: every built-in proxy; not GEMMs called as functions). The other methods stack every
 network whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy, users' networks
 with GEMM function calls and torch's attention modules); other models train one by one
 (`group_reason` says why: a GEMM taking a view of a parameter, tied weights, dropout, a batch on
@@ -42,7 +42,8 @@ from dse.train.memory import available_memory_bytes, describe_bytes, members_tha
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from dse.train.stacked import functional_reason, stack_models, stack_reason, stored_weights
+from dse.train.stacked import stack_models, stack_reason, stored_weights
+from dse.train.tally import EpochTally
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
@@ -72,7 +73,7 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
     if config.optimizer == "niti":
         from dse.train.niti.stacked import niti_stack_reason
 
-        reason = functional_reason(model, example) or niti_stack_reason(model, example)
+        reason = niti_stack_reason(model, example)
     else:
         reason = stack_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"
@@ -359,38 +360,25 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
         setup.on_epoch_start(epoch)
         permutation = torch.stack([torch.randperm(len(x_train), generator=order)
                                    for order in orders]).to(device)
-        totals, batches = [0.0] * members, [0] * members
-        frozen: dict[int, list[Tensor]] = {}  # weights of members that diverged in this epoch
+        tally = EpochTally(list(model.parameters()), members, running, stacked=True)
         for start in range(0, permutation.shape[1], first.batch_size):
             index = permutation[:, start:start + first.batch_size]
             logits = model(x_train[index])
             targets = y_train[index]
             stacked = setup.member_losses(logits, targets)
-            values = stacked.detach().tolist()
-            for g in running:
-                if g not in frozen and not math.isfinite(values[g]):
-                    diverged[g] = True
-                    frozen[g] = [p.detach()[g].clone() for p in model.parameters()]
-            if all(g in frozen for g in running):
+            if tally.add(stacked):
                 break
             stacked.sum().backward()
             setup.step()
             setup.zero_grad()
-            for g in running:
-                if g not in frozen:
-                    totals[g] += values[g]
-                    batches[g] += 1
         finite = _member_finite(list(model.parameters()), members)
-        with torch.no_grad():
-            for g, weights in frozen.items():
-                for p, saved in zip(model.parameters(), weights, strict=True):
-                    p[g] = saved
+        epoch_losses = tally.close()  # (members that diverged get their weights from before it back)
         val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
         test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)
         for g in list(running):
-            if not diverged[g] and not finite[g]:
+            if epoch_losses.diverged[g] or not finite[g]:
                 diverged[g] = True
-            losses[g].append(totals[g] / max(batches[g], 1) if not diverged[g] else math.nan)
+            losses[g].append(math.nan if diverged[g] else epoch_losses.mean(g))
             val_accuracies[g].append(val[g])
             accuracies[g].append(test[g])
             if diverged[g]:

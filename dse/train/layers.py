@@ -17,9 +17,12 @@ gives the same values along any axis, so it is quantized once, in the GEMM that 
 the quantized tensor is reused (the forward's saved for the backward). Stochastic rounding draws
 once per quantization, in this order: forward x, w; backward dy (once, or along the
 backward-data axis), w (backward-data), x and dy (backward-weight); a GEMM not needed (no dx for
-the first layer) draws nothing. The quantizers are straight-through: dx and dw go to x and w
-unchanged. The backward GEMMs are written
-out (matmuls, `aten.convolution_backward`), not re-derived by autograd. An activation x activation
+the first layer) draws nothing. A rounding that draws nothing (nearest) gives the same values in
+any order, so there a block-scaled tensor's two quantizations run in one call that computes what
+they share once (`BlockFormat.quantize_along`): x and w in the forward, where the backward's
+copies are saved in place of x and w (as much memory), dy's two at the start of the backward.
+The quantizers are straight-through: dx and dw go to x and w unchanged. The backward GEMMs are
+written out (matmuls, `aten.convolution_backward`), not re-derived by autograd. An activation x activation
 GEMM (attention's `q @ k^T`, `p @ v`) quantizes both operands as activations and has two
 backward-data GEMMs, one per operand.
 
@@ -40,6 +43,7 @@ Each GEMM takes its formats from the policy's per-layer rules (dse/precision.py)
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dse.formats.base import MemberGenerators, parse_rounding
 from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
@@ -81,28 +86,54 @@ channels; dy along the output channels and w along C_out; x and dy along the bat
 
 
 class BlockQuantizer:
-    """A block-scaled tensor class's quantizer: `along(axis)` quantizes with the blocks along `axis`
-    (a GEMM's reduction axis); called plainly it quantizes along the format's own axis."""
+    """A block-scaled tensor class's quantizer: `along(x, axis)` quantizes with the blocks along `axis`
+    (a GEMM's reduction axis), `along_axes(x, axes)` along each of several axes in one call (what
+    the quantizations share is computed once, `BlockFormat.quantize_along`); called plainly it
+    quantizes along the format's own axis. With the layer's generator, or each member's
+    (`members`: a stacked tensor, grouped training)."""
 
-    def __init__(self, quant: TensorQuant, draw: Callable[[TensorQuant, Tensor], Tensor]) -> None:
-        self.quant = quant
-        self._draw = draw  # quant(x) with the layer's generator(s): alone or per member
-        self._along: dict[int, TensorQuant] = {}
+    def __init__(self, quant: TensorQuant, generator: torch.Generator | MemberGenerators | None = None,
+                 members: bool = False, shape: torch.Size | None = None) -> None:
+        assert quant.format is not None
+        self.quant, self.format, self.generator, self.members = quant, quant.format, generator, members
+        self.shape = shape
+        """Where set, x is quantized as a tensor of this shape (its axes counted in it), then viewed back."""
+        self.draws = parse_rounding(quant.rounding)[0] == "stochastic"
+        """Whether a quantization draws from the generator (then the order of quantizations matters)."""
+
+    def reshaped(self, shape: torch.Size) -> BlockQuantizer:
+        """This quantizer on tensors seen as `shape` (a member weight that a matmul sees with singleton
+        axes): each is quantized in that shape."""
+        return BlockQuantizer(self.quant, self.generator, self.members, shape)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self._draw(self.quant, x)
+        seen = x if self.shape is None else x.reshape(self.shape)
+        if self.members:
+            out = self.quant.members(seen, self.generator)
+        else:
+            out = self.quant(seen, cast("torch.Generator | None", self.generator))
+        return out if self.shape is None else out.reshape(x.shape)
 
     def along(self, x: Tensor, axis: int) -> Tensor:
-        quant = self._along.get(axis)
-        if quant is None:
-            fmt = self.quant.format
-            assert fmt is not None
-            quant = dataclasses.replace(self.quant, format=with_scaling(
-                fmt, dataclasses.replace(fmt.scaling, axis=axis)))
-            self._along[axis] = quant
-        if axis < 0 and x.dim() < -axis:  # a 1-d Linear input: one example, blocks of one along it
-            return self._draw(quant, x.reshape((1,) * (-axis - x.dim()) + x.shape)).reshape(x.shape)
-        return self._draw(quant, x)
+        return self.along_axes(x, (axis,))[0]
+
+    def along_axes(self, x: Tensor, axes: Sequence[int]) -> list[Tensor]:
+        """x quantized along each of `axes`, in that order (a stochastic rounding's draws too)."""
+        if self.shape is not None:
+            seen = x.reshape(self.shape)
+            return [out.reshape(x.shape) for out in self._along_axes(seen, axes)]
+        return self._along_axes(x, axes)
+
+    def _along_axes(self, x: Tensor, axes: Sequence[int]) -> list[Tensor]:
+        short = max((-axis for axis in axes if axis < 0), default=0) - x.dim()
+        if short > 0:  # a 1-d Linear input: one example, blocks of one along it
+            shaped = x.reshape((1,) * short + x.shape)
+            return [out.reshape(x.shape) for out in self._along_axes(shaped, [
+                axis + short if axis >= 0 else axis for axis in axes])]
+        rounding = self.quant.rounding
+        if self.members:
+            return self.format.quantize_members_along(x, axes, rounding, self.generator)
+        return self.format.quantize_along(x, axes, rounding, cast("torch.Generator | None", self.generator))
 
 
 def is_block_scaled(quant: TensorQuant) -> bool:
@@ -113,11 +144,6 @@ def _blocked(quantizer: Quantizer | None) -> bool:
     return isinstance(quantizer, BlockQuantizer)
 
 
-def _error_for_gemm(quantizer: Quantizer | None, dy: Tensor, qe: Tensor, axis: int) -> Tensor:
-    """The error as one GEMM sees it: block-scaled, dy along `axis`; else `qe`, quantized once."""
-    return _for_gemm(quantizer, dy, axis) if _blocked(quantizer) else qe
-
-
 def _for_gemm(quantizer: Quantizer | None, x: Tensor, axis: int) -> Tensor:
     """x as one GEMM sees it: a block-scaled class along that GEMM's reduction axis `axis`."""
     if quantizer is None:
@@ -125,6 +151,18 @@ def _for_gemm(quantizer: Quantizer | None, x: Tensor, axis: int) -> Tensor:
     if isinstance(quantizer, BlockQuantizer):
         return quantizer.along(x, axis)
     return quantizer(x)
+
+
+def _for_gemms(quantizer: Quantizer | None, x: Tensor, axis: int, later_axis: int | None
+               ) -> tuple[Tensor, Tensor | None]:
+    """x as one GEMM sees it now (`_for_gemm` along `axis`) and as a later GEMM will (along
+    `later_axis`; None: no later GEMM needs x) where that can be computed now, in the same call: a
+    block-scaled class whose rounding draws nothing (the order of quantizations then changes no
+    value); else (x quantized now, None), and the later GEMM quantizes x itself, in its turn."""
+    if later_axis is None or not isinstance(quantizer, BlockQuantizer) or quantizer.draws:
+        return _for_gemm(quantizer, x, axis), None
+    now, later = quantizer.along_axes(x, (axis, later_axis))
+    return now, later
 
 
 # --- the GEMMs of each layer type ---------------------------------------------------------------
@@ -275,20 +313,56 @@ class LayerQuant:
         return cast(AccumulatingGemmOp, self.gemm)  # __post_init__ checked that it has them
 
 
+_GRAD_MODE = contextvars.ContextVar("dse_quant_gemm_grad_mode", default=True)
+"""Grad mode where a quantized GEMM was applied (inside its forward grad mode is always off)."""
+
+
+def _apply_recording_grad_mode(apply: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    token = _GRAD_MODE.set(torch.is_grad_enabled())
+    try:
+        return apply(*args)
+    finally:
+        _GRAD_MODE.reset(token)
+
+
+def _backward_needs(ctx: Any, inputs: int) -> tuple[bool, ...]:
+    """Which of the first `inputs` inputs a backward will need gradients for, as a forward sees it:
+    none where the GEMM was applied without grad mode (an evaluation), whose `needs_input_grad`
+    still says which inputs require grad."""
+    if not _GRAD_MODE.get():
+        return (False,) * inputs
+    return tuple(ctx.needs_input_grad[:inputs])
+
+
 class QuantGemm(torch.autograd.Function):
-    """y = op(Qa(x), Qw(w)) + b, with the quantized backward GEMMs of the module docstring."""
+    """y = op(Qa(x), Qw(w)) + b, with the quantized backward GEMMs of the module docstring.
+
+    A block-scaled operand the backward quantizes again along another axis is quantized along
+    both in one call where its rounding draws nothing (`_for_gemms`): x and w in the forward (the
+    backward's copies saved in place of x and w), dy's two at once."""
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:  # Function.apply, recording the grad mode
+        return _apply_recording_grad_mode(super().apply, args)
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
+        qx_later = qw_later = None
         if _blocked(layer.activations) or _blocked(layer.weights):
-            x_axis, w_axis = layer.gemm.axes.forward
-            qx, qw = _for_gemm(layer.activations, x, x_axis), _for_gemm(layer.weights, weight, w_axis)
+            axes = layer.gemm.axes
+            need_data, need_weight = _backward_needs(ctx, 2)
+            qx, qx_later = _for_gemms(layer.activations, x, axes.forward[0],
+                                      axes.backward_weight[0] if need_weight else None)
+            qw, qw_later = _for_gemms(layer.weights, weight, axes.forward[1],
+                                      axes.backward_data[1] if need_data else None)
         else:
             qx = layer.activations(x) if layer.activations is not None else x
             qw = layer.weights(weight) if layer.weights is not None else weight
-        # a block-scaled operand is quantized again along each backward GEMM's axis: keep it unquantized
-        ctx.save_for_backward(x if _blocked(layer.activations) else qx,
-                              weight if _blocked(layer.weights) else qw)
+        # a block-scaled operand is quantized again along each backward GEMM's axis: keep it unquantized,
+        # or its backward copy where that is quantized already
+        ctx.save_for_backward(qx_later if qx_later is not None else x if _blocked(layer.activations) else qx,
+                              qw_later if qw_later is not None else weight if _blocked(layer.weights) else qw)
+        ctx.ready = (qx_later is not None, qw_later is not None)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         if layer.accumulator is not None:
@@ -298,7 +372,8 @@ class QuantGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
-        x, weight = ctx.saved_tensors  # quantized already unless block-scaled
+        x, weight = ctx.saved_tensors  # quantized already unless block-scaled (and not `ready`)
+        x_ready, weight_ready = ctx.ready
         need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
 
         def gemms(e: Tensor, x: Tensor, w: Tensor, data: bool,
@@ -313,16 +388,23 @@ class QuantGemm(torch.autograd.Function):
         else:
             axes = layer.gemm.axes
             qe = dy if _blocked(layer.gradients) else _for_gemm(layer.gradients, dy, 0)
+            e_data: Tensor = qe  # dy once, unless block-scaled: then along backward-data's axis, and
+            e_weight: Tensor | None = qe
+            if _blocked(layer.gradients):  # along backward-weight's in the same call where it may
+                e_data, e_weight = _for_gemms(layer.gradients, dy, axes.backward_data[0],
+                                              axes.backward_weight[1] if need_weight else None) \
+                    if need_data else (dy, None)
             dx = dw = None
             if need_data:
-                dx = gemms(_error_for_gemm(layer.gradients, dy, qe, axes.backward_data[0]), x,
-                           _for_gemm(layer.weights, weight, axes.backward_data[1]) if _blocked(layer.weights)
-                           else weight, True, False)[0]
+                w = weight if weight_ready or not _blocked(layer.weights) else \
+                    _for_gemm(layer.weights, weight, axes.backward_data[1])
+                dx = gemms(e_data, x, w, True, False)[0]
             if need_weight:
-                qx = _for_gemm(layer.activations, x, axes.backward_weight[0]) if _blocked(layer.activations) \
-                    else x
-                e = _error_for_gemm(layer.gradients, dy, qe, axes.backward_weight[1])
-                dw = gemms(e, qx, weight, False, True)[1]
+                qx = x if x_ready or not _blocked(layer.activations) else \
+                    _for_gemm(layer.activations, x, axes.backward_weight[0])
+                if e_weight is None:  # in its turn, after x (a stochastic rounding's order of draws)
+                    e_weight = _for_gemm(layer.gradients, dy, axes.backward_weight[1])
+                dw = gemms(e_weight, qx, weight, False, True)[1]
         if dw is not None and layer.weight_grads is not None:
             dw = layer.weight_grads(dw)
         db = layer.gemm.bias_grad(qe) if ctx.has_bias and need_bias else None
@@ -333,14 +415,22 @@ class QuantMatmulFn(torch.autograd.Function):
     """a @ b: an operand is quantized as an activation, or as a weight where `weight_operand` names it
     (0: neither, 1: a, 2: b; its gradient is then a weight gradient); the incoming error as an error.
     Axes as microxcaling's mx/matmul.py: forward a along -1 and b along -2; da = dy b^T with dy and b
-    along -1; db = a^T dy with a and dy along -2."""
+    along -1; db = a^T dy with a and dy along -2. As in QuantGemm, an operand the backward quantizes
+    again is quantized along both axes in one call where its rounding draws nothing."""
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:  # Function.apply, recording the grad mode
+        return _apply_recording_grad_mode(super().apply, args)
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
         qa_fn, qb_fn = _matmul_quantizers(layer, weight_operand)
-        qa = _for_gemm(qa_fn, a, -1)
-        qb = _for_gemm(qb_fn, b, -2)
-        ctx.save_for_backward(a if _blocked(qa_fn) else qa, b if _blocked(qb_fn) else qb)
+        need_a, need_b = _backward_needs(ctx, 2)
+        qa, qa_later = _for_gemms(qa_fn, a, -1, -2 if need_b else None)
+        qb, qb_later = _for_gemms(qb_fn, b, -2, -1 if need_a else None)
+        ctx.save_for_backward(qa_later if qa_later is not None else a if _blocked(qa_fn) else qa,
+                              qb_later if qb_later is not None else b if _blocked(qb_fn) else qb)
+        ctx.ready = (qa_later is not None, qb_later is not None)
         ctx.layer = layer
         ctx.weight_operand = weight_operand
         if layer.accumulator is not None:
@@ -351,23 +441,28 @@ class QuantMatmulFn(torch.autograd.Function):
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
         layer: LayerQuant = ctx.layer
         qa_fn, qb_fn = _matmul_quantizers(layer, ctx.weight_operand)
-        qa, qb = ctx.saved_tensors  # quantized already unless block-scaled
+        qa, qb = ctx.saved_tensors  # quantized already unless block-scaled (and not `ready`)
+        a_ready, b_ready = ctx.ready
+        need_a, need_b = ctx.needs_input_grad[:2]
         qe = dy if _blocked(layer.gradients) else _for_gemm(layer.gradients, dy, 0)
+        e_a: Tensor = qe
+        e_b: Tensor | None = qe
+        if _blocked(layer.gradients):
+            e_a, e_b = _for_gemms(layer.gradients, dy, -1, -2 if need_b else None) if need_a else (dy, None)
         accumulator = layer.accumulator
         da = db = None
-        if ctx.needs_input_grad[0]:
-            e, b = _error_for_gemm(layer.gradients, dy, qe, -1), qb
-            if _blocked(qb_fn):
-                b = _for_gemm(qb_fn, qb, -1)
-            da = (e @ b.transpose(-1, -2) if accumulator is None
-                  else accumulation.matmul_backward_a(e, b, accumulator)).sum_to_size(qa.shape)
+        if need_a:
+            b = _for_gemm(qb_fn, qb, -1) if _blocked(qb_fn) and not b_ready else qb
+            da = (e_a @ b.transpose(-1, -2) if accumulator is None
+                  else accumulation.matmul_backward_a(e_a, b, accumulator)).sum_to_size(qa.shape)
             if ctx.weight_operand == 1 and layer.weight_grads is not None:
                 da = layer.weight_grads(da)
-        if ctx.needs_input_grad[1]:
-            a = _for_gemm(qa_fn, qa, -2) if _blocked(qa_fn) else qa
-            e = _error_for_gemm(layer.gradients, dy, qe, -2)
-            db = (a.transpose(-1, -2) @ e if accumulator is None
-                  else accumulation.matmul_backward_b(a, e, accumulator)).sum_to_size(qb.shape)
+        if need_b:
+            a = _for_gemm(qa_fn, qa, -2) if _blocked(qa_fn) and not a_ready else qa
+            if e_b is None:  # in its turn, after a (a stochastic rounding's order of draws)
+                e_b = _for_gemm(layer.gradients, dy, -2)
+            db = (a.transpose(-1, -2) @ e_b if accumulator is None
+                  else accumulation.matmul_backward_b(a, e_b, accumulator)).sum_to_size(qb.shape)
             if ctx.weight_operand == 2 and layer.weight_grads is not None:
                 db = layer.weight_grads(db)
         return da, db, None, None
@@ -537,7 +632,7 @@ def _bind(quant: TensorQuant, generator: torch.Generator | None) -> Quantizer | 
     if not quant.enabled:
         return None
     if is_block_scaled(quant):
-        return BlockQuantizer(quant, lambda q, x: q(x, generator))
+        return BlockQuantizer(quant, generator)
     if generator is None:
         return quant
     return lambda x: quant(x, generator)

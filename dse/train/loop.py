@@ -26,6 +26,7 @@ from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_q
 from dse.train.optim import lns_madam_copy_error, quantized_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
+from dse.train.tally import EpochTally
 from dse.usercode import describe, is_ref, load_function
 
 EVAL_BATCH = 1024
@@ -135,12 +136,17 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = EVAL_BATCH) -> float:
     """Accuracy on (x, y): per sample for classification, per token for sequence tasks."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for start in range(0, len(x), batch):
         logits = model(x[start:start + batch])
-        correct += int((logits.argmax(-1) == y[start:start + batch]).sum())
+        correct += (logits.argmax(-1) == y[start:start + batch]).sum()
     model.train()
-    return correct / y.numel()
+    return int(correct) / y.numel()  # (one read back, not one per batch)
+
+
+def _all_finite(params: list[Tensor]) -> bool:
+    """Whether every parameter is finite (one read back)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
 def _flushing_denormals() -> bool:
@@ -207,21 +213,18 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
         if setup.on_epoch_start is not None:
             setup.on_epoch_start(epoch)
         permutation = torch.randperm(len(x_train), generator=order).to(device)
-        total, batches = 0.0, 0
+        tally = EpochTally(list(setup.model.parameters()), 1, [0], stacked=False)
         for start in range(0, len(permutation), config.batch_size):
             index = permutation[start:start + config.batch_size]
             loss = setup.loss_fn(setup.model(x_train[index]), y_train[index])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                diverged = True
+            if tally.add(loss):
                 break
             loss.backward()
             setup.optimizer.step()
             setup.optimizer.zero_grad(set_to_none=True)
-            total, batches = total + value, batches + 1
-        if not diverged and not all(torch.isfinite(p).all() for p in setup.model.parameters()):
-            diverged = True
-        losses.append(total / max(batches, 1) if not diverged else math.nan)
+        epoch_losses = tally.close()
+        diverged = epoch_losses.diverged[0] or not _all_finite(list(setup.model.parameters()))
+        losses.append(math.nan if diverged else epoch_losses.mean(0))
         val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
         accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))
         if progress is not None:

@@ -24,8 +24,9 @@ OPTIMIZER_STATE_COPIES: dict[str, int] = {
 }
 """Weight-sized tensors each optimizer keeps per weight (SGD's momentum buffer, Adam's two moments,
 Madam's second moment, LNS-Madam's second moment and log codes, NITI's int32 accumulator)."""
-WEIGHT_COPIES = 3
-"""The weights, their gradients and the quantized weights saved for the backward pass."""
+WEIGHT_COPIES = 4
+"""The weights, their gradients, the quantized weights saved for the backward pass and, on a GPU,
+the weights kept at each member's last finite loss (dse/train/tally.py)."""
 BACKWARD_FACTOR = 2
 """The backward pass holds the saved activations and, at its peak, about as much again in the
 gradients of the activations it is working through (and the quantizers' temporaries)."""

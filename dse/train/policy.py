@@ -21,7 +21,8 @@ from torch import Tensor
 
 from dse.errors import InputError
 from dse.formats import NumberFormat, Scaling, check_rounding, get
-from dse.formats.base import MemberGenerators
+from dse.formats.base import MemberGenerators, constant, power_of_two
+from dse.formats.fast import host_shortcuts
 from dse.precision import (
     ACTIVATIONS,
     FULL_PRECISION_LAYER_NAMES,
@@ -84,7 +85,8 @@ class TensorQuant:
         if fmt is None:
             return x
         if self.layer_scale:  # the format has no scaling of its own: x / scale rounds onto its grid
-            scale = lu_layer_scale(x, fmt)
+            scale: float | Tensor = lu_layer_scale(x, fmt) if host_shortcuts(x.device) else \
+                lu_layer_scale_on_device(x, fmt)
             return fmt.quantize(x / scale, self.rounding, generator).mul_(scale)
         return fmt.quantize(x, self.rounding, generator)
 
@@ -95,8 +97,11 @@ class TensorQuant:
         if fmt is None:
             return x
         if self.layer_scale:
-            scales = [lu_layer_scale(member, fmt) for member in x]
-            scale = torch.tensor(scales, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.dim() - 1))
+            if host_shortcuts(x.device):
+                scale = torch.tensor([lu_layer_scale(member, fmt) for member in x], dtype=x.dtype)
+            else:
+                scale = torch.stack([lu_layer_scale_on_device(member, fmt) for member in x])
+            scale = scale.reshape(-1, *[1] * (x.dim() - 1))
             return fmt.quantize_members(x / scale, self.rounding, generator).mul_(scale)
         return fmt.quantize_members(x, self.rounding, generator)
 
@@ -116,6 +121,18 @@ def lu_layer_scale(x: Tensor, fmt: NumberFormat) -> float:
     logs = magnitude.clamp(fmt.min_positive, fmt.max).log2_().masked_fill_(~usable, 0.0)
     centre = round(float(logs.sum(dtype=torch.float64)) / count)
     return math.ldexp(1.0, centre + LU_SCALE_OFFSET_LOG2)
+
+
+def lu_layer_scale_on_device(x: Tensor, fmt: NumberFormat) -> Tensor:
+    """`lu_layer_scale` as a 0-dim tensor of x's dtype, the same value, computed where x lies with
+    nothing read back to the host (on a GPU a read-back stalls every launched kernel)."""
+    magnitude = x.detach().abs()
+    usable = (magnitude > 0) & torch.isfinite(magnitude)
+    count = usable.sum()
+    logs = magnitude.clamp(fmt.min_positive, fmt.max).log2_().masked_fill_(~usable, 0.0)
+    centre = torch.round(logs.sum(dtype=torch.float64) / count)  # (NaN where count is 0: not used)
+    scale = power_of_two(centre.nan_to_num_(0.0).to(torch.int64) + LU_SCALE_OFFSET_LOG2)
+    return torch.where(count > 0, scale, constant(1.0, torch.float64, x.device)).to(x.dtype)
 
 
 @dataclass(frozen=True)

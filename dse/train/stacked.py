@@ -359,7 +359,7 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
     if not quant.enabled:
         return None
     if is_block_scaled(quant):
-        return BlockQuantizer(quant, lambda q, x: q.members(x, generators))
+        return BlockQuantizer(quant, generators, members=True)
     return lambda x: quant.members(x, generators)
 
 

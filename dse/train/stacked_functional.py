@@ -217,7 +217,6 @@ def _viewed(quantizer: Quantizer | None, shape: torch.Size) -> Quantizer | None:
     if quantizer is None:
         return None
     if isinstance(quantizer, BlockQuantizer):
-        inner = quantizer
-        return BlockQuantizer(inner.quant, lambda q, x: inner._draw(q, x.reshape(shape)).reshape(x.shape))
+        return quantizer.reshaped(shape)
     return lambda x: quantizer(x.reshape(shape)).reshape(x.shape)
 

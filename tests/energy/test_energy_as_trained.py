@@ -5,6 +5,7 @@ every operand is reduced along the axis its blocks run along; the model's passes
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -75,8 +76,13 @@ class _GemmTrace(TorchDispatchMode):
         return out
 
     def trace(self, layer: str, tensor: str, quantizer: BlockQuantizer) -> None:
-        along = quantizer.along
-        quantizer.along = lambda x, axis: self.record(layer, tensor, x, along(x, axis), axis)  # type: ignore[method-assign]
+        along_axes = quantizer.along_axes  # (`along` is one axis of it) one quantization per axis
+
+        def traced(x: Tensor, axes: Sequence[int]) -> list[Tensor]:
+            return [self.record(layer, tensor, x, out, axis) for out, axis in zip(along_axes(x, axes), axes,
+                                                                                   strict=True)]
+
+        quantizer.along_axes = traced  # type: ignore[method-assign]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         where = self.OPERANDS.get(func)

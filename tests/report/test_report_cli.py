@@ -135,3 +135,25 @@ def test_report_with_titles_leaves_no_stale_cache_for_the_next_sweep_run(
     assert plot.read_bytes() != untitled
     write_reports_if_changed(frame, tmp_path)
     assert plot.read_bytes() == untitled
+
+
+def test_report_on_an_unchanged_store_leaves_its_files_and_says_they_are_current(sweep_dir: Path) -> None:
+    """The second `dse report` prints the same tables and draws nothing (the files are as it would write
+    them); after a file is edited it writes them all again."""
+    import os
+
+    first = runner.invoke(app, ["report", str(sweep_dir)])
+    assert first.exit_code == 0, first.output
+    files = [p for p in sweep_dir.iterdir() if not p.name.startswith(".") and "sqlite" not in p.name]
+    for path in files:
+        os.utime(path, (0, 0))
+    again = runner.invoke(app, ["report", str(sweep_dir)])
+    assert again.exit_code == 0, again.output
+    tables = [result.stdout[:result.stdout.rindex(f"{len(files)} files")].rsplit("\n", 1)[0]
+              for result in (first, again)]  # all but the last line, on the files
+    assert tables[0] == tables[1] and "Summary over seeds" in tables[0]
+    assert f"{len(files)} files in {sweep_dir} are up to date" in again.stdout
+    assert all(path.stat().st_mtime == 0 for path in files)
+    (sweep_dir / "pareto.md").write_text("edited\n")
+    third = runner.invoke(app, ["report", str(sweep_dir)])
+    assert f"wrote {len(files)} files" in third.stdout and (sweep_dir / "pareto.md").read_text() != "edited\n"

@@ -142,3 +142,22 @@ def test_a_sweep_with_nothing_new_does_not_rewrite_its_reports(example_trials: p
     assert "0.123" in (tmp_path / "trials.csv").read_text() and (tmp_path / "summary.csv").stat().st_mtime > 0
     written[-1].unlink()
     assert write_reports_if_changed(changed, tmp_path) == written and written[-1].is_file()
+
+
+def test_a_report_file_changed_since_it_was_written_is_written_again(example_trials: pd.DataFrame,
+                                                                     tmp_path: Path) -> None:
+    """The stamp holds each file's sha256 as written: a file edited, truncated or replaced by another
+    run's is never served as current, whatever its name and the trials say."""
+    from dse.report.files import current_reports, write_reports_if_changed
+
+    written = write_reports_if_changed(example_trials, tmp_path)
+    assert current_reports(example_trials, tmp_path) == written
+    expected = {path.name: path.read_bytes() for path in written}
+    table, plot = tmp_path / "summary.csv", next(p for p in written if p.suffix == ".png")
+    table.write_text(table.read_text().replace("0", "1"))
+    plot.write_bytes(plot.read_bytes()[:100])
+    assert current_reports(example_trials, tmp_path) is None
+    assert current_reports(example_trials, tmp_path, titles=True) is None  # other options: other files
+    write_reports_if_changed(example_trials, tmp_path)
+    assert {path.name: path.read_bytes() for path in written} == expected
+    assert current_reports(example_trials, tmp_path) == written

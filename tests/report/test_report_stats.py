@@ -223,9 +223,9 @@ def test_several_points_without_validation_choose_nothing(
 
 
 def test_the_sweep_headline_names_a_trial_of_a_chosen_point(tuned_sweep: Path) -> None:
-    from dse.sweep.runner import _best_of
+    from dse.sweep.summary import best_of
 
-    best = _best_of(load_trials(tuned_sweep))
+    best = best_of(load_trials(tuned_sweep))
     trials = load_trials(tuned_sweep).set_index("trial_id")
     assert best is not None and trials.loc[best.trial_id, "tuned:lr"] != 0.1  # 0.1 wins on test only
 

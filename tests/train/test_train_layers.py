@@ -397,6 +397,56 @@ def test_stochastic_operand_rounding_is_reproducible_with_a_seeded_generator():
     assert not torch.equal(output(1), output(2))
 
 
+
+def test_block_scaled_stochastic_rounding_draws_per_gemm_operand_in_the_documented_order():
+    """A rounding that draws keeps the module docstring's order (forward x, w; backward dy along
+    backward-data's axis, w, x, dy along backward-weight's), one quantization at a time, so a seeded
+    run draws what it always drew; a nearest rounding quantizes x, w and dy along both axes at once."""
+    torch.manual_seed(14)
+    fmt = get("mxfp4")
+    quant = TensorQuant(fmt, "stochastic")
+    policy = QuantPolicy(quant, quant, quant, TensorQuant(None), TensorQuant(None), TensorQuant(None))
+    layer = quantized(nn.Linear(64, 40), policy, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(48, 64, requires_grad=True)
+    dy = torch.randn(48, 40)
+    y = layer(x)
+    y.backward(dy)
+    draws = torch.Generator().manual_seed(3)
+    w = layer.weight.detach()
+
+    def along(t: torch.Tensor, axis: int) -> torch.Tensor:
+        return dataclasses.replace(fmt, scaling=dataclasses.replace(fmt.scaling, axis=axis)).quantize(
+            t, "stochastic", draws)
+
+    forward_x, forward_w = along(x.detach(), -1), along(w, -1)
+    data_dy, data_w, weight_x, weight_dy = along(dy, -1), along(w, 0), along(x.detach(), -2), along(dy, -2)
+    assert torch.equal(y, F.linear(forward_x, forward_w, layer.bias))
+    assert torch.equal(x.grad, data_dy @ data_w)
+    assert torch.equal(layer.weight.grad, weight_dy.t() @ weight_x)
+
+
+def test_block_scaled_layers_without_grad_mode_quantize_only_the_forwards_operands():
+    """An evaluation (no grad mode) quantizes x and w along the forward's axis only: the backward's
+    copies, which a training forward computes in the same call, are not made."""
+    torch.manual_seed(15)
+    model = quantized(nn.Sequential(nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 10)), mx_policy())
+    axes_asked: list[tuple[int, ...]] = []
+    for layer in quantized_layers(model):
+        for name in ("activations", "weights"):
+            quantizer = getattr(layer.gemm_quant, name)
+            along_axes = quantizer.along_axes
+            quantizer.along_axes = lambda t, axes, along_axes=along_axes: (
+                axes_asked.append(tuple(axes)), along_axes(t, axes))[1]
+    x = torch.randn(48, 64)
+    with torch.no_grad():
+        evaluated = model(x)
+    assert axes_asked == [(-1,)] * 4
+    axes_asked.clear()
+    trained = model(x.requires_grad_(True))
+    assert axes_asked == [(-1, -2), (-1, 0)] * 2
+    assert torch.equal(evaluated, trained)
+
+
 # --- policy ----------------------------------------------------------------------------------------
 
 

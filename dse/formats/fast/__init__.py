@@ -11,6 +11,12 @@ formats, roundings and dtypes it serves, and the code space on which the tests c
 
 A family asks `enabled(name)` before it takes a fast path: False inside `reference_only()`, and the
 name is recorded inside `recording()`.
+
+What is fast on a CPU may be slow on a GPU: a value read back to the host to pick a path (a scale, a
+check of the block maxima) costs nanoseconds on the CPU and stalls every launched kernel on a GPU.
+Such CPU-only shortcuts ask `host_shortcuts(device)`, the one decision between the CPU path and the device
+path; `device_path()` makes CPU tensors take the device path, so that tests on a machine without a
+GPU run it (tests/formats/test_host_syncs.py counts its host synchronisations: none).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class FastPath:
 
 FAST_PATHS: dict[str, FastPath] = {}
 
+_DEVICE_PATH = contextvars.ContextVar("dse_device_path", default=False)
 _REFERENCE_ONLY = contextvars.ContextVar("dse_reference_only", default=False)
 _USED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("dse_fast_paths_used", default=None)
 
@@ -97,3 +104,19 @@ def recording() -> Iterator[set[str]]:
         yield used
     finally:
         _USED.reset(token)
+
+
+def host_shortcuts(device: torch.device) -> bool:
+    """Whether work on tensors of `device` may take CPU-only shortcuts (values read back to the host,
+    torch's casts, cache-sized slices): on the CPU, outside `device_path()`; never on an accelerator."""
+    return device.type == "cpu" and not _DEVICE_PATH.get()
+
+
+@contextlib.contextmanager
+def device_path() -> Iterator[None]:
+    """CPU tensors take the device path inside the block (no host shortcuts), as on a GPU."""
+    token = _DEVICE_PATH.set(True)
+    try:
+        yield
+    finally:
+        _DEVICE_PATH.reset(token)

@@ -5,6 +5,7 @@ path (`round_by_scale`) for E8M0, `BlockFormat.quantize_by_scale_grid` for scale
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -12,8 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from dse.formats.base import ROUNDINGS, constant
-from dse.formats.fast import FastPath, enabled, reference_only_active, register
+from dse.formats.base import ROUNDINGS, _with_axis, constant
+from dse.formats.fast import FastPath, enabled, host_shortcuts, reference_only_active, register
 from dse.formats.fast import floating as fast_floating
 from dse.formats.fast.slices import Kernel, cpu_chunk_elements
 from dse.formats.fixed import FixedPoint
@@ -71,8 +72,10 @@ class _Constants(NamedTuple):
 
 def quantize_e8m0_nearest(fmt: BlockFormat, x: Tensor, rounding: str) -> Tensor | None:
     """fmt.quantize(x) for an E8M0 block format by the fused nearest path; None where it does not apply
-    (other roundings, dtypes or elements, input that autograd records, inside reference_only())."""
-    if (rounding != "nearest" or reference_only_active() or _nearest_plan(fmt) is None
+    (other roundings, dtypes or elements, input that autograd records, inside reference_only(), and
+    off the CPU: its check of the block maxima reads them back to the host)."""
+    if (rounding != "nearest" or reference_only_active() or not host_shortcuts(x.device)
+            or _nearest_plan(fmt) is None
             or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
             or (x.requires_grad and torch.is_grad_enabled()) or not enabled(E8M0_NEAREST)):
         return None  # (in-place passes are not differentiable: not for input that autograd records)
@@ -261,10 +264,10 @@ def _skip_overflow_if_in_range(fmt: BlockFormat, kernel: Kernel, amax: Tensor, r
     """The element kernel without its overflow pass (the saturation clamp) where no v * r can round
     past the element's max: |v * r| is largest at the block's max|v| (rounding is monotonic), so
     one product over the block maxima and a read-back decide it (NaN, from inf or NaN blocks,
-    keeps the pass)."""
+    keeps the pass); off the CPU the pass stays, as a read-back would stall the device."""
     unbounded = fast_floating.without_overflow(kernel)
     element = fmt.element
-    if unbounded is None or not isinstance(element, FloatFormat):
+    if unbounded is None or not isinstance(element, FloatFormat) or not host_shortcuts(amax.device):
         return kernel
     largest = float(torch.mul(amax, reciprocal).max())
     return unbounded if largest < fast_floating.overflow_bound(element) else kernel
@@ -285,3 +288,160 @@ def _rows_abs_max(rows: Tensor, step: int) -> Tensor:
         magnitude = torch.bitwise_and(part, mask, out=scratch[: part.shape[0]])
         torch.amax(magnitude, dim=1, keepdim=True, out=amax[start:start + step])
     return amax.view(rows.dtype)
+
+
+def quantize_e8m0_nearest_along(fmt: BlockFormat, x: Tensor, axes: tuple[int, ...]) -> list[Tensor] | None:
+    """[fmt with its blocks along a].quantize(x) for each a in `axes`, nearest, in one call: the
+    same values bit for bit as `quantize_e8m0_nearest` along each axis (the fused rounding of
+    `_quantize_blocks_nearest`); None where that path does not apply or x is larger than a
+    cache-sized slice (each axis then quantizes on its own, in slices), and off the CPU (its check
+    of the block maxima reads them back to the host, which stalls a GPU).
+
+    On a training step's tensors an operation costs about its dispatch, whatever its size, so
+    what counts is their number. What the quantizations of one tensor share is done once: the bit
+    patterns with the sign cleared (|v|, whose block maxima give each axis's scales) and their
+    exponent fields (the grid step's binade before each block's floor), the allocations, and the
+    check for blocks whose constants leave float32's normal range (one read-back for all axes,
+    which also tells blocks of zeros, common after a ReLU, from those that need the reference).
+    A shorter last block along the leading axis (a batch of 100 in blocks of 32) is rounded with
+    the others, not on its own: the shared buffers run on past the tensor in zeros, which change
+    no block's maximum (the reference pads its blocks with zeros). Per axis there remain the block
+    maxima and five passes: the floored binade, the magic rounding (two), the saturation, the sign.
+    """
+    if (reference_only_active() or not host_shortcuts(x.device)
+            or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() == 0
+            or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
+            or x.numel() > cpu_chunk_elements(x, buffers=4)):
+        return None
+    plan = _nearest_plan(fmt)
+    if plan is None or not enabled(E8M0_NEAREST):
+        return None
+    constants = _constants(fmt, x.device)
+    work = x.float().contiguous()
+    geometry = _geometry(tuple(work.shape), tuple(axis % work.dim() for axis in axes), fmt.block_size,
+                         bool(plan.factor))
+    count = work.numel()
+    magnitude = torch.empty(geometry.length, dtype=torch.int32, device=x.device)
+    if geometry.length > count:
+        torch.bitwise_and(work.view(-1).view(torch.int32), constants.magnitude_mask, out=magnitude[:count])
+        magnitude[count:].zero_()
+    else:
+        torch.bitwise_and(work.view(-1).view(torch.int32), constants.magnitude_mask, out=magnitude)
+    block_max = torch.empty(geometry.blocks, dtype=torch.int32, device=x.device)
+    outs: list[Tensor] = []
+    if plan.factor:  # FP elements: the exponent fields of |v| shared, the floored binade per axis
+        exponent = torch.bitwise_and(magnitude, constants.exponent_mask)
+        binade = torch.empty_like(magnitude)
+        magnitude_float, binade_float = magnitude.view(torch.float32), binade.view(torch.float32)
+        for out_length, runs in geometry.axes:
+            out = torch.empty(out_length, dtype=torch.float32, device=x.device)
+            for run in runs:
+                mag, amax = run.view(magnitude), run.amax_view(block_max)
+                torch.amax(mag, dim=2, keepdim=True, out=amax)
+                field = torch.bitwise_and(amax, constants.exponent_mask)  # F << 23
+                limit = field.clamp_min(plan.limit_floor).add_(constants.limit_offset)
+                torch.maximum(run.view(exponent), field.sub_(constants.floor_offset).clamp_min_(0),
+                              out=run.view(binade))
+                step, result = run.view(binade_float), run.view(out)  # step: 2^max(exponent(v), emin + E)
+                torch.add(run.view(magnitude_float), step, alpha=plan.factor, out=result)
+                result.sub_(step, alpha=plan.factor)
+                torch.minimum(result, limit.view(torch.float32), out=result)
+            value = (out if out_length == count else out[:count]).view(work.shape)
+            outs.append(value.copysign_(work))  # v's sign (zero results are +0 until here)
+    else:  # MXINT8: the signed values, as _round_rows_nearest rounds them (no padding)
+        signed = work.view(-1)
+        for out_length, runs in geometry.axes:
+            out = torch.empty(out_length, dtype=torch.float32, device=x.device)
+            for run in runs:
+                amax = run.amax_view(block_max)
+                torch.amax(run.view(magnitude), dim=2, keepdim=True, out=amax)
+                field = torch.bitwise_and(amax, constants.exponent_mask)
+                limit = field.clamp_min(plan.limit_floor).add_(constants.limit_offset)
+                magic = field.clamp_max_(plan.highest_field << 23).add_(constants.magic_offset)
+                magic, result = magic.view(torch.float32), run.view(out)
+                torch.add(run.view(signed), magic, out=result).sub_(magic)
+                torch.minimum(result, limit.view(torch.float32), out=result)
+                torch.maximum(result, limit.bitwise_or_(constants.sign_bit).view(torch.float32), out=result)
+            outs.append(out.view(work.shape))
+    if _may_leave_normal_range(plan, block_max):
+        exponent_field = block_max >> 23
+        bad = ((exponent_field < plan.lowest_field) & (block_max != 0)
+               | (exponent_field > plan.highest_field) & (exponent_field < 255))
+        if bool(bad.any()):  # rare (max|v| below 2^-97 or above 2^105): each axis by its own path
+            outs = [_quantize_one_axis(fmt, work, axis) for axis in axes]
+    return [out if out.dtype == x.dtype else out.to(x.dtype) for out in outs]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run of equal blocks along one axis of a flat buffer: its (outer, blocks, width, inner) view
+    (the blocks along dim 2), by size, strides and offset, and where its block maxima lie."""
+
+    size: tuple[int, int, int, int]
+    stride: tuple[int, int, int, int]
+    offset: int
+    amax_offset: int
+
+    def view(self, flat: Tensor) -> Tensor:
+        return flat.as_strided(self.size, self.stride, self.offset)
+
+    def amax_view(self, block_max: Tensor) -> Tensor:
+        outer, blocks, _, inner = self.size
+        return block_max.as_strided((outer, blocks, 1, inner), (blocks * inner, inner, inner, 1),
+                                    self.amax_offset)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """The blocks of a tensor along several axes: per axis its output's length and its runs; the
+    length of the shared buffers (padding included) and the number of blocks of all axes."""
+
+    axes: tuple[tuple[int, tuple[_Run, ...]], ...]
+    length: int
+    blocks: int
+
+
+@functools.lru_cache(maxsize=512)
+def _geometry(shape: tuple[int, ...], axes: tuple[int, ...], size: int, pad: bool) -> _Geometry:
+    """Where the blocks along each axis of a contiguous tensor of `shape` lie: around the axis an
+    (outer, length, inner) grid, in it a run of whole blocks and a shorter last block. With `pad`, a
+    leading axis (outer 1) runs on in zeros to whole blocks: one run, a longer buffer."""
+    count, used = math.prod(shape), 0
+    per_axis = []
+    for axis in axes:
+        outer, length, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+        full = length - length % size
+        if pad and outer == 1 and full < length:
+            length = full = full + size
+        runs = []
+        for start, stop, width in ((0, full, size), (full, length, length - full)):
+            if stop > start:
+                blocks = (stop - start) // width
+                runs.append(_Run((outer, blocks, width, inner), (length * inner, width * inner, inner, 1),
+                                 start * inner, used))
+                used += outer * blocks * inner
+        per_axis.append((outer * length * inner, tuple(runs)))
+    return _Geometry(tuple(per_axis), max(count, *(length for length, _ in per_axis)), used)
+
+
+def _may_leave_normal_range(plan: _NearestPlan, block_max: Tensor) -> bool:
+    """Whether some block's max|v| bits (int32) may have 0 < F < lowest_field or highest_field < F < 255:
+    one read-back of the extremes; where the smallest is a block of zeros (which the fused rounding
+    handles), a second over max|v| - 1 with zeros wrapped to the top."""
+    low, high = (int(value) for value in torch.aminmax(block_max))
+    if high >= (plan.highest_field + 1) << 23:
+        return True
+    if low >= plan.lowest_field << 23:
+        return False
+    if low > 0:
+        return True
+    nonzero_low = int(torch.bitwise_and(block_max - 1, 0x7FFFFFFF).amin())
+    return nonzero_low < (plan.lowest_field << 23) - 1
+
+
+def _quantize_one_axis(fmt: BlockFormat, x: Tensor, axis: int) -> Tensor:
+    """x quantized along `axis` by the single-axis fused path (which redoes out-of-range blocks)."""
+    along = _with_axis(fmt, axis)
+    out = quantize_e8m0_nearest(along, x, "nearest")  # type: ignore[arg-type]  # a BlockFormat's own axis
+    assert out is not None
+    return out

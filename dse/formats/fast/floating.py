@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import FLOAT_LAYOUTS, ROUNDINGS, BinaryLayout, check_rounding, constant
-from dse.formats.fast import FastPath, enabled, reference_only_active, register
+from dse.formats.fast import FastPath, enabled, host_shortcuts, reference_only_active, register
 from dse.formats.fast.slices import Kernel, map_chunks
 
 if TYPE_CHECKING:
@@ -66,9 +66,10 @@ def round_unscaled(fmt: FloatFormat, x: Tensor, rounding: str) -> Tensor | None:
     if reference_only_active():
         return None
     plans = fmt.fast_cache.setdefault("fp-plans", {})
-    plan = plans.get((x.dtype, x.device, rounding))
+    key = (x.dtype, x.device, rounding, host_shortcuts(x.device))
+    plan = plans.get(key)
     if plan is None:
-        plan = plans[(x.dtype, x.device, rounding)] = _plan(fmt, x.dtype, x.device, rounding)
+        plan = plans[key] = _plan(fmt, x.dtype, x.device, rounding, key[3])
     if plan.copy and enabled(COPY):
         return x.clone()
     if plan.cast is not None and enabled(EXACT_CAST if x.dtype == torch.float32 else EXACT_CAST_FLOAT64):
@@ -80,9 +81,10 @@ def round_unscaled(fmt: FloatFormat, x: Tensor, rounding: str) -> Tensor | None:
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-def _plan(fmt: FloatFormat, dtype: torch.dtype, device: torch.device, rounding: str) -> _Plan:
+def _plan(fmt: FloatFormat, dtype: torch.dtype, device: torch.device, rounding: str, host: bool) -> _Plan:
+    """`host`: CPU-only shortcuts allowed (`host_shortcuts`): torch's casts, checked on the CPU only."""
     check_rounding(rounding)
-    cast = _exact_cast(fmt, dtype) if device.type == "cpu" and rounding == "nearest" else None
+    cast = _exact_cast(fmt, dtype) if host and rounding == "nearest" else None
     work_dtype = dtype if fmt.computes_natively_in(dtype) else torch.float64
     kernel, name = _fused_nearest_kernel(fmt, work_dtype, device) if rounding == "nearest" else (None, "")
     return _Plan(_holds_every_value_of(fmt, dtype), cast, work_dtype, kernel, name)
@@ -94,9 +96,10 @@ def nearest_kernel(fmt: FloatFormat, dtype: torch.dtype, device: torch.device) -
     if reference_only_active():
         return None
     plans = fmt.fast_cache.setdefault("fp-plans", {})
-    plan = plans.get((dtype, device, "nearest"))
+    key = (dtype, device, "nearest", host_shortcuts(device))
+    plan = plans.get(key)
     if plan is None:
-        plan = plans[(dtype, device, "nearest")] = _plan(fmt, dtype, device, "nearest")
+        plan = plans[key] = _plan(fmt, dtype, device, "nearest", key[3])
     if plan.copy or plan.cast is not None or plan.work_dtype != dtype or plan.kernel is None:
         return None
     return plan.kernel if enabled(plan.kernel_name) else None

@@ -19,7 +19,7 @@ from dse.formats.base import (
     host_abs_max,
     round_to_float32_significand,
 )
-from dse.formats.fast import FastPath, enabled, register
+from dse.formats.fast import FastPath, enabled, host_shortcuts, register
 
 if TYPE_CHECKING:
     from dse.formats.base import NumberFormat
@@ -61,14 +61,14 @@ def host_tensor_scale(fmt: NumberFormat, x: Tensor) -> float:
 
 def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: torch.Generator | None
                         ) -> Tensor | None:
-    """round(x / scale) * scale with the scale taken on the host (CPU tensors); None elsewhere.
+    """round(x / scale) * scale with the scale taken on the host (`host_shortcuts`); None elsewhere.
 
     The scale comes back as a 0-dim tensor of x's dtype holding the same value (the CPU divides by
     it exactly); a scale of 1 skips the division and product (both exact), a float32 subnormal one
     takes `round_by_float32_scale_values`, as does one that float32 cannot hold (below its subnormals
     or above its max: the scale is exact in float64); a power of two may be fused into the rounding.
     """
-    if x.device.type != "cpu" or not enabled(HOST_SCALE):
+    if not host_shortcuts(x.device) or not enabled(HOST_SCALE):
         return None
     scale = host_tensor_scale(fmt, x)
     if scale == 1.0:  # x / 1 and y * 1 are exact: skip both

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from dse.formats.fast import FastPath, enabled, reference_only_active, register
+from dse.formats.fast import FastPath, enabled, host_shortcuts, reference_only_active, register
 
 # Elements per slice and torch thread, for passes that keep two slice-sized tensors (input and
 # output) in cache; `buffers` more of them share the same space (smaller slices).
@@ -39,7 +39,7 @@ members' draws."""
 def cpu_chunk_elements(x: Tensor, buffers: int = 2) -> int:
     """Elements per slice for x: cache-sized per thread on the CPU, the whole tensor elsewhere.
     `buffers`: the slice-sized tensors a slice's passes keep in cache (input, output, scratch)."""
-    if x.device.type != "cpu" or _WHOLE_TENSORS.get() or reference_only_active():
+    if not host_shortcuts(x.device) or _WHOLE_TENSORS.get() or reference_only_active():
         return max(x.numel(), 1)
     chunk = max(CPU_SLICE_ELEMENTS_PER_THREAD * 2 // buffers, 1) * torch.get_num_threads()
     if x.numel() > chunk:

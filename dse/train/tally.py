@@ -1,0 +1,110 @@
+"""Each member's training loss over an epoch and its divergence, for a run alone and for a group.
+
+A member diverges at the first batch whose loss is NaN or inf: from then on its batches no longer
+count, and the epoch ends with its weights as they were before that batch's update (a run alone
+stops there; a group goes on with the other members).
+
+On the CPU (`host_shortcuts`) each batch's losses are read back, which costs nothing there: a member
+that diverges is known at once and its weights are copied then. On a GPU a read-back would stall
+every launched kernel once a batch, so nothing is read back per batch: the sums, the counts and a
+flag per member stay on the device, each parameter keeps a copy holding every member's weights at
+its last finite loss (one `torch.where` per parameter and batch), and `close` reads the epoch back
+once. The sums are the same float64 additions in the same order either way, so both give the same
+numbers, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dse.formats.base import constant
+from dse.formats.fast import host_shortcuts
+
+
+@dataclass
+class EpochLosses:
+    """What an epoch's batches gave: per member, the sum of its counted losses, how many batches it
+    counted, and whether it diverged in this epoch."""
+
+    totals: list[float]
+    batches: list[int]
+    diverged: list[bool]
+
+    def mean(self, member: int) -> float:
+        """The member's mean training loss over the epoch (NaN where it diverged)."""
+        if self.diverged[member]:
+            return math.nan
+        return self.totals[member] / max(self.batches[member], 1)
+
+
+class EpochTally:
+    """One epoch's losses of the members in `active` (indices along the leading axis of `params` when
+    `stacked`, else one run alone: member 0 and 0-dim losses)."""
+
+    def __init__(self, params: Sequence[Tensor], members: int, active: Iterable[int], stacked: bool) -> None:
+        self.params = list(params)
+        self.members = members
+        self.stacked = stacked
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.on_host = host_shortcuts(device)
+        active = set(active)
+        self.active = sorted(active)
+        self.totals = [0.0] * members
+        self.batches = [0] * members
+        self.frozen: dict[int, list[Tensor]] = {}  # (host) weights of members that diverged
+        if not self.on_host:
+            self.live = torch.tensor([g in active for g in range(members)], device=device)
+            self.sums = torch.zeros(members, dtype=torch.float64, device=device)
+            self.counts = torch.zeros(members, dtype=torch.int64, device=device)
+            self.kept = [p.detach().clone() for p in self.params]  # weights at each member's last finite loss
+
+    def add(self, losses: Tensor) -> bool:
+        """Count one batch's losses ((members,), or 0-dim alone), before its update; True when every
+        active member has diverged (known at once on the CPU only: on a device, at `close`)."""
+        if self.on_host:
+            values = losses.detach().reshape(-1).tolist()
+            for g in self.active:
+                if g in self.frozen:
+                    continue
+                if not math.isfinite(values[g]):
+                    self.frozen[g] = [self._member(p.detach(), g).clone() for p in self.params]
+                else:
+                    self.totals[g] += values[g]
+                    self.batches[g] += 1
+            return all(g in self.frozen for g in self.active)
+        with torch.no_grad():
+            live = self.live
+            for p, kept in zip(self.params, self.kept, strict=True):
+                mask = live.view(-1, *[1] * (p.dim() - 1)) if self.stacked else live[0]
+                torch.where(mask, p, kept, out=kept)
+            losses = losses.detach().reshape(-1).double()
+            live &= torch.isfinite(losses)
+            self.sums.add_(torch.where(live, losses, constant(0.0, torch.float64, losses.device)))
+            self.counts.add_(live)
+        return False
+
+    def close(self) -> EpochLosses:
+        """The epoch's losses (one read back on a device), with every member that diverged in it given
+        back its weights from before the batch that diverged."""
+        if self.on_host:
+            frozen = self.frozen
+            totals, batches = self.totals, self.batches
+        else:
+            sums, counts, live = torch.cat([self.sums, self.counts.double(), self.live.double()]).view(
+                3, -1).tolist()
+            totals, batches = sums, [int(count) for count in counts]
+            frozen = {g: [self._member(kept, g) for kept in self.kept] for g in self.active if not live[g]}
+        with torch.no_grad():
+            for g, weights in frozen.items():
+                for p, saved in zip(self.params, weights, strict=True):
+                    self._member(p, g).copy_(saved)
+        return EpochLosses(totals, batches, [g in frozen for g in range(self.members)])
+
+    def _member(self, t: Tensor, g: int) -> Tensor:
+        """Member g's part of a parameter-shaped tensor (the whole of it for a run alone)."""
+        return t[g] if self.stacked else t
