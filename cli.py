@@ -870,11 +870,11 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
            titles: Annotated[bool, typer.Option("--titles", help="Put a title in each figure (none by "
                                                 "default: the caption belongs to the paper).")] = False
            ) -> None:
-    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots
-    (unless they are as this would write them: from these trials and options, unchanged since).
+    """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
 
     The files always report each configuration at its chosen tuning point (all_points.csv has
-    every point); --all-points changes what is printed.
+    every point); --all-points changes what is printed. Files that are already what this would
+    write (from these trials and options, unchanged since) are left as they are.
     """
     from dse.report import SweepTables, write_reports
     from dse.report.files import current_reports

@@ -10,7 +10,8 @@ with --groups, grouped training against one trial at a time on the quickstart, e
 reports) on examples/quickstart.yaml (21 trials) and on the same file with 4 tuned learning rates
 per configuration (84 trials), with executor.group_size 1 and each of --group-sizes alternately,
 end to end and the trials' own training seconds (from the store); then times the same command
-again with nothing left to train, split into its stages, and a rewrite of its reports.
+again with nothing left to train (it answers from the store: dse.sweep.receipt), the stages of
+planning it in full (what a changed file or dse pays), and a rewrite of its reports.
 
 Prints, per worker count, the sweep's wall time, the sum of the trials' own training time and the
 speedup of 2 workers over 1; then the overhead per trial: starting the workers (the fork server's
@@ -232,8 +233,8 @@ def groups_benchmark(epochs: int | None, repeat: int, group_sizes: list[int], da
         again = min(timed_cli(config, done, group_sizes[0])[0] for _ in range(repeat))
         command = [sys.executable, __file__, "--child-stages", str(config), str(done)]
         stages = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
-        print(f"\nthe {name} sweep again with nothing left to train: {again:.1f} s; "
-              "its stages in one process (CPU seconds):")
+        print(f"\nthe {name} sweep again with nothing left to train: {again:.1f} s (from the store, "
+              "no plan); the stages of a full plan of it in one process (CPU seconds):")
         for line in stages:
             print(f"  {line}")
         print(f"  writing the reports anew, imports included: {report_time(done):.2f} s")

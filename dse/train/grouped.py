@@ -10,9 +10,9 @@ others go on). `train_group(configs)` returns for each config what `dse.train.lo
 for it alone, bit for bit on the CPU (tests/train/test_train_grouped.py); only wall_time_s differs: each
 member is given the group's time over the group's size.
 
-NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) for the
-networks the other methods stack whose NITI layers are Linear and Conv (not yet its Embedding and
-attention Matmul: the transformer; nor GEMMs called as functions). The other methods stack every
+NITI stacks its own way (dse/train/niti/stacked.py: exponents per member, integer GEMMs) every
+network the other methods stack whose GEMMs are NITI layers (Linear, Conv, Embedding, attention's
+Matmul: every built-in proxy; not GEMMs called as functions). The other methods stack every
 network whose layers `dse.train.stacked.stack_reason` knows (every built-in proxy, users' networks
 with GEMM function calls and torch's attention modules); other models train one by one
 (`group_reason` says why: a GEMM taking a view of a parameter, tied weights, dropout, a batch on
@@ -42,7 +42,7 @@ from dse.train.memory import available_memory_bytes, describe_bytes, members_tha
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from dse.train.stacked import functional_reason, stack_models, stack_reason, stored_weights
+from dse.train.stacked import stack_models, stack_reason, stored_weights
 from dse.train.tally import EpochTally
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
@@ -73,7 +73,7 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
     if config.optimizer == "niti":
         from dse.train.niti.stacked import niti_stack_reason
 
-        reason = functional_reason(model, example) or niti_stack_reason(model, example)
+        reason = niti_stack_reason(model, example)
     else:
         reason = stack_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,23 @@ def one_thread() -> None:
 @pytest.fixture(scope="module")
 def digits() -> Any:
     return load_dataset("digits")
+
+
+Subset = Callable[[str, int, int], Any]
+
+
+def _subset(name: str, train: int, held_out: int) -> Any:
+    """A dataset's first `train` training samples and `held_out` validation and test samples: small
+    enough for a test to train on several times."""
+    data = load_dataset(name)
+    return dataclasses.replace(data, x_train=data.x_train[:train], y_train=data.y_train[:train],
+                               x_val=data.x_val[:held_out], y_val=data.y_val[:held_out],
+                               x_test=data.x_test[:held_out], y_test=data.y_test[:held_out])
+
+
+@pytest.fixture(scope="session")
+def subset() -> Subset:
+    return _subset
 
 
 def _same_as_alone(configs: list[TrainConfig], dataset: Any, stacked: bool = False) -> list[dict[str, Any]]:

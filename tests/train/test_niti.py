@@ -420,6 +420,33 @@ def test_bias_is_zeroed_frozen_and_stays_zero() -> None:
     assert all(float(b.abs().max()) == 0.0 for b in biases)
 
 
+def test_a_layer_applied_at_two_places_is_a_niti_layer_at_both_with_one_weight() -> None:
+    """Both places run the integer GEMM (not the second in float), and the weight's one update sees
+    the sum of both places' integer gradients, aligned to the lower exponent."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(6, 3))
+    setup = niti_setup(model, TrainConfig(format="int8"), torch.Generator().manual_seed(0))
+    first, second = model[2], model[4]
+    assert isinstance(first, NitiLinear) and isinstance(second, NitiLinear)
+    assert first.niti_weight is second.niti_weight and first.weight is shared.weight
+    grads: list[tuple[torch.Tensor, int]] = []
+    first.niti_weight.accumulate = lambda g32, exp: grads.append((g32, exp))  # type: ignore[method-assign]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def backward() -> None:  # the same StoShift draws each time
+        NitiCrossEntropy(generator=torch.Generator().manual_seed(5))(setup.model(x), y).backward()
+
+    backward()
+    assert len(grads) == 2  # one integer weight gradient from each place
+    del first.niti_weight.accumulate
+    setup.optimizer.zero_grad()
+    backward()
+    low = min(exp for _, exp in grads)
+    g32, exp = first.niti_weight.grad or (torch.empty(0), 0)
+    assert exp == low and torch.equal(g32, sum(g << (e - low) for g, e in grads))
+
+
 # --- training -----------------------------------------------------------------------------------
 
 def _small_cnn() -> nn.Module:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from dse.data import load_dataset
 from dse.formats.base import MemberGenerators
-from dse.train import TrainConfig
+from dse.train import TrainConfig, grouped
 from dse.train.grouped import group_reason
 from dse.train.niti import act_calc, float_to_int, grad_calc, integer_ce_error, stacked
 from dse.train.niti.exponents import _mantissa_of
@@ -100,9 +101,137 @@ def test_niti_cnn_members_equal_alone_runs_bit_for_bit(
     stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, niti_mu=4)], load_dataset(dataset))
 
 
-def test_niti_networks_that_do_not_stack_say_why() -> None:
-    reason = group_reason(NITI.replace(model="transformer", dataset="sort"))
-    assert reason is not None and "Embedding" in reason and "NITI" in reason
+@pytest.mark.parametrize("fields, members", [
+    ({}, [{"seed": 0}, {"seed": 1, "niti_mu": 3}, {"seed": 2, "niti_mu": 31}]),
+    ({"master_weights": "int16", "epochs": 2}, [{"seed": 3}, {"seed": 4, "niti_mu": 4}]),
+], ids=["int8-mu-and-a-wild-member", "int16-accumulator-mu-schedule"])
+def test_niti_transformer_members_equal_alone_runs_bit_for_bit(
+        fields: dict[str, Any], members: list[dict[str, Any]], subset: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch, stacked_same_as_alone: Callable[..., Any],
+) -> None:
+    """The sort transformer stacked under NITI: each member's token rows from its own embedding table
+    (its gradient a scatter-add into that table), attention's two integer matmuls with a RoundShift and
+    exponent per member, Linear over each member's positions, LayerNorm and the position table per
+    member. Every member is its run alone, the one whose update is its whole accumulator (niti_mu 31,
+    a loss far from the others') included; and the group trains stacked, never one by one."""
+
+    def one_by_one(*_: object) -> None:
+        raise AssertionError("the NITI transformer group fell back to training one by one")
+
+    monkeypatch.setattr(grouped, "train", one_by_one)  # train_group's fallback (the alone runs import theirs)
+    base = NITI.replace(model="transformer", dataset="sort-easy", **fields)
+    data = subset("sort-easy", 256, 200)
+    results = stacked_same_as_alone([base.replace(**member) for member in members], data)
+    assert len({r["final_loss"] for r in results}) == len(members)
+
+
+NITI_MODELS = """
+import torch
+from torch import nn
+
+from dse.models.layers import Matmul
+
+
+class PaddedAttention(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 16, padding_idx=0)
+        self.query = nn.Linear(16, 16)
+        self.scores = Matmul()
+        self.context = Matmul()
+        self.head = nn.Linear(16, vocab)
+
+    def forward(self, tokens):
+        h = self.query(self.embedding(tokens))  # the embedding's one NITI consumer sends its exponents back
+        batch, seq, _ = h.shape
+        q = h.view(batch, seq, 2, 8).transpose(1, 2)
+        k = h[..., :8].unsqueeze(1).transpose(-2, -1)  # one key for both heads: a broadcast matmul
+        weights = torch.softmax(self.scores(q, k), -1)
+        return self.head(self.context(weights, torch.relu(q)).transpose(1, 2).reshape(batch, seq, 16))
+
+
+def padded_attention(shape, classes):
+    return PaddedAttention(classes)
+
+
+def twice(shape, classes):  # one Linear at two places
+    shared = nn.Linear(32, 32)
+    return nn.Sequential(nn.Linear(shape[0], 32), nn.ReLU(), shared, nn.ReLU(), shared,
+                         nn.Linear(32, classes))
+
+
+class Volume(nn.Module):
+    def forward(self, x):
+        return x.reshape(len(x), 1, 4, 4, 4)
+
+
+def conv3d(shape, classes):
+    return nn.Sequential(Volume(), nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(256, classes))
+
+
+class Attention(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        tokens = x.reshape(len(x), 8, 8)
+        return self.head(self.attn(tokens, tokens, tokens)[0].reshape(len(x), 64))
+
+
+def attention(shape, classes):
+    return Attention(classes)
+
+
+class Scores(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.key = nn.Linear(8, 8)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        tokens = x.reshape(len(x), 8, 8)
+        mixed = torch.softmax(self.key(tokens) @ tokens.transpose(1, 2), -1) @ tokens
+        return self.head(mixed.reshape(len(x), 64))
+
+
+def scores(shape, classes):
+    return Scores(classes)
+"""
+
+
+@pytest.fixture(scope="module")
+def niti_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("niti") / "nets.py"
+    path.write_text(NITI_MODELS)
+    return path
+
+
+@pytest.mark.parametrize("factory, dataset", [("padded_attention", "sort-easy"), ("twice", "digits"),
+                                              ("conv3d", "digits")])
+def test_niti_users_models_stack_and_equal_alone_runs(factory: str, dataset: str, niti_models: Path,
+                                                      subset: Callable[..., Any],
+                                                      stacked_same_as_alone: Callable[..., Any]) -> None:
+    """An embedding with a padding row whose error comes back with its exponents, a matmul that
+    broadcasts one key over two heads, a Linear applied at two places (one NITI weight, its two
+    gradients summed), a 3-D convolution: each member is its run alone."""
+    base = NITI.replace(model=f"{niti_models}:{factory}", dataset=dataset)
+    stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, niti_mu=4)], subset(dataset, 256, 200))
+
+
+@pytest.mark.parametrize("factory", ["attention", "scores"])
+def test_niti_models_with_gemms_called_as_functions_train_one_by_one_and_say_why(
+        factory: str, niti_models: Path, subset: Callable[..., Any],
+        same_as_alone: Callable[..., Any]) -> None:
+    """NITI converts GEMM modules only: nn.MultiheadAttention's GEMMs and a forward's `@` stay float
+    under NITI, and stack under the other methods only."""
+    base = NITI.replace(model=f"{niti_models}:{factory}")
+    assert group_reason(base.replace(optimizer="sgd")) is None
+    reason = group_reason(base)
+    assert reason is not None and "function calls" in reason and "NITI" in reason
+    same_as_alone([base.replace(seed=0), base.replace(seed=1)], subset("digits", 128, 100))
 
 
 @settings(max_examples=30, deadline=None)
@@ -151,8 +280,9 @@ def test_member_decisions_are_each_members_own(members: int, magnitudes: list[in
 @pytest.mark.parametrize("fields", [
     {"format": "int8", "optimizer": "niti"},
     {"format": "int8", "optimizer": "niti", "model": "cnn", "dataset": "mnist1d", "batch_size": 100},
+    {"format": "int8", "optimizer": "niti", "model": "transformer", "dataset": "sort-easy"},
     {"format": "fp8_e4m3", "accumulation": "fp16"},
-], ids=["niti-mlp", "niti-cnn", "accumulation"])
+], ids=["niti-mlp", "niti-cnn", "niti-transformer", "accumulation"])
 def test_grouped_members_equal_alone_runs_on_cuda(
         fields: dict[str, Any], stacked_same_as_alone: Callable[..., Any],
 ) -> None:

@@ -279,6 +279,27 @@ class NitiConv(_NitiGemm):
                 f"stride={self.stride}, padding={self.padding}, int{self.bitwidth + 1}")
 
 
+def matmul_product(m_a: Tensor, m_b: Tensor, bitwidth: int) -> Tensor:
+    """The integer accumulator of m_a @ m_b, exact (float32 or float64 as the sum's bound needs)."""
+    dtype = _exact_dtype(m_a.shape[-1] * _mantissa_bound(bitwidth))
+    return m_a.to(dtype) @ m_b.to(dtype)
+
+
+def matmul_error(index: int, m_err: Tensor, other: Tensor, shape: torch.Size, bitwidth: int,
+                 members: int = 1) -> Tensor:
+    """The integer accumulator of the error of operand `index` (0: a, 1: b) of a @ b, summed to its
+    `shape` over broadcast batches; its dtype is chosen from one member's sums (`members` stacked
+    along the leading axis), so that a stacked operand gets the dtype it gets alone."""
+    # Each gradient entry sums at most this many products (broadcast batches included).
+    terms = m_err.numel() // members // max(1, m_err.shape[-2 if index == 0 else -1])
+    dtype = _exact_dtype(terms * _mantissa_bound(bitwidth))
+    if index == 0:  # d(a @ b)/da = err @ b^T
+        acc = m_err.to(dtype) @ other.to(dtype).transpose(-1, -2)
+    else:  # d(a @ b)/db = a^T @ err
+        acc = other.to(dtype).transpose(-1, -2) @ m_err.to(dtype)
+    return acc.sum_to_size(shape)
+
+
 class _MatmulFunction(torch.autograd.Function):
     """a @ b of two NITI activations (attention): integer GEMM forward, both errors backward."""
 
@@ -286,8 +307,7 @@ class _MatmulFunction(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, b: Tensor, bitwidth: int, inputs: tuple[_Activation, _Activation]
                 ) -> tuple[Tensor, int, _ErrorSlot]:
         (m_a, exp_a, _), (m_b, exp_b, _) = inputs
-        dtype = _exact_dtype(m_a.shape[-1] * _mantissa_bound(bitwidth))
-        m_out, shift = act_calc(m_a.to(dtype) @ m_b.to(dtype), bitwidth)
+        m_out, shift = act_calc(matmul_product(m_a, m_b, bitwidth), bitwidth)
         exp_out = exp_a + exp_b + shift
         out_slot = _ErrorSlot()
         ctx.bitwidth, ctx.inputs, ctx.out_slot = bitwidth, inputs, out_slot
@@ -302,15 +322,7 @@ class _MatmulFunction(torch.autograd.Function):
         for index, (mine, other_exp, slot, other) in enumerate(operands):
             if not ctx.needs_input_grad[index]:
                 continue
-            # Each gradient entry sums at most this many products (broadcast batches included).
-            terms = m_err.numel() // max(1, m_err.shape[-2 if index == 0 else -1])
-            dtype = _exact_dtype(terms * _mantissa_bound(ctx.bitwidth))
-            if index == 0:  # d(a @ b)/da = err @ b^T
-                acc = m_err.to(dtype) @ other.to(dtype).transpose(-1, -2)
-            else:  # d(a @ b)/db = a^T @ err
-                acc = other.to(dtype).transpose(-1, -2) @ m_err.to(dtype)
-            acc = acc.sum_to_size(mine.shape)
-            err, shift = act_calc(acc, ctx.bitwidth)
+            err, shift = act_calc(matmul_error(index, m_err, other, mine.shape, ctx.bitwidth), ctx.bitwidth)
             exp_out = exp_err + other_exp + shift
             if slot is not None:
                 slot.write(exp_out)

@@ -67,8 +67,9 @@ def niti_mu_for_epoch(mu: int, epoch: int, epochs: int) -> int:
 def convert_model(model: nn.Module, bitwidth: int, generator: torch.Generator) -> list[nn.Module]:
     """Swap Linear, Conv1d/2d/3d, Embedding and Matmul modules for NITI layers, in place.
 
-    The NITI layers keep the original parameter objects. nn.MultiheadAttention is left alone (its
-    projections are not called as modules). Returns the new layers in model order.
+    The NITI layers keep the original parameter objects; a layer applied at two places becomes a NITI
+    layer at each, with one weight state. nn.MultiheadAttention is left alone (its projections are not
+    called as modules). Returns the new layers in model order.
     """
     converted: list[nn.Module] = []
     shared: SharedWeights = {}
@@ -85,8 +86,10 @@ def convert_model(model: nn.Module, bitwidth: int, generator: torch.Generator) -
         return None
 
     def visit(module: nn.Module) -> None:
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.MultiheadAttention):
+        # every place, not named_children's first of each module: a layer applied twice is two NITI
+        # layers with one NitiWeight (`shared`), where the second place would otherwise stay float
+        for name, child in list(module._modules.items()):
+            if child is None or isinstance(child, nn.MultiheadAttention):
                 continue
             new = replacement(child)
             if new is None:
