@@ -192,11 +192,11 @@ WORKER_STOP_S = 5.0
 def _wait_for_exit(pid: int) -> None:
     """Return when process `pid` has ended (at once if it has already)."""
     try:
-        descriptor = os.pidfd_open(pid)  # Linux: readable when the process ends, no polling
-    except AttributeError:
+        descriptor: int | None = os.pidfd_open(pid)  # Linux >= 5.3: readable when the process ends
+    except ProcessLookupError:
+        return  # it has ended already
+    except (AttributeError, OSError):  # another system, an older kernel, a sandbox: poll
         descriptor = None
-    except OSError:
-        return  # no such process: it has ended already
     if descriptor is not None:
         select.select([descriptor], [], [])
         return

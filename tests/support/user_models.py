@@ -144,3 +144,8 @@ class ScaledScores(nn.Module):
 
 def scaled_scores(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ScaledScores(classes)
+
+
+def tiny(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Three hidden units: at a batch of 4 each member's GEMMs have fewer than 400 multiply-adds."""
+    return nn.Sequential(nn.Linear(shape[0], 3), nn.ReLU(), nn.Linear(3, classes))

@@ -4,6 +4,7 @@ what is missing, and a killed grouped sweep resumes with every trial exactly onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +204,12 @@ run_sweep(load_config({config!r}), reports=False)
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
-def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(tmp_path: Path) -> None:
+def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
+        tmp_path: Path, process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """SIGKILL (or the out-of-memory killer) gives the sweep no chance to stop its workers: they end
+    themselves when it ends, instead of waiting on their task queue for ever (and a rerun could
+    never meet one of them)."""
     out = tmp_path / "out"
     config = tmp_path / "s.yaml"
     config.write_text(_text(out, executor="{group_size: 3, workers: 1}").replace("epochs: 1", "epochs: 3"))
@@ -222,9 +229,16 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(tmp_path: 
             except sqlite3.OperationalError:  # no store or no table yet
                 pass
             time.sleep(0.02)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        started = process_tree(process.pid)
+        assert len(started) > 2, started  # the sweep, its fork server and its worker at least
+        process.kill()  # the sweep alone
         process.wait()
+        left = survivors(started, 30.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not left, f"processes outlived the killed sweep: {left}"
     before = _finished(out)
     assert 1 <= len(before) < 12
     summary = _sweep(config.read_text())

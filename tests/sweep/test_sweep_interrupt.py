@@ -1,10 +1,11 @@
 """A sweep stopped by a signal (SIGTERM, SIGINT, on the local pool and on Ray) stops every process it
 started, keeps its store whole, prints one line that says how to resume, exits with 128 + the
-signal's number, and resumes with every trial exactly once; one killed outright (SIGKILL, which no
-handler sees) leaves no worker behind either."""
+signal's number, and resumes with every trial exactly once. (One killed outright, SIGKILL, which no
+handler sees, leaves no worker behind either: tests/sweep/test_sweep_groups.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -107,47 +108,15 @@ def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
         assert process.wait(timeout=120) == 128 + number, errors.read_text()
         left = survivors(started, 30.0)
     finally:
-        if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
             os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     assert not left, f"processes outlived the sweep: {left}"
     lines = [line for line in errors.read_text().splitlines() if "interrupted" in line]
     before = _stored(out)
     assert lines == [f"interrupted by {number.name}: {len(before)} of {TRIALS} trials are saved in {out}; "
                      "run the same command again to resume"], errors.read_text()
     assert 1 <= len(before) < TRIALS
-    _check_whole(out, before)
-    _resume(config.read_text(), out, before)
-
-
-_KILLED = """\
-from dse.sweep import load_config, run_sweep
-run_sweep(load_config({config!r}), reports=False)
-"""
-
-
-def test_a_sweep_killed_outright_leaves_no_worker_behind(
-        tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
-        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
-    """SIGKILL (or the out-of-memory killer) gives the sweep no chance to stop its workers: they end
-    themselves when it ends, instead of waiting on their task queue for ever."""
-    out, config, errors = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "stderr.txt"
-    config.write_text(_text(out))
-    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    with errors.open("wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", _KILLED.format(config=str(config))],
-                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   env=env, cwd=repo_root)
-    try:
-        _wait_for_trials(process, out, errors)
-        started = process_tree(process.pid)
-        assert len(started) > 2, started
-        process.kill()
-        process.wait()
-        left = survivors(started, 30.0)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-    assert not left, f"processes outlived the sweep: {left}"
-    before = _stored(out)
     _check_whole(out, before)
     _resume(config.read_text(), out, before)
 
@@ -177,3 +146,28 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
         assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
     finally:
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
+        pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's watch returns when the sweep's process ends, not before, whether the kernel has
+    pidfd_open or not (an older kernel or a sandbox refuses it: then it polls)."""
+    import errno
+    import threading
+
+    from dse.sweep.executors import _wait_for_exit
+
+    if not pidfd:
+        def refused(pid: int) -> int:
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", refused, raising=False)
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    reaper = threading.Thread(target=process.wait)  # the sweep's own parent reaps it
+    reaper.start()
+    _wait_for_exit(process.pid)
+    reaper.join()
+    assert time.monotonic() - started >= 1.0 and process.returncode == 0
+    _wait_for_exit(process.pid)  # ended already: returns at once

@@ -82,3 +82,12 @@ def test_a_users_model_whose_gemms_cannot_stack_trains_one_by_one_and_says_why(
     reason = group_reason(base)
     assert reason is not None and why in reason and "function calls" not in reason
     same_as_alone([base.replace(seed=0), base.replace(seed=1)], digits_subset)
+
+
+@pytest.mark.parametrize("fields", [{}, SGD_COPY], ids=["fp32", "int8"])
+def test_gemms_too_small_for_torchs_batched_kernel_run_member_by_member_and_equal_alone_runs(
+        fields: dict[str, Any], digits_subset: Any, stacked_same_as_alone: SameAsAlone) -> None:
+    data = dataclasses.replace(digits_subset, x_train=digits_subset.x_train[:96],
+                               y_train=digits_subset.y_train[:96])
+    base = TrainConfig(model=f"{MODELS}:tiny", dataset="digits", epochs=1, batch_size=4).replace(**fields)
+    stacked_same_as_alone([base.replace(**member) for member in MEMBERS], data)
