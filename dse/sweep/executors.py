@@ -5,8 +5,10 @@ hands each outcome to `on_done` in the parent as soon as it arrives, so the runn
 trial that raises becomes an outcome with its error text; the others go on.
 
 A run that is interrupted (a signal raises in the parent: dse/sweep/interrupt.py) stops its workers
-before it re-raises: the local pool's processes are terminated, Ray's tasks cancelled and a local
-Ray instance shut down. Only the parent writes the store, so a stopped worker loses its current job
+before it re-raises: the local pool's processes are terminated, a cluster's Ray tasks cancelled and
+a local Ray instance shut down with its workers (not cancelled first: Ray 2's driver can abort on a
+force-cancel that races a task's completion, "Tried to complete task that was not pending", seen in
+1 of 3 SIGTERMed local sweeps). Only the parent writes the store, so a stopped worker loses its current job
 and nothing else; it reruns on resume. A local worker also ends itself when the sweep's process
 ends without a chance to stop it (SIGKILL, the out-of-memory killer): it watches that process.
 """
@@ -413,8 +415,9 @@ class RayExecutor:
                     for outcome in ray.get(ref):
                         on_done(outcome)
         except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            if self.address is not None:  # a local instance ends with its tasks at `close`
+                for ref in pending:
+                    ray.cancel(ref, force=True)
             raise
 
     def close(self) -> None:
