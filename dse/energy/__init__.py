@@ -13,8 +13,9 @@ the tables and datapaths behind them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dse.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from dse.energy.compare import compare_formats
@@ -80,8 +81,4 @@ __all__ = [
     "workload_names",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dse.energy' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -9,8 +9,9 @@ labels) pays for no more.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dse.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from dse.report.files import write_reports
@@ -27,8 +28,4 @@ _EXPORTS = {
 __all__ = ["SweepTables", "all_fronts", "pareto_front", "render_table", "summarize_trials", "workloads_of",
            "write_reports"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dse.report' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

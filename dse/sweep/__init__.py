@@ -10,8 +10,9 @@ does not pay for pandas, pydantic and the energy model.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dse.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from dse.sweep.config import SweepConfig, load_config, parse_config
@@ -28,8 +29,4 @@ _EXPORTS = {
 __all__ = ["SweepConfig", "SweepSummary", "Trial", "expand", "load_config", "load_trials", "parse_config",
            "run_sweep", "trial_hash"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dse.sweep' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

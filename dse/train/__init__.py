@@ -10,8 +10,9 @@ needs: the command line reads TrainConfig's fields for `dse train`'s options on 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dse.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from dse.train.config import OPTIMIZERS, TrainConfig, TrainingSetup, TrainResult
@@ -29,8 +30,4 @@ _EXPORTS = {
 __all__ = ["OPTIMIZERS", "Matmul", "QuantPolicy", "TensorQuant", "TrainConfig", "TrainResult",
            "TrainingSetup", "evaluate", "quantize_model", "set_quantization", "train"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dse.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
