@@ -196,7 +196,8 @@ def conclude_finished(finished: FinishedSweep, reporter: Reporter) -> SweepSumma
 
     started = time.perf_counter()
     summary = SweepSummary(finished.name, finished.output, total=finished.runs, skipped=finished.runs, ran=0)
-    reporter.start(finished.planned, summary.skipped, best_of(load_trials(finished.output)))
+    frame = load_trials(finished.output)  # nothing trains: the same frame serves the display and the summary
+    reporter.start(finished.planned, summary.skipped, best_of(frame))
     reporter.stop()
     summary.notes = finished.notes
-    return conclude(summary, finished.memory_objective, True, started)
+    return conclude(summary, finished.memory_objective, True, started, frame)

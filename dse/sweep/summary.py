@@ -108,11 +108,14 @@ def best_of(frame: Any) -> TrialRecord | None:
                        float(row["val_accuracy"]))
 
 
-def conclude(summary: SweepSummary, memory_objective: bool, reports: bool, started: float) -> SweepSummary:
+def conclude(summary: SweepSummary, memory_objective: bool, reports: bool, started: float,
+             frame: Any = None) -> SweepSummary:
     """Fill in what the store holds once the run is over: the counts and the best trial, the report files
     (written unless they are current: dse.report.files.write_reports_if_changed) where `reports`, and
-    the wall time since `started` (time.perf_counter)."""
-    frame = load_trials(summary.output)
+    the wall time since `started` (time.perf_counter). `frame`: the store's load_trials, where the
+    caller read it after the last trial was stored (else it is read here)."""
+    if frame is None:
+        frame = load_trials(summary.output)
     summarize(summary, frame)
     if reports:
         from dse.report.files import write_reports_if_changed
