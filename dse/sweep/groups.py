@@ -66,11 +66,6 @@ class DeviceShare:
     available_bytes: int
     groups_at_once: int
 
-    @property
-    def share_bytes(self) -> int:
-        """The memory one group may plan for (of which it fills MEMORY_FRACTION)."""
-        return self.available_bytes // self.groups_at_once
-
 
 def device_shares(runs: list[Trial], executor: ExecutorConfig | None = None) -> dict[str, DeviceShare]:
     """Each device the runs train on, measured now, with the groups it trains at once (one without
