@@ -44,6 +44,7 @@ _NAMED: tuple[str, ...] = ("model", "dataset", "optimizer", "lr_schedule")
 """Fields whose value is one of a list of names (`_names`)."""
 _ROUNDING_FIELDS: tuple[str, ...] = ("rounding", "update_rounding")
 MAX_LR = 100.0
+"""No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
 
 
 def _names(name: str) -> tuple[str, ...]:
@@ -57,7 +58,6 @@ def _names(name: str) -> tuple[str, ...]:
 
         return DATASETS
     return OPTIMIZERS if name == "optimizer" else LR_SCHEDULES
-"""No optimizer here trains with a larger learning rate; a larger value is a typo (1e9 for 1e-9)."""
 
 
 def field_value(name: str, value: Any) -> Any:
@@ -125,7 +125,6 @@ def master_copy(value: bool | str) -> bool | str:
     except ValueError as error:
         raise InputError(f"expected true, false or a format spec: {str(error).splitlines()[0]}") from None
     return True if spec == FP32 else spec
-
 
 
 @dataclass(frozen=True)
