@@ -635,13 +635,18 @@ class NumberFormat(ABC):
         stalls the device: there float32 takes the exact path always (the same bits), unless every
         scale of the format is exact in float32 there (`float32_holds_scales_on`).
         """
-        if x.dtype == torch.float32 and (
-                not self.float32_holds_scales_on(x.device) if not host_shortcuts(x.device) else bool(
-                    ((amax > 0) & (amax < self._subnormal_scale_amax)).any()
-                    | (amax > self._huge_scale_amax).any())):
+        if x.dtype == torch.float32 and self._float32_scales_may_leave_normals(amax):
             return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
         scale = self.divisor_from_amax(amax)
         return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
+
+    def _float32_scales_may_leave_normals(self, amax: Tensor) -> bool:
+        """Whether a float32 scale of these max|x| may be a subnormal, zero or inf: on the CPU read
+        from amax (one bool back to the host), on a device from the format alone."""
+        if not host_shortcuts(amax.device):
+            return not self.float32_holds_scales_on(amax.device)
+        outside = ((amax > 0) & (amax < self._subnormal_scale_amax)) | (amax > self._huge_scale_amax)
+        return bool(outside.any())
 
     def float32_holds_scales_on(self, device: torch.device) -> bool:
         """Whether every float32 scale this format can compute is exact as a float32 on `device`, so
