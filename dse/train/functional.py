@@ -279,6 +279,10 @@ class FunctionalGemms:
         layer = layer or self.weight_layer(weight) or self.activation_layer("linear")
         self.note_operands(weight, bias)
         quant = self.quant(layer, kind, LinearOp(), weight)
+        return self.linear_gemm(x, weight, bias, quant, batch_axis, flat)
+
+    def linear_gemm(self, x: Tensor, weight: Tensor, bias: Tensor | None, quant: LayerQuant | None,
+                    batch_axis: int, flat: bool) -> Tensor:
         rows = x.reshape(-1, x.shape[-1]) if flat else x
         y = F.linear(rows, weight, bias) if quant is None else QuantGemm.apply(rows, weight, bias, quant)
         return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

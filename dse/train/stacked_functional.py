@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
-from dse.precision import Layer
 from dse.train.functional import FunctionalGemms, dispatch
 from dse.train.layers import (
     BlockQuantizer,
@@ -115,11 +114,8 @@ class StackedFunctionalGemms(FunctionalGemms):
 
     # --- the GEMMs -------------------------------------------------------------------------------
 
-    def linear(self, layer: Layer | None, kind: str, x: Tensor, weight: Tensor, bias: Tensor | None,
-               batch_axis: int = 0, flat: bool = False) -> Tensor:
-        layer = layer or self.weight_layer(weight) or self.activation_layer("linear")
-        self.note_operands(weight, bias)
-        quant = self.quant(layer, kind, LinearOp(), weight)
+    def linear_gemm(self, x: Tensor, weight: Tensor, bias: Tensor | None, quant: LayerQuant | None,
+                    batch_axis: int, flat: bool) -> Tensor:
         xs = self.split(x, batch_axis)
         shape = xs.shape
         if flat:  # the member's rows as one matrix, as it runs alone
