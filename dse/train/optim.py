@@ -9,6 +9,7 @@ weights stored in an LNS format moves each weight's log code by whole steps itse
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -273,23 +274,38 @@ def round_shifted(s: Tensor, k: int | Sequence[int], rounding: str,
     return s.bitwise_right_shift_(k)
 
 
+@functools.lru_cache(maxsize=64)
+def _shift_columns(shifts: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(G, 1) int32 columns of the members' k, 2^k - 1, the tie bit's weight (1 where k > 0) and
+    2^(k-1) - 1 (0 where k = 0), for `_round_shifted_members`; kept, as shifts repeat every step."""
+    def column(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32).view(-1, 1).to(device)
+
+    masks = [(1 << shift) - 1 for shift in shifts]
+    return (column(list(shifts)), column(masks), column([int(shift > 0) for shift in shifts]),
+            column([mask >> 1 for mask in masks]))
+
+
 def _round_shifted_members(s: Tensor, shifts: list[int], rounding: str,
                            generator: torch.Generator | MemberGenerators | None) -> Tensor:
     """`round_shifted` of a (G, n) s whose members shift by different k: the same integer steps with
-    (G, 1) shifts and masks (a member with k = 0: mask 0, no tie bit, shift 0: s as it is)."""
-    def column(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int32).view(-1, 1).to(s.device)
-
-    k = column(shifts)
-    mask = column([(1 << shift) - 1 for shift in shifts])
+    (G, 1) shifts and masks (a member with k = 0: mask 0, no tie bit, shift 0: s as it is).
+    Stochastic fields are drawn for the members of each k at once, each from its own generator."""
+    k, mask, tie, half = _shift_columns(tuple(shifts), s.device)
     if rounding == "stochastic":
-        each = s.shape[1]
-        fields = [torch.zeros(each, dtype=torch.int32, device=s.device) if shift == 0 else
-                  random_fields(each, shift, s.device, source).reshape(each).to(torch.int32)
-                  for shift, source in zip(shifts, _generator_list(generator, len(shifts)), strict=True)]
-        s.add_(torch.stack(fields))
+        fields = torch.zeros_like(s)
+        sources = _generator_list(generator, len(shifts))
+        for shift in sorted(set(shifts) - {0}):
+            rows = [g for g, own in enumerate(shifts) if own == shift]
+            drawn = random_fields(len(rows) * s.shape[1], shift, s.device,
+                                  MemberGenerators([sources[g] for g in rows]))
+            if len(rows) == rows[-1] - rows[0] + 1:  # consecutive members
+                fields[rows[0]:rows[-1] + 1].copy_(drawn)
+            else:
+                fields.index_copy_(0, torch.tensor(rows, device=s.device), drawn.to(torch.int32))
+        s.add_(fields)
     elif rounding == "nearest":
-        s.add_((s >> k).bitwise_and_(column([int(shift > 0) for shift in shifts])).add_(mask >> 1))
+        s.add_((s >> k).bitwise_and_(tie).add_(half))
     elif rounding == "toward_zero":
         s.add_((s >> 31).bitwise_and_(mask))
     else:

@@ -730,6 +730,7 @@ member's elements sit at other offsets in the stacked tensor than in its own (ke
 MEMBER_LRS = {
     "dyadic": [1 / 32, 1 / 32, 1 / 32],           # one integer code step for all
     "dyadic-each": [1 / 32, 1 / 128, 1 / 8],      # a shift per member (1/8 x gamma 8: k = 0)
+    "dyadic-apart": [1 / 32, 1 / 128, 1 / 32],    # members 0 and 2 share a shift (their draws at once)
     "float64": [0.065, 0.003, 0.13],              # code steps rounded in float64
     "mixed": [1 / 64, 0.065, 1 / 16],             # integer and float64 members in one group
 }
