@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dse.digests import file_sha256, sha256_hex
 from dse.sweep.store import output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
@@ -48,10 +49,6 @@ def invocation(config: Path, output: Path | None, group_size: int | None) -> dic
     """What a `dse sweep` command was given that decides its plan and its store, besides the file's text."""
     return {"file": str(Path(config).resolve()), "cwd": os.getcwd(),
             "output": None if output is None else str(output), "group_size": group_size}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _code_files() -> list[Path]:
@@ -77,7 +74,7 @@ def code_fingerprint() -> str:
     """sha256 of every file of dse's code and tables (path and bytes) and of LIBRARIES' versions."""
     digest = hashlib.sha256()
     for path in _code_files():
-        digest.update(f"{path}\0{_sha256(path.read_bytes())}\n".encode())
+        digest.update(f"{path}\0{file_sha256(path)}\n".encode())
     for name in LIBRARIES:
         digest.update(f"{name}=={importlib.metadata.version(name)}\n".encode())
     return digest.hexdigest()
@@ -100,7 +97,7 @@ def plan_receipt(sweep: SweepConfig, given: dict[str, Any]) -> dict[str, Any] | 
     store; None where the sweep reads other files."""
     if reads_other_files(sweep):
         return None
-    return {**given, "text_sha256": _sha256(sweep.text.encode()), "code": code_fingerprint()}
+    return {**given, "text_sha256": sha256_hex(sweep.text), "code": code_fingerprint()}
 
 
 @dataclass(frozen=True)
@@ -153,7 +150,7 @@ def likely_to_train(config: Path, output: Path | None, force: bool) -> bool:
         receipt = json.loads(stored.meta.get("receipt", "null"))
     except ValueError:
         receipt = None
-    text_changed = not isinstance(receipt, dict) or receipt.get("text_sha256") != _sha256(text)
+    text_changed = not isinstance(receipt, dict) or receipt.get("text_sha256") != sha256_hex(text)
     return text_changed or any(trial_id not in stored.statuses for trial_id in stored.planned)
 
 
@@ -171,7 +168,7 @@ def finished_sweep(config: Path, output: Path | None, group_size: int | None,
         if stored is None:
             return None
         receipt = json.loads(stored.meta.get("receipt", "null"))
-        expected = {**invocation(config, output, group_size), "text_sha256": _sha256(text)}
+        expected = {**invocation(config, output, group_size), "text_sha256": sha256_hex(text)}
         if not isinstance(receipt, dict) or {key: receipt.get(key) for key in expected} != expected:
             return None
         if receipt.get("code") != code_fingerprint() or not stored.planned:

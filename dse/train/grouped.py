@@ -43,7 +43,7 @@ from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
-from dse.train.tally import EpochTally
+from dse.train.tally import EpochTally, members_finite
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
@@ -254,13 +254,6 @@ def evaluate_members(model: nn.Module, members: int, x: Tensor, y: Tensor, batch
     return [count / y.numel() for count in correct.tolist()]
 
 
-def _member_finite(params: Sequence[Tensor], members: int) -> list[bool]:
-    finite = torch.ones(members, dtype=torch.bool, device=params[0].device)
-    for p in params:
-        finite &= torch.isfinite(p.detach()).reshape(members, -1).all(1)
-    return finite.tolist()
-
-
 @dataclass
 class _GroupSetup:
     """A method applied to a stacked network (what `TrainingSetup` is to one run): the stacked model,
@@ -371,7 +364,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             stacked.sum().backward()
             setup.step()
             setup.zero_grad()
-        finite = _member_finite(list(model.parameters()), members)
+        finite = members_finite(list(model.parameters()), members)
         epoch_losses = tally.close()  # (members that diverged get their weights from before it back)
         val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
         test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)

@@ -200,3 +200,37 @@ def test_workers_start_before_planning_only_where_the_sweep_will_most_likely_tra
     assert likely_to_train(config, None, force=False)
     config.write_text(SWEEP.replace("backend: local", "backend: ray"))
     assert not likely_to_train(config, None, force=True)  # Ray's workers are not ours to start
+
+
+def test_a_sweep_file_found_invalid_after_the_workers_started_leaves_no_process_behind(
+        tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """The fork server starts before the file is validated (its imports overlap the planning); a file that
+    is valid YAML but not a valid sweep ends the command with its one-line error and the server with it,
+    not once the server has finished seconds of imports for nothing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    config, errors = tmp_path / "bad.yaml", tmp_path / "stderr.txt"
+    config.write_text(SWEEP.replace("[fp32, int8]", "[fp32, int99]"))
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    seen: dict[int, str] = {}
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config)], cwd=tmp_path,
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        while process.poll() is None:
+            seen.update(process_tree(process.pid))
+            time.sleep(0.02)
+        left = survivors(seen, 0.5)
+    finally:
+        for pid in process_tree(process.pid):  # whatever is left of its session
+            os.kill(pid, 9)
+    assert process.returncode == 2
+    assert errors.read_text().splitlines() == [
+        f"error: {config}:6: trials[0].format[1]: invalid format spec 'int99': bits must be in 2..32, got 99"]
+    assert len(seen) > 1, seen  # the server started (else this checks nothing)
+    assert not left, f"processes outlived the command: {left}"
+    assert not (tmp_path / "out").exists()
