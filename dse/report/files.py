@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from dse.digests import file_sha256
 from dse.errors import InputError
 from dse.report.pareto import area_column
 from dse.report.plots import accuracy_area_figure, accuracy_energy_figure, breakdown_figure, slug
@@ -120,7 +121,7 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
                 if figure is not None:
                     written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
     stamp = {"signature": _reports_signature(frame, memory_objective, titles),
-             "files": {path.name: _file_sha256(path) for path in written}}
+             "files": {path.name: file_sha256(path) for path in written}}
     write_text_atomically(out_dir / REPORTS_STAMP, json.dumps(stamp))
     return written
 
@@ -130,10 +131,6 @@ REPORTS_STAMP = ".reports.json"
 
 
 _REPORT_LIBRARIES: tuple[str, ...] = ("numpy", "pandas", "scipy", "matplotlib")
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
@@ -159,7 +156,7 @@ def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool =
         if recorded["signature"] != _reports_signature(frame, memory_objective, titles):
             return None
         files = {out_dir / name: digest for name, digest in recorded["files"].items()}
-        if all(_file_sha256(path) == digest for path, digest in files.items()):
+        if all(file_sha256(path) == digest for path, digest in files.items()):
             return list(files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no stamp, an older stamp's layout, a file gone or unreadable: written anew

@@ -15,6 +15,7 @@ ends without a chance to stop it (SIGKILL, the out-of-memory killer): it watches
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import select
@@ -27,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -249,12 +250,42 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def start_worker_server() -> None:
     """Start the fork server now: it imports the trainer (and what the first optimizer imports) in a
     process of its own while the caller plans the sweep, instead of after it; no-op where workers
-    are spawned."""
+    are spawned. It ends with this process: a sweep that stops before training (a file found invalid,
+    an interrupt) leaves no server behind finishing seconds of imports for nothing."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+        atexit.unregister(stop_worker_server)  # once
+        atexit.register(stop_worker_server)
+
+
+def _worker_server_pid() -> int | None:
+    """The process id of this process's fork server; None: none runs."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
+def worker_server_running() -> bool:
+    """Whether this process has started its fork server already (then `start_worker_server` is a no-op)."""
+    return _worker_server_pid() is not None
+
+
+def stop_worker_server() -> None:
+    """End this process's fork server now, if one runs. Closing its pipe alone (multiprocessing's way)
+    ends it only once it has imported what it preloads, so it is sent SIGTERM first."""
+    from multiprocessing import forkserver
+
+    pid = _worker_server_pid()
+    stop = getattr(forkserver._forkserver, "_stop", None)  # closes the pipe, reaps it (CPython 3.8-3.14)
+    if pid is None or stop is None:
+        return
+    with suppress(ProcessLookupError):  # ended already
+        os.kill(pid, signal.SIGTERM)
+    with suppress(OSError):  # reaped already
+        stop()
 
 
 class LocalExecutor(_NothingToAcquire):
