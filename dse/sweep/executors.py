@@ -224,14 +224,25 @@ def start_worker_server() -> None:
         atexit.register(stop_worker_server)
 
 
+def _worker_server_pid() -> int | None:
+    """The process id of this process's fork server; None: none runs."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
+def worker_server_running() -> bool:
+    """Whether this process has started its fork server already (then `start_worker_server` is a no-op)."""
+    return _worker_server_pid() is not None
+
+
 def stop_worker_server() -> None:
     """End this process's fork server now, if one runs. Closing its pipe alone (multiprocessing's way)
     ends it only once it has imported what it preloads, so it is sent SIGTERM first."""
     from multiprocessing import forkserver
 
-    server = forkserver._forkserver
-    pid = getattr(server, "_forkserver_pid", None)
-    stop = getattr(server, "_stop", None)  # closes the pipe, reaps the process (CPython 3.8-3.14)
+    pid = _worker_server_pid()
+    stop = getattr(forkserver._forkserver, "_stop", None)  # closes the pipe, reaps it (CPython 3.8-3.14)
     if pid is None or stop is None:
         return
     with suppress(ProcessLookupError):  # ended already

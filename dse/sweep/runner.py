@@ -29,6 +29,7 @@ from dse.sweep.executors import (
     TrialJob,
     TrialOutcome,
     start_worker_server,
+    worker_server_running,
 )
 from dse.sweep.groups import DeviceShare, device_shares, plan_groups
 from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
@@ -269,7 +270,8 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
                train_fn: TrainFn | None, executor: Executor | None, reports: bool,
                invocation: dict[str, Any] | None) -> SweepSummary:
     started = time.perf_counter()
-    if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
+    if (executor is None and sweep.executor.backend == "local" and not worker_server_running()
+            and _has_work(sweep, force, retry_failed)):
         start_worker_server()  # its imports overlap the planning below
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)

@@ -73,6 +73,8 @@ class SweepSummary:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Configurations whose trials trained one by one instead of in groups, and why."""
+    trials: Any = field(default=None, repr=False, compare=False)
+    """The store's trials (load_trials) as `conclude` read them once the run was over."""
 
 
 def accuracy_or_nan(value: Any) -> float:
@@ -120,6 +122,7 @@ def conclude(summary: SweepSummary, memory_objective: bool, reports: bool, start
     it is read here)."""
     if frame is None:
         frame = load_trials(summary.output)
+    summary.trials = frame
     summarize(summary, frame)
     if reports:
         from dse.report.files import write_reports_if_changed
