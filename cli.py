@@ -902,7 +902,11 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
         console.print(f"{len(current)} files in {directory} are up to date (written from these trials by "
                       "this report code)", markup=False, highlight=False, soft_wrap=True)
         return
-    written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles)
+    from dse.report.drawing import FigureProcesses
+
+    with FigureProcesses() as figures:
+        written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles,
+                                figures)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
 
 
