@@ -9,7 +9,10 @@ fresh interpreter (`python -m dse.cli ...` with PYTHONPATH on the side's code), 
 after the other, in alternating order from one repeat to the next, so that load from other processes
 hits both alike. Commands, on examples/quickstart.yaml (21 trials):
 
-- fresh sweep: `dse sweep examples/quickstart.yaml -o OUT -q` into a new folder, training included
+- fresh sweep: `dse sweep examples/quickstart.yaml -o OUT -q` into a new folder, training included;
+  and its wall seconds before training (imports, planning, the fork server), in training (from the
+  plan's commit to the last trial's, both in the store) and after it (reports, exit), and the sum of
+  the two that are not training
 - rerun, nothing to train: the same command again
 - report, files current: `dse report OUT` (the baseline rewrites every file)
 - report, files anew: `dse report OUT` after the reports' stamp is removed (every file written)
@@ -35,7 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ("fresh sweep", "rerun, nothing to train", "report, files current", "report, files anew", "help")
+COMMANDS = ("fresh sweep", "  before training", "  training", "  after training", "  besides training",
+            "rerun, nothing to train", "report, files current", "report, files anew", "help")
 
 
 def export(revision: str, into: Path) -> Path:
@@ -59,6 +63,21 @@ def timed(code: Path, arguments: list[str], cwd: Path) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def fresh_stages(output: Path, started: float, ended: float) -> dict[str, tuple[float, float]]:
+    """A fresh sweep's wall seconds before, during and after its training, from its store's clock:
+    the run starts training when it records its plan (meta updated_at) and ends it when it commits
+    its last trial (the latest finished_at). CPU seconds are not split (NaN)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{output / 'sweep.sqlite'}?mode=ro", uri=True) as connection:
+        planned = float(connection.execute("SELECT value FROM meta WHERE key = 'updated_at'").fetchone()[0])
+        trained = float(connection.execute("SELECT MAX(finished_at) FROM trials").fetchone()[0])
+    nan = float("nan")
+    return {"  before training": (planned - started, nan), "  training": (trained - planned, nan),
+            "  after training": (ended - trained, nan),
+            "  besides training": ((planned - started) + (ended - trained), nan)}
+
+
 def one_round(code: Path, root: Path, name: str, fresh: bool) -> dict[str, tuple[float, float]]:
     """Every command once, for the tree `code`; `fresh`: a new output folder (else the kept one)."""
     config = code / "examples" / "quickstart.yaml"
@@ -67,13 +86,20 @@ def one_round(code: Path, root: Path, name: str, fresh: bool) -> dict[str, tuple
     times: dict[str, tuple[float, float]] = {}
     if fresh or not output.exists():
         shutil.rmtree(output, ignore_errors=True)
+        started = time.time()
         times["fresh sweep"] = timed(code, sweep, root)
+        times.update(fresh_stages(output, started, time.time()))
     times["rerun, nothing to train"] = timed(code, sweep, root)
     times["report, files current"] = timed(code, ["report", str(output)], root)
     (output / ".reports.json").unlink()
     times["report, files anew"] = timed(code, ["report", str(output)], root)
     times["help"] = timed(code, ["--help"], root)
     return times
+
+
+def _timing(command: str, wall: float, cpu: float) -> str:
+    """One command's timing for a round's line (a fresh sweep's stages have wall seconds only)."""
+    return f"{command.strip()} {wall:.2f} s wall" + ("" if command.startswith(" ") else f" / {cpu:.2f} s CPU")
 
 
 def main() -> None:
@@ -96,7 +122,7 @@ def main() -> None:
                 for command, value in times.items():
                     runs[side].setdefault(command, []).append(value)
                 print(f"round {round_ + 1}, {side} (load average before: {load:.2f}): "
-                      + ", ".join(f"{c} {w:.2f} s wall / {u:.2f} s CPU" for c, (w, u) in times.items()),
+                      + ", ".join(_timing(command, wall, cpu) for command, (wall, cpu) in times.items()),
                       flush=True)
         revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
                                   capture_output=True, text=True).stdout.strip()
@@ -110,8 +136,11 @@ def main() -> None:
                 continue
             base = [min(value[i] for value in runs["baseline"][command]) for i in range(2)]
             this = [min(value[i] for value in runs["this checkout"][command]) for i in range(2)]
-            print(f"| {command} | {base[0]:.2f} | {this[0]:.2f} | {this[0] / base[0]:.2f}x | {base[1]:.2f} | "
-                  f"{this[1]:.2f} | {this[1] / base[1]:.2f}x |")
+            cells = [f"{base[0]:.2f}", f"{this[0]:.2f}", f"{this[0] / base[0]:.2f}x"]
+            cells += ["", "", ""] if command.startswith(" ") else [f"{base[1]:.2f}", f"{this[1]:.2f}",
+                                                                   f"{this[1] / base[1]:.2f}x"]
+            print(f"| {command.strip() if not command.startswith(' ') else '- ' + command.strip()} | "
+                  + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

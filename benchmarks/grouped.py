@@ -41,6 +41,7 @@ BATCH = {"digits": 64, "mnist1d": 100}
 METHODS: dict[str, dict[str, object]] = {
     "niti": {"format": "int8", "optimizer": "niti"},
     "fp8_e4m3+fp16-acc": {"format": "fp8_e4m3", "accumulation": "fp16"},  # chunks of 16 into fp16
+    "madam": {"format": "int8", "optimizer": "madam"},  # Madam with an fp32 copy, int8 GEMMs
 }
 
 

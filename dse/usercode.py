@@ -15,7 +15,6 @@ the package must be installed there; its identity hashes the module's own source
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import keyword
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dse.digests import sha256_hex
 from dse.errors import InputError
 
 _PROVIDED: dict[str, str] = {}
@@ -114,13 +114,9 @@ def _module_file(ref: CodeRef, what: str) -> str:
     return str(Path(path).resolve())
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _exec_file(path: str, what: str) -> types.ModuleType:
     text = _read(path, what)
-    digest = _sha256(text)
+    digest = sha256_hex(text)
     key = (path, digest)
     if key not in _MODULES:
         name = f"dse_user_{Path(path).stem}_{digest[:12]}"
@@ -197,7 +193,7 @@ def identity(value: Any, what: str = "code") -> Any:
     if ref is None:
         return value
     path = _file_path(ref) if ref.is_file else _module_file(ref, f"{what} {value!r}")
-    return {"function": ref.function, "source_sha256": _sha256(_read(path, f"{what} {value!r}"))}
+    return {"function": ref.function, "source_sha256": sha256_hex(_read(path, f"{what} {value!r}"))}
 
 
 def sources_of(values: list[Any]) -> dict[str, str]:

@@ -258,7 +258,8 @@ def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
     return kept + up.to(torch.int64)
 
 
-def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None = None) -> Tensor:
+def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | MemberGenerators | None = None
+                     ) -> Tensor:
     """Round real numbers whose integers are the representable codes; same dtype, sign-magnitude.
 
     `t` must hold the exact scaled value (a power-of-two rescaling of the input, or a code computed
@@ -292,8 +293,8 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | None
     return torch.copysign(floor + up.to(t.dtype), t)
 
 
-def stochastic_up_(fraction: Tensor, generator: torch.Generator | None, random_bit_count: int | None = None
-                   ) -> Tensor:
+def stochastic_up_(fraction: Tensor, generator: torch.Generator | MemberGenerators | None,
+                   random_bit_count: int | None = None) -> Tensor:
     """The up-step of stochastic rounding (1.0 or 0.0) for fractions in [0, 1), written into `fraction`.
 
     random_bit_count None: up where a float64 uniform draw falls below the fraction (float64).
@@ -327,13 +328,13 @@ def _draw(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
 
 
 def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | MemberGenerators | None) -> Tensor:
     """Uniform int32 draws in [0, 2^31): one 32-bit draw of the generator per element, on every device."""
     return _draw(shape, torch.int32, device, generator, lambda out, source: out.random_(generator=source))
 
 
 def _round_stochastic_float32(t: Tensor, floor: Tensor, fraction: Tensor,
-                              generator: torch.Generator | None) -> Tensor:
+                              generator: torch.Generator | MemberGenerators | None) -> Tensor:
     """Stochastic rounding of float32 t: up when a 31-bit draw is below the fraction's top 31 bits.
 
     fraction * 2^31 is exact (a power-of-two scaling of an exact difference) and below 2^31, so

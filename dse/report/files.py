@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from dse.digests import file_sha256
 from dse.errors import InputError
+from dse.report.drawing import PLOT_SUFFIXES, FigureData, FigureJob, FigureProcesses
 from dse.report.pareto import area_column
-from dse.report.plots import accuracy_area_figure, accuracy_energy_figure, breakdown_figure, slug
+from dse.report.plots import slug
 from dse.report.tables import SweepTables, latex_table, markdown_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-PLOT_SUFFIXES: tuple[str, ...] = ("png", "pdf")
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
@@ -60,7 +60,7 @@ def write_text_atomically(path: Path, text: str) -> Path:
     return write_atomically(path, write)
 
 
-def _save_figure(fig: Figure, stem: Path) -> list[Path]:
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
     """Save as PNG and PDF (PDF without a creation date, so the same results give the same bytes)."""
     written = []
     for suffix in PLOT_SUFFIXES:
@@ -79,8 +79,29 @@ def _area_values(summary: pd.DataFrame, task: str, workload: str) -> np.ndarray 
     return pd.to_numeric(summary.loc[summary["task"] == task, column], errors="coerce").to_numpy(dtype=float)
 
 
+def figure_jobs(tables: SweepTables, out_dir: Path) -> list[FigureJob]:
+    """Every figure of a report, in write order: per task and workload the accuracy-energy figure and
+    the front's breakdown, and the accuracy-area figure once per distinct set of areas (a node, not a
+    workload). A figure with nothing to show is skipped when it is drawn."""
+    summary = tables.summary
+    jobs = []
+    for task in pd.unique(summary["task"]):
+        areas_drawn: list[np.ndarray] = []
+        for workload in tables.workloads:
+            kinds = ["pareto", "breakdown"]
+            area = _area_values(summary, task, workload)
+            if area is not None and not any(np.array_equal(area, seen, equal_nan=True)
+                                            for seen in areas_drawn):
+                areas_drawn.append(area)
+                kinds.append("area")
+            jobs += [FigureJob(kind, task, workload, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
+                     for kind in kinds]
+    return jobs
+
+
 def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
-                  tables: SweepTables | None = None, titles: bool = False) -> list[Path]:
+                  tables: SweepTables | None = None, titles: bool = False,
+                  figures: FigureProcesses | None = None) -> list[Path]:
     """Write the tables and plots of a sweep's trials (`load_trials`'s frame) into `out_dir`.
 
     Files: trials.csv, summary.csv, pareto.csv (every task and workload), all_points.csv (every
@@ -89,12 +110,16 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
     energy with the front) and `breakdown_<task>_<workload>.png/.pdf` (the front's energy by unit), and
     `area_<task>_<workload>.png/.pdf` (accuracy vs datapath area) once per distinct set of areas.
     `tables`: the frame's SweepTables where the caller has them already; `titles`: a title in each
-    figure (none by default: the caption belongs to the paper). Returns the paths
-    written, in that order; the hidden REPORTS_STAMP records what they were written from.
+    figure (none by default: the caption belongs to the paper); `figures`: processes that draw the
+    figures on every core (none: one after another in this process; the same files). Returns the
+    paths written, in that order; the hidden REPORTS_STAMP records what they were written from.
     """
     out_dir = Path(out_dir)
     tables = tables or SweepTables.of(frame, memory_objective)
     summary, fronts = tables.summary, tables.fronts
+    jobs = figure_jobs(tables, out_dir)
+    data = FigureData(summary, fronts, tables.memory_objective, titles)
+    drawn = (figures or FigureProcesses(1)).start_drawing(jobs, data)  # drawn while the text is written
     written = [
         write_text_atomically(out_dir / "trials.csv", frame.to_csv(index=False)),
         write_text_atomically(out_dir / "summary.csv", summary.to_csv(index=False)),
@@ -105,22 +130,9 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
         table = tables.text_table(name)
         written.append(write_text_atomically(out_dir / f"{name}.tex", latex_table(table)))
         written.append(write_text_atomically(out_dir / f"{name}.md", markdown_table(table)))
-    for task in pd.unique(summary["task"]):
-        areas_drawn: list[np.ndarray] = []
-        for workload in tables.workloads:
-            figures = [("pareto", accuracy_energy_figure(summary, task, workload, tables.memory_objective,
-                                                         titles)),
-                       ("breakdown", breakdown_figure(fronts, task, workload, titles))]
-            area = _area_values(summary, task, workload)
-            if area is not None and not any(np.array_equal(area, seen, equal_nan=True)
-                                            for seen in areas_drawn):
-                areas_drawn.append(area)  # one area figure per distinct datapath set (node), not per workload
-                figures.append(("area", accuracy_area_figure(summary, task, workload, titles)))
-            for kind, figure in figures:
-                if figure is not None:
-                    written += _save_figure(figure, out_dir / f"{kind}_{slug(task)}_{slug(workload)}")
+    written += drawn()
     stamp = {"signature": _reports_signature(frame, memory_objective, titles),
-             "files": {path.name: _file_sha256(path) for path in written}}
+             "files": {path.name: file_sha256(path) for path in written}}
     write_text_atomically(out_dir / REPORTS_STAMP, json.dumps(stamp))
     return written
 
@@ -130,10 +142,6 @@ REPORTS_STAMP = ".reports.json"
 
 
 _REPORT_LIBRARIES: tuple[str, ...] = ("numpy", "pandas", "scipy", "matplotlib")
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
@@ -159,7 +167,7 @@ def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool =
         if recorded["signature"] != _reports_signature(frame, memory_objective, titles):
             return None
         files = {out_dir / name: digest for name, digest in recorded["files"].items()}
-        if all(_file_sha256(path) == digest for path, digest in files.items()):
+        if all(file_sha256(path) == digest for path, digest in files.items()):
             return list(files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no stamp, an older stamp's layout, a file gone or unreadable: written anew
@@ -167,9 +175,12 @@ def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool =
 
 
 def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
-                             tables: SweepTables | None = None, titles: bool = False) -> list[Path]:
+                             tables: SweepTables | None = None, titles: bool = False,
+                             figures: FigureProcesses | None = None) -> list[Path]:
     """`write_reports`, unless the files in out_dir are what it would write (`current_reports`: a sweep
     rerun with nothing left to train, `dse report` on an unchanged store): then their paths, unwritten.
     Plots are most of a report's cost (2-3 s of matplotlib on the quickstart)."""
     current = current_reports(frame, out_dir, memory_objective, titles)
-    return current if current is not None else write_reports(frame, out_dir, memory_objective, tables, titles)
+    if current is not None:
+        return current
+    return write_reports(frame, out_dir, memory_objective, tables, titles, figures)

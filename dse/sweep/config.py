@@ -8,7 +8,6 @@ grid each raise one InputError line `file:line: path: problem`. docs/config.md d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 import typing
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
+from dse.digests import file_sha256
 from dse.energy import DatapathParams, MemoryParams, get_workload, workload_names
 from dse.errors import InputError, InputErrors, Problems, SettingError, about, closest
 from dse.models.workloads import is_workload_file
@@ -165,7 +165,7 @@ def _source_identity(spec: str) -> Any:
     if is_ref(spec):
         return code_identity(spec, "workload")
     try:
-        return {"sha256": hashlib.sha256(Path(spec).read_bytes()).hexdigest()}
+        return {"sha256": file_sha256(spec)}
     except OSError:
         return spec
 

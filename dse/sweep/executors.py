@@ -15,9 +15,9 @@ ends without a chance to stop it (SIGKILL, the out-of-memory killer): it watches
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
-import select
 import signal
 import socket
 import threading
@@ -27,11 +27,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from dse.errors import InputError
+from dse.processes import become_helper, stop_workers
 
 TrainFn = Callable[[Any], Any]
 E = TypeVar("E")
@@ -187,48 +188,11 @@ class InlineExecutor(_NothingToAcquire):
                 on_done(outcome)
 
 
-WORKER_STOP_S = 5.0
-"""How long a terminated worker has to exit before it is killed."""
-
-
-def _wait_for_exit(pid: int) -> None:
-    """Return when process `pid` has ended (at once if it has already)."""
-    try:
-        descriptor: int | None = os.pidfd_open(pid)  # Linux >= 5.3: readable when the process ends
-    except ProcessLookupError:
-        return  # it has ended already
-    except (AttributeError, OSError):  # another system, an older kernel, a sandbox: poll
-        descriptor = None
-    if descriptor is not None:
-        select.select([descriptor], [], [])
-        return
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            pass
-        time.sleep(0.5)
-
-
-def _end_with(pid: int) -> None:
-    """End this worker when process `pid` (the sweep) ends. A pool's worker blocks on its task queue,
-    whose two ends it holds itself, so without this it would outlive a killed sweep for ever."""
-    def watch() -> None:
-        _wait_for_exit(pid)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="dse-sweep-watch", daemon=True).start()
-
-
 def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
     """Worker initializer: set the thread budget and import the trainer before the first trial
     arrives; leave Ctrl-C to the sweep (which stops its workers) and end with the sweep's process."""
     _limit_threads(threads)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sweep_pid is not None:
-        _end_with(sweep_pid)
+    become_helper(sweep_pid)
     import dse.train.loop  # noqa: F401
 
 
@@ -249,12 +213,42 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def start_worker_server() -> None:
     """Start the fork server now: it imports the trainer (and what the first optimizer imports) in a
     process of its own while the caller plans the sweep, instead of after it; no-op where workers
-    are spawned."""
+    are spawned. It ends with this process: a sweep that stops before training (a file found invalid,
+    an interrupt) leaves no server behind finishing seconds of imports for nothing."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+        atexit.unregister(stop_worker_server)  # once
+        atexit.register(stop_worker_server)
+
+
+def _worker_server_pid() -> int | None:
+    """The process id of this process's fork server; None: none runs."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
+def worker_server_running() -> bool:
+    """Whether this process has started its fork server already (then `start_worker_server` is a no-op)."""
+    return _worker_server_pid() is not None
+
+
+def stop_worker_server() -> None:
+    """End this process's fork server now, if one runs. Closing its pipe alone (multiprocessing's way)
+    ends it only once it has imported what it preloads, so it is sent SIGTERM first."""
+    from multiprocessing import forkserver
+
+    pid = _worker_server_pid()
+    stop = getattr(forkserver._forkserver, "_stop", None)  # closes the pipe, reaps it (CPython 3.8-3.14)
+    if pid is None or stop is None:
+        return
+    with suppress(ProcessLookupError):  # ended already
+        os.kill(pid, signal.SIGTERM)
+    with suppress(OSError):  # reaped already
+        stop()
 
 
 class LocalExecutor(_NothingToAcquire):
@@ -285,21 +279,6 @@ class LocalExecutor(_NothingToAcquire):
             stop_workers(pool)
             raise
         pool.shutdown(wait=True)
-
-
-def stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Cancel what has not started and end the workers now, their current jobs with them (SIGTERM,
-    then SIGKILL after WORKER_STOP_S): `shutdown` alone lets each finish its current job."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # pid -> Process (3.10-3.14)
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    deadline = time.monotonic() + WORKER_STOP_S
-    for process in processes:
-        process.join(max(deadline - time.monotonic(), 0.0))
-        if process.is_alive():
-            process.kill()
-            process.join()
 
 
 RAY_CONNECT_TIMEOUT_S = 10.0

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dse.sweep.store import output_directory, stored_progress
+from dse.digests import file_sha256, sha256_hex
+from dse.sweep.store import StoredProgress, output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
 
@@ -48,10 +49,6 @@ def invocation(config: Path, output: Path | None, group_size: int | None) -> dic
     """What a `dse sweep` command was given that decides its plan and its store, besides the file's text."""
     return {"file": str(Path(config).resolve()), "cwd": os.getcwd(),
             "output": None if output is None else str(output), "group_size": group_size}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _code_files() -> list[Path]:
@@ -77,7 +74,7 @@ def code_fingerprint() -> str:
     """sha256 of every file of dse's code and tables (path and bytes) and of LIBRARIES' versions."""
     digest = hashlib.sha256()
     for path in _code_files():
-        digest.update(f"{path}\0{_sha256(path.read_bytes())}\n".encode())
+        digest.update(f"{path}\0{file_sha256(path)}\n".encode())
     for name in LIBRARIES:
         digest.update(f"{name}=={importlib.metadata.version(name)}\n".encode())
     return digest.hexdigest()
@@ -100,7 +97,7 @@ def plan_receipt(sweep: SweepConfig, given: dict[str, Any]) -> dict[str, Any] | 
     store; None where the sweep reads other files."""
     if reads_other_files(sweep):
         return None
-    return {**given, "text_sha256": _sha256(sweep.text.encode()), "code": code_fingerprint()}
+    return {**given, "text_sha256": sha256_hex(sweep.text), "code": code_fingerprint()}
 
 
 @dataclass(frozen=True)
@@ -118,9 +115,21 @@ class FinishedSweep:
     """The group notes of the plan (configurations trained one by one, and why)."""
 
 
-def _read(config: Path, output: Path | None) -> tuple[bytes, dict[str, Any], Path] | None:
-    """The sweep file's bytes, its YAML and its output directory, read as far as plain YAML tells (the
-    full validation is the plan's); None where that fails."""
+@dataclass(frozen=True)
+class SweepOnDisk:
+    """The sweep file and its store as `dse sweep` reads them before it plans: the file's bytes and its
+    plain YAML (the full validation is the plan's), its output directory, and the store there as a
+    rerun sees it (None: there is none). Read once, it serves both `finished_sweep` and
+    `likely_to_train`."""
+
+    text: bytes
+    data: dict[str, Any]
+    directory: Path
+    stored: StoredProgress | None
+
+
+def read_sweep(config: Path, output: Path | None) -> SweepOnDisk | None:
+    """The sweep file and its store, read as far as plain YAML tells; None where that fails."""
     import yaml
 
     try:
@@ -129,49 +138,52 @@ def _read(config: Path, output: Path | None) -> tuple[bytes, dict[str, Any], Pat
         if not isinstance(data, dict):
             return None
         name = data.get("name") if data.get("name") is not None else Path(config).stem
-        return text, data, output if output is not None else output_directory(data.get("output"), str(name))
+        directory = output if output is not None else output_directory(data.get("output"), str(name))
+        return SweepOnDisk(text, data, directory, stored_progress(directory))
     except (OSError, ValueError, TypeError, yaml.YAMLError):
         return None
 
 
-def likely_to_train(config: Path, output: Path | None, force: bool) -> bool:
+_UNREAD: Any = object()
+"""The default of `on_disk` below: read the sweep file and its store now."""
+
+
+def likely_to_train(config: Path, output: Path | None, force: bool,
+                    on_disk: SweepOnDisk | None = _UNREAD) -> bool:
     """Whether `dse sweep config` will most likely train on local workers: its executor is local and it is
     forced, or its store is missing, holds another text of the file, or lacks a planned trial. The
     command then starts the workers' fork server (seconds of imports) before it plans, instead of
-    after; run_sweep decides for certain."""
-    read = _read(config, output)
+    after; run_sweep decides for certain. `on_disk`: `read_sweep(config, output)` where the caller
+    read it already."""
+    read = read_sweep(config, output) if on_disk is _UNREAD else on_disk
     if read is None:
         return False
-    text, data, directory = read
-    executor = data.get("executor")
+    executor = read.data.get("executor")
     if isinstance(executor, dict) and executor.get("backend", "local") != "local":
         return False
-    stored = stored_progress(directory)
+    stored = read.stored
     if force or stored is None:
         return True
     try:
         receipt = json.loads(stored.meta.get("receipt", "null"))
     except ValueError:
         receipt = None
-    text_changed = not isinstance(receipt, dict) or receipt.get("text_sha256") != _sha256(text)
+    text_changed = not isinstance(receipt, dict) or receipt.get("text_sha256") != sha256_hex(read.text)
     return text_changed or any(trial_id not in stored.statuses for trial_id in stored.planned)
 
 
-def finished_sweep(config: Path, output: Path | None, group_size: int | None,
-                   retry_failed: bool) -> FinishedSweep | None:
+def finished_sweep(config: Path, output: Path | None, group_size: int | None, retry_failed: bool,
+                   on_disk: SweepOnDisk | None = _UNREAD) -> FinishedSweep | None:
     """The stored sweep if `dse sweep config` with these options would find nothing to train and rewrite
     nothing but the same plan (see the module docstring); else None, and the command plans in full
-    (which also reports any problem with the file)."""
-    read = _read(config, output)
-    if read is None:
+    (which also reports any problem with the file). `on_disk`: as for `likely_to_train`."""
+    read = read_sweep(config, output) if on_disk is _UNREAD else on_disk
+    if read is None or read.stored is None:
         return None
-    text, _, directory = read
+    stored, directory = read.stored, read.directory
     try:
-        stored = stored_progress(directory)
-        if stored is None:
-            return None
         receipt = json.loads(stored.meta.get("receipt", "null"))
-        expected = {**invocation(config, output, group_size), "text_sha256": _sha256(text)}
+        expected = {**invocation(config, output, group_size), "text_sha256": sha256_hex(read.text)}
         if not isinstance(receipt, dict) or {key: receipt.get(key) for key in expected} != expected:
             return None
         if receipt.get("code") != code_fingerprint() or not stored.planned:

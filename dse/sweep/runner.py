@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dse.errors import InputError, Problems
+from dse.report.drawing import FigureProcesses
 from dse.sweep.config import SweepConfig
 from dse.sweep.energy import EnergyEstimator, energy_key
 from dse.sweep.executors import (
@@ -28,6 +29,7 @@ from dse.sweep.executors import (
     TrialJob,
     TrialOutcome,
     start_worker_server,
+    worker_server_running,
 )
 from dse.sweep.groups import DeviceShare, device_shares, plan_groups
 from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
@@ -268,7 +270,8 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
                train_fn: TrainFn | None, executor: Executor | None, reports: bool,
                invocation: dict[str, Any] | None) -> SweepSummary:
     started = time.perf_counter()
-    if executor is None and sweep.executor.backend == "local" and _has_work(sweep, force, retry_failed):
+    if (executor is None and sweep.executor.backend == "local" and not worker_server_running()
+            and _has_work(sweep, force, retry_failed)):
         start_worker_server()  # its imports overlap the planning below
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
@@ -276,18 +279,20 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
     shares = device_shares(runs, sweep.executor) if group_size > 1 else {}
     groups, notes = plan_groups(runs, group_size, shares=shares)
     replace_foreign = check_output(sweep.output, sweep.name, force)
-    with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
-        if replace_foreign:
-            store.reset()
-        plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
-                for t in trials]
-        receipt = None if invocation is None or train_fn is not None else plan_receipt(sweep, invocation)
-        store.start({**_store_meta(sweep, trials, runs, notes), "receipt": receipt}, plan, energies)
-        summary = execute_trials(sweep, trials, runs, groups, store, acquired,
-                                 rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
-                                 reporter=reporter or SilentReporter(), shares=shares)
-    summary.notes = notes + summary.notes
-    return conclude(summary, sweep.memory_objective, reports, started)
+    with FigureProcesses() as figures:
+        with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
+            if replace_foreign:
+                store.reset()
+            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
+                    for t in trials]
+            receipt = None if invocation is None or train_fn is not None else plan_receipt(sweep, invocation)
+            store.start({**_store_meta(sweep, trials, runs, notes), "receipt": receipt}, plan, energies)
+            summary = execute_trials(sweep, trials, runs, groups, store, acquired,
+                                     rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
+                                     reporter=reporter or SilentReporter(), shares=shares,
+                                     on_core_idle=figures.prepare if reports else None)
+        summary.notes = notes + summary.notes
+        return conclude(summary, sweep.memory_objective, reports, started, figures=figures)
 
 
 def open_store(directory: Path) -> SweepStore:
@@ -322,9 +327,12 @@ def _rerun(store: SweepStore, force: bool, retry_failed: bool) -> Callable[[str]
 def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], groups: list[list[Trial]],
                    store: SweepStore, executor: Executor, *, rerun: Callable[[str], bool],
                    train_fn: TrainFn | None, reporter: Reporter,
-                   shares: dict[str, DeviceShare] | None = None) -> SweepSummary:
+                   shares: dict[str, DeviceShare] | None = None,
+                   on_core_idle: Callable[[], None] | None = None) -> SweepSummary:
     """Train the trials `rerun` asks for (longest groups first), committing each as it arrives; a
-    group's job carries its device's share (`shares`, as plan_groups split by)."""
+    group's job carries its device's share (`shares`, as plan_groups split by). `on_core_idle` is
+    called once, when fewer jobs are left than the executor has workers (one of them has nothing
+    left to do: the sweep's tail), if there is any job at all."""
     # a group with any member to run reruns whole; only the members to run are stored
     groups = [g for g in groups if any(rerun(t.trial_id) for t in g)]
     wanted = {t.trial_id for g in groups for t in g if rerun(t.trial_id)}
@@ -333,6 +341,7 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     by_id = {trial.trial_id: trial for group in groups for trial in group}
 
     def on_done(outcome: TrialOutcome) -> None:
+        job_left.check(outcome.trial_id)
         if outcome.trial_id not in wanted:
             return
         wanted.discard(outcome.trial_id)
@@ -348,6 +357,7 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     threads = sweep.executor.threads
     longest_first = sorted(groups, key=lambda g: -sum(estimated_cost(t.config) for t in g))  # stable
     jobs = [_job(group, threads, train_fn, shares or {}) for group in longest_first]
+    job_left = _JobsLeft(longest_first, sweep.executor.workers, on_core_idle)
     reporter.start(len(trials), summary.skipped, best)
     try:
         executor.run(jobs, on_done)
@@ -360,6 +370,34 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     finally:
         reporter.stop()
     return summary
+
+
+class _JobsLeft:
+    """Counts a run's jobs down as their trials come back, and calls `on_core_idle` once when fewer
+    are left than there are `workers` (at once if there are fewer from the start)."""
+
+    def __init__(self, groups: list[list[Trial]], workers: int,
+                 on_core_idle: Callable[[], None] | None) -> None:
+        self.members = {trial.trial_id: index for index, group in enumerate(groups) for trial in group}
+        self.left = [len(group) for group in groups]
+        self.jobs = len(groups)
+        self.workers = workers
+        self.on_core_idle = on_core_idle if groups else None
+        self._maybe_idle()
+
+    def check(self, trial_id: str) -> None:
+        index = self.members.pop(trial_id, None)
+        if index is None:
+            return
+        self.left[index] -= 1
+        if self.left[index] == 0:
+            self.jobs -= 1
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self.on_core_idle is not None and self.jobs < self.workers:
+            on_core_idle, self.on_core_idle = self.on_core_idle, None
+            on_core_idle()
 
 
 def _has_work(sweep: SweepConfig, force: bool, retry_failed: bool) -> bool:

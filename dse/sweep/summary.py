@@ -11,9 +11,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dse.sweep.store import load_trials
+
+if TYPE_CHECKING:
+    from dse.report.drawing import FigureProcesses
 
 
 @dataclass
@@ -70,6 +73,8 @@ class SweepSummary:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Configurations whose trials trained one by one instead of in groups, and why."""
+    trials: Any = field(default=None, repr=False, compare=False)
+    """The store's trials (load_trials) as `conclude` read them once the run was over."""
 
 
 def accuracy_or_nan(value: Any) -> float:
@@ -109,17 +114,19 @@ def best_of(frame: Any) -> TrialRecord | None:
 
 
 def conclude(summary: SweepSummary, memory_objective: bool, reports: bool, started: float,
-             frame: Any = None) -> SweepSummary:
+             frame: Any = None, figures: FigureProcesses | None = None) -> SweepSummary:
     """Fill in what the store holds once the run is over: the counts and the best trial, the report files
-    (written unless they are current: dse.report.files.write_reports_if_changed) where `reports`, and
-    the wall time since `started` (time.perf_counter). `frame`: the store's load_trials, where the
-    caller read it after the last trial was stored (else it is read here)."""
+    (written unless they are current: dse.report.files.write_reports_if_changed; the figures drawn
+    by `figures` where given) where `reports`, and the wall time since `started` (time.perf_counter).
+    `frame`: the store's load_trials, where the caller read it after the last trial was stored (else
+    it is read here)."""
     if frame is None:
         frame = load_trials(summary.output)
+    summary.trials = frame
     summarize(summary, frame)
     if reports:
         from dse.report.files import write_reports_if_changed
 
-        summary.files = write_reports_if_changed(frame, summary.output, memory_objective)
+        summary.files = write_reports_if_changed(frame, summary.output, memory_objective, figures=figures)
     summary.wall_time_s = time.perf_counter() - started
     return summary

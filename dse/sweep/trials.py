@@ -11,12 +11,12 @@ tuning point and seed; its label and its `configuration` hash name it whatever p
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dse.digests import sha256_hex
 from dse.formats import get
 from dse.precision import FP32, GEMM_TENSOR_CLASSES, canonical_spec
 from dse.report.labels import TUNED, field_token
@@ -74,7 +74,7 @@ def identity(task: str, config: TrainConfig) -> dict[str, Any]:
 def stable_hash(data: Any, length: int = 16) -> str:
     """sha256 of sorted, compact JSON: the same data gives the same hash in any process or key order."""
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+    return sha256_hex(text)[:length]
 
 
 def trial_hash(task: str, config: TrainConfig) -> str:

@@ -39,17 +39,17 @@ from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
 from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
-from dse.train.optim import DEFAULT_LR, STATE_KEYS, LNSMadam, plain_optimizer
-from dse.train.policy import QuantPolicy
+from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer
+from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
-from dse.train.tally import EpochTally
+from dse.train.tally import EpochTally, members_finite
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
 
-_PER_MEMBER_OPTIMIZERS: tuple[str, ...] = ("madam", "lns-madam")
-"""Optimizers whose state is per tensor (Madam's bound from the weights' RMS): one per member."""
+STACKED_OPTIMIZERS: tuple[str, ...] = ("madam", "lns-madam")
+"""Optimizers that step the whole group as one (`Madam.members`); the others one per run of members."""
 
 
 def group_key(config: TrainConfig) -> str:
@@ -136,45 +136,56 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
 
 
 class StackedOptimizer:
-    """The members' optimizers over slices of the stacked parameters, plus the post-step rounding of
+    """The members' optimizers over the stacked parameters, plus the post-step rounding of
     `make_optimizer` (stored weights into policy.master_weights, state into policy.optimizer_state)
     per member.
 
     SGD and Adam(W) take one torch optimizer per run of consecutive members with equal
     hyperparameters (their updates are elementwise, so a slice of members steps as each would
-    alone); Madam and LNS-Madam one per member (their bound is per tensor).
+    alone). Madam and LNS-Madam take one optimizer for the whole group (`Madam.members`): each
+    member's lr, p_scale, g_bound, weight bound, LNS scale and table, kept log codes and
+    stochastic-rounding draws are its own, and every operation runs once over the stacked tensors.
     """
 
     def __init__(self, model: nn.Module, configs: Sequence[TrainConfig], policy: QuantPolicy,
                  generators: Sequence[torch.Generator], switch: QuantSwitch) -> None:
         first = configs[0]
         self.name = first.optimizer
-        self.params = list(model.parameters())
+        self.params: list[Tensor] = list(model.parameters())
         self.policy = policy
         self.switch = switch
         self.generators = list(generators)
         weights = stored_weights(model)
         self.stored = [] if self.name == "lns-madam" else weights  # LNS-Madam keeps its grid itself
         self.runs: list[tuple[int, int, torch.optim.Optimizer, list[Tensor]]] = []
-        for start, stop in self._runs(configs):
+        if self.name in STACKED_OPTIMIZERS:
+            self.runs.append((0, len(configs), self._madam(configs, weights), self.params))
+        for start, stop in [] if self.name in STACKED_OPTIMIZERS else self._runs(configs):
             config = configs[start]
             views = [p.detach()[start:stop] for p in self.params]
-            formats = {id(p): quant.format for p, quant in weights if quant.format is not None}
-            lns = {view: formats[id(p)] for p, view in zip(self.params, views, strict=True)
-                   if id(p) in formats} if self.name == "lns-madam" else {}
             lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
             optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
-                                        config.p_scale, config.g_bound, lns, policy.master_weights.rounding,
+                                        config.p_scale, config.g_bound, {}, policy.master_weights.rounding,
                                         self.generators[start], switch)
             self.runs.append((start, stop, optimizer, views))
         self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
-        self.versions: list[int] | None = None  # the parameters' version counters after the last step
         if switch.enabled:
             self.quantize_weights()
 
-    def _runs(self, configs: Sequence[TrainConfig]) -> list[tuple[int, int]]:
-        if self.name in _PER_MEMBER_OPTIMIZERS:
-            return [(g, g + 1) for g in range(len(configs))]
+    def _madam(self, configs: Sequence[TrainConfig], weights: list[tuple[Tensor, TensorQuant]]
+               ) -> torch.optim.Optimizer:
+        """Madam or LNS-Madam over the whole group, each member with its own hyperparameters and
+        generator (LNS-Madam: weights stored in an LNS format move by whole codes of it)."""
+        lns = {p: quant.format for p, quant in weights
+               if quant.format is not None} if self.name == "lns-madam" else {}
+        return madam_optimizer(
+            self.name, self.params, [DEFAULT_LR[self.name] if c.lr is None else c.lr for c in configs],
+            [c.p_scale for c in configs], [c.g_bound for c in configs], lns,
+            self.policy.master_weights.rounding, MemberGenerators(self.generators), self.switch,
+            members=len(configs))
+
+    @staticmethod
+    def _runs(configs: Sequence[TrainConfig]) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         for g, config in enumerate(configs):
             hyper = (config.lr, config.momentum, config.weight_decay)
@@ -188,7 +199,7 @@ class StackedOptimizer:
     def set_lr_factor(self, factor: float) -> None:
         for (_, _, optimizer, _), bases in zip(self.runs, self.base_lrs, strict=True):
             for group, base in zip(optimizer.param_groups, bases, strict=True):
-                group["lr"] = base * factor
+                group["lr"] = [lr * factor for lr in base] if isinstance(base, list) else base * factor
 
     @torch.no_grad()
     def quantize_weights(self) -> None:
@@ -197,26 +208,12 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        untouched = self.versions == [p._version for p in self.params]
         for start, stop, optimizer, views in self.runs:
             for view, p in zip(views, self.params, strict=True):
-                view.grad = None if p.grad is None else p.grad[start:stop]
-            if untouched and isinstance(optimizer, LNSMadam):
-                self._keep_codes(optimizer, views)
+                if view is not p:
+                    view.grad = None if p.grad is None else p.grad[start:stop]
             optimizer.step()
         self._quantize_after_step()
-        self.versions = [p._version for p in self.params]
-
-    @staticmethod
-    def _keep_codes(optimizer: LNSMadam, views: list[Tensor]) -> None:
-        """LNS-Madam keeps each weight's log code between steps while nothing else writes the weight
-        (its version counter). A member's slice shares that counter with the other members' slices,
-        which their own steps write; when nothing else wrote since the last step, the member's kept
-        codes are still its weights' codes, so they stay (else it recomputes them, as alone)."""
-        for view in views:
-            kept = optimizer._stored.get(view)
-            if kept is not None:
-                kept.version = view._version
 
     def _quantize_after_step(self) -> None:
         if not self.switch.enabled:
@@ -252,13 +249,6 @@ def evaluate_members(model: nn.Module, members: int, x: Tensor, y: Tensor, batch
         correct += (logits.argmax(-1) == y[start:start + batch]).reshape(members, -1).sum(1)
     model.train()
     return [count / y.numel() for count in correct.tolist()]
-
-
-def _member_finite(params: Sequence[Tensor], members: int) -> list[bool]:
-    finite = torch.ones(members, dtype=torch.bool, device=params[0].device)
-    for p in params:
-        finite &= torch.isfinite(p.detach()).reshape(members, -1).all(1)
-    return finite.tolist()
 
 
 MemberLosses = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -396,7 +386,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             objective.backward()
             setup.step()
             setup.zero_grad()
-        finite = _member_finite(list(model.parameters()), members)
+        finite = members_finite(list(model.parameters()), members)
         epoch_losses = tally.close()  # (members that diverged get their weights from before it back)
         val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
         test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)

@@ -26,7 +26,7 @@ from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_q
 from dse.train.optim import lns_madam_copy_error, quantized_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
-from dse.train.tally import EpochTally
+from dse.train.tally import EpochTally, members_finite
 from dse.usercode import describe, is_ref, load_function
 
 EVAL_BATCH = 1024
@@ -144,11 +144,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = EVAL_BATCH) ->
     return int(correct) / y.numel()  # (one read back, not one per batch)
 
 
-def _all_finite(params: list[Tensor]) -> bool:
-    """Whether every parameter is finite (one read back)."""
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
-
-
 def _flushing_denormals() -> bool:
     return bool(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)[0] == 0)
 
@@ -223,7 +218,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
             setup.optimizer.step()
             setup.optimizer.zero_grad(set_to_none=True)
         epoch_losses = tally.close()
-        diverged = epoch_losses.diverged[0] or not _all_finite(list(setup.model.parameters()))
+        diverged = epoch_losses.diverged[0] or not members_finite(list(setup.model.parameters()))[0]
         losses.append(math.nan if diverged else epoch_losses.mean(0))
         val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
         accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))

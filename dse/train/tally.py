@@ -108,3 +108,12 @@ class EpochTally:
     def _member(self, t: Tensor, g: int) -> Tensor:
         """Member g's part of a parameter-shaped tensor (the whole of it for a run alone)."""
         return t[g] if self.stacked else t
+
+
+def members_finite(params: Sequence[Tensor], members: int = 1) -> list[bool]:
+    """Per member, whether all its weights are finite (one read back): `params` stacked along a
+    leading axis of `members`, or one run's own (members=1)."""
+    finite = torch.ones(members, dtype=torch.bool, device=params[0].device)
+    for p in params:
+        finite &= torch.isfinite(p.detach()).reshape(members, -1).all(1)
+    return finite.tolist()

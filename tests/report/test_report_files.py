@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,40 @@ def test_a_report_file_changed_since_it_was_written_is_written_again(example_tri
     write_reports_if_changed(example_trials, tmp_path)
     assert {path.name: path.read_bytes() for path in written} == expected
     assert current_reports(example_trials, tmp_path) == written
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+def test_figures_drawn_in_processes_are_the_files_drawn_in_this_process(
+        example_trials: pd.DataFrame, reports: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """FigureProcesses forks a process per core and draws each figure there: every file, figures and
+    stamp included, is byte for byte what drawing one after another in this process writes; the
+    processes are gone when the context is left."""
+    import multiprocessing
+
+    from dse.report.drawing import FigureProcesses
+
+    out, written = reports
+    with FigureProcesses(2) as figures:
+        drawn = write_reports(example_trials, tmp_path, figures=figures)
+        assert figures.pool is not None  # they did draw elsewhere (2 processes even on one core)
+        children = list(multiprocessing.active_children())
+    assert [path.name for path in drawn] == [path.name for path in written]
+    for path in [*written, out / REPORTS_STAMP]:
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+    assert not any(child.is_alive() for child in children)
+
+
+def test_a_figure_that_cannot_be_written_in_its_process_is_the_callers_one_line_error(
+        example_trials: pd.DataFrame, tmp_path: Path) -> None:
+    """An error in a figure process (here: a directory where a plot goes) reaches the caller as the
+    same one-line InputError, and the processes are stopped."""
+    import multiprocessing
+
+    from dse.report.drawing import FigureProcesses
+
+    (tmp_path / "pareto_mlp-digits_proxy.png").mkdir()
+    with (pytest.raises(InputError, match="pareto_mlp-digits_proxy.png") as caught,
+          FigureProcesses(2) as figures):
+        write_reports(example_trials, tmp_path, figures=figures)
+    assert "\n" not in str(caught.value)
+    assert not any(child.is_alive() for child in multiprocessing.active_children())

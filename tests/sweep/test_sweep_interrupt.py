@@ -156,7 +156,7 @@ def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
     import errno
     import threading
 
-    from dse.sweep.executors import _wait_for_exit
+    from dse.processes import wait_for_exit
 
     if not pidfd:
         def refused(pid: int) -> int:
@@ -167,7 +167,7 @@ def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
     reaper = threading.Thread(target=process.wait)  # the sweep's own parent reaps it
     reaper.start()
-    _wait_for_exit(process.pid)
+    wait_for_exit(process.pid)
     reaper.join()
     assert time.monotonic() - started >= 1.0 and process.returncode == 0
-    _wait_for_exit(process.pid)  # ended already: returns at once
+    wait_for_exit(process.pid)  # ended already: returns at once

@@ -200,3 +200,64 @@ def test_workers_start_before_planning_only_where_the_sweep_will_most_likely_tra
     assert likely_to_train(config, None, force=False)
     config.write_text(SWEEP.replace("backend: local", "backend: ray"))
     assert not likely_to_train(config, None, force=True)  # Ray's workers are not ours to start
+
+
+def test_a_command_that_trains_reads_its_file_and_store_once_before_planning_and_its_trials_once_after(
+        sweep_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the rerun is answered from the store and whether to start the workers early are decided
+    from one read of the sweep file and its store; the final counts, reports and fronts from one read
+    of its trials (and one before training: the best trial so far, for the progress display)."""
+    import yaml
+
+    from dse.sweep import receipt, runner, store, summary
+
+    reads: dict[str, int] = {"file": 0, "store": 0, "trials": 0}
+
+    def counted(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def count(*args: Any, **kwargs: Any) -> Any:
+            reads[name] += 1
+            return function(*args, **kwargs)
+        return count
+
+    monkeypatch.setattr(yaml, "safe_load", counted("file", yaml.safe_load))
+    monkeypatch.setattr(receipt, "stored_progress", counted("store", receipt.stored_progress))
+    load_trials = counted("trials", store.load_trials)
+    for module in (store, runner, summary):
+        monkeypatch.setattr(module, "load_trials", load_trials)
+    _forget_a_trial(sweep_dir)
+    assert "2 trials: 2 ok, 0 diverged, 0 failed (1 run now, 1 from an earlier run)" in sweep().stdout
+    assert reads == {"file": 1, "store": 1, "trials": 2}
+
+
+def test_a_sweep_file_found_invalid_after_the_workers_started_leaves_no_process_behind(
+        tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """The fork server starts before the file is validated (its imports overlap the planning); a file that
+    is valid YAML but not a valid sweep ends the command with its one-line error and the server with it,
+    not once the server has finished seconds of imports for nothing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    config, errors = tmp_path / "bad.yaml", tmp_path / "stderr.txt"
+    config.write_text(SWEEP.replace("[fp32, int8]", "[fp32, int99]"))
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    seen: dict[int, str] = {}
+    with errors.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config)], cwd=tmp_path,
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        while process.poll() is None:
+            seen.update(process_tree(process.pid))
+            time.sleep(0.02)
+        left = survivors(seen, 0.5)
+    finally:
+        for pid in process_tree(process.pid):  # whatever is left of its session
+            os.kill(pid, 9)
+    assert process.returncode == 2
+    assert errors.read_text().splitlines() == [
+        f"error: {config}:6: trials[0].format[1]: invalid format spec 'int99': bits must be in 2..32, got 99"]
+    assert len(seen) > 1, seen  # the server started (else this checks nothing)
+    assert not left, f"processes outlived the command: {left}"
+    assert not (tmp_path / "out").exists()

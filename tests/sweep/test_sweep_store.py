@@ -310,3 +310,30 @@ output: {tmp_path / "out"}
     assert executor.order[0]["epochs"] == 9 and executor.order[-1]["format"] in (None, "fp32")
     assert estimated_cost(TrainConfig(format="posit8")) > estimated_cost(TrainConfig(format="int8")) > \
         estimated_cost(TrainConfig())
+
+
+@pytest.mark.parametrize("workers", [1, 2, 16])
+def test_the_reports_get_ready_once_when_a_worker_has_nothing_left(
+        workers: int, fake_train: Callable[..., Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep starts importing what its reports need (FigureProcesses.prepare) as soon as fewer jobs
+    are left than it has workers: after the 7th of 8 one-trial jobs with 2 workers, before the first
+    with more workers than jobs; with 1 worker, once none is left. Not at all without reports."""
+    from dse.report.drawing import FigureProcesses
+
+    trained: list[str] = []
+    prepared_after: list[int] = []
+
+    def train_counting(config: TrainConfig) -> Any:
+        trained.append(config.format)
+        return fake_train(config)
+
+    monkeypatch.setattr(FigureProcesses, "prepare", lambda self: prepared_after.append(len(trained)))
+    text = _config(tmp_path / "out", extra=f"executor: {{backend: local, workers: {workers}}}\n")
+    run_sweep(parse_config(text, "s.yaml"), train_fn=train_counting, executor=InlineExecutor(), reports=True)
+    assert len(trained) == 8
+    assert prepared_after[0] == {1: 8, 2: 7, 16: 0}[workers]  # (drawing the figures asks again: a no-op)
+    prepared_after.clear()
+    run_sweep(parse_config(text, "s.yaml"), force=True, train_fn=train_counting, executor=InlineExecutor(),
+              reports=False)
+    assert prepared_after == []

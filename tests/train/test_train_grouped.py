@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dse.data import load_dataset
+from dse.data import load_dataset, with_validation
 from dse.formats import get
 from dse.formats.base import MemberGenerators
 from dse.train import TrainConfig
@@ -58,15 +58,73 @@ def test_grouped_members_equal_alone_runs_bit_for_bit(
     assert len({r["final_loss"] for r in results}) > 1  # the members are distinct runs
 
 
-@pytest.mark.parametrize("fields", [
-    {"format": "lns8", "optimizer": "lns-madam", "master_weights": False},
-    {"format": "lns8", "optimizer": "lns-madam", "master_weights": "lns(16,gamma=2048)"},
-    {"format": "lns8", "optimizer": "madam", "master_weights": False, "rounding": "stochastic"},
-], ids=["lns-madam-lns8", "lns-madam-lns16-copy", "madam-stochastic"])
+MADAM_TUNED: list[dict[str, Any]] = [{"seed": 0, "lr": 1 / 64}, {"seed": 1, "lr": 0.065, "p_scale": 10.0},
+                                     {"seed": 2, "lr": 1 / 16, "g_bound": 4.0}]
+"""Tuned members: integer code steps with different shifts and a float64 one (lr 0.065) in one group."""
+LNS_MADAM: dict[str, Any] = {"format": "lns8", "optimizer": "lns-madam", "master_weights": False}
+
+
+@pytest.mark.parametrize("fields, members", [
+    (LNS_MADAM, MADAM_SEEDS),
+    ({**LNS_MADAM, "master_weights": "lns(16,gamma=2048)"}, MADAM_SEEDS),
+    ({**LNS_MADAM, "optimizer": "madam", "rounding": "stochastic"}, MADAM_SEEDS),
+    ({**LNS_MADAM, "update_rounding": "nearest"}, MADAM_TUNED),
+    ({**LNS_MADAM, "update_rounding": "pseudo_stochastic"}, MADAM_TUNED),
+    ({**LNS_MADAM, "update_rounding": "toward_zero", "master_weights": "lns(16,gamma=2048)"}, MADAM_TUNED),
+    ({**LNS_MADAM, "update_rounding": "stochastic", "warmup_epochs": 1, "epochs": 2}, MADAM_TUNED),
+    ({"format": "posit8", "optimizer": "lns-madam", "layer_scaling": True, "warmup_epochs": 1, "epochs": 2},
+     MADAM_TUNED),
+    ({"format": "int8", "optimizer": "madam", "optimizer_state": "bf16", "rounding": "stochastic"},
+     MADAM_TUNED),
+], ids=["lns-madam-lns8", "lns-madam-lns16-copy", "madam-stochastic", "lns-madam-nearest-tuned",
+        "lns-madam-pseudo-stochastic-tuned", "lns-madam-toward-zero-lns16-tuned",
+        "lns-madam-fp32-warm-up-tuned", "lns-madam-posit-recipe-tuned", "madam-bf16-state-tuned"])
 def test_madam_and_lns_madam_members_equal_alone_runs(
-        fields: dict[str, Any], digits: Any, same_as_alone: Callable[..., Any],
+        fields: dict[str, Any], members: list[dict[str, Any]], digits: Any,
+        stacked_same_as_alone: Callable[..., Any],
 ) -> None:
-    same_as_alone([BASE.replace(**fields, **member) for member in MADAM_SEEDS], digits)
+    """Every member's losses, accuracies and curves to the last bit, with its own lr, p_scale and
+    g_bound (the optimizer tests compare the weights after every step)."""
+    results = stacked_same_as_alone([BASE.replace(**fields, **member) for member in members], digits)
+    assert len({r["final_loss"] for r in results}) == len(members)
+
+
+@pytest.mark.parametrize("fields", [
+    {"format": "fp16", "optimizer": "madam"},
+    LNS_MADAM,
+    {**LNS_MADAM, "master_weights": "lns(16,gamma=2048)", "update_rounding": "nearest"},
+], ids=["madam-fp16", "lns-madam-lns8", "lns-madam-lns16-copy"])
+def test_a_diverging_madam_member_does_not_disturb_the_others(
+        fields: dict[str, Any], digits: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
+    """lr 100 with an unbounded p_scale overflows member 1's forward; the others' steps, kept log
+    codes included, go on as alone (its tally writes its weights back: every member's codes are then
+    recomputed from its weights, exactly)."""
+    base = BASE.replace(epochs=2, **fields)
+    configs = [base.replace(seed=0), base.replace(seed=1, lr=100.0, p_scale=1e30, g_bound=1e3),
+               base.replace(seed=2, lr=1 / 64)]
+    results = stacked_same_as_alone(configs, digits)
+    assert [r["diverged"] for r in results] == [False, True, False]
+
+
+@pytest.mark.parametrize("optimizer", ["madam", "lns-madam"])
+def test_madam_steps_a_group_as_one_optimizer(optimizer: str, digits: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Madam / LNS-Madam step per batch for the whole group, not one per member."""
+    from dse.train import optim
+
+    steps = []
+    cls = optim.LNSMadam if optimizer == "lns-madam" else optim.Madam
+    step = cls.step  # torch wraps a subclass's own step (its profiling hook)
+
+    def counted(self: optim.Madam, *args: Any) -> Any:
+        steps.append(self.members)
+        return step(self, *args)
+
+    monkeypatch.setattr(cls, "step", counted)
+    base = BASE.replace(format="lns8", optimizer=optimizer, master_weights=False)
+    train_group([base.replace(**member) for member in MADAM_TUNED], digits)
+    batches = -(-len(with_validation(digits).x_train) // BASE.batch_size)
+    assert steps == [3] * batches
 
 
 def test_a_diverging_member_does_not_disturb_the_others(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from dse.cli import app
 from dse.errors import InputError
 from dse.train import TrainConfig, train
+from dse.train.tally import members_finite
 
 runner = CliRunner()
 QUICK = TrainConfig(model="mlp", dataset="digits", epochs=2, batch_size=64)
@@ -66,6 +67,15 @@ def test_a_loss_that_blows_up_is_a_diverged_result_not_a_crash() -> None:
     result = train(QUICK.replace(format="fp16", lr=100.0, epochs=3))  # the activations overflow fp16
     assert result.diverged
     assert result.epochs_run <= 3 and math.isnan(result.final_loss)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_member_is_finite_when_every_one_of_its_weights_is_and_alone_is_a_group_of_one(bad: float) -> None:
+    weights = [torch.zeros(3, 4, 5), torch.zeros(3, 5)]
+    weights[1][2, 4] = bad  # member 2's last bias
+    assert members_finite(weights, 3) == [True, True, False]
+    assert members_finite([w[0] for w in weights]) == [True]
+    assert members_finite([w[2] for w in weights]) == [False]
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [

@@ -14,6 +14,7 @@ from torch import nn
 
 from dse.errors import InputError
 from dse.formats import get, round_to_integer
+from dse.formats.base import MemberGenerators
 from dse.train.config import TrainConfig
 from dse.train.layers import QuantSwitch, quantize_model, set_quantization
 from dse.train.optim import (
@@ -21,6 +22,7 @@ from dse.train.optim import (
     LNSMadam,
     Madam,
     dyadic_code_step,
+    madam_optimizer,
     make_optimizer,
     random_fields,
     round_shifted,
@@ -717,3 +719,176 @@ def test_g_bound_caps_each_step(name):
     ratio = (model[2].weight.detach() / before).abs()
     largest = math.exp(2 * lr) if name == "madam" else 2 ** (2 * lr)
     assert float(ratio.max()) <= largest * (1 + 1e-6) and float(ratio.min()) >= (1 / largest) * (1 - 1e-6)
+
+
+# --- Madam and LNS-Madam over a stacked group: every member as alone, bit for bit ---------------------
+
+MEMBER_SHAPES = [(13, 7), (13,), (10, 13), (10,)]
+"""Weights and biases of a small network; no size a multiple of torch's vector blocks, so each
+member's elements sit at other offsets in the stacked tensor than in its own (kernel tails differ)."""
+
+MEMBER_LRS = {
+    "dyadic": [1 / 32, 1 / 32, 1 / 32],           # one integer code step for all
+    "dyadic-each": [1 / 32, 1 / 128, 1 / 8],      # a shift per member (1/8 x gamma 8: k = 0)
+    "dyadic-apart": [1 / 32, 1 / 128, 1 / 32],    # members 0 and 2 share a shift (their draws at once)
+    "float64": [0.065, 0.003, 0.13],              # code steps rounded in float64
+    "mixed": [1 / 64, 0.065, 1 / 16],             # integer and float64 members in one group
+}
+"""0.065 and 0.13: lrs whose 2^(-lr * k) for some |k| <= 10 differ in the last bit between torch's
+vector pow and its scalar tail (`LNSMadam._power_of_two`)."""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().view(torch.int32)
+
+
+def _alone_and_stacked(name: str, spec: str | None, lrs: list[float], p_scales: list[float],
+                       g_bounds: list[float], rounding: str):
+    """G optimizers alone and one over the stacked members, on the same initial weights (on the LNS
+    grid where `spec` stores them) and generators seeded alike."""
+    members = len(lrs)
+    fmt = get(spec) if spec else None
+    source = seeded(11)
+    initial = [[torch.randn(shape, generator=source) * (0.1 + g) for shape in MEMBER_SHAPES]
+               for g in range(members)]
+    if fmt is not None:
+        initial = [[fmt.quantize(t) if t.dim() == 2 else t for t in ts] for ts in initial]
+    alone = []
+    for g in range(members):
+        params = [nn.Parameter(t.clone()) for t in initial[g]]
+        lns = {p: fmt for p in params if p.dim() == 2} if fmt is not None else {}
+        optimizer = madam_optimizer(name, params, lrs[g], p_scales[g], g_bounds[g], lns, rounding,
+                                    seeded(100 + g), QuantSwitch())
+        alone.append((params, optimizer))
+    stacked = [nn.Parameter(torch.stack([initial[g][i] for g in range(members)]))
+               for i in range(len(MEMBER_SHAPES))]
+    lns = {p: fmt for p in stacked if p.dim() == 3} if fmt is not None else {}
+    generators = MemberGenerators([seeded(100 + g) for g in range(members)])
+    optimizer = madam_optimizer(name, stacked, lrs, p_scales, g_bounds, lns, rounding, generators,
+                                QuantSwitch(), members=members)
+    return alone, (stacked, optimizer)
+
+
+def _step_alike(alone, stacked, steps: int, source: torch.Generator, diverge_at: int | None = None,
+                warmup: int = 0) -> None:
+    """Steps both with the same gradients (member 1's NaN/inf from `diverge_at` on, and its weights
+    overwritten with NaN and inf there); quantization (the LNS code steps) switched on after `warmup`
+    steps; every member's weights compared bit for bit after every step."""
+    params, optimizer = stacked
+    for step in range(steps):
+        for switch in [o.switch for _, o in alone if isinstance(o, LNSMadam)] + \
+                ([optimizer.switch] if isinstance(optimizer, LNSMadam) else []):
+            switch.enabled = step >= warmup
+        grads = [torch.randn((len(alone), *p.shape[1:]), generator=source) * 10.0 ** (step % 3 - 1)
+                 for p in params]
+        if diverge_at is not None and step >= diverge_at:
+            for grad in grads:
+                grad[1].view(-1)[::2] = math.nan
+                grad[1].view(-1)[1::3] = math.inf
+        if diverge_at is not None and step == diverge_at:  # its weights, written by someone else
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    p[1].view(-1)[::3] = math.inf
+                    p[1].view(-1)[1::4] = math.nan
+                    alone[1][0][i].view(-1)[::3] = math.inf
+                    alone[1][0][i].view(-1)[1::4] = math.nan
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        optimizer.step()
+        for g, (own, own_optimizer) in enumerate(alone):
+            for p, grad in zip(own, grads, strict=True):
+                p.grad = grad[g].clone()
+            own_optimizer.step()
+            for i, p in enumerate(own):
+                assert torch.equal(_bits(params[i][g]), _bits(p)), (step, g, i)
+
+
+@pytest.mark.parametrize("lrs", list(MEMBER_LRS), ids=list(MEMBER_LRS))
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "pseudo_stochastic", "toward_zero",
+                                      "stochastic(4)"])
+@pytest.mark.parametrize("spec", ["lns8", "lns(16,gamma=2048)"])
+def test_stacked_lns_madam_steps_every_member_as_alone_bit_for_bit(spec: str, rounding: str,
+                                                                   lrs: str) -> None:
+    """Per-member lr, p_scale and g_bound in one group: each member's weight bound, LNS scale and
+    table, integer or float64 code steps and draws are its own; the biases (not LNS-stored) take the
+    reference update (torch.pow, whose kernel tails differ from its body)."""
+    alone, stacked = _alone_and_stacked("lns-madam", spec, MEMBER_LRS[lrs], [3.0, 10.0, 1.5],
+                                        [10.0, 10.0, 2.5], rounding)
+    _step_alike(alone, stacked, steps=8, source=seeded(5))
+
+
+@pytest.mark.parametrize("lrs", list(MEMBER_LRS), ids=list(MEMBER_LRS))
+def test_stacked_madam_steps_every_member_as_alone_bit_for_bit(lrs: str) -> None:
+    alone, stacked = _alone_and_stacked("madam", None, MEMBER_LRS[lrs], [3.0, 10.0, 1.5], [10.0, 4.0, 10.0],
+                                        "nearest")
+    _step_alike(alone, stacked, steps=8, source=seeded(6))
+
+
+@pytest.mark.parametrize("name, spec", [("madam", None), ("lns-madam", "lns8"),
+                                        ("lns-madam", "lns(16,gamma=2048)")])
+def test_a_diverging_member_leaves_the_stacked_others_as_alone(name: str, spec: str | None) -> None:
+    """Member 1's gradients turn NaN and inf and its weights are overwritten (as a group's tally
+    restores a diverged member's): the others' steps (their kept LNS codes recomputed from their
+    weights) stay each its run alone, and so does member 1's."""
+    alone, stacked = _alone_and_stacked(name, spec, [1 / 32, 0.01, 1 / 16], [3.0, 3.0, 10.0], [10.0] * 3,
+                                        "stochastic")
+    _step_alike(alone, stacked, steps=6, source=seeded(7), diverge_at=3)
+
+
+@pytest.mark.parametrize("spec", ["lns8", "lns(16,gamma=2048)"])
+def test_stacked_lns_madam_through_an_fp32_warm_up_as_alone(spec: str) -> None:
+    """The posit recipe's warm-up: the reference update for every weight first, then whole codes of
+    the grid from weights that left it."""
+    alone, stacked = _alone_and_stacked("lns-madam", spec, [1 / 32, 0.01, 1 / 64], [3.0, 10.0, 2.0],
+                                        [10.0] * 3, "stochastic")
+    _step_alike(alone, stacked, steps=7, source=seeded(8), warmup=3)
+
+
+def test_stacked_lns_madam_on_two_threads_as_alone() -> None:
+    """On two threads torch splits an elementwise operation over 32768 elements or more among them
+    (its kernels' tails then fall per chunk): the stacked reference update keeps each member's split."""
+    global MEMBER_SHAPES
+    shapes = MEMBER_SHAPES
+    threads = torch.get_num_threads()
+    try:
+        MEMBER_SHAPES = [(203, 201), (20000,), (30, 203), (30,)]
+        torch.set_num_threads(2)
+        alone, stacked = _alone_and_stacked("lns-madam", "lns8", [0.065, 0.13, 1 / 64], [3.0] * 3, [10.0] * 3,
+                                            "nearest")
+        _step_alike(alone, stacked, steps=4, source=seeded(9))
+    finally:
+        MEMBER_SHAPES = shapes
+        torch.set_num_threads(threads)
+
+
+def _step_operations(name: str, members: int, rounding: str) -> int:
+    """The torch operations of one stacked Madam / LNS-Madam step over `members` members (each with
+    its own lr and p_scale)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    lrs = [1 / 32 * 2.0**-g for g in range(members)]
+    _, (params, optimizer) = _alone_and_stacked(name, "lns8" if name == "lns-madam" else None, lrs,
+                                                [3.0 + g for g in range(members)], [10.0] * members, rounding)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if step == 1:
+            with Count():
+                optimizer.step()
+        else:
+            optimizer.step()
+    return Count.calls
+
+
+@pytest.mark.parametrize("name", ["madam", "lns-madam"])
+def test_madam_steps_a_group_in_as_many_operations_as_one_member(name: str) -> None:
+    """One stacked step, not one per member: a group of 6 runs the operations a group of 2 runs
+    (different lrs and p_scales; nearest rounding draws nothing)."""
+    assert _step_operations(name, 6, "nearest") == _step_operations(name, 2, "nearest")

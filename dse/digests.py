@@ -1,0 +1,19 @@
+"""sha256 digests, the one way dse identifies content: a sweep file's text, a user's source file, the
+code fingerprint, the report files as written, a workload file.
+
+Plain standard library, so any layer may import it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def sha256_hex(data: bytes | str) -> str:
+    """The sha256 of bytes, or of text as UTF-8, as 64 hex digits."""
+    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, as 64 hex digits (OSError where it cannot be read)."""
+    return sha256_hex(Path(path).read_bytes())

@@ -1,0 +1,72 @@
+"""What every helper process dse starts (a sweep's training workers, a report's figure processes) does
+to end with the process that started it and to leave Ctrl-C to it.
+
+A `concurrent.futures` pool's worker blocks on its task queue, whose two ends it holds itself, so a
+worker whose parent was killed (SIGKILL, the out-of-memory killer) would wait there for ever: each
+watches its parent instead and ends with it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+STOP_S = 5.0
+"""How long a terminated worker has to exit before it is killed."""
+
+
+def wait_for_exit(pid: int) -> None:
+    """Return when process `pid` has ended (at once if it has already)."""
+    try:
+        descriptor: int | None = os.pidfd_open(pid)  # Linux >= 5.3: readable when the process ends
+    except ProcessLookupError:
+        return  # it has ended already
+    except (AttributeError, OSError):  # another system, an older kernel, a sandbox: poll
+        descriptor = None
+    if descriptor is not None:
+        select.select([descriptor], [], [])
+        return
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        time.sleep(0.5)
+
+
+def end_with(pid: int) -> None:
+    """End this process when process `pid` ends."""
+    def watch() -> None:
+        wait_for_exit(pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dse-parent-watch", daemon=True).start()
+
+
+def become_helper(parent_pid: int | None) -> None:
+    """Set up a pool worker: Ctrl-C is its parent's to handle (the parent stops it), and it ends with
+    its parent (`parent_pid`; None: no watch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        end_with(parent_pid)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now, their current jobs with them (SIGTERM,
+    then SIGKILL after STOP_S): `shutdown` alone lets each finish its current job."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # pid -> Process (3.10-3.14)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + STOP_S
+    for process in processes:
+        process.join(max(deadline - time.monotonic(), 0.0))
+        if process.is_alive():
+            process.kill()
+            process.join()

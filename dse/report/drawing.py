@@ -1,0 +1,139 @@
+"""Draw a report's figures on every core: each figure is built and saved (PNG and PDF) in a process of
+its own, forked from this one once it has imported what drawing needs, so that no process imports
+matplotlib again; a sweep imports it (and scipy.stats, for the tables) while its last trials train
+and a core is idle (`FigureProcesses.prepare`).
+
+Rendering is most of a report's cost (the quickstart's five figures: ten saves, about 1.8 CPU-seconds,
+one after another in one process before). A figure drawn in another process is the same file byte
+for byte: the same code, the same data, the same matplotlib settings (inherited), and the writers
+are deterministic (dse.report.files). Forking is Linux's (elsewhere the figures are drawn in this
+process, one after another); the children touch nothing of torch's, whose idle threads a sweep's
+process has.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dse.processes import become_helper, stop_workers
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PLOT_SUFFIXES: tuple[str, ...] = ("png", "pdf")
+
+
+@dataclass(frozen=True)
+class FigureJob:
+    """One figure of a report: what it plots (`kind`: pareto, breakdown or area) and where it goes
+    (`stem`.png and `stem`.pdf)."""
+
+    kind: str
+    task: str
+    workload: str
+    stem: Path
+
+
+@dataclass(frozen=True)
+class FigureData:
+    """What every figure of a report is drawn from (plain frames: cheap to send to a process)."""
+
+    summary: pd.DataFrame
+    fronts: pd.DataFrame
+    memory_objective: bool
+    titles: bool
+
+
+def draw(job: FigureJob, data: FigureData) -> list[Path]:
+    """Build one figure and save it as PNG and PDF; the paths written (none when the figure has
+    nothing to show)."""
+    from dse.report.files import save_figure
+    from dse.report.plots import accuracy_area_figure, accuracy_energy_figure, breakdown_figure
+
+    if job.kind == "pareto":
+        figure = accuracy_energy_figure(data.summary, job.task, job.workload, data.memory_objective,
+                                        data.titles)
+    elif job.kind == "breakdown":
+        figure = breakdown_figure(data.fronts, job.task, job.workload, data.titles)
+    else:
+        figure = accuracy_area_figure(data.summary, job.task, job.workload, data.titles)
+    return [] if figure is None else save_figure(figure, job.stem)
+
+
+def _become_helper(parent_pid: int) -> None:
+    """A figure process's start: it ends with its parent, and leaves signals to it (a sweep's own
+    handlers, inherited by the fork, would raise in the child)."""
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+    become_helper(parent_pid)
+
+
+DRAWING_MODULES: tuple[str, ...] = ("scipy.stats", "matplotlib.backends.backend_agg",
+                                    "matplotlib.backends.backend_pdf", "dse.report.plots")
+"""What a report imports besides pandas: scipy.stats for the tables' intervals, matplotlib and its PNG
+and PDF writers for the figures."""
+
+
+class FigureProcesses:
+    """Processes that draw a report's figures (`processes`; None: one per core), forked when the
+    figures are handed over and stopped on leaving the context. One process, fewer than two figures,
+    or no fork (not Linux): the figures are drawn in this process, one after another."""
+
+    def __init__(self, processes: int | None = None) -> None:
+        self.processes = max(1, processes or os.cpu_count() or 1) if sys.platform == "linux" else 1
+        self.pool: ProcessPoolExecutor | None = None
+        self.imports: threading.Thread | None = None
+
+    def __enter__(self) -> FigureProcesses:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if self.pool is None:
+            return
+        if kind is None:
+            self.pool.shutdown(wait=True)
+        else:
+            stop_workers(self.pool)
+        self.pool = None
+
+    def prepare(self) -> None:
+        """Import DRAWING_MODULES in a thread of this process, from now (a core is idle: a sweep's
+        last trials train); once only."""
+        if self.imports is None:
+            self.imports = threading.Thread(target=_import, args=(DRAWING_MODULES,), daemon=True,
+                                            name="dse-report-imports")
+            self.imports.start()
+
+    def start_drawing(self, jobs: list[FigureJob], data: FigureData) -> Callable[[], list[Path]]:
+        """Hand every figure to the processes now (where there are several); returns what waits for
+        them: the paths written, in the jobs' order. In this process the figures are drawn by that
+        call."""
+        if len(jobs) < 2 or self.processes < 2:
+            return lambda: [path for job in jobs for path in draw(job, data)]
+        if self.pool is None:
+            self.prepare()
+            if self.imports is not None:
+                self.imports.join()  # no fork while a thread imports: the child would inherit its locks
+            _import(DRAWING_MODULES)  # loaded already, unless that thread failed
+            for stream in (sys.stdout, sys.stderr):  # a child would write what is still buffered again
+                stream.flush()
+            self.pool = ProcessPoolExecutor(min(self.processes, len(jobs)),
+                                            mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_become_helper, initargs=(os.getpid(),))
+        futures: list[Future[list[Path]]] = [self.pool.submit(draw, job, data) for job in jobs]
+        return lambda: [path for future in futures for path in future.result()]
+
+
+def _import(modules: tuple[str, ...]) -> None:
+    for module in modules:
+        importlib.import_module(module)
