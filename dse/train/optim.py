@@ -425,10 +425,11 @@ class LNSMadam(Madam):
         std::pow; stacked, it would not. Written into a (G, n) view of a (G, n + 1) buffer, the
         stacked tensor cannot be iterated as one run of G * n elements, and torch runs its kernel
         row by row: each member's n elements are split as alone (on one thread, or below
-        PARALLEL_GRAIN elements; else member by member, as each splits alone among threads).
+        PARALLEL_GRAIN elements; else member by member, as each splits alone among threads). On
+        CUDA every element takes the same scalar function wherever it sits: the group at once.
         """
         members = exponent.shape[0] if self.members else 1
-        if members == 1:
+        if members == 1 or exponent.device.type != "cpu":
             return torch.pow(2.0, exponent, out=exponent)
         if torch.get_num_threads() > 1 and exponent.numel() >= PARALLEL_GRAIN:
             for member in exponent:

@@ -861,6 +861,31 @@ def test_stacked_lns_madam_on_two_threads_as_alone() -> None:
         torch.set_num_threads(threads)
 
 
+def test_the_powers_of_a_group_off_the_cpu_are_one_operation() -> None:
+    """The member-by-member powers (2 threads, 32768 elements or more) are for torch's CPU kernel
+    tails; elsewhere (CUDA: one scalar function per element, wherever it sits) a group's update stays
+    one pow, not G."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Pows(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Pows.calls += func.name().startswith("aten::pow")
+            return func(*args, **(kwargs or {}))
+
+    stacked = nn.Parameter(torch.ones(3, 203, 201))
+    optimizer = LNSMadam([stacked], lr=[1 / 32, 0.065, 0.13], members=3)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with Pows():
+            optimizer._power_of_two(torch.zeros(3, 203, 201, device="meta"))
+    finally:
+        torch.set_num_threads(previous)
+    assert Pows.calls == 1
+
+
 def _step_operations(name: str, members: int, rounding: str) -> int:
     """The torch operations of one stacked Madam / LNS-Madam step over `members` members (each with
     its own lr and p_scale)."""
