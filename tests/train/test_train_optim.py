@@ -811,15 +811,17 @@ def test_stacked_lns_madam_steps_every_member_as_alone_bit_for_bit(spec: str, ro
                                                                    lrs: str) -> None:
     """Per-member lr, p_scale and g_bound in one group: each member's weight bound, LNS scale and
     table, integer or float64 code steps and draws are its own; the biases (not LNS-stored) take the
-    reference update (torch.pow, whose kernel tails differ from its body)."""
+    reference update (torch.pow, whose kernel tails differ from its body). Member 1's g_bound 0.75
+    clamps g* at most steps."""
     alone, stacked = _alone_and_stacked("lns-madam", spec, MEMBER_LRS[lrs], [3.0, 10.0, 1.5],
-                                        [10.0, 10.0, 2.5], rounding)
+                                        [10.0, 0.75, 2.5], rounding)
     _step_alike(alone, stacked, steps=8, source=seeded(5))
 
 
 @pytest.mark.parametrize("lrs", list(MEMBER_LRS), ids=list(MEMBER_LRS))
 def test_stacked_madam_steps_every_member_as_alone_bit_for_bit(lrs: str) -> None:
-    alone, stacked = _alone_and_stacked("madam", None, MEMBER_LRS[lrs], [3.0, 10.0, 1.5], [10.0, 4.0, 10.0],
+    """Member 1's g_bound 0.5 clamps g* at every step (|g*| is about 1 at the first)."""
+    alone, stacked = _alone_and_stacked("madam", None, MEMBER_LRS[lrs], [3.0, 10.0, 1.5], [10.0, 0.5, 10.0],
                                         "nearest")
     _step_alike(alone, stacked, steps=8, source=seeded(6))
 
@@ -842,6 +844,35 @@ def test_stacked_lns_madam_through_an_fp32_warm_up_as_alone(spec: str) -> None:
     alone, stacked = _alone_and_stacked("lns-madam", spec, [1 / 32, 0.01, 1 / 64], [3.0, 10.0, 2.0],
                                         [10.0] * 3, "stochastic")
     _step_alike(alone, stacked, steps=7, source=seeded(8), warmup=3)
+
+
+@pytest.mark.parametrize("spec", ["lns(12,gamma=8)", "lns(16,gamma=128)"])
+def test_stacked_lns_madam_members_losing_different_underflowed_codes_saturate_as_alone(spec: str) -> None:
+    """Members whose weights lie 2^40 and 2^30 apart lose different numbers of a 2^+-128 grid's lowest
+    codes to float32 underflow (their scales differ): pushed down, each stops at its own smallest
+    non-zero weight, sign kept, and climbs back, as alone (a member bounded by another's count
+    would reach 0 or stop short)."""
+    fmt = get(spec)
+    initial = [torch.tensor([0.5, -0.25]) * factor for factor in (1.0, 2.0**-40, 2.0**30)]
+    alone = [nn.Parameter(t.clone()) for t in initial]
+    optimizers = [LNSMadam([p], lr=16.0, lns_storage={p: fmt}) for p in alone]
+    stacked = nn.Parameter(torch.stack(initial))
+    optimizer = LNSMadam([stacked], lr=[16.0] * 3, lns_storage={stacked: fmt}, members=3)
+    weights = []
+    for step in range(201):
+        direction = 1.0 if step < 200 else -1.0  # 16 gamma codes down a step, then one step up
+        stacked.grad = direction * torch.sign(stacked.detach())
+        optimizer.step()
+        for g, (p, own) in enumerate(zip(alone, optimizers, strict=True)):
+            p.grad = direction * torch.sign(p.detach())
+            own.step()
+            assert torch.equal(_bits(stacked[g]), _bits(p)), (step, g)
+        weights.append(stacked.detach().clone())
+    positive = fmt.values()[fmt.values() > 0].double()
+    lost = {int(((positive * scale).float() == 0).sum()) for scale in optimizer.state[stacked]["lns_scale"]}
+    assert len(lost) == 3  # each member loses its own number of codes
+    assert torch.equal(weights[198], weights[199]) and (weights[199] != 0).all()  # saturated, signs kept
+    assert (weights[200].abs() > weights[199].abs()).all()
 
 
 def test_stacked_lns_madam_on_two_threads_as_alone() -> None:
