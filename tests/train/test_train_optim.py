@@ -296,6 +296,23 @@ def test_lns_code_steps_match_the_float64_algorithm_bit_for_bit(spec, lr, roundi
         assert_same_bits(param.detach(), reference.p)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "pseudo_stochastic"])
+@pytest.mark.parametrize("spec", ["lns8", "lns(12,gamma=128)"])
+def test_lns_code_steps_follow_the_lr_a_schedule_sets(spec, rounding):
+    """A schedule sets group["lr"] between steps: each step's code step is that lr's (integer for
+    1/32, 1/64 and back, float64 for 0.01), not the one worked out for an earlier lr."""
+    p0, grads = lns_trial(3, steps=8)
+    param = nn.Parameter(p0.clone())
+    optimizer = LNSMadam([param], lr=1 / 32, lns_storage={param: get(spec)}, update_rounding=rounding)
+    reference = ReferenceLNSMadam(p0, 1 / 32, spec, rounding, 0)
+    for g, lr in zip(grads, [1 / 32, 1 / 32, 1 / 64, 1 / 64, 0.01, 1 / 32, 3 / 64, 1 / 64], strict=True):
+        optimizer.param_groups[0]["lr"] = reference.lr = lr
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g)
+        assert_same_bits(param.detach(), reference.p)
+
+
 @pytest.mark.parametrize("lr", OTHER_LRS)
 @pytest.mark.parametrize("spec", ["lns8", "lns(12,gamma=128)"])
 def test_stochastic_steps_that_are_not_dyadic_keep_the_float64_draws(spec, lr):
