@@ -158,6 +158,7 @@ class MemberGenerators:
     A draw of n values takes n / G of them from each member's generator in member order, so member g
     gets the values its own generator would give a tensor of its own: draws of a generator on the
     CPU concatenate (n1 then n2 values are n1 + n2 values), and the stacked tensor is drawn whole.
+    Each member's values are drawn in place into its rows of one tensor (no copy, no concatenation).
     """
 
     def __init__(self, generators: Sequence[torch.Generator | None]) -> None:
@@ -166,14 +167,24 @@ class MemberGenerators:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def draw(self, shape: Sequence[int],
-             fill: Callable[[tuple[int, ...], torch.Generator | None], Tensor]) -> Tensor:
-        """fill((n / G,), generator) for each member's generator, concatenated into `shape`."""
+    @property
+    def device(self) -> torch.device:
+        """The members' generators' device (the CPU where they are None)."""
+        first = self.generators[0] if self.generators else None
+        return first.device if first is not None else torch.device("cpu")
+
+    def draw(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
+             fill_: Callable[[Tensor, torch.Generator | None], object]) -> Tensor:
+        """A tensor of `shape` whose n / G values of each member, in member order, fill_(part,
+        generator) draws in place from that member's generator."""
         count = math.prod(shape)
         if count % len(self.generators):
             raise ValueError(f"a draw of {count} values does not split over {len(self.generators)} members")
-        parts = [fill((count // len(self.generators),), generator) for generator in self.generators]
-        return torch.cat(parts).view(tuple(shape))
+        out = torch.empty(tuple(shape), dtype=dtype, device=device)
+        parts = out.view(len(self.generators), -1).unbind(0)
+        for part, generator in zip(parts, self.generators, strict=True):
+            fill_(part, generator)
+        return out
 
 
 @dataclass(frozen=True)
@@ -236,8 +247,8 @@ def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
         draws = random_bits(magnitude.shape, magnitude.device, generator).to(torch.int64) >> (31 - k)
         up = rounded + draws >= 1 << k
     elif mode == "stochastic":
-        draw = _draw(magnitude.shape, generator, lambda shape, source: torch.randint(
-            0, 2**62, shape, generator=source, device=magnitude.device, dtype=torch.int64))
+        draw = _draw(magnitude.shape, torch.int64, magnitude.device, generator,
+                     lambda out, source: out.random_(0, 2**62, generator=source))  # torch.randint's draws
         up = (draw & ((torch.ones_like(shift_t) << shift_t) - 1)) < field
     else:  # pseudo_stochastic: the top half of the field is the probability, the bottom half the draw
         low_bits = shift_t >> 1
@@ -294,8 +305,8 @@ def stochastic_up_(fraction: Tensor, generator: torch.Generator | MemberGenerato
     d + r < 2^24 is exact in float32 for k <= 23.
     """
     if random_bit_count is None:
-        draws = _draw(fraction.shape, generator, lambda shape, source: torch.rand(
-            shape, generator=source, device=fraction.device, dtype=torch.float64))
+        draws = _draw(fraction.shape, torch.float64, fraction.device, generator,
+                      lambda out, source: out.uniform_(generator=source))  # torch.rand's draws
         return torch.lt(draws, fraction, out=fraction)
     draws = random_bits(fraction.shape, fraction.device, generator)
     draws = draws.bitwise_right_shift_(31 - random_bit_count).to(fraction.dtype)
@@ -304,19 +315,22 @@ def stochastic_up_(fraction: Tensor, generator: torch.Generator | MemberGenerato
                     out=fraction)
 
 
-def _draw(shape: Sequence[int], generator: torch.Generator | MemberGenerators | None,
-          fill: Callable[[tuple[int, ...], torch.Generator | None], Tensor]) -> Tensor:
-    """fill(shape, generator), or per member where the generator is `MemberGenerators`."""
+def _draw(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
+          generator: torch.Generator | MemberGenerators | None,
+          fill_: Callable[[Tensor, torch.Generator | None], object]) -> Tensor:
+    """A new tensor filled in place by fill_(tensor, generator), or per member where the generator is
+    `MemberGenerators`."""
     if isinstance(generator, MemberGenerators):
-        return generator.draw(shape, fill)
-    return fill(tuple(shape), generator)
+        return generator.draw(shape, dtype, device, fill_)
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    fill_(out, generator)
+    return out
 
 
 def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device,
                 generator: torch.Generator | MemberGenerators | None) -> Tensor:
     """Uniform int32 draws in [0, 2^31): one 32-bit draw of the generator per element, on every device."""
-    return _draw(shape, generator, lambda size, source: torch.empty(
-        size, dtype=torch.int32, device=device).random_(generator=source))
+    return _draw(shape, torch.int32, device, generator, lambda out, source: out.random_(generator=source))
 
 
 def _round_stochastic_float32(t: Tensor, floor: Tensor, fraction: Tensor,
@@ -574,6 +588,9 @@ class NumberFormat(ABC):
                 rows = work.reshape(members, -1)  # aminmax along a dim is slower than these two
                 low, high = rows.amin(1), rows.amax(1)
                 shape = [members] + [1] * (x.dim() - 1)
+                fast = fast_scales.quantize_members_per_tensor(self, work, low, high, shape, rounding, source)
+                if fast is not None:
+                    return fast if fast.dtype == x.dtype else fast.to(x.dtype)
             else:
                 moved = work.movedim(member_axis, 1)
                 rows = moved.reshape(members, moved.shape[1], -1)

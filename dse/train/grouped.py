@@ -251,23 +251,43 @@ def evaluate_members(model: nn.Module, members: int, x: Tensor, y: Tensor, batch
     return [count / y.numel() for count in correct.tolist()]
 
 
+MemberLosses = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(logits, targets) -> (each member's loss (G,), the objective: one scalar whose backward gives each
+member the gradient its own loss gives it alone)."""
+
+
 @dataclass
 class _GroupSetup:
     """A method applied to a stacked network (what `TrainingSetup` is to one run): the stacked model,
-    each member's loss (logits, targets) -> (G,), the step, and the epoch hook."""
+    each member's loss and the group's objective, the step, and the epoch hook."""
 
     model: nn.Module
-    member_losses: Callable[[Tensor, Tensor], Tensor]
+    member_losses: MemberLosses
     step: Callable[[], None]
     zero_grad: Callable[[], None]
     on_epoch_start: Callable[[int], None]
     eval_batch: int = EVAL_BATCH
 
 
-def _cross_entropies(logits: Tensor, targets: Tensor) -> Tensor:
-    """Each member's own cross-entropy, as `train` computes it alone."""
-    return torch.stack([F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
-                        for out, target in zip(logits.unbind(0), targets.unbind(0), strict=True)])
+def _cross_entropies(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Each member's own cross-entropy as `train` computes it alone (F.cross_entropy: log_softmax,
+    then nll_loss's mean), and an objective whose backward gives each member its own gradient, with
+    one log_softmax and one nll_loss over all members' rows instead of one of each per member.
+
+    log_softmax is row by row, so every member's rows come out as alone. The objective is the mean
+    over all G*N rows times G: nll_loss's backward gives each row's target -(G / (G*N)), which is
+    -(1 / N) rounded once, exactly what a member's own mean gives it (`-(1 / N)`; a quotient is
+    rounded once, and both exact quotients are 1 / N). The values are not taken from that mean:
+    nll_loss sums a member's rows in its own cascade order, so each member's value is nll_loss of its
+    own rows of the shared log_softmax (no autograd), the sum `train` takes alone."""
+    members, classes = logits.shape[0], logits.shape[-1]
+    rows = F.log_softmax(logits.reshape(-1, classes), dim=-1)
+    objective = F.nll_loss(rows, targets.reshape(-1)) * members
+    with torch.no_grad():
+        values = torch.stack([F.nll_loss(own, target) for own, target in zip(
+            rows.detach().view(members, -1, classes).unbind(0), targets.reshape(members, -1).unbind(0),
+            strict=True)])
+    return values, objective
 
 
 def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], generators: list[torch.Generator],
@@ -315,7 +335,12 @@ def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators:
     def on_epoch_start(epoch: int) -> None:
         optimizer.mus = [niti_mu_for_epoch(c.niti_mu, epoch, c.epochs) for c in configs]
 
-    loss = StackedNitiCrossEntropy(bitwidth, MemberGenerators(generators))
+    niti_loss = StackedNitiCrossEntropy(bitwidth, MemberGenerators(generators))
+
+    def loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        values = niti_loss(logits, targets)
+        return values, values.sum()
+
     # Evaluated at the training batch size, as `niti_setup` has it.
     return _GroupSetup(model, loss, optimizer.step, optimizer.zero_grad, on_epoch_start, first.batch_size)
 
@@ -355,10 +380,10 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             index = permutation[:, start:start + first.batch_size]
             logits = model(x_train[index])
             targets = y_train[index]
-            stacked = setup.member_losses(logits, targets)
-            if tally.add(stacked):
+            values, objective = setup.member_losses(logits, targets)
+            if tally.add(values):
                 break
-            stacked.sum().backward()
+            objective.backward()
             setup.step()
             setup.zero_grad()
         finite = members_finite(list(model.parameters()), members)

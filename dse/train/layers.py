@@ -299,6 +299,9 @@ class LayerQuant:
         if self.accumulator is not None and self.op is not None and \
                 not all(hasattr(self.op, name) for name in _ACCUMULATED_GEMMS):
             raise TypeError(f"{type(self.op).__name__} has no accumulated GEMMs, so it takes no accumulator")
+        self.operands_blocked = _blocked(self.activations) or _blocked(self.weights)
+        """Whether x or w is block-scaled (then the forward quantizes it along the backward's axes too)."""
+        self.any_blocked = self.operands_blocked or _blocked(self.gradients)
 
     @property
     def gemm(self) -> GemmOp:
@@ -342,13 +345,15 @@ class QuantGemm(torch.autograd.Function):
     backward's copies saved in place of x and w), dy's two at once."""
 
     @classmethod
-    def apply(cls, *args: Any) -> Any:  # Function.apply, recording the grad mode
-        return _apply_recording_grad_mode(super().apply, args)
+    def apply(cls, *args: Any) -> Any:  # Function.apply, recording the grad mode where forward reads it
+        if cast(LayerQuant, args[3]).operands_blocked:
+            return _apply_recording_grad_mode(super().apply, args)
+        return super().apply(*args)
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, layer: LayerQuant) -> Tensor:
         qx_later = qw_later = None
-        if _blocked(layer.activations) or _blocked(layer.weights):
+        if layer.operands_blocked:
             axes = layer.gemm.axes
             need_data, need_weight = _backward_needs(ctx, 2)
             qx, qx_later = _for_gemms(layer.activations, x, axes.forward[0],
@@ -382,7 +387,7 @@ class QuantGemm(torch.autograd.Function):
                 return layer.accumulating_gemm.backward_accumulated(e, x, w, data, wgt, layer.accumulator)
             return layer.gemm.backward(e, x, w, data, wgt)
 
-        if not (_blocked(layer.activations) or _blocked(layer.weights) or _blocked(layer.gradients)):
+        if not layer.any_blocked:
             qe = layer.gradients(dy) if layer.gradients is not None else dy
             dx, dw = gemms(qe, x, weight, need_data, need_weight)
         else:

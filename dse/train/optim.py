@@ -376,6 +376,7 @@ class LNSMadam(Madam):
         self.switch = switch or QuantSwitch()
         self._tables: dict[tuple[Any, ...], tuple[Tensor, list[int]]] = {}
         self._stored: dict[Tensor, StoredWeight] = {}
+        self._plans: dict[tuple[int, tuple[float, ...]], list[tuple[int, int] | None]] = {}
         super().__init__(params, lr, p_scale, g_bound, members)
         self._g_maxes = [math.ceil(bound) if math.isfinite(bound) else 2**31  # bound |round(g*)|
                          for bound in self.g_bounds]
@@ -475,8 +476,11 @@ class LNSMadam(Madam):
         steps = stored.index.view(members, -1)
         rows = g_rounded.reshape(members, -1)
         gamma = fmt.gamma
-        plans = [dyadic_code_step(gamma * lr, g_max, self.update_rounding)
-                 for lr, g_max in zip(lrs, self._g_maxes, strict=True)]
+        plans = self._plans.get((gamma, tuple(lrs)))
+        if plans is None:  # each member's (num, k), or None: its step rounds in float64
+            plans = self._plans[(gamma, tuple(lrs))] = [
+                dyadic_code_step(gamma * lr, g_max, self.update_rounding)
+                for lr, g_max in zip(lrs, self._g_maxes, strict=True)]
         whole = [g for g, plan in enumerate(plans) if plan is not None]  # integer code steps
         for part in (whole, [g for g, plan in enumerate(plans) if plan is None]):
             if not part:
@@ -514,9 +518,9 @@ class LNSMadam(Madam):
     def _generators(self, part: list[int]) -> torch.Generator | MemberGenerators | None:
         """The generator of the members in `part` (a run alone: its own)."""
         if not self.members:
-            return self.generator if not isinstance(self.generator, MemberGenerators) else \
-                self.generator.generators[0]
-        return MemberGenerators([_generator_list(self.generator, self.members)[g] for g in part])
+            return self.generator
+        sources = _generator_list(self.generator, self.members)
+        return MemberGenerators([sources[g] for g in part])
 
 
 class StepQuantizer:

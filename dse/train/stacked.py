@@ -224,7 +224,7 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n). One batched
     GEMM, the kernel each member's own runs; a small GEMM on the CPU member by member instead, with
     the call each member makes alone (see SMALL_GEMM_MACS)."""
-    if a.device.type == "cpu" and a.shape[1] * a.shape[2] * b.shape[2] < SMALL_GEMM_MACS:
+    if a.is_cpu and a.shape[1] * a.shape[2] * b.shape[2] < SMALL_GEMM_MACS:
         if bias is None:
             return torch.stack([a_g @ b_g for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
         return torch.stack([torch.addmm(c_g, a_g, b_g)
@@ -248,35 +248,41 @@ class StackedLinearOp:
         return LINEAR_AXES
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        y = member_gemm(rows, weight.transpose(1, 2), bias)
-        return y.view(*x.shape[:-1], weight.shape[1])
+        return _unrows(member_gemm(_rows(x), weight.transpose(1, 2), bias), x, weight.shape[1])
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-        errors = dy.reshape(dy.shape[0], -1, dy.shape[-1])
-        dx = member_gemm(errors, weight).view(x.shape) if need_data else None
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        dw = member_gemm(errors.transpose(1, 2), rows) if need_weight else None
+        errors = _rows(dy)
+        dx = _unrows(member_gemm(errors, weight), x, x.shape[-1]) if need_data else None
+        dw = member_gemm(errors.transpose(1, 2), _rows(x)) if need_weight else None
         return dx, dw
 
     def bias_grad(self, dy: Tensor) -> Tensor:
-        return dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(1)
+        return _rows(dy).sum(1)
 
     def forward_accumulated(self, x: Tensor, weight: Tensor, bias: Tensor | None,
                             accumulator: Accumulator) -> Tensor:
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        y = accumulation.matmul_forward(rows, weight.transpose(1, 2), accumulator)
+        y = accumulation.matmul_forward(_rows(x), weight.transpose(1, 2), accumulator)
         y = y if bias is None else y + bias.unsqueeze(1)
-        return y.view(*x.shape[:-1], weight.shape[1])
+        return _unrows(y, x, weight.shape[1])
 
     def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
                              accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
-        errors = dy.reshape(dy.shape[0], -1, dy.shape[-1])
-        dx = accumulation.matmul_forward(errors, weight, accumulator).view(x.shape) if need_data else None
-        dw = (accumulation.matmul_backward_b(errors, x.reshape(x.shape[0], -1, x.shape[-1]), accumulator)
-              if need_weight else None)
+        errors = _rows(dy)
+        dx = _unrows(accumulation.matmul_forward(errors, weight, accumulator), x, x.shape[-1]) \
+            if need_data else None
+        dw = accumulation.matmul_backward_b(errors, _rows(x), accumulator) if need_weight else None
         return dx, dw
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A stacked Linear's operand (G, B, ..., features) as (G, rows, features) (as it is where 3-d)."""
+    return t if t.dim() == 3 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _unrows(y: Tensor, like: Tensor, features: int) -> Tensor:
+    """A GEMM's (G, rows, features) result in the shape of its operand `like`, with `features` last."""
+    return y if like.dim() == 3 else y.view(*like.shape[:-1], features)
 
 
 _STACKED_LINEAR = StackedLinearOp()

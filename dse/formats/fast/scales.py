@@ -43,10 +43,14 @@ def host_tensor_scale(fmt: NumberFormat, x: Tensor) -> float:
     rounded to float32 (float64 carries more than twice float32's digits, so that double
     rounding is exact), and the power of two comes from the same frexp.
     """
-    amax = host_abs_max(x)
+    return host_scale_of_amax(fmt, host_abs_max(x), x.dtype)
+
+
+def host_scale_of_amax(fmt: NumberFormat, amax: float, dtype: torch.dtype) -> float:
+    """`fmt.scale_from_amax` of max|x| = `amax` of a float32 or float64 tensor, as a Python float."""
     if not 0.0 < amax < math.inf:  # zero, inf or NaN
         return 1.0
-    if x.dtype == torch.float32:  # float32's rounding, with no bound on the exponent (a float64 value)
+    if dtype == torch.float32:  # float32's rounding, with no bound on the exponent (a float64 value)
         ratio = round_to_float32_significand(amax / fmt.max_float32)
     else:
         ratio = amax / fmt.max
@@ -81,3 +85,25 @@ def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: 
         return fused
     scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
     return fmt.round_scaled(x, scale_t, rounding, generator)
+
+
+def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high: Tensor,
+                                shape: list[int], rounding: str, generator: torch.Generator | None
+                                ) -> Tensor | None:
+    """`quantize_per_tensor` of each member x[g] of a stacked tensor, with one scale per member taken
+    on the host (`host_shortcuts`): the members' min and max (`low`, `high`, (G,)) read back at once
+    and each member's scale computed as `host_tensor_scale` computes it alone, so one read-back and
+    one small tensor replace the dozen scalar operations of `scale_from_amax` and its range check.
+    `shape` broadcasts the (G,) scales over x. None off the CPU, with fast paths off, or where a
+    member's float32 scale would leave float32's normals (the caller's exact path takes those)."""
+    if not host_shortcuts(x.device) or not enabled(HOST_SCALE):
+        return None
+    scales = [host_scale_of_amax(fmt, max(-lo, hi), x.dtype) for lo, hi in zip(low.tolist(), high.tolist(),
+                                                                                 strict=True)]
+    if x.dtype == torch.float32 and not all(FLOAT32_MIN_NORMAL <= scale < FLOAT32_SCALE_LIMIT
+                                            for scale in scales):
+        return None
+    if all(scale == 1.0 for scale in scales):  # x / 1 and y * 1 are exact: skip both
+        return fmt.round_unscaled(x, rounding, generator)
+    scale_t = torch.tensor(scales, dtype=x.dtype).view(shape)
+    return fmt.round_unscaled(x / scale_t, rounding, generator).mul_(scale_t)

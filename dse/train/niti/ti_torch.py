@@ -86,14 +86,14 @@ def sto_shift(x: Tensor, shift: int, generator: torch.Generator | MemberGenerato
     kept = magnitude >> shift
     discarded = magnitude - (kept << shift)
 
-    def fill(shape: tuple[int, ...], source: torch.Generator | None) -> Tensor:
-        device = source.device if source is not None else torch.device("cpu")
-        return torch.randint(0, 2**shift, shape, dtype=torch.int64, generator=source, device=device)
+    def fill_(out: Tensor, source: torch.Generator | None) -> Tensor:
+        return out.random_(0, 2**shift, generator=source)  # torch.randint's draws
 
     if isinstance(generator, MemberGenerators):
-        draw = generator.draw(x.shape, fill)
+        draw = generator.draw(x.shape, torch.int64, generator.device, fill_)
     else:
-        draw = fill(tuple(x.shape), generator)
+        device = generator.device if generator is not None else torch.device("cpu")
+        draw = fill_(torch.empty(x.shape, dtype=torch.int64, device=device), generator)
     return int_clip(_signed(kept + (discarded > draw.to(x.device)).to(torch.int64), x), bitwidth)
 
 
