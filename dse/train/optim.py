@@ -286,6 +286,13 @@ def _shift_columns(shifts: tuple[int, ...], device: torch.device) -> tuple[Tenso
             column([mask >> 1 for mask in masks]))
 
 
+@functools.lru_cache(maxsize=64)
+def _member_index(members: tuple[int, ...], device: torch.device) -> Tensor:
+    """The index of some members' rows of a stacked tensor, on `device`; kept, as the same members are
+    picked at every step (a list copied in afresh would make a GPU wait at every step)."""
+    return torch.tensor(members, device=device)
+
+
 def _round_shifted_members(s: Tensor, shifts: list[int], rounding: str,
                            generator: torch.Generator | MemberGenerators | None) -> Tensor:
     """`round_shifted` of a (G, n) s whose members shift by different k: the same integer steps with
@@ -302,7 +309,7 @@ def _round_shifted_members(s: Tensor, shifts: list[int], rounding: str,
             if len(rows) == rows[-1] - rows[0] + 1:  # consecutive members
                 fields[rows[0]:rows[-1] + 1].copy_(drawn)
             else:
-                fields.index_copy_(0, torch.tensor(rows, device=s.device), drawn.to(torch.int32))
+                fields.index_copy_(0, _member_index(tuple(rows), s.device), drawn.to(torch.int32))
         s.add_(fields)
     elif rounding == "nearest":
         s.add_((s >> k).bitwise_and_(tie).add_(half))
@@ -418,10 +425,11 @@ class LNSMadam(Madam):
         std::pow; stacked, it would not. Written into a (G, n) view of a (G, n + 1) buffer, the
         stacked tensor cannot be iterated as one run of G * n elements, and torch runs its kernel
         row by row: each member's n elements are split as alone (on one thread, or below
-        PARALLEL_GRAIN elements; else member by member, as each splits alone among threads).
+        PARALLEL_GRAIN elements; else member by member, as each splits alone among threads). On
+        CUDA every element takes the same scalar function wherever it sits: the group at once.
         """
         members = exponent.shape[0] if self.members else 1
-        if members == 1:
+        if members == 1 or exponent.device.type != "cpu":
             return torch.pow(2.0, exponent, out=exponent)
         if torch.get_num_threads() > 1 and exponent.numel() >= PARALLEL_GRAIN:
             for member in exponent:
@@ -486,7 +494,7 @@ class LNSMadam(Madam):
             if not part:
                 continue
             every = len(part) == members
-            selected = rows if every else rows.index_select(0, torch.tensor(part, device=rows.device))
+            selected = rows if every else rows.index_select(0, _member_index(tuple(part), rows.device))
             generator = self._generators(part)
             if part is whole:
                 shifted = selected.to(torch.int32)
@@ -506,7 +514,7 @@ class LNSMadam(Madam):
             elif every:
                 steps.sub_(delta)
             else:
-                steps.index_add_(0, torch.tensor(part, device=steps.device), delta, alpha=sign)
+                steps.index_add_(0, _member_index(tuple(part), steps.device), delta, alpha=sign)
         index = stored.index
         index.clamp_(stored.low, stored.high)
         if p.is_contiguous():

@@ -76,9 +76,11 @@ LNS_MADAM: dict[str, Any] = {"format": "lns8", "optimizer": "lns-madam", "master
      MADAM_TUNED),
     ({"format": "int8", "optimizer": "madam", "optimizer_state": "bf16", "rounding": "stochastic"},
      MADAM_TUNED),
+    ({**LNS_MADAM, "lr_schedule": "step", "lr_step_epochs": 1, "lr_gamma": 0.5, "epochs": 2}, MADAM_TUNED),
 ], ids=["lns-madam-lns8", "lns-madam-lns16-copy", "madam-stochastic", "lns-madam-nearest-tuned",
         "lns-madam-pseudo-stochastic-tuned", "lns-madam-toward-zero-lns16-tuned",
-        "lns-madam-fp32-warm-up-tuned", "lns-madam-posit-recipe-tuned", "madam-bf16-state-tuned"])
+        "lns-madam-fp32-warm-up-tuned", "lns-madam-posit-recipe-tuned", "madam-bf16-state-tuned",
+        "lns-madam-halving-lr-tuned"])
 def test_madam_and_lns_madam_members_equal_alone_runs(
         fields: dict[str, Any], members: list[dict[str, Any]], digits: Any,
         stacked_same_as_alone: Callable[..., Any],

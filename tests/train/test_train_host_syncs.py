@@ -114,6 +114,27 @@ def test_users_attention_models_and_the_transformer_step_without_waiting(
     assert not _per_step_syncs(transformer, grouped, with_validation(load_dataset("sort-easy")), host_syncs)
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_lns_madam_members_with_integer_and_float64_code_steps_step_without_waiting(
+        rounding: str, digits: Any, host_syncs: type) -> None:
+    """A group whose members' code steps differ in kind (lr 0.065: float64; the others integer) and in
+    shift (1/32 and 1/128, members 0 and 3 apart sharing one) picks each kind's and each shift's
+    members on the device, not from a list copied in at every step."""
+    config = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=BATCH, format="lns8",
+                         optimizer="lns-madam", master_weights=False, update_rounding=rounding)
+    configs = [config.replace(seed=g, lr=lr) for g, lr in enumerate((1 / 32, 0.065, 1 / 128, 1 / 32))]
+    data = with_validation(digits)
+
+    def run(samples: int) -> None:
+        train_group(configs, dataclasses.replace(data, x_train=data.x_train[:samples],
+                                                 y_train=data.y_train[:samples]))
+
+    _syncs(lambda: run(2 * BATCH), host_syncs)
+    short, long = (Counter(_syncs(lambda samples=samples: run(samples), host_syncs))
+                   for samples in (2 * BATCH, 6 * BATCH))
+    assert not long - short, long - short
+
+
 NITI_SYNCS_PER_STEP = {False: 24, True: 45}
 """NITI on the digits MLP (alone, and a group of 2) reads back per step what it keeps on the host by
 design: each int8 tensor's exponent is a Python int (its shift amounts come from max|x|, read back:

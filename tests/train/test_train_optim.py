@@ -296,6 +296,23 @@ def test_lns_code_steps_match_the_float64_algorithm_bit_for_bit(spec, lr, roundi
         assert_same_bits(param.detach(), reference.p)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "pseudo_stochastic"])
+@pytest.mark.parametrize("spec", ["lns8", "lns(12,gamma=128)"])
+def test_lns_code_steps_follow_the_lr_a_schedule_sets(spec, rounding):
+    """A schedule sets group["lr"] between steps: each step's code step is that lr's (integer for
+    1/32, 1/64 and back, float64 for 0.01), not the one worked out for an earlier lr."""
+    p0, grads = lns_trial(3, steps=8)
+    param = nn.Parameter(p0.clone())
+    optimizer = LNSMadam([param], lr=1 / 32, lns_storage={param: get(spec)}, update_rounding=rounding)
+    reference = ReferenceLNSMadam(p0, 1 / 32, spec, rounding, 0)
+    for g, lr in zip(grads, [1 / 32, 1 / 32, 1 / 64, 1 / 64, 0.01, 1 / 32, 3 / 64, 1 / 64], strict=True):
+        optimizer.param_groups[0]["lr"] = reference.lr = lr
+        param.grad = g.clone()
+        optimizer.step()
+        reference.step(g)
+        assert_same_bits(param.detach(), reference.p)
+
+
 @pytest.mark.parametrize("lr", OTHER_LRS)
 @pytest.mark.parametrize("spec", ["lns8", "lns(12,gamma=128)"])
 def test_stochastic_steps_that_are_not_dyadic_keep_the_float64_draws(spec, lr):
@@ -811,15 +828,17 @@ def test_stacked_lns_madam_steps_every_member_as_alone_bit_for_bit(spec: str, ro
                                                                    lrs: str) -> None:
     """Per-member lr, p_scale and g_bound in one group: each member's weight bound, LNS scale and
     table, integer or float64 code steps and draws are its own; the biases (not LNS-stored) take the
-    reference update (torch.pow, whose kernel tails differ from its body)."""
+    reference update (torch.pow, whose kernel tails differ from its body). Member 1's g_bound 0.75
+    clamps g* at most steps."""
     alone, stacked = _alone_and_stacked("lns-madam", spec, MEMBER_LRS[lrs], [3.0, 10.0, 1.5],
-                                        [10.0, 10.0, 2.5], rounding)
+                                        [10.0, 0.75, 2.5], rounding)
     _step_alike(alone, stacked, steps=8, source=seeded(5))
 
 
 @pytest.mark.parametrize("lrs", list(MEMBER_LRS), ids=list(MEMBER_LRS))
 def test_stacked_madam_steps_every_member_as_alone_bit_for_bit(lrs: str) -> None:
-    alone, stacked = _alone_and_stacked("madam", None, MEMBER_LRS[lrs], [3.0, 10.0, 1.5], [10.0, 4.0, 10.0],
+    """Member 1's g_bound 0.5 clamps g* at every step (|g*| is about 1 at the first)."""
+    alone, stacked = _alone_and_stacked("madam", None, MEMBER_LRS[lrs], [3.0, 10.0, 1.5], [10.0, 0.5, 10.0],
                                         "nearest")
     _step_alike(alone, stacked, steps=8, source=seeded(6))
 
@@ -844,6 +863,35 @@ def test_stacked_lns_madam_through_an_fp32_warm_up_as_alone(spec: str) -> None:
     _step_alike(alone, stacked, steps=7, source=seeded(8), warmup=3)
 
 
+@pytest.mark.parametrize("spec", ["lns(12,gamma=8)", "lns(16,gamma=128)"])
+def test_stacked_lns_madam_members_losing_different_underflowed_codes_saturate_as_alone(spec: str) -> None:
+    """Members whose weights lie 2^40 and 2^30 apart lose different numbers of a 2^+-128 grid's lowest
+    codes to float32 underflow (their scales differ): pushed down, each stops at its own smallest
+    non-zero weight, sign kept, and climbs back, as alone (a member bounded by another's count
+    would reach 0 or stop short)."""
+    fmt = get(spec)
+    initial = [torch.tensor([0.5, -0.25]) * factor for factor in (1.0, 2.0**-40, 2.0**30)]
+    alone = [nn.Parameter(t.clone()) for t in initial]
+    optimizers = [LNSMadam([p], lr=16.0, lns_storage={p: fmt}) for p in alone]
+    stacked = nn.Parameter(torch.stack(initial))
+    optimizer = LNSMadam([stacked], lr=[16.0] * 3, lns_storage={stacked: fmt}, members=3)
+    weights = []
+    for step in range(201):
+        direction = 1.0 if step < 200 else -1.0  # 16 gamma codes down a step, then one step up
+        stacked.grad = direction * torch.sign(stacked.detach())
+        optimizer.step()
+        for g, (p, own) in enumerate(zip(alone, optimizers, strict=True)):
+            p.grad = direction * torch.sign(p.detach())
+            own.step()
+            assert torch.equal(_bits(stacked[g]), _bits(p)), (step, g)
+        weights.append(stacked.detach().clone())
+    positive = fmt.values()[fmt.values() > 0].double()
+    lost = {int(((positive * scale).float() == 0).sum()) for scale in optimizer.state[stacked]["lns_scale"]}
+    assert len(lost) == 3  # each member loses its own number of codes
+    assert torch.equal(weights[198], weights[199]) and (weights[199] != 0).all()  # saturated, signs kept
+    assert (weights[200].abs() > weights[199].abs()).all()
+
+
 def test_stacked_lns_madam_on_two_threads_as_alone() -> None:
     """On two threads torch splits an elementwise operation over 32768 elements or more among them
     (its kernels' tails then fall per chunk): the stacked reference update keeps each member's split."""
@@ -859,6 +907,31 @@ def test_stacked_lns_madam_on_two_threads_as_alone() -> None:
     finally:
         MEMBER_SHAPES = shapes
         torch.set_num_threads(threads)
+
+
+def test_the_powers_of_a_group_off_the_cpu_are_one_operation() -> None:
+    """The member-by-member powers (2 threads, 32768 elements or more) are for torch's CPU kernel
+    tails; elsewhere (CUDA: one scalar function per element, wherever it sits) a group's update stays
+    one pow, not G."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Pows(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Pows.calls += func.name().startswith("aten::pow")
+            return func(*args, **(kwargs or {}))
+
+    stacked = nn.Parameter(torch.ones(3, 203, 201))
+    optimizer = LNSMadam([stacked], lr=[1 / 32, 0.065, 0.13], members=3)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with Pows():
+            optimizer._power_of_two(torch.zeros(3, 203, 201, device="meta"))
+    finally:
+        torch.set_num_threads(previous)
+    assert Pows.calls == 1
 
 
 def _step_operations(name: str, members: int, rounding: str) -> int:
