@@ -248,7 +248,8 @@ def report_time(output: Path) -> float:
 
 def child_reports(output: Path) -> float:
     """CPU seconds of writing the reports into a scratch folder, from importing dse.report (scipy.stats;
-    matplotlib on the first figure) to the last file, as a sweep's one write pays them."""
+    matplotlib on the first figure) to the last file, all in this process: the work a report costs
+    (a sweep and `dse report` draw the figures in processes of their own: dse/report/drawing.py)."""
     from dse.sweep import load_trials
 
     frame = load_trials(output)
