@@ -299,9 +299,16 @@ class LayerQuant:
         if self.accumulator is not None and self.op is not None and \
                 not all(hasattr(self.op, name) for name in _ACCUMULATED_GEMMS):
             raise TypeError(f"{type(self.op).__name__} has no accumulated GEMMs, so it takes no accumulator")
-        self.operands_blocked = _blocked(self.activations) or _blocked(self.weights)
-        """Whether x or w is block-scaled (then the forward quantizes it along the backward's axes too)."""
-        self.any_blocked = self.operands_blocked or _blocked(self.gradients)
+
+    @property
+    def operands_blocked(self) -> bool:
+        """Whether x or w is block-scaled (then the forward quantizes it along the backward's axes too).
+        Read at each call, not kept: methods may set a layer's quantizers after construction."""
+        return _blocked(self.activations) or _blocked(self.weights)
+
+    @property
+    def any_blocked(self) -> bool:
+        return self.operands_blocked or _blocked(self.gradients)
 
     @property
     def gemm(self) -> GemmOp:

@@ -250,6 +250,24 @@ def test_block_scaled_linear_gemms_see_operands_blocked_along_each_gemms_reducti
     assert torch.equal(layer.bias.grad, dy.sum(0))  # db sums the unquantized error, as microxcaling
 
 
+def test_a_layer_whose_quantizers_are_replaced_by_block_scaled_ones_blocks_along_each_gemms_axis():
+    """LayerQuant is a plain dataclass that other methods fill with their own quantizers: one set
+    after construction is honoured as one given to it (no block-scaled check frozen at construction)."""
+    torch.manual_seed(11)
+    layer = quantized(nn.Linear(64, 40), distinct_policy())
+    blocked = quantized(nn.Linear(64, 40), mx_policy()).gemm_quant
+    quant = layer.gemm_quant
+    quant.activations, quant.weights, quant.gradients = blocked.activations, blocked.weights, blocked.gradients
+    quant.weight_grads = None
+    seen, x, dy = recorded_gemms(layer, torch.randn(48, 64), (48, 40))
+    w = layer.weight.detach()
+    assert torch.equal(seen["forward_x"], mx_along(x.detach(), -1))
+    assert torch.equal(seen["forward_w"], mx_along(w, -1))
+    assert torch.equal(seen["data_w"], mx_along(w, 0))
+    assert torch.equal(seen["weight_x"], mx_along(x.detach(), -2))
+    assert torch.equal(seen["weight_dy"], mx_along(dy, -2))
+
+
 def test_block_scaled_conv_gemms_see_operands_blocked_along_each_gemms_reduction_axis():
     """microxcaling's mx/convolution.py: forward x, w along the input channels (1); backward-data dy
     along the output channels (1), w along C_out (0); backward-weight x and dy along the batch (0)."""
