@@ -257,8 +257,8 @@ def test_a_layer_whose_quantizers_are_replaced_by_block_scaled_ones_blocks_along
     layer = quantized(nn.Linear(64, 40), distinct_policy())
     blocked = quantized(nn.Linear(64, 40), mx_policy()).gemm_quant
     quant = layer.gemm_quant
-    quant.activations, quant.weights, quant.gradients = blocked.activations, blocked.weights, blocked.gradients
-    quant.weight_grads = None
+    for name in ("activations", "weights", "gradients", "weight_grads"):
+        setattr(quant, name, getattr(blocked, name))
     seen, x, dy = recorded_gemms(layer, torch.randn(48, 64), (48, 40))
     w = layer.weight.detach()
     assert torch.equal(seen["forward_x"], mx_along(x.detach(), -1))
