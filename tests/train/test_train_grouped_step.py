@@ -60,6 +60,25 @@ def test_group_loss_gives_each_member_cross_entropys_value_and_gradient_bit_for_
     assert torch.equal(bits(stacked.grad), bits(torch.stack(alone_grads)))
 
 
+def test_nll_loss_backward_divides_so_a_groups_mean_times_g_gives_each_row_one_over_n() -> None:
+    """The group's objective relies on torch's nll_loss backward computing grad_output / total_weight
+    as one division: G / (G*N) then rounds to 1/N as alone's 1 / N does, for every G and N here
+    (1..64, 1..1000). A product by the reciprocal, G * (1 / (G*N)), would differ at thousands of them."""
+    row, target = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+
+    def target_grad(grad_output: float, total_weight: float) -> float:
+        return float(torch.ops.aten.nll_loss_backward(torch.tensor(grad_output), row, target, None, 1, -100,
+                                                      torch.tensor(total_weight))[0, 0])
+
+    rows = torch.arange(1, 1001, dtype=torch.float32)
+    alone = [target_grad(1.0, n) for n in rows.tolist()]
+    for members in range(2, 65):
+        assert [target_grad(float(members), members * n) for n in rows.tolist()] == alone, members
+    by_reciprocal = torch.arange(2, 65, dtype=torch.float32)[:, None] * (1 / (torch.arange(
+        2, 65, dtype=torch.float32)[:, None] * rows))
+    assert not torch.equal(by_reciprocal, (1 / rows).expand_as(by_reciprocal))
+
+
 BASE = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64)
 STEP_CASES: list[dict[str, Any]] = [
     {},
