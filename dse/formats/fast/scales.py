@@ -91,9 +91,9 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
                                 shape: list[int], rounding: str, generator: torch.Generator | None
                                 ) -> Tensor | None:
     """`quantize_per_tensor` of each member x[g] of a stacked tensor, with one scale per member taken
-    on the host (`host_shortcuts`): the members' min and max (`low`, `high`, (G,)) read back at once
-    and each member's scale computed as `host_tensor_scale` computes it alone, so one read-back and
-    one small tensor replace the dozen scalar operations of `scale_from_amax` and its range check.
+    on the host (`host_shortcuts`): the members' minima and maxima (`low`, `high`, (G,)) read back as
+    two lists and each member's scale computed as `host_tensor_scale` computes it alone, so two reads
+    and one small tensor replace the dozen scalar operations of `scale_from_amax` and its range check.
     `shape` broadcasts the (G,) scales over x. None off the CPU, with fast paths off, or where a
     member's float32 scale would leave float32's normals (the caller's exact path takes those)."""
     if not host_shortcuts(x.device) or not enabled(HOST_SCALE):
