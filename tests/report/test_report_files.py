@@ -199,3 +199,91 @@ def test_a_figure_that_cannot_be_written_in_its_process_is_the_callers_one_line_
         write_reports(example_trials, tmp_path, figures=figures)
     assert "\n" not in str(caught.value)
     assert not any(child.is_alive() for child in multiprocessing.active_children())
+
+
+def _same_files(directory: Path, reports: tuple[Path, list[Path]]) -> None:
+    out, written = reports
+    for path in [*written, out / REPORTS_STAMP]:
+        assert (directory / path.name).read_bytes() == path.read_bytes(), path.name
+    assert not [path.name for path in directory.iterdir() if path.suffix == ".tmp"]
+
+
+def _in_figure_processes(monkeypatch: pytest.MonkeyPatch, child_save: Callable[..., list[Path]]) -> None:
+    """Figure processes forked from here save their figures with `child_save`; this process as before."""
+    import os
+
+    import dse.report.files as files
+
+    parent, save = os.getpid(), files.save_figure
+    monkeypatch.setattr(files, "save_figure", lambda figure, stem: save(figure, stem)
+                        if os.getpid() == parent else child_save(figure, stem))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+@pytest.mark.parametrize("child", ["stuck", "killed"])
+def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
+        example_trials: pd.DataFrame, reports: tuple[Path, list[Path]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, child: str) -> None:
+    """A figure process that waits for ever (a lock held by another thread at the fork) or dies (the
+    out-of-memory killer) does not hang or fail the report: the processes are stopped and the figures
+    are drawn in this process, the same files; no process and no temporary file is left."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+
+    from dse.report.drawing import FigureProcesses
+
+    def child_save(figure: object, stem: Path) -> list[Path]:
+        if child == "stuck":
+            time.sleep(600)
+        os._exit(1)
+
+    _in_figure_processes(monkeypatch, child_save)
+    drawn: list[Path] = []
+    with FigureProcesses(2) as figures:
+        figures.stall_s = 1.0
+        waiting = threading.Thread(target=lambda: drawn.extend(write_reports(example_trials, tmp_path,
+                                                                             figures=figures)),
+                                   daemon=True)
+        waiting.start()
+        waiting.join(60)
+        assert not waiting.is_alive(), "the report waits for its figure processes for ever"
+    assert [path.name for path in drawn] == [path.name for path in reports[1]]
+    _same_files(tmp_path, reports)
+    assert not any(child.is_alive() for child in multiprocessing.active_children())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
+        example_trials: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM while figures are saved: the caller stops its figure processes (SIGTERM), and a
+    figure half-saved leaves neither its file nor its temporary file."""
+    import time
+
+    from dse.report.drawing import FigureData, FigureProcesses
+    from dse.report.files import figure_jobs
+    from dse.report.tables import SweepTables
+
+    saving = tmp_path / "saving"
+
+    def child_save(figure: object, stem: Path) -> list[Path]:
+        def write(temporary: Path) -> None:
+            temporary.write_bytes(b"half a figure")
+            saving.touch()
+            time.sleep(600)
+
+        return [write_atomically(stem.with_suffix(".png"), write)]
+
+    _in_figure_processes(monkeypatch, child_save)
+    out = tmp_path / "out"
+    tables = SweepTables.of(example_trials, False)
+    data = FigureData(tables.summary, tables.fronts, tables.memory_objective, False)
+    with pytest.raises(KeyboardInterrupt), FigureProcesses(2) as figures:
+        figures.start_drawing(figure_jobs(tables, out), data)
+        deadline = time.monotonic() + 60
+        while not saving.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # the sweep's interrupt unwinds through FigureProcesses
+    assert saving.exists()
+    assert not [path.name for path in out.iterdir() if path.suffix in (".png", ".pdf", ".tmp")]
