@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from dse.processes import become_helper, stop_workers
+from dse.processes import STOP_S, become_helper, stop_workers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,13 +108,21 @@ def _draw_in_child(job: FigureJob, data: FigureData) -> list[Path]:
         _drawing = False
 
 
+def _stop_this_process() -> None:
+    """Its parent ended: stop as SIGTERM does (the main thread's wait or save is interrupted), and
+    exit after STOP_S in any case (a main thread stuck on a lock runs no handler)."""
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+    time.sleep(STOP_S)
+    os._exit(1)
+
+
 def _become_helper(parent_pid: int) -> None:
-    """A figure process's start: it ends with its parent, leaves Ctrl-C to it, and a stop (its parent's
-    SIGTERM, a hang-up) ends it without a half-written file (a sweep's own handlers, inherited by the
-    fork, would raise SweepInterrupted in the child)."""
+    """A figure process's start: it leaves Ctrl-C to its parent, and a stop (its parent's SIGTERM, a
+    hang-up, its parent's end) ends it without a half-written file (a sweep's own handlers, inherited
+    by the fork, would raise SweepInterrupted in the child)."""
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _on_stop)
-    become_helper(parent_pid)
+    become_helper(parent_pid, _stop_this_process)
 
 
 DRAWING_MODULES: tuple[str, ...] = ("scipy.stats", "matplotlib.backends.backend_agg",

@@ -287,3 +287,47 @@ def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
         raise KeyboardInterrupt  # the sweep's interrupt unwinds through FigureProcesses
     assert saving.exists()
     assert not [path.name for path in out.iterdir() if path.suffix in (".png", ".pdf", ".tmp")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+def test_figure_processes_whose_parent_dies_while_saving_leave_no_temporary_file(tmp_path: Path) -> None:
+    """`dse report` killed (SIGTERM's default, SIGKILL) while its figure processes save: each ends, and
+    removes the temporary file of the figure it was saving."""
+    import os
+    import subprocess
+    import time
+
+    parent = f"""
+import os, sys, time
+from pathlib import Path
+import dse.report.drawing as drawing
+from dse.report.files import write_atomically
+out = Path(sys.argv[1])
+def draw(job, data):
+    def write(temporary):
+        temporary.write_bytes(b"half a figure")
+        (out / f"saving-{{os.getpid()}}").touch()
+        time.sleep(600)
+    return [write_atomically(job.stem.with_suffix(".png"), write)]
+drawing.draw = draw
+jobs = [drawing.FigureJob("pareto", "task", "proxy", out / f"figure{{i}}") for i in range(2)]
+drawing.FigureProcesses(2).start_drawing(jobs, drawing.FigureData(None, None, False, False))
+while len(list(out.glob("saving-*"))) < 2:
+    time.sleep(0.05)
+os._exit(0)
+"""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-c", parent, str(tmp_path)], env=environment, check=True, timeout=120)
+    children = [int(path.name.split("-")[1]) for path in tmp_path.glob("saving-*")]
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in children)
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith("saving-")) == []
