@@ -297,7 +297,7 @@ def test_figure_processes_whose_parent_dies_while_saving_leave_no_temporary_file
     import subprocess
     import time
 
-    parent = f"""
+    parent = """
 import os, sys, time
 from pathlib import Path
 import dse.report.drawing as drawing
@@ -306,11 +306,11 @@ out = Path(sys.argv[1])
 def draw(job, data):
     def write(temporary):
         temporary.write_bytes(b"half a figure")
-        (out / f"saving-{{os.getpid()}}").touch()
+        (out / f"saving-{os.getpid()}").touch()
         time.sleep(600)
     return [write_atomically(job.stem.with_suffix(".png"), write)]
 drawing.draw = draw
-jobs = [drawing.FigureJob("pareto", "task", "proxy", out / f"figure{{i}}") for i in range(2)]
+jobs = [drawing.FigureJob("pareto", "task", "proxy", out / f"figure{i}") for i in range(2)]
 drawing.FigureProcesses(2).start_drawing(jobs, drawing.FigureData(None, None, False, False))
 while len(list(out.glob("saving-*"))) < 2:
     time.sleep(0.05)
@@ -331,3 +331,23 @@ os._exit(0)
         time.sleep(0.05)
     assert not any(running(pid) for pid in children)
     assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith("saving-")) == []
+
+
+def test_figures_are_drawn_in_this_process_where_processes_are_not_forked(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not Linux (macOS, Windows: no fork of a process with torch's threads): FigureProcesses draws every
+    figure in the caller, in order, and starts no process."""
+    import os
+
+    import dse.report.drawing as drawing
+
+    drawn: list[tuple[str, int]] = []
+    monkeypatch.setattr(drawing, "draw", lambda job, data: drawn.append((job.kind, os.getpid())) or [])
+    monkeypatch.setattr(sys, "platform", "darwin")
+    kinds = ("pareto", "breakdown", "area")
+    jobs = [drawing.FigureJob(kind, "task", "proxy", tmp_path / kind) for kind in kinds]
+    with drawing.FigureProcesses(4) as figures:
+        assert figures.processes == 1
+        assert figures.start_drawing(jobs, drawing.FigureData(None, None, False, False))() == []
+        assert figures.pool is None and figures.imports is None
+    assert drawn == [(kind, os.getpid()) for kind in kinds]
