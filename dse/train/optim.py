@@ -184,7 +184,10 @@ class Madam(torch.optim.Optimizer):
 
     def _clamp(self, p: Tensor) -> None:
         """p <- clamp(p, -max, max), each member to its own max."""
-        bounds = self.member_list(self.state[p]["max"])
+        bounds = self.state[p]["max"]
+        if isinstance(bounds, float):  # one max (a run alone): no per-member values to build
+            p.clamp_(-bounds, bounds)
+            return
         low, high = self.member_values([-bound for bound in bounds], p), self.member_values(bounds, p)
         if isinstance(low, Tensor) and isinstance(high, Tensor):
             p.clamp_(low, high)
