@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,7 @@ class FigureProcesses:
         for index, future in enumerate(futures):
             try:
                 written += future.result(timeout=self.stall_s)
-            except (TimeoutError, BrokenProcessPool):
+            except (FutureTimeout, BrokenProcessPool):  # FutureTimeout: TimeoutError from 3.11
                 self._stop_stuck(jobs[index:])
                 for job, late in zip(jobs[index:], futures[index:], strict=True):
                     saved = late.done() and not late.cancelled() and late.exception() is None
