@@ -82,9 +82,10 @@ FIGURE_STALL_S = 120.0
 before they are stopped and the rest are drawn in this process."""
 
 
-class _Stopped(Exception):
+class _Stopped(BaseException):
     """Raised in a figure process by SIGTERM or SIGHUP while it draws: the save unwinds (its temporary
-    file removed, dse.report.files.write_atomically) before the process exits."""
+    file removed, dse.report.files.write_atomically) before the process exits. Not an Exception, which
+    library code may catch, as KeyboardInterrupt is not."""
 
 
 _drawing = False
