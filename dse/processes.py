@@ -13,6 +13,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 STOP_S = 5.0
@@ -40,21 +41,25 @@ def wait_for_exit(pid: int) -> None:
         time.sleep(0.5)
 
 
-def end_with(pid: int) -> None:
-    """End this process when process `pid` ends."""
+def _exit_now() -> None:
+    os._exit(1)
+
+
+def end_with(pid: int, end: Callable[[], None] = _exit_now) -> None:
+    """Call `end` (by default: exit at once) from a thread of this process when process `pid` ends."""
     def watch() -> None:
         wait_for_exit(pid)
-        os._exit(1)
+        end()
 
     threading.Thread(target=watch, name="dse-parent-watch", daemon=True).start()
 
 
-def become_helper(parent_pid: int | None) -> None:
+def become_helper(parent_pid: int | None, end: Callable[[], None] = _exit_now) -> None:
     """Set up a pool worker: Ctrl-C is its parent's to handle (the parent stops it), and it ends with
-    its parent (`parent_pid`; None: no watch)."""
+    its parent (`parent_pid`; None: no watch) by calling `end`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_pid is not None:
-        end_with(parent_pid)
+        end_with(parent_pid, end)
 
 
 def stop_workers(pool: ProcessPoolExecutor) -> None:

@@ -8,7 +8,10 @@ one after another in one process before). A figure drawn in another process is t
 for byte: the same code, the same data, the same matplotlib settings (inherited), and the writers
 are deterministic (dse.report.files). Forking is Linux's (elsewhere the figures are drawn in this
 process, one after another); the children touch nothing of torch's, whose idle threads a sweep's
-process has.
+process has. Forking a process with threads can still leave a child waiting on a lock another thread
+held at the fork: a child that finishes no figure for FIGURE_STALL_S, or dies, is stopped and what
+is left is drawn in this process, so a report never hangs. A child stopped while it saves (SIGTERM,
+SIGHUP) removes its temporary file before it exits: nothing half-written is left.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
-from dse.processes import become_helper, stop_workers
+from dse.processes import STOP_S, become_helper, stop_workers
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,12 +77,54 @@ def draw(job: FigureJob, data: FigureData) -> list[Path]:
     return [] if figure is None else save_figure(figure, job.stem)
 
 
+FIGURE_STALL_S = 120.0
+"""How long the figure processes may go without finishing a figure (one takes well under a second)
+before they are stopped and the rest are drawn in this process."""
+
+
+class _Stopped(BaseException):
+    """Raised in a figure process by SIGTERM or SIGHUP while it draws: the save unwinds (its temporary
+    file removed, dse.report.files.write_atomically) before the process exits. Not an Exception, which
+    library code may catch, as KeyboardInterrupt is not."""
+
+
+_drawing = False
+"""Whether this figure process is inside `_draw_in_child` (then a stop unwinds; else it exits at once)."""
+
+
+def _on_stop(number: int, frame: FrameType | None) -> None:
+    if _drawing:
+        raise _Stopped(number)
+    os._exit(128 + number)
+
+
+def _draw_in_child(job: FigureJob, data: FigureData) -> list[Path]:
+    """`draw` in a figure process, which a stop ends once the save has unwound."""
+    global _drawing
+    _drawing = True
+    try:
+        return draw(job, data)
+    except _Stopped as stop:
+        os._exit(128 + stop.args[0])
+    finally:
+        _drawing = False
+
+
+def _stop_this_process() -> None:
+    """Its parent ended: stop as SIGTERM does (the main thread's wait or save is interrupted), and
+    exit after STOP_S in any case (a main thread stuck on a lock runs no handler)."""
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
+    time.sleep(STOP_S)
+    os._exit(1)
+
+
 def _become_helper(parent_pid: int) -> None:
-    """A figure process's start: it ends with its parent, and leaves signals to it (a sweep's own
-    handlers, inherited by the fork, would raise in the child)."""
+    """A figure process's start: it leaves Ctrl-C to its parent, and a stop (its parent's SIGTERM, a
+    hang-up, its parent's end) ends it without a half-written file (a sweep's own handlers, inherited
+    by the fork, would raise SweepInterrupted in the child)."""
     for number in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, signal.SIG_DFL)
-    become_helper(parent_pid)
+        signal.signal(number, _on_stop)
+    become_helper(parent_pid, _stop_this_process)
 
 
 DRAWING_MODULES: tuple[str, ...] = ("scipy.stats", "matplotlib.backends.backend_agg",
@@ -89,8 +138,9 @@ class FigureProcesses:
     figures are handed over and stopped on leaving the context. One process, fewer than two figures,
     or no fork (not Linux): the figures are drawn in this process, one after another."""
 
-    def __init__(self, processes: int | None = None) -> None:
+    def __init__(self, processes: int | None = None, stall_s: float = FIGURE_STALL_S) -> None:
         self.processes = max(1, processes or os.cpu_count() or 1) if sys.platform == "linux" else 1
+        self.stall_s = stall_s
         self.pool: ProcessPoolExecutor | None = None
         self.imports: threading.Thread | None = None
 
@@ -130,8 +180,36 @@ class FigureProcesses:
             self.pool = ProcessPoolExecutor(min(self.processes, len(jobs)),
                                             mp_context=multiprocessing.get_context("fork"),
                                             initializer=_become_helper, initargs=(os.getpid(),))
-        futures: list[Future[list[Path]]] = [self.pool.submit(draw, job, data) for job in jobs]
-        return lambda: [path for future in futures for path in future.result()]
+        futures: list[Future[list[Path]]] = [self.pool.submit(_draw_in_child, job, data) for job in jobs]
+        return lambda: self._collect(jobs, futures, data)
+
+    def _collect(self, jobs: list[FigureJob], futures: list[Future[list[Path]]],
+                 data: FigureData) -> list[Path]:
+        """The paths the processes wrote, in the jobs' order. A figure's own error is raised here; a
+        process that died or finished nothing for `stall_s` has the processes stopped (no more are
+        forked) and the figures not yet saved drawn in this process."""
+        written: list[Path] = []
+        for index, future in enumerate(futures):
+            try:
+                written += future.result(timeout=self.stall_s)
+            except (FutureTimeout, BrokenProcessPool):  # FutureTimeout: TimeoutError from 3.11
+                self._stop_stuck(jobs[index:])
+                for job, late in zip(jobs[index:], futures[index:], strict=True):
+                    saved = late.done() and not late.cancelled() and late.exception() is None
+                    written += late.result() if saved else draw(job, data)
+                break
+        return written
+
+    def _stop_stuck(self, jobs: list[FigureJob]) -> None:
+        """Stop the processes and remove what a killed one may have left of `jobs`' files (temporary
+        files only: a figure's file is replaced whole or not at all); draw in this process from now."""
+        if self.pool is not None:
+            stop_workers(self.pool)
+        self.pool, self.processes = None, 1
+        for job in jobs:
+            for suffix in PLOT_SUFFIXES:
+                for temporary in job.stem.parent.glob(f".{job.stem.name}.{suffix}.*.tmp"):
+                    temporary.unlink(missing_ok=True)
 
 
 def _import(modules: tuple[str, ...]) -> None:

@@ -199,3 +199,155 @@ def test_a_figure_that_cannot_be_written_in_its_process_is_the_callers_one_line_
         write_reports(example_trials, tmp_path, figures=figures)
     assert "\n" not in str(caught.value)
     assert not any(child.is_alive() for child in multiprocessing.active_children())
+
+
+def _same_files(directory: Path, reports: tuple[Path, list[Path]]) -> None:
+    out, written = reports
+    for path in [*written, out / REPORTS_STAMP]:
+        assert (directory / path.name).read_bytes() == path.read_bytes(), path.name
+    assert not [path.name for path in directory.iterdir() if path.suffix == ".tmp"]
+
+
+def _in_figure_processes(monkeypatch: pytest.MonkeyPatch, child_save: Callable[..., list[Path]]) -> None:
+    """Figure processes forked from here save their figures with `child_save`; this process as before."""
+    import os
+
+    import dse.report.files as files
+
+    parent, save = os.getpid(), files.save_figure
+    monkeypatch.setattr(files, "save_figure", lambda figure, stem: save(figure, stem)
+                        if os.getpid() == parent else child_save(figure, stem))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+@pytest.mark.parametrize("child", ["stuck", "killed"])
+def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
+        example_trials: pd.DataFrame, reports: tuple[Path, list[Path]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, child: str) -> None:
+    """A figure process that waits for ever (a lock held by another thread at the fork) or dies (the
+    out-of-memory killer) does not hang or fail the report: the processes are stopped and the figures
+    are drawn in this process, the same files; no process and no temporary file is left."""
+    import multiprocessing
+    import os
+    import threading
+    import time
+
+    from dse.report.drawing import FigureProcesses
+
+    def child_save(figure: object, stem: Path) -> list[Path]:
+        if child == "stuck":
+            time.sleep(600)
+        os._exit(1)
+
+    _in_figure_processes(monkeypatch, child_save)
+    drawn: list[Path] = []
+    with FigureProcesses(2) as figures:
+        figures.stall_s = 1.0
+        waiting = threading.Thread(target=lambda: drawn.extend(write_reports(example_trials, tmp_path,
+                                                                             figures=figures)),
+                                   daemon=True)
+        waiting.start()
+        waiting.join(60)
+        assert not waiting.is_alive(), "the report waits for its figure processes for ever"
+    assert [path.name for path in drawn] == [path.name for path in reports[1]]
+    _same_files(tmp_path, reports)
+    assert not any(child.is_alive() for child in multiprocessing.active_children())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
+        example_trials: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM while figures are saved: the caller stops its figure processes (SIGTERM), and a
+    figure half-saved leaves neither its file nor its temporary file."""
+    import time
+
+    from dse.report.drawing import FigureData, FigureProcesses
+    from dse.report.files import figure_jobs
+    from dse.report.tables import SweepTables
+
+    saving = tmp_path / "saving"
+
+    def child_save(figure: object, stem: Path) -> list[Path]:
+        def write(temporary: Path) -> None:
+            temporary.write_bytes(b"half a figure")
+            saving.touch()
+            time.sleep(600)
+
+        return [write_atomically(stem.with_suffix(".png"), write)]
+
+    _in_figure_processes(monkeypatch, child_save)
+    out = tmp_path / "out"
+    tables = SweepTables.of(example_trials, False)
+    data = FigureData(tables.summary, tables.fronts, tables.memory_objective, False)
+    with pytest.raises(KeyboardInterrupt), FigureProcesses(2) as figures:
+        figures.start_drawing(figure_jobs(tables, out), data)
+        deadline = time.monotonic() + 60
+        while not saving.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # the sweep's interrupt unwinds through FigureProcesses
+    assert saving.exists()
+    assert not [path.name for path in out.iterdir() if path.suffix in (".png", ".pdf", ".tmp")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+def test_figure_processes_whose_parent_dies_while_saving_leave_no_temporary_file(tmp_path: Path) -> None:
+    """`dse report` killed (SIGTERM's default, SIGKILL) while its figure processes save: each ends, and
+    removes the temporary file of the figure it was saving."""
+    import os
+    import subprocess
+    import time
+
+    parent = """
+import os, sys, time
+from pathlib import Path
+import dse.report.drawing as drawing
+from dse.report.files import write_atomically
+out = Path(sys.argv[1])
+def draw(job, data):
+    def write(temporary):
+        temporary.write_bytes(b"half a figure")
+        (out / f"saving-{os.getpid()}").touch()
+        time.sleep(600)
+    return [write_atomically(job.stem.with_suffix(".png"), write)]
+drawing.draw = draw
+jobs = [drawing.FigureJob("pareto", "task", "proxy", out / f"figure{i}") for i in range(2)]
+drawing.FigureProcesses(2).start_drawing(jobs, drawing.FigureData(None, None, False, False))
+while len(list(out.glob("saving-*"))) < 2:
+    time.sleep(0.05)
+os._exit(0)
+"""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-c", parent, str(tmp_path)], env=environment, check=True, timeout=120)
+    children = [int(path.name.split("-")[1]) for path in tmp_path.glob("saving-*")]
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in children)
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.name.startswith("saving-")) == []
+
+
+def test_figures_are_drawn_in_this_process_where_processes_are_not_forked(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Not Linux (macOS, Windows: no fork of a process with torch's threads): FigureProcesses draws every
+    figure in the caller, in order, and starts no process."""
+    import os
+
+    import dse.report.drawing as drawing
+
+    drawn: list[tuple[str, int]] = []
+    monkeypatch.setattr(drawing, "draw", lambda job, data: drawn.append((job.kind, os.getpid())) or [])
+    monkeypatch.setattr(sys, "platform", "darwin")
+    kinds = ("pareto", "breakdown", "area")
+    jobs = [drawing.FigureJob(kind, "task", "proxy", tmp_path / kind) for kind in kinds]
+    with drawing.FigureProcesses(4) as figures:
+        assert figures.processes == 1
+        assert figures.start_drawing(jobs, drawing.FigureData(None, None, False, False))() == []
+        assert figures.pool is None and figures.imports is None
+    assert drawn == [(kind, os.getpid()) for kind in kinds]
