@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import wait
 
 STOP_S = 5.0
 """How long a terminated worker has to exit before it is killed."""
@@ -66,12 +67,15 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     """Cancel what has not started and end the workers now, their current jobs with them (SIGTERM,
     then SIGKILL after STOP_S): `shutdown` alone lets each finish its current job."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # pid -> Process (3.10-3.14)
+    reaper = getattr(pool, "_executor_manager_thread", None)  # the pool's thread, which reaps workers too
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
     deadline = time.monotonic() + STOP_S
     for process in processes:
-        process.join(max(deadline - time.monotonic(), 0.0))
-        if process.is_alive():
+        # The sentinel, not join/is_alive: a Process whose exit the pool's thread reaped first reads
+        # as alive until that thread records it.
+        if not wait([process.sentinel], max(deadline - time.monotonic(), 0.0)):
             process.kill()
-            process.join()
+    if reaper is not None:
+        reaper.join(STOP_S)  # it ends once it has recorded every worker's exit
