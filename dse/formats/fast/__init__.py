@@ -25,12 +25,13 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
 Operation = Literal["quantize", "round_unscaled"]
 CodeSpace = Literal["grid", "scaled", "blocks", "wide"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,24 +87,24 @@ def reference_only_active() -> bool:
 
 
 @contextlib.contextmanager
-def reference_only() -> Iterator[None]:
-    """Run every format's reference rounding inside the block: no fast path, whole tensors."""
-    token = _REFERENCE_ONLY.set(True)
+def _set_within(variable: contextvars.ContextVar[Any], value: T) -> Iterator[T]:
+    """`variable` holds `value` inside the block (yielded), and what it held before after it."""
+    token = variable.set(value)
     try:
-        yield
+        yield value
     finally:
-        _REFERENCE_ONLY.reset(token)
+        variable.reset(token)
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[set[str]]:
+def reference_only() -> contextlib.AbstractContextManager[bool]:
+    """Run every format's reference rounding inside the block: no fast path, whole tensors."""
+    return _set_within(_REFERENCE_ONLY, True)
+
+
+def recording() -> contextlib.AbstractContextManager[set[str]]:
     """The names of the fast paths taken inside the block."""
     used: set[str] = set()
-    token = _USED.set(used)
-    try:
-        yield used
-    finally:
-        _USED.reset(token)
+    return _set_within(_USED, used)
 
 
 def host_shortcuts(device: torch.device) -> bool:
@@ -112,11 +113,6 @@ def host_shortcuts(device: torch.device) -> bool:
     return device.type == "cpu" and not _DEVICE_PATH.get()
 
 
-@contextlib.contextmanager
-def device_path() -> Iterator[None]:
+def device_path() -> contextlib.AbstractContextManager[bool]:
     """CPU tensors take the device path inside the block (no host shortcuts), as on a GPU."""
-    token = _DEVICE_PATH.set(True)
-    try:
-        yield
-    finally:
-        _DEVICE_PATH.reset(token)
+    return _set_within(_DEVICE_PATH, True)
