@@ -160,14 +160,15 @@ class StackedOptimizer:
         self.runs: list[tuple[int, int, torch.optim.Optimizer, list[Tensor]]] = []
         if self.name in STACKED_OPTIMIZERS:
             self.runs.append((0, len(configs), self._madam(configs, weights), self.params))
-        for start, stop in [] if self.name in STACKED_OPTIMIZERS else self._runs(configs):
-            config = configs[start]
-            views = [p.detach()[start:stop] for p in self.params]
-            lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
-            optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
-                                        config.p_scale, config.g_bound, {}, policy.master_weights.rounding,
-                                        self.generators[start], switch)
-            self.runs.append((start, stop, optimizer, views))
+        else:
+            for start, stop in self._runs(configs):
+                config = configs[start]
+                views = [p.detach()[start:stop] for p in self.params]
+                lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
+                optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
+                                            config.p_scale, config.g_bound, {},
+                                            policy.master_weights.rounding, self.generators[start], switch)
+                self.runs.append((start, stop, optimizer, views))
         self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
         if switch.enabled:
             self.quantize_weights()
