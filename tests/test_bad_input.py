@@ -116,3 +116,11 @@ def test_a_damaged_store_is_one_line_naming_it_and_no_report_is_written(
     _one_error_line(runner.invoke(app, ["export", str(out), "--to", "csv"]), str(store))
     assert not any(path.suffix in (".csv", ".tex", ".md", ".png") for path in out.iterdir())
     assert {name for name in before} <= {path.name for path in out.iterdir()}
+
+
+def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
+    text = "name: n\ntask: {model: mlp, dataset: digits}\ntrials:\n  - {format: posit(8,1), optimizer: sgd}\n"
+    with pytest.raises(InputError) as raised:
+        parse_config(text, "s.yaml")
+    first = str(raised.value).splitlines()[0]
+    assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
