@@ -851,7 +851,8 @@ def _print_sweep_summary(summary: Any, memory_objective: bool, quiet: bool) -> N
     if summary.ok:
         from dse.report import SweepTables
 
-        _print_fronts(SweepTables.of(summary.trials, memory_objective, False), memory_objective)
+        tables = summary.tables or SweepTables.of(summary.trials, memory_objective)  # built once
+        _print_fronts(tables, memory_objective)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
