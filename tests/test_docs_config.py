@@ -163,3 +163,34 @@ def test_every_sweep_file_the_docs_quote_validates(path: Path) -> None:
 
     sweep = parse_config(path.read_text(), str(path))
     assert expand(sweep)
+
+
+def sweep_blocks() -> list[tuple[str, str]]:
+    """Every ```yaml block of README.md and docs/*.md that is a whole sweep file (it has `trials:`)."""
+    blocks = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        found = re.findall(r"^```yaml\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
+        blocks += [(f"{path.name}-{index}", block) for index, block in enumerate(found)
+                   if re.search(r"^trials:", block, flags=re.MULTILINE)]
+    return blocks
+
+
+@pytest.mark.parametrize(("name", "text"), sweep_blocks(), ids=[name for name, _ in sweep_blocks()])
+def test_every_sweep_file_written_in_the_docs_validates(name: str, text: str) -> None:
+    from dse.sweep.config import parse_config
+    from dse.sweep.trials import expand
+
+    assert expand(parse_config(text, f"{name}.yaml"))
+
+
+def test_the_config_example_has_the_trial_count_the_page_gives() -> None:
+    from dse.sweep.config import parse_config
+    from dse.sweep.trials import expand
+
+    page = (ROOT / "docs" / "config.md").read_text()
+    text = dict(sweep_blocks())["config.md-0"]
+    count = re.search(r"= (\d+) configurations, each trained with (\d+) seeds: (\d+) trials", page)
+    assert count is not None
+    trials = expand(parse_config(text, "config.yaml"))
+    assert len({trial.label for trial in trials}) == int(count.group(1))
+    assert len(trials) == int(count.group(3))
