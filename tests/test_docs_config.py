@@ -194,3 +194,29 @@ def test_the_config_example_has_the_trial_count_the_page_gives() -> None:
     trials = expand(parse_config(text, "config.yaml"))
     assert len({trial.label for trial in trials}) == int(count.group(1))
     assert len(trials) == int(count.group(3))
+
+
+COMMAND = re.compile(r"\bdse (formats show|formats|sweep|report|export|train|energy|compare)\b"
+                     r"([^`\n#]*(?:\\\n[^`\n#]*)*)")
+
+
+def test_every_option_the_docs_give_a_dse_command_exists() -> None:
+    """`dse energy --workload ... --scope pe` and the like, in code blocks and inline, in README.md and
+    docs/*.md: every --option written after a command is one of that command's options."""
+    import typer
+
+    from cli import app
+
+    group = typer.main.get_command(app)
+    unknown = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in COMMAND.finditer(path.read_text()):
+            command = group
+            for word in match.group(1).split():
+                command = command.commands[word]  # type: ignore[attr-defined]
+            options = {option for param in command.params
+                       for option in [*param.opts, *getattr(param, "secondary_opts", [])]}
+            unknown += [f"{path.name}: dse {match.group(1)} {option}"
+                        for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", match.group(2))
+                        if option not in options]
+    assert unknown == []
