@@ -226,13 +226,14 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
         monkeypatch: pytest.MonkeyPatch, child: str) -> None:
     """A figure process that waits for ever (a lock held by another thread at the fork) or dies (the
     out-of-memory killer) does not hang or fail the report: the processes are stopped and the figures
-    are drawn in this process, the same files; no process and no temporary file is left."""
+    are drawn in this process, the same files; no process and no temporary file is left. It warns
+    (FigureFallbackWarning: why, and which figures), which the command line prints as one line."""
     import multiprocessing
     import os
     import threading
     import time
 
-    from dse.report.drawing import FigureProcesses
+    from dse.report.drawing import FigureFallbackWarning, FigureProcesses
 
     def child_save(figure: object, stem: Path) -> list[Path]:
         if child == "stuck":
@@ -241,7 +242,8 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
 
     _in_figure_processes(monkeypatch, child_save)
     drawn: list[Path] = []
-    with FigureProcesses(2) as figures:
+    reason = "finished no figure in 1 s" if child == "stuck" else "a figure process died"
+    with pytest.warns(FigureFallbackWarning, match=reason) as warned, FigureProcesses(2) as figures:
         figures.stall_s = 1.0
         waiting = threading.Thread(target=lambda: drawn.extend(write_reports(example_trials, tmp_path,
                                                                              figures=figures)),
@@ -250,6 +252,9 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
         waiting.join(60)
         assert not waiting.is_alive(), "the report waits for its figure processes for ever"
     assert [path.name for path in drawn] == [path.name for path in reports[1]]
+    assert len(warned) == 1 and str(warned[0].message).endswith(
+        "drawn in the main process instead, one after another: " + ", ".join(
+            dict.fromkeys(path.name.rsplit(".", 1)[0] for path in drawn if path.suffix == ".png")))
     _same_files(tmp_path, reports)
     assert not any(child.is_alive() for child in multiprocessing.active_children())
 
