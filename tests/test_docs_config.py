@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = re.compile(r"`([a-z_]+)`")
+NAME = re.compile(r"`([a-z][a-z_-]*)`")
 
 
 def sections(path: Path) -> dict[str, str]:
@@ -220,3 +220,13 @@ def test_every_option_the_docs_give_a_dse_command_exists() -> None:
                         for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", match.group(2))
                         if option not in options]
     assert unknown == []
+
+
+def test_the_optimizer_table_gives_each_optimizers_default_lr() -> None:
+    from fractions import Fraction
+
+    from dse.train.optim import DEFAULT_LR
+
+    documented = table("Optimizers", ROOT / "docs" / "training.md")
+    assert set(documented) == set(DEFAULT_LR)
+    assert {name: float(Fraction(cells[1])) for name, cells in documented.items()} == DEFAULT_LR
