@@ -23,6 +23,7 @@ from dse.formats import NumberFormat, check_rounding, round_to_integer
 from dse.formats.base import MemberGenerators, random_bits
 from dse.formats.lns import LNS
 from dse.train.layers import QuantSwitch, quant_switch, stored_weights
+from dse.train.member_kernels import PARALLEL_GRAIN
 from dse.train.policy import QuantPolicy, TensorQuant
 
 DEFAULT_LR: dict[str, float] = {
@@ -43,9 +44,6 @@ STATE_KEYS: tuple[str, ...] = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_
 
 MADAM_BETA = 0.999
 MADAM_ONE_MINUS_BETA = 0.001  # written out: 1 - 0.999 is not 0.001 in floating point
-
-PARALLEL_GRAIN = 32768
-"""at::internal::GRAIN_SIZE: torch runs an elementwise operation over fewer elements on one thread."""
 
 MemberValue = float | Sequence[float]
 """A Madam hyperparameter: one value, or one per member of a stacked group."""
