@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import gc
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +26,29 @@ error_console = Console(stderr=True)
 
 def _error_line(message: str) -> None:
     error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _warning_line(message: str) -> None:
+    error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(*categories: type[Warning]) -> Iterator[None]:
+    """Inside the block each warning of `categories` is one `warning:` line on stderr, every time it is
+    given; other warnings are shown as Python shows them."""
+    with warnings.catch_warnings():
+        for category in categories:
+            warnings.simplefilter("always", category)
+        show = warnings.showwarning
+
+        def as_line(message: Warning | str, category: type[Warning], *where: Any, **more: Any) -> None:
+            if issubclass(category, categories):
+                _warning_line(str(message))
+            else:
+                show(message, category, *where, **more)
+
+        warnings.showwarning = as_line
+        yield
 
 
 def _flags_without_metavar(params: list[Any]) -> list[Any]:
@@ -684,7 +709,6 @@ def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
 def train(**options: Any) -> None:
     """Train one proxy under a number format and report its validation and test accuracy."""
     import json
-    import warnings
 
     from dse.train import TrainConfig
     from dse.train import train as run_training
@@ -707,7 +731,7 @@ def train(**options: Any) -> None:
             for gemm in gemms:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in unconverted:  # always: a GEMM left in fp32 is never silent
-            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            _warning_line(message)
 
     def report_late_gemms() -> None:
         """The GEMMs the example forward did not reach, as training first ran them (the list is live)."""
@@ -722,7 +746,7 @@ def train(**options: Any) -> None:
             for gemm in late:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in getattr(gemms, "unconverted", [])[reported["warned"]:]:
-            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            _warning_line(message)
 
     config = TrainConfig(**options)
 
@@ -840,9 +864,12 @@ def sweep(
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
+    from dse.report.drawing import FigureFallbackWarning
+
     try:
-        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
-                            invocation=invocation(config, output, group_size))
+        with _warnings_as_lines(FigureFallbackWarning):
+            summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
+                                invocation=invocation(config, output, group_size))
     except KeyboardInterrupt as error:  # SIGINT, SIGTERM, SIGHUP: the workers are stopped already
         interrupted = SweepInterrupted.of(error)
         error_console.print(interrupted.line(settings.output), markup=False, highlight=False, soft_wrap=True)
@@ -870,7 +897,8 @@ def _print_sweep_summary(summary: Any, memory_objective: bool, quiet: bool) -> N
     if summary.ok:
         from dse.report import SweepTables
 
-        _print_fronts(SweepTables.of(summary.trials, memory_objective, False), memory_objective)
+        tables = summary.tables or SweepTables.of(summary.trials, memory_objective)  # built once
+        _print_fronts(tables, memory_objective)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
@@ -948,9 +976,9 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
         console.print(f"{len(current)} files in {directory} are up to date (written from these trials by "
                       "this report code)", markup=False, highlight=False, soft_wrap=True)
         return
-    from dse.report.drawing import FigureProcesses
+    from dse.report.drawing import FigureFallbackWarning, FigureProcesses
 
-    with FigureProcesses() as figures:
+    with _warnings_as_lines(FigureFallbackWarning), FigureProcesses() as figures:
         written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles,
                                 figures)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)

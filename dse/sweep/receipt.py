@@ -21,7 +21,6 @@ without `invocation`), and its store then holds no receipt.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dse.digests import file_sha256, sha256_hex
+from dse.digests import file_sha256, sha256_hex, sha256_of_parts
 from dse.sweep.store import StoredProgress, output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
@@ -72,12 +71,8 @@ def _code_files() -> list[Path]:
 
 def code_fingerprint() -> str:
     """sha256 of every file of dse's code and tables (path and bytes) and of LIBRARIES' versions."""
-    digest = hashlib.sha256()
-    for path in _code_files():
-        digest.update(f"{path}\0{file_sha256(path)}\n".encode())
-    for name in LIBRARIES:
-        digest.update(f"{name}=={importlib.metadata.version(name)}\n".encode())
-    return digest.hexdigest()
+    return sha256_of_parts([*(f"{path}\0{file_sha256(path)}\n" for path in _code_files()),
+                            *(f"{name}=={importlib.metadata.version(name)}\n" for name in LIBRARIES)])
 
 
 def reads_other_files(sweep: SweepConfig) -> bool:

@@ -261,3 +261,26 @@ def test_a_sweep_file_found_invalid_after_the_workers_started_leaves_no_process_
     assert len(seen) > 1, seen  # the server started (else this checks nothing)
     assert not left, f"processes outlived the command: {left}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("reports_current", [True, False])
+def test_the_summary_tables_are_built_once_per_sweep_command(sweep_dir: Path, plans: list[int],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             reports_current: bool) -> None:
+    """The tables that write the reports also print the fronts (SweepTables.of once, not again for the
+    printout); with the reports current, the printout builds them."""
+    from dse.report import SweepTables
+
+    built: list[int] = []
+    of = SweepTables.of.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[SweepTables], *args: Any, **kwargs: Any) -> SweepTables:
+        built.append(1)
+        return of(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SweepTables, "of", classmethod(counted))
+    if not reports_current:
+        (sweep_dir / "out" / ".reports.json").unlink()
+    result = sweep()
+    assert "Pareto front" in result.stdout
+    assert (sweep_dir / "out" / ".reports.json").is_file() and built == [1]
