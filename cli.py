@@ -829,7 +829,7 @@ def sweep(
     from dse.sweep.interrupt import SweepInterrupted
     from dse.sweep.runner import plan_sweep
 
-    settings = load_config(config)
+    settings = load_config(config, None if on_disk is None else on_disk.text)  # the file read once
     if output is not None:
         settings = settings.replace(output=output)
     if workers is not None:

@@ -4,6 +4,7 @@ offending value."""
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,12 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def file_text(data: bytes) -> str:
+    """A file's bytes as the text Path.read_text(encoding="utf-8") reads: UTF-8 (UnicodeDecodeError
+    where it is not), universal newlines (a CRLF file is its LF text)."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
 
 
 def dotted(path: Sequence[str | int]) -> str:
