@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = re.compile(r"`([a-z_]+)`")
+NAME = re.compile(r"`([a-z][a-z_-]*)`")
 
 
 def sections(path: Path) -> dict[str, str]:
@@ -163,3 +163,70 @@ def test_every_sweep_file_the_docs_quote_validates(path: Path) -> None:
 
     sweep = parse_config(path.read_text(), str(path))
     assert expand(sweep)
+
+
+def sweep_blocks() -> list[tuple[str, str]]:
+    """Every ```yaml block of README.md and docs/*.md that is a whole sweep file (it has `trials:`)."""
+    blocks = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        found = re.findall(r"^```yaml\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
+        blocks += [(f"{path.name}-{index}", block) for index, block in enumerate(found)
+                   if re.search(r"^trials:", block, flags=re.MULTILINE)]
+    return blocks
+
+
+@pytest.mark.parametrize(("name", "text"), sweep_blocks(), ids=[name for name, _ in sweep_blocks()])
+def test_every_sweep_file_written_in_the_docs_validates(name: str, text: str) -> None:
+    from dse.sweep.config import parse_config
+    from dse.sweep.trials import expand
+
+    assert expand(parse_config(text, f"{name}.yaml"))
+
+
+def test_the_config_example_has_the_trial_count_the_page_gives() -> None:
+    from dse.sweep.config import parse_config
+    from dse.sweep.trials import expand
+
+    page = (ROOT / "docs" / "config.md").read_text()
+    text = dict(sweep_blocks())["config.md-0"]
+    count = re.search(r"= (\d+) configurations, each trained with (\d+) seeds: (\d+) trials", page)
+    assert count is not None
+    trials = expand(parse_config(text, "config.yaml"))
+    assert len({trial.label for trial in trials}) == int(count.group(1))
+    assert len(trials) == int(count.group(3))
+
+
+COMMAND = re.compile(r"\bdse (formats show|formats|sweep|report|export|train|energy|compare)\b"
+                     r"([^`\n#]*(?:\\\n[^`\n#]*)*)")
+
+
+def test_every_option_the_docs_give_a_dse_command_exists() -> None:
+    """`dse energy --workload ... --scope pe` and the like, in code blocks and inline, in README.md and
+    docs/*.md: every --option written after a command is one of that command's options."""
+    import typer
+
+    from cli import app
+
+    group = typer.main.get_command(app)
+    unknown = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for match in COMMAND.finditer(path.read_text()):
+            command = group
+            for word in match.group(1).split():
+                command = command.commands[word]  # type: ignore[attr-defined]
+            options = {option for param in command.params
+                       for option in [*param.opts, *getattr(param, "secondary_opts", [])]}
+            unknown += [f"{path.name}: dse {match.group(1)} {option}"
+                        for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", match.group(2))
+                        if option not in options]
+    assert unknown == []
+
+
+def test_the_optimizer_table_gives_each_optimizers_default_lr() -> None:
+    from fractions import Fraction
+
+    from dse.train.optim import DEFAULT_LR
+
+    documented = table("Optimizers", ROOT / "docs" / "training.md")
+    assert set(documented) == set(DEFAULT_LR)
+    assert {name: float(Fraction(cells[1])) for name, cells in documented.items()} == DEFAULT_LR
