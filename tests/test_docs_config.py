@@ -230,3 +230,12 @@ def test_the_optimizer_table_gives_each_optimizers_default_lr() -> None:
     documented = table("Optimizers", ROOT / "docs" / "training.md")
     assert set(documented) == set(DEFAULT_LR)
     assert {name: float(Fraction(cells[1])) for name, cells in documented.items()} == DEFAULT_LR
+
+
+def test_the_group_size_row_names_the_fields_a_groups_members_may_differ_in() -> None:
+    from dse.train.grouped import MEMBER_FIELDS
+
+    meaning = table("`executor`")["group_size"][2]
+    differing = re.search(r"differing only in ([^)]*)\)", meaning)
+    assert differing is not None
+    assert {"seed", *NAME.findall(differing.group(1))} == set(MEMBER_FIELDS)
