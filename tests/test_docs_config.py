@@ -129,7 +129,7 @@ def test_the_energy_sub_sections_name_every_setting(key: str, params_name: str) 
 def test_the_train_table_has_every_field_its_cli_option_and_the_code_default() -> None:
     import typer
 
-    from cli import app
+    from dse.cli import app
     from dse.train.config import TrainConfig
 
     documented = table("A run", ROOT / "docs" / "training.md")
@@ -205,7 +205,7 @@ def test_every_option_the_docs_give_a_dse_command_exists() -> None:
     docs/*.md: every --option written after a command is one of that command's options."""
     import typer
 
-    from cli import app
+    from dse.cli import app
 
     group = typer.main.get_command(app)
     unknown = []
