@@ -171,12 +171,14 @@ def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool =
 
 
 def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
-                             tables: SweepTables | None = None, titles: bool = False,
-                             figures: FigureProcesses | None = None) -> list[Path]:
+                             titles: bool = False, figures: FigureProcesses | None = None
+                             ) -> tuple[list[Path], SweepTables | None]:
     """`write_reports`, unless the files in out_dir are what it would write (`current_reports`: a sweep
     rerun with nothing left to train, `dse report` on an unchanged store): then their paths, unwritten.
-    Plots are most of a report's cost (2-3 s of matplotlib on the quickstart)."""
+    Plots are most of a report's cost (2-3 s of matplotlib on the quickstart). Also returns the
+    SweepTables built to write them (None where nothing was written), for the caller to print from."""
     current = current_reports(frame, out_dir, memory_objective, titles)
     if current is not None:
-        return current
-    return write_reports(frame, out_dir, memory_objective, tables, titles, figures)
+        return current, None
+    tables = SweepTables.of(frame, memory_objective)
+    return write_reports(frame, out_dir, memory_objective, tables, titles, figures), tables

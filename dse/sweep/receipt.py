@@ -35,6 +35,7 @@ from dse.digests import file_sha256, sha256_hex, sha256_of_parts
 from dse.sweep.store import StoredProgress, output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
+from dse.yaml_lines import file_text
 
 if TYPE_CHECKING:
     from dse.sweep.config import SweepConfig
@@ -112,12 +113,13 @@ class FinishedSweep:
 
 @dataclass(frozen=True)
 class SweepOnDisk:
-    """The sweep file and its store as `dse sweep` reads them before it plans: the file's bytes and its
+    """The sweep file and its store as `dse sweep` reads them before it plans: the file's text
+    (dse.yaml_lines.file_text of its bytes: what load_config validates and the receipt hashes) and
     plain YAML (the full validation is the plan's), its output directory, and the store there as a
-    rerun sees it (None: there is none). Read once, it serves both `finished_sweep` and
-    `likely_to_train`."""
+    rerun sees it (None: there is none). Read once, it serves `finished_sweep`, `likely_to_train` and
+    load_config."""
 
-    text: bytes
+    text: str
     data: dict[str, Any]
     directory: Path
     stored: StoredProgress | None
@@ -128,7 +130,7 @@ def read_sweep(config: Path, output: Path | None) -> SweepOnDisk | None:
     import yaml
 
     try:
-        text = Path(config).read_bytes()
+        text = file_text(Path(config).read_bytes())
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             return None

@@ -131,18 +131,18 @@ def test_a_sweep_with_nothing_new_does_not_rewrite_its_reports(example_trials: p
     from dse.report.files import write_reports_if_changed
 
     frame = example_trials
-    written = write_reports_if_changed(frame, tmp_path)
+    written, _ = write_reports_if_changed(frame, tmp_path)
     assert {p.name for p in written} == {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
     for path in written:
         os.utime(path, (0, 0))
-    assert write_reports_if_changed(frame, tmp_path) == written
+    assert write_reports_if_changed(frame, tmp_path) == (written, None)
     assert all(path.stat().st_mtime == 0 for path in written)
     changed = frame.copy()
     changed.loc[changed.index[0], "test_accuracy"] = 0.123
     write_reports_if_changed(changed, tmp_path)
     assert "0.123" in (tmp_path / "trials.csv").read_text() and (tmp_path / "summary.csv").stat().st_mtime > 0
     written[-1].unlink()
-    assert write_reports_if_changed(changed, tmp_path) == written and written[-1].is_file()
+    assert write_reports_if_changed(changed, tmp_path)[0] == written and written[-1].is_file()
 
 
 def test_a_report_file_changed_since_it_was_written_is_written_again(example_trials: pd.DataFrame,
@@ -151,7 +151,7 @@ def test_a_report_file_changed_since_it_was_written_is_written_again(example_tri
     run's is never served as current, whatever its name and the trials say."""
     from dse.report.files import current_reports, write_reports_if_changed
 
-    written = write_reports_if_changed(example_trials, tmp_path)
+    written, _ = write_reports_if_changed(example_trials, tmp_path)
     assert current_reports(example_trials, tmp_path) == written
     expected = {path.name: path.read_bytes() for path in written}
     table, plot = tmp_path / "summary.csv", next(p for p in written if p.suffix == ".png")
