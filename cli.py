@@ -159,6 +159,7 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_numbers(kwargs)
             return command(*args, **kwargs)
         except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
             lines = getattr(error, "problems", None) or [str(error).splitlines()[0] if str(error)
@@ -168,6 +169,35 @@ def user_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy sees a new type
+
+
+def _check_numbers(values: dict[str, Any]) -> None:
+    """Every number on the command line is one a setting may hold (no NaN or infinity, an integer in 64
+    bits: `dse.errors.number_problem`), else an InputError naming its option. A dataclass of options
+    (`_with_options`) is looked into."""
+    from dse.errors import InputError, number_problem
+
+    for name, value in values.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_numbers({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
+            continue
+        problem = number_problem(value)
+        if problem is not None:
+            raise InputError(f"{_option_name(name)} {problem}")
+
+
+def _option_name(parameter: str) -> str:
+    """How the running command spells the option of `parameter` (`format_spec` is `--format`)."""
+    try:
+        from typer._click.globals import get_current_context  # typer >= 0.29 vendors Click
+    except ImportError:  # pragma: no cover - an older typer: Click's own
+        from click import get_current_context  # type: ignore[no-redef]  # the same function
+
+    context = get_current_context(silent=True)
+    for param in context.command.params if context is not None else ():
+        if param.name == parameter:
+            return max(param.opts, key=len)
+    return f"--{parameter.replace('_', '-')}"
 
 
 def _print_whole(table: Table) -> None:
@@ -231,6 +261,7 @@ def formats_show(
     """Show one format's properties and optionally plot its value density."""
     from dse.formats import get
 
+    _check_output_file("--plot", plot, makes_folders=True)
     fmt = get(spec)
     table = Table(title=fmt.spec, show_header=False)
     table.add_column("property")
@@ -334,6 +365,18 @@ class _EnergyOptions:
     table: _TableOpt = _option(None)
     dataset: _WorkloadDataOpt = _option(None)
 
+    def workload(self, spec: str) -> Any:
+        """The workload `spec` names; --dataset is what a file.py:function model is traced on, and
+        means nothing to any other workload."""
+        from dse.energy import get_workload
+        from dse.errors import InputError
+        from dse.usercode import is_ref
+
+        if self.dataset is not None and not is_ref(spec):
+            raise InputError(f"--dataset applies to a model given as file.py:function, not to the workload "
+                             f"{spec!r}")
+        return get_workload(spec, self.dataset, self.batch_size)
+
     def model(self) -> Any:
         from dse.energy import DatapathParams, MemoryParams, build_model
 
@@ -392,19 +435,23 @@ def _check_at_least_one(**options: int | None) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _check_csv_target(csv: Path | None) -> None:
-    """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
+def _check_output_file(option: str, path: Path | None, makes_folders: bool = False) -> None:
+    """Refuse an unwritable output file before any work (nothing is written on bad input).
+    `makes_folders`: the writer creates missing folders, so only an existing ancestor must be one."""
     import os
 
     from dse.errors import InputError
 
-    if csv is None:
+    if path is None:
         return
-    problem = ("it is a directory" if csv.is_dir() else "no such directory" if not csv.parent.is_dir()
-               else "permission denied" if not os.access(csv if csv.exists() else csv.parent, os.W_OK)
+    folder = path.parent
+    while makes_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
+               else "permission denied" if not os.access(path if path.exists() else folder, os.W_OK)
                else None)
     if problem is not None:
-        raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
+        raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
 
 @app.command("energy", cls=_Command)
@@ -435,7 +482,6 @@ def energy(
 
     from dse.energy import (
         TrainingFormats,
-        get_workload,
         iteration_energy,
         pass_unit_table,
         per_mac,
@@ -446,7 +492,7 @@ def energy(
     from dse.formats import get
 
     _check_at_least_one(layers=layers)
-    _check_csv_target(csv)
+    _check_output_file("--csv", csv)
     model = options.model()
     formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
                                  activations=activations and get(activations),
@@ -455,7 +501,7 @@ def energy(
                                  optimizer_state=optimizer_state and get(optimizer_state),
                                  optimizer=options.optimizer, rounding=options.rounding,
                                  update_rounding=options.update_rounding)
-    network = get_workload(workload, options.dataset, options.batch_size)
+    network = options.workload(workload)
     frame = iteration_energy(network, formats, model, options.batch_size)
     area = training_area_um2(formats, model, network)
     info = frame.attrs
@@ -545,13 +591,13 @@ def compare(
     ratios to fp32 and int8."""
     import json
 
-    from dse.energy import compare_formats, get_workload
+    from dse.energy import compare_formats
     from dse.formats import get
 
-    _check_csv_target(csv)
+    _check_output_file("--csv", csv)
     model = options.model()
     formats = [get(spec) for spec in specs]
-    network = get_workload(workload, options.dataset, options.batch_size)
+    network = options.workload(workload)
     frame = compare_formats(formats, network, model, options.batch_size, optimizer=options.optimizer,
                             rounding=options.rounding, update_rounding=options.update_rounding)
     if csv is not None:

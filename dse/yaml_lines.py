@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dse.errors import InputError
+from dse.errors import InputError, number_problem
 
 Path_ = tuple[str | int, ...]
 
@@ -121,4 +121,20 @@ def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
         raise InputError(f"{source}:{line}: invalid YAML: {problem}") from None
     except yaml.YAMLError as error:
         raise InputError(f"{source}: invalid YAML: {str(error).splitlines()[0]}") from None
-    return data, SourceMap(source, lines)
+    source_map = SourceMap(source, lines)
+    _check_numbers(data, (), source_map)
+    return data, source_map
+
+
+def _check_numbers(node: Any, path: Path_, source: SourceMap) -> None:
+    """Every number in the document is one a setting may hold (`number_problem`), else an error at it."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_numbers(value, (*path, key), source)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_numbers(value, (*path, index), source)
+    else:
+        problem = number_problem(node)
+        if problem is not None:
+            raise source.error(path, problem)

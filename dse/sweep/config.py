@@ -357,7 +357,10 @@ def _meaning(name: str, value: Any, path: tuple[str | int, ...], source: SourceM
     try:
         return check_field(name, value)
     except ValueError as error:
-        raise source.error(path, str(error).splitlines()[0]) from None
+        problem = str(error).splitlines()[0]
+        if isinstance(value, str) and value.count("(") > value.count(")"):  # YAML split it at a comma
+            problem += f" (a spec with a comma is quoted inside {{...}} and [...]: {name}: \"posit(8,1)\")"
+        raise source.error(path, problem) from None
 
 
 def _type_name(kind: Any) -> str:

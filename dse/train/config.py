@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dse.errors import InputError, SettingError, choice
+from dse.errors import InputError, SettingError, choice, number_problem
 from dse.precision import (
     FORMAT_FIELDS,
     FP32,
@@ -68,6 +68,9 @@ def field_value(name: str, value: Any) -> Any:
     One line per problem, without a location."""
     if value is None:
         return None
+    problem = number_problem(value)
+    if problem is not None:
+        raise InputError(f"{name} {problem}")
     if name in ("model", "dataset") and is_ref(value):
         return value.strip()
     if name in _ROUNDING_FIELDS:

@@ -563,7 +563,9 @@ class StepQuantizer:
                         value.copy_(self.state(value, self.generator))
 
 
-def _check(name: str, policy: QuantPolicy, weight_decay: float) -> None:
+def check_optimizer(name: str, policy: QuantPolicy, weight_decay: float) -> None:
+    """What the optimizer `name` cannot do with these formats and this weight decay (InputError);
+    `check_config` runs it before any data is loaded."""
     if name == "niti":
         raise InputError("optimizer 'niti' trains integer networks through dse.train.niti, "
                          "not make_optimizer")
@@ -639,7 +641,7 @@ def quantized_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: fl
     weights live in a format (policy.master_weights: a master copy's, or the weight format itself) the
     quantized layers' weights are rounded into it right away, unless quantization is switched off.
     """
-    _check(name, policy, weight_decay)
+    check_optimizer(name, policy, weight_decay)
     lr = DEFAULT_LR[name] if lr is None else lr
     switch = quant_switch(model) or QuantSwitch()
     params = list(model.parameters())
