@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import gc
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +26,29 @@ error_console = Console(stderr=True)
 
 def _error_line(message: str) -> None:
     error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _warning_line(message: str) -> None:
+    error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(*categories: type[Warning]) -> Iterator[None]:
+    """Inside the block each warning of `categories` is one `warning:` line on stderr, every time it is
+    given; other warnings are shown as Python shows them."""
+    with warnings.catch_warnings():
+        for category in categories:
+            warnings.simplefilter("always", category)
+        show = warnings.showwarning
+
+        def as_line(message: Warning | str, category: type[Warning], *where: Any, **more: Any) -> None:
+            if issubclass(category, categories):
+                _warning_line(str(message))
+            else:
+                show(message, category, *where, **more)
+
+        warnings.showwarning = as_line
+        yield
 
 
 def _flags_without_metavar(params: list[Any]) -> list[Any]:
@@ -108,6 +133,7 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_numbers(kwargs)
             return command(*args, **kwargs)
         except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
             lines = getattr(error, "problems", None) or [str(error).splitlines()[0] if str(error)
@@ -117,6 +143,35 @@ def user_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature; mypy sees a new type
+
+
+def _check_numbers(values: dict[str, Any]) -> None:
+    """Every number on the command line is one a setting may hold (no NaN or infinity, an integer in 64
+    bits: `dse.errors.number_problem`), else an InputError naming its option. A dataclass of options
+    (`_with_options`) is looked into."""
+    from dse.errors import InputError, number_problem
+
+    for name, value in values.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _check_numbers({field.name: getattr(value, field.name) for field in dataclasses.fields(value)})
+            continue
+        problem = number_problem(value)
+        if problem is not None:
+            raise InputError(f"{_option_name(name)} {problem}")
+
+
+def _option_name(parameter: str) -> str:
+    """How the running command spells the option of `parameter` (`format_spec` is `--format`)."""
+    try:
+        from typer._click.globals import get_current_context  # typer >= 0.29 vendors Click
+    except ImportError:  # pragma: no cover - an older typer: Click's own
+        from click import get_current_context  # type: ignore[no-redef]  # the same function
+
+    context = get_current_context(silent=True)
+    for param in context.command.params if context is not None else ():
+        if param.name == parameter:
+            return max(param.opts, key=len)
+    return f"--{parameter.replace('_', '-')}"
 
 
 def _print_whole(table: Table) -> None:
@@ -180,6 +235,7 @@ def formats_show(
     """Show one format's properties and optionally plot its value density."""
     from dse.formats import get
 
+    _check_output_file("--plot", plot, makes_folders=True)
     fmt = get(spec)
     table = Table(title=fmt.spec, show_header=False)
     table.add_column("property")
@@ -283,6 +339,18 @@ class _EnergyOptions:
     table: _TableOpt = _option(None)
     dataset: _WorkloadDataOpt = _option(None)
 
+    def workload(self, spec: str) -> Any:
+        """The workload `spec` names; --dataset is what a file.py:function model is traced on, and
+        means nothing to any other workload."""
+        from dse.energy import get_workload
+        from dse.errors import InputError
+        from dse.usercode import is_ref
+
+        if self.dataset is not None and not is_ref(spec):
+            raise InputError(f"--dataset applies to a model given as file.py:function, not to the workload "
+                             f"{spec!r}")
+        return get_workload(spec, self.dataset, self.batch_size)
+
     def model(self) -> Any:
         from dse.energy import DatapathParams, MemoryParams, build_model
 
@@ -341,19 +409,23 @@ def _check_at_least_one(**options: int | None) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
-def _check_csv_target(csv: Path | None) -> None:
-    """Refuse an unwritable --csv before any work (nothing is written on bad input)."""
+def _check_output_file(option: str, path: Path | None, makes_folders: bool = False) -> None:
+    """Refuse an unwritable output file before any work (nothing is written on bad input).
+    `makes_folders`: the writer creates missing folders, so only an existing ancestor must be one."""
     import os
 
     from dse.errors import InputError
 
-    if csv is None:
+    if path is None:
         return
-    problem = ("it is a directory" if csv.is_dir() else "no such directory" if not csv.parent.is_dir()
-               else "permission denied" if not os.access(csv if csv.exists() else csv.parent, os.W_OK)
+    folder = path.parent
+    while makes_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
+               else "permission denied" if not os.access(path if path.exists() else folder, os.W_OK)
                else None)
     if problem is not None:
-        raise InputError(f"--csv {str(csv)!r}: cannot write there ({problem})")
+        raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
 
 @app.command("energy", cls=_Command)
@@ -384,7 +456,6 @@ def energy(
 
     from dse.energy import (
         TrainingFormats,
-        get_workload,
         iteration_energy,
         pass_unit_table,
         per_mac,
@@ -395,7 +466,7 @@ def energy(
     from dse.formats import get
 
     _check_at_least_one(layers=layers)
-    _check_csv_target(csv)
+    _check_output_file("--csv", csv)
     model = options.model()
     formats = TrainingFormats.of(get(format_spec), weights=weights and get(weights),
                                  activations=activations and get(activations),
@@ -404,7 +475,7 @@ def energy(
                                  optimizer_state=optimizer_state and get(optimizer_state),
                                  optimizer=options.optimizer, rounding=options.rounding,
                                  update_rounding=options.update_rounding)
-    network = get_workload(workload, options.dataset, options.batch_size)
+    network = options.workload(workload)
     frame = iteration_energy(network, formats, model, options.batch_size)
     area = training_area_um2(formats, model, network)
     info = frame.attrs
@@ -494,13 +565,13 @@ def compare(
     ratios to fp32 and int8."""
     import json
 
-    from dse.energy import compare_formats, get_workload
+    from dse.energy import compare_formats
     from dse.formats import get
 
-    _check_csv_target(csv)
+    _check_output_file("--csv", csv)
     model = options.model()
     formats = [get(spec) for spec in specs]
-    network = get_workload(workload, options.dataset, options.batch_size)
+    network = options.workload(workload)
     frame = compare_formats(formats, network, model, options.batch_size, optimizer=options.optimizer,
                             rounding=options.rounding, update_rounding=options.update_rounding)
     if csv is not None:
@@ -638,7 +709,6 @@ def _config_value(name: str, text: str | None, no_master_weights: bool) -> Any:
 def train(**options: Any) -> None:
     """Train one proxy under a number format and report its validation and test accuracy."""
     import json
-    import warnings
 
     from dse.train import TrainConfig
     from dse.train import train as run_training
@@ -661,7 +731,7 @@ def train(**options: Any) -> None:
             for gemm in gemms:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in unconverted:  # always: a GEMM left in fp32 is never silent
-            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            _warning_line(message)
 
     def report_late_gemms() -> None:
         """The GEMMs the example forward did not reach, as training first ran them (the list is live)."""
@@ -676,7 +746,7 @@ def train(**options: Any) -> None:
             for gemm in late:
                 error_console.print(f"  {gemm.describe()}", markup=False, highlight=False, soft_wrap=True)
         for message in getattr(gemms, "unconverted", [])[reported["warned"]:]:
-            error_console.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+            _warning_line(message)
 
     config = TrainConfig(**options)
 
@@ -759,7 +829,7 @@ def sweep(
     from dse.sweep.interrupt import SweepInterrupted
     from dse.sweep.runner import plan_sweep
 
-    settings = load_config(config)
+    settings = load_config(config, None if on_disk is None else on_disk.text)  # the file read once
     if output is not None:
         settings = settings.replace(output=output)
     if workers is not None:
@@ -794,9 +864,12 @@ def sweep(
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
+    from dse.report.drawing import FigureFallbackWarning
+
     try:
-        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
-                            invocation=invocation(config, output, group_size))
+        with _warnings_as_lines(FigureFallbackWarning):
+            summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
+                                invocation=invocation(config, output, group_size))
     except KeyboardInterrupt as error:  # SIGINT, SIGTERM, SIGHUP: the workers are stopped already
         interrupted = SweepInterrupted.of(error)
         error_console.print(interrupted.line(settings.output), markup=False, highlight=False, soft_wrap=True)
@@ -824,7 +897,8 @@ def _print_sweep_summary(summary: Any, memory_objective: bool, quiet: bool) -> N
     if summary.ok:
         from dse.report import SweepTables
 
-        _print_fronts(SweepTables.of(summary.trials, memory_objective, False), memory_objective)
+        tables = summary.tables or SweepTables.of(summary.trials, memory_objective)  # built once
+        _print_fronts(tables, memory_objective)
     console.print(f"results: {summary.output / STORE_FILE}", markup=False, highlight=False)
     if summary.files:
         names = ", ".join(sorted({path.name for path in summary.files}))
@@ -902,9 +976,9 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
         console.print(f"{len(current)} files in {directory} are up to date (written from these trials by "
                       "this report code)", markup=False, highlight=False, soft_wrap=True)
         return
-    from dse.report.drawing import FigureProcesses
+    from dse.report.drawing import FigureFallbackWarning, FigureProcesses
 
-    with FigureProcesses() as figures:
+    with _warnings_as_lines(FigureFallbackWarning), FigureProcesses() as figures:
         written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles,
                                 figures)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)

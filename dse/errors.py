@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -39,6 +40,23 @@ def closest(word: Any, choices: Iterable[str]) -> str | None:
     """The choice a misspelt `word` most likely meant, if any is close enough."""
     close = difflib.get_close_matches(str(word), list(choices), n=1)
     return close[0] if close else None
+
+
+INT64_MAX = 2**63 - 1
+"""The largest integer a setting may hold: what torch, numpy and SQLite store (a larger one is a typo)."""
+
+
+def number_problem(value: Any) -> str | None:
+    """What is wrong with a number given as a setting, if anything: NaN and infinity are no setting's
+    value, and an integer must fit in 64 bits. One rule for every number a user writes (a YAML file,
+    a command-line option, a TrainConfig field)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        return f"must fit in 64 bits (at most {INT64_MAX}), got {value}"
+    return None
 
 
 def choice(kind: str, value: Any, valid: Sequence[str]) -> str:

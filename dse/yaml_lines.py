@@ -4,6 +4,7 @@ offending value."""
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from dse.errors import InputError
+from dse.errors import InputError, number_problem
 
 Path_ = tuple[str | int, ...]
 
@@ -25,6 +26,12 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def file_text(data: bytes) -> str:
+    """A file's bytes as the text Path.read_text(encoding="utf-8") reads: UTF-8 (UnicodeDecodeError
+    where it is not), universal newlines (a CRLF file is its LF text)."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
 
 
 def dotted(path: Sequence[str | int]) -> str:
@@ -114,4 +121,20 @@ def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
         raise InputError(f"{source}:{line}: invalid YAML: {problem}") from None
     except yaml.YAMLError as error:
         raise InputError(f"{source}: invalid YAML: {str(error).splitlines()[0]}") from None
-    return data, SourceMap(source, lines)
+    source_map = SourceMap(source, lines)
+    _check_numbers(data, (), source_map)
+    return data, source_map
+
+
+def _check_numbers(node: Any, path: Path_, source: SourceMap) -> None:
+    """Every number in the document is one a setting may hold (`number_problem`), else an error at it."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_numbers(value, (*path, key), source)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_numbers(value, (*path, index), source)
+    else:
+        problem = number_problem(node)
+        if problem is not None:
+            raise source.error(path, problem)

@@ -50,8 +50,9 @@ class MemoryParams:
         if self.sram_scaling not in SRAM_SCALINGS:
             known = ", ".join(SRAM_SCALINGS)
             raise SettingError("sram_scaling", f"unknown sram scaling {self.sram_scaling!r} (known: {known})")
-        if not self.operand_reuse >= 1:
-            raise SettingError("operand_reuse", f"operand_reuse must be >= 1, got {self.operand_reuse}")
+        if not (self.operand_reuse >= 1 and math.isfinite(self.operand_reuse)):
+            raise SettingError("operand_reuse",
+                               f"operand_reuse must be a finite number >= 1, got {self.operand_reuse}")
 
 
 @dataclass(frozen=True)

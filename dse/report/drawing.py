@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -75,6 +76,11 @@ def draw(job: FigureJob, data: FigureData) -> list[Path]:
     else:
         figure = accuracy_area_figure(data.summary, job.task, job.workload, data.titles)
     return [] if figure is None else save_figure(figure, job.stem)
+
+
+class FigureFallbackWarning(UserWarning):
+    """The figure processes stalled or one died, so the figures they had not saved were drawn in the
+    main process (the same files, later): the command line prints it as one `warning:` line."""
 
 
 FIGURE_STALL_S = 120.0
@@ -192,11 +198,18 @@ class FigureProcesses:
         for index, future in enumerate(futures):
             try:
                 written += future.result(timeout=self.stall_s)
-            except (FutureTimeout, BrokenProcessPool):  # FutureTimeout: TimeoutError from 3.11
+            except (FutureTimeout, BrokenProcessPool) as error:  # FutureTimeout: TimeoutError from 3.11
                 self._stop_stuck(jobs[index:])
-                for job, late in zip(jobs[index:], futures[index:], strict=True):
-                    saved = late.done() and not late.cancelled() and late.exception() is None
-                    written += late.result() if saved else draw(job, data)
+                left = [(job, late if _saved(late) else None) for job, late in
+                        zip(jobs[index:], futures[index:], strict=True)]
+                reason = ("a figure process died" if isinstance(error, BrokenProcessPool)
+                          else f"the figure processes finished no figure in {self.stall_s:g} s")
+                redrawn = [job.stem.name for job, late in left if late is None]
+                figures = f"{len(redrawn)} figure{'s' * (len(redrawn) != 1)}"
+                warnings.warn(f"{reason}; {figures} drawn in the main process instead, one after another: "
+                              f"{', '.join(redrawn)}", FigureFallbackWarning, stacklevel=3)
+                for job, late in left:
+                    written += draw(job, data) if late is None else late.result()
                 break
         return written
 
@@ -210,6 +223,11 @@ class FigureProcesses:
             for suffix in PLOT_SUFFIXES:
                 for temporary in job.stem.parent.glob(f".{job.stem.name}.{suffix}.*.tmp"):
                     temporary.unlink(missing_ok=True)
+
+
+def _saved(future: Future[list[Path]]) -> bool:
+    """Whether a figure process finished this figure (stopped processes leave the rest unsaved)."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _import(modules: tuple[str, ...]) -> None:

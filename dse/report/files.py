@@ -6,7 +6,6 @@ under a hidden temporary name in the same directory and renamed over the old one
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dse.digests import file_sha256
+from dse.digests import file_sha256, sha256_of_parts
 from dse.errors import InputError
 from dse.report.drawing import PLOT_SUFFIXES, FigureData, FigureJob, FigureProcesses
 from dse.report.pareto import area_column
@@ -147,13 +146,10 @@ _REPORT_LIBRARIES: tuple[str, ...] = ("numpy", "pandas", "scipy", "matplotlib")
 def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
     """A hash of the trials, the report options and the report code (dse.report's and the libraries' that
     format the tables and draw the plots): equal hashes, equal files."""
-    digest = hashlib.sha256(frame.to_csv(index=False).encode())
     libraries = {name: importlib.metadata.version(name) for name in _REPORT_LIBRARIES}
-    digest.update(json.dumps([frame.attrs, memory_objective, titles, libraries], sort_keys=True,
-                             default=str).encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.read_bytes())
-    return digest.hexdigest()
+    options = json.dumps([frame.attrs, memory_objective, titles, libraries], sort_keys=True, default=str)
+    sources = (source.read_bytes() for source in sorted(Path(__file__).parent.glob("*.py")))
+    return sha256_of_parts([frame.to_csv(index=False), options, *sources])
 
 
 def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False, titles: bool = False
@@ -175,12 +171,14 @@ def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool =
 
 
 def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
-                             tables: SweepTables | None = None, titles: bool = False,
-                             figures: FigureProcesses | None = None) -> list[Path]:
+                             titles: bool = False, figures: FigureProcesses | None = None
+                             ) -> tuple[list[Path], SweepTables | None]:
     """`write_reports`, unless the files in out_dir are what it would write (`current_reports`: a sweep
     rerun with nothing left to train, `dse report` on an unchanged store): then their paths, unwritten.
-    Plots are most of a report's cost (2-3 s of matplotlib on the quickstart)."""
+    Plots are most of a report's cost (2-3 s of matplotlib on the quickstart). Also returns the
+    SweepTables built to write them (None where nothing was written), for the caller to print from."""
     current = current_reports(frame, out_dir, memory_objective, titles)
     if current is not None:
-        return current
-    return write_reports(frame, out_dir, memory_objective, tables, titles, figures)
+        return current, None
+    tables = SweepTables.of(frame, memory_objective)
+    return write_reports(frame, out_dir, memory_objective, tables, titles, figures), tables

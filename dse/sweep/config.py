@@ -27,7 +27,7 @@ from dse.train.config import TrainConfig
 from dse.train.loop import check_field
 from dse.usercode import absolute, is_ref, load_function, parse_ref
 from dse.usercode import identity as code_identity
-from dse.yaml_lines import SourceMap, data_path, dotted, load_yaml
+from dse.yaml_lines import SourceMap, data_path, dotted, file_text, load_yaml
 
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "device")
 """What makes a task a task: set once per task, never gridded."""
@@ -357,7 +357,10 @@ def _meaning(name: str, value: Any, path: tuple[str | int, ...], source: SourceM
     try:
         return check_field(name, value)
     except ValueError as error:
-        raise source.error(path, str(error).splitlines()[0]) from None
+        problem = str(error).splitlines()[0]
+        if isinstance(value, str) and value.count("(") > value.count(")"):  # YAML split it at a comma
+            problem += f" (a spec with a comma is quoted inside {{...}} and [...]: {name}: \"posit(8,1)\")"
+        raise source.error(path, problem) from None
 
 
 def _type_name(kind: Any) -> str:
@@ -691,11 +694,12 @@ def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path 
         baseline=baseline, source=source, text=text)
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep file."""
+def load_config(path: str | Path, text: str | None = None) -> SweepConfig:
+    """Read and validate a sweep file; `text`: its text (dse.yaml_lines.file_text of its bytes) where
+    the caller has read it already."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = file_text(path.read_bytes()) if text is None else text
     except FileNotFoundError:
         raise InputError(f"sweep file {str(path)!r} not found") from None
     except IsADirectoryError:

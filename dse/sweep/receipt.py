@@ -21,7 +21,6 @@ without `invocation`), and its store then holds no receipt.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dse.digests import file_sha256, sha256_hex
+from dse.digests import file_sha256, sha256_hex, sha256_of_parts
 from dse.sweep.store import StoredProgress, output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
+from dse.yaml_lines import file_text
 
 if TYPE_CHECKING:
     from dse.sweep.config import SweepConfig
@@ -72,12 +72,8 @@ def _code_files() -> list[Path]:
 
 def code_fingerprint() -> str:
     """sha256 of every file of dse's code and tables (path and bytes) and of LIBRARIES' versions."""
-    digest = hashlib.sha256()
-    for path in _code_files():
-        digest.update(f"{path}\0{file_sha256(path)}\n".encode())
-    for name in LIBRARIES:
-        digest.update(f"{name}=={importlib.metadata.version(name)}\n".encode())
-    return digest.hexdigest()
+    return sha256_of_parts([*(f"{path}\0{file_sha256(path)}\n" for path in _code_files()),
+                            *(f"{name}=={importlib.metadata.version(name)}\n" for name in LIBRARIES)])
 
 
 def reads_other_files(sweep: SweepConfig) -> bool:
@@ -117,12 +113,13 @@ class FinishedSweep:
 
 @dataclass(frozen=True)
 class SweepOnDisk:
-    """The sweep file and its store as `dse sweep` reads them before it plans: the file's bytes and its
+    """The sweep file and its store as `dse sweep` reads them before it plans: the file's text
+    (dse.yaml_lines.file_text of its bytes: what load_config validates and the receipt hashes) and
     plain YAML (the full validation is the plan's), its output directory, and the store there as a
-    rerun sees it (None: there is none). Read once, it serves both `finished_sweep` and
-    `likely_to_train`."""
+    rerun sees it (None: there is none). Read once, it serves `finished_sweep`, `likely_to_train` and
+    load_config."""
 
-    text: bytes
+    text: str
     data: dict[str, Any]
     directory: Path
     stored: StoredProgress | None
@@ -133,7 +130,7 @@ def read_sweep(config: Path, output: Path | None) -> SweepOnDisk | None:
     import yaml
 
     try:
-        text = Path(config).read_bytes()
+        text = file_text(Path(config).read_bytes())
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
             return None

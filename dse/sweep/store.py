@@ -275,6 +275,78 @@ def energy_columns(workloads: Iterable[str]) -> list[str]:
     return columns
 
 
+_STATUSES = ("ok", "diverged", "error")
+
+
+def _read_store(connection: sqlite3.Connection) -> tuple[dict[str, str], list[str], list[tuple[Any, ...]],
+                                                       list[str], list[tuple[Any, ...]]]:
+    """The store's meta, workloads, plan rows joined with their trials (and the joined column names), and
+    energy rows: sqlite3 errors (a missing table) and a missing column raise."""
+    meta = _read_meta(connection)
+    workloads = json.loads(meta.get("workloads", "[]"))
+    if not isinstance(workloads, list):
+        raise ValueError(f"meta.workloads is not a list: {workloads!r}")
+    new_plan = "configuration" in _columns(connection, "plan")
+    plan_columns = "p.configuration, p.tuning" if new_plan else "p.label, '{}'"
+    rows = connection.execute(
+        f"SELECT p.energy_key, p.task, p.label, {plan_columns}, t.* FROM plan p "
+        "JOIN trials t ON t.trial_id = p.trial_id ORDER BY p.position").fetchall()
+    names = ["energy_key", "plan_task", "plan_label", "configuration", "tuning"] + [
+        d[0] for d in connection.execute("SELECT * FROM trials LIMIT 0").description]
+    missing = [name for name in (*TRIAL_COLUMNS, "config") if name not in names
+               and name != "val_accuracy"]  # val_accuracy: absent from stores before schema 2
+    stored = set(_columns(connection, "energy"))
+    missing += [f"energy.{name}" for name in _ENERGY_VALUES if name not in stored and name != "area_um2"]
+    if missing:  # area_um2 too may be absent (before schema 2)
+        raise ValueError(f"missing column {', '.join(missing)}")
+    selected = ", ".join(name if name in stored else "NULL" for name in _ENERGY_VALUES)
+    energy = connection.execute(f"SELECT energy_key, workload, {selected} FROM energy").fetchall()
+    return meta, workloads, rows, names, energy
+
+
+def _json_object(text: Any, what: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not a JSON object: {text!r}")
+    return value
+
+
+def _trial_records(rows: list[tuple[Any, ...]], names: list[str], workloads: list[str],
+                   energy: list[tuple[Any, ...]]) -> tuple[list[dict[str, Any]], dict[str, None]]:
+    """load_trials' records, one per plan row, and the tuned fields; a row that is not what the sweep
+    wrote (an unknown status, a config or tuning that is not a JSON object) raises."""
+    by_key: dict[tuple[str, str], tuple[float, ...]] = {(r[0], r[1]): tuple(r[2:]) for r in energy}
+    records = []
+    tuned: dict[str, None] = {}
+    for raw in rows:
+        row = dict(zip(names, raw, strict=True))
+        where = f"trial {row['trial_id']}"
+        if row["status"] not in _STATUSES:
+            raise ValueError(f"{where}: unknown status {row['status']!r}")
+        _json_object(row["config"], f"{where}: config")
+        record: dict[str, Any] = {name: row.get(name) for name in (*TRIAL_COLUMNS, *PLAN_COLUMNS)}
+        record["task"], record["label"] = row["plan_task"], row["plan_label"]
+        record["master_weights"] = master_weights_value(row["master_weights"])
+        record["diverged"] = bool(row["diverged"])
+        for name in ("val_accuracy", "test_accuracy", "final_loss"):
+            record[name] = math.nan if record[name] is None else float(record[name])
+        for name, value in _json_object(record["tuning"], f"{where}: tuning").items():
+            tuned.setdefault(name)
+            record[TUNED_PREFIX + name] = value
+        for workload in workloads:
+            values = by_key.get((row["energy_key"], workload))
+            numbers = dict(zip(_ENERGY_VALUES, values, strict=True)) if values else {}
+            record[energy_column(workload)] = numbers.get("total_mj", math.nan)
+            for unit in UNITS:
+                record[energy_column(workload, unit)] = numbers.get(f"{unit}_mj", math.nan)
+            record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
+            area = numbers.get("area_um2")
+            record[area_column(workload)] = math.nan if area is None else area
+        record["config"] = row["config"]
+        records.append(record)
+    return records, tuned
+
+
 def load_trials(directory: Path) -> pd.DataFrame:
     """One row per finished trial of the sweep's latest plan, in plan order (see docs/config.md).
 
@@ -289,54 +361,19 @@ def load_trials(directory: Path) -> pd.DataFrame:
         raise InputError(f"no sweep store in {str(directory)!r} (no {STORE_FILE}; run `dse sweep` first)")
     if stored_sweep_name(directory) is None:  # pragma: no cover - is_file() checked above
         raise InputError(f"no sweep store in {str(directory)!r}")
-    connection = _connect(path)
     try:
-        meta = _read_meta(connection)
-        workloads = json.loads(meta.get("workloads", "[]"))
-        new_plan = "configuration" in _columns(connection, "plan")
-        plan_columns = "p.configuration, p.tuning" if new_plan else "p.label, '{}'"
-        rows = connection.execute(
-            f"SELECT p.energy_key, p.task, p.label, {plan_columns}, t.* FROM plan p "
-            "JOIN trials t ON t.trial_id = p.trial_id ORDER BY p.position").fetchall()
-        names = ["energy_key", "plan_task", "plan_label", "configuration", "tuning"] + [
-            d[0] for d in connection.execute("SELECT * FROM trials LIMIT 0").description]
-        stored = set(_columns(connection, "energy"))
-        selected = ", ".join(name if name in stored else "NULL" for name in _ENERGY_VALUES)
-        energy = connection.execute(f"SELECT energy_key, workload, {selected} FROM energy").fetchall()
-    finally:
-        connection.close()
-    by_key: dict[tuple[str, str], tuple[float, ...]] = {(r[0], r[1]): tuple(r[2:]) for r in energy}
-    records = []
-    tuned: dict[str, None] = {}
-    for raw in rows:
-        row = dict(zip(names, raw, strict=True))
-        record: dict[str, Any] = {name: row.get(name) for name in (*TRIAL_COLUMNS, *PLAN_COLUMNS)}
-        record["task"], record["label"] = row["plan_task"], row["plan_label"]
-        record["master_weights"] = master_weights_value(row["master_weights"])
-        record["diverged"] = bool(row["diverged"])
-        for name in ("val_accuracy", "test_accuracy", "final_loss"):
-            record[name] = math.nan if record[name] is None else float(record[name])
-        for name, value in json.loads(record["tuning"]).items():
-            tuned.setdefault(name)
-            record[TUNED_PREFIX + name] = value
-        for workload in workloads:
-            values = by_key.get((row["energy_key"], workload))
-            numbers = dict(zip(_ENERGY_VALUES, values, strict=True)) if values else {}
-            record[energy_column(workload)] = numbers.get("total_mj", math.nan)
-            for unit in UNITS:
-                record[energy_column(workload, unit)] = numbers.get(f"{unit}_mj", math.nan)
-            record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
-            area = numbers.get("area_um2")
-            record[area_column(workload)] = math.nan if area is None else area
-        record["config"] = row["config"]
-        records.append(record)
+        meta, workloads, rows, names, energy = _read_only(path, _read_store)
+        records, tuned = _trial_records(rows, names, workloads, energy)
+        sweep = {"name": meta.get("name", ""), "workloads": list(workloads),
+                 "memory_objective": json.loads(meta.get("memory_objective", "false")),
+                 "baselines": json.loads(meta.get("baselines", "{}")), "output": str(directory)}
+    except (sqlite3.Error, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"{path} is not a readable sweep store: {str(error).splitlines()[0]}") from None
     columns = [*TRIAL_COLUMNS, *PLAN_COLUMNS, *(TUNED_PREFIX + name for name in tuned),
                *energy_columns(workloads), "config"]
     frame = pd.DataFrame.from_records(records, columns=columns)
     if frame.empty:
         frame = frame.astype({"diverged": bool, "val_accuracy": float, "test_accuracy": float,
                               "final_loss": float, "wall_time_s": float})
-    frame.attrs["sweep"] = {"name": meta.get("name", ""), "workloads": list(workloads),
-                            "memory_objective": json.loads(meta.get("memory_objective", "false")),
-                            "baselines": json.loads(meta.get("baselines", "{}")), "output": str(directory)}
+    frame.attrs["sweep"] = sweep
     return frame

@@ -75,6 +75,9 @@ class SweepSummary:
     """Configurations whose trials trained one by one instead of in groups, and why."""
     trials: Any = field(default=None, repr=False, compare=False)
     """The store's trials (load_trials) as `conclude` read them once the run was over."""
+    tables: Any = field(default=None, repr=False, compare=False)
+    """The trials' dse.report.SweepTables where `conclude` built them to write the reports (None: the
+    files were current, or not asked for): the command line prints the fronts from them."""
 
 
 def accuracy_or_nan(value: Any) -> float:
@@ -116,8 +119,9 @@ def best_of(frame: Any) -> TrialRecord | None:
 def conclude(summary: SweepSummary, memory_objective: bool, reports: bool, started: float,
              frame: Any = None, figures: FigureProcesses | None = None) -> SweepSummary:
     """Fill in what the store holds once the run is over: the counts and the best trial, the report files
-    (written unless they are current: dse.report.files.write_reports_if_changed; the figures drawn
-    by `figures` where given) where `reports`, and the wall time since `started` (time.perf_counter).
+    (written unless they are current: dse.report.files.write_reports_if_changed, whose tables it
+    keeps; the figures drawn by `figures` where given) where `reports`, and the wall time since
+    `started` (time.perf_counter).
     `frame`: the store's load_trials, where the caller read it after the last trial was stored (else
     it is read here)."""
     if frame is None:
@@ -127,6 +131,7 @@ def conclude(summary: SweepSummary, memory_objective: bool, reports: bool, start
     if reports:
         from dse.report.files import write_reports_if_changed
 
-        summary.files = write_reports_if_changed(frame, summary.output, memory_objective, figures=figures)
+        summary.files, summary.tables = write_reports_if_changed(frame, summary.output, memory_objective,
+                                                                 figures=figures)
     summary.wall_time_s = time.perf_counter() - started
     return summary

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dse.errors import InputError, SettingError, choice
+from dse.errors import InputError, SettingError, choice, number_problem
 from dse.precision import (
     FORMAT_FIELDS,
     FP32,
@@ -68,6 +68,9 @@ def field_value(name: str, value: Any) -> Any:
     One line per problem, without a location."""
     if value is None:
         return None
+    problem = number_problem(value)
+    if problem is not None:
+        raise InputError(f"{name} {problem}")
     if name in ("model", "dataset") and is_ref(value):
         return value.strip()
     if name in _ROUNDING_FIELDS:
@@ -167,8 +170,8 @@ class TrainConfig:
     lr: float | None = None
     """Learning rate; None (not given) picks the optimizer's default (docs/training.md)."""
     lr_schedule: str = "constant"
-    """How the learning rate moves over the epochs: constant, cosine (to 0 at the last epoch) or step
-    (times lr_gamma every lr_step_epochs); set at the start of each epoch."""
+    """How the learning rate moves over the epochs: constant, cosine (reaching 0 one epoch after the last)
+    or step (times lr_gamma every lr_step_epochs); set at the start of each epoch."""
     lr_warmup_epochs: int = 0
     """Epochs of linear learning-rate warm-up (lr * (e + 1) / n in epoch e) before the schedule."""
     lr_step_epochs: int = 10

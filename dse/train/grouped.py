@@ -165,9 +165,7 @@ class StackedOptimizer:
                 config = configs[start]
                 views = [p.detach()[start:stop] for p in self.params]
                 lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
-                optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay,
-                                            config.p_scale, config.g_bound, {},
-                                            policy.master_weights.rounding, self.generators[start], switch)
+                optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay)
                 self.runs.append((start, stop, optimizer, views))
         self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
         if switch.enabled:

@@ -23,7 +23,7 @@ from dse.errors import InputError
 from dse.models.proxies import ModelFactory, build_model
 from dse.train.config import TrainConfig, TrainingSetup, TrainResult, field_value
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
-from dse.train.optim import lns_madam_copy_error, quantized_optimizer
+from dse.train.optim import check_optimizer, quantized_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.schedule import lr_factor
 from dse.train.tally import EpochTally, members_finite
@@ -80,9 +80,7 @@ def check_config(config: TrainConfig, model_given: bool = False) -> None:
                              "every layer in one integer width")
     else:
         policy = QuantPolicy.from_config(config)  # the formats' combinations (scaled accumulator, ...)
-        storage = policy.master_weights.format
-        if config.optimizer == "lns-madam" and storage is not None and storage.family != "lns":
-            raise InputError(lns_madam_copy_error(config.master_weights, storage.spec))
+        check_optimizer(config.optimizer, policy, config.weight_decay)  # weight decay, LNS-Madam's copy
 
 
 def prepare(model: nn.Module, config: TrainConfig, generator: torch.Generator,

@@ -23,6 +23,7 @@ from dse.formats import NumberFormat, check_rounding, round_to_integer
 from dse.formats.base import MemberGenerators, random_bits
 from dse.formats.lns import LNS
 from dse.train.layers import QuantSwitch, quant_switch, stored_weights
+from dse.train.member_kernels import PARALLEL_GRAIN
 from dse.train.policy import QuantPolicy, TensorQuant
 
 DEFAULT_LR: dict[str, float] = {
@@ -35,14 +36,14 @@ DEFAULT_LR: dict[str, float] = {
 
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(DEFAULT_LR)
 
+MADAM_OPTIMIZERS: tuple[str, ...] = ("madam", "lns-madam")
+"""The multiplicative optimizers (`madam_optimizer`); the others are torch's (`plain_optimizer`)."""
+
 STATE_KEYS: tuple[str, ...] = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 """Per-parameter state tensors that are re-quantized with policy.optimizer_state (step counters are not)."""
 
 MADAM_BETA = 0.999
 MADAM_ONE_MINUS_BETA = 0.001  # written out: 1 - 0.999 is not 0.001 in floating point
-
-PARALLEL_GRAIN = 32768
-"""at::internal::GRAIN_SIZE: torch runs an elementwise operation over fewer elements on one thread."""
 
 MemberValue = float | Sequence[float]
 """A Madam hyperparameter: one value, or one per member of a stacked group."""
@@ -563,13 +564,15 @@ class StepQuantizer:
                         value.copy_(self.state(value, self.generator))
 
 
-def _check(name: str, policy: QuantPolicy, weight_decay: float) -> None:
+def check_optimizer(name: str, policy: QuantPolicy, weight_decay: float) -> None:
+    """What the optimizer `name` cannot do with these formats and this weight decay (InputError);
+    `check_config` runs it before any data is loaded."""
     if name == "niti":
         raise InputError("optimizer 'niti' trains integer networks through dse.train.niti, "
                          "not make_optimizer")
     if name not in OPTIMIZER_NAMES:
         raise InputError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZER_NAMES)}")
-    if name in ("madam", "lns-madam") and weight_decay != 0:
+    if name in MADAM_OPTIMIZERS and weight_decay != 0:
         raise InputError(f"optimizer {name!r} has no weight decay (multiplicative updates), "
                          f"got weight_decay={weight_decay}")
     storage = policy.master_weights.format
@@ -585,20 +588,16 @@ def lns_madam_copy_error(master_weights: bool | str, spec: str) -> str:
             f"weights in an LNS format (or an fp32 copy); got {where}")
 
 
-def plain_optimizer(name: str, params: Sequence[Tensor], lr: float, momentum: float, weight_decay: float,
-                    p_scale: float, g_bound: float, lns_storage: Mapping[Tensor, NumberFormat],
-                    update_rounding: str, generator: torch.Generator | None,
-                    switch: QuantSwitch) -> torch.optim.Optimizer:
-    """The named optimizer over `params`, without the post-step quantization (`make_optimizer`
-    adds it; grouped training builds one per run of members with equal SGD/Adam hyperparameters)."""
+def plain_optimizer(name: str, params: Sequence[Tensor], lr: float, momentum: float, weight_decay: float
+                    ) -> torch.optim.Optimizer:
+    """torch's SGD, Adam or AdamW over `params`, without the post-step quantization (`quantized_optimizer`
+    adds it; grouped training builds one per run of members with equal hyperparameters). Madam and
+    LNS-Madam, which take their own hyperparameters: `madam_optimizer`."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return madam_optimizer(name, params, lr, p_scale, g_bound, lns_storage, update_rounding, generator,
-                           switch)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def madam_optimizer(name: str, params: Sequence[Tensor], lr: MemberValue, p_scale: MemberValue,
@@ -643,7 +642,7 @@ def quantized_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: fl
     weights live in a format (policy.master_weights: a master copy's, or the weight format itself) the
     quantized layers' weights are rounded into it right away, unless quantization is switched off.
     """
-    _check(name, policy, weight_decay)
+    check_optimizer(name, policy, weight_decay)
     lr = DEFAULT_LR[name] if lr is None else lr
     switch = quant_switch(model) or QuantSwitch()
     params = list(model.parameters())
@@ -655,8 +654,11 @@ def quantized_optimizer(name: str, model: nn.Module, policy: QuantPolicy, lr: fl
         if other is not None:
             raise InputError(f"optimizer 'lns-madam' needs LNS weights (or fp32) in every layer when weights "
                              f"live in a format, got {other.spec!r}")
-    optimizer = plain_optimizer(name, params, lr, momentum, weight_decay, p_scale, g_bound, lns,
-                                policy.master_weights.rounding, generator, switch)
+    if name in MADAM_OPTIMIZERS:
+        optimizer: torch.optim.Optimizer = madam_optimizer(name, params, lr, p_scale, g_bound, lns,
+                                                           policy.master_weights.rounding, generator, switch)
+    else:
+        optimizer = plain_optimizer(name, params, lr, momentum, weight_decay)
     if name == "lns-madam":
         stored = []  # LNSMadam keeps them on the grid itself
     hook = StepQuantizer(stored, policy.optimizer_state, switch, generator)

@@ -74,6 +74,7 @@ from dse.train.layers import (
     is_block_scaled,
     quant_matmul,
 )
+from dse.train.member_kernels import MemberKernelMode
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -583,9 +584,17 @@ class StackedModel(nn.Module):
         super().__init__()
         self.net = net
         self.members = members
+        self.position_dependent_kernels = True
+        """Whether the forward calls a function `MemberKernelMode` runs member by member (known
+        after the first forward; until then assumed)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.net(_fold(x))
+        if not self.position_dependent_kernels:
+            return _split(self.net(_fold(x)), self.members)
+        mode = MemberKernelMode(self.members)
+        with mode:
+            out = self.net(_fold(x))
+        self.position_dependent_kernels = mode.seen
         return _split(out, self.members)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,37 @@ def test_report_on_an_unchanged_store_leaves_its_files_and_says_they_are_current
     (sweep_dir / "pareto.md").write_text("edited\n")
     third = runner.invoke(app, ["report", str(sweep_dir)])
     assert f"wrote {len(files)} files" in third.stdout and (sweep_dir / "pareto.md").read_text() != "edited\n"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+def test_a_figure_process_that_dies_is_one_warning_line_naming_the_figures_drawn_instead(
+        store_trials: Callable[[Path, pd.DataFrame], None], make_example_trials: Callable[..., pd.DataFrame],
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A figure process killed while it draws (here: it exits at its first figure) leaves the figures it
+    had not saved to the main process: the report is whole and the same, and stderr says so in one
+    `warning:` line naming them (no silent slowdown)."""
+    import os
+
+    import dse.report.files as files
+    from dse.report import SweepTables
+
+    expected, directory = tmp_path / "expected", tmp_path / "sweep"
+    for path in (expected, directory):
+        path.mkdir()
+        store_trials(path, make_example_trials(workloads=("resnet50",)))
+    assert runner.invoke(app, ["report", str(expected)]).exit_code == 0
+    parent, save = os.getpid(), files.save_figure
+    monkeypatch.setattr(files, "save_figure", lambda figure, stem: save(figure, stem)
+                        if os.getpid() == parent else os._exit(1))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # processes even on a one-core machine
+    result = runner.invoke(app, ["report", str(directory)])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: a figure process died; "), result.stderr
+    named = lines[0].split("one after another: ")[1].split(", ")
+    figures = {job.stem.name for job in files.figure_jobs(SweepTables.of(load_trials(directory)), directory)}
+    assert named and set(named) <= figures and f"{len(named)} figure" in lines[0]
+    for path in expected.iterdir():
+        if "sqlite" not in path.name and path.name != ".reports.json":  # its signature hashes the folder
+            assert (directory / path.name).read_bytes() == path.read_bytes(), path.name
+    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp"))

@@ -131,18 +131,18 @@ def test_a_sweep_with_nothing_new_does_not_rewrite_its_reports(example_trials: p
     from dse.report.files import write_reports_if_changed
 
     frame = example_trials
-    written = write_reports_if_changed(frame, tmp_path)
+    written, _ = write_reports_if_changed(frame, tmp_path)
     assert {p.name for p in written} == {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
     for path in written:
         os.utime(path, (0, 0))
-    assert write_reports_if_changed(frame, tmp_path) == written
+    assert write_reports_if_changed(frame, tmp_path) == (written, None)
     assert all(path.stat().st_mtime == 0 for path in written)
     changed = frame.copy()
     changed.loc[changed.index[0], "test_accuracy"] = 0.123
     write_reports_if_changed(changed, tmp_path)
     assert "0.123" in (tmp_path / "trials.csv").read_text() and (tmp_path / "summary.csv").stat().st_mtime > 0
     written[-1].unlink()
-    assert write_reports_if_changed(changed, tmp_path) == written and written[-1].is_file()
+    assert write_reports_if_changed(changed, tmp_path)[0] == written and written[-1].is_file()
 
 
 def test_a_report_file_changed_since_it_was_written_is_written_again(example_trials: pd.DataFrame,
@@ -151,7 +151,7 @@ def test_a_report_file_changed_since_it_was_written_is_written_again(example_tri
     run's is never served as current, whatever its name and the trials say."""
     from dse.report.files import current_reports, write_reports_if_changed
 
-    written = write_reports_if_changed(example_trials, tmp_path)
+    written, _ = write_reports_if_changed(example_trials, tmp_path)
     assert current_reports(example_trials, tmp_path) == written
     expected = {path.name: path.read_bytes() for path in written}
     table, plot = tmp_path / "summary.csv", next(p for p in written if p.suffix == ".png")
@@ -226,13 +226,14 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
         monkeypatch: pytest.MonkeyPatch, child: str) -> None:
     """A figure process that waits for ever (a lock held by another thread at the fork) or dies (the
     out-of-memory killer) does not hang or fail the report: the processes are stopped and the figures
-    are drawn in this process, the same files; no process and no temporary file is left."""
+    are drawn in this process, the same files; no process and no temporary file is left. It warns
+    (FigureFallbackWarning: why, and which figures), which the command line prints as one line."""
     import multiprocessing
     import os
     import threading
     import time
 
-    from dse.report.drawing import FigureProcesses
+    from dse.report.drawing import FigureFallbackWarning, FigureProcesses
 
     def child_save(figure: object, stem: Path) -> list[Path]:
         if child == "stuck":
@@ -241,7 +242,8 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
 
     _in_figure_processes(monkeypatch, child_save)
     drawn: list[Path] = []
-    with FigureProcesses(2) as figures:
+    reason = "finished no figure in 1 s" if child == "stuck" else "a figure process died"
+    with pytest.warns(FigureFallbackWarning, match=reason) as warned, FigureProcesses(2) as figures:
         figures.stall_s = 1.0
         waiting = threading.Thread(target=lambda: drawn.extend(write_reports(example_trials, tmp_path,
                                                                              figures=figures)),
@@ -250,6 +252,9 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
         waiting.join(60)
         assert not waiting.is_alive(), "the report waits for its figure processes for ever"
     assert [path.name for path in drawn] == [path.name for path in reports[1]]
+    assert len(warned) == 1 and str(warned[0].message).endswith(
+        "drawn in the main process instead, one after another: " + ", ".join(
+            dict.fromkeys(path.name.rsplit(".", 1)[0] for path in drawn if path.suffix == ".png")))
     _same_files(tmp_path, reports)
     assert not any(child.is_alive() for child in multiprocessing.active_children())
 

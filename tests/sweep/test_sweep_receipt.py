@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -261,3 +263,93 @@ def test_a_sweep_file_found_invalid_after_the_workers_started_leaves_no_process_
     assert len(seen) > 1, seen  # the server started (else this checks nothing)
     assert not left, f"processes outlived the command: {left}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("reports_current", [True, False])
+def test_the_summary_tables_are_built_once_per_sweep_command(sweep_dir: Path, plans: list[int],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             reports_current: bool) -> None:
+    """The tables that write the reports also print the fronts (SweepTables.of once, not again for the
+    printout); with the reports current, the printout builds them."""
+    from dse.report import SweepTables
+
+    built: list[int] = []
+    of = SweepTables.of.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[SweepTables], *args: Any, **kwargs: Any) -> SweepTables:
+        built.append(1)
+        return of(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SweepTables, "of", classmethod(counted))
+    if not reports_current:
+        (sweep_dir / "out" / ".reports.json").unlink()
+    result = sweep()
+    assert "Pareto front" in result.stdout
+    assert (sweep_dir / "out" / ".reports.json").is_file() and built == [1]
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["LF", "CRLF"])
+def test_a_rerun_of_an_lf_or_crlf_sweep_file_needs_no_plan(sweep_dir: Path, plans: list[int],
+                                                         newline: str) -> None:
+    """The sweep file is read once; its receipt and the rerun's check hash the same text, the file's
+    text as Python reads it (universal newlines: a CRLF file is its LF text). So the LF file planned
+    (by the fixture) and the same file saved with CRLF are both answered from the store, and the store
+    keeps the LF text's receipt and YAML. (Before, the check hashed the raw bytes: a CRLF file planned
+    in full on every rerun.)"""
+    import json
+
+    from dse.digests import sha256_hex
+
+    (sweep_dir / "sweep.yaml").write_bytes(SWEEP.replace("\n", newline).encode())
+    for _ in range(2):
+        answered = sweep()
+        assert plans == [] and "(0 run now, 2 from an earlier run)" in answered.stdout
+    with sqlite3.connect(sweep_dir / "out" / "sweep.sqlite") as connection:
+        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+    assert json.loads(meta["receipt"])["text_sha256"] == sha256_hex(SWEEP.encode())
+    assert meta["config_yaml"] == SWEEP
+
+
+def test_a_planned_rerun_reads_the_sweep_file_once(sweep_dir: Path, plans: list[int],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes read to check the receipt are the ones validated and planned (no second read, which
+    could also see another text than the one checked)."""
+    reads: list[str] = []
+    read_bytes, read_text = Path.read_bytes, Path.read_text
+
+    def counted_bytes(path: Path) -> bytes:
+        reads.append(path.name)
+        return read_bytes(path)
+
+    def counted_text(path: Path, *args: Any, **kwargs: Any) -> str:
+        reads.append(path.name)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_bytes", counted_bytes)
+    monkeypatch.setattr(Path, "read_text", counted_text)
+    sweep(0, "--group-size", "1")  # another override: planned in full, nothing to train
+    assert plans == [1] and reads.count("sweep.yaml") == 1
+
+
+@given(st.one_of(st.binary(max_size=64),
+                 st.lists(st.sampled_from(["a: 1", "\r\n", "\n", "\r", "\ufeff", "µ", " "]), max_size=12)
+                 .map(lambda parts: "".join(parts).encode())))
+@settings(max_examples=200)
+def test_the_text_of_bytes_read_once_is_what_read_text_reads(data: bytes) -> None:
+    """file_text (the sweep file's bytes, read once, as text) is Path.read_text's text: UTF-8 with
+    universal newlines (CRLF and CR as LF), a BOM kept, the same error for bytes that are not UTF-8."""
+    import tempfile
+
+    from dse.yaml_lines import file_text
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sweep.yaml"
+        path.write_bytes(data)
+        try:
+            expected: str | type[UnicodeDecodeError] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            expected = UnicodeDecodeError
+    try:
+        assert file_text(data) == expected
+    except UnicodeDecodeError:
+        assert expected is UnicodeDecodeError

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from dse.formats.fast import FastPath, enabled, host_shortcuts, reference_only_active, register
+from dse.formats.fast import FastPath, _set_within, enabled, host_shortcuts, reference_only_active, register
 
 # Elements per slice and torch thread, for passes that keep two slice-sized tensors (input and
 # output) in cache; `buffers` more of them share the same space (smaller slices).
@@ -47,15 +47,9 @@ def cpu_chunk_elements(x: Tensor, buffers: int = 2) -> int:
     return chunk
 
 
-@contextlib.contextmanager
-def whole_tensors(active: bool = True) -> Iterator[None]:
+def whole_tensors(active: bool = True) -> contextlib.AbstractContextManager[object]:
     """Round tensors whole (no cache-sized slices) inside the block, when `active`."""
-    token = _WHOLE_TENSORS.set(True) if active else None
-    try:
-        yield
-    finally:
-        if token is not None:
-            _WHOLE_TENSORS.reset(token)
+    return _set_within(_WHOLE_TENSORS, True) if active else contextlib.nullcontext()
 
 
 def for_slices(x: Tensor, out: Tensor, round_slice: Callable[[Tensor, Tensor], object], buffers: int = 2

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from dse.formats.base import MemberGenerators
+from dse.train.member_kernels import member_kernel
 from dse.train.niti.ti_torch import INT8_BITWIDTH, _signed, sto_shift
 
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +129,9 @@ def _reference_ce_numerators(z: Tensor, exp: int | tuple[int, ...], bitwidth: in
         s = (z * LOG2E_Q15).to(torch.float32) / 2**15
         s = _times_two_to(s, exp)
         s = s - (s.max(dim=1, keepdim=True).values - CE_TOP_LOG2)
-        numerators = torch.pow(2.0, s.clamp(min=0.0)) - 1
+        # pow's vector and scalar kernels differ in the last bit for some s: each member's as alone
+        members = len(exp) if isinstance(exp, tuple) else 1
+        numerators = member_kernel(lambda t: torch.pow(2.0, t), s.clamp(min=0.0), members) - 1
         total = numerators.to(torch.int64).sum(dim=1, keepdim=True)
         return numerators * 2**scale_bits / total
     taylor = _taylor_numerators(z, exp)

@@ -1,0 +1,120 @@
+"""Does an elementwise or row-wise torch kernel give a member's row of a stacked (G, n) tensor the
+bits it gives the member's n elements alone? Prints, per operation, dtype, shape and thread count,
+how many elements differ in the last bits.
+
+    python benchmarks/stacked_kernels.py                  # every operation, 1 and 2 threads
+    python benchmarks/stacked_kernels.py --ops gelu,exp --threads 2
+
+Why it can differ: torch's CPU elementwise loops run a vector kernel over blocks of twice the
+vector width and the scalar function over the rest (`vectorized_loop` in ATen's cpu/Loops.h), and
+on several threads an operation of PARALLEL_GRAIN (32768) elements or more is split among them;
+where the vector and scalar functions disagree, an element's bits depend on where it sits. A grouped
+run applies the operation once to the stacked tensor where a run alone applies it to its own, so
+each such operation on a grouped path must either give the same bits everywhere (exact IEEE
+arithmetic: +, *, /, sqrt, comparisons) or be run so that each member's elements are split as alone.
+Shapes: n not a multiple of the vector width, below and above the grain per member and in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _grad(fn: Op) -> Op:
+    """x -> d sum(fn(x) * w) / dx for a fixed pseudo-random w: the operation's backward kernel."""
+    def backward(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        (fn(x) * (x.detach() * 0.5 + 1)).sum().backward()  # a weight made of x by exact arithmetic
+        return x.grad
+
+    return backward
+
+
+OPS: dict[str, tuple[Op, Callable[[torch.Tensor], torch.Tensor]]] = {
+    # name: (operation, input transform from standard normals)
+    "exp": (torch.exp, lambda x: x * 4),
+    "exp2": (torch.exp2, lambda x: x * 4),
+    "log": (torch.log, lambda x: x.abs() + 1e-3),
+    "log2": (torch.log2, lambda x: x.abs() + 1e-3),
+    "pow2_fraction": (lambda x: torch.pow(2.0, x), lambda x: x * 4),
+    "pow2_integer": (lambda x: torch.pow(2.0, x), lambda x: (x * 8).round()),
+    "pow2_integer_clamped": (lambda x: torch.pow(2.0, x.clamp(min=0.0)) - 1,  # NITI's ti_loss
+                             lambda x: (x * 16).round() / 2**15 * 47274),
+    "tanh": (torch.tanh, lambda x: x * 2),
+    "sigmoid": (torch.sigmoid, lambda x: x * 4),
+    "erf": (torch.erf, lambda x: x * 2),
+    "gelu": (F.gelu, lambda x: x * 2),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), lambda x: x * 2),
+    "gelu_backward": (_grad(F.gelu), lambda x: x * 2),
+    "silu": (F.silu, lambda x: x * 4),
+    "softplus": (F.softplus, lambda x: x * 4),
+    "elu": (F.elu, lambda x: x * 2),
+    "selu": (F.selu, lambda x: x * 2),
+    "celu": (F.celu, lambda x: x * 2),
+    "mish": (F.mish, lambda x: x * 2),
+    "logsigmoid": (F.logsigmoid, lambda x: x * 4),
+    "hardswish": (F.hardswish, lambda x: x * 4),
+    "leaky_relu": (F.leaky_relu, lambda x: x),
+    "expm1": (torch.expm1, lambda x: x * 2),
+    "log1p": (torch.log1p, lambda x: x.abs()),
+    "sin": (torch.sin, lambda x: x * 4),
+    "cos": (torch.cos, lambda x: x * 4),
+    "atan": (torch.atan, lambda x: x * 4),
+    "silu_backward": (_grad(F.silu), lambda x: x * 4),
+    "sigmoid_backward": (_grad(torch.sigmoid), lambda x: x * 4),
+    "tanh_backward": (_grad(torch.tanh), lambda x: x * 2),
+    "sqrt": (torch.sqrt, lambda x: x.abs()),
+    "reciprocal": (torch.reciprocal, lambda x: x),
+    "div_by_3": (lambda x: x / 3.0, lambda x: x),
+    "softmax_rows": (lambda x: torch.softmax(x, dim=-1), lambda x: x * 4),
+    "log_softmax_rows": (lambda x: F.log_softmax(x, dim=-1), lambda x: x * 4),
+    "softmax_backward": (_grad(lambda x: torch.softmax(x, dim=-1)), lambda x: x * 4),
+}
+
+SHAPES = [(4, 37), (8, 1000), (8, 4099), (3, 33001)]
+"""(G, n): all rows below the grain; rows below it but the group above (8 x 4099); rows above it."""
+
+ROW_SHAPES = [(4, 6, 37), (8, 64, 10), (8, 700, 13)]
+"""(G, rows, width) for row-wise operations (softmax over the last axis): the group folded by rows."""
+
+
+def mismatches(op: Op, transform: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...],
+               dtype: torch.dtype, seed: int = 0) -> tuple[int, int]:
+    """(elements whose bits differ between the stacked call and each member's own call, elements)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = transform(torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+    stacked = op(x)
+    alone = torch.stack([op(member.clone()) for member in x])
+    same = (stacked == alone) | (stacked.isnan() & alone.isnan())
+    return int((~same).sum()), same.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--dtypes", default="float32,float64")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{'op':22} {'dtype':8} {'threads':7} {'shape':16} {'differ':>8} / elements")
+    for name in args.ops.split(","):
+        op, transform = OPS[name]
+        shapes = ROW_SHAPES if "softmax" in name else SHAPES
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            for threads in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(threads)
+                for shape in shapes:
+                    differ, total = mismatches(op, transform, shape, dtype)
+                    flag = "  <-- differs" if differ else ""
+                    print(f"{name:22} {dtype_name:8} {threads:7} {str(shape):16} {differ:8} / {total}{flag}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Bad input across the command line: one line naming the problem and where, exit code 2, no
+traceback, nothing written. Each test is a rule an audit of every command and key found broken."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from dse.cli import app
+from dse.errors import InputError
+from dse.sweep import load_trials, parse_config, run_sweep
+from dse.sweep.executors import InlineExecutor
+from dse.sweep.store import STORE_FILE
+from dse.train.config import TrainConfig
+from dse.train.loop import check_config
+
+runner = CliRunner()
+
+
+def _one_error_line(result: Any, *needles: str) -> str:
+    """The one `error:` line of a refused command (exit 2, no traceback, nothing on stdout)."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["energy", "-w", "resnet18", "-f", "int8", "--batch-size", str(10**23)],
+     "--batch-size must fit in 64 bits"),
+    (["compare", "int8", "-w", "resnet18", "--operand-reuse", "inf"], "--operand-reuse must be a finite"),
+    (["train", "--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["train", "--lr", "nan"], "--lr must be a finite number"),
+])
+def test_a_number_no_setting_can_hold_is_refused_on_the_command_line_naming_its_option(
+        args: list[str], needle: str) -> None:
+    _one_error_line(runner.invoke(app, args), needle)
+
+
+@pytest.mark.parametrize(("line", "needle"), [
+    ("task: {model: mlp, dataset: digits, epochs: 100000000000000000000000}",
+     "s.yaml:2: task.epochs: must fit"),
+    ("task: {model: mlp, dataset: digits, weight_decay: .inf}",
+     "s.yaml:2: task.weight_decay: must be a finite"),
+    ("energy: {memory: {operand_reuse: .inf}}\ntask: {model: mlp, dataset: digits}",
+     "s.yaml:2: energy.memory.operand_reuse: must be a finite"),
+])
+def test_a_number_no_setting_can_hold_is_refused_in_a_yaml_file_at_its_line(line: str, needle: str) -> None:
+    with pytest.raises(InputError) as raised:
+        parse_config(f"name: n\n{line}\ntrials: [{{format: fp32}}]\n", "s.yaml")
+    assert str(raised.value).startswith(needle), raised.value
+
+
+@pytest.mark.parametrize(("field", "value"), [("weight_decay", math.inf), ("momentum", math.nan),
+                                              ("epochs", 10**23)])
+def test_a_training_setting_is_a_finite_64_bit_number(field: str, value: float) -> None:
+    with pytest.raises(InputError, match=f"^{field} must"):
+        TrainConfig(**{field: value})
+
+
+def test_madam_with_weight_decay_is_refused_before_anything_trains(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no weight decay"):
+        check_config(TrainConfig(optimizer="madam", weight_decay=0.1))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: n\ntask: {{model: mlp, dataset: digits, epochs: 1}}\ntrials:\n"
+                    f"  - {{format: fp32, optimizer: lns-madam, weight_decay: 0.01}}\n"
+                    f"output: {tmp_path / 'out'}\n")
+    result = runner.invoke(app, ["sweep", str(path), "--dry-run"])
+    _one_error_line(result, "s.yaml:4: trials[0]", "weight decay")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plot_into_a_directory_is_refused_before_any_work(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["formats", "show", "int8", "--plot", str(tmp_path)])
+    _one_error_line(result, "--plot", "directory")
+    assert list(tmp_path.iterdir()) == []  # (matplotlib wrote <dir>.png beside it)
+    assert not tmp_path.with_suffix(".png").exists()
+
+
+def test_a_dataset_given_for_a_workload_that_is_not_a_model_function_is_refused() -> None:
+    result = runner.invoke(app, ["energy", "-w", "resnet18", "-f", "int8", "--dataset", "digits"])
+    _one_error_line(result, "--dataset", "'resnet18'")
+
+
+def _damage(store: Path, statement: str) -> None:
+    with sqlite3.connect(store) as connection:
+        connection.executescript(statement)
+    connection.close()
+
+
+@pytest.mark.parametrize("statement", [
+    "DROP TABLE plan", "DROP TABLE energy", "ALTER TABLE trials DROP COLUMN seed",
+    "UPDATE trials SET config = substr(config, 1, 10)", "UPDATE plan SET tuning = '[1]'",
+    "PRAGMA ignore_check_constraints = 1; UPDATE trials SET status = 'weird'",
+])
+def test_a_damaged_store_is_one_line_naming_it_and_no_report_is_written(
+        statement: str, fake_train: Callable[..., Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    text = f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}]\noutput: {out}\n"
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+    store = out / STORE_FILE
+    _damage(store, statement)
+    before = sorted(path.name for path in out.iterdir())
+    with pytest.raises(InputError, match=f"^{store} is not a readable sweep store"):
+        load_trials(out)
+    _one_error_line(runner.invoke(app, ["report", str(out)]), str(store))
+    _one_error_line(runner.invoke(app, ["export", str(out), "--to", "csv"]), str(store))
+    assert not any(path.suffix in (".csv", ".tex", ".md", ".png") for path in out.iterdir())
+    assert {name for name in before} <= {path.name for path in out.iterdir()}
+
+
+def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
+    text = "name: n\ntask: {model: mlp, dataset: digits}\ntrials:\n  - {format: posit(8,1), optimizer: sgd}\n"
+    with pytest.raises(InputError) as raised:
+        parse_config(text, "s.yaml")
+    first = str(raised.value).splitlines()[0]
+    assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
