@@ -86,6 +86,15 @@ def test_a_plot_into_a_directory_is_refused_before_any_work(tmp_path: Path) -> N
     assert not tmp_path.with_suffix(".png").exists()
 
 
+def test_a_plot_of_a_file_type_matplotlib_cannot_write_is_refused_before_any_work(tmp_path: Path) -> None:
+    target = tmp_path / "density.xyz"
+    result = runner.invoke(app, ["formats", "show", "int8", "--plot", str(target)])
+    _one_error_line(result, "--plot", ".xyz", ".png")
+    untyped = runner.invoke(app, ["formats", "show", "int8", "--plot", str(tmp_path / "density")])
+    assert untyped.exit_code == 0 and f"wrote {tmp_path / 'density.png'}" in untyped.stdout.replace("\n", "")
+    assert [path.name for path in tmp_path.iterdir()] == ["density.png"]
+
+
 def test_a_dataset_given_for_a_workload_that_is_not_a_model_function_is_refused() -> None:
     result = runner.invoke(app, ["energy", "-w", "resnet18", "-f", "int8", "--dataset", "digits"])
     _one_error_line(result, "--dataset", "'resnet18'")
