@@ -133,3 +133,19 @@ def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
         parse_config(text, "s.yaml")
     first = str(raised.value).splitlines()[0]
     assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
+
+
+def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path: Path) -> None:
+    from dse.data import load_dataset
+
+    with pytest.raises(InputError, match="dataset 'digits' reads none"):
+        load_dataset("digits", data_dir=tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: n\ntask: {{model: mlp, dataset: digits, data_dir: {tmp_path}}}\n"
+                    f"trials: [{{format: fp32}}]\noutput: {tmp_path / 'out'}\n")
+    _one_error_line(runner.invoke(app, ["sweep", str(path), "--dry-run"]), "s.yaml:2: task: data_dir")
+
+
+def test_a_seed_is_at_least_zero_in_train_as_in_a_sweep_file() -> None:
+    with pytest.raises(InputError, match="seed must be >= 0"):
+        TrainConfig(seed=-1)
