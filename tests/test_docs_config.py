@@ -129,7 +129,7 @@ def test_the_energy_sub_sections_name_every_setting(key: str, params_name: str) 
 def test_the_train_table_has_every_field_its_cli_option_and_the_code_default() -> None:
     import typer
 
-    from cli import app
+    from dse.cli import app
     from dse.train.config import TrainConfig
 
     documented = table("A run", ROOT / "docs" / "training.md")
@@ -205,7 +205,7 @@ def test_every_option_the_docs_give_a_dse_command_exists() -> None:
     docs/*.md: every --option written after a command is one of that command's options."""
     import typer
 
-    from cli import app
+    from dse.cli import app
 
     group = typer.main.get_command(app)
     unknown = []
@@ -230,3 +230,12 @@ def test_the_optimizer_table_gives_each_optimizers_default_lr() -> None:
     documented = table("Optimizers", ROOT / "docs" / "training.md")
     assert set(documented) == set(DEFAULT_LR)
     assert {name: float(Fraction(cells[1])) for name, cells in documented.items()} == DEFAULT_LR
+
+
+def test_the_group_size_row_names_the_fields_a_groups_members_may_differ_in() -> None:
+    from dse.train.grouped import MEMBER_FIELDS
+
+    meaning = table("`executor`")["group_size"][2]
+    differing = re.search(r"differing only in ([^)]*)\)", meaning)
+    assert differing is not None
+    assert {"seed", *NAME.findall(differing.group(1))} == set(MEMBER_FIELDS)
