@@ -123,8 +123,17 @@ def test_a_damaged_store_is_one_line_naming_it_and_no_report_is_written(
         load_trials(out)
     _one_error_line(runner.invoke(app, ["report", str(out)]), str(store))
     _one_error_line(runner.invoke(app, ["export", str(out), "--to", "csv"]), str(store))
-    assert not any(path.suffix in (".csv", ".tex", ".md", ".png") for path in out.iterdir())
-    assert {name for name in before} <= {path.name for path in out.iterdir()}
+    assert sorted(path.name for path in out.iterdir()) == before  # no report, no -wal or -shm left
+
+
+def test_reading_a_store_leaves_its_directory_as_it_was(fake_train: Callable[..., Any],
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    text = f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}]\noutput: {out}\n"
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert runner.invoke(app, ["export", str(out), "--to", "csv"]).exit_code == 0
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
