@@ -12,13 +12,16 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
+
+if TYPE_CHECKING:
+    from dse.sweep.interrupt import SweepInterrupted
 
 console = Console()
 error_console = Console(stderr=True)
@@ -49,6 +52,29 @@ def _warnings_as_lines(*categories: type[Warning]) -> Iterator[None]:
 
         warnings.showwarning = as_line
         yield
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(line: Callable[[SweepInterrupted], str]) -> Iterator[None]:
+    """Inside the block SIGINT, SIGTERM and SIGHUP raise (dse.sweep.interrupt) instead of ending the
+    process where it stands: what is being written unwinds (a file's temporary removed, a figure
+    process stopped, a trial's commit rolled back), then `line(the SweepInterrupted)` is printed on
+    stderr and the exit code is 128 + the signal's number."""
+    from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
+
+    try:
+        with signals_interrupt():
+            yield
+    except KeyboardInterrupt as error:
+        interrupted = SweepInterrupted.of(error)
+        error_console.print(line(interrupted), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(interrupted.exit_code) from None
+
+
+def _files_line(directory: Path) -> Callable[[SweepInterrupted], str]:
+    """What a command that writes report files into `directory` says when a signal stops it."""
+    return lambda interrupted: (f"interrupted by {interrupted.name}: no file in {directory} is half-written; "
+                                "run the same command again to write them")
 
 
 def _flags_without_metavar(params: list[Any]) -> list[Any]:
@@ -827,7 +853,8 @@ def sweep(
     on_disk = None if dry_run else read_sweep(config, output)  # the file and its store, read once here
     finished = None if force or dry_run else finished_sweep(config, output, group_size, retry_failed, on_disk)
     if finished is not None:  # nothing to train, the plan as stored: no planning, no torch
-        summary = conclude_finished(finished, reporter)
+        with _stopped_by_signals(lambda interrupted: interrupted.line(finished.output)):
+            summary = conclude_finished(finished, reporter)
         _print_sweep_summary(summary, finished.memory_objective, quiet)
         return
     if not dry_run and likely_to_train(config, output, force, on_disk):
@@ -835,7 +862,6 @@ def sweep(
 
         start_worker_server()  # its imports overlap this process's own and the planning
     from dse.sweep import load_config, run_sweep
-    from dse.sweep.interrupt import SweepInterrupted
     from dse.sweep.runner import plan_sweep
 
     settings = load_config(config, None if on_disk is None else on_disk.text)  # the file read once
@@ -875,14 +901,11 @@ def sweep(
         return
     from dse.report.drawing import FigureFallbackWarning
 
-    try:
-        with _warnings_as_lines(FigureFallbackWarning):
-            summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
-                                invocation=invocation(config, output, group_size))
-    except KeyboardInterrupt as error:  # SIGINT, SIGTERM, SIGHUP: the workers are stopped already
-        interrupted = SweepInterrupted.of(error)
-        error_console.print(interrupted.line(settings.output), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(interrupted.exit_code) from None
+    # SIGINT, SIGTERM, SIGHUP: run_sweep stops its workers, and says how many trials are stored
+    with (_stopped_by_signals(lambda interrupted: interrupted.line(settings.output)),
+          _warnings_as_lines(FigureFallbackWarning)):
+        summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
+                            invocation=invocation(config, output, group_size))
     _print_sweep_summary(summary, settings.memory_objective, quiet)
 
 
@@ -987,7 +1010,8 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
         return
     from dse.report.drawing import FigureFallbackWarning, FigureProcesses
 
-    with _warnings_as_lines(FigureFallbackWarning), FigureProcesses() as figures:
+    with (_stopped_by_signals(_files_line(directory)), _warnings_as_lines(FigureFallbackWarning),
+          FigureProcesses() as figures):
         written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles,
                                 figures)
     console.print(f"wrote {len(written)} files to {directory}", markup=False, highlight=False)
@@ -1021,7 +1045,8 @@ def export(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        write_text_atomically(output, text)
+        with _stopped_by_signals(_files_line(output.parent)):
+            write_text_atomically(output, text)
         console.print(f"wrote {output}", markup=False, highlight=False)
 
 

@@ -69,6 +69,11 @@ OPS: dict[str, tuple[Op, Callable[[torch.Tensor], torch.Tensor]]] = {
     "silu_backward": (_grad(F.silu), lambda x: x * 4),
     "sigmoid_backward": (_grad(torch.sigmoid), lambda x: x * 4),
     "tanh_backward": (_grad(torch.tanh), lambda x: x * 2),
+    # the optimizers' updates: a second operand made of x by exact arithmetic
+    "add_alpha": (lambda x: x.add(x * 0.5 + 0.25, alpha=-0.037), lambda x: x),
+    "lerp": (lambda x: x.lerp(x * 0.5 + 0.25, 0.1), lambda x: x),
+    "addcmul": (lambda x: x.addcmul(x * 0.5, x + 1, value=0.001), lambda x: x),
+    "addcdiv": (lambda x: x.addcdiv(x * 0.5, x.abs() + 1, value=-0.01), lambda x: x),
     "sqrt": (torch.sqrt, lambda x: x.abs()),
     "reciprocal": (torch.reciprocal, lambda x: x),
     "div_by_3": (lambda x: x / 3.0, lambda x: x),

@@ -6,10 +6,11 @@ under a hidden temporary name in the same directory and renamed over the old one
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,21 +32,20 @@ if TYPE_CHECKING:
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
 
-    An OS refusal (unwritable or non-directory parent, a directory in the way) is an InputError
-    naming the path.
+    The temporary file is named before it is created, so that an exception raised anywhere in here (a
+    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. An OS refusal
+    (unwritable or non-directory parent, a directory in the way) is an InputError naming the path.
     """
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror or error}") from error
-    os.close(handle)
-    temporary = Path(name)
-    try:
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # as tempfile.mkstemp
         write(temporary)
         os.replace(temporary, path)
     except BaseException as error:
-        temporary.unlink(missing_ok=True)
+        if not isinstance(error, FileExistsError):  # (a file of that name was there: not ours)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
         if isinstance(error, OSError):
             raise InputError(f"cannot write {path}: {error.strerror or error}") from error
         raise

@@ -41,6 +41,11 @@ class SweepInterrupted(KeyboardInterrupt):
         return error if isinstance(error, SweepInterrupted) else cls(signal.SIGINT)
 
     @property
+    def name(self) -> str:
+        """The signal's name: SIGINT, SIGTERM, SIGHUP."""
+        return signal.Signals(self.signal_number).name
+
+    @property
     def exit_code(self) -> int:
         """128 + the signal's number: what a shell reports for a process the signal ended."""
         return 128 + self.signal_number
@@ -49,7 +54,7 @@ class SweepInterrupted(KeyboardInterrupt):
         """What `dse sweep` prints: which signal, what the store holds, how to resume."""
         saved = ("the finished trials are" if self.stored is None
                  else f"{self.stored} of {self.total} trials are")
-        return (f"interrupted by {signal.Signals(self.signal_number).name}: {saved} saved in {output}; run "
+        return (f"interrupted by {self.name}: {saved} saved in {output}; run "
                 "the same command again to resume")
 
 

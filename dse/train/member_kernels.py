@@ -67,6 +67,13 @@ POSITION_DEPENDENT_FUNCTIONS: frozenset[Any] = frozenset({
 disagree in the last bit (benchmarks/stacked_kernels.py), as a network's forward may call them."""
 
 
+def _exact_gelu(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """float32 GELU with erf (the transformer proxy's): the same bits anywhere, forward and backward
+    (measured on AVX-512 and, with ATEN_CPU_CAPABILITY=avx2, AVX2), so it needs no mode."""
+    approximate = args[1] if len(args) > 1 else kwargs.get("approximate", "none")
+    return func is F.gelu and x.dtype == torch.float32 and approximate == "none"
+
+
 class MemberKernelMode(TorchFunctionMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
     are rows g*B to (g+1)*B-1) through `member_kernel`, so each member's rows get its bits alone;
@@ -82,12 +89,12 @@ class MemberKernelMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in POSITION_DEPENDENT_FUNCTIONS:
             return func(*args, **kwargs)
-        self.seen = True
         folded = next((a for a in args if isinstance(a, Tensor)), None)
         members = self.members
         if (folded is None or folded.dim() == 0 or folded.shape[0] % members or not folded.is_floating_point()
-                or folded.device.type != "cpu"):
+                or folded.device.type != "cpu" or _exact_gelu(func, folded, args, kwargs)):
             return func(*args, **kwargs)
+        self.seen = True
         rows = folded.shape[0]
 
         each_rows = rows // members

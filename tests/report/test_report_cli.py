@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +194,68 @@ def test_a_figure_process_that_dies_is_one_warning_line_naming_the_figures_drawn
         if "sqlite" not in path.name and path.name != ".reports.json":  # its signature hashes the folder
             assert (directory / path.name).read_bytes() == path.read_bytes(), path.name
     assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp"))
+
+
+_SLOW_SUMMARY = """
+import sys, time
+from pathlib import Path
+import dse.report.files as files
+from dse.cli import app
+write_atomically = files.write_atomically
+
+def slow(path, write):  # summary.csv: written whole to its temporary, then the process waits there
+    def then_wait(temporary):
+        write(temporary)
+        if path.name == "summary.csv":
+            Path(sys.argv[2]).touch()
+            time.sleep(600)
+    return write_atomically(path, then_wait)
+
+files.write_atomically = slow
+app(["report", sys.argv[1]])
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="signals and /proc as on Linux")
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_report_stopped_by_a_signal_while_it_writes_leaves_no_temporary_file(
+        number: signal.Signals, sweep_dir: Path, tmp_path: Path, repo_root: Path,
+        process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """SIGTERM (a scheduler, `kill`) or Ctrl-C while `dse report` writes its tables: the file being
+    written keeps its previous content, no temporary file is left (its own or a figure process's), no
+    process is left, one line says so and the exit code is 128 + the signal's number."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    directory, waiting = tmp_path / "sweep", tmp_path / "waiting"
+    shutil.copytree(sweep_dir, directory)
+    (directory / ".reports.json").unlink(missing_ok=True)  # written again
+    (directory / "summary.csv").write_text("the previous summary\n")
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_SUMMARY, str(directory), str(waiting)],
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=env, cwd=repo_root)
+    try:
+        deadline = time.monotonic() + 120
+        while not waiting.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the report did not get there"
+            time.sleep(0.05)
+        started = process_tree(process.pid)
+        process.send_signal(number)
+        _, stderr = process.communicate(timeout=60)
+        left = survivors(started, 30.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == 128 + number, stderr
+    assert stderr.decode().splitlines() == [f"interrupted by {number.name}: no file in {directory} is "
+                                            "half-written; run the same command again to write them"]
+    assert (directory / "summary.csv").read_text() == "the previous summary\n"
+    assert not [path.name for path in directory.iterdir() if path.suffix == ".tmp"]
+    assert not left, f"processes outlived the report: {left}"
+    result = runner.invoke(app, ["report", str(directory)])  # as the line says
+    assert result.exit_code == 0 and (directory / "summary.csv").read_text() != "the previous summary\n"

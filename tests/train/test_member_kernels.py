@@ -63,3 +63,26 @@ def test_member_kernel_gives_each_members_block_its_bits_alone(members: int, eac
             assert torch.equal(stacked[g], torch.pow(2.0, x[g].clone()))
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m, k, n", [(64, 1536, 64), (256, 1536, 64), (64, 64, 1536), (3, 5, 4)])
+def test_a_stacked_gemm_gives_each_member_its_own_mm_on_any_thread_count(m: int, k: int, n: int,
+                                                                        threads: int) -> None:
+    """At 2 threads torch splits a member's mm among the threads but a bmm by its entries: with a
+    long reduction (a weight gradient's K = batch rows, 1536 for the transformer proxy) their sums
+    differ in the last bit, so a stacked GEMM then runs member by member (`member_gemm`)."""
+    from dse.train.stacked import member_gemm
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        source = torch.Generator().manual_seed(0)
+        a, b = torch.randn(3, m, k, generator=source), torch.randn(3, k, n, generator=source)
+        bias = torch.randn(3, n, generator=source)
+        product, affine = member_gemm(a, b), member_gemm(a, b, bias)
+        for g in range(3):
+            assert torch.equal(product[g], a[g] @ b[g])
+            assert torch.equal(affine[g], torch.addmm(bias[g], a[g], b[g]))
+    finally:
+        torch.set_num_threads(previous)
