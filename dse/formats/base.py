@@ -258,20 +258,23 @@ def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
     return kept + up.to(torch.int64)
 
 
-def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | MemberGenerators | None = None
-                     ) -> Tensor:
+def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | MemberGenerators | None = None,
+                     in_place: bool = False) -> Tensor:
     """Round real numbers whose integers are the representable codes; same dtype, sign-magnitude.
 
     `t` must hold the exact scaled value (a power-of-two rescaling of the input, or a code computed
     exactly). Nearest is ties-to-even, stochastic rounds up with probability equal to the
     fractional part, stochastic(k) with k random bits (`stochastic_up_`), pseudo_stochastic
-    applies NITI's rule to the significand bits below the point.
+    applies NITI's rule to the significand bits below the point. `in_place`: t is a temporary the
+    caller gives up (a quotient x / scale), which nearest and toward_zero round in place: the same
+    values, with no second tensor of t's size (on the CPU a pass that writes a fresh tensor the size
+    of L2 costs several times one that rewrites t where it lies in cache).
     """
     mode, random_bit_count = parse_rounding(rounding)
     if mode == "nearest":
-        return torch.round(t)
+        return t.round_() if in_place else torch.round(t)
     if mode == "toward_zero":
-        return torch.trunc(t)
+        return t.trunc_() if in_place else torch.trunc(t)
     magnitude = t.abs()
     floor = magnitude.floor()
     if rounding == "stochastic" and t.dtype == torch.float32:
@@ -474,6 +477,11 @@ class NumberFormat(ABC):
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """Round values onto the element grid, applying the family's overflow and special-value policy."""
 
+    def round_unscaled_(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        """`round_unscaled` of a temporary the caller gives up (x / scale), which a family may round in
+        place (the fixed-point family does); the same values."""
+        return self.round_unscaled(x, rounding, generator)
+
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """Bit codes (int64, in [0, 2^bits)) of x rounded to nearest on the element grid."""
@@ -636,7 +644,7 @@ class NumberFormat(ABC):
     def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None
                      ) -> Tensor:
         """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family's fast path may fuse it."""
-        return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
+        return self.round_unscaled_(x / scale, rounding, generator).mul_(scale)
 
     def round_by_scale(self, x: Tensor, amax: Tensor, rounding: str, generator: torch.Generator | None
                        ) -> Tensor:
@@ -656,7 +664,7 @@ class NumberFormat(ABC):
         if x.dtype == torch.float32 and self._float32_scales_may_leave_normals(amax):
             return self.round_by_float32_scale_values(x, self.float32_scale_values(amax), rounding, generator)
         scale = self.divisor_from_amax(amax)
-        return self.round_unscaled(x / scale, rounding, generator).mul_(scale)
+        return self.round_unscaled_(x / scale, rounding, generator).mul_(scale)
 
     def _float32_scales_may_leave_normals(self, amax: Tensor) -> bool:
         """Whether a float32 scale of these max|x| may be a subnormal, zero or inf: on the CPU read
@@ -680,7 +688,7 @@ class NumberFormat(ABC):
         arithmetic's, bit for bit, and no float32 subnormal is read; a result below float32's normals
         is written as the CPU writes one (flushed or not)."""
         scaled = (x.double() / scale).float()
-        return (self.round_unscaled(scaled, rounding, generator).double() * scale).float()
+        return (self.round_unscaled_(scaled, rounding, generator).double() * scale).float()
 
     @cached_property
     def _subnormal_scale_amax(self) -> float:

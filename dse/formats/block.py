@@ -209,7 +209,7 @@ class BlockFormat(NumberFormat):
         out = fast_block.round_scale_grid_blocks(self, blocks, rounding, generator)
         if out is None:
             reciprocal, scale = self.scale_factors(blocks.abs().amax(dim=-1, keepdim=True))
-            out = self.round_unscaled(blocks * reciprocal, rounding, generator).mul_(scale)
+            out = self.round_unscaled_(blocks * reciprocal, rounding, generator).mul_(scale)
         out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -268,7 +268,12 @@ class BlockFormat(NumberFormat):
         return torch.where(amax < math.inf, scale, constant(math.nan, dtype, device))
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        rounded = self.element.round_unscaled(x, rounding, generator)
+        return self._signed_zeros(self.element.round_unscaled(x, rounding, generator))
+
+    def round_unscaled_(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        return self._signed_zeros(self.element.round_unscaled_(x, rounding, generator))
+
+    def _signed_zeros(self, rounded: Tensor) -> Tensor:
         # An element without a -0 code (INT8) gives +0, so quantize equals the decoded bit stream.
         return rounded if self.element_has_negative_zero else rounded.add_(0.0)
 

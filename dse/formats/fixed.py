@@ -82,9 +82,19 @@ class FixedPoint(NumberFormat):
         return 2.0**-self.frac_bits
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        return self._round_codes(x, rounding, generator, in_place=False)
+
+    def round_unscaled_(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+        return self._round_codes(x, rounding, generator, in_place=True)
+
+    def _round_codes(self, x: Tensor, rounding: str, generator: torch.Generator | None, in_place: bool
+                     ) -> Tensor:
+        """x rounded onto the grid; `in_place`: x is a temporary the caller gives up (as is x * 2^frac)."""
         check_rounding(rounding)
         # Clamping after rounding equals clamping before (the bounds are integers) and works in place.
-        code = round_to_integer(x * 2.0**self.frac_bits if self.frac_bits else x, rounding, generator)
+        if self.frac_bits:
+            x, in_place = x * 2.0**self.frac_bits, True
+        code = round_to_integer(x, rounding, generator, in_place)
         code.clamp_(self.lowest_code, self.highest_code)
         return code.mul_(2.0**-self.frac_bits) if self.frac_bits else code
 

@@ -204,14 +204,14 @@ class FloatFormat(NumberFormat):
             if below_normal is not None:
                 step.masked_fill_(below_normal, lowest)
             step = step.view(x.dtype)
-            return self._apply_overflow(round_to_integer(x / step, rounding, generator).mul_(step), x,
-                                        rounding)
+            rounded = round_to_integer(x / step, rounding, generator, in_place=True)
+            return self._apply_overflow(rounded.mul_(step), x, rounding)
         # Wide formats (e.g. bf16 in float32): steps below the dtype's normals; scale in two parts.
         binade = exponent_field.view(x.dtype)
         significand_scale: Tensor | float = 2.0**m
         if below_normal is not None:
             significand_scale = torch.where(below_normal, 1.0, 2.0**m).to(x.dtype)
-        integers = round_to_integer((x / binade).mul_(significand_scale), rounding, generator)
+        integers = round_to_integer((x / binade).mul_(significand_scale), rounding, generator, in_place=True)
         return self._apply_overflow(integers.div_(significand_scale).mul_(binade), x, rounding)
 
     def _overflow_nearest(self, out: Tensor, scale_exponent: int = 0, scratch: Tensor | None = None) -> None:

@@ -510,7 +510,8 @@ class LNSMadam(Madam):
                 sign = -1
             else:
                 factors = self.member_values([-gamma * lrs[g] for g in part], selected, torch.float64)
-                delta = round_to_integer(factors * selected.double(), self.update_rounding, generator)
+                delta = round_to_integer(factors * selected.double(), self.update_rounding, generator,
+                                         in_place=True)
                 delta = delta.clamp_(-CODE_LIMIT, CODE_LIMIT).to(torch.int32)
                 sign = 1
             if every and sign > 0:
