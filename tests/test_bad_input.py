@@ -86,6 +86,15 @@ def test_a_plot_into_a_directory_is_refused_before_any_work(tmp_path: Path) -> N
     assert not tmp_path.with_suffix(".png").exists()
 
 
+def test_a_plot_of_a_file_type_matplotlib_cannot_write_is_refused_before_any_work(tmp_path: Path) -> None:
+    target = tmp_path / "density.xyz"
+    result = runner.invoke(app, ["formats", "show", "int8", "--plot", str(target)])
+    _one_error_line(result, "--plot", ".xyz", ".png")
+    untyped = runner.invoke(app, ["formats", "show", "int8", "--plot", str(tmp_path / "density")])
+    assert untyped.exit_code == 0 and f"wrote {tmp_path / 'density.png'}" in untyped.stdout.replace("\n", "")
+    assert [path.name for path in tmp_path.iterdir()] == ["density.png"]
+
+
 def test_a_dataset_given_for_a_workload_that_is_not_a_model_function_is_refused() -> None:
     result = runner.invoke(app, ["energy", "-w", "resnet18", "-f", "int8", "--dataset", "digits"])
     _one_error_line(result, "--dataset", "'resnet18'")
@@ -114,8 +123,17 @@ def test_a_damaged_store_is_one_line_naming_it_and_no_report_is_written(
         load_trials(out)
     _one_error_line(runner.invoke(app, ["report", str(out)]), str(store))
     _one_error_line(runner.invoke(app, ["export", str(out), "--to", "csv"]), str(store))
-    assert not any(path.suffix in (".csv", ".tex", ".md", ".png") for path in out.iterdir())
-    assert {name for name in before} <= {path.name for path in out.iterdir()}
+    assert sorted(path.name for path in out.iterdir()) == before  # no report, no -wal or -shm left
+
+
+def test_reading_a_store_leaves_its_directory_as_it_was(fake_train: Callable[..., Any],
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    text = f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}]\noutput: {out}\n"
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert runner.invoke(app, ["export", str(out), "--to", "csv"]).exit_code == 0
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
@@ -124,3 +142,19 @@ def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
         parse_config(text, "s.yaml")
     first = str(raised.value).splitlines()[0]
     assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
+
+
+def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path: Path) -> None:
+    from dse.data import load_dataset
+
+    with pytest.raises(InputError, match="dataset 'digits' reads none"):
+        load_dataset("digits", data_dir=tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: n\ntask: {{model: mlp, dataset: digits, data_dir: {tmp_path}}}\n"
+                    f"trials: [{{format: fp32}}]\noutput: {tmp_path / 'out'}\n")
+    _one_error_line(runner.invoke(app, ["sweep", str(path), "--dry-run"]), "s.yaml:2: task: data_dir")
+
+
+def test_a_seed_is_at_least_zero_in_train_as_in_a_sweep_file() -> None:
+    with pytest.raises(InputError, match="seed must be >= 0"):
+        TrainConfig(seed=-1)

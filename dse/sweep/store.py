@@ -142,8 +142,11 @@ def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
 
 
 def _read_only(path: Path, read: Callable[[sqlite3.Connection], T]) -> T:
-    """`read` run on a read-only connection to the store at `path` (sqlite3 errors pass through)."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60.0)
+    """`read` (which only reads) run on a connection to the existing store at `path` (sqlite3 errors pass
+    through). Opened read-write but never created (mode=rw), because a read-only connection to a WAL
+    store leaves its -wal and -shm files behind in the output directory, and a reader writes nothing;
+    a write-protected store is still opened, for reading."""
+    connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60.0)
     try:
         return read(connection)
     finally:
