@@ -260,12 +260,16 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+@pytest.mark.parametrize("child", ["stops", "is killed"])
 def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
-        example_trials: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        example_trials: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, child: str) -> None:
     """Ctrl-C or SIGTERM while figures are saved: the caller stops its figure processes (SIGTERM), and a
-    figure half-saved leaves neither its file nor its temporary file."""
+    figure half-saved leaves neither its file nor its temporary file; also where a process does not
+    exit within STOP_S (a machine under heavy load; here: it ignores SIGTERM) and is killed."""
+    import signal
     import time
 
+    import dse.processes
     from dse.report.drawing import FigureData, FigureProcesses
     from dse.report.files import figure_jobs
     from dse.report.tables import SweepTables
@@ -274,6 +278,8 @@ def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
 
     def child_save(figure: object, stem: Path) -> list[Path]:
         def write(temporary: Path) -> None:
+            if child == "is killed":
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             temporary.write_bytes(b"half a figure")
             saving.touch()
             time.sleep(600)
@@ -281,6 +287,7 @@ def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
         return [write_atomically(stem.with_suffix(".png"), write)]
 
     _in_figure_processes(monkeypatch, child_save)
+    monkeypatch.setattr(dse.processes, "STOP_S", 1.0)
     out = tmp_path / "out"
     tables = SweepTables.of(example_trials, False)
     data = FigureData(tables.summary, tables.fronts, tables.memory_objective, False)
