@@ -4,7 +4,11 @@ traceback, nothing written. Each test is a rule an audit of every command and ke
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,12 +140,93 @@ def test_reading_a_store_leaves_its_directory_as_it_was(fake_train: Callable[...
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+def _stored_sweep(fake_train: Callable[..., Any], out: Path) -> None:
+    text = (f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}, {{format: int8}}]\n"
+            f"output: {out}\n")
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+
+
+def _kill_while_holding_trials_in_the_wal(out: Path) -> None:
+    """A sweep killed mid-run: its last committed trials are in sweep.sqlite-wal only."""
+    code = (f"import os, sqlite3\nconnection = sqlite3.connect({str(out / STORE_FILE)!r})\n"
+            "with connection:\n    connection.execute('UPDATE trials SET test_accuracy = 0.125')\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (out / f"{STORE_FILE}-wal").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("file_writable", "killed"), [(False, False), (True, False), (False, True)],
+                         ids=["read-only media", "write-protected directory", "killed, read-only"])
+def test_a_store_on_read_only_media_is_read_and_left_as_it_was(
+        file_writable: bool, killed: bool, fake_train: Callable[..., Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the WAL index cannot be made (measured on a read-only mount: SQLite's mode=rw and mode=ro
+    both fail with 'unable to open database file' on a cleanly closed WAL store, and on a killed sweep's
+    store whose -shm file was not copied; only immutable=1 reads the first), the store is read as it
+    would be on writable media, its -wal file's trials included."""
+    out = tmp_path / "out"
+    _stored_sweep(fake_train, out)
+    if killed:
+        _kill_while_holding_trials_in_the_wal(out)
+        (out / f"{STORE_FILE}-shm").unlink()
+        shutil.copytree(out, tmp_path / "writable")
+        expected = runner.invoke(app, ["export", str(tmp_path / "writable"), "--to", "csv"])
+        assert "0.125" in expected.stdout
+    else:
+        expected = runner.invoke(app, ["export", str(out), "--to", "csv"])
+    assert expected.exit_code == 0 and "int8" in expected.stdout
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    connect, access = sqlite3.connect, os.access
+
+    def read_only_media(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if str(database).startswith(f"file:{out}") and "immutable=1" not in str(database):
+            database = f"file:{tmp_path / 'cannot' / 'open'}?mode=rw"  # unable to open database file
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_media)
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and (
+        file_writable or not mode & os.W_OK or not str(path).startswith(str(out))))
+    result = runner.invoke(app, ["export", str(out), "--to", "csv"])
+    assert (result.exit_code, result.stdout) == (0, expected.stdout), result.output
+    assert len(load_trials(out)) == 2
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_a_killed_sweeps_store_is_read_with_every_trial_in_its_wal_file(
+        fake_train: Callable[..., Any], tmp_path: Path) -> None:
+    """A sweep killed mid-run leaves trials in sweep.sqlite-wal only; a read sees them and loses none."""
+    out = tmp_path / "out"
+    _stored_sweep(fake_train, out)
+    expected = load_trials(out)
+    _kill_while_holding_trials_in_the_wal(out)
+    for _ in range(2):
+        read = list(load_trials(out)["test_accuracy"])
+        assert read == [0.125] * len(expected) != list(expected["test_accuracy"])
+
+
 def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
     text = "name: n\ntask: {model: mlp, dataset: digits}\ntrials:\n  - {format: posit(8,1), optimizer: sgd}\n"
     with pytest.raises(InputError) as raised:
         parse_config(text, "s.yaml")
     first = str(raised.value).splitlines()[0]
     assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
+
+
+def test_an_alias_inside_its_own_anchor_is_one_line_at_it(tmp_path: Path) -> None:
+    """A YAML document that contains itself (`&r [..., *r]`) was a RecursionError traceback."""
+    config = tmp_path / "s.yaml"
+    config.write_text("name: n\ntask: {model: mlp, dataset: digits}\ntrials: &r [{format: fp32}, *r]\n")
+    line = _one_error_line(runner.invoke(app, ["sweep", str(config), "--dry-run"]), f"{config}:3: trials[1]")
+    assert "alias inside its own anchor" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_an_alias_and_a_merge_key_still_read_as_their_anchor() -> None:
+    text = ("name: n\ntasks:\n  - &t {name: a, model: mlp, dataset: digits, epochs: 1}\n"
+            "  - {<<: *t, name: b, epochs: 2}\ntrials: [&f {format: fp32}, {<<: *f, optimizer: adam}]\n")
+    config = parse_config(text, "s.yaml")
+    assert [(task.name, task.defaults["epochs"], task.defaults["model"]) for task in config.tasks] == [
+        ("a", 1, "mlp"), ("b", 2, "mlp")]
 
 
 def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path: Path) -> None:

@@ -33,13 +33,15 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
 
     The temporary file is named before it is created, so that an exception raised anywhere in here (a
-    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. An OS refusal
+    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. It is created with the
+    permissions any new file gets (0666 less the umask), so a report shared in a group folder can be
+    read there, as the file written in place would be. An OS refusal
     (unwritable or non-directory parent, a directory in the way) is an InputError naming the path.
     """
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # as tempfile.mkstemp
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         write(temporary)
         os.replace(temporary, path)
     except BaseException as error:
@@ -145,9 +147,13 @@ _REPORT_LIBRARIES: tuple[str, ...] = ("numpy", "pandas", "scipy", "matplotlib")
 
 def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
     """A hash of the trials, the report options and the report code (dse.report's and the libraries' that
-    format the tables and draw the plots): equal hashes, equal files."""
+    format the tables and draw the plots): equal hashes, equal files. Where the directory is (the sweep's
+    `output`) is no part of any file, so a results folder moved or copied elsewhere (read-only media
+    included) keeps its reports current."""
     libraries = {name: importlib.metadata.version(name) for name in _REPORT_LIBRARIES}
-    options = json.dumps([frame.attrs, memory_objective, titles, libraries], sort_keys=True, default=str)
+    attrs = {**frame.attrs, "sweep": {key: value for key, value in (frame.attrs.get("sweep") or {}).items()
+                                      if key != "output"}}
+    options = json.dumps([attrs, memory_objective, titles, libraries], sort_keys=True, default=str)
     sources = (source.read_bytes() for source in sorted(Path(__file__).parent.glob("*.py")))
     return sha256_of_parts([frame.to_csv(index=False), options, *sources])
 

@@ -114,6 +114,19 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert target.read_text() == "new"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_report_files_get_the_permissions_of_any_new_file(tmp_path: Path, umask: int) -> None:
+    """Not a temporary file's 0600: with umask 022 a report in a shared folder is readable by all."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        written = write_text_atomically(tmp_path / "summary.md", "| a |\n")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_unwritable_output_is_one_line_input_error(example_trials: pd.DataFrame, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
