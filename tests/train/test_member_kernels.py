@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dse.data import load_dataset
+from dse.models.proxies import build_model
 from dse.train.layers import QuantSwitch
 from dse.train.member_kernels import MemberKernelMode, member_kernel
 from dse.train.stacked import stack_models
-from dse.models.proxies import build_model
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu, "sigmoid": torch.sigmoid, "method sigmoid": Tensor.sigmoid,
