@@ -93,41 +93,30 @@ def test_a_stacked_gemm_gives_each_member_its_own_mm_on_any_thread_count(m: int,
         torch.set_num_threads(previous)
 
 
-class _SigmoidInEval(nn.Module):
-    """ReLU in training, sigmoid in eval mode: training's forwards call none of the mode's functions."""
+class _SigmoidSometimes(nn.Module):
+    """sigmoid where `when(self, x)`, else ReLU: a first forward may call none of the mode's functions."""
 
-    def __init__(self) -> None:
+    def __init__(self, when: Callable[[nn.Module, Tensor], bool]) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(64, 37), nn.Linear(37, 10)
+        self.when = when
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.a(x)
-        return self.b(torch.relu(h) if self.training else torch.sigmoid(h))
+        return self.b(torch.sigmoid(h) if self.when(self, x) else torch.relu(h))
 
 
-class _SigmoidOnLargeInputs(nn.Module):
-    """sigmoid only for a batch whose largest value passes 5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(64, 37), nn.Linear(37, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.a(x)
-        return self.b(torch.sigmoid(h) if x.abs().max() > 5 else torch.relu(h))
-
-
-@pytest.mark.parametrize("network, passes", [
-    (_SigmoidInEval, [(True, 1.0)] + [(False, 1.0)] * 4),
-    (_SigmoidOnLargeInputs, [(True, 1.0)] + [(True, 10.0)] * 4),
+@pytest.mark.parametrize("when, passes", [
+    (lambda module, x: not module.training, [(True, 1.0)] + [(False, 1.0)] * 4),
+    (lambda module, x: bool(x.abs().max() > 5), [(True, 1.0)] + [(True, 10.0)] * 4),
 ], ids=["eval-mode-branch", "input-dependent-branch"])
 def test_a_function_a_users_network_calls_only_on_a_later_forward_runs_member_by_member(
-        network: type[nn.Module], passes: list[tuple[bool, float]]) -> None:
+        when: Callable[[nn.Module, Tensor], bool], passes: list[tuple[bool, float]]) -> None:
     """A first forward that calls none of the functions says nothing of the next: with 50 rows of
     37 features a member's sigmoid has a scalar tail alone, so a batched call differs (it did
     when the mode switched itself off after a first forward without them)."""
     torch.manual_seed(0)
-    members = [network() for _ in range(2)]
+    members = [_SigmoidSometimes(when) for _ in range(2)]
     stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, torch.randn(4, 64))
     source = torch.Generator().manual_seed(1)
     for training, scale in passes:
