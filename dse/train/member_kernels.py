@@ -58,11 +58,17 @@ def member_kernel(op: Callable[[Tensor], Tensor], x: Tensor, members: int) -> Te
         return op(x)
     return torch.cat([op(block) for block in x.chunk(members)])
 
+IN_PLACE_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.sigmoid_, torch.sigmoid_, Tensor.exp2_, torch.exp2_, Tensor.pow_, Tensor.__ipow__,
+    Tensor.float_power_, F.elu_, F.celu_, torch.celu_, torch.selu_,
+})
+"""The in-place forms of POSITION_DEPENDENT_FUNCTIONS (`x.sigmoid_()`, `x **= y`, `F.elu_`)."""
+
 POSITION_DEPENDENT_FUNCTIONS: frozenset[Any] = frozenset({
     F.gelu, F.silu, F.softplus, F.mish, F.elu, F.selu, F.celu, F.sigmoid,
     torch.sigmoid, Tensor.sigmoid, torch.special.expit, torch.exp2, Tensor.exp2, torch.special.exp2,
     torch.pow, Tensor.pow, Tensor.__pow__, Tensor.__rpow__, torch.float_power, Tensor.float_power,
-})
+}) | IN_PLACE_FUNCTIONS
 """The elementwise functions whose CPU vector and scalar kernels (forward or backward) measurably
 disagree in the last bit (benchmarks/stacked_kernels.py), as a network's forward may call them."""
 
@@ -99,15 +105,16 @@ class MemberKernelMode(TorchFunctionMode):
 
         each_rows = rows // members
 
-        def call(block: int) -> Any:  # narrow: autograd lets an in-place call write into one view
-            return func(*[a.narrow(0, block * each_rows, each_rows)
+        def call(block: int, own_copy: bool = False) -> Any:
+            return func(*[(a.narrow(0, block * each_rows, each_rows).clone() if own_copy and a is folded
+                           else a.narrow(0, block * each_rows, each_rows))
                           if isinstance(a, Tensor) and a.dim() and a.shape[0] == rows else a for a in args],
                         **kwargs)
 
-        if kwargs.get("inplace"):
-            for block in range(members):
-                call(block)
-            return folded
+        if kwargs.get("inplace") or func in IN_PLACE_FUNCTIONS:
+            # each member's rows in place on a copy of their own, as alone, then written back at once:
+            # writing into the folded tensor's views one by one changes a tensor pow_'s backward saved
+            return folded.copy_(torch.cat([call(block, own_copy=True) for block in range(members)]))
         if whole_is_as_alone(folded, members):
             return func(*args, **kwargs)
         return torch.cat([call(block) for block in range(members)])

@@ -23,6 +23,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": F.elu, "selu": F.selu, "2 ** x": lambda x: 2 ** x, "pow(2, x)": lambda x: torch.pow(2.0, x),
     "exp2": torch.exp2, "x.pow(x)": lambda x: x.abs().pow(x),
     "silu in place": lambda x: F.silu(x * 1, inplace=True),
+    "sigmoid_": lambda x: (x * 1).sigmoid_(), "exp2_": lambda x: (x * 1).exp2_(),
+    "elu_": lambda x: F.elu_(x * 1), "x **= 1.5": lambda x: x.abs().__ipow__(1.5 + x * 0),
 }
 
 
