@@ -262,6 +262,15 @@ def formats_show(
     from dse.formats import get
 
     _check_output_file("--plot", plot, makes_folders=True)
+    if plot is not None and plot.suffix:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        from dse.errors import InputError
+
+        types = FigureCanvasBase.get_supported_filetypes()
+        if plot.suffix[1:].lower() not in types:
+            raise InputError(f"--plot {str(plot)!r}: matplotlib writes no {plot.suffix} files (it writes "
+                             f"{', '.join('.' + name for name in sorted(types))})")
     fmt = get(spec)
     table = Table(title=fmt.spec, show_header=False)
     table.add_column("property")

@@ -4,7 +4,11 @@ traceback, nothing written. Each test is a rule an audit of every command and ke
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,15 @@ def test_a_plot_into_a_directory_is_refused_before_any_work(tmp_path: Path) -> N
     assert not tmp_path.with_suffix(".png").exists()
 
 
+def test_a_plot_of_a_file_type_matplotlib_cannot_write_is_refused_before_any_work(tmp_path: Path) -> None:
+    target = tmp_path / "density.xyz"
+    result = runner.invoke(app, ["formats", "show", "int8", "--plot", str(target)])
+    _one_error_line(result, "--plot", ".xyz", ".png")
+    untyped = runner.invoke(app, ["formats", "show", "int8", "--plot", str(tmp_path / "density")])
+    assert untyped.exit_code == 0 and f"wrote {tmp_path / 'density.png'}" in untyped.stdout.replace("\n", "")
+    assert [path.name for path in tmp_path.iterdir()] == ["density.png"]
+
+
 def test_a_dataset_given_for_a_workload_that_is_not_a_model_function_is_refused() -> None:
     result = runner.invoke(app, ["energy", "-w", "resnet18", "-f", "int8", "--dataset", "digits"])
     _one_error_line(result, "--dataset", "'resnet18'")
@@ -114,8 +127,81 @@ def test_a_damaged_store_is_one_line_naming_it_and_no_report_is_written(
         load_trials(out)
     _one_error_line(runner.invoke(app, ["report", str(out)]), str(store))
     _one_error_line(runner.invoke(app, ["export", str(out), "--to", "csv"]), str(store))
-    assert not any(path.suffix in (".csv", ".tex", ".md", ".png") for path in out.iterdir())
-    assert {name for name in before} <= {path.name for path in out.iterdir()}
+    assert sorted(path.name for path in out.iterdir()) == before  # no report, no -wal or -shm left
+
+
+def test_reading_a_store_leaves_its_directory_as_it_was(fake_train: Callable[..., Any],
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    text = f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}]\noutput: {out}\n"
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert runner.invoke(app, ["export", str(out), "--to", "csv"]).exit_code == 0
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def _stored_sweep(fake_train: Callable[..., Any], out: Path) -> None:
+    text = (f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}, {{format: int8}}]\n"
+            f"output: {out}\n")
+    run_sweep(parse_config(text, "s.yaml"), train_fn=fake_train, executor=InlineExecutor(), reports=False)
+
+
+def _kill_while_holding_trials_in_the_wal(out: Path) -> None:
+    """A sweep killed mid-run: its last committed trials are in sweep.sqlite-wal only."""
+    code = (f"import os, sqlite3\nconnection = sqlite3.connect({str(out / STORE_FILE)!r})\n"
+            "with connection:\n    connection.execute('UPDATE trials SET test_accuracy = 0.125')\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (out / f"{STORE_FILE}-wal").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("file_writable", "killed"), [(False, False), (True, False), (False, True)],
+                         ids=["read-only media", "write-protected directory", "killed, read-only"])
+def test_a_store_on_read_only_media_is_read_and_left_as_it_was(
+        file_writable: bool, killed: bool, fake_train: Callable[..., Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the WAL index cannot be made (measured on a read-only mount: SQLite's mode=rw and mode=ro
+    both fail with 'unable to open database file' on a cleanly closed WAL store, and on a killed sweep's
+    store whose -shm file was not copied; only immutable=1 reads the first), the store is read as it
+    would be on writable media, its -wal file's trials included."""
+    out = tmp_path / "out"
+    _stored_sweep(fake_train, out)
+    if killed:
+        _kill_while_holding_trials_in_the_wal(out)
+        (out / f"{STORE_FILE}-shm").unlink()
+        shutil.copytree(out, tmp_path / "writable")
+        expected = runner.invoke(app, ["export", str(tmp_path / "writable"), "--to", "csv"])
+        assert "0.125" in expected.stdout
+    else:
+        expected = runner.invoke(app, ["export", str(out), "--to", "csv"])
+    assert expected.exit_code == 0 and "int8" in expected.stdout
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    connect, access = sqlite3.connect, os.access
+
+    def read_only_media(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if str(database).startswith(f"file:{out}") and "immutable=1" not in str(database):
+            database = f"file:{tmp_path / 'cannot' / 'open'}?mode=rw"  # unable to open database file
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_media)
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and (
+        file_writable or not mode & os.W_OK or not str(path).startswith(str(out))))
+    result = runner.invoke(app, ["export", str(out), "--to", "csv"])
+    assert (result.exit_code, result.stdout) == (0, expected.stdout), result.output
+    assert len(load_trials(out)) == 2
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_a_killed_sweeps_store_is_read_with_every_trial_in_its_wal_file(
+        fake_train: Callable[..., Any], tmp_path: Path) -> None:
+    """A sweep killed mid-run leaves trials in sweep.sqlite-wal only; a read sees them and loses none."""
+    out = tmp_path / "out"
+    _stored_sweep(fake_train, out)
+    expected = load_trials(out)
+    _kill_while_holding_trials_in_the_wal(out)
+    for _ in range(2):
+        read = list(load_trials(out)["test_accuracy"])
+        assert read == [0.125] * len(expected) != list(expected["test_accuracy"])
 
 
 def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
@@ -124,3 +210,19 @@ def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
         parse_config(text, "s.yaml")
     first = str(raised.value).splitlines()[0]
     assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
+
+
+def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path: Path) -> None:
+    from dse.data import load_dataset
+
+    with pytest.raises(InputError, match="dataset 'digits' reads none"):
+        load_dataset("digits", data_dir=tmp_path)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: n\ntask: {{model: mlp, dataset: digits, data_dir: {tmp_path}}}\n"
+                    f"trials: [{{format: fp32}}]\noutput: {tmp_path / 'out'}\n")
+    _one_error_line(runner.invoke(app, ["sweep", str(path), "--dry-run"]), "s.yaml:2: task: data_dir")
+
+
+def test_a_seed_is_at_least_zero_in_train_as_in_a_sweep_file() -> None:
+    with pytest.raises(InputError, match="seed must be >= 0"):
+        TrainConfig(seed=-1)

@@ -18,7 +18,7 @@ from pathlib import Path
 from dse.data.builtin import SORT_TASKS, load_digits, load_mnist1d, load_mnist5k, load_sort
 from dse.data.dataset import Dataset, default_cache_dir, with_validation
 from dse.data.files import load_cifar10, load_mnist
-from dse.errors import choice
+from dse.errors import InputError, choice
 from dse.usercode import is_ref
 
 DATASETS: tuple[str, ...] = ("digits", "mnist1d", "mnist5k", "sort", "sort-easy", "mnist", "cifar10")
@@ -34,11 +34,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     data_dir: the folder holding a file dataset (mnist, cifar10). cache_dir: where generated or parsed
     arrays are cached (default `$DSE_CACHE_DIR`, else ~/.cache/dse).
     """
+    key = name if is_ref(name) else choice("dataset", name, DATASETS)
+    if data_dir is not None and key not in FILE_DATASETS:  # a folder given for nothing is a mistake
+        raise InputError(f"data_dir is the folder of a file dataset ({', '.join(FILE_DATASETS)}); dataset "
+                         f"{name!r} reads none")
     if is_ref(name):
         from dse.data.user import user_dataset
 
         return with_validation(user_dataset(name))
-    return with_validation(_load(choice("dataset", name, DATASETS), data_dir, cache_dir))
+    return with_validation(_load(key, data_dir, cache_dir))
 
 
 def _load(key: str, data_dir: str | Path | None, cache_dir: str | Path | None) -> Dataset:

@@ -149,6 +149,8 @@ class FigureProcesses:
         self.stall_s = stall_s
         self.pool: ProcessPoolExecutor | None = None
         self.imports: threading.Thread | None = None
+        self.handed: list[FigureJob] = []
+        """The figures handed to the processes (what a process stopped half-way may have left)."""
 
     def __enter__(self) -> FigureProcesses:
         return self
@@ -158,9 +160,9 @@ class FigureProcesses:
             return
         if kind is None:
             self.pool.shutdown(wait=True)
+            self.pool = None
         else:
-            stop_workers(self.pool)
-        self.pool = None
+            self._stop(self.handed)
 
     def prepare(self) -> None:
         """Import DRAWING_MODULES in a thread of this process, from now (a core is idle: a sweep's
@@ -186,6 +188,7 @@ class FigureProcesses:
             self.pool = ProcessPoolExecutor(min(self.processes, len(jobs)),
                                             mp_context=multiprocessing.get_context("fork"),
                                             initializer=_become_helper, initargs=(os.getpid(),))
+        self.handed += jobs
         futures: list[Future[list[Path]]] = [self.pool.submit(_draw_in_child, job, data) for job in jobs]
         return lambda: self._collect(jobs, futures, data)
 
@@ -199,7 +202,7 @@ class FigureProcesses:
             try:
                 written += future.result(timeout=self.stall_s)
             except (FutureTimeout, BrokenProcessPool) as error:  # FutureTimeout: TimeoutError from 3.11
-                self._stop_stuck(jobs[index:])
+                self._stop(jobs[index:])
                 left = [(job, late if _saved(late) else None) for job, late in
                         zip(jobs[index:], futures[index:], strict=True)]
                 reason = ("a figure process died" if isinstance(error, BrokenProcessPool)
@@ -213,9 +216,11 @@ class FigureProcesses:
                 break
         return written
 
-    def _stop_stuck(self, jobs: list[FigureJob]) -> None:
+    def _stop(self, jobs: list[FigureJob]) -> None:
         """Stop the processes and remove what a killed one may have left of `jobs`' files (temporary
-        files only: a figure's file is replaced whole or not at all); draw in this process from now."""
+        files only: a figure's file is replaced whole or not at all); draw in this process from now.
+        (A process stopped while it saves removes its temporary file itself, unless it is killed
+        first: it did not exit within STOP_S, on a machine under heavy load.)"""
         if self.pool is not None:
             stop_workers(self.pool)
         self.pool, self.processes = None, 1

@@ -33,13 +33,15 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
 
     The temporary file is named before it is created, so that an exception raised anywhere in here (a
-    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. An OS refusal
+    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. It is created with the
+    permissions any new file gets (0666 less the umask), so a report shared in a group folder can be
+    read there, as the file written in place would be. An OS refusal
     (unwritable or non-directory parent, a directory in the way) is an InputError naming the path.
     """
     temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # as tempfile.mkstemp
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         write(temporary)
         os.replace(temporary, path)
     except BaseException as error:

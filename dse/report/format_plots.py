@@ -23,7 +23,8 @@ def binade_counts(fmt: NumberFormat) -> tuple[list[int], list[float]]:
 
 
 def plot_value_density(fmt: NumberFormat, path: Path) -> Path:
-    """Write a bar chart of values per binade; the x axis is log2 of the value."""
+    """Write a bar chart of values per binade; the x axis is log2 of the value. Returns the file written
+    (`path`, with .png added where it names no file type)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +42,8 @@ def plot_value_density(fmt: NumberFormat, path: Path) -> Path:
     if math.isfinite(decades):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    if not path.suffix:  # matplotlib would add .png itself: return the name it writes
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

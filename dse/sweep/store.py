@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -141,9 +144,46 @@ def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
         return {}
 
 
+def _reading_connection(path: Path) -> sqlite3.Connection:
+    """A connection that reads the existing store at `path` and leaves no file behind.
+
+    Read-write but never created (mode=rw): a read-only connection to a WAL store leaves its -wal and
+    -shm files behind, which the last read-write connection to close removes. A store that cannot be
+    written (a write-protected file, read-only media) has no WAL index to open, so it is read as
+    immutable, unless a -wal file holds trials outside it (then OperationalError: see _read_only)."""
+    if not Path(f"{path}-wal").exists() and not os.access(path, os.W_OK):
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    connection: sqlite3.Connection | None = None
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60.0)
+        connection.execute("PRAGMA schema_version").fetchone()
+        return connection
+    except sqlite3.OperationalError:  # a write-protected directory: the WAL index cannot be made
+        if connection is not None:
+            connection.close()
+        if Path(f"{path}-wal").exists():
+            raise
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    except BaseException:
+        if connection is not None:
+            connection.close()
+        raise
+
+
 def _read_only(path: Path, read: Callable[[sqlite3.Connection], T]) -> T:
-    """`read` run on a read-only connection to the store at `path` (sqlite3 errors pass through)."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60.0)
+    """`read` (which only reads) run on a connection to the existing store at `path` that leaves no file
+    behind (sqlite3 errors pass through). A store with a -wal file that cannot be opened where it is (on
+    read-only media without its -shm file) is read from a temporary copy of the two files."""
+    try:
+        connection = _reading_connection(path)
+    except sqlite3.OperationalError:
+        if not Path(f"{path}-wal").exists():
+            raise
+        with tempfile.TemporaryDirectory(prefix="dse-store-") as scratch:
+            copy = Path(scratch) / path.name
+            shutil.copyfile(path, copy)
+            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+            return _read_only(copy, read)
     try:
         return read(connection)
     finally:

@@ -38,7 +38,7 @@ SPEC_FIELDS: tuple[str, ...] = (*TENSOR_FORMAT_FIELDS, "accumulation")
 
 _AT_LEAST_ONE: tuple[str, ...] = ("epochs", "batch_size", "threads", "niti_mu", "accumulation_chunk",
                                    "lr_step_epochs")
-_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "lr_warmup_epochs")
+_NON_NEGATIVE: tuple[str, ...] = ("warmup_epochs", "momentum", "weight_decay", "lr_warmup_epochs", "seed")
 _POSITIVE: tuple[str, ...] = ("lr", "p_scale", "g_bound", "lr_gamma")
 _NAMED: tuple[str, ...] = ("model", "dataset", "optimizer", "lr_schedule")
 """Fields whose value is one of a list of names (`_names`)."""

@@ -114,6 +114,19 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert target.read_text() == "new"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_report_files_get_the_permissions_of_any_new_file(tmp_path: Path, umask: int) -> None:
+    """Not a temporary file's 0600: with umask 022 a report in a shared folder is readable by all."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        written = write_text_atomically(tmp_path / "summary.md", "| a |\n")
+    finally:
+        os.umask(previous)
+    assert written.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_unwritable_output_is_one_line_input_error(example_trials: pd.DataFrame, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -260,12 +273,16 @@ def test_figure_processes_stuck_or_killed_leave_their_figures_to_this_process(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
+@pytest.mark.parametrize("child", ["stops", "is killed"])
 def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
-        example_trials: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        example_trials: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, child: str) -> None:
     """Ctrl-C or SIGTERM while figures are saved: the caller stops its figure processes (SIGTERM), and a
-    figure half-saved leaves neither its file nor its temporary file."""
+    figure half-saved leaves neither its file nor its temporary file; also where a process does not
+    exit within STOP_S (a machine under heavy load; here: it ignores SIGTERM) and is killed."""
+    import signal
     import time
 
+    import dse.processes
     from dse.report.drawing import FigureData, FigureProcesses
     from dse.report.files import figure_jobs
     from dse.report.tables import SweepTables
@@ -274,6 +291,8 @@ def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
 
     def child_save(figure: object, stem: Path) -> list[Path]:
         def write(temporary: Path) -> None:
+            if child == "is killed":
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             temporary.write_bytes(b"half a figure")
             saving.touch()
             time.sleep(600)
@@ -281,6 +300,7 @@ def test_figure_processes_stopped_while_saving_leave_no_temporary_file(
         return [write_atomically(stem.with_suffix(".png"), write)]
 
     _in_figure_processes(monkeypatch, child_save)
+    monkeypatch.setattr(dse.processes, "STOP_S", 1.0)
     out = tmp_path / "out"
     tables = SweepTables.of(example_trials, False)
     data = FigureData(tables.summary, tables.fronts, tables.memory_objective, False)
