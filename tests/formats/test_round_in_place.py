@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +115,15 @@ def test_quantizers_never_write_or_return_their_input(spec: str, seed: int, roun
     assert torch.equal(bits(x), bits(before))
     for out in outputs:
         assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def test_the_in_place_benchmark_runs_before_and_today_for_every_family(repo_root: Path) -> None:
+    """benchmarks/quantize_in_place.py's "before" (round_unscaled_ patched back to round_unscaled) must
+    leave every family a working round_unscaled_ (it checks before and today give the same bits)."""
+    formats = ["int8", "lns8", "fp8_e4m3", "posit8", "mxfp4"]
+    command = [sys.executable, "benchmarks/quantize_in_place.py", "--formats", ",".join(formats),
+               "--sizes", "2", "--rounds", "1", "--calls", "1"]
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == formats  # (after the header)
