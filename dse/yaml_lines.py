@@ -80,7 +80,14 @@ class SourceMap:
         return InputError(f"{self.file}:{self.line(path)}: {dotted(path)}: {message}")
 
 
-def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str) -> None:
+def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str,
+          within: frozenset[int] = frozenset()) -> None:
+    """Record the line of every key and item below `node`; `within`: the ids of the nodes it is inside,
+    so an alias to one of them (a document that contains itself) is an error, not endless recursion."""
+    if id(node) in within:
+        raise InputError(f"{source}:{lines.get(path, node.start_mark.line + 1)}: {dotted(path)}: an alias "
+                         "inside its own anchor would repeat it forever")
+    within = within | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -91,11 +98,11 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str) ->
                                  f"{seen[key]})")
             seen[key] = line
             lines[path + (key,)] = line  # (not lines[(*path, key)]: mypy reads it as 3.11 syntax)
-            _walk(value_node, (*path, key), lines, source)
+            _walk(value_node, (*path, key), lines, source, within)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[path + (index,)] = item.start_mark.line + 1
-            _walk(item, (*path, index), lines, source)
+            _walk(item, (*path, index), lines, source, within)
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:

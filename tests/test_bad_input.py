@@ -212,6 +212,23 @@ def test_a_spec_that_yaml_split_at_its_comma_says_to_quote_it() -> None:
     assert first.startswith("s.yaml:4: trials[0].format: invalid format spec 'posit(8'") and "quoted" in first
 
 
+def test_an_alias_inside_its_own_anchor_is_one_line_at_it(tmp_path: Path) -> None:
+    """A YAML document that contains itself (`&r [..., *r]`) was a RecursionError traceback."""
+    config = tmp_path / "s.yaml"
+    config.write_text("name: n\ntask: {model: mlp, dataset: digits}\ntrials: &r [{format: fp32}, *r]\n")
+    line = _one_error_line(runner.invoke(app, ["sweep", str(config), "--dry-run"]), f"{config}:3: trials[1]")
+    assert "alias inside its own anchor" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_an_alias_and_a_merge_key_still_read_as_their_anchor() -> None:
+    text = ("name: n\ntasks:\n  - &t {name: a, model: mlp, dataset: digits, epochs: 1}\n"
+            "  - {<<: *t, name: b, epochs: 2}\ntrials: [&f {format: fp32}, {<<: *f, optimizer: adam}]\n")
+    config = parse_config(text, "s.yaml")
+    assert [(task.name, task.defaults["epochs"], task.defaults["model"]) for task in config.tasks] == [
+        ("a", 1, "mlp"), ("b", 2, "mlp")]
+
+
 def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path: Path) -> None:
     from dse.data import load_dataset
 

@@ -147,9 +147,13 @@ _REPORT_LIBRARIES: tuple[str, ...] = ("numpy", "pandas", "scipy", "matplotlib")
 
 def _reports_signature(frame: pd.DataFrame, memory_objective: bool, titles: bool) -> str:
     """A hash of the trials, the report options and the report code (dse.report's and the libraries' that
-    format the tables and draw the plots): equal hashes, equal files."""
+    format the tables and draw the plots): equal hashes, equal files. Where the directory is (the sweep's
+    `output`) is no part of any file, so a results folder moved or copied elsewhere (read-only media
+    included) keeps its reports current."""
     libraries = {name: importlib.metadata.version(name) for name in _REPORT_LIBRARIES}
-    options = json.dumps([frame.attrs, memory_objective, titles, libraries], sort_keys=True, default=str)
+    attrs = {**frame.attrs, "sweep": {key: value for key, value in (frame.attrs.get("sweep") or {}).items()
+                                      if key != "output"}}
+    options = json.dumps([attrs, memory_objective, titles, libraries], sort_keys=True, default=str)
     sources = (source.read_bytes() for source in sorted(Path(__file__).parent.glob("*.py")))
     return sha256_of_parts([frame.to_csv(index=False), options, *sources])
 

@@ -162,6 +162,23 @@ def test_report_on_an_unchanged_store_leaves_its_files_and_says_they_are_current
     assert f"wrote {len(files)} files" in third.stdout and (sweep_dir / "pareto.md").read_text() != "edited\n"
 
 
+def test_a_results_folder_copied_elsewhere_keeps_its_reports_current(sweep_dir: Path, tmp_path: Path) -> None:
+    """No report file holds the folder's path, so a copy (another machine, read-only media) needs no
+    rewrite: before, its path in the reports' signature made `dse report` rewrite every file of a copy,
+    and fail on read-only media after printing the tables."""
+    import shutil
+
+    assert runner.invoke(app, ["report", str(sweep_dir)]).exit_code == 0
+    copy = tmp_path / "copied" / "results"
+    shutil.copytree(sweep_dir, copy)
+    before = {path.name: path.read_bytes() for path in copy.iterdir()}
+    files = [name for name in before if not name.startswith(".") and "sqlite" not in name]
+    again = runner.invoke(app, ["report", str(copy)])
+    assert again.exit_code == 0, again.output
+    assert "are up to date" in again.stdout and "wrote" not in again.stdout and files
+    assert {path.name: path.read_bytes() for path in copy.iterdir()} == before
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="figures are drawn in processes on Linux only")
 def test_a_figure_process_that_dies_is_one_warning_line_naming_the_figures_drawn_instead(
         store_trials: Callable[[Path, pd.DataFrame], None], make_example_trials: Callable[..., pd.DataFrame],
