@@ -4,6 +4,7 @@ how many elements differ in the last bits.
 
     python benchmarks/stacked_kernels.py                  # every operation, 1 and 2 threads
     python benchmarks/stacked_kernels.py --ops gelu,exp --threads 2
+    python benchmarks/stacked_kernels.py --gemms          # the GEMMs a group keeps batched
 
 Why it can differ: torch's CPU elementwise loops run a vector kernel over blocks of twice the
 vector width and the scalar function over the rest (`vectorized_loop` in ATen's cpu/Loops.h), and
@@ -100,13 +101,80 @@ def mismatches(op: Op, transform: Callable[[torch.Tensor], torch.Tensor], shape:
     return int((~same).sum()), same.numel()
 
 
+def _with_grads(fn: Callable[..., torch.Tensor], *operands: torch.Tensor) -> list[torch.Tensor]:
+    """[fn(*operands), d sum(fn * w) / d operand for each], w made of the output by exact arithmetic."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in operands]
+    y = fn(*leaves)
+    (y * (y.detach() * 0.5 + 1)).sum().backward()
+    return [y.detach(), *[t.grad for t in leaves if t.grad is not None]]
+
+
+def gemm_mismatches(members: int = 3) -> None:
+    """Each GEMM a group runs batched (or per member on the folded batch) against the member's own
+    call alone: elements that differ in the output and each operand's gradient."""
+    source = torch.Generator().manual_seed(0)
+    G = members
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=source)
+
+    for rows, features, chunk in [(1536, 64, 4), (4096, 256, 1024)]:  # the accumulation's chunks
+        dy, x, w = randn(G, rows, features), randn(G, rows, features), randn(G, features, features)
+        weight_grad = sum(int((dy[:, s:s + chunk].transpose(1, 2) @ x[:, s:s + chunk]
+                               != torch.stack([dy[g, s:s + chunk].t() @ x[g, s:s + chunk] for g in range(G)])
+                               ).sum()) for s in range(0, rows, chunk))
+        step = min(chunk, features)
+        forward = sum(int((x[..., s:s + step] @ w[:, s:s + step]
+                           != torch.stack([x[g, :, s:s + step] @ w[g, s:s + step] for g in range(G)])).sum())
+                      for s in range(0, features, step))
+        print(f"  accumulation chunks rows={rows} features={features} chunk={chunk}: "
+              f"forward {forward}, weight gradient {weight_grad} differ")
+    for batch, heads, n, d in [(32, 2, 48, 16), (64, 4, 128, 64)]:  # a Matmul (attention)
+        q, k = randn(G * batch, heads, n, d), randn(G * batch, heads, d, n)
+        together = _with_grads(torch.matmul, q, k)
+        own = [_with_grads(torch.matmul, q_g, k_g) for q_g, k_g in zip(q.chunk(G), k.chunk(G), strict=True)]
+        alone = [torch.cat(parts) for parts in zip(*own, strict=True)]
+        differ = [int((t != a).sum()) for t, a in zip(together, alone, strict=True)]
+        print(f"  Matmul {(batch, heads, n, d)}: y, da, db differ {differ}")
+    for batch, tokens, k_in, n_out in [(32, 48, 64, 64), (64, 128, 256, 256)]:  # x @ W, x of 3 axes
+        x, w = randn(G * batch, tokens, k_in), randn(G, k_in, n_out)
+        y, dx, dw = _with_grads(lambda a, b, rows=batch: a.unflatten(0, (G, rows)) @ b.unsqueeze(1), x, w)
+        own = [_with_grads(torch.matmul, x_g, w_g) for x_g, w_g in zip(x.chunk(G), w, strict=True)]
+        y_alone, dx_alone, dw_alone = (torch.cat([a[0] for a in own]), torch.cat([a[1] for a in own]),
+                                       torch.stack([a[2] for a in own]))
+        print(f"  batched x @ W {(batch, tokens, k_in, n_out)}: y {int((y.flatten(0, 1) != y_alone).sum())}, "
+              f"dx {int((dx != dx_alone).sum())}, dW {int((dw != dw_alone).sum())} differ "
+              "(stacked: each member's own)")
+    for batch, c_in, c_out, size in [(32, 8, 16, 14), (64, 16, 32, 28)]:  # convolutions
+        x, w = randn(G * batch, c_in, size, size), randn(G, c_out, c_in, 3, 3)
+
+        def conv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(a, b, padding=1)
+
+        alone = [_with_grads(conv, x[g * batch:(g + 1) * batch].clone(), w[g].clone()) for g in range(G)]
+        channels = x.unflatten(0, (G, batch)).transpose(0, 1).reshape(batch, G * c_in, size, size)
+        grouped = _with_grads(lambda a, b: F.conv2d(a, b.flatten(0, 1), padding=1, groups=G), channels, w)
+        y = grouped[0].reshape(batch, G, c_out, size, size).transpose(0, 1)
+        y_differ = sum(int((y[g] != alone[g][0]).sum()) for g in range(G))
+        dw_differ = sum(int((grouped[2][g] != alone[g][2]).sum()) for g in range(G))
+        print(f"  grouped conv2d {(batch, c_in, c_out, size)}: y {y_differ}, dW {dw_differ} differ "
+              "(stacked: each member's own conv2d)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--gemms", action="store_true", help="the GEMMs instead of the elementwise kernels")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.gemms:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            print(f"{threads} thread(s):")
+            gemm_mismatches()
+        return
     print(f"{'op':22} {'dtype':8} {'threads':7} {'shape':16} {'differ':>8} / elements")
     for name in args.ops.split(","):
         op, transform = OPS[name]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 PARALLEL_GRAIN = 32768
@@ -111,3 +111,25 @@ class MemberKernelMode(TorchFunctionMode):
         if whole_is_as_alone(folded, members):
             return func(*args, **kwargs)
         return torch.cat([call(block) for block in range(members)])
+
+
+CALLS_NONE_TORCH_LAYERS: frozenset[type[nn.Module]] = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Sequential, nn.ModuleList, nn.Flatten, nn.Identity,
+    nn.LayerNorm, nn.Embedding, nn.MaxPool1d, nn.MaxPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+})
+"""torch.nn layers whose forward calls none of POSITION_DEPENDENT_FUNCTIONS (those the built-in
+proxies are made of); a subclass is not one of them."""
+
+OWN_PACKAGE = "dse."
+"""Where our modules are defined (dse.models' proxies, dse.train's layers; a user's file loads as
+dse_user_...): they call none of them (tests/train/test_member_kernels.py runs every proxy under
+the mode, in train and eval mode)."""
+
+
+def may_call_position_dependent(net: nn.Module) -> bool:
+    """Whether a forward of `net` may call one of POSITION_DEPENDENT_FUNCTIONS: unless every module
+    in it is our own or one of CALLS_NONE_TORCH_LAYERS. Decided from the modules, not from a forward:
+    a user's module may call one on any later forward only (in eval mode, for some inputs)."""
+    return not all(type(module) in CALLS_NONE_TORCH_LAYERS or type(module).__module__.startswith(OWN_PACKAGE)
+                   for module in net.modules())

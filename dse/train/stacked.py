@@ -74,7 +74,7 @@ from dse.train.layers import (
     is_block_scaled,
     quant_matmul,
 )
-from dse.train.member_kernels import MemberKernelMode
+from dse.train.member_kernels import MemberKernelMode, may_call_position_dependent
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -587,18 +587,16 @@ class StackedModel(nn.Module):
         super().__init__()
         self.net = net
         self.members = members
-        self.position_dependent_kernels = True
-        """Whether the forward calls a function `MemberKernelMode` runs member by member (known
-        after the first forward; until then assumed)."""
+        self.position_dependent_kernels = may_call_position_dependent(net)
+        """Whether the forward runs under `MemberKernelMode` (a user's module may call a function it
+        runs member by member; the built-in proxies call none, and a mode costs about a microsecond
+        per torch call)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.position_dependent_kernels:
             return _split(self.net(_fold(x)), self.members)
-        mode = MemberKernelMode(self.members)
-        with mode:
-            out = self.net(_fold(x))
-        self.position_dependent_kernels = mode.seen
-        return _split(out, self.members)
+        with MemberKernelMode(self.members):
+            return _split(self.net(_fold(x)), self.members)
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -145,12 +145,14 @@ class StackedFunctionalGemms(FunctionalGemms):
         operands = [t if own else self.split(t, 0) for t, own in zip((a, b), members, strict=True)]
         if min(t.dim() for t in operands) < 3:
             raise StackingError("a matmul with a 1-d operand (per member) does not stack")
-        rank = max(t.dim() for t in operands)
-        padded = [t.reshape(self.members, *[1] * (rank - t.dim()), *t.shape[1:]) if own else t
-                  for t, own in zip(operands, members, strict=True)]
-        if quant is None:
-            y = padded[0] @ padded[1]
+        if quant is None:  # fp32: each member's own call. Alone torch folds x (B, n, k) @ W (k, m) into
+            # one mm, whose weight gradient sums the B*n rows in another order than a batched matmul's
+            y = torch.stack([a_g @ b_g for a_g, b_g in zip(operands[0].unbind(0), operands[1].unbind(0),
+                                                           strict=True)])
         else:
+            rank = max(t.dim() for t in operands)
+            padded = [t.reshape(self.members, *[1] * (rank - t.dim()), *t.shape[1:]) if own else t
+                      for t, own in zip(operands, members, strict=True)]
             if weight_operand and members[weight_operand - 1]:
                 quant = _view_weights(quant, operands[weight_operand - 1].shape)
             y = QuantMatmulFn.apply(padded[0], padded[1], quant, weight_operand)

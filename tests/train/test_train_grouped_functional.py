@@ -69,6 +69,16 @@ def test_a_users_functional_and_attention_gemms_stack_and_members_equal_alone_ru
     assert len({r["final_loss"] for r in results}) == len(members)  # distinct runs, not one repeated
 
 
+@pytest.mark.parametrize("fields", [{}, SGD_COPY], ids=["fp32", "int8"])
+def test_x_at_w_with_a_3_axis_input_stacks_and_members_equal_alone_runs(
+        fields: dict[str, Any], digits_subset: Any, stacked_same_as_alone: SameAsAlone) -> None:
+    """Alone, torch folds x (B, 4, 16) @ W into one mm whose weight gradient sums the batch's tokens
+    in one order; a batched matmul over the members' samples sums them in another (fp32 differed
+    from the second epoch on)."""
+    base = TrainConfig(model=f"{MODELS}:tokens", dataset="digits", epochs=2, batch_size=50).replace(**fields)
+    stacked_same_as_alone([base.replace(**member) for member in MEMBERS], digits_subset)
+
+
 @pytest.mark.parametrize("factory, why", [
     ("attention_bias_kv", "its MultiheadAttention attn adds bias_k, bias_v to every member's keys"),
     ("attention_dropout", "random numbers"),
