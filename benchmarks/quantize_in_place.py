@@ -27,13 +27,17 @@ SHAPES = [(100, 40), (256, 40), (100, 256), (256, 256), (100, 256), (10, 256)]
 
 @contextlib.contextmanager
 def rounding_into_a_second_tensor() -> Iterator[None]:
-    """Every format's round_unscaled_ as round_unscaled: the quotient rounded into a new tensor."""
+    """Every format's round_unscaled_ as round_unscaled: the quotient rounded into a new tensor.
+
+    The families that round in place get NumberFormat's round_unscaled_, which calls the format's own
+    round_unscaled (each class's round_unscaled put in its place would give the others NumberFormat's
+    abstract one, which returns None)."""
     from dse.formats.base import NumberFormat
 
-    patched = [cls for cls in (NumberFormat, *_subclasses(NumberFormat)) if "round_unscaled_" in vars(cls)]
+    patched = [cls for cls in _subclasses(NumberFormat) if "round_unscaled_" in vars(cls)]
     saved = {cls: vars(cls)["round_unscaled_"] for cls in patched}
     for cls in patched:
-        cls.round_unscaled_ = cls.round_unscaled  # type: ignore[method-assign]
+        cls.round_unscaled_ = NumberFormat.round_unscaled_  # type: ignore[method-assign]
     try:
         yield
     finally:

@@ -82,12 +82,12 @@ class FixedPoint(NumberFormat):
         return 2.0**-self.frac_bits
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        return self._round_codes(x, rounding, generator, in_place=False)
+        return self._round_onto_grid(x, rounding, generator, in_place=False)
 
     def round_unscaled_(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        return self._round_codes(x, rounding, generator, in_place=True)
+        return self._round_onto_grid(x, rounding, generator, in_place=True)
 
-    def _round_codes(self, x: Tensor, rounding: str, generator: torch.Generator | None, in_place: bool
+    def _round_onto_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None, in_place: bool
                      ) -> Tensor:
         """x rounded onto the grid; `in_place`: x is a temporary the caller gives up (as is x * 2^frac)."""
         check_rounding(rounding)
