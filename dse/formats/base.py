@@ -247,7 +247,7 @@ def shift_round(magnitude: Tensor, shift: Tensor | int, rounding: str,
         draws = random_bits(magnitude.shape, magnitude.device, generator).to(torch.int64) >> (31 - k)
         up = rounded + draws >= 1 << k
     elif mode == "stochastic":
-        draw = _draw(magnitude.shape, torch.int64, magnitude.device, generator,
+        draw = draw_values(magnitude.shape, torch.int64, magnitude.device, generator,
                      lambda out, source: out.random_(0, 2**62, generator=source))  # torch.randint's draws
         up = (draw & ((torch.ones_like(shift_t) << shift_t) - 1)) < field
     else:  # pseudo_stochastic: the top half of the field is the probability, the bottom half the draw
@@ -308,7 +308,7 @@ def stochastic_up_(fraction: Tensor, generator: torch.Generator | MemberGenerato
     d + r < 2^24 is exact in float32 for k <= 23.
     """
     if random_bit_count is None:
-        draws = _draw(fraction.shape, torch.float64, fraction.device, generator,
+        draws = draw_values(fraction.shape, torch.float64, fraction.device, generator,
                       lambda out, source: out.uniform_(generator=source))  # torch.rand's draws
         return torch.lt(draws, fraction, out=fraction)
     draws = random_bits(fraction.shape, fraction.device, generator)
@@ -318,9 +318,9 @@ def stochastic_up_(fraction: Tensor, generator: torch.Generator | MemberGenerato
                     out=fraction)
 
 
-def _draw(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
-          generator: torch.Generator | MemberGenerators | None,
-          fill_: Callable[[Tensor, torch.Generator | None], object]) -> Tensor:
+def draw_values(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
+                generator: torch.Generator | MemberGenerators | None,
+                fill_: Callable[[Tensor, torch.Generator | None], object]) -> Tensor:
     """A new tensor filled in place by fill_(tensor, generator), or per member where the generator is
     `MemberGenerators`."""
     if isinstance(generator, MemberGenerators):
@@ -333,7 +333,8 @@ def _draw(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str,
 def random_bits(shape: torch.Size | tuple[int, ...], device: torch.device,
                 generator: torch.Generator | MemberGenerators | None) -> Tensor:
     """Uniform int32 draws in [0, 2^31): one 32-bit draw of the generator per element, on every device."""
-    return _draw(shape, torch.int32, device, generator, lambda out, source: out.random_(generator=source))
+    return draw_values(shape, torch.int32, device, generator,
+                       lambda out, source: out.random_(generator=source))
 
 
 def _round_stochastic_float32(t: Tensor, floor: Tensor, fraction: Tensor,
@@ -577,7 +578,7 @@ class NumberFormat(ABC):
         kind, axis = self.scaling.kind, self.scaling.axis
         member_axis = axis + 1 if axis >= 0 else axis
         draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
-        # MemberGenerators stands in for a generator: every draw goes through `_draw`, which splits it.
+        # MemberGenerators stands in for a generator: every draw goes through `draw_values`, which splits it.
         source = cast("torch.Generator | None", generator)
         with whole_tensors(draws):  # slices would cut across members' draws
             if kind in ("none", "block"):

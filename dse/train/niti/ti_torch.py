@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from dse.formats import shift_round
-from dse.formats.base import MemberGenerators, host_abs_max
+from dse.formats.base import MemberGenerators, draw_values, host_abs_max
 
 INT8_BITWIDTH = 7
 """NITI's BITWIDTH: magnitude bits of an int8 mantissa (the sign takes the eighth)."""
@@ -89,11 +89,8 @@ def sto_shift(x: Tensor, shift: int, generator: torch.Generator | MemberGenerato
     def fill_(out: Tensor, source: torch.Generator | None) -> Tensor:
         return out.random_(0, 2**shift, generator=source)  # torch.randint's draws
 
-    if isinstance(generator, MemberGenerators):
-        draw = generator.draw(x.shape, torch.int64, generator.device, fill_)
-    else:
-        device = generator.device if generator is not None else torch.device("cpu")
-        draw = fill_(torch.empty(x.shape, dtype=torch.int64, device=device), generator)
+    device = generator.device if generator is not None else torch.device("cpu")  # the draws' device
+    draw = draw_values(x.shape, torch.int64, device, generator, fill_)
     return int_clip(_signed(kept + (discarded > draw.to(x.device)).to(torch.int64), x), bitwidth)
 
 
