@@ -224,9 +224,11 @@ class FigureProcesses:
         if self.pool is not None:
             stop_workers(self.pool)
         self.pool, self.processes = None, 1
+        from dse.report.files import temporary_files
+
         for job in jobs:
             for suffix in PLOT_SUFFIXES:
-                for temporary in job.stem.parent.glob(f".{job.stem.name}.{suffix}.*.tmp"):
+                for temporary in temporary_files(job.stem.with_name(f"{job.stem.name}.{suffix}")):
                     temporary.unlink(missing_ok=True)
 
 

@@ -7,6 +7,7 @@ under a hidden temporary name in the same directory and renamed over the old one
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.metadata
 import json
 import os
@@ -29,6 +30,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+TEMPORARY_NAME = ".{name}.{token}.tmp"
+"""The hidden name a file is written under before it is renamed onto `name` (`write_atomically`)."""
+
+
+def temporary_files(path: Path) -> list[Path]:
+    """The temporary files `write_atomically` may have left for `path` (a writer killed mid-write)."""
+    return list(path.parent.glob(TEMPORARY_NAME.format(name=glob.escape(path.name), token="*")))
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
 
@@ -38,7 +48,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     read there, as the file written in place would be. An OS refusal
     (unwritable or non-directory parent, a directory in the way) is an InputError naming the path.
     """
-    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    temporary = path.parent / TEMPORARY_NAME.format(name=path.name, token=secrets.token_hex(8))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
