@@ -315,3 +315,47 @@ def test_another_sqlite_file_in_place_of_the_store_is_named_and_kept(
     line = _one_error_line(runner.invoke(app, ["report", str(out)]), str(out / STORE_FILE))
     assert "remove" not in line
     assert [p.name for p in out.iterdir()] == [STORE_FILE] and (out / STORE_FILE).read_bytes() == kept
+
+
+def _laughs(levels: int, key: str = "x") -> str:
+    """YAML whose aliases multiply: level k is ten aliases of level k - 1, so 10^levels values."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, levels)]
+    return "\n".join(lines) + f"\n{key}: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["--dry-run", "run"])
+def test_aliases_that_multiply_are_one_line_at_the_file_and_line_not_a_hang(dry_run: bool,
+                                                                             tmp_path: Path) -> None:
+    """A 'billion laughs' sweep file (10^9 values from 12 lines) was walked in full: dse sweep hung
+    (measured: still walking after 60 s, memory growing) and would have exhausted memory."""
+    config = tmp_path / "s.yaml"
+    config.write_text(_laughs(9, "name") + "task: {model: mlp, dataset: digits}\ntrials: [{format: fp32}]\n")
+    args = [sys.executable, "cli.py", "sweep", str(config), *(["--dry-run"] if dry_run else [])]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {config}:") and "aliases repeat more than 100000 values" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_aliases_up_to_the_bound_read_in_full_and_their_errors_name_the_alias_line() -> None:
+    from dse.yaml_lines import ALIAS_EXPANSION_LIMIT, load_yaml
+
+    data, _ = load_yaml(_laughs(4), "a.yaml")  # 10^4 values from aliases: an ordinary document's worth
+    assert len(data["x"]) == 10 and all(len(item) == 10 for item in data["x"])
+    assert sum(len(c) for b in data["x"] for a in b for c in a) == 10_000 < ALIAS_EXPANSION_LIMIT
+    with pytest.raises(InputError, match=r"^a\.yaml:5: l4\[\d\]: aliases repeat more than"):
+        load_yaml(_laughs(6), "a.yaml")  # (10^5 repeats are passed inside l4, on line 5)
+    _, source = load_yaml("a: &a {lr: 1}\nb:\n  - 1\n  - *a\n", "a.yaml")
+    assert (source.line(["b", 1]), source.line(["b", 1, "lr"])) == (4, 1)  # the alias, its anchor's key
+
+
+def test_train_layers_from_yaml_are_bounded_and_read_as_sweep_files_are(tmp_path: Path) -> None:
+    rules = tmp_path / "layers.yaml"
+    rules.write_text(_laughs(9, "layers"))
+    line = _one_error_line(runner.invoke(app, ["train", "--layers", str(rules)]), f"{rules}:")
+    assert "aliases repeat more than" in line
+    rules.write_text("- {match: head, format: fp32, lr: 1e-3}\n- {match: [, format: fp32}\n")
+    _one_error_line(runner.invoke(app, ["train", "--layers", str(rules)]), f"{rules}:2: invalid YAML")
