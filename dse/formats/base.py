@@ -461,10 +461,15 @@ class _StraightThrough(torch.autograd.Function):
     several, as for `quantize_along`)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, quantizer: Callable[[Tensor], Tensor | list[Tensor]]
+    def forward(x: Tensor, quantizer: Callable[[Tensor], Tensor | list[Tensor]]
                 ) -> Tensor | tuple[Tensor, ...]:
         out = quantizer(x)  # (autograd records nothing in here)
         return tuple(out) if isinstance(out, list) else out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        """Nothing to keep: the backward needs only the incoming gradients (a separate setup_context
+        also lets torch.func.grad differentiate through quantize)."""
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:

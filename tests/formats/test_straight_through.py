@@ -139,6 +139,14 @@ def test_the_jacobian_through_quantize_is_the_identity(spec: str) -> None:
     assert torch.equal(jacobian.reshape(w.numel(), w.numel()), 6 * torch.eye(w.numel(), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("spec", ["int8", "mxfp4", "nvfp4", "lns8", "posit8"])
+def test_torch_func_grad_differentiates_through_quantize(spec: str) -> None:
+    fmt = get(spec)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
+    grad = torch.func.grad(lambda t: (fmt.quantize(t, "stochastic", seeded()) * 3).sum())(x)
+    assert torch.equal(grad, torch.full_like(x, 3.0))
+
+
 @pytest.mark.parametrize("spec", ["int8", "mxfp8_e4m3", "nvfp4", "posit16"])
 def test_the_straight_through_gradient_is_differentiable_again(spec: str) -> None:
     """create_graph=True: the gradient is the incoming gradient itself, so a second derivative through
