@@ -74,7 +74,7 @@ from dse.train.layers import (
     is_block_scaled,
     quant_matmul,
 )
-from dse.train.member_kernels import MemberKernelMode, may_call_position_dependent
+from dse.train.member_kernels import MemberKernels, may_call_position_dependent
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -587,16 +587,18 @@ class StackedModel(nn.Module):
         super().__init__()
         self.net = net
         self.members = members
-        self.position_dependent_kernels = may_call_position_dependent(net)
-        """Whether the forward runs under `MemberKernelMode` (a user's module may call a function it
-        runs member by member; the built-in proxies call none, and a mode costs about a microsecond
-        per torch call)."""
+        self.member_kernels = (MemberKernels(net, members, (StackedGemmLayer, StackedMatmul))
+                               if may_call_position_dependent(net) else None)
+        """`MemberKernelMode` over the net's forward where it may call a function that mode runs
+        member by member (a user's module; the built-in proxies call none, and a mode costs about a
+        microsecond per torch call outside our own layers)."""
+
+    @property
+    def position_dependent_kernels(self) -> bool:
+        return self.member_kernels is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.position_dependent_kernels:
-            return _split(self.net(_fold(x)), self.members)
-        with MemberKernelMode(self.members):
-            return _split(self.net(_fold(x)), self.members)
+        return _split(self.net(_fold(x)), self.members)
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

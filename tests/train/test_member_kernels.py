@@ -158,3 +158,132 @@ def test_the_built_in_proxies_call_none_of_the_functions_so_run_without_the_mode
         with mode:
             stacked.net(x.flatten(0, 1)).sum().backward()
         assert not mode.seen, training
+
+
+class _Gate(nn.Module):
+    """A user's leaf layer with a weight of its own that calls sigmoid: it runs member by member."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x * self.gain)
+
+
+class _SequenceFirst(nn.Module):
+    """nn.MultiheadAttention sequence first: `activation` on its (L, N, E) output, where the group's
+    members sit along the second axis (8 tokens of 7 features: a member's 8 * 50 * 7 elements leave
+    a scalar tail)."""
+
+    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(64, 56), nn.MultiheadAttention(7, 1), nn.Linear(56, 10)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
+        y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head(self.activation(y).transpose(0, 1).flatten(1))
+
+
+def _stacked_and_alone(make: Callable[[], nn.Module], members: int, rows: int, threads: int
+                       ) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
+    """(output, input gradient) of a stacked group on its folded batch, and of each member alone
+    on its own batch, both quantized as `train` has them (fp32 policy)."""
+    from dse.formats.base import MemberGenerators
+    from dse.train.config import TrainConfig
+    from dse.train.layers import quantize_model
+    from dse.train.policy import QuantPolicy
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [make() for _ in range(members)]
+        policy = QuantPolicy.from_config(TrainConfig(model="mlp", format="fp32"))
+        example = torch.randn(4, 64)
+        stacked = stack_models([copy.deepcopy(n) for n in nets], policy, QuantSwitch(),
+                               MemberGenerators([torch.Generator() for _ in nets]), example)
+        weight = torch.linspace(-1, 1, 10)
+        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(1)) * 2
+        folded = x.clone().requires_grad_()
+        together = stacked(folded)
+        (together * weight).sum().backward()
+        assert folded.grad is not None
+        alone = []
+        for g, net in enumerate(nets):
+            quantize_model(net, policy, torch.Generator(), example[:2])
+            own = x[g].clone().requires_grad_()
+            (net(own) * weight).sum().backward()
+            assert own.grad is not None
+            alone.append((net(own).detach(), own.grad))
+        return (together.detach(), folded.grad), alone
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_users_layer_run_member_by_member_is_not_split_again(threads: int) -> None:
+    """A leaf layer with weights runs each member's own call (`PerMemberLayer`); the mode used to
+    split that member's 50 rows again into G blocks (its sigmoid's tail then fell elsewhere: the input
+    gradient differed in 7 elements at G = 2)."""
+    (together, grad), alone = _stacked_and_alone(lambda: _NitiSilu(_Gate(74)), 2, 50, threads)
+    for g, (out, own_grad) in enumerate(alone):
+        assert torch.equal(together[g], out) and torch.equal(grad[g], own_grad), g
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("members", [2, 3])
+@pytest.mark.parametrize("activation", [F.silu, torch.sigmoid], ids=["silu", "sigmoid"])
+def test_a_sequence_first_activation_gives_each_member_its_bits_alone(
+        activation: Callable[[Tensor], Tensor], members: int, threads: int) -> None:
+    """The members' samples of a sequence-first (L, G*B, E) tensor are columns, not rows: the mode
+    finds them by the member's batch and runs each member's own (L, B, E), laid out as alone
+    (contiguous), forward and backward. It used to pass such a tensor whole (G = 3: L = 8 does not
+    divide into 3) or cut it along L (G = 2); sigmoid's input gradient then differed in 41 elements."""
+    (together, grad), alone = _stacked_and_alone(lambda: _SequenceFirst(activation), members, 50, threads)
+    for g, (out, own_grad) in enumerate(alone):
+        assert torch.equal(together[g], out) and torch.equal(grad[g], own_grad), g
+
+
+class _NitiSilu(nn.Module):
+    """Linear -> `act` -> Linear (a user's module)."""
+
+    def __init__(self, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(64, 74), act or nn.SiLU(), nn.Linear(74, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_niti_groups_activations_are_each_members_alone(threads: int) -> None:
+    """NITI re-quantizes each activation's float output per member; a SiLU run once over the folded
+    batch gave some of those floats another last bit than alone (which can move a mantissa across a
+    rounding boundary): `FoldedNitiNetwork` runs a user's network under the mode too."""
+    from dse.train.niti import convert_model
+    from dse.train.niti.stacked import stack_niti_models
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [_NitiSilu() for _ in range(2)]
+        for g, net in enumerate(nets):
+            convert_model(net, 7, torch.Generator().manual_seed(g))
+        stacked = stack_niti_models([copy.deepcopy(n) for n in nets])
+        seen: list[Tensor] = []
+        for net in (stacked.network, *nets):
+            net.act.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+        x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(1)) * 2
+        with torch.no_grad():
+            stacked(x)
+            for g, net in enumerate(nets):
+                net(x[g])
+        together = seen[0].unflatten(0, (2, 50))
+        for g in range(2):
+            assert torch.equal(together[g], seen[1 + g]), g
+    finally:
+        torch.set_num_threads(previous)
