@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -245,6 +246,9 @@ def main() -> None:
     parser.add_argument("--spec", default="fp32", help="the format of the stacked GEMMs (fp32: none)")
     parser.add_argument("--no-mode", action="store_true", help="the stacked forward without MemberKernelMode")
     args = parser.parse_args()
+    from dse.train.layers import UnconvertedGemmWarning
+
+    warnings.filterwarnings("ignore", category=UnconvertedGemmWarning)  # GRU / LSTM stay fp32, alone too
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.spec}, MemberKernelMode {'off' if args.no_mode else 'as decided'}")
     for name in args.nets.split(","):

@@ -6,10 +6,13 @@ scalar function over the rest of a contiguous stretch (ATen's cpu/Loops.h `vecto
 on several threads an operation over PARALLEL_GRAIN elements or more is split among them. Where the
 vector and scalar functions disagree in the last bit (measured on torch 2.13, AVX-512, by
 `benchmarks/stacked_kernels.py`: pow with a tensor exponent, exp2, sigmoid, SiLU, softplus, Mish,
-ELU, SELU, CELU, tanh-approximated GELU, float64 GELU, and their backward kernels), an element's
-bits depend on where the stretch ends: alone at the end of the member's own tensor, stacked at the
-end of the group's. exp, log, log2, erf, tanh, sqrt and exact IEEE arithmetic give the same bits
-anywhere. On CUDA every element takes one scalar function wherever it sits.
+ELU, SELU, CELU, tanh-approximated GELU, float64 GELU, and their backward kernels; GLU where a row
+is long enough to be split among threads), an element's bits depend on where the stretch ends: alone
+at the end of the member's own tensor, stacked at the end of the group's. exp, log, log2, erf, tanh,
+sqrt, exact IEEE arithmetic, logsigmoid, hardswish, hardsigmoid, softsign, and the norms (layer,
+RMS, group, instance, batch, `F.normalize`) give the same bits anywhere
+(benchmarks/user_kernels.py checks users' networks made of them). On CUDA every element takes one
+scalar function wherever it sits.
 """
 
 from __future__ import annotations
@@ -66,12 +69,13 @@ IN_PLACE_FUNCTIONS: frozenset[Any] = frozenset({
 """The in-place forms of POSITION_DEPENDENT_FUNCTIONS (`x.sigmoid_()`, `x **= y`, `F.elu_`)."""
 
 POSITION_DEPENDENT_FUNCTIONS: frozenset[Any] = frozenset({
-    F.gelu, F.silu, F.softplus, F.mish, F.elu, F.selu, F.celu, F.sigmoid,
+    F.gelu, F.silu, F.softplus, F.mish, F.elu, F.selu, F.celu, F.sigmoid, F.glu,
     torch.sigmoid, Tensor.sigmoid, torch.special.expit, torch.exp2, Tensor.exp2, torch.special.exp2,
     torch.pow, Tensor.pow, Tensor.__pow__, Tensor.__rpow__, torch.float_power, Tensor.float_power,
 }) | IN_PLACE_FUNCTIONS
 """The elementwise functions whose CPU vector and scalar kernels (forward or backward) measurably
-disagree in the last bit (benchmarks/stacked_kernels.py), as a network's forward may call them."""
+disagree in the last bit, or (GLU) whose thread split does (benchmarks/stacked_kernels.py), as a
+network's forward may call them."""
 
 
 def _exact_gelu(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -457,7 +457,7 @@ class PerMemberLayer(nn.Module):
                 raise
             return getattr(self.__dict__["template"], name)
 
-    def forward(self, *inputs: Tensor) -> Tensor:
+    def forward(self, *inputs: Tensor) -> Any:
         template: nn.Module = self.__dict__["template"]
         template.training = self.training
         own = {**{n: p for n, p in self._parameters.items() if p is not None},
@@ -471,12 +471,35 @@ class PerMemberLayer(nn.Module):
                 for name, parts in slices.items():
                     table = template._parameters if name in template._parameters else template._buffers
                     table[name] = parts[g]  # type: ignore[assignment]  # a slice stands in for one call
+                _refresh(template)
                 outputs.append(template(*(x[g] for x in split)))
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
                 table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
-        return torch.cat(outputs)
+            _refresh(template)
+        return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+
+def _refresh(layer: nn.Module) -> None:
+    """A recurrent layer (nn.GRU, nn.LSTM, nn.RNN) reads its weights from a list it builds from its
+    parameters: rebuilt after they were swapped."""
+    if isinstance(layer, nn.RNNBase):
+        layer._init_flat_weights()
+
+
+def _cat_members(outputs: Sequence[Any], rows: int) -> Any:
+    """The members' outputs of a layer run member by member as one folded output: tensors along
+    their first axis; tuples (a recurrent layer's (output, state)) element by element, a tensor
+    whose first axis is not the member's batch of `rows` along its first axis that is (a recurrent
+    state (layers, B, hidden)); the check forward refuses a network where that is not the batch."""
+    first = outputs[0]
+    if isinstance(first, tuple):
+        return tuple(_cat_members([out[i] for out in outputs], rows) for i in range(len(first)))
+    if not isinstance(first, Tensor) or first.dim() == 0:
+        return first
+    axis = 0 if first.shape[0] == rows else next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
+    return torch.cat(list(outputs), axis)
 
 
 # --- building the stacked network -----------------------------------------------------------------

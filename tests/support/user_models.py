@@ -184,3 +184,21 @@ class Gated(nn.Module):
 
 def gated(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Gated(shape[0], classes)
+
+
+class Recurrent(nn.Module):
+    """nn.GRU (batch first) over the image's 8 rows: a leaf layer with weights, run member by member
+    (its gates' sigmoid and tanh inside torch's kernel, each member's own call)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 12, batch_first=True)
+        self.head = nn.Linear(8 * 12, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.reshape(len(x), 8, 8))
+        return self.head(out.flatten(1))
+
+
+def recurrent(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Recurrent(classes)

@@ -287,3 +287,58 @@ def test_a_niti_groups_activations_are_each_members_alone(threads: int) -> None:
             assert torch.equal(together[g], seen[1 + g]), g
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+@pytest.mark.parametrize("factory, optimizer, threads", [
+    ("gated", "sgd", 2), ("gated", "niti", 1), ("recurrent", "sgd", 1),
+], ids=["silu-sigmoid-sgd-2-threads", "silu-sigmoid-niti", "gru-sgd"])
+def test_a_users_network_trains_in_a_group_as_alone(factory: str, optimizer: str, threads: int) -> None:
+    """Stacked (no reason to train one by one), and every stored result of every member equal to its
+    run alone, to the last bit: SiLU and sigmoid on 74 and 37 features at batch 50 (float and NITI),
+    and an nn.GRU (its (output, state) tuple used to refuse stacking: "expected Tensor as element 0")."""
+    import dataclasses
+    from pathlib import Path
+
+    from dse.train import TrainConfig, train
+    from dse.train.grouped import group_reason, train_group
+
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, x_train=data.x_train[:200], y_train=data.y_train[:200],
+                               x_val=data.x_val[:60], y_val=data.y_val[:60], x_test=data.x_test[:60],
+                               y_test=data.y_test[:60])
+    models = Path(__file__).resolve().parent.parent / "support" / "user_models.py"
+    fields = {"master_weights": False} if optimizer == "niti" else {"lr": 0.05}
+    base = TrainConfig(model=f"{models}:{factory}", dataset="digits", optimizer=optimizer, format="int8",
+                       epochs=1, batch_size=50, threads=threads, **fields)
+    configs = [base.replace(seed=seed) for seed in (3, 4)]
+    assert group_reason(configs[0]) is None
+    for together, alone in zip(train_group(configs, data), (train(c, data) for c in configs), strict=True):
+        assert repr(dataclasses.replace(together, wall_time_s=0.0)) == repr(dataclasses.replace(alone,
+                                                                                               wall_time_s=0.0))
+
+
+@pytest.mark.parametrize("members, rows, width", [(3, 1, 66002), (2, 2, 50002)])
+def test_glu_gives_each_member_its_bits_alone_on_two_threads(members: int, rows: int, width: int) -> None:
+    """F.glu (nn.GLU) computes a sigmoid inside its own kernel: the same bits anywhere on one thread,
+    but over 32768 elements torch splits it among the threads at other places in the group than
+    alone where a row is that long (measured: 3 and 7 of 99003 elements forward and backward at
+    (3, 33001), benchmarks/stacked_kernels.py --ops glu,glu_backward), so it runs member by member too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(members * rows, width, generator=torch.Generator().manual_seed(0)) * 4
+        x.requires_grad_()
+        weight = torch.linspace(-1, 1, width // 2)
+        with MemberKernelMode(members, rows):
+            folded = F.glu(x)
+        (folded * weight).sum().backward()
+        assert x.grad is not None
+        for g, block in enumerate(x.detach().chunk(members)):
+            own = block.clone().requires_grad_()
+            alone = F.glu(own)
+            (alone * weight).sum().backward()
+            assert torch.equal(folded[g * rows:(g + 1) * rows], alone), g
+            assert torch.equal(x.grad[g * rows:(g + 1) * rows], own.grad), g
+    finally:
+        torch.set_num_threads(previous)
