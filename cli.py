@@ -243,15 +243,6 @@ def _scaling_text(scaling: Any) -> str:
     return f"one scale per channel ({axis}){pow2}"
 
 
-def _describe_field(value: Any) -> str:
-    """A format field as a reader wants it: a format by its spec, a scaling in words."""
-    from dse.formats.base import Scaling
-
-    if isinstance(value, Scaling):
-        return _scaling_text(value)
-    return getattr(value, "spec", None) or str(value)
-
-
 @formats_app.command("show", cls=_Command)
 @user_errors
 def formats_show(
@@ -276,10 +267,9 @@ def formats_show(
     table.add_column("property")
     table.add_column("value")
     rows: dict[str, str] = {"family": fmt.family, "bits": str(fmt.bits)}
-    for field in dataclasses.fields(fmt):  # type: ignore[arg-type]  # every format is a dataclass
-        if field.name not in rows:
-            rows[field.name] = _describe_field(getattr(fmt, field.name))
-    rows.update({"max": _number(fmt.max), "min positive": _number(fmt.min_positive),
+    rows.update(fmt.spec_options())  # the spec's own options, as a spec writes them
+    rows.update({"scaling": _scaling_text(fmt.scaling),
+                 "max": _number(fmt.max), "min positive": _number(fmt.min_positive),
                  "dynamic range (decades)": f"{fmt.dynamic_range_decades:.3f}",
                  "relative precision at 1.0": _number(fmt.relative_precision)})
     if fmt.bits <= 16:

@@ -44,6 +44,9 @@ class GemmLayer:
     needs_input_grad: bool = True
     """False for the first layer: nothing upstream needs the gradient of its input."""
     kind: str = "linear"
+    needs_weight_grad: bool = True
+    """False for a product of two activations whose second one needs no gradient (both come from the
+    model's input): no backward-weight GEMM runs, as torch's autograd skips it."""
 
     def __post_init__(self) -> None:
         for name in ("m", "k", "n", "groups"):
@@ -75,12 +78,13 @@ class GemmLayer:
         """The GEMMs one training step runs for this layer, per sample, as (pass, m, k, n), each done
         `groups` times: forward A [m,k] x B [k,n]; backward_data dA = dOut [m,n] x B^T [n,k] (only
         when the input needs its gradient); backward_weight dB = A^T [k,m] x dOut [m,n] (the weight
-        gradient, summed over the batch; for a product of two activations, the second one's gradient).
-        The energy model costs exactly these (dse.energy.iteration)."""
+        gradient, summed over the batch; for a product of two activations, the second one's gradient,
+        only when it needs one). The energy model costs exactly these (dse.energy.iteration)."""
         gemms = [("forward", self.m, self.k, self.n)]
         if self.needs_input_grad:
             gemms.append(("backward_data", self.m, self.n, self.k))
-        gemms.append(("backward_weight", self.k, self.m, self.n))
+        if self.needs_weight_grad:
+            gemms.append(("backward_weight", self.k, self.m, self.n))
         return tuple(gemms)
 
 
@@ -176,7 +180,7 @@ def unique_names(layers: list[GemmLayer]) -> list[GemmLayer]:
 
 
 def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], samples: int, a_is_weight: bool,
-           b_is_weight: bool, needs_input_grad: bool) -> GemmLayer:
+           b_is_weight: bool, needs_input_grad: bool, needs_weight_grad: bool = True) -> GemmLayer:
     """The per-sample GEMM of a broadcasting matmul of shapes a (..., M, K) and b (..., K, N), run on
     `samples` samples (torch.matmul and ONNX MatMul semantics; a 1-D operand is a vector).
 
@@ -200,7 +204,8 @@ def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], sample
     else:
         groups = max(1, batch // samples)
     return GemmLayer(name, m=m, k=k, n=n, groups=groups, b_is_weight=b_is_weight,
-                     needs_input_grad=needs_input_grad, kind="linear" if b_is_weight else "attention")
+                     needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad or b_is_weight,
+                     kind="linear" if b_is_weight else "attention")
 
 
 def mlp(sizes: list[int]) -> list[GemmLayer]:

@@ -394,6 +394,15 @@ class Scaling:
             out.append(f"block={self.block_size}")
         return out
 
+    def spec_options(self) -> dict[str, str]:
+        """scale=, pow2= and, where the kind uses them, axis= and block=, as a spec writes them."""
+        out = {"scale": self.kind, "pow2": str(int(self.pow2))}
+        if self.kind in ("channel", "block"):
+            out["axis"] = str(self.axis)
+        if self.kind == "block":
+            out["block"] = str(self.block_size)
+        return out
+
 
 def to_blocks(x: Tensor, axis: int, block_size: int) -> tuple[Tensor, tuple[int, ...], int]:
     """Move `axis` last, zero-pad it to a multiple of block_size and split it into blocks."""
@@ -473,6 +482,11 @@ class NumberFormat(ABC):
     @abstractmethod
     def spec(self) -> str:
         """Canonical spec string; `dse.formats.get(fmt.spec) == fmt`."""
+
+    @abstractmethod
+    def spec_options(self) -> dict[str, str]:
+        """Every option of the family's call, defaults included, named and written as a spec writes
+        them: `get(f"{fmt.family}(k=v,...)") == fmt` (what `dse formats show` lists)."""
 
     @abstractmethod
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:

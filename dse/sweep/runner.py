@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,8 @@ from dse.sweep.store import (
     TrialRow,
     load_trials,
     master_weights_text,
+    store_path,
+    store_problem,
     stored_sweep_name,
 )
 from dse.sweep.summary import (
@@ -299,9 +302,13 @@ def open_store(directory: Path) -> SweepStore:
     """The sweep's store in `directory`, created with its folders (after every check has passed)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        return SweepStore(directory)
     except OSError as error:
         raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
+    try:
+        return SweepStore(directory)
+    except sqlite3.Error as error:
+        path = store_path(directory)
+        raise InputError(store_problem(path, error) or f"cannot open {path}: {error}") from None
 
 
 def _store_meta(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], group_notes: list[str]
