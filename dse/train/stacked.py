@@ -488,17 +488,19 @@ def _refresh(layer: nn.Module) -> None:
         layer._init_flat_weights()
 
 
-def _cat_members(outputs: Sequence[Any], rows: int) -> Any:
-    """The members' outputs of a layer run member by member as one folded output: tensors along
-    their first axis; tuples (a recurrent layer's (output, state)) element by element, a tensor
-    whose first axis is not the member's batch of `rows` along its first axis that is (a recurrent
-    state (layers, B, hidden)); the check forward refuses a network where that is not the batch."""
+def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> Any:
+    """The members' outputs of a layer run member by member as one folded output: a tensor along its
+    first axis; a tuple (a recurrent layer's (output, state)) element by element, where a tensor
+    whose first axis is not the member's batch of `rows` goes along its first axis that is (a
+    recurrent state (layers, B, hidden)); the check forward refuses a network where that is wrong."""
     first = outputs[0]
     if isinstance(first, tuple):
-        return tuple(_cat_members([out[i] for out in outputs], rows) for i in range(len(first)))
+        return tuple(_cat_members([out[i] for out in outputs], rows, True) for i in range(len(first)))
     if not isinstance(first, Tensor) or first.dim() == 0:
         return first
-    axis = 0 if first.shape[0] == rows else next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
+    axis = 0
+    if in_tuple and first.shape[0] != rows:
+        axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
     return torch.cat(list(outputs), axis)
 
 
