@@ -5,7 +5,7 @@ handler) and with `MemberKernels` (the mode on top, taken off inside our own lay
 median step time of each and the ratios to no mode.
 
     python benchmarks/member_mode.py                       # G = 4, batch 64, 1 thread
-    python benchmarks/member_mode.py --repeat 5 --steps 30
+    python benchmarks/member_mode.py --repeat 7 --steps 20 --skip transformer
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip", default="", help="networks to leave out, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -94,6 +95,8 @@ def main() -> None:
     print(f"{'network':34} {'no mode ms':>10} {'whole ms':>9} {'hooks ms':>9} {'whole/none':>10} "
           f"{'hooks/none':>10}")
     for model, dataset, spec in CASES:
+        if Path(model).name.split(":")[-1] in args.skip.split(","):
+            continue
         timers = {v: _step_timer(model, dataset, spec, args.members, args.batch, v) for v in VARIANTS}
         times: dict[str, list[float]] = {v: [] for v in timers}
         for _ in range(args.repeat):
