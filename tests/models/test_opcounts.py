@@ -367,3 +367,44 @@ def test_a_trials_memory_column_is_the_state_its_training_holds(trial: dict[str,
                          "energy: {workloads: [proxy]}\n", "s.yaml")
     priced = EnergyEstimator(sweep.energy).estimate(config)["proxy"].memory_mib
     assert priced * 8 * 2**20 == pytest.approx(bits, rel=1e-12)
+
+
+# --- memory traffic: the tensors each GEMM reads and writes ----------------------------------------------
+
+def test_each_gemms_dram_traffic_is_the_size_of_the_tensors_training_moves() -> None:
+    """No counter sees memory traffic: the model's compulsory traffic (each GEMM reads its two operands and
+    writes its output once) against the sizes of the tensors a forward really makes, from module hooks:
+    forward x, w -> y; backward-data dy, w -> dx; backward-weight x, dy -> dw (INT8: 8 bits each)."""
+    from dse.models.trace import trace_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Flatten(), nn.Linear(8 * 5 * 5, 10))
+    x = torch.randn(3, 3, 10, 10)
+    sizes: dict[str, tuple[int, int, int]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            sizes[name] = (args[0].numel(), module.weight.numel(), out.numel())
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    workload = trace_model(model, x[:2], "net", batch_size=3)
+    frame = iteration_energy(workload, "int8", ENERGY, 3)
+    dram = frame[(frame["level"] == "dram") & (frame["pass"] != "update")]
+    priced = dram.groupby(["layer", "pass", "tensor"])["energy_pj"].sum() / ENERGY.dram_pj_per_bit / 8
+    expected: dict[tuple[str, str, str], int] = {}
+    for index, (name, (x_elems, w_elems, y_elems)) in enumerate(sizes.items()):
+        expected[(name, "forward", "activations")] = x_elems + y_elems
+        expected[(name, "forward", "weights")] = w_elems
+        if index:  # the first layer's input needs no gradient
+            expected[(name, "backward_data", "gradients")] = y_elems + x_elems
+            expected[(name, "backward_data", "weights")] = w_elems
+        expected[(name, "backward_weight", "activations")] = x_elems
+        expected[(name, "backward_weight", "gradients")] = y_elems
+        expected[(name, "backward_weight", "weight_grads")] = w_elems
+    assert {key: round(value) for key, value in priced.items()} == expected
