@@ -446,9 +446,11 @@ def _check_output_file(option: str, path: Path | None, makes_folders: bool = Fal
     folder = path.parent
     while makes_folders and not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    # (written atomically: a temporary file in the folder renamed onto the path, so the folder must be
+    # writable; an existing file that is not is refused too, as its owner protected it)
     problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
-               else "permission denied" if not os.access(path if path.exists() else folder, os.W_OK)
-               else None)
+               else "permission denied" if not os.access(folder, os.W_OK | os.X_OK)
+               or (path.exists() and not os.access(path, os.W_OK)) else None)
     if problem is not None:
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
