@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dse.errors import InputError
+from dse.errors import InputError, number_problem
 from dse.usercode import is_ref
 
 
@@ -388,6 +388,9 @@ def llama(blocks: int = 32, width: int = 4096, heads: int | None = None, ffn: in
                     f"sequence {seq}, batch {batch_size}")
 
 
+MAX_LLAMA_BLOCKS = 4096
+"""The most decoder blocks llama(...) builds (published decoders have up to about 130): each block is
+a list of layers, so a mistyped count (blocks=99999999) would fill memory for minutes."""
 _LLAMA_SPEC = re.compile(r"^llama\((?P<args>[^()]*)\)$")
 _LLAMA_KEYS = ("blocks", "width", "heads", "ffn", "kv_heads", "vocab", "seq", "batch_size")
 
@@ -405,6 +408,11 @@ def _llama_from_spec(spec: str) -> Workload | None:
                              f"{', '.join(_LLAMA_KEYS)}")
         if not value.isdigit() or int(value) < 1:
             raise InputError(f"workload {spec!r}: {key} must be a positive integer, got {value!r}")
+        problem = number_problem(int(value))
+        if problem is None and key == "blocks" and int(value) > MAX_LLAMA_BLOCKS:
+            problem = f"must be at most {MAX_LLAMA_BLOCKS} (one layer list per block), got {value}"
+        if problem is not None:
+            raise InputError(f"workload {spec!r}: {key} {problem}")
         settings[key] = int(value)
     return llama(**settings)
 
