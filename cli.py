@@ -446,9 +446,15 @@ def _check_output_file(option: str, path: Path | None, makes_folders: bool = Fal
     folder = path.parent
     while makes_folders and not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    # (written atomically, dse.atomic_write: a temporary file in the folder renamed onto the path, so the
+    # folder must be writable, and an existing file too, as its owner may have protected it; a link,
+    # a device or a FIFO such as /dev/stdout is written in place)
+    from dse.atomic_write import written_in_place
+
+    special = written_in_place(path)
     problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
-               else "permission denied" if not os.access(path if path.exists() else folder, os.W_OK)
-               else None)
+               else "permission denied" if (not special and not os.access(folder, os.W_OK | os.X_OK))
+               or (path.exists() and not os.access(path, os.W_OK)) else None)
     if problem is not None:
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
@@ -509,7 +515,9 @@ def energy(
     memory = summarize(frame[frame["unit"] == "memory"], ["level", "tensor"])
     top = top_layers(frame, layers)
     if csv is not None:
-        frame.to_csv(csv, index=False)
+        from dse.report.files import write_text_atomically
+
+        write_text_atomically(csv, frame.to_csv(index=False))
     if as_json:
         out = {"workload": info["workload"], "batch_size": info["batch_size"], "node_nm": info["node_nm"],
                "scope": info["scope"], "formats": info["formats"], "macs": info["macs"],
@@ -600,7 +608,9 @@ def compare(
     frame = compare_formats(formats, network, model, options.batch_size, optimizer=options.optimizer,
                             rounding=options.rounding, update_rounding=options.update_rounding)
     if csv is not None:
-        frame.to_csv(csv, index=False)
+        from dse.report.files import write_text_atomically
+
+        write_text_atomically(csv, frame.to_csv(index=False))
     if as_json:
         out = {"workload": workload, "node_nm": model.node_nm, "scope": model.scope,
                "rows": frame.to_dict(orient="records")}

@@ -22,6 +22,11 @@ def temporary_files(path: Path) -> list[Path]:
     return list(path.parent.glob(TEMPORARY_NAME.format(name=glob.escape(path.name), token="*")))
 
 
+def written_in_place(path: Path) -> bool:
+    """Whether `write_atomically` writes `path` in place: a symbolic link, a device or a FIFO."""
+    return path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir())
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
 
@@ -29,8 +34,14 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     signal's, dse.sweep.interrupt) removes it: nothing is left half-written. It is created with the
     permissions any new file gets (0666 less the umask), so a file shared in a group folder can be read
     there, as the file written in place would be. An OS refusal (unwritable or non-directory parent, a
-    directory in the way, a full disk) raises its OSError, the temporary file removed.
+    directory in the way, a full disk) raises its OSError, the temporary file removed. A symbolic link
+    or an existing file that is not a regular one (a device, a FIFO: `--csv /dev/stdout`, a link to
+    /proc/self/fd/1) is written in place, through the link: renaming onto it would put a regular file
+    in the link's place (measured: /dev/stdout replaced, as root).
     """
+    if written_in_place(path):
+        write(path)
+        return path
     temporary = path.parent / TEMPORARY_NAME.format(name=path.name, token=secrets.token_hex(8))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,47 @@ def test_an_os_refusal_is_its_oserror_and_a_full_cache_only_costs_regenerating(t
         write_atomically(blocker / "x.npz", lambda temporary: temporary.write_bytes(b""))
     assert save_cached(blocker / "x.npz", {"x": np.zeros(1)}) is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_symbolic_link_is_written_through_and_stays_a_link(tmp_path: Path) -> None:
+    """Renaming onto a link puts a regular file in its place: `--csv /dev/stdout` as root replaced
+    /dev/stdout (a link to /proc/self/fd/1) with a regular file (measured on this code before the fix)."""
+    target = tmp_path / "real.csv"
+    target.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    write_atomically(link, lambda path: path.write_text("new"))
+    assert link.is_symlink() and os.readlink(link) == str(target) and target.read_text() == "new"
+    dangling = tmp_path / "dangling.csv"
+    dangling.symlink_to(tmp_path / "made.csv")
+    write_atomically(dangling, lambda path: path.write_text("made"))
+    assert dangling.is_symlink() and (tmp_path / "made.csv").read_text() == "made"
+
+
+def test_a_fifo_is_written_in_place_for_its_reader(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()))
+    reader.start()
+    write_atomically(fifo, lambda path: path.write_bytes(b"rows\n"))
+    reader.join(timeout=10)
+    assert read == [b"rows\n"] and fifo.is_fifo() and sorted(tmp_path.iterdir()) == [fifo]
+
+
+def test_a_table_onto_a_link_to_a_full_device_is_one_line(tmp_path: Path) -> None:
+    """`dse compare --csv` wrote with pandas directly: a full disk was an OSError traceback."""
+    from typer.testing import CliRunner
+
+    from dse.cli import app
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    link = tmp_path / "full.csv"
+    link.symlink_to("/dev/full")
+    result = CliRunner().invoke(app, ["compare", "int8", "fp32", "--csv", str(link)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: cannot write {link}: No space left on device"
+    assert link.is_symlink() and sorted(tmp_path.iterdir()) == [link]

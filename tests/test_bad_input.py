@@ -359,3 +359,26 @@ def test_train_layers_from_yaml_are_bounded_and_read_as_sweep_files_are(tmp_path
     assert "aliases repeat more than" in line
     rules.write_text("- {match: head, format: fp32, lr: 1e-3}\n- {match: [, format: fp32}\n")
     _one_error_line(runner.invoke(app, ["train", "--layers", str(rules)]), f"{rules}:2: invalid YAML")
+
+
+def test_an_option_given_positionally_and_by_name_says_so_in_spec_words() -> None:
+    """Was Python's own `posit() got multiple values for argument 'es'`."""
+    from dse.formats import get
+
+    with pytest.raises(InputError, match=r"^invalid format spec 'posit\(8,1,es=2\)': option 'es' given "):
+        get("posit(8,1,es=2)")
+
+
+def test_a_llama_workload_with_more_blocks_than_can_be_built_is_refused_at_once() -> None:
+    """`llama(blocks=99999999)` built a layer list per block: still running after 120 s (measured)."""
+    _one_error_line(runner.invoke(app, ["energy", "-w", "llama(blocks=99999999,width=64)", "-f", "int8"]),
+                    "blocks must be at most 4096")
+    _one_error_line(runner.invoke(app, ["energy", "-w", f"llama(blocks=2,width={2**70})", "-f", "int8"]),
+                    "width must fit in 64 bits")
+
+
+def test_the_value_density_of_a_63_bit_format_is_plotted(tmp_path: Path) -> None:
+    """fp(e=10,m=52) has 2^63 codes, past int64: `formats show --plot` was a RuntimeError traceback."""
+    result = runner.invoke(app, ["formats", "show", "fp(e=10,m=52)", "--plot", str(tmp_path / "d.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
