@@ -48,7 +48,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul
 from dse.train import accumulation
-from dse.train.accumulation import Accumulator
+from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.layers import (
     LINEAR_AXES,
     BlockQuantizer,
@@ -342,12 +342,43 @@ def _stack_grads(grads: list[tuple[Tensor | None, Tensor | None]], need_data: bo
     return dx, dw
 
 
+PARALLEL_GRAIN_ELEMENTS = 32768
+"""torch's CPU grain (at::internal::GRAIN_SIZE): an elementwise operation over this many elements or
+more is split among the threads (a parallel region opened per call)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MemberAccumulators(Accumulator):
     """The members' accumulators: `quantize` rounds a stacked tensor per member (leading member
-    axis); `each[g]` is member g's own, for GEMMs run member by member."""
+    axis); `each[g]` is member g's own, for GEMMs run member by member; `runs_of(members)` those of
+    a run of consecutive members.
+
+    A batched GEMM folds over runs of consecutive members (`fold_gemm`), each run's chunk under
+    torch's parallel grain: a fold is a few small operations per chunk (hundreds of chunks per
+    GEMM), and a chunk of the whole group where one member's stays under the grain made every one
+    of them open a parallel region at 2 threads (a transformer group of 2 with an fp8 accumulator
+    at chunk 4 took 4x its members alone) and run 10-15 % slower on one thread (docs/training.md)."""
 
     each: tuple[Accumulator, ...] = ()
+    runs_of: Callable[[slice], Accumulator] | None = None
+
+    def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
+        members = operands[0].shape[0]
+        if self.runs_of is None or members == 1 or length <= self.chunk \
+                or any(operand.shape[0] != members for operand in operands):
+            return super().fold_gemm(partial, operands, length)
+        # a chunk's partial product of the first member, which its run's fold starts from
+        first = partial(*(operand[:1] for operand in operands), 0, self.chunk)
+        run = max(1, (PARALLEL_GRAIN_ELEMENTS - 1) // max(1, first.numel()))
+        if run >= members:
+            return super().fold_gemm(partial, operands, length)
+        folded = []
+        for start in range(0, members, run):
+            part = slice(start, min(start + run, members))
+            own = tuple(operand[part] for operand in operands)
+            seed = first if start == 0 and run == 1 else None
+            folded.append(self.runs_of(part).fold(lambda s, e, own=own: partial(*own, s, e), length, seed))
+        return torch.cat(folded)
 
 
 def _each(accumulator: Accumulator) -> tuple[Accumulator, ...]:
@@ -361,7 +392,12 @@ def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | 
         return None
     members = [] if generators is None else generators.generators
     each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
-    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each)
+
+    def runs_of(part: slice) -> Accumulator:
+        run = None if generators is None else MemberGenerators(generators.generators[part])
+        return Accumulator(lambda x: quant.members(x, run), chunk)
+
+    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each, runs_of)
 
 
 
