@@ -375,9 +375,9 @@ class MemberAccumulators(Accumulator):
         folded = []
         for start in range(0, members, run):
             part = slice(start, min(start + run, members))
-            own = tuple(operand[part] for operand in operands)
+            own = functools.partial(partial, *(operand[part] for operand in operands))
             seed = first if start == 0 and run == 1 else None
-            folded.append(self.runs_of(part).fold(lambda s, e, own=own: partial(*own, s, e), length, seed))
+            folded.append(self.runs_of(part).fold(own, length, seed))
         return torch.cat(folded)
 
 

@@ -68,9 +68,10 @@ def _operation_sizes(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, lis
     class Sizes(TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and not func._schema.name.startswith(("aten::slice", "aten::view",
-                                                                                 "aten::unsqueeze")):
-                seen.append((func._schema.name, out.numel()))
+            name = func._schema.name
+            views = ("aten::slice", "aten::view", "aten::unsqueeze")
+            if isinstance(out, torch.Tensor) and not name.startswith(views):
+                seen.append((name, out.numel()))
             return out
 
     with Sizes():
