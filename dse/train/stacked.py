@@ -353,32 +353,38 @@ class MemberAccumulators(Accumulator):
     axis); `each[g]` is member g's own, for GEMMs run member by member; `runs_of(members)` those of
     a run of consecutive members.
 
-    A batched GEMM folds over runs of consecutive members (`fold_gemm`), each run's chunk under
-    torch's parallel grain: a fold is a few small operations per chunk (hundreds of chunks per
-    GEMM), and a chunk of the whole group where one member's stays under the grain made every one
-    of them open a parallel region at 2 threads (a transformer group of 2 with an fp8 accumulator
-    at chunk 4 took 4x its members alone) and run 10-15 % slower on one thread (docs/training.md)."""
+    On several threads a batched GEMM folds over runs of consecutive members whose chunk stays under
+    torch's parallel grain (`fold_gemm`), a run of one as the member alone: a fold is a few small
+    operations per chunk (hundreds of chunks per GEMM), and a chunk of the whole group over the grain
+    where a member's is under it made every one of them open a parallel region (the transformer's
+    FFN weight gradient at 2 threads: 14-25x the CPU time of its two members' folds alone,
+    docs/training.md). On one thread nothing is split, and the group's chunk is the cheaper
+    (0.74-0.82x the members' folds alone). Either way every member's chunks are the same matmuls over
+    the same reduction indices, rounded by its own accumulator: the results do not depend on it."""
 
     each: tuple[Accumulator, ...] = ()
     runs_of: Callable[[slice], Accumulator] | None = None
 
     def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
         members = operands[0].shape[0]
-        if self.runs_of is None or members == 1 or length <= self.chunk \
+        if self.runs_of is None or members == 1 or length <= self.chunk or torch.get_num_threads() == 1 \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
-        # a chunk's partial product of the first member, which its run's fold starts from
-        first = partial(*(operand[:1] for operand in operands), 0, self.chunk)
+        # member 0's first chunk alone, which its fold starts from where members fold one by one
+        first = partial(*(operand[0] for operand in operands), 0, self.chunk)
         run = max(1, (PARALLEL_GRAIN_ELEMENTS - 1) // max(1, first.numel()))
         if run >= members:
             return super().fold_gemm(partial, operands, length)
-        folded = []
-        for start in range(0, members, run):
-            part = slice(start, min(start + run, members))
-            own = functools.partial(partial, *(operand[part] for operand in operands))
-            seed = first if start == 0 and run == 1 else None
-            folded.append(self.runs_of(part).fold(own, length, seed))
-        return torch.cat(folded)
+        if run == 1:
+            return torch.stack([self._fold_run(slice(g, g + 1), partial, tuple(o[g] for o in operands),
+                                               length, first if g == 0 else None) for g in range(members)])
+        return torch.cat([self._fold_run(part, partial, tuple(o[part] for o in operands), length)
+                          for part in (slice(start, start + run) for start in range(0, members, run))])
+
+    def _fold_run(self, part: slice, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
+                  first: Tensor | None = None) -> Tensor:
+        assert self.runs_of is not None
+        return self.runs_of(part).fold(functools.partial(partial, *operands), length, first)
 
 
 def _each(accumulator: Accumulator) -> tuple[Accumulator, ...]:
@@ -394,6 +400,10 @@ def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | 
     each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
 
     def runs_of(part: slice) -> Accumulator:
+        """Members `part`'s accumulators; one member's rounds as it does alone (no member axis)."""
+        if part.stop - part.start == 1:
+            return Accumulator(functools.partial(quant, generator=None if generators is None
+                                                 else generators.generators[part.start]), chunk)
         run = None if generators is None else MemberGenerators(generators.generators[part])
         return Accumulator(lambda x: quant.members(x, run), chunk)
 
