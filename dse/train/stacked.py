@@ -353,21 +353,22 @@ class MemberAccumulators(Accumulator):
     axis); `each[g]` is member g's own, for GEMMs run member by member; `runs_of(members)` those of
     a run of consecutive members.
 
-    On several threads a batched GEMM folds over runs of consecutive members whose chunk stays under
-    torch's parallel grain (`fold_gemm`), a run of one as the member alone: a fold is a few small
-    operations per chunk (hundreds of chunks per GEMM), and a chunk of the whole group over the grain
-    where a member's is under it made every one of them open a parallel region (the transformer's
-    FFN weight gradient at 2 threads: 14-25x the CPU time of its two members' folds alone,
-    docs/training.md). On one thread nothing is split, and the group's chunk is the cheaper
-    (0.74-0.82x the members' folds alone). Either way every member's chunks are the same matmuls over
-    the same reduction indices, rounded by its own accumulator: the results do not depend on it."""
+    A batched GEMM folds over runs of consecutive members whose chunk stays under torch's parallel
+    grain (`fold_gemm`), a run of one as the member alone: a fold is a few small operations per chunk
+    (hundreds of chunks per GEMM), and a chunk of the whole group over the grain where a member's is
+    under it made every one of them open a parallel region on several threads (the transformer's FFN
+    weight gradient at 2 threads: 2.6-7x the CPU time of its members' folds alone), and on one thread
+    a transformer group member trained at 0.78-0.80x of alone against 0.90x in runs (the larger
+    chunks leave the cache; docs/training.md). Either way every member's chunks are the same matmuls
+    over the same reduction indices, rounded by its own accumulator: the results do not depend on it.
+    """
 
     each: tuple[Accumulator, ...] = ()
     runs_of: Callable[[slice], Accumulator] | None = None
 
     def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
         members = operands[0].shape[0]
-        if self.runs_of is None or members == 1 or length <= self.chunk or torch.get_num_threads() == 1 \
+        if self.runs_of is None or members == 1 or length <= self.chunk \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
         # member 0's first chunk alone, which its fold starts from where members fold one by one

@@ -90,9 +90,8 @@ def test_a_grouped_fold_keeps_each_operation_under_torchs_parallel_grain_and_equ
     """A fold is hundreds of small operations per GEMM (a chunk's matmul, the accumulator's rounding, the
     add); a group's chunk over torch's grain (32768 elements) where a member's is under it opened a
     parallel region in each of them (a transformer group of 2 at 2 threads took 4x its members alone).
-    On several threads the stacked fold runs over consecutive members whose chunk stays under the grain,
-    and where the whole group's does, or on one thread, once for the group; every member's result is
-    its fold alone, bit for bit."""
+    The stacked fold runs over consecutive members whose chunk stays under the grain, and where the whole
+    group's does, once for the group; every member's result is its fold alone, bit for bit."""
     from dse.formats import get
     from dse.train import accumulation
     from dse.train.policy import TensorQuant
@@ -116,7 +115,7 @@ def test_a_grouped_fold_keeps_each_operation_under_torchs_parallel_grain_and_equ
     assert torch.equal(folded, torch.stack(alone))
     one_member = features[0] * features[1]
     fold_sizes = [size for name, size in sizes if name not in ("aten::cat", "aten::stack")]
-    if threads == 1 or one_member * members < TORCH_GRAIN_ELEMENTS:  # nothing to split on one thread
+    if one_member * members < TORCH_GRAIN_ELEMENTS:
         assert max(fold_sizes) == one_member * members  # the group's chunk at once: dispatch shared
     else:
         assert max(fold_sizes) < TORCH_GRAIN_ELEMENTS
