@@ -243,15 +243,6 @@ def _scaling_text(scaling: Any) -> str:
     return f"one scale per channel ({axis}){pow2}"
 
 
-def _describe_field(value: Any) -> str:
-    """A format field as a reader wants it: a format by its spec, a scaling in words."""
-    from dse.formats.base import Scaling
-
-    if isinstance(value, Scaling):
-        return _scaling_text(value)
-    return getattr(value, "spec", None) or str(value)
-
-
 @formats_app.command("show", cls=_Command)
 @user_errors
 def formats_show(
@@ -276,10 +267,9 @@ def formats_show(
     table.add_column("property")
     table.add_column("value")
     rows: dict[str, str] = {"family": fmt.family, "bits": str(fmt.bits)}
-    for field in dataclasses.fields(fmt):  # type: ignore[arg-type]  # every format is a dataclass
-        if field.name not in rows:
-            rows[field.name] = _describe_field(getattr(fmt, field.name))
-    rows.update({"max": _number(fmt.max), "min positive": _number(fmt.min_positive),
+    rows.update(fmt.spec_options())  # the spec's own options, as a spec writes them
+    rows.update({"scaling": _scaling_text(fmt.scaling),
+                 "max": _number(fmt.max), "min positive": _number(fmt.min_positive),
                  "dynamic range (decades)": f"{fmt.dynamic_range_decades:.3f}",
                  "relative precision at 1.0": _number(fmt.relative_precision)})
     if fmt.bits <= 16:
@@ -456,9 +446,15 @@ def _check_output_file(option: str, path: Path | None, makes_folders: bool = Fal
     folder = path.parent
     while makes_folders and not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    # (written atomically, dse.atomic_write: a temporary file in the folder renamed onto the path, so the
+    # folder must be writable, and an existing file too, as its owner may have protected it; a link,
+    # a device or a FIFO such as /dev/stdout is written in place)
+    from dse.atomic_write import written_in_place
+
+    special = written_in_place(path)
     problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
-               else "permission denied" if not os.access(path if path.exists() else folder, os.W_OK)
-               else None)
+               else "permission denied" if (not special and not os.access(folder, os.W_OK | os.X_OK))
+               or (path.exists() and not os.access(path, os.W_OK)) else None)
     if problem is not None:
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
@@ -519,7 +515,9 @@ def energy(
     memory = summarize(frame[frame["unit"] == "memory"], ["level", "tensor"])
     top = top_layers(frame, layers)
     if csv is not None:
-        frame.to_csv(csv, index=False)
+        from dse.report.files import write_text_atomically
+
+        write_text_atomically(csv, frame.to_csv(index=False))
     if as_json:
         out = {"workload": info["workload"], "batch_size": info["batch_size"], "node_nm": info["node_nm"],
                "scope": info["scope"], "formats": info["formats"], "macs": info["macs"],
@@ -610,7 +608,9 @@ def compare(
     frame = compare_formats(formats, network, model, options.batch_size, optimizer=options.optimizer,
                             rounding=options.rounding, update_rounding=options.update_rounding)
     if csv is not None:
-        frame.to_csv(csv, index=False)
+        from dse.report.files import write_text_atomically
+
+        write_text_atomically(csv, frame.to_csv(index=False))
     if as_json:
         out = {"workload": workload, "node_nm": model.node_nm, "scope": model.scope,
                "rows": frame.to_dict(orient="records")}

@@ -81,6 +81,18 @@ OPS: dict[str, tuple[Op, Callable[[torch.Tensor], torch.Tensor]]] = {
     "softmax_rows": (lambda x: torch.softmax(x, dim=-1), lambda x: x * 4),
     "log_softmax_rows": (lambda x: F.log_softmax(x, dim=-1), lambda x: x * 4),
     "softmax_backward": (_grad(lambda x: torch.softmax(x, dim=-1)), lambda x: x * 4),
+    # kernels that compute an activation or a reduction inside (measured for users' networks)
+    "glu": (lambda x: F.glu(torch.cat([x, x.flip(-1)], -1)), lambda x: x * 4),
+    "glu_backward": (_grad(lambda x: F.glu(torch.cat([x, x.flip(-1)], -1))), lambda x: x * 4),
+    "logsigmoid_backward": (_grad(F.logsigmoid), lambda x: x * 4),
+    "hardsigmoid": (F.hardsigmoid, lambda x: x * 4),
+    "hardswish_backward": (_grad(F.hardswish), lambda x: x * 4),
+    "softsign": (F.softsign, lambda x: x * 4),
+    "layer_norm_rows": (lambda x: F.layer_norm(x, x.shape[-1:]), lambda x: x * 4),
+    "layer_norm_backward": (_grad(lambda x: F.layer_norm(x, x.shape[-1:])), lambda x: x * 4),
+    "rms_norm_rows": (lambda x: F.rms_norm(x, x.shape[-1:]), lambda x: x * 4),
+    "normalize_rows": (lambda x: F.normalize(x, dim=-1), lambda x: x * 4),
+    "logsumexp_rows": (lambda x: torch.logsumexp(x, -1), lambda x: x * 4),
 }
 
 SHAPES = [(4, 37), (8, 1000), (8, 4099), (3, 33001)]
@@ -178,7 +190,7 @@ def main() -> None:
     print(f"{'op':22} {'dtype':8} {'threads':7} {'shape':16} {'differ':>8} / elements")
     for name in args.ops.split(","):
         op, transform = OPS[name]
-        shapes = ROW_SHAPES if "softmax" in name else SHAPES
+        shapes = ROW_SHAPES if "softmax" in name or "rows" in name else SHAPES
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             for threads in (int(t) for t in args.threads.split(",")):

@@ -234,18 +234,19 @@ def layer_rules(value: Any, where: str = "") -> tuple[LayerRule, ...]:
 
 def read_layer_rules(text: str) -> tuple[LayerRule, ...]:
     """`dse train --layers`: rules as YAML/JSON text, or the path of a YAML/JSON file holding them."""
-    import yaml
+    from dse.yaml_lines import load_yaml
 
     path = Path(text)
     source = "--layers"
     if not text.lstrip().startswith(("[", "{", "-")) and path.suffix.lower() in (".yaml", ".yml", ".json"):
         if not path.is_file():
             raise InputError(f"--layers: no such file {text!r}")
-        text, source = path.read_text(encoding="utf-8"), str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise InputError(f"{source}: not YAML/JSON: {str(error).splitlines()[0]}") from None
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"--layers: cannot read {text!r}: {getattr(error, 'strerror', None) or error}"
+                             ) from None
+    data, _ = load_yaml(text, source)
     if isinstance(data, Mapping) and "layers" in data:
         data = data["layers"]
     return layer_rules(data, source)

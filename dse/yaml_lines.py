@@ -17,8 +17,26 @@ from dse.errors import InputError, number_problem
 Path_ = tuple[str | int, ...]
 
 
+ALIAS_EXPANSION_LIMIT = 100_000
+"""How many values aliases may repeat in one document. An alias repeats its anchor's values, so
+aliases of aliases multiply (ten lists of ten aliases each: 10^10 values from a few lines, the
+"billion laughs"), and a walk of the document (its line map, its validation) would never end."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`, which trips people up)."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`, which trips people up), and
+    keeps the line of every alias (the composer puts the anchored node itself in its place)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.alias_lines: dict[tuple[int, int], int] = {}
+        """(id of the parent node, index of the item or id of the key node) -> line of the alias there."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            where = index if isinstance(index, int) else id(index)
+            self.alias_lines[(id(parent), where)] = self.peek_event().start_mark.line + 1
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -80,13 +98,33 @@ class SourceMap:
         return InputError(f"{self.file}:{self.line(path)}: {dotted(path)}: {message}")
 
 
-def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str,
-          within: frozenset[int] = frozenset()) -> None:
+@dataclass
+class _Walk:
+    """One walk of a document: its source, its aliases' lines, the nodes walked and the repeats left."""
+
+    source: str
+    alias_lines: dict[tuple[int, int], int]
+    walked: set[int] = field(default_factory=set)
+    repeats_left: int = ALIAS_EXPANSION_LIMIT
+
+
+def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], walk: _Walk,
+          within: frozenset[int] = frozenset(), alias: Path_ | None = None) -> None:
     """Record the line of every key and item below `node`; `within`: the ids of the nodes it is inside,
-    so an alias to one of them (a document that contains itself) is an error, not endless recursion."""
+    so an alias to one of them (a document that contains itself) is an error, not endless recursion;
+    `alias`: the path of the outermost alias `node` is inside, where a walk that repeats more than
+    ALIAS_EXPANSION_LIMIT values stops with an error."""
     if id(node) in within:
-        raise InputError(f"{source}:{lines.get(path, node.start_mark.line + 1)}: {dotted(path)}: an alias "
-                         "inside its own anchor would repeat it forever")
+        raise InputError(f"{walk.source}:{lines.get(path, node.start_mark.line + 1)}: {dotted(path)}: an "
+                         "alias inside its own anchor would repeat it forever")
+    if id(node) in walk.walked:
+        walk.repeats_left -= 1
+        if walk.repeats_left < 0:
+            where = alias if alias is not None else path
+            raise InputError(f"{walk.source}:{lines.get(where, node.start_mark.line + 1)}: {dotted(where)}: "
+                             f"aliases repeat more than {ALIAS_EXPANSION_LIMIT} values (aliases of aliases "
+                             "multiply); write the values out or use fewer levels of aliases")
+    walk.walked.add(id(node))
     within = within | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
@@ -94,15 +132,20 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], source: str,
             key = key_node.value
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise InputError(f"{source}:{line}: {dotted((*path, key))}: duplicate key (first on line "
-                                 f"{seen[key]})")
+                raise InputError(f"{walk.source}:{line}: {dotted((*path, key))}: duplicate key (first on "
+                                 f"line {seen[key]})")
             seen[key] = line
-            lines[path + (key,)] = line  # (not lines[(*path, key)]: mypy reads it as 3.11 syntax)
-            _walk(value_node, (*path, key), lines, source, within)
+            child = path + (key,)  # (not (*path, key): mypy reads it as 3.11 syntax)
+            lines[child] = line
+            is_alias = (id(node), id(key_node)) in walk.alias_lines
+            aliased = child if alias is None and is_alias else alias
+            _walk(value_node, child, lines, walk, within, aliased)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            lines[path + (index,)] = item.start_mark.line + 1
-            _walk(item, (*path, index), lines, source, within)
+            child = path + (index,)
+            lines[child] = walk.alias_lines.get((id(node), index), item.start_mark.line + 1)
+            aliased = child if alias is None and (id(node), index) in walk.alias_lines else alias
+            _walk(item, child, lines, walk, within, aliased)
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
@@ -114,7 +157,7 @@ def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
             if node is None:
                 return None, SourceMap(source)
             lines: dict[Path_, int] = {(): node.start_mark.line + 1}
-            _walk(node, (), lines, source)
+            _walk(node, (), lines, _Walk(source, loader.alias_lines))
             data = loader.construct_document(node)
         finally:
             loader.dispose()

@@ -40,20 +40,20 @@ def _node_name(node: Any, index: int) -> str:
     return ".".join(parts) or f"{node.op_type.lower()}{index}"
 
 
-def _fix_batch(model: Any) -> int:
-    """Every open dimension of a graph input becomes 1 (the batch, or a length the file leaves open);
-    returns the samples the graph then runs on: the first input's leading dimension (a file exported
-    with a fixed batch keeps it, and shapes are divided by it)."""
+def _fix_batch(model: Any, batch: int = 1) -> int:
+    """Every open dimension of a graph input becomes 1 (a length the file leaves open), or `batch` where
+    it leads (the batch); returns the samples the graph then runs on: the first input's leading
+    dimension (a file exported with a fixed batch keeps it, and shapes are divided by it)."""
     initializers = {init.name for init in model.graph.initializer}
     samples = 0
     for value in model.graph.input:
         if value.name in initializers:
             continue
         dims = value.type.tensor_type.shape.dim
-        for dim in dims:
+        for index, dim in enumerate(dims):
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 dim.ClearField("dim_param")
-                dim.dim_value = 1
+                dim.dim_value = batch if index == 0 and len(dims) >= 2 else 1
         if not samples:
             samples = dims[0].dim_value if len(dims) >= 2 else 1
     return max(samples, 1)
@@ -94,6 +94,24 @@ def _shapes(onnx: Any, model: Any, needed: set[str]) -> dict[str, tuple[int, ...
     return shapes
 
 
+def _check_batch_follows(onnx: Any, doubled: Any, gemms: list[Any], from_input: set[str],
+                         shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """With the open batch at 2 instead of 1, every GEMM on the input must do twice the work; a graph that
+    fixes the batch inside (a Reshape to a constant, as torch.onnx.export writes `len(x)` or
+    `x.reshape(2, ...)`) would otherwise be priced per sample at the export's batch times too much."""
+    outputs = {node.output[0] for node in gemms if any(name in from_input for name in node.input)}
+    try:
+        twice = _shapes(onnx, doubled, outputs)
+    except InputError:
+        twice = {}
+    fixed = sorted(name for name in outputs
+                   if math.prod(twice.get(name, ())) != 2 * math.prod(shapes[name]))
+    if fixed:
+        raise InputError(f"{where}: the batch axis is open but {fixed[0]!r} does not follow it (the graph "
+                         "fixes the batch, e.g. a Reshape exported from len(x)); export it without "
+                         "dynamic axes, at the batch it was traced with")
+
+
 def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
     """The GEMMs of the ONNX graph at `path`, per sample, in graph order."""
     onnx = _onnx()
@@ -105,6 +123,8 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         model = onnx.load(str(path))
     except Exception as error:
         raise InputError(f"{where}: not a readable ONNX model ({type(error).__name__})") from None
+    open_batch = onnx.ModelProto()
+    open_batch.CopyFrom(model)
     samples = _fix_batch(model)
     graph = model.graph
     tensor = onnx.TensorProto
@@ -137,6 +157,8 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         shapes = _shapes(onnx, model, needed)
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
+    if _fix_batch(open_batch, 2) != samples:
+        _check_batch_follows(onnx, open_batch, gemms, from_input, shapes, where)
     layers: list[GemmLayer] = []
     owned: set[str] = set()
     gemm_outputs: set[str] = set()
@@ -155,12 +177,15 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         name = layer_name_of(named) if named else _node_name(node, index)
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         grad = (a in carries_grad and not a_weight) or (b in carries_grad and not b_weight)
+        b_grad = True
+        if not a_weight and not b_weight:  # two activations: each gradient only where needed
+            grad, b_grad = a in carries_grad, b in carries_grad
         a_shape, b_shape, out_shape = shapes[a], shapes[b], shapes[node.output[0]]
         if node.op_type in ("MatMul", "Gemm"):
             if node.op_type == "Gemm":
                 a_shape = a_shape[::-1] if attrs.get("transA") else a_shape
                 b_shape = b_shape[::-1] if attrs.get("transB") else b_shape
-            layer = matmul(name, a_shape, b_shape, samples, a_weight, b_weight, grad)
+            layer = matmul(name, a_shape, b_shape, samples, a_weight, b_weight, grad, b_grad)
         else:
             groups = int(attrs.get("group", 1))
             kernel = math.prod(b_shape[2:])

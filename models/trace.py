@@ -130,8 +130,11 @@ class _Recorder(TorchDispatchMode):
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
             a_weight, b_weight = self._param(a), self._param(b)
             grad = (a.requires_grad and a_weight is None) or (b.requires_grad and b_weight is None)
+            b_grad = True
+            if a_weight is None and b_weight is None:  # two activations: each gradient only where needed
+                grad, b_grad = a.requires_grad, b.requires_grad
             layer = matmul("", tuple(a.shape), tuple(b.shape), self.samples, a_weight is not None,
-                           b_weight is not None, grad)
+                           b_weight is not None, grad, b_grad)
             self._record(layer, b_weight or a_weight, "matmul")
         elif packet is aten.convolution:
             self._convolution(args, out)
@@ -140,12 +143,14 @@ class _Recorder(TorchDispatchMode):
         elif func in _FUSED_ATTENTION or packet in _FUSED_ATTENTION:
             q, k, v = args[:3]
             groups = max(1, math.prod(q.shape[:-2]) // self.samples)
-            grad = q.requires_grad or k.requires_grad or v.requires_grad
-            shared: dict[str, Any] = {"groups": groups, "b_is_weight": False, "needs_input_grad": grad,
-                                      "kind": "attention"}
-            self._record(GemmLayer("", m=q.shape[-2], k=q.shape[-1], n=k.shape[-2], **shared), None, "scores")
-            self._record(GemmLayer("", m=q.shape[-2], k=k.shape[-2], n=v.shape[-1], **shared), None,
-                         "context")
+            shared: dict[str, Any] = {"groups": groups, "b_is_weight": False, "kind": "attention"}
+            scores = q.requires_grad or k.requires_grad  # softmax(q k^T) needs a gradient
+            self._record(GemmLayer("", m=q.shape[-2], k=q.shape[-1], n=k.shape[-2], **shared,
+                                   needs_input_grad=q.requires_grad, needs_weight_grad=k.requires_grad),
+                         None, "scores")
+            self._record(GemmLayer("", m=q.shape[-2], k=k.shape[-2], n=v.shape[-1], **shared,
+                                   needs_input_grad=scores, needs_weight_grad=v.requires_grad),
+                         None, "context")
         return out
 
     def _convolution(self, args: tuple[Any, ...], out: Tensor) -> None:

@@ -13,10 +13,12 @@ models.workloads.GemmLayer:
       - {name: fc, m: 1, k: 512, n: 1000}
 
 A YAML file may also be the bare list of layers. A CSV file has a header row naming the layer fields
-(`name,m,k,n` required; `groups,kind,input_elems,weight,needs_input_grad` optional, an empty cell
-takes the default). `weight: false` marks an activation x activation product (attention); `kind`
+(`name,m,k,n` required; `groups,kind,input_elems,weight,needs_input_grad,needs_weight_grad` optional,
+an empty cell takes the default). `weight: false` marks an activation x activation product (attention); `kind`
 defaults to linear for weight GEMMs and attention otherwise; `needs_input_grad` defaults to false for
-the first layer (nothing upstream needs its input gradient) and true for the others.
+the first layer (nothing upstream needs its input gradient) and true for the others;
+`needs_weight_grad: false` drops the backward-weight GEMM (a product of two activations of which the
+second needs no gradient).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class _Layer(BaseModel):
     input_elems: int | None = Field(None, ge=1)
     weight: bool = True
     needs_input_grad: bool | None = None
+    needs_weight_grad: bool = True
 
 
 class _File(BaseModel):
@@ -70,7 +73,7 @@ def _workload(spec: _File, default_name: str, where: str) -> Workload:
         kind = layer.kind or ("linear" if layer.weight else "attention")
         grad = layer.needs_input_grad if layer.needs_input_grad is not None else index > 0
         layers.append(GemmLayer(layer.name, layer.m, layer.k, layer.n, layer.groups, layer.input_elems,
-                                layer.weight, grad, kind))
+                                layer.weight, grad, kind, layer.needs_weight_grad))
     return Workload(spec.name or default_name, tuple(layers), batch_size=spec.batch_size,
                     optimizer=spec.optimizer, extra_params=dict(spec.extra_params),
                     description=f"layer shapes from {where}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dse.errors import InputError
+from dse.errors import InputError, number_problem
 from dse.usercode import is_ref
 
 
@@ -44,6 +44,9 @@ class GemmLayer:
     needs_input_grad: bool = True
     """False for the first layer: nothing upstream needs the gradient of its input."""
     kind: str = "linear"
+    needs_weight_grad: bool = True
+    """False for a product of two activations whose second one needs no gradient (both come from the
+    model's input): no backward-weight GEMM runs, as torch's autograd skips it."""
 
     def __post_init__(self) -> None:
         for name in ("m", "k", "n", "groups"):
@@ -75,12 +78,13 @@ class GemmLayer:
         """The GEMMs one training step runs for this layer, per sample, as (pass, m, k, n), each done
         `groups` times: forward A [m,k] x B [k,n]; backward_data dA = dOut [m,n] x B^T [n,k] (only
         when the input needs its gradient); backward_weight dB = A^T [k,m] x dOut [m,n] (the weight
-        gradient, summed over the batch; for a product of two activations, the second one's gradient).
-        The energy model costs exactly these (dse.energy.iteration)."""
+        gradient, summed over the batch; for a product of two activations, the second one's gradient,
+        only when it needs one). The energy model costs exactly these (dse.energy.iteration)."""
         gemms = [("forward", self.m, self.k, self.n)]
         if self.needs_input_grad:
             gemms.append(("backward_data", self.m, self.n, self.k))
-        gemms.append(("backward_weight", self.k, self.m, self.n))
+        if self.needs_weight_grad:
+            gemms.append(("backward_weight", self.k, self.m, self.n))
         return tuple(gemms)
 
 
@@ -176,7 +180,7 @@ def unique_names(layers: list[GemmLayer]) -> list[GemmLayer]:
 
 
 def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], samples: int, a_is_weight: bool,
-           b_is_weight: bool, needs_input_grad: bool) -> GemmLayer:
+           b_is_weight: bool, needs_input_grad: bool, needs_weight_grad: bool = True) -> GemmLayer:
     """The per-sample GEMM of a broadcasting matmul of shapes a (..., M, K) and b (..., K, N), run on
     `samples` samples (torch.matmul and ONNX MatMul semantics; a 1-D operand is a vector).
 
@@ -200,7 +204,8 @@ def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], sample
     else:
         groups = max(1, batch // samples)
     return GemmLayer(name, m=m, k=k, n=n, groups=groups, b_is_weight=b_is_weight,
-                     needs_input_grad=needs_input_grad, kind="linear" if b_is_weight else "attention")
+                     needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad or b_is_weight,
+                     kind="linear" if b_is_weight else "attention")
 
 
 def mlp(sizes: list[int]) -> list[GemmLayer]:
@@ -366,6 +371,9 @@ def llama(blocks: int = 32, width: int = 4096, heads: int | None = None, ffn: in
                     f"sequence {seq}, batch {batch_size}")
 
 
+MAX_LLAMA_BLOCKS = 4096
+"""The most decoder blocks llama(...) builds (published decoders have up to about 130): each block is
+a list of layers, so a mistyped count (blocks=99999999) would fill memory for minutes."""
 _LLAMA_SPEC = re.compile(r"^llama\((?P<args>[^()]*)\)$")
 _LLAMA_KEYS = ("blocks", "width", "heads", "ffn", "kv_heads", "vocab", "seq", "batch_size")
 
@@ -383,6 +391,11 @@ def _llama_from_spec(spec: str) -> Workload | None:
                              f"{', '.join(_LLAMA_KEYS)}")
         if not value.isdigit() or int(value) < 1:
             raise InputError(f"workload {spec!r}: {key} must be a positive integer, got {value!r}")
+        problem = number_problem(int(value))
+        if problem is None and key == "blocks" and int(value) > MAX_LLAMA_BLOCKS:
+            problem = f"must be at most {MAX_LLAMA_BLOCKS} (one layer list per block), got {value}"
+        if problem is not None:
+            raise InputError(f"workload {spec!r}: {key} {problem}")
         settings[key] = int(value)
     return llama(**settings)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -243,3 +244,141 @@ def test_a_data_dir_for_a_dataset_that_reads_no_files_is_refused(tmp_path: Path)
 def test_a_seed_is_at_least_zero_in_train_as_in_a_sweep_file() -> None:
     with pytest.raises(InputError, match="seed must be >= 0"):
         TrainConfig(seed=-1)
+
+
+_HOLD_LOCK = """\
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1])
+connection.execute("PRAGMA locking_mode=EXCLUSIVE")
+connection.execute("BEGIN EXCLUSIVE")
+connection.execute("INSERT OR REPLACE INTO meta VALUES ('held', 'by another process')")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_store_locked_by_another_process_is_one_line_saying_so_and_nothing_is_lost(
+        fake_train: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store another process holds a write lock on was a traceback (sqlite3.OperationalError: database
+    is locked) after 60 s; its reading, where the lock let it read nothing, said to remove the store."""
+    from dse.sweep import store
+
+    out = tmp_path / "out"
+    _stored_sweep(fake_train, out)
+    path = out / STORE_FILE
+    before = load_trials(out)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_S", 0.2)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        config = tmp_path / "s.yaml"
+        config.write_text(f"name: n\ntask: {{model: mlp, dataset: digits}}\n"
+                          f"trials: [{{format: fp32}}, {{format: int8}}]\noutput: {out}\n")
+        line = _one_error_line(runner.invoke(app, ["sweep", str(config), "--force"]), str(path))
+        assert "locked by another process" in line and "remove" not in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not [p.name for p in out.iterdir() if not p.name.startswith(STORE_FILE)]  # no report written
+    pd.testing.assert_frame_equal(load_trials(out), before)
+
+
+def test_a_store_a_sweep_was_stopped_in_before_its_plan_is_used_not_refused(
+        fake_train: Callable[..., Any], tmp_path: Path) -> None:
+    """A sweep stopped between creating its store and writing its plan leaves empty tables: the next run
+    said the store was not a dse store and to remove it."""
+    from dse.sweep.store import SweepStore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    SweepStore(out).close()
+    _stored_sweep(fake_train, out)
+    assert len(load_trials(out)) == 2
+
+
+@pytest.mark.parametrize("statement", ["CREATE TABLE notes (text TEXT)", "CREATE TABLE meta (key, value)"])
+def test_another_sqlite_file_in_place_of_the_store_is_named_and_kept(
+        statement: str, fake_train: Callable[..., Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with sqlite3.connect(out / STORE_FILE) as connection:
+        connection.execute(statement)
+    connection.close()
+    kept = (out / STORE_FILE).read_bytes()
+    config = tmp_path / "s.yaml"
+    config.write_text(f"name: n\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}]\n"
+                      f"output: {out}\n")
+    line = _one_error_line(runner.invoke(app, ["sweep", str(config)]),
+                           f"{out / STORE_FILE} is not a dse sweep store")
+    assert "remove" not in line and "output" in line
+    line = _one_error_line(runner.invoke(app, ["report", str(out)]), str(out / STORE_FILE))
+    assert "remove" not in line
+    assert [p.name for p in out.iterdir()] == [STORE_FILE] and (out / STORE_FILE).read_bytes() == kept
+
+
+def _laughs(levels: int, key: str = "x") -> str:
+    """YAML whose aliases multiply: level k is ten aliases of level k - 1, so 10^levels values."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, levels)]
+    return "\n".join(lines) + f"\n{key}: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["--dry-run", "run"])
+def test_aliases_that_multiply_are_one_line_at_the_file_and_line_not_a_hang(dry_run: bool,
+                                                                             tmp_path: Path) -> None:
+    """A 'billion laughs' sweep file (10^9 values from 12 lines) was walked in full: dse sweep hung
+    (measured: still walking after 60 s, memory growing) and would have exhausted memory."""
+    config = tmp_path / "s.yaml"
+    config.write_text(_laughs(9, "name") + "task: {model: mlp, dataset: digits}\ntrials: [{format: fp32}]\n")
+    args = [sys.executable, "cli.py", "sweep", str(config), *(["--dry-run"] if dry_run else [])]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {config}:") and "aliases repeat more than 100000 values" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_aliases_up_to_the_bound_read_in_full_and_their_errors_name_the_alias_line() -> None:
+    from dse.yaml_lines import ALIAS_EXPANSION_LIMIT, load_yaml
+
+    data, _ = load_yaml(_laughs(4), "a.yaml")  # 10^4 values from aliases: an ordinary document's worth
+    assert len(data["x"]) == 10 and all(len(item) == 10 for item in data["x"])
+    assert sum(len(c) for b in data["x"] for a in b for c in a) == 10_000 < ALIAS_EXPANSION_LIMIT
+    with pytest.raises(InputError, match=r"^a\.yaml:5: l4\[\d\]: aliases repeat more than"):
+        load_yaml(_laughs(6), "a.yaml")  # (10^5 repeats are passed inside l4, on line 5)
+    _, source = load_yaml("a: &a {lr: 1}\nb:\n  - 1\n  - *a\n", "a.yaml")
+    assert (source.line(["b", 1]), source.line(["b", 1, "lr"])) == (4, 1)  # the alias, its anchor's key
+
+
+def test_train_layers_from_yaml_are_bounded_and_read_as_sweep_files_are(tmp_path: Path) -> None:
+    rules = tmp_path / "layers.yaml"
+    rules.write_text(_laughs(9, "layers"))
+    line = _one_error_line(runner.invoke(app, ["train", "--layers", str(rules)]), f"{rules}:")
+    assert "aliases repeat more than" in line
+    rules.write_text("- {match: head, format: fp32, lr: 1e-3}\n- {match: [, format: fp32}\n")
+    _one_error_line(runner.invoke(app, ["train", "--layers", str(rules)]), f"{rules}:2: invalid YAML")
+
+
+def test_an_option_given_positionally_and_by_name_says_so_in_spec_words() -> None:
+    """Was Python's own `posit() got multiple values for argument 'es'`."""
+    from dse.formats import get
+
+    with pytest.raises(InputError, match=r"^invalid format spec 'posit\(8,1,es=2\)': option 'es' given "):
+        get("posit(8,1,es=2)")
+
+
+def test_a_llama_workload_with_more_blocks_than_can_be_built_is_refused_at_once() -> None:
+    """`llama(blocks=99999999)` built a layer list per block: still running after 120 s (measured)."""
+    _one_error_line(runner.invoke(app, ["energy", "-w", "llama(blocks=99999999,width=64)", "-f", "int8"]),
+                    "blocks must be at most 4096")
+    _one_error_line(runner.invoke(app, ["energy", "-w", f"llama(blocks=2,width={2**70})", "-f", "int8"]),
+                    "width must fit in 64 bits")
+
+
+def test_the_value_density_of_a_63_bit_format_is_plotted(tmp_path: Path) -> None:
+    """fp(e=10,m=52) has 2^63 codes, past int64: `formats show --plot` was a RuntimeError traceback."""
+    result = runner.invoke(app, ["formats", "show", "fp(e=10,m=52)", "--plot", str(tmp_path / "d.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1

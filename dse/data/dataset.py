@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from dse.atomic_write import write_atomically
 
 Task = Literal["classification", "sequence"]
 
@@ -119,20 +120,16 @@ def load_cached(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | No
 
 
 def save_cached(path: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Write an .npz atomically (temp file + os.replace); False if the cache dir is not writable.
+    """Write an .npz atomically (`dse.atomic_write`); False if the cache dir is not writable.
 
     A cache is an optimisation, so a read-only or full disk only costs regenerating next time.
     """
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as file:  # a file object: savez adds .npz to a name without it
+            np.savez(file, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # open() honours the umask, unlike tempfile's private 0600 files
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
-        os.replace(tmp, path)
+        write_atomically(path, write)
         return True
     except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # the folder itself is unusable: there is no temp file to remove
-            pass
         return False

@@ -332,6 +332,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
     names = np.array([layer.name for layer in layers], dtype=object)
     is_weight = np.array([layer.b_is_weight for layer in layers], dtype=bool)
     needs_dx = np.array([layer.needs_input_grad for layer in layers], dtype=bool)
+    needs_db = np.array([layer.needs_weight_grad for layer in layers], dtype=bool)
     macs = np.array([layer.macs_per_sample for layer in layers], dtype=float) * batch
     sizes = {
         Array.A: np.array([layer.a_elems for layer in layers], dtype=float) * batch,
@@ -344,6 +345,8 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
             rows = is_weight == variant
             if p.name == "backward_data":
                 rows = rows & needs_dx
+            elif p.name == "backward_weight":
+                rows = rows & needs_db
             if rows.any():
                 tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding)
                 total_macs += float(macs[rows].sum())

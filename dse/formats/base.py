@@ -394,6 +394,15 @@ class Scaling:
             out.append(f"block={self.block_size}")
         return out
 
+    def spec_options(self) -> dict[str, str]:
+        """scale=, pow2= and, where the kind uses them, axis= and block=, as a spec writes them."""
+        out = {"scale": self.kind, "pow2": str(int(self.pow2))}
+        if self.kind in ("channel", "block"):
+            out["axis"] = str(self.axis)
+        if self.kind == "block":
+            out["block"] = str(self.block_size)
+        return out
+
 
 def to_blocks(x: Tensor, axis: int, block_size: int) -> tuple[Tensor, tuple[int, ...], int]:
     """Move `axis` last, zero-pad it to a multiple of block_size and split it into blocks."""
@@ -455,12 +464,111 @@ def _with_axis(fmt: NumberFormat, axis: int) -> NumberFormat:
     return cast(NumberFormat, dataclasses.replace(cast(Any, fmt), scaling=scaling))
 
 
+class _StraightThrough(torch.autograd.Function):
+    """A quantizer's straight-through gradient: its rounded tensor (or tensors) of x in the forward,
+    the gradient passed to x unchanged in the backward (summed over the outputs where there are
+    several, as for `quantize_along`)."""
+
+    @staticmethod
+    def forward(x: Tensor, quantizer: Callable[[Tensor], Tensor | list[Tensor]]
+                ) -> Tensor | tuple[Tensor, ...]:
+        out = quantizer(x)  # (autograd records nothing in here)
+        return tuple(out) if isinstance(out, list) else out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        """Nothing to keep: the backward needs only the incoming gradients (a separate setup_context
+        also lets torch.func.grad differentiate through quantize)."""
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
+        total = grads[0]
+        for grad in grads[1:]:
+            total = total + grad
+        return total, None
+
+
+# The quantize-style entry points, whose gradient on an input autograd records is straight-through:
+# those whose arguments after x are (rounding, generator), and those that take axes first.
+STRAIGHT_THROUGH_METHODS: tuple[str, ...] = ("quantize", "quantize_members", "round_unscaled")
+STRAIGHT_THROUGH_ALONG_METHODS: tuple[str, ...] = ("quantize_along", "quantize_members_along")
+
+
+def straight_through(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`method(self, x, rounding, generator)` with the straight-through gradient where autograd
+    records x (`_StraightThrough`); elsewhere `method` itself. Grad mode is checked first: training's
+    quantizers run where it is off (inside its autograd functions), so there the wrapper is one
+    check and a call, no autograd function. The parameters are spelled out because a wrapper taking
+    *args and **kwargs costs about three times as much per call, and one quantize crosses a few
+    wrappers (its round_unscaled too): benchmarks/straight_through.py measures the total."""
+
+    @functools.wraps(method)
+    def quantizer(self: NumberFormat, x: Tensor, rounding: str = "nearest",
+                  generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return cast(Tensor, _StraightThrough.apply(x, lambda t: method(self, t, rounding, generator)))
+        return method(self, x, rounding, generator)
+
+    quantizer.__wrapped_straight_through__ = True  # type: ignore[attr-defined]
+    return quantizer
+
+
+def straight_through_along(method: Callable[..., list[Tensor]]) -> Callable[..., list[Tensor]]:
+    """`straight_through` for `method(self, x, axes, rounding, generator)`, which returns a tensor per
+    axis: x's gradient is the sum of theirs."""
+
+    @functools.wraps(method)
+    def quantizer(self: NumberFormat, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                  generator: torch.Generator | MemberGenerators | None = None) -> list[Tensor]:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return list(_StraightThrough.apply(x, lambda t: method(self, t, axes, rounding, generator)))
+        return method(self, x, axes, rounding, generator)
+
+    quantizer.__wrapped_straight_through__ = True  # type: ignore[attr-defined]
+    return quantizer
+
+
+def _round_copy_where_recorded(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`round_unscaled_`, which may round x in place: where autograd records x, `round_unscaled`
+    instead (the same values, straight-through, x left as it is)."""
+
+    @functools.wraps(method)
+    def round_(self: NumberFormat, x: Tensor, rounding: str = "nearest",
+               generator: torch.Generator | None = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.round_unscaled(x, rounding, generator)
+        return method(self, x, rounding, generator)
+
+    round_.__wrapped_straight_through__ = True  # type: ignore[attr-defined]
+    return round_
+
+
+def _straight_through_methods(cls: type) -> None:
+    """Wrap the entry points `cls` itself defines, once (abstract ones are left to the families)."""
+    wrappers: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+        **dict.fromkeys(STRAIGHT_THROUGH_METHODS, straight_through),
+        **dict.fromkeys(STRAIGHT_THROUGH_ALONG_METHODS, straight_through_along),
+        "round_unscaled_": _round_copy_where_recorded}
+    for name, wrap in wrappers.items():
+        method = vars(cls).get(name)
+        if method is None or getattr(method, "__wrapped_straight_through__", False) or getattr(
+                method, "__isabstractmethod__", False):
+            continue
+        setattr(cls, name, wrap(method))
+
+
 class NumberFormat(ABC):
     """A number format: an element grid plus a scaling policy.
 
     Subclasses are frozen dataclasses with a `scaling` field and implement `round_unscaled`,
     `encode`, `decode`, `max`, `min_positive` and `spec`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every family's quantize-style entry points get the straight-through gradient
+        (`straight_through`), whichever of them it overrides."""
+        super().__init_subclass__(**kwargs)
+        _straight_through_methods(cls)
 
     family: ClassVar[str]
     scaling: Scaling
@@ -473,6 +581,11 @@ class NumberFormat(ABC):
     @abstractmethod
     def spec(self) -> str:
         """Canonical spec string; `dse.formats.get(fmt.spec) == fmt`."""
+
+    @abstractmethod
+    def spec_options(self) -> dict[str, str]:
+        """Every option of the family's call, defaults included, named and written as a spec writes
+        them: `get(f"{fmt.family}(k=v,...)") == fmt` (what `dse formats show` lists)."""
 
     @abstractmethod
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
@@ -751,3 +864,5 @@ class NumberFormat(ABC):
 
 
 from dse.formats.fast import scales as fast_scales  # noqa: E402  (it builds on this module)
+
+_straight_through_methods(NumberFormat)

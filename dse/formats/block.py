@@ -165,6 +165,12 @@ class BlockFormat(NumberFormat):
             options.append(f"axis={self.axis}")
         return f"block({self.element.spec},{','.join(options)})"
 
+    def spec_options(self) -> dict[str, str]:
+        scaled = self.scaling.kind == "block"
+        return {"element": self.element.spec, "size": str(self.block_size),
+                "scale": self.scale if scaled else "none",
+                "tensor_scale": "fp32" if self.tensor_scale else "none", "axis": str(self.axis)}
+
     @property
     def max(self) -> float:
         return self.element.max

@@ -65,6 +65,11 @@ class FixedPoint(NumberFormat):
         options = self.scaling.options(FIXED_SCALING) + (["symmetric=1"] if self.symmetric else [])
         return call_spec("fixed", [str(self.bits), str(self.frac_bits)], options)
 
+    def spec_options(self) -> dict[str, str]:
+        frac = {} if self.frac_bits == 0 else {"frac": str(self.frac_bits)}
+        return {"bits": str(self.bits), **frac, "symmetric": str(int(self.symmetric)),
+                **self.scaling.spec_options()}
+
     @property
     def lowest_code(self) -> int:
         return -(2 ** (self.bits - 1)) + int(self.symmetric)

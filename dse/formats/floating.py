@@ -161,6 +161,11 @@ class FloatFormat(NumberFormat):
         return call_spec("fp", [], options + scale_options)
 
     # --- rounding ---------------------------------------------------------------------------------
+    def spec_options(self) -> dict[str, str]:
+        return {"e": str(self.exp_bits), "m": str(self.man_bits), "special": self.special,
+                "overflow": str(self.overflow), "subnormals": str(int(self.subnormals)),
+                **self.scaling.spec_options()}
+
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         if x.dtype not in FLOAT_LAYOUTS:
             check_rounding(rounding)

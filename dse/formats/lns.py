@@ -178,6 +178,10 @@ class LNS(NumberFormat):
             return "lns8"
         return call_spec("lns", [str(self.bits)], options)
 
+    def spec_options(self) -> dict[str, str]:
+        return {"bits": str(self.bits), "gamma": str(self.gamma), "underflow": self.underflow,
+                **self.scaling.spec_options()}
+
     @property
     def zero_offset(self) -> int:
         """Index of log code e is e + zero_offset; index 0 (the reserved code) is zero."""

@@ -111,6 +111,10 @@ class P3109Format(FloatFormat):
         options += self.scaling.options(Scaling())
         return call_spec("p3109", [str(self.width), str(self.precision)], options)
 
+    def spec_options(self) -> dict[str, str]:
+        return {"width": str(self.width), "precision": str(self.precision), "signed": str(int(self.signed)),
+                "domain": self.domain, "saturation": self.saturation, **self.scaling.spec_options()}
+
     # --- rounding ---------------------------------------------------------------------------------
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         # FloatFormat's overflow policy (`_overflow`) does ovfinf and satfinite; satpropagate puts the

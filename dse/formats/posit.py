@@ -180,6 +180,9 @@ class Posit(NumberFormat):
             return f"posit{self.bits}" + (f"({','.join(options)})" if options else "")
         return call_spec("posit", [str(self.bits), str(self.es)], options)
 
+    def spec_options(self) -> dict[str, str]:
+        return {"n": str(self.bits), "es": str(self.es), **self.scaling.spec_options()}
+
     @property
     def _scale_max(self) -> int:
         """log2 of maxpos: (n - 2) * 2^es."""

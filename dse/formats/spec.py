@@ -159,6 +159,9 @@ def _describe(error: Exception) -> str:
     match = re.search(r"unexpected keyword argument '(\w+)'", text)
     if match:
         return f"unknown option {match.group(1)!r}"
+    match = re.search(r"got multiple values for argument '(\w+)'", text)
+    if match:
+        return f"option {match.group(1)!r} given twice (as a positional argument and as {match.group(1)}=)"
     match = re.search(r"takes from (\d+) to (\d+) positional arguments but (\d+) were given", text)
     if match:
         return f"too many positional arguments ({match.group(3)}, at most {int(match.group(2))})"

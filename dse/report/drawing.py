@@ -90,7 +90,7 @@ before they are stopped and the rest are drawn in this process."""
 
 class _Stopped(BaseException):
     """Raised in a figure process by SIGTERM or SIGHUP while it draws: the save unwinds (its temporary
-    file removed, dse.report.files.write_atomically) before the process exits. Not an Exception, which
+    file removed, dse.atomic_write.write_atomically) before the process exits. Not an Exception, which
     library code may catch, as KeyboardInterrupt is not."""
 
 
@@ -224,7 +224,7 @@ class FigureProcesses:
         if self.pool is not None:
             stop_workers(self.pool)
         self.pool, self.processes = None, 1
-        from dse.report.files import temporary_files
+        from dse.atomic_write import temporary_files
 
         for job in jobs:
             for suffix in PLOT_SUFFIXES:

@@ -6,12 +6,8 @@ under a hidden temporary name in the same directory and renamed over the old one
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import importlib.metadata
 import json
-import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from dse import atomic_write
 from dse.digests import file_sha256, sha256_of_parts
 from dse.errors import InputError
 from dse.report.drawing import PLOT_SUFFIXES, FigureData, FigureJob, FigureProcesses
@@ -30,38 +27,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-TEMPORARY_NAME = ".{name}.{token}.tmp"
-"""The hidden name a file is written under before it is renamed onto `name` (`write_atomically`)."""
-
-
-def temporary_files(path: Path) -> list[Path]:
-    """The temporary files `write_atomically` may have left for `path` (a writer killed mid-write)."""
-    return list(path.parent.glob(TEMPORARY_NAME.format(name=glob.escape(path.name), token="*")))
-
-
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
-
-    The temporary file is named before it is created, so that an exception raised anywhere in here (a
-    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. It is created with the
-    permissions any new file gets (0666 less the umask), so a report shared in a group folder can be
-    read there, as the file written in place would be. An OS refusal
-    (unwritable or non-directory parent, a directory in the way) is an InputError naming the path.
-    """
-    temporary = path.parent / TEMPORARY_NAME.format(name=path.name, token=secrets.token_hex(8))
+    """`dse.atomic_write.write_atomically`, an OS refusal (unwritable or non-directory parent, a directory
+    in the way) an InputError naming the path."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        if not isinstance(error, FileExistsError):  # (a file of that name was there: not ours)
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-        if isinstance(error, OSError):
-            raise InputError(f"cannot write {path}: {error.strerror or error}") from error
-        raise
-    return path
+        return atomic_write.write_atomically(path, write)
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def write_text_atomically(path: Path, text: str) -> Path:

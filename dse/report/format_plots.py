@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dse.formats.base import NumberFormat
+from dse.report.files import write_atomically
 
 MAX_SAMPLED_CODES = 2**16
 
@@ -15,7 +16,8 @@ MAX_SAMPLED_CODES = 2**16
 def binade_counts(fmt: NumberFormat) -> tuple[list[int], list[float]]:
     """Positive finite values per binade [2^k, 2^(k+1)), from the codes (sampled evenly above 16 bits)."""
     step = max(1, 2**fmt.bits // MAX_SAMPLED_CODES)
-    values = fmt.decode(torch.arange(0, 2**fmt.bits, step, dtype=torch.int64))
+    # (code i * step, not arange(0, 2^bits, step): 2^bits itself is past int64 for a 63-bit format)
+    values = fmt.decode(torch.arange(0, 2**fmt.bits // step, dtype=torch.int64) * step)
     positive = values[torch.isfinite(values) & (values > 0)]
     exponents = torch.floor(torch.log2(positive)).to(torch.int64)
     binades, counts = torch.unique(exponents, return_counts=True)
@@ -44,7 +46,9 @@ def plot_value_density(fmt: NumberFormat, path: Path) -> Path:
     fig.tight_layout()
     if not path.suffix:  # matplotlib would add .png itself: return the name it writes
         path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    file_type = path.suffix[1:].lower()
+    try:
+        write_atomically(path, lambda temporary: fig.savefig(temporary, format=file_type, dpi=120))
+    finally:
+        plt.close(fig)
     return path

@@ -35,7 +35,7 @@ from dse.digests import file_sha256, sha256_hex, sha256_of_parts
 from dse.sweep.store import StoredProgress, output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
-from dse.yaml_lines import file_text
+from dse.yaml_lines import file_text, load_yaml
 
 if TYPE_CHECKING:
     from dse.sweep.config import SweepConfig
@@ -126,18 +126,17 @@ class SweepOnDisk:
 
 
 def read_sweep(config: Path, output: Path | None) -> SweepOnDisk | None:
-    """The sweep file and its store, read as far as plain YAML tells; None where that fails."""
-    import yaml
-
+    """The sweep file and its store, read as far as plain YAML tells; None where that fails (load_yaml's
+    bounds included: an alias bomb is load_config's error to report, not a hang here)."""
     try:
         text = file_text(Path(config).read_bytes())
-        data = yaml.safe_load(text)
+        data, _ = load_yaml(text, str(config))
         if not isinstance(data, dict):
             return None
         name = data.get("name") if data.get("name") is not None else Path(config).stem
         directory = output if output is not None else output_directory(data.get("output"), str(name))
         return SweepOnDisk(text, data, directory, stored_progress(directory))
-    except (OSError, ValueError, TypeError, yaml.YAMLError):
+    except (OSError, ValueError, TypeError):
         return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,8 @@ from dse.sweep.store import (
     TrialRow,
     load_trials,
     master_weights_text,
+    store_path,
+    store_problem,
     stored_sweep_name,
 )
 from dse.sweep.summary import (
@@ -286,7 +289,11 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
             plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
                     for t in trials]
             receipt = None if invocation is None or train_fn is not None else plan_receipt(sweep, invocation)
-            store.start({**_store_meta(sweep, trials, runs, notes), "receipt": receipt}, plan, energies)
+            try:
+                store.start({**_store_meta(sweep, trials, runs, notes), "receipt": receipt}, plan, energies)
+            except sqlite3.Error as error:  # (rolled back: the store is as it was)
+                raise InputError(store_problem(store.path, error) or f"cannot write {store.path}: {error}"
+                                 ) from None
             summary = execute_trials(sweep, trials, runs, groups, store, acquired,
                                      rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
                                      reporter=reporter or SilentReporter(), shares=shares,
@@ -299,9 +306,16 @@ def open_store(directory: Path) -> SweepStore:
     """The sweep's store in `directory`, created with its folders (after every check has passed)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        return SweepStore(directory)
     except OSError as error:
         raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
+    path = store_path(directory)
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):  # (SQLite would open it read-only)
+        raise InputError(f"cannot write {path}: permission denied (a sweep records its trials there; "
+                         "nothing was written)")
+    try:
+        return SweepStore(directory)
+    except sqlite3.Error as error:
+        raise InputError(store_problem(path, error) or f"cannot open {path}: {error}") from None
 
 
 def _store_meta(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], group_notes: list[str]

@@ -93,12 +93,35 @@ class TrialRow:
     """TRIAL_COLUMNS (test_accuracy/final_loss None for an error), plus config/result JSON strings."""
 
 
+BUSY_TIMEOUT_S = 60.0
+"""How long a connection waits for another process's lock on the store before it gives up."""
+
+
 def store_path(directory: Path) -> Path:
     return Path(directory) / STORE_FILE
 
 
+def store_problem(path: Path, error: sqlite3.Error) -> str | None:
+    """One line naming why the store at `path` cannot be opened where SQLite says it cannot: locked by
+    another process, not readable or writable by this user, a disk error. None for any other error (a
+    file that is not a store, or a damaged one). Never advice to remove it: it may hold results."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "locked" in text or "busy" in text:
+        return (f"{path} is locked by another process (another dse sweep writing it?): nothing was read "
+                "or written; run again once it has finished")
+    if "disk i/o" in text.lower() or "disk is full" in text or "database or disk is full" in text:
+        return f"cannot use {path}: {text} (nothing was written)"
+    if "unable to open" in text or "readonly" in text or "read-only" in text:
+        for where, mode, what in ((path, os.R_OK, "read"), (path, os.W_OK, "write"),
+                                  (path.parent, os.W_OK | os.X_OK, "write in the folder of")):
+            if where.exists() and not os.access(where, mode):
+                return f"cannot {what} {path}: permission denied (nothing was written)"
+        return f"cannot open {path}: {text} (nothing was written)"
+    return None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(str(path), timeout=60.0)
+    connection = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
     return connection
@@ -138,10 +161,13 @@ def master_weights_value(stored: Any) -> bool | str:
 
 
 def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
+    """The meta table ({} where there is none); any other SQLite error (locked, unreadable) raises."""
     try:
         return dict(connection.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.DatabaseError:
-        return {}
+    except sqlite3.OperationalError as error:
+        if str(error).startswith("no such table"):
+            return {}
+        raise
 
 
 def _reading_connection(path: Path) -> sqlite3.Connection:
@@ -155,13 +181,13 @@ def _reading_connection(path: Path) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     connection: sqlite3.Connection | None = None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60.0)
+        connection = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_S)
         connection.execute("PRAGMA schema_version").fetchone()
         return connection
-    except sqlite3.OperationalError:  # a write-protected directory: the WAL index cannot be made
+    except sqlite3.OperationalError as error:  # a write-protected directory: the WAL index cannot be made
         if connection is not None:
             connection.close()
-        if Path(f"{path}-wal").exists():
+        if Path(f"{path}-wal").exists() or "locked" in str(error):  # (a lock: no reading around it)
             raise
         return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     except BaseException:
@@ -198,12 +224,24 @@ def stored_sweep_name(directory: Path) -> str | None:
     path = store_path(directory)
     if not path.exists():
         return None
+    def read(connection: sqlite3.Connection) -> tuple[dict[str, str], bool]:
+        meta = _read_meta(connection)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        empty = not meta and {"meta", "trials"} <= tables and not connection.execute(
+            "SELECT 1 FROM trials LIMIT 1").fetchall()
+        return meta, empty
+
     try:
-        meta = _read_only(path, _read_meta)
-    except sqlite3.DatabaseError as error:
-        raise InputError(f"{path} is not a readable sweep store ({error})") from None
+        meta, empty = _read_only(path, read)
+    except sqlite3.Error as error:
+        problem = store_problem(path, error)
+        raise InputError(problem or f"{path} is not a readable sweep store ({str(error).splitlines()[0]}): "
+                         "choose another output path (output: or --output)") from None
     if "name" not in meta:
-        raise InputError(f"{path} is not a dse sweep store; remove it or choose another output path")
+        if empty:  # a store a sweep created and was stopped in before it wrote its plan: nothing in it
+            return None
+        raise InputError(f"{path} is not a dse sweep store (it has no sweep name): choose another output "
+                         "path (output: or --output)")
     return meta["name"]
 
 
@@ -408,7 +446,9 @@ def load_trials(directory: Path) -> pd.DataFrame:
                  "memory_objective": json.loads(meta.get("memory_objective", "false")),
                  "baselines": json.loads(meta.get("baselines", "{}")), "output": str(directory)}
     except (sqlite3.Error, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InputError(f"{path} is not a readable sweep store: {str(error).splitlines()[0]}") from None
+        problem = store_problem(path, error) if isinstance(error, sqlite3.Error) else None
+        raise InputError(problem or f"{path} is not a readable sweep store: {str(error).splitlines()[0]}"
+                         ) from None
     columns = [*TRIAL_COLUMNS, *PLAN_COLUMNS, *(TUNED_PREFIX + name for name in tuned),
                *energy_columns(workloads), "config"]
     frame = pd.DataFrame.from_records(records, columns=columns)

@@ -6,15 +6,19 @@ scalar function over the rest of a contiguous stretch (ATen's cpu/Loops.h `vecto
 on several threads an operation over PARALLEL_GRAIN elements or more is split among them. Where the
 vector and scalar functions disagree in the last bit (measured on torch 2.13, AVX-512, by
 `benchmarks/stacked_kernels.py`: pow with a tensor exponent, exp2, sigmoid, SiLU, softplus, Mish,
-ELU, SELU, CELU, tanh-approximated GELU, float64 GELU, and their backward kernels), an element's
-bits depend on where the stretch ends: alone at the end of the member's own tensor, stacked at the
-end of the group's. exp, log, log2, erf, tanh, sqrt and exact IEEE arithmetic give the same bits
-anywhere. On CUDA every element takes one scalar function wherever it sits.
+ELU, SELU, CELU, tanh-approximated GELU, float64 GELU, and their backward kernels; GLU where a row
+is long enough to be split among threads), an element's bits depend on where the stretch ends: alone
+at the end of the member's own tensor, stacked at the end of the group's. exp, log, log2, erf, tanh,
+sqrt, exact IEEE arithmetic, logsigmoid, hardswish, hardsigmoid, softsign, and the norms (layer,
+RMS, group, instance, batch, `F.normalize`) give the same bits anywhere
+(benchmarks/user_kernels.py checks users' networks made of them). On CUDA every element takes one
+scalar function wherever it sits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,12 +69,13 @@ IN_PLACE_FUNCTIONS: frozenset[Any] = frozenset({
 """The in-place forms of POSITION_DEPENDENT_FUNCTIONS (`x.sigmoid_()`, `x **= y`, `F.elu_`)."""
 
 POSITION_DEPENDENT_FUNCTIONS: frozenset[Any] = frozenset({
-    F.gelu, F.silu, F.softplus, F.mish, F.elu, F.selu, F.celu, F.sigmoid,
+    F.gelu, F.silu, F.softplus, F.mish, F.elu, F.selu, F.celu, F.sigmoid, F.glu,
     torch.sigmoid, Tensor.sigmoid, torch.special.expit, torch.exp2, Tensor.exp2, torch.special.exp2,
     torch.pow, Tensor.pow, Tensor.__pow__, Tensor.__rpow__, torch.float_power, Tensor.float_power,
 }) | IN_PLACE_FUNCTIONS
 """The elementwise functions whose CPU vector and scalar kernels (forward or backward) measurably
-disagree in the last bit (benchmarks/stacked_kernels.py), as a network's forward may call them."""
+disagree in the last bit, or (GLU) whose thread split does (benchmarks/stacked_kernels.py), as a
+network's forward may call them."""
 
 
 def _exact_gelu(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -80,14 +85,88 @@ def _exact_gelu(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, A
     return func is F.gelu and x.dtype == torch.float32 and approximate == "none"
 
 
+def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
+    """The axis of x that holds the members' samples, member-major (None: x has none, so every member
+    computes the same tensor alone). With `rows` (a member's batch) known: the first axis when its
+    size is a multiple of the group's folded batch G * rows (the batch, rows of samples, heads of
+    samples), else an axis of exactly G * rows (a sequence-first (L, G*B, E) layout, as
+    nn.MultiheadAttention's with batch_first=False), else the first when it divides into G; without
+    `rows`, the first when it divides into G."""
+    if x.dim() == 0:
+        return None
+    if rows is not None:
+        folded = members * rows
+        if x.shape[0] % folded == 0:
+            return 0
+        for axis in range(1, x.dim()):
+            if x.shape[axis] == folded:
+                return axis
+    return 0 if x.shape[0] % members == 0 else None
+
+
+def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a dense tensor of `shape` whose axes run from fastest to slowest in `order`."""
+    strides = [0] * len(shape)
+    step = 1
+    for axis in order:
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return tuple(strides)
+
+
+def _alone_strides(shape: Sequence[int], strides: Sequence[int], axis: int, each: int
+                   ) -> tuple[int, ...] | None:
+    """The strides a member's tensor has alone, where the group's tensor (`shape`, `strides`) is dense
+    with the members' samples along `axis`: the group's axis order with `each` samples on `axis`
+    (a contiguous (L, G*B, E) is each member's contiguous (L, B, E); a batch-slowest layout is its
+    member's slice as it is). None where the group's tensor is not dense (a view whose member's
+    layout alone the group cannot know): the member's slice of it is used as it is."""
+    dims = range(len(shape))
+    order = sorted(dims, key=lambda d: (strides[d], d))
+    if any(shape[d] > 1 and strides[d] != s for d, s in zip(dims, _dense_strides(shape, order), strict=True)):
+        return None
+    alone = list(shape)
+    alone[axis] = each
+    return _dense_strides(alone, order)
+
+
+def _as_alone(part: Tensor, axis: int, members: int) -> Tensor:
+    """A member's slice `part` (a narrow along `axis` of a group's tensor with the strides it has)
+    laid out as the member's tensor alone (a copy where the slice is laid out otherwise)."""
+    shape = list(part.shape)
+    shape[axis] *= members
+    strides = _alone_strides(shape, part.stride(), axis, part.shape[axis])
+    if strides is None or part.stride() == strides:
+        return part
+    return torch.empty_strided(part.shape, strides, dtype=part.dtype, device=part.device).copy_(part)
+
+
+class _GradAsAlone(torch.autograd.Function):
+    """Identity forward; the backward hands on a member's slice of the group's gradient laid out as
+    the member's gradient alone (`_as_alone`): a backward kernel's tail depends on its gradient's
+    layout too (a sequence-first gradient's slice is strided, alone it may be dense)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, axis: int, members: int) -> Tensor:
+        ctx.axis, ctx.members = axis, members
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _as_alone(grad, ctx.axis, ctx.members), None, None
+
+
 class MemberKernelMode(TorchFunctionMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
-    are rows g*B to (g+1)*B-1) through `member_kernel`, so each member's rows get its bits alone;
-    every other call runs as it is. `seen` tells whether the forward called any of them."""
+    are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
+    member, each on its own samples laid out as alone, so each member gets its bits alone; every
+    other call runs as it is. `rows` is a member's batch B of the current forward (None: the
+    members' blocks are the first axis's). `seen` tells whether the forward called any of them."""
 
-    def __init__(self, members: int) -> None:
+    def __init__(self, members: int, rows: int | None = None) -> None:
         super().__init__()
         self.members = members
+        self.rows = rows
         self.seen = False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -97,27 +176,126 @@ class MemberKernelMode(TorchFunctionMode):
             return func(*args, **kwargs)
         folded = next((a for a in args if isinstance(a, Tensor)), None)
         members = self.members
-        if (folded is None or folded.dim() == 0 or folded.shape[0] % members or not folded.is_floating_point()
-                or folded.device.type != "cpu" or _exact_gelu(func, folded, args, kwargs)):
+        if (folded is None or not folded.is_floating_point() or folded.device.type != "cpu"
+                or _exact_gelu(func, folded, args, kwargs)):
+            return func(*args, **kwargs)
+        axis = _member_axis(folded, members, self.rows)
+        if axis is None:
             return func(*args, **kwargs)
         self.seen = True
-        rows = folded.shape[0]
-
-        each_rows = rows // members
+        size = folded.shape[axis]
+        each = size // members
 
         def call(block: int, own_copy: bool = False) -> Any:
-            return func(*[(a.narrow(0, block * each_rows, each_rows).clone() if own_copy and a is folded
-                           else a.narrow(0, block * each_rows, each_rows))
-                          if isinstance(a, Tensor) and a.dim() and a.shape[0] == rows else a for a in args],
-                        **kwargs)
+            def own(a: Any) -> Any:
+                if not isinstance(a, Tensor) or a.dim() <= axis or a.shape[axis] != size:
+                    return a
+                part = a.narrow(axis, block * each, each)
+                if own_copy and a is folded:
+                    part = part.clone()
+                return _as_alone(part, axis, members) if a.shape == folded.shape else part
+
+            return func(*[own(a) for a in args], **kwargs)
 
         if kwargs.get("inplace") or func in IN_PLACE_FUNCTIONS:
-            # each member's rows in place on a copy of their own, as alone, then written back at once:
-            # writing into the folded tensor's views one by one changes a tensor pow_'s backward saved
-            return folded.copy_(torch.cat([call(block, own_copy=True) for block in range(members)]))
-        if whole_is_as_alone(folded, members):
+            # each member's samples in place on a copy of their own, as alone, then written back at
+            # once: writing into the folded tensor's views one by one changes a tensor pow_'s backward
+            return folded.copy_(torch.cat([call(block, own_copy=True) for block in range(members)], axis))
+        if axis == 0 and whole_is_as_alone(folded, members):
             return func(*args, **kwargs)
-        return torch.cat([call(block) for block in range(members)])
+        outputs = [call(block) for block in range(members)]
+        return torch.cat([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
+                         axis)
+
+
+def _stack_modes() -> list[Any]:
+    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+
+
+@contextlib.contextmanager
+def modes_paused(pause: Callable[[Any], bool]) -> Iterator[None]:
+    """Run the block with the active torch-function modes for which `pause` is true taken off the
+    mode stack (the others stay, in their order); they are put back after it."""
+    stack = _stack_modes()
+    first = next((i for i, mode in enumerate(stack) if pause(mode)), None)
+    if first is None:
+        yield
+        return
+    above = stack[first:]
+    kept = [mode for mode in above if not pause(mode)]
+    for _ in above:
+        torch._C._pop_torch_function_stack()
+    for mode in kept:
+        torch._C._push_on_torch_function_stack(mode)
+    try:
+        yield
+    finally:
+        for _ in kept:
+            torch._C._pop_torch_function_stack()
+        for mode in above:
+            torch._C._push_on_torch_function_stack(mode)
+
+
+def _is_member_mode(mode: Any) -> bool:
+    return isinstance(mode, MemberKernelMode)
+
+
+def _is_own_mode(mode: Any) -> bool:
+    return type(mode).__module__.startswith(OWN_PACKAGE)
+
+
+class MemberKernels:
+    """`MemberKernelMode` over every forward of a stacked network `net` whose modules may call one of
+    POSITION_DEPENDENT_FUNCTIONS (`may_call_position_dependent`), entered by a hook on `net` (on top
+    of the other modes: dse's functional-GEMM mode, entered by its own earlier hook, then sees only
+    the calls the member mode hands on). It is taken off inside our own layers, which call none of
+    them: a torch call there then costs no Python handler, and a layer that runs member by member
+    (`PerMemberLayer`: the user's layer, each member's own call) is not split again. Inside the
+    layers of `gemm_layers` (stacked GEMMs: quantizers and GEMMs only) every mode of ours is taken
+    off, the functional-GEMM mode too, which hands those calls on as they are."""
+
+    def __init__(self, net: nn.Module, members: int, gemm_layers: tuple[type[nn.Module], ...] = ()) -> None:
+        self.mode = MemberKernelMode(members)
+        self.members = members
+        self.gemm_layers = gemm_layers
+        self.paused: list[contextlib.AbstractContextManager[None]] = []
+        self.handles = [net.register_forward_pre_hook(self._enter),
+                        net.register_forward_hook(self._exit, prepend=True, always_call=True)]
+        for module in net.modules():
+            if module is not net and type(module).__module__.startswith(OWN_PACKAGE):
+                self.handles += [module.register_forward_pre_hook(self._pause),
+                                 module.register_forward_hook(self._resume, always_call=True)]
+
+    def remove(self) -> None:
+        """Take the hooks off: the net then runs without the mode (for comparison)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        folded = next((a for a in args if isinstance(a, Tensor)), None)
+        self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
+        torch._C._push_on_torch_function_stack(self.mode)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Take the mode off the stack wherever it is (the modes above it stay, in their order)."""
+        stack = _stack_modes()
+        if self.mode in stack:
+            index = stack.index(self.mode)
+            above = stack[index + 1:]
+            for _ in range(len(stack) - index):
+                torch._C._pop_torch_function_stack()
+            for mode in above:
+                torch._C._push_on_torch_function_stack(mode)
+
+    def _pause(self, module: nn.Module, args: Any) -> None:
+        paused = modes_paused(_is_own_mode if isinstance(module, self.gemm_layers) else _is_member_mode)
+        paused.__enter__()
+        self.paused.append(paused)
+
+    def _resume(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.paused:
+            self.paused.pop().__exit__(None, None, None)
 
 
 CALLS_NONE_TORCH_LAYERS: frozenset[type[nn.Module]] = frozenset({

@@ -74,7 +74,7 @@ from dse.train.layers import (
     is_block_scaled,
     quant_matmul,
 )
-from dse.train.member_kernels import MemberKernelMode, may_call_position_dependent
+from dse.train.member_kernels import MemberKernels, may_call_position_dependent
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -504,7 +504,7 @@ class PerMemberLayer(nn.Module):
                 raise
             return getattr(self.__dict__["template"], name)
 
-    def forward(self, *inputs: Tensor) -> Tensor:
+    def forward(self, *inputs: Tensor) -> Any:
         template: nn.Module = self.__dict__["template"]
         template.training = self.training
         own = {**{n: p for n, p in self._parameters.items() if p is not None},
@@ -518,12 +518,37 @@ class PerMemberLayer(nn.Module):
                 for name, parts in slices.items():
                     table = template._parameters if name in template._parameters else template._buffers
                     table[name] = parts[g]  # type: ignore[assignment]  # a slice stands in for one call
+                _refresh(template)
                 outputs.append(template(*(x[g] for x in split)))
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
                 table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
-        return torch.cat(outputs)
+            _refresh(template)
+        return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+
+def _refresh(layer: nn.Module) -> None:
+    """A recurrent layer (nn.GRU, nn.LSTM, nn.RNN) reads its weights from a list it builds from its
+    parameters: rebuilt after they were swapped."""
+    if isinstance(layer, nn.RNNBase):
+        layer._init_flat_weights()
+
+
+def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> Any:
+    """The members' outputs of a layer run member by member as one folded output: a tensor along its
+    first axis; a tuple (a recurrent layer's (output, state)) element by element, where a tensor
+    whose first axis is not the member's batch of `rows` goes along its first axis that is (a
+    recurrent state (layers, B, hidden)); the check forward refuses a network where that is wrong."""
+    first = outputs[0]
+    if isinstance(first, tuple):
+        return tuple(_cat_members([out[i] for out in outputs], rows, True) for i in range(len(first)))
+    if not isinstance(first, Tensor) or first.dim() == 0:
+        return first
+    axis = 0
+    if in_tuple and first.shape[0] != rows:
+        axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
+    return torch.cat(list(outputs), axis)
 
 
 # --- building the stacked network -----------------------------------------------------------------
@@ -634,16 +659,18 @@ class StackedModel(nn.Module):
         super().__init__()
         self.net = net
         self.members = members
-        self.position_dependent_kernels = may_call_position_dependent(net)
-        """Whether the forward runs under `MemberKernelMode` (a user's module may call a function it
-        runs member by member; the built-in proxies call none, and a mode costs about a microsecond
-        per torch call)."""
+        self.member_kernels = (MemberKernels(net, members, (StackedGemmLayer, StackedMatmul))
+                               if may_call_position_dependent(net) else None)
+        """`MemberKernelMode` over the net's forward where it may call a function that mode runs
+        member by member (a user's module; the built-in proxies call none, and a mode costs about a
+        microsecond per torch call outside our own layers)."""
+
+    @property
+    def position_dependent_kernels(self) -> bool:
+        return self.member_kernels is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.position_dependent_kernels:
-            return _split(self.net(_fold(x)), self.members)
-        with MemberKernelMode(self.members):
-            return _split(self.net(_fold(x)), self.members)
+        return _split(self.net(_fold(x)), self.members)
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dse.cli import app
 from dse.errors import InputError
-from dse.formats import get
+from dse.formats import ZOO, get
 
 ISSUE_SPECS = [
     "fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "fp(e=5,m=2)",
@@ -99,3 +99,37 @@ def test_cli_bad_spec_is_one_line_exit_2_and_writes_nothing(spec: str, tmp_path:
     assert result.stderr.strip().count("\n") == 0 and spec in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not out.exists()
+
+
+SHOWN_OPTION_SPECS = [
+    *ZOO, "fp(e=5,m=2,special=fnuz,subnormals=0)", "fp8_e4m3(overflow=nan)",
+    "fp(e=3,m=2,special=none,scale=tensor,pow2=1)", "int(4,symmetric=0,scale=channel,axis=0)",
+    "fixed(16,8,scale=tensor,pow2=1)", "fixed(8,-2,symmetric=1)", "posit(16,1,scale=block,block=8)",
+    "lns(8,gamma=4,underflow=saturate)", "p3109(8,3,signed=0,domain=finite,saturation=satfinite)",
+    "block(int8,size=16,scale=ue5m3)", "block(fp(e=2,m=1),size=8,scale=fp32)",
+    "mx(fp4_e2m1,block=16,axis=0)", "block(fp4_e2m1,scale=none)", "mxfp4(scale=none)",
+]
+
+
+@pytest.mark.parametrize("spec", SHOWN_OPTION_SPECS)
+def test_formats_show_lists_the_options_as_the_spec_writes_them(spec: str) -> None:
+    """Every row of `dse formats show` named after an option of the format's family holds that
+    option's value in the spec's own words, and those rows written back as one call are the same
+    format (nvfp4 showed `tensor_scale True` where its spec says tensor_scale=fp32, p3109 its
+    fp parent's fields special/overflow, which p3109(...) does not take)."""
+    from inspect import signature
+
+    from dse.formats.spec import _FAMILIES, _ensure_families_loaded
+
+    _ensure_families_loaded()
+    fmt = get(spec)
+    result = runner.invoke(app, ["formats", "show", spec], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = dict(tuple(cell.strip() for cell in line.split("│")[1:3])
+                for line in result.stdout.splitlines() if line.count("│") == 3)
+    properties = {"family", "bits", "scaling", "max", "min positive", "dynamic range (decades)",
+                  "relative precision at 1.0", "finite values", "in float32"}
+    options = set(signature(_FAMILIES[fmt.family]).parameters)
+    assert set(rows) - properties <= options, set(rows) - properties - options
+    shown = [f"{name}={value}" for name, value in rows.items() if name in options]
+    assert get(f"{fmt.family}({','.join(shown)})") == fmt

@@ -166,3 +166,39 @@ def scaled_scores(shape: tuple[int, ...], classes: int) -> nn.Module:
 def tiny(shape: tuple[int, ...], classes: int) -> nn.Module:
     """Three hidden units: at a batch of 4 each member's GEMMs have fewer than 400 multiply-adds."""
     return nn.Sequential(nn.Linear(shape[0], 3), nn.ReLU(), nn.Linear(3, classes))
+
+
+class Gated(nn.Module):
+    """Linear -> SiLU -> Linear -> sigmoid gate -> Linear: position-dependent activations (their CPU
+    vector and scalar kernels disagree in the last bit) on 74 and 37 features, so a member's
+    batch of 50 leaves a scalar tail that the group's folded batch does not."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(width, 74), nn.Linear(74, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.b(F.silu(self.a(x)))
+        return self.head(h * torch.sigmoid(h))
+
+
+def gated(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Gated(shape[0], classes)
+
+
+class Recurrent(nn.Module):
+    """nn.GRU (batch first) over the image's 8 rows: a leaf layer with weights, run member by member
+    (its gates' sigmoid and tanh inside torch's kernel, each member's own call)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 12, batch_first=True)
+        self.head = nn.Linear(8 * 12, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.reshape(len(x), 8, 8))
+        return self.head(out.flatten(1))
+
+
+def recurrent(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Recurrent(classes)

@@ -209,8 +209,6 @@ def test_a_command_that_trains_reads_its_file_and_store_once_before_planning_and
     """Whether the rerun is answered from the store and whether to start the workers early are decided
     from one read of the sweep file and its store; the final counts, reports and fronts from one read
     of its trials (and one before training: the best trial so far, for the progress display)."""
-    import yaml
-
     from dse.sweep import receipt, runner, store, summary
 
     reads: dict[str, int] = {"file": 0, "store": 0, "trials": 0}
@@ -221,7 +219,7 @@ def test_a_command_that_trains_reads_its_file_and_store_once_before_planning_and
             return function(*args, **kwargs)
         return count
 
-    monkeypatch.setattr(yaml, "safe_load", counted("file", yaml.safe_load))
+    monkeypatch.setattr(receipt, "load_yaml", counted("file", receipt.load_yaml))
     monkeypatch.setattr(receipt, "stored_progress", counted("store", receipt.stored_progress))
     load_trials = counted("trials", store.load_trials)
     for module in (store, runner, summary):

@@ -158,3 +158,187 @@ def test_the_built_in_proxies_call_none_of_the_functions_so_run_without_the_mode
         with mode:
             stacked.net(x.flatten(0, 1)).sum().backward()
         assert not mode.seen, training
+
+
+class _Gate(nn.Module):
+    """A user's leaf layer with a weight of its own that calls sigmoid: it runs member by member."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x * self.gain)
+
+
+class _SequenceFirst(nn.Module):
+    """nn.MultiheadAttention sequence first: `activation` on its (L, N, E) output, where the group's
+    members sit along the second axis (8 tokens of 7 features: a member's 8 * 50 * 7 elements leave
+    a scalar tail)."""
+
+    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(64, 56), nn.MultiheadAttention(7, 1), nn.Linear(56, 10)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
+        y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head(self.activation(y).transpose(0, 1).flatten(1))
+
+
+def _stacked_and_alone(make: Callable[[], nn.Module], members: int, rows: int, threads: int
+                       ) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
+    """(output, input gradient) of a stacked group on its folded batch, and of each member alone
+    on its own batch, both quantized as `train` has them (fp32 policy)."""
+    from dse.formats.base import MemberGenerators
+    from dse.train.config import TrainConfig
+    from dse.train.layers import quantize_model
+    from dse.train.policy import QuantPolicy
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [make() for _ in range(members)]
+        policy = QuantPolicy.from_config(TrainConfig(model="mlp", format="fp32"))
+        example = torch.randn(4, 64)
+        stacked = stack_models([copy.deepcopy(n) for n in nets], policy, QuantSwitch(),
+                               MemberGenerators([torch.Generator() for _ in nets]), example)
+        weight = torch.linspace(-1, 1, 10)
+        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(1)) * 2
+        folded = x.clone().requires_grad_()
+        together = stacked(folded)
+        (together * weight).sum().backward()
+        assert folded.grad is not None
+        alone = []
+        for g, net in enumerate(nets):
+            quantize_model(net, policy, torch.Generator(), example[:2])
+            own = x[g].clone().requires_grad_()
+            (net(own) * weight).sum().backward()
+            assert own.grad is not None
+            alone.append((net(own).detach(), own.grad))
+        return (together.detach(), folded.grad), alone
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_users_layer_run_member_by_member_is_not_split_again(threads: int) -> None:
+    """A leaf layer with weights runs each member's own call (`PerMemberLayer`); the mode used to
+    split that member's 50 rows again into G blocks (its sigmoid's tail then fell elsewhere: the input
+    gradient differed in 7 elements at G = 2)."""
+    (together, grad), alone = _stacked_and_alone(lambda: _NitiSilu(_Gate(74)), 2, 50, threads)
+    for g, (out, own_grad) in enumerate(alone):
+        assert torch.equal(together[g], out) and torch.equal(grad[g], own_grad), g
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("members", [2, 3])
+@pytest.mark.parametrize("activation", [F.silu, torch.sigmoid], ids=["silu", "sigmoid"])
+def test_a_sequence_first_activation_gives_each_member_its_bits_alone(
+        activation: Callable[[Tensor], Tensor], members: int, threads: int) -> None:
+    """The members' samples of a sequence-first (L, G*B, E) tensor are columns, not rows: the mode
+    finds them by the member's batch and runs each member's own (L, B, E), laid out as alone
+    (contiguous), forward and backward. It used to pass such a tensor whole (G = 3: L = 8 does not
+    divide into 3) or cut it along L (G = 2); sigmoid's input gradient then differed in 41 elements."""
+    (together, grad), alone = _stacked_and_alone(lambda: _SequenceFirst(activation), members, 50, threads)
+    for g, (out, own_grad) in enumerate(alone):
+        assert torch.equal(together[g], out) and torch.equal(grad[g], own_grad), g
+
+
+class _NitiSilu(nn.Module):
+    """Linear -> `act` -> Linear (a user's module)."""
+
+    def __init__(self, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(64, 74), act or nn.SiLU(), nn.Linear(74, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_niti_groups_activations_are_each_members_alone(threads: int) -> None:
+    """NITI re-quantizes each activation's float output per member; a SiLU run once over the folded
+    batch gave some of those floats another last bit than alone (which can move a mantissa across a
+    rounding boundary): `FoldedNitiNetwork` runs a user's network under the mode too."""
+    from dse.train.niti import convert_model
+    from dse.train.niti.stacked import stack_niti_models
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [_NitiSilu() for _ in range(2)]
+        for g, net in enumerate(nets):
+            convert_model(net, 7, torch.Generator().manual_seed(g))
+        stacked = stack_niti_models([copy.deepcopy(n) for n in nets])
+        seen: list[Tensor] = []
+        for net in (stacked.network, *nets):
+            net.act.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+        x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(1)) * 2
+        with torch.no_grad():
+            stacked(x)
+            for g, net in enumerate(nets):
+                net(x[g])
+        together = seen[0].unflatten(0, (2, 50))
+        for g in range(2):
+            assert torch.equal(together[g], seen[1 + g]), g
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+@pytest.mark.parametrize("factory, optimizer, threads", [
+    ("gated", "sgd", 2), ("gated", "niti", 1), ("recurrent", "sgd", 1),
+], ids=["silu-sigmoid-sgd-2-threads", "silu-sigmoid-niti", "gru-sgd"])
+def test_a_users_network_trains_in_a_group_as_alone(factory: str, optimizer: str, threads: int) -> None:
+    """Stacked (no reason to train one by one), and every stored result of every member equal to its
+    run alone, to the last bit: SiLU and sigmoid on 74 and 37 features at batch 50 (float and NITI),
+    and an nn.GRU (its (output, state) tuple used to refuse stacking: "expected Tensor as element 0")."""
+    import dataclasses
+    from pathlib import Path
+
+    from dse.train import TrainConfig, train
+    from dse.train.grouped import group_reason, train_group
+
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, x_train=data.x_train[:200], y_train=data.y_train[:200],
+                               x_val=data.x_val[:60], y_val=data.y_val[:60], x_test=data.x_test[:60],
+                               y_test=data.y_test[:60])
+    models = Path(__file__).resolve().parent.parent / "support" / "user_models.py"
+    fields = {"master_weights": False} if optimizer == "niti" else {"lr": 0.05}
+    base = TrainConfig(model=f"{models}:{factory}", dataset="digits", optimizer=optimizer, format="int8",
+                       epochs=1, batch_size=50, threads=threads, **fields)
+    configs = [base.replace(seed=seed) for seed in (3, 4)]
+    assert group_reason(configs[0]) is None
+    for together, alone in zip(train_group(configs, data), (train(c, data) for c in configs), strict=True):
+        assert repr(dataclasses.replace(together, wall_time_s=0.0)) == repr(dataclasses.replace(alone,
+                                                                                               wall_time_s=0.0))
+
+
+@pytest.mark.parametrize("members, rows, width", [(3, 1, 66002), (2, 2, 50002)])
+def test_glu_gives_each_member_its_bits_alone_on_two_threads(members: int, rows: int, width: int) -> None:
+    """F.glu (nn.GLU) computes a sigmoid inside its own kernel: the same bits anywhere on one thread,
+    but over 32768 elements torch splits it among the threads at other places in the group than
+    alone where a row is that long (measured: 3 and 7 of 99003 elements forward and backward at
+    (3, 33001), benchmarks/stacked_kernels.py --ops glu,glu_backward), so it runs member by member too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(members * rows, width, generator=torch.Generator().manual_seed(0)) * 4
+        x.requires_grad_()
+        weight = torch.linspace(-1, 1, width // 2)
+        with MemberKernelMode(members, rows):
+            folded = F.glu(x)
+        (folded * weight).sum().backward()
+        assert x.grad is not None
+        for g, block in enumerate(x.detach().chunk(members)):
+            own = block.clone().requires_grad_()
+            alone = F.glu(own)
+            (alone * weight).sum().backward()
+            assert torch.equal(folded[g * rows:(g + 1) * rows], alone), g
+            assert torch.equal(x.grad[g * rows:(g + 1) * rows], own.grad), g
+    finally:
+        torch.set_num_threads(previous)

@@ -386,8 +386,15 @@ class FoldedNitiNetwork(nn.Module):
     (G, B, ...) tagged with the members' exponents."""
 
     def __init__(self, network: nn.Module, members: int) -> None:
+        from dse.train.member_kernels import MemberKernels, may_call_position_dependent
+
         super().__init__()
         self.network, self.members = network, members
+        self.member_kernels = (MemberKernels(network, members) if may_call_position_dependent(network)
+                               else None)
+        """A user's module may call a function whose CPU kernel's last bit depends on where an element
+        sits (SiLU, sigmoid, ...) on the float values the next NITI layer re-quantizes: run member by
+        member (dse/train/member_kernels.py), as a stacked float network runs it."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))

@@ -1,0 +1,282 @@
+"""The operation counts dse prices, checked against torch's own FLOP counter (torch.utils.flop_counter)
+over whole training steps (forward and backward), pass by pass, at several batch sizes: every proxy
+model, every full-size built-in workload (written as plain torch modules in tests/support, built on the
+meta device), users' networks (a model function and its ONNX export) and a trial's model as training
+runs it (quantized layers, accumulation emulation, NITI, LNS-Madam). Memory traffic, which no counter
+sees, is checked against the sizes of the tensors a traced forward really makes."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from dse.data import Dataset, load_dataset
+from dse.energy import build_model as build_energy_model
+from dse.energy import datapath_for, iteration_energy
+from dse.formats import get
+from dse.models.proxies import build_model, trace_workload
+from dse.models.workloads import Workload, get_workload
+from dse.train.config import TrainConfig
+from tests.support.reference_networks import REFERENCES
+
+torch.set_num_threads(1)
+aten = torch.ops.aten
+ENERGY = build_energy_model("45nm")
+BACKWARD = ("backward_data", "backward_weight")
+
+
+def _conv_backward_flops(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int], _bias: Any,
+                         _stride: Any, _padding: Any, _dilation: Any, transposed: bool, _output_padding: Any,
+                         _groups: int, output_mask: list[bool], out_shape: Any = None, **kwargs: Any) -> int:
+    """Each gradient a convolution's backward computes (input, weight) takes as many multiply-adds as
+    its forward: one per (output position, weight element, sample) pair. torch's own formula
+    (torch/utils/flop_counter.py, conv_backward_flop, torch 2.13) drops the groups from the weight
+    gradient's term, which overcounts a depthwise convolution's by its channel count (pytorch/pytorch
+    PR 183405 proposes the same division); the forward formula counts groups through the weight's shape."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _conv_backward_flops})
+
+
+def _loss(out: Tensor, y: Tensor | None) -> Tensor:
+    if y is None:
+        return out.float().sum()
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def torch_training_macs(run: Callable[[], Tensor], y: Tensor | None = None) -> dict[str, int]:
+    """torch's count of one training step: multiply-adds of the forward and of the backward (FLOPs / 2)."""
+    counts = {}
+    with sdpa_kernel(SDPBackend.MATH):  # torch's counter skips the fused CPU attention kernel
+        forward = _counter()
+        with forward:
+            loss = _loss(run(), y)
+        backward = _counter()
+        with backward:
+            loss.backward()
+    for name, counter in (("forward", forward), ("backward", backward)):
+        flops = counter.get_total_flops()
+        assert flops % 2 == 0
+        counts[name] = flops // 2
+    return counts
+
+
+def priced_macs(workload: Workload, batch: int) -> dict[str, int]:
+    """The multiply-adds dse prices per pass, read from the energy frame itself: with INT8 operands every
+    MAC pays the multiplier once (and nothing else pays it), so multiply energy / its energy is the
+    count. Checked against the workload's own list of training GEMMs."""
+    int8 = get("int8")
+    datapath = datapath_for(int8, int8, ENERGY.components, ENERGY.datapath)
+    assert datapath.per_group.multiply_pj == datapath.per_output.multiply_pj == 0
+    frame = iteration_energy(workload, int8, ENERGY, batch)
+    multiply = frame[frame["unit"] == "multiply"].groupby("pass")["energy_pj"].sum()
+    per_mac = datapath.per_product.multiply_pj
+    counts = {"forward": round(multiply.get("forward", 0.0) / per_mac),
+              "backward": round(sum(multiply.get(p, 0.0) for p in BACKWARD) / per_mac)}
+    rows = workload.training_gemms(batch)
+    assert counts == {"forward": sum(r["macs"] for r in rows if r["pass"] == "forward"),
+                      "backward": sum(r["macs"] for r in rows if r["pass"] in BACKWARD)}
+    return counts
+
+
+# --- the counter itself ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups, stride, transposed", [(1, 1, False), (4, 2, False), (16, 1, False),
+                                                        (2, 2, True)])
+def test_the_corrected_counter_counts_a_grouped_convolution_by_hand(groups: int, stride: int,
+                                                                      transposed: bool) -> None:
+    """Three GEMMs of one (grouped, strided or transposed) convolution, each as many MACs as the forward:
+    per sample and output position (input position for a transposed one), c_out x c_in / groups x
+    kernel area. torch's unmodified counter gets the weight gradient wrong for groups > 1."""
+    conv: nn.Module
+    if transposed:
+        conv = nn.ConvTranspose2d(16, 16, 3, stride=stride, groups=groups, bias=False)
+    else:
+        conv = nn.Conv2d(16, 16, 3, stride=stride, padding=1, groups=groups, bias=False)
+    x = torch.randn(3, 16, 9, 9, requires_grad=True)
+    positions = 9 * 9 if transposed else conv(x).shape[-1] * conv(x).shape[-2]
+    by_hand = 3 * positions * 16 * 16 // groups * 9
+    assert torch_training_macs(lambda: conv(x)) == {"forward": by_hand, "backward": 2 * by_hand}
+    plain = FlopCounterMode(display=False)
+    out = conv(x).sum()
+    with plain:
+        out.backward()
+    assert (plain.get_total_flops() == 2 * 2 * by_hand) == (groups == 1)  # torch 2.13's own formula
+
+
+# --- the proxies a sweep trains ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def datasets() -> dict[str, Dataset]:
+    return {name: load_dataset(name) for name in ("digits", "mnist1d", "sort")}
+
+
+PAIRS = [("mlp", "digits"), ("cnn", "digits"), ("resnet", "digits"), ("mlp", "mnist1d"), ("cnn", "mnist1d"),
+         ("resnet", "mnist1d"), ("transformer", "sort")]
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("model_name, data_name", PAIRS)
+def test_a_proxys_training_step_runs_the_gemms_dse_prices(model_name: str, data_name: str, batch: int,
+                                                          datasets: dict[str, Dataset]) -> None:
+    data = datasets[data_name]
+    torch.manual_seed(0)
+    model = build_model(model_name, data)
+    workload = trace_workload(model, data, "t", batch)  # what a sweep prices for the trial's own model
+    x, y = data.x_train[:batch], data.y_train[:batch]
+    assert priced_macs(workload, batch) == torch_training_macs(lambda: model(x), y)
+
+
+HAND_WRITTEN = {"digits-mlp": ("mlp", "digits"), "digits-cnn": ("cnn", "digits"),
+                "m1d-mlp": ("mlp", "mnist1d"), "m1d-cnn": ("cnn", "mnist1d"),
+                "sort-transformer": ("transformer", "sort")}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+def test_a_hand_written_proxy_workload_prices_the_models_training_step(name: str,
+                                                                        datasets: dict[str, Dataset]) -> None:
+    model_name, data_name = HAND_WRITTEN[name]
+    data = datasets[data_name]
+    model = build_model(model_name, data)
+    x, y = data.x_train[:3], data.y_train[:3]
+    assert priced_macs(get_workload(name), 3) == torch_training_macs(lambda: model(x), y)
+
+
+# --- the full-size workloads -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, nn.Module]:
+    with torch.device("meta"):
+        return {name: build() for name, (build, _) in REFERENCES.items()}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_a_full_size_workload_prices_what_torch_counts_in_its_training_step(name: str,
+                                                                             references: dict[str, nn.Module]
+                                                                             ) -> None:
+    """ResNet-18/50, MobileNetV2, ViT-B/16, BERT-base, GPT-2 small and LLaMA-7B as torch modules (meta
+    tensors: shapes only): forward and backward multiply-adds at batches 1 and 3 equal what dse prices."""
+    net, make_input = references[name], REFERENCES[name][1]
+    for batch in (1, 3):
+        counts = torch_training_macs(lambda: net(make_input(batch)))  # noqa: B023 (called at once)
+        assert priced_macs(get_workload(name), batch) == counts, batch
+
+
+# --- a trial's model as training runs it -------------------------------------------------------------
+
+TRIALS: list[dict[str, Any]] = [
+    {"model": "mlp", "dataset": "digits", "format": "int8"},
+    {"model": "cnn", "dataset": "digits", "format": "mxfp8_e4m3"},
+    {"model": "cnn", "dataset": "mnist1d", "format": "int8", "accumulation": "fp16", "accumulation_chunk": 8},
+    {"model": "mlp", "dataset": "digits", "format": "lns8", "optimizer": "lns-madam"},
+    {"model": "transformer", "dataset": "sort", "format": "fp8_e4m3", "optimizer": "adam",
+     "accumulation": "bf16"},
+    {"model": "resnet", "dataset": "digits", "format": "posit8"},
+    {"model": "cnn", "dataset": "digits", "format": "int8", "optimizer": "niti"},
+]
+
+
+SWEEP = "task: {model: mlp, dataset: digits}\ntrials: [{format: int8}]\n"
+
+
+@pytest.mark.parametrize("trial", TRIALS, ids=lambda t: "-".join(str(v) for v in t.values()))
+def test_a_trials_quantized_training_step_runs_the_gemms_its_energy_prices(
+        trial: dict[str, Any], datasets: dict[str, Dataset]) -> None:
+    """The model training runs (quantized layers, each GEMM folded chunk by chunk into an accumulator
+    format where the trial has one, NITI's integer network) does the GEMMs the sweep's energy columns
+    price for that trial (EnergyEstimator.proxy: the trial's model traced at its batch size)."""
+    from dse.sweep import parse_config
+    from dse.sweep.energy import EnergyEstimator
+    from dse.train.loop import prepare
+
+    for batch in (4, 9):
+        config = TrainConfig(**trial, batch_size=batch)
+        data = datasets[config.dataset]
+        torch.manual_seed(config.seed)
+        setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
+                        data.x_train[:2])
+        x, y = data.x_train[:batch], data.y_train[:batch]
+        counts = torch_training_macs(lambda: setup.model(x), y)  # noqa: B023 (called at once)
+        workload = EnergyEstimator(parse_config(SWEEP, "s.yaml").energy).proxy(config)
+        assert priced_macs(workload, batch) == counts, batch
+
+
+# --- users' networks: a model function and its ONNX export --------------------------------------------
+
+USER_MODELS = Path(__file__).parents[1] / "support" / "user_models.py"
+OWN_MODEL = Path(__file__).parents[2] / "examples" / "own_model" / "model.py"
+
+
+@pytest.mark.parametrize("ref", [f"{OWN_MODEL}:small_resnet"] + [
+    f"{USER_MODELS}:{name}" for name in ("functional", "conv", "encoder", "attention", "sdpa", "tokens",
+                                         "transposed", "scaled_scores")])
+def test_a_users_network_is_priced_as_torch_counts_its_training_step(ref: str, tmp_path: Path,
+                                                                     datasets: dict[str, Dataset]) -> None:
+    """As users give them (docs/own-network.md): `file.py:function` traced on the dataset, and the same
+    network exported to ONNX, at two batch sizes."""
+    pytest.importorskip("onnx")
+    data = datasets["digits"]
+    torch.manual_seed(0)
+    model = build_model(ref, data)
+    for batch in (2, 5):
+        x, y = data.x_train[:batch], data.y_train[:batch]
+        counts = torch_training_macs(lambda: model(x), y)  # noqa: B023 (called at once)
+        assert priced_macs(get_workload(ref, "digits", batch), batch) == counts, batch
+    path = tmp_path / "net.onnx"  # at the batch it is traced with: these models write len(x) in reshapes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (data.x_train[:3],), str(path), dynamo=False, input_names=["x"])
+    model.train()
+    for batch in (2, 5):
+        x, y = data.x_train[:batch], data.y_train[:batch]
+        counts = torch_training_macs(lambda: model(x), y)  # noqa: B023 (called at once)
+        assert priced_macs(get_workload(str(path), batch_size=batch), batch) == counts, batch
+
+
+def test_an_onnx_file_whose_graph_fixes_the_batch_is_refused_not_priced_twice(tmp_path: Path) -> None:
+    """A model that writes len(x) into a reshape, exported with an open batch axis: the file's Reshape
+    holds the export's batch, so with the batch at 1 its later GEMMs would count 3 samples each."""
+    pytest.importorskip("onnx")
+    from dse.errors import InputError
+
+    data = load_dataset("digits")
+    model = build_model(f"{USER_MODELS}:conv", data).eval()
+    path = tmp_path / "dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (data.x_train[:3],), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    with pytest.raises(InputError, match=r"dynamic.onnx'?: the batch axis is open but .* does not follow it"):
+        get_workload(str(path))
+
+
+def test_a_product_of_two_inputs_that_need_no_gradient_has_no_backward_gemm() -> None:
+    """(x @ x^T) * s on the model's input: torch computes neither operand's gradient, and dse prices
+    neither (before, the backward-weight GEMM of such a product was priced although it never runs)."""
+    from dse.models.trace import trace_model
+
+    class Gram(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: Tensor) -> Tensor:
+            tokens = x.reshape(len(x), 4, 16)
+            return (tokens @ tokens.transpose(1, 2)).flatten(1) * self.scale
+
+    model, x = Gram(), torch.randn(3, 64)
+    workload = trace_model(model, x, "gram", batch_size=3)
+    assert priced_macs(workload, 3) == torch_training_macs(lambda: model(x)) == {"forward": 3 * 4 * 16 * 4,
+                                                                                "backward": 0}
