@@ -361,14 +361,14 @@ class MemberAccumulators(Accumulator):
     a transformer group member trained at 0.78-0.80x of alone against 0.90x in runs (the larger
     chunks leave the cache; docs/training.md). Either way every member's chunks are the same matmuls
     over the same reduction indices, rounded by its own accumulator: the results do not depend on it.
-    """
+    On a GPU (no grain; launch-bound) the whole group folds at once."""
 
     each: tuple[Accumulator, ...] = ()
     runs_of: Callable[[slice], Accumulator] | None = None
 
     def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
         members = operands[0].shape[0]
-        if self.runs_of is None or members == 1 or length <= self.chunk \
+        if self.runs_of is None or members == 1 or length <= self.chunk or not operands[0].is_cpu \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
         # member 0's first chunk alone, which its fold starts from where members fold one by one
