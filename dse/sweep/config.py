@@ -176,9 +176,10 @@ class ExecutorConfig:
     workers: int
     threads: int
     address: str | None
-    group_size: int = 8
+    group_size: int | None = None
     """Trials of one configuration trained at once as a stacked network (dse/train/grouped.py);
-    1 trains each alone. The default comes from benchmarks/sweep.py (docs/training.md)."""
+    1 trains each alone. None (not in the file): each configuration's default for its model and
+    device, as measured (`default_group_size` in dse/sweep/groups.py, docs/training.md)."""
     retries: int = 2
     """Ray: times a task whose worker died (a lost node, a killed process) is run again."""
 
@@ -623,9 +624,8 @@ def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorCon
         raise source.error(("executor", "backend"), "Ray is not installed: pip install 'dse[ray]'")
     # by default as many trials as there are cores for their threads: no oversubscription
     workers = section.workers if section.workers is not None else max(1, available_cores() // section.threads)
-    group_size = section.group_size if section.group_size is not None else ExecutorConfig.group_size
     return ExecutorConfig(backend=section.backend, workers=workers, threads=section.threads,
-                          address=section.address, group_size=group_size, retries=section.retries)
+                          address=section.address, group_size=section.group_size, retries=section.retries)
 
 
 def available_cores() -> int:
