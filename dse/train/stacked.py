@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -74,7 +75,7 @@ from dse.train.layers import (
     is_block_scaled,
     quant_matmul,
 )
-from dse.train.member_kernels import MemberKernels, may_call_position_dependent
+from dse.train.member_kernels import AmbiguousMemberAxisWarning, MemberKernels, may_call_position_dependent
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -184,7 +185,9 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
         stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, example)
         before = _rng_states(devices)
         try:
-            together = stacked(torch.stack(inputs))
+            with warnings.catch_warnings():  # two samples each: a coincidence of sizes says nothing here
+                warnings.simplefilter("ignore", AmbiguousMemberAxisWarning)
+                together = stacked(torch.stack(inputs))
         except Exception as error:  # a layer that cannot take the folded batch
             return (f"its forward fails on a folded batch ({type(error).__name__}: "
                     f"{str(error).splitlines()[0] if str(error) else ''})")
