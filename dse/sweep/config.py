@@ -682,6 +682,13 @@ def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path 
     name = sweep.name if sweep.name is not None else Path(source_name).stem
     if not name.strip():
         problems.add(str(source.error(("name",), "the sweep name is empty")))
+    elif sweep.output is None and (name.strip() in (".", "..") or any(sep in name for sep in "/\\")):
+        problems.add(str(source.error(("name",), f"the sweep name {name!r} is a path, and its results would "
+                                      f"go to results/{name}: name the sweep plainly and set output: to "
+                                      "where its results go")))
+    if sweep.output is not None and not sweep.output.strip():
+        problems.add(str(source.error(("output",), "empty path: leave output: out for results/<name>, or "
+                                      "write . for this folder")))
     energy = problems.attempt(_check_energy, sweep.energy, source, folder)
     executor = problems.attempt(_check_executor, sweep.executor, source)
     baseline = problems.attempt(_check_baseline, sweep.report.baseline, source)
