@@ -18,13 +18,15 @@ import typer
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 if TYPE_CHECKING:
     from dse.sweep.interrupt import SweepInterrupted
 
-console = Console()
-error_console = Console(stderr=True)
+# (no emoji codes: a name or path holding ':x:' printed as an emoji, `a:x:b.yaml` as 'a❌b.yaml')
+console = Console(emoji=False)
+error_console = Console(stderr=True, emoji=False)
 
 
 def _error_line(message: str) -> None:
@@ -203,7 +205,7 @@ def _option_name(parameter: str) -> str:
 def _print_whole(table: Table) -> None:
     """Print a table at its natural width even on a narrow or non-terminal console (no cropped cells)."""
     natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
-    Console(width=max(console.width, natural)).print(table)
+    Console(width=max(console.width, natural), emoji=False).print(table)
 
 
 def _number(value: float) -> str:
@@ -877,7 +879,7 @@ def sweep(
     if dry_run:
         trials, _, _ = plan_sweep(settings)
         runs = len({trial.trial_id for trial in trials})
-        grid = Table(title=f"{settings.name}: {runs} trials -> {settings.output}")
+        grid = Table(title=Text(f"{settings.name}: {runs} trials -> {settings.output}"))  # (not markup)
         for column in ("task", "configuration", "tuning", "trials"):
             grid.add_column(column, justify="right" if column == "trials" else "left")
         rows: dict[tuple[str, str], tuple[dict[str, list[Any]], int]] = {}

@@ -253,3 +253,17 @@ def test_every_config_field_has_a_docstring_which_is_its_option_help() -> None:
     assert {field.name for field in dataclasses.fields(TrainConfig)} <= set(docs)
     text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
     assert "Weight-gradient format (default: gradients)." in text
+
+
+@pytest.mark.parametrize("name", ["[red]x", "smile:x:"])
+def test_names_and_paths_print_as_written_not_as_markup_or_emoji(name: str, tmp_path: Path) -> None:
+    """Rich read a sweep's name as markup and ':x:' as an emoji code: `name: '[red]x'` printed its
+    results folder as results/x (it is results/[red]x), and an error named `a:x:b.yaml` 'a❌b.yaml'."""
+    config = tmp_path / "s.yaml"
+    config.write_text(f"name: '{name}'\ntask: {{model: mlp, dataset: digits}}\ntrials: [{{format: fp32}}]\n")
+    result = runner.invoke(app, ["sweep", str(config), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"{name}: 1 trials -> results/{name}" in result.stdout
+    missing = tmp_path / f"a{name}b.yaml"
+    result = runner.invoke(app, ["sweep", str(missing)])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: sweep file '{missing}' not found"
