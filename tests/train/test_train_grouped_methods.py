@@ -157,9 +157,9 @@ def test_a_stacked_linear_and_matmul_fold_equal_each_members_gemms_alone_whateve
     assert group is not None
     alone = [Accumulator(functools.partial(quant, generator=generators.generators[g]), chunk)
              for g in range(members)]
-    previous, grain_before = torch.get_num_threads(), stacked.PARALLEL_GRAIN_ELEMENTS
+    previous, grain_before = torch.get_num_threads(), stacked.PARALLEL_GRAIN
     torch.set_num_threads(threads)
-    stacked.PARALLEL_GRAIN_ELEMENTS = grain
+    stacked.PARALLEL_GRAIN = grain
     try:
         dx, dw = op.backward_accumulated(dy, x, w, True, True, group)
         together = [op.forward_accumulated(x, w, None, group), dx, dw,
@@ -172,7 +172,7 @@ def test_a_stacked_linear_and_matmul_fold_equal_each_members_gemms_alone_whateve
                  accumulation.matmul_backward_a(e[g], b[g], alone[g]),
                  accumulation.matmul_backward_b(a[g], e[g], alone[g])] for g in range(members)]
     finally:
-        stacked.PARALLEL_GRAIN_ELEMENTS = grain_before
+        stacked.PARALLEL_GRAIN = grain_before
         torch.set_num_threads(previous)
     for gemm, result in enumerate(together):
         assert torch.equal(result, torch.stack([gemms[gemm] for gemms in each])), gemm
