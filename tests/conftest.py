@@ -13,6 +13,7 @@ functions, so module-scoped fixtures and hypothesis tests can use them.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ import pandas as pd
 import pytest
 from support import fakes, processes
 from support.host_syncs import HostSyncs
+
+# A suite started in the background of a non-interactive shell (`pytest &`) inherits SIGINT ignored
+# (POSIX), and so does every process a test starts: the Ctrl-C tests failed for the launcher's sake.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
