@@ -453,3 +453,74 @@ def test_a_group_called_twice_train_then_eval_gives_each_member_its_bits_each_ti
                 assert torch.equal(together[g], member(x[g])), (training, rows, g)
     finally:
         torch.set_num_threads(previous)
+
+
+class _ResidualGate(nn.Module):
+    """A residual around a user's leaf layer with a weight that reads its input twice: the input's
+    gradient is the sum of three terms, two from inside the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Linear(64, 37), _Gate(37), nn.Linear(37, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h + self.gate(h))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a layer run member by member (PerMemberLayer) sums "
+                   "the gradient terms from inside it before the terms from outside it, where alone "
+                   "autograd adds them in its own order; float addition is not associative")
+def test_a_residual_around_a_layer_run_member_by_member_gives_each_members_weight_gradient() -> None:
+    """Measured (torch 2.13, one thread): the first layer's weight gradient differs in the last bit
+    in most elements, and a group of 2 trained on digits (sgd, fp32, 1 epoch at batch 50) ended at
+    final loss 2.292799472808838 for seed 3 against 2.292799413204193 alone. No position-dependent
+    kernel is involved: the per-member layer's boundary regroups a sum."""
+    torch.manual_seed(0)
+    members = [_ResidualGate() for _ in range(2)]
+    group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, torch.randn(4, 64))
+    x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(1)) * 2
+    weight = torch.linspace(-1, 1, 10)
+    (group(x) * weight).sum().backward()
+    stacked_grad = group.net.a.weight.grad
+    assert stacked_grad is not None
+    for g, member in enumerate(members):
+        (member(x[g]) * weight).sum().backward()
+        assert member.a.weight.grad is not None
+        assert torch.equal(stacked_grad[g], member.a.weight.grad), g
+
+
+class _Checkpointed(nn.Module):
+    """SiLU x sigmoid under activation checkpointing (recomputed in the backward)."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 37), nn.Linear(37, 10)
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda t: F.silu(t) * torch.sigmoid(t), self.a(x), use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the mode is entered by the network's forward hooks, "
+                   "so a checkpointed block recomputed in the backward runs without it")
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_checkpointed_block_gives_each_member_its_gradient_alone(reentrant: bool) -> None:
+    """Measured (torch 2.13, one thread): non-reentrant checkpointing raises CheckpointError in the
+    group (the recomputation saves 4 tensors where the forward, member by member, saved 6), also
+    through train_group, while each member alone trains; reentrant checkpointing gives member 1
+    another input gradient in 1 element."""
+    torch.manual_seed(0)
+    members = [_Checkpointed(reentrant) for _ in range(2)]
+    group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, torch.randn(4, 64))
+    x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(0)) * 3
+    folded = x.clone().requires_grad_()
+    group(folded).sum().backward()
+    assert folded.grad is not None
+    for g, member in enumerate(members):
+        own = x[g].clone().requires_grad_()
+        member(own).sum().backward()
+        assert torch.equal(folded.grad[g], own.grad), g
