@@ -894,8 +894,11 @@ def sweep(
         unique = unique_runs(trials)
         groups, notes = plan_groups(unique, settings.executor.group_size,
                                     shares=device_shares(unique, settings.executor))
-        console.print(f"{len(groups)} jobs: trials trained in groups of up to {settings.executor.group_size}",
-                      markup=False, highlight=False)
+        chosen = settings.executor.group_size
+        sizes = f"{chosen}" if chosen is not None else \
+            f"{max((len(group) for group in groups), default=1)} (each model's default group size)"
+        console.print(f"{len(groups)} jobs: trials trained in groups of up to {sizes}", markup=False,
+                      highlight=False)
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return

@@ -9,6 +9,13 @@
         --sizes 1,2,4,8,16,32 --out results/grouped_cuda.md     # trials per second on a GPU
 
 `--formats` takes format specs (SGD with an fp32 copy; lns* with LNS-Madam) and the names of METHODS.
+`--whole-group-folds` also runs each format with an accumulator's chunks folded for the whole group
+at once, as before they ran over runs of members under torch's grain (dse/train/stacked.py), and
+`--threads N` runs everything at N torch threads:
+
+    .venv/bin/python benchmarks/grouped.py --models transformer --datasets sort-easy --formats \\
+        lns8+e5m2-acc4 --sizes 2 --train-samples 256 --epochs 1 --threads 2 --whole-group-folds
+
 `--before` also runs each format as the step ran before the step-speed changes
 (benchmarks/before_step_speed.py) in the same rounds, and prints that row and today's speed-up over
 it, alone and per member.
@@ -32,7 +39,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +49,8 @@ METHODS: dict[str, dict[str, object]] = {
     "niti": {"format": "int8", "optimizer": "niti"},
     "fp8_e4m3+fp16-acc": {"format": "fp8_e4m3", "accumulation": "fp16"},  # chunks of 16 into fp16
     "madam": {"format": "int8", "optimizer": "madam"},  # Madam with an fp32 copy, int8 GEMMs
+    "lns8+e5m2-acc4": {"format": "lns8", "optimizer": "lns-madam", "master_weights": False,
+                       "accumulation": "fp8_e5m2", "accumulation_chunk": 4},  # LNS-Madam, fp8 sums every 4
 }
 
 
@@ -50,6 +59,20 @@ def method_fields(spec: str) -> dict[str, object]:
     return METHODS.get(spec) or {"format": None if spec == "fp32" else spec,
                                  "optimizer": "lns-madam" if spec.startswith("lns") else "sgd",
                                  "master_weights": not spec.startswith("lns")}
+
+
+@contextlib.contextmanager
+def whole_group_folds() -> Iterator[None]:
+    """An accumulator's chunks folded for the whole group at once, as before `fold_gemm` ran them over
+    runs of members under torch's grain (dse/train/stacked.py)."""
+    import dse.train.stacked as stacked
+
+    grain = stacked.PARALLEL_GRAIN_ELEMENTS
+    stacked.PARALLEL_GRAIN_ELEMENTS = 2**62
+    try:
+        yield
+    finally:
+        stacked.PARALLEL_GRAIN_ELEMENTS = grain
 
 
 def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:
@@ -88,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     parser.add_argument("--before", action="store_true",
                         help="also each format as before the step-speed changes, in the same rounds")
+    parser.add_argument("--whole-group-folds", action="store_true",
+                        help="also each format with an accumulator's chunks folded for the whole group "
+                             "at once (before: runs of members under torch's grain), in the same rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default 1)")
     args = parser.parse_args(argv)
 
     import dataclasses
@@ -105,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     versions: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {"": contextlib.nullcontext}
     if args.before:
         versions[" (before)"] = per_axis_quantize_and_int64_update
-    torch.set_num_threads(1)
+    if args.whole_group_folds:
+        versions[" (whole-group folds)"] = whole_group_folds
+    torch.set_num_threads(args.threads)
     on_cpu = args.device == "cpu"
     seconds = make_clock(args.device)
     sizes = [int(size) for size in args.sizes.split(",")]
@@ -123,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if on_cpu:
         emit(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "
-             f"{args.epochs} epochs, 1 thread)")
+             f"{args.epochs} epochs, {args.threads} thread(s))")
     else:
         emit(f"Trials per second on {torch.cuda.get_device_name(args.device)} (torch {torch.__version__}): "
              f"one at a time, and G at once as one group, with the speed-up (best of {args.rounds} rounds, "
@@ -144,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                                            y_train=data.y_train[:args.train_samples])
             for spec in args.formats.split(","):
                 config = TrainConfig(model=model, dataset=name, epochs=args.epochs, device=args.device,
+                                     threads=args.threads,
                                      batch_size=min(BATCH.get(name, 64), len(data.x_train)),
                                      **method_fields(spec))
                 train(config.replace(epochs=1), data)  # first-call costs

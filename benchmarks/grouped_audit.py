@@ -6,6 +6,7 @@ mismatch with its configuration; exits 1 if any.
 
     python benchmarks/grouped_audit.py --draws 40 --seed 0
     python benchmarks/grouped_audit.py --draws 200 --seed 1 --minutes 30   # stop after 30 minutes
+    python benchmarks/grouped_audit.py --draws 400 --models gated,recurrent   # only draws of these models
 
 Each draw trains on a few hundred samples for one or two epochs; the members differ in seed and in
 some of lr, momentum, weight_decay, p_scale, g_bound, niti_mu (dse.train.grouped.MEMBER_FIELDS).
@@ -31,14 +32,18 @@ ROUNDINGS = ["nearest", "stochastic", "pseudo_stochastic"]
 
 
 def draw(rng: random.Random) -> tuple[list[Any], str]:
-    """One group's configurations (2-3 members) and a short description."""
+    """One group's configurations (2-3 members) and a short description. Users' networks include
+    SiLU and sigmoid (`gated`), an nn.GRU (`recurrent`) and SiLU after a sequence-first attention
+    (`sequence_first_silu`), which run under MemberKernelMode."""
     from dse.train import TrainConfig
 
     model, dataset = rng.choice([("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"), ("cnn", "mnist1d"),
                                  ("transformer", "sort"), (f"{USER_MODELS}:functional", "digits"),
                                  (f"{USER_MODELS}:conv", "digits"), (f"{USER_MODELS}:encoder", "digits"),
                                  (f"{USER_MODELS}:tiny", "digits"), (f"{USER_MODELS}:attention", "digits"),
-                                 (f"{USER_MODELS}:sdpa", "digits")])
+                                 (f"{USER_MODELS}:sdpa", "digits"), (f"{USER_MODELS}:gated", "digits"),
+                                 (f"{USER_MODELS}:recurrent", "digits"),
+                                 (f"{USER_MODELS}:sequence_first_silu", "digits")])
     method = rng.choice(["sgd", "sgd-copy-in-format", "sgd-no-copy", "adam", "adamw", "madam", "lns-madam",
                          "lns-madam-copy", "niti", "posit-recipe"])
     fields: dict[str, Any] = {"model": model, "dataset": dataset, "epochs": rng.choice([1, 2]),
@@ -109,6 +114,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=float("inf"))
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--models", default="", help="only draws of these models")
     args = parser.parse_args()
     from dse.errors import InputError
     from dse.train import train
@@ -121,6 +127,8 @@ def main() -> int:
         if time.monotonic() - start > args.minutes * 60:
             break
         configs, what = draw(rng)
+        if args.models and not configs[0].model.endswith(tuple(args.models.split(","))):
+            continue
         try:
             data = subset(configs[0].dataset, args.samples, 100)
             configs = [c.replace(batch_size=min(c.batch_size, args.samples)) for c in configs]

@@ -6,7 +6,7 @@ inference leaves a dimension open (reshapes computed at run time), the graph is 
 with onnx's reference evaluator. An
 operand computed from initializers only is a weight; the layer is named after it (`fc.weight` -> `fc`)
 or, for an exporter's anonymous initializer, after the node (`/att/MatMul` -> `att.MatMul`).
-Initializers that are no GEMM's weight or bias go to extra_params.
+Initializers that are no GEMM's weight (biases, norms, embeddings) go to extra_params.
 """
 
 from __future__ import annotations
@@ -161,7 +161,6 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         _check_batch_follows(onnx, open_batch, gemms, from_input, shapes, where)
     layers: list[GemmLayer] = []
     owned: set[str] = set()
-    gemm_outputs: set[str] = set()
     for index, node in enumerate(gemms):
         a, b = node.input[0], node.input[1]
         a_weight = a in constant and a not in from_input and bool(roots.get(a))
@@ -169,9 +168,6 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         weight_of = b if b_weight else a if a_weight else None
         if weight_of is not None:
             owned |= roots.get(weight_of, set())
-        if len(node.input) > 2 and node.input[2]:
-            owned |= roots.get(node.input[2], set())
-        gemm_outputs.add(node.output[0])
         owned_weight = weight_of is not None and weight_of in params and not weight_of.startswith("onnx::")
         named = weight_of if owned_weight else None
         name = layer_name_of(named) if named else _node_name(node, index)
@@ -198,11 +194,6 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
                 layer = GemmLayer(name, m=math.prod(out_shape[2:]), k=b_shape[1] * kernel,
                                   n=b_shape[0] // groups, **common)
         layers.append(layer)
-    for node in graph.node:  # a bias added after a MatMul belongs to it, as nn.Linear's does
-        if node.op_type == "Add" and any(name in gemm_outputs for name in node.input):
-            for name in node.input:
-                if name not in gemm_outputs and name not in from_input:
-                    owned |= roots.get(name, set())
     layers = unique_names(layers)
     extra = {name: count for name, count in params.items() if name not in owned}
     return Workload(graph.name or path.stem, tuple(layers), batch_size=batch_size, extra_params=extra,

@@ -98,7 +98,7 @@ class _Recorder(TorchDispatchMode):
                     products.append(("hr", hidden, proj, True))
                 for kind, k, n, grad in products:
                     weight = f"{prefix}weight_{kind}_l{layer}{suffix}"
-                    self.used_weights |= {weight, f"{prefix}bias_{kind}_l{layer}{suffix}"}
+                    self.used_weights.add(weight)
                     self.layers.append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
                                                  needs_input_grad=grad))
 
@@ -175,7 +175,7 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     """The GEMMs `model` runs on `inputs` (first dimension: samples), per sample, in call order.
 
     A layer whose operands need no gradient (the first one) gets needs_input_grad=False. Parameters
-    that no GEMM uses as its weight, and are not such a weight's bias, go to extra_params. The model
+    that no GEMM uses as its weight (biases, norms, embeddings) go to extra_params. The model
     runs in eval mode and is left as it was; an error inside it becomes a ValueError naming the model.
     """
     samples = inputs.shape[0]
@@ -195,11 +195,8 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     if recorder.unpriced:
         warnings.warn(f"{name}: not priced (GEMMs inside kernels the tracer does not take apart): "
                       f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
-    owned = set(recorder.used_weights)
-    for weight in recorder.used_weights:
-        stem = layer_name_of(weight)
-        owned |= {f"{stem}.bias", f"{stem}_bias"}
-    extra = {param_name: p.numel() for param_name, p in model.named_parameters() if param_name not in owned}
+    extra = {param_name: p.numel() for param_name, p in model.named_parameters()
+             if param_name not in recorder.used_weights}
     return Workload(name, tuple(unique_names(recorder.layers)), batch_size=batch_size, optimizer=optimizer,
                     extra_params=extra,
                     description=description or f"{type(model).__name__}, batch {batch_size}")

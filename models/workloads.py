@@ -3,8 +3,9 @@
 Every layer that does the multiply-accumulate work is a GEMM: per sample, `groups` products of
 [m, k] x [k, n] (a convolution as im2col: m output positions, k = (c_in / groups) * kernel area,
 n = c_out / groups; attention scores: one group per head). Elementwise layers (normalisation,
-activations, softmax, pooling) are not modelled. Parameters that no GEMM owns (embedding tables)
-are listed separately so the optimizer still updates them.
+activations, softmax, pooling, bias adds) are not modelled. Parameters that are no GEMM's weight
+(biases, normalisation scales and shifts, embedding tables) are listed separately, in `extra_params`,
+so the optimizer still updates them (as training does, in fp32: dse/energy/iteration.py).
 
 Full-size workloads: resnet18, resnet50, mobilenetv2, vit-b16 (ImageNet 224x224), bert-base (sequence
 128), gpt2-small (sequence 1024), llama-7b (sequence 2048; `llama(blocks=N,width=D)` for other sizes).
@@ -208,6 +209,16 @@ def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], sample
                      kind="linear" if b_is_weight else "attention")
 
 
+def biases(layers: list[GemmLayer]) -> dict[str, int]:
+    """The bias of each weight layer (one per output channel or feature), named `<layer>.bias`."""
+    return {f"{layer.name}.bias": layer.groups * layer.n for layer in layers if layer.b_is_weight}
+
+
+def norms(names: list[str], width: int) -> dict[str, int]:
+    """LayerNorm / BatchNorm parameters (a scale and a shift per channel) of each name."""
+    return {name: 2 * width for name in names}
+
+
 def mlp(sizes: list[int]) -> list[GemmLayer]:
     return [linear(f"fc{i + 1}", d_in, d_out, first=i == 0)
             for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False))]
@@ -255,7 +266,9 @@ def _resnet(name: str, blocks: list[int], bottleneck: bool, classes: int = 1000,
                 layers.append(down)
             c_in, h, w = c_out, h2, w2
     layers.append(linear("fc", c_in, classes))
+    batch_norms = {f"{layer.name}.bn": 2 * layer.groups * layer.n for layer in layers if layer.kind == "conv"}
     return Workload(name, tuple(layers), batch_size=32, optimizer="sgd",
+                    extra_params=batch_norms | biases(layers[-1:]),
                     description=f"{name}, ImageNet {size}x{size}, batch 32")
 
 
@@ -273,16 +286,19 @@ def bert_base(seq: int = 128) -> Workload:
     layers += [linear("pooler", 768, 768), linear("classifier", 768, 2)]
     embeddings = {"embeddings.word": 30522 * 768, "embeddings.position": 512 * 768,
                   "embeddings.type": 2 * 768}
-    return Workload("bert-base", tuple(layers), batch_size=32, optimizer="adam", extra_params=embeddings,
+    layer_norms = norms(["embeddings.norm", *(f"layer{i}.norm{j}" for i in range(12) for j in (1, 2))], 768)
+    extra = embeddings | layer_norms | biases(layers)
+    return Workload("bert-base", tuple(layers), batch_size=32, optimizer="adam", extra_params=extra,
                     description=f"BERT-base, sequence {seq}, batch 32")
 
 
 def gpt2_small(seq: int = 1024) -> Workload:
     """GPT-2 small (124M): 12 x 768, 12 heads, FFN 3072; the LM head shares the token embedding."""
     layers = transformer_layers(12, 768, 12, 3072, seq, prefix="h")
+    extra = {"wpe": 1024 * 768} | norms([*(f"h{i}.ln_{j}" for i in range(12) for j in (1, 2)), "ln_f"], 768)
+    extra |= biases(layers)  # the LM head (the token embedding, tied) has none
     layers.append(linear("lm_head", 768, 50257, tokens=seq))
-    return Workload("gpt2-small", tuple(layers), batch_size=8, optimizer="adam",
-                    extra_params={"wpe": 1024 * 768},
+    return Workload("gpt2-small", tuple(layers), batch_size=8, optimizer="adam", extra_params=extra,
                     description=f"GPT-2 small decoder, sequence {seq}, batch 8 (dense attention)")
 
 
@@ -293,8 +309,8 @@ def vit_b16(size: int = 224, classes: int = 1000) -> Workload:
     tokens = h * w + 1
     layers = [patch, *transformer_layers(12, 768, 12, 3072, tokens, prefix="blocks."),
               linear("head", 768, classes)]
-    norms = {f"blocks.{i}.norm{j}": 2 * 768 for i in range(12) for j in (1, 2)}
-    extra = {"cls_token": 768, "pos_embed": tokens * 768, "norm": 2 * 768, **norms}
+    layer_norms = norms([*(f"blocks.{i}.norm{j}" for i in range(12) for j in (1, 2)), "norm"], 768)
+    extra = {"cls_token": 768, "pos_embed": tokens * 768, **layer_norms, **biases(layers)}
     return Workload("vit-b16", tuple(layers), batch_size=32, optimizer="adam", extra_params=extra,
                     description=f"ViT-B/16, ImageNet {size}x{size} ({tokens} tokens), batch 32")
 
@@ -309,7 +325,7 @@ def mobilenet_v2(size: int = 224, classes: int = 1000) -> Workload:
     expansion, a 3x3 depthwise convolution (one group per channel) and a 1x1 projection."""
     conv, h, w = conv2d("features.0", 3, 32, 3, size, size, stride=2, first=True)
     layers = [conv]
-    norms = {"features.0.bn": 2 * 32}
+    batch_norms = {"features.0.bn": 2 * 32}
     c_in, index = 32, 1
     for t, c, n, s in MOBILENET_V2_BLOCKS:
         for repeat in range(n):
@@ -318,16 +334,17 @@ def mobilenet_v2(size: int = 224, classes: int = 1000) -> Workload:
             if t != 1:
                 expand, _, _ = conv2d(f"{p}.expand", c_in, hidden, 1, h, w, padding=0)
                 layers.append(expand)
-                norms[f"{p}.expand.bn"] = 2 * hidden
+                batch_norms[f"{p}.expand.bn"] = 2 * hidden
             depthwise, h, w = conv2d(f"{p}.depthwise", hidden, hidden, 3, h, w, stride=stride, groups=hidden)
             project, _, _ = conv2d(f"{p}.project", hidden, c, 1, h, w, padding=0)
             layers += [depthwise, project]
-            norms |= {f"{p}.depthwise.bn": 2 * hidden, f"{p}.project.bn": 2 * c}
+            batch_norms |= {f"{p}.depthwise.bn": 2 * hidden, f"{p}.project.bn": 2 * c}
             c_in, index = c, index + 1
     last, h, w = conv2d(f"features.{index}", c_in, 1280, 1, h, w, padding=0)
-    norms[f"features.{index}.bn"] = 2 * 1280
+    batch_norms[f"features.{index}.bn"] = 2 * 1280
     layers += [last, linear("classifier", 1280, classes)]
-    return Workload("mobilenetv2", tuple(layers), batch_size=32, optimizer="sgd", extra_params=norms,
+    return Workload("mobilenetv2", tuple(layers), batch_size=32, optimizer="sgd",
+                    extra_params=batch_norms | biases(layers[-1:]),
                     description=f"MobileNetV2 1.0, ImageNet {size}x{size}, batch 32")
 
 
@@ -403,7 +420,8 @@ def _llama_from_spec(spec: str) -> Workload | None:
 # --- proxies: the small models dse trains (models/proxies.py) ------------------------------------
 
 def digits_mlp() -> Workload:
-    return Workload("digits-mlp", tuple(mlp([64, 128, 10])), batch_size=32, proxy=True,
+    layers = mlp([64, 128, 10])
+    return Workload("digits-mlp", tuple(layers), batch_size=32, proxy=True, extra_params=biases(layers),
                     description="sklearn digits 8x8, MLP 64-128-10")
 
 
@@ -411,12 +429,13 @@ def digits_cnn() -> Workload:
     c1, h, w = conv2d("conv1", 1, 16, 3, 8, 8, first=True)
     c2, h, w = conv2d("conv2", 16, 32, 3, h, w)
     fc = linear("fc", 32 * (h // 2) * (w // 2), 10)
-    return Workload("digits-cnn", (c1, c2, fc), batch_size=32, proxy=True,
+    return Workload("digits-cnn", (c1, c2, fc), batch_size=32, proxy=True, extra_params=biases([c1, c2, fc]),
                     description="sklearn digits 8x8, conv3x3(1-16)-conv3x3(16-32)-maxpool-fc(512-10)")
 
 
 def m1d_mlp() -> Workload:
-    return Workload("m1d-mlp", tuple(mlp([40, 256, 256, 10])), batch_size=100, proxy=True,
+    layers = mlp([40, 256, 256, 10])
+    return Workload("m1d-mlp", tuple(layers), batch_size=100, proxy=True, extra_params=biases(layers),
                     description="MNIST-1D, MLP 40-256-256-10")
 
 
@@ -424,12 +443,14 @@ def m1d_cnn() -> Workload:
     c1, n = conv1d("conv1", 1, 25, 5, 40, stride=2, padding=1, first=True)
     c2, n = conv1d("conv2", 25, 25, 3, n, stride=2, padding=1)
     c3, n = conv1d("conv3", 25, 25, 3, n, stride=2, padding=1)
-    return Workload("m1d-cnn", (c1, c2, c3, linear("fc", 25 * n, 10)), batch_size=100, proxy=True,
+    layers = [c1, c2, c3, linear("fc", 25 * n, 10)]
+    return Workload("m1d-cnn", tuple(layers), batch_size=100, proxy=True, extra_params=biases(layers),
                     description="MNIST-1D, 3 strided conv1d (25 channels) + linear")
 
 
 def mx5k_mlp() -> Workload:
-    return Workload("mx5k-mlp", tuple(mlp([784, 128, 10])), batch_size=64, proxy=True,
+    layers = mlp([784, 128, 10])
+    return Workload("mx5k-mlp", tuple(layers), batch_size=64, proxy=True, extra_params=biases(layers),
                     description="MNIST 5k subset, MLP 784-128-10")
 
 
@@ -437,7 +458,7 @@ def mx5k_cnn() -> Workload:
     c1, h, w = conv2d("conv1", 1, 8, 3, 28, 28, first=True)
     c2, h, w = conv2d("conv2", 8, 16, 3, h // 2, w // 2)
     fc = linear("fc", 16 * (h // 2) * (w // 2), 10)
-    return Workload("mx5k-cnn", (c1, c2, fc), batch_size=64, proxy=True,
+    return Workload("mx5k-cnn", (c1, c2, fc), batch_size=64, proxy=True, extra_params=biases([c1, c2, fc]),
                     description="MNIST 5k subset, conv(1-8)-pool-conv(8-16)-pool-fc(784-10)")
 
 
@@ -445,8 +466,9 @@ def sort_transformer() -> Workload:
     """Tiny transformer (2 x 64, 4 heads, FFN 256) sorting 24 tokens over a vocabulary of 64."""
     layers = transformer_layers(2, 64, 4, 256, 24)
     layers.append(linear("head", 64, 64, tokens=24))
+    layer_norms = norms([*(f"layer{i}.ln{j}" for i in range(2) for j in (1, 2)), "ln_f"], 64)
     return Workload("sort-transformer", tuple(layers), batch_size=128, optimizer="adam", proxy=True,
-                    extra_params={"embedding": 64 * 64, "position": 24 * 64},
+                    extra_params={"embedding": 64 * 64, "position": 24 * 64, **layer_norms, **biases(layers)},
                     description="tiny transformer, sort 24 tokens / vocab 64, batch 128")
 
 

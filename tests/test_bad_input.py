@@ -382,3 +382,18 @@ def test_the_value_density_of_a_63_bit_format_is_plotted(tmp_path: Path) -> None
     result = runner.invoke(app, ["formats", "show", "fp(e=10,m=52)", "--plot", str(tmp_path / "d.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG" and len(list(tmp_path.iterdir())) == 1
+
+
+_PLAIN_SWEEP = "task: {model: mlp, dataset: digits}\ntrials: [{format: fp32}]\n"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("name: ../../elsewhere\n" + _PLAIN_SWEEP, "s.yaml:1: name: the sweep name '../../elsewhere' is a path"),
+    ("name: n\n" + _PLAIN_SWEEP + "output: ''\n", "s.yaml:4: output: empty path"),
+])
+def test_a_sweep_name_that_is_a_path_or_an_empty_output_is_refused(text: str, needle: str,
+                                                                    tmp_path: Path) -> None:
+    """`name: ../../x` put the results in ../x (results/../../x), `output: ''` in the current folder."""
+    config = tmp_path / "s.yaml"
+    config.write_text(text)
+    _one_error_line(runner.invoke(app, ["sweep", str(config), "--dry-run"]), needle)

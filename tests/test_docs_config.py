@@ -239,3 +239,16 @@ def test_the_group_size_row_names_the_fields_a_groups_members_may_differ_in() ->
     differing = re.search(r"differing only in ([^)]*)\)", meaning)
     assert differing is not None
     assert {"seed", *NAME.findall(differing.group(1))} == set(MEMBER_FIELDS)
+
+
+def test_the_default_group_sizes_written_are_the_codes() -> None:
+    """docs/config.md names the default group size and every built-in model and device type whose
+    default is 1; a default changed on one side only fails here."""
+    from dse.models.proxies import MODELS
+    from dse.sweep.groups import GROUP_SIZE, UNPAID_GROUPING
+
+    text = " ".join(sections(ROOT / "docs" / "config.md")["`executor`"].split())
+    written = re.search(r"default on its `device`: `(\d+)`, except `1` \(one by one\) for: ([^.]*)\.", text)
+    assert written is not None and int(written.group(1)) == GROUP_SIZE
+    pairs = set(re.findall(r"`([a-z]+)` on `([a-z]+)`", written.group(2)))
+    assert pairs == set(UNPAID_GROUPING) and {model for model, _ in pairs} <= set(MODELS)

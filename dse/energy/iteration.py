@@ -17,6 +17,7 @@ weights, gradients and states from DRAM.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -147,6 +148,23 @@ class ResolvedFormats:
     optimizer_state: Operand
     rounding: Rounding = Rounding()
     update_rounding: Rounding = Rounding()
+
+    def unquantized(self) -> ResolvedFormats:
+        """The formats of the parameters that are no GEMM's weight (biases, norms, embeddings): training
+        keeps them, and their gradients, in fp32 (dse/train quantizes GEMM operands only), with no
+        separate master copy; their optimizer state is quantized like every other's."""
+        return dataclasses.replace(self, weights=FP32, weight_grads=FP32, master_weights=None)
+
+    def state_bits(self, workload: Workload) -> float:
+        """Bits of training state the workload's parameters hold between steps: each GEMM weight in its
+        format plus its master copy, every other parameter in fp32, and every parameter's optimizer
+        state tensors."""
+        weights = sum(layer.params for layer in workload.layers)
+        extra = sum(workload.extra_params.values())
+        states = STATE_TENSORS[self.optimizer] * self.optimizer_state.storage_bits
+        master = 0.0 if self.master_weights is None else self.master_weights.storage_bits
+        return (weights * (self.weights.storage_bits + master) + extra * FP32.storage_bits
+                + (weights + extra) * states)
 
     def describe(self) -> str:
         parts = [f"W={self.weights.spec}", f"A={self.activations.spec}", f"G={self.gradients.spec}",
@@ -287,10 +305,10 @@ class _Tally:
             log_bits = f.optimizer_state.bits - 1
             per_param = (4 * s_mul + s_add + 3 * c.adder(log_bits) + c.lut(16, 5)
                          + 2 * c.comparator(5) + c.incrementer(5))
-            if f.master_weights is None:
+            if f.master_weights is None and f.weights.hardware.in_place_optimizer == f.optimizer:
                 per_param += c.adder(f.weights.bits - 1) + 2 * c.comparator(f.weights.bits - 1)
-            else:
-                per_param += mul + 2 * c.comparator(f.master_weights.bits)
+            else:  # a multiply on the master copy (or on fp32 weights that are their own master)
+                per_param += mul + 2 * c.comparator((f.master_weights or f.weights).bits)
         self.add(names, "update", "update", params * per_param)
         conversion = self.conversion(f.weight_grads, arith)
         if f.master_weights is not None:  # the updated master copy is rounded into the weight format
@@ -351,11 +369,11 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
                 tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding)
                 total_macs += float(macs[rows].sum())
     params = np.array([layer.params for layer in layers], dtype=float)
-    extra = list(wl.extra_params.items())
-    update_names = np.concatenate([names[is_weight], np.array([n for n, _ in extra], dtype=object)])
-    update_params = np.concatenate([params[is_weight], np.array([c for _, c in extra], dtype=float)])
-    if len(update_names):
-        tally.update(update_names, update_params, f)
+    if is_weight.any():
+        tally.update(names[is_weight], params[is_weight], f)
+    if wl.extra_params:
+        tally.update(np.array(list(wl.extra_params), dtype=object),
+                     np.array(list(wl.extra_params.values()), dtype=float), f.unquantized())
     frame = in_scope(tally.frame(), model.scope)
     frame.attrs.update(workload=wl.name, batch_size=batch, macs=total_macs, formats=f.describe(),
                        node_nm=model.node_nm, params=wl.params, scope=model.scope)

@@ -176,9 +176,10 @@ class ExecutorConfig:
     workers: int
     threads: int
     address: str | None
-    group_size: int = 8
+    group_size: int | None = None
     """Trials of one configuration trained at once as a stacked network (dse/train/grouped.py);
-    1 trains each alone. The default comes from benchmarks/sweep.py (docs/training.md)."""
+    1 trains each alone. None (not in the file): each configuration's default for its model and
+    device, as measured (`default_group_size` in dse/sweep/groups.py, docs/training.md)."""
     retries: int = 2
     """Ray: times a task whose worker died (a lost node, a killed process) is run again."""
 
@@ -623,9 +624,8 @@ def _check_executor(section: _ExecutorSection, source: SourceMap) -> ExecutorCon
         raise source.error(("executor", "backend"), "Ray is not installed: pip install 'dse[ray]'")
     # by default as many trials as there are cores for their threads: no oversubscription
     workers = section.workers if section.workers is not None else max(1, available_cores() // section.threads)
-    group_size = section.group_size if section.group_size is not None else ExecutorConfig.group_size
     return ExecutorConfig(backend=section.backend, workers=workers, threads=section.threads,
-                          address=section.address, group_size=group_size, retries=section.retries)
+                          address=section.address, group_size=section.group_size, retries=section.retries)
 
 
 def available_cores() -> int:
@@ -682,6 +682,13 @@ def parse_config(text: str, source_name: str = "<config>", base_dir: str | Path 
     name = sweep.name if sweep.name is not None else Path(source_name).stem
     if not name.strip():
         problems.add(str(source.error(("name",), "the sweep name is empty")))
+    elif sweep.output is None and (name.strip() in (".", "..") or any(sep in name for sep in "/\\")):
+        problems.add(str(source.error(("name",), f"the sweep name {name!r} is a path, and its results would "
+                                      f"go to results/{name}: name the sweep plainly and set output: to "
+                                      "where its results go")))
+    if sweep.output is not None and not sweep.output.strip():
+        problems.add(str(source.error(("output",), "empty path: leave output: out for results/<name>, or "
+                                      "write . for this folder")))
     energy = problems.attempt(_check_energy, sweep.energy, source, folder)
     executor = problems.attempt(_check_executor, sweep.executor, source)
     baseline = problems.attempt(_check_baseline, sweep.report.baseline, source)

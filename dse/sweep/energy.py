@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
-from dse.energy.iteration import STATE_TENSORS, TRAIN_OPTIMIZERS, UNITS, training_area_um2
+from dse.energy.iteration import TRAIN_OPTIMIZERS, UNITS, training_area_um2
 from dse.energy.model import EnergyModel
 from dse.precision import Layer, TensorFormats, resolve_layers
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
@@ -45,7 +45,7 @@ class WorkloadEnergy:
     update_mj: float
     memory_mj: float
     memory_mib: float
-    """Weights, master copy and optimizer state, each at its own width."""
+    """Weights, master copy and optimizer state, each at its own width (ResolvedFormats.state_bits)."""
     area_um2: float
     """Area of the dot-product units the trial's GEMMs ran on, at the point's node (NaN if unpublished)."""
 
@@ -190,12 +190,9 @@ class EnergyEstimator:
             frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
-            resolved = part_formats.resolve(part)
-            per_param = (resolved.weights.storage_bits
-                         + (0.0 if resolved.master_weights is None else resolved.master_weights.storage_bits)
-                         + STATE_TENSORS[resolved.optimizer] * resolved.optimizer_state.storage_bits)
-            memory_bits += part.params * per_param
-            area += training_area_um2(part_formats, model, part)["datapath"]
+            memory_bits += part_formats.resolve(part).state_bits(part)
+            if part.layers:  # a part of parameters only (biases, norms) runs no GEMM
+                area += training_area_um2(part_formats, model, part)["datapath"]
         mj = {unit: pj / PJ_PER_MJ for unit, pj in units.items()}
         return WorkloadEnergy(total_mj=sum(mj.values()), multiply_mj=mj["multiply"],
                               conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],

@@ -78,12 +78,35 @@ def device_shares(runs: list[Trial], executor: ExecutorConfig | None = None) -> 
     return shares
 
 
-def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_of,
+GROUP_SIZE = 8
+"""The default group size where grouping was measured to pay (docs/training.md, *Speed of grouped
+training*): per member, 16 was 3-26 % cheaper than 8 on the MLPs, but halves the jobs a sweep of one
+configuration can spread over the workers."""
+
+UNPAID_GROUPING: dict[tuple[str, str], str] = {
+    ("transformer", "cpu"): "on the CPU a transformer group's member trained 0.77-0.99x as fast as alone",
+    ("resnet", "cpu"): "on the CPU a ResNet group's member trained 0.82-1.17x as fast as alone",
+}
+"""(built-in model, device type) where the default trains trials one by one, and why: a group member
+was measured no faster than its run alone (benchmarks/grouped.py, docs/training.md, *Speed of grouped
+training*). An explicit `group_size` still groups them."""
+
+
+def default_group_size(config: TrainConfig) -> tuple[int, str | None]:
+    """(the group size a trial of `config` gets where the sweep file gives none, why it is 1 where
+    it is): GROUP_SIZE, or 1 where UNPAID_GROUPING lists the model on the device's type. Users' models
+    and CUDA devices group by GROUP_SIZE (a launch-bound GPU step is where groups pay most)."""
+    why = UNPAID_GROUPING.get((config.model, torch.device(config.device).type))
+    return (1, why) if why is not None else (GROUP_SIZE, None)
+
+
+def plan_groups(runs: list[Trial], group_size: int | None, model_of: ModelOf = _model_of,
                 shares: Mapping[str, DeviceShare] | None = None) -> tuple[list[list[Trial]], list[str]]:
     """(the groups, in plan order of their first trial; one line per bucket that trains one by one
     and why, or whose groups are split to fit their share of the device's memory: `shares`, default
     each device measured now with one group at a time; a device left out is not split here).
-    `group_size` 1 puts every trial in a group of its own, with no lines."""
+    `group_size` 1 puts every trial in a group of its own, with no lines; None gives each bucket its
+    model's default on its device (`default_group_size`), with a line where that is 1."""
     buckets: dict[tuple[str, str], list[Trial]] = {}
     for trial in runs:
         buckets.setdefault((trial.task, group_key(trial.config)), []).append(trial)
@@ -96,7 +119,10 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
     reasons: dict[tuple[str, str, str | None, str], str | None] = {}
     for trials in buckets.values():
         reason = None
-        if group_size > 1 and len(trials) > 1:
+        size, unpaid = (group_size, None) if group_size is not None else default_group_size(trials[0].config)
+        if unpaid is not None and len(trials) > 1:
+            reason = f"{unpaid}, docs/training.md; executor.group_size groups them anyway"
+        if size > 1 and len(trials) > 1:
             config = trials[0].config
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
@@ -108,7 +134,7 @@ def plan_groups(runs: list[Trial], group_size: int, model_of: ModelOf = _model_o
         note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
         if reason is not None and note not in notes:
             notes.append(note)
-        size = 1 if reason is not None else group_size
+        size = 1 if reason is not None else size
         config = trials[0].config
         share = shares.get(config.device)
         if size > 1 and len(trials) > 1 and share is not None:

@@ -254,12 +254,12 @@ def run_sweep(sweep: SweepConfig, *, force: bool = False, retry_failed: bool = F
 
     The steps: plan (every check, nothing written), acquire the executor (a Ray cluster is reached
     before the disk is touched), open the store, execute, summarize, report. Trials of one
-    configuration train in groups (`plan_groups`, executor.group_size). `force` reruns every trial;
-    `retry_failed` reruns the trials stored as failed (status error). `train_fn` replaces
-    dse.train.loop.train (tests; it trains one trial, so nothing is grouped); `executor` replaces the
-    configured one; `reports=False` skips dse.report.write_reports. `invocation`: what the command line
-    was given (dse.sweep.receipt.invocation); the store then keeps the plan's receipt, with which the
-    same command, run again with nothing to train, skips planning.
+    configuration train in groups (`plan_groups`, executor.group_size or each model's default).
+    `force` reruns every trial; `retry_failed` reruns the trials stored as failed (status error).
+    `train_fn` replaces dse.train.loop.train (tests; it trains one trial, so nothing is grouped);
+    `executor` replaces the configured one; `reports=False` skips dse.report.write_reports.
+    `invocation`: what the command line was given (dse.sweep.receipt.invocation); the store then keeps
+    the plan's receipt, with which the same command, run again with nothing to train, skips planning.
 
     SIGINT, SIGTERM and SIGHUP stop the run (dse/sweep/interrupt.py): the workers are stopped, what was
     committed stays, and SweepInterrupted says how many trials the store holds.
@@ -279,7 +279,7 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
     trials, keys, energies = plan_sweep(sweep)
     runs = unique_runs(trials)
     group_size = sweep.executor.group_size if train_fn is None else 1
-    shares = device_shares(runs, sweep.executor) if group_size > 1 else {}
+    shares = device_shares(runs, sweep.executor) if group_size != 1 else {}
     groups, notes = plan_groups(runs, group_size, shares=shares)
     replace_foreign = check_output(sweep.output, sweep.name, force)
     with FigureProcesses() as figures:

@@ -33,6 +33,9 @@ from torch import Tensor
 Partial = Callable[[int, int], Tensor]
 """(start, stop) -> the fp32 partial product of reduction indices start:stop."""
 
+OperandPartial = Callable[..., Tensor]
+"""(*operands, start, stop) -> the fp32 partial product of the operands' reduction indices start:stop."""
+
 
 @dataclass(frozen=True)
 class Accumulator:
@@ -41,14 +44,20 @@ class Accumulator:
     quantize: Callable[[Tensor], Tensor]
     chunk: int
 
-    def fold(self, partial: Partial, length: int) -> Tensor:
-        """The running sum of the chunks' partial products, rounded after each chunk."""
+    def fold(self, partial: Partial, length: int, first: Tensor | None = None) -> Tensor:
+        """The running sum of the chunks' partial products, rounded after each chunk (`first`: the
+        first chunk's partial product, where the caller has it already)."""
         if length <= 0:
             return self.quantize(partial(0, 0))
-        acc = self.quantize(partial(0, min(self.chunk, length)))
+        acc = self.quantize(partial(0, min(self.chunk, length)) if first is None else first)
         for start in range(self.chunk, length, self.chunk):
             acc = self.quantize(acc.add_(partial(start, min(start + self.chunk, length))))
         return acc
+
+    def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
+        """`fold` of partial(*operands, start, stop): a GEMM whose operands a grouped run's
+        accumulators (dse/train/stacked.py) may take apart along their leading member axis."""
+        return self.fold(lambda start, stop: partial(*operands, start, stop), length)
 
 
 # --- Linear ----------------------------------------------------------------------------------------
@@ -143,16 +152,28 @@ def conv_backward_weight(dy: Tensor, x: Tensor, weight: Tensor, stride: Sequence
 # --- Matmul ----------------------------------------------------------------------------------------
 
 
+def _matmul_partial(a: Tensor, b: Tensor, s: int, e: int) -> Tensor:
+    return a[..., s:e] @ b[..., s:e, :]
+
+
+def _matmul_a_partial(dy: Tensor, b: Tensor, s: int, e: int) -> Tensor:
+    return dy[..., s:e] @ b[..., :, s:e].transpose(-1, -2)
+
+
+def _matmul_b_partial(a: Tensor, dy: Tensor, s: int, e: int) -> Tensor:
+    return a[..., s:e, :].transpose(-1, -2) @ dy[..., s:e, :]
+
+
 def matmul_forward(a: Tensor, b: Tensor, accumulator: Accumulator) -> Tensor:
     """a (..., n, k) @ b (..., k, m), reduced over k."""
-    return accumulator.fold(lambda s, e: a[..., s:e] @ b[..., s:e, :], a.shape[-1])
+    return accumulator.fold_gemm(_matmul_partial, (a, b), a.shape[-1])
 
 
 def matmul_backward_a(dy: Tensor, b: Tensor, accumulator: Accumulator) -> Tensor:
     """dy (..., n, m) @ b^T, reduced over m (before any sum over broadcast batch dims)."""
-    return accumulator.fold(lambda s, e: dy[..., s:e] @ b[..., :, s:e].transpose(-1, -2), dy.shape[-1])
+    return accumulator.fold_gemm(_matmul_a_partial, (dy, b), dy.shape[-1])
 
 
 def matmul_backward_b(a: Tensor, dy: Tensor, accumulator: Accumulator) -> Tensor:
     """a^T @ dy (..., n, m), reduced over n (before any sum over broadcast batch dims)."""
-    return accumulator.fold(lambda s, e: a[..., s:e, :].transpose(-1, -2) @ dy[..., s:e, :], dy.shape[-2])
+    return accumulator.fold_gemm(_matmul_b_partial, (a, dy), dy.shape[-2])

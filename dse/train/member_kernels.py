@@ -18,6 +18,7 @@ scalar function wherever it sits.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -97,11 +98,22 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
     if rows is not None:
         folded = members * rows
         if x.shape[0] % folded == 0:
+            if folded > 1 and folded in x.shape[1:]:
+                warnings.warn(
+                    f"MemberKernelMode: a {tuple(x.shape)} tensor has the group's {members} x {rows} samples "
+                    f"on its first axis and on another; the first is taken (a sequence-first layout whose "
+                    f"sequence length is a multiple of the group's batch would give its members other last "
+                    f"bits than alone: use another batch size, batch_first, or group_size 1)",
+                    AmbiguousMemberAxisWarning, stacklevel=4)
             return 0
         for axis in range(1, x.dim()):
             if x.shape[axis] == folded:
                 return axis
     return 0 if x.shape[0] % members == 0 else None
+
+
+class AmbiguousMemberAxisWarning(UserWarning):
+    """The mode cannot tell which axis of a tensor holds the members' samples."""
 
 
 def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:

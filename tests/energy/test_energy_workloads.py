@@ -54,7 +54,7 @@ def test_gpt2_small_parameters() -> None:
 def test_proxies_and_registration() -> None:
     assert {"digits-mlp", "m1d-cnn", "sort-transformer"} <= set(workload_names(proxy=True))
     assert get_workload("digits-mlp").forward_macs() == 64 * 128 + 128 * 10
-    assert get_workload("m1d-cnn").params == 125 + 1875 + 1875 + 1250  # 5210 with biases
+    assert get_workload("m1d-cnn").params == 125 + 1875 + 1875 + 1250 + 3 * 25 + 10  # weights, biases
 
     def tiny() -> Workload:
         layer = GemmLayer("fc", 1, 4, 2, needs_input_grad=False)

@@ -280,3 +280,131 @@ def test_a_product_of_two_inputs_that_need_no_gradient_has_no_backward_gemm() ->
     workload = trace_model(model, x, "gram", batch_size=3)
     assert priced_macs(workload, 3) == torch_training_macs(lambda: model(x)) == {"forward": 3 * 4 * 16 * 4,
                                                                                 "backward": 0}
+
+
+# --- parameters: every one the optimizer updates, in the format training keeps it in --------------------
+
+PUBLISHED_PARAMS = {  # parameters of the network each reference module writes out, and the count's source
+    "resnet18": (11_689_512, "torchvision resnet18 model card (num_params)"),
+    "resnet50": (25_557_032, "torchvision resnet50 model card (num_params)"),
+    "mobilenetv2": (3_504_872, "torchvision mobilenet_v2 model card (num_params)"),
+    "vit-b16": (86_567_656, "torchvision vit_b_16 model card (num_params)"),
+    "bert-base": (109_482_240 + 768 * 2 + 2, "Hugging Face bert-base-uncased BertModel, plus a 2-class head"),
+    "gpt2-small": (124_439_808, "Hugging Face gpt2 (the LM head tied to the token embedding)"),
+    "llama-7b": (6_738_415_616, "the released LLaMA-7B checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_a_full_size_workload_updates_every_parameter_of_its_network(
+        name: str, references: dict[str, nn.Module]) -> None:
+    """GEMM weights plus the biases, norms and embeddings (extra_params): before, ResNet's BatchNorms,
+    BERT's and GPT-2's LayerNorms and every bias were left out of the update and the state."""
+    published, _ = PUBLISHED_PARAMS[name]
+    assert sum(p.numel() for p in references[name].parameters()) == published
+    assert get_workload(name).params == published
+
+
+def test_parameters_outside_gemms_are_updated_in_fp32_whatever_the_trials_format() -> None:
+    """Training quantizes GEMM operands only: biases, norms and embeddings stay fp32 (no master copy
+    besides), and so does their gradient; their optimizer state is the trial's state format."""
+    workload = get_workload("bert-base")
+    extra = set(workload.extra_params)
+
+    def update(spec: str) -> Any:
+        frame = iteration_energy(workload, spec, ENERGY, 2)
+        rows = frame[(frame["pass"] == "update") & frame["layer"].isin(extra)]
+        return rows.groupby(["unit", "tensor", "level"])["energy_pj"].sum()
+
+    fp32, int8, lns8 = update("fp32"), update("int8"), update("lns8")
+    assert int8.to_dict() == pytest.approx(fp32.to_dict(), rel=1e-12)
+    dram = fp32.xs("dram", level="level").groupby("tensor").sum() / ENERGY.dram_pj_per_bit
+    params = sum(workload.extra_params.values())  # Adam (BERT's): two states, fp32 by default
+    expected = {"weight_grads": 32 * params, "optimizer_state": 4 * 32 * params, "weights": 2 * 32 * params}
+    assert dram.to_dict() == pytest.approx(expected, rel=1e-12)
+    assert "master_weights" not in set(fp32.index.get_level_values("tensor"))
+    assert lns8.sum() != pytest.approx(fp32.sum(), rel=1e-3)  # Madam's update (LNS weights' optimizer)
+
+
+STATE_TRIALS: list[dict[str, Any]] = [
+    {"model": "mlp", "dataset": "digits", "format": "int8", "optimizer": "sgd"},
+    {"model": "resnet", "dataset": "digits", "format": "fp8_e4m3", "optimizer": "adam",
+     "master_weights": False},
+    {"model": "transformer", "dataset": "sort", "format": "int8", "optimizer": "adam",
+     "optimizer_state": "bf16"},
+    {"model": "cnn", "dataset": "digits", "format": "lns8", "optimizer": "lns-madam",
+     "master_weights": False},
+]
+
+
+@pytest.mark.parametrize("trial", STATE_TRIALS, ids=lambda t: "-".join(str(v) for v in t.values()))
+def test_a_trials_memory_column_is_the_state_its_training_holds(trial: dict[str, Any],
+                                                                datasets: dict[str, Dataset]) -> None:
+    """memory_mib (trials.csv's memory column) against the training run itself after one step: each GEMM
+    weight in its format (plus an fp32 master copy when the trial keeps one), every other parameter in
+    fp32, and every state tensor torch's optimizer holds, in the state format."""
+    from dse.sweep import parse_config
+    from dse.sweep.energy import EnergyEstimator
+    from dse.train.layers import quantized_layers
+    from dse.train.loop import prepare
+
+    config = TrainConfig(**trial, batch_size=4)
+    data = datasets[config.dataset]
+    setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
+                    data.x_train[:2])
+    setup.loss_fn(setup.model(data.x_train[:4]), data.y_train[:4]).backward()
+    setup.optimizer.step()
+    gemm_weights = {id(m.weight) for m in quantized_layers(setup.model)
+                    if getattr(m, "weight", None) is not None}
+    weight_bits = get(config.format).bits + (32 if config.master_weights is True else 0)
+    state_bits = get(config.optimizer_state).bits if config.optimizer_state else 32
+    bits = 0
+    for p in setup.model.parameters():
+        bits += p.numel() * (weight_bits if id(p) in gemm_weights else 32)
+        states = setup.optimizer.state[p].values()
+        bits += sum(s.numel() for s in states if isinstance(s, Tensor) and s.shape == p.shape) * state_bits
+    sweep = parse_config("task: {model: mlp, dataset: digits}\ntrials: [{format: int8}]\n"
+                         "energy: {workloads: [proxy]}\n", "s.yaml")
+    priced = EnergyEstimator(sweep.energy).estimate(config)["proxy"].memory_mib
+    assert priced * 8 * 2**20 == pytest.approx(bits, rel=1e-12)
+
+
+# --- memory traffic: the tensors each GEMM reads and writes ----------------------------------------------
+
+def test_each_gemms_dram_traffic_is_the_size_of_the_tensors_training_moves() -> None:
+    """No counter sees memory traffic: the model's compulsory traffic (each GEMM reads its two operands and
+    writes its output once) against the sizes of the tensors a forward really makes, from module hooks:
+    forward x, w -> y; backward-data dy, w -> dx; backward-weight x, dy -> dw (INT8: 8 bits each)."""
+    from dse.models.trace import trace_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Flatten(), nn.Linear(8 * 5 * 5, 10))
+    x = torch.randn(3, 3, 10, 10)
+    sizes: dict[str, tuple[int, int, int]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            sizes[name] = (args[0].numel(), module.weight.numel(), out.numel())
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    workload = trace_model(model, x[:2], "net", batch_size=3)
+    frame = iteration_energy(workload, "int8", ENERGY, 3)
+    dram = frame[(frame["level"] == "dram") & (frame["pass"] != "update")]
+    priced = dram.groupby(["layer", "pass", "tensor"])["energy_pj"].sum() / ENERGY.dram_pj_per_bit / 8
+    expected: dict[tuple[str, str, str], int] = {}
+    for index, (name, (x_elems, w_elems, y_elems)) in enumerate(sizes.items()):
+        expected[(name, "forward", "activations")] = x_elems + y_elems
+        expected[(name, "forward", "weights")] = w_elems
+        if index:  # the first layer's input needs no gradient
+            expected[(name, "backward_data", "gradients")] = y_elems + x_elems
+            expected[(name, "backward_data", "weights")] = w_elems
+        expected[(name, "backward_weight", "activations")] = x_elems
+        expected[(name, "backward_weight", "gradients")] = y_elems
+        expected[(name, "backward_weight", "weight_grads")] = w_elems
+    assert {key: round(value) for key, value in priced.items()} == expected

@@ -202,3 +202,22 @@ class Recurrent(nn.Module):
 
 def recurrent(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Recurrent(classes)
+
+
+class SequenceFirstSilu(nn.Module):
+    """nn.MultiheadAttention sequence first, then SiLU on its (L, N, E) output: 8 tokens of 7 features,
+    so a member's 8 * B * 7 elements leave a scalar tail (and its members sit along the second axis)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.embed, self.attn = nn.Linear(width, 56), nn.MultiheadAttention(7, 1)
+        self.head = nn.Linear(56, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
+        y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head(F.silu(y).transpose(0, 1).flatten(1))
+
+
+def sequence_first_silu(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SequenceFirstSilu(shape[0], classes)

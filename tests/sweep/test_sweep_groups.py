@@ -288,3 +288,61 @@ def test_a_sweep_groups_a_users_model_with_attention_or_functional_gemms(tmp_pat
     assert summary.notes == [] and sorted(len(job) for job in recording.jobs) == [2, 2]
     _sweep(_text(tmp_path / "alone", seeds="[0]", executor="{group_size: 1}", model=model))
     assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")
+
+
+def _planned(text: str) -> tuple[list[list[Any]], list[str]]:
+    from dse.sweep.groups import plan_groups
+    from dse.sweep.runner import plan_sweep, unique_runs
+
+    sweep = parse_config(text, "s.yaml")
+    runs = unique_runs(plan_sweep(sweep)[0])
+    return plan_groups(runs, sweep.executor.group_size, shares={})
+
+
+_TWO_MODELS = """\
+name: defaults
+seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+tasks:
+  - {{name: digits, model: mlp, dataset: digits, epochs: 1}}
+  - {{name: sort, model: transformer, dataset: sort-easy, epochs: 1, device: {device}}}
+energy: {{workloads: [proxy]}}
+trials:
+  - {{format: [fp32, int8]}}
+{executor}output: {output}
+"""
+
+
+def test_the_default_group_size_is_the_measured_one_per_model_and_device(tmp_path: Path) -> None:
+    """Without a group_size in the file the MLP groups by 8 and the transformer, measured not to gain
+    from a group on the CPU (docs/training.md), trains one by one there, one line per configuration
+    saying why; on CUDA it groups by 8. The file alone decides: the same file plans the same groups."""
+    from dse.sweep.groups import GROUP_SIZE
+
+    groups, notes = _planned(_TWO_MODELS.format(device="cpu", executor="", output=tmp_path / "out"))
+    sizes = {(group[0].task, len(group)) for group in groups}
+    assert sizes == {("digits", GROUP_SIZE), ("digits", 10 - GROUP_SIZE), ("sort", 1)}
+    assert sum(len(group) for group in groups) == 40 and len(notes) == 2
+    assert all(note.startswith("sort: ") and "one by one" in note and "group_size" in note for note in notes)
+    assert _planned(_TWO_MODELS.format(device="cpu", executor="", output=tmp_path / "out")) == (groups, notes)
+
+
+@pytest.mark.parametrize("executor", ["executor: {group_size: 4}\n", "executor: {group_size: 1}\n"])
+def test_an_explicit_group_size_groups_every_model_by_it(tmp_path: Path, executor: str) -> None:
+    """A user who asks for groups gets them, the transformer on the CPU included, and no line."""
+    groups, notes = _planned(_TWO_MODELS.format(device="cpu", executor=executor, output=tmp_path / "out"))
+    expected = [2, 2, 4, 4, 4, 4] if "4" in executor else [1] * 20  # two configurations of 10 seeds a task
+    for task in ("digits", "sort"):
+        assert sorted(len(g) for g in groups if g[0].task == task) == expected
+    assert notes == []
+
+
+def test_the_transformer_groups_by_default_on_cuda() -> None:
+    from dse.sweep.groups import GROUP_SIZE, default_group_size
+    from dse.train import TrainConfig
+
+    on = {device: default_group_size(TrainConfig(model="transformer", dataset="sort-easy", device=device))
+          for device in ("cpu", "cuda", "cuda:1")}
+    assert on["cuda"] == on["cuda:1"] == (GROUP_SIZE, None)
+    assert on["cpu"][0] == 1 and on["cpu"][1] is not None
+    mlp = TrainConfig(model="mlp", dataset="digits")
+    assert default_group_size(mlp) == default_group_size(mlp.replace(device="cuda")) == (GROUP_SIZE, None)

@@ -4,6 +4,7 @@ own tensor gets alone (dse/train/member_kernels.py, benchmarks/stacked_kernels.p
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -342,3 +343,18 @@ def test_glu_gives_each_member_its_bits_alone_on_two_threads(members: int, rows:
             assert torch.equal(x.grad[g * rows:(g + 1) * rows], own.grad), g
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_member_axis_the_mode_cannot_tell_is_said_not_silent() -> None:
+    """A sequence-first (L, G*B, E) tensor whose L is a multiple of G*B looks batch-first too: the
+    mode takes the first axis and says so (a member may then differ from alone in the last bit)."""
+    from dse.train.member_kernels import AmbiguousMemberAxisWarning
+
+    x = torch.randn(8, 8, 7)
+    with pytest.warns(AmbiguousMemberAxisWarning, match=r"\(8, 8, 7\) tensor"), MemberKernelMode(2, 4):
+        torch.sigmoid(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with MemberKernelMode(2, 4):
+            torch.sigmoid(torch.randn(16, 5, 7))  # batch first, rows of 2 per sample
+            torch.sigmoid(torch.randn(5, 8, 7))   # sequence first

@@ -54,6 +54,86 @@ def test_accumulating_members_equal_alone_runs_bit_for_bit(
     assert len({r["final_loss"] for r in results}) == 3
 
 
+TORCH_GRAIN_ELEMENTS = 32768
+"""at::internal::GRAIN_SIZE: torch splits an elementwise operation over this many elements among its
+threads."""
+
+
+def _operation_sizes(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """run()'s result and (name, elements of its output) of every torch operation it ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[tuple[str, int]] = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            name = func._schema.name
+            views = ("aten::slice", "aten::view", "aten::unsqueeze")
+            if isinstance(out, torch.Tensor) and not name.startswith(views):
+                seen.append((name, out.numel()))
+            return out
+
+    with Sizes():
+        result = run()
+    return result, seen
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "features", "members"), [
+    (40, (64, 256), 3),  # a member's chunk 16384 elements, the group's 49152: runs of one member
+    (40, (64, 200), 5),  # 12800 and 64000: runs of two members, and one of one
+    (40, (16, 16), 4),   # 256 and 1024: the whole group at once
+], ids=["runs-of-1", "runs-of-2-and-1", "one-run"])
+def test_a_grouped_fold_keeps_each_operation_under_torchs_parallel_grain_and_equals_alone(
+        rows: int, features: tuple[int, int], members: int, threads: int) -> None:
+    """A fold is hundreds of small operations per GEMM (a chunk's matmul, the accumulator's rounding, the
+    add); a group's chunk over torch's grain (32768 elements) where a member's is under it opened a
+    parallel region in each of them (a transformer group of 2 at 2 threads took 4x its members alone).
+    The stacked fold runs over consecutive members whose chunk stays under the grain, and where the whole
+    group's does, once for the group; every member's result is its fold alone, bit for bit."""
+    from dse.formats import get
+    from dse.train import accumulation
+    from dse.train.policy import TensorQuant
+    from dse.train.stacked import _accumulator
+
+    source = torch.Generator().manual_seed(0)
+    a = torch.randn(members, rows, features[0], generator=source)
+    dy = torch.randn(members, rows, features[1], generator=source) * 100
+    quant = TensorQuant(get("fp8_e5m2"))
+    generators = MemberGenerators([torch.Generator().manual_seed(g) for g in range(members)])
+    stacked_acc = _accumulator(quant, 4, generators)
+    assert stacked_acc is not None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        folded, sizes = _operation_sizes(lambda: accumulation.matmul_backward_b(a, dy, stacked_acc))
+        alone = [accumulation.matmul_backward_b(a[g], dy[g], accumulation.Accumulator(quant, 4))
+                 for g in range(members)]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(folded, torch.stack(alone))
+    one_member = features[0] * features[1]
+    fold_sizes = [size for name, size in sizes if name not in ("aten::cat", "aten::stack")]
+    if one_member * members < TORCH_GRAIN_ELEMENTS:
+        assert max(fold_sizes) == one_member * members  # the group's chunk at once: dispatch shared
+    else:
+        assert max(fold_sizes) < TORCH_GRAIN_ELEMENTS
+        assert max(fold_sizes) == one_member * ((TORCH_GRAIN_ELEMENTS - 1) // one_member)
+
+
+def test_an_accumulating_transformer_group_equals_alone_runs_at_two_threads(
+        subset: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
+    """The transformer's FFN weight gradients fold chunks of 16384 elements a member: a group folds
+    them member by member, the attention's small ones for the group at once, each as alone."""
+    base = TrainConfig(model="transformer", dataset="sort-easy", epochs=1, batch_size=32, threads=2,
+                       format="lns8", optimizer="lns-madam", master_weights=False, accumulation="fp8_e5m2",
+                       accumulation_chunk=16)
+    results = stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, lr=2.0**-6)],
+                                    subset("sort-easy", 64, 32))
+    assert len({r["final_loss"] for r in results}) == 2
+
+
 def test_an_accumulating_member_that_diverges_does_not_disturb_the_others(
         digits: Any, stacked_same_as_alone: Callable[..., Any],
 ) -> None:
