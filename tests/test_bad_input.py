@@ -284,15 +284,22 @@ def test_a_store_locked_by_another_process_is_one_line_saying_so_and_nothing_is_
     pd.testing.assert_frame_equal(load_trials(out), before)
 
 
+@pytest.mark.parametrize("stopped", ["before its plan", "as it opened the store"])
 def test_a_store_a_sweep_was_stopped_in_before_its_plan_is_used_not_refused(
-        fake_train: Callable[..., Any], tmp_path: Path) -> None:
+        stopped: str, fake_train: Callable[..., Any], tmp_path: Path) -> None:
     """A sweep stopped between creating its store and writing its plan leaves empty tables: the next run
-    said the store was not a dse store and to remove it."""
+    said the store was not a dse store and to remove it. Stopped as SQLite opened the file (before its
+    first write), the store is an empty file, which SQLite reads as an empty database: it was refused
+    as 'not a dse sweep store (it has no sweep name)'."""
     from dse.sweep.store import SweepStore
 
     out = tmp_path / "out"
     out.mkdir()
-    SweepStore(out).close()
+    if stopped == "before its plan":
+        SweepStore(out).close()
+    else:
+        (out / STORE_FILE).touch()
+    _one_error_line(runner.invoke(app, ["report", str(out)]), f"{out / STORE_FILE} holds no sweep yet")
     _stored_sweep(fake_train, out)
     assert len(load_trials(out)) == 2
 
@@ -350,6 +357,20 @@ def test_aliases_up_to_the_bound_read_in_full_and_their_errors_name_the_alias_li
         load_yaml(_laughs(6), "a.yaml")  # (10^5 repeats are passed inside l4, on line 5)
     _, source = load_yaml("a: &a {lr: 1}\nb:\n  - 1\n  - *a\n", "a.yaml")
     assert (source.line(["b", 1]), source.line(["b", 1, "lr"])) == (4, 1)  # the alias, its anchor's key
+
+
+def test_one_alias_per_trial_to_defaults_reads_in_a_sweep_of_any_length() -> None:
+    """The bound grows with the values the file writes out: before, a flat 100000 refused 2000 trials
+    merging a block of 60 defaults (and 17000 trials merging 5) as 'aliases of aliases multiply'."""
+    from dse.yaml_lines import ALIAS_EXPANSION_LIMIT, load_yaml
+
+    defaults = ", ".join(f"k{i}: {i}" for i in range(60))
+    text = f"defaults: &t {{{defaults}}}\ntrials:\n" + "".join(f"  - {{<<: *t, lr: {i}}}\n"
+                                                                 for i in range(2000))
+    data, source = load_yaml(text, "s.yaml")
+    assert len(data["trials"]) == 2000 and 2000 * 61 > ALIAS_EXPANSION_LIMIT
+    assert data["trials"][1999] == {**{f"k{i}": i for i in range(60)}, "lr": 1999}
+    assert source.line(["trials", 1999, "lr"]) == 2002
 
 
 def test_train_layers_from_yaml_are_bounded_and_read_as_sweep_files_are(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ Per layer three GEMMs run: forward (activation x weight -> activation), backward
 (gradient x weight -> input gradient; skipped for the first layer) and backward-weight
 (activation x gradient -> weight gradient). Each GEMM's datapath is chosen from its two operand
 formats; its per-output work is amortised over its own reduction length. Then the optimizer updates
-every parameter (SGD with momentum, Adam, or Madam, which for LNS weights is an integer add to the log
-code and keeps no master copy).
+every parameter (SGD with momentum, Adam, Madam, which for LNS weights is an integer add to the log
+code and keeps no master copy, or NITI's integer update of its integer weights).
 
 Memory: every GEMM reads its operands from DRAM once and writes its output once (compulsory traffic,
 as if tiles fit on chip), passing through the SRAM buffer; inside the array each operand read from the
@@ -50,15 +50,21 @@ from dse.precision import (
     TensorFormats,
 )
 
-OPTIMIZERS = ("sgd", "adam", "madam")
+OPTIMIZERS = ("sgd", "adam", "madam", "niti")
 """The updates the model prices; TRAIN_OPTIMIZERS maps every optimizer `dse train` accepts onto one."""
 TRAIN_OPTIMIZERS: dict[str, str] = {"sgd": "sgd", "adam": "adam", "adamw": "adam", "madam": "madam",
-                                    "lns-madam": "madam", "niti": "sgd"}
-"""AdamW's decoupled decay costs what Adam's does; NITI's integer update is an SGD-shaped update
-(scale, round, add) and is priced as SGD."""
+                                    "lns-madam": "madam", "niti": "niti"}
+"""AdamW's decoupled decay costs what Adam's does."""
+IN_PLACE_OPTIMIZERS = ("niti",)
+"""Updates that keep no float master copy: NITI subtracts its integer update from the integer weights
+themselves, or from a wider integer accumulator when the trial names one as master_weights (int16),
+and keeps no optimizer state (dse/train/niti/optim.py, after the reference's 2021 'vanilla SGD')."""
+FROZEN_OUTSIDE_GEMMS = ("niti",)
+"""Updates that leave the parameters outside GEMMs (biases, norms, embeddings) as initialised: NITI
+trains its integer layers' weights only (dse/train/niti/method.py, niti_setup)."""
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
 
-STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1}
+STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1, "niti": 0}
 """Optimizer state tensors per parameter, per update optimizer."""
 
 
@@ -123,7 +129,8 @@ class TrainingFormats:
         if optimizer is None:
             raise InputError(f"unknown optimizer {chosen!r} (known: {', '.join(TRAIN_OPTIMIZERS)})")
         if isinstance(self.master_weights, str) and self.master_weights == "auto":
-            master = None if optimizer == weight.hardware.in_place_optimizer else FP32
+            in_place = optimizer == weight.hardware.in_place_optimizer or optimizer in IN_PLACE_OPTIMIZERS
+            master = None if in_place else FP32
         else:
             master = None if self.master_weights is None else _format(self.master_weights)
         if master is not None and master.key == weight.key:
@@ -163,8 +170,17 @@ class ResolvedFormats:
         extra = sum(workload.extra_params.values())
         states = STATE_TENSORS[self.optimizer] * self.optimizer_state.storage_bits
         master = 0.0 if self.master_weights is None else self.master_weights.storage_bits
+        updated = weights + (0 if self.optimizer in FROZEN_OUTSIDE_GEMMS else extra)
         return (weights * (self.weights.storage_bits + master) + extra * FP32.storage_bits
-                + (weights + extra) * states)
+                + updated * states)
+
+    @property
+    def update_arithmetic(self) -> Operand:
+        """The format the optimizer computes in: the master copy's, else the weights' own for an update
+        in place (NITI's integers), else the optimizer state's."""
+        if self.master_weights is not None:
+            return self.master_weights
+        return self.weights if self.optimizer in IN_PLACE_OPTIMIZERS else self.optimizer_state
 
     def describe(self) -> str:
         parts = [f"W={self.weights.spec}", f"A={self.activations.spec}", f"G={self.gradients.spec}",
@@ -293,11 +309,13 @@ class _Tally:
 
     def update(self, names: np.ndarray, params: np.ndarray, f: ResolvedFormats) -> None:
         c = self.model.components
-        arith = f.master_weights or f.optimizer_state
+        arith = f.update_arithmetic
         mul, add = arith.hardware.update_units(c, arith)
         w = c.weights
         if f.optimizer == "sgd":  # v = mu v + g + wd w ; w -= lr v
             per_param = 3 * mul + 3 * add
+        elif f.optimizer == "niti":  # the gradient's range (its largest magnitude), w = clip(w - update)
+            per_param = c.comparator(32) + add + 2 * c.comparator(arith.bits)
         elif f.optimizer == "adam":  # moments, bias corrections, sqrt, divide, decoupled decay
             per_param = (9 + w.divide_multiplies + w.sqrt_multiplies) * mul + 5 * add
         else:  # Madam: EMA of g^2, then log-domain normalise, clip, round, add to the log weight
@@ -371,7 +389,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
     params = np.array([layer.params for layer in layers], dtype=float)
     if is_weight.any():
         tally.update(names[is_weight], params[is_weight], f)
-    if wl.extra_params:
+    if wl.extra_params and f.optimizer not in FROZEN_OUTSIDE_GEMMS:
         tally.update(np.array(list(wl.extra_params), dtype=object),
                      np.array(list(wl.extra_params.values()), dtype=float), f.unquantized())
     frame = in_scope(tally.frame(), model.scope)
@@ -418,7 +436,7 @@ def training_area_um2(formats: TrainingFormats | FormatArg, model: EnergyModel,
         dp = datapath_for(a, b, area, model.datapath)
         datapath += dp.unit_total
         registers += dp.group_size * area.register(a.storage_bits + b.storage_bits)
-    arith = f.master_weights or f.optimizer_state
+    arith = f.update_arithmetic
     mul, add = arith.hardware.update_units(area, arith)
     return {"datapath": datapath, "pe": datapath + registers + mul + add}
 

@@ -29,7 +29,7 @@ from dse.usercode import identity as code_identity
 from dse.usercode import is_ref
 
 ENERGY_OPTIMIZERS: dict[str, str] = TRAIN_OPTIMIZERS
-"""Training optimizer -> the energy model's update (NITI's integer update is costed as SGD)."""
+"""Training optimizer -> the energy model's update (AdamW as Adam, LNS-Madam as Madam)."""
 PJ_PER_MJ = 1e9
 BITS_PER_MIB = 8 * 2**20
 
@@ -53,11 +53,12 @@ class WorkloadEnergy:
         return dataclasses.asdict(self)
 
 
-def master_format(master_weights: bool | str) -> str | None:
-    """The master copy's format for the energy model: fp32, the copy's own spec, or None (no copy)."""
-    if isinstance(master_weights, str):
-        return master_weights
-    return FP32 if master_weights else None
+def master_format(config: TrainConfig) -> str | None:
+    """The master copy's format for the energy model: fp32, the copy's own spec, or None (no copy).
+    NITI keeps no float copy whatever master_weights says; a spec there is its integer accumulator."""
+    if isinstance(config.master_weights, str):
+        return config.master_weights
+    return FP32 if config.master_weights and config.optimizer != "niti" else None
 
 
 def energy_view(config: TrainConfig) -> dict[str, Any]:
@@ -182,11 +183,15 @@ class EnergyEstimator:
         units = dict.fromkeys(UNITS, 0.0)
         memory_bits = 0.0
         types = self._types.get(id(workload))
+        # NITI rounds every integer it narrows pseudo-stochastically (PstoShift), whatever the trial says
+        rounding = (config.rounding, config.update_rounding)
+        if optimizer == "niti":
+            rounding = ("pseudo_stochastic", "pseudo_stochastic")
         for part, tensors in _parts(workload, config, types):
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
-                master_weights=master_format(config.master_weights) if tensors.quantizes_gemms else None,
-                rounding=config.rounding, update_rounding=config.update_rounding)
+                master_weights=master_format(config) if tensors.quantizes_gemms else None,
+                rounding=rounding[0], update_rounding=rounding[1])
             frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj

@@ -408,3 +408,44 @@ def test_each_gemms_dram_traffic_is_the_size_of_the_tensors_training_moves() -> 
         expected[(name, "backward_weight", "gradients")] = y_elems
         expected[(name, "backward_weight", "weight_grads")] = w_elems
     assert {key: round(value) for key, value in priced.items()} == expected
+
+
+@pytest.mark.parametrize("master", [True, "int16"])
+def test_a_niti_trial_is_priced_with_its_integer_update(master: bool | str,
+                                                        datasets: dict[str, Dataset]) -> None:
+    """NITI keeps int8 weights (or an int16 accumulator besides, when master_weights names one), no
+    optimizer state, and freezes every parameter outside its integer layers (biases): before, its trials
+    were priced as SGD with an fp32 master copy and fp32 momentum for every parameter."""
+    from dse.energy import TrainingFormats
+    from dse.sweep import parse_config
+    from dse.sweep.energy import EnergyEstimator
+    from dse.train.loop import prepare
+
+    config = TrainConfig(model="cnn", dataset="digits", format="int8", optimizer="niti",
+                         master_weights=master, batch_size=4)
+    data = datasets["digits"]
+    setup = prepare(build_model("cnn", data), config, torch.Generator().manual_seed(0), data.x_train[:2])
+    setup.loss_fn(setup.model(data.x_train[:4]), data.y_train[:4]).backward()
+    setup.optimizer.step()
+    trained = {id(p) for group in setup.optimizer.param_groups for p in group["params"]}
+    assert all(p.requires_grad == (id(p) in trained) for p in setup.model.parameters())
+    bits = sum(p.numel() * (8 if id(p) in trained else 32) for p in setup.model.parameters())
+    bits += sum(s.numel() * 16 for state in setup.optimizer.state.values() for s in state.values()
+                if isinstance(s, Tensor))  # the int16 accumulator, when there is one
+    sweep = parse_config("task: {model: mlp, dataset: digits}\ntrials: [{format: int8}]\n"
+                         "energy: {workloads: [proxy]}\n", "s.yaml")
+    estimator = EnergyEstimator(sweep.energy)
+    assert estimator.estimate(config)["proxy"].memory_mib * 8 * 2**20 == pytest.approx(bits, rel=1e-12)
+
+    workload = estimator.proxy(config)
+    copy = master if isinstance(master, str) else None
+    frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer="niti", master_weights=copy),
+                             ENERGY, 4)
+    update = frame[frame["pass"] == "update"]
+    assert set(update["layer"]) == {layer.name for layer in workload.layers}  # biases are not updated
+    traffic = update[update["level"] == "dram"].groupby("tensor")["energy_pj"].sum() / ENERGY.dram_pj_per_bit
+    params = sum(layer.params for layer in workload.layers)
+    expected = {"weight_grads": 8 * params, "weights": (1 if copy else 2) * 8 * params}
+    if copy:
+        expected["master_weights"] = 2 * 16 * params
+    assert traffic.to_dict() == pytest.approx(expected, rel=1e-12)
