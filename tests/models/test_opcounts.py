@@ -186,6 +186,7 @@ TRIALS: list[dict[str, Any]] = [
     {"model": "resnet", "dataset": "digits", "format": "posit8"},
     {"model": "cnn", "dataset": "digits", "format": "int8", "optimizer": "niti"},
     {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "adam"},
+    {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "niti"},
 ]
 
 
@@ -462,30 +463,38 @@ def test_a_niti_trial_is_priced_with_its_integer_update(model_name: str, data_na
     assert traffic.to_dict() == pytest.approx(expected, rel=1e-12)
 
 
-def test_a_frozen_parameter_is_stored_but_neither_differentiated_nor_updated(datasets: dict[str, Dataset]
+@pytest.mark.parametrize("optimizer", ["sgd", "niti"])
+def test_a_frozen_parameter_is_stored_but_neither_differentiated_nor_updated(optimizer: str,
+                                                                             datasets: dict[str, Dataset]
                                                                              ) -> None:
     """A user's network with frozen parameters (requires_grad=False), as a trial trains it: torch runs no
     weight-gradient GEMM for a frozen weight and its optimizer skips every frozen parameter (no update,
-    no state). The update rows are exactly the parameters that changed in one step."""
+    no state); NITI leaves a frozen weight as it is too (before, its integer layers updated it), and
+    freezes every bias. The update rows are exactly the parameters that changed in two steps."""
+    from dse.energy import TrainingFormats
     from dse.sweep import parse_config
     from dse.sweep.energy import EnergyEstimator
     from dse.train.loop import prepare
 
-    config = TrainConfig(model=f"{USER_MODELS}:frozen", dataset="digits", format="int8", optimizer="sgd",
+    config = TrainConfig(model=f"{USER_MODELS}:frozen", dataset="digits", format="int8", optimizer=optimizer,
                          batch_size=4)
     data = datasets["digits"]
     setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
                     data.x_train[:2])
     before = {name: p.detach().clone() for name, p in setup.model.named_parameters()}
-    setup.loss_fn(setup.model(data.x_train[:4]), data.y_train[:4]).backward()
-    setup.optimizer.step()
+    for step in range(2):
+        setup.loss_fn(setup.model(data.x_train[4 * step:4 * step + 4]), data.y_train[4 * step:4 * step + 4]
+                      ).backward()
+        setup.optimizer.step()
+        setup.optimizer.zero_grad()
     changed = {name for name, p in setup.model.named_parameters() if not torch.equal(p, before[name])}
     sweep = parse_config(SWEEP, "s.yaml")
     workload = EnergyEstimator(sweep.energy).proxy(config)
-    frame = iteration_energy(workload, "int8", ENERGY, 4)
+    frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer=optimizer), ENERGY, 4)
     updated = set(frame[frame["pass"] == "update"]["layer"])
     assert updated == {name.removesuffix(".weight") if name.endswith(".weight") else name for name in changed}
-    assert updated == {"stem", "stem.bias", "mid.bias", "head", "head.bias"}
+    trained_biases = {"stem.bias", "mid.bias", "head.bias"} if optimizer == "sgd" else set()
+    assert updated == {"stem", "head"} | trained_biases
     backward_weight = set(frame[frame["pass"] == "backward_weight"]["layer"])
     assert backward_weight == {"stem", "head"}
 
