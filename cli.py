@@ -443,17 +443,20 @@ def _check_output_file(option: str, path: Path | None, makes_folders: bool = Fal
 
     if path is None:
         return
-    folder = path.parent
+    # (written atomically, dse.atomic_write: a temporary file in the folder of the file renamed onto,
+    # the path's or its link's, so that folder must be writable, and an existing file too, as its owner
+    # may have protected it; a device or a FIFO such as /dev/stdout is written in place)
+    from dse.atomic_write import rename_target
+
+    try:
+        target = rename_target(path)
+    except OSError as error:
+        raise InputError(f"{option} {str(path)!r}: cannot write there ({error.strerror})") from error
+    folder = (target or path).parent
     while makes_folders and not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    # (written atomically, dse.atomic_write: a temporary file in the folder renamed onto the path, so the
-    # folder must be writable, and an existing file too, as its owner may have protected it; a link,
-    # a device or a FIFO such as /dev/stdout is written in place)
-    from dse.atomic_write import written_in_place
-
-    special = written_in_place(path)
     problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
-               else "permission denied" if (not special and not os.access(folder, os.W_OK | os.X_OK))
+               else "permission denied" if (target is not None and not os.access(folder, os.W_OK | os.X_OK))
                or (path.exists() and not os.access(path, os.W_OK)) else None)
     if problem is not None:
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")

@@ -7,6 +7,7 @@ files (the dataset cache, the report files), which must not import each other.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import secrets
@@ -17,14 +18,27 @@ TEMPORARY_NAME = ".{name}.{token}.tmp"
 """The hidden name a file is written under before it is renamed onto `name` (`write_atomically`)."""
 
 
+def rename_target(path: Path) -> Path | None:
+    """Where `write_atomically` renames its temporary file onto: `path`, or the file a symbolic link at
+    `path` leads to (followed to its end, a relative link from its own folder, a dangling link to the
+    file it names), so that the link stays a link and its file is replaced whole. None where the file
+    is written in place: a device or a FIFO (`--csv /dev/stdout`, a link to /proc/self/fd/1), whose
+    reader a rename would never reach. A loop of links is ELOOP."""
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # (realpath stops at a loop)
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+    return None if target.exists() and not target.is_file() and not target.is_dir() else target
+
+
 def temporary_files(path: Path) -> list[Path]:
     """The temporary files `write_atomically` may have left for `path` (a writer killed mid-write)."""
-    return list(path.parent.glob(TEMPORARY_NAME.format(name=glob.escape(path.name), token="*")))
-
-
-def written_in_place(path: Path) -> bool:
-    """Whether `write_atomically` writes `path` in place: a symbolic link, a device or a FIFO."""
-    return path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir())
+    try:
+        target = rename_target(path)
+    except OSError:
+        return []
+    if target is None:
+        return []
+    return list(target.parent.glob(TEMPORARY_NAME.format(name=glob.escape(target.name), token="*")))
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
@@ -34,22 +48,29 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     signal's, dse.sweep.interrupt) removes it: nothing is left half-written. It is created with the
     permissions any new file gets (0666 less the umask), so a file shared in a group folder can be read
     there, as the file written in place would be. An OS refusal (unwritable or non-directory parent, a
-    directory in the way, a full disk) raises its OSError, the temporary file removed. A symbolic link
-    or an existing file that is not a regular one (a device, a FIFO: `--csv /dev/stdout`, a link to
-    /proc/self/fd/1) is written in place, through the link: renaming onto it would put a regular file
-    in the link's place (measured: /dev/stdout replaced, as root).
+    directory in the way, a full disk, a loop of links) raises its OSError, the temporary file removed.
+    A symbolic link is followed (`rename_target`): its file is replaced atomically and the link stays
+    (renaming onto the link itself would put a regular file in its place: measured, `--csv /dev/stdout`
+    as root replaced /dev/stdout). A device or a FIFO, or a link to one, is written in place.
     """
-    if written_in_place(path):
+    target = rename_target(path)
+    if target is None:
         write(path)
         return path
-    temporary = path.parent / TEMPORARY_NAME.format(name=path.name, token=secrets.token_hex(8))
+    temporary = target.parent / TEMPORARY_NAME.format(name=target.name, token=secrets.token_hex(8))
+    created = False
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            created = True
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # (a file of that name was there: not ours)
+            created = False
+            raise
         write(temporary)
-        os.replace(temporary, path)
-    except BaseException as error:
-        if not isinstance(error, FileExistsError):  # (a file of that name was there: not ours)
+        os.replace(temporary, target)
+    except BaseException:
+        if created:
             with contextlib.suppress(OSError):
                 temporary.unlink()
         raise

@@ -18,9 +18,16 @@ Path_ = tuple[str | int, ...]
 
 
 ALIAS_EXPANSION_LIMIT = 100_000
-"""How many values aliases may repeat in one document. An alias repeats its anchor's values, so
-aliases of aliases multiply (ten lists of ten aliases each: 10^10 values from a few lines, the
-"billion laughs"), and a walk of the document (its line map, its validation) would never end."""
+"""How many values aliases may repeat in one document (or ALIAS_REPEATS_PER_VALUE times its own values,
+where that is more). An alias repeats its anchor's values, so aliases of aliases multiply (ten lists of
+ten aliases each: 10^10 values from a few lines, the "billion laughs"), and a walk of the document (its
+line map, its validation) would never end."""
+
+ALIAS_REPEATS_PER_VALUE = 100
+"""How many values aliases may repeat per value written in the document, past ALIAS_EXPANSION_LIMIT:
+one alias per trial to a block of defaults (`<<: *defaults`) repeats in proportion to the file, so a
+long sweep file stays readable (17000 trials merging 5 defaults each were refused under a flat bound),
+while aliases of aliases still stop after a few thousand values' worth of file."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -31,11 +38,15 @@ class _Loader(yaml.SafeLoader):
         super().__init__(stream)
         self.alias_lines: dict[tuple[int, int], int] = {}
         """(id of the parent node, index of the item or id of the key node) -> line of the alias there."""
+        self.values_written = 0
+        """How many nodes (keys, scalars, lists, mappings; not aliases) the document writes out."""
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             where = index if isinstance(index, int) else id(index)
             self.alias_lines[(id(parent), where)] = self.peek_event().start_mark.line + 1
+        else:
+            self.values_written += 1
         return super().compose_node(parent, index)
 
 
@@ -100,12 +111,14 @@ class SourceMap:
 
 @dataclass
 class _Walk:
-    """One walk of a document: its source, its aliases' lines, the nodes walked and the repeats left."""
+    """One walk of a document: its source, its aliases' lines, how many repeats its aliases may make, the
+    nodes walked and the repeats made."""
 
     source: str
     alias_lines: dict[tuple[int, int], int]
+    repeats_allowed: int
     walked: set[int] = field(default_factory=set)
-    repeats_left: int = ALIAS_EXPANSION_LIMIT
+    repeats: int = 0
 
 
 def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], walk: _Walk,
@@ -113,16 +126,16 @@ def _walk(node: yaml.Node, path: Path_, lines: dict[Path_, int], walk: _Walk,
     """Record the line of every key and item below `node`; `within`: the ids of the nodes it is inside,
     so an alias to one of them (a document that contains itself) is an error, not endless recursion;
     `alias`: the path of the outermost alias `node` is inside, where a walk that repeats more than
-    ALIAS_EXPANSION_LIMIT values stops with an error."""
+    `walk.repeats_allowed` values stops with an error."""
     if id(node) in within:
         raise InputError(f"{walk.source}:{lines.get(path, node.start_mark.line + 1)}: {dotted(path)}: an "
                          "alias inside its own anchor would repeat it forever")
     if id(node) in walk.walked:
-        walk.repeats_left -= 1
-        if walk.repeats_left < 0:
+        walk.repeats += 1
+        if walk.repeats > walk.repeats_allowed:
             where = alias if alias is not None else path
             raise InputError(f"{walk.source}:{lines.get(where, node.start_mark.line + 1)}: {dotted(where)}: "
-                             f"aliases repeat more than {ALIAS_EXPANSION_LIMIT} values (aliases of aliases "
+                             f"aliases repeat more than {walk.repeats_allowed} values (aliases of aliases "
                              "multiply); write the values out or use fewer levels of aliases")
     walk.walked.add(id(node))
     within = within | {id(node)}
@@ -157,7 +170,8 @@ def load_yaml(text: str, source: str) -> tuple[Any, SourceMap]:
             if node is None:
                 return None, SourceMap(source)
             lines: dict[Path_, int] = {(): node.start_mark.line + 1}
-            _walk(node, (), lines, _Walk(source, loader.alias_lines))
+            allowed = max(ALIAS_EXPANSION_LIMIT, ALIAS_REPEATS_PER_VALUE * loader.values_written)
+            _walk(node, (), lines, _Walk(source, loader.alias_lines, allowed))
             data = loader.construct_document(node)
         finally:
             loader.dispose()

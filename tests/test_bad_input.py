@@ -352,6 +352,20 @@ def test_aliases_up_to_the_bound_read_in_full_and_their_errors_name_the_alias_li
     assert (source.line(["b", 1]), source.line(["b", 1, "lr"])) == (4, 1)  # the alias, its anchor's key
 
 
+def test_one_alias_per_trial_to_defaults_reads_in_a_sweep_of_any_length() -> None:
+    """The bound grows with the values the file writes out: before, a flat 100000 refused 2000 trials
+    merging a block of 60 defaults (and 17000 trials merging 5) as 'aliases of aliases multiply'."""
+    from dse.yaml_lines import ALIAS_EXPANSION_LIMIT, load_yaml
+
+    defaults = ", ".join(f"k{i}: {i}" for i in range(60))
+    text = f"defaults: &t {{{defaults}}}\ntrials:\n" + "".join(f"  - {{<<: *t, lr: {i}}}\n"
+                                                                 for i in range(2000))
+    data, source = load_yaml(text, "s.yaml")
+    assert len(data["trials"]) == 2000 and 2000 * 61 > ALIAS_EXPANSION_LIMIT
+    assert data["trials"][1999] == {**{f"k{i}": i for i in range(60)}, "lr": 1999}
+    assert source.line(["trials", 1999, "lr"]) == 2002
+
+
 def test_train_layers_from_yaml_are_bounded_and_read_as_sweep_files_are(tmp_path: Path) -> None:
     rules = tmp_path / "layers.yaml"
     rules.write_text(_laughs(9, "layers"))

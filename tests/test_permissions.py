@@ -22,11 +22,27 @@ from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
-SETPRIV = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
 def _prefix() -> tuple[str, ...]:
-    return SETPRIV if os.geteuid() == 0 else ()
+    """setpriv to nobody and nobody's own group, by number (the group is `nogroup` on Debian, `nobody`
+    on Fedora: a name that is missing would make every test here skip)."""
+    if os.geteuid() != 0:
+        return ()
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    return ("setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups")
+
+
+def _has_nobody() -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -35,8 +51,8 @@ def workdir() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="dse-permissions-"))
     folder.chmod(0o755)
     try:
-        if os.geteuid() == 0 and shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: no user to whom permissions apply")
+        if os.geteuid() == 0 and (shutil.which("setpriv") is None or not _has_nobody()):
+            pytest.skip("running as root without setpriv or a nobody: no user to whom permissions apply")
         probe = _run(folder, "-c", "import dse.cli")
         if probe.returncode != 0:
             pytest.skip(f"the other user cannot run dse here: {probe.stderr.strip()[-200:]}")
@@ -140,6 +156,7 @@ def test_reports_and_tables_into_a_folder_this_user_cannot_write_are_refused(fak
     out = _stored_sweep(fake_train, workdir)
     (workdir / "shared").mkdir()
     (workdir / "shared" / "mine.csv").write_text("old\n")
+    (workdir / "link.csv").symlink_to(Path("shared") / "mine.csv")
     _give(workdir)
     (workdir / "shared").chmod(0o555)
     out.chmod(0o555)
@@ -153,6 +170,9 @@ def test_reports_and_tables_into_a_folder_this_user_cannot_write_are_refused(fak
                     "--csv 'shared/mine.csv': cannot write there (permission denied)")
     _one_error_line(_dse(workdir, "formats", "show", "int8", "--plot", "shared/p.png"),
                     "--plot 'shared/p.png': cannot write there (permission denied)")
+    # a link to that file: the file is replaced by a rename in its own folder (dse.atomic_write)
+    _one_error_line(_dse(workdir, "compare", "int8", "fp32", "--csv", "link.csv"),
+                    "--csv 'link.csv': cannot write there (permission denied)")
     assert _files(workdir) == before
 
 
