@@ -406,8 +406,8 @@ def test_each_member_keeps_its_tagged_exponent_only_where_its_values_sit_on_that
 
 
 @pytest.mark.parametrize("optimizer", ["niti", "sgd"])
-def test_a_users_frozen_weights_stay_frozen_grouped_as_alone(optimizer: str, subset: Callable[..., Any],
-                                                            stacked_same_as_alone: Callable[..., Any]) -> None:
+def test_a_users_frozen_weights_stay_frozen_grouped_as_alone(
+        optimizer: str, subset: Callable[..., Any], stacked_same_as_alone: Callable[..., Any]) -> None:
     """A fine-tuning network (tests/support/user_models.py:frozen: a frozen first layer, norm and middle
     weight): each member is its run alone, where NITI, like SGD, leaves the frozen weights as they are."""
     users = Path(__file__).parents[1] / "support" / "user_models.py"
