@@ -67,12 +67,12 @@ def whole_group_folds() -> Iterator[None]:
     runs of members under torch's grain (dse/train/stacked.py)."""
     import dse.train.stacked as stacked
 
-    grain = stacked.PARALLEL_GRAIN_ELEMENTS
-    stacked.PARALLEL_GRAIN_ELEMENTS = 2**62
+    grain = stacked.PARALLEL_GRAIN
+    stacked.PARALLEL_GRAIN = 2**62
     try:
         yield
     finally:
-        stacked.PARALLEL_GRAIN_ELEMENTS = grain
+        stacked.PARALLEL_GRAIN = grain
 
 
 def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:

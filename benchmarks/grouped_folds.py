@@ -30,7 +30,7 @@ def measure(members: int, rounds: int) -> dict[str, float]:
     from dse.train.policy import TensorQuant
 
     quant = TensorQuant(get("fp8_e5m2"))
-    grain = stacked.PARALLEL_GRAIN_ELEMENTS
+    grain = stacked.PARALLEL_GRAIN
     source = torch.Generator().manual_seed(0)
     a = torch.randn(members, 640, 256, generator=source)
     dy = torch.randn(members, 640, 64, generator=source)
@@ -44,13 +44,13 @@ def measure(members: int, rounds: int) -> dict[str, float]:
             accumulation.matmul_backward_b(a[g], dy[g], alone)
         best["alone"] = min(best["alone"], time.process_time() - started)
         for name, limit in (("whole", 2**62), ("runs", grain)):
-            stacked.PARALLEL_GRAIN_ELEMENTS = limit
+            stacked.PARALLEL_GRAIN = limit
             try:
                 started = time.process_time()
                 accumulation.matmul_backward_b(a, dy, group)
                 best[name] = min(best[name], time.process_time() - started)
             finally:
-                stacked.PARALLEL_GRAIN_ELEMENTS = grain
+                stacked.PARALLEL_GRAIN = grain
     return best
 
 

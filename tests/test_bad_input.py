@@ -284,15 +284,22 @@ def test_a_store_locked_by_another_process_is_one_line_saying_so_and_nothing_is_
     pd.testing.assert_frame_equal(load_trials(out), before)
 
 
+@pytest.mark.parametrize("stopped", ["before its plan", "as it opened the store"])
 def test_a_store_a_sweep_was_stopped_in_before_its_plan_is_used_not_refused(
-        fake_train: Callable[..., Any], tmp_path: Path) -> None:
+        stopped: str, fake_train: Callable[..., Any], tmp_path: Path) -> None:
     """A sweep stopped between creating its store and writing its plan leaves empty tables: the next run
-    said the store was not a dse store and to remove it."""
+    said the store was not a dse store and to remove it. Stopped as SQLite opened the file (before its
+    first write), the store is an empty file, which SQLite reads as an empty database: it was refused
+    as 'not a dse sweep store (it has no sweep name)'."""
     from dse.sweep.store import SweepStore
 
     out = tmp_path / "out"
     out.mkdir()
-    SweepStore(out).close()
+    if stopped == "before its plan":
+        SweepStore(out).close()
+    else:
+        (out / STORE_FILE).touch()
+    _one_error_line(runner.invoke(app, ["report", str(out)]), f"{out / STORE_FILE} holds no sweep yet")
     _stored_sweep(fake_train, out)
     assert len(load_trials(out)) == 2
 

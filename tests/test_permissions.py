@@ -1,12 +1,16 @@
-"""Checks that depend on file permissions, run as a user they apply to: the command line in a subprocess,
-as this user where it is not root, else as `nobody` (setpriv); skipped where neither can run dse (root
-without setpriv, or a nobody who cannot read the checkout). Root reads and writes every file, so these
+"""Checks that depend on file permissions, run as a user they apply to: each command line a process of
+its own (tests/support/forked_cli.py), as this user where it is not root, else as `nobody` (setpriv);
+skipped where neither can run dse (root without setpriv or a nobody, or a nobody who cannot read the
+checkout). Root reads and writes every file, so these
 paths are untested where the tests run as root otherwise. Each refusal is one line, exit code 2, and
 the files are left as they were."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -22,6 +26,7 @@ from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMAND_TIMEOUT_S = 300
 
 
 def _prefix() -> tuple[str, ...]:
@@ -45,17 +50,77 @@ def _has_nobody() -> bool:
     return True
 
 
+class _Commands:
+    """tests/support/forked_cli.py run as the other user: each `dse` command a process of its own,
+    forked from one that imported what the commands import once (started in full, each command cost
+    1.5-2 s of imports: most of this file's time)."""
+
+    def __init__(self, home: Path) -> None:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(home),
+               "MPLCONFIGDIR": str(home / ".mpl")}
+        server = str(ROOT / "tests" / "support" / "forked_cli.py")
+        self.errors = tempfile.TemporaryFile()  # (a pipe nobody reads could fill and stop the process)
+        self.process = subprocess.Popen([*_prefix(), sys.executable, server], cwd=home, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.errors, text=True)
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.stdin, self.stdout = self.process.stdin, self.process.stdout
+        self.ready = self.stdout.readline().strip() == '{"ready": true}'
+
+    def run(self, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {"HOME": str(folder), "DSE_CACHE_DIR": str(folder / ".cache")}
+        self.stdin.write(json.dumps({"cwd": str(folder), "env": env, "args": list(args)}) + "\n")
+        self.stdin.flush()
+        if not select.select([self.stdout], [], [], COMMAND_TIMEOUT_S)[0]:
+            self.process.kill()
+            raise TimeoutError(f"dse {' '.join(args)} ran past {COMMAND_TIMEOUT_S} s")
+        reply = json.loads(self.stdout.readline())
+        return subprocess.CompletedProcess(["dse", *args], reply["returncode"], reply["stdout"],
+                                           reply["stderr"])
+
+    def close(self) -> str:
+        """Stop the process; its stderr (why it did not start, where it did not)."""
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.errors.seek(0)
+        errors = self.errors.read().decode(errors="replace")
+        self.errors.close()
+        return errors
+
+
+_COMMANDS: list[_Commands] = []
+
+
+@pytest.fixture(scope="module")
+def commands() -> Iterator[_Commands]:
+    if os.geteuid() == 0 and (shutil.which("setpriv") is None or not _has_nobody()):
+        pytest.skip("running as root without setpriv or a nobody: no user to whom permissions apply")
+    home = Path(tempfile.mkdtemp(prefix="dse-permissions-home-"))
+    home.chmod(0o755)
+    _give(home)
+    started = _Commands(home)
+    try:
+        if not started.ready:
+            pytest.skip(f"the other user cannot run dse here: {started.close().strip()[-200:]}")
+        _COMMANDS.append(started)
+        yield started
+    finally:
+        _COMMANDS.clear()
+        started.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture
-def workdir() -> Iterator[Path]:
+def workdir(commands: _Commands) -> Iterator[Path]:
     """A folder the other user owns (this user's tmp_path is root's private folder when run as root)."""
     folder = Path(tempfile.mkdtemp(prefix="dse-permissions-"))
     folder.chmod(0o755)
     try:
-        if os.geteuid() == 0 and (shutil.which("setpriv") is None or not _has_nobody()):
-            pytest.skip("running as root without setpriv or a nobody: no user to whom permissions apply")
-        probe = _run(folder, "-c", "import dse.cli")
-        if probe.returncode != 0:
-            pytest.skip(f"the other user cannot run dse here: {probe.stderr.strip()[-200:]}")
         yield folder
     finally:
         for path in [folder, *folder.rglob("*")]:
@@ -78,11 +143,11 @@ def _run(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "HOME": str(folder),
            "MPLCONFIGDIR": str(folder / ".mpl"), "DSE_CACHE_DIR": str(folder / ".cache")}
     return subprocess.run([*_prefix(), sys.executable, *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=COMMAND_TIMEOUT_S)
 
 
 def _dse(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _run(folder, "-m", "dse.cli", *args)
+    return _COMMANDS[0].run(folder, *args)
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> str:

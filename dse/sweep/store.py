@@ -222,8 +222,8 @@ def stored_sweep_name(directory: Path) -> str | None:
     A file that is not a dse store raises InputError rather than being overwritten.
     """
     path = store_path(directory)
-    if not path.exists():
-        return None
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return None  # (an empty file: SQLite's new database, a sweep stopped as it opened its store)
     def read(connection: sqlite3.Connection) -> tuple[dict[str, str], bool]:
         meta = _read_meta(connection)
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -437,8 +437,9 @@ def load_trials(directory: Path) -> pd.DataFrame:
     path = store_path(directory)
     if not path.is_file():
         raise InputError(f"no sweep store in {str(directory)!r} (no {STORE_FILE}; run `dse sweep` first)")
-    if stored_sweep_name(directory) is None:  # pragma: no cover - is_file() checked above
-        raise InputError(f"no sweep store in {str(directory)!r}")
+    if stored_sweep_name(directory) is None:  # an empty store: a sweep stopped before it planned
+        raise InputError(f"{path} holds no sweep yet (a sweep was stopped before it planned its trials): "
+                         "run `dse sweep` first")
     try:
         meta, workloads, rows, names, energy = _read_only(path, _read_store)
         records, tuned = _trial_records(rows, names, workloads, energy)

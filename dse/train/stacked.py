@@ -75,7 +75,12 @@ from dse.train.layers import (
     is_block_scaled,
     quant_matmul,
 )
-from dse.train.member_kernels import AmbiguousMemberAxisWarning, MemberKernels, may_call_position_dependent
+from dse.train.member_kernels import (
+    PARALLEL_GRAIN,
+    AmbiguousMemberAxisWarning,
+    MemberKernels,
+    may_call_position_dependent,
+)
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -345,11 +350,6 @@ def _stack_grads(grads: list[tuple[Tensor | None, Tensor | None]], need_data: bo
     return dx, dw
 
 
-PARALLEL_GRAIN_ELEMENTS = 32768
-"""torch's CPU grain (at::internal::GRAIN_SIZE): an elementwise operation over this many elements or
-more is split among the threads (a parallel region opened per call)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class MemberAccumulators(Accumulator):
     """The members' accumulators: `quantize` rounds a stacked tensor per member (leading member
@@ -376,7 +376,7 @@ class MemberAccumulators(Accumulator):
             return super().fold_gemm(partial, operands, length)
         # member 0's first chunk alone, which its fold starts from where members fold one by one
         first = partial(*(operand[0] for operand in operands), 0, self.chunk)
-        run = max(1, (PARALLEL_GRAIN_ELEMENTS - 1) // max(1, first.numel()))
+        run = max(1, (PARALLEL_GRAIN - 1) // max(1, first.numel()))
         if run >= members:
             return super().fold_gemm(partial, operands, length)
         if run == 1:

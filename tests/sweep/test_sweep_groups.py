@@ -346,3 +346,21 @@ def test_the_transformer_groups_by_default_on_cuda() -> None:
     assert on["cpu"][0] == 1 and on["cpu"][1] is not None
     mlp = TrainConfig(model="mlp", dataset="digits")
     assert default_group_size(mlp) == default_group_size(mlp.replace(device="cuda")) == (GROUP_SIZE, None)
+
+
+def test_the_command_lines_group_size_groups_a_model_whose_default_is_one(tmp_path: Path) -> None:
+    """`--group-size N` is the user's choice, over each model's default: the transformer, which trains
+    one by one on the CPU by default (a line per configuration says so), groups by N, without those
+    lines; the dry run's count of jobs and its line say which."""
+    config = tmp_path / "s.yaml"
+    config.write_text(_text(tmp_path / "out", seeds="[0, 1, 2]", executor="{workers: 1}",
+                            model="transformer").replace("dataset: digits", "dataset: sort-easy"))
+    default = runner.invoke(app, ["sweep", str(config), "--dry-run"])
+    assert default.exit_code == 0, default.output
+    assert "12 jobs: trials trained in groups of up to 1" in default.output
+    assert default.output.count("trained one by one") == 2  # one line per configuration, not per trial
+    grouped = runner.invoke(app, ["sweep", str(config), "--dry-run", "--group-size", "4"])
+    assert grouped.exit_code == 0, grouped.output
+    assert "4 jobs: trials trained in groups of up to 4" in grouped.output  # 6 trials a configuration: 4 + 2
+    assert "one by one" not in grouped.output
+    assert not (tmp_path / "out").exists()

@@ -122,6 +122,62 @@ def test_a_grouped_fold_keeps_each_operation_under_torchs_parallel_grain_and_equ
         assert max(fold_sizes) == one_member * ((TORCH_GRAIN_ELEMENTS - 1) // one_member)
 
 
+@settings(max_examples=15, deadline=None)
+@given(members=st.integers(1, 5), rows=st.integers(1, 24),
+       features=st.tuples(st.integers(1, 32), st.integers(1, 32)), chunk=st.sampled_from([1, 3, 16]),
+       accumulator=st.sampled_from(["fp16", "bf16", "fp8_e5m2"]), grain=st.sampled_from([2, 64, 500, 2**62]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_a_stacked_linear_and_matmul_fold_equal_each_members_gemms_alone_whatever_the_runs(
+        members: int, rows: int, features: tuple[int, int], chunk: int, accumulator: str, grain: int,
+        threads: int, seed: int) -> None:
+    """Every GEMM a stacked layer folds (a Linear's forward, backward-data and backward-weight, and a
+    4-d matmul's three) equals its member's GEMMs alone (the Linear's alone path: F.linear and its own
+    chunks, dse/train/accumulation.py), bit for bit, however the members are cut into runs: the grain
+    is drawn (2**62: the whole group at once) so that small shapes take every path, runs of one, of
+    several with a shorter last one, and one run, on one thread and two."""
+    import functools
+
+    from dse.formats import get
+    from dse.train import accumulation, stacked
+    from dse.train.accumulation import Accumulator
+    from dse.train.policy import TensorQuant
+    from dse.train.stacked import StackedLinearOp, _accumulator
+
+    source = torch.Generator().manual_seed(seed)
+    (fin, fout), op = features, StackedLinearOp()
+    x = torch.randn(members, rows, fin, generator=source)
+    w = torch.randn(members, fout, fin, generator=source)
+    dy = torch.randn(members, rows, fout, generator=source) * 100
+    a = torch.randn(members, 2, rows, fin, generator=source)
+    b = torch.randn(members, 2, fin, fout, generator=source)
+    e = torch.randn(members, 2, rows, fout, generator=source)
+    quant = TensorQuant(get(accumulator))
+    generators = MemberGenerators([torch.Generator().manual_seed(g) for g in range(members)])
+    group = _accumulator(quant, chunk, generators)
+    assert group is not None
+    alone = [Accumulator(functools.partial(quant, generator=generators.generators[g]), chunk)
+             for g in range(members)]
+    previous, grain_before = torch.get_num_threads(), stacked.PARALLEL_GRAIN
+    torch.set_num_threads(threads)
+    stacked.PARALLEL_GRAIN = grain
+    try:
+        dx, dw = op.backward_accumulated(dy, x, w, True, True, group)
+        together = [op.forward_accumulated(x, w, None, group), dx, dw,
+                    accumulation.matmul_forward(a, b, group), accumulation.matmul_backward_a(e, b, group),
+                    accumulation.matmul_backward_b(a, e, group)]
+        each = [[accumulation.linear_forward(x[g], w[g], alone[g]),
+                 accumulation.linear_backward_data(dy[g], w[g], alone[g]),
+                 accumulation.linear_backward_weight(dy[g], x[g], alone[g]),
+                 accumulation.matmul_forward(a[g], b[g], alone[g]),
+                 accumulation.matmul_backward_a(e[g], b[g], alone[g]),
+                 accumulation.matmul_backward_b(a[g], e[g], alone[g])] for g in range(members)]
+    finally:
+        stacked.PARALLEL_GRAIN = grain_before
+        torch.set_num_threads(previous)
+    for gemm, result in enumerate(together):
+        assert torch.equal(result, torch.stack([gemms[gemm] for gemms in each])), gemm
+
+
 def test_an_accumulating_transformer_group_equals_alone_runs_at_two_threads(
         subset: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
     """The transformer's FFN weight gradients fold chunks of 16384 elements a member: a group folds
