@@ -676,7 +676,10 @@ class StackedModel(nn.Module):
         return self.member_kernels is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        return _split(self.net(_fold(x)), self.members)
+        if self.member_kernels is None:
+            return _split(self.net(_fold(x)), self.members)
+        with self.member_kernels.interrupt_safe():
+            return _split(self.net(_fold(x)), self.members)
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -401,7 +401,10 @@ class FoldedNitiNetwork(nn.Module):
         member (dse/train/member_kernels.py), as a stacked float network runs it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+        if self.member_kernels is None:
+            return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+        with self.member_kernels.interrupt_safe():
+            return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
 
 
 def _stacked_niti_layer(module: nn.Module, layers: list[nn.Module], members: int) -> nn.Module | None:
