@@ -468,3 +468,13 @@ def test_each_member_keeps_its_tagged_exponent_only_where_its_values_sit_on_that
         alone, alone_exp = _mantissa_of(values[g], exp, 7)
         assert stacked_exps[g] == alone_exp and torch.equal(stacked[g], alone)
     assert [e - s for e, s in zip(exps, stacked_exps, strict=True)] == [0, 3, 3, 0]  # kept, afresh x2, kept
+
+
+@pytest.mark.parametrize("optimizer", ["niti", "sgd"])
+def test_a_users_frozen_weights_stay_frozen_grouped_as_alone(
+        optimizer: str, subset: Callable[..., Any], stacked_same_as_alone: Callable[..., Any]) -> None:
+    """A fine-tuning network (tests/support/user_models.py:frozen: a frozen first layer, norm and middle
+    weight): each member is its run alone, where NITI, like SGD, leaves the frozen weights as they are."""
+    users = Path(__file__).parents[1] / "support" / "user_models.py"
+    base = NITI.replace(model=f"{users}:frozen", dataset="digits", optimizer=optimizer, epochs=1)
+    stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1)], subset("digits", 256, 200))
