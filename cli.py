@@ -899,11 +899,14 @@ def sweep(
         unique = unique_runs(trials)
         groups, notes = plan_groups(unique, settings.executor.group_size,
                                     shares=device_shares(unique, settings.executor))
+        from dse.sweep.groups import GROUP_SIZE
+
         chosen = settings.executor.group_size
-        sizes = f"{chosen}" if chosen is not None else \
-            f"{max((len(group) for group in groups), default=1)} (each model's default group size)"
+        sizes = f"{chosen}" if chosen is not None else (  # the largest group, and where its size came from
+            f"{max((len(group) for group in groups), default=1)} (no group_size given: each model's default, "
+            f"{GROUP_SIZE}, or 1 where a line below says why)")
         console.print(f"{len(groups)} jobs: trials trained in groups of up to {sizes}", markup=False,
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return

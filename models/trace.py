@@ -99,8 +99,9 @@ class _Recorder(TorchDispatchMode):
                 for kind, k, n, grad in products:
                     weight = f"{prefix}weight_{kind}_l{layer}{suffix}"
                     self.used_weights.add(weight)
+                    frozen = not getattr(module, weight.removeprefix(prefix)).requires_grad
                     self.layers.append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
-                                                 needs_input_grad=grad))
+                                                 needs_input_grad=grad, needs_weight_grad=not frozen))
 
     def _param(self, tensor: Any) -> str | None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
@@ -130,7 +131,7 @@ class _Recorder(TorchDispatchMode):
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
             a_weight, b_weight = self._param(a), self._param(b)
             grad = (a.requires_grad and a_weight is None) or (b.requires_grad and b_weight is None)
-            b_grad = True
+            b_grad = (b if b_weight is not None else a).requires_grad  # a frozen weight gets none
             if a_weight is None and b_weight is None:  # two activations: each gradient only where needed
                 grad, b_grad = a.requires_grad, b.requires_grad
             layer = matmul("", tuple(a.shape), tuple(b.shape), self.samples, a_weight is not None,
@@ -160,7 +161,8 @@ class _Recorder(TorchDispatchMode):
         weight = self._param(w)
         grad = x.requires_grad
         shared: dict[str, Any] = {"groups": groups, "input_elems": x.numel() // self.samples,
-                                  "b_is_weight": weight is not None, "needs_input_grad": grad, "kind": "conv"}
+                                  "b_is_weight": weight is not None, "needs_input_grad": grad, "kind": "conv",
+                                  "needs_weight_grad": w.requires_grad}
         if transposed:  # each input position scatters (c_in/g) x (c_out/g * kernel) products
             layer = GemmLayer("", m=math.prod(x.shape[2:]), k=w.shape[0] // groups, n=w.shape[1] * kernel,
                               **shared)
@@ -174,8 +176,10 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
                 description: str = "") -> Workload:
     """The GEMMs `model` runs on `inputs` (first dimension: samples), per sample, in call order.
 
-    A layer whose operands need no gradient (the first one) gets needs_input_grad=False. Parameters
-    that no GEMM uses as its weight (biases, norms, embeddings) go to extra_params. The model
+    A layer whose operands need no gradient (the first one) gets needs_input_grad=False, one whose weight
+    is frozen (requires_grad=False) needs_weight_grad=False. Parameters that no GEMM uses as its weight
+    (biases, norms, embeddings) go to extra_params; nn.Embedding tables are named in `embeddings`, frozen
+    ones in `frozen`. The model
     runs in eval mode and is left as it was; an error inside it becomes a ValueError naming the model.
     """
     samples = inputs.shape[0]
@@ -197,6 +201,10 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
                       f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
     extra = {param_name: p.numel() for param_name, p in model.named_parameters()
              if param_name not in recorder.used_weights}
+    tables = {f"{module_name}.weight" if module_name else "weight"
+              for module_name, module in model.named_modules() if isinstance(module, nn.Embedding)}
+    frozen = tuple(param_name for param_name, p in model.named_parameters()
+                   if param_name in extra and not p.requires_grad)
     return Workload(name, tuple(unique_names(recorder.layers)), batch_size=batch_size, optimizer=optimizer,
-                    extra_params=extra,
+                    extra_params=extra, embeddings=tuple(n for n in extra if n in tables), frozen=frozen,
                     description=description or f"{type(model).__name__}, batch {batch_size}")

@@ -18,7 +18,7 @@ an empty cell takes the default). `weight: false` marks an activation x activati
 defaults to linear for weight GEMMs and attention otherwise; `needs_input_grad` defaults to false for
 the first layer (nothing upstream needs its input gradient) and true for the others;
 `needs_weight_grad: false` drops the backward-weight GEMM (a product of two activations of which the
-second needs no gradient).
+second needs no gradient, or a frozen weight, which is then not updated either).
 """
 
 from __future__ import annotations

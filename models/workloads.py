@@ -46,8 +46,14 @@ class GemmLayer:
     """False for the first layer: nothing upstream needs the gradient of its input."""
     kind: str = "linear"
     needs_weight_grad: bool = True
-    """False for a product of two activations whose second one needs no gradient (both come from the
-    model's input): no backward-weight GEMM runs, as torch's autograd skips it."""
+    """False where torch's autograd computes no gradient of the second operand, so no backward-weight GEMM
+    runs: a frozen weight (requires_grad=False), which the optimizer then leaves alone too (no update, no
+    state), or a product of two activations whose second needs none (both come from the model's input)."""
+
+    @property
+    def trained_params(self) -> int:
+        """The weights the optimizer updates: a frozen weight is stored but never updated."""
+        return self.params if self.needs_weight_grad else 0
 
     def __post_init__(self) -> None:
         for name in ("m", "k", "n", "groups"):
@@ -98,6 +104,18 @@ class Workload:
     extra_params: dict[str, int] = field(default_factory=dict)
     description: str = ""
     proxy: bool = False
+    embeddings: tuple[str, ...] = ()
+    """The extra_params that are embedding tables (looked up by index, never a GEMM operand): fp32 like
+    every other extra parameter, except under NITI, which trains them as integer tables."""
+    frozen: tuple[str, ...] = ()
+    """The extra_params training leaves as initialised (requires_grad=False): stored, never updated."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.embeddings) - set(self.extra_params))
+        unknown += sorted(set(self.frozen) - set(self.extra_params))
+        if unknown:
+            raise InputError(f"workload {self.name!r}: {', '.join(map(repr, unknown))} named as an embedding "
+                             f"or frozen but not in extra_params")
 
     def forward_macs(self, batch_size: int = 1) -> int:
         return batch_size * sum(layer.macs_per_sample for layer in self.layers)
@@ -116,8 +134,9 @@ class Workload:
             for name, m, k, n in layer.training_gemms():
                 rows.append({"layer": layer.name, "pass": name, "m": m, "k": k, "n": n,
                              "groups": layer.groups, "macs": batch * layer.groups * m * k * n, "params": 0})
-        updates = [(layer.name, layer.params) for layer in self.layers if layer.b_is_weight]
-        for name, count in [*updates, *self.extra_params.items()]:
+        updates = [(layer.name, layer.trained_params) for layer in self.layers if layer.trained_params]
+        extra = [(name, count) for name, count in self.extra_params.items() if name not in self.frozen]
+        for name, count in [*updates, *extra]:
             rows.append({"layer": name, "pass": "update", "m": 0, "k": 0, "n": 0, "groups": 0, "macs": 0,
                          "params": count})
         return rows
@@ -193,10 +212,12 @@ def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], sample
     b = (*b_shape, 1) if len(b_shape) == 1 else tuple(b_shape)
     rows_a, k, n = math.prod(a[:-1]), a[-1], b[-1]
     if b_is_weight and len(b) <= 2:
-        return GemmLayer(name, m=max(1, rows_a // samples), k=k, n=n, needs_input_grad=needs_input_grad)
+        return GemmLayer(name, m=max(1, rows_a // samples), k=k, n=n, needs_input_grad=needs_input_grad,
+                         needs_weight_grad=needs_weight_grad)
     if a_is_weight and len(a) <= 2 and not b_is_weight:
         columns = math.prod(b[:-2]) * n
-        return GemmLayer(name, m=max(1, columns // samples), k=k, n=a[-2], needs_input_grad=needs_input_grad)
+        return GemmLayer(name, m=max(1, columns // samples), k=k, n=a[-2], needs_input_grad=needs_input_grad,
+                         needs_weight_grad=needs_weight_grad)
     batch = max(math.prod(a[:-2]), math.prod(b[:-2]))  # the broadcast batch (one side broadcasts)
     m = a[-2]
     if batch == 1 and m % samples == 0:
@@ -205,7 +226,7 @@ def matmul(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], sample
     else:
         groups = max(1, batch // samples)
     return GemmLayer(name, m=m, k=k, n=n, groups=groups, b_is_weight=b_is_weight,
-                     needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad or b_is_weight,
+                     needs_input_grad=needs_input_grad, needs_weight_grad=needs_weight_grad,
                      kind="linear" if b_is_weight else "attention")
 
 
@@ -289,6 +310,7 @@ def bert_base(seq: int = 128) -> Workload:
     layer_norms = norms(["embeddings.norm", *(f"layer{i}.norm{j}" for i in range(12) for j in (1, 2))], 768)
     extra = embeddings | layer_norms | biases(layers)
     return Workload("bert-base", tuple(layers), batch_size=32, optimizer="adam", extra_params=extra,
+                    embeddings=tuple(embeddings),
                     description=f"BERT-base, sequence {seq}, batch 32")
 
 
@@ -299,6 +321,7 @@ def gpt2_small(seq: int = 1024) -> Workload:
     extra |= biases(layers)  # the LM head (the token embedding, tied) has none
     layers.append(linear("lm_head", 768, 50257, tokens=seq))
     return Workload("gpt2-small", tuple(layers), batch_size=8, optimizer="adam", extra_params=extra,
+                    embeddings=("wpe",),
                     description=f"GPT-2 small decoder, sequence {seq}, batch 8 (dense attention)")
 
 
@@ -383,7 +406,7 @@ def llama(blocks: int = 32, width: int = 4096, heads: int | None = None, ffn: in
     extra = {"embed_tokens": vocab * width, "norm": width,
              **{f"layers.{i}.{norm}": width for i in range(blocks) for norm in ("attn_norm", "mlp_norm")}}
     return Workload(name or f"llama(blocks={blocks},width={width})", tuple(layers), batch_size=batch_size,
-                    optimizer="adam", extra_params=extra,
+                    optimizer="adam", extra_params=extra, embeddings=("embed_tokens",),
                     description=f"Llama-style decoder, {blocks} x {width}, {heads} heads, MLP {ffn}, "
                     f"sequence {seq}, batch {batch_size}")
 
@@ -469,6 +492,7 @@ def sort_transformer() -> Workload:
     layer_norms = norms([*(f"layer{i}.ln{j}" for i in range(2) for j in (1, 2)), "ln_f"], 64)
     return Workload("sort-transformer", tuple(layers), batch_size=128, optimizer="adam", proxy=True,
                     extra_params={"embedding": 64 * 64, "position": 24 * 64, **layer_norms, **biases(layers)},
+                    embeddings=("embedding",),  # nn.Embedding; the position table is a free Parameter
                     description="tiny transformer, sort 24 tokens / vocab 64, batch 128")
 
 

@@ -59,9 +59,34 @@ IN_PLACE_OPTIMIZERS = ("niti",)
 """Updates that keep no float master copy: NITI subtracts its integer update from the integer weights
 themselves, or from a wider integer accumulator when the trial names one as master_weights (int16),
 and keeps no optimizer state (dse/train/niti/optim.py, after the reference's 2021 'vanilla SGD')."""
-FROZEN_OUTSIDE_GEMMS = ("niti",)
-"""Updates that leave the parameters outside GEMMs (biases, norms, embeddings) as initialised: NITI
-trains its integer layers' weights only (dse/train/niti/method.py, niti_setup)."""
+INTEGER_TABLE_OPTIMIZERS = ("niti",)
+"""Updates that train only integer layers: a GEMM's weights and an embedding table (NitiEmbedding, in
+the weights' format and updated like them), and leave every other parameter (biases, norms, free
+position tables) as initialised (dse/train/niti/method.py, niti_setup)."""
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """A workload's parameters as one update treats them, each {name: count}: what is stored in the
+    weights' format (plus a master copy), what in fp32, and which of each the optimizer updates. A frozen
+    parameter (requires_grad=False) is stored and never updated, as torch's optimizers skip it."""
+
+    in_weight_format: dict[str, int]
+    in_fp32: dict[str, int]
+    updated_in_weight_format: dict[str, int]
+    updated_in_fp32: dict[str, int]
+
+    @classmethod
+    def of(cls, workload: Workload, optimizer: str) -> Parameters:
+        weights = {layer.name: layer.params for layer in workload.layers if layer.b_is_weight}
+        trained = {layer.name: layer.params for layer in workload.layers if layer.trained_params}
+        extra = workload.extra_params
+        live = {name: count for name, count in extra.items() if name not in workload.frozen}
+        if optimizer in INTEGER_TABLE_OPTIMIZERS:
+            tables = {name: extra[name] for name in workload.embeddings}
+            return cls({**weights, **tables}, {n: c for n, c in extra.items() if n not in tables},
+                       {**trained, **{n: c for n, c in tables.items() if n in live}}, {})
+        return cls(weights, dict(extra), trained, live)
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
 
 STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1, "niti": 0}
@@ -164,15 +189,14 @@ class ResolvedFormats:
 
     def state_bits(self, workload: Workload) -> float:
         """Bits of training state the workload's parameters hold between steps: each GEMM weight in its
-        format plus its master copy, every other parameter in fp32, and every parameter's optimizer
-        state tensors."""
-        weights = sum(layer.params for layer in workload.layers)
-        extra = sum(workload.extra_params.values())
+        format plus its master copy, every other parameter in fp32 (`Parameters`), and the optimizer
+        state tensors of every parameter it updates."""
+        p = Parameters.of(workload, self.optimizer)
         states = STATE_TENSORS[self.optimizer] * self.optimizer_state.storage_bits
         master = 0.0 if self.master_weights is None else self.master_weights.storage_bits
-        updated = weights + (0 if self.optimizer in FROZEN_OUTSIDE_GEMMS else extra)
-        return (weights * (self.weights.storage_bits + master) + extra * FP32.storage_bits
-                + updated * states)
+        updated = sum(p.updated_in_weight_format.values()) + sum(p.updated_in_fp32.values())
+        return (sum(p.in_weight_format.values()) * (self.weights.storage_bits + master)
+                + sum(p.in_fp32.values()) * FP32.storage_bits + updated * states)
 
     @property
     def update_arithmetic(self) -> Operand:
@@ -386,12 +410,12 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
             if rows.any():
                 tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding)
                 total_macs += float(macs[rows].sum())
-    params = np.array([layer.params for layer in layers], dtype=float)
-    if is_weight.any():
-        tally.update(names[is_weight], params[is_weight], f)
-    if wl.extra_params and f.optimizer not in FROZEN_OUTSIDE_GEMMS:
-        tally.update(np.array(list(wl.extra_params), dtype=object),
-                     np.array(list(wl.extra_params.values()), dtype=float), f.unquantized())
+    parameters = Parameters.of(wl, f.optimizer)
+    for updated, kept_in in ((parameters.updated_in_weight_format, f), (parameters.updated_in_fp32,
+                                                                        f.unquantized())):
+        if updated:
+            tally.update(np.array(list(updated), dtype=object), np.array(list(updated.values()), dtype=float),
+                         kept_in)
     frame = in_scope(tally.frame(), model.scope)
     frame.attrs.update(workload=wl.name, batch_size=batch, macs=total_macs, formats=f.describe(),
                        node_nm=model.node_nm, params=wl.params, scope=model.scope)

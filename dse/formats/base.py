@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from dse.errors import InputError
 from dse.formats.fast import host_shortcuts
@@ -268,8 +269,18 @@ def round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | Memb
     applies NITI's rule to the significand bits below the point. `in_place`: t is a temporary the
     caller gives up (a quotient x / scale), which nearest and toward_zero round in place: the same
     values, with no second tensor of t's size (on the CPU a pass that writes a fresh tensor the size
-    of L2 costs several times one that rewrites t where it lies in cache).
+    of L2 costs several times one that rewrites t where it lies in cache). On a t autograd records
+    the gradient is straight-through (identity), as `NumberFormat.quantize`'s, and t is not rounded
+    in place.
     """
+    if torch.is_grad_enabled() and t.requires_grad or transformed(t):
+        return cast(Tensor, _StraightThrough.apply(
+            t, lambda v: _round_to_integer(v, rounding, generator, False)))
+    return _round_to_integer(t, rounding, generator, in_place)
+
+
+def _round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | MemberGenerators | None,
+                      in_place: bool) -> Tensor:
     mode, random_bit_count = parse_rounding(rounding)
     if mode == "nearest":
         return t.round_() if in_place else torch.round(t)
@@ -350,8 +361,6 @@ def _round_stochastic_float32(t: Tensor, floor: Tensor, fraction: Tensor,
     scale = constant(2.0**STOCHASTIC_DRAW_BITS, torch.float32, t.device)
     field = fraction.mul_(scale).to(torch.int32)  # where t is NaN or inf, so is floor: field is moot
     draws = random_bits(t.shape, t.device, generator)
-    if t.requires_grad and torch.is_grad_enabled():  # out= is not differentiable
-        return torch.copysign(floor + (draws < field).to(t.dtype), t)
     up = torch.lt(draws, field, out=fraction)  # 0.0 or 1.0 (adding a bool tensor would cost a cast)
     return floor.add_(up).copysign_(t)
 
@@ -464,21 +473,44 @@ def _with_axis(fmt: NumberFormat, axis: int) -> NumberFormat:
     return cast(NumberFormat, dataclasses.replace(cast(Any, fmt), scaling=scaling))
 
 
+def transformed(x: Tensor) -> bool:
+    """Whether autograd records x other than by grad mode and requires_grad: a torch.func transform
+    is active (vmap, grad, jvp: a batched x's requires_grad says nothing of the grad transform
+    around it), or forward-mode autograd (torch.autograd.forward_ad) gives x a tangent (asked only
+    while a forward-mode level is open: unpacking costs about a microsecond, the level's check and
+    the transforms' a few tens of nanoseconds)."""
+    return torch._C._are_functorch_transforms_active() or (
+        forward_ad._current_level >= 0 and forward_ad.unpack_dual(x).tangent is not None)
+
+
 class _StraightThrough(torch.autograd.Function):
     """A quantizer's straight-through gradient: its rounded tensor (or tensors) of x in the forward,
     the gradient passed to x unchanged in the backward (summed over the outputs where there are
-    several, as for `quantize_along`)."""
+    several, as for `quantize_along`), and x's tangent passed to each output in forward mode.
+    Under torch.func.vmap the forward runs batched (`generate_vmap_rule`), where its operations can."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, quantizer: Callable[[Tensor], Tensor | list[Tensor]]
                 ) -> Tensor | tuple[Tensor, ...]:
         out = quantizer(x)  # (autograd records nothing in here)
+        if forward_ad._current_level >= 0:  # forward mode takes no view of a temporary as an output
+            out = [t.clone() if t._base is not None else t for t in out] if isinstance(out, list) else (
+                out.clone() if out._base is not None else out)
         return tuple(out) if isinstance(out, list) else out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        """Nothing to keep: the backward needs only the incoming gradients (a separate setup_context
-        also lets torch.func.grad differentiate through quantize)."""
+        """Only how many outputs there are (for `jvp`): the backward needs only the incoming gradients
+        (a separate setup_context also lets torch.func.grad differentiate through quantize)."""
+        ctx.outputs = len(output) if isinstance(output, tuple) else None
+
+    @staticmethod
+    def jvp(ctx: Any, x_tangent: Tensor, _: None) -> Tensor | tuple[Tensor, ...]:
+        if ctx.outputs is None:
+            return x_tangent
+        return tuple(x_tangent.clone() for _ in range(ctx.outputs))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
@@ -490,7 +522,7 @@ class _StraightThrough(torch.autograd.Function):
 
 # The quantize-style entry points, whose gradient on an input autograd records is straight-through:
 # those whose arguments after x are (rounding, generator), and those that take axes first.
-STRAIGHT_THROUGH_METHODS: tuple[str, ...] = ("quantize", "quantize_members", "round_unscaled")
+STRAIGHT_THROUGH_METHODS: tuple[str, ...] = ("quantize", "quantize_members")
 STRAIGHT_THROUGH_ALONG_METHODS: tuple[str, ...] = ("quantize_along", "quantize_members_along")
 
 
@@ -505,7 +537,7 @@ def straight_through(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
     @functools.wraps(method)
     def quantizer(self: NumberFormat, x: Tensor, rounding: str = "nearest",
                   generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad or transformed(x):
             return cast(Tensor, _StraightThrough.apply(x, lambda t: method(self, t, rounding, generator)))
         return method(self, x, rounding, generator)
 
@@ -520,7 +552,7 @@ def straight_through_along(method: Callable[..., list[Tensor]]) -> Callable[...,
     @functools.wraps(method)
     def quantizer(self: NumberFormat, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
                   generator: torch.Generator | MemberGenerators | None = None) -> list[Tensor]:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and x.requires_grad or transformed(x):
             return list(_StraightThrough.apply(x, lambda t: method(self, t, axes, rounding, generator)))
         return method(self, x, axes, rounding, generator)
 
@@ -528,14 +560,39 @@ def straight_through_along(method: Callable[..., list[Tensor]]) -> Callable[...,
     return quantizer
 
 
+def round_unscaled_in_float32(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`straight_through` for a family's `round_unscaled`, which rounds float32 and float64 tensors:
+    x of a narrower float dtype (float16, bfloat16, float8) is rounded in float32 and the result
+    cast back to x's dtype, as `quantize` computes it (so `round_unscaled` of such x is `quantize`'s
+    result for a format without scaling, bit for bit, its stochastic draws included)."""
+
+    @functools.wraps(method)
+    def round_unscaled(self: NumberFormat, x: Tensor, rounding: str = "nearest",
+                       generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad or transformed(x):
+            return cast(Tensor, _StraightThrough.apply(x, lambda t: in_float32(self, t, rounding, generator)))
+        return in_float32(self, x, rounding, generator)
+
+    def in_float32(self: NumberFormat, x: Tensor, rounding: str,
+                   generator: torch.Generator | MemberGenerators | None) -> Tensor:
+        if x.dtype not in FLOAT_DTYPES and x.is_floating_point():
+            return cast(Tensor, method(self, x.float(), rounding, generator)).to(x.dtype)
+        return method(self, x, rounding, generator)
+
+    round_unscaled.__wrapped_straight_through__ = True  # type: ignore[attr-defined]
+    return round_unscaled
+
+
 def _round_copy_where_recorded(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """`round_unscaled_`, which may round x in place: where autograd records x, `round_unscaled`
-    instead (the same values, straight-through, x left as it is)."""
+    """`round_unscaled_`, which may round x in place: where autograd records x, or x is narrower
+    than float32, `round_unscaled` instead (the same values, straight-through, x left as it is; a
+    narrower x is rounded as a float32 copy anyway)."""
 
     @functools.wraps(method)
     def round_(self: NumberFormat, x: Tensor, rounding: str = "nearest",
                generator: torch.Generator | None = None) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if (torch.is_grad_enabled() and x.requires_grad or transformed(x)
+                or x.dtype not in FLOAT_DTYPES):
             return self.round_unscaled(x, rounding, generator)
         return method(self, x, rounding, generator)
 
@@ -548,7 +605,7 @@ def _straight_through_methods(cls: type) -> None:
     wrappers: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
         **dict.fromkeys(STRAIGHT_THROUGH_METHODS, straight_through),
         **dict.fromkeys(STRAIGHT_THROUGH_ALONG_METHODS, straight_through_along),
-        "round_unscaled_": _round_copy_where_recorded}
+        "round_unscaled": round_unscaled_in_float32, "round_unscaled_": _round_copy_where_recorded}
     for name, wrap in wrappers.items():
         method = vars(cls).get(name)
         if method is None or getattr(method, "__wrapped_straight_through__", False) or getattr(

@@ -37,7 +37,6 @@ from dse.formats.base import (
     FLOAT_LAYOUTS,
     NumberFormat,
     Scaling,
-    check_rounding,
     constant,
     float_exponent,
     power_of_two,
@@ -167,9 +166,6 @@ class FloatFormat(NumberFormat):
                 **self.scaling.spec_options()}
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        if x.dtype not in FLOAT_LAYOUTS:
-            check_rounding(rounding)
-            return self.round_unscaled(x.float(), rounding, generator).to(x.dtype)
         fast = fast_floating.round_unscaled(self, x, rounding)
         return fast if fast is not None else self.round_reference(x, rounding, generator)
 
@@ -182,8 +178,8 @@ class FloatFormat(NumberFormat):
 
     def nearest_kernel(self, dtype: torch.dtype, device: torch.device) -> Kernel | None:
         """The fused kernel(x, out, int scratch) that `round_unscaled(x, "nearest")` runs for x of
-        `dtype` on `device` (x not recorded by autograd), for callers that round slices into their
-        own space (block formats); None where it runs something else (fast.floating)."""
+        `dtype` on `device`, for callers that round slices into their own space (block formats); None
+        where it runs something else (fast.floating)."""
         return fast_floating.nearest_kernel(self, dtype, device)
 
     def round_scaled_on_host(self, x: Tensor, scale: float, rounding: str) -> Tensor | None:

@@ -210,12 +210,8 @@ class Posit(NumberFormat):
         return tables
 
     def round_unscaled(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
-        """Round onto the posits (no gradient: rounding is piecewise constant)."""
         stochastic = parse_rounding(rounding)[0] == "stochastic"
-        x = x.detach()
-        layout = _LAYOUTS.get(x.dtype)
-        if layout is None:
-            return self.round_unscaled(x.float(), rounding, generator).to(x.dtype)
+        layout = _LAYOUTS[x.dtype]
         frame = _frame(self.bits, self.es, layout)
         if not stochastic and frame.exact:
             return self._round_flat(x, frame, rounding, generator)

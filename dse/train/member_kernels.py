@@ -284,6 +284,25 @@ class MemberKernels:
             handle.remove()
         self.handles.clear()
 
+    @contextlib.contextmanager
+    def interrupt_safe(self) -> Iterator[None]:
+        """The block (a forward of the net) with the torch-function mode stack put back as it was
+        before it where the block ends by an exception: nn.Module runs its always_call hooks on an
+        Exception only, so a KeyboardInterrupt inside the forward left this mode on the process's
+        stack, where every later call of one of the functions (a member alone, another run in the
+        same process) was split into `members` blocks."""
+        before = _stack_modes()
+        try:
+            yield
+        except BaseException:
+            while self.paused:  # closed first: their exits put modes back (as would their collection)
+                self.paused.pop().__exit__(None, None, None)
+            while torch._C._len_torch_function_stack():
+                torch._C._pop_torch_function_stack()
+            for mode in before:
+                torch._C._push_on_torch_function_stack(mode)
+            raise
+
     def _enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         folded = next((a for a in args if isinstance(a, Tensor)), None)
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members

@@ -424,9 +424,12 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
 
 
 def _stacked_parameter(tensors: Sequence[Tensor | nn.Module | None]) -> nn.Parameter | None:
-    """The members' tensors stacked along a new leading member axis (None where the layer has none)."""
-    parts = [t.detach() for t in tensors if isinstance(t, Tensor)]
-    return nn.Parameter(torch.stack(parts)) if parts else None
+    """The members' tensors stacked along a new leading member axis (None where the layer has none); a
+    frozen one (requires_grad=False) stays frozen, as the optimizer leaves it alone."""
+    members = [t for t in tensors if isinstance(t, Tensor)]
+    if not members:
+        return None
+    return nn.Parameter(torch.stack([t.detach() for t in members]), requires_grad=members[0].requires_grad)
 
 
 class StackedGemmLayer(nn.Module):
@@ -673,7 +676,10 @@ class StackedModel(nn.Module):
         return self.member_kernels is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        return _split(self.net(_fold(x)), self.members)
+        if self.member_kernels is None:
+            return _split(self.net(_fold(x)), self.members)
+        with self.member_kernels.interrupt_safe():
+            return _split(self.net(_fold(x)), self.members)
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -19,14 +19,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dse.formats import ROUNDINGS, ZOO, get
+from dse.formats import ROUNDINGS, ZOO, get, round_to_integer
 from dse.formats.base import MemberGenerators
 from dse.formats.fixed import FixedPoint
 
 ALL_ROUNDINGS = (*ROUNDINGS, "stochastic(5)")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# round_unscaled rounds at unit scale and takes the two dtypes quantize computes in.
-UNIT_SCALE_DTYPES = (torch.float32, torch.float64)
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}
 
@@ -55,6 +53,15 @@ def members_seeded(count: int) -> MemberGenerators:
     return MemberGenerators([torch.Generator().manual_seed(seed) for seed in range(count)])
 
 
+def same_draws_left(first: torch.Generator | MemberGenerators,
+                    second: torch.Generator | MemberGenerators) -> bool:
+    """Whether two generators (or each member's pair) are in the same state: the recorded call took
+    as many draws as the unrecorded one, so the draws after it are the same too."""
+    firsts = first.generators if isinstance(first, MemberGenerators) else [first]
+    seconds = second.generators if isinstance(second, MemberGenerators) else [second]
+    return all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(firsts, seconds, strict=True))
+
+
 def recorded(values: torch.Tensor) -> torch.Tensor:
     """A tensor autograd records: computed from a leaf, not a leaf itself (the usual case in a model)."""
     leaf = values.clone().requires_grad_()
@@ -68,10 +75,13 @@ def test_quantize_passes_the_gradient_straight_through(spec: str, rounding: str,
     fmt = get(spec)
     values = inputs((4, 64), dtype)
     x = values.clone().requires_grad_()
-    out = fmt.quantize(x, rounding, seeded())
+    recorded_draws, plain_draws = seeded(), seeded()
+    out = fmt.quantize(x, rounding, recorded_draws)
     assert out.requires_grad
-    assert torch.equal(bits(out), bits(fmt.quantize(values, rounding, seeded())))
+    assert torch.equal(bits(out), bits(fmt.quantize(values, rounding, plain_draws)))
+    assert same_draws_left(recorded_draws, plain_draws)
     grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad.view(-1)[:4] = torch.tensor([math.nan, math.inf, -math.inf, -0.0])  # passed on as they are too
     out.backward(grad)
     assert x.grad is not None and torch.equal(bits(x.grad), bits(grad))
 
@@ -86,31 +96,37 @@ def test_group_entry_points_pass_the_gradient_straight_through(spec: str, roundi
     fmt = get(spec)
     values = inputs((4, 64), dtype, seed=2)
     x = values.clone().requires_grad_()
-    along = fmt.quantize_along(x, [0, 1], rounding, seeded())
-    for got, expected in zip(along, fmt.quantize_along(values, [0, 1], rounding, seeded()), strict=True):
+    recorded_draws, plain_draws = seeded(), seeded()
+    along = fmt.quantize_along(x, [0, 1], rounding, recorded_draws)
+    for got, expected in zip(along, fmt.quantize_along(values, [0, 1], rounding, plain_draws), strict=True):
         assert torch.equal(bits(got), bits(expected))
+    assert same_draws_left(recorded_draws, plain_draws)
     first, second = torch.ones_like(values), torch.full_like(values, 2.0)
     torch.autograd.backward(along, [first, second])
     assert x.grad is not None and torch.equal(x.grad, first + second)
 
     stacked = inputs((3, 4, 64), dtype, seed=3)
     x = stacked.clone().requires_grad_()
-    out = fmt.quantize_members(x, rounding, members_seeded(3))
-    assert torch.equal(bits(out), bits(fmt.quantize_members(stacked, rounding, members_seeded(3))))
+    recorded_members, plain_members = members_seeded(3), members_seeded(3)
+    out = fmt.quantize_members(x, rounding, recorded_members)
+    assert torch.equal(bits(out), bits(fmt.quantize_members(stacked, rounding, plain_members)))
+    assert same_draws_left(recorded_members, plain_members)
     grad = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
     out.backward(grad)
     assert x.grad is not None and torch.equal(bits(x.grad), bits(grad))
 
     x = stacked.clone().requires_grad_()
-    outs = fmt.quantize_members_along(x, [0, 1], rounding, members_seeded(3))
-    plain = fmt.quantize_members_along(stacked, [0, 1], rounding, members_seeded(3))
+    recorded_members, plain_members = members_seeded(3), members_seeded(3)
+    outs = fmt.quantize_members_along(x, [0, 1], rounding, recorded_members)
+    plain = fmt.quantize_members_along(stacked, [0, 1], rounding, plain_members)
     for got, expected in zip(outs, plain, strict=True):
         assert torch.equal(bits(got), bits(expected))
+    assert same_draws_left(recorded_members, plain_members)
     torch.autograd.backward(outs, [grad, grad])
     assert x.grad is not None and torch.equal(x.grad, grad + grad)
 
 
-@pytest.mark.parametrize("dtype", UNIT_SCALE_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rounding", ALL_ROUNDINGS)
 @pytest.mark.parametrize("spec", ZOO)
 def test_round_unscaled_passes_the_gradient_straight_through(spec: str, rounding: str,
@@ -122,11 +138,35 @@ def test_round_unscaled_passes_the_gradient_straight_through(spec: str, rounding
     grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
     for method in (fmt.round_unscaled, fmt.round_unscaled_):
         x = values.clone().requires_grad_()
-        out = method(x, rounding, seeded())
-        assert torch.equal(bits(out), bits(fmt.round_unscaled(values, rounding, seeded())))
+        recorded_draws, plain_draws = seeded(), seeded()
+        out = method(x, rounding, recorded_draws)
+        assert torch.equal(bits(out), bits(fmt.round_unscaled(values, rounding, plain_draws)))
+        assert same_draws_left(recorded_draws, plain_draws)
         out.backward(grad)
         assert torch.equal(bits(x.detach()), bits(values))
         assert x.grad is not None and torch.equal(bits(x.grad), bits(grad))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rounding", ALL_ROUNDINGS)
+def test_round_to_integer_passes_the_gradient_straight_through(rounding: str, dtype: torch.dtype,
+                                                               in_place: bool) -> None:
+    """The rounding primitive dse.formats exports keeps the same contract: the unrecorded values and
+    draws, the incoming gradient, and a recorded t is not rounded in place. (Before, its gradient
+    was round's zero, or for float64 stochastic rounding the identity through the fraction it
+    overwrote, and in-place rounding of a leaf raised.)"""
+    values = inputs((4, 64), dtype, seed=9)
+    x = values.clone().requires_grad_()
+    recorded_draws, plain_draws = seeded(), seeded()
+    out = round_to_integer(x, rounding, recorded_draws, in_place=in_place)
+    plain = round_to_integer(values.clone(), rounding, plain_draws, in_place=in_place)
+    assert torch.equal(bits(out), bits(plain))
+    assert same_draws_left(recorded_draws, plain_draws)
+    assert torch.equal(bits(x.detach()), bits(values))
+    grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(10), dtype=dtype)
+    out.backward(grad)
+    assert x.grad is not None and torch.equal(bits(x.grad), bits(grad))
 
 
 @pytest.mark.parametrize("spec", ["int8", "fp8_e4m3", "posit8", "lns8", "mxfp4", "nvfp4", "fixed(16,8)"])
@@ -145,6 +185,41 @@ def test_torch_func_grad_differentiates_through_quantize(spec: str) -> None:
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(8))
     grad = torch.func.grad(lambda t: (fmt.quantize(t, "stochastic", seeded()) * 3).sum())(x)
     assert torch.equal(grad, torch.full_like(x, 3.0))
+
+
+@pytest.mark.parametrize("spec", ["int8", "fp8_e4m3", "posit8", "lns8", "mxfp4", "nvfp4", "fixed(16,8)"])
+def test_forward_mode_passes_the_tangent_straight_through(spec: str) -> None:
+    """torch.func.jvp, jacfwd and torch.autograd.forward_ad: the tangent of each output is x's, as
+    reverse mode's gradient (before, forward mode saw rounding's zero derivative for some formats
+    and an out= error for others); the values are the unrecorded call's."""
+    fmt = get(spec)
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(12))
+    tangent = torch.randn(2, 32, generator=torch.Generator().manual_seed(13))
+    value, out_tangent = torch.func.jvp(lambda t: fmt.quantize(t, "stochastic", seeded()), (x,), (tangent,))
+    assert torch.equal(value, fmt.quantize(x, "stochastic", seeded())) and torch.equal(out_tangent, tangent)
+    jacobian = torch.func.jacfwd(lambda t: fmt.quantize(t))(x[0])
+    assert torch.equal(jacobian, torch.eye(32))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        outputs = [fmt.round_unscaled(dual, "pseudo_stochastic", None), round_to_integer(dual * 8, "nearest"),
+                   *fmt.quantize_along(dual, [0, 1], "nearest")]
+        tangents = [torch.autograd.forward_ad.unpack_dual(out).tangent for out in outputs]
+    assert all(torch.equal(got, expected) for got, expected in zip(
+        tangents, [tangent, tangent * 8, tangent, tangent], strict=True))
+
+
+@pytest.mark.parametrize("spec", ["fixed(16,8)", "int8(scale=none)", "bf16", "fp16"])
+def test_vmap_gives_each_sample_the_straight_through_gradient(spec: str) -> None:
+    """torch.func.vmap, where the format's forward batches (formats without a scale whose rounding is
+    elementwise arithmetic or a cast; others read a scale back to the host or round with out=
+    passes, which vmap refuses): per-sample gradients, vmap(grad) and grad(vmap), are the identity
+    (before, grad(vmap) was rounding's zero for fixed point and vmap(grad) raised)."""
+    fmt = get(spec)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(14))
+    assert torch.equal(torch.func.vmap(lambda t: fmt.quantize(t))(x), fmt.quantize(x))
+    per_sample = torch.func.vmap(torch.func.grad(lambda t: (fmt.quantize(t) * 3).sum()))(x)
+    whole = torch.func.grad(lambda t: (torch.func.vmap(lambda u: fmt.quantize(u))(t) * 3).sum())(x)
+    assert torch.equal(per_sample, torch.full_like(x, 3.0)) and torch.equal(whole, torch.full_like(x, 3.0))
 
 
 @pytest.mark.parametrize("spec", ["int8", "mxfp8_e4m3", "nvfp4", "posit16"])

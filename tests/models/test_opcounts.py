@@ -185,6 +185,8 @@ TRIALS: list[dict[str, Any]] = [
      "accumulation": "bf16"},
     {"model": "resnet", "dataset": "digits", "format": "posit8"},
     {"model": "cnn", "dataset": "digits", "format": "int8", "optimizer": "niti"},
+    {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "adam"},
+    {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "niti"},
 ]
 
 
@@ -202,7 +204,8 @@ def test_a_trials_quantized_training_step_runs_the_gemms_its_energy_prices(
     from dse.train.loop import prepare
 
     for batch in (4, 9):
-        config = TrainConfig(**trial, batch_size=batch)
+        config = TrainConfig(**{**trial, "model": trial["model"].replace("USER", str(USER_MODELS))},
+                             batch_size=batch)
         data = datasets[config.dataset]
         torch.manual_seed(config.seed)
         setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
@@ -334,6 +337,9 @@ STATE_TRIALS: list[dict[str, Any]] = [
      "optimizer_state": "bf16"},
     {"model": "cnn", "dataset": "digits", "format": "lns8", "optimizer": "lns-madam",
      "master_weights": False},
+    {"model": "cnn", "dataset": "digits", "format": "posit(8,1)", "optimizer": "sgd", "warmup_epochs": 1,
+     "layer_scaling": True, "master_weights": "posit(16,1)"},
+    {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "adam"},
 ]
 
 
@@ -348,7 +354,7 @@ def test_a_trials_memory_column_is_the_state_its_training_holds(trial: dict[str,
     from dse.train.layers import quantized_layers
     from dse.train.loop import prepare
 
-    config = TrainConfig(**trial, batch_size=4)
+    config = TrainConfig(**{**trial, "model": trial["model"].replace("USER", str(USER_MODELS))}, batch_size=4)
     data = datasets[config.dataset]
     setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
                     data.x_train[:2])
@@ -356,7 +362,8 @@ def test_a_trials_memory_column_is_the_state_its_training_holds(trial: dict[str,
     setup.optimizer.step()
     gemm_weights = {id(m.weight) for m in quantized_layers(setup.model)
                     if getattr(m, "weight", None) is not None}
-    weight_bits = get(config.format).bits + (32 if config.master_weights is True else 0)
+    copy = config.master_weights
+    weight_bits = get(config.format).bits + (32 if copy is True else get(copy).bits if copy else 0)
     state_bits = get(config.optimizer_state).bits if config.optimizer_state else 32
     bits = 0
     for p in setup.model.parameters():
@@ -410,21 +417,24 @@ def test_each_gemms_dram_traffic_is_the_size_of_the_tensors_training_moves() -> 
     assert {key: round(value) for key, value in priced.items()} == expected
 
 
-@pytest.mark.parametrize("master", [True, "int16"])
-def test_a_niti_trial_is_priced_with_its_integer_update(master: bool | str,
+@pytest.mark.parametrize("model_name, data_name, master", [
+    ("cnn", "digits", True), ("cnn", "digits", "int16"), ("transformer", "sort", True)])
+def test_a_niti_trial_is_priced_with_its_integer_update(model_name: str, data_name: str, master: bool | str,
                                                         datasets: dict[str, Dataset]) -> None:
     """NITI keeps int8 weights (or an int16 accumulator besides, when master_weights names one), no
-    optimizer state, and freezes every parameter outside its integer layers (biases): before, its trials
-    were priced as SGD with an fp32 master copy and fp32 momentum for every parameter."""
+    optimizer state, and freezes every parameter outside its integer layers (biases, norms, a free
+    position table) but trains an nn.Embedding as an integer table (NitiEmbedding): before, its trials
+    were priced as SGD with an fp32 master copy and fp32 momentum for every parameter, and then with
+    the embedding frozen in fp32."""
     from dse.energy import TrainingFormats
     from dse.sweep import parse_config
     from dse.sweep.energy import EnergyEstimator
     from dse.train.loop import prepare
 
-    config = TrainConfig(model="cnn", dataset="digits", format="int8", optimizer="niti",
+    config = TrainConfig(model=model_name, dataset=data_name, format="int8", optimizer="niti",
                          master_weights=master, batch_size=4)
-    data = datasets["digits"]
-    setup = prepare(build_model("cnn", data), config, torch.Generator().manual_seed(0), data.x_train[:2])
+    data = datasets[data_name]
+    setup = prepare(build_model(model_name, data), config, torch.Generator().manual_seed(0), data.x_train[:2])
     setup.loss_fn(setup.model(data.x_train[:4]), data.y_train[:4]).backward()
     setup.optimizer.step()
     trained = {id(p) for group in setup.optimizer.param_groups for p in group["params"]}
@@ -442,10 +452,59 @@ def test_a_niti_trial_is_priced_with_its_integer_update(master: bool | str,
     frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer="niti", master_weights=copy),
                              ENERGY, 4)
     update = frame[frame["pass"] == "update"]
-    assert set(update["layer"]) == {layer.name for layer in workload.layers}  # biases are not updated
+    names = {name for name, p in setup.model.named_parameters() if id(p) in trained}
+    assert set(update["layer"]) == {name.removesuffix(".weight") if name.removesuffix(".weight") in
+                                    {layer.name for layer in workload.layers} else name for name in names}
     traffic = update[update["level"] == "dram"].groupby("tensor")["energy_pj"].sum() / ENERGY.dram_pj_per_bit
-    params = sum(layer.params for layer in workload.layers)
+    params = sum(p.numel() for p in setup.model.parameters() if id(p) in trained)
     expected = {"weight_grads": 8 * params, "weights": (1 if copy else 2) * 8 * params}
     if copy:
         expected["master_weights"] = 2 * 16 * params
     assert traffic.to_dict() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "niti"])
+def test_a_frozen_parameter_is_stored_but_neither_differentiated_nor_updated(optimizer: str,
+                                                                             datasets: dict[str, Dataset]
+                                                                             ) -> None:
+    """A user's network with frozen parameters (requires_grad=False), as a trial trains it: torch runs no
+    weight-gradient GEMM for a frozen weight and its optimizer skips every frozen parameter (no update,
+    no state); NITI leaves a frozen weight as it is too (before, its integer layers updated it), and
+    freezes every bias. The update rows are exactly the parameters that changed in two steps."""
+    from dse.energy import TrainingFormats
+    from dse.sweep import parse_config
+    from dse.sweep.energy import EnergyEstimator
+    from dse.train.loop import prepare
+
+    config = TrainConfig(model=f"{USER_MODELS}:frozen", dataset="digits", format="int8", optimizer=optimizer,
+                         batch_size=4)
+    data = datasets["digits"]
+    setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
+                    data.x_train[:2])
+    before = {name: p.detach().clone() for name, p in setup.model.named_parameters()}
+    for step in range(2):
+        setup.loss_fn(setup.model(data.x_train[4 * step:4 * step + 4]), data.y_train[4 * step:4 * step + 4]
+                      ).backward()
+        setup.optimizer.step()
+        setup.optimizer.zero_grad()
+    changed = {name for name, p in setup.model.named_parameters() if not torch.equal(p, before[name])}
+    sweep = parse_config(SWEEP, "s.yaml")
+    workload = EnergyEstimator(sweep.energy).proxy(config)
+    frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer=optimizer), ENERGY, 4)
+    updated = set(frame[frame["pass"] == "update"]["layer"])
+    assert updated == {name.removesuffix(".weight") if name.endswith(".weight") else name for name in changed}
+    trained_biases = {"stem.bias", "mid.bias", "head.bias"} if optimizer == "sgd" else set()
+    assert updated == {"stem", "head"} | trained_biases
+    backward_weight = set(frame[frame["pass"] == "backward_weight"]["layer"])
+    assert backward_weight == {"stem", "head"}
+
+
+def test_a_layer_files_frozen_weight_has_no_weight_gradient_and_no_update(tmp_path: Path) -> None:
+    """A layer file's `needs_weight_grad: false` on a weight layer is a frozen weight: no backward-weight
+    GEMM and no update; a file without the key (the default) prices both, as before."""
+    path = tmp_path / "net.yaml"
+    path.write_text("layers:\n  - {name: a, m: 4, k: 8, n: 8, needs_weight_grad: false}\n"
+                    "  - {name: b, m: 4, k: 8, n: 2}\n")
+    frame = iteration_energy(get_workload(str(path)), "int8", ENERGY, 2)
+    assert set(frame[frame["pass"] == "backward_weight"]["layer"]) == {"b"}
+    assert set(frame[frame["pass"] == "update"]["layer"]) == {"b"}

@@ -221,3 +221,27 @@ class SequenceFirstSilu(nn.Module):
 
 def sequence_first_silu(shape: tuple[int, ...], classes: int) -> nn.Module:
     return SequenceFirstSilu(shape[0], classes)
+
+
+class Frozen(nn.Module):
+    """Fine-tuning: a frozen first layer and a frozen norm (requires_grad=False), a trained convolution, a
+    layer whose weight is frozen and whose bias trains, a trained head."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.pre = nn.Linear(width, 64)
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.mid = nn.Linear(8 * 16, 32)
+        self.head = nn.Linear(32, classes)
+        for param in (*self.pre.parameters(), *self.norm.parameters(), self.mid.weight):
+            param.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.stem(torch.relu(self.pre(x)).reshape(len(x), 1, 8, 8))
+        y = F.max_pool2d(torch.relu(self.norm(y)), 2).flatten(1)
+        return self.head(torch.relu(self.mid(y)))
+
+
+def frozen(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Frozen(shape[0], classes)

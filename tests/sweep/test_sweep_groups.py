@@ -358,6 +358,11 @@ def test_the_command_lines_group_size_groups_a_model_whose_default_is_one(tmp_pa
     default = runner.invoke(app, ["sweep", str(config), "--dry-run"])
     assert default.exit_code == 0, default.output
     assert "12 jobs: trials trained in groups of up to 1" in default.output
+    mlp = tmp_path / "mlp.yaml"  # 3 seeds a group: the line names the default (8), not the 3 as if it were
+    mlp.write_text(_text(tmp_path / "out", seeds="[0, 1, 2]", executor="{workers: 1}"))
+    line = next(line for line in runner.invoke(app, ["sweep", str(mlp), "--dry-run"]).output.splitlines()
+                if "jobs: " in line)
+    assert line.startswith("2 jobs: trials trained in groups of up to 6 (") and "default, 8," in line
     assert default.output.count("trained one by one") == 2  # one line per configuration, not per trial
     grouped = runner.invoke(app, ["sweep", str(config), "--dry-run", "--group-size", "4"])
     assert grouped.exit_code == 0, grouped.output

@@ -72,13 +72,13 @@ class _Constants(NamedTuple):
 
 def quantize_e8m0_nearest(fmt: BlockFormat, x: Tensor, rounding: str) -> Tensor | None:
     """fmt.quantize(x) for an E8M0 block format by the fused nearest path; None where it does not apply
-    (other roundings, dtypes or elements, input that autograd records, inside reference_only(), and
-    off the CPU: its check of the block maxima reads them back to the host)."""
+    (other roundings, dtypes or elements, inside reference_only(), and off the CPU: its check of the
+    block maxima reads them back to the host)."""
     if (rounding != "nearest" or reference_only_active() or not host_shortcuts(x.device)
             or _nearest_plan(fmt) is None
             or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.numel() == 0
-            or (x.requires_grad and torch.is_grad_enabled()) or not enabled(E8M0_NEAREST)):
-        return None  # (in-place passes are not differentiable: not for input that autograd records)
+            or not enabled(E8M0_NEAREST)):
+        return None
     work = x.float().reshape(1) if x.dim() == 0 else x.float()
     axis, size = fmt.axis % work.dim(), fmt.block_size
     length = work.shape[axis]
@@ -229,8 +229,7 @@ def round_scale_grid_blocks(fmt: BlockFormat, blocks: Tensor, rounding: str, gen
     # The rounding sweep keeps four slices in cache: the input's, y, the integer scratch, the output's.
     step = max(cpu_chunk_elements(rows, buffers=4) // fmt.block_size, 1)
     reciprocal, scale = fmt.scale_factors(amax)
-    recorded = rows.requires_grad and torch.is_grad_enabled()
-    kernel = None if rounding != "nearest" or recorded else _element_kernel(fmt, rows.dtype, rows.device)
+    kernel = None if rounding != "nearest" else _element_kernel(fmt, rows.dtype, rows.device)
     if kernel is not None:
         kernel = _skip_overflow_if_in_range(fmt, kernel, amax, reciprocal)
     out = torch.empty_like(rows)
@@ -310,8 +309,7 @@ def quantize_e8m0_nearest_along(fmt: BlockFormat, x: Tensor, axes: tuple[int, ..
     """
     if (reference_only_active() or not host_shortcuts(x.device)
             or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() == 0
-            or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())
-            or x.numel() > cpu_chunk_elements(x, buffers=4)):
+            or x.numel() == 0 or x.numel() > cpu_chunk_elements(x, buffers=4)):
         return None
     plan = _nearest_plan(fmt)
     if plan is None or not enabled(E8M0_NEAREST):

@@ -74,8 +74,8 @@ def round_unscaled(fmt: FloatFormat, x: Tensor, rounding: str) -> Tensor | None:
         return x.clone()
     if plan.cast is not None and enabled(EXACT_CAST if x.dtype == torch.float32 else EXACT_CAST_FLOAT64):
         return x.to(plan.cast).to(x.dtype)
-    if plan.kernel is None or (x.requires_grad and torch.is_grad_enabled()) or not enabled(plan.kernel_name):
-        return None  # (out= passes are not differentiable: not when recorded)
+    if plan.kernel is None or not enabled(plan.kernel_name):
+        return None
     work = x if plan.work_dtype == x.dtype else x.to(plan.work_dtype)
     out = map_chunks(plan.kernel, work, FLOAT_LAYOUTS[work.dtype].int_dtype)
     return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -131,8 +131,7 @@ def round_scaled_on_host(fmt: FloatFormat, x: Tensor, scale: float, rounding: st
     for bit: x / 2^k is exact unless it falls below float32's normals, where both round to
     +-0 as long as half the smallest grid value lies above them. None where that or the
     constants' range does not hold (or for other modes and dtypes): the caller divides."""
-    if (rounding != "nearest" or reference_only_active() or x.dtype != torch.float32
-            or (x.requires_grad and torch.is_grad_enabled())):
+    if rounding != "nearest" or reference_only_active() or x.dtype != torch.float32:
         return None
     k = math.frexp(scale)[1] - 1
     kernels = fmt.fast_cache.setdefault("fp-scaled-kernels", {})

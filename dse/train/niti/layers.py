@@ -173,6 +173,8 @@ class _GemmFunction(torch.autograd.Function):
             if ctx.in_slot is not None:
                 ctx.in_slot.write(exp_out)
             grad_x = _value(err_out, exp_out, grad_out.dtype)
+        if not ctx.needs_input_grad[1]:  # a frozen weight (requires_grad=False): no gradient, no update
+            return grad_x, None, None, None, None, None
         g32 = layer.int_weight_grad(m_err, ctx.m_x, ctx.m_w).to(torch.int64)
         layer.niti_weight.accumulate(g32, exp_err + ctx.exp_x)
         grad_w = _value(g32, exp_err + ctx.exp_x, ctx.weight.dtype)

@@ -193,6 +193,8 @@ class _StackedGemmFunction(torch.autograd.Function):
             if ctx.in_slot is not None:
                 ctx.in_slot.write(exps_out)
             grad_x = _value(err_out, exps_out, grad_out.dtype).flatten(0, 1)
+        if not ctx.needs_input_grad[1]:  # a frozen weight (requires_grad=False): no gradient, no update
+            return grad_x, None, None, None, None, None
         g32 = layer.int_weight_grad(m_err, ctx.m_x, ctx.m_w).to(torch.int64)
         exps_g = _add(exps_err, ctx.exps_x)
         state.accumulate(g32, exps_g)
@@ -206,7 +208,8 @@ class _StackedNitiGemm(nn.Module):
 
     def __init__(self, layers: Sequence[NitiLinear | NitiConv]) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]),
+                                   requires_grad=layers[0].weight.requires_grad)  # frozen stays frozen
         self.bitwidth = layers[0].bitwidth
         self.niti_weight = NitiWeight(self.weight, tuple(layer.weight_exp for layer in layers), self.bitwidth)
 
@@ -310,7 +313,8 @@ class StackedNitiEmbedding(nn.Module):
 
     def __init__(self, layers: Sequence[NitiEmbedding]) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]),
+                                   requires_grad=layers[0].weight.requires_grad)  # frozen stays frozen
         self.padding_idx, self.bitwidth = layers[0].padding_idx, layers[0].bitwidth
         self.niti_weight = NitiWeight(self.weight, tuple(layer.weight_exp for layer in layers), self.bitwidth)
 
@@ -397,7 +401,10 @@ class FoldedNitiNetwork(nn.Module):
         member (dse/train/member_kernels.py), as a stacked float network runs it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+        if self.member_kernels is None:
+            return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+        with self.member_kernels.interrupt_safe():
+            return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
 
 
 def _stacked_niti_layer(module: nn.Module, layers: list[nn.Module], members: int) -> nn.Module | None:
