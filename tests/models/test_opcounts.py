@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from support.reference_networks import REFERENCES
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
@@ -26,7 +27,6 @@ from dse.formats import get
 from dse.models.proxies import build_model, trace_workload
 from dse.models.workloads import Workload, get_workload
 from dse.train.config import TrainConfig
-from tests.support.reference_networks import REFERENCES
 
 torch.set_num_threads(1)
 aten = torch.ops.aten
