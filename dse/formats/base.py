@@ -567,20 +567,13 @@ def round_unscaled_in_float32(method: Callable[..., Tensor]) -> Callable[..., Te
     result for a format without scaling, bit for bit, its stochastic draws included)."""
 
     @functools.wraps(method)
-    def round_unscaled(self: NumberFormat, x: Tensor, rounding: str = "nearest",
-                       generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad or transformed(x):
-            return cast(Tensor, _StraightThrough.apply(x, lambda t: in_float32(self, t, rounding, generator)))
-        return in_float32(self, x, rounding, generator)
-
-    def in_float32(self: NumberFormat, x: Tensor, rounding: str,
-                   generator: torch.Generator | MemberGenerators | None) -> Tensor:
+    def in_float32(self: NumberFormat, x: Tensor, rounding: str = "nearest",
+                   generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
         if x.dtype not in FLOAT_DTYPES and x.is_floating_point():
             return cast(Tensor, method(self, x.float(), rounding, generator)).to(x.dtype)
         return method(self, x, rounding, generator)
 
-    round_unscaled.__wrapped_straight_through__ = True  # type: ignore[attr-defined]
-    return round_unscaled
+    return straight_through(in_float32)
 
 
 def _round_copy_where_recorded(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
