@@ -97,7 +97,9 @@ def test_each_member_quantized_along_several_axes_at_once_equals_each_axis_in_tu
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=tensors(leading=3), spec=st.sampled_from(SPECS + ("block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)",)),
+@given(case=tensors(leading=3),
+       spec=st.sampled_from((*SPECS, "nvfp4(axis=0)",
+                             "block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)")),
        rounding=st.sampled_from(ROUNDINGS), spread=st.sampled_from([1.0, 2.0**20]))
 def test_each_member_quantized_along_several_axes_equals_the_member_quantized_alone(
         case: tuple[torch.Tensor, tuple[int, ...]], spec: str, rounding: str, spread: float) -> None:
