@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.user_models import Gate, SequenceFirst  # noqa: E402  (the tests' users' layers)
 
 WIDTH = 64
 """Each sample: 64 features (8 tokens of 8 for the sequence networks), as the digits data."""
@@ -57,34 +59,6 @@ class ModuleHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.b(self.act(self.a(x)))
-
-
-class Gate(nn.Module):
-    """A user's leaf layer with a weight of its own that calls sigmoid (runs member by member)."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(x * self.gain)
-
-
-class SequenceFirst(nn.Module):
-    """8 tokens of 7 features, nn.MultiheadAttention sequence first (L, N, E), then `activation` on
-    its (L, N, E) output (7 features: a member's 8 * B * 7 elements leave a scalar tail)."""
-
-    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.embed = nn.Linear(WIDTH, 56)
-        self.attn = nn.MultiheadAttention(7, 1)
-        self.activation = activation
-        self.head = nn.Linear(56, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
-        y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
-        return self.head(self.activation(y).transpose(0, 1).flatten(1))
 
 
 class EncoderFirst(nn.Module):

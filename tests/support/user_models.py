@@ -1,9 +1,12 @@
 """Users' own networks whose GEMMs are function calls or torch's attention modules, for the grouped
-training tests (each factory takes the sample shape and the class count, as `model: file.py:factory`).
+training tests (each factory takes the sample shape and the class count, as `model: file.py:factory`),
+and the small layers the member-kernel tests and benchmarks/user_kernels.py build networks from.
 Sized for the digits data (64 features, 8x8 images); every GEMM big enough that a batched GEMM runs
 the kernel of the member's own."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -245,3 +248,32 @@ class Frozen(nn.Module):
 
 def frozen(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Frozen(shape[0], classes)
+
+
+# --- layers the member-kernel tests and benchmarks/user_kernels.py build networks from ----------------
+
+class Gate(nn.Module):
+    """A user's leaf layer with a weight of its own that calls sigmoid: it runs member by member."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x * self.gain)
+
+
+class SequenceFirst(nn.Module):
+    """nn.MultiheadAttention sequence first (L, N, E), then `activation` on its output, where a group's
+    members sit along the second axis (8 tokens of 7 features: a member's 8 * B * 7 elements leave a
+    scalar tail where B is 50)."""
+
+    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(64, 56), nn.MultiheadAttention(7, 1), nn.Linear(56, 10)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
+        y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head(self.activation(y).transpose(0, 1).flatten(1))

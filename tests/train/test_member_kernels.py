@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from support.user_models import Gate, SequenceFirst
 from torch import Tensor, nn
 
 from dse.data import load_dataset
@@ -161,33 +162,6 @@ def test_the_built_in_proxies_call_none_of_the_functions_so_run_without_the_mode
         assert not mode.seen, training
 
 
-class _Gate(nn.Module):
-    """A user's leaf layer with a weight of its own that calls sigmoid: it runs member by member."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(x * self.gain)
-
-
-class _SequenceFirst(nn.Module):
-    """nn.MultiheadAttention sequence first: `activation` on its (L, N, E) output, where the group's
-    members sit along the second axis (8 tokens of 7 features: a member's 8 * 50 * 7 elements leave
-    a scalar tail)."""
-
-    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
-        super().__init__()
-        self.embed, self.attn, self.head = nn.Linear(64, 56), nn.MultiheadAttention(7, 1), nn.Linear(56, 10)
-        self.activation = activation
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
-        y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
-        return self.head(self.activation(y).transpose(0, 1).flatten(1))
-
-
 def _stacked_and_alone(make: Callable[[], nn.Module], members: int, rows: int, threads: int
                        ) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
     """(output, input gradient) of a stacked group on its folded batch, and of each member alone
@@ -229,7 +203,7 @@ def test_a_users_layer_run_member_by_member_is_not_split_again(threads: int) -> 
     """A leaf layer with weights runs each member's own call (`PerMemberLayer`); the mode used to
     split that member's 50 rows again into G blocks (its sigmoid's tail then fell elsewhere: the input
     gradient differed in 7 elements at G = 2)."""
-    (together, grad), alone = _stacked_and_alone(lambda: _NitiSilu(_Gate(74)), 2, 50, threads)
+    (together, grad), alone = _stacked_and_alone(lambda: _NitiSilu(Gate(74)), 2, 50, threads)
     for g, (out, own_grad) in enumerate(alone):
         assert torch.equal(together[g], out) and torch.equal(grad[g], own_grad), g
 
@@ -243,7 +217,7 @@ def test_a_sequence_first_activation_gives_each_member_its_bits_alone(
     finds them by the member's batch and runs each member's own (L, B, E), laid out as alone
     (contiguous), forward and backward. It used to pass such a tensor whole (G = 3: L = 8 does not
     divide into 3) or cut it along L (G = 2); sigmoid's input gradient then differed in 41 elements."""
-    (together, grad), alone = _stacked_and_alone(lambda: _SequenceFirst(activation), members, 50, threads)
+    (together, grad), alone = _stacked_and_alone(lambda: SequenceFirst(activation), members, 50, threads)
     for g, (out, own_grad) in enumerate(alone):
         assert torch.equal(together[g], out) and torch.equal(grad[g], own_grad), g
 
@@ -366,7 +340,7 @@ class _Interrupted(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.gate, self.b = nn.Linear(64, 37), _Gate(37), nn.Linear(37, 10)
+        self.a, self.gate, self.b = nn.Linear(64, 37), Gate(37), nn.Linear(37, 10)
         self.failure: BaseException | None = None
         self.in_gate = False
 
@@ -461,7 +435,7 @@ class _ResidualGate(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.gate, self.b = nn.Linear(64, 37), _Gate(37), nn.Linear(37, 10)
+        self.a, self.gate, self.b = nn.Linear(64, 37), Gate(37), nn.Linear(37, 10)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.a(x))
