@@ -99,12 +99,11 @@ def backward_reason(model: nn.Module, example: Tensor) -> str | None:
     did), or a user's autograd.Function's backward, which runs outside every torch-function mode,
     calls one of those functions on the group's tensors. Found by one forward and backward of 2
     stacked copies of the network on CHECK_ROWS samples each."""
-    if not may_call_position_dependent(model) or not example.is_floating_point():
+    if not may_call_position_dependent(model):
         return None
     rows = example.repeat(-(-CHECK_ROWS // len(example)), *[1] * (example.dim() - 1))[:CHECK_ROWS]
     members = 2
     devices = [example.device] if example.is_cuda else []
-    unsplit = UnsplitCalls(members, CHECK_ROWS)
     with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         warnings.simplefilter("ignore", AmbiguousMemberAxisWarning)  # a few samples: sizes coincide
         copies = [copy.deepcopy(model) for _ in range(members)]
@@ -113,16 +112,19 @@ def backward_reason(model: nn.Module, example: Tensor) -> str | None:
             outputs = group(torch.stack([rows, rows.flip(0)]))
             leaves = [t for t in (outputs if isinstance(outputs, tuple) else (outputs,))
                       if isinstance(t, Tensor) and t.requires_grad]
-            functions = _user_functions(leaves)
-            with _backwards_spied(functions, unsplit):
+            if not leaves:
+                return None
+            spies = {cls: UnsplitCalls(members, CHECK_ROWS) for cls in _user_functions(leaves)}
+            with _backwards_spied(spies):
                 torch.autograd.backward([t.float().sum() for t in leaves])
         except Exception as error:
             return (f"its backward fails in a group ({type(error).__name__}: "
                     f"{str(error).splitlines()[0] if str(error) else ''})")
-    if unsplit.calls:
-        return (f"the backward of its autograd.Function {', '.join(cls.__name__ for cls in functions)} calls "
-                f"{', '.join(unsplit.calls)} on the group's tensors, outside the member mode (each member "
-                f"would get other last bits than alone)")
+    for cls, unsplit in spies.items():
+        if unsplit.calls:
+            return (f"the backward of its autograd.Function {cls.__name__} calls {', '.join(unsplit.calls)} "
+                    f"on the group's tensors, outside the member mode (each member would get other last "
+                    f"bits than alone)")
     return None
 
 
@@ -145,22 +147,23 @@ def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]
 
 
 @contextlib.contextmanager
-def _backwards_spied(functions: list[type[torch.autograd.Function]], mode: UnsplitCalls) -> Iterator[None]:
-    """The block with each of `functions`' backward (or vjp) run under `mode`: the autograd engine
-    runs a backward with no torch-function mode on the stack, the ones around `backward()` included."""
+def _backwards_spied(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -> Iterator[None]:
+    """The block with each autograd.Function's backward (or vjp) run under its spy: the autograd
+    engine runs a backward with no torch-function mode on the stack, the ones around `backward()`
+    included."""
     originals: dict[tuple[type[torch.autograd.Function], str], Any] = {}
 
-    def spied(backward: Callable[..., Any]) -> Callable[..., Any]:
+    def spied(backward: Callable[..., Any], spy: UnsplitCalls) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
-            with mode:
+            with spy:
                 return backward(*args)
         return run
 
     try:
-        for cls in functions:
+        for cls, spy in spies.items():
             name = "vjp" if cls.vjp is not torch.autograd.Function.vjp else "backward"
             originals[(cls, name)] = cls.__dict__.get(name)
-            setattr(cls, name, staticmethod(spied(getattr(cls, name))))
+            setattr(cls, name, staticmethod(spied(getattr(cls, name), spy)))
         yield
     finally:
         for (cls, name), original in originals.items():

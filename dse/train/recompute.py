@@ -8,21 +8,24 @@ reentrant form re-runs the function in `CheckpointFunction.backward`; the non-re
 unpack hook of a saved tensor); without the modes the recomputation computes other tensors than the
 forward did (a group's activations over the whole folded batch, a functional GEMM unquantized) and
 saves another number of them (non-reentrant: CheckpointError). So `follow_checkpoints` wraps the
-function both forms recompute, once for the process: where a mode of ours is on the stack when
-`checkpoint` is called (`checkpoint_sequential` calls it too), the recomputation runs with those
-modes pushed on the backward's stack in their order, each with the state it had then
-(`RecomputedMode.recompute_state`); elsewhere the function is torch's, untouched.
+function both forms recompute (and torch.distributed's composable `checkpoint(module)`, which drives
+the non-reentrant generator itself), once per process, when a mode of ours is first installed: where
+a mode of ours is on the stack when `checkpoint` is called (`checkpoint_sequential` calls it too),
+the recomputation runs with those modes pushed above the backward's stack in their order, each with
+the state it had then (`RecomputedMode.recompute_state`); where none is, torch's function runs as it
+is.
 
-What this does not see - a recomputation outside torch.utils.checkpoint's module functions
-(`torch.distributed._composable.checkpoint` binds the generator at its import), a user's
-`autograd.Function` whose backward calls a position-dependent function - the grouped trainer finds
-before training (dse/train/grouped.py, `backward_reason`) and trains one by one.
+What this does not reach - a recomputation by other code than these functions of torch's, a
+user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
+runs every backward with no torch-function mode) - the grouped trainer finds before training
+(dse/train/grouped.py, `backward_reason`) and trains one by one, saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -99,8 +102,16 @@ def _without_reentrant(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     return _TORCH_WITHOUT_REENTRANT(under_forward_modes(fn), *args, **kwargs)
 
 
+COMPOSABLE_CHECKPOINT = "torch.distributed._composable.checkpoint_activation"
+"""torch.distributed's `checkpoint(module)`, which binds the non-reentrant generator at its import."""
+
+
 def follow_checkpoints() -> None:
-    """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring); once
-    per process, by the objects `checkpoint` looks up when called."""
+    """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
+    the objects `checkpoint` looks up when called (and torch.distributed's composable checkpoint, by
+    its own name for the generator: imported later, it binds this one)."""
     torch_checkpoint.CheckpointFunction = _CheckpointFunction  # type: ignore[misc]
     torch_checkpoint._checkpoint_without_reentrant_generator = _without_reentrant
+    composable = sys.modules.get(COMPOSABLE_CHECKPOINT)
+    if composable is not None and hasattr(composable, "_checkpoint_without_reentrant_generator"):
+        setattr(composable, "_checkpoint_without_reentrant_generator", _without_reentrant)  # noqa: B010

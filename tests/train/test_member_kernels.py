@@ -267,11 +267,17 @@ def test_a_niti_groups_activations_are_each_members_alone(threads: int) -> None:
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
 @pytest.mark.parametrize("factory, optimizer, threads", [
     ("gated", "sgd", 2), ("gated", "niti", 1), ("recurrent", "sgd", 1),
-], ids=["silu-sigmoid-sgd-2-threads", "silu-sigmoid-niti", "gru-sgd"])
+    ("checkpointed", "sgd", 2), ("checkpointed_reentrant", "adam", 1), ("checkpointed_sequential", "sgd", 1),
+    ("composable_checkpoint", "sgd", 1), ("self_calling", "sgd", 1), ("straight_through", "sgd", 1),
+], ids=["silu-sigmoid-sgd-2-threads", "silu-sigmoid-niti", "gru-sgd", "checkpoint-sgd-2-threads",
+        "checkpoint-reentrant-adam", "checkpoint-sequential-sgd", "composable-checkpoint-sgd",
+        "calls-itself-sgd", "autograd-function-sgd"])
 def test_a_users_network_trains_in_a_group_as_alone(factory: str, optimizer: str, threads: int) -> None:
     """Stacked (no reason to train one by one), and every stored result of every member equal to its
     run alone, to the last bit: SiLU and sigmoid on 74 and 37 features at batch 50 (float and NITI),
-    and an nn.GRU (its (output, state) tuple used to refuse stacking: "expected Tensor as element 0")."""
+    an nn.GRU (its (output, state) tuple used to refuse stacking: "expected Tensor as element 0"),
+    activation checkpointing around a functional GEMM (int8: the recomputation quantizes it as the
+    forward did), a network calling itself, a user's straight-through autograd.Function."""
     import dataclasses
     from pathlib import Path
 
@@ -615,3 +621,29 @@ def test_a_network_calling_itself_in_its_forward_gives_each_member_its_bits_alon
                 assert p.grad is not None and torch.equal(stacked[name].grad[g], p.grad), (g, name)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_backward_a_group_cannot_give_each_member_alone_trains_one_by_one_and_says_so() -> None:
+    """A user's autograd.Function whose backward calls sigmoid on the batch (EfficientNet-PyTorch's
+    memory-saving swish): the autograd engine runs every backward with no torch-function mode, so the
+    group's sigmoid would run over the whole folded batch. group_reason says why, and train_group
+    trains the members one by one, each as alone."""
+    import dataclasses
+    from pathlib import Path
+
+    from dse.train import TrainConfig, train
+    from dse.train.grouped import group_reason, train_group
+
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, x_train=data.x_train[:100], y_train=data.y_train[:100],
+                               x_val=data.x_val[:30], y_val=data.y_val[:30], x_test=data.x_test[:30],
+                               y_test=data.y_test[:30])
+    models = Path(__file__).resolve().parent.parent / "support" / "user_models.py"
+    base = TrainConfig(model=f"{models}:swish_function", dataset="digits", optimizer="sgd", format="int8",
+                       epochs=1, batch_size=50, threads=1, lr=0.05)
+    configs = [base.replace(seed=seed) for seed in (3, 4)]
+    reason = group_reason(configs[0])
+    assert reason is not None and "autograd.Function SwishFunction calls torch.sigmoid" in reason, reason
+    for together, alone in zip(train_group(configs, data), (train(c, data) for c in configs), strict=True):
+        assert repr(dataclasses.replace(together, wall_time_s=0.0)) == repr(dataclasses.replace(alone,
+                                                                                               wall_time_s=0.0))
