@@ -60,10 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dse.formats.base import MemberGenerators
-from dse.models.layers import Matmul
+from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.layers import (
@@ -523,7 +522,7 @@ class PerMemberLayer(nn.Module):
     member's slice of the folded batch through the layer with that member's own weights and buffers
     (stacked along a leading member axis; buffers a layer updates in place, as BatchNorm's running
     statistics, are updated in the member's slice). Where its input needs a gradient, each torch call
-    of the layer reads the input through `_MemberReads`."""
+    of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
         super().__init__()
@@ -536,6 +535,7 @@ class PerMemberLayer(nn.Module):
             stacked = None if b is None else torch.stack([t for t in parts if t is not None])
             self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
         self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
+        self.__dict__["reads_input_once"] = type(template) in READS_INPUT_ONCE
 
     def __getattr__(self, name: str) -> Any:
         """The template's settings (a LayerNorm's eps), which callers of the layer may read."""
@@ -554,8 +554,8 @@ class PerMemberLayer(nn.Module):
         slices = {name: tensor.unbind(0) for name, tensor in own.items()}
         split = [_split(x, self.members).unbind(0) for x in inputs]
         saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in own}
-        reads = _MemberReads(inputs, self.members) \
-            if torch.is_grad_enabled() and any(x.requires_grad for x in inputs) else None
+        reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
+            or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
         outputs = []
         try:
             for g in range(self.members):
@@ -576,6 +576,14 @@ class PerMemberLayer(nn.Module):
             _refresh(template)
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
 
+
+READS_INPUT_ONCE: frozenset[type[nn.Module]] = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.GRU, nn.LSTM, nn.RNN,
+    PositionEmbedding,
+})
+"""Layers whose forward reads its input in one torch call (the built-in proxies' layers run member by
+member among them): their members need no `_MemberReads`, whose handler costs about 20 us a torch
+call (a BatchNorm group's forward took 2x its time under it). A subclass is not one of them."""
 
 _METADATA = frozenset({Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
                        Tensor.data_ptr, Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex})
@@ -621,25 +629,43 @@ class _MemberReads(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _METADATA or getattr(func, "__name__", None) == "__get__":
             return func(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
-        read = [self.placeholders.get(id(t)) if isinstance(t, Tensor) else None for t in leaves]
-        if any(i is not None for i in read):
-            last = list(self.counts)
-            for i in read:
-                if i is not None:
-                    last[i] += 1
-            for i, unbinds in enumerate(self.unbinds):  # the call's new reads, last to first
-                for _ in range(len(unbinds), last[i]):
-                    unbinds.append(())
-                for n in reversed(range(self.counts[i], last[i])):
-                    if not unbinds[n]:
-                        unbinds[n] = _split(self.inputs[i], self.members).unbind(0)
-            for position, i in enumerate(read):
-                if i is not None:
-                    leaves[position] = self.unbinds[i][self.counts[i]][self.member]
-                    self.counts[i] += 1
-            args, kwargs = tree_unflatten(leaves, spec)
+        reads = [i for t in _tensors(args, kwargs) if (i := self.placeholders.get(id(t))) is not None]
+        if not reads:
+            return func(*args, **kwargs)
+        for i, unbinds in enumerate(self.unbinds):  # the call's new reads, last to first
+            last = self.counts[i] + reads.count(i)
+            unbinds.extend([()] * (last - len(unbinds)))
+            for n in reversed(range(self.counts[i], last)):
+                if not unbinds[n]:
+                    unbinds[n] = _split(self.inputs[i], self.members).unbind(0)
+        args = tuple(self._read(value) for value in args)
+        kwargs = {name: self._read(value) for name, value in kwargs.items()}
         return func(*args, **kwargs)
+
+    def _read(self, value: Any) -> Any:
+        """`value` (an argument: a tensor, or a list or tuple of them) with each placeholder read as
+        the member's slice of its next unbind."""
+        if isinstance(value, Tensor):
+            i = self.placeholders.get(id(value))
+            if i is None:
+                return value
+            self.counts[i] += 1
+            return self.unbinds[i][self.counts[i] - 1][self.member]
+        if isinstance(value, list | tuple) and any(isinstance(t, Tensor) for t in value):
+            parts = [self._read(t) for t in value]
+            return parts if isinstance(value, list) else tuple(parts)
+        return value
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
+    """The tensors a torch call takes: arguments, and the elements of list or tuple arguments."""
+    found: list[Tensor] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, list | tuple):
+            found.extend(t for t in value if isinstance(t, Tensor))
+    return found
 
 
 def _refresh(layer: nn.Module) -> None:

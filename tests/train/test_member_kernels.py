@@ -521,6 +521,31 @@ def test_a_residual_around_a_layer_run_member_by_member_gives_each_members_weigh
                 assert grad is not None and torch.equal(grad[g], parameter.grad), (name, g)
 
 
+def test_the_layers_that_skip_member_reads_read_their_input_once() -> None:
+    """READS_INPUT_ONCE layers run member by member without `_MemberReads`: each reads its input in one
+    torch call (counted by the mode, training and eval), so one slice a member keeps alone's order."""
+    from dse.models.layers import PositionEmbedding
+    from dse.train.stacked import READS_INPUT_ONCE, _MemberReads
+
+    examples: dict[type[nn.Module], tuple[nn.Module, tuple[int, ...]]] = {
+        nn.BatchNorm1d: (nn.BatchNorm1d(4), (6, 4, 5)), nn.BatchNorm2d: (nn.BatchNorm2d(4), (6, 4, 3, 3)),
+        nn.BatchNorm3d: (nn.BatchNorm3d(4), (6, 4, 2, 2, 2)), nn.LayerNorm: (nn.LayerNorm(5), (6, 3, 5)),
+        nn.GroupNorm: (nn.GroupNorm(2, 4), (6, 4, 5)), nn.GRU: (nn.GRU(5, 3, batch_first=True), (6, 4, 5)),
+        nn.LSTM: (nn.LSTM(5, 3, num_layers=2), (6, 4, 5)), nn.RNN: (nn.RNN(5, 3), (6, 4, 5)),
+        PositionEmbedding: (PositionEmbedding(8, 5), (6, 4, 5)),
+    }
+    assert set(examples) == READS_INPUT_ONCE
+    for layer, shape in examples.values():
+        for training in (True, False):
+            layer.train(training)
+            folded = torch.randn(2 * shape[0], *shape[1:], requires_grad=True)
+            placeholder = folded[: shape[0]]
+            reads = _MemberReads([folded], 2)
+            with reads.of_member(0, [placeholder]):
+                layer(placeholder)
+            assert reads.counts == [1], (type(layer).__name__, training)
+
+
 def test_a_residual_around_a_users_layer_trains_in_a_group_as_alone(
         digits: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
     """The measurement above, end to end: each member is its run alone, bit for bit."""
