@@ -283,6 +283,12 @@ def tiny(shape: tuple[int, ...], classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(shape[0], 3), nn.ReLU(), nn.Linear(3, classes))
 
 
+def bottleneck(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A one-unit bottleneck: its GEMMs have a single output column or a reduction of one, where
+    MKL's batched GEMM sums otherwise than the member's own mm, whatever the batch."""
+    return nn.Sequential(nn.Linear(shape[0], 1), nn.Tanh(), nn.Linear(1, classes))
+
+
 class Gated(nn.Module):
     """Linear -> SiLU -> Linear -> sigmoid gate -> Linear: position-dependent activations (their CPU
     vector and scalar kernels disagree in the last bit) on 74 and 37 features, so a member's
@@ -373,6 +379,22 @@ class Gate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(x * self.gain)
+
+
+class ResidualGate(nn.Module):
+    """A residual around a Gate: the input's gradient is the sum of three terms, two from inside it."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Linear(width, 37), Gate(37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h + self.gate(h))
+
+
+def residual_gate(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ResidualGate(shape[0], classes)
 
 
 class SequenceFirst(nn.Module):
