@@ -464,6 +464,18 @@ def _check_output_file(option: str, path: Path | None, makes_folders: bool = Fal
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
 
+def _check_output_folder(folder: Path, what: str) -> None:
+    """Refuse a folder `what` cannot be written into (each file written atomically, by a rename in the
+    folder: the folder's permission is the one that counts, not the files'), before anything is
+    printed or written."""
+    from dse.atomic_write import folder_problem
+    from dse.errors import InputError
+
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise InputError(f"cannot write {what} into {folder}: {problem} (nothing was printed or written)")
+
+
 @app.command("energy", cls=_Command)
 @_with_options(_EnergyOptions)
 @user_errors
@@ -1011,10 +1023,12 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
+    current = current_reports(trials, directory, memory_objective, titles)
+    if current is None:  # files to write: a folder that refuses them is the whole answer, printed alone
+        _check_output_folder(directory, "the report files")
     tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
     _print_fronts(tables, memory_objective)
-    current = current_reports(trials, directory, memory_objective, titles)
     if current is not None:
         console.print(f"{len(current)} files in {directory} are up to date (written from these trials by "
                       "this report code)", markup=False, highlight=False, soft_wrap=True)
@@ -1050,6 +1064,7 @@ def export(
     check_export_choice(table, text_format)
     if output is not None and output.is_dir():
         raise InputError(f"--output {output} is a directory; give a file path")
+    _check_output_file("--output", output, makes_folders=True)
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     text = render_table(trials, table, text_format, memory_objective, all_points)

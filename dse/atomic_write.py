@@ -30,6 +30,14 @@ def rename_target(path: Path) -> Path | None:
     return None if target.exists() and not target.is_file() and not target.is_dir() else target
 
 
+def folder_problem(folder: Path) -> str | None:
+    """Why files cannot be written into the existing `folder` by `write_atomically` (a temporary file made
+    there and renamed: the folder's permission counts, not the files'), or None where they can."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return "read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
+
+
 def temporary_files(path: Path) -> list[Path]:
     """The temporary files `write_atomically` may have left for `path` (a writer killed mid-write)."""
     try:

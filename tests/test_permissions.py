@@ -226,9 +226,13 @@ def test_reports_and_tables_into_a_folder_this_user_cannot_write_are_refused(fak
     (workdir / "shared").chmod(0o555)
     out.chmod(0o555)
     before = _files(workdir)
-    _one_error_line(_dse(workdir, "report", "out"), "cannot write out/trials.csv", "ermission denied")
-    _one_error_line(_dse(workdir, "export", "out", "--to", "latex", "--output", "shared/t.tex"),
-                    "cannot write shared/t.tex", "ermission denied")
+    # refused before anything is printed (it printed the summary and the fronts, then the error)
+    reported = _dse(workdir, "report", "out")
+    _one_error_line(reported, "cannot write the report files into out: permission denied")
+    assert reported.stdout == ""
+    exported = _dse(workdir, "export", "out", "--to", "latex", "--output", "shared/t.tex")
+    _one_error_line(exported, "--output 'shared/t.tex': cannot write there (permission denied)")
+    assert exported.stdout == ""
     # a file this user may write, in a folder it may not: the atomic write's temporary file cannot be
     # made there, so the check before any work looks at the folder (it looked at the file)
     _one_error_line(_dse(workdir, "compare", "int8", "fp32", "--csv", "shared/mine.csv"),
@@ -272,3 +276,23 @@ def test_a_dataset_cache_this_user_cannot_write_only_costs_generating_the_data(w
     result = _run(workdir, "-c", code)
     assert (result.returncode, result.stdout.strip()) == (0, "3600"), result.stderr
     assert list((workdir / "cache").iterdir()) == []
+
+
+def test_a_sweep_with_nothing_to_train_and_stale_reports_in_a_folder_it_cannot_write_prints_only_why(
+        workdir: Path) -> None:
+    """The same command again with every trial stored answers from the store (its receipt) and writes
+    the report files that are stale: in a folder this user may not write, that is one line and nothing
+    printed before it (it drew the progress bar, then failed)."""
+    (workdir / "s.yaml").write_text("name: n\ntask: {model: mlp, dataset: digits, epochs: 1}\n"
+                                    "trials: [{format: fp32}]\noutput: out\n")
+    first = subprocess.run([sys.executable, "-m", "dse.cli", "sweep", "s.yaml", "-q"], cwd=workdir,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                           timeout=COMMAND_TIMEOUT_S)  # (this user: its workers run as it does)
+    assert first.returncode == 0, first.stderr
+    (workdir / "out" / "summary.md").unlink()  # a report file gone: the reports are stale
+    _give(workdir)
+    (workdir / "out").chmod(0o555)
+    before = _files(workdir)
+    again = _dse(workdir, "sweep", "s.yaml")
+    _one_error_line(again, "cannot write the report files into out: permission denied")
+    assert again.stdout == "" and _files(workdir) == before

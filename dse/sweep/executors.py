@@ -267,14 +267,15 @@ class LocalExecutor(_NothingToAcquire):
             pending: set[Future[list[TrialOutcome]]] = {pool.submit(execute, job) for job in jobs}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    try:
-                        outcomes = future.result()
-                    except BrokenProcessPool:
-                        raise RuntimeError("a worker process died (out of memory or killed); finished trials "
-                                           "are saved: run the same command again to resume") from None
-                    for outcome in outcomes:
-                        on_done(outcome)
+                broken = [future for future in done if isinstance(future.exception(), BrokenProcessPool)]
+                for future in done:  # every job that finished is stored before a broken pool stops the run
+                    if future not in broken:
+                        for outcome in future.result():
+                            on_done(outcome)
+                if broken:
+                    raise InputError("a worker process died (out of memory, or killed) and the sweep stopped "
+                                     "its others; the trials that finished are stored: run the same command "
+                                     "again to resume")
         except BaseException:
             stop_workers(pool)
             raise
@@ -391,13 +392,25 @@ class RayExecutor:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
-                    for outcome in ray.get(ref):
+                    for outcome in self._outcomes(ref):
                         on_done(outcome)
         except BaseException:
             if self.address is not None:  # a local instance ends with its tasks at `close`
                 for ref in pending:
                     ray.cancel(ref, force=True)
             raise
+
+    def _outcomes(self, ref: Any) -> list[TrialOutcome]:
+        """A finished task's outcomes; a task Ray lost (its worker or node died past `retries` retries)
+        an InputError: the run stops, the trials stored so far kept."""
+        try:
+            outcomes: list[TrialOutcome] = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise InputError(f"a Ray task failed after {self.retries} retries ({type(error).__name__}: "
+                             f"{message}); the trials that finished are stored: run the same command "
+                             "again to resume") from None
+        return outcomes
 
     def close(self) -> None:
         if self.started:

@@ -21,6 +21,7 @@ without `invocation`), and its store then holds no receipt.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dse.digests import file_sha256, sha256_hex, sha256_of_parts
+from dse.sweep import lock
 from dse.sweep.store import StoredProgress, output_directory, stored_progress
 from dse.sweep.summary import Reporter, SweepSummary, best_of, conclude
 from dse.usercode import is_ref
@@ -203,9 +205,27 @@ def conclude_finished(finished: FinishedSweep, reporter: Reporter) -> SweepSumma
     from dse.sweep.store import load_trials
 
     started = time.perf_counter()
-    summary = SweepSummary(finished.name, finished.output, total=finished.runs, skipped=finished.runs, ran=0)
-    frame = load_trials(finished.output)  # nothing trains: the same frame serves the display and the summary
-    reporter.start(finished.planned, summary.skipped, best_of(frame))
-    reporter.stop()
-    summary.notes = finished.notes
-    return conclude(summary, finished.memory_objective, True, started, frame)
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(OSError):  # (a folder this user cannot write: it writes nothing there)
+            held.enter_context(lock.holding(finished.output))  # another sweep running there: refused
+        summary = SweepSummary(finished.name, finished.output, total=finished.runs, skipped=finished.runs,
+                               ran=0)
+        frame = load_trials(finished.output)  # nothing trains: one frame serves the display and the summary
+        _check_reports_writable(finished, frame)
+        reporter.start(finished.planned, summary.skipped, best_of(frame))
+        reporter.stop()
+        summary.notes = finished.notes
+        return conclude(summary, finished.memory_objective, True, started, frame)
+
+
+def _check_reports_writable(finished: FinishedSweep, frame: Any) -> None:
+    """InputError, before anything is printed, where the report files are stale and their folder refuses
+    them (a folder this user may only read, with current files, is fine: nothing is written)."""
+    from dse.atomic_write import folder_problem
+    from dse.errors import InputError
+    from dse.report.files import current_reports
+
+    problem = folder_problem(finished.output)
+    if problem is not None and current_reports(frame, finished.output, finished.memory_objective) is None:
+        raise InputError(f"cannot write the report files into {finished.output}: {problem} (nothing was "
+                         "printed or written)")

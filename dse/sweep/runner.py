@@ -2,12 +2,14 @@
 
 Order matters for "nothing written on bad input": expand the trials, estimate every configuration's
 energy, check the output path and (for Ray) reach the cluster, and only then create the directory and
-the store. Each finished trial is committed as it arrives; rerunning skips what is finished (resume),
-`force=True` reruns it.
+the store. The output folder's lock (one sweep at a time, dse/sweep/lock.py) is taken before planning
+where the folder exists, else with the directory. Each finished trial is committed as it arrives;
+rerunning skips what is finished (resume), `force=True` reruns it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -18,6 +20,7 @@ from typing import Any
 
 from dse.errors import InputError, Problems
 from dse.report.drawing import FigureProcesses
+from dse.sweep import lock
 from dse.sweep.config import SweepConfig
 from dse.sweep.energy import EnergyEstimator, energy_key
 from dse.sweep.executors import (
@@ -273,41 +276,70 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
                train_fn: TrainFn | None, executor: Executor | None, reports: bool,
                invocation: dict[str, Any] | None) -> SweepSummary:
     started = time.perf_counter()
-    if (executor is None and sweep.executor.backend == "local" and not worker_server_running()
-            and _has_work(sweep, force, retry_failed)):
-        start_worker_server()  # its imports overlap the planning below
-    trials, keys, energies = plan_sweep(sweep)
-    runs = unique_runs(trials)
-    group_size = sweep.executor.group_size if train_fn is None else 1
-    shares = device_shares(runs, sweep.executor) if group_size != 1 else {}
-    groups, notes = plan_groups(runs, group_size, shares=shares)
-    replace_foreign = check_output(sweep.output, sweep.name, force)
-    with FigureProcesses() as figures:
-        with executor or make_executor(sweep) as acquired, open_store(sweep.output) as store:
-            if replace_foreign:
-                store.reset()
-            plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
-                    for t in trials]
-            receipt = None if invocation is None or train_fn is not None else plan_receipt(sweep, invocation)
-            try:
-                store.start({**_store_meta(sweep, trials, runs, notes), "receipt": receipt}, plan, energies)
-            except sqlite3.Error as error:  # (rolled back: the store is as it was)
-                raise InputError(store_problem(store.path, error) or f"cannot write {store.path}: {error}"
-                                 ) from None
-            summary = execute_trials(sweep, trials, runs, groups, store, acquired,
-                                     rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
-                                     reporter=reporter or SilentReporter(), shares=shares,
-                                     on_core_idle=figures.prepare if reports else None)
-        summary.notes = notes + summary.notes
-        return conclude(summary, sweep.memory_objective, reports, started, figures=figures)
+    with contextlib.ExitStack() as held:
+        # another sweep on this folder: refused before planning, where the folder is there to lock
+        locked = sweep.output.is_dir() and _lock(sweep.output, held, or_later=True)
+        if (executor is None and sweep.executor.backend == "local" and not worker_server_running()
+                and _has_work(sweep, force, retry_failed)):
+            start_worker_server()  # its imports overlap the planning below
+        trials, keys, energies = plan_sweep(sweep)
+        runs = unique_runs(trials)
+        group_size = sweep.executor.group_size if train_fn is None else 1
+        shares = device_shares(runs, sweep.executor) if group_size != 1 else {}
+        groups, notes = plan_groups(runs, group_size, shares=shares)
+        replace_foreign = check_output(sweep.output, sweep.name, force)
+        with FigureProcesses() as figures:
+            with contextlib.ExitStack() as opened:
+                acquired = opened.enter_context(executor or make_executor(sweep))  # (Ray: reached first)
+                if not locked:
+                    make_output_directory(sweep.output)
+                    _lock(sweep.output, held)
+                store = opened.enter_context(open_store(sweep.output))
+                if replace_foreign:
+                    store.reset()
+                plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
+                        for t in trials]
+                receipt = (None if invocation is None or train_fn is not None
+                           else plan_receipt(sweep, invocation))
+                meta = {**_store_meta(sweep, trials, runs, notes), "receipt": receipt}
+                try:
+                    store.start(meta, plan, energies)
+                except sqlite3.Error as error:  # (rolled back: the store is as it was)
+                    raise InputError(store_problem(store.path, error)
+                                     or f"cannot write {store.path}: {error}") from None
+                summary = execute_trials(sweep, trials, runs, groups, store, acquired,
+                                         rerun=_rerun(store, force, retry_failed), train_fn=train_fn,
+                                         reporter=reporter or SilentReporter(), shares=shares,
+                                         on_core_idle=figures.prepare if reports else None)
+            summary.notes = notes + summary.notes
+            return conclude(summary, sweep.memory_objective, reports, started, figures=figures)
 
 
-def open_store(directory: Path) -> SweepStore:
-    """The sweep's store in `directory`, created with its folders (after every check has passed)."""
+def _lock(directory: Path, held: contextlib.ExitStack, *, or_later: bool = False) -> bool:
+    """Hold `directory`'s sweep lock (dse/sweep/lock.py) in `held`; InputError where another sweep holds it.
+    Where the lock file cannot be made: False with `or_later` (an unwritable folder, which check_output
+    names after planning), else an InputError."""
+    try:
+        held.enter_context(lock.holding(directory))
+    except OSError as error:
+        if or_later:
+            return False
+        raise InputError(f"cannot write to output directory {str(directory)!r}: cannot make "
+                         f"{lock.lock_path(directory)} ({error.strerror or error})") from None
+    return True
+
+
+def make_output_directory(directory: Path) -> None:
+    """Create the sweep's output folder with its parents (after every check has passed)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"cannot create output directory {str(directory)!r}: {error.strerror}") from None
+
+
+def open_store(directory: Path) -> SweepStore:
+    """The sweep's store in `directory`, created with its folders (after every check has passed)."""
+    make_output_directory(directory)
     path = store_path(directory)
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):  # (SQLite would open it read-only)
         raise InputError(f"cannot write {path}: permission denied (a sweep records its trials there; "

@@ -120,6 +120,15 @@ def store_problem(path: Path, error: sqlite3.Error) -> str | None:
     return None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None where there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
     connection.execute("PRAGMA journal_mode=WAL")
@@ -202,14 +211,17 @@ def _read_only(path: Path, read: Callable[[sqlite3.Connection], T]) -> T:
     read-only media without its -shm file) is read from a temporary copy of the two files."""
     try:
         connection = _reading_connection(path)
-    except sqlite3.OperationalError:
+    except sqlite3.OperationalError as error:
         if not Path(f"{path}-wal").exists():
             raise
-        with tempfile.TemporaryDirectory(prefix="dse-store-") as scratch:
-            copy = Path(scratch) / path.name
-            shutil.copyfile(path, copy)
-            shutil.copyfile(f"{path}-wal", f"{copy}-wal")
-            return _read_only(copy, read)
+        try:
+            with tempfile.TemporaryDirectory(prefix="dse-store-") as scratch:
+                copy = Path(scratch) / path.name
+                shutil.copyfile(path, copy)
+                shutil.copyfile(f"{path}-wal", f"{copy}-wal")
+                return _read_only(copy, read)
+        except OSError:  # no room for the copy either (a full disk): SQLite's own error says why
+            raise error from None
     try:
         return read(connection)
     finally:
@@ -288,6 +300,7 @@ class SweepStore:
         with self.connection:
             _migrate(self.connection)
             self.connection.executescript(_SCHEMA)
+        self._identity = _identity(self.path)
 
     def reset(self) -> None:
         """Forget everything (used by --force on a store that belonged to another sweep)."""
@@ -324,13 +337,36 @@ class SweepStore:
         return dict(self.connection.execute("SELECT trial_id, status FROM trials"))
 
     def record(self, row: TrialRow) -> None:
-        """Commit one finished trial in its own transaction (replacing an earlier run of it)."""
+        """Commit one finished trial in its own transaction (replacing an earlier run of it). Where that
+        fails (a full disk, the store locked past BUSY_TIMEOUT_S, its file removed) an InputError says
+        why in one line: the transaction is rolled back, so the store keeps every trial committed
+        before, and a rerun resumes from them."""
         values = {**row.values, "finished_at": time.time()}
         names = list(values)
-        with self.connection:
-            self.connection.execute(
-                f"INSERT OR REPLACE INTO trials ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                [values[name] for name in names])
+        trial = f"{values['task']}: {values['label']} (seed {values['seed']})"
+        if _identity(self.path) != self._identity:  # SQLite would go on writing the removed file
+            raise InputError(f"cannot record trial {trial}: {self.path} was removed or replaced while the "
+                             "sweep ran (the trials it held went with it); run the same command again to "
+                             "start a new store")
+        try:
+            with self.connection:
+                self.connection.execute(
+                    f"INSERT OR REPLACE INTO trials ({', '.join(names)}) "
+                    f"VALUES ({', '.join('?' * len(names))})", [values[name] for name in names])
+        except sqlite3.Error as error:
+            text = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if "locked" in text or "busy" in text:
+                text = f"{text}: another process held it for over {BUSY_TIMEOUT_S:g} s"
+            raise InputError(f"cannot record trial {trial} in {self.path} ({text}); the {self._count()} "
+                             "trials stored before it are kept: run the same command again to resume"
+                             ) from None
+
+    def _count(self) -> str:
+        """How many trials the store holds, as text ('all' where even counting fails)."""
+        try:
+            return str(self.connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
+        except sqlite3.Error:
+            return "all"
 
     def close(self) -> None:
         self.connection.close()

@@ -48,6 +48,15 @@ def slow_train(config: TrainConfig) -> TrainResult:
     return fake_train(config)
 
 
+def held_train(config: TrainConfig) -> TrainResult:
+    """fake_train that, for seeds above 0, waits until the file $DSE_RELEASE exists (a test holds a sweep
+    in the middle of its run for as long as it needs)."""
+    release = os.environ.get("DSE_RELEASE")
+    while config.seed > 0 and release and not os.path.exists(release):
+        time.sleep(0.02)
+    return fake_train(config)
+
+
 def validated_train(config: TrainConfig) -> dict[str, object]:
     """fake_train plus a validation accuracy that disagrees with the test accuracy on purpose.
 

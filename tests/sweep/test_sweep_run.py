@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -138,3 +139,57 @@ def test_a_local_ray_instance_that_starts_too_slowly_is_started_again() -> None:
     executor.ray = _SlowStartingRay(misses=RAY_LOCAL_STARTS)
     with pytest.raises(InputError, match=f"timed out during startup.*\\({RAY_LOCAL_STARTS} tries"):
         executor.connect()
+
+
+class _Submit:
+    """`ray.remote(execute)`: its tasks are the jobs themselves."""
+
+    def options(self, **options: object) -> _Submit:
+        return self
+
+    def remote(self, job: Any) -> Any:
+        return job
+
+
+class _CrashingRay:
+    """A stand-in for the ray module whose second task's worker died past its retries (ray.get raises
+    WorkerCrashedError, as Ray does when a node or a process is lost `max_retries` times)."""
+
+    def __init__(self) -> None:
+        import ray.exceptions
+
+        self.exceptions = ray.exceptions
+        self.calls = 0
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def remote(self, function: Any) -> Any:
+        return _Submit()
+
+    def wait(self, pending: list[Any], num_returns: int) -> tuple[list[Any], list[Any]]:
+        return pending[:1], pending[1:]
+
+    def get(self, job: Any) -> Any:
+        self.calls += 1
+        if self.calls == 2:
+            raise self.exceptions.WorkerCrashedError()
+        from dse.sweep.executors import TrialOutcome
+
+        return [TrialOutcome(job.trial_id, {"test_accuracy": 0.5})]
+
+
+def test_a_ray_task_lost_past_its_retries_is_one_line_after_the_finished_trials() -> None:
+    """Before: the WorkerCrashedError's traceback, exit code 1."""
+    pytest.importorskip("ray")
+    from dse.errors import InputError
+    from dse.sweep.executors import RayExecutor, TrialJob
+
+    executor = RayExecutor(workers=1, retries=2)
+    executor.ray = _CrashingRay()
+    done: list[str] = []
+    jobs = [TrialJob(name, {}) for name in ("first", "second", "third")]
+    with pytest.raises(InputError, match=r"^a Ray task failed after 2 retries \(WorkerCrashedError: .*\); "
+                       "the trials that finished are stored: run the same command again to resume$"):
+        executor.run(jobs, lambda outcome: done.append(outcome.trial_id))
+    assert done == ["first"]
