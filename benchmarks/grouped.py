@@ -11,7 +11,9 @@
 `--formats` takes format specs (SGD with an fp32 copy; lns* with LNS-Madam) and the names of METHODS.
 `--whole-group-folds` also runs each format with an accumulator's chunks folded for the whole group
 at once, as before they ran over runs of members under torch's grain (dse/train/stacked.py), and
-`--threads N` runs everything at N torch threads:
+`--threads N` runs everything at N torch threads. `--sum-order-before` also runs each format as
+before a group kept every sum in the order of the member alone (a per-member layer's reads summed
+first, batched GEMMs wherever torch's bmm takes its BLAS path):
 
     .venv/bin/python benchmarks/grouped.py --models transformer --datasets sort-easy --formats \\
         lns8+e5m2-acc4 --sizes 2 --train-samples 256 --epochs 1 --threads 2 --whole-group-folds
@@ -75,6 +77,24 @@ def whole_group_folds() -> Iterator[None]:
         stacked.PARALLEL_GRAIN = grain
 
 
+@contextlib.contextmanager
+def sum_order_before() -> Iterator[None]:
+    """As before a group kept every sum in the order of the member's run alone
+    (dse/train/stacked.py): a layer run member by member reads its input through one slice a member
+    (its reads' gradient terms summed before the terms from outside it), and a GEMM runs batched
+    wherever torch's CPU bmm takes its BLAS path (400 multiply-adds a member and more)."""
+    import dse.train.stacked as stacked
+
+    reads, sums = stacked._MemberReads, stacked.bmm_sums_as_mm
+    stacked._MemberReads = lambda inputs, members: None  # type: ignore[assignment,misc,return-value]
+    stacked.bmm_sums_as_mm = lambda rows, reduction, columns: (
+        rows * reduction * columns >= stacked.SMALL_GEMM_MACS)
+    try:
+        yield
+    finally:
+        stacked._MemberReads, stacked.bmm_sums_as_mm = reads, sums  # type: ignore[misc]
+
+
 def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:
     """seconds(run, args): CPU time on the CPU, wall time with the device synchronised on a GPU."""
     import torch
@@ -114,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whole-group-folds", action="store_true",
                         help="also each format with an accumulator's chunks folded for the whole group "
                              "at once (before: runs of members under torch's grain), in the same rounds")
+    parser.add_argument("--sum-order-before", action="store_true",
+                        help="also each format as before a group kept every sum in the order alone: a "
+                             "per-member layer's reads summed first, batched GEMMs from 400 multiply-adds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default 1)")
     args = parser.parse_args(argv)
 
@@ -134,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         versions[" (before)"] = per_axis_quantize_and_int64_update
     if args.whole_group_folds:
         versions[" (whole-group folds)"] = whole_group_folds
+    if args.sum_order_before:
+        versions[" (sum order before)"] = sum_order_before
     torch.set_num_threads(args.threads)
     on_cpu = args.device == "cpu"
     seconds = make_clock(args.device)

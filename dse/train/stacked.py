@@ -13,7 +13,9 @@ Layers with weights take the folded batch apart:
       backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
 
   On the CPU a batched GEMM runs the same GEMM kernel per member as the unbatched call, so every
-  member computes bit for bit what it computes alone.
+  member computes bit for bit what it computes alone; where it would not (`bmm_sums_as_mm`: torch's
+  own loop for products under 400 multiply-adds, MKL's batched GEMM for a single row, column or
+  reduction index) and on several threads, the GEMMs run member by member (`member_gemm`).
 - Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
   member by member. A grouped convolution (groups=G over channel-stacked members) would be one
   call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
@@ -24,7 +26,8 @@ Layers with weights take the folded batch apart:
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
-  running averages) are each member's own.
+  running averages) are each member's own; each read of its input reaches the folded input's
+  gradient as a term of its own, in autograd's order alone (`_MemberReads`).
 - GEMMs the forward calls as functions (F.linear on a parameter, `x @ self.w`, torch.bmm, F.conv2d,
   attention, nn.MultiheadAttention): the tensors they take are stacked in place and their module runs
   on the folded batch; the torch-function mode runs each such GEMM per member
@@ -45,19 +48,21 @@ from torch's global generator (dropout), which a group cannot split per member.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from dse.formats.base import MemberGenerators
-from dse.models.layers import Matmul
+from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.layers import (
@@ -224,19 +229,31 @@ def _fold(x: Tensor) -> Tensor:
 
 
 SMALL_GEMM_MACS = 400
-"""Below this many multiply-adds per batch entry torch's CPU bmm / baddbmm runs its own loop
-(aten's `bmm_out_or_baddbmm_`), whose sums differ in the last bit from the BLAS GEMM a member's
-`mm` / `addmm` alone calls; measured on torch 2.13 for shapes of 1-6 rows, 1-16 features."""
+"""aten's threshold (`bmm_out_or_baddbmm_`, LinearAlgebra.cpp): a CPU bmm / baddbmm whose batch
+entries have fewer multiply-adds (rows x reduction x columns) runs its own loop (baddbmm_cpu_kernel)
+instead of the BLAS GEMM."""
+
+
+def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
+    """Whether a CPU bmm / baddbmm of batch entries (rows, reduction) @ (reduction, columns) sums each
+    entry as that entry's own mm / addmm, bit for bit: not below `SMALL_GEMM_MACS` (the loop's sums
+    differ in the last bit from MKL's), nor where one of the three is 1 (MKL's batched GEMM then sums
+    otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13 + MKL
+    2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand contiguous
+    or transposed, with and without a bias: no difference where this holds, one in each shape of 400+
+    multiply-adds with a 1 (tests/train/test_stacked.py checks the boundary)."""
+    return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
 def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n). One batched
-    GEMM, the kernel each member's own runs; a small GEMM on the CPU member by member instead, with
-    the call each member makes alone (see SMALL_GEMM_MACS); and so on several CPU threads, where
-    torch splits a member's mm among the threads but a bmm by its batch entries, each entry's GEMM
-    on one thread, and the weight gradient's long reduction (the batch rows) then sums in another
-    order (measured on torch 2.13: every Linear weight gradient of the transformer proxy at 2 threads)."""
-    if a.is_cpu and (a.shape[1] * a.shape[2] * b.shape[2] < SMALL_GEMM_MACS or torch.get_num_threads() > 1):
+    GEMM, the kernel each member's own runs; on the CPU member by member instead, with the call each
+    member makes alone, where a batched GEMM would sum otherwise (`bmm_sums_as_mm`), and on several
+    threads, where torch splits a member's mm among the threads but a bmm by its batch entries, each
+    entry's GEMM on one thread, and the weight gradient's long reduction (the batch rows) then sums in
+    another order (measured on torch 2.13: every Linear weight gradient of the transformer proxy at 2
+    threads)."""
+    if a.is_cpu and (not bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2]) or torch.get_num_threads() > 1):
         if bias is None:
             return torch.stack([a_g @ b_g for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
         return torch.stack([torch.addmm(c_g, a_g, b_g)
@@ -364,26 +381,43 @@ class MemberAccumulators(Accumulator):
     a transformer group member trained at 0.78-0.80x of alone against 0.90x in runs (the larger
     chunks leave the cache; docs/training.md). Either way every member's chunks are the same matmuls
     over the same reduction indices, rounded by its own accumulator: the results do not depend on it.
-    On a GPU (no grain; launch-bound) the whole group folds at once."""
+    Where a batched chunk would not sum as the member's own GEMM (`bmm_sums_as_mm`: torch's CPU loop
+    for small products, a single row, column or reduction index) the fold runs member by member. On
+    a GPU (no grain; launch-bound) the whole group folds at once."""
 
     each: tuple[Accumulator, ...] = ()
     runs_of: Callable[[slice], Accumulator] | None = None
 
     def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
         members = operands[0].shape[0]
-        if self.runs_of is None or members == 1 or length <= self.chunk or not operands[0].is_cpu \
+        if self.runs_of is None or members == 1 or length <= 0 or not operands[0].is_cpu \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
+        if length <= self.chunk:  # one chunk: the group's at once where it sums as each member's
+            whole = partial(*operands, 0, length)
+            if bmm_sums_as_mm(whole.shape[-2], length, whole.shape[-1]):
+                return self.quantize(whole)
+            return self._each_member(partial, operands, length)
         # member 0's first chunk alone, which its fold starts from where members fold one by one
         first = partial(*(operand[0] for operand in operands), 0, self.chunk)
+        last = length - self.chunk * ((length - 1) // self.chunk)  # the last chunk's reduction
+        if not (bmm_sums_as_mm(first.shape[-2], self.chunk, first.shape[-1])
+                and bmm_sums_as_mm(first.shape[-2], last, first.shape[-1])):
+            return self._each_member(partial, operands, length, first)
         run = max(1, (PARALLEL_GRAIN - 1) // max(1, first.numel()))
         if run >= members:
             return super().fold_gemm(partial, operands, length)
         if run == 1:
-            return torch.stack([self._fold_run(slice(g, g + 1), partial, tuple(o[g] for o in operands),
-                                               length, first if g == 0 else None) for g in range(members)])
+            return self._each_member(partial, operands, length, first)
         return torch.cat([self._fold_run(part, partial, tuple(o[part] for o in operands), length)
                           for part in (slice(start, start + run) for start in range(0, members, run))])
+
+    def _each_member(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
+                     first: Tensor | None = None) -> Tensor:
+        """The fold member by member, each with its own GEMMs and accumulator, as alone (`first`:
+        member 0's first chunk)."""
+        return torch.stack([self._fold_run(slice(g, g + 1), partial, tuple(o[g] for o in operands), length,
+                                           first if g == 0 else None) for g in range(operands[0].shape[0])])
 
     def _fold_run(self, part: slice, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
                   first: Tensor | None = None) -> Tensor:
@@ -487,7 +521,8 @@ class PerMemberLayer(nn.Module):
     """A layer with weights or buffers of its own and no layers inside, run member by member: each
     member's slice of the folded batch through the layer with that member's own weights and buffers
     (stacked along a leading member axis; buffers a layer updates in place, as BatchNorm's running
-    statistics, are updated in the member's slice)."""
+    statistics, are updated in the member's slice). Where its input needs a gradient, each torch call
+    of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
         super().__init__()
@@ -500,6 +535,7 @@ class PerMemberLayer(nn.Module):
             stacked = None if b is None else torch.stack([t for t in parts if t is not None])
             self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
         self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
+        self.__dict__["reads_input_once"] = type(template) in READS_INPUT_ONCE
 
     def __getattr__(self, name: str) -> Any:
         """The template's settings (a LayerNorm's eps), which callers of the layer may read."""
@@ -518,6 +554,8 @@ class PerMemberLayer(nn.Module):
         slices = {name: tensor.unbind(0) for name, tensor in own.items()}
         split = [_split(x, self.members).unbind(0) for x in inputs]
         saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in own}
+        reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
+            or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
         outputs = []
         try:
             for g in range(self.members):
@@ -525,13 +563,109 @@ class PerMemberLayer(nn.Module):
                     table = template._parameters if name in template._parameters else template._buffers
                     table[name] = parts[g]  # type: ignore[assignment]  # a slice stands in for one call
                 _refresh(template)
-                outputs.append(template(*(x[g] for x in split)))
+                member_inputs = [x[g] for x in split]
+                if reads is None:
+                    outputs.append(template(*member_inputs))
+                    continue
+                with reads.of_member(g, member_inputs):
+                    outputs.append(template(*member_inputs))
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
                 table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
             _refresh(template)
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+
+READS_INPUT_ONCE: frozenset[type[nn.Module]] = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.GRU, nn.LSTM, nn.RNN,
+    PositionEmbedding,
+})
+"""Layers whose forward reads its input in one torch call (the built-in proxies' layers run member by
+member among them): their members need no `_MemberReads`, whose handler costs about 20 us a torch
+call (a BatchNorm group's forward took 2x its time under it). A subclass is not one of them."""
+
+_METADATA = frozenset({Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
+                       Tensor.data_ptr, Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex})
+
+
+class _MemberReads(TorchFunctionMode):
+    """Each torch call inside a layer run member by member that reads a member's input reads it as a
+    slice of its own of the folded input, so that its gradient reaches the folded input as its own
+    term, as it does alone.
+
+    Alone, autograd adds the gradient terms of a tensor read several times into one buffer, one term
+    at a time, in the order its nodes run (by descending sequence number: the residual's add after
+    the layer first, then the layer's reads from last to first, the ops before the layer last). Had
+    the member's input one slice for the whole layer, the layer's terms would be summed in that
+    slice's buffer first and reach the folded input as one: (r + (t2 + t1)) where alone it is
+    ((r + t2) + t1), which differs in the last bit (a residual around the layer's input). Here the
+    n-th read of every member takes member g's part of the n-th unbind of the folded input: each
+    unbind gets one term a member, its stack reaches the folded input as one term, and the unbinds
+    run in the order of the reads they serve, as the reads' own nodes do alone. Within one call that
+    reads the input more than once (x * x), the call's slices are made last to first, as autograd
+    adds a node's terms for one tensor in the order of its inputs."""
+
+    def __init__(self, inputs: Sequence[Tensor], members: int) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.members = members
+        self.unbinds: list[list[Sequence[Tensor]]] = [[] for _ in inputs]
+        """For each input, its n-th read's unbind of the folded input along the member axis."""
+        self.member = 0
+        self.placeholders: dict[int, int] = {}
+        self.counts: list[int] = []
+
+    @contextlib.contextmanager
+    def of_member(self, member: int, placeholders: Sequence[Tensor]) -> Iterator[None]:
+        """The mode over member `member`'s call, whose inputs are `placeholders`."""
+        self.member = member
+        self.placeholders = {id(t): i for i, t in enumerate(placeholders)}
+        self.counts = [0] * len(placeholders)
+        with self:
+            yield
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA or getattr(func, "__name__", None) == "__get__":
+            return func(*args, **kwargs)
+        reads = [i for t in _tensors(args, kwargs) if (i := self.placeholders.get(id(t))) is not None]
+        if not reads:
+            return func(*args, **kwargs)
+        for i, unbinds in enumerate(self.unbinds):  # the call's new reads, last to first
+            last = self.counts[i] + reads.count(i)
+            unbinds.extend([()] * (last - len(unbinds)))
+            for n in reversed(range(self.counts[i], last)):
+                if not unbinds[n]:
+                    unbinds[n] = _split(self.inputs[i], self.members).unbind(0)
+        args = tuple(self._read(value) for value in args)
+        kwargs = {name: self._read(value) for name, value in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _read(self, value: Any) -> Any:
+        """`value` (an argument: a tensor, or a list or tuple of them) with each placeholder read as
+        the member's slice of its next unbind."""
+        if isinstance(value, Tensor):
+            i = self.placeholders.get(id(value))
+            if i is None:
+                return value
+            self.counts[i] += 1
+            return self.unbinds[i][self.counts[i] - 1][self.member]
+        if isinstance(value, list | tuple) and any(isinstance(t, Tensor) for t in value):
+            parts = [self._read(t) for t in value]
+            return parts if isinstance(value, list) else tuple(parts)
+        return value
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
+    """The tensors a torch call takes: arguments, and the elements of list or tuple arguments."""
+    found: list[Tensor] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, list | tuple):
+            found.extend(t for t in value if isinstance(t, Tensor))
+    return found
 
 
 def _refresh(layer: nn.Module) -> None:

@@ -94,10 +94,18 @@ def test_a_users_model_whose_gemms_cannot_stack_trains_one_by_one_and_says_why(
     same_as_alone([base.replace(seed=0), base.replace(seed=1)], digits_subset)
 
 
-@pytest.mark.parametrize("fields", [{}, SGD_COPY], ids=["fp32", "int8"])
-def test_gemms_too_small_for_torchs_batched_kernel_run_member_by_member_and_equal_alone_runs(
-        fields: dict[str, Any], digits_subset: Any, stacked_same_as_alone: SameAsAlone) -> None:
+@pytest.mark.parametrize(("factory", "batch", "fields"), [
+    ("tiny", 4, {}), ("tiny", 4, SGD_COPY), ("bottleneck", 64, {}), ("bottleneck", 64, SGD_COPY),
+], ids=["tiny-fp32", "tiny-int8", "bottleneck-fp32", "bottleneck-int8"])
+def test_gemms_torchs_batched_kernel_sums_otherwise_run_member_by_member_and_equal_alone_runs(
+        factory: str, batch: int, fields: dict[str, Any], digits_subset: Any,
+        stacked_same_as_alone: SameAsAlone) -> None:
+    """Where torch's CPU bmm would not sum a member's product as its mm alone
+    (dse.train.stacked.bmm_sums_as_mm: under 400 multiply-adds, or a single row, column or reduction
+    index) a group runs the product member by member: three hidden units at a batch of 4, a one-unit
+    bottleneck at a batch of 64 (a batched GEMM there changed the int8 run's final loss)."""
     data = dataclasses.replace(digits_subset, x_train=digits_subset.x_train[:96],
                                y_train=digits_subset.y_train[:96])
-    base = TrainConfig(model=f"{MODELS}:tiny", dataset="digits", epochs=1, batch_size=4).replace(**fields)
+    base = TrainConfig(model=f"{MODELS}:{factory}", dataset="digits", epochs=1,
+                       batch_size=batch).replace(**fields)
     stacked_same_as_alone([base.replace(**member) for member in MEMBERS], data)

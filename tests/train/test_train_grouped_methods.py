@@ -134,17 +134,73 @@ def test_a_stacked_linear_and_matmul_fold_equal_each_members_gemms_alone_whateve
     4-d matmul's three) equals its member's GEMMs alone (the Linear's alone path: F.linear and its own
     chunks, dse/train/accumulation.py), bit for bit, however the members are cut into runs: the grain
     is drawn (2**62: the whole group at once) so that small shapes take every path, runs of one, of
-    several with a shorter last one, and one run, on one thread and two. Drawn where each GEMM of a
-    chunk has at least 400 multiply-adds a member (or one product a sum): below that torch's CPU bmm
-    sums with a loop of its own (at::native's baddbmm_cpu_kernel), whose last bit can differ from
-    mm's, where F.linear alone runs mm (members 5, rows 9, 4 -> 5 features, chunk 16: a weight
-    gradient differs in its last bit); that gap is not closed yet."""
-    import functools
+    several with a shorter last one, and one run, on one thread and two. Every shape: where a
+    chunk's GEMM has under 400 multiply-adds a member, torch's CPU bmm sums with a loop of its own
+    (aten's baddbmm_cpu_kernel), whose last bit can differ from the mm a member's Linear alone runs,
+    and the group folds member by member there (`test_a_fold_at_torchs_small_bmm_boundary...`)."""
+    together, each = _folded_and_alone(members, rows, features, chunk, accumulator, grain, threads, seed)
+    for gemm, result in enumerate(together):
+        assert torch.equal(result, torch.stack([gemms[gemm] for gemms in each])), gemm
 
-    from hypothesis import assume
 
+@pytest.mark.parametrize(("rows", "features", "chunk"), [
+    (9, (4, 8), 16),  # backward-weight chunks of 16 rows: 4 x 8 x 9 = 288 multiply-adds
+    (9, (13, 5), 3),    # backward-weight: 13 x 5 x 3 = 195
+    (2, (5, 17), 3),    # forward: 2 x 17 x 3 = 102
+    (1, (32, 5), 3),    # backward-data over a single row
+    (3, (64, 17), 3),   # backward-data: chunks of 3 x 3 x 64 = 576, the last chunk 3 x 2 x 64 = 384
+    (4, (10, 10), 10),  # 400 in each GEMM of a chunk: one batched matmul
+], ids=["weight-288", "weight-195", "forward-102", "one-row", "short-last-chunk", "at-400"])
+def test_a_fold_at_torchs_small_bmm_boundary_equals_each_members_gemms_alone(
+        rows: int, features: tuple[int, int], chunk: int) -> None:
+    """Shapes where a fold's whole-group batched chunk went through torch's CPU bmm loop for small
+    products (under 400 multiply-adds a member, aten's `bmm_out_or_baddbmm_`) and differed from the
+    member's own GEMM in its last bit (each measured before the fold ran them member by member, fp16
+    accumulator, 5 members, one thread), and one at the boundary."""
     fin, fout = features
-    assume(min(rows * fin, rows * fout, fin * fout) >= 200)  # >= 400 multiply-adds where a chunk sums 2+
+    seed = rows * 1000 + fin * 10 + fout
+    together, each = _folded_and_alone(5, rows, features, chunk, "fp16", 2**62, 1, seed)
+    for gemm, result in enumerate(together):
+        assert torch.equal(result, torch.stack([gemms[gemm] for gemms in each])), gemm
+
+
+@pytest.mark.parametrize(("rows", "features", "bias"), [
+    (5, (1, 100), True),    # forward: a reduction of one, with a bias (500 multiply-adds)
+    (8, (64, 1), False),    # forward: one column; backward-weight: one row (512)
+    (13, (33, 1), True),
+    (19, (21, 1), False),   # 399 multiply-adds forward
+    (7, (3, 19), True),     # 399 forward, backward-data 7 x 19 x 3 = 399
+    (4, (10, 10), True),    # 400 in each GEMM: batched
+], ids=["reduction-1", "column-1", "column-1-bias", "399-column-1", "399", "at-400"])
+def test_a_stacked_linear_where_torchs_batched_gemm_sums_otherwise_equals_each_members_linear_alone(
+        rows: int, features: tuple[int, int], bias: bool) -> None:
+    """A stacked Linear's three GEMMs equal each member's Linear alone (F.linear, dy @ W, dy^T x) where
+    a CPU bmm / baddbmm would not sum as the member's mm (`bmm_sums_as_mm`): each shape but the last
+    differed in its last bit as one batched GEMM (measured, 3 members, one thread)."""
+    from dse.train.layers import LinearOp
+    from dse.train.stacked import StackedLinearOp, bmm_sums_as_mm
+
+    (fin, fout), members = features, 3
+    source = torch.Generator().manual_seed(rows * 7 + fin * 3 + fout)
+    x = torch.randn(members, rows, fin, generator=source)
+    w = torch.randn(members, fout, fin, generator=source)
+    b = torch.randn(members, fout, generator=source) if bias else None
+    dy = torch.randn(members, rows, fout, generator=source)
+    op, alone = StackedLinearOp(), LinearOp()
+    y, (dx, dw) = op.forward(x, w, b), op.backward(dy, x, w, True, True)
+    for g in range(members):
+        dx_g, dw_g = alone.backward(dy[g], x[g], w[g], True, True)
+        assert torch.equal(y[g], alone.forward(x[g], w[g], None if b is None else b[g]))
+        assert dx is not None and dw is not None and torch.equal(dx[g], dx_g) and torch.equal(dw[g], dw_g)
+    assert bmm_sums_as_mm(rows, fin, fout) == (features == (10, 10))
+
+
+def _folded_and_alone(members: int, rows: int, features: tuple[int, int], chunk: int, accumulator: str,
+                      grain: int, threads: int, seed: int
+                      ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """The six folded GEMMs of a stacked Linear and a 4-d matmul for `members` at once, and each
+    member's alone (the Linear's alone path: F.linear and its own chunks)."""
+    import functools
 
     from dse.formats import get
     from dse.train import accumulation, stacked
@@ -183,8 +239,7 @@ def test_a_stacked_linear_and_matmul_fold_equal_each_members_gemms_alone_whateve
     finally:
         stacked.PARALLEL_GRAIN = grain_before
         torch.set_num_threads(previous)
-    for gemm, result in enumerate(together):
-        assert torch.equal(result, torch.stack([gemms[gemm] for gemms in each])), gemm
+    return together, each
 
 
 def test_an_accumulating_transformer_group_equals_alone_runs_at_two_threads(
