@@ -125,18 +125,26 @@ def test_a_sweep_refused_by_the_lock_writes_nothing_even_where_its_folder_is_new
 
 
 def test_a_process_the_sweep_forks_does_not_keep_its_lock(tmp_path: Path) -> None:
-    """A figure process forked while the lock is held, still running after the sweep released it (or was
-    killed), must not keep the folder locked."""
+    """A figure process forked while the lock is held, still running after the sweep was killed outright
+    (the kernel closes the sweep's descriptors; its lock file stays), must not keep the folder locked.
+    (A release by the sweep itself removes the file, so a child's copy would go unseen there.)"""
     held = lock.take(tmp_path)
+    started, ready = os.pipe()
     child = os.fork()
-    if child == 0:  # the forked process: outlives the lock's release below
-        time.sleep(3)
+    if child == 0:  # the forked process (its at-fork handlers have run): outlives the sweep
+        os.write(ready, b"1")
+        time.sleep(30)
         os._exit(0)
+    os.close(ready)
     try:
-        lock.release(held)
+        assert os.read(started, 1) == b"1"
+        lock._HELD.pop(held)
+        os.close(held)  # the sweep killed: its descriptor closed, nothing removed
+        assert (tmp_path / lock.LOCK_FILE).exists()
         again = lock.take(tmp_path)  # refused if the child still held the lock
         lock.release(again)
     finally:
+        os.close(started)
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
 
