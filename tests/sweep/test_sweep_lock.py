@@ -124,6 +124,34 @@ def test_a_sweep_refused_by_the_lock_writes_nothing_even_where_its_folder_is_new
     assert list(out.iterdir()) == []
 
 
+class _AnotherSweepFirst(InlineExecutor):
+    """An executor whose start runs another sweep (named "first") into the same new output folder: the
+    window between a sweep's checks of a folder that is not there yet and its taking the lock."""
+
+    def __init__(self, text: str, train: Callable[..., Any]) -> None:
+        self.text, self.train = text, train
+
+    def __enter__(self) -> InlineExecutor:
+        run_sweep(parse_config(self.text, "first.yaml"), train_fn=self.train, executor=InlineExecutor(),
+                  reports=False)
+        return self
+
+
+def test_a_sweep_whose_new_folder_another_sweep_filled_meanwhile_is_refused_under_the_lock(
+        tmp_path: Path, fake_train: Callable[..., Any]) -> None:
+    """Before: the store of sweep "first" was taken over by "second" without --force (its name replaced,
+    its trials mixed with the other's); its checks ran before the folder existed, so before the lock."""
+    out = tmp_path / "out"
+    first = _text(out).replace("name: locked", "name: first")
+    second = parse_config(_text(out).replace("name: locked", "name: second"), "second.yaml")
+    with pytest.raises(InputError, match=f"{str(out)!r} holds the results of sweep 'first', not 'second'"):
+        run_sweep(second, train_fn=fake_train, executor=_AnotherSweepFirst(first, fake_train), reports=False)
+    with sqlite3.connect(out / STORE_FILE) as connection:
+        assert dict(connection.execute("SELECT key, value FROM meta"))["name"] == "first"
+        assert connection.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == TRIALS
+    assert not (out / lock.LOCK_FILE).exists()
+
+
 def test_a_process_the_sweep_forks_does_not_keep_its_lock(tmp_path: Path) -> None:
     """A figure process forked while the lock is held, still running after the sweep was killed outright
     (the kernel closes the sweep's descriptors; its lock file stays), must not keep the folder locked.
