@@ -3,8 +3,9 @@
 Order matters for "nothing written on bad input": expand the trials, estimate every configuration's
 energy, check the output path and (for Ray) reach the cluster, and only then create the directory and
 the store. The output folder's lock (one sweep at a time, dse/sweep/lock.py) is taken before planning
-where the folder exists, else with the directory (and the folder checked again under it). Each finished trial is committed as it arrives;
-rerunning skips what is finished (resume), `force=True` reruns it.
+where the folder exists, else with the directory (and the folder checked again under it). Each
+finished trial is committed as it arrives; rerunning skips what is finished (resume), `force=True`
+reruns it.
 """
 
 from __future__ import annotations
