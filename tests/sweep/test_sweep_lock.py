@@ -204,3 +204,35 @@ def test_a_file_system_that_cannot_lock_runs_the_sweep_and_says_so(
                             executor=InlineExecutor(), reports=False)
     assert summary.ran == TRIALS and len(caught) == 1
     assert not (out / lock.LOCK_FILE).exists()
+
+
+def test_a_file_system_that_cannot_lock_is_one_warning_line_also_with_nothing_to_train(
+        tmp_path: Path, fake_train: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dse sweep` run again with every trial stored answers from its receipt (cli's path without
+    planning); it warned as Python does, in two lines naming contextlib.py and its source line."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    import dse.sweep.executors
+    import dse.sweep.runner
+    import dse.train.loop
+    from dse.cli import app
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    monkeypatch.setattr(dse.sweep.runner, "make_executor", lambda sweep: InlineExecutor())
+    monkeypatch.setattr(dse.sweep.runner, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.sweep.executors, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.train.loop, "train", lambda config, dataset=None: fake_train(config))
+    out, config = tmp_path / "out", tmp_path / "s.yaml"
+    config.write_text(_text(out).replace("workers: 1", "workers: 1, group_size: 1"))
+    warned = f"warning: {out}: its file system does not support locks"
+    for run in ("trains", "nothing to train"):
+        result = CliRunner().invoke(app, ["sweep", str(config), "-q"])
+        assert result.exit_code == 0, (run, result.output)
+        assert result.output.splitlines()[:1] == [f"{warned} ({os.strerror(errno.ENOLCK)}): nothing keeps a "
+                                                  "second dse sweep from writing there at the same time"], run
+        assert len(result.output.strip().splitlines()) == 1, (run, result.output)
