@@ -879,6 +879,10 @@ def sweep(
             summary = conclude_finished(finished, reporter)
         _print_sweep_summary(summary, finished.memory_objective, quiet)
         return
+    if not dry_run and on_disk is not None:  # another sweep writing there: refused before the imports
+        from dse.sweep.lock import refuse_if_held
+
+        refuse_if_held(on_disk.directory)
     if not dry_run and likely_to_train(config, output, force, on_disk):
         from dse.sweep.executors import start_worker_server
 
