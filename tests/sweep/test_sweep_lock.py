@@ -5,6 +5,7 @@ nobody; each trial is stored exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,10 +61,13 @@ def _finished(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def test_a_second_sweep_on_a_folder_in_use_is_refused_and_readers_go_on(tmp_path: Path, repo_root: Path,
-                                                                        tests_dir: Path) -> None:
-    """The first sweep stores a trial and is held in the middle of its run (support.fakes'
-    held_train) while a second `dse sweep`, `dse export` and `dse report` run on its folder at once."""
+def test_a_second_sweep_on_a_folder_in_use_is_refused_and_readers_go_on(
+        tmp_path: Path, repo_root: Path, tests_dir: Path, fake_train: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first sweep (on a local worker) stores a trial and is held in the middle of its run
+    (support.fakes' held_train) while a second `dse sweep`, `dse export` and `dse report` run on its
+    folder at once. Then its own process is killed outright, as the out-of-memory killer does, its fork
+    server and worker left running: none of them keeps the folder locked, and the next run resumes."""
     out, config = tmp_path / "out", tmp_path / "s.yaml"
     config.write_text(_text(out))
     env = {**os.environ, "DSE_RELEASE": str(tmp_path / "never")}
@@ -81,25 +85,28 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused_and_readers_go_on(tmp_path
                    _dse(repo_root, tmp_path, "report", str(out))]
         second, exported, reported = (_finished(process) for process in started)
         running = first.poll() is None
+        os.kill(first.pid, signal.SIGKILL)  # the sweep's process alone: what it started goes on a while
+        first.wait()
+
+        # killed outright, it left its lock file (with its text) but nothing holds it: the next run resumes
+        assert (out / lock.LOCK_FILE).read_text().startswith(f"pid {first.pid} ")
+        before = _stored(out)
+        log = tmp_path / "resume.jsonl"
+        monkeypatch.setenv("DSE_FAKE_LOG", str(log))
+        run_sweep(parse_config(config.read_text(), "s.yaml"), train_fn=fake_train, executor=InlineExecutor(),
+                  reports=False)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the first sweep and what it started: killed outright
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # what the first sweep started
         first.wait()
     assert running
     assert second.returncode == 2, (second.stdout, second.stderr)
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
     assert f"output folder {str(out)!r} is in use by another dse sweep (pid {first.pid} on host " in lines[0]
-    assert not (tmp_path / "second.jsonl").exists()  # the second trained nothing
+    assert second.stdout == "" and not (tmp_path / "second.jsonl").exists()  # the second trained nothing
     assert exported.returncode == 0 and len(exported.stdout.splitlines()) > 1, exported.stderr
     assert reported.returncode == 0 and "wrote" in reported.stdout, reported.stderr
-
-    # killed outright, it left its lock file (with its text) but holds nothing: the next run resumes
-    assert (out / lock.LOCK_FILE).read_text().startswith(f"pid {first.pid} ")
-    before = _stored(out)
-    log = tmp_path / "resume.jsonl"
-    env = {**os.environ, "DSE_FAKE_LOG": str(log)}
-    script = _RUN.format(tests=str(tests_dir), config=str(config))
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)  # (no DSE_RELEASE)
     after = _stored(out)
     assert len(after) == len(set(after)) == TRIALS and set(before) <= set(after)
     assert len(log.read_text().splitlines()) == TRIALS - len(before)  # each missing trial once
