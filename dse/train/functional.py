@@ -21,17 +21,17 @@ evaluation is quantized too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from dse.precision import Layer
 from dse.train.layers import (
@@ -52,6 +52,7 @@ from dse.train.layers import (
     quant_matmul,
 )
 from dse.train.policy import QuantPolicy, TensorQuant
+from dse.train.recompute import RecomputedMode, follow_checkpoints, function_modes
 
 GEMM_FUNCTIONS: dict[Callable[..., Any], str] = {
     F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d",
@@ -140,6 +141,8 @@ class FunctionalGemms:
         self.weights: dict[str, Tensor] = {}
         self.unconverted: dict[str, None] = {}
         self.handles: list[Any] = []
+        self.entered: list[bool] = []
+        """Per forward of the model now running: whether it runs inside another (re-entered)."""
         self.mode = _GemmMode(self)
 
     # --- hooks: the module stack, and the mode while the root's forward runs ---------------------
@@ -150,6 +153,7 @@ class FunctionalGemms:
             self.handles.append(module.register_forward_hook(self._pop, always_call=True))
         self.handles.append(self.model.register_forward_pre_hook(self._enter, prepend=True))
         self.handles.append(self.model.register_forward_hook(self._exit, always_call=True))
+        follow_checkpoints()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -157,11 +161,18 @@ class FunctionalGemms:
         self.handles.clear()
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        self.frames.clear()
-        self.mode.__enter__()
+        """The mode on the stack for the model's forward; a model called inside its own forward
+        (re-entered) keeps the one mode and its module stack (a second copy would take each GEMM the
+        first hands on for another, and name the next GEMMs from a cleared stack)."""
+        outer = self.mode in function_modes()
+        self.entered.append(outer)
+        if not outer:
+            self.frames.clear()
+            self.mode.__enter__()
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.mode.__exit__(None, None, None)
+        if not (self.entered.pop() if self.entered else False):
+            self.mode.__exit__(None, None, None)
 
     def _push(self, module: nn.Module, args: Any) -> None:
         self.frames.append(_Frame(self.module_names.get(id(module), ""), module))
@@ -356,12 +367,29 @@ class FunctionalGemms:
         return context, weights
 
 
-class _GemmMode(TorchFunctionMode):
+class _GemmMode(RecomputedMode):
     """Routes GEMM function calls to `FunctionalGemms`; every other call runs as it is."""
 
     def __init__(self, gemms: FunctionalGemms) -> None:
         super().__init__()
         self.gemms = gemms
+
+    def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        """A checkpointed block recomputed in the backward names its GEMMs from the module stack of its
+        forward (a frame's calls counted from where they stood: `block.matmul1` stays block.matmul1)."""
+        gemms = self.gemms
+        frames = [dataclasses.replace(frame, counts=dict(frame.counts)) for frame in gemms.frames]
+
+        @contextlib.contextmanager
+        def as_then() -> Iterator[None]:
+            previous = gemms.frames
+            gemms.frames = [dataclasses.replace(frame, counts=dict(frame.counts)) for frame in frames]
+            try:
+                yield
+            finally:
+                gemms.frames = previous
+
+        return as_then
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:

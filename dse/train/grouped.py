@@ -21,12 +21,15 @@ another axis than the first).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,7 @@ from dse.models.proxies import build_model
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
+from dse.train.member_kernels import AmbiguousMemberAxisWarning, UnsplitCalls, may_call_position_dependent
 from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer
 from dse.train.policy import QuantPolicy, TensorQuant
@@ -76,7 +80,97 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
         reason = niti_stack_reason(model, example)
     else:
         reason = stack_reason(model, example)
+    if reason is None:
+        reason = backward_reason(model, example)
     return None if reason is None else f"model {config.model!r}: {reason}"
+
+
+CHECK_ROWS = 3
+"""A member's batch in `backward_reason`'s check: odd, so that a member's block of an activation
+wider than a multiple of 64 features is never whole vector blocks (the member mode splits it, as it
+does in training for most batch sizes), and no multiple of its 2 members (`UnsplitCalls`)."""
+
+
+def backward_reason(model: nn.Module, example: Tensor) -> str | None:
+    """Why a group's backward would not give each member the gradient it gets alone (None: it would,
+    or the network calls none of the position-dependent functions of dse/train/member_kernels.py):
+    it fails in a group (a recomputation outside torch.utils.checkpoint's own functions, which
+    dse/train/recompute.py does not run under the member mode, saves other tensors than the forward
+    did), or a user's autograd.Function's backward, which runs outside every torch-function mode,
+    calls one of those functions on the group's tensors. Found by one forward and backward of 2
+    stacked copies of the network on CHECK_ROWS samples each."""
+    if not may_call_position_dependent(model):
+        return None
+    rows = example.repeat(-(-CHECK_ROWS // len(example)), *[1] * (example.dim() - 1))[:CHECK_ROWS]
+    members = 2
+    devices = [example.device] if example.is_cuda else []
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AmbiguousMemberAxisWarning)  # a few samples: sizes coincide
+        copies = [copy.deepcopy(model) for _ in range(members)]
+        group = stack_models(copies, None, QuantSwitch(), None, example)
+        try:
+            outputs = group(torch.stack([rows, rows.flip(0)]))
+            leaves = [t for t in (outputs if isinstance(outputs, tuple) else (outputs,))
+                      if isinstance(t, Tensor) and t.requires_grad]
+            if not leaves:
+                return None
+            spies = {cls: UnsplitCalls(members, CHECK_ROWS) for cls in _user_functions(leaves)}
+            with _backwards_spied(spies):
+                torch.autograd.backward([t.float().sum() for t in leaves])
+        except Exception as error:
+            return (f"its backward fails in a group ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''})")
+    for cls, unsplit in spies.items():
+        if unsplit.calls:
+            return (f"the backward of its autograd.Function {cls.__name__} calls {', '.join(unsplit.calls)} "
+                    f"on the group's tensors, outside the member mode (each member would get other last "
+                    f"bits than alone)")
+    return None
+
+
+def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]]:
+    """The autograd.Function classes of the graph behind `outputs` defined outside dse and torch."""
+    found: dict[type[torch.autograd.Function], None] = {}
+    seen: set[int] = set()
+    nodes = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while nodes:
+        node = nodes.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        cls = getattr(node, "_forward_cls", None)
+        if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
+                and not cls.__module__.startswith(("dse.", "torch."))):
+            found.setdefault(cls)
+        nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
+    return list(found)
+
+
+@contextlib.contextmanager
+def _backwards_spied(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -> Iterator[None]:
+    """The block with each autograd.Function's backward (or vjp) run under its spy: the autograd
+    engine runs a backward with no torch-function mode on the stack, the ones around `backward()`
+    included."""
+    originals: dict[tuple[type[torch.autograd.Function], str], Any] = {}
+
+    def spied(backward: Callable[..., Any], spy: UnsplitCalls) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            with spy:
+                return backward(*args)
+        return run
+
+    try:
+        for cls, spy in spies.items():
+            name = "vjp" if cls.vjp is not torch.autograd.Function.vjp else "backward"
+            originals[(cls, name)] = cls.__dict__.get(name)
+            setattr(cls, name, staticmethod(spied(getattr(cls, name), spy)))
+        yield
+    finally:
+        for (cls, name), original in originals.items():
+            if original is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)
 
 
 class GroupSplitWarning(UserWarning):

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from dse.train.recompute import RecomputedMode, follow_checkpoints, function_modes, set_function_modes
+
 PARALLEL_GRAIN = 32768
 """at::internal::GRAIN_SIZE: torch runs an elementwise operation over fewer elements on one thread."""
 
@@ -168,7 +170,7 @@ class _GradAsAlone(torch.autograd.Function):
         return _as_alone(grad, ctx.axis, ctx.members), None, None
 
 
-class MemberKernelMode(TorchFunctionMode):
+class MemberKernelMode(RecomputedMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
     are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
     member, each on its own samples laid out as alone, so each member gets its bits alone; every
@@ -180,6 +182,20 @@ class MemberKernelMode(TorchFunctionMode):
         self.members = members
         self.rows = rows
         self.seen = False
+
+    def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        """A checkpointed block recomputed in the backward splits its calls by the rows of its forward."""
+        rows = self.rows
+
+        @contextlib.contextmanager
+        def as_then() -> Iterator[None]:
+            previous, self.rows = self.rows, rows
+            try:
+                yield
+            finally:
+                self.rows = previous
+
+        return as_then
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -220,15 +236,36 @@ class MemberKernelMode(TorchFunctionMode):
                          axis)
 
 
-def _stack_modes() -> list[Any]:
-    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+class UnsplitCalls(TorchFunctionMode):
+    """Records the POSITION_DEPENDENT_FUNCTIONS called on a group's tensors (`_member_axis` finds
+    the members' samples in them) that no MemberKernelMode runs member by member, as in a backward,
+    where our modes are off the stack unless a recomputation puts them back (dse/train/recompute.py).
+    A member mode above this one hands it each member's own block, which has no member axis where a
+    member's batch `rows` is no multiple of `members`."""
+
+    def __init__(self, members: int, rows: int) -> None:
+        super().__init__()
+        self.members = members
+        self.rows = rows
+        self.calls: dict[str, None] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in POSITION_DEPENDENT_FUNCTIONS:
+            x = next((a for a in args if isinstance(a, Tensor)), None)
+            if (x is not None and x.is_floating_point() and x.device.type == "cpu"
+                    and not _exact_gelu(func, x, args, kwargs)
+                    and _member_axis(x, self.members, self.rows) is not None):
+                self.calls.setdefault(torch.overrides.resolve_name(func) or repr(func))
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def modes_paused(pause: Callable[[Any], bool]) -> Iterator[None]:
     """Run the block with the active torch-function modes for which `pause` is true taken off the
     mode stack (the others stay, in their order); they are put back after it."""
-    stack = _stack_modes()
+    stack = function_modes()
     first = next((i for i, mode in enumerate(stack) if pause(mode)), None)
     if first is None:
         yield
@@ -271,12 +308,16 @@ class MemberKernels:
         self.members = members
         self.gemm_layers = gemm_layers
         self.paused: list[contextlib.AbstractContextManager[None]] = []
+        self.entered: list[tuple[bool, int | None]] = []
+        """Per forward of the net now running: whether it runs inside another (re-entered), and the
+        rows of the forward it runs in."""
         self.handles = [net.register_forward_pre_hook(self._enter),
                         net.register_forward_hook(self._exit, prepend=True, always_call=True)]
         for module in net.modules():
             if module is not net and type(module).__module__.startswith(OWN_PACKAGE):
                 self.handles += [module.register_forward_pre_hook(self._pause),
                                  module.register_forward_hook(self._resume, always_call=True)]
+        follow_checkpoints()
 
     def remove(self) -> None:
         """Take the hooks off: the net then runs without the mode (for comparison)."""
@@ -291,33 +332,37 @@ class MemberKernels:
         Exception only, so a KeyboardInterrupt inside the forward left this mode on the process's
         stack, where every later call of one of the functions (a member alone, another run in the
         same process) was split into `members` blocks."""
-        before = _stack_modes()
+        before = function_modes()
         try:
             yield
         except BaseException:
             while self.paused:  # closed first: their exits put modes back (as would their collection)
                 self.paused.pop().__exit__(None, None, None)
-            while torch._C._len_torch_function_stack():
-                torch._C._pop_torch_function_stack()
-            for mode in before:
-                torch._C._push_on_torch_function_stack(mode)
+            self.entered.clear()
+            set_function_modes(before)
             raise
 
     def _enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Put the mode on the stack for the net's forward, splitting by the rows of its input; a net
+        called inside its own forward (re-entered) keeps the one mode on the stack: a second copy of
+        it would split each member's block again, into `members` blocks of its rows."""
         folded = next((a for a in args if isinstance(a, Tensor)), None)
+        outer = self.mode in function_modes()
+        self.entered.append((outer, self.mode.rows))
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
-        torch._C._push_on_torch_function_stack(self.mode)
+        if not outer:
+            torch._C._push_on_torch_function_stack(self.mode)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Take the mode off the stack wherever it is (the modes above it stay, in their order)."""
-        stack = _stack_modes()
+        """Take the mode off the stack wherever it is (the modes above it stay, in their order), unless
+        this forward ran inside another of the net (its rows are put back)."""
+        nested, self.mode.rows = self.entered.pop() if self.entered else (False, self.mode.rows)
+        if nested:
+            return
+        stack = function_modes()
         if self.mode in stack:
             index = stack.index(self.mode)
-            above = stack[index + 1:]
-            for _ in range(len(stack) - index):
-                torch._C._pop_torch_function_stack()
-            for mode in above:
-                torch._C._push_on_torch_function_stack(mode)
+            set_function_modes(stack[:index] + stack[index + 1:])
 
     def _pause(self, module: nn.Module, args: Any) -> None:
         paused = modes_paused(_is_own_mode if isinstance(module, self.gemm_layers) else _is_member_mode)

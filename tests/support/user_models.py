@@ -7,6 +7,7 @@ the kernel of the member's own."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,117 @@ class Tokens(nn.Module):
 def tokens(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Tokens(classes)
 
+
+
+class Checkpointed(nn.Module):
+    """Activation checkpointing (torch.utils.checkpoint): a block of a functional GEMM, SiLU and a
+    sigmoid gate on 37 features, recomputed in the backward; `form` is "reentrant", "non-reentrant",
+    "sequential" (checkpoint_sequential over two segments of a Sequential) or "plain" (no checkpoint)."""
+
+    def __init__(self, width: int, classes: int, form: str) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        if form == "sequential":
+            self.steps = nn.Sequential(nn.Linear(37, 37), nn.SiLU(), nn.Linear(37, 37), nn.Sigmoid())
+        else:
+            self.w = nn.Parameter(torch.randn(37, 37) * 0.15)
+        self.form = form
+
+    def block(self, h: Tensor) -> Tensor:
+        h = F.silu(F.linear(h, self.w))
+        return h * torch.sigmoid(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+        h = self.a(x)
+        if self.form == "sequential":
+            return self.head(checkpoint_sequential(self.steps, 2, h, use_reentrant=False))
+        if self.form == "plain":
+            return self.head(self.block(h))
+        return self.head(checkpoint(self.block, h, use_reentrant=self.form == "reentrant"))
+
+
+def checkpointed(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "non-reentrant")
+
+
+def checkpointed_reentrant(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "reentrant")
+
+
+def checkpointed_sequential(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "sequential")
+
+
+class SelfCalling(nn.Module):
+    """A network that calls itself inside its own forward (`self(h, depth - 1)`), a functional GEMM
+    and SiLU x sigmoid at each depth, on 37 features."""
+
+    def __init__(self, width: int, classes: int, unrolled: bool = False) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.w = nn.Parameter(torch.randn(37, 37) * 0.15)
+        # what the forward calls: the network (its hooks run again), or (unrolled) its forward
+        self.__dict__["inner"] = self.forward if unrolled else self
+
+    def forward(self, x: Tensor, depth: int = 2) -> Tensor:
+        if x.shape[-1] != 37:
+            return self.head(self.inner(self.a(x), depth))
+        h = F.silu(F.linear(x, self.w)) * torch.sigmoid(x)
+        return self.inner(h, depth - 1) if depth > 1 else h
+
+
+def self_calling(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SelfCalling(shape[0], classes)
+
+
+class RoundThrough(torch.autograd.Function):
+    """A straight-through estimator: rounds in the forward, hands the gradient on as it is."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return torch.round(x * 8) / 8
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+def straight_through(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A user's autograd.Function whose backward calls none of the position-dependent functions."""
+    return _Through(shape[0], classes, RoundThrough)
+
+
+class SwishFunction(torch.autograd.Function):
+    """The memory-saving swish of EfficientNet-PyTorch's SwishImplementation: the backward
+    recomputes the sigmoid from the saved input."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * (s * (1 + x * (1 - s)))
+
+
+def swish_function(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A user's autograd.Function whose backward calls torch.sigmoid on the batch."""
+    return _Through(shape[0], classes, SwishFunction)
+
+
+class _Through(nn.Module):
+    def __init__(self, width: int, classes: int, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.function = function
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.function.apply(self.a(x)))
 
 # --- networks that still train one by one -----------------------------------------------------------
 
@@ -299,3 +411,22 @@ class SequenceFirst(nn.Module):
         tokens = self.embed(x).reshape(len(x), 8, 7).transpose(0, 1)
         y, _ = self.attn(tokens, tokens, tokens, need_weights=False)
         return self.head(self.activation(y).transpose(0, 1).flatten(1))
+
+
+class _Silu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(37, 37)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(self.l(x))
+
+
+def composable_checkpoint(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """torch.distributed's composable checkpoint on a block with SiLU (it binds torch's checkpoint
+    generator by its own name: dse/train/recompute.py sets that one too)."""
+    from torch.distributed._composable import checkpoint
+
+    block = _Silu()
+    checkpoint(block)
+    return nn.Sequential(nn.Linear(shape[0], 37), block, nn.Linear(37, classes))

@@ -290,6 +290,27 @@ def test_a_sweep_groups_a_users_model_with_attention_or_functional_gemms(tmp_pat
     assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")
 
 
+def test_the_cli_sweeps_a_users_checkpointed_network_grouped_as_one_by_one(tmp_path: Path) -> None:
+    """`dse sweep` of a user's network that checkpoints a block of a functional GEMM, SiLU and a
+    sigmoid (recomputed in the backward) stores what `--group-size 1` stores, with no line; a
+    network whose autograd.Function's backward calls sigmoid trains one by one, and a line says why."""
+    config = tmp_path / "s.yaml"
+    for name, extra in (("grouped", []), ("alone", ["--group-size", "1"])):
+        config.write_text(_text(tmp_path / name, seeds="[0]", executor="{group_size: 2, workers: 1}",
+                                model=f"{USER_MODELS}:checkpointed"))
+        result = runner.invoke(app, ["sweep", str(config), "-q", *extra])
+        assert result.exit_code == 0, result.output
+        assert "one by one" not in result.output
+    assert len(_results(tmp_path / "grouped")) == 4
+    assert _results(tmp_path / "grouped") == _results(tmp_path / "alone")
+    config.write_text(_text(tmp_path / "swish", seeds="[0]", model=f"{USER_MODELS}:swish_function"))
+    result = runner.invoke(app, ["sweep", str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "trained one by one" in line]
+    assert len(lines) == 2, result.output
+    assert all("SwishFunction calls torch.sigmoid" in line for line in lines), result.output
+
+
 def _planned(text: str) -> tuple[list[list[Any]], list[str]]:
     from dse.sweep.groups import plan_groups
     from dse.sweep.runner import plan_sweep, unique_runs

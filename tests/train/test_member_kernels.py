@@ -269,11 +269,17 @@ def test_a_niti_groups_activations_are_each_members_alone(threads: int) -> None:
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
 @pytest.mark.parametrize("factory, optimizer, threads", [
     ("gated", "sgd", 2), ("gated", "niti", 1), ("recurrent", "sgd", 1),
-], ids=["silu-sigmoid-sgd-2-threads", "silu-sigmoid-niti", "gru-sgd"])
+    ("checkpointed", "sgd", 2), ("checkpointed_reentrant", "adam", 1), ("checkpointed_sequential", "sgd", 1),
+    ("composable_checkpoint", "sgd", 1), ("self_calling", "sgd", 1), ("straight_through", "sgd", 1),
+], ids=["silu-sigmoid-sgd-2-threads", "silu-sigmoid-niti", "gru-sgd", "checkpoint-sgd-2-threads",
+        "checkpoint-reentrant-adam", "checkpoint-sequential-sgd", "composable-checkpoint-sgd",
+        "calls-itself-sgd", "autograd-function-sgd"])
 def test_a_users_network_trains_in_a_group_as_alone(factory: str, optimizer: str, threads: int) -> None:
     """Stacked (no reason to train one by one), and every stored result of every member equal to its
     run alone, to the last bit: SiLU and sigmoid on 74 and 37 features at batch 50 (float and NITI),
-    and an nn.GRU (its (output, state) tuple used to refuse stacking: "expected Tensor as element 0")."""
+    an nn.GRU (its (output, state) tuple used to refuse stacking: "expected Tensor as element 0"),
+    activation checkpointing around a functional GEMM (int8: the recomputation quantizes it as the
+    forward did), a network calling itself, a user's straight-through autograd.Function."""
     import dataclasses
     from pathlib import Path
 
@@ -557,36 +563,179 @@ def test_a_residual_around_a_users_layer_trains_in_a_group_as_alone(
 
 
 class _Checkpointed(nn.Module):
-    """SiLU x sigmoid under activation checkpointing (recomputed in the backward)."""
+    """`activation` (then a sigmoid gate) recomputed in the backward, in one of the FORMS of torch's
+    activation checkpointing; "in a layer run member by member": a user's leaf layer with a weight of
+    its own (a PerMemberLayer in the group) checkpoints inside its forward."""
 
-    def __init__(self, reentrant: bool) -> None:
+    def __init__(self, form: str, activation: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(64, 37), nn.Linear(37, 10)
-        self.reentrant = reentrant
+        self.block = _Activation(activation)
+        self.steps = nn.Sequential(self.block, nn.Linear(37, 37), nn.Sigmoid(), nn.Linear(37, 37))
+        self.leaf = _CheckpointingGate(activation)
+        self.form = form
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+        h = self.a(x)
+        if self.form == "reentrant":
+            h = checkpoint(self.block, h, use_reentrant=True)
+        elif self.form == "non-reentrant":
+            h = checkpoint(lambda t: self.block(t) * torch.sigmoid(t), h, use_reentrant=False)
+        elif self.form == "nested":
+            h = checkpoint(lambda t: checkpoint(self.block, t, use_reentrant=False) * torch.sigmoid(t), h,
+                           use_reentrant=False)
+        elif self.form == "sequential":
+            h = checkpoint_sequential(self.steps, 2, h, use_reentrant=False)
+        else:
+            h = self.leaf(h)
+        return self.b(h)
+
+
+class _Activation(nn.Module):
+    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activation(x)
+
+
+class _CheckpointingGate(nn.Module):
+    def __init__(self, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 37))
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
         from torch.utils.checkpoint import checkpoint
 
-        h = checkpoint(lambda t: F.silu(t) * torch.sigmoid(t), self.a(x), use_reentrant=self.reentrant)
-        return self.b(h)
+        return checkpoint(lambda t: self.activation(t * self.gain) * torch.sigmoid(t), x, use_reentrant=False)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the mode is entered by the network's forward hooks, "
-                   "so a checkpointed block recomputed in the backward runs without it")
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_a_checkpointed_block_gives_each_member_its_gradient_alone(reentrant: bool) -> None:
-    """Measured (torch 2.13, one thread): non-reentrant checkpointing raises CheckpointError in the
-    group (the recomputation saves 4 tensors where the forward, member by member, saved 6), also
-    through train_group, while each member alone trains; reentrant checkpointing gives member 1
-    another input gradient in 1 element."""
-    torch.manual_seed(0)
-    members = [_Checkpointed(reentrant) for _ in range(2)]
-    group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, torch.randn(4, 64))
-    x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(0)) * 3
-    folded = x.clone().requires_grad_()
-    group(folded).sum().backward()
-    assert folded.grad is not None
-    for g, member in enumerate(members):
-        own = x[g].clone().requires_grad_()
-        member(own).sum().backward()
-        assert torch.equal(folded.grad[g], own.grad), g
+FORMS = ["reentrant", "non-reentrant", "nested", "sequential", "in a layer run member by member"]
+
+
+@pytest.mark.parametrize("members, rows, threads", [(2, 50, 1), (3, 300, 2)],
+                         ids=["1-thread", "2-threads-above-grain"])
+@pytest.mark.parametrize("activation", ["silu", "gelu tanh", "softplus", "2 ** x"])
+@pytest.mark.parametrize("form", FORMS)
+def test_a_checkpointed_block_gives_each_member_its_output_and_gradients_alone(
+        form: str, activation: str, members: int, rows: int, threads: int) -> None:
+    """Without dse/train/recompute.py (measured, torch 2.13, one thread, SiLU x sigmoid) non-reentrant
+    checkpointing raised CheckpointError in the group (the recomputation, run without the member
+    mode, saved 4 tensors where the forward, member by member, saved 6) and reentrant checkpointing
+    gave member 1 another input gradient in 1 element. Every parameter's gradient is compared too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [_Checkpointed(form, ACTIVATIONS[activation]) for _ in range(members)]
+        group = stack_models([copy.deepcopy(m) for m in nets], None, QuantSwitch(), None, torch.randn(4, 64))
+        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(0)) * 3
+        weight = torch.linspace(-1, 1, 10)
+        folded = x.clone().requires_grad_()
+        together = group(folded)
+        (together * weight).sum().backward()
+        assert folded.grad is not None
+        stacked = dict(group.net.named_parameters())
+        for g, member in enumerate(nets):
+            own = x[g].clone().requires_grad_()
+            alone = member(own)
+            (alone * weight).sum().backward()
+            assert torch.equal(together[g], alone), g
+            assert torch.equal(folded.grad[g], own.grad), g
+            for name, p in member.named_parameters():
+                if p.grad is not None:
+                    assert torch.equal(stacked[name].grad[g], p.grad), (g, name)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _CallsItself(nn.Module):
+    """A network that calls itself inside its own forward (`self(h, depth - 1)`: the net's hooks run
+    again inside its forward), a block applied twice (a module reused in one forward), a user's leaf
+    layer with a weight applied twice, and a sub-module that calls itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(64, 37), nn.Linear(37, 37), nn.Linear(37, 10)
+        self.twice = nn.Sequential(nn.Linear(37, 37), nn.SiLU())
+        self.gate = Gate(37)
+        self.recursive = _Recursive()
+
+    def forward(self, x: Tensor, depth: int = 2) -> Tensor:
+        if x.shape[-1] != 37:
+            return self.b(self(F.silu(self.a(x)), depth))
+        h = self.gate(self.gate(self.twice(self.twice(F.silu(self.c(x)) * torch.sigmoid(x)))))
+        return self(self.recursive(h), depth - 1) if depth > 1 else h
+
+
+class _Recursive(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(37, 37)
+
+    def forward(self, x: Tensor, depth: int = 2) -> Tensor:
+        x = F.softplus(self.l(x))
+        return self(x, depth - 1) if depth > 1 else x
+
+
+@pytest.mark.parametrize("members, rows, threads", [(2, 50, 1), (3, 300, 2)],
+                         ids=["1-thread", "2-threads-above-grain"])
+def test_a_network_calling_itself_in_its_forward_gives_each_member_its_bits_alone(
+        members: int, rows: int, threads: int) -> None:
+    """Measured before the mode kept one copy of itself on the stack (torch 2.13, one thread, the
+    network calling itself once, SiLU x sigmoid on 37 features): the net's second entry pushed the
+    mode again, whose copy below split each member's block again, into `members` blocks of its rows:
+    member 0's output differed in 50 elements and two weight gradients in their last bits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [_CallsItself() for _ in range(members)]
+        group = stack_models([copy.deepcopy(m) for m in nets], None, QuantSwitch(), None, torch.randn(4, 64))
+        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(0)) * 3
+        folded = x.clone().requires_grad_()
+        together = group(folded)
+        together.sum().backward()
+        assert not _function_modes()
+        assert folded.grad is not None
+        stacked = dict(group.net.named_parameters())
+        for g, member in enumerate(nets):
+            own = x[g].clone().requires_grad_()
+            alone = member(own)
+            alone.sum().backward()
+            assert torch.equal(together[g], alone), g
+            assert torch.equal(folded.grad[g], own.grad), g
+            for name, p in member.named_parameters():
+                assert p.grad is not None and torch.equal(stacked[name].grad[g], p.grad), (g, name)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_backward_a_group_cannot_give_each_member_alone_trains_one_by_one_and_says_so() -> None:
+    """A user's autograd.Function whose backward calls sigmoid on the batch (EfficientNet-PyTorch's
+    memory-saving swish): the autograd engine runs every backward with no torch-function mode, so the
+    group's sigmoid would run over the whole folded batch. group_reason says why, and train_group
+    trains the members one by one, each as alone."""
+    import dataclasses
+    from pathlib import Path
+
+    from dse.train import TrainConfig, train
+    from dse.train.grouped import group_reason, train_group
+
+    data = load_dataset("digits")
+    data = dataclasses.replace(data, x_train=data.x_train[:100], y_train=data.y_train[:100],
+                               x_val=data.x_val[:30], y_val=data.y_val[:30], x_test=data.x_test[:30],
+                               y_test=data.y_test[:30])
+    models = Path(__file__).resolve().parent.parent / "support" / "user_models.py"
+    base = TrainConfig(model=f"{models}:swish_function", dataset="digits", optimizer="sgd", format="int8",
+                       epochs=1, batch_size=50, threads=1, lr=0.05)
+    configs = [base.replace(seed=seed) for seed in (3, 4)]
+    reason = group_reason(configs[0])
+    assert reason is not None and "autograd.Function SwishFunction calls torch.sigmoid" in reason, reason
+    for together, alone in zip(train_group(configs, data), (train(c, data) for c in configs), strict=True):
+        assert repr(dataclasses.replace(together, wall_time_s=0.0)) == repr(dataclasses.replace(alone,
+                                                                                               wall_time_s=0.0))

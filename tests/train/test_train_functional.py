@@ -436,3 +436,47 @@ def test_dse_train_verbose_prints_the_gemms_first_run_during_training(tmp_path) 
     assert "GEMMs (1 of 1 quantized):" in before and "w (F.linear): W=int8" in before and "late" not in before
     assert after.startswith(" (1 more; 2 of 2 quantized in all):")
     assert "late (matmul): W=int8 A=int8 G=int8 dW=int8" in after
+
+
+@pytest.mark.parametrize("form", ["reentrant", "non-reentrant"])
+def test_a_checkpointed_functional_gemm_is_recomputed_quantized_as_in_its_forward(form: str) -> None:
+    """A block with F.linear on a parameter under torch.utils.checkpoint, alone (`dse train`): the
+    recomputation in the backward runs under the functional-GEMM mode of its forward, so the gradients
+    are the network's without checkpointing, bit for bit (int8, nearest rounding). Measured before
+    (torch 2.13): non-reentrant raised CheckpointError (a quantized GEMM's saved tensors against
+    F.linear's), reentrant computed the block's gradients through an unquantized F.linear."""
+    from support.user_models import Checkpointed
+
+    policy = QuantPolicy.from_config(TrainConfig(model="mlp", dataset="digits", format="int8"))
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * 3
+    grads = []
+    for variant in (form, "plain"):
+        torch.manual_seed(0)
+        net = Checkpointed(64, 10, variant)
+        quantize_model(net, policy, example_input=x[:2])
+        (net(x) * torch.linspace(-1, 1, 10)).sum().backward()
+        grads.append({name: p.grad for name, p in net.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_a_model_calling_itself_quantizes_as_its_forward_unrolled() -> None:
+    """A model whose forward calls the model itself (its hooks run again inside its forward; the mode
+    keeps one copy of itself on the stack and its module stack): outputs and gradients equal those of
+    the same forward with the inner calls made without the model's hooks (its `forward` called)."""
+    from support.user_models import SelfCalling
+
+    policy = QuantPolicy.from_config(TrainConfig(model="mlp", dataset="digits", format="int8"))
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * 3
+    results = []
+    for unrolled in (False, True):
+        torch.manual_seed(0)
+        net = SelfCalling(64, 10, unrolled)
+        quantize_model(net, policy, example_input=x[:2])
+        out = net(x)
+        out.sum().backward()
+        results.append((out.detach(), {name: p.grad for name, p in net.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name
