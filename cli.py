@@ -923,10 +923,11 @@ def sweep(
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
     from dse.report.drawing import FigureFallbackWarning
+    from dse.sweep.lock import UnlockedWarning
 
     # SIGINT, SIGTERM, SIGHUP: run_sweep stops its workers, and says how many trials are stored
     with (_stopped_by_signals(lambda interrupted: interrupted.line(settings.output)),
-          _warnings_as_lines(FigureFallbackWarning)):
+          _warnings_as_lines(FigureFallbackWarning, UnlockedWarning)):
         summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
                             invocation=invocation(config, output, group_size))
     _print_sweep_summary(summary, settings.memory_objective, quiet)

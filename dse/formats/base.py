@@ -188,6 +188,15 @@ class MemberGenerators:
         return out
 
 
+def member_generator(generator: torch.Generator | MemberGenerators | None, member: int
+                     ) -> torch.Generator | MemberGenerators | None:
+    """What `member` draws from when quantized on its own inside a group: its own generator (as a group
+    of one), or a plain generator itself (its draws concatenate, member after member)."""
+    if isinstance(generator, MemberGenerators):
+        return MemberGenerators([generator.generators[member]])
+    return generator
+
+
 @dataclass(frozen=True)
 class BinaryLayout:
     """Bit layout of a torch float dtype, for building powers of two from exponent fields."""

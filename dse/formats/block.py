@@ -48,11 +48,13 @@ from torch import Tensor
 from dse.formats.base import (
     FLOAT32_MIN_NORMAL,
     FLOAT_DTYPES,
+    MemberGenerators,
     NumberFormat,
     Scaling,
     constant,
     float_exponent,
     from_blocks,
+    member_generator,
     power_of_two,
     round_to_float32,
     to_blocks,
@@ -200,6 +202,27 @@ class BlockFormat(NumberFormat):
             if fast is not None:
                 return fast
         return super().quantize_along(x, axes, rounding, generator)
+
+    def quantize_members(self, x: Tensor, rounding: str = "nearest",
+                         generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
+        """As NumberFormat.quantize_members; with a tensor scale (NVFP4's s_t, from the max of the
+        whole tensor) each member alone, so that s_t is the member's own, not the group's."""
+        if not self.tensor_scale or x.dim() == 0 or x.shape[0] == 1:
+            return super().quantize_members(x, rounding, generator)
+        alone = super().quantize_members
+        return torch.cat([alone(x[g:g + 1], rounding, member_generator(generator, g))
+                          for g in range(x.shape[0])])
+
+    def quantize_members_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
+                               generator: torch.Generator | MemberGenerators | None = None) -> list[Tensor]:
+        """As NumberFormat.quantize_members_along; with a tensor scale each member alone (above), its
+        draws along each axis in turn from its own generator, as alone."""
+        if not self.tensor_scale or x.dim() == 0 or x.shape[0] == 1:
+            return super().quantize_members_along(x, axes, rounding, generator)
+        alone = super().quantize_members_along
+        members = [alone(x[g:g + 1], axes, rounding, member_generator(generator, g))
+                   for g in range(x.shape[0])]
+        return [torch.cat(parts) for parts in zip(*members, strict=True)]
 
     def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring): the

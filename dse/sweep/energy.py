@@ -111,8 +111,9 @@ def _parts(workload: Workload, config: TrainConfig,
     for group, layers in groups.items():
         if group == trial and (layers or workload.extra_params):
             parts.append((dataclasses.replace(workload, layers=tuple(layers)), group))
-        elif layers:
-            parts.append((dataclasses.replace(workload, layers=tuple(layers), extra_params={}), group))
+        elif layers:  # (no extra parameters: none is an embedding table or frozen here)
+            parts.append((dataclasses.replace(workload, layers=tuple(layers), extra_params={}, embeddings=(),
+                                              frozen=()), group))
     return parts
 
 

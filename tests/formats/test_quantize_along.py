@@ -96,6 +96,48 @@ def test_each_member_quantized_along_several_axes_at_once_equals_each_axis_in_tu
         assert_same_bits(a, b)
 
 
+@settings(max_examples=40, deadline=None)
+@given(case=tensors(leading=3),
+       spec=st.sampled_from((*SPECS, "nvfp4(axis=0)",
+                             "block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)")),
+       rounding=st.sampled_from(ROUNDINGS), spread=st.sampled_from([1.0, 2.0**20]))
+def test_each_member_quantized_along_several_axes_equals_the_member_quantized_alone(
+        case: tuple[torch.Tensor, tuple[int, ...]], spec: str, rounding: str, spread: float) -> None:
+    """Grouped training: each member's values, with members whose magnitudes differ (`spread` between
+    the first and the last), are what the member alone gives, its draws from its own generator; NVFP4's
+    per-tensor fp32 scale is each member's own (it was the whole group's: found by the end-to-end audit
+    of grouped sweeps, every NVFP4 member of a group differed from its run alone)."""
+    x, axes = case
+    x = x * torch.tensor([1.0, spread**0.5, spread], dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    fmt = get(spec)
+    generators = MemberGenerators([torch.Generator().manual_seed(seed) for seed in (1, 2, 3)])
+    together = fmt.quantize_members_along(x, axes, rounding, generators)
+    one_axis = _with_axis(fmt, axes[0]).quantize_members(x, rounding, MemberGenerators(
+        [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]))
+    for g, seed in enumerate((1, 2, 3)):
+        alone = fmt.quantize_along(x[g], axes, rounding, torch.Generator().manual_seed(seed))
+        for a, b in zip(together, alone, strict=True):
+            assert_same_bits(a[g], b)
+        assert_same_bits(one_axis[g], alone[0])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@settings(max_examples=8, deadline=None)
+@given(case=tensors(leading=2), rounding=st.sampled_from(["nearest", "nearest", "stochastic"]))
+def test_a_view_inside_its_storage_quantizes_as_its_copy(case: tuple[torch.Tensor, tuple[int, ...]],
+                                                         spec: str, rounding: str) -> None:
+    """x[1] starts inside its storage: MXINT8's fused path along several axes read the elements of
+    x[0] instead (as_strided's offset counts from the storage's start), a wrong value in most blocks."""
+    x, axes = case
+    fmt = get(spec)
+    view = x[1]
+    assert view.storage_offset() > 0
+    on_view = fmt.quantize_along(view, axes, rounding, torch.Generator().manual_seed(3))
+    on_copy = fmt.quantize_along(view.clone(), axes, rounding, torch.Generator().manual_seed(3))
+    for a, b in zip(on_view, on_copy, strict=True):
+        assert_same_bits(a, b)
+
+
 def blocks_of_every_exponent(shape: tuple[int, ...]) -> torch.Tensor:
     """Values whose blocks (along any axis) have maxima of every float32 exponent field, elements up
     to 30 binades below, and zeros, -0, inf and NaN."""

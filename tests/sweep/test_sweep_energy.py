@@ -171,3 +171,21 @@ def test_each_energy_point_builds_its_model_once(monkeypatch: pytest.MonkeyPatch
     sweep = parse_config(GRID.format(energy="{node: [45nm, 7nm], scope: [pe, system]}"), "g.yaml")
     assert len(sweep.energy.points) == 4
     assert sorted(built) == sorted({(p.node, p.scope) for p in sweep.energy.points})
+
+
+@pytest.mark.parametrize("workload", ["proxy", "gpt2-small"])
+@pytest.mark.parametrize("rule", [{"full_precision_layers": ("first",)},
+                                  {"layers": ({"match": "type:Linear", "weights": "fp8_e4m3"},)}])
+def test_a_workload_with_an_embedding_is_priced_under_per_layer_formats(workload: str,
+                                                                      rule: dict[str, object]) -> None:
+    """Layers a rule gives other formats are priced as a part without the extra parameters; the part
+    used to keep the workload's embedding names, which then named no parameter of it, and the sweep
+    refused the trial ("'embedding.weight' named as an embedding or frozen but not in extra_params":
+    the transformer proxy, gpt2-small, any network with an nn.Embedding, under any `layers` rule or
+    full_precision_layers). Found by the grouped-sweep audit (benchmarks/sweep_audit.py)."""
+    settings = parse_config(ONE_WORKLOAD.replace("[resnet18]", f"[{workload}]"), "s.yaml").energy
+    config = TrainConfig(model="transformer", dataset="sort-easy", format="fp8_e5m2",
+                         **rule)  # type: ignore[arg-type]
+    plain = TrainConfig(model="transformer", dataset="sort-easy", format="fp8_e5m2")
+    priced = EnergyEstimator(settings).estimate(config)[workload].total_mj
+    assert math.isfinite(priced) and priced != EnergyEstimator(settings).estimate(plain)[workload].total_mj

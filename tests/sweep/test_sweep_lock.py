@@ -150,3 +150,21 @@ def test_the_lock_names_its_holder_and_a_stale_file_takes_over(tmp_path: Path) -
     finally:
         lock.release(held)
     assert not (tmp_path / lock.LOCK_FILE).exists()
+
+
+def test_a_file_system_that_cannot_lock_runs_the_sweep_and_says_so(
+        tmp_path: Path, fake_train: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock unsupported (some FUSE and SMB mounts: ENOLCK): the sweep is not refused, it runs and warns
+    once that nothing keeps a second sweep out (refusing would make such a folder unusable)."""
+    import errno
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    with pytest.warns(lock.UnlockedWarning, match="does not support locks") as caught:
+        summary = run_sweep(parse_config(_text(out), "s.yaml"), train_fn=fake_train,
+                            executor=InlineExecutor(), reports=False)
+    assert summary.ran == TRIALS and len(caught) == 1
+    assert not (out / lock.LOCK_FILE).exists()

@@ -313,7 +313,8 @@ def test_a_group_may_differ_only_in_member_fields(digits: Any) -> None:
 
 
 FORMATS = ["int8", "int4(scale=channel)", "fp8_e4m3", "fp8_e5m2(scale=tensor)", "mxfp4", "mxfp4(axis=0)",
-           "lns8", "posit8", "posit(8,1)", "fixed(8,4)", "bf16", "fp8_e4m3(scale=tensor,pow2=1)"]
+           "lns8", "posit8", "posit(8,1)", "fixed(8,4)", "bf16", "fp8_e4m3(scale=tensor,pow2=1)", "nvfp4",
+           "nvfp4(axis=0)", "mxint8", "p3109(8,4)"]
 
 
 @settings(max_examples=40, deadline=None)

@@ -381,7 +381,9 @@ class _Run:
     amax_offset: int
 
     def view(self, flat: Tensor) -> Tensor:
-        return flat.as_strided(self.size, self.stride, self.offset)
+        # as_strided's offset counts from the storage's start, not the view's: a flat view of a tensor
+        # that starts inside its storage (a member's x[g], a chunk) would read the elements before it
+        return flat.as_strided(self.size, self.stride, flat.storage_offset() + self.offset)
 
     def amax_view(self, block_max: Tensor) -> Tensor:
         outer, blocks, _, inner = self.size
