@@ -132,6 +132,15 @@ def release(descriptor: int) -> None:
         os.close(descriptor)
 
 
+def refuse_if_held(directory: Path) -> None:
+    """InputError where another sweep holds `directory`'s lock, found by taking it and letting it go: a
+    command refused at once, before its seconds of imports and its workers' start. Nothing where the
+    folder is not there or its lock cannot be made (the sweep's own `holding` decides then)."""
+    if Path(directory).is_dir():
+        with contextlib.suppress(OSError):
+            release(take(directory))
+
+
 class UnlockedWarning(UserWarning):
     """The output folder's file system does not lock (`flock` unsupported): the sweep runs unguarded."""
 
