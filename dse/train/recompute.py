@@ -122,19 +122,19 @@ def under_forward_modes(function: Callable[..., Any], preserve_rng_state: bool =
     return recompute
 
 
-_TORCH_CHECKPOINT_FUNCTION: Any = getattr(torch_checkpoint, "CheckpointFunction", torch.autograd.Function)
+TORCH_CHECKPOINT_FUNCTION: Any = getattr(torch_checkpoint, "CheckpointFunction", torch.autograd.Function)
 _TORCH_WITHOUT_REENTRANT: Any = getattr(torch_checkpoint, "_checkpoint_without_reentrant_generator", None)
 """torch's (getattr: a torch without them imports this module, and `follow_checkpoints` says why not)."""
 
 
-class CheckpointFunction(_TORCH_CHECKPOINT_FUNCTION):
+class CheckpointFunction(TORCH_CHECKPOINT_FUNCTION):
     """torch's reentrant checkpoint, whose backward re-runs the function under_forward_modes (named
     as torch's, so the graph's node keeps its name, CheckpointFunctionBackward)."""
 
     @staticmethod
     def forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
         recompute = under_forward_modes(run_function, preserve_rng_state)
-        outputs = _TORCH_CHECKPOINT_FUNCTION.forward(ctx, run_function, preserve_rng_state, *args)
+        outputs = TORCH_CHECKPOINT_FUNCTION.forward(ctx, run_function, preserve_rng_state, *args)
         ctx.run_function = recompute
         return outputs
 

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
+from torch import Tensor, nn
 
 from dse.data import load_dataset
 from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
-from dse.train.recompute import CheckpointsNotFollowed, check_checkpoints_followed, follow_checkpoints
+from dse.train.grouped import backward_reason, train_group
+from dse.train.recompute import (
+    TORCH_CHECKPOINT_FUNCTION,
+    CheckpointsNotFollowed,
+    check_checkpoints_followed,
+    follow_checkpoints,
+)
 
 USERS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 
@@ -77,3 +84,28 @@ def test_a_torch_whose_checkpoint_does_not_look_up_the_replaced_parts_is_refused
     monkeypatch.setattr(torch_checkpoint, "CheckpointFunction", torchs)
     with pytest.raises(CheckpointsNotFollowed, match=rf"torch {re.escape(torch.__version__)}.*\(reentrant\)"):
         check_checkpoints_followed()
+
+
+class _BoundBeforeDse(nn.Module):
+    """Reentrant checkpointing by torch's own CheckpointFunction, as a user's file that ran `from
+    torch.utils.checkpoint import CheckpointFunction` before dse replaced it calls it: its
+    recomputation runs outside the member mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 37), nn.Linear(37, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        def block(h: Tensor) -> Tensor:
+            return F.silu(h) * torch.sigmoid(h)
+
+        return self.head(TORCH_CHECKPOINT_FUNCTION.apply(block, True, self.a(x)))
+
+
+def test_torchs_own_checkpoint_function_bound_before_dse_trains_one_by_one_and_says_so() -> None:
+    """Before, backward_reason let it stack (None), and the group gave members other gradients than
+    alone (torch 2.13, 2 members of 50 rows: member 1's input gradient and a.weight's in 1 element
+    each; 3 of 300 at 2 threads: member 0's a.weight in 2, member 1's input gradient in 4)."""
+    torch.manual_seed(0)
+    reason = backward_reason(_BoundBeforeDse(), torch.randn(2, 64))
+    assert reason is not None and "autograd.Function CheckpointFunction calls" in reason, reason
