@@ -9,25 +9,27 @@ unpack hook of a saved tensor); without the modes the recomputation computes oth
 forward did (a group's activations over the whole folded batch, a functional GEMM unquantized) and
 saves another number of them (non-reentrant: CheckpointError). So `follow_checkpoints` wraps the
 function both forms recompute (and torch.distributed's composable `checkpoint(module)`, which drives
-the non-reentrant generator itself), once per process, when a mode of ours is first installed: where
-a mode of ours is on the stack when `checkpoint` is called (`checkpoint_sequential` calls it too),
-the recomputation runs with those modes pushed above the backward's stack in their order, each with
-the state it had then (`RecomputedMode.recompute_state`); where none is, torch's function runs as it
-is.
+the non-reentrant generator itself), once per process, when a mode of ours is first installed or
+a run starts training (`replaying`): where a mode of ours is on the stack when `checkpoint` is
+called (`checkpoint_sequential` calls it too), the recomputation runs with those modes pushed
+above the backward's stack in their order, each with the state it had then
+(`RecomputedMode.recompute_state`); where none is (and no run's generators are replayed), torch's
+function runs as it is.
 
 A run's stochastic-rounding generators (`replaying`, entered by `train` and `train_group` around
 their training loop) are replayed the same way: a recomputation draws from each the numbers its
 forward drew, and leaves it where the backward had it, as torch's `preserve_rng_state` does for
 torch's own generators; so checkpointing changes no rounding draw, and a checkpointed network trains
-bit for bit as without checkpointing (`preserve_rng_state=False` opts out of both, as in torch).
+bit for bit as without checkpointing (`preserve_rng_state=False` opts out of the replay, as in torch).
 
 `follow_checkpoints` checks once per process, by a checkpoint of each form under a probe mode, that
 this torch's checkpoint recomputes through what it replaced, and raises `CheckpointsNotFollowed`
 (naming the torch version and the form) where it does not: a torch whose checkpoint looked its parts
 up otherwise would recompute without the modes and draws, silently giving other bits.
 
-What this does not reach - a recomputation by other code than these functions of torch's, a
-user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
+What this does not reach - a recomputation by other code than these functions of torch's (torch's
+own `CheckpointFunction` called by a name bound before it was replaced included), a user's
+`autograd.Function` whose backward calls a position-dependent function (the autograd engine
 runs every backward with no torch-function mode) - the grouped trainer finds before training
 (dse/train/grouped.py, `backward_reason`) and trains one by one, saying why.
 """
