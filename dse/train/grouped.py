@@ -126,8 +126,8 @@ def backward_reason(model: nn.Module, example: Tensor) -> str | None:
     for cls, unsplit in spies.items():
         if unsplit.calls:
             return (f"the backward of its autograd.Function {cls.__name__} calls {', '.join(unsplit.calls)} "
-                    f"on the group's tensors, outside the member mode (each member would get other last "
-                    f"bits than alone)")
+                    f"on the group's tensors, outside the member mode (a member may get other last bits "
+                    f"than alone)")
     return None
 
 
