@@ -89,6 +89,9 @@ def main() -> int:
     parser.add_argument("--models", default="", help="only draws of these models (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep each draw's folder")
     args = parser.parse_args()
+    # Started in the background of a non-interactive shell (`... &`), this process and every sweep it
+    # starts would inherit SIGINT ignored, and the Ctrl-C check would see sweeps that go on (exit 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(args.seed)
     start = time.monotonic()
     counts = {"draws": 0, "refused": 0, "trials": 0, "alone": 0, "killed": 0, "mismatched": 0}
