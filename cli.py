@@ -869,11 +869,20 @@ def sweep(
     reporter = RichReporter(console, error_console, quiet=quiet)
     on_disk = None if dry_run else read_sweep(config, output)  # the file and its store, read once here
     finished = None if force or dry_run else finished_sweep(config, output, group_size, retry_failed, on_disk)
+    from dse.report.drawing import FigureFallbackWarning
+    from dse.sweep.lock import UnlockedWarning
+
+    as_lines = (FigureFallbackWarning, UnlockedWarning)  # a sweep's warnings, one line each
     if finished is not None:  # nothing to train, the plan as stored: no planning, no torch
-        with _stopped_by_signals(lambda interrupted: interrupted.line(finished.output)):
+        with (_stopped_by_signals(lambda interrupted: interrupted.line(finished.output)),
+              _warnings_as_lines(*as_lines)):
             summary = conclude_finished(finished, reporter)
         _print_sweep_summary(summary, finished.memory_objective, quiet)
         return
+    if not dry_run and on_disk is not None:  # another sweep writing there: refused before the imports
+        from dse.sweep.lock import refuse_if_held
+
+        refuse_if_held(on_disk.directory)
     if not dry_run and likely_to_train(config, output, force, on_disk):
         from dse.sweep.executors import start_worker_server
 
@@ -922,11 +931,9 @@ def sweep(
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
-    from dse.report.drawing import FigureFallbackWarning
-
     # SIGINT, SIGTERM, SIGHUP: run_sweep stops its workers, and says how many trials are stored
     with (_stopped_by_signals(lambda interrupted: interrupted.line(settings.output)),
-          _warnings_as_lines(FigureFallbackWarning)):
+          _warnings_as_lines(*as_lines)):
         summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
                             invocation=invocation(config, output, group_size))
     _print_sweep_summary(summary, settings.memory_objective, quiet)

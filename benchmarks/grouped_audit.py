@@ -34,7 +34,10 @@ ROUNDINGS = ["nearest", "stochastic", "pseudo_stochastic"]
 def draw(rng: random.Random) -> tuple[list[Any], str]:
     """One group's configurations (2-3 members) and a short description. Users' networks include
     SiLU and sigmoid (`gated`), an nn.GRU (`recurrent`) and SiLU after a sequence-first attention
-    (`sequence_first_silu`), which run under MemberKernelMode."""
+    (`sequence_first_silu`), which run under MemberKernelMode, activation checkpointing
+    (`checkpointed`, `checkpointed_reentrant`, `checkpointed_sequential`), a network calling itself
+    (`self_calling`) and one that trains one by one (`swish_function`: its autograd.Function's
+    backward calls sigmoid)."""
     from dse.train import TrainConfig
 
     model, dataset = rng.choice([("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"), ("cnn", "mnist1d"),
@@ -43,7 +46,12 @@ def draw(rng: random.Random) -> tuple[list[Any], str]:
                                  (f"{USER_MODELS}:tiny", "digits"), (f"{USER_MODELS}:attention", "digits"),
                                  (f"{USER_MODELS}:sdpa", "digits"), (f"{USER_MODELS}:gated", "digits"),
                                  (f"{USER_MODELS}:recurrent", "digits"),
-                                 (f"{USER_MODELS}:sequence_first_silu", "digits")])
+                                 (f"{USER_MODELS}:sequence_first_silu", "digits"),
+                                 (f"{USER_MODELS}:checkpointed", "digits"),
+                                 (f"{USER_MODELS}:checkpointed_reentrant", "digits"),
+                                 (f"{USER_MODELS}:checkpointed_sequential", "digits"),
+                                 (f"{USER_MODELS}:self_calling", "digits"),
+                                 (f"{USER_MODELS}:swish_function", "digits")])
     method = rng.choice(["sgd", "sgd-copy-in-format", "sgd-no-copy", "adam", "adamw", "madam", "lns-madam",
                          "lns-madam-copy", "niti", "posit-recipe"])
     fields: dict[str, Any] = {"model": model, "dataset": dataset, "epochs": rng.choice([1, 2]),

@@ -279,16 +279,28 @@ def test_a_dataset_cache_this_user_cannot_write_only_costs_generating_the_data(w
 
 
 def test_a_sweep_with_nothing_to_train_and_stale_reports_in_a_folder_it_cannot_write_prints_only_why(
-        workdir: Path) -> None:
+        workdir: Path, fake_train: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The same command again with every trial stored answers from the store (its receipt) and writes
     the report files that are stale: in a folder this user may not write, that is one line and nothing
     printed before it (it drew the progress bar, then failed)."""
+    from typer.testing import CliRunner
+
+    import dse.sweep.executors
+    import dse.sweep.runner
+    import dse.train.loop
+    from dse.cli import app
+
     (workdir / "s.yaml").write_text("name: n\ntask: {model: mlp, dataset: digits, epochs: 1}\n"
                                     "trials: [{format: fp32}]\noutput: out\n")
-    first = subprocess.run([sys.executable, "-m", "dse.cli", "sweep", "s.yaml", "-q"], cwd=workdir,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                           timeout=COMMAND_TIMEOUT_S)  # (this user: its workers run as it does)
-    assert first.returncode == 0, first.stderr
+    # the first run: `dse sweep` in this process (its receipt written as the command writes it), each
+    # trial trained by fake_train inline
+    monkeypatch.setattr(dse.sweep.runner, "make_executor", lambda sweep: InlineExecutor())
+    monkeypatch.setattr(dse.sweep.runner, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.sweep.executors, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.train.loop, "train", lambda config, dataset=None: fake_train(config))
+    monkeypatch.chdir(workdir)
+    first = CliRunner().invoke(app, ["sweep", "s.yaml", "-q"])
+    assert first.exit_code == 0, first.output
     (workdir / "out" / "summary.md").unlink()  # a report file gone: the reports are stale
     _give(workdir)
     (workdir / "out").chmod(0o555)

@@ -18,7 +18,9 @@ keeps the lock after the sweep has ended.
 On NFS, Linux implements `flock` with the server's byte-range locks (NFSv4, or NFSv3 with its lock
 manager): two hosts see each other's lock, and a client that dies loses it when its lease expires (90 s
 by default). A mount with `nolock` (or `local_lock=flock`) keeps locks on each host, so sweeps on two
-hosts are not kept apart there; SQLite's WAL needs one host anyway (docs/config.md).
+hosts are not kept apart there; SQLite's WAL needs one host anyway (docs/config.md). Where the file
+system cannot lock at all (flock fails with ENOLCK or EOPNOTSUPP), the sweep runs unguarded and
+says so (UnlockedWarning) rather than leave such a folder unusable.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import fcntl
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +51,10 @@ def _close_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_in_child)
+
+
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+"""What flock raises on a file system that does not lock (some FUSE and SMB mounts)."""
 
 
 def lock_path(directory: Path) -> Path:
@@ -92,7 +99,11 @@ def take(directory: Path) -> int:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             holder = _holder(descriptor)
+            empty = os.fstat(descriptor).st_size == 0
             os.close(descriptor)
+            if error.errno in _UNSUPPORTED and empty:  # (made just now: no lock, no file)
+                with contextlib.suppress(OSError):
+                    path.unlink()
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise InputError(f"output folder {str(directory)!r} is in use by another dse sweep ({holder}; "
@@ -121,10 +132,33 @@ def release(descriptor: int) -> None:
         os.close(descriptor)
 
 
+def refuse_if_held(directory: Path) -> None:
+    """InputError where another sweep holds `directory`'s lock, found by taking it and letting it go: a
+    command refused at once, before its seconds of imports and its workers' start. Nothing where the
+    folder is not there or its lock cannot be made (the sweep's own `holding` decides then)."""
+    if Path(directory).is_dir():
+        with contextlib.suppress(OSError):
+            release(take(directory))
+
+
+class UnlockedWarning(UserWarning):
+    """The output folder's file system does not lock (`flock` unsupported): the sweep runs unguarded."""
+
+
 @contextlib.contextmanager
 def holding(directory: Path) -> Iterator[None]:
-    """The block runs holding `directory`'s lock (`take`, `release`)."""
-    descriptor = take(directory)
+    """The block runs holding `directory`'s lock (`take`, `release`); where the file system cannot lock,
+    without one, said by an UnlockedWarning (refusing would leave such a folder unusable)."""
+    try:
+        descriptor = take(directory)
+    except OSError as error:
+        if error.errno not in _UNSUPPORTED:
+            raise
+        warnings.warn(f"{directory}: its file system does not support locks ({error.strerror}): nothing "
+                      "keeps a second dse sweep from writing there at the same time", UnlockedWarning,
+                      stacklevel=3)
+        yield
+        return
     try:
         yield
     finally:

@@ -3,8 +3,9 @@
 Order matters for "nothing written on bad input": expand the trials, estimate every configuration's
 energy, check the output path and (for Ray) reach the cluster, and only then create the directory and
 the store. The output folder's lock (one sweep at a time, dse/sweep/lock.py) is taken before planning
-where the folder exists, else with the directory. Each finished trial is committed as it arrives;
-rerunning skips what is finished (resume), `force=True` reruns it.
+where the folder exists, else with the directory (and the folder checked again under it). Each
+finished trial is committed as it arrives; rerunning skips what is finished (resume), `force=True`
+reruns it.
 """
 
 from __future__ import annotations
@@ -294,6 +295,9 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
                 if not locked:
                     make_output_directory(sweep.output)
                     _lock(sweep.output, held)
+                    # another sweep may have made the folder and stored its results there since the
+                    # check above (while this one planned or reached Ray): checked again under the lock
+                    replace_foreign = check_output(sweep.output, sweep.name, force)
                 store = opened.enter_context(open_store(sweep.output))
                 if replace_foreign:
                     store.reset()

@@ -81,8 +81,9 @@ def under_forward_modes(function: Callable[..., Any]) -> Callable[..., Any]:
     return recompute
 
 
-class _CheckpointFunction(torch_checkpoint.CheckpointFunction):
-    """torch's reentrant checkpoint, whose backward re-runs the function under_forward_modes."""
+class CheckpointFunction(torch_checkpoint.CheckpointFunction):
+    """torch's reentrant checkpoint, whose backward re-runs the function under_forward_modes (named
+    as torch's, so the graph's node keeps its name, CheckpointFunctionBackward)."""
 
     @staticmethod
     def forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
@@ -110,7 +111,7 @@ def follow_checkpoints() -> None:
     """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
     the objects `checkpoint` looks up when called (and torch.distributed's composable checkpoint, by
     its own name for the generator: imported later, it binds this one)."""
-    torch_checkpoint.CheckpointFunction = _CheckpointFunction  # type: ignore[misc]
+    torch_checkpoint.CheckpointFunction = CheckpointFunction  # type: ignore[misc]
     torch_checkpoint._checkpoint_without_reentrant_generator = _without_reentrant
     composable = sys.modules.get(COMPOSABLE_CHECKPOINT)
     if composable is not None and hasattr(composable, "_checkpoint_without_reentrant_generator"):

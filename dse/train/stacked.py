@@ -241,7 +241,7 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13 + MKL
     2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand contiguous
     or transposed, with and without a bias: no difference where this holds, one in each shape of 400+
-    multiply-adds with a 1 (tests/train/test_stacked.py checks the boundary)."""
+    multiply-adds with a 1 (tests/train/test_train_grouped_methods.py checks the boundary)."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
@@ -587,6 +587,9 @@ call (a BatchNorm group's forward took 2x its time under it). A subclass is not 
 
 _METADATA = frozenset({Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
                        Tensor.data_ptr, Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex})
+_VIEW_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+"""The tensor properties that read the tensor (views, whose gradient reaches it); the others (shape,
+dtype, grad, data, ...) are metadata."""
 
 
 class _MemberReads(TorchFunctionMode):
@@ -627,7 +630,9 @@ class _MemberReads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _METADATA or getattr(func, "__name__", None) == "__get__":
+        if func in _METADATA or (getattr(func, "__name__", None) == "__get__"
+                                 and getattr(getattr(func, "__self__", None), "__name__", None)
+                                 not in _VIEW_PROPERTIES):
             return func(*args, **kwargs)
         reads = [i for t in _tensors(args, kwargs) if (i := self.placeholders.get(id(t))) is not None]
         if not reads:

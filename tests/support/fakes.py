@@ -50,10 +50,14 @@ def slow_train(config: TrainConfig) -> TrainResult:
 
 def held_train(config: TrainConfig) -> TrainResult:
     """fake_train that, for seeds above 0, waits until the file $DSE_RELEASE exists (a test holds a sweep
-    in the middle of its run for as long as it needs)."""
+    in the middle of its run for as long as it needs); while it waits, the file $DSE_RELEASE.waiting.<pid>
+    says this process is held (so a test knows when nothing else is running)."""
     release = os.environ.get("DSE_RELEASE")
-    while config.seed > 0 and release and not os.path.exists(release):
-        time.sleep(0.02)
+    if config.seed > 0 and release and not os.path.exists(release):
+        with open(f"{release}.waiting.{os.getpid()}", "w"):
+            pass
+        while not os.path.exists(release):
+            time.sleep(0.02)
     return fake_train(config)
 
 

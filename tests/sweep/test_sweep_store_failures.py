@@ -48,8 +48,17 @@ def _ids(config: Path, calls: list[dict[str, Any]]) -> list[str]:
 
 
 def _stored(out: Path) -> list[str]:
-    with sqlite3.connect(f"file:{out / STORE_FILE}?mode=ro", uri=True) as connection:
-        return [row[0] for row in connection.execute("SELECT trial_id FROM trials")]
+    """The trial ids stored in `out`'s store ([] while it has no table of trials yet)."""
+    try:
+        with sqlite3.connect(f"file:{out / STORE_FILE}?mode=ro", uri=True, timeout=5) as connection:
+            return [row[0] for row in connection.execute("SELECT trial_id FROM trials")]
+    except sqlite3.OperationalError:
+        return []
+
+
+def _calls(log: Path) -> list[dict[str, Any]]:
+    """The trials support.fakes logged (one JSON object a line)."""
+    return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 @pytest.fixture
@@ -162,11 +171,13 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_finished_trials_are_stored(
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not log.exists() or not log.read_text().strip():
+        # both workers held (no trial running) and every trial they finished stored: the kill then
+        # cannot fall between a trial's end and its result's arrival, whatever the machine's load
+        while (len(list(tmp_path.glob("never.waiting.*"))) < 2 or not log.exists()
+               or sorted(_stored(out)) != sorted(_ids(config, _calls(log)))):
             assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
             time.sleep(0.02)
-        worker = json.loads(log.read_text().splitlines()[0])["pid"]  # it went on to a held trial
-        time.sleep(0.5)
+        worker = _calls(log)[0]["pid"]  # it went on to a held trial
         os.kill(worker, signal.SIGKILL)
         stdout, stderr = sweep.communicate(timeout=120)
     finally:
@@ -179,8 +190,7 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_finished_trials_are_stored(
                      "others; the trials that finished are stored: run the same command again to resume"
                      ], stderr
     kept = _stored(out)
-    finished = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted(kept) == sorted(_ids(config, finished)) and not (out / "sweep.lock").exists()
+    assert sorted(kept) == sorted(_ids(config, _calls(log))) and not (out / "sweep.lock").exists()
     from dse.sweep import parse_config, run_sweep
     from dse.sweep.executors import InlineExecutor
 
