@@ -428,14 +428,17 @@ class QuantMatmulFn(torch.autograd.Function):
     (0: neither, 1: a, 2: b; its gradient is then a weight gradient); the incoming error as an error.
     Axes as microxcaling's mx/matmul.py: forward a along -1 and b along -2; da = dy b^T with dy and b
     along -1; db = a^T dy with a and dy along -2. As in QuantGemm, an operand the backward quantizes
-    again is quantized along both axes in one call where its rounding draws nothing."""
+    again is quantized along both axes in one call where its rounding draws nothing. `member_ranks`
+    (a group's matmul, dse/train/stacked_functional.py): the operands carry a leading member axis and
+    each member's are of these ranks alone; each product then runs member by member, as alone."""
 
     @classmethod
     def apply(cls, *args: Any) -> Any:  # Function.apply, recording the grad mode
         return _apply_recording_grad_mode(super().apply, args)
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0,
+                member_ranks: tuple[int, int] | None = None) -> Tensor:
         qa_fn, qb_fn = _matmul_quantizers(layer, weight_operand)
         need_a, need_b = _backward_needs(ctx, 2)
         qa, qa_later = _for_gemms(qa_fn, a, -1, -2 if need_b else None)
@@ -445,9 +448,10 @@ class QuantMatmulFn(torch.autograd.Function):
         ctx.ready = (qa_later is not None, qb_later is not None)
         ctx.layer = layer
         ctx.weight_operand = weight_operand
+        ctx.member_ranks = member_ranks
         if layer.accumulator is not None:
             return accumulation.matmul_forward(qa, qb, layer.accumulator)
-        return qa @ qb
+        return _product(qa, qb, member_ranks)
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -462,10 +466,14 @@ class QuantMatmulFn(torch.autograd.Function):
         if _blocked(layer.gradients):
             e_a, e_b = _for_gemms(layer.gradients, dy, -1, -2 if need_b else None) if need_a else (dy, None)
         accumulator = layer.accumulator
+        ranks: tuple[int, int] | None = ctx.member_ranks
+        out = None if ranks is None else max(ranks)  # dy's rank a member: the output's
+        ranks_da = None if ranks is None or out is None else (out, ranks[1])
+        ranks_db = None if ranks is None or out is None else (ranks[0], out)
         da = db = None
         if need_a:
             b = _for_gemm(qb_fn, qb, -1) if _blocked(qb_fn) and not b_ready else qb
-            da = (e_a @ b.transpose(-1, -2) if accumulator is None
+            da = (_product(e_a, b.transpose(-1, -2), ranks_da) if accumulator is None
                   else accumulation.matmul_backward_a(e_a, b, accumulator)).sum_to_size(qa.shape)
             if ctx.weight_operand == 1 and layer.weight_grads is not None:
                 da = layer.weight_grads(da)
@@ -473,11 +481,24 @@ class QuantMatmulFn(torch.autograd.Function):
             a = _for_gemm(qa_fn, qa, -2) if _blocked(qa_fn) and not a_ready else qa
             if e_b is None:  # in its turn, after a (a stochastic rounding's order of draws)
                 e_b = _for_gemm(layer.gradients, dy, -2)
-            db = (a.transpose(-1, -2) @ e_b if accumulator is None
+            db = (_product(a.transpose(-1, -2), e_b, ranks_db) if accumulator is None
                   else accumulation.matmul_backward_b(a, e_b, accumulator)).sum_to_size(qb.shape)
             if ctx.weight_operand == 2 and layer.weight_grads is not None:
                 db = layer.weight_grads(db)
-        return da, db, None, None
+        return da, db, None, None, None
+
+
+def _product(a: Tensor, b: Tensor, member_ranks: tuple[int, int] | None) -> Tensor:
+    """a @ b; with `member_ranks`, member by member, each member's operands at their ranks alone (a
+    member's weight broadcast with leading singleton axes drops them): alone torch.matmul folds a
+    (B, n, k) @ W (k, m) into one mm, and a batched matmul of (n, k) @ (k, m) entries sums otherwise
+    where torch's CPU bmm would (`dse.train.stacked.bmm_sums_as_mm`)."""
+    if member_ranks is None:
+        return a @ b
+    rank_a, rank_b = member_ranks
+    return torch.stack([a_g.reshape(a_g.shape[a_g.dim() - rank_a:])
+                        @ b_g.reshape(b_g.shape[b_g.dim() - rank_b:])
+                        for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
 
 
 def _matmul_quantizers(layer: LayerQuant, weight_operand: int) -> tuple[Quantizer | None, Quantizer | None]:

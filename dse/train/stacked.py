@@ -587,6 +587,9 @@ call (a BatchNorm group's forward took 2x its time under it). A subclass is not 
 
 _METADATA = frozenset({Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_contiguous,
                        Tensor.data_ptr, Tensor.element_size, Tensor.is_floating_point, Tensor.is_complex})
+_VIEW_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+"""The tensor properties that read the tensor (views, whose gradient reaches it); the others (shape,
+dtype, grad, data, ...) are metadata."""
 
 
 class _MemberReads(TorchFunctionMode):
@@ -627,7 +630,9 @@ class _MemberReads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _METADATA or getattr(func, "__name__", None) == "__get__":
+        if func in _METADATA or (getattr(func, "__name__", None) == "__get__"
+                                 and getattr(getattr(func, "__self__", None), "__name__", None)
+                                 not in _VIEW_PROPERTIES):
             return func(*args, **kwargs)
         reads = [i for t in _tensors(args, kwargs) if (i := self.placeholders.get(id(t))) is not None]
         if not reads:

@@ -309,6 +309,32 @@ def bottleneck(shape: tuple[int, ...], classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(shape[0], 1), nn.Tanh(), nn.Linear(1, classes))
 
 
+class TokenMatmul(nn.Module):
+    """x @ W on a parameter over `tokens` tokens of `features` features a sample: alone torch.matmul
+    folds the batch into one mm, in a group each sample's (tokens, features) @ W is a batch entry."""
+
+    def __init__(self, width: int, classes: int, tokens: int, features: int) -> None:
+        super().__init__()
+        self.tokens, self.features = tokens, features
+        self.proj = nn.Linear(width, tokens * features)
+        self.w = nn.Parameter(torch.randn(features, features) * 0.3)
+        self.head = nn.Linear(tokens * features, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.tanh(self.proj(x)).reshape(len(x), self.tokens, self.features)
+        return self.head(torch.tanh(t @ self.w).flatten(1))
+
+
+def small_tokens(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """4 tokens of 8 features: 4 x 8 x 8 = 256 multiply-adds a sample's product."""
+    return TokenMatmul(shape[0], classes, 4, 8)
+
+
+def one_token(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """One token a sample: a single row in each sample's product."""
+    return TokenMatmul(shape[0], classes, 1, 32)
+
+
 class Gated(nn.Module):
     """Linear -> SiLU -> Linear -> sigmoid gate -> Linear: position-dependent activations (their CPU
     vector and scalar kernels disagree in the last bit) on 74 and 37 features, so a member's

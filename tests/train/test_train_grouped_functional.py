@@ -96,14 +96,18 @@ def test_a_users_model_whose_gemms_cannot_stack_trains_one_by_one_and_says_why(
 
 @pytest.mark.parametrize(("factory", "batch", "fields"), [
     ("tiny", 4, {}), ("tiny", 4, SGD_COPY), ("bottleneck", 64, {}), ("bottleneck", 64, SGD_COPY),
-], ids=["tiny-fp32", "tiny-int8", "bottleneck-fp32", "bottleneck-int8"])
+    ("small_tokens", 32, SGD_COPY), ("one_token", 32, SGD_COPY),
+], ids=["tiny-fp32", "tiny-int8", "bottleneck-fp32", "bottleneck-int8", "matmul-256-int8",
+        "matmul-one-row-int8"])
 def test_gemms_torchs_batched_kernel_sums_otherwise_run_member_by_member_and_equal_alone_runs(
         factory: str, batch: int, fields: dict[str, Any], digits_subset: Any,
         stacked_same_as_alone: SameAsAlone) -> None:
     """Where torch's CPU bmm would not sum a member's product as its mm alone
     (dse.train.stacked.bmm_sums_as_mm: under 400 multiply-adds, or a single row, column or reduction
     index) a group runs the product member by member: three hidden units at a batch of 4, a one-unit
-    bottleneck at a batch of 64 (a batched GEMM there changed the int8 run's final loss)."""
+    bottleneck at a batch of 64 (a batched GEMM there changed the int8 run's final loss), and a
+    quantized functional x @ W whose product a sample is small or a single row (alone one mm over
+    the batch's rows, in a group a batch entry a sample: each int8 run's final loss differed before)."""
     data = dataclasses.replace(digits_subset, x_train=digits_subset.x_train[:96],
                                y_train=digits_subset.y_train[:96])
     base = TrainConfig(model=f"{MODELS}:{factory}", dataset="digits", epochs=1,
