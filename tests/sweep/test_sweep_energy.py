@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas
 import pytest
 
 from dse.sweep import parse_config
@@ -189,3 +190,40 @@ def test_a_workload_with_an_embedding_is_priced_under_per_layer_formats(workload
     plain = TrainConfig(model="transformer", dataset="sort-easy", format="fp8_e5m2")
     priced = EnergyEstimator(settings).estimate(config)[workload].total_mj
     assert math.isfinite(priced) and priced != EnergyEstimator(settings).estimate(plain)[workload].total_mj
+
+
+@pytest.mark.parametrize("rule", [{"full_precision_layers": ("first",)},
+                                  {"layers": ({"match": "type:Linear", "weights": "fp8_e4m3"},)}])
+def test_a_rule_reprices_only_the_layers_it_names_and_the_embedding_stays(monkeypatch: pytest.MonkeyPatch,
+                                                                         rule: dict[str, object]) -> None:
+    """The transformer proxy (an nn.Embedding) under a rule: per layer, the energy rows of every layer
+    the rule leaves in the trial's formats and of the embedding table are those of the trial without
+    the rule, and the layers it names differ; no row is priced twice (the table is in one part)."""
+    import dse.sweep.energy as energy_module
+
+    frames: list[Any] = []
+    priced = energy_module.iteration_energy
+
+    def spy(*args: Any) -> Any:
+        frames.append(priced(*args))
+        return frames[-1]
+
+    monkeypatch.setattr(energy_module, "iteration_energy", spy)
+    settings = parse_config(ONE_WORKLOAD.replace("[resnet18]", "[proxy]"), "s.yaml").energy
+
+    def per_layer(**options: Any) -> Any:
+        frames.clear()
+        config = TrainConfig(model="transformer", dataset="sort-easy", format="fp8_e5m2", **options)
+        total = EnergyEstimator(settings).estimate(config)["proxy"].total_mj
+        rows = pandas.concat(frames)
+        assert math.isclose(rows.energy_pj.sum() / 1e9, total, rel_tol=1e-12)
+        return rows.groupby("layer").energy_pj.sum()
+
+    plain, ruled = per_layer(), per_layer(**rule)
+    assert list(plain.index) == list(ruled.index)
+    changed = {layer for layer in plain.index if plain[layer] != ruled[layer]}
+    linears = ("attn.qkv", "attn.out", "ffn_in", "ffn_out")
+    named = {"layers.0.attn.qkv"} if "full_precision_layers" in rule else {
+        "head", *(f"layers.{i}.{name}" for i in (0, 1) for name in linears)}
+    assert changed == named
+    assert "embedding.weight" in plain.index
