@@ -115,10 +115,13 @@ def test_each_member_quantized_along_several_axes_equals_the_member_quantized_al
     one_axis = _with_axis(fmt, axes[0]).quantize_members(x, rounding, MemberGenerators(
         [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]))
     for g, seed in enumerate((1, 2, 3)):
-        alone = fmt.quantize_along(x[g], axes, rounding, torch.Generator().manual_seed(seed))
+        alone_draws = torch.Generator().manual_seed(seed)
+        alone = fmt.quantize_along(x[g], axes, rounding, alone_draws)
         for a, b in zip(together, alone, strict=True):
             assert_same_bits(a[g], b)
         assert_same_bits(one_axis[g], alone[0])
+        # as many draws as alone: the member's generator leaves in the state the member's alone leaves in
+        assert torch.equal(generators.generators[g].get_state(), alone_draws.get_state())
 
 
 @pytest.mark.parametrize("spec", SPECS)
