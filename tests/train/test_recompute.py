@@ -4,6 +4,7 @@ checkpoint no longer recomputes through what dse replaces is refused with a clea
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -11,18 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
+from dse.train import TrainConfig, recompute, train
 from dse.train.grouped import backward_reason, train_group
+from dse.train.layers import QuantSwitch
 from dse.train.recompute import (
     TORCH_CHECKPOINT_FUNCTION,
+    TORCH_REENTRANT_FORWARD,
     CheckpointsNotFollowed,
     check_checkpoints_followed,
     follow_checkpoints,
 )
+from dse.train.stacked import stack_models
 
 USERS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 
@@ -77,11 +80,10 @@ def test_this_torchs_checkpoint_recomputes_through_what_dse_replaces() -> None:
 
 def test_a_torch_whose_checkpoint_does_not_look_up_the_replaced_parts_is_refused(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """As a torch would be whose `checkpoint` called its reentrant Function by another name: the check
+    """As a torch would be whose reentrant checkpoint ran its forward by another name: the check
     raises, naming the torch version and the form, instead of training with other bits."""
     follow_checkpoints()
-    torchs = torch_checkpoint.CheckpointFunction.__mro__[1]
-    monkeypatch.setattr(torch_checkpoint, "CheckpointFunction", torchs)
+    monkeypatch.setattr(TORCH_CHECKPOINT_FUNCTION, "forward", staticmethod(TORCH_REENTRANT_FORWARD))
     with pytest.raises(CheckpointsNotFollowed, match=rf"torch {re.escape(torch.__version__)}.*\(reentrant\)"):
         check_checkpoints_followed()
 
@@ -102,10 +104,50 @@ class _BoundBeforeDse(nn.Module):
         return self.head(TORCH_CHECKPOINT_FUNCTION.apply(block, True, self.a(x)))
 
 
-def test_torchs_own_checkpoint_function_bound_before_dse_trains_one_by_one_and_says_so() -> None:
-    """Before, backward_reason let it stack (None), and the group gave members other gradients than
-    alone (torch 2.13, 2 members of 50 rows: member 1's input gradient and a.weight's in 1 element
-    each; 3 of 300 at 2 threads: member 0's a.weight in 2, member 1's input gradient in 4)."""
-    torch.manual_seed(0)
-    reason = backward_reason(_BoundBeforeDse(), torch.randn(2, 64))
-    assert reason is not None and "autograd.Function CheckpointFunction calls" in reason, reason
+@pytest.mark.parametrize("members, rows, threads", [(2, 50, 1), (3, 300, 2)],
+                         ids=["1-thread", "2-threads-above-grain"])
+def test_torchs_checkpoint_function_bound_before_dse_gives_each_member_its_bits_alone(
+        members: int, rows: int, threads: int) -> None:
+    """When recompute.py replaced the module's name for the class (a subclass of torch's), a name bound
+    before it ran torch's recomputation outside the member mode: backward_reason let the network stack,
+    and the group gave members other gradients than alone (torch 2.13, 2 members of 50 rows: member
+    1's input gradient and a.weight's in 1 element each; 3 of 300 at 2 threads: member 0's a.weight
+    in 2, member 1's input gradient in 4). torch's own class recomputes under the modes now."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        nets = [_BoundBeforeDse() for _ in range(members)]
+        assert backward_reason(nets[0], torch.randn(2, 64)) is None
+        group = stack_models([copy.deepcopy(m) for m in nets], None, QuantSwitch(), None, torch.randn(4, 64))
+        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(0)) * 3
+        folded = x.clone().requires_grad_()
+        together = group(folded)
+        together.sum().backward()
+        assert type(together.grad_fn).__name__ != "CheckpointFunctionBackward"  # (the head's)
+        assert folded.grad is not None
+        stacked = dict(group.net.named_parameters())
+        for g, member in enumerate(nets):
+            own = x[g].clone().requires_grad_()
+            alone = member(own)
+            alone.sum().backward()
+            assert torch.equal(together[g], alone), g
+            assert torch.equal(folded.grad[g], own.grad), g
+            for name, p in member.named_parameters():
+                assert p.grad is not None and torch.equal(stacked[name].grad[g], p.grad), (g, name)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_torch_whose_checkpoint_parts_take_other_arguments_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a torch would be whose non-reentrant generator took other arguments: the same clear error,
+    not the TypeError from inside torch."""
+    follow_checkpoints()
+
+    def generator(fn: object, *args: object, **kwargs: object) -> object:
+        raise TypeError("takes 3 positional arguments")
+
+    monkeypatch.setattr(recompute, "_TORCH_WITHOUT_REENTRANT", generator)
+    with pytest.raises(CheckpointsNotFollowed, match=r"\(non-reentrant\) fails.*TypeError: takes 3"):
+        check_checkpoints_followed()
