@@ -23,6 +23,7 @@ import pytest
 from dse.sweep import parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
+from dse.sweep.lock import LOCK_FILE
 from dse.sweep.store import STORE_FILE
 from dse.train.config import TrainConfig
 
@@ -117,6 +118,7 @@ def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
     assert lines == [f"interrupted by {number.name}: {len(before)} of {TRIALS} trials are saved in {out}; "
                      "run the same command again to resume"], errors.read_text()
     assert 1 <= len(before) < TRIALS
+    assert not (out / LOCK_FILE).exists()  # the output folder's lock let go on the way out
     _check_whole(out, before)
     _resume(config.read_text(), out, before)
 
