@@ -4,7 +4,6 @@ checkpoint no longer recomputes through what dse replaces is refused with a clea
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -12,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support.member_checks import assert_each_member_as_alone
 from torch import Tensor, nn
 
 from dse.data import load_dataset
 from dse.train import TrainConfig, recompute, train
 from dse.train.grouped import backward_reason, train_group
-from dse.train.layers import QuantSwitch
 from dse.train.recompute import (
     TORCH_CHECKPOINT_FUNCTION,
     TORCH_REENTRANT_FORWARD,
@@ -25,7 +24,6 @@ from dse.train.recompute import (
     check_checkpoints_followed,
     follow_checkpoints,
 )
-from dse.train.stacked import stack_models
 
 USERS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 
@@ -113,30 +111,10 @@ def test_torchs_checkpoint_function_bound_before_dse_gives_each_member_its_bits_
     and the group gave members other gradients than alone (torch 2.13, 2 members of 50 rows: member
     1's input gradient and a.weight's in 1 element each; 3 of 300 at 2 threads: member 0's a.weight
     in 2, member 1's input gradient in 4). torch's own class recomputes under the modes now."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        nets = [_BoundBeforeDse() for _ in range(members)]
-        assert backward_reason(nets[0], torch.randn(2, 64)) is None
-        group = stack_models([copy.deepcopy(m) for m in nets], None, QuantSwitch(), None, torch.randn(4, 64))
-        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(0)) * 3
-        folded = x.clone().requires_grad_()
-        together = group(folded)
-        together.sum().backward()
-        assert type(together.grad_fn).__name__ != "CheckpointFunctionBackward"  # (the head's)
-        assert folded.grad is not None
-        stacked = dict(group.net.named_parameters())
-        for g, member in enumerate(nets):
-            own = x[g].clone().requires_grad_()
-            alone = member(own)
-            alone.sum().backward()
-            assert torch.equal(together[g], alone), g
-            assert torch.equal(folded.grad[g], own.grad), g
-            for name, p in member.named_parameters():
-                assert p.grad is not None and torch.equal(stacked[name].grad[g], p.grad), (g, name)
-    finally:
-        torch.set_num_threads(previous)
+    torch.manual_seed(0)
+    nets = [_BoundBeforeDse() for _ in range(members)]
+    assert backward_reason(nets[0], torch.randn(2, 64)) is None
+    assert_each_member_as_alone(nets, rows, threads)
 
 
 def test_a_torch_whose_checkpoint_parts_take_other_arguments_is_refused(
