@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
 from support.member_checks import assert_each_member_as_alone
 from torch import Tensor, nn
 
@@ -129,3 +130,31 @@ def test_a_torch_whose_checkpoint_parts_take_other_arguments_is_refused(
     monkeypatch.setattr(recompute, "_TORCH_WITHOUT_REENTRANT", generator)
     with pytest.raises(CheckpointsNotFollowed, match=r"\(non-reentrant\) fails.*TypeError: takes 3"):
         check_checkpoints_followed()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("preserve", [True, False], ids=["preserve_rng_state", "not-preserved"])
+def test_a_recomputation_replays_the_runs_generators_unless_rng_state_is_not_preserved(
+        reentrant: bool, preserve: bool) -> None:
+    """The recomputation draws what the forward drew, and the generator ends where it would have
+    without checkpointing; `preserve_rng_state=False` opts out, as it does for torch's generators."""
+    generator = torch.Generator().manual_seed(0)
+    draws: list[Tensor] = []
+
+    def block(t: Tensor) -> Tensor:
+        draws.append(torch.rand(3, generator=generator))
+        return t * t
+
+    with recompute.replaying([generator]):
+        x = torch.ones(3, requires_grad=True)
+        y = torch_checkpoint.checkpoint(block, x, use_reentrant=reentrant, preserve_rng_state=preserve)
+        after_forward = torch.rand(2, generator=generator)
+        y.sum().backward()
+        after_backward = torch.rand(2, generator=generator)
+    without = torch.Generator().manual_seed(0)
+    assert torch.equal(draws[0], torch.rand(3, generator=without))
+    assert torch.equal(after_forward, torch.rand(2, generator=without))
+    assert len(draws) == 2
+    assert torch.equal(draws[1], draws[0]) == preserve
+    if preserve:
+        assert torch.equal(after_backward, torch.rand(2, generator=without))
