@@ -214,13 +214,13 @@ def _probe_checkpoint(reentrant: bool) -> tuple[int, bool]:
 
     def block(t: Tensor) -> Tensor:
         on_stack = any(isinstance(mode, _Probe) for mode in function_modes())
-        seen.append((on_stack, float(torch.rand((), generator=generator))))
+        seen.append((on_stack, float(torch.rand((), generator=generator, device="cpu"))))
         return t * t
 
     _REPLAYED.runs.append([generator])
     try:
         with torch.inference_mode(False), torch.enable_grad():  # (wherever it is first called)
-            x = torch.ones(2, requires_grad=True)
+            x = torch.ones(2, device="cpu", requires_grad=True)  # (whatever the default device)
             with _Probe():
                 y = torch_checkpoint.checkpoint(block, x, use_reentrant=reentrant)
             y.sum().backward()

@@ -158,3 +158,11 @@ def test_a_recomputation_replays_the_runs_generators_unless_rng_state_is_not_pre
     assert torch.equal(draws[1], draws[0]) == preserve
     if preserve:
         assert torch.equal(after_backward, torch.rand(2, generator=without))
+
+
+def test_the_check_runs_on_the_cpu_whatever_the_default_device() -> None:
+    """Under a default-device context (here meta) the check's tensors were made on that device and it
+    raised CheckpointsNotFollowed for a torch that follows checkpoints ("Tensor.item() cannot be
+    called on meta tensors")."""
+    with torch.device("meta"):
+        check_checkpoints_followed()
