@@ -464,18 +464,6 @@ def _check_output_file(option: str, path: Path | None, makes_folders: bool = Fal
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
 
-def _check_output_folder(folder: Path, what: str) -> None:
-    """Refuse a folder `what` cannot be written into (each file written atomically, by a rename in the
-    folder: the folder's permission is the one that counts, not the files'), before anything is
-    printed or written."""
-    from dse.atomic_write import folder_problem
-    from dse.errors import InputError
-
-    problem = folder_problem(folder)
-    if problem is not None:
-        raise InputError(f"cannot write {what} into {folder}: {problem} (nothing was printed or written)")
-
-
 @app.command("energy", cls=_Command)
 @_with_options(_EnergyOptions)
 @user_errors
@@ -1026,13 +1014,12 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     write (from these trials and options, unchanged since) are left as they are.
     """
     from dse.report import SweepTables, write_reports
-    from dse.report.files import current_reports
+    from dse.report.files import writable_current_reports
 
     trials = _load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
-    current = current_reports(trials, directory, memory_objective, titles)
-    if current is None:  # files to write: a folder that refuses them is the whole answer, printed alone
-        _check_output_folder(directory, "the report files")
+    # files to write: a folder that refuses them is the whole answer, printed alone
+    current = writable_current_reports(trials, directory, memory_objective, titles)
     tables = SweepTables.of(trials, memory_objective, all_points)
     _print_whole(_rich_table(tables.text_table("summary")))
     _print_fronts(tables, memory_objective)

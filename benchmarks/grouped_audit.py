@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 USER_MODELS = Path(__file__).resolve().parent.parent / "tests" / "support" / "user_models.py"
 
 FORMATS = ["fp32", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "posit8", "posit(16,1)", "lns8",
-           "mxfp4", "mxfp8_e4m3", "fixed(8,4)"]
+           "mxfp4", "mxfp8_e4m3", "fixed(8,4)", "nvfp4", "mxint8", "p3109(8,4)"]
 ROUNDINGS = ["nearest", "stochastic", "pseudo_stochastic"]
 
 

@@ -158,6 +158,19 @@ def current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool =
     return None
 
 
+def writable_current_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
+                             titles: bool = False) -> list[Path] | None:
+    """`current_reports`, where there are files to write an InputError first if out_dir refuses them, so
+    that a command says so before it prints anything (the folder counts, not the files: each is
+    written under a temporary name there and renamed)."""
+    current = current_reports(frame, out_dir, memory_objective, titles)
+    problem = None if current is not None else atomic_write.folder_problem(Path(out_dir))
+    if problem is not None:
+        raise InputError(f"cannot write the report files into {out_dir}: {problem} (nothing was printed or "
+                         "written)")
+    return current
+
+
 def write_reports_if_changed(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = False,
                              titles: bool = False, figures: FigureProcesses | None = None
                              ) -> tuple[list[Path], SweepTables | None]:

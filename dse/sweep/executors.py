@@ -206,7 +206,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dse.train.loop", "dse.train.grouped", "torch._dynamo"])
+    context.set_forkserver_preload(["dse.sweep.server_ignores_interrupts", "dse.train.loop",
+                                    "dse.train.grouped", "torch._dynamo"])
     return context
 
 

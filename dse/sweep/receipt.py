@@ -202,6 +202,7 @@ def conclude_finished(finished: FinishedSweep, reporter: Reporter) -> SweepSumma
     """What run_sweep returns for this sweep with nothing to train (its reporter told the same), without
     planning: the counts and best trial from the store, the plan's notes, the report files (written
     only if they are not current)."""
+    from dse.report.files import writable_current_reports
     from dse.sweep.store import load_trials
 
     started = time.perf_counter()
@@ -211,21 +212,9 @@ def conclude_finished(finished: FinishedSweep, reporter: Reporter) -> SweepSumma
         summary = SweepSummary(finished.name, finished.output, total=finished.runs, skipped=finished.runs,
                                ran=0)
         frame = load_trials(finished.output)  # nothing trains: one frame serves the display and the summary
-        _check_reports_writable(finished, frame)
+        # stale report files in a folder that refuses them: said before anything is printed
+        writable_current_reports(frame, finished.output, finished.memory_objective)
         reporter.start(finished.planned, summary.skipped, best_of(frame))
         reporter.stop()
         summary.notes = finished.notes
         return conclude(summary, finished.memory_objective, True, started, frame)
-
-
-def _check_reports_writable(finished: FinishedSweep, frame: Any) -> None:
-    """InputError, before anything is printed, where the report files are stale and their folder refuses
-    them (a folder this user may only read, with current files, is fine: nothing is written)."""
-    from dse.atomic_write import folder_problem
-    from dse.errors import InputError
-    from dse.report.files import current_reports
-
-    problem = folder_problem(finished.output)
-    if problem is not None and current_reports(frame, finished.output, finished.memory_objective) is None:
-        raise InputError(f"cannot write the report files into {finished.output}: {problem} (nothing was "
-                         "printed or written)")

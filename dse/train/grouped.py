@@ -47,6 +47,7 @@ from dse.train.member_kernels import AmbiguousMemberAxisWarning, UnsplitCalls, m
 from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer
 from dse.train.policy import QuantPolicy, TensorQuant
+from dse.train.recompute import TORCH_CHECKPOINT_FUNCTION, replaying
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
 from dse.train.tally import EpochTally, members_finite
@@ -125,13 +126,16 @@ def backward_reason(model: nn.Module, example: Tensor) -> str | None:
     for cls, unsplit in spies.items():
         if unsplit.calls:
             return (f"the backward of its autograd.Function {cls.__name__} calls {', '.join(unsplit.calls)} "
-                    f"on the group's tensors, outside the member mode (each member would get other last "
-                    f"bits than alone)")
+                    f"on the group's tensors, outside the member mode (a member may get other last bits "
+                    f"than alone)")
     return None
 
 
 def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]]:
-    """The autograd.Function classes of the graph behind `outputs` defined outside dse and torch."""
+    """The autograd.Function classes of the graph behind `outputs` defined outside dse and torch, and
+    torch's own reentrant checkpoint where called by a name bound before dse/train/recompute.py
+    replaced it (`from torch.utils.checkpoint import CheckpointFunction`: its recomputation runs
+    outside our modes)."""
     found: dict[type[torch.autograd.Function], None] = {}
     seen: set[int] = set()
     nodes = [t.grad_fn for t in outputs if t.grad_fn is not None]
@@ -142,7 +146,7 @@ def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]
         seen.add(id(node))
         cls = getattr(node, "_forward_cls", None)
         if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
-                and not cls.__module__.startswith(("dse.", "torch."))):
+                and (cls is TORCH_CHECKPOINT_FUNCTION or not cls.__module__.startswith(("dse.", "torch.")))):
             found.setdefault(cls)
         nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
     return list(found)
@@ -466,35 +470,36 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
     diverged = [False] * members
     running = list(range(members))  # members still training
     model.train()
-    for epoch in range(first.epochs):
-        setup.on_epoch_start(epoch)
-        permutation = torch.stack([torch.randperm(len(x_train), generator=order)
-                                   for order in orders]).to(device)
-        tally = EpochTally(list(model.parameters()), members, running, stacked=True)
-        for start in range(0, permutation.shape[1], first.batch_size):
-            index = permutation[:, start:start + first.batch_size]
-            logits = model(x_train[index])
-            targets = y_train[index]
-            values, objective = setup.member_losses(logits, targets)
-            if tally.add(values):
+    with replaying(generators):  # a checkpointed block's recomputation draws what its forward drew
+        for epoch in range(first.epochs):
+            setup.on_epoch_start(epoch)
+            permutation = torch.stack([torch.randperm(len(x_train), generator=order)
+                                       for order in orders]).to(device)
+            tally = EpochTally(list(model.parameters()), members, running, stacked=True)
+            for start in range(0, permutation.shape[1], first.batch_size):
+                index = permutation[:, start:start + first.batch_size]
+                logits = model(x_train[index])
+                targets = y_train[index]
+                values, objective = setup.member_losses(logits, targets)
+                if tally.add(values):
+                    break
+                objective.backward()
+                setup.step()
+                setup.zero_grad()
+            finite = members_finite(list(model.parameters()), members)
+            epoch_losses = tally.close()  # (members that diverged get their weights from before it back)
+            val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
+            test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)
+            for g in list(running):
+                if epoch_losses.diverged[g] or not finite[g]:
+                    diverged[g] = True
+                losses[g].append(math.nan if diverged[g] else epoch_losses.mean(g))
+                val_accuracies[g].append(val[g])
+                accuracies[g].append(test[g])
+                if diverged[g]:
+                    running.remove(g)
+            if not running:
                 break
-            objective.backward()
-            setup.step()
-            setup.zero_grad()
-        finite = members_finite(list(model.parameters()), members)
-        epoch_losses = tally.close()  # (members that diverged get their weights from before it back)
-        val = evaluate_members(model, members, x_val, y_val, setup.eval_batch)
-        test = evaluate_members(model, members, x_test, y_test, setup.eval_batch)
-        for g in list(running):
-            if epoch_losses.diverged[g] or not finite[g]:
-                diverged[g] = True
-            losses[g].append(math.nan if diverged[g] else epoch_losses.mean(g))
-            val_accuracies[g].append(val[g])
-            accuracies[g].append(test[g])
-            if diverged[g]:
-                running.remove(g)
-        if not running:
-            break
     wall = (time.perf_counter() - started) / members
     return [TrainResult(
         test_accuracy=accuracies[g][-1] if accuracies[g] else math.nan,

@@ -25,6 +25,7 @@ from dse.train.config import TrainConfig, TrainingSetup, TrainResult, field_valu
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
 from dse.train.optim import check_optimizer, quantized_optimizer
 from dse.train.policy import QuantPolicy
+from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
 from dse.train.tally import EpochTally, members_finite
 from dse.usercode import describe, is_ref, load_function
@@ -202,28 +203,29 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
     val_accuracies: list[float] = []
     diverged = False
     setup.model.train()
-    for epoch in range(config.epochs):
-        if setup.on_epoch_start is not None:
-            setup.on_epoch_start(epoch)
-        permutation = torch.randperm(len(x_train), generator=order).to(device)
-        tally = EpochTally(list(setup.model.parameters()), 1, [0], stacked=False)
-        for start in range(0, len(permutation), config.batch_size):
-            index = permutation[start:start + config.batch_size]
-            loss = setup.loss_fn(setup.model(x_train[index]), y_train[index])
-            if tally.add(loss):
+    with replaying([generator]):  # a checkpointed block's recomputation draws what its forward drew
+        for epoch in range(config.epochs):
+            if setup.on_epoch_start is not None:
+                setup.on_epoch_start(epoch)
+            permutation = torch.randperm(len(x_train), generator=order).to(device)
+            tally = EpochTally(list(setup.model.parameters()), 1, [0], stacked=False)
+            for start in range(0, len(permutation), config.batch_size):
+                index = permutation[start:start + config.batch_size]
+                loss = setup.loss_fn(setup.model(x_train[index]), y_train[index])
+                if tally.add(loss):
+                    break
+                loss.backward()
+                setup.optimizer.step()
+                setup.optimizer.zero_grad(set_to_none=True)
+            epoch_losses = tally.close()
+            diverged = epoch_losses.diverged[0] or not members_finite(list(setup.model.parameters()))[0]
+            losses.append(math.nan if diverged else epoch_losses.mean(0))
+            val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
+            accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))
+            if progress is not None:
+                progress(epoch, losses[-1], val_accuracies[-1], accuracies[-1])
+            if diverged:
                 break
-            loss.backward()
-            setup.optimizer.step()
-            setup.optimizer.zero_grad(set_to_none=True)
-        epoch_losses = tally.close()
-        diverged = epoch_losses.diverged[0] or not members_finite(list(setup.model.parameters()))[0]
-        losses.append(math.nan if diverged else epoch_losses.mean(0))
-        val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
-        accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))
-        if progress is not None:
-            progress(epoch, losses[-1], val_accuracies[-1], accuracies[-1])
-        if diverged:
-            break
     return TrainResult(
         test_accuracy=accuracies[-1] if accuracies else math.nan,
         final_loss=losses[-1] if losses else math.nan,

@@ -9,14 +9,27 @@ unpack hook of a saved tensor); without the modes the recomputation computes oth
 forward did (a group's activations over the whole folded batch, a functional GEMM unquantized) and
 saves another number of them (non-reentrant: CheckpointError). So `follow_checkpoints` wraps the
 function both forms recompute (and torch.distributed's composable `checkpoint(module)`, which drives
-the non-reentrant generator itself), once per process, when a mode of ours is first installed: where
-a mode of ours is on the stack when `checkpoint` is called (`checkpoint_sequential` calls it too),
-the recomputation runs with those modes pushed above the backward's stack in their order, each with
-the state it had then (`RecomputedMode.recompute_state`); where none is, torch's function runs as it
-is.
+the non-reentrant generator itself), once per process, when a mode of ours is first installed or
+a run starts training (`replaying`): where a mode of ours is on the stack when `checkpoint` is
+called (`checkpoint_sequential` calls it too), the recomputation runs with those modes pushed
+above the backward's stack in their order, each with the state it had then
+(`RecomputedMode.recompute_state`); where none is (and no run's generators are replayed), torch's
+function runs as it is.
 
-What this does not reach - a recomputation by other code than these functions of torch's, a
-user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
+A run's stochastic-rounding generators (`replaying`, entered by `train` and `train_group` around
+their training loop) are replayed the same way: a recomputation draws from each the numbers its
+forward drew, and leaves it where the backward had it, as torch's `preserve_rng_state` does for
+torch's own generators; so checkpointing changes no rounding draw, and a checkpointed network trains
+bit for bit as without checkpointing (`preserve_rng_state=False` opts out of the replay, as in torch).
+
+`follow_checkpoints` checks once per process, by a checkpoint of each form under a probe mode, that
+this torch's checkpoint recomputes through what it replaced, and raises `CheckpointsNotFollowed`
+(naming the torch version and the form) where it does not: a torch whose checkpoint looked its parts
+up otherwise would recompute without the modes and draws, silently giving other bits.
+
+What this does not reach - a recomputation by other code than these functions of torch's (torch's
+own `CheckpointFunction` called by a name bound before it was replaced included), a user's
+`autograd.Function` whose backward calls a position-dependent function (the autograd engine
 runs every backward with no torch-function mode) - the grouped trainer finds before training
 (dse/train/grouped.py, `backward_reason`) and trains one by one, saying why.
 """
@@ -26,11 +39,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.utils.checkpoint as torch_checkpoint
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 
@@ -57,62 +72,150 @@ class RecomputedMode(TorchFunctionMode):
         return contextlib.nullcontext
 
 
-def under_forward_modes(function: Callable[..., Any]) -> Callable[..., Any]:
+class _Replayed(threading.local):
+    def __init__(self) -> None:
+        self.runs: list[list[torch.Generator]] = []
+
+
+_REPLAYED = _Replayed()
+"""Per thread (the one a forward, hence `checkpoint`, runs on): the generators of the runs training."""
+
+
+@contextlib.contextmanager
+def replaying(generators: Sequence[torch.Generator]) -> Iterator[None]:
+    """The block with a run's stochastic-rounding `generators` replayed by every checkpointed block's
+    recomputation (module docstring)."""
+    follow_checkpoints()
+    _REPLAYED.runs.append(list(generators))
+    try:
+        yield
+    finally:
+        _REPLAYED.runs.pop()
+
+
+def under_forward_modes(function: Callable[..., Any], preserve_rng_state: bool = True) -> Callable[..., Any]:
     """`function`, run later (a recomputation) under the RecomputedModes on the stack now, in their
-    order above the modes of the time it runs, each with its state of now; `function` itself where
-    none is on the stack."""
+    order above the modes of the time it runs, each with its state of now, and (`preserve_rng_state`)
+    drawing from the replayed generators what it draws now; `function` itself where neither applies."""
     modes = [mode for mode in function_modes() if isinstance(mode, RecomputedMode)]
-    if not modes:
+    generators = [g for run in _REPLAYED.runs for g in run] if preserve_rng_state else []
+    if not modes and not generators:
         return function
     states = [mode.recompute_state() for mode in modes]
+    drawn_from = [g.get_state() for g in generators]
 
-    @functools.wraps(function)
+    @functools.wraps(function, updated=())  # (not a module's __dict__: the composable form passes one)
     def recompute(*args: Any, **kwargs: Any) -> Any:
         before = function_modes()
+        backward_states = [g.get_state() for g in generators]
         with contextlib.ExitStack() as contexts:
             for state in states:
                 contexts.enter_context(state())
+            for generator, state_then in zip(generators, drawn_from, strict=True):
+                generator.set_state(state_then)
             set_function_modes([mode for mode in before if not isinstance(mode, RecomputedMode)] + modes)
             try:
                 return function(*args, **kwargs)
             finally:
                 set_function_modes(before)
+                for generator, state_now in zip(generators, backward_states, strict=True):
+                    generator.set_state(state_now)
 
     return recompute
 
 
-class CheckpointFunction(torch_checkpoint.CheckpointFunction):
+TORCH_CHECKPOINT_FUNCTION: Any = getattr(torch_checkpoint, "CheckpointFunction", torch.autograd.Function)
+_TORCH_WITHOUT_REENTRANT: Any = getattr(torch_checkpoint, "_checkpoint_without_reentrant_generator", None)
+"""torch's (getattr: a torch without them imports this module, and `follow_checkpoints` says why not)."""
+
+
+class CheckpointFunction(TORCH_CHECKPOINT_FUNCTION):
     """torch's reentrant checkpoint, whose backward re-runs the function under_forward_modes (named
     as torch's, so the graph's node keeps its name, CheckpointFunctionBackward)."""
 
     @staticmethod
     def forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
-        recompute = under_forward_modes(run_function)
-        outputs = _TORCH_CHECKPOINT_FUNCTION.forward(ctx, run_function, preserve_rng_state, *args)
+        recompute = under_forward_modes(run_function, preserve_rng_state)
+        outputs = TORCH_CHECKPOINT_FUNCTION.forward(ctx, run_function, preserve_rng_state, *args)
         ctx.run_function = recompute
         return outputs
 
 
-_TORCH_CHECKPOINT_FUNCTION = torch_checkpoint.CheckpointFunction
-_TORCH_WITHOUT_REENTRANT = torch_checkpoint._checkpoint_without_reentrant_generator
-
-
 def _without_reentrant(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """torch's non-reentrant checkpoint (the generator `checkpoint` drives), recomputing
-    under_forward_modes: `checkpoint` runs the forward itself, the generator only the recomputation."""
-    return _TORCH_WITHOUT_REENTRANT(under_forward_modes(fn), *args, **kwargs)
+    under_forward_modes: `checkpoint` runs the forward itself, the generator only the recomputation
+    (its second argument, positional from both callers, is preserve_rng_state)."""
+    preserve_rng_state = bool(args[0]) if args else bool(kwargs.get("preserve_rng_state", True))
+    return _TORCH_WITHOUT_REENTRANT(under_forward_modes(fn, preserve_rng_state), *args, **kwargs)
 
 
 COMPOSABLE_CHECKPOINT = "torch.distributed._composable.checkpoint_activation"
 """torch.distributed's `checkpoint(module)`, which binds the non-reentrant generator at its import."""
 
 
+class CheckpointsNotFollowed(RuntimeError):
+    """This torch's activation checkpointing does not recompute through what dse replaced."""
+
+
+_FOLLOWED: list[bool] = []
+"""[True] once `follow_checkpoints` has checked this torch."""
+
+
 def follow_checkpoints() -> None:
     """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
     the objects `checkpoint` looks up when called (and torch.distributed's composable checkpoint, by
-    its own name for the generator: imported later, it binds this one)."""
+    its own name for the generator: imported later, it binds this one); the first time, check that
+    it does (CheckpointsNotFollowed where not)."""
     torch_checkpoint.CheckpointFunction = CheckpointFunction  # type: ignore[misc]
     torch_checkpoint._checkpoint_without_reentrant_generator = _without_reentrant
     composable = sys.modules.get(COMPOSABLE_CHECKPOINT)
     if composable is not None and hasattr(composable, "_checkpoint_without_reentrant_generator"):
         setattr(composable, "_checkpoint_without_reentrant_generator", _without_reentrant)  # noqa: B010
+    if not _FOLLOWED:
+        check_checkpoints_followed()
+        _FOLLOWED.append(True)
+
+
+class _Probe(RecomputedMode):
+    """A mode of ours that changes nothing, for `check_checkpoints_followed`."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def check_checkpoints_followed() -> None:
+    """Raise CheckpointsNotFollowed unless a block checkpointed (each form) under a mode of ours is
+    recomputed under it, drawing from a replayed generator what its forward drew."""
+    for reentrant in (True, False):
+        recomputations, as_forward = _probe_checkpoint(reentrant)
+        if recomputations != 1 or not as_forward:
+            form = "reentrant" if reentrant else "non-reentrant"
+            raise CheckpointsNotFollowed(
+                f"torch {torch.__version__}'s torch.utils.checkpoint ({form}) does not recompute through the "
+                f"objects dse/train/recompute.py replaces (recomputations: {recomputations}, under the "
+                f"forward's mode and draws: {as_forward}); dse is tested with the torch of constraints.txt")
+
+
+def _probe_checkpoint(reentrant: bool) -> tuple[int, bool]:
+    """A block checkpointed under _Probe and a replayed generator, run forward and backward: how often
+    it was recomputed, and whether under the probe and with the forward's draw."""
+    generator = torch.Generator().manual_seed(0)
+    seen: list[tuple[bool, float]] = []
+
+    def block(t: Tensor) -> Tensor:
+        on_stack = any(isinstance(mode, _Probe) for mode in function_modes())
+        seen.append((on_stack, float(torch.rand((), generator=generator))))
+        return t * t
+
+    _REPLAYED.runs.append([generator])
+    try:
+        with torch.inference_mode(False), torch.enable_grad():  # (wherever it is first called)
+            x = torch.ones(2, requires_grad=True)
+            with _Probe():
+                y = torch_checkpoint.checkpoint(block, x, use_reentrant=reentrant)
+            y.sum().backward()
+    finally:
+        _REPLAYED.runs.pop()
+    recomputed = seen[1:]
+    return len(recomputed), bool(recomputed) and all(on and draw == seen[0][1] for on, draw in recomputed)

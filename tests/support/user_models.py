@@ -128,19 +128,23 @@ def tokens(shape: tuple[int, ...], classes: int) -> nn.Module:
 class Checkpointed(nn.Module):
     """Activation checkpointing (torch.utils.checkpoint): a block of a functional GEMM, SiLU and a
     sigmoid gate on 37 features, recomputed in the backward; `form` is "reentrant", "non-reentrant",
-    "sequential" (checkpoint_sequential over two segments of a Sequential) or "plain" (no checkpoint)."""
+    "sequential" (checkpoint_sequential over two segments of a Sequential) or "plain" (no checkpoint).
+    `layer`: the block's GEMM is an nn.Linear (a layer dse converts: alone, no mode of dse's is on the
+    stack), not a function call."""
 
-    def __init__(self, width: int, classes: int, form: str) -> None:
+    def __init__(self, width: int, classes: int, form: str, layer: bool = False) -> None:
         super().__init__()
         self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
         if form == "sequential":
             self.steps = nn.Sequential(nn.Linear(37, 37), nn.SiLU(), nn.Linear(37, 37), nn.Sigmoid())
+        elif layer:
+            self.middle = nn.Linear(37, 37)
         else:
             self.w = nn.Parameter(torch.randn(37, 37) * 0.15)
-        self.form = form
+        self.form, self.layer = form, layer
 
     def block(self, h: Tensor) -> Tensor:
-        h = F.silu(F.linear(h, self.w))
+        h = F.silu(self.middle(h) if self.layer else F.linear(h, self.w))
         return h * torch.sigmoid(h)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,6 +168,22 @@ def checkpointed_reentrant(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 def checkpointed_sequential(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Checkpointed(shape[0], classes, "sequential")
+
+
+def checkpointed_plain(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "plain")
+
+
+def checkpointed_layer(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "non-reentrant", layer=True)
+
+
+def checkpointed_layer_reentrant(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "reentrant", layer=True)
+
+
+def checkpointed_layer_plain(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Checkpointed(shape[0], classes, "plain", layer=True)
 
 
 class SelfCalling(nn.Module):

@@ -23,6 +23,7 @@ import pytest
 from dse.sweep import parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
+from dse.sweep.lock import LOCK_FILE
 from dse.sweep.store import STORE_FILE
 from dse.train.config import TrainConfig
 
@@ -117,6 +118,7 @@ def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
     assert lines == [f"interrupted by {number.name}: {len(before)} of {TRIALS} trials are saved in {out}; "
                      "run the same command again to resume"], errors.read_text()
     assert 1 <= len(before) < TRIALS
+    assert not (out / LOCK_FILE).exists()  # the output folder's lock let go on the way out
     _check_whole(out, before)
     _resume(config.read_text(), out, before)
 
@@ -171,3 +173,31 @@ def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
     reaper.join()
     assert time.monotonic() - started >= 1.0 and process.returncode == 0
     wait_for_exit(process.pid)  # ended already: returns at once
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg") or not Path("/proc/self/status").exists(),
+                    reason="POSIX process groups and /proc")
+def test_the_worker_server_ignores_ctrl_c_while_it_imports_the_trainer() -> None:
+    """Ctrl-C reaches the sweep's whole process group; CPython's fork server ignores SIGINT only after
+    its preload (seconds of torch imports), so a Ctrl-C then printed the server's KeyboardInterrupt
+    traceback under the sweep's one line (found by benchmarks/sweep_audit.py: 4 of 6 tries at 0.5-8 s).
+    Now it ignores SIGINT from its first preloaded module on: by the time torch's library is loaded."""
+    script = ("import time\nfrom dse.sweep.executors import _worker_server_pid, start_worker_server\n"
+              "start_worker_server()\nprint(_worker_server_pid(), flush=True)\ntime.sleep(60)\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env,
+                               start_new_session=True, text=True)
+    try:
+        assert process.stdout is not None
+        server = Path(f"/proc/{int(process.stdout.readline())}")
+        deadline = time.monotonic() + 60
+        while "libtorch" not in (server / "maps").read_text():  # mid-preload: torch's library loaded
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        status = (server / "status").read_text()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    assert ignored & (1 << (signal.SIGINT - 1))

@@ -130,6 +130,27 @@ def test_a_sweep_refused_by_the_lock_writes_nothing_even_where_its_folder_is_new
         lock.release(held)
     assert list(out.iterdir()) == []
 
+    new = tmp_path / "new"  # not there when the sweep starts: another makes it and holds it meanwhile
+    holder = _HoldingAfterMaking(new)
+    with pytest.raises(InputError, match=f"in use by another dse sweep \\(pid {os.getpid()} on host "):
+        run_sweep(parse_config(_text(new), "s.yaml"), train_fn=fake_train, executor=holder, reports=False)
+    assert holder.before == {path.name: path.read_bytes() for path in new.iterdir()}
+    lock.release(holder.held)
+
+
+class _HoldingAfterMaking(InlineExecutor):
+    """An executor whose start makes the output folder and takes its lock, as another sweep would while
+    this one planned; the folder's files as they were then in `before`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> InlineExecutor:
+        self.folder.mkdir()
+        self.held = lock.take(self.folder)
+        self.before = {path.name: path.read_bytes() for path in self.folder.iterdir()}
+        return self
+
 
 class _AnotherSweepFirst(InlineExecutor):
     """An executor whose start runs another sweep (named "first") into the same new output folder: the
