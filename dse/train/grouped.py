@@ -47,7 +47,7 @@ from dse.train.member_kernels import AmbiguousMemberAxisWarning, UnsplitCalls, m
 from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer
 from dse.train.policy import QuantPolicy, TensorQuant
-from dse.train.recompute import TORCH_CHECKPOINT_FUNCTION, replaying
+from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
 from dse.train.tally import EpochTally, members_finite
@@ -132,10 +132,7 @@ def backward_reason(model: nn.Module, example: Tensor) -> str | None:
 
 
 def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]]:
-    """The autograd.Function classes of the graph behind `outputs` defined outside dse and torch, and
-    torch's own reentrant checkpoint where called by a name bound before dse/train/recompute.py
-    replaced it (`from torch.utils.checkpoint import CheckpointFunction`: its recomputation runs
-    outside our modes)."""
+    """The autograd.Function classes of the graph behind `outputs` defined outside dse and torch."""
     found: dict[type[torch.autograd.Function], None] = {}
     seen: set[int] = set()
     nodes = [t.grad_fn for t in outputs if t.grad_fn is not None]
@@ -146,7 +143,7 @@ def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]
         seen.add(id(node))
         cls = getattr(node, "_forward_cls", None)
         if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
-                and (cls is TORCH_CHECKPOINT_FUNCTION or not cls.__module__.startswith(("dse.", "torch.")))):
+                and not cls.__module__.startswith(("dse.", "torch."))):
             found.setdefault(cls)
         nodes += [next_node for next_node, _ in node.next_functions if next_node is not None]
     return list(found)

@@ -8,13 +8,14 @@ reentrant form re-runs the function in `CheckpointFunction.backward`; the non-re
 unpack hook of a saved tensor); without the modes the recomputation computes other tensors than the
 forward did (a group's activations over the whole folded batch, a functional GEMM unquantized) and
 saves another number of them (non-reentrant: CheckpointError). So `follow_checkpoints` wraps the
-function both forms recompute (and torch.distributed's composable `checkpoint(module)`, which drives
-the non-reentrant generator itself), once per process, when a mode of ours is first installed or
-a run starts training (`replaying`): where a mode of ours is on the stack when `checkpoint` is
-called (`checkpoint_sequential` calls it too), the recomputation runs with those modes pushed
-above the backward's stack in their order, each with the state it had then
-(`RecomputedMode.recompute_state`); where none is (and no run's generators are replayed), torch's
-function runs as it is.
+function both forms recompute (in torch's reentrant Function's own forward, and the non-reentrant
+generator `checkpoint` looks up when called; and torch.distributed's composable
+`checkpoint(module)`, which drives the non-reentrant generator itself), once per process, when a
+mode of ours is first installed or a run starts training (`replaying`): where a mode of ours is on
+the stack when `checkpoint` is called (`checkpoint_sequential` calls it too), the recomputation
+runs with those modes pushed above the backward's stack in their order, each with the state it had
+then (`RecomputedMode.recompute_state`); where none is (and no run's generators are replayed),
+torch's function runs as it is.
 
 A run's stochastic-rounding generators (`replaying`, entered by `train` and `train_group` around
 their training loop) are replayed the same way: a recomputation draws from each the numbers its
@@ -27,9 +28,8 @@ this torch's checkpoint recomputes through what it replaced, and raises `Checkpo
 (naming the torch version and the form) where it does not: a torch whose checkpoint looked its parts
 up otherwise would recompute without the modes and draws, silently giving other bits.
 
-What this does not reach - a recomputation by other code than these functions of torch's (torch's
-own `CheckpointFunction` called by a name bound before it was replaced included), a user's
-`autograd.Function` whose backward calls a position-dependent function (the autograd engine
+What this does not reach - a recomputation by other code than these functions of torch's, a
+user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
 runs every backward with no torch-function mode) - the grouped trainer finds before training
 (dse/train/grouped.py, `backward_reason`) and trains one by one, saying why.
 """
@@ -124,21 +124,22 @@ def under_forward_modes(function: Callable[..., Any], preserve_rng_state: bool =
     return recompute
 
 
-TORCH_CHECKPOINT_FUNCTION: Any = getattr(torch_checkpoint, "CheckpointFunction", torch.autograd.Function)
+TORCH_CHECKPOINT_FUNCTION: Any = getattr(torch_checkpoint, "CheckpointFunction", None)
+TORCH_REENTRANT_FORWARD: Any = getattr(TORCH_CHECKPOINT_FUNCTION, "forward", None)
 _TORCH_WITHOUT_REENTRANT: Any = getattr(torch_checkpoint, "_checkpoint_without_reentrant_generator", None)
 """torch's (getattr: a torch without them imports this module, and `follow_checkpoints` says why not)."""
 
 
-class CheckpointFunction(TORCH_CHECKPOINT_FUNCTION):
-    """torch's reentrant checkpoint, whose backward re-runs the function under_forward_modes (named
-    as torch's, so the graph's node keeps its name, CheckpointFunctionBackward)."""
-
-    @staticmethod
-    def forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
-        recompute = under_forward_modes(run_function, preserve_rng_state)
-        outputs = TORCH_CHECKPOINT_FUNCTION.forward(ctx, run_function, preserve_rng_state, *args)
-        ctx.run_function = recompute
-        return outputs
+def _reentrant_forward(ctx: Any, run_function: Callable[..., Any], preserve_rng_state: bool,
+                       *args: Any) -> Any:
+    """torch's reentrant checkpoint's forward, whose backward then re-runs the function
+    under_forward_modes (set on torch's own class: the graph's node, CheckpointFunctionBackward, stays
+    torch's, and a name bound to the class before, `from torch.utils.checkpoint import
+    CheckpointFunction`, calls it too)."""
+    recompute = under_forward_modes(run_function, preserve_rng_state)
+    outputs = TORCH_REENTRANT_FORWARD(ctx, run_function, preserve_rng_state, *args)
+    ctx.run_function = recompute
+    return outputs
 
 
 def _without_reentrant(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -163,11 +164,13 @@ _FOLLOWED: list[bool] = []
 
 def follow_checkpoints() -> None:
     """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
-    the objects `checkpoint` looks up when called (and torch.distributed's composable checkpoint, by
-    its own name for the generator: imported later, it binds this one); the first time, check that
-    it does (CheckpointsNotFollowed where not)."""
-    torch_checkpoint.CheckpointFunction = CheckpointFunction  # type: ignore[misc]
-    torch_checkpoint._checkpoint_without_reentrant_generator = _without_reentrant
+    the reentrant Function's forward and the non-reentrant generator `checkpoint` looks up when called
+    (and torch.distributed's composable checkpoint, by its own name for the generator: imported later,
+    it binds this one); the first time, check that it does (CheckpointsNotFollowed where not)."""
+    if TORCH_REENTRANT_FORWARD is not None:
+        TORCH_CHECKPOINT_FUNCTION.forward = staticmethod(_reentrant_forward)
+    if _TORCH_WITHOUT_REENTRANT is not None:
+        torch_checkpoint._checkpoint_without_reentrant_generator = _without_reentrant
     composable = sys.modules.get(COMPOSABLE_CHECKPOINT)
     if composable is not None and hasattr(composable, "_checkpoint_without_reentrant_generator"):
         setattr(composable, "_checkpoint_without_reentrant_generator", _without_reentrant)  # noqa: B010
@@ -188,9 +191,15 @@ def check_checkpoints_followed() -> None:
     """Raise CheckpointsNotFollowed unless a block checkpointed (each form) under a mode of ours is
     recomputed under it, drawing from a replayed generator what its forward drew."""
     for reentrant in (True, False):
-        recomputations, as_forward = _probe_checkpoint(reentrant)
+        form = "reentrant" if reentrant else "non-reentrant"
+        try:
+            recomputations, as_forward = _probe_checkpoint(reentrant)
+        except Exception as error:  # a torch whose parts take other arguments
+            raise CheckpointsNotFollowed(
+                f"torch {torch.__version__}'s torch.utils.checkpoint ({form}) fails under what "
+                f"dse/train/recompute.py replaces ({type(error).__name__}: {error}); dse is tested with the "
+                f"torch of constraints.txt") from error
         if recomputations != 1 or not as_forward:
-            form = "reentrant" if reentrant else "non-reentrant"
             raise CheckpointsNotFollowed(
                 f"torch {torch.__version__}'s torch.utils.checkpoint ({form}) does not recompute through the "
                 f"objects dse/train/recompute.py replaces (recomputations: {recomputations}, under the "
@@ -205,13 +214,13 @@ def _probe_checkpoint(reentrant: bool) -> tuple[int, bool]:
 
     def block(t: Tensor) -> Tensor:
         on_stack = any(isinstance(mode, _Probe) for mode in function_modes())
-        seen.append((on_stack, float(torch.rand((), generator=generator))))
+        seen.append((on_stack, float(torch.rand((), generator=generator, device="cpu"))))
         return t * t
 
     _REPLAYED.runs.append([generator])
     try:
         with torch.inference_mode(False), torch.enable_grad():  # (wherever it is first called)
-            x = torch.ones(2, requires_grad=True)
+            x = torch.ones(2, device="cpu", requires_grad=True)  # (whatever the default device)
             with _Probe():
                 y = torch_checkpoint.checkpoint(block, x, use_reentrant=reentrant)
             y.sum().backward()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from support.member_checks import assert_each_member_as_alone
 from support.user_models import Gate, SequenceFirst
 from torch import Tensor, nn
 
@@ -642,30 +643,9 @@ def test_a_checkpointed_block_gives_each_member_its_output_and_gradients_alone(
     checkpointing raised CheckpointError in the group (the recomputation, run without the member
     mode, saved 4 tensors where the forward, member by member, saved 6) and reentrant checkpointing
     gave member 1 another input gradient in 1 element. Every parameter's gradient is compared too."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        nets = [_Checkpointed(form, ACTIVATIONS[activation]) for _ in range(members)]
-        group = stack_models([copy.deepcopy(m) for m in nets], None, QuantSwitch(), None, torch.randn(4, 64))
-        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(0)) * 3
-        weight = torch.linspace(-1, 1, 10)
-        folded = x.clone().requires_grad_()
-        together = group(folded)
-        (together * weight).sum().backward()
-        assert folded.grad is not None
-        stacked = dict(group.net.named_parameters())
-        for g, member in enumerate(nets):
-            own = x[g].clone().requires_grad_()
-            alone = member(own)
-            (alone * weight).sum().backward()
-            assert torch.equal(together[g], alone), g
-            assert torch.equal(folded.grad[g], own.grad), g
-            for name, p in member.named_parameters():
-                if p.grad is not None:
-                    assert torch.equal(stacked[name].grad[g], p.grad), (g, name)
-    finally:
-        torch.set_num_threads(previous)
+    torch.manual_seed(0)
+    nets = [_Checkpointed(form, ACTIVATIONS[activation]) for _ in range(members)]
+    assert_each_member_as_alone(nets, rows, threads, torch.linspace(-1, 1, 10))
 
 
 class _CallsItself(nn.Module):
@@ -705,29 +685,8 @@ def test_a_network_calling_itself_in_its_forward_gives_each_member_its_bits_alon
     network calling itself once, SiLU x sigmoid on 37 features): the net's second entry pushed the
     mode again, whose copy below split each member's block again, into `members` blocks of its rows:
     member 0's output differed in 50 elements and two weight gradients in their last bits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        nets = [_CallsItself() for _ in range(members)]
-        group = stack_models([copy.deepcopy(m) for m in nets], None, QuantSwitch(), None, torch.randn(4, 64))
-        x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(0)) * 3
-        folded = x.clone().requires_grad_()
-        together = group(folded)
-        together.sum().backward()
-        assert not _function_modes()
-        assert folded.grad is not None
-        stacked = dict(group.net.named_parameters())
-        for g, member in enumerate(nets):
-            own = x[g].clone().requires_grad_()
-            alone = member(own)
-            alone.sum().backward()
-            assert torch.equal(together[g], alone), g
-            assert torch.equal(folded.grad[g], own.grad), g
-            for name, p in member.named_parameters():
-                assert p.grad is not None and torch.equal(stacked[name].grad[g], p.grad), (g, name)
-    finally:
-        torch.set_num_threads(previous)
+    torch.manual_seed(0)
+    assert_each_member_as_alone([_CallsItself() for _ in range(members)], rows, threads)
 
 
 def test_a_backward_a_group_cannot_give_each_member_alone_trains_one_by_one_and_says_so() -> None:

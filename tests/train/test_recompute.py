@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as torch_checkpoint
+from support.member_checks import assert_each_member_as_alone
 from torch import Tensor, nn
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
+from dse.train import TrainConfig, recompute, train
 from dse.train.grouped import backward_reason, train_group
 from dse.train.recompute import (
     TORCH_CHECKPOINT_FUNCTION,
+    TORCH_REENTRANT_FORWARD,
     CheckpointsNotFollowed,
     check_checkpoints_followed,
     follow_checkpoints,
@@ -77,11 +79,10 @@ def test_this_torchs_checkpoint_recomputes_through_what_dse_replaces() -> None:
 
 def test_a_torch_whose_checkpoint_does_not_look_up_the_replaced_parts_is_refused(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """As a torch would be whose `checkpoint` called its reentrant Function by another name: the check
+    """As a torch would be whose reentrant checkpoint ran its forward by another name: the check
     raises, naming the torch version and the form, instead of training with other bits."""
     follow_checkpoints()
-    torchs = torch_checkpoint.CheckpointFunction.__mro__[1]
-    monkeypatch.setattr(torch_checkpoint, "CheckpointFunction", torchs)
+    monkeypatch.setattr(TORCH_CHECKPOINT_FUNCTION, "forward", staticmethod(TORCH_REENTRANT_FORWARD))
     with pytest.raises(CheckpointsNotFollowed, match=rf"torch {re.escape(torch.__version__)}.*\(reentrant\)"):
         check_checkpoints_followed()
 
@@ -102,10 +103,66 @@ class _BoundBeforeDse(nn.Module):
         return self.head(TORCH_CHECKPOINT_FUNCTION.apply(block, True, self.a(x)))
 
 
-def test_torchs_own_checkpoint_function_bound_before_dse_trains_one_by_one_and_says_so() -> None:
-    """Before, backward_reason let it stack (None), and the group gave members other gradients than
-    alone (torch 2.13, 2 members of 50 rows: member 1's input gradient and a.weight's in 1 element
-    each; 3 of 300 at 2 threads: member 0's a.weight in 2, member 1's input gradient in 4)."""
+@pytest.mark.parametrize("members, rows, threads", [(2, 50, 1), (3, 300, 2)],
+                         ids=["1-thread", "2-threads-above-grain"])
+def test_torchs_checkpoint_function_bound_before_dse_gives_each_member_its_bits_alone(
+        members: int, rows: int, threads: int) -> None:
+    """When recompute.py replaced the module's name for the class (a subclass of torch's), a name bound
+    before it ran torch's recomputation outside the member mode: backward_reason let the network stack,
+    and the group gave members other gradients than alone (torch 2.13, 2 members of 50 rows: member
+    1's input gradient and a.weight's in 1 element each; 3 of 300 at 2 threads: member 0's a.weight
+    in 2, member 1's input gradient in 4). torch's own class recomputes under the modes now."""
     torch.manual_seed(0)
-    reason = backward_reason(_BoundBeforeDse(), torch.randn(2, 64))
-    assert reason is not None and "autograd.Function CheckpointFunction calls" in reason, reason
+    nets = [_BoundBeforeDse() for _ in range(members)]
+    assert backward_reason(nets[0], torch.randn(2, 64)) is None
+    assert_each_member_as_alone(nets, rows, threads)
+
+
+def test_a_torch_whose_checkpoint_parts_take_other_arguments_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a torch would be whose non-reentrant generator took other arguments: the same clear error,
+    not the TypeError from inside torch."""
+    follow_checkpoints()
+
+    def generator(fn: object, *args: object, **kwargs: object) -> object:
+        raise TypeError("takes 3 positional arguments")
+
+    monkeypatch.setattr(recompute, "_TORCH_WITHOUT_REENTRANT", generator)
+    with pytest.raises(CheckpointsNotFollowed, match=r"\(non-reentrant\) fails.*TypeError: takes 3"):
+        check_checkpoints_followed()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("preserve", [True, False], ids=["preserve_rng_state", "not-preserved"])
+def test_a_recomputation_replays_the_runs_generators_unless_rng_state_is_not_preserved(
+        reentrant: bool, preserve: bool) -> None:
+    """The recomputation draws what the forward drew, and the generator ends where it would have
+    without checkpointing; `preserve_rng_state=False` opts out, as it does for torch's generators."""
+    generator = torch.Generator().manual_seed(0)
+    draws: list[Tensor] = []
+
+    def block(t: Tensor) -> Tensor:
+        draws.append(torch.rand(3, generator=generator))
+        return t * t
+
+    with recompute.replaying([generator]):
+        x = torch.ones(3, requires_grad=True)
+        y = torch_checkpoint.checkpoint(block, x, use_reentrant=reentrant, preserve_rng_state=preserve)
+        after_forward = torch.rand(2, generator=generator)
+        y.sum().backward()
+        after_backward = torch.rand(2, generator=generator)
+    without = torch.Generator().manual_seed(0)
+    assert torch.equal(draws[0], torch.rand(3, generator=without))
+    assert torch.equal(after_forward, torch.rand(2, generator=without))
+    assert len(draws) == 2
+    assert torch.equal(draws[1], draws[0]) == preserve
+    if preserve:
+        assert torch.equal(after_backward, torch.rand(2, generator=without))
+
+
+def test_the_check_runs_on_the_cpu_whatever_the_default_device() -> None:
+    """Under a default-device context (here meta) the check's tensors were made on that device and it
+    raised CheckpointsNotFollowed for a torch that follows checkpoints ("Tensor.item() cannot be
+    called on meta tensors")."""
+    with torch.device("meta"):
+        check_checkpoints_followed()
