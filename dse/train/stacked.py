@@ -241,7 +241,9 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13 + MKL
     2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand contiguous
     or transposed, with and without a bias: no difference where this holds, one in each shape of 400+
-    multiply-adds with a 1 (tests/train/test_train_grouped_methods.py checks the boundary)."""
+    multiply-adds with a 1 (tests/train/test_train_grouped_methods.py checks the boundary). On one
+    thread: at 2 threads a bmm differs where this holds too (4 x 128 x 513 with the second operand
+    transposed; member_gemm runs member by member on several threads)."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
