@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.stores import stored_trial_ids
 
 from dse.errors import InputError
 from dse.sweep import lock, parse_config, run_sweep
@@ -41,13 +42,6 @@ def _text(out: Path) -> str:
             f"trials: [{{format: [fp32, int8, bf16, int16], optimizer: sgd}}]\n"
             f"executor: {{workers: 1}}\noutput: {out}\n")
 
-
-def _stored(out: Path) -> list[str]:
-    try:
-        with sqlite3.connect(f"file:{out / STORE_FILE}?mode=ro", uri=True, timeout=5) as connection:
-            return [row[0] for row in connection.execute("SELECT trial_id FROM trials")]
-    except sqlite3.OperationalError:
-        return []
 
 
 def _dse(repo_root: Path, cwd: Path, *args: str) -> subprocess.Popen[str]:
@@ -76,7 +70,7 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused_and_readers_go_on(
                              env=env)
     try:
         deadline = time.monotonic() + 120
-        while not _stored(out):
+        while not stored_trial_ids(out):
             assert first.poll() is None, first.stderr.read().decode() if first.stderr else ""
             assert time.monotonic() < deadline, "the first sweep made no progress"
             time.sleep(0.02)
@@ -90,7 +84,7 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused_and_readers_go_on(
 
         # killed outright, it left its lock file (with its text) but nothing holds it: the next run resumes
         assert (out / lock.LOCK_FILE).read_text().startswith(f"pid {first.pid} ")
-        before = _stored(out)
+        before = stored_trial_ids(out)
         log = tmp_path / "resume.jsonl"
         monkeypatch.setenv("DSE_FAKE_LOG", str(log))
         run_sweep(parse_config(config.read_text(), "s.yaml"), train_fn=fake_train, executor=InlineExecutor(),
@@ -107,7 +101,7 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused_and_readers_go_on(
     assert second.stdout == "" and not (tmp_path / "second.jsonl").exists()  # the second trained nothing
     assert exported.returncode == 0 and len(exported.stdout.splitlines()) > 1, exported.stderr
     assert reported.returncode == 0 and "wrote" in reported.stdout, reported.stderr
-    after = _stored(out)
+    after = stored_trial_ids(out)
     assert len(after) == len(set(after)) == TRIALS and set(before) <= set(after)
     assert len(log.read_text().splitlines()) == TRIALS - len(before)  # each missing trial once
     assert not (out / lock.LOCK_FILE).exists()  # removed by the run that ended

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.stores import stored_trial_ids
 from typer.testing import CliRunner
 
 import dse.sweep.executors
@@ -46,14 +47,6 @@ def _ids(config: Path, calls: list[dict[str, Any]]) -> list[str]:
     return [t.trial_id for t in trials for call in calls
             if (t.config.format, t.config.seed) == (call["format"], call["seed"])]
 
-
-def _stored(out: Path) -> list[str]:
-    """The trial ids stored in `out`'s store ([] while it has no table of trials yet)."""
-    try:
-        with sqlite3.connect(f"file:{out / STORE_FILE}?mode=ro", uri=True, timeout=5) as connection:
-            return [row[0] for row in connection.execute("SELECT trial_id FROM trials")]
-    except sqlite3.OperationalError:
-        return []
 
 
 def _calls(log: Path) -> list[dict[str, Any]]:
@@ -135,12 +128,12 @@ def test_a_store_that_fails_mid_run_is_one_line_and_the_run_resumes(
         assert not out.exists()
         kept: list[str] = []
     else:
-        kept = _stored(out)
+        kept = stored_trial_ids(out)
         assert len(kept) == 3 and not (out / "sweep.lock").exists()
     (tmp_path / "calls.jsonl").unlink()
     resumed = CliRunner().invoke(app, ["sweep", str(fake_sweep), "-q"])
     assert resumed.exit_code == 0, resumed.output
-    after = _stored(out)
+    after = stored_trial_ids(out)
     assert len(after) == len(set(after)) == TRIALS and set(kept) <= set(after)
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert len(calls) == TRIALS - len(kept)  # only the missing trials trained
@@ -174,7 +167,7 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_finished_trials_are_stored(
         # both workers held (no trial running) and every trial they finished stored: the kill then
         # cannot fall between a trial's end and its result's arrival, whatever the machine's load
         while (len(list(tmp_path.glob("never.waiting.*"))) < 2 or not log.exists()
-               or sorted(_stored(out)) != sorted(_ids(config, _calls(log)))):
+               or sorted(stored_trial_ids(out)) != sorted(_ids(config, _calls(log)))):
             assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()
             time.sleep(0.02)
         worker = _calls(log)[0]["pid"]  # it went on to a held trial
@@ -189,7 +182,7 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_finished_trials_are_stored(
     assert lines == ["error: a worker process died (out of memory, or killed) and the sweep stopped its "
                      "others; the trials that finished are stored: run the same command again to resume"
                      ], stderr
-    kept = _stored(out)
+    kept = stored_trial_ids(out)
     assert sorted(kept) == sorted(_ids(config, _calls(log))) and not (out / "sweep.lock").exists()
     from dse.sweep import parse_config, run_sweep
     from dse.sweep.executors import InlineExecutor
@@ -198,7 +191,7 @@ def test_a_worker_killed_mid_run_is_one_line_and_the_finished_trials_are_stored(
     monkeypatch.setenv("DSE_FAKE_LOG", str(log))
     run_sweep(parse_config(config.read_text(), "s.yaml"), train_fn=fake_train, executor=InlineExecutor(),
               reports=False)
-    after = _stored(out)
+    after = stored_trial_ids(out)
     assert len(after) == len(set(after)) == TRIALS and set(kept) <= set(after)
     assert len(log.read_text().splitlines()) == TRIALS - len(kept)
 
