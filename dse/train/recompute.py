@@ -23,10 +23,11 @@ forward drew, and leaves it where the backward had it, as torch's `preserve_rng_
 torch's own generators; so checkpointing changes no rounding draw, and a checkpointed network trains
 bit for bit as without checkpointing (`preserve_rng_state=False` opts out of the replay, as in torch).
 
-`follow_checkpoints` checks once per process, by a checkpoint of each form under a probe mode, that
-this torch's checkpoint recomputes through what it replaced, and raises `CheckpointsNotFollowed`
-(naming the torch version and the form) where it does not: a torch whose checkpoint looked its parts
-up otherwise would recompute without the modes and draws, silently giving other bits.
+`follow_checkpoints` checks once per process, when a run starts training (`replaying`), by a
+checkpoint of each form under a probe mode, that this torch's checkpoint recomputes through what it
+replaced, and raises `CheckpointsNotFollowed` (naming the torch version and the form) where it does
+not: a torch whose checkpoint looked its parts up otherwise would recompute without the modes and
+draws, silently giving other bits.
 
 What this does not reach - a recomputation by other code than these functions of torch's, a
 user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
@@ -162,11 +163,14 @@ _FOLLOWED: list[bool] = []
 """[True] once `follow_checkpoints` has checked this torch."""
 
 
-def follow_checkpoints() -> None:
+def follow_checkpoints(check: bool = True) -> None:
     """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
     the reentrant Function's forward and the non-reentrant generator `checkpoint` looks up when called
     (and torch.distributed's composable checkpoint, by its own name for the generator: imported later,
-    it binds this one); the first time, check that it does (CheckpointsNotFollowed where not)."""
+    it binds this one); the first time with `check`, check that it does (CheckpointsNotFollowed where
+    not). A run training checks (`replaying`); installing a mode only replaces: the check's checkpoint
+    imports torch._dynamo (about 1 s), which a proxy traced for its energy, with no backward and so no
+    recomputation, need not pay (the worker training it imports torch._dynamo anyway, with its optimizer)."""
     if TORCH_REENTRANT_FORWARD is not None:
         TORCH_CHECKPOINT_FUNCTION.forward = staticmethod(_reentrant_forward)
     if _TORCH_WITHOUT_REENTRANT is not None:
@@ -174,7 +178,7 @@ def follow_checkpoints() -> None:
     composable = sys.modules.get(COMPOSABLE_CHECKPOINT)
     if composable is not None and hasattr(composable, "_checkpoint_without_reentrant_generator"):
         setattr(composable, "_checkpoint_without_reentrant_generator", _without_reentrant)  # noqa: B010
-    if not _FOLLOWED:
+    if check and not _FOLLOWED:
         check_checkpoints_followed()
         _FOLLOWED.append(True)
 

@@ -212,11 +212,14 @@ def test_trace_leaves_the_model_as_it_was(datasets: dict[str, Dataset]) -> None:
 
 
 def test_tracing_does_not_import_torch_dynamo(repo_root: Path) -> None:
-    """Every sweep traces its proxy to price it; torch._dynamo costs about a second to import and is
-    not needed for that (the tracer is a dispatch mode nothing compiles)."""
+    """Every sweep traces its proxy to price it, and finds its GEMM layers for per-layer rules;
+    torch._dynamo costs about a second to import and is not needed for either (the tracer is a dispatch
+    mode nothing compiles; finding the layers runs no backward, so no checkpoint recomputes and
+    recompute's check, whose checkpoint imports it, waits for a run to train)."""
     code = ("import sys; from dse.data import load_dataset; from dse.models.proxies import build_model, "
-            "trace_workload; data = load_dataset('digits'); "
+            "trace_workload; from dse.train.functional import model_layers; data = load_dataset('digits'); "
             "trace_workload(build_model('mlp', data), data, 'm', batch_size=4); "
+            "model_layers(build_model('mlp', data), data.x_train[:2]); "
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(repo_root)}).stdout.split()
