@@ -911,9 +911,12 @@ def sweep(
         from dse.sweep.groups import GROUP_SIZE
 
         chosen = settings.executor.group_size
-        sizes = f"{chosen}" if chosen is not None else (  # the largest group, and where its size came from
-            f"{max((len(group) for group in groups), default=1)} (no group_size given: each model's default, "
-            f"{GROUP_SIZE}, or 1 where a line below says why)")
+        largest = max((len(group) for group in groups), default=1)  # as planned: after any split below
+        if chosen is None:  # the largest group, and where its size came from
+            sizes = (f"{largest} (no group_size given: each model's default, {GROUP_SIZE}, or 1 where a line "
+                     f"below says why)")
+        else:
+            sizes = f"{largest}" if largest == chosen else f"{largest} (group_size {chosen})"
         console.print(f"{len(groups)} jobs: trials trained in groups of up to {sizes}", markup=False,
                       highlight=False, soft_wrap=True)
         for note in notes:

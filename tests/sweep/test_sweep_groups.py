@@ -182,6 +182,27 @@ def _sweep_alone(tmp_path: Path) -> Path:
     return tmp_path / "alone"
 
 
+def test_the_dry_runs_group_line_states_the_groups_as_split(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the device's memory splits the groups, `--dry-run`'s line states the largest group as
+    planned (2), not the group_size asked for (4) as if it held, above the line saying why."""
+    import dse.sweep.groups as groups
+    from dse.train.memory import MEMORY_FRACTION
+
+    mib = 2**20
+    monkeypatch.setattr(groups, "trial_training_bytes", lambda config, model, example: mib)
+    monkeypatch.setattr(groups, "available_memory_bytes", lambda device: int(2.5 * mib / MEMORY_FRACTION))
+    config = tmp_path / "s.yaml"
+    config.write_text(_text(tmp_path / "out", executor="{group_size: 4, workers: 1}"))
+    result = runner.invoke(app, ["sweep", str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    jobs = next(index for index, line in enumerate(lines) if "jobs: " in line)
+    assert lines[jobs].endswith("trials trained in groups of up to 2 (group_size 4)"), lines[jobs]
+    assert "groups of 4 split into groups of 2 to fit cpu" in lines[jobs + 1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_size_on_the_command_line_and_its_bad_values(tmp_path: Path) -> None:
     config = tmp_path / "s.yaml"
     config.write_text(_text(tmp_path / "out", seeds="[0]", executor="{group_size: 0}"))
