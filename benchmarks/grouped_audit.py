@@ -1,5 +1,6 @@
 """Randomized audit of grouped training: draw configurations (model, dataset, format family and
-rounding, training method, accumulation, per-member tuned fields, threads), train each group with
+rounding, training method, schedule, accumulation, per-layer rules, per-member tuned fields, threads;
+drawn as the end-to-end audit draws a sweep file's, tests/support/random_sweeps.py), train each group with
 `train_group` and each member alone with `train`, and require every stored result (accuracies, loss
 curve, final loss, divergence: every float's last bit) to agree. Prints one line per draw and every
 mismatch with its configuration; exits 1 if any.
@@ -7,6 +8,7 @@ mismatch with its configuration; exits 1 if any.
     python benchmarks/grouped_audit.py --draws 40 --seed 0
     python benchmarks/grouped_audit.py --draws 200 --seed 1 --minutes 30   # stop after 30 minutes
     python benchmarks/grouped_audit.py --draws 400 --models gated,recurrent   # only draws of these models
+    python benchmarks/grouped_audit.py --draws 40 --threads 1,2   # groups at 1 or 2 threads (default 1)
 
 Each draw trains on a few hundred samples for one or two epochs; the members differ in seed and in
 some of lr, momentum, weight_decay, p_scale, g_bound, niti_mu (dse.train.grouped.MEMBER_FIELDS).
@@ -22,89 +24,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-USER_MODELS = Path(__file__).resolve().parent.parent / "tests" / "support" / "user_models.py"
-
-FORMATS = ["fp32", "int8", "int4", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "posit8", "posit(16,1)", "lns8",
-           "mxfp4", "mxfp8_e4m3", "fixed(8,4)", "nvfp4", "mxint8", "p3109(8,4)"]
-ROUNDINGS = ["nearest", "stochastic", "pseudo_stochastic"]
+from support.random_sweeps import MODELS, draw_training  # noqa: E402
 
 
-def draw(rng: random.Random) -> tuple[list[Any], str]:
-    """One group's configurations (2-3 members) and a short description. Users' networks include
-    SiLU and sigmoid (`gated`), an nn.GRU (`recurrent`) and SiLU after a sequence-first attention
-    (`sequence_first_silu`), which run under MemberKernelMode, activation checkpointing
-    (`checkpointed`, `checkpointed_reentrant`, `checkpointed_sequential`), a network calling itself
-    (`self_calling`) and one that trains one by one (`swish_function`: its autograd.Function's
-    backward calls sigmoid)."""
+def draw(rng: random.Random, threads: tuple[int, ...] = (1,)) -> tuple[list[Any], str]:
+    """One group's configurations (2-3 members) and a short description: a model of
+    tests/support/random_sweeps.py's MODELS (the proxies and users' networks: activations that run under
+    MemberKernelMode, activation checkpointing, a network calling itself, one that trains one by one,
+    ...), a method with its fields drawn as a sweep file's (`draw_training`), each member its own seed and
+    its own value of each varied field; a diverging draw gives its last member an lr of 100."""
     from dse.train import TrainConfig
 
-    model, dataset = rng.choice([("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"), ("cnn", "mnist1d"),
-                                 ("transformer", "sort"), (f"{USER_MODELS}:functional", "digits"),
-                                 (f"{USER_MODELS}:conv", "digits"), (f"{USER_MODELS}:encoder", "digits"),
-                                 (f"{USER_MODELS}:tiny", "digits"), (f"{USER_MODELS}:attention", "digits"),
-                                 (f"{USER_MODELS}:sdpa", "digits"), (f"{USER_MODELS}:gated", "digits"),
-                                 (f"{USER_MODELS}:recurrent", "digits"),
-                                 (f"{USER_MODELS}:sequence_first_silu", "digits"),
-                                 (f"{USER_MODELS}:checkpointed", "digits"),
-                                 (f"{USER_MODELS}:checkpointed_reentrant", "digits"),
-                                 (f"{USER_MODELS}:checkpointed_sequential", "digits"),
-                                 (f"{USER_MODELS}:self_calling", "digits"),
-                                 (f"{USER_MODELS}:swish_function", "digits")])
-    method = rng.choice(["sgd", "sgd-copy-in-format", "sgd-no-copy", "adam", "adamw", "madam", "lns-madam",
-                         "lns-madam-copy", "niti", "posit-recipe"])
-    fields: dict[str, Any] = {"model": model, "dataset": dataset, "epochs": rng.choice([1, 2]),
-                              "batch_size": rng.choice([32, 50, 64]), "threads": rng.choice([1, 2]),
-                              "rounding": rng.choice(ROUNDINGS)}
-    fmt = rng.choice(FORMATS)
+    model, dataset = rng.choice(MODELS)
+    drawn = draw_training(rng, model, dataset)
+    fields = {**drawn.fields, "threads": rng.choice(threads)}
     members: list[dict[str, Any]] = [{"seed": s} for s in rng.sample(range(100), rng.choice([2, 3]))]
-    if method.startswith("sgd") or method in ("adam", "adamw"):
-        fields["optimizer"] = method.split("-")[0]
-        fields["format"] = fmt
-        if method == "sgd-copy-in-format":
-            fields["master_weights"] = rng.choice(["bf16", "fp16", "int16"])
-        if method == "sgd-no-copy":
-            fields["master_weights"] = False
-        if rng.random() < 0.3:
-            fields["optimizer_state"] = rng.choice(["bf16", "fp16"])
-        for m in members:
-            m["lr"] = rng.choice([0.01, 0.05, 0.1]) if method.startswith("sgd") else rng.choice([1e-3, 3e-3])
-            if rng.random() < 0.5:
-                m["weight_decay"] = rng.choice([0.0, 1e-4, 5e-4])
-            if method.startswith("sgd") and rng.random() < 0.5:
-                m["momentum"] = rng.choice([0.0, 0.5, 0.9])
-    elif method in ("madam", "lns-madam", "lns-madam-copy"):
-        fields["optimizer"] = "madam" if method == "madam" else "lns-madam"
-        fields["format"] = rng.choice(["lns8", "lns(6,gamma=4)"]) if method != "madam" else fmt
-        if method == "lns-madam-copy":
-            fields["master_weights"] = "lns(16,gamma=2048)"
-        elif method == "lns-madam":
-            fields["master_weights"] = False
-        fields["update_rounding"] = rng.choice(["nearest", "stochastic"])
-        for m in members:
-            m["lr"] = rng.choice([1 / 128, 1 / 64, 1 / 32, 0.01, 0.065])
-            m["p_scale"] = rng.choice([3.0, 10.0])
-            if rng.random() < 0.3:
-                m["g_bound"] = rng.choice([5.0, 10.0])
-    elif method == "niti":
-        fields.update(optimizer="niti", format=rng.choice(["int8", "int6"]), master_weights=False)
-        if rng.random() < 0.4:
-            fields["master_weights"] = "int16"
-        fields.pop("rounding")
-        for m in members:
-            m["niti_mu"] = rng.choice([3, 5, 8])
-    else:  # Lu et al.'s posit recipe
-        fields.update(optimizer="sgd", format=rng.choice(["posit8", "posit(8,1)", "posit(16,1)"]),
-                      warmup_epochs=1, layer_scaling=True, epochs=2)
-        for m in members:
-            m["lr"] = rng.choice([0.02, 0.05])
-    if method != "niti" and model != "transformer" and rng.random() < 0.25:  # (emulated sums: slow there)
-        fields["accumulation"] = rng.choice(["fp16", "bf16", "fp8_e5m2"])
-        fields["accumulation_chunk"] = rng.choice([1, 4, 16])
+    for m in members:
+        m.update({name: rng.choice(values) for name, values in drawn.member_values.items()})
+    if drawn.diverging:
+        members[-1]["lr"] = 100.0
     base = TrainConfig(**fields)
     configs = [base.replace(**m) for m in members]
-    return configs, f"{method}: {fields} members {members}"
+    return configs, f"{drawn.method}{' diverging' if drawn.diverging else ''}: {fields} members {members}"
 
 
 def subset(name: str, train: int, held_out: int) -> Any:
@@ -122,7 +67,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=float("inf"))
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--models", default="", help="only draws of these models")
+    parser.add_argument("--models", default="", help="only draws of these models (comma-separated names)")
+    parser.add_argument("--threads", default="1", help="thread counts to draw from (comma-separated)")
     args = parser.parse_args()
     from dse.errors import InputError
     from dse.train import train
@@ -134,8 +80,8 @@ def main() -> int:
     for i in range(args.draws):
         if time.monotonic() - start > args.minutes * 60:
             break
-        configs, what = draw(rng)
-        if args.models and not configs[0].model.endswith(tuple(args.models.split(","))):
+        configs, what = draw(rng, tuple(int(t) for t in args.threads.split(",")))
+        if args.models and configs[0].model.split(":")[-1] not in args.models.split(","):
             continue
         try:
             data = subset(configs[0].dataset, args.samples, 100)

@@ -35,6 +35,7 @@ from support.random_sweeps import (  # noqa: E402
     store_snapshot,
     stored_results,
     train_arguments,
+    write_file_datasets,
 )
 
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -79,6 +80,27 @@ def killed_and_resumed(config: Path, output: Path, rng: random.Random, workers: 
     return done, problems
 
 
+def onnx_workload(folder: Path) -> list[str]:
+    """A small network exported to ONNX in `folder` (a user's energy workload), where the onnx extra is
+    installed; else none."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return []
+    import warnings
+
+    import torch
+
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(4 * 6 * 6, 10))
+    path = folder / "user_net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (torch.randn(2, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    return [str(path)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=20)
@@ -88,20 +110,26 @@ def main() -> int:
     parser.add_argument("--kill", type=float, default=0.25, help="share of draws killed and resumed")
     parser.add_argument("--models", default="", help="only draws of these models (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep each draw's folder")
+    parser.add_argument("--threads", default="1", help="executor thread counts to draw (comma-separated)")
     args = parser.parse_args()
     # Started in the background of a non-interactive shell (`... &`), this process and every sweep it
     # starts would inherit SIGINT ignored, and the Ctrl-C check would see sweeps that go on (exit 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(args.seed)
     start = time.monotonic()
+    shared = Path(tempfile.mkdtemp(prefix=f"sweep-audit-{args.seed}-files-"))
+    data_dir = write_file_datasets(shared)
+    extra_workloads = ["digits-cnn", "resnet18", f"{ROOT}/tests/support/user_models.py:gated",
+                       *onnx_workload(shared)]
+    threads = tuple(int(t) for t in args.threads.split(","))
     counts = {"draws": 0, "refused": 0, "trials": 0, "alone": 0, "killed": 0, "mismatched": 0}
     for i in range(args.draws):
         if time.monotonic() - start > args.minutes * 60:
             break
         folder = Path(tempfile.mkdtemp(prefix=f"sweep-audit-{args.seed}-{i}-"))
-        drawn = draw_sweep(rng, folder / "grouped")
-        if args.models and not any(Path(drawn.description.split(": ")[1].split(" on ")[0]).name == m
-                                   for m in args.models.split(",")):
+        drawn = draw_sweep(rng, folder / "grouped", data_dir=data_dir, extra_workloads=extra_workloads,
+                           threads=threads)
+        if args.models and drawn.description.split(": ")[1].split(" on ")[0] not in args.models.split(","):
             shutil.rmtree(folder)
             continue
         kill = rng.random() < args.kill
@@ -159,6 +187,7 @@ def main() -> int:
             print(f"       kept in {folder}", flush=True)
         elif not args.keep:
             shutil.rmtree(folder)
+    shutil.rmtree(shared)
     print(json.dumps(counts), f"in {time.monotonic() - start:.0f} s")
     return 1 if counts["mismatched"] else 0
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.file_datasets import idx_bytes, write_cifar, write_mnist
 
 from dse.data import DATASETS, Dataset, load_dataset, with_validation
 from dse.data import mnist1d as m1d
@@ -152,10 +151,10 @@ def test_validation_split_is_fixed_by_the_dataset_not_the_run() -> None:
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_file_datasets_carry_a_validation_split(tmp_path: Path, name: str) -> None:
     if name == "mnist":
-        _write_mnist(tmp_path, n_train=40)
+        write_mnist(tmp_path, n_train=40)
         raw = load_mnist(tmp_path)
     else:
-        _write_cifar(tmp_path)
+        write_cifar(tmp_path)
         raw = load_cifar10(tmp_path)
     data = load_dataset(name, data_dir=tmp_path)
     assert data.x_val is not None and len(data.x_val) == int(np.ceil(len(raw.x_train) * VALIDATION_FRACTION))
@@ -310,32 +309,9 @@ def test_file_datasets_need_data_dir(name: str, expected: str, tmp_path: Path) -
 
 # --- MNIST IDX files -------------------------------------------------------------------------------
 
-def _idx_bytes(array: np.ndarray) -> bytes:
-    """IDX encoding written from the format description (magic 0x0000 0x08 ndim, big-endian sizes)."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _write_mnist(folder: Path, n_train: int = 6, n_test: int = 4, gz: bool = False,
-                 seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, array in arrays.items():
-        raw = _idx_bytes(array)
-        if gz:
-            (folder / f"{stem}.gz").write_bytes(gzip.compress(raw))
-        else:
-            (folder / stem).write_bytes(raw)
-    return arrays
-
-
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_idx_loader(tmp_path: Path, gz: bool) -> None:
-    arrays = _write_mnist(tmp_path, gz=gz)
+    arrays = write_mnist(tmp_path, gz=gz)
     data = load_mnist(tmp_path)
     assert data.sample_shape == (784,) and data.num_classes == 10 and data.task == "classification"
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
@@ -346,7 +322,7 @@ def test_mnist_idx_loader(tmp_path: Path, gz: bool) -> None:
 
 
 def test_mnist_torchvision_layout(tmp_path: Path) -> None:
-    _write_mnist(tmp_path / "MNIST" / "raw", gz=True)
+    write_mnist(tmp_path / "MNIST" / "raw", gz=True)
     assert load_mnist(tmp_path).x_train.shape == (6, 784)
 
 
@@ -356,7 +332,7 @@ def test_mnist_torchvision_layout(tmp_path: Path) -> None:
     (lambda raw: raw[:-5], "data bytes"),                        # truncated payload
 ])
 def test_corrupt_idx_names_the_file(tmp_path: Path, damage: object, expected: str) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     target = tmp_path / "t10k-images-idx3-ubyte"
     target.write_bytes(damage(target.read_bytes()))  # type: ignore[operator]
     with pytest.raises(InputError) as exc:
@@ -366,15 +342,15 @@ def test_corrupt_idx_names_the_file(tmp_path: Path, damage: object, expected: st
 
 
 def test_corrupt_gzip_and_label_mismatch(tmp_path: Path) -> None:
-    _write_mnist(tmp_path, gz=True)
+    write_mnist(tmp_path, gz=True)
     bad = tmp_path / "train-labels-idx1-ubyte.gz"
     bad.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(InputError) as exc:
         load_dataset("mnist", data_dir=tmp_path)
     assert str(bad) in _one_line(exc)
     other = tmp_path / "other"
-    _write_mnist(other)
-    (other / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(5)))  # 6 images, 5 labels
+    write_mnist(other)
+    (other / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(5)))  # 6 images, 5 labels
     with pytest.raises(InputError) as exc:
         load_dataset("mnist", data_dir=other)
     assert "6 images" in _one_line(exc) and "5 labels" in str(exc.value)
@@ -382,21 +358,9 @@ def test_corrupt_gzip_and_label_mismatch(tmp_path: Path) -> None:
 
 # --- CIFAR-10 python batches -----------------------------------------------------------------------
 
-def _write_cifar(folder: Path, per_batch: int = 3, protocol: int = 2) -> dict[str, dict[bytes, object]]:
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
-        batches[name] = batch
-    return batches
-
-
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_cifar10_loader(tmp_path: Path, protocol: int) -> None:
-    batches = _write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
+    batches = write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol)
     data = load_cifar10(tmp_path)
     assert data.x_train.shape == (15, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32)
     assert data.num_classes == 10 and data.x_train.dtype == torch.float32
@@ -412,7 +376,7 @@ def test_cifar10_loader(tmp_path: Path, protocol: int) -> None:
 
 
 def test_cifar10_missing_and_corrupt_batches(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     (tmp_path / "test_batch").unlink()
     with pytest.raises(InputError) as exc:
         load_dataset("cifar10", data_dir=tmp_path)
@@ -434,7 +398,7 @@ class _Exploit:
 
 
 def test_cifar10_refuses_pickles_that_run_code(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps({b"data": _Exploit(), b"labels": []}))
     with pytest.raises(InputError) as exc:
         load_dataset("cifar10", data_dir=tmp_path)

@@ -1,11 +1,14 @@
-"""Random but valid sweep files for the end-to-end audit of grouped sweeps (benchmarks/sweep_audit.py,
-tests/sweep/test_grouped_audit.py), and what a store holds, for comparing two of them bit for bit.
+"""Random but valid trainings and sweep files for the audits of grouped training: `draw_training` draws a
+method with its fields (benchmarks/grouped_audit.py trains it in process, as a group and member by member),
+`draw_sweep` writes it as a sweep file (benchmarks/sweep_audit.py, tests/sweep/test_grouped_audit.py);
+and what a store holds, for comparing two of them bit for bit.
 
 A drawn sweep trains one task (a built-in proxy or a user's network on a slice of a built-in dataset,
-tests/support/tiny_datasets.py) under one training method with its format, rounding, schedule and
-accumulation, 2-3 seeds and 1-2 tuned values of the fields a group's members may differ in, so each of
-its configurations trains as groups of 2-5 members; a quarter of the draws tune an lr so large that its
-members diverge. Every draw is seeded: the same seed writes the same file."""
+tests/support/tiny_datasets.py, or a proxy on small MNIST / CIFAR-10 files in a user's data_dir) under
+one training method with its format (every family of dse/formats), rounding, schedule, accumulation
+and per-layer rules, 2-3 seeds and 1-2 tuned values of the fields a group's members may differ in, so
+each of its configurations trains as groups of 2-5 members; a quarter of the SGD/Adam draws tune an lr
+so large that its members diverge. Every draw is seeded: the same seed writes the same file."""
 
 from __future__ import annotations
 
@@ -20,17 +23,142 @@ SUPPORT = Path(__file__).resolve().parent  # (user_models.py, tiny_datasets.py)
 USER_MODELS = SUPPORT / "user_models.py"
 TINY = SUPPORT / "tiny_datasets.py"
 
-MODELS: list[tuple[str, str]] = [
-    ("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"), ("cnn", "mnist1d"), ("resnet", "mnist1d"),
-    ("transformer", "sort"), *((f"{USER_MODELS}:{name}", "digits") for name in (
-        "functional", "conv", "tiny", "gated", "recurrent", "sdpa", "tokens", "attention",
-        "encoder", "sequence_first_silu"))]
-FORMATS = ["fp32", "int8", "int4", "int8(scale=channel)", "fixed(8,4)", "fixed(12,6)", "fp8_e4m3", "fp8_e5m2",
-           "bf16", "fp16", "posit8", "posit(8,1)", "posit(16,1)", "lns8", "lns(6,gamma=4)", "mxfp4",
-           "mxfp8_e4m3", "mxint8", "nvfp4", "p3109(8,4)", "p3109(8,3)"]
-ROUNDINGS = ["nearest", "stochastic", "pseudo_stochastic", "stochastic(4)"]
+PROXIES: list[tuple[str, str]] = [("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"),
+                                  ("cnn", "mnist1d"), ("resnet", "mnist1d"), ("transformer", "sort")]
+USER_NETWORKS: tuple[str, ...] = (
+    "functional", "conv", "tiny", "gated", "recurrent", "sdpa", "tokens", "attention", "encoder",
+    "sequence_first_silu", "residual_gate", "bottleneck", "small_tokens", "one_token", "frozen",
+    "straight_through", "transposed", "scaled_scores", "attention_bias_kv", "attention_dropout",
+    "checkpointed", "checkpointed_reentrant", "checkpointed_sequential", "checkpointed_plain",
+    "checkpointed_layer", "checkpointed_layer_reentrant", "checkpointed_layer_plain",
+    "composable_checkpoint", "self_calling", "swish_function")
+"""Users' networks in tests/support/user_models.py (each takes digits' 64 features)."""
+MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits") for name in USER_NETWORKS)]
+"""(model, dataset): a dataset names a slice in tiny_datasets.py (the built-in of that name)."""
+FILE_MODELS: list[tuple[str, str]] = [("mlp", "mnist"), ("cnn", "mnist"), ("cnn", "cifar10"),
+                                      ("resnet", "cifar10")]
+"""(model, file dataset) read from small generated files (write_file_datasets) in a user's data_dir."""
+HEAVY: tuple[str, ...] = ("transformer", "resnet", "encoder", "recurrent", "sequence_first_silu")
+"""Models whose emulated accumulation costs minutes a draw: drawn without an accumulator."""
+FORMATS = ["fp32", "tf32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "fp8_e5m2fnuz",
+           "fp(e=3,m=4)", "fp4_e2m1(scale=tensor)", "fp8_e4m3(scale=channel)", "fp8_e4m3(overflow=nan)",
+           "int8", "int6", "int4", "int8(scale=channel)", "int8(pow2=1)", "int4(scale=block,block=32)",
+           "fixed(8,4)", "fixed(12,6)", "fixed(8,4,scale=tensor)", "posit8", "posit16", "posit(8,0)",
+           "posit(8,1)", "posit(16,1)", "lns8", "lns(6,gamma=4)", "lns(8,gamma=4)", "mxfp4", "mxfp6_e2m3",
+           "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8", "nvfp4",
+           "block(fp6_e2m3,size=16,scale=e4m3,tensor_scale=fp32)",
+           "block(int4,size=16,scale=e4m3,tensor_scale=fp32)", "p3109(8,4)", "p3109(8,3)", "p3109(6,3)"]
+"""Every family of dse/formats (fp, int, fixed, posit, lns, mx, block, p3109) with its scalings."""
+ROUNDINGS = ["nearest", "stochastic", "pseudo_stochastic", "toward_zero", "stochastic(1)", "stochastic(4)",
+             "stochastic(12)"]
+ACCUMULATORS = ["fp16", "bf16", "fp8_e5m2", "fixed(16,8)", "fixed(20,10)", "fixed(24,0)"]
 METHODS = ["sgd", "sgd-copy-in-format", "sgd-no-copy", "adam", "adamw", "madam", "lns-madam",
            "lns-madam-copy", "niti", "posit-recipe"]
+TASK_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "epochs", "batch_size")
+"""A drawn training's fields that a sweep file states once, in its task."""
+
+
+def _kin(rng: random.Random, spec: str, formats: list[str]) -> str:
+    """A format of `formats` of the same kind (class) as `spec`'s: one the energy model prices beside
+    it (a GEMM of posit x fp has no datapath, and a sweep refuses it before training)."""
+    from dse.formats import get
+
+    kind = type(get(spec))
+    return rng.choice([other for other in formats if type(get(other)) is kind])
+
+
+@dataclass(frozen=True)
+class DrawnTraining:
+    """One training method's draw, shared by a sweep file (its trial and `tune`) and an in-process group
+    (benchmarks/grouped_audit.py, its members)."""
+
+    method: str
+    fields: dict[str, Any]
+    """TrainConfig fields every trial shares (model, dataset, epochs, batch size included)."""
+    member_values: dict[str, list[Any]]
+    """Fields the trials may differ in (dse.train.grouped.MEMBER_FIELDS but seed): values to draw from."""
+    diverging: bool
+    """Whether one of the trials is to take an lr of 100, so large that its loss overflows."""
+
+
+def draw_training(rng: random.Random, model: str, dataset: str, formats: list[str] | None = None,
+                  methods: list[str] | None = None) -> DrawnTraining:
+    """A method with its format, rounding, schedule, accumulation and per-layer rules for `model`."""
+    method = rng.choice(methods or METHODS)
+    heavy = model in HEAVY or model.endswith(tuple(f":{name}" for name in HEAVY))
+    fields: dict[str, Any] = {"model": model, "dataset": dataset, "epochs": rng.choice([1, 2]),
+                              "batch_size": rng.choice([32, 50, 64]), "rounding": rng.choice(ROUNDINGS)}
+    varied: dict[str, list[Any]] = {}
+    fmt = rng.choice(formats or FORMATS)
+
+    def vary(name: str, values: list[Any], chance: float = 0.5) -> None:
+        if rng.random() < chance:
+            varied[name] = values
+
+    if method.startswith("sgd") or method in ("adam", "adamw"):
+        fields["optimizer"] = method.split("-")[0]
+        if rng.random() < 0.2:  # each tensor class its own format (of one kind: the energy prices it)
+            fields.update(weights=fmt, activations=_kin(rng, fmt, formats or FORMATS),
+                          gradients=_kin(rng, fmt, formats or FORMATS))
+        else:
+            fields["format"] = fmt
+        if method == "sgd-copy-in-format":
+            fields["master_weights"] = rng.choice(["bf16", "fp16", "int16", "fixed(16,8)", "posit(16,1)"])
+        elif method == "sgd-no-copy":
+            fields["master_weights"] = False
+            fields["update_rounding"] = rng.choice(ROUNDINGS)
+        if rng.random() < 0.3:
+            fields["optimizer_state"] = rng.choice(["bf16", "fp16"])
+        sgd = method.startswith("sgd")
+        vary("lr", [0.01, 0.03, 0.05, 0.1] if sgd else [1e-3, 3e-3], 0.8)
+        vary("weight_decay", [0.0, 1e-4, 5e-4])
+        if sgd:
+            vary("momentum", [0.0, 0.5, 0.9])
+    elif method in ("madam", "lns-madam", "lns-madam-copy"):
+        fields["optimizer"] = "madam" if method == "madam" else "lns-madam"
+        fields["format"] = rng.choice(["lns8", "lns(6,gamma=4)"]) if method != "madam" else fmt
+        if method == "lns-madam-copy":
+            fields["master_weights"] = "lns(16,gamma=2048)"
+        elif method == "lns-madam":
+            fields["master_weights"] = False
+        fields["update_rounding"] = rng.choice(["nearest", "stochastic", "pseudo_stochastic"])
+        vary("lr", [1 / 128, 1 / 64, 1 / 32, 0.01, 0.065], 0.8)
+        vary("p_scale", [3.0, 10.0])
+        vary("g_bound", [5.0, 10.0], 0.3)
+    elif method == "niti":
+        fields.update(optimizer="niti", format=rng.choice(["int8", "int6"]), master_weights=False)
+        fields.pop("rounding")
+        if rng.random() < 0.4:
+            fields["master_weights"] = "int16"
+        vary("niti_mu", [3, 5, 8], 0.8)
+    else:  # Lu et al.'s posit recipe: fp32 warm-up epochs, then posits with layer scaling
+        fields.update(optimizer="sgd", format=rng.choice(["posit8", "posit(8,1)", "posit(16,1)"]),
+                      warmup_epochs=1, layer_scaling=True, epochs=2)
+        vary("lr", [0.02, 0.05], 0.8)
+    if method != "niti":
+        schedule = rng.choice(["constant", "constant", "cosine", "step"])
+        if schedule != "constant":
+            fields["lr_schedule"] = schedule
+            if schedule == "step":
+                fields.update(lr_step_epochs=1, lr_gamma=rng.choice([0.1, 0.5]))
+            if rng.random() < 0.5:
+                fields["lr_warmup_epochs"] = 1
+        if not heavy and rng.random() < 0.25:
+            fields["accumulation"] = rng.choice(ACCUMULATORS)
+            fields["accumulation_chunk"] = rng.choice([1, 4, 16])
+        per_layer = rng.random()
+        if per_layer < 0.15:
+            fields["full_precision_layers"] = rng.choice([["first"], ["last"], ["first", "last"]])
+        elif per_layer < 0.3:
+            trial_format = fields.get("format", fields.get("weights", "fp32"))
+            fields["layers"] = [rng.choice([
+                {"match": "type:Linear", "weights": _kin(rng, trial_format, FORMATS)},
+                {"match": "type:Linear", "activations": _kin(rng, trial_format, FORMATS),
+                 "gradients": _kin(rng, trial_format, FORMATS)},
+                {"match": "*", "weight_grads": _kin(rng, trial_format, FORMATS)},
+                {"match": "type:Linear", "format": "fp32"}])]
+    diverging = method in ("sgd", "sgd-no-copy", "adam", "adamw") and rng.random() < 0.25
+    return DrawnTraining(method, fields, varied, diverging)
 
 
 @dataclass(frozen=True)
@@ -47,93 +175,56 @@ def _yaml(value: Any) -> str:
     return json.dumps(value)  # JSON is YAML: every value written unambiguously
 
 
+def write_file_datasets(folder: Path) -> Path:
+    """Small MNIST and CIFAR-10 files under folder/mnist and folder/cifar10 (a user's local copies, random
+    pixels: 192 training images, 96 test), for FILE_MODELS; returns `folder`."""
+    from support.file_datasets import write_cifar, write_mnist
+
+    write_mnist(folder / "mnist", n_train=192, n_test=96, seed=5)
+    write_cifar(folder / "cifar10", per_batch=192 // 5 + 1)
+    return folder
+
+
 def draw_sweep(rng: random.Random, output: Path, workloads: list[str] | None = None,
-               models: list[tuple[str, str]] | None = None, methods: list[str] | None = None) -> DrawnSweep:
-    """One random sweep file writing to `output`."""
-    model, data = rng.choice(models or MODELS)
-    method = rng.choice(methods or METHODS)
-    heavy = model in ("transformer", "resnet") or model.endswith(
-        ("encoder", "recurrent", "sequence_first_silu"))
-    task: dict[str, Any] = {"model": model, "dataset": f"{TINY}:{data}", "epochs": rng.choice([1, 2]),
-                            "batch_size": rng.choice([32, 50, 64])}
-    trial: dict[str, Any] = {"rounding": rng.choice(ROUNDINGS)}
-    tune: dict[str, list[Any]] = {}
-    fmt = rng.choice(FORMATS)
-
-    def maybe_tune(name: str, values: list[Any], chance: float = 0.5) -> None:
-        if rng.random() < chance:
-            tune[name] = sorted(rng.sample(values, rng.choice([1, 2])))
-
-    if method.startswith("sgd") or method in ("adam", "adamw"):
-        trial["optimizer"] = method.split("-")[0]
-        trial["format"] = fmt
-        if method == "sgd-copy-in-format":
-            trial["master_weights"] = rng.choice(["bf16", "fp16", "int16", "fixed(16,8)", "posit(16,1)"])
-        elif method == "sgd-no-copy":
-            trial["master_weights"] = False
-            trial["update_rounding"] = rng.choice(ROUNDINGS)
-        if rng.random() < 0.3:
-            trial["optimizer_state"] = rng.choice(["bf16", "fp16"])
-        sgd = method.startswith("sgd")
-        maybe_tune("lr", [0.01, 0.03, 0.1] if sgd else [1e-3, 3e-3], 0.8)
-        maybe_tune("weight_decay", [0.0, 1e-4, 5e-4])
-        if sgd:
-            maybe_tune("momentum", [0.0, 0.5, 0.9])
-    elif method in ("madam", "lns-madam", "lns-madam-copy"):
-        trial["optimizer"] = "madam" if method == "madam" else "lns-madam"
-        trial["format"] = rng.choice(["lns8", "lns(6,gamma=4)"]) if method != "madam" else fmt
-        if method == "lns-madam-copy":
-            trial["master_weights"] = "lns(16,gamma=2048)"
-        elif method == "lns-madam":
-            trial["master_weights"] = False
-        trial["update_rounding"] = rng.choice(["nearest", "stochastic", "pseudo_stochastic"])
-        maybe_tune("lr", [1 / 128, 1 / 64, 0.01, 0.065], 0.8)
-        maybe_tune("p_scale", [3.0, 10.0])
-        maybe_tune("g_bound", [5.0, 10.0], 0.3)
-    elif method == "niti":
-        trial.update(optimizer="niti", format=rng.choice(["int8", "int6"]), master_weights=False)
-        trial.pop("rounding")
-        if rng.random() < 0.4:
-            trial["master_weights"] = "int16"
-        maybe_tune("niti_mu", [3, 5, 8], 0.8)
-    else:  # Lu et al.'s posit recipe: fp32 warm-up epochs, then posits with layer scaling
-        trial.update(optimizer="sgd", format=rng.choice(["posit8", "posit(8,1)", "posit(16,1)"]),
-                     warmup_epochs=1, layer_scaling=True)
-        task["epochs"] = 2
-        maybe_tune("lr", [0.02, 0.05], 0.8)
-    if method != "niti":
-        schedule = rng.choice(["constant", "constant", "cosine", "step"])
-        if schedule != "constant":
-            trial["lr_schedule"] = schedule
-            if schedule == "step":
-                trial["lr_step_epochs"] = 1
-            if rng.random() < 0.5:
-                trial["lr_warmup_epochs"] = 1
-        if not heavy and rng.random() < 0.25:
-            trial["accumulation"] = rng.choice(["fp16", "bf16", "fp8_e5m2"])
-            trial["accumulation_chunk"] = rng.choice([1, 4, 16])
-        per_layer = rng.random()
-        if per_layer < 0.15:
-            trial["full_precision_layers"] = [rng.choice(["first", "last"])]
-        elif per_layer < 0.3:
-            trial["layers"] = [{"match": "type:Linear", "weights": rng.choice(["fp8_e4m3", "int8", "bf16"])}]
-    diverging = method in ("sgd", "sgd-no-copy", "adam", "adamw") and rng.random() < 0.25
-    if diverging:  # one tuned lr so large that its members' losses overflow
+               models: list[tuple[str, str]] | None = None, methods: list[str] | None = None,
+               data_dir: Path | None = None, extra_workloads: list[str] | None = None,
+               threads: tuple[int, ...] = (1,)) -> DrawnSweep:
+    """One random sweep file writing to `output`. `data_dir` (write_file_datasets) adds FILE_MODELS to
+    the draw; `extra_workloads` (an ONNX file, a built-in workload) are priced beside the proxy in some
+    draws; `threads`: the executor's thread counts to draw from."""
+    pool = models or [*MODELS, *(FILE_MODELS if data_dir else [])]
+    model, data = rng.choice(pool)
+    drawn = draw_training(rng, model, data, methods=methods)
+    trial = dict(drawn.fields)
+    task = {name: trial.pop(name) for name in TASK_FIELDS if name in trial}
+    if data in ("mnist", "cifar10"):
+        assert data_dir is not None
+        task["data_dir"] = str(data_dir / data)
+    else:
+        task["dataset"] = f"{TINY}:{data}"
+    tune = {name: sorted(rng.sample(values, rng.choice([1, 2])))
+            for name, values in drawn.member_values.items()}
+    if drawn.diverging:  # one tuned lr so large that its members' losses overflow
         tune["lr"] = sorted({*tune.get("lr", [0.01]), 100.0})
     seeds = sorted(rng.sample(range(10), rng.choice([2, 3])))
     if tune:
         trial["tune"] = tune
     group_size = rng.choice([2, 3, 4, 5])
     workers = rng.choice([1, 2])
-    threads = rng.choice([1, 2])
+    thread_count = rng.choice(threads)
+    if workloads is None:
+        workloads = ["proxy"]
+        if extra_workloads and rng.random() < 0.3:
+            workloads.append(rng.choice(extra_workloads))
     text = (f"name: audit\nseeds: {_yaml(seeds)}\ntask: {_yaml(task)}\n"
-            f"energy: {_yaml({'workloads': workloads or ['proxy']})}\ntrials:\n  - {_yaml(trial)}\n"
-            f"executor: {_yaml({'group_size': group_size, 'workers': workers, 'threads': threads})}\n"
+            f"energy: {_yaml({'workloads': workloads})}\ntrials:\n  - {_yaml(trial)}\n"
+            f"executor: {_yaml({'group_size': group_size, 'workers': workers, 'threads': thread_count})}\n"
             f"output: {_yaml(str(output))}\n")
-    description = (f"{method}{' diverging' if diverging else ''}: {Path(model).name} on {data}, "
-                   f"group {group_size}, {workers} worker(s), {threads} thread(s): {_yaml(trial)} "
-                   f"seeds {seeds}")
-    return DrawnSweep(text, description, group_size, workers, threads)
+    name = model.split(":")[-1]
+    description = (f"{drawn.method}{' diverging' if drawn.diverging else ''}: {name} on {data}, "
+                   f"group {group_size}, {workers} worker(s), {thread_count} thread(s): {_yaml(trial)} "
+                   f"seeds {seeds}{'' if workloads == ['proxy'] else f' workloads {workloads}'}")
+    return DrawnSweep(text, description, group_size, workers, thread_count)
 
 
 IGNORED_TRIAL_COLUMNS = ("wall_time_s", "finished_at")
