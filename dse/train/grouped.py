@@ -472,7 +472,8 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             setup.on_epoch_start(epoch)
             permutation = torch.stack([torch.randperm(len(x_train), generator=order)
                                        for order in orders]).to(device)
-            tally = EpochTally(list(model.parameters()), members, running, stacked=True)
+            tally = EpochTally(list(model.parameters()), members, running, stacked=True,
+                               generators=generators)
             for start in range(0, permutation.shape[1], first.batch_size):
                 index = permutation[:, start:start + first.batch_size]
                 logits = model(x_train[index])

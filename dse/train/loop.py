@@ -208,7 +208,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
             if setup.on_epoch_start is not None:
                 setup.on_epoch_start(epoch)
             permutation = torch.randperm(len(x_train), generator=order).to(device)
-            tally = EpochTally(list(setup.model.parameters()), 1, [0], stacked=False)
+            tally = EpochTally(list(setup.model.parameters()), 1, [0], stacked=False, generators=[generator])
             for start in range(0, len(permutation), config.batch_size):
                 index = permutation[start:start + config.batch_size]
                 loss = setup.loss_fn(setup.model(x_train[index]), y_train[index])
