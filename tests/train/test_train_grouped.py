@@ -160,23 +160,23 @@ def test_a_diverged_member_is_evaluated_with_the_random_draws_it_has_alone(
         assert repr(same_as_alone(configs, data)) == repr(results)
 
 
-@pytest.mark.xfail(strict=True, reason="a diverged MX member disturbs the others under pseudo-stochastic "
-                   "rounding with an all-fp32 Linear; cause not found yet (docs/training.md, second audit)")
-def test_a_diverging_member_of_an_mx_cnn_group_with_an_fp32_head_does_not_disturb_the_others(
+@pytest.mark.xfail(strict=True, reason="a stacked convolution's bias gradient sums otherwise than alone "
+                   "under MX pseudo-stochastic rounding with an all-fp32 Linear; cause not found yet")
+def test_an_mx_cnn_group_with_an_fp32_head_under_pseudo_stochastic_rounding_equals_alone(
         same_as_alone: Callable[..., Any]) -> None:
-    """Found by the second audit (benchmarks/grouped_audit.py --seed 41, draw 268): member 0 (lr 0.003)
-    of this group ends at loss 2.3003852 against 2.3008570 alone once member 1 (lr 100) has diverged.
-    Ablations (member 0 equal to alone when changed): fp8_e4m3 for mxfp8_e4m3 (mxint8 still differs),
-    nearest or stochastic for pseudo_stochastic rounding, no layer rule or one that keeps only the
-    Linear's weights, activations or gradients fp32, SGD for AdamW; the accumulator and the schedule
-    do not matter. Member 0's first differing weight is the last convolution's bias, after the first
-    step in which member 1's loss is NaN."""
+    """Found by the second audit (benchmarks/grouped_audit.py --seed 41, draw 268, which had a diverging
+    member; the divergence does not matter): member 0 ends at loss 2.3003852 against 2.3008570 alone.
+    From the first step the gradients of the first two convolutions' biases differ from alone's in
+    the last bits (up to 6e-9), every other gradient is equal; AdamW then carries it into the weights.
+    Equal to alone when changed: fp8_e4m3 for mxfp8_e4m3 (mxint8 still differs), nearest or stochastic
+    for pseudo_stochastic, no layer rule or one that keeps only the Linear's weights, activations or
+    gradients fp32, SGD for AdamW; the accumulator and the
+    schedule do not matter."""
     base = TrainConfig(model="cnn", dataset="mnist1d", epochs=1, batch_size=50, optimizer="adamw",
                        rounding="pseudo_stochastic", format="mxfp8_e4m3",
                        layers=[{"match": "type:Linear", "format": "fp32"}])
-    configs = [base.replace(seed=91, lr=0.003), base.replace(seed=90, lr=100.0)]
-    results = same_as_alone(configs, _subset("mnist1d", 256, 100))
-    assert [r["diverged"] for r in results] == [False, True]
+    same_as_alone([base.replace(seed=91, lr=0.003), base.replace(seed=90, lr=0.003)],
+                  _subset("mnist1d", 256, 100))
 
 
 def test_every_method_stacks_the_built_in_proxies() -> None:
