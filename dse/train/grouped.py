@@ -467,7 +467,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
     diverged = [False] * members
     running = list(range(members))  # members still training
     model.train()
-    with replaying(generators):  # a checkpointed block's recomputation draws what its forward drew
+    with replaying(generators, model):  # a checkpointed block's recomputation draws what its forward drew
         for epoch in range(first.epochs):
             setup.on_epoch_start(epoch)
             permutation = torch.stack([torch.randperm(len(x_train), generator=order)
