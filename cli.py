@@ -716,7 +716,8 @@ def _train_parameters() -> list[Any]:
         "as_json": (bool, typer.Option("--json", help="Print one JSON object (no progress lines).")),
         "quiet": (bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")),
         "verbose": (bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats (after "
-                                       "training: those first run then), and the GEMMs left in fp32.")),
+                                       "training: those first run then), and the GEMMs left in fp32; a "
+                                       "user's network that raises while training shows its traceback.")),
     }
     for name, (kind, option) in own.items():
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
@@ -796,7 +797,7 @@ def train(**options: Any) -> None:
                             f"accuracy {validation:.4f}", markup=False, highlight=False)
 
     progress = None if as_json or quiet else report_epoch
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _users_network_errors(config.model, verbose):
         warnings.simplefilter("ignore", UnconvertedGemmWarning)  # printed from the live list below
         result = run_training(config, progress=progress, on_gemms=report_gemms)
     report_late_gemms()
@@ -817,6 +818,25 @@ def train(**options: Any) -> None:
     for name, value in rows:
         table.add_row(name, value)
     _print_whole(table)
+
+
+@contextlib.contextmanager
+def _users_network_errors(model: str, traceback_shown: bool) -> Iterator[None]:
+    """An error a user's network (`file.py:function`) raises while it trains, as one line naming the
+    network (an InputError); with `traceback_shown`, as it is."""
+    from dse.errors import InputError
+    from dse.usercode import is_ref
+
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as error:
+        if traceback_shown or not is_ref(model):
+            raise
+        text = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(f"model {model!r} raised {type(error).__name__} while training: {text} (--verbose "
+                         "shows the traceback)") from None
 
 
 train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]  # Typer reads it
