@@ -176,13 +176,12 @@ _FOLLOWED: list[bool] = []
 """[True] once `check_once` has checked this torch."""
 
 
-def follow_checkpoints(check: bool = True) -> None:
+def follow_checkpoints() -> None:
     """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
     the reentrant Function's forward and the non-reentrant generator `checkpoint` looks up when called
     (and torch.distributed's composable checkpoint, by its own name for the generator: imported later,
-    it binds this one). Idempotent: called where a mode of ours is installed and a run starts training.
-    (`check` is kept for callers; the check itself runs where a run training first checkpoints.)"""
-    del check
+    it binds this one). Idempotent: called where a mode of ours is installed and a run starts training;
+    the check runs where a run training first checkpoints (`check_once`)."""
     _replace_torchs_parts()
 
 
