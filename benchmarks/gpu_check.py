@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GPU_TESTS = ["tests/test_cuda.py", "tests/train/test_train_grouped.py",
+             "tests/train/test_train_grouped_threads.py",
              "tests/train/test_train_grouped_methods.py", "tests/train/test_train_functional.py"]
 SYNC_METHODS: list[dict[str, object]] = [
     {"format": "int8"}, {"format": "fp8_e4m3", "rounding": "stochastic"}, {"format": "mxfp8_e4m3"},
