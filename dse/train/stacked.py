@@ -530,7 +530,11 @@ class StackedGemmLayer(nn.Module):
 
 
 class StackedMatmul(nn.Module):
-    """`a @ b` for folded operands, each member's operands quantized as its own activations."""
+    """`a @ b` for folded operands, each member's operands quantized as its own activations. A
+    member's product alone is a batched matmul too (attention's q k^T, p v), which the group's sums
+    alike on the CPU at one thread; elsewhere where `sums_as_members` finds it does (in fp32 for the
+    product and the two products of its gradient, which torch's autograd computes), else member by
+    member."""
 
     def __init__(self, members: int, gemm_quant: LayerQuant | None) -> None:
         super().__init__()
@@ -540,10 +544,23 @@ class StackedMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is None or not quant.switch.enabled:
-            return a @ b
+            split = (_split(a, self.members), _split(b, self.members))
+            if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
+                               functools.partial(_matmul_with_grads, 0), split, True):
+                return a @ b
+            return torch.cat([a_g @ b_g for a_g, b_g in zip(*(t.unbind(0) for t in split), strict=True)])
         a, b = _split(a, self.members), _split(b, self.members)
         members = MemberRanks(a.dim() - 1, b.dim() - 1, batched_alone=True)
         return _fold(quant_matmul(a, b, quant, members=members))
+
+
+def _matmul_with_grads(start_dim: int, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b and the two products of its gradient (dy b^T, a^T dy; the product itself standing in for
+    dy), flattened from `start_dim` (1: after the members' axis): what a probe compares for a matmul
+    whose gradient torch's autograd computes."""
+    y = a @ b
+    products = (y, y @ b.transpose(-1, -2), a.transpose(-1, -2) @ y)
+    return torch.cat([p.flatten(start_dim) for p in products], dim=start_dim)
 
 
 class PerMemberLayer(nn.Module):

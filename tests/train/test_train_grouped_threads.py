@@ -216,3 +216,26 @@ def test_on_cuda_a_group_equals_each_members_run_alone(
     base = TrainConfig(dataset="digits", epochs=1, batch_size=64, device="cuda", **fields)
     stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, lr=0.1)], digits_256)
 
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_a_stacked_fp32_matmul_and_its_gradients_are_each_members_own(thread_count: int) -> None:
+    """Attention's q k^T in fp32 (the warm-up, an fp32 proxy): alone a batched matmul too; the group's
+    product and autograd's two gradient products equal each member's, batched or member by member."""
+    from dse.train.stacked import StackedMatmul
+
+    source = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2 * 3, 2, 40, 24, generator=source), torch.randn(2 * 3, 2, 24, 40, generator=source)
+    dy = torch.randn(2 * 3, 2, 40, 40, generator=source)
+    with threads(thread_count):
+        ga, gb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        together = StackedMatmul(2, None)(ga, gb)
+        together.backward(dy)
+        for g in range(2):
+            rows = slice(3 * g, 3 * g + 3)
+            ma, mb = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+            y = ma @ mb
+            y.backward(dy[rows])
+            assert _same_bits(together[rows].detach(), y.detach())
+            assert ga.grad is not None and gb.grad is not None and ma.grad is not None and mb.grad is not None
+            assert _same_bits(ga.grad[rows], ma.grad) and _same_bits(gb.grad[rows], mb.grad)
