@@ -13,7 +13,10 @@ addmm):
 2. at each thread count, how many shapes the batched call sums otherwise, how many of those
    `bmm_sums_as_mm` would have let through, and whether the probe's "sums alike" holds again on fresh
    random operands (a miss would be a shape whose difference the probe's data did not show);
-3. a probe's cost (the first call of a layout) against a decided call and the product itself.
+3. a probe's cost (the first call of a layout) against a decided call and the product itself;
+4. with `--train MODEL`: a group of 4 trained at 2 threads, each product decided as above against
+   every product member by member (the probe answering "differs"), side by side in this process,
+   CPU seconds, best of `--rounds`; and how many layouts the decided run probed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.group_gemms import gemm_operands  # noqa: E402  (the tests' operands)
 
 from dse.train import batched_sums  # noqa: E402
 from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members  # noqa: E402
@@ -41,15 +47,9 @@ FRESH_DRAWS = 3
 
 def operands(rows: int, reduction: int, columns: int, layout: tuple[bool, bool, bool], device: str,
              generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """A (G, rows, reduction), b (G, reduction, columns), each transposed in memory where `layout`
-    says, and a bias (G, columns) where its third entry says."""
-    a_t, b_t, bias = layout
-    a = torch.randn(MEMBERS, reduction, rows, generator=generator).transpose(1, 2) if a_t \
-        else torch.randn(MEMBERS, rows, reduction, generator=generator)
-    b = torch.randn(MEMBERS, columns, reduction, generator=generator).transpose(1, 2) if b_t \
-        else torch.randn(MEMBERS, reduction, columns, generator=generator)
-    ops = (a, b, torch.randn(MEMBERS, columns, generator=generator)) if bias else (a, b)
-    return tuple(t.to(device) for t in ops)
+    """The group's operands, each transposed in memory where `layout` says, a bias where its third
+    entry says."""
+    return gemm_operands(MEMBERS, rows, reduction, columns, *layout, generator, device)
 
 
 def sums_alike(ops: tuple[torch.Tensor, ...]) -> bool:
@@ -120,12 +120,57 @@ def cost(device: str, threads: int) -> None:
               f"{product_us:.0f} us")
 
 
+def training(model: str, threads: int, rounds: int) -> None:
+    import dataclasses
+
+    from dse.data import load_dataset
+    from dse.train import TrainConfig
+    from dse.train.grouped import train_group
+
+    name = "mnist1d" if model == "cnn" else "sort-easy" if model == "transformer" else "digits"
+    data = load_dataset(name)
+    data = dataclasses.replace(data, x_train=data.x_train[:512], y_train=data.y_train[:512],
+                               x_val=data.x_val[:128], y_val=data.y_val[:128], x_test=data.x_test[:128],
+                               y_test=data.y_test[:128])
+    base = TrainConfig(model=model, dataset=name, epochs=1, batch_size=64, threads=threads, format="int8")
+    configs = [base.replace(seed=seed) for seed in range(4)]
+    probe_before = batched_sums._probe
+    seconds: dict[str, float] = {}
+    results: dict[str, list[float]] = {}
+    probed = 0
+    train_group(configs, data)  # warm-up: imports, first allocations, the thread pool
+    for round_number in range(rounds):
+        for mode in ("decided", "member by member")[::1 if round_number % 2 else -1]:
+            batched_sums._DECIDED.clear()
+            if mode != "decided":
+                batched_sums._probe = lambda batched, each, operands: False  # type: ignore[assignment]
+            started = time.process_time()
+            try:
+                trained = train_group(configs, data)
+            finally:
+                batched_sums._probe = probe_before  # type: ignore[assignment]
+            seconds[mode] = min(seconds.get(mode, float("inf")), time.process_time() - started)
+            results[mode] = [r.final_loss for r in trained]
+            if mode == "decided":
+                probed = len(batched_sums._DECIDED)
+    same = results["decided"] == results["member by member"]
+    print(f"{model} int8, G = 4, {threads} threads: decided {seconds['decided']:.2f} s ({probed} layouts "
+          f"decided), member by member {seconds['member by member']:.2f} s: "
+          f"{seconds['member by member'] / seconds['decided']:.2f}x; same results: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--train", default="", help="proxies to train: mlp,cnn,transformer")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.train:
+        for model in args.train.split(","):
+            training(model, 2, args.rounds)
+        return
     print(f"torch {torch.__version__}, {torch.backends.mkl.is_available() and 'MKL' or 'no MKL'}; "
           f"probe seed {batched_sums.PROBE_SEED}")
     sizes = QUICK_SIZES if args.quick else FULL_SIZES

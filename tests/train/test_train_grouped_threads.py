@@ -5,14 +5,14 @@ each member's run alone, bit for bit, at two threads as at one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.group_gemms import gemm_operands, torch_threads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dse.train import TrainConfig, accumulation, batched_sums
@@ -23,25 +23,10 @@ MODELS = "tests/support/user_models.py"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@contextmanager
-def threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _operands(members: int, rows: int, reduction: int, columns: int, a_transposed: bool, b_transposed: bool,
               bias: bool, seed: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
-    source = torch.Generator().manual_seed(seed)
-    a = torch.randn(members, reduction, rows, generator=source).transpose(1, 2) if a_transposed \
-        else torch.randn(members, rows, reduction, generator=source)
-    b = torch.randn(members, columns, reduction, generator=source).transpose(1, 2) if b_transposed \
-        else torch.randn(members, reduction, columns, generator=source)
-    ops = (a, b, torch.randn(members, columns, generator=source)) if bias else (a, b)
-    return tuple(t.to(device) for t in ops)
+    return gemm_operands(members, rows, reduction, columns, a_transposed, b_transposed, bias,
+                         torch.Generator().manual_seed(seed), device)
 
 
 def _each_own(ops: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -73,7 +58,7 @@ def test_at_one_thread_on_the_cpu_bmm_sums_as_mm_decides_and_nothing_is_probed(
     member's addmm where it does not, and no other product."""
     ops = _operands(3, rows, reduction, columns, False, True, True, seed=0)
     before = batched_sums.decided()
-    with threads(1), _Operations() as seen:
+    with torch_threads(1), _Operations() as seen:
         together = member_gemm(*ops)
     products = [name for name in seen.names if name.endswith(("mm", "bmm"))]
     rule = bmm_sums_as_mm(rows, reduction, columns)
@@ -88,7 +73,7 @@ def test_at_two_threads_the_probe_finds_a_product_that_bmm_sums_as_mm_lets_throu
     group runs each member's own mm."""
     ops = _operands(3, 16, 1024, 64, False, False, False, seed=1)
     assert bmm_sums_as_mm(16, 1024, 64)
-    with threads(2):
+    with torch_threads(2):
         assert not _same_bits(torch.bmm(*ops), _each_own(ops))  # what the probe has to find
         assert not sums_as_members("bmm", _batched_gemm, _own_gemm, ops, True)
         assert _same_bits(member_gemm(*ops), _each_own(ops))
@@ -103,7 +88,7 @@ def test_a_groups_gemm_is_each_members_own_at_any_thread_count(
         members: int, rows: int, reduction: int, columns: int, a_transposed: bool, b_transposed: bool,
         bias: bool, thread_count: int, seed: int) -> None:
     ops = _operands(members, rows, reduction, columns, a_transposed, b_transposed, bias, seed)
-    with threads(thread_count):
+    with torch_threads(thread_count):
         assert _same_bits(member_gemm(*ops), _each_own(ops))
 
 
@@ -113,7 +98,7 @@ def test_a_probe_of_a_product_of_few_elements_draws_until_it_sees_the_difference
     """One random draw of a 1 x 2 x 1 product can sum alike by chance (in a third of draws); the probe
     compares 4096 output elements before it answers."""
     ops = _operands(3, rows, reduction, columns, False, False, False, seed=2)
-    with threads(1):
+    with torch_threads(1):
         draws = (_operands(3, rows, reduction, columns, False, False, False, seed=s) for s in range(40))
         differs = not all(_same_bits(torch.bmm(*o), _each_own(o)) for o in draws)
         assert differs  # aten's own loop against MKL's mm, which the rule states
@@ -125,7 +110,7 @@ def test_a_probe_leaves_the_runs_generators_grad_and_modes_alone() -> None:
     streams, its graph and a mode watching it see only the product itself."""
     ops = tuple(t.requires_grad_() for t in _operands(2, 32, 1024, 16, False, True, False, seed=3))
     rng = torch.get_rng_state()
-    with threads(2), _Operations() as seen:
+    with torch_threads(2), _Operations() as seen:
         y = member_gemm(*ops)
     assert torch.equal(torch.get_rng_state(), rng)
     assert [n for n in seen.names if "mm" in n] in (["aten::bmm"], ["aten::mm", "aten::mm"])
@@ -136,9 +121,9 @@ def test_a_probe_leaves_the_runs_generators_grad_and_modes_alone() -> None:
 def test_a_decision_is_per_thread_count() -> None:
     """A layout decided at two threads is decided again at one (the rule there), never taken over."""
     ops = _operands(2, 16, 1024, 64, False, False, False, seed=4)
-    with threads(2):
+    with torch_threads(2):
         assert not sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
-    with threads(1):
+    with torch_threads(1):
         assert sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
 
 
@@ -155,7 +140,7 @@ def test_a_fold_decides_before_computing_the_groups_chunk() -> None:
     quant = TensorQuant(get("fp16"))
     stacked_acc = _accumulator(quant, 64, MemberGenerators([torch.Generator() for _ in range(3)]))
     assert stacked_acc is not None
-    with threads(1), _Operations() as seen:
+    with torch_threads(1), _Operations() as seen:
         folded = accumulation.matmul_forward(a, b, stacked_acc)
     assert [n for n in seen.names if "mm" in n] == ["aten::mm"] * 3
     alone = [accumulation.matmul_forward(a[g], b[g], accumulation.Accumulator(quant, 64)) for g in range(3)]
@@ -227,7 +212,7 @@ def test_a_stacked_fp32_matmul_and_its_gradients_are_each_members_own(thread_cou
     source = torch.Generator().manual_seed(7)
     a, b = torch.randn(2 * 3, 2, 40, 24, generator=source), torch.randn(2 * 3, 2, 24, 40, generator=source)
     dy = torch.randn(2 * 3, 2, 40, 40, generator=source)
-    with threads(thread_count):
+    with torch_threads(thread_count):
         ga, gb = a.clone().requires_grad_(), b.clone().requires_grad_()
         together = StackedMatmul(2, None)(ga, gb)
         together.backward(dy)
