@@ -46,14 +46,17 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     then sums otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13
     + MKL 2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand
     contiguous or transposed, with and without a bias: no difference where this holds, one in each
-    shape of 400+ multiply-adds with a 1; the probe agrees with it on every shape of that scan
-    (benchmarks/batched_sums.py). Not enough at two threads: there a bmm differs where this holds too
-    (4 x 128 x 513 with the second operand transposed, 16 x 1024 x 64), which the probe finds."""
+    shape of 400+ multiply-adds with a 1. The probe finds the batched call alike wherever this holds
+    at one thread (benchmarks/batched_sums.py: 17,960 shape-layouts, reductions up to 1024), and
+    alike in 1,190 more that this sends member by member (a reduction of 1 without a bias), so it
+    errs on the safe side. Not enough at two threads: there a bmm differs where this holds too (70
+    of the 17,960: 16 x 1024 x 64, 7 x 200 x 200 with the second operand transposed), which the
+    probe finds."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
 _DECIDED: dict[Hashable, bool] = {}
-"""The probes' answers in this process, by layout (`_key`)."""
+"""The answers in this process, by (site, thread count, the operands' layouts)."""
 
 PROBE_SEED = 20240917
 """The probes' random operands: the same in every process, so every process decides alike."""

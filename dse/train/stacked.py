@@ -236,8 +236,8 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n). One batched
     GEMM where it sums each member's product as the member's own mm / addmm alone
     (`batched_sums.sums_as_members`: on the CPU at one thread `bmm_sums_as_mm`, at more threads that
-    and a probe, on a GPU a probe);
-    otherwise member by member, with the call each member makes alone. At two threads torch splits a
+    and a probe, on a GPU a probe); otherwise member by member, with the call each member makes
+    alone. At two threads torch splits a
     member's mm among the threads but a bmm by its batch entries, each entry's GEMM on one thread, and
     a long reduction (the weight gradient's batch rows) then sums in another order (measured on torch
     2.13: every Linear weight gradient of the transformer proxy at 2 threads)."""
