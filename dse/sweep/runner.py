@@ -396,6 +396,9 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
             return
         wanted.discard(outcome.trial_id)
         trial = by_id[outcome.trial_id]
+        if outcome.unsupported:  # not the trial's result: stored, it would not run again on resume
+            raise InputError(f"trial {trial.trial_id} ({trial.task}: {trial.label}): {outcome.error}; the "
+                             "trials that finished are stored: run the same command again to resume")
         row = _row(trial, outcome)
         store.record(row)
         summary.ran += 1
