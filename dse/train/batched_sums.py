@@ -48,10 +48,10 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     contiguous or transposed, with and without a bias: no difference where this holds, one in each
     shape of 400+ multiply-adds with a 1. The probe finds the batched call alike wherever this holds
     at one thread (benchmarks/batched_sums.py: 17,960 shape-layouts, reductions up to 1024), and
-    alike in 1,190 more that this sends member by member (a reduction of 1 without a bias), so it
-    errs on the safe side. Not enough at two threads: there a bmm differs where this holds too (70
-    of the 17,960: 16 x 1024 x 64, 7 x 200 x 200 with the second operand transposed), which the
-    probe finds."""
+    alike in 1,190 more that this sends member by member (reductions of 1 and 2; 400+ multiply-adds
+    with a single row or column in some layouts), so it errs on the safe side. Not enough at two
+    threads: there a bmm differs where this holds too (70 of the 17,960: 16 x 1024 x 64, 7 x 200 x
+    200 with the second operand transposed), which the probe finds."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
