@@ -108,5 +108,5 @@ class Problems:
 
 class Unsupported(InputError):
     """What was asked cannot run here (this torch, this device), whatever the trial: the CLI prints one
-    line and exits 2, and a sweep stops on it (storing what finished) rather than record it as the
-    trial's result."""
+    line and exits 2; a sweep runs its other trials and then stops naming it, rather than record it as
+    the trial's result."""

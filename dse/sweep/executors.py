@@ -79,7 +79,7 @@ class TrialOutcome:
     """A line the sweep prints about how the trial trained (its group split on a Ray node)."""
     unsupported: bool = False
     """The trial raised dse.errors.Unsupported (this torch or device cannot run it): not the trial's
-    result, so the sweep stores what finished and stops, naming it."""
+    result: the sweep runs every other trial, stores it, and then stops naming this one (unstored)."""
 
 
 def _limit_threads(threads: int) -> None:

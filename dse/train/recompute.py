@@ -27,13 +27,14 @@ Whether this torch's checkpoint recomputes through what dse replaced is checked 
 by a checkpoint of each form under a probe mode (`check_checkpoints_followed`), where a run training
 (`replaying`) first checkpoints: found by torch's public entry points, `checkpoint` and
 `checkpoint_sequential` (wrapped when this module is imported, so a user's file loaded later binds the
-wrapper; they pass through otherwise), and by the modules of the network a run trains marked by
-torch.distributed's composable `checkpoint(module)`; none of these depends on the replaced parts
-being looked up. Where the check fails it raises `CheckpointsNotFollowed` (naming the torch version
-and the form), an `Unsupported` error: `dse train` prints it as one line and exits 2, a sweep stores
-what finished and stops naming the trial. A torch whose checkpoint looked its parts up otherwise would
-recompute without the modes and draws, silently giving other bits; a network that never checkpoints
-trains on it as on any other.
+wrapper; they pass through otherwise), by the modules of the network a run trains marked by
+torch.distributed's composable `checkpoint(module)`, and by a module class of that network defined in
+a file holding torch's own entry points (bound before dse was imported); none of these depends on
+the replaced parts being looked up. Where the check fails it raises `CheckpointsNotFollowed` (naming
+the torch version and the form), an `Unsupported` error: `dse train` prints it as one line and exits
+2, a sweep runs and stores its other trials and then stops naming the trial. A torch whose
+checkpoint looked its parts up otherwise would recompute without the modes and draws, silently
+giving other bits; a network that never checkpoints trains on it as on any other.
 
 What this does not reach - a recomputation by other code than these functions of torch's, a
 user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
@@ -93,10 +94,11 @@ _REPLAYED = _Replayed()
 @contextlib.contextmanager
 def replaying(generators: Sequence[torch.Generator], model: torch.nn.Module | None = None) -> Iterator[None]:
     """The block with a run's stochastic-rounding `generators` replayed by every checkpointed block's
-    recomputation (module docstring); a `model` checkpointed by the composable form is checked now,
-    one that calls `checkpoint` when it first does."""
+    recomputation (module docstring); a `model` checkpointed by the composable form, or defined where
+    torch's own entry points were bound before dse wrapped them, is checked now; one that calls
+    `checkpoint` when it first does."""
     follow_checkpoints()
-    if model is not None and _composable_checkpointed(model):
+    if model is not None and (_composable_checkpointed(model) or _binds_torchs_own_entries(model)):
         check_once()
     _REPLAYED.runs.append(list(generators))
     try:
@@ -231,6 +233,28 @@ for _entry in ("checkpoint", "checkpoint_sequential"):
         setattr(torch_checkpoint, _entry, _checked_where_training(getattr(torch_checkpoint, _entry)))
 if getattr(TORCH_CHECKPOINT, "__wrapped_by_dse__", False):  # (this module executed again: a reload)
     TORCH_CHECKPOINT = TORCH_CHECKPOINT.__wrapped__  # type: ignore[attr-defined]
+
+
+TORCHS_OWN_ENTRIES: tuple[Callable[..., Any], ...] = tuple(
+    getattr(torch_checkpoint, name).__wrapped__ for name in ("checkpoint", "checkpoint_sequential"))
+"""torch's own `checkpoint` and `checkpoint_sequential`, as a file that bound them before this module
+wrapped them holds them."""
+
+
+def _binds_torchs_own_entries(model: torch.nn.Module) -> bool:
+    """Whether a module class of `model` (or a base of one) is defined in a file that holds torch's own
+    entry points, bound before this module wrapped them (`from torch.utils.checkpoint import
+    checkpoint` run before dse was imported, as a script importing its network first does): its calls
+    pass by the wrappers, so the run checks this torch as it starts."""
+    own = {id(entry) for entry in TORCHS_OWN_ENTRIES}
+    files = {cls.__module__ for module in model.modules() for cls in type(module).__mro__}
+    for name in files - {"builtins"}:
+        if name.split(".")[0] in ("torch", "dse"):
+            continue
+        namespace = getattr(sys.modules.get(name), "__dict__", {})
+        if any(id(value) in own for value in list(namespace.values())):
+            return True
+    return False
 
 
 def _composable_checkpointed(model: torch.nn.Module) -> bool:

@@ -241,10 +241,14 @@ def test_on_a_torch_whose_checkpoint_does_not_follow_a_composable_checkpoint_is_
         train(config, small_digits, model=lambda shape, classes: _Composable())  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("order", [("plain", "ck"), ("ck", "plain")])
 def test_on_a_torch_whose_checkpoint_does_not_follow_a_sweep_stores_what_finished_and_names_the_trial(
-        torch_not_following: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The plain network's trials are stored; the checkpointing one stops the sweep with one line
-    naming its trial (not stored as a failed trial, which a resume would not run again)."""
+        torch_not_following: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        order: tuple[str, str]) -> None:
+    """The plain network's trials are stored, whichever runs first; the checkpointing one ends the
+    sweep with one line naming its trial (not stored as a failed trial, which a resume would not run
+    again). Before, the sweep stopped at the checkpointing trial, so that a plain trial after it never
+    ran, on any resume."""
     from typer.testing import CliRunner
 
     import dse.sweep.executors
@@ -256,14 +260,52 @@ def test_on_a_torch_whose_checkpoint_does_not_follow_a_sweep_stores_what_finishe
     monkeypatch.setattr(dse.sweep.runner, "start_worker_server", lambda: None)
     monkeypatch.setattr(dse.sweep.executors, "start_worker_server", lambda: None)
     config = tmp_path / "s.yaml"
-    config.write_text(f"name: ck\nseeds: [0]\ntasks:\n"
-                      f"  - {{name: plain, model: '{USERS}:checkpointed_plain', dataset: digits}}\n"
-                      f"  - {{name: ck, model: '{USERS}:checkpointed', dataset: digits}}\n"
-                      f"energy: {{workloads: [proxy]}}\ntrials: [{{format: int8, epochs: 1}}]\n"
-                      f"output: {tmp_path / 'out'}\n")
+    networks = {"plain": "checkpointed_plain", "ck": "checkpointed"}
+    tasks = "".join(f"  - {{name: {task}, model: '{USERS}:{networks[task]}', dataset: digits}}\n"
+                    for task in order)
+    config.write_text(f"name: ck\nseeds: [0]\ntasks:\n{tasks}energy: {{workloads: [proxy]}}\n"
+                      f"trials: [{{format: int8, epochs: 1}}]\noutput: {tmp_path / 'out'}\n")
     line = _one_error_line(CliRunner().invoke(app, ["sweep", str(config), "-q"]))
     trials = {t.task: t.trial_id for t in expand(parse_config(config.read_text(), "s.yaml"))}
     assert f"trial {trials['ck']} (ck: " in line and "CheckpointsNotFollowed" in line, line
     from support.stores import stored_trial_ids
 
     assert set(stored_trial_ids(tmp_path / "out")) == {trials["plain"]}
+
+
+
+_EARLY_BOUND_NETWORK = """
+from torch import nn
+
+from dse.train.recompute import TORCH_CHECKPOINT as checkpoint  # torch's own, as bound before dse wrapped it
+
+
+class EarlyBound(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 37), nn.Linear(37, classes)
+        self.block = nn.Sequential(nn.Linear(37, 37), nn.SiLU())
+
+    def forward(self, x):
+        return self.head(checkpoint(self.block, self.a(x), use_reentrant=False))
+
+
+def early_bound(shape, classes):
+    return EarlyBound(classes)
+"""
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_on_a_torch_whose_checkpoint_does_not_follow_a_network_bound_to_torchs_own_checkpoint_is_refused(
+        torch_not_following: None, small_digits: object, tmp_path: Path, grouped: bool) -> None:
+    """A script that imports its network's file before dse holds torch's own `checkpoint` (bound by
+    `from torch.utils.checkpoint import checkpoint` before dse wrapped it), whose calls pass by the
+    wrapper: before, such a run trained on that torch without the check, with other bits."""
+    (tmp_path / "early.py").write_text(_EARLY_BOUND_NETWORK)
+    config = TrainConfig(dataset="digits", model=f"{tmp_path / 'early.py'}:early_bound", format="int8",
+                         epochs=1, batch_size=50, threads=1)
+    with pytest.raises(CheckpointsNotFollowed, match=r"\(reentrant\)"):
+        if grouped:
+            train_group([config, dataclasses.replace(config, seed=1)], small_digits)  # type: ignore[arg-type]
+        else:
+            train(config, small_digits)  # type: ignore[arg-type]
