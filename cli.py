@@ -95,8 +95,10 @@ class _Signals:
     """How this `dse` process answers SIGINT, SIGTERM and SIGHUP outside `_stopped_by_signals`: Ctrl-C
     while a command runs raises KeyboardInterrupt (Python's default), which ends it with one line and
     exit 130; once the command has returned, a signal is recorded (`record`) and reported the same way
-    after the exit handlers ran; after that it is ignored, so that interpreter shutdown, where CPython
-    puts SIGINT back to its default action, cannot end the process silently with -2."""
+    after the exit handlers and the non-daemon threads ended; a second one (or a first after the
+    command was interrupted) ends the process at once, so that a stuck exit handler cannot keep it
+    from stopping; after that a signal is ignored, so that interpreter shutdown, where CPython puts
+    SIGINT back to its default action, cannot end the process silently with -2."""
 
     def __init__(self) -> None:
         self.ends_process = False
@@ -104,10 +106,16 @@ class _Signals:
         self.line: Callable[[SweepInterrupted], str] = lambda stopped: f"interrupted by {stopped.name}"
         self.said = False
         self.late: list[int] = []
+        self.code = 0
+        """The exit code the command returned (`end`)."""
 
     def record(self, number: int, frame: Any) -> None:
-        if not self.late:
-            self.late.append(number)
+        if self.late or self.said:  # the user insists, or a handler is stuck: everything is written
+            code = self.say(self.late[0]) if self.late and self.code < 128 else self.code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        self.late.append(number)
 
     def recorded(self) -> None:
         """From now on a signal is recorded, not raised."""
@@ -130,13 +138,17 @@ class _Signals:
         return interrupted.exit_code
 
     def end(self, code: int) -> None:
-        """End the process with `code`: the exit handlers run with signals recorded; a signal recorded by
-        then is said and exits 128 + its number; any later one is ignored."""
+        """End the process with `code`: the exit handlers run, and the non-daemon threads end (what
+        interpreter shutdown would wait for, concurrent.futures' included), with signals recorded; a
+        signal recorded by then is said and exits 128 + its number; any later one is ignored."""
         import signal
+        import threading
 
         from dse.sweep.interrupt import INTERRUPTING_SIGNALS
 
+        self.code = code
         atexit._run_exitfuncs()
+        getattr(threading, "_shutdown", lambda: None)()  # (what Py_Finalize calls first)
         for number in INTERRUPTING_SIGNALS:
             if signal.getsignal(number) == self.record:
                 signal.signal(number, signal.SIG_IGN)

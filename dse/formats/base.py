@@ -756,8 +756,9 @@ class NumberFormat(ABC):
             if kind in ("none", "block"):
                 fmt = self if kind == "none" or x.dim() == 1 or member_axis == axis else _with_axis(
                     self, member_axis)
-                if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one
-                    return fmt.quantize(x.reshape(-1, 1), rounding, source).reshape(x.shape)
+                if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one,
+                    # along the last axis whatever the format's (along axis 0 blocks would span members)
+                    return _with_axis(self, -1).quantize(x.reshape(-1, 1), rounding, source).reshape(x.shape)
                 return fmt.quantize(x, rounding, source)
             if rounding not in ROUNDINGS:
                 check_rounding(rounding)

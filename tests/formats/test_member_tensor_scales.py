@@ -125,3 +125,16 @@ def test_each_member_has_its_own_tensor_scale_in_the_one_pass() -> None:
     out = fmt.quantize_members(x)
     assert torch.equal(out[1], fmt.quantize(x[1]))
     assert not torch.equal(out[1], fmt.quantize(x)[1])  # the group's s_t differs for this member
+
+
+def test_scalar_members_are_blocks_of_one_whatever_the_block_axis() -> None:
+    """A stack of scalars (G,) quantized per member: each member is a block of one, as alone; a block
+    format along axis 0 blocked them across the members (the largest member's scale for all)."""
+    x = torch.tensor([1000.0, 0.3, 0.001, -7.0])
+    for spec in ("mxint8(axis=0)", "int8(scale=block,block=8,axis=0)", "nvfp4(axis=0)", "mxfp4"):
+        fmt = get(spec)
+        together = fmt.quantize_members(x)
+        along = fmt.quantize_members_along(x, (0,))[0]
+        for g in range(x.shape[0]):
+            assert_same_bits(together[g], fmt.quantize(x[g]))
+            assert_same_bits(along[g], fmt.quantize(x[g]))

@@ -219,6 +219,8 @@ def _mark_before(function):
 
 if where == "exit handlers":
     atexit.register(_mark_then_wait)  # registered before dse's: runs after them
+if where == "a stuck exit handler":
+    atexit.register(lambda: (os.write(2, b"@mark\\n"), time.sleep(60)))  # a logger flushing to a dead server
 import dse.cli
 import dse.sweep.receipt
 if where == "before the sweep's block":
@@ -269,3 +271,28 @@ def test_ctrl_c_at_any_instant_of_a_quiet_sweep_says_one_line_and_exits_130(
                 f"interrupted by SIGINT: the finished trials are saved in {Path('out')}; run the same "
                 "command again to resume")
     assert lines == [expected], lines
+
+
+def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:
+    """Once a command has returned, a signal is recorded until the exit handlers end; before, so was
+    every later one (Ctrl-C, Ctrl-C, SIGTERM: the process waited for its stuck handler, 20 s of a
+    network file's logger). A second signal now ends the process at once with the first's line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, "a stuck exit handler", "compare", "int8"],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert process.stderr is not None
+    seen = b""
+    while b"@mark\n" not in seen:
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, rest = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
+    assert process.returncode == 130 and lines == ["interrupted by SIGINT"], (process.returncode, lines)
