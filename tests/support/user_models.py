@@ -353,6 +353,24 @@ def one_token(shape: tuple[int, ...], classes: int) -> nn.Module:
     return TokenMatmul(shape[0], classes, 1, 32)
 
 
+class WideHead(nn.Module):
+    """A 1024-unit hidden layer and logits as x @ W on a parameter: the logits' reduction is 1024 long,
+    where at two threads torch's batched matmul sums otherwise than the member's own mm (16 rows and
+    more, 10 columns), and the logits reach the loss unrounded."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, 1024)
+        self.w = nn.Parameter(torch.randn(1024, classes) * 0.03)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.proj(x)) @ self.w
+
+
+def wide_head(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return WideHead(shape[0], classes)
+
+
 class Gated(nn.Module):
     """Linear -> SiLU -> Linear -> sigmoid gate -> Linear: position-dependent activations (their CPU
     vector and scalar kernels disagree in the last bit) on 74 and 37 features, so a member's
