@@ -1,6 +1,23 @@
 """The `dse` command line: parse arguments, call dse, render with Rich, map bad input to exit code 2."""
+# ruff: noqa: E402  (Ctrl-C's handler is set before the imports: _interrupted_while_starting)
 
 from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _interrupted_while_starting(number: int, frame: object) -> None:
+    """Ctrl-C while `dse` imports its command line (nothing written yet): one line and 130, not a
+    KeyboardInterrupt traceback from inside an import (`_Commands.__call__` puts Python's back)."""
+    os.write(2, b"interrupted by SIGINT\n")
+    os._exit(128 + number)
+
+
+if (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "dse") and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import atexit
 import contextlib
@@ -8,7 +25,6 @@ import dataclasses
 import functools
 import gc
 import inspect
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -64,13 +80,85 @@ def _stopped_by_signals(line: Callable[[SweepInterrupted], str]) -> Iterator[Non
     stderr and the exit code is 128 + the signal's number."""
     from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
 
+    _SIGNALS.line = line  # (also what a signal after the block says: `_Commands.main`)
     try:
         with signals_interrupt():
             yield
     except KeyboardInterrupt as error:
         interrupted = SweepInterrupted.of(error)
+        _SIGNALS.said = True
         error_console.print(line(interrupted), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(interrupted.exit_code) from None
+
+
+class _Signals:
+    """How this `dse` process answers SIGINT, SIGTERM and SIGHUP outside `_stopped_by_signals`: Ctrl-C
+    while a command runs raises KeyboardInterrupt (Python's default), which ends it with one line and
+    exit 130; once the command has returned, a signal is recorded (`record`) and reported the same way
+    after the exit handlers and the non-daemon threads ended; a second one (or a first after the
+    command was interrupted) ends the process at once, so that a stuck exit handler cannot keep it
+    from stopping; after that a signal is ignored, so that interpreter shutdown, where CPython puts
+    SIGINT back to its default action, cannot end the process silently with -2."""
+
+    def __init__(self) -> None:
+        self.ends_process = False
+        """Set by `dse` itself (`_Commands.__call__`); a test's CliRunner calls `main` in its own process."""
+        self.line: Callable[[SweepInterrupted], str] = lambda stopped: f"interrupted by {stopped.name}"
+        self.said = False
+        self.late: list[int] = []
+        self.code = 0
+        """The exit code the command returned (`end`)."""
+
+    def record(self, number: int, frame: Any) -> None:
+        if self.late or self.said:  # the user insists, or a handler is stuck: everything is written
+            code = self.say(self.late[0]) if self.late and self.code < 128 else self.code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        self.late.append(number)
+
+    def recorded(self) -> None:
+        """From now on a signal is recorded, not raised."""
+        import signal
+
+        from dse.sweep.interrupt import INTERRUPTING_SIGNALS
+
+        for number in INTERRUPTING_SIGNALS:
+            if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(number, self.record)
+
+    def say(self, number: int) -> int:
+        """Print the line of signal `number` (unless said) and return its exit code."""
+        from dse.sweep.interrupt import SweepInterrupted
+
+        interrupted = SweepInterrupted(number)
+        if not self.said:
+            self.said = True
+            error_console.print(self.line(interrupted), markup=False, highlight=False, soft_wrap=True)
+        return interrupted.exit_code
+
+    def end(self, code: int) -> None:
+        """End the process with `code`: the exit handlers run, and the non-daemon threads end (what
+        interpreter shutdown would wait for, concurrent.futures' included), with signals recorded; a
+        signal recorded by then is said and exits 128 + its number; any later one is ignored."""
+        import signal
+        import threading
+
+        from dse.sweep.interrupt import INTERRUPTING_SIGNALS
+
+        self.code = code
+        atexit._run_exitfuncs()
+        getattr(threading, "_shutdown", lambda: None)()  # (what Py_Finalize calls first)
+        for number in INTERRUPTING_SIGNALS:
+            if signal.getsignal(number) == self.record:
+                signal.signal(number, signal.SIG_IGN)
+        if self.late and code < 128:
+            code = self.say(self.late[0])
+        sys.stdout.flush()
+        sys.exit(code)
+
+
+_SIGNALS = _Signals()
 
 
 def _files_line(directory: Path) -> Callable[[SweepInterrupted], str]:
@@ -102,23 +190,41 @@ class _Commands(TyperGroup):
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_without_metavar(super().get_params(ctx))
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """`dse ...` itself (a test's CliRunner calls `main`): this process ends with the command."""
+        _SIGNALS.ends_process = True
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return super().__call__(*args, **kwargs)
+
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
              **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
-        except typer.TyperException as error:  # Click's usage errors (typer >= 0.29 vendors Click)
-            context = getattr(error, "ctx", None)
-            where = f"{context.command_path}: " if context is not None else ""
-            if error.format_message():  # empty: `dse` alone, which printed the help
-                _error_line(f"{where}{error.format_message()} (see --help)")
-            sys.exit(error.exit_code)
-        except typer.Abort:
-            _error_line("aborted")
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
+            try:
+                code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+                code = code if isinstance(code, int) else 0
+            except typer.TyperException as error:  # Click's usage errors (typer >= 0.29 vendors Click)
+                context = getattr(error, "ctx", None)
+                where = f"{context.command_path}: " if context is not None else ""
+                if error.format_message():  # empty: `dse` alone, which printed the help
+                    _error_line(f"{where}{error.format_message()} (see --help)")
+                code = error.exit_code
+            except typer.Abort:
+                _error_line("aborted")
+                code = 1
+            finally:
+                if _SIGNALS.ends_process:
+                    _SIGNALS.recorded()
+        except KeyboardInterrupt:  # (between the command's end and the line above)
+            code = 130
+        if code == 130:  # Ctrl-C while a command ran (typer's exit for KeyboardInterrupt)
+            _SIGNALS.say(signal.SIGINT)
+        if _SIGNALS.ends_process:
+            _SIGNALS.end(code)
+        sys.exit(code)
 
 
 def _exit_without_collections() -> None:
@@ -716,7 +822,8 @@ def _train_parameters() -> list[Any]:
         "as_json": (bool, typer.Option("--json", help="Print one JSON object (no progress lines).")),
         "quiet": (bool, typer.Option("--quiet", "-q", help="No progress lines, only the result.")),
         "verbose": (bool, typer.Option("--verbose", "-v", help="List every GEMM with its formats (after "
-                                       "training: those first run then), and the GEMMs left in fp32.")),
+                                       "training: those first run then), and the GEMMs left in fp32; a "
+                                       "user's network that raises while training shows its traceback.")),
     }
     for name, (kind, option) in own.items():
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
@@ -796,7 +903,7 @@ def train(**options: Any) -> None:
                             f"accuracy {validation:.4f}", markup=False, highlight=False)
 
     progress = None if as_json or quiet else report_epoch
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _users_network_errors(config.model, verbose):
         warnings.simplefilter("ignore", UnconvertedGemmWarning)  # printed from the live list below
         result = run_training(config, progress=progress, on_gemms=report_gemms)
     report_late_gemms()
@@ -817,6 +924,25 @@ def train(**options: Any) -> None:
     for name, value in rows:
         table.add_row(name, value)
     _print_whole(table)
+
+
+@contextlib.contextmanager
+def _users_network_errors(model: str, traceback_shown: bool) -> Iterator[None]:
+    """An error a user's network (`file.py:function`) raises while it trains, as one line naming the
+    network (an InputError); with `traceback_shown`, as it is."""
+    from dse.errors import InputError
+    from dse.usercode import is_ref
+
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as error:
+        if traceback_shown or not is_ref(model):
+            raise
+        text = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(f"model {model!r} raised {type(error).__name__} while training: {text} (--verbose "
+                         "shows the traceback)") from None
 
 
 train.__signature__ = inspect.Signature(_train_parameters())  # type: ignore[attr-defined]  # Typer reads it

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GPU_TESTS = ["tests/test_cuda.py", "tests/train/test_train_grouped.py",
+             "tests/train/test_train_grouped_threads.py",
              "tests/train/test_train_grouped_methods.py", "tests/train/test_train_functional.py"]
 SYNC_METHODS: list[dict[str, object]] = [
     {"format": "int8"}, {"format": "fp8_e4m3", "rounding": "stochastic"}, {"format": "mxfp8_e4m3"},
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "syncs.md").write_text("\n".join(sync_table(args.device, plan)) + "\n")
         summary.append(f"syncs: {time.perf_counter() - started:.0f} s -> syncs.md")
     if "tests" in steps:
+        # only the tests that need a GPU (each names cuda): the files' CPU tests ran in CI
         summary.append(run_step("GPU tests", [python, "-m", "pytest", "-q", "-p", "no:randomly", "-rs",
-                                              "--durations=5", *plan.tests],
+                                              "--durations=5", "-k", "cuda", *plan.tests],
                                 plan.tests_limit_s, out / "cuda_tests.txt"))
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))

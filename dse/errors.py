@@ -104,3 +104,9 @@ class Problems:
             raise InputError(self.lines[0])
         if self.lines:
             raise InputErrors(self.lines)
+
+
+class Unsupported(InputError):
+    """What was asked cannot run here (this torch, this device), whatever the trial: the CLI prints one
+    line and exits 2; a sweep runs its other trials and then stops naming it, rather than record it as
+    the trial's result."""

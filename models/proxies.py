@@ -229,12 +229,17 @@ ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 sequence task), after the run's seed is set; returns a fresh nn.Module."""
 
 
-def build_model(name: str | ModelFactory, dataset: Dataset) -> nn.Module:
+def build_model(name: str | ModelFactory, dataset: Dataset, trained: bool = True) -> nn.Module:
     """A fresh model for `dataset`: a built-in proxy by name, or a user's own given as a function or a
     `file.py:function` / `package.module:function` reference. Its initial weights come from torch's
-    global RNG (seed it). A user's model is run once on two samples to check that its output fits."""
+    global RNG (seed it). A user's model is run once on two samples to check that its output fits, and,
+    to be `trained` (not only priced), that it has a parameter to train."""
     if callable(name) or is_ref(name):
-        return _user_model(name, dataset)
+        model = _user_model(name, dataset)
+        if trained and not any(p.requires_grad for p in model.parameters()):
+            label = f"model {name!r}" if isinstance(name, str) else f"model {describe(name)}"
+            raise InputError(f"{label} has no parameter to train (none, or each with requires_grad=False)")
+        return model
     key = choice("model", name, MODELS)
     builders = _builders(dataset)
     if key not in builders:
@@ -285,6 +290,10 @@ def check_output_fits(model: nn.Module, dataset: Dataset, label: str) -> None:
         got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
         raise InputError(f"{label} returns {got} for {len(x)} samples of dataset {dataset.name!r}; it "
                          f"needs {expected} (one logit per class)")
+    if not out.is_floating_point():
+        raise InputError(f"{label} returns {out.dtype} logits for samples of dataset {dataset.name!r}; "
+                         "they must be floating point (a loss and its gradient are computed from them)")
+
 
 
 # --- workload tracing ----------------------------------------------------------------------------

@@ -568,7 +568,7 @@ def _traced(spec: str, dataset: Any, batch_size: int) -> Workload:
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
         torch.manual_seed(0)
-        model = build_model(spec, data)
+        model = build_model(spec, data, trained=False)
     workload = trace_workload(model, data, spec, batch_size)
     return dataclasses.replace(workload, proxy=False)
 

@@ -68,6 +68,30 @@ def wrong_input(sample_shape, num_classes):
     return nn.Linear(7, num_classes)
 
 
+class _IntegerLogits(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).round().long()
+
+
+def integer_logits(sample_shape, num_classes):
+    return _IntegerLogits(64, num_classes)
+
+
+def frozen(sample_shape, num_classes):
+    return nn.Linear(64, num_classes).requires_grad_(False)
+
+
+class _FailsInTraining(nn.Linear):
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError("a shape this network does not expect")
+        return super().forward(x)
+
+
+def fails_in_training(sample_shape, num_classes):
+    return _FailsInTraining(64, num_classes)
+
+
 NOT_CALLABLE = 3
 '''
 
@@ -247,6 +271,15 @@ def test_a_dataset_function_drawing_from_global_generators_repeats(nets: Path) -
     ("model.py:not_a_module", "returned 'list' object, not a torch.nn.Module"),
     ("model.py:wrong_output", "returns shape (2, 11) for 2 samples of dataset 'digits'; it needs (2, 10)"),
     ("model.py:wrong_input", "does not accept samples of dataset 'digits' (shape (64,))"),
+    # a traceback before: cross_entropy's NotImplementedError for int64 ('log_softmax_lastdim_kernel_impl')
+    ("model.py:integer_logits", "returns torch.int64 logits for samples of dataset 'digits'; they must be "
+                                "floating point"),
+    # a traceback before (backward: 'element 0 of tensors does not require grad'); a network with no
+    # parameter at all: 'optimizer got an empty parameter list', naming no network
+    ("model.py:frozen", "'model.py:frozen' has no parameter to train"),
+    # a traceback before (a RuntimeError of the network's, raised in its training forward)
+    ("model.py:fails_in_training", "raised RuntimeError while training: a shape this network does not expect "
+                                   "(--verbose shows the traceback)"),
     ("nosuch.module:f", "module 'nosuch.module' not found"),
 ])
 def test_a_bad_model_is_one_line_and_exit_2(nets: Path, model: str, message: str,

@@ -188,15 +188,6 @@ class MemberGenerators:
         return out
 
 
-def member_generator(generator: torch.Generator | MemberGenerators | None, member: int
-                     ) -> torch.Generator | MemberGenerators | None:
-    """What `member` draws from when quantized on its own inside a group: its own generator (as a group
-    of one), or a plain generator itself (its draws concatenate, member after member)."""
-    if isinstance(generator, MemberGenerators):
-        return MemberGenerators([generator.generators[member]])
-    return generator
-
-
 @dataclass(frozen=True)
 class BinaryLayout:
     """Bit layout of a torch float dtype, for building powers of two from exponent fields."""
@@ -228,7 +219,8 @@ FLOAT_LAYOUTS: dict[torch.dtype, BinaryLayout] = {
 
 
 
-def _mantissa_digits(dtype: torch.dtype) -> int:
+def significand_digits(dtype: torch.dtype) -> int:
+    """Significand bits (the implicit one included) of float32 or float64: p = 24, 53."""
     return {torch.float32: 24, torch.float64: 53}[dtype]
 
 
@@ -304,7 +296,7 @@ def _round_to_integer(t: Tensor, rounding: str, generator: torch.Generator | Mem
         up = stochastic_up_(fraction if random_bit_count else fraction.double(), generator, random_bit_count)
     else:
         # The discarded field runs from the binary point down to the last significand bit of t.
-        precision = _mantissa_digits(t.dtype)
+        precision = significand_digits(t.dtype)
         _, exponent = torch.frexp(magnitude)
         field_bits = (precision - exponent.to(torch.int64)).clamp(0, 2 * precision + 1)
         field_bits = torch.where(magnitude > 0, field_bits, torch.zeros_like(field_bits))
@@ -655,6 +647,14 @@ class NumberFormat(ABC):
         place (the fixed-point family does); the same values."""
         return self.round_unscaled(x, rounding, generator)
 
+    def round_unscaled_within_max_(self, x: Tensor, rounding: str, generator: torch.Generator | None
+                                   ) -> Tensor:
+        """`round_unscaled_` of quotients x / s known to lie within +-max (1 + u) / (1 - u), u = 2^-p
+        for the p significand bits of x's dtype: s is the scale of a finite max|x|
+        (`fast.scales.quotients_within_max`). A family whose rounding saturates may skip what cannot
+        act there (FixedPoint's clamp); the same values."""
+        return self.round_unscaled_(x, rounding, generator)
+
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """Bit codes (int64, in [0, 2^bits)) of x rounded to nearest on the element grid."""
@@ -756,8 +756,9 @@ class NumberFormat(ABC):
             if kind in ("none", "block"):
                 fmt = self if kind == "none" or x.dim() == 1 or member_axis == axis else _with_axis(
                     self, member_axis)
-                if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one
-                    return fmt.quantize(x.reshape(-1, 1), rounding, source).reshape(x.shape)
+                if kind == "block" and x.dim() == 1:  # members are scalars: each is a block of one,
+                    # along the last axis whatever the format's (along axis 0 blocks would span members)
+                    return _with_axis(self, -1).quantize(x.reshape(-1, 1), rounding, source).reshape(x.shape)
                 return fmt.quantize(x, rounding, source)
             if rounding not in ROUNDINGS:
                 check_rounding(rounding)
@@ -814,10 +815,12 @@ class NumberFormat(ABC):
         a family's fast path can; None otherwise."""
         return None
 
-    def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None
-                     ) -> Tensor:
-        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family's fast path may fuse it."""
-        return self.round_unscaled_(x / scale, rounding, generator).mul_(scale)
+    def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None,
+                     within_max: bool = False) -> Tensor:
+        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family's fast path may fuse it.
+        `within_max`: every |x / scale| is within max (1 + u) / (1 - u) (`round_unscaled_within_max_`)."""
+        rounder = self.round_unscaled_within_max_ if within_max else self.round_unscaled_
+        return rounder(x / scale, rounding, generator).mul_(scale)
 
     def round_by_scale(self, x: Tensor, amax: Tensor, rounding: str, generator: torch.Generator | None
                        ) -> Tensor:

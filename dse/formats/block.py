@@ -40,7 +40,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -48,17 +48,21 @@ from torch import Tensor
 from dse.formats.base import (
     FLOAT32_MIN_NORMAL,
     FLOAT_DTYPES,
+    ROUNDINGS,
     MemberGenerators,
     NumberFormat,
     Scaling,
+    _with_axis,
+    check_rounding,
     constant,
     float_exponent,
     from_blocks,
-    member_generator,
+    parse_rounding,
     power_of_two,
     round_to_float32,
     to_blocks,
 )
+from dse.formats.fast.slices import whole_tensors
 from dse.formats.floating import FloatFormat
 from dse.formats.p3109 import P3109Format
 from dse.formats.spec import Value, choice_arg, get, int_arg, register_alias, register_family
@@ -206,54 +210,82 @@ class BlockFormat(NumberFormat):
     def quantize_members(self, x: Tensor, rounding: str = "nearest",
                          generator: torch.Generator | MemberGenerators | None = None) -> Tensor:
         """As NumberFormat.quantize_members; with a tensor scale (NVFP4's s_t, from the max of the
-        whole tensor) each member alone, so that s_t is the member's own, not the group's."""
-        if not self.tensor_scale or x.dim() == 0 or x.shape[0] == 1:
+        whole tensor) each member's own s_t, all members in one pass (`_members_by_scale_grid`)."""
+        if not self.tensor_scale or x.dim() == 0:
             return super().quantize_members(x, rounding, generator)
-        alone = super().quantize_members
-        return torch.cat([alone(x[g:g + 1], rounding, member_generator(generator, g))
-                          for g in range(x.shape[0])])
+        return self._members_by_scale_grid(x, (self.axis,), rounding, generator)[0]
 
     def quantize_members_along(self, x: Tensor, axes: Sequence[int], rounding: str = "nearest",
                                generator: torch.Generator | MemberGenerators | None = None) -> list[Tensor]:
-        """As NumberFormat.quantize_members_along; with a tensor scale each member alone (above), its
-        draws along each axis in turn from its own generator, as alone."""
-        if not self.tensor_scale or x.dim() == 0 or x.shape[0] == 1:
+        """As NumberFormat.quantize_members_along; with a tensor scale each member's own s_t (above),
+        its draws along each axis in turn from its own generator, as alone."""
+        if not self.tensor_scale or x.dim() == 0:
             return super().quantize_members_along(x, axes, rounding, generator)
-        alone = super().quantize_members_along
-        members = [alone(x[g:g + 1], axes, rounding, member_generator(generator, g))
-                   for g in range(x.shape[0])]
-        return [torch.cat(parts) for parts in zip(*members, strict=True)]
+        return self._members_by_scale_grid(x, axes, rounding, generator)
 
-    def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
+    def _members_by_scale_grid(self, x: Tensor, axes: Sequence[int], rounding: str,
+                               generator: torch.Generator | MemberGenerators | None) -> list[Tensor]:
+        """Each member x[g] quantized as alone along each of `axes` (counted within a member) in turn,
+        the whole stack at once: blocks lie within a member, and the tensor scale is each member's
+        own, from the max of its own blocks' maxima by the same arithmetic (`scale_factors` with
+        `members`). The block maxima, scales and rounding are then one pass over the stack, not G
+        (each member's slice, scale and concatenation). Stochastic draws come from each member's
+        generator (`MemberGenerators`) in the order of its own elements, as alone; scalar members
+        are blocks of one, as alone."""
+        if rounding not in ROUNDINGS:
+            check_rounding(rounding)
+        draws = isinstance(generator, MemberGenerators) and parse_rounding(rounding)[0] == "stochastic"
+        source = cast("torch.Generator | None", generator)  # MemberGenerators stands in for a generator
+        stacked = x.reshape(-1, 1) if x.dim() == 1 else x
+        outs = []
+        with whole_tensors(draws):  # slices would cut across members' draws
+            for axis in axes:
+                along = _with_axis(self, -1 if x.dim() == 1 else axis + 1 if axis >= 0 else axis)
+                assert isinstance(along, BlockFormat)
+                out = along.quantize_by_scale_grid(stacked, rounding, source, members=x.shape[0])
+                outs.append(out.reshape(x.shape))
+        return outs
+
+    def quantize_by_scale_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None,
+                               members: int = 1) -> Tensor:
         """quantize with a floating-point block scale (NVIDIA's rule, see the module docstring): the
         block maxima, the tensor scale, the block scales, then v * r rounded onto the element grid,
-        times s."""
+        times s. `members`: x stacks that many members along its leading axis (not the blocked one),
+        each with its own tensor scale."""
         if not torch.is_floating_point(x):
             raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
         work = x if x.dtype in FLOAT_DTYPES else x.float()
         if work.numel() == 0:
             return x.clone()
         flat = work.reshape(1) if work.dim() == 0 else work
+        if members > 1 and self.axis % flat.dim() == 0:
+            raise ValueError("a stack of members is blocked within each member, not along its leading axis")
         blocks, shape, pad = to_blocks(flat, self.axis, self.block_size)
-        out = fast_block.round_scale_grid_blocks(self, blocks, rounding, generator)
+        out = fast_block.round_scale_grid_blocks(self, blocks, rounding, generator, members)
         if out is None:
-            reciprocal, scale = self.scale_factors(blocks.abs().amax(dim=-1, keepdim=True))
+            reciprocal, scale = self.scale_factors(blocks.abs().amax(dim=-1, keepdim=True), members)
             out = self.round_unscaled_(blocks * reciprocal, rounding, generator).mul_(scale)
         out = from_blocks(out, shape, self.axis, pad).reshape(work.shape)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
-    def scale_factors(self, amax: Tensor) -> tuple[Tensor, Tensor]:
+    def scale_factors(self, amax: Tensor, members: int = 1) -> tuple[Tensor, Tensor]:
         """(r, s) of blocks with these max|v| (scale-grid formats): elements are v * r rounded, values
-        q * s; r = 1 / s_b and s = s_b, or with a tensor scale r = (1 / s_t) / s_b, s = s_t * s_b."""
-        tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
-        block_scale = self.block_scales(amax, tensor_scale)
-        if tensor_scale is None:
+        q * s; r = 1 / s_b and s = s_b, or with a tensor scale r = (1 / s_t) / s_b, s = s_t * s_b,
+        s_t from the max of the blocks' maxima of each of `members` (amax's leading axis, or its
+        first rows: the member axis leads every blocked layout)."""
+        if not self.tensor_scale:
+            block_scale = self.block_scales(amax)
             return torch.reciprocal(block_scale), block_scale
-        return torch.reciprocal(tensor_scale) / block_scale, tensor_scale * block_scale
+        by_member = amax.reshape(members, -1)
+        tensor_scale = self._tensor_scale_from_amax(by_member)
+        block_scale = self.block_scales(by_member, tensor_scale)
+        return ((torch.reciprocal(tensor_scale) / block_scale).view(amax.shape),
+                (tensor_scale * block_scale).view(amax.shape))
 
     def _tensor_scale_from_amax(self, block_amax: Tensor) -> Tensor:
-        """s_t = max|x| / (max_scale * max_elem) (0-dim, block_amax's dtype); 1 where max|x| is zero or
-        not finite (torchao would divide by zero there). In float32, s_t is at least 2^-126 / s_min
+        """s_t = max|x| / (max_scale * max_elem) of each row of block maxima ((members, n) -> (members,
+        1), block_amax's dtype); 1 where max|x| is zero or not finite (torchao would divide by zero
+        there). In float32, s_t is at least 2^-126 / s_min
         (s_min the scale grid's smallest normal, 2^-6 for E4M3: s_t >= 2^-120), so that every block's
         s_t * s_b is a normal float32 and its reciprocal finite: below it (max|x| under 2^-108.6 for
         NVFP4) torchao's reciprocal (1 / s_t) / s_b overflows to inf for the smallest blocks, whose
@@ -261,7 +293,7 @@ class BlockFormat(NumberFormat):
         a tensor is quantized as one whose max|x| is that bound."""
         grid = self.scale_grid
         assert grid is not None
-        amax = block_amax.amax()
+        amax = block_amax.amax(dim=-1, keepdim=True)  # NaN where a row holds one, as amax() of it
         dtype = amax.dtype
         divisor = grid.max * self.element.max
         divisor = round_to_float32(divisor) if dtype == torch.float32 else divisor
@@ -275,8 +307,8 @@ class BlockFormat(NumberFormat):
         """The fp32 per-tensor scale s_t of x (0-dim, x's float dtype); None without a tensor scale."""
         if not self.tensor_scale:
             return None
-        return self._tensor_scale_from_amax(x.abs().amax().reshape(1) if x.dtype in FLOAT_DTYPES
-                                            else x.float().abs().amax().reshape(1))
+        work = x if x.dtype in FLOAT_DTYPES else x.float()
+        return self._tensor_scale_from_amax(work.abs().amax().reshape(1, 1)).reshape(())
 
     def block_scales(self, amax: Tensor, tensor_scale: Tensor | None = None) -> Tensor:
         """The block scales of blocks with these max|v| (scale-grid formats): (max|v| / max_elem)
@@ -382,7 +414,7 @@ class BlockFormat(NumberFormat):
         assert grid is not None
         work = blocks if blocks.dtype in FLOAT_DTYPES else blocks.float()
         amax = work.abs().amax(dim=-1, keepdim=True)
-        tensor_scale = self._tensor_scale_from_amax(amax) if self.tensor_scale else None
+        tensor_scale = self._tensor_scale_from_amax(amax.reshape(1, -1)) if self.tensor_scale else None
         block_scale = self.block_scales(amax, tensor_scale)
         reciprocal = torch.reciprocal(block_scale) if tensor_scale is None else (
             torch.reciprocal(tensor_scale) / block_scale)

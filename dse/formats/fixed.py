@@ -27,7 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dse.formats.base import NumberFormat, Scaling, check_rounding, round_to_integer
+from dse.formats.base import (
+    FLOAT_DTYPES,
+    NumberFormat,
+    Scaling,
+    check_rounding,
+    round_to_integer,
+    significand_digits,
+    transformed,
+)
+from dse.formats.fast import enabled
+from dse.formats.fast import scales as fast_scales
 from dse.formats.spec import (
     Value,
     bool_arg,
@@ -92,15 +102,37 @@ class FixedPoint(NumberFormat):
     def round_unscaled_(self, x: Tensor, rounding: str, generator: torch.Generator | None) -> Tensor:
         return self._round_onto_grid(x, rounding, generator, in_place=True)
 
-    def _round_onto_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None, in_place: bool
-                     ) -> Tensor:
-        """x rounded onto the grid; `in_place`: x is a temporary the caller gives up (as is x * 2^frac)."""
+    def round_unscaled_within_max_(self, x: Tensor, rounding: str, generator: torch.Generator | None
+                                   ) -> Tensor:
+        """round_unscaled_ without the clamp to the code range where it cannot act
+        (`clamp_cannot_act_within_max`); x is given up, as for round_unscaled_."""
+        if (not self.clamp_cannot_act_within_max(rounding, x.dtype)
+                or torch.is_grad_enabled() and x.requires_grad or transformed(x)
+                or not enabled(fast_scales.UNCLAMPED_QUOTIENT)):
+            return self.round_unscaled_(x, rounding, generator)
+        return self._round_onto_grid(x, rounding, generator, in_place=True, saturate=False)
+
+    def clamp_cannot_act_within_max(self, rounding: str, dtype: torch.dtype) -> bool:
+        """Whether rounding any quotient within +-max (1 + u) / (1 - u) (u = 2^-p, p: dtype's significand
+        bits; see `round_unscaled_within_max_`) gives a code in range, so that the clamp changes
+        nothing: those codes lie within +-(H + 2 H u / (1 - u)), H = highest_code, which is below
+        H + 1/2 when H < 2^(p-2), where nearest rounds to at most H and toward zero too; stochastic and
+        pseudo-stochastic rounding may step up to H + 1. Float32 has that for up to 23 bits, float64
+        for every width."""
+        return (rounding in ("nearest", "toward_zero") and dtype in FLOAT_DTYPES
+                and self.highest_code < 2 ** (significand_digits(dtype) - 2))
+
+    def _round_onto_grid(self, x: Tensor, rounding: str, generator: torch.Generator | None, in_place: bool,
+                         saturate: bool = True) -> Tensor:
+        """x rounded onto the grid; `in_place`: x is a temporary the caller gives up (as is x * 2^frac);
+        `saturate`: clamp to the code range (left out only where it cannot act)."""
         check_rounding(rounding)
         # Clamping after rounding equals clamping before (the bounds are integers) and works in place.
         if self.frac_bits:
             x, in_place = x * 2.0**self.frac_bits, True
         code = round_to_integer(x, rounding, generator, in_place)
-        code.clamp_(self.lowest_code, self.highest_code)
+        if saturate:
+            code.clamp_(self.lowest_code, self.highest_code)
         return code.mul_(2.0**-self.frac_bits) if self.frac_bits else code
 
     def encode(self, x: Tensor) -> Tensor:

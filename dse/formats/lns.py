@@ -269,10 +269,10 @@ class LNS(NumberFormat):
                 return fast
         return self.round_reference(x, rounding, generator)
 
-    def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None
-                     ) -> Tensor:
+    def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None,
+                     within_max: bool = False) -> Tensor:
         fast = fast_lns.round_nearest(self, x, scale) if rounding == "nearest" else None
-        return fast if fast is not None else super().round_scaled(x, scale, rounding, generator)
+        return fast if fast is not None else super().round_scaled(x, scale, rounding, generator, within_max)
 
     def encode(self, x: Tensor) -> Tensor:
         flat = torch.as_tensor(x).detach().reshape(-1)

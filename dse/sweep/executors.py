@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from dse.errors import InputError
+from dse.errors import InputError, Unsupported
 from dse.processes import become_helper, stop_workers
 
 TrainFn = Callable[[Any], Any]
@@ -77,6 +77,9 @@ class TrialOutcome:
     wall_time_s: float = 0.0
     note: str = ""
     """A line the sweep prints about how the trial trained (its group split on a Ray node)."""
+    unsupported: bool = False
+    """The trial raised dse.errors.Unsupported (this torch or device cannot run it): not the trial's
+    result: the sweep runs every other trial, stores it, and then stops naming this one (unstored)."""
 
 
 def _limit_threads(threads: int) -> None:
@@ -121,7 +124,8 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
         message = str(error).splitlines()[0] if str(error) else ""
         text = f"{type(error).__name__}: {message}" if message else type(error).__name__
         return TrialOutcome(job.trial_id, None, error=text, traceback=traceback.format_exc(),
-                            wall_time_s=time.perf_counter() - start)
+                            wall_time_s=time.perf_counter() - start,
+                            unsupported=isinstance(error, Unsupported))
 
 
 def execute_group(job: GroupJob) -> list[TrialOutcome]:
@@ -269,10 +273,16 @@ class LocalExecutor(_NothingToAcquire):
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 broken = [future for future in done if isinstance(future.exception(), BrokenProcessPool)]
-                for future in done:  # every job that finished is stored before a broken pool stops the run
+                stopped: InputError | None = None
+                for future in done:  # every job that finished is stored before the run stops
                     if future not in broken:
                         for outcome in future.result():
-                            on_done(outcome)
+                            try:
+                                on_done(outcome)
+                            except InputError as error:  # (a trial this torch cannot run)
+                                stopped = stopped or error
+                if stopped is not None:
+                    raise stopped
                 if broken:
                     raise InputError("a worker process died (out of memory, or killed) and the sweep stopped "
                                      "its others; the trials that finished are stored: run the same command "

@@ -13,7 +13,10 @@ killer, a power loss) holds nothing once its process is gone, and the file it le
 taken over by the next run. The holder removes the file when it ends; a taker checks that the file it
 locked is still the one at the path (a holder may remove it between the taker's open and its lock).
 Processes the sweep forks (figure processes) close their copy of the descriptor, so none of them
-keeps the lock after the sweep has ended.
+keeps the lock after the sweep has ended. The early check before a sweep's imports (`refuse_if_held`)
+holds a shared lock for an instant, which `take` waits out. A holder that may not write the file
+(another user's) leaves the previous holder's text: one naming a process of this host that is gone
+is not quoted.
 
 On NFS, Linux implements `flock` with the server's byte-range locks (NFSv4, or NFSv3 with its lock
 manager): two hosts see each other's lock, and a client that dies loses it when its lease expires (90 s
@@ -63,12 +66,32 @@ def lock_path(directory: Path) -> Path:
 
 def _holder(descriptor: int) -> str:
     """What the holder wrote into the lock file ('pid 12 on host h since 2026-01-01 10:00:00 UTC'), or a
-    plain description while it has not written it yet."""
+    plain description while it has not written it yet, or where the text names a process of this host
+    that is gone (a holder that may not write the file, in another user's folder, leaves an earlier
+    holder's text there)."""
     with contextlib.suppress(OSError, UnicodeDecodeError):
         text = os.pread(descriptor, 512, 0).decode("utf-8").strip()
-        if text:
+        if text and not _names_a_process_gone(text.splitlines()[0]):
             return text.splitlines()[0]
+        if text:
+            return "pid unknown: the lock file names an earlier sweep, its holder could not rewrite it"
     return "pid unknown"
+
+
+def _names_a_process_gone(line: str) -> bool:
+    """Whether `line` ('pid N on host H since ...') names a process of this host that does not run."""
+    words = line.split()
+    if len(words) < 5 or words[0] != "pid" or not words[1].isdigit() or words[3] != "host":
+        return False
+    if words[4] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (another user's process: it runs)
+        return False
+    return False
 
 
 def _open(path: Path) -> int:
@@ -93,10 +116,11 @@ def take(directory: Path) -> int:
     """Lock `directory`'s sweep.lock for this process; InputError where another sweep holds it. OSError
     where the file cannot be made (an unwritable folder: the caller's own checks name it)."""
     path = lock_path(directory)
+    deadline = time.monotonic() + PROBE_WAIT_S
     while True:
         descriptor = _open(path)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_waiting_out_probes(descriptor, deadline)
         except OSError as error:
             holder = _holder(descriptor)
             empty = os.fstat(descriptor).st_size == 0
@@ -106,9 +130,7 @@ def take(directory: Path) -> int:
                     path.unlink()
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise InputError(f"output folder {str(directory)!r} is in use by another dse sweep ({holder}; "
-                             f"its lock: {path}): nothing was written; wait until it has finished, or "
-                             "choose another output path (output: or --output)") from None
+            raise InputError(_in_use(directory, holder, path)) from None
         if _same_file(descriptor, path):
             break
         os.close(descriptor)  # its holder removed it between our open and our lock: take the new one
@@ -132,13 +154,49 @@ def release(descriptor: int) -> None:
         os.close(descriptor)
 
 
+PROBE_WAIT_S = 0.5
+"""How long `take` waits out a lock held by `refuse_if_held` (a shared lock held for microseconds) before
+it refuses: a sweep's holder keeps its lock for the sweep's whole run."""
+
+
+def _lock_waiting_out_probes(descriptor: int, deadline: float) -> None:
+    """flock(LOCK_EX) without blocking, tried again until `deadline` while another process holds it
+    (OSError EWOULDBLOCK after that)."""
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
 def refuse_if_held(directory: Path) -> None:
-    """InputError where another sweep holds `directory`'s lock, found by taking it and letting it go: a
-    command refused at once, before its seconds of imports and its workers' start. Nothing where the
-    folder is not there or its lock cannot be made (the sweep's own `holding` decides then)."""
-    if Path(directory).is_dir():
-        with contextlib.suppress(OSError):
-            release(take(directory))
+    """InputError where another sweep holds `directory`'s lock: a command refused at once, before its
+    seconds of imports and its workers' start. Found by a shared lock, taken and let go, on the file
+    where there is one: it never conflicts with another such check, writes no holder text and makes or
+    removes no file, so a sweep starting in the same instant (whose `take` waits out a shared lock) is
+    not refused in the name of a command that was only checking. Nothing where the folder or its lock
+    file is not there or cannot be read (the sweep's own `holding` decides then)."""
+    path = lock_path(directory)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise InputError(_in_use(directory, _holder(descriptor), path)) from None
+    finally:
+        os.close(descriptor)  # (unlocks)
+
+
+def _in_use(directory: Path, holder: str, path: Path) -> str:
+    return (f"output folder {str(directory)!r} is in use by another dse sweep ({holder}; its lock: {path}): "
+            "nothing was written; wait until it has finished, or choose another output path (output: or "
+            "--output)")
 
 
 class UnlockedWarning(UserWarning):

@@ -390,12 +390,20 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
     best = best_of(load_trials(sweep.output)) if summary.skipped else None
     by_id = {trial.trial_id: trial for group in groups for trial in group}
 
+    unsupported: list[tuple[Trial, TrialOutcome]] = []
+    """Trials this torch or device cannot run: not stored; the others run on, and the sweep then stops
+    naming the first (stopping at once, a resume would meet the same trial first and never finish the
+    others)."""
+
     def on_done(outcome: TrialOutcome) -> None:
         job_left.check(outcome.trial_id)
         if outcome.trial_id not in wanted:
             return
         wanted.discard(outcome.trial_id)
         trial = by_id[outcome.trial_id]
+        if outcome.unsupported:  # not the trial's result: stored, it would not run again on resume
+            unsupported.append((trial, outcome))
+            return
         row = _row(trial, outcome)
         store.record(row)
         summary.ran += 1
@@ -419,6 +427,12 @@ def execute_trials(sweep: SweepConfig, trials: list[Trial], runs: list[Trial], g
                                total=summary.total) from None
     finally:
         reporter.stop()
+    if unsupported:
+        trial, outcome = unsupported[0]
+        more = len(unsupported) - 1
+        others = f" and {more} more trial{'s' * (more > 1)}" if more else ""
+        raise InputError(f"trial {trial.trial_id} ({trial.task}: {trial.label}){others}: {outcome.error}; "
+                         "not stored (every other trial finished and is stored)")
     return summary
 
 

@@ -153,7 +153,7 @@ class FunctionalGemms:
             self.handles.append(module.register_forward_hook(self._pop, always_call=True))
         self.handles.append(self.model.register_forward_pre_hook(self._enter, prepend=True))
         self.handles.append(self.model.register_forward_hook(self._exit, always_call=True))
-        follow_checkpoints(check=False)  # a run training checks (recompute.replaying)
+        follow_checkpoints()  # (a run checks this torch where it first checkpoints)
 
     def remove(self) -> None:
         for handle in self.handles:

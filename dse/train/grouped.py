@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
@@ -97,11 +98,14 @@ does in training for most batch sizes), and no multiple of its 2 members (`Unspl
 def backward_reason(model: nn.Module, example: Tensor) -> str | None:
     """Why a group's backward would not give each member the gradient it gets alone (None: it would,
     or the network calls none of the position-dependent functions of dse/train/member_kernels.py):
-    it fails in a group (a recomputation outside torch.utils.checkpoint's own functions, which
-    dse/train/recompute.py does not run under the member mode, saves other tensors than the forward
-    did), or a user's autograd.Function's backward, which runs outside every torch-function mode,
-    calls one of those functions on the group's tensors. Found by one forward and backward of 2
-    stacked copies of the network on CHECK_ROWS samples each."""
+    its forward or backward fails in a group (a recomputation outside torch.utils.checkpoint's own
+    functions, which dse/train/recompute.py does not run under the member mode, saves other tensors
+    than the forward did), or a user's autograd.Function's backward, which runs outside every
+    torch-function mode, calls one of those functions on the group's tensors. Found by one forward and
+    backward of 2 stacked copies of the network on CHECK_ROWS samples each, over every tensor of its
+    output (a tensor, or any nesting of tuples, lists and dicts). A Function this forward does not
+    reach (a branch taken later, in other inputs) is watched while the group trains
+    (`BackwardUnsplit`)."""
     if not may_call_position_dependent(model):
         return None
     rows = example.repeat(-(-CHECK_ROWS // len(example)), *[1] * (example.dim() - 1))[:CHECK_ROWS]
@@ -113,22 +117,61 @@ def backward_reason(model: nn.Module, example: Tensor) -> str | None:
         group = stack_models(copies, None, QuantSwitch(), None, example)
         try:
             outputs = group(torch.stack([rows, rows.flip(0)]))
-            leaves = [t for t in (outputs if isinstance(outputs, tuple) else (outputs,))
-                      if isinstance(t, Tensor) and t.requires_grad]
-            if not leaves:
-                return None
-            spies = {cls: UnsplitCalls(members, CHECK_ROWS) for cls in _user_functions(leaves)}
+        except Exception as error:
+            return f"its forward fails in a group ({_first_line(error)})"
+        leaves = [t for t in tree_leaves(outputs) if isinstance(t, Tensor) and t.requires_grad]
+        if not leaves:
+            return None
+        spies = {cls: UnsplitCalls(members, CHECK_ROWS) for cls in _user_functions(leaves)}
+        try:
             with _backwards_spied(spies):
                 torch.autograd.backward([t.float().sum() for t in leaves])
         except Exception as error:
-            return (f"its backward fails in a group ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''})")
+            return f"its backward fails in a group ({_first_line(error)})"
+    return _unsplit_reason(spies)
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _unsplit_reason(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -> str | None:
     for cls, unsplit in spies.items():
         if unsplit.calls:
             return (f"the backward of its autograd.Function {cls.__name__} calls {', '.join(unsplit.calls)} "
                     f"on the group's tensors, outside the member mode (a member may get other last bits "
                     f"than alone)")
     return None
+
+
+class BackwardUnsplit(Exception):
+    """Found while a group trained: a user's autograd.Function that `backward_reason`'s forward did not
+    reach calls a position-dependent function on the group's tensors in its backward."""
+
+
+def _defined_user_functions() -> list[type[torch.autograd.Function]]:
+    """Every autograd.Function class defined so far outside dse and torch."""
+    found: dict[type[torch.autograd.Function], None] = {}
+    classes = list(torch.autograd.Function.__subclasses__())
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if not cls.__module__.startswith(("dse.", "torch.")):
+            found.setdefault(cls)
+    return list(found)
+
+
+@contextlib.contextmanager
+def _user_backwards_watched(model: nn.Module, members: int, rows: int
+                            ) -> Iterator[dict[type[torch.autograd.Function], UnsplitCalls]]:
+    """While a group trains, every user autograd.Function's backward spied (`backward_reason`'s check
+    covers one forward; a branch taken later is caught at its first backward, before any step)."""
+    if not may_call_position_dependent(model):
+        yield {}
+        return
+    spies = {cls: UnsplitCalls(members, rows) for cls in _defined_user_functions()}
+    with _backwards_spied(spies):
+        yield spies
 
 
 def _user_functions(outputs: list[Tensor]) -> list[type[torch.autograd.Function]]:
@@ -177,7 +220,8 @@ def _backwards_spied(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -
 
 
 class GroupSplitWarning(UserWarning):
-    """A group too large for its device's memory trains as consecutive smaller groups."""
+    """A group trains otherwise than planned: too large for its device's memory, as consecutive
+    smaller groups; or one by one, a user's Function found while it trained (`BackwardUnsplit`)."""
 
 
 def trial_training_bytes(config: TrainConfig, model: nn.Module, example: Tensor) -> int:
@@ -225,10 +269,15 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
         warnings.warn(split_note(len(configs), fit, one, available, configs[0].device, groups_at_once),
                       GroupSplitWarning, stacklevel=2)
     results: list[TrainResult] = []
-    with _run_settings(configs[0].threads):
-        for start in range(0, len(configs), fit):
-            part = configs[start:start + fit]
-            results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
+    try:
+        with _run_settings(configs[0].threads):
+            for start in range(0, len(configs), fit):
+                part = configs[start:start + fit]
+                results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
+    except BackwardUnsplit as found:
+        warnings.warn(f"model {configs[0].model!r}: {found}; its trials trained one by one",
+                      GroupSplitWarning, stacklevel=2)
+        return [train(config, data) for config in configs]
     return results
 
 
@@ -467,7 +516,8 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
     diverged = [False] * members
     running = list(range(members))  # members still training
     model.train()
-    with replaying(generators):  # a checkpointed block's recomputation draws what its forward drew
+    with (replaying(generators, model),  # a checkpointed block's recomputation draws what its forward drew
+          _user_backwards_watched(model, members, first.batch_size) as spies):
         for epoch in range(first.epochs):
             setup.on_epoch_start(epoch)
             permutation = torch.stack([torch.randperm(len(x_train), generator=order)
@@ -481,7 +531,12 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
                 values, objective = setup.member_losses(logits, targets)
                 if tally.add(values):
                     break
+                for spy in spies.values():
+                    spy.rows = index.shape[1]
                 objective.backward()
+                unsplit = _unsplit_reason(spies)
+                if unsplit is not None:  # before the step: the group is dropped, its members train alone
+                    raise BackwardUnsplit(unsplit)
                 setup.step()
                 setup.zero_grad()
             finite = members_finite(list(model.parameters()), members)

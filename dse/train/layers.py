@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
+from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members
 from dse.train.policy import QuantPolicy, TensorQuant, with_scaling
 
 Quantizer = Callable[[Tensor], Tensor]
@@ -428,9 +430,10 @@ class QuantMatmulFn(torch.autograd.Function):
     (0: neither, 1: a, 2: b; its gradient is then a weight gradient); the incoming error as an error.
     Axes as microxcaling's mx/matmul.py: forward a along -1 and b along -2; da = dy b^T with dy and b
     along -1; db = a^T dy with a and dy along -2. As in QuantGemm, an operand the backward quantizes
-    again is quantized along both axes in one call where its rounding draws nothing. `member_ranks`
-    (a group's matmul, dse/train/stacked_functional.py): the operands carry a leading member axis and
-    each member's are of these ranks alone; each product then runs member by member, as alone."""
+    again is quantized along both axes in one call where its rounding draws nothing. `members` (a
+    group's matmul, dse/train/stacked.py and stacked_functional.py): the operands carry a leading
+    member axis; each product runs batched where that sums as each member's own, else member by
+    member, as alone (`_product`)."""
 
     @classmethod
     def apply(cls, *args: Any) -> Any:  # Function.apply, recording the grad mode
@@ -438,7 +441,7 @@ class QuantMatmulFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0,
-                member_ranks: tuple[int, int] | None = None) -> Tensor:
+                members: MemberRanks | None = None) -> Tensor:
         qa_fn, qb_fn = _matmul_quantizers(layer, weight_operand)
         need_a, need_b = _backward_needs(ctx, 2)
         qa, qa_later = _for_gemms(qa_fn, a, -1, -2 if need_b else None)
@@ -448,10 +451,10 @@ class QuantMatmulFn(torch.autograd.Function):
         ctx.ready = (qa_later is not None, qb_later is not None)
         ctx.layer = layer
         ctx.weight_operand = weight_operand
-        ctx.member_ranks = member_ranks
+        ctx.members = members
         if layer.accumulator is not None:
             return accumulation.matmul_forward(qa, qb, layer.accumulator)
-        return _product(qa, qb, member_ranks)
+        return _product(qa, qb, members)
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -466,10 +469,9 @@ class QuantMatmulFn(torch.autograd.Function):
         if _blocked(layer.gradients):
             e_a, e_b = _for_gemms(layer.gradients, dy, -1, -2 if need_b else None) if need_a else (dy, None)
         accumulator = layer.accumulator
-        ranks: tuple[int, int] | None = ctx.member_ranks
-        out = None if ranks is None else max(ranks)  # dy's rank a member: the output's
-        ranks_da = None if ranks is None or out is None else (out, ranks[1])
-        ranks_db = None if ranks is None or out is None else (ranks[0], out)
+        members: MemberRanks | None = ctx.members
+        ranks_da = None if members is None else members.of_data_gradient()
+        ranks_db = None if members is None else members.of_weight_gradient()
         da = db = None
         if need_a:
             b = _for_gemm(qb_fn, qb, -1) if _blocked(qb_fn) and not b_ready else qb
@@ -488,17 +490,43 @@ class QuantMatmulFn(torch.autograd.Function):
         return da, db, None, None, None
 
 
-def _product(a: Tensor, b: Tensor, member_ranks: tuple[int, int] | None) -> Tensor:
-    """a @ b; with `member_ranks`, member by member, each member's operands at their ranks alone (a
-    member's weight broadcast with leading singleton axes drops them): alone torch.matmul folds a
-    (B, n, k) @ W (k, m) into one mm, and a batched matmul of (n, k) @ (k, m) entries sums otherwise
-    where torch's CPU bmm would (`dse.train.stacked.bmm_sums_as_mm`)."""
-    if member_ranks is None:
+@dataclass(frozen=True)
+class MemberRanks:
+    """A group's matmul, its operands with a leading member axis: each member's operands' ranks alone
+    (a member's weight broadcast with leading singleton axes drops them), and whether the member's
+    product alone is a batched matmul too (attention's q k^T), which on the CPU at one thread a
+    batched matmul of the whole group sums as the member's own; otherwise `bmm_sums_as_mm` is the
+    CPU's rule: alone torch.matmul folds a (B, n, k) @ W (k, m) into one mm."""
+
+    a: int
+    b: int
+    batched_alone: bool = False
+
+    def of_data_gradient(self) -> MemberRanks:
+        """da = dy b^T: dy's rank a member is the output's."""
+        return dataclasses.replace(self, a=max(self.a, self.b))
+
+    def of_weight_gradient(self) -> MemberRanks:
+        """db = a^T dy."""
+        return dataclasses.replace(self, b=max(self.a, self.b))
+
+
+def _product(a: Tensor, b: Tensor, members: MemberRanks | None) -> Tensor:
+    """a @ b; with `members`, one batched matmul where it sums as each member's own product
+    (`batched_sums.sums_as_members`), else member by member, each member's operands at their ranks
+    alone."""
+    if members is None:
         return a @ b
-    rank_a, rank_b = member_ranks
-    return torch.stack([a_g.reshape(a_g.shape[a_g.dim() - rank_a:])
-                        @ b_g.reshape(b_g.shape[b_g.dim() - rank_b:])
-                        for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
+    own = functools.partial(_member_product, members.a, members.b)
+    rule = members.batched_alone or bmm_sums_as_mm(a.shape[-2], a.shape[-1], b.shape[-1])
+    if sums_as_members(("matmul", members.a, members.b), torch.matmul, own, (a, b), rule):
+        return a @ b
+    return torch.stack([own(a_g, b_g) for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
+
+
+def _member_product(rank_a: int, rank_b: int, a: Tensor, b: Tensor) -> Tensor:
+    """A member's a @ b at its operands' ranks alone."""
+    return a.reshape(a.shape[a.dim() - rank_a:]) @ b.reshape(b.shape[b.dim() - rank_b:])
 
 
 def _matmul_quantizers(layer: LayerQuant, weight_operand: int) -> tuple[Quantizer | None, Quantizer | None]:
@@ -506,12 +534,14 @@ def _matmul_quantizers(layer: LayerQuant, weight_operand: int) -> tuple[Quantize
             layer.weights if weight_operand == 2 else layer.activations)
 
 
-def quant_matmul(a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0) -> Tensor:
-    """torch.matmul semantics (1-d operands, broadcast batch dims) through QuantMatmulFn."""
+def quant_matmul(a: Tensor, b: Tensor, layer: LayerQuant, weight_operand: int = 0,
+                 members: MemberRanks | None = None) -> Tensor:
+    """torch.matmul semantics (1-d operands, broadcast batch dims) through QuantMatmulFn (`members`: a
+    group's, operands of rank 3 or more with a leading member axis)."""
     squeeze_rows, squeeze_cols = a.dim() == 1, b.dim() == 1
     a = a.unsqueeze(0) if squeeze_rows else a
     b = b.unsqueeze(-1) if squeeze_cols else b
-    y = QuantMatmulFn.apply(a, b, layer, weight_operand)
+    y = QuantMatmulFn.apply(a, b, layer, weight_operand, members)
     y = y.squeeze(-1) if squeeze_cols else y
     return y.squeeze(-2) if squeeze_rows else y
 

@@ -203,7 +203,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
     val_accuracies: list[float] = []
     diverged = False
     setup.model.train()
-    with replaying([generator]):  # a checkpointed block's recomputation draws what its forward drew
+    with replaying([generator], setup.model):  # a recomputation draws what its forward drew
         for epoch in range(config.epochs):
             if setup.on_epoch_start is not None:
                 setup.on_epoch_start(epoch)

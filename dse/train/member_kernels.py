@@ -317,7 +317,7 @@ class MemberKernels:
             if module is not net and type(module).__module__.startswith(OWN_PACKAGE):
                 self.handles += [module.register_forward_pre_hook(self._pause),
                                  module.register_forward_hook(self._resume, always_call=True)]
-        follow_checkpoints(check=False)  # a run training checks (recompute.replaying)
+        follow_checkpoints()  # (a run checks this torch where it first checkpoints)
 
     def remove(self) -> None:
         """Take the hooks off: the net then runs without the mode (for comparison)."""

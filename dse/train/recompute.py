@@ -23,11 +23,18 @@ forward drew, and leaves it where the backward had it, as torch's `preserve_rng_
 torch's own generators; so checkpointing changes no rounding draw, and a checkpointed network trains
 bit for bit as without checkpointing (`preserve_rng_state=False` opts out of the replay, as in torch).
 
-`follow_checkpoints` checks once per process, when a run starts training (`replaying`), by a
-checkpoint of each form under a probe mode, that this torch's checkpoint recomputes through what it
-replaced, and raises `CheckpointsNotFollowed` (naming the torch version and the form) where it does
-not: a torch whose checkpoint looked its parts up otherwise would recompute without the modes and
-draws, silently giving other bits.
+Whether this torch's checkpoint recomputes through what dse replaced is checked once per process,
+by a checkpoint of each form under a probe mode (`check_checkpoints_followed`), where a run training
+(`replaying`) first checkpoints: found by torch's public entry points, `checkpoint` and
+`checkpoint_sequential` (wrapped when this module is imported, so a user's file loaded later binds the
+wrapper; they pass through otherwise), by the modules of the network a run trains marked by
+torch.distributed's composable `checkpoint(module)`, and by a module class of that network defined in
+a file holding torch's own entry points (bound before dse was imported); none of these depends on
+the replaced parts being looked up. Where the check fails it raises `CheckpointsNotFollowed` (naming
+the torch version and the form), an `Unsupported` error: `dse train` prints it as one line and exits
+2, a sweep runs and stores its other trials and then stops naming the trial. A torch whose
+checkpoint looked its parts up otherwise would recompute without the modes and draws, silently
+giving other bits; a network that never checkpoints trains on it as on any other.
 
 What this does not reach - a recomputation by other code than these functions of torch's, a
 user's `autograd.Function` whose backward calls a position-dependent function (the autograd engine
@@ -48,6 +55,8 @@ import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from dse.errors import Unsupported
 
 
 def function_modes() -> list[Any]:
@@ -83,10 +92,14 @@ _REPLAYED = _Replayed()
 
 
 @contextlib.contextmanager
-def replaying(generators: Sequence[torch.Generator]) -> Iterator[None]:
+def replaying(generators: Sequence[torch.Generator], model: torch.nn.Module | None = None) -> Iterator[None]:
     """The block with a run's stochastic-rounding `generators` replayed by every checkpointed block's
-    recomputation (module docstring)."""
+    recomputation (module docstring); a `model` checkpointed by the composable form, or defined where
+    torch's own entry points were bound before dse wrapped them, is checked now; one that calls
+    `checkpoint` when it first does."""
     follow_checkpoints()
+    if model is not None and (_composable_checkpointed(model) or _binds_torchs_own_entries(model)):
+        check_once()
     _REPLAYED.runs.append(list(generators))
     try:
         yield
@@ -155,22 +168,24 @@ COMPOSABLE_CHECKPOINT = "torch.distributed._composable.checkpoint_activation"
 """torch.distributed's `checkpoint(module)`, which binds the non-reentrant generator at its import."""
 
 
-class CheckpointsNotFollowed(RuntimeError):
+class CheckpointsNotFollowed(Unsupported):
     """This torch's activation checkpointing does not recompute through what dse replaced."""
 
 
 _FOLLOWED: list[bool] = []
-"""[True] once `follow_checkpoints` has checked this torch."""
+"""[True] once `check_once` has checked this torch."""
 
 
-def follow_checkpoints(check: bool = True) -> None:
+def follow_checkpoints() -> None:
     """Make torch.utils.checkpoint recompute under the modes of its forward (module docstring), by
     the reentrant Function's forward and the non-reentrant generator `checkpoint` looks up when called
     (and torch.distributed's composable checkpoint, by its own name for the generator: imported later,
-    it binds this one); the first time with `check`, check that it does (CheckpointsNotFollowed where
-    not). A run training checks (`replaying`); installing a mode only replaces: the check's checkpoint
-    imports torch._dynamo (about 1 s), which a proxy traced for its energy, with no backward and so no
-    recomputation, need not pay (the worker training it imports torch._dynamo anyway, with its optimizer)."""
+    it binds this one). Idempotent: called where a mode of ours is installed and a run starts training;
+    the check runs where a run training first checkpoints (`check_once`)."""
+    _replace_torchs_parts()
+
+
+def _replace_torchs_parts() -> None:
     if TORCH_REENTRANT_FORWARD is not None:
         TORCH_CHECKPOINT_FUNCTION.forward = staticmethod(_reentrant_forward)
     if _TORCH_WITHOUT_REENTRANT is not None:
@@ -178,9 +193,77 @@ def follow_checkpoints(check: bool = True) -> None:
     composable = sys.modules.get(COMPOSABLE_CHECKPOINT)
     if composable is not None and hasattr(composable, "_checkpoint_without_reentrant_generator"):
         setattr(composable, "_checkpoint_without_reentrant_generator", _without_reentrant)  # noqa: B010
-    if check and not _FOLLOWED:
+
+
+def check_once() -> None:
+    """`check_checkpoints_followed`, the first time only (CheckpointsNotFollowed every time it failed):
+    run with no torch-function mode on the stack and only the probe's generator replayed, wherever it is
+    called from (inside a forward under a run's modes)."""
+    if _FOLLOWED:
+        return
+    modes, runs = function_modes(), _REPLAYED.runs
+    set_function_modes([])
+    _REPLAYED.runs = []
+    try:
         check_checkpoints_followed()
-        _FOLLOWED.append(True)
+    finally:
+        _REPLAYED.runs = runs
+        set_function_modes(modes)
+    _FOLLOWED.append(True)
+
+
+def _checked_where_training(entry: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's public checkpoint entry point `entry`, checking this torch first where a run is training."""
+
+    @functools.wraps(entry)
+    def checkpoint_entry(*args: Any, **kwargs: Any) -> Any:
+        if _REPLAYED.runs and not _FOLLOWED:
+            check_once()
+        return entry(*args, **kwargs)
+
+    checkpoint_entry.__wrapped_by_dse__ = True  # type: ignore[attr-defined]
+    return checkpoint_entry
+
+
+TORCH_CHECKPOINT: Callable[..., Any] = torch_checkpoint.checkpoint
+"""torch's `checkpoint` (the probe calls it: the wrapper would check again)."""
+for _entry in ("checkpoint", "checkpoint_sequential"):
+    if not getattr(getattr(torch_checkpoint, _entry, None), "__wrapped_by_dse__", False):
+        setattr(torch_checkpoint, _entry, _checked_where_training(getattr(torch_checkpoint, _entry)))
+if getattr(TORCH_CHECKPOINT, "__wrapped_by_dse__", False):  # (this module executed again: a reload)
+    TORCH_CHECKPOINT = TORCH_CHECKPOINT.__wrapped__  # type: ignore[attr-defined]
+
+
+TORCHS_OWN_ENTRIES: tuple[Callable[..., Any], ...] = tuple(
+    getattr(torch_checkpoint, name).__wrapped__ for name in ("checkpoint", "checkpoint_sequential"))
+"""torch's own `checkpoint` and `checkpoint_sequential`, as a file that bound them before this module
+wrapped them holds them."""
+
+
+def _binds_torchs_own_entries(model: torch.nn.Module) -> bool:
+    """Whether a module class of `model` (or a base of one) is defined in a file that holds torch's own
+    entry points, bound before this module wrapped them (`from torch.utils.checkpoint import
+    checkpoint` run before dse was imported, as a script importing its network first does): its calls
+    pass by the wrappers, so the run checks this torch as it starts."""
+    own = {id(entry) for entry in TORCHS_OWN_ENTRIES}
+    files = {cls.__module__ for module in model.modules() for cls in type(module).__mro__}
+    for name in files - {"builtins"}:
+        if name.split(".")[0] in ("torch", "dse"):
+            continue
+        namespace = getattr(sys.modules.get(name), "__dict__", {})
+        if any(id(value) in own for value in list(namespace.values())):
+            return True
+    return False
+
+
+def _composable_checkpointed(model: torch.nn.Module) -> bool:
+    """Whether a module of `model` is checkpointed by torch.distributed's composable `checkpoint`
+    (which runs by hooks, not by the entry points wrapped above)."""
+    contract = sys.modules.get("torch.distributed._composable.contract")
+    registry_of = getattr(contract, "_get_registry", None)
+    if COMPOSABLE_CHECKPOINT not in sys.modules or registry_of is None:
+        return False
+    return any("checkpoint" in (registry_of(module) or {}) for module in model.modules())
 
 
 class _Probe(RecomputedMode):
@@ -226,7 +309,7 @@ def _probe_checkpoint(reentrant: bool) -> tuple[int, bool]:
         with torch.inference_mode(False), torch.enable_grad():  # (wherever it is first called)
             x = torch.ones(2, device="cpu", requires_grad=True)  # (whatever the default device)
             with _Probe():
-                y = torch_checkpoint.checkpoint(block, x, use_reentrant=reentrant)
+                y = TORCH_CHECKPOINT(block, x, use_reentrant=reentrant)
             y.sum().backward()
     finally:
         _REPLAYED.runs.pop()

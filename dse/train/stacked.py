@@ -12,17 +12,19 @@ Layers with weights take the folded batch apart:
       backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
       backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
 
-  On the CPU a batched GEMM runs the same GEMM kernel per member as the unbatched call, so every
-  member computes bit for bit what it computes alone; where it would not (`bmm_sums_as_mm`: torch's
-  own loop for products under 400 multiply-adds, MKL's batched GEMM for a single row, column or
-  reduction index) and on several threads, the GEMMs run member by member (`member_gemm`).
+  On the CPU at one thread a batched GEMM runs the same GEMM kernel per member as the unbatched
+  call, so every member computes bit for bit what it computes alone; where it would not
+  (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's batched GEMM for
+  a single row, column or reduction index), and at more threads or on a GPU where a probe finds it
+  would not (dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
 - Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
   member by member. A grouped convolution (groups=G over channel-stacked members) would be one
   call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
   then run in another order: on the proxies' shapes the forward, backward-data or backward-weight
   differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
   loop keeps every member bit for bit (docs/training.md measures what it costs).
-- Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul.
+- Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
+  (member by member where a probe finds it would not sum as the member's own, beyond one CPU thread).
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
@@ -65,6 +67,7 @@ from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
+from dse.train.batched_sums import bmm_sums_as_mm, output_shape, sums_as_members
 from dse.train.layers import (
     LINEAR_AXES,
     BlockQuantizer,
@@ -72,6 +75,7 @@ from dse.train.layers import (
     GemmAxes,
     LayerPolicies,
     LayerQuant,
+    MemberRanks,
     QuantGemm,
     Quantizer,
     QuantSwitch,
@@ -228,41 +232,29 @@ def _fold(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:])
 
 
-SMALL_GEMM_MACS = 400
-"""aten's threshold (`bmm_out_or_baddbmm_`, LinearAlgebra.cpp): a CPU bmm / baddbmm whose batch
-entries have fewer multiply-adds (rows x reduction x columns) runs its own loop (baddbmm_cpu_kernel)
-instead of the BLAS GEMM."""
-
-
-def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
-    """Whether a CPU bmm / baddbmm of batch entries (rows, reduction) @ (reduction, columns) sums each
-    entry as that entry's own mm / addmm, bit for bit: not below `SMALL_GEMM_MACS` (the loop's sums
-    differ in the last bit from MKL's), nor where one of the three is 1 (MKL's batched GEMM then sums
-    otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13 + MKL
-    2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand contiguous
-    or transposed, with and without a bias: no difference where this holds, one in each shape of 400+
-    multiply-adds with a 1 (tests/train/test_train_grouped_methods.py checks the boundary). On one
-    thread: at 2 threads a bmm differs where this holds too (4 x 128 x 513 with the second operand
-    transposed; member_gemm runs member by member on several threads)."""
-    return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
-
-
 def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n). One batched
-    GEMM, the kernel each member's own runs; on the CPU member by member instead, with the call each
-    member makes alone, where a batched GEMM would sum otherwise (`bmm_sums_as_mm`), and on several
-    threads, where torch splits a member's mm among the threads but a bmm by its batch entries, each
-    entry's GEMM on one thread, and the weight gradient's long reduction (the batch rows) then sums in
-    another order (measured on torch 2.13: every Linear weight gradient of the transformer proxy at 2
-    threads)."""
-    if a.is_cpu and (not bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2]) or torch.get_num_threads() > 1):
-        if bias is None:
-            return torch.stack([a_g @ b_g for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
-        return torch.stack([torch.addmm(c_g, a_g, b_g)
-                            for c_g, a_g, b_g in zip(bias.unbind(0), a.unbind(0), b.unbind(0), strict=True)])
-    if bias is None:
-        return torch.bmm(a, b)
-    return torch.baddbmm(bias.unsqueeze(1), a, b)
+    GEMM where it sums each member's product as the member's own mm / addmm alone
+    (`batched_sums.sums_as_members`: on the CPU at one thread `bmm_sums_as_mm`, at more threads that
+    and a probe, on a GPU a probe); otherwise member by member, with the call each member makes
+    alone. At two threads torch splits a
+    member's mm among the threads but a bmm by its batch entries, each entry's GEMM on one thread, and
+    a long reduction (the weight gradient's batch rows) then sums in another order (measured on torch
+    2.13: every Linear weight gradient of the transformer proxy at 2 threads)."""
+    operands = (a, b) if bias is None else (a, b, bias)
+    if not sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
+                           bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
+        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
+    return _batched_gemm(*operands)
+
+
+def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+
+
+def _own_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A member's GEMM as it runs alone."""
+    return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
 class StackedLinearOp:
@@ -383,48 +375,83 @@ class MemberAccumulators(Accumulator):
     a transformer group member trained at 0.78-0.80x of alone against 0.90x in runs (the larger
     chunks leave the cache; docs/training.md). Either way every member's chunks are the same matmuls
     over the same reduction indices, rounded by its own accumulator: the results do not depend on it.
-    Where a batched chunk would not sum as the member's own GEMM (`bmm_sums_as_mm`: torch's CPU loop
-    for small products, a single row, column or reduction index) the fold runs member by member. On
-    a GPU (no grain; launch-bound) the whole group folds at once."""
+    Where a batched chunk would not sum as the member's own GEMM (`batched_sums.sums_as_members`: on
+    the CPU `bmm_sums_as_mm` - torch's loop for small products, a single row, column or reduction
+    index - and at more threads a probe too) the fold runs member by member. On a GPU (no grain;
+    launch-bound) the whole group folds at once where a probe finds its chunks sum as the members'."""
 
     each: tuple[Accumulator, ...] = ()
     runs_of: Callable[[slice], Accumulator] | None = None
 
     def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
         members = operands[0].shape[0]
-        if self.runs_of is None or members == 1 or length <= 0 or not operands[0].is_cpu \
+        if self.runs_of is None or members == 1 or length <= 0 \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
+        if not operands[0].is_cpu:  # a GPU: no grain, launch-bound: the whole group at once
+            return self._fold_runs(partial, operands, length, members)
         if length <= self.chunk:  # one chunk: the group's at once where it sums as each member's
-            whole = partial(*operands, 0, length)
-            if bmm_sums_as_mm(whole.shape[-2], length, whole.shape[-1]):
-                return self.quantize(whole)
+            if self._chunks_sum_as_members(partial, operands, length):
+                return self.quantize(partial(*operands, 0, length))
             return self._each_member(partial, operands, length)
         # member 0's first chunk alone, which its fold starts from where members fold one by one
         first = partial(*(operand[0] for operand in operands), 0, self.chunk)
-        last = length - self.chunk * ((length - 1) // self.chunk)  # the last chunk's reduction
-        if not (bmm_sums_as_mm(first.shape[-2], self.chunk, first.shape[-1])
-                and bmm_sums_as_mm(first.shape[-2], last, first.shape[-1])):
-            return self._each_member(partial, operands, length, first)
         run = max(1, (PARALLEL_GRAIN - 1) // max(1, first.numel()))
+        return self._fold_runs(partial, operands, length, min(run, members), first)
+
+    def _chunks_sum_as_members(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
+                               first: Tensor | None = None) -> bool:
+        """Whether the fold's chunks (the first and the last, which may be shorter) of `operands` (a run
+        of members), each one batched matmul, sum as each member's own GEMM (`sums_as_members`; the
+        CPU's rule `bmm_sums_as_mm` of the chunk's rows, reduction and columns, known before any
+        chunk is computed)."""
+        def rule(start: int, stop: int) -> Callable[[], bool]:
+            def chunk_sums_as_mm() -> bool:
+                shape = first.shape if first is not None else output_shape(partial, *operands, start, stop)
+                return bmm_sums_as_mm(shape[-2], stop - start, shape[-1])
+            return chunk_sums_as_mm
+
+        last = self.chunk * ((length - 1) // self.chunk)  # the last chunk's start
+        chunks = {(0, min(self.chunk, length)), (last, length)}
+        products = {bounds: functools.partial(_chunk, partial, *bounds) for bounds in chunks}
+        return all(sums_as_members(("fold", partial, *bounds), product, product, operands, rule(*bounds))
+                   for bounds, product in products.items())
+
+    def _fold_runs(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int, run: int,
+                   first: Tensor | None = None) -> Tensor:
+        """The fold over runs of `run` consecutive members: a run's chunks one batched matmul where they
+        sum as each member's own GEMMs, else member by member (`first`: member 0's first chunk)."""
+        members = operands[0].shape[0]
         if run >= members:
-            return super().fold_gemm(partial, operands, length)
-        if run == 1:
+            if self._chunks_sum_as_members(partial, operands, length, first):
+                return super().fold_gemm(partial, operands, length)
             return self._each_member(partial, operands, length, first)
-        return torch.cat([self._fold_run(part, partial, tuple(o[part] for o in operands), length)
-                          for part in (slice(start, start + run) for start in range(0, members, run))])
+        parts = []
+        for part in (slice(start, min(start + run, members)) for start in range(0, members, run)):
+            ops = tuple(operand[part] for operand in operands)
+            head = first if part.start == 0 else None
+            if part.stop - part.start > 1 and self._chunks_sum_as_members(partial, ops, length, first):
+                parts.append(self._fold_run(part, partial, ops, length))
+            else:
+                parts.append(self._each_member(partial, ops, length, head, part.start))
+        return torch.cat(parts)
 
     def _each_member(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
-                     first: Tensor | None = None) -> Tensor:
-        """The fold member by member, each with its own GEMMs and accumulator, as alone (`first`:
-        member 0's first chunk)."""
-        return torch.stack([self._fold_run(slice(g, g + 1), partial, tuple(o[g] for o in operands), length,
-                                           first if g == 0 else None) for g in range(operands[0].shape[0])])
+                     first: Tensor | None = None, offset: int = 0) -> Tensor:
+        """The fold member by member, each with its own GEMMs and accumulator, as alone (operands:
+        members `offset`, `offset` + 1, ...; `first`: the first one's first chunk)."""
+        return torch.stack([self._fold_run(slice(offset + g, offset + g + 1), partial,
+                                           tuple(o[g] for o in operands), length, first if g == 0 else None)
+                            for g in range(operands[0].shape[0])])
 
     def _fold_run(self, part: slice, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
                   first: Tensor | None = None) -> Tensor:
         assert self.runs_of is not None
         return self.runs_of(part).fold(functools.partial(partial, *operands), length, first)
+
+
+def _chunk(partial: OperandPartial, start: int, stop: int, *operands: Tensor) -> Tensor:
+    return partial(*operands, start, stop)
 
 
 def _each(accumulator: Accumulator) -> tuple[Accumulator, ...]:
@@ -505,7 +532,11 @@ class StackedGemmLayer(nn.Module):
 
 
 class StackedMatmul(nn.Module):
-    """`a @ b` for folded operands, each member's operands quantized as its own activations."""
+    """`a @ b` for folded operands, each member's operands quantized as its own activations. A
+    member's product alone is a batched matmul too (attention's q k^T, p v), which the group's sums
+    alike on the CPU at one thread; elsewhere where `sums_as_members` finds it does (in fp32 for the
+    product and the two products of its gradient, which torch's autograd computes), else member by
+    member."""
 
     def __init__(self, members: int, gemm_quant: LayerQuant | None) -> None:
         super().__init__()
@@ -515,8 +546,23 @@ class StackedMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is None or not quant.switch.enabled:
-            return a @ b
-        return _fold(quant_matmul(_split(a, self.members), _split(b, self.members), quant))
+            split = (_split(a, self.members), _split(b, self.members))
+            if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
+                               functools.partial(_matmul_with_grads, 0), split, True):
+                return a @ b
+            return torch.cat([a_g @ b_g for a_g, b_g in zip(*(t.unbind(0) for t in split), strict=True)])
+        a, b = _split(a, self.members), _split(b, self.members)
+        members = MemberRanks(a.dim() - 1, b.dim() - 1, batched_alone=True)
+        return _fold(quant_matmul(a, b, quant, members=members))
+
+
+def _matmul_with_grads(start_dim: int, a: Tensor, b: Tensor) -> Tensor:
+    """a @ b and the two products of its gradient (dy b^T, a^T dy; the product itself standing in for
+    dy), flattened from `start_dim` (1: after the members' axis): what a probe compares for a matmul
+    whose gradient torch's autograd computes."""
+    y = a @ b
+    products = (y, y @ b.transpose(-1, -2), a.transpose(-1, -2) @ y)
+    return torch.cat([p.flatten(start_dim) for p in products], dim=start_dim)
 
 
 class PerMemberLayer(nn.Module):

@@ -38,6 +38,7 @@ from dse.train.layers import (
     ConvOp,
     LayerQuant,
     LinearOp,
+    MemberRanks,
     QuantGemm,
     Quantizer,
     QuantMatmulFn,
@@ -52,7 +53,6 @@ from dse.train.stacked import (
     StackedGemmLayer,
     StackedMatmul,
     _gemm_quant,
-    bmm_sums_as_mm,
 )
 
 
@@ -156,10 +156,8 @@ class StackedFunctionalGemms(FunctionalGemms):
                       for t, own in zip(operands, members, strict=True)]
             if weight_operand and members[weight_operand - 1]:
                 quant = _view_weights(quant, operands[weight_operand - 1].shape)
-            rows, reduction, columns = *operands[0].shape[-2:], operands[1].shape[-1]
-            ranks = None if not a.is_cpu or bmm_sums_as_mm(rows, reduction, columns) \
-                else (operands[0].dim() - 1, operands[1].dim() - 1)  # each member as alone
-            y = QuantMatmulFn.apply(padded[0], padded[1], quant, weight_operand, ranks)
+            y = QuantMatmulFn.apply(padded[0], padded[1], quant, weight_operand,
+                                    MemberRanks(operands[0].dim() - 1, operands[1].dim() - 1))
         return self.fold(y, 0)
 
     def unquantized(self, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

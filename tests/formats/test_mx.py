@@ -10,9 +10,7 @@ the element max plus half a step, and the MXINT8 ties next to -2. MXINT8 element
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from gfloat.formats import (
     format_info_mxfp8_e5m2,
     format_info_mxint8,
 )
+from support.group_gemms import torch_threads
 
 from dse.errors import InputError
 from dse.formats import NumberFormat, get
@@ -261,16 +260,6 @@ def test_mx_specs() -> None:
 
 
 # --- the fused nearest path (BlockFormat._quantize_blocks_nearest) --------------------------------------
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
 
 def blocks_at_every_exponent(fmt: BlockFormat, per_exponent: int, seed: int) -> torch.Tensor:
     """Blocks whose max|v| has each float32 exponent field 0..254 (the fused path's limits inside),

@@ -246,6 +246,24 @@ def swish_function(shape: tuple[int, ...], classes: int) -> nn.Module:
     return _Through(shape[0], classes, SwishFunction)
 
 
+class _SwishOnLargeBatches(nn.Module):
+    """SwishFunction only on a batch of at least 10 rows (a branch on the batch: small ones run plain
+    SiLU), so a forward on a few samples does not reach the Function."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.head(SwishFunction.apply(h) if h.shape[-2] >= 10 else F.silu(h))
+
+
+def swish_on_large_batches(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A user's autograd.Function reached only in some forwards (batches of 10 rows or more)."""
+    return _SwishOnLargeBatches(shape[0], classes)
+
+
 class _Through(nn.Module):
     def __init__(self, width: int, classes: int, function: type[torch.autograd.Function]) -> None:
         super().__init__()
@@ -333,6 +351,24 @@ def small_tokens(shape: tuple[int, ...], classes: int) -> nn.Module:
 def one_token(shape: tuple[int, ...], classes: int) -> nn.Module:
     """One token a sample: a single row in each sample's product."""
     return TokenMatmul(shape[0], classes, 1, 32)
+
+
+class WideHead(nn.Module):
+    """A 1024-unit hidden layer and logits as x @ W on a parameter: the logits' reduction is 1024 long,
+    where at two threads torch's batched matmul sums otherwise than the member's own mm (16 rows and
+    more, 10 columns), and the logits reach the loss unrounded."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, 1024)
+        self.w = nn.Parameter(torch.randn(1024, classes) * 0.03)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.proj(x)) @ self.w
+
+
+def wide_head(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return WideHead(shape[0], classes)
 
 
 class Gated(nn.Module):

@@ -201,3 +201,98 @@ def test_the_worker_server_ignores_ctrl_c_while_it_imports_the_trainer() -> None
         process.wait()
     ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
     assert ignored & (1 << (signal.SIGINT - 1))
+
+
+_AT_INSTANT = '''
+import atexit, os, sys, time
+where = sys.argv[1]
+
+def _mark_then_wait() -> None:
+    os.write(2, b"@mark\\n")
+    time.sleep(0.5)
+
+def _mark_before(function):
+    def marked(*args, **kwargs):
+        _mark_then_wait()
+        return function(*args, **kwargs)
+    return marked
+
+if where == "exit handlers":
+    atexit.register(_mark_then_wait)  # registered before dse's: runs after them
+if where == "a stuck exit handler":
+    atexit.register(lambda: (os.write(2, b"@mark\\n"), time.sleep(60)))  # a logger flushing to a dead server
+import dse.cli
+import dse.sweep.receipt
+if where == "before the sweep's block":
+    dse.sweep.receipt.read_sweep = _mark_before(dse.sweep.receipt.read_sweep)
+if where == "after the sweep's block":
+    dse.cli._print_sweep_summary = _mark_before(dse.cli._print_sweep_summary)
+dse.cli.app(args=sys.argv[2:], prog_name="dse")
+'''
+
+
+@pytest.mark.parametrize("where", ["before the sweep's block", "after the sweep's block", "exit handlers"])
+def test_ctrl_c_at_any_instant_of_a_quiet_sweep_says_one_line_and_exits_130(
+        where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `-q` sweep with nothing left to train, SIGINT at three instants outside the block that stops
+    its workers (where it raised KeyboardInterrupt). Before: 130 with nothing printed before and after
+    the block, and in the exit handlers a KeyboardInterrupt traceback and exit 0 (after them, CPython's
+    shutdown put SIGINT back to its default action: killed, -2, nothing printed, 2 of 19 tries of
+    an audit). Each now prints its line and exits 130; a signal after the exit handlers is ignored."""
+    from typer.testing import CliRunner
+
+    import dse.sweep.executors
+    import dse.sweep.runner
+    from dse.cli import app
+
+    monkeypatch.setattr(dse.sweep.runner, "make_executor", lambda sweep: dse.sweep.executors.InlineExecutor())
+    monkeypatch.setattr(dse.sweep.runner, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.sweep.executors, "start_worker_server", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "s.yaml"
+    config.write_text("name: quiet\nseeds: [0]\ntask: {model: mlp, dataset: digits, epochs: 1}\n"
+                      "energy: {workloads: [proxy]}\ntrials: [{format: fp32}]\noutput: out\n")
+    assert CliRunner().invoke(app, ["sweep", str(config), "-q"]).exit_code == 0  # stored: nothing to train
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, where, "sweep", str(config), "-q"],
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp_path,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert process.stderr is not None
+    seen = b""
+    while b"@mark\n" not in seen:
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    out, rest = process.communicate(timeout=60)
+    lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
+    assert process.returncode == 130 and out == b"", (process.returncode, lines)
+    expected = ("interrupted by SIGINT" if where == "before the sweep's block" else
+                f"interrupted by SIGINT: the finished trials are saved in {Path('out')}; run the same "
+                "command again to resume")
+    assert lines == [expected], lines
+
+
+def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:
+    """Once a command has returned, a signal is recorded until the exit handlers end; before, so was
+    every later one (Ctrl-C, Ctrl-C, SIGTERM: the process waited for its stuck handler, 20 s of a
+    network file's logger). A second signal now ends the process at once with the first's line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, "a stuck exit handler", "compare", "int8"],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert process.stderr is not None
+    seen = b""
+    while b"@mark\n" not in seen:
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, rest = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
+    assert process.returncode == 130 and lines == ["interrupted by SIGINT"], (process.returncode, lines)

@@ -282,3 +282,49 @@ def test_a_second_sweep_is_refused_before_it_starts_its_workers(tmp_path: Path,
         lock.release(held)
     assert result.exit_code == 2 and "is in use by another dse sweep" in result.output, result.output
     assert started == [] and list(out.iterdir()) == []
+
+
+def test_a_sweep_starting_while_another_command_checks_the_lock_is_not_refused(tmp_path: Path) -> None:
+    """The early check (`refuse_if_held`, before a sweep's imports) took the lock itself, wrote its own
+    holder text and let go: a sweep taking the lock in that instant was refused, naming a command that
+    was only checking (and might then exit). The check now holds a shared lock for its instant, and a
+    taker waits such a lock out (within PROBE_WAIT_S); the check makes no file where there is none."""
+    import fcntl
+    import threading
+
+    lock.refuse_if_held(tmp_path)  # no lock file: nothing made
+    assert not (tmp_path / lock.LOCK_FILE).exists()
+    (tmp_path / lock.LOCK_FILE).write_text("")
+    checking = os.open(tmp_path / lock.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(checking, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a check, in its instant
+    threading.Timer(0.05, os.close, (checking,)).start()
+    held = lock.take(tmp_path)  # before: InputError "in use by another dse sweep (pid unknown; ...)"
+    try:
+        lock.refuse_if_held(tmp_path / "elsewhere")  # (no folder: nothing)
+        with pytest.raises(InputError, match=rf"in use by another dse sweep \(pid {os.getpid()} on host "):
+            lock.refuse_if_held(tmp_path)  # a real holder is still found at once
+    finally:
+        lock.release(held)
+    lock.refuse_if_held(tmp_path)
+
+
+def test_a_holder_text_naming_a_process_gone_is_not_quoted_as_the_holder(tmp_path: Path) -> None:
+    """A holder that may not write the lock file (another user's, read-only to it) leaves an earlier
+    sweep's text there: a refused sweep quoted that text, naming a process that no longer runs."""
+    import fcntl
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / lock.LOCK_FILE).write_text(f"pid {gone.pid} on host {socket.gethostname()} since "
+                                           "2026-01-01 00:00:00 UTC\n")
+    holding = os.open(tmp_path / lock.LOCK_FILE, os.O_RDONLY)  # the holder, with no write access
+    fcntl.flock(holding, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        for check in (lock.refuse_if_held, lock.take):
+            with pytest.raises(InputError) as refused:
+                check(tmp_path)
+            assert f"pid {gone.pid}" not in str(refused.value)
+            assert "pid unknown: the lock file names an earlier sweep" in str(refused.value)
+    finally:
+        os.close(holding)

@@ -713,3 +713,51 @@ def test_a_backward_a_group_cannot_give_each_member_alone_trains_one_by_one_and_
     for together, alone in zip(train_group(configs, data), (train(c, data) for c in configs), strict=True):
         assert repr(dataclasses.replace(together, wall_time_s=0.0)) == repr(dataclasses.replace(alone,
                                                                                                wall_time_s=0.0))
+
+
+def test_a_user_function_reached_only_in_some_forwards_is_caught_while_the_group_trains() -> None:
+    """SwishFunction only on batches of 10 rows or more: backward_reason's forward on a few samples does
+    not reach it, so the network stacked and the group gave members other bits than alone (torch
+    2.13, fp32, digits, batch 50, lr 0.5, seeds 3 and 4: final losses 1.332250395646462 and
+    1.2558875038073614 grouped against 1.3322503887690031 and 1.2558874831749842 alone). Its first
+    backward in the group now finds it, before any step, and the members train one by one, saying so."""
+    import dataclasses
+    import warnings
+    from pathlib import Path
+
+    from dse.train import TrainConfig, train
+    from dse.train.grouped import GroupSplitWarning, group_reason, train_group
+
+    data = load_dataset("digits")
+    models = Path(__file__).resolve().parent.parent / "support" / "user_models.py"
+    base = TrainConfig(model=f"{models}:swish_on_large_batches", dataset="digits", optimizer="sgd",
+                       format="fp32", epochs=1, batch_size=50, threads=1, lr=0.5)
+    configs = [base.replace(seed=seed) for seed in (3, 4)]
+    assert group_reason(configs[0]) is None  # the check's forward does not reach the Function
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GroupSplitWarning)
+        together = train_group(configs, data)
+    notes = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    assert len(notes) == 1 and "SwishFunction calls torch.sigmoid" in notes[0] and "one by one" in notes[0]
+    for member, alone in zip(together, (train(c, data) for c in configs), strict=True):
+        assert repr(dataclasses.replace(member, wall_time_s=0.0)) == repr(dataclasses.replace(alone,
+                                                                                              wall_time_s=0.0))
+
+
+def test_backward_reason_says_whether_the_forward_or_the_backward_failed() -> None:
+    """A forward that fails in a group was reported as "its backward fails in a group"."""
+    from dse.train.grouped import backward_reason
+
+    class FailsStacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 4:  # the check's group folds its 2 members' 3 rows into 6
+                raise RuntimeError("at most 4 rows")
+            return torch.sigmoid(self.a(x))
+
+    reason = backward_reason(FailsStacked(), torch.randn(3, 8))
+    assert reason is not None and reason.startswith("its forward fails in a group (RuntimeError"), reason
+

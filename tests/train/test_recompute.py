@@ -166,3 +166,146 @@ def test_the_check_runs_on_the_cpu_whatever_the_default_device() -> None:
     called on meta tensors")."""
     with torch.device("meta"):
         check_checkpoints_followed()
+
+
+@pytest.fixture
+def torch_not_following(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as on a torch whose checkpoint does not look up what recompute.py replaces: the
+    replacement has no effect (torch's own parts stay), and the once-per-process check is not yet done."""
+    monkeypatch.setattr(recompute, "_replace_torchs_parts", lambda: None)
+    monkeypatch.setattr(TORCH_CHECKPOINT_FUNCTION, "forward", staticmethod(TORCH_REENTRANT_FORWARD))
+    monkeypatch.setattr(torch_checkpoint, "_checkpoint_without_reentrant_generator",
+                        recompute._TORCH_WITHOUT_REENTRANT)
+    monkeypatch.setattr(recompute, "_FOLLOWED", [])
+
+
+def _one_error_line(result: object) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)  # type: ignore[attr-defined]
+    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in result.output  # type: ignore[attr-defined]
+    return lines[0]
+
+
+_TRAIN = ["train", "--dataset", "digits", "--format", "int8", "--epochs", "1", "--batch-size", "200",
+          "--threads", "1", "--json"]
+
+
+def test_on_a_torch_whose_checkpoint_does_not_follow_a_network_that_never_checkpoints_trains(
+        torch_not_following: None) -> None:
+    """Before, every run refused to start (CheckpointsNotFollowed, a traceback from `dse train`), even
+    for a network that never checkpoints; now only a run whose network checkpoints is refused."""
+    from typer.testing import CliRunner
+
+    from dse.cli import app
+
+    result = CliRunner().invoke(app, [*_TRAIN, "--model", f"{USERS}:checkpointed_plain"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not recompute._FOLLOWED  # nothing checkpointed: the check never ran
+
+
+@pytest.mark.parametrize(("network", "form"), [("checkpointed", "reentrant"),
+                                               ("checkpointed_reentrant", "reentrant"),
+                                               ("checkpointed_sequential", "reentrant")])
+def test_on_a_torch_whose_checkpoint_does_not_follow_dse_train_of_a_checkpointing_network_is_one_line(
+        torch_not_following: None, network: str, form: str) -> None:
+    """One line naming the torch version and the form, exit 2, no traceback (the check tries the
+    reentrant form first: it is the one this simulated torch fails first, whatever the network calls)."""
+    from typer.testing import CliRunner
+
+    from dse.cli import app
+
+    line = _one_error_line(CliRunner().invoke(app, [*_TRAIN, "--model", f"{USERS}:{network}"]))
+    assert f"torch {torch.__version__}" in line and f"({form})" in line, line
+
+
+class _Composable(nn.Module):
+    """A block checkpointed by torch.distributed's composable `checkpoint(module)` (by hooks: no call
+    of torch.utils.checkpoint's entry points)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.distributed._composable import checkpoint as composable
+
+        self.a, self.head = nn.Linear(64, 37), nn.Linear(37, 10)
+        self.middle = composable(nn.Sequential(nn.Linear(37, 37), nn.SiLU()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.middle(self.a(x)))
+
+
+def test_on_a_torch_whose_checkpoint_does_not_follow_a_composable_checkpoint_is_refused(
+        torch_not_following: None, small_digits: object) -> None:
+    config = TrainConfig(dataset="digits", format="int8", epochs=1, batch_size=50, threads=1)
+    with pytest.raises(CheckpointsNotFollowed, match=r"\(reentrant\)"):
+        train(config, small_digits, model=lambda shape, classes: _Composable())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("order", [("plain", "ck"), ("ck", "plain")])
+def test_on_a_torch_whose_checkpoint_does_not_follow_a_sweep_stores_what_finished_and_names_the_trial(
+        torch_not_following: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        order: tuple[str, str]) -> None:
+    """The plain network's trials are stored, whichever runs first; the checkpointing one ends the
+    sweep with one line naming its trial (not stored as a failed trial, which a resume would not run
+    again). Before, the sweep stopped at the checkpointing trial, so that a plain trial after it never
+    ran, on any resume."""
+    from typer.testing import CliRunner
+
+    import dse.sweep.executors
+    import dse.sweep.runner
+    from dse.cli import app
+    from dse.sweep import expand, parse_config
+
+    monkeypatch.setattr(dse.sweep.runner, "make_executor", lambda sweep: dse.sweep.executors.InlineExecutor())
+    monkeypatch.setattr(dse.sweep.runner, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.sweep.executors, "start_worker_server", lambda: None)
+    config = tmp_path / "s.yaml"
+    networks = {"plain": "checkpointed_plain", "ck": "checkpointed"}
+    tasks = "".join(f"  - {{name: {task}, model: '{USERS}:{networks[task]}', dataset: digits}}\n"
+                    for task in order)
+    config.write_text(f"name: ck\nseeds: [0]\ntasks:\n{tasks}energy: {{workloads: [proxy]}}\n"
+                      f"trials: [{{format: int8, epochs: 1}}]\noutput: {tmp_path / 'out'}\n")
+    line = _one_error_line(CliRunner().invoke(app, ["sweep", str(config), "-q"]))
+    trials = {t.task: t.trial_id for t in expand(parse_config(config.read_text(), "s.yaml"))}
+    assert f"trial {trials['ck']} (ck: " in line and "CheckpointsNotFollowed" in line, line
+    from support.stores import stored_trial_ids
+
+    assert set(stored_trial_ids(tmp_path / "out")) == {trials["plain"]}
+
+
+
+_EARLY_BOUND_NETWORK = """
+from torch import nn
+
+from dse.train.recompute import TORCH_CHECKPOINT as checkpoint  # torch's own, as bound before dse wrapped it
+
+
+class EarlyBound(nn.Module):
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 37), nn.Linear(37, classes)
+        self.block = nn.Sequential(nn.Linear(37, 37), nn.SiLU())
+
+    def forward(self, x):
+        return self.head(checkpoint(self.block, self.a(x), use_reentrant=False))
+
+
+def early_bound(shape, classes):
+    return EarlyBound(classes)
+"""
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_on_a_torch_whose_checkpoint_does_not_follow_a_network_bound_to_torchs_own_checkpoint_is_refused(
+        torch_not_following: None, small_digits: object, tmp_path: Path, grouped: bool) -> None:
+    """A script that imports its network's file before dse holds torch's own `checkpoint` (bound by
+    `from torch.utils.checkpoint import checkpoint` before dse wrapped it), whose calls pass by the
+    wrapper: before, such a run trained on that torch without the check, with other bits."""
+    (tmp_path / "early.py").write_text(_EARLY_BOUND_NETWORK)
+    config = TrainConfig(dataset="digits", model=f"{tmp_path / 'early.py'}:early_bound", format="int8",
+                         epochs=1, batch_size=50, threads=1)
+    with pytest.raises(CheckpointsNotFollowed, match=r"\(reentrant\)"):
+        if grouped:
+            train_group([config, dataclasses.replace(config, seed=1)], small_digits)  # type: ignore[arg-type]
+        else:
+            train(config, small_digits)  # type: ignore[arg-type]

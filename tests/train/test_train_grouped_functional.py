@@ -103,7 +103,7 @@ def test_gemms_torchs_batched_kernel_sums_otherwise_run_member_by_member_and_equ
         factory: str, batch: int, fields: dict[str, Any], digits_subset: Any,
         stacked_same_as_alone: SameAsAlone) -> None:
     """Where torch's CPU bmm would not sum a member's product as its mm alone
-    (dse.train.stacked.bmm_sums_as_mm: under 400 multiply-adds, or a single row, column or reduction
+    (dse.train.batched_sums.bmm_sums_as_mm: under 400 multiply-adds, or a single row, column or reduction
     index) a group runs the product member by member: three hidden units at a batch of 4, a one-unit
     bottleneck at a batch of 64 (a batched GEMM there changed the int8 run's final loss), and a
     quantized functional x @ W whose product a sample is small or a single row (alone one mm over

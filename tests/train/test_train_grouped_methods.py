@@ -177,8 +177,9 @@ def test_a_stacked_linear_where_torchs_batched_gemm_sums_otherwise_equals_each_m
     """A stacked Linear's three GEMMs equal each member's Linear alone (F.linear, dy @ W, dy^T x) where
     a CPU bmm / baddbmm would not sum as the member's mm (`bmm_sums_as_mm`): each shape but the last
     differed in its last bit as one batched GEMM (measured, 3 members, one thread)."""
+    from dse.train.batched_sums import bmm_sums_as_mm
     from dse.train.layers import LinearOp
-    from dse.train.stacked import StackedLinearOp, bmm_sums_as_mm
+    from dse.train.stacked import StackedLinearOp
 
     (fin, fout), members = features, 3
     source = torch.Generator().manual_seed(rows * 7 + fin * 3 + fout)

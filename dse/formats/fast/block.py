@@ -212,10 +212,11 @@ def _make_nearest_plan(fmt: BlockFormat) -> _NearestPlan | None:
     return None
 
 
-def round_scale_grid_blocks(fmt: BlockFormat, blocks: Tensor, rounding: str, generator: torch.Generator | None
-                            ) -> Tensor | None:
-    """The body of `BlockFormat.quantize_by_scale_grid` on its blocks (float32 or float64, (..., n, size)),
-    in slices; None inside reference_only().
+def round_scale_grid_blocks(fmt: BlockFormat, blocks: Tensor, rounding: str,
+                            generator: torch.Generator | None, members: int = 1) -> Tensor | None:
+    """The body of `BlockFormat.quantize_by_scale_grid` on its blocks (float32 or float64, (..., n, size);
+    `members` along the leading axis, each with its own tensor scale), in slices; None inside
+    reference_only().
 
     Two sweeps over rows of blocks, a cache-sized slice at a time, into preallocated space: the
     block maxima (`_rows_abs_max`), then, after the scales, v * r, the element rounding and the
@@ -228,7 +229,7 @@ def round_scale_grid_blocks(fmt: BlockFormat, blocks: Tensor, rounding: str, gen
     amax = _rows_abs_max(rows, max(cpu_chunk_elements(rows) // fmt.block_size, 1))
     # The rounding sweep keeps four slices in cache: the input's, y, the integer scratch, the output's.
     step = max(cpu_chunk_elements(rows, buffers=4) // fmt.block_size, 1)
-    reciprocal, scale = fmt.scale_factors(amax)
+    reciprocal, scale = fmt.scale_factors(amax, members)
     kernel = None if rounding != "nearest" else _element_kernel(fmt, rows.dtype, rows.device)
     if kernel is not None:
         kernel = _skip_overflow_if_in_range(fmt, kernel, amax, reciprocal)

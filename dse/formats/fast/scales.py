@@ -36,6 +36,19 @@ HOST_SCALE = register(FastPath(
     code_space="scaled",
 ))
 
+UNCLAMPED_QUOTIENT = register(FastPath(
+    name="fixed-quotient-unclamped",
+    reference="FixedPoint.round_unscaled_: the quotient x / s rounded, then clamped to the code range",
+    operation="quantize",
+    formats=("int8", "int4", "int(16)", "int(23)", "int(8,symmetric=0)", "int(8,pow2=1)",
+             "fixed(12,4,scale=tensor)"),
+    roundings=("nearest", "toward_zero"),
+    dtypes=(torch.float32, torch.float64),
+    code_space="scaled",
+))
+"""Per-tensor scales from a finite max|x| bound every quotient x / s (`quotients_within_max`), and
+with nearest or toward-zero rounding the fixed-point family's clamp to its code range cannot act
+there (`FixedPoint.clamp_cannot_act_within_max`): the pass is left out."""
 
 _ARRAY_TYPECODE = {torch.float32: "f", torch.float64: "d"}
 """The array module's typecode of a float dtype: a member's scale (normal in x's dtype, checked
@@ -69,6 +82,18 @@ def host_scale_of_amax(fmt: NumberFormat, amax: float, dtype: torch.dtype) -> fl
     return math.ldexp(1.0, exponent) if exponent <= 1023 else math.inf
 
 
+def quotients_within_max(amax: float, scale: float, dtype: torch.dtype) -> bool:
+    """Whether every |x / scale| lies within max (1 + u) / (1 - u) (u = 2^-p, p: the significand bits of
+    x's dtype) for x of max|x| = `amax` and its scale `host_scale_of_amax(amax)`: where max|x| is
+    finite and non-zero and the scale a normal of the dtype, it is the ratio max|x| / max rounded
+    once, s >= (max|x| / max) (1 - u) (a power of two above it only lowers the quotients), so
+    |x / s| <= max|x| / s <= max / (1 - u) and its rounding at most max (1 + u) / (1 - u). Not where
+    max|x| is inf or NaN (scale 1, the values unbounded) or the ratio was flushed or replaced (a
+    subnormal ratio, rounded with a larger relative error, or the 1 that stands for a zero one)."""
+    return 0.0 < amax < math.inf and torch.finfo(dtype).tiny <= scale < (
+        FLOAT32_SCALE_LIMIT if dtype == torch.float32 else math.inf)
+
+
 def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: torch.Generator | None
                         ) -> Tensor | None:
     """round(x / scale) * scale with the scale taken on the host (`host_shortcuts`); None elsewhere.
@@ -80,7 +105,8 @@ def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: 
     """
     if not host_shortcuts(x.device) or not enabled(HOST_SCALE):
         return None
-    scale = host_tensor_scale(fmt, x)
+    amax = host_abs_max(x)
+    scale = host_scale_of_amax(fmt, amax, x.dtype)
     if scale == 1.0:  # x / 1 and y * 1 are exact: skip both
         return fmt.round_unscaled(x, rounding, generator)
     if x.dtype == torch.float32 and not FLOAT32_MIN_NORMAL <= scale < FLOAT32_SCALE_LIMIT:
@@ -90,7 +116,7 @@ def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: 
     if fused is not None:
         return fused
     scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
-    return fmt.round_scaled(x, scale_t, rounding, generator)
+    return fmt.round_scaled(x, scale_t, rounding, generator, quotients_within_max(amax, scale, x.dtype))
 
 
 def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high: Tensor,
@@ -104,8 +130,8 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
     member's float32 scale would leave float32's normals (the caller's exact path takes those)."""
     if not host_shortcuts(x.device) or not enabled(HOST_SCALE):
         return None
-    scales = [host_scale_of_amax(fmt, max(-lo, hi), x.dtype) for lo, hi in zip(low.tolist(), high.tolist(),
-                                                                                 strict=True)]
+    amaxes = [max(-lo, hi) for lo, hi in zip(low.tolist(), high.tolist(), strict=True)]
+    scales = [host_scale_of_amax(fmt, amax, x.dtype) for amax in amaxes]
     if x.dtype == torch.float32 and not all(FLOAT32_MIN_NORMAL <= scale < FLOAT32_SCALE_LIMIT
                                             for scale in scales):
         return None
@@ -113,4 +139,7 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
         return fmt.round_unscaled(x, rounding, generator)
     # array to tensor without a copy: torch.tensor from a list costs about ten small operations here
     scale_t = torch.frombuffer(array.array(_ARRAY_TYPECODE[x.dtype], scales), dtype=x.dtype).view(shape)
-    return fmt.round_unscaled_(x / scale_t, rounding, generator).mul_(scale_t)
+    within_max = all(quotients_within_max(amax, scale, x.dtype)
+                     for amax, scale in zip(amaxes, scales, strict=True))
+    rounder = fmt.round_unscaled_within_max_ if within_max else fmt.round_unscaled_
+    return rounder(x / scale_t, rounding, generator).mul_(scale_t)

@@ -1,0 +1,185 @@
+"""Whether a group's batched GEMM sums each member's product as the member's own (dse/train/batched_sums.py):
+the probe against the one-thread rule `bmm_sums_as_mm`, what the probe finds at more threads, and what
+a probe costs.
+
+    PYTHONPATH=. python benchmarks/batched_sums.py            # the full scan (a few minutes on 2 cores)
+    PYTHONPATH=. python benchmarks/batched_sums.py --quick    # a smaller one
+    PYTHONPATH=. python benchmarks/batched_sums.py --device cuda
+
+Each shape (rows, reduction, columns) runs with each operand contiguous or transposed, with and
+without a bias, for a group of 3, as `member_gemm` runs it (bmm / baddbmm against each member's mm /
+addmm):
+1. at one thread the probe's answer against `bmm_sums_as_mm` (on the CPU: they must agree everywhere);
+2. at each thread count, how many shapes the batched call sums otherwise, how many of those
+   `bmm_sums_as_mm` would have let through, and whether the probe's "sums alike" holds again on fresh
+   random operands (a miss would be a shape whose difference the probe's data did not show);
+3. a probe's cost (the first call of a layout) against a decided call and the product itself;
+4. with `--train MODEL`: a group of 4 trained at 2 threads, each product decided as above against
+   every product member by member (the probe answering "differs"), side by side in this process,
+   CPU seconds, best of `--rounds`; and how many layouts the decided run probed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.group_gemms import gemm_operands  # noqa: E402  (the tests' operands)
+
+from dse.train import batched_sums  # noqa: E402
+from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members  # noqa: E402
+from dse.train.stacked import _batched_gemm, _own_gemm  # noqa: E402
+
+MEMBERS = 3
+FULL_SIZES = (1, 2, 3, 4, 7, 8, 16, 20, 31, 64, 100, 128, 200)
+QUICK_SIZES = (1, 2, 3, 7, 16, 31, 64, 128)
+LONG_REDUCTIONS = (256, 320, 513, 1024)
+FRESH_DRAWS = 3
+
+
+def operands(rows: int, reduction: int, columns: int, layout: tuple[bool, bool, bool], device: str,
+             generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The group's operands, each transposed in memory where `layout` says, a bias where its third
+    entry says."""
+    return gemm_operands(MEMBERS, rows, reduction, columns, *layout, generator, device)
+
+
+def sums_alike(ops: tuple[torch.Tensor, ...]) -> bool:
+    """The batched call against each member's own, on these operands."""
+    together = _batched_gemm(*ops)
+    return all(torch.equal(together[g].view(torch.int32), _own_gemm(*(o[g] for o in ops)).view(torch.int32))
+               for g in range(MEMBERS))
+
+
+def probe(ops: tuple[torch.Tensor, ...], scan: int) -> bool:
+    return sums_as_members(("scan", scan, len(ops)), _batched_gemm, _own_gemm, ops)
+
+
+def scan(sizes: tuple[int, ...], threads: int, device: str, pass_number: int) -> None:
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(1)
+    layouts = list(itertools.product([False, True], repeat=3))
+    shapes = [s for s in itertools.product(sizes, repeat=3)] + [
+        (rows, reduction, columns) for reduction in LONG_REDUCTIONS for rows in (2, 4, 16, 64)
+        for columns in (10, 64, 513)]
+    counts = dict(shapes=0, differ=0, differ_where_rule=0, rule_disagrees=0, missed=0)
+    started = time.perf_counter()
+    for rows, reduction, columns in shapes:
+        for layout in layouts:
+            ops = operands(rows, reduction, columns, layout, device, generator)
+            answer = probe(ops, pass_number)
+            rule = bmm_sums_as_mm(rows, reduction, columns)
+            counts["shapes"] += 1
+            counts["differ"] += not answer
+            counts["differ_where_rule"] += rule and not answer
+            counts["rule_disagrees"] += rule != answer
+            if answer:  # fresh operands of the same layout (the scan's generator moved on)
+                fresh = (operands(rows, reduction, columns, layout, device, generator)
+                         for _ in range(FRESH_DRAWS))
+                counts["missed"] += not all(sums_alike(ops) for ops in fresh)
+    seconds = time.perf_counter() - started
+    print(f"{device}, {threads} thread(s): {counts['shapes']} shape-layouts ({seconds:.0f} s); the batched "
+          f"call sums otherwise in {counts['differ']}, of which bmm_sums_as_mm holds in "
+          f"{counts['differ_where_rule']}; probe != rule in {counts['rule_disagrees']}; probe's 'alike' "
+          f"contradicted by {FRESH_DRAWS} fresh draws in {counts['missed']}")
+
+
+def cost(device: str, threads: int) -> None:
+    """A probe (the first call of a layout) against a decided call and the product itself, in us."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(2)
+    for number, (rows, reduction, columns) in enumerate([(64, 64, 128), (64, 128, 10), (128, 64, 1024),
+                                                         (1024, 128, 64)]):
+        ops = operands(rows, reduction, columns, (False, True, True), device, generator)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        probe(ops, 1000 + number)
+        sync()
+        first_us = (time.perf_counter() - started) * 1e6
+        repeats = 200
+        started = time.perf_counter()
+        for _ in range(repeats):
+            probe(ops, 1000 + number)
+        decided_us = (time.perf_counter() - started) / repeats * 1e6
+        started = time.perf_counter()
+        for _ in range(repeats):
+            _batched_gemm(*ops)
+        sync()
+        product_us = (time.perf_counter() - started) / repeats * 1e6
+        print(f"  {rows} x {reduction} x {columns} (G = {MEMBERS}, bias), {threads} thread(s): probe "
+              f"{first_us:.0f} us once, then {decided_us:.1f} us a call; the batched product "
+              f"{product_us:.0f} us")
+
+
+def training(model: str, threads: int, rounds: int) -> None:
+    import dataclasses
+
+    from dse.data import load_dataset
+    from dse.train import TrainConfig
+    from dse.train.grouped import train_group
+
+    name = "mnist1d" if model == "cnn" else "sort-easy" if model == "transformer" else "digits"
+    data = load_dataset(name)
+    data = dataclasses.replace(data, x_train=data.x_train[:512], y_train=data.y_train[:512],
+                               x_val=data.x_val[:128], y_val=data.y_val[:128], x_test=data.x_test[:128],
+                               y_test=data.y_test[:128])
+    base = TrainConfig(model=model, dataset=name, epochs=1, batch_size=64, threads=threads, format="int8")
+    configs = [base.replace(seed=seed) for seed in range(4)]
+    probe_before = batched_sums._probe
+    seconds: dict[str, float] = {}
+    results: dict[str, list[float]] = {}
+    probed = 0
+    train_group(configs, data)  # warm-up: imports, first allocations, the thread pool
+    for round_number in range(rounds):
+        for mode in ("decided", "member by member")[::1 if round_number % 2 else -1]:
+            batched_sums._DECIDED.clear()
+            if mode != "decided":
+                batched_sums._probe = lambda batched, each, operands: False  # type: ignore[assignment]
+            started = time.process_time()
+            try:
+                trained = train_group(configs, data)
+            finally:
+                batched_sums._probe = probe_before  # type: ignore[assignment]
+            seconds[mode] = min(seconds.get(mode, float("inf")), time.process_time() - started)
+            results[mode] = [r.final_loss for r in trained]
+            if mode == "decided":
+                probed = len(batched_sums._DECIDED)
+    same = results["decided"] == results["member by member"]
+    print(f"{model} int8, G = 4, {threads} threads: decided {seconds['decided']:.2f} s ({probed} layouts "
+          f"decided), member by member {seconds['member by member']:.2f} s: "
+          f"{seconds['member by member'] / seconds['decided']:.2f}x; same results: {same}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--train", default="", help="proxies to train: mlp,cnn,transformer")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.train:
+        for model in args.train.split(","):
+            training(model, 2, args.rounds)
+        return
+    print(f"torch {torch.__version__}, {torch.backends.mkl.is_available() and 'MKL' or 'no MKL'}; "
+          f"probe seed {batched_sums.PROBE_SEED}")
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    for number, threads in enumerate(int(t) for t in args.threads.split(",")):
+        scan(sizes, threads, args.device, number)
+    print("probe cost:")
+    for threads in (int(t) for t in args.threads.split(",")):
+        cost(args.device, threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Whether a group's batched product sums each member's entry as that member's own product alone.
+
+A grouped run (dse/train/stacked.py) computes its members' GEMMs as one batched call - a bmm /
+baddbmm, a batched matmul, a chunk of the accumulation emulation - where each member's result is
+bit for bit the product the member computes alone; otherwise member by member, with the member's
+own call. Which kernel a batched call takes, and how it splits a product among threads, is the
+library's choice: torch's CPU loop below 400 multiply-adds, MKL's batched GEMM where an axis is 1,
+a bmm split among threads by its batch entries where a member's mm splits the long reduction, and
+on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways decide
+(`sums_as_members`):
+
+- `bmm_sums_as_mm`, the rule read from aten and measured on the CPU at one thread (13,403 shapes):
+  it decides there without running anything, so a one-thread run does exactly what it did before;
+- a probe, at more threads (backing the rule: batched only where both hold) and on other devices
+  (alone): the first time a product of one layout is met in a process - the same site, device,
+  dtype, shapes, strides, operand alignment and thread count - the batched call and the members'
+  own calls run on random data of that layout (fixed seed, no generator of the run touched, no
+  grad, outside any torch mode; drawn again until 4096 output elements are compared) and the
+  batched call is used only where every bit agrees. Normal random operands make any difference in
+  summation order show in the last bits of many output elements; a quantized run's operands (few
+  mantissa bits) can only agree more often, never less.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
+
+SMALL_GEMM_MACS = 400
+"""aten's threshold (`bmm_out_or_baddbmm_`, LinearAlgebra.cpp): a CPU bmm / baddbmm whose batch
+entries have fewer multiply-adds (rows x reduction x columns) runs its own loop (baddbmm_cpu_kernel)
+instead of the BLAS GEMM."""
+
+ALIGNMENT_BYTES = 64
+"""The operands' addresses are part of a probe's layout modulo this (torch's CPU allocator's
+alignment): a BLAS may take another path for an operand that starts off a vector boundary."""
+
+
+def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
+    """Whether a CPU bmm / baddbmm of batch entries (rows, reduction) @ (reduction, columns) sums each
+    entry as that entry's own mm / addmm, bit for bit, at one thread: not below `SMALL_GEMM_MACS` (the
+    loop's sums differ in the last bit from MKL's), nor where one of the three is 1 (MKL's batched GEMM
+    then sums otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13
+    + MKL 2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand
+    contiguous or transposed, with and without a bias: no difference where this holds, one in each
+    shape of 400+ multiply-adds with a 1. The probe finds the batched call alike wherever this holds
+    at one thread (benchmarks/batched_sums.py: 17,960 shape-layouts, reductions up to 1024), and
+    alike in 1,190 more that this sends member by member (reductions of 1 and 2; 400+ multiply-adds
+    with a single row or column in some layouts), so it errs on the safe side. Not enough at two
+    threads: there a bmm differs where this holds too (70 of the 17,960: 16 x 1024 x 64, 7 x 200 x
+    200 with the second operand transposed), which the probe finds."""
+    return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
+
+
+_DECIDED: dict[Hashable, bool] = {}
+"""The answers in this process, by (site, thread count, the operands' layouts)."""
+
+PROBE_SEED = 20240917
+"""The probes' random operands: the same in every process, so every process decides alike."""
+
+
+CpuRule = bool | Callable[[], bool] | None
+"""The established rule on the CPU (`bmm_sums_as_mm` of the product's shape; a callable: computed once
+per layout), or None where there is none."""
+
+
+def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callable[..., Tensor],
+                    operands: Sequence[Tensor], cpu_rule: CpuRule = None) -> bool:
+    """Whether `batched(*operands)` (operands with a leading member axis) gives, for every member g,
+    bit for bit `each(*(o[g] for o in operands))`: the member's own product as it runs alone.
+    `site` names what `batched` and `each` compute (with any of their parameters not in the operands'
+    layout). On the CPU `cpu_rule` decides at one thread; at more threads the probe backs it (batched
+    only where both hold: the rule's products differ at any thread count, and a probe on a product of a
+    few output elements could pass one whose difference its data did not show). Elsewhere the probe
+    decides."""
+    on_cpu = operands[0].device.type == "cpu"
+    threads = torch.get_num_threads()
+    if on_cpu and isinstance(cpu_rule, bool) and (threads == 1 or not cpu_rule):
+        return cpu_rule
+    key = (site, threads, tuple(_layout(t) for t in operands))
+    decided = _DECIDED.get(key)
+    if decided is None:
+        rule = (cpu_rule() if callable(cpu_rule) else cpu_rule) if on_cpu else None
+        decided = rule if rule is not None and (threads == 1 or not rule) else _probe(batched, each, operands)
+        _DECIDED[key] = decided
+    return decided
+
+
+def output_shape(product: Callable[..., Tensor], *operands: object) -> torch.Size:
+    """The shape of `product(*operands)`, computed on meta tensors (nothing computed, no mode sees it)."""
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        return product(*(torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device="meta")
+                         if isinstance(o, Tensor) else o for o in operands)).shape
+
+
+def decided() -> dict[Hashable, bool]:
+    """The layouts decided in this process and their answers (a copy)."""
+    return dict(_DECIDED)
+
+
+def _layout(t: Tensor) -> tuple[object, ...]:
+    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % ALIGNMENT_BYTES)
+
+
+PROBE_ELEMENTS = 4096
+"""A probe draws random operands again until it has compared this many output elements (at most
+`PROBE_DRAWS` draws): one draw of a product of a few elements (1 x 2 x 1) can sum alike by chance
+(in 11 of 4480 shape-layouts of benchmarks/batched_sums.py --quick at one thread, each passing 1-11
+of 20 fresh draws)."""
+
+PROBE_DRAWS = 64
+
+
+def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands: Sequence[Tensor]) -> bool:
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    compared = draws = 0
+    with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
+        while compared < PROBE_ELEMENTS and draws < PROBE_DRAWS:
+            probe = [_random_like(t, generator) for t in operands]
+            together = batched(*probe)
+            apart = [each(*(t[g] for t in probe)) for g in range(operands[0].shape[0])]
+            if together.numel() != sum(a.numel() for a in apart) or not torch.equal(
+                    _bits(together.reshape(-1)), _bits(torch.cat([a.reshape(-1) for a in apart]))):
+                return False
+            compared, draws = compared + max(1, together.numel()), draws + 1
+    return True
+
+
+def _random_like(t: Tensor, generator: torch.Generator) -> Tensor:
+    """Normal random values in `t`'s device, dtype, shape, strides and address modulo
+    `ALIGNMENT_BYTES` (an expanded operand stays expanded)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) \
+        if t.numel() else 0
+    shift = t.data_ptr() % ALIGNMENT_BYTES // t.element_size()
+    storage = torch.randn(extent + shift, generator=generator).to(device=t.device, dtype=t.dtype)
+    return storage.as_strided(tuple(t.shape), t.stride(), shift)
+
+
+def _bits(t: Tensor) -> Tensor:
+    """t's bits (so that -0.0 and 0.0, or two NaNs, compare by their encodings)."""
+    return t.contiguous().view(torch.uint8)

@@ -1,0 +1,231 @@
+"""A group's batched products sum each member's as the member's own at any thread count and on any
+device (dse/train/batched_sums.py): on the CPU at one thread the rule `bmm_sums_as_mm` decides without
+running anything; at more threads a probe backs it, on a GPU a probe decides; a grouped run then equals
+each member's run alone, bit for bit, at two threads as at one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.group_gemms import gemm_operands, torch_threads
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dse.train import TrainConfig, accumulation, batched_sums
+from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members
+from dse.train.stacked import _batched_gemm, _own_gemm, member_gemm
+
+MODELS = "tests/support/user_models.py"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _operands(members: int, rows: int, reduction: int, columns: int, a_transposed: bool, b_transposed: bool,
+              bias: bool, seed: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    return gemm_operands(members, rows, reduction, columns, a_transposed, b_transposed, bias,
+                         torch.Generator().manual_seed(seed), device)
+
+
+def _each_own(ops: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.stack([_own_gemm(*(o[g] for o in ops)) for g in range(ops[0].shape[0])])
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and torch.equal(x.contiguous().view(torch.int32),
+                                              y.contiguous().view(torch.int32))
+
+
+class _Operations(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+# --- the decision -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "reduction", "columns"), [(64, 64, 128), (4, 8, 4), (64, 1, 32)])
+def test_at_one_thread_on_the_cpu_bmm_sums_as_mm_decides_and_nothing_is_probed(
+        rows: int, reduction: int, columns: int) -> None:
+    """The one-thread path runs what it ran before the probe: one baddbmm where the rule holds, each
+    member's addmm where it does not, and no other product."""
+    ops = _operands(3, rows, reduction, columns, False, True, True, seed=0)
+    before = batched_sums.decided()
+    with torch_threads(1), _Operations() as seen:
+        together = member_gemm(*ops)
+    products = [name for name in seen.names if name.endswith(("mm", "bmm"))]
+    rule = bmm_sums_as_mm(rows, reduction, columns)
+    assert products == (["aten::baddbmm"] if rule else ["aten::addmm"] * 3)
+    assert batched_sums.decided() == before
+    assert _same_bits(together, _each_own(ops))
+
+
+@pytest.mark.parametrize(("rows", "reduction", "columns", "b_transposed"), [
+    (16, 1024, 64, False), (7, 200, 200, True), (64, 64, 128, False)])
+def test_at_two_threads_the_probe_answers_as_the_batched_product_sums(
+        rows: int, reduction: int, columns: int, b_transposed: bool) -> None:
+    """At two threads torch's bmm runs each batch entry's GEMM on one thread, a member's mm splits a
+    long reduction among them: 16 x 1024 x 64 and 7 x 200 x 200 (b transposed) differ on the
+    machine this was written on (torch 2.13, MKL 2024.2), where `bmm_sums_as_mm` holds. Whatever this
+    machine's kernels do, the probe answers as the batched product sums on fresh operands, and the
+    group computes each member's own product."""
+    assert bmm_sums_as_mm(rows, reduction, columns)
+    with torch_threads(2):
+        draws = [_operands(3, rows, reduction, columns, False, b_transposed, False, seed=s) for s in range(3)]
+        alike = all(_same_bits(torch.bmm(*ops), _each_own(ops)) for ops in draws)
+        assert sums_as_members(("answers", rows), _batched_gemm, _own_gemm, draws[0], True) == alike
+        assert _same_bits(member_gemm(*draws[0]), _each_own(draws[0]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(members=st.integers(2, 4), rows=st.sampled_from([1, 2, 5, 16, 64]),
+       reduction=st.sampled_from([1, 3, 16, 100, 320, 1024]), columns=st.sampled_from([1, 2, 10, 64, 513]),
+       a_transposed=st.booleans(), b_transposed=st.booleans(), bias=st.booleans(),
+       thread_count=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
+def test_a_groups_gemm_is_each_members_own_at_any_thread_count(
+        members: int, rows: int, reduction: int, columns: int, a_transposed: bool, b_transposed: bool,
+        bias: bool, thread_count: int, seed: int) -> None:
+    ops = _operands(members, rows, reduction, columns, a_transposed, b_transposed, bias, seed)
+    with torch_threads(thread_count):
+        assert _same_bits(member_gemm(*ops), _each_own(ops))
+
+
+@pytest.mark.parametrize("rows, reduction, columns", [(1, 2, 1), (1, 3, 1), (2, 3, 2), (1, 64, 1)])
+def test_a_probe_of_a_product_of_few_elements_draws_until_it_sees_a_difference(
+        rows: int, reduction: int, columns: int) -> None:
+    """One random draw of a 1 x 2 x 1 product summed alike by chance in a third of draws (torch's own
+    loop against MKL's mm, on the machine this was written on); the probe compares 4096 output
+    elements before it answers, so it answers as 40 fresh draws do."""
+    ops = _operands(3, rows, reduction, columns, False, False, False, seed=2)
+    with torch_threads(1):
+        draws = (_operands(3, rows, reduction, columns, False, False, False, seed=s) for s in range(40))
+        alike = all(_same_bits(torch.bmm(*o), _each_own(o)) for o in draws)
+        assert sums_as_members(("few", rows, reduction, columns), _batched_gemm, _own_gemm, ops) == alike
+
+
+def test_a_probe_leaves_the_runs_generators_grad_and_modes_alone() -> None:
+    """A probe draws from its own generator, outside autograd and any torch mode: the run's random
+    streams, its graph and a mode watching it see only the product itself."""
+    ops = tuple(t.requires_grad_() for t in _operands(2, 32, 1024, 16, False, True, False, seed=3))
+    rng = torch.get_rng_state()
+    with torch_threads(2), _Operations() as seen:
+        y = member_gemm(*ops)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [n for n in seen.names if "mm" in n] in (["aten::bmm"], ["aten::mm", "aten::mm"])
+    y.sum().backward()
+    assert all(t.grad is not None for t in ops)
+
+
+def test_a_decision_is_per_thread_count() -> None:
+    """A layout decided at two threads is decided again at one (the rule there), never taken over."""
+    ops = _operands(2, 16, 1024, 64, False, False, False, seed=4)
+    with torch_threads(2):
+        assert not sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
+    with torch_threads(1):
+        assert sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
+
+
+def test_a_fold_decides_before_computing_the_groups_chunk() -> None:
+    """A single-chunk fold that the group must run member by member computes no batched product
+    first (it computed the group's and discarded it before)."""
+    from dse.formats import get
+    from dse.formats.base import MemberGenerators
+    from dse.train.policy import TensorQuant
+    from dse.train.stacked import _accumulator
+
+    source = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 8, 40, generator=source), torch.randn(3, 40, 1, generator=source)  # one column
+    quant = TensorQuant(get("fp16"))
+    stacked_acc = _accumulator(quant, 64, MemberGenerators([torch.Generator() for _ in range(3)]))
+    assert stacked_acc is not None
+    with torch_threads(1), _Operations() as seen:
+        folded = accumulation.matmul_forward(a, b, stacked_acc)
+    assert [n for n in seen.names if "mm" in n] == ["aten::mm"] * 3
+    alone = [accumulation.matmul_forward(a[g], b[g], accumulation.Accumulator(quant, 64)) for g in range(3)]
+    assert _same_bits(folded, torch.stack(alone))
+
+
+# --- grouped runs against alone at two threads ------------------------------------------------------
+
+TWO_THREADS: list[tuple[str, dict[str, Any]]] = [
+    # a functional x @ W whose logits reduce 1024 features: at 2 threads the batched matmul differed
+    ("x@W-fp16", {"model": f"{MODELS}:wide_head", "format": "fp16"}),
+    # the accumulation emulation's one chunk of 1024 products, rounded to posit32 (which keeps an fp32
+    # sum's last bits near 1): the group's chunk differed
+    ("x@W-posit32-acc", {"model": f"{MODELS}:wide_head", "format": "bf16", "accumulation": "posit32",
+                         "accumulation_chunk": 1024}),
+    ("x@W-fp8-fp16-acc", {"model": f"{MODELS}:wide_head", "format": "fp8_e4m3", "accumulation": "fp16"}),
+    ("mlp-int8", {"model": "mlp", "format": "int8"}),
+    ("mlp-fp8-fp16-acc", {"model": "mlp", "format": "fp8_e4m3", "accumulation": "fp16"}),
+    ("cnn-int8", {"model": "cnn", "format": "int8"}),  # convolutions member by member
+]
+
+
+@pytest.fixture(scope="module")
+def digits_256(subset: Callable[[str, int, int], Any]) -> Any:
+    return subset("digits", 256, 100)
+
+
+@pytest.mark.parametrize("fields", [fields for _, fields in TWO_THREADS], ids=[n for n, _ in TWO_THREADS])
+def test_a_group_at_two_threads_equals_each_members_run_alone(
+        fields: dict[str, Any], digits_256: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
+    """The first two differed before the probe: the batched product's long reduction summed in another
+    order than the member's mm (member 0's final loss 2.2230955362319946 grouped against
+    2.22309547662735 alone in fp16, 2.2230963706970215 against 2.223096251487732 accumulating)."""
+    base = TrainConfig(dataset="digits", epochs=1, batch_size=64, threads=2, **fields)
+    results = stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, lr=0.1)], digits_256)
+    assert len({r["final_loss"] for r in results}) == 2
+
+
+# --- CUDA (benchmarks/gpu_check.py runs these where a device is lent) -----------------------------
+
+
+@CUDA
+@pytest.mark.parametrize(("rows", "reduction", "columns"), [(64, 64, 128), (64, 1024, 10), (1, 512, 64),
+                                                            (1024, 64, 1), (4, 8, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_on_cuda_a_groups_gemm_is_each_members_own(rows: int, reduction: int, columns: int,
+                                                   bias: bool) -> None:
+    """Whatever cuBLAS picks for the batched call, the group keeps each member's own product."""
+    for a_t, b_t in [(False, False), (False, True), (True, False)]:
+        ops = _operands(3, rows, reduction, columns, a_t, b_t, bias, seed=6, device="cuda")
+        assert _same_bits(member_gemm(*ops), _each_own(ops))
+
+
+@CUDA
+@pytest.mark.parametrize("fields", [fields for _, fields in TWO_THREADS], ids=[n for n, _ in TWO_THREADS])
+def test_on_cuda_a_group_equals_each_members_run_alone(
+        fields: dict[str, Any], digits_256: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
+    base = TrainConfig(dataset="digits", epochs=1, batch_size=64, device="cuda", **fields)
+    stacked_same_as_alone([base.replace(seed=0), base.replace(seed=1, lr=0.1)], digits_256)
+
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+def test_a_stacked_fp32_matmul_and_its_gradients_are_each_members_own(thread_count: int) -> None:
+    """Attention's q k^T in fp32 (the warm-up, an fp32 proxy): alone a batched matmul too; the group's
+    product and autograd's two gradient products equal each member's, batched or member by member."""
+    from dse.train.stacked import StackedMatmul
+
+    source = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2 * 3, 2, 40, 24, generator=source), torch.randn(2 * 3, 2, 24, 40, generator=source)
+    dy = torch.randn(2 * 3, 2, 40, 40, generator=source)
+    with torch_threads(thread_count):
+        ga, gb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        together = StackedMatmul(2, None)(ga, gb)
+        together.backward(dy)
+        for g in range(2):
+            rows = slice(3 * g, 3 * g + 3)
+            ma, mb = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+            y = ma @ mb
+            y.backward(dy[rows])
+            assert _same_bits(together[rows].detach(), y.detach())
+            assert ga.grad is not None and gb.grad is not None and ma.grad is not None and mb.grad is not None
+            assert _same_bits(ga.grad[rows], ma.grad) and _same_bits(gb.grad[rows], mb.grad)
