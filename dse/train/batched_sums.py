@@ -91,7 +91,7 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
     few output elements could pass one whose difference its data did not show). Elsewhere the probe
     decides."""
     on_cpu = operands[0].device.type == "cpu"
-    alone = on_cpu and torch.get_num_threads() == 1 and _ieee_cpu_matmuls()  # the rule's own setting
+    alone = rule_decides_alone(operands[0].device)
     if on_cpu and isinstance(cpu_rule, bool) and (alone or not cpu_rule):
         return cpu_rule
     if _UNPROBED.get():
@@ -104,6 +104,12 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
         decided = rule if rule is not None and (alone or not rule) else _probe(batched, each, operands)
         _DECIDED[key] = decided
     return decided
+
+
+def rule_decides_alone(device: torch.device) -> bool:
+    """Whether the CPU's rule decides a product on `device` without a probe: on the CPU at one thread
+    with fp32 matmuls in fp32, where `bmm_sums_as_mm` was measured."""
+    return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls()
 
 
 _UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)

@@ -67,7 +67,14 @@ from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
-from dse.train.batched_sums import alignment_bytes, bmm_sums_as_mm, output_shape, sums_as_members, unprobed
+from dse.train.batched_sums import (
+    alignment_bytes,
+    bmm_sums_as_mm,
+    output_shape,
+    rule_decides_alone,
+    sums_as_members,
+    unprobed,
+)
 from dse.train.layers import (
     LINEAR_AXES,
     BlockQuantizer,
@@ -556,6 +563,8 @@ class StackedMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is None or not quant.switch.enabled:
+            if rule_decides_alone(a.device):  # batched, as alone (a batched matmul too)
+                return a @ b
             split = (_split(a, self.members), _split(b, self.members))
             if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
                                functools.partial(_matmul_with_grads, 0), split, True):

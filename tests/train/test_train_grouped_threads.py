@@ -304,3 +304,16 @@ def test_a_stacked_fp32_matmul_and_its_gradients_are_each_members_own(thread_cou
             assert _same_bits(together[rows].detach(), y.detach())
             assert ga.grad is not None and gb.grad is not None and ma.grad is not None and mb.grad is not None
             assert _same_bits(ga.grad[rows], ma.grad) and _same_bits(gb.grad[rows], mb.grad)
+
+
+def test_at_one_thread_a_stacked_fp32_matmul_runs_the_one_batched_matmul_it_ran_before() -> None:
+    """Not even a view more than `a @ b` (the split into members, for a probe's key, is skipped)."""
+    from dse.train.stacked import StackedMatmul
+
+    a, b = torch.randn(2 * 3, 2, 40, 24), torch.randn(2 * 3, 2, 24, 40)
+    with torch_threads(1):
+        with _Operations() as stacked:
+            StackedMatmul(2, None)(a, b)
+        with _Operations() as plain:
+            _ = a @ b
+    assert stacked.names == plain.names
