@@ -58,11 +58,11 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     loop's sums differ in the last bit from MKL's), nor where one of the three is 1 (MKL's batched GEMM
     then sums otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13
     + MKL 2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand
-    contiguous or transposed, with and without a bias: no difference where this holds, one in each
-    shape of 400+ multiply-adds with a 1. The probe finds the batched call alike wherever this holds
-    at one thread (benchmarks/batched_sums.py: 17,960 shape-layouts, reductions up to 1024), and
-    alike in 1,190 more that this sends member by member (reductions of 1 and 2; 400+ multiply-adds
-    with a single row or column in some layouts), so it errs on the safe side. Not enough at two
+    contiguous or transposed, with and without a bias: no difference where this holds; where it
+    fails, differences in many layouts but not all (benchmarks/batched_sums.py, 17,960 shape-layouts,
+    reductions up to 1024: the probe finds the batched call alike wherever this holds at one thread,
+    and alike in 1,190 layouts this sends member by member: 740 reductions of 1, 115 of 2, 347 of
+    400+ multiply-adds with a single row or column), so it errs on the safe side only. Not enough at two
     threads: there a bmm differs where this holds too (70 of the 17,960: 16 x 1024 x 64, 7 x 200 x
     200 with the second operand transposed), which the probe finds."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
@@ -192,16 +192,27 @@ PROBE_DRAWS = 64
 
 
 def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands: Sequence[Tensor]) -> bool:
+    """Whether `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
+    layout. It holds those operands, the batched output and one member's output at a time beside the
+    run's own tensors, memory `trial_training_bytes` does not plan for: in a transformer proxy group of
+    32 (int8, batch 64, 2 threads) at most 28 MiB (its FFN's forward baddbmm) beside the group's
+    planned 462 MiB, within the 20% that `MEMORY_FRACTION` leaves free (comparing every member's
+    output at once, as before, held three outputs: 67 MiB; an MLP group of 32: 2.6 MiB against 4.5,
+    beside 38 MiB)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     compared = draws = 0
     with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
         while compared < PROBE_ELEMENTS and draws < PROBE_DRAWS:
             probe = [_random_like(t, generator) for t in operands]
             together = batched(*probe)
-            apart = [each(*(t[g] for t in probe)) for g in range(operands[0].shape[0])]
-            if together.numel() != sum(a.numel() for a in apart) or not torch.equal(
-                    _bits(together.reshape(-1)), _bits(torch.cat([a.reshape(-1) for a in apart]))):
+            members = operands[0].shape[0]
+            if together.dim() == 0 or together.shape[0] != members:
                 return False
+            for g in range(members):  # one member's output at a time: the probe's memory stays small
+                own = each(*(t[g] for t in probe))
+                if own.numel() != together[g].numel() or not torch.equal(_bits(together[g].reshape(-1)),
+                                                                          _bits(own.reshape(-1))):
+                    return False
             compared, draws = compared + max(1, together.numel()), draws + 1
     return True
 
