@@ -81,18 +81,32 @@ def whole_group_folds() -> Iterator[None]:
 def sum_order_before() -> Iterator[None]:
     """As before a group kept every sum in the order of the member's run alone
     (dse/train/stacked.py): a layer run member by member reads its input through one slice a member
-    (its reads' gradient terms summed before the terms from outside it), and a GEMM runs batched
-    wherever torch's CPU bmm takes its BLAS path (400 multiply-adds a member and more)."""
+    (its reads' gradient terms summed before the terms from outside it), and every batched product -
+    member_gemm, an accumulation fold's chunks, a functional or attention matmul - runs batched wherever
+    torch's CPU bmm takes its BLAS path (400 multiply-adds a member and more), at any thread count,
+    nothing probed (dse/train/batched_sums.py)."""
+    import dse.train.layers as layers
     import dse.train.stacked as stacked
+    from dse.train.batched_sums import SMALL_GEMM_MACS
 
-    reads, sums = stacked._MemberReads, stacked.bmm_sums_as_mm
+    def blas_path(rows: int, reduction: int, columns: int) -> bool:
+        return rows * reduction * columns >= SMALL_GEMM_MACS
+
+    def rule_alone(site: object, batched: object, each: object, operands: object,
+                   cpu_rule: bool | Callable[[], bool] | None = None) -> bool:
+        rule = cpu_rule() if callable(cpu_rule) else cpu_rule
+        return True if rule is None else rule
+
+    saved = (stacked._MemberReads, stacked.bmm_sums_as_mm, layers.bmm_sums_as_mm, stacked.sums_as_members,
+             layers.sums_as_members)
     stacked._MemberReads = lambda inputs, members: None  # type: ignore[assignment,misc,return-value]
-    stacked.bmm_sums_as_mm = lambda rows, reduction, columns: (
-        rows * reduction * columns >= stacked.SMALL_GEMM_MACS)
+    stacked.bmm_sums_as_mm = layers.bmm_sums_as_mm = blas_path  # type: ignore[misc]
+    stacked.sums_as_members = layers.sums_as_members = rule_alone  # type: ignore[assignment]
     try:
         yield
     finally:
-        stacked._MemberReads, stacked.bmm_sums_as_mm = reads, sums  # type: ignore[misc]
+        (stacked._MemberReads, stacked.bmm_sums_as_mm, layers.bmm_sums_as_mm, stacked.sums_as_members,
+         layers.sums_as_members) = saved  # type: ignore[misc]
 
 
 def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:

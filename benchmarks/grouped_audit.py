@@ -8,7 +8,7 @@ mismatch with its configuration; exits 1 if any.
     python benchmarks/grouped_audit.py --draws 40 --seed 0
     python benchmarks/grouped_audit.py --draws 200 --seed 1 --minutes 30   # stop after 30 minutes
     python benchmarks/grouped_audit.py --draws 400 --models gated,recurrent   # only draws of these models
-    python benchmarks/grouped_audit.py --draws 40 --threads 1,2   # groups at 1 or 2 threads (default 1)
+    python benchmarks/grouped_audit.py --draws 40 --threads 1   # groups at 1 thread only (default 1,2)
 
 Each draw trains on a few hundred samples for one or two epochs; the members differ in seed and in
 some of lr, momentum, weight_decay, p_scale, g_bound, niti_mu (dse.train.grouped.MEMBER_FIELDS).
@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=float("inf"))
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--models", default="", help="only draws of these models (comma-separated names)")
-    parser.add_argument("--threads", default="1", help="thread counts to draw from (comma-separated)")
+    parser.add_argument("--threads", default="1,2", help="thread counts to draw from (comma-separated)")
     args = parser.parse_args()
     from dse.errors import InputError
     from dse.train import train

@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--kill", type=float, default=0.25, help="share of draws killed and resumed")
     parser.add_argument("--models", default="", help="only draws of these models (comma-separated)")
     parser.add_argument("--keep", action="store_true", help="keep each draw's folder")
-    parser.add_argument("--threads", default="1", help="executor thread counts to draw (comma-separated)")
+    parser.add_argument("--threads", default="1,2", help="executor thread counts to draw (comma-separated)")
     args = parser.parse_args()
     # Started in the background of a non-interactive shell (`... &`), this process and every sweep it
     # starts would inherit SIGINT ignored, and the Ctrl-C check would see sweeps that go on (exit 0)

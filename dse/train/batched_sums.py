@@ -13,7 +13,9 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
   it decides there without running anything, so a one-thread run does exactly what it did before;
 - a probe, at more threads (backing the rule: batched only where both hold) and on other devices
   (alone): the first time a product of one layout is met in a process - the same site, device,
-  dtype, shapes, strides, operand alignment and thread count - the batched call and the members'
+  dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
+  precision, reduced-precision reductions, deterministic algorithms, BLAS library, cuBLAS workspace:
+  `_library_state`) - the batched call and the members'
   own calls run on random data of that layout (fixed seed, no generator of the run touched, no
   grad, outside any torch mode; drawn again until 4096 output elements are compared) and the
   batched call is used only where every bit agrees. Normal random operands make any difference in
@@ -23,7 +25,10 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -34,9 +39,17 @@ SMALL_GEMM_MACS = 400
 entries have fewer multiply-adds (rows x reduction x columns) runs its own loop (baddbmm_cpu_kernel)
 instead of the BLAS GEMM."""
 
-ALIGNMENT_BYTES = 64
-"""The operands' addresses are part of a probe's layout modulo this (torch's CPU allocator's
-alignment): a BLAS may take another path for an operand that starts off a vector boundary."""
+ALIGNMENT_BYTES = {"cpu": 64, "other": 256}
+"""The operands' addresses are part of a probe's layout modulo this, per device type: a BLAS may take
+another path for an operand that starts off a vector boundary. 64 on the CPU (torch's CPU allocator's
+alignment, so a fresh operand's address modulo it does not depend on the process's history); 256 on a
+GPU (the alignment cuBLASLt's heuristics are told, up to 256 bytes; torch's caching allocator hands out
+blocks at multiples of 512)."""
+
+
+def alignment_bytes(t: Tensor) -> int:
+    """The alignment modulo which `t`'s address is part of a probe's layout."""
+    return ALIGNMENT_BYTES["cpu" if t.device.type == "cpu" else "other"]
 
 
 def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
@@ -45,11 +58,11 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     loop's sums differ in the last bit from MKL's), nor where one of the three is 1 (MKL's batched GEMM
     then sums otherwise than the matrix-vector or rank-1 kernels its mm picks). Measured on torch 2.13
     + MKL 2024.2, every shape of 1-200 rows, reduction and columns (13 sizes each), each operand
-    contiguous or transposed, with and without a bias: no difference where this holds, one in each
-    shape of 400+ multiply-adds with a 1. The probe finds the batched call alike wherever this holds
-    at one thread (benchmarks/batched_sums.py: 17,960 shape-layouts, reductions up to 1024), and
-    alike in 1,190 more that this sends member by member (reductions of 1 and 2; 400+ multiply-adds
-    with a single row or column in some layouts), so it errs on the safe side. Not enough at two
+    contiguous or transposed, with and without a bias: no difference where this holds; where it
+    fails, differences in many layouts but not all (benchmarks/batched_sums.py, 17,960 shape-layouts,
+    reductions up to 1024: the probe finds the batched call alike wherever this holds at one thread,
+    and alike in 1,190 layouts this sends member by member: 740 reductions of 1, 115 of 2, 347 of
+    400+ multiply-adds with a single row or column), so it errs on the safe side only. Not enough at two
     threads: there a bmm differs where this holds too (70 of the 17,960: 16 x 1024 x 64, 7 x 200 x
     200 with the second operand transposed), which the probe finds."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
@@ -72,21 +85,85 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
     """Whether `batched(*operands)` (operands with a leading member axis) gives, for every member g,
     bit for bit `each(*(o[g] for o in operands))`: the member's own product as it runs alone.
     `site` names what `batched` and `each` compute (with any of their parameters not in the operands'
-    layout). On the CPU `cpu_rule` decides at one thread; at more threads the probe backs it (batched
+    layout). On the CPU `cpu_rule` decides at one thread with fp32 matmuls in fp32 (where it was
+    measured; oneDNN's bf16/tf32 matmuls are probed); at more threads the probe backs it (batched
     only where both hold: the rule's products differ at any thread count, and a probe on a product of a
     few output elements could pass one whose difference its data did not show). Elsewhere the probe
     decides."""
     on_cpu = operands[0].device.type == "cpu"
-    threads = torch.get_num_threads()
-    if on_cpu and isinstance(cpu_rule, bool) and (threads == 1 or not cpu_rule):
+    alone = rule_decides_alone(operands[0].device)
+    if on_cpu and isinstance(cpu_rule, bool) and (alone or not cpu_rule):
         return cpu_rule
-    key = (site, threads, tuple(_layout(t) for t in operands))
+    if _UNPROBED.get():
+        rule = cpu_rule() if callable(cpu_rule) else cpu_rule
+        return True if rule is None else rule
+    key = (site, _library_state(operands[0].device), tuple(_layout(t) for t in operands))
     decided = _DECIDED.get(key)
     if decided is None:
         rule = (cpu_rule() if callable(cpu_rule) else cpu_rule) if on_cpu else None
-        decided = rule if rule is not None and (threads == 1 or not rule) else _probe(batched, each, operands)
+        decided = rule if rule is not None and (alone or not rule) else _probe(batched, each, operands)
         _DECIDED[key] = decided
     return decided
+
+
+def rule_decides_alone(device: torch.device) -> bool:
+    """Whether the CPU's rule decides a product on `device` without a probe: on the CPU at one thread
+    with fp32 matmuls in fp32, where `bmm_sums_as_mm` was measured."""
+    return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls()
+
+
+_UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)
+
+
+@contextlib.contextmanager
+def unprobed() -> Iterator[None]:
+    """Products decided by the rule alone (batched where there is none), nothing probed or kept: for
+    a forward whose products only need to agree closely (`dse.train.stacked.stack_reason`'s check on
+    two samples), whose layouts no run meets again."""
+    token = _UNPROBED.set(True)
+    try:
+        yield
+    finally:
+        _UNPROBED.reset(token)
+
+
+def _ieee_cpu_matmuls() -> bool:
+    """Whether the CPU's fp32 matmuls run in fp32 (not oneDNN's bf16 or tf32 that
+    `torch.set_float32_matmul_precision("medium" / "high")` selects), where `bmm_sums_as_mm` was
+    measured."""
+    return _onednn_fp32_precision() in ("none", "ieee")
+
+
+def _library_state(device: torch.device) -> tuple[object, ...]:
+    """Everything besides the operands' layouts that changes which kernel the library takes for a
+    product (or how it sums): the thread count, the fp32 matmul precision (TF32 / bf16 on CUDA and
+    oneDNN), reduced-precision reductions, deterministic algorithms, the BLAS library and cuBLAS's
+    workspace. Part of a decision's key, so that changing one decides again."""
+    state: tuple[object, ...] = (torch.get_num_threads(), _setting(torch.get_float32_matmul_precision),
+                                 torch.are_deterministic_algorithms_enabled(),
+                                 _onednn_fp32_precision())
+    if device.type == "cpu":
+        return state
+    matmul = torch.backends.cuda.matmul
+    return (*state, _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
+            _setting(lambda: matmul.allow_fp16_reduced_precision_reduction),
+            _setting(lambda: matmul.allow_bf16_reduced_precision_reduction),
+            _setting(lambda: str(torch.backends.cuda.preferred_blas_library())),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE"))
+
+
+def _onednn_fp32_precision() -> object:
+    """oneDNN's fp32 matmul precision ("none" where this torch has no such setting)."""
+    return _setting(lambda: getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none"))
+
+
+def _setting(read: Callable[[], object]) -> object:
+    """A library setting, or the error reading it raises (torch refuses some reads after a mix of its
+    legacy and new precision settings), as its value."""
+    try:
+        return read()
+    except (AttributeError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
 
 
 def output_shape(product: Callable[..., Tensor], *operands: object) -> torch.Size:
@@ -102,7 +179,7 @@ def decided() -> dict[Hashable, bool]:
 
 
 def _layout(t: Tensor) -> tuple[object, ...]:
-    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % ALIGNMENT_BYTES)
+    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % alignment_bytes(t))
 
 
 PROBE_ELEMENTS = 4096
@@ -115,16 +192,27 @@ PROBE_DRAWS = 64
 
 
 def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands: Sequence[Tensor]) -> bool:
+    """Whether `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
+    layout. It holds those operands, the batched output and one member's output at a time beside the
+    run's own tensors, memory `trial_training_bytes` does not plan for: in a transformer proxy group of
+    32 (int8, batch 64, 2 threads) at most 28 MiB (its FFN's forward baddbmm) beside the group's
+    planned 462 MiB, within the 20% that `MEMORY_FRACTION` leaves free (comparing every member's
+    output at once, as before, held three outputs: 67 MiB; an MLP group of 32: 2.6 MiB against 4.5,
+    beside 38 MiB)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     compared = draws = 0
     with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
         while compared < PROBE_ELEMENTS and draws < PROBE_DRAWS:
             probe = [_random_like(t, generator) for t in operands]
             together = batched(*probe)
-            apart = [each(*(t[g] for t in probe)) for g in range(operands[0].shape[0])]
-            if together.numel() != sum(a.numel() for a in apart) or not torch.equal(
-                    _bits(together.reshape(-1)), _bits(torch.cat([a.reshape(-1) for a in apart]))):
+            members = operands[0].shape[0]
+            if together.dim() == 0 or together.shape[0] != members:
                 return False
+            for g in range(members):  # one member's output at a time: the probe's memory stays small
+                own = each(*(t[g] for t in probe))
+                if own.numel() != together[g].numel() or not torch.equal(_bits(together[g].reshape(-1)),
+                                                                          _bits(own.reshape(-1))):
+                    return False
             compared, draws = compared + max(1, together.numel()), draws + 1
     return True
 
@@ -134,7 +222,7 @@ def _random_like(t: Tensor, generator: torch.Generator) -> Tensor:
     `ALIGNMENT_BYTES` (an expanded operand stays expanded)."""
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) \
         if t.numel() else 0
-    shift = t.data_ptr() % ALIGNMENT_BYTES // t.element_size()
+    shift = t.data_ptr() % alignment_bytes(t) // t.element_size()
     storage = torch.randn(extent + shift, generator=generator).to(device=t.device, dtype=t.dtype)
     return storage.as_strided(tuple(t.shape), t.stride(), shift)
 

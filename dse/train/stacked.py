@@ -67,7 +67,14 @@ from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
-from dse.train.batched_sums import bmm_sums_as_mm, output_shape, sums_as_members
+from dse.train.batched_sums import (
+    alignment_bytes,
+    bmm_sums_as_mm,
+    output_shape,
+    rule_decides_alone,
+    sums_as_members,
+    unprobed,
+)
 from dse.train.layers import (
     LINEAR_AXES,
     BlockQuantizer,
@@ -195,7 +202,7 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
             p.mul_(-0.75).add_(0.125)
     inputs = [example, example.flip(0)]
     devices = [example.device] if example.is_cuda else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), unprobed():
         stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, example)
         before = _rng_states(devices)
         try:
@@ -401,10 +408,12 @@ class MemberAccumulators(Accumulator):
 
     def _chunks_sum_as_members(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
                                first: Tensor | None = None) -> bool:
-        """Whether the fold's chunks (the first and the last, which may be shorter) of `operands` (a run
-        of members), each one batched matmul, sum as each member's own GEMM (`sums_as_members`; the
-        CPU's rule `bmm_sums_as_mm` of the chunk's rows, reduction and columns, known before any
-        chunk is computed)."""
+        """Whether the fold's chunks of `operands` (a run of members), each one batched matmul, sum as
+        each member's own GEMM (`sums_as_members`; the CPU's rule `bmm_sums_as_mm` of the chunk's
+        rows, reduction and columns, known before any chunk is computed): the first, the last (which
+        may be shorter), and a middle one for each other alignment a chunk's operands start at (a
+        chunk starting `start` reduction indices in starts its operands `start` x stride x element
+        size bytes further, modulo `alignment_bytes` a function of `start` x element size alone)."""
         def rule(start: int, stop: int) -> Callable[[], bool]:
             def chunk_sums_as_mm() -> bool:
                 shape = first.shape if first is not None else output_shape(partial, *operands, start, stop)
@@ -413,6 +422,14 @@ class MemberAccumulators(Accumulator):
 
         last = self.chunk * ((length - 1) // self.chunk)  # the last chunk's start
         chunks = {(0, min(self.chunk, length)), (last, length)}
+        def offsets(start: int) -> tuple[int, ...]:
+            return tuple(start * o.element_size() % alignment_bytes(o) for o in operands)
+        seen = {offsets(0)}
+        period = max(alignment_bytes(o) for o in operands)  # the offsets repeat after at most this many
+        for start in range(self.chunk, min(last, self.chunk * (period + 1)), self.chunk):
+            if offsets(start) not in seen:
+                seen.add(offsets(start))
+                chunks.add((start, start + self.chunk))
         products = {bounds: functools.partial(_chunk, partial, *bounds) for bounds in chunks}
         return all(sums_as_members(("fold", partial, *bounds), product, product, operands, rule(*bounds))
                    for bounds, product in products.items())
@@ -546,6 +563,8 @@ class StackedMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is None or not quant.switch.enabled:
+            if rule_decides_alone(a.device):  # batched, as alone (a batched matmul too)
+                return a @ b
             split = (_split(a, self.members), _split(b, self.members))
             if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
                                functools.partial(_matmul_with_grads, 0), split, True):

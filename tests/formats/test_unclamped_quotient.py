@@ -222,3 +222,21 @@ def test_mx_integer_elements_keep_the_clamp() -> None:
         reference = fmt.quantize(x)
     assert UNCLAMPED_QUOTIENT not in used | used_by_reference
     assert float(fused[0, 0]) == float(reference[0, 0]) == 127 / 64 * 2.0**5
+
+
+def test_a_ratio_past_float64s_max_keeps_the_clamp() -> None:
+    """A float64 max|x| whose ratio to a max below 1 overflows: with pow2 the scale is the 1 that
+    stands for it (alone and in the reference), so the quotients reach max|x| and the clamp acts.
+    A member with such a max|x| beside members with ordinary scales saturated alone but came out
+    inf (its quotient 5e300 * 2^49 unclamped) when the stack skipped the clamp."""
+    fmt = fixed("fixed(24,49,scale=tensor,pow2=1)")
+    amax = 5e300
+    assert amax / fmt.max == math.inf and host_scale_of_amax(fmt, amax, torch.float64) == 1.0
+    stack = torch.tensor([[amax, -1.0], [1.0, 0.5]], dtype=torch.float64)
+    with recording() as used:
+        together = fmt.quantize_members(stack, "nearest")
+    assert UNCLAMPED_QUOTIENT not in used
+    for g in range(2):
+        with reference_only():
+            assert_same_bits(together[g], fmt.quantize(stack[g]))
+    assert float(together[0, 0]) == fmt.max

@@ -5,7 +5,8 @@ each member's run alone, bit for bit, at two threads as at one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -132,6 +133,80 @@ def test_a_decision_is_per_thread_count() -> None:
         assert sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
 
 
+@contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _new_sites(before: dict[Any, bool]) -> list[Any]:
+    return [key[0] for key in batched_sums.decided() if key not in before]
+
+
+def test_a_decision_is_per_matmul_precision() -> None:
+    """`torch.set_float32_matmul_precision("medium")` runs fp32 matmuls in bf16 through oneDNN on the
+    CPU (TF32 on CUDA): another kernel, so a layout decided at "highest" is decided again, never
+    taken over; and at one thread, where the rule was measured with fp32 matmuls only, it is probed."""
+    ops = _operands(2, 16, 256, 64, False, False, False, seed=4)
+    with torch_threads(2):
+        sums_as_members(("per-precision",), _batched_gemm, _own_gemm, ops, True)
+        before = batched_sums.decided()
+        with _matmul_precision("medium"):
+            answer = sums_as_members(("per-precision",), _batched_gemm, _own_gemm, ops, True)
+            assert answer == _same_bits(torch.bmm(*ops), _each_own(ops))
+        assert _new_sites(before) == [("per-precision",)]
+    with torch_threads(1), _matmul_precision("medium"):
+        before = batched_sums.decided()
+        sums_as_members(("one-thread-medium",), _batched_gemm, _own_gemm, ops, True)
+        assert _new_sites(before) == [("one-thread-medium",)]
+        with _Operations() as seen:  # the group's product equals each member's own under bf16 too
+            together = member_gemm(*ops)
+        assert _same_bits(together, _each_own(ops)) and seen.names
+
+
+def test_stack_reasons_check_forward_probes_nothing() -> None:
+    """The check forward on two samples (compared within a tolerance) at two threads decides its
+    products by the rule alone: its layouts (two samples a member) no run meets again, and a probe of
+    each cost milliseconds for nothing."""
+    from dse.train.stacked import stack_reason
+
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    before = batched_sums.decided()
+    with torch_threads(2):
+        assert stack_reason(model, torch.randn(2, 64)) is None
+    assert _new_sites(before) == []
+
+
+def test_a_fold_probes_a_middle_chunk_at_each_other_alignment() -> None:
+    """Chunks of 20 fp32 reduction indices start their operands 80 bytes apart: the chunks at 20, 40
+    and 60 start at 16, 32 and 48 bytes modulo the 64 a probe's layout keeps, which a BLAS may take
+    another path for; each is probed, besides the first and the last. Chunks of 16 (64 bytes) all
+    start as the first: none is probed."""
+    from dse.formats import get
+    from dse.formats.base import MemberGenerators
+    from dse.train.policy import TensorQuant
+    from dse.train.stacked import _accumulator
+
+    source = torch.Generator().manual_seed(9)
+    a, b = torch.randn(3, 16, 100, generator=source), torch.randn(3, 100, 24, generator=source)
+    for chunk, starts in [(20, [0, 20, 40, 60, 80]), (16, [0, 96])]:
+        stacked_acc = _accumulator(TensorQuant(get("fp16")), chunk,
+                                   MemberGenerators([torch.Generator() for _ in range(3)]))
+        assert stacked_acc is not None
+        before = batched_sums.decided()
+        with torch_threads(2):
+            folded = accumulation.matmul_forward(a, b, stacked_acc)
+            assert sorted(site[2] for site in _new_sites(before) if site[0] == "fold") == starts
+            own = accumulation.Accumulator(TensorQuant(get("fp16")), chunk)
+            alone = [accumulation.matmul_forward(a[g], b[g], own) for g in range(3)]
+        assert _same_bits(folded, torch.stack(alone))
+
+
 def test_a_fold_decides_before_computing_the_groups_chunk() -> None:
     """A single-chunk fold that the group must run member by member computes no batched product
     first (it computed the group's and discarded it before)."""
@@ -229,3 +304,16 @@ def test_a_stacked_fp32_matmul_and_its_gradients_are_each_members_own(thread_cou
             assert _same_bits(together[rows].detach(), y.detach())
             assert ga.grad is not None and gb.grad is not None and ma.grad is not None and mb.grad is not None
             assert _same_bits(ga.grad[rows], ma.grad) and _same_bits(gb.grad[rows], mb.grad)
+
+
+def test_at_one_thread_a_stacked_fp32_matmul_runs_the_one_batched_matmul_it_ran_before() -> None:
+    """Not even a view more than `a @ b` (the split into members, for a probe's key, is skipped)."""
+    from dse.train.stacked import StackedMatmul
+
+    a, b = torch.randn(2 * 3, 2, 40, 24), torch.randn(2 * 3, 2, 24, 40)
+    with torch_threads(1):
+        with _Operations() as stacked:
+            StackedMatmul(2, None)(a, b)
+        with _Operations() as plain:
+            _ = a @ b
+    assert stacked.names == plain.names
