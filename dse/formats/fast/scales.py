@@ -82,15 +82,18 @@ def host_scale_of_amax(fmt: NumberFormat, amax: float, dtype: torch.dtype) -> fl
     return math.ldexp(1.0, exponent) if exponent <= 1023 else math.inf
 
 
-def quotients_within_max(amax: float, scale: float, dtype: torch.dtype) -> bool:
+def quotients_within_max(fmt: NumberFormat, amax: float, scale: float, dtype: torch.dtype) -> bool:
     """Whether every |x / scale| lies within max (1 + u) / (1 - u) (u = 2^-p, p: the significand bits of
-    x's dtype) for x of max|x| = `amax` and its scale `host_scale_of_amax(amax)`: where max|x| is
-    finite and non-zero and the scale a normal of the dtype, it is the ratio max|x| / max rounded
-    once, s >= (max|x| / max) (1 - u) (a power of two above it only lowers the quotients), so
+    x's dtype) for x of max|x| = `amax` and its scale `host_scale_of_amax(fmt, amax)`: where the ratio
+    max|x| / max is finite and non-zero and the scale a normal of the dtype, the scale is that ratio
+    rounded once, s >= (max|x| / max) (1 - u) (a power of two above it only lowers the quotients), so
     |x / s| <= max|x| / s <= max / (1 - u) and its rounding at most max (1 + u) / (1 - u). Not where
-    max|x| is inf or NaN (scale 1, the values unbounded) or the ratio was flushed or replaced (a
-    subnormal ratio, rounded with a larger relative error, or the 1 that stands for a zero one)."""
-    return 0.0 < amax < math.inf and torch.finfo(dtype).tiny <= scale < (
+    max|x| is inf or NaN (scale 1, the values unbounded), the ratio overflows (float64 max|x| over a
+    max below 1: with pow2 its scale is the 1 that stands for it, the quotients up to max|x|) or the
+    ratio was flushed or replaced (a subnormal ratio, rounded with a larger relative error, or the 1
+    that stands for a zero one)."""
+    ratio = amax / (fmt.max_float32 if dtype == torch.float32 else fmt.max)  # as host_scale_of_amax
+    return 0.0 < ratio < math.inf and torch.finfo(dtype).tiny <= scale < (
         FLOAT32_SCALE_LIMIT if dtype == torch.float32 else math.inf)
 
 
@@ -116,7 +119,7 @@ def quantize_per_tensor(fmt: NumberFormat, x: Tensor, rounding: str, generator: 
     if fused is not None:
         return fused
     scale_t = torch.scalar_tensor(scale, dtype=x.dtype)  # cheaper to operate with than a float
-    return fmt.round_scaled(x, scale_t, rounding, generator, quotients_within_max(amax, scale, x.dtype))
+    return fmt.round_scaled(x, scale_t, rounding, generator, quotients_within_max(fmt, amax, scale, x.dtype))
 
 
 def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high: Tensor,
@@ -139,7 +142,7 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
         return fmt.round_unscaled(x, rounding, generator)
     # array to tensor without a copy: torch.tensor from a list costs about ten small operations here
     scale_t = torch.frombuffer(array.array(_ARRAY_TYPECODE[x.dtype], scales), dtype=x.dtype).view(shape)
-    within_max = all(quotients_within_max(amax, scale, x.dtype)
+    within_max = all(quotients_within_max(fmt, amax, scale, x.dtype)
                      for amax, scale in zip(amaxes, scales, strict=True))
     rounder = fmt.round_unscaled_within_max_ if within_max else fmt.round_unscaled_
     return rounder(x / scale_t, rounding, generator).mul_(scale_t)
