@@ -280,7 +280,7 @@ def test_any_fixed_point_spec_equals_the_clamping_reference(
     x = torch.cat([x, torch.nextafter(x, torch.zeros_like(x))], dim=1)
     x[1:] *= 2.0 ** -torch.randint(0, 200, (x.shape[0] - 1, 1), generator=generator).to(dtype)  # own scales
     flushing, threads = bool(torch.tensor([1e-39]).mul(1.0)[0] == 0), torch.get_num_threads()
-    torch.set_num_threads(1)  # (torch flushes denormals per thread: test_member_tensor_scales)
+    torch.set_num_threads(1)  # (as training: test_member_tensor_scales says why)
     torch.set_flush_denormal(flush)
     try:
         actual = fmt.quantize(x[0], rounding) if members == 0 else fmt.quantize_members(x, rounding)
