@@ -54,6 +54,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -445,8 +446,9 @@ class MemberAccumulators(Accumulator):
         def offsets(start: int) -> tuple[int, ...]:
             return tuple(start * o.element_size() % alignment_bytes(o) for o in operands)
         seen = {offsets(0)}
-        period = max(alignment_bytes(o) for o in operands)  # the offsets repeat after at most this many
-        for start in range(self.chunk, min(last, self.chunk * (period + 1)), self.chunk):
+        period = max(alignment_bytes(o) // math.gcd(self.chunk * o.element_size(), alignment_bytes(o))
+                     for o in operands)  # the chunks' offsets repeat after this many (1: all alike)
+        for start in range(self.chunk, min(last, self.chunk * period), self.chunk):
             if offsets(start) not in seen:
                 seen.add(offsets(start))
                 chunks.add((start, start + self.chunk))
