@@ -413,7 +413,7 @@ class MemberAccumulators(Accumulator):
 
     def fold_gemm(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int) -> Tensor:
         members = operands[0].shape[0]
-        if self.runs_of is None or members == 1 or length <= 0 \
+        if self.runs_of is None or length <= 0 \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
         if not operands[0].is_cpu:  # a GPU: no grain, launch-bound: the whole group at once
