@@ -6,6 +6,7 @@ Alone is the rule: `quantize` of x[g] on its own, along each axis in turn."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,12 +16,18 @@ from hypothesis import strategies as st
 from dse.formats import get
 from dse.formats.base import MemberGenerators, _with_axis
 from dse.formats.block import BlockFormat
-from dse.formats.fast import recording, reference_only
+from dse.formats.fast import device_path, recording, reference_only
 from dse.formats.fast.block import SCALE_GRID_SLICES
 
 TWO_LEVEL = ("nvfp4", "nvfp4(axis=0)", "block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)",
              "block(int4,size=16,scale=e4m3,tensor_scale=fp32)",
-             "block(fp4_e2m1,size=16,scale=ue5m3,tensor_scale=fp32)")
+             "block(fp4_e2m1,size=16,scale=ue5m3,tensor_scale=fp32)",
+             # every element family the spec parser takes, the other narrow scale grids, blocks of one
+             "block(posit(8,1),size=16,scale=e4m3,tensor_scale=fp32)",
+             "block(lns8,size=16,scale=ue4m3,tensor_scale=fp32)",
+             "block(p3109(8,3),size=8,scale=e4m3,tensor_scale=fp32)",
+             "block(fixed(8,6),size=16,scale=bf16,tensor_scale=fp32)",
+             "block(fp8_e5m2,size=4,scale=fp16,tensor_scale=fp32)", "nvfp4(size=1)")
 ROUNDINGS = ("nearest", "stochastic", "stochastic(5)", "pseudo_stochastic", "toward_zero")
 SEEDS = (11, 12, 13, 14, 15)
 
@@ -97,18 +104,23 @@ def together(spec: str, x: torch.Tensor, axes: tuple[int, ...], rounding: str
 
 @settings(max_examples=150, deadline=None)
 @given(case=stacks(), spec=st.sampled_from(TWO_LEVEL), rounding=st.sampled_from(ROUNDINGS),
-       fast=st.booleans())
+       path=st.sampled_from(["fast", "reference", "device"]), flush=st.booleans())
 def test_a_stack_of_members_quantizes_each_member_as_alone(
-        case: tuple[torch.Tensor, tuple[int, ...]], spec: str, rounding: str, fast: bool) -> None:
+        case: tuple[torch.Tensor, tuple[int, ...]], spec: str, rounding: str, path: str, flush: bool) -> None:
+    """Alone on the CPU's fast path; together on it, on the reference and on the device path (a GPU's,
+    on CPU tensors), with denormals flushed or not (training flushes them)."""
     x, axes = case
-    expected, alone_generators = alone(spec, x, axes, rounding)
-    with recording() as used:
-        if fast:
-            actual, generators = together(spec, x, axes, rounding)
-        else:
-            with reference_only():
+    flushing = bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)  # the caller's setting, put back after
+    torch.set_flush_denormal(flush)
+    try:
+        expected, alone_generators = alone(spec, x, axes, rounding)
+        with recording() as used:
+            with reference_only() if path == "reference" else device_path() if path == "device" \
+                    else contextlib.nullcontext():
                 actual, generators = together(spec, x, axes, rounding)
-    assert (SCALE_GRID_SLICES in used) == fast
+    finally:
+        torch.set_flush_denormal(flushing)
+    assert (SCALE_GRID_SLICES in used) == (path != "reference")  # (whole tensors on a device)
     for a, b in zip(actual, expected, strict=True):
         assert_same_bits(a, b)
     for g, (mine, own) in enumerate(zip(generators, alone_generators, strict=True)):

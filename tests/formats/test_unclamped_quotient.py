@@ -240,3 +240,51 @@ def test_a_ratio_past_float64s_max_keeps_the_clamp() -> None:
         with reference_only():
             assert_same_bits(together[g], fmt.quantize(stack[g]))
     assert float(together[0, 0]) == fmt.max
+
+
+@st.composite
+def fixed_point_specs(draw: st.DrawFn) -> str:
+    """Any tensor-scaled fixed-point spec the parser takes: int(n) and fixed(n, frac), 2..32 bits, frac
+    in -64..64, either range (symmetric or the two's-complement -H-1), with or without pow2."""
+    bits = draw(st.integers(2, 32))
+    symmetric, pow2 = draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    if draw(st.booleans()):
+        return f"int({bits},symmetric={symmetric},pow2={pow2})"
+    return f"fixed({bits},{draw(st.integers(-64, 64))},scale=tensor,symmetric={symmetric},pow2={pow2})"
+
+
+@settings(max_examples=200, deadline=None)
+@given(spec=fixed_point_specs(), dtype=st.sampled_from(DTYPES),
+       rounding=st.sampled_from(["nearest", "toward_zero"]), flush=st.booleans(),
+       magnitude=st.sampled_from(["ordinary", "smallest normals", "largest", "subnormal"]),
+       exponent=st.floats(0, 1), seed=st.integers(0, 2**31 - 1), members=st.integers(0, 4))
+def test_any_fixed_point_spec_equals_the_clamping_reference(
+        spec: str, dtype: torch.dtype, rounding: str, flush: bool, magnitude: str, exponent: float, seed: int,
+        members: int) -> None:
+    """Quantize (members = 0) or quantize_members gives the clamping reference's bits, alone, for
+    every configuration the parser takes, max|x| anywhere in the dtype's range (its largest values
+    over a max below 1 overflow the ratio; the members' maxima apart), with denormals flushed or not
+    (training flushes them)."""
+    fmt = fixed(spec)
+    info = torch.finfo(dtype)
+    amax = {"ordinary": 2.0 ** (40 * exponent - 20),
+            "smallest normals": info.tiny * 2.0 ** (30 * exponent),
+            "largest": info.max * 2.0 ** (-30 * exponent),
+            "subnormal": info.tiny * 2.0 ** (-20 * exponent - 1)}[magnitude]
+    amax = float(torch.tensor(amax, dtype=torch.float64).to(dtype))
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-fmt.highest_code, fmt.highest_code + 1, (max(members, 1), 64), generator=generator)
+    halves = torch.randint(-1, 2, codes.shape, generator=generator) * 0.5  # ties between codes
+    x = ((codes.double() + halves) / fmt.highest_code * amax).clamp(-amax, amax).to(dtype)
+    x[:, 0] = amax
+    x = torch.cat([x, torch.nextafter(x, torch.zeros_like(x))], dim=1)
+    x[1:] *= 2.0 ** -torch.randint(0, 200, (x.shape[0] - 1, 1), generator=generator).to(dtype)  # own scales
+    flushing = bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)
+    torch.set_flush_denormal(flush)
+    try:
+        actual = fmt.quantize(x[0], rounding) if members == 0 else fmt.quantize_members(x, rounding)
+        with reference_only():
+            expected = torch.stack([fmt.quantize(member, rounding) for member in x])
+    finally:
+        torch.set_flush_denormal(flushing)
+    assert_same_bits(actual, expected[0] if members == 0 else expected)
