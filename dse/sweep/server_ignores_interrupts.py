@@ -1,8 +1,34 @@
 """Imported first by the sweep's fork server (its preload, dse/sweep/executors.py): Ctrl-C is the
 sweep's to handle (it stops its workers and says so in one line), and CPython's fork server ignores
 SIGINT only once its preload is imported, so a Ctrl-C in the seconds the server spends importing the
-trainer printed the server's own KeyboardInterrupt traceback under the sweep's line."""
+trainer printed the server's own KeyboardInterrupt traceback under the sweep's line.
 
+A worker the server forks while the sweep is stopping finds no job data to read (the sweep has
+closed its end): multiprocessing's spawn `_main` raises EOFError, which the server's child printed
+as a traceback above the sweep's line (SIGTERM to a 2-worker sweep as its workers started, 1 of about
+20 tries on the 2-vCPU VM). The children inherit `sys.excepthook` from the server: that one is quiet."""
+
+from __future__ import annotations
+
+import os
 import signal
+import sys
+import traceback
+from types import TracebackType
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def quiet_when_the_sweep_left(kind: type[BaseException], error: BaseException,
+                              trace: TracebackType | None) -> None:
+    """sys.excepthook: nothing for an EOFError raised while a forked worker reads the data of its
+    start (`multiprocessing.spawn._main`), every other error as Python prints it."""
+    spawn = os.path.join("multiprocessing", "spawn.py")
+    if issubclass(kind, EOFError) and any(
+            frame.f_code.co_name == "_main" and frame.f_code.co_filename.endswith(spawn)
+            for frame, _ in traceback.walk_tb(trace)):
+        return
+    sys.__excepthook__(kind, error, trace)
+
+
+sys.excepthook = quiet_when_the_sweep_left

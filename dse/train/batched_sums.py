@@ -108,8 +108,9 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
 
 def rule_decides_alone(device: torch.device) -> bool:
     """Whether the CPU's rule decides a product on `device` without a probe: on the CPU at one thread
-    with fp32 matmuls in fp32, where `bmm_sums_as_mm` was measured."""
-    return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls()
+    with fp32 matmuls in fp32 and no autocast, where `bmm_sums_as_mm` was measured."""
+    return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls() \
+        and not torch.is_autocast_enabled("cpu")
 
 
 _UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)
@@ -136,10 +137,14 @@ def _ieee_cpu_matmuls() -> bool:
 
 def _library_state(device: torch.device) -> tuple[object, ...]:
     """Everything besides the operands' layouts that changes which kernel the library takes for a
-    product (or how it sums): the thread count, the fp32 matmul precision (TF32 / bf16 on CUDA and
-    oneDNN), reduced-precision reductions, deterministic algorithms, the BLAS library and cuBLAS's
-    workspace. Part of a decision's key, so that changing one decides again."""
-    state: tuple[object, ...] = (torch.get_num_threads(), _setting(torch.get_float32_matmul_precision),
+    product (or how it sums): the thread count, autocast (a user's network may run under it), the
+    fp32 matmul precision (TF32 / bf16 on CUDA and oneDNN), reduced-precision reductions,
+    deterministic algorithms, the BLAS library and cuBLAS's workspace. Part of a decision's key, so
+    that changing one decides again."""
+    autocast = torch.is_autocast_enabled(device.type)
+    state: tuple[object, ...] = (torch.get_num_threads(), autocast,
+                                 torch.get_autocast_dtype(device.type) if autocast else None,
+                                 _setting(torch.get_float32_matmul_precision),
                                  torch.are_deterministic_algorithms_enabled(),
                                  _onednn_fp32_precision())
     if device.type == "cpu":

@@ -296,3 +296,23 @@ def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() ->
         process.kill()
     lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
     assert process.returncode == 130 and lines == ["interrupted by SIGINT"], (process.returncode, lines)
+
+
+def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback() -> None:
+    """A worker the fork server forks while the sweep stops finds no data of its start to read: its
+    EOFError traceback (from multiprocessing's spawn) was printed above the sweep's one line (SIGTERM
+    to a 2-worker sweep as its workers started, 1 of about 20 tries). Here the sweep's side closes
+    the new worker's data pipe before writing, as a stopping sweep does."""
+    script = ("import os\nfrom multiprocessing import forkserver\n"
+              "from dse.sweep.executors import start_worker_server\n"
+              "start_worker_server()\n"
+              "status, data = forkserver._forkserver.connect_to_new_process([])\n"
+              "os.close(data)\n"
+              "forkserver.read_signed(status)\n"  # the worker's pid
+              "print('exit', forkserver.read_signed(status), flush=True)\n")  # once it has ended
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("exit "), (done.stdout, done.stderr)
+    assert done.stderr == "", done.stderr

@@ -168,6 +168,23 @@ def test_a_decision_is_per_matmul_precision() -> None:
         assert _same_bits(together, _each_own(ops)) and seen.names
 
 
+def test_a_decision_is_per_autocast() -> None:
+    """A user's network under `torch.autocast` runs its products in bf16 (another kernel): a layout
+    decided outside is decided again inside, at one thread too (the rule was measured in fp32), and
+    the group's product is each member's own there."""
+    ops = _operands(2, 16, 256, 64, False, False, False, seed=4)
+    for thread_count in (2, 1):
+        with torch_threads(thread_count):
+            sums_as_members(("per-autocast", thread_count), _batched_gemm, _own_gemm, ops, True)
+            before = batched_sums.decided()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                sums_as_members(("per-autocast", thread_count), _batched_gemm, _own_gemm, ops, True)
+                together, alone = member_gemm(*ops), _each_own(ops)
+            assert _new_sites(before)[:1] == [("per-autocast", thread_count)]
+            assert together.dtype == torch.bfloat16
+            assert torch.equal(together.view(torch.int16), alone.view(torch.int16))
+
+
 def test_stack_reasons_check_forward_probes_nothing() -> None:
     """The check forward on two samples (compared within a tolerance) at two threads decides its
     products by the rule alone: its layouts (two samples a member) no run meets again, and a probe of
