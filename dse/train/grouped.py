@@ -51,7 +51,7 @@ from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
 from dse.train.stacked import stack_models, stack_reason, stored_weights
-from dse.train.tally import EpochTally, members_finite
+from dse.train.tally import EpochTally, members_finite, training_state
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
 """TrainConfig fields in which the members of a group may differ."""
@@ -522,7 +522,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
             setup.on_epoch_start(epoch)
             permutation = torch.stack([torch.randperm(len(x_train), generator=order)
                                        for order in orders]).to(device)
-            tally = EpochTally(list(model.parameters()), members, running, stacked=True,
+            tally = EpochTally(training_state(model), members, running, stacked=True,
                                generators=generators)
             for start in range(0, permutation.shape[1], first.batch_size):
                 index = permutation[:, start:start + first.batch_size]

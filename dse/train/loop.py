@@ -27,7 +27,7 @@ from dse.train.optim import check_optimizer, quantized_optimizer
 from dse.train.policy import QuantPolicy
 from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
-from dse.train.tally import EpochTally, members_finite
+from dse.train.tally import EpochTally, members_finite, training_state
 from dse.usercode import describe, is_ref, load_function
 
 EVAL_BATCH = 1024
@@ -208,7 +208,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
             if setup.on_epoch_start is not None:
                 setup.on_epoch_start(epoch)
             permutation = torch.randperm(len(x_train), generator=order).to(device)
-            tally = EpochTally(list(setup.model.parameters()), 1, [0], stacked=False, generators=[generator])
+            tally = EpochTally(training_state(setup.model), 1, [0], stacked=False, generators=[generator])
             for start in range(0, len(permutation), config.batch_size):
                 index = permutation[start:start + config.batch_size]
                 loss = setup.loss_fn(setup.model(x_train[index]), y_train[index])

@@ -1,17 +1,19 @@
 """Each member's training loss over an epoch and its divergence, for a run alone and for a group.
 
 A member diverges at the first batch whose loss is NaN or inf: from then on its batches no longer
-count, and the epoch ends with its weights as they were before that batch's update and its stochastic
-rounding generator as it was after that batch's forward (a run alone stops there; a group goes on with
-the other members, whose batches draw from the diverged member's generator too). The epoch's
-evaluation quantizes with that generator, so without it a diverged member's accuracy could differ
-from alone's (a diverging member under fp4 with stochastic rounding: 0.13 against 0.12).
+count, and the epoch ends with its weights as they were before that batch's update, and its buffers
+(BatchNorm's running statistics) and stochastic rounding generator as they were after that batch's
+forward (a run alone stops there; a group goes on with the other members, whose batches update the
+diverged member's statistics and draw from its generator too). The epoch's evaluation normalizes with
+those statistics and quantizes with that generator, so without them a diverged member's accuracy
+could differ from alone's (a diverging member under fp4 with stochastic rounding: 0.13 against 0.12;
+a BatchNorm network under fp16 whose statistics went on to NaN in the group: 0.12 against 0.16).
 
 On the CPU (`host_shortcuts`) each batch's losses are read back, which costs nothing there: a member
 that diverges is known at once and its weights are copied then. On a GPU a read-back would stall
 every launched kernel once a batch, so nothing is read back per batch: the sums, the counts and a
-flag per member stay on the device, each parameter keeps a copy holding every member's weights at
-its last finite loss (one `torch.where` per parameter and batch), and `close` reads the epoch back
+flag per member stay on the device, each parameter and buffer keeps a copy holding every member's
+tensors at its last finite loss (one `torch.where` per parameter and batch), and `close` reads the epoch back
 once. The sums are the same float64 additions in the same order either way, so both give the same
 numbers, bit for bit.
 """
@@ -45,9 +47,16 @@ class EpochLosses:
         return self.totals[member] / max(self.batches[member], 1)
 
 
+def training_state(model: torch.nn.Module) -> list[Tensor]:
+    """What a member's evaluation reads that its training changes: its weights and its buffers
+    (BatchNorm's running statistics; in a group, every one stacked along the members' axis)."""
+    return [*model.parameters(), *model.buffers()]
+
+
 class EpochTally:
     """One epoch's losses of the members in `active` (indices along the leading axis of `params` when
-    `stacked`, else one run alone: member 0 and 0-dim losses)."""
+    `stacked`, else one run alone: member 0 and 0-dim losses); `params` are `training_state`'s
+    tensors, given back to a member that diverges as they were at its diverging batch."""
 
     def __init__(self, params: Sequence[Tensor], members: int, active: Iterable[int], stacked: bool,
                  generators: Sequence[torch.Generator] = ()) -> None:
@@ -61,14 +70,14 @@ class EpochTally:
         self.active = sorted(active)
         self.totals = [0.0] * members
         self.batches = [0] * members
-        self.frozen: dict[int, list[Tensor]] = {}  # (host) weights of members that diverged
+        self.frozen: dict[int, list[Tensor]] = {}  # (host) weights and buffers of members that diverged
         self.frozen_draws: dict[int, Tensor] = {}  # (host) their generators' states
         self.draws: list[list[Tensor]] = []  # (device) every generator's state at each batch
         if not self.on_host:
             self.live = torch.tensor([g in active for g in range(members)], device=device)
             self.sums = torch.zeros(members, dtype=torch.float64, device=device)
             self.counts = torch.zeros(members, dtype=torch.int64, device=device)
-            self.kept = [p.detach().clone() for p in self.params]  # weights at each member's last finite loss
+            self.kept = [p.detach().clone() for p in self.params]  # tensors at each member's last finite loss
 
     def add(self, losses: Tensor) -> bool:
         """Count one batch's losses ((members,), or 0-dim alone), before its update; True when every
@@ -100,7 +109,8 @@ class EpochTally:
 
     def close(self) -> EpochLosses:
         """The epoch's losses (one read back on a device), with every member that diverged in it given
-        back its weights from before the batch that diverged."""
+        back its weights from before the batch that diverged (its buffers and generator as that
+        batch's forward left them)."""
         if self.on_host:
             frozen, frozen_draws = self.frozen, self.frozen_draws
             totals, batches = self.totals, self.batches

@@ -426,6 +426,23 @@ def sequence_first_silu(shape: tuple[int, ...], classes: int) -> nn.Module:
     return SequenceFirstSilu(shape[0], classes)
 
 
+class Normed(nn.Module):
+    """A Linear, BatchNorm1d (running statistics that training updates and evaluation reads), a head."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Linear(width, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.norm(self.body(x))))
+
+
+def normed(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return Normed(shape[0], classes)
+
+
 class Frozen(nn.Module):
     """Fine-tuning: a frozen first layer and a frozen norm (requires_grad=False), a trained convolution, a
     layer whose weight is frozen and whose bias trains, a trained head."""

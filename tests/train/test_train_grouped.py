@@ -160,6 +160,24 @@ def test_a_diverged_member_is_evaluated_with_the_random_draws_it_has_alone(
         assert repr(same_as_alone(configs, data)) == repr(results)
 
 
+def test_a_diverged_member_is_evaluated_with_the_running_statistics_it_has_alone(
+        same_as_alone: Callable[..., Any]) -> None:
+    """A group goes on after a member diverges, and its next batches' forwards updated the diverged
+    member's BatchNorm running statistics too (to NaN, from the NaN weights its diverging step left),
+    which the epoch's evaluation reads; alone the run stops after the diverging batch's forward. A
+    BatchNorm network under fp16 with lr 100 (its logits overflow fp16 while the statistics are
+    finite): test accuracy 0.12 grouped against 0.16 alone before the tally kept the buffers."""
+    users = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
+    base = TrainConfig(model=f"{users}:normed", dataset="digits", epochs=1, batch_size=32, format="fp16",
+                       optimizer="sgd")
+    configs = [base.replace(seed=3, lr=0.03), base.replace(seed=5, lr=100.0)]
+    data = _subset("digits", 256, 100)
+    results = same_as_alone(configs, data)
+    assert [r["diverged"] for r in results] == [False, True]
+    with device_path():  # (a run alone goes on after diverging there, its statistics too)
+        assert repr(same_as_alone(configs, data)) == repr(results)
+
+
 def test_an_mx_cnn_group_with_an_fp32_head_under_pseudo_stochastic_rounding_equals_alone(
         same_as_alone: Callable[..., Any]) -> None:
     """Found by the second audit (benchmarks/grouped_audit.py --seed 41, draw 268, which had a diverging
