@@ -253,16 +253,7 @@ def test_ctrl_c_at_any_instant_of_a_quiet_sweep_says_one_line_and_exits_130(
     config.write_text("name: quiet\nseeds: [0]\ntask: {model: mlp, dataset: digits, epochs: 1}\n"
                       "energy: {workloads: [proxy]}\ntrials: [{format: fp32}]\noutput: out\n")
     assert CliRunner().invoke(app, ["sweep", str(config), "-q"]).exit_code == 0  # stored: nothing to train
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, where, "sweep", str(config), "-q"],
-                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=tmp_path,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
-    assert process.stderr is not None
-    seen = b""
-    while b"@mark\n" not in seen:
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk, seen
-        seen += chunk
+    process, seen = _started_to_mark([where, "sweep", str(config), "-q"], subprocess.PIPE, tmp_path)
     process.send_signal(signal.SIGINT)
     out, rest = process.communicate(timeout=60)
     lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
@@ -277,16 +268,7 @@ def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() ->
     """Once a command has returned, a signal is recorded until the exit handlers end; before, so was
     every later one (Ctrl-C, Ctrl-C, SIGTERM: the process waited for its stuck handler, 20 s of a
     network file's logger). A second signal now ends the process at once with the first's line."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, "a stuck exit handler", "compare", "int8"],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
-    assert process.stderr is not None
-    seen = b""
-    while b"@mark\n" not in seen:
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk, seen
-        seen += chunk
+    process, seen = _started_to_mark(["a stuck exit handler", "compare", "int8"], subprocess.DEVNULL)
     process.send_signal(signal.SIGINT)
     time.sleep(0.3)
     process.send_signal(signal.SIGTERM)
@@ -316,3 +298,20 @@ def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback() -> None:
                           timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("exit "), (done.stdout, done.stderr)
     assert done.stderr == "", done.stderr
+
+
+def _started_to_mark(args: list[str], stdout: int, cwd: Path | None = None
+                     ) -> tuple[subprocess.Popen[bytes], bytes]:
+    """`_AT_INSTANT` run with `args` in a process of its own, read up to its mark (the instant to
+    signal it at), with what it wrote to stderr so far."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, *args], stderr=subprocess.PIPE,
+                               stdout=stdout, env=env, cwd=cwd,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert process.stderr is not None
+    seen = b""
+    while b"@mark\n" not in seen:
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen
+        seen += chunk
+    return process, seen
