@@ -224,7 +224,7 @@ def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands
 
 def _random_like(t: Tensor, generator: torch.Generator) -> Tensor:
     """Normal random values in `t`'s device, dtype, shape, strides and address modulo
-    `ALIGNMENT_BYTES` (an expanded operand stays expanded)."""
+    `alignment_bytes(t)` (an expanded operand stays expanded)."""
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) \
         if t.numel() else 0
     shift = t.data_ptr() % alignment_bytes(t) // t.element_size()
