@@ -11,8 +11,9 @@ not (docs/training.md). Where torch runs on GNU OpenMP, the caller starts a team
 the very libgomp instance torch uses (`GOMP_parallel`, what `#pragma omp parallel` compiles to), and
 every thread of it sets (later: restores) its own control. A thread a larger team creates later
 inherits the control of the thread that creates it (POSIX), the caller's. Elsewhere (another OpenMP
-runtime, no OpenMP) a parallel probe checks whether every thread flushes, and a warning says once
-where one does not. At one thread nothing of this runs: only the caller computes.
+runtime, no OpenMP) or where the team had fewer threads than asked for, a parallel probe checks
+whether every thread flushes, and a warning says once where one does not. At one thread nothing of
+this runs: only the caller computes.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def denormals_flushed(threads: int) -> Iterator[None]:
         return
     before = _set_on_team(threads, lambda: True, caller)
     try:
-        _check_all_flush(threads)
+        if len(before) < threads:  # no team, or a smaller one than asked for (OMP_DYNAMIC, a limit)
+            _check_all_flush(threads)
         yield
     finally:
         _set_on_team(max(threads, torch.get_num_threads()), lambda: before.get(threading.get_ident(), caller),
@@ -72,9 +74,7 @@ def denormals_flushed(threads: int) -> Iterator[None]:
 def flush_denormals(threads: int) -> None:
     """Denormals flushed for good on the calling thread and every thread of a `threads`-thread team:
     a sweep worker's process setting, for anything it runs besides `train` (which sets its own)."""
-    caller = flushes_denormals()
-    _set_on_team(threads, lambda: True, caller)
-    if threads > 1:
+    if len(_set_on_team(threads, lambda: True, flushes_denormals())) < threads:
         _check_all_flush(threads)
 
 
@@ -134,9 +134,11 @@ _TEAM_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 @cache
 def _gnu_openmp() -> ctypes.CDLL | None:
-    """The libgomp that torch's intra-op threads run on (already loaded in this process: opening its
-    path again gives the same instance), or None where torch's parallel backend is not OpenMP, no
-    libgomp is loaded or this is not Linux (no /proc/self/maps)."""
+    """The libgomp that torch's intra-op threads run on, or None where torch's parallel backend is
+    not OpenMP, or no libgomp loaded in this process (this is not Linux: no /proc/self/maps) is it.
+    A process may hold several (scikit-learn's wheels bring their own): the one is the instance whose
+    thread count follows `torch.set_num_threads` (the count is each instance's own); opening a loaded
+    library's path again gives that same instance."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
@@ -144,16 +146,27 @@ def _gnu_openmp() -> ctypes.CDLL | None:
             paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "libgomp" in line}
     except OSError:
         return None
-    paths = {path for path in paths if path.startswith("/")}
-    if len(paths) != 1:  # none, or two instances: which one torch uses is not known
-        return None
-    library = ctypes.CDLL(paths.pop())
-    parallel = getattr(library, "GOMP_parallel", None)
-    if parallel is None:
-        return None
-    parallel.argtypes = [_TEAM_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    parallel.restype = None
-    return library
+    for path in sorted(p for p in paths if p.startswith("/")):
+        library = ctypes.CDLL(path)
+        if hasattr(library, "GOMP_parallel") and hasattr(library, "omp_get_max_threads") \
+                and _is_torchs(library):
+            library.GOMP_parallel.argtypes = [_TEAM_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            library.GOMP_parallel.restype = None
+            return library
+    return None
+
+
+def _is_torchs(library: ctypes.CDLL) -> bool:
+    """Whether `library`'s OpenMP thread count follows torch's, at two counts (then torch's back)."""
+    threads = torch.get_num_threads()
+    try:
+        follows = []
+        for count in (threads + 1, threads):
+            torch.set_num_threads(count)
+            follows.append(library.omp_get_max_threads() == count)
+    finally:
+        torch.set_num_threads(threads)
+    return all(follows)
 
 
 def _gnu_openmp_team() -> Callable[[int, Callable[[], None]], None] | None:

@@ -59,11 +59,14 @@ def test_at_two_threads_a_group_member_quantizes_as_alone_where_a_parallel_opera
     """The history that failed: torch's worker started (unflushed) before training flushed. A stack of
     4 members of an NVFP4-like format crosses torch's parallel grain (the worker takes members 2 and
     3) where a member alone does not: the tiny member's subnormals were flushed alone (on the calling
-    thread) and kept in the stack, 22,980 elements differing before the run flushed every thread."""
+    thread) and kept in the stack, 22,980 elements differing before the run flushed every thread.
+    scikit-learn, loaded first, brings a libgomp of its own: the team is torch's all the same."""
     out = _in_a_process("""
+        import sklearn.datasets
         from dse.formats import get
         from dse.train.loop import _run_settings
         parallel_operation_first()
+        warnings.simplefilter("error")
         fmt = get("block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)")
         x = torch.randn(4, 64, 512, generator=torch.Generator().manual_seed(0))
         x[3] *= 1e-38  # a member of subnormals and tiny normals
@@ -73,9 +76,12 @@ def test_at_two_threads_a_group_member_quantizes_as_alone_where_a_parallel_opera
             alone = torch.stack([fmt.quantize(x[g]) for g in range(4)])
         subnormal = int(((x[3] != 0) & (x[3].abs() < 2**-126)).sum())
         differ = int((together.view(torch.int32) != alone.view(torch.int32)).sum())
-        print(json.dumps({"inside": inside, "subnormal_inputs": subnormal, "differ": differ}))
+        libgomps = len({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line})
+        print(json.dumps({"inside": inside, "subnormal_inputs": subnormal, "differ": differ,
+                          "libgomps": libgomps}))
     """)
     assert out["subnormal_inputs"] > 1000  # the case meets subnormals
+    assert out["libgomps"] == 2
     assert out["inside"] == 0 and out["differ"] == 0
 
 
