@@ -52,6 +52,48 @@ def alignment_bytes(t: Tensor) -> int:
     return ALIGNMENT_BYTES["cpu" if t.device.type == "cpu" else "other"]
 
 
+def at_alone_alignment(t: Tensor) -> Tensor:
+    """`t` (a leading member axis) with each member's block at the address, modulo `alignment_bytes(t)`,
+    that the member's tensor has alone: `t` itself where its member stride is a multiple of that (or
+    0), else a copy whose member blocks start a whole number of alignments apart (each member's block
+    dense, in the order of its dimensions in `t`).
+
+    Alone, a member's tensor is the group's tensor of one member: it starts where the group's starts,
+    modulo the alignment (a fresh tensor: 0; a view: its offset), so member g's block, g x its member
+    stride further on in the group, is at alone's address only where that stride is a multiple of the
+    alignment. A BLAS may sum otherwise for an operand off a vector boundary (MKL's sgemm on an AMD
+    EPYC: a (50, 37) @ (37, 10) product at 8 bytes past 16 differed from the aligned one in 215 of
+    500 outputs), so a group hands each member's GEMM its operands, and takes its output, there."""
+    align = alignment_bytes(t) // t.element_size()
+    if t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) % align == 0 or t.numel() == 0:
+        return t
+    out = empty_at_alone_alignment(t[0].shape, t.shape[0], t, torch.empty_like(t[0]).stride(),
+                                   t.data_ptr() % alignment_bytes(t) // t.element_size())
+    return out.copy_(t)
+
+
+def empty_at_alone_alignment(shape: Sequence[int], members: int, like: Tensor,
+                             strides: Sequence[int] | None = None, shift: int = 0) -> Tensor:
+    """An empty (members, *shape) tensor of `like`'s dtype and device whose member blocks (dense, of
+    `strides`: contiguous where None) start `shift` elements past a multiple of `alignment_bytes`, as a
+    fresh tensor of `shape` does alone (shift 0)."""
+    align = alignment_bytes(like) // like.element_size()
+    inner = tuple(strides) if strides is not None else _contiguous_strides(shape)
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, inner, strict=True)) \
+        if all(shape) else 0
+    step = -(-extent // align) * align
+    storage = torch.empty(shift + members * step, dtype=like.dtype, device=like.device)
+    return storage.as_strided((members, *shape), (step, *inner), shift)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     """Whether a CPU bmm / baddbmm of batch entries (rows, reduction) @ (reduction, columns) sums each
     entry as that entry's own mm / addmm, bit for bit, at one thread: not below `SMALL_GEMM_MACS` (the
@@ -83,17 +125,16 @@ per layout), or None where there is none."""
 def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callable[..., Tensor],
                     operands: Sequence[Tensor], cpu_rule: CpuRule = None) -> bool:
     """Whether `batched(*operands)` (operands with a leading member axis) gives, for every member g,
-    bit for bit `each(*(o[g] for o in operands))`: the member's own product as it runs alone.
-    `site` names what `batched` and `each` compute (with any of their parameters not in the operands'
-    layout). On the CPU `cpu_rule` decides at one thread with fp32 matmuls in fp32 (where it was
-    measured; oneDNN's bf16/tf32 matmuls are probed); at more threads the probe backs it (batched
-    only where both hold: the rule's products differ at any thread count, and a probe on a product of a
-    few output elements could pass one whose difference its data did not show). Elsewhere the probe
-    decides."""
+    bit for bit `each(*(o[g] for o in operands))` computed as the member computes it alone: on its
+    operands at the addresses they have alone (`at_alone_alignment`). `site` names what `batched` and
+    `each` compute (with any of their parameters not in the operands' layout). On the CPU a `cpu_rule`
+    that fails decides alone (member by member); where it holds, a probe backs it at any thread count
+    (batched only where both hold: the rule's products differ at any thread count, a probe on a
+    product of a few output elements could pass one whose difference its data did not show, and the
+    rule, measured on one CPU, failed on another: module docstring). Elsewhere the probe decides."""
     on_cpu = operands[0].device.type == "cpu"
-    alone = rule_decides_alone(operands[0].device)
-    if on_cpu and isinstance(cpu_rule, bool) and (alone or not cpu_rule):
-        return cpu_rule
+    if on_cpu and cpu_rule is False:
+        return False
     if _UNPROBED.get():
         rule = cpu_rule() if callable(cpu_rule) else cpu_rule
         return True if rule is None else rule
@@ -101,16 +142,9 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
     decided = _DECIDED.get(key)
     if decided is None:
         rule = (cpu_rule() if callable(cpu_rule) else cpu_rule) if on_cpu else None
-        decided = rule if rule is not None and (alone or not rule) else _probe(batched, each, operands)
+        decided = False if rule is False else _probe(batched, each, operands)
         _DECIDED[key] = decided
     return decided
-
-
-def rule_decides_alone(device: torch.device) -> bool:
-    """Whether the CPU's rule decides a product on `device` without a probe: on the CPU at one thread
-    with fp32 matmuls in fp32 and no autocast, where `bmm_sums_as_mm` was measured."""
-    return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls() \
-        and not torch.is_autocast_enabled("cpu")
 
 
 _UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)
@@ -126,13 +160,6 @@ def unprobed() -> Iterator[None]:
         yield
     finally:
         _UNPROBED.reset(token)
-
-
-def _ieee_cpu_matmuls() -> bool:
-    """Whether the CPU's fp32 matmuls run in fp32 (not oneDNN's bf16 or tf32 that
-    `torch.set_float32_matmul_precision("medium" / "high")` selects), where `bmm_sums_as_mm` was
-    measured."""
-    return _onednn_fp32_precision() in ("none", "ieee")
 
 
 def _library_state(device: torch.device) -> tuple[object, ...]:
@@ -213,8 +240,9 @@ def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands
             members = operands[0].shape[0]
             if together.dim() == 0 or together.shape[0] != members:
                 return False
+            alone = [at_alone_alignment(t) for t in probe]
             for g in range(members):  # one member's output at a time: the probe's memory stays small
-                own = each(*(t[g] for t in probe))
+                own = each(*(t[g] for t in alone))
                 if own.numel() != together[g].numel() or not torch.equal(_bits(together[g].reshape(-1)),
                                                                           _bits(own.reshape(-1))):
                     return False
