@@ -9,18 +9,28 @@ a bmm split among threads by its batch entries where a member's mm splits the lo
 on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways decide
 (`sums_as_members`):
 
-- `bmm_sums_as_mm`, the rule read from aten and measured on the CPU at one thread (13,403 shapes):
-  it decides there without running anything, so a one-thread run does exactly what it did before;
-- a probe, at more threads (backing the rule: batched only where both hold) and on other devices
-  (alone): the first time a product of one layout is met in a process - the same site, device,
-  dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
+- `bmm_sums_as_mm`, the rule read from aten and measured on the CPU at one thread (13,403 shapes, an
+  AVX-512 VM): a product it fails runs member by member without anything run to decide it;
+- a probe, wherever the rule holds (at any thread count: batched only where both hold) and on other
+  devices (alone): the first time a product of one layout is met in a process - the same site,
+  device, dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
   precision, reduced-precision reductions, deterministic algorithms, BLAS library, cuBLAS workspace:
-  `_library_state`) - the batched call and the members'
-  own calls run on random data of that layout (fixed seed, no generator of the run touched, no
-  grad, outside any torch mode; drawn again until 4096 output elements are compared) and the
-  batched call is used only where every bit agrees. Normal random operands make any difference in
-  summation order show in the last bits of many output elements; a quantized run's operands (few
-  mantissa bits) can only agree more often, never less.
+  `_library_state`) - the batched call and the members' own calls run on random data of that layout
+  (fixed seed, no generator of the run touched, no grad, outside any torch mode; drawn again until
+  4096 output elements are compared) and the batched call is used only where every bit agrees.
+  Normal random operands make any difference in summation order show in the last bits of many output
+  elements; a quantized run's operands (few mantissa bits) can only agree more often, never less.
+
+A member's own call is compared on its operands where they are alone (`at_alone_alignment`): MKL's
+sgemm on an AMD EPYC (AVX-512) sums a product otherwise where its first operand or its output starts
+off a 16-byte boundary (10-column outputs: a (50, 37) @ (37, 10) at 8 bytes past 16 differed in 215
+of 500 outputs; a bmm whose 7 x 10 or 2 x 37 output blocks lie 280 or 296 bytes apart differed from
+each member's mm in 10 of 298 shape-layouts at one thread, where the rule held). Alone a member's
+tensor starts where the group's starts (modulo the alignment: a fresh tensor at 0); in the group,
+member g's block lies g x its member stride further on. So the group gives each GEMM its members'
+operands and output at alone's alignment (a padded copy where the member stride is not a multiple
+of it), and the probe, at one thread too, compares against that: on this machine the rule's one-thread
+agreement came from the VM's kernels, not from the arithmetic.
 """
 
 from __future__ import annotations
@@ -106,7 +116,8 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     and alike in 1,190 layouts this sends member by member: 740 reductions of 1, 115 of 2, 347 of
     400+ multiply-adds with a single row or column), so it errs on the safe side only. Not enough at two
     threads: there a bmm differs where this holds too (70 of the 17,960: 16 x 1024 x 64, 7 x 200 x
-    200 with the second operand transposed), which the probe finds."""
+    200 with the second operand transposed), which the probe finds; nor on an AMD EPYC at one thread
+    with members' operands or outputs off alone's alignment (module docstring): a probe backs it."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 

@@ -494,9 +494,8 @@ class QuantMatmulFn(torch.autograd.Function):
 class MemberRanks:
     """A group's matmul, its operands with a leading member axis: each member's operands' ranks alone
     (a member's weight broadcast with leading singleton axes drops them), and whether the member's
-    product alone is a batched matmul too (attention's q k^T), which on the CPU at one thread a
-    batched matmul of the whole group sums as the member's own; otherwise `bmm_sums_as_mm` is the
-    CPU's rule: alone torch.matmul folds a (B, n, k) @ W (k, m) into one mm."""
+    product alone is a batched matmul too (attention's q k^T: no rule, the probe decides); otherwise
+    `bmm_sums_as_mm` is the CPU's rule: alone torch.matmul folds a (B, n, k) @ W (k, m) into one mm."""
 
     a: int
     b: int

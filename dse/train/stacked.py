@@ -12,11 +12,11 @@ Layers with weights take the folded batch apart:
       backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
       backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
 
-  On the CPU at one thread a batched GEMM runs the same GEMM kernel per member as the unbatched
-  call, so every member computes bit for bit what it computes alone; where it would not
-  (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's batched GEMM for
-  a single row, column or reduction index), and at more threads or on a GPU where a probe finds it
-  would not (dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
+  Each member's operands and output at the addresses they have alone (`at_alone_alignment`: MKL on
+  an AMD EPYC sums otherwise off a 16-byte boundary). Where the batched GEMM would not sum as each
+  member's own (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's
+  batched GEMM for a single row, column or reduction index; else where a probe finds it would not,
+  dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
 - Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
   member by member. A grouped convolution (groups=G over channel-stacked members) would be one
   call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
@@ -24,7 +24,7 @@ Layers with weights take the folded batch apart:
   differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
   loop keeps every member bit for bit (docs/training.md measures what it costs).
 - Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
-  (member by member where a probe finds it would not sum as the member's own, beyond one CPU thread).
+  (member by member where a probe finds it would not sum as the member's own).
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
