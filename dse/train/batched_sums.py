@@ -64,22 +64,40 @@ def alignment_bytes(t: Tensor) -> int:
 
 def at_alone_alignment(t: Tensor) -> Tensor:
     """`t` (a leading member axis) with each member's block at the address, modulo `alignment_bytes(t)`,
-    that the member's tensor has alone: `t` itself where its member stride is a multiple of that (or
-    0), else a copy whose member blocks start a whole number of alignments apart (each member's block
-    dense, in the order of its dimensions in `t`).
+    and in the strides that the member's tensor has alone: `t` itself where its member stride is a
+    multiple of that alignment (or 0) and no other axis strides over all members, else a copy whose
+    member blocks start a whole number of alignments apart.
 
-    Alone, a member's tensor is the group's tensor of one member: it starts where the group's starts,
-    modulo the alignment (a fresh tensor: 0; a view: its offset), so member g's block, g x its member
-    stride further on in the group, is at alone's address only where that stride is a multiple of the
-    alignment. A BLAS may sum otherwise for an operand off a vector boundary (MKL's sgemm on an AMD
-    EPYC: a (50, 37) @ (37, 10) product at 8 bytes past 16 differed from the aligned one in 215 of
-    500 outputs), so a group hands each member's GEMM its operands, and takes its output, there."""
-    align = alignment_bytes(t) // t.element_size()
-    if t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) % align == 0 or t.numel() == 0:
+    Alone a member's tensor starts where the group's starts (modulo the alignment: a fresh tensor at
+    0), so member g's block, g x its member stride further on in the group, is at alone's address
+    only where that stride is a multiple of the alignment. An axis whose stride spans all G members'
+    blocks (a batch folded along a later axis: sequence-first attention's (L, G*B, E) makes a member's
+    (B, L, E) rows G*B*E apart) strides over one member's alone, G times less. A BLAS may sum
+    otherwise for an operand off a vector boundary (MKL's sgemm on an AMD EPYC: a (50, 37) @ (37, 10)
+    product at 8 bytes past 16 differed from the aligned one in 215 of 500 outputs), so a group hands
+    each member's GEMM its operands, and takes its output, there."""
+    members = t.shape[0] if t.dim() else 0
+    if members <= 1 or t.numel() == 0 or t.stride(0) == 0:
         return t
-    out = empty_at_alone_alignment(t[0].shape, t.shape[0], t, torch.empty_like(t[0]).stride(),
+    spanned = members * t.stride(0)
+    inner = tuple(s // members if s >= spanned and s % spanned == 0 else s for s in t.stride()[1:])
+    if t.stride(0) * t.element_size() % alignment_bytes(t) == 0 and inner == t.stride()[1:]:
+        return t
+    if _overlaps(t.shape[1:], inner):  # a broadcast member tensor: dense in its order of axes instead
+        inner = torch.empty_like(t[0]).stride()
+    out = empty_at_alone_alignment(t[0].shape, members, t, inner,
                                    t.data_ptr() % alignment_bytes(t) // t.element_size())
     return out.copy_(t)
+
+
+def _overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether two elements of a tensor of `shape` and `strides` may share an address."""
+    extent = 1
+    for size, stride in sorted(zip(shape, strides, strict=True), key=lambda axis: axis[1]):
+        if size > 1 and stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
 
 
 def empty_at_alone_alignment(shape: Sequence[int], members: int, like: Tensor,
