@@ -59,7 +59,7 @@ blocks at multiples of 512)."""
 
 def alignment_bytes(t: Tensor) -> int:
     """The alignment modulo which `t`'s address is part of a probe's layout."""
-    return ALIGNMENT_BYTES["cpu" if t.device.type == "cpu" else "other"]
+    return ALIGNMENT_BYTES["cpu" if t.is_cpu else "other"]
 
 
 def at_alone_alignment(t: Tensor) -> Tensor:
@@ -76,12 +76,18 @@ def at_alone_alignment(t: Tensor) -> Tensor:
     otherwise for an operand off a vector boundary (MKL's sgemm on an AMD EPYC: a (50, 37) @ (37, 10)
     product at 8 bytes past 16 differed from the aligned one in 215 of 500 outputs), so a group hands
     each member's GEMM its operands, and takes its output, there."""
-    members = t.shape[0] if t.dim() else 0
-    if members <= 1 or t.numel() == 0 or t.stride(0) == 0:
+    strides = t.stride()
+    if not strides or strides[0] == 0:
         return t
-    spanned = members * t.stride(0)
-    inner = tuple(s // members if s >= spanned and s % spanned == 0 else s for s in t.stride()[1:])
-    if t.stride(0) * t.element_size() % alignment_bytes(t) == 0 and inner == t.stride()[1:]:
+    members = t.shape[0]
+    spanned = members * strides[0]
+    if strides[0] * t.element_size() % (ALIGNMENT_BYTES["cpu" if t.is_cpu else "other"]) == 0 \
+            and max(strides[1:], default=0) < spanned:
+        return t  # (the common case, checked first: a built-in proxy's every GEMM operand passes here)
+    if members <= 1 or t.numel() == 0:
+        return t
+    inner = tuple(s // members if s >= spanned and s % spanned == 0 else s for s in strides[1:])
+    if strides[0] * t.element_size() % alignment_bytes(t) == 0 and inner == strides[1:]:
         return t
     if _overlaps(t.shape[1:], inner):  # a broadcast member tensor: dense in its order of axes instead
         inner = torch.empty_like(t[0]).stride()
@@ -240,7 +246,7 @@ def decided() -> dict[Hashable, bool]:
 
 
 def _layout(t: Tensor) -> tuple[object, ...]:
-    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % alignment_bytes(t))
+    return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % alignment_bytes(t))
 
 
 PROBE_ELEMENTS = 4096

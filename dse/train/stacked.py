@@ -250,8 +250,10 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     a bmm by its batch entries, each entry's GEMM on one thread, and a long reduction (the weight
     gradient's batch rows) then sums in another order (measured on torch 2.13: every Linear weight
     gradient of the transformer proxy at 2 threads)."""
-    operands = tuple(at_alone_alignment(o) for o in ((a, b) if bias is None else (a, b, bias)))
-    recorded = torch.is_grad_enabled() and any(o.requires_grad for o in operands)
+    a, b = at_alone_alignment(a), at_alone_alignment(b)
+    operands = (a, b) if bias is None else (a, b, at_alone_alignment(bias))
+    recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
+                                            or (bias is not None and bias.requires_grad))
     if (recorded and _pads_output(a, b)) or not sums_as_members(  # autograd records no out=
             "baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
             bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
