@@ -250,8 +250,8 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     a bmm by its batch entries, each entry's GEMM on one thread, and a long reduction (the weight
     gradient's batch rows) then sums in another order (measured on torch 2.13: every Linear weight
     gradient of the transformer proxy at 2 threads)."""
-    a, b = at_alone_alignment(a), at_alone_alignment(b)
-    operands = (a, b) if bias is None else (a, b, at_alone_alignment(bias))
+    a, b = at_alone_alignment(a), at_alone_alignment(b)  # (a bias is copied into the output first:
+    operands = (a, b) if bias is None else (a, b, bias)    # its address never reaches the BLAS)
     recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
                                             or (bias is not None and bias.requires_grad))
     if (recorded and _pads_output(a, b)) or not sums_as_members(  # autograd records no out=
