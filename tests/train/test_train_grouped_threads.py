@@ -178,6 +178,39 @@ def test_a_decision_is_per_matmul_precision() -> None:
         assert _same_bits(together, _each_own(ops)) and seen.names
 
 
+def test_a_decision_is_per_mkl_reproducibility_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MKL_CBWR (COMPATIBLE, AVX2, ...) makes MKL take other kernels: a layout decided in MKL's own
+    mode is decided again in another, and at one thread, where the rule was measured in MKL's own
+    mode, it is probed."""
+    ops = _operands(2, 16, 256, 64, False, False, False, seed=4)
+    with torch_threads(2):
+        sums_as_members(("per-cbwr",), _batched_gemm, _own_gemm, ops, True)
+    before = batched_sums.decided()
+    monkeypatch.setattr(batched_sums, "mkl_reproducibility", lambda: 3)  # MKL_CBWR_COMPATIBLE
+    with torch_threads(2):
+        sums_as_members(("per-cbwr",), _batched_gemm, _own_gemm, ops, True)
+    with torch_threads(1):
+        sums_as_members(("one-thread-cbwr",), _batched_gemm, _own_gemm, ops, True)
+    assert _new_sites(before) == [("per-cbwr",), ("one-thread-cbwr",)]
+
+
+@pytest.mark.parametrize("mode, expected", [(None, batched_sums.MKL_DEFAULT_REPRODUCIBILITY),
+                                            ("COMPATIBLE", 3)])
+def test_mkl_reproducibility_is_the_mode_mkl_runs_in(mode: str | None, expected: int) -> None:
+    """Read from MKL (torch's own, statically linked), in a process started with MKL_CBWR or without:
+    COMPATIBLE is MKL_CBWR_COMPATIBLE (3), none MKL_CBWR_BRANCH_OFF (1)."""
+    import os
+    import subprocess
+    import sys
+
+    if batched_sums._mkl_reproducibility_mode() is None:
+        pytest.skip("torch's BLAS is not MKL")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": mode} if mode else {})
+    code = "from dse.train.batched_sums import mkl_reproducibility; print(mkl_reproducibility())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) == expected
+
+
 def test_a_decision_is_per_autocast() -> None:
     """A user's network under `torch.autocast` runs its products in bf16 (another kernel): a layout
     decided outside is decided again inside, at one thread too (the rule was measured in fp32), and
