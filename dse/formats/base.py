@@ -817,8 +817,10 @@ class NumberFormat(ABC):
 
     def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None,
                      within_max: bool = False) -> Tensor:
-        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family's fast path may fuse it.
-        `within_max`: every |x / scale| is within max (1 + u) / (1 - u) (`round_unscaled_within_max_`)."""
+        """round_unscaled(x / scale) * scale for a scale tensor that broadcasts over x: 0-dim (one
+        tensor's scale), or one per member (G, 1, ...) of a stacked x (`quantize_members`); a family's
+        fast path may fuse a 0-dim one. `within_max`: every |x / scale| is within max (1 + u) / (1 - u)
+        (`round_unscaled_within_max_`)."""
         rounder = self.round_unscaled_within_max_ if within_max else self.round_unscaled_
         return rounder(x / scale, rounding, generator).mul_(scale)
 

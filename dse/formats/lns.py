@@ -271,7 +271,8 @@ class LNS(NumberFormat):
 
     def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None,
                      within_max: bool = False) -> Tensor:
-        fast = fast_lns.round_nearest(self, x, scale) if rounding == "nearest" else None
+        # (the lookup multiplies its grid by one scale: a per-member scale takes the reference)
+        fast = fast_lns.round_nearest(self, x, scale) if rounding == "nearest" and scale.dim() == 0 else None
         return fast if fast is not None else super().round_scaled(x, scale, rounding, generator, within_max)
 
     def encode(self, x: Tensor) -> Tensor:
