@@ -663,6 +663,14 @@ class NumberFormat(ABC):
     def decode(self, codes: Tensor) -> Tensor:
         """Values (float64) of bit codes."""
 
+    def checked_codes(self, codes: Tensor) -> Tensor:
+        """`codes` as int64, for `decode`: a ValueError naming the range where one is no code of the
+        format (outside 0..2^bits - 1)."""
+        codes = torch.as_tensor(codes, dtype=torch.int64)
+        if bool(((codes < 0) | (codes >> self.bits != 0)).any()):
+            raise ValueError(f"{self.spec} codes lie in 0..{2**self.bits - 1}")
+        return codes
+
     @property
     @abstractmethod
     def max(self) -> float:
