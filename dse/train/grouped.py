@@ -17,7 +17,7 @@ network whose layers `dse.train.stacked.stack_reason` knows (every built-in prox
 with GEMM function calls and torch's attention modules); other models train one by one
 (`group_reason` says why: a GEMM taking a view of a parameter, tied weights, dropout, a batch on
 another axis than the first, a user's autograd.Function whose backward calls a position-dependent
-function: `backward_reason`). Activation checkpointing and a network calling itself stack, each
+function: `backward_reason`, a forward that depends on its batch's size: `batch_size_reason`). Activation checkpointing and a network calling itself stack, each
 member bit for bit (dse/train/recompute.py, dse/train/member_kernels.py).
 """
 
