@@ -31,7 +31,7 @@ from dse.data import Dataset
 from dse.sweep.config import ExecutorConfig
 from dse.sweep.trials import Trial
 from dse.train.config import TrainConfig
-from dse.train.grouped import group_key, group_reason, part_sizes, split_note, trial_training_bytes
+from dse.train.grouped import group_key, group_reason, split_note, trial_training_bytes
 from dse.train.loop import EXAMPLE_SAMPLES
 from dse.train.memory import available_memory_bytes, members_that_fit
 
@@ -116,41 +116,38 @@ def plan_groups(runs: list[Trial], group_size: int | None, model_of: ModelOf = _
     groups: list[list[Trial]] = []
     notes: list[str] = []
     models: dict[tuple[str, str, str | None], tuple[nn.Module, Dataset]] = {}
-    # group_reason depends on the network, the optimizer, the batch size and the groups' sizes only:
+    # group_reason depends on the network, the optimizer, the batch size and the largest group only:
     # one check each, not per bucket
-    reasons: dict[tuple[str, str, str | None, str, int, frozenset[int]], str | None] = {}
+    reasons: dict[tuple[str, str, str | None, str, int, int], str | None] = {}
     for trials in buckets.values():
         reason = None
         size, unpaid = (group_size, None) if group_size is not None else default_group_size(trials[0].config)
-        config = trials[0].config
         if unpaid is not None and len(trials) > 1:
             reason = f"{unpaid}, docs/training.md; executor.group_size groups them anyway"
-        split = None
         if size > 1 and len(trials) > 1:
+            config = trials[0].config
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
                 models[where] = model_of(config)
-            model, data = models[where]
-            share = shares.get(config.device)
-            if share is not None:
-                one = trial_training_bytes(config, model, data.x_train[:EXAMPLE_SAMPLES])
-                fit = members_that_fit(one, share.available_bytes, share.groups_at_once)
-                if fit < min(size, len(trials)):
-                    split = split_note(size, fit, one, share.available_bytes, config.device,
-                                       share.groups_at_once)
-                    size = fit
-            members = frozenset(part_sizes(len(trials), size))
-            key = (*where, config.optimizer, config.batch_size, members)
+            largest = min(size, len(trials))  # every group has 2 to `largest` members, split or not
+            key = (*where, config.optimizer, config.batch_size, largest)
             if key not in reasons:
-                reasons[key] = group_reason(config, model, data, members)
+                reasons[key] = group_reason(config, *models[where], range(2, largest + 1))
             reason = reasons[key]
         note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
         if reason is not None and note not in notes:
             notes.append(note)
-        if reason is not None:
-            size = 1
-        elif split is not None:
-            notes.append(f"{trials[0].task}: {trials[0].label}: {split}")
+        size = 1 if reason is not None else size
+        config = trials[0].config
+        share = shares.get(config.device)
+        if size > 1 and len(trials) > 1 and share is not None:
+            model, data = models[(config.model, config.dataset, config.data_dir)]
+            one = trial_training_bytes(config, model, data.x_train[:EXAMPLE_SAMPLES])
+            fit = members_that_fit(one, share.available_bytes, share.groups_at_once)
+            if fit < min(size, len(trials)):
+                note = split_note(size, fit, one, share.available_bytes, config.device, share.groups_at_once)
+                notes.append(f"{trials[0].task}: {trials[0].label}: {note}")
+                size = fit
         groups += [trials[start:start + size] for start in range(0, len(trials), size)]
     order = {trial.trial_id: index for index, trial in enumerate(runs)}
     groups.sort(key=lambda group: order[group[0].trial_id])

@@ -17,8 +17,9 @@ network whose layers `dse.train.stacked.stack_reason` knows (every built-in prox
 with GEMM function calls and torch's attention modules); other models train one by one
 (`group_reason` says why: a GEMM taking a view of a parameter, tied weights, dropout, a batch on
 another axis than the first, a user's autograd.Function whose backward calls a position-dependent
-function: `backward_reason`, a forward that depends on its batch's size: `batch_size_reason`). Activation checkpointing and a network calling itself stack, each
-member bit for bit (dse/train/recompute.py, dse/train/member_kernels.py).
+function: `backward_reason`, a forward that depends on its batch's size: `batch_size_reason`).
+Activation checkpointing and a network calling itself stack, each member bit for bit
+(dse/train/recompute.py, dse/train/member_kernels.py).
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ and every smaller one: the last group of a configuration and a group split to fi
 
 def group_reason(config: TrainConfig, model: nn.Module | None = None, data: Dataset | None = None,
                  members: Iterable[int] = GROUP_MEMBERS) -> str | None:
-    """Why trials of this config train one by one rather than stacked in groups of `members` (each
-    count a group will have; None: they stack). `model` is the config's network and `data` its
+    """Why trials of this config train one by one rather than stacked in groups of `members` (every
+    member count a group may have; None: they stack). `model` is the config's network and `data` its
     dataset with its validation split (both built from the config when not given)."""
     if data is None:
         data = with_validation(load_dataset(config.dataset, config.data_dir))
@@ -275,12 +276,12 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
         return [train(configs[0], data)]
     with torch.random.fork_rng(devices=[]):
         model = build_model(configs[0].model, data)
+    if group_reason(configs[0], model, data, range(2, len(configs) + 1)) is not None:  # any split too
+        return [train(config, data) for config in configs]
     example = data.x_train[:EXAMPLE_SAMPLES]
     one = trial_training_bytes(configs[0], model, example)
     available = available_memory_bytes(configs[0].device) if available_bytes is None else available_bytes
     fit = members_that_fit(one, available, groups_at_once)
-    if group_reason(configs[0], model, data, part_sizes(len(configs), fit)) is not None:
-        return [train(config, data) for config in configs]
     if fit < len(configs):
         warnings.warn(split_note(len(configs), fit, one, available, configs[0].device, groups_at_once),
                       GroupSplitWarning, stacklevel=2)
@@ -295,11 +296,6 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
                       GroupSplitWarning, stacklevel=2)
         return [train(config, data) for config in configs]
     return results
-
-
-def part_sizes(trials: int, size: int) -> set[int]:
-    """The member counts of `trials` cut into consecutive groups of at most `size`."""
-    return {min(size, trials - start) for start in range(0, trials, max(size, 1))}
 
 
 class StackedOptimizer:
