@@ -153,26 +153,36 @@ def _forward(model: nn.Module, inputs: Tensor, training: bool) -> list[Call]:
     return recorder.calls
 
 
-def _on_meta(model: nn.Module) -> nn.Module | None:
-    """A copy of `model` on the meta device (shapes without values: a forward costs nothing), or None."""
-    try:
-        return copy.deepcopy(model).to("meta")
-    except Exception:
-        return None
+class _Traces:
+    """The calls of `model`'s forwards, each size run once: on the meta device while every forward
+    runs there (keyed by its rows: values do not matter), on the network's own device from the first
+    that does not (a forward that reads a value, `.item()` or a branch on a tensor; keyed by the
+    member's rows and the repetitions, which fix the values)."""
 
-
-def _calls(model: nn.Module, meta: nn.Module | None, rows: Tensor, members: int, training: bool
-           ) -> tuple[list[Call], list[Call]]:
-    """The calls of a forward on `rows` and on them repeated `members` times: on the meta device where
-    both run there, else on `model`'s own (a forward that reads a value, `.item()` or a branch on a
-    tensor, cannot run on meta)."""
-    folded = _repeated(rows, members)
-    if meta is not None:
+    def __init__(self, model: nn.Module, example: Tensor) -> None:
+        self.model, self.example = model, example
         try:
-            return _forward(meta, rows.to("meta"), training), _forward(meta, folded.to("meta"), training)
+            self.meta: nn.Module | None = copy.deepcopy(model).to("meta")
         except Exception:
-            pass
-    return _forward(model, rows, training), _forward(model, folded, training)
+            self.meta = None
+        self.cache: dict[tuple[Any, ...], list[Call]] = {}
+
+    def pair(self, forward: Forward, members: int) -> tuple[list[Call], list[Call]]:
+        """The calls on `forward.rows` rows and on them repeated `members` times, on one device."""
+        if self.meta is not None:
+            try:
+                return self._calls(forward, 1, self.meta), self._calls(forward, members, self.meta)
+            except Exception:
+                self.meta = None
+        return self._calls(forward, 1, self.model), self._calls(forward, members, self.model)
+
+    def _calls(self, forward: Forward, members: int, model: nn.Module) -> list[Call]:
+        on_meta = model is self.meta
+        key = (forward.rows * members, forward.training) if on_meta else (forward, members)
+        if key not in self.cache:
+            inputs = _repeated(_rows(self.example, forward.rows), members)
+            self.cache[key] = _forward(model, inputs.to("meta") if on_meta else inputs, forward.training)
+        return self.cache[key]
 
 
 def _rows(example: Tensor, rows: int) -> Tensor:
@@ -195,15 +205,13 @@ def batch_size_reason(model: nn.Module, example: Tensor, forwards: Iterable[Forw
     if not counts:
         return None
     devices = [example.device] if example.is_cuda else []
-    forwards = list(dict.fromkeys(forwards))
-    meta = _on_meta(model)
     with _generators_kept(devices), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for forward in forwards:
-            rows = _rows(example, forward.rows)
+        traces = _Traces(model, example)
+        for forward in dict.fromkeys(forwards):
             for g in counts:
                 try:
-                    alone, folded = _calls(model, meta, rows, g, forward.training)
+                    alone, folded = traces.pair(forward, g)
                 except Exception as error:  # a forward that fails at one size: other paths at other sizes
                     return _found(f"its forward fails on one of them: {type(error).__name__}", forward, g)
                 difference = _difference(alone, folded, g)
