@@ -425,10 +425,10 @@ class MemberAccumulators(Accumulator):
         # member 0's first chunk alone, which its fold starts from where members fold one by one
         first = partial(*(operand[0] for operand in operands), 0, self.chunk)
         run = max(1, (PARALLEL_GRAIN - 1) // max(1, first.numel()))
-        return self._fold_runs(partial, operands, length, min(run, members), first)
+        return self._fold_runs(partial, operands, length, run, first)
 
-    def _chunks_sum_as_members(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
-                               first: Tensor | None = None) -> bool:
+    def _chunks_sum_as_members(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int
+                               ) -> bool:
         """Whether the fold's chunks of `operands` (a run of members), each one batched matmul, sum as
         each member's own GEMM (`sums_as_members`; the CPU's rule `bmm_sums_as_mm` of the chunk's
         rows, reduction and columns, known before any chunk is computed): the first, the last (which
@@ -436,8 +436,8 @@ class MemberAccumulators(Accumulator):
         chunk starting `start` reduction indices in starts its operands `start` x stride x element
         size bytes further, modulo `alignment_bytes` a function of `start` x element size alone)."""
         def rule(start: int, stop: int) -> Callable[[], bool]:
-            def chunk_sums_as_mm() -> bool:
-                shape = first.shape if first is not None else output_shape(partial, *operands, start, stop)
+            def chunk_sums_as_mm() -> bool:  # (computed once a layout: `sums_as_members` keeps it)
+                shape = output_shape(partial, *operands, start, stop)
                 return bmm_sums_as_mm(shape[-2], stop - start, shape[-1])
             return chunk_sums_as_mm
 
@@ -458,22 +458,19 @@ class MemberAccumulators(Accumulator):
 
     def _fold_runs(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int, run: int,
                    first: Tensor | None = None) -> Tensor:
-        """The fold over runs of `run` consecutive members: a run's chunks one batched matmul where they
-        sum as each member's own GEMMs, else member by member (`first`: member 0's first chunk)."""
+        """The fold over runs of `run` consecutive members (the last may be shorter; `run` >= the
+        group: one run): a run of several members' chunks one batched matmul where they sum as each
+        member's own GEMMs, else (and a run of one) member by member (`first`: member 0's first chunk)."""
         members = operands[0].shape[0]
-        if run >= members:
-            if self._chunks_sum_as_members(partial, operands, length, first):
-                return super().fold_gemm(partial, operands, length)
-            return self._each_member(partial, operands, length, first)
         parts = []
-        for part in (slice(start, min(start + run, members)) for start in range(0, members, run)):
+        for start in range(0, members, run):
+            part = slice(start, min(start + run, members))
             ops = tuple(operand[part] for operand in operands)
-            head = first if part.start == 0 else None
-            if part.stop - part.start > 1 and self._chunks_sum_as_members(partial, ops, length, first):
+            if part.stop - part.start > 1 and self._chunks_sum_as_members(partial, ops, length):
                 parts.append(self._fold_run(part, partial, ops, length))
             else:
-                parts.append(self._each_member(partial, ops, length, head, part.start))
-        return torch.cat(parts)
+                parts.append(self._each_member(partial, ops, length, first if start == 0 else None, start))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _each_member(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
                      first: Tensor | None = None, offset: int = 0) -> Tensor:
