@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -97,7 +98,7 @@ def _scaled(alone: Any, folded: Any, members: int) -> bool:
     if isinstance(alone, tuple):
         return len(alone) == len(folded) and all(_scaled(a, b, members)
                                                  for a, b in zip(alone, folded, strict=True))
-    return bool(alone == folded)
+    return bool(alone == folded) or alone != alone and folded != folded  # (NaN: equal here)
 
 
 def _name(func: Any) -> str:
@@ -128,19 +129,13 @@ def _difference(alone: list[Call], folded: list[Call], members: int) -> str | No
 @contextmanager
 def _generators_kept(devices: list[torch.device]) -> Iterator[None]:
     """torch's (CPU and `devices`), Python's and numpy's global generators as they were, afterwards."""
-    python_state = random.getstate()
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
-        np = None  # type: ignore[assignment]
-    numpy_state = np.random.get_state() if np is not None else None
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
         random.setstate(python_state)
-        if np is not None:
-            np.random.set_state(numpy_state)
+        np.random.set_state(numpy_state)
 
 
 def _forward(model: nn.Module, inputs: Tensor, training: bool) -> list[Call]:
