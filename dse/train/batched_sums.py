@@ -52,6 +52,37 @@ def alignment_bytes(t: Tensor) -> int:
     return ALIGNMENT_BYTES["cpu" if t.device.type == "cpu" else "other"]
 
 
+def members_aligned(t: Tensor) -> bool:
+    """Whether every member's slice of `t` (leading member axis) starts where member 0's does modulo
+    `alignment_bytes(t)`: where a member's own operand alone does (a fresh tensor's start, or the same
+    offset into one). One that starts elsewhere may take another kernel path: on torch 2.13 + MKL a
+    CPU addmm of (50 x 37) @ (37 x 10) sums otherwise for an input 8 bytes off a 16-byte boundary, the
+    second member's slice of a folded (2 x 50 x 37) fp32 input (every draw of 10)."""
+    return t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) * t.element_size() % alignment_bytes(t) == 0
+
+
+def member_operand(t: Tensor, g: int) -> Tensor:
+    """Member g's slice of `t` (leading member axis) as the member's own operand alone: the slice where
+    it starts where member 0's does modulo `alignment_bytes(t)` (`members_aligned`), else a copy of it
+    in its layout, at that address."""
+    part = t[g]
+    if (part.data_ptr() - t.data_ptr()) % alignment_bytes(t) == 0:
+        return part
+    return _copied_at(part, t.data_ptr() % alignment_bytes(t))
+
+
+def _copied_at(t: Tensor, address: int) -> Tensor:
+    """A copy of `t` in its layout (dense, its order of dimensions) at `address` modulo the allocator's
+    alignment (a fresh tensor starts at a multiple of `alignment_bytes`)."""
+    layout = torch.empty_like(t)
+    if address % t.element_size():
+        return layout.copy_(t)
+    shift = address // t.element_size()
+    storage = torch.empty(shift + layout.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype,
+                          device=t.device)
+    return storage.as_strided(tuple(t.shape), layout.stride(), shift).copy_(t)
+
+
 def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     """Whether a CPU bmm / baddbmm of batch entries (rows, reduction) @ (reduction, columns) sums each
     entry as that entry's own mm / addmm, bit for bit, at one thread: not below `SMALL_GEMM_MACS` (the
@@ -91,7 +122,9 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
     few output elements could pass one whose difference its data did not show). Elsewhere the probe
     decides."""
     on_cpu = operands[0].device.type == "cpu"
-    alone = rule_decides_alone(operands[0].device)
+    # the rule was measured on members at member 0's alignment; others the probe compares with their
+    # own operands at that alignment (`member_operand`)
+    alone = rule_decides_alone(operands[0].device) and all(members_aligned(t) for t in operands)
     if on_cpu and isinstance(cpu_rule, bool) and (alone or not cpu_rule):
         return cpu_rule
     if _UNPROBED.get():
@@ -214,7 +247,7 @@ def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands
             if together.dim() == 0 or together.shape[0] != members:
                 return False
             for g in range(members):  # one member's output at a time: the probe's memory stays small
-                own = each(*(t[g] for t in probe))
+                own = each(*(member_operand(t, g) for t in probe))
                 if own.numel() != together[g].numel() or not torch.equal(_bits(together[g].reshape(-1)),
                                                                           _bits(own.reshape(-1))):
                     return False

@@ -60,7 +60,7 @@ from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
-from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members
+from dse.train.batched_sums import bmm_sums_as_mm, member_operand, sums_as_members
 from dse.train.policy import QuantPolicy, TensorQuant, with_scaling
 
 Quantizer = Callable[[Tensor], Tensor]
@@ -521,7 +521,7 @@ def _product(a: Tensor, b: Tensor, members: MemberRanks | None) -> Tensor:
     rule = members.batched_alone or bmm_sums_as_mm(a.shape[-2], a.shape[-1], b.shape[-1])
     if sums_as_members(("matmul", members.a, members.b), torch.matmul, own, (a, b), rule):
         return a @ b
-    return torch.stack([own(a_g, b_g) for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
+    return torch.stack([own(member_operand(a, g), member_operand(b, g)) for g in range(a.shape[0])])
 
 
 def _member_product(rank_a: int, rank_b: int, a: Tensor, b: Tensor) -> Tensor:

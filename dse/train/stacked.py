@@ -71,6 +71,7 @@ from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.batched_sums import (
     alignment_bytes,
     bmm_sums_as_mm,
+    member_operand,
     output_shape,
     rule_decides_alone,
     sums_as_members,
@@ -252,7 +253,7 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     operands = (a, b) if bias is None else (a, b, bias)
     if not sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
                            bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
-        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
+        return torch.stack([_own_gemm(*(member_operand(o, g) for o in operands)) for g in range(a.shape[0])])
     return _batched_gemm(*operands)
 
 
@@ -480,7 +481,8 @@ class MemberAccumulators(Accumulator):
         """The fold member by member, each with its own GEMMs and accumulator, as alone (operands:
         members `offset`, `offset` + 1, ...; `first`: the first one's first chunk)."""
         return torch.stack([self._fold_run(slice(offset + g, offset + g + 1), partial,
-                                           tuple(o[g] for o in operands), length, first if g == 0 else None)
+                                           tuple(member_operand(o, g) for o in operands), length,
+                                           first if g == 0 else None)
                             for g in range(operands[0].shape[0])])
 
     def _fold_run(self, part: slice, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
@@ -591,7 +593,8 @@ class StackedMatmul(nn.Module):
             if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
                                functools.partial(_matmul_with_grads, 0), split, True):
                 return a @ b
-            return torch.cat([a_g @ b_g for a_g, b_g in zip(*(t.unbind(0) for t in split), strict=True)])
+            return torch.cat([member_operand(split[0], g) @ member_operand(split[1], g)
+                              for g in range(self.members)])
         a, b = _split(a, self.members), _split(b, self.members)
         members = MemberRanks(a.dim() - 1, b.dim() - 1, batched_alone=True)
         return _fold(quant_matmul(a, b, quant, members=members))
