@@ -1,23 +1,15 @@
 """The `dse` command line: parse arguments, call dse, render with Rich, map bad input to exit code 2."""
-# ruff: noqa: E402  (Ctrl-C's handler is set before the imports: _interrupted_while_starting)
+# ruff: noqa: E402  (a signal's handler is set before the imports: dse.interrupts)
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
+from dse.interrupts import COMMAND_SIGNALS, Interrupted, files_line, stop_while_starting
 
-def _interrupted_while_starting(number: int, frame: object) -> None:
-    """Ctrl-C while `dse` imports its command line (nothing written yet): one line and 130, not a
-    KeyboardInterrupt traceback from inside an import (`_Commands.__call__` puts Python's back)."""
-    os.write(2, b"interrupted by SIGINT\n")
-    os._exit(128 + number)
-
-
-if (__name__ == "__main__" or os.path.basename(sys.argv[0]) == "dse") and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "dse":
+    stop_while_starting()
 
 import atexit
 import contextlib
@@ -28,7 +20,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -36,9 +28,6 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
-
-if TYPE_CHECKING:
-    from dse.sweep.interrupt import SweepInterrupted
 
 # (no emoji codes: a name or path holding ':x:' printed as an emoji, `a:x:b.yaml` as 'a❌b.yaml')
 console = Console(emoji=False)
@@ -72,101 +61,6 @@ def _warnings_as_lines(*categories: type[Warning]) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _stopped_by_signals(line: Callable[[SweepInterrupted], str]) -> Iterator[None]:
-    """Inside the block SIGINT, SIGTERM and SIGHUP raise (dse.sweep.interrupt) instead of ending the
-    process where it stands: what is being written unwinds (a file's temporary removed, a figure
-    process stopped, a trial's commit rolled back), then `line(the SweepInterrupted)` is printed on
-    stderr and the exit code is 128 + the signal's number."""
-    from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
-
-    _SIGNALS.line = line  # (also what a signal after the block says: `_Commands.main`)
-    try:
-        with signals_interrupt():
-            yield
-    except KeyboardInterrupt as error:
-        interrupted = SweepInterrupted.of(error)
-        _SIGNALS.said = True
-        error_console.print(line(interrupted), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(interrupted.exit_code) from None
-
-
-class _Signals:
-    """How this `dse` process answers SIGINT, SIGTERM and SIGHUP outside `_stopped_by_signals`: Ctrl-C
-    while a command runs raises KeyboardInterrupt (Python's default), which ends it with one line and
-    exit 130; once the command has returned, a signal is recorded (`record`) and reported the same way
-    after the exit handlers and the non-daemon threads ended; a second one (or a first after the
-    command was interrupted) ends the process at once, so that a stuck exit handler cannot keep it
-    from stopping; after that a signal is ignored, so that interpreter shutdown, where CPython puts
-    SIGINT back to its default action, cannot end the process silently with -2."""
-
-    def __init__(self) -> None:
-        self.ends_process = False
-        """Set by `dse` itself (`_Commands.__call__`); a test's CliRunner calls `main` in its own process."""
-        self.line: Callable[[SweepInterrupted], str] = lambda stopped: f"interrupted by {stopped.name}"
-        self.said = False
-        self.late: list[int] = []
-        self.code = 0
-        """The exit code the command returned (`end`)."""
-
-    def record(self, number: int, frame: Any) -> None:
-        if self.late or self.said:  # the user insists, or a handler is stuck: everything is written
-            code = self.say(self.late[0]) if self.late and self.code < 128 else self.code
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        self.late.append(number)
-
-    def recorded(self) -> None:
-        """From now on a signal is recorded, not raised."""
-        import signal
-
-        from dse.sweep.interrupt import INTERRUPTING_SIGNALS
-
-        for number in INTERRUPTING_SIGNALS:
-            if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
-                signal.signal(number, self.record)
-
-    def say(self, number: int) -> int:
-        """Print the line of signal `number` (unless said) and return its exit code."""
-        from dse.sweep.interrupt import SweepInterrupted
-
-        interrupted = SweepInterrupted(number)
-        if not self.said:
-            self.said = True
-            error_console.print(self.line(interrupted), markup=False, highlight=False, soft_wrap=True)
-        return interrupted.exit_code
-
-    def end(self, code: int) -> None:
-        """End the process with `code`: the exit handlers run, and the non-daemon threads end (what
-        interpreter shutdown would wait for, concurrent.futures' included), with signals recorded; a
-        signal recorded by then is said and exits 128 + its number; any later one is ignored."""
-        import signal
-        import threading
-
-        from dse.sweep.interrupt import INTERRUPTING_SIGNALS
-
-        self.code = code
-        atexit._run_exitfuncs()
-        getattr(threading, "_shutdown", lambda: None)()  # (what Py_Finalize calls first)
-        for number in INTERRUPTING_SIGNALS:
-            if signal.getsignal(number) == self.record:
-                signal.signal(number, signal.SIG_IGN)
-        if self.late and code < 128:
-            code = self.say(self.late[0])
-        sys.stdout.flush()
-        sys.exit(code)
-
-
-_SIGNALS = _Signals()
-
-
-def _files_line(directory: Path) -> Callable[[SweepInterrupted], str]:
-    """What a command that writes report files into `directory` says when a signal stops it."""
-    return lambda interrupted: (f"interrupted by {interrupted.name}: no file in {directory} is half-written; "
-                                "run the same command again to write them")
-
-
 def _flags_without_metavar(params: list[Any]) -> list[Any]:
     """A flag takes no value, so its help shows no `<bool>` after it."""
     for param in params:
@@ -192,16 +86,24 @@ class _Commands(TyperGroup):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """`dse ...` itself (a test's CliRunner calls `main`): this process ends with the command."""
-        _SIGNALS.ends_process = True
-        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        COMMAND_SIGNALS.ends_process = True
+        stop_while_starting()  # (already, where cli.py was run as `dse`)
         return super().__call__(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a signal stops it with one line and 128 + its number (dse.interrupts)."""
+        COMMAND_SIGNALS.start()
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as error:
+            raise typer.Exit(COMMAND_SIGNALS.say(Interrupted.of(error))) from None
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
              **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        COMMAND_SIGNALS.begin()
         try:
             try:
                 code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
@@ -216,15 +118,12 @@ class _Commands(TyperGroup):
                 _error_line("aborted")
                 code = 1
             finally:
-                if _SIGNALS.ends_process:
-                    _SIGNALS.recorded()
-        except KeyboardInterrupt:  # (between the command's end and the line above)
-            code = 130
-        if code == 130:  # Ctrl-C while a command ran (typer's exit for KeyboardInterrupt)
-            _SIGNALS.say(signal.SIGINT)
-        if _SIGNALS.ends_process:
-            _SIGNALS.end(code)
-        sys.exit(code)
+                COMMAND_SIGNALS.recorded()
+        except KeyboardInterrupt as error:  # (between the command's end and the line above)
+            code = COMMAND_SIGNALS.say(Interrupted.of(error))
+        if code == 130:  # (typer's exit for a KeyboardInterrupt outside `invoke`: Ctrl-C in a CliRunner)
+            COMMAND_SIGNALS.say(Interrupted())
+        COMMAND_SIGNALS.end(code)
 
 
 def _exit_without_collections() -> None:
@@ -543,29 +442,11 @@ def _check_at_least_one(**options: int | None) -> None:
 
 
 def _check_output_file(option: str, path: Path | None, makes_folders: bool = False) -> None:
-    """Refuse an unwritable output file before any work (nothing is written on bad input).
-    `makes_folders`: the writer creates missing folders, so only an existing ancestor must be one."""
-    import os
-
+    """Refuse an unwritable output file before any work (nothing is written on bad input)."""
+    from dse.atomic_write import file_problem
     from dse.errors import InputError
 
-    if path is None:
-        return
-    # (written atomically, dse.atomic_write: a temporary file in the folder of the file renamed onto,
-    # the path's or its link's, so that folder must be writable, and an existing file too, as its owner
-    # may have protected it; a device or a FIFO such as /dev/stdout is written in place)
-    from dse.atomic_write import rename_target
-
-    try:
-        target = rename_target(path)
-    except OSError as error:
-        raise InputError(f"{option} {str(path)!r}: cannot write there ({error.strerror})") from error
-    folder = (target or path).parent
-    while makes_folders and not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    problem = ("it is a directory" if path.is_dir() else "no such directory" if not folder.is_dir()
-               else "permission denied" if (target is not None and not os.access(folder, os.W_OK | os.X_OK))
-               or (path.exists() and not os.access(path, os.W_OK)) else None)
+    problem = None if path is None else file_problem(path, makes_folders)
     if problem is not None:
         raise InputError(f"{option} {str(path)!r}: cannot write there ({problem})")
 
@@ -977,6 +858,7 @@ def sweep(
 
     Runs again skip finished trials (resume); results go to the output directory's sweep.sqlite.
     """
+    from dse.sweep.interrupt import sweep_line
     from dse.sweep.progress import RichReporter
     from dse.sweep.receipt import conclude_finished, finished_sweep, invocation, likely_to_train, read_sweep
 
@@ -988,7 +870,7 @@ def sweep(
 
     as_lines = (FigureFallbackWarning, UnlockedWarning)  # a sweep's warnings, one line each
     if finished is not None:  # nothing to train, the plan as stored: no planning, no torch
-        with (_stopped_by_signals(lambda interrupted: interrupted.line(finished.output)),
+        with (COMMAND_SIGNALS.stopped_by(sweep_line(finished.output)),
               _warnings_as_lines(*as_lines)):
             summary = conclude_finished(finished, reporter)
         _print_sweep_summary(summary, finished.memory_objective, quiet)
@@ -1049,7 +931,7 @@ def sweep(
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
     # SIGINT, SIGTERM, SIGHUP: run_sweep stops its workers, and says how many trials are stored
-    with (_stopped_by_signals(lambda interrupted: interrupted.line(settings.output)),
+    with (COMMAND_SIGNALS.stopped_by(sweep_line(settings.output)),
           _warnings_as_lines(*as_lines)):
         summary = run_sweep(settings, force=force, retry_failed=retry_failed, reporter=reporter,
                             invocation=invocation(config, output, group_size))
@@ -1086,13 +968,6 @@ def _print_sweep_summary(summary: Any, memory_objective: bool, quiet: bool) -> N
 
 
 # --- reports ---------------------------------------------------------------------------------------
-
-
-def _load_trials(directory: Path) -> Any:
-    """A sweep's trials from the store in its output directory (InputError when there is none)."""
-    from dse.sweep.store import load_trials
-
-    return load_trials(directory)
 
 
 def _rich_table(text_table: Any) -> Table:
@@ -1144,8 +1019,9 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     """
     from dse.report import SweepTables, write_reports
     from dse.report.files import writable_current_reports
+    from dse.sweep.store import load_trials
 
-    trials = _load_trials(directory)
+    trials = load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     # files to write: a folder that refuses them is the whole answer, printed alone
     current = writable_current_reports(trials, directory, memory_objective, titles)
@@ -1158,7 +1034,7 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
         return
     from dse.report.drawing import FigureFallbackWarning, FigureProcesses
 
-    with (_stopped_by_signals(_files_line(directory)), _warnings_as_lines(FigureFallbackWarning),
+    with (COMMAND_SIGNALS.stopped_by(files_line(directory)), _warnings_as_lines(FigureFallbackWarning),
           FigureProcesses() as figures):
         written = write_reports(trials, directory, memory_objective, None if all_points else tables, titles,
                                 figures)
@@ -1183,18 +1059,19 @@ def export(
     from dse.report import render_table
     from dse.report.files import write_text_atomically
     from dse.report.tables import check_export_choice
+    from dse.sweep.store import load_trials
 
     check_export_choice(table, text_format)
     if output is not None and output.is_dir():
         raise InputError(f"--output {output} is a directory; give a file path")
     _check_output_file("--output", output, makes_folders=True)
-    trials = _load_trials(directory)
+    trials = load_trials(directory)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     text = render_table(trials, table, text_format, memory_objective, all_points)
     if output is None:
         typer.echo(text, nl=False)
     else:
-        with _stopped_by_signals(_files_line(output.parent)):
+        with COMMAND_SIGNALS.stopped_by(files_line(output.parent)):
             write_text_atomically(output, text)
         console.print(f"wrote {output}", markup=False, highlight=False)
 

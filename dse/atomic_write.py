@@ -38,6 +38,28 @@ def folder_problem(folder: Path) -> str | None:
     return "read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY else "permission denied"
 
 
+def file_problem(path: Path, makes_folders: bool = False) -> str | None:
+    """Why `write_atomically` cannot write `path`, in words, or None where it can: asked before any work,
+    so that bad input writes nothing. `makes_folders`: the writer creates missing folders, so only an
+    existing ancestor must be one."""
+    # (renamed onto the path's or its link's file, so that file's folder must be writable, and an
+    # existing file too, as its owner may have protected it; a device or a FIFO is written in place)
+    try:
+        target = rename_target(path)
+    except OSError as error:
+        return error.strerror
+    folder = (target or path).parent
+    while makes_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.is_dir():
+        return "it is a directory"
+    if not folder.is_dir():
+        return "no such directory"
+    if target is not None and (problem := folder_problem(folder)) is not None:
+        return problem
+    return "permission denied" if path.exists() and not os.access(path, os.W_OK) else None
+
+
 def temporary_files(path: Path) -> list[Path]:
     """The temporary files `write_atomically` may have left for `path` (a writer killed mid-write)."""
     try:
@@ -53,7 +75,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary_path)` and move the result onto `path`; on failure leave `path` untouched.
 
     The temporary file is named before it is created, so that an exception raised anywhere in here (a
-    signal's, dse.sweep.interrupt) removes it: nothing is left half-written. It is created with the
+    signal's, dse.interrupts) removes it: nothing is left half-written. It is created with the
     permissions any new file gets (0666 less the umask), so a file shared in a group folder can be read
     there, as the file written in place would be. An OS refusal (unwritable or non-directory parent, a
     directory in the way, a full disk, a loop of links) raises its OSError, the temporary file removed.

@@ -126,8 +126,8 @@ def _stop_this_process() -> None:
 
 def _become_helper(parent_pid: int) -> None:
     """A figure process's start: it leaves Ctrl-C to its parent, and a stop (its parent's SIGTERM, a
-    hang-up, its parent's end) ends it without a half-written file (a sweep's own handlers, inherited
-    by the fork, would raise SweepInterrupted in the child)."""
+    hang-up, its parent's end) ends it without a half-written file (the command's own handlers, inherited
+    by the fork, would raise dse.interrupts.Interrupted in the child)."""
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _on_stop)
     become_helper(parent_pid, _stop_this_process)

@@ -85,8 +85,10 @@ class TrialOutcome:
 def _limit_threads(threads: int) -> None:
     import torch
 
+    from dse.train.denormals import flush_denormals
+
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    flush_denormals(threads)  # on every thread of the worker's team, not only this one
 
 
 _DATASETS: dict[tuple[str, str | None], Any] = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dse.errors import InputError, Problems
+from dse.interrupts import signals_interrupt
 from dse.report.drawing import FigureProcesses
 from dse.sweep import lock
 from dse.sweep.config import SweepConfig
@@ -37,7 +38,7 @@ from dse.sweep.executors import (
     worker_server_running,
 )
 from dse.sweep.groups import DeviceShare, device_shares, plan_groups
-from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
+from dse.sweep.interrupt import SweepInterrupted
 from dse.sweep.receipt import plan_receipt
 from dse.sweep.store import (
     PlanRow,

@@ -14,8 +14,8 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
 - a probe, at more threads (backing the rule: batched only where both hold) and on other devices
   (alone): the first time a product of one layout is met in a process - the same site, device,
   dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
-  precision, reduced-precision reductions, deterministic algorithms, BLAS library, cuBLAS workspace:
-  `_library_state`) - the batched call and the members'
+  precision, reduced-precision reductions, deterministic algorithms, BLAS library, cuBLAS workspace,
+  MKL's reproducibility mode: `_library_state`) - the batched call and the members'
   own calls run on random data of that layout (fixed seed, no generator of the run touched, no
   grad, outside any torch mode; drawn again until 4096 output elements are compared) and the
   batched call is used only where every bit agrees. Normal random operands make any difference in
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import functools
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
@@ -141,9 +143,11 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
 
 def rule_decides_alone(device: torch.device) -> bool:
     """Whether the CPU's rule decides a product on `device` without a probe: on the CPU at one thread
-    with fp32 matmuls in fp32 and no autocast, where `bmm_sums_as_mm` was measured."""
+    with fp32 matmuls in fp32, no autocast and MKL in its own mode (no MKL_CBWR, which picks other
+    kernels), where `bmm_sums_as_mm` was measured."""
     return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls() \
-        and not torch.is_autocast_enabled("cpu")
+        and not torch.is_autocast_enabled("cpu") \
+        and mkl_reproducibility() in (MKL_DEFAULT_REPRODUCIBILITY, None)
 
 
 _UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)
@@ -172,8 +176,13 @@ def _library_state(device: torch.device) -> tuple[object, ...]:
     """Everything besides the operands' layouts that changes which kernel the library takes for a
     product (or how it sums): the thread count, autocast (a user's network may run under it), the
     fp32 matmul precision (TF32 / bf16 on CUDA and oneDNN), reduced-precision reductions,
-    deterministic algorithms, the BLAS library and cuBLAS's workspace. Part of a decision's key, so
-    that changing one decides again."""
+    deterministic algorithms, the BLAS library and cuBLAS's workspace, and MKL's reproducibility mode
+    (`mkl_reproducibility`). Part of a decision's key, so that changing one decides again. Settings a
+    library reads once, when it starts, are fixed for the process, as the decisions are: MKL's
+    instruction limit (MKL_ENABLE_INSTRUCTIONS), oneDNN's (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA,
+    ONEDNN_CPU_ISA_HINTS), oneDNN's default fp32 math mode (ONEDNN_DEFAULT_FPMATH_MODE; torch's own
+    setting is `_onednn_fp32_precision`, here) and aten's kernel set (ATEN_CPU_CAPABILITY); no
+    decision of a process can meet another value of them."""
     autocast = torch.is_autocast_enabled(device.type)
     state: tuple[object, ...] = (torch.get_num_threads(), autocast,
                                  torch.get_autocast_dtype(device.type) if autocast else None,
@@ -181,13 +190,47 @@ def _library_state(device: torch.device) -> tuple[object, ...]:
                                  torch.are_deterministic_algorithms_enabled(),
                                  _onednn_fp32_precision())
     if device.type == "cpu":
-        return state
+        return (*state, mkl_reproducibility())
     matmul = torch.backends.cuda.matmul
     return (*state, _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
             _setting(lambda: matmul.allow_fp16_reduced_precision_reduction),
             _setting(lambda: matmul.allow_bf16_reduced_precision_reduction),
             _setting(lambda: str(torch.backends.cuda.preferred_blas_library())),
             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE"))
+
+
+MKL_DEFAULT_REPRODUCIBILITY = 1
+"""`mkl_cbwr_get(MKL_CBWR_ALL)` where nothing asked MKL for conditional numerical reproducibility
+(MKL_CBWR_BRANCH_OFF): MKL picks its kernels for the CPU, as where `bmm_sums_as_mm` was measured."""
+
+
+@functools.cache
+def _mkl_reproducibility_mode() -> Callable[[], int] | None:
+    """MKL's `mkl_cbwr_get`, as torch's statically linked MKL exports it (`mkl_serv_cbwr_get`), or
+    None where torch's BLAS is not MKL."""
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        read = library.mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    read.argtypes, read.restype = [ctypes.c_int], ctypes.c_int
+    return lambda: int(read(-1))  # MKL_CBWR_ALL: the branch and the STRICT flag
+
+
+def mkl_reproducibility() -> int | str | None:
+    """MKL's conditional numerical reproducibility mode (MKL_CBWR: COMPATIBLE, AVX2, ..., STRICT),
+    which picks other kernels (a 16 x 1024 x 64 bmm's bits change under COMPATIBLE): read from MKL
+    where it can be, else the variable as the process started (None: neither). MKL reads the variable
+    once, at its first call; measured (torch 2.13, MKL 2024.2): setting it in os.environ later changes
+    neither the mode nor a product's bits, and `mkl_cbwr_set` afterwards fails (-8) and keeps the mode.
+    So within a process the mode is fixed once a product has run: in a decision's key it guards a
+    library that would let it change; where it matters is the one-thread rule, measured in MKL's own
+    mode (`rule_decides_alone`)."""
+    read = _mkl_reproducibility_mode()
+    return read() if read is not None else _MKL_CBWR_AT_START
+
+
+_MKL_CBWR_AT_START = os.environ.get("MKL_CBWR")
 
 
 def _onednn_fp32_precision() -> object:

@@ -22,6 +22,7 @@ from dse.data import Dataset, load_dataset, with_validation
 from dse.errors import InputError
 from dse.models.proxies import ModelFactory, build_model
 from dse.train.config import TrainConfig, TrainingSetup, TrainResult, field_value
+from dse.train.denormals import denormals_flushed
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
 from dse.train.optim import check_optimizer, quantized_optimizer
 from dse.train.policy import QuantPolicy
@@ -143,27 +144,23 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = EVAL_BATCH) ->
     return int(correct) / y.numel()  # (one read back, not one per batch)
 
 
-def _flushing_denormals() -> bool:
-    return bool(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)[0] == 0)
-
-
 @contextlib.contextmanager
 def _run_settings(threads: int) -> Iterator[None]:
-    """The run's thread count, denormals flushed (they appear as training goes on and slow the CPU
-    down), and cuDNN restricted to deterministic algorithms with no autotuning (some convolution
-    backward algorithms add with atomics, in an order that changes from run to run); the caller's
-    settings come back afterwards, as a library call should leave them."""
+    """The run's thread count, denormals flushed on every thread it computes on (they appear as
+    training goes on and slow the CPU down; dse/train/denormals.py), and cuDNN restricted to
+    deterministic algorithms with no autotuning (some convolution backward algorithms add with
+    atomics, in an order that changes from run to run); the caller's settings come back afterwards,
+    as a library call should leave them."""
     cudnn = torch.backends.cudnn
-    previous = torch.get_num_threads(), _flushing_denormals(), cudnn.deterministic, cudnn.benchmark
+    previous = torch.get_num_threads(), cudnn.deterministic, cudnn.benchmark
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
     cudnn.deterministic, cudnn.benchmark = True, False
     try:
-        yield
+        with denormals_flushed(threads):
+            yield
     finally:
         torch.set_num_threads(previous[0])
-        torch.set_flush_denormal(previous[1])
-        cudnn.deterministic, cudnn.benchmark = previous[2], previous[3]
+        cudnn.deterministic, cudnn.benchmark = previous[1], previous[2]
 
 
 def train(config: TrainConfig, dataset: Dataset | None = None, progress: Progress | None = None,

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
+from dse.interrupts import Interrupted, signals_interrupt
 from dse.sweep import parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
-from dse.sweep.interrupt import SweepInterrupted, signals_interrupt
 from dse.sweep.lock import LOCK_FILE
 from dse.sweep.store import STORE_FILE
 from dse.train.config import TrainConfig
@@ -134,7 +134,7 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
 
     signal.signal(signal.SIGTERM, own)
     try:
-        with pytest.raises(SweepInterrupted) as raised, signals_interrupt():
+        with pytest.raises(Interrupted) as raised, signals_interrupt():
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)  # the handler raises before this ends
@@ -207,6 +207,13 @@ _AT_INSTANT = '''
 import atexit, os, sys, time
 where = sys.argv[1]
 
+class _MarkAtTyper:
+    """Marks as cli.py imports typer, after its first lines (as `dse` runs it: sys.argv[0])."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer":
+            _mark_then_wait()
+        return None
+
 def _mark_then_wait() -> None:
     os.write(2, b"@mark\\n")
     time.sleep(0.5)
@@ -221,10 +228,16 @@ if where == "exit handlers":
     atexit.register(_mark_then_wait)  # registered before dse's: runs after them
 if where == "a stuck exit handler":
     atexit.register(lambda: (os.write(2, b"@mark\\n"), time.sleep(60)))  # a logger flushing to a dead server
+if where == "while dse imports":
+    sys.argv[0] = "dse"
+    sys.meta_path.insert(0, _MarkAtTyper())
 import dse.cli
 import dse.sweep.receipt
 if where == "before the sweep's block":
     dse.sweep.receipt.read_sweep = _mark_before(dse.sweep.receipt.read_sweep)
+if where == "as the sweep reads its file":  # its fork server started, its imports done
+    import dse.sweep
+    dse.sweep.load_config = _mark_before(dse.sweep.load_config)
 if where == "after the sweep's block":
     dse.cli._print_sweep_summary = _mark_before(dse.cli._print_sweep_summary)
 dse.cli.app(args=sys.argv[2:], prog_name="dse")
@@ -264,6 +277,34 @@ def test_ctrl_c_at_any_instant_of_a_quiet_sweep_says_one_line_and_exits_130(
     assert lines == [expected], lines
 
 
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("where", ["while dse imports", "before the sweep's block",
+                                   "as the sweep reads its file"])
+def test_sigterm_or_sighup_before_a_sweep_trains_says_one_line_and_writes_nothing(
+        where: str, number: signal.Signals, tmp_path: Path,
+        process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """A sweep's first seconds, before it trains: cli.py importing its command line, the sweep reading
+    its file and store, and loading its file with its workers' fork server started. SIGTERM and SIGHUP
+    there killed it as their default does (exit -15 or -1, nothing printed); now they end it as Ctrl-C
+    does there: one line, 128 + the signal's number, nothing written, no process left behind."""
+    (tmp_path / "s.yaml").write_text("name: early\nseeds: [0]\ntask: {model: mlp, dataset: digits, "
+                                     "epochs: 1}\nenergy: {workloads: [proxy]}\ntrials: [{format: fp32}]\n"
+                                     "output: out\n")
+    process, seen = _started_to_mark([where, "sweep", "s.yaml"], subprocess.PIPE, tmp_path)
+    started = process_tree(process.pid)
+    process.send_signal(number)
+    try:
+        out, rest = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    left = survivors(started, 30.0)
+    lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
+    assert (process.returncode, lines, out) == (128 + number, [f"interrupted by {number.name}"], b""), lines
+    assert not left, f"processes outlived the sweep: {left}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
 def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:
     """Once a command has returned, a signal is recorded until the exit handlers end; before, so was
     every later one (Ctrl-C, Ctrl-C, SIGTERM: the process waited for its stuck handler, 20 s of a
@@ -300,6 +341,14 @@ def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback() -> None:
     assert done.stderr == "", done.stderr
 
 
+def _default_handlers() -> None:
+    """Python's own handlers, whatever the test runner inherited (SIGINT ignored in the background,
+    SIGHUP under nohup)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def _started_to_mark(args: list[str], stdout: int, cwd: Path | None = None
                      ) -> tuple[subprocess.Popen[bytes], bytes]:
     """`_AT_INSTANT` run with `args` in a process of its own, read up to its mark (the instant to
@@ -307,7 +356,7 @@ def _started_to_mark(args: list[str], stdout: int, cwd: Path | None = None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, *args], stderr=subprocess.PIPE,
                                stdout=stdout, env=env, cwd=cwd,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+                               preexec_fn=_default_handlers)
     assert process.stderr is not None
     seen = b""
     while b"@mark\n" not in seen:

@@ -124,13 +124,23 @@ def test_a_probe_leaves_the_runs_generators_grad_and_modes_alone() -> None:
     assert all(t.grad is not None for t in ops)
 
 
+def _differs_at_two_threads(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A batched product that is each member's own at one thread and sums the reduction in reverse
+    order at more: it differs from the members' own products at two threads on any CPU (a real bmm's
+    difference there is the machine's: 16 x 1024 x 64 differed on the AVX-512 VM of session 12, not on
+    the AMD EPYC of session 13)."""
+    if torch.get_num_threads() > 1:
+        return torch.bmm(a.flip(-1), b.flip(-2))
+    return torch.stack([_own_gemm(a[g], b[g]) for g in range(a.shape[0])])
+
+
 def test_a_decision_is_per_thread_count() -> None:
-    """A layout decided at two threads is decided again at one (the rule there), never taken over."""
+    """A layout decided at two threads is decided again at one, never taken over."""
     ops = _operands(2, 16, 1024, 64, False, False, False, seed=4)
     with torch_threads(2):
-        assert not sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
+        assert not sums_as_members(("per-threads",), _differs_at_two_threads, _own_gemm, ops, True)
     with torch_threads(1):
-        assert sums_as_members(("per-threads",), _batched_gemm, _own_gemm, ops, True)
+        assert sums_as_members(("per-threads",), _differs_at_two_threads, _own_gemm, ops, True)
 
 
 @contextmanager
@@ -166,6 +176,39 @@ def test_a_decision_is_per_matmul_precision() -> None:
         with _Operations() as seen:  # the group's product equals each member's own under bf16 too
             together = member_gemm(*ops)
         assert _same_bits(together, _each_own(ops)) and seen.names
+
+
+def test_a_decision_is_per_mkl_reproducibility_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MKL_CBWR (COMPATIBLE, AVX2, ...) makes MKL take other kernels: a layout decided in MKL's own
+    mode is decided again in another, and at one thread, where the rule was measured in MKL's own
+    mode, it is probed."""
+    ops = _operands(2, 16, 256, 64, False, False, False, seed=4)
+    with torch_threads(2):
+        sums_as_members(("per-cbwr",), _batched_gemm, _own_gemm, ops, True)
+    before = batched_sums.decided()
+    monkeypatch.setattr(batched_sums, "mkl_reproducibility", lambda: 3)  # MKL_CBWR_COMPATIBLE
+    with torch_threads(2):
+        sums_as_members(("per-cbwr",), _batched_gemm, _own_gemm, ops, True)
+    with torch_threads(1):
+        sums_as_members(("one-thread-cbwr",), _batched_gemm, _own_gemm, ops, True)
+    assert _new_sites(before) == [("per-cbwr",), ("one-thread-cbwr",)]
+
+
+@pytest.mark.parametrize("mode, expected", [(None, batched_sums.MKL_DEFAULT_REPRODUCIBILITY),
+                                            ("COMPATIBLE", 3)])
+def test_mkl_reproducibility_is_the_mode_mkl_runs_in(mode: str | None, expected: int) -> None:
+    """Read from MKL (torch's own, statically linked), in a process started with MKL_CBWR or without:
+    COMPATIBLE is MKL_CBWR_COMPATIBLE (3), none MKL_CBWR_BRANCH_OFF (1)."""
+    import os
+    import subprocess
+    import sys
+
+    if batched_sums._mkl_reproducibility_mode() is None:
+        pytest.skip("torch's BLAS is not MKL")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": mode} if mode else {})
+    code = "from dse.train.batched_sums import mkl_reproducibility; print(mkl_reproducibility())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) == expected
 
 
 def test_a_decision_is_per_autocast() -> None:

@@ -1,0 +1,209 @@
+"""How a `dse` command answers the signals that stop it: SIGINT (Ctrl-C), SIGTERM (`kill`, a batch
+scheduler's time limit) and SIGHUP (the terminal or session that started it went away).
+
+Whatever the instant, the command prints one line on stderr and exits with 128 + the signal's number
+(130, 143, 129), as a shell reports a process the signal ended, and leaves nothing half-written:
+- while `dse` imports its command line, before anything is written: `stop_while_starting`'s handler
+  prints the line and exits at once (no KeyboardInterrupt traceback from inside an import);
+- while a command runs: each signal raises `Interrupted` in the main thread, as Ctrl-C raises
+  KeyboardInterrupt (a subclass), so what is being written unwinds; inside `signals_interrupt` only
+  the first does (a sweep stops its workers undisturbed);
+- once the command has returned: `CommandSignals` records the signal and says it after the exit
+  handlers; a second one ends the process at once.
+A handler the caller installed (SIG_IGN under `nohup`, a test's own) is left in place.
+
+Imported by cli.py's first lines, before torch: it imports nothing heavy (`python -X importtime`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+TYPE_CHECKING = False  # (not typing's: importing typing would double what this module costs cli.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+    from types import FrameType
+    from typing import Any
+
+INTERRUPTING_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""The signals that stop a command (SIGHUP where the platform has it)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by one of INTERRUPTING_SIGNALS (a KeyboardInterrupt, so code that handles
+    Ctrl-C handles the others)."""
+
+    def __init__(self, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(signal_number)
+        self.signal_number = int(signal_number)
+
+    @classmethod
+    def of(cls, error: KeyboardInterrupt) -> Interrupted:
+        """`error` itself, or a plain KeyboardInterrupt as SIGINT's."""
+        return error if isinstance(error, Interrupted) else cls(signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        """The signal's name: SIGINT, SIGTERM, SIGHUP."""
+        return signal.Signals(self.signal_number).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number: what a shell reports for a process the signal ended."""
+        return 128 + self.signal_number
+
+    def __str__(self) -> str:
+        """What a command stopped by it says, unless it has more to say (`CommandSignals.line`)."""
+        return f"interrupted by {self.name}"
+
+
+def files_line(directory: Path) -> Callable[[Interrupted], str]:
+    """What a command that writes files into `directory` (atomically: dse.atomic_write) says when a
+    signal stops it."""
+    return lambda interrupted: (f"{interrupted}: no file in {directory} is half-written; run the "
+                                "same command again to write them")
+
+
+def _stopped_while_starting(number: int, frame: object) -> None:
+    os.write(2, f"{Interrupted(number)}\n".encode())
+    os._exit(128 + number)
+
+
+def _raise_interrupted(number: int, frame: FrameType | None) -> None:
+    raise Interrupted(number)
+
+
+def _replaceable(handler: object) -> bool:
+    """Python's defaults and this module's own handlers, never one a caller installed."""
+    return handler in (signal.SIG_DFL, signal.default_int_handler, _stopped_while_starting,
+                       _raise_interrupted)
+
+
+def _replace(handler: Callable[[int, Any], None]) -> None:
+    for number in INTERRUPTING_SIGNALS:
+        if _replaceable(signal.getsignal(number)):
+            signal.signal(number, handler)
+
+
+def stop_while_starting() -> None:
+    """Until `CommandSignals.start`, a signal prints its line and ends the process at once: it comes
+    while `dse` imports (nothing is written yet), where a KeyboardInterrupt would be a traceback from
+    inside an import and SIGTERM would kill the process silently."""
+    _replace(_stopped_while_starting)
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, the first of INTERRUPTING_SIGNALS raises Interrupted and later ones are ignored
+    (what unwinds, a sweep stopping its workers, is not interrupted again); the handlers are restored
+    after it. Outside the main thread (where Python cannot set handlers) the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def interrupt(number: int, frame: FrameType | None) -> None:
+        nonlocal raised
+        if raised:
+            return  # already unwinding
+        raised = True
+        raise Interrupted(number)
+
+    previous = {number: signal.getsignal(number) for number in INTERRUPTING_SIGNALS}
+    replaced = [number for number, handler in previous.items() if _replaceable(handler)]
+    for number in replaced:
+        signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number in replaced:
+            signal.signal(number, previous[number])
+
+
+class CommandSignals:
+    """How the `dse` process answers INTERRUPTING_SIGNALS once its command line is imported: while a
+    command runs (`start`), a signal raises Interrupted, which ends it with one line (`say`) and 128 +
+    the number; once the command has returned (`recorded`), a signal is recorded and said the same way
+    after the exit handlers and the non-daemon threads ended (`end`); a second one (or a first after
+    the command was interrupted) ends the process at once, so that a stuck exit handler cannot keep it
+    from stopping; after that a signal is ignored, so that interpreter shutdown, where CPython puts
+    SIGINT back to its default action, cannot end the process silently with -2."""
+
+    def __init__(self) -> None:
+        self.ends_process = False
+        """Set by `start`: `dse` itself runs (a test's CliRunner calls the command in its own process)."""
+        self.line: Callable[[Interrupted], str] = str
+        """What a signal says; a command that has more to say sets it (`stopped_by`)."""
+        self.said = False
+        self.late: list[int] = []
+        self.code = 0
+        """The exit code the command returned (`end`)."""
+
+    def begin(self) -> None:
+        """A command line is read: nothing said or recorded yet (a CliRunner reads several in one process)."""
+        self.line, self.said, self.late, self.code = str, False, [], 0
+
+    def start(self) -> None:
+        """`dse` runs its command: from now on a signal raises Interrupted in it."""
+        if self.ends_process:
+            _replace(_raise_interrupted)
+
+    @contextmanager
+    def stopped_by(self, line: Callable[[Interrupted], str]) -> Iterator[None]:
+        """Inside the block the first signal raises Interrupted, and later ones do not interrupt what
+        unwinds (`signals_interrupt`); the command then says `line(the Interrupted)`, as does a
+        signal after the block."""
+        self.line = line
+        with signals_interrupt():
+            yield
+
+    def say(self, interrupted: Interrupted) -> int:
+        """Print the line of `interrupted` (unless one was said) and return its exit code."""
+        if not self.said:
+            self.said = True
+            print(self.line(interrupted), file=sys.stderr, flush=True)
+        return interrupted.exit_code
+
+    def record(self, number: int, frame: Any) -> None:
+        if self.late or self.said:  # the user insists, or a handler is stuck: everything is written
+            code = self.say(Interrupted(self.late[0])) if self.late and self.code < 128 else self.code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        self.late.append(number)
+
+    def recorded(self) -> None:
+        """The command has returned: from now on a signal is recorded, not raised."""
+        if self.ends_process:
+            _replace(self.record)
+
+    def end(self, code: int) -> None:
+        """End the process with `code`: the exit handlers run, and the non-daemon threads end (what
+        interpreter shutdown would wait for, concurrent.futures' included), with signals recorded; a
+        signal recorded by then is said and exits 128 + its number; any later one is ignored.
+        A CliRunner's command (not `ends_process`) exits with `code` alone."""
+        if self.ends_process:
+            import atexit
+            import threading
+
+            self.code = code
+            atexit._run_exitfuncs()
+            getattr(threading, "_shutdown", lambda: None)()  # (what Py_Finalize calls first)
+            for number in INTERRUPTING_SIGNALS:
+                if signal.getsignal(number) == self.record:
+                    signal.signal(number, signal.SIG_IGN)
+            if self.late and code < 128:
+                code = self.say(Interrupted(self.late[0]))
+            sys.stdout.flush()
+        sys.exit(code)
+
+
+COMMAND_SIGNALS = CommandSignals()
+"""This process's (one command line, one process)."""
