@@ -10,7 +10,9 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
 (`sums_as_members`):
 
 - `bmm_sums_as_mm`, the rule read from aten and measured on the CPU at one thread (13,403 shapes):
-  it decides there without running anything, so a one-thread run does exactly what it did before;
+  it decides there without running anything, so a one-thread run does exactly what it did before,
+  where every member's operands start at member 0's address alignment (`members_aligned`; elsewhere
+  the probe decides, against each member's operands at that alignment, `member_operand`);
 - a probe, at more threads (backing the rule: batched only where both hold) and on other devices
   (alone): the first time a product of one layout is met in a process - the same site, device,
   dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
