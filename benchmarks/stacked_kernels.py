@@ -5,6 +5,7 @@ how many elements differ in the last bits.
     python benchmarks/stacked_kernels.py                  # every operation, 1 and 2 threads
     python benchmarks/stacked_kernels.py --ops gelu,exp --threads 2
     python benchmarks/stacked_kernels.py --gemms          # the GEMMs a group keeps batched
+    python benchmarks/stacked_kernels.py --addresses      # does a kernel depend on its operand's address?
 
 Why it can differ: torch's CPU elementwise loops run a vector kernel over blocks of twice the
 vector width and the scalar function over the rest (`vectorized_loop` in ATen's cpu/Loops.h), and
@@ -14,6 +15,11 @@ run applies the operation once to the stacked tensor where a run alone applies i
 each such operation on a grouped path must either give the same bits everywhere (exact IEEE
 arithmetic: +, *, /, sqrt, comparisons) or be run so that each member's elements are split as alone.
 Shapes: n not a multiple of the vector width, below and above the grain per member and in total.
+
+`--addresses` asks another question: does a kernel give a member's operand, as a view that starts
+1-15 elements past a 64-byte boundary (a member's slice of a group's tensor), the bits it gives the
+same values at the boundary (a fresh tensor alone)? A library may take another path for an operand
+off a vector boundary (MKL's sgemm does, on the AMD EPYC of session 13).
 """
 
 from __future__ import annotations
@@ -173,14 +179,80 @@ def gemm_mismatches(members: int = 3) -> None:
               "(stacked: each member's own conv2d)")
 
 
+def _input_grad(fn: Op) -> Op:
+    """x -> d sum(fn(x) * w) / dx, w made of fn's output by exact arithmetic (any output shape)."""
+    def backward(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        y = fn(x)
+        (y * (y.detach() * 0.5 + 1)).sum().backward()
+        return x.grad
+
+    return backward
+
+
+ADDRESS_OPS: dict[str, tuple[Op, tuple[int, ...]]] = {
+    # name: (operation of one operand, the operand's shape); an F.linear as the control
+    "linear_50x37_to_10": (lambda x: F.linear(x, _fixed(x, 10, 37), _fixed(x, 10)), (50, 37)),
+    "linear_50x64_to_37": (lambda x: F.linear(x, _fixed(x, 37, 64), _fixed(x, 37)), (50, 64)),
+    "linear_backward_50x37_to_10": (_input_grad(lambda x: F.linear(x, _fixed(x, 10, 37))), (50, 37)),
+    "conv1d": (lambda x: F.conv1d(x, _fixed(x, 10, 5, 5), padding=1), (7, 5, 37)),
+    "conv1d_backward": (lambda x: _weight_and_input_grads(F.conv1d, x, _fixed(x, 10, 5, 5)), (7, 5, 37)),
+    "conv2d_backward": (lambda x: _weight_and_input_grads(F.conv2d, x, _fixed(x, 16, 8, 3, 3)),
+                        (50, 8, 14, 14)),
+    "sum_rows": (lambda x: x.sum(0), (50, 37)),
+    "sum_all": (lambda x: x.sum(), (3, 33001)),
+    "var_rows": (lambda x: x.var(0), (50, 37)),
+    "cumsum": (lambda x: x.cumsum(-1), (50, 37)),
+}
+
+
+def _weight_and_input_grads(conv: Callable[..., torch.Tensor], x: torch.Tensor,
+                            weight: torch.Tensor) -> torch.Tensor:
+    """A convolution's input and weight gradients (padding 1), flattened into one tensor."""
+    return torch.cat([g.flatten() for g in _with_grads(lambda a, b: conv(a, b, padding=1), x, weight)[1:]])
+
+
+def _fixed(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A second operand of `like`'s dtype, the same on every call."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=like.dtype)
+
+
+def address_mismatches(op: Op, transform: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...],
+                       dtype: torch.dtype) -> list[int]:
+    """The element offsets (1-15 past a 64-byte boundary) at which op of a view differs from op of
+    the same values in a fresh tensor."""
+    count = torch.Size(shape).numel()
+    storage = transform(torch.randn(count + 16, generator=torch.Generator().manual_seed(0), dtype=dtype))
+    differ = []
+    for offset in range(1, 16):
+        view = storage[offset:offset + count].view(shape)
+        at, fresh = op(view), op(view.clone())
+        if not bool(((at == fresh) | (at.isnan() & fresh.isnan())).all()):
+            differ.append(offset)
+    return differ
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--gemms", action="store_true", help="the GEMMs instead of the elementwise kernels")
+    parser.add_argument("--addresses", action="store_true",
+                        help="each operation on an operand off a 64-byte boundary against a fresh copy")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if args.addresses:
+        cases = {**{name: (op, transform, (8, 1000)) for name, (op, transform) in OPS.items()},
+                 **{name: (op, lambda x: x, shape) for name, (op, shape) in ADDRESS_OPS.items()}}
+        print(f"{'op':28} {'dtype':8} {'threads':7} element offsets that differ from a fresh copy")
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for dtype_name in args.dtypes.split(","):
+                for name, (op, transform, shape) in cases.items():
+                    offsets = address_mismatches(op, transform, shape, getattr(torch, dtype_name))
+                    print(f"{name:28} {dtype_name:8} {threads:7} {offsets or 'none'}")
+        return
     if args.gemms:
         for threads in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(threads)

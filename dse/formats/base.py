@@ -663,6 +663,14 @@ class NumberFormat(ABC):
     def decode(self, codes: Tensor) -> Tensor:
         """Values (float64) of bit codes."""
 
+    def checked_codes(self, codes: Tensor) -> Tensor:
+        """`codes` as int64, for `decode`: a ValueError naming the range where one is no code of the
+        format (outside 0..2^bits - 1)."""
+        codes = torch.as_tensor(codes, dtype=torch.int64)
+        if bool(((codes < 0) | (codes >> self.bits != 0)).any()):
+            raise ValueError(f"{self.spec} codes lie in 0..{2**self.bits - 1}")
+        return codes
+
     @property
     @abstractmethod
     def max(self) -> float:
@@ -817,8 +825,10 @@ class NumberFormat(ABC):
 
     def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None,
                      within_max: bool = False) -> Tensor:
-        """round_unscaled(x / scale) * scale for a 0-dim scale tensor; a family's fast path may fuse it.
-        `within_max`: every |x / scale| is within max (1 + u) / (1 - u) (`round_unscaled_within_max_`)."""
+        """round_unscaled(x / scale) * scale for a scale tensor that broadcasts over x: 0-dim (one
+        tensor's scale), or one per member (G, 1, ...) of a stacked x (`quantize_members`); a family's
+        fast path may fuse a 0-dim one. `within_max`: every |x / scale| is within max (1 + u) / (1 - u)
+        (`round_unscaled_within_max_`)."""
         rounder = self.round_unscaled_within_max_ if within_max else self.round_unscaled_
         return rounder(x / scale, rounding, generator).mul_(scale)
 

@@ -145,9 +145,7 @@ class FixedPoint(NumberFormat):
         return torch.where(is_nan, 2 ** (self.bits - 1), codes)
 
     def decode(self, codes: Tensor) -> Tensor:
-        codes = torch.as_tensor(codes, dtype=torch.int64)
-        if torch.any((codes < 0) | (codes >= 2**self.bits)):
-            raise ValueError(f"{self.spec} codes lie in 0..{2**self.bits - 1}")
+        codes = self.checked_codes(codes)
         signed = codes - ((codes >> (self.bits - 1)) << self.bits)
         values = signed.double() * 2.0**-self.frac_bits
         if self.symmetric:

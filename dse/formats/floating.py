@@ -284,9 +284,7 @@ class FloatFormat(NumberFormat):
         return torch.where(nan, self.nan_code or 0, codes)
 
     def decode(self, codes: Tensor) -> Tensor:
-        codes = codes.to(torch.int64)
-        if bool(((codes < 0) | (codes >> self.bits != 0)).any()):
-            raise ValueError(f"{self.spec} codes lie in 0..{2**self.bits - 1}")
+        codes = self.checked_codes(codes)
         m = self.man_bits
         magnitude = codes & (self.sign_bit - 1)
         biased, mantissa = magnitude >> m, magnitude & (2**m - 1)

@@ -271,7 +271,8 @@ class LNS(NumberFormat):
 
     def round_scaled(self, x: Tensor, scale: Tensor, rounding: str, generator: torch.Generator | None,
                      within_max: bool = False) -> Tensor:
-        fast = fast_lns.round_nearest(self, x, scale) if rounding == "nearest" else None
+        # (the lookup multiplies its grid by one scale: a per-member scale takes the reference)
+        fast = fast_lns.round_nearest(self, x, scale) if rounding == "nearest" and scale.dim() == 0 else None
         return fast if fast is not None else super().round_scaled(x, scale, rounding, generator, within_max)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -283,9 +284,7 @@ class LNS(NumberFormat):
         return torch.where(torch.isnan(flat), nan_code, codes).view(torch.as_tensor(x).shape)
 
     def decode(self, codes: Tensor) -> Tensor:
-        codes = torch.as_tensor(codes, dtype=torch.int64)
-        if torch.any((codes < 0) | (codes >= 2**self.bits)):
-            raise ValueError(f"{self.spec} codes lie in 0..{2**self.bits - 1}")
+        codes = self.checked_codes(codes)
         index = (codes + self.zero_offset) & self.top_index
         negative = (codes >> (self.bits - 1)) == 1
         values = self._grid(torch.float64, codes.device).values[index]

@@ -186,9 +186,7 @@ class P3109Format(FloatFormat):
         return torch.where(torch.isnan(rounded), self.nan_code, codes)
 
     def decode(self, codes: Tensor) -> Tensor:
-        codes = codes.to(torch.int64)
-        if bool(((codes < 0) | (codes >> self.width != 0)).any()):
-            raise ValueError(f"{self.spec} codes lie in 0..{2**self.width - 1}")
+        codes = self.checked_codes(codes)
         m = self.man_bits
         magnitude = codes & (self.magnitude_codes - 1)
         biased, mantissa = magnitude >> m, magnitude & (2**m - 1)

@@ -2,17 +2,17 @@
 that each member's elements get the bits they get alone.
 
 torch's CPU elementwise loops run a vector kernel over blocks of twice the vector width and the
-scalar function over the rest of a contiguous stretch (ATen's cpu/Loops.h `vectorized_loop`), and
-on several threads an operation over PARALLEL_GRAIN elements or more is split among them. Where the
-vector and scalar functions disagree in the last bit (measured on torch 2.13, AVX-512, by
-`benchmarks/stacked_kernels.py`: pow with a tensor exponent, exp2, sigmoid, SiLU, softplus, Mish,
-ELU, SELU, CELU, tanh-approximated GELU, float64 GELU, and their backward kernels; GLU where a row
-is long enough to be split among threads), an element's bits depend on where the stretch ends: alone
-at the end of the member's own tensor, stacked at the end of the group's. exp, log, log2, erf, tanh,
-sqrt, exact IEEE arithmetic, logsigmoid, hardswish, hardsigmoid, softsign, and the norms (layer,
-RMS, group, instance, batch, `F.normalize`) give the same bits anywhere
-(benchmarks/user_kernels.py checks users' networks made of them). On CUDA every element takes one
-scalar function wherever it sits.
+scalar function over the rest of a contiguous stretch (ATen's cpu/Loops.h `vectorized_loop`), and on
+several threads an operation over PARALLEL_GRAIN elements or more is split among them. Where the
+vector and scalar functions disagree in the last bit (measured on torch 2.13, AVX-512, on session
+12's VM and session 13's AMD EPYC alike, by `benchmarks/stacked_kernels.py`: pow with a tensor
+exponent, exp2, sigmoid, SiLU, softplus, Mish, ELU, SELU, CELU, tanh-approximated GELU, float64
+GELU, and their backward kernels; GLU where a row is long enough to be split among threads), an
+element's bits depend on where the stretch ends: alone at the end of the member's own tensor,
+stacked at the end of the group's. exp, log, log2, erf, tanh, sqrt, exact IEEE arithmetic,
+logsigmoid, hardswish, hardsigmoid, softsign, and the norms (layer, RMS, group, instance, batch,
+`F.normalize`) give the same bits anywhere (benchmarks/user_kernels.py checks users' networks made
+of them). On CUDA every element takes one scalar function wherever it sits.
 """
 
 from __future__ import annotations

@@ -59,6 +59,15 @@ def _per_member(value: MemberValue, members: int, name: str) -> tuple[float, ...
     return values
 
 
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """An optimizer step's `closure` (torch.optim's convention) called with autograd on (a step runs
+    under no_grad), its loss returned; None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Madam(torch.optim.Optimizer):
     """Madam (Bernstein et al. 2020, jxbz/madam): p <- clamp(p * exp(-lr * g* * sign(p)), +-max).
 
@@ -168,10 +177,7 @@ class Madam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             lrs = self.member_list(group["lr"])

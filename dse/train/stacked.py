@@ -12,11 +12,11 @@ Layers with weights take the folded batch apart:
       backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
       backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
 
-  On the CPU at one thread a batched GEMM runs the same GEMM kernel per member as the unbatched
-  call, so every member computes bit for bit what it computes alone; where it would not
-  (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's batched GEMM for
-  a single row, column or reduction index), and at more threads or on a GPU where a probe finds it
-  would not (dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
+  Each member's operands and output at the addresses they have alone (`at_alone_alignment`: MKL on
+  an AMD EPYC sums otherwise off a 16-byte boundary). Where the batched GEMM would not sum as each
+  member's own (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's
+  batched GEMM for a single row, column or reduction index; else where a probe finds it would not,
+  dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
 - Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
   member by member. A grouped convolution (groups=G over channel-stacked members) would be one
   call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
@@ -24,7 +24,7 @@ Layers with weights take the folded batch apart:
   differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
   loop keeps every member bit for bit (docs/training.md measures what it costs).
 - Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
-  (member by member where a probe finds it would not sum as the member's own, beyond one CPU thread).
+  (member by member where a probe finds it would not sum as the member's own).
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
@@ -70,10 +70,10 @@ from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.batched_sums import (
     alignment_bytes,
+    at_alone_alignment,
     bmm_sums_as_mm,
-    member_operand,
+    empty_at_alone_alignment,
     output_shape,
-    rule_decides_alone,
     sums_as_members,
     unprobed,
 )
@@ -242,23 +242,37 @@ def _fold(x: Tensor) -> Tensor:
 
 
 def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n). One batched
-    GEMM where it sums each member's product as the member's own mm / addmm alone
-    (`batched_sums.sums_as_members`: on the CPU at one thread `bmm_sums_as_mm`, at more threads that
-    and a probe, on a GPU a probe); otherwise member by member, with the call each member makes
-    alone. At two threads torch splits a
-    member's mm among the threads but a bmm by its batch entries, each entry's GEMM on one thread, and
-    a long reduction (the weight gradient's batch rows) then sums in another order (measured on torch
-    2.13: every Linear weight gradient of the transformer proxy at 2 threads)."""
-    operands = (a, b) if bias is None else (a, b, bias)
-    if not sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
-                           bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
-        return torch.stack([_own_gemm(*(member_operand(o, g) for o in operands)) for g in range(a.shape[0])])
+    """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n), each member's
+    operands and output at the addresses they have alone (`at_alone_alignment`). One batched GEMM where
+    it sums each member's product as the member's own mm / addmm alone (`batched_sums.sums_as_members`:
+    on the CPU `bmm_sums_as_mm` backed by a probe, on a GPU a probe); otherwise member by member, with
+    the call each member makes alone. At two threads torch splits a member's mm among the threads but
+    a bmm by its batch entries, each entry's GEMM on one thread, and a long reduction (the weight
+    gradient's batch rows) then sums in another order (measured on torch 2.13: every Linear weight
+    gradient of the transformer proxy at 2 threads)."""
+    a, b = at_alone_alignment(a), at_alone_alignment(b)  # (a bias is copied into the output first:
+    operands = (a, b) if bias is None else (a, b, bias)    # its address never reaches the BLAS)
+    recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+    if (recorded and _pads_output(a, b)) or not sums_as_members(  # autograd records no out=
+            "baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
+            bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
+        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
     return _batched_gemm(*operands)
 
 
 def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+    """The batched GEMM, its output's member blocks where a member's fresh output is alone (torch's own
+    output where its blocks' size is a multiple of the alignment, else a padded one)."""
+    if not _pads_output(a, b):
+        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+    out = empty_at_alone_alignment((a.shape[1], b.shape[2]), a.shape[0], a)
+    return torch.bmm(a, b, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b, out=out)
+
+
+def _pads_output(a: Tensor, b: Tensor) -> bool:
+    """Whether a[g] @ b[g]'s output blocks, contiguous, would start off a fresh tensor's alignment."""
+    return a.shape[0] > 1 and a.shape[1] * b.shape[2] * a.element_size() % alignment_bytes(a) != 0
 
 
 def _own_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -417,6 +431,7 @@ class MemberAccumulators(Accumulator):
         if self.runs_of is None or length <= 0 \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
+        operands = tuple(at_alone_alignment(o) for o in operands)  # each member's chunks where alone
         if not operands[0].is_cpu:  # a GPU: no grain, launch-bound: the whole group at once
             return self._fold_runs(partial, operands, length, members)
         if length <= self.chunk:  # one chunk: the group's at once where it sums as each member's
@@ -426,10 +441,10 @@ class MemberAccumulators(Accumulator):
         # member 0's first chunk alone, which its fold starts from where members fold one by one
         first = partial(*(operand[0] for operand in operands), 0, self.chunk)
         run = max(1, (PARALLEL_GRAIN - 1) // max(1, first.numel()))
-        return self._fold_runs(partial, operands, length, min(run, members), first)
+        return self._fold_runs(partial, operands, length, run, first)
 
-    def _chunks_sum_as_members(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
-                               first: Tensor | None = None) -> bool:
+    def _chunks_sum_as_members(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int
+                               ) -> bool:
         """Whether the fold's chunks of `operands` (a run of members), each one batched matmul, sum as
         each member's own GEMM (`sums_as_members`; the CPU's rule `bmm_sums_as_mm` of the chunk's
         rows, reduction and columns, known before any chunk is computed): the first, the last (which
@@ -437,8 +452,8 @@ class MemberAccumulators(Accumulator):
         chunk starting `start` reduction indices in starts its operands `start` x stride x element
         size bytes further, modulo `alignment_bytes` a function of `start` x element size alone)."""
         def rule(start: int, stop: int) -> Callable[[], bool]:
-            def chunk_sums_as_mm() -> bool:
-                shape = first.shape if first is not None else output_shape(partial, *operands, start, stop)
+            def chunk_sums_as_mm() -> bool:  # (computed once a layout: `sums_as_members` keeps it)
+                shape = output_shape(partial, *operands, start, stop)
                 return bmm_sums_as_mm(shape[-2], stop - start, shape[-1])
             return chunk_sums_as_mm
 
@@ -459,30 +474,26 @@ class MemberAccumulators(Accumulator):
 
     def _fold_runs(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int, run: int,
                    first: Tensor | None = None) -> Tensor:
-        """The fold over runs of `run` consecutive members: a run's chunks one batched matmul where they
-        sum as each member's own GEMMs, else member by member (`first`: member 0's first chunk)."""
+        """The fold over runs of `run` consecutive members (the last may be shorter; `run` >= the
+        group: one run): a run of several members' chunks one batched matmul where they sum as each
+        member's own GEMMs, else (and a run of one) member by member (`first`: member 0's first chunk)."""
         members = operands[0].shape[0]
-        if run >= members:
-            if self._chunks_sum_as_members(partial, operands, length, first):
-                return super().fold_gemm(partial, operands, length)
-            return self._each_member(partial, operands, length, first)
         parts = []
-        for part in (slice(start, min(start + run, members)) for start in range(0, members, run)):
+        for start in range(0, members, run):
+            part = slice(start, min(start + run, members))
             ops = tuple(operand[part] for operand in operands)
-            head = first if part.start == 0 else None
-            if part.stop - part.start > 1 and self._chunks_sum_as_members(partial, ops, length, first):
+            if part.stop - part.start > 1 and self._chunks_sum_as_members(partial, ops, length):
                 parts.append(self._fold_run(part, partial, ops, length))
             else:
-                parts.append(self._each_member(partial, ops, length, head, part.start))
-        return torch.cat(parts)
+                parts.append(self._each_member(partial, ops, length, first if start == 0 else None, start))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _each_member(self, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
                      first: Tensor | None = None, offset: int = 0) -> Tensor:
         """The fold member by member, each with its own GEMMs and accumulator, as alone (operands:
         members `offset`, `offset` + 1, ...; `first`: the first one's first chunk)."""
         return torch.stack([self._fold_run(slice(offset + g, offset + g + 1), partial,
-                                           tuple(member_operand(o, g) for o in operands), length,
-                                           first if g == 0 else None)
+                                           tuple(o[g] for o in operands), length, first if g == 0 else None)
                             for g in range(operands[0].shape[0])])
 
     def _fold_run(self, part: slice, partial: OperandPartial, operands: tuple[Tensor, ...], length: int,
@@ -574,10 +585,10 @@ class StackedGemmLayer(nn.Module):
 
 class StackedMatmul(nn.Module):
     """`a @ b` for folded operands, each member's operands quantized as its own activations. A
-    member's product alone is a batched matmul too (attention's q k^T, p v), which the group's sums
-    alike on the CPU at one thread; elsewhere where `sums_as_members` finds it does (in fp32 for the
-    product and the two products of its gradient, which torch's autograd computes), else member by
-    member."""
+    member's product alone is a batched matmul too (attention's q k^T, p v), which the group's runs
+    as one where `sums_as_members` finds it sums as each member's own (in fp32: for the product and the
+    two products of its gradient, which torch's autograd computes), else member by member on operands
+    at their alignment alone (`at_alone_alignment`; their gradients too: `_fresh_gradient`)."""
 
     def __init__(self, members: int, gemm_quant: LayerQuant | None) -> None:
         super().__init__()
@@ -587,17 +598,33 @@ class StackedMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is None or not quant.switch.enabled:
-            if rule_decides_alone(a.device):  # batched, as alone (a batched matmul too)
-                return a @ b
             split = (_split(a, self.members), _split(b, self.members))
             if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
                                functools.partial(_matmul_with_grads, 0), split, True):
                 return a @ b
-            return torch.cat([member_operand(split[0], g) @ member_operand(split[1], g)
-                              for g in range(self.members)])
+            aligned = [at_alone_alignment(t).unbind(0) for t in split]
+            return torch.cat([_fresh_gradient(a_g @ b_g) for a_g, b_g in zip(*aligned, strict=True)])
         a, b = _split(a, self.members), _split(b, self.members)
         members = MemberRanks(a.dim() - 1, b.dim() - 1, batched_alone=True)
         return _fold(quant_matmul(a, b, quant, members=members))
+
+
+class _FreshGradient(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient as a fresh tensor: a member's output run
+    member by member gets its gradient where it has it alone (a fresh tensor's alignment), not as a
+    slice of the group's gradient, for the GEMMs autograd runs on it."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> Tensor:
+        return dy.clone(memory_format=torch.preserve_format)
+
+
+def _fresh_gradient(y: Tensor) -> Tensor:
+    return _FreshGradient.apply(y) if torch.is_grad_enabled() and y.requires_grad else y
 
 
 def _matmul_with_grads(start_dim: int, a: Tensor, b: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """A member's GEMM in a group takes its operands at the address alignment they have alone: a BLAS may
 sum otherwise for an operand that starts off a vector boundary (on torch 2.13 + MKL a CPU addmm of
 (50 x 37) @ (37 x 10) for an input 8 bytes off a 16-byte boundary), and a member's slice of a folded
-batch starts g x its size into it (found by benchmarks/grouped_audit.py --seed 61, draw 0)."""
+batch starts g x its size into it. Found by benchmarks/grouped_audit.py --seed 61 (draws 0 and 17)
+while align-gemm fixed the same cause (batched_sums.at_alone_alignment); kept as the audit's
+regressions."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from support.random_sweeps import USER_MODELS
 
 from dse.data import load_dataset
 from dse.train import TrainConfig, train
-from dse.train.batched_sums import alignment_bytes, member_operand, members_aligned
 from dse.train.grouped import train_group
 from dse.train.stacked import member_gemm
 
@@ -36,25 +37,6 @@ def test_a_members_linear_in_a_group_is_its_linear_on_its_own_tensors(members: i
         together = member_gemm(x, w.transpose(1, 2), b)
         for g in range(members):  # each member's own tensors, fresh (as alone)
             assert torch.equal(together[g], F.linear(x[g].clone(), w[g].clone(), b[g].clone())), g
-
-
-@settings(max_examples=40, deadline=None)
-@given(members=st.integers(1, 4), shape=st.lists(st.integers(1, 7), min_size=1, max_size=3),
-       offset=st.integers(0, 5), transposed=st.booleans())
-def test_a_member_operand_is_its_slice_at_member_zeros_alignment(members: int, shape: list[int], offset: int,
-                                                                 transposed: bool) -> None:
-    storage = torch.randn(offset + members * int(torch.tensor(shape).prod()))
-    t = storage[offset:].view(members, *shape)
-    if transposed and len(shape) > 1:
-        t = t.transpose(-1, -2)
-    for g in range(members):
-        own = member_operand(t, g)
-        assert torch.equal(own, t[g]) and own.stride() == t[g].stride()
-        assert own.data_ptr() % alignment_bytes(t) == t.data_ptr() % alignment_bytes(t)
-        at_member_zeros = (t[g].data_ptr() - t.data_ptr()) % alignment_bytes(t) == 0
-        assert (own.data_ptr() == t[g].data_ptr()) == at_member_zeros
-    assert members_aligned(t) == all(member_operand(t, g).data_ptr() == t[g].data_ptr()
-                                     for g in range(members))
 
 
 def test_a_group_whose_members_start_off_alignment_trains_each_as_alone() -> None:

@@ -144,5 +144,4 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
     scale_t = torch.frombuffer(array.array(_ARRAY_TYPECODE[x.dtype], scales), dtype=x.dtype).view(shape)
     within_max = all(quotients_within_max(fmt, amax, scale, x.dtype)
                      for amax, scale in zip(amaxes, scales, strict=True))
-    rounder = fmt.round_unscaled_within_max_ if within_max else fmt.round_unscaled_
-    return rounder(x / scale_t, rounding, generator).mul_(scale_t)
+    return fmt.round_scaled(x, scale_t, rounding, generator, within_max)

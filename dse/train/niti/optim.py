@@ -23,6 +23,7 @@ from dse.train.niti.exponents import (
 from dse.train.niti.layers import NitiWeight, weight_mantissa
 from dse.train.niti.ti_loss import integer_ce_error
 from dse.train.niti.ti_torch import INT8_BITWIDTH, grad_calc, int_clip, psto_shift
+from dse.train.optim import closure_loss
 
 # ----------------------------------------------------------------------------------------------
 
@@ -177,10 +178,7 @@ class NitiOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for param in group["params"]:
                 weight = self.weights[param]
