@@ -305,9 +305,11 @@ class StackedOptimizer:
 
     SGD and Adam(W) take one torch optimizer per run of consecutive members with equal
     hyperparameters (their updates are elementwise, so a slice of members steps as each would
-    alone). Madam and LNS-Madam take one optimizer for the whole group (`Madam.members`): each
-    member's lr, p_scale, g_bound, weight bound, LNS scale and table, kept log codes and
-    stochastic-rounding draws are its own, and every operation runs once over the stacked tensors.
+    alone); a run of every member (seeds alone differ) steps the stacked parameters themselves, with
+    no slice of them or of their gradients to make each step. Madam and LNS-Madam take one optimizer
+    for the whole group (`Madam.members`): each member's lr, p_scale, g_bound, weight bound, LNS scale
+    and table, kept log codes and stochastic-rounding draws are its own, and every operation runs
+    once over the stacked tensors.
     """
 
     def __init__(self, model: nn.Module, configs: Sequence[TrainConfig], policy: QuantPolicy,
@@ -326,7 +328,8 @@ class StackedOptimizer:
         else:
             for start, stop in self._runs(configs):
                 config = configs[start]
-                views = [p.detach()[start:stop] for p in self.params]
+                whole = stop - start == len(configs)
+                views = self.params if whole else [p.detach()[start:stop] for p in self.params]
                 lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
                 optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay)
                 self.runs.append((start, stop, optimizer, views))
