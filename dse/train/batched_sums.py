@@ -303,11 +303,10 @@ PROBE_DRAWS = 64
 def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands: Sequence[Tensor]) -> bool:
     """Whether `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
     layout. It holds those operands, the batched output and one member's output at a time beside the
-    run's own tensors, memory `trial_training_bytes` does not plan for: in a transformer proxy group of
-    32 (int8, batch 64, 2 threads) at most 28 MiB (its FFN's forward baddbmm) beside the group's
-    planned 462 MiB, within the 20% that `MEMORY_FRACTION` leaves free (comparing every member's
-    output at once, as before, held three outputs: 67 MiB; an MLP group of 32: 2.6 MiB against 4.5,
-    beside 38 MiB)."""
+    run's own tensors (in a transformer proxy group of 32, int8, batch 64, 2 threads, at most 28 MiB,
+    its FFN's forward baddbmm; comparing every member's output at once, as before, held three outputs:
+    67 MiB), and frees them before the run goes on: measured, a group's peak is the same with its
+    probes as without (dse/train/memory.py)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     compared = draws = 0
     with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
