@@ -344,6 +344,23 @@ def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() ->
     assert process.returncode == 130 and lines == ["interrupted by SIGINT"], (process.returncode, lines)
 
 
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda n: n.name)
+def test_a_signal_while_a_command_runs_unwinds_it(number: signal.Signals) -> None:
+    """Once `dse` runs its command, a signal raises Interrupted there, so that what is being written
+    unwinds (a dataset's temporary file removed, the fork server stopped by its exit handler), where
+    `dse` starting ends at once: a signal after `CommandSignals.start` reaches the command's `finally`."""
+    script = ("import os, signal, sys, time\n"
+              "from dse.interrupts import COMMAND_SIGNALS, Interrupted, stop_while_starting\n"
+              "stop_while_starting()\nCOMMAND_SIGNALS.ends_process = True\nCOMMAND_SIGNALS.start()\n"
+              "try:\n    os.kill(os.getpid(), int(sys.argv[1]))\n    time.sleep(30)\n"
+              "except Interrupted as error:\n    print('unwound', error.signal_number)\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script, str(int(number))], capture_output=True, text=True,
+                          env=env, timeout=60, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"unwound {int(number)}\n", "")
+
+
 def test_a_second_signal_before_a_stopped_command_ends_exits_with_the_first_signals_code() -> None:
     """A command stopped by SIGTERM has said its line; a Ctrl-C after it returned, before the process
     ends (`CommandSignals.end`), ends the process at once: with 143, not the 0 of a command that
