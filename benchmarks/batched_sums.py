@@ -14,9 +14,11 @@ addmm):
    `bmm_sums_as_mm` would have let through, and whether the probe's "sums alike" holds again on fresh
    random operands (a miss would be a shape whose difference the probe's data did not show);
 3. a probe's cost (the first call of a layout) against a decided call and the product itself;
-4. with `--train MODEL`: a group of 4 trained at 2 threads, each product decided as above against
-   every product member by member (the probe answering "differs"), side by side in this process,
-   CPU seconds, best of `--rounds`; and how many layouts the decided run probed.
+4. with `--train MODEL`: a group of 4 trained at `--train-threads` (2), each product decided as above
+   against every product member by member (the probe answering "differs") and against the rule alone
+   (the probe answering "alike": what a one-thread run did before a probe backed the rule there), side
+   by side in this process, every round deciding its layouts anew as a new process does, CPU seconds,
+   best of `--rounds`; and how many layouts the decided run probed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.group_gemms import gemm_operands  # noqa: E402  (the tests' operands)
 
 from dse.train import batched_sums  # noqa: E402
-from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members  # noqa: E402
+from dse.train.batched_sums import at_alone_alignment, bmm_sums_as_mm, sums_as_members  # noqa: E402
 from dse.train.stacked import _batched_gemm, _own_gemm  # noqa: E402
 
 MEMBERS = 3
@@ -53,9 +55,10 @@ def operands(rows: int, reduction: int, columns: int, layout: tuple[bool, bool, 
 
 
 def sums_alike(ops: tuple[torch.Tensor, ...]) -> bool:
-    """The batched call against each member's own, on these operands."""
+    """The batched call against each member's own, on these operands at their alignment alone."""
     together = _batched_gemm(*ops)
-    return all(torch.equal(together[g].view(torch.int32), _own_gemm(*(o[g] for o in ops)).view(torch.int32))
+    alone = [at_alone_alignment(o) for o in ops]
+    return all(torch.equal(together[g].view(torch.int32), _own_gemm(*(o[g] for o in alone)).view(torch.int32))
                for g in range(MEMBERS))
 
 
@@ -93,28 +96,30 @@ def scan(sizes: tuple[int, ...], threads: int, device: str, pass_number: int) ->
 
 
 def cost(device: str, threads: int) -> None:
-    """A probe (the first call of a layout) against a decided call and the product itself, in us."""
+    """A probe (the first call of a layout) against a decided call and the product itself, in us (CPU
+    time on the CPU, so that other processes do not count; wall time on a GPU)."""
     torch.set_num_threads(threads)
+    clock = time.process_time if device == "cpu" else time.perf_counter
     generator = torch.Generator().manual_seed(2)
     for number, (rows, reduction, columns) in enumerate([(64, 64, 128), (64, 128, 10), (128, 64, 1024),
                                                          (1024, 128, 64)]):
         ops = operands(rows, reduction, columns, (False, True, True), device, generator)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
-        started = time.perf_counter()
+        started = clock()
         probe(ops, 1000 + number)
         sync()
-        first_us = (time.perf_counter() - started) * 1e6
+        first_us = (clock() - started) * 1e6
         repeats = 200
-        started = time.perf_counter()
+        started = clock()
         for _ in range(repeats):
             probe(ops, 1000 + number)
-        decided_us = (time.perf_counter() - started) / repeats * 1e6
-        started = time.perf_counter()
+        decided_us = (clock() - started) / repeats * 1e6
+        started = clock()
         for _ in range(repeats):
             _batched_gemm(*ops)
         sync()
-        product_us = (time.perf_counter() - started) / repeats * 1e6
+        product_us = (clock() - started) / repeats * 1e6
         print(f"  {rows} x {reduction} x {columns} (G = {MEMBERS}, bias), {threads} thread(s): probe "
               f"{first_us:.0f} us once, then {decided_us:.1f} us a call; the batched product "
               f"{product_us:.0f} us")
@@ -135,15 +140,16 @@ def training(model: str, threads: int, rounds: int) -> None:
     base = TrainConfig(model=model, dataset=name, epochs=1, batch_size=64, threads=threads, format="int8")
     configs = [base.replace(seed=seed) for seed in range(4)]
     probe_before = batched_sums._probe
+    modes = {"decided": probe_before, "member by member": lambda batched, each, operands: False,
+             "rule alone": lambda batched, each, operands: True}  # rule alone: no probe (as before at 1)
     seconds: dict[str, float] = {}
     results: dict[str, list[float]] = {}
     probed = 0
     train_group(configs, data)  # warm-up: imports, first allocations, the thread pool
     for round_number in range(rounds):
-        for mode in ("decided", "member by member")[::1 if round_number % 2 else -1]:
-            batched_sums._DECIDED.clear()
-            if mode != "decided":
-                batched_sums._probe = lambda batched, each, operands: False  # type: ignore[assignment]
+        for mode, answer in list(modes.items())[::1 if round_number % 2 else -1]:
+            batched_sums._DECIDED.clear()  # every round decides its layouts again, as a new process
+            batched_sums._probe = answer  # type: ignore[assignment]
             started = time.process_time()
             try:
                 trained = train_group(configs, data)
@@ -154,9 +160,11 @@ def training(model: str, threads: int, rounds: int) -> None:
             if mode == "decided":
                 probed = len(batched_sums._DECIDED)
     same = results["decided"] == results["member by member"]
-    print(f"{model} int8, G = 4, {threads} threads: decided {seconds['decided']:.2f} s ({probed} layouts "
-          f"decided), member by member {seconds['member by member']:.2f} s: "
-          f"{seconds['member by member'] / seconds['decided']:.2f}x; same results: {same}")
+    print(f"{model} int8, G = 4, {threads} thread(s): decided {seconds['decided']:.2f} s ({probed} layouts "
+          f"decided), member by member {seconds['member by member']:.2f} s "
+          f"({seconds['member by member'] / seconds['decided']:.2f}x), the rule alone without a probe "
+          f"{seconds['rule alone']:.2f} s ({seconds['rule alone'] / seconds['decided']:.3f}x); same results: "
+          f"{same} (the rule alone: {results['rule alone'] == results['decided']})")
 
 
 def main() -> None:
@@ -166,10 +174,11 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--train", default="", help="proxies to train: mlp,cnn,transformer")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--train-threads", type=int, default=2, help="threads of --train (default 2)")
     args = parser.parse_args()
     if args.train:
         for model in args.train.split(","):
-            training(model, 2, args.rounds)
+            training(model, args.train_threads, args.rounds)
         return
     print(f"torch {torch.__version__}, {torch.backends.mkl.is_available() and 'MKL' or 'no MKL'}; "
           f"probe seed {batched_sums.PROBE_SEED}")

@@ -18,6 +18,13 @@ first, batched GEMMs wherever torch's bmm takes its BLAS path):
     .venv/bin/python benchmarks/grouped.py --models transformer --datasets sort-easy --formats \\
         lns8+e5m2-acc4 --sizes 2 --train-samples 256 --epochs 1 --threads 2 --whole-group-folds
 
+`--phases` prints instead, per format and group size, a training step's CPU microseconds per member by
+phase (forward, loss, backward, optimizer step, zero_grad), alone and in a group, interleaved in one
+process (best of --rounds x 200 steps on one batch, after 20 warm-up steps): where a member's step
+spends what grouping does not share.
+
+    .venv/bin/python benchmarks/grouped.py --phases --datasets mnist1d --formats fp32,int8 --sizes 3,8
+
 `--before` also runs each format as the step ran before the step-speed changes
 (benchmarks/before_step_speed.py) in the same rounds, and prints that row and today's speed-up over
 it, alone and per member.
@@ -43,8 +50,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if TYPE_CHECKING:
+    from dse.data import Dataset
+    from dse.train.config import TrainConfig
 
 BATCH = {"digits": 64, "mnist1d": 100}
 METHODS: dict[str, dict[str, object]] = {
@@ -152,7 +164,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="also each format as before a group kept every sum in the order alone: a "
                              "per-member layer's reads summed first, batched GEMMs from 400 multiply-adds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default 1)")
+    parser.add_argument("--phases", action="store_true",
+                        help="a step's CPU us per member by phase, alone and grouped (see above)")
     args = parser.parse_args(argv)
+    if args.phases:
+        phases(args)
+        return
 
     import dataclasses
 
@@ -241,6 +258,83 @@ def main(argv: list[str] | None = None) -> None:
                         f"G = {size} member {min(member[(' (before)', size)]) / min(member[('', size)]):.2f}x"
                         for size in sizes]
                     print(f"  {name} {spec}: today's speed-up over before: {', '.join(gains)}", flush=True)
+
+PHASES = ("forward", "loss", "backward", "step", "zero_grad")
+STEPS = 200
+
+
+def phase_steps(cfg: TrainConfig, members: int, d: Dataset) -> list[Callable[[Any], Any]]:
+    """One training step of `config` as its phases (each takes the previous phase's result): a run
+    alone (members 0) as `train` runs it, or a group of `members` seeds as `train_group` runs it."""
+    import torch
+
+    from dse.models.proxies import build_model
+    from dse.train.grouped import _niti_setup, _quantized_setup
+    from dse.train.loop import EXAMPLE_SAMPLES, prepare
+
+    example = d.x_train[:EXAMPLE_SAMPLES]
+    batch = torch.arange(cfg.batch_size)
+    if members == 0:
+        torch.manual_seed(cfg.seed)
+        setup = prepare(build_model(cfg.model, d), cfg, torch.Generator().manual_seed(cfg.seed), example)
+        setup.on_epoch_start(0)
+        x, y = d.x_train[batch], d.y_train[batch]
+        return [lambda _: setup.model(x), lambda logits: setup.loss_fn(logits, y),
+                lambda loss: loss.backward(), lambda _: setup.optimizer.step(),
+                lambda _: setup.optimizer.zero_grad(set_to_none=True)]
+    configs = [cfg.replace(seed=seed) for seed in range(members)]
+    models = []
+    for member in configs:
+        torch.manual_seed(member.seed)
+        models.append(build_model(member.model, d))
+    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+    method = _niti_setup if cfg.optimizer == "niti" else _quantized_setup  # as train_group picks
+    group = method(models, configs, generators, example)
+    group.on_epoch_start(0)
+    index = batch.expand(members, -1)
+    x, y = d.x_train[index], d.y_train[index]
+    return [lambda _: group.model(x), lambda logits: group.member_losses(logits, y)[1],
+            lambda objective: objective.backward(), lambda _: group.step(), lambda _: group.zero_grad()]
+
+
+def phases(args: argparse.Namespace) -> None:
+    """`--phases`: per member CPU us of each phase of a step, alone and in groups, interleaved."""
+    from dse.data import load_dataset
+    from dse.train.config import TrainConfig
+    from dse.train.loop import _run_settings
+
+    sizes = [int(size) for size in args.sizes.split(",")]
+    print(f"CPU us per member of a training step by phase (best of {args.rounds} x {STEPS} steps, one batch, "
+          f"{args.threads} thread(s)): {', '.join(PHASES)}, total")
+    print("| MLP | format | " + " | ".join(["alone", *(f"G = {size}" for size in sizes)]) + " |")
+    print("|---|---|" + "---|" * (1 + len(sizes)))
+    with _run_settings(args.threads):
+        for name in args.datasets.split(","):
+            data = load_dataset(name)
+            for spec in args.formats.split(","):
+                config = TrainConfig(model=args.models.split(",")[0], dataset=name, epochs=1,
+                                     threads=args.threads, batch_size=BATCH.get(name, 64),
+                                     **method_fields(spec))
+                runs = {members: phase_steps(config, members, data) for members in [0, *sizes]}
+                best: dict[int, list[float]] = {}
+                for _ in range(args.rounds):  # interleaved, so that load hits each alike
+                    for members, steps in runs.items():
+                        spent = [0.0] * len(PHASES)
+                        for step in range(20 + STEPS):
+                            value: object = None
+                            for phase, run in enumerate(steps):
+                                started = time.process_time()
+                                value = run(value)
+                                if step >= 20:
+                                    spent[phase] += time.process_time() - started
+                        if members not in best or sum(spent) < sum(best[members]):
+                            best[members] = spent
+                cells = []
+                for members, spent in best.items():
+                    each = [seconds / STEPS / max(members, 1) * 1e6 for seconds in spent]
+                    cells.append(" / ".join(f"{us:.0f}" for us in each) + f", {sum(each):.0f}")
+                print(f"| {name} | {spec} | {' | '.join(cells)} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ some of lr, momentum, weight_decay, p_scale, g_bound, niti_mu (dse.train.grouped
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import random
 import sys
@@ -52,6 +53,15 @@ def draw(rng: random.Random, threads: tuple[int, ...] = (1,)) -> tuple[list[Any]
     return configs, f"{drawn.method}{' diverging' if drawn.diverging else ''}: {fields} members {members}"
 
 
+def families(config: Any) -> set[str]:
+    """The format families (dse/formats) a configuration trains in: its tensors' and its layer rules'."""
+    from dse.formats import get
+
+    specs = [config.format, config.weights, config.activations, config.gradients,
+             *(spec for rule in config.layers or () for _, spec in rule.formats)]
+    return {get(spec).family for spec in specs if isinstance(spec, str)}
+
+
 def subset(name: str, train: int, held_out: int) -> Any:
     from dse.data import load_dataset
 
@@ -77,6 +87,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     start = time.monotonic()
     mismatches, checked, stacked, refused = [], 0, 0, 0
+    covered: dict[str, collections.Counter[str]] = {
+        "threads": collections.Counter(), "models": collections.Counter(), "families": collections.Counter()}
     for i in range(args.draws):
         if time.monotonic() - start > args.minutes * 60:
             break
@@ -95,6 +107,9 @@ def main() -> int:
             continue
         checked += 1
         stacked += reason is None
+        covered["threads"][str(configs[0].threads)] += 1
+        covered["models"][configs[0].model.split(":")[-1]] += 1
+        covered["families"].update(families(configs[0]))
         bad = []
         for g, (together, by_itself) in enumerate(zip(grouped, alone, strict=True)):
             together.pop("wall_time_s")
@@ -110,6 +125,8 @@ def main() -> int:
                 print(f"       member {g}: {str(diff)[:600]}")
     print(f"\n{checked} groups checked ({stacked} stacked, {checked - stacked} one by one), "
           f"{refused} refused, {len(mismatches)} mismatched, {time.monotonic() - start:.0f} s")
+    for what, counts in covered.items():
+        print(f"groups by {what}: {dict(sorted(counts.items()))}")
     return 1 if mismatches else 0
 
 

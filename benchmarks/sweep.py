@@ -5,6 +5,15 @@ with --groups, grouped training against one trial at a time on the quickstart, e
     .venv/bin/python benchmarks/sweep.py --epochs 3 --repeat 2
     .venv/bin/python benchmarks/sweep.py --groups --repeat 2            # quickstart, 21 and 84 trials
     .venv/bin/python benchmarks/sweep.py --groups --sweeps tuned --group-sizes 4,6,8,12
+    .venv/bin/python benchmarks/sweep.py --dispatch-orders results/quickstart --workers 2
+
+--dispatch-orders STORE replays the dispatch of a finished sweep's jobs (its groups as plan_groups
+makes them from the sweep file the store holds, at --group-size) on --workers workers that each take
+the next job when free, with each job's measured training seconds from the store (a member holds
+its group's seconds over its size), for several orders: the file's, today's (longest first by
+`estimated_cost`, as dse/sweep/runner.py hands the jobs out), longest first by the measured seconds,
+and, for up to 8 jobs, the best of every order and the spread of the orders that are best for the
+estimate. Training seconds only (no worker start, no store commit): what an order changes.
 
 --groups runs `dse sweep` (the CLI, in a fresh interpreter: imports, planning, energy, training,
 reports) on examples/quickstart.yaml (21 trials) and on the same file with 4 tuned learning rates
@@ -30,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -261,6 +271,51 @@ def child_reports(output: Path) -> float:
         return time.process_time() - started
 
 
+def dispatch_orders(store: Path, workers: int, group_size: int) -> None:
+    """`--dispatch-orders`: the store's jobs replayed in several orders (module docstring)."""
+    import itertools
+    import sqlite3
+
+    from dse.sweep import parse_config
+    from dse.sweep.groups import plan_groups
+    from dse.sweep.runner import unique_runs
+    from dse.sweep.trials import estimated_cost, expand
+
+    with sqlite3.connect(store / "sweep.sqlite") as db:
+        text = dict(db.execute("SELECT key, value FROM meta"))["config_yaml"]
+        seconds = dict(db.execute("SELECT trial_id, wall_time_s FROM trials"))
+    sweep = parse_config(text, "stored.yaml")
+    groups, _ = plan_groups(unique_runs(expand(sweep)), group_size, shares={})
+    jobs = [(group[0].label, sum(seconds[t.trial_id] for t in group)) for group in groups]
+    estimate = [sum(estimated_cost(t.config) for t in group) for group in groups]
+
+    def makespan(order: Sequence[int], cost: Sequence[float]) -> float:
+        free = [0.0] * workers
+        for job in order:
+            free[free.index(min(free))] += cost[job]
+        return max(free)
+
+    cost = [job_seconds for _, job_seconds in jobs]
+    orders = {"file order": list(range(len(jobs))),
+              "longest first by estimated_cost (today)": sorted(range(len(jobs)), key=lambda j: -estimate[j]),
+              "longest first by measured seconds": sorted(range(len(jobs)), key=lambda j: -cost[j])}
+    print(f"{len(jobs)} jobs, {sum(cost):.2f} s of training; over {workers} workers "
+          f"{sum(cost) / workers:.2f} s")
+    for label, job_seconds in jobs:
+        print(f"  {label}: {job_seconds:.2f} s")
+    for name, order in orders.items():
+        print(f"{name}: {makespan(order, cost):.2f} s ({', '.join(jobs[j][0].split()[0] for j in order)})")
+    if len(jobs) <= 8:
+        every = list(itertools.permutations(range(len(jobs))))
+        best = min(every, key=lambda order: makespan(order, cost))
+        print(f"best of all {len(every)} orders: {makespan(best, cost):.2f} s "
+              f"({', '.join(jobs[j][0].split()[0] for j in best)})")
+        least = min(makespan(order, estimate) for order in every)
+        for_estimate = [makespan(order, cost) for order in every if makespan(order, estimate) <= least + 1e-9]
+        print(f"the {len(for_estimate)} orders best for the estimate: {min(for_estimate):.2f}-"
+              f"{max(for_estimate):.2f} s, mean {statistics.mean(for_estimate):.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,11 +330,19 @@ def main() -> None:
                         help="--groups: which sweeps (quickstart, tuned)")
     parser.add_argument("--dataset", default=None, help="--groups: the quickstart's MLP on another built-in "
                         "dataset (e.g. digits: a 64-128-10 MLP, whose steps are dispatch-bound)")
+    parser.add_argument("--dispatch-orders", type=Path, default=None, metavar="STORE",
+                        help="replay a finished sweep's jobs in several dispatch orders (see above)")
+    parser.add_argument("--workers", type=int, default=2, help="--dispatch-orders: workers (default 2)")
+    parser.add_argument("--group-size", type=int, default=3,
+                        help="--dispatch-orders: the sweep's group size (default 3)")
     parser.add_argument("--child-sweep", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--child-stages", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-spawn", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-reports", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dispatch_orders is not None:
+        dispatch_orders(args.dispatch_orders, args.workers, args.group_size)
+        return
     if args.child_stages:
         for stage, seconds in child_stages(Path(args.child_stages[0]), Path(args.child_stages[1])):
             print(f"{stage}: {seconds:.2f} s")

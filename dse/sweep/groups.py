@@ -25,26 +25,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from dse.data import Dataset
 from dse.sweep.config import ExecutorConfig
 from dse.sweep.trials import Trial
 from dse.train.config import TrainConfig
 from dse.train.grouped import group_key, group_reason, split_note, trial_training_bytes
+from dse.train.loop import EXAMPLE_SAMPLES
 from dse.train.memory import available_memory_bytes, members_that_fit
 
-ModelOf = Callable[[TrainConfig], tuple[nn.Module, Tensor]]
-"""A config's network and a few of its training samples."""
+ModelOf = Callable[[TrainConfig], tuple[nn.Module, Dataset]]
+"""A config's network and its dataset (with its validation split, as a run sees it)."""
 
 
-def _model_of(config: TrainConfig) -> tuple[nn.Module, Tensor]:
-    from dse.data import load_dataset
+def _model_of(config: TrainConfig) -> tuple[nn.Module, Dataset]:
+    from dse.data import load_dataset, with_validation
     from dse.models.proxies import build_model
-    from dse.train.loop import EXAMPLE_SAMPLES
 
-    data = load_dataset(config.dataset, config.data_dir)
+    data = with_validation(load_dataset(config.dataset, config.data_dir))
     with torch.random.fork_rng(devices=[]):
-        return build_model(config.model, data), data.x_train[:EXAMPLE_SAMPLES]
+        return build_model(config.model, data), data
 
 
 def groups_at_once(executor: ExecutorConfig, device: str) -> int | None:
@@ -114,9 +115,10 @@ def plan_groups(runs: list[Trial], group_size: int | None, model_of: ModelOf = _
         shares = device_shares(runs)
     groups: list[list[Trial]] = []
     notes: list[str] = []
-    models: dict[tuple[str, str, str | None], tuple[nn.Module, Tensor]] = {}
-    # group_reason depends on the network and the optimizer only: one check forward each, not per bucket
-    reasons: dict[tuple[str, str, str | None, str], str | None] = {}
+    models: dict[tuple[str, str, str | None], tuple[nn.Module, Dataset]] = {}
+    # group_reason depends on the network, the optimizer, the batch size and the largest group only:
+    # one check each, not per bucket
+    reasons: dict[tuple[str, str, str | None, str, int, int], str | None] = {}
     for trials in buckets.values():
         reason = None
         size, unpaid = (group_size, None) if group_size is not None else default_group_size(trials[0].config)
@@ -127,9 +129,10 @@ def plan_groups(runs: list[Trial], group_size: int | None, model_of: ModelOf = _
             where = (config.model, config.dataset, config.data_dir)
             if where not in models:
                 models[where] = model_of(config)
-            key = (*where, config.optimizer)
+            largest = min(size, len(trials))  # every group has 2 to `largest` members, split or not
+            key = (*where, config.optimizer, config.batch_size, largest)
             if key not in reasons:
-                reasons[key] = group_reason(config, *models[where])
+                reasons[key] = group_reason(config, *models[where], range(2, largest + 1))
             reason = reasons[key]
         note = f"{trials[0].task}: {trials[0].label}: trained one by one ({reason})"
         if reason is not None and note not in notes:
@@ -138,7 +141,8 @@ def plan_groups(runs: list[Trial], group_size: int | None, model_of: ModelOf = _
         config = trials[0].config
         share = shares.get(config.device)
         if size > 1 and len(trials) > 1 and share is not None:
-            one = trial_training_bytes(config, *models[(config.model, config.dataset, config.data_dir)])
+            model, data = models[(config.model, config.dataset, config.data_dir)]
+            one = trial_training_bytes(config, model, data.x_train[:EXAMPLE_SAMPLES])
             fit = members_that_fit(one, share.available_bytes, share.groups_at_once)
             if fit < min(size, len(trials)):
                 note = split_note(size, fit, one, share.available_bytes, config.device, share.groups_at_once)

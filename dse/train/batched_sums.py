@@ -9,18 +9,29 @@ a bmm split among threads by its batch entries where a member's mm splits the lo
 on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways decide
 (`sums_as_members`):
 
-- `bmm_sums_as_mm`, the rule read from aten and measured on the CPU at one thread (13,403 shapes):
-  it decides there without running anything, so a one-thread run does exactly what it did before;
-- a probe, at more threads (backing the rule: batched only where both hold) and on other devices
-  (alone): the first time a product of one layout is met in a process - the same site, device,
-  dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
+- `bmm_sums_as_mm`, the rule read from aten and measured on the CPU at one thread (13,403 shapes, an
+  AVX-512 VM): a product it fails runs member by member without anything run to decide it;
+- a probe, wherever the rule holds (at any thread count: batched only where both hold) and on other
+  devices (alone): the first time a product of one layout is met in a process - the same site,
+  device, dtype, shapes, strides, operand alignment, and library settings (thread count, fp32 matmul
   precision, reduced-precision reductions, deterministic algorithms, BLAS library, cuBLAS workspace,
-  MKL's reproducibility mode: `_library_state`) - the batched call and the members'
-  own calls run on random data of that layout (fixed seed, no generator of the run touched, no
-  grad, outside any torch mode; drawn again until 4096 output elements are compared) and the
-  batched call is used only where every bit agrees. Normal random operands make any difference in
-  summation order show in the last bits of many output elements; a quantized run's operands (few
-  mantissa bits) can only agree more often, never less.
+  MKL's reproducibility mode: `_library_state`) - the batched call and the members' own calls run on
+  random data of that layout (fixed seed, no generator of the run touched, no grad, outside any torch
+  mode; drawn again until 4096 output elements are compared) and the batched call is used only where
+  every bit agrees.
+  Normal random operands make any difference in summation order show in the last bits of many output
+  elements; a quantized run's operands (few mantissa bits) can only agree more often, never less.
+
+A member's own call is compared on its operands where they are alone (`at_alone_alignment`): MKL's
+sgemm on an AMD EPYC (AVX-512) sums a product otherwise where its first operand or its output starts
+off a 16-byte boundary (10-column outputs: a (50, 37) @ (37, 10) at 8 bytes past 16 differed in 215
+of 500 outputs; a bmm whose 7 x 10 or 2 x 37 output blocks lie 280 or 296 bytes apart differed from
+each member's mm in 10 of 298 shape-layouts at one thread, where the rule held). Alone a member's
+tensor starts where the group's starts (modulo the alignment: a fresh tensor at 0); in the group,
+member g's block lies g x its member stride further on. So the group gives each GEMM its members'
+operands and output at alone's alignment (a padded copy where the member stride is not a multiple
+of it), and the probe, at one thread too, compares against that: on this machine the rule's one-thread
+agreement came from the VM's kernels, not from the arithmetic.
 """
 
 from __future__ import annotations
@@ -51,7 +62,73 @@ blocks at multiples of 512)."""
 
 def alignment_bytes(t: Tensor) -> int:
     """The alignment modulo which `t`'s address is part of a probe's layout."""
-    return ALIGNMENT_BYTES["cpu" if t.device.type == "cpu" else "other"]
+    return ALIGNMENT_BYTES["cpu" if t.is_cpu else "other"]
+
+
+def at_alone_alignment(t: Tensor) -> Tensor:
+    """`t` (a leading member axis) with each member's block at the address, modulo `alignment_bytes(t)`,
+    and in the strides that the member's tensor has alone: `t` itself where its member stride is a
+    multiple of that alignment (or 0) and no other axis strides over all members, else a copy whose
+    member blocks start a whole number of alignments apart.
+
+    Alone a member's tensor starts where the group's starts (modulo the alignment: a fresh tensor at
+    0), so member g's block, g x its member stride further on in the group, is at alone's address
+    only where that stride is a multiple of the alignment. An axis whose stride spans all G members'
+    blocks (a batch folded along a later axis: sequence-first attention's (L, G*B, E) makes a member's
+    (B, L, E) rows G*B*E apart) strides over one member's alone, G times less. A BLAS may sum
+    otherwise for an operand off a vector boundary (MKL's sgemm on an AMD EPYC: a (50, 37) @ (37, 10)
+    product at 8 bytes past 16 differed from the aligned one in 215 of 500 outputs), so a group hands
+    each member's GEMM its operands, and takes its output, there."""
+    strides = t.stride()
+    if not strides or strides[0] == 0:
+        return t
+    members = t.shape[0]
+    spanned = members * strides[0]
+    if strides[0] * t.element_size() % (ALIGNMENT_BYTES["cpu" if t.is_cpu else "other"]) == 0 \
+            and max(strides[1:], default=0) < spanned:
+        return t  # (the common case, checked first: a built-in proxy's every GEMM operand passes here)
+    if members <= 1 or t.numel() == 0:
+        return t
+    inner = tuple(s // members if s >= spanned and s % spanned == 0 else s for s in strides[1:])
+    if strides[0] * t.element_size() % alignment_bytes(t) == 0 and inner == strides[1:]:
+        return t
+    if _overlaps(t.shape[1:], inner):  # a broadcast member tensor: dense in its order of axes instead
+        inner = torch.empty_like(t[0]).stride()
+    out = empty_at_alone_alignment(t[0].shape, members, t, inner,
+                                   t.data_ptr() % alignment_bytes(t) // t.element_size())
+    return out.copy_(t)
+
+
+def _overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether two elements of a tensor of `shape` and `strides` may share an address."""
+    extent = 1
+    for size, stride in sorted(zip(shape, strides, strict=True), key=lambda axis: axis[1]):
+        if size > 1 and stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def empty_at_alone_alignment(shape: Sequence[int], members: int, like: Tensor,
+                             strides: Sequence[int] | None = None, shift: int = 0) -> Tensor:
+    """An empty (members, *shape) tensor of `like`'s dtype and device whose member blocks (dense, of
+    `strides`: contiguous where None) start `shift` elements past a multiple of `alignment_bytes`, as a
+    fresh tensor of `shape` does alone (shift 0)."""
+    align = alignment_bytes(like) // like.element_size()
+    inner = tuple(strides) if strides is not None else _contiguous_strides(shape)
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, inner, strict=True)) \
+        if all(shape) else 0
+    step = -(-extent // align) * align
+    storage = torch.empty(shift + members * step, dtype=like.dtype, device=like.device)
+    return storage.as_strided((members, *shape), (step, *inner), shift)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
@@ -66,7 +143,8 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     and alike in 1,190 layouts this sends member by member: 740 reductions of 1, 115 of 2, 347 of
     400+ multiply-adds with a single row or column), so it errs on the safe side only. Not enough at two
     threads: there a bmm differs where this holds too (70 of the 17,960: 16 x 1024 x 64, 7 x 200 x
-    200 with the second operand transposed), which the probe finds."""
+    200 with the second operand transposed), which the probe finds; nor on an AMD EPYC at one thread
+    with members' operands or outputs off alone's alignment (module docstring): a probe backs it."""
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
@@ -85,17 +163,16 @@ per layout), or None where there is none."""
 def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callable[..., Tensor],
                     operands: Sequence[Tensor], cpu_rule: CpuRule = None) -> bool:
     """Whether `batched(*operands)` (operands with a leading member axis) gives, for every member g,
-    bit for bit `each(*(o[g] for o in operands))`: the member's own product as it runs alone.
-    `site` names what `batched` and `each` compute (with any of their parameters not in the operands'
-    layout). On the CPU `cpu_rule` decides at one thread with fp32 matmuls in fp32 (where it was
-    measured; oneDNN's bf16/tf32 matmuls are probed); at more threads the probe backs it (batched
-    only where both hold: the rule's products differ at any thread count, and a probe on a product of a
-    few output elements could pass one whose difference its data did not show). Elsewhere the probe
-    decides."""
+    bit for bit `each(*(o[g] for o in operands))` computed as the member computes it alone: on its
+    operands at the addresses they have alone (`at_alone_alignment`). `site` names what `batched` and
+    `each` compute (with any of their parameters not in the operands' layout). On the CPU a `cpu_rule`
+    that fails decides alone (member by member); where it holds, a probe backs it at any thread count
+    (batched only where both hold: the rule's products differ at any thread count, a probe on a
+    product of a few output elements could pass one whose difference its data did not show, and the
+    rule, measured on one CPU, failed on another: module docstring). Elsewhere the probe decides."""
     on_cpu = operands[0].device.type == "cpu"
-    alone = rule_decides_alone(operands[0].device)
-    if on_cpu and isinstance(cpu_rule, bool) and (alone or not cpu_rule):
-        return cpu_rule
+    if on_cpu and cpu_rule is False:
+        return False
     if _UNPROBED.get():
         rule = cpu_rule() if callable(cpu_rule) else cpu_rule
         return True if rule is None else rule
@@ -103,18 +180,9 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
     decided = _DECIDED.get(key)
     if decided is None:
         rule = (cpu_rule() if callable(cpu_rule) else cpu_rule) if on_cpu else None
-        decided = rule if rule is not None and (alone or not rule) else _probe(batched, each, operands)
+        decided = False if rule is False else _probe(batched, each, operands)
         _DECIDED[key] = decided
     return decided
-
-
-def rule_decides_alone(device: torch.device) -> bool:
-    """Whether the CPU's rule decides a product on `device` without a probe: on the CPU at one thread
-    with fp32 matmuls in fp32, no autocast and MKL in its own mode (no MKL_CBWR, which picks other
-    kernels), where `bmm_sums_as_mm` was measured."""
-    return device.type == "cpu" and torch.get_num_threads() == 1 and _ieee_cpu_matmuls() \
-        and not torch.is_autocast_enabled("cpu") \
-        and mkl_reproducibility() in (MKL_DEFAULT_REPRODUCIBILITY, None)
 
 
 _UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)
@@ -130,13 +198,6 @@ def unprobed() -> Iterator[None]:
         yield
     finally:
         _UNPROBED.reset(token)
-
-
-def _ieee_cpu_matmuls() -> bool:
-    """Whether the CPU's fp32 matmuls run in fp32 (not oneDNN's bf16 or tf32 that
-    `torch.set_float32_matmul_precision("medium" / "high")` selects), where `bmm_sums_as_mm` was
-    measured."""
-    return _onednn_fp32_precision() in ("none", "ieee")
 
 
 def _library_state(device: torch.device) -> tuple[object, ...]:
@@ -166,11 +227,6 @@ def _library_state(device: torch.device) -> tuple[object, ...]:
             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE"))
 
 
-MKL_DEFAULT_REPRODUCIBILITY = 1
-"""`mkl_cbwr_get(MKL_CBWR_ALL)` where nothing asked MKL for conditional numerical reproducibility
-(MKL_CBWR_BRANCH_OFF): MKL picks its kernels for the CPU, as where `bmm_sums_as_mm` was measured."""
-
-
 @functools.cache
 def _mkl_reproducibility_mode() -> Callable[[], int] | None:
     """MKL's `mkl_cbwr_get`, as torch's statically linked MKL exports it (`mkl_serv_cbwr_get`), or
@@ -192,7 +248,7 @@ def mkl_reproducibility() -> int | str | None:
     neither the mode nor a product's bits, and `mkl_cbwr_set` afterwards fails (-8) and keeps the mode.
     So within a process the mode is fixed once a product has run: in a decision's key it guards a
     library that would let it change; where it matters is the one-thread rule, measured in MKL's own
-    mode (`rule_decides_alone`)."""
+    mode, and which a probe now backs in every mode (`sums_as_members`)."""
     read = _mkl_reproducibility_mode()
     return read() if read is not None else _MKL_CBWR_AT_START
 
@@ -227,7 +283,7 @@ def decided() -> dict[Hashable, bool]:
 
 
 def _layout(t: Tensor) -> tuple[object, ...]:
-    return (t.device, t.dtype, tuple(t.shape), t.stride(), t.data_ptr() % alignment_bytes(t))
+    return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % alignment_bytes(t))
 
 
 PROBE_ELEMENTS = 4096
@@ -242,11 +298,10 @@ PROBE_DRAWS = 64
 def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands: Sequence[Tensor]) -> bool:
     """Whether `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
     layout. It holds those operands, the batched output and one member's output at a time beside the
-    run's own tensors, memory `trial_training_bytes` does not plan for: in a transformer proxy group of
-    32 (int8, batch 64, 2 threads) at most 28 MiB (its FFN's forward baddbmm) beside the group's
-    planned 462 MiB, within the 20% that `MEMORY_FRACTION` leaves free (comparing every member's
-    output at once, as before, held three outputs: 67 MiB; an MLP group of 32: 2.6 MiB against 4.5,
-    beside 38 MiB)."""
+    run's own tensors (in a transformer proxy group of 32, int8, batch 64, 2 threads, at most 28 MiB,
+    its FFN's forward baddbmm; comparing every member's output at once, as before, held three outputs:
+    67 MiB), and frees them before the run goes on: measured, a group's peak is the same with its
+    probes as without (dse/train/memory.py)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     compared = draws = 0
     with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
@@ -256,8 +311,9 @@ def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands
             members = operands[0].shape[0]
             if together.dim() == 0 or together.shape[0] != members:
                 return False
+            alone = [at_alone_alignment(t) for t in probe]
             for g in range(members):  # one member's output at a time: the probe's memory stays small
-                own = each(*(t[g] for t in probe))
+                own = each(*(t[g] for t in alone))
                 if own.numel() != together[g].numel() or not torch.equal(_bits(together[g].reshape(-1)),
                                                                           _bits(own.reshape(-1))):
                     return False

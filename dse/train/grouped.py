@@ -17,8 +17,9 @@ network whose layers `dse.train.stacked.stack_reason` knows (every built-in prox
 with GEMM function calls and torch's attention modules); other models train one by one
 (`group_reason` says why: a GEMM taking a view of a parameter, tied weights, dropout, a batch on
 another axis than the first, a user's autograd.Function whose backward calls a position-dependent
-function: `backward_reason`). Activation checkpointing and a network calling itself stack, each
-member bit for bit (dse/train/recompute.py, dse/train/member_kernels.py).
+function: `backward_reason`, a forward that depends on its batch's size: `batch_size_reason`).
+Activation checkpointing and a network calling itself stack, each member bit for bit
+(dse/train/recompute.py, dse/train/member_kernels.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
 from dse.models.proxies import build_model
+from dse.train.batch_dependence import Forward, batch_size_reason, forwards_of
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
@@ -68,16 +70,22 @@ def group_key(config: TrainConfig) -> str:
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def group_reason(config: TrainConfig, model: nn.Module | None = None, example: Tensor | None = None
-                 ) -> str | None:
-    """Why trials of this config train one by one rather than stacked (None: they stack).
-    `model` is the config's network and `example` a few of its training samples (both built from
-    the config's dataset when not given)."""
-    if model is None or example is None:
+GROUP_MEMBERS: tuple[int, ...] = tuple(range(2, 9))
+"""The member counts `group_reason` checks where it is not told the groups' (a sweep's default size, 8,
+and every smaller one: the last group of a configuration and a group split to fit memory)."""
+
+
+def group_reason(config: TrainConfig, model: nn.Module | None = None, data: Dataset | None = None,
+                 members: Iterable[int] = GROUP_MEMBERS) -> str | None:
+    """Why trials of this config train one by one rather than stacked in groups of `members` (every
+    member count a group may have; None: they stack). `model` is the config's network and `data` its
+    dataset with its validation split (both built from the config when not given)."""
+    if data is None:
         data = with_validation(load_dataset(config.dataset, config.data_dir))
+    if model is None:
         with torch.random.fork_rng(devices=[]):
             model = build_model(config.model, data)
-        example = data.x_train[:EXAMPLE_SAMPLES]
+    example = data.x_train[:EXAMPLE_SAMPLES]
     if config.optimizer == "niti":
         from dse.train.niti.stacked import niti_stack_reason
 
@@ -86,7 +94,16 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, example: T
         reason = stack_reason(model, example)
     if reason is None:
         reason = backward_reason(model, example)
+    if reason is None:
+        reason = batch_size_reason(model, example, run_forwards(config, data), members)
     return None if reason is None else f"model {config.model!r}: {reason}"
+
+
+def run_forwards(config: TrainConfig, data: Dataset) -> list[Forward]:
+    """Every size of forward `train` runs for `config` on `data` (with its validation split)."""
+    assert data.x_val is not None
+    eval_batch = config.batch_size if config.optimizer == "niti" else EVAL_BATCH  # as niti_setup has it
+    return forwards_of(config.batch_size, eval_batch, len(data.x_train), [len(data.x_val), len(data.x_test)])
 
 
 CHECK_ROWS = 3
@@ -259,9 +276,9 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
         return [train(configs[0], data)]
     with torch.random.fork_rng(devices=[]):
         model = build_model(configs[0].model, data)
-    example = data.x_train[:EXAMPLE_SAMPLES]
-    if group_reason(configs[0], model, example) is not None:
+    if group_reason(configs[0], model, data, range(2, len(configs) + 1)) is not None:  # any split too
         return [train(config, data) for config in configs]
+    example = data.x_train[:EXAMPLE_SAMPLES]
     one = trial_training_bytes(configs[0], model, example)
     available = available_memory_bytes(configs[0].device) if available_bytes is None else available_bytes
     fit = members_that_fit(one, available, groups_at_once)
@@ -288,9 +305,11 @@ class StackedOptimizer:
 
     SGD and Adam(W) take one torch optimizer per run of consecutive members with equal
     hyperparameters (their updates are elementwise, so a slice of members steps as each would
-    alone). Madam and LNS-Madam take one optimizer for the whole group (`Madam.members`): each
-    member's lr, p_scale, g_bound, weight bound, LNS scale and table, kept log codes and
-    stochastic-rounding draws are its own, and every operation runs once over the stacked tensors.
+    alone); a run of every member (seeds alone differ) steps the stacked parameters themselves, with
+    no slice of them or of their gradients to make each step. Madam and LNS-Madam take one optimizer
+    for the whole group (`Madam.members`): each member's lr, p_scale, g_bound, weight bound, LNS scale
+    and table, kept log codes and stochastic-rounding draws are its own, and every operation runs
+    once over the stacked tensors.
     """
 
     def __init__(self, model: nn.Module, configs: Sequence[TrainConfig], policy: QuantPolicy,
@@ -309,7 +328,8 @@ class StackedOptimizer:
         else:
             for start, stop in self._runs(configs):
                 config = configs[start]
-                views = [p.detach()[start:stop] for p in self.params]
+                whole = stop - start == len(configs)
+                views = self.params if whole else [p.detach()[start:stop] for p in self.params]
                 lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
                 optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay)
                 self.runs.append((start, stop, optimizer, views))

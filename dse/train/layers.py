@@ -60,7 +60,7 @@ from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
-from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members
+from dse.train.batched_sums import at_alone_alignment, bmm_sums_as_mm, sums_as_members
 from dse.train.policy import QuantPolicy, TensorQuant, with_scaling
 
 Quantizer = Callable[[Tensor], Tensor]
@@ -494,9 +494,8 @@ class QuantMatmulFn(torch.autograd.Function):
 class MemberRanks:
     """A group's matmul, its operands with a leading member axis: each member's operands' ranks alone
     (a member's weight broadcast with leading singleton axes drops them), and whether the member's
-    product alone is a batched matmul too (attention's q k^T), which on the CPU at one thread a
-    batched matmul of the whole group sums as the member's own; otherwise `bmm_sums_as_mm` is the
-    CPU's rule: alone torch.matmul folds a (B, n, k) @ W (k, m) into one mm."""
+    product alone is a batched matmul too (attention's q k^T: no rule, the probe decides); otherwise
+    `bmm_sums_as_mm` is the CPU's rule: alone torch.matmul folds a (B, n, k) @ W (k, m) into one mm."""
 
     a: int
     b: int
@@ -514,9 +513,10 @@ class MemberRanks:
 def _product(a: Tensor, b: Tensor, members: MemberRanks | None) -> Tensor:
     """a @ b; with `members`, one batched matmul where it sums as each member's own product
     (`batched_sums.sums_as_members`), else member by member, each member's operands at their ranks
-    alone."""
+    and alignment alone."""
     if members is None:
         return a @ b
+    a, b = at_alone_alignment(a), at_alone_alignment(b)  # each member's operands where they are alone
     own = functools.partial(_member_product, members.a, members.b)
     rule = members.batched_alone or bmm_sums_as_mm(a.shape[-2], a.shape[-1], b.shape[-1])
     if sums_as_members(("matmul", members.a, members.b), torch.matmul, own, (a, b), rule):

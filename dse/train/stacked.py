@@ -12,11 +12,11 @@ Layers with weights take the folded batch apart:
       backward-data    dx[g] = Qe(dy)[g] @ Qw(W)[g]                    (torch.bmm)
       backward-weight  dW[g] = Qwg(Qe(dy)[g]^T @ Qa(x)[g])             (torch.bmm)   db[g] = sum Qe(dy)[g]
 
-  On the CPU at one thread a batched GEMM runs the same GEMM kernel per member as the unbatched
-  call, so every member computes bit for bit what it computes alone; where it would not
-  (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's batched GEMM for
-  a single row, column or reduction index), and at more threads or on a GPU where a probe finds it
-  would not (dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
+  Each member's operands and output at the addresses they have alone (`at_alone_alignment`: MKL on
+  an AMD EPYC sums otherwise off a 16-byte boundary). Where the batched GEMM would not sum as each
+  member's own (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's
+  batched GEMM for a single row, column or reduction index; else where a probe finds it would not,
+  dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
 - Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
   member by member. A grouped convolution (groups=G over channel-stacked members) would be one
   call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
@@ -24,7 +24,7 @@ Layers with weights take the folded batch apart:
   differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
   loop keeps every member bit for bit (docs/training.md measures what it costs).
 - Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
-  (member by member where a probe finds it would not sum as the member's own, beyond one CPU thread).
+  (member by member where a probe finds it would not sum as the member's own).
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
@@ -70,9 +70,10 @@ from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.batched_sums import (
     alignment_bytes,
+    at_alone_alignment,
     bmm_sums_as_mm,
+    empty_at_alone_alignment,
     output_shape,
-    rule_decides_alone,
     sums_as_members,
     unprobed,
 )
@@ -241,23 +242,37 @@ def _fold(x: Tensor) -> Tensor:
 
 
 def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n). One batched
-    GEMM where it sums each member's product as the member's own mm / addmm alone
-    (`batched_sums.sums_as_members`: on the CPU at one thread `bmm_sums_as_mm`, at more threads that
-    and a probe, on a GPU a probe); otherwise member by member, with the call each member makes
-    alone. At two threads torch splits a
-    member's mm among the threads but a bmm by its batch entries, each entry's GEMM on one thread, and
-    a long reduction (the weight gradient's batch rows) then sums in another order (measured on torch
-    2.13: every Linear weight gradient of the transformer proxy at 2 threads)."""
-    operands = (a, b) if bias is None else (a, b, bias)
-    if not sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
-                           bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
+    """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n), each member's
+    operands and output at the addresses they have alone (`at_alone_alignment`). One batched GEMM where
+    it sums each member's product as the member's own mm / addmm alone (`batched_sums.sums_as_members`:
+    on the CPU `bmm_sums_as_mm` backed by a probe, on a GPU a probe); otherwise member by member, with
+    the call each member makes alone. At two threads torch splits a member's mm among the threads but
+    a bmm by its batch entries, each entry's GEMM on one thread, and a long reduction (the weight
+    gradient's batch rows) then sums in another order (measured on torch 2.13: every Linear weight
+    gradient of the transformer proxy at 2 threads)."""
+    a, b = at_alone_alignment(a), at_alone_alignment(b)  # (a bias is copied into the output first:
+    operands = (a, b) if bias is None else (a, b, bias)    # its address never reaches the BLAS)
+    recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+    if (recorded and _pads_output(a, b)) or not sums_as_members(  # autograd records no out=
+            "baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
+            bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
         return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
     return _batched_gemm(*operands)
 
 
 def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+    """The batched GEMM, its output's member blocks where a member's fresh output is alone (torch's own
+    output where its blocks' size is a multiple of the alignment, else a padded one)."""
+    if not _pads_output(a, b):
+        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+    out = empty_at_alone_alignment((a.shape[1], b.shape[2]), a.shape[0], a)
+    return torch.bmm(a, b, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b, out=out)
+
+
+def _pads_output(a: Tensor, b: Tensor) -> bool:
+    """Whether a[g] @ b[g]'s output blocks, contiguous, would start off a fresh tensor's alignment."""
+    return a.shape[0] > 1 and a.shape[1] * b.shape[2] * a.element_size() % alignment_bytes(a) != 0
 
 
 def _own_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -416,6 +431,7 @@ class MemberAccumulators(Accumulator):
         if self.runs_of is None or length <= 0 \
                 or any(operand.shape[0] != members for operand in operands):
             return super().fold_gemm(partial, operands, length)
+        operands = tuple(at_alone_alignment(o) for o in operands)  # each member's chunks where alone
         if not operands[0].is_cpu:  # a GPU: no grain, launch-bound: the whole group at once
             return self._fold_runs(partial, operands, length, members)
         if length <= self.chunk:  # one chunk: the group's at once where it sums as each member's
@@ -569,10 +585,10 @@ class StackedGemmLayer(nn.Module):
 
 class StackedMatmul(nn.Module):
     """`a @ b` for folded operands, each member's operands quantized as its own activations. A
-    member's product alone is a batched matmul too (attention's q k^T, p v), which the group's sums
-    alike on the CPU at one thread; elsewhere where `sums_as_members` finds it does (in fp32 for the
-    product and the two products of its gradient, which torch's autograd computes), else member by
-    member."""
+    member's product alone is a batched matmul too (attention's q k^T, p v), which the group's runs
+    as one where `sums_as_members` finds it sums as each member's own (in fp32: for the product and the
+    two products of its gradient, which torch's autograd computes), else member by member on operands
+    at their alignment alone (`at_alone_alignment`; their gradients too: `_fresh_gradient`)."""
 
     def __init__(self, members: int, gemm_quant: LayerQuant | None) -> None:
         super().__init__()
@@ -582,16 +598,33 @@ class StackedMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         quant = self.gemm_quant
         if quant is None or not quant.switch.enabled:
-            if rule_decides_alone(a.device):  # batched, as alone (a batched matmul too)
-                return a @ b
             split = (_split(a, self.members), _split(b, self.members))
             if sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
                                functools.partial(_matmul_with_grads, 0), split, True):
                 return a @ b
-            return torch.cat([a_g @ b_g for a_g, b_g in zip(*(t.unbind(0) for t in split), strict=True)])
+            aligned = [at_alone_alignment(t).unbind(0) for t in split]
+            return torch.cat([_fresh_gradient(a_g @ b_g) for a_g, b_g in zip(*aligned, strict=True)])
         a, b = _split(a, self.members), _split(b, self.members)
         members = MemberRanks(a.dim() - 1, b.dim() - 1, batched_alone=True)
         return _fold(quant_matmul(a, b, quant, members=members))
+
+
+class _FreshGradient(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient as a fresh tensor: a member's output run
+    member by member gets its gradient where it has it alone (a fresh tensor's alignment), not as a
+    slice of the group's gradient, for the GEMMs autograd runs on it."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> Tensor:
+        return dy.clone(memory_format=torch.preserve_format)
+
+
+def _fresh_gradient(y: Tensor) -> Tensor:
+    return _FreshGradient.apply(y) if torch.is_grad_enabled() and y.requires_grad else y
 
 
 def _matmul_with_grads(start_dim: int, a: Tensor, b: Tensor) -> Tensor:
@@ -779,7 +812,27 @@ def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> A
     axis = 0
     if in_tuple and first.shape[0] != rows:
         axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
-    return torch.cat(list(outputs), axis)
+    return cat_as_alone(list(outputs)) if axis == 0 else torch.cat(list(outputs), axis)
+
+
+def cat_as_alone(parts: list[Tensor]) -> Tensor:
+    """Members' outputs joined along their first axis, each member's rows in the memory layout they have
+    alone where that axis is outermost in it.
+
+    torch.cat keeps a contiguous or channels-last layout and makes any other contiguous, and a layout
+    decides the order of later reductions: a layer with a weight of its own that returns its tokens
+    (B, L, C) scaled per channel as a (B, C, L) view, summed over L after it, summed in another order
+    in a group than alone (a digits network of it: member 0's final loss 2.3300538063049316 grouped
+    against 2.330053726832072 alone, fp32)."""
+    first = parts[0]
+    layout = torch.empty_like(first).stride()  # dense, in first's order of dimensions
+    if first.is_contiguous() or layout != first.stride() or any(t.stride() != first.stride() for t in parts):
+        return torch.cat(parts)
+    order = sorted(range(first.dim()), key=lambda d: (-layout[d], d))
+    if order[0] != 0:
+        return torch.cat(parts)
+    joined = torch.cat([t.permute(order) for t in parts])  # each part contiguous in this order
+    return joined.permute([order.index(d) for d in range(first.dim())])
 
 
 # --- building the stacked network -----------------------------------------------------------------

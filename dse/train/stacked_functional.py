@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
+from dse.train.batched_sums import at_alone_alignment
 from dse.train.functional import FunctionalGemms, dispatch
 from dse.train.layers import (
     BlockQuantizer,
@@ -52,6 +53,7 @@ from dse.train.stacked import (
     PerMemberOp,
     StackedGemmLayer,
     StackedMatmul,
+    _fresh_gradient,
     _gemm_quant,
 )
 
@@ -148,8 +150,9 @@ class StackedFunctionalGemms(FunctionalGemms):
             raise StackingError("a matmul with a 1-d operand (per member) does not stack")
         if quant is None:  # fp32: each member's own call. Alone torch folds x (B, n, k) @ W (k, m) into
             # one mm, whose weight gradient sums the B*n rows in another order than a batched matmul's
-            y = torch.stack([a_g @ b_g for a_g, b_g in zip(operands[0].unbind(0), operands[1].unbind(0),
-                                                           strict=True)])
+            # (each member's operands and gradient at their alignment alone: `at_alone_alignment`)
+            aligned = [at_alone_alignment(t).unbind(0) for t in operands]
+            y = torch.stack([_fresh_gradient(a_g @ b_g) for a_g, b_g in zip(*aligned, strict=True)])
         else:
             rank = max(t.dim() for t in operands)
             padded = [t.reshape(self.members, *[1] * (rank - t.dim()), *t.shape[1:]) if own else t

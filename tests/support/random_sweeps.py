@@ -12,6 +12,7 @@ so large that its members diverge. Every draw is seeded: the same seed writes th
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sqlite3
@@ -31,7 +32,7 @@ USER_NETWORKS: tuple[str, ...] = (
     "straight_through", "transposed", "scaled_scores", "attention_bias_kv", "attention_dropout",
     "checkpointed", "checkpointed_reentrant", "checkpointed_sequential", "checkpointed_plain",
     "checkpointed_layer", "checkpointed_layer_reentrant", "checkpointed_layer_plain",
-    "composable_checkpoint", "self_calling", "swish_function")
+    "composable_checkpoint", "self_calling", "swish_function", "normed", "scaled_pool")
 """Users' networks in tests/support/user_models.py (each takes digits' 64 features)."""
 MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits") for name in USER_NETWORKS)]
 """(model, dataset): a dataset names a slice in tiny_datasets.py (the built-in of that name)."""
@@ -58,13 +59,62 @@ TASK_FIELDS: tuple[str, ...] = ("model", "dataset", "data_dir", "epochs", "batch
 """A drawn training's fields that a sweep file states once, in its task."""
 
 
-def _kin(rng: random.Random, spec: str, formats: list[str]) -> str:
-    """A format of `formats` of the same kind (class) as `spec`'s: one the energy model prices beside
-    it (a GEMM of posit x fp has no datapath, and a sweep refuses it before training)."""
+def _unit(spec: str) -> tuple[str, str | None]:
+    """The energy model's datapath of a format: its unit and, block-scaled, its elements' unit (a GEMM
+    of two units the model neither shares nor converts between is refused before training)."""
+    from dse.energy.datapaths import operand
     from dse.formats import get
 
-    kind = type(get(spec))
-    return rng.choice([other for other in formats if type(get(other)) is kind])
+    priced = operand(get(spec))
+    return priced.hardware.unit, None if priced.element is None else priced.element.hardware.unit
+
+
+def _kin(rng: random.Random, spec: str, formats: list[str]) -> str:
+    """A format of `formats` on the same datapath as `spec` (`_unit`): one the energy model prices beside
+    it (a GEMM of posit x fp, or of int- x fp-element MX blocks, has no datapath)."""
+    return rng.choice([other for other in formats if _unit(other) == _unit(spec)])
+
+
+def _accumulator(rng: random.Random, specs: list[str]) -> str | None:
+    """An accumulator of ACCUMULATORS the energy model has a datapath for with every pair of the formats
+    `specs` (LNS products sum in an integer accumulator only); None where there is none."""
+    from dse.energy.datapaths import DatapathParams, datapath_for
+    from dse.energy.model import build_model
+    from dse.errors import InputError
+    from dse.formats import get
+
+    components = build_model().components
+
+    def prices(accumulator: str) -> bool:
+        try:
+            for a in specs:
+                for b in specs:
+                    datapath_for(get(a), get(b), components, DatapathParams(accumulator=accumulator))
+        except InputError:
+            return False
+        return True
+
+    fitting = [accumulator for accumulator in ACCUMULATORS if prices(accumulator)]
+    return rng.choice(fitting) if fitting else None
+
+
+@functools.cache
+def _layers(model: str, dataset: str, data_dir: Path | None) -> tuple[Any, ...]:
+    """The model's GEMM layers as per-layer rules see them (a file dataset read from `data_dir`)."""
+    from dse.data import load_dataset
+    from dse.models.proxies import build_model
+    from dse.train.functional import model_layers
+
+    data = load_dataset(dataset, None if data_dir is None else str(data_dir / dataset))
+    return tuple(model_layers(build_model(model, data), data.x_train[:2]))
+
+
+def _matches_some_layer(rule: dict[str, str], model: str, dataset: str, data_dir: Path | None) -> bool:
+    """Whether the per-layer rule matches a GEMM of the model (a sweep refuses one that matches none)."""
+    from dse.precision import LayerRule
+
+    matcher = LayerRule.from_mapping(rule)
+    return any(matcher.matches(layer) for layer in _layers(model, dataset, data_dir))
 
 
 @dataclass(frozen=True)
@@ -82,8 +132,9 @@ class DrawnTraining:
 
 
 def draw_training(rng: random.Random, model: str, dataset: str, formats: list[str] | None = None,
-                  methods: list[str] | None = None) -> DrawnTraining:
-    """A method with its format, rounding, schedule, accumulation and per-layer rules for `model`."""
+                  methods: list[str] | None = None, data_dir: Path | None = None) -> DrawnTraining:
+    """A method with its format, rounding, schedule, accumulation and per-layer rules for `model`
+    (`data_dir`: where a file dataset lies, write_file_datasets); only combinations a sweep accepts."""
     method = rng.choice(methods or METHODS)
     heavy = model in HEAVY or model.endswith(tuple(f":{name}" for name in HEAVY))
     fields: dict[str, Any] = {"model": model, "dataset": dataset, "epochs": rng.choice([1, 2]),
@@ -144,19 +195,23 @@ def draw_training(rng: random.Random, model: str, dataset: str, formats: list[st
             if rng.random() < 0.5:
                 fields["lr_warmup_epochs"] = 1
         if not heavy and rng.random() < 0.25:
-            fields["accumulation"] = rng.choice(ACCUMULATORS)
-            fields["accumulation_chunk"] = rng.choice([1, 4, 16])
+            accumulator = _accumulator(rng, [fields[name] for name in ("format", "weights", "activations",
+                                                                       "gradients") if name in fields])
+            if accumulator is not None:
+                fields.update(accumulation=accumulator, accumulation_chunk=rng.choice([1, 4, 16]))
         per_layer = rng.random()
         if per_layer < 0.15:
             fields["full_precision_layers"] = rng.choice([["first"], ["last"], ["first", "last"]])
         elif per_layer < 0.3:
             trial_format = fields.get("format", fields.get("weights", "fp32"))
-            fields["layers"] = [rng.choice([
+            rules = [rule for rule in [
                 {"match": "type:Linear", "weights": _kin(rng, trial_format, FORMATS)},
                 {"match": "type:Linear", "activations": _kin(rng, trial_format, FORMATS),
                  "gradients": _kin(rng, trial_format, FORMATS)},
                 {"match": "*", "weight_grads": _kin(rng, trial_format, FORMATS)},
-                {"match": "type:Linear", "format": "fp32"}])]
+                {"match": "type:Linear", "format": "fp32"}]
+                if _matches_some_layer(rule, model, dataset, data_dir)]
+            fields["layers"] = [rng.choice(rules)]
     diverging = method in ("sgd", "sgd-no-copy", "adam", "adamw") and rng.random() < 0.25
     return DrawnTraining(method, fields, varied, diverging)
 
@@ -194,7 +249,7 @@ def draw_sweep(rng: random.Random, output: Path, workloads: list[str] | None = N
     draws; `threads`: the executor's thread counts to draw from."""
     pool = models or [*MODELS, *(FILE_MODELS if data_dir else [])]
     model, data = rng.choice(pool)
-    drawn = draw_training(rng, model, data, methods=methods)
+    drawn = draw_training(rng, model, data, methods=methods, data_dir=data_dir)
     trial = dict(drawn.fields)
     task = {name: trial.pop(name) for name in TASK_FIELDS if name in trial}
     if data in ("mnist", "cifar10"):

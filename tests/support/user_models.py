@@ -443,6 +443,37 @@ def normed(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Normed(shape[0], classes)
 
 
+class ChannelScale(nn.Module):
+    """A layer with a weight of its own (run member by member in a group) that returns a view in another
+    order of dimensions: tokens (B, L, C) scaled per channel, as (B, C, L)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x * self.weight).transpose(1, 2)
+
+
+class ScaledPool(nn.Module):
+    """Tokens from a Linear, scaled per channel by `ChannelScale` and summed over the tokens (a
+    reduction whose order follows the layout of the scaled view), a head."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, 8 * 16)
+        self.scale = ChannelScale(16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = torch.tanh(self.embed(x)).reshape(len(x), 8, 16)
+        return self.head(self.scale(tokens).sum(-1))
+
+
+def scaled_pool(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ScaledPool(shape[0], classes)
+
+
 class Frozen(nn.Module):
     """Fine-tuning: a frozen first layer and a frozen norm (requires_grad=False), a trained convolution, a
     layer whose weight is frozen and whose bias trains, a trained head."""

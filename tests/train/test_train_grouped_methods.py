@@ -192,9 +192,10 @@ def test_a_stacked_linear_where_torchs_batched_gemm_sums_otherwise_equals_each_m
     dy = torch.randn(members, rows, fout, generator=source)
     op, alone = StackedLinearOp(), LinearOp()
     y, (dx, dw) = op.forward(x, w, b), op.backward(dy, x, w, True, True)
-    for g in range(members):
-        dx_g, dw_g = alone.backward(dy[g], x[g], w[g], True, True)
-        assert torch.equal(y[g], alone.forward(x[g], w[g], None if b is None else b[g]))
+    for g in range(members):  # alone: fresh tensors (a member's slice here may start off their alignment)
+        x_g, w_g, dy_g = x[g].clone(), w[g].clone(), dy[g].clone()
+        dx_g, dw_g = alone.backward(dy_g, x_g, w_g, True, True)
+        assert torch.equal(y[g], alone.forward(x_g, w_g, None if b is None else b[g].clone()))
         assert dx is not None and dw is not None and torch.equal(dx[g], dx_g) and torch.equal(dw[g], dw_g)
     assert bmm_sums_as_mm(rows, fin, fout) == (features == (10, 10))
 
