@@ -227,11 +227,6 @@ def _library_state(device: torch.device) -> tuple[object, ...]:
             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE"))
 
 
-MKL_DEFAULT_REPRODUCIBILITY = 1
-"""`mkl_cbwr_get(MKL_CBWR_ALL)` where nothing asked MKL for conditional numerical reproducibility
-(MKL_CBWR_BRANCH_OFF): MKL picks its kernels for the CPU, as where `bmm_sums_as_mm` was measured."""
-
-
 @functools.cache
 def _mkl_reproducibility_mode() -> Callable[[], int] | None:
     """MKL's `mkl_cbwr_get`, as torch's statically linked MKL exports it (`mkl_serv_cbwr_get`), or

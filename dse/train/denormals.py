@@ -135,7 +135,8 @@ _TEAM_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 @cache
 def _gnu_openmp() -> ctypes.CDLL | None:
     """The libgomp that torch's intra-op threads run on, or None where torch's parallel backend is
-    not OpenMP, or no libgomp loaded in this process (this is not Linux: no /proc/self/maps) is it.
+    not OpenMP, or no libgomp loaded in this process (this is not Linux: no /proc/self/maps; or its
+    file cannot be opened again, replaced on disk since) is it.
     A process may hold several (scikit-learn's wheels bring their own): the one is the instance whose
     thread count follows `torch.set_num_threads` (the count is each instance's own); opening a loaded
     library's path again gives that same instance."""
@@ -147,7 +148,10 @@ def _gnu_openmp() -> ctypes.CDLL | None:
     except OSError:
         return None
     for path in sorted(p for p in paths if p.startswith("/")):
-        library = ctypes.CDLL(path)
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:  # a mapped file replaced since (its path reads "... (deleted)"): not openable
+            continue
         if hasattr(library, "GOMP_parallel") and hasattr(library, "omp_get_max_threads") \
                 and _is_torchs(library):
             library.GOMP_parallel.argtypes = [_TEAM_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]

@@ -112,8 +112,9 @@ def test_a_stack_of_members_quantizes_each_member_as_alone(
     x, axes = case
     flushing = bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)  # the caller's setting, put back after
     threads = torch.get_num_threads()
-    # One thread, as training's default: at 2 threads with denormals flushed a member's subnormal
-    # element came out otherwise than alone (docs/training.md, NVFP4's members in one pass; open)
+    # One thread: torch.set_flush_denormal sets the calling thread only, so at 2 threads a worker of
+    # torch's pool could keep subnormals (a member's element then came out otherwise than alone);
+    # training flushes every thread of its team (dse/train/denormals.py), this test the caller only
     torch.set_num_threads(1)
     torch.set_flush_denormal(flush)
     try:
