@@ -269,7 +269,7 @@ def phase_steps(cfg: TrainConfig, members: int, d: Dataset) -> list[Callable[[An
     import torch
 
     from dse.models.proxies import build_model
-    from dse.train.grouped import _quantized_setup
+    from dse.train.grouped import _niti_setup, _quantized_setup
     from dse.train.loop import EXAMPLE_SAMPLES, prepare
 
     example = d.x_train[:EXAMPLE_SAMPLES]
@@ -288,7 +288,8 @@ def phase_steps(cfg: TrainConfig, members: int, d: Dataset) -> list[Callable[[An
         torch.manual_seed(member.seed)
         models.append(build_model(member.model, d))
     generators = [torch.Generator().manual_seed(c.seed) for c in configs]
-    group = _quantized_setup(models, configs, generators, example)
+    method = _niti_setup if cfg.optimizer == "niti" else _quantized_setup  # as train_group picks
+    group = method(models, configs, generators, example)
     group.on_epoch_start(0)
     index = batch.expand(members, -1)
     x, y = d.x_train[index], d.y_train[index]

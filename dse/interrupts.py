@@ -90,11 +90,21 @@ def _replace(handler: Callable[[int, Any], None]) -> None:
             signal.signal(number, handler)
 
 
+def _a_worker_importing_its_parents_main() -> bool:
+    """Whether this process is a multiprocessing worker (spawned, or forked from the fork server) that
+    imports its parent's main module, `dse` itself, before it runs its task (multiprocessing's own
+    mark for that: `_inheriting`, spawn.py)."""
+    process = sys.modules.get("multiprocessing.process")
+    return process is not None and bool(getattr(process.current_process(), "_inheriting", False))
+
+
 def stop_while_starting() -> None:
     """Until `CommandSignals.start`, a signal prints its line and ends the process at once: it comes
     while `dse` imports (nothing is written yet), where a KeyboardInterrupt would be a traceback from
-    inside an import and SIGTERM would kill the process silently."""
-    _replace(_stopped_while_starting)
+    inside an import and SIGTERM would kill the process silently. Not in a sweep's worker importing
+    `dse` as its parent's main module: the sweep stops it with SIGTERM, which ends it silently."""
+    if not _a_worker_importing_its_parents_main():
+        _replace(_stopped_while_starting)
 
 
 @contextmanager
@@ -145,7 +155,7 @@ class CommandSignals:
         self.said = False
         self.late: list[int] = []
         self.code = 0
-        """The exit code the command returned (`end`)."""
+        """The exit code the process ends with: its signal's once said (`say`), else the command's (`end`)."""
 
     def begin(self) -> None:
         """A command line is read: nothing said or recorded yet (a CliRunner reads several in one process)."""
@@ -168,7 +178,7 @@ class CommandSignals:
     def say(self, interrupted: Interrupted) -> int:
         """Print the line of `interrupted` (unless one was said) and return its exit code."""
         if not self.said:
-            self.said = True
+            self.said, self.code = True, interrupted.exit_code  # (what a second signal exits with: `record`)
             print(self.line(interrupted), file=sys.stderr, flush=True)
         return interrupted.exit_code
 

@@ -915,7 +915,7 @@ class NumberFormat(ABC):
         return round_to_float32(self.max)
 
     def scale_from_amax(self, amax: Tensor) -> Tensor:
-        """The divisor that maps max|x| onto the grid; 1 where max|x| is zero or not finite.
+        """The divisor that maps max|x| onto the grid; 1 where max|x| or the divisor is zero or not finite.
 
         Five small operations on the device: on a GPU each is a kernel launch, which costs more
         than its arithmetic on a per-tensor or per-channel max.
@@ -931,7 +931,9 @@ class NumberFormat(ABC):
             scale = power_of_two(pow2_ceil_exponent(safe / grid_max)).to(amax.dtype)
         else:
             scale = amax / grid_max
-            usable &= scale > 0  # amax / max below the dtype's smallest subnormal: a zero divisor
+            # amax / max below the dtype's smallest subnormal (a zero divisor) or past its max (float64
+            # max|x| over a max below 1: an inf divisor, x / inf * inf NaN): 1, as pow2 has it
+            usable &= (scale > 0) & (scale < math.inf)
         return torch.where(usable, scale, one)
 
 

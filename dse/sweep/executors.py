@@ -326,7 +326,7 @@ def _on_cuda(job: Job) -> bool:
 @contextmanager
 def _own_sigterm_handler() -> Iterator[None]:
     """Keep this process's SIGTERM handler across `ray.init`, which replaces it with `sys.exit(15)`:
-    the sweep's handler (dse/sweep/interrupt.py) stops the tasks and exits with 143."""
+    the sweep's handler (dse.interrupts.signals_interrupt) stops the tasks and exits with 143."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

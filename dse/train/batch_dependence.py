@@ -14,6 +14,10 @@ sums of the same rows in another order do not. The forwards run on the meta devi
 values: they cost next to nothing at any size) where they can, on the network's own device where
 they read a value (`.item()`, a branch on a tensor).
 
+An int that a group passes G times as large (a size) is taken for one only if a group of G + 1
+passes G + 1 times it too: a branch's int can be G times the one alone by chance (1 alone, 2 in a
+group of 2, where 2 is the only count a sweep of two seeds checks).
+
 Not found here: a size scaled by G that is not a size (`h / len(h)`, `torch.arange(len(h))`) looks
 like one to the calls; its values differ at any two sizes, so `stack_reason`'s forward of 2 members
 finds it. And a call made inside another torch call (torch's own code) is not recorded.
@@ -205,14 +209,41 @@ def batch_size_reason(model: nn.Module, example: Tensor, forwards: Iterable[Forw
         traces = _Traces(model, example)
         for forward in dict.fromkeys(forwards):
             for g in counts:
-                try:
-                    alone, folded = traces.pair(forward, g)
-                except Exception as error:  # a forward that fails at one size: other paths at other sizes
-                    return _found(f"its forward fails on one of them: {type(error).__name__}", forward, g)
-                difference = _difference(alone, folded, g)
-                if difference is not None:
-                    return _found(difference, forward, g)
+                reason = _pair_reason(traces, forward, g)
+                if reason is None and _scales_an_int(*traces.pair(forward, g)):
+                    # a branch's int may be G times the one alone by chance (1 alone, 2 in a group of
+                    # 2); a size is G' times it at every count G': a second count tells them apart
+                    reason = _pair_reason(traces, forward, g + 1)
+                    if reason is not None:
+                        reason += f"; a group of {g} passes {g} times an int alone passes, not a size"
+                if reason is not None:
+                    return reason
     return None
+
+
+def _pair_reason(traces: _Traces, forward: Forward, members: int) -> str | None:
+    try:
+        alone, folded = traces.pair(forward, members)
+    except Exception as error:  # a forward that fails at one size: other paths at other sizes
+        return _found(f"its forward fails on one of them: {type(error).__name__}", forward, members)
+    difference = _difference(alone, folded, members)
+    return None if difference is None else _found(difference, forward, members)
+
+
+def _ints(described: Any) -> Iterator[int]:
+    """The plain ints of an argument as `_described` gives it (not a tensor's shape)."""
+    if isinstance(described, int) and not isinstance(described, bool):
+        yield described
+    elif isinstance(described, tuple):
+        for item in described:
+            yield from _ints(item)
+
+
+def _scales_an_int(alone: list[Call], folded: list[Call]) -> bool:
+    """Whether a call of `folded` passes another int than its call of `alone` (calls that match)."""
+    return any(a != b for (_, args), (_, others) in zip(alone, folded, strict=True)
+               for arg, other in zip(args, others, strict=True)
+               for a, b in zip(_ints(arg), _ints(other), strict=True))
 
 
 def _found(difference: str, forward: Forward, members: int) -> str:

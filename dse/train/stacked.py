@@ -816,22 +816,25 @@ def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> A
 
 
 def cat_as_alone(parts: list[Tensor]) -> Tensor:
-    """Members' outputs joined along their first axis, each member's rows in the memory layout they have
-    alone where that axis is outermost in it.
+    """Members' outputs joined along their first axis, each member's rows in the order of axes in memory
+    they have alone: the parts joined along the batch axis where it lies in that order (its strides
+    alone where it is outermost; where not, the axes outside it stride over all members, as a
+    sequence-first layout's do).
 
     torch.cat keeps a contiguous or channels-last layout and makes any other contiguous, and a layout
     decides the order of later reductions: a layer with a weight of its own that returns its tokens
     (B, L, C) scaled per channel as a (B, C, L) view, summed over L after it, summed in another order
     in a group than alone (a digits network of it: member 0's final loss 2.3300538063049316 grouped
-    against 2.330053726832072 alone, fp32)."""
+    against 2.330053726832072 alone, fp32); so did a (B, C) view of a (C, B) tensor summed over C.
+    A layout that is not dense (an expanded or sliced view) has no joined equal: torch.cat's."""
     first = parts[0]
-    layout = torch.empty_like(first).stride()  # dense, in first's order of dimensions
-    if first.is_contiguous() or layout != first.stride() or any(t.stride() != first.stride() for t in parts):
+    if first.is_contiguous():  # the common case first (the built-in proxies' layers)
         return torch.cat(parts)
-    order = sorted(range(first.dim()), key=lambda d: (-layout[d], d))
-    if order[0] != 0:
-        return torch.cat(parts)
-    joined = torch.cat([t.permute(order) for t in parts])  # each part contiguous in this order
+    strides = first.stride()
+    if torch.empty_like(first).stride() != strides or any(t.stride() != strides for t in parts):
+        return torch.cat(parts)  # not dense, or the members' layouts differ
+    order = sorted(range(first.dim()), key=lambda d: (-strides[d], d))
+    joined = torch.cat([t.permute(order) for t in parts], order.index(0))  # each part contiguous so
     return joined.permute([order.index(d) for d in range(first.dim())])
 
 

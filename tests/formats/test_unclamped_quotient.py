@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dse.formats import get
 from dse.formats.base import MemberGenerators, significand_digits
-from dse.formats.fast import recording, reference_only
+from dse.formats.fast import device_path, recording, reference_only
 from dse.formats.fast.scales import UNCLAMPED_QUOTIENT, host_scale_of_amax
 from dse.formats.fixed import FixedPoint
 
@@ -240,6 +240,26 @@ def test_a_ratio_past_float64s_max_keeps_the_clamp() -> None:
         with reference_only():
             assert_same_bits(together[g], fmt.quantize(stack[g]))
     assert float(together[0, 0]) == fmt.max
+
+
+@pytest.mark.parametrize("spec", ["fixed(24,49,scale=tensor)", "fixed(24,49,scale=tensor,pow2=1)"])
+def test_a_ratio_past_float64s_max_saturates_on_every_path(spec: str) -> None:
+    """Finite inputs whose ratio max|x| / max overflows float64 saturate at the grid's ends, with or
+    without pow2, alone (host scale, reference, device path) and as a member: without pow2 the scale
+    was that inf ratio, and x / inf * inf made every element NaN, 1.0 and 0.5 included."""
+    fmt = fixed(spec)
+    x = torch.tensor([5e300, -5e300, 1.0, 0.5], dtype=torch.float64)
+    assert x[0] / fmt.max == math.inf
+    with reference_only():
+        reference = fmt.quantize(x)
+    with device_path():
+        on_device = fmt.quantize(x)
+    stack = torch.stack([x, x / 2**60])
+    results = {"alone": fmt.quantize(x), "device": on_device, "member": fmt.quantize_members(stack)[0]}
+    for result in (reference, *results.values()):
+        assert result.tolist() == [fmt.max, fmt.lowest_code * fmt.min_positive, fmt.max, fmt.max]
+    for result in results.values():
+        assert_same_bits(result, reference)
 
 
 @st.composite

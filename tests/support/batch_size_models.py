@@ -113,3 +113,16 @@ class Normed(nn.Module):
         self.forwards += 1
         noise = torch.rand(()) * 0 + random.random() * 0 + float(np.random.rand()) * 0
         return self.head(torch.relu(self.norm(self.a(x)))) + noise
+
+
+class IntFactor(_Head):
+    """An int factor chosen by the batch's size: 1 below 10 rows, 2 from there (at 7 rows a group of 2
+    passes 2, twice the 1 alone: a size's scaling, by chance)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.head(h * (1 if x.shape[0] < 10 else 2))
+
+
+def int_factor(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return IntFactor(shape[0], classes)

@@ -32,7 +32,7 @@ USER_NETWORKS: tuple[str, ...] = (
     "straight_through", "transposed", "scaled_scores", "attention_bias_kv", "attention_dropout",
     "checkpointed", "checkpointed_reentrant", "checkpointed_sequential", "checkpointed_plain",
     "checkpointed_layer", "checkpointed_layer_reentrant", "checkpointed_layer_plain",
-    "composable_checkpoint", "self_calling", "swish_function", "normed", "scaled_pool")
+    "composable_checkpoint", "self_calling", "swish_function", "normed", "scaled_pool", "batch_inner")
 """Users' networks in tests/support/user_models.py (each takes digits' 64 features)."""
 MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits") for name in USER_NETWORKS)]
 """(model, dataset): a dataset names a slice in tiny_datasets.py (the built-in of that name)."""

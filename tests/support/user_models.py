@@ -474,6 +474,23 @@ def scaled_pool(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ScaledPool(shape[0], classes)
 
 
+class BatchInnerScale(nn.Module):
+    """A layer with a weight of its own (run member by member in a group) that works on its input
+    batch-innermost: (B, C) in, scaled per channel as a contiguous (C, B), returned as a (B, C) view."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.t().contiguous() * self.weight[:, None]).t()
+
+
+def batch_inner(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A Linear, `BatchInnerScale` and a head (a GEMM of its batch-innermost output)."""
+    return nn.Sequential(nn.Linear(shape[0], 40), nn.Tanh(), BatchInnerScale(40), nn.Linear(40, classes))
+
+
 class Frozen(nn.Module):
     """Fine-tuning: a frozen first layer and a frozen norm (requires_grad=False), a trained convolution, a
     layer whose weight is frozen and whose bias trains, a trained head."""

@@ -82,23 +82,46 @@ def _resume(text: str, out: Path, before: dict[str, tuple[Any, ...]]) -> None:
     assert all(after[trial] == row for trial, row in before.items())
 
 
-_BACKENDS = [pytest.param("local", signal.SIGTERM, id="local-SIGTERM"),
-             pytest.param("local", signal.SIGINT, id="local-SIGINT"),
-             pytest.param("ray", signal.SIGTERM, id="ray-SIGTERM",
+_CONSOLE_SCRIPT = """\
+import re
+import sys
+from dse.cli import app
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(app())
+"""
+"""The `dse` program as pip installs it (pyproject's [project.scripts]): its workers, spawned or forked
+from the fork server, import it as their parent's main module before they run a job."""
+
+
+def _dse_program(folder: Path) -> list[str]:
+    """The command line that runs `dse` as an installed one does (argv[0] named `dse`)."""
+    (folder / "bin").mkdir()
+    (folder / "bin" / "dse").write_text(_CONSOLE_SCRIPT)
+    return [sys.executable, str(folder / "bin" / "dse")]
+
+
+_BACKENDS = [pytest.param("local", signal.SIGTERM, "dse", id="local-SIGTERM"),
+             pytest.param("local", signal.SIGINT, "-m", id="local-SIGINT"),
+             pytest.param("ray", signal.SIGTERM, "dse", id="ray-SIGTERM",
                           marks=pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                                    reason="Ray is not installed"))]
 
 
-@pytest.mark.parametrize(("backend", "number"), _BACKENDS)
+@pytest.mark.parametrize(("backend", "number", "program"), _BACKENDS)
 def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
-        backend: str, number: signal.Signals, tmp_path: Path, repo_root: Path,
+        backend: str, number: signal.Signals, program: str, tmp_path: Path, repo_root: Path,
         process_tree: Callable[[int], dict[int, str]],
         survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """Run as the installed `dse` and as `python -m dse.cli`. As `dse`, each local worker printed
+    `interrupted by SIGTERM` above the sweep's line as the sweep stopped it: importing its parent's
+    main module (`dse`) had set the handlers of a command starting."""
     out, config, errors = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "stderr.txt"
     config.write_text(_text(out, backend))
     env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = _dse_program(tmp_path) if program == "dse" else [sys.executable, "-m", "dse.cli"]
     with errors.open("wb") as stderr:  # a file: a pipe would be held open by any surviving worker
-        process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config), "-q"],
+        process = subprocess.Popen([*command, "sweep", str(config), "-q"],
                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
                                    env=env, cwd=repo_root)
     try:
@@ -319,6 +342,40 @@ def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() ->
         process.kill()
     lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
     assert process.returncode == 130 and lines == ["interrupted by SIGINT"], (process.returncode, lines)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda n: n.name)
+def test_a_signal_while_a_command_runs_unwinds_it(number: signal.Signals) -> None:
+    """Once `dse` runs its command, a signal raises Interrupted there, so that what is being written
+    unwinds (a dataset's temporary file removed, the fork server stopped by its exit handler), where
+    `dse` starting ends at once: a signal after `CommandSignals.start` reaches the command's `finally`."""
+    script = ("import os, signal, sys, time\n"
+              "from dse.interrupts import COMMAND_SIGNALS, Interrupted, stop_while_starting\n"
+              "stop_while_starting()\nCOMMAND_SIGNALS.ends_process = True\nCOMMAND_SIGNALS.start()\n"
+              "try:\n    os.kill(os.getpid(), int(sys.argv[1]))\n    time.sleep(30)\n"
+              "except Interrupted as error:\n    print('unwound', error.signal_number)\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script, str(int(number))], capture_output=True, text=True,
+                          env=env, timeout=60, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"unwound {int(number)}\n", "")
+
+
+def test_a_second_signal_before_a_stopped_command_ends_exits_with_the_first_signals_code() -> None:
+    """A command stopped by SIGTERM has said its line; a Ctrl-C after it returned, before the process
+    ends (`CommandSignals.end`), ends the process at once: with 143, not the 0 of a command that
+    succeeded (the exit code it returned was not yet known there)."""
+    script = ("import os, signal\nfrom dse.interrupts import CommandSignals, Interrupted\n"
+              "signals = CommandSignals()\nsignals.ends_process = True\n"
+              "signals.say(Interrupted(signal.SIGTERM))\n"  # the command stopped, its line said
+              "signals.recorded()\n"  # it has returned
+              "os.kill(os.getpid(), signal.SIGINT)\n"
+              "signals.end(143)\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=60, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr) == (143, "interrupted by SIGTERM\n")
 
 
 def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback() -> None:

@@ -53,6 +53,19 @@ def test_a_forward_that_switches_its_activation_on_the_batch_size_trains_one_by_
     assert [r.final_loss for r in stacked] != [r.final_loss for r in alone]
 
 
+def test_an_int_that_a_group_of_two_doubles_by_chance_is_found(subset: Any) -> None:
+    """h * (1 if len(h) < 10 else 2) at 7 rows: a group of 2 passes 2 where alone passes 1, as a size
+    would scale; groups of 2 (a sweep of two seeds) check no other count, so a group of 3 tells them
+    apart. The ablation: the stacked loop forced trains otherwise than alone."""
+    data = with_validation(subset("digits", 400, 100))
+    configs = [SILU.replace(model=f"{SIZE_MODELS}:int_factor", seed=seed) for seed in (3, 4)]
+    reason = group_reason(configs[0], data=data, members=[2])
+    assert reason is not None and DEPENDS in reason and "Tensor.mul" in reason, reason
+    alone = [train(config, data) for config in configs]
+    assert [_without_time(r) for r in train_group(configs, data)] == [_without_time(r) for r in alone]
+    assert [r.final_loss for r in _train_group(configs, data)] != [r.final_loss for r in alone]
+
+
 def test_a_sweep_trains_a_batch_size_dependent_network_one_by_one_and_says_why(tmp_path: Path) -> None:
     from dse.sweep import parse_config, run_sweep
     from dse.sweep.executors import InlineExecutor

@@ -108,8 +108,8 @@ def test_a_grouped_fold_keeps_each_operation_under_torchs_parallel_grain_and_equ
     torch.set_num_threads(threads)
     try:
         folded, sizes = _operation_sizes(lambda: accumulation.matmul_backward_b(a, dy, stacked_acc))
-        alone = [accumulation.matmul_backward_b(a[g], dy[g], accumulation.Accumulator(quant, 4))
-                 for g in range(members)]
+        alone = [accumulation.matmul_backward_b(a[g].clone(), dy[g].clone(),  # alone: fresh tensors
+                                                accumulation.Accumulator(quant, 4)) for g in range(members)]
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(folded, torch.stack(alone))
@@ -130,6 +130,11 @@ def test_a_grouped_fold_keeps_each_operation_under_torchs_parallel_grain_and_equ
 # a group of one member: its fold took the plain batched path, unchecked by the small-product rule
 # (a 6 x 3 x 12 chunk through torch's bmm loop: one forward element off in its last bit before)
 @example(members=1, rows=6, features=(15, 12), chunk=3, accumulator="fp16", grain=2, threads=1, seed=15)
+# the reference was each member's slice, not its tensor alone: member 1's sliced 24 and 16 bytes past
+# 64 (blocks 5336 and 464 bytes apart), where MKL on an AMD EPYC summed the matmul's backward-a chunks
+# (23 x 16 x 2, 23 x 13 x 2) otherwise than on fresh tensors, which the group matches
+@example(members=3, rows=23, features=(2, 29), chunk=16, accumulator="fp16", grain=2**62, threads=1,
+         seed=5237)
 def test_a_stacked_linear_and_matmul_fold_equal_each_members_gemms_alone_whatever_the_runs(
         members: int, rows: int, features: tuple[int, int], chunk: int, accumulator: str, grain: int,
         threads: int, seed: int) -> None:
@@ -235,12 +240,15 @@ def _folded_and_alone(members: int, rows: int, features: tuple[int, int], chunk:
         together = [op.forward_accumulated(x, w, None, group), dx, dw,
                     accumulation.matmul_forward(a, b, group), accumulation.matmul_backward_a(e, b, group),
                     accumulation.matmul_backward_b(a, e, group)]
-        each = [[accumulation.linear_forward(x[g], w[g], alone[g]),
-                 accumulation.linear_backward_data(dy[g], w[g], alone[g]),
-                 accumulation.linear_backward_weight(dy[g], x[g], alone[g]),
-                 accumulation.matmul_forward(a[g], b[g], alone[g]),
-                 accumulation.matmul_backward_a(e[g], b[g], alone[g]),
-                 accumulation.matmul_backward_b(a[g], e[g], alone[g])] for g in range(members)]
+        each = []
+        for g in range(members):  # alone: fresh tensors (a member's slice here may start off their alignment)
+            x_g, w_g, dy_g, a_g, b_g, e_g = (t[g].clone() for t in (x, w, dy, a, b, e))
+            each.append([accumulation.linear_forward(x_g, w_g, alone[g]),
+                         accumulation.linear_backward_data(dy_g, w_g, alone[g]),
+                         accumulation.linear_backward_weight(dy_g, x_g, alone[g]),
+                         accumulation.matmul_forward(a_g, b_g, alone[g]),
+                         accumulation.matmul_backward_a(e_g, b_g, alone[g]),
+                         accumulation.matmul_backward_b(a_g, e_g, alone[g])])
     finally:
         stacked.PARALLEL_GRAIN = grain_before
         torch.set_num_threads(previous)

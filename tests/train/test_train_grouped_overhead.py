@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dse.data import load_dataset
 from dse.models.proxies import build_model
 from dse.train import TrainConfig
-from dse.train.grouped import _quantized_setup
+from dse.train.grouped import StackedOptimizer, _quantized_setup
 from dse.train.loop import EXAMPLE_SAMPLES, _run_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,3 +85,75 @@ def test_a_group_of_one_run_equals_each_member_alone_bit_for_bit(
         fields: dict[str, Any], digits: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
     results = stacked_same_as_alone([BASE.replace(seed=seed, **fields) for seed in range(3)], digits)
     assert len({r["final_loss"] for r in results}) == 3  # the members are distinct runs
+
+
+def _stepped(configs: list[TrainConfig], grads: list[list[torch.Tensor]], runs_per_member: bool,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """The stacked parameters after stepping `grads` (one list per step), and each member's optimizer
+    state tensors; `runs_per_member`: every member in a run of its own, on its slices (the path a
+    group whose members' hyperparameters all differ takes, and every run took before f04c273)."""
+    with monkeypatch.context() as patch:
+        if runs_per_member:
+            patch.setattr(StackedOptimizer, "_runs",
+                          staticmethod(lambda c: [(g, g + 1) for g in range(len(c))]))
+        setup, _ = _group(configs)
+    setup.on_epoch_start(0)
+    params = list(setup.model.parameters())
+    for step in grads:
+        for p, grad in zip(params, step, strict=True):
+            p.grad = grad.clone()
+        setup.step()
+        setup.zero_grad()
+    optimizer = setup.step.__self__
+    states = []
+    for g in range(len(configs)):
+        start, _, torch_optimizer, views = next(run for run in optimizer.runs if run[0] <= g < run[1])
+        states.append([value[g - start] if value.dim() else value
+                       for view in views for value in torch_optimizer.state[view].values()])
+    return [p.detach() for p in params], states
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@settings(max_examples=12, deadline=None)
+@given(optimizer=st.sampled_from(["sgd", "adam", "adamw"]), momentum=st.sampled_from([0.0, 0.9]),
+       weight_decay=st.sampled_from([0.0, 1e-3]), format=st.sampled_from([None, "int8", "bf16"]),
+       master_weights=st.sampled_from([True, False, "fixed(16,8)"]),
+       optimizer_state=st.sampled_from([None, "bf16"]), lr=st.sampled_from([None, 0.5]),
+       broken=st.sampled_from([None, 0, 2]), seed=st.integers(0, 2**16))
+def test_a_run_of_every_member_steps_each_member_as_a_run_of_its_own_would(
+        optimizer: str, momentum: float, weight_decay: float, format: str | None, master_weights: bool | str,
+        optimizer_state: str | None, lr: float | None, broken: int | None, seed: int) -> None:
+    """Stepping the stacked parameters themselves (one run of every member) leaves each member's
+    weights and optimizer state bit for bit where stepping its own slices leaves them, including a
+    member whose gradient turns NaN and inf (a diverging member: the tally gives it its weights back,
+    and the others must not see it)."""
+    configs = [BASE.replace(seed=g, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
+                            format=format, master_weights=master_weights, optimizer_state=optimizer_state,
+                            lr=lr) for g in range(3)]
+    shapes = [p.shape for p in _group(configs[:1] * 2)[0].model.parameters()]
+    shapes = [(3, *shape[1:]) for shape in shapes]
+    generator = torch.Generator().manual_seed(seed)
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+    if broken is not None:
+        grads[1][0][broken].fill_(float("nan"))
+        grads[2][-1][broken].fill_(float("inf"))
+    with pytest.MonkeyPatch.context() as monkeypatch, _run_settings(1):
+        whole, whole_states = _stepped(configs, grads, False, monkeypatch)
+        sliced, sliced_states = _stepped(configs, grads, True, monkeypatch)
+    for p, q in zip(whole, sliced, strict=True):
+        assert torch.equal(_bits(p), _bits(q))
+    for own, theirs in zip(whole_states, sliced_states, strict=True):
+        assert len(own) == len(theirs)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(own, theirs, strict=True))
+
+
+def test_a_diverging_member_of_a_group_of_one_run_equals_its_run_alone(
+        digits: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
+    """fp16 at lr 25: seed 0 overflows in the first epoch, seeds 1 and 2 do not; all three share one
+    run of the optimizer, which steps the diverged member's weights along with the others'."""
+    base = BASE.replace(format="fp16", lr=25.0, epochs=2)
+    results = stacked_same_as_alone([base.replace(seed=seed) for seed in range(3)], digits)
+    assert [r["diverged"] for r in results] == [True, False, False]

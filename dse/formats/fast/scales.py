@@ -74,7 +74,7 @@ def host_scale_of_amax(fmt: NumberFormat, amax: float, dtype: torch.dtype) -> fl
     else:
         ratio = amax / fmt.max
     if not fmt.scaling.pow2:
-        return ratio if ratio > 0.0 else 1.0  # as scale_from_amax: never a zero divisor
+        return ratio if 0.0 < ratio < math.inf else 1.0  # as scale_from_amax: never a zero or inf divisor
     mantissa, exponent = math.frexp(ratio)
     exponent -= mantissa == 0.5
     # float64 ratio >= the smallest subnormal (or 0: exponent 0), so 2^exponent is a float64 value
@@ -89,7 +89,7 @@ def quotients_within_max(fmt: NumberFormat, amax: float, scale: float, dtype: to
     rounded once, s >= (max|x| / max) (1 - u) (a power of two above it only lowers the quotients), so
     |x / s| <= max|x| / s <= max / (1 - u) and its rounding at most max (1 + u) / (1 - u). Not where
     max|x| is inf or NaN (scale 1, the values unbounded), the ratio overflows (float64 max|x| over a
-    max below 1: with pow2 its scale is the 1 that stands for it, the quotients up to max|x|) or the
+    max below 1: its scale is the 1 that stands for it, the quotients up to max|x|) or the
     ratio was flushed or replaced (a subnormal ratio, rounded with a larger relative error, or the 1
     that stands for a zero one)."""
     ratio = amax / (fmt.max_float32 if dtype == torch.float32 else fmt.max)  # as host_scale_of_amax
