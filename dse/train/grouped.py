@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
-from dse.models.proxies import build_model
+from dse.models.proxies import MODELS, build_model
 from dse.train.batch_dependence import Forward, batch_size_reason, forwards_of
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
@@ -94,7 +94,10 @@ def group_reason(config: TrainConfig, model: nn.Module | None = None, data: Data
         reason = stack_reason(model, example)
     if reason is None:
         reason = backward_reason(model, example)
-    if reason is None:
+    if reason is None and config.model not in MODELS:
+        # a user's network only: dse's own proxies are checked once, by a test
+        # (test_the_built_in_proxies_and_the_example_network_do_not_depend_on_the_batch_size), since the
+        # check's first meta-device forward imports torch._dynamo (0.8 s in every process that groups)
         reason = batch_size_reason(model, example, run_forwards(config, data), members)
     return None if reason is None else f"model {config.model!r}: {reason}"
 
