@@ -84,13 +84,13 @@ def at_alone_alignment(t: Tensor) -> Tensor:
         return t
     members = t.shape[0]
     spanned = members * strides[0]
-    if strides[0] * t.element_size() % (ALIGNMENT_BYTES["cpu" if t.is_cpu else "other"]) == 0 \
-            and max(strides[1:], default=0) < spanned:
+    aligned = strides[0] * t.element_size() % alignment_bytes(t) == 0
+    if aligned and max(strides[1:], default=0) < spanned:
         return t  # (the common case, checked first: a built-in proxy's every GEMM operand passes here)
     if members <= 1 or t.numel() == 0:
         return t
     inner = tuple(s // members if s >= spanned and s % spanned == 0 else s for s in strides[1:])
-    if strides[0] * t.element_size() % alignment_bytes(t) == 0 and inner == strides[1:]:
+    if aligned and inner == strides[1:]:
         return t
     if _overlaps(t.shape[1:], inner):  # a broadcast member tensor: dense in its order of axes instead
         inner = torch.empty_like(t[0]).stride()
