@@ -9,17 +9,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-
-def _flushes_denormals() -> bool:
-    """Whether this thread flushes float32 denormals (set_flush_denormal returns support, not state)."""
-    return bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)
+from dse.train.denormals import flushes_denormals
 
 
 @pytest.fixture(autouse=True)
 def _denormal_flushing_is_restored() -> Iterator[None]:
-    before = _flushes_denormals()
+    before = flushes_denormals()
     yield
-    after = _flushes_denormals()
+    after = flushes_denormals()
     if after != before:
         torch.set_flush_denormal(before)  # (the next tests run as they would alone)
         pytest.fail(f"the test left denormal flushing {'on' if after else 'off'} (it found it "

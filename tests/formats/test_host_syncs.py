@@ -18,6 +18,7 @@ import torch
 from dse.formats import ZOO, get
 from dse.formats.base import MemberGenerators, NumberFormat, to_blocks
 from dse.formats.fast import FAST_PATHS, device_path, host_shortcuts
+from dse.train.denormals import flushes_denormals
 
 EXTRA = ["int8(scale=channel,axis=0)", "int8(pow2=1)", "fp8_e4m3(scale=tensor)", "posit8(scale=tensor)",
          "lns(12,gamma=16,pow2=1)", "lns(8,gamma=8)", "fp(e=4,m=3,subnormals=0)", "block(fp6_e2m3,16,ue5m3)",
@@ -103,7 +104,7 @@ def test_the_device_path_gives_the_cpu_paths_bits(spec: str, flush: bool) -> Non
     kept and flushed (as training runs; float32 there, the dtype training runs in: the CPU's cast of
     float64 into fp32 flushes a float32 subnormal that float64 holds): the device path equals the
     CPU path (whose fast paths equal the references: test_fast_paths.py)."""
-    previous = torch.tensor([1e-39], dtype=torch.float32).mul(1.0)[0] == 0
+    previous = flushes_denormals()
     torch.set_flush_denormal(flush)
     fmt = get(spec)
     try:
@@ -132,7 +133,7 @@ def test_e8m0_scales_need_no_exact_fallback_where_subnormals_are_kept(spec: str)
     x = _probe(torch.float32)
     blocks, _, _ = to_blocks(x, fmt.scaling.axis, fmt.scaling.block_size)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    previous = torch.tensor([1e-39], dtype=torch.float32).mul(1.0)[0] == 0
+    previous = flushes_denormals()
     torch.set_flush_denormal(False)
     try:
         for rounding in ROUNDINGS:

@@ -18,6 +18,7 @@ from dse.formats.base import MemberGenerators, _with_axis
 from dse.formats.block import BlockFormat
 from dse.formats.fast import device_path, recording, reference_only
 from dse.formats.fast.block import SCALE_GRID_SLICES
+from dse.train.denormals import flushes_denormals
 
 TWO_LEVEL = ("nvfp4", "nvfp4(axis=0)", "block(fp6_e2m3,size=32,scale=e4m3,tensor_scale=fp32)",
              "block(int4,size=16,scale=e4m3,tensor_scale=fp32)",
@@ -110,7 +111,7 @@ def test_a_stack_of_members_quantizes_each_member_as_alone(
     """Alone on the CPU's fast path; together on it, on the reference and on the device path (a GPU's,
     on CPU tensors), with denormals flushed or not (training flushes them)."""
     x, axes = case
-    flushing = bool(torch.tensor([1e-39]).mul(1.0)[0] == 0)  # the caller's setting, put back after
+    flushing = flushes_denormals()  # the caller's setting, put back after
     threads = torch.get_num_threads()
     # One thread: torch.set_flush_denormal sets the calling thread only, so at 2 threads a worker of
     # torch's pool could keep subnormals (a member's element then came out otherwise than alone);

@@ -20,6 +20,7 @@ from dse.formats.base import MemberGenerators, significand_digits
 from dse.formats.fast import device_path, recording, reference_only
 from dse.formats.fast.scales import UNCLAMPED_QUOTIENT, host_scale_of_amax
 from dse.formats.fixed import FixedPoint
+from dse.train.denormals import flushes_denormals
 
 SKIPPED = ("int8", "int4", "int(2)", "int(16)", "int(23)", "int(8,symmetric=0)", "int(8,pow2=1)",
            "fixed(12,4,scale=tensor)", "fixed(6,-3,scale=tensor)")
@@ -299,7 +300,7 @@ def test_any_fixed_point_spec_equals_the_clamping_reference(
     x[:, 0] = amax
     x = torch.cat([x, torch.nextafter(x, torch.zeros_like(x))], dim=1)
     x[1:] *= 2.0 ** -torch.randint(0, 200, (x.shape[0] - 1, 1), generator=generator).to(dtype)  # own scales
-    flushing, threads = bool(torch.tensor([1e-39]).mul(1.0)[0] == 0), torch.get_num_threads()
+    flushing, threads = flushes_denormals(), torch.get_num_threads()
     torch.set_num_threads(1)  # (as training: test_member_tensor_scales says why)
     torch.set_flush_denormal(flush)
     try:
