@@ -281,12 +281,15 @@ def gemm_bits_row(layout: GemmLayout, device: str, offsets: Sequence[int]) -> st
     gives each member's own (what `sums_as_members`' probe asks)."""
     import torch
 
+    from dse.train.batched_sums import empty_at_alone_alignment
+
     generator = torch.Generator().manual_seed(0)
     members = layout.a_shape[0]
     a = torch.randn(layout.a_shape, generator=generator).to(device)
     b = torch.randn(layout.b_shape, generator=generator).to(device)
     bias = torch.randn((members, layout.b_shape[2]), generator=generator).to(device)
     out_shape = (members, layout.a_shape[1], layout.b_shape[2])
+    out_strides = empty_at_alone_alignment(out_shape[1:], members, a).stride()  # as member_gemm's output
 
     def own(shift: dict[str, int]) -> torch.Tensor:
         a_g = placed(a[0], layout.a_strides[1:], shift.get("a", 0))
@@ -297,8 +300,7 @@ def gemm_bits_row(layout: GemmLayout, device: str, offsets: Sequence[int]) -> st
     def batched(shift: dict[str, int]) -> torch.Tensor:
         a_all = placed(a, layout.a_strides, shift.get("a", 0))
         b_all = placed(b, layout.b_strides, shift.get("b", 0))
-        out = placed(torch.zeros(out_shape, device=device), (out_shape[1] * out_shape[2], out_shape[2], 1),
-                     shift.get("out", 0))
+        out = placed(torch.zeros(out_shape, device=device), out_strides, shift.get("out", 0))
         return torch.baddbmm(bias.unsqueeze(1), a_all, b_all, out=out) if layout.bias \
             else torch.bmm(a_all, b_all, out=out)
 
