@@ -82,8 +82,8 @@ class Plan:
     sync_batches: int = 4
     sync_methods: int = len(SYNC_METHODS)
     grouped_limit_s: int = 250
-    alignment_limit_s: int = 70
-    syncs_limit_s: int = 40
+    alignment_limit_s: int = 60
+    syncs_limit_s: int = 50
     tests_limit_s: int = 150
     tests: tuple[str, ...] = tuple(GPU_TESTS)
 
@@ -690,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(run_step(step, command + (["--quick"] if args.quick else []), limit_s,
                                     out / f"{step}.log"))
     if "tests" in steps:
-        # only the tests that need a GPU (each names cuda): the files' CPU tests ran in CI
-        summary.append(run_step("GPU tests", [python, "-m", "pytest", "-q", "-p", "no:randomly", "-rs",
+        # only the tests that need a GPU (each names cuda): the files' CPU tests ran in CI; one line a
+        # test as it ends (-v), so that a run cut at its limit still says which passed
+        summary.append(run_step("GPU tests", [python, "-m", "pytest", "-v", "-p", "no:randomly", "-rs",
                                               "--durations=5", "-k", "cuda", *plan.tests],
                                 plan.tests_limit_s, out / "cuda_tests.txt"))
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
