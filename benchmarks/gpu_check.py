@@ -556,9 +556,19 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
             "| convolution | forward same | grad input same | grad weight same | grad bias same "
             "| G convolutions ms | grouped ms | TF32 changes bits |", "|---|---|---|---|---|---|---|---|")
         for case in conv_cases(device, members):
-            table.add(conv_row(case, device, clock))
-        profile_table(device, plan, {key: phases for key, phases in groups.items() if key[1] != "fp32"},
-                      out / "profile.md")
+            try:
+                table.add(conv_row(case, device, clock))
+            except RuntimeError as error:  # (a library refusing a layout: said, and the step goes on)
+                table.add(f"| {tuple(case.x.shape)}, {tuple(case.w.shape)} | {_first_line(error)} |")
+        try:
+            profile_table(device, plan, {key: phases for key, phases in groups.items() if key[1] != "fp32"},
+                          out / "profile.md")
+        except RuntimeError as error:
+            (out / "profile.md").write_text(f"torch.profiler failed: {_first_line(error)}\n")
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def aten_ops(run: Callable[[], None]) -> tuple[int, int]:
