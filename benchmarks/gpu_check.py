@@ -154,8 +154,8 @@ def counting_syncs(device: str) -> Iterator[list[str]]:
 
 
 def sync_table(device: str, plan: Plan, out: Path) -> None:
-    """`syncs.md`: host synchronisations per training step of the MNIST-1D MLP, alone and in a group
-    of 2."""
+    """`syncs.md` under `out`: host synchronisations per training step of the MNIST-1D MLP, alone and in
+    a group of 2."""
     import torch
 
     from dse.data import load_dataset, with_validation
@@ -179,7 +179,7 @@ def sync_table(device: str, plan: Plan, out: Path) -> None:
 
     k = plan.sync_batches
     short, long = trained(k * batch), trained(2 * k * batch)
-    table = Table(out)
+    table = Table(out / "syncs.md")
     table.add(f"Host synchronisations per training step on {device} (MNIST-1D MLP, batch {batch}; an epoch "
               f"of {2 * k} batches against one of {k}; the second column counts the whole epoch of {k})", "",
               "| method | alone per step | alone epoch | grouped (G = 2) per step | grouped epoch |",
@@ -485,7 +485,7 @@ def cost_row(model: str, spec: str, phases: Phases, alone: Phases, kind: str, pl
 
 
 def alignment_tables(device: str, plan: Plan, out: Path) -> None:
-    """`alignment.md` and `profile.md` (module docstring, step 2)."""
+    """`alignment.md` and `profile.md` under `out` (module docstring, step 2)."""
     import torch
 
     from dse.data import load_dataset
@@ -652,9 +652,9 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                     for event in top), "")
 
 
-STEPS_INSIDE: dict[str, tuple[str, Callable[[str, Plan, Path], None]]] = {
-    "alignment": ("alignment.md", alignment_tables), "syncs": ("syncs.md", sync_table)}
-"""The steps that run as this script in a process of their own (`--inside`): their tables' files."""
+STEPS_INSIDE: dict[str, Callable[[str, Plan, Path], None]] = {"alignment": alignment_tables,
+                                                               "syncs": sync_table}
+"""The steps that run as this script in a process of their own (`--inside`), writing under `--out`."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -672,11 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.inside is not None:
-        name, write = STEPS_INSIDE[args.inside]
-        if args.inside == "syncs":
-            write(args.device, plan, out / name)
-        else:
-            write(args.device, plan, out)
+        STEPS_INSIDE[args.inside](args.device, plan, out)
         return 0
     print(f"The GPU check: at most {plan.planned_s()} s, every step at its limit", flush=True)
 
@@ -686,27 +682,25 @@ def main(argv: list[str] | None = None) -> int:
     (out / "device.txt").write_text(f"{device_name}\ntorch {torch.__version__}, CUDA {torch.version.cuda}\n")
     python = sys.executable
     steps = set(args.steps.split(","))
-    summary = []
+    summary = Table(out / "summary.txt")  # (written after each step: a call cut short keeps it)
     if "grouped" in steps:
         command = [python, "benchmarks/grouped.py", "--device", args.device, "--datasets", "mnist1d",
                    "--models", "mlp,cnn", "--sizes", plan.sizes, "--formats", plan.formats, "--epochs",
                    str(plan.epochs), "--rounds", str(plan.rounds), "--out", str(out / "grouped.md")]
         if plan.train_samples:
             command += ["--train-samples", str(plan.train_samples)]
-        summary.append(run_step("grouped speed", command, plan.grouped_limit_s, out / "grouped.log"))
+        summary.add(run_step("grouped speed", command, plan.grouped_limit_s, out / "grouped.log"))
     for step, limit_s in (("alignment", plan.alignment_limit_s), ("syncs", plan.syncs_limit_s)):
         if step in steps:
             command = [python, __file__, "--inside", step, "--device", args.device, "--out", str(out)]
-            summary.append(run_step(step, command + (["--quick"] if args.quick else []), limit_s,
-                                    out / f"{step}.log"))
+            summary.add(run_step(step, command + (["--quick"] if args.quick else []), limit_s,
+                                 out / f"{step}.log"))
     if "tests" in steps:
         # only the tests that need a GPU (each names cuda): the files' CPU tests ran in CI; one line a
         # test as it ends (-v), so that a run cut at its limit still says which passed
-        summary.append(run_step("GPU tests", [python, "-m", "pytest", "-v", "-p", "no:randomly", "-rs",
-                                              "--durations=5", "-k", "cuda", *plan.tests],
-                                plan.tests_limit_s, out / "cuda_tests.txt"))
-    (out / "summary.txt").write_text("\n".join(summary) + "\n")
-    print("\n".join(summary))
+        summary.add(run_step("GPU tests", [python, "-m", "pytest", "-v", "-p", "no:randomly", "-rs",
+                                           "--durations=5", "-k", "cuda", *plan.tests],
+                             plan.tests_limit_s, out / "cuda_tests.txt"))
     for name in ("grouped.md", "alignment.md", "profile.md", "syncs.md"):
         if (out / name).exists():
             print(f"\n{name}:\n{(out / name).read_text()}")
