@@ -458,15 +458,17 @@ def run_steps(phases: Phases, steps: int = 1) -> None:
             value = phase(value)
 
 
-def cost_row(model: str, spec: str, phases: Phases, alone: Phases, kind: str, plan: Plan,
-             clock: Clock) -> str:
-    """A grouped step with dse's alignment against ALIGNMENT_BYTES 4, and one alone (step 2's table)."""
+def cost_row(model: str, spec: str, phases: Phases, alone: Phases, lrs_differ: Phases, kind: str,
+             plan: Plan, clock: Clock) -> str:
+    """A grouped step with dse's alignment against ALIGNMENT_BYTES 4, one alone, and one of a group
+    whose members' learning rates differ (step 2's table)."""
     run_steps(alone, 2)
+    run_steps(lrs_differ, 2)
     with alignment_bytes_set(kind, 4):
         run_steps(phases, 2)  # the unaligned layouts' probes
     versions: dict[str, tuple[Phases, Callable[[], AbstractContextManager[None]]]] = {
         "alone": (alone, nullcontext), "dse": (phases, nullcontext),
-        "unaligned": (phases, lambda: alignment_bytes_set(kind, 4))}
+        "unaligned": (phases, lambda: alignment_bytes_set(kind, 4)), "lrs": (lrs_differ, nullcontext)}
     best: dict[str, float] = {}
     for _ in range(plan.align_rounds):  # interleaved, so that whatever else runs hits each alike
         for version, (steps, setting) in versions.items():
@@ -481,7 +483,8 @@ def cost_row(model: str, spec: str, phases: Phases, alone: Phases, kind: str, pl
     ops = {version: f"{total} ({copies})" for version, (total, copies) in counts.items()}
     return (f"| {model} | {spec} | {ms['alone']:.2f} | {counts['alone'][0]} | {ms['dse']:.2f} | "
             f"{ms['unaligned']:.2f} | {ms['dse'] / ms['unaligned']:.2f} | {ops['dse']} | "
-            f"{ops['unaligned']} | {ms['alone'] * plan.align_members / ms['dse']:.1f}x |")
+            f"{ops['unaligned']} | {ms['alone'] * plan.align_members / ms['dse']:.1f}x | {ms['lrs']:.2f} | "
+            f"{ops['lrs']} |")
 
 
 def alignment_tables(device: str, plan: Plan, out: Path) -> None:
@@ -492,6 +495,7 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
     from dse.train.batched_sums import ALIGNMENT_BYTES
     from dse.train.config import TrainConfig
     from dse.train.loop import _run_settings
+    from dse.train.optim import DEFAULT_LR
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from grouped import BATCH, make_clock, method_fields, phase_steps
@@ -504,10 +508,12 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
     clock = make_clock(device)
     table = Table(out / "alignment.md")
 
-    def steps_of(model: str, spec: str, size: int) -> Phases:
+    def steps_of(model: str, spec: str, size: int, lrs_differ: bool = False) -> Phases:
         config = TrainConfig(model=model, dataset="mnist1d", epochs=1, batch_size=BATCH["mnist1d"],
                              device=device, **method_fields(spec))  # type: ignore[arg-type]
-        return phase_steps(config, size, data)
+        lr = DEFAULT_LR[config.optimizer] if config.lr is None else config.lr
+        lrs = [lr * (1 + g / size) for g in range(size)] if lrs_differ else None
+        return phase_steps(config, size, data, lrs)
 
     with _run_settings(1):
         matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
@@ -540,12 +546,16 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
             "padded, copied or run member by member for alignment): ms per step, best of "
             f"{plan.align_rounds} rounds of {plan.align_steps} steps, interleaved ({clock_name}); aten "
             "operations per step (each a kernel launch on a GPU; views not counted) and the copies among "
-            "them. Beside it one trial alone, and the per-step speed-up (alone x G / group).", "",
+            "them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
+            "with each member's learning rate its own (lr x (1 + g / G)), as a sweep over learning rates "
+            "groups its trials (dse, ms and operations).", "",
             "| model | format | alone ms | alone ops | group ms, dse | group ms, unaligned | dse / unaligned "
-            "| group ops (copies), dse | group ops (copies), unaligned | step speed-up, dse |",
-            "|---|---|---|---|---|---|---|---|---|---|")
+            "| group ops (copies), dse | group ops (copies), unaligned | step speed-up, dse "
+            "| group ms, lrs differ | group ops (copies), lrs differ |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
         for (model, spec), phases in groups.items():
-            table.add(cost_row(model, spec, phases, steps_of(model, spec, 0), kind, plan, clock))
+            table.add(cost_row(model, spec, phases, steps_of(model, spec, 0),
+                               steps_of(model, spec, members, lrs_differ=True), kind, plan, clock))
         table.add(
             "", f"The MNIST-1D CNN's convolutions (batch 100, G = {members}): whether one grouped "
             "convolution (groups = G over the members' stacked channels) gives each member's own bits "

@@ -48,7 +48,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,10 +263,12 @@ PHASES = ("forward", "loss", "backward", "step", "zero_grad")
 STEPS = 200
 
 
-def phase_steps(cfg: TrainConfig, members: int, d: Dataset) -> list[Callable[[Any], Any]]:
+def phase_steps(cfg: TrainConfig, members: int, d: Dataset, lrs: Sequence[float] | None = None
+                ) -> list[Callable[[Any], Any]]:
     """One training step of `config` as its phases (each takes the previous phase's result): a run
     alone (members 0) as `train` runs it, or a group of `members` seeds as `train_group` runs it, on
-    `cfg.device` (model, generators and batch there, as `train` puts them)."""
+    `cfg.device` (model, generators and batch there, as `train` puts them); `lrs`: each member's own
+    learning rate (a group whose members differ in it steps one optimizer per run of equal ones)."""
     import torch
 
     from dse.models.proxies import build_model
@@ -286,7 +288,7 @@ def phase_steps(cfg: TrainConfig, members: int, d: Dataset) -> list[Callable[[An
         return [lambda _: setup.model(x), lambda logits: setup.loss_fn(logits, y),
                 lambda loss: loss.backward(), lambda _: setup.optimizer.step(),
                 lambda _: setup.optimizer.zero_grad(set_to_none=True)]
-    configs = [cfg.replace(seed=seed) for seed in range(members)]
+    configs = [cfg.replace(seed=seed, lr=cfg.lr if lrs is None else lrs[seed]) for seed in range(members)]
     models = []
     for member in configs:
         torch.manual_seed(member.seed)
