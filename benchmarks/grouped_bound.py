@@ -9,8 +9,10 @@ time.
 sweep expands it: fp32, int8, fp8_e4m3, posit8, int4, mxfp4 with SGD and an fp32 copy; lns8 with
 LNS-Madam on an lns(16,gamma=2048) copy), one training step (forward, loss, backward, optimizer
 step, zero_grad: benchmarks/grouped.py's `phase_steps`) alone and as a member of a group of 3 and 8,
-interleaved in one process, one thread, best of --rounds:
-- *step*: CPU µs per member (process time over --steps steps, nothing attached);
+interleaved in one process, one thread:
+- *step*: CPU µs per member, the fastest step (process time, nothing attached) of --rounds x --steps:
+  on a loaded machine the others' cache and memory traffic slows a typical step, mostly its
+  elementwise passes, which would count as dispatch below and inflate the ceiling;
 - every aten operation the step dispatches is timed in thread CPU time under a TorchDispatchMode
   (torch.profiler's clock is wall time, which counts preemption on a loaded machine). An operation's
   *arithmetic* is its time above the fixed cost of the same kind of operation on a one-element
@@ -18,7 +20,8 @@ interleaved in one process, one thread, best of --rounds:
   so the fixed per-call cost of allocation, TensorIterator and the kernel's entry counts as dispatch;
 - *GEMM*: the arithmetic of mm/addmm/bmm/baddbmm (forward and backward; matmul and linear decompose
   into these before the mode sees them); *other*: the arithmetic of every other operation;
-- *dispatch*: step - GEMM - other: Python, autograd, the dispatcher and each call's fixed cost.
+- *dispatch*: step - GEMM - other, the rest: Python, autograd, the dispatcher and each call's fixed
+  cost.
 
 *The ceiling.* A grouping that keeps each member's arithmetic and shares all its dispatch would
 step a group of G in (dispatch alone) + G x (arithmetic alone): a member's best speed-up is
@@ -30,7 +33,8 @@ as one larger call, whatever its order of summation: each of the MLP's eight GEM
 alone (G calls), as one `bmm` of G, and, where members share an operand (the first layer reads
 the same batch: a tuned-lr group's members of one seed), as one wider `mm`. The cheapest batched
 form per member over mm alone, summed over the shapes, scales a member's GEMM arithmetic in a
-second ceiling.
+second ceiling; a third takes the step's GEMM flops at the library's own rate on a large square mm
+(1024^3), the practical peak no grouping of these GEMMs passes.
 
 *The sweeps.* `dse sweep` of the quickstart (21 trials) and of its 4-tuned-lr version (84) one trial
 at a time, end to end (benchmarks/sweep.py's `timed_cli`): its wall time E and its trials' training
@@ -137,24 +141,28 @@ def _run(steps: list[Callable[[Any], Any]], count: int) -> None:
 
 
 def step_splits(config: TrainConfig, data: Dataset, sizes: list[int], steps: int, timed_steps: int,
-                rounds: int, floors: tuple[float, float]) -> dict[int, Split]:
-    """Split per member of one step of `config` alone (key 0) and in groups of `sizes`, interleaved,
-    each part the best of `rounds`."""
+                rounds: int, floors: tuple[float, float], warmup: int = WARMUP_STEPS) -> dict[int, Split]:
+    """Split per member of one step of `config` alone (key 0) and in groups of `sizes`, interleaved over
+    `rounds`: the step's least CPU time over rounds x steps (as its calls' fastest runs: what it costs
+    when no other process on the machine slows its caches down), its calls timed over rounds x
+    timed_steps."""
     runs = {members: phase_steps(config, members, data) for members in [0, *sizes]}
     for run in runs.values():
-        _run(run, WARMUP_STEPS)
-    step_us = {members: math.inf for members in runs}
+        _run(run, warmup)
+    step_ns: dict[int, list[int]] = {members: [] for members in runs}
     calls: dict[int, list[list[tuple[str, int]]]] = {members: [] for members in runs}
     for _ in range(rounds):
         for members, run in runs.items():
-            started = time.process_time()
-            _run(run, steps)
-            step_us[members] = min(step_us[members], (time.process_time() - started) / steps * 1e6)
+            for _ in range(steps):
+                started = time.process_time_ns()
+                _run(run, 1)
+                step_ns[members].append(time.process_time_ns() - started)
             for _ in range(timed_steps):
                 with _OpTimer() as timer:
                     _run(run, 1)
                 calls[members].append(timer.calls)
-    return {members: _split(step_us[members], calls[members], max(members, 1), floors) for members in runs}
+    return {members: _split(min(step_ns[members]) / 1e3, calls[members], max(members, 1), floors)
+            for members in runs}
 
 
 def _split(step_us: float, steps: list[list[tuple[str, int]]], members: int,
@@ -220,7 +228,12 @@ def gemm_forms(batch: int, inputs: int, outputs: int, kind: str, members: int, s
     return weight | ({"wide mm": lambda: torch.mm(wide_g.t(), shared_x)} if shared_input else {})
 
 
-def mlp_gemms(batch: int = 100, layers: tuple[tuple[int, int], ...] = LAYERS) -> list[tuple[str, int, int, int]]:
+Layers = tuple[tuple[int, int], ...]
+GemmTimes = dict[int, dict[tuple[str, int, int], dict[str, float]]]
+"""CPU µs per member by group size, GEMM (kind, inputs, outputs) and form."""
+
+
+def mlp_gemms(batch: int = 100, layers: Layers = LAYERS) -> list[tuple[str, int, int, int]]:
     """(kind, inputs, outputs, row) of every GEMM of a step: three forwards, the data gradients of all
     but the first layer, three weight gradients."""
     shapes = [("forward", i, o, batch) for i, o in layers]
@@ -229,13 +242,14 @@ def mlp_gemms(batch: int = 100, layers: tuple[tuple[int, int], ...] = LAYERS) ->
 
 
 def gemm_batching(sizes: list[int], rounds: int, calls: int, batch: int = 100,
-                  layers: tuple[tuple[int, int], ...] = LAYERS) -> dict[int, dict[tuple[str, int, int], dict[str, float]]]:
+                  layers: Layers = LAYERS) -> GemmTimes:
     """CPU µs per member of each GEMM form, per group size and shape, best of rounds, interleaved."""
-    results: dict[int, dict[tuple[str, int, int], dict[str, float]]] = {}
+    results: GemmTimes = {}
     for members in sizes:
         results[members] = {}
         for kind, inputs, outputs, rows in mlp_gemms(batch, layers):
-            forms = gemm_forms(rows, inputs, outputs, kind, members, shared_input=(inputs, outputs) == layers[0])
+            shared = (inputs, outputs) == layers[0]
+            forms = gemm_forms(rows, inputs, outputs, kind, members, shared_input=shared)
             best = {form: math.inf for form in forms}
             for form in forms.values():
                 form()
@@ -253,6 +267,24 @@ def batched_gemm_scale(forms: dict[tuple[str, int, int], dict[str, float]]) -> f
     """A step's GEMM time per member in its cheapest batched forms over its time as mm alone."""
     return (sum(min(v for k, v in by_form.items() if k != "mm") for by_form in forms.values())
             / sum(by_form["mm"] for by_form in forms.values()))
+
+
+def gemm_peak_gflops(size: int = 1024, rounds: int = 3) -> float:
+    """The GEMM library's own best rate on one thread: GFLOP/s of a large square mm, the practical
+    peak that no batching or widening of a member's GEMMs passes."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    fastest = math.inf
+    for _ in range(rounds):
+        started = time.process_time()
+        torch.mm(a, b)
+        fastest = min(fastest, time.process_time() - started)
+    return 2 * size**3 / fastest / 1e9
+
+
+def step_gemm_flops(batch: int = 100, layers: Layers = LAYERS) -> int:
+    """Floating-point operations (2 per multiply-add) of a step's GEMMs."""
+    return sum(2 * rows * inputs * outputs for _, inputs, outputs, rows in mlp_gemms(batch, layers))
 
 
 # --- the sweeps ------------------------------------------------------------------------------------
@@ -301,7 +333,8 @@ def load() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default=None, help="quickstart formats to split (default: all seven)")
     parser.add_argument("--sizes", default="3,8", help="group sizes (default 3,8)")
     parser.add_argument("--steps", type=int, default=200, help="steps timed per round (default 200)")
@@ -320,15 +353,16 @@ def main(argv: list[str] | None = None) -> None:
         floors = call_floors_us()
         print(f"fixed cost of an aten call under the timer (median): mm 1x1 {floors[0]:.2f} µs, "
               f"add of one element {floors[1]:.2f} µs")
-        print(f"\nA step's CPU µs per member (best of {args.rounds} x {args.steps} steps; ops timed over "
-              f"{args.timed_steps}): step = GEMM arithmetic + other arithmetic + dispatch "
-              "(Python, autograd, each call's fixed cost); aten calls per step")
+        print(f"\nA step's CPU µs per member (fastest of {args.rounds} x {args.steps} steps; each call's "
+              f"fastest of {args.rounds} x {args.timed_steps}): step = GEMM arithmetic + other arithmetic "
+              "+ dispatch (Python, autograd, each call's fixed cost); aten calls per step")
         print("| format | members | step µs | GEMM | other | dispatch | calls | member speed-up measured "
               "| ceiling at G | ceiling, any G |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         ceilings: dict[str, Split] = {}
         for name in names:
-            splits = step_splits(configs[name], data, sizes, args.steps, args.timed_steps, args.rounds, floors)
+            splits = step_splits(configs[name], data, sizes, args.steps, args.timed_steps, args.rounds,
+                                 floors)
             alone = splits[0]
             ceilings[name] = alone
             for members, split in splits.items():
@@ -362,9 +396,19 @@ def main(argv: list[str] | None = None) -> None:
         scales = {members: batched_gemm_scale(forms[members]) for members in gemm_sizes}
         print("a member's GEMMs in their cheapest batched form over mm alone: "
               + ", ".join(f"G = {g} {scales[g]:.2f}" for g in gemm_sizes))
-        print("\nmember ceiling with those GEMMs (a step's dispatch shared, GEMMs batched): "
+        peak = gemm_peak_gflops()
+        alone_us = min(sum(by_form["mm"] for by_form in forms[g].values()) for g in gemm_sizes)
+        at_peak_us = step_gemm_flops() / peak / 1e3
+        print(f"a step's GEMMs ({step_gemm_flops() / 1e6:.1f} MFLOP) as mm alone: {alone_us:.0f} µs "
+              f"({step_gemm_flops() / alone_us / 1e3:.0f} GFLOP/s); at the library's large-GEMM rate "
+              f"(1024x1024x1024 mm, {peak:.0f} GFLOP/s): {at_peak_us:.0f} µs, {at_peak_us / alone_us:.2f} "
+              "of mm alone")
+        scales[0] = at_peak_us / alone_us
+        print("\nmember ceiling with a step's dispatch shared and its GEMMs batched as above, and, "
+              "any G, its GEMMs at the large-GEMM rate: "
               + "; ".join(f"{name} " + ", ".join(
                   f"G = {g} {member_ceiling(split, g, scales[g]):.2f}x" for g in gemm_sizes)
+                  + f", at peak {member_ceiling(split, math.inf, scales[0]):.2f}x"
                   for name, split in ceilings.items()))
         print(f"(load average after: {load()})")
 
@@ -376,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
             before = load()
             times, output = measure_sweep(sweep, Path(tmp))
             ceiling = {name: member_ceiling(ceilings[name], math.inf) for name in times.training_s}
-            batched = {name: member_ceiling(ceilings[name], math.inf, best_scale) for name in times.training_s}
+            batched = {name: member_ceiling(ceilings[name], math.inf, best_scale)
+                       for name in times.training_s}
             command = [sys.executable, str(BENCHMARKS / "sweep.py"), "--child-stages",
                        str(Path(tmp) / f"{sweep}.yaml"), str(output)]
             stages = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
@@ -387,8 +432,9 @@ def main(argv: list[str] | None = None) -> None:
                   + f"), the rest {times.rest_s:.1f} s; a full plan's stages (CPU s): "
                   + "; ".join(stages.splitlines()))
             print(f"  best end-to-end ratio of any grouping that keeps each member's arithmetic: "
-                  f"{sweep_ceiling(times, ceiling):.2f}x; with the GEMMs batched as above: "
-                  f"{sweep_ceiling(times, batched):.2f}x; with training free: "
+                  f"{sweep_ceiling(times, ceiling):.2f}x; with the GEMMs batched as above or at the "
+                  f"large-GEMM rate, whichever is cheaper: {sweep_ceiling(times, batched):.2f}x; "
+                  "with training free: "
                   f"{times.end_to_end_s / times.rest_s:.2f}x")
 
 
