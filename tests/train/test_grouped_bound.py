@@ -81,6 +81,8 @@ def test_a_sweep_gains_nothing_without_a_training_speed_up_and_at_most_end_to_en
     assert bound.sweep_ceiling(times, {"fp32": 1.0, "int8": 1.0}) == pytest.approx(1.0)
     assert bound.sweep_ceiling(times, {"fp32": math.inf, "int8": math.inf}) == pytest.approx(3.0)
     assert 1.0 < bound.sweep_ceiling(times, {"fp32": 2.0, "int8": 1.5}) < 3.0
+    assert bound.training_ceiling(times, {"fp32": 2.0, "int8": 2.0}) == pytest.approx(2.0)
+    assert bound.sweep_ceiling(times, {"fp32": 2.0, "int8": 2.0}) < 2.0  # the fixed costs stay
 
 
 def test_an_operation_counts_its_fastest_run_above_its_kinds_floor(bound: ModuleType) -> None:
