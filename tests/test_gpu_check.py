@@ -12,6 +12,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 DEVICE_CALL_S = 540
 """The device tool's one call that runs the check (its command limit is 600 s; the session's 15
@@ -109,3 +111,21 @@ def test_a_step_gets_what_the_steps_before_it_left_and_never_passes_the_checks_e
 
 def test_the_full_gpu_check_fits_one_call_of_the_device_tool(gpu_check: ModuleType) -> None:
     assert gpu_check.Plan().planned_s() <= DEVICE_CALL_S
+
+
+@settings(max_examples=40, deadline=None)
+@given(offset_elements=st.integers(0, 63), rows=st.integers(1, 9), columns=st.integers(1, 9),
+       transposed=st.booleans())
+def test_an_operand_placed_at_an_offset_starts_that_many_bytes_past_the_alignment(
+        gpu_check: ModuleType, offset_elements: int, rows: int, columns: int, transposed: bool) -> None:
+    """At a GPU's 256 bytes (set for CPU tensors, whose allocator aligns to 64 only, so that the
+    shift to the offset is the address's and not the allocator's habit), in the strides asked for,
+    holding the values."""
+    import torch
+
+    values = torch.randn(rows, columns)
+    strides = (1, rows) if transposed else (columns, 1)
+    with gpu_check.alignment_bytes_set("cpu", 256):
+        moved = gpu_check.placed(values, strides, 4 * offset_elements)
+    assert moved.data_ptr() % 256 == 4 * offset_elements
+    assert moved.stride() == strides and torch.equal(moved, values)
