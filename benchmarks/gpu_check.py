@@ -125,16 +125,17 @@ def step_limit_s(own_s: int, later_s: int, left_s: float) -> int:
 
 
 class Table:
-    """A markdown file written line by line (the whole file again after each), so that a step cut at
-    its limit keeps every row it finished; each line printed too."""
+    """A markdown file written line by line, each appended as it comes, so that a step cut at its
+    limit keeps every row it finished (a kill in the middle of rewriting the whole file would leave it
+    empty); each line printed too."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lines: list[str] = []
+        path.write_text("")
 
     def add(self, *lines: str) -> None:
-        self.lines += lines
-        self.path.write_text("\n".join(self.lines) + "\n")
+        with self.path.open("a") as file:
+            file.write("".join(f"{line}\n" for line in lines))
         print("\n".join(lines), flush=True)
 
 
@@ -588,8 +589,9 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
         try:
             profile_table(device, plan, {key: phases for key, phases in groups.items() if key[1] != "fp32"},
                           out / "profile.md")
-        except Exception as error:  # (said, as a row is)
-            (out / "profile.md").write_text(f"torch.profiler failed: {_first_line(error)}\n")
+        except Exception as error:  # (said after what it wrote, as a row is)
+            with (out / "profile.md").open("a") as file:
+                file.write(f"torch.profiler failed: {_first_line(error)}\n")
 
 
 def _first_line(error: BaseException) -> str:
