@@ -4,8 +4,9 @@ H100, the steps' limits added up: `Plan.planned_s`), writing its tables under on
     python benchmarks/gpu_check.py --out "$OUT"                  # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/check   # the same steps, tiny, on CPU
 
-Four steps, most important first, each a process of its own within its own time limit, so that one
-slow step cannot eat the others' time (a step past its limit is cut and says so; what it wrote so far
+Four steps, most important first, each a process of its own within its own time limit plus what the
+steps before it left unused, so that one slow step cannot eat the others' time, and all within
+`Plan.planned_s` of the parent's start (a step past its limit is cut and says so; what it wrote so far
 stays):
 1. `grouped.md`: trials per second of the MNIST-1D MLP and CNN, one trial at a time and in groups of
    G = 1, 2, 4, 8, 16, 32, with the speed-up (benchmarks/grouped.py on the device; issue 16 asks for
@@ -23,7 +24,8 @@ stays):
 4. `cuda_tests.txt`: the tests that need a GPU (tests/test_cuda.py: every format bit for bit against
    the CPU path, every proxy trained reproducibly; the grouped-equals-alone checks on CUDA), which CI
    skips.
-`device.txt` names the machine and the versions; `summary.txt` how each step went.
+`summary.txt` names the machine and the versions and says how each step went; `steps.log` holds the
+steps' own output. Seven files in all (`OUT_FILES`): the device tool brings back at most eight.
 """
 
 from __future__ import annotations
