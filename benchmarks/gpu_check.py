@@ -579,8 +579,9 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
             f"builds it) with dse's alignment (ALIGNMENT_BYTES {align}) against ALIGNMENT_BYTES 4 (nothing "
             "padded, copied or run member by member for alignment): ms per step, best of "
             f"{plan.align_rounds} rounds of {plan.align_steps} steps, interleaved ({clock_name}); aten "
-            "operations per step (each a kernel launch on a GPU; views not counted) and the copies among "
-            "them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
+            "operations per step (about a kernel launch each on a GPU: views not counted, an empty "
+            "allocation launches none, a foreach several; profile.md counts the kernels) and the copies "
+            "among them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
             "with each member's learning rate its own (lr x (1 + g / G)), as a sweep over learning rates "
             "groups its trials (dse, ms and operations).", "",
             "| model | format | alone ms | alone ops | group ms, dse | group ms, unaligned | dse / unaligned "
