@@ -678,24 +678,7 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                 torch.cuda.synchronize(device)
             ended = time.perf_counter()  # (leaving the block parses the trace: not the steps' time)
         wall_ms = (ended - started) * 1e3 / steps
-        events = prof.events()
-        on_host = [event for event in events if event.device_type == DeviceType.CPU]
-        on_device = [event for event in events if event.device_type != DeviceType.CPU
-                     and not getattr(event, "is_user_annotation", False)
-                     and not event.name.startswith("phase:")]
-        ranges = [event for event in on_host if event.name.startswith("phase:")]
-        host_us = dict.fromkeys(PHASES, 0.0)
-        device_us = dict.fromkeys(PHASES, 0.0)
-        for event in ranges:
-            host_us[event.name.removeprefix("phase:")] += event.time_range.elapsed_us()
-        for event in on_host:
-            kernels = [kernel for kernel in event.kernels if not kernel.name.startswith("phase:")]
-            if event.name.startswith("phase:") or not kernels:
-                continue
-            for phase_range in ranges:
-                if phase_range.time_range.start <= event.time_range.start <= phase_range.time_range.end:
-                    device_us[phase_range.name.removeprefix("phase:")] += sum(k.duration for k in kernels)
-                    break
+        host_us, device_us, on_device = profiled_phases(prof.events())
         busy_ms = sum(event.time_range.elapsed_us() for event in on_device) / 1e3 / steps
         cells = [f"{host_us[name] / 1e3 / steps:.2f} / {device_us[name] / 1e3 / steps:.2f}"
                  for name in PHASES]
@@ -715,6 +698,32 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                 table.add(f"Most {title} time (self, ms per step; calls per step): " + "; ".join(
                     f"{event.key} {getattr(event, key) / 1e3 / steps:.3f} ({event.count / steps:g})"
                     for event in top), "")
+
+
+def profiled_phases(events: Sequence[Any]) -> tuple[dict[str, float], dict[str, float], list[Any]]:
+    """From a profile's events (`profile.events()`): each phase's host microseconds (its
+    `phase:NAME` ranges on the host), the device microseconds of the kernels launched while it was
+    open, from any thread, and the device's own events (kernels, copies, fills), without the
+    `gpu_user_annotation` spans a range also gets on the device (`profile_table`)."""
+    from torch.autograd import DeviceType
+
+    on_host = [event for event in events if event.device_type == DeviceType.CPU]
+    on_device = [event for event in events if event.device_type != DeviceType.CPU
+                 and not getattr(event, "is_user_annotation", False) and not event.name.startswith("phase:")]
+    ranges = [event for event in on_host if event.name.startswith("phase:")]
+    host_us = dict.fromkeys(PHASES, 0.0)
+    device_us = dict.fromkeys(PHASES, 0.0)
+    for event in ranges:
+        host_us[event.name.removeprefix("phase:")] += event.time_range.elapsed_us()
+    for event in on_host:
+        kernels = [kernel for kernel in event.kernels if not kernel.name.startswith("phase:")]
+        if event.name.startswith("phase:") or not kernels:
+            continue
+        for phase_range in ranges:
+            if phase_range.time_range.start <= event.time_range.start <= phase_range.time_range.end:
+                device_us[phase_range.name.removeprefix("phase:")] += sum(k.duration for k in kernels)
+                break
+    return host_us, device_us, on_device
 
 
 STEPS_INSIDE: dict[str, Callable[[str, Plan, Path], None]] = {"alignment": alignment_tables,
