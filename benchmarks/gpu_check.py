@@ -731,6 +731,7 @@ STEPS_INSIDE: dict[str, Callable[[str, Plan, Path], None]] = {"alignment": align
 """The steps that run as this script in a process of their own (`--inside`), writing under `--out`."""
 
 
+STEP_NAMES = ("grouped", "alignment", "syncs", "tests")
 OUT_FILES = ("summary.txt", "steps.log", "grouped.md", "alignment.md", "profile.md", "syncs.md",
              "cuda_tests.txt")
 """Everything the check writes under --out: the device tool brings back at most 8 files from $OUT."""
@@ -748,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inside", choices=sorted(STEPS_INSIDE), default=None,
                         help=argparse.SUPPRESS)  # one step, in this process: how the check runs it
     args = parser.parse_args(argv)
+    wanted = set(args.steps.split(","))
+    if wanted - set(STEP_NAMES):
+        parser.error(f"--steps: no step {', '.join(sorted(wanted - set(STEP_NAMES)))} (the steps: "
+                     f"{', '.join(STEP_NAMES)})")
     plan = QUICK if args.quick else Plan()
     out: Path = args.out.resolve()  # (the steps run in the repository's root)
     out.mkdir(parents=True, exist_ok=True)
@@ -757,7 +762,6 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + plan.planned_s()
     print(f"The GPU check: at most {plan.planned_s()} s, every step at its limit", flush=True)
     python = sys.executable
-    wanted = set(args.steps.split(","))
     inside = [[python, str(Path(__file__).resolve()), "--inside", step, "--device", args.device, "--out",
                str(out), *(["--quick"] if args.quick else [])] for step in ("alignment", "syncs")]
     grouped = [python, "benchmarks/grouped.py", "--device", args.device, "--datasets", "mnist1d", "--models",

@@ -159,3 +159,12 @@ def test_a_profiled_phase_counts_the_kernels_launched_in_it_and_not_its_device_s
     assert host_us == {"forward": 100, "loss": 20, "backward": 180, "step": 50, "zero_grad": 10}
     assert device_us == {"forward": 30, "loss": 0, "backward": 50, "step": 0, "zero_grad": 0}
     assert sum(kernel.time_range.elapsed_us() for kernel in kernels) == 80
+
+
+def test_a_step_not_named_right_is_refused_before_anything_is_written(
+        gpu_check: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as refused:
+        gpu_check.main(["--device", "cpu", "--quick", "--steps", "grouped,sync", "--out", out])
+    assert refused.value.code == 2 and "no step sync" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # (a typo ran nothing and said nothing before)
