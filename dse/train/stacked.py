@@ -331,8 +331,28 @@ def _unrows(y: Tensor, like: Tensor, features: int) -> Tensor:
     return y if like.dim() == 3 else y.view(*like.shape[:-1], features)
 
 
+class PlainStackedLinearOp(StackedLinearOp):
+    """The GEMMs of the members' plain fp32 Linear, as torch's autograd of `F.linear` runs them alone:
+    for a member's input batch-innermost in memory (a (B, in) view of an (in, B) tensor: a layer's
+    transposed output) torch computes the input's gradient as (W^T dy^T)^T, in that layout
+    (`mm_mat1_backward`), where `dy @ W` is contiguous and sums otherwise (9 of 36 shapes of 7-64 rows
+    differed on this session's AMD EPYC). The group's gradient then lies batch-innermost over all
+    members (`cat_as_alone`'s layout), which a layer run member by member hands each member as alone."""
+
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+        if not (need_data and x.dim() == 3 and x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1):
+            return super().backward(dy, x, weight, need_data, need_weight)
+        _, dw = super().backward(dy, x, weight, False, need_weight)
+        members, rows, features = x.shape
+        transposed = member_gemm(weight.transpose(1, 2), dy.transpose(1, 2))  # (G, in, B)
+        joined = torch.empty(features, members * rows, dtype=dy.dtype, device=dy.device)
+        joined.view(features, members, rows).copy_(transposed.permute(1, 0, 2))
+        return joined.t().view(members, rows, features), dw
+
+
 _STACKED_LINEAR = StackedLinearOp()
-_FP32_GEMM = LayerQuant(_STACKED_LINEAR, None, None, None, None, QuantSwitch())
+_FP32_GEMM = LayerQuant(PlainStackedLinearOp(), None, None, None, None, QuantSwitch())
 """A stacked Linear's GEMMs in fp32. Not torch's autograd of baddbmm: that gives the weight gradient
 as a transposed view, which autograd copies into the contiguous .grad on every step (that copy was 14 % of
 the profiled fp32 step of a group of 16)."""
