@@ -854,9 +854,11 @@ def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> A
         axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
     if axis != 0:
         return torch.cat(list(outputs), axis)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in outputs):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in outputs) and not (
+            first.is_contiguous() and first.numel() * first.element_size() % alignment_bytes(first) == 0):
         return _JoinedAsAlone.apply(*outputs)
-    return cat_as_alone(list(outputs))
+    return cat_as_alone(list(outputs))  # (a contiguous output whose member blocks are aligned: its
+    # gradient, laid out as it is, is aligned too - the built-in proxies' layers, at no extra cost)
 
 
 class _JoinedAsAlone(torch.autograd.Function):
