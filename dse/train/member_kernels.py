@@ -197,10 +197,10 @@ class _GradAsAlone(torch.autograd.Function):
 
 class _ValuesOf(torch.autograd.Function):
     """`values` (the members' own results of a reduction) forward; the gradient goes to `whole` (the
-    same reduction over the group's tensor), whose backward hands x its gradient in the layout the
-    reduction's backward makes alone: the members' own calls' gradients, joined, would reach x as
-    contiguous terms (a batch-innermost output's gradient alone is batch-innermost, and the layer
-    before it sums its weight gradient over that layout: member 0's scale gradient differed)."""
+    same reduction over the group's tensor), whose backward (the output's gradient expanded: exact
+    arithmetic, independent of the result) hands x one gradient term in x's layout, as alone. The
+    members' own calls' gradients would reach x as one full-size term each (a narrow's backward
+    fills zeros around its slice), G x the work and memory, in a contiguous layout."""
 
     @staticmethod
     def forward(ctx: Any, whole: Tensor, values: Tensor) -> Tensor:

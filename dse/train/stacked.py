@@ -29,7 +29,8 @@ Layers with weights take the folded batch apart:
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
   running averages) are each member's own; each read of its input reaches the folded input's
-  gradient as a term of its own, in autograd's order alone (`_MemberReads`).
+  gradient as a term of its own, in autograd's order alone (`_MemberReads`); its input, weights and
+  output gradient at each member's alignment alone.
 - GEMMs the forward calls as functions (F.linear on a parameter, `x @ self.w`, torch.bmm, F.conv2d,
   attention, nn.MultiheadAttention): the tensors they take are stacked in place and their module runs
   on the folded batch; the torch-function mode runs each such GEMM per member
@@ -335,9 +336,11 @@ class PlainStackedLinearOp(StackedLinearOp):
     """The GEMMs of the members' plain fp32 Linear, as torch's autograd of `F.linear` runs them alone:
     for a member's input batch-innermost in memory (a (B, in) view of an (in, B) tensor: a layer's
     transposed output) torch computes the input's gradient as (W^T dy^T)^T, in that layout
-    (`mm_mat1_backward`), where `dy @ W` is contiguous and sums otherwise (9 of 36 shapes of 7-64 rows
-    differed on this session's AMD EPYC). The group's gradient then lies batch-innermost over all
-    members (`cat_as_alone`'s layout), which a layer run member by member hands each member as alone."""
+    (`mm_mat1_backward`), where `dy @ W` is contiguous and sums otherwise (all 9 shapes of 7 rows
+    measured on this session's AMD EPYC, none of 14, 50 or 64). The group's gradient then lies
+    batch-innermost over all members (`cat_as_alone`'s layout), which a layer run member by member
+    hands each member as alone (a reduction over its other axis still sums across the members'
+    samples: docs/training.md, *Grouped training*)."""
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -661,7 +664,14 @@ class PerMemberLayer(nn.Module):
     member's slice of the folded batch through the layer with that member's own weights and buffers
     (stacked along a leading member axis; buffers a layer updates in place, as BatchNorm's running
     statistics, are updated in the member's slice). Where its input needs a gradient, each torch call
-    of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE."""
+    of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE.
+
+    Each member's input, floating-point weights and buffers, and output gradient reach the layer at
+    the address alignment they have alone (`at_alone_alignment`, `_JoinedAsAlone`): a user's layer
+    may run a GEMM on them (torch.addmm, torch.einsum), and MKL on an AMD EPYC sums a product
+    otherwise for an operand off a 16-byte boundary, where member g's slice of a stacked tensor lies
+    g x its size in (tests/train/test_train_grouped_align_leaf.py). A copy only where a member's
+    block is off; a buffer's copy is written back after the members' calls."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
         super().__init__()
