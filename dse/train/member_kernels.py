@@ -196,19 +196,20 @@ class _GradAsAlone(torch.autograd.Function):
 
 
 class _ValuesOf(torch.autograd.Function):
-    """`values` (the members' own results of a reduction) forward; the gradient goes to `whole` (the
+    """The members' own results of a reduction, joined, forward; the gradient goes to `whole` (the
     same reduction over the group's tensor), whose backward (the output's gradient expanded: exact
     arithmetic, independent of the result) hands x one gradient term in x's layout, as alone. The
     members' own calls' gradients would reach x as one full-size term each (a narrow's backward
     fills zeros around its slice), G x the work and memory, in a contiguous layout."""
 
     @staticmethod
-    def forward(ctx: Any, whole: Tensor, values: Tensor) -> Tensor:
-        return values.view_as(values)
+    def forward(ctx: Any, whole: Tensor, *values: Tensor) -> Tensor:
+        ctx.members = len(values)
+        return torch.cat(values)  # (a new tensor, not a view: the caller may modify it in place)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return (grad, *[None] * ctx.members)
 
 
 class MemberKernelMode(RecomputedMode):
@@ -292,11 +293,11 @@ class MemberKernelMode(RecomputedMode):
         self.seen = True
         each = x.shape[0] // self.members
         with torch.no_grad():
-            values = torch.cat([func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:],
-                                     **kwargs) for g in range(self.members)])
+            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **kwargs)
+                      for g in range(self.members)]
         if not (torch.is_grad_enabled() and x.requires_grad):
-            return values
-        return _ValuesOf.apply(func(*args, **kwargs), values)
+            return torch.cat(values)
+        return _ValuesOf.apply(func(*args, **kwargs), *values)
 
 
 class UnsplitCalls(TorchFunctionMode):

@@ -880,7 +880,9 @@ class _JoinedAsAlone(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *parts: Tensor) -> Tensor:
         ctx.members = len(parts)
-        return cat_as_alone(list(parts))
+        joined = cat_as_alone(list(parts))  # a view of its own join where not contiguous: a copy in
+        # the same strides, as autograd forbids modifying a custom Function's view output in place
+        return joined if joined._base is None else joined.clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, ...]:
