@@ -286,17 +286,21 @@ class MemberKernelMode(RecomputedMode):
         axis outside them in memory; as it is otherwise (the batch outermost: each sample's
         reduction its own)."""
         x = args[0] if args and isinstance(args[0], Tensor) else None
+        out = kwargs.get("out")
+        tracked = x is not None and torch.is_grad_enabled() and x.requires_grad
         if (x is None or not x.is_floating_point() or x.device.type != "cpu"
+                or (out is not None and tracked)  # (torch refuses out= under autograd: as alone)
                 or not _reduced_outside_members(x, args, kwargs)
                 or _member_axis(x, self.members, self.rows) != 0):
             return func(*args, **kwargs)
         self.seen = True
         each = x.shape[0] // self.members
+        own = {name: value for name, value in kwargs.items() if name != "out"}
         with torch.no_grad():
-            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **kwargs)
+            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **own)
                       for g in range(self.members)]
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return torch.cat(values)
+        if not tracked:
+            return torch.cat(values, out=out)
         return _ValuesOf.apply(func(*args, **kwargs), *values)
 
 
