@@ -716,9 +716,10 @@ class PerMemberLayer(nn.Module):
                 member_inputs = [x[g] for x in split]
                 if reads is None:
                     outputs.append(template(*member_inputs))
-                    continue
-                with reads.of_member(g, member_inputs):
-                    outputs.append(template(*member_inputs))
+                else:
+                    with reads.of_member(g, member_inputs):
+                        outputs.append(template(*member_inputs))
+                _keep_reassigned_buffers(template, slices, g)
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
@@ -728,6 +729,20 @@ class PerMemberLayer(nn.Module):
                 if buffer is not None and aligned[name] is not buffer:
                     buffer.copy_(aligned[name])
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+
+def _keep_reassigned_buffers(template: nn.Module, slices: dict[str, Sequence[Tensor]], member: int) -> None:
+    """A buffer the layer's call reassigned (`self.running = 0.9 * self.running + ...`, where
+    BatchNorm updates in place) copied into the member's slice: the next call's swap would drop it."""
+    for name, parts in slices.items():
+        new = template._buffers.get(name, parts[member])  # (a parameter's name: its own part)
+        if new is parts[member]:
+            continue
+        if new is None or new.shape != parts[member].shape or new.dtype != parts[member].dtype:
+            raise ValueError(f"cannot group {type(template).__name__}: its forward reassigns buffer "
+                             f"{name!r} to another shape or dtype than it had")
+        with torch.no_grad():
+            parts[member].copy_(new)
 
 
 READS_INPUT_ONCE: frozenset[type[nn.Module]] = frozenset({

@@ -100,3 +100,35 @@ def test_a_per_member_layers_output_modified_in_place_gives_each_member_its_own_
         alone.sum().backward()
         assert torch.equal(together[g], alone), g
         assert torch.equal(stacked_weight.grad[g], member[2].weight.grad), g
+
+
+def test_a_per_member_layer_that_reassigns_a_buffer_keeps_each_members_own() -> None:
+    """`self.average = 0.9 * self.average + ...` in a layer's forward: each member's new buffer is
+    kept in its part of the group's. Before, the next member's swap dropped it, and the group's
+    buffer never changed (every member's second output and final buffer differed from alone)."""
+    import copy
+
+    import torch
+    from support.leaf_models import ReassignedAverage
+    from torch import nn
+
+    from dse.train.layers import QuantSwitch
+    from dse.train.stacked import stack_models
+
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(nn.Sequential(nn.Linear(64, 37), nn.Tanh(), ReassignedAverage(37), nn.Linear(37, 10)))
+    x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(0))
+    group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, x[0])
+    for training in (True, True, False):
+        group.train(training)
+        together = group(x)
+        together.sum().backward()
+        for g, member in enumerate(members):
+            member.train(training)
+            alone = member(x[g].clone())
+            alone.sum().backward()
+            assert torch.equal(together[g], alone), g
+            assert torch.equal(group.net[2].average[g], member[2].average), g
+            assert torch.equal(group.net[2].weight.grad[g], member[2].weight.grad), g
