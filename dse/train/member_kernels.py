@@ -215,8 +215,9 @@ class _ValuesOf(torch.autograd.Function):
 class MemberKernelMode(RecomputedMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
     are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
-    member, each on its own samples laid out as alone, so each member gets its bits alone; every
-    other call runs as it is. `rows` is a member's batch B of the current forward (None: the
+    member, each on its own samples laid out as alone, so each member gets its bits alone, and so
+    LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory; every other call runs as
+    it is. `rows` is a member's batch B of the current forward (None: the
     members' blocks are the first axis's). `seen` tells whether the forward called any of them."""
 
     def __init__(self, members: int, rows: int | None = None) -> None:
