@@ -703,6 +703,7 @@ class PerMemberLayer(nn.Module):
                **{n: b for n, b in self._buffers.items() if b is not None}}
         aligned = {name: _at_alone_alignment_for_blas(tensor) for name, tensor in own.items()}
         slices = {name: tensor.unbind(0) for name, tensor in aligned.items()}
+        buffer_slices = {name: slices[name] for name in self._buffers if name in slices}
         reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
             or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
         split = [_member_blocks(x, self.members, aligned=reads is None) for x in inputs]
@@ -720,7 +721,7 @@ class PerMemberLayer(nn.Module):
                 else:
                     with reads.of_member(g, member_inputs):
                         outputs.append(template(*member_inputs))
-                _keep_reassigned_buffers(template, slices, g)
+                _keep_reassigned_buffers(template, buffer_slices, g)
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
@@ -735,9 +736,10 @@ class PerMemberLayer(nn.Module):
 def _keep_reassigned_buffers(template: nn.Module, slices: Mapping[str, Sequence[Tensor]],
                              member: int) -> None:
     """A buffer the layer's call reassigned (`self.running = 0.9 * self.running + ...`, where
-    BatchNorm updates in place) copied into the member's slice: the next call's swap would drop it."""
+    BatchNorm updates in place) copied into the member's part (`slices`: each buffer's members'
+    parts): the next call's swap would drop it."""
     for name, parts in slices.items():
-        new = template._buffers.get(name, parts[member])  # (a parameter's name: its own part)
+        new = template._buffers.get(name)
         if new is parts[member]:
             continue
         if new is None or new.shape != parts[member].shape or new.dtype != parts[member].dtype:
