@@ -173,6 +173,25 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])
 
 
+def test_a_signal_inside_an_import_raises_once_the_import_has_ended(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose import discards what is raised in it (as torch's start-up does while it imports
+    numpy) gets the signal: the Interrupted raised there was lost, and the sweep's block went on. Now
+    the import finishes undisturbed and the signal raises right after it."""
+    (tmp_path / "discards_a_signal.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "discards_a_signal", raising=False)
+    imported = False
+    with pytest.raises(Interrupted) as raised, signals_interrupt():
+        import discards_a_signal  # noqa: F401
+
+        imported = discards_a_signal.WHOLE
+        time.sleep(5)  # the signal, sent again, raises before this ends
+    assert imported and raised.value.signal_number == signal.SIGINT
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
         pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
