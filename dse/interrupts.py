@@ -127,10 +127,15 @@ class _DeferredSignal:
 
 
 def _importing(frame: FrameType | None) -> bool:
-    """Whether `frame` runs inside an import (or the import system's own code)."""
+    """Whether `frame` runs inside another library's import or the import system itself: walking out
+    from it, a frame of the import system comes before any of dse's own (which unwinds cleanly: a
+    signal raises there, in dse's own module code between its imports, at once)."""
     while frame is not None:
-        if frame.f_globals.get("__name__") in _IMPORT_MACHINERY:
+        name = frame.f_globals.get("__name__", "")
+        if name in _IMPORT_MACHINERY:
             return True
+        if name == "dse" or name.startswith("dse."):
+            return False
         frame = frame.f_back
     return False
 
