@@ -7,8 +7,8 @@ Whatever the instant, the command prints one line on stderr and exits with 128 +
   prints the line and exits at once (no KeyboardInterrupt traceback from inside an import);
 - while a command runs: each signal raises `Interrupted` in the main thread, as Ctrl-C raises
   KeyboardInterrupt (a subclass), so what is being written unwinds; inside `signals_interrupt` only
-  the first does (a sweep stops its workers undisturbed); one that arrives while the main thread
-  imports a module (torch's import: seconds) raises once that import has ended (`_DeferredSignal`);
+  the first does (a sweep stops its workers undisturbed); one that arrives while another library is
+  being imported (torch's: seconds) raises once that import has ended (`_DeferredSignal`);
 - once the command has returned: `CommandSignals` records the signal and says it after the exit
   handlers; a second one ends the process at once.
 A handler the caller installed (SIG_IGN under `nohup`, a test's own) is left in place.
@@ -90,11 +90,11 @@ module whose import runs a long job itself, such as a user's file training at im
 
 
 class _DeferredSignal:
-    """The signal that arrived while the main thread imported a module, re-sent to it once it imports
-    none. An exception raised inside an import is unsafe: torch's start-up imports numpy from C and
-    discards the error, leaving numpy half-initialised (a later import fails: RecursionError, 'cannot
-    load module more than once'), and one raised in the import system's weakref callback is printed
-    and dropped (the command goes on)."""
+    """The signal that arrived while the main thread ran another library's import, re-sent to it once
+    that import has ended. An exception raised inside such an import is unsafe: torch's start-up
+    imports numpy from C and discards the error, leaving numpy half-initialised (a later import fails:
+    RecursionError, 'cannot load module more than once'), and one raised in the import system's
+    weakref callback is printed and dropped (the command goes on)."""
 
     def __init__(self) -> None:
         self.number: int | None = None
