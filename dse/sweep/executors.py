@@ -227,14 +227,13 @@ def start_worker_server() -> None:
     an interrupt) leaves no server behind finishing seconds of imports for nothing."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
-        from multiprocessing import forkserver, resource_tracker
+        from multiprocessing import forkserver
 
-        # Both helpers start with the signals a terminal sends the whole group blocked, and keep them
-        # blocked until they ignore them: the resource tracker ignores SIGINT itself but not SIGHUP,
+        # The server and the resource tracker it starts first inherit the signals a terminal sends the
+        # whole group blocked, until they ignore them: the tracker ignores SIGINT itself but not SIGHUP,
         # which killed it, so that a closed terminal printed its successor's KeyError tracebacks.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
         try:
-            resource_tracker.ensure_running()
             forkserver.ensure_running()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
