@@ -44,7 +44,8 @@ seconds per format T_f (from the store). What is not training, R = E - sum(T_f) 
 planning, energy, worker start, reports: benchmarks/sweep.py --child-stages splits a full plan), is
 paid by a grouped sweep too. The best grouped sweep takes R + sum(T_f / (workers x ceiling_f)),
 where ceiling_f is the format's step ceiling applied to its whole training time (evaluation and
-setup included, which are no more dispatch-bound than the step: generous again); the ratio of the
+setup included: not split, an assumption; evaluation's batches of 1024 hold ten times a step's
+rows); the ratio of the
 training alone, fixed costs aside, is sum(T_f) / sum(T_f / ceiling_f); E / R is what no training
 speed-up passes.
 """
