@@ -115,11 +115,11 @@ def _accumulator(rng: random.Random, specs: list[str]) -> str | None:
 @functools.cache
 def _layers(model: str, dataset: str, data_dir: Path | None) -> tuple[Any, ...]:
     """The model's GEMM layers as per-layer rules see them (a file dataset read from `data_dir`)."""
-    from dse.data import load_dataset
+    from dse.data import FILE_DATASETS, load_dataset
     from dse.models.proxies import build_model
     from dse.train.functional import model_layers
 
-    data = load_dataset(dataset, None if data_dir is None else str(data_dir / dataset))
+    data = load_dataset(dataset, str(data_dir / dataset) if data_dir and dataset in FILE_DATASETS else None)
     return tuple(model_layers(build_model(model, data), data.x_train[:2]))
 
 
