@@ -34,8 +34,12 @@ USER_NETWORKS: tuple[str, ...] = (
     "checkpointed", "checkpointed_reentrant", "checkpointed_sequential", "checkpointed_plain",
     "checkpointed_layer", "checkpointed_layer_reentrant", "checkpointed_layer_plain",
     "composable_checkpoint", "self_calling", "swish_function", "normed", "scaled_pool", "batch_inner",
-    "swish_on_large_batches", "wide_head")
-"""Users' networks in tests/support/user_models.py (each takes digits' 64 features)."""
+    "wide_head")
+"""Users' networks in tests/support/user_models.py (each takes digits' 64 features) that do not branch
+on their batch's size."""
+BRANCHING_NETWORKS: tuple[str, ...] = ("swish_on_large_batches",)
+"""Users' networks of user_models.py whose forward branches on its batch's size (a group trains them one
+by one)."""
 AUDIT_NETWORKS: tuple[tuple[str, str], ...] = (
     ("odd_conv", "digits"), ("conv1d", "digits"), ("upsampled", "digits"), ("lstm_rows", "digits"),
     ("odd_normed", "digits"), ("embedded", "sort"))
@@ -45,7 +49,8 @@ MODULE_MODELS: tuple[tuple[str, str], ...] = (
     (f"{SUPPORT.parent.parent}/examples/own_model/model.py:small_resnet", "digits"))
 """Networks named as a user names a module (`package.module:function`; tests/ on the path) and the
 worked example's ResNet (BatchNorm2d, strided and 1x1 convolutions)."""
-MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits") for name in USER_NETWORKS),
+MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits")
+                                             for name in (*USER_NETWORKS, *BRANCHING_NETWORKS)),
                                  *((f"{AUDIT_MODELS}:{name}", data) for name, data in AUDIT_NETWORKS),
                                  *MODULE_MODELS]
 """(model, dataset): a dataset names a slice in tiny_datasets.py (the built-in of that name)."""
