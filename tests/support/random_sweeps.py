@@ -23,6 +23,7 @@ from typing import Any
 SUPPORT = Path(__file__).resolve().parent  # (user_models.py, tiny_datasets.py)
 USER_MODELS = SUPPORT / "user_models.py"
 AUDIT_MODELS = SUPPORT / "audit_networks.py"
+LEAF_MODELS = SUPPORT / "leaf_models.py"
 TINY = SUPPORT / "tiny_datasets.py"
 
 PROXIES: list[tuple[str, str]] = [("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"),
@@ -44,6 +45,10 @@ AUDIT_NETWORKS: tuple[tuple[str, str], ...] = (
     ("odd_conv", "digits"), ("conv1d", "digits"), ("upsampled", "digits"), ("lstm_rows", "digits"),
     ("odd_normed", "digits"), ("embedded", "sort"))
 """(network, dataset) of tests/support/audit_networks.py: odd widths, odd convolutions, more leaf layers."""
+LEAF_NETWORKS: tuple[str, ...] = ("own_affine", "own_affine9", "own_einsum", "own_affine_in_wide", "norm37")
+"""Networks of tests/support/leaf_models.py: users' leaf layers calling GEMMs dse does not convert
+(torch.addmm, torch.einsum) and a BatchNorm1d of 37 features, which a group runs member by member
+(batch_inner_reduced, a reduction a group cannot give as alone, docs/training.md, is left out)."""
 MODULE_MODELS: tuple[tuple[str, str], ...] = (
     ("support.audit_networks:odd_conv", "digits"), ("support.user_models:gated", "digits"),
     (f"{SUPPORT.parent.parent}/examples/own_model/model.py:small_resnet", "digits"))
@@ -52,6 +57,7 @@ worked example's ResNet (BatchNorm2d, strided and 1x1 convolutions)."""
 MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits")
                                              for name in (*USER_NETWORKS, *BRANCHING_NETWORKS)),
                                  *((f"{AUDIT_MODELS}:{name}", data) for name, data in AUDIT_NETWORKS),
+                                 *((f"{LEAF_MODELS}:{name}", "digits") for name in LEAF_NETWORKS),
                                  *MODULE_MODELS]
 """(model, dataset): a dataset names a slice in tiny_datasets.py (the built-in of that name)."""
 FILE_MODELS: list[tuple[str, str]] = [("mlp", "mnist"), ("cnn", "mnist"), ("cnn", "cifar10"),
