@@ -48,7 +48,7 @@ AUDIT_NETWORKS: tuple[tuple[str, str], ...] = (
 LEAF_NETWORKS: tuple[str, ...] = ("own_affine", "own_affine9", "own_einsum", "own_affine_in_wide", "norm37")
 """Networks of tests/support/leaf_models.py: users' leaf layers calling GEMMs dse does not convert
 (torch.addmm, torch.einsum) and a BatchNorm1d of 37 features, which a group runs member by member
-(batch_inner_reduced, a reduction a group cannot give as alone, docs/training.md, is left out)."""
+(batch_inner_reduced, whose fp32 case leaf-align states open in docs/training.md, is left out)."""
 MODULE_MODELS: tuple[tuple[str, str], ...] = (
     ("support.audit_networks:odd_conv", "digits"), ("support.user_models:gated", "digits"),
     (f"{SUPPORT.parent.parent}/examples/own_model/model.py:small_resnet", "digits"))
