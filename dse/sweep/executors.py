@@ -200,8 +200,6 @@ def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
     arrives; leave Ctrl-C to the sweep (which stops its workers) and end with the sweep's process."""
     _limit_threads(threads)
     become_helper(sweep_pid)
-    for number in GROUP_SIGNALS:  # a hang-up too (a forked worker inherits them ignored already)
-        signal.signal(number, signal.SIG_IGN)
     import dse.train.loop  # noqa: F401
 
 

@@ -192,6 +192,63 @@ def test_a_signal_inside_an_import_raises_once_the_import_has_ended(tmp_path: Pa
     assert imported and raised.value.signal_number == signal.SIGINT
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_process_forked_while_a_signal_waits_for_an_import_defers_its_own_signals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked while the parent's signal waits for an import (a report forks its figure
+    processes) has no re-sending thread: it inherited the mark of a pending signal, so that each of its
+    own signals inside an import was held for a thread that never ran, and lost. Now the child starts
+    clean: its signal raises once its import ends, as does the parent's."""
+    (tmp_path / "forks_while_a_signal_waits.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\nCHILD = os.fork() == 0\n")
+    (tmp_path / "discards_the_childs_signal.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("forks_while_a_signal_waits", "discards_the_childs_signal"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(Interrupted) as raised, signals_interrupt():
+        import forks_while_a_signal_waits
+
+        if forks_while_a_signal_waits.CHILD:
+            code = 1
+            try:
+                import discards_the_childs_signal  # noqa: F401
+
+                time.sleep(5)  # the child's signal, sent again, raises before this ends
+            except Interrupted as error:
+                code = 0 if error.signal_number == signal.SIGTERM else 2
+            finally:
+                os._exit(code)
+        time.sleep(5)  # the parent's signal, sent again, raises before this ends
+    _, status = os.waitpid(-1, 0)
+    assert raised.value.signal_number == signal.SIGINT and os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGHUP"), reason="fork, SIGHUP")
+def test_a_helper_process_leaves_ctrl_c_and_a_hang_up_to_its_parent() -> None:
+    """A terminal sends Ctrl-C and a hang-up to the whole process group: a sweep's worker and a report's
+    figure process leave both to the command, which stops them (a hang-up killed a figure process)."""
+    from dse.processes import become_helper
+
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            become_helper(None)
+            for number in (signal.SIGINT, signal.SIGHUP):
+                os.kill(os.getpid(), number)
+            time.sleep(0.1)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
         pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
