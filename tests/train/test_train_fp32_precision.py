@@ -1,8 +1,8 @@
 """A run's fp32 arithmetic is IEEE fp32 whatever precision the caller set (dse/train/fp32.py): torch runs
 cuDNN convolutions in TF32 by default, and `set_float32_matmul_precision("high"/"medium")` or the
-per-backend `fp32_precision` settings run matmuls in TF32 (cuBLAS) or bf16 (oneDNN, on the CPU). Each
-case runs in a fresh process: torch's precision settings start as a user's process starts them, and
-none of them leaks into the other tests."""
+per-backend `fp32_precision` settings run matmuls in TF32 (cuBLAS) or through oneDNN's bf16 math
+mode (on the CPU). Each case runs in a fresh process: torch's precision settings start as a user's
+process starts them, and none of them leaks into the other tests."""
 
 from __future__ import annotations
 
@@ -115,8 +115,9 @@ def test_a_run_computes_fp32_in_ieee_and_gives_the_callers_precision_back(caller
 
 
 def test_a_callers_medium_matmul_precision_trains_bit_for_bit_as_highest() -> None:
-    """On a CPU with bf16 instructions "medium" sends fp32 matmuls to oneDNN in bf16, which changes a
-    plain product here; a run under it gives the very numbers of a run under "highest"."""
+    """On a CPU with bf16 instructions "medium" sends fp32 matmuls to oneDNN's bf16 math mode, which
+    changes a plain product's bits here; a run under it gives the very numbers of a run under
+    "highest"."""
     out = _in_a_process("""
         a, b = torch.randn(64, 300), torch.randn(300, 50)
         exact = a @ b
@@ -129,5 +130,5 @@ def test_a_callers_medium_matmul_precision_trains_bit_for_bit_as_highest() -> No
                           "highest": [highest.loss_curve, highest.test_accuracy]}))
     """)
     if not out["changes"]:
-        pytest.skip("torch's oneDNN takes no bf16 path for fp32 matmuls on this CPU")
+        pytest.skip("\"medium\" does not change an fp32 matmul on this CPU")
     assert out["medium"] == out["highest"]
