@@ -4,8 +4,9 @@ H100, the steps' limits added up: `Plan.planned_s`), writing its tables under on
     python benchmarks/gpu_check.py --out "$OUT"                  # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/check   # the same steps, tiny, on CPU
 
-Four steps, most important first, each a process of its own within its own time limit, so that one
-slow step cannot eat the others' time (a step past its limit is cut and says so; what it wrote so far
+Four steps, most important first, each a process of its own within its own time limit plus what the
+steps before it left unused, so that one slow step cannot eat the others' time, and all within
+`Plan.planned_s` of the parent's start (a step past its limit is cut and says so; what it wrote so far
 stays):
 1. `grouped.md`: trials per second of the MNIST-1D MLP and CNN, one trial at a time and in groups of
    G = 1, 2, 4, 8, 16, 32, with the speed-up (benchmarks/grouped.py on the device; issue 16 asks for
@@ -23,7 +24,8 @@ stays):
 4. `cuda_tests.txt`: the tests that need a GPU (tests/test_cuda.py: every format bit for bit against
    the CPU path, every proxy trained reproducibly; the grouped-equals-alone checks on CUDA), which CI
    skips.
-`device.txt` names the machine and the versions; `summary.txt` how each step went.
+`summary.txt` names the machine and the versions and says how each step went; `steps.log` holds the
+steps' own output. Seven files in all (`OUT_FILES`): the device tool brings back at most eight.
 """
 
 from __future__ import annotations
@@ -125,16 +127,17 @@ def step_limit_s(own_s: int, later_s: int, left_s: float) -> int:
 
 
 class Table:
-    """A markdown file written line by line (the whole file again after each), so that a step cut at
-    its limit keeps every row it finished; each line printed too."""
+    """A markdown file written line by line, each appended as it comes, so that a step cut at its
+    limit keeps every row it finished (a kill in the middle of rewriting the whole file would leave it
+    empty); each line printed too."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lines: list[str] = []
+        path.write_text("")
 
     def add(self, *lines: str) -> None:
-        self.lines += lines
-        self.path.write_text("\n".join(self.lines) + "\n")
+        with self.path.open("a") as file:
+            file.write("".join(f"{line}\n" for line in lines))
         print("\n".join(lines), flush=True)
 
 
@@ -369,15 +372,19 @@ class ConvCase:
                                                          list(self.padding), [1], False, [0], groups,
                                                          [True, True, True]))
 
-    def each(self) -> list[tuple[torch.Tensor, ...]]:
-        """Each member's forward and gradients (input, weight, bias), on fresh tensors as alone."""
+    def each(self, fresh: bool = True) -> list[tuple[torch.Tensor, ...]]:
+        """Each member's forward and gradients (input, weight, bias), on fresh tensors as alone (not
+        `fresh`: on the members' slices, as timed, so that 4 G copies do not count as convolutions)."""
         import torch.nn.functional as F
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if fresh else t
 
         results = []
         for g in range(self.x.shape[0]):
-            x, w = self.x[g].clone(), self.w[g].clone()
-            results.append((F.conv1d(x, w, self.b[g].clone(), self.stride, self.padding),
-                            *self._backward(self.dy[g].clone(), x, w, 1)))
+            x, w = own(self.x[g]), own(self.w[g])
+            results.append((F.conv1d(x, w, own(self.b[g]), self.stride, self.padding),
+                            *self._backward(own(self.dy[g]), x, w, 1)))
         return results
 
     def grouped(self) -> tuple[torch.Tensor, ...]:
@@ -455,7 +462,7 @@ def conv_row(case: ConvCase, device: str, clock: Clock) -> str:
     members, batch, channels, length = case.x.shape
     outs, kernel = case.w.shape[1], case.w.shape[3]
     cells = " | ".join("yes" if d == 0 else f"no ({d})" for d in case.differences())
-    each_ms = min(clock(case.each, ()) for _ in range(3)) * 1e3
+    each_ms = min(clock(case.each, (False,)) for _ in range(3)) * 1e3
     grouped_ms = min(clock(case.grouped, ()) for _ in range(3)) * 1e3
     tf32 = "-"
     if device.startswith("cuda"):
@@ -572,8 +579,9 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
             f"builds it) with dse's alignment (ALIGNMENT_BYTES {align}) against ALIGNMENT_BYTES 4 (nothing "
             "padded, copied or run member by member for alignment): ms per step, best of "
             f"{plan.align_rounds} rounds of {plan.align_steps} steps, interleaved ({clock_name}); aten "
-            "operations per step (each a kernel launch on a GPU; views not counted) and the copies among "
-            "them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
+            "operations per step (about a kernel launch each on a GPU: views not counted, an empty "
+            "allocation launches none, a foreach several; profile.md counts the kernels) and the copies "
+            "among them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
             "with each member's learning rate its own (lr x (1 + g / G)), as a sweep over learning rates "
             "groups its trials (dse, ms and operations).", "",
             "| model | format | alone ms | alone ops | group ms, dse | group ms, unaligned | dse / unaligned "
@@ -588,8 +596,9 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
         try:
             profile_table(device, plan, {key: phases for key, phases in groups.items() if key[1] != "fp32"},
                           out / "profile.md")
-        except Exception as error:  # (said, as a row is)
-            (out / "profile.md").write_text(f"torch.profiler failed: {_first_line(error)}\n")
+        except Exception as error:  # (said after what it wrote, as a row is)
+            with (out / "profile.md").open("a") as file:
+                file.write(f"torch.profiler failed: {_first_line(error)}\n")
 
 
 def _first_line(error: BaseException) -> str:
@@ -669,24 +678,7 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                 torch.cuda.synchronize(device)
             ended = time.perf_counter()  # (leaving the block parses the trace: not the steps' time)
         wall_ms = (ended - started) * 1e3 / steps
-        events = prof.events()
-        on_host = [event for event in events if event.device_type == DeviceType.CPU]
-        on_device = [event for event in events if event.device_type != DeviceType.CPU
-                     and not getattr(event, "is_user_annotation", False)
-                     and not event.name.startswith("phase:")]
-        ranges = [event for event in on_host if event.name.startswith("phase:")]
-        host_us = dict.fromkeys(PHASES, 0.0)
-        device_us = dict.fromkeys(PHASES, 0.0)
-        for event in ranges:
-            host_us[event.name.removeprefix("phase:")] += event.time_range.elapsed_us()
-        for event in on_host:
-            kernels = [kernel for kernel in event.kernels if not kernel.name.startswith("phase:")]
-            if event.name.startswith("phase:") or not kernels:
-                continue
-            for phase_range in ranges:
-                if phase_range.time_range.start <= event.time_range.start <= phase_range.time_range.end:
-                    device_us[phase_range.name.removeprefix("phase:")] += sum(k.duration for k in kernels)
-                    break
+        host_us, device_us, on_device = profiled_phases(prof.events())
         busy_ms = sum(event.time_range.elapsed_us() for event in on_device) / 1e3 / steps
         cells = [f"{host_us[name] / 1e3 / steps:.2f} / {device_us[name] / 1e3 / steps:.2f}"
                  for name in PHASES]
@@ -708,11 +700,38 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                     for event in top), "")
 
 
+def profiled_phases(events: Sequence[Any]) -> tuple[dict[str, float], dict[str, float], list[Any]]:
+    """From a profile's events (`profile.events()`): each phase's host microseconds (its
+    `phase:NAME` ranges on the host), the device microseconds of the kernels launched while it was
+    open, from any thread, and the device's own events (kernels, copies, fills), without the
+    `gpu_user_annotation` spans a range also gets on the device (`profile_table`)."""
+    from torch.autograd import DeviceType
+
+    on_host = [event for event in events if event.device_type == DeviceType.CPU]
+    on_device = [event for event in events if event.device_type != DeviceType.CPU
+                 and not getattr(event, "is_user_annotation", False) and not event.name.startswith("phase:")]
+    ranges = [event for event in on_host if event.name.startswith("phase:")]
+    host_us = dict.fromkeys(PHASES, 0.0)
+    device_us = dict.fromkeys(PHASES, 0.0)
+    for event in ranges:
+        host_us[event.name.removeprefix("phase:")] += event.time_range.elapsed_us()
+    for event in on_host:
+        kernels = [kernel for kernel in event.kernels if not kernel.name.startswith("phase:")]
+        if event.name.startswith("phase:") or not kernels:
+            continue
+        for phase_range in ranges:
+            if phase_range.time_range.start <= event.time_range.start <= phase_range.time_range.end:
+                device_us[phase_range.name.removeprefix("phase:")] += sum(k.duration for k in kernels)
+                break
+    return host_us, device_us, on_device
+
+
 STEPS_INSIDE: dict[str, Callable[[str, Plan, Path], None]] = {"alignment": alignment_tables,
                                                                "syncs": sync_table}
 """The steps that run as this script in a process of their own (`--inside`), writing under `--out`."""
 
 
+STEP_NAMES = ("grouped", "alignment", "syncs", "tests")
 OUT_FILES = ("summary.txt", "steps.log", "grouped.md", "alignment.md", "profile.md", "syncs.md",
              "cuda_tests.txt")
 """Everything the check writes under --out: the device tool brings back at most 8 files from $OUT."""
@@ -730,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inside", choices=sorted(STEPS_INSIDE), default=None,
                         help=argparse.SUPPRESS)  # one step, in this process: how the check runs it
     args = parser.parse_args(argv)
+    wanted = set(args.steps.split(","))
+    if wanted - set(STEP_NAMES):
+        parser.error(f"--steps: no step {', '.join(sorted(wanted - set(STEP_NAMES)))} (the steps: "
+                     f"{', '.join(STEP_NAMES)})")
     plan = QUICK if args.quick else Plan()
     out: Path = args.out.resolve()  # (the steps run in the repository's root)
     out.mkdir(parents=True, exist_ok=True)
@@ -739,7 +762,6 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + plan.planned_s()
     print(f"The GPU check: at most {plan.planned_s()} s, every step at its limit", flush=True)
     python = sys.executable
-    wanted = set(args.steps.split(","))
     inside = [[python, str(Path(__file__).resolve()), "--inside", step, "--device", args.device, "--out",
                str(out), *(["--quick"] if args.quick else [])] for step in ("alignment", "syncs")]
     grouped = [python, "benchmarks/grouped.py", "--device", args.device, "--datasets", "mnist1d", "--models",

@@ -95,8 +95,8 @@ def test_a_step_cut_at_its_limit_keeps_what_it_printed_and_says_so(gpu_check: Mo
                                                                    tmp_path: Path) -> None:
     log = tmp_path / "steps.log"
     sleeper = [sys.executable, "-c", "import time; print('row', 1); time.sleep(60)"]
-    line = gpu_check.run_step("sleeper", sleeper, 2, log)
-    assert line.startswith("sleeper: cut at its limit of 2 s")
+    line = gpu_check.run_step("sleeper", sleeper, 5, log)  # (time for a loaded machine to start it)
+    assert line.startswith("sleeper: cut at its limit of 5 s")
     assert "\nrow 1\n" in log.read_text()  # (a child's stdout into a file is block-buffered unless told)
 
 
@@ -129,3 +129,42 @@ def test_an_operand_placed_at_an_offset_starts_that_many_bytes_past_the_alignmen
         moved = gpu_check.placed(values, strides, 4 * offset_elements)
     assert moved.data_ptr() % 256 == 4 * offset_elements
     assert moved.stride() == strides and torch.equal(moved, values)
+
+
+def test_a_profiled_phase_counts_the_kernels_launched_in_it_and_not_its_device_span(
+        gpu_check: ModuleType) -> None:
+    """On a GPU (events as torch.profiler gives them there): backward's kernels are launched by
+    autograd's device thread, outside the range's own tree, and count as backward's; the range's
+    `gpu_user_annotation` span on the device, which covers its kernels and the gaps between them, is
+    not a kernel (counted, the device would read busy 160 us more than its kernels' 80)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval, Kernel
+
+    def event(name: str, start: float, end: float, device: DeviceType = DeviceType.CPU,
+              kernels: tuple[float, ...] = (), annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(name=name, time_range=Interval(start, end), device_type=device,
+                               kernels=[Kernel(f"kernel {us}", 0, us) for us in kernels],
+                               is_user_annotation=annotation)
+
+    phases = [event("phase:forward", 0, 100), event("phase:loss", 100, 120),
+              event("phase:backward", 120, 300), event("phase:step", 300, 350),
+              event("phase:zero_grad", 350, 360)]
+    launches = [event("aten::mm", 10, 20, kernels=(30,)),  # forward, on the main thread
+                event("aten::mm", 150, 160, kernels=(50,))]  # backward, on autograd's device thread
+    on_device = [event("kernel 30", 40, 70, DeviceType.CUDA), event("kernel 50", 200, 250, DeviceType.CUDA),
+                 event("phase:backward", 130, 290, DeviceType.CUDA, annotation=True)]
+    host_us, device_us, kernels = gpu_check.profiled_phases([*phases, *launches, *on_device])
+    assert host_us == {"forward": 100, "loss": 20, "backward": 180, "step": 50, "zero_grad": 10}
+    assert device_us == {"forward": 30, "loss": 0, "backward": 50, "step": 0, "zero_grad": 0}
+    assert sum(kernel.time_range.elapsed_us() for kernel in kernels) == 80
+
+
+def test_a_step_not_named_right_is_refused_before_anything_is_written(
+        gpu_check: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as refused:
+        gpu_check.main(["--device", "cpu", "--quick", "--steps", "grouped,sync", "--out", out])
+    assert refused.value.code == 2 and "no step sync" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # (a typo ran nothing and said nothing before)
