@@ -27,8 +27,9 @@ is read at every call (`_library_state`, each by its cheapest read; only MKL's m
 to change it, is kept), and every operand's layout as the caller gives it (`_layout`). One key
 answers both questions of a group's GEMM (`aligned_sums_as_members`): which operands
 `at_alone_alignment` copies and whether the batched call sums as the members' - so a decided call
-checks no alignment again. On this CPU a decided `member_gemm` costs about 4.5 us beyond its bare
-bmm / baddbmm (8.3 before; `benchmarks/batched_sums.py --key-cost`).
+checks no alignment again. On this session's AMD EPYC a decided `member_gemm` costs 4.3-6.8 us
+beyond its bare bmm / baddbmm, 8.0-12.5 when it checked the alignment and built the key apart
+(`benchmarks/batched_sums.py --key-cost`, docs/training.md).
 
 A member's own call is compared on its operands where they are alone (`at_alone_alignment`): MKL's
 sgemm on an AMD EPYC (AVX-512) sums a product otherwise where its first operand or its output starts
@@ -246,12 +247,12 @@ def _library_state(operand: Tensor) -> tuple[object, ...]:
     reductions, deterministic algorithms, the BLAS library and cuBLAS's workspace, and MKL's
     reproducibility mode (`mkl_reproducibility`). Part of a decision's key, so that changing one
     decides again; torch tells nobody of a change, so each is read at every call, each by its
-    cheapest read (on the CPU about 0.5 us in all: benchmarks/batched_sums.py --key-cost). Settings a
-    library reads once, when it starts, are fixed for the process, as the decisions are: MKL's
-    instruction limit (MKL_ENABLE_INSTRUCTIONS), oneDNN's (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA,
-    ONEDNN_CPU_ISA_HINTS), oneDNN's default fp32 math mode (ONEDNN_DEFAULT_FPMATH_MODE; torch's own
-    setting is `_onednn_fp32_precision`, here) and aten's kernel set (ATEN_CPU_CAPABILITY); no
-    decision of a process can meet another value of them."""
+    cheapest read (on the CPU about 0.7 us in all: benchmarks/batched_sums.py --key-cost
+    --key-parts). Settings a library reads once, when it starts, are fixed for the process, as the
+    decisions are: MKL's instruction limit (MKL_ENABLE_INSTRUCTIONS), oneDNN's (ONEDNN_MAX_CPU_ISA /
+    DNNL_MAX_CPU_ISA, ONEDNN_CPU_ISA_HINTS), oneDNN's default fp32 math mode
+    (ONEDNN_DEFAULT_FPMATH_MODE; torch's own setting is `_onednn_fp32_precision`, here) and aten's
+    kernel set (ATEN_CPU_CAPABILITY); no decision of a process can meet another value of them."""
     if operand.is_cpu:  # (not `device.type`: 0.2 us a read)
         autocast = torch.is_autocast_enabled("cpu")
         return (torch.get_num_threads(), autocast, torch.get_autocast_dtype("cpu") if autocast else None,
