@@ -48,7 +48,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,36 +263,42 @@ PHASES = ("forward", "loss", "backward", "step", "zero_grad")
 STEPS = 200
 
 
-def phase_steps(cfg: TrainConfig, members: int, d: Dataset) -> list[Callable[[Any], Any]]:
+def phase_steps(cfg: TrainConfig, members: int, d: Dataset, lrs: Sequence[float] | None = None
+                ) -> list[Callable[[Any], Any]]:
     """One training step of `config` as its phases (each takes the previous phase's result): a run
-    alone (members 0) as `train` runs it, or a group of `members` seeds as `train_group` runs it."""
+    alone (members 0) as `train` runs it, or a group of `members` seeds as `train_group` runs it, on
+    `cfg.device` (model, generators and batch there, as `train` puts them); `lrs`: each member's own
+    learning rate (a group whose members differ in it steps one optimizer per run of equal ones)."""
     import torch
 
     from dse.models.proxies import build_model
     from dse.train.grouped import _niti_setup, _quantized_setup
     from dse.train.loop import EXAMPLE_SAMPLES, prepare
 
-    example = d.x_train[:EXAMPLE_SAMPLES]
-    batch = torch.arange(cfg.batch_size)
+    device = torch.device(cfg.device)
+    example = d.x_train[:EXAMPLE_SAMPLES].to(device)
+    batch = torch.arange(cfg.batch_size, device=device)
+    x_train, y_train = d.x_train.to(device), d.y_train.to(device)
     if members == 0:
         torch.manual_seed(cfg.seed)
-        setup = prepare(build_model(cfg.model, d), cfg, torch.Generator().manual_seed(cfg.seed), example)
+        setup = prepare(build_model(cfg.model, d).to(device), cfg,
+                        torch.Generator(device=device).manual_seed(cfg.seed), example)
         setup.on_epoch_start(0)
-        x, y = d.x_train[batch], d.y_train[batch]
+        x, y = x_train[batch], y_train[batch]
         return [lambda _: setup.model(x), lambda logits: setup.loss_fn(logits, y),
                 lambda loss: loss.backward(), lambda _: setup.optimizer.step(),
                 lambda _: setup.optimizer.zero_grad(set_to_none=True)]
-    configs = [cfg.replace(seed=seed) for seed in range(members)]
+    configs = [cfg.replace(seed=seed, lr=cfg.lr if lrs is None else lrs[seed]) for seed in range(members)]
     models = []
     for member in configs:
         torch.manual_seed(member.seed)
-        models.append(build_model(member.model, d))
-    generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+        models.append(build_model(member.model, d).to(device))
+    generators = [torch.Generator(device=device).manual_seed(c.seed) for c in configs]
     method = _niti_setup if cfg.optimizer == "niti" else _quantized_setup  # as train_group picks
     group = method(models, configs, generators, example)
     group.on_epoch_start(0)
     index = batch.expand(members, -1)
-    x, y = d.x_train[index], d.y_train[index]
+    x, y = x_train[index], y_train[index]
     return [lambda _: group.model(x), lambda logits: group.member_losses(logits, y)[1],
             lambda objective: objective.backward(), lambda _: group.step(), lambda _: group.zero_grad()]
 

@@ -677,11 +677,12 @@ class PerMemberLayer(nn.Module):
         template.training = self.training
         own = {**{n: p for n, p in self._parameters.items() if p is not None},
                **{n: b for n, b in self._buffers.items() if b is not None}}
-        slices = {name: tensor.unbind(0) for name, tensor in own.items()}
-        split = [_split(x, self.members).unbind(0) for x in inputs]
-        saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in own}
+        aligned = {name: _at_alone_alignment_for_blas(tensor) for name, tensor in own.items()}
+        slices = {name: tensor.unbind(0) for name, tensor in aligned.items()}
         reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
             or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
+        split = [_member_blocks(x, self.members, aligned=reads is None) for x in inputs]
+        saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in own}
         outputs = []
         try:
             for g in range(self.members):
@@ -700,6 +701,9 @@ class PerMemberLayer(nn.Module):
                 table = template._parameters if name in template._parameters else template._buffers
                 table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
             _refresh(template)
+            for name, buffer in self._buffers.items():  # what the members wrote into aligned copies
+                if buffer is not None and aligned[name] is not buffer:
+                    buffer.copy_(aligned[name])
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
 
 
@@ -768,7 +772,7 @@ class _MemberReads(TorchFunctionMode):
             unbinds.extend([()] * (last - len(unbinds)))
             for n in reversed(range(self.counts[i], last)):
                 if not unbinds[n]:
-                    unbinds[n] = _split(self.inputs[i], self.members).unbind(0)
+                    unbinds[n] = _member_blocks(self.inputs[i], self.members)
         args = tuple(self._read(value) for value in args)
         kwargs = {name: self._read(value) for name, value in kwargs.items()}
         return func(*args, **kwargs)
@@ -786,6 +790,22 @@ class _MemberReads(TorchFunctionMode):
             parts = [self._read(t) for t in value]
             return parts if isinstance(value, list) else tuple(parts)
         return value
+
+
+def _member_blocks(x: Tensor, members: int, aligned: bool = True) -> Sequence[Tensor]:
+    """The members' slices of a folded input, each at the address alignment it has alone for a BLAS
+    (`_at_alone_alignment_for_blas`; `aligned` False: the slices as they are, placeholders whose
+    reads `_MemberReads` takes aligned)."""
+    split = _split(x, members)
+    return (_at_alone_alignment_for_blas(split) if aligned else split).unbind(0)
+
+
+def _at_alone_alignment_for_blas(t: Tensor) -> Tensor:
+    """`at_alone_alignment(t)` for a floating-point t (a copy only where a member's block starts off
+    alone's alignment), t itself otherwise: a BLAS takes floating-point operands only (an integer
+    product runs torch's own loop, an index tensor no product at all), so BatchNorm's step counter
+    and an Embedding's token indices stay as they are."""
+    return at_alone_alignment(t) if t.is_floating_point() else t
 
 
 def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
@@ -819,7 +839,27 @@ def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> A
     axis = 0
     if in_tuple and first.shape[0] != rows:
         axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
-    return cat_as_alone(list(outputs)) if axis == 0 else torch.cat(list(outputs), axis)
+    if axis != 0:
+        return torch.cat(list(outputs), axis)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in outputs):
+        return _JoinedAsAlone.apply(*outputs)
+    return cat_as_alone(list(outputs))
+
+
+class _JoinedAsAlone(torch.autograd.Function):
+    """`cat_as_alone` of the members' outputs, whose backward hands each member its block of the
+    group's gradient at the address alignment it has alone (`at_alone_alignment`: a copy only where a
+    member's block starts off it), as torch.cat's backward would not: member g's block lies g x its
+    size into the group's gradient, and the layer's own backward may run a GEMM on it."""
+
+    @staticmethod
+    def forward(ctx: Any, *parts: Tensor) -> Tensor:
+        ctx.members = len(parts)
+        return cat_as_alone(list(parts))
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, ...]:
+        return tuple(at_alone_alignment(dy.reshape(ctx.members, -1, *dy.shape[1:])).unbind(0))
 
 
 def cat_as_alone(parts: list[Tensor]) -> Tensor:

@@ -119,9 +119,17 @@ def test_a_groups_gemm_at_any_member_misalignment_is_each_members_own_at_its_ali
             assert _same_bits(together[g], alone), g
 
 
-def test_a_groups_accumulated_gemm_at_any_member_misalignment_is_each_members_own() -> None:
-    """The accumulation emulation's chunks of misaligned members (a (50, 37) @ (37, 10) forward,
-    fp16 sums in chunks of 16) fold as each member's own on its operands at their alignment alone."""
+@pytest.mark.parametrize(("rows", "reduction", "columns"), [(50, 37, 10), (50, 37, 9), (7, 37, 10)])
+def test_a_groups_accumulated_gemm_at_any_member_misalignment_is_each_members_own(
+        rows: int, reduction: int, columns: int) -> None:
+    """The accumulation emulation's chunks of misaligned members (a Linear's forward x W^T: fp16 sums
+    in chunks of 16 over the 37 inputs) fold as each member's own on its operands at their alignment
+    alone. The weight is taken transposed, as a Linear takes it: MKL on an AMD EPYC sums a chunk
+    x[:, s:s+16] @ W^T[s:s+16] otherwise where x's block starts off 16 bytes, and a chunk of an
+    untransposed (37, 10) operand alike at any offset (0 of 15 offsets differ), so with b untransposed
+    this test passed without the alignment step. With `at_alone_alignment` left out of `fold_gemm`:
+    7 of the 144 member blocks differed (paddings 7, 9, 15 of 50 x 37 x 10, 4, 7, 15 of x 9, 10 of 7 x
+    37 x 10)."""
     from dse.formats import get
     from dse.formats.base import MemberGenerators
     from dse.train.policy import TensorQuant
@@ -130,9 +138,9 @@ def test_a_groups_accumulated_gemm_at_any_member_misalignment_is_each_members_ow
     quant = TensorQuant(get("fp16"))
     source = torch.Generator().manual_seed(11)
     for padding in range(16):
-        block = 50 * 37 + padding
-        a = torch.randn(3 * block, generator=source).as_strided((3, 50, 37), (block, 37, 1))
-        b = torch.randn(3, 37, 10, generator=source)
+        block = rows * reduction + padding
+        a = torch.randn(3 * block, generator=source).as_strided((3, rows, reduction), (block, reduction, 1))
+        b = torch.randn(3, columns, reduction, generator=source).transpose(1, 2)
         stacked_acc = _accumulator(quant, 16, MemberGenerators([torch.Generator() for _ in range(3)]))
         assert stacked_acc is not None
         with torch_threads(1):

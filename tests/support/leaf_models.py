@@ -1,0 +1,112 @@
+"""Users' leaf layers that dse cannot stack (a layer of their own with weights that calls a GEMM
+function dse does not convert: torch.addmm, torch.einsum), for the grouped alignment tests: a group
+runs such a layer member by member (dse.train.stacked.PerMemberLayer). Sized so that member 1's
+slice of a folded batch of 50 rows, its weight, or its output's gradient starts off a 16-byte
+boundary, where MKL's sgemm on an AMD EPYC sums an (m, k) @ (n, k)^T product of 9 or 10 columns
+otherwise than at the boundary (tests/train/test_train_grouped_align_leaf.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class OwnAffine(nn.Module):
+    """x W^T + b as torch.addmm, weight (out, in)."""
+
+    def __init__(self, features: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, features) / features ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight.t())
+
+
+class OwnAffineIn(nn.Module):
+    """x W + b as torch.addmm, weight stored (in, out): its backward-data dy W^T takes the output's
+    gradient as the first operand of a product with a transposed second."""
+
+    def __init__(self, features: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, outputs) / features ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class OwnEinsum(nn.Module):
+    """x W^T as torch.einsum, weight (out, in)."""
+
+    def __init__(self, features: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, features) / features ** 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("bi,oi->bo", x, self.weight)
+
+
+class LeafBetween(nn.Module):
+    """A Linear to `inputs` features, the leaf layer to `outputs`, a Linear head (tanh between)."""
+
+    def __init__(self, width: int, classes: int, leaf: nn.Module, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.a, self.leaf, self.head = nn.Linear(width, inputs), leaf, nn.Linear(outputs, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.leaf(torch.tanh(self.a(x)))))
+
+
+def own_affine(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Member 1's input (50 x 37 floats in) 8 bytes past 16."""
+    return LeafBetween(shape[0], classes, OwnAffine(37, 10), 37, 10)
+
+
+def own_affine9(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Member 1's input and its 9 x 37 weight off 16 bytes."""
+    return LeafBetween(shape[0], classes, OwnAffine(37, 9), 37, 9)
+
+
+def own_einsum(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return LeafBetween(shape[0], classes, OwnEinsum(37, 10), 37, 10)
+
+
+def own_affine_in_wide(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Member 1's output gradient (50 x 37 floats in) 8 bytes past 16, dy W^T of 10 columns."""
+    return LeafBetween(shape[0], classes, OwnAffineIn(10, 37), 10, 37)
+
+
+def norm37(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A BatchNorm1d of 37 features (each member's weight, bias and running statistics 148 bytes
+    apart in the group: off alignment for member 1) between two Linears."""
+    return nn.Sequential(nn.Linear(shape[0], 37), nn.BatchNorm1d(37), nn.Tanh(), nn.Linear(37, classes))
+
+
+class BatchInnerScale(nn.Module):
+    """A layer with a weight of its own (run member by member in a group) that works on its input
+    batch-innermost: (B, C) in, scaled per channel as a contiguous (C, B), returned as a (B, C) view."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.t().contiguous() * self.weight[:, None]).t()
+
+
+class BatchInnerReduced(nn.Module):
+    """`BatchInnerScale`'s batch-innermost output centred by its mean over the channels (a reduction
+    over the axis outside the batch in memory), then a head."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.scale, self.head = nn.Linear(width, 40), BatchInnerScale(40), nn.Linear(40, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.tanh(self.a(x)))
+        return self.head(h - h.mean(1, keepdim=True))
+
+
+def batch_inner_reduced(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchInnerReduced(shape[0], classes)
