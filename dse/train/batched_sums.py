@@ -368,8 +368,10 @@ def decided() -> dict[Hashable, bool]:
 
 def _layout(t: Tensor) -> tuple[object, ...]:
     """What of an operand a decision depends on: device, dtype, shape, strides, and its address modulo
-    `alignment_bytes`."""
-    return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % alignment_bytes(t))
+    `alignment_bytes`, with that alignment (which operands `at_alone_alignment` copies depends on it:
+    benchmarks/gpu_check.py sets the table to 4 to time a group without copies, in the same process)."""
+    align = alignment_bytes(t)
+    return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % align, align)
 
 
 PROBE_ELEMENTS = 4096

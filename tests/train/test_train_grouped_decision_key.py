@@ -198,3 +198,21 @@ def test_mkls_mode_is_kept_only_once_mkl_refuses_to_change_it() -> None:
     first, changed, kept_before, after, kept, refused = done.stdout.split()
     assert (changed, kept_before, after, kept, refused) == ("3", "None", "3", "3", "-8"), done.stdout
     assert first != "3"
+
+
+def test_a_decision_is_per_alignment_table(probes: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which operands a decided call copies depends on `ALIGNMENT_BYTES` (benchmarks/gpu_check.py sets
+    it to 4 in the process that decided at 64, to time a group without copies): the same operands
+    are decided again under another table, and copied only where that table says."""
+    a = torch.randn(3, 50, 37)  # members 7400 bytes apart: off 64, a multiple of 4
+    b = torch.randn(3, 37, 16)  # members 2368 bytes apart: on 64
+    site = ("per-alignment-table",)
+    with torch_threads(1):
+        _, copied = batched_sums.aligned_sums_as_members(site, torch.bmm, torch.mm, (a, b), True, aligning=2)
+        assert copied[0] is not a and copied[1] is b
+        monkeypatch.setitem(batched_sums.ALIGNMENT_BYTES, "cpu", 4)
+        for _ in range(2):
+            _, given = batched_sums.aligned_sums_as_members(site, torch.bmm, torch.mm, (a, b), True,
+                                                            aligning=2)
+            assert given[0] is a and given[1] is b
+    assert len(probes) == 2
