@@ -219,14 +219,17 @@ def alignment_bytes_set(kind: str, value: int) -> Iterator[None]:
 
 
 def placed(values: torch.Tensor, strides: Sequence[int], offset_bytes: int) -> torch.Tensor:
-    """`values` copied into a fresh storage, in `strides`, starting `offset_bytes` past its start (a
-    fresh storage starts at a multiple of the device's alignment: 512 bytes for torch's CUDA caching
-    allocator, 64 for its CPU one)."""
+    """`values` copied into a fresh tensor of `strides` whose address is `offset_bytes` past a multiple
+    of `alignment_bytes` (a fresh storage starts at one already: 512 bytes for torch's CUDA caching
+    allocator, 64 for its CPU one; measured from the address all the same)."""
     import torch
 
+    from dse.train.batched_sums import alignment_bytes
+
+    align = alignment_bytes(values)
     extent = 1 + sum((size - 1) * stride for size, stride in zip(values.shape, strides, strict=True))
-    shift = offset_bytes // values.element_size()
-    storage = torch.empty(extent + shift, dtype=values.dtype, device=values.device)
+    storage = torch.empty(extent + align // values.element_size(), dtype=values.dtype, device=values.device)
+    shift = (offset_bytes - storage.data_ptr()) % align // values.element_size()
     return storage.as_strided(tuple(values.shape), tuple(strides), shift).copy_(values)
 
 
