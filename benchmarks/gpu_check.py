@@ -4,8 +4,9 @@ H100, the steps' limits added up: `Plan.planned_s`), writing its tables under on
     python benchmarks/gpu_check.py --out "$OUT"                  # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/check   # the same steps, tiny, on CPU
 
-Four steps, most important first, each a process of its own within its own time limit, so that one
-slow step cannot eat the others' time (a step past its limit is cut and says so; what it wrote so far
+Four steps, most important first, each a process of its own within its own time limit plus what the
+steps before it left unused, so that one slow step cannot eat the others' time, and all within
+`Plan.planned_s` of the parent's start (a step past its limit is cut and says so; what it wrote so far
 stays):
 1. `grouped.md`: trials per second of the MNIST-1D MLP and CNN, one trial at a time and in groups of
    G = 1, 2, 4, 8, 16, 32, with the speed-up (benchmarks/grouped.py on the device; issue 16 asks for
@@ -23,7 +24,8 @@ stays):
 4. `cuda_tests.txt`: the tests that need a GPU (tests/test_cuda.py: every format bit for bit against
    the CPU path, every proxy trained reproducibly; the grouped-equals-alone checks on CUDA), which CI
    skips.
-`device.txt` names the machine and the versions; `summary.txt` how each step went.
+`summary.txt` names the machine and the versions and says how each step went; `steps.log` holds the
+steps' own output. Seven files in all (`OUT_FILES`): the device tool brings back at most eight.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -99,30 +102,42 @@ QUICK = Plan(sizes="1,2", formats="int8", epochs=1, rounds=1, train_samples=200,
              tests_limit_s=300, tests=("tests/test_cuda.py",))
 
 
-def run_step(name: str, command: list[str], limit_s: int, out: Path) -> str:
-    """Run one step as a subprocess within its limit, its output into out; a line saying how it went."""
+def run_step(name: str, command: list[str], limit_s: int, log: Path) -> str:
+    """Run one step as a subprocess within its limit, its output appended to `log`; a line saying how
+    it went. The child's Python writes unbuffered: a step killed at its limit keeps every line it
+    printed (pytest's -v lines into a file are otherwise held in an 8 KiB buffer that the kill loses)."""
     started = time.perf_counter()
-    with out.open("w") as log:
+    with log.open("a") as out:
+        out.write(f"=== {name} (limit {limit_s} s): {' '.join(command)}\n")
+        out.flush()
         try:
-            code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s,
-                                  check=False).returncode
+            code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=limit_s,
+                                  check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
             how = f"exit {code}"
         except subprocess.TimeoutExpired:
             how = f"cut at its limit of {limit_s} s"
-    return f"{name}: {how} after {time.perf_counter() - started:.0f} s -> {out.name}"
+    return f"{name}: {how} after {time.perf_counter() - started:.0f} s -> {log.name}"
+
+
+def step_limit_s(own_s: int, later_s: int, left_s: float) -> int:
+    """A step's limit: its own, plus whatever the steps before it left unused (the time left beyond
+    its own and the later steps' limits), never past the check's end (`left_s` from now). A parent
+    slower to start than `STARTUP_S` takes its overrun from the later steps, the least important."""
+    return int(min(left_s, max(own_s, left_s - later_s)))
 
 
 class Table:
-    """A markdown file written line by line (the whole file again after each), so that a step cut at
-    its limit keeps every row it finished; each line printed too."""
+    """A markdown file written line by line, each appended as it comes, so that a step cut at its
+    limit keeps every row it finished (a kill in the middle of rewriting the whole file would leave it
+    empty); each line printed too."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lines: list[str] = []
+        path.write_text("")
 
     def add(self, *lines: str) -> None:
-        self.lines += lines
-        self.path.write_text("\n".join(self.lines) + "\n")
+        with self.path.open("a") as file:
+            file.write("".join(f"{line}\n" for line in lines))
         print("\n".join(lines), flush=True)
 
 
@@ -357,15 +372,19 @@ class ConvCase:
                                                          list(self.padding), [1], False, [0], groups,
                                                          [True, True, True]))
 
-    def each(self) -> list[tuple[torch.Tensor, ...]]:
-        """Each member's forward and gradients (input, weight, bias), on fresh tensors as alone."""
+    def each(self, fresh: bool = True) -> list[tuple[torch.Tensor, ...]]:
+        """Each member's forward and gradients (input, weight, bias), on fresh tensors as alone (not
+        `fresh`: on the members' slices, as timed, so that 4 G copies do not count as convolutions)."""
         import torch.nn.functional as F
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if fresh else t
 
         results = []
         for g in range(self.x.shape[0]):
-            x, w = self.x[g].clone(), self.w[g].clone()
-            results.append((F.conv1d(x, w, self.b[g].clone(), self.stride, self.padding),
-                            *self._backward(self.dy[g].clone(), x, w, 1)))
+            x, w = own(self.x[g]), own(self.w[g])
+            results.append((F.conv1d(x, w, own(self.b[g]), self.stride, self.padding),
+                            *self._backward(own(self.dy[g]), x, w, 1)))
         return results
 
     def grouped(self) -> tuple[torch.Tensor, ...]:
@@ -443,7 +462,7 @@ def conv_row(case: ConvCase, device: str, clock: Clock) -> str:
     members, batch, channels, length = case.x.shape
     outs, kernel = case.w.shape[1], case.w.shape[3]
     cells = " | ".join("yes" if d == 0 else f"no ({d})" for d in case.differences())
-    each_ms = min(clock(case.each, ()) for _ in range(3)) * 1e3
+    each_ms = min(clock(case.each, (False,)) for _ in range(3)) * 1e3
     grouped_ms = min(clock(case.grouped, ()) for _ in range(3)) * 1e3
     tf32 = "-"
     if device.startswith("cuda"):
@@ -541,24 +560,7 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
             "| product | G | mm again: differ | mm moved: differ | bmm again: differ | bmm moved: differ "
             "| bmm = each member's mm | dse runs it |", "|---|---|---|---|---|---|---|---|")
         for layout in layouts:
-            table.add(gemm_bits_row(layout, device, offsets))
-        clock_name = "wall time, synchronised" if kind == "other" else "CPU time"
-        table.add(
-            "", f"A grouped step (G = {members}, one batch of 100, built as benchmarks/grouped.py --phases "
-            f"builds it) with dse's alignment (ALIGNMENT_BYTES {align}) against ALIGNMENT_BYTES 4 (nothing "
-            "padded, copied or run member by member for alignment): ms per step, best of "
-            f"{plan.align_rounds} rounds of {plan.align_steps} steps, interleaved ({clock_name}); aten "
-            "operations per step (each a kernel launch on a GPU; views not counted) and the copies among "
-            "them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
-            "with each member's learning rate its own (lr x (1 + g / G)), as a sweep over learning rates "
-            "groups its trials (dse, ms and operations).", "",
-            "| model | format | alone ms | alone ops | group ms, dse | group ms, unaligned | dse / unaligned "
-            "| group ops (copies), dse | group ops (copies), unaligned | step speed-up, dse "
-            "| group ms, lrs differ | group ops (copies), lrs differ |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for (model, spec), phases in groups.items():
-            table.add(cost_row(model, spec, phases, steps_of(model, spec, 0),
-                               steps_of(model, spec, members, lrs_differ=True), kind, plan, clock))
+            table.add(guarded(functools.partial(gemm_bits_row, layout, device, offsets), layout.name()))
         table.add(
             "", f"The MNIST-1D CNN's convolutions (batch 100, G = {members}): whether one grouped "
             "convolution (groups = G over the members' stacked channels) gives each member's own bits "
@@ -569,19 +571,47 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
             "| convolution | forward same | grad input same | grad weight same | grad bias same "
             "| G convolutions ms | grouped ms | TF32 changes bits |", "|---|---|---|---|---|---|---|---|")
         for case in conv_cases(device, members):
-            try:
-                table.add(conv_row(case, device, clock))
-            except RuntimeError as error:  # (a library refusing a layout: said, and the step goes on)
-                table.add(f"| {tuple(case.x.shape)}, {tuple(case.w.shape)} | {_first_line(error)} |")
+            table.add(guarded(functools.partial(conv_row, case, device, clock),
+                              f"{tuple(case.x.shape)}, {tuple(case.w.shape)}"))
+        clock_name = "wall time, synchronised" if kind == "other" else "CPU time"
+        table.add(
+            "", f"A grouped step (G = {members}, one batch of 100, built as benchmarks/grouped.py --phases "
+            f"builds it) with dse's alignment (ALIGNMENT_BYTES {align}) against ALIGNMENT_BYTES 4 (nothing "
+            "padded, copied or run member by member for alignment): ms per step, best of "
+            f"{plan.align_rounds} rounds of {plan.align_steps} steps, interleaved ({clock_name}); aten "
+            "operations per step (about a kernel launch each on a GPU: views not counted, an empty "
+            "allocation launches none, a foreach several; profile.md counts the kernels) and the copies "
+            "among them. Beside it one trial alone, the per-step speed-up (alone x G / group), and the group "
+            "with each member's learning rate its own (lr x (1 + g / G)), as a sweep over learning rates "
+            "groups its trials (dse, ms and operations).", "",
+            "| model | format | alone ms | alone ops | group ms, dse | group ms, unaligned | dse / unaligned "
+            "| group ops (copies), dse | group ops (copies), unaligned | step speed-up, dse "
+            "| group ms, lrs differ | group ops (copies), lrs differ |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (model, spec), phases in groups.items():
+            def row(model: str = model, spec: str = spec, phases: Phases = phases) -> str:
+                return cost_row(model, spec, phases, steps_of(model, spec, 0),
+                                steps_of(model, spec, members, lrs_differ=True), kind, plan, clock)
+            table.add(guarded(row, f"{model} | {spec}"))
         try:
             profile_table(device, plan, {key: phases for key, phases in groups.items() if key[1] != "fp32"},
                           out / "profile.md")
-        except RuntimeError as error:
-            (out / "profile.md").write_text(f"torch.profiler failed: {_first_line(error)}\n")
+        except Exception as error:  # (said after what it wrote, as a row is)
+            with (out / "profile.md").open("a") as file:
+                file.write(f"torch.profiler failed: {_first_line(error)}\n")
 
 
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def guarded(row: Callable[[], str], what: str) -> str:
+    """`row()`, or where it fails (a library refusing a layout, say) a row that names what and why: the
+    step goes on to its other rows and tables, which its one process and limit would otherwise lose."""
+    try:
+        return row()
+    except Exception as error:
+        return f"| {what} | failed: {_first_line(error)} |"
 
 
 def aten_ops(run: Callable[[], None]) -> tuple[int, int]:
@@ -615,7 +645,13 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
     """`profile.md`: two grouped steps under torch.profiler (CPU, and CUDA on a GPU), per phase the
     host's time and the device's kernels' time, the device's busy share of the wall time (near 1:
     device-bound, so larger groups gain little; far below: launch-bound), and the operations that take
-    the most host and device time."""
+    the most host and device time.
+
+    A device's events are its kernels, copies and fills, not the `gpu_user_annotation` spans that a
+    `record_function` range also gets on the device (they span the range's kernels and the gaps
+    between them: counted, the busy share passes 100% of a launch-bound step). A phase's kernels are
+    those launched while its range is open on the host, from any thread: backward's run on autograd's
+    device thread, outside the range's own tree of host events."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -626,8 +662,8 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
     table.add(f"A grouped step (G = {plan.align_members}, batch 100) under torch.profiler on {device}, "
               f"{steps} steps, ms per step (the profiler's own overhead included: alignment.md has the "
               "step's time unprofiled). Per phase the host's time in it and the device time of the kernels "
-              "it launched; the device's busy share of the wall time: near 100% device-bound, far below it "
-              "launch-bound (a larger group then costs little more per step).", "")
+              "launched in it; the device's busy share of the wall time: near 100% device-bound, far below "
+              "it launch-bound (a larger group then costs little more per step).", "")
     for (model, spec), phases in groups.items():
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
@@ -640,24 +676,23 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                         value = phase(value)
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
-        wall_ms = (time.perf_counter() - started) * 1e3 / steps
-        averages = prof.key_averages()
-        by_key = {event.key: event for event in averages}
-        kernels = [event for event in prof.events() if event.device_type != DeviceType.CPU]
-        busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / steps
-        cells = []
-        for name in PHASES:
-            event = by_key.get(f"phase:{name}")
-            cells.append("-" if event is None else f"{event.cpu_time_total / 1e3 / steps:.2f} / "
-                         f"{event.device_time_total / 1e3 / steps:.2f}")
-        busy = (f", device busy {busy_ms:.2f} ms ({busy_ms / wall_ms:.0%}), {len(kernels) / steps:.0f} "
-                "kernels per step") if kernels else ""
+            ended = time.perf_counter()  # (leaving the block parses the trace: not the steps' time)
+        wall_ms = (ended - started) * 1e3 / steps
+        host_us, device_us, on_device = profiled_phases(prof.events())
+        busy_ms = sum(event.time_range.elapsed_us() for event in on_device) / 1e3 / steps
+        cells = [f"{host_us[name] / 1e3 / steps:.2f} / {device_us[name] / 1e3 / steps:.2f}"
+                 for name in PHASES]
+        busy = (f", device busy {busy_ms:.2f} ms ({busy_ms / wall_ms:.0%}), {len(on_device) / steps:.0f} "
+                "kernels, copies and fills per step") if on_device else ""
         table.add(f"### {model}, {spec}", "", f"wall {wall_ms:.2f} ms per step (profiled){busy}", "",
                   "| " + " | ".join(f"{name}: host / device ms" for name in PHASES) + " |",
                   "|" + "---|" * len(PHASES), "| " + " | ".join(cells) + " |", "")
-        operations = [event for event in averages if not event.key.startswith("phase:")]
-        for title, key in (("host", "self_cpu_time_total"), ("device", "self_device_time_total")):
-            top = [event for event in sorted(operations, key=lambda event: -getattr(event, key))[:8]
+        averages = [event for event in prof.key_averages() if not event.key.startswith("phase:")
+                    and not getattr(event, "is_user_annotation", False)]
+        for title, key, host_side in (("host", "self_cpu_time_total", True),
+                                      ("device", "self_device_time_total", False)):
+            mine = [event for event in averages if (event.device_type == DeviceType.CPU) == host_side]
+            top = [event for event in sorted(mine, key=lambda event: -getattr(event, key))[:8]
                    if getattr(event, key) > 0]
             if top:
                 table.add(f"Most {title} time (self, ms per step; calls per step): " + "; ".join(
@@ -665,12 +700,45 @@ def profile_table(device: str, plan: Plan, groups: dict[tuple[str, str], list[Ca
                     for event in top), "")
 
 
+def profiled_phases(events: Sequence[Any]) -> tuple[dict[str, float], dict[str, float], list[Any]]:
+    """From a profile's events (`profile.events()`): each phase's host microseconds (its
+    `phase:NAME` ranges on the host), the device microseconds of the kernels launched while it was
+    open, from any thread, and the device's own events (kernels, copies, fills), without the
+    `gpu_user_annotation` spans a range also gets on the device (`profile_table`)."""
+    from torch.autograd import DeviceType
+
+    on_host = [event for event in events if event.device_type == DeviceType.CPU]
+    on_device = [event for event in events if event.device_type != DeviceType.CPU
+                 and not getattr(event, "is_user_annotation", False) and not event.name.startswith("phase:")]
+    ranges = [event for event in on_host if event.name.startswith("phase:")]
+    host_us = dict.fromkeys(PHASES, 0.0)
+    device_us = dict.fromkeys(PHASES, 0.0)
+    for event in ranges:
+        host_us[event.name.removeprefix("phase:")] += event.time_range.elapsed_us()
+    for event in on_host:
+        kernels = [kernel for kernel in event.kernels if not kernel.name.startswith("phase:")]
+        if event.name.startswith("phase:") or not kernels:
+            continue
+        for phase_range in ranges:
+            if phase_range.time_range.start <= event.time_range.start <= phase_range.time_range.end:
+                device_us[phase_range.name.removeprefix("phase:")] += sum(k.duration for k in kernels)
+                break
+    return host_us, device_us, on_device
+
+
 STEPS_INSIDE: dict[str, Callable[[str, Plan, Path], None]] = {"alignment": alignment_tables,
                                                                "syncs": sync_table}
 """The steps that run as this script in a process of their own (`--inside`), writing under `--out`."""
 
 
+STEP_NAMES = ("grouped", "alignment", "syncs", "tests")
+OUT_FILES = ("summary.txt", "steps.log", "grouped.md", "alignment.md", "profile.md", "syncs.md",
+             "cuda_tests.txt")
+"""Everything the check writes under --out: the device tool brings back at most 8 files from $OUT."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # the check's end is measured from here: the parent's start counts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu, with --quick, to test it")
@@ -681,39 +749,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inside", choices=sorted(STEPS_INSIDE), default=None,
                         help=argparse.SUPPRESS)  # one step, in this process: how the check runs it
     args = parser.parse_args(argv)
+    wanted = set(args.steps.split(","))
+    if wanted - set(STEP_NAMES):
+        parser.error(f"--steps: no step {', '.join(sorted(wanted - set(STEP_NAMES)))} (the steps: "
+                     f"{', '.join(STEP_NAMES)})")
     plan = QUICK if args.quick else Plan()
-    out: Path = args.out
+    out: Path = args.out.resolve()  # (the steps run in the repository's root)
     out.mkdir(parents=True, exist_ok=True)
     if args.inside is not None:
         STEPS_INSIDE[args.inside](args.device, plan, out)
         return 0
+    deadline = started + plan.planned_s()
     print(f"The GPU check: at most {plan.planned_s()} s, every step at its limit", flush=True)
+    python = sys.executable
+    inside = [[python, str(Path(__file__).resolve()), "--inside", step, "--device", args.device, "--out",
+               str(out), *(["--quick"] if args.quick else [])] for step in ("alignment", "syncs")]
+    grouped = [python, "benchmarks/grouped.py", "--device", args.device, "--datasets", "mnist1d", "--models",
+               "mlp,cnn", "--sizes", plan.sizes, "--formats", plan.formats, "--epochs", str(plan.epochs),
+               "--rounds", str(plan.rounds), "--out", str(out / "grouped.md"),
+               *(["--train-samples", str(plan.train_samples)] if plan.train_samples else [])]
+    # the GPU tests: only those that need a GPU (each names cuda; the files' CPU tests ran in CI), one
+    # line a test as it ends (-v), so that a run cut at its limit still says which passed
+    tests = [python, "-m", "pytest", "-v", "-p", "no:randomly", "-rs", "--durations=5", "-k", "cuda",
+             *plan.tests]
+    steps = [(name, command, limit_s, log) for key, name, command, limit_s, log in (
+        ("grouped", "grouped speed", grouped, plan.grouped_limit_s, "steps.log"),
+        ("alignment", "alignment", inside[0], plan.alignment_limit_s, "steps.log"),
+        ("syncs", "syncs", inside[1], plan.syncs_limit_s, "steps.log"),
+        ("tests", "GPU tests", tests, plan.tests_limit_s, "cuda_tests.txt")) if key in wanted]
 
     import torch
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    (out / "device.txt").write_text(f"{device_name}\ntorch {torch.__version__}, CUDA {torch.version.cuda}\n")
-    python = sys.executable
-    steps = set(args.steps.split(","))
+    for name in ("steps.log", "cuda_tests.txt"):  # (appended to by the steps)
+        (out / name).unlink(missing_ok=True)
     summary = Table(out / "summary.txt")  # (written after each step: a call cut short keeps it)
-    if "grouped" in steps:
-        command = [python, "benchmarks/grouped.py", "--device", args.device, "--datasets", "mnist1d",
-                   "--models", "mlp,cnn", "--sizes", plan.sizes, "--formats", plan.formats, "--epochs",
-                   str(plan.epochs), "--rounds", str(plan.rounds), "--out", str(out / "grouped.md")]
-        if plan.train_samples:
-            command += ["--train-samples", str(plan.train_samples)]
-        summary.add(run_step("grouped speed", command, plan.grouped_limit_s, out / "grouped.log"))
-    for step, limit_s in (("alignment", plan.alignment_limit_s), ("syncs", plan.syncs_limit_s)):
-        if step in steps:
-            command = [python, __file__, "--inside", step, "--device", args.device, "--out", str(out)]
-            summary.add(run_step(step, command + (["--quick"] if args.quick else []), limit_s,
-                                 out / f"{step}.log"))
-    if "tests" in steps:
-        # only the tests that need a GPU (each names cuda): the files' CPU tests ran in CI; one line a
-        # test as it ends (-v), so that a run cut at its limit still says which passed
-        summary.add(run_step("GPU tests", [python, "-m", "pytest", "-v", "-p", "no:randomly", "-rs",
-                                           "--durations=5", "-k", "cuda", *plan.tests],
-                             plan.tests_limit_s, out / "cuda_tests.txt"))
+    summary.add(f"{device_name}; torch {torch.__version__}, CUDA {torch.version.cuda}; parent started in "
+                f"{time.monotonic() - started:.0f} s")
+    for index, (name, command, own_s, log) in enumerate(steps):
+        limit_s = step_limit_s(own_s, sum(step[2] for step in steps[index + 1:]), deadline - time.monotonic())
+        if limit_s < 1:
+            summary.add(f"{name}: not run, the check's {plan.planned_s()} s are spent")
+            continue
+        summary.add(run_step(name, command, limit_s, out / log))
     for name in ("grouped.md", "alignment.md", "profile.md", "syncs.md"):
         if (out / name).exists():
             print(f"\n{name}:\n{(out / name).read_text()}")

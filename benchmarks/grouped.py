@@ -194,17 +194,18 @@ def main(argv: list[str] | None = None) -> None:
     on_cpu = args.device == "cpu"
     seconds = make_clock(args.device)
     sizes = [int(size) for size in args.sizes.split(",")]
-    lines = []
 
     def emit(line: str) -> None:
-        """Print a line of the table, and write the table so far (a run cut short keeps its rows)."""
+        """Print a line of the table, and append it to --out (a run cut short keeps its rows: a kill in
+        the middle of rewriting the whole table would leave it empty)."""
         print(line, flush=True)
-        lines.append(line)
         if args.out is not None:
-            args.out.write_text("\n".join(lines) + "\n")
+            with args.out.open("a") as out:
+                out.write(line + "\n")
 
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("")
 
     if on_cpu:
         emit(f"CPU seconds of one run alone, and a group member's speed-up (best of {args.rounds} rounds, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -181,12 +182,25 @@ TRAINING = [
 ]
 
 
+@pytest.fixture
+def no_tf32() -> Iterator[None]:
+    """TF32 off for matmuls and convolutions during the test, torch's settings back afterwards: the
+    tests after it in one process (the GPU check runs the grouped-equals-alone CUDA tests next) see
+    the defaults a dse run has (convolutions allowed TF32). (pytest's monkeypatch cannot: the cuBLAS
+    flag is no attribute, its undo deletes it.)"""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32, cudnn.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("overrides", TRAINING, ids=lambda o: "-".join(str(v) for v in o.values()))
-def test_training_on_cuda_is_reproducible_and_learns_like_the_cpu(overrides: dict) -> None:
+def test_training_on_cuda_is_reproducible_and_learns_like_the_cpu(overrides: dict, no_tf32: None) -> None:
     from dse.train import TrainConfig, train
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     config = TrainConfig(model="mlp", dataset="digits", epochs=3, **overrides)
     gpu = train(config.replace(device="cuda"))
     again = train(config.replace(device="cuda"))
@@ -212,14 +226,12 @@ def _case_id(value: object) -> str:
 
 @pytest.mark.parametrize(("model", "dataset", "epochs", "overrides"), PROXY_TRAINING, ids=_case_id)
 def test_every_proxy_trains_on_cuda_reproducibly(model: str, dataset: str, epochs: int,
-                                                 overrides: dict) -> None:
+                                                 overrides: dict, no_tf32: None) -> None:
     """Convolutions (MX blocks along channels, NITI's integer convs), residual blocks and attention on
     the device: two runs give the same loss curve, and the last epoch's loss is the CPU's within 10 %
     (the GEMMs sum in another order and the draws come from another generator)."""
     from dse.train import TrainConfig, train
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, **overrides)
     gpu = train(config.replace(device="cuda"))
     again = train(config.replace(device="cuda"))

@@ -29,7 +29,8 @@ Layers with weights take the folded batch apart:
   Embedding, PositionEmbedding, a user's own leaf layer): run member by member with the member's own
   weights and buffers (`PerMemberLayer`), so its statistics (BatchNorm's batch statistics and
   running averages) are each member's own; each read of its input reaches the folded input's
-  gradient as a term of its own, in autograd's order alone (`_MemberReads`).
+  gradient as a term of its own, in autograd's order alone (`_MemberReads`); its input, weights and
+  output gradient at each member's alignment alone.
 - GEMMs the forward calls as functions (F.linear on a parameter, `x @ self.w`, torch.bmm, F.conv2d,
   attention, nn.MultiheadAttention): the tensors they take are stacked in place and their module runs
   on the folded batch; the torch-function mode runs each such GEMM per member
@@ -338,8 +339,30 @@ def _unrows(y: Tensor, like: Tensor, features: int) -> Tensor:
     return y if like.dim() == 3 else y.view(*like.shape[:-1], features)
 
 
+class PlainStackedLinearOp(StackedLinearOp):
+    """The GEMMs of the members' plain fp32 Linear, as torch's autograd of `F.linear` runs them alone:
+    for a member's input batch-innermost in memory (a (B, in) view of an (in, B) tensor: a layer's
+    transposed output) torch computes the input's gradient as (W^T dy^T)^T, in that layout
+    (`mm_mat1_backward`), where `dy @ W` is contiguous and sums otherwise (all 9 shapes of 7 rows
+    measured on this session's AMD EPYC, none of 14, 50 or 64). The group's gradient then lies
+    batch-innermost over all members (`cat_as_alone`'s layout), which a layer run member by member
+    hands each member as alone (a reduction over its other axis still sums across the members'
+    samples: docs/training.md, *Grouped training*)."""
+
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
+                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+        if not (need_data and x.dim() == 3 and x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1):
+            return super().backward(dy, x, weight, need_data, need_weight)
+        _, dw = super().backward(dy, x, weight, False, need_weight)
+        members, rows, features = x.shape
+        transposed = member_gemm(weight.transpose(1, 2), dy.transpose(1, 2))  # (G, in, B)
+        joined = torch.empty(features, members * rows, dtype=dy.dtype, device=dy.device)
+        joined.view(features, members, rows).copy_(transposed.permute(1, 0, 2))
+        return joined.t().view(members, rows, features), dw
+
+
 _STACKED_LINEAR = StackedLinearOp()
-_FP32_GEMM = LayerQuant(_STACKED_LINEAR, None, None, None, None, QuantSwitch())
+_FP32_GEMM = LayerQuant(PlainStackedLinearOp(), None, None, None, None, QuantSwitch())
 """A stacked Linear's GEMMs in fp32. Not torch's autograd of baddbmm: that gives the weight gradient
 as a transposed view, which autograd copies into the contiguous .grad on every step (that copy was 14 % of
 the profiled fp32 step of a group of 16)."""
@@ -648,7 +671,14 @@ class PerMemberLayer(nn.Module):
     member's slice of the folded batch through the layer with that member's own weights and buffers
     (stacked along a leading member axis; buffers a layer updates in place, as BatchNorm's running
     statistics, are updated in the member's slice). Where its input needs a gradient, each torch call
-    of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE."""
+    of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE.
+
+    Each member's input, floating-point weights and buffers, and output gradient reach the layer at
+    the address alignment they have alone (`at_alone_alignment`, `_JoinedAsAlone`): a user's layer
+    may run a GEMM on them (torch.addmm, torch.einsum), and MKL on an AMD EPYC sums a product
+    otherwise for an operand off a 16-byte boundary, where member g's slice of a stacked tensor lies
+    g x its size in (tests/train/test_train_grouped_align_leaf.py). A copy only where a member's
+    block is off; a buffer's copy is written back after the members' calls."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
         super().__init__()
@@ -841,9 +871,11 @@ def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> A
         axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
     if axis != 0:
         return torch.cat(list(outputs), axis)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in outputs):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in outputs) and not (
+            first.is_contiguous() and first.numel() * first.element_size() % alignment_bytes(first) == 0):
         return _JoinedAsAlone.apply(*outputs)
-    return cat_as_alone(list(outputs))
+    return cat_as_alone(list(outputs))  # (a contiguous output whose member blocks are aligned: its
+    # gradient, laid out as it is, is aligned too - the built-in proxies' layers, at no extra cost)
 
 
 class _JoinedAsAlone(torch.autograd.Function):
@@ -855,7 +887,9 @@ class _JoinedAsAlone(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, *parts: Tensor) -> Tensor:
         ctx.members = len(parts)
-        return cat_as_alone(list(parts))
+        joined = cat_as_alone(list(parts))  # a view of its own join where not contiguous: a copy in
+        # the same strides, as autograd forbids modifying a custom Function's view output in place
+        return joined if joined._base is None else joined.clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, ...]:

@@ -69,3 +69,34 @@ def test_a_per_member_layers_buffers_updated_in_place_stay_the_members_own_when_
         alone = train(config, data).to_dict()
         grouped.pop("wall_time_s"), alone.pop("wall_time_s")
         assert repr(grouped) == repr(alone), config.seed
+
+
+def test_a_per_member_layers_output_modified_in_place_gives_each_member_its_own_results() -> None:
+    """The aligning join of a layer's members' outputs hands on a tensor of its own, not a view (a
+    custom Function's view output may not be modified in place: a ReLU(inplace=True) after
+    `BatchInnerScale`'s batch-innermost output raised there)."""
+    import copy
+
+    import torch
+    from support.leaf_models import BatchInnerScale
+    from torch import nn
+
+    from dse.train.layers import QuantSwitch
+    from dse.train.stacked import stack_models
+
+    members = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        members.append(nn.Sequential(nn.Linear(64, 40), nn.Tanh(), BatchInnerScale(40), nn.ReLU(inplace=True),
+                                     nn.Linear(40, 10)))
+    x = torch.randn(2, 50, 64, generator=torch.Generator().manual_seed(0))
+    group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, x[0])
+    together = group(x)
+    together.sum().backward()
+    stacked_weight = group.net[2].weight
+    assert stacked_weight.grad is not None
+    for g, member in enumerate(members):
+        alone = member(x[g].clone())
+        alone.sum().backward()
+        assert torch.equal(together[g], alone), g
+        assert torch.equal(stacked_weight.grad[g], member[2].weight.grad), g
