@@ -281,10 +281,10 @@ def met_layouts() -> list[GemmLayout]:
 
     found: dict[tuple[object, ...], GemmLayout] = {}
     for key, answer in decided().items():
-        site, _, layouts = cast(tuple[str, object, tuple[tuple[Any, ...], ...]], key)
+        site, _, layouts, *_ = cast(tuple[str, object, tuple[tuple[Any, ...], ...]], key)
         if site not in ("bmm", "baddbmm"):
             continue
-        (_, _, a_shape, a_strides, _), (_, _, b_shape, b_strides, _) = layouts[:2]
+        (_, _, a_shape, a_strides, *_), (_, _, b_shape, b_strides, *_) = layouts[:2]
         layout = GemmLayout(str(site), tuple(a_shape), tuple(a_strides), tuple(b_shape), tuple(b_strides),
                             site == "baddbmm", answer)
         found.setdefault((layout.site, layout.a_shape, layout.a_strides, layout.b_shape, layout.b_strides),
