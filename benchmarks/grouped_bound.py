@@ -44,7 +44,8 @@ seconds per format T_f (from the store). What is not training, R = E - sum(T_f) 
 planning, energy, worker start, reports: benchmarks/sweep.py --child-stages splits a full plan), is
 paid by a grouped sweep too. The best grouped sweep takes R + sum(T_f / (workers x ceiling_f)),
 where ceiling_f is the format's step ceiling applied to its whole training time (evaluation and
-setup included, which are no more dispatch-bound than the step: generous again); the ratio of the
+setup included: not split, an assumption; evaluation's batches of 1024 hold ten times a step's
+rows); the ratio of the
 training alone, fixed costs aside, is sum(T_f) / sum(T_f / ceiling_f); E / R is what no training
 speed-up passes.
 """
@@ -59,8 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,8 @@ from dse.data import Dataset, load_dataset  # noqa: E402
 from dse.train.config import TrainConfig  # noqa: E402
 from dse.train.loop import _run_settings  # noqa: E402
 
-GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "_addmm_activation"})
-"""aten GEMM operations (matmul and linear decompose into mm/bmm before a dispatch mode sees them)."""
+GEMMS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "_addmm_activation"})
+"""aten GEMM operations as a dispatch mode sees them (matmul and linear decompose into these first)."""
 WARMUP_STEPS = 20
 
 
@@ -256,7 +256,7 @@ GemmTimes = dict[int, dict[tuple[str, int, int], dict[str, float]]]
 
 
 def mlp_gemms(batch: int = 100, layers: Layers = LAYERS) -> list[tuple[str, int, int, int]]:
-    """(kind, inputs, outputs, row) of every GEMM of a step: three forwards, the data gradients of all
+    """(kind, inputs, outputs, rows) of every GEMM of a step: three forwards, the data gradients of all
     but the first layer, three weight gradients."""
     shapes = [("forward", i, o, batch) for i, o in layers]
     shapes += [("data grad", i, o, batch) for i, o in layers[1:]]
@@ -350,12 +350,6 @@ def measure_sweep(name: str, root: Path) -> tuple[SweepTimes, Path]:
     return SweepTimes(wall, {str(k): float(v) for k, v in by_format.items()}), output
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    with _run_settings(1):
-        yield
-
-
 def load() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
@@ -377,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.formats.split(",") if args.formats else list(configs)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, 1 thread; "
           f"load average at start {load()}")
-    with _one_thread():
+    with _run_settings(1):
         floors = call_floors_us()
         print(f"fixed cost of an aten call under the timer (median): mm 1x1 {floors[0]:.2f} µs, "
               f"add of one element {floors[1]:.2f} µs")

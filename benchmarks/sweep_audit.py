@@ -38,7 +38,9 @@ from support.random_sweeps import (  # noqa: E402
     write_file_datasets,
 )
 
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+ENV = {**os.environ,
+       "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+"""tests/ on the path: some draws name a network as a module (`support.audit_networks:odd_conv`)."""
 
 
 def dse(*arguments: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -22,6 +22,8 @@ from typing import Any
 
 SUPPORT = Path(__file__).resolve().parent  # (user_models.py, tiny_datasets.py)
 USER_MODELS = SUPPORT / "user_models.py"
+AUDIT_MODELS = SUPPORT / "audit_networks.py"
+LEAF_MODELS = SUPPORT / "leaf_models.py"
 TINY = SUPPORT / "tiny_datasets.py"
 
 PROXIES: list[tuple[str, str]] = [("mlp", "digits"), ("mlp", "mnist1d"), ("cnn", "digits"),
@@ -32,14 +34,37 @@ USER_NETWORKS: tuple[str, ...] = (
     "straight_through", "transposed", "scaled_scores", "attention_bias_kv", "attention_dropout",
     "checkpointed", "checkpointed_reentrant", "checkpointed_sequential", "checkpointed_plain",
     "checkpointed_layer", "checkpointed_layer_reentrant", "checkpointed_layer_plain",
-    "composable_checkpoint", "self_calling", "swish_function", "normed", "scaled_pool", "batch_inner")
-"""Users' networks in tests/support/user_models.py (each takes digits' 64 features)."""
-MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits") for name in USER_NETWORKS)]
+    "composable_checkpoint", "self_calling", "swish_function", "normed", "scaled_pool", "batch_inner",
+    "wide_head")
+"""Users' networks in tests/support/user_models.py (each takes digits' 64 features) that do not branch
+on their batch's size."""
+BRANCHING_NETWORKS: tuple[str, ...] = ("swish_on_large_batches",)
+"""Users' networks of user_models.py whose forward branches on its batch's size (a group trains them one
+by one)."""
+AUDIT_NETWORKS: tuple[tuple[str, str], ...] = (
+    ("odd_conv", "digits"), ("conv1d", "digits"), ("upsampled", "digits"), ("lstm_rows", "digits"),
+    ("odd_normed", "digits"), ("embedded", "sort"))
+"""(network, dataset) of tests/support/audit_networks.py: odd widths, odd convolutions, more leaf layers."""
+LEAF_NETWORKS: tuple[str, ...] = ("own_affine", "own_affine9", "own_einsum", "own_affine_in_wide", "norm37")
+"""Networks of tests/support/leaf_models.py: users' leaf layers calling GEMMs dse does not convert
+(torch.addmm, torch.einsum) and a BatchNorm1d of 37 features, which a group runs member by member
+(batch_inner_reduced, whose fp32 case leaf-align states open in docs/training.md, is left out)."""
+MODULE_MODELS: tuple[tuple[str, str], ...] = (
+    ("support.audit_networks:odd_conv", "digits"), ("support.user_models:gated", "digits"),
+    (f"{SUPPORT.parent.parent}/examples/own_model/model.py:small_resnet", "digits"))
+"""Networks named as a user names a module (`package.module:function`; tests/ on the path) and the
+worked example's ResNet (BatchNorm2d, strided and 1x1 convolutions)."""
+MODELS: list[tuple[str, str]] = [*PROXIES, *((f"{USER_MODELS}:{name}", "digits")
+                                             for name in (*USER_NETWORKS, *BRANCHING_NETWORKS)),
+                                 *((f"{AUDIT_MODELS}:{name}", data) for name, data in AUDIT_NETWORKS),
+                                 *((f"{LEAF_MODELS}:{name}", "digits") for name in LEAF_NETWORKS),
+                                 *MODULE_MODELS]
 """(model, dataset): a dataset names a slice in tiny_datasets.py (the built-in of that name)."""
 FILE_MODELS: list[tuple[str, str]] = [("mlp", "mnist"), ("cnn", "mnist"), ("cnn", "cifar10"),
                                       ("resnet", "cifar10")]
 """(model, file dataset) read from small generated files (write_file_datasets) in a user's data_dir."""
-HEAVY: tuple[str, ...] = ("transformer", "resnet", "encoder", "recurrent", "sequence_first_silu")
+HEAVY: tuple[str, ...] = ("transformer", "resnet", "encoder", "recurrent", "sequence_first_silu", "wide_head",
+                          "small_resnet")
 """Models whose emulated accumulation costs minutes a draw: drawn without an accumulator."""
 FORMATS = ["fp32", "tf32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3fnuz", "fp8_e5m2fnuz",
            "fp(e=3,m=4)", "fp4_e2m1(scale=tensor)", "fp8_e4m3(scale=channel)", "fp8_e4m3(overflow=nan)",
@@ -101,11 +126,11 @@ def _accumulator(rng: random.Random, specs: list[str]) -> str | None:
 @functools.cache
 def _layers(model: str, dataset: str, data_dir: Path | None) -> tuple[Any, ...]:
     """The model's GEMM layers as per-layer rules see them (a file dataset read from `data_dir`)."""
-    from dse.data import load_dataset
+    from dse.data import FILE_DATASETS, load_dataset
     from dse.models.proxies import build_model
     from dse.train.functional import model_layers
 
-    data = load_dataset(dataset, None if data_dir is None else str(data_dir / dataset))
+    data = load_dataset(dataset, str(data_dir / dataset) if data_dir and dataset in FILE_DATASETS else None)
     return tuple(model_layers(build_model(model, data), data.x_train[:2]))
 
 
@@ -138,7 +163,7 @@ def draw_training(rng: random.Random, model: str, dataset: str, formats: list[st
     method = rng.choice(methods or METHODS)
     heavy = model in HEAVY or model.endswith(tuple(f":{name}" for name in HEAVY))
     fields: dict[str, Any] = {"model": model, "dataset": dataset, "epochs": rng.choice([1, 2]),
-                              "batch_size": rng.choice([32, 50, 64]), "rounding": rng.choice(ROUNDINGS)}
+                              "batch_size": rng.choice([32, 37, 50, 64]), "rounding": rng.choice(ROUNDINGS)}
     varied: dict[str, list[Any]] = {}
     fmt = rng.choice(formats or FORMATS)
 
@@ -153,11 +178,17 @@ def draw_training(rng: random.Random, model: str, dataset: str, formats: list[st
                           gradients=_kin(rng, fmt, formats or FORMATS))
         else:
             fields["format"] = fmt
-        if method == "sgd-copy-in-format":
+        if rng.random() < 0.15:  # the weight gradients' own format (the backward-weight GEMM's result)
+            fields["weight_grads"] = _kin(rng, fmt, formats or FORMATS)
+        master = {"sgd": "fp32", "sgd-copy-in-format": "copy-in-format", "sgd-no-copy": "no-copy"}.get(
+            method) or rng.choice(["fp32", "fp32", "copy-in-format", "no-copy"])  # Adam, AdamW: each copy too
+        if master == "copy-in-format":
             fields["master_weights"] = rng.choice(["bf16", "fp16", "int16", "fixed(16,8)", "posit(16,1)"])
-        elif method == "sgd-no-copy":
+        elif master == "no-copy":
             fields["master_weights"] = False
             fields["update_rounding"] = rng.choice(ROUNDINGS)
+        if rng.random() < 0.15:  # Lu et al.'s layer scaling and fp32 warm-up beside any format
+            fields.update(layer_scaling=True, **({"warmup_epochs": 1} if fields["epochs"] == 2 else {}))
         if rng.random() < 0.3:
             fields["optimizer_state"] = rng.choice(["bf16", "fp16"])
         sgd = method.startswith("sgd")

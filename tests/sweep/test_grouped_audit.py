@@ -93,3 +93,19 @@ def test_a_diverging_member_is_stored_diverged_and_the_others_as_alone(tmp_path:
     steady = sorted((diverged, status) for lr, diverged, status in outcomes if lr == 0.05)
     assert steady == [(False, "ok")] * 2
     assert (100.0, True, "diverged") in outcomes
+
+
+def test_the_drawer_draws_only_sweeps_that_plan_sweep_accepts(tmp_path: Path) -> None:
+    """Every drawn sweep (with file datasets in a data_dir, as benchmarks/sweep_audit.py draws) passes
+    every check before training; among them layer rules on a built-in dataset's slice, whose layers the
+    drawer reads (it passed the data_dir to digits, which load_dataset refuses)."""
+    from support.random_sweeps import write_file_datasets
+
+    from dse.sweep.runner import plan_sweep
+
+    data_dir = write_file_datasets(tmp_path / "files")
+    rng = random.Random(3)
+    drawn = [draw_sweep(rng, tmp_path / f"out{i}", data_dir=data_dir, threads=(1, 2)) for i in range(16)]
+    assert any('"layers"' in d.text and "tiny_datasets" in d.text for d in drawn)
+    for i, d in enumerate(drawn):
+        plan_sweep(parse_config(d.text, str(tmp_path / f"sweep{i}.yaml")))
