@@ -15,12 +15,16 @@ flag after the two disagree raises. A run sets the tree level by level: the gene
 then only the levels that still read otherwise (the caller set them explicitly), so each comes back
 exactly, in reverse order, and a level that followed the one above it follows it again. The legacy
 matmul precision (which cuBLAS's TF32 check compares with the tree) is then set to "highest" and put
-back first on the way out; a matmul level it wrote over gets the caller's value again. The legacy cuDNN
+back first on the way out wherever it reads otherwise then (a user's model may have set it during the
+run: left so, it would disagree with the tree and be unreadable); a matmul level it wrote over gets
+the caller's value again. A tree level that the run's own code set, where the run did not, stays as
+that code left it (torch has no setting for "as torch started"). The legacy cuDNN
 flag is left alone: torch's kernels read the tree per operation, and turning the flag off would lose
 torch's initial cuDNN setting (follow the levels above, else the flag), which no setting writes back.
 So inside a run `torch.backends.cudnn.allow_tf32` refuses to be read where the caller left it on, as
-torch refuses any reading of it that disagrees with the tree.
-"""
+torch refuses any reading of it that disagrees with the tree; `torch.backends.cudnn.flags(...)` reads
+it, so a user's model that enters it fails inside a run (no dse code reads it). Torch's convolution
+hands cuDNN `allowTF32CuDNN(CONV)`, the tree's conv level (traced, it reads False inside a run)."""
 
 from __future__ import annotations
 
@@ -47,6 +51,14 @@ def _set_precision(level: Level, value: str) -> None:
     torch._C._set_fp32_precision_setter(*level, value)
 
 
+def _legacy_matmul_precision() -> str | None:
+    """`torch.get_float32_matmul_precision()`, None where torch refuses it (it disagrees with the tree)."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def ieee_fp32() -> Iterator[None]:
     """fp32 matmuls, convolutions and RNNs in IEEE fp32 on CUDA and oneDNN; the caller's settings back
@@ -64,7 +76,7 @@ def ieee_fp32() -> Iterator[None]:
     try:
         yield
     finally:
-        if matmul != "highest":
+        if _legacy_matmul_precision() != matmul:  # the run's own code (a user's model) may have set it
             torch.set_float32_matmul_precision(matmul)
         for level, value in reversed(changed):
             _set_precision(level, value)

@@ -28,9 +28,16 @@ def legacy(read):
     except RuntimeError:
         return "refused"  # torch refuses a legacy read after a mix of the two APIs
 
+def convolution_tf32():  # what torch's convolution hands cuDNN (`allowTF32CuDNN(CONV)`), traced on any device
+    convolution = lambda x: torch.ops.aten.convolution.default(x, x, None, [1], [0], [1], False, [0], 1)
+    traced = torch.jit.trace(convolution, torch.ones(1, 1, 3)).inlined_graph
+    (node,) = [node for node in traced.nodes() if node.kind() == "aten::_convolution"]
+    return list(node.inputs())[-1].toIValue()
+
 def settings():
     levels = {"/".join(level): precision(level) for level in [("generic", "all"), *LEVELS]}
-    return {**levels, "float32_matmul_precision": legacy(torch.get_float32_matmul_precision),
+    return {**levels, "cuDNN convolution's allow_tf32": convolution_tf32(),
+            "float32_matmul_precision": legacy(torch.get_float32_matmul_precision),
             "cuda.matmul.allow_tf32": legacy(lambda: torch.backends.cuda.matmul.allow_tf32),
             "cudnn.allow_tf32": legacy(lambda: torch.backends.cudnn.allow_tf32)}
 
@@ -92,7 +99,8 @@ CALLERS = {
 
 IEEE = {"cuda/all": "ieee", "mkldnn/all": "ieee", "cuda/matmul": "ieee", "cuda/conv": "ieee",
         "cuda/rnn": "ieee", "mkldnn/matmul": "ieee", "mkldnn/conv": "ieee", "mkldnn/rnn": "ieee",
-        "generic/all": "ieee", "float32_matmul_precision": "highest", "cuda.matmul.allow_tf32": False}
+        "generic/all": "ieee", "cuDNN convolution's allow_tf32": False, "float32_matmul_precision": "highest",
+        "cuda.matmul.allow_tf32": False}
 """Every level of torch's precision tree, and the legacy matmul flags, as a run reads them."""
 
 
@@ -132,3 +140,17 @@ def test_a_callers_medium_matmul_precision_trains_bit_for_bit_as_highest() -> No
     if not out["changes"]:
         pytest.skip("\"medium\" does not change an fp32 matmul on this CPU")
     assert out["medium"] == out["highest"]
+
+
+def test_a_precision_set_by_the_runs_own_code_leaves_the_legacy_api_readable() -> None:
+    """A user's model may call `set_float32_matmul_precision` during the run; afterwards the legacy
+    matmul precision reads the caller's value again, not one that disagrees with the tree (which
+    torch refuses to read)."""
+    out = _in_a_process("""
+        from dse.train.fp32 import ieee_fp32
+        before = settings(), followed()
+        with ieee_fp32():
+            torch.set_float32_matmul_precision("high")
+        print(json.dumps({"before": before, "after": [settings(), followed()]}))
+    """)
+    assert out["after"] == out["before"]
