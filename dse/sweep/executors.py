@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from dse.errors import InputError, Unsupported
+from dse.interrupts import GROUP_SIGNALS
 from dse.processes import become_helper, stop_workers
 
 TrainFn = Callable[[Any], Any]
@@ -199,6 +200,8 @@ def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
     arrives; leave Ctrl-C to the sweep (which stops its workers) and end with the sweep's process."""
     _limit_threads(threads)
     become_helper(sweep_pid)
+    for number in GROUP_SIGNALS:  # a hang-up too (a forked worker inherits them ignored already)
+        signal.signal(number, signal.SIG_IGN)
     import dse.train.loop  # noqa: F401
 
 
@@ -226,7 +229,14 @@ def start_worker_server() -> None:
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
-        forkserver.ensure_running()
+        # The server and the resource tracker it starts first inherit the signals a terminal sends the
+        # whole group blocked, until they ignore them: the tracker ignores SIGINT itself but not SIGHUP,
+        # which killed it, so that a closed terminal printed its successor's KeyError tracebacks.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         atexit.unregister(stop_worker_server)  # once
         atexit.register(stop_worker_server)
 

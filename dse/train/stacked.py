@@ -70,6 +70,7 @@ from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
 from dse.train.batched_sums import (
+    aligned_sums_as_members,
     alignment_bytes,
     at_alone_alignment,
     bmm_sums_as_mm,
@@ -246,26 +247,32 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     """a[g] @ b[g] (+ bias[g]) for each member g: a (G, m, k), b (G, k, n), bias (G, n), each member's
     operands and output at the addresses they have alone (`at_alone_alignment`). One batched GEMM where
     it sums each member's product as the member's own mm / addmm alone (`batched_sums.sums_as_members`:
-    on the CPU `bmm_sums_as_mm` backed by a probe, on a GPU a probe); otherwise member by member, with
-    the call each member makes alone. At two threads torch splits a member's mm among the threads but
-    a bmm by its batch entries, each entry's GEMM on one thread, and a long reduction (the weight
-    gradient's batch rows) then sums in another order (measured on torch 2.13: every Linear weight
-    gradient of the transformer proxy at 2 threads)."""
-    a, b = at_alone_alignment(a), at_alone_alignment(b)  # (a bias is copied into the output first:
-    operands = (a, b) if bias is None else (a, b, bias)    # its address never reaches the BLAS)
-    recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
-                                            or (bias is not None and bias.requires_grad))
-    if (recorded and _pads_output(a, b)) or not sums_as_members(  # autograd records no out=
-            "baddbmm" if bias is not None else "bmm", _batched_gemm, _own_gemm, operands,
-            bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])):
+    on the CPU `bmm_sums_as_mm` backed by a probe, on a GPU a probe; decided with the alignment once a
+    layout: `aligned_sums_as_members`); otherwise member by member, with the call each member makes
+    alone. At two threads torch splits a member's mm among the threads but a bmm by its batch entries,
+    each entry's GEMM on one thread, and a long reduction (the weight gradient's batch rows) then sums
+    in another order (measured on torch 2.13: every Linear weight gradient of the transformer proxy at
+    2 threads)."""
+    given = (a, b) if bias is None else (a, b, bias)  # (a bias is copied into the output first: its
+    padded = _pads_output(a, b)                       # address never reaches the BLAS)
+    operands: tuple[Tensor, ...]
+    if padded and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad  # autograd records
+                                               or (bias is not None and bias.requires_grad)):  # no out=
+        sums, operands = False, (at_alone_alignment(a), at_alone_alignment(b), *given[2:])
+    else:  # (`padded` is of the shapes alone: the same at alone's alignment)
+        rule = bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])
+        sums, operands = aligned_sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm,
+                                                 _own_gemm, given, rule, aligning=2)
+    if not sums:
         return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
-    return _batched_gemm(*operands)
+    return _batched_gemm(*operands, padded=padded)
 
 
-def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None, *, padded: bool | None = None) -> Tensor:
     """The batched GEMM, its output's member blocks where a member's fresh output is alone (torch's own
-    output where its blocks' size is a multiple of the alignment, else a padded one)."""
-    if not _pads_output(a, b):
+    output where its blocks' size is a multiple of the alignment, else a padded one; `padded`:
+    `_pads_output(a, b)` where the caller knows it)."""
+    if not (_pads_output(a, b) if padded is None else padded):
         return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
     out = empty_at_alone_alignment((a.shape[1], b.shape[2]), a.shape[0], a)
     return torch.bmm(a, b, out=out) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b, out=out)

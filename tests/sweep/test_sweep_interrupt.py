@@ -173,6 +173,25 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])
 
 
+def test_a_signal_inside_an_import_raises_once_the_import_has_ended(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose import discards what is raised in it (as torch's start-up does while it imports
+    numpy) gets the signal: the Interrupted raised there was lost, and the sweep's block went on. Now
+    the import finishes undisturbed and the signal raises right after it."""
+    (tmp_path / "discards_a_signal.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "discards_a_signal", raising=False)
+    imported = False
+    with pytest.raises(Interrupted) as raised, signals_interrupt():
+        import discards_a_signal  # noqa: F401
+
+        imported = discards_a_signal.WHOLE
+        time.sleep(5)  # the signal, sent again, raises before this ends
+    assert imported and raised.value.signal_number == signal.SIGINT
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
         pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,8 +266,28 @@ def _mark_before(function):
         return function(*args, **kwargs)
     return marked
 
+class _SignalledInsideTorchsImport:
+    """Sends this process a signal from inside the command's import of torch, in code that discards what
+    is raised there, as torch's start-up does (it imports numpy from C and clears the error of a failed
+    import); marks once that code has returned."""
+    def __init__(self, number):
+        self.number = number
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            try:
+                os.kill(os.getpid(), self.number)
+                time.sleep(0.2)
+            except BaseException:
+                pass
+            os.write(2, b"@mark\\n")
+        return None
+
 if where == "exit handlers":
     atexit.register(_mark_then_wait)  # registered before dse's: runs after them
+if where.endswith(" inside torch's import"):
+    import signal
+    sys.meta_path.insert(0, _SignalledInsideTorchsImport(getattr(signal, where.split()[0])))
 if where == "a stuck exit handler":
     atexit.register(lambda: (os.write(2, b"@mark\\n"), time.sleep(60)))  # a logger flushing to a dead server
 if where == "while dse imports":
@@ -326,6 +365,63 @@ def test_sigterm_or_sighup_before_a_sweep_trains_says_one_line_and_writes_nothin
     assert (process.returncode, lines, out) == (128 + number, [f"interrupted by {number.name}"], b""), lines
     assert not left, f"processes outlived the sweep: {left}"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda n: n.name)
+def test_a_signal_inside_an_import_stops_the_command_once_the_import_ends(
+        number: signal.Signals, tmp_path: Path) -> None:
+    """`dse train`, signalled while it imports torch (its first 1-2 s): the Interrupted raised there was
+    discarded by torch's start-up code, leaving numpy half-imported (a RecursionError or 'cannot load
+    module more than once' traceback later, exit 1) or lost (training went on, exit 0): 8 of 72
+    instants of SIGHUP, SIGTERM and SIGINT at 0.2-2.5 s. Here the signal comes inside the import, in
+    code that discards it; it now waits for the import to end, then stops the command with its line
+    and code."""
+    command = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "-q"]
+    process, seen = _started_to_mark([f"{number.name} inside torch's import", *command], subprocess.PIPE,
+                                     tmp_path)
+    try:
+        out, rest = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
+    assert (process.returncode, lines, out) == (128 + number, [f"interrupted by {number.name}"], b""), lines
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg") or not hasattr(signal, "SIGHUP"), reason="POSIX process groups")
+def test_a_hang_up_to_the_sweeps_process_group_stops_it_with_one_line_and_no_process_left(
+        tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """A closed terminal sends SIGHUP to every process of its group: the sweep, its fork server and
+    workers, and multiprocessing's resource tracker, which ignores SIGINT and SIGTERM but not SIGHUP.
+    It died, so the sweep started a second one, which printed a warning and a KeyError traceback for
+    each semaphore the sweep then released (5 of 5 tries). The helpers now leave a hang-up to the
+    sweep, which stops them: its one line, 129, no process left, a store that resumes."""
+    out, config, errors = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "stderr.txt"
+    config.write_text(_text(out))
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with errors.open("wb") as stderr:  # a file: a pipe would be held open by any surviving process
+        process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config), "-q"],
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env=env, cwd=repo_root, preexec_fn=_default_handlers)
+    try:
+        _wait_for_trials(process, out, errors)
+        started = process_tree(process.pid)
+        assert len(started) > 3, started  # the sweep, its resource tracker, fork server and workers
+        os.killpg(process.pid, signal.SIGHUP)
+        assert process.wait(timeout=120) == 129, errors.read_text()
+        left = survivors(started, 30.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not left, f"processes outlived the sweep: {left}"
+    before = _stored(out)
+    assert errors.read_text().splitlines() == [
+        f"interrupted by SIGHUP: {len(before)} of {TRIALS} trials are saved in {out}; run the same command "
+        "again to resume"]
+    _check_whole(out, before)
+    _resume(config.read_text(), out, before)
 
 
 def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:
