@@ -18,15 +18,24 @@ addmm):
    against every product member by member (the probe answering "differs") and against the rule alone
    (the probe answering "alike": what a one-thread run did before a probe backed the rule there), side
    by side in this process, every round deciding its layouts anew as a new process does, CPU seconds,
-   best of `--rounds`; and how many layouts the decided run probed.
+   best of `--rounds`; and how many layouts the decided run probed;
+5. with `--key-cost`: what the decision costs a decided call, at one thread - CPU microseconds of one
+   `member_gemm` against the bare bmm / baddbmm it runs, interleaved in one process, best of
+   `--rounds` x `--calls`, on the quickstart's MNIST-1D and the digits MLPs' GEMMs (G = 3) - and the
+   parts of the decision's key one by one (`--key-parts`; on this tree's own functions, not portable
+   to an older one):
+
+    PYTHONPATH=. python benchmarks/batched_sums.py --key-cost --key-parts --rounds 5 --calls 3000
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +47,7 @@ from support.group_gemms import gemm_operands  # noqa: E402  (the tests' operand
 
 from dse.train import batched_sums  # noqa: E402
 from dse.train.batched_sums import at_alone_alignment, bmm_sums_as_mm, sums_as_members  # noqa: E402
-from dse.train.stacked import _batched_gemm, _own_gemm  # noqa: E402
+from dse.train.stacked import _batched_gemm, _own_gemm, member_gemm  # noqa: E402
 
 MEMBERS = 3
 FULL_SIZES = (1, 2, 3, 4, 7, 8, 16, 20, 31, 64, 100, 128, 200)
@@ -167,6 +176,81 @@ def training(model: str, threads: int, rounds: int) -> None:
           f"{same} (the rule alone: {results['rule alone'] == results['decided']})")
 
 
+KEY_COST_GEMMS = {"mnist1d fwd 100 x 40 -> 256": (100, 40, 256, False, True, True),
+                  "mnist1d bwd-data 100 x 256 -> 40": (100, 256, 40, False, False, False),
+                  "mnist1d bwd-weight 256 x 100 -> 40": (256, 100, 40, True, False, False),
+                  "mnist1d fwd 100 x 256 -> 10": (100, 256, 10, False, True, True),
+                  "digits fwd 64 x 64 -> 128": (64, 64, 128, False, True, True),
+                  "tiny fwd 8 x 24 -> 24": (8, 24, 24, False, True, True)}
+"""(rows, reduction, columns, a transposed, b transposed, bias) of the GEMMs `--key-cost` times: a
+Linear's forward takes x @ W^T + b, its backward-weight dy^T @ x (dy transposed)."""
+
+
+def _cpu_us(step: Callable[[], object], calls: int) -> float:
+    started = time.process_time()
+    for _ in range(calls):
+        step()
+    return (time.process_time() - started) / calls * 1e6
+
+
+def key_cost(rounds: int, calls: int, parts: bool) -> None:
+    """What a decided `member_gemm` call costs beyond its bare batched call (module docstring, 5)."""
+    torch.set_num_threads(1)
+    print(f"CPU us a call, one thread, G = {MEMBERS}, best of {rounds} x {calls}; load "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| GEMM | bare | member_gemm | overhead | ratio |")
+    print("|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for name, (rows, reduction, columns, *layout) in KEY_COST_GEMMS.items():
+        ops = gemm_operands(MEMBERS, rows, reduction, columns, *layout, generator, "cpu")
+        steps = _key_cost_steps(*ops)
+        for step in steps.values():
+            step()  # the probe, first allocations
+        best = {key: float("inf") for key in steps}
+        for _ in range(rounds):  # interleaved, so that load hits each alike
+            for key, step in steps.items():
+                best[key] = min(best[key], _cpu_us(step, calls))
+        print(f"| {name} | {best['bare']:.2f} | {best['member_gemm']:.2f} | "
+              f"{best['member_gemm'] - best['bare']:.2f} | {best['member_gemm'] / best['bare']:.3f}x |",
+              flush=True)
+    if parts:
+        key_parts(rounds, calls * 10)
+
+
+def _key_cost_steps(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> dict[str, Callable[[], object]]:
+    bare = (lambda: torch.bmm(a, b)) if bias is None else (lambda: torch.baddbmm(bias.unsqueeze(1), a, b))
+    return {"bare": bare, "member_gemm": lambda: member_gemm(a, b, bias)}
+
+
+def key_parts(rounds: int, calls: int) -> None:
+    """The parts of a decided call's work one by one, on the mnist1d forward's operands."""
+    from dse.train.stacked import _pads_output
+
+    generator = torch.Generator().manual_seed(0)
+    a, b, bias = gemm_operands(MEMBERS, 100, 40, 256, False, True, True, generator, "cpu")
+    ops = (a, b, bias)
+    key = ("baddbmm", batched_sums._library_state(a), tuple(map(batched_sums._layout, ops)), 2)
+    steps: dict[str, Callable[[], object]] = {
+        "_library_state": lambda: batched_sums._library_state(a),
+        "_layout x 3": lambda: tuple(map(batched_sums._layout, ops)),
+        "the whole key": lambda: ("baddbmm", batched_sums._library_state(a),
+                                  tuple(map(batched_sums._layout, ops)), 2),
+        "its lookup": lambda: batched_sums._DECIDED.get(key),
+        "at_alone_alignment x 2": lambda: (at_alone_alignment(a), at_alone_alignment(b)),
+        "_pads_output": lambda: _pads_output(a, b),
+        "bmm_sums_as_mm": lambda: bmm_sums_as_mm(100, 40, 256),
+        "aligned_sums_as_members (decided)": lambda: batched_sums.aligned_sums_as_members(
+            "baddbmm", _batched_gemm, _own_gemm, ops, True, aligning=2),
+        "empty_at_alone_alignment (a padded output)": lambda: batched_sums.empty_at_alone_alignment(
+            (100, 10), MEMBERS, a)}
+    for step in steps.values():
+        step()
+    best = {key: min(_cpu_us(step, calls) for _ in range(rounds)) for key, step in steps.items()}
+    print(f"parts, CPU us a call (best of {rounds} x {calls}): "
+          + ", ".join(f"{key} {us:.2f}" for key, us in best.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -175,7 +259,13 @@ def main() -> None:
     parser.add_argument("--train", default="", help="proxies to train: mlp,cnn,transformer")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--train-threads", type=int, default=2, help="threads of --train (default 2)")
+    parser.add_argument("--key-cost", action="store_true", help="a decided member_gemm against its bare call")
+    parser.add_argument("--key-parts", action="store_true", help="with --key-cost: the key's parts")
+    parser.add_argument("--calls", type=int, default=3000, help="calls a timing of --key-cost")
     args = parser.parse_args()
+    if args.key_cost:
+        key_cost(args.rounds, args.calls, args.key_parts)
+        return
     if args.train:
         for model in args.train.split(","):
             training(model, args.train_threads, args.rounds)

@@ -281,10 +281,10 @@ def met_layouts() -> list[GemmLayout]:
 
     found: dict[tuple[object, ...], GemmLayout] = {}
     for key, answer in decided().items():
-        site, _, layouts = cast(tuple[str, object, tuple[tuple[Any, ...], ...]], key)
+        site, _, layouts, *_ = cast(tuple[str, object, tuple[tuple[Any, ...], ...]], key)
         if site not in ("bmm", "baddbmm"):
             continue
-        (_, _, a_shape, a_strides, _), (_, _, b_shape, b_strides, _) = layouts[:2]
+        (_, _, a_shape, a_strides, *_), (_, _, b_shape, b_strides, *_) = layouts[:2]
         layout = GemmLayout(str(site), tuple(a_shape), tuple(a_strides), tuple(b_shape), tuple(b_strides),
                             site == "baddbmm", answer)
         found.setdefault((layout.site, layout.a_shape, layout.a_strides, layout.b_shape, layout.b_strides),
@@ -415,13 +415,13 @@ class ConvCase:
         import torch
         import torch.nn.functional as F
 
-        cudnn = torch.backends.cudnn
-        saved = cudnn.allow_tf32
+        conv = torch.backends.cudnn.conv  # per operation: a run leaves the legacy flag unreadable
+        saved = conv.fp32_precision
         try:
-            cudnn.allow_tf32 = not saved
+            conv.fp32_precision = "ieee" if saved == "tf32" else "tf32"
             flipped = F.conv1d(self.x[0], self.w[0], self.b[0], self.stride, self.padding)
         finally:
-            cudnn.allow_tf32 = saved
+            conv.fp32_precision = saved
         return _bits_differ(flipped, F.conv1d(self.x[0], self.w[0], self.b[0], self.stride, self.padding))
 
 
@@ -541,7 +541,8 @@ def alignment_tables(device: str, plan: Plan, out: Path) -> None:
         matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
         table.add(f"GEMM bits against operand and output addresses on {device}: fp32, as a dse run sets it "
                   f"(cuda.matmul.allow_tf32 {matmul.allow_tf32}, float32_matmul_precision "
-                  f"{torch.get_float32_matmul_precision()}, cudnn.allow_tf32 {cudnn.allow_tf32}, "
+                  f"{torch.get_float32_matmul_precision()}, "
+                  f"cudnn.conv.fp32_precision {cudnn.conv.fp32_precision}, "
                   f"cudnn.deterministic {cudnn.deterministic}, cudnn.benchmark {cudnn.benchmark}); "
                   f"ALIGNMENT_BYTES {align}", "")
         groups = {(model, spec): steps_of(model, spec, members) for model in plan.align_models

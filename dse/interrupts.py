@@ -7,7 +7,8 @@ Whatever the instant, the command prints one line on stderr and exits with 128 +
   prints the line and exits at once (no KeyboardInterrupt traceback from inside an import);
 - while a command runs: each signal raises `Interrupted` in the main thread, as Ctrl-C raises
   KeyboardInterrupt (a subclass), so what is being written unwinds; inside `signals_interrupt` only
-  the first does (a sweep stops its workers undisturbed);
+  the first does (a sweep stops its workers undisturbed); one that arrives while another library is
+  being imported (torch's: seconds) raises once that import has ended (`_DeferredSignal`);
 - once the command has returned: `CommandSignals` records the signal and says it after the exit
   handlers; a second one ends the process at once.
 A handler the caller installed (SIG_IGN under `nohup`, a test's own) is left in place.
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 INTERRUPTING_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 """The signals that stop a command (SIGHUP where the platform has it)."""
+
+GROUP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGHUP") if hasattr(signal, name))
+"""What a terminal sends a command's whole process group (Ctrl-C; a hang-up as it closes): a helper
+process the command started ignores them, and the command stops it (SIGTERM)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -74,8 +80,78 @@ def _stopped_while_starting(number: int, frame: object) -> None:
     os._exit(128 + number)
 
 
+_IMPORT_MACHINERY = frozenset({"importlib._bootstrap", "importlib._bootstrap_external", "_frozen_importlib",
+                               "_frozen_importlib_external"})
+"""The modules whose frames run an import (their names before and after `importlib` renames them)."""
+
+DEFER_LIMIT_S = 10.0
+"""How long a signal waits for the import it arrived in to end; past that it raises inside it (a
+module whose import runs a long job itself, such as a user's file training at import time, still stops)."""
+
+
+class _DeferredSignal:
+    """The signal that arrived while the main thread ran another library's import, re-sent to it once
+    that import has ended. An exception raised inside such an import is unsafe: torch's start-up
+    imports numpy from C and discards the error, leaving numpy half-initialised (a later import fails:
+    RecursionError, 'cannot load module more than once'), and one raised in the import system's
+    weakref callback is printed and dropped (the command goes on)."""
+
+    def __init__(self) -> None:
+        self.number: int | None = None
+        self.overdue = False
+        """The re-sent signal raises even inside an import (DEFER_LIMIT_S passed)."""
+
+    def forget(self) -> None:
+        """Nothing pending: in a forked child, which has no re-sending thread, a signal kept pending
+        would keep each later one that arrives in an import waiting for it, for ever."""
+        self.number, self.overdue = None, False
+
+    def defers(self, number: int, frame: FrameType | None) -> bool:
+        """Whether signal `number`, arriving at `frame` of the main thread, waits for its import to end
+        (then it is re-sent); False: raise it now."""
+        if self.overdue or not _importing(frame):
+            self.overdue = False
+            return False
+        if self.number is None:  # (a second signal during the same import: the first stops the command)
+            import _thread
+
+            self.number = number
+            _thread.start_new_thread(self._send_after_imports, (_thread.get_ident(), number))
+        return True
+
+    def _send_after_imports(self, main: int, number: int) -> None:
+        import time
+
+        deadline = time.monotonic() + DEFER_LIMIT_S
+        while _importing(frame := sys._current_frames().get(main)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.overdue = frame is not None and time.monotonic() >= deadline
+        self.number = None
+        if frame is not None:  # (None: the main thread has ended)
+            signal.pthread_kill(main, number)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside another library's import or the import system itself: walking out
+    from it, a frame of the import system comes before any of dse's own (which unwinds cleanly: a
+    signal raises there, in dse's own module code between its imports, at once)."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if name in _IMPORT_MACHINERY:
+            return True
+        if name == "dse" or name.startswith("dse."):
+            return False
+        frame = frame.f_back
+    return False
+
+
+_DEFERRED = _DeferredSignal()
+os.register_at_fork(after_in_child=_DEFERRED.forget)
+
+
 def _raise_interrupted(number: int, frame: FrameType | None) -> None:
-    raise Interrupted(number)
+    if not _DEFERRED.defers(number, frame):
+        raise Interrupted(number)
 
 
 def _replaceable(handler: object) -> bool:
@@ -121,8 +197,8 @@ def signals_interrupt() -> Iterator[None]:
 
     def interrupt(number: int, frame: FrameType | None) -> None:
         nonlocal raised
-        if raised:
-            return  # already unwinding
+        if raised or _DEFERRED.defers(number, frame):
+            return  # already unwinding, or raised once its import ends
         raised = True
         raise Interrupted(number)
 

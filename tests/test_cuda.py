@@ -8,6 +8,7 @@ side, random inputs over the whole range, specials, and each scaling kind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -182,28 +183,29 @@ TRAINING = [
 ]
 
 
-@pytest.fixture
-def no_tf32() -> Iterator[None]:
-    """TF32 off for matmuls and convolutions during the test, torch's settings back afterwards: the
-    tests after it in one process (the GPU check runs the grouped-equals-alone CUDA tests next) see
-    the defaults a dse run has (convolutions allowed TF32). (pytest's monkeypatch cannot: the cuBLAS
-    flag is no attribute, its undo deletes it.)"""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32, cudnn.allow_tf32 = False, False
+@contextlib.contextmanager
+def _callers_tf32() -> Iterator[None]:
+    """A caller who let cuBLAS matmuls and cuDNN convolutions run in TF32 (a run's own settings make
+    them IEEE fp32: dse/train/fp32.py); torch's defaults leave convolutions in TF32 already."""
+    levels = [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+    before = [level.fp32_precision for level in levels]
+    for level in levels:
+        level.fp32_precision = "tf32"
     try:
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+        for level, precision in zip(levels, before, strict=True):
+            level.fp32_precision = precision
 
 
 @pytest.mark.parametrize("overrides", TRAINING, ids=lambda o: "-".join(str(v) for v in o.values()))
-def test_training_on_cuda_is_reproducible_and_learns_like_the_cpu(overrides: dict, no_tf32: None) -> None:
+def test_training_on_cuda_is_reproducible_and_learns_like_the_cpu(overrides: dict) -> None:
     from dse.train import TrainConfig, train
 
     config = TrainConfig(model="mlp", dataset="digits", epochs=3, **overrides)
     gpu = train(config.replace(device="cuda"))
-    again = train(config.replace(device="cuda"))
+    with _callers_tf32():
+        again = train(config.replace(device="cuda"))
     cpu = train(config)
     assert not gpu.diverged and gpu.test_accuracy > 0.5
     assert gpu.loss_curve == again.loss_curve
@@ -226,15 +228,17 @@ def _case_id(value: object) -> str:
 
 @pytest.mark.parametrize(("model", "dataset", "epochs", "overrides"), PROXY_TRAINING, ids=_case_id)
 def test_every_proxy_trains_on_cuda_reproducibly(model: str, dataset: str, epochs: int,
-                                                 overrides: dict, no_tf32: None) -> None:
+                                                 overrides: dict) -> None:
     """Convolutions (MX blocks along channels, NITI's integer convs), residual blocks and attention on
-    the device: two runs give the same loss curve, and the last epoch's loss is the CPU's within 10 %
+    the device: two runs give the same loss curve (the second under a caller's TF32 settings, which a
+    run turns off), and the last epoch's loss is the CPU's within 10 %
     (the GEMMs sum in another order and the draws come from another generator)."""
     from dse.train import TrainConfig, train
 
     config = TrainConfig(model=model, dataset=dataset, epochs=epochs, **overrides)
     gpu = train(config.replace(device="cuda"))
-    again = train(config.replace(device="cuda"))
+    with _callers_tf32():
+        again = train(config.replace(device="cuda"))
     cpu = train(config)
     assert not gpu.diverged and gpu.loss_curve == again.loss_curve
     assert abs(gpu.loss_curve[-1] - cpu.loss_curve[-1]) <= 0.1 * cpu.loss_curve[-1], (gpu.loss_curve,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from dse.errors import InputError, Unsupported
+from dse.interrupts import GROUP_SIGNALS
 from dse.processes import become_helper, stop_workers
 
 TrainFn = Callable[[Any], Any]
@@ -224,9 +225,23 @@ def start_worker_server() -> None:
     an interrupt) leaves no server behind finishing seconds of imports for nothing."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+        from multiprocessing import forkserver, resource_tracker
 
-        forkserver.ensure_running()
+        # The resource tracker and the server inherit the signals a terminal sends the whole group
+        # blocked, until they ignore them: the tracker ignores SIGINT itself but not SIGHUP, which
+        # killed it, so that a closed terminal printed its successor's KeyError tracebacks. The
+        # tracker's start unblocks SIGINT after it (CPython 3.11-3.13), so they are blocked again for
+        # the server's; its start probes the tracker once more, which warns where the tracker dies at
+        # start (as under tests/test_permissions.py's other user) above the command's own error line.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+        try:
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "resource_tracker: process died unexpectedly")
+                forkserver.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         atexit.unregister(stop_worker_server)  # once
         atexit.register(stop_worker_server)
 

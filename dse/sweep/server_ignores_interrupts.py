@@ -1,7 +1,9 @@
-"""Imported first by the sweep's fork server (its preload, dse/sweep/executors.py): Ctrl-C is the
-sweep's to handle (it stops its workers and says so in one line), and CPython's fork server ignores
-SIGINT only once its preload is imported, so a Ctrl-C in the seconds the server spends importing the
-trainer printed the server's own KeyboardInterrupt traceback under the sweep's line.
+"""Imported first by the sweep's fork server (its preload, dse/sweep/executors.py): Ctrl-C and a
+hang-up are the sweep's to handle (it stops its workers and says so in one line). CPython's fork server
+ignores SIGINT only once its preload is imported, so a Ctrl-C in the seconds the server spends
+importing the trainer printed the server's own KeyboardInterrupt traceback under the sweep's line;
+a hang-up killed it and its workers. The server starts with both blocked, so that none is lost
+or acted on before this module ignores them.
 
 A worker the server forks while the sweep is stopping finds no job data to read (the sweep has
 closed its end): multiprocessing's spawn `_main` raises EOFError, which the server's child printed
@@ -16,7 +18,11 @@ import sys
 import traceback
 from types import TracebackType
 
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+from dse.interrupts import GROUP_SIGNALS
+
+for _number in GROUP_SIGNALS:  # (its workers inherit them ignored)
+    signal.signal(_number, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # blocked from its start (start_worker_server)
 
 
 def quiet_when_the_sweep_left(kind: type[BaseException], error: BaseException,

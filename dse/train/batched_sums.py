@@ -22,6 +22,15 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
   Normal random operands make any difference in summation order show in the last bits of many output
   elements; a quantized run's operands (few mantissa bits) can only agree more often, never less.
 
+A decided call still builds its key: torch tells nobody when a setting changes, so every setting
+is read at every call (`_library_state`, each by its cheapest read; only MKL's mode, once MKL refuses
+to change it, is kept), and every operand's layout as the caller gives it (`_layout`). One key
+answers both questions of a group's GEMM (`aligned_sums_as_members`): which operands
+`at_alone_alignment` copies and whether the batched call sums as the members' - so a decided call
+checks no alignment again. On this session's AMD EPYC a decided `member_gemm` costs 4.3-6.8 us
+beyond its bare bmm / baddbmm, 8.0-12.5 when it checked the alignment and built the key apart
+(`benchmarks/batched_sums.py --key-cost`, docs/training.md).
+
 A member's own call is compared on its operands where they are alone (`at_alone_alignment`): MKL's
 sgemm on an AMD EPYC (AVX-512) sums a product otherwise where its first operand or its output starts
 off a 16-byte boundary (10-column outputs: a (50, 37) @ (37, 10) at 8 bytes past 16 differed in 215
@@ -114,13 +123,23 @@ def empty_at_alone_alignment(shape: Sequence[int], members: int, like: Tensor,
     """An empty (members, *shape) tensor of `like`'s dtype and device whose member blocks (dense, of
     `strides`: contiguous where None) start `shift` elements past a multiple of `alignment_bytes`, as a
     fresh tensor of `shape` does alone (shift 0)."""
-    align = alignment_bytes(like) // like.element_size()
-    inner = tuple(strides) if strides is not None else _contiguous_strides(shape)
+    size, full_shape, full_strides = _alone_geometry(
+        tuple(shape), members, None if strides is None else tuple(strides), shift,
+        alignment_bytes(like) // like.element_size())
+    storage = torch.empty(size, dtype=like.dtype, device=like.device)
+    return storage.as_strided(full_shape, full_strides, shift)
+
+
+@functools.cache
+def _alone_geometry(shape: tuple[int, ...], members: int, strides: tuple[int, ...] | None, shift: int,
+                    align: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """`empty_at_alone_alignment`'s storage size, shape and strides (`align` in elements), computed
+    once a layout: a padded GEMM output asks for them at every call (3.6 us computed each time)."""
+    inner = strides if strides is not None else _contiguous_strides(shape)
     extent = 1 + sum((size - 1) * stride for size, stride in zip(shape, inner, strict=True)) \
         if all(shape) else 0
     step = -(-extent // align) * align
-    storage = torch.empty(shift + members * step, dtype=like.dtype, device=like.device)
-    return storage.as_strided((members, *shape), (step, *inner), shift)
+    return shift + members * step, (members, *shape), (step, *inner)
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -148,8 +167,10 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
-_DECIDED: dict[Hashable, bool] = {}
-"""The answers in this process, by (site, thread count, the operands' layouts)."""
+_DECIDED: dict[Hashable, tuple[bool, tuple[bool, ...]]] = {}
+"""The answers in this process, by (site, library settings, the operands' layouts, how many of them
+are brought to alone's alignment): whether the batched call sums as the members', and which operands
+`at_alone_alignment` copies (a function of their layouts)."""
 
 PROBE_SEED = 20240917
 """The probes' random operands: the same in every process, so every process decides alike."""
@@ -170,19 +191,38 @@ def sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callab
     (batched only where both hold: the rule's products differ at any thread count, a probe on a
     product of a few output elements could pass one whose difference its data did not show, and the
     rule, measured on one CPU, failed on another: module docstring). Elsewhere the probe decides."""
-    on_cpu = operands[0].device.type == "cpu"
-    if on_cpu and cpu_rule is False:
-        return False
-    if _UNPROBED.get():
+    return aligned_sums_as_members(site, batched, each, operands, cpu_rule)[0]
+
+
+def aligned_sums_as_members(site: Hashable, batched: Callable[..., Tensor], each: Callable[..., Tensor],
+                            operands: Sequence[Tensor], cpu_rule: CpuRule = None, aligning: int = 0
+                            ) -> tuple[bool, tuple[Tensor, ...]]:
+    """`operands` with the first `aligning` of them at alone's alignment (`at_alone_alignment`), and
+    whether `batched` of those sums as the members' own (`sums_as_members`). One decision a layout of
+    `operands` as given (the copies' layouts follow from it): a decided call reads the settings and
+    the layouts once (`_library_state`, `_layout`; a GEMM's key about 2 us on this CPU) and checks no
+    operand's alignment again unless it must be copied."""
+    first = operands[0]
+    on_cpu = first.is_cpu
+    if (on_cpu and cpu_rule is False) or _UNPROBED.get():
         rule = cpu_rule() if callable(cpu_rule) else cpu_rule
-        return True if rule is None else rule
-    key = (site, _library_state(operands[0].device), tuple(_layout(t) for t in operands))
-    decided = _DECIDED.get(key)
-    if decided is None:
+        return True if rule is None else rule, _aligned(operands, aligning)
+    key = (site, _library_state(first), tuple(map(_layout, operands)), aligning)
+    decision = _DECIDED.get(key)
+    if decision is None:
+        aligned = _aligned(operands, aligning)
         rule = (cpu_rule() if callable(cpu_rule) else cpu_rule) if on_cpu else None
-        decided = False if rule is False else _probe(batched, each, operands)
-        _DECIDED[key] = decided
-    return decided
+        sums = False if rule is False else _probe(batched, each, aligned)
+        _DECIDED[key] = (sums, tuple(copy is not o for copy, o in zip(aligned, operands, strict=True)))
+        return sums, aligned
+    sums, copies = decision
+    if True not in copies:
+        return sums, tuple(operands)
+    return sums, tuple(at_alone_alignment(o) if copy else o for o, copy in zip(operands, copies, strict=True))
+
+
+def _aligned(operands: Sequence[Tensor], aligning: int) -> tuple[Tensor, ...]:
+    return tuple(at_alone_alignment(o) if i < aligning else o for i, o in enumerate(operands))
 
 
 _UNPROBED: contextvars.ContextVar[bool] = contextvars.ContextVar("unprobed", default=False)
@@ -200,44 +240,63 @@ def unprobed() -> Iterator[None]:
         _UNPROBED.reset(token)
 
 
-def _library_state(device: torch.device) -> tuple[object, ...]:
+def _library_state(operand: Tensor) -> tuple[object, ...]:
     """Everything besides the operands' layouts that changes which kernel the library takes for a
-    product (or how it sums): the thread count, autocast (a user's network may run under it), the
-    fp32 matmul precision (TF32 / bf16 on CUDA and oneDNN), reduced-precision reductions,
-    deterministic algorithms, the BLAS library and cuBLAS's workspace, and MKL's reproducibility mode
-    (`mkl_reproducibility`). Part of a decision's key, so that changing one decides again. Settings a
-    library reads once, when it starts, are fixed for the process, as the decisions are: MKL's
-    instruction limit (MKL_ENABLE_INSTRUCTIONS), oneDNN's (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA,
-    ONEDNN_CPU_ISA_HINTS), oneDNN's default fp32 math mode (ONEDNN_DEFAULT_FPMATH_MODE; torch's own
-    setting is `_onednn_fp32_precision`, here) and aten's kernel set (ATEN_CPU_CAPABILITY); no
-    decision of a process can meet another value of them."""
-    autocast = torch.is_autocast_enabled(device.type)
-    state: tuple[object, ...] = (torch.get_num_threads(), autocast,
-                                 torch.get_autocast_dtype(device.type) if autocast else None,
-                                 _setting(torch.get_float32_matmul_precision),
-                                 torch.are_deterministic_algorithms_enabled(),
-                                 _onednn_fp32_precision())
-    if device.type == "cpu":
-        return (*state, mkl_reproducibility())
+    product (or how it sums) on `operand`'s device: the thread count, autocast (a user's network may
+    run under it), the fp32 matmul precision (TF32 / bf16 on CUDA and oneDNN), reduced-precision
+    reductions, deterministic algorithms, the BLAS library and cuBLAS's workspace, and MKL's
+    reproducibility mode (`mkl_reproducibility`). Part of a decision's key, so that changing one
+    decides again; torch tells nobody of a change, so each is read at every call, each by its
+    cheapest read (on the CPU about 0.7 us in all: benchmarks/batched_sums.py --key-cost
+    --key-parts). Settings a library reads once, when it starts, are fixed for the process, as the
+    decisions are: MKL's instruction limit (MKL_ENABLE_INSTRUCTIONS), oneDNN's (ONEDNN_MAX_CPU_ISA /
+    DNNL_MAX_CPU_ISA, ONEDNN_CPU_ISA_HINTS), oneDNN's default fp32 math mode
+    (ONEDNN_DEFAULT_FPMATH_MODE; torch's own setting is `_onednn_fp32_precision`, here) and aten's
+    kernel set (ATEN_CPU_CAPABILITY); no decision of a process can meet another value of them."""
+    if operand.is_cpu:  # (not `device.type`: 0.2 us a read)
+        autocast = torch.is_autocast_enabled("cpu")
+        return (torch.get_num_threads(), autocast, torch.get_autocast_dtype("cpu") if autocast else None,
+                _setting(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled(),
+                _setting(_onednn_fp32_precision()), mkl_reproducibility())
+    device_type = operand.device.type
+    autocast = torch.is_autocast_enabled(device_type)
     matmul = torch.backends.cuda.matmul
-    return (*state, _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
+    return (torch.get_num_threads(), autocast, torch.get_autocast_dtype(device_type) if autocast else None,
+            _setting(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled(),
+            _setting(_onednn_fp32_precision()),
+            _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
             _setting(lambda: matmul.allow_fp16_reduced_precision_reduction),
             _setting(lambda: matmul.allow_bf16_reduced_precision_reduction),
             _setting(lambda: str(torch.backends.cuda.preferred_blas_library())),
             os.environ.get("CUBLAS_WORKSPACE_CONFIG"), os.environ.get("CUBLASLT_WORKSPACE_SIZE"))
 
 
+MKL_CBWR_ALL = -1
+"""`mkl_cbwr_get`'s argument for the whole mode: the branch and the STRICT flag."""
+
+MKL_CBWR_ERR_MODE_CHANGE_FAILURE = -8
+"""What `mkl_cbwr_set` answers once MKL has run (its mode is then fixed for the process), to any
+argument: measured (torch 2.13, MKL 2024.2), before MKL's first computation a mode it does not know
+answers MKL_CBWR_ERR_INVALID_INPUT (-2) and a known one is set (0); after it, -8, and the mode stays."""
+
+_NO_MKL_MODE = 12345
+"""A value that is no MKL_CBWR mode: `mkl_cbwr_set` of it asks whether MKL still takes a mode and sets
+nothing (before MKL's first computation it fixes the mode from MKL_CBWR as a `mkl_cbwr_get` does:
+measured, the variable set after it is not read)."""
+
+
 @functools.cache
-def _mkl_reproducibility_mode() -> Callable[[], int] | None:
-    """MKL's `mkl_cbwr_get`, as torch's statically linked MKL exports it (`mkl_serv_cbwr_get`), or
-    None where torch's BLAS is not MKL."""
+def _mkl_cbwr() -> tuple[Callable[[int], int], Callable[[int], int]] | None:
+    """MKL's `mkl_cbwr_get` and `mkl_cbwr_set`, as torch's statically linked MKL exports them
+    (`mkl_serv_cbwr_get`, `mkl_serv_cbwr_set`), or None where torch's BLAS is not MKL."""
     try:
         library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        read = library.mkl_serv_cbwr_get
+        read, write = library.mkl_serv_cbwr_get, library.mkl_serv_cbwr_set
     except (OSError, AttributeError):
         return None
     read.argtypes, read.restype = [ctypes.c_int], ctypes.c_int
-    return lambda: int(read(-1))  # MKL_CBWR_ALL: the branch and the STRICT flag
+    write.argtypes, write.restype = [ctypes.c_int], ctypes.c_int
+    return read, write
 
 
 def mkl_reproducibility() -> int | str | None:
@@ -246,19 +305,44 @@ def mkl_reproducibility() -> int | str | None:
     where it can be, else the variable as the process started (None: neither). MKL reads the variable
     once, at its first call; measured (torch 2.13, MKL 2024.2): setting it in os.environ later changes
     neither the mode nor a product's bits, and `mkl_cbwr_set` afterwards fails (-8) and keeps the mode.
-    So within a process the mode is fixed once a product has run: in a decision's key it guards a
-    library that would let it change; where it matters is the one-thread rule, measured in MKL's own
-    mode, and which a probe now backs in every mode (`sums_as_members`)."""
-    read = _mkl_reproducibility_mode()
-    return read() if read is not None else _MKL_CBWR_AT_START
+    So once MKL refuses a change (`MKL_CBWR_ERR_MODE_CHANGE_FAILURE`) the mode is fixed for the
+    process and is kept here, read no more (0.3 us a read through ctypes); until then it is read
+    at every call. In a decision's key it guards a library that would let it change; where it
+    matters is the one-thread rule, measured in MKL's own mode, and which a probe now backs in every
+    mode (`sums_as_members`)."""
+    global _mkl_mode_fixed
+    if _mkl_mode_fixed is not None:
+        return _mkl_mode_fixed
+    mkl = _mkl_cbwr()
+    if mkl is None:
+        return _MKL_CBWR_AT_START
+    read, write = mkl
+    fixed = write(_NO_MKL_MODE) == MKL_CBWR_ERR_MODE_CHANGE_FAILURE  # (asked first: a mode read after
+    mode = int(read(MKL_CBWR_ALL))                                    # it cannot change any more)
+    if fixed:
+        _mkl_mode_fixed = mode
+    return mode
 
+
+_mkl_mode_fixed: int | None = None
+"""MKL's mode once MKL has fixed it (`mkl_reproducibility`)."""
 
 _MKL_CBWR_AT_START = os.environ.get("MKL_CBWR")
 
 
-def _onednn_fp32_precision() -> object:
-    """oneDNN's fp32 matmul precision ("none" where this torch has no such setting)."""
-    return _setting(lambda: getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none"))
+@functools.cache
+def _onednn_fp32_precision() -> Callable[[], object]:
+    """A read of oneDNN's fp32 matmul precision (`torch.backends.mkldnn.matmul.fp32_precision`; "none"
+    where this torch has no such setting): the getter that attribute calls, taken from it once
+    (0.09 us a read against 0.56 through the attribute's `__getattr__`), else the attribute."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is None:
+        return lambda: "none"
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    where = vars(matmul) if hasattr(matmul, "__dict__") else {}
+    if getter is not None and isinstance(where.get("backend"), str) and isinstance(where.get("op"), str):
+        return functools.partial(getter, where["backend"], where["op"])
+    return lambda: getattr(matmul, "fp32_precision", "none")
 
 
 def _setting(read: Callable[[], object]) -> object:
@@ -279,11 +363,15 @@ def output_shape(product: Callable[..., Tensor], *operands: object) -> torch.Siz
 
 def decided() -> dict[Hashable, bool]:
     """The layouts decided in this process and their answers (a copy)."""
-    return dict(_DECIDED)
+    return {key: sums for key, (sums, _) in _DECIDED.items()}
 
 
 def _layout(t: Tensor) -> tuple[object, ...]:
-    return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % alignment_bytes(t))
+    """What of an operand a decision depends on: device, dtype, shape, strides, and its address modulo
+    `alignment_bytes`, with that alignment (which operands `at_alone_alignment` copies depends on it:
+    benchmarks/gpu_check.py sets the table to 4 to time a group without copies, in the same process)."""
+    align = alignment_bytes(t)
+    return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % align, align)
 
 
 PROBE_ELEMENTS = 4096

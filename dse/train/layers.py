@@ -60,7 +60,7 @@ from dse.models.layers import Matmul
 from dse.precision import Layer, TensorFormats, full_precision_rules, resolve_layers
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator
-from dse.train.batched_sums import at_alone_alignment, bmm_sums_as_mm, sums_as_members
+from dse.train.batched_sums import aligned_sums_as_members, bmm_sums_as_mm
 from dse.train.policy import QuantPolicy, TensorQuant, with_scaling
 
 Quantizer = Callable[[Tensor], Tensor]
@@ -512,14 +512,15 @@ class MemberRanks:
 
 def _product(a: Tensor, b: Tensor, members: MemberRanks | None) -> Tensor:
     """a @ b; with `members`, one batched matmul where it sums as each member's own product
-    (`batched_sums.sums_as_members`), else member by member, each member's operands at their ranks
-    and alignment alone."""
+    (`batched_sums.aligned_sums_as_members`), else member by member, each member's operands at their
+    ranks and alignment alone."""
     if members is None:
         return a @ b
-    a, b = at_alone_alignment(a), at_alone_alignment(b)  # each member's operands where they are alone
     own = functools.partial(_member_product, members.a, members.b)
     rule = members.batched_alone or bmm_sums_as_mm(a.shape[-2], a.shape[-1], b.shape[-1])
-    if sums_as_members(("matmul", members.a, members.b), torch.matmul, own, (a, b), rule):
+    sums, (a, b) = aligned_sums_as_members(("matmul", members.a, members.b), torch.matmul, own, (a, b), rule,
+                                           aligning=2)  # each member's operands where they are alone
+    if sums:
         return a @ b
     return torch.stack([own(a_g, b_g) for a_g, b_g in zip(a.unbind(0), b.unbind(0), strict=True)])
 

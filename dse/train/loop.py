@@ -23,6 +23,7 @@ from dse.errors import InputError
 from dse.models.proxies import ModelFactory, build_model
 from dse.train.config import TrainConfig, TrainingSetup, TrainResult, field_value
 from dse.train.denormals import denormals_flushed
+from dse.train.fp32 import ieee_fp32
 from dse.train.layers import Gemm, UnconvertedGemmWarning, quantize_model, set_quantization
 from dse.train.optim import check_optimizer, quantized_optimizer
 from dse.train.policy import QuantPolicy
@@ -149,14 +150,17 @@ def _run_settings(threads: int) -> Iterator[None]:
     """The run's thread count, denormals flushed on every thread it computes on (they appear as
     training goes on and slow the CPU down; dse/train/denormals.py), and cuDNN restricted to
     deterministic algorithms with no autotuning (some convolution backward algorithms add with
-    atomics, in an order that changes from run to run); the caller's settings come back afterwards,
-    as a library call should leave them."""
+    atomics, in an order that changes from run to run), and fp32 matmuls, convolutions and RNNs in
+    IEEE fp32 on CUDA and oneDNN (torch runs cuDNN convolutions in TF32 by default, and a caller's
+    `set_float32_matmul_precision("high"/"medium")` would run matmuls in TF32 or bf16:
+    dse/train/fp32.py); the caller's settings come back afterwards, as a library call should leave
+    them."""
     cudnn = torch.backends.cudnn
     previous = torch.get_num_threads(), cudnn.deterministic, cudnn.benchmark
     torch.set_num_threads(threads)
     cudnn.deterministic, cudnn.benchmark = True, False
     try:
-        with denormals_flushed(threads):
+        with denormals_flushed(threads), ieee_fp32():
             yield
     finally:
         torch.set_num_threads(previous[0])

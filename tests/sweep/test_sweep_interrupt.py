@@ -173,6 +173,82 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])
 
 
+def test_a_signal_inside_an_import_raises_once_the_import_has_ended(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module whose import discards what is raised in it (as torch's start-up does while it imports
+    numpy) gets the signal: the Interrupted raised there was lost, and the sweep's block went on. Now
+    the import finishes undisturbed and the signal raises right after it."""
+    (tmp_path / "discards_a_signal.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\nWHOLE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "discards_a_signal", raising=False)
+    imported = False
+    with pytest.raises(Interrupted) as raised, signals_interrupt():
+        import discards_a_signal  # noqa: F401
+
+        imported = discards_a_signal.WHOLE
+        time.sleep(5)  # the signal, sent again, raises before this ends
+    assert imported and raised.value.signal_number == signal.SIGINT
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_process_forked_while_a_signal_waits_for_an_import_defers_its_own_signals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked while the parent's signal waits for an import (a report forks its figure
+    processes) has no re-sending thread: it inherited the mark of a pending signal, so that each of its
+    own signals inside an import was held for a thread that never ran, and lost. Now the child starts
+    clean: its signal raises once its import ends, as does the parent's."""
+    (tmp_path / "forks_while_a_signal_waits.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\nCHILD = os.fork() == 0\n")
+    (tmp_path / "discards_the_childs_signal.py").write_text(
+        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.1)\n"
+        "except BaseException:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("forks_while_a_signal_waits", "discards_the_childs_signal"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(Interrupted) as raised, signals_interrupt():
+        import forks_while_a_signal_waits
+
+        if forks_while_a_signal_waits.CHILD:
+            code = 1
+            try:
+                import discards_the_childs_signal  # noqa: F401
+
+                time.sleep(5)  # the child's signal, sent again, raises before this ends
+            except Interrupted as error:
+                code = 0 if error.signal_number == signal.SIGTERM else 2
+            finally:
+                os._exit(code)
+        time.sleep(5)  # the parent's signal, sent again, raises before this ends
+    _, status = os.waitpid(-1, 0)
+    assert raised.value.signal_number == signal.SIGINT and os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGHUP"), reason="fork, SIGHUP")
+def test_a_helper_process_leaves_ctrl_c_and_a_hang_up_to_its_parent() -> None:
+    """A terminal sends Ctrl-C and a hang-up to the whole process group: a sweep's worker and a report's
+    figure process leave both to the command, which stops them (a hang-up killed a figure process)."""
+    from dse.processes import become_helper
+
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            become_helper(None)
+            for number in (signal.SIGINT, signal.SIGHUP):
+                os.kill(os.getpid(), number)
+            time.sleep(0.1)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
         pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,6 +272,28 @@ def test_a_worker_waits_for_its_sweep_to_end_with_or_without_pidfd(
     reaper.join()
     assert time.monotonic() - started >= 1.0 and process.returncode == 0
     wait_for_exit(process.pid)  # ended already: returns at once
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask") or not hasattr(signal, "SIGHUP")
+                    or "forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="POSIX signal masks, a fork server")
+def test_the_resource_tracker_and_the_worker_server_start_with_ctrl_c_and_a_hang_up_blocked(
+        repo_root: Path) -> None:
+    """Each helper inherits the signal mask of its start, and a signal blocked there waits until it
+    ignores it. The tracker's own start unblocks SIGINT after it, so the server started with only
+    SIGHUP blocked, and a Ctrl-C before its first preloaded module printed its traceback."""
+    script = ("import signal\nfrom multiprocessing import util\nspawn = util.spawnv_passfds\n"
+              "def spied(exe, args, fds):\n"
+              "    blocked = sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))\n"
+              "    print('tracker' if 'resource_tracker' in args[-1] else 'server', *blocked, flush=True)\n"
+              "    return spawn(exe, args, fds)\nutil.spawnv_passfds = spied\n"
+              "from dse.sweep.executors import start_worker_server, stop_worker_server\n"
+              "start_worker_server()\nstop_worker_server()\n"
+              "print(*sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n")
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                             timeout=120, check=True)
+    assert started.stdout.splitlines() == ["tracker SIGHUP SIGINT SIGTERM", "server SIGHUP SIGINT", ""]
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg") or not Path("/proc/self/status").exists(),
@@ -247,8 +345,28 @@ def _mark_before(function):
         return function(*args, **kwargs)
     return marked
 
+class _SignalledInsideTorchsImport:
+    """Sends this process a signal from inside the command's import of torch, in code that discards what
+    is raised there, as torch's start-up does (it imports numpy from C and clears the error of a failed
+    import); marks once that code has returned."""
+    def __init__(self, number):
+        self.number = number
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            try:
+                os.kill(os.getpid(), self.number)
+                time.sleep(0.2)
+            except BaseException:
+                pass
+            os.write(2, b"@mark\\n")
+        return None
+
 if where == "exit handlers":
     atexit.register(_mark_then_wait)  # registered before dse's: runs after them
+if where.endswith(" inside torch's import"):
+    import signal
+    sys.meta_path.insert(0, _SignalledInsideTorchsImport(getattr(signal, where.split()[0])))
 if where == "a stuck exit handler":
     atexit.register(lambda: (os.write(2, b"@mark\\n"), time.sleep(60)))  # a logger flushing to a dead server
 if where == "while dse imports":
@@ -326,6 +444,66 @@ def test_sigterm_or_sighup_before_a_sweep_trains_says_one_line_and_writes_nothin
     assert (process.returncode, lines, out) == (128 + number, [f"interrupted by {number.name}"], b""), lines
     assert not left, f"processes outlived the sweep: {left}"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["s.yaml"]
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda n: n.name)
+def test_a_signal_inside_an_import_stops_the_command_once_the_import_ends(
+        number: signal.Signals, tmp_path: Path) -> None:
+    """`dse train`, signalled while it imports torch (its first 1-2 s): the Interrupted raised there was
+    discarded by torch's start-up code, leaving numpy half-imported (a RecursionError or 'cannot load
+    module more than once' traceback later, exit 1) or lost (training went on, exit 0): 8 of 72
+    instants of SIGHUP, SIGTERM and SIGINT at 0.2-2.5 s. Here the signal comes inside the import, in
+    code that discards it; it now waits for the import to end, then stops the command with its line
+    and code."""
+    command = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "-q"]
+    process, seen = _started_to_mark([f"{number.name} inside torch's import", *command], subprocess.PIPE,
+                                     tmp_path)
+    try:
+        out, rest = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
+    assert (process.returncode, lines, out) == (128 + number, [f"interrupted by {number.name}"], b""), lines
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg") or not hasattr(signal, "SIGHUP"), reason="POSIX process groups")
+def test_a_hang_up_to_the_sweeps_process_group_stops_it_with_one_line_and_no_process_left(
+        tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
+        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+    """A closed terminal sends SIGHUP to every process of its group: the sweep, its fork server and
+    workers, and multiprocessing's resource tracker, which ignores SIGINT and SIGTERM but not SIGHUP.
+    It died, so the sweep started a second one, which printed a warning and a KeyError traceback for
+    each semaphore the sweep then released (5 of 5 tries). The helpers now leave a hang-up to the
+    sweep, which stops them: its one line, 129, no process left, a whole store. Sent once the workers
+    exist (the semaphores do from then on), not after a trial is stored: seconds of training and of
+    retraining on resume saved (resuming after a signal: test_a_signalled_sweep_stops_its_workers_...)."""
+    out, config, errors = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "stderr.txt"
+    config.write_text(_text(out))
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with errors.open("wb") as stderr:  # a file: a pipe would be held open by any surviving process
+        process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config), "-q"],
+                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   env=env, cwd=repo_root, preexec_fn=_default_handlers)
+    try:
+        deadline = time.monotonic() + 300
+        while len(started := process_tree(process.pid)) < 5:  # the sweep, its resource tracker, fork
+            assert process.poll() is None, errors.read_text()  # server and 2 workers
+            assert time.monotonic() < deadline, "the sweep started no workers"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGHUP)
+        assert process.wait(timeout=120) == 129, errors.read_text()
+        left = survivors(started, 30.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not left, f"processes outlived the sweep: {left}"
+    before = _stored(out)
+    assert errors.read_text().splitlines() == [
+        f"interrupted by SIGHUP: {len(before)} of {TRIALS} trials are saved in {out}; run the same command "
+        "again to resume"]
+    _check_whole(out, before)
 
 
 def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:

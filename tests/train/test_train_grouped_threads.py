@@ -72,8 +72,8 @@ def test_at_one_thread_a_failing_rule_decides_and_a_holding_one_is_probed(
     product is each member's own either way."""
     ops = _operands(3, rows, reduction, columns, False, True, True, seed=0)
     with torch_threads(1):
-        key = ("baddbmm", batched_sums._library_state(ops[0].device),
-               tuple(batched_sums._layout(t) for t in ops))  # the operands are at alone's alignment
+        key = ("baddbmm", batched_sums._library_state(ops[0]),  # the operands are at alone's alignment
+               tuple(batched_sums._layout(t) for t in ops), 2)  # (member_gemm aligns a and b)
         with _Operations() as seen:
             together = member_gemm(*ops)
     products = [name for name in seen.names if name.endswith(("mm", "bmm"))]
@@ -285,7 +285,7 @@ def test_mkl_reproducibility_is_the_mode_mkl_runs_in(mode: str | None, expected:
     import subprocess
     import sys
 
-    if batched_sums._mkl_reproducibility_mode() is None:
+    if batched_sums._mkl_cbwr() is None:
         pytest.skip("torch's BLAS is not MKL")
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": mode} if mode else {})
     code = "from dse.train.batched_sums import mkl_reproducibility; print(mkl_reproducibility())"
