@@ -101,6 +101,11 @@ class _DeferredSignal:
         self.overdue = False
         """The re-sent signal raises even inside an import (DEFER_LIMIT_S passed)."""
 
+    def forget(self) -> None:
+        """Nothing pending: in a forked child, which has no re-sending thread, a signal kept pending
+        would keep each later one that arrives in an import waiting for it, for ever."""
+        self.number, self.overdue = None, False
+
     def defers(self, number: int, frame: FrameType | None) -> bool:
         """Whether signal `number`, arriving at `frame` of the main thread, waits for its import to end
         (then it is re-sent); False: raise it now."""
@@ -141,6 +146,7 @@ def _importing(frame: FrameType | None) -> bool:
 
 
 _DEFERRED = _DeferredSignal()
+os.register_at_fork(after_in_child=_DEFERRED.forget)
 
 
 def _raise_interrupted(number: int, frame: FrameType | None) -> None:

@@ -1,5 +1,5 @@
 """What every helper process dse starts (a sweep's training workers, a report's figure processes) does
-to end with the process that started it and to leave Ctrl-C to it.
+to end with the process that started it and to leave Ctrl-C and a hang-up to it.
 
 A `concurrent.futures` pool's worker blocks on its task queue, whose two ends it holds itself, so a
 worker whose parent was killed (SIGKILL, the out-of-memory killer) would wait there for ever: each
@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import wait
+
+from dse.interrupts import GROUP_SIGNALS
 
 STOP_S = 5.0
 """How long a terminated worker has to exit before it is killed."""
@@ -56,9 +58,11 @@ def end_with(pid: int, end: Callable[[], None] = _exit_now) -> None:
 
 
 def become_helper(parent_pid: int | None, end: Callable[[], None] = _exit_now) -> None:
-    """Set up a pool worker: Ctrl-C is its parent's to handle (the parent stops it), and it ends with
-    its parent (`parent_pid`; None: no watch) by calling `end`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Set up a pool worker: Ctrl-C and a hang-up, which a terminal sends the whole process group, are
+    its parent's to handle (the parent stops it), and it ends with its parent (`parent_pid`; None: no
+    watch) by calling `end`."""
+    for number in GROUP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     if parent_pid is not None:
         end_with(parent_pid, end)
 

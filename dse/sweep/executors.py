@@ -200,8 +200,6 @@ def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
     arrives; leave Ctrl-C to the sweep (which stops its workers) and end with the sweep's process."""
     _limit_threads(threads)
     become_helper(sweep_pid)
-    for number in GROUP_SIGNALS:  # a hang-up too (a forked worker inherits them ignored already)
-        signal.signal(number, signal.SIG_IGN)
     import dse.train.loop  # noqa: F401
 
 
@@ -227,14 +225,21 @@ def start_worker_server() -> None:
     an interrupt) leaves no server behind finishing seconds of imports for nothing."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+        from multiprocessing import forkserver, resource_tracker
 
-        # The server and the resource tracker it starts first inherit the signals a terminal sends the
-        # whole group blocked, until they ignore them: the tracker ignores SIGINT itself but not SIGHUP,
-        # which killed it, so that a closed terminal printed its successor's KeyError tracebacks.
+        # The resource tracker and the server inherit the signals a terminal sends the whole group
+        # blocked, until they ignore them: the tracker ignores SIGINT itself but not SIGHUP, which
+        # killed it, so that a closed terminal printed its successor's KeyError tracebacks. The
+        # tracker's start unblocks SIGINT after it (CPython 3.11-3.13), so they are blocked again for
+        # the server's; its start probes the tracker once more, which warns where the tracker dies at
+        # start (as under tests/test_permissions.py's other user) above the command's own error line.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
         try:
-            forkserver.ensure_running()
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "resource_tracker: process died unexpectedly")
+                forkserver.ensure_running()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         atexit.unregister(stop_worker_server)  # once
