@@ -215,8 +215,9 @@ class _ValuesOf(torch.autograd.Function):
 class MemberKernelMode(RecomputedMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
     are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
-    member, each on its own samples laid out as alone, so each member gets its bits alone; every
-    other call runs as it is. `rows` is a member's batch B of the current forward (None: the
+    member, each on its own samples laid out as alone, so each member gets its bits alone, and so
+    LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory; every other call runs as
+    it is. `rows` is a member's batch B of the current forward (None: the
     members' blocks are the first axis's). `seen` tells whether the forward called any of them."""
 
     def __init__(self, members: int, rows: int | None = None) -> None:
@@ -286,17 +287,21 @@ class MemberKernelMode(RecomputedMode):
         axis outside them in memory; as it is otherwise (the batch outermost: each sample's
         reduction its own)."""
         x = args[0] if args and isinstance(args[0], Tensor) else None
+        out = kwargs.get("out")
+        tracked = x is not None and torch.is_grad_enabled() and x.requires_grad
         if (x is None or not x.is_floating_point() or x.device.type != "cpu"
+                or (out is not None and tracked)  # (torch refuses out= under autograd: as alone)
                 or not _reduced_outside_members(x, args, kwargs)
                 or _member_axis(x, self.members, self.rows) != 0):
             return func(*args, **kwargs)
         self.seen = True
         each = x.shape[0] // self.members
+        own = {name: value for name, value in kwargs.items() if name != "out"}
         with torch.no_grad():
-            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **kwargs)
+            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **own)
                       for g in range(self.members)]
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return torch.cat(values)
+        if not tracked:
+            return torch.cat(values, out=out)
         return _ValuesOf.apply(func(*args, **kwargs), *values)
 
 

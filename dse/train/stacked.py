@@ -57,7 +57,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -678,7 +678,8 @@ class PerMemberLayer(nn.Module):
     may run a GEMM on them (torch.addmm, torch.einsum), and MKL on an AMD EPYC sums a product
     otherwise for an operand off a 16-byte boundary, where member g's slice of a stacked tensor lies
     g x its size in (tests/train/test_train_grouped_align_leaf.py). A copy only where a member's
-    block is off; a buffer's copy is written back after the members' calls."""
+    block is off; a buffer's copy is written back after the members' calls, and a buffer the layer
+    reassigns (`self.average = ...`) is copied into the member's part after its call."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
         super().__init__()
@@ -709,6 +710,7 @@ class PerMemberLayer(nn.Module):
                **{n: b for n, b in self._buffers.items() if b is not None}}
         aligned = {name: _at_alone_alignment_for_blas(tensor) for name, tensor in own.items()}
         slices = {name: tensor.unbind(0) for name, tensor in aligned.items()}
+        buffer_slices = {name: slices[name] for name in self._buffers if name in slices}
         reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
             or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
         split = [_member_blocks(x, self.members, aligned=reads is None) for x in inputs]
@@ -723,9 +725,10 @@ class PerMemberLayer(nn.Module):
                 member_inputs = [x[g] for x in split]
                 if reads is None:
                     outputs.append(template(*member_inputs))
-                    continue
-                with reads.of_member(g, member_inputs):
-                    outputs.append(template(*member_inputs))
+                else:
+                    with reads.of_member(g, member_inputs):
+                        outputs.append(template(*member_inputs))
+                _keep_reassigned_buffers(template, buffer_slices, g)
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
@@ -735,6 +738,22 @@ class PerMemberLayer(nn.Module):
                 if buffer is not None and aligned[name] is not buffer:
                     buffer.copy_(aligned[name])
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+
+def _keep_reassigned_buffers(template: nn.Module, slices: Mapping[str, Sequence[Tensor]],
+                             member: int) -> None:
+    """A buffer the layer's call reassigned (`self.running = 0.9 * self.running + ...`, where
+    BatchNorm updates in place) copied into the member's part (`slices`: each buffer's members'
+    parts): the next call's swap would drop it."""
+    for name, parts in slices.items():
+        new = template._buffers.get(name)
+        if new is parts[member]:
+            continue
+        if new is None or new.shape != parts[member].shape or new.dtype != parts[member].dtype:
+            raise ValueError(f"cannot group {type(template).__name__}: its forward reassigns buffer "
+                             f"{name!r} to another shape or dtype than it had")
+        with torch.no_grad():
+            parts[member].copy_(new)
 
 
 READS_INPUT_ONCE: frozenset[type[nn.Module]] = frozenset({
@@ -802,7 +821,7 @@ class _MemberReads(TorchFunctionMode):
             unbinds.extend([()] * (last - len(unbinds)))
             for n in reversed(range(self.counts[i], last)):
                 if not unbinds[n]:
-                    unbinds[n] = _member_blocks(self.inputs[i], self.members)
+                    unbinds[n] = _member_blocks(self.inputs[i], self.members, read=True)
         args = tuple(self._read(value) for value in args)
         kwargs = {name: self._read(value) for name, value in kwargs.items()}
         return func(*args, **kwargs)
@@ -822,12 +841,39 @@ class _MemberReads(TorchFunctionMode):
         return value
 
 
-def _member_blocks(x: Tensor, members: int, aligned: bool = True) -> Sequence[Tensor]:
+def _member_blocks(x: Tensor, members: int, aligned: bool = True, read: bool = False) -> Sequence[Tensor]:
     """The members' slices of a folded input, each at the address alignment it has alone for a BLAS
     (`_at_alone_alignment_for_blas`; `aligned` False: the slices as they are, placeholders whose
-    reads `_MemberReads` takes aligned)."""
+    reads `_MemberReads` takes aligned). Where the input needs a gradient and is a user's layer's
+    `read`, or is not contiguous, the members' gradients join in the layouts they have
+    (`_UnbindAsAlone`); elsewhere (torch's own layers on a contiguous input, which hand back a
+    contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost."""
     split = _split(x, members)
-    return (_at_alone_alignment_for_blas(split) if aligned else split).unbind(0)
+    if not aligned:
+        return split.unbind(0)
+    if (read or not x.is_contiguous()) and torch.is_grad_enabled() and x.requires_grad \
+            and x.is_floating_point():
+        return _UnbindAsAlone.apply(split)
+    return _at_alone_alignment_for_blas(split).unbind(0)
+
+
+class _UnbindAsAlone(torch.autograd.Function):
+    """The members' blocks (`at_alone_alignment`), unbound; the backward joins the members' gradients
+    in the layout each has (`cat_as_alone`), where unbind's (torch.stack) and an aligning copy's (a
+    copy into a view: autograd's CopySlices) would make it contiguous. A user's layer hands its
+    input the gradient in the layout its backward gives (torch.addmm's for a batch-innermost input:
+    batch-innermost), and the layer before sums it in that layout's order alone: a weight of its own
+    scaling a batch-innermost output (`BatchInnerScale`) before a torch.addmm layer got another
+    weight gradient in a group than alone, G = 2 and 3, batch 7, 13 and 50, fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, split: Tensor) -> tuple[Tensor, ...]:
+        ctx.shape = split.shape
+        return tuple(block.view_as(block) for block in at_alone_alignment(split).unbind(0))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Tensor:
+        return cat_as_alone(list(grads)).reshape(ctx.shape)
 
 
 def _at_alone_alignment_for_blas(t: Tensor) -> Tensor:

@@ -110,3 +110,18 @@ class BatchInnerReduced(nn.Module):
 
 def batch_inner_reduced(shape: tuple[int, ...], classes: int) -> nn.Module:
     return BatchInnerReduced(shape[0], classes)
+
+
+class ReassignedAverage(nn.Module):
+    """A layer that keeps a running average of its input by reassigning its buffer (where BatchNorm
+    updates its own in place), 37 features: member 1's part lies 148 bytes into the stacked buffer."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.register_buffer("average", torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.average = 0.9 * self.average + 0.1 * x.detach().mean(0)
+        return x * self.weight - self.average

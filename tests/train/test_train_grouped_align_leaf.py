@@ -100,3 +100,70 @@ def test_a_per_member_layers_output_modified_in_place_gives_each_member_its_own_
         alone.sum().backward()
         assert torch.equal(together[g], alone), g
         assert torch.equal(stacked_weight.grad[g], member[2].weight.grad), g
+
+
+def test_a_per_member_layer_that_reassigns_a_buffer_keeps_each_members_own() -> None:
+    """`self.average = 0.9 * self.average + ...` in a layer's forward: each member's new buffer is
+    kept in its part of the group's. Before, the next member's swap dropped it, and the group's
+    buffer never changed (every member's second output and final buffer differed from alone)."""
+    import copy
+
+    import torch
+    from support.leaf_models import ReassignedAverage
+    from torch import nn
+
+    from dse.train.layers import QuantSwitch
+    from dse.train.stacked import stack_models
+
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(nn.Sequential(nn.Linear(64, 37), nn.Tanh(), ReassignedAverage(37), nn.Linear(37, 10)))
+    x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(0))
+    group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, x[0])
+    for training in (True, True, False):
+        group.train(training)
+        together = group(x)
+        together.sum().backward()
+        for g, member in enumerate(members):
+            member.train(training)
+            alone = member(x[g].clone())
+            alone.sum().backward()
+            assert torch.equal(together[g], alone), g
+            assert torch.equal(group.net[2].average[g], member[2].average), g
+            assert torch.equal(group.net[2].weight.grad[g], member[2].weight.grad), g
+
+
+@pytest.mark.parametrize(("members", "rows"), [(2, 7), (3, 50)])
+def test_a_users_leaf_layer_hands_its_input_the_gradient_in_the_layout_it_has_alone(members: int,
+                                                                                  rows: int) -> None:
+    """A torch.addmm layer (`OwnAffine`) after a layer whose output is batch-innermost
+    (`BatchInnerScale`): alone addmm's backward hands that input a batch-innermost gradient, and the
+    scale's weight gradient sums it over the batch in that order. Before, the group joined the
+    members' input gradients contiguous (unbind's stack, the aligning copy's CopySlices), and the
+    scale's weight and the first Linear's bias got other gradients than alone (fp32, every member, at
+    G = 2 and 3, batch 7, 13 and 50)."""
+    import copy
+
+    import torch
+    from support.leaf_models import BatchInnerScale, OwnAffine
+    from torch import nn
+
+    from dse.train.layers import QuantSwitch
+    from dse.train.stacked import stack_models
+
+    nets = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        nets.append(nn.Sequential(nn.Linear(64, 37), nn.Tanh(), BatchInnerScale(37), OwnAffine(37, 10),
+                                  nn.Tanh(), nn.Linear(10, 10)))
+    x = torch.randn(members, rows, 64, generator=torch.Generator().manual_seed(1))
+    group = stack_models([copy.deepcopy(net) for net in nets], None, QuantSwitch(), None, x[0])
+    weights = torch.linspace(-1, 1, 10)
+    (group(x) * weights).sum().backward()
+    stacked = dict(group.net.named_parameters())
+    for g, net in enumerate(nets):
+        (net(x[g].clone()) * weights).sum().backward()
+        for name, parameter in net.named_parameters():
+            assert parameter.grad is not None
+            assert torch.equal(stacked[name].grad[g], parameter.grad), (name, g)

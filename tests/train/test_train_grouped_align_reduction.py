@@ -104,3 +104,21 @@ def test_a_stacked_fp32_linear_gives_a_batch_innermost_input_the_gradient_torchs
             alone = part.clone().t().requires_grad_()
             torch.nn.functional.linear(alone, w[g].clone(), b[g].clone()).backward(dy[g].clone())
             assert torch.equal(x.grad[g * rows:(g + 1) * rows], alone.grad), g
+
+
+@pytest.mark.parametrize("reduction", sorted(REDUCTIONS))
+def test_a_reduction_into_out_gives_each_member_its_sums_alone_in_out(reduction: str) -> None:
+    """out= (a no-grad caller's own buffer): each member's sums written into it. Before, each member's
+    call wrote its sums into the same `out`, resized to one member's rows, and the mode returned a new
+    tensor of the last member's sums G times."""
+    members, rows, channels = 3, 7, 37
+    generator = torch.Generator().manual_seed(5)
+    parts = [torch.randn(channels, rows, generator=generator) for _ in range(members)]
+    folded = torch.cat(parts, 1).t()
+    func = {"sum": torch.sum, "mean": torch.mean, "nansum": torch.nansum}[reduction]
+    out = torch.empty(members * rows)
+    with torch_threads(1), MemberKernelMode(members, rows):
+        result = func(folded, 1, out=out)
+    assert result is out
+    for g, part in enumerate(parts):
+        assert torch.equal(out[g * rows:(g + 1) * rows], func(part.clone().t(), 1)), g
