@@ -248,3 +248,31 @@ def test_a_decided_call_keeps_each_member_where_it_is_alone_at_any_base_address(
                 alone = _own_gemm(_at_offset(x[g], offset_bytes), _at_alignment(w[g]))
                 assert torch.equal(together[g].view(torch.int32), alone.contiguous().view(torch.int32))
     assert len(probes) == (1 if offset_bytes == 0 else 2)
+
+
+PRODUCTS_IN_A_FRESH_PROCESS = """
+import sys
+import torch
+if sys.argv[1] == "asked":
+    from dse.train import batched_sums
+    batched_sums.mkl_reproducibility()  # before MKL's first computation: mkl_cbwr_set of no mode
+torch.set_num_threads(1)
+generator = torch.Generator().manual_seed(0)
+a, b = torch.randn(16, 1024, 64, generator=generator), torch.randn(16, 64, 1024, generator=generator)
+outs = [torch.bmm(a, b), a[0] @ b[0], torch.randn(50, 37, generator=generator) @ b[0, :37, :10]]
+print(torch.cat([o.reshape(-1) for o in outs]).view(torch.int32).sum(dtype=torch.int64).item(),
+      torch.cat([o.reshape(-1) for o in outs]).view(torch.int32)[::997].tolist())
+"""
+
+
+@pytest.mark.parametrize("mode", [None, "COMPATIBLE"])
+def test_asking_mkls_mode_before_it_runs_changes_no_products_bits(mode: str | None) -> None:
+    """dse asks MKL whether its mode is fixed (`mkl_cbwr_set` of no mode) at a group's first GEMM,
+    possibly before MKL's first computation: a fresh process's products are bit for bit those of one
+    that never asked, under MKL's own mode and under MKL_CBWR=COMPATIBLE (whose kernels differ)."""
+    if batched_sums._mkl_cbwr() is None:
+        pytest.skip("torch's BLAS is not MKL")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": mode} if mode else {})
+    bits = [subprocess.run([sys.executable, "-c", PRODUCTS_IN_A_FRESH_PROCESS, asked], capture_output=True,
+                           text=True, check=True, env=env).stdout for asked in ("never", "asked")]
+    assert bits[0] == bits[1]
