@@ -276,15 +276,30 @@ class GemmLayout:
 
 
 def met_layouts() -> list[GemmLayout]:
-    """The grouped GEMM layouts member_gemm met in this process, with dse's decisions."""
-    from dse.train.batched_sums import decided
+    """The grouped GEMM layouts member_gemm met in this process, with dse's decisions: each operand in
+    the strides member_gemm ran and probed it in (a decision's key holds the layouts as given, and
+    `at_alone_alignment` copies an operand whose members lie off the alignment into padded ones);
+    only those decided at the alignment `ALIGNMENT_BYTES` now holds (not a timing's under
+    `alignment_bytes_set`)."""
+    import torch
+
+    from dse.train.batched_sums import ALIGNMENT_BYTES, at_alone_alignment, decided
+
+    def ran(layout: tuple[Any, ...], aligned: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        device, dtype, shape, strides, *_ = layout
+        if not aligned:
+            return tuple(shape), tuple(strides)
+        given = torch.empty_strided(shape, strides, dtype=dtype, device=device)
+        return tuple(shape), tuple(at_alone_alignment(given).stride())
 
     found: dict[tuple[object, ...], GemmLayout] = {}
     for key, answer in decided().items():
-        site, _, layouts, *_ = cast(tuple[str, object, tuple[tuple[Any, ...], ...]], key)
-        if site not in ("bmm", "baddbmm"):
+        site, _, layouts, aligning = cast(tuple[str, object, tuple[tuple[Any, ...], ...], int], key)
+        if site not in ("bmm", "baddbmm") or any(
+                align != ALIGNMENT_BYTES["cpu" if device.type == "cpu" else "other"]
+                for device, *_, align in layouts):
             continue
-        (_, _, a_shape, a_strides, *_), (_, _, b_shape, b_strides, *_) = layouts[:2]
+        (a_shape, a_strides), (b_shape, b_strides) = (ran(layouts[i], i < aligning) for i in range(2))
         layout = GemmLayout(str(site), tuple(a_shape), tuple(a_strides), tuple(b_shape), tuple(b_strides),
                             site == "baddbmm", answer)
         found.setdefault((layout.site, layout.a_shape, layout.a_strides, layout.b_shape, layout.b_strides),

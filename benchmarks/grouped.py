@@ -97,28 +97,37 @@ def sum_order_before() -> Iterator[None]:
     member_gemm, an accumulation fold's chunks, a functional or attention matmul - runs batched wherever
     torch's CPU bmm takes its BLAS path (400 multiply-adds a member and more), at any thread count,
     nothing probed (dse/train/batched_sums.py)."""
+    from torch import Tensor
+
     import dse.train.layers as layers
     import dse.train.stacked as stacked
-    from dse.train.batched_sums import SMALL_GEMM_MACS
+    from dse.train.batched_sums import SMALL_GEMM_MACS, at_alone_alignment
 
     def blas_path(rows: int, reduction: int, columns: int) -> bool:
         return rows * reduction * columns >= SMALL_GEMM_MACS
 
-    def rule_alone(site: object, batched: object, each: object, operands: object,
+    def rule_alone(site: object, batched: object, each: object, operands: Sequence[Tensor],
                    cpu_rule: bool | Callable[[], bool] | None = None) -> bool:
         rule = cpu_rule() if callable(cpu_rule) else cpu_rule
         return True if rule is None else rule
 
+    def aligned_rule_alone(site: object, batched: object, each: object, operands: Sequence[Tensor],
+                           cpu_rule: bool | Callable[[], bool] | None = None, aligning: int = 0
+                           ) -> tuple[bool, tuple[Tensor, ...]]:
+        aligned = tuple(at_alone_alignment(o) if i < aligning else o for i, o in enumerate(operands))
+        return rule_alone(site, batched, each, operands, cpu_rule), aligned
+
     saved = (stacked._MemberReads, stacked.bmm_sums_as_mm, layers.bmm_sums_as_mm, stacked.sums_as_members,
-             layers.sums_as_members)
+             stacked.aligned_sums_as_members, layers.aligned_sums_as_members)
     stacked._MemberReads = lambda inputs, members: None  # type: ignore[assignment,misc,return-value]
     stacked.bmm_sums_as_mm = layers.bmm_sums_as_mm = blas_path  # type: ignore[misc]
-    stacked.sums_as_members = layers.sums_as_members = rule_alone  # type: ignore[assignment]
+    stacked.sums_as_members = rule_alone  # type: ignore[assignment]
+    stacked.aligned_sums_as_members = layers.aligned_sums_as_members = aligned_rule_alone  # type: ignore[assignment]
     try:
         yield
     finally:
         (stacked._MemberReads, stacked.bmm_sums_as_mm, layers.bmm_sums_as_mm, stacked.sums_as_members,
-         layers.sums_as_members) = saved  # type: ignore[misc]
+         stacked.aligned_sums_as_members, layers.aligned_sums_as_members) = saved  # type: ignore[misc]
 
 
 def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:

@@ -28,9 +28,11 @@ step a group of G in (dispatch alone) + G x (arithmetic): a member's best speed-
 step / (arithmetic + dispatch / G), and step / arithmetic however large the group. The arithmetic
 is the smaller of two estimates (`least_arithmetic`: alone's, and the group's growth per member
 between the two largest sizes, in which every call's fixed cost cancels), each call's fastest run
-counts, and every call's floor is dispatch: a generous ceiling.
+counts, and every call's floor is dispatch: a generous ceiling, except that a call whose own fixed
+cost lies above `add`'s (a view, an allocation, `item()`, a call taking Scalars or lists) counts the
+excess as arithmetic alone; the group's growth cancelled most of it here (docs/training.md).
 
-*Beyond exact grouping* (`--gemm-shapes`): what the GEMMs of a member would cost if a group ran them
+*Beyond exact grouping*: what the GEMMs of a member would cost if a group ran them
 as one larger call, whatever its order of summation: each of the MLP's eight GEMM shapes as `mm`
 alone (G calls), as one `bmm` of G, and, where members share an operand (the first layer reads
 the same batch: a tuned-lr group's members of one seed), as one wider `mm`. The cheapest batched
@@ -43,9 +45,9 @@ at a time, end to end (benchmarks/sweep.py's `timed_cli`): its wall time E and i
 seconds per format T_f (from the store). What is not training, R = E - sum(T_f) / workers (imports,
 planning, energy, worker start, reports: benchmarks/sweep.py --child-stages splits a full plan), is
 paid by a grouped sweep too. The best grouped sweep takes R + sum(T_f / (workers x ceiling_f)),
-where ceiling_f is the format's step ceiling applied to its whole training time (evaluation and
-setup included: not split, an assumption; evaluation's batches of 1024 hold ten times a step's
-rows); the ratio of the
+where ceiling_f is the format's step ceiling applied to its stored training seconds (evaluation
+included: not split, an assumption; evaluation's batches of 1024 hold ten times a step's rows; the
+model's setup is outside them, in R); the ratio of the
 training alone, fixed costs aside, is sum(T_f) / sum(T_f / ceiling_f); E / R is what no training
 speed-up passes.
 """

@@ -219,9 +219,29 @@ def test_group_size_on_the_command_line_and_its_bad_values(tmp_path: Path) -> No
 
 
 _KILLED = """\
+import threading
+
 from dse.sweep import load_config, run_sweep
+from dse.sweep.store import SweepStore
+
+record = SweepStore.record
+recorded = []
+
+
+def record_then_hold(store, row):
+    record(store, row)
+    recorded.append(row)
+    if len(recorded) == {held_after}:
+        threading.Event().wait()  # until the test kills the sweep
+
+
+SweepStore.record = record_then_hold
 run_sweep(load_config({config!r}), reports=False)
 """
+_HELD_AFTER = 2
+"""Trials the killed sweep stores before it holds: 2 of its first group of 3, so that group is partly
+stored. Holding, not racing: a test process that looks late (under load it was seen to miss a whole
+sweep, which then ended before it could be killed: `started` was {}) still kills a running sweep."""
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
@@ -236,7 +256,8 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
     config.write_text(_text(out, executor="{group_size: 3, workers: 1}").replace("epochs: 1", "epochs: 3"))
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    process = subprocess.Popen([sys.executable, "-c", _KILLED.format(config=str(config))],
+    script = _KILLED.format(config=str(config), held_after=_HELD_AFTER)
+    process = subprocess.Popen([sys.executable, "-c", script],
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=env, cwd=root)
     deadline = time.monotonic() + 180
@@ -245,7 +266,7 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
             assert time.monotonic() < deadline, "the sweep made no progress"
             try:
-                if len(_finished(out)) >= 1:
+                if len(_finished(out)) >= _HELD_AFTER:
                     break
             except sqlite3.OperationalError:  # no store or no table yet
                 pass
@@ -261,9 +282,11 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
         process.wait()
     assert not left, f"processes outlived the killed sweep: {left}"
     before = _finished(out)
-    assert 1 <= len(before) < 12
-    summary = _sweep(config.read_text())
+    assert len(before) == _HELD_AFTER
+    resumed = Recording()
+    summary = _sweep(config.read_text(), resumed)
     after = _finished(out)
+    assert [len(job) for job in resumed.jobs] == [3, 3, 3, 3]  # the partly stored group reruns whole
     assert summary.ran == 12 - len(before) and len(after) == 12
     assert all(after[trial] == at for trial, at in before.items())
 

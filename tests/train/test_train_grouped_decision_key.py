@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from support.group_gemms import gemm_operands, torch_threads
@@ -216,3 +217,62 @@ def test_a_decision_is_per_alignment_table(probes: list[int], monkeypatch: pytes
                                                             aligning=2)
             assert given[0] is a and given[1] is b
     assert len(probes) == 2
+
+
+def _at_offset(t: torch.Tensor, offset_bytes: int) -> torch.Tensor:
+    """`t`'s values, contiguous, starting `offset_bytes` past a 64-byte boundary in memory numpy
+    allocated (16-byte aligned): a storage of its own, at storage offset 0, whose address is off."""
+    memory = np.empty(t.numel() + 16, dtype=np.float32)
+    start = (offset_bytes - memory.ctypes.data) % 64 // memory.itemsize
+    return torch.from_numpy(memory[start:start + t.numel()]).view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("offset_bytes", range(0, 64, 4))
+def test_a_decided_call_keeps_each_member_where_it_is_alone_at_any_base_address(
+        offset_bytes: int, probes: list[int]) -> None:
+    """The copies a decided call makes follow from the key (the operand's address modulo the alignment
+    is in it, not its storage offset): a group's input starting anywhere off a 64-byte boundary gives
+    each member, decided or not, the product the member computes alone on its input at that address
+    (member 0 where the group starts, alone's tensor where the group's does), bit for bit; a base at
+    0 decided first does not answer for it."""
+    rows, reduction, columns, members = 50, 37, 10, 3
+    x = torch.randn(members, rows, reduction, generator=torch.Generator().manual_seed(offset_bytes))
+    w = torch.randn(members, reduction, columns, generator=torch.Generator().manual_seed(1))
+    with torch_threads(1):
+        member_gemm(_at_offset(x, 0), w)
+        for _ in range(2):
+            given = _at_offset(x, offset_bytes)
+            assert given.data_ptr() % 64 == offset_bytes and given.storage_offset() == 0
+            together = member_gemm(given, w)
+            for g in range(members):
+                alone = _own_gemm(_at_offset(x[g], offset_bytes), _at_alignment(w[g]))
+                assert torch.equal(together[g].view(torch.int32), alone.contiguous().view(torch.int32))
+    assert len(probes) == (1 if offset_bytes == 0 else 2)
+
+
+PRODUCTS_IN_A_FRESH_PROCESS = """
+import sys
+import torch
+if sys.argv[1] == "asked":
+    from dse.train import batched_sums
+    batched_sums.mkl_reproducibility()  # before MKL's first computation: mkl_cbwr_set of no mode
+torch.set_num_threads(1)
+generator = torch.Generator().manual_seed(0)
+a, b = torch.randn(16, 1024, 64, generator=generator), torch.randn(16, 64, 1024, generator=generator)
+outs = [torch.bmm(a, b), a[0] @ b[0], torch.randn(50, 37, generator=generator) @ b[0, :37, :10]]
+print(torch.cat([o.reshape(-1) for o in outs]).view(torch.int32).sum(dtype=torch.int64).item(),
+      torch.cat([o.reshape(-1) for o in outs]).view(torch.int32)[::997].tolist())
+"""
+
+
+@pytest.mark.parametrize("mode", [None, "COMPATIBLE"])
+def test_asking_mkls_mode_before_it_runs_changes_no_products_bits(mode: str | None) -> None:
+    """dse asks MKL whether its mode is fixed (`mkl_cbwr_set` of no mode) at a group's first GEMM,
+    possibly before MKL's first computation: a fresh process's products are bit for bit those of one
+    that never asked, under MKL's own mode and under MKL_CBWR=COMPATIBLE (whose kernels differ)."""
+    if batched_sums._mkl_cbwr() is None:
+        pytest.skip("torch's BLAS is not MKL")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": mode} if mode else {})
+    bits = [subprocess.run([sys.executable, "-c", PRODUCTS_IN_A_FRESH_PROCESS, asked], capture_output=True,
+                           text=True, check=True, env=env).stdout for asked in ("never", "asked")]
+    assert bits[0] == bits[1]
