@@ -59,10 +59,34 @@ def _legacy_matmul_precision() -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def ieee_fp32() -> Iterator[None]:
+def has_precision_tree() -> bool:
+    """Whether this torch has the per-backend `fp32_precision` tree (torch 2.9 on; dse admits 2.2)."""
+    return hasattr(torch._C, "_get_fp32_precision_getter")
+
+
+def ieee_fp32() -> contextlib.AbstractContextManager[None]:
     """fp32 matmuls, convolutions and RNNs in IEEE fp32 on CUDA and oneDNN; the caller's settings back
-    afterwards (module docstring)."""
+    afterwards (module docstring), through the tree where torch has one, else the legacy flags."""
+    return _ieee_tree() if has_precision_tree() else _ieee_legacy()
+
+
+@contextlib.contextmanager
+def _ieee_legacy() -> Iterator[None]:
+    """A torch without the tree has only the legacy settings, each a plain value written back as read:
+    the matmul precision (cuBLAS's TF32 and oneDNN's bf16 mode) and cuDNN's TF32 flag."""
+    cudnn = torch.backends.cudnn
+    matmul, cudnn_tf32 = torch.get_float32_matmul_precision(), cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        cudnn.allow_tf32 = cudnn_tf32
+
+
+@contextlib.contextmanager
+def _ieee_tree() -> Iterator[None]:
     read_before = {level: precision(level) for level in LEVELS}
     changed: list[tuple[Level, str]] = [(("generic", "all"), precision(("generic", "all")))]
     _set_precision(("generic", "all"), "ieee")

@@ -154,3 +154,31 @@ def test_a_precision_set_by_the_runs_own_code_leaves_the_legacy_api_readable() -
         print(json.dumps({"before": before, "after": [settings(), followed()]}))
     """)
     assert out["after"] == out["before"]
+
+
+def test_a_torch_without_the_precision_tree_runs_in_ieee_through_the_legacy_flags() -> None:
+    """pyproject admits torch 2.2, whose only precision settings are the legacy ones (the tree came in
+    2.9): there a run sets the matmul precision to "highest" and cuDNN's TF32 flag off, and writes the
+    caller's values back afterwards."""
+    out = _in_a_process("""
+        import dse.train.fp32
+        dse.train.fp32.has_precision_tree = lambda: False  # as torch before 2.9
+        def reads():
+            return {"matmul": torch.get_float32_matmul_precision(),
+                    "cudnn": torch.backends.cudnn.allow_tf32, "convolution": convolution_tf32()}
+        torch.set_float32_matmul_precision("medium")
+        before = reads()
+        class Legacy(nn.Module):
+            def __init__(self, width, classes):
+                super().__init__()
+                self.layer = nn.Linear(width, classes)
+            def forward(self, x):
+                seen.append(reads())
+                return self.layer(x)
+        train(TrainConfig(dataset="digits", epochs=1, batch_size=64), dataset=digits(),
+              model=lambda shape, classes: Legacy(shape[0], classes))
+        print(json.dumps({"before": before, "inside": seen[0], "after": reads()}))
+    """)
+    assert out["before"] == {"matmul": "medium", "cudnn": True, "convolution": True}
+    assert out["inside"] == {"matmul": "highest", "cudnn": False, "convolution": False}
+    assert out["after"] == out["before"]
