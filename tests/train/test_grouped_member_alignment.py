@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support.group_gemms import torch_threads
+from support.group_runs import assert_group_trains_as_alone
 from support.random_sweeps import USER_MODELS
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
+from dse.train import TrainConfig
 from dse.train.stacked import member_gemm
 
 
@@ -53,8 +53,4 @@ def test_a_group_whose_members_start_off_alignment_trains_each_as_alone() -> Non
                        full_precision_layers=("first", "last"), threads=1)
     configs = [base.replace(seed=3, lr=0.03, weight_decay=0.0005, momentum=0.5),
                base.replace(seed=55, lr=0.05, weight_decay=0.0001, momentum=0.9)]
-    together = [r.to_dict() for r in train_group(configs, data)]
-    for config, grouped in zip(configs, together, strict=True):
-        alone = train(config, data).to_dict()
-        grouped.pop("wall_time_s"), alone.pop("wall_time_s")
-        assert repr(grouped) == repr(alone), config.seed
+    assert_group_trains_as_alone(configs, data)

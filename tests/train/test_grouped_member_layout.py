@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support.group_runs import assert_group_trains_as_alone
 from support.random_sweeps import USER_MODELS
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
+from dse.train import TrainConfig
 from dse.train.stacked import cat_as_alone
 
 
@@ -69,8 +69,4 @@ def test_a_group_of_a_layer_returning_a_permuted_view_trains_each_member_as_alon
                        rounding="pseudo_stochastic", optimizer="sgd", threads=1, lr=0.05,
                        format="fp32" if model == "scaled_pool" else "fixed(8,4,scale=tensor)")
     configs = [base.replace(seed=1), base.replace(seed=2)]
-    together = [r.to_dict() for r in train_group(configs, data)]
-    for config, grouped in zip(configs, together, strict=True):
-        alone = train(config, data).to_dict()
-        grouped.pop("wall_time_s"), alone.pop("wall_time_s")
-        assert repr(grouped) == repr(alone), config.seed
+    assert_group_trains_as_alone(configs, data)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.group_runs import assert_group_trains_as_alone
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
+from dse.train import TrainConfig
 
 SLICE_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "slice_models.py")
 
@@ -38,8 +38,4 @@ def test_a_member_fed_a_column_slice_trains_as_alone(number_format: str) -> None
                        optimizer="sgd", format=number_format, threads=1,
                        rounding="nearest" if number_format == "fp32" else "pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05), base.replace(seed=7, lr=0.02)]
-    together = [r.to_dict() for r in train_group(configs, data)]
-    for config, grouped in zip(configs, together, strict=True):
-        alone = train(config, data).to_dict()
-        grouped.pop("wall_time_s"), alone.pop("wall_time_s")
-        assert repr(grouped) == repr(alone), config.seed
+    assert_group_trains_as_alone(configs, data)

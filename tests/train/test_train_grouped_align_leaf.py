@@ -20,10 +20,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from support.group_runs import assert_group_trains_as_alone
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
+from dse.train import TrainConfig
 
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
 
@@ -45,11 +45,7 @@ def test_a_users_leaf_layer_run_member_by_member_trains_each_member_as_alone(mod
                        optimizer="sgd", format=number_format, threads=1,
                        rounding="nearest" if number_format == "fp32" else "pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05), base.replace(seed=7, lr=0.02)]
-    together = [r.to_dict() for r in train_group(configs, data)]
-    for config, grouped in zip(configs, together, strict=True):
-        alone = train(config, data).to_dict()
-        grouped.pop("wall_time_s"), alone.pop("wall_time_s")
-        assert repr(grouped) == repr(alone), config.seed
+    assert_group_trains_as_alone(configs, data)
 
 
 def test_a_per_member_layers_buffers_updated_in_place_stay_the_members_own_when_aligned() -> None:
@@ -64,11 +60,7 @@ def test_a_per_member_layers_buffers_updated_in_place_stay_the_members_own_when_
     base = TrainConfig(model=f"{LEAF_MODELS}:norm37", dataset="digits", epochs=2, batch_size=50,
                        optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05)]
-    together = [r.to_dict() for r in train_group(configs, data)]
-    for config, grouped in zip(configs, together, strict=True):
-        alone = train(config, data).to_dict()
-        grouped.pop("wall_time_s"), alone.pop("wall_time_s")
-        assert repr(grouped) == repr(alone), config.seed
+    assert_group_trains_as_alone(configs, data)
 
 
 def test_a_per_member_layers_output_modified_in_place_gives_each_member_its_own_results() -> None:

@@ -14,10 +14,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support.group_gemms import torch_threads
+from support.group_runs import assert_group_trains_as_alone
 
 from dse.data import load_dataset
-from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
+from dse.train import TrainConfig
 from dse.train.layers import QuantGemm
 from dse.train.member_kernels import MemberKernelMode
 from dse.train.stacked import _FP32_GEMM
@@ -77,11 +77,7 @@ def test_a_reduction_over_a_per_member_layers_batch_innermost_output_trains_as_a
     base = TrainConfig(model=f"{LEAF_MODELS}:batch_inner_reduced", dataset="digits", epochs=2, batch_size=50,
                        optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05), base.replace(seed=7, lr=0.02)]
-    together = [r.to_dict() for r in train_group(configs, data)]
-    for config, grouped in zip(configs, together, strict=True):
-        alone = train(config, data).to_dict()
-        grouped.pop("wall_time_s"), alone.pop("wall_time_s")
-        assert repr(grouped) == repr(alone), config.seed
+    assert_group_trains_as_alone(configs, data)
 
 
 @pytest.mark.parametrize("rows", [7, 50])
