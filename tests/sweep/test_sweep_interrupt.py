@@ -140,7 +140,9 @@ def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
     before = _stored(out)
     assert lines == [f"interrupted by {number.name}: {len(before)} of {TRIALS} trials are saved in {out}; "
                      "run the same command again to resume"], errors.read_text()
-    assert 1 <= len(before) < TRIALS
+    assert 1 <= len(before) <= TRIALS  # all TRIALS: this sweep's tail (a few tenths of a second) can end
+    # before the signal takes effect, which waits for an import it lands in (dse/interrupts.py): CI
+    # at ed1eb84 stored 8 of 8 in the local-SIGINT case; the line, exit code, store and lock still hold
     assert not (out / LOCK_FILE).exists()  # the output folder's lock let go on the way out
     _check_whole(out, before)
     _resume(config.read_text(), out, before)
