@@ -253,18 +253,16 @@ def _library_state(operand: Tensor) -> tuple[object, ...]:
     DNNL_MAX_CPU_ISA, ONEDNN_CPU_ISA_HINTS), oneDNN's default fp32 math mode
     (ONEDNN_DEFAULT_FPMATH_MODE; torch's own setting is `_onednn_fp32_precision`, here) and aten's
     kernel set (ATEN_CPU_CAPABILITY); no decision of a process can meet another value of them."""
-    if operand.is_cpu:  # (not `device.type`: 0.2 us a read)
-        autocast = torch.is_autocast_enabled("cpu")
-        return (torch.get_num_threads(), autocast, torch.get_autocast_dtype("cpu") if autocast else None,
-                _setting(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled(),
-                _setting(_onednn_fp32_precision()), mkl_reproducibility())
-    device_type = operand.device.type
+    on_cpu = operand.is_cpu
+    device_type = "cpu" if on_cpu else operand.device.type  # (`is_cpu` first: `device.type` 0.2 us a read)
     autocast = torch.is_autocast_enabled(device_type)
+    state = (torch.get_num_threads(), autocast, torch.get_autocast_dtype(device_type) if autocast else None,
+             _setting(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled(),
+             _setting(_onednn_fp32_precision()))
+    if on_cpu:
+        return (*state, mkl_reproducibility())
     matmul = torch.backends.cuda.matmul
-    return (torch.get_num_threads(), autocast, torch.get_autocast_dtype(device_type) if autocast else None,
-            _setting(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled(),
-            _setting(_onednn_fp32_precision()),
-            _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
+    return (*state, _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
             _setting(lambda: matmul.allow_fp16_reduced_precision_reduction),
             _setting(lambda: matmul.allow_bf16_reduced_precision_reduction),
             _setting(lambda: str(torch.backends.cuda.preferred_blas_library())),

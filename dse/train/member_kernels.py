@@ -280,7 +280,6 @@ class MemberKernelMode(RecomputedMode):
         return torch.cat([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
                          axis)
 
-
     def _reduction(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of LAYOUT_DEPENDENT_REDUCTIONS: member by member, each member's samples laid out as
         alone (`_as_alone`), where it reduces, over the members' samples in their first axis, an
