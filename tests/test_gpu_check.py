@@ -4,7 +4,6 @@ host synchronisation per training step. The full check's steps fit the one call 
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from types import ModuleType
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.benchmark_scripts import load_benchmark
 
 DEVICE_CALL_S = 540
 """The device tool's one call that runs the check (its command limit is 600 s; the session's 15
@@ -34,16 +34,8 @@ def check(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gpu_check(repo_root: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", repo_root / "benchmarks" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # (its dataclasses look their module up)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules["gpu_check"]
-    return module
+def gpu_check() -> ModuleType:
+    return load_benchmark("gpu_check", keep_registered=False)
 
 
 def test_the_gpu_check_runs_on_the_cpu_and_writes_its_tables(check: Path) -> None:

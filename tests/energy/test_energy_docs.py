@@ -5,11 +5,11 @@ change to the model or its tables that moves a number fails here until the page 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from support.benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "energy-model.md"
@@ -17,11 +17,7 @@ PAGE = ROOT / "docs" / "energy-model.md"
 
 @pytest.fixture(scope="module")
 def published() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("published", ROOT / "benchmarks" / "published.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("published", keep_registered=False)
 
 
 def table_rows(text: str) -> list[str]:

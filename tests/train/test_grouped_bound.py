@@ -5,31 +5,22 @@ products."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support.benchmark_scripts import load_benchmark
 
 from dse.data import load_dataset
 from dse.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def bound() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("grouped_bound", ROOT / "benchmarks" / "grouped_bound.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grouped_bound"] = module  # its dataclasses resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grouped_bound")
 
 
 def test_a_step_splits_alone_and_in_a_group_into_gemms_other_arithmetic_and_dispatch(

@@ -5,29 +5,20 @@ and each is restored after it."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from support.benchmark_scripts import load_benchmark
 from support.group_gemms import torch_threads
 
 from dse.train import batched_sums, layers, stacked
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def grouped() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("grouped", ROOT / "benchmarks" / "grouped.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grouped"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grouped")
 
 
 def test_sum_order_before_probes_no_gemm_and_restores_every_decision(
