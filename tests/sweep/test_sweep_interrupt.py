@@ -716,6 +716,31 @@ def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback() -> None:
     assert done.stderr == "", done.stderr
 
 
+def test_a_worker_forked_as_the_sweep_releases_its_semaphores_prints_no_traceback() -> None:
+    """A worker the fork server forks as the sweep stops may find a semaphore in the data of its start
+    that the sweep has released: its FileNotFoundError traceback (multiprocessing's SemLock rebuilt) was
+    printed above the sweep's one line (a hang-up to a 2-worker sweep's group as its second worker
+    started: 2 of 8 tries). Here the sweep's side writes a start holding a lock it has released."""
+    script = ("import gc, io, os\nfrom multiprocessing import context, forkserver, reduction, spawn\n"
+              "from dse.sweep.executors import start_worker_server, worker_context\n"
+              "start_worker_server()\nworkers = worker_context()\nlock = workers.Lock()\n"
+              "process = workers.Process(target=print, args=(lock,))\nstart = io.BytesIO()\n"
+              "context.set_spawning_popen(object())\n"  # (what multiprocessing sets while it writes one)
+              "reduction.dump(spawn.get_preparation_data(process._name), start)\n"
+              "reduction.dump(process, start)\ncontext.set_spawning_popen(None)\n"
+              "del process, lock\ngc.collect()\n"  # released: its semaphore unlinked
+              "status, data = forkserver._forkserver.connect_to_new_process([])\n"
+              "os.write(data, start.getvalue())\nos.close(data)\n"
+              "forkserver.read_signed(status)\n"  # the worker's pid
+              "print('exit', forkserver.read_signed(status), flush=True)\n")  # once it has ended
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("exit "), (done.stdout, done.stderr)
+    assert done.stderr == "", done.stderr
+
+
 def _default_handlers() -> None:
     """Python's own handlers, whatever the test runner inherited (SIGINT ignored in the background,
     SIGHUP under nohup)."""
