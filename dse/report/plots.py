@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dse.report.pareto import ENERGY_UNITS, area_column, energy_column, non_dominated, pareto_front
+from dse.report.pareto import (
+    ENERGY_UNITS,
+    area_column,
+    front_energy_column,
+    non_dominated,
+    pareto_front,
+    run_energy_column,
+)
 from dse.report.stats import SIGNIFICANCE
 
 if TYPE_CHECKING:
@@ -109,7 +116,8 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     from matplotlib.figure import Figure
 
     rows = summary[summary["task"] == task]
-    energy = pd.to_numeric(rows[energy_column(workload)], errors="coerce").to_numpy(dtype=float)
+    measure = front_energy_column(rows, workload)
+    energy = pd.to_numeric(rows[measure], errors="coerce").to_numpy(dtype=float)
     accuracy = _percent(rows["accuracy_mean"])
     bars = _interval_bars(rows, accuracy)
     shown = np.isfinite(accuracy) & np.isfinite(energy) & (energy > 0)
@@ -147,7 +155,9 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                                       label="on the front with memory"))
     ax.set_xscale("log")
     readable_log_axis(ax.xaxis, energy[shown])
-    ax.set_xlabel(f"energy per training iteration on {workload} (mJ, log scale)")
+    ax.set_xlabel(f"mean energy per training iteration over the run on {workload} (mJ, log scale)"
+                  if measure == run_energy_column(workload, mean=True)
+                  else f"energy per training iteration on {workload} (mJ, log scale)")
     ax.set_ylabel(f"test accuracy (%), mean and 95 % CI{_seeds_text(rows[shown])}")
     if title:
         ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}",
@@ -209,8 +219,9 @@ def accuracy_area_figure(summary: pd.DataFrame, task: str, workload: str,
 
 
 def breakdown_figure(front: pd.DataFrame, task: str, workload: str, title: bool = False) -> Figure | None:
-    """The front's energy per iteration by unit (multiply, conversion, accumulation, update, memory), one
-    bar per front point in the front's order, in three panels: the whole iteration (mJ), compute only
+    """The front's energy per iteration in its own formats by unit (multiply, conversion, accumulation,
+    update, memory; a warm-up's fp32 iterations are not in it), one bar per front point in the front's
+    order, in three panels: the whole iteration (mJ), compute only
     (mJ, memory left out, so the units that differ between formats show when memory dominates), and
     each unit's share of the iteration (%). `front` is `pareto_front`'s output.
 
