@@ -477,20 +477,22 @@ def _trial_records(rows: list[tuple[Any, ...]], names: list[str], workloads: lis
 
 def _run_iterations(row: dict[str, Any]) -> tuple[RunIterations | None, bool]:
     """The iterations the trial trained, split by warm-up (None: unknown), and whether they are counted
-    in iterations (True) or, for a trial recorded before its iterations were (no `epoch_iterations` in
-    its result: every epoch then trained alike unless it diverged), in epochs: enough for the run's mean
-    per iteration, not for its total. A trial that raised trained nothing that counts."""
+    in iterations (True) or, for a result without the iterations of each epoch it ran (a trial recorded
+    before dse counted them: every epoch then trained alike unless it diverged), in epochs: enough for
+    the run's mean per iteration, not for its total. A trial that raised trained nothing that counts."""
     if row["status"] == "error":
         return None, False
     result = _json_object(row["result"], f"trial {row['trial_id']}: result")
-    counts = result.get("epoch_iterations")
-    counted = counts is not None
-    if counts is None:
-        if row["status"] != "ok" or not isinstance(result.get("epochs_run"), int):
-            return None, False  # (the epoch it diverged in trained an unknown part of its batches)
-        counts = [1] * result["epochs_run"]
-    if not isinstance(counts, list) or not all(isinstance(count, int) for count in counts):
+    epochs, counts = result.get("epochs_run"), result.get("epoch_iterations")
+    if counts is not None and not (isinstance(counts, list)
+                                   and all(isinstance(count, int) for count in counts)):
         raise ValueError(f"trial {row['trial_id']}: epoch_iterations is not a list of integers: {counts!r}")
+    counted = counts is not None and len(counts) == epochs
+    if not counted:
+        if row["status"] != "ok" or not isinstance(epochs, int):
+            return None, False  # (the epoch it diverged in trained an unknown part of its batches)
+        counts = [1] * epochs
+    assert counts is not None
     warmup = int(row["warmup_epochs"]) if has_warmup(int(row["warmup_epochs"]), str(row["optimizer"])) else 0
     return run_iterations(counts, warmup), counted
 
