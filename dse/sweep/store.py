@@ -4,9 +4,10 @@ Tables:
 - `meta`: the sweep's name (its identity: a store belongs to one sweep), the YAML it last ran with, its
   config hash, energy settings and workloads.
 - `plan`: the trials of the latest run of the sweep file, in order, with task, label, configuration
-  (hash of the trial without seed and tuned values), tuning point (JSON) and energy key; a trial two
-  configurations share has a row under each. Trials that were dropped from the file stay in `trials`
-  but leave the plan, so reports skip them.
+  (hash of the trial without seed and tuned values), tuning point (JSON), energy key and the energy key
+  of its warm-up's configuration (empty without a warm-up); a trial two configurations share has a
+  row under each. Trials that were dropped from the file stay in `trials` but leave the plan, so
+  reports skip them.
 - `trials`: one row per finished trial, primary key trial_id; each is committed in its own transaction
   the moment its trial finishes (WAL journal, synchronous=FULL), so a SIGKILL at any moment loses no
   finished trial and a half-written row never becomes visible.
@@ -18,7 +19,9 @@ Tables:
 Stores written before schema 2 are read as they are and brought up to date when a sweep opens them:
 `trials` gains `val_accuracy` (empty for the old rows) and the plan, which every run rewrites, is
 rebuilt with its new columns; `energy` gains `area_um2` (empty until the energy is recomputed, which
-every run does). `master_weights` holds text (`true`, `false` or the master copy's format
+every run does). A plan without `warmup_energy_key` gains it (empty, so a warm-up's energy is unknown
+until the next run rewrites the plan); results without `epoch_iterations` give no run total
+(`_run_iterations`). `master_weights` holds text (`true`, `false` or the master copy's format
 spec); the 0/1 of an old store reads as false/true.
 """
 

@@ -94,6 +94,8 @@ def test_the_front_ranks_a_warmup_trial_by_its_run_mean(swept: Path, tmp_path: P
     with open(tmp_path / "summary.csv") as handle:
         header = handle.readline()
     assert "run_energy_mj:proxy" in header and "run_mean_energy_mj:resnet50" in header
+    assert "Run mean (mJ/iter.)" in (tmp_path / "pareto.tex").read_text()
+    assert "Run mean resnet50 (mJ/iter.)" in (tmp_path / "summary.tex").read_text()
     from dse.report import SweepTables
 
     fronts = SweepTables.of(frame).fronts
