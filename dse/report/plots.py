@@ -57,11 +57,13 @@ def readable_log_axis(axis: Any, values: np.ndarray) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _workload_note(fig: Figure, task: str, workload: str) -> None:
-    """Say on the figure where each axis comes from when the energy is not the trained model's."""
+def _workload_note(fig: Figure, task: str, workload: str, run: bool = False) -> None:
+    """Say on the figure where each axis comes from when the energy is not the trained model's (`run`:
+    the energy is the run's mean per iteration)."""
     if workload != PROXY_WORKLOAD:
-        fig.supxlabel(f"accuracy: {task} as trained; energy: one training iteration of {workload} in the "
-                      "same formats", fontsize=7, color="dimgray")
+        energy = (f"training iterations of {workload} in the formats and share of warm-up each trial trained"
+                  if run else f"one training iteration of {workload} in the same formats")
+        fig.supxlabel(f"accuracy: {task} as trained; energy: {energy}", fontsize=7, color="dimgray")
 
 
 def slug(text: str) -> str:
@@ -155,9 +157,8 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                                       label="on the front with memory"))
     ax.set_xscale("log")
     readable_log_axis(ax.xaxis, energy[shown])
-    ax.set_xlabel(f"mean energy per training iteration over the run on {workload} (mJ, log scale)"
-                  if measure == run_energy_column(workload, mean=True)
-                  else f"energy per training iteration on {workload} (mJ, log scale)")
+    run = measure == run_energy_column(workload, mean=True)
+    ax.set_xlabel(f"energy per training iteration on {workload}{', run mean' if run else ''} (mJ, log scale)")
     ax.set_ylabel(f"test accuracy (%), mean and 95 % CI{_seeds_text(rows[shown])}")
     if title:
         ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}",
@@ -169,7 +170,7 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                [n for h, n in zip(handles, names, strict=True) if not any(h is m for m in markers)],
                title="configuration", loc="outside right upper", fontsize=7, title_fontsize=8, frameon=False)
     ax.legend(handles=markers, loc="lower right", fontsize=7)
-    _workload_note(fig, task, workload)
+    _workload_note(fig, task, workload, run)
     return fig
 
 
