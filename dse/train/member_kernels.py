@@ -81,17 +81,35 @@ disagree in the last bit, or (GLU) whose thread split does (benchmarks/stacked_k
 network's forward may call them."""
 
 
+RESULT_GRADIENT_REDUCTIONS: frozenset[Any] = frozenset({torch.logsumexp, Tensor.logsumexp})
+"""LAYOUT_DEPENDENT_REDUCTIONS whose gradient takes their result: logsumexp's, dy * exp(x - result)
+(torch's logsumexp_backward: an exact subtraction, exp, which gives the same bits anywhere, and an
+exact product), computed once over the group's x with the members' own results (`_LogSumExpOf`)."""
+
 LAYOUT_DEPENDENT_REDUCTIONS: frozenset[Any] = frozenset({
     torch.sum, Tensor.sum, torch.mean, Tensor.mean, torch.nansum, Tensor.nansum,
-})
+}) | RESULT_GRADIENT_REDUCTIONS
 """Reductions whose CPU kernel, over an axis that lies outside the batch in memory (a batch-innermost
 (B, C) view of a (C, B) tensor summed over C), runs across the outputs, the batch's samples, and adds
 a sample's terms in an order set by how many samples the call holds (BROADCASTING_FUNCTIONS), G x B
 where alone B (measured on torch 2.13, this session's AMD EPYC, one thread, B in 7, 14, 50, 64, C in
-37, 40, G in 2, 3: sum, mean and nansum differed from the member's own in 26 of 40 member blocks; var,
-std, amax, prod, softmax, log_softmax, norm, cumsum, F.normalize and layer_norm in none). Their
-gradient (the output's gradient expanded, divided by the count for a mean) does not depend on their
-result. logsumexp differed in 15 of 40 too, and is left: its gradient takes its result."""
+37, 40, G in 2, 3: sum, mean and nansum differed from the member's own in 26 of 40 member blocks,
+logsumexp in 15; var, std, amax, prod, softmax, log_softmax, norm, cumsum, F.normalize and
+layer_norm in none). The gradient of sum, mean and nansum (the output's gradient expanded, divided by
+the count for a mean) does not depend on their result; logsumexp's does (RESULT_GRADIENT_REDUCTIONS)."""
+
+
+def positional_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A torch function's arguments with its input passed by keyword (`torch.sum(input=x, dim=1)`)
+    moved to the front of the positional ones, and `axis` (numpy's spelling) named `dim`: every
+    spelling of a call goes one path."""
+    if "input" in kwargs or "axis" in kwargs:
+        kwargs = dict(kwargs)
+        if "input" in kwargs:
+            args = (kwargs.pop("input"), *args)
+        if "axis" in kwargs:
+            kwargs["dim"] = kwargs.pop("axis")
+    return args, kwargs
 
 
 BROADCASTING_FUNCTIONS: frozenset[Any] = frozenset({
@@ -130,11 +148,18 @@ def _sums_outside(x: Tensor, axis: int, dims: Sequence[int]) -> bool:
 def _reduced_outside_members(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a reduction of x (members' samples along axis 0) over the dims in `args` / `kwargs`
     reduces outside the samples in memory (`_sums_outside`)."""
+    reduced = _reduced_dims(x, args, kwargs)
+    return bool(reduced) and _sums_outside(x, 0, reduced)
+
+
+def _reduced_dims(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """The dims (non-negative) a reduction of x over the dims in `args` / `kwargs` reduces (empty: none
+    given, or not as ints)."""
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, list | tuple) else None
-    if not dims or not all(isinstance(d, int) for d in dims) or x.dim() == 0:
-        return False
-    return _sums_outside(x, 0, dims)
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, list | tuple) else ()
+    if not all(isinstance(d, int) for d in dims) or x.dim() == 0:
+        return ()
+    return tuple(sorted({d % x.dim() for d in dims}))
 
 
 def _exact_gelu(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -243,6 +268,27 @@ class _ValuesOf(torch.autograd.Function):
         return (grad, *[None] * ctx.members)
 
 
+class _LogSumExpOf(torch.autograd.Function):
+    """The members' own logsumexps, joined, forward; the backward is torch's logsumexp_backward,
+    dy * exp(x - result), over the group's x at once with the members' own results (each element's
+    bits are its own: exact subtraction and product, exp the same anywhere), as each member's own
+    backward gives it alone."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, result: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
+        ctx.save_for_backward(x, result)
+        ctx.dims, ctx.keepdim = dims, keepdim
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        x, result = ctx.saved_tensors
+        if not ctx.keepdim:
+            for dim in sorted(ctx.dims):
+                grad, result = grad.unsqueeze(dim), result.unsqueeze(dim)
+        return grad * (x - result).exp(), None, None, None
+
+
 class _BroadcastAsAlone(torch.autograd.Function):
     """x expanded to `shape` (a view, as a broadcast's operand is); the backward sums the gradient over
     the broadcast axes (at::sum_to, as autograd does alone) member by member, each member's block laid
@@ -302,7 +348,7 @@ class MemberKernelMode(RecomputedMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in LAYOUT_DEPENDENT_REDUCTIONS:
-            return self._reduction(func, args, kwargs)
+            return self._reduction(func, *positional_input(args, kwargs))
         if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
             return self._broadcast(func, args, kwargs)
         if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
@@ -310,6 +356,7 @@ class MemberKernelMode(RecomputedMode):
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
         if func not in POSITION_DEPENDENT_FUNCTIONS:
             return func(*args, **kwargs)
+        args, kwargs = positional_input(args, kwargs)
         folded = next((a for a in args if isinstance(a, Tensor)), None)
         members = self.members
         if (folded is None or not folded.is_floating_point() or folded.device.type != "cpu"
@@ -331,7 +378,7 @@ class MemberKernelMode(RecomputedMode):
                     part = part.clone()
                 return _as_alone(part, axis, members) if a.shape == folded.shape else part
 
-            return func(*[own(a) for a in args], **kwargs)
+            return func(*[own(a) for a in args], **{name: own(a) for name, a in kwargs.items()})
 
         if kwargs.get("inplace") or func in IN_PLACE_FUNCTIONS:
             # each member's samples in place on a copy of their own, as alone, then written back at
@@ -393,6 +440,9 @@ class MemberKernelMode(RecomputedMode):
                       for g in range(self.members)]
         if not tracked:
             return torch.cat(values, out=out)
+        if func in RESULT_GRADIENT_REDUCTIONS:
+            keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+            return _LogSumExpOf.apply(x, torch.cat(values), _reduced_dims(x, args, kwargs), keepdim)
         return _ValuesOf.apply(func(*args, **kwargs), *values)
 
 
@@ -413,7 +463,7 @@ class UnsplitCalls(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in POSITION_DEPENDENT_FUNCTIONS:
-            x = next((a for a in args if isinstance(a, Tensor)), None)
+            x = next((a for a in positional_input(args, kwargs)[0] if isinstance(a, Tensor)), None)
             if (x is not None and x.is_floating_point() and x.device.type == "cpu"
                     and not _exact_gelu(func, x, args, kwargs)
                     and _member_axis(x, self.members, self.rows) is not None):
