@@ -86,7 +86,7 @@ _IMPORT_MACHINERY = frozenset({"importlib._bootstrap", "importlib._bootstrap_ext
 
 DEFER_LIMIT_S = 10.0
 """How long a signal waits for the import it arrived in to end; past that it raises inside it (a
-module whose import runs a long job itself, such as a user's file training at import time, still stops)."""
+library whose import runs a long job itself still stops)."""
 
 
 class _DeferredSignal:
@@ -98,19 +98,22 @@ class _DeferredSignal:
 
     def __init__(self) -> None:
         self.number: int | None = None
-        self.overdue = False
-        """The re-sent signal raises even inside an import (DEFER_LIMIT_S passed)."""
+        self.overran: FrameType | None = None
+        """The import that outlasted DEFER_LIMIT_S (its outermost frame, `_library_import`): a signal
+        inside it raises at once. The import itself, not a flag: a flag set for one signal outlived it
+        where the signal sent again met a handler that never asks (a caller's own), and made a later
+        signal raise inside another import."""
 
     def forget(self) -> None:
         """Nothing pending: in a forked child, which has no re-sending thread, a signal kept pending
         would keep each later one that arrives in an import waiting for it, for ever."""
-        self.number, self.overdue = None, False
+        self.number, self.overran = None, None
 
     def defers(self, number: int, frame: FrameType | None) -> bool:
         """Whether signal `number`, arriving at `frame` of the main thread, waits for its import to end
         (then it is re-sent); False: raise it now."""
-        if self.overdue or not _importing(frame):
-            self.overdue = False
+        running = _library_import(frame)
+        if running is None or running is self.overran:
             return False
         if self.number is None:  # (a second signal during the same import: the first stops the command)
             import _thread
@@ -123,25 +126,57 @@ class _DeferredSignal:
         import time
 
         deadline = time.monotonic() + DEFER_LIMIT_S
-        while _importing(frame := sys._current_frames().get(main)) and time.monotonic() < deadline:
+        while (running := _library_import(frame := sys._current_frames().get(main))) is not None:
+            if time.monotonic() >= deadline:
+                self.overran = running
+                break
             time.sleep(0.01)
-        self.overdue = frame is not None and time.monotonic() >= deadline
+        del frame, running  # (no reference to a frame of the main thread kept past this point)
         self.number = None
-        if frame is not None:  # (None: the main thread has ended)
+        if main in sys._current_frames():  # (else the main thread has ended)
             signal.pthread_kill(main, number)
 
 
-def _importing(frame: FrameType | None) -> bool:
-    """Whether `frame` runs inside another library's import or the import system itself: walking out
-    from it, a frame of the import system comes before any of dse's own (which unwinds cleanly: a
-    signal raises there, in dse's own module code between its imports, at once)."""
+def _library_import(frame: FrameType | None) -> FrameType | None:
+    """The import of another library that `frame` runs inside (the outermost frame of the import system
+    running it), None if none: walking out from `frame`, a frame of the import system comes before any
+    of dse's own or of the user's code (`users_code`), which unwind cleanly: a signal raises there, in
+    their module code between imports, at once."""
+    found = None
     while frame is not None:
-        name = frame.f_globals.get("__name__", "")
+        module = frame.f_globals
+        name = module.get("__name__", "")
         if name in _IMPORT_MACHINERY:
-            return True
-        if name == "dse" or name.startswith("dse."):
-            return False
+            found = frame
+        elif name == "dse" or name.startswith("dse.") or _users(module):
+            return found
         frame = frame.f_back
+    return found
+
+
+_USERS_CODE: list[tuple[str, str]] = []
+"""(sys.path folder, package: '' for any) of the user's own code (`users_code`)."""
+
+
+def users_code(folder: str, package: str = "") -> None:
+    """The modules imported by name from the sys.path entry `folder` (only `package` and below, if
+    given) are the user's own code (dse.usercode loads it: a model file's folder, a model module's):
+    a signal in their module code raises at once, as in dse's own. A user's model that trains as it is
+    imported stops at Ctrl-C, where it ran on for DEFER_LIMIT_S; a library it imports is still waited for."""
+    if (folder, package) not in _USERS_CODE:
+        _USERS_CODE.append((folder, package))
+
+
+def _users(module: dict[str, Any]) -> bool:
+    """Whether the module of these globals is the user's own code (`users_code`)."""
+    name, file = module.get("__name__"), module.get("__file__")
+    if not _USERS_CODE or not isinstance(name, str) or not isinstance(file, str):
+        return False
+    for folder, package in _USERS_CODE:
+        if not package or name == package or name.startswith(f"{package}."):
+            stem = os.path.join(folder, *name.split("."))
+            if file in (f"{stem}.py", os.path.join(stem, "__init__.py")):
+                return True
     return False
 
 

@@ -15,6 +15,7 @@ the package must be installed there; its identity hashes the module's own source
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import keyword
@@ -27,6 +28,7 @@ from typing import Any
 
 from dse.digests import sha256_hex
 from dse.errors import InputError
+from dse.interrupts import users_code
 
 _PROVIDED: dict[str, str] = {}
 """Absolute path -> source text shipped by a sweep job: used instead of the disk in a worker."""
@@ -123,6 +125,7 @@ def _exec_file(path: str, what: str) -> types.ModuleType:
         module = types.ModuleType(name)
         module.__file__ = path
         folder = str(Path(path).parent)
+        users_code(folder)  # (it and the modules it imports from its folder: Ctrl-C stops them at once)
         added = folder not in sys.path
         if added:  # its sibling modules import as they would when run as a script
             sys.path.insert(0, folder)
@@ -142,6 +145,7 @@ def _exec_file(path: str, what: str) -> types.ModuleType:
 
 def _import(ref: CodeRef, what: str) -> types.ModuleType:
     try:
+        _users_package(ref.module)
         return importlib.import_module(ref.module)
     except ModuleNotFoundError as error:
         if error.name and ref.module.startswith(error.name):
@@ -151,6 +155,34 @@ def _import(ref: CodeRef, what: str) -> types.ModuleType:
     except Exception as error:
         raise InputError(f"{what}: {ref.module} failed to import: {type(error).__name__}: "
                          f"{_first_line(error)}") from None
+
+
+def _users_package(module: str) -> None:
+    """The package of a module the user named is the user's own code (`dse.interrupts.users_code`),
+    unless it is installed (torchvision.models: a library, whose import a signal waits for)."""
+    package = module.partition(".")[0]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # (import_module says what is wrong)
+        return
+    origin = getattr(spec, "origin", None)
+    if spec is None or not origin or not Path(origin).is_file():
+        return  # (built in, frozen, a namespace package, or not there: import_module says so)
+    folder = Path(origin).parent if spec.submodule_search_locations is None else Path(origin).parent.parent
+    if str(folder) not in _installed_folders():
+        users_code(str(folder), package)
+
+
+@functools.cache
+def _installed_folders() -> set[str]:
+    """Where this Python's standard library and installed packages are."""
+    import site
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    folders = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
+    folders += [*site.getsitepackages(), site.getusersitepackages()]
+    return {str(Path(folder)) for folder in folders}
 
 
 def _first_line(error: BaseException) -> str:

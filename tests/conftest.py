@@ -152,3 +152,13 @@ def process_tree() -> Callable[[int], dict[int, str]]:
 def survivors() -> Callable[[dict[int, str], float], dict[int, str]]:
     """survivors(processes, within_s): those still alive after waiting up to within_s for them to end."""
     return processes.survivors
+
+
+@pytest.fixture(scope="session")
+def session_of() -> type[processes.Session]:
+    """session_of(process): `with session_of(process) as session:` ... `code, left = session.stop(...)`:
+    a process started in a session of its own, stopped, and every process it started checked and reaped
+    (support.processes.Session; skips the test where there is no /proc)."""
+    if not processes.available():
+        pytest.skip("reads processes from /proc (Linux)")
+    return processes.Session

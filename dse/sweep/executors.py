@@ -213,7 +213,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dse.sweep.server_ignores_interrupts", "dse.train.loop",
+    context.set_forkserver_preload(["dse.sweep.server_start", "dse.train.loop",
                                     "dse.train.grouped", "torch._dynamo"])
     return context
 

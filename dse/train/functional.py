@@ -51,6 +51,7 @@ from dse.train.layers import (
     is_module_gemm,
     quant_matmul,
 )
+from dse.train.memory import buffers_kept
 from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.recompute import RecomputedMode, follow_checkpoints, function_modes
 
@@ -603,17 +604,12 @@ def find_gemms(model: nn.Module, example_input: Example | None) -> FoundGemms:
             if type(module) in _PLAIN_CLASS:
                 module.__class__ = _PLAIN_CLASS[type(module)]
         recorder.install()
-        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         try:
             args = example_input if isinstance(example_input, tuple) else (example_input,)
-            with torch.random.fork_rng(devices=_devices(args)), torch.enable_grad():
+            with torch.random.fork_rng(devices=_devices(args)), torch.enable_grad(), buffers_kept(model):
                 model(*args)
         finally:
             recorder.remove()
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    if name in buffers:
-                        b.copy_(buffers[name])
         for site in recorder.sites.values():
             if site.kind == "mha":
                 continue  # the module tree names them

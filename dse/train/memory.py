@@ -21,8 +21,10 @@ probes, CNN 53.5 MiB, MLP 6.9 MiB (digits), against 1027.1, 518.1 and 37.9 MiB p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -65,22 +67,37 @@ def activation_bytes_per_sample(model: nn.Module, example: Tensor) -> tuple[floa
         largest[0] = max(largest[0], sum(t.nbytes for t in tensors))
 
     hooks = [m.register_forward_hook(measure) for m in model.modules() if not any(True for _ in m.children())]
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[example.device] if example.is_cuda else []), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), \
+                buffers_kept(model):
             model.train()
             model(example)
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
     samples = max(len(example), 1)
     return _distinct_bytes(saved) / samples, largest[0] / samples
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """The block (a look-ahead forward) with the model's buffers as they were after it: each module's
+    own buffer tensors (one the forward set from None or reassigned: the one it had, None again) with
+    their values (one it updated in place: its value before)."""
+    held = [(module, dict(module._buffers)) for module in model.modules()]
+    values = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        for module, own in held:
+            module._buffers.clear()
+            module._buffers.update(own)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(values[name])
 
 
 def trial_memory_bytes(model: nn.Module, example: Tensor, batch_size: int, optimizer: str,

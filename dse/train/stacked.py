@@ -96,6 +96,7 @@ from dse.train.layers import (
     quant_matmul,
 )
 from dse.train.member_kernels import (
+    OWN_PACKAGE,
     PARALLEL_GRAIN,
     AmbiguousMemberAxisWarning,
     MemberKernels,
@@ -129,6 +130,12 @@ def _own_tensors(module: nn.Module) -> dict[str, Tensor]:
             **{n: b for n, b in module._buffers.items() if b is not None}}
 
 
+def _holds_state(module: nn.Module) -> bool:
+    """Whether the module holds tensors of its own, a buffer registered as None included (its forward
+    may set it: each member's own, as alone)."""
+    return bool(_own_tensors(module)) or any(b is None for b in module._buffers.values())
+
+
 def _operand_tensors(name: str, module: nn.Module, found: FoundGemms) -> list[str]:
     """The module's own tensors that functional GEMMs take as operands (stacked in place)."""
     return [t for t in _own_tensors(module) if _join(name, t) in found.operands]
@@ -160,9 +167,10 @@ def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str |
                         f"which does not stack yet")
             return (f"{label} holds {', '.join(others)} beside the GEMM operands {', '.join(operands)}; "
                     f"move them into a layer of their own")
-        if type(module) not in GEMM_LAYER_TYPES and own and not operands:
+        if type(module) not in GEMM_LAYER_TYPES and _holds_state(module) and not operands:
             if any(True for _ in module.children()):
-                return (f"{label} holds weights of its own ({', '.join(own)}) beside its layers; wrap them "
+                held = [*own, *(n for n, b in module._buffers.items() if b is None)]
+                return (f"{label} holds weights of its own ({', '.join(held)}) beside its layers; wrap them "
                         f"in a layer of their own")
             runs_per_member[name] = label
         for tensor_name, tensor in own.items():
@@ -679,7 +687,13 @@ class PerMemberLayer(nn.Module):
     otherwise for an operand off a 16-byte boundary, where member g's slice of a stacked tensor lies
     g x its size in (tests/train/test_train_grouped_align_leaf.py). A copy only where a member's
     block is off; a buffer's copy is written back after the members' calls, and a buffer the layer
-    reassigns (`self.average = ...`) is copied into the member's part after its call."""
+    reassigns (`self.average = ...`) is copied into the member's part after its call. A buffer
+    registered as None that the members' calls set becomes a stacked buffer of their tensors.
+
+    A layer that may write its parameters in its forward (a user's layer: a max-norm clamp under
+    no_grad, or through `.data`; an Embedding with max_norm) gets each member's parameters as fresh
+    tensors of its own (`_MemberCopies`; unbind's views may not be modified in place), which are
+    copied back into the member's part after its call."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int) -> None:
         super().__init__()
@@ -693,6 +707,7 @@ class PerMemberLayer(nn.Module):
             self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
         self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
         self.__dict__["reads_input_once"] = type(template) in READS_INPUT_ONCE
+        self.__dict__["writes_parameters"] = _may_write_parameters(template)
 
     def __getattr__(self, name: str) -> Any:
         """The template's settings (a LayerNorm's eps), which callers of the layer may read."""
@@ -706,21 +721,28 @@ class PerMemberLayer(nn.Module):
     def forward(self, *inputs: Tensor) -> Any:
         template: nn.Module = self.__dict__["template"]
         template.training = self.training
-        own = {**{n: p for n, p in self._parameters.items() if p is not None},
-               **{n: b for n, b in self._buffers.items() if b is not None}}
-        aligned = {name: _at_alone_alignment_for_blas(tensor) for name, tensor in own.items()}
-        slices = {name: tensor.unbind(0) for name, tensor in aligned.items()}
-        buffer_slices = {name: slices[name] for name in self._buffers if name in slices}
+        parameters = {n: p for n, p in self._parameters.items() if p is not None}
+        buffers = {n: b for n, b in self._buffers.items() if b is not None}
+        unset = [n for n, b in self._buffers.items() if b is None]
+        written = parameters if self.__dict__["writes_parameters"] else {}
+        aligned = {name: _at_alone_alignment_for_blas(tensor)
+                   for name, tensor in {**parameters, **buffers}.items() if name not in written}
+        slices: dict[str, Sequence[Tensor]] = {name: tensor.unbind(0) for name, tensor in aligned.items()}
+        slices.update({name: _MemberCopies.apply(tensor) for name, tensor in written.items()})
+        buffer_slices = {name: slices[name] for name in buffers}
         reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
             or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
         split = [_member_blocks(x, self.members, aligned=reads is None) for x in inputs]
-        saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in own}
+        saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in slices}
         outputs = []
+        set_buffers: dict[str, list[Tensor | None]] = {name: [] for name in unset}
         try:
             for g in range(self.members):
                 for name, parts in slices.items():
                     table = template._parameters if name in template._parameters else template._buffers
                     table[name] = parts[g]  # type: ignore[assignment]  # a slice stands in for one call
+                for name in unset:
+                    template._buffers[name] = None
                 _refresh(template)
                 member_inputs = [x[g] for x in split]
                 if reads is None:
@@ -729,15 +751,65 @@ class PerMemberLayer(nn.Module):
                     with reads.of_member(g, member_inputs):
                         outputs.append(template(*member_inputs))
                 _keep_reassigned_buffers(template, buffer_slices, g)
+                if written:
+                    _write_back(written, slices, g)
+                for name in unset:
+                    set_buffers[name].append(template._buffers.get(name))
         finally:
             for name, tensor in saved.items():
                 table = template._parameters if name in template._parameters else template._buffers
                 table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
+            for name in unset:
+                template._buffers[name] = None
             _refresh(template)
-            for name, buffer in self._buffers.items():  # what the members wrote into aligned copies
-                if buffer is not None and aligned[name] is not buffer:
+            for name, buffer in buffers.items():  # what the members wrote into aligned copies
+                if aligned[name] is not buffer:
                     buffer.copy_(aligned[name])
+        for name, members_buffers in set_buffers.items():
+            self._buffers[name] = _stacked_set_buffer(template, name, members_buffers)
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+
+@torch.no_grad()
+def _write_back(written: Mapping[str, Tensor], copies: Mapping[str, Sequence[Tensor]], member: int) -> None:
+    """What a member's call left in its copies of the stacked parameters (`written`), into its part."""
+    for name, stacked in written.items():
+        stacked[member].copy_(copies[name][member])
+
+
+def _may_write_parameters(layer: nn.Module) -> bool:
+    """Whether the layer's forward may write its own parameters in place: a user's layer may (a max-norm
+    clamp), and so does an Embedding with max_norm; torch's and dse's other layers do not."""
+    if isinstance(layer, nn.Embedding):
+        return layer.max_norm is not None
+    return not type(layer).__module__.startswith(("torch.", OWN_PACKAGE))
+
+
+def _stacked_set_buffer(template: nn.Module, name: str, parts: Sequence[Tensor | None]) -> Tensor | None:
+    """A buffer registered as None, as the members' calls left it: still None, or each member's
+    tensor stacked along the members' axis (then an ordinary stacked buffer of the layer)."""
+    if all(part is None for part in parts):
+        return None
+    first = parts[0]
+    if first is None or any(part is None or part.shape != first.shape or part.dtype != first.dtype
+                            for part in parts):
+        raise ValueError(f"cannot group {type(template).__name__}: its forward sets buffer {name!r} to "
+                         f"tensors of other shapes or dtypes, or to None, in different members")
+    return torch.stack(cast(list[Tensor], list(parts)))
+
+
+class _MemberCopies(torch.autograd.Function):
+    """Each member's block of a stacked parameter as a fresh tensor of its own (at the alignment a
+    parameter has alone), which the layer may modify in place, as unbind's views may not be; the
+    backward stacks the members' gradients, as unbind's does."""
+
+    @staticmethod
+    def forward(ctx: Any, stacked: Tensor) -> tuple[Tensor, ...]:
+        return tuple(block.clone(memory_format=torch.contiguous_format) for block in stacked.unbind(0))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Tensor:
+        return torch.stack(grads)
 
 
 def _keep_reassigned_buffers(template: nn.Module, slices: Mapping[str, Sequence[Tensor]],
@@ -1050,14 +1122,14 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
         elif operands:
             _stack_in_place(module, layers, operands)
             in_place.add(id(module))
-        elif _own_tensors(module) and name:
+        elif _holds_state(module) and name:
             stacked[id(module)] = PerMemberLayer(layers, len(models))
         if id(module) in stacked:
             places.append((name, stacked[id(module)]))
     for name, layer in places:
         parent_name, _, attribute = name.rpartition(".")
         net.get_submodule(parent_name)._modules[attribute] = layer
-    if not places and not in_place and _own_tensors(net):  # the model itself is one leaf layer
+    if not places and not in_place and _holds_state(net):  # the model itself is one leaf layer
         net = PerMemberLayer(list(models), len(models))
     if any(site.module is None for site in found.sites):
         tensors = {**dict(net.named_buffers()), **dict(net.named_parameters())}

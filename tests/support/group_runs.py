@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+from dse.data import load_dataset
 from dse.data.dataset import Dataset
 from dse.train import TrainConfig, train
 from dse.train.grouped import train_group
@@ -18,3 +20,12 @@ def assert_group_trains_as_alone(configs: Sequence[TrainConfig], data: Dataset) 
         alone = train(config, data).to_dict()
         grouped.pop("wall_time_s"), alone.pop("wall_time_s")
         assert repr(grouped) == repr(alone), config.seed
+
+
+def short_digits() -> Dataset:
+    """digits cut to 114 training samples (two batches of 50 and one of 14) and 50 validation and
+    test samples: a short grouped-against-alone run."""
+    data = load_dataset("digits")
+    return dataclasses.replace(data, x_train=data.x_train[:114], y_train=data.y_train[:114],
+                               x_val=data.x_val[:50], y_val=data.y_val[:50], x_test=data.x_test[:50],
+                               y_test=data.y_test[:50])

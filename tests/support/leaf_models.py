@@ -125,3 +125,95 @@ class ReassignedAverage(nn.Module):
         if self.training:
             self.average = 0.9 * self.average + 0.1 * x.detach().mean(0)
         return x * self.weight - self.average
+
+
+class MaxNormAffine(OwnAffine):
+    """`OwnAffine` whose forward first holds each row of its weight to an L2 norm of at most
+    `max_norm`, in place under no_grad (a max-norm constraint), as `torch.nn.Embedding`'s max_norm
+    does to its rows: the layer writes its own parameter in its forward."""
+
+    def __init__(self, features: int, outputs: int, max_norm: float) -> None:
+        super().__init__(features, outputs)
+        self.max_norm = max_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.weight.renorm_(2, 0, self.max_norm)
+        return super().forward(x)
+
+
+class ClampedAffine(OwnAffine):
+    """`OwnAffine` whose forward clamps its weight and bias through `.data` (a tensor that shares their
+    memory but not their version counter) before using them."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.weight.data.clamp_(-0.25, 0.25)
+        self.bias.data.clamp_(-0.05, 0.05)
+        return super().forward(x)
+
+
+def max_norm_affine(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Member 1's 10 x 37 weight 1480 bytes into the stacked one (off 64 bytes); rows of norm about 1
+    held to 0.6, so every step clamps."""
+    return LeafBetween(shape[0], classes, MaxNormAffine(37, 10, 0.6), 37, 10)
+
+
+def clamped_affine(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return LeafBetween(shape[0], classes, ClampedAffine(37, 10), 37, 10)
+
+
+class BatchInnerLogSumExp(nn.Module):
+    """`BatchInnerReduced` with its batch-innermost output shifted by its logsumexp over the channels
+    (log-softmax written out), then a head."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.scale, self.head = nn.Linear(width, 40), BatchInnerScale(40), nn.Linear(40, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.tanh(self.a(x)))
+        return self.head(h - torch.logsumexp(h, 1, keepdim=True))
+
+
+def batch_inner_logsumexp(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchInnerLogSumExp(shape[0], classes)
+
+
+class KeywordReduced(BatchInnerReduced):
+    """`BatchInnerReduced` with its mean spelled with keywords (`torch.mean(input=h, dim=1, ...)`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.tanh(self.a(x)))
+        return self.head(h - torch.mean(input=h, dim=1, keepdim=True))
+
+
+def keyword_reduced(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return KeywordReduced(shape[0], classes)
+
+
+class LazyAverage(nn.Module):
+    """A layer that keeps a running average of its input in a buffer registered as None and set by its
+    first training forward, 37 features (as `ReassignedAverage`)."""
+
+    def __init__(self, channels: int, weighted: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels)) if weighted else None
+        self.register_buffer("average", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            mean = x.detach().mean(0)
+            self.average = mean if self.average is None else 0.9 * self.average + 0.1 * mean
+        y = x if self.weight is None else x * self.weight
+        return y if self.average is None else y - self.average
+
+
+def lazy_average(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(shape[0], 37), nn.Tanh(), LazyAverage(37), nn.Linear(37, classes))
+
+
+def lazy_average_unweighted(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """`LazyAverage` with no weight: a layer whose only tensor of its own is the buffer set later."""
+    return nn.Sequential(nn.Linear(shape[0], 37), nn.Tanh(), LazyAverage(37, weighted=False),
+                         nn.Linear(37, classes))

@@ -4,9 +4,14 @@ and an orphan's parent becomes init: the session finds it still)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PROC = Path("/proc")
 
@@ -57,3 +62,31 @@ def survivors(processes: dict[int, str], within_s: float) -> dict[int, str]:
 def available() -> bool:
     """Whether this platform shows processes the way these helpers read them."""
     return (PROC / str(os.getpid()) / "stat").is_file()
+
+
+class Session:
+    """`process`, started in a session of its own (start_new_session=True), and every process it starts:
+    stopped by the test (`stop`), which checks that none outlives it; however the test ends, whatever
+    is left of the session is killed (SIGKILL) and `process` reaped."""
+
+    def __init__(self, process: subprocess.Popen[Any]) -> None:
+        self.process = process
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(ProcessLookupError):  # (ended whole already)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self, stop: Callable[[], object], at_least: int, within_s: float = 30.0,
+             exit_within_s: float = 120.0) -> tuple[int, dict[int, str]]:
+        """Take the session's processes (at least `at_least`: asserted), call `stop`, wait for `process`
+        to end (up to `exit_within_s`): its exit code, and those of the processes taken still alive
+        `within_s` later."""
+        started = processes_of(self.process.pid)
+        assert len(started) >= at_least, started
+        stop()
+        code = self.process.wait(timeout=exit_within_s)
+        return code, survivors(started, within_s)

@@ -4,19 +4,17 @@ what is missing, and a killed grouped sweep resumes with every trial exactly onc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.processes import Session
 from typer.testing import CliRunner
 
 from dse.cli import app
@@ -246,8 +244,7 @@ sweep, which then ended before it could be killed: `started` was {}) still kills
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
 def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
-        tmp_path: Path, process_tree: Callable[[int], dict[int, str]],
-        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+        tmp_path: Path, session_of: type[Session]) -> None:
     """SIGKILL (or the out-of-memory killer) gives the sweep no chance to stop its workers: they end
     themselves when it ends, instead of waiting on their task queue for ever (and a rerun could
     never meet one of them)."""
@@ -261,7 +258,7 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=env, cwd=root)
     deadline = time.monotonic() + 180
-    try:
+    with session_of(process) as session:
         while True:
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
             assert time.monotonic() < deadline, "the sweep made no progress"
@@ -271,15 +268,8 @@ def test_a_killed_grouped_sweep_resumes_with_every_trial_exactly_once(
             except sqlite3.OperationalError:  # no store or no table yet
                 pass
             time.sleep(0.02)
-        started = process_tree(process.pid)
-        assert len(started) > 2, started  # the sweep, its fork server and its worker at least
-        process.kill()  # the sweep alone
-        process.wait()
-        left = survivors(started, 30.0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        # the sweep, its fork server and its worker at least; the sweep alone killed
+        _, left = session.stop(process.kill, at_least=3)
     assert not left, f"processes outlived the killed sweep: {left}"
     before = _finished(out)
     assert len(before) == _HELD_AFTER

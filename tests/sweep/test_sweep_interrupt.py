@@ -5,7 +5,6 @@ handler sees, leaves no worker behind either: tests/sweep/test_sweep_groups.py.)
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -19,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.processes import Session
 
+import dse.interrupts
 from dse.interrupts import Interrupted, signals_interrupt
 from dse.sweep import parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.lock import LOCK_FILE
 from dse.sweep.store import STORE_FILE
 from dse.train.config import TrainConfig
+from dse.usercode import load_function
 
 TRIALS = 8
 
@@ -111,8 +113,7 @@ _BACKENDS = [pytest.param("local", signal.SIGTERM, "dse", id="local-SIGTERM"),
 @pytest.mark.parametrize(("backend", "number", "program"), _BACKENDS)
 def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
         backend: str, number: signal.Signals, program: str, tmp_path: Path, repo_root: Path,
-        process_tree: Callable[[int], dict[int, str]],
-        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+        session_of: type[Session]) -> None:
     """Run as the installed `dse` and as `python -m dse.cli`. As `dse`, each local worker printed
     `interrupted by SIGTERM` above the sweep's line as the sweep stopped it: importing its parent's
     main module (`dse`) had set the handlers of a command starting."""
@@ -124,17 +125,12 @@ def test_a_signalled_sweep_stops_its_workers_keeps_its_store_and_resumes(
         process = subprocess.Popen([*command, "sweep", str(config), "-q"],
                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
                                    env=env, cwd=repo_root)
-    try:
+    with session_of(process) as session:
         _wait_for_trials(process, out, errors)
-        started = process_tree(process.pid)
-        assert len(started) > 2, started  # the sweep, and at least its workers
-        process.send_signal(number)  # the sweep alone, not its process group: it must stop the rest
-        assert process.wait(timeout=120) == 128 + number, errors.read_text()
-        left = survivors(started, 30.0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        # the sweep, and at least its workers; the sweep alone signalled, not its process group: it
+        # must stop the rest
+        code, left = session.stop(lambda: process.send_signal(number), at_least=3)
+    assert code == 128 + number, errors.read_text()
     assert not left, f"processes outlived the sweep: {left}"
     lines = [line for line in errors.read_text().splitlines() if "interrupted" in line]
     before = _stored(out)
@@ -175,14 +171,20 @@ def test_only_the_first_signal_interrupts_and_the_handlers_are_restored() -> Non
         signal.signal(signal.SIGTERM, before[signal.SIGTERM])
 
 
+def _discards_a_signal(name: str, then: str = "") -> str:
+    """A module's text: it sends this process signal `name` and discards what that raises in it (as
+    torch's start-up does while it imports numpy from C), then runs `then`."""
+    return (f"import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.{name})\n    time.sleep(0.1)\n"
+            f"except BaseException:\n    pass\n{then}")
+
+
 def test_a_signal_inside_an_import_raises_once_the_import_has_ended(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A module whose import discards what is raised in it (as torch's start-up does while it imports
     numpy) gets the signal: the Interrupted raised there was lost, and the sweep's block went on. Now
     the import finishes undisturbed and the signal raises right after it."""
     (tmp_path / "discards_a_signal.py").write_text(
-        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
-        "except BaseException:\n    pass\nWHOLE = True\n")
+        _discards_a_signal("SIGINT", "WHOLE = True\n"))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "discards_a_signal", raising=False)
     imported = False
@@ -194,6 +196,106 @@ def test_a_signal_inside_an_import_raises_once_the_import_has_ended(tmp_path: Pa
     assert imported and raised.value.signal_number == signal.SIGINT
 
 
+_WORKS_AS_IT_IS_IMPORTED = """\
+import os, signal, time
+os.kill(os.getpid(), signal.SIGINT)
+for _ in range(6000):  # a minute of training as the file is imported
+    time.sleep(0.01)
+open({finished!r}, "w").close()
+def net(shape, classes):
+    return None
+"""
+
+
+@pytest.mark.parametrize("reference", ["a model module", "a module a model file imports", "a model file"])
+def test_a_signal_in_a_users_model_that_trains_as_it_is_imported_stops_it_at_once(
+        reference: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's model whose import trains: a signal there waited for the import to end, as in another
+    library's import (`dse train --model busy:net`, Ctrl-C 0.3 s into its work: 10.4 s to the exit,
+    DEFER_LIMIT_S; a module the model file imports from its folder the same). The user's own code
+    unwinds cleanly: the signal now raises in it at once (0.4 s to the exit). Here the limit is past
+    the minute the import would take, which it finished before the signal raised."""
+    monkeypatch.setattr(dse.interrupts, "DEFER_LIMIT_S", 600.0)
+    monkeypatch.setattr(dse.interrupts, "_USERS_CODE", [])
+    finished = tmp_path / "finished"
+    work = _WORKS_AS_IT_IS_IMPORTED.format(finished=str(finished))
+    name = f"trains_as_imported_{abs(hash(reference))}"
+    if reference == "a model module":
+        (tmp_path / f"{name}.py").write_text(work)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        value = f"{name}:net"
+    elif reference == "a module a model file imports":
+        (tmp_path / f"{name}.py").write_text(work)
+        (tmp_path / "model.py").write_text(f"from {name} import net\n")
+        value = f"{tmp_path / 'model.py'}:net"
+    else:
+        (tmp_path / "model.py").write_text(work)
+        value = f"{tmp_path / 'model.py'}:net"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(Interrupted), signals_interrupt():
+        load_function(value, "model")
+        time.sleep(5)  # (where a signal that waited for the import raised)
+    assert not finished.exists()
+
+
+def test_a_signal_in_a_library_that_a_users_model_imports_still_waits_for_that_import(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's model module is the user's code, a library it imports is not: a signal inside that
+    import (one that discards it, as torch's start-up does) raises once it has ended, in the model's
+    own code, which then stops at once."""
+    monkeypatch.setattr(dse.interrupts, "_USERS_CODE", [])
+    (tmp_path / "site").mkdir()
+    (tmp_path / "user").mkdir()
+    (tmp_path / "site" / "library_discarding_a_signal.py").write_text(
+        _discards_a_signal("SIGINT", "WHOLE = True\n"))
+    finished = tmp_path / "finished"
+    work = _WORKS_AS_IT_IS_IMPORTED.format(finished=str(finished)).replace("os.kill(", "(")  # (no signal)
+    model = tmp_path / "user" / "model_importing_a_library.py"
+    model.write_text(f"import library_discarding_a_signal\n{work}")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.syspath_prepend(str(tmp_path / "user"))
+    for name in ("library_discarding_a_signal", "model_importing_a_library"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(Interrupted), signals_interrupt():
+        load_function("model_importing_a_library:net", "model")
+        time.sleep(5)
+    assert sys.modules["library_discarding_a_signal"].WHOLE and not finished.exists()
+
+
+def test_a_signal_past_the_limit_in_one_import_leaves_the_next_imports_signal_waiting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal inside an import that outlasts DEFER_LIMIT_S is sent again inside it, to raise there.
+    Where it met a handler that does not ask (the library's own, set while it is imported, which had
+    passed the first signal on), the 'overdue' flag set for it stayed, and the next signal, inside
+    another library's import that discards what is raised in it, raised there and was lost: the block
+    went on. Now only a signal inside the import that outlasted the limit raises in it; the next one
+    waits for its own import to end."""
+    monkeypatch.setattr(dse.interrupts, "DEFER_LIMIT_S", 0.2)
+    (tmp_path / "handles_ctrl_c_while_imported.py").write_text(
+        "import os, signal, time\nprevious = signal.getsignal(signal.SIGINT)\nseen = []\n"
+        "def own(number, frame):\n    seen.append(number)\n    if len(seen) == 1:\n"
+        "        previous(number, frame)  # passed on: it waits for this import to end\n"
+        "signal.signal(signal.SIGINT, own)\nos.kill(os.getpid(), signal.SIGINT)\n"
+        "deadline = time.monotonic() + 60\nwhile len(seen) < 2 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)  # until it is sent again, past the limit\n"
+        "signal.signal(signal.SIGINT, previous)\nSEEN = seen\n")
+    (tmp_path / "discards_the_next_signal.py").write_text(
+        _discards_a_signal("SIGINT", "WHOLE = True\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("handles_ctrl_c_while_imported", "discards_the_next_signal"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    reached: list[object] = []
+    with pytest.raises(Interrupted), signals_interrupt():
+        import handles_ctrl_c_while_imported
+
+        reached.append(handles_ctrl_c_while_imported.SEEN)
+        import discards_the_next_signal
+
+        reached.append(discards_the_next_signal.WHOLE)
+        time.sleep(5)  # the second signal, sent again once its import ended, raises before this ends
+    assert reached == [[signal.SIGINT, signal.SIGINT], True]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 def test_a_process_forked_while_a_signal_waits_for_an_import_defers_its_own_signals(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,11 +304,9 @@ def test_a_process_forked_while_a_signal_waits_for_an_import_defers_its_own_sign
     own signals inside an import was held for a thread that never ran, and lost. Now the child starts
     clean: its signal raises once its import ends, as does the parent's."""
     (tmp_path / "forks_while_a_signal_waits.py").write_text(
-        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.1)\n"
-        "except BaseException:\n    pass\nCHILD = os.fork() == 0\n")
+        _discards_a_signal("SIGINT", "CHILD = os.fork() == 0\n"))
     (tmp_path / "discards_the_childs_signal.py").write_text(
-        "import os, signal, time\ntry:\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(0.1)\n"
-        "except BaseException:\n    pass\n")
+        _discards_a_signal("SIGTERM"))
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("forks_while_a_signal_waits", "discards_the_childs_signal"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -472,7 +572,7 @@ def test_a_signal_inside_an_import_stops_the_command_once_the_import_ends(
 @pytest.mark.skipif(not hasattr(os, "killpg") or not hasattr(signal, "SIGHUP"), reason="POSIX process groups")
 def test_a_hang_up_to_the_sweeps_process_group_stops_it_with_one_line_and_no_process_left(
         tmp_path: Path, repo_root: Path, process_tree: Callable[[int], dict[int, str]],
-        survivors: Callable[[dict[int, str], float], dict[int, str]]) -> None:
+        session_of: type[Session]) -> None:
     """A closed terminal sends SIGHUP to every process of its group: the sweep, its fork server and
     workers, and multiprocessing's resource tracker, which ignores SIGINT and SIGTERM but not SIGHUP.
     It died, so the sweep started a second one, which printed a warning and a KeyError traceback for
@@ -487,25 +587,63 @@ def test_a_hang_up_to_the_sweeps_process_group_stops_it_with_one_line_and_no_pro
         process = subprocess.Popen([sys.executable, "-m", "dse.cli", "sweep", str(config), "-q"],
                                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
                                    env=env, cwd=repo_root, preexec_fn=_default_handlers)
-    try:
+    with session_of(process) as session:
         deadline = time.monotonic() + 300
-        while len(started := process_tree(process.pid)) < 5:  # the sweep, its resource tracker, fork
-            assert process.poll() is None, errors.read_text()  # server and 2 workers
+        while len(process_tree(process.pid)) < 5:  # the sweep, its resource tracker, fork server and
+            assert process.poll() is None, errors.read_text()  # 2 workers
             assert time.monotonic() < deadline, "the sweep started no workers"
             time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGHUP)
-        assert process.wait(timeout=120) == 129, errors.read_text()
-        left = survivors(started, 30.0)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever is left of its session
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        code, left = session.stop(lambda: os.killpg(process.pid, signal.SIGHUP), at_least=5)
+    assert code == 129, errors.read_text()
     assert not left, f"processes outlived the sweep: {left}"
     before = _stored(out)
     assert errors.read_text().splitlines() == [
         f"interrupted by SIGHUP: {len(before)} of {TRIALS} trials are saved in {out}; run the same command "
         "again to resume"]
     _check_whole(out, before)
+
+
+_SLOW_WORKER_SERVER = """\
+import sys
+from multiprocessing import forkserver
+from dse.cli import app
+from dse.sweep import executors
+context_of = executors.worker_context
+def slow_to_start():
+    context = context_of()
+    context.set_forkserver_preload([*forkserver._forkserver._preload_modules, "imports_for_a_minute"])
+    return context
+executors.worker_context = slow_to_start
+app(args=sys.argv[1:], prog_name="dse")
+"""
+"""`dse` whose workers' fork server imports one more module after the trainer: imports_for_a_minute."""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_a_sweep_killed_in_its_first_seconds_leaves_no_worker_server_importing(
+        tmp_path: Path, repo_root: Path, session_of: type[Session]) -> None:
+    """SIGKILL (or the out-of-memory killer) while the sweep's fork server imports the trainer, its
+    first seconds: the server went on importing, and multiprocessing's resource tracker lived on with
+    it, until its loop started and noticed the sweep gone (15 s after the kill at load 14). Now the
+    kernel ends the server with the sweep (0.1 s). Here the server's imports would last a minute more."""
+    out, config, importing = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "importing"
+    config.write_text(_text(out))
+    (tmp_path / "imports_for_a_minute.py").write_text(
+        f"import time\nopen({str(importing)!r}, 'w').close()\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root), str(tmp_path),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER_SERVER, "sweep", str(config), "-q"],
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env, cwd=tmp_path)
+    with session_of(process) as session:
+        deadline = time.monotonic() + 300
+        while not importing.exists():
+            assert process.poll() is None, "the sweep ended"
+            assert time.monotonic() < deadline, "the fork server did not reach its last import"
+            time.sleep(0.05)
+        # the sweep, its resource tracker and its fork server; the sweep alone killed
+        code, left = session.stop(process.kill, at_least=3, within_s=20.0)
+    assert code == -signal.SIGKILL and not left, f"processes outlived the killed sweep: {left}"
 
 
 def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:

@@ -16,13 +16,11 @@ own_affine_in_wide int8 (2.2672125498453775 against 2.2666166623433432). Member 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
-from support.group_runs import assert_group_trains_as_alone
+from support.group_runs import assert_group_trains_as_alone, short_digits
 
-from dse.data import load_dataset
 from dse.train import TrainConfig
 
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
@@ -37,10 +35,7 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
 def test_a_users_leaf_layer_run_member_by_member_trains_each_member_as_alone(model: str,
                                                                             number_format: str) -> None:
-    data = load_dataset("digits")
-    data = dataclasses.replace(data, x_train=data.x_train[:114], y_train=data.y_train[:114],
-                               x_val=data.x_val[:50], y_val=data.y_val[:50], x_test=data.x_test[:50],
-                               y_test=data.y_test[:50])
+    data = short_digits()
     base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=50,
                        optimizer="sgd", format=number_format, threads=1,
                        rounding="nearest" if number_format == "fp32" else "pseudo_stochastic")
@@ -53,10 +48,7 @@ def test_a_per_member_layers_buffers_updated_in_place_stay_the_members_own_when_
     stacked ones, so each member runs on aligned copies, and what BatchNorm writes into its running
     statistics in place is written back into the group's (without that, every member's validation and
     test figures differed from alone)."""
-    data = load_dataset("digits")
-    data = dataclasses.replace(data, x_train=data.x_train[:114], y_train=data.y_train[:114],
-                               x_val=data.x_val[:50], y_val=data.y_val[:50], x_test=data.x_test[:50],
-                               y_test=data.y_test[:50])
+    data = short_digits()
     base = TrainConfig(model=f"{LEAF_MODELS}:norm37", dataset="digits", epochs=2, batch_size=50,
                        optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05)]
@@ -94,23 +86,29 @@ def test_a_per_member_layers_output_modified_in_place_gives_each_member_its_own_
         assert torch.equal(stacked_weight.grad[g], member[2].weight.grad), g
 
 
-def test_a_per_member_layer_that_reassigns_a_buffer_keeps_each_members_own() -> None:
+@pytest.mark.parametrize("layer", ["reassigned", "set from None", "set from None, no weight"])
+def test_a_per_member_layer_that_reassigns_a_buffer_keeps_each_members_own(layer: str) -> None:
     """`self.average = 0.9 * self.average + ...` in a layer's forward: each member's new buffer is
     kept in its part of the group's. Before, the next member's swap dropped it, and the group's
-    buffer never changed (every member's second output and final buffer differed from alone)."""
+    buffer never changed (every member's second output and final buffer differed from alone). A
+    buffer registered as None and set by the first training forward (`LazyAverage`): before, every
+    member read and kept the last member's tensor (with a weight), or the layer ran once over the
+    group's whole batch (without one: the buffer was the group's mean)."""
     import copy
 
     import torch
-    from support.leaf_models import ReassignedAverage
+    from support.leaf_models import LazyAverage, ReassignedAverage
     from torch import nn
 
     from dse.train.layers import QuantSwitch
     from dse.train.stacked import stack_models
 
+    layers = {"reassigned": lambda: ReassignedAverage(37), "set from None": lambda: LazyAverage(37),
+              "set from None, no weight": lambda: LazyAverage(37, weighted=False)}
     members = []
     for seed in range(3):
         torch.manual_seed(seed)
-        members.append(nn.Sequential(nn.Linear(64, 37), nn.Tanh(), ReassignedAverage(37), nn.Linear(37, 10)))
+        members.append(nn.Sequential(nn.Linear(64, 37), nn.Tanh(), layers[layer](), nn.Linear(37, 10)))
     x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(0))
     group = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, x[0])
     for training in (True, True, False):
@@ -123,7 +121,8 @@ def test_a_per_member_layer_that_reassigns_a_buffer_keeps_each_members_own() -> 
             alone.sum().backward()
             assert torch.equal(together[g], alone), g
             assert torch.equal(group.net[2].average[g], member[2].average), g
-            assert torch.equal(group.net[2].weight.grad[g], member[2].weight.grad), g
+            for name, parameter in member[2].named_parameters():
+                assert torch.equal(getattr(group.net[2], name).grad[g], parameter.grad), (name, g)
 
 
 @pytest.mark.parametrize(("members", "rows"), [(2, 7), (3, 50)])

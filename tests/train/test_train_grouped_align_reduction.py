@@ -6,7 +6,6 @@ run member by member by MemberKernelMode)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from support.group_gemms import torch_threads
-from support.group_runs import assert_group_trains_as_alone
+from support.group_runs import assert_group_trains_as_alone, short_digits
 
-from dse.data import load_dataset
 from dse.train import TrainConfig
 from dse.train.layers import QuantGemm
 from dse.train.member_kernels import MemberKernelMode
@@ -66,14 +64,9 @@ def test_a_reduction_over_a_per_member_layers_batch_innermost_output_trains_as_a
     centred by its mean over C, into a Linear head): before, members 3 and 55 differed from alone
     (final losses 2.305901368459066 grouped against 2.3063859144846597 alone, 2.2091996669769287
     against 2.2084742387135825; int8, pseudo-stochastic rounding, 2 epochs of 114 digits, batch 50;
-    seeds 11, 12, 13 equal too). In fp32 it is still open: the head hands a batch-innermost input
-    gradient back (as torch's Linear does alone), and autograd's sum of it over C for the mean's
-    broadcast runs outside any mode, across the group's samples (seeds 11 and 13 differed at batch
-    50: 2.156002918879191 grouped against 2.1560027599334717 alone)."""
-    data = load_dataset("digits")
-    data = dataclasses.replace(data, x_train=data.x_train[:114], y_train=data.y_train[:114],
-                               x_val=data.x_val[:50], y_val=data.y_val[:50], x_test=data.x_test[:50],
-                               y_test=data.y_test[:50])
+    seeds 11, 12, 13 equal too). fp32, where the head hands back a batch-innermost gradient whose sum
+    for the mean's broadcast differed: tests/train/test_train_grouped_broadcast.py."""
+    data = short_digits()
     base = TrainConfig(model=f"{LEAF_MODELS}:batch_inner_reduced", dataset="digits", epochs=2, batch_size=50,
                        optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05), base.replace(seed=7, lr=0.02)]
@@ -118,3 +111,53 @@ def test_a_reduction_into_out_gives_each_member_its_sums_alone_in_out(reduction:
     assert result is out
     for g, part in enumerate(parts):
         assert torch.equal(out[g * rows:(g + 1) * rows], func(part.clone().t(), 1)), g
+
+
+SPELLINGS = {
+    "torch.sum(input=, dim=)": lambda t: torch.sum(input=t, dim=1),
+    "torch.mean(input=, dim=[], keepdim=)": lambda t: torch.mean(input=t, dim=[1], keepdim=True),
+    "torch.nansum(input=, dim=)": lambda t: torch.nansum(input=t, dim=(1,)),
+    "sum(axis=)": lambda t: t.sum(axis=1),
+    "torch.sum(t, 1, True)": lambda t: torch.sum(t, 1, True),
+    "torch.logsumexp(t, 1)": lambda t: torch.logsumexp(t, 1),
+    "torch.logsumexp(input=, dim=, keepdim=)": lambda t: torch.logsumexp(input=t, dim=1, keepdim=True),
+    "logsumexp(dim=(1,))": lambda t: t.logsumexp(dim=(1,)),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+@pytest.mark.parametrize(("members", "rows", "channels"), [(2, 50, 40), (3, 7, 37), (2, 14, 40)])
+def test_every_spelling_of_a_layout_dependent_reduction_gives_each_member_its_values_alone(
+        spelling: str, members: int, rows: int, channels: int) -> None:
+    """Keyword and positional spellings go one path, logsumexp's gradient (which takes its result)
+    included. Before, `torch.sum(input=x, dim=1)` and the other keyword spellings ran over the group's
+    tensor as it was (member 0 of 2 x 50 x 40 differed), and logsumexp was not split (15 of 40 member
+    blocks differed, forward; its backward takes the group's result)."""
+    generator = torch.Generator().manual_seed(members * rows + channels)
+    parts = [torch.randn(channels, rows, generator=generator) for _ in range(members)]
+    folded = torch.cat(parts, 1).t().requires_grad_()  # the members' (B, C) views joined batch-innermost
+    op = SPELLINGS[spelling]
+    weights = torch.linspace(-1, 1, members * rows)
+    with torch_threads(1):
+        with MemberKernelMode(members, rows):
+            together = op(folded)
+        (together.flatten() * weights).sum().backward()
+        for g, part in enumerate(parts):
+            alone = part.clone().t().requires_grad_()
+            own = op(alone)
+            assert torch.equal(together[g * rows:(g + 1) * rows], own), g
+            (own.flatten() * weights[g * rows:(g + 1) * rows]).sum().backward()
+            assert folded.grad is not None and alone.grad is not None
+            assert torch.equal(folded.grad[g * rows:(g + 1) * rows], alone.grad), g
+
+
+@pytest.mark.parametrize("model", ["batch_inner_logsumexp", "keyword_reduced"])
+def test_a_logsumexp_or_a_keyword_spelled_mean_over_a_batch_innermost_output_trains_as_alone(
+        model: str) -> None:
+    """`BatchInnerReduced`'s network with its mean spelled with keywords, or a logsumexp in its place
+    (int8, as that test)."""
+    data = short_digits()
+    base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=50,
+                       optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
+    configs = [base.replace(seed=3, lr=0.01), base.replace(seed=55, lr=0.02), base.replace(seed=7, lr=0.005)]
+    assert_group_trains_as_alone(configs, data)
