@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -162,15 +163,25 @@ def quickstart_text(epochs: int | None, tuned: bool, dataset: str | None = None)
 def timed_cli(config: Path, output: Path, group_size: int) -> tuple[float, float]:
     """(wall seconds of `dse sweep config -o output --group-size N -q` in a fresh interpreter, the sum of
     its trials' training seconds from the store: a group member holds the group's time over its size)."""
+    wall, training, _ = timed_cli_cpu(config, output, group_size)
+    return wall, training
+
+
+def timed_cli_cpu(config: Path, output: Path, group_size: int) -> tuple[float, float, float]:
+    """`timed_cli`'s two figures and the CPU seconds (user + system) of the sweep's process and of every
+    process it waited for (its workers: on a loaded machine the figure the load disturbs least)."""
     from dse.sweep import load_trials
 
     cli = Path(__file__).resolve().parent.parent / "cli.py"
     command = [sys.executable, str(cli), "sweep", str(config), "-o", str(output), "-q",
                "--group-size", str(group_size)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    return wall, float(load_trials(output)["wall_time_s"].sum())
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, float(load_trials(output)["wall_time_s"].sum()), cpu
 
 
 def child_stages(config: Path, output: Path) -> list[tuple[str, float]]:
@@ -215,25 +226,26 @@ def groups_benchmark(epochs: int | None, repeat: int, group_sizes: list[int], da
             tuned, _ = SWEEPS[name]
             config = root / f"{name}.yaml"
             config.write_text(quickstart_text(epochs, tuned, dataset))
-            runs: dict[int, list[tuple[float, float]]] = {size: [] for size in [1, *group_sizes]}
+            runs: dict[int, list[tuple[float, float, float]]] = {size: [] for size in [1, *group_sizes]}
             for run in range(repeat):
                 order = list(runs) if run % 2 == 0 else list(runs)[::-1]
                 for size in order:
                     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-                    wall, training = timed_cli(config, root / f"{name}-g{size}-{run}", size)
-                    runs[size].append((wall, training))
+                    wall, training, cpu = timed_cli_cpu(config, root / f"{name}-g{size}-{run}", size)
+                    runs[size].append((wall, training, cpu))
                     print(f"{name}: group size {size}, run {run + 1}: {wall:.1f} s, {training:.1f} s of "
-                          f"training (load average before: {load:.2f})", flush=True)
+                          f"training, {cpu:.1f} CPU s (load average before: {load:.2f})", flush=True)
             rows.append((name, runs))
         print("\n`dse sweep` in a fresh interpreter, end to end, and the trials' training seconds summed "
               f"(from the store), each the best of {repeat}; "
               f"{epochs or 'the file’s'} epochs, dataset {dataset or 'mnist1d'}")
-        print("| sweep | trials | group size | end to end s | speed-up | training s | speed-up |")
-        print("|---|---|---|---|---|---|---|")
+        print("| sweep | trials | group size | end to end s | speed-up | training s | speed-up "
+              "| CPU s (sweep and workers) | speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, runs in rows:
-            alone = [min(result[column] for result in runs[1]) for column in range(2)]
+            alone = [min(result[column] for result in runs[1]) for column in range(3)]
             for size, results in runs.items():
-                best = [min(result[column] for result in results) for column in range(2)]
+                best = [min(result[column] for result in results) for column in range(3)]
                 cells = " | ".join(f"{value:.1f} | {base / value:.2f}x"
                                    for value, base in zip(best, alone, strict=True))
                 print(f"| {name} | {SWEEPS[name][1]} | {size} | {cells} |")

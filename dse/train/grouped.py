@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
 from dse.models.proxies import MODELS, build_model
+from dse.train.allocator import keep_freed_memory
 from dse.train.batch_dependence import Forward, batch_size_reason, forwards_of
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
@@ -289,6 +290,7 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
         warnings.warn(split_note(len(configs), fit, one, available, configs[0].device, groups_at_once),
                       GroupSplitWarning, stacklevel=2)
     results: list[TrainResult] = []
+    keep_freed_memory()  # a group's G-fold tensors, freed each step, are not faulted in again
     try:
         with _run_settings(configs[0].threads):
             for start in range(0, len(configs), fit):
@@ -536,6 +538,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
     losses: list[list[float]] = [[] for _ in configs]
     accuracies: list[list[float]] = [[] for _ in configs]
     val_accuracies: list[list[float]] = [[] for _ in configs]
+    iterations: list[list[int]] = [[] for _ in configs]
     diverged = [False] * members
     running = list(range(members))  # members still training
     model.train()
@@ -570,6 +573,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
                 if epoch_losses.diverged[g] or not finite[g]:
                     diverged[g] = True
                 losses[g].append(math.nan if diverged[g] else epoch_losses.mean(g))
+                iterations[g].append(epoch_losses.batches[g])
                 val_accuracies[g].append(val[g])
                 accuracies[g].append(test[g])
                 if diverged[g]:
@@ -588,6 +592,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
         loss_curve=losses[g],
         accuracy_curve=accuracies[g],
         val_accuracy_curve=val_accuracies[g],
+        epoch_iterations=iterations[g],
         config=config.to_dict(),
     ) for g, config in enumerate(configs)]
 

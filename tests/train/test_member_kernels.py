@@ -163,7 +163,7 @@ def test_the_built_in_proxies_call_none_of_the_functions_so_run_without_the_mode
     x = data.x_train[:2 * 20].reshape(2, 20, *data.x_train.shape[1:])
     for training in (True, False):
         stacked.train(training)
-        mode = MemberKernelMode(2)
+        mode = MemberKernelMode(2, 20)  # (the rows MemberKernels gives it: a member's batch)
         with mode:
             stacked.net(x.flatten(0, 1)).sum().backward()
         assert not mode.seen, training
