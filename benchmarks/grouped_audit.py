@@ -9,6 +9,7 @@ mismatch with its configuration; exits 1 if any.
     python benchmarks/grouped_audit.py --draws 200 --seed 1 --minutes 30   # stop after 30 minutes
     python benchmarks/grouped_audit.py --draws 400 --models gated,recurrent   # only draws of these models
     python benchmarks/grouped_audit.py --draws 40 --threads 1   # groups at 1 thread only (default 1,2)
+    python benchmarks/grouped_audit.py --draws 400 --formats fp32 tf32   # only these formats drawn
 
 Each draw trains on a few hundred samples (a third of the draws 13 fewer: a short last batch) for one
 or two epochs; the members differ in seed and in some of lr, momentum, weight_decay, p_scale, g_bound,
@@ -33,16 +34,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.random_sweeps import MODELS, draw_training  # noqa: E402
 
 
-def draw(rng: random.Random, threads: tuple[int, ...] = (1,)) -> tuple[list[Any], str]:
+def draw(rng: random.Random, threads: tuple[int, ...] = (1,), formats: list[str] | None = None
+         ) -> tuple[list[Any], str]:
     """One group's configurations (2-3 members) and a short description: a model of
     tests/support/random_sweeps.py's MODELS (the proxies and users' networks: activations that run under
     MemberKernelMode, activation checkpointing, a network calling itself, one that trains one by one,
     ...), a method with its fields drawn as a sweep file's (`draw_training`), each member its own seed and
-    its own value of each varied field; a diverging draw gives its last member an lr of 100."""
+    its own value of each varied field; a diverging draw gives its last member an lr of 100. `formats`:
+    drawn from these only (None: every family's, random_sweeps.FORMATS)."""
     from dse.train import TrainConfig
 
     model, dataset = rng.choice(MODELS)
-    drawn = draw_training(rng, model, dataset)
+    drawn = draw_training(rng, model, dataset, formats)
     fields = {**drawn.fields, "threads": rng.choice(threads)}
     members: list[dict[str, Any]] = [{"seed": s} for s in rng.sample(range(100), rng.choice([2, 3]))]
     for m in members:
@@ -80,6 +83,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--models", default="", help="only draws of these models (comma-separated names)")
     parser.add_argument("--threads", default="1,2", help="thread counts to draw from (comma-separated)")
+    parser.add_argument("--formats", nargs="+", help="only these formats drawn (e.g. fp32 tf32)")
     args = parser.parse_args()
     from dse.errors import InputError
     from dse.train import train
@@ -93,7 +97,7 @@ def main() -> int:
     for i in range(args.draws):
         if time.monotonic() - start > args.minutes * 60:
             break
-        configs, what = draw(rng, tuple(int(t) for t in args.threads.split(",")))
+        configs, what = draw(rng, tuple(int(t) for t in args.threads.split(",")), args.formats)
         if args.models and configs[0].model.split(":")[-1] not in args.models.split(","):
             continue
         samples = args.samples - rng.choice([0, 0, 13])  # 13 fewer: a last batch shorter than the others

@@ -37,6 +37,20 @@ def energy_column(workload: str, unit: str | None = None) -> str:
     return f"energy_mj:{workload}" if unit is None else f"energy_mj:{workload}:{unit}"
 
 
+def run_energy_column(workload: str, mean: bool = False) -> str:
+    """Name of a workload's run-energy column (mJ): the whole training run, or (`mean`) its mean per
+    iteration, each iteration in the formats it trained in (warm-up in fp32)."""
+    return f"run_mean_energy_mj:{workload}" if mean else f"run_energy_mj:{workload}"
+
+
+def front_energy_column(summary: pd.DataFrame, workload: str) -> str:
+    """The energy a front ranks by: the run's mean per iteration (each iteration in the formats it trained
+    in: a warm-up's in fp32), where the results have it (a sweep store's always do), else one iteration
+    in the trial's formats (results that carry no run energy)."""
+    run = run_energy_column(workload, mean=True)
+    return run if run in summary.columns else energy_column(workload)
+
+
 def memory_column(workload: str) -> str:
     """Name of the memory-footprint column (MiB) of a workload."""
     return f"memory_mib:{workload}"
@@ -77,19 +91,24 @@ def _require(summary: pd.DataFrame, columns: list[str], workload: str) -> None:
 def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = False) -> pd.DataFrame:
     """Per task, the configurations no other one beats on mean accuracy, energy of `workload` (and memory).
 
-    Rows whose accuracy, energy or (if asked) memory is missing (NaN), such as configurations whose
-    every seed raised, never enter the front. Returns one row per front point with columns `task`,
+    The energy is `front_energy_column`'s: the run's mean per iteration where the summary has it. Rows
+    whose accuracy, energy or (if asked) memory is missing (NaN), such as configurations whose every
+    seed raised, never enter the front. Returns one row per front point with columns `task`,
     `workload`, `label`, the tuned values, the configuration's identity columns, seed counts, the
-    STATISTIC_COLUMNS present, `energy_mj`, `energy_mj:<unit>` for each unit present, `memory_mib` and
-    `area_um2` (if present).
+    STATISTIC_COLUMNS present, `energy_mj` (the energy ranked by), `iteration_energy_mj` (one iteration
+    in the trial's formats) and `energy_mj:<unit>` for each unit present (its split), `run_energy_mj`
+    (the whole run), `memory_mib` and `area_um2` (each if present).
     """
-    energy = energy_column(workload)
+    energy = front_energy_column(summary, workload)
     memory = memory_column(workload)
     _require(summary, ["task", "label", "accuracy_mean", energy] + ([memory] if memory_objective else []),
              workload)
     units = [u for u in ENERGY_UNITS if energy_column(workload, u) in summary.columns]
-    renamed = {energy: "energy_mj", **{energy_column(workload, u): f"energy_mj:{u}" for u in units},
-               memory: "memory_mib", area_column(workload): "area_um2"}
+    renamed = {energy: "energy_mj", **({energy_column(workload): "iteration_energy_mj"}
+                                       if energy != energy_column(workload) else {}),
+               **{energy_column(workload, u): f"energy_mj:{u}" for u in units},
+               run_energy_column(workload): "run_energy_mj", memory: "memory_mib",
+               area_column(workload): "area_um2"}
     keep = (["task", "label"] + [c for c in summary.columns if str(c).startswith(TUNED_PREFIX)]
             + [c for c in IDENTITY_COLUMNS if c in summary.columns]
             + [c for c in COUNT_COLUMNS if c in summary.columns]

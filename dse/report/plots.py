@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dse.report.pareto import ENERGY_UNITS, area_column, energy_column, non_dominated, pareto_front
+from dse.report.pareto import (
+    ENERGY_UNITS,
+    area_column,
+    front_energy_column,
+    non_dominated,
+    pareto_front,
+    run_energy_column,
+)
 from dse.report.stats import SIGNIFICANCE
 
 if TYPE_CHECKING:
@@ -50,11 +57,13 @@ def readable_log_axis(axis: Any, values: np.ndarray) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _workload_note(fig: Figure, task: str, workload: str) -> None:
-    """Say on the figure where each axis comes from when the energy is not the trained model's."""
+def _workload_note(fig: Figure, task: str, workload: str, run: bool = False) -> None:
+    """Say on the figure where each axis comes from when the energy is not the trained model's (`run`:
+    the energy is the run's mean per iteration)."""
     if workload != PROXY_WORKLOAD:
-        fig.supxlabel(f"accuracy: {task} as trained; energy: one training iteration of {workload} in the "
-                      "same formats", fontsize=7, color="dimgray")
+        energy = (f"training iterations of {workload} in the formats and share of warm-up each trial trained"
+                  if run else f"one training iteration of {workload} in the same formats")
+        fig.supxlabel(f"accuracy: {task} as trained; energy: {energy}", fontsize=7, color="dimgray")
 
 
 def slug(text: str) -> str:
@@ -109,7 +118,8 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     from matplotlib.figure import Figure
 
     rows = summary[summary["task"] == task]
-    energy = pd.to_numeric(rows[energy_column(workload)], errors="coerce").to_numpy(dtype=float)
+    measure = front_energy_column(rows, workload)
+    energy = pd.to_numeric(rows[measure], errors="coerce").to_numpy(dtype=float)
     accuracy = _percent(rows["accuracy_mean"])
     bars = _interval_bars(rows, accuracy)
     shown = np.isfinite(accuracy) & np.isfinite(energy) & (energy > 0)
@@ -147,7 +157,8 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                                       label="on the front with memory"))
     ax.set_xscale("log")
     readable_log_axis(ax.xaxis, energy[shown])
-    ax.set_xlabel(f"energy per training iteration on {workload} (mJ, log scale)")
+    run = measure == run_energy_column(workload, mean=True)
+    ax.set_xlabel(f"energy per training iteration on {workload}{', run mean' if run else ''} (mJ, log scale)")
     ax.set_ylabel(f"test accuracy (%), mean and 95 % CI{_seeds_text(rows[shown])}")
     if title:
         ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}",
@@ -159,7 +170,7 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                [n for h, n in zip(handles, names, strict=True) if not any(h is m for m in markers)],
                title="configuration", loc="outside right upper", fontsize=7, title_fontsize=8, frameon=False)
     ax.legend(handles=markers, loc="lower right", fontsize=7)
-    _workload_note(fig, task, workload)
+    _workload_note(fig, task, workload, run)
     return fig
 
 
@@ -209,8 +220,9 @@ def accuracy_area_figure(summary: pd.DataFrame, task: str, workload: str,
 
 
 def breakdown_figure(front: pd.DataFrame, task: str, workload: str, title: bool = False) -> Figure | None:
-    """The front's energy per iteration by unit (multiply, conversion, accumulation, update, memory), one
-    bar per front point in the front's order, in three panels: the whole iteration (mJ), compute only
+    """The front's energy per iteration in its own formats by unit (multiply, conversion, accumulation,
+    update, memory; a warm-up's fp32 iterations are not in it), one bar per front point in the front's
+    order, in three panels: the whole iteration (mJ), compute only
     (mJ, memory left out, so the units that differ between formats show when memory dominates), and
     each unit's share of the iteration (%). `front` is `pareto_front`'s output.
 

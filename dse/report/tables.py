@@ -26,6 +26,7 @@ from dse.report.pareto import (
     all_fronts,
     energy_column,
     memory_column,
+    run_energy_column,
     workloads_of,
 )
 from dse.report.stats import mean_interval, welch
@@ -45,8 +46,11 @@ Samples = dict[tuple[Any, Any, Any], np.ndarray]
 """(task, label, tuning point) -> the counted test accuracies of that point, one per seed."""
 
 
-MEASURED_PREFIXES: tuple[str, ...] = ("energy_mj:", "memory_mib:", "area_um2:")
-"""Columns that depend on the configuration, not the seed: energy, memory and area per workload column."""
+MEASURED_PREFIXES: tuple[str, ...] = ("energy_mj:", "memory_mib:", "area_um2:", "run_energy_mj:",
+                                      "run_mean_energy_mj:")
+"""Energy, memory and area per workload column, carried into a summary as their mean over the trials:
+the configuration's own (the same for every seed), and the run's energy (which a diverged seed may
+lower)."""
 
 def _counted(group: pd.DataFrame, column: str) -> np.ndarray:
     """The group's values of `column` from trials that did not raise and have a value."""
@@ -360,8 +364,12 @@ def summary_text_table(summary: pd.DataFrame, workloads: list[str],
                      lambda row: difference_text(row["delta_mean"], row["delta_ci_low"],
                                                  row["delta_ci_high"])),
                     ("p (Welch)", True, lambda row: p_value_text(row["p_value"]))]
-    columns += [(f"Energy {w} (mJ)", True, lambda row, w=w: _quantity(row.get(energy_column(w))))
-                for w in workloads]
+    for w in workloads:
+        columns += [(f"Energy {w} (mJ/iter.)", True, lambda row, w=w: _quantity(row.get(energy_column(w))))]
+        if run_energy_column(w) in summary.columns:
+            columns += [(f"Run mean {w} (mJ/iter.)", True,
+                         lambda row, w=w: _quantity(row.get(run_energy_column(w, mean=True)))),
+                        (f"Run {w} (mJ)", True, lambda row, w=w: _quantity(row.get(run_energy_column(w))))]
     if memory_objective:
         columns += [(f"Memory {w} (MiB)", True, lambda row, w=w: _quantity(row.get(memory_column(w))))
                     for w in workloads]
@@ -382,7 +390,12 @@ def pareto_text_table(fronts: pd.DataFrame, memory_objective: bool = False, titl
     columns = [*key_columns, *_configuration_columns(fronts), *_accuracy_columns(fronts)]
     if "p_vs_best" in fronts.columns:
         columns.append(("p vs best (Welch)", True, lambda row: p_value_text(row["p_vs_best"])))
-    columns.append(("Energy (mJ)", True, lambda row: _quantity(row["energy_mj"])))
+    if "iteration_energy_mj" in fronts.columns:  # ranked by the run's mean: one iteration beside it
+        columns += [("Run mean (mJ/iter.)", True, lambda row: _quantity(row["energy_mj"])),
+                    ("Energy (mJ/iter.)", True, lambda row: _quantity(row["iteration_energy_mj"])),
+                    ("Run (mJ)", True, lambda row: _quantity(row.get("run_energy_mj")))]
+    else:
+        columns.append(("Energy (mJ/iter.)", True, lambda row: _quantity(row["energy_mj"])))
     if memory_objective:
         columns.append(("Memory (MiB)", True, lambda row: _quantity(row.get("memory_mib"))))
     groups = list(zip(fronts["task"], fronts["workload"], strict=True)) if len(fronts) else []

@@ -1,5 +1,5 @@
 """Energy per training iteration, training-state memory and datapath area of a trial, per workload and
-energy point.
+energy point; and the energy of the run it trained, composed from those per-iteration figures.
 
 A trial is priced as it trained: its formats (per layer), optimizer, master copy (fp32, none, or a
 format), the rounding of its GEMM operands and of its in-place weight updates, and its accumulation
@@ -10,6 +10,12 @@ and/or last weight layer), else the trial's (`layer_formats`, the same resolutio
 workload `proxy` is the trial's own model traced at its batch size, as is a user's model named as a
 workload (`file.py:function`, traced on the trial's dataset); any other name is a `models.workloads`
 shape or a user's file (ONNX, YAML, CSV) at its own batch size.
+
+A run's iterations need not all cost the same: a warm-up trains its first epochs in fp32 before the
+trial's formats start (`warmup_config`), a diverged run stops at the batch its loss turned NaN, and
+trials that differ in epochs or batch size train different numbers of iterations. dse.sweep.run_energy
+sums each iteration in the formats it ran in, from the iterations each epoch trained
+(TrainResult.epoch_iterations); the energy model itself only ever prices one iteration.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dse.energy.iteration import TRAIN_OPTIMIZERS, UNITS, training_area_um2
 from dse.energy.model import EnergyModel
 from dse.precision import Layer, TensorFormats, resolve_layers
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
+from dse.sweep.run_energy import has_warmup
 from dse.sweep.trials import FP32, canonical_rules, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
 from dse.usercode import identity as code_identity
@@ -204,3 +211,22 @@ class EnergyEstimator:
                               conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
                               update_mj=mj["update"], memory_mj=mj["memory"],
                               memory_mib=memory_bits / BITS_PER_MIB, area_um2=area)
+
+
+def warmup_config(config: TrainConfig) -> TrainConfig | None:
+    """The configuration the trial's warm-up epochs trained in (None: it has no warm-up): every tensor,
+    the stored weights and the optimizer state in fp32, no rounding, no accumulation format, as
+    `set_quantization(model, False)` runs them (the same optimizer; fp32 weights are their own master
+    copy). NITI has no fp32 warm-up: its integer network trains from the first epoch."""
+    if not has_warmup(config.warmup_epochs, config.optimizer):
+        return None
+    return config.replace(format=None, weights=None, activations=None, gradients=None, weight_grads=None,
+                          optimizer_state=None, master_weights=False, rounding="nearest",
+                          update_rounding="nearest", accumulation=None, layers=(), full_precision_layers=(),
+                          warmup_epochs=0)
+
+
+def warmup_energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
+    """The energy key of the trial's warm-up configuration; empty where it has none."""
+    warmup = warmup_config(config)
+    return energy_key(warmup, settings) if warmup is not None else ""

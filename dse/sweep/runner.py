@@ -24,7 +24,7 @@ from dse.interrupts import signals_interrupt
 from dse.report.drawing import FigureProcesses
 from dse.sweep import lock
 from dse.sweep.config import SweepConfig
-from dse.sweep.energy import EnergyEstimator, energy_key
+from dse.sweep.energy import EnergyEstimator, energy_key, warmup_config, warmup_energy_key
 from dse.sweep.executors import (
     Executor,
     GroupJob,
@@ -70,24 +70,27 @@ EnergyRows = dict[tuple[str, str], dict[str, float]]
 
 
 def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str, str], EnergyRows]:
-    """(trial_id -> energy key, (energy key, workload) -> values) for every trial's configuration."""
+    """(trial_id -> energy key, (energy key, workload) -> values) for every trial's configuration and
+    the configuration of its warm-up (warmup_config), if it has one."""
     estimator = EnergyEstimator(sweep.energy)
     keys: dict[str, str] = {}
     energies: EnergyRows = {}
     problems = Problems()
     for trial in trials:
-        key = energy_key(trial.config, sweep.energy)
-        keys[trial.trial_id] = key
-        if (key, sweep.energy.columns[0]) in energies:
-            continue
-        try:
-            estimates = estimator.estimate(trial.config)
-        except ValueError as error:
-            message = str(error).splitlines()[0]
-            problems.add(str(sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}")))
-            continue
-        for workload, estimate in estimates.items():
-            energies[(key, workload)] = estimate.as_row()
+        keys[trial.trial_id] = energy_key(trial.config, sweep.energy)
+        warmup = warmup_config(trial.config)
+        for config in (trial.config, *([warmup] if warmup is not None else [])):
+            key = energy_key(config, sweep.energy)
+            if (key, sweep.energy.columns[0]) in energies:
+                continue
+            try:
+                estimates = estimator.estimate(config)
+            except ValueError as error:
+                message = str(error).splitlines()[0]
+                problems.add(str(sweep.source.error(trial.source, f"energy of {trial.label!r}: {message}")))
+                break
+            for workload, estimate in estimates.items():
+                energies[(key, workload)] = estimate.as_row()
     problems.raise_any()
     return keys, energies
 
@@ -302,8 +305,8 @@ def _run_sweep(sweep: SweepConfig, *, force: bool, retry_failed: bool, reporter:
                 store = opened.enter_context(open_store(sweep.output))
                 if replace_foreign:
                     store.reset()
-                plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning)
-                        for t in trials]
+                plan = [PlanRow(t.trial_id, t.task, t.label, keys[t.trial_id], t.configuration, t.tuning,
+                                warmup_energy_key(t.config, sweep.energy)) for t in trials]
                 receipt = (None if invocation is None or train_fn is not None
                            else plan_receipt(sweep, invocation))
                 meta = {**_store_meta(sweep, trials, runs, notes), "receipt": receipt}

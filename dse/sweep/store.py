@@ -4,9 +4,10 @@ Tables:
 - `meta`: the sweep's name (its identity: a store belongs to one sweep), the YAML it last ran with, its
   config hash, energy settings and workloads.
 - `plan`: the trials of the latest run of the sweep file, in order, with task, label, configuration
-  (hash of the trial without seed and tuned values), tuning point (JSON) and energy key; a trial two
-  configurations share has a row under each. Trials that were dropped from the file stay in `trials`
-  but leave the plan, so reports skip them.
+  (hash of the trial without seed and tuned values), tuning point (JSON), energy key and the energy key
+  of its warm-up's configuration (empty without a warm-up); a trial two configurations share has a
+  row under each. Trials that were dropped from the file stay in `trials` but leave the plan, so
+  reports skip them.
 - `trials`: one row per finished trial, primary key trial_id; each is committed in its own transaction
   the moment its trial finishes (WAL journal, synchronous=FULL), so a SIGKILL at any moment loses no
   finished trial and a half-written row never becomes visible.
@@ -18,7 +19,9 @@ Tables:
 Stores written before schema 2 are read as they are and brought up to date when a sweep opens them:
 `trials` gains `val_accuracy` (empty for the old rows) and the plan, which every run rewrites, is
 rebuilt with its new columns; `energy` gains `area_um2` (empty until the energy is recomputed, which
-every run does). `master_weights` holds text (`true`, `false` or the master copy's format
+every run does). A plan without `warmup_energy_key` gains it (empty, so a warm-up's energy is unknown
+until the next run rewrites the plan); results without `epoch_iterations` give no run total
+(`_run_iterations`). `master_weights` holds text (`true`, `false` or the master copy's format
 spec); the 0/1 of an old store reads as false/true.
 """
 
@@ -40,7 +43,8 @@ import pandas as pd
 
 from dse.energy.units import UNITS
 from dse.errors import InputError
-from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column
+from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column, run_energy_column
+from dse.sweep.run_energy import RunEnergy, RunIterations, has_warmup, run_energy, run_iterations
 
 T = TypeVar("T")
 STORE_FILE = "sweep.sqlite"
@@ -56,7 +60,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS plan (
     position INTEGER PRIMARY KEY, trial_id TEXT NOT NULL, task TEXT NOT NULL, label TEXT NOT NULL,
-    configuration TEXT NOT NULL, tuning TEXT NOT NULL, energy_key TEXT NOT NULL);
+    configuration TEXT NOT NULL, tuning TEXT NOT NULL, energy_key TEXT NOT NULL,
+    warmup_energy_key TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS trials (
     trial_id TEXT PRIMARY KEY, task TEXT NOT NULL, label TEXT NOT NULL, model TEXT NOT NULL,
     dataset TEXT NOT NULL, weights TEXT NOT NULL, activations TEXT NOT NULL, gradients TEXT NOT NULL,
@@ -83,6 +88,9 @@ class PlanRow:
     configuration: str = ""
     """Hash of the configuration; empty: the label names it (stores before schema 2)."""
     tuning: dict[str, Any] = field(default_factory=dict)
+    warmup_energy_key: str = ""
+    """Energy key of the configuration its warm-up epochs trained in (dse.sweep.energy.warmup_config);
+    empty: it has no warm-up."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ def _migrate(connection: sqlite3.Connection) -> None:
     plan = _columns(connection, "plan")
     if plan and "configuration" not in plan:
         connection.execute("DROP TABLE plan")  # every run rewrites the plan: nothing is lost
+    elif plan and "warmup_energy_key" not in plan:
+        connection.execute("ALTER TABLE plan ADD COLUMN warmup_energy_key TEXT NOT NULL DEFAULT ''")
     trials = _columns(connection, "trials")
     if trials and "val_accuracy" not in trials:
         connection.execute("ALTER TABLE trials ADD COLUMN val_accuracy REAL")
@@ -321,10 +331,10 @@ class SweepStore:
                                         sorted(values.items()))
             self.connection.execute("DELETE FROM plan")
             self.connection.executemany(
-                "INSERT INTO plan (position, trial_id, task, label, configuration, tuning, energy_key) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO plan (position, trial_id, task, label, configuration, tuning, energy_key, "
+                "warmup_energy_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(position, row.trial_id, row.task, row.label, row.configuration,
-                  json.dumps(row.tuning, sort_keys=True), row.energy_key)
+                  json.dumps(row.tuning, sort_keys=True), row.energy_key, row.warmup_energy_key)
                  for position, row in enumerate(plan)])
             self.connection.executemany(
                 f"INSERT OR REPLACE INTO energy (energy_key, workload, {', '.join(_ENERGY_VALUES)}) "
@@ -386,6 +396,7 @@ def energy_columns(workloads: Iterable[str]) -> list[str]:
         columns += [energy_column(workload, unit) for unit in UNITS]
         columns.append(memory_column(workload))
         columns.append(area_column(workload))
+        columns += [run_energy_column(workload), run_energy_column(workload, mean=True)]
     return columns
 
 
@@ -400,12 +411,14 @@ def _read_store(connection: sqlite3.Connection) -> tuple[dict[str, str], list[st
     workloads = json.loads(meta.get("workloads", "[]"))
     if not isinstance(workloads, list):
         raise ValueError(f"meta.workloads is not a list: {workloads!r}")
-    new_plan = "configuration" in _columns(connection, "plan")
-    plan_columns = "p.configuration, p.tuning" if new_plan else "p.label, '{}'"
+    plan = _columns(connection, "plan")
+    plan_columns = "p.configuration, p.tuning" if "configuration" in plan else "p.label, '{}'"
+    # NULL: a plan written before warm-ups were priced (unknown until a run rewrites it)
+    plan_columns += ", p.warmup_energy_key" if "warmup_energy_key" in plan else ", NULL"
     rows = connection.execute(
         f"SELECT p.energy_key, p.task, p.label, {plan_columns}, t.* FROM plan p "
         "JOIN trials t ON t.trial_id = p.trial_id ORDER BY p.position").fetchall()
-    names = ["energy_key", "plan_task", "plan_label", "configuration", "tuning"] + [
+    names = ["energy_key", "plan_task", "plan_label", "configuration", "tuning", "warmup_energy_key"] + [
         d[0] for d in connection.execute("SELECT * FROM trials LIMIT 0").description]
     missing = [name for name in (*TRIAL_COLUMNS, "config") if name not in names
                and name != "val_accuracy"]  # val_accuracy: absent from stores before schema 2
@@ -447,6 +460,7 @@ def _trial_records(rows: list[tuple[Any, ...]], names: list[str], workloads: lis
         for name, value in _json_object(record["tuning"], f"{where}: tuning").items():
             tuned.setdefault(name)
             record[TUNED_PREFIX + name] = value
+        iterations, counted = _run_iterations(row)
         for workload in workloads:
             values = by_key.get((row["energy_key"], workload))
             numbers = dict(zip(_ENERGY_VALUES, values, strict=True)) if values else {}
@@ -456,16 +470,58 @@ def _trial_records(rows: list[tuple[Any, ...]], names: list[str], workloads: lis
             record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
             area = numbers.get("area_um2")
             record[area_column(workload)] = math.nan if area is None else area
+            run = _run_energy(iterations, record[energy_column(workload)], by_key, row, workload)
+            record[run_energy_column(workload)] = run.total_mj if counted else math.nan
+            record[run_energy_column(workload, mean=True)] = run.mean_mj
         record["config"] = row["config"]
         records.append(record)
     return records, tuned
+
+
+def _run_iterations(row: dict[str, Any]) -> tuple[RunIterations | None, bool]:
+    """The iterations the trial trained, split by warm-up (None: unknown), and whether they are counted
+    in iterations (True) or, for a result without the iterations of each epoch it ran (a trial recorded
+    before dse counted them: every epoch then trained alike unless it diverged), in epochs: enough for
+    the run's mean per iteration, not for its total. A trial that raised trained nothing that counts."""
+    if row["status"] == "error":
+        return None, False
+    result = _json_object(row["result"], f"trial {row['trial_id']}: result")
+    epochs, counts = result.get("epochs_run"), result.get("epoch_iterations")
+    if counts is not None and not (isinstance(counts, list)
+                                   and all(isinstance(count, int) for count in counts)):
+        raise ValueError(f"trial {row['trial_id']}: epoch_iterations is not a list of integers: {counts!r}")
+    counted = counts is not None and len(counts) == epochs
+    if not counted:
+        if row["status"] != "ok" or not isinstance(epochs, int):
+            return None, False  # (the epoch it diverged in trained an unknown part of its batches)
+        counts = [1] * epochs
+    assert counts is not None
+    warmup = int(row["warmup_epochs"]) if has_warmup(int(row["warmup_epochs"]), str(row["optimizer"])) else 0
+    return run_iterations(counts, warmup), counted
+
+
+def _run_energy(iterations: RunIterations | None, iteration_mj: float,
+                by_key: dict[tuple[str, str], tuple[float, ...]], row: dict[str, Any], workload: str
+                ) -> RunEnergy:
+    """The run's energy in one workload column (NaN where its iterations or an energy are unknown)."""
+    unknown = RunEnergy(math.nan, math.nan)
+    if iterations is None:
+        return unknown
+    warmup_mj = None
+    if iterations.warmup:
+        warmup = by_key.get((row["warmup_energy_key"], workload)) if row["warmup_energy_key"] else None
+        if warmup is None:  # a plan from before warm-ups were priced: known once a run rewrites it
+            return unknown
+        warmup_mj = float(warmup[_ENERGY_VALUES.index("total_mj")])
+    return run_energy(iterations, iteration_mj, warmup_mj)
 
 
 def load_trials(directory: Path) -> pd.DataFrame:
     """One row per finished trial of the sweep's latest plan, in plan order (see docs/config.md).
 
     Columns: TRIAL_COLUMNS, PLAN_COLUMNS, `tuned:<field>` per field tuned in the plan, then per workload
-    W `energy_mj:W`, `energy_mj:W:<unit>` for each unit, `memory_mib:W` and `area_um2:W`, then `config` (the
+    W `energy_mj:W`, `energy_mj:W:<unit>` for each unit, `memory_mib:W`, `area_um2:W`, `run_energy_mj:W`
+    and `run_mean_energy_mj:W` (dse.sweep.energy.run_energy), then `config` (the
     TrainConfig as JSON). `frame.attrs['sweep']` holds the sweep's name, workloads, memory_objective,
     baselines (task -> label, where the sweep file named one) and output directory.
     """

@@ -275,6 +275,9 @@ class TrainResult:
     """Test accuracy after each epoch."""
     val_accuracy_curve: list[float] = field(default_factory=list)
     """Validation accuracy after each epoch."""
+    epoch_iterations: list[int] = field(default_factory=list)
+    """Iterations (weight updates) trained in each epoch: every batch, or in the epoch a run diverged in,
+    the batches before its loss turned NaN or inf. What a trial's run energy is priced over."""
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -538,6 +538,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
     losses: list[list[float]] = [[] for _ in configs]
     accuracies: list[list[float]] = [[] for _ in configs]
     val_accuracies: list[list[float]] = [[] for _ in configs]
+    iterations: list[list[int]] = [[] for _ in configs]
     diverged = [False] * members
     running = list(range(members))  # members still training
     model.train()
@@ -572,6 +573,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
                 if epoch_losses.diverged[g] or not finite[g]:
                     diverged[g] = True
                 losses[g].append(math.nan if diverged[g] else epoch_losses.mean(g))
+                iterations[g].append(epoch_losses.batches[g])
                 val_accuracies[g].append(val[g])
                 accuracies[g].append(test[g])
                 if diverged[g]:
@@ -590,6 +592,7 @@ def _train_group(configs: list[TrainConfig], data: Dataset) -> list[TrainResult]
         loss_curve=losses[g],
         accuracy_curve=accuracies[g],
         val_accuracy_curve=val_accuracies[g],
+        epoch_iterations=iterations[g],
         config=config.to_dict(),
     ) for g, config in enumerate(configs)]
 

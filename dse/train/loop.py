@@ -202,6 +202,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
     losses: list[float] = []
     accuracies: list[float] = []
     val_accuracies: list[float] = []
+    iterations: list[int] = []
     diverged = False
     setup.model.train()
     with replaying([generator], setup.model):  # a recomputation draws what its forward drew
@@ -221,6 +222,7 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
             epoch_losses = tally.close()
             diverged = epoch_losses.diverged[0] or not members_finite(list(setup.model.parameters()))[0]
             losses.append(math.nan if diverged else epoch_losses.mean(0))
+            iterations.append(epoch_losses.batches[0])
             val_accuracies.append(evaluate(setup.model, x_val, y_val, setup.eval_batch or EVAL_BATCH))
             accuracies.append(evaluate(setup.model, x_test, y_test, setup.eval_batch or EVAL_BATCH))
             if progress is not None:
@@ -238,5 +240,6 @@ def _train(config: TrainConfig, dataset: Dataset | None, progress: Progress | No
         loss_curve=losses,
         accuracy_curve=accuracies,
         val_accuracy_curve=val_accuracies,
+        epoch_iterations=iterations,
         config=config.to_dict(),
     )

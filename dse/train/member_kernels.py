@@ -90,10 +90,10 @@ LAYOUT_DEPENDENT_REDUCTIONS: frozenset[Any] = frozenset({
     torch.sum, Tensor.sum, torch.mean, Tensor.mean, torch.nansum, Tensor.nansum,
 }) | RESULT_GRADIENT_REDUCTIONS
 """Reductions whose CPU kernel, over an axis that lies outside the batch in memory (a batch-innermost
-(B, C) view of a (C, B) tensor summed over C), runs its vector loop across the outputs, the batch's
-samples: a sample's sum then takes the vector or the scalar loop by where it sits among all G x B
-samples (measured on torch 2.13, this session's AMD EPYC, one thread, B in 7, 14, 50, 64, C in 37,
-40, G in 2, 3: sum, mean and nansum differed from the member's own in 26 of 40 member blocks,
+(B, C) view of a (C, B) tensor summed over C), runs across the outputs, the batch's samples, and adds
+a sample's terms in an order set by how many samples the call holds (BROADCASTING_FUNCTIONS), G x B
+where alone B (measured on torch 2.13, this session's AMD EPYC, one thread, B in 7, 14, 50, 64, C in
+37, 40, G in 2, 3: sum, mean and nansum differed from the member's own in 26 of 40 member blocks,
 logsumexp in 15; var, std, amax, prod, softmax, log_softmax, norm, cumsum, F.normalize and
 layer_norm in none). The gradient of sum, mean and nansum (the output's gradient expanded, divided by
 the count for a mean) does not depend on their result; logsumexp's does (RESULT_GRADIENT_REDUCTIONS)."""
@@ -112,13 +112,44 @@ def positional_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tup
     return args, kwargs
 
 
+BROADCASTING_FUNCTIONS: frozenset[Any] = frozenset({
+    torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
+    torch.sub, torch.subtract, torch.rsub, Tensor.sub, Tensor.subtract, Tensor.sub_, Tensor.__sub__,
+    Tensor.__rsub__, Tensor.__isub__, torch.mul, torch.multiply, Tensor.mul, Tensor.multiply, Tensor.mul_,
+    Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, torch.div, torch.divide, torch.true_divide,
+    Tensor.div, Tensor.divide, Tensor.true_divide, Tensor.div_, Tensor.__truediv__, Tensor.__rtruediv__,
+    Tensor.__itruediv__, torch.where, Tensor.where, torch.maximum, Tensor.maximum, torch.minimum,
+    Tensor.minimum, torch.addcmul, Tensor.addcmul, torch.addcdiv, Tensor.addcdiv, torch.lerp, Tensor.lerp,
+    torch.atan2, torch.hypot, torch.fmax, torch.fmin,
+})
+"""Elementwise functions of several tensors, which broadcast them to one shape. A tracked operand's
+gradient is then the output's summed over the axes it was broadcast along (autograd's at::sum_to, in
+C++, outside any mode), a sum as LAYOUT_DEPENDENT_REDUCTIONS: over an axis outside the members' samples
+in memory, the order in which it adds a sample's terms depends on how many samples the call holds (G x
+B, alone B; 1-69 samples of 37 and of 40 terms, one thread: four orders, for 1; 2-3 and 8-31; 4, 32
+and 64; 5-7, 33-63 and 65-69 samples). A batch-innermost gradient of `h - h.mean(1, keepdim=True)`
+gave 26 of 40 member blocks of h's gradient other bits than alone (B in 7, 14, 50, 64, C in 37, 40, G
+in 2, 3, fp32, one thread)."""
+
+EXPANDING_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.expand, Tensor.expand_as, torch.broadcast_to, Tensor.broadcast_to,
+})
+"""Explicit broadcasts, whose backward is that sum too."""
+
+
+def _sums_outside(x: Tensor, axis: int, dims: Sequence[int]) -> bool:
+    """Whether a sum of x over `dims`, where x holds the members' samples along `axis`, keeps `axis` and
+    reduces an axis that lies outside it in memory (a larger stride), where the order of each sample's
+    sum depends on how many samples the call holds."""
+    reduced = {d % x.dim() for d in dims}
+    return axis not in reduced and any(x.shape[d] > 1 and x.stride(d) > x.stride(axis) for d in reduced)
+
+
 def _reduced_outside_members(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a reduction of x (members' samples along axis 0) over the dims in `args` / `kwargs`
-    keeps axis 0 and reduces an axis that lies outside it in memory (a larger stride), where its
-    vector loop runs across the samples."""
+    reduces outside the samples in memory (`_sums_outside`)."""
     reduced = _reduced_dims(x, args, kwargs)
-    return bool(reduced) and 0 not in reduced and any(x.shape[d] > 1 and x.stride(d) > x.stride(0)
-                                                      for d in reduced)
+    return bool(reduced) and _sums_outside(x, 0, reduced)
 
 
 def _reduced_dims(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -258,13 +289,40 @@ class _LogSumExpOf(torch.autograd.Function):
         return grad * (x - result).exp(), None, None, None
 
 
+class _BroadcastAsAlone(torch.autograd.Function):
+    """x expanded to `shape` (a view, as a broadcast's operand is); the backward sums the gradient over
+    the broadcast axes (at::sum_to, as autograd does alone) member by member, each member's block laid
+    out as alone (`_as_alone`), where that sum reduces outside the members' samples in memory, once
+    otherwise."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shape: torch.Size, members: int) -> Tensor:
+        ctx.shape, ctx.members = x.shape, members
+        return x.expand(shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        shape, members = ctx.shape, ctx.members
+        lead = grad.dim() - len(shape)
+        summed = [*range(lead), *(d for d in range(lead, grad.dim())
+                                  if shape[d - lead] == 1 and grad.shape[d] != 1)]
+        if not _sums_outside(grad, lead, summed):
+            return grad.sum_to_size(shape), None, None
+        each = grad.shape[lead] // members
+        own = (each, *shape[1:])
+        return torch.cat([_as_alone(grad.narrow(lead, g * each, each), lead, members).sum_to_size(own)
+                          for g in range(members)]), None, None
+
+
 class MemberKernelMode(RecomputedMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
     are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
     member, each on its own samples laid out as alone, so each member gets its bits alone, and so
-    LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory; every other call runs as
-    it is. `rows` is a member's batch B of the current forward (None: the
-    members' blocks are the first axis's). `seen` tells whether the forward called any of them."""
+    LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory, and the gradient's sum of
+    an operand that BROADCASTING_FUNCTIONS or EXPANDING_FUNCTIONS broadcast along such an axis
+    (`_BroadcastAsAlone`); every other call runs as it is. `rows` is a member's batch B of the
+    current forward (None: the members' blocks are the first axis's). `seen` tells whether the
+    forward called any of them."""
 
     def __init__(self, members: int, rows: int | None = None) -> None:
         super().__init__()
@@ -291,6 +349,11 @@ class MemberKernelMode(RecomputedMode):
         kwargs = kwargs or {}
         if func in LAYOUT_DEPENDENT_REDUCTIONS:
             return self._reduction(func, *positional_input(args, kwargs))
+        if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
+            return self._broadcast(func, args, kwargs)
+        if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
+            expanded = func(*args, **kwargs)
+            return self._broadcast_as_alone(args[0], expanded.shape, expanded)
         if func not in POSITION_DEPENDENT_FUNCTIONS:
             return func(*args, **kwargs)
         args, kwargs = positional_input(args, kwargs)
@@ -326,6 +389,35 @@ class MemberKernelMode(RecomputedMode):
         outputs = [call(block) for block in range(members)]
         return torch.cat([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
                          axis)
+
+    def _broadcast_as_alone(self, x: Any, shape: torch.Size, otherwise: Any) -> Any:
+        """x broadcast to `shape` through `_BroadcastAsAlone` where x is a tracked floating-point tensor
+        with the members' samples on its first axis (a multiple of the group's folded batch),
+        broadcast along another; `otherwise` else."""
+        if (not isinstance(x, Tensor) or not x.requires_grad or x.shape == shape or x.dim() == 0
+                or not x.is_floating_point() or x.device.type != "cpu" or x.dim() > len(shape)
+                or x.shape[0] != shape[len(shape) - x.dim()]
+                or x.shape[0] % (self.members * (self.rows or 1))):
+            return otherwise
+        self.seen = True
+        return _BroadcastAsAlone.apply(x, shape, self.members)
+
+    def _broadcast(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One of BROADCASTING_FUNCTIONS: each operand with the members' samples on its first axis that
+        the call broadcasts along another axis expanded through `_BroadcastAsAlone` (its gradient summed
+        member by member as alone); the call as it is where no operand needs it."""
+        operands = [t for name, t in (*enumerate(args), *kwargs.items())
+                    if isinstance(t, Tensor) and name != "out"]
+        if len(operands) < 2 or all(t.shape == operands[0].shape for t in operands):
+            return func(*args, **kwargs)
+        try:
+            shape = torch.broadcast_shapes(*(t.shape for t in operands))
+        except RuntimeError:  # (torch's own call says what is wrong)
+            return func(*args, **kwargs)
+        args = tuple(self._broadcast_as_alone(a, shape, a) for a in args)
+        kwargs = {name: a if name == "out" else self._broadcast_as_alone(a, shape, a)
+                  for name, a in kwargs.items()}
+        return func(*args, **kwargs)
 
     def _reduction(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of LAYOUT_DEPENDENT_REDUCTIONS: member by member, each member's samples laid out as

@@ -127,3 +127,15 @@ def test_unknown_workload_or_missing_memory_is_one_line_input_error() -> None:
     assert "\n" not in str(caught.value)
     with pytest.raises(InputError, match="memory_mib:resnet50"):
         pareto_front(summary.drop(columns=[f"memory_mib:{W}"]), W, memory_objective=True)
+
+
+def test_the_front_ranks_by_the_runs_mean_energy_where_the_results_have_it() -> None:
+    """c1 is cheaper per steady-state iteration than c0 and as accurate, but its run (an fp32 warm-up)
+    costs more per iteration: ranked by the run, c0 dominates it; without run columns, c1 wins."""
+    summary = summary_frame([("t", 0.9, 2.0, 1.0), ("t", 0.9, 1.0, 1.0)])
+    assert list(pareto_front(summary, W)["label"]) == ["c1"]
+    summary[f"run_mean_energy_mj:{W}"] = [2.0, 3.0]
+    summary[f"run_energy_mj:{W}"] = [200.0, 300.0]
+    front = pareto_front(summary, W)
+    assert list(front["label"]) == ["c0"]
+    assert front.iloc[0][["energy_mj", "iteration_energy_mj", "run_energy_mj"]].tolist() == [2.0, 2.0, 200.0]

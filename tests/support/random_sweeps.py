@@ -45,10 +45,12 @@ AUDIT_NETWORKS: tuple[tuple[str, str], ...] = (
     ("odd_conv", "digits"), ("conv1d", "digits"), ("upsampled", "digits"), ("lstm_rows", "digits"),
     ("odd_normed", "digits"), ("embedded", "sort"))
 """(network, dataset) of tests/support/audit_networks.py: odd widths, odd convolutions, more leaf layers."""
-LEAF_NETWORKS: tuple[str, ...] = ("own_affine", "own_affine9", "own_einsum", "own_affine_in_wide", "norm37")
+LEAF_NETWORKS: tuple[str, ...] = ("own_affine", "own_affine9", "own_einsum", "own_affine_in_wide", "norm37",
+                                  "batch_inner_reduced")
 """Networks of tests/support/leaf_models.py: users' leaf layers calling GEMMs dse does not convert
-(torch.addmm, torch.einsum) and a BatchNorm1d of 37 features, which a group runs member by member
-(batch_inner_reduced, whose fp32 case leaf-align states open in docs/training.md, is left out)."""
+(torch.addmm, torch.einsum), a BatchNorm1d of 37 features, which a group runs member by member, and a
+batch-innermost output centred by its mean over the channels (a reduction and a broadcast outside the
+batch in memory)."""
 MODULE_MODELS: tuple[tuple[str, str], ...] = (
     ("support.audit_networks:odd_conv", "digits"), ("support.user_models:gated", "digits"),
     (f"{SUPPORT.parent.parent}/examples/own_model/model.py:small_resnet", "digits"))

@@ -70,8 +70,9 @@ def test_store_round_trip(run_inline: Callable[..., Any], fake_accuracy: Callabl
         "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients",
         "weight_grads", "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error",
         "val_accuracy", "test_accuracy", "final_loss", "wall_time_s", "configuration", "tuning",
-        *energy[:6], "memory_mib:proxy", "area_um2:proxy", *energy[6:], "memory_mib:resnet18",
-        "area_um2:resnet18", "config"]
+        *energy[:6], "memory_mib:proxy", "area_um2:proxy", "run_energy_mj:proxy", "run_mean_energy_mj:proxy",
+        *energy[6:], "memory_mib:resnet18", "area_um2:resnet18", "run_energy_mj:resnet18",
+        "run_mean_energy_mj:resnet18", "config"]
     assert list(frame["trial_id"]) == [t.trial_id for t in trials]  # one row per trial, in plan order
     assert frame.attrs["sweep"] == {"name": "store-test", "workloads": ["proxy", "resnet18"],
                                     "memory_objective": False, "baselines": {"mlp/digits": "fp32 sgd"},

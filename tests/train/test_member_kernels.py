@@ -30,7 +30,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu in place": lambda x: F.silu(x * 1, inplace=True),
     "sigmoid_": lambda x: (x * 1).sigmoid_(), "exp2_": lambda x: (x * 1).exp2_(),
     "elu_": lambda x: F.elu_(x * 1), "x **= 1.5": lambda x: x.abs().__ipow__(1.5 + x * 0),
+    "sigmoid(input=)": lambda x: torch.sigmoid(input=x),
+    "pow(input=, exponent=)": lambda x: torch.pow(input=x.abs(), exponent=x),
 }
+"""Keyword spellings included: `torch.sigmoid(input=x)` reaches the mode with its input by keyword
+(before, such a call ran unsplit)."""
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -159,7 +163,7 @@ def test_the_built_in_proxies_call_none_of_the_functions_so_run_without_the_mode
     x = data.x_train[:2 * 20].reshape(2, 20, *data.x_train.shape[1:])
     for training in (True, False):
         stacked.train(training)
-        mode = MemberKernelMode(2)
+        mode = MemberKernelMode(2, 20)  # (the rows MemberKernels gives it: a member's batch)
         with mode:
             stacked.net(x.flatten(0, 1)).sum().backward()
         assert not mode.seen, training

@@ -64,10 +64,8 @@ def test_a_reduction_over_a_per_member_layers_batch_innermost_output_trains_as_a
     centred by its mean over C, into a Linear head): before, members 3 and 55 differed from alone
     (final losses 2.305901368459066 grouped against 2.3063859144846597 alone, 2.2091996669769287
     against 2.2084742387135825; int8, pseudo-stochastic rounding, 2 epochs of 114 digits, batch 50;
-    seeds 11, 12, 13 equal too). In fp32 it is still open: the head hands a batch-innermost input
-    gradient back (as torch's Linear does alone), and autograd's sum of it over C for the mean's
-    broadcast runs outside any mode, across the group's samples (seeds 11 and 13 differed at batch
-    50: 2.156002918879191 grouped against 2.1560027599334717 alone)."""
+    seeds 11, 12, 13 equal too). fp32, where the head hands back a batch-innermost gradient whose sum
+    for the mean's broadcast differed: tests/train/test_train_grouped_broadcast.py."""
     data = short_digits()
     base = TrainConfig(model=f"{LEAF_MODELS}:batch_inner_reduced", dataset="digits", epochs=2, batch_size=50,
                        optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
