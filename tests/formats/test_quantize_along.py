@@ -7,11 +7,13 @@ all) over blocks of every exponent, with odd block tails along every axis."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dse.formats import get
 from dse.formats.base import MemberGenerators, NumberFormat, _with_axis
@@ -186,3 +188,42 @@ def test_fused_nearest_path_leaves_tensors_larger_than_a_slice_to_each_axis() ->
     assert fast_block.quantize_e8m0_nearest_along(fmt, x, (-1, 0)) is None
     for a, b in zip(fmt.quantize_along(x, (-1, 0)), each_axis(fmt, x, (-1, 0), "nearest", None), strict=True):
         assert_same_bits(a, b)
+
+
+class _AtenNames(TorchDispatchMode):
+    """The aten operations called inside it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "mxint8"])
+@pytest.mark.parametrize(("shape", "axis"), [((3, 100, 256), -1), ((3, 100, 256), -2), ((3, 256, 256), 1)])
+def test_blocks_of_zeros_need_no_per_block_range_mask_on_either_path(
+        spec: str, shape: tuple[int, ...], axis: int) -> None:
+    """A block of zeros (a ReLU's output, its gradient) is rounded by the fused path as any other: it
+    sends neither the single-axis path (a group's stacked tensors, larger than a slice) nor the
+    several-axes one (a member's alone) to the mask of blocks whose constants leave float32's range,
+    and the values equal the reference rounding's."""
+    fmt = get(spec)
+    assert isinstance(fmt, BlockFormat)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).relu_()
+    x[:, :40] = 0.0  # whole blocks of zeros along every axis
+    member = x[0].clone()
+    along, member_axes = _with_axis(fmt, axis), (axis - 1 if axis > 0 else axis,)
+    fast_block.quantize_e8m0_nearest(along, x, "nearest")  # the formats' plans, made once
+    fast_block.quantize_e8m0_nearest_along(fmt, member, member_axes)
+    with _AtenNames() as stacked:
+        fused = fast_block.quantize_e8m0_nearest(along, x, "nearest")
+    with _AtenNames() as alone:
+        fused_alone = fast_block.quantize_e8m0_nearest_along(fmt, member, member_axes)
+    assert fused is not None and fused_alone is not None
+    assert "any" not in stacked.names and "any" not in alone.names, (stacked.names, alone.names)
+    with reference_only():
+        assert_same_bits(fused, along.quantize(x))
+        assert_same_bits(fused_alone[0], _with_axis(fmt, member_axes[0]).quantize(member))
