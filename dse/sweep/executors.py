@@ -165,6 +165,15 @@ def execute(job: Job) -> list[TrialOutcome]:
     return execute_group(job) if isinstance(job, GroupJob) else [execute_trial(job)]
 
 
+def execute_in_worker(job: Job) -> list[TrialOutcome]:
+    """`execute` in a worker process that is dse's own (a Ray worker): freed memory kept, as in the
+    sweep's other workers."""
+    from dse.train.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    return execute(job)
+
+
 class Executor(Protocol):
     """Where jobs run. Used as a context manager: entering acquires what the executor needs (a Ray
     cluster) before the sweep writes anything, leaving releases it."""
@@ -201,6 +210,9 @@ def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
     _limit_threads(threads)
     become_helper(sweep_pid)
     import dse.train.loop  # noqa: F401
+    from dse.train.allocator import keep_freed_memory
+
+    keep_freed_memory()
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -416,7 +428,7 @@ class RayExecutor:
             return
         self.connect()
         ray = self.ray
-        remote = ray.remote(execute)
+        remote = ray.remote(execute_in_worker)
         pending = [remote.options(**self.task_options(job)).remote(job) for job in jobs]
         try:
             while pending:

@@ -42,7 +42,6 @@ from torch.utils._pytree import tree_leaves
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
 from dse.models.proxies import MODELS, build_model
-from dse.train.allocator import keep_freed_memory
 from dse.train.batch_dependence import Forward, batch_size_reason, forwards_of
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
@@ -290,7 +289,6 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
         warnings.warn(split_note(len(configs), fit, one, available, configs[0].device, groups_at_once),
                       GroupSplitWarning, stacklevel=2)
     results: list[TrainResult] = []
-    keep_freed_memory()  # a group's G-fold tensors, freed each step, are not faulted in again
     try:
         with _run_settings(configs[0].threads):
             for start in range(0, len(configs), fit):
