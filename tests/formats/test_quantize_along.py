@@ -7,13 +7,12 @@ all) over blocks of every exponent, with odd block tails along every axis."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
+from support.aten_calls import AtenCalls
 
 from dse.formats import get
 from dse.formats.base import MemberGenerators, NumberFormat, _with_axis
@@ -190,18 +189,6 @@ def test_fused_nearest_path_leaves_tensors_larger_than_a_slice_to_each_axis() ->
         assert_same_bits(a, b)
 
 
-class _AtenNames(TorchDispatchMode):
-    """The aten operations called inside it, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("spec", ["mxfp4", "mxint8"])
 @pytest.mark.parametrize(("shape", "axis"), [((3, 100, 256), -1), ((3, 100, 256), -2), ((3, 256, 256), 1)])
 def test_blocks_of_zeros_need_no_per_block_range_mask_on_either_path(
@@ -218,12 +205,12 @@ def test_blocks_of_zeros_need_no_per_block_range_mask_on_either_path(
     along, member_axes = _with_axis(fmt, axis), (axis - 1 if axis > 0 else axis,)
     fast_block.quantize_e8m0_nearest(along, x, "nearest")  # the formats' plans, made once
     fast_block.quantize_e8m0_nearest_along(fmt, member, member_axes)
-    with _AtenNames() as stacked:
+    with AtenCalls() as stacked:
         fused = fast_block.quantize_e8m0_nearest(along, x, "nearest")
-    with _AtenNames() as alone:
+    with AtenCalls() as alone:
         fused_alone = fast_block.quantize_e8m0_nearest_along(fmt, member, member_axes)
     assert fused is not None and fused_alone is not None
-    assert "any" not in stacked.names and "any" not in alone.names, (stacked.names, alone.names)
+    assert "aten::any" not in stacked.names and "aten::any" not in alone.names, (stacked.names, alone.names)
     with reference_only():
         assert_same_bits(fused, along.quantize(x))
         assert_same_bits(fused_alone[0], _with_axis(fmt, member_axes[0]).quantize(member))
