@@ -8,8 +8,8 @@ faulted 1,616 fresh pages in (2.6 ms of system time in a 12 ms step, `benchmarks
 --faults`), where the same step alone faults none. Pinning both thresholds keeps the freed blocks in
 the heap for the next step.
 
-Process-wide and not undone (glibc has no read of these settings to restore): a process that has
-trained a group keeps its heap at its peak until it ends. So dse's own processes pin them (`dse train`,
+Process-wide and not undone (glibc has no read of these settings to restore): a process that pins
+them keeps its heap at its peak until it ends. So dse's own processes pin them (`dse train`,
 `dse sweep`, its workers: the same settings for a trial alone and in a group), and the library's
 `train` / `train_group` leave a caller's process (a notebook) as it is; such a caller calls
 `keep_freed_memory` itself for a group's speed. Addresses are unaffected modulo 64, the alignment
