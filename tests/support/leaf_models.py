@@ -217,3 +217,22 @@ def lazy_average_unweighted(shape: tuple[int, ...], classes: int) -> nn.Module:
     """`LazyAverage` with no weight: a layer whose only tensor of its own is the buffer set later."""
     return nn.Sequential(nn.Linear(shape[0], 37), nn.Tanh(), LazyAverage(37, weighted=False),
                          nn.Linear(37, classes))
+
+
+class SharedLeaf(nn.Module):
+    """One leaf layer (37 features in and out) called twice in a forward (weight sharing), a head."""
+
+    def __init__(self, width: int, classes: int, leaf: nn.Module) -> None:
+        super().__init__()
+        self.a, self.leaf, self.head = nn.Linear(width, 37), leaf, nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.leaf(torch.tanh(self.leaf(torch.tanh(self.a(x)))))))
+
+
+def shared_max_norm_affine(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SharedLeaf(shape[0], classes, MaxNormAffine(37, 37, 0.6))
+
+
+def shared_clamped_affine(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SharedLeaf(shape[0], classes, ClampedAffine(37, 37))
