@@ -809,6 +809,12 @@ def _may_write_parameters(layer: nn.Module) -> bool:
     return not type(layer).__module__.startswith(("torch.", OWN_PACKAGE))
 
 
+class MemberStateUnstacked(ValueError):
+    """Found while a group trained: a layer run member by member left its members' buffers in shapes,
+    dtypes or None-ness that one stacked tensor cannot hold (a buffer its forward sets from None in
+    some members only); the group's trials train one by one instead."""
+
+
 def _stacked_set_buffer(template: nn.Module, name: str, parts: Sequence[Tensor | None]) -> Tensor | None:
     """A buffer registered as None, as the members' calls left it: still None, or each member's
     tensor stacked along the members' axis (then an ordinary stacked buffer of the layer)."""
@@ -817,8 +823,9 @@ def _stacked_set_buffer(template: nn.Module, name: str, parts: Sequence[Tensor |
     first = parts[0]
     if first is None or any(part is None or part.shape != first.shape or part.dtype != first.dtype
                             for part in parts):
-        raise ValueError(f"cannot group {type(template).__name__}: its forward sets buffer {name!r} to "
-                         f"tensors of other shapes or dtypes, or to None, in different members")
+        raise MemberStateUnstacked(f"cannot group {type(template).__name__}: its forward sets buffer "
+                                   f"{name!r} to tensors of other shapes or dtypes, or to None, in "
+                                   f"different members")
     return torch.stack(cast(list[Tensor], list(parts)))
 
 
@@ -846,8 +853,8 @@ def _keep_reassigned_buffers(template: nn.Module, slices: Mapping[str, Sequence[
         if new is parts[member]:
             continue
         if new is None or new.shape != parts[member].shape or new.dtype != parts[member].dtype:
-            raise ValueError(f"cannot group {type(template).__name__}: its forward reassigns buffer "
-                             f"{name!r} to another shape or dtype than it had")
+            raise MemberStateUnstacked(f"cannot group {type(template).__name__}: its forward reassigns "
+                                       f"buffer {name!r} to another shape or dtype than it had")
         with torch.no_grad():
             parts[member].copy_(new)
 

@@ -20,7 +20,7 @@ from dse.sweep import parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
 from dse.train import TrainConfig, train
-from dse.train.grouped import group_reason, train_group
+from dse.train.grouped import GroupSplitWarning, group_reason, train_group
 from dse.train.layers import QuantSwitch
 from dse.train.stacked import stack_models
 
@@ -132,3 +132,16 @@ def test_a_shared_layer_whose_second_call_writes_a_saved_parameter_fails_in_a_gr
             train(config, data)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         train_group(configs, data)
+
+
+def test_a_buffer_set_from_none_in_some_members_only_trains_them_one_by_one_as_alone() -> None:
+    """A layer that sets a buffer registered as None for some members and not others (by their own
+    data: seed 1's first batch sets it, seed 3's first epoch never does; the check forwards' samples
+    set it in no member) cannot keep it as one stacked buffer: the group's trials train one by one,
+    each as alone, and say so. Before, train_group raised ValueError in its first step."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:mean_gated_average", dataset="digits", epochs=1,
+                       batch_size=50, optimizer="sgd", format="fp32", threads=1)
+    configs = [base.replace(seed=3), base.replace(seed=1)]
+    assert group_reason(configs[0]) is None
+    with pytest.warns(GroupSplitWarning, match="sets buffer 'average'.*trained one by one"):
+        assert_group_trains_as_alone(configs, short_digits())
