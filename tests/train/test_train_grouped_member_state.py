@@ -145,3 +145,25 @@ def test_a_buffer_set_from_none_in_some_members_only_trains_them_one_by_one_as_a
     assert group_reason(configs[0]) is None
     with pytest.warns(GroupSplitWarning, match="sets buffer 'average'.*trained one by one"):
         assert_group_trains_as_alone(configs, short_digits())
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+def test_the_look_ahead_forwards_leave_a_layers_written_parameters_as_they_were() -> None:
+    """The forwards that find functional GEMMs (every trial, alone or grouped) and estimate memory
+    leave the model as it was: before, a layer that clamps its weight in its forward came out of
+    them clamped (a step's write before the first step)."""
+    from support.leaf_models import clamped_affine
+
+    from dse.train.functional import find_gemms
+    from dse.train.memory import activation_bytes_per_sample
+
+    torch.manual_seed(0)
+    model = clamped_affine((64,), 10)
+    with torch.no_grad():
+        model.leaf.weight.mul_(3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    example = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    find_gemms(model, example[:2])
+    activation_bytes_per_sample(model, example)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
