@@ -3,8 +3,12 @@ imports of the trainer, at whose end CPython's server starts to watch the sweep 
 
 It ends with the sweep at once: killed outright (SIGKILL, the out-of-memory killer) in its first
 seconds, the sweep left its server importing for those seconds (11-15 s at load 14-19), and the
-resource tracker with it. The kernel now kills the server when the sweep's thread that started it ends
-(`dse.processes.killed_with_parent`).
+resource tracker with it. A thread of the server now watches the sweep's pipe while it imports, and
+ends the server when the sweep has ended (dse/sweep/server_ready.py, its last preloaded module, ends
+that thread: from there CPython's server watches the pipe itself, and forks its workers from one
+thread). Not Linux's parent-death signal: the kernel sends it when the *thread* that started the
+server ends, and a sweep run from a thread (a notebook's, a thread pool's) that ended killed the
+server of the process, and the workers of the sweep beside it.
 
 Ctrl-C and a hang-up are the sweep's to handle (it stops its workers and says so in one line): a
 Ctrl-C in the seconds the server spends importing printed the server's own KeyboardInterrupt traceback
@@ -23,11 +27,11 @@ import os
 import select
 import signal
 import sys
+import threading
 import traceback
 from types import FrameType, TracebackType
 
 from dse.interrupts import GROUP_SIGNALS
-from dse.processes import killed_with_parent
 
 
 def _sweeps_pipe() -> int | None:
@@ -43,14 +47,42 @@ def _sweeps_pipe() -> int | None:
     return None
 
 
-if killed_with_parent():
-    _pipe = _sweeps_pipe()  # (a sweep that ended before the line above sent no signal)
-    if _pipe is not None and select.select([_pipe], [], [], 0)[0]:
+def _end_with_the_sweep(sweeps: int, stop: int) -> None:
+    """Exit at once when the sweep's pipe is at its end, unless `stop` becomes readable first."""
+    ready = select.select([sweeps, stop], [], [])[0]
+    if stop not in ready:
         os._exit(1)
+
+
+class _SweepWatch:
+    """The thread that ends the server with the sweep while it imports (`stop` ends it)."""
+
+    def __init__(self, sweeps: int) -> None:
+        self.stop_r, self.stop_w = os.pipe()
+        self.thread = threading.Thread(target=_end_with_the_sweep, args=(sweeps, self.stop_r),
+                                       name="dse-sweep-watch", daemon=True)
+        self.thread.start()  # (with the group's signals blocked, as the server started: never its to handle)
+
+    def stop(self) -> None:
+        os.close(self.stop_w)
+        self.thread.join()
+        os.close(self.stop_r)
+
+
+_pipe = _sweeps_pipe()
+_WATCH = _SweepWatch(_pipe) if _pipe is not None else None
 
 for _number in GROUP_SIGNALS:  # (its workers inherit them ignored)
     signal.signal(_number, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # blocked from its start (start_worker_server)
+
+
+def stop_watching_the_sweep() -> None:
+    """The imports have ended (dse/sweep/server_ready.py): the server's own loop watches the sweep."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.stop()
+        _WATCH = None
 
 
 def quiet_when_the_sweep_left(kind: type[BaseException], error: BaseException,
