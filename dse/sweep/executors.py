@@ -222,7 +222,9 @@ def start_worker_server() -> None:
     """Start the fork server now: it imports the trainer (and what the first optimizer imports) in a
     process of its own while the caller plans the sweep, instead of after it; no-op where workers
     are spawned. It ends with this process: a sweep that stops before training (a file found invalid,
-    an interrupt) leaves no server behind finishing seconds of imports for nothing."""
+    an interrupt) leaves no server behind finishing seconds of imports for nothing; on Linux it also
+    ends when the thread that called this does (dse/sweep/server_start.py: the sweep's main thread;
+    multiprocessing's ensure_running starts another where it finds it ended)."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver, resource_tracker

@@ -12,9 +12,10 @@ under the sweep's line; a hang-up killed it and its workers. The server starts w
 that none is lost or acted on before this module ignores them.
 
 A worker the server forks while the sweep is stopping finds no job data to read (the sweep has
-closed its end): multiprocessing's spawn `_main` raises EOFError, which the server's child printed
-as a traceback above the sweep's line (SIGTERM to a 2-worker sweep as its workers started, 1 of about
-20 tries on the 2-vCPU VM). The children inherit `sys.excepthook` from the server: that one is quiet."""
+closed its end), or a semaphore in it that the sweep has released: multiprocessing's spawn `_main`
+raises EOFError or FileNotFoundError, which the server's child printed as a traceback above the
+sweep's line (SIGTERM to a 2-worker sweep as its workers started, 1 of about 20 tries on the 2-vCPU
+VM; a hang-up, 2 of 8). The children inherit `sys.excepthook` from the server: that one is quiet."""
 
 from __future__ import annotations
 
@@ -54,14 +55,19 @@ signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # blocked from its st
 
 def quiet_when_the_sweep_left(kind: type[BaseException], error: BaseException,
                               trace: TracebackType | None) -> None:
-    """sys.excepthook: nothing for an EOFError raised while a forked worker reads the data of its
-    start (`multiprocessing.spawn._main`), every other error as Python prints it."""
-    spawn = os.path.join("multiprocessing", "spawn.py")
-    if issubclass(kind, EOFError) and any(
-            frame.f_code.co_name == "_main" and frame.f_code.co_filename.endswith(spawn)
-            for frame, _ in traceback.walk_tb(trace)):
+    """sys.excepthook: nothing for what a forked worker meets while it reads the data of its start
+    (`multiprocessing.spawn._main`) from a sweep that has left: the end of that data (EOFError), or a
+    semaphore the sweep released (FileNotFoundError, multiprocessing's synchronize.py: a hang-up to a
+    2-worker sweep's group as its second worker started, 2 of 8 tries); every other error as Python
+    prints it."""
+    frames = [frame.f_code for frame, _ in traceback.walk_tb(trace)]
+    if any(code.co_name == "_main" and code.co_filename.endswith(_SPAWN) for code in frames) and (
+            issubclass(kind, EOFError) or issubclass(kind, FileNotFoundError)
+            and any(code.co_filename.endswith(_SYNCHRONIZE) for code in frames)):
         return
     sys.__excepthook__(kind, error, trace)
 
 
+_SPAWN = os.path.join("multiprocessing", "spawn.py")
+_SYNCHRONIZE = os.path.join("multiprocessing", "synchronize.py")
 sys.excepthook = quiet_when_the_sweep_left

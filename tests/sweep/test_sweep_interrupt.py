@@ -696,16 +696,32 @@ def test_a_second_signal_before_a_stopped_command_ends_exits_with_the_first_sign
     assert (done.returncode, done.stderr) == (143, "interrupted by SIGTERM\n")
 
 
-def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback() -> None:
-    """A worker the fork server forks while the sweep stops finds no data of its start to read: its
-    EOFError traceback (from multiprocessing's spawn) was printed above the sweep's one line (SIGTERM
-    to a 2-worker sweep as its workers started, 1 of about 20 tries). Here the sweep's side closes
-    the new worker's data pipe before writing, as a stopping sweep does."""
+_RELEASED_LOCK = ("import gc, io\nfrom multiprocessing import context, reduction, spawn\n"
+                  "from dse.sweep.executors import worker_context\nworkers = worker_context()\n"
+                  "lock = workers.Lock()\nprocess = workers.Process(target=print, args=(lock,))\n"
+                  "start = io.BytesIO()\n"
+                  "context.set_spawning_popen(object())\n"  # (what multiprocessing sets as it writes one)
+                  "reduction.dump(spawn.get_preparation_data(process._name), start)\n"
+                  "reduction.dump(process, start)\ncontext.set_spawning_popen(None)\n"
+                  "del process, lock\ngc.collect()\n")  # released: its semaphore unlinked
+"""The start of a worker that holds a lock the sweep has released since it wrote it (`start`)."""
+
+
+@pytest.mark.parametrize("written", ["nothing", "a lock the sweep released"])
+def test_a_worker_forked_as_the_sweep_stops_prints_no_traceback(written: str) -> None:
+    """A worker the fork server forks while the sweep stops finds no data of its start to read, or a
+    semaphore in it that the sweep has released: its EOFError traceback (from multiprocessing's spawn)
+    was printed above the sweep's one line (SIGTERM to a 2-worker sweep as its workers started, 1 of
+    about 20 tries), and its FileNotFoundError (multiprocessing's SemLock rebuilt; a hang-up to the
+    sweep's group as its second worker started, 2 of 8 tries). Here the sweep's side closes the new
+    worker's data pipe, before writing or after writing such a start."""
     script = ("import os\nfrom multiprocessing import forkserver\n"
               "from dse.sweep.executors import start_worker_server\n"
               "start_worker_server()\n"
-              "status, data = forkserver._forkserver.connect_to_new_process([])\n"
-              "os.close(data)\n"
+              + ("" if written == "nothing" else _RELEASED_LOCK)
+              + "status, data = forkserver._forkserver.connect_to_new_process([])\n"
+              + ("" if written == "nothing" else "os.write(data, start.getvalue())\n")
+              + "os.close(data)\n"
               "forkserver.read_signed(status)\n"  # the worker's pid
               "print('exit', forkserver.read_signed(status), flush=True)\n")  # once it has ended
     root = Path(__file__).resolve().parents[2]

@@ -30,7 +30,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu in place": lambda x: F.silu(x * 1, inplace=True),
     "sigmoid_": lambda x: (x * 1).sigmoid_(), "exp2_": lambda x: (x * 1).exp2_(),
     "elu_": lambda x: F.elu_(x * 1), "x **= 1.5": lambda x: x.abs().__ipow__(1.5 + x * 0),
+    "sigmoid(input=)": lambda x: torch.sigmoid(input=x),
+    "pow(input=, exponent=)": lambda x: torch.pow(input=x.abs(), exponent=x),
 }
+"""Keyword spellings included: `torch.sigmoid(input=x)` reaches the mode with its input by keyword
+(before, such a call ran unsplit)."""
 
 
 @pytest.mark.parametrize("threads", [1, 2])
