@@ -160,7 +160,9 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     ax.set_xscale("log")
     readable_log_axis(ax.xaxis, energy[shown])
     run = measure == run_energy_column(workload, mean=True)
-    ax.set_xlabel(f"energy per training iteration on {workload}{', run mean' if run else ''} (mJ, log scale)")
+    # the run's label on two lines: on one, beside a wide legend, it ran off the page's left edge
+    ax.set_xlabel(f"energy per training iteration on {workload}"
+                  + ("\n(the run's mean, mJ, log scale)" if run else " (mJ, log scale)"))
     ax.set_ylabel(f"test accuracy (%), mean and 95 % CI{_seeds_text(rows[shown])}")
     if title:
         ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}",
