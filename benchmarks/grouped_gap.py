@@ -27,7 +27,8 @@ torch's and the CPU's. The group steps run as `train_group` runs them, with free
 
 *--faults*: the allocator's part, as an ablation: each format's step alone and in groups in child
 processes, alternately with glibc's own thresholds and with `keep_freed_memory`, --rounds times:
-minor page faults and system CPU µs per step, and CPU µs per member (fastest round).
+minor page faults and system CPU µs per step, and CPU µs per member (fastest round); with --whole,
+per 15-epoch `train` / `train_group` call instead (setup and evaluation included).
 """
 
 from __future__ import annotations
@@ -208,12 +209,33 @@ def row(name: str, members: int, alone: Measured, group: Measured, top: int) -> 
             f"| {added(alone, group, top)} |")
 
 
-def faults_child(name: str, sizes: list[int], steps: int, kept: bool) -> None:
-    """One child of --faults: per size (0: alone) a line `size faults sys_us member_us` per step."""
+def faults_child(name: str, sizes: list[int], steps: int, kept: bool, whole: bool) -> None:
+    """One child of --faults: per size (0: alone) a line `size faults sys_us member_us` per step, or
+    (`whole`) per `train` / `train_group` call of the quickstart's 15 epochs."""
+    import dse.train.grouped as grouped
+
     if kept:
         keep_freed_memory()
+    else:
+        grouped.keep_freed_memory = lambda: False  # type: ignore[assignment]  # glibc's own thresholds
     data = load_dataset("mnist1d")
     config = quickstart_configs()[name]
+    if whole:
+        from dse.data import with_validation
+        from dse.train.loop import train
+
+        data = with_validation(data)
+        grouped.train_group([config.replace(seed=seed, epochs=1) for seed in range(2)], data)  # warm
+        for members in [0, *sizes]:
+            before, started = resource.getrusage(resource.RUSAGE_SELF), time.process_time_ns()
+            if members:
+                grouped.train_group([config.replace(seed=seed) for seed in range(members)], data)
+            else:
+                train(config, data)
+            elapsed, after = time.process_time_ns() - started, resource.getrusage(resource.RUSAGE_SELF)
+            print(members, (after.ru_minflt - before.ru_minflt), (after.ru_stime - before.ru_stime) * 1e6,
+                  elapsed / 1e3 / max(members, 1))
+        return
     with _run_settings(1):
         for members in [0, *sizes]:
             run = grouped_steps(config, members, data)
@@ -225,18 +247,20 @@ def faults_child(name: str, sizes: list[int], steps: int, kept: bool) -> None:
                   (after.ru_stime - before.ru_stime) / steps * 1e6, elapsed / 1e3 / steps / max(members, 1))
 
 
-def faults(names: list[str], sizes: list[int], steps: int, rounds: int) -> None:
-    print("\nThe allocator's part (--faults): per step, minor page faults / system CPU µs, and CPU µs per "
+def faults(names: list[str], sizes: list[int], steps: int, rounds: int, whole: bool) -> None:
+    per = "whole 15-epoch train / train_group call" if whole else "step"
+    print(f"\nThe allocator's part (--faults): per {per}, minor page faults / system CPU µs, and CPU µs per "
           f"member, with glibc's own thresholds -> with freed memory kept (fastest of {rounds} child "
-          f"processes each, alternating, {steps} steps)")
-    print("| format | G | faults per step | system µs per step | µs per member | member speed-up |")
+          f"processes each, alternating" + ("" if whole else f", {steps} steps") + ")")
+    print(f"| format | G | faults per {per} | system µs | µs per member | member speed-up |")
     print("|---|---|---|---|---|---|")
     for name in names:
         best: dict[bool, dict[int, list[float]]] = {False: {}, True: {}}
         for _ in range(rounds):
             for kept in (False, True):
                 command = [sys.executable, __file__, "--faults-child", name, "--sizes",
-                           ",".join(map(str, sizes)), "--steps", str(steps)] + (["--kept"] if kept else [])
+                           ",".join(map(str, sizes)), "--steps", str(steps)] + (["--kept"] if kept else []) \
+                    + (["--whole"] if whole else [])
                 output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 for line in output.splitlines():
                     members, *values = line.split()
@@ -262,18 +286,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--top", type=int, default=6, help="operations listed per row (default 6)")
     parser.add_argument("--faults", action="store_true", help="only the allocator's part (see above)")
+    parser.add_argument("--whole", action="store_true",
+                        help="--faults: whole 15-epoch runs (setup and evaluation too), not steps")
     parser.add_argument("--faults-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--kept", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
     if args.faults_child:
-        faults_child(args.faults_child, sizes, args.steps, args.kept)
+        faults_child(args.faults_child, sizes, args.steps, args.kept, args.whole)
         return
     configs = quickstart_configs()
     names = args.formats.split(",") if args.formats else list(configs)
     if args.faults:
         print(f"torch {torch.__version__}, 1 thread; load average at start {load()}")
-        faults(names, sizes, args.steps, args.rounds)
+        faults(names, sizes, args.steps, args.rounds, args.whole)
         print(f"(load average after: {load()})")
         return
     keep_freed_memory()  # as train_group runs

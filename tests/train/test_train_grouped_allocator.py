@@ -20,7 +20,7 @@ if sys.argv[1] == "glibc":
     grouped.keep_freed_memory = lambda: False  # glibc's own thresholds
 data = load_dataset("mnist1d")
 configs = [TrainConfig(model="mlp", dataset="mnist1d", epochs=2, batch_size=100, seed=s) for s in range(4)]
-grouped.train_group(configs[:2], data)  # imports, probes and first allocations out of the count
+grouped.train_group([c.replace(epochs=1) for c in configs], data)  # imports, probes, the heap's growth
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 grouped.train_group(configs, data)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -40,7 +40,7 @@ def _faults(allocator: str) -> int:
 
 def test_a_grouped_run_faults_in_fewer_fresh_pages_than_with_glibcs_own_thresholds() -> None:
     kept, glibc = _faults("kept"), _faults("glibc")
-    assert kept * 2 < glibc, (kept, glibc)
+    assert kept * 4 < glibc, (kept, glibc)
 
 
 def test_keeping_freed_memory_takes_on_glibc() -> None:
