@@ -117,8 +117,8 @@ def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = 
     seed raised, never enter the front. Returns one row per front point with columns `task`,
     `workload`, `label`, the tuned values, the configuration's identity columns, seed counts, the
     STATISTIC_COLUMNS present, `energy_mj` (the energy ranked by), `iteration_energy_mj` (one iteration
-    in the trial's formats, where that is not what ranks) and `energy_mj:<unit>` for each unit present (its split), `run_energy_mj`
-    (the whole run), `memory_mib` and `area_um2` (each if present).
+    in the trial's formats, where that is not what ranks) and `energy_mj:<unit>` for each unit present
+    (its split), `run_energy_mj` (the whole run), `memory_mib` and `area_um2` (each if present).
     """
     energy = front_energy_column(summary, workload)
     memory = memory_column(workload)
