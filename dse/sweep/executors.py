@@ -226,7 +226,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["dse.sweep.server_start", "dse.train.loop",
-                                    "dse.train.grouped", "torch._dynamo"])
+                                    "dse.train.grouped", "torch._dynamo", "dse.sweep.server_ready"])
     return context
 
 
@@ -234,9 +234,9 @@ def start_worker_server() -> None:
     """Start the fork server now: it imports the trainer (and what the first optimizer imports) in a
     process of its own while the caller plans the sweep, instead of after it; no-op where workers
     are spawned. It ends with this process: a sweep that stops before training (a file found invalid,
-    an interrupt) leaves no server behind finishing seconds of imports for nothing; on Linux it also
-    ends when the thread that called this does (dse/sweep/server_start.py: the sweep's main thread;
-    multiprocessing's ensure_running starts another where it finds it ended)."""
+    an interrupt) leaves no server behind finishing seconds of imports for nothing, even one killed
+    outright (dse/sweep/server_start.py). It serves every later sweep of the process, whichever thread
+    runs it."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver, resource_tracker
