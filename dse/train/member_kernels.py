@@ -120,7 +120,11 @@ BROADCASTING_FUNCTIONS: frozenset[Any] = frozenset({
     Tensor.div, Tensor.divide, Tensor.true_divide, Tensor.div_, Tensor.__truediv__, Tensor.__rtruediv__,
     Tensor.__itruediv__, torch.where, Tensor.where, torch.maximum, Tensor.maximum, torch.minimum,
     Tensor.minimum, torch.addcmul, Tensor.addcmul, torch.addcdiv, Tensor.addcdiv, torch.lerp, Tensor.lerp,
-    torch.atan2, torch.hypot, torch.fmax, torch.fmin,
+    torch.atan2, Tensor.atan2, torch.hypot, Tensor.hypot, torch.fmax, Tensor.fmax, torch.fmin, Tensor.fmin,
+    torch.clamp, Tensor.clamp, Tensor.clamp_, torch.clip, Tensor.clip, Tensor.clip_, torch.clamp_min,
+    Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_,
+    torch.copysign, Tensor.copysign, torch.xlogy, Tensor.xlogy, torch.special.xlogy, torch.fmod, Tensor.fmod,
+    torch.remainder, Tensor.remainder, Tensor.__mod__,
 })
 """Elementwise functions of several tensors, which broadcast them to one shape. A tracked operand's
 gradient is then the output's summed over the axes it was broadcast along (autograd's at::sum_to, in

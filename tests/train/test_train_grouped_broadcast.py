@@ -30,6 +30,11 @@ BROADCASTS: dict[str, Callable[[Tensor], Tensor]] = {
     "divided": lambda h: h / (h * h).mean(1, keepdim=True).add(1.0),
     "expand_as": lambda h: h.mean(1, keepdim=True).expand_as(h) * 3.0,
     "leading": lambda h: h + torch.ones(5, *h.shape),  # (h's gradient: the output's summed over axis 0)
+    "clamped": lambda h: torch.clamp(h, min=h.mean(1, keepdim=True)),  # (a tensor bound, by keyword)
+    "clipped": lambda h: h.clip(h.amin(1, keepdim=True), h.amax(1, keepdim=True) * 0.5),
+    "copysign": lambda h: torch.copysign(h.sum(1, keepdim=True), h),
+    "xlogy": lambda h: torch.xlogy(h.abs(), h.abs().sum(1, keepdim=True) + 1.0),
+    "remainder": lambda h: h.sum(1, keepdim=True) % (h.abs() + 1.0),
 }
 """Calls that broadcast a tracked operand holding the members' samples on its first axis."""
 
@@ -39,6 +44,8 @@ BROADCASTS: dict[str, Callable[[Tensor], Tensor]] = {
        broadcast=st.sampled_from(sorted(BROADCASTS)), batch_innermost_gradient=st.booleans(),
        seed=st.integers(0, 2**16))
 @example(members=2, rows=7, channels=37, broadcast="centred", batch_innermost_gradient=True, seed=0)
+@example(members=3, rows=14, channels=40, broadcast="clamped", batch_innermost_gradient=True, seed=0)
+@example(members=2, rows=50, channels=37, broadcast="remainder", batch_innermost_gradient=True, seed=0)
 def test_a_broadcast_operands_gradient_is_each_members_own_alone(
         members: int, rows: int, channels: int, broadcast: str, batch_innermost_gradient: bool,
         seed: int) -> None:
