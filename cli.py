@@ -740,7 +740,10 @@ def train(**options: Any) -> None:
 
     from dse.train import TrainConfig
     from dse.train import train as run_training
+    from dse.train.allocator import keep_freed_memory
     from dse.train.layers import UnconvertedGemmWarning
+
+    keep_freed_memory()  # as a sweep's processes run its trials
 
     as_json, quiet, verbose = options.pop("as_json"), options.pop("quiet"), options.pop("verbose")
     no_master_weights = options.pop("no_master_weights")
@@ -930,6 +933,9 @@ def sweep(
         for note in notes:
             console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
+    from dse.train.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as in its workers and in `dse train`
     # SIGINT, SIGTERM, SIGHUP: run_sweep stops its workers, and says how many trials are stored
     with (COMMAND_SIGNALS.stopped_by(sweep_line(settings.output)),
           _warnings_as_lines(*as_lines)):

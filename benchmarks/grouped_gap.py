@@ -22,7 +22,7 @@ interleaved in one process, one thread:
 stacked parameters, one log_softmax and nll_loss over all rows), and its network alone as torch.nn
 runs it; bits are not compared (no alignment, no probes). What dse's group adds over it is an upper
 bound of what any cut inside dse can give; what the hand-made group still lacks of its ceiling is
-torch's and the CPU's. The group steps run as `train_group` runs them, with freed memory kept
+torch's and the CPU's. The group steps run as dse's processes run them, with freed memory kept
 (dse/train/allocator.py).
 
 *--faults*: the allocator's part, as an ablation: each format's step alone and in groups in child
@@ -214,10 +214,8 @@ def faults_child(name: str, sizes: list[int], steps: int, kept: bool, whole: boo
     (`whole`) per `train` / `train_group` call of the quickstart's 15 epochs."""
     import dse.train.grouped as grouped
 
-    if kept:
+    if kept:  # else glibc's own thresholds
         keep_freed_memory()
-    else:
-        grouped.keep_freed_memory = lambda: False  # type: ignore[assignment]  # glibc's own thresholds
     data = load_dataset("mnist1d")
     config = quickstart_configs()[name]
     if whole:
@@ -302,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         faults(names, sizes, args.steps, args.rounds, args.whole)
         print(f"(load average after: {load()})")
         return
-    keep_freed_memory()  # as train_group runs
+    keep_freed_memory()  # as dse's processes run
     data = load_dataset("mnist1d")
     print(f"torch {torch.__version__}, 1 thread; load average at start {load()}")
     with _run_settings(1):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,25 +55,6 @@ def end_with(pid: int, end: Callable[[], None] = _exit_now) -> None:
         end()
 
     threading.Thread(target=watch, name="dse-parent-watch", daemon=True).start()
-
-
-PR_SET_PDEATHSIG = 1
-"""prctl's option (linux/prctl.h): the signal this process gets when its parent ends."""
-
-
-def killed_with_parent() -> bool:
-    """Have the kernel kill this process (SIGKILL) as soon as the thread of its parent that started it
-    ends: Linux's parent-death signal, for a process busy for seconds before it could watch its parent
-    (`end_with`). False where the system has none. A process it forks does not inherit it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return False
-    return bool(prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0)
 
 
 def become_helper(parent_pid: int | None, end: Callable[[], None] = _exit_now) -> None:

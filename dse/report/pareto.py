@@ -45,10 +45,31 @@ def run_energy_column(workload: str, mean: bool = False) -> str:
 
 def front_energy_column(summary: pd.DataFrame, workload: str) -> str:
     """The energy a front ranks by: the run's mean per iteration (each iteration in the formats it trained
-    in: a warm-up's in fp32), where the results have it (a sweep store's always do), else one iteration
-    in the trial's formats (results that carry no run energy)."""
-    run = run_energy_column(workload, mean=True)
-    return run if run in summary.columns else energy_column(workload)
+    in: a warm-up's in fp32) where `ranks_by_run_mean`, else one iteration in the trial's formats."""
+    return run_energy_column(workload, mean=True) if ranks_by_run_mean(summary) else energy_column(workload)
+
+
+def ranks_by_run_mean(summary: pd.DataFrame) -> bool:
+    """Whether every front of `summary` ranks by the run's mean: only where every configuration that has
+    an accuracy and one iteration's energy has its run's mean too, in every workload. A store written
+    before dse counted iterations lacks some (a warm-up or a diverged seed), and a front ranked by the
+    run's mean would silently leave those configurations out; so then every front, of every task and
+    workload, ranks by one iteration: one measure in a report. A configuration whose runs trained no
+    iteration (run total 0: every seed diverged at its first batch) has no mean and keeps no one from it."""
+    workloads = [w for w in workloads_of(summary) if energy_column(w) in summary.columns]
+    if not workloads or "accuracy_mean" not in summary.columns:
+        return False
+    accuracy = pd.to_numeric(summary["accuracy_mean"], errors="coerce").notna()
+    for workload in workloads:
+        mean, total = run_energy_column(workload, mean=True), run_energy_column(workload)
+        if mean not in summary.columns:
+            return False
+        priced = accuracy & pd.to_numeric(summary[energy_column(workload)], errors="coerce").notna()
+        if total in summary.columns:
+            priced &= pd.to_numeric(summary[total], errors="coerce") != 0
+        if pd.to_numeric(summary.loc[priced, mean], errors="coerce").isna().any():
+            return False
+    return True
 
 
 def memory_column(workload: str) -> str:
@@ -91,13 +112,13 @@ def _require(summary: pd.DataFrame, columns: list[str], workload: str) -> None:
 def pareto_front(summary: pd.DataFrame, workload: str, memory_objective: bool = False) -> pd.DataFrame:
     """Per task, the configurations no other one beats on mean accuracy, energy of `workload` (and memory).
 
-    The energy is `front_energy_column`'s: the run's mean per iteration where the summary has it. Rows
+    The energy is `front_energy_column`'s: the run's mean per iteration where `ranks_by_run_mean`. Rows
     whose accuracy, energy or (if asked) memory is missing (NaN), such as configurations whose every
     seed raised, never enter the front. Returns one row per front point with columns `task`,
     `workload`, `label`, the tuned values, the configuration's identity columns, seed counts, the
     STATISTIC_COLUMNS present, `energy_mj` (the energy ranked by), `iteration_energy_mj` (one iteration
-    in the trial's formats) and `energy_mj:<unit>` for each unit present (its split), `run_energy_mj`
-    (the whole run), `memory_mib` and `area_um2` (each if present).
+    in the trial's formats, where that is not what ranks) and `energy_mj:<unit>` for each unit present
+    (its split), `run_energy_mj` (the whole run), `memory_mib` and `area_um2` (each if present).
     """
     energy = front_energy_column(summary, workload)
     memory = memory_column(workload)

@@ -118,7 +118,7 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     from matplotlib.figure import Figure
 
     rows = summary[summary["task"] == task]
-    measure = front_energy_column(rows, workload)
+    measure = front_energy_column(summary, workload)  # (the summary's: one measure in a report)
     energy = pd.to_numeric(rows[measure], errors="coerce").to_numpy(dtype=float)
     accuracy = _percent(rows["accuracy_mean"])
     bars = _interval_bars(rows, accuracy)
@@ -137,7 +137,8 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     if diverged.any():
         markers.append(ax.scatter(energy[diverged], accuracy[diverged], marker="x", color="black", s=60,
                                   zorder=4, label="some seeds diverged"))
-    front = pareto_front(rows, workload)
+    fronts = pareto_front(summary, workload)
+    front = fronts[fronts["task"] == task]
     front_energy = front["energy_mj"].to_numpy(dtype=float)
     front_accuracy = _percent(front["accuracy_mean"])
     (line,) = ax.step(front_energy, front_accuracy, where="post", color="tab:red", linewidth=1.5, zorder=2,
@@ -149,7 +150,8 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
                                   facecolors="gold", edgecolors="black", linewidths=0.6, zorder=5,
                                   label="front, not significantly below the best (Welch p ≥ 0.05)"))
     if memory_objective:
-        with_memory = pareto_front(rows, workload, memory_objective=True)
+        with_memory = pareto_front(summary, workload, memory_objective=True)
+        with_memory = with_memory[with_memory["task"] == task]
         extra = with_memory[~with_memory["label"].isin(front["label"])]
         if len(extra):
             markers.append(ax.scatter(extra["energy_mj"], _percent(extra["accuracy_mean"]), s=130,
@@ -158,7 +160,9 @@ def accuracy_energy_figure(summary: pd.DataFrame, task: str, workload: str,
     ax.set_xscale("log")
     readable_log_axis(ax.xaxis, energy[shown])
     run = measure == run_energy_column(workload, mean=True)
-    ax.set_xlabel(f"energy per training iteration on {workload}{', run mean' if run else ''} (mJ, log scale)")
+    # the run's label on two lines: on one, beside a wide legend, it ran off the page's left edge
+    ax.set_xlabel(f"energy per training iteration on {workload}"
+                  + ("\n(the run's mean, mJ, log scale)" if run else " (mJ, log scale)"))
     ax.set_ylabel(f"test accuracy (%), mean and 95 % CI{_seeds_text(rows[shown])}")
     if title:
         ax.set_title(f"{task}: accuracy vs energy (workload {workload}){_seeds_text(rows[shown])}",

@@ -46,11 +46,13 @@ Samples = dict[tuple[Any, Any, Any], np.ndarray]
 """(task, label, tuning point) -> the counted test accuracies of that point, one per seed."""
 
 
-MEASURED_PREFIXES: tuple[str, ...] = ("energy_mj:", "memory_mib:", "area_um2:", "run_energy_mj:",
-                                      "run_mean_energy_mj:")
+RUN_PREFIXES: tuple[str, ...] = (run_energy_column(""), run_energy_column("", mean=True))
+"""The run's energy per workload column: each trial's own (a diverged seed trained fewer iterations)."""
+MEASURED_PREFIXES: tuple[str, ...] = ("energy_mj:", "memory_mib:", "area_um2:", *RUN_PREFIXES)
 """Energy, memory and area per workload column, carried into a summary as their mean over the trials:
-the configuration's own (the same for every seed), and the run's energy (which a diverged seed may
-lower)."""
+the configuration's own (the same for every seed), and the run's energy, over the trials that did not
+raise, unknown (NaN) where one of them has none (a seed recorded before dse counted iterations), so
+that a configuration's figure never stands for some of its seeds only."""
 
 def _counted(group: pd.DataFrame, column: str) -> np.ndarray:
     """The group's values of `column` from trials that did not raise and have a value."""
@@ -58,6 +60,18 @@ def _counted(group: pd.DataFrame, column: str) -> np.ndarray:
         return np.zeros(0)
     values = pd.to_numeric(group[column], errors="coerce").to_numpy(dtype=float)
     return values[(group["status"] != "error").to_numpy() & np.isfinite(values)]
+
+
+def _trained(group: pd.DataFrame, column: str) -> np.ndarray:
+    """Per trial, whether it has a mean per iteration to give `column`: a run mean counts the trials
+    whose run trained an iteration (a seed that diverged at its first batch has a total of 0, no mean)."""
+    mean_prefix = run_energy_column("", mean=True)
+    if not column.startswith(mean_prefix):
+        return np.ones(len(group), dtype=bool)
+    total = run_energy_column(column[len(mean_prefix):])
+    if total not in group.columns:
+        return np.ones(len(group), dtype=bool)
+    return (pd.to_numeric(group[total], errors="coerce") != 0).to_numpy()
 
 
 def _validation_mean(group: pd.DataFrame) -> float:
@@ -99,7 +113,11 @@ def _point_rows(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], Samples]:
                 row[name] = float(values.mean()) if values.notna().any() else math.nan
         for column in measured:
             values = pd.to_numeric(group[column], errors="coerce")
-            row[column] = float(values.mean()) if values.notna().any() else math.nan
+            if str(column).startswith(RUN_PREFIXES):
+                values = values[~error & _trained(group, column)]
+                row[column] = float(values.mean()) if len(values) and values.notna().all() else math.nan
+            else:
+                row[column] = float(values.mean()) if values.notna().any() else math.nan
         rows.append(row)
         samples[key] = accuracy
     return rows, samples

@@ -165,6 +165,15 @@ def execute(job: Job) -> list[TrialOutcome]:
     return execute_group(job) if isinstance(job, GroupJob) else [execute_trial(job)]
 
 
+def execute_in_worker(job: Job) -> list[TrialOutcome]:
+    """`execute` in a worker process that is dse's own (a Ray worker): freed memory kept, as in the
+    sweep's other workers."""
+    from dse.train.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    return execute(job)
+
+
 class Executor(Protocol):
     """Where jobs run. Used as a context manager: entering acquires what the executor needs (a Ray
     cluster) before the sweep writes anything, leaving releases it."""
@@ -201,6 +210,9 @@ def _warm_up(threads: int, sweep_pid: int | None = None) -> None:
     _limit_threads(threads)
     become_helper(sweep_pid)
     import dse.train.loop  # noqa: F401
+    from dse.train.allocator import keep_freed_memory
+
+    keep_freed_memory()
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -214,7 +226,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["dse.sweep.server_start", "dse.train.loop",
-                                    "dse.train.grouped", "torch._dynamo"])
+                                    "dse.train.grouped", "torch._dynamo", "dse.sweep.server_ready"])
     return context
 
 
@@ -222,9 +234,9 @@ def start_worker_server() -> None:
     """Start the fork server now: it imports the trainer (and what the first optimizer imports) in a
     process of its own while the caller plans the sweep, instead of after it; no-op where workers
     are spawned. It ends with this process: a sweep that stops before training (a file found invalid,
-    an interrupt) leaves no server behind finishing seconds of imports for nothing; on Linux it also
-    ends when the thread that called this does (dse/sweep/server_start.py: the sweep's main thread;
-    multiprocessing's ensure_running starts another where it finds it ended)."""
+    an interrupt) leaves no server behind finishing seconds of imports for nothing, even one killed
+    outright (dse/sweep/server_start.py). It serves every later sweep of the process, whichever thread
+    runs it."""
     context = worker_context()
     if context.get_start_method() == "forkserver":
         from multiprocessing import forkserver, resource_tracker
@@ -416,7 +428,7 @@ class RayExecutor:
             return
         self.connect()
         ray = self.ray
-        remote = ray.remote(execute)
+        remote = ray.remote(execute_in_worker)
         pending = [remote.options(**self.task_options(job)).remote(job) for job in jobs]
         try:
             while pending:

@@ -3,8 +3,12 @@ imports of the trainer, at whose end CPython's server starts to watch the sweep 
 
 It ends with the sweep at once: killed outright (SIGKILL, the out-of-memory killer) in its first
 seconds, the sweep left its server importing for those seconds (11-15 s at load 14-19), and the
-resource tracker with it. The kernel now kills the server when the sweep's thread that started it ends
-(`dse.processes.killed_with_parent`).
+resource tracker with it. A thread of the server now watches the sweep while it imports, and ends
+the server when the sweep has ended (dse/sweep/server_ready.py, its last preloaded module, ends that
+thread: from there CPython's server watches the sweep itself, and forks its workers from one thread).
+Not Linux's parent-death signal: the kernel sends it when the *thread* that started the server ends,
+and a sweep run from a thread (a notebook's, a thread pool's) that ended killed the server of the
+process, and the workers of the sweep beside it.
 
 Ctrl-C and a hang-up are the sweep's to handle (it stops its workers and says so in one line): a
 Ctrl-C in the seconds the server spends importing printed the server's own KeyboardInterrupt traceback
@@ -23,15 +27,15 @@ import os
 import select
 import signal
 import sys
+import threading
 import traceback
 from types import FrameType, TracebackType
 
 from dse.interrupts import GROUP_SIGNALS
-from dse.processes import killed_with_parent
 
 
 def _sweeps_pipe() -> int | None:
-    """The read end of the pipe whose other end only the sweep holds (`alive_r` of multiprocessing's
+    """The read end of the pipe whose other end the sweep holds (`alive_r` of multiprocessing's
     forkserver.main, which imports this module): at its end of file the sweep has ended. None: not
     found (another CPython's server)."""
     frame: FrameType | None = sys._getframe(1)
@@ -43,14 +47,51 @@ def _sweeps_pipe() -> int | None:
     return None
 
 
-if killed_with_parent():
-    _pipe = _sweeps_pipe()  # (a sweep that ended before the line above sent no signal)
-    if _pipe is not None and select.select([_pipe], [], [], 0)[0]:
+WATCH_S = 0.05
+"""How often the server checks, while it imports, that the sweep is still its parent."""
+
+
+def _end_with_the_sweep(sweep: int, stop: int) -> None:
+    """Exit at once when process `sweep`, the server's parent, has ended (then the server has another
+    parent), unless `stop` becomes readable first. Not the sweep's pipe: a worker the sweep asked for
+    while the server imports waits in the server's socket with the sweep's end of that pipe in it."""
+    while not select.select([stop], [], [], WATCH_S)[0]:
+        if os.getppid() != sweep:
+            os._exit(1)
+
+
+class _SweepWatch:
+    """The thread that ends the server with the sweep while it imports (`stop` ends it)."""
+
+    def __init__(self, sweep: int) -> None:
+        self.stop_r, self.stop_w = os.pipe()
+        self.thread = threading.Thread(target=_end_with_the_sweep, args=(sweep, self.stop_r),
+                                       name="dse-sweep-watch", daemon=True)
+        self.thread.start()  # (with the group's signals blocked, as the server started: never its to handle)
+
+    def stop(self) -> None:
+        os.close(self.stop_w)
+        self.thread.join()
+        os.close(self.stop_r)
+
+
+_WATCH: _SweepWatch | None = None
+if (_pipe := _sweeps_pipe()) is not None:  # (in the fork server only)
+    _WATCH = _SweepWatch(os.getppid())
+    if select.select([_pipe], [], [], 0)[0]:  # the sweep ended before the line above
         os._exit(1)
 
 for _number in GROUP_SIGNALS:  # (its workers inherit them ignored)
     signal.signal(_number, signal.SIG_IGN)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)  # blocked from its start (start_worker_server)
+
+
+def stop_watching_the_sweep() -> None:
+    """The imports have ended (dse/sweep/server_ready.py): the server's own loop watches the sweep."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.stop()
+        _WATCH = None
 
 
 def quiet_when_the_sweep_left(kind: type[BaseException], error: BaseException,

@@ -8,10 +8,13 @@ faulted 1,616 fresh pages in (2.6 ms of system time in a 12 ms step, `benchmarks
 --faults`), where the same step alone faults none. Pinning both thresholds keeps the freed blocks in
 the heap for the next step.
 
-Process-wide and not undone (glibc has no read of these settings to restore): a process that has
-trained a group keeps its heap at its peak until it ends. Addresses are unaffected modulo 64, the
-alignment torch's CPU allocator gives every tensor, so no product sums otherwise
-(dse/train/batched_sums.py).
+Process-wide and not undone (glibc has no read of these settings to restore): a process that pins
+them keeps its heap at its peak until it ends. So dse's own processes pin them (`dse train`,
+`dse sweep`, its workers: the same settings for a trial alone and in a group), and the library's
+`train` / `train_group` leave a caller's process (a notebook) as it is; such a caller calls
+`keep_freed_memory` itself for a group's speed. Addresses are unaffected modulo 64, the alignment
+torch's CPU allocator gives every tensor, so no product sums otherwise (dse/train/batched_sums.py;
+the quickstart's results are equal either way).
 """
 
 from __future__ import annotations
@@ -37,10 +40,8 @@ when it raises the threshold itself."""
 def keep_freed_memory() -> bool:
     """Pin glibc's mmap and trim thresholds (`MMAP_THRESHOLD_BYTES`, `TRIM_THRESHOLD_BYTES`) once per
     process; False where the C library is not glibc or refuses (nothing changed)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+    try:  # none on macOS or Windows; musl's returns 0
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

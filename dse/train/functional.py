@@ -51,7 +51,7 @@ from dse.train.layers import (
     is_module_gemm,
     quant_matmul,
 )
-from dse.train.memory import buffers_kept
+from dse.train.memory import state_kept
 from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.recompute import RecomputedMode, follow_checkpoints, function_modes
 
@@ -606,7 +606,7 @@ def find_gemms(model: nn.Module, example_input: Example | None) -> FoundGemms:
         recorder.install()
         try:
             args = example_input if isinstance(example_input, tuple) else (example_input,)
-            with torch.random.fork_rng(devices=_devices(args)), torch.enable_grad(), buffers_kept(model):
+            with torch.random.fork_rng(devices=_devices(args)), torch.enable_grad(), state_kept(model):
                 model(*args)
         finally:
             recorder.remove()

@@ -42,7 +42,6 @@ from torch.utils._pytree import tree_leaves
 from dse.data import Dataset, load_dataset, with_validation
 from dse.formats.base import MemberGenerators
 from dse.models.proxies import MODELS, build_model
-from dse.train.allocator import keep_freed_memory
 from dse.train.batch_dependence import Forward, batch_size_reason, forwards_of
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
@@ -53,7 +52,7 @@ from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optim
 from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
-from dse.train.stacked import stack_models, stack_reason, stored_weights
+from dse.train.stacked import MemberStateUnstacked, stack_models, stack_reason, stored_weights
 from dse.train.tally import EpochTally, members_finite, training_state
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
@@ -242,7 +241,8 @@ def _backwards_spied(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -
 
 class GroupSplitWarning(UserWarning):
     """A group trains otherwise than planned: too large for its device's memory, as consecutive
-    smaller groups; or one by one, a user's Function found while it trained (`BackwardUnsplit`)."""
+    smaller groups; or one by one, a user's Function found while it trained (`BackwardUnsplit`), or a
+    layer's buffers its members set apart (`MemberStateUnstacked`)."""
 
 
 def trial_training_bytes(config: TrainConfig, model: nn.Module, example: Tensor) -> int:
@@ -290,13 +290,12 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
         warnings.warn(split_note(len(configs), fit, one, available, configs[0].device, groups_at_once),
                       GroupSplitWarning, stacklevel=2)
     results: list[TrainResult] = []
-    keep_freed_memory()  # a group's G-fold tensors, freed each step, are not faulted in again
     try:
         with _run_settings(configs[0].threads):
             for start in range(0, len(configs), fit):
                 part = configs[start:start + fit]
                 results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
-    except BackwardUnsplit as found:
+    except (BackwardUnsplit, MemberStateUnstacked) as found:
         warnings.warn(f"model {configs[0].model!r}: {found}; its trials trained one by one",
                       GroupSplitWarning, stacklevel=2)
         return [train(config, data) for config in configs]

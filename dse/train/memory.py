@@ -71,7 +71,7 @@ def activation_bytes_per_sample(model: nn.Module, example: Tensor) -> tuple[floa
     try:
         with torch.random.fork_rng(devices=[example.device] if example.is_cuda else []), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), \
-                buffers_kept(model):
+                state_kept(model):
             model.train()
             model(example)
     finally:
@@ -83,12 +83,14 @@ def activation_bytes_per_sample(model: nn.Module, example: Tensor) -> tuple[floa
 
 
 @contextlib.contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """The block (a look-ahead forward) with the model's buffers as they were after it: each module's
-    own buffer tensors (one the forward set from None or reassigned: the one it had, None again) with
-    their values (one it updated in place: its value before)."""
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """The block (a look-ahead forward) with the model's buffers and parameters as they were after it:
+    each module's own buffer tensors (one the forward set from None or reassigned: the one it had,
+    None again) with their values (one it updated in place: its value before), and the parameters'
+    values (a layer that clamps its weight in its forward)."""
     held = [(module, dict(module._buffers)) for module in model.modules()]
     values = {name: b.detach().clone() for name, b in model.named_buffers()}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     try:
         yield
     finally:
@@ -98,6 +100,9 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(values[name])
+            for name, p in model.named_parameters():
+                if not torch.equal(p, weights[name]):  # (no version bump where nothing was written)
+                    p.copy_(weights[name])
 
 
 def trial_memory_bytes(model: nn.Module, example: Tensor, batch_size: int, optimizer: str,

@@ -728,7 +728,7 @@ class PerMemberLayer(nn.Module):
         aligned = {name: _at_alone_alignment_for_blas(tensor)
                    for name, tensor in {**parameters, **buffers}.items() if name not in written}
         slices: dict[str, Sequence[Tensor]] = {name: tensor.unbind(0) for name, tensor in aligned.items()}
-        slices.update({name: _MemberCopies.apply(tensor) for name, tensor in written.items()})
+        slices.update(self._member_copies(written))
         buffer_slices = {name: slices[name] for name in buffers}
         reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
             or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
@@ -767,7 +767,31 @@ class PerMemberLayer(nn.Module):
                     buffer.copy_(aligned[name])
         for name, members_buffers in set_buffers.items():
             self._buffers[name] = _stacked_set_buffer(template, name, members_buffers)
+        if written:
+            self.__dict__["copies"] = (_versions(written), torch.is_grad_enabled(),
+                                       {name: slices[name] for name in written})
         return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+
+    def _member_copies(self, written: Mapping[str, Tensor]) -> dict[str, Sequence[Tensor]]:
+        """Each member's copies of the parameters the layer may write: those of its earlier call in
+        this forward of the group (a layer called twice, weight sharing) while the stacked parameters
+        are as that call left them, as alone every call takes the one tensor (what a later call
+        writes reaches what an earlier one saved, and its in-place write fails that one's backward
+        as alone); otherwise fresh ones."""
+        if not written:
+            return {}
+        held = self.__dict__.get("copies")
+        if held is not None and held[0] == _versions(written) and held[1] == torch.is_grad_enabled():
+            return dict(held[2])
+        return {name: _MemberCopies.apply(tensor) for name, tensor in written.items()}
+
+    def forget_copies(self) -> None:
+        """Drops the members' parameter copies (`_member_copies`): a new forward of the group."""
+        self.__dict__["copies"] = None
+
+
+def _versions(tensors: Mapping[str, Tensor]) -> tuple[int, ...]:
+    return tuple(t._version for t in tensors.values())
 
 
 @torch.no_grad()
@@ -785,6 +809,12 @@ def _may_write_parameters(layer: nn.Module) -> bool:
     return not type(layer).__module__.startswith(("torch.", OWN_PACKAGE))
 
 
+class MemberStateUnstacked(ValueError):
+    """Found while a group trained: a layer run member by member left its members' buffers in shapes,
+    dtypes or None-ness that one stacked tensor cannot hold (a buffer its forward sets from None in
+    some members only); the group's trials train one by one instead."""
+
+
 def _stacked_set_buffer(template: nn.Module, name: str, parts: Sequence[Tensor | None]) -> Tensor | None:
     """A buffer registered as None, as the members' calls left it: still None, or each member's
     tensor stacked along the members' axis (then an ordinary stacked buffer of the layer)."""
@@ -793,8 +823,9 @@ def _stacked_set_buffer(template: nn.Module, name: str, parts: Sequence[Tensor |
     first = parts[0]
     if first is None or any(part is None or part.shape != first.shape or part.dtype != first.dtype
                             for part in parts):
-        raise ValueError(f"cannot group {type(template).__name__}: its forward sets buffer {name!r} to "
-                         f"tensors of other shapes or dtypes, or to None, in different members")
+        raise MemberStateUnstacked(f"cannot group {type(template).__name__}: its forward sets buffer "
+                                   f"{name!r} to tensors of other shapes or dtypes, or to None, in "
+                                   f"different members")
     return torch.stack(cast(list[Tensor], list(parts)))
 
 
@@ -822,8 +853,8 @@ def _keep_reassigned_buffers(template: nn.Module, slices: Mapping[str, Sequence[
         if new is parts[member]:
             continue
         if new is None or new.shape != parts[member].shape or new.dtype != parts[member].dtype:
-            raise ValueError(f"cannot group {type(template).__name__}: its forward reassigns buffer "
-                             f"{name!r} to another shape or dtype than it had")
+            raise MemberStateUnstacked(f"cannot group {type(template).__name__}: its forward reassigns "
+                                       f"buffer {name!r} to another shape or dtype than it had")
         with torch.no_grad():
             parts[member].copy_(new)
 
@@ -1150,16 +1181,26 @@ class StackedModel(nn.Module):
         """`MemberKernelMode` over the net's forward where it may call a function that mode runs
         member by member (a user's module; the built-in proxies call none, and a mode costs about a
         microsecond per torch call outside our own layers)."""
+        self.__dict__["writing_layers"] = [m for m in net.modules()
+                                           if isinstance(m, PerMemberLayer) and m.writes_parameters]
+        """Layers whose members' parameter copies last one forward (`PerMemberLayer._member_copies`)."""
 
     @property
     def position_dependent_kernels(self) -> bool:
         return self.member_kernels is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.member_kernels is None:
-            return _split(self.net(_fold(x)), self.members)
-        with self.member_kernels.interrupt_safe():
-            return _split(self.net(_fold(x)), self.members)
+        layers: list[PerMemberLayer] = self.__dict__["writing_layers"]
+        for layer in layers:
+            layer.forget_copies()
+        try:
+            if self.member_kernels is None:
+                return _split(self.net(_fold(x)), self.members)
+            with self.member_kernels.interrupt_safe():
+                return _split(self.net(_fold(x)), self.members)
+        finally:
+            for layer in layers:
+                layer.forget_copies()
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.aten_calls import AtenCalls
 
 from dse.formats import get
 from dse.formats.base import MemberGenerators, NumberFormat, _with_axis
@@ -186,3 +187,30 @@ def test_fused_nearest_path_leaves_tensors_larger_than_a_slice_to_each_axis() ->
     assert fast_block.quantize_e8m0_nearest_along(fmt, x, (-1, 0)) is None
     for a, b in zip(fmt.quantize_along(x, (-1, 0)), each_axis(fmt, x, (-1, 0), "nearest", None), strict=True):
         assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "mxint8"])
+@pytest.mark.parametrize(("shape", "axis"), [((3, 100, 256), -1), ((3, 100, 256), -2), ((3, 256, 256), 1)])
+def test_blocks_of_zeros_need_no_per_block_range_mask_on_either_path(
+        spec: str, shape: tuple[int, ...], axis: int) -> None:
+    """A block of zeros (a ReLU's output, its gradient) is rounded by the fused path as any other: it
+    sends neither the single-axis path (a group's stacked tensors, larger than a slice) nor the
+    several-axes one (a member's alone) to the mask of blocks whose constants leave float32's range,
+    and the values equal the reference rounding's."""
+    fmt = get(spec)
+    assert isinstance(fmt, BlockFormat)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).relu_()
+    x[:, :40] = 0.0  # whole blocks of zeros along every axis
+    member = x[0].clone()
+    along, member_axes = _with_axis(fmt, axis), (axis - 1 if axis > 0 else axis,)
+    fast_block.quantize_e8m0_nearest(along, x, "nearest")  # the formats' plans, made once
+    fast_block.quantize_e8m0_nearest_along(fmt, member, member_axes)
+    with AtenCalls() as stacked:
+        fused = fast_block.quantize_e8m0_nearest(along, x, "nearest")
+    with AtenCalls() as alone:
+        fused_alone = fast_block.quantize_e8m0_nearest_along(fmt, member, member_axes)
+    assert fused is not None and fused_alone is not None
+    assert "aten::any" not in stacked.names and "aten::any" not in alone.names, (stacked.names, alone.names)
+    with reference_only():
+        assert_same_bits(fused, along.quantize(x))
+        assert_same_bits(fused_alone[0], _with_axis(fmt, member_axes[0]).quantize(member))

@@ -139,3 +139,27 @@ def test_the_front_ranks_by_the_runs_mean_energy_where_the_results_have_it() -> 
     front = pareto_front(summary, W)
     assert list(front["label"]) == ["c0"]
     assert front.iloc[0][["energy_mj", "iteration_energy_mj", "run_energy_mj"]].tolist() == [2.0, 2.0, 200.0]
+
+
+def test_a_configuration_without_a_run_mean_is_not_dropped_the_front_ranks_all_by_one_iteration() -> None:
+    """An old store's warm-up trial has no run mean (its warm-up energy was never priced). Ranked by the
+    run's mean it would silently leave the front, so every front of the summary ranks by one iteration
+    instead, one measure for all configurations and workloads."""
+    summary = summary_frame([("t", 0.9, 2.0, 1.0), ("t", 0.9, 1.0, 1.0), ("u", 0.5, 1.0, 1.0)])
+    summary[f"run_mean_energy_mj:{W}"] = [2.0, math.nan, 1.0]
+    summary[f"run_energy_mj:{W}"] = [200.0, math.nan, 100.0]
+    fronts = all_fronts(summary, [W])
+    assert list(fronts["label"]) == ["c1", "c2"]
+    assert "iteration_energy_mj" not in fronts.columns  # (the tables label it one iteration's energy)
+    assert fronts["energy_mj"].tolist() == [1.0, 1.0]
+
+
+def test_a_configuration_that_trained_nothing_does_not_keep_the_others_from_their_run_mean() -> None:
+    """A configuration whose every seed diverged at its first batch trained no iteration: its run's total
+    is 0 and it has no mean, which is no reason to rank the others by one iteration."""
+    summary = summary_frame([("t", 0.9, 2.0, 1.0), ("t", 0.9, 1.0, 1.0), ("t", 0.1, 0.5, 1.0)])
+    summary[f"run_mean_energy_mj:{W}"] = [2.0, 3.0, math.nan]
+    summary[f"run_energy_mj:{W}"] = [200.0, 300.0, 0.0]
+    front = pareto_front(summary, W)
+    assert list(front["label"]) == ["c0"]
+    assert "iteration_energy_mj" in front.columns

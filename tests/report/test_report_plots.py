@@ -65,3 +65,39 @@ def test_the_breakdown_shows_the_whole_compute_only_and_shares(summary: pd.DataF
     np.testing.assert_allclose(heights[shares].sum(axis=0), 100.0)
     np.testing.assert_allclose(heights[shares][:, 0], 100.0 * np.array(unit_shares))
     np.testing.assert_allclose(heights[compute].sum(axis=0), heights[whole][:-1].sum(axis=0))
+
+
+@pytest.mark.parametrize("workload", ["proxy", "resnet50"])
+@pytest.mark.parametrize("run", [False, True])
+def test_every_text_of_the_accuracy_energy_figure_lies_inside_it(
+        make_trial_row: Callable[..., dict[str, Any]], make_trials_frame: Callable[..., pd.DataFrame],
+        workload: str, run: bool) -> None:
+    """A long configuration label (the quickstart's LNS-Madam one) widens the legend and narrows the axes:
+    the x label, longer where it names the run's mean, must still be whole on the page."""
+    long = "lns8 lns-madam lr=0.03125 p-scale=10.0 master=lns(16,gamma=2048)"
+    labels = {**CONFIGS, long: ("lns8", 0.93, 1.8)}
+    rows = []
+    for label, (fmt, accuracy, energy) in labels.items():
+        for seed in range(2):
+            row = make_trial_row("mlp/mnist1d", label, seed, accuracy + 0.001 * seed,
+                                 {"proxy": energy, "resnet50": 100 * energy}, format=fmt)
+            if run:
+                for w, mj in (("proxy", energy), ("resnet50", 100 * energy)):
+                    row[f"run_mean_energy_mj:{w}"], row[f"run_energy_mj:{w}"] = 1.1 * mj, 540 * 1.1 * mj
+            rows.append(row)
+    figure = accuracy_energy_figure(summarize_trials(make_trials_frame(rows, ["proxy", "resnet50"])),
+                                    "mlp/mnist1d", workload)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()  # as the reports render it (PNG)
+    figure.draw(renderer)
+    page = figure.bbox
+    (ax,) = figure.axes
+    texts = [ax.xaxis.label, ax.yaxis.label, *(t for legend in (*figure.legends, *ax.get_children())
+                                               if hasattr(legend, "get_texts") for t in legend.get_texts()),
+             *([figure._supxlabel] if figure._supxlabel is not None else [])]
+    assert len(texts) > 2 + len(labels)
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert (box.x0 >= page.x0 - 0.5 and box.x1 <= page.x1 + 0.5 and box.y0 >= page.y0 - 0.5
+                and box.y1 <= page.y1 + 0.5), (text.get_text(), box, page)

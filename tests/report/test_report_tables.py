@@ -143,3 +143,25 @@ def test_render_table_csv_round_trips_and_rejects_unknown_choices(example_trials
         render_table(trials, "front", "csv")
     with pytest.raises(InputError, match="unknown export format 'html'"):
         render_table(trials, "summary", "html")
+
+
+def test_a_configurations_run_energy_is_over_all_its_counted_trials_or_unknown(
+        make_trial_row: Callable[..., dict[str, Any]],
+        make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    """A mixed store: a seed recorded before iterations were counted has no run total (and, diverged, no
+    run mean). The configuration's run figure is not the mean of the other seeds alone; a seed that
+    raised trained nothing that counts and is left out, as from the accuracy."""
+    runs = [(1.0, 10.0, "ok"), (math.nan, 2.0, "diverged"), (math.nan, math.nan, "error"),
+            (0.0, math.nan, "diverged")]  # (the last diverged at its first batch: no mean, its total 0)
+    rows = []
+    for seed, (total, mean, status) in enumerate(runs):
+        row = make_trial_row("t", "c", seed, 0.5, {"w": 1.0}, status=status)
+        row["run_energy_mj:w"], row["run_mean_energy_mj:w"] = total, mean
+        rows.append(row)
+    full = make_trials_frame(rows[:1] + rows[2:], ["w"])  # (total: 1.0 + 0.0; mean: 10.0 alone)
+    mixed = make_trials_frame(rows, ["w"])
+    assert summarize_trials(full).iloc[0][["run_energy_mj:w", "run_mean_energy_mj:w"]].tolist() == [0.5, 10.0]
+    summary = summarize_trials(mixed).iloc[0]
+    assert math.isnan(summary["run_energy_mj:w"]) and summary["run_mean_energy_mj:w"] == 6.0
+    rows[1]["run_mean_energy_mj:w"] = math.nan
+    assert math.isnan(summarize_trials(make_trials_frame(rows, ["w"])).iloc[0]["run_mean_energy_mj:w"])

@@ -611,7 +611,8 @@ from dse.sweep import executors
 context_of = executors.worker_context
 def slow_to_start():
     context = context_of()
-    context.set_forkserver_preload([*forkserver._forkserver._preload_modules, "imports_for_a_minute"])
+    *trainer, ready = forkserver._forkserver._preload_modules  # (the last: its imports have ended)
+    context.set_forkserver_preload([*trainer, "imports_for_a_minute", ready])
     return context
 executors.worker_context = slow_to_start
 app(args=sys.argv[1:], prog_name="dse")
@@ -619,13 +620,12 @@ app(args=sys.argv[1:], prog_name="dse")
 """`dse` whose workers' fork server imports one more module after the trainer: imports_for_a_minute."""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
 def test_a_sweep_killed_in_its_first_seconds_leaves_no_worker_server_importing(
         tmp_path: Path, repo_root: Path, session_of: type[Session]) -> None:
     """SIGKILL (or the out-of-memory killer) while the sweep's fork server imports the trainer, its
     first seconds: the server went on importing, and multiprocessing's resource tracker lived on with
-    it, until its loop started and noticed the sweep gone (15 s after the kill at load 14). Now the
-    kernel ends the server with the sweep (0.1 s). Here the server's imports would last a minute more."""
+    it, until its loop started and noticed the sweep gone (15 s after the kill at load 14). Now a
+    thread of the server ends it with the sweep. Here the server's imports would last a minute more."""
     out, config, importing = tmp_path / "out", tmp_path / "s.yaml", tmp_path / "importing"
     config.write_text(_text(out))
     (tmp_path / "imports_for_a_minute.py").write_text(
@@ -644,6 +644,49 @@ def test_a_sweep_killed_in_its_first_seconds_leaves_no_worker_server_importing(
         # the sweep, its resource tracker and its fork server; the sweep alone killed
         code, left = session.stop(process.kill, at_least=3, within_s=20.0)
     assert code == -signal.SIGKILL and not left, f"processes outlived the killed sweep: {left}"
+
+
+_STARTED_FROM_A_THREAD = """\
+import os, threading, time
+from multiprocessing import forkserver
+from dse.sweep.executors import start_worker_server, worker_context
+starter = []
+def sweep_in_a_thread():
+    starter.append(threading.get_native_id())
+    start_worker_server()
+    worker = worker_context().Process(target=os.getpid)  # (its own sweep's worker)
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 0
+thread = threading.Thread(target=sweep_in_a_thread)
+thread.start()
+thread.join()
+while os.path.exists(f"/proc/self/task/{starter[0]}"):  # (the thread ended in the kernel too)
+    time.sleep(0.01)
+server = forkserver._forkserver._forkserver_pid
+worker = worker_context().Process(target=os.getpid)
+worker.start()
+worker.join()
+print(worker.exitcode, forkserver._forkserver._forkserver_pid == server, flush=True)
+"""
+"""The sweep API called from a thread (a notebook's, a thread pool's) that starts the fork server, runs
+a worker from it and ends; then the next worker forked from that server."""
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods()
+                    or not Path("/proc/self/task").is_dir(), reason="a fork server, /proc")
+def test_the_worker_server_outlives_the_thread_that_started_it(repo_root: Path) -> None:
+    """The sweep's Python API runs in any thread (`signals_interrupt` runs its block as it is there),
+    and the fork server serves every sweep of the process. Linux's parent-death signal, which ended
+    the server in its first seconds with a killed sweep, is sent when the *thread* that started it
+    ends: a sweep run from a thread that ended killed the server of the process, and with it the
+    next sweep's workers (a sweep running beside it in another thread: 'a worker process died'), or
+    a restarted server's seconds of imports. Now the server outlives its starter thread and forks
+    the next worker itself."""
+    env = {**os.environ, "PYTHONPATH": f"{repo_root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", _STARTED_FROM_A_THREAD], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert (done.returncode, done.stdout) == (0, "0 True\n"), done.stderr
 
 
 def test_a_second_signal_ends_a_command_whose_exit_handler_is_stuck_at_once() -> None:

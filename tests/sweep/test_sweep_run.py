@@ -142,7 +142,7 @@ def test_a_local_ray_instance_that_starts_too_slowly_is_started_again() -> None:
 
 
 class _Submit:
-    """`ray.remote(execute)`: its tasks are the jobs themselves."""
+    """`ray.remote(execute_in_worker)`: its tasks are the jobs themselves."""
 
     def options(self, **options: object) -> _Submit:
         return self

@@ -153,13 +153,10 @@ def test_a_diverged_trials_run_energy_counts_only_the_iterations_it_trained(tmp_
                                                                   rel=1e-12)
 
 
-def test_an_old_store_without_run_columns_loads_reports_and_resumes(swept: Path, tmp_path: Path) -> None:
-    """A store from before: no warm-up key in its plan, no epoch_iterations in its results. Its trials
-    that trained every epoch alike get their run's mean (epochs weigh alike), not its total; a warm-up's
-    fp32 energy is known once a run rewrites the plan, which trains nothing again."""
+def _old_store(swept: Path, old: Path) -> None:
+    """`swept` copied to `old` as dse wrote it before iterations were counted and warm-ups priced."""
     import shutil
 
-    old = tmp_path / "old"
     shutil.copytree(swept, old)
     with sqlite3.connect(store_path(old)) as connection:
         connection.execute("ALTER TABLE plan DROP COLUMN warmup_energy_key")
@@ -169,6 +166,14 @@ def test_an_old_store_without_run_columns_loads_reports_and_resumes(swept: Path,
             connection.execute("UPDATE trials SET result = ? WHERE trial_id = ?",
                                (json.dumps(values), trial_id))
     connection.close()
+
+
+def test_an_old_store_without_run_columns_loads_reports_and_resumes(swept: Path, tmp_path: Path) -> None:
+    """A store from before: no warm-up key in its plan, no epoch_iterations in its results. Its trials
+    that trained every epoch alike get their run's mean (epochs weigh alike), not its total; a warm-up's
+    fp32 energy is known once a run rewrites the plan, which trains nothing again."""
+    old = tmp_path / "old"
+    _old_store(swept, old)
     frame = load_trials(old)
     posit, warm = _row(frame, "posit"), _row(frame, "posit warm")
     assert posit["run_mean_energy_mj:proxy"] == pytest.approx(posit["energy_mj:proxy"], rel=1e-12)
@@ -186,3 +191,20 @@ def test_an_old_store_without_run_columns_loads_reports_and_resumes(swept: Path,
     column = "run_mean_energy_mj:proxy"
     assert resumed[column] == pytest.approx(expected[column], rel=1e-12)
     assert math.isnan(resumed["run_energy_mj:proxy"])
+
+
+def test_an_old_stores_fronts_rank_every_configuration_by_one_iteration(swept: Path, tmp_path: Path) -> None:
+    """Its warm-up trial has no run mean until a run prices the warm-up: ranked by the run's mean it would
+    leave the fronts unseen, so the fronts rank every configuration by one iteration, as they did
+    before dse priced runs (the run columns dropped: the fronts of the same results without them)."""
+    from dse.report import SweepTables
+
+    old = tmp_path / "old"
+    _old_store(swept, old)
+    frame = load_trials(old)
+    assert math.isnan(_row(frame, "posit warm")["run_mean_energy_mj:proxy"])
+    runless = frame.drop(columns=[c for c in frame.columns if str(c).startswith("run_")])
+    fronts, expected = SweepTables.of(frame).fronts, SweepTables.of(runless).fronts
+    assert "iteration_energy_mj" not in fronts.columns
+    assert fronts[["task", "workload", "label", "energy_mj"]].equals(
+        expected[["task", "workload", "label", "energy_mj"]])

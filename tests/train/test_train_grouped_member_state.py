@@ -19,8 +19,8 @@ from torch import nn
 from dse.sweep import parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.store import STORE_FILE
-from dse.train import TrainConfig
-from dse.train.grouped import group_reason
+from dse.train import TrainConfig, train
+from dse.train.grouped import GroupSplitWarning, group_reason, train_group
 from dse.train.layers import QuantSwitch
 from dse.train.stacked import stack_models
 
@@ -33,6 +33,7 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
     ("max_norm_affine", "lns8", "lns-madam", "true"),  # an optimizer that keeps its own codes
     ("clamped_affine", "fp32", "sgd", "true"),  # written through .data
     ("clamped_affine", "int8", "adamw", "bf16"),
+    ("shared_clamped_affine", "fp32", "sgd", "true"),  # one layer called twice in a forward
 ])
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
 def test_a_layer_that_writes_its_parameters_in_its_forward_trains_grouped_as_alone(
@@ -113,3 +114,56 @@ def test_a_group_with_a_buffer_set_in_the_forward_trains_each_member_as_alone(mo
                        rounding="nearest" if number_format == "fp32" else "pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.03), base.replace(seed=55, lr=0.05)]
     assert_group_trains_as_alone(configs, short_digits())
+
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+def test_a_shared_layer_whose_second_call_writes_a_saved_parameter_fails_in_a_group_as_alone() -> None:
+    """A max-norm layer called twice in one forward (weight sharing) renorms, under no_grad, the
+    weight its first call saved for the backward: alone, the backward raises (the weight's version
+    moved on). A group must not train it to a result no run alone gives; before, it did (each call
+    took fresh copies of its own, so the first call's saved copy was never written)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:shared_max_norm_affine", dataset="digits", epochs=1,
+                       batch_size=50, optimizer="sgd", format="fp32", threads=1)
+    configs = [base.replace(seed=3), base.replace(seed=55)]
+    data = short_digits()
+    for config in configs:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            train(config, data)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        train_group(configs, data)
+
+
+def test_a_buffer_set_from_none_in_some_members_only_trains_them_one_by_one_as_alone() -> None:
+    """A layer that sets a buffer registered as None for some members and not others (by their own
+    data: seed 1's first batch sets it, seed 3's first epoch never does; the check forwards' samples
+    set it in no member) cannot keep it as one stacked buffer: the group's trials train one by one,
+    each as alone, and say so. Before, train_group raised ValueError in its first step."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:mean_gated_average", dataset="digits", epochs=1,
+                       batch_size=50, optimizer="sgd", format="fp32", threads=1)
+    configs = [base.replace(seed=3), base.replace(seed=1)]
+    assert group_reason(configs[0]) is None
+    with pytest.warns(GroupSplitWarning, match="sets buffer 'average'.*trained one by one"):
+        assert_group_trains_as_alone(configs, short_digits())
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+def test_the_look_ahead_forwards_leave_a_layers_written_parameters_as_they_were() -> None:
+    """The forwards that find functional GEMMs (every trial, alone or grouped) and estimate memory
+    leave the model as it was: before, a layer that clamps its weight in its forward came out of
+    them clamped (a step's write before the first step)."""
+    from support.leaf_models import clamped_affine
+
+    from dse.train.functional import find_gemms
+    from dse.train.memory import activation_bytes_per_sample
+
+    torch.manual_seed(0)
+    model = clamped_affine((64,), 10)
+    with torch.no_grad():
+        model.leaf.weight.mul_(3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    example = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    find_gemms(model, example[:2])
+    activation_bytes_per_sample(model, example)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name

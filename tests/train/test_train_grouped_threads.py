@@ -15,8 +15,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.aten_calls import AtenCalls
 from support.group_gemms import gemm_operands, torch_threads
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dse.train import TrainConfig, accumulation, batched_sums
 from dse.train.batched_sums import bmm_sums_as_mm, sums_as_members
@@ -42,16 +42,6 @@ def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
                                               y.contiguous().view(torch.int32))
 
 
-class _Operations(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.names.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
 # --- the decision -----------------------------------------------------------------------------------
 
 
@@ -74,7 +64,7 @@ def test_at_one_thread_a_failing_rule_decides_and_a_holding_one_is_probed(
     with torch_threads(1):
         key = ("baddbmm", batched_sums._library_state(ops[0]),  # the operands are at alone's alignment
                tuple(batched_sums._layout(t) for t in ops), 2)  # (member_gemm aligns a and b)
-        with _Operations() as seen:
+        with AtenCalls() as seen:
             together = member_gemm(*ops)
     products = [name for name in seen.names if name.endswith(("mm", "bmm"))]
     rule = bmm_sums_as_mm(rows, reduction, columns)
@@ -199,7 +189,7 @@ def test_a_probe_leaves_the_runs_generators_grad_and_modes_alone() -> None:
     streams, its graph and a mode watching it see only the product itself."""
     ops = tuple(t.requires_grad_() for t in _operands(2, 32, 1024, 16, False, True, False, seed=3))
     rng = torch.get_rng_state()
-    with torch_threads(2), _Operations() as seen:
+    with torch_threads(2), AtenCalls() as seen:
         y = member_gemm(*ops)
     assert torch.equal(torch.get_rng_state(), rng)
     assert [n for n in seen.names if "mm" in n] in (["aten::bmm"], ["aten::mm", "aten::mm"])
@@ -256,7 +246,7 @@ def test_a_decision_is_per_matmul_precision() -> None:
         before = batched_sums.decided()
         sums_as_members(("one-thread-medium",), _batched_gemm, _own_gemm, ops, True)
         assert _new_sites(before) == [("one-thread-medium",)]
-        with _Operations() as seen:  # the group's product equals each member's own under bf16 too
+        with AtenCalls() as seen:  # the group's product equals each member's own under bf16 too
             together = member_gemm(*ops)
         assert _same_bits(together, _each_own(ops)) and seen.names
 
@@ -362,7 +352,7 @@ def test_a_fold_decides_before_computing_the_groups_chunk() -> None:
     quant = TensorQuant(get("fp16"))
     stacked_acc = _accumulator(quant, 64, MemberGenerators([torch.Generator() for _ in range(3)]))
     assert stacked_acc is not None
-    with torch_threads(1), _Operations() as seen:
+    with torch_threads(1), AtenCalls() as seen:
         folded = accumulation.matmul_forward(a, b, stacked_acc)
     assert [n for n in seen.names if "mm" in n] == ["aten::mm"] * 3
     alone = [accumulation.matmul_forward(a[g], b[g], accumulation.Accumulator(quant, 64)) for g in range(3)]
@@ -458,9 +448,9 @@ def test_a_stacked_fp32_matmul_that_sums_as_each_members_runs_one_batched_matmul
         split = (a.view(2, 3, 2, 40, 24), b.view(2, 3, 2, 24, 40))
         alike = sums_as_members("matmul with its gradient", functools.partial(_matmul_with_grads, 1),
                                 functools.partial(_matmul_with_grads, 0), split, True)
-        with _Operations() as stacked:
+        with AtenCalls() as stacked:
             StackedMatmul(2, None)(a, b)
-        with _Operations() as plain:
+        with AtenCalls() as plain:
             _ = a @ b
     products = [n for n in stacked.names if "mm" in n]
     assert products == ([n for n in plain.names if "mm" in n] if alike else ["aten::bmm"] * 2)

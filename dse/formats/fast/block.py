@@ -134,9 +134,9 @@ def _quantize_blocks_nearest(fmt: BlockFormat, blocks: Tensor, out: Tensor) -> N
             _round_rows_nearest(blocks[chunk], out[chunk], magnitude[chunk], amax[chunk],
                                      scratch[: out[chunk].shape[0]], plan, constants)
     # Blocks whose constants leave float32's normal range: 0 < F < lowest_field or
-    # highest_field < F < 255. The extremes of max|v| over the blocks rule them out at once.
-    low, high = torch.aminmax(amax)
-    if int(low) < plan.lowest_field << 23 or int(high) >= (plan.highest_field + 1) << 23:
+    # highest_field < F < 255. The extremes of max|v| over the blocks rule them out at once, blocks
+    # of zeros (a ReLU's) included.
+    if _may_leave_normal_range(plan, amax):
         exponent_field = amax >> 23
         bad = ((exponent_field < plan.lowest_field) & (amax != 0)
                | (exponent_field > plan.highest_field) & (exponent_field < 255))
