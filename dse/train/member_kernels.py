@@ -120,7 +120,11 @@ BROADCASTING_FUNCTIONS: frozenset[Any] = frozenset({
     Tensor.div, Tensor.divide, Tensor.true_divide, Tensor.div_, Tensor.__truediv__, Tensor.__rtruediv__,
     Tensor.__itruediv__, torch.where, Tensor.where, torch.maximum, Tensor.maximum, torch.minimum,
     Tensor.minimum, torch.addcmul, Tensor.addcmul, torch.addcdiv, Tensor.addcdiv, torch.lerp, Tensor.lerp,
-    torch.atan2, torch.hypot, torch.fmax, torch.fmin,
+    torch.atan2, Tensor.atan2, torch.hypot, Tensor.hypot, torch.fmax, Tensor.fmax, torch.fmin, Tensor.fmin,
+    torch.clamp, Tensor.clamp, Tensor.clamp_, torch.clip, Tensor.clip, Tensor.clip_, torch.clamp_min,
+    Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_,
+    torch.copysign, Tensor.copysign, torch.xlogy, Tensor.xlogy, torch.special.xlogy, torch.fmod, Tensor.fmod,
+    torch.remainder, Tensor.remainder, Tensor.__mod__,
 })
 """Elementwise functions of several tensors, which broadcast them to one shape. A tracked operand's
 gradient is then the output's summed over the axes it was broadcast along (autograd's at::sum_to, in
@@ -291,27 +295,29 @@ class _LogSumExpOf(torch.autograd.Function):
 
 class _BroadcastAsAlone(torch.autograd.Function):
     """x expanded to `shape` (a view, as a broadcast's operand is); the backward sums the gradient over
-    the broadcast axes (at::sum_to, as autograd does alone) member by member, each member's block laid
-    out as alone (`_as_alone`), where that sum reduces outside the members' samples in memory, once
-    otherwise."""
+    the broadcast axes (at::sum_to, as autograd does alone) member by member along x's `axis` (the
+    members' samples), each member's block laid out as alone (`_as_alone`), where that sum reduces
+    outside the samples in memory, once otherwise."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, shape: torch.Size, members: int) -> Tensor:
-        ctx.shape, ctx.members = x.shape, members
+    def forward(ctx: Any, x: Tensor, shape: torch.Size, axis: int, members: int) -> Tensor:
+        ctx.shape, ctx.axis, ctx.members = x.shape, axis, members
         return x.expand(shape)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         shape, members = ctx.shape, ctx.members
         lead = grad.dim() - len(shape)
+        axis = lead + ctx.axis
         summed = [*range(lead), *(d for d in range(lead, grad.dim())
                                   if shape[d - lead] == 1 and grad.shape[d] != 1)]
-        if not _sums_outside(grad, lead, summed):
-            return grad.sum_to_size(shape), None, None
-        each = grad.shape[lead] // members
-        own = (each, *shape[1:])
-        return torch.cat([_as_alone(grad.narrow(lead, g * each, each), lead, members).sum_to_size(own)
-                          for g in range(members)]), None, None
+        if not _sums_outside(grad, axis, summed):
+            return grad.sum_to_size(shape), None, None, None
+        each = grad.shape[axis] // members
+        own = list(shape)
+        own[ctx.axis] = each
+        return torch.cat([_as_alone(grad.narrow(axis, g * each, each), axis, members).sum_to_size(own)
+                          for g in range(members)], ctx.axis), None, None, None
 
 
 class MemberKernelMode(RecomputedMode):
@@ -392,15 +398,18 @@ class MemberKernelMode(RecomputedMode):
 
     def _broadcast_as_alone(self, x: Any, shape: torch.Size, otherwise: Any) -> Any:
         """x broadcast to `shape` through `_BroadcastAsAlone` where x is a tracked floating-point tensor
-        with the members' samples on its first axis (a multiple of the group's folded batch),
-        broadcast along another; `otherwise` else."""
+        with the members' samples on an axis (`_member_axis`: a multiple of the group's folded batch,
+        as the first axis, or the folded batch, as a sequence-first layout's second) that the call
+        keeps, broadcast along another; `otherwise` else."""
         if (not isinstance(x, Tensor) or not x.requires_grad or x.shape == shape or x.dim() == 0
-                or not x.is_floating_point() or x.device.type != "cpu" or x.dim() > len(shape)
-                or x.shape[0] != shape[len(shape) - x.dim()]
-                or x.shape[0] % (self.members * (self.rows or 1))):
+                or not x.is_floating_point() or x.device.type != "cpu" or x.dim() > len(shape)):
+            return otherwise
+        axis = _member_axis(x, self.members, self.rows)
+        if (axis is None or x.shape[axis] % (self.members * (self.rows or 1))
+                or x.shape[axis] != shape[len(shape) - x.dim() + axis]):
             return otherwise
         self.seen = True
-        return _BroadcastAsAlone.apply(x, shape, self.members)
+        return _BroadcastAsAlone.apply(x, shape, axis, self.members)
 
     def _broadcast(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of BROADCASTING_FUNCTIONS: each operand with the members' samples on its first axis that

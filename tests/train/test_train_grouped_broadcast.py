@@ -19,7 +19,7 @@ from support.group_runs import assert_group_trains_as_alone, short_digits
 from torch import Tensor
 
 from dse.train import TrainConfig
-from dse.train.member_kernels import MemberKernelMode
+from dse.train.member_kernels import AmbiguousMemberAxisWarning, MemberKernelMode
 
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
 BROADCASTS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -30,6 +30,11 @@ BROADCASTS: dict[str, Callable[[Tensor], Tensor]] = {
     "divided": lambda h: h / (h * h).mean(1, keepdim=True).add(1.0),
     "expand_as": lambda h: h.mean(1, keepdim=True).expand_as(h) * 3.0,
     "leading": lambda h: h + torch.ones(5, *h.shape),  # (h's gradient: the output's summed over axis 0)
+    "clamped": lambda h: torch.clamp(h, min=h.mean(1, keepdim=True)),  # (a tensor bound, by keyword)
+    "clipped": lambda h: h.clip(h.amin(1, keepdim=True), h.amax(1, keepdim=True) * 0.5),
+    "copysign": lambda h: torch.copysign(h.sum(1, keepdim=True), h),
+    "xlogy": lambda h: torch.xlogy(h.abs(), h.abs().sum(1, keepdim=True) + 1.0),
+    "remainder": lambda h: h.sum(1, keepdim=True) % (h.abs() + 1.0),
 }
 """Calls that broadcast a tracked operand holding the members' samples on its first axis."""
 
@@ -39,6 +44,8 @@ BROADCASTS: dict[str, Callable[[Tensor], Tensor]] = {
        broadcast=st.sampled_from(sorted(BROADCASTS)), batch_innermost_gradient=st.booleans(),
        seed=st.integers(0, 2**16))
 @example(members=2, rows=7, channels=37, broadcast="centred", batch_innermost_gradient=True, seed=0)
+@example(members=3, rows=14, channels=40, broadcast="clamped", batch_innermost_gradient=True, seed=0)
+@example(members=2, rows=50, channels=37, broadcast="remainder", batch_innermost_gradient=True, seed=0)
 def test_a_broadcast_operands_gradient_is_each_members_own_alone(
         members: int, rows: int, channels: int, broadcast: str, batch_innermost_gradient: bool,
         seed: int) -> None:
@@ -96,3 +103,41 @@ def test_a_batch_innermost_output_centred_by_its_mean_trains_as_alone_in_fp32(
     base = TrainConfig(model=f"{LEAF_MODELS}:batch_inner_reduced", dataset="digits", epochs=2,
                        batch_size=batch_size, optimizer="sgd", format="fp32", threads=1)
     assert_group_trains_as_alone([base.replace(seed=seed, lr=lr) for seed, lr in members], short_digits())
+
+
+@settings(max_examples=25, deadline=None)
+@given(members=st.integers(2, 3), rows=st.integers(3, 60), lead=st.integers(2, 9),
+       features=st.integers(1, 40),
+       seed=st.integers(0, 2**16))
+@example(members=2, rows=7, lead=9, features=37, seed=0)
+def test_a_broadcast_operand_with_the_samples_on_its_second_axis_gets_each_members_gradient_alone(
+        members: int, rows: int, lead: int, features: int, seed: int) -> None:
+    """A sequence-first (L, G*B, E) tensor (or a channel-first (C, G*B) one: features 1) scaled by a
+    (K, 1, 1, 1) weight: its gradient is the output's summed over K, an axis outside the samples in
+    memory, member by member along the samples' axis (`_member_axis`), not the first."""
+    if lead % (members * rows) == 0:  # (the mode could not tell the members' axis: it says so)
+        lead += 1
+    generator = torch.Generator().manual_seed(seed)
+    shape = (lead, rows, features) if features > 1 else (lead, rows)
+    scale = torch.randn(5, *[1] * len(shape), generator=generator)
+    parts = [torch.randn(shape, generator=generator) for _ in range(members)]
+    dys = [torch.randn(5, *shape, generator=generator) for _ in parts]
+    folded = torch.cat(parts, 1).requires_grad_()
+    with torch_threads(1):
+        with MemberKernelMode(members, rows):
+            together = folded * scale
+        together.backward(torch.cat(dys, 2))
+        assert folded.grad is not None
+        for g, (part, dy) in enumerate(zip(parts, dys, strict=True)):
+            alone = part.clone().requires_grad_()  # fresh tensors, laid out as alone
+            (alone * scale).backward(dy.clone())
+            assert alone.grad is not None
+            assert torch.equal(folded.grad[:, g * rows:(g + 1) * rows], alone.grad), g
+
+
+def test_a_broadcast_operand_with_the_groups_samples_on_two_axes_is_said_to_be_ambiguous() -> None:
+    """A (C, G*B) tensor whose C is a multiple of G*B: the mode cannot tell which axis holds the
+    members' samples (it takes the first), and says so, as for the functions it splits."""
+    folded = torch.randn(12, 6, requires_grad=True)
+    with MemberKernelMode(2, 3), pytest.warns(AmbiguousMemberAxisWarning):
+        folded * torch.randn(4, 1, 1)
