@@ -27,7 +27,7 @@ is read at every call (`_library_state`, each by its cheapest read; only MKL's m
 to change it, is kept), and every operand's layout as the caller gives it (`_layout`). One key
 answers both questions of a group's GEMM (`aligned_sums_as_members`): which operands
 `at_alone_alignment` copies and whether the batched call sums as the members' - so a decided call
-checks no alignment again. On this session's AMD EPYC a decided `member_gemm` costs 4.3-6.8 us
+checks no alignment again. On a 2-vCPU AMD EPYC a decided `member_gemm` costs 4.3-6.8 us
 beyond its bare bmm / baddbmm, 8.0-12.5 when it checked the alignment and built the key apart
 (`benchmarks/batched_sums.py --key-cost`, docs/training.md).
 

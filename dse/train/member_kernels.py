@@ -4,8 +4,8 @@ that each member's elements get the bits they get alone.
 torch's CPU elementwise loops run a vector kernel over blocks of twice the vector width and the
 scalar function over the rest of a contiguous stretch (ATen's cpu/Loops.h `vectorized_loop`), and on
 several threads an operation over PARALLEL_GRAIN elements or more is split among them. Where the
-vector and scalar functions disagree in the last bit (measured on torch 2.13, AVX-512, on session
-12's VM and session 13's AMD EPYC alike, by `benchmarks/stacked_kernels.py`: pow with a tensor
+vector and scalar functions disagree in the last bit (measured on torch 2.13, AVX-512, on two
+2-vCPU VMs alike, one an AMD EPYC, by `benchmarks/stacked_kernels.py`: pow with a tensor
 exponent, exp2, sigmoid, SiLU, softplus, Mish, ELU, SELU, CELU, tanh-approximated GELU, float64
 GELU, and their backward kernels; GLU where a row is long enough to be split among threads), an
 element's bits depend on where the stretch ends: alone at the end of the member's own tensor,
@@ -92,7 +92,7 @@ LAYOUT_DEPENDENT_REDUCTIONS: frozenset[Any] = frozenset({
 """Reductions whose CPU kernel, over an axis that lies outside the batch in memory (a batch-innermost
 (B, C) view of a (C, B) tensor summed over C), runs across the outputs, the batch's samples, and adds
 a sample's terms in an order set by how many samples the call holds (BROADCASTING_FUNCTIONS), G x B
-where alone B (measured on torch 2.13, this session's AMD EPYC, one thread, B in 7, 14, 50, 64, C in
+where alone B (measured on torch 2.13, a 2-vCPU AMD EPYC, one thread, B in 7, 14, 50, 64, C in
 37, 40, G in 2, 3: sum, mean and nansum differed from the member's own in 26 of 40 member blocks,
 logsumexp in 15; var, std, amax, prod, softmax, log_softmax, norm, cumsum, F.normalize and
 layer_norm in none). The gradient of sum, mean and nansum (the output's gradient expanded, divided by

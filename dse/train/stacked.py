@@ -352,7 +352,7 @@ class PlainStackedLinearOp(StackedLinearOp):
     for a member's input batch-innermost in memory (a (B, in) view of an (in, B) tensor: a layer's
     transposed output) torch computes the input's gradient as (W^T dy^T)^T, in that layout
     (`mm_mat1_backward`), where `dy @ W` is contiguous and sums otherwise (all 9 shapes of 7 rows
-    measured on this session's AMD EPYC, none of 14, 50 or 64). The group's gradient then lies
+    measured on a 2-vCPU AMD EPYC, none of 14, 50 or 64). The group's gradient then lies
     batch-innermost over all members (`cat_as_alone`'s layout), which a layer run member by member
     hands each member as alone (a reduction over its other axis still sums across the members'
     samples: docs/training.md, *Grouped training*)."""
