@@ -149,11 +149,11 @@ def _sums_outside(x: Tensor, axis: int, dims: Sequence[int]) -> bool:
     return axis not in reduced and any(x.shape[d] > 1 and x.stride(d) > x.stride(axis) for d in reduced)
 
 
-def _reduced_outside_members(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a reduction of x (members' samples along axis 0) over the dims in `args` / `kwargs`
-    reduces outside the samples in memory (`_sums_outside`)."""
-    reduced = _reduced_dims(x, args, kwargs)
-    return bool(reduced) and _sums_outside(x, 0, reduced)
+def _may_sum_outside(x: Tensor, reduced: Sequence[int]) -> bool:
+    """Whether some axis that a sum of x over `reduced` keeps lies inside a reduced one in memory (a
+    smaller stride): only then can `_sums_outside` hold for the axis holding the members' samples."""
+    kept = [x.stride(d) for d in range(x.dim()) if d not in reduced]
+    return bool(kept) and any(x.shape[d] > 1 and x.stride(d) > min(kept) for d in reduced)
 
 
 def _reduced_dims(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -256,20 +256,20 @@ class _GradAsAlone(torch.autograd.Function):
 
 
 class _ValuesOf(torch.autograd.Function):
-    """The members' own results of a reduction, joined, forward; the gradient goes to `whole` (the
-    same reduction over the group's tensor), whose backward (the output's gradient expanded: exact
-    arithmetic, independent of the result) hands x one gradient term in x's layout, as alone. The
-    members' own calls' gradients would reach x as one full-size term each (a narrow's backward
-    fills zeros around its slice), G x the work and memory, in a contiguous layout."""
+    """The members' own results of a reduction, joined along `axis`, forward; the gradient goes to `whole`
+    (the same reduction over the group's tensor), whose backward (the output's gradient expanded: exact
+    arithmetic, independent of the result) hands x one gradient term in x's layout, as alone. The members'
+    own calls' gradients would reach x as one full-size term each (a narrow's backward fills zeros around
+    its slice), G x the work and memory, in a contiguous layout."""
 
     @staticmethod
-    def forward(ctx: Any, whole: Tensor, *values: Tensor) -> Tensor:
+    def forward(ctx: Any, whole: Tensor, axis: int, *values: Tensor) -> Tensor:
         ctx.members = len(values)
-        return torch.cat(values)  # (a new tensor, not a view: the caller may modify it in place)
+        return torch.cat(values, axis)  # (a new tensor, not a view: the caller may modify it in place)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (grad, *[None] * ctx.members)
+        return (grad, None, *[None] * ctx.members)
 
 
 class _LogSumExpOf(torch.autograd.Function):
@@ -430,29 +430,33 @@ class MemberKernelMode(RecomputedMode):
 
     def _reduction(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of LAYOUT_DEPENDENT_REDUCTIONS: member by member, each member's samples laid out as
-        alone (`_as_alone`), where it reduces, over the members' samples in their first axis, an
-        axis outside them in memory; as it is otherwise (the batch outermost: each sample's
-        reduction its own)."""
+        alone (`_as_alone`), where it keeps the axis holding the members' samples (`_member_axis`: the
+        first of a batch-first tensor, the second of a channel-first (C, G*B) or sequence-first
+        (L, G*B, E) one) and reduces an axis outside it in memory; as it is otherwise (each sample's
+        reduction its own, or none holds the samples)."""
         x = args[0] if args and isinstance(args[0], Tensor) else None
         out = kwargs.get("out")
         tracked = x is not None and torch.is_grad_enabled() and x.requires_grad
         if (x is None or not x.is_floating_point() or x.device.type != "cpu"
-                or (out is not None and tracked)  # (torch refuses out= under autograd: as alone)
-                or not _reduced_outside_members(x, args, kwargs)
-                or _member_axis(x, self.members, self.rows) != 0):
+                or (out is not None and tracked)):  # (torch refuses out= under autograd: as alone)
+            return func(*args, **kwargs)
+        reduced = _reduced_dims(x, args, kwargs)
+        axis = _member_axis(x, self.members, self.rows) if reduced and _may_sum_outside(x, reduced) else None
+        if axis is None or not _sums_outside(x, axis, reduced):
             return func(*args, **kwargs)
         self.seen = True
-        each = x.shape[0] // self.members
+        each = x.shape[axis] // self.members
+        keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+        joined = axis if keepdim else axis - sum(d < axis for d in reduced)
         own = {name: value for name, value in kwargs.items() if name != "out"}
         with torch.no_grad():
-            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **own)
+            values = [func(_as_alone(x.narrow(axis, g * each, each), axis, self.members), *args[1:], **own)
                       for g in range(self.members)]
         if not tracked:
-            return torch.cat(values, out=out)
+            return torch.cat(values, joined, out=out)
         if func in RESULT_GRADIENT_REDUCTIONS:
-            keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
-            return _LogSumExpOf.apply(x, torch.cat(values), _reduced_dims(x, args, kwargs), keepdim)
-        return _ValuesOf.apply(func(*args, **kwargs), *values)
+            return _LogSumExpOf.apply(x, torch.cat(values, joined), reduced, keepdim)
+        return _ValuesOf.apply(func(*args, **kwargs), joined, *values)
 
 
 class UnsplitCalls(TorchFunctionMode):
