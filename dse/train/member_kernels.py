@@ -18,6 +18,7 @@ of them). On CUDA every element takes one scalar function wherever it sits.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -203,6 +204,47 @@ class AmbiguousMemberAxisWarning(UserWarning):
     """The mode cannot tell which axis of a tensor holds the members' samples."""
 
 
+class MemberAxisLost(Exception):
+    """Found while a group ran a forward: a tensor holding the members' samples on an inner axis
+    (a sequence-first (L, G*B, E) one) was reshaped so that other axes' elements lie between a
+    member's samples ((L*G*B, E) rows, sequence-major): no axis of it holds each member's block, and
+    a position-dependent kernel or a reduction over it would give a member other bits than alone. The
+    group's trials train one by one instead."""
+
+
+RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.reshape, torch.reshape, Tensor.view, Tensor.flatten, torch.flatten, Tensor.reshape_as,
+    Tensor.view_as,
+})
+"""The calls that may fold a tensor's axes together (`_members_interleaved`)."""
+
+
+def _members_interleaved(x: Tensor, y: Tensor, members: int, rows: int | None) -> str | None:
+    """Where `y`, a reshape of a floating-point `x` whose members' samples lie on an inner axis
+    (`_member_axis`, behind axes of more than one element), has no axis that starts with them behind
+    the same outer elements (a member's samples are no longer one block of an axis): what happened;
+    None where the members' blocks survive (or x holds them on its first axis)."""
+    if rows is None or not x.is_floating_point() or x.dim() < 2 or x.shape == y.shape:
+        return None
+    axis = _member_axis(x, members, rows)
+    if axis is None or axis == 0:
+        return None
+    outer = math.prod(x.shape[:axis])
+    if outer == 1:
+        return None
+    folded = members * rows
+    leading = 1
+    for size in y.shape:
+        if leading == outer and size % folded == 0:
+            return None
+        leading *= size
+        if leading > outer:
+            break
+    return (f"a {tuple(x.shape)} tensor holding the group's {members} x {rows} samples on axis {axis} was "
+            f"reshaped to {tuple(y.shape)}, which interleaves the members' samples with its axes before "
+            f"(a sequence-first layout folded into rows): no axis holds each member's own block")
+
+
 def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
     """The strides of a dense tensor of `shape` whose axes run from fastest to slowest in `order`."""
     strides = [0] * len(shape)
@@ -357,6 +399,14 @@ class MemberKernelMode(RecomputedMode):
             return self._reduction(func, *positional_input(args, kwargs))
         if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
             return self._broadcast(func, args, kwargs)
+        if func in RESHAPING_FUNCTIONS:
+            y = func(*args, **kwargs)
+            x = args[0] if args else kwargs.get("input")
+            lost = (_members_interleaved(x, y, self.members, self.rows)
+                    if isinstance(x, Tensor) and isinstance(y, Tensor) else None)
+            if lost is not None:
+                raise MemberAxisLost(lost)
+            return y
         if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
             expanded = func(*args, **kwargs)
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
