@@ -112,6 +112,25 @@ def batch_inner_reduced(shape: tuple[int, ...], classes: int) -> nn.Module:
     return BatchInnerReduced(shape[0], classes)
 
 
+class BatchInnerStatistics(nn.Module):
+    """`BatchInnerScale`'s batch-innermost output centred and scaled by its standard deviation over the
+    channels, plus its variance over them repeated along them, then a head: functions whose backward
+    sums a sample's terms inside torch (dse.train.member_kernels.INNER_SUM_FUNCTIONS)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.scale, self.head = nn.Linear(width, 40), BatchInnerScale(40), nn.Linear(40, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.tanh(self.a(x)))
+        spread = h.var(1, keepdim=True).repeat(1, h.shape[1])
+        return self.head((h - h.mean(1, keepdim=True)) / h.std(1, keepdim=True).add(0.5) + 0.5 * spread)
+
+
+def batch_inner_statistics(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchInnerStatistics(shape[0], classes)
+
+
 class ReassignedAverage(nn.Module):
     """A layer that keeps a running average of its input by reassigning its buffer (where BatchNorm
     updates its own in place), 37 features: member 1's part lies 148 bytes into the stacked buffer."""
