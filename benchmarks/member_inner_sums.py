@@ -5,8 +5,6 @@ features are joined as a group's layer hands them on (the input batch-innermost,
 `(G*B, C)`, or batch-outermost; the output's gradient likewise), run under MemberKernelMode, and each
 member's values and input gradient compared with its own call on fresh tensors alone. Counts are of
 member blocks, over G 2-3, B 7/14/50, C 37/40 (30 blocks), or the larger shapes of `--large`.
-F.normalize, F.rms_norm and F.cosine_similarity are not among INNER_SUM_FUNCTIONS (they use their
-input more than once inside torch): their counts are what a group gives them.
 
     python benchmarks/member_inner_sums.py                       # every function, one thread
     python benchmarks/member_inner_sums.py --threads 2 --large   # 2 threads, 400-sample members
@@ -15,7 +13,7 @@ input more than once inside torch): their counts are what a group gives them.
     python benchmarks/member_inner_sums.py --cost                # a step's CPU time, with and without
 
 `--cost`: a grouped training step (forward, backward, SGD; G = 3, batch 50, fp32, one thread) of two
-users' networks that call var, std and repeat over their hidden (B, 40) output, batch-innermost
+users' networks that call F.normalize, var, std and repeat over their hidden (B, 40) output, batch-innermost
 (tests/support/leaf_models.py:batch_inner_statistics) and batch-outermost (the same calls on the
 Linear's contiguous output), with the mode's INNER_SUM_FUNCTIONS and without (the group's calls as
 they are), interleaved in one process; thread CPU time, median of repeats.
@@ -119,7 +117,7 @@ class OuterStatistics(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.a(x))
         spread = h.var(1, keepdim=True).repeat(1, h.shape[1])
-        return self.head((h - h.mean(1, keepdim=True)) / h.std(1, keepdim=True).add(0.5) + 0.5 * spread)
+        return self.head((F.normalize(h, dim=1) + 0.5 * spread) / h.std(1, keepdim=True).add(0.5))
 
 
 def step_cost(repeats: int, steps: int) -> None:

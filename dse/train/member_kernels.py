@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -142,18 +142,18 @@ EXPANDING_FUNCTIONS: frozenset[Any] = frozenset({
 
 INNER_SUM_FUNCTIONS: frozenset[Any] = frozenset({
     torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean, Tensor.repeat,
-    torch.tile, Tensor.tile, torch.repeat_interleave, Tensor.repeat_interleave,
+    torch.tile, Tensor.tile, torch.repeat_interleave, Tensor.repeat_interleave, F.normalize, F.rms_norm,
+    F.cosine_similarity,
 })
-"""Functions whose backward sums a sample's terms inside torch's C++, where no mode sees the sum: var
-and std (the input's mean, torch's var_backward), repeat, tile and repeat_interleave (the copies'
-gradients). Over an axis outside the samples in memory (the input batch-innermost for var and std, the
-output's gradient for the others), that sum's order depends on how many samples the call holds, G x B
-where alone B (measured on torch 2.13, a 2-vCPU AMD EPYC, fp32, one thread, G 2-3, B 7/14/50, C
-37/40, 30 member blocks, under the mode without `_OwnBackwards`: the input's gradient of var, std,
-var_mean and std_mean differed in 25-26, of a (B, 1) column repeated, tiled or repeat_interleaved
-along C in 25-26; none at 2 threads either with it, B 400, C 37/100; benchmarks/member_inner_sums.py).
-Each hands its input one gradient (one autograd node; repeat_interleave a chain of them), as
-`_OwnBackwards` does. norm,
+"""Functions that sum a sample's terms inside torch's C++, where no mode sees the sum: in their backward
+var and std (the input's mean, torch's var_backward), repeat, tile and repeat_interleave (the copies'
+gradients) and F.normalize (its norm's broadcast); rms_norm and cosine_similarity in their forward
+too. Over an axis outside the samples in memory (the input batch-innermost for var, std, rms_norm and
+cosine_similarity, the output's gradient for the others), that sum's order depends on how many
+samples the call holds, G x B where alone B (measured on torch 2.13, a 2-vCPU AMD EPYC, fp32, one
+thread, G 2-3, B 7/14/50, C 37/40, 30 member blocks, under the mode without them: the input's
+gradient differed in 25-26 of them, rms_norm's and cosine_similarity's values in 22-25; with them
+none, at 2 threads with B 400, C 37/100 neither; benchmarks/member_inner_sums.py). norm,
 linalg.vector_norm, softmax, log_softmax, layer_norm, cumsum, prod and amax differed in none."""
 
 
@@ -409,6 +409,15 @@ def _output_axis(func: Any, x: Tensor, axis: int, args: tuple[Any, ...], kwargs:
         reduced = {d % x.dim() for d in dims}
         keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
         return None if axis in reduced else axis if keepdim else axis - sum(d < axis for d in reduced)
+    if func in (F.normalize, F.cosine_similarity):
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+        if not isinstance(dim, int) or dim % x.dim() == axis:
+            return None
+        return axis if func is F.normalize or dim % x.dim() > axis else axis - 1
+    if func is F.rms_norm:
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        count = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, list | tuple) else x.dim()
+        return axis if axis < x.dim() - count else None
     if func is Tensor.repeat:
         sizes = _dims_of(args[1] if len(args) == 2 else list(args[1:]) or kwargs.get("repeats"))
         return None if sizes is None or len(sizes) < x.dim() else axis + len(sizes) - x.dim()
@@ -434,25 +443,56 @@ def _member_graphs(call: Callable[..., Any], tensors: Sequence[Tensor], wanted: 
     return leaves, outputs
 
 
+def _edges_into(outputs: Sequence[Tensor], leaf: Tensor) -> list[tuple[Any, int]]:
+    """The edges of the graph behind `outputs` into `leaf` (a node and its input's index), in the order
+    autograd's engine adds their gradients into the leaf's: by the node's sequence number, latest
+    first (on one device the engine runs the ready node created last first), then by index."""
+    found, seen = [], set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for index, (following, _) in enumerate(node.next_functions):
+            if following is None:
+                continue
+            if getattr(following, "variable", None) is leaf:
+                found.append((node, index))
+            else:
+                stack.append(following)
+    return sorted(found, key=lambda edge: (-edge[0]._sequence_nr(), edge[1]))
+
+
+def _keeper(held: list[Tensor | None], term: int, index: int) -> Callable[..., None]:
+    """A node's hook that keeps the gradient it hands its input `index` as `held[term]`."""
+    def keep(inputs: Sequence[Tensor | None], _: Any) -> None:
+        held[term] = inputs[index]
+    return keep
+
+
 class _OwnBackwards(torch.autograd.Function):
     """A function of the members' tensors (`call`, one of INNER_SUM_FUNCTIONS with its other arguments)
-    whose values are each member's own call's (`outputs`, with their graphs from `_member_graphs`),
-    joined as alone (`cat_as_alone`), and whose backward runs each member's own backward, with its
-    block of the output's gradient laid out as alone (one torch.autograd.grad over the members' graphs):
-    torch sums inside it, where no mode sees it. Without `outputs` (every input with its samples
-    outermost in memory) the call runs once over the group, and so does its backward where the output's
-    gradient has its samples outermost too, which sums each sample's terms as alone; else the backward
-    builds the members' graphs then."""
+    whose values are those of `graphs` (each member's own call, from `_member_graphs`, or the group's
+    call where `whole`: every input with its samples outermost in memory), joined as alone
+    (`cat_as_alone`), and whose backward runs each member's own backward, with its block of the output's
+    gradient laid out as alone (one torch.autograd.grad over the members' graphs): torch sums inside
+    it, where no mode sees it. Where `whole`, the backward runs once over the group's graph when the
+    output's gradient has its samples outermost too (each sample's terms summed as alone), else over
+    the members' graphs built then. Each input comes `edges` times, once for each edge of the function's
+    graph into it (F.normalize divides its input by its own norm: two): each edge's gradient is handed
+    on as its own term, in the order the engine adds them alone, so that the input's other uses add
+    theirs before or after them as alone, not to their sum."""
 
     @staticmethod
-    def forward(ctx: Any, call: Callable[..., Any], axis: int, out_axis: int, members: int,
-                graphs: tuple[list[list[Tensor]], list[tuple[Tensor, ...]]] | None, *tensors: Tensor) -> Any:
-        ctx.call, ctx.axis, ctx.out_axis, ctx.members, ctx.graphs = call, axis, out_axis, members, graphs
+    def forward(ctx: Any, call: Callable[..., Any], axis: int, out_axis: int, members: int, whole: bool,
+                graphs: tuple[list[list[Tensor]], list[tuple[Tensor, ...]]], edges: tuple[int, ...],
+                *tensors: Tensor) -> Any:
+        ctx.call, ctx.axis, ctx.out_axis, ctx.members, ctx.whole = call, axis, out_axis, members, whole
+        ctx.graphs, ctx.edges = graphs, edges
         ctx.set_materialize_grads(False)
-        if graphs is None:
+        if whole:
             ctx.save_for_backward(*tensors)
-            values = call(*tensors)
-            return tuple(_fresh(v) for v in values) if isinstance(values, tuple) else _fresh(values)
         outputs = graphs[1]
         joined = tuple(_fresh(cat_as_alone([own[k] for own in outputs], out_axis))
                        for k in range(len(outputs[0])))
@@ -460,24 +500,43 @@ class _OwnBackwards(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        axis, out_axis, members = ctx.axis, ctx.out_axis, ctx.members
-        count = len(ctx.needs_input_grad) - 5
-        wanted = [i for i in range(count) if ctx.needs_input_grad[5 + i]]
+        axis, out_axis, members, edges = ctx.axis, ctx.out_axis, ctx.members, ctx.edges
+        firsts = [sum(edges[:i]) for i in range(len(edges))]
+        wanted = [i for i, first in enumerate(firsts) if ctx.needs_input_grad[7 + first]]
         given = [(k, g) for k, g in enumerate(grads) if g is not None]
-        result: list[Tensor | None] = [None] * count
-        if wanted and given:
-            if ctx.graphs is not None:
-                (leaves, outputs), parts = ctx.graphs, members
-            else:
-                parts = 1 if all(_samples_outermost(g, out_axis) for _, g in given) else members
-                leaves, outputs = _member_graphs(ctx.call, ctx.saved_tensors, wanted, axis, parts)
-            found = torch.autograd.grad(
+        result: list[Tensor | None] = [None] * sum(edges)
+        if not wanted or not given:
+            return (None,) * 7 + (*result,)
+        (leaves, outputs), parts = ctx.graphs, 1 if ctx.whole else members
+        if ctx.whole and not all(_samples_outermost(g, out_axis) for _, g in given):
+            tensors = [ctx.saved_tensors[first] for first in firsts]
+            (leaves, outputs), parts = _member_graphs(ctx.call, tensors, wanted, axis, members), members
+        terms: dict[tuple[int, int], list[Tensor | None]] = {}
+        hooks = []
+        for part in range(parts):
+            for i in wanted:
+                found = _edges_into(outputs[part], leaves[part][i]) if edges[i] > 1 else []
+                terms[part, i] = [None] * edges[i]
+                for term, (node, index) in enumerate(found[:edges[i]]):
+                    hooks.append(node.register_hook(_keeper(terms[part, i], term, index)))
+        try:
+            found_gradients = torch.autograd.grad(
                 [own[k] for own in outputs for k, _ in given], [own[i] for own in leaves for i in wanted],
                 [_own_part(g, out_axis, part, parts) for part in range(parts) for _, g in given],
                 retain_graph=True, allow_unused=True, materialize_grads=True)
-            for j, i in enumerate(wanted):
-                result[i] = cat_as_alone([found[part * len(wanted) + j] for part in range(parts)], axis)
-        return (None,) * 5 + (*result,)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for j, i in enumerate(wanted):
+            if edges[i] == 1:
+                result[firsts[i]] = cat_as_alone(
+                    [found_gradients[part * len(wanted) + j] for part in range(parts)], axis)
+                continue
+            for term in range(edges[i]):
+                blocks = [terms[part, i][term] for part in range(parts)]
+                if all(block is not None for block in blocks):
+                    result[firsts[i] + term] = cat_as_alone(cast(list[Tensor], blocks), axis)
+        return (None,) * 7 + (*result,)
 
 
 class MemberKernelMode(RecomputedMode):
@@ -655,16 +714,19 @@ class MemberKernelMode(RecomputedMode):
 
         if tracked:
             wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
-            graphs = None if whole else _member_graphs(call, tensors, wanted, axis, members)
-            return _OwnBackwards.apply(call, axis, out_axis, members, graphs, *tensors)
+            graphs = _member_graphs(call, tensors, wanted, axis, 1 if whole else members)
+            edges = tuple(max(1, len(_edges_into(graphs[1][0], leaf))) if i in wanted else 1
+                          for i, leaf in enumerate(graphs[0][0]))
+            repeated = [t for t, count in zip(tensors, edges, strict=True) for _ in range(count)]
+            return _OwnBackwards.apply(call, axis, out_axis, members, whole, graphs, edges, *repeated)
         parts: list[Tensor] = []
         with torch.no_grad():
             for g in range(members):
                 values = call(*(_own_part(t, axis, g, members) for t in tensors))
                 parts += values if isinstance(values, tuple) else [values]
-        outputs = len(parts) // members
-        joined = tuple(cat_as_alone(parts[k::outputs], out_axis) for k in range(outputs))
-        return joined if outputs > 1 else joined[0]
+        count = len(parts) // members
+        joined = tuple(cat_as_alone(parts[k::count], out_axis) for k in range(count))
+        return joined if count > 1 else joined[0]
 
 
 class UnsplitCalls(TorchFunctionMode):

@@ -8,6 +8,7 @@ otherwise than at the boundary (tests/train/test_train_grouped_align_leaf.py).""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -113,9 +114,10 @@ def batch_inner_reduced(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 
 class BatchInnerStatistics(nn.Module):
-    """`BatchInnerScale`'s batch-innermost output centred and scaled by its standard deviation over the
-    channels, plus its variance over them repeated along them, then a head: functions whose backward
-    sums a sample's terms inside torch (dse.train.member_kernels.INNER_SUM_FUNCTIONS)."""
+    """`BatchInnerScale`'s batch-innermost output normalized over the channels (F.normalize), plus its
+    variance over them repeated along them, over its standard deviation, then a head: functions whose
+    backward sums a sample's terms inside torch (dse.train.member_kernels.INNER_SUM_FUNCTIONS), and
+    whose input has other uses after F.normalize's."""
 
     def __init__(self, width: int, classes: int) -> None:
         super().__init__()
@@ -124,7 +126,7 @@ class BatchInnerStatistics(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.scale(torch.tanh(self.a(x)))
         spread = h.var(1, keepdim=True).repeat(1, h.shape[1])
-        return self.head((h - h.mean(1, keepdim=True)) / h.std(1, keepdim=True).add(0.5) + 0.5 * spread)
+        return self.head((F.normalize(h, dim=1) + 0.5 * spread) / h.std(1, keepdim=True).add(0.5))
 
 
 def batch_inner_statistics(shape: tuple[int, ...], classes: int) -> nn.Module:

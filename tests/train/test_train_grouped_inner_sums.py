@@ -1,6 +1,7 @@
 """A function whose backward sums a sample's terms inside torch (var, std, var_mean, std_mean: the
-input's mean; repeat, tile, repeat_interleave: the copies' gradients) gives each member its values
-and gradient alone: over an axis outside the samples in memory that sum's order depends on how many
+input's mean; repeat, tile, repeat_interleave: the copies' gradients; F.normalize: its norm's
+broadcast; F.rms_norm and F.cosine_similarity, forward too) gives each member its values and gradient
+alone: over an axis outside the samples in memory that sum's order depends on how many
 samples the call holds, G x B where alone B, and torch sums in C++, where no mode sees it
 (dse.train.member_kernels.INNER_SUM_FUNCTIONS, run member by member by MemberKernelMode through
 `_OwnBackwards`)."""
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from support.group_gemms import torch_threads
 from support.group_runs import assert_group_trains_as_alone, short_digits
 from torch import Tensor
@@ -38,6 +40,14 @@ INNER_SUMS: dict[str, Callable[[Tensor], Tensor]] = {
     "torch.repeat_interleave(input=, repeats=, dim=)":
         lambda t: torch.repeat_interleave(input=t[:, :1], repeats=36, dim=1) * t[:, :36],
     "var repeated along C": lambda t: t.var(1, keepdim=True).repeat(1, t.shape[1]) + t,
+    "F.normalize(t, dim=1)": lambda t: F.normalize(t, dim=1),
+    "F.normalize(input=, p=1.0, dim=1)": lambda t: F.normalize(input=t, p=1.0, dim=1),
+    "F.normalize(t, 3.0, 1, 1e-6)": lambda t: F.normalize(t, 3.0, 1, 1e-6),
+    "F.rms_norm(t, (C,))": lambda t: F.rms_norm(t, (t.shape[1],)),
+    "F.cosine_similarity(t, u, dim=1)": lambda t: F.cosine_similarity(t, t * 0.5 + 1.0, dim=1),
+    "normalized over its std": lambda t: F.normalize(t, dim=1) / t.std(1, keepdim=True).add(0.5),
+    "normalized plus its variance":
+        lambda t: F.normalize(t, dim=1) + 0.5 * t.var(1, keepdim=True).repeat(1, t.shape[1]),
 }
 """Calls over a tracked (G*B, C) tensor, the members' samples on its first axis, that sum over C in
 their backward; `column`: its first channel, (G*B, 1), whose copies' gradients are summed."""
@@ -83,8 +93,9 @@ def test_a_function_summing_inside_torch_gives_each_member_its_values_and_gradie
     """Values and input gradient bit for bit, the gradient in the layout the members' own join as
     alone (`cat_as_alone`): the layer before sums it in that layout's order. Before, under the mode,
     25-26 of 30 member blocks' gradients differed (G 2-3, B 7/14/50, C 37/40, one thread): var and
-    std with the input batch-innermost, repeat, tile and repeat_interleave with the output's gradient
-    batch-innermost (benchmarks/member_inner_sums.py --ablate)."""
+    std with the input batch-innermost, repeat, tile, repeat_interleave and F.normalize with the
+    output's gradient batch-innermost, rms_norm and cosine_similarity either way (their values in
+    22-25) (benchmarks/member_inner_sums.py --ablate)."""
     with torch_threads(threads):
         (together, gradient), alone = _members_and_alone(
             INNER_SUMS[spelling], members, rows, channels, input_batch_innermost, gradient_batch_innermost,
@@ -98,7 +109,8 @@ def test_a_function_summing_inside_torch_gives_each_member_its_values_and_gradie
 
 @pytest.mark.parametrize("spelling", ["t.var(1)", "t.std(1, keepdim=True)", "torch.std_mean(t, 1)",
                                       "column.repeat(1, 36)", "column.tile((1, 36))",
-                                      "column.repeat_interleave(36, dim=1)"])
+                                      "column.repeat_interleave(36, dim=1)", "F.normalize(t, dim=1)",
+                                      "F.rms_norm(t, (C,))", "F.cosine_similarity(t, u, dim=1)"])
 def test_without_own_backwards_a_function_summing_inside_torch_gives_members_other_gradients(
         spelling: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ablation: the mode without INNER_SUM_FUNCTIONS (the group's call as it is) gives some
@@ -107,6 +119,24 @@ def test_without_own_backwards_a_function_summing_inside_torch_gives_members_oth
     differing = 0
     with torch_threads(1):
         for members, rows, channels in [(2, 7, 37), (3, 14, 40), (2, 50, 40), (3, 50, 37)]:
+            (_, gradient), alone = _members_and_alone(INNER_SUMS[spelling], members, rows, channels,
+                                                      True, True, seed=members * rows + channels)
+            differing += sum(not torch.equal(gradient[g * rows:(g + 1) * rows], own)
+                             for g, (_, own) in enumerate(alone))
+    assert differing > 0
+
+
+@pytest.mark.parametrize("spelling", ["normalized over its std", "normalized plus its variance"])
+def test_without_a_term_per_edge_an_input_used_again_after_normalize_gets_other_gradients(
+        spelling: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ablation of `_OwnBackwards`'s terms per edge: F.normalize uses its input twice (divided by
+    its norm), and handed on as one summed term its gradient adds to the input's later use's (std, var)
+    in another order than alone: every member block differs (3 of 3, G 3, B 7, C 40), where the test
+    above finds none with a term per edge."""
+    monkeypatch.setattr(member_kernels, "_edges_into", lambda outputs, leaf: [])
+    differing = 0
+    with torch_threads(1):
+        for members, rows, channels in [(3, 7, 40), (2, 50, 37)]:
             (_, gradient), alone = _members_and_alone(INNER_SUMS[spelling], members, rows, channels,
                                                       True, True, seed=members * rows + channels)
             differing += sum(not torch.equal(gradient[g * rows:(g + 1) * rows], own)
@@ -169,9 +199,10 @@ def test_a_split_functions_members_outputs_are_joined_in_their_layout_alone() ->
 def test_a_batch_innermost_output_standardized_by_its_own_statistics_trains_as_alone(
         batch_size: int, fmt: str) -> None:
     """leaf_models' batch_inner_statistics (a layer with a weight of its own returning a batch-innermost
-    (B, C) view; centred, divided by its std over C, plus its variance repeated along C): before, at
-    batch 7 in fp32 every member differed (seed 11's final loss 1.3665833964067347 grouped against
-    1.3665834191967459 alone)."""
+    (B, C) view; F.normalize over C plus its variance repeated along C, over its std): before, at
+    batch 7 in fp32 every member differed (seed 11's final loss 1.8393009480308085 grouped against
+    1.839300934006186 alone), and with F.normalize's gradient handed on as one term, not a term per
+    edge, too."""
     base = TrainConfig(model=f"{LEAF_MODELS}:batch_inner_statistics", dataset="digits", epochs=2,
                        batch_size=batch_size, optimizer="sgd", format=fmt, threads=1)
     configs = [base.replace(seed=seed, lr=lr) for seed, lr in ((11, 0.03), (12, 0.05), (13, 0.02))]
