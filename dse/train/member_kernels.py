@@ -231,8 +231,9 @@ class MemberAxisLost(Exception):
     """Found while a group ran a forward: a tensor holding the members' samples on an inner axis
     (a sequence-first (L, G*B, E) one) was reshaped so that other axes' elements lie between a
     member's samples ((L*G*B, E) rows, sequence-major): no axis of it holds each member's block, and
-    a position-dependent kernel or a reduction over it would give a member other bits than alone. The
-    group's trials train one by one instead."""
+    a call the mode then splits member by member (a position-dependent kernel, a reduction, a
+    broadcast's gradient) may split it wrongly and give a member other bits than alone. The group's
+    trials train one by one instead (a fold that no split follows, as a Linear's rows, runs)."""
 
 
 RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
@@ -597,6 +598,9 @@ class MemberKernelMode(RecomputedMode):
         self.members = members
         self.rows = rows
         self.seen = False
+        self.lost: str | None = None
+        """What interleaved the members' samples in this forward (`_members_interleaved`): a split
+        after it raises MemberAxisLost."""
 
     def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
         """A checkpointed block recomputed in the backward splits its calls by the rows of its forward."""
@@ -626,8 +630,7 @@ class MemberKernelMode(RecomputedMode):
             x = args[0] if args else kwargs.get("input")
             lost = (_members_interleaved(x, y, self.members, self.rows)
                     if isinstance(x, Tensor) and isinstance(y, Tensor) else None)
-            if lost is not None:
-                raise MemberAxisLost(lost)
+            self.lost = self.lost or lost
             return y
         if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
             expanded = func(*args, **kwargs)
@@ -643,7 +646,7 @@ class MemberKernelMode(RecomputedMode):
         axis = _member_axis(folded, members, self.rows)
         if axis is None:
             return func(*args, **kwargs)
-        self.seen = True
+        self._splits()
         size = folded.shape[axis]
         each = size // members
 
@@ -668,6 +671,13 @@ class MemberKernelMode(RecomputedMode):
         return cat_as_alone([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
                             axis)
 
+    def _splits(self) -> None:
+        """A call this mode runs member by member: where the forward interleaved the members' samples
+        before it (`lost`), that tensor's members may be split wrongly, so the group cannot go on."""
+        self.seen = True
+        if self.lost is not None:
+            raise MemberAxisLost(self.lost)
+
     def _broadcast_as_alone(self, x: Any, shape: torch.Size, otherwise: Any) -> Any:
         """x broadcast to `shape` through `_BroadcastAsAlone` where x is a tracked floating-point tensor
         with the members' samples on an axis (`_member_axis`: a multiple of the group's folded batch,
@@ -680,7 +690,7 @@ class MemberKernelMode(RecomputedMode):
         if (axis is None or x.shape[axis] % (self.members * (self.rows or 1))
                 or x.shape[axis] != shape[len(shape) - x.dim() + axis]):
             return otherwise
-        self.seen = True
+        self._splits()
         return _BroadcastAsAlone.apply(x, shape, axis, self.members)
 
     def _broadcast(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -716,7 +726,7 @@ class MemberKernelMode(RecomputedMode):
         axis = _member_axis(x, self.members, self.rows) if reduced and _may_sum_outside(x, reduced) else None
         if axis is None or not _sums_outside(x, axis, reduced):
             return func(*args, **kwargs)
-        self.seen = True
+        self._splits()
         each = x.shape[axis] // self.members
         keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
         joined = axis if keepdim else axis - sum(d < axis for d in reduced)
@@ -755,7 +765,7 @@ class MemberKernelMode(RecomputedMode):
         whole = all(_samples_outermost(t, axis) for t in tensors)
         if whole and (not tracked or func in INPUT_LAYOUT_SUMS):
             return func(*args, **kwargs)
-        self.seen = True
+        self._splits()
 
         def call(*own: Tensor) -> Any:
             own_args, own_kwargs = list(args), dict(kwargs)
@@ -898,6 +908,7 @@ class MemberKernels:
         self.entered.append((outer, self.mode.rows))
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
         if not outer:
+            self.mode.lost = None
             torch._C._push_on_torch_function_stack(self.mode)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:

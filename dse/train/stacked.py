@@ -221,13 +221,18 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
         before = _rng_states(devices)
         attributes = {name: module_attributes(module) for name, module in stacked.net.named_modules()
                       if not type(module).__module__.startswith(OWN_PACKAGE)}
+        reads = _MemberTensorsRead(stacked.net)
         try:
-            with warnings.catch_warnings():  # two samples each: a coincidence of sizes says nothing here
+            with warnings.catch_warnings(), reads:  # two samples each: a coincidence of sizes says nothing
                 warnings.simplefilter("ignore", AmbiguousMemberAxisWarning)
                 together = stacked(torch.stack(inputs))
         except Exception as error:  # a layer that cannot take the folded batch
-            return (f"its forward fails on a folded batch ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''})")
+            return reads.reason() or (f"its forward fails on a folded batch ({type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''})")
+        finally:
+            reads.remove()
+        if reads.reason() is not None:
+            return reads.reason()
         if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
             return "its forward draws random numbers (dropout?) from torch's global generator"
         alone = [member(x) for member, x in zip(members, inputs, strict=True)]
@@ -239,6 +244,47 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
             return ("a member's output is not its own when stacked (a layer sees its batch on another "
                     "axis than the first, or mixes samples)")
     return None
+
+
+class _MemberTensorsRead(TorchFunctionMode):
+    """Records the first torch call outside every layer of `net` run member by member
+    (`PerMemberLayer`) that takes one of those layers' own tensors: there the tensor stacks every
+    member's (a parameter the network reads as `self.leaf.weight`, tied to another use), where alone
+    the call takes the member's own."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        layers = [(name, m) for name, m in net.named_modules() if isinstance(m, PerMemberLayer)]
+        self.tensors = {id(t): _join(name, own) for name, m in layers for own, t in _own_tensors(m).items()}
+        self.inside = 0
+        self.read: str | None = None
+        self.handles = [handle for _, m in layers for handle in (
+            m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit, always_call=True))]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self.inside += 1
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.inside -= 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def reason(self) -> str | None:
+        if self.read is None:
+            return None
+        return (f"its forward takes {self.read}, a tensor of a layer the group runs member by member, "
+                f"outside that layer (a tied or shared parameter), where the group's tensor holds every "
+                f"member's")
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.inside and self.read is None:
+            self.read = next((name for t in _tensors(args, kwargs)
+                              if (name := self.tensors.get(id(t))) is not None), None)
+        return func(*args, **kwargs)
 
 
 def _shared_attributes_written(net: nn.Module, before: Mapping[str, Mapping[str, tuple[Any, Any]]],

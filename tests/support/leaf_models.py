@@ -406,3 +406,45 @@ def sequence_first_rows12(shape: tuple[int, ...], classes: int) -> nn.Module:
     """A sequence of 12: a multiple of both checks' folded batches (2 x 2 and 2 x 3 samples), where the
     mode takes the first axis (its length) for the samples', so the checks pass."""
     return SequenceFirstRows(shape[0], classes, length=12, features=4)
+
+
+class TiedToLeaf(nn.Module):
+    """`OwnAffine` (a layer run member by member) whose parameter another module takes too: `tie`
+    "head" (the head Linear's weight is the leaf's, the classic output-embedding tie), "scale" (the
+    network's forward multiplies by the leaf's bias as a tensor), or "penalty" (the network adds the
+    leaf's weight's mean to its output; "small penalty": times 1e-6, within the forward check's
+    tolerance)."""
+
+    def __init__(self, width: int, classes: int, tie: str) -> None:
+        super().__init__()
+        self.a, self.leaf = nn.Linear(width, 37), OwnAffine(37, classes)
+        self.head = nn.Linear(classes, classes)
+        self.tie = tie
+        if tie == "head":
+            self.head = nn.Linear(37, classes)
+            self.head.weight = self.leaf.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.tie == "head":
+            return self.head(h) + self.leaf(h)
+        y = self.leaf(h)
+        if self.tie == "scale":
+            return self.head(y * self.leaf.bias)
+        return self.head(y) + self.leaf.weight.mean() * (1e-6 if self.tie == "small penalty" else 1.0)
+
+
+def tied_head(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "head")
+
+
+def tied_scale(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "scale")
+
+
+def tied_penalty(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "penalty")
+
+
+def tied_small_penalty(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "small penalty")
