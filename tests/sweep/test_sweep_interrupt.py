@@ -219,6 +219,7 @@ def test_a_signal_in_a_users_model_that_trains_as_it_is_imported_stops_it_at_onc
     the minute the import would take, which it finished before the signal raised."""
     monkeypatch.setattr(dse.interrupts, "DEFER_LIMIT_S", 600.0)
     monkeypatch.setattr(dse.interrupts, "_USERS_CODE", [])
+    monkeypatch.chdir(tmp_path)  # (the user's project)
     finished = tmp_path / "finished"
     work = _WORKS_AS_IT_IS_IMPORTED.format(finished=str(finished))
     name = f"trains_as_imported_{abs(hash(reference))}"
@@ -262,6 +263,28 @@ def test_a_signal_in_a_library_that_a_users_model_imports_still_waits_for_that_i
         load_function("model_importing_a_library:net", "model")
         time.sleep(5)
     assert sys.modules["library_discarding_a_signal"].WHOLE and not finished.exists()
+
+
+def test_a_library_named_by_its_module_outside_the_working_folder_is_waited_for_as_a_library(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model pkg.mod:net` where pkg is not installed and not in the working folder (a library on
+    PYTHONPATH, another checkout): it counted as the user's code, so a signal in its own module code
+    raised there at once, and a library's module code that swallows what is raised around an optional
+    import (a bare `except:`) lost it: the command went on. It is now a library: the signal waits for
+    its import to end, then stops the command."""
+    monkeypatch.setattr(dse.interrupts, "_USERS_CODE", [])
+    (tmp_path / "project").mkdir()
+    (tmp_path / "libraries" / "checked_out_library").mkdir(parents=True)
+    (tmp_path / "libraries" / "checked_out_library" / "__init__.py").write_text("")
+    (tmp_path / "libraries" / "checked_out_library" / "models.py").write_text(
+        _discards_a_signal("SIGINT", "def net(shape, classes):\n    return None\n"))
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.syspath_prepend(str(tmp_path / "libraries"))
+    for name in ("checked_out_library", "checked_out_library.models"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(Interrupted), signals_interrupt():
+        load_function("checked_out_library.models:net", "model")
+        time.sleep(5)  # the signal, sent again once the import ended, raises before this ends
 
 
 _HANDLES_CTRL_C_WHILE_IMPORTED = """\
