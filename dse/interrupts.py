@@ -8,9 +8,9 @@ Whatever the instant, the command prints one line on stderr and exits with 128 +
 - while a command runs: each signal raises `Interrupted` in the main thread, as Ctrl-C raises
   KeyboardInterrupt (a subclass), so what is being written unwinds; inside `signals_interrupt` only
   the first does (a sweep stops its workers undisturbed); one that arrives while another library is
-  being imported (torch's: seconds) ends the process at once where nothing is to be undone (outside
-  every `undone_by_unwinding` block: a command's imports before it writes), else raises once that
-  import has ended (`_DeferredSignal`);
+  being imported (torch's: seconds) raises once that import has ended (`_DeferredSignal`); where
+  nothing is to be undone (outside every `undone_by_unwinding` block: a command's imports before it
+  writes), one during any import ends the process at once instead;
 - once the command has returned: `CommandSignals` records the signal and says it after the exit
   handlers; a second one ends the process at once.
 A handler the caller installed (SIG_IGN under `nohup`, a test's own) is left in place.
@@ -205,8 +205,10 @@ _UNDOING: set[object] = set()
 def undone_by_unwinding() -> Iterator[None]:
     """What the block does (a file it writes, a sweep's workers and store) is undone by unwinding it:
     inside, a signal in another library's import waits for that import to end, then raises. Outside
-    every such block (in any thread) `dse` has nothing to undo, and such a signal ends it at once
-    (`CommandSignals.end_at_once`) instead of after the import: torch's, seconds under load."""
+    every such block (in any thread) `dse` has nothing to undo, and a signal during any import ends it
+    at once (`CommandSignals.end_at_once`): not after another library's import (torch's, seconds under
+    load), and not raised in module code, where what runs may turn it into another error (Python
+    3.11 wraps one raised in a class attribute's `__set_name__` in a RuntimeError: a traceback, exit 1)."""
     token = object()
     _UNDOING.add(token)
     try:
@@ -215,8 +217,17 @@ def undone_by_unwinding() -> Iterator[None]:
         _UNDOING.discard(token)
 
 
+def _importing(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside an import (dse's own module code, the user's, another library's)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "") in _IMPORT_MACHINERY:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_interrupted(number: int, frame: FrameType | None) -> None:
-    if not _UNDOING and _library_import(frame) is not None:
+    if not _UNDOING and _importing(frame):
         COMMAND_SIGNALS.end_at_once(number)
     if not _DEFERRED.defers(number, frame):
         raise Interrupted(number)
@@ -329,9 +340,9 @@ class CommandSignals:
         return interrupted.exit_code
 
     def end_at_once(self, number: int) -> None:
-        """End the process now, for signal `number` inside another library's import with nothing to
-        undo (`undone_by_unwinding`): its line, the exit handlers (a second signal during them ends the
-        process at once), 128 + its number. Not raised there: it would wait for the import to end."""
+        """End the process now, for signal `number` during an import with nothing to undo
+        (`undone_by_unwinding`): its line, the exit handlers (a second signal during them ends the
+        process at once), 128 + its number."""
         import atexit
 
         code = self.say(Interrupted(number))

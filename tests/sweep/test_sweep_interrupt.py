@@ -649,6 +649,36 @@ def test_a_signal_inside_an_import_before_anything_is_written_stops_the_command_
     assert list(tmp_path.iterdir()) == []
 
 
+_SIGNALLED_AS_A_CLASS_IS_MADE = """\
+import importlib.util, sys
+from dse.interrupts import COMMAND_SIGNALS, Interrupted
+COMMAND_SIGNALS.ends_process = True  # (as `dse` itself runs a command)
+COMMAND_SIGNALS.start()
+spec = importlib.util.spec_from_file_location("dse.signalled_as_a_class_is_made", sys.argv[1])
+try:
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+except KeyboardInterrupt as error:
+    COMMAND_SIGNALS.end(COMMAND_SIGNALS.say(Interrupted.of(error)))
+"""
+"""A command importing a module of dse's own, whose class attribute's `__set_name__` is signalled."""
+
+
+def test_a_signal_in_module_code_being_imported_ends_the_command_at_once(tmp_path: Path) -> None:
+    """A signal in dse's own module code as it is imported, before anything is written, raised there:
+    where that code was a class attribute's `__set_name__` (functools.cached_property's), Python 3.11
+    turned it into a RuntimeError: a traceback and exit 1 (seen once in a `dse train` whose signal,
+    held for torch's import, was sent again as dse's modules were imported). Now it ends the command
+    at once, with its line and code."""
+    module = tmp_path / "signalled_as_a_class_is_made.py"
+    module.write_text("import os, signal\nclass SetsAName:\n    def __set_name__(self, owner, name):\n"
+                      "        os.kill(os.getpid(), signal.SIGINT)\n        for _ in range(1000):\n"
+                      "            pass\nclass Owner:\n    attribute = SetsAName()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_AS_A_CLASS_IS_MADE, str(module)],
+                          capture_output=True, env=env, timeout=120, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr.decode().splitlines()) == (130, ["interrupted by SIGINT"])
+
+
 _WRITES_A_FILE = """\
 import sys, time
 from pathlib import Path
