@@ -691,7 +691,7 @@ COMMAND_SIGNALS.start()
 def write(temporary):
     temporary.write_text("half")
     import discards_a_signal
-    time.sleep(5)  # (the signal, sent again once the import ended, raises here)
+    time.sleep(60)  # (the signal, sent again once the import ended, raises here)
     temporary.write_text("whole")
 try:
     write_atomically(Path("written.txt"), write)
