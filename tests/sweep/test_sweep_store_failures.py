@@ -275,3 +275,29 @@ def test_a_read_that_fails_on_a_full_disk_leaves_no_file_behind_and_loses_nothin
     with contextlib.closing(sqlite3.connect(store)) as connection:
         times = {row[0] for row in connection.execute("SELECT wall_time_s FROM trials")}
     assert (123.0 in times) == (journal != "none")
+
+
+def test_files_beside_a_store_another_connection_has_open_are_never_removed(tmp_path: Path) -> None:
+    """What a failed read made is removed only where no connection has the store open: while another
+    process reads it, its -wal and -shm are that reader's and stay; once the reader is gone (killed:
+    nothing closed them), the empty -wal and the -shm go."""
+    from dse.sweep.store import _remove_unless_in_use
+
+    store = tmp_path / STORE_FILE
+    with contextlib.closing(sqlite3.connect(store)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("CREATE TABLE t (x)")
+    journal = [Path(f"{store}-wal"), Path(f"{store}-shm")]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import os, sqlite3, sys\nconnection = sqlite3.connect(sys.argv[1])\n"
+         "connection.execute('SELECT * FROM t').fetchall()\nprint('open', flush=True)\nsys.stdin.read()\n"
+         "os._exit(0)\n", str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "open\n"
+        _remove_unless_in_use(store, journal)
+        assert all(file.exists() for file in journal)
+    finally:
+        reader.communicate(timeout=60)
+    assert all(file.exists() for file in journal)  # (killed: left behind)
+    _remove_unless_in_use(store, journal)
+    assert not any(file.exists() for file in journal)
