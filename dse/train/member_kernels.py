@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,29 @@ EXPANDING_FUNCTIONS: frozenset[Any] = frozenset({
 })
 """Explicit broadcasts, whose backward is that sum too."""
 
+INNER_SUM_FUNCTIONS: frozenset[Any] = frozenset({
+    torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean, Tensor.repeat,
+    torch.tile, Tensor.tile, torch.repeat_interleave, Tensor.repeat_interleave, F.normalize, F.rms_norm,
+    F.cosine_similarity,
+})
+"""Functions that sum a sample's terms inside torch's C++, where no mode sees the sum: in their backward
+var and std (the input's mean, torch's var_backward), repeat, tile and repeat_interleave (the copies'
+gradients) and F.normalize (its norm's broadcast); rms_norm and cosine_similarity in their forward
+too. Over an axis outside the samples in memory (the input batch-innermost for var, std, rms_norm and
+cosine_similarity, the output's gradient for the others), that sum's order depends on how many
+samples the call holds, G x B where alone B (measured on torch 2.13, a 2-vCPU AMD EPYC, fp32, one
+thread, G 2-3, B 7/14/50, C 37/40, 30 member blocks, under the mode without them: the input's
+gradient differed in 25-26 of them, rms_norm's and cosine_similarity's values in 22-25; with them
+none, at 2 threads with B 400, C 37/100 neither; benchmarks/member_inner_sums.py). norm,
+linalg.vector_norm, softmax, log_softmax, layer_norm, cumsum, prod and amax differed in none."""
+
+
+INPUT_LAYOUT_SUMS: frozenset[Any] = frozenset({
+    torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean,
+})
+"""INNER_SUM_FUNCTIONS whose backward sums in the input's layout only (the output's gradient is
+expanded over the reduced axes): over an input with its samples outermost they run as they are."""
+
 
 def _sums_outside(x: Tensor, axis: int, dims: Sequence[int]) -> bool:
     """Whether a sum of x over `dims`, where x holds the members' samples along `axis`, keeps `axis` and
@@ -240,6 +263,29 @@ def _as_alone(part: Tensor, axis: int, members: int) -> Tensor:
     return torch.empty_strided(part.shape, strides, dtype=part.dtype, device=part.device).copy_(part)
 
 
+def cat_as_alone(parts: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Members' outputs joined along `axis` (their samples), each member's part in the order of axes in
+    memory it has alone: the parts joined along `axis` where it lies in that order (its strides alone
+    where it is outermost; where not, the axes outside it stride over all members, as a
+    sequence-first layout's do).
+
+    torch.cat keeps a contiguous or channels-last layout and makes any other contiguous, and a layout
+    decides the order of later reductions: a layer with a weight of its own that returns its tokens
+    (B, L, C) scaled per channel as a (B, C, L) view, summed over L after it, summed in another order
+    in a group than alone (a digits network of it: member 0's final loss 2.3300538063049316 grouped
+    against 2.330053726832072 alone, fp32); so did a (B, C) view of a (C, B) tensor summed over C.
+    A layout that is not dense (an expanded or sliced view) has no joined equal: torch.cat's."""
+    first = parts[0]
+    if first.is_contiguous():  # the common case first (the built-in proxies' layers)
+        return torch.cat(list(parts), axis)
+    strides = first.stride()
+    if torch.empty_like(first).stride() != strides or any(t.stride() != strides for t in parts):
+        return torch.cat(list(parts), axis)  # not dense, or the members' layouts differ
+    order = sorted(range(first.dim()), key=lambda d: (-strides[d], d))
+    joined = torch.cat([t.permute(order) for t in parts], order.index(axis))  # each part contiguous so
+    return joined.permute([order.index(d) for d in range(first.dim())])
+
+
 class _GradAsAlone(torch.autograd.Function):
     """Identity forward; the backward hands on a member's slice of the group's gradient laid out as
     the member's gradient alone (`_as_alone`): a backward kernel's tail depends on its gradient's
@@ -320,13 +366,187 @@ class _BroadcastAsAlone(torch.autograd.Function):
                           for g in range(members)], ctx.axis), None, None, None
 
 
+def _samples_outermost(t: Tensor, axis: int) -> bool:
+    """Whether t's samples (along `axis`) are its outermost axis in memory, so that each member's block
+    of it is laid out as alone and a call over t sums each sample's terms as over the member's alone
+    (measured for INNER_SUM_FUNCTIONS: none of 30 member blocks differed)."""
+    step = t.stride(axis)
+    return all(t.shape[d] <= 1 or t.stride(d) < step for d in range(t.dim()) if d != axis)
+
+
+def _own_part(t: Tensor, axis: int, part: int, parts: int) -> Tensor:
+    """Member `part`'s block of t (of `parts` equal blocks along `axis`) laid out as alone; t itself
+    where it is one part."""
+    if parts == 1:
+        return t
+    each = t.shape[axis] // parts
+    return _as_alone(t.narrow(axis, part * each, each), axis, parts)
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """t, or a copy of it in its layout where it is a view: autograd forbids modifying a custom
+    Function's view output in place, as the caller may."""
+    return t if t._base is None else t.clone(memory_format=torch.preserve_format)
+
+
+def _dims_of(value: Any) -> tuple[int, ...] | None:
+    """A dim argument as a tuple of ints (None: none given, a bool, or not ints)."""
+    dims = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, list | tuple) else None
+    if dims is None or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+        return None
+    return dims
+
+
+def _output_axis(func: Any, x: Tensor, axis: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> int | None:
+    """The axis of the result of one of INNER_SUM_FUNCTIONS over x that holds the samples x holds along
+    `axis` (None: the call reduces or flattens across them, or its arguments are not the plain kinds
+    read here: such a call runs as it is)."""
+    if func in (torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean):
+        dims = _dims_of(args[1] if len(args) > 1 else kwargs.get("dim"))
+        if not dims:
+            return None
+        reduced = {d % x.dim() for d in dims}
+        keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+        return None if axis in reduced else axis if keepdim else axis - sum(d < axis for d in reduced)
+    if func in (F.normalize, F.cosine_similarity):
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+        if not isinstance(dim, int) or dim % x.dim() == axis:
+            return None
+        return axis if func is F.normalize or dim % x.dim() > axis else axis - 1
+    if func is F.rms_norm:
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        count = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, list | tuple) else x.dim()
+        return axis if axis < x.dim() - count else None
+    if func is Tensor.repeat:
+        sizes = _dims_of(args[1] if len(args) == 2 else list(args[1:]) or kwargs.get("repeats"))
+        return None if sizes is None or len(sizes) < x.dim() else axis + len(sizes) - x.dim()
+    if func in (torch.tile, Tensor.tile):
+        sizes = _dims_of(args[1] if len(args) == 2 else list(args[1:]) or kwargs.get("dims"))
+        return None if sizes is None else axis + max(0, len(sizes) - x.dim())
+    dim = args[2] if len(args) > 2 else kwargs.get("dim")  # repeat_interleave: flattened without a dim
+    return axis if isinstance(dim, int) or axis == 0 else None
+
+
+def _member_graphs(call: Callable[..., Any], tensors: Sequence[Tensor], wanted: Sequence[int], axis: int,
+                   parts: int) -> tuple[list[list[Tensor]], list[tuple[Tensor, ...]]]:
+    """`call` on each of `parts` members' blocks of `tensors` (along `axis`), laid out as alone, with
+    its autograd graph: per part, its leaves (tracked: those of `wanted`) and its outputs."""
+    leaves, outputs = [], []
+    with torch.enable_grad():
+        for part in range(parts):
+            own = [_own_part(t, axis, part, parts).detach().requires_grad_(i in wanted)
+                   for i, t in enumerate(tensors)]
+            values = call(*own)
+            leaves.append(own)
+            outputs.append(values if isinstance(values, tuple) else (values,))
+    return leaves, outputs
+
+
+def _edges_into(outputs: Sequence[Tensor], leaf: Tensor) -> list[tuple[Any, int]]:
+    """The edges of the graph behind `outputs` into `leaf` (a node and its input's index), in the order
+    autograd's engine adds their gradients into the leaf's: by the node's sequence number, latest
+    first (on one device the engine runs the ready node created last first), then by index."""
+    found, seen = [], set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for index, (following, _) in enumerate(node.next_functions):
+            if following is None:
+                continue
+            if getattr(following, "variable", None) is leaf:
+                found.append((node, index))
+            else:
+                stack.append(following)
+    return sorted(found, key=lambda edge: (-edge[0]._sequence_nr(), edge[1]))
+
+
+def _keeper(held: list[Tensor | None], term: int, index: int) -> Callable[..., None]:
+    """A node's hook that keeps the gradient it hands its input `index` as `held[term]`."""
+    def keep(inputs: Sequence[Tensor | None], _: Any) -> None:
+        held[term] = inputs[index]
+    return keep
+
+
+class _OwnBackwards(torch.autograd.Function):
+    """A function of the members' tensors (`call`, one of INNER_SUM_FUNCTIONS with its other arguments)
+    whose values are those of `graphs` (each member's own call, from `_member_graphs`, or the group's
+    call where `whole`: every input with its samples outermost in memory), joined as alone
+    (`cat_as_alone`), and whose backward runs each member's own backward, with its block of the output's
+    gradient laid out as alone (one torch.autograd.grad over the members' graphs): torch sums inside
+    it, where no mode sees it. Where `whole`, the backward runs once over the group's graph when the
+    output's gradient has its samples outermost too (each sample's terms summed as alone), else over
+    the members' graphs built then. Each input comes `edges` times, once for each edge of the function's
+    graph into it (F.normalize divides its input by its own norm: two): each edge's gradient is handed
+    on as its own term, in the order the engine adds them alone, so that the input's other uses add
+    theirs before or after them as alone, not to their sum."""
+
+    @staticmethod
+    def forward(ctx: Any, call: Callable[..., Any], axis: int, out_axis: int, members: int, whole: bool,
+                graphs: tuple[list[list[Tensor]], list[tuple[Tensor, ...]]], edges: tuple[int, ...],
+                *tensors: Tensor) -> Any:
+        ctx.call, ctx.axis, ctx.out_axis, ctx.members, ctx.whole = call, axis, out_axis, members, whole
+        ctx.graphs, ctx.edges = graphs, edges
+        ctx.set_materialize_grads(False)
+        if whole:
+            ctx.save_for_backward(*tensors)
+        outputs = graphs[1]
+        joined = tuple(_fresh(cat_as_alone([own[k] for own in outputs], out_axis))
+                       for k in range(len(outputs[0])))
+        return joined if len(joined) > 1 else joined[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        axis, out_axis, members, edges = ctx.axis, ctx.out_axis, ctx.members, ctx.edges
+        firsts = [sum(edges[:i]) for i in range(len(edges))]
+        wanted = [i for i, first in enumerate(firsts) if ctx.needs_input_grad[7 + first]]
+        given = [(k, g) for k, g in enumerate(grads) if g is not None]
+        result: list[Tensor | None] = [None] * sum(edges)
+        if not wanted or not given:
+            return (None,) * 7 + (*result,)
+        (leaves, outputs), parts = ctx.graphs, 1 if ctx.whole else members
+        if ctx.whole and not all(_samples_outermost(g, out_axis) for _, g in given):
+            tensors = [ctx.saved_tensors[first] for first in firsts]
+            (leaves, outputs), parts = _member_graphs(ctx.call, tensors, wanted, axis, members), members
+        terms: dict[tuple[int, int], list[Tensor | None]] = {}
+        hooks = []
+        for part in range(parts):
+            for i in wanted:
+                found = _edges_into(outputs[part], leaves[part][i]) if edges[i] > 1 else []
+                terms[part, i] = [None] * edges[i]
+                for term, (node, index) in enumerate(found[:edges[i]]):
+                    hooks.append(node.register_hook(_keeper(terms[part, i], term, index)))
+        try:
+            found_gradients = torch.autograd.grad(
+                [own[k] for own in outputs for k, _ in given], [own[i] for own in leaves for i in wanted],
+                [_own_part(g, out_axis, part, parts) for part in range(parts) for _, g in given],
+                retain_graph=True, allow_unused=True, materialize_grads=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for j, i in enumerate(wanted):
+            if edges[i] == 1:
+                result[firsts[i]] = cat_as_alone(
+                    [found_gradients[part * len(wanted) + j] for part in range(parts)], axis)
+                continue
+            for term in range(edges[i]):
+                blocks = [terms[part, i][term] for part in range(parts)]
+                if all(block is not None for block in blocks):
+                    result[firsts[i] + term] = cat_as_alone(cast(list[Tensor], blocks), axis)
+        return (None,) * 7 + (*result,)
+
+
 class MemberKernelMode(RecomputedMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
     are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
     member, each on its own samples laid out as alone, so each member gets its bits alone, and so
-    LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory, and the gradient's sum of
+    LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory, the gradient's sum of
     an operand that BROADCASTING_FUNCTIONS or EXPANDING_FUNCTIONS broadcast along such an axis
-    (`_BroadcastAsAlone`); every other call runs as it is. `rows` is a member's batch B of the
+    (`_BroadcastAsAlone`), and INNER_SUM_FUNCTIONS, forward and backward (`_OwnBackwards`); every
+    other call runs as it is. `rows` is a member's batch B of the
     current forward (None: the members' blocks are the first axis's). `seen` tells whether the
     forward called any of them."""
 
@@ -355,6 +575,8 @@ class MemberKernelMode(RecomputedMode):
         kwargs = kwargs or {}
         if func in LAYOUT_DEPENDENT_REDUCTIONS:
             return self._reduction(func, *positional_input(args, kwargs))
+        if func in INNER_SUM_FUNCTIONS:
+            return self._own_backwards(func, *positional_input(args, kwargs))
         if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
             return self._broadcast(func, args, kwargs)
         if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
@@ -393,8 +615,8 @@ class MemberKernelMode(RecomputedMode):
         if axis == 0 and whole_is_as_alone(folded, members):
             return func(*args, **kwargs)
         outputs = [call(block) for block in range(members)]
-        return torch.cat([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
-                         axis)
+        return cat_as_alone([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
+                            axis)
 
     def _broadcast_as_alone(self, x: Any, shape: torch.Size, otherwise: Any) -> Any:
         """x broadcast to `shape` through `_BroadcastAsAlone` where x is a tracked floating-point tensor
@@ -453,6 +675,58 @@ class MemberKernelMode(RecomputedMode):
             keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
             return _LogSumExpOf.apply(x, torch.cat(values), _reduced_dims(x, args, kwargs), keepdim)
         return _ValuesOf.apply(func(*args, **kwargs), *values)
+
+
+    def _own_backwards(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One of INNER_SUM_FUNCTIONS, member by member on each member's tensors (those with the members'
+        samples along the axis x, the first, holds them on: `_member_axis`), forward and backward
+        (`_OwnBackwards`), where a tensor's samples are not its outermost axis in memory or a gradient
+        is tracked; as it is otherwise, and where a tensor shared by the members (a weight) is tracked."""
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if x is None or not x.is_floating_point() or x.device.type != "cpu" or kwargs.get("out") is not None:
+            return func(*args, **kwargs)
+        members = self.members
+        axis = _member_axis(x, members, self.rows)
+        size = 0 if axis is None else x.shape[axis]
+        out_axis = None if axis is None or size % members else _output_axis(func, x, axis, args, kwargs)
+        if axis is None or out_axis is None:
+            return func(*args, **kwargs)
+        named: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+        keys = [key for key, a in named if isinstance(a, Tensor) and a.dim() > axis and a.shape[axis] == size]
+        tensors = [a for key, a in named if key in keys]
+        grad = torch.is_grad_enabled()
+        if grad and any(isinstance(a, Tensor) and a.requires_grad and key not in keys for key, a in named):
+            return func(*args, **kwargs)
+        tracked = grad and any(t.requires_grad for t in tensors)
+        whole = all(_samples_outermost(t, axis) for t in tensors)
+        if whole and (not tracked or func in INPUT_LAYOUT_SUMS):
+            return func(*args, **kwargs)
+        self.seen = True
+
+        def call(*own: Tensor) -> Any:
+            own_args, own_kwargs = list(args), dict(kwargs)
+            for key, t in zip(keys, own, strict=True):
+                if isinstance(key, str):
+                    own_kwargs[key] = t
+                else:
+                    own_args[key] = t
+            return func(*own_args, **own_kwargs)
+
+        if tracked:
+            wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+            graphs = _member_graphs(call, tensors, wanted, axis, 1 if whole else members)
+            edges = tuple(max(1, len(_edges_into(graphs[1][0], leaf))) if i in wanted else 1
+                          for i, leaf in enumerate(graphs[0][0]))
+            repeated = [t for t, count in zip(tensors, edges, strict=True) for _ in range(count)]
+            return _OwnBackwards.apply(call, axis, out_axis, members, whole, graphs, edges, *repeated)
+        parts: list[Tensor] = []
+        with torch.no_grad():
+            for g in range(members):
+                values = call(*(_own_part(t, axis, g, members) for t in tensors))
+                parts += values if isinstance(values, tuple) else [values]
+        count = len(parts) // members
+        joined = tuple(cat_as_alone(parts[k::count], out_axis) for k in range(count))
+        return joined if count > 1 else joined[0]
 
 
 class UnsplitCalls(TorchFunctionMode):

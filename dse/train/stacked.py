@@ -100,6 +100,7 @@ from dse.train.member_kernels import (
     PARALLEL_GRAIN,
     AmbiguousMemberAxisWarning,
     MemberKernels,
+    cat_as_alone,
     may_call_position_dependent,
 )
 from dse.train.policy import QuantPolicy, TensorQuant
@@ -315,6 +316,9 @@ class StackedLinearOp:
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
         errors = _rows(dy)
+        if need_data and need_weight and errors.is_contiguous():
+            errors = at_alone_alignment(errors)  # once for both GEMMs: its transpose is what
+            # `at_alone_alignment` of the transposed errors gives (the same strides and shift)
         dx = _unrows(member_gemm(errors, weight), x, x.shape[-1]) if need_data else None
         dw = member_gemm(errors.transpose(1, 2), _rows(x)) if need_weight else None
         return dx, dw
@@ -1043,29 +1047,6 @@ class _JoinedAsAlone(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, ...]:
         return tuple(at_alone_alignment(dy.reshape(ctx.members, -1, *dy.shape[1:])).unbind(0))
-
-
-def cat_as_alone(parts: list[Tensor]) -> Tensor:
-    """Members' outputs joined along their first axis, each member's rows in the order of axes in memory
-    they have alone: the parts joined along the batch axis where it lies in that order (its strides
-    alone where it is outermost; where not, the axes outside it stride over all members, as a
-    sequence-first layout's do).
-
-    torch.cat keeps a contiguous or channels-last layout and makes any other contiguous, and a layout
-    decides the order of later reductions: a layer with a weight of its own that returns its tokens
-    (B, L, C) scaled per channel as a (B, C, L) view, summed over L after it, summed in another order
-    in a group than alone (a digits network of it: member 0's final loss 2.3300538063049316 grouped
-    against 2.330053726832072 alone, fp32); so did a (B, C) view of a (C, B) tensor summed over C.
-    A layout that is not dense (an expanded or sliced view) has no joined equal: torch.cat's."""
-    first = parts[0]
-    if first.is_contiguous():  # the common case first (the built-in proxies' layers)
-        return torch.cat(parts)
-    strides = first.stride()
-    if torch.empty_like(first).stride() != strides or any(t.stride() != strides for t in parts):
-        return torch.cat(parts)  # not dense, or the members' layouts differ
-    order = sorted(range(first.dim()), key=lambda d: (-strides[d], d))
-    joined = torch.cat([t.permute(order) for t in parts], order.index(0))  # each part contiguous so
-    return joined.permute([order.index(d) for d in range(first.dim())])
 
 
 # --- building the stacked network -----------------------------------------------------------------

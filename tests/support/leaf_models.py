@@ -8,6 +8,7 @@ otherwise than at the boundary (tests/train/test_train_grouped_align_leaf.py).""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -110,6 +111,26 @@ class BatchInnerReduced(nn.Module):
 
 def batch_inner_reduced(shape: tuple[int, ...], classes: int) -> nn.Module:
     return BatchInnerReduced(shape[0], classes)
+
+
+class BatchInnerStatistics(nn.Module):
+    """`BatchInnerScale`'s batch-innermost output normalized over the channels (F.normalize), plus its
+    variance over them repeated along them, over its standard deviation, then a head: functions whose
+    backward sums a sample's terms inside torch (dse.train.member_kernels.INNER_SUM_FUNCTIONS), and
+    whose input has other uses after F.normalize's."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.scale, self.head = nn.Linear(width, 40), BatchInnerScale(40), nn.Linear(40, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.scale(torch.tanh(self.a(x)))
+        spread = h.var(1, keepdim=True).repeat(1, h.shape[1])
+        return self.head((F.normalize(h, dim=1) + 0.5 * spread) / h.std(1, keepdim=True).add(0.5))
+
+
+def batch_inner_statistics(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchInnerStatistics(shape[0], classes)
 
 
 class ReassignedAverage(nn.Module):

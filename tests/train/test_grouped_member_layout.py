@@ -14,7 +14,7 @@ from support.random_sweeps import USER_MODELS
 
 from dse.data import load_dataset
 from dse.train import TrainConfig
-from dse.train.stacked import cat_as_alone
+from dse.train.member_kernels import cat_as_alone
 
 
 @settings(max_examples=40, deadline=None)
