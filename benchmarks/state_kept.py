@@ -65,7 +65,9 @@ def _cpu_ms(run: Callable[[], object], repeats: int) -> float:
     return (time.process_time() - start) / repeats * 1e3
 
 
-def _peak_bytes(run: Callable[[], object]) -> int:
+def peak_bytes(run: Callable[[], object]) -> int:
+    """The most CPU memory torch held at once while `run` ran (the profiler's allocations and frees,
+    op by op, in time order; tests/train/test_train_memory.py measures with it too)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         run()
     held = peak = 0
@@ -122,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
               f"and its evaluation ({step_ms:.0f} ms)")
         for kept in (True, False):
             _copies(kept)
-            look = _peak_bytes(look_ahead)
+            look = peak_bytes(look_ahead)
             torch.manual_seed(0)
             planned = memory.trial_memory_bytes(build_model(model_name, data), example, 64, "adam", 256)
-            trial = _peak_bytes(_trial(config, data))
+            trial = peak_bytes(_trial(config, data))
             print(f"  {'with' if kept else 'without'} the copies: look-ahead peak {look / 2**20:.2f} MiB, "
                   f"trial peak {trial / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB")
         _copies(True)

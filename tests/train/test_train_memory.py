@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from support.benchmark_scripts import load_benchmark
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
 
 from dse.data import load_dataset
 from dse.models.proxies import build_model
@@ -32,17 +32,9 @@ def _subset(name: str, train: int = 192) -> Any:
                                y_test=data.y_test[:100])
 
 
-def _peak_bytes(run: Callable[[], object]) -> int:
-    """The most CPU memory torch held at once while `run` ran (the profiler's allocations and frees,
-    op by op, in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        run()
-    held = peak = 0
-    events = [e for e in profiler.events() if e.self_cpu_memory_usage]
-    for event in sorted(events, key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
+_peak_bytes: Callable[[Callable[[], object]], int] = load_benchmark("state_kept",
+                                                                   keep_registered=False).peak_bytes
+"""The most CPU memory torch held at once while a run ran (benchmarks/state_kept.py)."""
 
 
 @pytest.mark.parametrize("model, dataset", [("resnet", "mnist1d")])  # conv, BatchNorm, pooling, Linear
