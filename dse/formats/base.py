@@ -72,6 +72,8 @@ def parse_rounding(rounding: str) -> tuple[str, int | None]:
 def check_rounding(rounding: str) -> str:
     """`rounding` in canonical form (trimmed, lower case, no spaces) if it names a rounding mode
     (ROUNDINGS or stochastic(k)); InputError otherwise."""
+    if rounding in ROUNDINGS:  # canonical already (the common case: every quantize checks, 1 us a parse)
+        return rounding
     canonical = re.sub(r"\s+", "", rounding).lower() if isinstance(rounding, str) else rounding
     parse_rounding(canonical)
     return canonical

@@ -316,6 +316,9 @@ class StackedLinearOp:
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
         errors = _rows(dy)
+        if need_data and need_weight and errors.is_contiguous():
+            errors = at_alone_alignment(errors)  # once for both GEMMs: its transpose is what
+            # `at_alone_alignment` of the transposed errors gives (the same strides and shift)
         dx = _unrows(member_gemm(errors, weight), x, x.shape[-1]) if need_data else None
         dw = member_gemm(errors.transpose(1, 2), _rows(x)) if need_weight else None
         return dx, dw

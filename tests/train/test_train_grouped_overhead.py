@@ -157,3 +157,44 @@ def test_a_diverging_member_of_a_group_of_one_run_equals_its_run_alone(
     base = BASE.replace(format="fp16", lr=25.0, epochs=2)
     results = stacked_same_as_alone([base.replace(seed=seed) for seed in range(3)], digits)
     assert [r["diverged"] for r in results] == [True, False, False]
+
+
+class _CopiesFrom(TorchDispatchMode):
+    """How many `copy_` calls read from memory starting at `address`."""
+
+    def __init__(self, address: int) -> None:
+        super().__init__()
+        self.address, self.count = address, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.copy_.default and args[1].data_ptr() == self.address:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@settings(max_examples=20, deadline=None)
+@given(members=st.integers(2, 4), rows=st.integers(2, 40), features_in=st.integers(2, 40),
+       features_out=st.integers(2, 12), seed=st.integers(0, 2**16))
+def test_a_stacked_linears_backward_copies_its_errors_to_alone_alignment_at_most_once(
+        members: int, rows: int, features_in: int, features_out: int, seed: int) -> None:
+    """Both backward GEMMs of a stacked Linear read the output's gradient: where a member's block of it
+    lies off alone's alignment it is copied there once (the weight gradient's GEMM takes that copy's
+    transpose), not once per GEMM, and each member's input and weight gradients are still its own
+    mm's alone, on fresh tensors, bit for bit."""
+    from dse.train.batched_sums import alignment_bytes
+    from dse.train.stacked import StackedLinearOp
+
+    generator = torch.Generator().manual_seed(seed)
+    dy = torch.randn(members, rows, features_out, generator=generator)
+    x = torch.randn(members, rows, features_in, generator=generator)
+    weight = torch.randn(members, features_out, features_in, generator=generator)
+    with _run_settings(1), _CopiesFrom(dy.data_ptr()) as copies:
+        dx, dw = StackedLinearOp().backward(dy, x, weight, True, True)
+    off = rows * features_out * dy.element_size() % alignment_bytes(dy) != 0
+    assert copies.count == (1 if off else 0)
+    assert dx is not None and dw is not None
+    with _run_settings(1):
+        for g in range(members):
+            own_dy, own_x, own_w = dy[g].clone(), x[g].clone(), weight[g].clone()
+            assert torch.equal(_bits(dx[g]), _bits(own_dy @ own_w))
+            assert torch.equal(_bits(dw[g]), _bits(own_dy.t() @ own_x))

@@ -133,15 +133,19 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
     member's float32 scale would leave float32's normals (the caller's exact path takes those)."""
     if not host_shortcuts(x.device) or not enabled(HOST_SCALE):
         return None
-    amaxes = [max(-lo, hi) for lo, hi in zip(low.tolist(), high.tolist(), strict=True)]
-    scales = [host_scale_of_amax(fmt, amax, x.dtype) for amax in amaxes]
-    if x.dtype == torch.float32 and not all(FLOAT32_MIN_NORMAL <= scale < FLOAT32_SCALE_LIMIT
-                                            for scale in scales):
-        return None
-    if all(scale == 1.0 for scale in scales):  # x / 1 and y * 1 are exact: skip both
+    dtype = x.dtype
+    float32 = dtype == torch.float32
+    scales, ones, within_max = [], True, True  # one pass over the members (a group's per-member cost)
+    for lo, hi in zip(low.tolist(), high.tolist(), strict=True):
+        amax = max(-lo, hi)
+        scale = host_scale_of_amax(fmt, amax, dtype)
+        if float32 and not FLOAT32_MIN_NORMAL <= scale < FLOAT32_SCALE_LIMIT:
+            return None
+        scales.append(scale)
+        ones = ones and scale == 1.0
+        within_max = within_max and quotients_within_max(fmt, amax, scale, dtype)
+    if ones:  # x / 1 and y * 1 are exact: skip both
         return fmt.round_unscaled(x, rounding, generator)
     # array to tensor without a copy: torch.tensor from a list costs about ten small operations here
-    scale_t = torch.frombuffer(array.array(_ARRAY_TYPECODE[x.dtype], scales), dtype=x.dtype).view(shape)
-    within_max = all(quotients_within_max(fmt, amax, scale, x.dtype)
-                     for amax, scale in zip(amaxes, scales, strict=True))
+    scale_t = torch.frombuffer(array.array(_ARRAY_TYPECODE[dtype], scales), dtype=dtype).view(shape)
     return fmt.round_scaled(x, scale_t, rounding, generator, within_max)

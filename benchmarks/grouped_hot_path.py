@@ -1,0 +1,156 @@
+"""The grouped step's per-call costs that do not shrink with the group, each against its former code,
+interleaved in one process (thread CPU µs, best of --rounds x --calls, one thread).
+
+    PYTHONPATH=$PWD /work/venv/bin/python benchmarks/grouped_hot_path.py
+    PYTHONPATH=$PWD /work/venv/bin/python benchmarks/grouped_hot_path.py --sizes 3 --rounds 7
+
+- *10-column Linear backward*: `StackedLinearOp.backward` of the quickstart MLP's last layer (100 rows,
+  256 -> 10: a member's (100, 10) gradient block is 4000 bytes, off a 64-byte boundary), which copies
+  the errors to alone's alignment once for both GEMMs, against copying them for each GEMM (before).
+- *quantize_members*: a group's per-tensor-scaled quantize of a (G, 100, 256) activation, each
+  member's scale, range check and within-max taken in one pass and the rounding's name checked
+  without a parse, against the former per-member passes and parse (before); and a run's own
+  `quantize` alone, which shares only the check.
+
+The baselines are the former functions, patched in for their turn; the bits are the same either way
+(tests/train/test_train_grouped_overhead.py, tests/formats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import functools
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dse.formats.base as base  # noqa: E402
+import dse.formats.block as block  # noqa: E402
+import dse.formats.fast.floating as fast_floating  # noqa: E402
+import dse.formats.fast.scales as fast_scales  # noqa: E402
+import dse.formats.fixed as fixed  # noqa: E402
+import dse.formats.lns as lns  # noqa: E402
+from dse.formats import get  # noqa: E402
+from dse.train.stacked import StackedLinearOp, _rows, _unrows, member_gemm  # noqa: E402
+
+
+def _backward_before(self: StackedLinearOp, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
+                     need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
+    errors = _rows(dy)
+    dx = _unrows(member_gemm(errors, weight), x, x.shape[-1]) if need_data else None
+    dw = member_gemm(errors.transpose(1, 2), _rows(x)) if need_weight else None
+    return dx, dw
+
+
+def _scales_before(fmt: Any, x: Tensor, low: Tensor, high: Tensor, shape: list[int], rounding: str,
+                   generator: torch.Generator | None) -> Tensor | None:
+    if not fast_scales.host_shortcuts(x.device) or not fast_scales.enabled(fast_scales.HOST_SCALE):
+        return None
+    amaxes = [max(-lo, hi) for lo, hi in zip(low.tolist(), high.tolist(), strict=True)]
+    scales = [fast_scales.host_scale_of_amax(fmt, amax, x.dtype) for amax in amaxes]
+    if x.dtype == torch.float32 and not all(base.FLOAT32_MIN_NORMAL <= s < base.FLOAT32_SCALE_LIMIT
+                                            for s in scales):
+        return None
+    if all(scale == 1.0 for scale in scales):
+        return fmt.round_unscaled(x, rounding, generator)
+    scale_t = torch.frombuffer(array.array(fast_scales._ARRAY_TYPECODE[x.dtype], scales),
+                               dtype=x.dtype).view(shape)
+    within_max = all(fast_scales.quotients_within_max(fmt, amax, scale, x.dtype)
+                     for amax, scale in zip(amaxes, scales, strict=True))
+    return fmt.round_scaled(x, scale_t, rounding, generator, within_max)
+
+
+def _check_before(rounding: str) -> str:
+    canonical = re.sub(r"\s+", "", rounding).lower() if isinstance(rounding, str) else rounding
+    base.parse_rounding(canonical)
+    return canonical
+
+
+_CHECK_USERS = (base, block, fast_floating, fixed, lns)
+"""The modules that call `check_rounding` by the name they imported."""
+
+
+@contextlib.contextmanager
+def before() -> Iterator[None]:
+    """The former code in place of today's."""
+    saved = (StackedLinearOp.backward, fast_scales.quantize_members_per_tensor, base.check_rounding)
+    StackedLinearOp.backward = _backward_before  # type: ignore[method-assign]
+    fast_scales.quantize_members_per_tensor = _scales_before
+    for module in _CHECK_USERS:
+        module.check_rounding = _check_before  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        StackedLinearOp.backward, fast_scales.quantize_members_per_tensor = saved[:2]  # type: ignore[method-assign]
+        for module in _CHECK_USERS:
+            module.check_rounding = saved[2]  # type: ignore[attr-defined]
+
+
+def _best_us(call: Callable[[], object], calls: int) -> float:
+    started = time.thread_time_ns()
+    for _ in range(calls):
+        call()
+    return (time.thread_time_ns() - started) / calls / 1e3
+
+
+def compare(name: str, call: Callable[[], object], calls: int, rounds: int) -> None:
+    """One row: `call` before and today, interleaved round by round."""
+    with before():
+        call()
+    call()
+    fastest = {"before": float("inf"), "today": float("inf")}
+    for _ in range(rounds):
+        with before():
+            fastest["before"] = min(fastest["before"], _best_us(call, calls))
+        fastest["today"] = min(fastest["today"], _best_us(call, calls))
+    print(f"| {name} | {fastest['before']:.1f} | {fastest['today']:.1f} | "
+          f"{fastest['before'] - fastest['today']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="3,12", help="group sizes (default 3,12)")
+    parser.add_argument("--formats", default="int8,int4,fp8_e4m3,posit8,lns8")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    print(f"thread CPU µs a call, best of {args.rounds} x {args.calls}, one thread; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print("| call | before | today | saved |")
+    print("|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for members in sizes:
+        dy = torch.randn(members, 100, 10, generator=generator)
+        x = torch.randn(members, 100, 256, generator=generator)
+        weight = torch.randn(members, 10, 256, generator=generator)
+        compare(f"10-column Linear backward, G = {members}",
+                functools.partial(StackedLinearOp().backward, dy, x, weight, True, True), args.calls,
+                args.rounds)
+    for spec in args.formats.split(","):
+        fmt = get(spec)
+        for members in sizes:
+            stacked = torch.randn(members, 100, 256, generator=generator)
+            compare(f"{spec} quantize_members, G = {members}",
+                    functools.partial(fmt.quantize_members, stacked, "nearest"), args.calls, args.rounds)
+        alone = torch.randn(100, 256, generator=generator)
+        compare(f"{spec} quantize alone", functools.partial(fmt.quantize, alone, "nearest"), args.calls,
+                args.rounds)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
