@@ -996,6 +996,10 @@ _MemoryOpt = Annotated[bool, typer.Option("--memory", help="Make memory footprin
 _AllPointsOpt = Annotated[bool, typer.Option("--all-points", help="Report every tuning point of each "
                                               "configuration instead of the one chosen by validation "
                                               "accuracy.")]
+_FrontEnergyOpt = Annotated[str | None, typer.Option(
+    "--front-energy", help="The energy fronts rank by: iteration (one iteration in the trial's formats) or "
+    "run-mean (the run's energy per iteration; an error where a configuration has none). Default: "
+    "run-mean where every configuration has one, else iteration.")]
 
 
 def _print_fronts(tables: Any, memory_objective: bool) -> None:
@@ -1015,8 +1019,8 @@ def _print_fronts(tables: Any, memory_objective: bool) -> None:
 @user_errors
 def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPointsOpt = False,
            titles: Annotated[bool, typer.Option("--titles", help="Put a title in each figure (none by "
-                                                "default: the caption belongs to the paper).")] = False
-           ) -> None:
+                                                "default: the caption belongs to the paper).")] = False,
+           front_energy: _FrontEnergyOpt = None) -> None:
     """Print a sweep's summary and Pareto fronts; rewrite its CSV, LaTeX, Markdown tables and plots.
 
     The files always report each configuration at its chosen tuning point (all_points.csv has
@@ -1025,9 +1029,11 @@ def report(directory: _DirArg, memory: _MemoryOpt = False, all_points: _AllPoint
     """
     from dse.report import SweepTables, write_reports
     from dse.report.files import writable_current_reports
+    from dse.report.pareto import choose_front_energy
     from dse.sweep.store import load_trials
 
     trials = load_trials(directory)
+    choose_front_energy(trials, front_energy)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     # files to write: a folder that refuses them is the whole answer, printed alone
     current = writable_current_reports(trials, directory, memory_objective, titles)
@@ -1059,11 +1065,13 @@ def export(
                                                 "(default: standard output).")] = None,
     memory: _MemoryOpt = False,
     all_points: _AllPointsOpt = False,
+    front_energy: _FrontEnergyOpt = None,
 ) -> None:
     """Write one table of a sweep as CSV, LaTeX or Markdown."""
     from dse.errors import InputError
     from dse.report import render_table
     from dse.report.files import write_text_atomically
+    from dse.report.pareto import choose_front_energy
     from dse.report.tables import check_export_choice
     from dse.sweep.store import load_trials
 
@@ -1072,6 +1080,7 @@ def export(
         raise InputError(f"--output {output} is a directory; give a file path")
     _check_output_file("--output", output, makes_folders=True)
     trials = load_trials(directory)
+    choose_front_energy(trials, front_energy)
     memory_objective = memory or bool((trials.attrs.get("sweep") or {}).get("memory_objective", False))
     text = render_table(trials, table, text_format, memory_objective, all_points)
     if output is None:

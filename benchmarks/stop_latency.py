@@ -10,8 +10,8 @@ sides alternate try by try, in alternating order, so that load from other proces
 Cases:
 - start-up: `--model mlp --dataset digits --epochs 1`, the signal at --instants instants spread evenly
   over --from-s to --to-s seconds after the start (0.2-2.4 s, an idle machine's start-up; a loaded
-  one's is longer): cli.py's imports (a signal ends the process at once), then the command's: torch's,
-  the dataset's, the optimizer's (a signal inside another library's import waits for it to end,
+  one's is longer): cli.py's imports, then the command's: torch's, the dataset's, the optimizer's (a
+  signal inside another library's import ends the command at once where nothing is being written,
   dse/interrupts.py); a signal before Python runs dse's first line ends it as Python does (bad);
 - user's module: `--model trains_as_imported:net`, a model module that works for 20 s as it is
   imported (a user's file that trains at import time), the signal 0.3 s after its work starts.

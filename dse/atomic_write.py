@@ -14,6 +14,8 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from dse.interrupts import undone_by_unwinding
+
 TEMPORARY_NAME = ".{name}.{token}.tmp"
 """The hidden name a file is written under before it is renamed onto `name` (`write_atomically`)."""
 
@@ -89,19 +91,20 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         return path
     temporary = target.parent / TEMPORARY_NAME.format(name=target.name, token=secrets.token_hex(8))
     created = False
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+    with undone_by_unwinding():  # (a signal in an import inside `write` raises once it has ended)
         try:
-            created = True
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:  # (a file of that name was there: not ours)
-            created = False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                created = True
+                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:  # (a file of that name was there: not ours)
+                created = False
+                raise
+            write(temporary)
+            os.replace(temporary, target)
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    temporary.unlink()
             raise
-        write(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-        raise
     return path

@@ -8,7 +8,9 @@ Whatever the instant, the command prints one line on stderr and exits with 128 +
 - while a command runs: each signal raises `Interrupted` in the main thread, as Ctrl-C raises
   KeyboardInterrupt (a subclass), so what is being written unwinds; inside `signals_interrupt` only
   the first does (a sweep stops its workers undisturbed); one that arrives while another library is
-  being imported (torch's: seconds) raises once that import has ended (`_DeferredSignal`);
+  being imported (torch's: seconds) raises once that import has ended (`_DeferredSignal`); where
+  nothing is to be undone (outside every `undone_by_unwinding` block: a command's imports before it
+  writes), one during any import ends the process at once instead;
 - once the command has returned: `CommandSignals` records the signal and says it after the exit
   handlers; a second one ends the process at once.
 A handler the caller installed (SIG_IGN under `nohup`, a test's own) is left in place.
@@ -89,6 +91,10 @@ DEFER_LIMIT_S = 10.0
 library whose import runs a long job itself still stops)."""
 
 
+OVERRAN_WATCH_S = 0.05
+"""How often the import that outlasted DEFER_LIMIT_S is checked for its end."""
+
+
 class _DeferredSignal:
     """The signal that arrived while the main thread ran another library's import, re-sent to it once
     that import has ended. An exception raised inside such an import is unsafe: torch's start-up
@@ -99,10 +105,11 @@ class _DeferredSignal:
     def __init__(self) -> None:
         self.number: int | None = None
         self.overran: FrameType | None = None
-        """The import that outlasted DEFER_LIMIT_S (its outermost frame, `_library_import`): a signal
-        inside it raises at once. The import itself, not a flag: a flag set for one signal outlived it
-        where the signal sent again met a handler that never asks (a caller's own), and made a later
-        signal raise inside another import."""
+        """The import that outlasted DEFER_LIMIT_S (its outermost frame, `_library_import`) while it
+        runs: a signal inside it raises at once. The import itself, not a flag: a flag set for one
+        signal outlived it where the signal sent again met a handler that never asks (a caller's own),
+        and made a later signal raise inside another import. Kept only while that import runs
+        (`_send_after_imports`): a frame kept after it keeps its callers' frames and their locals."""
 
     def forget(self) -> None:
         """Nothing pending: in a forked child, which has no re-sending thread, a signal kept pending
@@ -131,10 +138,16 @@ class _DeferredSignal:
                 self.overran = running
                 break
             time.sleep(0.01)
-        del frame, running  # (no reference to a frame of the main thread kept past this point)
+        del frame
         self.number = None
         if main in sys._current_frames():  # (else the main thread has ended)
             signal.pthread_kill(main, number)
+        if running is not None:  # the signal sent again may be swallowed: the record ends with the import
+            while _library_import(sys._current_frames().get(main)) is running:
+                time.sleep(OVERRAN_WATCH_S)
+            if self.overran is running:
+                self.overran = None
+        del running  # (no reference to a frame of the main thread kept past this point)
 
 
 def _library_import(frame: FrameType | None) -> FrameType | None:
@@ -184,7 +197,38 @@ _DEFERRED = _DeferredSignal()
 os.register_at_fork(after_in_child=_DEFERRED.forget)
 
 
+_UNDOING: set[object] = set()
+"""A token per `undone_by_unwinding` block now running, in any thread."""
+
+
+@contextmanager
+def undone_by_unwinding() -> Iterator[None]:
+    """What the block does (a file it writes, a sweep's workers and store) is undone by unwinding it:
+    inside, a signal in another library's import waits for that import to end, then raises. Outside
+    every such block (in any thread) `dse` has nothing to undo, and a signal during any import ends it
+    at once (`CommandSignals.end_at_once`): not after another library's import (torch's, seconds under
+    load), and not raised in module code, where what runs may turn it into another error (Python
+    3.11 wraps one raised in a class attribute's `__set_name__` in a RuntimeError: a traceback, exit 1)."""
+    token = object()
+    _UNDOING.add(token)
+    try:
+        yield
+    finally:
+        _UNDOING.discard(token)
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside an import (dse's own module code, the user's, another library's)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "") in _IMPORT_MACHINERY:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_interrupted(number: int, frame: FrameType | None) -> None:
+    if not _UNDOING and _importing(frame):
+        COMMAND_SIGNALS.end_at_once(number)
     if not _DEFERRED.defers(number, frame):
         raise Interrupted(number)
 
@@ -226,7 +270,8 @@ def signals_interrupt() -> Iterator[None]:
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        with undone_by_unwinding():
+            yield
         return
     raised = False
 
@@ -242,7 +287,8 @@ def signals_interrupt() -> Iterator[None]:
     for number in replaced:
         signal.signal(number, interrupt)
     try:
-        yield
+        with undone_by_unwinding():
+            yield
     finally:
         for number in replaced:
             signal.signal(number, previous[number])
@@ -292,6 +338,19 @@ class CommandSignals:
             self.said, self.code = True, interrupted.exit_code  # (what a second signal exits with: `record`)
             print(self.line(interrupted), file=sys.stderr, flush=True)
         return interrupted.exit_code
+
+    def end_at_once(self, number: int) -> None:
+        """End the process now, for signal `number` during an import with nothing to undo
+        (`undone_by_unwinding`): its line, the exit handlers (a second signal during them ends the
+        process at once), 128 + its number."""
+        import atexit
+
+        code = self.say(Interrupted(number))
+        _replace(self.record)
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def record(self, number: int, frame: Any) -> None:
         if self.late or self.said:  # the user insists, or a handler is stuck: everything is written

@@ -19,6 +19,11 @@ from multiprocessing.connection import wait
 
 from dse.interrupts import GROUP_SIGNALS
 
+PARENT_PID_VARIABLE = "DSE_PARENT_PID"
+"""The environment variable that tells a helper started through another program (the sweep's fork
+server, started by multiprocessing) which process it ends with: read at its start, that process may
+have ended already, and the helper's parent is then another."""
+
 STOP_S = 5.0
 """How long a terminated worker has to exit before it is killed."""
 

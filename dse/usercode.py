@@ -158,8 +158,11 @@ def _import(ref: CodeRef, what: str) -> types.ModuleType:
 
 
 def _users_package(module: str) -> None:
-    """The package of a module the user named is the user's own code (`dse.interrupts.users_code`),
-    unless it is installed (torchvision.models: a library, whose import a signal waits for)."""
+    """The package of a module the user named is the user's own code (`dse.interrupts.users_code`)
+    where it lies in the working folder (the user's project, where `dse` runs; an editable install of
+    it too) and is not installed. Any other is a library, whose import a signal waits for: an installed
+    one (torchvision.models), and one elsewhere on PYTHONPATH, whose own module code may swallow a
+    signal raised in it (a bare `except:` around an optional import) where the user's would stop."""
     package = module.partition(".")[0]
     try:
         spec = importlib.util.find_spec(package)
@@ -169,7 +172,7 @@ def _users_package(module: str) -> None:
     if spec is None or not origin or not Path(origin).is_file():
         return  # (built in, frozen, a namespace package, or not there: import_module says so)
     folder = Path(origin).parent if spec.submodule_search_locations is None else Path(origin).parent.parent
-    if str(folder) not in _installed_folders():
+    if str(folder) not in _installed_folders() and folder.resolve().is_relative_to(Path.cwd().resolve()):
         users_code(str(folder), package)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dse.energy.components import Components
 from dse.energy.datapaths import (
     FP32,
     Accumulator,
@@ -132,6 +133,8 @@ class TrainingFormats:
     """Rounding of every value written into the weight, activation and gradient formats."""
     update_rounding: str | Rounding = "nearest"
     """Rounding of the updated weights when no master copy is kept (they are written in their format)."""
+    layer_scaled: frozenset[str] = frozenset()
+    """Tensor classes quantized with Lu et al.'s layer-wise power-of-two scale (`layer_scale_pj`)."""
 
     @classmethod
     def of(cls, format: FormatArg | None = None, *, weights: FormatArg | None = None,
@@ -163,7 +166,7 @@ class TrainingFormats:
         return ResolvedFormats(weight, _format(tensors.activations), _format(tensors.gradients),
                                _format(tensors.weight_grads), optimizer, master,
                                _format(tensors.optimizer_state), Rounding.parse(self.rounding),
-                               Rounding.parse(self.update_rounding))
+                               Rounding.parse(self.update_rounding), frozenset(self.layer_scaled))
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,15 @@ class ResolvedFormats:
     optimizer_state: Operand
     rounding: Rounding = Rounding()
     update_rounding: Rounding = Rounding()
+    layer_scaled: frozenset[str] = frozenset()
+    """Tensor classes quantized with Lu et al.'s layer-wise scale."""
 
     def unquantized(self) -> ResolvedFormats:
         """The formats of the parameters that are no GEMM's weight (biases, norms, embeddings): training
         keeps them, and their gradients, in fp32 (dse/train quantizes GEMM operands only), with no
         separate master copy; their optimizer state is quantized like every other's."""
-        return dataclasses.replace(self, weights=FP32, weight_grads=FP32, master_weights=None)
+        return dataclasses.replace(self, weights=FP32, weight_grads=FP32, master_weights=None,
+                                   layer_scaled=frozenset())
 
     def state_bits(self, workload: Workload) -> float:
         """Bits of training state the workload's parameters hold between steps: each GEMM weight in its
@@ -213,6 +219,8 @@ class ResolvedFormats:
                  f"state={self.optimizer_state.spec}"]
         if self.rounding != Rounding():
             parts.append(f"rounding={_rounding_name(self.rounding)}")
+        if self.layer_scaled:
+            parts.append(f"layer_scaled={','.join(sorted(self.layer_scaled))}")
         return " ".join(parts)
 
 
@@ -277,6 +285,34 @@ def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
     ]
 
 
+FP32_EXPONENT_BITS = 8
+FP32_MAGNITUDE_BITS = 31
+FP64 = (11, 52)
+"""(exponent, mantissa) bits of the float64 the scale's mean is divided in."""
+
+
+def layer_scale_pj(c: Components, elements: np.ndarray) -> np.ndarray:
+    """pJ of quantizing tensors of `elements` fp32 values each with Lu et al.'s layer-wise power-of-two
+    scale (Lu et al., "Training Deep Neural Networks Using Posit Number System", SOCC 2019), as
+    dse/train/policy.py computes it: 2^(round(mean log2|x|) + offset) over the non-zero finite values,
+    clamped to the format's range, then x / scale rounded and multiplied back by the scale.
+
+    Per value: two comparisons of the exponent field (zero, inf/NaN; subnormals are flushed), two of
+    the magnitude (the clamp), log2|x| as fixed point (the exponent, and the mantissa as its fraction:
+    Mitchell's log2(1 + m) ~ m, J. N. Mitchell, IRE Trans. Electronic Computers EC-11(4), 1962), an
+    add into the tensor's running sum (wide enough for every value of the tensor) and the count, and
+    two exponent adds (x / scale, and the product by it). Per tensor: one float64 divide (the mean);
+    the rounding and the offset are a few gates. Every op is a component of the model (adder,
+    comparator, incrementer, fp multiplier, divide as `divide_multiplies` multiplies)."""
+    counted = np.maximum(np.ceil(np.log2(np.maximum(elements, 2.0))), 1.0)
+    per_value = (2 * c.comparator(FP32_EXPONENT_BITS) + 2 * c.comparator(FP32_MAGNITUDE_BITS)
+                 + 2 * c.adder(FP32_EXPONENT_BITS))
+    growing = (c.adder_per_bit * (FP32_MAGNITUDE_BITS + counted) + c.adder_offset
+               + np.array([c.incrementer(float(bits)) for bits in counted]))
+    per_tensor = c.weights.divide_multiplies * c.fp_mul(*FP64)
+    return elements * (per_value + growing) + per_tensor
+
+
 class _Tally:
     """Collects rows as column arrays (one array per pass and unit, over the layers)."""
 
@@ -302,7 +338,9 @@ class _Tally:
             self.add(layers, pass_name, "memory", sram_bits * self.model.sram_pj_per_bit, tensor, "sram")
 
     def gemm(self, names: np.ndarray, sizes: dict[Array, np.ndarray], macs: np.ndarray, p: Pass,
-             rounding: Rounding) -> None:
+             rounding: Rounding, scaled: frozenset[str] = frozenset()) -> None:
+        """The GEMM's rows; `scaled`: the tensor classes quantized with a layer scale, priced where the
+        model prices a tensor's quantization (its GEMM output, the weights' in the update)."""
         dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath)
         pp, pg, po = dp.per_product, dp.per_group, dp.per_output
         outputs = sizes[p.out.array]
@@ -315,6 +353,8 @@ class _Tally:
         for use in (p.a, p.b):
             if use.requantized and use.fmt.block_size:  # quantized again along this GEMM's reduction axis
                 conversion = conversion + sizes[use.array] * self.conversion(FP32, use.fmt, rounding)
+        if p.out.tensor in scaled:
+            conversion = conversion + layer_scale_pj(self.model.components, outputs)
         self.add(names, p.name, "multiply",
                  macs * pp.multiply_pj + groups * pg.multiply_pj + outputs * po.multiply_pj)
         self.add(names, p.name, "conversion", conversion)
@@ -358,6 +398,10 @@ class _Tally:
         else:  # the update is computed in `arith` and rounded straight into the weight format
             conversion += self.conversion(arith, f.weights, f.update_rounding)
         self.add(names, "update", "conversion", params * conversion)
+        rounded = [WEIGHTS] + ([MASTER_WEIGHTS] if f.master_weights is not None else [])
+        for tensor in rounded:  # each updated weight tensor is rounded with its layer scale
+            if tensor in f.layer_scaled:
+                self.add(names, "update", "conversion", layer_scale_pj(self.model.components, params))
         self.memory(names, "update", WEIGHT_GRADS, params * f.weight_grads.storage_bits)
         states = STATE_TENSORS[f.optimizer]
         self.memory(names, "update", OPTIMIZER_STATE, params * (2 * states * f.optimizer_state.storage_bits))
@@ -408,7 +452,8 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
             elif p.name == "backward_weight":
                 rows = rows & needs_db
             if rows.any():
-                tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding)
+                tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding,
+                           f.layer_scaled)
                 total_macs += float(macs[rows].sum())
     parameters = Parameters.of(wl, f.optimizer)
     for updated, kept_in in ((parameters.updated_in_weight_format, f), (parameters.updated_in_fp32,

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from dse.energy.units import UNITS
-from dse.errors import InputError
+from dse.errors import InputError, choice
 
 ENERGY_UNITS: tuple[str, ...] = UNITS
 """The units a workload's iteration energy is broken into, in stacking order."""
@@ -43,10 +43,57 @@ def run_energy_column(workload: str, mean: bool = False) -> str:
     return f"run_mean_energy_mj:{workload}" if mean else f"run_energy_mj:{workload}"
 
 
+FRONT_ENERGIES: tuple[str, ...] = ("iteration", "run-mean")
+"""The energies a user may make fronts rank by: one iteration in the trial's formats, or the run's mean
+per iteration (`dse report --front-energy`)."""
+FRONT_ENERGY = "front_energy"
+"""`frame.attrs` key of the energy the user chose (`choose_front_energy`); absent: `ranks_by_run_mean`."""
+
+
+def choose_front_energy(trials: pd.DataFrame, measure: str | None) -> None:
+    """Make every front of `trials` (and of the summaries made from it) rank by `measure`, one of
+    FRONT_ENERGIES; None leaves the choice to `ranks_by_run_mean`."""
+    if measure is not None:
+        trials.attrs[FRONT_ENERGY] = choice("--front-energy", measure, FRONT_ENERGIES)
+
+
 def front_energy_column(summary: pd.DataFrame, workload: str) -> str:
-    """The energy a front ranks by: the run's mean per iteration (each iteration in the formats it trained
-    in: a warm-up's in fp32) where `ranks_by_run_mean`, else one iteration in the trial's formats."""
+    """The energy a front ranks by: the one the user chose (`choose_front_energy`; a run mean that some
+    configuration lacks is an InputError), else the run's mean per iteration (each iteration in the
+    formats it trained in: a warm-up's in fp32) where `ranks_by_run_mean`, else one iteration in the
+    trial's formats."""
+    chosen = summary.attrs.get(FRONT_ENERGY)
+    if chosen == "iteration":
+        return energy_column(workload)
+    if chosen == "run-mean":
+        lacking = without_run_mean(summary)
+        if lacking:
+            task, label, missing = lacking[0]
+            more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+            raise InputError(f"--front-energy run-mean: configuration {label!r} of task {task!r} has no run "
+                             f"mean on workload {missing!r}{more}: its results predate what the run mean "
+                             "needs (run `dse sweep` on the sweep file again to price them; it trains "
+                             "nothing again), or use --front-energy iteration")
+        return run_energy_column(workload, mean=True)
     return run_energy_column(workload, mean=True) if ranks_by_run_mean(summary) else energy_column(workload)
+
+
+def without_run_mean(summary: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(task, label, workload) of each configuration with an accuracy and one iteration's energy but no
+    run mean on that workload, where its runs trained an iteration (`ranks_by_run_mean`)."""
+    lacking: list[tuple[str, str, str]] = []
+    if "accuracy_mean" not in summary.columns:
+        return lacking
+    accuracy = pd.to_numeric(summary["accuracy_mean"], errors="coerce").notna()
+    for workload in [w for w in workloads_of(summary) if energy_column(w) in summary.columns]:
+        mean, total = run_energy_column(workload, mean=True), run_energy_column(workload)
+        priced = accuracy & pd.to_numeric(summary[energy_column(workload)], errors="coerce").notna()
+        if total in summary.columns:  # a known total without a mean: no iteration trained
+            priced &= pd.to_numeric(summary[total], errors="coerce").isna()
+        if mean in summary.columns:
+            priced &= pd.to_numeric(summary[mean], errors="coerce").isna()
+        lacking += [(str(row["task"]), str(row["label"]), workload) for _, row in summary[priced].iterrows()]
+    return lacking
 
 
 def ranks_by_run_mean(summary: pd.DataFrame) -> bool:
@@ -55,21 +102,14 @@ def ranks_by_run_mean(summary: pd.DataFrame) -> bool:
     before dse counted iterations lacks some (a warm-up or a diverged seed), and a front ranked by the
     run's mean would silently leave those configurations out; so then every front, of every task and
     workload, ranks by one iteration: one measure in a report. A configuration whose runs trained no
-    iteration (run total 0: every seed diverged at its first batch) has no mean and keeps no one from it."""
+    iteration (every seed diverged at its first batch: a run total, its forward, and no mean) keeps no
+    one from it."""
     workloads = [w for w in workloads_of(summary) if energy_column(w) in summary.columns]
     if not workloads or "accuracy_mean" not in summary.columns:
         return False
-    accuracy = pd.to_numeric(summary["accuracy_mean"], errors="coerce").notna()
-    for workload in workloads:
-        mean, total = run_energy_column(workload, mean=True), run_energy_column(workload)
-        if mean not in summary.columns:
-            return False
-        priced = accuracy & pd.to_numeric(summary[energy_column(workload)], errors="coerce").notna()
-        if total in summary.columns:
-            priced &= pd.to_numeric(summary[total], errors="coerce") != 0
-        if pd.to_numeric(summary.loc[priced, mean], errors="coerce").isna().any():
-            return False
-    return True
+    if any(run_energy_column(workload, mean=True) not in summary.columns for workload in workloads):
+        return False
+    return not without_run_mean(summary)
 
 
 def memory_column(workload: str) -> str:

@@ -64,14 +64,17 @@ def _counted(group: pd.DataFrame, column: str) -> np.ndarray:
 
 def _trained(group: pd.DataFrame, column: str) -> np.ndarray:
     """Per trial, whether it has a mean per iteration to give `column`: a run mean counts the trials
-    whose run trained an iteration (a seed that diverged at its first batch has a total of 0, no mean)."""
+    whose run trained an iteration (a seed that diverged at its first batch has a total, the forward
+    of that batch, and no mean; an unknown run has neither and keeps the configuration's mean unknown)."""
     mean_prefix = run_energy_column("", mean=True)
     if not column.startswith(mean_prefix):
         return np.ones(len(group), dtype=bool)
     total = run_energy_column(column[len(mean_prefix):])
     if total not in group.columns:
         return np.ones(len(group), dtype=bool)
-    return (pd.to_numeric(group[total], errors="coerce") != 0).to_numpy()
+    untrained = pd.to_numeric(group[total], errors="coerce").notna() & pd.to_numeric(
+        group[column], errors="coerce").isna()
+    return (~untrained).to_numpy()
 
 
 def _validation_mean(group: pd.DataFrame) -> float:

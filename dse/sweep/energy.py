@@ -27,9 +27,18 @@ from typing import Any
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
 from dse.energy.iteration import TRAIN_OPTIMIZERS, UNITS, training_area_um2
 from dse.energy.model import EnergyModel
-from dse.precision import Layer, TensorFormats, resolve_layers
+from dse.precision import (
+    ACTIVATIONS,
+    GRADIENTS,
+    MASTER_WEIGHTS,
+    WEIGHT_GRADS,
+    WEIGHTS,
+    Layer,
+    TensorFormats,
+    resolve_layers,
+)
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
-from dse.sweep.run_energy import has_warmup
+from dse.sweep.run_energy import BatchEnergies, epoch_batches, has_warmup, last_batch_rows
 from dse.sweep.trials import FP32, canonical_rules, resolved_formats, stable_hash
 from dse.train.config import TrainConfig
 from dse.usercode import identity as code_identity
@@ -55,9 +64,22 @@ class WorkloadEnergy:
     """Weights, master copy and optimizer state, each at its own width (ResolvedFormats.state_bits)."""
     area_um2: float
     """Area of the dot-product units the trial's GEMMs ran on, at the point's node (NaN if unpublished)."""
+    last_iteration_mj: float
+    """One iteration of an epoch's last batch at its own rows (`total_mj` where the batch size divides
+    the training set); a workload at its own batch size takes the same share of it."""
+    forward_mj: float
+    """The forward pass alone of one iteration (what a batch whose loss is not finite runs)."""
+    last_forward_mj: float
+    """The forward pass alone of an epoch's last batch."""
+    epoch_batches: int
+    """Batches in one epoch of the trial's training set."""
 
     def as_row(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    def batches(self) -> BatchEnergies:
+        return BatchEnergies(self.total_mj, self.last_iteration_mj, self.forward_mj, self.last_forward_mj,
+                             self.epoch_batches)
 
 
 def master_format(config: TrainConfig) -> str | None:
@@ -79,12 +101,29 @@ def energy_view(config: TrainConfig) -> dict[str, Any]:
             "accumulation_chunk": config.accumulation_chunk if config.accumulation is not None else None}
     if config.layers:  # only then, so that the energy keys of configurations without rules stay
         view["layers"] = canonical_rules(config)
+    if config.layer_scaling:  # (likewise)
+        view["layer_scaling"] = True
     return view
 
 
 def energy_key(config: TrainConfig, settings: EnergyConfig) -> str:
     """Same key, same energy: the trial's energy view plus the energy model's settings."""
     return stable_hash({"view": energy_view(config), "settings": settings.describe()})
+
+
+def layer_scaled(config: TrainConfig, tensors: TensorFormats) -> frozenset[str]:
+    """The tensor classes training quantizes with Lu et al.'s layer-wise scale in layers of formats
+    `tensors`: those QuantPolicy gives a layer scale (posit classes without a scale of their own, when
+    `layer_scaling` is on), the master copy only where one is kept in its own format."""
+    if not config.layer_scaling:
+        return frozenset()
+    from dse.train.policy import QuantPolicy
+
+    policy = QuantPolicy.from_config(config).for_layer(tensors)
+    classes = [WEIGHTS, ACTIVATIONS, GRADIENTS, WEIGHT_GRADS]
+    if isinstance(config.master_weights, str):
+        classes.append(MASTER_WEIGHTS)
+    return frozenset(name for name in classes if getattr(policy, name).layer_scale)
 
 
 KIND_TYPES: dict[str, tuple[str, ...]] = {"linear": ("Linear",), "conv": ("Conv2d", "Conv1d"),
@@ -135,6 +174,7 @@ class EnergyEstimator:
         self._proxies: dict[tuple[Any, ...], Workload] = {}
         self._types: dict[int, dict[str, tuple[str, ...]]] = {}
         """id of a traced workload -> its layers' module classes (for `type:` rules)."""
+        self._train_rows: dict[tuple[str, str | None], int] = {}
 
     def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
         """The trial's own model (or `model`, a user's `file.py:function`) traced on the trial's dataset
@@ -183,12 +223,42 @@ class EnergyEstimator:
             return model
         return model.with_datapath(accumulator=config.accumulation, vector_length=config.accumulation_chunk)
 
+    def train_rows(self, config: TrainConfig) -> int:
+        """Samples in one epoch of the trial's training set (after its validation split)."""
+        key = (config.dataset, config.data_dir)
+        if key not in self._train_rows:
+            from dse.data import load_dataset
+
+            self._train_rows[key] = len(load_dataset(config.dataset, config.data_dir).x_train)
+        return self._train_rows[key]
+
     def _one(self, name: str, config: TrainConfig, point: EnergyPoint) -> WorkloadEnergy:
         workload, batch = self.workload(name, config)
+        full = workload.batch_size if batch is None else batch
+        rows = self.train_rows(config)
+        last = last_batch_rows(rows, config.batch_size)
+        # a workload at its own batch size stands for the trial's batch: its last batch is the same share
+        last_batch = full if last == config.batch_size else max(1, round(full * last / config.batch_size))
+        whole = self._iteration(workload, config, point, full)
+        short = whole if last_batch == full else self._iteration(workload, config, point, last_batch)
+        mj = {unit: pj / PJ_PER_MJ for unit, pj in whole.units_pj.items()}
+        return WorkloadEnergy(total_mj=sum(mj.values()), multiply_mj=mj["multiply"],
+                              conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
+                              update_mj=mj["update"], memory_mj=mj["memory"],
+                              memory_mib=whole.memory_bits / BITS_PER_MIB, area_um2=whole.area_um2,
+                              last_iteration_mj=sum(short.units_pj.values()) / PJ_PER_MJ,
+                              forward_mj=whole.forward_pj / PJ_PER_MJ,
+                              last_forward_mj=short.forward_pj / PJ_PER_MJ,
+                              epoch_batches=epoch_batches(rows, config.batch_size))
+
+    def _iteration(self, workload: Workload, config: TrainConfig, point: EnergyPoint,
+                   batch: int) -> _Iteration:
+        """One iteration of `workload` at `batch` rows, each part of its layers in its own formats."""
         model = self.trained_model(config, point)
         area = 0.0
         optimizer = ENERGY_OPTIMIZERS[config.optimizer]
         units = dict.fromkeys(UNITS, 0.0)
+        forward_pj = 0.0
         memory_bits = 0.0
         types = self._types.get(id(workload))
         # NITI rounds every integer it narrows pseudo-stochastically (PstoShift), whatever the trial says
@@ -199,18 +269,25 @@ class EnergyEstimator:
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
                 master_weights=master_format(config) if tensors.quantizes_gemms else None,
-                rounding=rounding[0], update_rounding=rounding[1])
+                rounding=rounding[0], update_rounding=rounding[1], layer_scaled=layer_scaled(config, tensors))
             frame = iteration_energy(part, part_formats, model, batch)
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
+            forward_pj += float(frame.loc[frame["pass"] == "forward", "energy_pj"].sum())
             memory_bits += part_formats.resolve(part).state_bits(part)
             if part.layers:  # a part of parameters only (biases, norms) runs no GEMM
                 area += training_area_um2(part_formats, model, part)["datapath"]
-        mj = {unit: pj / PJ_PER_MJ for unit, pj in units.items()}
-        return WorkloadEnergy(total_mj=sum(mj.values()), multiply_mj=mj["multiply"],
-                              conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
-                              update_mj=mj["update"], memory_mj=mj["memory"],
-                              memory_mib=memory_bits / BITS_PER_MIB, area_um2=area)
+        return _Iteration(units, forward_pj, memory_bits, area)
+
+
+@dataclass(frozen=True)
+class _Iteration:
+    """One iteration's pJ per unit and of its forward pass, its training state (bits) and datapath area."""
+
+    units_pj: dict[str, float]
+    forward_pj: float
+    memory_bits: float
+    area_um2: float
 
 
 def warmup_config(config: TrainConfig) -> TrainConfig | None:

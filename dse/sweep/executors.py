@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from dse.errors import InputError, Unsupported
 from dse.interrupts import GROUP_SIGNALS
-from dse.processes import become_helper, stop_workers
+from dse.processes import PARENT_PID_VARIABLE, become_helper, stop_workers
 
 TrainFn = Callable[[Any], Any]
 E = TypeVar("E")
@@ -251,10 +251,12 @@ def start_worker_server() -> None:
         try:
             resource_tracker.ensure_running()
             signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+            os.environ[PARENT_PID_VARIABLE] = str(os.getpid())  # (the server's, read as it starts)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "resource_tracker: process died unexpectedly")
                 forkserver.ensure_running()
         finally:
+            os.environ.pop(PARENT_PID_VARIABLE, None)
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         atexit.unregister(stop_worker_server)  # once
         atexit.register(stop_worker_server)

@@ -1,10 +1,12 @@
-"""The energy of a trial's training run, composed from per-iteration energies (dse.sweep.energy) and
-the iterations it trained in each epoch (TrainResult.epoch_iterations).
+"""The energy of a trial's training run, composed from what its batches cost (dse.sweep.energy) and the
+iterations it trained in each epoch (TrainResult.epoch_iterations).
 
 A run's iterations need not all cost the same: a warm-up trains its first epochs in fp32 before the
-trial's formats start, a diverged run stops at the batch its loss turned NaN or inf, and trials that
-differ in epochs or batch size train different numbers of iterations. Plain arithmetic: no format,
-model or store is imported here, so the store can compose when it loads.
+trial's formats start, an epoch's last batch is short where the batch size does not divide the training
+set, a diverged run stops at the batch whose loss turned NaN or inf (that batch's forward ran, its
+backward and update did not), and trials that differ in epochs or batch size train different numbers of
+iterations. Plain arithmetic: no format, model or store is imported here, so the store can compose when
+it loads.
 """
 
 from __future__ import annotations
@@ -20,25 +22,30 @@ def has_warmup(warmup_epochs: int, optimizer: str) -> bool:
     return warmup_epochs > 0 and optimizer != "niti"
 
 
+def epoch_batches(train_rows: int, batch_size: int) -> int:
+    """Batches in one epoch over `train_rows` samples: the last one short where the size does not divide."""
+    return -(-train_rows // batch_size)
+
+
+def last_batch_rows(train_rows: int, batch_size: int) -> int:
+    """Rows of an epoch's last batch (`batch_size` where it divides the training set)."""
+    return train_rows - (epoch_batches(train_rows, batch_size) - 1) * batch_size
+
+
 @dataclass(frozen=True)
-class RunIterations:
-    """The iterations a trial trained, split by the formats they ran in."""
+class BatchEnergies:
+    """What one configuration's batches cost in one workload column (mJ)."""
 
-    warmup: int
-    """In the warm-up's fp32 (dse.sweep.energy.warmup_config)."""
-    formats: int
-    """In the trial's own formats."""
-
-    @property
-    def total(self) -> int:
-        return self.warmup + self.formats
-
-
-def run_iterations(epoch_iterations: Sequence[int], warmup_epochs: int) -> RunIterations:
-    """Split the iterations of each epoch (TrainResult.epoch_iterations) into the first `warmup_epochs`
-    (0 where the trial has no warm-up: `has_warmup`) and the rest."""
-    return RunIterations(warmup=sum(epoch_iterations[:warmup_epochs]),
-                         formats=sum(epoch_iterations[warmup_epochs:]))
+    iteration_mj: float
+    """One iteration of a full batch: forward, backward and update."""
+    last_iteration_mj: float
+    """One iteration of an epoch's last batch, at its own rows (`iteration_mj` where the batch divides)."""
+    forward_mj: float
+    """The forward pass alone of a full batch (a diverging batch runs no more)."""
+    last_forward_mj: float
+    """The forward pass alone of an epoch's last batch."""
+    epoch_batches: int
+    """Batches in one epoch (`epoch_batches`)."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +53,36 @@ class RunEnergy:
     """A run's energy in one workload column."""
 
     total_mj: float
-    """Sum over the iterations trained of each one's energy in the formats it ran in."""
+    """Every batch the run computed, each at its rows and in the formats it ran in: the iterations it
+    trained and, for a run that diverged, the forward of the batch whose loss was not finite."""
     mean_mj: float
-    """total_mj per iteration (NaN for a run that trained none)."""
+    """total_mj per iteration trained (NaN for a run that trained none)."""
 
 
-def run_energy(iterations: RunIterations, iteration_mj: float,
-               warmup_iteration_mj: float | None) -> RunEnergy:
-    """Warm-up iterations at the warm-up's energy, the rest at the trial's own (`iteration_mj`, mJ).
-    `warmup_iteration_mj` may be None only when no iteration ran in warm-up."""
-    total = iterations.formats * iteration_mj
-    if iterations.warmup:
-        if warmup_iteration_mj is None:
-            raise ValueError("a run with warm-up iterations needs the warm-up's iteration energy")
-        total += iterations.warmup * warmup_iteration_mj
-    return RunEnergy(total_mj=total, mean_mj=total / iterations.total if iterations.total else math.nan)
+def run_energy(epoch_iterations: Sequence[int], warmup_epochs: int, energies: BatchEnergies,
+               warmup_energies: BatchEnergies | None, diverged: bool) -> RunEnergy:
+    """The run that trained `epoch_iterations[e]` iterations in epoch e: its first `warmup_epochs` (0
+    where the trial has no warm-up: `has_warmup`) at `warmup_energies`, the rest at `energies`. An epoch
+    that trained every batch trained its last, short one; an epoch that trained fewer was the last, cut
+    by a loss that was not finite: where the run `diverged`, the forward of its next batch is priced too
+    (a run that diverged with every batch trained had finite losses and non-finite weights: no forward
+    more). `warmup_energies` may be None only where no epoch trained in warm-up."""
+    total = 0.0
+    for epoch, trained in enumerate(epoch_iterations):
+        cost = energies
+        if epoch < warmup_epochs:
+            if warmup_energies is None:
+                raise ValueError("a run with warm-up epochs needs its warm-up's batch energies")
+            cost = warmup_energies
+        batches = cost.epoch_batches
+        if trained > batches:
+            raise ValueError(f"epoch {epoch} trained {trained} iterations, but an epoch has {batches} "
+                             "batches")
+        if trained == batches:
+            total += (batches - 1) * cost.iteration_mj + cost.last_iteration_mj
+        else:
+            total += trained * cost.iteration_mj
+            if diverged and epoch == len(epoch_iterations) - 1:
+                total += cost.last_forward_mj if trained == batches - 1 else cost.forward_mj
+    iterations = sum(epoch_iterations)
+    return RunEnergy(total_mj=total, mean_mj=total / iterations if iterations else math.nan)

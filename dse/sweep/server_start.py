@@ -32,6 +32,7 @@ import traceback
 from types import FrameType, TracebackType
 
 from dse.interrupts import GROUP_SIGNALS
+from dse.processes import PARENT_PID_VARIABLE
 
 
 def _sweeps_pipe() -> int | None:
@@ -75,10 +76,19 @@ class _SweepWatch:
         os.close(self.stop_r)
 
 
+def _sweeps_pid() -> int:
+    """The sweep's process id, as the sweep gave it (PARENT_PID_VARIABLE): the server's parent now is
+    another where the sweep ended before this module ran, and its pipe is not at its end where a worker
+    request with the sweep's end of it waits in the server's socket (the server imported on to the
+    end). The parent now, where the variable is not set (a server started otherwise)."""
+    given = os.environ.pop(PARENT_PID_VARIABLE, "")  # (not passed on to the workers)
+    return int(given) if given.isdigit() else os.getppid()
+
+
 _WATCH: _SweepWatch | None = None
 if (_pipe := _sweeps_pipe()) is not None:  # (in the fork server only)
-    _WATCH = _SweepWatch(os.getppid())
-    if select.select([_pipe], [], [], 0)[0]:  # the sweep ended before the line above
+    _WATCH = _SweepWatch(_sweeps_pid())
+    if select.select([_pipe], [], [], 0)[0]:  # the sweep ended before the line above, no request waiting
         os._exit(1)
 
 for _number in GROUP_SIGNALS:  # (its workers inherit them ignored)

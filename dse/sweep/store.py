@@ -12,16 +12,19 @@ Tables:
   the moment its trial finishes (WAL journal, synchronous=FULL), so a SIGKILL at any moment loses no
   finished trial and a half-written row never becomes visible.
 - `energy`: per (energy key, workload column) the energy of one iteration by unit, the training-state
-  memory and the area of the datapath the trial trained on. A workload column is a workload, or a
-  workload at one point of the energy axes (`resnet50@7nm,pe`). Energy depends only on the
-  configuration, so it is recomputed, never retrained, when the energy settings change.
+  memory and the area of the datapath the trial trained on; and what its run's batches cost: an epoch's
+  last batch at its own rows, the forward pass of a full and of a last batch, the batches per epoch. A
+  workload column is a workload, or a workload at one point of the energy axes (`resnet50@7nm,pe`).
+  Energy depends only on the configuration, so it is recomputed, never retrained, when the energy
+  settings change.
 
 Stores written before schema 2 are read as they are and brought up to date when a sweep opens them:
 `trials` gains `val_accuracy` (empty for the old rows) and the plan, which every run rewrites, is
 rebuilt with its new columns; `energy` gains `area_um2` (empty until the energy is recomputed, which
 every run does). A plan without `warmup_energy_key` gains it (empty, so a warm-up's energy is unknown
 until the next run rewrites the plan); results without `epoch_iterations` give no run total
-(`_run_iterations`). `master_weights` holds text (`true`, `false` or the master copy's format
+(`_run_iterations`). `energy` gains the batch columns (empty, so a run's energy is unknown until
+the next run recomputes the energy). `master_weights` holds text (`true`, `false` or the master copy's format
 spec); the 0/1 of an old store reads as false/true.
 """
 
@@ -46,11 +49,11 @@ import pandas as pd
 from dse.energy.units import UNITS
 from dse.errors import InputError
 from dse.report.pareto import TUNED_PREFIX, area_column, energy_column, memory_column, run_energy_column
-from dse.sweep.run_energy import RunEnergy, RunIterations, has_warmup, run_energy, run_iterations
+from dse.sweep.run_energy import BatchEnergies, RunEnergy, has_warmup, run_energy
 
 T = TypeVar("T")
 STORE_FILE = "sweep.sqlite"
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 TRIAL_COLUMNS: tuple[str, ...] = (
     "trial_id", "task", "label", "model", "dataset", "weights", "activations", "gradients", "weight_grads",
     "optimizer", "master_weights", "warmup_epochs", "seed", "status", "diverged", "error", "val_accuracy",
@@ -75,10 +78,15 @@ CREATE TABLE IF NOT EXISTS trials (
 CREATE TABLE IF NOT EXISTS energy (
     energy_key TEXT NOT NULL, workload TEXT NOT NULL, total_mj REAL NOT NULL, multiply_mj REAL NOT NULL,
     conversion_mj REAL NOT NULL, accumulation_mj REAL NOT NULL, update_mj REAL NOT NULL,
-    memory_mj REAL NOT NULL, memory_mib REAL NOT NULL, area_um2 REAL, PRIMARY KEY (energy_key, workload));
+    memory_mj REAL NOT NULL, memory_mib REAL NOT NULL, area_um2 REAL, last_iteration_mj REAL,
+    forward_mj REAL, last_forward_mj REAL, epoch_batches INTEGER, PRIMARY KEY (energy_key, workload));
 """
+_BATCH_VALUES = ("last_iteration_mj", "forward_mj", "last_forward_mj", "epoch_batches")
+"""The energy columns of a run's batches (dse.sweep.run_energy.BatchEnergies), absent before schema 3."""
 _ENERGY_VALUES = ("total_mj", "multiply_mj", "conversion_mj", "accumulation_mj", "update_mj", "memory_mj",
-                  "memory_mib", "area_um2")
+                  "memory_mib", "area_um2", *_BATCH_VALUES)
+_OPTIONAL_VALUES = ("area_um2", *_BATCH_VALUES)
+"""Energy columns an older store may lack (area_um2 before schema 2)."""
 
 
 @dataclass(frozen=True)
@@ -161,8 +169,10 @@ def _migrate(connection: sqlite3.Connection) -> None:
     if trials and "val_accuracy" not in trials:
         connection.execute("ALTER TABLE trials ADD COLUMN val_accuracy REAL")
     energy = _columns(connection, "energy")
-    if energy and "area_um2" not in energy:
-        connection.execute("ALTER TABLE energy ADD COLUMN area_um2 REAL")
+    for name in _OPTIONAL_VALUES:
+        if energy and name not in energy:
+            kind = "INTEGER" if name == "epoch_batches" else "REAL"
+            connection.execute(f"ALTER TABLE energy ADD COLUMN {name} {kind}")
 
 
 def master_weights_text(value: bool | str) -> str:
@@ -464,8 +474,9 @@ def _read_store(connection: sqlite3.Connection) -> tuple[dict[str, str], list[st
     missing = [name for name in (*TRIAL_COLUMNS, "config") if name not in names
                and name != "val_accuracy"]  # val_accuracy: absent from stores before schema 2
     stored = set(_columns(connection, "energy"))
-    missing += [f"energy.{name}" for name in _ENERGY_VALUES if name not in stored and name != "area_um2"]
-    if missing:  # area_um2 too may be absent (before schema 2)
+    missing += [f"energy.{name}" for name in _ENERGY_VALUES if name not in stored
+                and name not in _OPTIONAL_VALUES]
+    if missing:
         raise ValueError(f"missing column {', '.join(missing)}")
     selected = ", ".join(name if name in stored else "NULL" for name in _ENERGY_VALUES)
     energy = connection.execute(f"SELECT energy_key, workload, {selected} FROM energy").fetchall()
@@ -511,7 +522,7 @@ def _trial_records(rows: list[tuple[Any, ...]], names: list[str], workloads: lis
             record[memory_column(workload)] = numbers.get("memory_mib", math.nan)
             area = numbers.get("area_um2")
             record[area_column(workload)] = math.nan if area is None else area
-            run = _run_energy(iterations, record[energy_column(workload)], by_key, row, workload)
+            run = _run_energy(iterations, numbers, by_key, row, workload)
             record[run_energy_column(workload)] = run.total_mj if counted else math.nan
             record[run_energy_column(workload, mean=True)] = run.mean_mj
         record["config"] = row["config"]
@@ -519,11 +530,12 @@ def _trial_records(rows: list[tuple[Any, ...]], names: list[str], workloads: lis
     return records, tuned
 
 
-def _run_iterations(row: dict[str, Any]) -> tuple[RunIterations | None, bool]:
-    """The iterations the trial trained, split by warm-up (None: unknown), and whether they are counted
-    in iterations (True) or, for a result without the iterations of each epoch it ran (a trial recorded
-    before dse counted them: every epoch then trained alike unless it diverged), in epochs: enough for
-    the run's mean per iteration, not for its total. A trial that raised trained nothing that counts."""
+def _run_iterations(row: dict[str, Any]) -> tuple[list[int] | None, bool]:
+    """The iterations the trial trained in each epoch (None: unknown), and whether they are counted
+    (True) or, for a result without the iterations of each epoch it ran (a trial recorded before dse
+    counted them: every epoch then trained all its batches unless it diverged), assumed: enough for the
+    run's mean per iteration, not for its total (an empty list stands for every batch of each of
+    `epochs_run` epochs; `_run_energy` fills it in). A trial that raised trained nothing that counts."""
     if row["status"] == "error":
         return None, False
     result = _json_object(row["result"], f"trial {row['trial_id']}: result")
@@ -531,30 +543,45 @@ def _run_iterations(row: dict[str, Any]) -> tuple[RunIterations | None, bool]:
     if counts is not None and not (isinstance(counts, list)
                                    and all(isinstance(count, int) for count in counts)):
         raise ValueError(f"trial {row['trial_id']}: epoch_iterations is not a list of integers: {counts!r}")
-    counted = counts is not None and len(counts) == epochs
-    if not counted:
-        if row["status"] != "ok" or not isinstance(epochs, int):
-            return None, False  # (the epoch it diverged in trained an unknown part of its batches)
-        counts = [1] * epochs
-    assert counts is not None
-    warmup = int(row["warmup_epochs"]) if has_warmup(int(row["warmup_epochs"]), str(row["optimizer"])) else 0
-    return run_iterations(counts, warmup), counted
+    if counts is not None and len(counts) == epochs:
+        return counts, True
+    if row["status"] != "ok" or not isinstance(epochs, int):
+        return None, False  # (the epoch it diverged in trained an unknown part of its batches)
+    return [-1] * epochs, False
 
 
-def _run_energy(iterations: RunIterations | None, iteration_mj: float,
+def _batch_energies(numbers: dict[str, Any]) -> BatchEnergies | None:
+    """An energy row's batch costs; None where it has none (a row written before schema 3)."""
+    if not numbers or any(numbers.get(name) is None for name in _BATCH_VALUES):
+        return None
+    return BatchEnergies(float(numbers["total_mj"]), float(numbers["last_iteration_mj"]),
+                         float(numbers["forward_mj"]), float(numbers["last_forward_mj"]),
+                         int(numbers["epoch_batches"]))
+
+
+def _run_energy(iterations: list[int] | None, numbers: dict[str, Any],
                 by_key: dict[tuple[str, str], tuple[float, ...]], row: dict[str, Any], workload: str
                 ) -> RunEnergy:
     """The run's energy in one workload column (NaN where its iterations or an energy are unknown)."""
     unknown = RunEnergy(math.nan, math.nan)
-    if iterations is None:
+    energies = _batch_energies(numbers)
+    if iterations is None or energies is None:
         return unknown
-    warmup_mj = None
-    if iterations.warmup:
-        warmup = by_key.get((row["warmup_energy_key"], workload)) if row["warmup_energy_key"] else None
+    warmup_epochs = int(row["warmup_epochs"]) if has_warmup(int(row["warmup_epochs"]),
+                                                             str(row["optimizer"])) else 0
+    warmup = None
+    if warmup_epochs and iterations:
+        stored = by_key.get((row["warmup_energy_key"], workload)) if row["warmup_energy_key"] else None
+        warmup = _batch_energies(dict(zip(_ENERGY_VALUES, stored, strict=True))) if stored else None
         if warmup is None:  # a plan from before warm-ups were priced: known once a run rewrites it
             return unknown
-        warmup_mj = float(warmup[_ENERGY_VALUES.index("total_mj")])
-    return run_energy(iterations, iteration_mj, warmup_mj)
+    # a result from before iterations were counted: every epoch trained all its batches
+    counts = [energies.epoch_batches if count < 0 else count for count in iterations]
+    if any(count > energies.epoch_batches or (warmup is not None and epoch < warmup_epochs
+                                              and count > warmup.epoch_batches)
+           for epoch, count in enumerate(counts)):
+        return unknown  # trained on another training set than the one priced (a user's dataset changed)
+    return run_energy(counts, warmup_epochs, energies, warmup, row["status"] == "diverged")
 
 
 def load_trials(directory: Path) -> pd.DataFrame:

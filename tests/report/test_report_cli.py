@@ -276,3 +276,56 @@ def test_a_report_stopped_by_a_signal_while_it_writes_leaves_no_temporary_file(
     assert not left, f"processes outlived the report: {left}"
     result = runner.invoke(app, ["report", str(directory)])  # as the line says
     assert result.exit_code == 0 and (directory / "summary.csv").read_text() != "the previous summary\n"
+
+
+@pytest.fixture(scope="module")
+def priced_dir(store_trials: Callable[..., None], make_example_trials: Callable[..., pd.DataFrame],
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sweep_dir's trials in a store whose energy rows price their runs: every configuration has a run
+    mean (here each its iteration's energy)."""
+    directory = tmp_path_factory.mktemp("priced")
+    store_trials(directory, make_example_trials(workloads=("resnet50",)), priced_runs=True)
+    return directory
+
+
+@pytest.mark.parametrize("command", [["report"], ["export", "--to", "csv", "--table", "pareto"]])
+def test_front_energy_chooses_the_energy_every_front_ranks_by(priced_dir: Path, tmp_path: Path,
+                                                              command: list[str]) -> None:
+    """By default a store with every run mean ranks by it (the one-iteration figure beside it); the
+    option ranks by one iteration instead, or asks for the run mean explicitly."""
+    fronts = {}
+    for choice in (None, "iteration", "run-mean"):
+        out = tmp_path / f"{choice}.csv"
+        extra = [] if choice is None else ["--front-energy", choice]
+        args = [command[0], str(priced_dir), *command[1:], *extra]
+        if command[0] == "export":
+            args += ["--output", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        fronts[choice] = pd.read_csv(out if command[0] == "export" else priced_dir / "pareto.csv")
+    assert "iteration_energy_mj" in fronts[None].columns  # ranked by the run's mean
+    assert fronts["run-mean"].equals(fronts[None])
+    assert "iteration_energy_mj" not in fronts["iteration"].columns
+    assert fronts["iteration"]["energy_mj"].tolist() == fronts[None]["iteration_energy_mj"].tolist()
+
+
+@pytest.mark.parametrize("command", [["report"], ["export", "--to", "csv", "--table", "pareto"]])
+def test_front_energy_run_mean_on_a_store_without_it_is_one_line_exit_2_and_nothing_written(
+        store_trials: Callable[..., None], make_example_trials: Callable[..., pd.DataFrame], tmp_path: Path,
+        command: list[str]) -> None:
+    """A store whose energy rows predate run pricing has no run mean: asked for it, the report names a
+    configuration that lacks it and how to get it, and writes nothing; by iteration it reports."""
+    directory = tmp_path / "old"
+    directory.mkdir()
+    store_trials(directory, make_example_trials(workloads=("resnet50",)))
+    before = sorted(p.name for p in directory.iterdir())
+    out = tmp_path / "pareto.csv"
+    args = [command[0], str(directory), *command[1:], "--front-energy", "run-mean"]
+    result = runner.invoke(app, args + (["--output", str(out)] if command[0] == "export" else []))
+    assert result.exit_code == 2, result.output
+    assert "--front-energy run-mean: configuration" in result.stderr and "has no run mean" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(p.name for p in directory.iterdir()) == before and not out.exists()
+    wrong = runner.invoke(app, [command[0], str(directory), *command[1:], "--front-energy", "joules"])
+    assert wrong.exit_code == 2 and "unknown --front-energy 'joules'" in wrong.stderr
+    assert runner.invoke(app, args[:-1] + ["iteration"]).exit_code == 0

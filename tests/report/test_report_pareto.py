@@ -156,10 +156,10 @@ def test_a_configuration_without_a_run_mean_is_not_dropped_the_front_ranks_all_b
 
 def test_a_configuration_that_trained_nothing_does_not_keep_the_others_from_their_run_mean() -> None:
     """A configuration whose every seed diverged at its first batch trained no iteration: its run's total
-    is 0 and it has no mean, which is no reason to rank the others by one iteration."""
+    is that batch's forward and it has no mean, which is no reason to rank the others by one iteration."""
     summary = summary_frame([("t", 0.9, 2.0, 1.0), ("t", 0.9, 1.0, 1.0), ("t", 0.1, 0.5, 1.0)])
     summary[f"run_mean_energy_mj:{W}"] = [2.0, 3.0, math.nan]
-    summary[f"run_energy_mj:{W}"] = [200.0, 300.0, 0.0]
+    summary[f"run_energy_mj:{W}"] = [200.0, 300.0, 0.2]
     front = pareto_front(summary, W)
     assert list(front["label"]) == ["c0"]
     assert "iteration_energy_mj" in front.columns

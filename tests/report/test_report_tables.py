@@ -152,15 +152,16 @@ def test_a_configurations_run_energy_is_over_all_its_counted_trials_or_unknown(
     run mean). The configuration's run figure is not the mean of the other seeds alone; a seed that
     raised trained nothing that counts and is left out, as from the accuracy."""
     runs = [(1.0, 10.0, "ok"), (math.nan, 2.0, "diverged"), (math.nan, math.nan, "error"),
-            (0.0, math.nan, "diverged")]  # (the last diverged at its first batch: no mean, its total 0)
+            (0.2, math.nan, "diverged")]  # (the last diverged at its first batch: no mean, its forward)
     rows = []
     for seed, (total, mean, status) in enumerate(runs):
         row = make_trial_row("t", "c", seed, 0.5, {"w": 1.0}, status=status)
         row["run_energy_mj:w"], row["run_mean_energy_mj:w"] = total, mean
         rows.append(row)
-    full = make_trials_frame(rows[:1] + rows[2:], ["w"])  # (total: 1.0 + 0.0; mean: 10.0 alone)
+    full = make_trials_frame(rows[:1] + rows[2:], ["w"])  # (total: mean of 1.0, 0.2; mean: 10.0 alone)
     mixed = make_trials_frame(rows, ["w"])
-    assert summarize_trials(full).iloc[0][["run_energy_mj:w", "run_mean_energy_mj:w"]].tolist() == [0.5, 10.0]
+    summary_full = summarize_trials(full).iloc[0]
+    assert summary_full[["run_energy_mj:w", "run_mean_energy_mj:w"]].tolist() == pytest.approx([0.6, 10.0])
     summary = summarize_trials(mixed).iloc[0]
     assert math.isnan(summary["run_energy_mj:w"]) and summary["run_mean_energy_mj:w"] == 6.0
     rows[1]["run_mean_energy_mj:w"] = math.nan

@@ -76,8 +76,10 @@ def example_trials(workloads: tuple[str, ...] = ("proxy", "resnet50")) -> pd.Dat
     return trials_frame(rows, list(workloads))
 
 
-def store_trials(directory: Path, trials: pd.DataFrame) -> None:
-    """Write `trials` (this module's shape) into a sweep store the way the sweep runner does."""
+def store_trials(directory: Path, trials: pd.DataFrame, priced_runs: bool = False) -> None:
+    """Write `trials` (this module's shape) into a sweep store the way the sweep runner does; with
+    `priced_runs`, each energy row prices its batches too (10 per epoch, every one a full iteration), so
+    that each trial that did not raise has a run mean, its iteration's energy."""
     workloads = trials.attrs["sweep"]["workloads"]
     with SweepStore(directory) as store:
         plan = [PlanRow(row["trial_id"], row["task"], row["label"], f"{row['task']}/{row['label']}",
@@ -88,6 +90,11 @@ def store_trials(directory: Path, trials: pd.DataFrame) -> None:
                 energies[(f"{row['task']}/{row['label']}", workload)] = {
                     "total_mj": row[f"energy_mj:{workload}"], "memory_mib": row[f"memory_mib:{workload}"],
                     **{f"{unit}_mj": row[f"energy_mj:{workload}:{unit}"] for unit in UNITS}}
+                if priced_runs:
+                    total = row[f"energy_mj:{workload}"]
+                    energies[(f"{row['task']}/{row['label']}", workload)].update(
+                        last_iteration_mj=total, forward_mj=total / 3, last_forward_mj=total / 3,
+                        epoch_batches=10)
         store.start({"name": "synthetic", "workloads": workloads, "memory_objective": False}, plan, energies)
         for _, row in trials.iterrows():
             values = {column: row[column] for column in TRIAL_COLUMNS}

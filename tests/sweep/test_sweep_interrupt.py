@@ -5,6 +5,7 @@ handler sees, leaves no worker behind either: tests/sweep/test_sweep_groups.py.)
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,7 @@ def test_a_signal_in_a_users_model_that_trains_as_it_is_imported_stops_it_at_onc
     the minute the import would take, which it finished before the signal raised."""
     monkeypatch.setattr(dse.interrupts, "DEFER_LIMIT_S", 600.0)
     monkeypatch.setattr(dse.interrupts, "_USERS_CODE", [])
+    monkeypatch.chdir(tmp_path)  # (the user's project)
     finished = tmp_path / "finished"
     work = _WORKS_AS_IT_IS_IMPORTED.format(finished=str(finished))
     name = f"trains_as_imported_{abs(hash(reference))}"
@@ -262,6 +265,48 @@ def test_a_signal_in_a_library_that_a_users_model_imports_still_waits_for_that_i
     assert sys.modules["library_discarding_a_signal"].WHOLE and not finished.exists()
 
 
+def test_a_library_named_by_its_module_outside_the_working_folder_is_waited_for_as_a_library(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model pkg.mod:net` where pkg is not installed and not in the working folder (a library on
+    PYTHONPATH, another checkout): it counted as the user's code, so a signal in its own module code
+    raised there at once, and a library's module code that swallows what is raised around an optional
+    import (a bare `except:`) lost it: the command went on. It is now a library: the signal waits for
+    its import to end, then stops the command."""
+    monkeypatch.setattr(dse.interrupts, "_USERS_CODE", [])
+    (tmp_path / "project").mkdir()
+    (tmp_path / "libraries" / "checked_out_library").mkdir(parents=True)
+    (tmp_path / "libraries" / "checked_out_library" / "__init__.py").write_text("")
+    (tmp_path / "libraries" / "checked_out_library" / "models.py").write_text(
+        _discards_a_signal("SIGINT", "def net(shape, classes):\n    return None\n"))
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.syspath_prepend(str(tmp_path / "libraries"))
+    for name in ("checked_out_library", "checked_out_library.models"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(Interrupted), signals_interrupt():
+        load_function("checked_out_library.models:net", "model")
+        time.sleep(5)  # the signal, sent again once the import ended, raises before this ends
+
+
+_HANDLES_CTRL_C_WHILE_IMPORTED = """\
+import os, signal, time
+previous = signal.getsignal(signal.SIGINT)
+seen = []
+def own(number, frame):
+    seen.append(number)
+    if len(seen) == 1:
+        previous(number, frame)  # passed on: it waits for this import to end
+signal.signal(signal.SIGINT, own)
+os.kill(os.getpid(), signal.SIGINT)
+deadline = time.monotonic() + 60
+while len(seen) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)  # until it is sent again, past the limit (then swallowed)
+signal.signal(signal.SIGINT, previous)
+SEEN = seen
+"""
+"""A library that, while it is imported, sends itself Ctrl-C under a handler of its own, which passes
+the first on (it waits for the import, past DEFER_LIMIT_S) and swallows the one sent again."""
+
+
 def test_a_signal_past_the_limit_in_one_import_leaves_the_next_imports_signal_waiting(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal inside an import that outlasts DEFER_LIMIT_S is sent again inside it, to raise there.
@@ -271,14 +316,7 @@ def test_a_signal_past_the_limit_in_one_import_leaves_the_next_imports_signal_wa
     went on. Now only a signal inside the import that outlasted the limit raises in it; the next one
     waits for its own import to end."""
     monkeypatch.setattr(dse.interrupts, "DEFER_LIMIT_S", 0.2)
-    (tmp_path / "handles_ctrl_c_while_imported.py").write_text(
-        "import os, signal, time\nprevious = signal.getsignal(signal.SIGINT)\nseen = []\n"
-        "def own(number, frame):\n    seen.append(number)\n    if len(seen) == 1:\n"
-        "        previous(number, frame)  # passed on: it waits for this import to end\n"
-        "signal.signal(signal.SIGINT, own)\nos.kill(os.getpid(), signal.SIGINT)\n"
-        "deadline = time.monotonic() + 60\nwhile len(seen) < 2 and time.monotonic() < deadline:\n"
-        "    time.sleep(0.01)  # until it is sent again, past the limit\n"
-        "signal.signal(signal.SIGINT, previous)\nSEEN = seen\n")
+    (tmp_path / "handles_ctrl_c_while_imported.py").write_text(_HANDLES_CTRL_C_WHILE_IMPORTED)
     (tmp_path / "discards_the_next_signal.py").write_text(
         _discards_a_signal("SIGINT", "WHOLE = True\n"))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -294,6 +332,39 @@ def test_a_signal_past_the_limit_in_one_import_leaves_the_next_imports_signal_wa
         reached.append(discards_the_next_signal.WHOLE)
         time.sleep(5)  # the second signal, sent again once its import ended, raises before this ends
     assert reached == [[signal.SIGINT, signal.SIGINT], True]
+
+
+class _Payload:
+    """What a function that imports holds in a local."""
+
+
+def test_an_import_past_the_limit_whose_signal_was_swallowed_keeps_no_frame_once_it_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The import that outlasted DEFER_LIMIT_S is recorded (a signal inside it raises at once). Where
+    a handler of the library swallowed the signal sent again, the record kept the import's frame after
+    it ended, and with it its callers' frames and their locals (here a payload), until the next signal.
+    Now the record ends with the import."""
+    monkeypatch.setattr(dse.interrupts, "DEFER_LIMIT_S", 0.2)
+    monkeypatch.setattr(dse.interrupts, "_DEFERRED", dse.interrupts._DeferredSignal())
+    (tmp_path / "swallows_ctrl_c_sent_again.py").write_text(_HANDLES_CTRL_C_WHILE_IMPORTED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "swallows_ctrl_c_sent_again", raising=False)
+    held: list[weakref.ref[_Payload]] = []
+
+    def imports_holding_a_payload() -> list[int]:
+        payload = _Payload()
+        held.append(weakref.ref(payload))
+        import swallows_ctrl_c_sent_again
+
+        return list(swallows_ctrl_c_sent_again.SEEN)
+
+    with signals_interrupt():
+        seen = imports_holding_a_payload()
+    deadline = time.monotonic() + 30
+    while held[0]() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert seen == [signal.SIGINT, signal.SIGINT] and held[0]() is None
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
@@ -450,9 +521,10 @@ def _mark_before(function):
 class _SignalledInsideTorchsImport:
     """Sends this process a signal from inside the command's import of torch, in code that discards what
     is raised there, as torch's start-up does (it imports numpy from C and clears the error of a failed
-    import); marks once that code has returned."""
-    def __init__(self, number):
-        self.number = number
+    import); marks once that code has returned; then imports for `then_s` seconds more (torch's import
+    on a loaded machine) and leaves the file `import ended` in the working folder."""
+    def __init__(self, number, then_s):
+        self.number, self.then_s = number, then_s
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             sys.meta_path.remove(self)
@@ -462,13 +534,19 @@ class _SignalledInsideTorchsImport:
             except BaseException:
                 pass
             os.write(2, b"@mark\\n")
+            if self.then_s:
+                time.sleep(self.then_s)
+                open("import ended", "w").close()
         return None
 
 if where == "exit handlers":
     atexit.register(_mark_then_wait)  # registered before dse's: runs after them
-if where.endswith(" inside torch's import"):
+if " inside torch's" in where:
     import signal
-    sys.meta_path.insert(0, _SignalledInsideTorchsImport(getattr(signal, where.split()[0])))
+    import dse.interrupts
+    dse.interrupts.DEFER_LIMIT_S = 600.0  # (a signal that waits for the import waits for all of it)
+    then_s = 30.0 if where.endswith(" long import") else 0.0
+    sys.meta_path.insert(0, _SignalledInsideTorchsImport(getattr(signal, where.split()[0]), then_s))
 if where == "a stuck exit handler":
     atexit.register(lambda: (os.write(2, b"@mark\\n"), time.sleep(60)))  # a logger flushing to a dead server
 if where == "while dse imports":
@@ -549,17 +627,19 @@ def test_sigterm_or_sighup_before_a_sweep_trains_says_one_line_and_writes_nothin
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda n: n.name)
-def test_a_signal_inside_an_import_stops_the_command_once_the_import_ends(
-        number: signal.Signals, tmp_path: Path) -> None:
-    """`dse train`, signalled while it imports torch (its first 1-2 s): the Interrupted raised there was
-    discarded by torch's start-up code, leaving numpy half-imported (a RecursionError or 'cannot load
-    module more than once' traceback later, exit 1) or lost (training went on, exit 0): 8 of 72
-    instants of SIGHUP, SIGTERM and SIGINT at 0.2-2.5 s. Here the signal comes inside the import, in
-    code that discards it; it now waits for the import to end, then stops the command with its line
-    and code."""
+@pytest.mark.parametrize("imported", ["import", "long import"])
+def test_a_signal_inside_an_import_before_anything_is_written_stops_the_command_at_once(
+        number: signal.Signals, imported: str, tmp_path: Path) -> None:
+    """`dse train`, signalled while it imports torch (its first 1-2 s, idle): the Interrupted raised
+    there was discarded by torch's start-up code, leaving numpy half-imported (a RecursionError or
+    'cannot load module more than once' traceback later, exit 1) or lost (training went on, exit 0):
+    8 of 72 instants of SIGHUP, SIGTERM and SIGINT at 0.2-2.5 s. Then it waited for the import to
+    end (a median 4.9 s under load). Here the signal comes inside the import, in code that discards
+    it, and the import goes on for 30 s more ("long import"); nothing is written yet, so the signal
+    now ends the command at once with its line and code, the import unfinished."""
     command = ["train", "--model", "mlp", "--dataset", "digits", "--epochs", "1", "-q"]
-    process, seen = _started_to_mark([f"{number.name} inside torch's import", *command], subprocess.PIPE,
-                                     tmp_path)
+    process, seen = _started_to_mark([f"{number.name} inside torch's {imported}", *command],
+                                     subprocess.PIPE, tmp_path)
     try:
         out, rest = process.communicate(timeout=120)
     finally:
@@ -567,6 +647,72 @@ def test_a_signal_inside_an_import_stops_the_command_once_the_import_ends(
     lines = (seen + rest).decode().replace("@mark\n", "").splitlines()
     assert (process.returncode, lines, out) == (128 + number, [f"interrupted by {number.name}"], b""), lines
     assert list(tmp_path.iterdir()) == []
+
+
+_SIGNALLED_AS_A_CLASS_IS_MADE = """\
+import importlib.util, sys
+from dse.interrupts import COMMAND_SIGNALS, Interrupted
+COMMAND_SIGNALS.ends_process = True  # (as `dse` itself runs a command)
+COMMAND_SIGNALS.start()
+spec = importlib.util.spec_from_file_location("dse.signalled_as_a_class_is_made", sys.argv[1])
+try:
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+except KeyboardInterrupt as error:
+    COMMAND_SIGNALS.end(COMMAND_SIGNALS.say(Interrupted.of(error)))
+"""
+"""A command importing a module of dse's own, whose class attribute's `__set_name__` is signalled."""
+
+
+def test_a_signal_in_module_code_being_imported_ends_the_command_at_once(tmp_path: Path) -> None:
+    """A signal in dse's own module code as it is imported, before anything is written, raised there:
+    where that code was a class attribute's `__set_name__` (functools.cached_property's), Python 3.11
+    turned it into a RuntimeError: a traceback and exit 1 (seen once in a `dse train` whose signal,
+    held for torch's import, was sent again as dse's modules were imported). Now it ends the command
+    at once, with its line and code."""
+    module = tmp_path / "signalled_as_a_class_is_made.py"
+    module.write_text("import os, signal\nclass SetsAName:\n    def __set_name__(self, owner, name):\n"
+                      "        os.kill(os.getpid(), signal.SIGINT)\n        for _ in range(1000):\n"
+                      "            pass\nclass Owner:\n    attribute = SetsAName()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_AS_A_CLASS_IS_MADE, str(module)],
+                          capture_output=True, env=env, timeout=120, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr.decode().splitlines()) == (130, ["interrupted by SIGINT"])
+
+
+_WRITES_A_FILE = """\
+import sys, time
+from pathlib import Path
+import dse.interrupts
+from dse.atomic_write import write_atomically
+from dse.interrupts import COMMAND_SIGNALS, Interrupted
+dse.interrupts.DEFER_LIMIT_S = 600.0
+COMMAND_SIGNALS.ends_process = True  # (as `dse` itself runs a command)
+COMMAND_SIGNALS.start()
+def write(temporary):
+    temporary.write_text("half")
+    import discards_a_signal
+    time.sleep(60)  # (the signal, sent again once the import ended, raises here)
+    temporary.write_text("whole")
+try:
+    write_atomically(Path("written.txt"), write)
+except KeyboardInterrupt as error:
+    COMMAND_SIGNALS.end(COMMAND_SIGNALS.say(Interrupted.of(error)))
+"""
+"""A command writing a file (dse.atomic_write) that imports a library as it writes; that library's
+import sends this process SIGINT and discards what is raised in it."""
+
+
+def test_a_signal_inside_an_import_while_a_file_is_written_waits_and_leaves_no_file(tmp_path: Path) -> None:
+    """A signal inside another library's import ends a command at once only where nothing is to be
+    undone: here a file is being written, so the signal waits for the import to end, then unwinds
+    the write (its temporary file removed), with the command's line and code."""
+    (tmp_path / "discards_a_signal.py").write_text(_discards_a_signal("SIGINT", "WHOLE = True\n"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    done = subprocess.run([sys.executable, "-c", _WRITES_A_FILE], capture_output=True, env=env, cwd=tmp_path,
+                          timeout=120, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr.decode().splitlines()) == (130, ["interrupted by SIGINT"])
+    assert sorted(path.name for path in tmp_path.iterdir()) in (["discards_a_signal.py"],
+                                                               ["__pycache__", "discards_a_signal.py"])
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg") or not hasattr(signal, "SIGHUP"), reason="POSIX process groups")
@@ -643,6 +789,65 @@ def test_a_sweep_killed_in_its_first_seconds_leaves_no_worker_server_importing(
             time.sleep(0.05)
         # the sweep, its resource tracker and its fork server; the sweep alone killed
         code, left = session.stop(process.kill, at_least=3, within_s=20.0)
+    assert code == -signal.SIGKILL and not left, f"processes outlived the killed sweep: {left}"
+
+
+_GATED_WORKER_SERVER = """\
+import sys
+from multiprocessing import forkserver, reduction
+from dse.cli import app
+from dse.sweep import executors
+context_of = executors.worker_context
+def gated():
+    context = context_of()
+    start, *trainer, ready = forkserver._forkserver._preload_modules
+    context.set_forkserver_preload(["waits_for_a_go", start, *trainer, "imports_for_a_minute", ready])
+    return context
+executors.worker_context = gated
+send = reduction.sendfds
+def asked(*args):
+    send(*args)
+    open("asked", "w").close()
+reduction.sendfds = asked
+app(args=sys.argv[1:], prog_name="dse")
+"""
+"""`dse` whose workers' fork server waits, before its first preloaded module, for a file `go`, and
+imports a minute more after the trainer; `asked` marks a worker request sent to the server (with the
+sweep's end of its pipe in it)."""
+
+
+def test_a_sweep_killed_before_its_worker_server_reads_its_parent_leaves_no_server_importing(
+        tmp_path: Path, repo_root: Path, session_of: type[Session]) -> None:
+    """SIGKILL after the sweep asked its fork server for a worker and before the server's first
+    preloaded module (dse/sweep/server_start.py) read its parent: that parent was then another
+    process, and the sweep's pipe was not at its end (the request waiting in the server's socket
+    holds the sweep's end of it), so the server imported on to the end, a minute here, and the
+    resource tracker lived with it. Now the sweep gives the server its process id as it starts it."""
+    out, config = tmp_path / "out", tmp_path / "s.yaml"
+    config.write_text(_text(out))
+    (tmp_path / "waits_for_a_go.py").write_text(
+        "import os, time\nopen('at the gate', 'w').close()\nwhile not os.path.exists('go'):\n"
+        "    time.sleep(0.01)\n")
+    (tmp_path / "imports_for_a_minute.py").write_text("import time\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root), str(tmp_path),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-c", _GATED_WORKER_SERVER, "sweep", str(config), "-q"],
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env, cwd=tmp_path)
+
+    def kill_then_go() -> None:
+        process.kill()
+        process.wait()  # (reaped: the server has another parent now)
+        (tmp_path / "go").touch()
+
+    with session_of(process) as session:
+        deadline = time.monotonic() + 300
+        while not ((tmp_path / "asked").exists() and (tmp_path / "at the gate").exists()):
+            assert process.poll() is None, "the sweep ended"
+            assert time.monotonic() < deadline, "the sweep asked for no worker"
+            time.sleep(0.05)
+        # the sweep, its resource tracker and its fork server; the sweep alone killed
+        code, left = session.stop(kill_then_go, at_least=3, within_s=20.0)
     assert code == -signal.SIGKILL and not left, f"processes outlived the killed sweep: {left}"
 
 
@@ -786,15 +991,13 @@ def _default_handlers() -> None:
 def _started_to_mark(args: list[str], stdout: int, cwd: Path | None = None
                      ) -> tuple[subprocess.Popen[bytes], bytes]:
     """`_AT_INSTANT` run with `args` in a process of its own, read up to its mark (the instant to
-    signal it at), with what it wrote to stderr so far."""
+    signal it at) or its end, with what it wrote to stderr so far."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen([sys.executable, "-c", _AT_INSTANT, *args], stderr=subprocess.PIPE,
                                stdout=stdout, env=env, cwd=cwd,
                                preexec_fn=_default_handlers)
     assert process.stderr is not None
     seen = b""
-    while b"@mark\n" not in seen:
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk, seen
+    while b"@mark\n" not in seen and (chunk := os.read(process.stderr.fileno(), 4096)):
         seen += chunk
     return process, seen

@@ -1,5 +1,6 @@
-"""A trial's run energy is the sum over the iterations it trained of each one's energy in the formats it
-ran in: a warm-up's in fp32, the rest in its own; a diverged run only up to its diverging batch."""
+"""A trial's run energy is the sum over the batches it ran of each one's energy in the formats it ran in
+and at its own rows: a warm-up's in fp32, the rest in its own, an epoch's short last batch at its rows;
+a diverged run up to its diverging batch, whose forward ran."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from dse.data import load_dataset, with_validation
 from dse.report import write_reports
 from dse.sweep import parse_config
+from dse.sweep.energy import EnergyEstimator
 from dse.sweep.executors import InlineExecutor
 from dse.sweep.runner import run_sweep
 from dse.sweep.store import load_trials, store_path
@@ -40,6 +42,21 @@ executor: {{backend: local, workers: 1}}
 def _iterations_per_epoch() -> int:
     """Batches of one epoch of digits at BATCH, counted from the data (not from the code under test)."""
     return math.ceil(len(with_validation(load_dataset("digits")).x_train) / BATCH)
+
+
+def _batches(weights: str, workload: str) -> tuple[float, float, float]:
+    """(full iteration, last short iteration, forward of a full batch) of SWEEP's trial in `weights`,
+    from the energy estimate of its configuration (tests/energy prices each against the model)."""
+    sweep = parse_config(SWEEP + "output: unused\n", "warm.yaml")
+    config = TrainConfig(model="mlp", dataset="digits", epochs=EPOCHS, batch_size=BATCH, format=weights)
+    energy = EnergyEstimator(sweep.energy).estimate(config)[workload]
+    assert len(with_validation(load_dataset("digits")).x_train) % BATCH  # (a short last batch to price)
+    return energy.total_mj, energy.last_iteration_mj, energy.forward_mj
+
+
+def _epoch_mj(weights: str, workload: str) -> float:
+    full, last, _ = _batches(weights, workload)
+    return (_iterations_per_epoch() - 1) * full + last
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +88,27 @@ def test_a_warmup_trials_run_energy_is_its_fp32_warmup_iterations_plus_its_forma
     steps = _iterations_per_epoch()
     fp32_mj, posit_mj = float(fp32[f"energy_mj:{workload}"]), float(posit[f"energy_mj:{workload}"])
     assert fp32_mj > posit_mj * 1.2  # (else the test could not tell the two apart)
-    expected = WARMUP * steps * fp32_mj + (EPOCHS - WARMUP) * steps * posit_mj
+    assert (fp32_mj, posit_mj) == (_batches("fp32", workload)[0], _batches("posit(16,1)", workload)[0])
+    expected = WARMUP * _epoch_mj("fp32", workload) + (EPOCHS - WARMUP) * _epoch_mj("posit(16,1)", workload)
     assert warm[f"run_energy_mj:{workload}"] == pytest.approx(expected, rel=1e-12)
     assert warm[f"run_mean_energy_mj:{workload}"] == pytest.approx(expected / (EPOCHS * steps), rel=1e-12)
     assert warm[f"energy_mj:{workload}"] == pytest.approx(posit_mj, rel=1e-12)  # one steady-state iteration
 
 
-def test_a_trial_without_warmup_has_run_energy_iterations_times_its_iteration_energy(swept: Path) -> None:
+def test_a_trial_without_warmup_pays_each_epochs_full_batches_and_its_short_last_one(swept: Path) -> None:
     frame = load_trials(swept)
     steps = _iterations_per_epoch()
-    for label in ("fp32", "posit", "niti warm"):  # NITI trains its integer network from the first epoch
+    for label in ("fp32", "posit"):
         row = _row(frame, label)
         for workload in ("proxy", "resnet50"):
-            iteration = float(row[f"energy_mj:{workload}"])
-            assert row[f"run_energy_mj:{workload}"] == pytest.approx(EPOCHS * steps * iteration, rel=1e-12)
-            assert row[f"run_mean_energy_mj:{workload}"] == pytest.approx(iteration, rel=1e-12)
+            expected = EPOCHS * _epoch_mj(TRIALS[label][0], workload)
+            assert row[f"run_energy_mj:{workload}"] == pytest.approx(expected, rel=1e-12)
+            mean = row[f"run_mean_energy_mj:{workload}"]
+            assert mean == pytest.approx(expected / (EPOCHS * steps), rel=1e-12)
+            assert row[f"run_mean_energy_mj:{workload}"] < row[f"energy_mj:{workload}"]  # the short batch
+    niti = _row(frame, "niti warm")  # NITI trains its integer network from the first epoch: no fp32 epoch
+    for workload in ("proxy", "resnet50"):
+        assert niti[f"run_mean_energy_mj:{workload}"] < niti[f"energy_mj:{workload}"]
 
 
 def test_the_front_ranks_a_warmup_trial_by_its_run_mean(swept: Path, tmp_path: Path) -> None:
@@ -134,8 +157,9 @@ def test_a_diverged_run_records_only_the_iterations_it_trained() -> None:
     assert result.diverged and result.epoch_iterations == [steps, after - 1 - steps]
 
 
-def test_a_diverged_trials_run_energy_counts_only_the_iterations_it_trained(tmp_path: Path) -> None:
-    counts = [7, 3]
+def test_a_diverged_trials_run_energy_counts_the_iterations_it_trained_and_its_diverging_forward(
+        tmp_path: Path) -> None:
+    counts = [_iterations_per_epoch(), 3]
 
     def diverging(config: TrainConfig) -> TrainResult:
         return TrainResult(test_accuracy=0.1, final_loss=math.nan, diverged=True, epochs_run=2,
@@ -147,19 +171,25 @@ def test_a_diverged_trials_run_energy_counts_only_the_iterations_it_trained(tmp_
     frame = load_trials(tmp_path / "out")
     fp32, posit, warm = (_row(frame, label) for label in ("fp32", "posit", "posit warm"))
     for workload in ("proxy", "resnet50"):
-        fp32_mj, posit_mj = float(fp32[f"energy_mj:{workload}"]), float(posit[f"energy_mj:{workload}"])
-        assert posit[f"run_energy_mj:{workload}"] == pytest.approx(sum(counts) * posit_mj, rel=1e-12)
-        assert warm[f"run_energy_mj:{workload}"] == pytest.approx(counts[0] * fp32_mj + counts[1] * posit_mj,
-                                                                  rel=1e-12)
+        posit_mj, _, posit_forward_mj = _batches("posit(16,1)", workload)
+        assert posit[f"run_energy_mj:{workload}"] == pytest.approx(
+            _epoch_mj("posit(16,1)", workload) + counts[1] * posit_mj + posit_forward_mj, rel=1e-12)
+        assert warm[f"run_energy_mj:{workload}"] == pytest.approx(
+            _epoch_mj("fp32", workload) + counts[1] * posit_mj + posit_forward_mj, rel=1e-12)
+        assert fp32[f"run_mean_energy_mj:{workload}"] == pytest.approx(
+            fp32[f"run_energy_mj:{workload}"] / sum(counts), rel=1e-12)
 
 
 def _old_store(swept: Path, old: Path) -> None:
-    """`swept` copied to `old` as dse wrote it before iterations were counted and warm-ups priced."""
+    """`swept` copied to `old` as dse wrote it before iterations were counted, warm-ups priced and
+    batches priced at their rows."""
     import shutil
 
     shutil.copytree(swept, old)
     with sqlite3.connect(store_path(old)) as connection:
         connection.execute("ALTER TABLE plan DROP COLUMN warmup_energy_key")
+        for column in ("last_iteration_mj", "forward_mj", "last_forward_mj", "epoch_batches"):
+            connection.execute(f"ALTER TABLE energy DROP COLUMN {column}")
         for trial_id, result in connection.execute("SELECT trial_id, result FROM trials").fetchall():
             values = json.loads(result)
             values.pop("epoch_iterations")
@@ -169,15 +199,17 @@ def _old_store(swept: Path, old: Path) -> None:
 
 
 def test_an_old_store_without_run_columns_loads_reports_and_resumes(swept: Path, tmp_path: Path) -> None:
-    """A store from before: no warm-up key in its plan, no epoch_iterations in its results. Its trials
-    that trained every epoch alike get their run's mean (epochs weigh alike), not its total; a warm-up's
-    fp32 energy is known once a run rewrites the plan, which trains nothing again."""
+    """A store from before: no warm-up key in its plan, no epoch_iterations in its results, no batch
+    costs in its energy rows. It loads and reports with one iteration's energy and no run figures; a run
+    of the sweep recomputes the energy and rewrites the plan, training nothing again: then its trials
+    that trained every epoch alike get their run's mean (epochs weigh alike), not its total."""
     old = tmp_path / "old"
     _old_store(swept, old)
     frame = load_trials(old)
     posit, warm = _row(frame, "posit"), _row(frame, "posit warm")
-    assert posit["run_mean_energy_mj:proxy"] == pytest.approx(posit["energy_mj:proxy"], rel=1e-12)
-    assert math.isnan(posit["run_energy_mj:proxy"]) and math.isnan(warm["run_mean_energy_mj:proxy"])
+    assert posit["energy_mj:proxy"] == _row(load_trials(swept), "posit")["energy_mj:proxy"]
+    assert math.isnan(posit["run_mean_energy_mj:proxy"]) and math.isnan(posit["run_energy_mj:proxy"])
+    assert math.isnan(warm["run_mean_energy_mj:proxy"])
     write_reports(frame, tmp_path / "reports")
     assert (tmp_path / "reports" / "pareto.csv").is_file()
 
@@ -186,11 +218,11 @@ def test_an_old_store_without_run_columns_loads_reports_and_resumes(swept: Path,
 
     run_sweep(parse_config(SWEEP + f"output: {old}\n", "warm.yaml"), train_fn=untrained,
               executor=InlineExecutor(), reports=False)
-    resumed = _row(load_trials(old), "posit warm")
-    expected = _row(load_trials(swept), "posit warm")
     column = "run_mean_energy_mj:proxy"
-    assert resumed[column] == pytest.approx(expected[column], rel=1e-12)
-    assert math.isnan(resumed["run_energy_mj:proxy"])
+    for label in ("posit", "posit warm"):
+        resumed, expected = _row(load_trials(old), label), _row(load_trials(swept), label)
+        assert resumed[column] == pytest.approx(expected[column], rel=1e-12)
+        assert math.isnan(resumed["run_energy_mj:proxy"])
 
 
 def test_an_old_stores_fronts_rank_every_configuration_by_one_iteration(swept: Path, tmp_path: Path) -> None:
@@ -208,3 +240,18 @@ def test_an_old_stores_fronts_rank_every_configuration_by_one_iteration(swept: P
     assert "iteration_energy_mj" not in fronts.columns
     assert fronts[["task", "workload", "label", "energy_mj"]].equals(
         expected[["task", "workload", "label", "energy_mj"]])
+
+
+def test_a_result_with_more_iterations_than_its_priced_epoch_has_no_run_energy(tmp_path: Path) -> None:
+    """Its iterations do not fit the training set its energy was priced on (a user's dataset that changed
+    since): its run is unknown, not priced as though they fit, and the store still loads."""
+    def overlong(config: TrainConfig) -> TrainResult:
+        return TrainResult(test_accuracy=0.5, final_loss=1.0, diverged=False, epochs_run=1, wall_time_s=0.01,
+                           params=10, loss_curve=[1.0], epoch_iterations=[_iterations_per_epoch() + 1],
+                           config=config.to_dict())
+
+    text = SWEEP.replace("  - {format: int8, optimizer: niti", "  # ") + f"output: {tmp_path / 'out'}\n"
+    run_sweep(parse_config(text, "warm.yaml"), train_fn=overlong, executor=InlineExecutor(), reports=False)
+    posit = _row(load_trials(tmp_path / "out"), "posit")
+    assert math.isnan(posit["run_energy_mj:proxy"]) and math.isnan(posit["run_mean_energy_mj:proxy"])
+    assert posit["energy_mj:proxy"] > 0

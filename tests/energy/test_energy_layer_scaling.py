@@ -1,0 +1,77 @@
+"""Lu et al.'s layer-wise scale (`layer_scaling`) is priced where training computes it: on every posit
+tensor class quantized without a scale of its own, each time the model prices that tensor's rounding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dse.energy import TrainingFormats, build_model, iteration_energy
+from dse.models.workloads import Workload, linear
+from dse.precision import ACTIVATIONS
+from dse.sweep import parse_config
+from dse.sweep.config import EnergyConfig
+from dse.sweep.energy import EnergyEstimator, energy_key
+from dse.train.config import TrainConfig
+
+SETTINGS: EnergyConfig = parse_config(
+    "name: scaled\ntask: {model: mlp, dataset: mnist1d, epochs: 1, batch_size: 100}\n"
+    "energy: {node: 7nm, workloads: [proxy, resnet50]}\ntrials: [{format: fp32}]\n", "scaled.yaml").energy
+UNCHANGED = ("multiply_mj", "accumulation_mj", "update_mj", "memory_mj", "memory_mib")
+
+
+def _config(fmt: str, layer_scaling: bool) -> TrainConfig:
+    return TrainConfig(model="mlp", dataset="mnist1d", epochs=1, batch_size=100, format=fmt,
+                       layer_scaling=layer_scaling)
+
+
+@pytest.fixture(scope="module")
+def estimator() -> EnergyEstimator:
+    return EnergyEstimator(SETTINGS)
+
+
+@pytest.mark.parametrize("fmt", ["posit(16,1)", "posit(8,1)"])
+def test_layer_scaling_adds_the_scales_conversion_energy_to_a_posit_trial(estimator: EnergyEstimator,
+                                                                          fmt: str) -> None:
+    plain, scaled = _config(fmt, False), _config(fmt, True)
+    assert energy_key(plain, SETTINGS) != energy_key(scaled, SETTINGS)
+    before, after = estimator.estimate(plain), estimator.estimate(scaled)
+    for column in ("proxy", "resnet50"):
+        assert after[column].conversion_mj > before[column].conversion_mj
+        assert after[column].total_mj - before[column].total_mj == pytest.approx(
+            after[column].conversion_mj - before[column].conversion_mj, rel=1e-9)
+        assert after[column].forward_mj > before[column].forward_mj  # the activations' scale
+        for name in UNCHANGED:
+            assert getattr(after[column], name) == getattr(before[column], name), name
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "posit16(scale=tensor,pow2=1)"])
+def test_layer_scaling_costs_nothing_where_training_scales_no_tensor_by_it(estimator: EnergyEstimator,
+                                                                          fmt: str) -> None:
+    """Training gives a layer scale only to posit classes without a scale of their own."""
+    before, after = estimator.estimate(_config(fmt, False)), estimator.estimate(_config(fmt, True))
+    for column in ("proxy", "resnet50"):
+        assert after[column].as_row() == before[column].as_row()
+
+
+def test_the_layer_scale_of_a_tensor_costs_its_ops_per_value_and_one_divide() -> None:
+    """One linear layer, only activations scaled: the forward's output (batch x 64 values) pays, per
+    value, two 8-bit and two 31-bit comparisons, two 8-bit exponent adds, an add into a running sum of
+    31 + ceil(log2 n) bits and a count of ceil(log2 n) bits; per tensor a float64 divide."""
+    model = build_model("45nm")
+    workload = Workload("one-linear", (linear("fc", 256, 64, first=True),), batch_size=8)
+    plain = TrainingFormats.of("posit(16,1)", optimizer="sgd")
+    scaled = TrainingFormats.of("posit(16,1)", optimizer="sgd", layer_scaled=frozenset({ACTIVATIONS}))
+    before, after = iteration_energy(workload, plain, model), iteration_energy(workload, scaled, model)
+    c = model.components
+    values = 8 * 64
+    width = math.ceil(math.log2(values))
+    per_value = (2 * c.comparator(8) + 2 * c.comparator(31) + 2 * c.adder(8) + c.adder(31 + width)
+                 + c.incrementer(width))
+    expected = values * per_value + c.weights.divide_multiplies * c.fp_mul(11, 52)
+    added = after["energy_pj"].sum() - before["energy_pj"].sum()
+    assert added == pytest.approx(expected, rel=1e-9)
+    forward = after[after["pass"] == "forward"]["energy_pj"].sum() - \
+        before[before["pass"] == "forward"]["energy_pj"].sum()
+    assert forward == pytest.approx(expected, rel=1e-9)
