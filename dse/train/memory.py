@@ -25,9 +25,10 @@ import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping, MutableSequence, MutableSet
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -91,7 +92,8 @@ MODULE_INTERNALS = frozenset(vars(nn.Module()))
 def module_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
     """A module's own Python attributes: each value, with a copy of what a forward may change in place
     (a list's, dict's or set's items, as they are: a recurrent layer's list of its parameters keeps
-    them; a tensor attribute's values)."""
+    them; a deque's; a tensor's or numpy array's values; the attributes of an object of the user's own
+    class), where a forward may change the value in place."""
     return {name: (value, _contents(value)) for name, value in vars(module).items()
             if name not in MODULE_INTERNALS}
 
@@ -99,9 +101,22 @@ def module_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
 def _contents(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().clone()
-    if isinstance(value, list | dict | set):
-        return copy.copy(value)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, MutableSequence | MutableSet | MutableMapping) or _plain_object(value):
+        try:
+            return copy.copy(value)  # (a user's object: its attributes, as they are)
+        except Exception:  # (a class copy cannot copy: only the attribute's rebinding is seen)
+            return None
     return None
+
+
+def _plain_object(value: Any) -> bool:
+    """Whether `value` is an object of the user's own class that keeps its state in its attributes (not a
+    module, function, class, or an object of torch's or dse's)."""
+    return (hasattr(value, "__dict__") and not callable(value)
+            and not isinstance(value, nn.Module | type)
+            and not type(value).__module__.startswith(("torch", "dse.", "builtins", "numpy")))
 
 
 def restore_attributes(module: nn.Module, kept: dict[str, tuple[Any, Any]]) -> None:
@@ -111,14 +126,34 @@ def restore_attributes(module: nn.Module, kept: dict[str, tuple[Any, Any]]) -> N
         del module.__dict__[name]
     for name, (value, contents) in kept.items():
         module.__dict__[name] = value
-        if isinstance(value, list):
-            value[:] = contents
-        elif isinstance(value, dict | set):
-            value.clear()
-            value.update(contents)
-        elif isinstance(value, Tensor) and value.shape == contents.shape and not torch.equal(value, contents):
-            with torch.no_grad():
-                value.copy_(contents)
+        if isinstance(value, Tensor):
+            if value.shape == contents.shape and not torch.equal(value, contents):
+                with torch.no_grad():
+                    value.copy_(contents)
+        elif contents is not None:
+            _refill(module, name, value, contents)
+
+
+def _refill(module: nn.Module, name: str, value: Any, contents: Any) -> None:
+    """`value` (a list, dict, set, deque, numpy array or user's object) given back `contents` (its copy)
+    in place, so that whoever else holds it sees them too."""
+    if isinstance(value, MutableSequence):
+        value.clear()
+        value.extend(contents)
+    elif isinstance(value, MutableSet):
+        value.clear()
+        value |= contents
+    elif isinstance(value, MutableMapping):
+        value.clear()
+        value.update(contents)
+    elif isinstance(value, np.ndarray):
+        if value.flags.writeable:
+            value[...] = contents
+        else:
+            module.__dict__[name] = contents
+    else:
+        vars(value).clear()
+        vars(value).update(vars(contents))
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ from torch's global generator (dropout), which a group cannot split per member.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -60,6 +61,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -214,7 +216,8 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
     with torch.no_grad():
         for p in members[1].parameters():
             p.mul_(-0.75).add_(0.125)
-    inputs = [example, example.flip(0)]
+    inputs = [example, example[:1].expand_as(example).clone()]  # (the first sample twice: a statistic of
+    # each member's batch, raw input's too, differs)
     devices = [example.device] if example.is_cuda else []
     with torch.random.fork_rng(devices=devices), torch.no_grad(), unprobed():
         stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, example)
@@ -299,9 +302,7 @@ def _shared_attributes_written(net: nn.Module, before: Mapping[str, Mapping[str,
         module = net.get_submodule(name)
         own = [modules.get(name) for modules in alone]
         written = [attribute for attribute, value in vars(module).items()
-                   if attribute not in MODULE_INTERNALS and (
-                       attribute not in kept or value is not kept[attribute][0]
-                       or (kept[attribute][1] is not None and not _same_value(value, kept[attribute][1])))]
+                   if attribute not in MODULE_INTERNALS and _attribute_written(value, kept.get(attribute))]
         differing = [attribute for attribute in written
                      if any(m is None or not _same_value(vars(module)[attribute], vars(m).get(attribute))
                             for m in own)]
@@ -312,15 +313,31 @@ def _shared_attributes_written(net: nn.Module, before: Mapping[str, Mapping[str,
     return None
 
 
+def _attribute_written(value: Any, kept: tuple[Any, Any] | None) -> bool:
+    """Whether a Python attribute differs from `kept` (`module_attributes`' value and contents; None:
+    the attribute is new)."""
+    return kept is None or not _same_value(value, kept[0]) or (
+        kept[1] is not None and not _same_value(value, kept[1]))
+
+
 def _same_value(a: Any, b: Any) -> bool:
-    """Whether two Python attribute values are equal (tensors and containers item by item)."""
+    """Whether two Python attribute values are equal (tensors, numpy arrays, containers item by item, a
+    user's object without an == of its own by its attributes)."""
+    if a is b:  # (the same object: no == call, which for some objects compares all their tensors)
+        return True
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
                 and bool(torch.equal(a, b)))
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+                and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")))
+    if isinstance(a, list | tuple | collections.deque) and isinstance(b, list | tuple | collections.deque):
         return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if (type(a) is type(b) and type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__")
+            and not callable(a)):  # (a user's object: its attributes)
+        return _same_value(vars(a), vars(b))
     try:
         return bool(a == b) or (a != a and b != b)  # (NaN)
     except Exception:  # (a value without a plain ==)
@@ -914,7 +931,8 @@ def _may_write_parameters(layer: nn.Module) -> bool:
 class MemberStateUnstacked(ValueError):
     """Found while a group trained: a layer run member by member left its members' buffers in shapes,
     dtypes or None-ness that one stacked tensor cannot hold (a buffer its forward sets from None in
-    some members only); the group's trials train one by one instead."""
+    some members only), or a module run once for all members wrote a Python attribute its first
+    forward did not (`StackedModel._shared_state_guarded`); the group's trials train one by one instead."""
 
 
 def _stacked_set_buffer(template: nn.Module, name: str, parts: Sequence[Tensor | None]) -> Tensor | None:
@@ -1263,6 +1281,10 @@ class StackedModel(nn.Module):
         self.__dict__["writing_layers"] = [m for m in net.modules()
                                            if isinstance(m, PerMemberLayer) and m.writes_parameters]
         """Layers whose members' parameter copies last one forward (`PerMemberLayer._member_copies`)."""
+        self.__dict__["shared_modules"] = [(name, m) for name, m in net.named_modules()
+                                           if not type(m).__module__.startswith((OWN_PACKAGE, "torch."))]
+        """A user's modules the group runs once for all its members (`_shared_state_guarded`)."""
+        self.__dict__["shared_written"] = None
 
     @property
     def position_dependent_kernels(self) -> bool:
@@ -1273,13 +1295,37 @@ class StackedModel(nn.Module):
         for layer in layers:
             layer.forget_copies()
         try:
-            if self.member_kernels is None:
-                return _split(self.net(_fold(x)), self.members)
-            with self.member_kernels.interrupt_safe():
-                return _split(self.net(_fold(x)), self.members)
+            with self._shared_state_guarded():
+                if self.member_kernels is None:
+                    return _split(self.net(_fold(x)), self.members)
+                with self.member_kernels.interrupt_safe():
+                    return _split(self.net(_fold(x)), self.members)
         finally:
             for layer in layers:
                 layer.forget_copies()
+
+    @contextlib.contextmanager
+    def _shared_state_guarded(self) -> Iterator[None]:
+        """A forward after which a module run once for all members (a user's network) has written a
+        Python attribute its first forward did not write raises MemberStateUnstacked: the group shares
+        what each member alone keeps its own (a running float updated from the second step on), and
+        the forward check (`stack_reason`), one forward long, judged only the first forward's writes."""
+        modules: list[tuple[str, nn.Module]] = self.__dict__["shared_modules"]
+        before = [module_attributes(m) for _, m in modules]
+        yield
+        written = [{attribute for attribute, value in vars(m).items() if attribute not in MODULE_INTERNALS
+                    and _attribute_written(value, kept.get(attribute))}
+                   for (_, m), kept in zip(modules, before, strict=True)]
+        first: list[set[str]] | None = self.__dict__["shared_written"]
+        if first is None:
+            self.__dict__["shared_written"] = written
+            return
+        for (name, m), now, then in zip(modules, written, first, strict=True):
+            if now - then:
+                raise MemberStateUnstacked(
+                    f"its {type(m).__name__} {name or '(the model)'} writes {', '.join(sorted(now - then))} "
+                    f"in a later forward than its first, and a group runs it once for all its members, who "
+                    f"would share that state (alone each trial keeps its own)")
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

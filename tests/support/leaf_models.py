@@ -7,6 +7,9 @@ otherwise than at the boundary (tests/train/test_train_grouped_align_leaf.py).""
 
 from __future__ import annotations
 
+import collections
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -448,3 +451,114 @@ def tied_penalty(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 def tied_small_penalty(shape: tuple[int, ...], classes: int) -> nn.Module:
     return TiedToLeaf(shape[0], classes, "small penalty")
+
+
+class LateEma(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus an EMA of its training
+    batches' hidden means, a Python float it updates from its second training forward on."""
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.steps, self.ema = 0, 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.training:
+            self.steps += 1
+            if self.steps > 1:
+                self.ema = 0.9 * self.ema + 0.1 * float(h.detach().mean())
+        return self.head(h * (1.0 + self.ema))
+
+
+class InputEma(nn.Module):
+    """A network (run once for a group) that centres its input by an EMA of its training batches' raw
+    input means, a Python float."""
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.ema = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.ema = 0.9 * self.ema + 0.1 * float(x.mean())
+        return self.head(torch.tanh(self.a(x - self.ema)))
+
+
+class DequeScaled(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus the mean of its last 3
+    training batches' hidden means, kept in a collections.deque."""
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.recent: collections.deque[float] = collections.deque(maxlen=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        scale = 1.0 + (sum(self.recent) / len(self.recent) if self.recent else 0.0)
+        if self.training:
+            self.recent.append(float(h.detach().mean()))
+        return self.head(h * scale)
+
+
+class NumpyScaled(nn.Module):
+    """A network (run once for a group) that scales its hidden features by 1 plus their running means,
+    a numpy array it updates in place."""
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.running = np.zeros(37)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        out = self.head(h * torch.from_numpy(1.0 + self.running).to(h.dtype))
+        if self.training:
+            self.running *= 0.9
+            self.running += 0.1 * h.detach().mean(0).double().numpy()
+        return out
+
+
+def late_ema(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return LateEma(shape[0], classes)
+
+
+def input_ema(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return InputEma(shape[0], classes)
+
+
+def deque_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return DequeScaled(shape[0], classes)
+
+
+def numpy_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return NumpyScaled(shape[0], classes)
+
+
+class RunningMean:
+    """A user's helper object keeping a running mean in an attribute."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def update(self, x: float) -> None:
+        self.value = 0.9 * self.value + 0.1 * x
+
+
+class TrackerScaled(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus a running mean of its
+    training batches' hidden means, kept by a helper object of its own (`RunningMean`)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.tracker = RunningMean()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        out = self.head(h * (1.0 + self.tracker.value))
+        if self.training:
+            self.tracker.update(float(h.detach().mean()))
+        return out
+
+
+def tracker_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TrackerScaled(shape[0], classes)
