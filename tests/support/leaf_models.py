@@ -562,3 +562,17 @@ class TrackerScaled(nn.Module):
 
 def tracker_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
     return TrackerScaled(shape[0], classes)
+
+
+class SequenceFirstFlat(SequenceFirstRows):
+    """`SequenceFirstRows` with the sequence-first (L, B, E) tensor flattened behind its samples' axis,
+    (L, B*E), for the SiLU: in a group (L, G*B*E), each member's block one stretch of axis 1."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x).view(len(x), self.length, self.features).transpose(0, 1).contiguous()
+        flat = torch.nn.functional.silu(h.flatten(1))
+        return self.head(flat.view(self.length, len(x), self.features).transpose(0, 1).flatten(1))
+
+
+def sequence_first_flat6(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SequenceFirstFlat(shape[0], classes, length=6, features=8)
