@@ -528,14 +528,13 @@ class _OwnBackwards(torch.autograd.Function):
             for hook in hooks:
                 hook.remove()
         for j, i in enumerate(wanted):
-            if edges[i] == 1:
+            if edges[i] > 1 and all(term is not None for part in range(parts) for term in terms[part, i]):
+                for term in range(edges[i]):
+                    result[firsts[i] + term] = cat_as_alone(
+                        [cast(Tensor, terms[part, i][term]) for part in range(parts)], axis)
+            else:  # (one edge; or, should a term not come, their sum, the values as alone)
                 result[firsts[i]] = cat_as_alone(
                     [found_gradients[part * len(wanted) + j] for part in range(parts)], axis)
-                continue
-            for term in range(edges[i]):
-                blocks = [terms[part, i][term] for part in range(parts)]
-                if all(block is not None for block in blocks):
-                    result[firsts[i] + term] = cat_as_alone(cast(list[Tensor], blocks), axis)
         return (None,) * 7 + (*result,)
 
 
