@@ -52,6 +52,16 @@ def test_an_epoch_with_more_iterations_than_batches_is_refused() -> None:
         run_energy([6], 0, FULL, None, diverged=False)
 
 
+def test_only_a_diverged_runs_last_epoch_may_train_fewer_batches_than_an_epoch_has() -> None:
+    """Training stops an epoch early only at a loss that is not finite, and then stops the run: any other
+    short epoch ran over another training set than the one priced."""
+    with pytest.raises(ValueError, match="epoch 0 trained 4 iterations, but an epoch has 5 batches"):
+        run_energy([4], 0, FULL, None, diverged=False)
+    with pytest.raises(ValueError, match="epoch 0 trained 3 iterations, but an epoch has 5 batches"):
+        run_energy([3, 5], 0, FULL, None, diverged=True)
+    assert run_energy([5, 3], 0, FULL, None, diverged=True).total_mj == 43.0 + 3 * 10.0 + 4.0
+
+
 @given(st.integers(1, 10_000), st.integers(1, 512))
 def test_an_epochs_batches_hold_every_row_once(rows: int, batch: int) -> None:
     batches, last = epoch_batches(rows, batch), last_batch_rows(rows, batch)
