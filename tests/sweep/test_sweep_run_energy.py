@@ -258,3 +258,24 @@ def test_a_result_whose_epoch_does_not_fit_its_priced_epoch_has_no_run_energy(tm
     posit = _row(load_trials(tmp_path / "out"), "posit")
     assert math.isnan(posit["run_energy_mj:proxy"]) and math.isnan(posit["run_mean_energy_mj:proxy"])
     assert posit["energy_mj:proxy"] > 0
+
+
+def test_planning_a_sweep_on_built_in_workloads_loads_each_tasks_dataset_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep counts each task's training samples when it checks its tasks; pricing the batches of an
+    epoch on built-in workloads takes that count and loads no dataset again."""
+    import dse.data
+    from dse.sweep.runner import plan_sweep
+
+    sweep = parse_config(SWEEP.replace("[proxy, resnet50]", "[resnet50]") + "output: x\n", "warm.yaml")
+    loads: list[str] = []
+    load = dse.data.load_dataset
+
+    def counted(name: str, *args: Any, **kwargs: Any) -> Any:
+        loads.append(name)
+        return load(name, *args, **kwargs)
+
+    monkeypatch.setattr(dse.data, "load_dataset", counted)
+    _, _, rows = plan_sweep(sweep)
+    assert loads == ["digits"]
+    assert {row["epoch_batches"] for row in rows.values()} == {_iterations_per_epoch()}
