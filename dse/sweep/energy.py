@@ -250,7 +250,7 @@ class EnergyEstimator:
                               conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
                               update_mj=mj["update"], memory_mj=mj["memory"],
                               memory_mib=whole.memory_bits / BITS_PER_MIB, area_um2=whole.area_um2,
-                              last_iteration_mj=sum(short.units_pj.values()) / PJ_PER_MJ,
+                              last_iteration_mj=sum(pj / PJ_PER_MJ for pj in short.units_pj.values()),
                               forward_mj=whole.forward_pj / PJ_PER_MJ,
                               last_forward_mj=short.forward_pj / PJ_PER_MJ,
                               epoch_batches=epoch_batches(rows, config.batch_size))

@@ -105,3 +105,13 @@ def test_a_workload_at_its_own_batch_prices_its_last_batch_at_the_same_share_of_
     assert energy["resnet50"].forward_mj == pytest.approx(forward, rel=1e-9)
     last_forward = frame.loc[frame["pass"] == "forward", "energy_pj"].sum() / 1e9
     assert energy["resnet50"].last_forward_mj == pytest.approx(last_forward, rel=1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "posit16", "posit(8,1)"])
+def test_a_batch_size_that_divides_the_training_set_gives_a_last_batch_equal_to_a_full_one(fmt: str) -> None:
+    """Where the last batch is full, it costs what every batch costs, to the last bit: a full epoch's run
+    total is then batches x one iteration, on the proxy and on a workload at its own batch."""
+    config = TrainConfig(model="mlp", dataset="digits", epochs=2, batch_size=431, format=fmt)  # 3 x 431
+    for energy in EnergyEstimator(SETTINGS).estimate(config).values():
+        assert energy.epoch_batches == 3
+        assert energy.last_iteration_mj == energy.total_mj and energy.last_forward_mj == energy.forward_mj
