@@ -5,11 +5,10 @@ a group that would not fit its device trains split, says so, and gives every mem
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from torch.profiler import ProfilerActivity, profile
+from support.peak_memory import peak_bytes
 
 from dse.data import load_dataset
 from dse.models.proxies import build_model
@@ -30,26 +29,13 @@ def _subset(name: str, train: int = 192) -> Any:
                                y_test=data.y_test[:100])
 
 
-def _peak_bytes(run: Callable[[], object]) -> int:
-    """The most CPU memory torch held at once while `run` ran (the profiler's allocations and frees,
-    op by op, in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        run()
-    held = peak = 0
-    events = [e for e in profiler.events() if e.self_cpu_memory_usage]
-    for event in sorted(events, key=lambda e: e.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
-
-
 @pytest.mark.parametrize("model, dataset", [("resnet", "mnist1d")])  # conv, BatchNorm, pooling, Linear
 def test_a_group_takes_at_most_g_times_one_trials_memory_plus_a_constant(model: str, dataset: str) -> None:
     data = _subset(dataset, train=64)
     config = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=64, format="int8",
                          optimizer="adam")
-    alone = _peak_bytes(lambda: train(config, data))
-    group = _peak_bytes(lambda: train_group([config.replace(seed=seed) for seed in range(4)], data))
+    alone = peak_bytes(lambda: train(config, data))
+    group = peak_bytes(lambda: train_group([config.replace(seed=seed) for seed in range(4)], data))
     assert 3 * alone < group <= 4 * alone + 1 * MiB
     estimate = trial_training_bytes(config, build_model(model, data), data.x_train[:2])
     assert alone <= estimate  # splitting by the estimate never overfills a device
@@ -100,11 +86,11 @@ def test_a_groups_probes_stay_within_its_planned_memory(monkeypatch: pytest.Monk
     train_group(configs, data)  # what a process keeps from its first group is allocated before either peak
     monkeypatch.setattr(batched_sums, "_DECIDED", {})
     monkeypatch.setattr(batched_sums, "_probe", recorded)
-    probed = _peak_bytes(lambda: train_group(configs, data))
+    probed = peak_bytes(lambda: train_group(configs, data))
     replay = iter(list(answers))
     monkeypatch.setattr(batched_sums, "_DECIDED", {})
     monkeypatch.setattr(batched_sums, "_probe", lambda *args: next(replay))
-    replayed = _peak_bytes(lambda: train_group(configs, data))
+    replayed = peak_bytes(lambda: train_group(configs, data))
     assert answers and next(replay, None) is None  # it probed, and the replay met the same layouts
     assert probed <= replayed
     assert probed <= 4 * trial_training_bytes(config, build_model("transformer", data), data.x_train[:2])
