@@ -30,6 +30,8 @@ spec); the 0/1 of an old store reads as false/true.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -225,13 +227,51 @@ def _reading_connection(path: Path) -> sqlite3.Connection:
         raise
 
 
+_SQLITE_LOCK_BYTES = (0x40000000, 512)
+"""(first, count) of the bytes of a database file SQLite's connections lock (its pending, reserved and
+shared bytes, sqlite3.c: PENDING_BYTE): every open connection holds some of them (one in WAL mode its
+shared lock as long as it is open), and one that opens takes one before it makes a -wal or -shm."""
+
+
+def _remove_unless_in_use(path: Path, made: list[Path]) -> None:
+    """Remove the files in `made` (the -wal and -shm files a read of the store at `path` made, which
+    were not there before it) where no connection has the store open: SQLite removes them when the last
+    connection closes, but not when the read failed (a full disk: the -shm could not grow), and they
+    would stay. A -wal that holds anything stays (its frames are trials). Tried while holding a write
+    lock on the bytes SQLite locks, so no connection is open or can open meanwhile; where another has
+    it open, the files are that connection's, and stay. Called only where the files were not there
+    before the read, so no connection of this process had the store open (closing this function's
+    descriptor would drop such a connection's POSIX locks)."""
+    if not made:
+        return
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        first, count = _SQLITE_LOCK_BYTES
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB, count, first)
+        for leftover in made:
+            with contextlib.suppress(OSError):
+                if not leftover.name.endswith("-wal") or leftover.stat().st_size == 0:
+                    leftover.unlink()
+    except OSError:  # another connection holds the store: the files are its own
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def _read_only(path: Path, read: Callable[[sqlite3.Connection], T]) -> T:
     """`read` (which only reads) run on a connection to the existing store at `path` that leaves no file
-    behind (sqlite3 errors pass through). A store with a -wal file that cannot be opened where it is (on
-    read-only media without its -shm file) is read from a temporary copy of the two files."""
+    behind (sqlite3 errors pass through), nor where it fails (`_remove_unless_in_use`). A store with a
+    -wal file that cannot be opened where it is (on read-only media without its -shm file) is read from
+    a temporary copy of the two files."""
+    journal = [Path(f"{path}{suffix}") for suffix in ("-wal", "-shm")]
+    made = [file for file in journal if not file.exists()]
     try:
         connection = _reading_connection(path)
     except sqlite3.OperationalError as error:
+        _remove_unless_in_use(path, [file for file in made if file.exists()])
         if not Path(f"{path}-wal").exists():
             raise
         try:
@@ -246,6 +286,7 @@ def _read_only(path: Path, read: Callable[[sqlite3.Connection], T]) -> T:
         return read(connection)
     finally:
         connection.close()
+        _remove_unless_in_use(path, [file for file in made if file.exists()])
 
 
 def stored_sweep_name(directory: Path) -> str | None:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -373,7 +374,15 @@ class _GemmMode(RecomputedMode):
 
     def __init__(self, gemms: FunctionalGemms) -> None:
         super().__init__()
-        self.gemms = gemms
+        self._gemms = weakref.ref(gemms)
+        """Weak: the FunctionalGemms holds its mode, and the cycle of the two kept a dropped recorder's
+        model and tensors alive until Python's cyclic collector ran (at no time a run could plan for)."""
+
+    @property
+    def gemms(self) -> FunctionalGemms:
+        gemms = self._gemms()
+        assert gemms is not None, "a FunctionalGemms' mode outlived it"
+        return gemms
 
     def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
         """A checkpointed block recomputed in the backward names its GEMMs from the module stack of its

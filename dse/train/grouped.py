@@ -46,7 +46,12 @@ from dse.train.batch_dependence import Forward, batch_size_reason, forwards_of
 from dse.train.config import TrainConfig, TrainResult
 from dse.train.layers import QuantSwitch
 from dse.train.loop import EVAL_BATCH, EXAMPLE_SAMPLES, _run_settings, check_config, train
-from dse.train.member_kernels import AmbiguousMemberAxisWarning, UnsplitCalls, may_call_position_dependent
+from dse.train.member_kernels import (
+    AmbiguousMemberAxisWarning,
+    MemberAxisLost,
+    UnsplitCalls,
+    may_call_position_dependent,
+)
 from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
 from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer
 from dse.train.policy import QuantPolicy, TensorQuant
@@ -241,8 +246,9 @@ def _backwards_spied(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -
 
 class GroupSplitWarning(UserWarning):
     """A group trains otherwise than planned: too large for its device's memory, as consecutive
-    smaller groups; or one by one, a user's Function found while it trained (`BackwardUnsplit`), or a
-    layer's buffers its members set apart (`MemberStateUnstacked`)."""
+    smaller groups; or one by one, a user's Function found while it trained (`BackwardUnsplit`), a
+    layer's buffers its members set apart (`MemberStateUnstacked`), or a forward that interleaved its
+    members' samples with another axis (`MemberAxisLost`)."""
 
 
 def trial_training_bytes(config: TrainConfig, model: nn.Module, example: Tensor) -> int:
@@ -295,7 +301,7 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
             for start in range(0, len(configs), fit):
                 part = configs[start:start + fit]
                 results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
-    except (BackwardUnsplit, MemberStateUnstacked) as found:
+    except (BackwardUnsplit, MemberStateUnstacked, MemberAxisLost) as found:
         warnings.warn(f"model {configs[0].model!r}: {found}; its trials trained one by one",
                       GroupSplitWarning, stacklevel=2)
         return [train(config, data) for config in configs]

@@ -18,6 +18,7 @@ of them). On CUDA every element takes one scalar function wherever it sits.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -178,11 +179,11 @@ def _sums_outside(x: Tensor, axis: int, dims: Sequence[int]) -> bool:
     return axis not in reduced and any(x.shape[d] > 1 and x.stride(d) > x.stride(axis) for d in reduced)
 
 
-def _reduced_outside_members(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a reduction of x (members' samples along axis 0) over the dims in `args` / `kwargs`
-    reduces outside the samples in memory (`_sums_outside`)."""
-    reduced = _reduced_dims(x, args, kwargs)
-    return bool(reduced) and _sums_outside(x, 0, reduced)
+def _may_sum_outside(x: Tensor, reduced: Sequence[int]) -> bool:
+    """Whether some axis that a sum of x over `reduced` keeps lies inside a reduced one in memory (a
+    smaller stride): only then can `_sums_outside` hold for the axis holding the members' samples."""
+    kept = [x.stride(d) for d in range(x.dim()) if d not in reduced]
+    return bool(kept) and any(x.shape[d] > 1 and x.stride(d) > min(kept) for d in reduced)
 
 
 def _reduced_dims(x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
@@ -234,6 +235,48 @@ class SummedTermsWarning(UserWarning):
 
 class AmbiguousMemberAxisWarning(UserWarning):
     """The mode cannot tell which axis of a tensor holds the members' samples."""
+
+
+class MemberAxisLost(Exception):
+    """Found while a group ran a forward: a tensor holding the members' samples on an inner axis
+    (a sequence-first (L, G*B, E) one) was reshaped so that other axes' elements lie between a
+    member's samples ((L*G*B, E) rows, sequence-major): no axis of it holds each member's block, and
+    a call the mode then splits member by member (a position-dependent kernel, a reduction, a
+    broadcast's gradient) may split it wrongly and give a member other bits than alone. The group's
+    trials train one by one instead (a fold that no split follows, as a Linear's rows, runs)."""
+
+
+RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.reshape, torch.reshape, Tensor.view, Tensor.flatten, torch.flatten, Tensor.reshape_as,
+    Tensor.view_as,
+})
+"""The calls that may fold a tensor's axes together (`_members_interleaved`)."""
+
+
+def _members_interleaved(x: Tensor, y: Tensor, members: int, rows: int | None) -> str | None:
+    """Where `y`, a reshape of a floating-point `x` whose members' samples lie on an inner axis
+    (`_member_axis`, behind axes of more than one element), has no axis that starts with them behind
+    the same outer elements (a member's samples are no longer one block of an axis): what happened;
+    None where the members' blocks survive (or x holds them on its first axis)."""
+    if rows is None or not x.is_floating_point() or x.dim() < 2 or x.shape == y.shape:
+        return None
+    axis = _member_axis(x, members, rows)
+    if axis is None or axis == 0:
+        return None
+    outer = math.prod(x.shape[:axis])
+    if outer == 1:
+        return None
+    folded = members * rows
+    leading = 1
+    for size in y.shape:
+        if leading == outer and size % folded == 0:
+            return None
+        leading *= size
+        if leading > outer:
+            break
+    return (f"a {tuple(x.shape)} tensor holding the group's {members} x {rows} samples on axis {axis} was "
+            f"reshaped to {tuple(y.shape)}, which interleaves the members' samples with its axes before "
+            f"(a sequence-first layout folded into rows): no axis holds each member's own block")
 
 
 def _dense_strides(shape: Sequence[int], order: Sequence[int]) -> tuple[int, ...]:
@@ -322,20 +365,20 @@ class _GradAsAlone(torch.autograd.Function):
 
 
 class _ValuesOf(torch.autograd.Function):
-    """The members' own results of a reduction, joined, forward; the gradient goes to `whole` (the
-    same reduction over the group's tensor), whose backward (the output's gradient expanded: exact
-    arithmetic, independent of the result) hands x one gradient term in x's layout, as alone. The
-    members' own calls' gradients would reach x as one full-size term each (a narrow's backward
-    fills zeros around its slice), G x the work and memory, in a contiguous layout."""
+    """The members' own results of a reduction, joined along `axis`, forward; the gradient goes to `whole`
+    (the same reduction over the group's tensor), whose backward (the output's gradient expanded: exact
+    arithmetic, independent of the result) hands x one gradient term in x's layout, as alone. The members'
+    own calls' gradients would reach x as one full-size term each (a narrow's backward fills zeros around
+    its slice), G x the work and memory, in a contiguous layout."""
 
     @staticmethod
-    def forward(ctx: Any, whole: Tensor, *values: Tensor) -> Tensor:
+    def forward(ctx: Any, whole: Tensor, axis: int, *values: Tensor) -> Tensor:
         ctx.members = len(values)
-        return torch.cat(values)  # (a new tensor, not a view: the caller may modify it in place)
+        return torch.cat(values, axis)  # (a new tensor, not a view: the caller may modify it in place)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return (grad, *[None] * ctx.members)
+        return (grad, None, *[None] * ctx.members)
 
 
 class _LogSumExpOf(torch.autograd.Function):
@@ -631,6 +674,9 @@ class MemberKernelMode(RecomputedMode):
         self.members = members
         self.rows = rows
         self.seen = False
+        self.lost: str | None = None
+        """What interleaved the members' samples in this forward (`_members_interleaved`): a split
+        after it raises MemberAxisLost."""
 
     def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
         """A checkpointed block recomputed in the backward splits its calls by the rows of its forward."""
@@ -657,6 +703,13 @@ class MemberKernelMode(RecomputedMode):
             return self._own_backwards(func, *positional_input(args, kwargs))
         if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
             return self._broadcast(func, args, kwargs)
+        if func in RESHAPING_FUNCTIONS:
+            y = func(*args, **kwargs)
+            x = args[0] if args else kwargs.get("input")
+            lost = (_members_interleaved(x, y, self.members, self.rows)
+                    if isinstance(x, Tensor) and isinstance(y, Tensor) else None)
+            self.lost = self.lost or lost
+            return y
         if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
             expanded = func(*args, **kwargs)
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
@@ -671,7 +724,7 @@ class MemberKernelMode(RecomputedMode):
         axis = _member_axis(folded, members, self.rows)
         if axis is None:
             return func(*args, **kwargs)
-        self.seen = True
+        self._splits()
         size = folded.shape[axis]
         each = size // members
 
@@ -696,6 +749,13 @@ class MemberKernelMode(RecomputedMode):
         return cat_as_alone([_GradAsAlone.apply(y, axis, members) if y.requires_grad else y for y in outputs],
                             axis)
 
+    def _splits(self) -> None:
+        """A call this mode runs member by member: where the forward interleaved the members' samples
+        before it (`lost`), that tensor's members may be split wrongly, so the group cannot go on."""
+        self.seen = True
+        if self.lost is not None:
+            raise MemberAxisLost(self.lost)
+
     def _broadcast_as_alone(self, x: Any, shape: torch.Size, otherwise: Any) -> Any:
         """x broadcast to `shape` through `_BroadcastAsAlone` where x is a tracked floating-point tensor
         with the members' samples on an axis (`_member_axis`: a multiple of the group's folded batch,
@@ -708,7 +768,7 @@ class MemberKernelMode(RecomputedMode):
         if (axis is None or x.shape[axis] % (self.members * (self.rows or 1))
                 or x.shape[axis] != shape[len(shape) - x.dim() + axis]):
             return otherwise
-        self.seen = True
+        self._splits()
         return _BroadcastAsAlone.apply(x, shape, axis, self.members)
 
     def _broadcast(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -730,29 +790,33 @@ class MemberKernelMode(RecomputedMode):
 
     def _reduction(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of LAYOUT_DEPENDENT_REDUCTIONS: member by member, each member's samples laid out as
-        alone (`_as_alone`), where it reduces, over the members' samples in their first axis, an
-        axis outside them in memory; as it is otherwise (the batch outermost: each sample's
-        reduction its own)."""
+        alone (`_as_alone`), where it keeps the axis holding the members' samples (`_member_axis`: the
+        first of a batch-first tensor, the second of a channel-first (C, G*B) or sequence-first
+        (L, G*B, E) one) and reduces an axis outside it in memory; as it is otherwise (each sample's
+        reduction its own, or none holds the samples)."""
         x = args[0] if args and isinstance(args[0], Tensor) else None
         out = kwargs.get("out")
         tracked = x is not None and torch.is_grad_enabled() and x.requires_grad
         if (x is None or not x.is_floating_point() or x.device.type != "cpu"
-                or (out is not None and tracked)  # (torch refuses out= under autograd: as alone)
-                or not _reduced_outside_members(x, args, kwargs)
-                or _member_axis(x, self.members, self.rows) != 0):
+                or (out is not None and tracked)):  # (torch refuses out= under autograd: as alone)
             return func(*args, **kwargs)
-        self.seen = True
-        each = x.shape[0] // self.members
+        reduced = _reduced_dims(x, args, kwargs)
+        axis = _member_axis(x, self.members, self.rows) if reduced and _may_sum_outside(x, reduced) else None
+        if axis is None or not _sums_outside(x, axis, reduced):
+            return func(*args, **kwargs)
+        self._splits()
+        each = x.shape[axis] // self.members
+        keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+        joined = axis if keepdim else axis - sum(d < axis for d in reduced)
         own = {name: value for name, value in kwargs.items() if name != "out"}
         with torch.no_grad():
-            values = [func(_as_alone(x.narrow(0, g * each, each), 0, self.members), *args[1:], **own)
+            values = [func(_as_alone(x.narrow(axis, g * each, each), axis, self.members), *args[1:], **own)
                       for g in range(self.members)]
         if not tracked:
-            return torch.cat(values, out=out)
+            return torch.cat(values, joined, out=out)
         if func in RESULT_GRADIENT_REDUCTIONS:
-            keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
-            return _LogSumExpOf.apply(x, torch.cat(values), _reduced_dims(x, args, kwargs), keepdim)
-        return _ValuesOf.apply(func(*args, **kwargs), *values)
+            return _LogSumExpOf.apply(x, torch.cat(values, joined), reduced, keepdim)
+        return _ValuesOf.apply(func(*args, **kwargs), joined, *values)
 
 
     def _own_backwards(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -779,7 +843,7 @@ class MemberKernelMode(RecomputedMode):
         whole = all(_samples_outermost(t, axis) for t in tensors)
         if whole and (not tracked or func in INPUT_LAYOUT_SUMS):
             return func(*args, **kwargs)
-        self.seen = True
+        self._splits()
         call = _call_on(func, args, kwargs, keys)
         if tracked:
             wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
@@ -913,6 +977,7 @@ class MemberKernels:
         self.entered.append((outer, self.mode.rows))
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
         if not outer:
+            self.mode.lost = None
             torch._C._push_on_torch_function_stack(self.mode)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:

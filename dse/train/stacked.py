@@ -105,6 +105,7 @@ from dse.train.member_kernels import (
     cat_as_alone,
     may_call_position_dependent,
 )
+from dse.train.memory import MODULE_INTERNALS, module_attributes
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -220,21 +221,112 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
     with torch.random.fork_rng(devices=devices), torch.no_grad(), unprobed():
         stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, example)
         before = _rng_states(devices)
+        attributes = {name: module_attributes(module) for name, module in stacked.net.named_modules()
+                      if not type(module).__module__.startswith(OWN_PACKAGE)}
+        reads = _MemberTensorsRead(stacked.net)
         try:
-            with warnings.catch_warnings():  # two samples each: a coincidence of sizes says nothing here
+            with warnings.catch_warnings(), reads:  # two samples each: a coincidence of sizes says nothing
                 warnings.simplefilter("ignore", AmbiguousMemberAxisWarning)
                 together = stacked(torch.stack(inputs))
         except Exception as error:  # a layer that cannot take the folded batch
-            return (f"its forward fails on a folded batch ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0] if str(error) else ''})")
+            return reads.reason() or (f"its forward fails on a folded batch ({type(error).__name__}: "
+                                      f"{str(error).splitlines()[0] if str(error) else ''})")
+        finally:
+            reads.remove()
+        if reads.reason() is not None:
+            return reads.reason()
         if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
             return "its forward draws random numbers (dropout?) from torch's global generator"
         alone = [member(x) for member, x in zip(members, inputs, strict=True)]
+    written = _shared_attributes_written(stacked.net, attributes, members)
+    if written is not None:
+        return written
     for g, out in enumerate(alone):
         if together[g].shape != out.shape or not torch.allclose(together[g], out, rtol=1e-4, atol=1e-5):
             return ("a member's output is not its own when stacked (a layer sees its batch on another "
                     "axis than the first, or mixes samples)")
     return None
+
+
+class _MemberTensorsRead(TorchFunctionMode):
+    """Records the first torch call outside every layer of `net` run member by member
+    (`PerMemberLayer`) that takes one of those layers' own tensors: there the tensor stacks every
+    member's (a parameter the network reads as `self.leaf.weight`, tied to another use), where alone
+    the call takes the member's own."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        layers = [(name, m) for name, m in net.named_modules() if isinstance(m, PerMemberLayer)]
+        self.tensors = {id(t): _join(name, own) for name, m in layers for own, t in _own_tensors(m).items()}
+        self.inside = 0
+        self.read: str | None = None
+        self.handles = [handle for _, m in layers for handle in (
+            m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._exit, always_call=True))]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self.inside += 1
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.inside -= 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def reason(self) -> str | None:
+        if self.read is None:
+            return None
+        return (f"its forward takes {self.read}, a tensor of a layer the group runs member by member, "
+                f"outside that layer (a tied or shared parameter), where the group's tensor holds every "
+                f"member's")
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.inside and self.read is None:
+            self.read = next((name for t in _tensors(args, kwargs)
+                              if (name := self.tensors.get(id(t))) is not None), None)
+        return func(*args, **kwargs)
+
+
+def _shared_attributes_written(net: nn.Module, before: Mapping[str, Mapping[str, tuple[Any, Any]]],
+                               members: Sequence[nn.Module]) -> str | None:
+    """Which module that a group runs once for all its members (not one of dse's layers: a user's
+    network or weightless layer) wrote a Python attribute in its forward (`before`: each one's
+    `module_attributes` before it) other than each member's own forward alone wrote it (a running
+    float, a list of its batches' statistics): a group would share that attribute among its members,
+    where alone each trial keeps its own (None: none)."""
+    alone = [dict(member.named_modules()) for member in members]
+    for name, kept in before.items():
+        module = net.get_submodule(name)
+        own = [modules.get(name) for modules in alone]
+        written = [attribute for attribute, value in vars(module).items()
+                   if attribute not in MODULE_INTERNALS and (
+                       attribute not in kept or value is not kept[attribute][0]
+                       or (kept[attribute][1] is not None and not _same_value(value, kept[attribute][1])))]
+        differing = [attribute for attribute in written
+                     if any(m is None or not _same_value(vars(module)[attribute], vars(m).get(attribute))
+                            for m in own)]
+        if differing:
+            return (f"its {type(module).__name__} {name or '(the model)'} writes {', '.join(differing)} in "
+                    f"its forward from its batch, and a group runs it once for all its members, who would "
+                    f"share that state (alone each trial keeps its own)")
+    return None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two Python attribute values are equal (tensors and containers item by item)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and bool(torch.equal(a, b)))
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b) or (a != a and b != b)  # (NaN)
+    except Exception:  # (a value without a plain ==)
+        return a is b
 
 
 def _rng_states(devices: list[torch.device]) -> list[Tensor]:
@@ -682,7 +774,8 @@ def _matmul_with_grads(start_dim: int, a: Tensor, b: Tensor) -> Tensor:
 
 class PerMemberLayer(nn.Module):
     """A layer with weights or buffers of its own and no layers inside, run member by member: each
-    member's slice of the folded batch through the layer with that member's own weights and buffers
+    member's slice of the folded batch through the member's own copy of the layer (its Python
+    attributes its own, as alone: `_without_own_tensors`) with that member's own weights and buffers
     (stacked along a leading member axis; buffers a layer updates in place, as BatchNorm's running
     statistics, are updated in the member's slice). Where its input needs a gradient, each torch call
     of the layer reads the input through `_MemberReads`, unless the layer is one of READS_INPUT_ONCE.
@@ -711,22 +804,22 @@ class PerMemberLayer(nn.Module):
             parts = [layer._buffers[name] for layer in layers]
             stacked = None if b is None else torch.stack([t for t in parts if t is not None])
             self.register_buffer(name, stacked, persistent=name not in template._non_persistent_buffers_set)
-        self.__dict__["template"] = template  # not a submodule: its own tensors are swapped per call
+        self.__dict__["template"] = template  # not a submodule, nor called: the settings callers read
+        self.__dict__["member_layers"] = [_without_own_tensors(layer) for layer in layers]
         self.__dict__["reads_input_once"] = type(template) in READS_INPUT_ONCE
         self.__dict__["writes_parameters"] = _may_write_parameters(template)
 
     def __getattr__(self, name: str) -> Any:
-        """The template's settings (a LayerNorm's eps), which callers of the layer may read."""
+        """The first member's settings and attributes (a LayerNorm's eps), which callers may read."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if "template" not in self.__dict__:
+            if "member_layers" not in self.__dict__:
                 raise
-            return getattr(self.__dict__["template"], name)
+            return getattr(self.__dict__["member_layers"][0], name)
 
     def forward(self, *inputs: Tensor) -> Any:
-        template: nn.Module = self.__dict__["template"]
-        template.training = self.training
+        layers: list[nn.Module] = self.__dict__["member_layers"]
         parameters = {n: p for n, p in self._parameters.items() if p is not None}
         buffers = {n: b for n, b in self._buffers.items() if b is not None}
         unset = [n for n, b in self._buffers.items() if b is None]
@@ -739,40 +832,36 @@ class PerMemberLayer(nn.Module):
         reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
             or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
         split = [_member_blocks(x, self.members, aligned=reads is None) for x in inputs]
-        saved = {name: template._parameters.get(name, template._buffers.get(name)) for name in slices}
         outputs = []
         set_buffers: dict[str, list[Tensor | None]] = {name: [] for name in unset}
         try:
-            for g in range(self.members):
+            for g, layer in enumerate(layers):
+                if layer.training != self.training:
+                    layer.training = self.training
                 for name, parts in slices.items():
-                    table = template._parameters if name in template._parameters else template._buffers
+                    table = layer._parameters if name in layer._parameters else layer._buffers
                     table[name] = parts[g]  # type: ignore[assignment]  # a slice stands in for one call
                 for name in unset:
-                    template._buffers[name] = None
-                _refresh(template)
+                    layer._buffers[name] = None
+                _refresh(layer)
                 member_inputs = [x[g] for x in split]
                 if reads is None:
-                    outputs.append(template(*member_inputs))
+                    outputs.append(layer(*member_inputs))
                 else:
                     with reads.of_member(g, member_inputs):
-                        outputs.append(template(*member_inputs))
-                _keep_reassigned_buffers(template, buffer_slices, g)
+                        outputs.append(layer(*member_inputs))
+                _keep_reassigned_buffers(layer, buffer_slices, g)
                 if written:
                     _write_back(written, slices, g)
                 for name in unset:
-                    set_buffers[name].append(template._buffers.get(name))
-        finally:
-            for name, tensor in saved.items():
-                table = template._parameters if name in template._parameters else template._buffers
-                table[name] = tensor  # type: ignore[assignment]  # the original Parameter or buffer, restored
-            for name in unset:
-                template._buffers[name] = None
-            _refresh(template)
+                    set_buffers[name].append(layer._buffers.get(name))
+        finally:  # (each member's layer keeps its slices: a block it checkpoints, recomputed in the
+            # backward, reads them)
             for name, buffer in buffers.items():  # what the members wrote into aligned copies
                 if aligned[name] is not buffer:
                     buffer.copy_(aligned[name])
         for name, members_buffers in set_buffers.items():
-            self._buffers[name] = _stacked_set_buffer(template, name, members_buffers)
+            self._buffers[name] = _stacked_set_buffer(layers[0], name, members_buffers)
         if written:
             self.__dict__["copies"] = (_versions(written), torch.is_grad_enabled(),
                                        {name: slices[name] for name in written})
@@ -794,6 +883,15 @@ class PerMemberLayer(nn.Module):
     def forget_copies(self) -> None:
         """Drops the members' parameter copies (`_member_copies`): a new forward of the group."""
         self.__dict__["copies"] = None
+
+
+def _without_own_tensors(layer: nn.Module) -> nn.Module:
+    """A copy of a member's layer with its own tensors left out (None until a call puts the member's
+    slices there, which it keeps until the next: a block it checkpoints, recomputed in the backward,
+    reads them) and everything else its own: the Python attributes its forward may write (a step
+    counter, a running float, a list it appends to), which alone are the member's."""
+    own = [*layer._parameters.values(), *layer._buffers.values()]
+    return copy.deepcopy(layer, memo={id(t): None for t in own if t is not None})
 
 
 def _versions(tensors: Mapping[str, Tensor]) -> tuple[int, ...]:

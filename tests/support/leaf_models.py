@@ -280,6 +280,176 @@ def mean_gated_average(shape: tuple[int, ...], classes: int) -> nn.Module:
     return nn.Sequential(MeanGatedAverage(shape[0], 0.3015), nn.Linear(shape[0], classes))
 
 
+class ChannelFirstCentred(nn.Module):
+    """A Linear's output made channel-first, a contiguous (C, B) tensor (in a group (C, G*B): the
+    members' samples on its second axis), centred by its mean over C (a reduction over the axis
+    outside the samples in memory), into a Linear head as a (B, C) view."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 40), nn.Linear(40, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x)).t().contiguous()
+        return self.head((h - h.mean(0, keepdim=True)).t())
+
+
+def channel_first_centred(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ChannelFirstCentred(shape[0], classes)
+
+
+class WarmedUpScale(nn.Module):
+    """A layer with a weight of its own whose output ramps up over its first `warmup` training
+    forwards, counted in a Python int it increments in its forward (a step counter)."""
+
+    def __init__(self, channels: int, warmup: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.warmup = warmup
+        self.steps = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.steps += 1
+        return x * self.weight * min(1.0, self.steps / self.warmup)
+
+
+class PeakScaled(nn.Module):
+    """A layer with a weight of its own that divides by the largest magnitude its training inputs have
+    reached so far, kept as a Python float, and appends each batch's to a list (a layer's own
+    statistics, updated in its forward)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.peak = 1.0
+        self.seen: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.seen.append(float(x.detach().abs().max()))
+            self.peak = max(self.peak, self.seen[-1])
+        return x * self.weight / self.peak
+
+
+def warmed_up_scale(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(shape[0], 37), nn.Tanh(), WarmedUpScale(37, 4), nn.Linear(37, classes))
+
+
+def peak_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(shape[0], 37), PeakScaled(37), nn.Tanh(), nn.Linear(37, classes))
+
+
+class HistoryScaled(nn.Module):
+    """A network (run once for a group: it holds no weights of its own) that scales its hidden layer by
+    1 plus the mean of the earlier training batches' hidden means, which it keeps in a Python list
+    its forward appends to: the first forward's output does not depend on it."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.means: list[float] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        scale = 1.0 + (sum(self.means) / len(self.means) if self.means else 0.0)
+        if self.training:
+            self.means.append(float(h.detach().mean()))
+        return self.head(h * scale)
+
+
+class CountedSteps(nn.Module):
+    """A network (run once for a group) that counts its training forwards in a Python int and halves
+    its hidden layer after the first `steps`: the same count in a group as alone."""
+
+    def __init__(self, width: int, classes: int, steps: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.limit, self.steps = steps, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.steps += 1
+        h = torch.tanh(self.a(x))
+        return self.head(h if self.steps <= self.limit else h * 0.5)
+
+
+def history_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return HistoryScaled(shape[0], classes)
+
+
+def counted_steps(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return CountedSteps(shape[0], classes, 3)
+
+
+class SequenceFirstRows(nn.Module):
+    """A Linear's output as a sequence-first (L, B, E) tensor (nn.MultiheadAttention's layout with
+    batch_first=False), folded into (L*B, E) rows for a SiLU (a position-dependent kernel), then back
+    into a Linear head: in a group the rows are (L*G*B, E), sequence-major, not member-major."""
+
+    def __init__(self, width: int, classes: int, length: int = 4, features: int = 10) -> None:
+        super().__init__()
+        self.length, self.features = length, features
+        self.a, self.head = nn.Linear(width, length * features), nn.Linear(length * features, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x).view(len(x), self.length, self.features).transpose(0, 1)
+        rows = torch.nn.functional.silu(h.reshape(-1, self.features))
+        return self.head(rows.view(self.length, len(x), self.features).transpose(0, 1).flatten(1))
+
+
+def sequence_first_rows(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SequenceFirstRows(shape[0], classes)
+
+
+def sequence_first_rows12(shape: tuple[int, ...], classes: int) -> nn.Module:
+    """A sequence of 12: a multiple of both checks' folded batches (2 x 2 and 2 x 3 samples), where the
+    mode takes the first axis (its length) for the samples', so the checks pass."""
+    return SequenceFirstRows(shape[0], classes, length=12, features=4)
+
+
+class TiedToLeaf(nn.Module):
+    """`OwnAffine` (a layer run member by member) whose parameter another module takes too: `tie`
+    "head" (the head Linear's weight is the leaf's, the classic output-embedding tie), "scale" (the
+    network's forward multiplies by the leaf's bias as a tensor), or "penalty" (the network adds the
+    leaf's weight's mean to its output; "small penalty": times 1e-6, within the forward check's
+    tolerance)."""
+
+    def __init__(self, width: int, classes: int, tie: str) -> None:
+        super().__init__()
+        self.a, self.leaf = nn.Linear(width, 37), OwnAffine(37, classes)
+        self.head = nn.Linear(classes, classes)
+        self.tie = tie
+        if tie == "head":
+            self.head = nn.Linear(37, classes)
+            self.head.weight = self.leaf.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.tie == "head":
+            return self.head(h) + self.leaf(h)
+        y = self.leaf(h)
+        if self.tie == "scale":
+            return self.head(y * self.leaf.bias)
+        return self.head(y) + self.leaf.weight.mean() * (1e-6 if self.tie == "small penalty" else 1.0)
+
+
+def tied_head(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "head")
+
+
+def tied_scale(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "scale")
+
+
+def tied_penalty(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "penalty")
+
+
+def tied_small_penalty(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TiedToLeaf(shape[0], classes, "small penalty")
+
+
 class NormedResidual(nn.Module):
     """A pre-norm residual block: torch's RMSNorm layer (a weight of its own, run member by member in
     a group; F.rms_norm, a C++ composite, uses its input twice) added to its own input, then a head."""

@@ -222,3 +222,82 @@ def test_reading_a_store_on_a_full_disk_is_one_line(tmp_path: Path, repo_root: P
         assert result.stderr.strip().splitlines() == [f"error: cannot use {out / STORE_FILE}: disk I/O error "
                                                       "(nothing was written)"], result.stderr
         assert result.stdout == "" and (out / STORE_FILE).read_bytes() == kept
+
+
+_KILLED_WRITER = ("import os, sqlite3, sys\n"
+                  "connection = sqlite3.connect(sys.argv[1])\n"
+                  "connection.execute('PRAGMA wal_autocheckpoint = 0')\n"
+                  "connection.execute('UPDATE trials SET wall_time_s = 123.0 WHERE rowid = 1')\n"
+                  "connection.commit()\n"
+                  "os._exit(0)\n")
+"""A writer killed after a commit: the trial's new value is only in the -wal file it leaves (with its
+-shm)."""
+
+
+@pytest.mark.parametrize("journal", ["none", "wal", "wal and shm"])
+def test_a_read_that_fails_on_a_full_disk_leaves_no_file_behind_and_loses_nothing(
+        tmp_path: Path, repo_root: Path, fake_train: Callable[..., Any], journal: str) -> None:
+    """`dse report` where no file may grow past 8 KiB (RLIMIT_FSIZE, as a full disk) on a store alone,
+    with the -wal of a killed writer, and with its -wal and -shm: one line, exit code 2, and the folder
+    holds the files it held (the store and -wal byte for byte), the temporary folder nothing, and the
+    killed writer's commit reads back. Before: the failed read left an empty -wal and a partial -shm
+    beside a store that had neither, and a -shm beside a -wal that had none."""
+    import resource
+
+    from dse.sweep import parse_config, run_sweep
+    from dse.sweep.executors import InlineExecutor
+
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    store = out / STORE_FILE
+    run_sweep(parse_config(_text(out), "s.yaml"), train_fn=fake_train, executor=InlineExecutor(),
+              reports=False)
+    if journal != "none":
+        subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(store)], check=True, timeout=60)
+        assert Path(f"{store}-wal").stat().st_size > 0
+        if journal == "wal":
+            Path(f"{store}-shm").unlink()
+    kept = {path.name: path.read_bytes() for path in out.iterdir() if not path.name.endswith("-shm")}
+    names = sorted(path.name for path in out.iterdir())
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    result = subprocess.run([sys.executable, "-m", "dse.cli", "report", str(out)], capture_output=True,
+                            env={**os.environ, "PYTHONPATH": str(repo_root), "TMPDIR": str(scratch)},
+                            text=True, preexec_fn=full_disk, timeout=300)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip().splitlines() == [f"error: cannot use {store}: disk I/O error (nothing was "
+                                                  "written)"]
+    assert sorted(path.name for path in out.iterdir()) == names
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert list(scratch.iterdir()) == []
+    with contextlib.closing(sqlite3.connect(store)) as connection:
+        times = {row[0] for row in connection.execute("SELECT wall_time_s FROM trials")}
+    assert (123.0 in times) == (journal != "none")
+
+
+def test_files_beside_a_store_another_connection_has_open_are_never_removed(tmp_path: Path) -> None:
+    """What a failed read made is removed only where no connection has the store open: while another
+    process reads it, its -wal and -shm are that reader's and stay; once the reader is gone (killed:
+    nothing closed them), the empty -wal and the -shm go."""
+    from dse.sweep.store import _remove_unless_in_use
+
+    store = tmp_path / STORE_FILE
+    with contextlib.closing(sqlite3.connect(store)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("CREATE TABLE t (x)")
+    journal = [Path(f"{store}-wal"), Path(f"{store}-shm")]
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import os, sqlite3, sys\nconnection = sqlite3.connect(sys.argv[1])\n"
+         "connection.execute('SELECT * FROM t').fetchall()\nprint('open', flush=True)\nsys.stdin.read()\n"
+         "os._exit(0)\n", str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "open\n"
+        _remove_unless_in_use(store, journal)
+        assert all(file.exists() for file in journal)
+    finally:
+        reader.communicate(timeout=60)
+    assert all(file.exists() for file in journal)  # (killed: left behind)
+    _remove_unless_in_use(store, journal)
+    assert not any(file.exists() for file in journal)

@@ -391,7 +391,7 @@ def test_a_forward_that_raises_leaves_no_mode_behind(failure: BaseException, in_
                              torch.randn(4, 64))
         inner = group.net
     if in_gate:
-        gate = inner.gate.__dict__.get("template", inner.gate)
+        gate = inner.gate.__dict__.get("member_layers", [inner.gate])[0]
         gate.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(failure))
     else:
         inner.failure = failure

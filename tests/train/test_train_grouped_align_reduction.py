@@ -161,3 +161,52 @@ def test_a_logsumexp_or_a_keyword_spelled_mean_over_a_batch_innermost_output_tra
                        optimizer="sgd", format="int8", threads=1, rounding="pseudo_stochastic")
     configs = [base.replace(seed=3, lr=0.01), base.replace(seed=55, lr=0.02), base.replace(seed=7, lr=0.005)]
     assert_group_trains_as_alone(configs, data)
+
+
+CHANNEL_FIRST_REDUCTIONS = {
+    "sum": lambda t: t.sum(0), "mean": lambda t: torch.mean(t, dim=0, keepdim=True),
+    "nansum": lambda t: t.nansum((0,)), "logsumexp": lambda t: torch.logsumexp(t, 0),
+    "sum over C of (K, C, B)": lambda t: t.sum(-2),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(members=st.integers(2, 4), rows=st.integers(3, 70), channels=st.integers(2, 48),
+       reduction=st.sampled_from(sorted(CHANNEL_FIRST_REDUCTIONS)), seed=st.integers(0, 2**16))
+@example(members=2, rows=7, channels=37, reduction="sum", seed=0)
+@example(members=3, rows=50, channels=40, reduction="logsumexp", seed=0)
+def test_a_reduction_over_c_of_a_channel_first_tensor_gives_each_member_its_values_alone(
+        members: int, rows: int, channels: int, reduction: str, seed: int) -> None:
+    """A contiguous channel-first (C, G*B) tensor (the members' samples on its second axis) reduced
+    over C: before, its values ran over the group's tensor as it was (26 of 30 member blocks of sum,
+    mean and nansum, 13 of 30 of logsumexp's values and gradients differed; G 2-3, B 7/14/50, C 37/40)."""
+    if channels % (members * rows) == 0:  # (the mode could not tell the members' axis: it says so)
+        channels += 1
+    generator = torch.Generator().manual_seed(seed)
+    op = CHANNEL_FIRST_REDUCTIONS[reduction]
+    lead = (5,) if reduction.startswith("sum over C of") else ()
+    parts = [torch.randn(*lead, channels, rows, generator=generator) for _ in range(members)]
+    folded = torch.cat(parts, -1).requires_grad_()
+    with torch_threads(1):
+        with MemberKernelMode(members, rows):
+            together = op(folded)
+        weights = torch.linspace(-1, 1, together.numel()).view(together.shape)
+        (together * weights).sum().backward()
+        for g, part in enumerate(parts):
+            alone = part.clone().requires_grad_()  # fresh tensors, laid out as alone
+            own = op(alone)
+            assert torch.equal(together[..., g * rows:(g + 1) * rows], own), g
+            (own * weights[..., g * rows:(g + 1) * rows]).sum().backward()
+            assert folded.grad is not None and alone.grad is not None
+            assert torch.equal(folded.grad[..., g * rows:(g + 1) * rows], alone.grad), g
+
+
+@pytest.mark.parametrize("batch_size", [7, 13, 50])
+def test_a_channel_first_output_centred_by_its_mean_over_c_trains_as_alone_in_fp32(batch_size: int) -> None:
+    """leaf_models' channel_first_centred (a (C, B) tensor centred by its mean over C, fp32): before,
+    5 of 9 runs differed (batch 7, 13, 50; seeds 11-13): seed 12 at batch 7 ended at
+    1.4585559438256657 grouped against 1.458555982393377 alone."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:channel_first_centred", dataset="digits", epochs=2,
+                       batch_size=batch_size, optimizer="sgd", format="fp32", threads=1)
+    configs = [base.replace(seed=seed, lr=lr) for seed, lr in ((11, 0.03), (12, 0.05), (13, 0.02))]
+    assert_group_trains_as_alone(configs, short_digits())

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support.benchmark_scripts import load_benchmark
 from support.group_gemms import torch_threads
 from support.group_runs import assert_group_trains_as_alone, short_digits
-from support.peak_memory import peak_bytes
 from torch import Tensor
 
 from dse.data import load_dataset
@@ -25,6 +25,8 @@ from dse.train import TrainConfig, member_kernels, train
 from dse.train.grouped import train_group
 from dse.train.member_kernels import MemberKernelMode, cat_as_alone
 
+peak_bytes: Callable[[Callable[[], object]], int] = load_benchmark("state_kept", keep_registered=False).peak_bytes
+"""The most CPU memory torch held at once while a run ran (benchmarks/state_kept.py)."""
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
 INNER_SUMS: dict[str, Callable[[Tensor], Tensor]] = {
     "t.var(1)": lambda t: t.var(1),
