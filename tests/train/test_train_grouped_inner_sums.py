@@ -25,7 +25,8 @@ from dse.train import TrainConfig, member_kernels, train
 from dse.train.grouped import train_group
 from dse.train.member_kernels import MemberKernelMode, cat_as_alone
 
-peak_bytes: Callable[[Callable[[], object]], int] = load_benchmark("state_kept", keep_registered=False).peak_bytes
+peak_bytes: Callable[[Callable[[], object]], int] = load_benchmark("state_kept",
+                                                                   keep_registered=False).peak_bytes
 """The most CPU memory torch held at once while a run ran (benchmarks/state_kept.py)."""
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
 INNER_SUMS: dict[str, Callable[[Tensor], Tensor]] = {
