@@ -154,9 +154,11 @@ INNER_SUM_FUNCTIONS: frozenset[Any] = frozenset({
 })
 """Functions that sum a sample's terms inside torch's C++, where no mode sees the sum: in their backward
 var and std (the input's mean, torch's var_backward), repeat, tile and repeat_interleave (the copies'
-gradients) and F.normalize (its norm's broadcast); rms_norm and cosine_similarity in their forward
-too. Over an axis outside the samples in memory (the input batch-innermost for var, std, rms_norm and
-cosine_similarity, the output's gradient for the others), that sum's order depends on how many
+gradients), F.normalize (its norm's broadcast) and instance_norm (its statistics'); rms_norm,
+cosine_similarity and a one-operand einsum in their forward too (einsum's 26 of 30 member blocks'
+values, instance_norm's with the samples on its channel axis 26 of 30 gradients, under the mode
+without them). Over an axis outside the samples in memory (the input batch-innermost for var, std,
+rms_norm and cosine_similarity, the output's gradient for the others), that sum's order depends on how many
 samples the call holds, G x B where alone B (measured on torch 2.13, a 2-vCPU AMD EPYC, fp32, one
 thread, G 2-3, B 7/14/50, C 37/40, 30 member blocks, under the mode without them: the input's
 gradient differed in 25-26 of them, rms_norm's and cosine_similarity's values in 22-25; with them
