@@ -261,7 +261,10 @@ def formats_show(
 
     _check_output_file("--plot", plot, makes_folders=True)
     if plot is not None and plot.suffix:
-        from matplotlib.backend_bases import FigureCanvasBase
+        from dse.interrupts import undone_by_unwinding
+
+        with undone_by_unwinding():  # (matplotlib's first import writes its font cache: format_plots)
+            from matplotlib.backend_bases import FigureCanvasBase
 
         from dse.errors import InputError
 

@@ -203,7 +203,8 @@ _UNDOING: set[object] = set()
 
 @contextmanager
 def undone_by_unwinding() -> Iterator[None]:
-    """What the block does (a file it writes, a sweep's workers and store) is undone by unwinding it:
+    """What the block does (a file it writes, a sweep's workers and store, a user's code loaded, an import
+    that writes files: matplotlib's first, its font cache under a lock file) is undone by unwinding it:
     inside, a signal in another library's import waits for that import to end, then raises. Outside
     every such block (in any thread) `dse` has nothing to undo, and a signal during any import ends it
     at once (`CommandSignals.end_at_once`): not after another library's import (torch's, seconds under

@@ -28,7 +28,7 @@ from typing import Any
 
 from dse.digests import sha256_hex
 from dse.errors import InputError
-from dse.interrupts import users_code
+from dse.interrupts import undone_by_unwinding, users_code
 
 _PROVIDED: dict[str, str] = {}
 """Absolute path -> source text shipped by a sweep job: used instead of the disk in a worker."""
@@ -131,9 +131,12 @@ def _exec_file(path: str, what: str) -> types.ModuleType:
             sys.path.insert(0, folder)
         sys.modules[name] = module  # dataclasses and pickling look their module up by name
         try:
-            exec(compile(text, path, "exec"), module.__dict__)
+            with undone_by_unwinding():  # (the user's code, unwound: their `finally` runs)
+                exec(compile(text, path, "exec"), module.__dict__)
         except Exception as error:
             sys.modules.pop(name, None)
+            if (interrupt := _signal_behind(error)) is not None:
+                raise interrupt from None
             raise InputError(f"{what}: {path} failed to load: {type(error).__name__}: "
                              f"{_first_line(error)}") from None
         finally:
@@ -146,13 +149,16 @@ def _exec_file(path: str, what: str) -> types.ModuleType:
 def _import(ref: CodeRef, what: str) -> types.ModuleType:
     try:
         _users_package(ref.module)
-        return importlib.import_module(ref.module)
+        with undone_by_unwinding():  # (the user's module code, unwound: their `finally` runs)
+            return importlib.import_module(ref.module)
     except ModuleNotFoundError as error:
         if error.name and ref.module.startswith(error.name):
             raise InputError(f"{what}: module {ref.module!r} not found (a file needs the .py suffix)"
                              ) from None
         raise InputError(f"{what}: {ref.module} failed to import: {_first_line(error)}") from None
     except Exception as error:
+        if (interrupt := _signal_behind(error)) is not None:
+            raise interrupt from None
         raise InputError(f"{what}: {ref.module} failed to import: {type(error).__name__}: "
                          f"{_first_line(error)}") from None
 
@@ -186,6 +192,20 @@ def _installed_folders() -> set[str]:
     folders = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
     folders += [*site.getsitepackages(), site.getusersitepackages()]
     return {str(Path(folder)) for folder in folders}
+
+
+def _signal_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The signal (dse.interrupts.Interrupted) that an error of the user's code was raised from: Python
+    3.11 wraps one raised in a class attribute's `__set_name__` in a RuntimeError. Said as the signal,
+    not as a module that failed to load."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
 
 
 def _first_line(error: BaseException) -> str:

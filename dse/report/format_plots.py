@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dse.formats.base import NumberFormat
+from dse.interrupts import undone_by_unwinding
 from dse.report.files import write_atomically
 
 MAX_SAMPLED_CODES = 2**16
@@ -27,10 +28,11 @@ def binade_counts(fmt: NumberFormat) -> tuple[list[int], list[float]]:
 def plot_value_density(fmt: NumberFormat, path: Path) -> Path:
     """Write a bar chart of values per binade; the x axis is log2 of the value. Returns the file written
     (`path`, with .png added where it names no file type)."""
-    import matplotlib
+    with undone_by_unwinding():  # its first import writes its font cache under a lock file: not cut short
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     binades, counts = binade_counts(fmt)
     fig, ax = plt.subplots(figsize=(8, 3.5))

@@ -1001,3 +1001,97 @@ def _started_to_mark(args: list[str], stdout: int, cwd: Path | None = None
     while b"@mark\n" not in seen and (chunk := os.read(process.stderr.fileno(), 4096)):
         seen += chunk
     return process, seen
+
+
+_SIGNALLED_AS_MATPLOTLIB_WRITES_ITS_FONT_CACHE = """\
+import json, os, signal, sys, time
+dump = json.dump
+def signalled(data, file, *args, **kwargs):
+    if "fontlist" in str(getattr(file, "name", "")):  # (under its lock file)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    return dump(data, file, *args, **kwargs)
+json.dump = signalled
+from dse.cli import app
+app(args=sys.argv[1:], prog_name="dse")
+"""
+"""`dse` signalled as matplotlib's first import writes its font cache."""
+
+
+def test_a_signal_as_matplotlibs_first_import_writes_its_font_cache_leaves_no_lock_file(
+        tmp_path: Path) -> None:
+    """matplotlib's first import (a fresh cache folder) writes its font cache under a lock file, which
+    its `finally` removes. `dse formats show --plot` imported it where nothing of dse's was written, so
+    a signal there ended the process at once: the lock file stayed with the cache half-written, and
+    every later import of matplotlib rebuilt the cache, waited 5 s for the lock and warned. The
+    import now waits and unwinds, as where a file is written."""
+    cache = tmp_path / "matplotlib"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MPLCONFIGDIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", _SIGNALLED_AS_MATPLOTLIB_WRITES_ITS_FONT_CACHE, "formats",
+                           "show", "fp8_e4m3", "--plot", str(tmp_path / "density.png")], capture_output=True,
+                          env=env, cwd=tmp_path, timeout=300, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr.decode().splitlines()[-1:]) == (130, ["interrupted by SIGINT"])
+    assert [path.name for path in cache.iterdir() if path.name.endswith("lock")] == []
+    assert not (tmp_path / "density.png").exists()
+
+
+_CLEANS_UP_AS_IT_IS_IMPORTED = """\
+import os, signal, time
+open("partial", "w").close()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)
+finally:
+    os.remove("partial")
+def net(shape, classes):
+    raise AssertionError("not reached")
+"""
+"""A user's model module that writes a file as it is imported and removes it as it unwinds."""
+
+
+def test_a_signal_in_a_users_model_module_being_imported_runs_its_cleanup(tmp_path: Path) -> None:
+    """`dse train --model project.model:net`, signalled in the user's module code as it is imported
+    (before anything of dse's is written): it ended the process at once, skipping the user's `finally`
+    (its half-written file stayed). The user's code is unwound, as Ctrl-C does to it run alone."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "__init__.py").write_text("")
+    (tmp_path / "project" / "model.py").write_text(_CLEANS_UP_AS_IT_IS_IMPORTED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    program = "import sys\nfrom dse.cli import app\napp(args=sys.argv[1:], prog_name='dse')\n"
+    done = subprocess.run([sys.executable, "-c", program, "train", "--model", "project.model:net",
+                           "--dataset", "digits", "--epochs", "1", "-q"], capture_output=True, env=env,
+                          cwd=tmp_path, timeout=300, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr.decode().splitlines()) == (130, ["interrupted by SIGINT"])
+    assert not (tmp_path / "partial").exists()
+
+
+_SIGNALLED_AS_A_USERS_CLASS_IS_MADE = """\
+import os, signal
+class SetsAName:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+class Owner:
+    attribute = SetsAName()
+def net(shape, classes):
+    raise AssertionError("not reached")
+"""
+"""A user's model module whose class attribute's `__set_name__` is signalled as it is imported."""
+
+
+@pytest.mark.parametrize("reference", ["project.model:net", "project/model.py:net"])
+def test_a_signal_in_a_users_class_attribute_being_set_stops_the_command_as_the_signal(
+        reference: str, tmp_path: Path) -> None:
+    """Python 3.11 wraps a signal raised in a class attribute's `__set_name__` in a RuntimeError; in a
+    user's model module, loaded where it is unwound, dse said it as a module that failed to load (exit
+    2). The signal is said, with its code."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "__init__.py").write_text("")
+    (tmp_path / "project" / "model.py").write_text(_SIGNALLED_AS_A_USERS_CLASS_IS_MADE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    program = "import sys\nfrom dse.cli import app\napp(args=sys.argv[1:], prog_name='dse')\n"
+    done = subprocess.run([sys.executable, "-c", program, "train", "--model", reference, "--dataset",
+                           "digits", "--epochs", "1", "-q"], capture_output=True, env=env, cwd=tmp_path,
+                          timeout=300, preexec_fn=_default_handlers)
+    assert (done.returncode, done.stderr.decode().splitlines()) == (130, ["interrupted by SIGINT"])

@@ -135,7 +135,7 @@ def quantize_members_per_tensor(fmt: NumberFormat, x: Tensor, low: Tensor, high:
         return None
     dtype = x.dtype
     float32 = dtype == torch.float32
-    scales, ones, within_max = [], True, True  # one pass over the members (a group's per-member cost)
+    scales, ones, within_max = [], True, True  # one pass over the members: its cost is per member
     for lo, hi in zip(low.tolist(), high.tolist(), strict=True):
         amax = max(-lo, hi)
         scale = host_scale_of_amax(fmt, amax, dtype)
