@@ -11,7 +11,8 @@ import errno
 import glob
 import os
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dse.interrupts import undone_by_unwinding
@@ -108,3 +109,56 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
                     temporary.unlink()
             raise
     return path
+
+
+@contextlib.contextmanager
+def written_together(folder: Path) -> Iterator[Path]:
+    """A new hidden folder inside `folder` (made where missing) to write a set of files into, then
+    `move_together` them into `folder`: they appear together or not at all. The hidden folder is removed
+    on leaving, with whatever is still in it (a failed write's files: `folder` is as it was, a folder
+    made for it removed again where it stayed empty)."""
+    made = not folder.exists()
+    stage = folder / TEMPORARY_NAME.format(name="files", token=secrets.token_hex(8))
+    with undone_by_unwinding():
+        try:
+            stage.mkdir(parents=True)
+            yield stage
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+
+def move_together(stage: Path, folder: Path, names: list[str]) -> None:
+    """Move the files `names` from `written_together`'s `stage` onto their namesakes in `folder`, in
+    that order, by renames only once every one can be renamed: a full disk fails before any file in
+    `folder` changed. A symbolic link's file is replaced (`rename_target`); one on another file system
+    gets a copy beside it first; a device or a FIFO is written in place, last."""
+    renames: list[tuple[Path, Path]] = []
+    in_place: list[tuple[Path, Path]] = []
+    copies: list[Path] = []
+    try:
+        for name in names:
+            source, path = stage / name, folder / name
+            target = rename_target(path)
+            if target is None:
+                in_place.append((source, path))
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if os.stat(target.parent).st_dev != os.stat(stage).st_dev:
+                copy = target.parent / TEMPORARY_NAME.format(name=target.name, token=secrets.token_hex(8))
+                os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                copies.append(copy)
+                shutil.copyfile(source, copy)
+                source = copy
+            renames.append((source, target))
+        for source, target in renames:
+            os.replace(source, target)
+    except BaseException:
+        for copy in copies:
+            with contextlib.suppress(OSError):
+                copy.unlink()
+        raise
+    for source, path in in_place:
+        shutil.copyfile(source, path)

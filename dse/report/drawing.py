@@ -216,6 +216,11 @@ class FigureProcesses:
                 break
         return written
 
+    def stop(self) -> None:
+        """Stop the processes now (what they drew is not wanted: the report failed); draw in this
+        process from now."""
+        self._stop(self.handed)
+
     def _stop(self, jobs: list[FigureJob]) -> None:
         """Stop the processes and remove what a killed one may have left of `jobs`' files (temporary
         files only: a figure's file is replaced whole or not at all); draw in this process from now.

@@ -1,7 +1,8 @@
-"""Write every report file of a sweep into its output directory, each atomically (temp file + os.replace).
+"""Write every report file of a sweep into its output directory, all together (a hidden folder + renames).
 
-A reader (or a sweep that is killed) never sees a half-written table or plot: each file is written
-under a hidden temporary name in the same directory and renamed over the old one when complete.
+A reader (or a sweep that is killed) never sees a half-written table or plot, nor new tables beside old
+plots: every file is written into a hidden folder in the output directory, and the files are renamed
+over the old ones once all are complete.
 """
 
 from __future__ import annotations
@@ -96,28 +97,53 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, memory_objective: bool = F
     figure (none by default: the caption belongs to the paper); `figures`: processes that draw the
     figures on every core (none: one after another in this process; the same files). Returns the
     paths written, in that order; the hidden REPORTS_STAMP records what they were written from.
+    All or nothing: every file is written into a hidden folder in out_dir first and renamed into place
+    once all are (dse.atomic_write.written_together), so a write that fails (a full disk) leaves out_dir
+    as it was, and an InputError names the file.
     """
     out_dir = Path(out_dir)
     tables = tables or SweepTables.of(frame, memory_objective)
+    drawing = figures or FigureProcesses(1)
+    try:
+        with atomic_write.written_together(out_dir) as stage:
+            try:
+                names = _write_reports_into(stage, frame, tables, memory_objective, titles, drawing)
+            except BaseException:
+                drawing.stop()  # no figure process is left writing into the stage as it is removed
+                raise
+            atomic_write.move_together(stage, out_dir, names)
+    except InputError as error:  # a file's write failed: named where it was to go
+        raise InputError(f"{str(error).replace(str(stage), str(out_dir))} (no report file was "
+                         "written)") from error
+    except OSError as error:  # the hidden folder, or a rename onto a file (a directory in its place)
+        where = error.filename2 or f"the report files into {out_dir}"
+        raise InputError(f"cannot write {where}: {error.strerror or error} (no report file was "
+                         "written)") from error
+    return [out_dir / name for name in names[:-1]]
+
+
+def _write_reports_into(stage: Path, frame: pd.DataFrame, tables: SweepTables, memory_objective: bool,
+                        titles: bool, figures: FigureProcesses) -> list[str]:
+    """`write_reports`' files written into `stage`; their names, in write order, REPORTS_STAMP last."""
     summary, fronts = tables.summary, tables.fronts
-    jobs = figure_jobs(tables, out_dir)
+    jobs = figure_jobs(tables, stage)
     data = FigureData(summary, fronts, tables.memory_objective, titles)
-    drawn = (figures or FigureProcesses(1)).start_drawing(jobs, data)  # drawn while the text is written
+    drawn = figures.start_drawing(jobs, data)  # drawn while the text is written
     written = [
-        write_text_atomically(out_dir / "trials.csv", frame.to_csv(index=False)),
-        write_text_atomically(out_dir / "summary.csv", summary.to_csv(index=False)),
-        write_text_atomically(out_dir / "pareto.csv", fronts.to_csv(index=False)),
-        write_text_atomically(out_dir / "all_points.csv", tables.points.to_csv(index=False)),
+        write_text_atomically(stage / "trials.csv", frame.to_csv(index=False)),
+        write_text_atomically(stage / "summary.csv", summary.to_csv(index=False)),
+        write_text_atomically(stage / "pareto.csv", fronts.to_csv(index=False)),
+        write_text_atomically(stage / "all_points.csv", tables.points.to_csv(index=False)),
     ]
     for name in ("summary", "pareto"):
         table = tables.text_table(name)
-        written.append(write_text_atomically(out_dir / f"{name}.tex", latex_table(table)))
-        written.append(write_text_atomically(out_dir / f"{name}.md", markdown_table(table)))
+        written.append(write_text_atomically(stage / f"{name}.tex", latex_table(table)))
+        written.append(write_text_atomically(stage / f"{name}.md", markdown_table(table)))
     written += drawn()
     stamp = {"signature": _reports_signature(frame, memory_objective, titles),
              "files": {path.name: file_sha256(path) for path in written}}
-    write_text_atomically(out_dir / REPORTS_STAMP, json.dumps(stamp))
-    return written
+    write_text_atomically(stage / REPORTS_STAMP, json.dumps(stamp))
+    return [path.name for path in written] + [REPORTS_STAMP]
 
 
 REPORTS_STAMP = ".reports.json"

@@ -130,7 +130,8 @@ def test_report_files_get_the_permissions_of_any_new_file(tmp_path: Path, umask:
 def test_unwritable_output_is_one_line_input_error(example_trials: pd.DataFrame, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(InputError, match="cannot write .*file/out/trials.csv") as caught:
+    with pytest.raises(InputError, match="cannot write the report files into .*file/out: Not a "
+                                         "directory") as caught:
         write_reports(example_trials, blocker / "out")
     assert "\n" not in str(caught.value)
 

@@ -103,15 +103,21 @@ def test_a_groups_probes_stay_within_its_planned_memory(monkeypatch: pytest.Monk
     assert probed <= 4 * trial_training_bytes(config, build_model("transformer", data), data.x_train[:2])
 
 
-def test_a_finished_trial_or_group_leaves_no_tensor_to_the_cyclic_collector() -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "niti"])
+def test_a_finished_trial_or_group_leaves_no_tensor_to_the_cyclic_collector(optimizer: str) -> None:
     """What a trial or a group held is freed when it returns, not whenever Python's cyclic collector
     next runs: a group's peak is measured and planned as if nothing of an earlier run remained. Before,
     every look-ahead's recorder (dse/train/functional.py's FunctionalGemms) and its mode referred to
     each other, and the cycle held the model it looked at: a transformer group of 4 left 456 KiB of
     tensors, freed at a moment that depended on how many Python objects the process had made, so that
-    the same group's measured peak moved by 25 KB with the tests run before it."""
+    the same group's measured peak moved by 25 KB with the tests run before it. NITI's conversion was a
+    closure that called itself (a cycle through its cell), which held the converted layers and their
+    weights."""
     data = _subset("digits", train=64)
-    config = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64, format="int8")
+    config = TrainConfig(model="mlp", dataset="digits", epochs=1, batch_size=64, format="int8",
+                         optimizer=optimizer)
+    import torch._dynamo  # noqa: F401  (imported at a process's first optimizer, its frames in a cycle
+    # that holds that run's model: once a process, not a run's)
     gc.collect()
     gc.disable()
     try:

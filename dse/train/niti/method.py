@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -85,23 +87,28 @@ def convert_model(model: nn.Module, bitwidth: int, generator: torch.Generator) -
             return NitiMatmul(bitwidth)
         return None
 
-    def visit(module: nn.Module) -> None:
-        # every place, not named_children's first of each module: a layer applied twice is two NITI
-        # layers with one NitiWeight (`shared`), where the second place would otherwise stay float
-        for name, child in list(module._modules.items()):
-            if child is None or isinstance(child, nn.MultiheadAttention):
-                continue
-            new = replacement(child)
-            if new is None:
-                visit(child)
-            else:
-                setattr(module, name, new)
-                converted.append(new)
-
     if replacement(model) is not None:
         raise InputError(f"NITI converts the layers inside a model; got a bare {type(model).__name__}")
-    visit(model)
+    _replace_children(model, replacement, converted)
     return converted
+
+
+def _replace_children(module: nn.Module, replacement: Callable[[nn.Module], nn.Module | None],
+                      converted: list[nn.Module]) -> None:
+    """Swap every child of `module` that `replacement` replaces, at every place (not named_children's
+    first of each module: a layer applied twice is two NITI layers with one NitiWeight, where the
+    second place would otherwise stay float), and look inside the others. A function of the module, not
+    a closure of convert_model: a closure that calls itself is a reference cycle, which kept the
+    converted layers and their weights alive until Python's cyclic collector ran."""
+    for name, child in list(module._modules.items()):
+        if child is None or isinstance(child, nn.MultiheadAttention):
+            continue
+        new = replacement(child)
+        if new is None:
+            _replace_children(child, replacement, converted)
+        else:
+            setattr(module, name, new)
+            converted.append(new)
 
 
 def niti_setup(model: nn.Module, config: TrainConfig, generator: torch.Generator) -> TrainingSetup:
