@@ -51,6 +51,8 @@ FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "F.normalize(p=1.0, dim=1)": lambda t: F.normalize(t, p=1.0, dim=1),
     "F.rms_norm": lambda t: F.rms_norm(t, t.shape[1:]),
     "F.cosine_similarity": lambda t: F.cosine_similarity(t, t * 0.5 + 1.0, dim=1),
+    "torch.einsum('bc->b')": lambda t: torch.einsum("bc->b", t),
+    "F.instance_norm(t[None])": lambda t: F.instance_norm(t.unsqueeze(0)).squeeze(0),
     "column.repeat(1, 36)": lambda t: t[:, :1].repeat(1, 36) * t[:, :36],
     "mean.repeat(1, C)": lambda t: t.mean(1, keepdim=True).repeat(1, t.shape[1]) * t,
     "column.tile((1, 36))": lambda t: t[:, :1].tile((1, 36)) * t[:, :36],

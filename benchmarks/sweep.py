@@ -228,7 +228,7 @@ def child_stages(config: Path, output: Path) -> list[tuple[str, float]]:
     check_trials(sweep, trials, samples)
     baseline_labels(sweep, trials)
     checked = time.process_time()
-    estimate_energies(sweep, trials)
+    estimate_energies(sweep, trials, samples)
     energy = time.process_time()
     plan_groups(unique_runs(trials), sweep.executor.group_size)
     grouped = time.process_time()

@@ -21,6 +21,7 @@ sums each iteration in the formats it ran in, from the iterations each epoch tra
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +167,10 @@ def _parts(workload: Workload, config: TrainConfig,
 class EnergyEstimator:
     """Builds one energy model per energy point and caches traced proxies and estimates."""
 
-    def __init__(self, settings: EnergyConfig) -> None:
+    def __init__(self, settings: EnergyConfig,
+                 train_rows: Mapping[tuple[str, str | None], int] | None = None) -> None:
+        """`train_rows`: samples in one epoch per (dataset, data_dir), where the caller counted them (a
+        sweep's check of its tasks); any other dataset is loaded to count them (`train_rows`)."""
         self.settings = settings
         self.models = {point.name: build_model(point.node, point.datapath, settings.memory, settings.table,
                                                scope=point.scope, node_scaling=point.node_scaling)
@@ -174,7 +178,7 @@ class EnergyEstimator:
         self._proxies: dict[tuple[Any, ...], Workload] = {}
         self._types: dict[int, dict[str, tuple[str, ...]]] = {}
         """id of a traced workload -> its layers' module classes (for `type:` rules)."""
-        self._train_rows: dict[tuple[str, str | None], int] = {}
+        self._train_rows: dict[tuple[str, str | None], int] = dict(train_rows or {})
 
     def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
         """The trial's own model (or `model`, a user's `file.py:function`) traced on the trial's dataset
@@ -246,7 +250,7 @@ class EnergyEstimator:
                               conversion_mj=mj["conversion"], accumulation_mj=mj["accumulation"],
                               update_mj=mj["update"], memory_mj=mj["memory"],
                               memory_mib=whole.memory_bits / BITS_PER_MIB, area_um2=whole.area_um2,
-                              last_iteration_mj=sum(short.units_pj.values()) / PJ_PER_MJ,
+                              last_iteration_mj=sum(pj / PJ_PER_MJ for pj in short.units_pj.values()),
                               forward_mj=whole.forward_pj / PJ_PER_MJ,
                               last_forward_mj=short.forward_pj / PJ_PER_MJ,
                               epoch_batches=epoch_batches(rows, config.batch_size))

@@ -63,10 +63,11 @@ def run_energy(epoch_iterations: Sequence[int], warmup_epochs: int, energies: Ba
                warmup_energies: BatchEnergies | None, diverged: bool) -> RunEnergy:
     """The run that trained `epoch_iterations[e]` iterations in epoch e: its first `warmup_epochs` (0
     where the trial has no warm-up: `has_warmup`) at `warmup_energies`, the rest at `energies`. An epoch
-    that trained every batch trained its last, short one; an epoch that trained fewer was the last, cut
-    by a loss that was not finite: where the run `diverged`, the forward of its next batch is priced too
-    (a run that diverged with every batch trained had finite losses and non-finite weights: no forward
-    more). `warmup_energies` may be None only where no epoch trained in warm-up."""
+    that trained every batch trained its last, short one; only a diverged run's last epoch trains fewer,
+    cut by a loss that was not finite, and the forward of its next batch is priced too (a run that
+    diverged with every batch trained had finite losses and non-finite weights: no forward more). Any
+    other count is a run over another training set than the one priced: a ValueError. `warmup_energies`
+    may be None only where no epoch trained in warm-up."""
     total = 0.0
     for epoch, trained in enumerate(epoch_iterations):
         cost = energies
@@ -75,14 +76,14 @@ def run_energy(epoch_iterations: Sequence[int], warmup_epochs: int, energies: Ba
                 raise ValueError("a run with warm-up epochs needs its warm-up's batch energies")
             cost = warmup_energies
         batches = cost.epoch_batches
-        if trained > batches:
+        cut = diverged and epoch == len(epoch_iterations) - 1
+        if trained > batches or (trained < batches and not cut):
             raise ValueError(f"epoch {epoch} trained {trained} iterations, but an epoch has {batches} "
                              "batches")
         if trained == batches:
             total += (batches - 1) * cost.iteration_mj + cost.last_iteration_mj
         else:
             total += trained * cost.iteration_mj
-            if diverged and epoch == len(epoch_iterations) - 1:
-                total += cost.last_forward_mj if trained == batches - 1 else cost.forward_mj
+            total += cost.last_forward_mj if trained == batches - 1 else cost.forward_mj
     iterations = sum(epoch_iterations)
     return RunEnergy(total_mj=total, mean_mj=total / iterations if iterations else math.nan)

@@ -69,10 +69,14 @@ EnergyRows = dict[tuple[str, str], dict[str, float]]
 """(energy key, workload) -> WorkloadEnergy.as_row()."""
 
 
-def estimate_energies(sweep: SweepConfig, trials: list[Trial]) -> tuple[dict[str, str], EnergyRows]:
+def estimate_energies(sweep: SweepConfig, trials: list[Trial], samples: dict[str, int] | None = None
+                      ) -> tuple[dict[str, str], EnergyRows]:
     """(trial_id -> energy key, (energy key, workload) -> values) for every trial's configuration and
-    the configuration of its warm-up (warmup_config), if it has one."""
-    estimator = EnergyEstimator(sweep.energy)
+    the configuration of its warm-up (warmup_config), if it has one. `samples`: each task's training
+    samples (`check_tasks`), so that pricing an epoch's batches loads no dataset again."""
+    rows = {(trial.config.dataset, trial.config.data_dir): samples[trial.task]
+            for trial in trials if samples is not None and trial.task in samples}
+    estimator = EnergyEstimator(sweep.energy, rows)
     keys: dict[str, str] = {}
     energies: EnergyRows = {}
     problems = Problems()
@@ -161,7 +165,7 @@ def plan_sweep(sweep: SweepConfig) -> tuple[list[Trial], dict[str, str], EnergyR
     problems.attempt(check_trials, sweep, trials, samples)
     problems.attempt(check_layer_rules, sweep, trials)
     problems.attempt(baseline_labels, sweep, trials)
-    energies = problems.attempt(estimate_energies, sweep, trials)
+    energies = problems.attempt(estimate_energies, sweep, trials, samples)
     problems.raise_any()
     assert energies is not None
     keys, rows = energies

@@ -577,11 +577,10 @@ def _run_energy(iterations: list[int] | None, numbers: dict[str, Any],
             return unknown
     # a result from before iterations were counted: every epoch trained all its batches
     counts = [energies.epoch_batches if count < 0 else count for count in iterations]
-    if any(count > energies.epoch_batches or (warmup is not None and epoch < warmup_epochs
-                                              and count > warmup.epoch_batches)
-           for epoch, count in enumerate(counts)):
-        return unknown  # trained on another training set than the one priced (a user's dataset changed)
-    return run_energy(counts, warmup_epochs, energies, warmup, row["status"] == "diverged")
+    try:
+        return run_energy(counts, warmup_epochs, energies, warmup, row["status"] == "diverged")
+    except ValueError:  # trained on another training set than the one priced (a user's dataset changed)
+        return unknown
 
 
 def load_trials(directory: Path) -> pd.DataFrame:

@@ -141,16 +141,24 @@ EXPANDING_FUNCTIONS: frozenset[Any] = frozenset({
 })
 """Explicit broadcasts, whose backward is that sum too."""
 
+def einsum_of_one(x: Tensor, equation: str) -> Tensor:
+    """torch.einsum(equation, x): an einsum of one operand, a sum over the letters its output drops
+    (torch sums in C++), with x first, as INNER_SUM_FUNCTIONS take their input."""
+    return torch.einsum(equation, x)
+
+
 INNER_SUM_FUNCTIONS: frozenset[Any] = frozenset({
     torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean, Tensor.repeat,
     torch.tile, Tensor.tile, torch.repeat_interleave, Tensor.repeat_interleave, F.normalize, F.rms_norm,
-    F.cosine_similarity,
+    F.cosine_similarity, F.instance_norm, einsum_of_one,
 })
 """Functions that sum a sample's terms inside torch's C++, where no mode sees the sum: in their backward
 var and std (the input's mean, torch's var_backward), repeat, tile and repeat_interleave (the copies'
-gradients) and F.normalize (its norm's broadcast); rms_norm and cosine_similarity in their forward
-too. Over an axis outside the samples in memory (the input batch-innermost for var, std, rms_norm and
-cosine_similarity, the output's gradient for the others), that sum's order depends on how many
+gradients), F.normalize (its norm's broadcast) and instance_norm (its statistics'); rms_norm,
+cosine_similarity and a one-operand einsum in their forward too (einsum's 26 of 30 member blocks'
+values, instance_norm's with the samples on its channel axis 26 of 30 gradients, under the mode
+without them). Over an axis outside the samples in memory (the input batch-innermost for var, std,
+rms_norm and cosine_similarity, the output's gradient for the others), that sum's order depends on how many
 samples the call holds, G x B where alone B (measured on torch 2.13, a 2-vCPU AMD EPYC, fp32, one
 thread, G 2-3, B 7/14/50, C 37/40, 30 member blocks, under the mode without them: the input's
 gradient differed in 25-26 of them, rms_norm's and cosine_similarity's values in 22-25; with them
@@ -159,7 +167,7 @@ linalg.vector_norm, softmax, log_softmax, layer_norm, cumsum, prod and amax diff
 
 
 INPUT_LAYOUT_SUMS: frozenset[Any] = frozenset({
-    torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean,
+    torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean, torch.std_mean, einsum_of_one,
 })
 """INNER_SUM_FUNCTIONS whose backward sums in the input's layout only (the output's gradient is
 expanded over the reduced axes): over an input with its samples outermost they run as they are."""
@@ -221,6 +229,10 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
             if x.shape[axis] == folded:
                 return axis
     return 0 if x.shape[0] % members == 0 else None
+
+
+class SummedTermsWarning(UserWarning):
+    """A function's gradient terms for an input used more than once reached it as their sum."""
 
 
 class AmbiguousMemberAxisWarning(UserWarning):
@@ -317,11 +329,21 @@ def cat_as_alone(parts: Sequence[Tensor], axis: int = 0) -> Tensor:
     (B, L, C) scaled per channel as a (B, C, L) view, summed over L after it, summed in another order
     in a group than alone (a digits network of it: member 0's final loss 2.3300538063049316 grouped
     against 2.330053726832072 alone, fp32); so did a (B, C) view of a (C, B) tensor summed over C.
-    A layout that is not dense (an expanded or sliced view) has no joined equal: torch.cat's."""
+    Parts expanded along other axes (stride 0: a sum's or an einsum's gradient) are joined expanded,
+    as each is alone. Another layout that is not dense (a sliced view) has no joined equal: torch.cat's."""
     first = parts[0]
     if first.is_contiguous():  # the common case first (the built-in proxies' layers)
         return torch.cat(list(parts), axis)
     strides = first.stride()
+    expanded = [d for d in range(first.dim()) if strides[d] == 0 and first.shape[d] > 1 and d != axis]
+    if expanded and all(t.stride() == strides and t.shape == first.shape for t in parts):
+        cores = list(parts)
+        for d in expanded:
+            cores = [t.narrow(d, 0, 1) for t in cores]
+        joined = cat_as_alone(cores, axis)
+        shape = list(first.shape)
+        shape[axis] = joined.shape[axis]
+        return joined.expand(shape)
     if torch.empty_like(first).stride() != strides or any(t.stride() != strides for t in parts):
         return torch.cat(list(parts), axis)  # not dense, or the members' layouts differ
     order = sorted(range(first.dim()), key=lambda d: (-strides[d], d))
@@ -457,6 +479,18 @@ def _output_axis(func: Any, x: Tensor, axis: int, args: tuple[Any, ...], kwargs:
         if not isinstance(dim, int) or dim % x.dim() == axis:
             return None
         return axis if func is F.normalize or dim % x.dim() > axis else axis - 1
+    if func is einsum_of_one:
+        equation = args[1] if len(args) > 1 else kwargs.get("equation")
+        if not isinstance(equation, str) or equation.count("->") != 1 or "." in equation:
+            return None
+        letters, kept = (side.replace(" ", "") for side in equation.split("->"))
+        if len(letters) != x.dim() or len(set(letters)) != len(letters) or letters[axis] not in kept:
+            return None
+        return kept.index(letters[axis])
+    if func is F.instance_norm:  # (statistics of each sample and channel; running ones mix the samples)
+        names = ("running_mean", "running_var", "weight", "bias")
+        others = (*args[1:5], *(kwargs.get(name) for name in names))
+        return None if any(t is not None for t in others) else axis
     if func is F.rms_norm:
         shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
         count = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, list | tuple) else x.dim()
@@ -507,6 +541,45 @@ def _edges_into(outputs: Sequence[Tensor], leaf: Tensor) -> list[tuple[Any, int]
     return sorted(found, key=lambda edge: (-edge[0]._sequence_nr(), edge[1]))
 
 
+def _call_on(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], keys: Sequence[int | str]
+             ) -> Callable[..., Any]:
+    """func(*args, **kwargs) as a function of the tensors at `keys` (positions or names)."""
+    def call(*own: Tensor) -> Any:
+        own_args, own_kwargs = list(args), dict(kwargs)
+        for key, t in zip(keys, own, strict=True):
+            if isinstance(key, str):
+                own_kwargs[key] = t
+            else:
+                own_args[key] = t
+        return func(*own_args, **own_kwargs)
+    call.__name__ = getattr(func, "__name__", "a function")
+    return call
+
+
+def a_term_per_use(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   reads: Callable[[Tensor, int], list[Tensor]]) -> Any:
+    """func(*args, **kwargs), one of INNER_SUM_FUNCTIONS called by a user's layer run member by member
+    on one member's tensors, where its graph uses a tracked tensor more than once (rms_norm and
+    cosine_similarity are C++ composites): through `_OwnBackwards`, each use's gradient reaching its
+    own read of the tensor (`reads(t, uses)`: `uses` reads, the one whose gradient is added first
+    alone first), not their sum, so that the member's input adds them and its other uses' terms in
+    alone's order. NotImplemented where no tensor is used more than once (the call as it is)."""
+    arguments: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+    named = [(key, a) for key, a in arguments if isinstance(a, Tensor)]
+    tensors = [a for _, a in named]
+    wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
+    if not wanted:
+        return NotImplemented
+    call = _call_on(func, args, kwargs, [key for key, _ in named])
+    graphs = _member_graphs(call, tensors, wanted, 0, 1)
+    edges = tuple(max(1, len(_edges_into(graphs[1][0], leaf))) if i in wanted else 1
+                  for i, leaf in enumerate(graphs[0][0]))
+    if all(count == 1 for count in edges):
+        return NotImplemented
+    repeated = [read for t, count in zip(tensors, edges, strict=True) for read in reads(t, count)]
+    return _OwnBackwards.apply(call, 0, 0, 1, False, graphs, edges, *repeated)
+
+
 def _keeper(held: list[Tensor | None], term: int, index: int) -> Callable[..., None]:
     """A node's hook that keeps the gradient it hands its input `index` as `held[term]`."""
     def keep(inputs: Sequence[Tensor | None], _: Any) -> None:
@@ -519,23 +592,24 @@ class _OwnBackwards(torch.autograd.Function):
     whose values are those of `graphs` (each member's own call, from `_member_graphs`, or the group's
     call where `whole`: every input with its samples outermost in memory), joined as alone
     (`cat_as_alone`), and whose backward runs each member's own backward, with its block of the output's
-    gradient laid out as alone (one torch.autograd.grad over the members' graphs): torch sums inside
-    it, where no mode sees it. Where `whole`, the backward runs once over the group's graph when the
-    output's gradient has its samples outermost too (each sample's terms summed as alone), else over
-    the members' graphs built then. Each input comes `edges` times, once for each edge of the function's
-    graph into it (F.normalize divides its input by its own norm: two): each edge's gradient is handed
-    on as its own term, in the order the engine adds them alone, so that the input's other uses add
-    theirs before or after them as alone, not to their sum."""
+    gradient laid out as alone (one torch.autograd.grad over the members' graphs, built again from the
+    saved inputs: kept from the forward, they held the members' outputs and inputs laid out as alone
+    beside the group's, 6.0x one trial's memory in a group of 4): torch sums inside it, where no mode
+    sees it. Where `whole`, the backward runs once over the group's graph when the output's gradient
+    has its samples outermost too (each sample's terms summed as alone). Each input comes `edges`
+    times, once for each edge of the function's graph into it (F.normalize divides its input by its
+    own norm: two): each edge's gradient is handed on as its own term, in the order the engine adds
+    them alone, so that the input's other uses add theirs before or after them as alone, not to their
+    sum."""
 
     @staticmethod
     def forward(ctx: Any, call: Callable[..., Any], axis: int, out_axis: int, members: int, whole: bool,
                 graphs: tuple[list[list[Tensor]], list[tuple[Tensor, ...]]], edges: tuple[int, ...],
                 *tensors: Tensor) -> Any:
         ctx.call, ctx.axis, ctx.out_axis, ctx.members, ctx.whole = call, axis, out_axis, members, whole
-        ctx.graphs, ctx.edges = graphs, edges
+        ctx.edges = edges
         ctx.set_materialize_grads(False)
-        if whole:
-            ctx.save_for_backward(*tensors)
+        ctx.save_for_backward(*tensors)
         outputs = graphs[1]
         joined = tuple(_fresh(cat_as_alone([own[k] for own in outputs], out_axis))
                        for k in range(len(outputs[0])))
@@ -550,10 +624,9 @@ class _OwnBackwards(torch.autograd.Function):
         result: list[Tensor | None] = [None] * sum(edges)
         if not wanted or not given:
             return (None,) * 7 + (*result,)
-        (leaves, outputs), parts = ctx.graphs, 1 if ctx.whole else members
-        if ctx.whole and not all(_samples_outermost(g, out_axis) for _, g in given):
-            tensors = [ctx.saved_tensors[first] for first in firsts]
-            (leaves, outputs), parts = _member_graphs(ctx.call, tensors, wanted, axis, members), members
+        parts = 1 if ctx.whole and all(_samples_outermost(g, out_axis) for _, g in given) else members
+        tensors = [ctx.saved_tensors[first] for first in firsts]
+        leaves, outputs = _member_graphs(ctx.call, tensors, wanted, axis, parts)
         terms: dict[tuple[int, int], list[Tensor | None]] = {}
         hooks = []
         for part in range(parts):
@@ -575,7 +648,13 @@ class _OwnBackwards(torch.autograd.Function):
                 for term in range(edges[i]):
                     result[firsts[i] + term] = cat_as_alone(
                         [cast(Tensor, terms[part, i][term]) for part in range(parts)], axis)
-            else:  # (one edge; or, should a term not come, their sum, the values as alone)
+            else:
+                if edges[i] > 1:  # (every edge's node lies on the output's one path: not seen to happen)
+                    warnings.warn(
+                        f"MemberKernelMode: {getattr(ctx.call, '__name__', 'a function')}'s gradient terms "
+                        f"for its input {i} did not all come; their sum is handed on, which a later use of "
+                        f"the input may add in another order than alone (its last bits may differ)",
+                        SummedTermsWarning, stacklevel=2)
                 result[firsts[i]] = cat_as_alone(
                     [found_gradients[part * len(wanted) + j] for part in range(parts)], axis)
         return (None,) * 7 + (*result,)
@@ -620,6 +699,8 @@ class MemberKernelMode(RecomputedMode):
         kwargs = kwargs or {}
         if func in LAYOUT_DEPENDENT_REDUCTIONS:
             return self._reduction(func, *positional_input(args, kwargs))
+        if func is torch.einsum and len(args) == 2 and isinstance(args[1], Tensor) and not kwargs:
+            func, args = einsum_of_one, (args[1], args[0])
         if func in INNER_SUM_FUNCTIONS:
             return self._own_backwards(func, *positional_input(args, kwargs))
         if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
@@ -765,16 +846,7 @@ class MemberKernelMode(RecomputedMode):
         if whole and (not tracked or func in INPUT_LAYOUT_SUMS):
             return func(*args, **kwargs)
         self._splits()
-
-        def call(*own: Tensor) -> Any:
-            own_args, own_kwargs = list(args), dict(kwargs)
-            for key, t in zip(keys, own, strict=True):
-                if isinstance(key, str):
-                    own_kwargs[key] = t
-                else:
-                    own_args[key] = t
-            return func(*own_args, **own_kwargs)
-
+        call = _call_on(func, args, kwargs, keys)
         if tracked:
             wanted = [i for i, t in enumerate(tensors) if t.requires_grad]
             graphs = _member_graphs(call, tensors, wanted, axis, 1 if whole else members)

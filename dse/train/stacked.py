@@ -98,10 +98,12 @@ from dse.train.layers import (
     quant_matmul,
 )
 from dse.train.member_kernels import (
+    INNER_SUM_FUNCTIONS,
     OWN_PACKAGE,
     PARALLEL_GRAIN,
     AmbiguousMemberAxisWarning,
     MemberKernels,
+    a_term_per_use,
     cat_as_alone,
     may_call_position_dependent,
 )
@@ -1039,15 +1041,32 @@ class _MemberReads(TorchFunctionMode):
         reads = [i for t in _tensors(args, kwargs) if (i := self.placeholders.get(id(t))) is not None]
         if not reads:
             return func(*args, **kwargs)
-        for i, unbinds in enumerate(self.unbinds):  # the call's new reads, last to first
+        if func in INNER_SUM_FUNCTIONS and torch.is_grad_enabled():
+            joined = a_term_per_use(func, args, kwargs, self._reads)
+            if joined is not NotImplemented:
+                return joined
+        self._new_reads(reads)
+        args = tuple(self._read(value) for value in args)
+        kwargs = {name: self._read(value) for name, value in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _new_reads(self, reads: Sequence[int]) -> None:
+        """Unbinds for a call's new reads of the inputs (their indices, once per read), last to first."""
+        for i, unbinds in enumerate(self.unbinds):
             last = self.counts[i] + reads.count(i)
             unbinds.extend([()] * (last - len(unbinds)))
             for n in reversed(range(self.counts[i], last)):
                 if not unbinds[n]:
                     unbinds[n] = _member_blocks(self.inputs[i], self.members, read=True)
-        args = tuple(self._read(value) for value in args)
-        kwargs = {name: self._read(value) for name, value in kwargs.items()}
-        return func(*args, **kwargs)
+
+    def _reads(self, t: Tensor, uses: int) -> list[Tensor]:
+        """`uses` reads of t (a placeholder: each the member's slice of an unbind of its own, the first
+        made last; else t itself) for a call that uses t `uses` times."""
+        i = self.placeholders.get(id(t))
+        if i is None:
+            return [t] * uses
+        self._new_reads([i] * uses)
+        return [self._read(t) for _ in range(uses)]
 
     def _read(self, value: Any) -> Any:
         """`value` (an argument: a tensor, or a list or tuple of them) with each placeholder read as

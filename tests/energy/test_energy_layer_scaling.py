@@ -57,8 +57,9 @@ def test_layer_scaling_costs_nothing_where_training_scales_no_tensor_by_it(estim
 
 def test_the_layer_scale_of_a_tensor_costs_its_ops_per_value_and_one_divide() -> None:
     """One linear layer, only activations scaled: the forward's output (batch x 64 values) pays, per
-    value, two 8-bit and two 31-bit comparisons, two 8-bit exponent adds, an add into a running sum of
-    31 + ceil(log2 n) bits and a count of ceil(log2 n) bits; per tensor a float64 divide."""
+    value, two 8-bit and two 31-bit comparisons, two 8-bit exponent adds, a 32-entry 9-bit table read
+    and a 31-bit add (the log2's correction), an add into a running sum of 31 + ceil(log2 n) bits and a
+    count of ceil(log2 n) bits; per tensor a float64 divide."""
     model = build_model("45nm")
     workload = Workload("one-linear", (linear("fc", 256, 64, first=True),), batch_size=8)
     plain = TrainingFormats.of("posit(16,1)", optimizer="sgd")
@@ -67,8 +68,8 @@ def test_the_layer_scale_of_a_tensor_costs_its_ops_per_value_and_one_divide() ->
     c = model.components
     values = 8 * 64
     width = math.ceil(math.log2(values))
-    per_value = (2 * c.comparator(8) + 2 * c.comparator(31) + 2 * c.adder(8) + c.adder(31 + width)
-                 + c.incrementer(width))
+    per_value = (2 * c.comparator(8) + 2 * c.comparator(31) + 2 * c.adder(8) + c.lut(32, 9) + c.adder(31)
+                 + c.adder(31 + width) + c.incrementer(width))
     expected = values * per_value + c.weights.divide_multiplies * c.fp_mul(11, 52)
     added = after["energy_pj"].sum() - before["energy_pj"].sum()
     assert added == pytest.approx(expected, rel=1e-9)

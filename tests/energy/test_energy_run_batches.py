@@ -52,6 +52,16 @@ def test_an_epoch_with_more_iterations_than_batches_is_refused() -> None:
         run_energy([6], 0, FULL, None, diverged=False)
 
 
+def test_only_a_diverged_runs_last_epoch_may_train_fewer_batches_than_an_epoch_has() -> None:
+    """Training stops an epoch early only at a loss that is not finite, and then stops the run: any other
+    short epoch ran over another training set than the one priced."""
+    with pytest.raises(ValueError, match="epoch 0 trained 4 iterations, but an epoch has 5 batches"):
+        run_energy([4], 0, FULL, None, diverged=False)
+    with pytest.raises(ValueError, match="epoch 0 trained 3 iterations, but an epoch has 5 batches"):
+        run_energy([3, 5], 0, FULL, None, diverged=True)
+    assert run_energy([5, 3], 0, FULL, None, diverged=True).total_mj == 43.0 + 3 * 10.0 + 4.0
+
+
 @given(st.integers(1, 10_000), st.integers(1, 512))
 def test_an_epochs_batches_hold_every_row_once(rows: int, batch: int) -> None:
     batches, last = epoch_batches(rows, batch), last_batch_rows(rows, batch)
@@ -95,3 +105,13 @@ def test_a_workload_at_its_own_batch_prices_its_last_batch_at_the_same_share_of_
     assert energy["resnet50"].forward_mj == pytest.approx(forward, rel=1e-9)
     last_forward = frame.loc[frame["pass"] == "forward", "energy_pj"].sum() / 1e9
     assert energy["resnet50"].last_forward_mj == pytest.approx(last_forward, rel=1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "posit16", "posit(8,1)"])
+def test_a_batch_size_that_divides_the_training_set_gives_a_last_batch_equal_to_a_full_one(fmt: str) -> None:
+    """Where the last batch is full, it costs what every batch costs, to the last bit: a full epoch's run
+    total is then batches x one iteration, on the proxy and on a workload at its own batch."""
+    config = TrainConfig(model="mlp", dataset="digits", epochs=2, batch_size=431, format=fmt)  # 3 x 431
+    for energy in EnergyEstimator(SETTINGS).estimate(config).values():
+        assert energy.epoch_batches == 3
+        assert energy.last_iteration_mj == energy.total_mj and energy.last_forward_mj == energy.forward_mj

@@ -576,3 +576,20 @@ class SequenceFirstFlat(SequenceFirstRows):
 
 def sequence_first_flat6(shape: tuple[int, ...], classes: int) -> nn.Module:
     return SequenceFirstFlat(shape[0], classes, length=6, features=8)
+
+
+class NormedResidual(nn.Module):
+    """A pre-norm residual block: torch's RMSNorm layer (a weight of its own, run member by member in
+    a group; F.rms_norm, a C++ composite, uses its input twice) added to its own input, then a head."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.norm, self.head = nn.Linear(width, 40), nn.RMSNorm(40), nn.Linear(40, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.head(h + self.norm(h))
+
+
+def normed_residual(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return NormedResidual(shape[0], classes)

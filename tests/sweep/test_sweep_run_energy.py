@@ -242,16 +242,40 @@ def test_an_old_stores_fronts_rank_every_configuration_by_one_iteration(swept: P
         expected[["task", "workload", "label", "energy_mj"]])
 
 
-def test_a_result_with_more_iterations_than_its_priced_epoch_has_no_run_energy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("surplus", [1, -1])
+def test_a_result_whose_epoch_does_not_fit_its_priced_epoch_has_no_run_energy(tmp_path: Path,
+                                                                              surplus: int) -> None:
     """Its iterations do not fit the training set its energy was priced on (a user's dataset that changed
-    since): its run is unknown, not priced as though they fit, and the store still loads."""
-    def overlong(config: TrainConfig) -> TrainResult:
+    since): more iterations in an epoch than it has batches, or fewer in a run that did not diverge. Its
+    run is unknown, not priced as though they fit, and the store still loads."""
+    def misfit(config: TrainConfig) -> TrainResult:
         return TrainResult(test_accuracy=0.5, final_loss=1.0, diverged=False, epochs_run=1, wall_time_s=0.01,
-                           params=10, loss_curve=[1.0], epoch_iterations=[_iterations_per_epoch() + 1],
+                           params=10, loss_curve=[1.0], epoch_iterations=[_iterations_per_epoch() + surplus],
                            config=config.to_dict())
 
     text = SWEEP.replace("  - {format: int8, optimizer: niti", "  # ") + f"output: {tmp_path / 'out'}\n"
-    run_sweep(parse_config(text, "warm.yaml"), train_fn=overlong, executor=InlineExecutor(), reports=False)
+    run_sweep(parse_config(text, "warm.yaml"), train_fn=misfit, executor=InlineExecutor(), reports=False)
     posit = _row(load_trials(tmp_path / "out"), "posit")
     assert math.isnan(posit["run_energy_mj:proxy"]) and math.isnan(posit["run_mean_energy_mj:proxy"])
     assert posit["energy_mj:proxy"] > 0
+
+
+def test_planning_a_sweep_on_built_in_workloads_loads_each_tasks_dataset_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep counts each task's training samples when it checks its tasks; pricing the batches of an
+    epoch on built-in workloads takes that count and loads no dataset again."""
+    import dse.data
+    from dse.sweep.runner import plan_sweep
+
+    sweep = parse_config(SWEEP.replace("[proxy, resnet50]", "[resnet50]") + "output: x\n", "warm.yaml")
+    loads: list[str] = []
+    load = dse.data.load_dataset
+
+    def counted(name: str, *args: Any, **kwargs: Any) -> Any:
+        loads.append(name)
+        return load(name, *args, **kwargs)
+
+    monkeypatch.setattr(dse.data, "load_dataset", counted)
+    _, _, rows = plan_sweep(sweep)
+    assert loads == ["digits"]
+    assert {row["epoch_batches"] for row in rows.values()} == {_iterations_per_epoch()}
