@@ -1328,7 +1328,11 @@ class StackedModel(nn.Module):
         """A forward after which a module run once for all members (a user's network) has written a
         Python attribute its first forward did not write raises MemberStateUnstacked: the group shares
         what each member alone keeps its own (a running float updated from the second step on), and
-        the forward check (`stack_reason`), one forward long, judged only the first forward's writes."""
+        the forward check (`stack_reason`), one forward long, judged only the first forward's writes.
+        So does a later forward that writes a floating-point tensor attribute, or reads a value of the
+        group's tensors into Python outside our own layers (`MemberKernelMode.read`): what it keeps
+        the names cannot tell (a value first written the same in every member, then from its batch; a
+        change nested inside a container)."""
         modules: list[tuple[str, nn.Module]] = self.__dict__["shared_modules"]
         before = [module_attributes(m) for _, m in modules]
         yield
@@ -1345,6 +1349,22 @@ class StackedModel(nn.Module):
                     f"its {type(m).__name__} {name or '(the model)'} writes {', '.join(sorted(now - then))} "
                     f"in a later forward than its first, and a group runs it once for all its members, who "
                     f"would share that state (alone each trial keeps its own)")
+        for (name, m), now in zip(modules, written, strict=True):
+            tensors = [a for a in sorted(now)
+                       if isinstance(t := vars(m).get(a), Tensor) and t.is_floating_point()]
+            if tensors:
+                raise MemberStateUnstacked(
+                    f"its {type(m).__name__} {name or '(the model)'} writes the floating-point tensor "
+                    f"{', '.join(tensors)} in a later forward than its first, and a group runs it once for "
+                    f"all its members, who would share it where it comes from their batch (alone each trial "
+                    f"keeps its own)")
+        read = None if self.member_kernels is None else self.member_kernels.mode.read
+        if read is not None:
+            raise MemberStateUnstacked(
+                f"a later forward than its first reads a value of the group's tensors into Python ({read}) "
+                f"in a module the group runs once for all its members: alone each trial reads its own, and "
+                f"what the module keeps of it (an attribute first written the same in every member, a list "
+                f"inside a dict) would be shared")
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
