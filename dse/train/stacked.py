@@ -1287,6 +1287,8 @@ class StackedModel(nn.Module):
                                            if not type(m).__module__.startswith((OWN_PACKAGE, "torch."))]
         """A user's modules the group runs once for all its members (`_shared_state_guarded`)."""
         self.__dict__["shared_written"] = None
+        self.__dict__["forwards"] = 0
+        """The group's forwards so far, training and evaluation (what a MemberStateUnstacked drops)."""
 
     @property
     def position_dependent_kernels(self) -> bool:
@@ -1315,6 +1317,7 @@ class StackedModel(nn.Module):
         modules: list[tuple[str, nn.Module]] = self.__dict__["shared_modules"]
         before = [Attributes(m) for _, m in modules]
         yield
+        self.__dict__["forwards"] += 1
         written = [set(kept.changed()) for kept in before]
         first: list[set[str]] | None = self.__dict__["shared_written"]
         if first is None:
@@ -1324,8 +1327,9 @@ class StackedModel(nn.Module):
             if now - then:
                 raise MemberStateUnstacked(
                     f"its {type(m).__name__} {name or '(the model)'} writes {', '.join(sorted(now - then))} "
-                    f"in a later forward than its first, and a group runs it once for all its members, who "
-                    f"would share that state (alone each trial keeps its own)")
+                    f"in a later forward than its first (forward {self.__dict__['forwards']}), and a group "
+                    f"runs it once for all its members, who would share that state (alone each trial keeps "
+                    f"its own)")
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:
