@@ -51,6 +51,7 @@ from torch's global generator (dropout), which a group cannot split per member.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -1335,11 +1336,10 @@ class StackedModel(nn.Module):
                     f"runs it once for all its members, who would share that state (alone each trial keeps "
                     f"its own)")
         for (name, m), now in zip(modules, written, strict=True):
-            tensors = [a for a in sorted(now)
-                       if isinstance(t := vars(m).get(a), Tensor) and t.is_floating_point()]
+            tensors = [a for a in sorted(now) if _holds_floating_tensor(vars(m).get(a))]
             if tensors:
                 raise MemberStateUnstacked(
-                    f"its {type(m).__name__} {name or '(the model)'} writes the floating-point tensor "
+                    f"its {type(m).__name__} {name or '(the model)'} writes floating-point tensors in "
                     f"{', '.join(tensors)} in a later forward than its first (forward "
                     f"{self.__dict__['forwards']}), and a group runs it once for all its members, who would "
                     f"share it where it comes from their batch (alone each trial keeps its own)")
@@ -1351,6 +1351,17 @@ class StackedModel(nn.Module):
                 f"alone each trial reads its own, and "
                 f"what the module keeps of it (an attribute first written the same in every member, a list "
                 f"inside a dict) would be shared")
+
+
+def _holds_floating_tensor(value: Any) -> bool:
+    """Whether an attribute's value is a floating-point tensor or a list, tuple, deque or dict holding
+    one (at any depth): a value a forward may have computed from its batch without reading it."""
+    if isinstance(value, Tensor):
+        return value.is_floating_point()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return (isinstance(value, list | tuple | collections.deque)
+            and any(_holds_floating_tensor(item) for item in value))
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

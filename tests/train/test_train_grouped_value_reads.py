@@ -27,15 +27,17 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
 @pytest.mark.parametrize("model, said", [
     ("constant_then_batch_ema", "torch.Tensor.__float__ of a () torch.float32 tensor"),
     ("nested_history", "torch.Tensor.__float__ of a () torch.float32 tensor"),
-    ("constant_then_batch_tensor_ema", "writes the floating-point tensor ema in a later forward"),
+    ("constant_then_batch_tensor_ema", "writes floating-point tensors in ema in a later forward"),
+    ("constant_then_batch_tensor_list", "writes floating-point tensors in means in a later forward"),
 ])
 def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trains_one_by_one_and_says_so(
         model: str, said: str) -> None:
     """leaf_models' constant_then_batch_ema (a float set to 0.0 at its first training forward, the same
     in every member, then updated from its batch's hidden mean), nested_history (its batches' hidden
-    means appended to a list inside a dict: the checks compare a container's items one level deep) and
-    constant_then_batch_tensor_ema (the running mean a tensor, never read into Python). Before, all
-    three stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
+    means appended to a list inside a dict: the checks compare a container's items one level deep),
+    constant_then_batch_tensor_ema (the running mean a tensor, never read into Python) and
+    constant_then_batch_tensor_list (a list of tensors: a zero first, then its batches' means). Before,
+    all four stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
     constant_then_batch_ema seed 11 at batch 13 in G 2 1.98894911342197 grouped against
     1.985089103380839 alone)."""
     base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
