@@ -12,6 +12,8 @@ from support.group_runs import assert_group_trains_as_alone, short_digits
 from torch import nn
 
 from dse.models.trace import trace_model
+from dse.sweep import parse_config
+from dse.sweep.energy import EnergyEstimator
 from dse.train import TrainConfig, train
 from dse.train.grouped import GroupSplitWarning, train_group
 from dse.train.layers import UnconvertedGemmWarning, quantize_model
@@ -73,3 +75,32 @@ def test_a_weight_used_by_several_gemms_is_stored_and_updated_once(factory: str)
     assert updated == momentum
     assert [layer.macs_per_sample for layer in workload.layers if layer.name.startswith(("enc", "0"))] == (
         [64 * 32, 32 * 64] if factory == "tied_decoder" else [64 * 64] * 3)  # each use still multiplies
+
+
+GRU_PRICED = """\
+name: priced
+task: {model: support.own_networks:last_step_gru, dataset: digits}
+energy: {node: 7nm, workloads: [proxy]}
+trials:
+  - {format: int8}
+"""
+
+
+@pytest.mark.parametrize("trial, as_trained", [
+    ({}, {"layers": ({"match": "rnn.*", "format": "fp32"},)}),
+    ({"full_precision_layers": ("first",)}, {"layers": ({"match": "rnn.*", "format": "fp32"},
+                                                        {"match": "head", "format": "fp32"})}),
+])
+def test_a_layer_training_leaves_fp32_is_priced_in_fp32(trial: dict[str, object],
+                                                       as_trained: dict[str, object]) -> None:
+    """An int8 trial of a GRU network trains the GRU's GEMMs in fp32 (quantize_model cannot convert
+    them, and its first and last weight layer is the head): its price is that of the same network with those
+    layers ruled fp32, not of an int8 GRU."""
+    estimator = EnergyEstimator(parse_config(GRU_PRICED, "s.yaml").energy)
+
+    def total(**changes: object) -> float:
+        config = TrainConfig(model="support.own_networks:last_step_gru", dataset="digits", format="int8",
+                             **changes)  # type: ignore[arg-type]
+        return estimator.estimate(config)["proxy"].total_mj
+
+    assert total(**trial) == total(**as_trained)
