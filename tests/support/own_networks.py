@@ -63,3 +63,29 @@ class Prototypes(nn.Module):
 
 def prototypes(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Prototypes(shape[0], classes)
+
+
+class StateLstm(nn.Module):
+    """An nn.LSTM of `layers` layers over the image's 8 rows, classified from its last layer's final
+    hidden state h_n[-1] (h_n is (layers, batch, hidden): its batch on the second axis)."""
+
+    def __init__(self, layers: int, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (state, _) = self.rnn(x.reshape(len(x), 8, 8))
+        return self.head(state[-1])
+
+
+def lstm_state_1(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return StateLstm(1, classes)
+
+
+def lstm_state_2(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return StateLstm(2, classes)
+
+
+def lstm_state_3(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return StateLstm(3, classes)
