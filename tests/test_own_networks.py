@@ -27,11 +27,12 @@ def _unconverted(caught: list[warnings.WarningMessage]) -> set[str]:
     return {str(w.message) for w in caught if issubclass(w.category, UnconvertedGemmWarning)}
 
 
-@pytest.mark.parametrize("factory", ["last_step_gru", "prototypes"])
+@pytest.mark.parametrize("factory", ["last_step_gru", "token_distances"])
 def test_a_group_names_each_gemm_it_leaves_fp32_as_a_trial_alone_does(factory: str) -> None:
     configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format="int8", epochs=1,
                            batch_size=50, seed=seed) for seed in (0, 1)]
     data = short_digits()
+    assert group_reason(configs[0], data=data) is None  # (train_group trains a refused group one by one)
     with warnings.catch_warnings(record=True) as together:
         warnings.simplefilter("always")
         train_group(configs, data)
@@ -44,10 +45,11 @@ def test_a_group_names_each_gemm_it_leaves_fp32_as_a_trial_alone_does(factory: s
 
 
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
-@pytest.mark.parametrize("factory", ["last_step_gru", "prototypes"])
+@pytest.mark.parametrize("factory", ["last_step_gru", "token_distances"])
 def test_a_network_with_gemms_left_fp32_trains_in_a_group_as_alone(factory: str) -> None:
     configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format="int8", epochs=1,
                            batch_size=50, seed=seed) for seed in (0, 1)]
+    assert group_reason(configs[0], data=short_digits()) is None
     assert_group_trains_as_alone(configs, short_digits())
 
 
