@@ -246,8 +246,9 @@ def _backwards_spied(spies: dict[type[torch.autograd.Function], UnsplitCalls]) -
 
 class GroupSplitWarning(UserWarning):
     """A group trains otherwise than planned: too large for its device's memory, as consecutive
-    smaller groups; or one by one, a user's Function found while it trained (`BackwardUnsplit`), a
-    layer's buffers its members set apart (`MemberStateUnstacked`), or a forward that interleaved its
+    smaller groups; or one by one from the start, its work so far thrown away, a user's Function found
+    while it trained (`BackwardUnsplit`), a layer's buffers its members set apart or a module run once
+    for all of them writing new state (`MemberStateUnstacked`), or a forward that interleaved its
     members' samples with another axis (`MemberAxisLost`)."""
 
 
@@ -302,8 +303,10 @@ def train_group(configs: Sequence[TrainConfig], dataset: Dataset | None = None,
                 part = configs[start:start + fit]
                 results += _train_group(part, data) if len(part) > 1 else [train(part[0], data)]
     except (BackwardUnsplit, MemberStateUnstacked, MemberAxisLost) as found:
-        warnings.warn(f"model {configs[0].model!r}: {found}; its trials trained one by one",
-                      GroupSplitWarning, stacklevel=2)
+        finished = f", and {len(results)} trials its earlier groups finished" if results else ""
+        warnings.warn(f"model {configs[0].model!r}: {found}; the group's training so far was thrown away "
+                      f"(every member's steps until then{finished}) and its {len(configs)} trials trained "
+                      f"one by one from the start", GroupSplitWarning, stacklevel=2)
         return [train(config, data) for config in configs]
     return results
 

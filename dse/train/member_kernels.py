@@ -210,8 +210,10 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
     computes the same tensor alone). With `rows` (a member's batch) known: the first axis when its
     size is a multiple of the group's folded batch G * rows (the batch, rows of samples, heads of
     samples), else an axis of exactly G * rows (a sequence-first (L, G*B, E) layout, as
-    nn.MultiheadAttention's with batch_first=False), else the first when it divides into G; without
-    `rows`, the first when it divides into G."""
+    nn.MultiheadAttention's with batch_first=False), else one of a multiple of it (that layout
+    flattened behind its samples, (L, G*B*E): each member's block one stretch of it, as
+    `_members_interleaved` keeps it), else the first when it divides into G; without `rows`, the first
+    when it divides into G."""
     if x.dim() == 0:
         return None
     if rows is not None:
@@ -225,9 +227,12 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
                     f"bits than alone: use another batch size, batch_first, or group_size 1)",
                     AmbiguousMemberAxisWarning, stacklevel=4)
             return 0
-        for axis in range(1, x.dim()):
-            if x.shape[axis] == folded:
-                return axis
+        inner = x.shape[1:]
+        if folded in inner:
+            return 1 + inner.index(folded)
+        whole = next((axis for axis, size in enumerate(inner, 1) if size % folded == 0), None)
+        if whole is not None:
+            return whole
     return 0 if x.shape[0] % members == 0 else None
 
 
@@ -869,7 +874,8 @@ class UnsplitCalls(TorchFunctionMode):
     the members' samples in them) that no MemberKernelMode runs member by member, as in a backward,
     where our modes are off the stack unless a recomputation puts them back (dse/train/recompute.py).
     A member mode above this one hands it each member's own block, which has no member axis where a
-    member's batch `rows` is no multiple of `members`."""
+    member's batch `rows` is no multiple of `members` and no other axis a multiple of the group's
+    folded batch (where one is, the call counts: the group trains one by one, as alone)."""
 
     def __init__(self, members: int, rows: int) -> None:
         super().__init__()

@@ -22,15 +22,14 @@ probes, CNN 53.5 MiB, MLP 6.9 MiB (digits), against 1027.1, 518.1 and 37.9 MiB p
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
-from collections.abc import Iterator, MutableMapping, MutableSequence, MutableSet
-from typing import Any
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from dse.train.attributes import Attributes
 
 OPTIMIZER_STATE_COPIES: dict[str, int] = {
     "sgd": 1, "adam": 2, "adamw": 2, "madam": 1, "lns-madam": 2, "niti": 1,
@@ -85,84 +84,13 @@ def activation_bytes_per_sample(model: nn.Module, example: Tensor) -> tuple[floa
     return _distinct_bytes(saved) / samples, largest[0] / samples
 
 
-MODULE_INTERNALS = frozenset(vars(nn.Module()))
-"""The attributes every nn.Module has (its tensors, submodules, hooks, `training`): not a layer's own."""
-
-
-def module_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """A module's own Python attributes: each value, with a copy of what a forward may change in place
-    (a list's, dict's or set's items, as they are: a recurrent layer's list of its parameters keeps
-    them; a deque's; a tensor's or numpy array's values; the attributes of an object of the user's own
-    class), where a forward may change the value in place."""
-    return {name: (value, _contents(value)) for name, value in vars(module).items()
-            if name not in MODULE_INTERNALS}
-
-
-def _contents(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, MutableSequence | MutableSet | MutableMapping) or _plain_object(value):
-        try:
-            return copy.copy(value)  # (a user's object: its attributes, as they are)
-        except Exception:  # (a class copy cannot copy: only the attribute's rebinding is seen)
-            return None
-    return None
-
-
-def _plain_object(value: Any) -> bool:
-    """Whether `value` is an object of the user's own class that keeps its state in its attributes (not a
-    module, function, class, or an object of torch's or dse's)."""
-    return (hasattr(value, "__dict__") and not callable(value)
-            and not isinstance(value, nn.Module | type)
-            and not type(value).__module__.startswith(("torch", "dse.", "builtins", "numpy")))
-
-
-def restore_attributes(module: nn.Module, kept: dict[str, tuple[Any, Any]]) -> None:
-    """The module's Python attributes as `module_attributes` took them: rebound, refilled, added ones
-    gone."""
-    for name in [n for n in vars(module) if n not in MODULE_INTERNALS and n not in kept]:
-        del module.__dict__[name]
-    for name, (value, contents) in kept.items():
-        module.__dict__[name] = value
-        if isinstance(value, Tensor):
-            if value.shape == contents.shape and not torch.equal(value, contents):
-                with torch.no_grad():
-                    value.copy_(contents)
-        elif contents is not None:
-            _refill(module, name, value, contents)
-
-
-def _refill(module: nn.Module, name: str, value: Any, contents: Any) -> None:
-    """`value` (a list, dict, set, deque, numpy array or user's object) given back `contents` (its copy)
-    in place, so that whoever else holds it sees them too."""
-    if isinstance(value, MutableSequence):
-        value.clear()
-        value.extend(contents)
-    elif isinstance(value, MutableSet):
-        value.clear()
-        value |= contents
-    elif isinstance(value, MutableMapping):
-        value.clear()
-        value.update(contents)
-    elif isinstance(value, np.ndarray):
-        if value.flags.writeable:
-            value[...] = contents
-        else:
-            module.__dict__[name] = contents
-    else:
-        vars(value).clear()
-        vars(value).update(vars(contents))
-
-
 @contextlib.contextmanager
 def state_kept(model: nn.Module) -> Iterator[None]:
     """The block (a look-ahead forward) with the model's buffers and parameters as they were after it:
     each module's own buffer tensors (one the forward set from None or reassigned: the one it had,
     None again) with their values (one it updated in place: its value before), and the parameters'
     values (a layer that clamps its weight in its forward), and each module's Python attributes
-    (`module_attributes`: a step counter, a running float, a list its forward appends to), which a
+    (dse/train/attributes.py: a step counter, a running float, a list its forward appends to), which a
     trial alone and each member of a group then start training from alike.
 
     Every value is copied, not only those that changed: a write through `.data` bumps no version
@@ -172,7 +100,7 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     evaluation; its peak and planned memory are the same with or without them (the copies live
     while the model's gradients and optimizer state do not yet)."""
     held = [(module, dict(module._buffers)) for module in model.modules()]
-    attributes = [(module, module_attributes(module)) for module in model.modules()]
+    attributes = [Attributes(module) for module in model.modules()]
     values = {name: b.detach().clone() for name, b in model.named_buffers()}
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     try:
@@ -181,8 +109,8 @@ def state_kept(model: nn.Module) -> Iterator[None]:
         for module, own in held:
             module._buffers.clear()
             module._buffers.update(own)
-        for module, kept in attributes:
-            restore_attributes(module, kept)
+        for kept in attributes:
+            kept.restore()
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(values[name])

@@ -51,7 +51,6 @@ from torch's global generator (dropout), which a group cannot split per member.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -61,7 +60,6 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,6 +69,7 @@ from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
+from dse.train.attributes import Attributes, same_attribute
 from dse.train.batched_sums import (
     aligned_sums_as_members,
     alignment_bytes,
@@ -107,7 +106,6 @@ from dse.train.member_kernels import (
     cat_as_alone,
     may_call_position_dependent,
 )
-from dse.train.memory import MODULE_INTERNALS, module_attributes
 from dse.train.policy import QuantPolicy, TensorQuant
 
 if TYPE_CHECKING:
@@ -224,7 +222,7 @@ def _forward_reason(model: nn.Module, example: Tensor) -> str | None:
     with torch.random.fork_rng(devices=devices), torch.no_grad(), unprobed():
         stacked = stack_models([copy.deepcopy(m) for m in members], None, QuantSwitch(), None, example)
         before = _rng_states(devices)
-        attributes = {name: module_attributes(module) for name, module in stacked.net.named_modules()
+        attributes = {name: Attributes(module) for name, module in stacked.net.named_modules()
                       if not type(module).__module__.startswith(OWN_PACKAGE)}
         reads = _MemberTensorsRead(stacked.net)
         try:
@@ -292,58 +290,24 @@ class _MemberTensorsRead(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _shared_attributes_written(net: nn.Module, before: Mapping[str, Mapping[str, tuple[Any, Any]]],
+def _shared_attributes_written(net: nn.Module, before: Mapping[str, Attributes],
                                members: Sequence[nn.Module]) -> str | None:
     """Which module that a group runs once for all its members (not one of dse's layers: a user's
-    network or weightless layer) wrote a Python attribute in its forward (`before`: each one's
-    `module_attributes` before it) other than each member's own forward alone wrote it (a running
-    float, a list of its batches' statistics): a group would share that attribute among its members,
-    where alone each trial keeps its own (None: none)."""
+    network or weightless layer) changed a Python attribute in its forward (`before`: each one's
+    attributes before it) other than each member's own forward alone changed it (a running float, a
+    list of its batches' statistics): a group would share that attribute among its members, where
+    alone each trial keeps its own (None: none)."""
     alone = [dict(member.named_modules()) for member in members]
     for name, kept in before.items():
         module = net.get_submodule(name)
         own = [modules.get(name) for modules in alone]
-        written = [attribute for attribute, value in vars(module).items()
-                   if attribute not in MODULE_INTERNALS and _attribute_written(value, kept.get(attribute))]
-        differing = [attribute for attribute in written
-                     if any(m is None or not _same_value(vars(module)[attribute], vars(m).get(attribute))
-                            for m in own)]
+        differing = [attribute for attribute in kept.changed()
+                     if any(m is None or not same_attribute(module, m, attribute) for m in own)]
         if differing:
             return (f"its {type(module).__name__} {name or '(the model)'} writes {', '.join(differing)} in "
                     f"its forward from its batch, and a group runs it once for all its members, who would "
                     f"share that state (alone each trial keeps its own)")
     return None
-
-
-def _attribute_written(value: Any, kept: tuple[Any, Any] | None) -> bool:
-    """Whether a Python attribute differs from `kept` (`module_attributes`' value and contents; None:
-    the attribute is new)."""
-    return kept is None or not _same_value(value, kept[0]) or (
-        kept[1] is not None and not _same_value(value, kept[1]))
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    """Whether two Python attribute values are equal (tensors, numpy arrays, containers item by item, a
-    user's object without an == of its own by its attributes)."""
-    if a is b:  # (the same object: no == call, which for some objects compares all their tensors)
-        return True
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
-                and bool(torch.equal(a, b)))
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")))
-    if isinstance(a, list | tuple | collections.deque) and isinstance(b, list | tuple | collections.deque):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if (type(a) is type(b) and type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__")
-            and not callable(a)):  # (a user's object: its attributes)
-        return _same_value(vars(a), vars(b))
-    try:
-        return bool(a == b) or (a != a and b != b)  # (NaN)
-    except Exception:  # (a value without a plain ==)
-        return a is b
 
 
 def _rng_states(devices: list[torch.device]) -> list[Tensor]:
@@ -901,6 +865,25 @@ class PerMemberLayer(nn.Module):
         """Drops the members' parameter copies (`_member_copies`): a new forward of the group."""
         self.__dict__["copies"] = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a deepcopy, pickle or torch.save takes: each member's layer without the tensors a
+        forward left in it (slices of the stacked tensors, views in autograd's graph, which deepcopy
+        cannot copy and pickle would store again) and without the members' parameter copies; the
+        copy's next forward puts its own there."""
+        state = dict(self.__dict__)
+        state["member_layers"] = [_without_slices(layer) for layer in state["member_layers"]]
+        state["copies"] = None
+        return state
+
+
+def _without_slices(layer: nn.Module) -> nn.Module:
+    """A shallow copy of a member's layer (no layers inside) with None where its parameters and buffers
+    are: what `_without_own_tensors` made, before a forward put the member's slices there."""
+    empty = copy.copy(layer)
+    empty.__dict__["_parameters"] = dict.fromkeys(layer._parameters)
+    empty.__dict__["_buffers"] = dict.fromkeys(layer._buffers)
+    return empty
+
 
 def _without_own_tensors(layer: nn.Module) -> nn.Module:
     """A copy of a member's layer with its own tensors left out (None until a call puts the member's
@@ -1304,6 +1287,8 @@ class StackedModel(nn.Module):
                                            if not type(m).__module__.startswith((OWN_PACKAGE, "torch."))]
         """A user's modules the group runs once for all its members (`_shared_state_guarded`)."""
         self.__dict__["shared_written"] = None
+        self.__dict__["forwards"] = 0
+        """The group's forwards so far, training and evaluation (what a MemberStateUnstacked drops)."""
 
     @property
     def position_dependent_kernels(self) -> bool:
@@ -1330,11 +1315,10 @@ class StackedModel(nn.Module):
         what each member alone keeps its own (a running float updated from the second step on), and
         the forward check (`stack_reason`), one forward long, judged only the first forward's writes."""
         modules: list[tuple[str, nn.Module]] = self.__dict__["shared_modules"]
-        before = [module_attributes(m) for _, m in modules]
+        before = [Attributes(m) for _, m in modules]
         yield
-        written = [{attribute for attribute, value in vars(m).items() if attribute not in MODULE_INTERNALS
-                    and _attribute_written(value, kept.get(attribute))}
-                   for (_, m), kept in zip(modules, before, strict=True)]
+        self.__dict__["forwards"] += 1
+        written = [set(kept.changed()) for kept in before]
         first: list[set[str]] | None = self.__dict__["shared_written"]
         if first is None:
             self.__dict__["shared_written"] = written
@@ -1343,8 +1327,9 @@ class StackedModel(nn.Module):
             if now - then:
                 raise MemberStateUnstacked(
                     f"its {type(m).__name__} {name or '(the model)'} writes {', '.join(sorted(now - then))} "
-                    f"in a later forward than its first, and a group runs it once for all its members, who "
-                    f"would share that state (alone each trial keeps its own)")
+                    f"in a later forward than its first (forward {self.__dict__['forwards']}), and a group "
+                    f"runs it once for all its members, who would share that state (alone each trial keeps "
+                    f"its own)")
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -172,12 +172,13 @@ def test_a_network_run_once_that_keeps_its_batches_statistics_in_place_or_from_i
                                  data)
 
 
-def test_a_network_run_once_that_writes_an_attribute_from_its_second_step_on_trains_one_by_one_and_says_so(
+def test_a_network_run_once_that_writes_an_attribute_from_its_second_step_on_trains_one_by_one_from_the_start(
         ) -> None:
     """leaf_models' late_ema: an EMA of its hidden means, a float it updates from its second training
-    forward on, which the one-forward check cannot see. The group finds it at its second forward and
-    its trials train one by one with one line naming it. Before, 3 of 3 runs differed silently (fp32,
-    batch 13, seeds 11-13)."""
+    forward on, which the one-forward check cannot see. The group finds it at its second forward,
+    throws its work away and trains its trials one by one from the start, each as alone, with one line
+    naming the attribute, the forward and what it threw away. Before, 3 of 3 runs differed silently
+    (fp32, batch 13, seeds 11-13); then the line did not say that the group's work was thrown away."""
     base = TrainConfig(model=f"{LEAF_MODELS}:late_ema", dataset="digits", epochs=2, batch_size=13,
                        optimizer="sgd", format="fp32", threads=1)
     data = short_digits()
@@ -187,7 +188,10 @@ def test_a_network_run_once_that_writes_an_attribute_from_its_second_step_on_tra
         warnings.simplefilter("always")
         together = train_group(configs, data)
     lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
-    assert len(lines) == 1 and "LateEma (the model) writes ema in a later forward" in lines[0]
+    assert len(lines) == 1
+    assert "LateEma (the model) writes ema in a later forward than its first (forward 2)" in lines[0]
+    assert ("the group's training so far was thrown away (every member's steps until then) and its 2 trials "
+            "trained one by one from the start") in lines[0]
     assert "\n" not in lines[0]
     for config, grouped in zip(configs, together, strict=True):
         alone = train(config, data).to_dict()
