@@ -180,13 +180,41 @@ def _adopt_orphans() -> bool:
         return False
 
 
-def _reap_orphans() -> None:
-    """Wait for every child of this process (after a sweep: the orphans it left, `_adopt_orphans`)."""
+REAP_TIMEOUT_S = 60.0
+"""How long `_reap_orphans` waits for a sweep's orphans to end (the resource tracker ends within a second
+of its last client)."""
+
+
+def _reap_orphans(timeout_s: float = REAP_TIMEOUT_S) -> list[str]:
+    """Wait up to `timeout_s` for every child of this process to end (after a sweep: the orphans it left,
+    `_adopt_orphans`); the children still running then, as "pid: command line" (empty: none left)."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
-            os.waitpid(-1, 0)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return []
+        if pid:
+            continue
+        if time.monotonic() >= deadline:
+            return _children()
+        time.sleep(0.01)
+
+
+def _children() -> list[str]:
+    """This process's children that have not ended, as "pid: command line" (Linux's /proc)."""
+    me = os.getpid()
+    left = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != me:  # the parent's pid (after the state)
+                continue
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # (it ended meanwhile)
+        left.append(f"{stat.parent.name}: {command.strip()}")
+    return left
 
 
 def timed_cli_cpu(config: Path, output: Path, group_size: int) -> tuple[float, float, float]:
@@ -205,7 +233,10 @@ def timed_cli_cpu(config: Path, output: Path, group_size: int) -> tuple[float, f
     subprocess.run(command, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if adopted:
-        _reap_orphans()
+        left = _reap_orphans()
+        if left:
+            print(f"warning: {len(left)} process(es) the sweep left still ran after {REAP_TIMEOUT_S:g} s, "
+                  f"and their CPU seconds are not counted: {'; '.join(left)}", file=sys.stderr)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return wall, float(load_trials(output)["wall_time_s"].sum()), cpu

@@ -253,6 +253,13 @@ class Use:
     along that GEMM's reduction axis (dse/train/layers.py, as microsoft/microxcaling's mx/linear.py
     does), so every GEMM runs on the block datapath and each use after a tensor's first costs one more
     quantization; other formats are quantized once and reused."""
+    quantized: bool = False
+    """Whether training quantizes the tensor for this GEMM (dse/train/layers.py, QuantGemm): the forward's
+    two operands, the backward's incoming error and a weight's gradient. Where its class has Lu et al.'s
+    layer scale, that is where the scale is computed, and priced (`layer_scale_pj`)."""
+    once_per_backward: bool = False
+    """The incoming error: quantized once, before the backward's GEMMs, for both of them (its layer
+    scale is priced with the first that runs)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,21 +274,25 @@ class Pass:
 
 def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
     """The three GEMMs of a layer whose second operand is a weight (else a second activation). Each
-    tensor's first quantization is priced where it is made (a GEMM's output, the weight update); the
-    backward GEMMs quantize a block-scaled b, x and dy again along their own reduction axes."""
+    tensor's first rounding is priced where it is made (a GEMM's output, the weight update); the
+    backward GEMMs quantize a block-scaled b, x and dy again along their own reduction axes. A layer
+    scale is priced where training computes it (`Use.quantized`): on the forward's operands, the
+    incoming error and a weight's gradient, which is no GEMM output but the network's input is one."""
     b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
     dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
     act, grad = f.activations, f.gradients
     return [
-        Pass(name="forward", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A),
-             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B),
+        Pass(name="forward", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, quantized=True),
+             b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, quantized=True),
              out=Use(fmt=act, tensor=ACTIVATIONS, array=Array.OUT)),
-        Pass(name="backward_data", a=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT),
+        Pass(name="backward_data",
+             a=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, quantized=True, once_per_backward=True),
              b=Use(fmt=b_fmt, tensor=b_tensor, array=Array.B, requantized=True),
              out=Use(fmt=grad, tensor=GRADIENTS, array=Array.A)),
         Pass(name="backward_weight", a=Use(fmt=act, tensor=ACTIVATIONS, array=Array.A, requantized=True),
-             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, requantized=True),
-             out=Use(fmt=dw_fmt, tensor=dw_tensor, array=Array.B)),
+             b=Use(fmt=grad, tensor=GRADIENTS, array=Array.OUT, requantized=True, quantized=True,
+                   once_per_backward=True),
+             out=Use(fmt=dw_fmt, tensor=dw_tensor, array=Array.B, quantized=b_is_weight)),
     ]
 
 
@@ -348,9 +359,11 @@ class _Tally:
             self.add(layers, pass_name, "memory", sram_bits * self.model.sram_pj_per_bit, tensor, "sram")
 
     def gemm(self, names: np.ndarray, sizes: dict[Array, np.ndarray], macs: np.ndarray, p: Pass,
-             rounding: Rounding, scaled: frozenset[str] = frozenset()) -> None:
-        """The GEMM's rows; `scaled`: the tensor classes quantized with a layer scale, priced where the
-        model prices a tensor's quantization (its GEMM output, the weights' in the update)."""
+             rounding: Rounding, scaled: frozenset[str] = frozenset(),
+             error_scaled: np.ndarray | None = None) -> None:
+        """The GEMM's rows; `scaled`: the tensor classes quantized with a layer scale, priced where
+        training computes it (`Use.quantized`); `error_scaled`: the rows whose incoming error an earlier
+        GEMM of their backward scaled already."""
         dp = datapath_for(p.a.fmt, p.b.fmt, self.model.components, self.model.datapath)
         pp, pg, po = dp.per_product, dp.per_group, dp.per_output
         outputs = sizes[p.out.array]
@@ -363,8 +376,12 @@ class _Tally:
         for use in (p.a, p.b):
             if use.requantized and use.fmt.block_size:  # quantized again along this GEMM's reduction axis
                 conversion = conversion + sizes[use.array] * self.conversion(FP32, use.fmt, rounding)
-        if p.out.tensor in scaled:
-            conversion = conversion + layer_scale_pj(self.model.components, outputs)
+        for use in (p.a, p.b, p.out):
+            if use.quantized and use.tensor in scaled:
+                scale_pj = layer_scale_pj(self.model.components, sizes[use.array])
+                if use.once_per_backward and error_scaled is not None:
+                    scale_pj = np.where(error_scaled, 0.0, scale_pj)
+                conversion = conversion + scale_pj
         self.add(names, p.name, "multiply",
                  macs * pp.multiply_pj + groups * pg.multiply_pj + outputs * po.multiply_pj)
         self.add(names, p.name, "conversion", conversion)
@@ -408,10 +425,9 @@ class _Tally:
         else:  # the update is computed in `arith` and rounded straight into the weight format
             conversion += self.conversion(arith, f.weights, f.update_rounding)
         self.add(names, "update", "conversion", params * conversion)
-        rounded = [WEIGHTS] + ([MASTER_WEIGHTS] if f.master_weights is not None else [])
-        for tensor in rounded:  # each updated weight tensor is rounded with its layer scale
-            if tensor in f.layer_scaled:
-                self.add(names, "update", "conversion", layer_scale_pj(self.model.components, params))
+        stored = WEIGHTS if f.master_weights is None else MASTER_WEIGHTS  # what each step rounds the
+        if stored in f.layer_scaled and (f.master_weights or f.weights).key != FP32.key:  # update into
+            self.add(names, "update", "conversion", layer_scale_pj(self.model.components, params))
         self.memory(names, "update", WEIGHT_GRADS, params * f.weight_grads.storage_bits)
         states = STATE_TENSORS[f.optimizer]
         self.memory(names, "update", OPTIMIZER_STATE, params * (2 * states * f.optimizer_state.storage_bits))
@@ -454,6 +470,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
         Array.OUT: np.array([layer.out_elems for layer in layers], dtype=float) * batch,
     }
     total_macs = 0.0
+    error_scaled = np.zeros(len(layers), dtype=bool)
     for variant in (True, False):
         for p in layer_passes(f, variant):
             rows = is_weight == variant
@@ -463,8 +480,10 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
                 rows = rows & needs_db
             if rows.any():
                 tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding,
-                           f.layer_scaled)
+                           f.layer_scaled, error_scaled[rows])
                 total_macs += float(macs[rows].sum())
+                if p.name != "forward":
+                    error_scaled |= rows
     parameters = Parameters.of(wl, f.optimizer)
     for updated, kept_in in ((parameters.updated_in_weight_format, f), (parameters.updated_in_fp32,
                                                                         f.unquantized())):

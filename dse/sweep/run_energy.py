@@ -56,7 +56,8 @@ class RunEnergy:
     """Every batch the run computed, each at its rows and in the formats it ran in: the iterations it
     trained and, for a run that diverged, the forward of the batch whose loss was not finite."""
     mean_mj: float
-    """total_mj per iteration trained (NaN for a run that trained none)."""
+    """total_mj per iteration trained (NaN for a run that trained none): each cost weighted by its share
+    of the iterations, so a run whose iterations all cost one iteration's energy has exactly that mean."""
 
 
 def run_energy(epoch_iterations: Sequence[int], warmup_epochs: int, energies: BatchEnergies,
@@ -68,7 +69,7 @@ def run_energy(epoch_iterations: Sequence[int], warmup_epochs: int, energies: Ba
     diverged with every batch trained had finite losses and non-finite weights: no forward more). Any
     other count is a run over another training set than the one priced: a ValueError. `warmup_energies`
     may be None only where no epoch trained in warm-up."""
-    total = 0.0
+    counts: dict[float, int] = {}  # what a batch's work cost (mJ) -> how many batches cost it
     for epoch, trained in enumerate(epoch_iterations):
         cost = energies
         if epoch < warmup_epochs:
@@ -81,9 +82,20 @@ def run_energy(epoch_iterations: Sequence[int], warmup_epochs: int, energies: Ba
             raise ValueError(f"epoch {epoch} trained {trained} iterations, but an epoch has {batches} "
                              "batches")
         if trained == batches:
-            total += (batches - 1) * cost.iteration_mj + cost.last_iteration_mj
+            _count(counts, cost.iteration_mj, batches - 1)
+            _count(counts, cost.last_iteration_mj, 1)
         else:
-            total += trained * cost.iteration_mj
-            total += cost.last_forward_mj if trained == batches - 1 else cost.forward_mj
+            _count(counts, cost.iteration_mj, trained)
+            _count(counts, cost.last_forward_mj if trained == batches - 1 else cost.forward_mj, 1)
     iterations = sum(epoch_iterations)
-    return RunEnergy(total_mj=total, mean_mj=total / iterations if iterations else math.nan)
+    total = math.fsum(mj * count for mj, count in counts.items())
+    mean = math.fsum(mj * (count / iterations) for mj, count in counts.items()) if iterations else math.nan
+    return RunEnergy(total_mj=total, mean_mj=mean)
+
+
+def _count(counts: dict[float, int], mj: float, batches: int) -> None:
+    """`batches` more batches that cost `mj` each: batches of equal cost are summed as one product, so a
+    run whose every iteration cost the same totals iterations x that cost, and its mean is that cost to
+    the last bit (a sum of its iterations one by one, divided, is not)."""
+    if batches:
+        counts[mj] = counts.get(mj, 0) + batches

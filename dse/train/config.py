@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dse.errors import InputError, SettingError, choice, number_problem
@@ -60,6 +61,20 @@ def _names(name: str) -> tuple[str, ...]:
     return OPTIMIZERS if name == "optimizer" else LR_SCHEDULES
 
 
+def _check_not_a_workload_file(value: Any) -> None:
+    """An ONNX file or a list of layer shapes named as the model to train: an InputError that says dse
+    prices such a file (its GEMM shapes, no network to run) and trains a network given as code."""
+    suffix = Path(value.strip()).suffix.lower() if isinstance(value, str) else ""
+    if not suffix:  # (a built-in's name: nothing to import)
+        return
+    from dse.models.workloads import WORKLOAD_FILE_SUFFIXES
+
+    if suffix in WORKLOAD_FILE_SUFFIXES:
+        raise InputError(f"model {value!r}: dse reads only the GEMM shapes of a {suffix} file, to price it "
+                         f"as an energy workload, and cannot train it: give the network's PyTorch code "
+                         f"(file.py:function) as the model (docs/own-network.md)")
+
+
 def field_value(name: str, value: Any) -> Any:
     """One TrainConfig field's value checked for what it means; returns it normalised (names in lower
     case, format specs canonical). Every check of a field's value is here, in one place: TrainConfig
@@ -77,6 +92,8 @@ def field_value(name: str, value: Any) -> Any:
         from dse.formats import check_rounding
 
         return check_rounding(value)
+    if name == "model":
+        _check_not_a_workload_file(value)
     if name in _NAMED:
         return choice(name, value, _names(name))
     if name in SPEC_FIELDS:

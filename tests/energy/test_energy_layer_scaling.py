@@ -1,11 +1,14 @@
 """Lu et al.'s layer-wise scale (`layer_scaling`) is priced where training computes it: on every posit
-tensor class quantized without a scale of its own, each time the model prices that tensor's rounding."""
+tensor class quantized without a scale of its own, each time training quantizes a tensor of it."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from dse.energy import TrainingFormats, build_model, iteration_energy
 from dse.models.workloads import Workload, linear
@@ -56,7 +59,7 @@ def test_layer_scaling_costs_nothing_where_training_scales_no_tensor_by_it(estim
 
 
 def test_the_layer_scale_of_a_tensor_costs_its_ops_per_value_and_one_divide() -> None:
-    """One linear layer, only activations scaled: the forward's output (batch x 64 values) pays, per
+    """One linear layer, only activations scaled: the forward's input (batch x 256 values) pays, per
     value, two 8-bit and two 31-bit comparisons, two 8-bit exponent adds, a 32-entry 9-bit table read
     and a 31-bit add (the log2's correction), an add into a running sum of 31 + ceil(log2 n) bits and a
     count of ceil(log2 n) bits; per tensor a float64 divide."""
@@ -66,7 +69,7 @@ def test_the_layer_scale_of_a_tensor_costs_its_ops_per_value_and_one_divide() ->
     scaled = TrainingFormats.of("posit(16,1)", optimizer="sgd", layer_scaled=frozenset({ACTIVATIONS}))
     before, after = iteration_energy(workload, plain, model), iteration_energy(workload, scaled, model)
     c = model.components
-    values = 8 * 64
+    values = 8 * 256
     width = math.ceil(math.log2(values))
     per_value = (2 * c.comparator(8) + 2 * c.comparator(31) + 2 * c.adder(8) + c.lut(32, 9) + c.adder(31)
                  + c.adder(31 + width) + c.incrementer(width))
@@ -76,3 +79,52 @@ def test_the_layer_scale_of_a_tensor_costs_its_ops_per_value_and_one_divide() ->
     forward = after[after["pass"] == "forward"]["energy_pj"].sum() - \
         before[before["pass"] == "forward"]["energy_pj"].sum()
     assert forward == pytest.approx(expected, rel=1e-9)
+
+
+def _scaled_in_one_training_step(config: TrainConfig) -> list[int]:
+    """The values of each tensor one training step (forward, backward, update) of `config` quantizes with
+    Lu et al.'s layer scale, recorded from training itself (`lu_layer_scale`'s calls)."""
+    import dse.train.policy as policy_module
+    from dse.data import load_dataset
+    from dse.models.proxies import build_model
+    from dse.train.loop import prepare
+
+    data = load_dataset(config.dataset)
+    x, y = data.x_train[:config.batch_size], data.y_train[:config.batch_size]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    setup = prepare(build_model(config.model, data), config, generator, x[:8])
+    scaled: list[int] = []
+    original = policy_module.lu_layer_scale
+
+    def recording(tensor: torch.Tensor, fmt: Any) -> float:
+        scaled.append(tensor.numel())
+        return original(tensor, fmt)
+
+    policy_module.lu_layer_scale = recording  # type: ignore[assignment]
+    try:
+        setup.loss_fn(setup.model(x), y).backward()
+        setup.optimizer.step()
+    finally:
+        policy_module.lu_layer_scale = original
+    return scaled
+
+
+@pytest.mark.parametrize(("master", "last_fp32"), [(True, False), (False, False), ("posit(16,2)", False),
+                                                   (True, True)])
+def test_the_model_prices_a_layer_scale_for_exactly_the_tensors_training_scales(
+        estimator: EnergyEstimator, master: bool | str, last_fp32: bool) -> None:
+    """One training step of the proxy MLP (posit(8,1), layer_scaling) scales the forward's operands (the
+    network's input among them, not the logits), each backward's incoming error once, the weight
+    gradients, and the stored weights where a step rounds them into a posit (no fp32 master copy, or a
+    posit one); the model's added conversion energy is the scale's cost over exactly those tensors."""
+    from dse.energy.iteration import layer_scale_pj
+
+    config = TrainConfig(model="mlp", dataset="mnist1d", epochs=1, batch_size=100, format="posit(8,1)",
+                         optimizer="sgd", master_weights=master, layer_scaling=True,
+                         full_precision_layers=["last"] if last_fp32 else [])
+    scaled = _scaled_in_one_training_step(config)
+    expected_pj = float(layer_scale_pj(build_model(SETTINGS.node).components, np.array(scaled, float)).sum())
+    plain = estimator.estimate(config.replace(layer_scaling=False))["proxy"]
+    priced = estimator.estimate(config)["proxy"]
+    assert priced.conversion_mj - plain.conversion_mj == pytest.approx(expected_pj / 1e9, rel=1e-9)

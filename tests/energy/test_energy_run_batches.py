@@ -62,6 +62,21 @@ def test_only_a_diverged_runs_last_epoch_may_train_fewer_batches_than_an_epoch_h
     assert run_energy([5, 3], 0, FULL, None, diverged=True).total_mj == 43.0 + 3 * 10.0 + 4.0
 
 
+@given(st.floats(1e-6, 1e4, allow_subnormal=False), st.integers(1, 2_000), st.integers(1, 50),
+       st.integers(0, 3))
+def test_a_run_whose_every_iteration_costs_one_iterations_energy_has_that_mean_to_the_last_bit(
+        iteration_mj: float, batches: int, epochs: int, warmup: int) -> None:
+    """Full epochs whose last batch is full (a warm-up's too, where it costs the same): the run's mean is
+    one iteration's energy exactly, so fronts ranked by it and by one iteration agree to the last bit, and
+    its total is iterations x one iteration."""
+    forward_mj = iteration_mj / 3
+    energies = BatchEnergies(iteration_mj=iteration_mj, last_iteration_mj=iteration_mj, forward_mj=forward_mj,
+                             last_forward_mj=forward_mj, epoch_batches=batches)
+    run = run_energy([batches] * epochs, min(warmup, epochs), energies, energies, diverged=False)
+    assert run.mean_mj == iteration_mj
+    assert run.total_mj == (epochs * batches) * iteration_mj
+
+
 @given(st.integers(1, 10_000), st.integers(1, 512))
 def test_an_epochs_batches_hold_every_row_once(rows: int, batch: int) -> None:
     batches, last = epoch_batches(rows, batch), last_batch_rows(rows, batch)

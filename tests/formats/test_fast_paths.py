@@ -8,7 +8,9 @@ whole tensors); both runs draw from generators with the same seed.
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -149,3 +151,27 @@ def test_every_registered_path_names_its_reference_and_cases() -> None:
             "block-scale-grid-slices", "host-tensor-scale", "cpu-slices"} <= set(FAST_PATHS)
     for path in FAST_PATHS.values():
         assert path.reference and path.formats and path.roundings and path.dtypes
+
+
+@pytest.mark.parametrize(("path", "spec"), [pytest.param(path, spec, id=f"{path.name}-{spec}")
+                                            for path in FAST_PATHS.values() for spec in path.formats])
+def test_a_format_whose_fast_paths_ran_is_freed_by_reference_counting_alone(
+        path: FastPath, spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plans and kernels a fast path caches in the format's `fast_cache` do not refer back to the
+    format: the format goes when its last reference does, with no reference cycle left for the cyclic
+    garbage collector (a sweep builds formats for every trial; each cycle held 11 objects)."""
+    monkeypatch.setattr(fast_slices, "CPU_SLICE_ELEMENTS_PER_THREAD", SLICE_ELEMENTS)
+    fmt = get(spec)
+    with recording() as used:
+        for dtype in path.dtypes:
+            x = code_space(path, fmt, dtype)
+            for rounding in path.roundings:
+                run(path, fmt, x, rounding)
+    assert path.name in used, f"{path.name} did not run for {spec}"
+    freed = weakref.ref(fmt)
+    gc.disable()  # (so that only reference counting can free it)
+    try:
+        del fmt
+        assert freed() is None, f"a reference cycle keeps {spec} alive after {path.name} ran"
+    finally:
+        gc.enable()
