@@ -425,8 +425,10 @@ class _Tally:
         else:  # the update is computed in `arith` and rounded straight into the weight format
             conversion += self.conversion(arith, f.weights, f.update_rounding)
         self.add(names, "update", "conversion", params * conversion)
-        stored = WEIGHTS if f.master_weights is None else MASTER_WEIGHTS  # what each step rounds the
-        if stored in f.layer_scaled and (f.master_weights or f.weights).key != FP32.key:  # update into
+        # after each step training rounds the stored weights into their format: the master copy's, else
+        # the weights' own (an fp32 copy is not rounded; the next forward quantizes the weights from it)
+        stored = WEIGHTS if f.master_weights is None else MASTER_WEIGHTS
+        if stored in f.layer_scaled and (f.master_weights or f.weights).key != FP32.key:
             self.add(names, "update", "conversion", layer_scale_pj(self.model.components, params))
         self.memory(names, "update", WEIGHT_GRADS, params * f.weight_grads.storage_bits)
         states = STATE_TENSORS[f.optimizer]
