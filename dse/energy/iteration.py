@@ -276,8 +276,9 @@ def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
     """The three GEMMs of a layer whose second operand is a weight (else a second activation). Each
     tensor's first rounding is priced where it is made (a GEMM's output, the weight update); the
     backward GEMMs quantize a block-scaled b, x and dy again along their own reduction axes. A layer
-    scale is priced where training computes it (`Use.quantized`): on the forward's operands, the
-    incoming error and a weight's gradient, which is no GEMM output but the network's input is one."""
+    scale is priced where training computes it (`Use.quantized`): on the forward's operands (the
+    network's input among them, while the logits are never quantized), the incoming error and a
+    weight's gradient."""
     b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
     dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
     act, grad = f.activations, f.gradients
