@@ -871,7 +871,7 @@ class PerMemberLayer(nn.Module):
         forward left in it (slices of the stacked tensors, views in autograd's graph, which deepcopy
         cannot copy and pickle would store again) and without the members' parameter copies; the
         copy's next forward puts its own there."""
-        state = dict(self.__dict__)
+        state: dict[str, Any] = super().__getstate__()
         state["member_layers"] = [_without_slices(layer) for layer in state["member_layers"]]
         state["copies"] = None
         return state
