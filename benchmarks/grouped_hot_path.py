@@ -14,6 +14,15 @@ interleaved in one process (thread CPU µs, best of --rounds x --calls, one thre
 
 The baselines are the former functions, patched in for their turn; the bits are the same either way
 (tests/train/test_train_grouped_overhead.py, tests/formats).
+
+--step-ablations: where a group step's Python goes, by ablation (nothing here keeps each member's bits;
+a measure only). The quickstart's fp32 step (forward, loss, backward, SGD step, zero_grad) of a group
+of G at a batch of --rows (4: its arithmetic small, so the step is Python and dispatch), CPU µs a group
+step, interleaved in one process, best of 9 x 100 steps: as the group trains; without the GEMM
+decisions (`aligned_sums_as_members` answering batched at once: no key, no copy to alone's alignment);
+without the shared-state guard of a user's modules (a built-in proxy has none); the loss without each
+member's own value (the objective alone); and the same network grouped by hand in plain torch
+(benchmarks/grouped_gap.py's `by_hand`: one baddbmm a layer, torch's SGD over the stacked weights).
 """
 
 from __future__ import annotations
@@ -118,6 +127,68 @@ def compare(name: str, call: Callable[[], object], calls: int, rounds: int) -> N
           f"{fastest['before'] - fastest['today']:.1f} |")
 
 
+def step_ablations(sizes: list[int], rows: int) -> None:
+    """The Python of a group step, part by part (module docstring, --step-ablations)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from grouped import phase_steps
+    from grouped_bound import _run, quickstart_configs
+    from grouped_gap import by_hand
+
+    import dse.train.stacked as stacked
+    from dse.data import load_dataset
+
+    @contextlib.contextmanager
+    def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            setattr(owner, name, saved)
+
+    @contextlib.contextmanager
+    def unguarded(_: Any) -> Iterator[None]:
+        yield
+
+    config = quickstart_configs()["fp32"].replace(batch_size=rows)
+    data = load_dataset(config.dataset)
+    print(f"CPU µs a group step of the quickstart's fp32 MLP at {rows} rows, best of 9 x 100 steps; load "
+          f"average {os.getloadavg()[0]:.2f}")
+    for members in sizes:
+        steps = phase_steps(config, members, data)
+        targets = data.y_train[:rows].expand(members, -1)
+
+        def objective(logits: Tensor, count: int = members, targets: Tensor = targets) -> Tensor:
+            rows_out = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)
+            return F.nll_loss(rows_out, targets.reshape(-1)) * count
+
+        ways: dict[str, tuple[list[Any], Callable[[], contextlib.AbstractContextManager[None]]]] = {
+            "as the group trains": (steps, contextlib.nullcontext),
+            "no GEMM decisions": (steps, lambda: patched(stacked, "aligned_sums_as_members",
+                                                         lambda *args, **_: (True, tuple(args[3])))),
+            "no shared-state guard": (steps, lambda: patched(stacked.StackedModel, "_shared_state_guarded",
+                                                             unguarded)),
+            "no member loss values": ([steps[0], objective, *steps[2:]], contextlib.nullcontext),
+            "by hand in plain torch": (by_hand(members, dataclasses.replace(
+                data, x_train=data.x_train[:rows], y_train=data.y_train[:rows]), config.momentum or 0.0),
+                contextlib.nullcontext)}
+        for run_steps, context in ways.values():
+            with context():
+                _run(run_steps, 20)
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(9):  # interleaved: the load hits each alike
+            for name, (run_steps, context) in ways.items():
+                with context():
+                    best[name] = min(best[name], _best_us(functools.partial(_run, run_steps, 1), 100))
+        base = best["as the group trains"]
+        print(f"G = {members}: " + "; ".join(f"{name} {us:.0f} ({base - us:+.0f})"
+                                             for name, us in best.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,9 +196,17 @@ def main() -> None:
     parser.add_argument("--formats", default="int8,int4,fp8_e4m3,posit8,lns8")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--step-ablations", action="store_true", help="only the group step's ablations")
+    parser.add_argument("--rows", type=int, default=4, help="a member's batch in --step-ablations")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [int(size) for size in args.sizes.split(",")]
+    if args.step_ablations:
+        from dse.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
+        step_ablations(sizes, args.rows)
+        return
     print(f"thread CPU µs a call, best of {args.rounds} x {args.calls}, one thread; "
           f"load average {os.getloadavg()[0]:.2f}")
     print("| call | before | today | saved |")

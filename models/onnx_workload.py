@@ -11,6 +11,7 @@ Initializers that are no GEMM's weight (biases, norms, embeddings) go to extra_p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -20,7 +21,8 @@ from dse.errors import InputError
 from dse.models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
 
 _GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-_UNPRICED_OPS = ("Einsum", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "Attention")
+_UNPRICED_OPS = ("Einsum", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "Attention",
+                 "LSTM", "GRU", "RNN")
 """Products this reader does not take apart; a file that holds them gets a warning naming them."""
 
 
@@ -147,8 +149,8 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             roots[output] = sources
     unpriced = sorted({node.op_type for node in graph.node if node.op_type in _UNPRICED_OPS})
     if unpriced:
-        warnings.warn(f"{where}: {', '.join(unpriced)} nodes are not priced (export with einsum written "
-                      "as matmul to count them)", stacklevel=2)
+        warnings.warn(f"{where}: {', '.join(unpriced)} nodes are not priced (only MatMul, Gemm, Conv and "
+                      "ConvTranspose are read; an einsum written as matmuls counts)", stacklevel=2)
     gemms = [node for node in graph.node if node.op_type in _GEMM_OPS]
     if not gemms:
         raise InputError(f"{where}: no MatMul, Gemm or Conv node")
@@ -166,7 +168,9 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
         a_weight = a in constant and a not in from_input and bool(roots.get(a))
         b_weight = b in constant and b not in from_input and bool(roots.get(b))
         weight_of = b if b_weight else a if a_weight else None
+        repeated = False  # a weight an earlier GEMM took (a layer applied again, a tied weight): stored once
         if weight_of is not None:
+            repeated = bool(roots.get(weight_of)) and roots[weight_of] <= owned
             owned |= roots.get(weight_of, set())
         owned_weight = weight_of is not None and weight_of in params and not weight_of.startswith("onnx::")
         named = weight_of if owned_weight else None
@@ -193,7 +197,7 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
             else:  # weight [c_out, c_in/g, *kernel]
                 layer = GemmLayer(name, m=math.prod(out_shape[2:]), k=b_shape[1] * kernel,
                                   n=b_shape[0] // groups, **common)
-        layers.append(layer)
+        layers.append(dataclasses.replace(layer, repeated_weight=repeated))
     layers = unique_names(layers)
     extra = {name: count for name, count in params.items() if name not in owned}
     return Workload(graph.name or path.stem, tuple(layers), batch_size=batch_size, extra_params=extra,

@@ -34,8 +34,9 @@ _FUSED_ATTENTION = {getattr(aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_fused_attention_overrideable") if hasattr(aten, name)}
-_UNPRICED_WORDS = ("rnn", "lstm", "gru", "_int_mm", "_weight_int")
-"""Kernels that hold GEMMs this tracer does not take apart (recurrent layers, integer matmuls): a model
+_UNPRICED_WORDS = ("rnn", "lstm", "gru", "_int_mm", "_weight_int", "cdist", "euclidean_dist")
+"""Kernels that hold GEMMs this tracer does not take apart (recurrent layers, integer matmuls, torch.cdist's
+distances, a GEMM past 25 rows): a model
 that runs one gets a warning naming it, never a silent gap."""
 
 
@@ -98,10 +99,12 @@ class _Recorder(TorchDispatchMode):
                     products.append(("hr", hidden, proj, True))
                 for kind, k, n, grad in products:
                     weight = f"{prefix}weight_{kind}_l{layer}{suffix}"
+                    repeated = weight in self.used_weights
                     self.used_weights.add(weight)
                     frozen = not getattr(module, weight.removeprefix(prefix)).requires_grad
                     self.layers.append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
-                                                 needs_input_grad=grad, needs_weight_grad=not frozen))
+                                                 needs_input_grad=grad, needs_weight_grad=not frozen,
+                                                 repeated_weight=repeated))
 
     def _param(self, tensor: Any) -> str | None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
@@ -116,10 +119,11 @@ class _Recorder(TorchDispatchMode):
         return f"{name}.{suffix}" if name else suffix
 
     def _record(self, layer: GemmLayer, weight: str | None, suffix: str) -> None:
+        repeated = weight in self.used_weights  # a layer applied again, or a tied weight: stored once
         if weight is not None:
             self.used_weights.add(weight)
         base = layer_name_of(weight) if weight is not None else self._module_name(suffix)
-        self.layers.append(dataclasses.replace(layer, name=base))
+        self.layers.append(dataclasses.replace(layer, name=base, repeated_weight=repeated))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:

@@ -49,6 +49,9 @@ class GemmLayer:
     """False where torch's autograd computes no gradient of the second operand, so no backward-weight GEMM
     runs: a frozen weight (requires_grad=False), which the optimizer then leaves alone too (no update, no
     state), or a product of two activations whose second needs none (both come from the model's input)."""
+    repeated_weight: bool = False
+    """True where the weight is an earlier layer's (a layer applied again, a tied weight): read again by
+    this GEMM, but stored, updated and given optimizer state once, with the layer that first used it."""
 
     @property
     def trained_params(self) -> int:
@@ -79,7 +82,8 @@ class GemmLayer:
 
     @property
     def params(self) -> int:
-        return self.b_elems if self.b_is_weight else 0
+        """The weights this layer stores and updates (none where they are an earlier layer's)."""
+        return self.b_elems if self.b_is_weight and not self.repeated_weight else 0
 
     def training_gemms(self) -> tuple[tuple[str, int, int, int], ...]:
         """The GEMMs one training step runs for this layer, per sample, as (pass, m, k, n), each done

@@ -276,8 +276,9 @@ def layer_passes(f: ResolvedFormats, b_is_weight: bool) -> list[Pass]:
     """The three GEMMs of a layer whose second operand is a weight (else a second activation). Each
     tensor's first rounding is priced where it is made (a GEMM's output, the weight update); the
     backward GEMMs quantize a block-scaled b, x and dy again along their own reduction axes. A layer
-    scale is priced where training computes it (`Use.quantized`): on the forward's operands, the
-    incoming error and a weight's gradient, which is no GEMM output but the network's input is one."""
+    scale is priced where training computes it (`Use.quantized`): on the forward's operands (the
+    network's input among them, while the logits are never quantized), the incoming error and a
+    weight's gradient."""
     b_fmt, b_tensor = (f.weights, WEIGHTS) if b_is_weight else (f.activations, ACTIVATIONS)
     dw_fmt, dw_tensor = (f.weight_grads, WEIGHT_GRADS) if b_is_weight else (f.gradients, GRADIENTS)
     act, grad = f.activations, f.gradients
@@ -425,8 +426,10 @@ class _Tally:
         else:  # the update is computed in `arith` and rounded straight into the weight format
             conversion += self.conversion(arith, f.weights, f.update_rounding)
         self.add(names, "update", "conversion", params * conversion)
-        stored = WEIGHTS if f.master_weights is None else MASTER_WEIGHTS  # what each step rounds the
-        if stored in f.layer_scaled and (f.master_weights or f.weights).key != FP32.key:  # update into
+        # after each step training rounds the stored weights into their format: the master copy's, else
+        # the weights' own (an fp32 copy is not rounded; the next forward quantizes the weights from it)
+        stored = WEIGHTS if f.master_weights is None else MASTER_WEIGHTS
+        if stored in f.layer_scaled and (f.master_weights or f.weights).key != FP32.key:
             self.add(names, "update", "conversion", layer_scale_pj(self.model.components, params))
         self.memory(names, "update", WEIGHT_GRADS, params * f.weight_grads.storage_bits)
         states = STATE_TENSORS[f.optimizer]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dse.energy import TrainingFormats, Workload, build_model, get_workload, iteration_energy, unit_totals
 from dse.energy.iteration import TRAIN_OPTIMIZERS, UNITS, training_area_um2
@@ -32,9 +32,11 @@ from dse.precision import (
     ACTIVATIONS,
     GRADIENTS,
     MASTER_WEIGHTS,
+    SHORTHAND,
     WEIGHT_GRADS,
     WEIGHTS,
     Layer,
+    LayerRule,
     TensorFormats,
     resolve_layers,
 )
@@ -44,6 +46,9 @@ from dse.sweep.trials import FP32, canonical_rules, resolved_formats, stable_has
 from dse.train.config import TrainConfig
 from dse.usercode import identity as code_identity
 from dse.usercode import is_ref
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ENERGY_OPTIMIZERS: dict[str, str] = TRAIN_OPTIMIZERS
 """Training optimizer -> the energy model's update (AdamW as Adam, LNS-Madam as Madam)."""
@@ -132,25 +137,44 @@ KIND_TYPES: dict[str, tuple[str, ...]] = {"linear": ("Linear",), "conv": ("Conv2
 """Module classes a workload layer answers to in `type:` rules when no model tells (built-in workloads)."""
 
 
-def layer_formats(workload: Workload, config: TrainConfig,
-                  types: dict[str, tuple[str, ...]] | None = None) -> dict[str, TensorFormats]:
+def layer_formats(workload: Workload, config: TrainConfig, types: dict[str, tuple[str, ...]] | None = None,
+                  fp32_layers: frozenset[str] = frozenset()) -> dict[str, TensorFormats]:
     """Each workload layer's formats as the trial trained it: `layers` rules and full_precision_layers
     over the trial's formats (dse/precision.py). `types` (layer name -> module classes, from the
-    trial's own model) serve `type:` rules; else the layer's kind does. A rule that matches no layer
-    of this workload is not an error here (it names the trial's model, which training checks)."""
+    trial's own model) serve `type:` rules; else the layer's kind does. `fp32_layers` names the layers
+    training cannot quantize (an nn.GRU's GEMMs): fp32, and out of the rules and of first/last, as
+    training leaves them. A rule that matches no layer of this workload is not an error here (it names
+    the trial's model, which training checks)."""
     types = types or {}
+    base = config.tensor_formats()
     layers = [Layer(layer.name, (), types.get(layer.name.split("#")[0], KIND_TYPES.get(layer.kind, ())),
-                    layer.b_is_weight) for layer in workload.layers]
-    return resolve_layers(layers, config.layers, config.tensor_formats(), config.full_precision_layers,
-                          require_match=False)
+                    layer.b_is_weight) for layer in workload.layers if layer.name not in fp32_layers]
+    fp32 = LayerRule("*", ((SHORTHAND, FP32),)).over(base)
+    return {**dict.fromkeys(fp32_layers, fp32), **resolve_layers(
+        layers, config.layers, base, config.full_precision_layers, require_match=False)}
 
 
-def _parts(workload: Workload, config: TrainConfig,
-           types: dict[str, tuple[str, ...]] | None) -> list[tuple[Workload, TensorFormats]]:
+def kept_fp32(network: nn.Module, workload: Workload) -> frozenset[str]:
+    """The traced layers of `network` that training leaves fp32: the GEMMs of a module quantize_model
+    cannot convert (dse.train.layers.UNCONVERTIBLE_TYPES), named after it or its weights
+    (`rnn.weight_ih_l0`)."""
+    from dse.train.layers import UNCONVERTIBLE_TYPES
+
+    modules = [name for name, module in network.named_modules() if isinstance(module, UNCONVERTIBLE_TYPES)]
+    return frozenset(layer.name for layer in workload.layers
+                     if any(_within(layer.name.split("#")[0], name) for name in modules))
+
+
+def _within(layer: str, module: str) -> bool:
+    return not module or layer == module or layer.startswith(f"{module}.")
+
+
+def _parts(workload: Workload, config: TrainConfig, types: dict[str, tuple[str, ...]] | None,
+           fp32_layers: frozenset[str]) -> list[tuple[Workload, TensorFormats]]:
     """The workload split into groups of layers with the same formats; the trial's own group keeps the
     parameters outside GEMM layers (embeddings, norms)."""
     trial = config.tensor_formats()
-    formats = layer_formats(workload, config, types)
+    formats = layer_formats(workload, config, types, fp32_layers)
     groups: dict[TensorFormats, list[Any]] = {trial: []}
     for layer in workload.layers:
         groups.setdefault(formats[layer.name], []).append(layer)
@@ -178,6 +202,8 @@ class EnergyEstimator:
         self._proxies: dict[tuple[Any, ...], Workload] = {}
         self._types: dict[int, dict[str, tuple[str, ...]]] = {}
         """id of a traced workload -> its layers' module classes (for `type:` rules)."""
+        self._kept_fp32: dict[int, frozenset[str]] = {}
+        """id of a traced workload -> its layers training leaves fp32 (`kept_fp32`)."""
         self._train_rows: dict[tuple[str, str | None], int] = dict(train_rows or {})
 
     def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
@@ -202,6 +228,7 @@ class EnergyEstimator:
                                                 config.batch_size, "sgd")
             self._types[id(self._proxies[key])] = {layer.name: layer.types
                                                    for layer in model_layers(network, dataset.x_train[:2])}
+            self._kept_fp32[id(self._proxies[key])] = kept_fp32(network, self._proxies[key])
         return self._proxies[key]
 
     def workload(self, name: str, config: TrainConfig) -> tuple[Workload, int | None]:
@@ -269,7 +296,7 @@ class EnergyEstimator:
         rounding = (config.rounding, config.update_rounding)
         if optimizer == "niti":
             rounding = ("pseudo_stochastic", "pseudo_stochastic")
-        for part, tensors in _parts(workload, config, types):
+        for part, tensors in _parts(workload, config, types, self._kept_fp32.get(id(workload), frozenset())):
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
                 master_weights=master_format(config) if tensors.quantizes_gemms else None,

@@ -72,7 +72,9 @@ UNHANDLED_FUNCTIONS: dict[Callable[..., Any], str] = {
     F.conv_transpose1d: "F.conv_transpose1d", F.conv_transpose2d: "F.conv_transpose2d",
     F.conv_transpose3d: "F.conv_transpose3d", F.bilinear: "F.bilinear",
     torch.lstm: "torch.lstm", torch.gru: "torch.gru", torch.rnn_tanh: "torch.rnn_tanh",
-    torch.rnn_relu: "torch.rnn_relu",
+    torch.rnn_relu: "torch.rnn_relu", torch.cdist: "torch.cdist", torch.inner: "torch.inner",
+    Tensor.inner: "Tensor.inner", torch.linalg.multi_dot: "torch.linalg.multi_dot",
+    torch.addmv: "torch.addmv", Tensor.addmv: "Tensor.addmv", Tensor.addbmm: "Tensor.addbmm",
 }
 """GEMM functions quantize_model does not convert: each call found is named in a warning."""
 Example = Tensor | tuple[Any, ...]

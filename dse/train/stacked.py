@@ -92,6 +92,7 @@ from dse.train.layers import (
     QuantGemm,
     Quantizer,
     QuantSwitch,
+    UnconvertedGemmWarning,
     _on_axis,
     conv_geometry,
     is_block_scaled,
@@ -871,7 +872,7 @@ class PerMemberLayer(nn.Module):
         forward left in it (slices of the stacked tensors, views in autograd's graph, which deepcopy
         cannot copy and pickle would store again) and without the members' parameter copies; the
         copy's next forward puts its own there."""
-        state = dict(self.__dict__)
+        state: dict[str, Any] = super().__getstate__()
         state["member_layers"] = [_without_slices(layer) for layer in state["member_layers"]]
         state["copies"] = None
         return state
@@ -1224,7 +1225,8 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
                  generators: MemberGenerators | None, example: Tensor | None = None) -> StackedModel:
     """One stacked network from G networks of one architecture (each member's own initial weights),
     quantized as `quantize_model` quantizes each of them under `policy` (None: fp32), full-precision
-    layers included, with each member's stochastic rounding drawn from its own generator. `example`
+    layers included and each GEMM left fp32 named in its warning, with each member's stochastic rounding
+    drawn from its own generator. `example`
     (the training samples `dse.train.loop.train` shows quantize_model) finds the GEMMs the forward
     calls as functions, which run per member under dse/train/stacked_functional.py."""
     from dse.train.functional import install
@@ -1236,6 +1238,8 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
     if reason is not None:
         raise ValueError(f"cannot stack this model: {reason}")
     policies = None if policy is None else layer_policies(policy, found)
+    for message in found.unconverted if policy is not None else ():  # as quantize_model warns alone
+        warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
     module_layers = {site.layer.name: site.layer for site in found.sites if site.module is not None}
     net = copy.deepcopy(first)
     by_name = [dict(model.named_modules(remove_duplicate=False)) for model in models]
