@@ -714,3 +714,24 @@ class ConstantThenBatchTensorList(nn.Module):
 
 def constant_then_batch_tensor_list(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ConstantThenBatchTensorList(shape[0], classes)
+
+
+class ChunkedSilu(nn.Module):
+    """A hidden layer of 12 whose batch's values are taken in rows of 28 (rows straddling samples)
+    for a SiLU, where its batch's values divide into them: in a group of 2 at batch 7, (6, 28), whose
+    first axis holds each member's 3 rows and whose second is a multiple of the folded batch 14."""
+
+    def __init__(self, width: int, classes: int, hidden: int = 12, chunk: int = 28) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.a, self.head = nn.Linear(width, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if h.numel() % self.chunk == 0:
+            h = F.silu(h.reshape(-1, self.chunk)).reshape(h.shape)
+        return self.head(h)
+
+
+def chunked_silu(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ChunkedSilu(shape[0], classes)
