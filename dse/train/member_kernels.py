@@ -236,8 +236,8 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
         whole = next((axis for axis, size in enumerate(inner, 1) if size % folded == 0), None)
         if whole is not None and x.shape[0] % members == 0:
             raise MemberAxisLost(
-                f"a {tuple(x.shape)} tensor may hold the group's {members} x {rows} samples on its first axis "
-                f"({members} blocks of rows that straddle samples) or on axis {whole} (a multiple of "
+                f"a {tuple(x.shape)} tensor may hold the group's {members} x {rows} samples on its first "
+                f"axis ({members} blocks of rows that straddle samples) or on axis {whole} (a multiple of "
                 f"{folded}: a sequence-first layout flattened behind its samples), and its shape cannot "
                 f"tell which")
         if whole is not None:
@@ -272,10 +272,11 @@ class MemberAxisLost(Exception):
 
 VALUE_READS: frozenset[Any] = frozenset({
     Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__index__, Tensor.__complex__, Tensor.tolist,
-    Tensor.numpy, Tensor.__format__, Tensor.__array__,
+    Tensor.numpy, Tensor.__format__, Tensor.__array__, Tensor.__bool__,
 })
-"""The calls that read a tensor's values into Python (`float(h.mean())`, `.item()`, `.tolist()`): on a
-group's tensor, a number of the group's, where alone each member reads its own (`MemberKernelMode.read`)."""
+"""The calls that read a tensor's values into Python (`float(h.mean())`, `.item()`, `.tolist()`, a
+branch `if h.abs().max() > 1:` on a comparison's bool): on a group's tensor, a number of the group's,
+where alone each member reads its own (`MemberKernelMode.read`)."""
 
 
 RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
@@ -713,7 +714,8 @@ class MemberKernelMode(RecomputedMode):
         """What interleaved the members' samples in this forward (`_members_interleaved`): a split
         after it raises MemberAxisLost."""
         self.read: str | None = None
-        """The first of VALUE_READS of a floating-point tensor in this forward, outside our own layers
+        """The first of VALUE_READS of a floating-point or bool tensor (a comparison of floating-point
+        values) in this forward, outside our own layers
         (a user's layer run member by member reads its member's own): a number that holds the whole
         group's values, as a running statistic kept in a Python attribute would
         (`StackedModel._shared_state_guarded`)."""
@@ -755,7 +757,7 @@ class MemberKernelMode(RecomputedMode):
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
         if func not in POSITION_DEPENDENT_FUNCTIONS:
             if (func in VALUE_READS and self.read is None and args and isinstance(args[0], Tensor)
-                    and args[0].is_floating_point()):
+                    and (args[0].is_floating_point() or args[0].dtype == torch.bool)):
                 self.read = (f"{torch.overrides.resolve_name(func) or func} of a {tuple(args[0].shape)} "
                              f"{args[0].dtype} tensor")
             return func(*args, **kwargs)

@@ -735,3 +735,23 @@ class ChunkedSilu(nn.Module):
 
 def chunked_silu(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ChunkedSilu(shape[0], classes)
+
+
+class WeightPeakBranch(nn.Module):
+    """A network (run once for a group) that halves its hidden layer once its first Linear's largest
+    weight magnitude passes 0.25: a branch on a comparison (a bool read into Python), no float read.
+    In a group the comparison reads the members' weights at once."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.a(x))
+        if self.a.weight.detach().abs().max() > 0.25:
+            h = h * 0.5
+        return self.head(h)
+
+
+def weight_peak_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return WeightPeakBranch(shape[0], classes)

@@ -109,8 +109,9 @@ def test_a_sequence_first_tensor_flattened_behind_its_samples_is_split_along_its
     op = getattr(F, name)
     x = torch.randn(length, members * rows * features, generator=torch.Generator().manual_seed(length)) * 3
     if length % members == 0 and features > 1:  # ((L, G*B): an axis of exactly G*B is taken for it)
-        with pytest.raises(MemberAxisLost, match="its shape cannot tell which"), MemberKernelMode(members, rows):
-            op(x)
+        with pytest.raises(MemberAxisLost, match="its shape cannot tell which"):
+            with MemberKernelMode(members, rows):
+                op(x)
         return
     with MemberKernelMode(members, rows):
         grouped = op(x)
