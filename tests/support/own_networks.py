@@ -1,7 +1,8 @@
 """Networks a researcher brings as their own, as the user audit of own networks wrote them: a GRU read at
-its last step, a weight used by two GEMMs (tied through `.t()`, a layer applied again), and a
-prototype classifier through `torch.cdist`. Each factory takes the sample shape and the class count
-(digits: 64 features, 8x8 images), as `model: support.own_networks:factory`."""
+its last step, an LSTM read from its final state, a weight used by two GEMMs (tied through `.t()`, a
+layer applied again), and `torch.cdist` against a layer's weight (prototypes) and between a sample's
+tokens. Each factory takes the sample shape and the class count (digits: 64 features, 8x8 images), as
+`model: support.own_networks:factory`."""
 
 from __future__ import annotations
 
@@ -63,3 +64,47 @@ class Prototypes(nn.Module):
 
 def prototypes(shape: tuple[int, ...], classes: int) -> nn.Module:
     return Prototypes(shape[0], classes)
+
+
+class StateLstm(nn.Module):
+    """An nn.LSTM of `layers` layers over the image's 8 rows, classified from its last layer's final
+    hidden state h_n[-1] (h_n is (layers, batch, hidden): its batch on the second axis)."""
+
+    def __init__(self, layers: int, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (state, _) = self.rnn(x.reshape(len(x), 8, 8))
+        return self.head(state[-1])
+
+
+def lstm_state_1(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return StateLstm(1, classes)
+
+
+def lstm_state_2(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return StateLstm(2, classes)
+
+
+def lstm_state_3(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return StateLstm(3, classes)
+
+
+class TokenDistances(nn.Module):
+    """The sample as 4 tokens of 6 features; their pairwise distances (torch.cdist, per sample) feed the
+    head."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, 24)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x).reshape(len(x), 4, 6)
+        return self.head(torch.cdist(tokens, tokens).flatten(1))
+
+
+def token_distances(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return TokenDistances(shape[0], classes)
