@@ -233,3 +233,14 @@ def test_a_look_ahead_leaves_an_enum_member_held_by_a_layer_whole() -> None:
 
 class Mode(enum.Enum):
     ON = 1
+
+
+def test_a_look_ahead_gives_back_a_parameters_signed_zeros() -> None:
+    """A forward that writes its weight in place (here: negates it) may change only the sign of its
+    zeros; torch.equal calls -0.0 and 0.0 equal, and before, state_kept left such a weight written."""
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.bias.zero_()
+    with state_kept(layer), torch.no_grad():
+        layer.bias.neg_()
+    assert not layer.bias.signbit().any()
