@@ -80,7 +80,7 @@ def same_value(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     generator = _generator(a)
     if generator is not None:
-        return same_value(generator[0](a), generator[0](b)) and same_value(_fields(a), _fields(b))
+        return _same_state(generator[0](a), generator[0](b)) and same_value(_fields(a), _fields(b))
     if user_object(a):
         return same_value(vars(a), vars(b))
     if isinstance(a, float):
@@ -162,6 +162,11 @@ def same_attribute(a: nn.Module, b: nn.Module, name: str) -> bool:
     return same_value(vars(a).get(name, _GONE), vars(b).get(name, _GONE))
 
 
+def _same_state(a: Any, b: Any) -> bool:
+    """Two states of one kind of generator equal (random.Random's, a tuple of ints, by == at once)."""
+    return a == b if isinstance(a, tuple) else same_value(a, b)
+
+
 def _fields(value: Any) -> dict[str, Any]:
     return vars(value) if hasattr(value, "__dict__") else {}
 
@@ -173,7 +178,8 @@ def _contents(value: Any) -> Any:
         return value.copy()
     generator = _generator(value)
     if generator is not None:
-        return copy.deepcopy(value)  # (numpy's copy.copy shares its bit generator)
+        numpy = isinstance(value, np.random.Generator | np.random.RandomState | np.random.BitGenerator)
+        return copy.deepcopy(value) if numpy else copy.copy(value)  # (numpy's copy shares its bit generator)
     if isinstance(value, MutableSequence | MutableSet | MutableMapping) or user_object(value):
         try:
             copied = copy.copy(value)  # (a user's object: its attributes, as they are)
