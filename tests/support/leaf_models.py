@@ -772,3 +772,20 @@ def torch_generator_seeded_per_trial(shape: tuple[int, ...], classes: int) -> nn
 
 def generator_noise(shape: tuple[int, ...], classes: int) -> nn.Module:
     return GeneratorNoise(shape[0], classes)
+
+
+class DrawnTemperature(nn.Module):
+    """A network (run once for a group) that divides its logits by a temperature drawn at construction
+    from torch's generator, a Python float: each trial's its own."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.temperature = 0.5 + float(torch.rand(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.a(x))) / self.temperature
+
+
+def drawn_temperature(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return DrawnTemperature(shape[0], classes)
