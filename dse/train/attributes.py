@@ -46,19 +46,22 @@ def random_generator(value: Any) -> bool:
     return _generator(value) is not None
 
 
-def plain_data(value: Any) -> bool:
+def plain_data(value: Any, _within: frozenset[int] = frozenset()) -> bool:
     """Whether `value` is data compared by its value all through (numbers, strings, None, tensors,
     numpy arrays and scalars, enum members, a random generator's state, and lists, tuples, deques,
-    sets, dicts and a user's objects of them): two trials' values are one value or not, where an
-    object compared by identity (a module, a function) differs in every copy."""
+    sets, dicts and a user's objects of them, without a cycle): two trials' values are one value or
+    not, where an object compared by identity (a module, a function) differs in every copy."""
     if value is None or random_generator(value) or isinstance(
             value, int | float | complex | str | bytes | Tensor | np.ndarray | np.generic | enum.Enum):
         return True
+    if id(value) in _within:
+        return False
+    within = _within | {id(value)}
     if isinstance(value, list | tuple | collections.deque | set | frozenset):
-        return all(plain_data(item) for item in value)
+        return all(plain_data(item, within) for item in value)
     if isinstance(value, dict):
-        return all(plain_data(key) and plain_data(item) for key, item in value.items())
-    return user_object(value) and all(plain_data(item) for item in vars(value).values())
+        return all(plain_data(key, within) and plain_data(item, within) for key, item in value.items())
+    return user_object(value) and all(plain_data(item, within) for item in vars(value).values())
 
 
 def _generator(value: Any) -> tuple[Callable[[Any], Any], Callable[[Any, Any], object]] | None:
