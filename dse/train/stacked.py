@@ -1266,9 +1266,6 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
         net.get_submodule(parent_name)._modules[attribute] = layer
     if not places and not in_place and _holds_state(net):  # the model itself is one leaf layer
         net = PerMemberLayer(list(models), len(models))
-    reason = _attributes_apart(net, by_name)
-    if reason is not None:
-        raise MemberStateUnstacked(reason)
     if any(site.module is None for site in found.sites):
         tensors = {**dict(net.named_buffers()), **dict(net.named_parameters())}
         members = {id(tensors[name]) for name in found.operands if name in tensors}
@@ -1276,13 +1273,14 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
     return StackedModel(net, len(models))
 
 
-def _attributes_apart(net: nn.Module, by_name: Sequence[Mapping[str, nn.Module]]) -> str | None:
+def attributes_apart(group: StackedModel, models: Sequence[nn.Module]) -> str | None:
     """Which module the group runs once for all its members (a user's, not one run member by member)
     holds Python attributes of data (`plain_data`: a number or tensor drawn at construction, a random
-    generator seeded per trial) that differ between the members: the group would give every member
-    the first's (None: none). The forward check (`stack_reason`) stacks copies of one network, whose
-    attributes agree."""
-    for name, module in net.named_modules():
+    generator seeded per trial) in which its members (`models`, as stacked) differ: the group would
+    give every member the first's (None: none). The forward check (`stack_reason`) stacks copies of
+    one network, whose attributes agree."""
+    by_name = [dict(model.named_modules(remove_duplicate=False)) for model in models]
+    for name, module in group.net.named_modules():
         if type(module).__module__.startswith((OWN_PACKAGE, "torch.")):
             continue
         apart = [attribute for attribute, value in vars(module).items()
@@ -1291,8 +1289,9 @@ def _attributes_apart(net: nn.Module, by_name: Sequence[Mapping[str, nn.Module]]
                          for modules in by_name[1:])]
         if apart:
             return (f"its {type(module).__name__} {name or '(the model)'} holds {', '.join(apart)}, which "
-                    f"the group's trials hold apart (drawn or seeded per trial), and a group runs it once "
-                    f"for all its members with the first trial's")
+                    f"differs between the group's trials as it stacks them (a value drawn or seeded per "
+                    f"trial, or one a forward changed inside a container), and a group runs it once for all "
+                    f"its members with the first trial's")
     return None
 
 

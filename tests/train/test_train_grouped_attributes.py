@@ -226,7 +226,7 @@ def test_a_network_run_once_holding_data_drawn_per_trial_trains_one_by_one_and_s
     Before, drawn_temperature's second member trained with the first's temperature (its result
     differed from alone)."""
     configs, data = _configs(factory), short_digits()
-    with pytest.warns(GroupSplitWarning, match=f"holds {attribute}, which the group's trials hold apart"):
+    with pytest.warns(GroupSplitWarning, match=f"holds {attribute}, which differs between the group"):
         assert_group_trains_as_alone(configs, data)
 
 
