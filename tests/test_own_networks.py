@@ -131,18 +131,12 @@ def test_a_layer_training_leaves_fp32_is_priced_in_fp32(trial: dict[str, object]
 
 
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
-@pytest.mark.parametrize("factory", [
-    "lstm_state_1",
-    pytest.param("lstm_state_2", marks=pytest.mark.xfail(strict=True, reason=(
-        "_cat_members finds a recurrent state's batch axis by its size: the group's check forward on 2 "
-        "samples gets h_n of shape (2, 2, 16), joins it on its first axis, and the group is refused"))),
-    pytest.param("lstm_state_3", marks=pytest.mark.xfail(strict=True, reason=(
-        "as with 2 layers, on the check forward of 3 samples (h_n (3, 3, 16)): the forward then fails "
-        "(shape '[2, 1, 16]' is invalid for input of size 48) and the group is refused"))),
-])
+@pytest.mark.parametrize("factory", ["lstm_state_1", "lstm_state_2", "lstm_state_3"])
 def test_an_lstm_classified_from_its_final_hidden_state_trains_as_a_group(factory: str) -> None:
     """h_n[-1], the common way to read an LSTM, has its batch on the second axis whatever the layer
-    count; each count should stack as one layer does (alone and grouped are equal either way: a
-    refused group trains one by one)."""
-    config = TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", epochs=1, batch_size=50)
-    assert group_reason(config, data=short_digits()) is None
+    count: a group joins it there (the check forwards on 2 and 3 samples make h_n (2, 2, 16) and
+    (3, 3, 16), whose batch axis no size tells), and trains each member as alone."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format="int8", epochs=1,
+                           batch_size=50, seed=seed) for seed in (0, 1)]
+    assert group_reason(configs[0], data=short_digits()) is None  # (train_group trains a refused group
+    assert_group_trains_as_alone(configs, short_digits())  # one by one)
