@@ -29,7 +29,7 @@ from dse.report.pareto import (
     run_energy_column,
     workloads_of,
 )
-from dse.report.stats import mean_interval, welch
+from dse.report.stats import exact_mean, mean_interval, welch
 
 REQUIRED_TRIAL_COLUMNS: tuple[str, ...] = ("task", "label", "status", "diverged", "test_accuracy")
 TABLES: tuple[str, ...] = ("summary", "pareto")
@@ -49,7 +49,8 @@ Samples = dict[tuple[Any, Any, Any], np.ndarray]
 RUN_PREFIXES: tuple[str, ...] = (run_energy_column(""), run_energy_column("", mean=True))
 """The run's energy per workload column: each trial's own (a diverged seed trained fewer iterations)."""
 MEASURED_PREFIXES: tuple[str, ...] = ("energy_mj:", "memory_mib:", "area_um2:", *RUN_PREFIXES)
-"""Energy, memory and area per workload column, carried into a summary as their mean over the trials:
+"""Energy, memory and area per workload column, carried into a summary as their mean over the trials
+(`exact_mean`, so that the energy every seed shares stays the store's to the last bit):
 the configuration's own (the same for every seed), and the run's energy, over the trials that did not
 raise, unknown (NaN) where one of them has none (a seed recorded before dse counted iterations), so
 that a configuration's figure never stands for some of its seeds only."""
@@ -118,9 +119,9 @@ def _point_rows(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], Samples]:
             values = pd.to_numeric(group[column], errors="coerce")
             if str(column).startswith(RUN_PREFIXES):
                 values = values[~error & _trained(group, column)]
-                row[column] = float(values.mean()) if len(values) and values.notna().all() else math.nan
+                row[column] = exact_mean(values.to_numpy()) if values.notna().all() else math.nan
             else:
-                row[column] = float(values.mean()) if values.notna().any() else math.nan
+                row[column] = exact_mean(values.dropna().to_numpy())
         rows.append(row)
         samples[key] = accuracy
     return rows, samples

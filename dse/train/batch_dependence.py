@@ -12,7 +12,8 @@ forward that depends on its batch's size. This compares what the code calls, not
 so two paths that agree to rounding (`F.silu(h)` and `h * torch.sigmoid(h)`) differ here, and two
 sums of the same rows in another order do not. The forwards run on the meta device (shapes, no
 values: they cost next to nothing at any size) where they can, on the network's own device where
-they read a value (`.item()`, a branch on a tensor).
+they read a value (`.item()`, a branch on a tensor). A float read on G x B rows within rounding of
+the one read on B rows is taken for it (`READ_ROUNDING`): a group gives each member its bits alone.
 
 An int that a group passes G times as large (a size) is taken for one only if a group of G + 1
 passes G + 1 times it too: a branch's int can be G times the one alone by chance (1 alone, 2 in a
@@ -26,6 +27,7 @@ finds it. And a call made inside another torch call (torch's own code) is not re
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -61,18 +63,41 @@ Call = tuple[Any, list[Any]]
 """A torch call as recorded: the function and its arguments' leaves (args, then kwargs by name)."""
 
 
-class _CallRecorder(TorchFunctionMode):
-    """Records the torch calls a forward makes (the outermost ones: inside a call the mode is off)."""
+SCALAR_READS = frozenset({Tensor.item, Tensor.__float__})
+"""The calls that read a tensor's value into a Python float (`float(h.abs().max())`)."""
 
-    def __init__(self) -> None:
+READ_ROUNDING = 1e-5
+"""How far (relative) a value read on G x B rows may lie from the one read on B rows and still be
+taken for it: the rows' values differ by rounding alone (a GEMM over G x B rows runs another kernel
+than over B: `peak_window_scaled`'s peak 0.6474723219871521 alone, 0.6474723815917969 on 4 rows),
+where a group gives each member its bits alone. A statistic of the batch's size (a sum, an unbiased
+variance's (n - 1) / n up to n of 10^5) lies farther."""
+
+
+class _CallRecorder(TorchFunctionMode):
+    """Records the torch calls a forward makes (the outermost ones: inside a call the mode is off), and
+    the floats it reads from tensors; where `replay` holds those of the forward on B rows, a float read
+    within READ_ROUNDING of the one read at the same place there is given that one, so that what the
+    forward computes from it (a divisor, a branch) is compared as the group computes it."""
+
+    def __init__(self, replay: Sequence[float] | None = None) -> None:
         super().__init__()
         self.calls: list[Call] = []
+        self.reads: list[float] = []
+        self.replay = replay
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         leaves, _ = tree_flatten((args, sorted(kwargs.items())))
         self.calls.append((func, [_described(leaf) for leaf in leaves]))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func in SCALAR_READS and isinstance(result, float):
+            place = len(self.reads)
+            alone = self.replay[place] if self.replay is not None and place < len(self.replay) else None
+            if alone is not None and math.isclose(result, alone, rel_tol=READ_ROUNDING):
+                result = alone
+            self.reads.append(result)
+        return result
 
 
 def _described(leaf: Any) -> Any:
@@ -142,14 +167,16 @@ def _generators_kept(devices: list[torch.device]) -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
-def _forward(model: nn.Module, inputs: Tensor, training: bool) -> list[Call]:
-    """The calls of one forward of a fresh copy of `model` (so that nothing of `model` moves)."""
+def _forward(model: nn.Module, inputs: Tensor, training: bool, replay: Sequence[float] | None = None
+             ) -> tuple[list[Call], list[float]]:
+    """The calls of one forward of a fresh copy of `model` (so that nothing of `model` moves), and the
+    floats it read (`_CallRecorder`)."""
     copied = copy.deepcopy(model).train(training)
     torch.manual_seed(0)  # every forward draws the same (a branch on a draw is not one on the size)
-    recorder = _CallRecorder()
+    recorder = _CallRecorder(replay)
     with torch.no_grad(), recorder:
         copied(inputs)
-    return recorder.calls
+    return recorder.calls, recorder.reads
 
 
 class _Traces:
@@ -164,7 +191,7 @@ class _Traces:
             self.meta: nn.Module | None = copy.deepcopy(model).to("meta")
         except Exception:
             self.meta = None
-        self.cache: dict[tuple[Any, ...], list[Call]] = {}
+        self.cache: dict[tuple[Any, ...], tuple[list[Call], list[float]]] = {}
 
     def pair(self, forward: Forward, members: int) -> tuple[list[Call], list[Call]]:
         """The calls on `forward.rows` rows and on them repeated `members` times, on one device."""
@@ -180,8 +207,10 @@ class _Traces:
         key = (forward.rows * members, forward.training) if on_meta else (forward, members)
         if key not in self.cache:
             inputs = _repeated(_rows(self.example, forward.rows), members)
-            self.cache[key] = _forward(model, inputs.to("meta") if on_meta else inputs, forward.training)
-        return self.cache[key]
+            alone = self.cache.get((forward, 1)) if members > 1 and not on_meta else None
+            self.cache[key] = _forward(model, inputs.to("meta") if on_meta else inputs, forward.training,
+                                       None if alone is None else alone[1])
+        return self.cache[key][0]
 
 
 def _rows(example: Tensor, rows: int) -> Tensor:

@@ -253,6 +253,14 @@ class MemberAxisLost(Exception):
     trials train one by one instead (a fold that no split follows, as a Linear's rows, runs)."""
 
 
+VALUE_READS: frozenset[Any] = frozenset({
+    Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__index__, Tensor.__complex__, Tensor.tolist,
+    Tensor.numpy, Tensor.__format__, Tensor.__array__,
+})
+"""The calls that read a tensor's values into Python (`float(h.mean())`, `.item()`, `.tolist()`): on a
+group's tensor, a number of the group's, where alone each member reads its own (`MemberKernelMode.read`)."""
+
+
 RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
     Tensor.reshape, torch.reshape, Tensor.view, Tensor.flatten, torch.flatten, Tensor.reshape_as,
     Tensor.view_as,
@@ -684,6 +692,11 @@ class MemberKernelMode(RecomputedMode):
         self.lost: str | None = None
         """What interleaved the members' samples in this forward (`_members_interleaved`): a split
         after it raises MemberAxisLost."""
+        self.read: str | None = None
+        """The first of VALUE_READS of a floating-point tensor in this forward, outside our own layers
+        (a user's layer run member by member reads its member's own): a number that holds the whole
+        group's values, as a running statistic kept in a Python attribute would
+        (`StackedModel._shared_state_guarded`)."""
 
     def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
         """A checkpointed block recomputed in the backward splits its calls by the rows of its forward."""
@@ -721,6 +734,10 @@ class MemberKernelMode(RecomputedMode):
             expanded = func(*args, **kwargs)
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
         if func not in POSITION_DEPENDENT_FUNCTIONS:
+            if (func in VALUE_READS and self.read is None and args and isinstance(args[0], Tensor)
+                    and args[0].is_floating_point()):
+                self.read = (f"{torch.overrides.resolve_name(func) or func} of a {tuple(args[0].shape)} "
+                             f"{args[0].dtype} tensor")
             return func(*args, **kwargs)
         args, kwargs = positional_input(args, kwargs)
         folded = next((a for a in args if isinstance(a, Tensor)), None)
@@ -985,7 +1002,7 @@ class MemberKernels:
         self.entered.append((outer, self.mode.rows))
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
         if not outer:
-            self.mode.lost = None
+            self.mode.lost = self.mode.read = None
             torch._C._push_on_torch_function_stack(self.mode)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -51,6 +51,7 @@ from torch's global generator (dropout), which a group cannot split per member.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -1329,7 +1330,11 @@ class StackedModel(nn.Module):
         """A forward after which a module run once for all members (a user's network) has written a
         Python attribute its first forward did not write raises MemberStateUnstacked: the group shares
         what each member alone keeps its own (a running float updated from the second step on), and
-        the forward check (`stack_reason`), one forward long, judged only the first forward's writes."""
+        the forward check (`stack_reason`), one forward long, judged only the first forward's writes.
+        So does a later forward that writes a floating-point tensor attribute, or reads a value of the
+        group's tensors into Python outside our own layers (`MemberKernelMode.read`): what it keeps
+        the names cannot tell (a value first written the same in every member, then from its batch; a
+        change nested inside a container)."""
         modules: list[tuple[str, nn.Module]] = self.__dict__["shared_modules"]
         before = [Attributes(m) for _, m in modules]
         yield
@@ -1346,6 +1351,33 @@ class StackedModel(nn.Module):
                     f"in a later forward than its first (forward {self.__dict__['forwards']}), and a group "
                     f"runs it once for all its members, who would share that state (alone each trial keeps "
                     f"its own)")
+        for (name, m), now in zip(modules, written, strict=True):
+            tensors = [a for a in sorted(now) if _holds_floating_tensor(vars(m).get(a))]
+            if tensors:
+                raise MemberStateUnstacked(
+                    f"its {type(m).__name__} {name or '(the model)'} writes floating-point tensors in "
+                    f"{', '.join(tensors)} in a later forward than its first (forward "
+                    f"{self.__dict__['forwards']}), and a group runs it once for all its members, who would "
+                    f"share it where it comes from their batch (alone each trial keeps its own)")
+        read = None if self.member_kernels is None else self.member_kernels.mode.read
+        if read is not None:
+            raise MemberStateUnstacked(
+                f"a later forward than its first (forward {self.__dict__['forwards']}) reads a value of the "
+                f"group's tensors into Python ({read}) in a module the group runs once for all its members: "
+                f"alone each trial reads its own, and "
+                f"what the module keeps of it (an attribute first written the same in every member, a list "
+                f"inside a dict) would be shared")
+
+
+def _holds_floating_tensor(value: Any) -> bool:
+    """Whether an attribute's value is a floating-point tensor or a list, tuple, deque or dict holding
+    one (at any depth): a value a forward may have computed from its batch without reading it."""
+    if isinstance(value, Tensor):
+        return value.is_floating_point()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return (isinstance(value, list | tuple | collections.deque)
+            and any(_holds_floating_tensor(item) for item in value))
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -166,3 +166,34 @@ def test_a_configurations_run_energy_is_over_all_its_counted_trials_or_unknown(
     assert math.isnan(summary["run_energy_mj:w"]) and summary["run_mean_energy_mj:w"] == 6.0
     rows[1]["run_mean_energy_mj:w"] = math.nan
     assert math.isnan(summarize_trials(make_trials_frame(rows, ["w"])).iloc[0]["run_mean_energy_mj:w"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(energy=st.floats(1e-9, 1e6), accuracy=st.floats(0.0, 1.0), seeds=st.integers(2, 10))
+def test_seeds_of_equal_value_have_that_value_as_their_mean_to_the_last_bit(
+        make_trial_row: Callable[..., dict[str, Any]], make_trials_frame: Callable[..., pd.DataFrame],
+        energy: float, accuracy: float, seeds: int) -> None:
+    """A configuration's energy is the same for every seed, and a run of full epochs has it as its run
+    mean: the summary (and so pareto.csv and the tables) gives it as the store holds it, not a sum over
+    the seeds divided again (three seeds of 0.1 gave 0.10000000000000002)."""
+    rows = []
+    for seed in range(seeds):
+        row = make_trial_row("t", "a", seed, accuracy, {"w": energy})
+        row["run_mean_energy_mj:w"], row["run_energy_mj:w"] = energy, energy * 7
+        rows.append(row)
+    summary = summarize_trials(make_trials_frame(rows, ["w"])).iloc[0]
+    assert summary["energy_mj:w"] == energy
+    assert summary["run_mean_energy_mj:w"] == energy
+    assert summary["run_energy_mj:w"] == energy * 7
+    assert summary["memory_mib:w"] == energy * 10.0
+
+
+def test_the_summary_mean_of_unequal_seeds_is_their_exact_mean_rounded_once(
+        make_trial_row: Callable[..., dict[str, Any]],
+        make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    from fractions import Fraction
+
+    energies = [0.238, 0.544, 0.37, 0.604]  # numpy and pandas: 0.43900000000000006
+    rows = [make_trial_row("t", "a", seed, 0.5, {"w": energy}) for seed, energy in enumerate(energies)]
+    summary = summarize_trials(make_trials_frame(rows, ["w"])).iloc[0]
+    assert summary["energy_mj:w"] == float(sum(map(Fraction, energies)) / len(energies))

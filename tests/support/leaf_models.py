@@ -612,3 +612,105 @@ class EinsumChannelSum(nn.Module):
 
 def einsum_channel_sum(shape: tuple[int, ...], classes: int) -> nn.Module:
     return EinsumChannelSum(shape[0], classes)
+
+
+class ConstantThenBatchEma(nn.Module):
+    """A network (run once for a group) whose first training forward sets a running mean to 0.0, the
+    same in every member, and whose later ones update it from their batch's hidden mean."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        ema = self.__dict__.get("ema", 0.0)
+        if self.training:
+            self.ema = 0.0 if "ema" not in self.__dict__ else 0.9 * ema + 0.1 * float(h.detach().mean())
+        return self.head(h * (1.0 + ema))
+
+
+class NestedHistory(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus the mean of its earlier
+    training batches' hidden means, kept in a list inside a dict."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.history: dict[str, list[float]] = {"means": []}
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        means = self.history["means"]
+        scale = 1.0 + (sum(means) / len(means) if means else 0.0)
+        if self.training:
+            means.append(float(h.detach().mean()))
+        return self.head(h * scale)
+
+
+def constant_then_batch_ema(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchEma(shape[0], classes)
+
+
+def nested_history(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return NestedHistory(shape[0], classes)
+
+
+class PeakWindowScaled(nn.Module):
+    """A layer with a weight of its own that divides by the largest magnitude of its last 3 training
+    batches, kept in a collections.deque of Python floats (a layer's own statistics)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.peaks: collections.deque[float] = collections.deque(maxlen=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.peaks.append(float(x.detach().abs().max()))
+        return x * self.weight / (max(self.peaks) if self.peaks else 1.0)
+
+
+def peak_window_scaled(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(shape[0], 37), nn.Tanh(), PeakWindowScaled(37), nn.Linear(37, classes))
+
+
+class ConstantThenBatchTensorEma(nn.Module):
+    """`ConstantThenBatchEma` with its running mean kept as a tensor, never read into Python."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        ema = self.__dict__.get("ema", torch.zeros(()))
+        if self.training:
+            self.ema = torch.zeros(()) if "ema" not in self.__dict__ else 0.9 * ema + 0.1 * h.detach().mean()
+        return self.head(h * (1.0 + ema))
+
+
+def constant_then_batch_tensor_ema(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchTensorEma(shape[0], classes)
+
+
+class ConstantThenBatchTensorList(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus the mean of a list of
+    tensors it appends to in training: a zero at its first forward (the same in every member), then
+    its batch's hidden mean."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.means: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        scale = 1.0 + (torch.stack(self.means).mean() if self.means else 0.0)
+        if self.training:
+            self.means.append(h.detach().mean() if self.means else torch.zeros(()))
+        return self.head(h * scale)
+
+
+def constant_then_batch_tensor_list(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchTensorList(shape[0], classes)

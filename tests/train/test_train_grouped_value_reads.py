@@ -1,0 +1,96 @@
+"""A module the group runs once for all its members (a user's network) that reads a value of the
+group's tensors into Python (`float(h.mean())`, `.item()`, `.tolist()`) reads one number for the whole
+group, where alone each trial reads its own; what it keeps of it the attribute checks may not see (an
+attribute whose first value is the same in every member, a change nested inside a container). Such a
+read in a later forward than the group's first drops the group (dse.train.stacked.StackedModel's
+shared-state guard, dse.train.member_kernels.MemberKernelMode.read): its trials train one by one, with
+one line saying so. Grouped results are compared with runs alone on fresh models and tensors."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from support.group_runs import assert_group_trains_as_alone, short_digits
+from torch import Tensor, nn
+
+from dse.train import TrainConfig
+from dse.train.batch_dependence import Forward, batch_size_reason
+from dse.train.grouped import GroupSplitWarning, group_reason, train_group
+from dse.train.member_kernels import MemberKernelMode
+
+LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
+
+
+@pytest.mark.parametrize("model, said", [
+    ("constant_then_batch_ema", "torch.Tensor.__float__ of a () torch.float32 tensor"),
+    ("nested_history", "torch.Tensor.__float__ of a () torch.float32 tensor"),
+    ("constant_then_batch_tensor_ema", "writes floating-point tensors in ema in a later forward"),
+    ("constant_then_batch_tensor_list", "writes floating-point tensors in means in a later forward"),
+])
+def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trains_one_by_one_and_says_so(
+        model: str, said: str) -> None:
+    """leaf_models' constant_then_batch_ema (a float set to 0.0 at its first training forward, the same
+    in every member, then updated from its batch's hidden mean), nested_history (its batches' hidden
+    means appended to a list inside a dict: the checks compare a container's items one level deep),
+    constant_then_batch_tensor_ema (the running mean a tensor, never read into Python) and
+    constant_then_batch_tensor_list (a list of tensors: a zero first, then its batches' means). Before,
+    all four stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
+    constant_then_batch_ema seed 11 at batch 13 in G 2 1.98894911342197 grouped against
+    1.985089103380839 alone)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    data = short_digits()
+    configs = [base.replace(seed=seed) for seed in (11, 12)]
+    assert group_reason(base, data=data, members=range(2, 4)) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GroupSplitWarning)
+        train_group(configs, data)
+    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    assert len(lines) == 1 and said in lines[0] and "\n" not in lines[0]
+    assert_group_trains_as_alone(configs, data)
+
+
+def test_the_member_mode_records_the_first_read_of_a_floating_point_tensors_values() -> None:
+    mode = MemberKernelMode(2, 3)
+    with mode:
+        int(torch.arange(6).sum())  # (an integer tensor: an index, a count)
+        torch.randn(6, 4).sum(1) * 2.0
+    assert mode.read is None
+    with mode:
+        torch.randn(6, 4).tolist()
+        float(torch.randn(6, 4).mean())
+    assert mode.read == "torch.Tensor.tolist of a (6, 4) torch.float32 tensor"
+
+
+def test_a_layer_run_member_by_member_that_keeps_its_batches_peaks_trains_grouped_as_alone() -> None:
+    """leaf_models' peak_window_scaled: a layer with a weight of its own dividing by the largest
+    magnitude of its last 3 training batches, kept in a deque. Before, the batch-size check read its
+    peak on 4 rows other than on 2 in the last bit (a GEMM over 4 rows runs another kernel) and took the
+    divisor for a size branch ("call 8, Tensor.div, takes other arguments"): its trials trained one by
+    one at batch 7 and 13. With that check off, 0 of 15 runs differed grouped (fp32, batch 7/13/50, G
+    2-3, seeds 11..10+G)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:peak_window_scaled", dataset="digits", epochs=2, batch_size=7,
+                       optimizer="sgd", format="fp32", threads=1)
+    data = short_digits()
+    assert group_reason(base, data=data, members=range(2, 5)) is None
+    assert_group_trains_as_alone([base.replace(seed=seed) for seed in (11, 12, 13)], data)
+
+
+class _SumScaled(nn.Module):
+    """Divides by its batch's summed magnitude, read into Python: G times as large on G x B rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return h / float(h.detach().abs().sum())
+
+
+def test_a_value_read_that_scales_with_the_batch_is_still_found_by_the_batch_size_check() -> None:
+    reason = batch_size_reason(_SumScaled(), torch.randn(2, 8), [Forward(7, True)], [2])
+    assert reason is not None and "Tensor.div" in reason
