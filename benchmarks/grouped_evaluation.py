@@ -16,9 +16,12 @@ starting mmap threshold, freed and mapped again at every evaluation, each page f
 --order: where the rest goes, as ablations in plain torch (freed memory kept). The MLP's forward of
 --members, each member's three addmm and two ReLUs one member after another (alone's order) against
 one baddbmm and one ReLU a layer over all members (the group's order, the same operations on the same
-shapes), at 1000, 333 and 125 rows, --sizes members: a member's 1000 x 256 activation is 1 MB, this
-CPU's L2 1 MiB a core, so the group's order leaves each member's activation out of L2 by the time its
-next layer reads it. Then, at 1000 and 8 rows, dse's group evaluation (`evaluate_members`), its
+shapes), at 1000, 333, 125 and 8 rows, --sizes members (a member's 1000 x 256 activation is 1 MB,
+this CPU's L2 1 MiB a core: whether the order costs as the group's activations outgrow a cache; which
+cache level is not isolated here). Between them, layer after layer with each member's own addmm and
+ReLU (the calls of member after member, only their order changed): the order without the batched
+call's fewer dispatches, which at 8 rows are all that differs and at 125 rows still a few per cent.
+Then, at 1000 and 8 rows, dse's group evaluation (`evaluate_members`), its
 stacked model's forward alone and the network inside it (`StackedModel.net`, no member axis
 folding) against the plain group order on the same weights, scored as `evaluate_members` scores it:
 the difference is dse's Python an evaluation, and at 8 rows almost nothing else.
@@ -167,10 +170,22 @@ def _mlp_orders(members: int, rows: int) -> dict[str, Callable[[], object]]:
             h.argmax(-1)
         return None
 
+    def layer_order_own_calls() -> object:
+        h = [x] * members
+        for layer in range(len(shapes)):
+            for g, layers in enumerate(own):
+                w, b = layers[layer]
+                h[g] = torch.addmm(b, h[g], w.t())
+                h[g] = torch.relu(h[g]) if layer < 2 else h[g]
+        for logits in h:
+            logits.argmax(-1)
+        return None
+
     def group_order() -> object:
         return _group_order(x, weights, biases).argmax(-1)
 
-    return {"member after member": member_order, "layer after layer": group_order}
+    return {"member after member": member_order, "layer after layer, own calls": layer_order_own_calls,
+            "layer after layer": group_order}
 
 
 def _group_order(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
@@ -219,7 +234,7 @@ def _orders(sizes: list[int], rounds: int, calls: int) -> None:
     keep_freed_memory()
     print("\nPlain torch, the MLP's forward: µs per member (thread CPU), fastest (median) of 5 x"
           f" {rounds} x {calls}")
-    for rows in (1000, 333, 125):
+    for rows in (1000, 333, 125, 8):
         for members in sizes:
             _interleaved(f"{rows:4} rows, G = {members:2}", _mlp_orders(members, rows), members, rounds,
                          calls)

@@ -18,8 +18,9 @@ The baselines are the former functions, patched in for their turn; the bits are 
 --step-ablations: where a group step's Python goes, by ablation (nothing here keeps each member's bits;
 a measure only). The quickstart's fp32 step (forward, loss, backward, SGD step, zero_grad) of a group
 of G at a batch of --rows (4: its arithmetic small, so the step is Python and dispatch), CPU µs a group
-step, interleaved in one process, best of 9 x 100 steps: as the group trains; without the GEMM
-decisions (`aligned_sums_as_members` answering batched at once: no key, no copy to alone's alignment);
+step, interleaved in one process, best of 9 x 100 steps (in brackets what each saves and its ratio to
+the first): as the group trains; without the GEMM decisions (`aligned_sums_as_members` answering
+batched at once: no key, no copy to alone's alignment);
 without the shared-state guard of a user's modules (a built-in proxy has none); the loss without each
 member's own value (the objective alone); and the same network grouped by hand in plain torch
 (benchmarks/grouped_gap.py's `by_hand`: one baddbmm a layer, torch's SGD over the stacked weights).
@@ -185,7 +186,7 @@ def step_ablations(sizes: list[int], rows: int) -> None:
                 with context():
                     best[name] = min(best[name], _best_us(functools.partial(_run, run_steps, 1), 100))
         base = best["as the group trains"]
-        print(f"G = {members}: " + "; ".join(f"{name} {us:.0f} ({base - us:+.0f})"
+        print(f"G = {members}: " + "; ".join(f"{name} {us:.0f} ({base - us:+.0f}, {us / base:.2f}x)"
                                              for name, us in best.items()))
 
 

@@ -6,14 +6,16 @@ apart.
 
 What a forward may change in place is copied one level deep: a list's, dict's, set's or deque's items
 (as they are: a recurrent layer's list of its parameters keeps them), a tensor's or numpy array's
-values, the attributes of a user's object (`user_object`)."""
+values, the attributes of a user's object (`user_object`), a random generator's state (torch's, numpy's,
+Python's: what it draws next)."""
 
 from __future__ import annotations
 
 import collections
 import copy
 import math
-from collections.abc import MutableMapping, MutableSequence, MutableSet
+import random
+from collections.abc import Callable, MutableMapping, MutableSequence, MutableSet
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,28 @@ MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 _GONE = object()
 """An attribute a module no longer has."""
+
+
+GENERATORS: tuple[tuple[type, Callable[[Any], Any], Callable[[Any, Any], object]], ...] = (
+    (torch.Generator, torch.Generator.get_state, torch.Generator.set_state),
+    (random.Random, random.Random.getstate, random.Random.setstate),
+    (np.random.Generator, lambda g: g.bit_generator.state, lambda g, s: setattr(g.bit_generator, "state", s)),
+    (np.random.RandomState, lambda g: g.get_state(legacy=False), np.random.RandomState.set_state),
+    (np.random.BitGenerator, lambda g: g.state, lambda g, s: setattr(g, "state", s)),
+)
+"""The random generators a layer may hold and draw from in its forward, with how to read and set their
+state, which lives outside their attributes (SystemRandom, drawing from the OS, has none)."""
+
+
+def random_generator(value: Any) -> bool:
+    """Whether `value` is a random generator of `GENERATORS` (a state a forward may advance)."""
+    return _generator(value) is not None
+
+
+def _generator(value: Any) -> tuple[Callable[[Any], Any], Callable[[Any, Any], object]] | None:
+    if isinstance(value, random.SystemRandom):
+        return None
+    return next(((get, put) for kind, get, put in GENERATORS if isinstance(value, kind)), None)
 
 
 def user_object(value: Any) -> bool:
@@ -54,6 +78,9 @@ def same_value(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    generator = _generator(a)
+    if generator is not None:
+        return same_value(generator[0](a), generator[0](b)) and same_value(_fields(a), _fields(b))
     if user_object(a):
         return same_value(vars(a), vars(b))
     if isinstance(a, float):
@@ -70,9 +97,16 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     if not a.is_floating_point():
         return bool(torch.equal(a, b))
+    bits = _BITS[a.element_size()]
+    if torch.equal(a.view(bits), b.view(bits)):  # (one pass, nothing allocated: a copy's bits)
+        return True
     if not torch.equal(a.signbit(), b.signbit()):
         return False
     return bool(torch.equal(a, b)) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""An integer dtype of each floating-point element size, to compare two tensors' bits."""
 
 
 def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
@@ -128,22 +162,30 @@ def same_attribute(a: nn.Module, b: nn.Module, name: str) -> bool:
     return same_value(vars(a).get(name, _GONE), vars(b).get(name, _GONE))
 
 
+def _fields(value: Any) -> dict[str, Any]:
+    return vars(value) if hasattr(value, "__dict__") else {}
+
+
 def _contents(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().clone()
     if isinstance(value, np.ndarray):
         return value.copy()
+    generator = _generator(value)
+    if generator is not None:
+        return copy.deepcopy(value)  # (numpy's copy.copy shares its bit generator)
     if isinstance(value, MutableSequence | MutableSet | MutableMapping) or user_object(value):
         try:
-            return copy.copy(value)  # (a user's object: its attributes, as they are)
+            copied = copy.copy(value)  # (a user's object: its attributes, as they are)
         except Exception:  # (a class copy cannot copy: only the attribute's rebinding is seen)
             return None
+        return None if copied is value else copied  # (an enum member, a singleton: nothing to refill)
     return None
 
 
 def _refill(module: nn.Module, name: str, value: Any, contents: Any) -> None:
-    """`value` (a list, dict, set, deque, numpy array or user's object) given back `contents` (its copy)
-    in place, so that whoever else holds it sees them too."""
+    """`value` (a list, dict, set, deque, numpy array, random generator or user's object) given back
+    `contents` (its copy) in place, so that whoever else holds it sees them too."""
     if isinstance(value, MutableSequence):
         value.clear()
         value.extend(contents)
@@ -158,6 +200,11 @@ def _refill(module: nn.Module, name: str, value: Any, contents: Any) -> None:
             value[...] = contents
         else:
             module.__dict__[name] = contents
+    elif (generator := _generator(value)) is not None:
+        generator[1](value, generator[0](contents))
+        if hasattr(value, "__dict__"):  # (random.Random's gauss_next)
+            vars(value).clear()
+            vars(value).update(vars(contents))
     else:
         vars(value).clear()
         vars(value).update(vars(contents))

@@ -149,6 +149,28 @@ class FunctionalGemms:
         """Per forward of the model now running: whether it runs inside another (re-entered)."""
         self.mode = _GemmMode(self)
 
+    BY_ID: tuple[str, ...] = ("module_names", "param_names", "param_owner", "tensor_names")
+    """The maps keyed by the id of a module or tensor of the model: a copy's are its own objects'."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a deepcopy, pickle or torch.save takes: the maps of `BY_ID` keyed by their objects (a
+        copy's objects have other ids), and no mode: its weak reference to this object pickles not at
+        all and deep-copies as it is (the copy's mode would run the original's GEMMs); `__setstate__`
+        gives the copy a mode of its own."""
+        state = dict(self.__dict__)
+        del state["mode"]
+        model = self.model
+        objects = {id(o): o for o in (*model.modules(), *model.parameters(), *model.buffers())}
+        for name in self.BY_ID:
+            state[name] = [(objects[key], value) for key, value in state[name].items() if key in objects]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in self.BY_ID:
+            state[name] = {id(o): value for o, value in state[name]}
+        self.__dict__.update(state)
+        self.mode = _GemmMode(self)
+
     # --- hooks: the module stack, and the mode while the root's forward runs ---------------------
 
     def install(self) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from dse.train.attributes import Attributes
+from dse.train.attributes import Attributes, same_value
 
 OPTIMIZER_STATE_COPIES: dict[str, int] = {
     "sgd": 1, "adam": 2, "adamw": 2, "madam": 1, "lns-madam": 2, "niti": 1,
@@ -115,8 +115,8 @@ def state_kept(model: nn.Module) -> Iterator[None]:
             for name, b in model.named_buffers():
                 b.copy_(values[name])
             for name, p in model.named_parameters():
-                if not torch.equal(p, weights[name]):  # (no version bump where nothing was written)
-                    p.copy_(weights[name])
+                if not same_value(p, weights[name]):  # (no version bump where nothing was written; a
+                    p.copy_(weights[name])            # -0.0 written over a 0.0 was)
 
 
 def trial_memory_bytes(model: nn.Module, example: Tensor, batch_size: int, optimizer: str,

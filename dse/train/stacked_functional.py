@@ -75,7 +75,9 @@ class StackedFunctionalGemms(FunctionalGemms):
         super().__init__(model, policies, switch, None)
         self.members = members
         self.member_generators = generators
-        self.member_tensors = member_tensors
+        self.member_tensors = dict.fromkeys(member_tensors)
+
+    BY_ID = (*FunctionalGemms.BY_ID, "member_tensors")
 
     def passthrough(self) -> bool:
         module = self.frame().module

@@ -8,6 +8,7 @@ otherwise than at the boundary (tests/train/test_train_grouped_align_leaf.py).""
 from __future__ import annotations
 
 import collections
+import random
 
 import numpy as np
 import torch
@@ -714,3 +715,60 @@ class ConstantThenBatchTensorList(nn.Module):
 
 def constant_then_batch_tensor_list(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ConstantThenBatchTensorList(shape[0], classes)
+
+
+class RandomScaled(nn.Module):
+    """A network (run once for a group) that scales its hidden layer in training by 1 plus a number
+    drawn each forward from a random generator of its own: Python's random.Random, or torch's,
+    seeded with `seed` (None: from torch's global generator, so each trial's differs)."""
+
+    def __init__(self, width: int, classes: int, kind: str, seed: int | None) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        seed = int(torch.randint(1 << 30, ())) if seed is None else seed
+        self.rng = random.Random(seed) if kind == "python" else torch.Generator().manual_seed(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if not self.training:
+            return self.head(h)
+        rng = self.rng
+        drawn = rng.random() if isinstance(rng, random.Random) else torch.rand((), generator=rng)
+        return self.head(h * (1.0 + drawn))
+
+
+class GeneratorNoise(nn.Module):
+    """A network (run once for a group) that adds noise of its batch's shape in training, drawn from a
+    torch.Generator of its own seeded alike in every trial: a group's one draw of G x B rows gives
+    member 1 other numbers than its own draw of B rows."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.noise = torch.Generator().manual_seed(7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.training:
+            h = h + 0.1 * torch.randn(h.shape, generator=self.noise)
+        return self.head(h)
+
+
+def python_random_seeded_alike(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return RandomScaled(shape[0], classes, "python", 3)
+
+
+def torch_generator_seeded_alike(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return RandomScaled(shape[0], classes, "torch", 3)
+
+
+def python_random_seeded_per_trial(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return RandomScaled(shape[0], classes, "python", None)
+
+
+def torch_generator_seeded_per_trial(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return RandomScaled(shape[0], classes, "torch", None)
+
+
+def generator_noise(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return GeneratorNoise(shape[0], classes)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import enum
+import random
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dse.train.attributes import Attributes, same_value
+from dse.train.memory import state_kept
 
 
 class Helper:
@@ -185,3 +188,59 @@ def test_taken_attributes_name_exactly_those_that_any_change_left_unequal(
     now = _described_attributes(module)
     unequal = {name for name in before.keys() | now.keys() if before.get(name) != now.get(name)}
     assert set(taken.changed()) == unequal
+
+
+def _generators() -> dict[str, Any]:
+    return {"torch": torch.Generator().manual_seed(1), "python": random.Random(1),
+            "numpy": np.random.default_rng(1), "numpy legacy": np.random.RandomState(1)}
+
+
+def _draw(generator: Any) -> float:
+    if isinstance(generator, torch.Generator):
+        return float(torch.rand((), generator=generator))
+    if isinstance(generator, random.Random):
+        generator.gauss(0.0, 1.0)  # (keeps a second number in an attribute)
+        return generator.random()
+    return float(generator.random())
+
+
+def test_a_random_generators_draws_are_a_change_and_restoring_gives_back_its_next_numbers() -> None:
+    """A generator's state lives outside its attributes: before, a draw was no change (torch's and
+    numpy's compared as the same object, Python's by its attributes) and restoring left it advanced,
+    so a look-ahead forward advanced a layer's own generator."""
+    module, fresh = nn.Module(), nn.Module()
+    vars(module).update(_generators())
+    vars(fresh).update(_generators())
+    kept = Attributes(module)
+    for name in _generators():
+        _draw(vars(module)[name])
+    assert kept.changed() == list(_generators())
+    kept.restore()
+    assert kept.changed() == []
+    assert [_draw(vars(module)[name]) for name in _generators()] == [
+        _draw(vars(fresh)[name]) for name in _generators()]
+
+
+def test_a_look_ahead_leaves_an_enum_member_held_by_a_layer_whole() -> None:
+    """copy.copy of an enum member is the member itself; before, restoring cleared its attributes (its
+    value and name, for every user of the enum) after every look-ahead forward."""
+    module = nn.Module()
+    module.mode = Mode.ON
+    with state_kept(module):
+        pass
+    assert Mode.ON.value == 1 and Mode.ON.name == "ON"
+
+
+class Mode(enum.Enum):
+    ON = 1
+
+
+def test_a_look_ahead_gives_back_a_parameters_signed_zeros() -> None:
+    """A forward that writes its weight in place (here: negates it) may change only the sign of its
+    zeros; torch.equal calls -0.0 and 0.0 equal, and before, state_kept left such a weight written."""
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.bias.zero_()
+    with state_kept(layer), torch.no_grad():
+        layer.bias.neg_()
+    assert not layer.bias.signbit().any()

@@ -196,3 +196,37 @@ def test_a_network_run_once_that_writes_an_attribute_from_its_second_step_on_tra
     for config, grouped in zip(configs, together, strict=True):
         alone = train(config, data).to_dict()
         assert repr({**grouped.to_dict(), "wall_time_s": 0}) == repr({**alone, "wall_time_s": 0})
+
+
+def _configs(factory: str) -> list[TrainConfig]:
+    return [TrainConfig(model=f"{LEAF_MODELS}:{factory}", dataset="digits", epochs=2, batch_size=50,
+                        seed=seed) for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("factory", ["python_random_seeded_alike", "torch_generator_seeded_alike"])
+def test_a_network_drawing_from_its_own_generator_seeded_alike_trains_grouped_as_alone(factory: str) -> None:
+    """One number a training forward from a random.Random or torch.Generator of its own, seeded alike in
+    every trial: a group draws it once for all its members, as each draws it alone. Before, the
+    forward check refused the group ("a member's output is not its own"): its look-ahead forward
+    (finding the GEMMs called as functions) had advanced the first member's generator."""
+    configs, data = _configs(factory), short_digits()
+    assert group_reason(configs[0], data=data) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GroupSplitWarning)
+        assert_group_trains_as_alone(configs, data)
+
+
+@pytest.mark.parametrize("factory", ["python_random_seeded_per_trial", "torch_generator_seeded_per_trial"])
+def test_a_network_drawing_from_its_own_generator_seeded_per_trial_trains_one_by_one_and_says_so(
+        factory: str) -> None:
+    """The same, each trial's generator seeded from its own seed: copies of one network agree, so the
+    forward check passes, and a group of the trials would give every member the first's numbers."""
+    configs, data = _configs(factory), short_digits()
+    with pytest.warns(GroupSplitWarning, match="random generator rng, which the group's trials hold in"):
+        assert_group_trains_as_alone(configs, data)
+
+
+def test_a_network_drawing_noise_of_its_batchs_shape_from_its_own_generator_is_refused_naming_it() -> None:
+    """Before, refused as "a member's output is not its own" (the look-ahead's draw, not the batch's)."""
+    reason = group_reason(_configs("generator_noise")[0], data=short_digits())
+    assert reason is not None and "writes noise in its forward" in reason
