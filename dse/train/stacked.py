@@ -848,7 +848,8 @@ class PerMemberLayer(nn.Module):
         if written:
             self.__dict__["copies"] = (_versions(written), torch.is_grad_enabled(),
                                        {name: slices[name] for name in written})
-        return _cat_members(outputs, split[0][0].shape[0] if split else 0)
+        state_axis = RECURRENT_STATE_BATCH_AXIS if isinstance(self.__dict__["template"], nn.RNNBase) else None
+        return _cat_members(outputs, split[0][0].shape[0] if split else 0, state_axis=state_axis)
 
     def _member_copies(self, written: Mapping[str, Tensor]) -> dict[str, Sequence[Tensor]]:
         """Each member's copies of the parameters the layer may write: those of its earlier call in
@@ -1129,16 +1130,27 @@ def _refresh(layer: nn.Module) -> None:
         layer._init_flat_weights()
 
 
-def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False) -> Any:
+RECURRENT_STATE_BATCH_AXIS = 1
+"""The batch axis of an nn.RNNBase's final state (h_n, and an LSTM's c_n): (layers x directions, B,
+hidden) whether or not the layer is batch_first."""
+
+
+def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False, state_axis: int | None = None
+                 ) -> Any:
     """The members' outputs of a layer run member by member as one folded output: a tensor along its
     first axis; a tuple (a recurrent layer's (output, state)) element by element, where a tensor
-    whose first axis is not the member's batch of `rows` goes along its first axis that is (a
-    recurrent state (layers, B, hidden)); the check forward refuses a network where that is wrong."""
+    whose first axis is not the member's batch of `rows` goes along its first axis that is. A batched
+    state of a layer whose state's batch axis is known (`state_axis`: nn.RNNBase's, the tuple's
+    elements after the first) goes along that axis, whatever its sizes (a 2-layer LSTM's h_n on 2
+    samples is (2, 2, hidden)); the check forward refuses a network where a guess is wrong."""
     first = outputs[0]
     if isinstance(first, tuple):
-        return tuple(_cat_members([out[i] for out in outputs], rows, True) for i in range(len(first)))
+        return tuple(_cat_members([out[i] for out in outputs], rows, True,
+                                  state_axis if i or in_tuple else None) for i in range(len(first)))
     if not isinstance(first, Tensor) or first.dim() == 0:
         return first
+    if state_axis is not None and first.dim() == 3:
+        return torch.cat(list(outputs), state_axis)
     axis = 0
     if in_tuple and first.shape[0] != rows:
         axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)

@@ -128,3 +128,22 @@ def test_the_model_prices_a_layer_scale_for_exactly_the_tensors_training_scales(
     plain = estimator.estimate(config.replace(layer_scaling=False))["proxy"]
     priced = estimator.estimate(config)["proxy"]
     assert priced.conversion_mj - plain.conversion_mj == pytest.approx(expected_pj / 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize(("model", "dataset", "master"), [("cnn", "mnist1d", False),
+                                                          ("resnet", "mnist1d", True),
+                                                          ("transformer", "sort", False)])
+def test_the_layer_scales_priced_are_those_training_computes_in_convolutions_and_attention(
+        estimator: EnergyEstimator, model: str, dataset: str, master: bool) -> None:
+    """As for the MLP, in the other built-in networks: a convolution scales its input as given, not
+    unfolded; attention's products of two activations quantize both operands and the incoming error
+    once for their two backward GEMMs."""
+    from dse.energy.iteration import layer_scale_pj
+
+    config = TrainConfig(model=model, dataset=dataset, epochs=1, batch_size=100, format="posit(8,1)",
+                         optimizer="sgd", master_weights=master, layer_scaling=True)
+    scaled = _scaled_in_one_training_step(config)
+    expected_pj = float(layer_scale_pj(build_model(SETTINGS.node).components, np.array(scaled, float)).sum())
+    plain = estimator.estimate(config.replace(layer_scaling=False))["proxy"]
+    priced = estimator.estimate(config)["proxy"]
+    assert priced.conversion_mj - plain.conversion_mj == pytest.approx(expected_pj / 1e9, rel=1e-9)
