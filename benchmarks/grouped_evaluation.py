@@ -16,11 +16,11 @@ starting mmap threshold, freed and mapped again at every evaluation, each page f
 --order: where the rest goes, as ablations in plain torch (freed memory kept). The MLP's forward of
 --members, each member's three addmm and two ReLUs one member after another (alone's order) against
 one baddbmm and one ReLU a layer over all members (the group's order, the same operations on the same
-shapes), at 1000, 333, 125 and 8 rows, --sizes members: a member's 1000 x 256 activation is 1 MB, this
-CPU's L2 1 MiB a core, so the group's order leaves each member's activation out of L2 by the time its
-next layer reads it. Between them, layer after layer with each member's own addmm and ReLU (the calls
-of member after member, only their order changed): the order without the batched call's fewer
-dispatches, which at 8 rows are all that differs and at 125 rows still a few per cent.
+shapes), at 1000, 333, 125 and 8 rows, --sizes members (a member's 1000 x 256 activation is 1 MB,
+this CPU's L2 1 MiB a core: whether the order costs as the group's activations outgrow a cache; which
+cache level is not isolated here). Between them, layer after layer with each member's own addmm and
+ReLU (the calls of member after member, only their order changed): the order without the batched
+call's fewer dispatches, which at 8 rows are all that differs and at 125 rows still a few per cent.
 Then, at 1000 and 8 rows, dse's group evaluation (`evaluate_members`), its
 stacked model's forward alone and the network inside it (`StackedModel.net`, no member axis
 folding) against the plain group order on the same weights, scored as `evaluate_members` scores it:

@@ -17,6 +17,8 @@ from dse.models.trace import trace_model
 from dse.models.workloads import Workload
 from dse.sweep import parse_config
 from dse.sweep.energy import EnergyEstimator
+from dse.sweep.executors import InlineExecutor
+from dse.sweep.runner import run_sweep
 from dse.train import TrainConfig, train
 from dse.train.grouped import GroupSplitWarning, group_reason, train_group
 from dse.train.layers import UnconvertedGemmWarning, quantize_model
@@ -51,6 +53,28 @@ def test_a_network_with_gemms_left_fp32_trains_in_a_group_as_alone(factory: str)
                            batch_size=50, seed=seed) for seed in (0, 1)]
     assert group_reason(configs[0], data=short_digits()) is None
     assert_group_trains_as_alone(configs, short_digits())
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_a_sweep_names_each_gemm_left_fp32_once_per_configuration(group_size: int, tmp_path: Path) -> None:
+    """`dse sweep` prints what `dse train` warns of a trial's GEMMs left fp32 as one line per
+    configuration, its trials grouped or not (before: six raw warnings alone, none grouped)."""
+    text = (f"name: gru\nseeds: [0, 1]\ntask: {{model: support.own_networks:last_step_gru, dataset: digits, "
+            f"epochs: 1, batch_size: 50}}\ntrials:\n  - {{format: [fp32, int8]}}\n"
+            f"executor: {{group_size: {group_size}}}\noutput: {tmp_path}\n")
+    expected = []
+    for format in ("fp32", "int8"):  # as `dse train` warns each (fp32 too: nn.GRU is never converted)
+        with warnings.catch_warnings(record=True) as alone:
+            warnings.simplefilter("always")
+            train(TrainConfig(model="support.own_networks:last_step_gru", dataset="digits", format=format,
+                              epochs=1, batch_size=50), short_digits())
+        expected += [[f"{format} sgd", message] for message in sorted(_unconverted(alone))]
+    with warnings.catch_warnings(record=True) as swept:
+        warnings.simplefilter("always")
+        summary = run_sweep(parse_config(text, "s.yaml"), executor=InlineExecutor(), reports=False)
+    assert summary.ok == 4 and expected
+    assert sorted(note.split(": ", 2)[1:] for note in summary.notes) == expected
+    assert not _unconverted(swept)
 
 
 def test_torch_cdist_is_named_as_left_fp32_by_training_and_as_unpriced_by_tracing() -> None:
@@ -130,19 +154,37 @@ def test_a_layer_training_leaves_fp32_is_priced_in_fp32(trial: dict[str, object]
     assert total(**trial) == total(**as_trained)
 
 
+@pytest.mark.parametrize("factory", ["head_first", "last_step_gru"])
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_full_precision_layers_are_priced_on_the_layer_training_keeps_fp32(factory: str, which: str) -> None:
+    """first/last is the first/last weight layer in registration order, as training picks it (a head
+    registered before the body it follows is `first`), not in the order the traced forward runs them:
+    the price is that of the layer quantize_model left a plain nn.Linear ruled fp32 (before: the body's
+    and the head's swapped for head_first)."""
+    model = f"support.own_networks:{factory}"
+    network = getattr(own_networks, factory)((64,), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnconvertedGemmWarning)
+        policy = QuantPolicy.from_config(TrainConfig(format="int8", full_precision_layers=(which,)))
+        quantize_model(network, policy, example_input=torch.randn(2, 64))
+    (kept,) = [name for name, module in network.named_modules() if type(module) is nn.Linear]
+    estimator = EnergyEstimator(parse_config(GRU_PRICED.replace("last_step_gru", factory), "s.yaml").energy)
+
+    def total(**changes: object) -> float:
+        config = TrainConfig(model=model, dataset="digits", format="int8", **changes)  # type: ignore[arg-type]
+        return estimator.estimate(config)["proxy"].total_mj
+
+    assert total(full_precision_layers=(which,)) == total(layers=({"match": kept, "format": "fp32"},))
+    assert total(full_precision_layers=(which,)) != total()
+
+
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
-@pytest.mark.parametrize("factory", [
-    "lstm_state_1",
-    pytest.param("lstm_state_2", marks=pytest.mark.xfail(strict=True, reason=(
-        "_cat_members finds a recurrent state's batch axis by its size: the group's check forward on 2 "
-        "samples gets h_n of shape (2, 2, 16), joins it on its first axis, and the group is refused"))),
-    pytest.param("lstm_state_3", marks=pytest.mark.xfail(strict=True, reason=(
-        "as with 2 layers, on the check forward of 3 samples (h_n (3, 3, 16)): the forward then fails "
-        "(shape '[2, 1, 16]' is invalid for input of size 48) and the group is refused"))),
-])
+@pytest.mark.parametrize("factory", ["lstm_state_1", "lstm_state_2", "lstm_state_3"])
 def test_an_lstm_classified_from_its_final_hidden_state_trains_as_a_group(factory: str) -> None:
     """h_n[-1], the common way to read an LSTM, has its batch on the second axis whatever the layer
-    count; each count should stack as one layer does (alone and grouped are equal either way: a
-    refused group trains one by one)."""
-    config = TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", epochs=1, batch_size=50)
-    assert group_reason(config, data=short_digits()) is None
+    count: a group joins it there (the check forwards on 2 and 3 samples make h_n (2, 2, 16) and
+    (3, 3, 16), whose batch axis no size tells), and trains each member as alone."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format="int8", epochs=1,
+                           batch_size=50, seed=seed) for seed in (0, 1)]
+    assert group_reason(configs[0], data=short_digits()) is None  # (train_group trains a refused group
+    assert_group_trains_as_alone(configs, short_digits())  # one by one)

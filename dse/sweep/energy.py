@@ -6,10 +6,11 @@ format), the rounding of its GEMM operands and of its in-place weight updates, a
 format and chunk (the accumulator and vector length K of the dot-product unit). Never its seed, so it is
 computed once per distinct configuration (`energy_key`), at every point of the energy axes. Each layer
 is costed in the formats it trained in: its `layers` rule's, fp32 for `full_precision_layers` (the first
-and/or last weight layer), else the trial's (`layer_formats`, the same resolution training uses). The
-workload `proxy` is the trial's own model traced at its batch size, as is a user's model named as a
-workload (`file.py:function`, traced on the trial's dataset); any other name is a `models.workloads`
-shape or a user's file (ONNX, YAML, CSV) at its own batch size.
+and/or last weight layer, in registration order as training picks them), else the trial's
+(`layer_formats`, the same resolution training uses). The workload `proxy` is the trial's own model
+traced at its batch size, as is a user's model named as a workload (`file.py:function`, traced on the
+trial's dataset); any other name is a `models.workloads` shape or a user's file (ONNX, YAML, CSV) at its
+own batch size.
 
 A run's iterations need not all cost the same: a warm-up trains its first epochs in fp32 before the
 trial's formats start (`warmup_config`), a diverged run stops at the batch its loss turned NaN, and
@@ -21,7 +22,7 @@ sums each iteration in the formats it ran in, from the iterations each epoch tra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from dse.precision import (
     Layer,
     LayerRule,
     TensorFormats,
+    full_precision_rules,
     resolve_layers,
 )
 from dse.sweep.config import PROXY_WORKLOAD, EnergyConfig, EnergyPoint
@@ -137,21 +139,29 @@ KIND_TYPES: dict[str, tuple[str, ...]] = {"linear": ("Linear",), "conv": ("Conv2
 """Module classes a workload layer answers to in `type:` rules when no model tells (built-in workloads)."""
 
 
-def layer_formats(workload: Workload, config: TrainConfig, types: dict[str, tuple[str, ...]] | None = None,
+def layer_formats(workload: Workload, config: TrainConfig, trained: Sequence[Layer] | None = None,
                   fp32_layers: frozenset[str] = frozenset()) -> dict[str, TensorFormats]:
     """Each workload layer's formats as the trial trained it: `layers` rules and full_precision_layers
-    over the trial's formats (dse/precision.py). `types` (layer name -> module classes, from the
-    trial's own model) serve `type:` rules; else the layer's kind does. `fp32_layers` names the layers
-    training cannot quantize (an nn.GRU's GEMMs): fp32, and out of the rules and of first/last, as
-    training leaves them. A rule that matches no layer of this workload is not an error here (it names
-    the trial's model, which training checks)."""
-    types = types or {}
+    over the trial's formats (dse/precision.py). `trained` (the trial's own model's GEMM layers as
+    training sees them, `model_layers`) gives the module classes `type:` rules match (else the layer's
+    kind does) and the first/last weight layer, in registration order as training picks them (else, or
+    where the workload has no layer of that name, the workload's order). `fp32_layers` names the layers
+    training cannot quantize (an nn.GRU's GEMMs): fp32, and out of the rules, as training leaves them.
+    A rule that matches no layer of this workload is not an error here (it names the trial's model,
+    which training checks)."""
+    types = {layer.name: layer.types for layer in trained or ()}
     base = config.tensor_formats()
     layers = [Layer(layer.name, (), types.get(layer.name.split("#")[0], KIND_TYPES.get(layer.kind, ())),
                     layer.b_is_weight) for layer in workload.layers if layer.name not in fp32_layers]
     fp32 = LayerRule("*", ((SHORTHAND, FP32),)).over(base)
-    return {**dict.fromkeys(fp32_layers, fp32), **resolve_layers(
-        layers, config.layers, base, config.full_precision_layers, require_match=False)}
+    first_last: list[LayerRule] = []
+    for which in config.full_precision_layers:  # where this workload names training's choice otherwise
+        # (a tied weight's GEMM is traced under its parameter's name), as the workload orders its layers
+        chosen = [rule for rule in full_precision_rules(trained or (), (which,))
+                  if any(rule.matches(layer) for layer in layers)]
+        first_last += chosen or full_precision_rules(layers, (which,))
+    return {**dict.fromkeys(fp32_layers, fp32),
+            **resolve_layers(layers, (*first_last, *config.layers), base, require_match=False)}
 
 
 def kept_fp32(network: nn.Module, workload: Workload) -> frozenset[str]:
@@ -169,12 +179,12 @@ def _within(layer: str, module: str) -> bool:
     return not module or layer == module or layer.startswith(f"{module}.")
 
 
-def _parts(workload: Workload, config: TrainConfig, types: dict[str, tuple[str, ...]] | None,
+def _parts(workload: Workload, config: TrainConfig, trained: Sequence[Layer] | None,
            fp32_layers: frozenset[str]) -> list[tuple[Workload, TensorFormats]]:
     """The workload split into groups of layers with the same formats; the trial's own group keeps the
     parameters outside GEMM layers (embeddings, norms)."""
     trial = config.tensor_formats()
-    formats = layer_formats(workload, config, types, fp32_layers)
+    formats = layer_formats(workload, config, trained, fp32_layers)
     groups: dict[TensorFormats, list[Any]] = {trial: []}
     for layer in workload.layers:
         groups.setdefault(formats[layer.name], []).append(layer)
@@ -200,16 +210,16 @@ class EnergyEstimator:
                                                scope=point.scope, node_scaling=point.node_scaling)
                        for point in settings.points}
         self._proxies: dict[tuple[Any, ...], Workload] = {}
-        self._types: dict[int, dict[str, tuple[str, ...]]] = {}
-        """id of a traced workload -> its layers' module classes (for `type:` rules)."""
+        self._trained: dict[int, tuple[Layer, ...]] = {}
+        """id of a traced workload -> its model's GEMM layers as training sees them (`layer_formats`)."""
         self._kept_fp32: dict[int, frozenset[str]] = {}
         """id of a traced workload -> its layers training leaves fp32 (`kept_fp32`)."""
         self._train_rows: dict[tuple[str, str | None], int] = dict(train_rows or {})
 
     def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
         """The trial's own model (or `model`, a user's `file.py:function`) traced on the trial's dataset
-        at its batch size (cached per model, dataset and batch size); `types` keeps the module classes
-        of its GEMM layers for per-layer `type:` rules."""
+        at its batch size (cached per model, dataset and batch size); `_trained` keeps its GEMM layers as
+        training sees them, for per-layer `type:` rules and first/last."""
         model = model or config.model
         key = (model, config.dataset, config.data_dir, config.batch_size)
         if key not in self._proxies:
@@ -226,8 +236,7 @@ class EnergyEstimator:
                 network = build_proxy(model, dataset)
             self._proxies[key] = trace_workload(network, dataset, f"{config.model}/{config.dataset}",
                                                 config.batch_size, "sgd")
-            self._types[id(self._proxies[key])] = {layer.name: layer.types
-                                                   for layer in model_layers(network, dataset.x_train[:2])}
+            self._trained[id(self._proxies[key])] = tuple(model_layers(network, dataset.x_train[:2]))
             self._kept_fp32[id(self._proxies[key])] = kept_fp32(network, self._proxies[key])
         return self._proxies[key]
 
@@ -291,12 +300,13 @@ class EnergyEstimator:
         units = dict.fromkeys(UNITS, 0.0)
         forward_pj = 0.0
         memory_bits = 0.0
-        types = self._types.get(id(workload))
+        trained = self._trained.get(id(workload))
         # NITI rounds every integer it narrows pseudo-stochastically (PstoShift), whatever the trial says
         rounding = (config.rounding, config.update_rounding)
         if optimizer == "niti":
             rounding = ("pseudo_stochastic", "pseudo_stochastic")
-        for part, tensors in _parts(workload, config, types, self._kept_fp32.get(id(workload), frozenset())):
+        fp32_layers = self._kept_fp32.get(id(workload), frozenset())
+        for part, tensors in _parts(workload, config, trained, fp32_layers):
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
                 master_weights=master_format(config) if tensors.quantizes_gemms else None,

@@ -77,7 +77,8 @@ class TrialOutcome:
     traceback: str = ""
     wall_time_s: float = 0.0
     note: str = ""
-    """A line the sweep prints about how the trial trained (its group split on a Ray node)."""
+    """A line the sweep prints, once per configuration, about how the trial trained (the GEMMs it left
+    fp32, its group split on a Ray node)."""
     unsupported: bool = False
     """The trial raised dse.errors.Unsupported (this torch or device cannot run it): not the trial's
     result: the sweep runs every other trial, stores it, and then stops naming this one (unstored)."""
@@ -105,9 +106,30 @@ def _dataset(name: str, data_dir: str | None) -> Any:
     return _DATASETS[key]
 
 
+@contextmanager
+def _noted_warnings(notes: list[str], *noted: type[Warning]) -> Iterator[None]:
+    """Training's warnings of the `noted` categories (and of the GEMMs it leaves fp32) as `notes`, each
+    once: the sweep prints a configuration's note once, not each trial's warning (a group's would be
+    lost in its worker); other warnings pass as they would."""
+    from dse.train.layers import UnconvertedGemmWarning
+
+    kinds: tuple[type[Warning], ...] = (UnconvertedGemmWarning, *noted)
+    with warnings.catch_warnings(record=True) as caught:
+        for kind in kinds:
+            warnings.simplefilter("always", kind)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if not issubclass(w.category, kinds):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            notes.extend(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, kinds)))
+
+
 def execute_trial(job: TrialJob) -> TrialOutcome:
     """Train one trial in this process with its own thread budget; never raises for a failing trial."""
     start = time.perf_counter()
+    notes: list[str] = []
     try:
         from dse.train.config import TrainConfig
         from dse.usercode import provide_sources
@@ -118,11 +140,13 @@ def execute_trial(job: TrialJob) -> TrialOutcome:
         if job.train_fn is None:
             from dse.train.loop import train
 
-            data = train(config, dataset=_dataset(config.dataset, config.data_dir)).to_dict()
+            with _noted_warnings(notes):
+                data = train(config, dataset=_dataset(config.dataset, config.data_dir)).to_dict()
         else:
             result = job.train_fn(config)
             data = result.to_dict() if hasattr(result, "to_dict") else dict(result)  # a test's plain dict
-        return TrialOutcome(job.trial_id, data, wall_time_s=time.perf_counter() - start)
+        return TrialOutcome(job.trial_id, data, wall_time_s=time.perf_counter() - start,
+                            note="; ".join(notes))
     except Exception as error:  # a failing trial is a result, recorded with its error
         message = str(error).splitlines()[0] if str(error) else ""
         text = f"{type(error).__name__}: {message}" if message else type(error).__name__
@@ -138,6 +162,7 @@ def execute_group(job: GroupJob) -> list[TrialOutcome]:
     if members[0].train_fn is not None:
         return [execute_trial(member) for member in members]
     start = time.perf_counter()
+    notes: list[str] = []
     try:
         from dse.train.config import TrainConfig
         from dse.train.grouped import GroupSplitWarning, train_group
@@ -148,14 +173,13 @@ def execute_group(job: GroupJob) -> list[TrialOutcome]:
         at_once = job.groups_at_once
         if at_once is None:
             at_once = 1 if _on_cuda(job) else max(1, (os.cpu_count() or 1) // members[0].threads)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GroupSplitWarning)
+        with _noted_warnings(notes, GroupSplitWarning):
             results = train_group(configs, dataset=_dataset(configs[0].dataset, configs[0].data_dir),
                                   available_bytes=job.available_bytes, groups_at_once=at_once)
     except Exception:  # a failing member is found and recorded by training each alone
         return [execute_trial(member) for member in members]
     wall = (time.perf_counter() - start) / len(members)
-    note = next((str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)), "")
+    note = "; ".join(notes)
     return [TrialOutcome(member.trial_id, result.to_dict(), wall_time_s=wall, note=note)
             for member, result in zip(members, results, strict=True)]
 

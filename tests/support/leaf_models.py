@@ -774,6 +774,23 @@ def generator_noise(shape: tuple[int, ...], classes: int) -> nn.Module:
     return GeneratorNoise(shape[0], classes)
 
 
+class DrawnTemperature(nn.Module):
+    """A network (run once for a group) that divides its logits by a temperature drawn at construction
+    from torch's generator, a Python float: each trial's its own."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.temperature = 0.5 + float(torch.rand(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.a(x))) / self.temperature
+
+
+def drawn_temperature(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return DrawnTemperature(shape[0], classes)
+
+
 class ChunkedSilu(nn.Module):
     """A hidden layer of 12 whose batch's values are taken in rows of 28 (rows straddling samples)
     for a SiLU, where its batch's values divide into them: in a group of 2 at batch 7, (6, 28), whose

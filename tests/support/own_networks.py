@@ -108,3 +108,20 @@ class TokenDistances(nn.Module):
 
 def token_distances(shape: tuple[int, ...], classes: int) -> nn.Module:
     return TokenDistances(shape[0], classes)
+
+
+class HeadFirst(nn.Module):
+    """The head registered before the body it follows: registration order (training's first/last) is
+    not the order the forward runs them."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, classes)
+        self.body = nn.Linear(features, 32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def head_first(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return HeadFirst(shape[0], classes)

@@ -68,7 +68,7 @@ executor: {{group_size: {group_size}}}
 output: {out}
 """
         summary = run_sweep(parse_config(text, "s.yaml"), executor=InlineExecutor(), reports=False)
-        assert summary.notes == []
+        assert [note for note in summary.notes if "stays fp32" not in note] == []  # (torch.addmm's does)
         with sqlite3.connect(out / STORE_FILE) as connection:
             rows = connection.execute("SELECT trial_id, final_loss, test_accuracy, result FROM trials")
             rows = rows.fetchall()

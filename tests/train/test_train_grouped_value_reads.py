@@ -26,7 +26,7 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
 
 @pytest.mark.parametrize("model, said", [
     ("constant_then_batch_ema", "torch.Tensor.__float__ of a () torch.float32 tensor"),
-    ("nested_history", "torch.Tensor.__float__ of a () torch.float32 tensor"),
+    ("nested_history", "holds history, which differs between the group's trials as it stacks them"),
     ("constant_then_batch_tensor_ema", "writes floating-point tensors in ema in a later forward"),
     ("constant_then_batch_tensor_list", "writes floating-point tensors in means in a later forward"),
 ])
@@ -34,7 +34,9 @@ def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trai
         model: str, said: str) -> None:
     """leaf_models' constant_then_batch_ema (a float set to 0.0 at its first training forward, the same
     in every member, then updated from its batch's hidden mean), nested_history (its batches' hidden
-    means appended to a list inside a dict: the checks compare a container's items one level deep),
+    means appended to a list inside a dict: the checks compare a container's items one level deep; the
+    look-ahead forward that finds the GEMMs appends to the first member's, so the members differ as
+    the group stacks them),
     constant_then_batch_tensor_ema (the running mean a tensor, never read into Python) and
     constant_then_batch_tensor_list (a list of tensors: a zero first, then its batches' means). Before,
     all four stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
