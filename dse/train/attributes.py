@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import enum
 import math
 import random
 from collections.abc import Callable, MutableMapping, MutableSequence, MutableSet
@@ -43,6 +44,24 @@ state, which lives outside their attributes (SystemRandom, drawing from the OS, 
 def random_generator(value: Any) -> bool:
     """Whether `value` is a random generator of `GENERATORS` (a state a forward may advance)."""
     return _generator(value) is not None
+
+
+def plain_data(value: Any, _within: frozenset[int] = frozenset()) -> bool:
+    """Whether `value` is data compared by its value all through (numbers, strings, None, tensors,
+    numpy arrays and scalars, enum members, a random generator's state, and lists, tuples, deques,
+    sets, dicts and a user's objects of them, without a cycle): two trials' values are one value or
+    not, where an object compared by identity (a module, a function) differs in every copy."""
+    if value is None or random_generator(value) or isinstance(
+            value, int | float | complex | str | bytes | Tensor | np.ndarray | np.generic | enum.Enum):
+        return True
+    if id(value) in _within:
+        return False
+    within = _within | {id(value)}
+    if isinstance(value, list | tuple | collections.deque | set | frozenset):
+        return all(plain_data(item, within) for item in value)
+    if isinstance(value, dict):
+        return all(plain_data(key, within) and plain_data(item, within) for key, item in value.items())
+    return user_object(value) and all(plain_data(item, within) for item in vars(value).values())
 
 
 def _generator(value: Any) -> tuple[Callable[[Any], Any], Callable[[Any, Any], object]] | None:
@@ -80,7 +99,7 @@ def same_value(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
     generator = _generator(a)
     if generator is not None:
-        return same_value(generator[0](a), generator[0](b)) and same_value(_fields(a), _fields(b))
+        return _same_state(generator[0](a), generator[0](b)) and same_value(_fields(a), _fields(b))
     if user_object(a):
         return same_value(vars(a), vars(b))
     if isinstance(a, float):
@@ -162,6 +181,11 @@ def same_attribute(a: nn.Module, b: nn.Module, name: str) -> bool:
     return same_value(vars(a).get(name, _GONE), vars(b).get(name, _GONE))
 
 
+def _same_state(a: Any, b: Any) -> bool:
+    """Two states of one kind of generator equal (random.Random's, a tuple of ints, by == at once)."""
+    return a == b if isinstance(a, tuple) else same_value(a, b)
+
+
 def _fields(value: Any) -> dict[str, Any]:
     return vars(value) if hasattr(value, "__dict__") else {}
 
@@ -173,7 +197,8 @@ def _contents(value: Any) -> Any:
         return value.copy()
     generator = _generator(value)
     if generator is not None:
-        return copy.deepcopy(value)  # (numpy's copy.copy shares its bit generator)
+        numpy = isinstance(value, np.random.Generator | np.random.RandomState | np.random.BitGenerator)
+        return copy.deepcopy(value) if numpy else copy.copy(value)  # (numpy's copy shares its bit generator)
     if isinstance(value, MutableSequence | MutableSet | MutableMapping) or user_object(value):
         try:
             copied = copy.copy(value)  # (a user's object: its attributes, as they are)

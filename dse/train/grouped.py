@@ -57,7 +57,13 @@ from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optim
 from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
-from dse.train.stacked import MemberStateUnstacked, stack_models, stack_reason, stored_weights
+from dse.train.stacked import (
+    MemberStateUnstacked,
+    attributes_apart,
+    stack_models,
+    stack_reason,
+    stored_weights,
+)
 from dse.train.tally import EpochTally, members_finite, training_state
 
 MEMBER_FIELDS: tuple[str, ...] = ("seed", "lr", "momentum", "weight_decay", "p_scale", "g_bound", "niti_mu")
@@ -476,6 +482,9 @@ def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], genera
     policy = QuantPolicy.from_config(first)
     switch = QuantSwitch()
     model = stack_models(models, policy, switch, MemberGenerators(generators), example)
+    apart = attributes_apart(model, models)
+    if apart is not None:
+        raise MemberStateUnstacked(apart)
     warmup = first.warmup_epochs
     if warmup:
         switch.enabled = False

@@ -212,8 +212,11 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
     samples), else an axis of exactly G * rows (a sequence-first (L, G*B, E) layout, as
     nn.MultiheadAttention's with batch_first=False), else one of a multiple of it (that layout
     flattened behind its samples, (L, G*B*E): each member's block one stretch of it, as
-    `_members_interleaved` keeps it), else the first when it divides into G; without `rows`, the first
-    when it divides into G."""
+    `_members_interleaved` keeps it) where the first does not divide into G, else the first when it
+    divides into G; without `rows`, the first when it divides into G. Where the first divides into G
+    and an inner axis is a multiple of G * rows, either may hold the members' samples ((6, 28): rows
+    of 28 values straddling samples of 12, G 2 B 7; or (L, G*B*E) with L a multiple of G), and the
+    wrong one gives them other last bits than alone: raises MemberAxisLost (one by one)."""
     if x.dim() == 0:
         return None
     if rows is not None:
@@ -231,9 +234,23 @@ def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
         if folded in inner:
             return 1 + inner.index(folded)
         whole = next((axis for axis, size in enumerate(inner, 1) if size % folded == 0), None)
+        if whole is not None and x.shape[0] % members == 0:
+            raise MemberAxisLost(
+                f"a {tuple(x.shape)} tensor may hold the group's {members} x {rows} samples on its first "
+                f"axis ({members} blocks of rows that straddle samples) or on axis {whole} (a multiple of "
+                f"{folded}: a sequence-first layout flattened behind its samples), and its shape cannot "
+                f"tell which")
         if whole is not None:
             return whole
     return 0 if x.shape[0] % members == 0 else None
+
+
+def _has_member_axis(x: Tensor, members: int, rows: int | None) -> bool:
+    """Whether an axis of x may hold the members' samples (`_member_axis`: one does, or two may)."""
+    try:
+        return _member_axis(x, members, rows) is not None
+    except MemberAxisLost:
+        return True
 
 
 class SummedTermsWarning(UserWarning):
@@ -255,10 +272,11 @@ class MemberAxisLost(Exception):
 
 VALUE_READS: frozenset[Any] = frozenset({
     Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__index__, Tensor.__complex__, Tensor.tolist,
-    Tensor.numpy, Tensor.__format__, Tensor.__array__,
+    Tensor.numpy, Tensor.__format__, Tensor.__array__, Tensor.__bool__,
 })
-"""The calls that read a tensor's values into Python (`float(h.mean())`, `.item()`, `.tolist()`): on a
-group's tensor, a number of the group's, where alone each member reads its own (`MemberKernelMode.read`)."""
+"""The calls that read a tensor's values into Python (`float(h.mean())`, `.item()`, `.tolist()`, a
+branch `if h.abs().max() > 1:` on a comparison's bool): on a group's tensor, a number of the group's,
+where alone each member reads its own (`MemberKernelMode.read`)."""
 
 
 RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
@@ -275,7 +293,10 @@ def _members_interleaved(x: Tensor, y: Tensor, members: int, rows: int | None) -
     None where the members' blocks survive (or x holds them on its first axis)."""
     if rows is None or not x.is_floating_point() or x.dim() < 2 or x.shape == y.shape:
         return None
-    axis = _member_axis(x, members, rows)
+    try:
+        axis = _member_axis(x, members, rows)
+    except MemberAxisLost as ambiguous:  # (a split after it could not tell the members' blocks)
+        return str(ambiguous)
     if axis is None or axis == 0:
         return None
     outer = math.prod(x.shape[:axis])
@@ -693,7 +714,8 @@ class MemberKernelMode(RecomputedMode):
         """What interleaved the members' samples in this forward (`_members_interleaved`): a split
         after it raises MemberAxisLost."""
         self.read: str | None = None
-        """The first of VALUE_READS of a floating-point tensor in this forward, outside our own layers
+        """The first of VALUE_READS of a floating-point or bool tensor (a comparison of floating-point
+        values) in this forward, outside our own layers
         (a user's layer run member by member reads its member's own): a number that holds the whole
         group's values, as a running statistic kept in a Python attribute would
         (`StackedModel._shared_state_guarded`)."""
@@ -735,7 +757,7 @@ class MemberKernelMode(RecomputedMode):
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
         if func not in POSITION_DEPENDENT_FUNCTIONS:
             if (func in VALUE_READS and self.read is None and args and isinstance(args[0], Tensor)
-                    and args[0].is_floating_point()):
+                    and (args[0].is_floating_point() or args[0].dtype == torch.bool)):
                 self.read = (f"{torch.overrides.resolve_name(func) or func} of a {tuple(args[0].shape)} "
                              f"{args[0].dtype} tensor")
             return func(*args, **kwargs)
@@ -907,7 +929,7 @@ class UnsplitCalls(TorchFunctionMode):
             x = next((a for a in positional_input(args, kwargs)[0] if isinstance(a, Tensor)), None)
             if (x is not None and x.is_floating_point() and x.device.type == "cpu"
                     and not _exact_gelu(func, x, args, kwargs)
-                    and _member_axis(x, self.members, self.rows) is not None):
+                    and _has_member_axis(x, self.members, self.rows)):
                 self.calls.setdefault(torch.overrides.resolve_name(func) or repr(func))
         return func(*args, **kwargs)
 

@@ -70,7 +70,7 @@ from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
-from dse.train.attributes import Attributes, random_generator, same_attribute
+from dse.train.attributes import MODULE_INTERNALS, Attributes, plain_data, same_attribute
 from dse.train.batched_sums import (
     aligned_sums_as_members,
     alignment_bytes,
@@ -1278,9 +1278,6 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
         net.get_submodule(parent_name)._modules[attribute] = layer
     if not places and not in_place and _holds_state(net):  # the model itself is one leaf layer
         net = PerMemberLayer(list(models), len(models))
-    reason = _generators_apart(net, by_name)
-    if reason is not None:
-        raise MemberStateUnstacked(reason)
     if any(site.module is None for site in found.sites):
         tensors = {**dict(net.named_buffers()), **dict(net.named_parameters())}
         members = {id(tensors[name]) for name in found.operands if name in tensors}
@@ -1288,20 +1285,25 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
     return StackedModel(net, len(models))
 
 
-def _generators_apart(net: nn.Module, by_name: Sequence[Mapping[str, nn.Module]]) -> str | None:
+def attributes_apart(group: StackedModel, models: Sequence[nn.Module]) -> str | None:
     """Which module the group runs once for all its members (a user's, not one run member by member)
-    holds a random generator that the members hold in other states (seeded per trial): the group
-    would draw every member's numbers from the first member's (None: none). The forward check
-    (`stack_reason`) stacks copies of one network, whose generators agree."""
-    for name, module in net.named_modules():
+    holds Python attributes of data (`plain_data`: a number or tensor drawn at construction, a random
+    generator seeded per trial) in which its members (`models`, as stacked) differ: the group would
+    give every member the first's (None: none). The forward check (`stack_reason`) stacks copies of
+    one network, whose attributes agree."""
+    by_name = [dict(model.named_modules(remove_duplicate=False)) for model in models]
+    for name, module in group.net.named_modules():
         if type(module).__module__.startswith((OWN_PACKAGE, "torch.")):
             continue
-        for attribute in [a for a, value in vars(module).items() if random_generator(value)]:
-            if any(name not in modules or not same_attribute(by_name[0][name], modules[name], attribute)
-                   for modules in by_name[1:]):
-                return (f"its {type(module).__name__} {name or '(the model)'} draws from its own random "
-                        f"generator {attribute}, which the group's trials hold in other states (seeded per "
-                        f"trial), and a group runs it once for all its members with the first trial's")
+        apart = [attribute for attribute, value in vars(module).items()
+                 if attribute not in MODULE_INTERNALS and plain_data(value)
+                 and any(name not in modules or not same_attribute(by_name[0][name], modules[name], attribute)
+                         for modules in by_name[1:])]
+        if apart:
+            return (f"its {type(module).__name__} {name or '(the model)'} holds {', '.join(apart)}, which "
+                    f"differs between the group's trials as it stacks them (a value drawn or seeded per "
+                    f"trial, or one a forward changed inside a container), and a group runs it once for all "
+                    f"its members with the first trial's")
     return None
 
 

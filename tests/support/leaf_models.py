@@ -772,3 +772,61 @@ def torch_generator_seeded_per_trial(shape: tuple[int, ...], classes: int) -> nn
 
 def generator_noise(shape: tuple[int, ...], classes: int) -> nn.Module:
     return GeneratorNoise(shape[0], classes)
+
+
+class DrawnTemperature(nn.Module):
+    """A network (run once for a group) that divides its logits by a temperature drawn at construction
+    from torch's generator, a Python float: each trial's its own."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.temperature = 0.5 + float(torch.rand(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.a(x))) / self.temperature
+
+
+def drawn_temperature(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return DrawnTemperature(shape[0], classes)
+
+
+class ChunkedSilu(nn.Module):
+    """A hidden layer of 12 whose batch's values are taken in rows of 28 (rows straddling samples)
+    for a SiLU, where its batch's values divide into them: in a group of 2 at batch 7, (6, 28), whose
+    first axis holds each member's 3 rows and whose second is a multiple of the folded batch 14."""
+
+    def __init__(self, width: int, classes: int, hidden: int = 12, chunk: int = 28) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.a, self.head = nn.Linear(width, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if h.numel() % self.chunk == 0:
+            h = F.silu(h.reshape(-1, self.chunk)).reshape(h.shape)
+        return self.head(h)
+
+
+def chunked_silu(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ChunkedSilu(shape[0], classes)
+
+
+class WeightPeakBranch(nn.Module):
+    """A network (run once for a group) that halves its hidden layer once its first Linear's largest
+    weight magnitude passes 0.25: a branch on a comparison (a bool read into Python), no float read.
+    In a group the comparison reads the members' weights at once."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.a(x))
+        if self.a.weight.detach().abs().max() > 0.25:
+            h = h * 0.5
+        return self.head(h)
+
+
+def weight_peak_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return WeightPeakBranch(shape[0], classes)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dse.train.attributes import Attributes, same_value
+from dse.train.attributes import Attributes, plain_data, same_value
 from dse.train.memory import state_kept
 
 
@@ -244,3 +244,15 @@ def test_a_look_ahead_gives_back_a_parameters_signed_zeros() -> None:
     with state_kept(layer), torch.no_grad():
         layer.bias.neg_()
     assert not layer.bias.signbit().any()
+
+
+def test_plain_data_is_data_compared_by_value_all_through_and_a_cycle_is_not() -> None:
+    """What a group compares between its members' shared modules (`plain_data`): a cycle would recurse
+    without end; an object compared by identity differs in every trial's copy."""
+    ring, other = Helper(x=1.0), Helper()
+    ring.next, other.next = other, ring
+    looped: list[Any] = [1]
+    looped.append(looped)
+    assert plain_data({"a": [1.0, (2, "x")], "b": Helper(t=torch.zeros(2)), "m": Mode.ON})
+    assert not plain_data(ring) and not plain_data(looped)
+    assert not plain_data([nn.Linear(1, 1)]) and not plain_data({"f": lambda: 0})

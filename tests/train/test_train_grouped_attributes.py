@@ -216,13 +216,17 @@ def test_a_network_drawing_from_its_own_generator_seeded_alike_trains_grouped_as
         assert_group_trains_as_alone(configs, data)
 
 
-@pytest.mark.parametrize("factory", ["python_random_seeded_per_trial", "torch_generator_seeded_per_trial"])
-def test_a_network_drawing_from_its_own_generator_seeded_per_trial_trains_one_by_one_and_says_so(
-        factory: str) -> None:
-    """The same, each trial's generator seeded from its own seed: copies of one network agree, so the
-    forward check passes, and a group of the trials would give every member the first's numbers."""
+@pytest.mark.parametrize("factory, attribute", [("python_random_seeded_per_trial", "rng"),
+                                                ("torch_generator_seeded_per_trial", "rng"),
+                                                ("drawn_temperature", "temperature")])
+def test_a_network_run_once_holding_data_drawn_per_trial_trains_one_by_one_and_says_so(
+        factory: str, attribute: str) -> None:
+    """A generator seeded from each trial's seed, or a float drawn at construction: copies of one
+    network agree, so the forward check passes, and a group would give every member the first's.
+    Before, drawn_temperature's second member trained with the first's temperature (its result
+    differed from alone)."""
     configs, data = _configs(factory), short_digits()
-    with pytest.warns(GroupSplitWarning, match="random generator rng, which the group's trials hold in"):
+    with pytest.warns(GroupSplitWarning, match=f"holds {attribute}, which differs between the group"):
         assert_group_trains_as_alone(configs, data)
 
 

@@ -99,13 +99,20 @@ def test_a_fold_the_checks_cannot_see_is_found_while_the_group_trains() -> None:
        features=st.integers(1, 9), name=st.sampled_from(["silu", "sigmoid", "softplus"]))
 def test_a_sequence_first_tensor_flattened_behind_its_samples_is_split_along_its_samples(
         members: int, rows: int, length: int, features: int, name: str) -> None:
-    """(L, G*B*E): each member's block one stretch of axis 1, whatever L is. Before, the mode split it
-    along axis 0 where L divided into G (and not at all where it did not): F.silu's values differed
-    from alone for members=2, rows=7, length=6, features=8."""
+    """(L, G*B*E): each member's block one stretch of axis 1 where L does not divide into G. Where it
+    does (and E > 1), axis 0 may hold the members as well (rows straddling samples): the mode raises
+    MemberAxisLost (one by one) rather than guess. Before, the mode split it along axis 0 where L
+    divided into G (and not at all where it did not): F.silu's values differed from alone for
+    members=2, rows=7, length=6, features=8."""
     if length % (members * rows) == 0:  # (the first axis looks batch-first: `_member_axis` takes it)
         length += 1
     op = getattr(F, name)
     x = torch.randn(length, members * rows * features, generator=torch.Generator().manual_seed(length)) * 3
+    if length % members == 0 and features > 1:  # ((L, G*B): an axis of exactly G*B is taken for it)
+        with pytest.raises(MemberAxisLost, match="its shape cannot tell which"):
+            with MemberKernelMode(members, rows):
+                op(x)
+        return
     with MemberKernelMode(members, rows):
         grouped = op(x)
     each = rows * features
@@ -116,10 +123,53 @@ def test_a_sequence_first_tensor_flattened_behind_its_samples_is_split_along_its
 
 def test_a_sequence_first_tensor_flattened_behind_its_samples_trains_grouped_as_alone() -> None:
     """leaf_models' sequence_first_flat6: a SiLU over a (6, B*8) tensor, in a group (6, G*B*8), whose
-    members' blocks lie along axis 1. Before, the mode took axis 0 where 6 divided into G (and split
+    members' blocks lie along axis 1 (where 6 divides into G, as here, its trials train one by one:
+    axis 0 may hold them too). Before, the mode took axis 0 where 6 divided into G (and split
     nothing where it did not): 10 of 27 runs differed silently (fp32, batch 7/13/50, G 2-4, seeds
     11..10+G; batch 7 G 2 seed 11: 1.8681291341781616 grouped against 1.8681291411904728 alone);
     now none."""
     base = TrainConfig(model=f"{LEAF_MODELS}:sequence_first_flat6", dataset="digits", epochs=2, batch_size=7,
                        optimizer="sgd", format="fp32", threads=1)
     assert_group_trains_as_alone([base.replace(seed=seed) for seed in (11, 12)], short_digits())
+
+
+@settings(max_examples=25, deadline=None)
+@given(members=st.integers(2, 4), rows=st.integers(2, 9), times=st.integers(2, 3), width=st.integers(1, 5),
+       seed=st.integers(0, 99))
+def test_rows_straddling_samples_whose_length_is_a_multiple_of_the_folded_batch_are_never_split_silently(
+        members: int, rows: int, times: int, width: int, seed: int) -> None:
+    """A batch-first (G*B, H) tensor reshaped into rows of K = times * G * B values (times > 1: an axis
+    of exactly G * B is taken for the members' samples, as a sequence-first layout's), where K does not
+    divide H: its first axis (G*B*H/K rows, each member's a block of them) divides into G, its second is
+    a multiple of G * B. The mode either gives each member its bits alone or raises MemberAxisLost.
+    Before, it took axis 1 (a multiple of G * B) and F.silu's values differed from alone, silently
+    (members=2, rows=7, K=28, H=12: the first axis 6 rows, 3 each member's)."""
+    chunk = times * members * rows
+    hidden = width * times * members  # (B * H a multiple of K; H not one, or K rows would hold samples)
+    hidden += times * members if hidden % chunk == 0 else 0
+    generator = torch.Generator().manual_seed(seed)
+    blocks = [torch.randn(rows, hidden, generator=generator) * 3 for _ in range(members)]
+    folded = torch.cat(blocks).reshape(-1, chunk)
+    try:
+        with MemberKernelMode(members, rows):
+            grouped = F.silu(folded).reshape(members * rows, hidden)
+    except MemberAxisLost:
+        return
+    for g, block in enumerate(blocks):
+        alone = F.silu(block.clone().reshape(-1, chunk)).reshape(rows, hidden)
+        assert torch.equal(grouped[g * rows:(g + 1) * rows], alone), g
+
+
+def test_a_network_taking_rows_that_straddle_its_samples_trains_one_by_one_and_says_so() -> None:
+    """leaf_models' chunked_silu: a hidden layer of 12 taken in rows of 28 values for a SiLU, (6, 28) in
+    a group of 2 at batch 7. Before, the mode split those rows along axis 1 and both runs differed
+    silently (seed 11: 2.1002594232559204 grouped against 2.100259451305165 alone)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:chunked_silu", dataset="digits", epochs=2, batch_size=7,
+                       optimizer="sgd", format="fp32", threads=1)
+    configs, data = [base.replace(seed=seed) for seed in (11, 12)], short_digits()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GroupSplitWarning)
+        train_group(configs, data)
+    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    assert len(lines) == 1 and "its shape cannot tell which" in lines[0]
+    assert_group_trains_as_alone(configs, data)

@@ -26,7 +26,7 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
 
 @pytest.mark.parametrize("model, said", [
     ("constant_then_batch_ema", "torch.Tensor.__float__ of a () torch.float32 tensor"),
-    ("nested_history", "torch.Tensor.__float__ of a () torch.float32 tensor"),
+    ("nested_history", "holds history, which differs between the group's trials as it stacks them"),
     ("constant_then_batch_tensor_ema", "writes floating-point tensors in ema in a later forward"),
     ("constant_then_batch_tensor_list", "writes floating-point tensors in means in a later forward"),
 ])
@@ -34,7 +34,9 @@ def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trai
         model: str, said: str) -> None:
     """leaf_models' constant_then_batch_ema (a float set to 0.0 at its first training forward, the same
     in every member, then updated from its batch's hidden mean), nested_history (its batches' hidden
-    means appended to a list inside a dict: the checks compare a container's items one level deep),
+    means appended to a list inside a dict: the checks compare a container's items one level deep; the
+    look-ahead forward that finds the GEMMs appends to the first member's, so the members differ as
+    the group stacks them),
     constant_then_batch_tensor_ema (the running mean a tensor, never read into Python) and
     constant_then_batch_tensor_list (a list of tensors: a zero first, then its batches' means). Before,
     all four stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
@@ -53,12 +55,34 @@ def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trai
     assert_group_trains_as_alone(configs, data)
 
 
+def test_a_network_branching_on_a_comparison_of_its_weights_trains_one_by_one_and_says_so() -> None:
+    """leaf_models' weight_peak_branch: `if self.a.weight.abs().max() > 0.25` (a bool read). Its first
+    Linear's largest weight passes 0.25 at forward 4 alone for seed 12, at forward 5 for seed 11 (lr 2,
+    batch 13); in a group the comparison read both members' weights and seed 11 branched at forward 4
+    with seed 12, silently (final loss 3.4887881014082165 grouped against 3.038071142302619 alone)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:weight_peak_branch", dataset="digits", epochs=3, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1, lr=2.0)
+    data = short_digits()
+    configs = [base.replace(seed=seed) for seed in (11, 12)]
+    assert group_reason(base, data=data, members=range(2, 3)) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GroupSplitWarning)
+        train_group(configs, data)
+    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    assert len(lines) == 1 and "torch.Tensor.__bool__ of a () torch.bool tensor" in lines[0]
+    assert_group_trains_as_alone(configs, data)
+
+
 def test_the_member_mode_records_the_first_read_of_a_floating_point_tensors_values() -> None:
     mode = MemberKernelMode(2, 3)
     with mode:
         int(torch.arange(6).sum())  # (an integer tensor: an index, a count)
         torch.randn(6, 4).sum(1) * 2.0
     assert mode.read is None
+    with mode:
+        bool(torch.randn(6, 4).max() > 0)
+    assert mode.read == "torch.Tensor.__bool__ of a () torch.bool tensor"
+    mode.read = None
     with mode:
         torch.randn(6, 4).tolist()
         float(torch.randn(6, 4).mean())
