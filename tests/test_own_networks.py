@@ -188,3 +188,33 @@ def test_an_lstm_classified_from_its_final_hidden_state_trains_as_a_group(factor
                            batch_size=50, seed=seed) for seed in (0, 1)]
     assert group_reason(configs[0], data=short_digits()) is None  # (train_group trains a refused group
     assert_group_trains_as_alone(configs, short_digits())  # one by one)
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_a_gru_given_a_learned_initial_state_trains_as_a_group(fmt: str) -> None:
+    """h0 from a layer of its own (LearnedStart, (1, B, 16) per member) reaches each member's GRU as
+    its own state: the group joins and splits it on the same axis."""
+    configs = [TrainConfig(model="support.own_networks:gru_learned_state", dataset="digits", format=fmt,
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    assert group_reason(configs[0], data=short_digits()) is None
+    assert_group_trains_as_alone(configs, short_digits())
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+@pytest.mark.parametrize(("factory", "reason"), [
+    ("sequence_first_lstm", "a member's output is not its own when stacked"),
+    ("gru_zero_state", "its forward fails on a folded batch"),
+])
+def test_a_recurrent_layer_with_its_batch_off_the_first_axis_trains_one_by_one_as_alone(
+        factory: str, reason: str, fmt: str) -> None:
+    """A member's rows of a batch_first=False input (L, B, E), or of an initial state h0 built for the
+    folded batch (layers, G x B, hidden), lie on the second axis, where a group cuts a layer's inputs
+    on the first: the check forward refuses the group with a reason (a sweep prints it), never a
+    silent difference, and each trial trains as alone."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt, epochs=1,
+                           batch_size=50, seed=seed) for seed in (0, 1)]
+    refused = group_reason(configs[0], data=short_digits())
+    assert refused is not None and reason in refused
+    assert_group_trains_as_alone(configs, short_digits())

@@ -1,5 +1,6 @@
 """Networks a researcher brings as their own, as the user audit of own networks wrote them: a GRU read at
-its last step, an LSTM read from its final state, a weight used by two GEMMs (tied through `.t()`, a
+its last step, an LSTM read from its final state or (batch_first=False) its last step, a GRU given its
+initial state, a weight used by two GEMMs (tied through `.t()`, a
 layer applied again), and `torch.cdist` against a layer's weight (prototypes) and between a sample's
 tokens. Each factory takes the sample shape and the class count (digits: 64 features, 8x8 images), as
 `model: support.own_networks:factory`."""
@@ -90,6 +91,59 @@ def lstm_state_2(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 def lstm_state_3(shape: tuple[int, ...], classes: int) -> nn.Module:
     return StateLstm(3, classes)
+
+
+class SequenceFirstLstm(nn.Module):
+    """An nn.LSTM with batch_first=False: the image's 8 rows as (steps, batch, features), classified
+    from the output's last step (the batch on the second axis of the layer's input and output)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps, _ = self.rnn(x.reshape(len(x), 8, 8).transpose(0, 1))
+        return self.head(steps[-1])
+
+
+def sequence_first_lstm(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return SequenceFirstLstm(classes)
+
+
+class LearnedStart(nn.Module):
+    """A learned initial state (1, 1, hidden), expanded to the batch of the samples it is given."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.start = nn.Parameter(torch.randn(1, 1, hidden) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.start.expand(1, len(x), self.start.shape[-1])
+
+
+class InitialStateGru(nn.Module):
+    """An nn.GRU (batch_first) given its own initial state h0, (layers, batch, hidden): zeros, or a
+    learned state (a layer of its own) expanded to the batch; the head reads the last step."""
+
+    def __init__(self, learned: bool, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 16, batch_first=True)
+        self.start = LearnedStart(16) if learned else None
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = self.start(x) if self.start is not None else torch.zeros(1, len(x), 16)
+        steps, _ = self.rnn(x.reshape(len(x), 8, 8), h0)
+        return self.head(steps[:, -1])
+
+
+def gru_zero_state(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return InitialStateGru(False, classes)
+
+
+def gru_learned_state(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return InitialStateGru(True, classes)
 
 
 class TokenDistances(nn.Module):
