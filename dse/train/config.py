@@ -67,9 +67,9 @@ def _check_not_a_workload_file(value: Any) -> None:
     suffix = Path(value.strip()).suffix.lower() if isinstance(value, str) else ""
     if not suffix:  # (a built-in's name: nothing to import)
         return
-    from dse.models.workloads import WORKLOAD_FILE_SUFFIXES
+    from dse.models.workloads import is_workload_file
 
-    if suffix in WORKLOAD_FILE_SUFFIXES:
+    if is_workload_file(value):
         raise InputError(f"model {value!r}: dse reads only the GEMM shapes of a {suffix} file, to price it "
                          f"as an energy workload, and cannot train it: give the network's PyTorch code "
                          f"(file.py:function) as the model (docs/own-network.md)")

@@ -1,15 +1,17 @@
-"""The check the grouped-training tests share: a group's `train_group` gives every member the result
-`train` gives it alone, bit for bit (every field but the wall time)."""
+"""The checks the grouped-training tests share: a group's `train_group` gives every member the result
+`train` gives it alone, bit for bit (every field but the wall time), and the lines a group says when it
+splits."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 from dse.data import load_dataset
 from dse.data.dataset import Dataset
-from dse.train import TrainConfig, train
-from dse.train.grouped import train_group
+from dse.train import TrainConfig, TrainResult, train
+from dse.train.grouped import GroupSplitWarning, train_group
 
 
 def assert_group_trains_as_alone(configs: Sequence[TrainConfig], data: Dataset) -> None:
@@ -29,3 +31,12 @@ def short_digits() -> Dataset:
     return dataclasses.replace(data, x_train=data.x_train[:114], y_train=data.y_train[:114],
                                x_val=data.x_val[:50], y_val=data.y_val[:50], x_test=data.x_test[:50],
                                y_test=data.y_test[:50])
+
+
+def train_group_saying(configs: Sequence[TrainConfig], data: Dataset) -> tuple[list[TrainResult], list[str]]:
+    """`train_group`'s results and the line of every GroupSplitWarning it gave (each one recorded, not
+    left out by Python's once-per-place rule)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GroupSplitWarning)
+        results = train_group(configs, data)
+    return results, [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]

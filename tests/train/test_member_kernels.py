@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from support.group_runs import train_group_saying
 from support.member_checks import assert_each_member_as_alone
 from support.user_models import Gate, SequenceFirst
 from torch import Tensor, nn
@@ -732,11 +733,10 @@ def test_a_user_function_reached_only_in_some_forwards_is_caught_while_the_group
     1.2558875038073614 grouped against 1.3322503887690031 and 1.2558874831749842 alone). Its first
     backward in the group now finds it, before any step, and the members train one by one, saying so."""
     import dataclasses
-    import warnings
     from pathlib import Path
 
     from dse.train import TrainConfig, train
-    from dse.train.grouped import GroupSplitWarning, group_reason, train_group
+    from dse.train.grouped import group_reason
 
     data = load_dataset("digits")
     models = Path(__file__).resolve().parent.parent / "support" / "user_models.py"
@@ -744,10 +744,7 @@ def test_a_user_function_reached_only_in_some_forwards_is_caught_while_the_group
                        format="fp32", epochs=1, batch_size=50, threads=1, lr=0.5)
     configs = [base.replace(seed=seed) for seed in (3, 4)]
     assert group_reason(configs[0]) is None  # the check's forward does not reach the Function
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", GroupSplitWarning)
-        together = train_group(configs, data)
-    notes = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    together, notes = train_group_saying(configs, data)
     assert len(notes) == 1 and "SwishFunction calls torch.sigmoid" in notes[0] and "one by one" in notes[0]
     for member, alone in zip(together, (train(c, data) for c in configs), strict=True):
         assert repr(dataclasses.replace(member, wall_time_s=0.0)) == repr(dataclasses.replace(alone,

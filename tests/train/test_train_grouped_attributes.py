@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.group_runs import assert_group_trains_as_alone, short_digits
+from support.group_runs import assert_group_trains_as_alone, short_digits, train_group_saying
 from support.leaf_models import (
     DequeScaled,
     NumpyScaled,
@@ -29,7 +29,7 @@ from support.leaf_models import (
 
 from dse.train import TrainConfig, train
 from dse.train.functional import find_gemms
-from dse.train.grouped import GroupSplitWarning, group_reason, train_group
+from dse.train.grouped import GroupSplitWarning, group_reason
 from dse.train.layers import QuantSwitch
 from dse.train.stacked import stack_models
 
@@ -184,10 +184,7 @@ def test_a_network_run_once_that_writes_an_attribute_from_its_second_step_on_tra
     data = short_digits()
     configs = [base.replace(seed=seed, lr=lr) for seed, lr in ((11, 0.03), (12, 0.05))]
     assert group_reason(base, data=data, members=range(2, 4)) is None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        together = train_group(configs, data)
-    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    together, lines = train_group_saying(configs, data)
     assert len(lines) == 1
     assert "LateEma (the model) writes ema in a later forward than its first (forward 2)" in lines[0]
     assert ("the group's training so far was thrown away (every member's steps until then) and its 2 trials "

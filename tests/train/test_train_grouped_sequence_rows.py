@@ -6,7 +6,6 @@ saying so. Grouped results are compared with runs alone on fresh models and tens
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.group_runs import assert_group_trains_as_alone, short_digits
+from support.group_runs import assert_group_trains_as_alone, short_digits, train_group_saying
 from support.leaf_models import sequence_first_rows
 
 from dse.train import TrainConfig
-from dse.train.grouped import GroupSplitWarning, group_reason, train_group
+from dse.train.grouped import group_reason
 from dse.train.member_kernels import MemberAxisLost, MemberKernelMode
 
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
@@ -86,10 +85,7 @@ def test_a_fold_the_checks_cannot_see_is_found_while_the_group_trains() -> None:
     data = short_digits()
     configs = [base.replace(seed=seed, lr=lr) for seed, lr in ((11, 0.03), (12, 0.05), (13, 0.02))]
     assert group_reason(base, data=data, members=range(2, 4)) is None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", GroupSplitWarning)
-        train_group(configs, data)
-    notes = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    _, notes = train_group_saying(configs, data)
     assert len(notes) == 1 and "a (12, 21, 4) tensor" in notes[0] and "trained one by one" in notes[0]
     assert_group_trains_as_alone(configs, data)
 
@@ -167,9 +163,6 @@ def test_a_network_taking_rows_that_straddle_its_samples_trains_one_by_one_and_s
     base = TrainConfig(model=f"{LEAF_MODELS}:chunked_silu", dataset="digits", epochs=2, batch_size=7,
                        optimizer="sgd", format="fp32", threads=1)
     configs, data = [base.replace(seed=seed) for seed in (11, 12)], short_digits()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", GroupSplitWarning)
-        train_group(configs, data)
-    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    _, lines = train_group_saying(configs, data)
     assert len(lines) == 1 and "its shape cannot tell which" in lines[0]
     assert_group_trains_as_alone(configs, data)

@@ -8,17 +8,16 @@ one line saying so. Grouped results are compared with runs alone on fresh models
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from support.group_runs import assert_group_trains_as_alone, short_digits
+from support.group_runs import assert_group_trains_as_alone, short_digits, train_group_saying
 from torch import Tensor, nn
 
 from dse.train import TrainConfig
 from dse.train.batch_dependence import Forward, batch_size_reason
-from dse.train.grouped import GroupSplitWarning, group_reason, train_group
+from dse.train.grouped import group_reason
 from dse.train.member_kernels import MemberKernelMode
 
 LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_models.py")
@@ -47,10 +46,7 @@ def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trai
     data = short_digits()
     configs = [base.replace(seed=seed) for seed in (11, 12)]
     assert group_reason(base, data=data, members=range(2, 4)) is None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", GroupSplitWarning)
-        train_group(configs, data)
-    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    _, lines = train_group_saying(configs, data)
     assert len(lines) == 1 and said in lines[0] and "\n" not in lines[0]
     assert_group_trains_as_alone(configs, data)
 
@@ -65,10 +61,7 @@ def test_a_network_branching_on_a_comparison_of_its_weights_trains_one_by_one_an
     data = short_digits()
     configs = [base.replace(seed=seed) for seed in (11, 12)]
     assert group_reason(base, data=data, members=range(2, 3)) is None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", GroupSplitWarning)
-        train_group(configs, data)
-    lines = [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+    _, lines = train_group_saying(configs, data)
     assert len(lines) == 1 and "torch.Tensor.__bool__ of a () torch.bool tensor" in lines[0]
     assert_group_trains_as_alone(configs, data)
 
