@@ -830,3 +830,56 @@ class WeightPeakBranch(nn.Module):
 
 def weight_peak_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
     return WeightPeakBranch(shape[0], classes)
+
+
+class ConstantThenBatchCount(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus a thousandth of a count
+    kept in a Python int: 0 at its first training forward (the same in every member), then counted
+    from its batch's positive hidden units, read out of an integer tensor as `how` says (`int()`,
+    `.item()`, `.tolist()`, `len(.nonzero())`, or an `if` on an integer tensor's parity)."""
+
+    def __init__(self, width: int, classes: int, how: str) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.how = how
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        count = self.__dict__.get("count", 0)
+        if self.training:
+            self.count = 0 if "count" not in self.__dict__ else self._positives(h.detach() > 0) % 1000
+        return self.head(h * (1.0 + 1e-3 * count))
+
+    def _positives(self, positive: Tensor) -> int:
+        counts = positive.sum(1)  # (an integer tensor: each sample's positive units)
+        if self.how == "int":
+            return int(counts.sum())
+        if self.how == "item":
+            return int(counts.sum().item())
+        if self.how == "tolist":
+            return sum(counts.tolist())
+        if self.how == "nonzero":
+            return len(positive.nonzero())
+        if counts.sum() % 2:  # ("branch": a Python if on an integer tensor)
+            return self.__dict__.get("count", 0) + 100
+        return self.__dict__.get("count", 0) + 1
+
+
+def count_read_int(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "int")
+
+
+def count_read_item(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "item")
+
+
+def count_read_tolist(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "tolist")
+
+
+def count_read_nonzero(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "nonzero")
+
+
+def count_read_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "branch")

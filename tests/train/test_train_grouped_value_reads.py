@@ -66,20 +66,57 @@ def test_a_network_branching_on_a_comparison_of_its_weights_trains_one_by_one_an
     assert_group_trains_as_alone(configs, data)
 
 
-def test_the_member_mode_records_the_first_read_of_a_floating_point_tensors_values() -> None:
+@pytest.mark.parametrize("model, said", [
+    ("count_read_int", "torch.Tensor.__int__ of a () torch.int64 tensor"),
+    ("count_read_item", "torch.Tensor.item of a () torch.int64 tensor"),
+    ("count_read_tolist", "torch.Tensor.tolist of a (26,) torch.int64 tensor"),
+    ("count_read_nonzero", "torch.Tensor.nonzero of a (26, 37) torch.bool tensor"),
+    ("count_read_branch", "torch.Tensor.__bool__ of a () torch.int64 tensor"),
+])
+def test_a_network_reading_a_count_of_its_batch_into_python_trains_one_by_one_and_says_so(
+        model: str, said: str) -> None:
+    """leaf_models' ConstantThenBatchCount: a Python int, 0 at the first training forward (the same in
+    every member), then a count of its batch's positive hidden units read out of an integer tensor
+    (`int()`, `.item()`, `.tolist()`, `len(.nonzero())`, an `if` on its parity). Before, the member mode
+    recorded reads of floating-point and bool tensors only, and all five stacked and differed silently
+    (fp32, batch 13, seeds 11 and 12: count_read_int seed 11 1.7453631824917264 grouped against
+    1.864704926808675 alone, count_read_branch 1.9069008297390408 against 1.737455791897244)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    data = short_digits()
+    configs = [base.replace(seed=seed) for seed in (11, 12)]
+    assert group_reason(base, data=data, members=range(2, 4)) is None
+    _, lines = train_group_saying(configs, data)
+    assert len(lines) == 1 and said in lines[0] and "\n" not in lines[0]
+    assert_group_trains_as_alone(configs, data)
+
+
+def test_the_member_mode_records_the_first_read_of_a_tensor_that_may_hold_the_groups_values() -> None:
     mode = MemberKernelMode(2, 3)
+    group = torch.randn(6, 4)  # (made outside the mode: the folded batch, a weight, an attribute)
     with mode:
-        int(torch.arange(6).sum())  # (an integer tensor: an index, a count)
-        torch.randn(6, 4).sum(1) * 2.0
+        int(torch.arange(6).sum())  # (made in the forward from no tensor of the group's: a constant)
+        positions = torch.ones(3, 3).triu().nonzero()
+        assert bool(torch.equal(positions, positions)) and len(positions.tolist()) == 6
+        group.sum(1) * 2.0
     assert mode.read is None
     with mode:
-        bool(torch.randn(6, 4).max() > 0)
-    assert mode.read == "torch.Tensor.__bool__ of a () torch.bool tensor"
-    mode.read = None
-    with mode:
-        torch.randn(6, 4).tolist()
-        float(torch.randn(6, 4).mean())
-    assert mode.read == "torch.Tensor.tolist of a (6, 4) torch.float32 tensor"
+        counts = torch.zeros(2, dtype=torch.long)
+        counts.add_((group > 0).sum(0)[:2])  # (a constant written with the group's values)
+        counts.tolist()
+    assert mode.read == "torch.Tensor.tolist of a (2,) torch.int64 tensor"
+    for read, said in [(lambda: bool(group.max() > 0), "__bool__ of a () torch.bool tensor"),
+                       (lambda: int((group > 0).sum()), "__int__ of a () torch.int64 tensor"),
+                       (lambda: group[group > 0], "__getitem__ of a (6, 4) torch.float32 tensor"),
+                       (lambda: torch.where(group > 0), "torch.where of a (6, 4) torch.bool tensor"),
+                       (lambda: 0.5 in group, "__contains__ of a (6, 4) torch.float32 tensor"),
+                       (lambda: bool(torch.rand(()) > 0.5), "__bool__ of a () torch.bool tensor")]:
+        mode.read = None
+        mode.constants.clear()
+        with mode:
+            group[:, 1:] * 2  # (slicing sizes nothing by values)
+            read()
+        assert mode.read is not None and mode.read.endswith(said)
 
 
 def test_a_layer_run_member_by_member_that_keeps_its_batches_peaks_trains_grouped_as_alone() -> None:
