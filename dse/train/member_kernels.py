@@ -814,8 +814,9 @@ class MemberKernelMode(RecomputedMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         constants = self.constants
-        made_of_constants = _made_of(args, constants) and (not kwargs or _made_of(tuple(kwargs.values()),
-                                                                                     constants))
+        made_of_constants = ((constants or not args or not isinstance(args[0], Tensor))  # (at once: a tensor
+                             and _made_of(args, constants)                               # and no constants)
+                             and (not kwargs or _made_of(tuple(kwargs.values()), constants)))
         if self.read is None and not made_of_constants and (
                 func in VALUE_READS or (func in SIZE_READS and _sized_by_values(func, args, kwargs))):
             x = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)

@@ -883,3 +883,79 @@ def count_read_nonzero(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 def count_read_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ConstantThenBatchCount(shape[0], classes, "branch")
+
+
+class StepLog:
+    """A user's helper object that counts its owner's training forwards and holds itself (a cycle:
+    as a node linked to its own list would)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.itself = self
+
+
+class CyclicCounter(nn.Module):
+    """A network (run once for a group) that counts its training forwards in a helper object in a
+    cycle and in a dict holding itself, and scales its hidden layer by 1 plus a thousandth of the
+    count (the same in every member, as alone)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.log = StepLog()
+        self.seen: dict[str, object] = {"forwards": 0}
+        self.seen["itself"] = self.seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.log.steps += 1
+            self.seen["forwards"] = int(str(self.seen["forwards"])) + 1
+        return self.head(torch.tanh(self.a(x)) * (1.0 + 1e-3 * self.log.steps))
+
+
+def cyclic_counter(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return CyclicCounter(shape[0], classes)
+
+
+class NestedTensorEma(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus a running mean of its
+    training batches' hidden means, a tensor in a list inside a dict, updated in place and never read
+    into Python from its third training forward on (a warm-up counted in a Python int)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.stats: dict[str, list[Tensor]] = {"means": [torch.zeros(())]}
+        self.steps = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        mean = self.stats["means"][0]
+        out = self.head(h * (1.0 + mean))
+        if self.training:
+            self.steps += 1
+            if self.steps > 2:
+                mean.mul_(0.9).add_(0.1 * h.detach().mean())
+        return out
+
+
+def nested_tensor_ema(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return NestedTensorEma(shape[0], classes)
+
+
+class ListedLayers(nn.Module):
+    """A network holding a residual Linear in a Python list (not nn.ModuleList): outside its module
+    tree, so no optimizer steps it, alone or grouped; its initial weights are each trial's own draw."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.blocks = [nn.Linear(37, 37)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.head(h + 0.1 * self.blocks[0](h))
+
+
+def listed_layers(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ListedLayers(shape[0], classes)
