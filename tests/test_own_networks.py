@@ -208,7 +208,8 @@ def test_a_gru_given_a_learned_initial_state_trains_as_a_group(fmt: str) -> None
 
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
-@pytest.mark.parametrize("factory", ["sequence_first_lstm", "gru_zero_state", "lstm_zero_states"])
+@pytest.mark.parametrize("factory", ["sequence_first_lstm", "gru_zero_state", "lstm_zero_states",
+                                     "projected_sequence_first_gru", "gru_encoded_state"])
 def test_a_recurrent_layer_with_its_batch_on_the_second_axis_trains_in_a_group_as_alone(
         factory: str, fmt: str) -> None:
     """A member's rows of a batch_first=False input (L, G x B, E), and of an initial state made for the
