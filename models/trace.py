@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dse.models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
+from dse.models.workloads import GemmLayer, UnpricedWarning, Workload, layer_name_of, matmul, unique_names
 
 aten = torch.ops.aten
 TRACE_SAMPLES = 2
@@ -258,7 +258,7 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
             hook.remove()
     if recorder.unpriced:
         warnings.warn(f"{name}: not priced (GEMMs inside kernels the tracer does not take apart): "
-                      f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
+                      f"{', '.join(sorted(recorder.unpriced))}", UnpricedWarning, stacklevel=2)
     extra = {param_name: p.numel() for param_name, p in model.named_parameters()
              if param_name not in recorder.used_weights}
     tables = {f"{module_name}.weight" if module_name else "weight"

@@ -29,6 +29,11 @@ from dse.errors import InputError, number_problem
 from dse.usercode import is_ref
 
 
+class UnpricedWarning(UserWarning):
+    """Part of a user's network that the energy model leaves unpriced (a kernel the tracer cannot take
+    apart, an ONNX node it does not read): named, never a silent gap; the CLI prints it as one line."""
+
+
 @dataclass(frozen=True)
 class GemmLayer:
     """One GEMM-shaped layer, per sample: `groups` products of [m, k] x [k, n]."""

@@ -156,3 +156,39 @@ def test_a_layer_training_leaves_fp32_sums_in_fp32_whatever_the_trial_accumulate
     rnn = sorted(name for name in plain if name.startswith("rnn."))
     assert rnn and [plain[name] for name in rnn] == [accumulated[name] for name in rnn]
     assert plain["head"] != accumulated["head"]
+
+
+class _OneOperand(torch.nn.Module):
+    """A linear layer, then a one-operand einsum in one of torch's three call forms."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.fc = torch.nn.Linear(64, 16)
+        self.w = torch.nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.form == "equation":
+            return h + torch.einsum("ii->i", self.w) + torch.einsum("bi->b", h).unsqueeze(1)
+        if self.form == "list":
+            return h + torch.einsum("ii->i", [self.w])
+        return h + torch.einsum(self.w, [0, 0], [0])
+
+
+@pytest.mark.parametrize("form", ["equation", "list", "sublists"])
+def test_a_one_operand_einsum_is_no_gemm_to_warn_of_or_price(form: str) -> None:
+    """A trace ("ii->i") or a sum ("bi->b") of one operand multiplies no matrices: training names no
+    GEMM left fp32 (before: UnconvertedGemmWarning for each) and the tracer finds none."""
+    from dse.models.trace import trace_model
+    from dse.sweep.energy import left_fp32
+
+    network = _OneOperand(form)
+    x = torch.randn(BATCH, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(network, QuantPolicy.from_config(TrainConfig(format="int8")), example_input=x[:2])
+        network(x).sum().backward()
+    assert not [w for w in caught if issubclass(w.category, UnconvertedGemmWarning)]
+    workload = trace_model(_OneOperand(form), x[:2], form, BATCH, left_fp32=left_fp32())
+    assert [layer.name for layer in workload.layers] == ["fc"] and workload.fp32_layers == ()
