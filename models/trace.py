@@ -110,9 +110,9 @@ class _Recorder(TorchDispatchMode):
 
     # the module that is running, from global forward hooks
     def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        recurrent = isinstance(module, nn.RNNBase) and not self._in_recurrent()
+        outermost = not self._in_recurrent()
         self.stack.append(module)
-        if recurrent:
+        if isinstance(module, nn.RNNBase) and outermost:
             self._recurrent(module, args[0] if args else None)
 
     def _left_fp32(self) -> bool:

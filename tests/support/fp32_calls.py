@@ -5,6 +5,8 @@ count (digits: 64 features), as `model: support.fp32_calls:factory`."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,33 +52,15 @@ CALLS = ("einsum", "inner", "addmv", "addbmm", "conv_transpose1d", "conv_transpo
 """The GEMM functions training leaves fp32 that a network here calls."""
 
 
-def einsum(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("einsum", classes)
+def _network(call: str, shape: tuple[int, ...], classes: int) -> nn.Module:
+    return CallNet(call, classes)
 
 
-def inner(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("inner", classes)
-
-
-def addmv(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("addmv", classes)
-
-
-def addbmm(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("addbmm", classes)
-
-
-def conv_transpose1d(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("conv_transpose1d", classes)
-
-
-def conv_transpose2d(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("conv_transpose2d", classes)
-
-
-def conv_transpose3d(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("conv_transpose3d", classes)
-
-
-def einsum_trace(shape: tuple[int, ...], classes: int) -> nn.Module:
-    return CallNet("einsum_trace", classes)
+einsum = functools.partial(_network, "einsum")
+inner = functools.partial(_network, "inner")
+addmv = functools.partial(_network, "addmv")
+addbmm = functools.partial(_network, "addbmm")
+conv_transpose1d = functools.partial(_network, "conv_transpose1d")
+conv_transpose2d = functools.partial(_network, "conv_transpose2d")
+conv_transpose3d = functools.partial(_network, "conv_transpose3d")
+einsum_trace = functools.partial(_network, "einsum_trace")
