@@ -438,7 +438,7 @@ class _GemmMode(RecomputedMode):
         gemms = self.gemms
         if kind is None:
             name = UNHANDLED_FUNCTIONS.get(func)
-            if name is not None and not gemms.passthrough():
+            if name is not None and not gemms.passthrough() and not _one_operand_einsum(func, args):
                 owner = gemms.frame()
                 where = owner.name or "model"
                 gemms.note_unconverted(f"{where} ({type(owner.module).__name__}): {name} stays fp32 "
@@ -463,6 +463,17 @@ def writes_in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         return False
     return not any(isinstance(t, Tensor) for value in (*args[1:], *kwargs.values())
                    for t in (value if isinstance(value, list | tuple) else (value,)))
+
+
+def _one_operand_einsum(func: Any, args: tuple[Any, ...]) -> bool:
+    """torch.einsum of one operand ("ii->i", "ij->i"): a trace or a sum, no GEMM to leave fp32. Its
+    operands come after the equation, or as one list, or interleaved with their sublists."""
+    if func is not torch.einsum:
+        return False
+    values = [*args[1:]] if args and isinstance(args[0], str) else [*args]
+    if len(values) == 1 and isinstance(values[0], (list, tuple)):
+        values = [*values[0]]
+    return sum(isinstance(value, Tensor) for value in values) < 2
 
 
 def dispatch(gemms: FunctionalGemms, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
