@@ -192,7 +192,8 @@ def test_a_group_of_several_runs_steps_each_member_as_its_own_optimizer_alone_wo
             theirs, mine = torch_optimizer.state[view], member_optimizer.state[t]
             assert theirs.keys() == mine.keys()
             for key, value in mine.items():
-                assert torch.equal(_bits(theirs[key][g - start] if value.dim() else theirs[key]), _bits(value))
+                member = theirs[key][g - start] if value.dim() else theirs[key]
+                assert torch.equal(_bits(member), _bits(value))
 
 
 def test_a_diverging_member_of_a_group_of_one_run_equals_its_run_alone(
