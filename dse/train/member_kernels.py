@@ -319,7 +319,7 @@ def _made_of(args: Sequence[Any], constants: dict[int, Tensor]) -> bool:
         elif isinstance(a, list | tuple):
             if not _made_of(a, constants):
                 return False
-        elif isinstance(a, torch.Generator):
+        elif type(a) is torch.Generator:  # (isinstance runs Python code for torch.Generator)
             return False
     return True
 
