@@ -339,3 +339,24 @@ def test_a_look_ahead_forward_gives_back_the_state_of_modules_held_outside_the_m
     norm = model.norms[0]
     assert model.scale.steps == 0 and int(norm.num_batches_tracked) == 0
     assert torch.equal(norm.running_mean, torch.zeros(5)) and torch.equal(norm.running_var, torch.ones(5))
+
+
+class _ListedActivation(torch.nn.Module):
+    """A Linear and an activation held in a Python list: torch's weightless layer, or the user's own."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 5)
+        self.acts = [_CountingScale() if own else torch.nn.ReLU()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acts[0](self.a(x))
+
+
+def test_torchs_weightless_layer_outside_the_module_tree_stacks_and_a_users_own_is_refused() -> None:
+    from dse.train.stacked import stack_reason
+
+    example = torch.randn(4, 6)
+    assert stack_reason(_ListedActivation(own=False), example) is None
+    reason = stack_reason(_ListedActivation(own=True), example)
+    assert reason is not None and "holds a _CountingScale in acts[] outside its module tree" in reason
