@@ -10,7 +10,7 @@ for all members at once, on member-stacked operands of shape (G, *the member's o
 
 - F.linear and MultiheadAttention's projections: `StackedLinearOp` (batched GEMMs), as a stacked Linear;
 - F.conv1d/2d: the operands quantized for all members, the convolutions member by member
-  (`PerMemberOp`), as a stacked convolution;
+  (`StackedConvOp`), as a stacked convolution;
 - matmul / mm / bmm / `@` (and attention's scores and context): one batched matmul through
   `QuantMatmulFn` with a member-stacked weight viewed with singleton axes, so that each member
   broadcasts over its own batch exactly as its weight does alone.
@@ -50,7 +50,7 @@ from dse.train.stacked import (
     _FP32_GEMM,
     _STACKED_LINEAR,
     PerMemberLayer,
-    PerMemberOp,
+    StackedConvOp,
     StackedGemmLayer,
     StackedMatmul,
     _fresh_gradient,
@@ -86,7 +86,7 @@ class StackedFunctionalGemms(FunctionalGemms):
     def gemm_op(self, op: LinearOp | ConvOp | None) -> Any:
         if isinstance(op, LinearOp):
             return _STACKED_LINEAR
-        return PerMemberOp(op) if isinstance(op, ConvOp) else None
+        return StackedConvOp(op) if isinstance(op, ConvOp) else None
 
     def build_quant(self, op: Any, policy: QuantPolicy) -> LayerQuant:
         quant = _gemm_quant(op or _STACKED_LINEAR, policy, self.switch, self.member_generators)
