@@ -14,7 +14,8 @@ at once, as before they ran over runs of members under torch's grain (dse/train/
 `--threads N` runs everything at N torch threads. `--sum-order-before` also runs each format as
 before a group kept every sum in the order of the member alone (a per-member layer's reads summed
 first, batched GEMMs wherever torch's bmm takes its BLAS path); `--convolutions-member-by-member`
-runs every stacked convolution's products member by member, as before they ran grouped where probed:
+runs every stacked convolution's products member by member, as before they ran grouped where probed
+(`--keep-freed-memory` pins glibc's thresholds first, as `dse train` and `dse sweep` do):
 
     .venv/bin/python benchmarks/grouped.py --models transformer --datasets sort-easy --formats \\
         lns8+e5m2-acc4 --sizes 2 --train-samples 256 --epochs 1 --threads 2 --whole-group-folds
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sum-order-before", action="store_true",
                         help="also each format as before a group kept every sum in the order alone: a "
                              "per-member layer's reads summed first, batched GEMMs from 400 multiply-adds")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="pin glibc's mmap and trim thresholds first, as dse's own processes do")
     parser.add_argument("--convolutions-member-by-member", action="store_true",
                         help="also run each format with every convolution member by member (as before)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default 1)")
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         versions[" (sum order before)"] = sum_order_before
     if args.convolutions_member_by_member:
         versions[" (convolutions member by member)"] = convolutions_member_by_member
+    if args.keep_freed_memory:
+        from dse.train.allocator import keep_freed_memory
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     on_cpu = args.device == "cpu"
     seconds = make_clock(args.device)

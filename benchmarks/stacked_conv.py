@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dse.train import batched_sums
+from dse.train.allocator import keep_freed_memory
 from dse.train.layers import ConvOp
 from dse.train.stacked import StackedConvOp
 
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    keep_freed_memory()  # as dse's own processes run (the grouped call's operands would be mmapped afresh)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"G = {args.members}, batch {args.batch}, {args.threads} thread(s), CPU ms per forward + "
