@@ -281,8 +281,10 @@ class FunctionalGemms:
                     self.operands.setdefault(name)
 
     def note_uses(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record the model's own tensors a function other than a GEMM took (finding GEMMs only)."""
-        if self.other_uses is None:
+        """Record the model's own tensors a function other than a GEMM took (finding GEMMs only), but
+        for a write of one in place that takes no other tensor (`writes_in_place`), which a stacked
+        network makes member by member."""
+        if self.other_uses is None or writes_in_place(func, args, kwargs):
             return
         for value in (*args, *kwargs.values()):
             for tensor in (value if isinstance(value, (list, tuple)) else (value,)):
@@ -292,6 +294,10 @@ class FunctionalGemms:
 
     def unquantized(self, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A GEMM function while quantization is switched off: torch's own."""
+        return func(*args, **kwargs)
+
+    def other_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call of a function other than a GEMM: as it is."""
         return func(*args, **kwargs)
 
     def gemm_op(self, op: LinearOp | ConvOp | None) -> Any:
@@ -432,12 +438,12 @@ class _GemmMode(RecomputedMode):
         gemms = self.gemms
         if kind is None:
             name = UNHANDLED_FUNCTIONS.get(func)
-            if name is not None and not gemms.passthrough():
+            if name is not None and not gemms.passthrough() and not _one_operand_einsum(func, args):
                 owner = gemms.frame()
                 where = owner.name or "model"
                 gemms.note_unconverted(f"{where} ({type(owner.module).__name__}): {name} stays fp32 "
                                        f"(quantize_model does not convert it)")
-            result = func(*args, **kwargs)
+            result = gemms.other_call(func, args, kwargs)
             if gemms.other_uses is not None and isinstance(result, (Tensor, tuple, list)):
                 gemms.note_uses(func, args, kwargs)  # metadata (shape, dtype) does not count
             return result
@@ -446,6 +452,28 @@ class _GemmMode(RecomputedMode):
         if gemms.policies is not None and not gemms.switch.enabled:
             return gemms.unquantized(func, kind, args, kwargs)
         return dispatch(gemms, func, kind, args, kwargs)
+
+
+def writes_in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call is a tensor method that writes its tensor in place and takes no other tensor
+    (`w.renorm_(2, 0, 1.0)`, `w.clamp_(-1, 1)`, `w.mul_(0.5)`: a max-norm constraint on a weight)."""
+    name = getattr(func, "__name__", "")
+    if not (name.endswith("_") and not name.endswith("__") and getattr(Tensor, name, None) is func
+            and args and isinstance(args[0], Tensor)):
+        return False
+    return not any(isinstance(t, Tensor) for value in (*args[1:], *kwargs.values())
+                   for t in (value if isinstance(value, list | tuple) else (value,)))
+
+
+def _one_operand_einsum(func: Any, args: tuple[Any, ...]) -> bool:
+    """torch.einsum of one operand ("ii->i", "ij->i"): a trace or a sum, no GEMM to leave fp32. Its
+    operands come after the equation, or as one list, or interleaved with their sublists."""
+    if func is not torch.einsum:
+        return False
+    values = [*args[1:]] if args and isinstance(args[0], str) else [*args]
+    if len(values) == 1 and isinstance(values[0], (list, tuple)):
+        values = [*values[0]]
+    return sum(isinstance(value, Tensor) for value in values) < 2
 
 
 def dispatch(gemms: FunctionalGemms, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
