@@ -22,6 +22,11 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
   Normal random operands make any difference in summation order show in the last bits of many output
   elements; a quantized run's operands (few mantissa bits) can only agree more often, never less.
 
+A stacked convolution's products ask `member_layouts`: no rule is known for oneDNN's or cuDNN's
+grouped convolution, so the probe decides alone, and it also records the strides of each member's own
+outputs (the group stores them so); a grouped call found alike runs only where it also timed faster
+than the members' own calls once (`_batched_is_faster`), a choice that changes the speed, never a bit.
+
 A decided call still builds its key: torch tells nobody when a setting changes, so every setting
 is read at every call (`_library_state`, each by its cheapest read; only MKL's mode, once MKL refuses
 to change it, is kept), and every operand's layout as the caller gives it (`_layout`). One key

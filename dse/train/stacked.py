@@ -17,12 +17,11 @@ Layers with weights take the folded batch apart:
   member's own (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's
   batched GEMM for a single row, column or reduction index; else where a probe finds it would not,
   dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
-- Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
-  member by member. A grouped convolution (groups=G over channel-stacked members) would be one
-  call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
-  then run in another order: on the proxies' shapes the forward, backward-data or backward-weight
-  differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
-  loop keeps every member bit for bit (docs/training.md measures what it costs).
+- Conv1d/Conv2d: the operands are quantized for all members in one call; each of the three
+  convolution products runs as one grouped convolution (groups = G over channel-stacked members)
+  where a probe of its layout finds it gives every member its own call's bits and it times faster,
+  else member by member (`StackedConvOp`): oneDNN picks its algorithm for a grouped call by shape,
+  and on some shapes it sums otherwise than a member's own (docs/training.md lists the proxies').
 - Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
   (member by member where a probe finds it would not sum as the member's own).
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
@@ -464,10 +463,11 @@ class StackedConvOp:
     products - forward, backward-data, backward-weight (with the bias gradient where torch's autograd
     computes it in the same call, `plain_grads`) - runs as one grouped convolution (groups = G x the
     layer's, the members' channels stacked) where a probe of its layout finds that call gives every
-    member its own product's bits (`batched_sums.member_layouts`), else member by member, each
-    member's own call. Either way each member's output lies in the layout it has alone
-    (`stack_as_alone`, `_members_in_layouts`): a layout orders later sums. Accumulated GEMMs run
-    member by member, each with its member's accumulator."""
+    member its own product's bits and it times faster than the members' calls
+    (`batched_sums.member_layouts`), else member by member, each member's own call. Either way each
+    member's output lies in the layout it has alone (`stack_as_alone`, `_members_in_layouts`): a
+    layout orders later sums. Accumulated GEMMs run member by member, each with its member's
+    accumulator."""
 
     op: ConvOp
 
@@ -541,9 +541,7 @@ class StackedConvOp:
         return self.op.forward(x, weight, bias)
 
     def _member_data(self, dy: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-        dx = self._member_grads((True, False, False), dy, x, weight)[0]
-        assert dx is not None
-        return dx
+        return self._member_grads((True, False, False), dy, x, weight)[0]
 
     def _member_grads(self, mask: tuple[bool, bool, bool], dy: Tensor, x: Tensor,
                       weight: Tensor) -> tuple[Tensor, ...]:
@@ -796,7 +794,7 @@ class StackedGemmLayer(nn.Module):
     """G GEMM layers of one shape (Linear, Conv1d, Conv2d): weight (G, ...), bias (G, out) or None;
     inputs folded (G*B, ...). `gemm_quant` None keeps the layer in fp32, as does a switched-off
     `QuantSwitch`: then it computes what each member's plain layer computes (a Linear: the same
-    batched GEMMs with no quantizers, `_FP32_GEMM`; a convolution: each member's own)."""
+    batched GEMMs with no quantizers, `_FP32_GEMM`; a convolution: `PlainStackedConv`)."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int, gemm_quant: LayerQuant | None,
                  op: StackedLinearOp | StackedConvOp,
