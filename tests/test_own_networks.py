@@ -238,13 +238,15 @@ def test_an_lstm_run_along_its_batch_trains_one_by_one_as_alone() -> None:
 
 
 @pytest.mark.parametrize(("fmt", "optimizer"), [("fp32", "sgd"), ("int8", "sgd"), ("fp8_e4m3", "adam")])
+@pytest.mark.parametrize("factory", ["max_norm_linear", "data_max_norm_linear"])
 def test_a_layer_that_renorms_the_weight_it_passes_to_f_linear_trains_in_a_group_as_alone(
-        fmt: str, optimizer: str) -> None:
-    """A max-norm constraint written in place (`self.weight.renorm_(2, 0, 1.0)` under no_grad, then
-    `F.linear(x, self.weight)`) runs member by member on each member's own weight, laid out as alone
-    (before: refused, "weight is a GEMM's operand and also taken by torch.Tensor.renorm_"; on the
-    stacked weight renorm_ would norm each member's whole weight, not its rows)."""
-    configs = [TrainConfig(model="support.own_networks:max_norm_linear", dataset="digits", format=fmt,
+        factory: str, fmt: str, optimizer: str) -> None:
+    """A max-norm constraint written in place (`self.weight.renorm_(2, 0, 1.0)` under no_grad, or
+    through `.data`, then `F.linear(x, self.weight)`) runs member by member on each member's own
+    weight, laid out as alone (before: refused, "weight is a GEMM's operand and also taken by
+    torch.Tensor.renorm_" / "torch.Tensor.data.__get__"; on the stacked weight renorm_ would norm
+    each member's whole weight, not its rows)."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt,
                            optimizer=optimizer, epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
     assert group_reason(configs[0], data=short_digits()) is None
     results, said = train_group_saying(configs, short_digits())
@@ -252,11 +254,15 @@ def test_a_layer_that_renorms_the_weight_it_passes_to_f_linear_trains_in_a_group
     assert_results_as_alone(configs, results, short_digits())
 
 
-def test_a_layer_that_writes_its_gemm_weight_from_its_batch_trains_one_by_one_as_alone() -> None:
+@pytest.mark.parametrize(("factory", "use"), [("batch_shrunk_linear", "torch.Tensor.mul_"),
+                                            ("data_norm_capped_linear", "torch.Tensor.data.__get__")])
+def test_a_layer_that_writes_its_gemm_weight_from_another_tensor_trains_one_by_one_as_alone(
+        factory: str, use: str) -> None:
     """A write in place that takes another tensor (a statistic of the batch, which in a group is every
-    member's) is no member's own write: refused with its reason, each trial as alone."""
-    configs = [TrainConfig(model="support.own_networks:batch_shrunk_linear", dataset="digits", format="fp32",
+    member's; the weight's own row norms, which on the stacked weight run along other axes) is no
+    member's own write: refused with its reason, each trial as alone."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format="fp32",
                            epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
     refused = group_reason(configs[0], data=short_digits())
-    assert refused is not None and "taken by torch.Tensor.mul_" in refused
+    assert refused is not None and f"taken by {use}" in refused
     assert_group_trains_as_alone(configs, short_digits())

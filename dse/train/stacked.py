@@ -339,18 +339,20 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     each entry's GEMM on one thread, and a long reduction (the weight gradient's batch rows) then sums
     in another order (measured on torch 2.13: every Linear weight gradient of the transformer proxy at
     2 threads)."""
+    members, rows, reduction = a.shape
+    columns = b.shape[2]
     given = (a, b) if bias is None else (a, b, bias)  # (a bias is copied into the output first: its
-    padded = _pads_output(a, b)                       # address never reaches the BLAS)
+    padded = _pads(members, rows * columns * a.element_size(), a)  # address never reaches the BLAS)
     operands: tuple[Tensor, ...]
     if padded and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad  # autograd records
                                                or (bias is not None and bias.requires_grad)):  # no out=
         sums, operands = False, (at_alone_alignment(a), at_alone_alignment(b), *given[2:])
     else:  # (`padded` is of the shapes alone: the same at alone's alignment)
-        rule = bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])
         sums, operands = aligned_sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm,
-                                                 _own_gemm, given, rule, aligning=2)
+                                                 _own_gemm, given, bmm_sums_as_mm(rows, reduction, columns),
+                                                 aligning=2)
     if not sums:
-        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
+        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(members)])
     return _batched_gemm(*operands, padded=padded)
 
 
@@ -366,7 +368,13 @@ def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None, *, padded: b
 
 def _pads_output(a: Tensor, b: Tensor) -> bool:
     """Whether a[g] @ b[g]'s output blocks, contiguous, would start off a fresh tensor's alignment."""
-    return a.shape[0] > 1 and a.shape[1] * b.shape[2] * a.element_size() % alignment_bytes(a) != 0
+    return _pads(a.shape[0], a.shape[1] * b.shape[2] * a.element_size(), a)
+
+
+def _pads(members: int, block_bytes: int, like: Tensor) -> bool:
+    """Whether `members` contiguous output blocks of `block_bytes` each on `like`'s device would start off
+    a fresh tensor's alignment."""
+    return members > 1 and block_bytes % alignment_bytes(like) != 0
 
 
 def _own_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:

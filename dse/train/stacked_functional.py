@@ -96,15 +96,17 @@ class StackedFunctionalGemms(FunctionalGemms):
         return quant if op is not None else dataclasses.replace(quant, op=None)
 
     def other_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A write in place of a member tensor that takes no other tensor (`writes_in_place`: a
-        max-norm `renorm_` of a GEMM's weight under no_grad) member by member, each on a fresh copy of
-        its block (laid out and aligned as its tensor alone), written back: on the stacked tensor it
-        would take the member axis for the tensor's own (renorm_ along the first axis would norm each
-        member's whole weight, not its rows). A write autograd refuses (a leaf that needs a gradient,
-        outside no_grad) fails as alone."""
+        """A write in place of a member tensor or its `.data` that takes no other tensor
+        (`writes_in_place`: a max-norm `renorm_` of a GEMM's weight under no_grad) member by member,
+        each on a fresh copy of its block (laid out and aligned as its tensor alone), written back: on
+        the stacked tensor it would take the member axis for the tensor's own (renorm_ along the first
+        axis would norm each member's whole weight, not its rows). A write autograd refuses (a leaf
+        that needs a gradient, outside no_grad) fails as alone."""
         target = args[0] if args else None
-        if (not isinstance(target, Tensor) or id(target) not in self.member_tensors
-                or not writes_in_place(func, args, kwargs)
+        if not isinstance(target, Tensor) or not writes_in_place(func, args, kwargs):
+            return func(*args, **kwargs)
+        owner = self.data_of(target)
+        if (id(target if owner is None else owner) not in self.member_tensors
                 or (torch.is_grad_enabled() and target.requires_grad)):
             return func(*args, **kwargs)
         for g in range(self.members):

@@ -292,3 +292,29 @@ class BatchShrunkLinear(MaxNormLinear):
 
 def batch_shrunk_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
     return nn.Sequential(BatchShrunkLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class DataMaxNormLinear(MaxNormLinear):
+    """As MaxNormLinear, the renorm written through `.data` (outside no_grad), as older code does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.weight.data.renorm_(2, 0, 1.0)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def data_max_norm_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(DataMaxNormLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class DataNormCappedLinear(MaxNormLinear):
+    """Caps its weight's rows at norm 1 by dividing through `.data` by their norms (`w.data.div_(
+    w.data.norm(dim=1, ...))`): the write takes another tensor of the weight's, whose axes on the
+    stacked weight would be other ones (dim 1 the rows of every member at once)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.weight.data.div_(self.weight.data.norm(dim=1, keepdim=True).clamp(min=1))
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def data_norm_capped_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(DataNormCappedLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
