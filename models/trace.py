@@ -160,6 +160,10 @@ class _Recorder(TorchDispatchMode):
                                            needs_input_grad=grad, needs_weight_grad=not frozen,
                                            repeated_weight=repeated))
 
+    def _trained_param(self, tensor: Any) -> bool:
+        """Whether `tensor` is a parameter that trains (a GEMM's bias)."""
+        return isinstance(tensor, Tensor) and tensor.requires_grad and self._param(tensor) is not None
+
     def _param(self, tensor: Any) -> str | None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
             return None
@@ -194,6 +198,8 @@ class _Recorder(TorchDispatchMode):
                 grad, b_grad = a.requires_grad, b.requires_grad
             layer = matmul("", tuple(a.shape), tuple(b.shape), self.samples, a_weight is not None,
                            b_weight is not None, grad, b_grad)
+            if packet in _ADDED and self._trained_param(args[0]):
+                layer = dataclasses.replace(layer, needs_bias_grad=True)
             self._record(layer, b_weight or a_weight, "matmul")
         elif packet is aten.convolution:
             self._convolution(args, out)
@@ -220,7 +226,8 @@ class _Recorder(TorchDispatchMode):
         grad = x.requires_grad
         shared: dict[str, Any] = {"groups": groups, "input_elems": x.numel() // self.samples,
                                   "b_is_weight": weight is not None, "needs_input_grad": grad, "kind": "conv",
-                                  "needs_weight_grad": w.requires_grad}
+                                  "needs_weight_grad": w.requires_grad,
+                                  "needs_bias_grad": self._trained_param(args[2])}
         if transposed:  # each input position scatters (c_in/g) x (c_out/g * kernel) products
             layer = GemmLayer("", m=math.prod(x.shape[2:]), k=w.shape[0] // groups, n=w.shape[1] * kernel,
                               **shared)

@@ -57,6 +57,9 @@ class GemmLayer:
     repeated_weight: bool = False
     """True where the weight is an earlier layer's (a layer applied again, a tied weight): read again by
     this GEMM, but stored, updated and given optimizer state once, with the layer that first used it."""
+    needs_bias_grad: bool = False
+    """True where the layer's own bias trains: its backward then runs and quantizes the incoming error
+    for the bias's gradient even where it runs neither backward GEMM (a frozen first layer)."""
 
     @property
     def trained_params(self) -> int:

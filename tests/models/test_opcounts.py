@@ -499,6 +499,38 @@ def test_a_frozen_parameter_is_stored_but_neither_differentiated_nor_updated(opt
     assert backward_weight == {"stem", "head"}
 
 
+@pytest.mark.parametrize("master", [True, False, "int16"])
+def test_a_step_rounds_the_stored_weights_the_model_prices_a_rounding_for(
+        master: bool | str, datasets: dict[str, Dataset]) -> None:
+    """After each step training rounds every stored GEMM weight into its format (no fp32 copy: the
+    weights' own, or the copy's), frozen ones too: the weights a real step writes are the layers whose
+    weights the model prices an update-pass write and rounding for (before: a frozen weight was not
+    priced, as if a step left it alone)."""
+    from dse.energy import TrainingFormats
+    from dse.sweep import parse_config
+    from dse.sweep.energy import EnergyEstimator, master_format
+    from dse.train.loop import prepare
+
+    config = TrainConfig(model="support.fine_tuned:frozen_first", dataset="digits", format="int8",
+                         master_weights=master, batch_size=4)
+    data = datasets["digits"]
+    setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
+                    data.x_train[:2])
+    weights = {name.removesuffix(".weight"): p for name, p in setup.model.named_parameters()
+               if name.endswith(".weight")}
+    setup.loss_fn(setup.model(data.x_train[:4]), data.y_train[:4]).backward()
+    versions = {name: p._version for name, p in weights.items()}
+    setup.optimizer.step()
+    written = {name for name, p in weights.items() if p._version != versions[name]}
+    workload = EnergyEstimator(parse_config(SWEEP, "s.yaml").energy).proxy(config)
+    frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer="sgd",
+                                                          master_weights=master_format(config)), ENERGY, 4)
+    update = frame[(frame["pass"] == "update") & frame["layer"].isin(list(weights))]
+    stored = "master_weights" if isinstance(master, str) else "weights"
+    assert set(update[update["tensor"] == stored]["layer"]) == written
+    assert written == ({"head"} if master is True else {"pre", "mid", "head"})
+
+
 def test_a_layer_files_frozen_weight_has_no_weight_gradient_and_no_update(tmp_path: Path) -> None:
     """A layer file's `needs_weight_grad: false` on a weight layer is a frozen weight: no backward-weight
     GEMM and no update; a file without the key (the default) prices both, as before."""
