@@ -636,16 +636,26 @@ def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | 
         return None
     members = [] if generators is None else generators.generators
     each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
+    return MemberAccumulators(functools.partial(quant.members, generator=generators), chunk, each,
+                              _RunsOf(quant, chunk, generators))
 
-    def runs_of(part: slice) -> Accumulator:
-        """Members `part`'s accumulators; one member's rounds as it does alone (no member axis)."""
+
+@dataclasses.dataclass(frozen=True)
+class _RunsOf:
+    """Members `part`'s accumulators; one member's rounds as it does alone (no member axis). A class,
+    not a closure, so that a group's layers pickle (as partials do, where lambdas do not)."""
+
+    quant: TensorQuant
+    chunk: int
+    generators: MemberGenerators | None
+
+    def __call__(self, part: slice) -> Accumulator:
+        generators = self.generators
         if part.stop - part.start == 1:
-            return Accumulator(functools.partial(quant, generator=None if generators is None
-                                                 else generators.generators[part.start]), chunk)
+            return Accumulator(functools.partial(self.quant, generator=None if generators is None
+                                                 else generators.generators[part.start]), self.chunk)
         run = None if generators is None else MemberGenerators(generators.generators[part])
-        return Accumulator(lambda x: quant.members(x, run), chunk)
-
-    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each, runs_of)
+        return Accumulator(functools.partial(self.quant.members, generator=run), self.chunk)
 
 
 
@@ -654,7 +664,7 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
         return None
     if is_block_scaled(quant):
         return BlockQuantizer(quant, generators, members=True)
-    return lambda x: quant.members(x, generators)
+    return functools.partial(quant.members, generator=generators)
 
 
 def _stacked_parameter(tensors: Sequence[Tensor | nn.Module | None]) -> nn.Parameter | None:

@@ -223,5 +223,16 @@ def _viewed(quantizer: Quantizer | None, shape: torch.Size) -> Quantizer | None:
         return None
     if isinstance(quantizer, BlockQuantizer):
         return quantizer.reshaped(shape)
-    return lambda x: quantizer(x.reshape(shape)).reshape(x.shape)
+    return _Viewed(quantizer, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Viewed:
+    """`quantizer` applied to a tensor seen in `shape` (a class, not a lambda: a group's layers pickle)."""
+
+    quantizer: Quantizer
+    shape: torch.Size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.quantizer(x.reshape(self.shape)).reshape(x.shape)
 
