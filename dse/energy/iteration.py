@@ -493,6 +493,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
     is_weight = np.array([layer.b_is_weight for layer in layers], dtype=bool)
     needs_dx = np.array([layer.needs_input_grad for layer in layers], dtype=bool)
     needs_db = np.array([layer.needs_weight_grad for layer in layers], dtype=bool)
+    recomputed = np.array([layer.recomputed for layer in layers], dtype=bool)
     macs = np.array([layer.macs_per_sample for layer in layers], dtype=float) * batch
     sizes = {
         Array.A: np.array([layer.a_elems for layer in layers], dtype=float) * batch,
@@ -502,17 +503,21 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
     total_macs = 0.0
     error_scaled = np.zeros(len(layers), dtype=bool)
     for variant in (True, False):
-        for p in layer_passes(f, variant):
+        passes = layer_passes(f, variant)
+        # a checkpointed layer's forward, run again in the backward as the forward ran it
+        for p in (passes[0], dataclasses.replace(passes[0], name="recompute"), *passes[1:]):
             rows = is_weight == variant
             if p.name == "backward_data":
                 rows = rows & needs_dx
             elif p.name == "backward_weight":
                 rows = rows & needs_db
+            elif p.name == "recompute":
+                rows = rows & recomputed
             if rows.any():
                 tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding,
                            f.layer_scaled, error_scaled[rows])
                 total_macs += float(macs[rows].sum())
-                if p.name != "forward":
+                if p.name.startswith("backward"):
                     error_scaled |= rows
     # a layer whose backward runs no GEMM but its bias trains (a frozen first layer): training still
     # quantizes the incoming error, once, for the bias's gradient (its layer scale where it has one)

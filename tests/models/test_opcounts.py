@@ -31,7 +31,8 @@ from dse.train.config import TrainConfig
 torch.set_num_threads(1)
 aten = torch.ops.aten
 ENERGY = build_energy_model("45nm")
-BACKWARD = ("backward_data", "backward_weight")
+BACKWARD = ("recompute", "backward_data", "backward_weight")
+"""The passes that run in the backward: a checkpointed layer's forward runs there again."""
 
 
 def _conv_backward_flops(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int], _bias: Any,
@@ -187,6 +188,11 @@ TRIALS: list[dict[str, Any]] = [
     {"model": "cnn", "dataset": "digits", "format": "int8", "optimizer": "niti"},
     {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "adam"},
     {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "niti"},
+    {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "int8"},
+    {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "fp32"},
+    {"model": "support.checkpointed:reentrant", "dataset": "digits", "format": "posit8"},
+    {"model": "support.checkpointed:sequential", "dataset": "digits", "format": "int8",
+     "accumulation": "fp16", "accumulation_chunk": 8},
 ]
 
 
