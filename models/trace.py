@@ -271,9 +271,9 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     is frozen (requires_grad=False) needs_weight_grad=False. Parameters that no GEMM uses as its weight
     (biases, norms, embeddings) go to extra_params; nn.Embedding tables are named in `embeddings`, frozen
     ones in `frozen`; the GEMMs run inside `left_fp32`'s modules and functions in `fp32_layers`, those a
-    block checkpointed by torch.utils.checkpoint runs `recomputed`. The model runs in training mode, as
-    training runs it (a forward may checkpoint only then), with its buffers, its mode and torch's random
-    state left as they were; an error inside it becomes a ValueError naming the model.
+    block checkpointed by torch.utils.checkpoint runs `recomputed`. The model runs in eval mode (a
+    forward that checkpoints only while training is traced without) and is left as it was; an error
+    inside it becomes a ValueError naming the model.
     """
     samples = inputs.shape[0]
     recorder = _Recorder(model, samples, left_fp32)
@@ -284,16 +284,12 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
              nn.modules.module.register_module_forward_hook(recorder.leave_module)]
     was_training = model.training
-    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]  # (a norm's running statistics)
     try:
-        model.train()
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), recorder, calls:
+        model.eval()
+        with torch.enable_grad(), recorder, calls:
             model(inputs)
     finally:
         model.train(was_training)
-        with torch.no_grad():
-            for buffer, kept in buffers:
-                buffer.copy_(kept)
         for hook in hooks:
             hook.remove()
     if recorder.unpriced:

@@ -1,5 +1,5 @@
-"""Networks that checkpoint blocks of their forward (torch.utils.checkpoint), in both of its forms and
-through checkpoint_sequential, only while training as most do. The factory takes the sample shape and
+"""Networks that checkpoint a block of their forward (torch.utils.checkpoint), in both of its forms and
+through checkpoint_sequential. The factory takes the sample shape and
 the class count (digits: 64 features), as `model: support.checkpointed:factory`."""
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ class Checkpointed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.stem(x.reshape(len(x), -1)))
-        if not self.training:
-            h = self.block(h)
-        elif self.form == "sequential":
+        if self.form == "sequential":
             h = checkpoint_sequential(self.block, 2, h, use_reentrant=False)
         else:
             h = checkpoint(self.block, h, use_reentrant=self.form == "reentrant")
