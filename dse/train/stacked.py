@@ -1090,7 +1090,7 @@ def _member_blocks(x: Tensor | tuple[Tensor, ...], members: int, aligned: bool =
     have (`_UnbindAsAlone`); elsewhere (torch's own layers on a contiguous input, which hand back a
     contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost. A tuple
     (an LSTM's initial state (h0, c0)) gives each member a tuple of its slices."""
-    if isinstance(x, tuple):
+    if type(x) is tuple:  # (not a PackedSequence, a tuple of another meaning: refused as before)
         axes = axis if isinstance(axis, tuple) else (axis,) * len(x)
         return list(zip(*(_member_blocks(t, members, aligned, read, a) for t, a in zip(x, axes, strict=True)),
                         strict=True))
