@@ -166,7 +166,7 @@ def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str |
             if use is not None and _join(name, tensor_name) in found.operands:
                 return (f"{_join(name, tensor_name)} is a GEMM's operand and also taken by {use}; a stacked "
                         f"network can pass a member's parameter to a GEMM function only as it is")
-        if operands and len(operands) < len(own):
+        if operands and len(operands) < len(own) and type(module) not in GEMM_LAYER_TYPES:
             others = [t for t in own if t not in operands]
             if isinstance(module, nn.MultiheadAttention):
                 return (f"{label} adds {', '.join(others)} to every member's keys and values (add_bias_kv), "
@@ -1248,6 +1248,8 @@ def _member_blocks(x: Tensor | tuple[Tensor, ...], members: int, aligned: bool =
     contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost. A tuple
     (an LSTM's initial state (h0, c0)) gives each member a tuple of its slices."""
     if isinstance(x, tuple):
+        if type(x) is not tuple:  # (a PackedSequence: a tuple of another meaning)
+            raise TypeError(f"a {type(x).__name__} input is none a group can split member by member")
         axes = axis if isinstance(axis, tuple) else (axis,) * len(x)
         return list(zip(*(_member_blocks(t, members, aligned, read, a) for t, a in zip(x, axes, strict=True)),
                         strict=True))
