@@ -376,15 +376,17 @@ class _EnergyOptions:
 
     def workload(self, spec: str) -> Any:
         """The workload `spec` names; --dataset is what a file.py:function model is traced on, and
-        means nothing to any other workload."""
+        means nothing to any other workload. What it leaves unpriced is one `warning:` line each."""
         from dse.energy import get_workload
         from dse.errors import InputError
+        from dse.models.workloads import UnpricedWarning
         from dse.usercode import is_ref
 
         if self.dataset is not None and not is_ref(spec):
             raise InputError(f"--dataset applies to a model given as file.py:function, not to the workload "
                              f"{spec!r}")
-        return get_workload(spec, self.dataset, self.batch_size)
+        with _warnings_as_lines(UnpricedWarning):
+            return get_workload(spec, self.dataset, self.batch_size)
 
     def model(self) -> Any:
         from dse.energy import DatapathParams, MemoryParams, build_model
@@ -871,10 +873,11 @@ def sweep(
     reporter = RichReporter(console, error_console, quiet=quiet)
     on_disk = None if dry_run else read_sweep(config, output)  # the file and its store, read once here
     finished = None if force or dry_run else finished_sweep(config, output, group_size, retry_failed, on_disk)
+    from dse.models.workloads import UnpricedWarning
     from dse.report.drawing import FigureFallbackWarning
     from dse.sweep.lock import UnlockedWarning
 
-    as_lines = (FigureFallbackWarning, UnlockedWarning)  # a sweep's warnings, one line each
+    as_lines = (FigureFallbackWarning, UnlockedWarning, UnpricedWarning)  # a sweep's warnings, one line each
     if finished is not None:  # nothing to train, the plan as stored: no planning, no torch
         with (COMMAND_SIGNALS.stopped_by(sweep_line(finished.output)),
               _warnings_as_lines(*as_lines)):

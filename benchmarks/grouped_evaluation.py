@@ -21,7 +21,8 @@ this CPU's L2 1 MiB a core: whether the order costs as the group's activations o
 cache level is not isolated here). Between them, layer after layer with each member's own addmm and
 ReLU (the calls of member after member, only their order changed): the order without the batched
 call's fewer dispatches, which at 8 rows are all that differs and at 125 rows still a few per cent.
-Then, at 1000 and 8 rows, dse's group evaluation (`evaluate_members`), its
+Then, at 1000 and 8 rows, dse's group evaluation (`evaluate_members`), each member's own run
+evaluated alone (`evaluate`) and the plain member-after-member order, its
 stacked model's forward alone and the network inside it (`StackedModel.net`, no member axis
 folding) against the plain group order on the same weights, scored as `evaluate_members` scores it:
 the difference is dse's Python an evaluation, and at 8 rows almost nothing else.
@@ -216,7 +217,16 @@ def _dse_against_plain(members: int, rows: int) -> dict[str, Callable[[], object
                 model.train()
         return run
 
+    alone = []
+    for seed in range(members):  # each member's own run, as `train` prepares it (seeds as `_group`'s)
+        torch.manual_seed(seed)
+        config = TrainConfig(model="mlp", dataset="mnist1d", format="fp32", seed=seed, epochs=1)
+        alone.append(prepare(build_model("mlp", data), config, torch.Generator().manual_seed(seed),
+                             data.x_train[:EXAMPLE_SAMPLES], None).model)
+    orders = _mlp_orders(members, rows)
     return {"evaluate_members": lambda: evaluate_members(model, members, x, y),
+            "each member alone (`evaluate`)": lambda: [evaluate(own, x, y) for own in alone],
+            "plain, member after member": orders["member after member"],
             "its forward": in_eval_mode(lambda: model(x.unsqueeze(0).expand(members, *x.shape))),
             "the net inside": in_eval_mode(lambda: net(x.unsqueeze(0).expand(members, *x.shape)
                                                         .reshape(-1, x.shape[-1]))),

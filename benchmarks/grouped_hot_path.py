@@ -24,6 +24,11 @@ batched at once: no key, no copy to alone's alignment);
 without the shared-state guard of a user's modules (a built-in proxy has none); the loss without each
 member's own value (the objective alone); and the same network grouped by hand in plain torch
 (benchmarks/grouped_gap.py's `by_hand`: one baddbmm a layer, torch's SGD over the stacked weights).
+
+--optimizer-runs: the optimizer step of a group whose members differ in their learning rate (the tuned
+sweep's: --lrs rates x G / --lrs seeds, runs of equal ones), as it steps now (one torch optimizer, a
+param group a run, `foreach`) against the former one optimizer a run (torch's per-tensor loop, as
+`dse train` steps alone), on the same gradients, CPU µs a step, interleaved, best of --rounds x 20.
 """
 
 from __future__ import annotations
@@ -190,6 +195,64 @@ def step_ablations(sizes: list[int], rows: int) -> None:
                                              for name, us in best.items()))
 
 
+def optimizer_runs(sizes: list[int], rates: int, rounds: int) -> None:
+    """A group's optimizer step, its runs in one foreach optimizer against one optimizer a run (module
+    docstring, --optimizer-runs)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from grouped_bound import quickstart_configs
+
+    from dse.data import load_dataset
+    from dse.models.proxies import build_model
+    from dse.train.allocator import keep_freed_memory
+    from dse.train.grouped import _quantized_setup
+    from dse.train.loop import EXAMPLE_SAMPLES
+    from dse.train.optim import plain_optimizer
+
+    keep_freed_memory()
+    config = quickstart_configs()["fp32"]
+    data = load_dataset(config.dataset)
+    print(f"CPU µs an optimizer step of the quickstart's MLP (SGD, momentum {config.momentum}), {rates} "
+          f"learning rates, best of {rounds} x 20; load average {os.getloadavg()[0]:.2f}")
+    for members in sizes:
+        seeds = max(1, members // rates)
+        configs = [config.replace(seed=g % seeds, lr=0.025 * 2 ** (g // seeds)) for g in range(members)]
+        grads: list[Tensor] = []
+        steps: dict[str, Callable[[], None]] = {}
+        for way in ("one optimizer a run (before)", "one foreach optimizer (today)"):
+            models = []
+            for member in configs:
+                torch.manual_seed(member.seed)
+                models.append(build_model(member.model, data))
+            generators = [torch.Generator().manual_seed(c.seed) for c in configs]
+            setup = _quantized_setup(models, configs, generators, data.x_train[:EXAMPLE_SAMPLES])
+            stacked = setup.step.__self__
+            if way.endswith("(before)"):
+                stacked.runs = [(start, stop, plain_optimizer("sgd", views, group["lr"], config.momentum,
+                                                              config.weight_decay), views)
+                                for (start, stop, _, views), group in zip(
+                                    stacked.runs, stacked.optimizers[0].param_groups, strict=True)]
+                stacked.optimizers = [run[2] for run in stacked.runs]
+            params = list(setup.model.parameters())
+            grads = grads or [torch.randn(p.shape) for p in params]
+
+            def step(params: list[Tensor] = params, setup: Any = setup, grads: list[Tensor] = grads) -> None:
+                for p, grad in zip(params, grads, strict=True):
+                    p.grad = grad
+                setup.step()
+                setup.zero_grad()
+            steps[way] = step
+        for step in steps.values():
+            step()
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(rounds):  # interleaved: the load hits each alike
+            for name, step in steps.items():
+                best[name] = min(best[name], _best_us(step, 20))
+        before, today = best.values()
+        runs = -(-members // seeds)
+        print(f"G = {members} ({runs} runs): " + "; ".join(f"{name} {us:.0f}" for name, us in best.items())
+              + f" ({before - today:+.0f}, {today / before:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,9 +262,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--step-ablations", action="store_true", help="only the group step's ablations")
     parser.add_argument("--rows", type=int, default=4, help="a member's batch in --step-ablations")
+    parser.add_argument("--optimizer-runs", action="store_true", help="only the optimizer's runs")
+    parser.add_argument("--lrs", type=int, default=4, help="learning rates in --optimizer-runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [int(size) for size in args.sizes.split(",")]
+    if args.optimizer_runs:
+        optimizer_runs(sizes, args.lrs, args.rounds)
+        return
     if args.step_ablations:
         from dse.train.allocator import keep_freed_memory
 

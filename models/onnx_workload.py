@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dse.errors import InputError
-from dse.models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
+from dse.models.workloads import GemmLayer, UnpricedWarning, Workload, layer_name_of, matmul, unique_names
 
 _GEMM_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 _UNPRICED_OPS = ("Einsum", "MatMulInteger", "QLinearMatMul", "ConvInteger", "QLinearConv", "Attention",
@@ -150,7 +150,8 @@ def load_onnx(path: str | Path, batch_size: int = 32) -> Workload:
     unpriced = sorted({node.op_type for node in graph.node if node.op_type in _UNPRICED_OPS})
     if unpriced:
         warnings.warn(f"{where}: {', '.join(unpriced)} nodes are not priced (only MatMul, Gemm, Conv and "
-                      "ConvTranspose are read; an einsum written as matmuls counts)", stacklevel=2)
+                      "ConvTranspose are read; an einsum written as matmuls counts)", UnpricedWarning,
+                      stacklevel=2)
     gemms = [node for node in graph.node if node.op_type in _GEMM_OPS]
     if not gemms:
         raise InputError(f"{where}: no MatMul, Gemm or Conv node")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,9 @@ from dse.errors import InputError, choice
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.models.workloads import Workload
 from dse.usercode import call, describe, is_ref
+
+if TYPE_CHECKING:
+    from dse.models.trace import LeftFp32
 
 MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet", "transformer")
 
@@ -299,9 +303,9 @@ def check_output_fits(model: nn.Module, dataset: Dataset, label: str) -> None:
 # --- workload tracing ----------------------------------------------------------------------------
 
 def trace_workload(model: nn.Module, dataset: Dataset, name: str, batch_size: int,
-                   optimizer: str = "sgd") -> Workload:
+                   optimizer: str = "sgd", left_fp32: LeftFp32 | None = None) -> Workload:
     """The GEMMs one sample of `dataset` costs in `model` (models.trace.trace_model on a few of its
-    training samples), as a proxy workload at `batch_size`."""
+    training samples, the GEMMs inside `left_fp32` named as fp32), as a proxy workload at `batch_size`."""
     from dse.models.trace import TRACE_SAMPLES, trace_model
 
     if batch_size < 1:
@@ -311,7 +315,8 @@ def trace_workload(model: nn.Module, dataset: Dataset, name: str, batch_size: in
         raise InputError(f"trace_workload: dataset {dataset.name!r} has no training samples")
     try:
         workload = trace_model(model, dataset.x_train[:samples], name, batch_size, optimizer,
-                               f"{type(model).__name__} traced on {dataset.name}, batch {batch_size}")
+                               f"{type(model).__name__} traced on {dataset.name}, batch {batch_size}",
+                               left_fp32)
     except RuntimeError as exc:
         raise InputError(f"trace_workload: the model does not accept samples of dataset {dataset.name!r} "
                          f"(shape {tuple(dataset.sample_shape)}): {str(exc).splitlines()[0]}") from exc

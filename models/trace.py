@@ -3,33 +3,44 @@
 One forward pass on a few samples runs under a torch dispatch mode, which sees each operation after
 PyTorch has broken it down into its kernels: every `nn.Linear`, `nn.Conv*d`, `nn.MultiheadAttention`
 (projections and both attention products, fused or not), `F.linear`, `torch.matmul`/`@`, `torch.bmm`,
-`torch.einsum` and `F.scaled_dot_product_attention` reaches it as a matrix product (mm, addmm, bmm,
-baddbmm), a convolution or a fused attention kernel. An operand that shares storage with a parameter is
+`torch.einsum`, `torch.inner`, `torch.addmv`, `torch.addbmm` and `F.scaled_dot_product_attention` reaches
+it as a matrix product (mm, addmm, bmm, baddbmm, mv, addmv, addbmm), a convolution (transposed ones
+too) or a fused attention kernel. An operand that shares storage with a parameter is
 a weight; the layer is named after that parameter (`fc.weight` -> `fc`), or else after the module that
 ran it. The energy model derives the backward-data, backward-weight and update work of each forward
 GEMM (see models.workloads.GemmLayer), so this records the forward shapes per sample. Recurrent
 layers (nn.LSTM, nn.GRU, nn.RNN) run fused kernels, so their GEMMs are read from the module (per
 layer and direction, the input and the recurrent projection); a kernel it cannot take apart is named
 in a warning, never silently left out.
+
+A caller that knows what training leaves in fp32 (`LeftFp32`: the modules and functions it cannot
+quantize) gets the GEMMs that ran inside one of them named in Workload.fp32_layers: one rule for
+modules and functions, whatever the tracer names the GEMM (a torch.einsum over a parameter is named
+after it, training names the call after its module).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dse.models.workloads import GemmLayer, Workload, layer_name_of, matmul, unique_names
+from dse.models.workloads import GemmLayer, UnpricedWarning, Workload, layer_name_of, matmul, unique_names
 
 aten = torch.ops.aten
 TRACE_SAMPLES = 2
 """Samples the traced forward runs on (shapes are per sample, so two suffice to tell the batch apart)."""
-_PRODUCTS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+_PRODUCTS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.mv, aten.addmv, aten.addbmm}
+_ADDED = {aten.addmm, aten.baddbmm, aten.addmv, aten.addbmm}
+"""The products whose first argument is the term added (their factors follow it)."""
 _FUSED_ATTENTION = {getattr(aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -38,6 +49,35 @@ _UNPRICED_WORDS = ("rnn", "lstm", "gru", "_int_mm", "_weight_int", "cdist", "euc
 """Kernels that hold GEMMs this tracer does not take apart (recurrent layers, integer matmuls, torch.cdist's
 distances, a GEMM past 25 rows): a model
 that runs one gets a warning naming it, never a silent gap."""
+
+
+@dataclass(frozen=True)
+class LeftFp32:
+    """The functions and module classes a trained network computes in fp32 whatever its formats (the
+    training emulation cannot quantize them); the tracer itself knows nothing of training."""
+
+    functions: frozenset[Any] = frozenset()
+    modules: tuple[type[nn.Module], ...] = ()
+
+
+class _LeftFp32Calls(TorchFunctionMode):
+    """Counts the calls of LeftFp32 functions running (a GEMM recorded meanwhile is left fp32); a call
+    inside one is not seen (torch runs it with this mode off), as training's mode does not."""
+
+    def __init__(self, recorder: _Recorder, functions: frozenset[Any]) -> None:
+        super().__init__()
+        self.recorder = recorder
+        self.functions = functions
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if func not in self.functions:
+            return func(*args, **(kwargs or {}))
+        self.recorder.fp32_calls += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.recorder.fp32_calls -= 1
 
 
 class _Recorder(TorchDispatchMode):
@@ -50,9 +90,14 @@ class _Recorder(TorchDispatchMode):
         torch.compile out of a mode that nothing compiles."""
         return False
 
-    def __init__(self, model: nn.Module, samples: int) -> None:
+    def __init__(self, model: nn.Module, samples: int, left_fp32: LeftFp32 | None = None) -> None:
         super().__init__()
         self.samples = samples
+        self.left_fp32 = left_fp32 or LeftFp32()
+        self.fp32_calls = 0
+        """LeftFp32 function calls running now."""
+        self.fp32: list[bool] = []
+        """Per recorded layer, whether it ran inside a LeftFp32 module or function."""
         self.weights: dict[int, str] = {}
         for name, param in model.named_parameters():
             self.weights.setdefault(param.untyped_storage().data_ptr(), name)
@@ -65,9 +110,18 @@ class _Recorder(TorchDispatchMode):
 
     # the module that is running, from global forward hooks
     def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if isinstance(module, nn.RNNBase) and not self._in_recurrent():
-            self._recurrent(module, args[0] if args else None)
+        outermost = not self._in_recurrent()
         self.stack.append(module)
+        if isinstance(module, nn.RNNBase) and outermost:
+            self._recurrent(module, args[0] if args else None)
+
+    def _left_fp32(self) -> bool:
+        """Whether a GEMM now runs where training leaves it fp32 (LeftFp32)."""
+        return self.fp32_calls > 0 or any(isinstance(m, self.left_fp32.modules) for m in self.stack)
+
+    def _append(self, layer: GemmLayer) -> None:
+        self.layers.append(layer)
+        self.fp32.append(self._left_fp32())
 
     def leave_module(self, module: nn.Module, *_: Any) -> None:
         if self.stack and self.stack[-1] is module:
@@ -102,9 +156,9 @@ class _Recorder(TorchDispatchMode):
                     repeated = weight in self.used_weights
                     self.used_weights.add(weight)
                     frozen = not getattr(module, weight.removeprefix(prefix)).requires_grad
-                    self.layers.append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
-                                                 needs_input_grad=grad, needs_weight_grad=not frozen,
-                                                 repeated_weight=repeated))
+                    self._append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
+                                           needs_input_grad=grad, needs_weight_grad=not frozen,
+                                           repeated_weight=repeated))
 
     def _param(self, tensor: Any) -> str | None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
@@ -123,7 +177,7 @@ class _Recorder(TorchDispatchMode):
         if weight is not None:
             self.used_weights.add(weight)
         base = layer_name_of(weight) if weight is not None else self._module_name(suffix)
-        self.layers.append(dataclasses.replace(layer, name=base, repeated_weight=repeated))
+        self._append(dataclasses.replace(layer, name=base, repeated_weight=repeated))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -132,7 +186,7 @@ class _Recorder(TorchDispatchMode):
         if self._in_recurrent():
             return out  # counted from the module (see _recurrent)
         if packet in _PRODUCTS:
-            a, b = (args[1], args[2]) if packet in (aten.addmm, aten.baddbmm) else (args[0], args[1])
+            a, b = (args[1], args[2]) if packet in _ADDED else (args[0], args[1])
             a_weight, b_weight = self._param(a), self._param(b)
             grad = (a.requires_grad and a_weight is None) or (b.requires_grad and b_weight is None)
             b_grad = (b if b_weight is not None else a).requires_grad  # a frozen weight gets none
@@ -177,24 +231,26 @@ class _Recorder(TorchDispatchMode):
 
 
 def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, optimizer: str = "sgd",
-                description: str = "") -> Workload:
+                description: str = "", left_fp32: LeftFp32 | None = None) -> Workload:
     """The GEMMs `model` runs on `inputs` (first dimension: samples), per sample, in call order.
 
     A layer whose operands need no gradient (the first one) gets needs_input_grad=False, one whose weight
     is frozen (requires_grad=False) needs_weight_grad=False. Parameters that no GEMM uses as its weight
     (biases, norms, embeddings) go to extra_params; nn.Embedding tables are named in `embeddings`, frozen
-    ones in `frozen`. The model
+    ones in `frozen`; the GEMMs run inside `left_fp32`'s modules and functions in `fp32_layers`. The model
     runs in eval mode and is left as it was; an error inside it becomes a ValueError naming the model.
     """
     samples = inputs.shape[0]
-    recorder = _Recorder(model, samples)
+    recorder = _Recorder(model, samples, left_fp32)
+    calls = (_LeftFp32Calls(recorder, recorder.left_fp32.functions) if recorder.left_fp32.functions
+             else contextlib.nullcontext())
     # (not push/pop: those are TorchDispatchMode's own classmethods, which a mode must not shadow)
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
              nn.modules.module.register_module_forward_hook(recorder.leave_module)]
     was_training = model.training
     try:
         model.eval()
-        with torch.enable_grad(), recorder:
+        with torch.enable_grad(), recorder, calls:
             model(inputs)
     finally:
         model.train(was_training)
@@ -202,13 +258,16 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
             hook.remove()
     if recorder.unpriced:
         warnings.warn(f"{name}: not priced (GEMMs inside kernels the tracer does not take apart): "
-                      f"{', '.join(sorted(recorder.unpriced))}", stacklevel=2)
+                      f"{', '.join(sorted(recorder.unpriced))}", UnpricedWarning, stacklevel=2)
     extra = {param_name: p.numel() for param_name, p in model.named_parameters()
              if param_name not in recorder.used_weights}
     tables = {f"{module_name}.weight" if module_name else "weight"
               for module_name, module in model.named_modules() if isinstance(module, nn.Embedding)}
     frozen = tuple(param_name for param_name, p in model.named_parameters()
                    if param_name in extra and not p.requires_grad)
-    return Workload(name, tuple(unique_names(recorder.layers)), batch_size=batch_size, optimizer=optimizer,
+    layers = tuple(unique_names(recorder.layers))
+    return Workload(name, layers, batch_size=batch_size, optimizer=optimizer,
                     extra_params=extra, embeddings=tuple(n for n in extra if n in tables), frozen=frozen,
-                    description=description or f"{type(model).__name__}, batch {batch_size}")
+                    description=description or f"{type(model).__name__}, batch {batch_size}",
+                    fp32_layers=tuple(layer.name for layer, fp32 in zip(layers, recorder.fp32, strict=True)
+                                      if fp32))

@@ -29,6 +29,11 @@ from dse.errors import InputError, number_problem
 from dse.usercode import is_ref
 
 
+class UnpricedWarning(UserWarning):
+    """Part of a user's network that the energy model leaves unpriced (a kernel the tracer cannot take
+    apart, an ONNX node it does not read): named, never a silent gap; the CLI prints it as one line."""
+
+
 @dataclass(frozen=True)
 class GemmLayer:
     """One GEMM-shaped layer, per sample: `groups` products of [m, k] x [k, n]."""
@@ -113,6 +118,9 @@ class Workload:
     every other extra parameter, except under NITI, which trains them as integer tables."""
     frozen: tuple[str, ...] = ()
     """The extra_params training leaves as initialised (requires_grad=False): stored, never updated."""
+    fp32_layers: tuple[str, ...] = ()
+    """The layers a trained network computes in fp32 whatever a trial's formats: the GEMMs a traced model
+    ran inside a module or function training cannot quantize (models.trace.LeftFp32)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.embeddings) - set(self.extra_params))
@@ -120,6 +128,10 @@ class Workload:
         if unknown:
             raise InputError(f"workload {self.name!r}: {', '.join(map(repr, unknown))} named as an embedding "
                              f"or frozen but not in extra_params")
+        strange = sorted(set(self.fp32_layers) - {layer.name for layer in self.layers})
+        if strange:
+            raise InputError(f"workload {self.name!r}: {', '.join(map(repr, strange))} named as fp32 but not "
+                             f"a layer")
 
     def forward_macs(self, batch_size: int = 1) -> int:
         return batch_size * sum(layer.macs_per_sample for layer in self.layers)

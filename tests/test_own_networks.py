@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from support import own_networks
-from support.group_runs import assert_group_trains_as_alone, short_digits
+from support.group_runs import (
+    assert_group_trains_as_alone,
+    assert_results_as_alone,
+    short_digits,
+    train_group_saying,
+)
 from torch import nn
 
 from dse.models.onnx_workload import load_onnx
@@ -203,18 +208,61 @@ def test_a_gru_given_a_learned_initial_state_trains_as_a_group(fmt: str) -> None
 
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
-@pytest.mark.parametrize(("factory", "reason"), [
-    ("sequence_first_lstm", "a member's output is not its own when stacked"),
-    ("gru_zero_state", "its forward fails on a folded batch"),
-])
-def test_a_recurrent_layer_with_its_batch_off_the_first_axis_trains_one_by_one_as_alone(
-        factory: str, reason: str, fmt: str) -> None:
-    """A member's rows of a batch_first=False input (L, B, E), or of an initial state h0 built for the
-    folded batch (layers, G x B, hidden), lie on the second axis, where a group cuts a layer's inputs
-    on the first: the check forward refuses the group with a reason (a sweep prints it), never a
-    silent difference, and each trial trains as alone."""
+@pytest.mark.parametrize("factory", ["sequence_first_lstm", "gru_zero_state", "lstm_zero_states",
+                                     "projected_sequence_first_gru", "gru_encoded_state"])
+def test_a_recurrent_layer_with_its_batch_on_the_second_axis_trains_in_a_group_as_alone(
+        factory: str, fmt: str) -> None:
+    """A member's rows of a batch_first=False input (L, G x B, E), and of an initial state made for the
+    folded batch (h0, an LSTM's (h0, c0): (layers, G x B, hidden)), lie on the second axis: the group
+    hands each member's layer its own block of that axis, in the strides it has alone, and joins the
+    outputs there (before, the check forward refused both: "a member's output is not its own", "its
+    forward fails on a folded batch")."""
     configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt, epochs=1,
                            batch_size=50, seed=seed) for seed in (0, 1)]
+    assert group_reason(configs[0], data=short_digits()) is None
+    results, said = train_group_saying(configs, short_digits())
+    assert said == []
+    assert_results_as_alone(configs, results, short_digits())
+
+
+@pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
+def test_an_lstm_run_along_its_batch_trains_one_by_one_as_alone() -> None:
+    """batch_first=False given a batch-first input runs the LSTM along the batch (each sample's state
+    passes to the next): a member's outputs depend on the group's other samples, so the check forward
+    refuses the group with its reason, and each trial trains as alone."""
+    configs = [TrainConfig(model="support.own_networks:lstm_along_batch", dataset="digits", format="fp32",
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
     refused = group_reason(configs[0], data=short_digits())
-    assert refused is not None and reason in refused
+    assert refused is not None and "a member's output is not its own" in refused
+    assert_group_trains_as_alone(configs, short_digits())
+
+
+@pytest.mark.parametrize(("fmt", "optimizer"), [("fp32", "sgd"), ("int8", "sgd"), ("fp8_e4m3", "adam")])
+@pytest.mark.parametrize("factory", ["max_norm_linear", "data_max_norm_linear"])
+def test_a_layer_that_renorms_the_weight_it_passes_to_f_linear_trains_in_a_group_as_alone(
+        factory: str, fmt: str, optimizer: str) -> None:
+    """A max-norm constraint written in place (`self.weight.renorm_(2, 0, 1.0)` under no_grad, or
+    through `.data`, then `F.linear(x, self.weight)`) runs member by member on each member's own
+    weight, laid out as alone (before: refused, "weight is a GEMM's operand and also taken by
+    torch.Tensor.renorm_" / "torch.Tensor.data.__get__"; on the stacked weight renorm_ would norm
+    each member's whole weight, not its rows)."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt,
+                           optimizer=optimizer, epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    assert group_reason(configs[0], data=short_digits()) is None
+    results, said = train_group_saying(configs, short_digits())
+    assert said == []
+    assert_results_as_alone(configs, results, short_digits())
+
+
+@pytest.mark.parametrize(("factory", "use"), [("batch_shrunk_linear", "torch.Tensor.mul_"),
+                                            ("data_norm_capped_linear", "torch.Tensor.data.__get__")])
+def test_a_layer_that_writes_its_gemm_weight_from_another_tensor_trains_one_by_one_as_alone(
+        factory: str, use: str) -> None:
+    """A write in place that takes another tensor (a statistic of the batch, which in a group is every
+    member's; the weight's own row norms, which on the stacked weight run along other axes) is no
+    member's own write: refused with its reason, each trial as alone."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format="fp32",
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    refused = group_reason(configs[0], data=short_digits())
+    assert refused is not None and f"taken by {use}" in refused
     assert_group_trains_as_alone(configs, short_digits())

@@ -1,5 +1,8 @@
 """Statistics over seeds: a Student-t confidence interval of a mean, and Welch's comparison of two means.
 
+Every mean over seeds is `exact_mean` (accuracies, energies, losses alike): one rule, so that seeds of
+equal value have that value as their mean to the last bit.
+
 Both take the accuracies of a configuration's counted trials (one per seed) and use scipy.stats, so
 the numbers are the textbook ones: the interval is mean ± t(0.975, n - 1) · s / sqrt(n), the
 comparison is Welch's unequal-variance t-test with the Welch-Satterthwaite degrees of freedom.
@@ -80,7 +83,7 @@ def mean_interval(samples: np.ndarray | list[float]) -> MeanInterval:
     n = len(values)
     if n == 0:
         return MeanInterval(0, math.nan, math.nan, math.nan)
-    mean = float(values.mean())
+    mean = exact_mean(values)
     if n == 1:
         return MeanInterval(1, mean, math.nan, math.nan)
     stats = _scipy_stats()
@@ -96,7 +99,7 @@ def welch(a: np.ndarray | list[float], b: np.ndarray | list[float]) -> Differenc
     x, y = _finite(a), _finite(b)
     if len(x) == 0 or len(y) == 0:
         return Difference(math.nan, math.nan, math.nan, math.nan)
-    delta = float(x.mean() - y.mean())
+    delta = exact_mean(x) - exact_mean(y)
     if len(x) < 2 or len(y) < 2:
         return Difference(delta, math.nan, math.nan, math.nan)
     if x.var(ddof=1) == 0.0 and y.var(ddof=1) == 0.0:

@@ -81,7 +81,7 @@ def _trained(group: pd.DataFrame, column: str) -> np.ndarray:
 def _validation_mean(group: pd.DataFrame) -> float:
     """The mean validation accuracy of a tuning point's counted trials: what chooses among points."""
     validation = _counted(group, "val_accuracy")
-    return float(validation.mean()) if len(validation) else math.nan
+    return exact_mean(validation)
 
 
 def _points(frame: pd.DataFrame) -> Any:
@@ -114,7 +114,7 @@ def _point_rows(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], Samples]:
         for column, name in _MEAN_COLUMNS.items():
             if column in group.columns:
                 values = pd.to_numeric(group[column][~error], errors="coerce")
-                row[name] = float(values.mean()) if values.notna().any() else math.nan
+                row[name] = exact_mean(values.dropna().to_numpy())
         for column in measured:
             values = pd.to_numeric(group[column], errors="coerce")
             if str(column).startswith(RUN_PREFIXES):

@@ -50,7 +50,9 @@ from dse.usercode import identity as code_identity
 from dse.usercode import is_ref
 
 if TYPE_CHECKING:
-    from torch import nn
+    import pandas as pd
+
+    from dse.models.trace import LeftFp32
 
 ENERGY_OPTIMIZERS: dict[str, str] = TRAIN_OPTIMIZERS
 """Training optimizer -> the energy model's update (AdamW as Adam, LNS-Madam as Madam)."""
@@ -164,37 +166,46 @@ def layer_formats(workload: Workload, config: TrainConfig, trained: Sequence[Lay
             **resolve_layers(layers, (*first_last, *config.layers), base, require_match=False)}
 
 
-def kept_fp32(network: nn.Module, workload: Workload) -> frozenset[str]:
-    """The traced layers of `network` that training leaves fp32: the GEMMs of a module quantize_model
-    cannot convert (dse.train.layers.UNCONVERTIBLE_TYPES), named after it or its weights
-    (`rnn.weight_ih_l0`)."""
+def left_fp32() -> LeftFp32:
+    """What training leaves in fp32 whatever a trial's formats, for the tracer: the modules quantize_model
+    cannot convert (dse.train.layers.UNCONVERTIBLE_TYPES: nn.GRU, nn.ConvTranspose2d, ...) and the GEMM
+    functions it does not convert (dse.train.functional.UNHANDLED_FUNCTIONS: torch.einsum,
+    F.conv_transpose2d, ...): one rule, whatever either is named."""
+    from dse.models.trace import LeftFp32
+    from dse.train.functional import UNHANDLED_FUNCTIONS
     from dse.train.layers import UNCONVERTIBLE_TYPES
 
-    modules = [name for name, module in network.named_modules() if isinstance(module, UNCONVERTIBLE_TYPES)]
-    return frozenset(layer.name for layer in workload.layers
-                     if any(_within(layer.name.split("#")[0], name) for name in modules))
+    return LeftFp32(frozenset(UNHANDLED_FUNCTIONS), UNCONVERTIBLE_TYPES)
 
 
-def _within(layer: str, module: str) -> bool:
-    return not module or layer == module or layer.startswith(f"{module}.")
+@dataclass(frozen=True)
+class Part:
+    """Layers of a workload priced alike: their formats, and whether training left them fp32 (then with
+    torch's fp32 sums, whatever accumulation the trial names)."""
+
+    workload: Workload
+    tensors: TensorFormats
+    left_fp32: bool
 
 
-def _parts(workload: Workload, config: TrainConfig, trained: Sequence[Layer] | None,
-           fp32_layers: frozenset[str]) -> list[tuple[Workload, TensorFormats]]:
-    """The workload split into groups of layers with the same formats; the trial's own group keeps the
-    parameters outside GEMM layers (embeddings, norms)."""
+def _parts(workload: Workload, config: TrainConfig, trained: Sequence[Layer] | None) -> list[Part]:
+    """The workload split into groups of layers with the same formats (the layers training left fp32 a
+    group of their own); the trial's own group keeps the parameters outside GEMM layers (embeddings,
+    norms)."""
     trial = config.tensor_formats()
-    formats = layer_formats(workload, config, trained, fp32_layers)
-    groups: dict[TensorFormats, list[Any]] = {trial: []}
+    left = frozenset(workload.fp32_layers)
+    formats = layer_formats(workload, config, trained, left)
+    groups: dict[tuple[TensorFormats, bool], list[Any]] = {(trial, False): []}
     for layer in workload.layers:
-        groups.setdefault(formats[layer.name], []).append(layer)
+        groups.setdefault((formats[layer.name], layer.name in left), []).append(layer)
     parts = []
-    for group, layers in groups.items():
-        if group == trial and (layers or workload.extra_params):
-            parts.append((dataclasses.replace(workload, layers=tuple(layers)), group))
+    for (group, fp32), layers in groups.items():
+        own = dataclasses.replace(workload, layers=tuple(layers), fp32_layers=())
+        if (group, fp32) == (trial, False) and (layers or workload.extra_params):
+            parts.append(Part(own, group, fp32))
         elif layers:  # (no extra parameters: none is an embedding table or frozen here)
-            parts.append((dataclasses.replace(workload, layers=tuple(layers), extra_params={}, embeddings=(),
-                                              frozen=()), group))
+            parts.append(Part(dataclasses.replace(own, extra_params={}, embeddings=(), frozen=()), group,
+                              fp32))
     return parts
 
 
@@ -212,8 +223,6 @@ class EnergyEstimator:
         self._proxies: dict[tuple[Any, ...], Workload] = {}
         self._trained: dict[int, tuple[Layer, ...]] = {}
         """id of a traced workload -> its model's GEMM layers as training sees them (`layer_formats`)."""
-        self._kept_fp32: dict[int, frozenset[str]] = {}
-        """id of a traced workload -> its layers training leaves fp32 (`kept_fp32`)."""
         self._train_rows: dict[tuple[str, str | None], int] = dict(train_rows or {})
 
     def proxy(self, config: TrainConfig, model: str | None = None) -> Workload:
@@ -235,9 +244,8 @@ class EnergyEstimator:
                 torch.manual_seed(config.seed)
                 network = build_proxy(model, dataset)
             self._proxies[key] = trace_workload(network, dataset, f"{config.model}/{config.dataset}",
-                                                config.batch_size, "sgd")
+                                                config.batch_size, "sgd", left_fp32())
             self._trained[id(self._proxies[key])] = tuple(model_layers(network, dataset.x_train[:2]))
-            self._kept_fp32[id(self._proxies[key])] = kept_fp32(network, self._proxies[key])
         return self._proxies[key]
 
     def workload(self, name: str, config: TrainConfig) -> tuple[Workload, int | None]:
@@ -291,33 +299,42 @@ class EnergyEstimator:
                               last_forward_mj=short.forward_pj / PJ_PER_MJ,
                               epoch_batches=epoch_batches(rows, config.batch_size))
 
-    def _iteration(self, workload: Workload, config: TrainConfig, point: EnergyPoint,
-                   batch: int) -> _Iteration:
-        """One iteration of `workload` at `batch` rows, each part of its layers in its own formats."""
-        model = self.trained_model(config, point)
-        area = 0.0
-        optimizer = ENERGY_OPTIMIZERS[config.optimizer]
-        units = dict.fromkeys(UNITS, 0.0)
-        forward_pj = 0.0
-        memory_bits = 0.0
+    def iteration_frames(self, workload: Workload, config: TrainConfig, point: EnergyPoint,
+                         batch: int) -> list[tuple[Part, TrainingFormats, pd.DataFrame]]:
+        """One iteration of `workload` at `batch` rows, each part of its layers in its own formats, as
+        the energy model's long-form frames (dse.energy.iteration_energy), one per part."""
         trained = self._trained.get(id(workload))
+        optimizer = ENERGY_OPTIMIZERS[config.optimizer]
         # NITI rounds every integer it narrows pseudo-stochastically (PstoShift), whatever the trial says
         rounding = (config.rounding, config.update_rounding)
         if optimizer == "niti":
             rounding = ("pseudo_stochastic", "pseudo_stochastic")
-        fp32_layers = self._kept_fp32.get(id(workload), frozenset())
-        for part, tensors in _parts(workload, config, trained, fp32_layers):
+        frames = []
+        for part in _parts(workload, config, trained):
+            tensors = part.tensors
             part_formats = TrainingFormats(  # a layer a rule keeps all fp32 has no master copy either
                 tensors.canonical(), optimizer=optimizer,
                 master_weights=master_format(config) if tensors.quantizes_gemms else None,
                 rounding=rounding[0], update_rounding=rounding[1], layer_scaled=layer_scaled(config, tensors))
-            frame = iteration_energy(part, part_formats, model, batch)
+            model = self.models[point.name] if part.left_fp32 else self.trained_model(config, point)
+            frames.append((part, part_formats, iteration_energy(part.workload, part_formats, model, batch)))
+        return frames
+
+    def _iteration(self, workload: Workload, config: TrainConfig, point: EnergyPoint,
+                   batch: int) -> _Iteration:
+        """One iteration of `workload` at `batch` rows, each part of its layers in its own formats."""
+        area = 0.0
+        units = dict.fromkeys(UNITS, 0.0)
+        forward_pj = 0.0
+        memory_bits = 0.0
+        for part, part_formats, frame in self.iteration_frames(workload, config, point, batch):
             for unit, pj in unit_totals(frame).items():
                 units[unit] += pj
             forward_pj += float(frame.loc[frame["pass"] == "forward", "energy_pj"].sum())
-            memory_bits += part_formats.resolve(part).state_bits(part)
-            if part.layers:  # a part of parameters only (biases, norms) runs no GEMM
-                area += training_area_um2(part_formats, model, part)["datapath"]
+            memory_bits += part_formats.resolve(part.workload).state_bits(part.workload)
+            if part.workload.layers:  # a part of parameters only (biases, norms) runs no GEMM
+                model = self.models[point.name] if part.left_fp32 else self.trained_model(config, point)
+                area += training_area_um2(part_formats, model, part.workload)["datapath"]
         return _Iteration(units, forward_pj, memory_bits, area)
 
 

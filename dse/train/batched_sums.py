@@ -126,6 +126,9 @@ def empty_at_alone_alignment(shape: Sequence[int], members: int, like: Tensor,
     size, full_shape, full_strides = _alone_geometry(
         tuple(shape), members, None if strides is None else tuple(strides), shift,
         alignment_bytes(like) // like.element_size())
+    if shift == 0:  # (a fresh tensor of those strides starts where its storage does: no view to make,
+        # one aten call instead of two; a GEMM's padded output always, the copy of an operand mostly)
+        return torch.empty_strided(full_shape, full_strides, dtype=like.dtype, device=like.device)
     storage = torch.empty(size, dtype=like.dtype, device=like.device)
     return storage.as_strided(full_shape, full_strides, shift)
 
@@ -256,11 +259,13 @@ def _library_state(operand: Tensor) -> tuple[object, ...]:
     on_cpu = operand.is_cpu
     device_type = "cpu" if on_cpu else operand.device.type  # (`is_cpu` first: `device.type` 0.2 us a read)
     autocast = torch.is_autocast_enabled(device_type)
+    # (torch's own getters' C functions, read directly: `torch.get_float32_matmul_precision` and
+    # `torch.are_deterministic_algorithms_enabled` only return them)
     state = (torch.get_num_threads(), autocast, torch.get_autocast_dtype(device_type) if autocast else None,
-             _setting(torch.get_float32_matmul_precision), torch.are_deterministic_algorithms_enabled(),
-             _setting(_onednn_fp32_precision()))
+             _setting(torch._C._get_float32_matmul_precision), torch._C._get_deterministic_algorithms(),
+             _setting(_onednn_fp32_precision()), mkl_reproducibility() if on_cpu else None)
     if on_cpu:
-        return (*state, mkl_reproducibility())
+        return state
     matmul = torch.backends.cuda.matmul
     return (*state, _setting(lambda: matmul.allow_tf32), _setting(lambda: matmul.fp32_precision),
             _setting(lambda: matmul.allow_fp16_reduced_precision_reduction),
@@ -368,7 +373,7 @@ def _layout(t: Tensor) -> tuple[object, ...]:
     """What of an operand a decision depends on: device, dtype, shape, strides, and its address modulo
     `alignment_bytes`, with that alignment (which operands `at_alone_alignment` copies depends on it:
     benchmarks/gpu_check.py sets the table to 4 to time a group without copies, in the same process)."""
-    align = alignment_bytes(t)
+    align = ALIGNMENT_BYTES["cpu" if t.is_cpu else "other"]  # (`alignment_bytes`, inlined: 3 reads a key)
     return (t.device, t.dtype, t.shape, t.stride(), t.data_ptr() % align, align)
 
 

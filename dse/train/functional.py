@@ -147,6 +147,9 @@ class FunctionalGemms:
         self.handles: list[Any] = []
         self.entered: list[bool] = []
         """Per forward of the model now running: whether it runs inside another (re-entered)."""
+        self.data_views: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
+        """`.data` of the model's tensors that are alive (by id: the view and the tensor it is `.data`
+        of): a write of one in place is a write of its tensor (`data_of`)."""
         self.mode = _GemmMode(self)
 
     BY_ID: tuple[str, ...] = ("module_names", "param_names", "param_owner", "tensor_names")
@@ -159,6 +162,7 @@ class FunctionalGemms:
         gives the copy a mode of its own."""
         state = dict(self.__dict__)
         del state["mode"]
+        state["data_views"] = {}  # (weak references: a copy's forward makes its own)
         model = self.model
         objects = {id(o): o for o in (*model.modules(), *model.parameters(), *model.buffers())}
         for name in self.BY_ID:
@@ -271,7 +275,8 @@ class FunctionalGemms:
             warnings.warn(message, UnconvertedGemmWarning, stacklevel=2)
 
     def note_operands(self, *tensors: Tensor | None) -> None:
-        """Record the model's own tensors among a GEMM's operands (a view of one counts as it)."""
+        """Record the model's own tensors among a GEMM's operands (a view of one counts as it; its
+        `.data` is another use)."""
         for tensor in tensors:
             if isinstance(tensor, Tensor):
                 name = self.tensor_names.get(id(tensor))
@@ -279,19 +284,48 @@ class FunctionalGemms:
                     name = self.tensor_names.get(id(tensor._base))
                 if name is not None:
                     self.operands.setdefault(name)
+                data_of = self.data_of(tensor)
+                if data_of is not None and self.other_uses is not None:
+                    self.other_uses.setdefault(self.tensor_names[id(data_of)], _DATA_GET)
+
+    def note_data(self, func: Any, args: tuple[Any, ...], result: Any) -> None:
+        """Keep `result` as the `.data` of the model's tensor it was read from (`data_of`)."""
+        if (getattr(func, "__self__", None) is Tensor.data and isinstance(result, Tensor) and args
+                and id(args[0]) in self.tensor_names):
+            key = id(result)
+            views = self.data_views
+            views[key] = (weakref.ref(result, lambda _: views.pop(key, None)), args[0])
+
+    def data_of(self, tensor: Tensor) -> Tensor | None:
+        """The model's tensor that `tensor` is the `.data` of (None: none)."""
+        held = self.data_views.get(id(tensor))
+        return held[1] if held is not None and held[0]() is tensor else None
 
     def note_uses(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record the model's own tensors a function other than a GEMM took (finding GEMMs only)."""
-        if self.other_uses is None:
+        """Record the model's own tensors (or their `.data`) a function other than a GEMM took
+        (finding GEMMs only), but for a write of one in place that takes no other tensor
+        (`writes_in_place`), which a stacked network makes member by member, and the read of `.data`
+        itself."""
+        if (self.other_uses is None or writes_in_place(func, args, kwargs)
+                or getattr(func, "__self__", None) is Tensor.data):
             return
         for value in (*args, *kwargs.values()):
             for tensor in (value if isinstance(value, (list, tuple)) else (value,)):
-                name = self.tensor_names.get(id(tensor)) if isinstance(tensor, Tensor) else None
+                if not isinstance(tensor, Tensor):
+                    continue
+                name = self.tensor_names.get(id(tensor))
+                data_of = self.data_of(tensor)
                 if name is not None:
                     self.other_uses.setdefault(name, torch.overrides.resolve_name(func) or repr(func))
+                elif data_of is not None:
+                    self.other_uses.setdefault(self.tensor_names[id(data_of)], _DATA_GET)
 
     def unquantized(self, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A GEMM function while quantization is switched off: torch's own."""
+        return func(*args, **kwargs)
+
+    def other_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call of a function other than a GEMM: as it is."""
         return func(*args, **kwargs)
 
     def gemm_op(self, op: LinearOp | ConvOp | None) -> Any:
@@ -432,12 +466,13 @@ class _GemmMode(RecomputedMode):
         gemms = self.gemms
         if kind is None:
             name = UNHANDLED_FUNCTIONS.get(func)
-            if name is not None and not gemms.passthrough():
+            if name is not None and not gemms.passthrough() and not _one_operand_einsum(func, args):
                 owner = gemms.frame()
                 where = owner.name or "model"
                 gemms.note_unconverted(f"{where} ({type(owner.module).__name__}): {name} stays fp32 "
                                        f"(quantize_model does not convert it)")
-            result = func(*args, **kwargs)
+            result = gemms.other_call(func, args, kwargs)
+            gemms.note_data(func, args, result)
             if gemms.other_uses is not None and isinstance(result, (Tensor, tuple, list)):
                 gemms.note_uses(func, args, kwargs)  # metadata (shape, dtype) does not count
             return result
@@ -446,6 +481,32 @@ class _GemmMode(RecomputedMode):
         if gemms.policies is not None and not gemms.switch.enabled:
             return gemms.unquantized(func, kind, args, kwargs)
         return dispatch(gemms, func, kind, args, kwargs)
+
+
+_DATA_GET = "torch.Tensor.data.__get__"
+"""What reading a tensor's `.data` is called in a reason."""
+
+
+def writes_in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call is a tensor method that writes its tensor in place and takes no other tensor
+    (`w.renorm_(2, 0, 1.0)`, `w.clamp_(-1, 1)`, `w.mul_(0.5)`: a max-norm constraint on a weight)."""
+    name = getattr(func, "__name__", "")
+    if not (name.endswith("_") and not name.endswith("__") and getattr(Tensor, name, None) is func
+            and args and isinstance(args[0], Tensor)):
+        return False
+    return not any(isinstance(t, Tensor) for value in (*args[1:], *kwargs.values())
+                   for t in (value if isinstance(value, list | tuple) else (value,)))
+
+
+def _one_operand_einsum(func: Any, args: tuple[Any, ...]) -> bool:
+    """torch.einsum of one operand ("ii->i", "ij->i"): a trace or a sum, no GEMM to leave fp32. Its
+    operands come after the equation, or as one list, or interleaved with their sublists."""
+    if func is not torch.einsum:
+        return False
+    values = [*args[1:]] if args and isinstance(args[0], str) else [*args]
+    if len(values) == 1 and isinstance(values[0], (list, tuple)):
+        values = [*values[0]]
+    return sum(isinstance(value, Tensor) for value in values) < 2
 
 
 def dispatch(gemms: FunctionalGemms, func: Any, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]

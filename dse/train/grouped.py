@@ -53,7 +53,7 @@ from dse.train.member_kernels import (
     may_call_position_dependent,
 )
 from dse.train.memory import available_memory_bytes, describe_bytes, members_that_fit, trial_memory_bytes
-from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer
+from dse.train.optim import DEFAULT_LR, STATE_KEYS, madam_optimizer, plain_optimizer, plain_param_group
 from dse.train.policy import QuantPolicy, TensorQuant
 from dse.train.recompute import replaying
 from dse.train.schedule import lr_factor
@@ -322,10 +322,12 @@ class StackedOptimizer:
     `make_optimizer` (stored weights into policy.master_weights, state into policy.optimizer_state)
     per member.
 
-    SGD and Adam(W) take one torch optimizer per run of consecutive members with equal
-    hyperparameters (their updates are elementwise, so a slice of members steps as each would
-    alone); a run of every member (seeds alone differ) steps the stacked parameters themselves, with
-    no slice of them or of their gradients to make each step. Madam and LNS-Madam take one optimizer
+    SGD and Adam(W) take one torch optimizer with a param group per run of consecutive members with
+    equal hyperparameters (their updates are elementwise, so a slice of members steps as each would
+    alone), stepped `foreach` (each update operation called once over all the group's tensors: the
+    same per-tensor kernels, so the same bits, with one step's Python for every run); a run of every
+    member (seeds alone differ) steps the stacked parameters themselves, with no slice of them or of
+    their gradients to make each step. Madam and LNS-Madam take one optimizer
     for the whole group (`Madam.members`): each member's lr, p_scale, g_bound, weight bound, LNS scale
     and table, kept log codes and stochastic-rounding draws are its own, and every operation runs
     once over the stacked tensors.
@@ -345,14 +347,20 @@ class StackedOptimizer:
         if self.name in STACKED_OPTIMIZERS:
             self.runs.append((0, len(configs), self._madam(configs, weights), self.params))
         else:
-            for start, stop in self._runs(configs):
+            runs = self._runs(configs)
+            groups = []
+            for start, stop in runs:
                 config = configs[start]
                 whole = stop - start == len(configs)
                 views = self.params if whole else [p.detach()[start:stop] for p in self.params]
                 lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
-                optimizer = plain_optimizer(self.name, views, lr, config.momentum, config.weight_decay)
-                self.runs.append((start, stop, optimizer, views))
-        self.base_lrs = [[group["lr"] for group in run[2].param_groups] for run in self.runs]
+                groups.append(plain_param_group(self.name, views, lr, config.momentum, config.weight_decay))
+            optimizer = plain_optimizer(self.name, groups, groups[0]["lr"], first.momentum,
+                                        first.weight_decay, foreach=True)
+            self.runs = [(start, stop, optimizer, group["params"])
+                         for (start, stop), group in zip(runs, optimizer.param_groups, strict=True)]
+        self.optimizers = list({id(run[2]): run[2] for run in self.runs}.values())
+        self.base_lrs = [[group["lr"] for group in optimizer.param_groups] for optimizer in self.optimizers]
         if switch.enabled:
             self.quantize_weights()
 
@@ -381,7 +389,7 @@ class StackedOptimizer:
         return runs
 
     def set_lr_factor(self, factor: float) -> None:
-        for (_, _, optimizer, _), bases in zip(self.runs, self.base_lrs, strict=True):
+        for optimizer, bases in zip(self.optimizers, self.base_lrs, strict=True):
             for group, base in zip(optimizer.param_groups, bases, strict=True):
                 group["lr"] = [lr * factor for lr in base] if isinstance(base, list) else base * factor
 
@@ -392,10 +400,11 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self) -> None:
-        for start, stop, optimizer, views in self.runs:
+        for start, stop, _, views in self.runs:
             for view, p in zip(views, self.params, strict=True):
                 if view is not p:
                     view.grad = None if p.grad is None else p.grad[start:stop]
+        for optimizer in self.optimizers:
             optimizer.step()
         self._quantize_after_step()
 

@@ -594,16 +594,28 @@ def lns_madam_copy_error(master_weights: bool | str, spec: str) -> str:
             f"weights in an LNS format (or an fp32 copy); got {where}")
 
 
-def plain_optimizer(name: str, params: Sequence[Tensor], lr: float, momentum: float, weight_decay: float
+def plain_optimizer(name: str, params: Sequence[Tensor] | Sequence[dict[str, Any]], lr: float,
+                    momentum: float, weight_decay: float, foreach: bool | None = None
                     ) -> torch.optim.Optimizer:
-    """torch's SGD, Adam or AdamW over `params`, without the post-step quantization (`quantized_optimizer`
-    adds it; grouped training builds one per run of members with equal hyperparameters). Madam and
-    LNS-Madam, which take their own hyperparameters: `madam_optimizer`."""
+    """torch's SGD, Adam or AdamW over `params` (tensors, or param groups of `plain_param_group`, each
+    with its own hyperparameters), without the post-step quantization (`quantized_optimizer` adds it;
+    grouped training builds one group per run of members with equal hyperparameters, `foreach`: each
+    update operation called once over a group's tensors, on the CPU a loop in C++ over the same
+    per-tensor kernels). Madam and LNS-Madam, which take their own hyperparameters: `madam_optimizer`."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
+
+
+def plain_param_group(name: str, params: Sequence[Tensor], lr: float, momentum: float, weight_decay: float
+                      ) -> dict[str, Any]:
+    """One param group of `plain_optimizer` `name`: `params` with the hyperparameters it takes."""
+    group: dict[str, Any] = {"params": list(params), "lr": lr, "weight_decay": weight_decay}
+    if name == "sgd":
+        group["momentum"] = momentum
+    return group
 
 
 def madam_optimizer(name: str, params: Sequence[Tensor], lr: MemberValue, p_scale: MemberValue,

@@ -339,18 +339,20 @@ def member_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     each entry's GEMM on one thread, and a long reduction (the weight gradient's batch rows) then sums
     in another order (measured on torch 2.13: every Linear weight gradient of the transformer proxy at
     2 threads)."""
+    members, rows, reduction = a.shape
+    columns = b.shape[2]
     given = (a, b) if bias is None else (a, b, bias)  # (a bias is copied into the output first: its
-    padded = _pads_output(a, b)                       # address never reaches the BLAS)
+    padded = _pads(members, rows * columns * a.element_size(), a)  # address never reaches the BLAS)
     operands: tuple[Tensor, ...]
     if padded and torch.is_grad_enabled() and (a.requires_grad or b.requires_grad  # autograd records
                                                or (bias is not None and bias.requires_grad)):  # no out=
         sums, operands = False, (at_alone_alignment(a), at_alone_alignment(b), *given[2:])
     else:  # (`padded` is of the shapes alone: the same at alone's alignment)
-        rule = bmm_sums_as_mm(a.shape[1], a.shape[2], b.shape[2])
         sums, operands = aligned_sums_as_members("baddbmm" if bias is not None else "bmm", _batched_gemm,
-                                                 _own_gemm, given, rule, aligning=2)
+                                                 _own_gemm, given, bmm_sums_as_mm(rows, reduction, columns),
+                                                 aligning=2)
     if not sums:
-        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(a.shape[0])])
+        return torch.stack([_own_gemm(*(o[g] for o in operands)) for g in range(members)])
     return _batched_gemm(*operands, padded=padded)
 
 
@@ -366,7 +368,13 @@ def _batched_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None, *, padded: b
 
 def _pads_output(a: Tensor, b: Tensor) -> bool:
     """Whether a[g] @ b[g]'s output blocks, contiguous, would start off a fresh tensor's alignment."""
-    return a.shape[0] > 1 and a.shape[1] * b.shape[2] * a.element_size() % alignment_bytes(a) != 0
+    return _pads(a.shape[0], a.shape[1] * b.shape[2] * a.element_size(), a)
+
+
+def _pads(members: int, block_bytes: int, like: Tensor) -> bool:
+    """Whether `members` contiguous output blocks of `block_bytes` each on `like`'s device would start off
+    a fresh tensor's alignment."""
+    return members > 1 and block_bytes % alignment_bytes(like) != 0
 
 
 def _own_gemm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -812,9 +820,16 @@ class PerMemberLayer(nn.Module):
         slices: dict[str, Sequence[Tensor]] = {name: tensor.unbind(0) for name, tensor in aligned.items()}
         slices.update(self._member_copies(written))
         buffer_slices = {name: slices[name] for name in buffers}
-        reads = None if self.__dict__["reads_input_once"] or not torch.is_grad_enabled() \
-            or not any(x.requires_grad for x in inputs) else _MemberReads(inputs, self.members)
-        split = [_member_blocks(x, self.members, aligned=reads is None) for x in inputs]
+        template = self.__dict__["template"]
+        axes = _member_axes(template, inputs)
+        if not self.__dict__["reads_input_once"] and any(not isinstance(x, Tensor) for x in inputs):
+            raise TypeError(f"{type(template).__name__} takes a tuple of tensors, whose reads a group cannot "
+                            f"take apart member by member")  # (`_MemberReads` takes a tensor's reads)
+        tracked = torch.is_grad_enabled() and any(x.requires_grad for x in _tensors(inputs, {}))
+        reads = (None if self.__dict__["reads_input_once"] or not tracked
+                 else _MemberReads(inputs, self.members, axes))
+        split = [_member_blocks(x, self.members, aligned=reads is None, axis=axis)
+                 for x, axis in zip(inputs, axes, strict=True)]
         outputs = []
         set_buffers: dict[str, list[Tensor | None]] = {name: [] for name in unset}
         try:
@@ -848,8 +863,10 @@ class PerMemberLayer(nn.Module):
         if written:
             self.__dict__["copies"] = (_versions(written), torch.is_grad_enabled(),
                                        {name: slices[name] for name in written})
-        state_axis = RECURRENT_STATE_BATCH_AXIS if isinstance(self.__dict__["template"], nn.RNNBase) else None
-        return _cat_members(outputs, split[0][0].shape[0] if split else 0, state_axis=state_axis)
+        rows = inputs[0].shape[axes[0]] // self.members if inputs and isinstance(inputs[0], Tensor) else 0
+        if isinstance(template, nn.RNNBase):
+            return _cat_members(outputs, rows, state_axis=RECURRENT_STATE_BATCH_AXIS, output_axis=axes[0])
+        return _cat_members(outputs, rows)
 
     def _member_copies(self, written: Mapping[str, Tensor]) -> dict[str, Sequence[Tensor]]:
         """Each member's copies of the parameters the layer may write: those of its earlier call in
@@ -999,10 +1016,12 @@ class _MemberReads(TorchFunctionMode):
     reads the input more than once (x * x), the call's slices are made last to first, as autograd
     adds a node's terms for one tensor in the order of its inputs."""
 
-    def __init__(self, inputs: Sequence[Tensor], members: int) -> None:
+    def __init__(self, inputs: Sequence[Tensor], members: int, axes: Sequence[Any] | None = None) -> None:
         super().__init__()
         self.inputs = inputs
         self.members = members
+        self.axes = [0] * len(inputs) if axes is None else axes
+        """The axis holding each input's samples (`_member_axes`: the first but for a recurrent layer)."""
         self.unbinds: list[list[Sequence[Tensor]]] = [[] for _ in inputs]
         """For each input, its n-th read's unbind of the folded input along the member axis."""
         self.member = 0
@@ -1043,7 +1062,7 @@ class _MemberReads(TorchFunctionMode):
             unbinds.extend([()] * (last - len(unbinds)))
             for n in reversed(range(self.counts[i], last)):
                 if not unbinds[n]:
-                    unbinds[n] = _member_blocks(self.inputs[i], self.members, read=True)
+                    unbinds[n] = _member_blocks(self.inputs[i], self.members, read=True, axis=self.axes[i])
 
     def _reads(self, t: Tensor, uses: int) -> list[Tensor]:
         """`uses` reads of t (a placeholder: each the member's slice of an unbind of its own, the first
@@ -1069,20 +1088,49 @@ class _MemberReads(TorchFunctionMode):
         return value
 
 
-def _member_blocks(x: Tensor, members: int, aligned: bool = True, read: bool = False) -> Sequence[Tensor]:
-    """The members' slices of a folded input, each at the address alignment it has alone for a BLAS
-    (`_at_alone_alignment_for_blas`; `aligned` False: the slices as they are, placeholders whose
-    reads `_MemberReads` takes aligned). Where the input needs a gradient and is a user's layer's
-    `read`, or is not contiguous, the members' gradients join in the layouts they have
-    (`_UnbindAsAlone`); elsewhere (torch's own layers on a contiguous input, which hand back a
-    contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost."""
-    split = _split(x, members)
+def _member_blocks(x: Tensor | tuple[Tensor, ...], members: int, aligned: bool = True, read: bool = False,
+                   axis: Any = 0) -> Sequence[Any]:
+    """The members' slices of a folded input (its samples along `axis`), each at the address
+    alignment it has alone for a BLAS (`_at_alone_alignment_for_blas`; `aligned` False: the slices as
+    they are, placeholders whose reads `_MemberReads` takes aligned), in the strides it has alone
+    where the axis is not the first (`at_alone_alignment`). Where the input needs a gradient and is
+    a user's layer's `read`, or is not contiguous, the members' gradients join in the layouts they
+    have (`_UnbindAsAlone`); elsewhere (torch's own layers on a contiguous input, which hand back a
+    contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost. A tuple
+    (an LSTM's initial state (h0, c0)) gives each member a tuple of its slices."""
+    if isinstance(x, tuple):
+        axes = axis if isinstance(axis, tuple) else (axis,) * len(x)
+        return list(zip(*(_member_blocks(t, members, aligned, read, a) for t, a in zip(x, axes, strict=True)),
+                        strict=True))
+    split = _split(x, members) if axis == 0 else x.unflatten(axis, (members, -1)).movedim(axis, 0)
     if not aligned:
         return split.unbind(0)
     if (read or not x.is_contiguous()) and torch.is_grad_enabled() and x.requires_grad \
             and x.is_floating_point():
-        return _UnbindAsAlone.apply(split)
+        return _UnbindAsAlone.apply(split, axis)
     return _at_alone_alignment_for_blas(split).unbind(0)
+
+
+def _member_axes(layer: nn.Module, inputs: Sequence[Any]) -> list[Any]:
+    """The axis that holds the members' samples in each of a layer's inputs (a tuple of them for a
+    tuple): the first, but a recurrent layer's (nn.RNNBase) batched sequence-first input
+    (batch_first=False) holds them on its second, and so does its initial state (h0, an LSTM's
+    (h0, c0); (layers x directions, B, hidden) alone) where it was made for the folded batch, whose
+    G x B samples it then holds there (RECURRENT_STATE_BATCH_AXIS); a state the members' own calls
+    made (a layer run member by member, whose outputs join along their first axis: (G x layers x
+    directions, B, hidden)) holds them on its first."""
+    first = inputs[0] if inputs else None
+    if not isinstance(layer, nn.RNNBase) or not isinstance(first, Tensor) or first.dim() != 3:
+        return [0] * len(inputs)
+    along = 0 if layer.batch_first else 1
+    folded = first.shape[along]
+
+    def state_axis(t: Any) -> Any:
+        if isinstance(t, tuple):
+            return tuple(state_axis(part) for part in t)
+        return RECURRENT_STATE_BATCH_AXIS if t.dim() == 3 and t.shape[1] == folded else 0
+
+    return [along, *(state_axis(t) for t in inputs[1:])]
 
 
 class _UnbindAsAlone(torch.autograd.Function):
@@ -1095,13 +1143,16 @@ class _UnbindAsAlone(torch.autograd.Function):
     weight gradient in a group than alone, G = 2 and 3, batch 7, 13 and 50, fp32."""
 
     @staticmethod
-    def forward(ctx: Any, split: Tensor) -> tuple[Tensor, ...]:
-        ctx.shape = split.shape
+    def forward(ctx: Any, split: Tensor, axis: int) -> tuple[Tensor, ...]:
+        ctx.shape, ctx.axis = split.shape, axis
         return tuple(block.view_as(block) for block in at_alone_alignment(split).unbind(0))
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor) -> Tensor:
-        return cat_as_alone(list(grads)).reshape(ctx.shape)
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor, None]:
+        joined = cat_as_alone(list(grads), ctx.axis)
+        if ctx.axis == 0:
+            return joined.reshape(ctx.shape), None
+        return joined.unflatten(ctx.axis, (ctx.shape[0], -1)).movedim(ctx.axis, 0), None
 
 
 def _at_alone_alignment_for_blas(t: Tensor) -> Tensor:
@@ -1135,50 +1186,55 @@ RECURRENT_STATE_BATCH_AXIS = 1
 hidden) whether or not the layer is batch_first."""
 
 
-def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False, state_axis: int | None = None
-                 ) -> Any:
+def _cat_members(outputs: Sequence[Any], rows: int, in_tuple: bool = False, state_axis: int | None = None,
+                 output_axis: int | None = None) -> Any:
     """The members' outputs of a layer run member by member as one folded output: a tensor along its
     first axis; a tuple (a recurrent layer's (output, state)) element by element, where a tensor
-    whose first axis is not the member's batch of `rows` goes along its first axis that is. A batched
-    state of a layer whose state's batch axis is known (`state_axis`: nn.RNNBase's, the tuple's
-    elements after the first) goes along that axis, whatever its sizes (a 2-layer LSTM's h_n on 2
-    samples is (2, 2, hidden)); the check forward refuses a network where a guess is wrong."""
+    whose first axis is not the member's batch of `rows` goes along its first axis that is. A
+    recurrent layer (nn.RNNBase) says where: its output along `output_axis` (the second where
+    batch_first=False), its batched state (the tuple's elements after the first: h_n, an LSTM's
+    (h_n, c_n)) along `state_axis`, whatever their sizes (a 2-layer LSTM's h_n on 2 samples is
+    (2, 2, hidden)). Where a gradient flows, a member's block of it reaches the member's call at its
+    alignment and in its strides alone (`_JoinedAsAlone`)."""
     first = outputs[0]
     if isinstance(first, tuple):
-        return tuple(_cat_members([out[i] for out in outputs], rows, True,
-                                  state_axis if i or in_tuple else None) for i in range(len(first)))
+        return tuple(_cat_members([out[i] for out in outputs], rows, True, state_axis,
+                                  state_axis if i or in_tuple else output_axis) for i in range(len(first)))
     if not isinstance(first, Tensor) or first.dim() == 0:
         return first
-    if state_axis is not None and first.dim() == 3:
-        return torch.cat(list(outputs), state_axis)
     axis = 0
-    if in_tuple and first.shape[0] != rows:
+    if output_axis is not None and state_axis is not None and first.dim() == 3:
+        axis = output_axis
+    elif in_tuple and first.shape[0] != rows:
         axis = next((a for a in range(first.dim()) if first.shape[a] == rows), 0)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in outputs)
     if axis != 0:
-        return torch.cat(list(outputs), axis)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in outputs) and not (
+        return _JoinedAsAlone.apply(axis, *outputs) if tracked else torch.cat(list(outputs), axis)
+    if tracked and not (
             first.is_contiguous() and first.numel() * first.element_size() % alignment_bytes(first) == 0):
-        return _JoinedAsAlone.apply(*outputs)
+        return _JoinedAsAlone.apply(0, *outputs)
     return cat_as_alone(list(outputs))  # (a contiguous output whose member blocks are aligned: its
     # gradient, laid out as it is, is aligned too - the built-in proxies' layers, at no extra cost)
 
 
 class _JoinedAsAlone(torch.autograd.Function):
-    """`cat_as_alone` of the members' outputs, whose backward hands each member its block of the
-    group's gradient at the address alignment it has alone (`at_alone_alignment`: a copy only where a
-    member's block starts off it), as torch.cat's backward would not: member g's block lies g x its
-    size into the group's gradient, and the layer's own backward may run a GEMM on it."""
+    """`cat_as_alone` of the members' outputs along `axis`, whose backward hands each member its block
+    of the group's gradient at the address alignment and in the strides it has alone
+    (`at_alone_alignment`: a copy only where a member's block starts off it, or where the axis is not
+    the first), as torch.cat's backward would not: member g's block lies g x its size into the
+    group's gradient, and the layer's own backward may run a GEMM on it."""
 
     @staticmethod
-    def forward(ctx: Any, *parts: Tensor) -> Tensor:
-        ctx.members = len(parts)
-        joined = cat_as_alone(list(parts))  # a view of its own join where not contiguous: a copy in
-        # the same strides, as autograd forbids modifying a custom Function's view output in place
+    def forward(ctx: Any, axis: int, *parts: Tensor) -> Tensor:
+        ctx.members, ctx.axis = len(parts), axis
+        joined = cat_as_alone(list(parts), axis)  # a view of its own join where not contiguous: a copy
+        # in the same strides, as autograd forbids modifying a custom Function's view output in place
         return joined if joined._base is None else joined.clone(memory_format=torch.preserve_format)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, ...]:
-        return tuple(at_alone_alignment(dy.reshape(ctx.members, -1, *dy.shape[1:])).unbind(0))
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        split = dy.unflatten(ctx.axis, (ctx.members, -1)).movedim(ctx.axis, 0)
+        return (None, *at_alone_alignment(split).unbind(0))
 
 
 # --- building the stacked network -----------------------------------------------------------------

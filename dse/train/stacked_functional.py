@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
 from dse.train.batched_sums import at_alone_alignment
-from dse.train.functional import FunctionalGemms, dispatch
+from dse.train.functional import FunctionalGemms, dispatch, writes_in_place
 from dse.train.layers import (
     BlockQuantizer,
     ConvOp,
@@ -92,6 +92,26 @@ class StackedFunctionalGemms(FunctionalGemms):
         quant = _gemm_quant(op or _STACKED_LINEAR, policy, self.switch, self.member_generators)
         assert quant is not None
         return quant if op is not None else dataclasses.replace(quant, op=None)
+
+    def other_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A write in place of a member tensor or its `.data` that takes no other tensor
+        (`writes_in_place`: a max-norm `renorm_` of a GEMM's weight under no_grad) member by member,
+        each on a fresh copy of its block (laid out and aligned as its tensor alone), written back: on
+        the stacked tensor it would take the member axis for the tensor's own (renorm_ along the first
+        axis would norm each member's whole weight, not its rows). A write autograd refuses (a leaf
+        that needs a gradient, outside no_grad) fails as alone."""
+        target = args[0] if args else None
+        if not isinstance(target, Tensor) or not writes_in_place(func, args, kwargs):
+            return func(*args, **kwargs)
+        owner = self.data_of(target)
+        if (id(target if owner is None else owner) not in self.member_tensors
+                or (torch.is_grad_enabled() and target.requires_grad)):
+            return func(*args, **kwargs)
+        for g in range(self.members):
+            own = target[g].clone(memory_format=torch.contiguous_format)
+            func(own, *args[1:], **kwargs)
+            target[g].copy_(own)
+        return target
 
     # --- operands ----------------------------------------------------------------------------------
 

@@ -131,3 +131,55 @@ def test_compare_json_shows_area_and_scopes_nest() -> None:
         totals[scope] = row["iteration_mj"]
         assert row["datapath_um2"] > 0
     assert totals["datapath"] < totals["pe"] < totals["system"]
+
+
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+
+
+def _gru_onnx(path: Path) -> Path:
+    """tests/support/own_networks.py's GRU network exported to ONNX (one GRU node)."""
+    pytest.importorskip("onnx")
+    import warnings
+
+    import torch
+    from support import own_networks
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notes
+        torch.onnx.export(own_networks.last_step_gru((64,), 10).eval(), (torch.randn(2, 64),), str(path),
+                          dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("source", ["traced", "onnx"])
+def test_what_a_workload_leaves_unpriced_is_one_warning_line(source: str, tmp_path: Path) -> None:
+    """A kernel the tracer cannot take apart (torch.cdist) or an ONNX node the reader does not read (GRU)
+    is one `warning:` line on stderr, as dse's other notes are, not Python's warning with its source
+    line."""
+    if source == "traced":
+        args = ["--workload", f"{SUPPORT / 'own_networks.py'}:prototypes", "--dataset", "digits"]
+    else:
+        args = ["--workload", str(_gru_onnx(tmp_path / "gru.onnx"))]
+    result = CliRunner().invoke(app, ["energy", *args, "--format", "int8", "--layers", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "not priced" in lines[0], lines
+
+
+def test_a_sweep_prints_what_its_workload_leaves_unpriced_as_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dse.sweep.executors
+    import dse.sweep.runner
+    from dse.sweep.executors import InlineExecutor
+
+    monkeypatch.setattr(dse.sweep.runner, "make_executor", lambda sweep: InlineExecutor())
+    monkeypatch.setattr(dse.sweep.runner, "start_worker_server", lambda: None)
+    monkeypatch.setattr(dse.sweep.executors, "start_worker_server", lambda: None)
+    config = tmp_path / "s.yaml"
+    config.write_text(f"name: unpriced\ntask: {{model: {SUPPORT / 'own_networks.py'}:prototypes, "
+                      f"dataset: digits, epochs: 1, batch_size: 200}}\nenergy: {{workloads: [proxy]}}\n"
+                      f"trials:\n  - {{format: int8}}\noutput: {tmp_path / 'out'}\n")
+    result = CliRunner().invoke(app, ["sweep", str(config), "-q"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "not priced" in lines[0], lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,15 @@ from dse.sweep import load_trials, parse_config, run_sweep
 from dse.sweep.executors import InlineExecutor
 
 
+def mean_of(x: np.ndarray | list[float]) -> float:
+    """The seeds' mean correctly rounded: their exact sum over their count."""
+    return float(sum(map(Fraction, list(x)), Fraction(0)) / len(x))
+
+
 def t_interval(x: np.ndarray) -> tuple[float, float]:
     """mean ± t(0.975, n-1) s / sqrt(n)."""
     half = stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
-    return x.mean() - half, x.mean() + half
+    return mean_of(x) - half, mean_of(x) + half
 
 
 def welch_by_hand(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -37,7 +43,7 @@ def welch_by_hand(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     vx, vy = np.var(x, ddof=1) / len(x), np.var(y, ddof=1) / len(y)
     se = math.sqrt(vx + vy)
     df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
-    delta = x.mean() - y.mean()
+    delta = mean_of(x) - mean_of(y)
     half = stats.t.ppf(0.975, df) * se
     return delta - half, delta + half, 2 * stats.t.sf(abs(delta / se), df)
 
@@ -51,11 +57,11 @@ accuracies = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size
 def test_intervals_and_p_values_match_the_formulas(a: list[float], b: list[float]) -> None:
     x, y = np.array(a), np.array(b)
     interval = mean_interval(x)
-    assert interval.n == len(x) and interval.mean == pytest.approx(x.mean())
+    assert interval.n == len(x) and interval.mean == mean_of(x)
     assert (interval.low, interval.high) == pytest.approx(t_interval(x), rel=1e-9, abs=1e-12)
     low, high, p = welch_by_hand(x, y)
     difference = welch(x, y)
-    assert difference.delta == pytest.approx(x.mean() - y.mean(), abs=1e-12)
+    assert difference.delta == mean_of(x) - mean_of(y)
     assert (difference.low, difference.high) == pytest.approx((low, high), rel=1e-7, abs=1e-9)
     assert difference.p_value == pytest.approx(p, rel=1e-6, abs=1e-12)
 
@@ -68,6 +74,36 @@ def test_too_few_or_constant_samples_have_no_interval() -> None:
     assert math.isnan(one.p_value) and one.delta == pytest.approx(0.15)
     constant = welch([0.9, 0.9], [0.8, 0.8])
     assert constant.delta == pytest.approx(0.1) and math.isnan(constant.p_value)
+
+
+seeds = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=10)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seeds, seeds)
+def test_every_seed_mean_is_the_exact_mean(a: list[float], b: list[float]) -> None:
+    """Accuracy means over seeds follow the rule energies do (`exact_mean`, the correctly rounded mean):
+    seeds of equal accuracy have it as their mean to the last bit (numpy's mean of three seeds of 0.1
+    is 0.10000000000000002)."""
+    exact_a, exact_b = mean_of(a), mean_of(b)
+    assert mean_interval(a).mean == exact_a
+    assert welch(a, b).delta == exact_a - exact_b
+    assert mean_interval([a[0]] * len(a)).mean == a[0]
+
+
+def test_a_summary_gives_equal_seeds_their_accuracy_as_their_mean(
+        make_trial_row: Callable[..., dict[str, Any]],
+        make_trials_frame: Callable[..., pd.DataFrame]) -> None:
+    """0.1 three times is a mean accuracy of 0.1 (and a delta of 0.1 - 0.2 against 0.2 three times),
+    validation and loss means alike."""
+    rows = [make_trial_row("t", label, seed, accuracy, {"proxy": 1.0}, format=fmt, val_accuracy=accuracy)
+            for label, fmt, accuracy in (("fp32 sgd", "fp32", 0.2), ("int8 sgd", "int8", 0.1))
+            for seed in range(3)]
+    summary = summarize_trials(make_trials_frame(rows, ["proxy"])).set_index("label")
+    assert float(np.mean([0.1] * 3)) != 0.1  # (what numpy gives)
+    row = summary.loc["int8 sgd"]
+    assert (row["accuracy_mean"], row["val_accuracy_mean"], row["final_loss_mean"]) == (0.1, 0.1, 1.0 - 0.1)
+    assert row["delta_mean"] == 0.1 - 0.2
 
 
 @pytest.fixture
@@ -106,7 +142,7 @@ def test_summary_columns_match_the_formulas(
         assert row["n"] == len(x) and row["baseline"] == (baseline or "fp32 sgd")
         assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == pytest.approx(t_interval(x))
         low, high, p = welch_by_hand(x, reference)
-        assert row["delta_mean"] == pytest.approx(x.mean() - reference.mean())
+        assert row["delta_mean"] == mean_of(x) - mean_of(reference)
         assert (row["delta_ci_low"], row["delta_ci_high"], row["p_value"]) == pytest.approx((low, high, p))
         expected_best = 1.0 if label == "fp32 sgd" else welch_by_hand(x, best)[2]
         assert row["p_vs_best"] == pytest.approx(expected_best)
@@ -125,7 +161,7 @@ def test_the_tables_show_interval_difference_and_p(
     ci_low, ci_high = t_interval(x)
     assert row["95 % CI"] == f"[{100 * ci_low:.2f}, {100 * ci_high:.2f}]"
     assert row["Δ vs baseline (pts) [95 % CI]"] == (
-        f"{100 * (x.mean() - reference.mean()):+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]")
+        f"{100 * (mean_of(x) - mean_of(reference)):+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]")
     assert row["p (Welch)"] == ("<0.001" if p < 0.001 else f"{p:.3f}")
     assert "baseline t: fp32 sgd" in table.title
 

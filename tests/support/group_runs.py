@@ -17,7 +17,13 @@ from dse.train.grouped import GroupSplitWarning, train_group
 def assert_group_trains_as_alone(configs: Sequence[TrainConfig], data: Dataset) -> None:
     """Each config's result in one group equals its run alone (compared as the results' reprs, so a
     NaN equals a NaN and a float's last bit counts)."""
-    together = [result.to_dict() for result in train_group(list(configs), data)]
+    assert_results_as_alone(configs, train_group(list(configs), data), data)
+
+
+def assert_results_as_alone(configs: Sequence[TrainConfig], results: Sequence[TrainResult], data: Dataset
+                            ) -> None:
+    """Each config's result (`results`, of a group) equals its run alone, as above."""
+    together = [result.to_dict() for result in results]
     for config, grouped in zip(configs, together, strict=True):
         alone = train(config, data).to_dict()
         grouped.pop("wall_time_s"), alone.pop("wall_time_s")

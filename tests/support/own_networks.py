@@ -1,9 +1,9 @@
 """Networks a researcher brings as their own, as the user audit of own networks wrote them: a GRU read at
-its last step, an LSTM read from its final state or (batch_first=False) its last step, a GRU given its
-initial state, a weight used by two GEMMs (tied through `.t()`, a
-layer applied again), and `torch.cdist` against a layer's weight (prototypes) and between a sample's
-tokens. Each factory takes the sample shape and the class count (digits: 64 features, 8x8 images), as
-`model: support.own_networks:factory`."""
+its last step, an LSTM read from its final state or (batch_first=False) its last step, a GRU or LSTM
+given its initial state (and an LSTM run along its batch by mistake), a weight used by two GEMMs (tied
+through `.t()`, a layer applied again), and `torch.cdist` against a layer's weight (prototypes) and
+between a sample's tokens. Each factory takes the sample shape and the class count (digits: 64
+features, 8x8 images), as `model: support.own_networks:factory`."""
 
 from __future__ import annotations
 
@@ -111,6 +111,86 @@ def sequence_first_lstm(shape: tuple[int, ...], classes: int) -> nn.Module:
     return SequenceFirstLstm(classes)
 
 
+class ZeroStateLstm(nn.Module):
+    """An nn.LSTM with batch_first=False given its initial state (h0, c0) as zeros made for the batch,
+    (1, batch, hidden) each; the head reads the output's last step."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        start = torch.zeros(1, len(x), 16)
+        steps, _ = self.rnn(x.reshape(len(x), 8, 8).transpose(0, 1), (start, start))
+        return self.head(steps[-1])
+
+
+def lstm_zero_states(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ZeroStateLstm(classes)
+
+
+class ProjectedSequenceFirstGru(nn.Module):
+    """The image's rows projected by a Linear (batch first), transposed to (steps, batch, 12) for a
+    2-layer nn.GRU with batch_first=False given zeros (2, batch, 16) as h0; the head reads the last
+    step. The GRU's input needs a gradient and is not contiguous."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 12)
+        self.rnn = nn.GRU(12, 16, num_layers=2)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = torch.tanh(self.proj(x.reshape(len(x), 8, 8))).transpose(0, 1)
+        steps, _ = self.rnn(tokens, torch.zeros(2, len(x), 16))
+        return self.head(steps[-1])
+
+
+def projected_sequence_first_gru(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ProjectedSequenceFirstGru(classes)
+
+
+class EncodedStateGru(nn.Module):
+    """An nn.GRU (batch_first=False, hidden 10) whose initial state is encoded from the sample by a
+    Linear, (1, batch, 10) made for the batch: a member's state lies in the group's at 40 bytes a
+    sample, off the 64-byte alignment it has alone for most batch sizes."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.start = nn.Linear(64, 10)
+        self.rnn = nn.GRU(8, 10)
+        self.head = nn.Linear(10, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = torch.tanh(self.start(x)).unsqueeze(0)
+        steps, _ = self.rnn(x.reshape(len(x), 8, 8).transpose(0, 1), h0)
+        return self.head(steps[-1])
+
+
+def gru_encoded_state(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return EncodedStateGru(classes)
+
+
+class BatchAlongStepsLstm(nn.Module):
+    """A user's slip: an nn.LSTM with batch_first=False given a batch-first (batch, 8, 8) input, so
+    that it runs along the batch (each sample's state passes to the next sample), classified from
+    its final hidden state: every sample's output depends on the samples before it."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16)
+        self.head = nn.Linear(16 * 8, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        steps, _ = self.rnn(x.reshape(len(x), 8, 8))
+        return self.head(steps.flatten(1))
+
+
+def lstm_along_batch(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchAlongStepsLstm(classes)
+
+
 class LearnedStart(nn.Module):
     """A learned initial state (1, 1, hidden), expanded to the batch of the samples it is given."""
 
@@ -179,3 +259,62 @@ class HeadFirst(nn.Module):
 
 def head_first(shape: tuple[int, ...], classes: int) -> nn.Module:
     return HeadFirst(shape[0], classes)
+
+
+class MaxNormLinear(nn.Module):
+    """A linear layer with a max-norm constraint: under no_grad its forward renorms its weight's rows
+    to norm 1 at most (`renorm_`, in place), then calls F.linear on it."""
+
+    def __init__(self, features: int, out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out, features) * 0.3)  # rows of norm about 2.4: renormed
+        self.bias = nn.Parameter(torch.zeros(out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.weight.renorm_(2, 0, 1.0)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def max_norm_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(MaxNormLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class BatchShrunkLinear(MaxNormLinear):
+    """As MaxNormLinear, but its forward shrinks its weight by a statistic of its batch
+    (`mul_(1 / (1 + x.abs().mean()))`): alone each trial's weight shrinks by its own batch's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.weight.mul_(1 / (1 + x.abs().mean()))
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def batch_shrunk_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(BatchShrunkLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class DataMaxNormLinear(MaxNormLinear):
+    """As MaxNormLinear, the renorm written through `.data` (outside no_grad), as older code does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.weight.data.renorm_(2, 0, 1.0)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def data_max_norm_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(DataMaxNormLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class DataNormCappedLinear(MaxNormLinear):
+    """Caps its weight's rows at norm 1 by dividing through `.data` by their norms (`w.data.div_(
+    w.data.norm(dim=1, ...))`): the write takes another tensor of the weight's, whose axes on the
+    stacked weight would be other ones (dim 1 the rows of every member at once)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.weight.data.div_(self.weight.data.norm(dim=1, keepdim=True).clamp(min=1))
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def data_norm_capped_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(DataNormCappedLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))

@@ -150,6 +150,52 @@ def test_a_run_of_every_member_steps_each_member_as_a_run_of_its_own_would(
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(own, theirs, strict=True))
 
 
+@settings(max_examples=12, deadline=None)
+@given(optimizer=st.sampled_from(["sgd", "adam", "adamw"]), momentum=st.sampled_from([0.0, 0.9]),
+       weight_decay=st.sampled_from([0.0, 1e-3]),
+       lrs=st.lists(st.sampled_from([0.01, 0.05, 0.5]), min_size=2, max_size=5), seed=st.integers(0, 2**16))
+def test_a_group_of_several_runs_steps_each_member_as_its_own_optimizer_alone_would(
+        optimizer: str, momentum: float, weight_decay: float, lrs: list[float], seed: int) -> None:
+    """A group whose members differ in their learning rate steps all its runs in one torch optimizer,
+    one param group a run, each update operation once over all the group's tensors (`foreach`): each
+    member's weights and state are bit for bit what its own optimizer alone leaves on fresh tensors
+    (torch's per-tensor loop, as `dse train` steps it)."""
+    from dse.train.optim import plain_optimizer
+
+    configs = [BASE.replace(seed=g, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr=lr)
+               for g, lr in enumerate(lrs)]
+    with _run_settings(1):
+        setup, _ = _group(configs)
+        setup.on_epoch_start(0)
+        params = list(setup.model.parameters())
+        alone = [[p.detach()[g].clone().requires_grad_() for p in params] for g in range(len(configs))]
+        own = [plain_optimizer(optimizer, tensors, lr, momentum, weight_decay)
+               for tensors, lr in zip(alone, lrs, strict=True)]
+        assert len({id(run[2]) for run in setup.step.__self__.runs}) == 1
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=generator) for p in params]
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad.clone()
+            setup.step()
+            setup.zero_grad()
+            for g, (tensors, member_optimizer) in enumerate(zip(alone, own, strict=True)):
+                for t, grad in zip(tensors, grads, strict=True):
+                    t.grad = grad[g].clone()
+                member_optimizer.step()
+    stepped = setup.step.__self__
+    for g, (tensors, member_optimizer) in enumerate(zip(alone, own, strict=True)):
+        start, _, torch_optimizer, views = next(run for run in stepped.runs if run[0] <= g < run[1])
+        for p, t in zip(params, tensors, strict=True):
+            assert torch.equal(_bits(p.detach()[g]), _bits(t.detach()))
+        for view, t in zip(views, tensors, strict=True):
+            theirs, mine = torch_optimizer.state[view], member_optimizer.state[t]
+            assert theirs.keys() == mine.keys()
+            for key, value in mine.items():
+                member = theirs[key][g - start] if value.dim() else theirs[key]
+                assert torch.equal(_bits(member), _bits(value))
+
+
 def test_a_diverging_member_of_a_group_of_one_run_equals_its_run_alone(
         digits: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
     """fp16 at lr 25: seed 0 overflows in the first epoch, seeds 1 and 2 do not; all three share one
