@@ -310,8 +310,8 @@ UNPLACEABLE_FUNCTIONS: frozenset[Any] = frozenset({
     Tensor.unfold, F.unfold, F.fold, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.kron,
     torch.tensordot,
 })
-"""Calls that move elements between axes in ways the shape rules of `_followed_unit` do not describe:
-their results' member layout is not followed (the shape is read, `_member_axis`)."""
+"""Calls that move elements between axes in ways `MemberKernelMode._follow`'s rules do not describe:
+their results are not placed (their shape is read, `_member_axis`)."""
 
 PLACEMENT = "_dse_placement"
 """The attribute of a tensor computed in a group's forward that holds its `Placement`."""
@@ -956,6 +956,7 @@ class MemberKernelMode(RecomputedMode):
         self.forward = object()
         """This forward's token (`Placement.forward`): `begin` starts another."""
         self.placements: dict[tuple[int, str | None], Placement] = {}
+        """This forward's placements by unit and why (`_placement`)."""
         self.read: str | None = None
         """The first of VALUE_READS of a floating-point or bool tensor (a comparison of floating-point
         values) in this forward, outside our own layers
