@@ -9,8 +9,9 @@ fold the batch on their second axis). The same torch-function mode sees each GEM
 for all members at once, on member-stacked operands of shape (G, *the member's own shape):
 
 - F.linear and MultiheadAttention's projections: `StackedLinearOp` (batched GEMMs), as a stacked Linear;
-- F.conv1d/2d: the operands quantized for all members, the convolutions member by member
-  (`PerMemberOp`), as a stacked convolution;
+- F.conv1d/2d: the operands quantized for all members, each convolution product one grouped
+  convolution where a probe finds it each member's own, else member by member (`StackedConvOp`), as a
+  stacked convolution;
 - matmul / mm / bmm / `@` (and attention's scores and context): one batched matmul through
   `QuantMatmulFn` with a member-stacked weight viewed with singleton axes, so that each member
   broadcasts over its own batch exactly as its weight does alone.
@@ -50,7 +51,8 @@ from dse.train.stacked import (
     _FP32_GEMM,
     _STACKED_LINEAR,
     PerMemberLayer,
-    PerMemberOp,
+    PlainStackedConv,
+    StackedConvOp,
     StackedGemmLayer,
     StackedMatmul,
     _fresh_gradient,
@@ -86,7 +88,7 @@ class StackedFunctionalGemms(FunctionalGemms):
     def gemm_op(self, op: LinearOp | ConvOp | None) -> Any:
         if isinstance(op, LinearOp):
             return _STACKED_LINEAR
-        return PerMemberOp(op) if isinstance(op, ConvOp) else None
+        return StackedConvOp(op) if isinstance(op, ConvOp) else None
 
     def build_quant(self, op: Any, policy: QuantPolicy) -> LayerQuant:
         quant = _gemm_quant(op or _STACKED_LINEAR, policy, self.switch, self.member_generators)
@@ -155,10 +157,8 @@ class StackedFunctionalGemms(FunctionalGemms):
                   quant: LayerQuant | None) -> Tensor:
         xs, ws = self.split(x, 0), self.member(weight)
         bs = None if bias is None else self.member(bias)
-        if quant is None:  # fp32: each member's own convolution (unbind: one backward stacks them)
-            biases = [None] * self.members if bs is None else bs.unbind(0)
-            y = torch.stack([op.forward(x_g, w_g, b_g)
-                             for x_g, w_g, b_g in zip(xs.unbind(0), ws.unbind(0), biases, strict=True)])
+        if quant is None:  # fp32: each member's GEMMs as torch's autograd computes them alone
+            y = PlainStackedConv.apply(xs, ws, bs, StackedConvOp(op))
         else:
             y = QuantGemm.apply(xs, ws, bs, quant)
         return self.fold(y, 0)
