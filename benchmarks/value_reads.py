@@ -58,7 +58,7 @@ class EarlierReads(MemberKernelMode):
         if (func in EARLIER_READS and self.read is None and args and isinstance(args[0], Tensor)
                 and (args[0].is_floating_point() or args[0].dtype == torch.bool)):
             self.read = torch.overrides.resolve_name(func) or repr(func)
-        return self._run(func, args, kwargs)
+        return self._followed(func, args, kwargs, self._call(func, args, kwargs))
 
 
 EarlierReads.__module__ = MemberKernelMode.__module__  # (taken off inside dse's layers as the mode is:

@@ -175,7 +175,7 @@ def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str |
             if use is not None and _join(name, tensor_name) in found.operands:
                 return (f"{_join(name, tensor_name)} is a GEMM's operand and also taken by {use}; a stacked "
                         f"network can pass a member's parameter to a GEMM function only as it is")
-        if operands and len(operands) < len(own):
+        if operands and len(operands) < len(own) and type(module) not in GEMM_LAYER_TYPES:
             others = [t for t in own if t not in operands]
             if isinstance(module, nn.MultiheadAttention):
                 return (f"{label} adds {', '.join(others)} to every member's keys and values (add_bias_kv), "
@@ -791,16 +791,26 @@ def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | 
         return None
     members = [] if generators is None else generators.generators
     each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
+    return MemberAccumulators(functools.partial(quant.members, generator=generators), chunk, each,
+                              _RunsOf(quant, chunk, generators))
 
-    def runs_of(part: slice) -> Accumulator:
-        """Members `part`'s accumulators; one member's rounds as it does alone (no member axis)."""
+
+@dataclasses.dataclass(frozen=True)
+class _RunsOf:
+    """Members `part`'s accumulators; one member's rounds as it does alone (no member axis). A class,
+    not a closure, so that a group's layers pickle (as partials do, where lambdas do not)."""
+
+    quant: TensorQuant
+    chunk: int
+    generators: MemberGenerators | None
+
+    def __call__(self, part: slice) -> Accumulator:
+        generators = self.generators
         if part.stop - part.start == 1:
-            return Accumulator(functools.partial(quant, generator=None if generators is None
-                                                 else generators.generators[part.start]), chunk)
+            return Accumulator(functools.partial(self.quant, generator=None if generators is None
+                                                 else generators.generators[part.start]), self.chunk)
         run = None if generators is None else MemberGenerators(generators.generators[part])
-        return Accumulator(lambda x: quant.members(x, run), chunk)
-
-    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each, runs_of)
+        return Accumulator(functools.partial(self.quant.members, generator=run), self.chunk)
 
 
 
@@ -809,7 +819,7 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
         return None
     if is_block_scaled(quant):
         return BlockQuantizer(quant, generators, members=True)
-    return lambda x: quant.members(x, generators)
+    return functools.partial(quant.members, generator=generators)
 
 
 def _stacked_parameter(tensors: Sequence[Tensor | nn.Module | None]) -> nn.Parameter | None:
@@ -1261,6 +1271,8 @@ def _member_blocks(x: Tensor | tuple[Tensor, ...], members: int, aligned: bool =
     contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost. A tuple
     (an LSTM's initial state (h0, c0)) gives each member a tuple of its slices."""
     if isinstance(x, tuple):
+        if type(x) is not tuple:  # (a PackedSequence: a tuple of another meaning)
+            raise TypeError(f"a {type(x).__name__} input is none a group can split member by member")
         axes = axis if isinstance(axis, tuple) else (axis,) * len(x)
         return list(zip(*(_member_blocks(t, members, aligned, read, a) for t, a in zip(x, axes, strict=True)),
                         strict=True))

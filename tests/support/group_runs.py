@@ -30,6 +30,15 @@ def assert_results_as_alone(configs: Sequence[TrainConfig], results: Sequence[Tr
         assert repr(grouped) == repr(alone), config.seed
 
 
+def assert_grouped_as_alone(configs: Sequence[TrainConfig], data: Dataset) -> None:
+    """The configs' group is not refused (`group_reason`), trains with no GroupSplitWarning, and gives
+    each config its result alone (`assert_results_as_alone`)."""
+    assert group_reason(configs[0], data=data) is None
+    results, said = train_group_saying(configs, data)
+    assert said == []
+    assert_results_as_alone(configs, results, data)
+
+
 def short_digits() -> Dataset:
     """digits cut to 114 training samples (two batches of 50 and one of 14) and 50 validation and
     test samples: a short grouped-against-alone run."""
