@@ -13,7 +13,9 @@
 at once, as before they ran over runs of members under torch's grain (dse/train/stacked.py), and
 `--threads N` runs everything at N torch threads. `--sum-order-before` also runs each format as
 before a group kept every sum in the order of the member alone (a per-member layer's reads summed
-first, batched GEMMs wherever torch's bmm takes its BLAS path):
+first, batched GEMMs wherever torch's bmm takes its BLAS path); `--convolutions-member-by-member`
+runs every stacked convolution's products member by member, as before they ran grouped where probed
+(`--keep-freed-memory` pins glibc's thresholds first, as `dse train` and `dse sweep` do):
 
     .venv/bin/python benchmarks/grouped.py --models transformer --datasets sort-easy --formats \\
         lns8+e5m2-acc4 --sizes 2 --train-samples 256 --epochs 1 --threads 2 --whole-group-folds
@@ -130,6 +132,20 @@ def sum_order_before() -> Iterator[None]:
          stacked.aligned_sums_as_members, layers.aligned_sums_as_members) = saved  # type: ignore[misc]
 
 
+@contextlib.contextmanager
+def convolutions_member_by_member() -> Iterator[None]:
+    """Every product of a stacked convolution member by member, as before a group ran one grouped
+    convolution where a probe finds it alike and faster (`StackedConvOp`, dse/train/stacked.py)."""
+    import dse.train.stacked as stacked
+
+    saved = stacked.member_layouts
+    stacked.member_layouts = lambda *args, **kwargs: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        stacked.member_layouts = saved
+
+
 def make_clock(device: str) -> Callable[[Callable[..., object], tuple[object, ...]], float]:
     """seconds(run, args): CPU time on the CPU, wall time with the device synchronised on a GPU."""
     import torch
@@ -172,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sum-order-before", action="store_true",
                         help="also each format as before a group kept every sum in the order alone: a "
                              "per-member layer's reads summed first, batched GEMMs from 400 multiply-adds")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="pin glibc's mmap and trim thresholds first, as dse's own processes do")
+    parser.add_argument("--convolutions-member-by-member", action="store_true",
+                        help="also run each format with every convolution member by member (as before)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (default 1)")
     parser.add_argument("--phases", action="store_true",
                         help="a step's CPU us per member by phase, alone and grouped (see above)")
@@ -199,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         versions[" (whole-group folds)"] = whole_group_folds
     if args.sum_order_before:
         versions[" (sum order before)"] = sum_order_before
+    if args.convolutions_member_by_member:
+        versions[" (convolutions member by member)"] = convolutions_member_by_member
+    if args.keep_freed_memory:
+        from dse.train.allocator import keep_freed_memory
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     on_cpu = args.device == "cpu"
     seconds = make_clock(args.device)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,6 +82,20 @@ class _LeftFp32Calls(TorchFunctionMode):
             self.recorder.fp32_calls -= 1
 
 
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+
+def _in_checkpoint() -> bool:
+    """Whether a block torch.utils.checkpoint checkpoints is running (its `checkpoint`, which both
+    forms and `checkpoint_sequential` go through, is on the stack): its GEMMs run again in the backward."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 class _Recorder(TorchDispatchMode):
     """Records each GEMM-shaped kernel as a GemmLayer, named by weight or by the running module."""
 
@@ -96,6 +112,8 @@ class _Recorder(TorchDispatchMode):
         self.left_fp32 = left_fp32 or LeftFp32()
         self.fp32_calls = 0
         """LeftFp32 function calls running now."""
+        self.inputs: set[int] = set()
+        """The storages of the model's inputs (a view of one is one)."""
         self.fp32: list[bool] = []
         """Per recorded layer, whether it ran inside a LeftFp32 module or function."""
         self.weights: dict[int, str] = {}
@@ -120,7 +138,7 @@ class _Recorder(TorchDispatchMode):
         return self.fp32_calls > 0 or any(isinstance(m, self.left_fp32.modules) for m in self.stack)
 
     def _append(self, layer: GemmLayer) -> None:
-        self.layers.append(layer)
+        self.layers.append(dataclasses.replace(layer, recomputed=True) if _in_checkpoint() else layer)
         self.fp32.append(self._left_fp32())
 
     def leave_module(self, module: nn.Module, *_: Any) -> None:
@@ -147,7 +165,7 @@ class _Recorder(TorchDispatchMode):
         for layer in range(module.num_layers):
             d_in = module.input_size if layer == 0 else out * directions
             for suffix in ("", "_reverse")[:directions]:
-                products = [("ih", d_in, gates * hidden, layer > 0 or x.requires_grad),
+                products = [("ih", d_in, gates * hidden, layer > 0 or self._grad(x)),
                             ("hh", out, gates * hidden, True)]
                 if proj:
                     products.append(("hr", hidden, proj, True))
@@ -159,6 +177,18 @@ class _Recorder(TorchDispatchMode):
                     self._append(GemmLayer(layer_name_of(weight), m=steps, k=k, n=n,
                                            needs_input_grad=grad, needs_weight_grad=not frozen,
                                            repeated_weight=repeated))
+
+    def _grad(self, tensor: Tensor) -> bool:
+        """Whether autograd differentiates `tensor` in training: its requires_grad, except in the first
+        forward of a reentrant checkpoint, which runs without autograd (its recomputation has it): there
+        every operand but the model's input and a frozen parameter."""
+        if tensor.requires_grad or torch.is_grad_enabled() or not _in_checkpoint():
+            return tensor.requires_grad
+        return self._param(tensor) is None and tensor.untyped_storage().data_ptr() not in self.inputs
+
+    def _trained_param(self, tensor: Any) -> bool:
+        """Whether `tensor` is a parameter that trains (a GEMM's bias)."""
+        return isinstance(tensor, Tensor) and tensor.requires_grad and self._param(tensor) is not None
 
     def _param(self, tensor: Any) -> str | None:
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
@@ -188,12 +218,14 @@ class _Recorder(TorchDispatchMode):
         if packet in _PRODUCTS:
             a, b = (args[1], args[2]) if packet in _ADDED else (args[0], args[1])
             a_weight, b_weight = self._param(a), self._param(b)
-            grad = (a.requires_grad and a_weight is None) or (b.requires_grad and b_weight is None)
-            b_grad = (b if b_weight is not None else a).requires_grad  # a frozen weight gets none
+            grad = (self._grad(a) and a_weight is None) or (self._grad(b) and b_weight is None)
+            b_grad = self._grad(b if b_weight is not None else a)  # a frozen weight gets none
             if a_weight is None and b_weight is None:  # two activations: each gradient only where needed
-                grad, b_grad = a.requires_grad, b.requires_grad
+                grad, b_grad = self._grad(a), self._grad(b)
             layer = matmul("", tuple(a.shape), tuple(b.shape), self.samples, a_weight is not None,
                            b_weight is not None, grad, b_grad)
+            if packet in _ADDED and self._trained_param(args[0]):
+                layer = dataclasses.replace(layer, needs_bias_grad=True)
             self._record(layer, b_weight or a_weight, "matmul")
         elif packet is aten.convolution:
             self._convolution(args, out)
@@ -203,12 +235,12 @@ class _Recorder(TorchDispatchMode):
             q, k, v = args[:3]
             groups = max(1, math.prod(q.shape[:-2]) // self.samples)
             shared: dict[str, Any] = {"groups": groups, "b_is_weight": False, "kind": "attention"}
-            scores = q.requires_grad or k.requires_grad  # softmax(q k^T) needs a gradient
+            scores = self._grad(q) or self._grad(k)  # softmax(q k^T) needs a gradient
             self._record(GemmLayer("", m=q.shape[-2], k=q.shape[-1], n=k.shape[-2], **shared,
-                                   needs_input_grad=q.requires_grad, needs_weight_grad=k.requires_grad),
+                                   needs_input_grad=self._grad(q), needs_weight_grad=self._grad(k)),
                          None, "scores")
             self._record(GemmLayer("", m=q.shape[-2], k=k.shape[-2], n=v.shape[-1], **shared,
-                                   needs_input_grad=scores, needs_weight_grad=v.requires_grad),
+                                   needs_input_grad=scores, needs_weight_grad=self._grad(v)),
                          None, "context")
         return out
 
@@ -217,10 +249,11 @@ class _Recorder(TorchDispatchMode):
         transposed, groups = bool(args[6]), int(args[8])
         kernel = math.prod(w.shape[2:])
         weight = self._param(w)
-        grad = x.requires_grad
+        grad = self._grad(x)
         shared: dict[str, Any] = {"groups": groups, "input_elems": x.numel() // self.samples,
                                   "b_is_weight": weight is not None, "needs_input_grad": grad, "kind": "conv",
-                                  "needs_weight_grad": w.requires_grad}
+                                  "needs_weight_grad": w.requires_grad,
+                                  "needs_bias_grad": self._trained_param(args[2])}
         if transposed:  # each input position scatters (c_in/g) x (c_out/g * kernel) products
             layer = GemmLayer("", m=math.prod(x.shape[2:]), k=w.shape[0] // groups, n=w.shape[1] * kernel,
                               **shared)
@@ -237,11 +270,14 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     A layer whose operands need no gradient (the first one) gets needs_input_grad=False, one whose weight
     is frozen (requires_grad=False) needs_weight_grad=False. Parameters that no GEMM uses as its weight
     (biases, norms, embeddings) go to extra_params; nn.Embedding tables are named in `embeddings`, frozen
-    ones in `frozen`; the GEMMs run inside `left_fp32`'s modules and functions in `fp32_layers`. The model
-    runs in eval mode and is left as it was; an error inside it becomes a ValueError naming the model.
+    ones in `frozen`; the GEMMs run inside `left_fp32`'s modules and functions in `fp32_layers`, those a
+    block checkpointed by torch.utils.checkpoint runs `recomputed`. The model runs in eval mode (a
+    forward that checkpoints only while training is traced without) and is left as it was; an error
+    inside it becomes a ValueError naming the model.
     """
     samples = inputs.shape[0]
     recorder = _Recorder(model, samples, left_fp32)
+    recorder.inputs.add(inputs.untyped_storage().data_ptr())
     calls = (_LeftFp32Calls(recorder, recorder.left_fp32.functions) if recorder.left_fp32.functions
              else contextlib.nullcontext())
     # (not push/pop: those are TorchDispatchMode's own classmethods, which a mode must not shadow)

@@ -57,6 +57,12 @@ class GemmLayer:
     repeated_weight: bool = False
     """True where the weight is an earlier layer's (a layer applied again, a tied weight): read again by
     this GEMM, but stored, updated and given optimizer state once, with the layer that first used it."""
+    recomputed: bool = False
+    """True where training runs the forward GEMM again in the backward (a layer inside a block that
+    torch.utils.checkpoint checkpoints): it is priced once more, as pass `recompute`."""
+    needs_bias_grad: bool = False
+    """True where the layer's own bias trains: its backward then runs and quantizes the incoming error
+    for the bias's gradient even where it runs neither backward GEMM (a frozen first layer)."""
 
     @property
     def trained_params(self) -> int:
@@ -92,11 +98,14 @@ class GemmLayer:
 
     def training_gemms(self) -> tuple[tuple[str, int, int, int], ...]:
         """The GEMMs one training step runs for this layer, per sample, as (pass, m, k, n), each done
-        `groups` times: forward A [m,k] x B [k,n]; backward_data dA = dOut [m,n] x B^T [n,k] (only
+        `groups` times: forward A [m,k] x B [k,n] (and once more, `recompute`, where it is
+        checkpointed); backward_data dA = dOut [m,n] x B^T [n,k] (only
         when the input needs its gradient); backward_weight dB = A^T [k,m] x dOut [m,n] (the weight
         gradient, summed over the batch; for a product of two activations, the second one's gradient,
         only when it needs one). The energy model costs exactly these (dse.energy.iteration)."""
         gemms = [("forward", self.m, self.k, self.n)]
+        if self.recomputed:
+            gemms.append(("recompute", self.m, self.k, self.n))
         if self.needs_input_grad:
             gemms.append(("backward_data", self.m, self.n, self.k))
         if self.needs_weight_grad:

@@ -9,12 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import own_networks
-from support.group_runs import (
-    assert_group_trains_as_alone,
-    assert_results_as_alone,
-    short_digits,
-    train_group_saying,
-)
+from support.group_runs import assert_group_trains_as_alone, assert_grouped_as_alone, short_digits
 from torch import nn
 
 from dse.models.onnx_workload import load_onnx
@@ -219,10 +214,7 @@ def test_a_recurrent_layer_with_its_batch_on_the_second_axis_trains_in_a_group_a
     forward fails on a folded batch")."""
     configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt, epochs=1,
                            batch_size=50, seed=seed) for seed in (0, 1)]
-    assert group_reason(configs[0], data=short_digits()) is None
-    results, said = train_group_saying(configs, short_digits())
-    assert said == []
-    assert_results_as_alone(configs, results, short_digits())
+    assert_grouped_as_alone(configs, short_digits())
 
 
 @pytest.mark.filterwarnings("ignore::dse.train.layers.UnconvertedGemmWarning")
@@ -248,10 +240,7 @@ def test_a_layer_that_renorms_the_weight_it_passes_to_f_linear_trains_in_a_group
     each member's whole weight, not its rows)."""
     configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt,
                            optimizer=optimizer, epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
-    assert group_reason(configs[0], data=short_digits()) is None
-    results, said = train_group_saying(configs, short_digits())
-    assert said == []
-    assert_results_as_alone(configs, results, short_digits())
+    assert_grouped_as_alone(configs, short_digits())
 
 
 @pytest.mark.parametrize(("factory", "use"), [("batch_shrunk_linear", "torch.Tensor.mul_"),
@@ -266,3 +255,27 @@ def test_a_layer_that_writes_its_gemm_weight_from_another_tensor_trains_one_by_o
     refused = group_reason(configs[0], data=short_digits())
     assert refused is not None and f"taken by {use}" in refused
     assert_group_trains_as_alone(configs, short_digits())
+
+
+@pytest.mark.parametrize(("fmt", "optimizer"), [("fp32", "sgd"), ("int8", "sgd"), ("mxfp4", "adam")])
+@pytest.mark.parametrize("factory", ["viewed_weights", "tied_decoder"])
+def test_gemms_on_views_of_parameters_train_in_a_group_as_alone(factory: str, fmt: str, optimizer: str
+                                                                ) -> None:
+    """`x @ self.w.t()`, `F.linear(h, self.v[:16])` and `self.u.chunk(2)`'s halves, and a Linear's weight
+    transposed to decode (`F.linear(code, self.enc.weight.t())`): a view of a member tensor is each
+    member's view of its own block (before: refused, "w is a GEMM's operand and also taken by
+    torch.Tensor.t")."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt,
+                           optimizer=optimizer, epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    assert_grouped_as_alone(configs, short_digits())
+
+
+def test_a_gemm_on_a_weight_computed_from_its_parameter_trains_one_by_one_as_alone() -> None:
+    """`F.linear(x, self.w / self.w.norm())` beside `F.linear(x, self.w)`: the norm is no view; refused
+    with its reason, each trial as alone."""
+    configs = [TrainConfig(model="support.own_networks:normalized_weight", dataset="digits", format="fp32",
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    refused = group_reason(configs[0], data=short_digits())
+    assert refused is not None and "w is a GEMM's operand and also taken by torch.Tensor.norm" in refused
+    assert_group_trains_as_alone(configs, short_digits())
+

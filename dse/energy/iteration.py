@@ -76,18 +76,21 @@ class Parameters:
     in_fp32: dict[str, int]
     updated_in_weight_format: dict[str, int]
     updated_in_fp32: dict[str, int]
+    frozen_in_weight_format: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The GEMM weights stored in the weights' format that the optimizer does not update (frozen)."""
 
     @classmethod
     def of(cls, workload: Workload, optimizer: str) -> Parameters:
         weights = {layer.name: layer.params for layer in workload.layers if layer.b_is_weight}
         trained = {layer.name: layer.params for layer in workload.layers if layer.trained_params}
+        frozen = {name: count for name, count in weights.items() if count and name not in trained}
         extra = workload.extra_params
         live = {name: count for name, count in extra.items() if name not in workload.frozen}
         if optimizer in INTEGER_TABLE_OPTIMIZERS:
             tables = {name: extra[name] for name in workload.embeddings}
             return cls({**weights, **tables}, {n: c for n, c in extra.items() if n not in tables},
-                       {**trained, **{n: c for n, c in tables.items() if n in live}}, {})
-        return cls(weights, dict(extra), trained, live)
+                       {**trained, **{n: c for n, c in tables.items() if n in live}}, {}, frozen)
+        return cls(weights, dict(extra), trained, live, frozen)
 COLUMNS = ("layer", "pass", "unit", "tensor", "level", "energy_pj")
 
 STATE_TENSORS: dict[str, int] = {"sgd": 1, "adam": 2, "madam": 1, "niti": 0}
@@ -203,6 +206,19 @@ class ResolvedFormats:
         updated = sum(p.updated_in_weight_format.values()) + sum(p.updated_in_fp32.values())
         return (sum(p.in_weight_format.values()) * (self.weights.storage_bits + master)
                 + sum(p.in_fp32.values()) * FP32.storage_bits + updated * states)
+
+    @property
+    def rounded_after_step(self) -> Operand | None:
+        """The format training rounds every stored GEMM weight into after each step, a frozen one too
+        (dse/train/optim.py, StepQuantizer): the master copy's, else the weights' own. None where it
+        rounds none: an fp32 copy (the next forward quantizes from it), NITI's integers and Madam on
+        LNS weights (updated in place, on their grid: LNS-Madam)."""
+        if self.optimizer in IN_PLACE_OPTIMIZERS:
+            return None
+        if self.master_weights is None and self.weights.hardware.in_place_optimizer == self.optimizer:
+            return None
+        stored = self.master_weights or self.weights
+        return None if stored.key == FP32.key else stored
 
     @property
     def update_arithmetic(self) -> Operand:
@@ -440,6 +456,17 @@ class _Tally:
         else:
             self.memory(names, "update", WEIGHTS, params * (2 * f.weights.storage_bits))
 
+    def rounded_frozen(self, names: np.ndarray, params: np.ndarray, f: ResolvedFormats,
+                       stored: Operand) -> None:
+        """Frozen weights rounded again after each step, as training rounds every stored weight
+        (`rounded_after_step`): from fp32, as training holds them, with the update's rounding and the
+        stored class's layer scale; each read and written once."""
+        self.add(names, "update", "conversion", params * self.conversion(FP32, stored, f.update_rounding))
+        tensor = WEIGHTS if f.master_weights is None else MASTER_WEIGHTS
+        if tensor in f.layer_scaled:
+            self.add(names, "update", "conversion", layer_scale_pj(self.model.components, params))
+        self.memory(names, "update", tensor, params * (2 * stored.storage_bits))
+
     def frame(self) -> pd.DataFrame:
         data = {name: np.concatenate(parts) if parts else np.array([], object)
                 for name, parts in self.columns.items()}
@@ -466,6 +493,7 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
     is_weight = np.array([layer.b_is_weight for layer in layers], dtype=bool)
     needs_dx = np.array([layer.needs_input_grad for layer in layers], dtype=bool)
     needs_db = np.array([layer.needs_weight_grad for layer in layers], dtype=bool)
+    recomputed = np.array([layer.recomputed for layer in layers], dtype=bool)
     macs = np.array([layer.macs_per_sample for layer in layers], dtype=float) * batch
     sizes = {
         Array.A: np.array([layer.a_elems for layer in layers], dtype=float) * batch,
@@ -475,24 +503,39 @@ def iteration_energy(workload: str | Workload, formats: TrainingFormats | Format
     total_macs = 0.0
     error_scaled = np.zeros(len(layers), dtype=bool)
     for variant in (True, False):
-        for p in layer_passes(f, variant):
+        passes = layer_passes(f, variant)
+        # a checkpointed layer's forward, run again in the backward as the forward ran it
+        for p in (passes[0], dataclasses.replace(passes[0], name="recompute"), *passes[1:]):
             rows = is_weight == variant
             if p.name == "backward_data":
                 rows = rows & needs_dx
             elif p.name == "backward_weight":
                 rows = rows & needs_db
+            elif p.name == "recompute":
+                rows = rows & recomputed
             if rows.any():
                 tally.gemm(names[rows], {k: v[rows] for k, v in sizes.items()}, macs[rows], p, f.rounding,
                            f.layer_scaled, error_scaled[rows])
                 total_macs += float(macs[rows].sum())
-                if p.name != "forward":
+                if p.name.startswith("backward"):
                     error_scaled |= rows
+    # a layer whose backward runs no GEMM but its bias trains (a frozen first layer): training still
+    # quantizes the incoming error, once, for the bias's gradient (its layer scale where it has one)
+    bias_only = is_weight & ~needs_dx & ~needs_db & np.array([layer.needs_bias_grad for layer in layers],
+                                                             dtype=bool)
+    if bias_only.any() and GRADIENTS in f.layer_scaled:
+        tally.add(names[bias_only], "backward_weight", "conversion",
+                  layer_scale_pj(model.components, sizes[Array.OUT][bias_only]))
     parameters = Parameters.of(wl, f.optimizer)
     for updated, kept_in in ((parameters.updated_in_weight_format, f), (parameters.updated_in_fp32,
                                                                         f.unquantized())):
         if updated:
             tally.update(np.array(list(updated), dtype=object), np.array(list(updated.values()), dtype=float),
                          kept_in)
+    frozen, stored = parameters.frozen_in_weight_format, f.rounded_after_step
+    if frozen and stored is not None:
+        tally.rounded_frozen(np.array(list(frozen), dtype=object),
+                             np.array(list(frozen.values()), dtype=float), f, stored)
     frame = in_scope(tally.frame(), model.scope)
     frame.attrs.update(workload=wl.name, batch_size=batch, macs=total_macs, formats=f.describe(),
                        node_nm=model.node_nm, params=wl.params, scope=model.scope)

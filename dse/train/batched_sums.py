@@ -22,6 +22,11 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
   Normal random operands make any difference in summation order show in the last bits of many output
   elements; a quantized run's operands (few mantissa bits) can only agree more often, never less.
 
+A stacked convolution's products ask `member_layouts`: no rule is known for oneDNN's or cuDNN's
+grouped convolution, so the probe decides alone, and it also records the strides of each member's own
+outputs (the group stores them so); a grouped call found alike runs only where it also timed faster
+than the members' own calls once (`_batched_is_faster`), a choice that changes the speed, never a bit.
+
 A decided call still builds its key: torch tells nobody when a setting changes, so every setting
 is read at every call (`_library_state`, each by its cheapest read; only MKL's mode, once MKL refuses
 to change it, is kept), and every operand's layout as the caller gives it (`_layout`). One key
@@ -49,7 +54,9 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+import math
 import os
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
@@ -170,10 +177,17 @@ def bmm_sums_as_mm(rows: int, reduction: int, columns: int) -> bool:
     return rows * reduction * columns >= SMALL_GEMM_MACS and min(rows, reduction, columns) > 1
 
 
+OutputLayouts = tuple[tuple[int, ...], ...]
+"""The strides of each output of a member's own product alone (a probe's finding)."""
+
 _DECIDED: dict[Hashable, tuple[bool, tuple[bool, ...]]] = {}
 """The answers in this process, by (site, library settings, the operands' layouts, how many of them
 are brought to alone's alignment): whether the batched call sums as the members', and which operands
 `at_alone_alignment` copies (a function of their layouts)."""
+
+_MEMBER_LAYOUTS: dict[Hashable, OutputLayouts | None] = {}
+"""`member_layouts`' answers by their decisions' keys: the strides of a member's own outputs alone
+where the batched call is used, else None."""
 
 PROBE_SEED = 20240917
 """The probes' random operands: the same in every process, so every process decides alike."""
@@ -222,6 +236,62 @@ def aligned_sums_as_members(site: Hashable, batched: Callable[..., Tensor], each
     if True not in copies:
         return sums, tuple(operands)
     return sums, tuple(at_alone_alignment(o) if copy else o for o, copy in zip(operands, copies, strict=True))
+
+
+def member_layouts(site: Hashable, batched: Callable[..., Tensor | tuple[Tensor, ...]],
+                   each: Callable[..., Tensor | tuple[Tensor, ...]],
+                   operands: Sequence[Tensor]) -> OutputLayouts | None:
+    """Where `batched(*operands)` gives every member g bit for bit `each(*(o[g] for o in operands))`
+    as the member computes it alone (decided as `sums_as_members` decides without a rule: a probe per
+    layout; `decided` reports it) and takes less time than the members' calls one by one
+    (`_batched_is_faster`), the strides of each of a member's own outputs alone (`each` may give
+    several): a caller that stores the members' outputs in them hands later operations what each
+    member hands them alone. None otherwise - the caller runs member by member - and under
+    `unprobed`. Where both give the members' bits the choice changes the speed, never a result."""
+    if _UNPROBED.get():
+        return None
+    key = (site, _library_state(operands[0]), tuple(map(_layout, operands)), 0)
+    if key not in _DECIDED:
+        layouts = _probe_layouts(batched, each, operands)
+        _DECIDED[key] = (layouts is not None, ())
+        faster = layouts is not None and _batched_is_faster(batched, each, operands)
+        _MEMBER_LAYOUTS[key] = layouts if faster else None
+    return _MEMBER_LAYOUTS.get(key)
+
+
+TIMED_CALLS = 3
+"""How many times `_batched_is_faster` times each way (interleaved; the best counts)."""
+
+
+def _batched_is_faster(batched: Callable[..., object], each: Callable[..., object],
+                       operands: Sequence[Tensor]) -> bool:
+    """Whether `batched` takes less time than `each` over the members, on random operands of
+    `operands`' layout after a probe ran both once (the library's first-call setup behind them): best
+    of `TIMED_CALLS`, interleaved, in CPU time on the CPU (the process's, all threads: what a
+    sweep's workers share), else in wall time with the device synchronized. A grouped convolution
+    alike for its members was 0.2-4x the time of their own calls (benchmarks/stacked_conv.py)."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    on_cpu = operands[0].is_cpu
+    clock = time.process_time if on_cpu else time.perf_counter
+    with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
+        probe = [_random_like(t, generator) for t in operands]
+        members = range(probe[0].shape[0])
+        ways: list[Callable[[], object]] = [lambda: batched(*probe),
+                                            lambda: [each(*(t[g] for t in probe)) for g in members]]
+        best = [math.inf, math.inf]
+        for _ in range(TIMED_CALLS):
+            for way, run in enumerate(ways):
+                _synchronize(probe[0])
+                started = clock()
+                run()
+                _synchronize(probe[0])
+                best[way] = min(best[way], clock() - started)
+    return best[0] < best[1]
+
+
+def _synchronize(t: Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
 
 
 def _aligned(operands: Sequence[Tensor], aligning: int) -> tuple[Tensor, ...]:
@@ -388,28 +458,49 @@ PROBE_DRAWS = 64
 
 def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands: Sequence[Tensor]) -> bool:
     """Whether `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
-    layout. It holds those operands, the batched output and one member's output at a time beside the
-    run's own tensors (in a transformer proxy group of 32, int8, batch 64, 2 threads, at most 28 MiB,
-    its FFN's forward baddbmm; comparing every member's output at once, as before, held three outputs:
-    67 MiB), and frees them before the run goes on: measured, a group's peak is the same with its
-    probes as without (dse/train/memory.py)."""
+    layout (`_probe_layouts`)."""
+    return _probe_layouts(batched, each, operands) is not None
+
+
+def _probe_layouts(batched: Callable[..., Tensor | tuple[Tensor, ...]],
+                   each: Callable[..., Tensor | tuple[Tensor, ...]],
+                   operands: Sequence[Tensor]) -> OutputLayouts | None:
+    """Where `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
+    layout (each output of several: a tuple), the strides of member 0's own outputs; else None. It
+    holds those operands, the batched output and one member's output at a time beside the run's own
+    tensors (in a transformer proxy group of 32, int8, batch 64, 2 threads, at most 28 MiB, its FFN's
+    forward baddbmm; comparing every member's output at once, as before, held three outputs: 67 MiB),
+    and frees them before the run goes on: measured, a group's peak is the same with its probes as
+    without (dse/train/memory.py)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     compared = draws = 0
+    layouts: OutputLayouts = ()
     with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
         while compared < PROBE_ELEMENTS and draws < PROBE_DRAWS:
             probe = [_random_like(t, generator) for t in operands]
-            together = batched(*probe)
+            together = _outputs(batched(*probe))
             members = operands[0].shape[0]
-            if together.dim() == 0 or together.shape[0] != members:
-                return False
+            if any(t.dim() == 0 or t.shape[0] != members for t in together):
+                return None
             alone = [at_alone_alignment(t) for t in probe]
             for g in range(members):  # one member's output at a time: the probe's memory stays small
-                own = each(*(t[g] for t in alone))
-                if own.numel() != together[g].numel() or not torch.equal(_bits(together[g].reshape(-1)),
-                                                                          _bits(own.reshape(-1))):
-                    return False
-            compared, draws = compared + max(1, together.numel()), draws + 1
-    return True
+                own = _outputs(each(*(t[g] for t in alone)))
+                if len(own) != len(together) or not all(
+                        _same_bits(t[g], o)
+                        for o, t in zip(own, together, strict=True)):
+                    return None
+                if g == 0:
+                    layouts = tuple(o.stride() for o in own)
+            compared, draws = compared + max(1, sum(t.numel() for t in together)), draws + 1
+    return layouts
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return a.numel() == b.numel() and torch.equal(_bits(a.reshape(-1)), _bits(b.reshape(-1)))
+
+
+def _outputs(result: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return (result,) if isinstance(result, Tensor) else tuple(result)
 
 
 def _random_like(t: Tensor, generator: torch.Generator) -> Tensor:

@@ -302,18 +302,20 @@ class FunctionalGemms:
         return held[1] if held is not None and held[0]() is tensor else None
 
     def note_uses(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record the model's own tensors (or their `.data`) a function other than a GEMM took
-        (finding GEMMs only), but for a write of one in place that takes no other tensor
-        (`writes_in_place`), which a stacked network makes member by member, and the read of `.data`
-        itself."""
+        """Record the model's own tensors (or their views, or their `.data`) a function other than a
+        GEMM took (finding GEMMs only), but for a view of one (`views_of_one`) or a write of one in
+        place (`writes_in_place`) that takes no other tensor, which a stacked network makes member by
+        member, and the read of `.data` itself."""
         if (self.other_uses is None or writes_in_place(func, args, kwargs)
-                or getattr(func, "__self__", None) is Tensor.data):
+                or getattr(func, "__self__", None) is Tensor.data or views_of_one(func, args, kwargs)):
             return
         for value in (*args, *kwargs.values()):
             for tensor in (value if isinstance(value, (list, tuple)) else (value,)):
                 if not isinstance(tensor, Tensor):
                     continue
                 name = self.tensor_names.get(id(tensor))
+                if name is None and tensor._base is not None:
+                    name = self.tensor_names.get(id(tensor._base))
                 data_of = self.data_of(tensor)
                 if name is not None:
                     self.other_uses.setdefault(name, torch.overrides.resolve_name(func) or repr(func))
@@ -485,6 +487,30 @@ class _GemmMode(RecomputedMode):
 
 _DATA_GET = "torch.Tensor.data.__get__"
 """What reading a tensor's `.data` is called in a reason."""
+
+
+VIEW_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.t, torch.t, Tensor.transpose, torch.transpose, Tensor.swapaxes, torch.swapaxes, Tensor.permute,
+    torch.permute, Tensor.__getitem__, Tensor.narrow, torch.narrow, Tensor.chunk, torch.chunk, Tensor.split,
+    torch.split, Tensor.unbind, torch.unbind, Tensor.view, Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze,
+    torch.squeeze, Tensor.unflatten,
+})
+"""Calls that return views of their tensor (`w.t()`, `w[:k]`, `w.chunk(3)`): of a member tensor, each
+member's view of its own (`views_of_one`)."""
+
+_VIEW_PROPERTIES = ("T", "mT")
+
+
+def views_of_one(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call is one of VIEW_FUNCTIONS (or the property T or mT) of one tensor, taking no other
+    tensor (an index tensor neither)."""
+    owner = getattr(func, "__self__", None)
+    if not (func in VIEW_FUNCTIONS or any(owner is getattr(Tensor, p) for p in _VIEW_PROPERTIES)):
+        return False
+    if not args or not isinstance(args[0], Tensor):
+        return False
+    return not any(isinstance(t, Tensor) for value in (*args[1:], *kwargs.values())
+                   for t in (value if isinstance(value, list | tuple) else (value,)))
 
 
 def writes_in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

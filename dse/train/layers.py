@@ -699,7 +699,7 @@ def _bind(quant: TensorQuant, generator: torch.Generator | None) -> Quantizer | 
         return BlockQuantizer(quant, generator)
     if generator is None:
         return quant
-    return lambda x: quant(x, generator)
+    return functools.partial(quant, generator=generator)  # (a partial pickles, a lambda does not)
 
 
 def _on_axis(quant: TensorQuant, axis: int) -> TensorQuant:

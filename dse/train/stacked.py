@@ -17,12 +17,11 @@ Layers with weights take the folded batch apart:
   member's own (`bmm_sums_as_mm`: torch's own loop for products under 400 multiply-adds, MKL's
   batched GEMM for a single row, column or reduction index; else where a probe finds it would not,
   dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
-- Conv1d/Conv2d: the operands are quantized for all members in one call, and the convolutions run
-  member by member. A grouped convolution (groups=G over channel-stacked members) would be one
-  call, but oneDNN picks other algorithms for it than for a member's own convolution, whose sums
-  then run in another order: on the proxies' shapes the forward, backward-data or backward-weight
-  differed from the member's own in the last bits (relative 1e-6) in 5 of 7 shapes measured. The
-  loop keeps every member bit for bit (docs/training.md measures what it costs).
+- Conv1d/Conv2d: the operands are quantized for all members in one call; each of the three
+  convolution products runs as one grouped convolution (groups = G over channel-stacked members)
+  where a probe of its layout finds it gives every member its own call's bits and it times faster,
+  else member by member (`StackedConvOp`): oneDNN picks its algorithm for a grouped call by shape,
+  and on some shapes it sums otherwise than a member's own (docs/training.md lists the proxies').
 - Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
   (member by member where a probe finds it would not sum as the member's own).
 - Any other layer with weights or buffers of its own and no layers inside (BatchNorm, LayerNorm,
@@ -77,6 +76,7 @@ from dse.train.batched_sums import (
     at_alone_alignment,
     bmm_sums_as_mm,
     empty_at_alone_alignment,
+    member_layouts,
     output_shape,
     sums_as_members,
     unprobed,
@@ -166,7 +166,7 @@ def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str |
             if use is not None and _join(name, tensor_name) in found.operands:
                 return (f"{_join(name, tensor_name)} is a GEMM's operand and also taken by {use}; a stacked "
                         f"network can pass a member's parameter to a GEMM function only as it is")
-        if operands and len(operands) < len(own):
+        if operands and len(operands) < len(own) and type(module) not in GEMM_LAYER_TYPES:
             others = [t for t in own if t not in operands]
             if isinstance(module, nn.MultiheadAttention):
                 return (f"{label} adds {', '.join(others)} to every member's keys and values (add_bias_kv), "
@@ -466,8 +466,16 @@ the profiled fp32 step of a group of 16)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class PerMemberOp:
-    """A layer's GEMM op (ConvOp) run member by member over stacked operands (leading member axis)."""
+class StackedConvOp:
+    """A convolution's GEMMs (ConvOp) over stacked operands (leading member axis). Each of its three
+    products - forward, backward-data, backward-weight (with the bias gradient where torch's autograd
+    computes it in the same call, `plain_grads`) - runs as one grouped convolution (groups = G x the
+    layer's, the members' channels stacked) where a probe of its layout finds that call gives every
+    member its own product's bits and it times faster than the members' calls
+    (`batched_sums.member_layouts`), else member by member, each member's own call. Either way each
+    member's output lies in the layout it has alone (`stack_as_alone`, `_members_in_layouts`): a
+    layout orders later sums. Accumulated GEMMs run member by member, each with its member's
+    accumulator."""
 
     op: ConvOp
 
@@ -476,12 +484,46 @@ class PerMemberOp:
         return self.op.axes
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return stack_as_alone([self.op.forward(x[g], weight[g], _member(bias, g)) for g in range(len(x))])
+        operands = (x, weight) if bias is None else (x, weight, bias)
+        layouts = member_layouts(("convolution", self.op), self._grouped_forward, self._member_forward,
+                                 operands)
+        if layouts is None:
+            return stack_as_alone([self.op.forward(x[g], weight[g], _member(bias, g)) for g in range(len(x))])
+        return _members_in_layouts(self._grouped_forward(*operands), layouts)[0]
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool,
                  need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-        grads = [self.op.backward(dy[g], x[g], weight[g], need_data, need_weight) for g in range(len(x))]
-        return _stack_grads(grads, need_data, need_weight)
+        dx, dw, _ = self.plain_grads(dy, x, weight, (need_data, need_weight, False))
+        return dx, dw
+
+    def plain_grads(self, dy: Tensor, x: Tensor, weight: Tensor,
+                    mask: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(dL/dx, dL/dw, dL/db) where `mask` asks for them, the bias's as `convolution_backward`
+        sums it (what torch's autograd gives a member's plain convolution alone: its fp32 training).
+        Where neither product runs grouped, each member's one call with `mask`, as alone."""
+        need_data, need_weight, need_bias = mask
+        operands = (dy, x, weight)
+        data = member_layouts(("convolution backward-data", self.op), self._grouped_data, self._member_data,
+                              operands) if need_data else None
+        weight_mask = (False, need_weight, need_bias)
+        grouped_weight = functools.partial(self._grouped_weight, weight_mask)
+        weights = member_layouts(("convolution backward-weight", self.op, weight_mask), grouped_weight,
+                                 functools.partial(self._member_grads, weight_mask), operands) \
+            if need_weight or need_bias else None
+        if data is None and weights is None:
+            return self._each_member(mask, dy, x, weight)
+        dx = None if not need_data else self._each_member((True, False, False), dy, x, weight)[0] \
+            if data is None else _members_in_layouts(self._grouped_data(*operands), data)[0]
+        _, dw, db = self._each_member(weight_mask, dy, x, weight) if weights is None else \
+            (None, *_each_asked(weight_mask[1:], _members_in_layouts(grouped_weight(*operands), weights)))
+        return dx, dw, db
+
+    def _each_member(self, mask: tuple[bool, bool, bool], dy: Tensor, x: Tensor,
+                     weight: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The gradients `mask` asks for, each member's own call (`convolution_backward`), stacked."""
+        grads = [self._conv_grads(dy[g], x[g], weight[g], mask, 1) for g in range(len(x))]
+        dx, dw, db = (stack_as_alone([own[i] for own in grads]) if mask[i] else None for i in range(3))
+        return dx, dw, db
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         return torch.stack([self.op.bias_grad(d) for d in dy.unbind(0)])
@@ -490,25 +532,92 @@ class PerMemberOp:
                             accumulator: Accumulator) -> Tensor:
         each = _each(accumulator)
         return stack_as_alone([self.op.forward_accumulated(x[g], weight[g], _member(bias, g), each[g])
-                            for g in range(len(x))])
+                               for g in range(len(x))])
 
     def backward_accumulated(self, dy: Tensor, x: Tensor, weight: Tensor, need_data: bool, need_weight: bool,
                              accumulator: Accumulator) -> tuple[Tensor | None, Tensor | None]:
         each = _each(accumulator)
         grads = [self.op.backward_accumulated(dy[g], x[g], weight[g], need_data, need_weight, each[g])
                  for g in range(len(x))]
-        return _stack_grads(grads, need_data, need_weight)
+        dx = stack_as_alone([dx for dx, _ in grads if dx is not None]) if need_data else None
+        dw = stack_as_alone([dw for _, dw in grads if dw is not None]) if need_weight else None
+        return dx, dw
+
+    # --- a member's own products, and the group's as one grouped convolution ------------------------
+
+    def _member_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.op.forward(x, weight, bias)
+
+    def _member_data(self, dy: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+        return self._member_grads((True, False, False), dy, x, weight)[0]
+
+    def _member_grads(self, mask: tuple[bool, bool, bool], dy: Tensor, x: Tensor,
+                      weight: Tensor) -> tuple[Tensor, ...]:
+        """`convolution_backward`'s outputs asked for by `mask`, as a member's own call alone."""
+        return tuple(grad for grad, needed in zip(self._conv_grads(dy, x, weight, mask, 1), mask, strict=True)
+                     if needed)
+
+    def _conv_grads(self, dy: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool, bool],
+                    members: int) -> tuple[Tensor, Tensor, Tensor]:
+        op = self.op
+        bias_sizes = [weight.shape[0]] if mask[2] else None
+        return torch.ops.aten.convolution_backward(dy, x, weight, bias_sizes, list(op.stride),
+                                                   list(op.padding), list(op.dilation), False,
+                                                   [0] * len(op.stride), op.groups * members, list(mask))
+
+    def _grouped_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        members = x.shape[0]
+        y = accumulation.convolution(_join_members(x, 1), _join_members(weight, 0),
+                                     None if bias is None else _join_members(bias, 0), self.op.stride,
+                                     self.op.padding, self.op.dilation, self.op.groups * members)
+        return y.unflatten(1, (members, -1)).movedim(1, 0)
+
+    def _grouped_data(self, dy: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+        members = x.shape[0]
+        dx = self._conv_grads(_join_members(dy, 1), _join_members(x, 1), _join_members(weight, 0),
+                              (True, False, False), members)[0]
+        return dx.unflatten(1, (members, -1)).movedim(1, 0)
+
+    def _grouped_weight(self, mask: tuple[bool, bool, bool], dy: Tensor, x: Tensor,
+                        weight: Tensor) -> tuple[Tensor, ...]:
+        members = x.shape[0]
+        _, dw, db = self._conv_grads(_join_members(dy, 1), _join_members(x, 1), _join_members(weight, 0),
+                                     mask, members)
+        return tuple(grad.unflatten(0, (members, -1)) for grad, needed in zip((dw, db), mask[1:], strict=True)
+                     if needed)
+
+
+def _join_members(t: Tensor, axis: int) -> Tensor:
+    """`t` (a leading member axis) as one tensor of a member's dimensions whose `axis` holds every
+    member's entries in turn (member g's at g x its size): a grouped convolution's operand. Laid out
+    in the member's order of dimensions, the members just outside `axis` (channels innermost alone:
+    channels innermost here), so that the library meets the layout the member's own call meets."""
+    member = t[0]
+    order = sorted(range(member.dim()), key=lambda d: (-member.stride()[d], d))  # outermost first
+    permutation = [axis_of_t for d in order for axis_of_t in ((0, d + 1) if d == axis else (d + 1,))]
+    dense = t.permute(permutation).contiguous()
+    joined_at = permutation.index(0)
+    joined = dense.flatten(joined_at, joined_at + 1)
+    return joined.permute([order.index(d) for d in range(member.dim())])
+
+
+def _each_asked(asked: Sequence[bool], outputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """`outputs` (those asked for, in turn) in the places of `asked`, None where not asked."""
+    given = iter(outputs)
+    return [next(given) if wanted else None for wanted in asked]
+
+
+def _members_in_layouts(outputs: Tensor | tuple[Tensor, ...], layouts: tuple[tuple[int, ...], ...]
+                        ) -> tuple[Tensor, ...]:
+    """Each of `outputs` (a leading member axis) copied into one stacked tensor whose members' slices
+    lie as a member's own output of the strides in `layouts` lies alone (as `stack_as_alone`)."""
+    outputs = (outputs,) if isinstance(outputs, Tensor) else outputs
+    return tuple(_empty_members(len(t), t.shape[1:], strides, t).copy_(t)
+                 for t, strides in zip(outputs, layouts, strict=True))
 
 
 def _member(tensor: Tensor | None, g: int) -> Tensor | None:
     return None if tensor is None else tensor[g]
-
-
-def _stack_grads(grads: list[tuple[Tensor | None, Tensor | None]], need_data: bool,
-                 need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
-    dx = stack_as_alone([dx for dx, _ in grads if dx is not None]) if need_data else None
-    dw = stack_as_alone([dw for _, dw in grads if dw is not None]) if need_weight else None
-    return dx, dw
 
 
 def stack_as_alone(members: list[Tensor]) -> Tensor:
@@ -523,12 +632,27 @@ def stack_as_alone(members: list[Tensor]) -> Tensor:
     first = members[0]
     if first.is_contiguous() or any(t.stride() != first.stride() for t in members):
         return torch.stack(members)
-    layout = torch.empty_like(first).stride()  # dense, in first's order of dimensions
-    out = torch.empty_strided((len(members), *first.shape), (first.numel(), *layout), dtype=first.dtype,
-                              device=first.device)
+    out = _empty_members(len(members), first.shape, first.stride(), first)
     for g, t in enumerate(members):
         out[g].copy_(t)
     return out
+
+
+def _empty_members(members: int, shape: Sequence[int], strides: Sequence[int], like: Tensor) -> Tensor:
+    """An empty (members, *shape) tensor whose member slices are each dense in the order of dimensions of
+    `strides` (contiguous where a tensor of them is), one after another: `stack_as_alone`'s layout."""
+    inner = _dense_strides(tuple(shape), tuple(strides))
+    numel = math.prod(shape)
+    return torch.empty_strided((members, *shape), (numel, *inner), dtype=like.dtype, device=like.device)
+
+
+@functools.cache
+def _dense_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """A dense tensor's strides in the order of dimensions of `strides` (contiguous's where a tensor of
+    them is contiguous), as torch.empty_like gives them."""
+    model = torch.empty_strided(shape, strides, device="meta")
+    return torch.empty(shape, device="meta").stride() if model.is_contiguous() else \
+        torch.empty_like(model).stride()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -644,16 +768,26 @@ def _accumulator(quant: TensorQuant, chunk: int, generators: MemberGenerators | 
         return None
     members = [] if generators is None else generators.generators
     each = tuple(Accumulator(functools.partial(quant, generator=g), chunk) for g in members)
+    return MemberAccumulators(functools.partial(quant.members, generator=generators), chunk, each,
+                              _RunsOf(quant, chunk, generators))
 
-    def runs_of(part: slice) -> Accumulator:
-        """Members `part`'s accumulators; one member's rounds as it does alone (no member axis)."""
+
+@dataclasses.dataclass(frozen=True)
+class _RunsOf:
+    """Members `part`'s accumulators; one member's rounds as it does alone (no member axis). A class,
+    not a closure, so that a group's layers pickle (as partials do, where lambdas do not)."""
+
+    quant: TensorQuant
+    chunk: int
+    generators: MemberGenerators | None
+
+    def __call__(self, part: slice) -> Accumulator:
+        generators = self.generators
         if part.stop - part.start == 1:
-            return Accumulator(functools.partial(quant, generator=None if generators is None
-                                                 else generators.generators[part.start]), chunk)
+            return Accumulator(functools.partial(self.quant, generator=None if generators is None
+                                                 else generators.generators[part.start]), self.chunk)
         run = None if generators is None else MemberGenerators(generators.generators[part])
-        return Accumulator(lambda x: quant.members(x, run), chunk)
-
-    return MemberAccumulators(lambda x: quant.members(x, generators), chunk, each, runs_of)
+        return Accumulator(functools.partial(self.quant.members, generator=run), self.chunk)
 
 
 
@@ -662,7 +796,7 @@ def _members(quant: TensorQuant, generators: MemberGenerators | None) -> Quantiz
         return None
     if is_block_scaled(quant):
         return BlockQuantizer(quant, generators, members=True)
-    return lambda x: quant.members(x, generators)
+    return functools.partial(quant.members, generator=generators)
 
 
 def _stacked_parameter(tensors: Sequence[Tensor | nn.Module | None]) -> nn.Parameter | None:
@@ -678,10 +812,10 @@ class StackedGemmLayer(nn.Module):
     """G GEMM layers of one shape (Linear, Conv1d, Conv2d): weight (G, ...), bias (G, out) or None;
     inputs folded (G*B, ...). `gemm_quant` None keeps the layer in fp32, as does a switched-off
     `QuantSwitch`: then it computes what each member's plain layer computes (a Linear: the same
-    batched GEMMs with no quantizers, `_FP32_GEMM`; a convolution: each member's own)."""
+    batched GEMMs with no quantizers, `_FP32_GEMM`; a convolution: `PlainStackedConv`)."""
 
     def __init__(self, layers: Sequence[nn.Module], members: int, gemm_quant: LayerQuant | None,
-                 op: StackedLinearOp | PerMemberOp,
+                 op: StackedLinearOp | StackedConvOp,
                  prepad: tuple[tuple[int, ...], str] | None = None) -> None:
         super().__init__()
         self.members = members
@@ -703,11 +837,26 @@ class StackedGemmLayer(nn.Module):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, quant))
         if isinstance(self.op, StackedLinearOp):
             return _fold(QuantGemm.apply(x, self.weight, self.bias, _FP32_GEMM))
-        # unbind, not x[g]: the backward of one unbind stacks the members' gradients once, where
-        # each x[g] would scatter its member's gradient into a zero tensor of the whole group
-        inputs, weights = x.unbind(0), self.weight.unbind(0)
-        biases: Sequence[Tensor | None] = [None] * self.members if self.bias is None else self.bias.unbind(0)
-        return torch.cat([self.op.op.forward(inputs[g], weights[g], biases[g]) for g in range(self.members)])
+        return _fold(PlainStackedConv.apply(x, self.weight, self.bias, self.op))
+
+
+class PlainStackedConv(torch.autograd.Function):
+    """A stacked convolution in fp32, each member's GEMMs as torch's autograd computes a plain
+    convolution's alone: the forward, then one `convolution_backward` for the gradients autograd asks
+    for, the bias's included (`StackedConvOp.plain_grads`: grouped where a probe finds each member's
+    bits, else each member's own call)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, op: StackedConvOp) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.op = op
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_data, need_weight, need_bias = ctx.needs_input_grad[:3]
+        return (*ctx.op.plain_grads(dy, x, weight, (need_data, need_weight, need_bias)), None)
 
 
 class StackedMatmul(nn.Module):
@@ -1099,6 +1248,8 @@ def _member_blocks(x: Tensor | tuple[Tensor, ...], members: int, aligned: bool =
     contiguous gradient: the built-in proxies') as torch.stack joins them, at no extra cost. A tuple
     (an LSTM's initial state (h0, c0)) gives each member a tuple of its slices."""
     if isinstance(x, tuple):
+        if type(x) is not tuple:  # (a PackedSequence: a tuple of another meaning)
+            raise TypeError(f"a {type(x).__name__} input is none a group can split member by member")
         axes = axis if isinstance(axis, tuple) else (axis,) * len(x)
         return list(zip(*(_member_blocks(t, members, aligned, read, a) for t, a in zip(x, axes, strict=True)),
                         strict=True))
@@ -1240,19 +1391,19 @@ class _JoinedAsAlone(torch.autograd.Function):
 # --- building the stacked network -----------------------------------------------------------------
 
 
-def _conv_op(module: nn.Conv1d | nn.Conv2d) -> PerMemberOp:
+def _conv_op(module: nn.Conv1d | nn.Conv2d) -> StackedConvOp:
     padding, _ = conv_geometry(module)
-    return PerMemberOp(ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups))
+    return StackedConvOp(ConvOp(tuple(module.stride), padding, tuple(module.dilation), module.groups))
 
 
-def _gemm_quant(op: StackedLinearOp | PerMemberOp | None, policy: QuantPolicy, switch: QuantSwitch,
+def _gemm_quant(op: StackedLinearOp | StackedConvOp | None, policy: QuantPolicy, switch: QuantSwitch,
                 generators: MemberGenerators | None) -> LayerQuant | None:
     """The members' quantizers of one GEMM layer (None: it stays fp32), as `gemm_quant` builds each
     member's alone (op None: a Matmul, whose operands are both activations)."""
     if not policy.quantizes_gemms:
         return None
     quants = [policy.activations, policy.weights, policy.gradients, policy.weight_grads]
-    if isinstance(op, PerMemberOp):
+    if isinstance(op, StackedConvOp):
         quants = [_on_axis(q, 1) for q in quants]
     activations, weights, gradients, weight_grads = (_members(q, generators) for q in quants)
     accumulator = _accumulator(policy.accumulation, policy.accumulation_chunk, generators)
@@ -1266,7 +1417,7 @@ def _stacked_layer(layers: list[nn.Module], policy: QuantPolicy | None, switch: 
                    generators: MemberGenerators | None) -> nn.Module:
     first = layers[0]
     members = len(layers)
-    op: StackedLinearOp | PerMemberOp | None = None
+    op: StackedLinearOp | StackedConvOp | None = None
     if isinstance(first, nn.Linear):
         op = _STACKED_LINEAR
     elif isinstance(first, nn.Conv1d | nn.Conv2d):
@@ -1274,7 +1425,7 @@ def _stacked_layer(layers: list[nn.Module], policy: QuantPolicy | None, switch: 
     quant = None if policy is None else _gemm_quant(op, policy, switch, generators)
     if op is None:
         return StackedMatmul(members, quant)
-    prepad = conv_geometry(first)[1] if isinstance(op, PerMemberOp) else None
+    prepad = conv_geometry(first)[1] if isinstance(op, StackedConvOp) else None
     return StackedGemmLayer(layers, members, quant, op, prepad)
 
 

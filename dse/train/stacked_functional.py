@@ -9,8 +9,9 @@ fold the batch on their second axis). The same torch-function mode sees each GEM
 for all members at once, on member-stacked operands of shape (G, *the member's own shape):
 
 - F.linear and MultiheadAttention's projections: `StackedLinearOp` (batched GEMMs), as a stacked Linear;
-- F.conv1d/2d: the operands quantized for all members, the convolutions member by member
-  (`PerMemberOp`), as a stacked convolution;
+- F.conv1d/2d: the operands quantized for all members, each convolution product one grouped
+  convolution where a probe finds it each member's own, else member by member (`StackedConvOp`), as a
+  stacked convolution;
 - matmul / mm / bmm / `@` (and attention's scores and context): one batched matmul through
   `QuantMatmulFn` with a member-stacked weight viewed with singleton axes, so that each member
   broadcasts over its own batch exactly as its weight does alone.
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from dse.formats.base import MemberGenerators
 from dse.train.batched_sums import at_alone_alignment
-from dse.train.functional import FunctionalGemms, dispatch, writes_in_place
+from dse.train.functional import FunctionalGemms, dispatch, views_of_one, writes_in_place
 from dse.train.layers import (
     BlockQuantizer,
     ConvOp,
@@ -50,7 +51,8 @@ from dse.train.stacked import (
     _FP32_GEMM,
     _STACKED_LINEAR,
     PerMemberLayer,
-    PerMemberOp,
+    PlainStackedConv,
+    StackedConvOp,
     StackedGemmLayer,
     StackedMatmul,
     _fresh_gradient,
@@ -86,7 +88,7 @@ class StackedFunctionalGemms(FunctionalGemms):
     def gemm_op(self, op: LinearOp | ConvOp | None) -> Any:
         if isinstance(op, LinearOp):
             return _STACKED_LINEAR
-        return PerMemberOp(op) if isinstance(op, ConvOp) else None
+        return StackedConvOp(op) if isinstance(op, ConvOp) else None
 
     def build_quant(self, op: Any, policy: QuantPolicy) -> LayerQuant:
         quant = _gemm_quant(op or _STACKED_LINEAR, policy, self.switch, self.member_generators)
@@ -94,18 +96,30 @@ class StackedFunctionalGemms(FunctionalGemms):
         return quant if op is not None else dataclasses.replace(quant, op=None)
 
     def other_call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A write in place of a member tensor or its `.data` that takes no other tensor
-        (`writes_in_place`: a max-norm `renorm_` of a GEMM's weight under no_grad) member by member,
-        each on a fresh copy of its block (laid out and aligned as its tensor alone), written back: on
-        the stacked tensor it would take the member axis for the tensor's own (renorm_ along the first
-        axis would norm each member's whole weight, not its rows). A write autograd refuses (a leaf
-        that needs a gradient, outside no_grad) fails as alone."""
+        """A call on a member tensor (or its `.data`, or a view of one) made member by member where on
+        the stacked tensor it would take the member axis for the tensor's own: a view that takes no
+        other tensor (`views_of_one`: `w.t()`, `w[:k]`, `w.chunk(3)`) as each member's view of its own
+        block (`torch.vmap`: a view of the stacked tensor with the member axis first, each member's
+        part laid out as its view alone); a write in place that takes no other tensor
+        (`writes_in_place`: a max-norm `renorm_` of a GEMM's weight under no_grad) on a fresh copy of
+        each member's block (laid out and aligned as its tensor alone), written back. A write autograd
+        refuses (a leaf that needs a gradient, outside no_grad) fails as alone. Inside our own layers
+        (`passthrough`) every call runs as it is."""
         target = args[0] if args else None
-        if not isinstance(target, Tensor) or not writes_in_place(func, args, kwargs):
+        if not isinstance(target, Tensor) or self.passthrough():
             return func(*args, **kwargs)
         owner = self.data_of(target)
-        if (id(target if owner is None else owner) not in self.member_tensors
-                or (torch.is_grad_enabled() and target.requires_grad)):
+        owner = target if owner is None else owner
+        owner = owner if owner._base is None else owner._base
+        if id(owner) not in self.member_tensors:
+            return func(*args, **kwargs)
+        if views_of_one(func, args, kwargs):
+            views = torch.vmap(lambda own: func(own, *args[1:], **kwargs))(target)
+            if any(t._base is not owner for t in (views if isinstance(views, tuple | list) else (views,))):
+                raise StackingError(f"{torch.overrides.resolve_name(func) or func} of a stacked tensor "
+                                    f"gave no view of it")
+            return views
+        if not writes_in_place(func, args, kwargs) or (torch.is_grad_enabled() and target.requires_grad):
             return func(*args, **kwargs)
         for g in range(self.members):
             own = target[g].clone(memory_format=torch.contiguous_format)
@@ -155,10 +169,8 @@ class StackedFunctionalGemms(FunctionalGemms):
                   quant: LayerQuant | None) -> Tensor:
         xs, ws = self.split(x, 0), self.member(weight)
         bs = None if bias is None else self.member(bias)
-        if quant is None:  # fp32: each member's own convolution (unbind: one backward stacks them)
-            biases = [None] * self.members if bs is None else bs.unbind(0)
-            y = torch.stack([op.forward(x_g, w_g, b_g)
-                             for x_g, w_g, b_g in zip(xs.unbind(0), ws.unbind(0), biases, strict=True)])
+        if quant is None:  # fp32: each member's GEMMs as torch's autograd computes them alone
+            y = PlainStackedConv.apply(xs, ws, bs, StackedConvOp(op))
         else:
             y = QuantGemm.apply(xs, ws, bs, quant)
         return self.fold(y, 0)
@@ -243,5 +255,16 @@ def _viewed(quantizer: Quantizer | None, shape: torch.Size) -> Quantizer | None:
         return None
     if isinstance(quantizer, BlockQuantizer):
         return quantizer.reshaped(shape)
-    return lambda x: quantizer(x.reshape(shape)).reshape(x.shape)
+    return _Viewed(quantizer, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Viewed:
+    """`quantizer` applied to a tensor seen in `shape` (a class, not a lambda: a group's layers pickle)."""
+
+    quantizer: Quantizer
+    shape: torch.Size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.quantizer(x.reshape(self.shape)).reshape(x.shape)
 

@@ -30,7 +30,7 @@ def _single_linear() -> Workload:
 def test_frame_shape_and_attrs() -> None:
     frame = iteration_energy("resnet18", get("int8"), MODEL)
     assert tuple(frame.columns) == COLUMNS
-    assert set(frame["pass"]) == set(PASSES)
+    assert set(frame["pass"]) == set(PASSES) - {"recompute"}  # (resnet18 checkpoints no layer)
     assert set(frame["unit"]) <= set(UNITS)
     assert (frame["energy_pj"] > 0).all()
     workload = get_workload("resnet18")

@@ -147,3 +147,21 @@ def test_the_layer_scales_priced_are_those_training_computes_in_convolutions_and
     plain = estimator.estimate(config.replace(layer_scaling=False))["proxy"]
     priced = estimator.estimate(config)["proxy"]
     assert priced.conversion_mj - plain.conversion_mj == pytest.approx(expected_pj / 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("master", [True, False, "posit(16,2)"])
+def test_the_layer_scales_of_a_fine_tuned_network_are_those_training_computes(
+        estimator: EnergyEstimator, master: bool | str) -> None:
+    """A first layer whose weight is frozen and whose bias trains runs its backward for the bias: it
+    scales the incoming error there (before: not priced, as no backward GEMM runs); and a frozen weight
+    is rounded into a posit after every step like any stored weight, where there is no fp32 copy (before:
+    not priced)."""
+    from dse.energy.iteration import layer_scale_pj
+
+    config = TrainConfig(model="support.fine_tuned:frozen_first", dataset="digits", epochs=1, batch_size=100,
+                         format="posit(8,1)", optimizer="sgd", master_weights=master, layer_scaling=True)
+    scaled = _scaled_in_one_training_step(config)
+    expected_pj = float(layer_scale_pj(build_model(SETTINGS.node).components, np.array(scaled, float)).sum())
+    plain = estimator.estimate(config.replace(layer_scaling=False))["proxy"]
+    priced = estimator.estimate(config)["proxy"]
+    assert priced.conversion_mj - plain.conversion_mj == pytest.approx(expected_pj / 1e9, rel=1e-9)

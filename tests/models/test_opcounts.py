@@ -31,7 +31,8 @@ from dse.train.config import TrainConfig
 torch.set_num_threads(1)
 aten = torch.ops.aten
 ENERGY = build_energy_model("45nm")
-BACKWARD = ("backward_data", "backward_weight")
+BACKWARD = ("recompute", "backward_data", "backward_weight")
+"""The passes that run in the backward: a checkpointed layer's forward runs there again."""
 
 
 def _conv_backward_flops(grad_out_shape: list[int], x_shape: list[int], w_shape: list[int], _bias: Any,
@@ -187,6 +188,11 @@ TRIALS: list[dict[str, Any]] = [
     {"model": "cnn", "dataset": "digits", "format": "int8", "optimizer": "niti"},
     {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "adam"},
     {"model": "USER:frozen", "dataset": "digits", "format": "int8", "optimizer": "niti"},
+    {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "int8"},
+    {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "fp32"},
+    {"model": "support.checkpointed:reentrant", "dataset": "digits", "format": "posit8"},
+    {"model": "support.checkpointed:sequential", "dataset": "digits", "format": "int8",
+     "accumulation": "fp16", "accumulation_chunk": 8},
 ]
 
 
@@ -497,6 +503,38 @@ def test_a_frozen_parameter_is_stored_but_neither_differentiated_nor_updated(opt
     assert updated == {"stem", "head"} | trained_biases
     backward_weight = set(frame[frame["pass"] == "backward_weight"]["layer"])
     assert backward_weight == {"stem", "head"}
+
+
+@pytest.mark.parametrize("master", [True, False, "int16"])
+def test_a_step_rounds_the_stored_weights_the_model_prices_a_rounding_for(
+        master: bool | str, datasets: dict[str, Dataset]) -> None:
+    """After each step training rounds every stored GEMM weight into its format (no fp32 copy: the
+    weights' own, or the copy's), frozen ones too: the weights a real step writes are the layers whose
+    weights the model prices an update-pass write and rounding for (before: a frozen weight was not
+    priced, as if a step left it alone)."""
+    from dse.energy import TrainingFormats
+    from dse.sweep import parse_config
+    from dse.sweep.energy import EnergyEstimator, master_format
+    from dse.train.loop import prepare
+
+    config = TrainConfig(model="support.fine_tuned:frozen_first", dataset="digits", format="int8",
+                         master_weights=master, batch_size=4)
+    data = datasets["digits"]
+    setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
+                    data.x_train[:2])
+    weights = {name.removesuffix(".weight"): p for name, p in setup.model.named_parameters()
+               if name.endswith(".weight")}
+    setup.loss_fn(setup.model(data.x_train[:4]), data.y_train[:4]).backward()
+    versions = {name: p._version for name, p in weights.items()}
+    setup.optimizer.step()
+    written = {name for name, p in weights.items() if p._version != versions[name]}
+    workload = EnergyEstimator(parse_config(SWEEP, "s.yaml").energy).proxy(config)
+    frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer="sgd",
+                                                          master_weights=master_format(config)), ENERGY, 4)
+    update = frame[(frame["pass"] == "update") & frame["layer"].isin(list(weights))]
+    stored = "master_weights" if isinstance(master, str) else "weights"
+    assert set(update[update["tensor"] == stored]["layer"]) == written
+    assert written == ({"head"} if master is True else {"pre", "mid", "head"})
 
 
 def test_a_layer_files_frozen_weight_has_no_weight_gradient_and_no_update(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dse.data import load_dataset
 from dse.data.dataset import Dataset
 from dse.train import TrainConfig, TrainResult, train
-from dse.train.grouped import GroupSplitWarning, train_group
+from dse.train.grouped import GroupSplitWarning, group_reason, train_group
 
 
 def assert_group_trains_as_alone(configs: Sequence[TrainConfig], data: Dataset) -> None:
@@ -28,6 +28,15 @@ def assert_results_as_alone(configs: Sequence[TrainConfig], results: Sequence[Tr
         alone = train(config, data).to_dict()
         grouped.pop("wall_time_s"), alone.pop("wall_time_s")
         assert repr(grouped) == repr(alone), config.seed
+
+
+def assert_grouped_as_alone(configs: Sequence[TrainConfig], data: Dataset) -> None:
+    """The configs' group is not refused (`group_reason`), trains with no GroupSplitWarning, and gives
+    each config its result alone (`assert_results_as_alone`)."""
+    assert group_reason(configs[0], data=data) is None
+    results, said = train_group_saying(configs, data)
+    assert said == []
+    assert_results_as_alone(configs, results, data)
 
 
 def short_digits() -> Dataset:

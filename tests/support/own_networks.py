@@ -1,9 +1,11 @@
 """Networks a researcher brings as their own, as the user audit of own networks wrote them: a GRU read at
 its last step, an LSTM read from its final state or (batch_first=False) its last step, a GRU or LSTM
 given its initial state (and an LSTM run along its batch by mistake), a weight used by two GEMMs (tied
-through `.t()`, a layer applied again), and `torch.cdist` against a layer's weight (prototypes) and
-between a sample's tokens. Each factory takes the sample shape and the class count (digits: 64
-features, 8x8 images), as `model: support.own_networks:factory`."""
+through `.t()`, a layer applied again), `torch.cdist` against a layer's weight (prototypes) and
+between a sample's tokens, GEMMs on views of parameters or on a weight computed from one, and layers
+that write their GEMM's weight in place (a max-norm renorm, or from another tensor). Each factory takes
+the sample shape and the class count (digits: 64 features, 8x8 images), as
+`model: support.own_networks:factory`."""
 
 from __future__ import annotations
 
@@ -318,3 +320,41 @@ class DataNormCappedLinear(MaxNormLinear):
 
 def data_norm_capped_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
     return nn.Sequential(DataNormCappedLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class ViewedWeights(nn.Module):
+    """GEMMs on views the forward makes of its parameters: `x @ self.w.t()` (w stored (out, in)),
+    `F.linear(h, self.v[:16])` (the first 16 rows of a (24, 32) weight), and the two halves of
+    `self.u.chunk(2)` (a (2 x classes, 16) weight) summed."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, features) * 0.1)
+        self.v = nn.Parameter(torch.randn(24, 32) * 0.2)
+        self.u = nn.Parameter(torch.randn(2 * classes, 16) * 0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(x @ self.w.t())
+        h = torch.tanh(nn.functional.linear(h, self.v[:16]))
+        first, second = self.u.chunk(2)
+        return nn.functional.linear(h, first) + nn.functional.linear(h, second)
+
+
+def viewed_weights(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ViewedWeights(shape[0], classes)
+
+
+class NormalizedWeight(nn.Module):
+    """GEMMs on a parameter and on a weight computed from it, `F.linear(x, self.w) + F.linear(x, self.w /
+    self.w.norm())`: the norm of the stacked weight would be every member's at once."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.w) + nn.functional.linear(x, self.w / self.w.norm()) * 10
+
+
+def normalized_weight(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return NormalizedWeight(shape[0], classes)

@@ -286,7 +286,8 @@ def attention_dropout(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 
 class Transposed(nn.Module):
-    """x @ self.w.t(): the GEMM takes a view the forward made of the parameter."""
+    """x @ self.w.t(): the GEMM takes a view the forward made of the parameter (each member's view of
+    its own, in a group)."""
 
     def __init__(self, width: int, classes: int) -> None:
         super().__init__()

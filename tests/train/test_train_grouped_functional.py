@@ -42,6 +42,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("encoder", WARMUP), ("encoder", RULES),
     ("attention", SGD_COPY), ("attention", ACCUMULATING), ("attention", WARMUP),
     ("sdpa", MX), ("sdpa", WARMUP), ("sdpa", MADAM),
+    ("transposed", SGD_COPY), ("transposed", MX), ("transposed", LNS_MADAM),
 ]
 
 
@@ -82,7 +83,6 @@ def test_x_at_w_with_a_3_axis_input_stacks_and_members_equal_alone_runs(
 @pytest.mark.parametrize("factory, why", [
     ("attention_bias_kv", "its MultiheadAttention attn adds bias_k, bias_v to every member's keys"),
     ("attention_dropout", "random numbers"),
-    ("transposed", "w is a GEMM's operand and also taken by torch.Tensor.t"),
     ("scaled_scores", "runs member by member (it holds weights or buffers used outside GEMMs) and calls the "
                       "GEMM matmul0"),
 ])

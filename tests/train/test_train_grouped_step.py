@@ -25,7 +25,7 @@ from dse.train.grouped import _cross_entropies, _quantized_setup
 from dse.train.layers import ConvOp
 from dse.train.loop import EXAMPLE_SAMPLES, _run_settings, prepare
 from dse.train.policy import TensorQuant
-from dse.train.stacked import PerMemberOp
+from dse.train.stacked import StackedConvOp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,8 +198,8 @@ def test_a_stacked_convolution_keeps_each_members_layout_so_its_bias_gradient_su
     weight = (torch.randn(members, channels, 3, 32)[..., :channels] * 0.2).transpose(2, 3)  # blocks padded
     bias = torch.randn(members, channels)
     upstream = torch.randn(members, batch, channels, 10) * torch.logspace(-4, 4, 10)
-    y = PerMemberOp(op).forward(x, weight, bias)
-    stacked = PerMemberOp(op).bias_grad(torch.ops.aten.threshold_backward(upstream, torch.relu(y), 0))
+    y = StackedConvOp(op).forward(x, weight, bias)
+    stacked = StackedConvOp(op).bias_grad(torch.ops.aten.threshold_backward(upstream, torch.relu(y), 0))
     for g in range(members):
         alone = op.forward(x[g], weight[g], bias[g])
         assert y[g].stride() == alone.stride() != alone.contiguous().stride()
