@@ -470,6 +470,35 @@ REDUCING_FUNCTIONS: dict[Any, tuple[int, int | None]] = {
 `dim` and `keepdim` arguments sit (None: no keepdim)."""
 
 
+MIXING_FUNCTIONS: dict[Any, tuple[int, str, int | None]] = {
+    **{func: (1, "dims", None) for func in (torch.flip, Tensor.flip)},
+    **{func: (2, "dims", None) for func in (torch.roll, Tensor.roll)},
+    **{func: (1, "dim", -1) for func in (torch.sort, Tensor.sort, torch.argsort, Tensor.argsort)},
+    **{func: (1, "dim", 0) for func in (torch.msort, Tensor.msort)},
+    **{func: (1, "dim", None) for func in (
+        torch.cumsum, Tensor.cumsum, torch.cumprod, Tensor.cumprod, torch.cummax, Tensor.cummax, torch.cummin,
+        Tensor.cummin, torch.logcumsumexp, Tensor.logcumsumexp)},
+}
+"""Calls that move or mix elements along the axes they are given (where their `dims` or `dim` argument
+sits, and the axis taken when none is given; None: all of them for a roll): along the axis holding
+the members' samples, a member's result holds the other members' samples (`_mixing_axes`). A
+reduction over that axis is not among them: batch statistics that feed a network's state only are
+judged by the state checks (`StackedModel._shared_state_guarded`), those in its outputs by the checks'
+forwards (dse/train/batch_dependence.py)."""
+
+
+def _mixing_axes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ndim: int) -> set[int]:
+    """The axes one of MIXING_FUNCTIONS moves or mixes elements along on a tensor of `ndim` axes
+    (every axis for a roll given no dims)."""
+    at, name, default = MIXING_FUNCTIONS[func]
+    given = args[at] if len(args) > at else kwargs.get(name)
+    if given is None:
+        return set(range(ndim)) if func in (torch.roll, Tensor.roll) else (
+            set() if default is None or ndim == 0 else {default % ndim})
+    dims = _dims_of(given)
+    return set() if dims is None or ndim == 0 else {d % ndim for d in dims}
+
+
 FOLLOWING_RULES: dict[Any, str] = {
     **dict.fromkeys(UNPLACEABLE_FUNCTIONS, "unplaceable"), **dict.fromkeys(RESHAPING_FUNCTIONS, "reshape"),
     **dict.fromkeys(PERMUTING_FUNCTIONS, "permute"), torch.einsum: "einsum",
@@ -521,6 +550,39 @@ def _indexed_axis(index: Any, axis: int, ndim: int) -> int | None:
         else:
             at, out = at + 1, out + (not isinstance(item, int))
     return out + axis - at if axis >= at else None
+
+
+def _index_cuts(index: Any, ndim: int) -> set[int]:
+    """The axes along which x[index], x of `ndim` axes, picks, cuts or reorders elements: those given an
+    int, a slice other than `:`, or a tensor or list of positions (none where a bool mask, which keeps
+    each chosen sample whole, is among them)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(item, Tensor) and item.dtype in (torch.bool, torch.uint8) for item in items):
+        return set()
+    consumed = sum(item is not None and item is not Ellipsis for item in items)
+    cut: set[int] = set()
+    at = 0
+    for item in items:
+        if item is Ellipsis:
+            at += ndim - consumed
+        elif item is not None:
+            if not (isinstance(item, slice) and item == slice(None)):
+                cut.add(at)
+            at += 1
+    return cut
+
+
+def _moves_between_members(shape: Sequence[int], unit: int, members: int, axes: set[int]) -> bool:
+    """Whether moving along any of `axes` of a tensor of `shape` whose members' elements lie in blocks of
+    `unit` (`Placement`) reaches another member's elements: an axis whose span (its elements and those of
+    the axes after it) is not inside one block, nor a step of whole rounds of the G blocks."""
+    for axis in axes:
+        if not 0 <= axis < len(shape) or shape[axis] == 1:
+            continue
+        stride = math.prod(shape[axis + 1:])
+        if unit % (stride * shape[axis]) and stride % (members * unit):
+            return True
+    return False
 
 
 def _dims_given(args: tuple[Any, ...], names: tuple[str, ...], kwargs: dict[str, Any]) -> list[Any]:
@@ -1164,6 +1226,8 @@ class MemberKernelMode(RecomputedMode):
             if rule == "reshape" and tensors and tensors[0] is not out:
                 self.lost = self.lost or _members_interleaved(tensors[0], out, members, self.rows)
             return
+        if (func in MIXING_FUNCTIONS or func is Tensor.__getitem__) and placed[0][0] == 0:
+            self._refuse_mixing(func, args, kwargs, placed[0][1], placed[0][2])
         if rule is None and len(placed) == 1 and placed[0][1].shape == out.shape:
             setattr(out, PLACEMENT, placed[0][2])  # (the common case: an elementwise call)
             return
@@ -1210,6 +1274,20 @@ class MemberKernelMode(RecomputedMode):
             self.lost = cast(Placement, self.placement(folded)).why or (
                 f"a {tuple(folded.shape)} tensor holding the group's members' samples where no axis holds "
                 f"each member's block went through {torch.overrides.resolve_name(func) or func}")
+
+    def _refuse_mixing(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor,
+                       placement: Placement) -> None:
+        """Raise MemberAxisLost where one of MIXING_FUNCTIONS, or an index (`_index_cuts`), moves, mixes
+        or picks elements along the axis of x that holds each member's block: its result differs from
+        every member's alone."""
+        if func is Tensor.__getitem__:
+            axes, what = _index_cuts(args[1] if len(args) > 1 else None, x.dim()), "an index"
+        else:
+            axes, what = _mixing_axes(func, args, kwargs, x.dim()), torch.overrides.resolve_name(func) or func
+        if _moves_between_members(x.shape, placement.unit, self.members, axes):
+            raise MemberAxisLost(
+                f"{what} along axes {sorted(axes)} of a {tuple(x.shape)} tensor mixes or picks the group's "
+                f"{self.members} members' samples (in blocks of {placement.unit} elements)")
 
     def follow_layer(self, args: tuple[Any, ...], output: Any) -> None:
         """Place the outputs of one of our own layers (which take the members' samples on the first axis

@@ -979,3 +979,30 @@ class ListedLayers(nn.Module):
 
 def listed_layers(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ListedLayers(shape[0], classes)
+
+
+class BatchMixing(nn.Module):
+    """A hidden layer of 36 mixed along the batch (`mix`: "sort", its values sorted over the batch;
+    "flip", its samples reversed), from forward `after` on (a counter of forwards, the same in a group
+    as alone; 0: from the first): each sample's output depends on the others', which in a group are
+    the other members' too."""
+
+    def __init__(self, width: int, classes: int, mix: str, after: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 36), nn.Linear(36, classes)
+        self.mix, self.after, self.forwards = mix, after, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        h = self.a(x)
+        if self.forwards > self.after:
+            h = h.sort(0).values if self.mix == "sort" else h.flip(0)
+        return self.head(F.silu(h))
+
+
+def batch_sorted(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchMixing(shape[0], classes, "sort", 0)
+
+
+def late_batch_flipped(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return BatchMixing(shape[0], classes, "flip", 4)

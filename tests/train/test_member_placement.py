@@ -90,6 +90,17 @@ KEEPING: dict[str, Step] = {
 """Calls after which a tensor's placement must be known: they keep each element's member and the axis
 holding each member's block."""
 
+def _rotated(x: Tensor, axis: int) -> Tensor:
+    """x with its first element along `axis` moved to the end (`torch.cat([x[1:], x[:1]])`)."""
+    index = (slice(None),) * axis
+    return torch.cat([x[(*index, slice(1, None))], x[(*index, slice(0, 1))]], axis)
+
+
+def _permuted(x: Tensor, axis: int, rng: random.Random) -> Tensor:
+    """x indexed along `axis` by a random permutation of its positions (`x[torch.randperm(n)]`)."""
+    return x[(slice(None),) * axis + (torch.tensor(rng.sample(range(x.shape[axis]), x.shape[axis])),)]
+
+
 OTHERS: dict[str, Step] = {
     "cat": lambda x, rng, held: torch.cat([x, x], _axis(x, rng)),
     "stack": lambda x, rng, held: torch.stack([x, x], rng.randint(0, x.dim())),
@@ -100,9 +111,18 @@ OTHERS: dict[str, Step] = {
     "amax kept": lambda x, rng, held: x.amax(_axis(x, rng), keepdim=True),
     "chunk": lambda x, rng, held: x.chunk(2, _axis(x, rng))[0],
     "einsum": lambda x, rng, held: torch.einsum("ij->ji", x) if x.dim() == 2 else x,
+    "flip": lambda x, rng, held: x.flip(_axis(x, rng)),
+    "roll": lambda x, rng, held: x.roll(1, _axis(x, rng)),
+    "rotate by cat": lambda x, rng, held: _rotated(x, _axis(x, rng)),
+    "index by a permutation": lambda x, rng, held: _permuted(x, _axis(x, rng), rng),
 }
 """Calls that may move an element to another member's place or drop the member axis: a placement, if
 any, must still say each element's member."""
+
+MIXING_STEPS = {"flip", "roll", "rotate by cat", "index by a permutation", "first",
+                "last column", "narrow", "chunk"}
+"""OTHERS that move, mix or pick elements along the axis they are given: along the one holding each
+member's block they raise MemberAxisLost."""
 
 PERMUTING = {"permute", "transpose", "T", "movedim"}
 
@@ -130,8 +150,12 @@ def test_a_placement_says_which_member_holds_each_element(members: int, rows: in
             break
         held = _whole_block_axis(x, members)
         unplaceable |= step in PERMUTING and held is None
-        with mode:
-            x = {**KEEPING, **OTHERS}[step](x, rng, held)
+        try:
+            with mode:
+                x = {**KEEPING, **OTHERS}[step](x, rng, held)
+        except MemberAxisLost:
+            assert step in MIXING_STEPS, steps
+            return
     placement = mode.placement(x)
     if placement is None:
         assert unplaceable or not set(steps) <= set(KEEPING), steps
@@ -240,3 +264,41 @@ def test_a_placement_from_an_earlier_forward_is_not_read() -> None:
     assert mode.placement(x) is not None
     mode.begin()
     assert mode.placement(x) is None
+
+
+MIXING: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "flip": lambda x, d: x.flip(d),
+    "torch.flip": lambda x, d: torch.flip(x, dims=[d]),
+    "roll": lambda x, d: x.roll(1, d),
+    "sort": lambda x, d: x.sort(d).values,
+    "torch.sort": lambda x, d: torch.sort(x, dim=d)[0],
+    "argsort": lambda x, d: x.argsort(d),
+    "cumsum": lambda x, d: x.cumsum(d),
+    "torch.cumsum": lambda x, d: torch.cumsum(x, dim=d),
+    "cumprod": lambda x, d: x.cumprod(d),
+    "cummax": lambda x, d: x.cummax(d).values,
+    "logcumsumexp": lambda x, d: x.logcumsumexp(d),
+}
+"""Calls that move or mix elements along an axis they are given: along the one holding the members'
+samples, member g's result holds the other members' samples, which alone it never sees."""
+
+
+@pytest.mark.parametrize("call", sorted(MIXING))
+@pytest.mark.parametrize("members", [2, 3])
+def test_a_call_mixing_samples_along_the_placed_member_axis_is_refused(call: str, members: int) -> None:
+    """A placed (G*B, H) tensor, permuted to (H, G*B): a call along its samples' axis mixes the members'
+    samples (before, the result kept the operand's placement and the group ran on silently, as a
+    user's network sorting its hidden layer over the batch did: both members' results differed from
+    alone, `group_reason` letting it stack), so it raises MemberAxisLost; along the other axis it runs
+    and keeps its placement."""
+    x = torch.randn(members * 5, 6)
+    mode = MemberKernelMode(members, 5)
+    mode.place(x)
+    with mode:
+        h = x.t()
+        kept = MIXING[call](h, 0)
+        with pytest.raises(MemberAxisLost, match="mixes or picks"):
+            MIXING[call](h, 1)
+        with pytest.raises(MemberAxisLost, match="mixes or picks"):
+            MIXING[call](h, -1)
+    assert mode.placement(kept) is not None
