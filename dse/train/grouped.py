@@ -493,7 +493,7 @@ def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], genera
     policy = QuantPolicy.from_config(first)
     switch = QuantSwitch()
     model = stack_models(models, policy, switch, MemberGenerators(generators), example)
-    apart = attributes_apart(model, models)
+    apart = attributes_apart(model.net, models)
     if apart is not None:
         raise MemberStateUnstacked(apart)
     warmup = first.warmup_epochs
@@ -527,6 +527,9 @@ def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators:
     for model, generator in zip(models, generators, strict=True):
         convert_model(model, bitwidth, generator)
     model = stack_niti_models(models)
+    apart = attributes_apart(model.network, models)  # (as `_quantized_setup` checks its members)
+    if apart is not None:
+        raise MemberStateUnstacked(apart)
     optimizer = StackedNitiOptimizer(stacked_weights(model), [c.niti_mu for c in configs], bitwidth,
                                      niti_copy_bits(first, bitwidth + 1))
 
