@@ -306,9 +306,16 @@ even from constant inputs (a call given a generator is none either)."""
 def _storage(t: Tensor) -> int:
     """The key of the memory t's values live in: its storage's address, shared by every view and alias
     of it (`t[1:]`, `t.detach()`, `t.data`), so a write through any of them is a write to all; for a
-    tensor of no memory (address 0), the tensor itself."""
-    address = t.untyped_storage().data_ptr()
-    return address if address else id(t)
+    tensor of no memory (address 0) or none of its own to show (a sparse or nested tensor), the tensor
+    it views, or itself."""
+    try:
+        address = t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        address = 0
+    if address:
+        return address
+    base = t._base
+    return id(t if base is None else base)
 
 
 def _made_of(args: Sequence[Any], constants: dict[int, Tensor]) -> bool:

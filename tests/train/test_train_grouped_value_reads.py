@@ -118,6 +118,8 @@ def test_the_member_mode_records_the_first_read_of_a_tensor_that_may_hold_the_gr
         positions = torch.ones(3, 3).triu().nonzero()
         assert bool(torch.equal(positions, positions)) and len(positions.tolist()) == 6
         group.sum(1) * 2.0
+        sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.ones(2), (2, 2))
+        int(sparse.to_dense().sum())  # (a tensor with no storage to show: a constant all the same)
     assert mode.read is None
     with mode:
         counts = torch.zeros(2, dtype=torch.long)
