@@ -325,8 +325,9 @@ class StackedOptimizer:
     SGD and Adam(W) take one torch optimizer with a param group per run of consecutive members with
     equal hyperparameters (their updates are elementwise, so a slice of members steps as each would
     alone); SGD's stepped `foreach` (each update operation called once over all the group's tensors:
-    the same per-tensor kernels, so the same bits; not Adam's, whose foreach step makes a tensor of
-    host data for its step counts, which a device would wait for); a run of every
+    on the CPU a loop over the same per-tensor kernels, so the same bits; on CUDA torch's default
+    alone), Adam's with the implementation torch takes for a run alone on its device (`foreach`
+    None: a loop over the tensors on the CPU, foreach on CUDA); a run of every
     member (seeds alone differ) steps the stacked parameters themselves, with no slice of them or of
     their gradients to make each step. Madam and LNS-Madam take one optimizer
     for the whole group (`Madam.members`): each member's lr, p_scale, g_bound, weight bound, LNS scale
@@ -357,7 +358,7 @@ class StackedOptimizer:
                 lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
                 groups.append(plain_param_group(self.name, views, lr, config.momentum, config.weight_decay))
             optimizer = plain_optimizer(self.name, groups, groups[0]["lr"], first.momentum,
-                                        first.weight_decay, foreach=self.name == "sgd")
+                                        first.weight_decay, foreach=True if self.name == "sgd" else None)
             self.runs = [(start, stop, optimizer, group["params"])
                          for (start, stop), group in zip(runs, optimizer.param_groups, strict=True)]
         self.optimizers = list({id(run[2]): run[2] for run in self.runs}.values())
