@@ -1,24 +1,24 @@
 """What a group's shared-state guard (`StackedModel._shared_state_guarded`: each forward takes the
 Python attributes of the user's modules it runs once for all members, and compares them after) costs a
-forward, today (dse/train/attributes.py) against the guard as it was at a git revision (its
-`module_attributes`, `_attribute_written` and `_same_value`, loaded from that revision's source), side
-by side in one process, interleaved, one thread, thread CPU time.
+forward, today (dse/train/attributes.py) against the guard's take and compare as they were at a git
+revision (that revision's dse/train/attributes.py `Attributes`, loaded from its source), side by side in
+one process, interleaved, one thread, thread CPU time.
 
     PYTHONPATH=$PWD python benchmarks/attribute_guard.py
-    PYTHONPATH=$PWD python benchmarks/attribute_guard.py --baseline 3d1e0dc --rounds 9 --forwards 100
+    PYTHONPATH=$PWD python benchmarks/attribute_guard.py --baseline 80ed936 --rounds 9 --forwards 100
 
 Per model (stacked, G=3, B=50, training mode): microseconds of thread CPU time spent in the guard's
 own code (its take before, its compare after) inside real training forwards that write nothing new
 (the median of the rounds, each the mean of `--forwards` forwards), the same clock around no guard
 (what the timer itself costs, in both columns), and one training forward of the group, for scale.
 `tests/support/user_models.py:encoder` holds dse's own functional-GEMM object as an attribute;
-`leaf_models.py:counted_steps` writes an int every forward.
+`leaf_models.py:counted_steps` writes an int every forward; `leaf_models.py:cyclic_counter` counts its
+forwards in a helper object and a dict that hold themselves.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import functools
 import os
@@ -28,17 +28,16 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from dse.data import load_dataset
 from dse.models.proxies import build_model
 from dse.train.layers import QuantSwitch
-from dse.train.stacked import StackedModel, stack_models
+from dse.train.stacked import SharedStateGuard, StackedModel, stack_models
 
-MODELS = ("tests/support/user_models.py:encoder", "tests/support/leaf_models.py:counted_steps")
+MODELS = ("tests/support/user_models.py:encoder", "tests/support/leaf_models.py:counted_steps",
+          "tests/support/leaf_models.py:cyclic_counter")
 
 
 def _source(revision: str, path: str) -> str:
@@ -46,35 +45,27 @@ def _source(revision: str, path: str) -> str:
                           text=True).stdout
 
 
-def baseline_rule(revision: str) -> types.SimpleNamespace:
-    """The attribute functions the guard used at `revision`: memory.py's module_attributes and
-    MODULE_INTERNALS (the whole module, executed apart), stacked.py's _attribute_written and
-    _same_value (those two functions' source, executed beside them)."""
-    memory: dict[str, Any] = {"__name__": "baseline_memory"}
-    exec(compile(_source(revision, "dse/train/memory.py"), "baseline_memory", "exec"), memory)
-    tree = ast.parse(_source(revision, "dse/train/stacked.py"))
-    wanted: list[ast.stmt] = [node for node in tree.body
-              if isinstance(node, ast.FunctionDef) and node.name in ("_attribute_written", "_same_value")]
-    stacked: dict[str, Any] = {"__name__": "baseline_stacked", **memory}
-    exec("import collections\nimport numpy as np\nfrom torch import Tensor", stacked)
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), "baseline_stacked", "exec"), stacked)
-    return types.SimpleNamespace(module_attributes=memory["module_attributes"],
-                                 internals=memory["MODULE_INTERNALS"], written=stacked["_attribute_written"])
+def baseline_rule(revision: str) -> types.ModuleType:
+    """dse/train/attributes.py as it was at `revision` (its `Attributes`: the guard's take and compare),
+    executed apart."""
+    module = types.ModuleType("baseline_attributes")
+    exec(compile(_source(revision, "dse/train/attributes.py"), "baseline_attributes", "exec"), vars(module))
+    return module
 
 
-def baseline_guard(model: StackedModel, rule: types.SimpleNamespace
+def baseline_guard(model: StackedModel, rule: types.ModuleType
                    ) -> Callable[[], contextlib.AbstractContextManager[None]]:
-    """The guard as it was at the baseline revision, on `model`'s shared modules and first forward."""
-    modules: list[tuple[str, nn.Module]] = model.__dict__["shared_modules"]
-    first: list[set[str]] = model.__dict__["shared_written"]
+    """The guard's take and compare by the baseline's `Attributes`, on `model`'s shared modules and the
+    names its first forward wrote."""
+    guard: SharedStateGuard = model.__dict__["shared_state"]
+    modules, first = guard.modules, guard.first_written
+    assert first is not None
 
     @contextlib.contextmanager
     def guarded() -> Iterator[None]:
-        before = [rule.module_attributes(m) for _, m in modules]
+        before = [rule.Attributes(m) for _, m in modules]
         yield
-        written = [{attribute for attribute, value in vars(m).items() if attribute not in rule.internals
-                    and rule.written(value, kept.get(attribute))}
-                   for (_, m), kept in zip(modules, before, strict=True)]
+        written = [set(kept.changed()) for kept in before]
         if any(now - then for now, then in zip(written, first, strict=True)):
             raise AssertionError("a forward wrote a new attribute")
 
@@ -107,7 +98,7 @@ class _GuardClock:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="3d1e0dc", help="git revision of the guard to compare with")
+    parser.add_argument("--baseline", default="80ed936", help="git revision of the guard to compare with")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--forwards", type=int, default=100)
     args = parser.parse_args(argv)

@@ -324,8 +324,10 @@ class StackedOptimizer:
 
     SGD and Adam(W) take one torch optimizer with a param group per run of consecutive members with
     equal hyperparameters (their updates are elementwise, so a slice of members steps as each would
-    alone), stepped `foreach` (each update operation called once over all the group's tensors: the
-    same per-tensor kernels, so the same bits, with one step's Python for every run); a run of every
+    alone); SGD's stepped `foreach` (each update operation called once over all the group's tensors:
+    on the CPU a loop over the same per-tensor kernels, so the same bits; on CUDA torch's default
+    alone), Adam's with the implementation torch takes for a run alone on its device (`foreach`
+    None: a loop over the tensors on the CPU, foreach on CUDA); a run of every
     member (seeds alone differ) steps the stacked parameters themselves, with no slice of them or of
     their gradients to make each step. Madam and LNS-Madam take one optimizer
     for the whole group (`Madam.members`): each member's lr, p_scale, g_bound, weight bound, LNS scale
@@ -356,7 +358,7 @@ class StackedOptimizer:
                 lr = DEFAULT_LR[self.name] if config.lr is None else config.lr
                 groups.append(plain_param_group(self.name, views, lr, config.momentum, config.weight_decay))
             optimizer = plain_optimizer(self.name, groups, groups[0]["lr"], first.momentum,
-                                        first.weight_decay, foreach=True)
+                                        first.weight_decay, foreach=True if self.name == "sgd" else None)
             self.runs = [(start, stop, optimizer, group["params"])
                          for (start, stop), group in zip(runs, optimizer.param_groups, strict=True)]
         self.optimizers = list({id(run[2]): run[2] for run in self.runs}.values())
@@ -491,7 +493,7 @@ def _quantized_setup(models: list[nn.Module], configs: list[TrainConfig], genera
     policy = QuantPolicy.from_config(first)
     switch = QuantSwitch()
     model = stack_models(models, policy, switch, MemberGenerators(generators), example)
-    apart = attributes_apart(model, models)
+    apart = attributes_apart(model.net, models)
     if apart is not None:
         raise MemberStateUnstacked(apart)
     warmup = first.warmup_epochs
@@ -525,6 +527,9 @@ def _niti_setup(models: list[nn.Module], configs: list[TrainConfig], generators:
     for model, generator in zip(models, generators, strict=True):
         convert_model(model, bitwidth, generator)
     model = stack_niti_models(models)
+    apart = attributes_apart(model.network, models)  # (as `_quantized_setup` checks its members)
+    if apart is not None:
+        raise MemberStateUnstacked(apart)
     optimizer = StackedNitiOptimizer(stacked_weights(model), [c.niti_mu for c in configs], bitwidth,
                                      niti_copy_bits(first, bitwidth + 1))
 

@@ -273,11 +273,81 @@ class MemberAxisLost(Exception):
 
 VALUE_READS: frozenset[Any] = frozenset({
     Tensor.item, Tensor.__float__, Tensor.__int__, Tensor.__index__, Tensor.__complex__, Tensor.tolist,
-    Tensor.numpy, Tensor.__format__, Tensor.__array__, Tensor.__bool__,
+    Tensor.numpy, Tensor.__format__, Tensor.__array__, Tensor.__bool__, Tensor.__contains__, Tensor.__repr__,
+    Tensor.__dlpack__, torch.equal, Tensor.equal, torch.allclose, Tensor.allclose, torch.is_nonzero,
+    Tensor.is_nonzero,
 })
-"""The calls that read a tensor's values into Python (`float(h.mean())`, `.item()`, `.tolist()`, a
-branch `if h.abs().max() > 1:` on a comparison's bool): on a group's tensor, a number of the group's,
-where alone each member reads its own (`MemberKernelMode.read`)."""
+"""The calls that give Python a value of a tensor's elements, of any dtype (`float(h.mean())`,
+`int((h > 0).sum())`, `.item()`, `.tolist()`, `x in t`, `torch.equal`, a branch `if h.abs().max() > 1:`
+on a comparison's bool or `if n:` on a count): on a group's tensor, a number of the group's, where alone
+each member reads its own (`MemberKernelMode.read`)."""
+
+SIZE_READS: frozenset[Any] = frozenset({
+    torch.nonzero, Tensor.nonzero, torch.argwhere, Tensor.argwhere, torch.masked_select,
+    Tensor.masked_select, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.unique_consecutive,
+    torch.bincount, Tensor.bincount, torch.where, Tensor.__getitem__, torch.repeat_interleave,
+    Tensor.repeat_interleave,
+})
+"""Calls whose output's size is a value of their input's elements (`len(h.nonzero())`, `h[h > 0]`, a
+one-operand `torch.where`, `repeat_interleave` by a tensor of counts), which Python reads as a shape:
+the group's count, where alone each member's (`_sized_by_values`)."""
+
+RANDOM_FUNCTIONS: frozenset[Any] = frozenset({
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.bernoulli, Tensor.bernoulli, Tensor.bernoulli_, torch.multinomial,
+    Tensor.multinomial, torch.normal, Tensor.normal_, torch.poisson, Tensor.uniform_, Tensor.random_,
+    Tensor.exponential_, Tensor.geometric_, Tensor.cauchy_, Tensor.log_normal_, F.dropout, F.alpha_dropout,
+    F.feature_alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, F.rrelu, F.gumbel_softmax,
+})
+"""Calls that draw random numbers: their output is no constant of the forward (`MemberKernelMode.constants`)
+even from constant inputs (a call given a generator is none either)."""
+
+
+def _root(t: Tensor) -> Tensor:
+    """The tensor whose storage t views (t itself where it owns its storage)."""
+    base = t._base
+    return t if base is None else base
+
+
+def _made_of(args: Sequence[Any], constants: dict[int, Tensor]) -> bool:
+    """Whether every tensor among `args` (or in a list or tuple of them) is one of `constants` (by its
+    root) and none is a random generator."""
+    for a in args:
+        if isinstance(a, Tensor):
+            root = _root(a)
+            if constants.get(id(root)) is not root:
+                return False
+        elif isinstance(a, list | tuple):
+            if not _made_of(a, constants):
+                return False
+        elif type(a) is torch.Generator:  # (isinstance runs Python code for torch.Generator)
+            return False
+    return True
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    """The tensors a call returned or was given (`out=`): one, or those of a tuple or list."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for t in value if isinstance(t, Tensor)]
+    return []
+
+
+def _sized_by_values(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call of SIZE_READS sizes its output by its input's values: `__getitem__` by a mask (a
+    bool or uint8 tensor among its indices), `torch.where` of a condition alone, `repeat_interleave` by a
+    tensor of counts (or of one tensor); the others always."""
+    if func is Tensor.__getitem__:
+        index = args[1] if len(args) > 1 else None
+        indices = index if isinstance(index, tuple | list) else (index,)
+        return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    if func is torch.where:
+        return len(args) + len(kwargs) == 1
+    if func is torch.repeat_interleave or func is Tensor.repeat_interleave:
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, Tensor) or (len(args) == 1 and repeats is None)
+    return True
 
 
 RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
@@ -958,11 +1028,17 @@ class MemberKernelMode(RecomputedMode):
         self.placements: dict[tuple[int, str | None], Placement] = {}
         """This forward's placements by unit and why (`_placement`)."""
         self.read: str | None = None
-        """The first of VALUE_READS of a floating-point or bool tensor (a comparison of floating-point
-        values) in this forward, outside our own layers
-        (a user's layer run member by member reads its member's own): a number that holds the whole
-        group's values, as a running statistic kept in a Python attribute would
-        (`StackedModel._shared_state_guarded`)."""
+        """The first of VALUE_READS, or of SIZE_READS sized by its input's values, of a tensor that is
+        not one of `constants` in this forward, outside our own layers (a user's layer run member by
+        member reads its member's own): a number that holds the whole group's values, as a running
+        statistic kept in a Python attribute would (`StackedModel._shared_state_guarded`)."""
+        self.constants: dict[int, Tensor] = {}
+        """The tensors (by id, roots of views: `_root`) this forward made from no tensor of the group's:
+        by a call, outside our own layers, of no tensor or of these only, drawing no random numbers
+        (`torch.arange(n)`, a mask from `torch.ones`), and not written since by a call of another
+        (`c.add_(h)`, `c[i] = h`). They hold the same values in a group as alone, so reading them is no
+        value read; any other tensor (the folded batch, a weight, an attribute, a layer's output) may
+        hold the group's. Cleared when the forward ends."""
 
     def begin(self) -> None:
         """A new forward of the group: the placements and reads of the last are forgotten."""
@@ -1026,7 +1102,29 @@ class MemberKernelMode(RecomputedMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        constants = self.constants
+        made_of_constants = ((constants or not args or not isinstance(args[0], Tensor))  # (at once: a tensor
+                             and _made_of(args, constants)                               # and no constants)
+                             and (not kwargs or _made_of(tuple(kwargs.values()), constants)))
+        if self.read is None and not made_of_constants and (
+                func in VALUE_READS or (func in SIZE_READS and _sized_by_values(func, args, kwargs))):
+            x = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+            held = "" if x is None else f" of a {tuple(x.shape)} {x.dtype} tensor"
+            self.read = f"{torch.overrides.resolve_name(func) or func}{held}"
         out = self._call(func, args, kwargs)
+        if made_of_constants and func not in RANDOM_FUNCTIONS:
+            for t in _tensors_in(out):
+                constants[id(_root(t))] = _root(t)
+        elif constants:  # what the call wrote (in place, out=, a setitem) holds the group's values now
+            written = [*_tensors_in(out), *_tensors_in(kwargs.get("out"))]
+            if out is None:
+                written += [t for a in args for t in _tensors_in(a)]
+            for t in written:
+                constants.pop(id(_root(t)), None)
+        return self._followed(func, args, kwargs, out)
+
+    def _followed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """`out`, a call's result, its tensors placed (`_follow_outputs`)."""
         if isinstance(out, Tensor) or (isinstance(out, tuple | list) and not isinstance(out, torch.Size)):
             if torch._C._len_torch_function_stack():  # (the modes below would see its shape reads)
                 with torch._C.DisableTorchFunction():
@@ -1146,10 +1244,6 @@ class MemberKernelMode(RecomputedMode):
             expanded = func(*args, **kwargs)
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
         if func not in POSITION_DEPENDENT_FUNCTIONS:
-            if (func in VALUE_READS and self.read is None and args and isinstance(args[0], Tensor)
-                    and (args[0].is_floating_point() or args[0].dtype == torch.bool)):
-                self.read = (f"{torch.overrides.resolve_name(func) or func} of a {tuple(args[0].shape)} "
-                             f"{args[0].dtype} tensor")
             return func(*args, **kwargs)
         args, kwargs = positional_input(args, kwargs)
         folded = next((a for a in args if isinstance(a, Tensor)), None)
@@ -1420,6 +1514,7 @@ class MemberKernels:
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
         if not outer:
             self.mode.begin()
+            self.mode.constants.clear()
         if self.mode.rows is not None and folded is not None:
             with torch._C.DisableTorchFunction():
                 for x in args:
@@ -1435,6 +1530,7 @@ class MemberKernels:
         nested, self.mode.rows = self.entered.pop() if self.entered else (False, self.mode.rows)
         if nested:
             return
+        self.mode.constants.clear()
         stack = function_modes()
         if self.mode in stack:
             index = stack.index(self.mode)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from dse.train.attributes import Attributes, same_value
+from dse.train.attributes import Attributes, modules_outside, same_value
 
 OPTIMIZER_STATE_COPIES: dict[str, int] = {
     "sgd": 1, "adam": 2, "adamw": 2, "madam": 1, "lns-madam": 2, "niti": 1,
@@ -91,7 +91,8 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     None again) with their values (one it updated in place: its value before), and the parameters'
     values (a layer that clamps its weight in its forward), and each module's Python attributes
     (dse/train/attributes.py: a step counter, a running float, a list its forward appends to), which a
-    trial alone and each member of a group then start training from alike.
+    trial alone and each member of a group then start training from alike; modules held outside the
+    module tree (`modules_outside`: a BatchNorm in a Python list) alike.
 
     Every value is copied, not only those that changed: a write through `.data` bumps no version
     counter, so only a copy tells what a forward wrote. What the copies cost is small beside a trial
@@ -99,10 +100,13 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     pair on the built-in proxies, +96 ms on a 76.4 MiB MLP, about a tenth of one step and its
     evaluation; its peak and planned memory are the same with or without them (the copies live
     while the model's gradients and optimizer state do not yet)."""
-    held = [(module, dict(module._buffers)) for module in model.modules()]
-    attributes = [Attributes(module) for module in model.modules()]
-    values = {name: b.detach().clone() for name, b in model.named_buffers()}
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modules = [*model.modules(), *(module for _, module in modules_outside(model))]
+    held = [(module, dict(module._buffers)) for module in modules]
+    attributes = [Attributes(module) for module in modules]
+    values = {id(b): (b, b.detach().clone()) for module in modules for b in module._buffers.values()
+              if b is not None}
+    weights = {id(p): (p, p.detach().clone()) for module in modules for p in module._parameters.values()
+               if p is not None}
     try:
         yield
     finally:
@@ -112,11 +116,11 @@ def state_kept(model: nn.Module) -> Iterator[None]:
         for kept in attributes:
             kept.restore()
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(values[name])
-            for name, p in model.named_parameters():
-                if not same_value(p, weights[name]):  # (no version bump where nothing was written; a
-                    p.copy_(weights[name])            # -0.0 written over a 0.0 was)
+            for b, value in values.values():
+                b.copy_(value)
+            for p, value in weights.values():
+                if not same_value(p, value):  # (no version bump where nothing was written; a -0.0
+                    p.copy_(value)            # written over a 0.0 was)
 
 
 def trial_memory_bytes(model: nn.Module, example: Tensor, batch_size: int, optimizer: str,

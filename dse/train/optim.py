@@ -599,9 +599,10 @@ def plain_optimizer(name: str, params: Sequence[Tensor] | Sequence[dict[str, Any
                     ) -> torch.optim.Optimizer:
     """torch's SGD, Adam or AdamW over `params` (tensors, or param groups of `plain_param_group`, each
     with its own hyperparameters), without the post-step quantization (`quantized_optimizer` adds it;
-    grouped training builds one group per run of members with equal hyperparameters, `foreach`: each
-    update operation called once over a group's tensors, on the CPU a loop in C++ over the same
-    per-tensor kernels). Madam and LNS-Madam, which take their own hyperparameters: `madam_optimizer`."""
+    grouped training builds one group per run of members with equal hyperparameters; `foreach` None is
+    torch's choice for the device, True (grouped SGD) each update operation called once over a group's
+    tensors, on the CPU a loop in C++ over the same per-tensor kernels). Madam and LNS-Madam, which
+    take their own hyperparameters: `madam_optimizer`."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
     if name == "adam":

@@ -50,7 +50,6 @@ from torch's global generator (dropout), which a group cannot split per member.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -69,7 +68,14 @@ from dse.formats.base import MemberGenerators
 from dse.models.layers import Matmul, PositionEmbedding
 from dse.train import accumulation
 from dse.train.accumulation import Accumulator, OperandPartial
-from dse.train.attributes import MODULE_INTERNALS, Attributes, plain_data, same_attribute
+from dse.train.attributes import (
+    MODULE_INTERNALS,
+    Attributes,
+    held,
+    modules_outside,
+    plain_data,
+    same_attribute,
+)
 from dse.train.batched_sums import (
     aligned_sums_as_members,
     alignment_bytes,
@@ -155,6 +161,9 @@ def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str |
     """Why the layers of `model` do not stack (None: they do), from the module tree and `found`
     (its GEMMs; by default those the module tree shows)."""
     found = found if found is not None else _gemms(model, None)
+    outside = _outside_reason(model)
+    if outside is not None:
+        return outside
     owners: dict[int, str] = {}
     runs_per_member: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -188,6 +197,20 @@ def structure_reason(model: nn.Module, found: FoundGemms | None = None) -> str |
         if site.module is None and not site.layer.has_weight and owner in runs_per_member:
             return (f"{runs_per_member[owner]} runs member by member (it holds weights or buffers used "
                     f"outside GEMMs) and calls the GEMM {site.layer.name} as a function")
+    return None
+
+
+def _outside_reason(model: nn.Module) -> str | None:
+    """A module held outside the module tree (`modules_outside`) with state of its own (weights,
+    buffers, or a user's module's Python attributes): a group runs the first trial's copy for every
+    member, where alone each trial runs its own (its weights drawn per trial; the forward check's
+    second member, its tree's parameters changed, shares it too)."""
+    for where, module in modules_outside(model):
+        if (_holds_state(module) or not type(module).__module__.startswith("torch.")) and not isinstance(
+                module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+            return (f"it holds a {type(module).__name__} in {where} outside its module tree (a plain "
+                    f"attribute, or a Python list or dict rather than nn.ModuleList / nn.ModuleDict), and a "
+                    f"group would run the first trial's copy of it for every member")
     return None
 
 
@@ -1492,14 +1515,14 @@ def stack_models(models: Sequence[nn.Module], policy: QuantPolicy | None, switch
     return StackedModel(net, len(models))
 
 
-def attributes_apart(group: StackedModel, models: Sequence[nn.Module]) -> str | None:
-    """Which module the group runs once for all its members (a user's, not one run member by member)
-    holds Python attributes of data (`plain_data`: a number or tensor drawn at construction, a random
-    generator seeded per trial) in which its members (`models`, as stacked) differ: the group would
-    give every member the first's (None: none). The forward check (`stack_reason`) stacks copies of
-    one network, whose attributes agree."""
+def attributes_apart(net: nn.Module, models: Sequence[nn.Module]) -> str | None:
+    """Which module a group's network `net` (a StackedModel's or a NITI group's) runs once for all its
+    members (a user's, not one run member by member) holds Python attributes of data (`plain_data`: a
+    number or tensor drawn at construction, a random generator seeded per trial) in which its members
+    (`models`, as stacked) differ: the group would give every member the first's (None: none). The
+    forward check (`stack_reason`) stacks copies of one network, whose attributes agree."""
     by_name = [dict(model.named_modules(remove_duplicate=False)) for model in models]
-    for name, module in group.net.named_modules():
+    for name, module in net.named_modules():
         if type(module).__module__.startswith((OWN_PACKAGE, "torch.")):
             continue
         apart = [attribute for attribute, value in vars(module).items()
@@ -1509,7 +1532,7 @@ def attributes_apart(group: StackedModel, models: Sequence[nn.Module]) -> str | 
         if apart:
             return (f"its {type(module).__name__} {name or '(the model)'} holds {', '.join(apart)}, which "
                     f"differs between the group's trials as it stacks them (a value drawn or seeded per "
-                    f"trial, or one a forward changed inside a container), and a group runs it once for all "
+                    f"trial), and a group runs it once for all "
                     f"its members with the first trial's")
     return None
 
@@ -1529,12 +1552,7 @@ class StackedModel(nn.Module):
         self.__dict__["writing_layers"] = [m for m in net.modules()
                                            if isinstance(m, PerMemberLayer) and m.writes_parameters]
         """Layers whose members' parameter copies last one forward (`PerMemberLayer._member_copies`)."""
-        self.__dict__["shared_modules"] = [(name, m) for name, m in net.named_modules()
-                                           if not type(m).__module__.startswith((OWN_PACKAGE, "torch."))]
-        """A user's modules the group runs once for all its members (`_shared_state_guarded`)."""
-        self.__dict__["shared_written"] = None
-        self.__dict__["forwards"] = 0
-        """The group's forwards so far, training and evaluation (what a MemberStateUnstacked drops)."""
+        self.__dict__["shared_state"] = SharedStateGuard(net, self.member_kernels)
 
     @property
     def position_dependent_kernels(self) -> bool:
@@ -1554,30 +1572,47 @@ class StackedModel(nn.Module):
             for layer in layers:
                 layer.forget_copies()
 
+    def _shared_state_guarded(self) -> contextlib.AbstractContextManager[None]:
+        return cast(SharedStateGuard, self.__dict__["shared_state"]).watching()
+
+
+class SharedStateGuard:
+    """Watches a group's forwards for state that a module it runs once for all its members (a user's
+    network: `modules`) keeps, where each member alone keeps its own (`watching`)."""
+
+    def __init__(self, net: nn.Module, member_kernels: MemberKernels | None) -> None:
+        self.modules = [(name, m) for name, m in net.named_modules()
+                        if not type(m).__module__.startswith((OWN_PACKAGE, "torch."))]
+        """A user's modules the group runs once for all its members."""
+        self.member_kernels = member_kernels
+        self.first_written: list[set[str]] | None = None
+        """The attributes each of `modules` wrote in the group's first forward."""
+        self.forwards = 0
+        """The group's forwards so far, training and evaluation (what a MemberStateUnstacked drops)."""
+
     @contextlib.contextmanager
-    def _shared_state_guarded(self) -> Iterator[None]:
+    def watching(self) -> Iterator[None]:
         """A forward after which a module run once for all members (a user's network) has written a
         Python attribute its first forward did not write raises MemberStateUnstacked: the group shares
         what each member alone keeps its own (a running float updated from the second step on), and
         the forward check (`stack_reason`), one forward long, judged only the first forward's writes.
         So does a later forward that writes a floating-point tensor attribute, or reads a value of the
         group's tensors into Python outside our own layers (`MemberKernelMode.read`): what it keeps
-        the names cannot tell (a value first written the same in every member, then from its batch; a
-        change nested inside a container)."""
-        modules: list[tuple[str, nn.Module]] = self.__dict__["shared_modules"]
+        the names cannot tell (a value first written the same in every member, then from its batch)."""
+        modules = self.modules
         before = [Attributes(m) for _, m in modules]
         yield
-        self.__dict__["forwards"] += 1
+        self.forwards += 1
         written = [set(kept.changed()) for kept in before]
-        first: list[set[str]] | None = self.__dict__["shared_written"]
+        first = self.first_written
         if first is None:
-            self.__dict__["shared_written"] = written
+            self.first_written = written
             return
         for (name, m), now, then in zip(modules, written, first, strict=True):
             if now - then:
                 raise MemberStateUnstacked(
                     f"its {type(m).__name__} {name or '(the model)'} writes {', '.join(sorted(now - then))} "
-                    f"in a later forward than its first (forward {self.__dict__['forwards']}), and a group "
+                    f"in a later forward than its first (forward {self.forwards}), and a group "
                     f"runs it once for all its members, who would share that state (alone each trial keeps "
                     f"its own)")
         for (name, m), now in zip(modules, written, strict=True):
@@ -1586,27 +1621,21 @@ class StackedModel(nn.Module):
                 raise MemberStateUnstacked(
                     f"its {type(m).__name__} {name or '(the model)'} writes floating-point tensors in "
                     f"{', '.join(tensors)} in a later forward than its first (forward "
-                    f"{self.__dict__['forwards']}), and a group runs it once for all its members, who would "
+                    f"{self.forwards}), and a group runs it once for all its members, who would "
                     f"share it where it comes from their batch (alone each trial keeps its own)")
         read = None if self.member_kernels is None else self.member_kernels.mode.read
         if read is not None:
             raise MemberStateUnstacked(
-                f"a later forward than its first (forward {self.__dict__['forwards']}) reads a value of the "
+                f"a later forward than its first (forward {self.forwards}) reads a value of the "
                 f"group's tensors into Python ({read}) in a module the group runs once for all its members: "
-                f"alone each trial reads its own, and "
-                f"what the module keeps of it (an attribute first written the same in every member, a list "
-                f"inside a dict) would be shared")
+                f"alone each trial reads its own, and what the module keeps of it (an attribute first "
+                f"written the same in every member) would be shared")
 
 
 def _holds_floating_tensor(value: Any) -> bool:
-    """Whether an attribute's value is a floating-point tensor or a list, tuple, deque or dict holding
-    one (at any depth): a value a forward may have computed from its batch without reading it."""
-    if isinstance(value, Tensor):
-        return value.is_floating_point()
-    if isinstance(value, dict):
-        value = list(value.values())
-    return (isinstance(value, list | tuple | collections.deque)
-            and any(_holds_floating_tensor(item) for item in value))
+    """Whether an attribute's value is a floating-point tensor or holds one at any depth (`held`): a
+    value a forward may have computed from its batch without reading it."""
+    return any(isinstance(item, Tensor) and item.is_floating_point() for item in held(value))
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -55,3 +55,13 @@ def train_group_saying(configs: Sequence[TrainConfig], data: Dataset) -> tuple[l
         warnings.simplefilter("always", GroupSplitWarning)
         results = train_group(configs, data)
     return results, [str(w.message) for w in caught if issubclass(w.category, GroupSplitWarning)]
+
+
+def lines_of_a_stacking_group(configs: Sequence[TrainConfig], data: Dataset) -> list[str]:
+    """The GroupSplitWarning lines a group of `configs` gives, once checked that `group_reason` lets
+    its network stack (in groups of 2 to one more than it) and that each member's result equals its
+    run alone: a network every check up front passes, judged while it trains."""
+    assert group_reason(configs[0], data=data, members=range(2, len(configs) + 2)) is None
+    _, lines = train_group_saying(configs, data)
+    assert_group_trains_as_alone(configs, data)
+    return lines

@@ -850,3 +850,132 @@ class WeightPeakBranch(nn.Module):
 
 def weight_peak_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
     return WeightPeakBranch(shape[0], classes)
+
+
+class ConstantThenBatchCount(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus a thousandth of a count
+    kept in a Python int: 0 at its first training forward (the same in every member), then counted
+    from its batch's positive hidden units, read out of an integer tensor as `how` says (`int()`,
+    `.item()`, `.tolist()`, `len(.nonzero())`, or an `if` on an integer tensor's parity)."""
+
+    def __init__(self, width: int, classes: int, how: str) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.how = how
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        count = self.__dict__.get("count", 0)
+        if self.training:
+            self.count = 0 if "count" not in self.__dict__ else self._positives(h.detach() > 0) % 1000
+        return self.head(h * (1.0 + 1e-3 * count))
+
+    def _positives(self, positive: Tensor) -> int:
+        counts = positive.sum(1)  # (an integer tensor: each sample's positive units)
+        if self.how == "int":
+            return int(counts.sum())
+        if self.how == "item":
+            return int(counts.sum().item())
+        if self.how == "tolist":
+            return sum(counts.tolist())
+        if self.how == "nonzero":
+            return len(positive.nonzero())
+        if counts.sum() % 2:  # ("branch": a Python if on an integer tensor)
+            return self.__dict__.get("count", 0) + 100
+        return self.__dict__.get("count", 0) + 1
+
+
+def count_read_int(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "int")
+
+
+def count_read_item(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "item")
+
+
+def count_read_tolist(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "tolist")
+
+
+def count_read_nonzero(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "nonzero")
+
+
+def count_read_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "branch")
+
+
+class StepLog:
+    """A user's helper object that counts its owner's training forwards and holds itself (a cycle:
+    as a node linked to its own list would)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.itself = self
+
+
+class CyclicCounter(nn.Module):
+    """A network (run once for a group) that counts its training forwards in a helper object in a
+    cycle and in a dict holding itself, and scales its hidden layer by 1 plus a thousandth of the
+    count (the same in every member, as alone)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.log = StepLog()
+        self.seen: dict[str, object] = {"forwards": 0}
+        self.seen["itself"] = self.seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.log.steps += 1
+            self.seen["forwards"] = int(str(self.seen["forwards"])) + 1
+        return self.head(torch.tanh(self.a(x)) * (1.0 + 1e-3 * self.log.steps))
+
+
+def cyclic_counter(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return CyclicCounter(shape[0], classes)
+
+
+class NestedTensorEma(nn.Module):
+    """A network (run once for a group) that scales its hidden layer by 1 plus a running mean of its
+    training batches' hidden means, a tensor in a list inside a dict, updated in place and never read
+    into Python from its third training forward on (a warm-up counted in a Python int)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.stats: dict[str, list[Tensor]] = {"means": [torch.zeros(())]}
+        self.steps = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        mean = self.stats["means"][0]
+        out = self.head(h * (1.0 + mean))
+        if self.training:
+            self.steps += 1
+            if self.steps > 2:
+                mean.mul_(0.9).add_(0.1 * h.detach().mean())
+        return out
+
+
+def nested_tensor_ema(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return NestedTensorEma(shape[0], classes)
+
+
+class ListedLayers(nn.Module):
+    """A network holding a residual Linear in a Python list (not nn.ModuleList): outside its module
+    tree, so no optimizer steps it, alone or grouped; its initial weights are each trial's own draw."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+        self.blocks = [nn.Linear(37, 37)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.head(h + 0.1 * self.blocks[0](h))
+
+
+def listed_layers(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ListedLayers(shape[0], classes)

@@ -3,7 +3,7 @@ group's checks share: `same_value` says two values are equal exactly where they 
 a plain description of each value written here: type, dtype, shape, each element's repr), and
 `Attributes` gives back what it took, and names what changed, after any change of the supported kinds
 (numbers, strings, tensors, numpy arrays, lists, tuples, deques, dicts, sets, a user's helper
-object), one level deep."""
+object), at any depth."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dse.train.attributes import Attributes, plain_data, same_value
+from dse.train.attributes import Attributes, held, plain_data, same_value
 from dse.train.memory import state_kept
 
 
@@ -99,7 +99,7 @@ def test_signed_zeros_and_types_tell_values_apart() -> None:
 
 
 def _in_place(value: Any, data: st.DataObject) -> None:
-    """One change of the value's own contents (its first level), as a forward may make."""
+    """One change of the value's own contents, as a forward may make."""
     if isinstance(value, torch.Tensor):
         if value.numel():
             value[data.draw(st.integers(0, value.numel() - 1))] = data.draw(
@@ -144,8 +144,11 @@ def _changed(module: nn.Module, names: list[str], data: st.DataObject) -> None:
             setattr(module, data.draw(st.sampled_from(["new", *names])), data.draw(values))
             continue
         name = data.draw(st.sampled_from(present))
-        if change == "in place":
-            _in_place(getattr(module, name), data)
+        if change == "in place":  # (the value or anything it holds, at any depth)
+            mutable = torch.Tensor | np.ndarray | list | collections.deque | dict | set | Helper
+            inside = [v for v in held(getattr(module, name)) if isinstance(v, mutable)]
+            if inside:
+                _in_place(data.draw(st.sampled_from(inside)), data)
         elif change == "rebind":
             setattr(module, name, data.draw(values))
         else:
@@ -246,13 +249,19 @@ def test_a_look_ahead_gives_back_a_parameters_signed_zeros() -> None:
     assert not layer.bias.signbit().any()
 
 
-def test_plain_data_is_data_compared_by_value_all_through_and_a_cycle_is_not() -> None:
-    """What a group compares between its members' shared modules (`plain_data`): a cycle would recurse
-    without end; an object compared by identity differs in every trial's copy."""
-    ring, other = Helper(x=1.0), Helper()
-    ring.next, other.next = other, ring
-    looped: list[Any] = [1]
-    looped.append(looped)
+def test_plain_data_is_data_compared_by_value_all_through_cycles_included() -> None:
+    """What a group compares between its members' shared modules (`plain_data`): an object compared by
+    identity differs in every trial's copy; a cycle is data, and `same_value` compares two cyclic
+    values to an end (before, it recursed without end, so `plain_data` left cycles out, uncompared)."""
+    def ring(x: float) -> tuple[Helper, list[Any]]:
+        first, second = Helper(x=x), Helper()
+        first.next, second.next = second, first
+        looped: list[Any] = [x]
+        looped.append(looped)
+        return first, looped
+
     assert plain_data({"a": [1.0, (2, "x")], "b": Helper(t=torch.zeros(2)), "m": Mode.ON})
-    assert not plain_data(ring) and not plain_data(looped)
+    assert all(plain_data(value) for value in ring(1.0))
+    assert all(same_value(a, b) for a, b in zip(ring(1.0), ring(1.0), strict=True))
+    assert not any(same_value(a, b) for a, b in zip(ring(1.0), ring(2.0), strict=True))
     assert not plain_data([nn.Linear(1, 1)]) and not plain_data({"f": lambda: 0})

@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.group_runs import assert_group_trains_as_alone, short_digits, train_group_saying
+from support.group_runs import (
+    assert_group_trains_as_alone,
+    lines_of_a_stacking_group,
+    short_digits,
+    train_group_saying,
+)
 from support.leaf_models import (
     DequeScaled,
     NumpyScaled,
@@ -231,3 +236,127 @@ def test_a_network_drawing_noise_of_its_batchs_shape_from_its_own_generator_is_r
     """Before, refused as "a member's output is not its own" (the look-ahead's draw, not the batch's)."""
     reason = group_reason(_configs("generator_noise")[0], data=short_digits())
     assert reason is not None and "writes noise in its forward" in reason
+
+
+def test_a_network_run_once_changing_a_tensor_nested_in_an_attribute_trains_one_by_one_and_says_so() -> None:
+    """leaf_models' nested_tensor_ema: a running mean of its batches, a tensor in a list inside a dict,
+    updated in place from its third training forward on and never read into Python. Before, the checks
+    copied an attribute one level deep (the dict's list was the same object before and after), saw no
+    change, and the group shared one running mean: both trials differed silently (fp32, batch 13, seed
+    11 1.9891958634058635 grouped against 1.9853385819329157 alone)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:nested_tensor_ema", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
+    assert len(lines) == 1 and "writes stats in a later forward than its first (forward 3)" in lines[0]
+
+
+def test_a_look_ahead_forward_gives_back_a_tensor_nested_in_an_attribute() -> None:
+    model = build_leaf("nested_tensor_ema")
+    model.steps = 2  # (the next training forward updates the nested running mean in place)
+    before = model.stats["means"][0].clone()
+    find_gemms(model, torch.randn(3, 64))
+    assert model.steps == 2 and torch.equal(model.stats["means"][0], before)
+
+
+def test_a_network_holding_cyclic_attributes_trains_grouped_as_alone() -> None:
+    """leaf_models' cyclic_counter counts its forwards in a helper object holding itself and in a dict
+    holding itself. Before, comparing the group's attributes with a member's alone recursed without end
+    (RecursionError from group_reason)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:cyclic_counter", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
+    assert lines == []
+
+
+def build_leaf(name: str) -> torch.nn.Module:
+    from support import leaf_models
+
+    return getattr(leaf_models, name)((64,), 10)
+
+
+@pytest.mark.parametrize("factory, said", [
+    ("drawn_temperature", "holds temperature, which differs between the group's trials"),
+    ("constant_then_batch_ema", "reads a value of the group's tensors into Python (torch.Tensor.__float__"),
+    ("count_read_int", "reads a value of the group's tensors into Python (torch.Tensor.__int__"),
+])
+def test_a_niti_group_checks_its_networks_state_as_the_other_methods_groups_do(
+        factory: str, said: str) -> None:
+    """NITI's stacked network runs a user's network once for all its members as the other methods'
+    does, and the same checks drop it: its members' attributes as it stacks them (`attributes_apart`)
+    and the shared-state guard over every forward. Before, NITI ran neither, and all three differed
+    silently (int8 NITI, batch 13, seed 12: drawn_temperature 1.249616199069553 grouped against
+    1.269740151034461 alone, constant_then_batch_ema 1.0571146607398987 against 1.0621780024634466,
+    count_read_int 0.9724810189670987 against 1.013699346118503)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:{factory}", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="niti", format="int8", threads=1)
+    lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
+    assert len(lines) == 1 and said in lines[0]
+
+
+def test_a_network_holding_a_layer_outside_its_module_tree_is_refused_a_group_naming_it() -> None:
+    """leaf_models' listed_layers holds a residual Linear in a Python list (not nn.ModuleList): outside
+    the module tree, so the group's stacking does not reach it, and the forward check's second member
+    (its tree's parameters changed) shared the first's too. Before, the group ran the first trial's
+    Linear for every member, silently (fp32, batch 13, seed 12 1.9440849357181125 grouped against
+    1.9453133742014568 alone)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:listed_layers", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    data = short_digits()
+    reason = group_reason(base, data=data, members=range(2, 4))
+    assert reason is not None and "holds a Linear in blocks[] outside its module tree" in reason
+    assert_group_trains_as_alone([base.replace(seed=seed) for seed in (11, 12)], data)
+
+
+class _CountingScale(torch.nn.Module):
+    """A user's weightless layer that counts its training forwards in a Python int."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        return x * (1.0 + 1e-3 * self.steps)
+
+
+class _HoldingOutside(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 5)
+        self.norms = [torch.nn.BatchNorm1d(5)]
+        self.__dict__["scale"] = _CountingScale()  # (a plain attribute: not registered)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.norms[0](self.a(x)))
+
+
+def test_a_look_ahead_forward_gives_back_the_state_of_modules_held_outside_the_module_tree() -> None:
+    """A BatchNorm in a Python list and a user's counting layer in a plain attribute: before, state_kept
+    took the module tree's modules only, and a look-ahead forward left the BatchNorm's running mean and
+    batch count advanced and the counter at 1."""
+    model = _HoldingOutside()
+    find_gemms(model, torch.randn(4, 6))
+    norm = model.norms[0]
+    assert model.scale.steps == 0 and int(norm.num_batches_tracked) == 0
+    assert torch.equal(norm.running_mean, torch.zeros(5)) and torch.equal(norm.running_var, torch.ones(5))
+
+
+class _ListedActivation(torch.nn.Module):
+    """A Linear and an activation held in a Python list: torch's weightless layer, or the user's own."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 5)
+        self.acts = [_CountingScale() if own else torch.nn.ReLU()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.acts[0](self.a(x))
+
+
+def test_torchs_weightless_layer_outside_the_module_tree_stacks_and_a_users_own_is_refused() -> None:
+    from dse.train.stacked import stack_reason
+
+    example = torch.randn(4, 6)
+    assert stack_reason(_ListedActivation(own=False), example) is None
+    reason = stack_reason(_ListedActivation(own=True), example)
+    assert reason is not None and "holds a _CountingScale in acts[] outside its module tree" in reason

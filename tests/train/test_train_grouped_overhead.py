@@ -196,6 +196,53 @@ def test_a_group_of_several_runs_steps_each_member_as_its_own_optimizer_alone_wo
                 assert torch.equal(_bits(member), _bits(value))
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_a_groups_adam_steps_with_the_implementation_torch_takes_for_a_run_alone_on_a_device(
+        optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch steps a run alone with its foreach Adam (its default for CUDA tensors, made here the
+    default for CPU ones), a group of several runs steps with it too, and where torch loops over the
+    tensors alone, the group loops: the group's members get the kernels, so the bits, of `dse train`
+    on every device (SGD, whose CPU foreach is a loop over the per-tensor kernels, steps foreach
+    everywhere: the test above)."""
+    import torch.optim.adam as adam_module
+
+    from dse.train.optim import plain_optimizer
+
+    taken: list[str] = []
+
+    def spy(name: str) -> Callable[..., Any]:
+        original = getattr(adam_module, name)
+
+        def taking(*args: Any, **kwargs: Any) -> Any:
+            taken.append(name)
+            return original(*args, **kwargs)
+        return taking
+
+    for name in ("_multi_tensor_adam", "_single_tensor_adam"):
+        monkeypatch.setattr(adam_module, name, spy(name))
+    configs = [BASE.replace(seed=g, optimizer=optimizer, lr=lr) for g, lr in enumerate([1e-3, 2e-3])]
+    for device_default in (False, True):
+        monkeypatch.setattr(adam_module, "_default_to_fused_or_foreach",
+                            lambda *args, _foreach=device_default, **kwargs: (False, _foreach))
+        with _run_settings(1):
+            setup, _ = _group(configs)
+            setup.on_epoch_start(0)
+            params = list(setup.model.parameters())
+            alone = plain_optimizer(optimizer, [p.detach()[0].clone().requires_grad_() for p in params],
+                                    1e-3, 0.0, 0.0)
+            taken.clear()
+            for p in params:
+                p.grad = torch.ones_like(p)
+            setup.step()
+            grouped = list(taken)
+            taken.clear()
+            for t in alone.param_groups[0]["params"]:
+                t.grad = torch.ones_like(t)
+            alone.step()
+        expected = "_multi_tensor_adam" if device_default else "_single_tensor_adam"
+        assert set(grouped) == set(taken) == {expected}
+
+
 def test_a_diverging_member_of_a_group_of_one_run_equals_its_run_alone(
         digits: Any, stacked_same_as_alone: Callable[..., Any]) -> None:
     """fp16 at lr 25: seed 0 overflows in the first epoch, seeds 1 and 2 do not; all three share one

@@ -1,8 +1,9 @@
 """A module the group runs once for all its members (a user's network) that reads a value of the
-group's tensors into Python (`float(h.mean())`, `.item()`, `.tolist()`) reads one number for the whole
-group, where alone each trial reads its own; what it keeps of it the attribute checks may not see (an
-attribute whose first value is the same in every member, a change nested inside a container). Such a
-read in a later forward than the group's first drops the group (dse.train.stacked.StackedModel's
+group's tensors into Python, of any dtype (`float(h.mean())`, `int((h > 0).sum())`, `.item()`,
+`.tolist()`, `len(h.nonzero())`, an `if` on a count) reads one number for the whole group, where alone
+each trial reads its own; what it keeps of it the attribute checks may not see (an attribute whose
+first value is the same in every member). Such a read in a later forward than the group's first drops
+the group (dse.train.stacked.StackedModel's
 shared-state guard, dse.train.member_kernels.MemberKernelMode.read): its trials train one by one, with
 one line saying so. Grouped results are compared with runs alone on fresh models and tensors."""
 
@@ -12,7 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.group_runs import assert_group_trains_as_alone, short_digits, train_group_saying
+from support.group_runs import (
+    assert_group_trains_as_alone,
+    lines_of_a_stacking_group,
+    short_digits,
+    train_group_saying,
+)
 from torch import Tensor, nn
 
 from dse.train import TrainConfig
@@ -25,17 +31,13 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
 
 @pytest.mark.parametrize("model, said", [
     ("constant_then_batch_ema", "torch.Tensor.__float__ of a () torch.float32 tensor"),
-    ("nested_history", "holds history, which differs between the group's trials as it stacks them"),
     ("constant_then_batch_tensor_ema", "writes floating-point tensors in ema in a later forward"),
     ("constant_then_batch_tensor_list", "writes floating-point tensors in means in a later forward"),
 ])
 def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trains_one_by_one_and_says_so(
         model: str, said: str) -> None:
     """leaf_models' constant_then_batch_ema (a float set to 0.0 at its first training forward, the same
-    in every member, then updated from its batch's hidden mean), nested_history (its batches' hidden
-    means appended to a list inside a dict: the checks compare a container's items one level deep; the
-    look-ahead forward that finds the GEMMs appends to the first member's, so the members differ as
-    the group stacks them),
+    in every member, then updated from its batch's hidden mean),
     constant_then_batch_tensor_ema (the running mean a tensor, never read into Python) and
     constant_then_batch_tensor_list (a list of tensors: a zero first, then its batches' means). Before,
     all four stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
@@ -43,12 +45,23 @@ def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trai
     1.985089103380839 alone)."""
     base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
                        optimizer="sgd", format="fp32", threads=1)
-    data = short_digits()
-    configs = [base.replace(seed=seed) for seed in (11, 12)]
-    assert group_reason(base, data=data, members=range(2, 4)) is None
-    _, lines = train_group_saying(configs, data)
+    lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
     assert len(lines) == 1 and said in lines[0] and "\n" not in lines[0]
-    assert_group_trains_as_alone(configs, data)
+
+
+def test_a_network_appending_its_batchs_means_to_a_list_inside_a_dict_is_refused_a_group_naming_it() -> None:
+    """leaf_models' nested_history: its batches' hidden means appended to a list inside a dict. The
+    checks copy an attribute at any depth, so the forward check sees the group's forward append the
+    group's mean where each member alone appends its own. Before, they copied one level deep: the
+    look-ahead that finds the GEMMs appended to the first member's list and left it so, the group was
+    dropped only as it was set up (the members' attributes differed), and every run differed silently
+    before that drop was added (27 of 27 runs, fp32, batch 7/13/50, G 2-4)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:nested_history", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    data = short_digits()
+    reason = group_reason(base, data=data, members=range(2, 4))
+    assert reason is not None and "writes history in its forward from its batch" in reason
+    assert_group_trains_as_alone([base.replace(seed=seed) for seed in (11, 12)], data)
 
 
 def test_a_network_branching_on_a_comparison_of_its_weights_trains_one_by_one_and_says_so() -> None:
@@ -66,20 +79,53 @@ def test_a_network_branching_on_a_comparison_of_its_weights_trains_one_by_one_an
     assert_group_trains_as_alone(configs, data)
 
 
-def test_the_member_mode_records_the_first_read_of_a_floating_point_tensors_values() -> None:
+@pytest.mark.parametrize("model, said", [
+    ("count_read_int", "torch.Tensor.__int__ of a () torch.int64 tensor"),
+    ("count_read_item", "torch.Tensor.item of a () torch.int64 tensor"),
+    ("count_read_tolist", "torch.Tensor.tolist of a (26,) torch.int64 tensor"),
+    ("count_read_nonzero", "torch.Tensor.nonzero of a (26, 37) torch.bool tensor"),
+    ("count_read_branch", "torch.Tensor.__bool__ of a () torch.int64 tensor"),
+])
+def test_a_network_reading_a_count_of_its_batch_into_python_trains_one_by_one_and_says_so(
+        model: str, said: str) -> None:
+    """leaf_models' ConstantThenBatchCount: a Python int, 0 at the first training forward (the same in
+    every member), then a count of its batch's positive hidden units read out of an integer tensor
+    (`int()`, `.item()`, `.tolist()`, `len(.nonzero())`, an `if` on its parity). Before, the member mode
+    recorded reads of floating-point and bool tensors only, and all five stacked and differed silently
+    (fp32, batch 13, seeds 11 and 12: count_read_int seed 11 1.7453631824917264 grouped against
+    1.864704926808675 alone, count_read_branch 1.9069008297390408 against 1.737455791897244)."""
+    base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
+                       optimizer="sgd", format="fp32", threads=1)
+    lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
+    assert len(lines) == 1 and said in lines[0] and "\n" not in lines[0]
+
+
+def test_the_member_mode_records_the_first_read_of_a_tensor_that_may_hold_the_groups_values() -> None:
     mode = MemberKernelMode(2, 3)
+    group = torch.randn(6, 4)  # (made outside the mode: the folded batch, a weight, an attribute)
     with mode:
-        int(torch.arange(6).sum())  # (an integer tensor: an index, a count)
-        torch.randn(6, 4).sum(1) * 2.0
+        int(torch.arange(6).sum())  # (made in the forward from no tensor of the group's: a constant)
+        positions = torch.ones(3, 3).triu().nonzero()
+        assert bool(torch.equal(positions, positions)) and len(positions.tolist()) == 6
+        group.sum(1) * 2.0
     assert mode.read is None
     with mode:
-        bool(torch.randn(6, 4).max() > 0)
-    assert mode.read == "torch.Tensor.__bool__ of a () torch.bool tensor"
-    mode.read = None
-    with mode:
-        torch.randn(6, 4).tolist()
-        float(torch.randn(6, 4).mean())
-    assert mode.read == "torch.Tensor.tolist of a (6, 4) torch.float32 tensor"
+        counts = torch.zeros(2, dtype=torch.long)
+        counts.add_((group > 0).sum(0)[:2])  # (a constant written with the group's values)
+        counts.tolist()
+    assert mode.read == "torch.Tensor.tolist of a (2,) torch.int64 tensor"
+    for read, said in [(lambda: bool(group.max() > 0), "__bool__ of a () torch.bool tensor"),
+                       (lambda: int((group > 0).sum()), "__int__ of a () torch.int64 tensor"),
+                       (lambda: group[group > 0], "__getitem__ of a (6, 4) torch.float32 tensor"),
+                       (lambda: torch.where(group > 0), "torch.where of a (6, 4) torch.bool tensor"),
+                       (lambda: 0.5 in group, "__contains__ of a (6, 4) torch.float32 tensor"),
+                       (lambda: bool(torch.rand(()) > 0.5), "__bool__ of a () torch.bool tensor")]:
+        mode.read = None
+        mode.constants.clear()
+        with mode:
+            group[:, 1:] * 2  # (slicing sizes nothing by values)
+            read()
+        assert mode.read is not None and mode.read.endswith(said)
 
 
 def test_a_layer_run_member_by_member_that_keeps_its_batches_peaks_trains_grouped_as_alone() -> None:
@@ -111,3 +157,19 @@ class _SumScaled(nn.Module):
 def test_a_value_read_that_scales_with_the_batch_is_still_found_by_the_batch_size_check() -> None:
     reason = batch_size_reason(_SumScaled(), torch.randn(2, 8), [Forward(7, True)], [2])
     assert reason is not None and "Tensor.div" in reason
+
+
+def test_a_causal_mask_built_in_the_forward_is_no_value_read_and_one_built_before_it_is() -> None:
+    """nn.TransformerEncoder compares a mask given without `is_causal` with a causal one (a bool read):
+    of a mask the forward made from constants, a value every member reads alike; of one made before
+    the forward (an attribute, an argument), one the mode cannot tell from the group's."""
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1,
+                                    enable_nested_tensor=False)
+    x, before = torch.randn(6, 5, 8), nn.Transformer.generate_square_subsequent_mask(5)
+    reads = []
+    for built_inside in (True, False):
+        mode = MemberKernelMode(2, 3)
+        with mode:
+            encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(5) if built_inside else before)
+        reads.append(mode.read)
+    assert reads == [None, "torch.Tensor.__bool__ of a () torch.bool tensor"]

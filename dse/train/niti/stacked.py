@@ -391,6 +391,7 @@ class FoldedNitiNetwork(nn.Module):
 
     def __init__(self, network: nn.Module, members: int) -> None:
         from dse.train.member_kernels import MemberKernels, may_call_position_dependent
+        from dse.train.stacked import SharedStateGuard
 
         super().__init__()
         self.network, self.members = network, members
@@ -399,12 +400,16 @@ class FoldedNitiNetwork(nn.Module):
         """A user's module may call a function whose CPU kernel's last bit depends on where an element
         sits (SiLU, sigmoid, ...) on the float values the next NITI layer re-quantizes: run member by
         member (dse/train/member_kernels.py), as a stacked float network runs it."""
+        self.__dict__["shared_state"] = SharedStateGuard(network, self.member_kernels)
+        """A user's module run once for all members that keeps state of its batch drops the group, as
+        in a stacked float network (`StackedModel`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.member_kernels is None:
-            return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
-        with self.member_kernels.interrupt_safe():
-            return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+        with self.__dict__["shared_state"].watching():
+            if self.member_kernels is None:
+                return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
+            with self.member_kernels.interrupt_safe():
+                return self.network(x.flatten(0, 1)).unflatten(0, (self.members, -1))
 
 
 def _stacked_niti_layer(module: nn.Module, layers: list[nn.Module], members: int) -> nn.Module | None:
