@@ -303,19 +303,27 @@ RANDOM_FUNCTIONS: frozenset[Any] = frozenset({
 even from constant inputs (a call given a generator is none either)."""
 
 
-def _root(t: Tensor) -> Tensor:
-    """The tensor whose storage t views (t itself where it owns its storage)."""
+def _storage(t: Tensor) -> int:
+    """The key of the memory t's values live in: its storage's address, shared by every view and alias
+    of it (`t[1:]`, `t.detach()`, `t.data`), so a write through any of them is a write to all; for a
+    tensor of no memory (address 0) or none of its own to show (a sparse or nested tensor), the tensor
+    it views, or itself."""
+    try:
+        address = t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        address = 0
+    if address:
+        return address
     base = t._base
-    return t if base is None else base
+    return id(t if base is None else base)
 
 
 def _made_of(args: Sequence[Any], constants: dict[int, Tensor]) -> bool:
-    """Whether every tensor among `args` (or in a list or tuple of them) is one of `constants` (by its
-    root) and none is a random generator."""
+    """Whether every tensor among `args` (or in a list or tuple of them) lives in the memory of one of
+    `constants` (`_storage`) and none is a random generator."""
     for a in args:
         if isinstance(a, Tensor):
-            root = _root(a)
-            if constants.get(id(root)) is not root:
+            if _storage(a) not in constants:
                 return False
         elif isinstance(a, list | tuple):
             if not _made_of(a, constants):
@@ -1033,8 +1041,8 @@ class MemberKernelMode(RecomputedMode):
         member reads its member's own): a number that holds the whole group's values, as a running
         statistic kept in a Python attribute would (`StackedModel._shared_state_guarded`)."""
         self.constants: dict[int, Tensor] = {}
-        """The tensors (by id, roots of views: `_root`) this forward made from no tensor of the group's:
-        by a call, outside our own layers, of no tensor or of these only, drawing no random numbers
+        """The tensors (by the memory they live in: `_storage`) this forward made from no tensor of the
+        group's: by a call, outside our own layers, of no tensor or of these only, drawing no random numbers
         (`torch.arange(n)`, a mask from `torch.ones`), and not written since by a call of another
         (`c.add_(h)`, `c[i] = h`). They hold the same values in a group as alone, so reading them is no
         value read; any other tensor (the folded batch, a weight, an attribute, a layer's output) may
@@ -1114,13 +1122,13 @@ class MemberKernelMode(RecomputedMode):
         out = self._call(func, args, kwargs)
         if made_of_constants and func not in RANDOM_FUNCTIONS:
             for t in _tensors_in(out):
-                constants[id(_root(t))] = _root(t)
+                constants[_storage(t)] = t  # (held: its memory is not freed and given to another)
         elif constants:  # what the call wrote (in place, out=, a setitem) holds the group's values now
             written = [*_tensors_in(out), *_tensors_in(kwargs.get("out"))]
             if out is None:
                 written += [t for a in args for t in _tensors_in(a)]
             for t in written:
-                constants.pop(id(_root(t)), None)
+                constants.pop(_storage(t), None)
         return self._followed(func, args, kwargs, out)
 
     def _followed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:

@@ -1596,7 +1596,7 @@ class SharedStateGuard:
         Python attribute its first forward did not write raises MemberStateUnstacked: the group shares
         what each member alone keeps its own (a running float updated from the second step on), and
         the forward check (`stack_reason`), one forward long, judged only the first forward's writes.
-        So does a later forward that writes a floating-point tensor attribute, or reads a value of the
+        So does a later forward that writes a tensor attribute (of any dtype), or reads a value of the
         group's tensors into Python outside our own layers (`MemberKernelMode.read`): what it keeps
         the names cannot tell (a value first written the same in every member, then from its batch)."""
         modules = self.modules
@@ -1616,10 +1616,10 @@ class SharedStateGuard:
                     f"runs it once for all its members, who would share that state (alone each trial keeps "
                     f"its own)")
         for (name, m), now in zip(modules, written, strict=True):
-            tensors = [a for a in sorted(now) if _holds_floating_tensor(vars(m).get(a))]
+            tensors = [a for a in sorted(now) if _holds_tensor(vars(m).get(a))]
             if tensors:
                 raise MemberStateUnstacked(
-                    f"its {type(m).__name__} {name or '(the model)'} writes floating-point tensors in "
+                    f"its {type(m).__name__} {name or '(the model)'} writes tensors in "
                     f"{', '.join(tensors)} in a later forward than its first (forward "
                     f"{self.forwards}), and a group runs it once for all its members, who would "
                     f"share it where it comes from their batch (alone each trial keeps its own)")
@@ -1632,10 +1632,10 @@ class SharedStateGuard:
                 f"written the same in every member) would be shared")
 
 
-def _holds_floating_tensor(value: Any) -> bool:
-    """Whether an attribute's value is a floating-point tensor or holds one at any depth (`held`): a
-    value a forward may have computed from its batch without reading it."""
-    return any(isinstance(item, Tensor) and item.is_floating_point() for item in held(value))
+def _holds_tensor(value: Any) -> bool:
+    """Whether an attribute's value is a tensor of any dtype or holds one at any depth (`held`): a value
+    a forward may have computed from its batch without reading it (a mean, a count of positive units)."""
+    return any(isinstance(item, Tensor) for item in held(value))
 
 
 def stored_weights(model: nn.Module) -> list[tuple[Tensor, TensorQuant]]:

@@ -715,6 +715,28 @@ def constant_then_batch_tensor_ema(shape: tuple[int, ...], classes: int) -> nn.M
     return ConstantThenBatchTensorEma(shape[0], classes)
 
 
+class ConstantThenBatchIntegerTensor(nn.Module):
+    """A count of its batch's positive hidden units kept as an integer tensor attribute, never read
+    into Python: zero at its first training forward (the same in every member), then from its batch;
+    its hidden layer scaled by 1 plus a thousandth of it."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.a, self.head = nn.Linear(width, 37), nn.Linear(37, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        count = self.__dict__.get("count", torch.zeros((), dtype=torch.long))
+        if self.training:
+            self.count = (torch.zeros((), dtype=torch.long) if "count" not in self.__dict__
+                          else (h.detach() > 0).sum() % 1000)
+        return self.head(h * (1.0 + 1e-3 * count))
+
+
+def constant_then_batch_integer_tensor(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchIntegerTensor(shape[0], classes)
+
+
 class ConstantThenBatchTensorList(nn.Module):
     """A network (run once for a group) that scales its hidden layer by 1 plus the mean of a list of
     tensors it appends to in training: a zero at its first forward (the same in every member), then
@@ -856,7 +878,8 @@ class ConstantThenBatchCount(nn.Module):
     """A network (run once for a group) that scales its hidden layer by 1 plus a thousandth of a count
     kept in a Python int: 0 at its first training forward (the same in every member), then counted
     from its batch's positive hidden units, read out of an integer tensor as `how` says (`int()`,
-    `.item()`, `.tolist()`, `len(.nonzero())`, or an `if` on an integer tensor's parity)."""
+    `.item()`, `.tolist()`, `len(.nonzero())`, an `if` on an integer tensor's parity, or `int()` of a
+    zero made in the forward and written through its `.detach()` or `.data`)."""
 
     def __init__(self, width: int, classes: int, how: str) -> None:
         super().__init__()
@@ -880,6 +903,11 @@ class ConstantThenBatchCount(nn.Module):
             return sum(counts.tolist())
         if self.how == "nonzero":
             return len(positive.nonzero())
+        if self.how in ("detach", "data"):  # (a constant written through an alias of it, then read)
+            count = torch.zeros((), dtype=torch.long)
+            alias = count.detach() if self.how == "detach" else count.data
+            alias.copy_(counts.sum())
+            return int(count)
         if counts.sum() % 2:  # ("branch": a Python if on an integer tensor)
             return self.__dict__.get("count", 0) + 100
         return self.__dict__.get("count", 0) + 1
@@ -903,6 +931,14 @@ def count_read_nonzero(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 def count_read_branch(shape: tuple[int, ...], classes: int) -> nn.Module:
     return ConstantThenBatchCount(shape[0], classes, "branch")
+
+
+def count_read_through_detach(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "detach")
+
+
+def count_read_through_data(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return ConstantThenBatchCount(shape[0], classes, "data")
 
 
 class StepLog:

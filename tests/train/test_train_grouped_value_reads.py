@@ -31,8 +31,9 @@ LEAF_MODELS = str(Path(__file__).resolve().parent.parent / "support" / "leaf_mod
 
 @pytest.mark.parametrize("model, said", [
     ("constant_then_batch_ema", "torch.Tensor.__float__ of a () torch.float32 tensor"),
-    ("constant_then_batch_tensor_ema", "writes floating-point tensors in ema in a later forward"),
-    ("constant_then_batch_tensor_list", "writes floating-point tensors in means in a later forward"),
+    ("constant_then_batch_tensor_ema", "writes tensors in ema in a later forward"),
+    ("constant_then_batch_tensor_list", "writes tensors in means in a later forward"),
+    ("constant_then_batch_integer_tensor", "writes tensors in count in a later forward"),
 ])
 def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trains_one_by_one_and_says_so(
         model: str, said: str) -> None:
@@ -42,7 +43,9 @@ def test_a_network_keeping_a_value_of_its_batch_where_the_checks_cannot_see_trai
     constant_then_batch_tensor_list (a list of tensors: a zero first, then its batches' means). Before,
     all four stacked and every run differed silently (fp32, batch 7/13/50, G 2-4, seeds 11..10+G:
     constant_then_batch_ema seed 11 at batch 13 in G 2 1.98894911342197 grouped against
-    1.985089103380839 alone)."""
+    1.985089103380839 alone). constant_then_batch_integer_tensor: a count of positive units kept as an
+    integer tensor; when only floating-point tensor attributes counted, it stacked and differed
+    silently (seed 11 1.7453631427552965 grouped against 1.864704926808675 alone)."""
     base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
                        optimizer="sgd", format="fp32", threads=1)
     lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
@@ -85,6 +88,8 @@ def test_a_network_branching_on_a_comparison_of_its_weights_trains_one_by_one_an
     ("count_read_tolist", "torch.Tensor.tolist of a (26,) torch.int64 tensor"),
     ("count_read_nonzero", "torch.Tensor.nonzero of a (26, 37) torch.bool tensor"),
     ("count_read_branch", "torch.Tensor.__bool__ of a () torch.int64 tensor"),
+    ("count_read_through_detach", "torch.Tensor.__int__ of a () torch.int64 tensor"),
+    ("count_read_through_data", "torch.Tensor.__int__ of a () torch.int64 tensor"),
 ])
 def test_a_network_reading_a_count_of_its_batch_into_python_trains_one_by_one_and_says_so(
         model: str, said: str) -> None:
@@ -93,7 +98,12 @@ def test_a_network_reading_a_count_of_its_batch_into_python_trains_one_by_one_an
     (`int()`, `.item()`, `.tolist()`, `len(.nonzero())`, an `if` on its parity). Before, the member mode
     recorded reads of floating-point and bool tensors only, and all five stacked and differed silently
     (fp32, batch 13, seeds 11 and 12: count_read_int seed 11 1.7453631824917264 grouped against
-    1.864704926808675 alone, count_read_branch 1.9069008297390408 against 1.737455791897244)."""
+    1.864704926808675 alone, count_read_branch 1.9069008297390408 against 1.737455791897244).
+    count_read_through_{detach,data}: a zero made in the forward, written with the count through an
+    alias of it (`.detach()`, `.data`: no view, another tensor of the same memory), then read. Before,
+    the mode knew constants by tensor, and the write took the alias off its constants but not the
+    zero: both stacked and differed silently (seed 11 1.7453631824917264 grouped against
+    1.864704926808675 alone)."""
     base = TrainConfig(model=f"{LEAF_MODELS}:{model}", dataset="digits", epochs=2, batch_size=13,
                        optimizer="sgd", format="fp32", threads=1)
     lines = lines_of_a_stacking_group([base.replace(seed=seed) for seed in (11, 12)], short_digits())
@@ -108,10 +118,18 @@ def test_the_member_mode_records_the_first_read_of_a_tensor_that_may_hold_the_gr
         positions = torch.ones(3, 3).triu().nonzero()
         assert bool(torch.equal(positions, positions)) and len(positions.tolist()) == 6
         group.sum(1) * 2.0
+        sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.ones(2), (2, 2))
+        int(sparse.to_dense().sum())  # (a tensor with no storage to show: a constant all the same)
     assert mode.read is None
     with mode:
         counts = torch.zeros(2, dtype=torch.long)
         counts.add_((group > 0).sum(0)[:2])  # (a constant written with the group's values)
+        counts.tolist()
+    assert mode.read == "torch.Tensor.tolist of a (2,) torch.int64 tensor"
+    mode.read = None
+    with mode:
+        counts = torch.zeros(2, dtype=torch.long)
+        counts.detach().copy_((group > 0).sum(0)[:2])  # (written through an alias: the same memory)
         counts.tolist()
     assert mode.read == "torch.Tensor.tolist of a (2,) torch.int64 tensor"
     for read, said in [(lambda: bool(group.max() > 0), "__bool__ of a () torch.bool tensor"),
