@@ -7,7 +7,7 @@ members) where a probe of that layout finds it gives every member the bits of it
 member by member. This script times the three ways on the convolutions of the built-in CNN and ResNet
 proxies (fp32 operands; the layer's bias where it has one), in CPU time, interleaved in one process,
 and says per product (F, D, W) whether the grouped call is each member's own (y / n) and which way
-the group runs it (g: grouped, where alike and timed faster once per layout; l: member by member).
+the group runs it (g: grouped, where alike; l: member by member).
 
     python benchmarks/stacked_conv.py [--members 8] [--batch 64] [--repeat 5] [--threads 1]
 """
@@ -87,7 +87,7 @@ SITES = ("convolution", "convolution backward-data", "convolution backward-weigh
 
 def _decide(op: StackedConvOp, operands: Operands) -> tuple[str, str]:
     """Per product (F, D, W): whether its probe found the grouped call each member's own (y / n), and
-    which way the group runs it (g: grouped, alike and faster; l: member by member)."""
+    which way the group runs it (g: grouped, alike; l: member by member)."""
     x, w, b, dy = operands
     batched_sums._DECIDED.clear()
     batched_sums._MEMBER_LAYOUTS.clear()

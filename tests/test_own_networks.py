@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from support import own_networks
-from support.group_runs import assert_group_trains_as_alone, assert_grouped_as_alone, short_digits
+from support.group_runs import (
+    assert_group_trains_as_alone,
+    assert_grouped_as_alone,
+    assert_results_as_alone,
+    short_digits,
+    train_group_saying,
+)
 from torch import nn
 
 from dse.models.onnx_workload import load_onnx
@@ -270,6 +276,27 @@ def test_gemms_on_views_of_parameters_train_in_a_group_as_alone(factory: str, fm
     assert_grouped_as_alone(configs, short_digits())
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+@pytest.mark.parametrize("factory", ["more_viewed_weights", "written_views_linear"])
+def test_gemms_on_and_writes_through_other_views_of_parameters_train_in_a_group_as_alone(factory: str,
+                                                                                      fmt: str) -> None:
+    """The other views a GEMM takes (transpose, permute, .mT, swapaxes, a view of a view, narrow and
+    split along the input axis, view, unsqueeze/squeeze, a step slice), and max-norm writes through
+    views (`w.t().renorm_(2, 1, 1.0)`, `w[:8].clamp_`): each member's view of its own block."""
+    configs = [TrainConfig(model=f"support.own_networks:{factory}", dataset="digits", format=fmt,
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    assert_grouped_as_alone(configs, short_digits())
+
+
+def test_a_matmul_on_a_row_of_a_parameter_trains_one_by_one_as_alone() -> None:
+    """`x @ row` for the rows of `w.unbind(0)`: a 1-d operand per member, refused as such."""
+    configs = [TrainConfig(model="support.own_networks:unbound_rows", dataset="digits", format="fp32",
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    refused = group_reason(configs[0], data=short_digits())
+    assert refused is not None and "a matmul with a 1-d operand" in refused
+    assert_group_trains_as_alone(configs, short_digits())
+
+
 def test_a_gemm_on_a_weight_computed_from_its_parameter_trains_one_by_one_as_alone() -> None:
     """`F.linear(x, self.w / self.w.norm())` beside `F.linear(x, self.w)`: the norm is no view; refused
     with its reason, each trial as alone."""
@@ -279,3 +306,26 @@ def test_a_gemm_on_a_weight_computed_from_its_parameter_trains_one_by_one_as_alo
     assert refused is not None and "w is a GEMM's operand and also taken by torch.Tensor.norm" in refused
     assert_group_trains_as_alone(configs, short_digits())
 
+
+
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_a_transformer_encoder_given_a_mask_without_is_causal_trains_in_a_group_as_alone(fmt: str) -> None:
+    """nn.TransformerEncoder checks a mask given without `is_causal` against a causal one and reads the
+    comparison's bool in every forward; a mask the forward makes from no tensor of the group's holds
+    the same values in a group as alone, so reading it is no member's value (before: the group was
+    dropped at its second forward, "reads a value of the group's tensors into Python")."""
+    configs = [TrainConfig(model="support.own_networks:masked_encoder", dataset="digits", format=fmt,
+                           epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    assert_grouped_as_alone(configs, short_digits())
+
+
+def test_a_transformer_encoder_given_a_mask_made_from_its_batch_trains_one_by_one_as_alone() -> None:
+    """The same mask scaled by a statistic of the batch is the group's batch's: torch's read of it in a
+    later forward drops the group (its line says so), and each trial trains as alone."""
+    configs = [TrainConfig(model="support.own_networks:batch_masked_encoder", dataset="digits",
+                           format="fp32", epochs=1, batch_size=50, seed=seed) for seed in (0, 1)]
+    results, said = train_group_saying(configs, short_digits())
+    assert len(said) == 1 and "reads a value of the group's tensors into Python" in said[0]
+    assert_results_as_alone(configs, results, short_digits())

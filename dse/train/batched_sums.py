@@ -23,9 +23,9 @@ on CUDA whatever cuBLAS picks for a batched call against a single one. Two ways 
   elements; a quantized run's operands (few mantissa bits) can only agree more often, never less.
 
 A stacked convolution's products ask `member_layouts`: no rule is known for oneDNN's or cuDNN's
-grouped convolution, so the probe decides alone, and it also records the strides of each member's own
-outputs (the group stores them so); a grouped call found alike runs only where it also timed faster
-than the members' own calls once (`_batched_is_faster`), a choice that changes the speed, never a bit.
+grouped convolution, so the probe decides alone (on normal operands and on operands whose products
+all underflow: a grouped kernel may start its sums otherwise, giving +0 where the member's own call
+gives -0), and it also records the strides of each member's own outputs (the group stores them so).
 
 A decided call still builds its key: torch tells nobody when a setting changes, so every setting
 is read at every call (`_library_state`, each by its cheapest read; only MKL's mode, once MKL refuses
@@ -56,7 +56,6 @@ import ctypes
 import functools
 import math
 import os
-import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
@@ -243,55 +242,21 @@ def member_layouts(site: Hashable, batched: Callable[..., Tensor | tuple[Tensor,
                    operands: Sequence[Tensor]) -> OutputLayouts | None:
     """Where `batched(*operands)` gives every member g bit for bit `each(*(o[g] for o in operands))`
     as the member computes it alone (decided as `sums_as_members` decides without a rule: a probe per
-    layout; `decided` reports it) and takes less time than the members' calls one by one
-    (`_batched_is_faster`), the strides of each of a member's own outputs alone (`each` may give
-    several): a caller that stores the members' outputs in them hands later operations what each
-    member hands them alone. None otherwise - the caller runs member by member - and under
-    `unprobed`. Where both give the members' bits the choice changes the speed, never a result."""
+    layout, with signed zeros too (`_probe_layouts`' `underflowing`); `decided` reports it), the
+    strides of each of a member's own outputs alone (`each` may give several): a caller that stores
+    the members' outputs in them hands later operations what each member hands them alone. None
+    otherwise - the caller runs member by member - and under `unprobed`. Never timed: a choice by
+    speed would follow the machine's load, and a grouped call alike on every probe is still another
+    kernel, so the path, and with it any bit a probe missed, would not be the same seed's same
+    result."""
     if _UNPROBED.get():
         return None
     key = (site, _library_state(operands[0]), tuple(map(_layout, operands)), 0)
     if key not in _DECIDED:
-        layouts = _probe_layouts(batched, each, operands)
+        layouts = _probe_layouts(batched, each, operands, underflowing=True)
         _DECIDED[key] = (layouts is not None, ())
-        faster = layouts is not None and _batched_is_faster(batched, each, operands)
-        _MEMBER_LAYOUTS[key] = layouts if faster else None
+        _MEMBER_LAYOUTS[key] = layouts
     return _MEMBER_LAYOUTS.get(key)
-
-
-TIMED_CALLS = 3
-"""How many times `_batched_is_faster` times each way (interleaved; the best counts)."""
-
-
-def _batched_is_faster(batched: Callable[..., object], each: Callable[..., object],
-                       operands: Sequence[Tensor]) -> bool:
-    """Whether `batched` takes less time than `each` over the members, on random operands of
-    `operands`' layout after a probe ran both once (the library's first-call setup behind them): best
-    of `TIMED_CALLS`, interleaved, in CPU time on the CPU (the process's, all threads: what a
-    sweep's workers share), else in wall time with the device synchronized. A grouped convolution
-    alike for its members was 0.2-4x the time of their own calls (benchmarks/stacked_conv.py)."""
-    generator = torch.Generator().manual_seed(PROBE_SEED)
-    on_cpu = operands[0].is_cpu
-    clock = time.process_time if on_cpu else time.perf_counter
-    with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
-        probe = [_random_like(t, generator) for t in operands]
-        members = range(probe[0].shape[0])
-        ways: list[Callable[[], object]] = [lambda: batched(*probe),
-                                            lambda: [each(*(t[g] for t in probe)) for g in members]]
-        best = [math.inf, math.inf]
-        for _ in range(TIMED_CALLS):
-            for way, run in enumerate(ways):
-                _synchronize(probe[0])
-                started = clock()
-                run()
-                _synchronize(probe[0])
-                best[way] = min(best[way], clock() - started)
-    return best[0] < best[1]
-
-
-def _synchronize(t: Tensor) -> None:
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
 
 
 def _aligned(operands: Sequence[Tensor], aligning: int) -> tuple[Tensor, ...]:
@@ -464,9 +429,11 @@ def _probe(batched: Callable[..., Tensor], each: Callable[..., Tensor], operands
 
 def _probe_layouts(batched: Callable[..., Tensor | tuple[Tensor, ...]],
                    each: Callable[..., Tensor | tuple[Tensor, ...]],
-                   operands: Sequence[Tensor]) -> OutputLayouts | None:
+                   operands: Sequence[Tensor], underflowing: bool = False) -> OutputLayouts | None:
     """Where `batched` gives each member's `each`, bit for bit, on random operands of `operands`'
-    layout (each output of several: a tuple), the strides of member 0's own outputs; else None. It
+    layout (each output of several: a tuple), the strides of member 0's own outputs; else None.
+    `underflowing`: one more draw scaled so that every product underflows to a signed zero, whose
+    sums' signs show how a kernel starts them (normal operands never sum to zero). It
     holds those operands, the batched output and one member's output at a time beside the run's own
     tensors (in a transformer proxy group of 32, int8, batch 64, 2 threads, at most 28 MiB, its FFN's
     forward baddbmm; comparing every member's output at once, as before, held three outputs: 67 MiB),
@@ -474,25 +441,44 @@ def _probe_layouts(batched: Callable[..., Tensor | tuple[Tensor, ...]],
     without (dse/train/memory.py)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
     compared = draws = 0
-    layouts: OutputLayouts = ()
+    layouts: OutputLayouts | None = ()
     with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
-        while compared < PROBE_ELEMENTS and draws < PROBE_DRAWS:
-            probe = [_random_like(t, generator) for t in operands]
-            together = _outputs(batched(*probe))
-            members = operands[0].shape[0]
-            if any(t.dim() == 0 or t.shape[0] != members for t in together):
-                return None
-            alone = [at_alone_alignment(t) for t in probe]
-            for g in range(members):  # one member's output at a time: the probe's memory stays small
-                own = _outputs(each(*(t[g] for t in alone)))
-                if len(own) != len(together) or not all(
-                        _same_bits(t[g], o)
-                        for o, t in zip(own, together, strict=True)):
-                    return None
-                if g == 0:
-                    layouts = tuple(o.stride() for o in own)
-            compared, draws = compared + max(1, sum(t.numel() for t in together)), draws + 1
+        while layouts is not None and compared < PROBE_ELEMENTS and draws < PROBE_DRAWS:
+            layouts, outputs = _draw_layouts(batched, each, operands, generator, 1.0)
+            compared, draws = compared + max(1, outputs), draws + 1
+        if layouts is not None and underflowing:
+            layouts, _ = _draw_layouts(batched, each, operands, generator,
+                                       _underflowing_scale(operands[0].dtype))
     return layouts
+
+
+def _draw_layouts(batched: Callable[..., Tensor | tuple[Tensor, ...]],
+                  each: Callable[..., Tensor | tuple[Tensor, ...]], operands: Sequence[Tensor],
+                  generator: torch.Generator, scale: float) -> tuple[OutputLayouts | None, int]:
+    """One draw of `_probe_layouts` (random operands x `scale`): member 0's output strides where every
+    member's output agrees (else None), and how many output elements were compared."""
+    probe = [_random_like(t, generator, scale) for t in operands]
+    together = _outputs(batched(*probe))
+    members = operands[0].shape[0]
+    if any(t.dim() == 0 or t.shape[0] != members for t in together):
+        return None, 0
+    alone = [at_alone_alignment(t) for t in probe]
+    layouts: OutputLayouts = ()
+    for g in range(members):  # one member's output at a time: the probe's memory stays small
+        own = _outputs(each(*(t[g] for t in alone)))
+        if len(own) != len(together) or not all(_same_bits(t[g], o)
+                                                for o, t in zip(own, together, strict=True)):
+            return None, 0
+        if g == 0:
+            layouts = tuple(o.stride() for o in own)
+    return layouts, sum(t.numel() for t in together)
+
+
+def _underflowing_scale(dtype: torch.dtype) -> float:
+    """A power of two that brings normal random operands of `dtype` so low that each product of two
+    underflows to a signed zero (fp32: 2^-83, products near 2^-166 below the least subnormal 2^-149)."""
+    least_exponent = math.floor(math.log2(torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps))
+    return 2.0 ** (least_exponent // 2 - 8)
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
@@ -503,13 +489,13 @@ def _outputs(result: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return (result,) if isinstance(result, Tensor) else tuple(result)
 
 
-def _random_like(t: Tensor, generator: torch.Generator) -> Tensor:
-    """Normal random values in `t`'s device, dtype, shape, strides and address modulo
+def _random_like(t: Tensor, generator: torch.Generator, scale: float = 1.0) -> Tensor:
+    """Normal random values (x `scale`) in `t`'s device, dtype, shape, strides and address modulo
     `alignment_bytes(t)` (an expanded operand stays expanded)."""
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) \
         if t.numel() else 0
     shift = t.data_ptr() % alignment_bytes(t) // t.element_size()
-    storage = torch.randn(extent + shift, generator=generator).to(device=t.device, dtype=t.dtype)
+    storage = (torch.randn(extent + shift, generator=generator) * scale).to(device=t.device, dtype=t.dtype)
     return storage.as_strided(tuple(t.shape), t.stride(), shift)
 
 

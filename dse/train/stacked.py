@@ -19,7 +19,7 @@ Layers with weights take the folded batch apart:
   dse/train/batched_sums.py), the GEMMs run member by member (`member_gemm`).
 - Conv1d/Conv2d: the operands are quantized for all members in one call; each of the three
   convolution products runs as one grouped convolution (groups = G over channel-stacked members)
-  where a probe of its layout finds it gives every member its own call's bits and it times faster,
+  where a probe of its layout finds it gives every member its own call's bits (signed zeros too),
   else member by member (`StackedConvOp`): oneDNN picks its algorithm for a grouped call by shape,
   and on some shapes it sums otherwise than a member's own (docs/training.md lists the proxies').
 - Matmul (attention's q k^T and p v): both operands quantized per member, one batched matmul
@@ -494,7 +494,7 @@ class StackedConvOp:
     products - forward, backward-data, backward-weight (with the bias gradient where torch's autograd
     computes it in the same call, `plain_grads`) - runs as one grouped convolution (groups = G x the
     layer's, the members' channels stacked) where a probe of its layout finds that call gives every
-    member its own product's bits and it times faster than the members' calls
+    member its own product's bits, signed zeros included (never timed: the path would follow the load)
     (`batched_sums.member_layouts`), else member by member, each member's own call. Either way each
     member's output lies in the layout it has alone (`stack_as_alone`, `_members_in_layouts`): a
     layout orders later sums. Accumulated GEMMs run member by member, each with its member's

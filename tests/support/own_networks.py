@@ -2,8 +2,9 @@
 its last step, an LSTM read from its final state or (batch_first=False) its last step, a GRU or LSTM
 given its initial state (and an LSTM run along its batch by mistake), a weight used by two GEMMs (tied
 through `.t()`, a layer applied again), `torch.cdist` against a layer's weight (prototypes) and
-between a sample's tokens, GEMMs on views of parameters or on a weight computed from one, and layers
-that write their GEMM's weight in place (a max-norm renorm, or from another tensor). Each factory takes
+between a sample's tokens, GEMMs on views of parameters or on a weight computed from one, layers
+that write their GEMM's weight (or a view of it) in place (a max-norm renorm, or from another tensor),
+and an nn.TransformerEncoder given a causal mask without `is_causal`. Each factory takes
 the sample shape and the class count (digits: 64 features, 8x8 images), as
 `model: support.own_networks:factory`."""
 
@@ -358,3 +359,89 @@ class NormalizedWeight(nn.Module):
 
 def normalized_weight(shape: tuple[int, ...], classes: int) -> nn.Module:
     return NormalizedWeight(shape[0], classes)
+
+
+class MoreViewedWeights(nn.Module):
+    """GEMMs on the other views a forward makes of its parameters: `transpose`, `permute`, `.mT`,
+    `swapaxes`, a view of a view (`w.t()[:, :32]`), `narrow` and `split` along the input axis (each
+    half of the input by its half of the columns), `view` there and back, `unsqueeze` then `squeeze`,
+    and every other row (`v[::2]`)."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, features) * 0.1)
+        self.v = nn.Parameter(torch.randn(32, 32) * 0.2)
+        self.u = nn.Parameter(torch.randn(classes, 16) * 0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, v, half = self.w, self.v, x.shape[1] // 2
+        h = torch.tanh(x @ w.transpose(0, 1) + x @ w.permute(1, 0)[:, :32] + x @ w.mT)
+        h = h + torch.tanh(nn.functional.linear(x[:, :half], w.narrow(1, 0, half))
+                           + nn.functional.linear(x[:, half:], torch.split(w, half, dim=1)[1]))
+        h = torch.tanh(h @ torch.swapaxes(v, 0, 1) + nn.functional.linear(h, v.view(-1).view(32, 32)))
+        h = torch.tanh(nn.functional.linear(h, v.unsqueeze(0).squeeze(0)[::2]))
+        return nn.functional.linear(h, self.u)
+
+
+def more_viewed_weights(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return MoreViewedWeights(shape[0], classes)
+
+
+class WrittenViewsLinear(MaxNormLinear):
+    """As MaxNormLinear, its max-norm written through views of its weight under no_grad: its transpose
+    renormed along the transpose's second axis (`w.t().renorm_(2, 1, 1.0)`, the weight's rows) and its
+    first 8 rows clamped (`w[:8].clamp_(-0.1, 0.1)`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.weight.t().renorm_(2, 1, 1.0)
+            self.weight[:8].clamp_(-0.1, 0.1)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def written_views_linear(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return nn.Sequential(WrittenViewsLinear(shape[0], 32), nn.Tanh(), nn.Linear(32, classes))
+
+
+class UnboundRows(nn.Module):
+    """`x @ r` for each row r of `self.w.unbind(0)`: a matmul with a 1-d operand per member."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(classes, features) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([x @ row for row in self.w.unbind(0)], 1)
+
+
+def unbound_rows(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return UnboundRows(shape[0], classes)
+
+
+class MaskedEncoder(nn.Module):
+    """Tokens (the image's 8 rows, embedded) through an nn.TransformerEncoder given a causal mask it
+    makes each forward, without `is_causal` (torch then checks the mask against a causal one and reads
+    the comparison's bool); `scaled` multiplies the mask by a statistic of the batch first, which
+    leaves it causal but makes it the batch's."""
+
+    def __init__(self, scaled: bool, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, classes)
+        self.scaled = scaled
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(8)
+        if self.scaled:
+            mask = mask * (1 + x.abs().mean())
+        return self.head(self.encoder(self.embed(x.reshape(len(x), 8, 8)), mask=mask)[:, -1])
+
+
+def masked_encoder(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return MaskedEncoder(False, classes)
+
+
+def batch_masked_encoder(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return MaskedEncoder(True, classes)
