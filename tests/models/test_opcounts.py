@@ -191,6 +191,7 @@ TRIALS: list[dict[str, Any]] = [
     {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "int8"},
     {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "fp32"},
     {"model": "support.checkpointed:reentrant", "dataset": "digits", "format": "posit8"},
+    {"model": "support.checkpointed:training_only", "dataset": "digits", "format": "int8"},
     {"model": "support.checkpointed:sequential", "dataset": "digits", "format": "int8",
      "accumulation": "fp16", "accumulation_chunk": 8},
 ]
