@@ -21,7 +21,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -206,10 +206,11 @@ def _exact_gelu(func: Any, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, A
 
 
 def _member_axis(x: Tensor, members: int, rows: int | None) -> int | None:
-    """The axis of x that holds the members' samples, member-major (None: x has none, so every member
-    computes the same tensor alone). With `rows` (a member's batch) known: the first axis when its
-    size is a multiple of the group's folded batch G * rows (the batch, rows of samples, heads of
-    samples), else an axis of exactly G * rows (a sequence-first (L, G*B, E) layout, as
+    """The axis of x that holds the members' samples, member-major, read from its shape (what
+    `MemberKernelMode` uses for a tensor whose `Placement` it did not follow; None: x has none, so
+    every member computes the same tensor alone). With `rows` (a member's batch) known: the first
+    axis when its size is a multiple of the group's folded batch G * rows (the batch, rows of
+    samples, heads of samples), else an axis of exactly G * rows (a sequence-first (L, G*B, E) layout, as
     nn.MultiheadAttention's with batch_first=False), else one of a multiple of it (that layout
     flattened behind its samples, (L, G*B*E): each member's block one stretch of it, as
     `_members_interleaved` keeps it) where the first does not divide into G, else the first when it
@@ -281,9 +282,238 @@ where alone each member reads its own (`MemberKernelMode.read`)."""
 
 RESHAPING_FUNCTIONS: frozenset[Any] = frozenset({
     Tensor.reshape, torch.reshape, Tensor.view, Tensor.flatten, torch.flatten, Tensor.reshape_as,
-    Tensor.view_as,
+    Tensor.view_as, Tensor.unflatten, torch.unflatten, Tensor.ravel, torch.ravel, Tensor.squeeze,
+    torch.squeeze, Tensor.squeeze_, Tensor.unsqueeze, torch.unsqueeze, Tensor.unsqueeze_,
 })
-"""The calls that may fold a tensor's axes together (`_members_interleaved`)."""
+"""The calls that give a tensor another shape and keep its elements' row-major order: they may fold
+its axes together (`_members_interleaved`), and its members' elements keep their places in that order
+(`Placement`)."""
+
+def _getter(name: str) -> Any:
+    """What a torch-function mode is handed for reading the tensor property `name` (`x.T`)."""
+    return getattr(Tensor, name).__get__
+
+
+TRANSPOSED, MATRIX_TRANSPOSED, MATRIX_ADJOINT, ADJOINT = (_getter(name) for name in ("T", "mT", "mH", "H"))
+
+PERMUTING_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.permute, torch.permute, Tensor.transpose, torch.transpose, Tensor.transpose_, Tensor.swapaxes,
+    torch.swapaxes, Tensor.swapaxes_, Tensor.swapdims, torch.swapdims, Tensor.swapdims_, Tensor.t, torch.t,
+    Tensor.t_, Tensor.movedim, torch.movedim, Tensor.moveaxis, torch.moveaxis, Tensor.adjoint, torch.adjoint,
+    TRANSPOSED, MATRIX_TRANSPOSED, MATRIX_ADJOINT, ADJOINT,
+})
+"""The calls that reorder a tensor's axes (`_permutation`): the axis holding the members' samples moves."""
+
+UNPLACEABLE_FUNCTIONS: frozenset[Any] = frozenset({
+    Tensor.as_strided, torch.as_strided, Tensor.as_strided_, Tensor.resize_, Tensor.resize_as_, Tensor.set_,
+    torch.rot90, Tensor.rot90, torch.diagonal, Tensor.diagonal, torch.diag_embed, Tensor.diag_embed,
+    Tensor.unfold, F.unfold, F.fold, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.kron,
+    torch.tensordot,
+})
+"""Calls that move elements between axes in ways `MemberKernelMode._follow`'s rules do not describe:
+their results are not placed (their shape is read, `_member_axis`)."""
+
+PLACEMENT = "_dse_placement"
+"""The attribute of a tensor computed in a group's forward that holds its `Placement`."""
+
+
+class Placement(NamedTuple):
+    """Where a tensor of a group's forward holds each member's elements, followed from the group's
+    input through the calls that made it (`MemberKernelMode`): the element at row-major index f is
+    member (f // unit) % G's (member-major blocks of `unit` elements, repeated along the axes before:
+    (G*B, H) has unit B*H, a sequence-first (L, G*B, E) B*E, so does its fold into rows (L*G*B, E),
+    which holds them in L stretches each). `forward` is the forward it was followed in (a tensor kept
+    from another is read by its shape); `why` says how a reshape left no axis holding each member's
+    block (`_placed_axis`)."""
+
+    forward: object
+    unit: int
+    why: str | None
+
+
+def _placed_axis(shape: Sequence[int], unit: int, members: int) -> int | None:
+    """The axis that holds each member's block of a tensor of `shape` whose members' elements lie in
+    blocks of `unit` (`Placement`): the one whose span (its elements and those of the axes after it)
+    is the members' G blocks, whose size is a multiple of G (None: no axis holds them, as a
+    sequence-first layout folded into rows, or rows straddling two members)."""
+    block = members * unit
+    span = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        inner, span = span, span * shape[axis]
+        if span == block:
+            return axis if unit % inner == 0 else None
+        if span > block:
+            return None
+    return None
+
+
+def _unit_at(shape: Sequence[int], axis: int, members: int) -> int | None:
+    """The `Placement.unit` of a tensor of `shape` that holds the members' samples along `axis`."""
+    if axis < 0 or axis >= len(shape) or shape[axis] % members:
+        return None
+    return math.prod(shape[axis + 1:]) * (shape[axis] // members)
+
+
+def _through_shape(unit: int, source: Sequence[int], out: Sequence[int], members: int) -> int | None:
+    """The unit of a call's result of shape `out` from an operand of shape `source` (unit `unit`), for a
+    call that works at each place of the axes it keeps and has no fewer axes: the axes both shapes
+    begin with (a Linear or matmul over the last axes, a slice, join or pad of later axes, new axes
+    after them) where the members' blocks span whole stretches of the rest, or the axes both end with
+    where those hold the members' samples (an operand broadcast along new leading axes, a
+    sequence-first tensor's sequence sliced or joined). None: neither, both disagreeing, or fewer axes
+    (which axes went, the shape cannot tell: `_kept_axis` reads the call's arguments)."""
+    if tuple(source) == tuple(out):
+        return unit
+    if len(out) < len(source):
+        return None
+    units = set()
+    prefix = 0
+    while prefix < len(source) and source[prefix] == out[prefix]:
+        prefix += 1
+    rest = math.prod(source[prefix:])
+    if rest and unit % rest == 0:
+        units.add(unit // rest * math.prod(out[prefix:]))
+    axis = _placed_axis(source, unit, members)
+    if axis is not None:
+        suffix = 0
+        while suffix < len(source) and source[-1 - suffix] == out[-1 - suffix]:
+            suffix += 1
+        if axis >= len(source) - suffix:
+            units.add(unit)
+    return units.pop() if len(units) == 1 else None
+
+
+REDUCING_FUNCTIONS: dict[Any, tuple[int, int | None]] = {
+    **{func: (1, 2) for func in (
+        torch.sum, Tensor.sum, torch.mean, Tensor.mean, torch.nansum, Tensor.nansum, torch.nanmean,
+        Tensor.nanmean, torch.amax, Tensor.amax, torch.amin, Tensor.amin, torch.max, Tensor.max, torch.min,
+        Tensor.min, torch.argmax, Tensor.argmax, torch.argmin, Tensor.argmin, torch.prod, Tensor.prod,
+        torch.logsumexp, Tensor.logsumexp, torch.all, Tensor.all, torch.any, Tensor.any, torch.median,
+        Tensor.median, torch.nanmedian, Tensor.nanmedian, torch.mode, Tensor.mode)},
+    **{func: (1, 3) for func in (torch.var, Tensor.var, torch.std, Tensor.std, torch.var_mean,
+                                 torch.std_mean)},
+    **{func: (2, 3) for func in (torch.norm, Tensor.norm)},
+    **{func: (1, None) for func in (torch.count_nonzero, Tensor.count_nonzero, torch.select, Tensor.select,
+                                    torch.unbind, Tensor.unbind)},
+}
+"""Calls that drop the axes they are given (reductions; select and unbind their one), with where their
+`dim` and `keepdim` arguments sit (None: no keepdim)."""
+
+
+FOLLOWING_RULES: dict[Any, str] = {
+    **dict.fromkeys(UNPLACEABLE_FUNCTIONS, "unplaceable"), **dict.fromkeys(RESHAPING_FUNCTIONS, "reshape"),
+    **dict.fromkeys(PERMUTING_FUNCTIONS, "permute"), torch.einsum: "einsum",
+    **dict.fromkeys((*REDUCING_FUNCTIONS, Tensor.__getitem__), "drop"),
+}
+"""How `MemberKernelMode._follow` places a call's result: by its operand's order of elements (a
+reshape), its axes' order (`_permutation`), an einsum's letters (`_einsum_unit`), the axes it drops
+(`_kept_axis`), not at all; any other call by shape (`_through_shape`)."""
+
+
+def _kept_axis(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], axis: int, ndim: int) -> int | None:
+    """Where the axis `axis` of a tensor of `ndim` axes lands in the result of one of REDUCING_FUNCTIONS
+    on it, or of an index (`x[0]`, `x[:, -1]`, `x[..., None]`; Tensor.__getitem__). None: the call
+    drops or cuts that axis, or reads arguments not of the plain kinds read here."""
+    if func is Tensor.__getitem__:
+        return _indexed_axis(args[1] if len(args) > 1 else None, axis, ndim)
+    dim_at, keep_at = REDUCING_FUNCTIONS[func]
+    dims = _dims_of(args[dim_at] if len(args) > dim_at else kwargs.get("dim"))
+    keepdim = keep_at is not None and bool(args[keep_at] if len(args) > keep_at
+                                           else kwargs.get("keepdim", False))
+    if not dims:
+        return None
+    dropped = {d % ndim for d in dims}
+    if axis in dropped:
+        return None
+    return axis if keepdim else axis - sum(d < axis for d in dropped)
+
+
+def _indexed_axis(index: Any, axis: int, ndim: int) -> int | None:
+    """Where the axis `axis` of a tensor of `ndim` axes lands in x[index], for a basic index (ints,
+    slices, None, Ellipsis) that takes all of that axis (None: it cuts or picks in it, or the index
+    has tensors or lists)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if not all(item is None or item is Ellipsis or isinstance(item, slice)
+               or (isinstance(item, int) and not isinstance(item, bool)) for item in items):
+        return None
+    consumed = sum(item is not None and item is not Ellipsis for item in items)
+    at = out = 0
+    for item in items:
+        if item is Ellipsis:
+            skipped = ndim - consumed
+            if at <= axis < at + skipped:
+                return out + axis - at
+            at, out = at + skipped, out + skipped
+        elif item is None:
+            out += 1
+        elif at == axis:
+            return out if isinstance(item, slice) and item == slice(None) else None
+        else:
+            at, out = at + 1, out + (not isinstance(item, int))
+    return out + axis - at if axis >= at else None
+
+
+def _dims_given(args: tuple[Any, ...], names: tuple[str, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The arguments after the tensor, positional or by any of `names`."""
+    given = list(args[1:])
+    return given if given else [kwargs[name] for name in names if name in kwargs]
+
+
+def _permutation(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ndim: int) -> list[int] | None:
+    """For one of PERMUTING_FUNCTIONS on a tensor of `ndim` axes: the input axis each output axis takes
+    (None: arguments not read here)."""
+    order = list(range(ndim))
+    name = getattr(func, "__name__", "")
+    if func in (Tensor.permute, torch.permute):
+        dims = _dims_given(args, ("dims",), kwargs)
+        dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], list | tuple) else dims
+        if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+            return None
+        return [d % ndim for d in dims]
+    if func in (Tensor.movedim, torch.movedim, Tensor.moveaxis, torch.moveaxis):
+        given = _dims_given(args, ("source", "destination"), kwargs)
+        if len(given) != 2:
+            return None
+        sources, targets = ([d] if isinstance(d, int) else list(d) for d in given)
+        if len(sources) != len(targets) or not all(isinstance(d, int) for d in (*sources, *targets)):
+            return None
+        placed = {t % ndim: s % ndim for s, t in zip(sources, targets, strict=True)}
+        others = iter(d for d in range(ndim) if d not in placed.values())
+        return [placed[d] if d in placed else next(others) for d in range(ndim)]
+    if func == TRANSPOSED:
+        return order[::-1]
+    if name in ("t", "t_") or func in (MATRIX_TRANSPOSED, MATRIX_ADJOINT, ADJOINT, Tensor.adjoint,
+                                       torch.adjoint):
+        if ndim < 2:
+            return order
+        first = 0 if name in ("t", "t_") or func == ADJOINT else ndim - 2
+        pair = [first, first + 1]
+    else:
+        pair = _dims_given(args, ("dim0", "dim1"), kwargs) or _dims_given(args, ("axis0", "axis1"), kwargs)
+        if len(pair) != 2 or not all(isinstance(d, int) for d in pair):
+            return None
+    a, b = (d % ndim for d in pair)
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def _einsum_unit(args: tuple[Any, ...], placed: Sequence[tuple[int, Tensor, Placement]], out: Tensor,
+                 members: int) -> int | None:
+    """torch.einsum's result's unit, from the letter of each placed operand's member axis (None: the
+    equation drops it or spans axes with `...`, or the operands disagree)."""
+    equation = args[0] if args and isinstance(args[0], str) else None
+    if equation is None or equation.count("->") != 1 or "." in equation:
+        return None
+    inputs, kept = equation.replace(" ", "").split("->")
+    letters = inputs.split(",")
+    units = set()
+    for index, t, placement in placed:
+        axis = _placed_axis(t.shape, placement.unit, members)
+        own = letters[index] if index < len(letters) else ""
+        if axis is None or len(own) != t.dim() or own[axis] not in kept:
+            return None
+        units.add(_unit_at(out.shape, kept.index(own[axis]), members))
+    return units.pop() if len(units) == 1 else None
 
 
 def _members_interleaved(x: Tensor, y: Tensor, members: int, rows: int | None) -> str | None:
@@ -696,14 +926,20 @@ class _OwnBackwards(torch.autograd.Function):
 
 class MemberKernelMode(RecomputedMode):
     """Runs a stacked network's POSITION_DEPENDENT_FUNCTIONS on a folded batch (member g's samples
-    are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_member_axis`) member by
+    are rows g*B to (g+1)*B-1, or columns of a sequence-first layout: `_axis`) member by
     member, each on its own samples laid out as alone, so each member gets its bits alone, and so
     LAYOUT_DEPENDENT_REDUCTIONS over an axis outside the samples in memory, the gradient's sum of
     an operand that BROADCASTING_FUNCTIONS or EXPANDING_FUNCTIONS broadcast along such an axis
     (`_BroadcastAsAlone`), and INNER_SUM_FUNCTIONS, forward and backward (`_OwnBackwards`); every
     other call runs as it is. `rows` is a member's batch B of the
     current forward (None: the members' blocks are the first axis's). `seen` tells whether the
-    forward called any of them."""
+    forward called any of them.
+
+    Each tensor a call returns gets its `Placement`, followed from its operands' (`_follow`) from the
+    group's input (`place`) on: a tensor whose placement is known is split along the axis that
+    holds each member's block, whatever its shape; only one the forward did not follow (made
+    from no placed tensor, or by a call the rules do not describe) is read by its shape
+    (`_member_axis`)."""
 
     def __init__(self, members: int, rows: int | None = None) -> None:
         super().__init__()
@@ -711,8 +947,16 @@ class MemberKernelMode(RecomputedMode):
         self.rows = rows
         self.seen = False
         self.lost: str | None = None
-        """What interleaved the members' samples in this forward (`_members_interleaved`): a split
-        after it raises MemberAxisLost."""
+        """What interleaved the members' samples in this forward where their placement was not
+        followed on (`_members_interleaved`; a folded tensor's result that `_follow` could not
+        place): a split after it raises MemberAxisLost."""
+        self.unplaced: str | None = None
+        """Why the tensor `_axis` read last has no axis holding each member's block (its
+        `Placement.why`): a split of it raises MemberAxisLost."""
+        self.forward = object()
+        """This forward's token (`Placement.forward`): `begin` starts another."""
+        self.placements: dict[tuple[int, str | None], Placement] = {}
+        """This forward's placements by unit and why (`_placement`)."""
         self.read: str | None = None
         """The first of VALUE_READS of a floating-point or bool tensor (a comparison of floating-point
         values) in this forward, outside our own layers
@@ -720,23 +964,176 @@ class MemberKernelMode(RecomputedMode):
         group's values, as a running statistic kept in a Python attribute would
         (`StackedModel._shared_state_guarded`)."""
 
+    def begin(self) -> None:
+        """A new forward of the group: the placements and reads of the last are forgotten."""
+        self.forward = object()
+        self.placements.clear()
+        self.lost = self.read = None
+
+    def place(self, x: Tensor, axis: int = 0) -> None:
+        """Record that x holds the group's members' samples along `axis`, member-major (the group's
+        folded input: along its first)."""
+        unit = _unit_at(x.shape, axis, self.members)
+        if unit:
+            setattr(x, PLACEMENT, self._placement(unit, None))
+
+    def _placement(self, unit: int, why: str | None) -> Placement:
+        """This forward's Placement of `unit` and `why` (one object for each: a forward's tensors share
+        a few)."""
+        key = unit, why
+        placement = self.placements.get(key)
+        if placement is None or placement.forward is not self.forward:
+            placement = self.placements[key] = Placement(self.forward, unit, why)
+        return placement
+
+    def placement(self, x: Tensor) -> Placement | None:
+        """x's placement followed in this forward (None: not followed)."""
+        placement: Placement | None = getattr(x, PLACEMENT, None)
+        return placement if placement is not None and placement.forward is self.forward else None
+
     def recompute_state(self) -> Callable[[], contextlib.AbstractContextManager[None]]:
-        """A checkpointed block recomputed in the backward splits its calls by the rows of its forward."""
-        rows = self.rows
+        """A checkpointed block recomputed in the backward splits its calls by the rows of its forward,
+        and reads the placements of that forward's tensors."""
+        rows, forward = self.rows, self.forward
 
         @contextlib.contextmanager
         def as_then() -> Iterator[None]:
-            previous, self.rows = self.rows, rows
+            previous = self.rows, self.forward
+            self.rows, self.forward = rows, forward
             try:
                 yield
             finally:
-                self.rows = previous
+                self.rows, self.forward = previous
 
         return as_then
+
+    def _axis(self, x: Tensor) -> tuple[int | None, bool]:
+        """The axis of x that holds the members' samples, member-major, and whether it was followed:
+        its `Placement`'s where that has one; else `_member_axis`'s reading of its shape (which may
+        raise MemberAxisLost), and for a placed tensor with no such axis (a sequence-first layout
+        folded into rows) `unplaced` says why, so that a split of it raises."""
+        self.unplaced = None
+        placement = self.placement(x)
+        if placement is not None:
+            axis = _placed_axis(x.shape, placement.unit, self.members)
+            if axis is not None:
+                return axis, True
+            self.unplaced = placement.why or (
+                f"a {tuple(x.shape)} tensor holds the group's {self.members} members' samples in blocks "
+                f"of {placement.unit} elements that no axis holds whole")
+        return _member_axis(x, self.members, self.rows), False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        out = self._call(func, args, kwargs)
+        if isinstance(out, Tensor) or (isinstance(out, tuple | list) and not isinstance(out, torch.Size)):
+            if torch._C._len_torch_function_stack():  # (the modes below would see its shape reads)
+                with torch._C.DisableTorchFunction():
+                    self._follow_outputs(func, args, kwargs, out)
+            else:
+                self._follow_outputs(func, args, kwargs, out)
+        return out
+
+    def _follow_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """`_follow` each tensor func(*args, **kwargs) returned (`out`, or in a tuple or list)."""
+        if isinstance(out, Tensor):
+            self._follow(func, args, kwargs, out)
+            return
+        for item in out:
+            if isinstance(item, Tensor):
+                self._follow(func, args, kwargs, item)
+
+    def _follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> None:
+        """Give `out`, a result of func(*args, **kwargs), its placement from its operands' placements:
+        a reshape keeps the order of elements (the unit), a permutation moves the axis, an einsum maps
+        its letters, any other call goes by shape (`_through_shape`), its placed operands agreeing.
+        Where a placed operand with no axis holding each member's block reaches a result left
+        unplaced, `lost` keeps why (a later split raises MemberAxisLost, as it would on it)."""
+        if kwargs:
+            args, kwargs = positional_input(args, kwargs)
+        members, forward = self.members, self.forward
+        tensors: list[Tensor] = []
+        for a in (*args, *(v for name, v in kwargs.items() if name != "out")) if kwargs else args:
+            if isinstance(a, Tensor):
+                tensors.append(a)
+            elif isinstance(a, list | tuple):
+                tensors += [t for t in a if isinstance(t, Tensor)]
+        placed = [(i, t, p) for i, t in enumerate(tensors)
+                  if (p := getattr(t, PLACEMENT, None)) is not None and p.forward is forward]
+        rule = FOLLOWING_RULES.get(func)
+        if not placed:
+            if rule == "reshape" and tensors and tensors[0] is not out:
+                self.lost = self.lost or _members_interleaved(tensors[0], out, members, self.rows)
+            return
+        if rule is None and len(placed) == 1 and placed[0][1].shape == out.shape:
+            setattr(out, PLACEMENT, placed[0][2])  # (the common case: an elementwise call)
+            return
+        unit: int | None = None
+        why: str | None = None
+        first = placed[0][1] if placed[0][0] == 0 else None
+        if rule == "unplaceable":
+            pass
+        elif rule == "reshape":
+            if first is not None and out.numel() == first.numel():
+                unit, why = placed[0][2].unit, placed[0][2].why
+                if why is None and _placed_axis(out.shape, unit, members) is None:
+                    why = (f"a {tuple(first.shape)} tensor holding the group's {members} x {self.rows} "
+                           f"samples was reshaped to {tuple(out.shape)}, which interleaves the members' "
+                           f"samples with its axes before or cuts rows across two members: no axis holds "
+                           f"each member's own block")
+        elif rule == "permute":
+            order = None if first is None else _permutation(func, args, kwargs, out.dim())
+            if order is not None:
+                source = [0] * len(order)
+                for i, d in enumerate(order):
+                    source[d] = out.shape[i]
+                axis = _placed_axis(source, placed[0][2].unit, members)
+                unit = None if axis is None else _unit_at(out.shape, order.index(axis), members)
+        elif rule == "einsum":
+            unit = _einsum_unit(args, placed, out, members)
+        elif rule == "drop" and first is not None and out.dim() < first.dim():
+            axis = _placed_axis(first.shape, placed[0][2].unit, members)
+            kept = None if axis is None else _kept_axis(func, args, kwargs, axis, first.dim())
+            unit = None if kept is None else _unit_at(out.shape, kept, members)
+        else:
+            shape = out.shape
+            units = {_through_shape(p.unit, t.shape, shape, members) for _, t, p in placed}
+            units.discard(None)
+            unit = units.pop() if len(units) == 1 else None
+            why = next((p.why for _, _, p in placed if p.why is not None), None)
+        if unit:
+            setattr(out, PLACEMENT, self._placement(unit, why))
+            return
+        if getattr(out, PLACEMENT, None) is not None:  # (in place: its old placement no longer holds)
+            delattr(out, PLACEMENT)
+        folded = next((t for _, t, p in placed if _placed_axis(t.shape, p.unit, members) is None), None)
+        if folded is not None and self.lost is None:
+            self.lost = cast(Placement, self.placement(folded)).why or (
+                f"a {tuple(folded.shape)} tensor holding the group's members' samples where no axis holds "
+                f"each member's block went through {torch.overrides.resolve_name(func) or func}")
+
+    def follow_layer(self, args: tuple[Any, ...], output: Any) -> None:
+        """Place the outputs of one of our own layers (which take the members' samples on the first axis
+        of their first input and give them on the first axis of their outputs): an output of its
+        input's shape as the input, one of its first axis's size on that axis."""
+        x = next((a for a in args if isinstance(a, Tensor)), None)
+        placement = None if x is None else self.placement(x)
+        if placement is None or x is None:
+            return
+        axis = _placed_axis(x.shape, placement.unit, self.members)
+        for out in output if isinstance(output, tuple | list) else (output,):
+            if not isinstance(out, Tensor):
+                continue
+            if out.shape == x.shape:
+                setattr(out, PLACEMENT, placement)
+            elif axis == 0 and out.dim() and out.shape[0] == x.shape[0]:
+                setattr(out, PLACEMENT, self._placement(out.numel() // self.members, None))
+            elif axis is None and self.lost is None:
+                self.lost = placement.why
+
+    def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """func(*args, **kwargs), run member by member where the call needs it (the class's text)."""
         if func in LAYOUT_DEPENDENT_REDUCTIONS:
             return self._reduction(func, *positional_input(args, kwargs))
         if func is torch.einsum and len(args) == 2 and isinstance(args[1], Tensor) and not kwargs:
@@ -745,13 +1142,6 @@ class MemberKernelMode(RecomputedMode):
             return self._own_backwards(func, *positional_input(args, kwargs))
         if func in BROADCASTING_FUNCTIONS and torch.is_grad_enabled():
             return self._broadcast(func, args, kwargs)
-        if func in RESHAPING_FUNCTIONS:
-            y = func(*args, **kwargs)
-            x = args[0] if args else kwargs.get("input")
-            lost = (_members_interleaved(x, y, self.members, self.rows)
-                    if isinstance(x, Tensor) and isinstance(y, Tensor) else None)
-            self.lost = self.lost or lost
-            return y
         if func in EXPANDING_FUNCTIONS and torch.is_grad_enabled():
             expanded = func(*args, **kwargs)
             return self._broadcast_as_alone(args[0], expanded.shape, expanded)
@@ -767,7 +1157,7 @@ class MemberKernelMode(RecomputedMode):
         if (folded is None or not folded.is_floating_point() or folded.device.type != "cpu"
                 or _exact_gelu(func, folded, args, kwargs)):
             return func(*args, **kwargs)
-        axis = _member_axis(folded, members, self.rows)
+        axis, _ = self._axis(folded)
         if axis is None:
             return func(*args, **kwargs)
         self._splits()
@@ -796,9 +1186,13 @@ class MemberKernelMode(RecomputedMode):
                             axis)
 
     def _splits(self) -> None:
-        """A call this mode runs member by member: where the forward interleaved the members' samples
-        before it (`lost`), that tensor's members may be split wrongly, so the group cannot go on."""
+        """A call this mode runs member by member: where the tensor it splits has no axis holding each
+        member's block (`unplaced`), or the forward interleaved the members' samples before it where
+        their placement was not followed (`lost`), that tensor's members may be split wrongly, so the
+        group cannot go on."""
         self.seen = True
+        if self.unplaced is not None:
+            raise MemberAxisLost(self.unplaced)
         if self.lost is not None:
             raise MemberAxisLost(self.lost)
 
@@ -810,8 +1204,8 @@ class MemberKernelMode(RecomputedMode):
         if (not isinstance(x, Tensor) or not x.requires_grad or x.shape == shape or x.dim() == 0
                 or not x.is_floating_point() or x.device.type != "cpu" or x.dim() > len(shape)):
             return otherwise
-        axis = _member_axis(x, self.members, self.rows)
-        if (axis is None or x.shape[axis] % (self.members * (self.rows or 1))
+        axis, placed = self._axis(x)
+        if (axis is None or x.shape[axis] % (self.members * (1 if placed else self.rows or 1))
                 or x.shape[axis] != shape[len(shape) - x.dim() + axis]):
             return otherwise
         self._splits()
@@ -847,7 +1241,7 @@ class MemberKernelMode(RecomputedMode):
                 or (out is not None and tracked)):  # (torch refuses out= under autograd: as alone)
             return func(*args, **kwargs)
         reduced = _reduced_dims(x, args, kwargs)
-        axis = _member_axis(x, self.members, self.rows) if reduced and _may_sum_outside(x, reduced) else None
+        axis = self._axis(x)[0] if reduced and _may_sum_outside(x, reduced) else None
         if axis is None or not _sums_outside(x, axis, reduced):
             return func(*args, **kwargs)
         self._splits()
@@ -874,7 +1268,7 @@ class MemberKernelMode(RecomputedMode):
         if x is None or not x.is_floating_point() or x.device.type != "cpu" or kwargs.get("out") is not None:
             return func(*args, **kwargs)
         members = self.members
-        axis = _member_axis(x, members, self.rows)
+        axis, _ = self._axis(x)
         size = 0 if axis is None else x.shape[axis]
         out_axis = None if axis is None or size % members else _output_axis(func, x, axis, args, kwargs)
         if axis is None or out_axis is None:
@@ -1018,13 +1412,21 @@ class MemberKernels:
     def _enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Put the mode on the stack for the net's forward, splitting by the rows of its input; a net
         called inside its own forward (re-entered) keeps the one mode on the stack: a second copy of
-        it would split each member's block again, into `members` blocks of its rows."""
+        it would split each member's block again, into `members` blocks of its rows. The input's
+        tensors of the folded batch's size hold the members' samples on their first axis (`place`)."""
         folded = next((a for a in args if isinstance(a, Tensor)), None)
         outer = self.mode in function_modes()
         self.entered.append((outer, self.mode.rows))
         self.mode.rows = None if folded is None or folded.dim() == 0 else folded.shape[0] // self.members
         if not outer:
-            self.mode.lost = self.mode.read = None
+            self.mode.begin()
+        if self.mode.rows is not None and folded is not None:
+            with torch._C.DisableTorchFunction():
+                for x in args:
+                    if (isinstance(x, Tensor) and x.dim() and x.shape[0] == folded.shape[0]
+                            and self.mode.placement(x) is None):
+                        self.mode.place(x)
+        if not outer:
             torch._C._push_on_torch_function_stack(self.mode)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -1044,6 +1446,8 @@ class MemberKernels:
         self.paused.append(paused)
 
     def _resume(self, module: nn.Module, args: Any, output: Any) -> None:
+        with torch._C.DisableTorchFunction():  # (no mode needs to see its shape reads)
+            self.mode.follow_layer(args, output)
         if self.paused:
             self.paused.pop().__exit__(None, None, None)
 

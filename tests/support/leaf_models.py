@@ -407,9 +407,29 @@ def sequence_first_rows(shape: tuple[int, ...], classes: int) -> nn.Module:
 
 
 def sequence_first_rows12(shape: tuple[int, ...], classes: int) -> nn.Module:
-    """A sequence of 12: a multiple of both checks' folded batches (2 x 2 and 2 x 3 samples), where the
-    mode takes the first axis (its length) for the samples', so the checks pass."""
+    """A sequence of 12: a multiple of both checks' folded batches (2 x 2 and 2 x 3 samples), where a
+    reading of its shape takes the first axis (its length) for the samples'."""
     return SequenceFirstRows(shape[0], classes, length=12, features=4)
+
+
+class LateSequenceFirstRows(SequenceFirstRows):
+    """`SequenceFirstRows` that folds its rows only from its third forward on (a counter of forwards,
+    the same in a group as alone), a SiLU over its batch-first tensor before: the checks' forwards
+    never fold, a group's training does."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__(width, classes)
+        self.forwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        if self.forwards < 3:
+            return self.head(torch.nn.functional.silu(self.a(x)))
+        return super().forward(x)
+
+
+def late_sequence_first_rows(shape: tuple[int, ...], classes: int) -> nn.Module:
+    return LateSequenceFirstRows(shape[0], classes)
 
 
 class TiedToLeaf(nn.Module):
