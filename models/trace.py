@@ -116,6 +116,9 @@ class _Recorder(TorchDispatchMode):
         """The storages of the model's inputs (a view of one is one)."""
         self.fp32: list[bool] = []
         """Per recorded layer, whether it ran inside a LeftFp32 module or function."""
+        self.attention_products: dict[int, int] = {}
+        """Per running module, the products of two activations recorded since it was entered: an
+        nn.MultiheadAttention's first is its scores, its second its context (`_product_role`)."""
         self.weights: dict[int, str] = {}
         for name, param in model.named_parameters():
             self.weights.setdefault(param.untyped_storage().data_ptr(), name)
@@ -130,6 +133,7 @@ class _Recorder(TorchDispatchMode):
     def enter_module(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         outermost = not self._in_recurrent()
         self.stack.append(module)
+        self.attention_products[id(module)] = 0
         if isinstance(module, nn.RNNBase) and outermost:
             self._recurrent(module, args[0] if args else None)
 
@@ -195,6 +199,17 @@ class _Recorder(TorchDispatchMode):
             return None
         return self.weights.get(tensor.untyped_storage().data_ptr())
 
+    def _product_role(self) -> str:
+        """The name of a product of two activations: in an nn.MultiheadAttention, `scores` (q k^T) then
+        `context` (softmax x v), as a fused attention kernel's and as training names them, whichever
+        kernels torch picks (two bmm where the weights are returned, in training with dropout)."""
+        module = self.stack[-1] if self.stack else None
+        if not isinstance(module, nn.MultiheadAttention):
+            return "matmul"
+        count = self.attention_products[id(module)]
+        self.attention_products[id(module)] = count + 1
+        return ("scores", "context")[count % 2]
+
     def _module_name(self, suffix: str) -> str:
         module = next((m for m in reversed(self.stack) if id(m) in self.module_names), None)
         name = self.module_names.get(id(module), "") if module is not None else ""
@@ -226,7 +241,8 @@ class _Recorder(TorchDispatchMode):
                            b_weight is not None, grad, b_grad)
             if packet in _ADDED and self._trained_param(args[0]):
                 layer = dataclasses.replace(layer, needs_bias_grad=True)
-            self._record(layer, b_weight or a_weight, "matmul")
+            self._record(layer, b_weight or a_weight,
+                         "matmul" if a_weight or b_weight else self._product_role())
         elif packet is aten.convolution:
             self._convolution(args, out)
         elif any(word in str(packet) for word in _UNPRICED_WORDS):
@@ -271,9 +287,9 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     is frozen (requires_grad=False) needs_weight_grad=False. Parameters that no GEMM uses as its weight
     (biases, norms, embeddings) go to extra_params; nn.Embedding tables are named in `embeddings`, frozen
     ones in `frozen`; the GEMMs run inside `left_fp32`'s modules and functions in `fp32_layers`, those a
-    block checkpointed by torch.utils.checkpoint runs `recomputed`. The model runs in eval mode (a
-    forward that checkpoints only while training is traced without) and is left as it was; an error
-    inside it becomes a ValueError naming the model.
+    block checkpointed by torch.utils.checkpoint runs `recomputed`. The model runs in training mode, as
+    training runs it (a forward may checkpoint only then), with its buffers, its mode and torch's random
+    state left as they were; an error inside it becomes a ValueError naming the model.
     """
     samples = inputs.shape[0]
     recorder = _Recorder(model, samples, left_fp32)
@@ -284,12 +300,16 @@ def trace_model(model: nn.Module, inputs: Tensor, name: str, batch_size: int, op
     hooks = [nn.modules.module.register_module_forward_pre_hook(recorder.enter_module),
              nn.modules.module.register_module_forward_hook(recorder.leave_module)]
     was_training = model.training
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]  # (a norm's running statistics)
     try:
-        model.eval()
-        with torch.enable_grad(), recorder, calls:
+        model.train()
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), recorder, calls:
             model(inputs)
     finally:
         model.train(was_training)
+        with torch.no_grad():
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
         for hook in hooks:
             hook.remove()
     if recorder.unpriced:

@@ -212,12 +212,10 @@ class ResolvedFormats:
         """The format training rounds every stored GEMM weight into after each step, a frozen one too
         (dse/train/optim.py, StepQuantizer): the master copy's, else the weights' own. None where it
         rounds none: an fp32 copy (the next forward quantizes from it), NITI's integers and Madam on
-        LNS weights (updated in place, on their grid: LNS-Madam)."""
-        if self.optimizer in IN_PLACE_OPTIMIZERS:
-            return None
-        if self.master_weights is None and self.weights.hardware.in_place_optimizer == self.optimizer:
-            return None
+        LNS storage, weights or copy (updated in place, on their grid: LNS-Madam)."""
         stored = self.master_weights or self.weights
+        if self.optimizer in IN_PLACE_OPTIMIZERS or stored.hardware.in_place_optimizer == self.optimizer:
+            return None
         return None if stored.key == FP32.key else stored
 
     @property

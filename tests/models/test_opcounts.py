@@ -191,6 +191,7 @@ TRIALS: list[dict[str, Any]] = [
     {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "int8"},
     {"model": "support.checkpointed:non_reentrant", "dataset": "digits", "format": "fp32"},
     {"model": "support.checkpointed:reentrant", "dataset": "digits", "format": "posit8"},
+    {"model": "support.checkpointed:training_only", "dataset": "digits", "format": "int8"},
     {"model": "support.checkpointed:sequential", "dataset": "digits", "format": "int8",
      "accumulation": "fp16", "accumulation_chunk": 8},
 ]
@@ -505,20 +506,23 @@ def test_a_frozen_parameter_is_stored_but_neither_differentiated_nor_updated(opt
     assert backward_weight == {"stem", "head"}
 
 
-@pytest.mark.parametrize("master", [True, False, "int16"])
+@pytest.mark.parametrize("fmt, optimizer, master", [
+    ("int8", "sgd", True), ("int8", "sgd", False), ("int8", "sgd", "int16"),
+    ("lns8", "lns-madam", "lns(16,gamma=2048)"), ("lns8", "lns-madam", False), ("lns8", "lns-madam", True)])
 def test_a_step_rounds_the_stored_weights_the_model_prices_a_rounding_for(
-        master: bool | str, datasets: dict[str, Dataset]) -> None:
+        fmt: str, optimizer: str, master: bool | str, datasets: dict[str, Dataset]) -> None:
     """After each step training rounds every stored GEMM weight into its format (no fp32 copy: the
-    weights' own, or the copy's), frozen ones too: the weights a real step writes are the layers whose
-    weights the model prices an update-pass write and rounding for (before: a frozen weight was not
-    priced, as if a step left it alone)."""
+    weights' own, or the copy's), frozen ones too, except LNS-Madam, which moves only the weights it
+    updates, on their grid: the weights a real step writes are the layers whose weights the model
+    prices an update-pass write and rounding for (before: a frozen weight was not priced, as if a step
+    left it alone; then LNS-Madam's frozen weights were, in an LNS master copy)."""
     from dse.energy import TrainingFormats
     from dse.sweep import parse_config
-    from dse.sweep.energy import EnergyEstimator, master_format
+    from dse.sweep.energy import ENERGY_OPTIMIZERS, EnergyEstimator, master_format
     from dse.train.loop import prepare
 
-    config = TrainConfig(model="support.fine_tuned:frozen_first", dataset="digits", format="int8",
-                         master_weights=master, batch_size=4)
+    config = TrainConfig(model="support.fine_tuned:frozen_first", dataset="digits", format=fmt,
+                         optimizer=optimizer, master_weights=master, batch_size=4)
     data = datasets["digits"]
     setup = prepare(build_model(config.model, data), config, torch.Generator().manual_seed(0),
                     data.x_train[:2])
@@ -529,12 +533,13 @@ def test_a_step_rounds_the_stored_weights_the_model_prices_a_rounding_for(
     setup.optimizer.step()
     written = {name for name, p in weights.items() if p._version != versions[name]}
     workload = EnergyEstimator(parse_config(SWEEP, "s.yaml").energy).proxy(config)
-    frame = iteration_energy(workload, TrainingFormats.of("int8", optimizer="sgd",
+    frame = iteration_energy(workload, TrainingFormats.of(fmt, optimizer=ENERGY_OPTIMIZERS[optimizer],
                                                           master_weights=master_format(config)), ENERGY, 4)
     update = frame[(frame["pass"] == "update") & frame["layer"].isin(list(weights))]
     stored = "master_weights" if isinstance(master, str) else "weights"
     assert set(update[update["tensor"] == stored]["layer"]) == written
-    assert written == ({"head"} if master is True else {"pre", "mid", "head"})
+    rounds_all = master is not True and optimizer != "lns-madam"
+    assert written == ({"pre", "mid", "head"} if rounds_all else {"head"})
 
 
 def test_a_layer_files_frozen_weight_has_no_weight_gradient_and_no_update(tmp_path: Path) -> None:

@@ -104,6 +104,51 @@ def test_multihead_attention_is_named_by_its_projections_and_products() -> None:
     assert workload.params == sum(p.numel() for p in layer.parameters())
 
 
+class _Attention(nn.Module):
+    """nn.MultiheadAttention called directly (need_weights: its explicit bmm path, or a fused kernel) or
+    inside an nn.TransformerEncoderLayer."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__()
+        self.call = call
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.call == "encoder":
+            return self.encoder(x)
+        return self.attn(x, x, x, need_weights=self.call == "need_weights")[0]
+
+
+@pytest.mark.parametrize("call", ["need_weights", "fused", "encoder"])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_attentions_products_are_named_as_training_names_them(call: str, training: bool) -> None:
+    """Whichever kernels torch runs an nn.MultiheadAttention's products with (two bmm where it returns
+    its weights or trains with dropout, one fused kernel otherwise), the tracer names them `scores` and
+    `context`, as training does (model_layers), so that a `layers:` rule prices them as they trained
+    (before: `attn.matmul` and `attn.matmul#2` where the weights were asked for)."""
+    from dse.train.functional import model_layers
+
+    model, x = _Attention(call).train(training), torch.randn(2, 5, 16)
+    traced = [g.name for g in trace_model(model, x, "a", batch_size=2).layers]
+    ran = "encoder." if call == "encoder" else "attn."  # (model_layers lists both modules' layers)
+    assert traced == [layer.name for layer in model_layers(model, x) if layer.name.startswith(ran)]
+    assert {"scores", "context"} <= {name.rsplit(".", 1)[-1] for name in traced}
+
+
+def test_tracing_leaves_the_models_mode_buffers_and_random_state_as_they_were() -> None:
+    """The trace runs the forward in training mode, as training does; it leaves a norm's running
+    statistics, the module's mode and torch's random state (dropout draws from it) as it found them."""
+    for training in (True, False):
+        model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+        model.train(training)
+        buffers, x = [b.clone() for b in model.buffers()], torch.randn(4, 8)
+        state = torch.random.get_rng_state()
+        trace_model(model, x, "m", batch_size=4)
+        assert model.training is training and torch.equal(torch.random.get_rng_state(), state)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
+
+
 def test_functional_weights_are_found_by_their_parameter() -> None:
     workload = trace_model(Functional(), torch.randn(2, 6, 12), "f", batch_size=4)
     by_name = {g.name: g for g in workload.layers}

@@ -1,6 +1,6 @@
 """Networks that checkpoint a block of their forward (torch.utils.checkpoint), in both of its forms and
-through checkpoint_sequential. The factory takes the sample shape and
-the class count (digits: 64 features), as `model: support.checkpointed:factory`."""
+through checkpoint_sequential, always or only while training (as most networks do). The factory takes
+the sample shape and the class count (digits: 64 features), as `model: support.checkpointed:factory`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class Checkpointed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.stem(x.reshape(len(x), -1)))
-        if self.form == "sequential":
+        if self.form == "training_only" and not self.training:
+            h = self.block(h)
+        elif self.form == "sequential":
             h = checkpoint_sequential(self.block, 2, h, use_reentrant=False)
         else:
             h = checkpoint(self.block, h, use_reentrant=self.form == "reentrant")
@@ -37,3 +39,4 @@ def _network(form: str, shape: tuple[int, ...], classes: int) -> nn.Module:
 non_reentrant = functools.partial(_network, "non_reentrant")
 reentrant = functools.partial(_network, "reentrant")
 sequential = functools.partial(_network, "sequential")
+training_only = functools.partial(_network, "training_only")
